@@ -1,0 +1,135 @@
+"""Fully trainable extra modules (a classifier head, a LayerNorm) with exact per-sample gradients.
+
+``make_per_sample(module)`` swaps the class of every supported leaf in place (state-dict keys and
+``isinstance`` checks stay as they were). Without a DP engine the swapped modules run their ordinary
+forward; under one, a custom autograd function computes each sample's gradient of every parameter (summing
+token dims per sample) in the same backward, like the adapter layers, and never accumulates an unclipped
+batch gradient into ``.grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fedlora_fast import per_sample
+from fedlora_fast.reference import clip_coef, ffa_linear_clip_reduce
+
+
+def _flat3(t: Tensor) -> Tensor:
+    """(n, ..., f) -> (n, T, f); a 1-D input is one sample with one token."""
+    return t.reshape(1, 1, -1) if t.dim() == 1 else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+class _PerSampleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        ctx.module, ctx.ps_ctx, ctx.batch_id = module, module.ps_ctx, module.ps_ctx.batch_id
+        ctx.save_for_backward(x, *params)
+        return module.plain_forward(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, *params = ctx.saved_tensors
+        module = ctx.module
+        dx = module.input_grad(x, g) if ctx.needs_input_grad[0] else None
+        grads = []
+        for p, ps in zip(params, module.per_sample_grads(_flat3(x), _flat3(g))):
+            if not p.requires_grad:
+                grads.append(None)
+                continue
+            ps = ps.float()
+            norm2 = ps.reshape(ps.shape[0], -1).pow(2).sum(1)
+            if ctx.ps_ctx.mode == per_sample.MODE_CLIP:
+                coef = clip_coef(norm2, ctx.ps_ctx.threshold(p))
+                ps = ffa_linear_clip_reduce(ps.reshape(ps.shape[0], 1, -1), coef).reshape(p.shape)
+            grads.append(per_sample.param_result(p, ctx.ps_ctx, ctx.batch_id, ps, norm2))
+        return (dx, None, *grads)
+
+
+class _PerSampleMixin:
+    ps_ctx: per_sample.PerSampleContext | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not per_sample.active(self.ps_ctx):
+            return self.plain_forward(x)
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        return _PerSampleFn.apply(x, self, *params)
+
+
+class PerSampleLinear(_PerSampleMixin, nn.Linear):
+    """nn.Linear whose per-sample gradients are ``g_i^T x_i`` (weight) and ``sum_t g_i`` (bias)."""
+
+    def plain_forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        return g @ self.weight.to(g.dtype)
+
+    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[Tensor]:
+        gf, xf = g.float(), x.float()
+        out = [torch.einsum("nto,nti->noi", gf, xf)]
+        if self.bias is not None:
+            out.append(gf.sum(1))
+        return out
+
+
+class PerSampleLayerNorm(_PerSampleMixin, nn.LayerNorm):
+    """nn.LayerNorm (last-dim) whose per-sample gradients are ``sum_t g * x_hat`` and ``sum_t g``."""
+
+    def plain_forward(self, x: Tensor) -> Tensor:
+        return nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(True)
+            w = self.weight.detach() if self.weight is not None else None
+            b = self.bias.detach() if self.bias is not None else None
+            y = nn.functional.layer_norm(xd, self.normalized_shape, w, b, self.eps)
+            return torch.autograd.grad(y, xd, g)[0]
+
+    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[Tensor]:
+        xf, gf = x.float(), g.float()
+        x_hat = nn.functional.layer_norm(xf, self.normalized_shape, None, None, self.eps)
+        out = []
+        if self.weight is not None:
+            out.append((gf * x_hat).sum(1))
+        if self.bias is not None:
+            out.append(gf.sum(1))
+        return out
+
+
+_SWAPS: dict[type, type] = {nn.Linear: PerSampleLinear, nn.LayerNorm: PerSampleLayerNorm}
+
+
+def make_per_sample(module: nn.Module, name: str = "") -> list[nn.Module]:
+    """Make every parameterised leaf of ``module`` compute per-sample gradients; unfreeze its parameters.
+
+    Returns:
+        The swapped leaves.
+    Raises:
+        TypeError: a leaf with parameters has no per-sample rule (its name and type are listed).
+    """
+    leaves, unsupported = [], []
+    for sub_name, sub in module.named_modules():
+        if not any(True for _ in sub.parameters(recurse=False)):
+            continue
+        if isinstance(sub, _PerSampleMixin):
+            leaves.append(sub)
+        elif type(sub) in _SWAPS:
+            leaves.append(sub)
+        else:
+            unsupported.append(f"{'.'.join(filter(None, [name, sub_name]))} ({type(sub).__name__})")
+    if unsupported:
+        raise TypeError(
+            "trainable_modules: no per-sample gradient rule for "
+            + ", ".join(unsupported)
+            + f"; supported leaf types: {', '.join(t.__name__ for t in _SWAPS)}"
+        )
+    for sub in leaves:
+        if not isinstance(sub, _PerSampleMixin):
+            sub.__class__ = _SWAPS[type(sub)]
+        sub.ps_ctx = None
+        for p in sub.parameters():
+            p.requires_grad_(True)
+    return leaves

@@ -1,0 +1,131 @@
+"""Backend choice for the custom ops: automatic by device, overridable with ``FEDLORA_FAST_BACKEND``.
+
+Backends are modules exposing functions named like the ops (``ffa_linear_fwd`` …):
+- ``torch``:  ``fedlora_fast.reference`` (always available; the fallback),
+- ``triton``: ``fedlora_fast.kernels`` (CUDA; CPU only under ``TRITON_INTERPRET=1``),
+- ``native``: ``fedlora_fast.ops.native`` over the C++/OpenMP extension ``fedlora_fast._native`` (CPU).
+A backend module may leave an op out (e.g. native has no forward when PyTorch's GEMM is faster): that op
+then runs on the reference. An explicitly requested backend that is unavailable raises
+``BackendUnavailableError`` with a diagnosis; the automatic choice falls back with one warning.
+Triton is imported only when its backend is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+from typing import Callable
+
+ENV_VAR = "FEDLORA_FAST_BACKEND"
+BACKENDS = ("torch", "triton", "native")
+OPS = ("ffa_linear_fwd", "ffa_linear_bwd", "ffa_linear_clip_reduce")
+_MODULES = {
+    "torch": "fedlora_fast.reference",
+    "triton": "fedlora_fast.kernels",
+    "native": "fedlora_fast.ops.native",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and what to do."""
+
+
+def requested_backend() -> str | None:
+    """The backend named by ``FEDLORA_FAST_BACKEND``, or None for the automatic choice."""
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise BackendUnavailableError(
+            f"{ENV_VAR}: expected one of {', '.join(BACKENDS)} or auto, got {name!r}"
+        )
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(name: str, device_type: str) -> tuple[ModuleType | None, str]:
+    """(module, "") when backend ``name`` can run on ``device_type``, else (None, diagnosis)."""
+    if name == "torch":
+        return importlib.import_module(_MODULES["torch"]), ""
+    if name == "triton":
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if device_type == "cpu" and not interpret:
+            return None, (
+                "the triton backend runs CPU tensors only through the interpreter: "
+                "set TRITON_INTERPRET=1 before Python starts (tests do this), or move tensors to CUDA"
+            )
+        if device_type not in ("cpu", "cuda"):
+            return None, f"the triton backend supports cuda (and cpu under TRITON_INTERPRET=1), not {device_type}"
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return None, f"the triton backend needs the 'triton' package ({e}); pip install triton"
+    if name == "native" and device_type != "cpu":
+        return None, f"the native backend runs on CPU tensors only, got {device_type}"
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        hint = (
+            "the C++ extension fedlora_fast._native was not built: reinstall with a C++17 compiler and "
+            "CMake (pip install -e . without FEDLORA_FAST_NO_NATIVE=1); `python -m fedlora_fast.env` "
+            "reports what was built"
+            if name == "native"
+            else "see the import error"
+        )
+        return None, f"cannot import {_MODULES[name]}: {e}; {hint}"
+    if not any(hasattr(module, op) for op in OPS):
+        return None, f"{_MODULES[name]} implements none of the ops {OPS} yet"
+    return module, ""
+
+
+def available(name: str, device_type: str) -> bool:
+    return _probe(name, device_type)[0] is not None
+
+
+def auto_backend(device_type: str) -> str:
+    """The backend the automatic choice takes for a device (before per-shape preferences)."""
+    preferred = {"cuda": "triton", "cpu": "native"}.get(device_type)
+    if preferred and available(preferred, device_type):
+        return preferred
+    if preferred:
+        _warn_fallback(preferred, device_type)
+    return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(name: str, device_type: str) -> None:
+    warnings.warn(
+        f"fedlora_fast: {name} backend unavailable for {device_type} ({_probe(name, device_type)[1]}); "
+        "using the PyTorch reference",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def backend_for(device_type: str) -> str:
+    """The backend used for tensors on ``device_type``: the requested one (or an error), else automatic."""
+    name = requested_backend()
+    if name is None:
+        return auto_backend(device_type)
+    module, why = _probe(name, device_type)
+    if module is None:
+        raise BackendUnavailableError(f"{ENV_VAR}={name} was requested but {why}")
+    return name
+
+
+def implementation(op: str, device_type: str) -> Callable:
+    """The function computing ``op`` for tensors on ``device_type``."""
+    module, _ = _probe(backend_for(device_type), device_type)
+    fn = getattr(module, op, None)
+    if fn is None:  # the backend leaves this op to the reference
+        fn = getattr(_probe("torch", device_type)[0], op)
+    return fn
+
+
+def clear_cache() -> None:
+    """Forget probes (tests change the environment between cases)."""
+    _probe.cache_clear()
+    _warn_fallback.cache_clear()

@@ -1,0 +1,108 @@
+"""Per-sample gradient state shared by the adapter layers, the per-sample head modules and ``DPSGD``.
+
+A DP engine attaches one ``PerSampleContext`` to every module that computes per-sample gradients. In the
+backward, each such module hands its per-sample results to ``store``, which keeps them on the parameter:
+
+- ``param.ff_grad_sample``: (n, *param.shape) float32 per-sample gradients (flat clipping only),
+- ``param.ff_norm2``: (n,) float32 squared per-sample norms (both modes),
+- ``param.ff_batch``: the forward pass (batch id) they came from.
+
+With per-layer clipping the module clips inside its own backward and returns the clipped sum as the
+ordinary ``.grad``; no per-sample gradient outlives the layer. Without a context (DP off) none of this
+runs: modules take their plain, per-sample-free path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE
+
+PS_ATTRS = ("ff_grad_sample", "ff_norm2", "ff_batch")
+
+
+@dataclass
+class PerSampleContext:
+    """What the per-sample modules need to know during a backward.
+
+    Attributes:
+        mode: MODE_PER_SAMPLE (flat clipping: keep every P_i) or MODE_CLIP (per-layer clipping).
+        clip: per-tensor thresholds for MODE_CLIP, keyed by ``id(param)``.
+        batch_id: incremented by the engine at every model forward, to tell a layer used twice in one
+            forward (whose contributions add up) from a backward whose results were never consumed.
+    """
+
+    mode: int = MODE_PER_SAMPLE
+    clip: dict[int, float] = field(default_factory=dict)
+    batch_id: int = 0
+
+    def threshold(self, param: Tensor) -> float:
+        return self.clip.get(id(param), float("inf"))
+
+
+class PerSampleStateError(RuntimeError):
+    """Per-sample gradients were produced but not consumed, or cannot be combined."""
+
+
+def has_state(param: Tensor) -> bool:
+    return getattr(param, "ff_norm2", None) is not None
+
+
+def clear(param: Tensor) -> None:
+    for name in PS_ATTRS:
+        if hasattr(param, name):
+            setattr(param, name, None)
+
+
+def store(param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tensor | None, norm2: Tensor) -> None:
+    """Keep one backward's per-sample results on ``param``.
+
+    Args:
+        grad_sample: (n, *param.shape) per-sample gradients (flat mode), None in per-layer mode.
+        norm2: (n,) squared norms of those per-sample gradients.
+        batch_id: ``ctx.batch_id`` captured at the forward that produced them.
+    Raises:
+        PerSampleStateError: state from an earlier forward was not consumed by the engine, or a layer
+            used twice in one forward under per-layer clipping (its clip would not be per sample).
+    """
+    if has_state(param):
+        if param.ff_batch != batch_id:
+            raise PerSampleStateError(
+                "per-sample gradients of an earlier batch were never consumed: call dp.step() (or "
+                "dp.accumulate() for micro-batches) after each backward, before the next forward"
+            )
+        if ctx.mode == MODE_CLIP or grad_sample is None:
+            raise PerSampleStateError(
+                "a module was used twice in one forward; per-layer clipping cannot clip it inside its "
+                "backward (the sample's gradient is the sum of both uses): use clipping='flat'"
+            )
+        if param.ff_grad_sample.shape != grad_sample.shape:
+            raise PerSampleStateError(
+                f"per-sample gradients of one forward disagree in shape: {tuple(param.ff_grad_sample.shape)} "
+                f"vs {tuple(grad_sample.shape)}"
+            )
+        grad_sample = param.ff_grad_sample + grad_sample
+        norm2 = grad_sample.reshape(grad_sample.shape[0], -1).pow(2).sum(1)
+    param.ff_grad_sample = grad_sample
+    param.ff_norm2 = norm2.float()
+    param.ff_batch = batch_id
+
+
+def param_result(param: Tensor, ctx: PerSampleContext | None, batch_id: int, grad: Tensor, norm2: Tensor) -> Tensor | None:
+    """Route a per-sample backward result of ``param``: returns what autograd should accumulate in ``.grad``.
+
+    ``grad`` is (n, *shape) in flat mode (stored, nothing returned to autograd) and the clipped sum in
+    per-layer mode (returned, its norms stored).
+    """
+    if ctx.mode == MODE_PER_SAMPLE:
+        store(param, ctx, batch_id, grad.float(), norm2)
+        return None
+    store(param, ctx, batch_id, None, norm2)
+    return grad.to(param.dtype)
+
+
+def active(ctx: PerSampleContext | None) -> bool:
+    return ctx is not None and torch.is_grad_enabled()

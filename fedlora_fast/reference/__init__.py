@@ -1,0 +1,13 @@
+"""PyTorch references of every op: the one place tests, fallback and benchmarks import them from."""
+
+from fedlora_fast.reference.ffa_linear import (  # noqa: F401
+    MODE_CLIP,
+    MODE_PER_SAMPLE,
+    MODE_SUM,
+    NORM_EPS,
+    acc_dtype,
+    clip_coef,
+    ffa_linear_bwd,
+    ffa_linear_clip_reduce,
+    ffa_linear_fwd,
+)

@@ -1,0 +1,86 @@
+"""Public test utilities: a verbose allclose and the batch-of-one per-sample gradient oracle.
+
+The oracle runs every sample through the model alone and takes its gradient with plain autograd (no
+per-sample machinery), the way opacus checks its grad samplers; use it to check any per-sample engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+def assert_close_verbose(actual: Tensor, expected: Tensor, *, atol: float, rtol: float, name: str = "tensor") -> None:
+    """``torch.testing.assert_close`` that also reports NaN/inf mismatches and the worst elements."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    nan_mismatch = torch.isnan(a) != torch.isnan(e)
+    inf_mismatch = torch.isinf(a) != torch.isinf(e)
+    diff = (a - e).abs()
+    bad = (diff > atol + rtol * e.abs()) | nan_mismatch | inf_mismatch
+    bad |= torch.isnan(diff) & ~(torch.isnan(a) & torch.isnan(e))
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = [(tuple(i), a[tuple(i)].item(), e[tuple(i)].item()) for i in idx]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{a.numel()} elements differ (atol={atol}, rtol={rtol}); "
+            f"max abs diff {torch.nan_to_num(diff, nan=float('inf')).max().item():.3g}; "
+            f"NaN mismatches {int(nan_mismatch.sum())}, inf mismatches {int(inf_mismatch.sum())}; "
+            f"first (index, actual, expected): {worst}"
+        )
+
+
+@contextlib.contextmanager
+def dp_paused(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with its per-sample machinery off (plain autograd), restoring it afterwards."""
+    from fedlora_fast.privacy.dpsgd import per_sample_modules
+
+    modules = list(per_sample_modules(model).values())
+    saved = [m.ps_ctx for m in modules]
+    for m in modules:
+        m.ps_ctx = None
+    try:
+        yield
+    finally:
+        for m, c in zip(modules, saved):
+            m.ps_ctx = c
+
+
+def per_sample_grads_loop(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, dict], Tensor],
+    batch: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """Every sample's gradient of every trainable parameter, by a batch-of-one autograd loop.
+
+    Args:
+        loss_fn: ``loss_fn(model, sub_batch) -> scalar``, the loss of the samples in ``sub_batch``
+            summed over samples (so that sample i's gradient is the gradient of its own loss).
+        batch: tensors whose first dim is the sample.
+    Returns:
+        ``{param_name: (n, *param.shape)}``, float64.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = next(iter(batch.values())).shape[0]
+    out: dict[str, list[Tensor]] = {k: [] for k in names}
+    with dp_paused(model):
+        for i in range(n):
+            sub = {k: v[i : i + 1] for k, v in batch.items()}
+            grads = torch.autograd.grad(loss_fn(model, sub), params, allow_unused=True)
+            for k, p, g in zip(names, params, grads):
+                out[k].append((g if g is not None else torch.zeros_like(p)).double())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def per_sample_grads_engine(model: nn.Module) -> dict[str, Tensor]:
+    """The per-sample gradients a flat-clipping ``DPSGD`` kept from the last backward, by parameter name."""
+    return {
+        n: p.ff_grad_sample.double()
+        for n, p in model.named_parameters()
+        if p.requires_grad and getattr(p, "ff_grad_sample", None) is not None
+    }

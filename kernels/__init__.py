@@ -1,0 +1,1 @@
+"""Triton kernels of the ffa_linear ops (the GPU backend), installed as ``fedlora_fast.kernels``."""

@@ -1,0 +1,141 @@
+"""The ffa_linear ops, every backend, against the float64 PyTorch reference on random, odd shapes."""
+
+import pytest
+import torch
+
+from fedlora_fast import reference as ref
+from fedlora_fast.ops import ffa_linear_bwd, ffa_linear_clip_reduce, ffa_linear_fwd
+from fedlora_fast.testing import assert_close_verbose
+
+from conftest import backend_params
+
+# (n, T, in, out, r), each hitting a different path
+SHAPES = [
+    (5, 17, 37, 53, 3),  # odd everything: in/out not multiples of any block size
+    (1, 1, 37, 53, 3),  # n=1, T=1: a single token
+    (3, 1, 64, 32, 8),  # T=1 with power-of-two features
+    (2, 7, 130, 67, 1),  # r=1, in just over a 128 block
+    (2, 5, 33, 19, 64),  # r=64, r larger than in/out
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(n, T, inp, out, r, dtype, device, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    x = rnd(n, T, inp).to(dtype)
+    return dict(
+        x=x,
+        weight=rnd(out, inp, scale=inp**-0.5).to(dtype),
+        bias=rnd(out).to(dtype) if bias else None,
+        A=rnd(r, inp, scale=inp**-0.5),
+        B=rnd(out, r, scale=0.5),
+        g=rnd(n, T, out).to(dtype),
+        xa=(x.float() * (torch.rand(n, T, inp, generator=gen).to(device) > 0.3) / 0.7).to(dtype),
+    )
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+def check(actual, expected, lowp_expected, dtype, name):
+    """fp32: 1e-5 relative to the tensor's scale; low precision: at most 2x PyTorch's own error."""
+    expected = expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    if dtype in (torch.float32, torch.float64):
+        assert_close_verbose(actual, expected, atol=1e-5 * scale + 1e-7, rtol=1e-5, name=name)
+        return
+    torch_err = (lowp_expected.double() - expected).abs().max().item()
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= 2 * torch_err + 1e-3 * scale, f"{name}: error {err:.3g} vs PyTorch's own {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fwd(use_backend, dtype, shape):
+    _, device = use_backend
+    t = make_inputs(*shape, dtype, device)
+    s = 2.0 / shape[-1] ** 0.5
+    y, u = ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    y64, u64 = ref.ffa_linear_fwd(f64(t["x"]), f64(t["xa"]), f64(t["weight"]), f64(t["bias"]), f64(t["A"]), f64(t["B"]), s)
+    y_lp, u_lp = ref.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    assert y.dtype == dtype and u.dtype == ref.acc_dtype(dtype)
+    check(u, u64, u_lp, dtype, "u")
+    check(y, y64, y_lp, dtype, "y")
+
+
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode", [ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP], ids=["sum", "per_sample", "clip"])
+@pytest.mark.parametrize("lora", [False, True], ids=["ffa", "lora"])
+@pytest.mark.parametrize("split_dx", [False, True], ids=["fused_dx", "split_dx"])
+def test_bwd(use_backend, dtype, shape, mode, lora, split_dx):
+    _, device = use_backend
+    t = make_inputs(*shape, dtype, device)
+    s = 2.0 / shape[-1] ** 0.5
+    _, u = ref.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    u64 = ref.ffa_linear_fwd(f64(t["x"]), f64(t["xa"]), f64(t["weight"]), f64(t["bias"]), f64(t["A"]), f64(t["B"]), s)[1]
+    xa = t["xa"] if lora else None
+    # thresholds around the median norm so that some samples clip and some do not
+    clip_B, clip_A = 0.7, 0.3
+    args = (t["weight"], t["A"], t["B"], xa, s, True, split_dx, mode, clip_B, clip_A)
+    got = ffa_linear_bwd(t["g"], u, *args)
+    exp = ref.ffa_linear_bwd(f64(t["g"]), u64, f64(t["weight"]), f64(t["A"]), f64(t["B"]), f64(xa), s, True, split_dx, mode, clip_B, clip_A)
+    lowp = ref.ffa_linear_bwd(t["g"], u, *args)
+    names = ["dx", "dxa", "gB", "nuB", "gA", "nuA"]
+    for name, a, e, lp in zip(names, got, exp, lowp):
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        if e.numel():
+            check(a, e, lp, dtype, name)
+
+
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+def test_bwd_without_dx(use_backend):
+    _, device = use_backend
+    t = make_inputs(3, 4, 37, 53, 3, torch.float32, device)
+    _, u = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 1.0)
+    dx, dxa, gB, *_ = ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 1.0, False, False, ref.MODE_SUM, 0.0, 0.0)
+    assert dx.numel() == 0 and dxa.numel() == 0 and gB.shape == (53, 3)
+
+
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("shape", [(1, 4, 3), (7, 53, 3), (33, 3, 130)], ids=str)
+def test_clip_reduce(use_backend, shape):
+    _, device = use_backend
+    gen = torch.Generator().manual_seed(1)
+    P = torch.randn(*shape, generator=gen).to(device)
+    coef = torch.rand(shape[0], generator=gen).to(device)
+    coef[0] = 0.0
+    P[0, 0, 0] = float("nan")  # a dropped sample's NaN must not reach the sum
+    got = ffa_linear_clip_reduce(P, coef)
+    exp = ref.ffa_linear_clip_reduce(P.double(), coef.double())
+    assert torch.isfinite(got).all()
+    check(got, exp, exp, torch.float32, "clip_reduce")
+
+
+def test_clip_coef_exact():
+    norm2 = torch.tensor([0.0, 0.25, 4.0, float("nan"), float("inf")], dtype=torch.float64)
+    c = ref.clip_coef(norm2, 1.0)
+    assert c[0] == 1.0 and c[1] == 1.0
+    assert abs(c[2].item() - 1.0 / (2.0 + ref.NORM_EPS)) < 1e-15
+    assert c[3] == 0.0 and c[4] == 0.0
+
+
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+def test_opcheck(use_backend):
+    """The custom ops satisfy torch.library's contract (fake impls, no aliasing) so torch.compile traces them."""
+    _, device = use_backend
+    t = make_inputs(3, 5, 37, 19, 3, torch.float32, device)
+    _, u = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
+    torch.library.opcheck(ffa_linear_fwd, (t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.5))
+    for mode in (ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP):
+        torch.library.opcheck(
+            ffa_linear_bwd, (t["g"], u, t["weight"], t["A"], t["B"], t["xa"], 0.5, True, True, mode, 1.0, 1.0)
+        )
+    torch.library.opcheck(ffa_linear_clip_reduce, (torch.randn(4, 19, 3, device=device), torch.rand(4, device=device)))
