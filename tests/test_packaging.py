@@ -1,0 +1,50 @@
+"""Packaging and CI contract: the README's test command is what CI runs; the package imports without triton."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    cmd = re.search(r"TEST_CMD='(.*)'", ci).group(1)
+    assert cmd in readme, f"README quick start must show the CI test command: {cmd}"
+
+
+def test_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fedlora_fast as ff\n"
+        "layer = ff.FFALoRALinear(torch.nn.Linear(8, 4), r=2)\n"
+        "layer(torch.randn(3, 8)).sum().backward()\n"
+        "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    env = {"FEDLORA_FAST_BACKEND": "torch", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+
+
+def test_explicit_unavailable_backend_raises_with_diagnosis():
+    code = (
+        "import torch, fedlora_fast as ff\n"
+        "from fedlora_fast.ops import BackendUnavailableError\n"
+        "layer = ff.FFALoRALinear(torch.nn.Linear(8, 4), r=2)\n"
+        "try:\n"
+        "    layer(torch.randn(3, 8))\n"
+        "except BackendUnavailableError as e:\n"
+        "    assert 'FEDLORA_FAST_BACKEND=triton' in str(e) and 'TRITON_INTERPRET' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    env = {"FEDLORA_FAST_BACKEND": "triton", "TRITON_INTERPRET": "0", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+
+
+def test_unknown_backend_name_is_rejected():
+    code = "import torch, fedlora_fast as ff\nff.FFALoRALinear(torch.nn.Linear(8, 4), r=2)(torch.randn(3, 8))\n"
+    env = {"FEDLORA_FAST_BACKEND": "cuda", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "FEDLORA_FAST_BACKEND: expected one of torch, triton, native" in r.stderr
