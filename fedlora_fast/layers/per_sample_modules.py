@@ -30,8 +30,10 @@ class _PerSampleFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, *params = ctx.saved_tensors
+        x, *_ = ctx.saved_tensors
         module = ctx.module
+        # state goes on the module's own Parameters: saved tensors may unpack as other objects (checkpointing)
+        params = [p for p in (module.weight, module.bias) if p is not None]
         dx = module.input_grad(x, g) if ctx.needs_input_grad[0] else None
         grads = []
         for p, ps in zip(params, module.per_sample_grads(_flat3(x), _flat3(g))):
