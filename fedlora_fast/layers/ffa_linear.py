@@ -48,10 +48,13 @@ class _FFALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xa, weight, bias, A, B, layer, ps_ctx):
+        # xa is None when the adapter input is x itself (no dropout): passing x twice to apply() would
+        # break torch.compile graphs ("duplicate tensor input")
+        ctx.split = xa is not None
+        xa = x if xa is None else xa
         y, u = ffa_linear_fwd(x, xa, weight, bias, A, B, layer.scale)
         ctx.layer, ctx.ps_ctx = layer, ps_ctx
         ctx.batch_id = ps_ctx.batch_id if ps_ctx is not None else -1
-        ctx.split = xa is not x
         ctx.train_A = A.requires_grad
         ctx.save_for_backward(u, weight, A, B, xa if A.requires_grad else None)
         return y
@@ -62,8 +65,12 @@ class _FFALinearFn(torch.autograd.Function):
         layer, ps_ctx = ctx.layer, ctx.ps_ctx
         need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         mode = MODE_SUM if ps_ctx is None else ps_ctx.mode
-        clip_B = ps_ctx.threshold(B) if ps_ctx is not None else 0.0
-        clip_A = ps_ctx.threshold(A) if ps_ctx is not None and ctx.train_A else 0.0
+        # Per-sample state and per-layer thresholds belong to the Parameters themselves, not to the saved
+        # tensors: under activation checkpointing (HF gradient_checkpointing_enable) those unpack as
+        # recomputed aliases, other Python objects, so state stored on them would be lost.
+        pA, pB = layer.lora_A, layer.lora_B
+        clip_B = ps_ctx.threshold(pB) if ps_ctx is not None else 0.0
+        clip_A = ps_ctx.threshold(pA) if ps_ctx is not None and ctx.train_A else 0.0
         dx, dxa, gB, nuB, gA, nuA = ffa_linear_bwd(
             g, u, weight, A, B, xa, layer.scale, need_dx, ctx.split, mode, clip_B, clip_A
         )
@@ -75,8 +82,8 @@ class _FFALinearFn(torch.autograd.Function):
             dB = gB.to(B.dtype) if ctx.needs_input_grad[5] else None
             dA = gA.to(A.dtype) if ctx.train_A and ctx.needs_input_grad[4] else None
         else:
-            dB = per_sample.param_result(B, ps_ctx, ctx.batch_id, gB, nuB)
-            dA = per_sample.param_result(A, ps_ctx, ctx.batch_id, gA, nuA) if ctx.train_A else None
+            dB = per_sample.param_result(pB, ps_ctx, ctx.batch_id, gB, nuB)
+            dA = per_sample.param_result(pA, ps_ctx, ctx.batch_id, gA, nuA) if ctx.train_A else None
         return dx, dxa, None, None, dA, dB, None, None
 
 
@@ -167,7 +174,7 @@ class FFALoRALinear(nn.Module):
             )
         lead = x.shape[:-1]
         x3 = x.reshape(1, 1, -1) if x.dim() == 1 else x.reshape(x.shape[0], -1, self.in_features)
-        xa = self.dropout(x3)
+        xa = self.dropout(x3) if not isinstance(self.dropout, nn.Identity) else None
         # grad mode is off inside Function.forward: decide here whether this pass needs per-sample work
         ps_ctx = self.ps_ctx if per_sample.active(self.ps_ctx) else None
         with torch.autocast(device_type, enabled=False):
