@@ -278,3 +278,25 @@ def test_dp_refuses_uncovered_trainable_params_and_step_without_backward():
         dp.per_sample_norms()
     with pytest.raises(RuntimeError, match=r"no per-sample gradients since the last step"):
         dp.step()
+
+
+def test_torch_compile_traces_layer_in_one_graph_and_matches_eager():
+    torch.manual_seed(0)
+    layer = ff.FFALoRALinear(nn.Linear(16, 8), r=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    compiled = torch.compile(layer, backend="aot_eager")
+    y = compiled(x)
+    y.pow(2).sum().backward()
+    gx, gB = x.grad.clone(), layer.lora_B.grad.clone()
+    x.grad = None
+    layer.lora_B.grad = None
+    y_eager = layer(x)
+    y_eager.pow(2).sum().backward()
+    assert_close_verbose(y, y_eager, atol=1e-6, rtol=1e-6, name="y")
+    assert_close_verbose(gx, x.grad, atol=1e-6, rtol=1e-6, name="dx")
+    assert_close_verbose(gB, layer.lora_B.grad, atol=1e-5, rtol=1e-5, name="dB")
