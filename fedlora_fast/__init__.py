@@ -7,6 +7,21 @@ sample's gradient norm for DP-SGD clipping in one pass.
 
 from fedlora_fast.inject import adapter_layers, inject_adapters  # noqa: F401
 from fedlora_fast.layers import FFALoRALinear, PerSampleLayerNorm, PerSampleLinear  # noqa: F401
-from fedlora_fast.privacy.dpsgd import DPSGD  # noqa: F401
+from fedlora_fast.peft_compat import export_peft, from_peft, load_peft  # noqa: F401
+from fedlora_fast.privacy import (  # noqa: F401
+    DPSGD,
+    Accountant,
+    PoissonSampler,
+    calibrate_noise_multiplier,
+    poisson_dataloader,
+)
+
+
+def __getattr__(name):  # opacus's grad-sampler machinery is imported only when asked for
+    if name == "prepare_for_opacus":
+        from fedlora_fast.privacy.opacus_interop import prepare_for_opacus
+
+        return prepare_for_opacus
+    raise AttributeError(f"module 'fedlora_fast' has no attribute {name!r}")
 
 __version__ = "0.1.0"

@@ -85,7 +85,7 @@ def store(param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tens
                 f"vs {tuple(grad_sample.shape)}"
             )
         grad_sample = param.ff_grad_sample + grad_sample
-        norm2 = grad_sample.reshape(grad_sample.shape[0], -1).pow(2).sum(1)
+        norm2 = grad_sample.flatten(1).pow(2).sum(1)
     param.ff_grad_sample = grad_sample
     param.ff_norm2 = norm2.float()
     param.ff_batch = batch_id

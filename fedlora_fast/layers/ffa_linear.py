@@ -31,6 +31,13 @@ def init_lora_A(r: int, in_features: int, seed: int, name: str) -> Tensor:
     return (torch.rand((r, in_features), generator=gen, dtype=torch.float32) * 2 - 1) * bound
 
 
+def flat3(t: Tensor) -> Tensor:
+    """(n, ..., f) -> (n, T, f) with T the product of the middle dims (n may be 0); 1-D -> (1, 1, f)."""
+    if t.dim() == 1:
+        return t.reshape(1, 1, -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
 def check_input(x: Tensor, in_features: int, weight: Tensor, what: str = "x") -> None:
     """Clear errors for inputs the kernels must never see."""
     if not isinstance(x, Tensor):
@@ -173,7 +180,7 @@ class FFALoRALinear(nn.Module):
                 "cast the input or run under torch.autocast"
             )
         lead = x.shape[:-1]
-        x3 = x.reshape(1, 1, -1) if x.dim() == 1 else x.reshape(x.shape[0], -1, self.in_features)
+        x3 = flat3(x)
         xa = self.dropout(x3) if not isinstance(self.dropout, nn.Identity) else None
         # grad mode is off inside Function.forward: decide here whether this pass needs per-sample work
         ps_ctx = self.ps_ctx if per_sample.active(self.ps_ctx) else None

@@ -13,12 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from fedlora_fast import per_sample
+from fedlora_fast.layers.ffa_linear import flat3
 from fedlora_fast.reference import clip_coef, ffa_linear_clip_reduce
-
-
-def _flat3(t: Tensor) -> Tensor:
-    """(n, ..., f) -> (n, T, f); a 1-D input is one sample with one token."""
-    return t.reshape(1, 1, -1) if t.dim() == 1 else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 class _PerSampleFn(torch.autograd.Function):
@@ -36,15 +32,15 @@ class _PerSampleFn(torch.autograd.Function):
         params = [p for p in (module.weight, module.bias) if p is not None]
         dx = module.input_grad(x, g) if ctx.needs_input_grad[0] else None
         grads = []
-        for p, ps in zip(params, module.per_sample_grads(_flat3(x), _flat3(g))):
+        for p, ps in zip(params, module.per_sample_grads(flat3(x), flat3(g))):
             if not p.requires_grad:
                 grads.append(None)
                 continue
             ps = ps.float()
-            norm2 = ps.reshape(ps.shape[0], -1).pow(2).sum(1)
+            norm2 = ps.flatten(1).pow(2).sum(1)
             if ctx.ps_ctx.mode == per_sample.MODE_CLIP:
                 coef = clip_coef(norm2, ctx.ps_ctx.threshold(p))
-                ps = ffa_linear_clip_reduce(ps.reshape(ps.shape[0], 1, -1), coef).reshape(p.shape)
+                ps = ffa_linear_clip_reduce(ps.reshape(ps.shape[0], 1, p.numel()), coef).reshape(p.shape)
             grads.append(per_sample.param_result(p, ctx.ps_ctx, ctx.batch_id, ps, norm2))
         return (dx, None, *grads)
 

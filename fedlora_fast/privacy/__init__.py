@@ -1,3 +1,11 @@
-"""Privacy: the DP-SGD engine, sampling and accounting."""
+"""Privacy: the DP-SGD engine, Poisson sampling, accounting (opacus RDP/PRV) and opacus interoperability."""
 
+from fedlora_fast.privacy.accounting import Accountant, calibrate_noise_multiplier  # noqa: F401
 from fedlora_fast.privacy.dpsgd import DPSGD  # noqa: F401
+from fedlora_fast.privacy.sampling import (  # noqa: F401
+    PoissonSampler,
+    batch_size,
+    check_poisson_loader,
+    micro_batches,
+    poisson_dataloader,
+)

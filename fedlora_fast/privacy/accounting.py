@@ -1,42 +1,69 @@
 """Privacy accounting: a thin, persistable object over opacus's accountants (RDP default, PRV optional).
 
-The maths lives in opacus (``opacus.accountants``); this module adds argument checks, a JSON-safe state
-(so a federated client's accountant persists across rounds and checkpoints) and noise calibration.
+The maths lives in opacus (``opacus.accountants``: RDP of the Poisson-subsampled Gaussian, Mironov et al.
+2019; PRV, Gopi et al. 2021); this module adds argument checks, a validated JSON state (so one federated
+client's accountant persists across rounds and checkpoints: R rounds of K steps are R*K steps) and noise
+calibration. Every bound here assumes Poisson sampling (see ``fedlora_fast.privacy.sampling``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
+STATE_VERSION = 1
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number, got {value!r}") from None
 
 
 def check_delta(delta: float) -> float:
-    d = float(delta)
-    if not (0.0 < d < 1.0) or not math.isfinite(d):
+    """``delta`` as a float in (0, 1), else ValueError."""
+    d = _number("delta", delta)
+    if not (0.0 < d < 1.0):
         raise ValueError(f"delta: expected a number in (0, 1), got {delta!r}")
     return d
 
 
 def check_sample_rate(sample_rate: float) -> float:
-    q = float(sample_rate)
-    if not (0.0 < q <= 1.0) or not math.isfinite(q):
+    """``sample_rate`` (Poisson q) as a float in (0, 1], else ValueError."""
+    q = _number("sample_rate", sample_rate)
+    if not (0.0 < q <= 1.0):
         raise ValueError(f"sample_rate: expected a number in (0, 1], got {sample_rate!r}")
     return q
 
 
 def check_noise_multiplier(noise_multiplier: float) -> float:
-    s = float(noise_multiplier)
+    """``noise_multiplier`` (sigma) as a finite float >= 0, else ValueError."""
+    s = _number("noise_multiplier", noise_multiplier)
     if not math.isfinite(s) or s < 0:
         raise ValueError(f"noise_multiplier: expected a finite number >= 0, got {noise_multiplier!r}")
     return s
 
 
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
 class Accountant:
     """Tracks every DP-SGD step of one data holder; ``epsilon(delta)`` is the budget spent so far.
+
+    One object per data holder for its whole life: a federated client passes the same accountant to every
+    round's ``DPSGD`` (or restores it with ``from_state_dict``), so its epsilon covers all its steps.
 
     Args:
         mechanism: ``"rdp"`` (default) or ``"prv"``.
@@ -49,22 +76,33 @@ class Accountant:
         self._acc = create_accountant(mechanism)
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
+        """Record ``num_steps`` Poisson-subsampled Gaussian steps (runs of equal steps merged, as opacus does)."""
         sigma = check_noise_multiplier(noise_multiplier)
         q = check_sample_rate(sample_rate)
-        for _ in range(int(num_steps)):
-            self._acc.step(noise_multiplier=sigma, sample_rate=q)
+        k = _check_count("num_steps", num_steps, 0)
+        if k == 0:
+            return
+        hist = self._acc.history
+        if hist and hist[-1][0] == sigma and hist[-1][1] == q:
+            hist[-1] = (sigma, q, hist[-1][2] + k)
+        else:
+            hist.append((sigma, q, k))
 
     @property
     def steps(self) -> int:
-        return sum(int(n) for _, _, n in self._acc.history)
+        """Total steps recorded."""
+        return sum(n for _, _, n in self._acc.history)
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
-        """[(noise_multiplier, sample_rate, steps), ...] as opacus keeps it (runs of equal steps merged)."""
+        """``[(noise_multiplier, sample_rate, steps), ...]`` as opacus keeps it (runs of equal steps merged)."""
         return [(float(s), float(q), int(n)) for s, q, n in self._acc.history]
 
     def epsilon(self, delta: float) -> float:
-        """The epsilon spent so far at ``delta``; 0 before any step, inf if any step had no noise."""
+        """The epsilon spent so far at ``delta``: 0 before any step, inf if any step had no noise.
+
+        RDP: opacus's RDP-to-(eps, delta) conversion; PRV: opacus's upper bound (``eps_error=0.01``).
+        """
         d = check_delta(delta)
         if not self._acc.history:
             return 0.0
@@ -73,41 +111,96 @@ class Accountant:
         return float(self._acc.get_epsilon(delta=d))
 
     def state_dict(self) -> dict:
-        """JSON-safe state (no pickle)."""
-        return {"mechanism": self.mechanism, "history": [list(h) for h in self.history]}
+        """JSON-safe state (no pickle): ``{"version", "mechanism", "history": [[sigma, q, steps], ...]}``."""
+        return {"version": STATE_VERSION, "mechanism": self.mechanism, "history": [list(h) for h in self.history]}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Accountant":
+        """Rebuild an accountant from ``state_dict()``; every field is validated (it may come from disk).
+
+        Raises:
+            ValueError: a missing or malformed field (named in the message).
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected a dict from Accountant.state_dict(), got {type(state).__name__}")
+        version = state.get("version", STATE_VERSION)
+        if version != STATE_VERSION:
+            raise ValueError(f"state['version']: expected {STATE_VERSION}, got {version!r}")
+        if "mechanism" not in state or "history" not in state:
+            raise ValueError(f"state: expected keys 'mechanism' and 'history', got {sorted(state)}")
         acc = cls(state["mechanism"])
-        acc._acc.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        history = state["history"]
+        if not isinstance(history, (list, tuple)):
+            raise ValueError(f"state['history']: expected a list of [sigma, q, steps], got {history!r}")
+        for i, entry in enumerate(history):
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                raise ValueError(f"state['history'][{i}]: expected [sigma, q, steps], got {entry!r}")
+            s, q, n = entry
+            acc._acc.history.append(
+                (check_noise_multiplier(s), check_sample_rate(q), _check_count(f"state['history'][{i}] steps", n, 1))
+            )
         return acc
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``state_dict()`` as JSON, atomically (temporary file + rename)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".accountant-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Accountant":
+        """Read an accountant written by ``save``."""
+        with open(path) as f:
+            return cls.from_state_dict(json.load(f))
+
+    def __repr__(self) -> str:
+        return f"Accountant(mechanism={self.mechanism!r}, steps={self.steps}, history={self.history})"
 
 
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str = "rdp"
 ) -> float:
-    """The noise multiplier that spends ``target_epsilon`` at ``delta`` over ``steps`` Poisson steps.
+    """The noise multiplier that spends at most ``target_epsilon`` at ``delta`` over ``steps`` Poisson steps.
+
+    Uses opacus's ``get_noise_multiplier`` (doubling then bisection, tolerance 0.01 in epsilon); the result
+    is checked again with a fresh accountant, so the returned sigma never exceeds the budget.
 
     Raises:
-        ValueError: arguments out of range, or a budget that no noise level can meet.
+        ValueError: arguments out of range, or a budget that no noise level can meet (e.g. with RDP,
+            epsilon below the conversion's floor of about ``log(1/delta) / 63``).
     """
-    eps = float(target_epsilon)
+    eps = _number("target_epsilon", target_epsilon)
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"target_epsilon: expected a finite number > 0, got {target_epsilon!r}")
     d, q = check_delta(delta), check_sample_rate(sample_rate)
-    if isinstance(steps, bool) or int(steps) != steps or steps <= 0:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    k = _check_count("steps", steps, 1)
     if mechanism not in ACCOUNTANTS:
         raise ValueError(f"mechanism: expected one of {ACCOUNTANTS}, got {mechanism!r}")
     try:
-        sigma = get_noise_multiplier(
-            target_epsilon=eps, target_delta=d, sample_rate=q, steps=int(steps), accountant=mechanism
-        )
-    except ValueError as e:
+        sigma = get_noise_multiplier(target_epsilon=eps, target_delta=d, sample_rate=q, steps=k, accountant=mechanism)
+    except (ValueError, ArithmeticError, RuntimeError) as e:
         raise ValueError(
-            f"target_epsilon={eps} at delta={d} cannot be met with sample_rate={q} over {steps} steps ({e}); "
-            "raise epsilon or delta, or take fewer steps or a smaller sample rate"
+            f"target_epsilon={eps} at delta={d} cannot be met with sample_rate={q} over {k} steps "
+            f"({mechanism} accountant: {e}); raise epsilon or delta, or take fewer steps or a smaller sample rate"
         ) from None
     if not math.isfinite(sigma) or sigma <= 0:
         raise ValueError(f"target_epsilon={eps}: calibration gave noise_multiplier={sigma}, not usable")
+    check = Accountant(mechanism)
+    check.step(noise_multiplier=sigma, sample_rate=q, num_steps=k)
+    spent = check.epsilon(d)
+    if not spent <= eps:
+        raise ValueError(
+            f"target_epsilon={eps}: calibrated noise_multiplier={sigma} spends epsilon={spent} > target "
+            f"({mechanism} accountant); the budget cannot be met reliably"
+        )
     return float(sigma)

@@ -1,11 +1,17 @@
 """DP-SGD over the adapters: per-sample clipping (flat or per-layer), Gaussian noise, one optimizer step.
 
-Staged like opacus's DPOptimizer (``clip_and_accumulate -> add_noise -> scale_grad -> step``):
-``g = (sum_i c_i P_i + sigma C xi) / m`` with ``c_i = min(1, C / (N_i + 1e-6))``, ``xi ~ N(0, I)``,
-``m`` the expected batch size. Per-sample gradients come from the fused backward of the adapter layers
-(and the per-sample head modules) in the same backward pass as the loss gradient; nothing is computed
-twice. Flat clipping keeps each tensor's P until every norm is known; per-layer clipping clips inside each
-layer's backward with threshold ``C_l`` (default ``C / sqrt(L)`` for L tensors, so ``sqrt(sum C_l^2) = C``).
+Follows Abadi et al. 2016 (DP-SGD) and opacus's ``DPOptimizer`` staging
+(``clip_and_accumulate -> add_noise -> scale_grad -> step``):
+``g = (sum_i c_i P_i + sigma S xi) / m`` with ``c_i = min(1, C / (N_i + 1e-6))``, ``xi ~ N(0, I)``,
+``m`` the expected batch size and ``S`` the sensitivity of the clipped sum (``C`` flat; per-layer
+``sqrt(sum_l C_l^2) <= C``, the noise stays ``sigma C``). Per-sample gradients come from the fused backward of
+the adapter layers (and the per-sample head modules) in the same backward pass as the loss gradient; nothing
+is computed twice. Flat clipping keeps each tensor's P until every norm is known; per-layer clipping clips
+inside each layer's backward with threshold ``C_l`` (default ``C / sqrt(L)`` for L tensors).
+
+Large logical batches: ``accumulate()`` after each physical micro-batch's backward (every sample clipped
+once, clipped sums added), then one ``step()``: noise once, one accountant step. Poisson sampling
+(``fedlora_fast.privacy.sampling``) is what the accountant assumes; empty batches step with noise only.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +27,9 @@ from torch import Tensor, nn
 from fedlora_fast import per_sample
 from fedlora_fast.layers.ffa_linear import FFALoRALinear
 from fedlora_fast.layers.per_sample_modules import _PerSampleMixin
-from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE, clip_coef
 from fedlora_fast.ops.ffa_linear import ffa_linear_clip_reduce
+from fedlora_fast.privacy.accounting import ACCOUNTANTS, Accountant, check_sample_rate
+from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE, clip_coef
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,8 @@ CLIPPING = ("flat", "per_layer")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -39,6 +49,17 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     return v
 
 
+# model -> weakref(engine); weak both ways so that neither keeps the other alive
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def attached_engine(model: nn.Module) -> "DPSGD | None":
+    """The ``DPSGD`` engine currently attached to ``model``, if any."""
+    ref = _ENGINES.get(model)
+    engine = ref() if ref is not None else None
+    return engine if engine is not None and engine._hooks else None
+
+
 def per_sample_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules of ``model`` that compute per-sample gradients (adapters and per-sample heads)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (FFALoRALinear, _PerSampleMixin))}
@@ -47,17 +68,48 @@ def per_sample_modules(model: nn.Module) -> dict[str, nn.Module]:
 class DPSGD:
     """Differentially private SGD step over a model's trainable adapter tensors.
 
+    Typical loop (Poisson batches from ``poisson_dataloader``)::
+
+        dp = DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.9, expected_batch_size=round(q * N),
+                   sample_rate=q)                       # accountant="rdp" by default when q is given
+        for batch in loader:
+            if batch_size(batch) == 0:
+                dp.step(empty_batch=True)                # noise only; still one accountant step
+            else:
+                for mb in micro_batches(batch, 16):      # large logical batch, small physical ones
+                    loss_fn(model, mb).backward()        # loss summed (or averaged) over the micro-batch
+                    dp.accumulate()
+                dp.step()
+            dp.zero_grad()
+        dp.epsilon(1e-5)
+
+    The loss may be a sum or a mean over the micro-batch: each sample's gradient is clipped to C either way,
+    but with a mean the per-sample gradients are 1/n of the sample's own and clip less often.
+
     Args:
         model: a model with adapters from ``inject_adapters`` (and optional ``trainable_modules``).
         optimizer: any torch optimizer over the model's trainable parameters.
         max_grad_norm: clipping threshold C (flat: over all trainable tensors of a sample).
-        noise_multiplier: sigma; the noise std is ``sigma * C``. 0 disables noise (no privacy).
+        noise_multiplier: sigma; the noise std is ``sigma * C``. 0 disables noise (no privacy: epsilon inf).
         expected_batch_size: m, the divisor (with Poisson sampling: ``q * dataset size``).
         clipping: ``"flat"`` or ``"per_layer"``.
-        generator: the noise generator (on the parameters' device). None: a fresh generator seeded from
-            the operating system's entropy. Pass an explicitly seeded one only for reproducible experiments.
+        generator: the noise generator (on the parameters' device). None (default): a fresh generator
+            seeded from the operating system's entropy. Reproducible runs only: pass a seeded one, or
+            ``noise_seed``; either is logged as a warning.
         per_layer_max_grad_norm: per-tensor thresholds (a list in ``parameters()`` order) for per-layer
-            clipping; default ``C / sqrt(L)`` each.
+            clipping; default ``C / sqrt(L)`` each. ``sqrt(sum C_l^2)`` must not exceed C.
+        sample_rate: Poisson sampling rate q of the batches; required for privacy accounting.
+        accountant: ``"rdp"`` or ``"prv"`` (a new ``Accountant``), or an ``Accountant`` to continue (a
+            federated client passes its one accountant to every round's engine). Default: ``"rdp"`` when
+            ``sample_rate`` is given, else no accounting.
+        noise_seed: an explicit seed for the noise generator (reproducible experiments only).
+        secure_mode: draw each step's noise from a generator freshly seeded from the OS, as the sum of four
+            normals scaled by 1/2 (opacus's secure mode: Holohan & Braghin, arXiv 2107.10138, against the
+            floating-point attack on Gaussian samplers of arXiv 2112.05307). About 4x the noise cost; excludes
+            ``generator``/``noise_seed``.
+    Raises:
+        ValueError: out-of-range arguments, an accountant without ``sample_rate``, trainable parameters
+            without per-sample gradients, an optimizer missing trainable parameters.
     """
 
     def __init__(
@@ -71,62 +123,194 @@ class DPSGD:
         clipping: str = "flat",
         generator: torch.Generator | None = None,
         per_layer_max_grad_norm: list[float] | None = None,
+        sample_rate: float | None = None,
+        accountant: str | Accountant | None = None,
+        noise_seed: int | None = None,
+        secure_mode: bool = False,
     ):
         self.max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
         self.noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
-        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) or expected_batch_size <= 0:
+        m = expected_batch_size
+        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
             raise ValueError(f"expected_batch_size: expected a positive int, got {expected_batch_size!r}")
         if clipping not in CLIPPING:
             raise ValueError(f"clipping: expected one of {CLIPPING}, got {clipping!r}")
+        self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate)
+        self.accountant = self._make_accountant(accountant)
         self.model, self.optimizer = model, optimizer
         self.expected_batch_size, self.clipping = expected_batch_size, clipping
         self.modules = per_sample_modules(model)
-        covered = {id(p) for m in self.modules.values() for p in m.parameters() if p.requires_grad}
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._check_params(model, optimizer)
+        self.ctx = per_sample.PerSampleContext(mode=MODE_PER_SAMPLE if clipping == "flat" else MODE_CLIP)
+        self.sensitivity = self.max_grad_norm
+        if clipping == "per_layer":
+            self._set_per_layer(per_layer_max_grad_norm)
+        elif per_layer_max_grad_norm is not None:
+            raise ValueError("per_layer_max_grad_norm: only used with clipping='per_layer', got clipping='flat'")
+        self.secure_mode = bool(secure_mode)
+        if self.secure_mode and (generator is not None or noise_seed is not None):
+            raise ValueError("secure_mode: the noise is seeded from the OS at every step; pass no generator/noise_seed")
+        self.generator = self._make_generator(generator, noise_seed)
+        # all checks passed: attach (one engine per model; a new one detaches the last)
+        previous = attached_engine(model)
+        if previous is not None:
+            log.info("DPSGD: detaching the engine previously attached to this model (one engine per model)")
+            previous.detach()
+        _ENGINES[model] = weakref.ref(self)
+        for p in self.params:  # a gradient from before (non-private training) must not enter the first step
+            per_sample.clear(p)
+            p.grad = None
+        for m in self.modules.values():
+            m.ps_ctx = self.ctx
+        # batch statistics mix samples: one sample's data would reach every other sample's gradient
+        self._batch_norms = [
+            n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        ]
+        self._hooks = [model.register_forward_pre_hook(self._new_batch)]
+        self._hooks += [m.register_forward_pre_hook(self._guard_unconsumed) for m in self.modules.values()]
+        self._summed: list[Tensor | None] = [None] * len(self.params)
+        self._pending_samples = 0  # samples clipped into _summed since the last step
+        self._pending_dropped = 0
+        self._pending_batches = 0
+        self._grads_stale = False  # .grad holds the last step's gradient, to be dropped before new backward
+        self.samples_dropped = 0  # non-finite per-sample gradients dropped, over the engine's life
+        self.steps = 0
+        self.last_step_samples = 0
+        self.last_step_dropped = 0
+
+    # --- construction helpers ----------------------------------------------------------------------------
+    def _make_accountant(self, accountant: str | Accountant | None) -> Accountant | None:
+        if accountant is None:
+            return Accountant("rdp") if self.sample_rate is not None else None
+        if isinstance(accountant, str):
+            if accountant not in ACCOUNTANTS:
+                raise ValueError(f"accountant: expected one of {ACCOUNTANTS} or an Accountant, got {accountant!r}")
+            accountant = Accountant(accountant)
+        if not isinstance(accountant, Accountant):
+            raise TypeError(
+                f"accountant: expected one of {ACCOUNTANTS} or an Accountant, got {type(accountant).__name__}"
+            )
+        if self.sample_rate is None:
+            raise ValueError(
+                "sample_rate: required with an accountant (got None): the accountants bound Poisson sampling "
+                "with rate q; build the loader with poisson_dataloader(dataset, sample_rate=q) and pass the "
+                "same q here. Fixed-size shuffled batches are not Poisson sampling and are not accounted for"
+            )
+        return accountant
+
+    def _check_params(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         names = {id(p): n for n, p in model.named_parameters()}
+        if not self.params:
+            raise ValueError("model: no trainable parameters; call inject_adapters first")
+        # only a module's own tensors have a per-sample rule (an adapter's base layer has none)
+        covered = {id(p) for m in self.modules.values() for p in m.parameters(recurse=False) if p.requires_grad}
         uncovered = [names[id(p)] for p in self.params if id(p) not in covered]
         if uncovered:
             raise ValueError(
                 f"model: trainable parameters without per-sample gradients: {uncovered[:8]}; freeze them, "
                 "or train them through inject_adapters(..., trainable_modules=[...])"
             )
-        if not self.params:
-            raise ValueError("model: no trainable parameters; call inject_adapters first")
+        # a trainable tensor also held by another module (tied weights) would get gradients that bypass
+        # clipping in that module's backward
+        per_sample_ids = {id(m) for m in self.modules.values()}
+        for mod_name, mod in model.named_modules(remove_duplicate=False):
+            if id(mod) in per_sample_ids:
+                continue
+            tied = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+            if tied:
+                raise ValueError(
+                    f"model: module {mod_name or type(model).__name__!r} ({type(mod).__name__}) holds trainable "
+                    f"tensors {tied} of a per-sample module (tied weights); their gradients there would not be "
+                    "clipped per sample: untie or freeze them"
+                )
         opt_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [names[id(p)] for p in self.params if id(p) not in opt_params]
         if missing:
             raise ValueError(f"optimizer: does not hold the trainable parameters {missing[:8]}")
-        self.ctx = per_sample.PerSampleContext(mode=MODE_PER_SAMPLE if clipping == "flat" else MODE_CLIP)
-        if clipping == "per_layer":
-            if per_layer_max_grad_norm is None:
-                per_layer_max_grad_norm = [self.max_grad_norm / math.sqrt(len(self.params))] * len(self.params)
-            if len(per_layer_max_grad_norm) != len(self.params):
-                raise ValueError(
-                    f"per_layer_max_grad_norm: expected {len(self.params)} thresholds (one per trainable "
-                    f"tensor), got {len(per_layer_max_grad_norm)}"
-                )
-            self.ctx.clip = {
-                id(p): _check_positive("per_layer_max_grad_norm", c) for p, c in zip(self.params, per_layer_max_grad_norm)
-            }
-        for m in self.modules.values():
-            m.ps_ctx = self.ctx
-        self._hook = model.register_forward_pre_hook(self._new_batch)
+
+    def _set_per_layer(self, thresholds: list[float] | None) -> None:
+        L = len(self.params)
+        if thresholds is None:
+            thresholds = [self.max_grad_norm / math.sqrt(L)] * L
+        thresholds = list(thresholds)
+        if len(thresholds) != L:
+            raise ValueError(
+                f"per_layer_max_grad_norm: expected {L} thresholds (one per trainable tensor), got {len(thresholds)}"
+            )
+        values = [_check_positive(f"per_layer_max_grad_norm[{i}]", c) for i, c in enumerate(thresholds)]
+        total = math.sqrt(sum(c * c for c in values))
+        if total > self.max_grad_norm * (1 + 1e-9):
+            raise ValueError(
+                f"per_layer_max_grad_norm: sqrt(sum C_l^2) = {total:.6g} exceeds max_grad_norm = "
+                f"{self.max_grad_norm:.6g}, which the noise is calibrated to; scale the thresholds down"
+            )
+        self.sensitivity = total
+        self.ctx.clip = {id(p): c for p, c in zip(self.params, values)}
+
+    def _make_generator(self, generator: torch.Generator | None, noise_seed: int | None) -> torch.Generator:
         device = self.params[0].device
-        self.seeded = generator is not None
+        if generator is not None and noise_seed is not None:
+            raise ValueError("generator, noise_seed: pass at most one")
+        if noise_seed is not None:
+            if isinstance(noise_seed, bool) or not isinstance(noise_seed, int):
+                raise TypeError(f"noise_seed: expected an int, got {noise_seed!r}")
+            generator = torch.Generator(device=device).manual_seed(noise_seed)
         if generator is None:
-            generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
-        else:
-            log.warning("DPSGD: noise generator explicitly seeded by the caller: for reproducible experiments only")
-        self.generator = generator
-        self._summed: list[Tensor | None] = [None] * len(self.params)
-        self._pending_samples = 0  # samples clipped into _summed since the last step
-        self._pending_batches = 0
-        self.samples_dropped = 0  # non-finite per-sample gradients dropped, over the engine's life
-        self.steps = 0
+            self.seeded = False
+            log.info("DPSGD: noise generator seeded from the operating system's entropy")
+            return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+        if torch.device(generator.device).type != device.type:
+            raise ValueError(
+                f"generator: expected one on {device.type} (the parameters' device), got {generator.device}"
+            )
+        self.seeded = True
+        log.warning(
+            "DPSGD: noise generator explicitly seeded by the caller (%s): for reproducible experiments only; "
+            "noise that can be predicted gives no privacy",
+            "noise_seed" if noise_seed is not None else "generator",
+        )
+        return generator
 
     # --- per-sample state ------------------------------------------------------------------------------
     def _new_batch(self, module, args):
         self.ctx.batch_id += 1
+        if not torch.is_grad_enabled():
+            return  # evaluation: nothing per-sample happens
+        training = [n for n in self._batch_norms if self.model.get_submodule(n).training]
+        if training:
+            raise ValueError(
+                f"model: {training[:4]} normalise with batch statistics in training mode, which mixes "
+                "samples (per-sample gradients and their clipping would not bound one sample's influence); "
+                "put them in eval mode or replace them with GroupNorm/LayerNorm"
+            )
+        # per-layer clipping accumulates each clipped sum into .grad, which must start empty: the last
+        # step's gradient (already used by the optimizer) is dropped silently; any other gradient (a plain
+        # backward with the engine paused, or set by hand) would enter the step unclipped, so it is dropped
+        # with a warning
+        foreign = [p for p in self.params if p.grad is not None and not per_sample.has_state(p)]
+        if foreign and not self._grads_stale:
+            if self.clipping == "per_layer":
+                log.warning(
+                    "DPSGD: dropping .grad of %d trainable tensor(s) that did not come from a per-sample backward",
+                    len(foreign),
+                )
+            else:
+                foreign = []  # flat clipping never reads .grad (add_noise overwrites it)
+        for p in foreign:
+            p.grad = None
+        self._grads_stale = False
+
+    def _guard_unconsumed(self, module, args):
+        if not (module.training and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
+            return  # eval, no_grad, or a recomputation inside backward (activation checkpointing)
+        if any(per_sample.has_state(p) for p in module.parameters() if p.requires_grad):
+            raise per_sample.PerSampleStateError(
+                "per-sample gradients of an earlier backward were never consumed: call dp.accumulate() (micro-"
+                "batches) or dp.step() after each backward, before the next forward"
+            )
 
     def _have_backward(self) -> bool:
         return any(per_sample.has_state(p) for p in self.params)
@@ -134,44 +318,69 @@ class DPSGD:
     def per_sample_norms(self) -> Tensor:
         """(n,) total per-sample gradient norms ``sqrt(sum over tensors of nu_i)`` of the last backward.
 
-        With per-layer clipping these are the pre-clipping norms.
+        With per-layer clipping these are the pre-clipping norms. Non-finite entries mark samples that
+        ``step`` drops.
+
+        Raises:
+            RuntimeError: no backward since the last ``accumulate``/``step``.
         """
         if not self._have_backward():
             raise RuntimeError(
                 "per_sample_norms(): no per-sample gradients: run loss.backward() on a batch through the "
                 "model first (in training mode, with grad enabled)"
             )
+        return self._norms2().sqrt()
+
+    def _norms2(self) -> Tensor:
         norms2 = [p.ff_norm2 for p in self.params if per_sample.has_state(p)]
         n = {t.shape[0] for t in norms2}
         if len(n) != 1:
             raise RuntimeError(f"per-sample norms disagree on the batch size: {sorted(n)}")
-        return torch.stack(norms2).sum(0).sqrt()
+        return torch.stack(norms2).sum(0)
 
     # --- the staged step ---------------------------------------------------------------------------------
     def clip_and_accumulate(self) -> int:
         """Clip the last backward's per-sample gradients and add them to the running sum; free them.
 
-        Call once per physical micro-batch for large logical batches. Returns the micro-batch size.
+        Call once per physical micro-batch for large logical batches (``step`` calls it for the last one).
+        A sample whose total norm is not finite is dropped (coefficient 0, counted in ``samples_dropped``).
+        With per-layer clipping the layers already clipped inside their backward: a sample with a
+        non-finite gradient in one tensor is dropped from that tensor's sum only (its other tensors, each
+        clipped to ``C_l``, stay: sensitivity is unchanged).
+
+        Returns:
+            the micro-batch size n.
         """
-        norms = self.per_sample_norms()
-        n = norms.shape[0]
-        finite = torch.isfinite(norms)
+        self.per_sample_norms()  # the clear error when there is no backward
+        norms2 = self._norms2()
+        n = norms2.shape[0]
         if self.clipping == "flat":
-            coef = clip_coef(norms.pow(2), self.max_grad_norm)
+            coef = clip_coef(norms2, self.max_grad_norm)
             for i, p in enumerate(self.params):
-                if getattr(p, "ff_grad_sample", None) is None:
+                gs = getattr(p, "ff_grad_sample", None)
+                if gs is None:
                     continue  # unused in this forward: contributes zero
-                gs = p.ff_grad_sample
-                part = ffa_linear_clip_reduce(gs.reshape(n, gs.shape[1] if gs.dim() > 2 else 1, -1), coef)
-                self._add(i, part.reshape(p.shape))
+                if gs.shape[0] != n:
+                    raise RuntimeError(f"per-sample gradients of one tensor have {gs.shape[0]} samples, expected {n}")
+                rows = p.shape[0] if p.dim() > 1 else 1  # (n, *shape) -> (n, rows, cols); n may be 0
+                part = ffa_linear_clip_reduce(gs.reshape(n, rows, p.numel() // rows), coef)
+                self._add(i, part.reshape(p.shape).float())
         else:
             for i, p in enumerate(self.params):
-                if p.grad is not None:  # the layer's backward already clipped and summed
-                    self._add(i, p.grad.float())
-        dropped = int((~finite).sum())
+                if p.grad is None:
+                    continue  # unused in this forward: contributes zero
+                if not per_sample.has_state(p):
+                    names = {id(q): n for n, q in self.model.named_parameters()}
+                    raise RuntimeError(
+                        f"{names.get(id(p), 'a parameter')}: has a .grad that did not come from its per-sample "
+                        "backward (a backward with the engine paused or detached?); call dp.zero_grad() first"
+                    )
+                self._add(i, p.grad.float())  # the layer's backward already clipped and summed
+        dropped = int((~torch.isfinite(norms2)).sum())  # exactly the samples clip_coef gave coefficient 0
         if dropped:
-            log.warning("DPSGD: dropped %d sample(s) with non-finite per-sample gradients", dropped)
+            log.warning("DPSGD: dropped %d of %d sample(s) with non-finite per-sample gradient norms", dropped, n)
         self.samples_dropped += dropped
+        self._pending_dropped += dropped
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
@@ -184,6 +393,16 @@ class DPSGD:
     def _add(self, i: int, t: Tensor) -> None:
         self._summed[i] = t if self._summed[i] is None else self._summed[i] + t
 
+    def clipped_sum(self) -> list[Tensor]:
+        """The pre-noise clipped sums accumulated since the last step, one float32 tensor per trainable tensor.
+
+        For tests and audits (``sum_i c_i P_i``); it consumes nothing.
+        """
+        return [
+            (s.clone() if s is not None else torch.zeros(p.shape, dtype=torch.float32, device=p.device))
+            for s, p in zip(self._summed, self.params)
+        ]
+
     def add_noise(self) -> None:
         """Set ``.grad`` of every trainable tensor to its clipped sum plus ``N(0, (sigma C)^2)`` noise."""
         std = self.noise_multiplier * self.max_grad_norm
@@ -192,49 +411,98 @@ class DPSGD:
             if total is None:
                 total = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             if std > 0:
-                noise = torch.normal(0.0, std, size=p.shape, generator=self.generator, device=p.device)
-                total = total + noise
+                total = total + self._noise(std, p)
             p.grad = total
         self._summed = [None] * len(self.params)
 
+    def _noise(self, std: float, p: Tensor) -> Tensor:
+        shape = tuple(p.shape)
+        if not self.secure_mode:
+            return torch.normal(0.0, std, size=shape, generator=self.generator, device=p.device, dtype=torch.float32)
+        gen = torch.Generator(device=p.device).manual_seed(secrets.randbits(63))
+        acc = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        for _ in range(4):
+            acc += torch.normal(0.0, 1.0, size=shape, generator=gen, device=p.device, dtype=torch.float32)
+        return acc * (std / 2)
+
     def scale_grad(self) -> None:
+        """Divide every ``.grad`` by the expected batch size m (and cast it to the parameter's dtype)."""
         for p in self.params:
             p.grad = (p.grad / self.expected_batch_size).to(p.dtype)
 
     def step(self, *, empty_batch: bool = False) -> None:
         """One DP-SGD step: clip what the last backward left, add noise once, divide by m, step.
 
+        Every call that releases a noisy gradient is one accountant step, empty batches included.
+
         Args:
             empty_batch: the (Poisson-sampled) logical batch had no samples: step with noise only.
         Raises:
             RuntimeError: no per-sample gradients since the last step (it refuses to step twice on the
-                same gradients) and ``empty_batch`` was not set.
+                same gradients) and ``empty_batch`` was not set; or ``empty_batch`` set while samples are
+                pending.
         """
+        self.max_grad_norm = _check_positive("max_grad_norm", self.max_grad_norm)
+        self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
         if self._have_backward():
             self.clip_and_accumulate()
+        if empty_batch and self._pending_samples > 0:
+            raise RuntimeError(
+                f"step(empty_batch=True): {self._pending_samples} sample(s) were accumulated since the last step; "
+                "call step() without empty_batch"
+            )
         if self._pending_batches == 0 and not empty_batch:
             raise RuntimeError(
                 "step(): no per-sample gradients since the last step (a step on the same gradients twice, "
                 "or no backward): run loss.backward() first, or step(empty_batch=True) for an empty batch"
             )
         self.add_noise()
+        if self.accountant is not None:  # the noisy gradient exists from here on: the step is spent
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.scale_grad()
         self.optimizer.step()
         self.steps += 1
-        self.last_step_samples = self._pending_samples
-        self._pending_samples = self._pending_batches = 0
+        self.last_step_samples, self.last_step_dropped = self._pending_samples, self._pending_dropped
+        self._pending_samples = self._pending_batches = self._pending_dropped = 0
+        self._grads_stale = True
+
+    def epsilon(self, delta: float) -> float:
+        """The epsilon spent so far at ``delta`` by this engine's accountant (all of its steps, every round).
+
+        Raises:
+            RuntimeError: the engine has no accountant (no ``sample_rate`` was given).
+        """
+        if self.accountant is None:
+            raise RuntimeError(
+                "epsilon(): this DPSGD has no accountant; pass sample_rate=q (Poisson sampling) and optionally "
+                "accountant='rdp'|'prv'|Accountant when building it"
+            )
+        return self.accountant.epsilon(delta)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients, per-sample state and any un-stepped clipped sum."""
+        """Clear gradients, per-sample state and any un-stepped clipped sum (with a warning if there is one)."""
+        if self._pending_batches:
+            log.warning(
+                "DPSGD.zero_grad(): discarding %d accumulated micro-batch(es) (%d samples) that were never stepped",
+                self._pending_batches, self._pending_samples,
+            )
         self.optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
         self._summed = [None] * len(self.params)
-        self._pending_samples = self._pending_batches = 0
+        self._pending_samples = self._pending_batches = self._pending_dropped = 0
+        self._grads_stale = False
 
     def detach(self) -> None:
         """Stop per-sample work: the modules return to their plain, DP-free path."""
-        self._hook.remove()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        ref = _ENGINES.get(self.model)
+        if ref is not None and ref() in (None, self):
+            del _ENGINES[self.model]
         for m in self.modules.values():
             m.ps_ctx = None
+        for p in self.params:
+            per_sample.clear(p)

@@ -1,21 +1,35 @@
 """Poisson sampling, the scheme the accountants assume: each example joins a step independently with prob. q.
 
-Batches have variable size and may be empty (the DP step still runs, with noise only).
+Follows opacus's ``UniformWithReplacementSampler`` / ``DPDataLoader`` semantics (Abadi et al. 2016;
+Mironov et al. 2019 analyse exactly this subsampling). Batches have variable size and may be empty: the
+DP step still runs then, with noise only (``DPSGD.step(empty_batch=True)``). Fixed-size shuffled batches
+are a different mechanism that the Poisson accountants do not bound; ``check_poisson_loader`` refuses them.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import secrets
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import default_collate
 
 from fedlora_fast.privacy.accounting import check_sample_rate
+
+
+def os_seeded_generator() -> torch.Generator:
+    """A CPU generator seeded from the operating system's entropy (leaves torch's global RNG untouched)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 class PoissonSampler(torch.utils.data.Sampler):
     """Yields ``steps`` index batches; each index is included independently with probability ``sample_rate``.
 
-    Use as ``DataLoader(ds, batch_sampler=PoissonSampler(...))``. Empty batches are yielded as empty lists.
+    Use as ``DataLoader(ds, batch_sampler=PoissonSampler(...))``, or build the loader with
+    ``poisson_dataloader``. Empty batches are yielded as empty lists.
 
     Args:
         num_examples: dataset size N.
@@ -24,17 +38,28 @@ class PoissonSampler(torch.utils.data.Sampler):
         generator: a CPU generator; None draws a seed from the OS.
     """
 
-    def __init__(self, num_examples: int, sample_rate: float, steps: int | None = None, generator: torch.Generator | None = None):
+    def __init__(
+        self, num_examples: int, sample_rate: float, steps: int | None = None, generator: torch.Generator | None = None
+    ):
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
             raise ValueError(f"num_examples: expected a positive int, got {num_examples!r}")
         self.num_examples = num_examples
         self.sample_rate = check_sample_rate(sample_rate)
-        self.steps = int(round(1 / self.sample_rate)) if steps is None else int(steps)
-        if self.steps <= 0:
+        if steps is None:
+            steps = max(1, int(round(1 / self.sample_rate)))
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise ValueError(f"steps: expected a positive int, got {steps!r}")
-        if generator is None:
-            generator = torch.Generator().manual_seed(int(torch.seed()))
-        self.generator = generator
+        self.steps = steps
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or torch.device(generator.device).type != "cpu"
+        ):
+            raise ValueError(f"generator: expected a CPU torch.Generator, got {generator!r}")
+        self.generator = os_seeded_generator() if generator is None else generator
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q N``, the divisor DP-SGD uses (``DPSGD(expected_batch_size=round(...))``)."""
+        return self.sample_rate * self.num_examples
 
     def __len__(self) -> int:
         return self.steps
@@ -43,3 +68,127 @@ class PoissonSampler(torch.utils.data.Sampler):
         for _ in range(self.steps):
             mask = torch.rand(self.num_examples, generator=self.generator) < self.sample_rate
             yield mask.nonzero().flatten().tolist()
+
+
+def _empty_like_batch(batch: Any) -> Any:
+    """The same nested structure with every tensor sliced to 0 samples."""
+    if isinstance(batch, Tensor):
+        return batch[:0]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _empty_like_batch(v) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_empty_like_batch(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_empty_like_batch(v) for v in batch)
+    return batch
+
+
+class _EmptySafeCollate:
+    """Collate that turns an empty index batch into a 0-sample batch shaped like ``dataset[0]``'s."""
+
+    def __init__(self, dataset: Dataset, collate_fn: Callable):
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __call__(self, samples: list) -> Any:
+        if len(samples) == 0:
+            return _empty_like_batch(self.collate_fn([self.dataset[0]]))
+        return self.collate_fn(samples)
+
+
+def poisson_dataloader(
+    dataset: Dataset,
+    *,
+    sample_rate: float,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    collate_fn: Callable | None = None,
+    **loader_kwargs,
+) -> DataLoader:
+    """A ``DataLoader`` whose batches are Poisson samples of ``dataset`` (the sampling the accountants assume).
+
+    Empty batches come out as 0-sample batches of the usual structure (``batch_size(b) == 0``); step those
+    with ``DPSGD.step(empty_batch=True)``.
+
+    Args:
+        dataset: a map-style dataset of N examples.
+        sample_rate: q in (0, 1].
+        steps: batches per pass (default ``round(1/q)``).
+        generator: a CPU generator for the sampling; None draws a seed from the OS.
+        collate_fn: as for ``DataLoader`` (default ``default_collate``).
+        loader_kwargs: other ``DataLoader`` arguments (``num_workers``, ``pin_memory``...). ``batch_size``,
+            ``shuffle``, ``sampler``, ``batch_sampler`` and ``drop_last`` are refused: they would change
+            the sampling.
+    """
+    bad = sorted(set(loader_kwargs) & {"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"})
+    if bad:
+        raise ValueError(
+            f"poisson_dataloader: {bad} would replace Poisson sampling (each example joins a batch "
+            "independently with probability sample_rate), which the privacy accounting assumes; remove them"
+        )
+    sampler = PoissonSampler(len(dataset), sample_rate, steps, generator)
+    collate = _EmptySafeCollate(dataset, collate_fn or default_collate)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **loader_kwargs)
+
+
+def check_poisson_loader(loader: DataLoader, sample_rate: float | None = None) -> float:
+    """The Poisson sample rate of ``loader``; refuses loaders whose batches are not Poisson samples.
+
+    Args:
+        loader: the training ``DataLoader``.
+        sample_rate: if given, must equal the loader's rate.
+    Returns:
+        q, the loader's sample rate.
+    Raises:
+        ValueError: ``loader`` draws fixed-size (shuffled or sequential) batches or another custom
+            sampler: the Poisson accountants do not bound that mechanism, so its epsilon would be false.
+    """
+    sampler = getattr(loader, "batch_sampler", None)
+    if not isinstance(sampler, PoissonSampler):
+        raise ValueError(
+            f"loader: expected Poisson sampling (a DataLoader with batch_sampler=PoissonSampler, e.g. from "
+            f"poisson_dataloader), got batches from {type(sampler).__name__}"
+            f"{' of fixed size ' + str(loader.batch_size) if getattr(loader, 'batch_size', None) else ''}; "
+            "the RDP/PRV accountants assume each example joins each step independently with probability q, "
+            "and would report an epsilon that does not hold for fixed-size shuffled batches"
+        )
+    if sample_rate is not None and check_sample_rate(sample_rate) != sampler.sample_rate:
+        raise ValueError(f"sample_rate: {sample_rate} differs from the loader's Poisson rate {sampler.sample_rate}")
+    return sampler.sample_rate
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a (nested dict/list/tuple of tensors) batch: the first dim of its first tensor."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else []
+    for v in values:
+        try:
+            return batch_size(v)
+        except TypeError:
+            continue
+    raise TypeError(f"batch: no tensor found in a {type(batch).__name__}")
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _slice(v, start, stop) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_slice(v, start, stop) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice(v, start, stop) for v in batch)
+    return batch
+
+
+def micro_batches(batch: Any, max_size: int) -> Iterator[Any]:
+    """Split a logical batch into physical micro-batches of at most ``max_size`` samples (along dim 0).
+
+    For large logical batches under DP: run forward/backward and ``DPSGD.accumulate()`` on each, then one
+    ``DPSGD.step()``. An empty batch yields nothing (step it with ``step(empty_batch=True)``).
+    """
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise ValueError(f"max_size: expected a positive int, got {max_size!r}")
+    n = batch_size(batch)
+    for start in range(0, n, max_size):
+        yield _slice(batch, start, min(n, start + max_size))

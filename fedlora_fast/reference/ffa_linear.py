@@ -86,7 +86,7 @@ def _grad_param(left: Tensor, right: Tensor, scale: float, mode: int, clip: floa
         grad = scale * left.reshape(-1, left.shape[-1]).t() @ right.reshape(-1, right.shape[-1])
         return grad, left.new_empty((0,))
     P = scale * torch.einsum("nta,ntb->nab", left, right)
-    norm2 = P.reshape(n, -1).pow(2).sum(1)
+    norm2 = P.flatten(1).pow(2).sum(1)
     if mode == MODE_PER_SAMPLE:
         return P, norm2
     if mode == MODE_CLIP:

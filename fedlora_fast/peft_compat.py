@@ -1,0 +1,567 @@
+"""Drop-in for peft: convert a peft LoRA model to ``FFALoRALinear`` and exchange peft adapter directories.
+
+Follows peft's on-disk LoRA format (peft 0.13 to 0.21, ``PeftModel.save_pretrained``): ``adapter_config.json``
+(a ``LoraConfig``) and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight``
+(r, in) and ``...lora_B.weight`` (out, r), and, for ``modules_to_save``, the module's own state-dict keys
+``base_model.model.<module>.<param>``. ``<module>`` is the qualified name in the original model, which is
+also the name our layers carry, so ``PeftModel.from_pretrained(base, dir)`` loads what ``export_peft`` writes.
+What peft has no field for (FFA-LoRA or LoRA, A's seed) goes to a side file, ``fedlora_fast.json``: peft
+warns on unknown keys in its config, so none are added there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from fedlora_fast.inject import _matches, _set_submodule, adapter_layers
+from fedlora_fast.layers.ffa_linear import FFALoRALinear, init_lora_A
+from fedlora_fast.layers.per_sample_modules import make_per_sample
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+META_NAME = "fedlora_fast.json"
+PREFIX = "base_model.model."
+META_FORMAT = "fedlora_fast.peft_export"
+
+# Model class name suffix -> peft TaskType (which PeftModel subclass from_pretrained builds).
+_TASK_TYPES = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+
+
+def _method(layer: FFALoRALinear) -> str:
+    return "lora" if layer.train_A else "ffa"
+
+
+def _infer_task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in _TASK_TYPES:
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def _infer_modules_to_save(model: nn.Module, adapters: dict[str, FFALoRALinear]) -> list[str]:
+    """The outermost modules whose parameters are all trainable, outside the adapters (a head, a norm)."""
+    in_adapter = {id(p) for layer in adapters.values() for p in layer.parameters()}
+    modules = dict(model.named_modules())
+
+    def all_trainable(name: str) -> bool:
+        params = list(modules[name].parameters())
+        return bool(params) and all(p.requires_grad and id(p) not in in_adapter for p in params)
+
+    out: set[str] = set()
+    for pname, p in model.named_parameters():
+        if not p.requires_grad or id(p) in in_adapter:
+            continue
+        owner = pname.rpartition(".")[0]
+        while owner and "." in owner and all_trainable(owner.rpartition(".")[0]):
+            owner = owner.rpartition(".")[0]
+        if not owner:
+            raise ValueError(f"model: trainable parameter {pname!r} belongs to no submodule; peft cannot save it")
+        out.add(owner)
+    return sorted(out)
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """peft ``target_modules``: the short names (``q_proj``) when they select exactly ``names``, else full names."""
+    short = sorted({n.rpartition(".")[2] for n in names})
+    selected = {n for n, _ in model.named_modules() if n and any(_matches(n, s) for s in short)}
+    return short if selected == set(names) else sorted(names)
+
+
+def _pattern(values: dict[str, float | int], default: float | int) -> dict[str, float | int]:
+    """peft's ``rank_pattern``/``alpha_pattern`` (regex keys, matched as ``(.*\\.)?(key)$``) for the odd ones out."""
+    return {re.escape(n): v for n, v in sorted(values.items()) if v != default}
+
+
+def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
+    for key, value in pattern.items():  # peft.utils.other.get_pattern_key: first match wins
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write one file through a temporary file in the same directory and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export_peft(
+    model: nn.Module,
+    save_dir: str | os.PathLike,
+    *,
+    modules_to_save: Iterable[str] | None = None,
+    task_type: str | None = "auto",
+    base_model_name_or_path: str | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write ``model``'s adapters as a peft LoRA adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        model: a model with ``FFALoRALinear`` layers (``inject_adapters`` or ``from_peft``); names are
+            qualified names in ``model``, so pass the same model class peft will load into.
+        save_dir: directory to create (or update: the two peft files and ``fedlora_fast.json`` are replaced).
+        modules_to_save: fully trained modules to save with the adapters (peft's ``modules_to_save``);
+            default: the outermost modules whose parameters are all trainable (e.g. ``["classifier"]``).
+        task_type: peft TaskType (``"SEQ_CLS"``, ``"CAUSAL_LM"``...); ``"auto"`` infers it from the model's
+            class name; None leaves it unset (``PeftModel.from_pretrained`` then builds a plain ``PeftModel``).
+        base_model_name_or_path: recorded in the config; default ``model.config.name_or_path`` if any.
+        metadata: extra JSON-serialisable data stored in ``fedlora_fast.json`` under ``"user"``.
+    Returns:
+        The directory path.
+    Raises:
+        ValueError: no adapters, or adapters that peft's single LoraConfig cannot describe (mixed
+            ``use_rslora`` or dropout).
+    """
+    from safetensors.torch import save_file
+
+    adapters = adapter_layers(model)
+    if not adapters:
+        raise ValueError("model: no FFALoRALinear adapters to export; call inject_adapters or from_peft first")
+    names = list(adapters)
+    for what in ("use_rslora", "dropout"):
+        values = {n: (l.use_rslora if what == "use_rslora" else _dropout_p(l)) for n, l in adapters.items()}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"model: peft's LoraConfig holds one {what} for all layers, the adapters have {values}")
+    rs = {n: l.r for n, l in adapters.items()}
+    alphas = {n: _num(l.alpha) for n, l in adapters.items()}
+    r = Counter(rs.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    if modules_to_save is None:
+        modules_to_save = _infer_modules_to_save(model, adapters)
+    else:
+        modules_to_save = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    all_modules = dict(model.named_modules())
+    for m in modules_to_save:
+        if m not in all_modules or not m:
+            raise ValueError(f"modules_to_save: {m!r} is not a submodule of {type(model).__name__}")
+        if any(m == n or m.startswith(n + ".") or n.startswith(m + ".") for n in names):
+            raise ValueError(f"modules_to_save: {m!r} overlaps an adapter layer")
+    if task_type == "auto":
+        task_type = _infer_task_type(model)
+    if base_model_name_or_path is None:
+        cfg = getattr(model, "config", None)
+        base_model_name_or_path = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or None
+    first = adapters[names[0]]
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": _target_modules(model, names),
+        "lora_dropout": _dropout_p(first),
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_rslora": first.use_rslora,
+        "modules_to_save": modules_to_save or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": _pattern(rs, r),
+        "alpha_pattern": _pattern(alphas, alpha),
+        "use_dora": False,
+    }
+    tensors: dict[str, Tensor] = {}
+    for n, layer in adapters.items():
+        tensors[f"{PREFIX}{n}.lora_A.weight"] = layer.lora_A.detach()
+        tensors[f"{PREFIX}{n}.lora_B.weight"] = layer.lora_B.detach()
+    for m in modules_to_save:
+        for k, v in all_modules[m].state_dict().items():
+            tensors[f"{PREFIX}{m}.{k}"] = v.detach()
+    # own storage per tensor (safetensors refuses shared memory), on the CPU, contiguous
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    methods = {n: _method(l) for n, l in adapters.items()}
+    # the seed is recorded only where A is still the one it derives (not after from_peft or LoRA training)
+    seeds = {n: l.seed if _a_from_seed(l) else None for n, l in adapters.items()}
+    meta = {
+        "format": META_FORMAT,
+        "version": 1,
+        "method": methods[names[0]] if len(set(methods.values())) == 1 else "mixed",
+        "seed": seeds[names[0]] if len(set(seeds.values())) == 1 else None,
+        "layers": {
+            n: {"method": methods[n], "seed": seeds[n], "seed_name": adapters[n].name, "r": rs[n], "alpha": alphas[n]}
+            for n in names
+        },
+        "user": metadata,
+    }
+    json.dumps(meta)  # fail before touching the disk on unserialisable metadata
+
+    save_dir = Path(save_dir)
+    fresh = not save_dir.exists()
+    if not fresh and not save_dir.is_dir():
+        raise ValueError(f"save_dir: {str(save_dir)!r} exists and is not a directory")
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A new directory is built aside and renamed into place (all or nothing); an existing one gets each
+    # file replaced atomically, weights first, so a reader never sees a config without its weights.
+    target = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp")) if fresh else save_dir
+    try:
+        st_meta = {"format": "pt"}
+        _write_atomic(target / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=st_meta))
+        _write_atomic(target / META_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        _write_atomic(target / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+        if fresh:
+            os.rename(target, save_dir)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return save_dir
+
+
+def _a_from_seed(layer: FFALoRALinear) -> bool:
+    """Whether the layer's A is exactly the one ``init_lora_A`` derives from its (seed, name)."""
+    expected = init_lora_A(layer.r, layer.in_features, layer.seed, layer.name)
+    return torch.equal(layer.lora_A.detach().float().cpu(), expected)
+
+
+def _dropout_p(layer: FFALoRALinear) -> float:
+    return float(layer.dropout.p) if isinstance(layer.dropout, nn.Dropout) else 0.0
+
+
+def _read_dir(load_dir: Path) -> tuple[dict, dict[str, Tensor], dict | None]:
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = load_dir / CONFIG_NAME, load_dir / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"load_dir: {str(load_dir)!r} has no {p.name} (expected a peft adapter directory)")
+    config = json.loads(cfg_path.read_text())
+    meta = json.loads((load_dir / META_NAME).read_text()) if (load_dir / META_NAME).is_file() else None
+    if meta is not None and meta.get("format") != META_FORMAT:
+        raise ValueError(f"{META_NAME}: expected format {META_FORMAT!r}, got {meta.get('format')!r}")
+    return config, load_file(str(w_path)), meta
+
+
+def _check_config(config: dict) -> None:
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type={config.get('peft_type')!r} (expected 'LORA')")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if config.get(key, ok) != ok:
+            problems.append(f"{key}={config.get(key)!r} (supported: {ok!r})")
+    for key in ("trainable_token_indices", "layer_replication", "target_parameters"):
+        if config.get(key):
+            problems.append(f"{key}={config.get(key)!r} (unsupported)")
+    if config.get("lora_bias"):
+        problems.append("lora_bias=True (unsupported)")
+    if problems:
+        raise ValueError(f"{CONFIG_NAME}: unsupported LoRA configuration: {'; '.join(problems)}")
+
+
+def load_peft(
+    model: nn.Module,
+    load_dir: str | os.PathLike,
+    *,
+    train_A: bool | None = None,
+    seed: int | None = None,
+) -> dict[str, FFALoRALinear]:
+    """Load a peft LoRA adapter directory into ``model``, injecting ``FFALoRALinear`` layers if it has none.
+
+    A model that already has adapters must have exactly the file's adapted layers, with the same shapes and
+    scale; their A and B are overwritten. A model without adapters gets them where the file has them
+    (r from the shapes, alpha/use_rslora/dropout from the config), every other parameter frozen and the
+    ``modules_to_save`` made trainable with per-sample gradients, as ``inject_adapters`` does.
+
+    Args:
+        model: the base model (the same class the adapters were trained on).
+        load_dir: a directory from ``export_peft`` or ``PeftModel.save_pretrained``.
+        train_A: for injected layers: train A (vanilla LoRA) or not (FFA-LoRA); default: the method
+            recorded in ``fedlora_fast.json``, else False.
+        seed: recorded on injected layers; default: the seed in ``fedlora_fast.json``, else 0. When the file
+            says FFA-LoRA with a seed, A must equal the A regenerated from (seed, name) (checked).
+    Returns:
+        ``{qualified_name: layer}`` of the loaded adapters.
+    Raises:
+        FileNotFoundError, ValueError: a missing file, an unsupported config, or names/shapes that do not
+            fit the model (every offending name listed).
+    """
+    load_dir = Path(load_dir)
+    config, tensors, meta = _read_dir(load_dir)
+    _check_config(config)
+    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad:
+        raise ValueError(f"{WEIGHTS_NAME}: keys without the {PREFIX!r} prefix: {bad[:8]}")
+    A_file: dict[str, Tensor] = {}
+    B_file: dict[str, Tensor] = {}
+    other: dict[str, Tensor] = {}
+    unsupported = []
+    for key, t in tensors.items():
+        k = key[len(PREFIX):]
+        if k.endswith(".lora_A.weight"):
+            A_file[k[: -len(".lora_A.weight")]] = t
+        elif k.endswith(".lora_B.weight"):
+            B_file[k[: -len(".lora_B.weight")]] = t
+        elif re.search(r"\.lora_(embedding_[AB]|magnitude_vector|[AB]\.bias)\b", k):
+            unsupported.append(key)
+        else:
+            other[k] = t
+    if unsupported:
+        raise ValueError(f"{WEIGHTS_NAME}: LoRA weights of kinds FFALoRALinear cannot hold: {unsupported[:8]}")
+    if set(A_file) != set(B_file):
+        raise ValueError(
+            f"{WEIGHTS_NAME}: layers with lora_A but no lora_B: {sorted(set(A_file) - set(B_file))[:8]}; "
+            f"with lora_B but no lora_A: {sorted(set(B_file) - set(A_file))[:8]}"
+        )
+    if not A_file:
+        raise ValueError(f"{WEIGHTS_NAME}: no lora_A/lora_B weights")
+    names = sorted(A_file)
+    modules = dict(model.named_modules())
+    existing = adapter_layers(model)
+    inject = not existing
+    if not inject:
+        missing, unexpected = sorted(set(existing) - set(names)), sorted(set(names) - set(existing))
+        if missing or unexpected:
+            raise ValueError(
+                f"load_dir: adapted layers differ from the model's: in the model only {missing[:8]}, "
+                f"in the file only {unexpected[:8]}"
+            )
+        if train_A is not None and any(l.train_A != bool(train_A) for l in existing.values()):
+            raise ValueError(f"train_A: {train_A} differs from the model's existing adapters")
+
+    meta_layers = (meta or {}).get("layers", {})
+    use_rslora = bool(config.get("use_rslora", False))
+    problems = []
+    specs = {}
+    for n in names:
+        A, B = A_file[n], B_file[n]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            problems.append(f"{n}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, in) and (out, r)")
+            continue
+        r = int(A.shape[0])
+        r_cfg = _pattern_value(config.get("rank_pattern") or {}, n, config.get("r", r))
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, n, config.get("lora_alpha", r_cfg)))
+        if r_cfg != r:
+            problems.append(f"{n}: rank {r} in the weights, {r_cfg} in the config")
+        module = modules.get(n)
+        if module is None:
+            problems.append(f"{n}: no such module in {type(model).__name__}")
+            continue
+        base = module.base_layer if isinstance(module, FFALoRALinear) else module
+        if not isinstance(base, nn.Linear):
+            problems.append(f"{n}: a {type(module).__name__}, expected torch.nn.Linear")
+            continue
+        if (B.shape[0], A.shape[1]) != (base.out_features, base.in_features):
+            problems.append(
+                f"{n}: adapter maps {A.shape[1]} -> {B.shape[0]}, the layer {base.in_features} -> {base.out_features}"
+            )
+        if isinstance(module, FFALoRALinear):
+            scale = alpha / (math.sqrt(r) if use_rslora else r)
+            if module.r != r or not math.isclose(module.scale, scale, rel_tol=1e-9):
+                problems.append(f"{n}: the model's adapter has r={module.r}, scale={module.scale:g}; the file r={r}, scale={scale:g}")
+        specs[n] = (r, alpha)
+    extra_modules: list[str] = []
+    state = model.state_dict()
+    for k, t in other.items():
+        if k not in state:
+            problems.append(f"{k}: not a parameter or buffer of {type(model).__name__} (nor a LoRA weight)")
+        elif tuple(state[k].shape) != tuple(t.shape):
+            problems.append(f"{k}: shape {tuple(t.shape)} in the file, {tuple(state[k].shape)} in the model")
+    if other:
+        for m in config.get("modules_to_save") or []:
+            hits = [n for n in modules if n and _matches(n, m) and any(k.startswith(n + ".") for k in other)]
+            extra_modules += [h for h in hits if h not in extra_modules]
+        orphans = [k for k in other if not any(k.startswith(e + ".") for e in extra_modules)]
+        if orphans:
+            problems.append(f"weights outside the adapters and the config's modules_to_save: {orphans[:8]}")
+    if problems:
+        raise ValueError(f"load_dir: {str(load_dir)!r} does not fit the model: " + "; ".join(problems))
+
+    if inject:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+        for n in names:
+            info = meta_layers.get(n, {})
+            layer_train_A = bool(train_A) if train_A is not None else info.get("method") == "lora"
+            layer_seed = int(seed) if seed is not None else int(info.get("seed") or 0)
+            r, alpha = specs[n]
+            layer = FFALoRALinear(
+                modules[n], r, alpha, seed=layer_seed, name=n, train_A=layer_train_A,
+                dropout=dropout, use_rslora=use_rslora,
+            )
+            _set_submodule(model, n, layer)
+        for m in extra_modules:
+            make_per_sample(model.get_submodule(m), m)
+    layers = adapter_layers(model)
+    for n in names:
+        layer, info = layers[n], meta_layers.get(n, {})
+        A = A_file[n]
+        if info.get("method") == "ffa" and info.get("seed") is not None:
+            expected = init_lora_A(layer.r, layer.in_features, int(info["seed"]), info.get("seed_name", n))
+            if not torch.equal(A.float(), expected):
+                raise ValueError(
+                    f"load_dir: {n}.lora_A is not the A that FFA-LoRA derives from seed {info['seed']}; "
+                    "the file was altered or written for another layer name"
+                )
+        with torch.no_grad():
+            layer.lora_A.copy_(A.to(layer.lora_A.device, layer.lora_A.dtype))
+            layer.lora_B.copy_(B_file[n].to(layer.lora_B.device, layer.lora_B.dtype))
+    if other:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            params.update(dict(model.named_buffers()))
+            for k, t in other.items():
+                params[k].copy_(t.to(params[k].device, params[k].dtype))
+    return {n: layers[n] for n in names}
+
+
+def _peft():
+    try:
+        import peft  # noqa: F401
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+    except ImportError as e:  # pragma: no cover - the extra is not installed
+        raise ImportError(f"from_peft needs peft (pip install 'fedlora_fast[peft]'): {e}") from e
+    return LoraLayer, LoraLinear, BaseTunerLayer, AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+
+def _lora_problem(layer, LoraLinear) -> str | None:
+    """Why a peft LoraLayer cannot become an FFALoRALinear, or None."""
+    if type(layer) is not LoraLinear:
+        return f"{type(layer).__module__}.{type(layer).__name__} (only peft.tuners.lora.Linear is supported)"
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear:
+        return f"base layer is a {type(base).__name__}, expected torch.nn.Linear"
+    keys = list(layer.lora_A.keys())
+    if len(keys) != 1:
+        return f"{len(keys)} adapters {keys} (exactly one supported)"
+    if len(layer.lora_embedding_A) or len(getattr(layer, "lora_embedding_B", {})):
+        return "embedding LoRA"
+    key = keys[0]
+    if layer.use_dora.get(key, False):
+        return "DoRA (use_dora=True)"
+    if key in getattr(layer, "lora_variant", {}):
+        return f"LoRA variant {type(layer.lora_variant[key]).__name__}"
+    if getattr(layer, "lora_bias", {}).get(key, False):
+        return "lora_bias=True"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    if layer.merged:
+        return "merged adapter (call unmerge_adapter() first)"
+    if layer.lora_A[key].bias is not None or layer.lora_B[key].bias is not None:
+        return "lora_A/lora_B with a bias"
+    return None
+
+
+def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Replace every peft LoRA layer of a peft model by an ``FFALoRALinear`` with the same A, B, scale, dropout.
+
+    Args:
+        peft_model: a ``peft.PeftModel`` (``get_peft_model``/``PeftModel.from_pretrained``) or a model that
+            ``peft.inject_adapter_in_model`` changed; exactly one LoRA adapter on ``nn.Linear`` layers.
+        seed: recorded on the new layers (their A is peft's, kept as is, not regenerated).
+    Returns:
+        The underlying model (``peft_model.get_base_model()``), changed in place: layer names are those of the
+        original model, ``train_A`` follows whether peft's A was trainable, B keeps its ``requires_grad``,
+        each ``modules_to_save`` wrapper is replaced by its trained copy (made per-sample if trainable).
+        Use the returned model; the peft wrapper must not be used afterwards.
+    Raises:
+        ValueError: layers it cannot convert (DoRA, embedding/conv LoRA, several adapters, merged...),
+            all listed at once, before anything is changed.
+    """
+    LoraLayer, LoraLinear, BaseTunerLayer, AuxWrapper, ModulesToSaveWrapper = _peft()
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if hasattr(peft_model, "get_base_model"):  # PeftModel and its task subclasses
+        model = peft_model.get_base_model()
+    elif isinstance(peft_model, BaseTuner):  # a LoraModel (PeftModel.base_model): names without "model."
+        model = peft_model.model
+    else:  # a model that peft.inject_adapter_in_model changed
+        model = peft_model
+    problems, loras, wrappers = [], {}, {}
+    cfgs = getattr(peft_model, "peft_config", {}) or {}
+    if len(cfgs) > 1:
+        problems.append(f"the model has {len(cfgs)} adapters {sorted(cfgs)}; exactly one is supported")
+    for name, cfg in cfgs.items():
+        if getattr(cfg, "peft_type", None) is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
+            problems.append(f"adapter {name!r} is {cfg.peft_type}, not LoRA")
+        if getattr(cfg, "bias", "none") != "none":
+            problems.append(f"adapter {name!r} trains base biases (bias={cfg.bias!r})")
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            why = _lora_problem(module, LoraLinear)
+            if why:
+                problems.append(f"{name}: {why}")
+            else:
+                loras[name] = module
+        elif isinstance(module, ModulesToSaveWrapper):
+            keys = list(module.modules_to_save.keys())
+            if len(keys) != 1:
+                problems.append(f"{name}: modules_to_save wrapper with {len(keys)} copies {keys}")
+            else:
+                wrappers[name] = module.modules_to_save[keys[0]]
+        elif isinstance(module, (BaseTunerLayer, AuxWrapper)):
+            problems.append(f"{name}: {type(module).__module__}.{type(module).__name__} (not a LoRA linear layer)")
+    built = {}
+    for name, layer in loras.items():
+        key = next(iter(layer.lora_A.keys()))
+        r, alpha, scaling = int(layer.r[key]), float(layer.lora_alpha[key]), float(layer.scaling[key])
+        use_rslora = r > 1 and math.isclose(scaling, alpha / math.sqrt(r), rel_tol=1e-9)
+        if not math.isclose(scaling, alpha / (math.sqrt(r) if use_rslora else r), rel_tol=1e-9):
+            problems.append(f"{name}: scaling {scaling:g} is neither alpha/r nor alpha/sqrt(r) (set_scale?)")
+            continue
+        if any(q.requires_grad for q in layer.get_base_layer().parameters()):
+            problems.append(f"{name}: the base layer is trainable; freeze it before converting")
+            continue
+        drop = layer.lora_dropout[key]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+        if not isinstance(drop, (nn.Dropout, nn.Identity)):
+            problems.append(f"{name}: lora_dropout is a {type(drop).__name__}")
+            continue
+        built[name] = (key, r, alpha, use_rslora, p)
+    if not loras and not problems:
+        raise ValueError(f"peft_model: no peft LoRA layers in {type(peft_model).__name__}")
+    if problems:
+        raise ValueError("from_peft: cannot convert: " + "; ".join(problems))
+
+    for name, inner in wrappers.items():
+        if any(p.requires_grad for p in inner.parameters()):
+            make_per_sample(inner, name)
+        _set_submodule(model, name, inner)
+    for name, (key, r, alpha, use_rslora, p) in built.items():
+        layer = loras[name]
+        A, B = layer.lora_A[key].weight, layer.lora_B[key].weight
+        new = FFALoRALinear(
+            layer.get_base_layer(), r, alpha, seed=seed, name=name, train_A=A.requires_grad, dropout=p,
+            use_rslora=use_rslora,
+        )
+        with torch.no_grad():
+            new.lora_A.copy_(A.to(new.lora_A.device, new.lora_A.dtype))
+            new.lora_B.copy_(B.to(new.lora_B.device, new.lora_B.dtype))
+        new.lora_B.requires_grad_(B.requires_grad)
+        new.train(layer.training)
+        _set_submodule(model, name, new)
+    return model

@@ -1,0 +1,157 @@
+"""Accountant and calibration: epsilon equals opacus's own accountants on the same (sigma, q, k, delta)."""
+
+import json
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+from fedlora_fast.privacy import Accountant, calibrate_noise_multiplier
+
+
+def opacus_epsilon(mechanism, history, delta):
+    """Independent evaluation with opacus's accountant objects, stepped one step at a time."""
+    acc = RDPAccountant() if mechanism == "rdp" else PRVAccountant()
+    for sigma, q, k in history:
+        for _ in range(k):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    return acc.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize("sigma,q,k,delta", [(1.0, 0.01, 100, 1e-5), (0.7, 0.1, 37, 1e-6), (2.5, 1.0, 5, 1e-3)])
+def test_rdp_epsilon_matches_opacus(sigma, q, k, delta):
+    acc = Accountant("rdp")
+    for _ in range(k):
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert acc.steps == k
+    assert acc.epsilon(delta) == pytest.approx(opacus_epsilon("rdp", [(sigma, q, k)], delta), rel=1e-12)
+    # and against opacus's pure functions, without any accountant object
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=k, orders=orders)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    assert acc.epsilon(delta) == pytest.approx(float(eps), rel=1e-12)
+
+
+def test_prv_epsilon_matches_opacus():
+    acc = Accountant("prv")
+    acc.step(noise_multiplier=1.0, sample_rate=0.02, num_steps=50)
+    acc.step(noise_multiplier=1.3, sample_rate=0.02, num_steps=20)
+    want = opacus_epsilon("prv", [(1.0, 0.02, 50), (1.3, 0.02, 20)], 1e-5)
+    assert acc.epsilon(1e-5) == pytest.approx(want, rel=1e-9)
+    # PRV is tighter than RDP on the same steps
+    rdp = Accountant("rdp")
+    rdp.step(noise_multiplier=1.0, sample_rate=0.02, num_steps=50)
+    rdp.step(noise_multiplier=1.3, sample_rate=0.02, num_steps=20)
+    assert acc.epsilon(1e-5) < rdp.epsilon(1e-5)
+
+
+def test_epsilon_grows_with_steps_and_is_zero_then_inf():
+    acc = Accountant()
+    assert acc.epsilon(1e-5) == 0.0
+    acc.step(noise_multiplier=1.0, sample_rate=0.1)
+    e1 = acc.epsilon(1e-5)
+    acc.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=9)
+    assert acc.epsilon(1e-5) > e1 > 0
+    acc.step(noise_multiplier=0.0, sample_rate=0.1)
+    assert acc.epsilon(1e-5) == math.inf
+
+
+def test_rounds_persisted_through_json_spend_R_times_K_steps(tmp_path):
+    """A client that runs K steps per round for R rounds, saving and reloading its accountant, spent R*K steps."""
+    R, K, sigma, q, delta = 4, 25, 0.9, 0.05, 1e-5
+    state = None
+    for _ in range(R):
+        acc = Accountant("rdp") if state is None else Accountant.from_state_dict(json.loads(state))
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=K)
+        state = json.dumps(acc.state_dict())
+    final = Accountant.from_state_dict(json.loads(state))
+    assert final.steps == R * K
+    assert final.epsilon(delta) == pytest.approx(opacus_epsilon("rdp", [(sigma, q, R * K)], delta), rel=1e-12)
+    fresh_per_round = Accountant()
+    fresh_per_round.step(noise_multiplier=sigma, sample_rate=q, num_steps=K)
+    assert final.epsilon(delta) > 1.5 * fresh_per_round.epsilon(delta)
+    path = tmp_path / "acc.json"
+    final.save(path)
+    assert Accountant.load(path).state_dict() == final.state_dict()
+    assert [p.name for p in tmp_path.iterdir()] == ["acc.json"], "no temporary file left behind"
+
+
+@pytest.mark.parametrize(
+    "state,match",
+    [
+        ({"mechanism": "rdp"}, "expected keys"),
+        ({"mechanism": "gdp", "history": []}, "mechanism"),
+        ({"mechanism": "rdp", "history": [[1.0, 0.1]]}, r"history'\]\[0\]"),
+        ({"mechanism": "rdp", "history": [[-1.0, 0.1, 3]]}, "noise_multiplier"),
+        ({"mechanism": "rdp", "history": [[1.0, 1.5, 3]]}, "sample_rate"),
+        ({"mechanism": "rdp", "history": [[1.0, 0.1, 0]]}, "steps"),
+        ({"mechanism": "rdp", "history": [[1.0, 0.1, 2.5]]}, "steps"),
+        ({"version": 99, "mechanism": "rdp", "history": []}, "version"),
+        ([1, 2], "expected a dict"),
+    ],
+)
+def test_malformed_state_is_refused(state, match):
+    with pytest.raises(ValueError, match=match):
+        Accountant.from_state_dict(state)
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_calibration_meets_the_budget(mechanism):
+    eps, delta, q, steps = 2.0, 1e-5, 0.02, 300
+    sigma = calibrate_noise_multiplier(target_epsilon=eps, delta=delta, sample_rate=q, steps=steps, mechanism=mechanism)
+    acc = Accountant(mechanism)
+    acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+    spent = acc.epsilon(delta)
+    assert eps - 0.05 <= spent <= eps
+    slightly_less = Accountant(mechanism)
+    slightly_less.step(noise_multiplier=0.95 * sigma, sample_rate=q, num_steps=steps)
+    assert slightly_less.epsilon(delta) > eps * 0.99
+
+
+def test_impossible_budget_is_refused_clearly():
+    # RDP's conversion has a floor near log(1/delta)/63: no noise level reaches epsilon 0.05 at delta 1e-5
+    with pytest.raises(ValueError, match="cannot be met"):
+        calibrate_noise_multiplier(target_epsilon=0.05, delta=1e-5, sample_rate=1.0, steps=1000)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"target_epsilon": 0.0}, "target_epsilon"),
+        ({"target_epsilon": -1.0}, "target_epsilon"),
+        ({"target_epsilon": float("nan")}, "target_epsilon"),
+        ({"target_epsilon": float("inf")}, "target_epsilon"),
+        ({"delta": 1.0}, "delta"),
+        ({"delta": 0.0}, "delta"),
+        ({"delta": float("nan")}, "delta"),
+        ({"sample_rate": 0.0}, "sample_rate"),
+        ({"sample_rate": 1.01}, "sample_rate"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"mechanism": "moments"}, "mechanism"),
+    ],
+)
+def test_calibration_bad_input(kw, match):
+    args = {"target_epsilon": 3.0, "delta": 1e-5, "sample_rate": 0.01, "steps": 100, **kw}
+    with pytest.raises(ValueError, match=match):
+        calibrate_noise_multiplier(**args)
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda a: a.step(noise_multiplier=-1.0, sample_rate=0.1), ValueError, "noise_multiplier"),
+        (lambda a: a.step(noise_multiplier=float("nan"), sample_rate=0.1), ValueError, "noise_multiplier"),
+        (lambda a: a.step(noise_multiplier=1.0, sample_rate=0.0), ValueError, "sample_rate"),
+        (lambda a: a.step(noise_multiplier=1.0, sample_rate=2.0), ValueError, "sample_rate"),
+        (lambda a: a.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=-1), ValueError, "num_steps"),
+        (lambda a: a.epsilon(1.0), ValueError, "delta"),
+        (lambda a: a.epsilon(0.0), ValueError, "delta"),
+        (lambda a: a.epsilon(True), TypeError, "delta"),
+        (lambda a: Accountant("moments"), ValueError, "mechanism"),
+    ],
+)
+def test_accountant_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(Accountant())

@@ -1,0 +1,478 @@
+"""DPSGD: per-sample gradients vs a batch-of-one loop, the clipped-sum update, sensitivity, noise, robustness.
+
+Small models on CPU with the PyTorch reference backend: the maths of the engine, not the kernels (those are
+checked backend by backend in test_ffa_linear.py).
+"""
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fedlora_fast as ff
+from fedlora_fast.ops import backends
+from fedlora_fast.per_sample import PerSampleStateError
+from fedlora_fast.privacy import Accountant, batch_size, micro_batches
+from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
+
+IN, HID, OUT, R = 7, 6, 3, 3  # odd sizes on purpose
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    backends.clear_cache()
+    yield
+    backends.clear_cache()
+
+
+def make_model(train_A=False, seed=0):
+    """Adapter on a hidden linear layer + a fully trainable per-sample head; B random so A's grad is not 0."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+    ff.inject_adapters(model, ["0"], r=R, alpha=6.0, seed=seed, train_A=train_A, trainable_modules=["2"])
+    with torch.no_grad():
+        model[0].lora_B.normal_(0, 0.5)
+    return model
+
+
+def params(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_dp(model, lr=1.0, **kw):
+    kw = {"max_grad_norm": 1.0, "noise_multiplier": 0.0, "expected_batch_size": 4, **kw}
+    return ff.DPSGD(model, torch.optim.SGD(params(model), lr=lr), **kw)
+
+
+def make_batch(n, T, seed=1, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, IN) if T is None else (n, T, IN)
+    out = (n, OUT) if T is None else (n, T, OUT)
+    return {"x": scale * torch.randn(shape, generator=g), "y": torch.randn(out, generator=g)}
+
+
+def loss_fn(model, batch):
+    return ((model(batch["x"]) - batch["y"]) ** 2).sum()
+
+
+def hand_clipped_sum(loop, names, thresholds=None, C=1.0):
+    """sum_i c_i P_i from batch-of-one gradients, float64: flat (one C) or per tensor (thresholds[name])."""
+    n = next(iter(loop.values())).shape[0]
+    if thresholds is None:
+        norms = torch.sqrt(sum(loop[k].reshape(n, -1).pow(2).sum(1) for k in names))
+        coef = (C / (norms + 1e-6)).clamp(max=1.0)
+        return {k: torch.einsum("n,n...->...", coef, loop[k]) for k in names}
+    out = {}
+    for k in names:
+        norms = loop[k].reshape(n, -1).norm(dim=1)
+        coef = (thresholds[k] / (norms + 1e-6)).clamp(max=1.0)
+        out[k] = torch.einsum("n,n...->...", coef, loop[k])
+    return out
+
+
+# --- per-sample gradients vs the batch-of-one loop ----------------------------------------------------------
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("T", [None, 1, 17], ids=["2d", "T1", "T17"])
+def test_per_sample_grads_match_loop(train_A, n, T):
+    model = make_model(train_A)
+    batch = make_batch(n, T)
+    loop = per_sample_grads_loop(model, loss_fn, batch)
+    dp = make_dp(model)
+    loss_fn(model, batch).backward()
+    got = per_sample_grads_engine(model)
+    assert set(got) == set(loop) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert ("0.lora_A" in got) == train_A
+    for k in loop:
+        assert_close_verbose(got[k], loop[k], atol=1e-5, rtol=1e-5, name=k)
+    norms = torch.sqrt(sum(v.reshape(n, -1).pow(2).sum(1) for v in loop.values()))
+    assert_close_verbose(dp.per_sample_norms(), norms, atol=1e-5, rtol=1e-5, name="norms")
+
+
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("T", [None, 1, 17], ids=["2d", "T1", "T17"])
+def test_per_layer_norms_and_clipped_sum_match_loop(train_A, n, T):
+    model = make_model(train_A)
+    batch = make_batch(n, T, scale=3.0)
+    loop = per_sample_grads_loop(model, loss_fn, batch)
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    dp = make_dp(model, clipping="per_layer", max_grad_norm=2.0)
+    loss_fn(model, batch).backward()
+    norms = torch.sqrt(sum(v.reshape(n, -1).pow(2).sum(1) for v in loop.values()))
+    assert_close_verbose(dp.per_sample_norms(), norms, atol=1e-5, rtol=1e-5, name="norms")
+    dp.accumulate()
+    C_l = 2.0 / math.sqrt(len(names))
+    want = hand_clipped_sum(loop, names, thresholds={k: C_l for k in names})
+    for k, got in zip(names, dp.clipped_sum()):
+        assert_close_verbose(got, want[k], atol=1e-5, rtol=1e-5, name=k)
+
+
+# --- the update with noise 0 ----------------------------------------------------------------------------
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+def test_noise_free_update_is_clipped_sum_over_m(clipping, train_A):
+    model = make_model(train_A)
+    batch = make_batch(5, 4, scale=2.0)  # large enough that most samples clip
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    loop = per_sample_grads_loop(model, loss_fn, batch)
+    C, m, lr = 0.7, 4, 0.5
+    thresholds = None
+    if clipping == "per_layer":
+        thresholds = {k: C / math.sqrt(len(names)) for k in names}
+    want = hand_clipped_sum(loop, names, thresholds, C=C)
+    n_clipped = int((torch.sqrt(sum(v.reshape(5, -1).pow(2).sum(1) for v in loop.values())) > C).sum())
+    assert n_clipped >= 3, "the check must exercise clipping"
+    before = {k: p.detach().double().clone() for k, p in model.named_parameters() if p.requires_grad}
+    dp = make_dp(model, lr=lr, clipping=clipping, max_grad_norm=C, expected_batch_size=m)
+    loss_fn(model, batch).backward()
+    dp.step()
+    assert dp.last_step_samples == 5 and dp.steps == 1
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close_verbose(p.detach().double(), before[k] - lr * want[k] / m, atol=1e-6, rtol=1e-5, name=k)
+
+
+# --- sensitivity ---------------------------------------------------------------------------------------------
+def _pre_noise_sum(model, dp, batch):
+    loss_fn(model, batch).backward()
+    dp.accumulate()
+    out = torch.cat([t.double().flatten() for t in dp.clipped_sum()])
+    dp.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("clipping,thresholds", [("flat", None), ("per_layer", None), ("per_layer", [0.1, 0.5, 0.3])])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_removing_one_sample_moves_pre_noise_sum_by_at_most_sensitivity(clipping, thresholds, seed, caplog):
+    model = make_model(train_A=False, seed=seed)
+    C = 1.3
+    if thresholds is not None:
+        thresholds = [t * C / math.sqrt(sum(u * u for u in thresholds)) for t in thresholds]
+    dp = make_dp(model, max_grad_norm=C, clipping=clipping, per_layer_max_grad_norm=thresholds)
+    bound = C if thresholds is None else math.sqrt(sum(t * t for t in thresholds))
+    assert dp.sensitivity == pytest.approx(bound)
+    g = torch.Generator().manual_seed(100 + seed)
+    n = 6
+    # mixed scales: some samples far above the threshold, some below
+    batch = {"x": torch.randn(n, 5, IN, generator=g) * torch.tensor([0.05, 0.3, 1, 3, 10, 30])[:, None, None],
+             "y": torch.randn(n, 5, OUT, generator=g)}
+    full = _pre_noise_sum(model, dp, batch)
+    moves = []
+    with caplog.at_level(logging.WARNING):
+        for i in range(n):
+            keep = [j for j in range(n) if j != i]
+            sub = {k: v[keep] for k, v in batch.items()}
+            moves.append((full - _pre_noise_sum(model, dp, sub)).norm().item())
+    assert max(moves) <= bound * (1 + 1e-5), (moves, bound)
+    assert max(moves) >= 0.5 * bound, "the batch must contain samples that clip"
+
+
+# --- noise ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clipping,secure", [("flat", False), ("per_layer", False), ("flat", True)])
+def test_noise_std_is_sigma_times_C(clipping, secure):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64))
+    ff.inject_adapters(model, ["0"], r=8)
+    sigma, C = 0.8, 2.5
+    dp = make_dp(model, clipping=clipping, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=1,
+                 secure_mode=secure)
+    draws = []
+    for _ in range(4):  # 4 empty steps of a 64x8 tensor: 2048 draws, lr 1, m 1 -> the update is the noise
+        before = model[0].lora_B.detach().clone()
+        dp.step(empty_batch=True)
+        draws.append((before - model[0].lora_B.detach()).flatten())
+        dp.zero_grad()
+    x = torch.cat(draws).double()
+    std = x.std().item()
+    # the std estimate's relative standard error is 1/sqrt(2*2048) = 1.6%: 10% is ~6 SE; a factor 2 fails
+    assert abs(std / (sigma * C) - 1) < 0.10, std
+    assert abs(x.mean().item()) < 5 * sigma * C / math.sqrt(x.numel())
+    assert dp.steps == 4
+
+
+def test_noise_generator_os_seeded_by_default_and_explicit_seed_logged(caplog):
+    outs = []
+    for _ in range(2):
+        model = make_model()
+        dp = make_dp(model, noise_multiplier=1.0)
+        assert dp.seeded is False
+        dp.step(empty_batch=True)
+        outs.append(model[0].lora_B.detach().clone())
+    assert not torch.equal(outs[0], outs[1]), "two default engines drew the same noise"
+    seeded = []
+    for _ in range(2):
+        model = make_model()
+        with caplog.at_level(logging.WARNING, logger="fedlora_fast.privacy.dpsgd"):
+            dp = make_dp(model, noise_multiplier=1.0, noise_seed=1234)
+        assert dp.seeded is True
+        dp.step(empty_batch=True)
+        seeded.append(model[0].lora_B.detach().clone())
+    assert torch.equal(seeded[0], seeded[1])
+    assert "explicitly seeded" in caplog.text
+
+
+# --- micro-batches -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_accumulated_micro_batches_equal_one_big_batch(clipping):
+    batch = make_batch(7, 5, scale=2.0)
+    sums = []
+    for sizes in ([7], [3, 3, 1], [1] * 7):
+        model = make_model(train_A=True)
+        dp = make_dp(model, clipping=clipping, sample_rate=0.1, noise_multiplier=1.0)
+        start = 0
+        for s in sizes:
+            mb = {k: v[start : start + s] for k, v in batch.items()}
+            start += s
+            loss_fn(model, mb).backward()
+            dp.accumulate()
+        sums.append(torch.cat([t.flatten() for t in dp.clipped_sum()]))
+        dp.step()
+        assert dp.last_step_samples == 7
+        assert dp.accountant.steps == 1, "one accountant step per logical step"
+    for other in sums[1:]:
+        assert_close_verbose(other, sums[0], atol=1e-6, rtol=1e-6, name="accumulated sum")
+
+
+def test_micro_batches_helper_splits_and_counts():
+    batch = make_batch(7, 3)
+    parts = list(micro_batches(batch, 3))
+    assert [batch_size(p) for p in parts] == [3, 3, 1]
+    assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
+    assert list(micro_batches({"x": torch.zeros(0, IN)}, 3)) == []
+    with pytest.raises(ValueError, match="max_size"):
+        list(micro_batches(batch, 0))
+
+
+# --- empty batches, step discipline --------------------------------------------------------------------------
+def test_empty_batch_steps_with_noise_only_and_counts_as_a_step():
+    model = make_model()
+    dp = make_dp(model, noise_multiplier=0.0, sample_rate=0.01)
+    before = [p.detach().clone() for p in params(model)]
+    dp.step(empty_batch=True)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params(model)))
+    assert dp.steps == 1 and dp.accountant.steps == 1 and dp.last_step_samples == 0
+    loss_fn(model, make_batch(2, None)).backward()
+    with pytest.raises(RuntimeError, match="empty_batch"):
+        dp.step(empty_batch=True)
+
+
+def test_refuses_to_step_twice_and_norms_before_backward():
+    model = make_model()
+    dp = make_dp(model)
+    with pytest.raises(RuntimeError, match="no per-sample gradients"):
+        dp.per_sample_norms()
+    with pytest.raises(RuntimeError, match="no per-sample gradients since the last step"):
+        dp.step()
+    loss_fn(model, make_batch(3, 2)).backward()
+    dp.step()
+    with pytest.raises(RuntimeError, match="twice"):
+        dp.step()
+    with pytest.raises(RuntimeError, match="no per-sample gradients"):
+        dp.per_sample_norms()
+
+
+def test_unconsumed_backward_is_refused_at_next_forward():
+    model = make_model()
+    make_dp(model)
+    loss_fn(model, make_batch(3, 2)).backward()
+    with pytest.raises(PerSampleStateError, match="never consumed"):
+        loss_fn(model, make_batch(3, 2, seed=5))
+    with torch.no_grad():  # evaluation between backward and step stays allowed
+        model(make_batch(3, 2)["x"])
+
+
+def test_per_layer_next_backward_without_zero_grad_is_not_contaminated():
+    """Per-layer clipping accumulates into .grad: the previous step's gradient must not leak into the next."""
+    model = make_model()
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    dp = make_dp(model, clipping="per_layer", noise_multiplier=0.0, expected_batch_size=1, lr=1.0)
+    loss_fn(model, make_batch(3, 2)).backward()
+    dp.step()  # no zero_grad on purpose
+    batch = make_batch(3, 2, seed=9)
+    loop = per_sample_grads_loop(model, loss_fn, batch)
+    want = hand_clipped_sum(loop, names, thresholds={k: 1.0 / math.sqrt(len(names)) for k in names})
+    loss_fn(model, batch).backward()
+    dp.accumulate()
+    for k, got in zip(names, dp.clipped_sum()):
+        assert_close_verbose(got, want[k], atol=1e-5, rtol=1e-5, name=k)
+
+
+# --- robustness ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_non_finite_sample_is_dropped_and_counted(clipping, caplog):
+    model = make_model()
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    batch = make_batch(4, 3)
+    batch["x"][2, 1, 0] = float("nan")
+    good = {k: v[[0, 1, 3]] for k, v in batch.items()}
+    loop = per_sample_grads_loop(model, loss_fn, good)
+    thresholds = None if clipping == "flat" else {k: 1.0 / math.sqrt(len(names)) for k in names}
+    want = hand_clipped_sum(loop, names, thresholds)
+    dp = make_dp(model, clipping=clipping)
+    loss_fn(model, batch).backward()
+    assert not torch.isfinite(dp.per_sample_norms()[2])
+    with caplog.at_level(logging.WARNING, logger="fedlora_fast.privacy.dpsgd"):
+        dp.accumulate()
+    assert "dropped 1 of 4" in caplog.text
+    for k, got in zip(names, dp.clipped_sum()):
+        assert torch.isfinite(got).all(), k
+        assert_close_verbose(got, want[k], atol=1e-5, rtol=1e-5, name=k)
+    dp.step()
+    assert dp.samples_dropped == 1 and dp.last_step_dropped == 1 and dp.last_step_samples == 4
+    assert all(torch.isfinite(p).all() for p in params(model))
+
+
+# --- accountant wiring ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_accountant_is_shared_across_rounds(mechanism):
+    acc = Accountant(mechanism)
+    model = make_model()
+    for _round in range(3):
+        dp = make_dp(model, noise_multiplier=1.1, sample_rate=0.05, accountant=acc)
+        for _ in range(4):
+            loss_fn(model, make_batch(2, None)).backward()
+            dp.step()
+            dp.zero_grad()
+        dp.step(empty_batch=True)
+        dp.detach()
+    assert acc.steps == 15 and acc.history == [(1.1, 0.05, 15)]
+    assert dp.epsilon(1e-5) == acc.epsilon(1e-5) > 0
+
+
+def test_poisson_training_loop_epsilon_matches_opacus():
+    """Poisson loader with empty batches, micro-batches, then epsilon == opacus on the same (sigma, q, k)."""
+    from opacus.accountants import RDPAccountant
+
+    from fedlora_fast.privacy import poisson_dataloader
+
+    model = make_model()
+    data = make_batch(40, 3)
+    ds = torch.utils.data.TensorDataset(data["x"], data["y"])
+    q, sigma, k = 0.05, 1.2, 30
+    loader = poisson_dataloader(ds, sample_rate=q, steps=k, generator=torch.Generator().manual_seed(3))
+    dp = make_dp(model, noise_multiplier=sigma, sample_rate=q, expected_batch_size=2, lr=0.1)
+    empty = 0
+    for x, y in loader:
+        if batch_size(x) == 0:
+            empty += 1
+            dp.step(empty_batch=True)
+        else:
+            for mb in micro_batches({"x": x, "y": y}, 2):
+                loss_fn(model, mb).backward()
+                dp.accumulate()
+            dp.step()
+        dp.zero_grad()
+    assert empty > 0, "the check must include empty batches"
+    ref = RDPAccountant()
+    for _ in range(k):
+        ref.step(noise_multiplier=sigma, sample_rate=q)
+    assert dp.steps == dp.accountant.steps == k
+    assert dp.epsilon(1e-5) == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-12)
+
+
+def test_a_new_engine_detaches_the_previous_one():
+    model = make_model()
+    old = make_dp(model)
+    new = make_dp(model)
+    assert old._hooks == [] and all(m.ps_ctx is new.ctx for m in new.modules.values())
+    loss_fn(model, make_batch(3, 2)).backward()
+    new.step()
+
+
+def test_epsilon_without_accountant_is_refused():
+    dp = make_dp(make_model())
+    assert dp.accountant is None
+    with pytest.raises(RuntimeError, match="sample_rate"):
+        dp.epsilon(1e-5)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        ({"noise_multiplier": -0.5}, ValueError, "noise_multiplier"),
+        ({"noise_multiplier": float("nan")}, ValueError, "noise_multiplier"),
+        ({"noise_multiplier": float("inf")}, ValueError, "noise_multiplier"),
+        ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
+        ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm"),
+        ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm"),
+        ({"max_grad_norm": "big"}, TypeError, "max_grad_norm"),
+        ({"expected_batch_size": 0}, ValueError, "expected_batch_size"),
+        ({"expected_batch_size": 2.5}, ValueError, "expected_batch_size"),
+        ({"clipping": "global"}, ValueError, "clipping"),
+        ({"accountant": "rdp"}, ValueError, "sample_rate: required"),
+        ({"accountant": Accountant()}, ValueError, "sample_rate: required"),
+        ({"accountant": "moments", "sample_rate": 0.1}, ValueError, "accountant"),
+        ({"sample_rate": 0.0}, ValueError, "sample_rate"),
+        ({"sample_rate": 1.5}, ValueError, "sample_rate"),
+        ({"sample_rate": float("nan")}, ValueError, "sample_rate"),
+        ({"clipping": "per_layer", "per_layer_max_grad_norm": [1.0, 1.0, 1.0]}, ValueError, "exceeds max_grad_norm"),
+        ({"clipping": "per_layer", "per_layer_max_grad_norm": [0.1, 0.1]}, ValueError, "expected 3 thresholds"),
+        ({"clipping": "per_layer", "per_layer_max_grad_norm": [0.1, -0.1, 0.1]}, ValueError, r"norm\[1\]"),
+        ({"per_layer_max_grad_norm": [0.1, 0.1, 0.1]}, ValueError, "only used with clipping='per_layer'"),
+        ({"noise_seed": 1, "generator": torch.Generator()}, ValueError, "at most one"),
+        ({"noise_seed": 1, "secure_mode": True}, ValueError, "secure_mode"),
+        ({"generator": "cpu"}, TypeError, "generator"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        make_dp(make_model(), **kw)
+
+
+def test_tied_trainable_weight_is_refused():
+    model = make_model()
+    model.append(nn.Linear(HID, OUT))
+    model[3].bias.requires_grad_(False)
+    model[3].weight = model[2].weight  # tied to the per-sample head: its gradient there is not clipped
+    with pytest.raises(ValueError, match="tied"):
+        make_dp(model)
+
+
+def test_trainable_parameter_without_per_sample_rule_is_refused():
+    model = make_model()
+    model[0].base_layer.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="without per-sample gradients"):
+        make_dp(model)
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    model = make_model()
+    model.insert(2, nn.BatchNorm1d(HID))
+    for p in model[2].parameters():
+        p.requires_grad_(False)
+    dp = make_dp(model)
+    with pytest.raises(ValueError, match="batch statistics"):
+        loss_fn(model, make_batch(4, None))
+    model[2].eval()  # running statistics: per sample again
+    loss_fn(model, make_batch(4, None)).backward()
+    dp.step()
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_gradients_from_before_the_engine_never_enter_a_step(clipping):
+    model = make_model()
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    loss_fn(model, make_batch(3, 2, seed=4)).backward()  # non-private gradients already in .grad
+    dp = make_dp(model, clipping=clipping)
+    assert all(p.grad is None for p in params(model))
+    batch = make_batch(3, 2)
+    loop = per_sample_grads_loop(model, loss_fn, batch)
+    thresholds = None if clipping == "flat" else {k: 1.0 / math.sqrt(len(names)) for k in names}
+    want = hand_clipped_sum(loop, names, thresholds)
+    loss_fn(model, batch).backward()
+    dp.accumulate()
+    for k, got in zip(names, dp.clipped_sum()):
+        assert_close_verbose(got, want[k], atol=1e-5, rtol=1e-5, name=k)
+    from fedlora_fast.testing import dp_paused
+
+    with dp_paused(model):  # a plain backward between steps: raw gradients, no per-sample state
+        loss_fn(model, batch).backward()
+    loss_fn(model, batch).backward()
+    dp.accumulate()
+    for k, got in zip(names, dp.clipped_sum()):
+        assert_close_verbose(got, 2 * want[k], atol=1e-5, rtol=1e-5, name=k + " (twice)")

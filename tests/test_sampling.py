@@ -1,0 +1,91 @@
+"""Poisson sampling: batch-size law, empty batches, loaders, refusing fixed-size shuffled batches."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedlora_fast.privacy import PoissonSampler, batch_size, check_poisson_loader, poisson_dataloader
+
+
+def test_batch_sizes_have_binomial_mean_and_variance():
+    N, q, steps = 200, 0.1, 400
+    sampler = PoissonSampler(N, q, steps=steps, generator=torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == steps
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    mean, var = N * q, N * q * (1 - q)  # 20, 18
+    # standard errors: mean sqrt(18/400) = 0.21; variance 18*sqrt(2/399) = 1.27
+    assert abs(sizes.mean().item() - mean) < 1.0
+    assert abs(sizes.var().item() - var) < 0.3 * var  # fixed-size batches (variance 0) fail this
+    # every index joins independently with probability q: per-index frequency over all steps
+    counts = torch.zeros(N)
+    for b in batches:
+        assert len(set(b)) == len(b) and all(0 <= i < N for i in b)
+        counts[b] += 1
+    freq = counts / steps
+    assert abs(freq.mean().item() - q) < 0.005
+    assert abs(freq.var().item() - q * (1 - q) / steps) < 0.5 * q * (1 - q) / steps
+
+
+def test_empty_batches_come_out_as_zero_sample_batches():
+    ds = TensorDataset(torch.randn(10, 3, 4), torch.arange(10))
+    loader = poisson_dataloader(ds, sample_rate=0.02, steps=60, generator=torch.Generator().manual_seed(1))
+    sizes = []
+    for x, y in loader:
+        sizes.append(batch_size((x, y)))
+        assert x.shape[1:] == (3, 4) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.shape[0] == y.shape[0]
+    assert len(sizes) == 60
+    assert 0 in sizes and max(sizes) > 0
+
+
+def test_default_generator_does_not_touch_global_rng():
+    state = torch.get_rng_state()
+    s1, s2 = PoissonSampler(1000, 0.5), PoissonSampler(1000, 0.5)
+    assert torch.equal(state, torch.get_rng_state())
+    assert next(iter(s1)) != next(iter(s2)), "two OS-seeded samplers drew the same batch"
+
+
+def test_fixed_size_shuffled_batches_are_refused():
+    ds = TensorDataset(torch.randn(20, 2))
+    with pytest.raises(ValueError, match="Poisson"):
+        check_poisson_loader(DataLoader(ds, batch_size=4, shuffle=True))
+    loader = poisson_dataloader(ds, sample_rate=0.25)
+    assert check_poisson_loader(loader) == 0.25
+    assert check_poisson_loader(loader, sample_rate=0.25) == 0.25
+    with pytest.raises(ValueError, match="differs"):
+        check_poisson_loader(loader, sample_rate=0.3)
+    for bad in ({"batch_size": 4}, {"shuffle": True}, {"drop_last": True}):
+        with pytest.raises(ValueError, match="Poisson"):
+            poisson_dataloader(ds, sample_rate=0.25, **bad)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((0, 0.1), "num_examples"),
+        ((10, 0.0), "sample_rate"),
+        ((10, 1.5), "sample_rate"),
+        ((10, float("nan")), "sample_rate"),
+        ((10, 0.1, 0), "steps"),
+        ((10, 0.1, 5, "seed"), "generator"),
+    ],
+)
+def test_sampler_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        PoissonSampler(*args)
+
+
+def test_default_steps_is_one_expected_epoch():
+    assert len(PoissonSampler(100, 0.05)) == 20
+    assert PoissonSampler(100, 0.05).expected_batch_size == pytest.approx(5.0)
+
+
+def test_micro_batches_of_a_tokenizer_batch_encoding():
+    transformers = pytest.importorskip("transformers")
+    from fedlora_fast.privacy import micro_batches
+
+    enc = transformers.BatchEncoding({"input_ids": torch.arange(10).reshape(5, 2), "attention_mask": torch.ones(5, 2)})
+    parts = list(micro_batches(enc, 2))
+    assert [batch_size(p) for p in parts] == [2, 2, 1]
+    assert isinstance(parts[0], transformers.BatchEncoding) and parts[2]["input_ids"].tolist() == [[8, 9]]
