@@ -1,6 +1,6 @@
 """Drop-in for peft: convert a peft LoRA model to ``FFALoRALinear`` and exchange peft adapter directories.
 
-Follows peft's on-disk LoRA format (peft 0.13 to 0.21, ``PeftModel.save_pretrained``): ``adapter_config.json``
+Follows peft's on-disk LoRA format (``PeftModel.save_pretrained``; checked against peft 0.21.2): ``adapter_config.json``
 (a ``LoraConfig``) and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight``
 (r, in) and ``...lora_B.weight`` (out, r), and, for ``modules_to_save``, the module's own state-dict keys
 ``base_model.model.<module>.<param>``. ``<module>`` is the qualified name in the original model, which is
@@ -101,12 +101,19 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, write) -> None:
     """Write one file through a temporary file in the same directory and ``os.replace``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a served adapter must be readable like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -222,10 +229,13 @@ def export_peft(
     if not fresh and not save_dir.is_dir():
         raise ValueError(f"save_dir: {str(save_dir)!r} exists and is not a directory")
     save_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A new directory is built aside and renamed into place (all or nothing); an existing one gets each
-    # file replaced atomically, weights first, so a reader never sees a config without its weights.
+    # A new directory is built aside and renamed into place (all or nothing); an existing one (which may
+    # hold other files) gets each file replaced atomically, the config last: no reader ever sees a partial
+    # file, though one reading during the update may pair the new weights with the old config.
     target = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp")) if fresh else save_dir
     try:
+        if fresh:
+            os.chmod(target, 0o777 & ~_umask())  # mkdtemp makes 0700
         st_meta = {"format": "pt"}
         _write_atomic(target / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=st_meta))
         _write_atomic(target / META_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))

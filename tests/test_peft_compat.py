@@ -1,0 +1,327 @@
+"""peft interoperability: ``export_peft`` -> ``PeftModel.from_pretrained``, ``load_peft``, ``from_peft``.
+
+Checks against peft itself (0.21 here): the exported keys equal what peft's own ``save_pretrained`` writes,
+peft loads our directory with no warning and reproduces our outputs (fp32, 1e-5), and a converted peft
+model computes the same forward and per-sample gradients equal to the batch-of-one loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import fedlora_fast as ff  # noqa: E402
+from fedlora_fast.layers.ffa_linear import FFALoRALinear  # noqa: E402
+from fedlora_fast.peft_compat import CONFIG_NAME, META_NAME, WEIGHTS_NAME, export_peft, from_peft, load_peft  # noqa: E402
+from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop  # noqa: E402
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, num_labels=3, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def randomize(params, seed: int = 1, std: float = 0.2) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def ids(n: int = 2, t: int = 9, vocab: int = 100) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(7))
+
+
+def peft_load_quietly(base, path):
+    """``PeftModel.from_pretrained`` that fails on any peft warning (unknown config keys, missing weights)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = PeftModel.from_pretrained(base, str(path)).eval()
+    peft_warnings = [str(w.message) for w in caught if "peft" in (w.filename or "") or "adapter" in str(w.message).lower()]
+    assert not peft_warnings, peft_warnings
+    return pm
+
+
+def test_export_bert_classifier_loads_in_peft_and_matches(tmp_path):
+    ours = tiny_bert()
+    adapters = ff.inject_adapters(ours, ["query", "value"], r=4, alpha=8.0, seed=3, trainable_modules=["classifier"])
+    randomize([l.lora_B for l in adapters.values()] + list(ours.classifier.parameters()))
+    export_peft(ours, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, META_NAME])
+    assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]  # no temporary left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~mask for p in (tmp_path / "adapter").iterdir())
+    pm = peft_load_quietly(tiny_bert(), tmp_path / "adapter")
+    assert type(pm).__name__ == "PeftModelForSequenceClassification"
+    x = ids()
+    assert_close_verbose(pm(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="logits")
+    # the keys and values are exactly what peft's own save_pretrained writes for that model
+    pm.save_pretrained(str(tmp_path / "peft_saved"))
+    theirs, mine = load_file(str(tmp_path / "peft_saved" / WEIGHTS_NAME)), load_file(str(tmp_path / "adapter" / WEIGHTS_NAME))
+    assert sorted(theirs) == sorted(mine)
+    assert "base_model.model.classifier.weight" in mine
+    for k in theirs:
+        assert torch.equal(theirs[k], mine[k]), k
+    cfg = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    fields = set(LoraConfig.__dataclass_fields__)
+    assert set(cfg) <= fields, set(cfg) - fields  # no key peft would warn about
+    loaded = LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert (loaded.r, loaded.lora_alpha, sorted(loaded.target_modules)) == (4, 8, ["query", "value"])
+    meta = json.loads((tmp_path / "adapter" / META_NAME).read_text())
+    assert (meta["method"], meta["seed"]) == ("ffa", 3)
+
+
+@pytest.mark.parametrize("targets", [LLAMA_LINEAR, "all-linear"])
+def test_export_llama_loads_in_peft_and_matches(tmp_path, targets):
+    ours = tiny_llama()
+    adapters = ff.inject_adapters(ours, targets, r=4, alpha=8.0, seed=2, use_rslora=True)
+    randomize([l.lora_B for l in adapters.values()])
+    export_peft(ours, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["target_modules"] == sorted(LLAMA_LINEAR) and cfg["use_rslora"]
+    pm = peft_load_quietly(tiny_llama(), tmp_path / "a")
+    x = ids(vocab=101)
+    assert_close_verbose(pm(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="logits")
+
+
+def test_export_mixed_ranks_uses_rank_and_alpha_patterns(tmp_path):
+    ours = tiny_llama()
+    ff.inject_adapters(ours, ["q_proj"], r=2, alpha=4.0)
+    for i in (0, 1):  # a second rank and alpha on v_proj
+        attn = ours.model.layers[i].self_attn
+        attn.v_proj = FFALoRALinear(attn.v_proj, 6, 3.0, name=f"model.layers.{i}.self_attn.v_proj")
+    randomize([l.lora_B for l in ff.adapter_layers(ours).values()])
+    export_peft(ours, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert cfg["r"] in (2, 6) and cfg["rank_pattern"] and cfg["alpha_pattern"]
+    pm = peft_load_quietly(tiny_llama(), tmp_path / "a")
+    x = ids(vocab=101)
+    assert_close_verbose(pm(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="logits")
+    again = tiny_llama()
+    loaded = load_peft(again, tmp_path / "a")
+    assert {n: l.r for n, l in loaded.items()} == {n: l.r for n, l in ff.adapter_layers(ours).items()}
+    assert_close_verbose(again(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-6, rtol=1e-6, name="reloaded")
+
+
+def peft_bert(seed: int = 0, **lora_kwargs) -> PeftModel:
+    cfg = dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS")
+    pm = get_peft_model(tiny_bert(seed), LoraConfig(**{**cfg, **lora_kwargs}))
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n or "modules_to_save" in n])
+    return pm
+
+
+def test_load_peft_from_peft_save_pretrained(tmp_path):
+    pm = peft_bert().eval()
+    pm.save_pretrained(str(tmp_path / "p"))
+    x = ids()
+    expected = pm(input_ids=x).logits
+    fresh = tiny_bert()
+    loaded = load_peft(fresh, tmp_path / "p")  # injects: no adapters yet
+    assert sorted(loaded) == sorted(n for n, m in fresh.named_modules() if isinstance(m, FFALoRALinear))
+    assert_close_verbose(fresh(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="injected")
+    trainable = sorted(n for n, p in fresh.named_parameters() if p.requires_grad)
+    assert trainable == sorted([f"{n}.lora_B" for n in loaded] + ["classifier.weight", "classifier.bias"])
+    # into a model that already has matching adapters: overwritten in place, same outputs
+    other = tiny_bert()
+    ff.inject_adapters(other, ["query", "value"], r=4, alpha=8.0, seed=9, trainable_modules=["classifier"])
+    before = {n: id(m) for n, m in ff.adapter_layers(other).items()}
+    load_peft(other, tmp_path / "p")
+    assert {n: id(m) for n, m in ff.adapter_layers(other).items()} == before
+    assert_close_verbose(other(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="overwritten")
+
+
+def test_load_peft_errors_name_the_problem(tmp_path):
+    pm = peft_bert()
+    pm.save_pretrained(str(tmp_path / "p"))
+    wrong_targets = tiny_bert()
+    ff.inject_adapters(wrong_targets, ["query", "key"], r=4, alpha=8.0)
+    with pytest.raises(ValueError, match=r"in the model only \[.*key.*\].*in the file only \[.*value"):
+        load_peft(wrong_targets, tmp_path / "p")
+    wrong_rank = tiny_bert()
+    ff.inject_adapters(wrong_rank, ["query", "value"], r=2, alpha=8.0)
+    with pytest.raises(ValueError, match=r"r=2.*r=4"):
+        load_peft(wrong_rank, tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        load_peft(tiny_bert(), tmp_path)
+    wrong_model = tiny_llama()
+    with pytest.raises(ValueError, match="no such module"):
+        load_peft(wrong_model, tmp_path / "p")
+    assert not ff.adapter_layers(wrong_model)  # nothing injected on failure
+    cfg = json.loads((tmp_path / "p" / CONFIG_NAME).read_text())
+    (tmp_path / "dora").mkdir()
+    (tmp_path / "dora" / CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
+    save_file(load_file(str(tmp_path / "p" / WEIGHTS_NAME)), str(tmp_path / "dora" / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_peft(tiny_bert(), tmp_path / "dora")
+
+
+def test_load_peft_checks_ffa_seed(tmp_path):
+    ours = tiny_bert()
+    ff.inject_adapters(ours, ["query", "value"], r=4, alpha=8.0, seed=5)
+    export_peft(ours, tmp_path / "a")
+    model = tiny_bert()
+    load_peft(model, tmp_path / "a")
+    layer = next(iter(ff.adapter_layers(model).values()))
+    assert (layer.seed, layer.train_A) == (5, False)
+    tensors = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, str(tmp_path / "a" / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="not the A that FFA-LoRA derives from seed 5"):
+        load_peft(tiny_bert(), tmp_path / "a")
+
+
+def test_export_overwrites_atomically_and_keeps_other_files(tmp_path):
+    ours = tiny_bert()
+    adapters = ff.inject_adapters(ours, ["query"], r=2, alpha=2.0)
+    export_peft(ours, tmp_path / "a")
+    (tmp_path / "a" / "README.md").write_text("mine")
+    randomize([l.lora_B for l in adapters.values()])
+    export_peft(ours, tmp_path / "a", metadata={"round": 2})
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, META_NAME, "README.md"])
+    saved = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
+    layer = adapters["bert.encoder.layer.0.attention.self.query"]
+    assert torch.equal(saved["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"], layer.lora_B.detach())
+    assert json.loads((tmp_path / "a" / META_NAME).read_text())["user"] == {"round": 2}
+    with pytest.raises(ValueError, match="no FFALoRALinear"):
+        export_peft(tiny_bert(), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_from_peft_forward_and_attributes():
+    pm = peft_bert(lora_dropout=0.1, use_rslora=True).eval()
+    x = ids()
+    expected = pm(input_ids=x).logits.detach()
+    model = from_peft(pm)
+    assert isinstance(model, BertForSequenceClassification)
+    layers = ff.adapter_layers(model)
+    assert sorted(layers) == sorted(f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value"))
+    for name, layer in layers.items():
+        assert layer.name == name and layer.train_A and layer.use_rslora and layer.r == 4
+        assert layer.dropout.p == 0.1 and abs(layer.scale - 8 / 2) < 1e-12
+    assert type(model.classifier).__name__ == "PerSampleLinear" and model.classifier.weight.requires_grad
+    assert_close_verbose(model(input_ids=x).logits, expected, atol=1e-6, rtol=1e-6, name="logits")
+
+
+def causal_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, -100)
+    return nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("freeze_A", [True, False], ids=["ffa", "lora"])
+def test_from_peft_per_sample_grads_match_loop(freeze_A):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n])
+    if freeze_A:
+        for n, p in pm.named_parameters():
+            if "lora_A" in n:
+                p.requires_grad_(False)
+    x = ids(3, 8, vocab=101)
+    mask = torch.ones_like(x)
+    mask[1, 5:] = 0
+    batch = {"input_ids": x, "attention_mask": mask, "labels": x.masked_fill(mask == 0, -100)}
+    pm.train()
+    expected = pm(input_ids=x, attention_mask=mask).logits.detach()
+    model = from_peft(pm).train()
+    assert all(l.train_A != freeze_A for l in ff.adapter_layers(model).values())
+    assert_close_verbose(model(input_ids=x, attention_mask=mask).logits, expected, atol=1e-6, rtol=1e-6, name="logits")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=3)
+    causal_loss(model, batch).backward()
+    ours = per_sample_grads_engine(model)
+    dp.zero_grad()
+    dp.detach()
+    loop = per_sample_grads_loop(model, causal_loss, batch)
+    assert sorted(ours) == sorted(loop) and len(loop) == 6 * (1 if freeze_A else 2)
+    for k in loop:
+        assert_close_verbose(ours[k], loop[k], atol=1e-5, rtol=1e-4, name=k)
+
+
+@pytest.mark.parametrize(
+    "what, make, match",
+    [
+        ("dora", lambda: get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)), "DoRA"),
+        ("embedding", lambda: get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"])),
+         r"model\.embed_tokens: .*Embedding"),
+        ("bias", lambda: get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], bias="all")), "bias='all'"),
+    ],
+)
+def test_from_peft_refuses_what_it_cannot_convert(what, make, match):
+    pm = make()
+    with pytest.raises(ValueError, match=match):
+        from_peft(pm)
+    assert not ff.adapter_layers(pm.get_base_model())  # nothing converted
+
+
+def test_from_peft_refuses_two_adapters():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"2 adapters"):
+        from_peft(pm)
+
+
+def test_from_peft_then_export_roundtrip(tmp_path):
+    pm = peft_bert().eval()
+    x = ids()
+    expected = pm(input_ids=x).logits.detach()
+    model = from_peft(copy.deepcopy(pm))
+    export_peft(model, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / META_NAME).read_text())
+    assert meta["method"] == "lora"  # peft trained A
+    back = peft_load_quietly(tiny_bert(), tmp_path / "a")
+    assert_close_verbose(back(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="logits")
+
+
+@pytest.mark.parametrize("entry", ["lora_model", "inject_adapter_in_model"])
+def test_from_peft_other_entry_points_keep_original_names(entry):
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    if entry == "lora_model":
+        pm = get_peft_model(tiny_llama(), cfg)
+        wrapped, base = pm.base_model, pm.get_base_model()
+    else:
+        base = wrapped = peft.inject_adapter_in_model(cfg, tiny_llama())
+    model = from_peft(wrapped)
+    assert model is base
+    assert sorted(ff.adapter_layers(model)) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+
+
+def test_converted_ffa_model_exports_and_reloads(tmp_path):
+    """A peft model with frozen A becomes FFA-LoRA, but its A is peft's: no seed is claimed for it."""
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n])
+    for n, p in pm.named_parameters():
+        p.requires_grad_("lora_B" in n)
+    model = from_peft(pm)
+    export_peft(model, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / META_NAME).read_text())
+    assert meta["method"] == "ffa" and meta["seed"] is None
+    assert all(info["seed"] is None for info in meta["layers"].values())
+    again = tiny_llama()
+    load_peft(again, tmp_path / "a")
+    x = ids(vocab=101)
+    assert_close_verbose(again(input_ids=x).logits, model.eval()(input_ids=x).logits, atol=1e-6, rtol=1e-6, name="logits")
