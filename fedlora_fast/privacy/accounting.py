@@ -13,8 +13,6 @@ import math
 import os
 import tempfile
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 STATE_VERSION = 1
@@ -73,6 +71,8 @@ class Accountant:
         if mechanism not in ACCOUNTANTS:
             raise ValueError(f"mechanism: expected one of {ACCOUNTANTS}, got {mechanism!r}")
         self.mechanism = mechanism
+        from opacus.accountants import create_accountant  # imported on use: opacus takes seconds to load
+
         self._acc = create_accountant(mechanism)
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
@@ -187,6 +187,8 @@ def calibrate_noise_multiplier(
     if mechanism not in ACCOUNTANTS:
         raise ValueError(f"mechanism: expected one of {ACCOUNTANTS}, got {mechanism!r}")
     try:
+        from opacus.accountants.utils import get_noise_multiplier
+
         sigma = get_noise_multiplier(target_epsilon=eps, target_delta=d, sample_rate=q, steps=k, accountant=mechanism)
     except (ValueError, ArithmeticError, RuntimeError) as e:
         raise ValueError(
