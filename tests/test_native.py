@@ -1,0 +1,325 @@
+"""The native CPU backend (csrc/, fedlora_fast._native): its checks, its edge cases, its fallback.
+
+The numerical contract against the float64 reference on every dtype is tests/test_ffa_linear.py (which
+covers native automatically); here: what only the native path has (buffer checks, register-tile edges,
+threads, zero-copy), and how the dispatcher behaves when the extension is missing.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora_fast import reference as ref
+from fedlora_fast.ops import backends
+from fedlora_fast.testing import assert_close_verbose
+
+
+def _native_or_skip():
+    module, why = backends._probe("native", "cpu")
+    if module is None:
+        pytest.skip(f"native backend unavailable: {why}")
+    return module
+
+
+@pytest.fixture
+def nat():
+    return _native_or_skip()
+
+
+@pytest.fixture
+def ext():
+    _native_or_skip()
+    from fedlora_fast import _native
+
+    return _native
+
+
+def rnd(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def inputs(n, T, inp, out, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        g=torch.randn(n, T, out, generator=g),
+        u=torch.randn(n, T, r, generator=g),
+        weight=torch.randn(out, inp, generator=g) * inp**-0.5,
+        A=torch.randn(r, inp, generator=g) * inp**-0.5,
+        B=torch.randn(out, r, generator=g),
+        xa=torch.randn(n, T, inp, generator=g),
+    )
+
+
+def compare(got, exp, names=("dx", "dxa", "gB", "nuB", "gA", "nuA")):
+    for name, a, e in zip(names, got, exp):
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        if e.numel():
+            scale = e.abs().max().item()
+            assert_close_verbose(a, e, atol=1e-5 * scale + 1e-7, rtol=1e-5, name=name)
+
+
+def run_both(nat, t, lora, mode, need_dx=True, split_dx=False, clip=(0.7, 0.3), scale=0.5):
+    xa = t["xa"] if lora else None
+    args = (t["weight"], t["A"], t["B"], xa, scale, need_dx, split_dx, mode, *clip)
+    got = nat.ffa_linear_bwd(t["g"], t["u"], *args)
+    d = {k: (v.double() if v is not None else None) for k, v in t.items()}
+    exp = ref.ffa_linear_bwd(d["g"], d["u"], d["weight"], d["A"], d["B"], d["xa"] if lora else None, scale,
+                             need_dx, split_dx, mode, *clip)
+    return got, exp
+
+
+MODES = [ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP]
+
+
+def bwd(impl, t, xa=None, scale=1.0, need_dx=True, split_dx=False, mode=ref.MODE_PER_SAMPLE, clip=(1.0, 1.0), g=None):
+    """``impl.ffa_linear_bwd`` on the tensors of ``inputs`` (``g`` overrides ``t["g"]``)."""
+    g = t["g"] if g is None else g
+    return impl.ffa_linear_bwd(g, t["u"], t["weight"], t["A"], t["B"], xa, scale, need_dx, split_dx, mode, *clip)
+
+
+# (n, T, in, out, r): each hits a path of csrc/ffa_linear.cpp
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 9, 40, 64, 8),  # out = 2 full 32-column tiles, r = one 8-rank tile: no edge code; dx on W + s B A
+        (3, 9, 40, 70, 9),  # out edge tile of 6 columns; r = 9: a second, zero-padded rank tile
+        (2, 3, 31, 16, 16),  # out < 32 (edge tile only), r = 2 rank tiles, in < 32; 6 tokens: dx += s V A in place
+        (1, 33, 65, 97, 5),  # n = 1 < threads: one thread does everything
+        (4, 0, 8, 8, 2),  # T = 0: every gradient is exactly zero
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("mode", MODES, ids=["sum", "per_sample", "clip"])
+@pytest.mark.parametrize("lora", [False, True], ids=["ffa", "lora"])
+def test_tiles_against_reference(nat, shape, mode, lora):
+    t = inputs(*shape)
+    got, exp = run_both(nat, t, lora, mode, split_dx=lora)
+    compare(got, exp)
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["xa_is_x", "xa_dropout"])
+@pytest.mark.parametrize("shape", [(3, 7, 40, 70, 9), (1, 1, 5, 3, 1), (0, 4, 8, 8, 2)], ids=str)
+def test_fwd_against_reference(nat, shape, same):
+    """xa is x: one GEMM on W + s B A; xa a dropout of x: base GEMM + native in-place Y += s U B^T."""
+    n, T, inp, out, r = shape
+    t = inputs(*shape)
+    x = t["xa"]
+    xa = x if same else x * (rnd(n, T, inp, seed=3) > 0)
+    bias = rnd(out, seed=4)
+    y, u = nat.ffa_linear_fwd(x, xa, t["weight"], bias, t["A"], t["B"], 0.7)
+    y64, u64 = ref.ffa_linear_fwd(x.double(), xa.double(), t["weight"].double(), bias.double(), t["A"].double(),
+                                  t["B"].double(), 0.7)
+    assert y.dtype == u.dtype == torch.float32
+    compare((y, u), (y64, u64), names=("y", "u"))
+
+
+def test_fwd_low_precision_runs_reference(nat):
+    t = inputs(2, 3, 8, 8, 2)
+    x = t["xa"].bfloat16()
+    got = nat.ffa_linear_fwd(x, x, t["weight"].bfloat16(), None, t["A"], t["B"], 1.0)
+    exp = ref.ffa_linear_fwd(x, x, t["weight"].bfloat16(), None, t["A"], t["B"], 1.0)
+    assert all(a.dtype == e.dtype and torch.equal(a, e) for a, e in zip(got, exp))
+
+
+def test_empty_batch(nat):
+    """n = 0 (Poisson sampling can draw an empty batch): zero sums, empty per-sample tensors.
+
+    Checked against the expected shapes, not the reference: ``reference._grad_param`` cannot reshape
+    an empty P (``P.reshape(0, -1)``), a reference bug reported to the lead.
+    """
+    t = inputs(0, 4, 8, 6, 2)
+    for mode in MODES:
+        dx, dxa, gB, nuB, gA, nuA = nat.ffa_linear_bwd(
+            t["g"], t["u"], t["weight"], t["A"], t["B"], t["xa"], 1.0, True, False, mode, 1.0, 1.0
+        )
+        assert dx.shape == (0, 4, 8) and dxa.numel() == 0
+        if mode == ref.MODE_PER_SAMPLE:
+            assert gB.shape == (0, 6, 2) and gA.shape == (0, 2, 8)
+        else:
+            assert gB.shape == (6, 2) and gA.shape == (2, 8)
+            assert (gB == 0).all() and (gA == 0).all()
+        assert nuB.shape == nuA.shape == (0,)
+
+
+def test_clip_drops_nan_sample(nat):
+    """A sample whose gradient is NaN gets c_i = 0 and stays out of the clipped sum, as in the reference."""
+    t = inputs(4, 5, 12, 40, 3)
+    t["g"][2, 1, 7] = float("nan")
+    got, exp = run_both(nat, t, False, ref.MODE_CLIP)
+    assert torch.isnan(got[3][2]) and torch.isfinite(got[2]).all()
+    compare(got[2:3], exp[2:3], names=("gB",))
+
+
+def test_clip_threshold_extremes(nat):
+    """C huge: nothing clips (= sum mode); C = 0: everything is dropped (exact zeros)."""
+    t = inputs(3, 6, 16, 24, 4)
+    total = bwd(nat, t, need_dx=False, mode=ref.MODE_SUM)[2]
+    big = bwd(nat, t, need_dx=False, mode=ref.MODE_CLIP, clip=(1e30, 0.0))[2]
+    zero = bwd(nat, t, need_dx=False, mode=ref.MODE_CLIP, clip=(0.0, 0.0))[2]
+    assert_close_verbose(big, total, atol=1e-5, rtol=1e-5, name="gB")
+    assert (zero == 0).all()
+
+
+@pytest.mark.parametrize("n", [7, 1], ids=["samples_over_threads", "tiles_over_threads"])
+def test_deterministic_and_thread_count(nat, n):
+    """Same input, same bits (static schedule); one thread agrees with all of them.
+
+    n = 7 spreads samples over the threads; n = 1 (fewer samples than threads) spreads one sample's tiles.
+    """
+    t = inputs(n, 11, 20, 45, 6)
+    call = lambda: bwd(nat, t, t["xa"], 0.3, True, True, ref.MODE_CLIP, (0.5, 0.5))  # noqa: E731
+    a, b = call(), call()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the extension shares torch's OpenMP runtime, so this reaches it too
+        from fedlora_fast import _native
+
+        assert _native.max_threads() == 1
+        one = call()
+    finally:
+        torch.set_num_threads(threads)
+    compare(one, a)
+
+
+def test_non_contiguous_inputs(nat):
+    """Strided tensors are made contiguous in native.py (a copy), never misread."""
+    t = inputs(3, 5, 16, 24, 4)
+    g_t = t["g"].transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    B_t = t["B"].t().contiguous().t()
+    assert not g_t.is_contiguous() and not B_t.is_contiguous()
+    got = bwd(nat, {**t, "B": B_t}, g=g_t)
+    exp = bwd(nat, t)
+    for x, y in zip(got, exp):
+        assert torch.equal(x, y)
+
+
+def test_zero_copy(nat):
+    t = torch.zeros(3, 4)
+    assert nat._buf(t).__array_interface__["data"][0] == t.data_ptr()
+
+
+def test_float64_runs_reference(nat):
+    t = {k: v.double() for k, v in inputs(2, 3, 8, 8, 2).items()}
+    got, exp = bwd(nat, t), bwd(ref, t)
+    assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(got, exp))
+
+
+def test_bad_mode(nat):
+    t = inputs(2, 3, 8, 8, 2)
+    with pytest.raises(ValueError, match="mode: expected 0"):
+        bwd(nat, t, mode=3)
+
+
+# ---------------------------------------------------------------- the binding's checks (raw module)
+def _bufs(n=2, T=3, out=5, r=2):
+    f = lambda *s: np.zeros(s, dtype=np.float32)  # noqa: E731
+    return dict(g=f(n, T, out), u=f(n, T, r), B=f(out, r), gB=f(n, out, r), nuB=f(n))
+
+
+def _call(ext, **kw):
+    b = _bufs()
+    b.update(kw)
+    ext.ffa_linear_bwd(b["g"], b["u"], b["B"], None, None, b["gB"], b["nuB"], None, None, 1.0,
+                       kw.pop("mode", ref.MODE_PER_SAMPLE), kw.pop("clip_B", 1.0), 1.0)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(g=np.zeros((2, 3, 5), dtype=np.float64)), "g: expected float32, got buffer format 'd'"),
+        (dict(u=np.zeros((2, 3), dtype=np.float32)), r"u: expected 3-D, got shape \(2, 3\)"),
+        (dict(B=np.zeros((5, 3), dtype=np.float32)), r"u: expected shape \(2, 3, 3\), got \(2, 3, 2\)"),
+        (dict(gB=np.zeros((2, 5, 3), dtype=np.float32)), r"gB: expected shape \(2, 5, 2\), got \(2, 5, 3\)"),
+        (dict(nuB=np.zeros((3,), dtype=np.float32)), r"nuB: expected shape \(2,\), got \(3,\)"),
+        (dict(g=np.zeros((2, 5, 3), dtype=np.float32).transpose(0, 2, 1)), "g: expected a C-contiguous buffer"),
+    ],
+    ids=["dtype", "rank", "B_rank_mismatch", "out_shape", "norms_shape", "strided"],
+)
+def test_binding_rejects_bad_buffers(ext, bad, match):
+    with pytest.raises(ValueError, match=match):
+        _call(ext, **bad)
+
+
+def test_binding_rejects_bad_scalars(ext):
+    b = _bufs()
+    with pytest.raises(ValueError, match="mode: expected 0"):
+        ext.ffa_linear_bwd(b["g"], b["u"], b["B"], None, None, b["gB"], b["nuB"], None, None, 1.0, 7, 1.0, 1.0)
+    gB = np.zeros((5, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="clip_B must be finite and >= 0"):
+        ext.ffa_linear_bwd(b["g"], b["u"], b["B"], None, None, gB, b["nuB"], None, None, 1.0, 2, -1.0, 1.0)
+    with pytest.raises(ValueError, match="nuB output must be given"):
+        ext.ffa_linear_bwd(b["g"], b["u"], b["B"], None, None, gB, None, None, None, 1.0, 2, 1.0, 1.0)
+    with pytest.raises(ValueError, match="gA: an output buffer is required"):
+        xa = np.zeros((2, 3, 4), dtype=np.float32)
+        ext.ffa_linear_bwd(b["g"], b["u"], b["B"], xa, None, gB, b["nuB"], None, None, 1.0, 2, 1.0, 1.0)
+    ro = np.zeros((5, 2), dtype=np.float32)
+    ro.setflags(write=False)
+    with pytest.raises((ValueError, BufferError)):
+        ext.ffa_linear_bwd(b["g"], b["u"], b["B"], None, None, ro, None, None, None, 1.0, 0, 1.0, 1.0)
+
+
+def test_binding_clip_reduce_checks(ext):
+    P, coef, out = np.ones((3, 4, 2), np.float32), np.ones(3, np.float32), np.zeros((4, 2), np.float32)
+    ext.ffa_linear_clip_reduce(P, coef, out)
+    assert (out == 3).all()
+    with pytest.raises(ValueError, match=r"coef: expected shape \(3,\), got \(2,\)"):
+        ext.ffa_linear_clip_reduce(P, coef[:2], out)
+    with pytest.raises(ValueError, match=r"out: expected shape \(4, 2\), got \(2, 4\)"):
+        ext.ffa_linear_clip_reduce(P, coef, np.zeros((2, 4), np.float32))
+
+
+def test_binding_lowrank_checks(ext):
+    x, A, u = np.ones((2, 3, 5), np.float32), np.ones((4, 5), np.float32), np.zeros((2, 3, 4), np.float32)
+    ext.lowrank_in(x, A, u)
+    assert (u == 5).all()
+    with pytest.raises(ValueError, match=r"A: expected shape \(4, 5\), got \(4, 6\)"):
+        ext.lowrank_in(x, np.ones((4, 6), np.float32), u)
+    out = np.ones((2, 3, 5), np.float32)
+    ext.lowrank_out(u, A, out, 0.5, True)  # 1 + 0.5 * (5 * 4)
+    assert (out == 11).all()
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3, 5\), got \(2, 3, 4\)"):
+        ext.lowrank_out(u, A, np.zeros((2, 3, 4), np.float32), 1.0, False)
+
+
+def test_build_info(ext):
+    info = ext.build_info()
+    assert info["max_threads"] >= 1 and "compiler" in info and "flags" in info
+    for name in ("ffa_linear_bwd", "ffa_linear_clip_reduce", "lowrank_in", "lowrank_out", "build_info", "max_threads"):
+        assert getattr(ext, name).__doc__, f"{name} has no docstring"
+
+
+def test_env_report():
+    from fedlora_fast import env
+
+    r = env.report()
+    assert r["native"]["built"] == backends.available("native", "cpu")
+    assert r["backends"]["cpu"]["backend"] in backends.BACKENDS
+
+
+# ---------------------------------------------------------------- dispatcher without the extension
+@pytest.fixture
+def native_missing(monkeypatch):
+    """Make ``import fedlora_fast.ops.native`` fail as it does when the extension was not built."""
+    monkeypatch.setitem(sys.modules, "fedlora_fast.ops.native", None)
+    backends.clear_cache()
+    yield
+    backends.clear_cache()
+
+
+def test_missing_native_falls_back_with_one_warning(native_missing, monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    with pytest.warns(RuntimeWarning, match="native backend unavailable") as rec:
+        assert backends.backend_for("cpu") == "torch"
+        assert backends.backend_for("cpu") == "torch"
+    assert len([w for w in rec if "native backend unavailable" in str(w.message)]) == 1
+    assert backends.implementation("ffa_linear_bwd", "cpu") is ref.ffa_linear_bwd
+
+
+def test_missing_native_requested_raises(native_missing, monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "native")
+    with pytest.raises(backends.BackendUnavailableError, match="fedlora_fast._native was not built"):
+        backends.backend_for("cpu")
