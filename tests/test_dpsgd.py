@@ -476,3 +476,19 @@ def test_gradients_from_before_the_engine_never_enter_a_step(clipping):
     dp.accumulate()
     for k, got in zip(names, dp.clipped_sum()):
         assert_close_verbose(got, 2 * want[k], atol=1e-5, rtol=1e-5, name=k + " (twice)")
+
+
+def test_step_on_a_bf16_model_with_a_trained_head():
+    """Noise is added to float32 sums and cast once: a bf16 parameter never receives a float32 .grad."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 3)).to(torch.bfloat16)
+    ff.inject_adapters(model, target_modules=["0"], r=2, trainable_modules=["1"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    dp = ff.DPSGD(model, torch.optim.SGD(params, lr=0.1), max_grad_norm=1.0, noise_multiplier=1.0,
+                  expected_batch_size=4, noise_seed=0)
+    model(torch.randn(4, 5, 16, dtype=torch.bfloat16)).float().sum().backward()
+    dp.step()
+    for p, b in zip(params, before):
+        assert p.grad.dtype == p.dtype
+        assert not torch.equal(p, b)

@@ -404,7 +404,7 @@ class DPSGD:
         ]
 
     def add_noise(self) -> None:
-        """Set ``.grad`` of every trainable tensor to its clipped sum plus ``N(0, (sigma C)^2)`` noise."""
+        """Add ``N(0, (sigma C)^2)`` noise to every trainable tensor's clipped sum (float32)."""
         std = self.noise_multiplier * self.max_grad_norm
         for i, p in enumerate(self.params):
             total = self._summed[i]
@@ -412,8 +412,7 @@ class DPSGD:
                 total = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             if std > 0:
                 total = total + self._noise(std, p)
-            p.grad = total
-        self._summed = [None] * len(self.params)
+            self._summed[i] = total  # stays float32 until scale_grad casts it (a bf16 .grad can't take it)
 
     def _noise(self, std: float, p: Tensor) -> Tensor:
         shape = tuple(p.shape)
@@ -426,9 +425,10 @@ class DPSGD:
         return acc * (std / 2)
 
     def scale_grad(self) -> None:
-        """Divide every ``.grad`` by the expected batch size m (and cast it to the parameter's dtype)."""
-        for p in self.params:
-            p.grad = (p.grad / self.expected_batch_size).to(p.dtype)
+        """Set ``.grad`` to the noisy sum divided by the expected batch size m, in the parameter's dtype."""
+        for i, p in enumerate(self.params):
+            p.grad = (self._summed[i] / self.expected_batch_size).to(p.dtype)
+        self._summed = [None] * len(self.params)
 
     def step(self, *, empty_batch: bool = False) -> None:
         """One DP-SGD step: clip what the last backward left, add noise once, divide by m, step.

@@ -1,0 +1,163 @@
+"""The benchmarks run at toy size so they cannot rot: bench/step.py, its harness, the other bench scripts.
+
+Timings here mean nothing (toy shapes, one round); what is checked is that every variant builds, trains
+what it should, and that the results file, plot and memory probe have the promised form.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+
+import harness  # noqa: E402
+import step  # noqa: E402
+
+
+def _run(args, env=None, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
+    return proc
+
+
+def test_step_smoke_all_variants(tmp_path, capsys):
+    """Every variant runs one step of a tiny BERT; the JSON row and the plot have the documented form."""
+    out, png = tmp_path / "step.json", tmp_path / "step.png"
+    step.main(["--smoke", "--no-mem", "--json", str(out), "--plot", str(png)])  # in-process: no import cost
+    printed = capsys.readouterr().out
+    row = json.loads(out.read_text())
+    for key in ("device", "model", "n", "T", "r"):
+        assert key in row, f"results row lacks {key!r}: {sorted(row)}"
+    assert (row["model"], row["n"], row["T"], row["r"]) == ("bert-tiny", 2, 8, 8)
+    assert row["variants"] == list(step.VARIANTS)
+    trained = set()
+    for name in step.VARIANTS:
+        t = row[f"{name}_s"]
+        assert math.isfinite(t) and t > 0, f"{name}: median time {t}"
+        if name == "floor":
+            assert row["floor_trainable"] == 0 and row["floor_updated"] is None
+        else:
+            # a step that trained nothing would time too fast: every trainable tensor must have moved
+            assert row[f"{name}_updated"] == 1.0, f"{name}: only {row[f'{name}_updated']} of its tensors changed"
+            trained.add(row[f"{name}_trainable"])
+    assert len(trained) == 1, f"variants train different numbers of scalars: {trained}"
+    assert "ffa_dp_flat / floor" in printed, "the ratio table was not printed"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    step.main(["--markdown", str(out)])  # the README table from the results file
+    table = capsys.readouterr().out
+    assert all(f"| `{name}` |" in table for name in step.VARIANTS), table
+
+
+def test_step_smoke_llama_and_backend_pin(tmp_path):
+    """The Llama-style model (the CUDA default, here tiny on CPU), an op backend pinned per variant, profiling."""
+    out = tmp_path / "step.json"
+    prof = tmp_path / "prof"
+    step.main(["--smoke", "--no-mem", "--model", "llama-tiny", "--json", str(out), "--profile", str(prof),
+               "--variants", "floor,ffa_dp_flat@torch,peft_opacus"])
+    row = json.loads(out.read_text())
+    # the profiler labels each phase of a step; the floor has no update phase
+    assert set(row["floor_profile_phases_ms"]) == {"forward", "backward"}
+    assert set(row["ffa_dp_flat_torch_profile_phases_ms"]) == {"forward", "backward", "update"}
+    assert all(v > 0 for v in row["peft_opacus_profile_phases_ms"].values())
+    assert (prof / "ffa_dp_flat_torch.txt").read_text().startswith("# ffa_dp_flat_torch")
+    assert row["variants"] == ["floor", "ffa_dp_flat_torch", "peft_opacus"]
+    assert row["ffa_dp_flat_torch_updated"] == 1.0 and row["peft_opacus_updated"] == 1.0
+    assert row["ffa_dp_flat_torch_trainable"] == row["peft_opacus_trainable"] > 0
+
+
+@pytest.mark.parametrize("spec", ["floor,opacus_magic", "peft_lora@native", "ffa_nodp@cuda_magic"])
+def test_step_rejects_bad_variant(spec, capsys):
+    with pytest.raises(SystemExit):
+        step.parse_args(["--smoke", "--variants", spec])
+    assert spec.split(",")[-1].split("@")[-1] in capsys.readouterr().err
+
+
+def test_step_memory_child():
+    """The per-variant fresh-process memory probe prints one JSON line with a plausible peak."""
+    proc = _run(["bench/step.py", "--smoke", "--mem-child", "ffa_dp_flat"], env=None)
+    mem = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert mem["mem_mb"] > 50, mem  # a process with torch loaded is far above 50 MiB
+    assert 0 <= mem["mem_step_mb"] <= mem["mem_mb"], mem
+    assert "fresh process" in mem["mem_method"]
+
+
+def test_measure_peak_memory_sees_a_transient_allocation():
+    """A 128 MiB tensor that lives only inside the step must show up in the step's peak."""
+
+    def fn():
+        t = torch.ones(32 * 2**20)  # 128 MiB float32
+        return float(t[0])
+
+    mem = harness.measure_peak_memory(fn, device="cpu", calls=1)
+    if "NOT reset" in mem["mem_method"]:
+        pytest.skip(f"this kernel does not let the RSS peak be reset: {mem['mem_method']}")
+    assert mem["mem_step_mb"] >= 120, mem
+
+
+def test_time_interleaved_rotates_and_counts():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = harness.time_interleaved(fns, device="cpu", reps=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # order rotated each round
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    with pytest.raises(ValueError, match="reps"):
+        harness.time_interleaved(fns, device="cpu", reps=0)
+    with pytest.raises(ValueError, match="clock"):
+        harness.time_interleaved(fns, device="cpu", clock="sundial")
+
+
+def test_cpu_clock_ignores_sleeping():
+    """clock='cpu' counts CPU work, not time spent off the CPU (what other jobs on a shared box cause)."""
+    import time
+
+    times = harness.time_interleaved({"nap": lambda: time.sleep(0.2)}, device="cpu", reps=1, warmup=0, clock="cpu")
+    assert times["nap"][0] < 0.1, times
+    wall = harness.time_interleaved({"nap": lambda: time.sleep(0.2)}, device="cpu", reps=1, warmup=0)
+    assert wall["nap"][0] >= 0.2, wall
+
+
+def test_paired_ratio():
+    # load doubles in round 2: the per-round ratio stays 2, the ratio of medians would not
+    assert harness.paired_ratio([2.0, 4.0, 2.2], [1.0, 2.0, 1.1]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="equally long"):
+        harness.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_write_json_is_atomic_and_complete(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    harness.write_json(str(path), {"a": 1, "b": [1.5]})
+    assert json.loads(path.read_text()) == {"a": 1, "b": [1.5]}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp file left behind
+    info = harness.machine_info("cpu")
+    assert info["versions"]["torch"] == torch.__version__ and info["date"].endswith("Z")
+
+
+def test_bench_ffa_linear_smoke():
+    """The op microbenchmarks (owned by the native-backend engineer) at toy size."""
+    path = os.path.join(BENCH, "bench_ffa_linear.py")
+    if not os.path.exists(path):
+        pytest.skip("bench/bench_ffa_linear.py does not exist yet")
+    _run(["-m", "pytest", path, "-q", "-p", "no:cacheprovider", "--benchmark-disable"],
+         env={"FEDLORA_FAST_BENCH_SMOKE": "1"})
+
+
+def test_gpu_layer_smoke():
+    """The Triton layer benchmark (owned by the Triton engineer) in its smoke mode, where it has one."""
+    path = os.path.join(BENCH, "gpu_layer.py")
+    if not os.path.exists(path):
+        pytest.skip("bench/gpu_layer.py does not exist yet")
+    with open(path, encoding="utf-8") as f:
+        if "--smoke" not in f.read():
+            pytest.skip("bench/gpu_layer.py has no --smoke mode yet")
+    _run([path, "--smoke"])
