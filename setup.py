@@ -110,6 +110,7 @@ setup(
         "triton": ["triton>=3.0"],
         "peft": ["peft>=0.13"],
         "flower": ["flwr>=1.42,<2"],
+        "data": ["datasets>=2.14"],
         "bench": ["pytest-benchmark>=4", "peft>=0.13", "psutil>=5"],
         "dev": [
             "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13", "triton>=3.0", "psutil>=5",

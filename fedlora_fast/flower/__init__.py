@@ -1,0 +1,7 @@
+"""Flower integration: fedlora_fast's federated FFA-LoRA as a Flower ``ClientApp`` and ``ServerApp``.
+
+Installed with the ``flower`` extra (``pip install fedlora_fast[flower]``); ``import fedlora_fast`` never
+imports ``flwr``. Point a Flower App's components at ``fedlora_fast.flower.client_app:app`` and
+``fedlora_fast.flower.server_app:app`` (see ``examples/flower/``); every setting comes from the Flower run
+config with the names and defaults of ``fedlora-fast train`` (``fedlora_fast.flower.config``).
+"""

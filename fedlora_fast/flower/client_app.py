@@ -1,0 +1,145 @@
+"""The Flower ``ClientApp``: one fedlora_fast federated client per SuperNode.
+
+Flower Message API (``flwr`` >= 1.20): the train handler receives the global adapter tensors, runs the
+client's local DP-SGD (``fedlora_fast.federated.client.Client.fit``: Poisson sampling, per-sample
+clipping, Gaussian noise; Abadi et al., CCS 2016) and replies with only the trainable tensors (B, plus the
+head if trained: FFA-LoRA, Sun et al., ICLR 2024, arXiv 2403.12313), the update metadata and the client's
+privacy record; the evaluate handler scores the global adapter on the node's shard of the test split.
+
+The node's data and client are built exactly as in the simulation (``Federation``, same run config, same
+partition); the node picks its client with ``--node-config "partition-id=K num-partitions=N"``. Each message
+runs in a fresh process, so the client's privacy state (noise multiplier, accountant) and its RNG states
+live in the run's ``context.state`` between rounds. DP noise and batch sampling are always seeded from the
+operating system here: the server knows the run config (and its ``seed``), and noise it could regenerate
+protects nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora_fast.federated import checkpoint, serialization
+from fedlora_fast.federated.client import Client
+from fedlora_fast.federated.simulation import Federation, FederatedConfig, derive_seed
+from fedlora_fast.federated.simulation import evaluate as evaluate_model
+from fedlora_fast.federated.state import load_trainable
+from fedlora_fast.flower import node, records
+from fedlora_fast.flower.config import DUMP_KEY, federated_config, flower_setting
+from fedlora_fast.flower.strategy import ROUND_KEY
+from fedlora_fast.privacy.accounting import Accountant
+
+STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
+RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
+
+app = ClientApp()
+_FEDERATIONS: dict[str, Federation] = {}  # one per config per process (a process may serve several messages)
+
+
+def node_partition(context: Context, cfg: FederatedConfig) -> int:
+    """This node's client index from ``--node-config "partition-id=K num-partitions=N"``.
+
+    Raises:
+        ValueError: a missing or out-of-range ``partition-id``, or ``num-partitions`` != the run config's ``clients``.
+    """
+    nc = context.node_config
+    pid = nc.get("partition-id")
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise ValueError(
+            f"node config 'partition-id': expected an int in [0, {cfg.num_clients}), got {pid!r}; start the "
+            "SuperNode with --node-config \"partition-id=K num-partitions=N\""
+        )
+    parts = nc.get("num-partitions", cfg.num_clients)
+    if parts != cfg.num_clients:
+        raise ValueError(
+            f"node config 'num-partitions': expected the run config's clients={cfg.num_clients}, got {parts!r}"
+        )
+    if not 0 <= pid < cfg.num_clients:
+        raise ValueError(f"node config 'partition-id': expected an int in [0, {cfg.num_clients}), got {pid}")
+    return pid
+
+
+def load_node(context: Context) -> tuple[FederatedConfig, Federation, int]:
+    """``(config, federation, client index)`` of this node, built once per process (no noise calibrated)."""
+    cfg = dataclasses.replace(federated_config(context.run_config), secure_noise=True)
+    pid = node_partition(context, cfg)
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    if key not in _FEDERATIONS:
+        _FEDERATIONS.clear()
+        _FEDERATIONS[key] = node.build(cfg)
+    return cfg, _FEDERATIONS[key], pid
+
+
+def _restore(fed: Federation, pid: int, state: RecordDict) -> Client:
+    """The node's client with its noise multiplier, accountant and RNG states from earlier rounds of the run.
+
+    On its first round the noise multiplier is calibrated and both generators are seeded from the OS.
+    """
+    client = fed.clients[pid]
+    if STATE_KEY in state.config_records:
+        saved = json.loads(state.config_records[STATE_KEY]["state"])
+        node.calibrate(fed, pid, saved["noise_multiplier"])
+        client.load_state_dict(saved["client"])
+        client.load_tensor_state(records.to_tensors(state.array_records[RNG_KEY]))
+    else:
+        node.calibrate(fed, pid)
+        client.load_state_dict({"accountant": Accountant().state_dict()})  # a cached process may hold an old one
+        client.sample_generator.manual_seed(secrets.randbits(63))
+        client.noise_generator.manual_seed(secrets.randbits(63))
+    return client
+
+
+def _persist(client: Client, state: RecordDict) -> None:
+    state[STATE_KEY] = ConfigRecord(
+        {"state": json.dumps({"client": client.state_dict(), "noise_multiplier": client.noise_multiplier})}
+    )
+    state[RNG_KEY] = records.to_array_record(client.tensor_state())
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local DP-SGD from the received global tensors; reply with the trainable tensors and privacy record."""
+    cfg, fed, pid = load_node(context)
+    client = _restore(fed, pid, context.state)
+    global_state = records.to_tensors(msg.content.array_records["arrays"])
+    round_idx = int(msg.content.config_records["config"][ROUND_KEY])
+    torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, pid))  # dropout masks, as in the simulation
+    update = client.fit(
+        fed.model, serialization.encode(global_state, {"round": round_idx}), round_idx=round_idx,
+        fingerprint=fed.fingerprint,
+    )
+    _persist(client, context.state)
+    dump = flower_setting(context.run_config, DUMP_KEY)
+    if dump:
+        checkpoint.atomic_write_bytes(Path(dump) / f"round{round_idx + 1}-client{pid}.safetensors", update)
+    arrays, meta = records.from_message(update)
+    privacy = client.privacy_record(cfg.delta)
+    metrics = MetricRecord({
+        "num-examples": client.num_examples,
+        **{k: privacy[k] for k in ("noise_multiplier", "sample_rate", "steps", "epsilon")},
+    })
+    return Message(RecordDict({"arrays": arrays, "config": meta, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy and loss of the global adapter on this node's shard of the test split.
+
+    Shard k holds test examples k, k+N, k+2N, ... of the N clients: the example-weighted mean over all
+    shards is the accuracy on the whole test split, the number the simulation reports.
+    """
+    cfg, fed, pid = load_node(context)
+    load_trainable(fed.model, records.to_tensors(msg.content.array_records["arrays"]))
+    idx = range(pid, len(fed.test_ids), cfg.num_clients)
+    result = evaluate_model(
+        fed.model, [fed.test_ids[i] for i in idx], [fed.test.labels[i] for i in idx], fed.pad_id,
+        cfg.eval_batch_size, fed.device,
+    )
+    metrics = MetricRecord({"num-examples": len(idx), "accuracy": result["accuracy"], "loss": result["loss"]})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

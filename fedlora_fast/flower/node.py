@@ -1,0 +1,55 @@
+"""Build one Flower participant's share of a federation: the simulation's ``Federation``, noise calibrated lazily.
+
+``Federation(config)`` (``fedlora_fast.federated.simulation``) builds the data split, the model with its
+adapters, every client and the server exactly as ``fedlora-fast train`` does. Under Flower each message runs
+in a fresh process that needs one client (a SuperNode) or none (the ServerApp, evaluation), so calibrating
+every client's noise multiplier there (opacus's search, seconds per client) would be wasted: ``build``
+calibrates none and marks every noise multiplier NaN (any use before ``calibrate`` fails loudly instead of
+training without noise); ``calibrate`` sets one client's with the same call and arguments as ``Federation``
+(per-client sample rate ``batch_size / n_k``, ``rounds * local_steps`` steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fedlora_fast.federated.simulation import Federation, FederatedConfig
+from fedlora_fast.privacy.accounting import calibrate_noise_multiplier
+
+
+def build(cfg: FederatedConfig) -> Federation:
+    """``Federation(cfg)`` without calibrating any client's noise (see ``calibrate``); ``fed.config`` is ``cfg``."""
+    if cfg.epsilon is None:
+        return Federation(cfg)
+    fed = Federation(dataclasses.replace(cfg, epsilon=None, noise_multiplier=0.0))
+    fed.config = cfg
+    for c in fed.clients:
+        c.noise_multiplier = float("nan")  # DPSGD refuses NaN: nothing trains without its calibrated noise
+    return fed
+
+
+def calibrate(fed: Federation, client: int, noise_multiplier: float | None = None) -> float:
+    """Set (and return) client ``client``'s noise multiplier, as ``Federation`` calibrates it.
+
+    Args:
+        fed: a federation from ``build``.
+        client: the client index.
+        noise_multiplier: the value an earlier round of the same run calibrated (skips the search).
+    Raises:
+        ValueError: ``epsilon`` cannot be met by that client (the message names it).
+    """
+    cfg, c = fed.config, fed.clients[client]
+    if cfg.epsilon is None:
+        return c.noise_multiplier
+    if noise_multiplier is None:
+        try:
+            noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=c.sample_rate,
+                steps=cfg.rounds * cfg.local_steps,
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"epsilon: client {client} ({c.num_examples} examples, sample rate {c.sample_rate:.4g}): {e}"
+            ) from None
+    c.noise_multiplier = float(noise_multiplier)
+    return c.noise_multiplier

@@ -1,0 +1,120 @@
+"""The Flower ``ServerApp``: fedlora_fast's server, aggregation and outputs over a Flower federation.
+
+Flower Message API (``flwr`` >= 1.20): ``@app.main()`` builds the same model, adapter fingerprint, server and
+aggregator as the simulation (``fedlora_fast.federated.simulation.Federation`` over the same run config),
+then runs ``FedLoRAStrategy.start``: per round, every SuperNode trains under DP and evaluates, the strategy
+validates and aggregates the updates. After every round it writes ``OUT/metrics.json`` (the simulation's
+layout: config, adapter, data, one record per round, final privacy record per client) and a checkpoint;
+at the end ``OUT/adapter/`` (peft format) and ``OUT/curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora_fast.federated import checkpoint as ckpt
+from fedlora_fast.federated import serialization
+from fedlora_fast.federated.simulation import Federation, export_adapter, format_round, plot_curves
+from fedlora_fast.federated.state import load_trainable
+from fedlora_fast.flower import node, records
+from fedlora_fast.flower.config import DUMP_KEY, OUT_KEY, TIMEOUT_KEY, federated_config, flower_setting
+from fedlora_fast.flower.strategy import FedLoRAStrategy
+
+CHECKPOINT_NAME = "flower_checkpoint.safetensors"  # not the simulation's: it cannot resume a Flower run
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+def metrics_document(fed: Federation, strategy: FedLoRAStrategy, extra: dict) -> dict:
+    """``metrics.json`` in the simulation's layout, with the clients' privacy records as they reported them."""
+    cfg = fed.config
+    doc = fed.metrics()
+    doc["rounds"] = strategy.rounds
+    doc["final"] = None
+    doc["flower"] = extra
+    if strategy.rounds and strategy.rounds[-1]["round"] == cfg.rounds:
+        last = strategy.rounds[-1]
+        doc["final"] = {
+            "round": last["round"],
+            "accuracy": last["accuracy"],
+            "loss": last["loss"],
+            "delta": cfg.delta,
+            "epsilon": strategy.epsilon(),
+            "clients": [strategy.clients[k] for k in sorted(strategy.clients)],
+            "server_privacy": fed.server.aggregator.privacy(cfg.delta),
+            "bytes_up": sum(r["bytes_up"] for r in strategy.rounds),
+            "bytes_down": sum(r["bytes_down"] for r in strategy.rounds),
+            "seconds": sum(r["seconds"] for r in strategy.rounds),
+        }
+    return doc
+
+
+def save_checkpoint(path: Path, fed: Federation, strategy: FedLoRAStrategy) -> None:
+    """Global tensors, aggregator state and the round records, written atomically (safetensors + JSON)."""
+    tensors = {f"global/{k}": v for k, v in fed.server.global_state.items()}
+    tensors.update({f"aggregator/{k}": v for k, v in fed.server.aggregator.tensor_state().items()})
+    state = {
+        "flower": True,
+        "config": fed.config.to_dict(),
+        "fingerprint": fed.fingerprint,
+        "round": fed.server.round,
+        "records": strategy.rounds,
+        "clients": strategy.clients,
+        "aggregator": fed.server.aggregator.state_dict(),
+    }
+    ckpt.save_checkpoint(path, tensors, state)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``rounds`` rounds of federated FFA-LoRA under DP over the connected SuperNodes."""
+    cfg = dataclasses.replace(federated_config(context.run_config), secure_noise=True)
+    out = Path(flower_setting(context.run_config, OUT_KEY)).expanduser()
+    dump = flower_setting(context.run_config, DUMP_KEY)
+    timeout = flower_setting(context.run_config, TIMEOUT_KEY)
+    out.mkdir(parents=True, exist_ok=True)
+    fed = node.build(cfg)  # the server needs no client's noise
+    strategy = FedLoRAStrategy(fed.server, num_clients=cfg.num_clients, delta=cfg.delta, num_rounds=cfg.rounds,
+                               eval_every=cfg.eval_every)
+    extra = {"run_id": context.run_id}
+
+    def end_of_round(server_round: int, arrays) -> None:
+        # Flower calls this after each round's training and evaluation (and once before round 1).
+        if server_round == 0:
+            return None
+        record = strategy.close_round()
+        save_checkpoint(out / CHECKPOINT_NAME, fed, strategy)
+        ckpt.atomic_write_text(out / "metrics.json", json.dumps(metrics_document(fed, strategy, extra), indent=2))
+        if dump:
+            ckpt.atomic_write_bytes(
+                Path(dump) / f"round{server_round}-global.safetensors",
+                serialization.encode(fed.server.global_state, {"round": server_round, "fingerprint": fed.fingerprint}),
+            )
+        print(format_round(record, cfg.rounds), flush=True)  # the one-line summary, in the streamed log
+        return None
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=records.to_array_record(fed.server.global_state),
+        num_rounds=cfg.rounds,
+        timeout=timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=end_of_round,
+    )
+    doc = metrics_document(fed, strategy, extra)
+    ckpt.atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2))
+    if doc["final"] is not None:
+        if any(r["accuracy"] is not None for r in doc["rounds"]):
+            plot_curves(doc, out / "curves.png")
+        load_trainable(fed.model, fed.server.global_state)
+        reason = export_adapter(fed.model, out / "adapter")
+        if reason:
+            log.warning("adapter/ not written: %s", reason)

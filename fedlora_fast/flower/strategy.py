@@ -1,0 +1,222 @@
+"""``FedLoRAStrategy``: Flower's FedAvg whose aggregation is fedlora_fast's validated server round.
+
+Subclasses ``flwr.serverapp.strategy.FedAvg`` (Flower Message API; McMahan et al., AISTATS 2017) and keeps
+its node sampling and message construction, but replaces both aggregation steps:
+
+- ``aggregate_train`` turns every reply into a fedlora_fast update message and hands the round to
+  ``fedlora_fast.federated.server.Server.run_round``: each update is validated (keys, shapes, dtypes,
+  finiteness, round, adapter fingerprint, example count, duplicates) and a bad one is rejected and logged
+  while the round goes on with the rest; the accepted ones are combined by the configured aggregator
+  (weighted FedAvg of B for FFA-LoRA, Sun et al., ICLR 2024, arXiv 2403.12313; or user-level central DP).
+  Flower's own ``validate_message_reply_consistency`` is not used: it aborts the whole round when a single
+  reply differs from the others, which would let one malformed client stop the federation.
+- ``aggregate_evaluate`` averages the clients' accuracy and loss weighted by their test example counts
+  (disjoint test shards covering the test split: the result is the accuracy on the whole split).
+
+The client-reported privacy records (noise multiplier, sample rate, steps, epsilon) are kept per client; the
+round's epsilon is the largest any client has spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora_fast.federated import serialization
+from fedlora_fast.federated.server import Server
+from fedlora_fast.flower import records
+
+log = logging.getLogger(__name__)
+
+ROUND_KEY = "fedlora-round"  # the server's round counter, echoed by clients in their update metadata
+PRIVACY_KEYS = ("noise_multiplier", "sample_rate", "steps", "epsilon")  # clients' MetricRecord (with num-examples)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite_number(value) -> bool:
+    return _number(value) and math.isfinite(value)
+
+
+class FedLoRAStrategy(FedAvg):
+    """FedAvg over Flower with fedlora_fast's update validation and aggregator registry.
+
+    Args:
+        server: the fedlora_fast ``Server`` holding the global trainable tensors, the adapter fingerprint,
+            the aggregator and ``min_clients``; it is the single source of the global state.
+        num_clients: nodes sampled for every round (all of them: the federation is cross-silo).
+        delta: the delta at which epsilons are reported.
+        num_rounds, eval_every: clients evaluate the global adapter every ``eval_every`` rounds and after the
+            last one (``eval-every``, as in the simulation).
+        **kwargs: other ``FedAvg`` arguments.
+    """
+
+    def __init__(self, server: Server, *, num_clients: int, delta: float, num_rounds: int, eval_every: int = 1,
+                 **kwargs):
+        kwargs.setdefault("min_train_nodes", num_clients)
+        kwargs.setdefault("min_evaluate_nodes", num_clients)
+        kwargs.setdefault("min_available_nodes", num_clients)
+        super().__init__(**kwargs)
+        self.server, self.delta, self.num_clients = server, float(delta), int(num_clients)
+        self.num_rounds, self.eval_every = int(num_rounds), int(eval_every)
+        self.clients: dict[int, dict] = {}  # client id -> latest privacy record
+        self.rounds: list[dict] = []  # one record per completed round (metrics.json "rounds")
+        self._pending: dict = {}
+        self._round_start = time.perf_counter()
+
+    # --- configure -----------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sampling, with the fedlora_fast round counter in the config (clients echo it back)."""
+        self._round_start = time.perf_counter()
+        config[ROUND_KEY] = self.server.round
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        broadcast = self.server.broadcast()  # what the simulation sends: counts bytes the same way
+        self._pending = {
+            "round": server_round,
+            "bytes_down": len(broadcast) * len(messages),
+            "payload_down": serialization.payload_size(broadcast) * len(messages),
+        }
+        return messages
+
+    # --- train -------------------------------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply with ``Server.run_round`` and aggregate the accepted ones.
+
+        Returns:
+            ``(new global arrays or None, aggregated train metrics or None)``; None arrays leave Flower's
+            global state as it was, exactly like the fedlora_fast server when fewer than ``min_clients``
+            updates were accepted.
+        """
+        replies = list(replies)
+        messages, rejected, privacy = [], [], {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                rejected.append({"client": None, "node": node, "reason": f"client error: {msg.error.reason}"})
+                continue
+            try:
+                content = msg.content
+                arrays = content.array_records.get(self.arrayrecord_key)
+                meta = content.config_records.get(self.configrecord_key)
+                if arrays is None or meta is None:
+                    raise records.RecordError(
+                        f"expected an ArrayRecord {self.arrayrecord_key!r} and a ConfigRecord "
+                        f"{self.configrecord_key!r}, got {sorted(content.keys())}"
+                    )
+                message = records.to_message(arrays, meta)
+                cid = records.read_meta(meta).get("client_id")
+            except Exception as e:  # malformed content of any kind: reject this reply only
+                rejected.append({"client": None, "node": node, "reason": f"malformed reply: {e}"})
+                continue
+            messages.append(message)
+            metrics = next(iter(content.metric_records.values()), None)
+            if metrics is not None and all(_number(metrics.get(k)) for k in PRIVACY_KEYS):
+                privacy[cid] = {"num_examples": metrics.get(self.weighted_by_key)}
+                privacy[cid].update({k: metrics[k] for k in PRIVACY_KEYS})
+        for r in rejected:
+            log.warning("round %d: rejected the reply of node %s: %s", server_round, r["node"], r["reason"])
+        result = self.server.run_round(messages)
+        for r in result.rejected:
+            log.warning("round %d: rejected the update of client %s: %s", server_round, r["client"], r["reason"])
+        # A client whose update failed validation has still spent its budget: its reported privacy record
+        # counts (ids outside [0, num_clients) are ignored, so a malformed reply cannot invent clients).
+        for cid, rec in privacy.items():
+            if isinstance(cid, int) and not isinstance(cid, bool) and 0 <= cid < self.num_clients:
+                self.clients[cid] = {"client": cid, **rec}
+        # the mean over accepted clients, as the simulation's metrics.json reports it
+        train_loss = _weighted_mean([(1, u.metrics.get("train_loss")) for u in result.accepted])
+        self._pending.update(
+            accepted=sorted(u.client_id for u in result.accepted),
+            rejected=list(result.rejected) + rejected,
+            applied=result.applied,
+            train_loss=train_loss,
+            bytes_up=result.bytes_up,
+            payload_up=result.payload_up,
+        )
+        metrics = MetricRecord({"accepted": len(result.accepted), "rejected": len(self._pending["rejected"]),
+                                "epsilon": self.epsilon()})
+        if train_loss is not None:
+            metrics["train-loss"] = train_loss
+        arrays = records.to_array_record(self.server.global_state) if result.applied else None
+        return arrays, metrics
+
+    def epsilon(self) -> float:
+        """The largest epsilon any client has reported (0 before any report)."""
+        eps = [c["epsilon"] for c in self.clients.values() if isinstance(c.get("epsilon"), (int, float))]
+        return float(max(eps)) if eps else 0.0
+
+    # --- evaluate ----------------------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluation messages on the rounds the simulation evaluates; none on the others."""
+        if server_round % self.eval_every != 0 and server_round != self.num_rounds:
+            self._pending.update(accuracy=None, loss=None)
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' ``accuracy`` and ``loss`` (malformed replies skipped)."""
+        good = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("round %d: evaluation error from node %s: %s", server_round, node, msg.error.reason)
+                continue
+            m = next(iter(msg.content.metric_records.values()), None)
+            n = None if m is None else m.get(self.weighted_by_key)
+            scores_ok = m is not None and all(_finite_number(m.get(k)) for k in ("accuracy", "loss"))
+            if not (scores_ok and _number(n) and isinstance(n, int) and n > 0):
+                log.warning("round %d: malformed evaluation reply from node %s skipped", server_round, node)
+                continue
+            good.append((n, float(m["accuracy"]), float(m["loss"])))
+        acc = _weighted_mean([(n, a) for n, a, _ in good])
+        loss = _weighted_mean([(n, v) for n, _, v in good])
+        total = sum(n for n, _, _ in good)
+        self._pending.update(accuracy=acc, loss=loss, eval_examples=total)
+        if not good:
+            return None
+        return MetricRecord({"accuracy": acc, "loss": loss, self.weighted_by_key: total})
+
+    # --- end of round ------------------------------------------------------------------------------------
+    def close_round(self) -> dict:
+        """The finished round's record, with the fields of the simulation's ``metrics.json`` rounds."""
+        p = self._pending
+        rec = {
+            "round": p.get("round"),
+            "accepted": p.get("accepted", []),
+            "rejected": p.get("rejected", []),
+            "applied": p.get("applied", False),
+            "train_loss": p.get("train_loss"),
+            "epsilon": self.epsilon(),
+            "bytes_up": p.get("bytes_up", 0),
+            "bytes_down": p.get("bytes_down", 0),
+            "payload_up": p.get("payload_up", 0),
+            "payload_down": p.get("payload_down", 0),
+            "accuracy": p.get("accuracy"),
+            "loss": p.get("loss"),
+        }
+        if self.server.aggregator.privacy(self.delta) is not None:
+            rec["server_epsilon"] = self.server.aggregator.privacy(self.delta)["epsilon"]
+        rec["seconds"] = time.perf_counter() - self._round_start
+        self.rounds.append(rec)
+        self._pending = {}
+        return rec
+
+
+def _weighted_mean(pairs) -> float | None:
+    good = [(n, float(v)) for n, v in pairs if _finite_number(v)]
+    total = sum(n for n, _ in good)
+    return sum(n * v for n, v in good) / total if total else None

