@@ -19,7 +19,11 @@ result, the chosen lrs, the table), ``NAME.md`` (the table) and ``NAME.png`` (te
 ``NAME.json`` is rewritten atomically after every run; ``--resume`` skips runs it already holds.
 
 Usage:
-    python bench/paper.py                          # the default grid (sized for ~60 min on a 2-core CPU)
+    python bench/paper.py                          # the default grid: 32 runs, ~91 s of 1-thread CPU each
+    # the same grid as two 1-thread processes (one per method), then one table (bench/results/paper.*):
+    python bench/paper.py --methods lora --threads 1 --name paper_part_lora &
+    python bench/paper.py --methods ffa --threads 1 --name paper_part_ffa; wait
+    python bench/paper.py --merge bench/results/paper_part_lora.json bench/results/paper_part_ffa.json
     python bench/paper.py --seeds 0 --max-train 1500 --name paper_reduced
     python bench/paper.py --data my.csv --text-column text --label-column label --epsilons inf 3
 """
@@ -188,6 +192,7 @@ def make_config(args, method: str, epsilon: float, lr: float, seed: int) -> Fede
         targets=list(args.targets), epsilon=epsilon if private else None, noise_multiplier=None if private else 0.0,
         delta=args.delta, max_grad_norm=args.max_grad_norm, clipping=args.clipping, seed=seed,
         eval_every=args.rounds, eval_batch_size=args.eval_batch_size,
+        lr_schedule="constant",  # the committed results (bench/results/paper.*) were run with a constant lr
     )
 
 
