@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedlora_fast.federated.aggregation import AGGREGATORS
-from fedlora_fast.federated.client import OPTIMIZERS
+from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS
 from fedlora_fast.federated.partition import SCHEMES
 from fedlora_fast.federated.simulation import METHODS, FederatedConfig
 from fedlora_fast.privacy.dpsgd import CLIPPING
@@ -93,6 +93,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="expected Poisson batch size per step (sample rate = batch / client size)")
     g.add_argument("--lr", type=float, default=d.lr, help="local learning rate")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="learning rate over rounds: constant, or cosine from --lr down to --lr/10 in the last round")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="local optimizer (fresh every round)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")

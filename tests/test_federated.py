@@ -330,3 +330,15 @@ def test_other_settings_run(tiny, tmp_path):
     assert final["server_privacy"]["steps"] == 2 and final["server_privacy"]["level"] == "user"
     assert all(c["noise_multiplier"] == 1.1 and c["steps"] == 2 for c in final["clients"])
     assert all(r["applied"] and not r["rejected"] for r in m["rounds"])
+
+
+def test_round_lr_schedules():
+    from fedlora_fast.federated.client import round_lr
+
+    assert [round_lr(0.1, r, 5, "constant") for r in range(5)] == [0.1] * 5
+    cos = [round_lr(0.1, r, 5, "cosine") for r in range(5)]
+    assert abs(cos[0] - 0.1) < 1e-12 and abs(cos[-1] - 0.01) < 1e-12
+    assert all(a > b for a, b in zip(cos, cos[1:]))
+    assert round_lr(0.1, 0, 1, "cosine") == 0.1
+    with pytest.raises(ValueError, match=r"lr_schedule: expected one of"):
+        round_lr(0.1, 0, 5, "linear")

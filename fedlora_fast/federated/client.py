@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import logging
 from typing import Callable, Sequence
 
@@ -24,6 +25,21 @@ from fedlora_fast.privacy.dpsgd import DPSGD
 from fedlora_fast.privacy.sampling import PoissonSampler
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def round_lr(lr: float, round_idx: int, rounds: int, schedule: str) -> float:
+    """The local learning rate of round ``round_idx`` (0-based) of ``rounds``.
+
+    ``cosine`` decays from ``lr`` in the first round to ``lr / 10`` in the last: late rounds then move
+    the global adapter less, which damps the round-to-round swings that label-skewed clients cause.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant" or rounds <= 1:
+        return lr
+    frac = min(max(round_idx, 0), rounds - 1) / (rounds - 1)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.0) -> torch.optim.Optimizer:
@@ -98,6 +114,8 @@ class Client:
         physical_batch_size: int | None = None,
         accountant: Accountant | None = None,
         secure_mode: bool = False,
+        rounds: int = 1,
+        lr_schedule: str = "constant",
     ):
         if len(input_ids) != len(labels) or not labels:
             raise ValueError(f"client {client_id}: expected as many labels as examples (> 0), got {len(labels)} and {len(input_ids)}")
@@ -113,6 +131,7 @@ class Client:
         self.physical_batch_size = physical_batch_size
         self.accountant = accountant or Accountant()
         self.secure_mode = bool(secure_mode)
+        self.rounds, self.lr_schedule = int(rounds), lr_schedule
 
     def epsilon(self, delta: float) -> float:
         return _epsilon(self.accountant.mechanism, tuple(map(tuple, self.accountant.history)), float(delta))
@@ -145,7 +164,8 @@ class Client:
         tensors, _ = serialization.decode(global_message)
         load_trainable(model, tensors)
         params = list(trainable_state(model).values())
-        opt = make_optimizer(self.optimizer, params, self.lr, self.weight_decay, self.momentum)
+        lr = round_lr(self.lr, round_idx, self.rounds, self.lr_schedule)
+        opt = make_optimizer(self.optimizer, params, lr, self.weight_decay, self.momentum)
         with _quiet_seeded_generator_warning():
             # The engine steps this client's persistent accountant once per noisy step (empty batches too).
             dp = DPSGD(

@@ -29,7 +29,7 @@ from fedlora_fast.data import TextClassificationData, collate, load_text_classif
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
 from fedlora_fast.federated.aggregation import AGGREGATORS, CentralDP, FedAvg
-from fedlora_fast.federated.client import OPTIMIZERS, Client
+from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS, Client
 from fedlora_fast.federated.partition import SCHEMES, partition
 from fedlora_fast.federated.server import Server
 from fedlora_fast.federated.state import adapter_config, fingerprint, load_trainable, trainable_state
@@ -65,8 +65,9 @@ class FederatedConfig:
     rounds: int = 8
     local_steps: int = 6
     batch_size: int = 96
-    lr: float = 6e-2
+    lr: float = 8e-2
     optimizer: str = "adam"
+    lr_schedule: str = "cosine"  # over rounds: lr in round 1 down to lr/10 in the last
     weight_decay: float = 0.0
     momentum: float = 0.0
     method: str = "ffa"
@@ -127,7 +128,7 @@ class FederatedConfig:
             pos_num("epsilon")
         else:
             pos_num("noise_multiplier", allow_zero=True)
-        for name, allowed in (("partition", SCHEMES), ("method", METHODS), ("optimizer", OPTIMIZERS),
+        for name, allowed in (("partition", SCHEMES), ("method", METHODS), ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
                               ("clipping", CLIPPING), ("aggregator", tuple(AGGREGATORS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -273,7 +274,7 @@ class Federation:
                 batch_size=cfg.batch_size, local_steps=cfg.local_steps, lr=cfg.lr, optimizer=cfg.optimizer,
                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
                 noise_multiplier=sigma, clipping=cfg.clipping, physical_batch_size=cfg.physical_batch_size,
-                secure_mode=cfg.secure_noise,
+                secure_mode=cfg.secure_noise, rounds=cfg.rounds, lr_schedule=cfg.lr_schedule,
                 sample_generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", k)),
                 noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
             ))
