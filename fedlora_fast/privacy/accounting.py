@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -143,19 +142,9 @@ class Accountant:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``state_dict()`` as JSON, atomically (temporary file + rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".accountant-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from fedlora_fast.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.state_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Accountant":
