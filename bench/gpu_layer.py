@@ -228,6 +228,63 @@ def make_peft_opacus(base, x, g, r: int, alpha: float, train_A: bool) -> Variant
     return PeftVariant("peft_opacus", gsm, x, g, reset)
 
 
+# --- where the time goes: per-kernel profile and the one-pass backward's block sizes -------------------
+def kernel_table(fn, steps: int = 3, top: int = 12) -> list[dict]:
+    """Device time per step of every kernel ``fn`` launches (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us and us > 0:
+            rows.append({"kernel": ev.key[:90], "us_per_step": us / steps, "calls_per_step": ev.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:top]
+
+
+OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages); the first is the shipped default
+    (64, 128, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2),
+    (64, 256, 8, 2), (32, 256, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2),
+]  # fmt: skip
+
+
+def sweep_outer(n, T, out, r, dtype, device, reps: int) -> list[dict]:
+    """Time the one-pass backward over G (P_i, norms, V = G B) for each block config of ``OUTER_SWEEP``."""
+    from fedlora_fast.kernels import ffa_linear as K
+    from fedlora_fast.reference import MODE_PER_SAMPLE
+
+    g = torch.randn(n, T, out, device=device, dtype=dtype)
+    u = torch.randn(n, T, r, device=device, dtype=torch.float32)
+    Bm = torch.randn(out, r, device=device, dtype=torch.float32)
+    real = K._blocks
+    rows = []
+    for bt, ba, warps, stages in OUTER_SWEEP:
+        cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages)
+
+        def blocks(kind, dev, **dims):
+            return dict(cfg) if kind == "outer" and dev.type == "cuda" else real(kind, dev, **dims)
+
+        K._blocks = blocks
+        try:
+            fn = lambda: K._per_sample_outer(g, u, 2.0, MODE_PER_SAMPLE, "ar", Bmat=Bm, v_rounded=True, prec_dtype=dtype)  # noqa: E731
+            fn()
+            ms = bench_ms(fn, device, reps)
+            rows.append({"config": cfg, "ms": ms, "g_gbps": g.numel() * g.element_size() / (ms * 1e-3) / 1e9})
+        except Exception as e:  # noqa: BLE001  (a config that fails to compile: report, keep sweeping)
+            rows.append({"config": cfg, "error": repr(e)[:200]})
+        finally:
+            K._blocks = real
+    return rows
+
+
 # --- correctness -----------------------------------------------------------------------------------------
 def check_ops(n, T, inp, out, r, dtype, device, gemm: str) -> dict:
     """The Triton ops vs the float64 reference on fresh inputs; low precision judged against PyTorch's own
@@ -302,6 +359,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="floor,ffa_flat[triton],ffa_flat[cublas],ffa_per_layer,peft_opacus")
     ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
     ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")
+    ap.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of every variant (profiler)")
+    ap.add_argument("--sweep-outer", action="store_true", help="CUDA: time the one-pass backward's block configs")
     args = ap.parse_args(argv)
 
     if args.smoke and not torch.cuda.is_available():
@@ -343,7 +402,15 @@ def main(argv=None) -> int:
                 # backward = full - forward: opacus' hooks consume the forward's activations, so a retained
                 # graph cannot be re-run for it alone; the same derivation for every variant
                 times[name] = {"fwd_ms": fwd, "bwd_ms": full - fwd, "full_ms": full}
+            profiles = {}
+            if args.profile and device.type == "cuda":
+                for name, v in variants.items():
+                    try:
+                        profiles[name] = kernel_table(v.step)
+                    except Exception as e:  # noqa: BLE001  (the profile is a diagnostic: never lose the timings)
+                        profiles[name] = [{"kernel": f"profile failed: {e!r}"[:200], "us_per_step": 0.0, "calls_per_step": 0}]
             variants.clear()
+            sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
             ffa_names = [k for k in times if k.startswith("ffa_flat")]
             best = min(ffa_names, key=lambda k: times[k]["full_ms"]) if ffa_names else None
             ff_flops, ff_bytes = ffa_work(n, N, inp, out, args.r, e)
@@ -356,6 +423,10 @@ def main(argv=None) -> int:
                 "times_ms": times,
                 "best_ffa": best,
             }  # fmt: skip
+            if profiles:
+                row["kernels"] = profiles
+            if sweep is not None:
+                row["sweep_outer"] = sweep
             if best and "floor" in times:
                 row["ratio_to_floor"] = times[best]["full_ms"] / times["floor"]["full_ms"]
                 row["ratio_to_floor_fwd"] = times[best]["fwd_ms"] / times["floor"]["fwd_ms"]
@@ -376,8 +447,23 @@ def main(argv=None) -> int:
                 + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
             )
+    if args.profile:
+        for row in rows:
+            for name, table in row.get("kernels", {}).items():
+                print(f"## n={row['n']} T={row['T']} {row['in']}->{row['out']} {name}: "
+                      + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']:.0f}us x{k['calls_per_step']:.0f}" for k in table[:6]))
+    for row in rows:
+        for sw in row.get("sweep_outer", []):
+            print(f"## outer n={row['n']} T={row['T']} out={row['out']} {sw['config']}: "
+                  + (f"{sw['ms'] * 1e3:.0f}us ({sw['g_gbps']:.0f} GB/s of G)" if "ms" in sw else sw["error"]))
+    tuned = {}
+    if device.type == "cuda":
+        from fedlora_fast.kernels import ffa_linear as K
+
+        tuned = {str(k): str(v) for k, v in getattr(K._gemm_lowrank_tuned, "cache", {}).items()}
     result = {
         "bench": "gpu_layer",
+        "gemm_autotune_choices": tuned,
         "machine": info,
         "ceilings": ceil,
         "definitions": {
