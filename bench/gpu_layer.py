@@ -250,6 +250,36 @@ def kernel_table(fn, steps: int = 3, top: int = 12) -> list[dict]:
     return rows[:top]
 
 
+def host_ms(fn, device: torch.device, steps: int = 40) -> float:
+    """CPU time to issue one call of ``fn`` (no waiting on the GPU in between; the launch queue absorbs
+    the work). When this exceeds the device time, the step is CPU-bound and do_bench measures this."""
+    fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return 1e3 * (t1 - t0) / steps
+
+
+def python_profile(fn, steps: int = 30, top: int = 25) -> str:
+    """cProfile of ``steps`` calls of ``fn``, the ``top`` functions by own time (where the host time goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        fn()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages); the first is the shipped default
     (64, 128, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2),
     (64, 256, 8, 2), (32, 256, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2),
@@ -361,6 +391,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")
     ap.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of every variant (profiler)")
     ap.add_argument("--sweep-outer", action="store_true", help="CUDA: time the one-pass backward's block configs")
+    ap.add_argument("--host", action="store_true",
+                    help="CUDA: CPU time to issue each variant's step, and a cProfile of ours at the first shape")
     args = ap.parse_args(argv)
 
     if args.smoke and not torch.cuda.is_available():
@@ -402,6 +434,13 @@ def main(argv=None) -> int:
                 # backward = full - forward: opacus' hooks consume the forward's activations, so a retained
                 # graph cannot be re-run for it alone; the same derivation for every variant
                 times[name] = {"fwd_ms": fwd, "bwd_ms": full - fwd, "full_ms": full}
+            if args.host and device.type == "cuda":
+                for name, v in variants.items():
+                    times[name]["host_ms"] = host_ms(v.step, device)
+                ours = next((k for k in variants if k.startswith("ffa_flat")), None)
+                if ours and not rows:
+                    text = python_profile(variants[ours].step)
+                    print(f"## cProfile of {ours}.step (n={n} T={T} {inp}->{out}), 30 steps:\n{text}")
             profiles = {}
             if args.profile and device.type == "cuda":
                 for name, v in variants.items():
@@ -443,7 +482,11 @@ def main(argv=None) -> int:
             rows.append(row)
             print(
                 f"n={n} T={T} {inp}->{out}: correct={row['correct']}  "
-                + "  ".join(f"{k} {t['full_ms']:.3f}ms ({t['tflops']:.0f} TF/s)" for k, t in times.items())
+                + "  ".join(
+                    f"{k} {t['full_ms']:.3f}ms ({t['tflops']:.0f} TF/s"
+                    + (f", host {t['host_ms']:.3f}ms)" if "host_ms" in t else ")")
+                    for k, t in times.items()
+                )
                 + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
             )

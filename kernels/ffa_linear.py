@@ -99,10 +99,18 @@ def _gemm_lowrank_kernel(
     M, N, K, T, RANK, scale,
     HAS_MAIN: tl.constexpr, HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
     MAIN_FP32: tl.constexpr, MAIN_PREC: tl.constexpr, LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
+    SPLIT_W: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """out[m, :] (=|+=) X[m] @ Wt + bias + scale * L[m] @ R; row m is (m // T, m % T) of a 3-D tensor."""
+    """out[m, :] (=|+=) X[m] @ Wt + bias + scale * L[m] @ R; row m is (m // T, m % T) of a 3-D tensor.
+
+    ``SPLIT_W``: X is bfloat16 and Wt float32 (U = X A^T): Wt is split into three bfloat16 terms
+    (hi + lo + lo2 = Wt to ~2^-24) and X (exact in bfloat16) multiplies each on the bfloat16 tensor cores,
+    float32 accumulation: float32-accurate without upcasting the X tile. ``EVEN_K``: K % BLOCK_K == 0 (no
+    K mask in the main loop). Rows/columns past M/N are loaded wrapped (valid addresses, results discarded
+    by the store mask), as in the Triton matmul tutorial, so that only the store is masked.
+    """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -112,29 +120,54 @@ def _gemm_lowrank_kernel(
     pid_m = first_m + (pid % group) % group_m
     pid_n = (pid % group) // group_m
 
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32: M = tokens and N = features fit
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
-    smp = rm // T
-    tok = rm % T
+    rm_ld = rm % M  # wrapped for loads
+    rn_ld = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    # 64-bit element offsets of the rows (n * T * features may pass 2^31)
+    x_row = (rm_ld // T).to(tl.int64) * stride_xn + (rm_ld % T).to(tl.int64) * stride_xt
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_MAIN:
         rk = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + (smp * stride_xn + tok * stride_xt)[:, None] + rk[None, :] * stride_xk
-        w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn
+        x_ptrs = x_ptr + x_row[:, None] + rk[None, :] * stride_xk
+        w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_ld.to(tl.int64)[None, :] * stride_wn
         for k0 in range(0, K, BLOCK_K):
-            mask_k = (k0 + rk) < K
-            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if MAIN_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
             else:
-                b = b.to(a.dtype)
-            acc = tl.dot(a, b, acc, input_precision=MAIN_PREC)
+                mask_k = (k0 + rk) < K
+                a = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+            if SPLIT_W:
+                b = b.to(tl.float32)
+                b_hi = b.to(tl.bfloat16)
+                b_r = b - b_hi.to(tl.float32)
+                b_lo = b_r.to(tl.bfloat16)
+                b_lo2 = (b_r - b_lo.to(tl.float32)).to(tl.bfloat16)
+                if MAIN_FP32:  # the interpreter has no bfloat16 dot: the same products in float32
+                    a = a.to(tl.float32)
+                    acc = tl.dot(a, b_hi.to(tl.float32), acc, input_precision="ieee")
+                    acc = tl.dot(a, b_lo.to(tl.float32), acc, input_precision="ieee")
+                    acc = tl.dot(a, b_lo2.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    a = a.to(tl.bfloat16)
+                    acc = tl.dot(a, b_hi, acc)
+                    acc = tl.dot(a, b_lo, acc)
+                    acc = tl.dot(a, b_lo2, acc)
+            else:
+                if MAIN_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                else:
+                    b = b.to(a.dtype)
+                acc = tl.dot(a, b, acc, input_precision=MAIN_PREC)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
+    smp = (rm // T).to(tl.int64)
+    tok = (rm % T).to(tl.int64)
     if HAS_LOWRANK:
         rj = tl.arange(0, BLOCK_R)
         mask_j = rj < RANK
@@ -148,7 +181,8 @@ def _gemm_lowrank_kernel(
             mask=mask_j[:, None] & mask_n[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc += scale * tl.dot(lo, hi, input_precision=LR_PREC)
+        # into the same accumulator: a second BLOCK_M x BLOCK_N result would double the registers (spills)
+        acc = tl.dot(lo * scale, hi, acc, input_precision=LR_PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     o_ptrs = out_ptr + (smp * stride_on + tok * stride_ot)[:, None] + rn[None, :] * stride_of
@@ -170,12 +204,19 @@ def _outer_kernel(
     stride_vtile, stride_vm,
     SEG, T, A, RANK, ROWS_PER_SPLIT, NSPLIT, NUM_A_TILES, scale,
     HAS_V: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr, V_PREC: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, V_TERMS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """One pass over L (rows of a segment split): P = scale * L^T R per (segment, split, a-tile), V = L Bm.
 
     Rows of segment ``seg`` are ``seg * SEG .. seg * SEG + SEG - 1`` of the (M, ·) row space; row m is
     (m // T, m % T) of the 3-D tensors L (n, T, A) and R (n, T, RANK).
+
+    ``SPLIT_BF16`` (bfloat16 L): L stays bfloat16 (exact) and the small float32 operands R and Bm are split
+    into bfloat16 terms (hi + lo + lo2 = R to ~2^-24), each multiplied on the bfloat16 tensor cores with
+    float32 accumulation: P is float32-accurate without upcasting the big L tile (3xTF32 would split
+    both operands). ``V_TERMS`` terms of Bm for V (2: ~2^-16, enough for a term rounded to bfloat16).
+    ``UPCAST``: the interpreter has no bfloat16 dot, so the same products run in float32 there.
     """
     pid_s = tl.program_id(0)
     pid_a = tl.program_id(1)
@@ -195,6 +236,11 @@ def _outer_kernel(
             mask=mask_a[:, None] & mask_j[None, :],
             other=0.0,
         ).to(tl.float32)
+        if SPLIT_BF16:
+            b_hi = bm.to(tl.bfloat16)
+            b_rest = bm - b_hi.to(tl.float32)
+            b_lo = b_rest.to(tl.bfloat16)
+            b_lo2 = (b_rest - b_lo.to(tl.float32)).to(tl.bfloat16)
     for t0 in range(t_start, t_end, BLOCK_T):
         mask_t = (t0 + rt) < t_end
         m = seg.to(tl.int64) * SEG + t0 + rt
@@ -204,15 +250,45 @@ def _outer_kernel(
             l_ptr + (smp * stride_ln + tok * stride_lt)[:, None] + ra[None, :] * stride_la,
             mask=mask_t[:, None] & mask_a[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
         rr = tl.load(
             r_ptr + (smp * stride_rn + tok * stride_rt)[:, None] + rj[None, :] * stride_rj,
             mask=mask_t[:, None] & mask_j[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc = tl.dot(tl.trans(lt), rr, acc, input_precision=PREC)
+        if SPLIT_BF16:
+            r_hi = rr.to(tl.bfloat16)
+            r_rest = rr - r_hi.to(tl.float32)
+            r_lo = r_rest.to(tl.bfloat16)
+            r_lo2 = (r_rest - r_lo.to(tl.float32)).to(tl.bfloat16)
+            if UPCAST:
+                lt = lt.to(tl.float32)
+                lt_t = tl.trans(lt)
+                acc = tl.dot(lt_t, r_hi.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(lt_t, r_lo.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(lt_t, r_lo2.to(tl.float32), acc, input_precision="ieee")
+                if HAS_V:
+                    vp = tl.dot(lt, b_hi.to(tl.float32), input_precision="ieee")
+                    vp = tl.dot(lt, b_lo.to(tl.float32), vp, input_precision="ieee")
+                    if V_TERMS == 3:
+                        vp = tl.dot(lt, b_lo2.to(tl.float32), vp, input_precision="ieee")
+            else:
+                lt = lt.to(tl.bfloat16)
+                lt_t = tl.trans(lt)
+                acc = tl.dot(lt_t, r_hi, acc)
+                acc = tl.dot(lt_t, r_lo, acc)
+                acc = tl.dot(lt_t, r_lo2, acc)
+                if HAS_V:
+                    vp = tl.dot(lt, b_hi)
+                    vp = tl.dot(lt, b_lo, vp)
+                    if V_TERMS == 3:
+                        vp = tl.dot(lt, b_lo2, vp)
+        else:
+            lt = lt.to(tl.float32)
+            acc = tl.dot(tl.trans(lt), rr, acc, input_precision=PREC)
+            if HAS_V:
+                vp = tl.dot(lt, bm, input_precision=V_PREC)
         if HAS_V:
-            vp = tl.dot(lt, bm, input_precision=V_PREC)
             tl.store(
                 v_ptr + pid_a.to(tl.int64) * stride_vtile + m[:, None] * stride_vm + rj[None, :],
                 vp,
@@ -301,7 +377,7 @@ def _gemm_configs() -> list:
 # tuner reruns the kernel, which would add the low-rank term several times into an in-place output).
 _gemm_lowrank_tuned = triton.autotune(
     configs=_gemm_configs(), key=["M", "N", "K", "HAS_BIAS", "HAS_LOWRANK", "MAIN_FP32"]
-)(_gemm_lowrank_kernel)
+)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemm_lowrank_kernel))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,12 +489,15 @@ def _launch_gemm(
     xs = _rows3(x) if x is not None else (0, 0, 0)
     ls = _rows3(L) if lowrank is not None else (0, 0, 0)
     prec = _prec(prec_dtype)
+    # U = xa A^T with bfloat16 xa: A split into bfloat16 terms instead of upcasting the xa tile
+    split_w = main_fp32 and x is not None and x.dtype == torch.bfloat16
     flags = dict(
         HAS_MAIN=x is not None,
         HAS_C=accumulate,
         HAS_BIAS=bias is not None,
         HAS_LOWRANK=lowrank is not None,
-        MAIN_FP32=main_fp32 or _interpret(),
+        SPLIT_W=split_w,
+        MAIN_FP32=(main_fp32 and not split_w) or _interpret(),
         MAIN_PREC=prec if main_fp32 else _base_prec(prec_dtype),
         LR_PREC=_prec(prec_dtype, rounded=out.dtype != torch.float32),
         FIX_BF16_ROUNDING=_interpret() and out.dtype == torch.bfloat16,
@@ -439,6 +518,7 @@ def _launch_gemm(
             cfg["BLOCK_N"] = _pow2(N)
         if x is None:
             cfg["BLOCK_K"] = 16
+        cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _gemm_lowrank_kernel[grid](*args, **flags, **cfg)
 
@@ -516,6 +596,7 @@ def _per_sample_outer(
             seg_rows, T, a, r, rows_per_split, nsplit, a_tiles, float(scale),
             HAS_V=Bmat is not None, HAS_NORM=nu_part is not None, PREC=_prec(prec_dtype),
             V_PREC=_prec(prec_dtype, rounded=v_rounded),
+            SPLIT_BF16=L.dtype == torch.bfloat16, V_TERMS=2 if v_rounded else 3, UPCAST=_interpret(),
             BLOCK_R=_pow2(r), **cfg,
         )  # fmt: skip
         if nsplit > 1:

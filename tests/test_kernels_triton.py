@@ -388,7 +388,8 @@ def _aot_cases():
     cuda = torch.device("cuda")
     bf, f32 = "*bf16", "*fp32"
     gemm_ptrs = dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32, out_ptr=bf)
-    flags = dict(HAS_C=False, HAS_BIAS=True, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16)
+    flags = dict(HAS_C=False, HAS_BIAS=True, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16, SPLIT_W=False,
+                 EVEN_K=True)
     gb, nb, ob = K._blocks("gemm", cuda), K._blocks("narrow", cuda), K._blocks("outer", cuda)
     fb, cb = K._blocks("finish", cuda), K._blocks("clip", cuda)
     blocks = lambda b: {k: v for k, v in b.items() if k.isupper()}  # noqa: E731
@@ -401,7 +402,7 @@ def _aot_cases():
          dict(flags, HAS_BIAS=False, HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32",
               **blocks(gb), **unit("stride_xk", "stride_wn", "stride_lj", "stride_rn", "stride_of")), gb),
         ("gemm U", K._gemm_lowrank_kernel, dict(gemm_ptrs, w_ptr=f32, out_ptr=f32),
-         dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=True, MAIN_PREC="tf32x3",
+         dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=False, SPLIT_W=True, MAIN_PREC="tf32x3",
               LR_PREC="tf32", BLOCK_N=16, **blocks(nb), **unit("stride_xk", "stride_wk", "stride_of")), nb),
         ("gemm low-rank in place", K._gemm_lowrank_kernel, gemm_ptrs,
          dict(flags, HAS_C=True, HAS_BIAS=False, HAS_MAIN=False, MAIN_FP32=False, MAIN_PREC="tf32",
@@ -413,6 +414,7 @@ def _aot_cases():
                 f"outer r{r_block} V={has_v} {v_prec}", K._outer_kernel,
                 dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
                 dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, **blocks(ob),
+                     SPLIT_BF16=True, V_TERMS=2 if v_prec == "tf32" else 3, UPCAST=False,
                      **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
             ))  # fmt: skip
     cases.append(("split_sum", K._split_sum_kernel, dict(pp_ptr=f32, p_ptr=f32, nu_ptr=f32),

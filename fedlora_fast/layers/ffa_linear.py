@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora_fast import per_sample
-from fedlora_fast.ops.ffa_linear import ffa_linear_bwd, ffa_linear_fwd
+from fedlora_fast.ops.ffa_linear import call, ffa_linear_bwd, ffa_linear_fwd
 from fedlora_fast.reference import MODE_SUM
 
 
@@ -59,7 +59,7 @@ class _FFALinearFn(torch.autograd.Function):
         # break torch.compile graphs ("duplicate tensor input")
         ctx.split = xa is not None
         xa = x if xa is None else xa
-        y, u = ffa_linear_fwd(x, xa, weight, bias, A, B, layer.scale)
+        y, u = call(ffa_linear_fwd, x, xa, weight, bias, A, B, layer.scale)
         ctx.layer, ctx.ps_ctx = layer, ps_ctx
         ctx.batch_id = ps_ctx.batch_id if ps_ctx is not None else -1
         ctx.train_A = A.requires_grad
@@ -78,8 +78,8 @@ class _FFALinearFn(torch.autograd.Function):
         pA, pB = layer.lora_A, layer.lora_B
         clip_B = ps_ctx.threshold(pB) if ps_ctx is not None else 0.0
         clip_A = ps_ctx.threshold(pA) if ps_ctx is not None and ctx.train_A else 0.0
-        dx, dxa, gB, nuB, gA, nuA = ffa_linear_bwd(
-            g, u, weight, A, B, xa, layer.scale, need_dx, ctx.split, mode, clip_B, clip_A
+        dx, dxa, gB, nuB, gA, nuA = call(
+            ffa_linear_bwd, g, u, weight, A, B, xa, layer.scale, need_dx, ctx.split, mode, clip_B, clip_A
         )
         dx = dx if need_dx else None
         dxa = dxa if need_dx and ctx.split else None

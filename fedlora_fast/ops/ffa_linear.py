@@ -74,3 +74,18 @@ def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
 @ffa_linear_clip_reduce.register_fake
 def _(P, coef):
     return P.new_empty(P.shape[1:])
+
+
+_OP_NAMES = {ffa_linear_fwd: "ffa_linear_fwd", ffa_linear_bwd: "ffa_linear_bwd", ffa_linear_clip_reduce: "ffa_linear_clip_reduce"}
+
+
+def call(op, *args):
+    """Run one of the ops above: the custom op itself while ``torch.compile`` traces (no graph break), and
+    the selected backend's function directly in eager mode, with the same arguments and results.
+
+    The dispatcher's custom-op wrapper (autograd shim, redispatch, dynamo guard) costs tens of microseconds
+    of CPU per call; on a GPU that is often longer than the kernels it launches.
+    """
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return implementation(_OP_NAMES[op], args[0].device.type)(*args)

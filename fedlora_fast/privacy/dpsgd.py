@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fedlora_fast import per_sample
 from fedlora_fast.layers.ffa_linear import FFALoRALinear
 from fedlora_fast.layers.per_sample_modules import _PerSampleMixin
-from fedlora_fast.ops.ffa_linear import ffa_linear_clip_reduce
+from fedlora_fast.ops.ffa_linear import call, ffa_linear_clip_reduce
 from fedlora_fast.privacy.accounting import ACCOUNTANTS, Accountant, check_sample_rate
 from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE, clip_coef
 
@@ -363,7 +363,7 @@ class DPSGD:
                 if gs.shape[0] != n:
                     raise RuntimeError(f"per-sample gradients of one tensor have {gs.shape[0]} samples, expected {n}")
                 rows = p.shape[0] if p.dim() > 1 else 1  # (n, *shape) -> (n, rows, cols); n may be 0
-                part = ffa_linear_clip_reduce(gs.reshape(n, rows, p.numel() // rows), coef)
+                part = call(ffa_linear_clip_reduce, gs.reshape(n, rows, p.numel() // rows), coef)
                 self._add(i, part.reshape(p.shape).float())
         else:
             for i, p in enumerate(self.params):
