@@ -341,7 +341,11 @@ def check_ops(n, T, inp, out, r, dtype, device, gemm: str) -> dict:
             e = (got.double() - exp64).abs().max().item()
             t = (lowp.double() - exp64).abs().max().item()
             scale = exp64.abs().max().item()
-            ok = e <= 2 * t + 1e-3 * scale if dtype != torch.float32 else e <= 1e-5 * scale + 1e-7
+            # U, the per-sample gradients and their norms are float32 maths whatever the input dtype (the
+            # norms decide the clipping): held to float32-class error, not to the bf16 output's 1e-3
+            fp32_class = name.split("[")[0] in ("u", "gB", "nuB")
+            rel = 4e-6 if fp32_class else 1e-3
+            ok = e <= 2 * t + rel * scale if dtype != torch.float32 else e <= 1e-5 * scale + 1e-7
             worst[name] = {"err": e, "torch_err": t, "scale": scale, "ok": bool(ok)}
 
         y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)

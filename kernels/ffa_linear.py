@@ -147,16 +147,19 @@ def _gemm_lowrank_kernel(
                 b_r = b - b_hi.to(tl.float32)
                 b_lo = b_r.to(tl.bfloat16)
                 b_lo2 = (b_r - b_lo.to(tl.float32)).to(tl.bfloat16)
+                # this block's sum from a zero accumulator, smallest terms first, then added to acc in
+                # float32 on the CUDA cores (see _outer_kernel: tensor-core accumulation truncates)
                 if MAIN_FP32:  # the interpreter has no bfloat16 dot: the same products in float32
                     a = a.to(tl.float32)
-                    acc = tl.dot(a, b_hi.to(tl.float32), acc, input_precision="ieee")
-                    acc = tl.dot(a, b_lo.to(tl.float32), acc, input_precision="ieee")
-                    acc = tl.dot(a, b_lo2.to(tl.float32), acc, input_precision="ieee")
+                    blk = tl.dot(a, b_lo2.to(tl.float32), input_precision="ieee")
+                    blk = tl.dot(a, b_lo.to(tl.float32), blk, input_precision="ieee")
+                    blk = tl.dot(a, b_hi.to(tl.float32), blk, input_precision="ieee")
                 else:
                     a = a.to(tl.bfloat16)
-                    acc = tl.dot(a, b_hi, acc)
-                    acc = tl.dot(a, b_lo, acc)
-                    acc = tl.dot(a, b_lo2, acc)
+                    blk = tl.dot(a, b_lo2)
+                    blk = tl.dot(a, b_lo, blk)
+                    blk = tl.dot(a, b_hi, blk)
+                acc += blk
             else:
                 if MAIN_FP32:
                     a = a.to(tl.float32)
@@ -261,12 +264,19 @@ def _outer_kernel(
             r_rest = rr - r_hi.to(tl.float32)
             r_lo = r_rest.to(tl.bfloat16)
             r_lo2 = (r_rest - r_lo.to(tl.float32)).to(tl.bfloat16)
+            # P: this block's sum from a zero accumulator (smallest terms first), added to acc in float32
+            # on the CUDA cores. Accumulating every block's three dots into acc on the tensor cores
+            # measured 1.4e-5..6.9e-5 relative error in U/P/nu on an H100 (v1, bench/NOTES.md): their
+            # float32 accumulation truncates at each MMA step, ~3*K/16 times. Promoting per block keeps
+            # it to ~BLOCK/16*3 truncations of a block-sized sum (~6e-7 predicted by an RZ model that
+            # reproduced the measured v1 errors).
             if UPCAST:
                 lt = lt.to(tl.float32)
                 lt_t = tl.trans(lt)
-                acc = tl.dot(lt_t, r_hi.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(lt_t, r_lo.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(lt_t, r_lo2.to(tl.float32), acc, input_precision="ieee")
+                blk = tl.dot(lt_t, r_lo2.to(tl.float32), input_precision="ieee")
+                blk = tl.dot(lt_t, r_lo.to(tl.float32), blk, input_precision="ieee")
+                blk = tl.dot(lt_t, r_hi.to(tl.float32), blk, input_precision="ieee")
+                acc += blk
                 if HAS_V:
                     vp = tl.dot(lt, b_hi.to(tl.float32), input_precision="ieee")
                     vp = tl.dot(lt, b_lo.to(tl.float32), vp, input_precision="ieee")
@@ -275,9 +285,10 @@ def _outer_kernel(
             else:
                 lt = lt.to(tl.bfloat16)
                 lt_t = tl.trans(lt)
-                acc = tl.dot(lt_t, r_hi, acc)
-                acc = tl.dot(lt_t, r_lo, acc)
-                acc = tl.dot(lt_t, r_lo2, acc)
+                blk = tl.dot(lt_t, r_lo2)
+                blk = tl.dot(lt_t, r_lo, blk)
+                blk = tl.dot(lt_t, r_hi, blk)
+                acc += blk
                 if HAS_V:
                     vp = tl.dot(lt, b_hi)
                     vp = tl.dot(lt, b_lo, vp)
