@@ -223,6 +223,53 @@ def test_adapter_maths_float32_accurate_on_tensor_cores(inp, T):
         assert err < 4e-6, f"{name}: relative error {err:.2e} (float32-class is ~1e-6)"
 
 
+def test_tuned_gemm_launches_with_the_cached_config(monkeypatch):
+    """After the first (autotuned) call for a shape, the base GEMM is launched straight with the tuner's
+    choice; both launches compute the same Y. The autotuner is faked under the interpreter (CPU): it
+    launches the kernel with one config and reports it as ``best_config``, as Triton's does."""
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("checks the launch plumbing under the interpreter (on CUDA the real autotuner runs)")
+    chosen = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2)
+    calls = []
+
+    class FakeTuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **flags):
+                calls.append("tuner")
+                meta = chosen.all_kwargs()
+                K_ = args[-4]
+                FakeTuner.best_config = chosen
+                K._gemm_lowrank_kernel[grid(meta)](*args, **flags, **meta, EVEN_K=K_ % meta["BLOCK_K"] == 0)
+
+            return run
+
+    real_kernel = K._gemm_lowrank_kernel
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            calls.append("direct")
+            return real_kernel[grid]
+
+    monkeypatch.setattr(K, "_autotune", lambda device: True)
+    monkeypatch.setattr(K, "_gemm_lowrank_tuned", FakeTuner())
+    monkeypatch.setattr(K, "_TUNED_CONFIGS", {})
+    t = make(2, 5, 70, 100, 3, "cpu", torch.float32, seed=4)  # out > 64: the tuned GEMM path
+    args = [t[k] for k in ("x", "xa", "weight", "bias", "A", "B")]
+    y64 = ref_fwd(t, 2.0)[0]
+    y1, _ = K.ffa_linear_fwd(*args, 2.0)
+    monkeypatch.setattr(K, "_gemm_lowrank_kernel", CountingKernel())
+    y2, _ = K.ffa_linear_fwd(*args, 2.0)
+    assert calls.count("tuner") == 1, calls  # the Y GEMM (U is narrow and never tuned)
+    assert "direct" in calls[calls.index("tuner") + 1 :], calls
+    assert len(K._TUNED_CONFIGS) == 1 and next(iter(K._TUNED_CONFIGS.values()))["BLOCK_N"] == 32
+    close(y1, y64, "y (tuned)")
+    assert torch.equal(y1, y2), "the cached-config launch differs from the tuned one"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_poison_catches_an_unwritten_buffer(device, monkeypatch):
     """The poisoning can fail: skip the split-sum launch and the per-sample gradients must come back NaN."""
