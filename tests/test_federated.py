@@ -319,6 +319,25 @@ def test_bad_client_update_is_rejected_in_a_real_round(tiny, tmp_path, caplog):
     assert "fingerprint" in reason
 
 
+def test_update_message_carries_no_data_dependent_metrics(tiny):
+    """The loss, the Poisson batch sizes and the dropped-sample count are not DP: they stay on the client."""
+    fed = Federation(tiny_config(tiny, rounds=1, local_steps=2))
+    sent = []
+    for c in fed.clients:
+        real = c.fit
+        c.fit = lambda model, message, _real=real, **kw: sent.append(_real(model, message, **kw)) or sent[-1]
+    rec = fed.run_round()
+    assert len(sent) == 3 and rec["applied"]
+    for c, msg in zip(fed.clients, sent):
+        _, meta = serialization.decode(msg)
+        assert set(meta) == {"client_id", "round", "fingerprint", "num_examples", "metrics"}, meta
+        assert meta["metrics"] == {"steps": 2}, meta["metrics"]
+        assert {"train_loss", "mean_batch", "samples_dropped"} <= set(c.last_metrics)
+    # the simulation (one operator, all clients in this process) still reports the mean training loss
+    losses = [c.last_metrics["train_loss"] for c in fed.clients]
+    assert rec["train_loss"] == pytest.approx(sum(losses) / 3)
+
+
 def test_other_settings_run(tiny, tmp_path):
     # per-layer clipping, micro-batches, SGD, Dirichlet split and user-level central DP at the server
     cfg = tiny_config(tiny, rounds=2, local_steps=1, clipping="per_layer", physical_batch_size=3, optimizer="sgd",

@@ -120,6 +120,7 @@ class Client:
         if len(input_ids) != len(labels) or not labels:
             raise ValueError(f"client {client_id}: expected as many labels as examples (> 0), got {len(labels)} and {len(input_ids)}")
         self.client_id = int(client_id)
+        self.last_metrics: dict = {}  # the last fit's local training metrics (never sent: see fit)
         self.input_ids, self.labels = list(input_ids), torch.as_tensor(list(labels), dtype=torch.long)
         self.num_examples = len(self.labels)
         self.pad_id, self.batch_size, self.local_steps = int(pad_id), int(batch_size), int(local_steps)
@@ -200,18 +201,22 @@ class Client:
                     on_step()
         finally:
             dp.detach()
-        metrics = {
+        # Local only: the training loss, the Poisson batch sizes and the count of dropped non-finite samples
+        # are functions of this client's data (and of which samples were drawn) released without noise, so
+        # they are not covered by the DP guarantee and never go into the update message.
+        self.last_metrics = {
             "train_loss": loss_sum / seen if seen else None,
             "steps": len(sizes),
             "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
             "samples_dropped": dp.samples_dropped,
         }
-        meta = {
+        meta = {  # data-independent: ids, the round, the model fingerprint, the configured step count, and
+            # the example count, which FedAvg weights by and the accountant treats as public (as opacus does)
             "client_id": self.client_id,
             "round": int(round_idx),
             "fingerprint": fingerprint,
             "num_examples": self.num_examples,
-            "metrics": metrics,
+            "metrics": {"steps": len(sizes)},
         }
         return serialization.encode(trainable_state(model), meta)
 

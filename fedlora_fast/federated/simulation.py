@@ -302,7 +302,10 @@ class Federation:
             "accepted": [u.client_id for u in result.accepted],
             "rejected": result.rejected,
             "applied": result.applied,
-            "train_loss": _mean([u.metrics.get("train_loss") for u in result.accepted]),
+            # read off the clients in this process (one operator runs them all here): the loss never
+            # travels in an update message, since it is not covered by the DP guarantee
+            "train_loss": _mean([c.last_metrics.get("train_loss") for c in self.clients
+                                 if c.client_id in {u.client_id for u in result.accepted}]),
             "epsilon": self.epsilon(),
             "bytes_up": result.bytes_up,
             "bytes_down": len(message) * len(self.clients),

@@ -135,7 +135,8 @@ class FedLoRAStrategy(FedAvg):
         for cid, rec in privacy.items():
             if isinstance(cid, int) and not isinstance(cid, bool) and 0 <= cid < self.num_clients:
                 self.clients[cid] = {"client": cid, **rec}
-        # the mean over accepted clients, as the simulation's metrics.json reports it
+        # Our clients keep their training loss local (it is not differentially private); a client of another
+        # make that reports one still gets it averaged here, as the simulation's metrics.json would show it.
         train_loss = _weighted_mean([(1, u.metrics.get("train_loss")) for u in result.accepted])
         self._pending.update(
             accepted=sorted(u.client_id for u in result.accepted),
