@@ -399,8 +399,17 @@ _gemm_lowrank_tuned = triton.autotune(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceiling division (``triton.cdiv`` is a constexpr function: ~4 us per host call)."""
+    return -(-a // b)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 if v <= 1 else 1 << (int(v) - 1).bit_length()
+
+
 def _pow2(v: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(v)))
+    return max(lo, _next_pow2(int(v)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -534,7 +543,7 @@ def _launch_gemm(
         if x is None:
             cfg["BLOCK_K"] = 16
         cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
         _gemm_lowrank_kernel[grid](*args, **flags, **cfg)
 
 
@@ -553,13 +562,13 @@ def _launch_tuned(key: tuple, args: tuple, flags: dict, M: int, N: int, K: int) 
     """Launch the base GEMM with the autotuned config for ``key`` (tuning it on the first call)."""
     cfg = _TUNED_CONFIGS.get(key)
     if cfg is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _gemm_lowrank_tuned[grid](*args, **flags)
         best = getattr(_gemm_lowrank_tuned, "best_config", None)  # set by the autotuner's run
         if best is not None and hasattr(best, "all_kwargs"):
             _TUNED_CONFIGS[key] = dict(best.all_kwargs())
         return
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     _gemm_lowrank_kernel[grid](*args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
 
 
@@ -598,11 +607,11 @@ def _per_sample_outer(
     nseg, seg_rows = (1, M) if mode == MODE_SUM else (n, T)
     cfg = dict(_blocks("outer", device, T=seg_rows, A=a))
     block_a, block_t = cfg["BLOCK_A"], cfg["BLOCK_T"]
-    a_tiles = triton.cdiv(a, block_a)
+    a_tiles = _cdiv(a, block_a)
     # split a segment's rows over programs only when segments x a-tiles cannot fill the device
-    nsplit = max(1, min(triton.cdiv(_target_programs(device), nseg * a_tiles), triton.cdiv(seg_rows, block_t)))
-    rows_per_split = triton.cdiv(triton.cdiv(seg_rows, nsplit), block_t) * block_t
-    nsplit = triton.cdiv(seg_rows, rows_per_split)  # no empty split
+    nsplit = max(1, min(_cdiv(_target_programs(device), nseg * a_tiles), _cdiv(seg_rows, block_t)))
+    rows_per_split = _cdiv(_cdiv(seg_rows, nsplit), block_t) * block_t
+    nsplit = _cdiv(seg_rows, rows_per_split)  # no empty split
 
     def shaped(shape_ar):  # final P buffer in the requested layout
         shape = shape_ar if p_layout == "ar" else (*shape_ar[:-2], shape_ar[-1], shape_ar[-2])
@@ -641,7 +650,7 @@ def _per_sample_outer(
         )  # fmt: skip
         if nsplit > 1:
             fcfg = dict(_blocks("finish", device, A=a))
-            f_tiles = triton.cdiv(a, fcfg["BLOCK_A"])
+            f_tiles = _cdiv(a, fcfg["BLOCK_A"])
             nu_part = _alloc((nseg, f_tiles), torch.float32, device) if per_sample else None
             pa, pj = ar_strides(P)
             _split_sum_kernel[(nseg, f_tiles)](
@@ -663,7 +672,7 @@ def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
     cfg = dict(_blocks("clip", P.device, A=A, B=B))
     if B <= 64:  # (n, out, r): whole rank in one tile
         cfg["BLOCK_B"] = _pow2(B, lo=1)
-    grid = (triton.cdiv(A, cfg["BLOCK_A"]), triton.cdiv(B, cfg["BLOCK_B"]))
+    grid = (_cdiv(A, cfg["BLOCK_A"]), _cdiv(B, cfg["BLOCK_B"]))
     with _device_guard(P.device):
         _clip_reduce_kernel[grid](
             P, coef, out, *P.stride(), coef.stride(0), *out.stride(), n, A, B,
