@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: install, the Triton layer benchmark (correctness check, timings, per-kernel
-# profile, the one-pass backward's block sweep), the CUDA-marked tests run natively, then the end-to-end
-# DP step on a random 1B Llama. Every log and results file goes to $OUT (default bench/results/gpu_session).
+# One call on a GPU machine: install, the CUDA-marked tests run natively, the Triton layer benchmark
+# (correctness check, timings, per-kernel profile, host time), then the end-to-end DP step on a random 1B
+# Llama, each within what is left of BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
-#   LAYER_S=300 STEP_S=300 BUDGET_S=900 bash bench/gpu_session.sh   # time limits (seconds); the tests
-#                                                  # get what is left of BUDGET_S (counted from the start)
+#   TEST_S=280 LAYER_S=170 STEP_S=100 BUDGET_S=560 bash bench/gpu_session.sh   # per-step caps and the
+#                                                  # whole budget (seconds, counted from the start)
+#   LAYER_ARGS=--sweep-outer bash bench/gpu_session.sh  # also sweep the one-pass backward's block sizes
 #
 # Wheels in .whl/ (e.g. opacus, when the machine cannot reach PyPI) are installed to /tmp/site first.
 # The package is installed without its native CPU extension (FEDLORA_FAST_NO_NATIVE=1): nothing here uses it.
@@ -25,19 +26,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 date -u
 
-echo "== 1/3 Triton layer benchmark (bench/gpu_layer.py)"
-timeout "${LAYER_S:-200}" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${LAYER_ARGS:-} \
-    2>&1 | tee "$OUT/gpu_layer.log"
+# Correct first: the CUDA-marked tests (every kernel against float64, natively), then the timings.
+echo "== 1/3 CUDA tests, natively (pytest -m cuda)"
+timeout "${TEST_S:-280}" "$PY" -m pytest -m cuda -q -n "${TEST_WORKERS:-14}" -p no:cacheprovider -p no:benchmark -rfE \
+    --junitxml="$OUT/junit_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.log" | tail -25
 
-echo "== 2/3 end-to-end DP step (bench/step.py, random Llama 1B, bf16)"
-timeout "${STEP_S:-100}" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" \
-    --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
-    2>&1 | tee "$OUT/step.log" | tail -25
+left() { echo $(( ${BUDGET_S:-600} - ($(date +%s) - START) - 10 )); }
+L=$(left); (( L > ${LAYER_S:-170} )) && L=${LAYER_S:-170}
+echo "== 2/3 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
+if (( L > 30 )); then
+    timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${LAYER_ARGS:-} \
+        2>&1 | tee "$OUT/gpu_layer.log"
+fi
 
-LEFT=$(( ${BUDGET_S:-600} - ($(date +%s) - START) - 10 ))
-echo "== 3/3 CUDA tests, natively (pytest -m cuda), ${LEFT}s left"
-if (( LEFT > 30 )); then
-    timeout "$LEFT" "$PY" -m pytest -m cuda -q -n "${TEST_WORKERS:-14}" -p no:cacheprovider -p no:benchmark -rfE \
-        --junitxml="$OUT/junit_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.log" | tail -25
+L=$(left); (( L > ${STEP_S:-100} )) && L=${STEP_S:-100}
+echo "== 3/3 end-to-end DP step (bench/step.py, random Llama 1B, bf16), ${L}s"
+if (( L > 30 )); then
+    timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" \
+        --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
+        2>&1 | tee "$OUT/step.log" | tail -25
 fi
 date -u
