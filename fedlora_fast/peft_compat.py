@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora_fast.inject import _matches, _set_submodule, adapter_layers
+from fedlora_fast.io import atomic_write_bytes, atomic_write_text
 from fedlora_fast.layers.ffa_linear import FFALoRALinear, init_lora_A
 from fedlora_fast.layers.per_sample_modules import make_per_sample
 
@@ -107,20 +108,6 @@ def _umask() -> int:
     return mask
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write one file through a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a served adapter must be readable like any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_peft(
     model: nn.Module,
     save_dir: str | os.PathLike,
@@ -148,7 +135,7 @@ def export_peft(
         ValueError: no adapters, or adapters that peft's single LoraConfig cannot describe (mixed
             ``use_rslora`` or dropout).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_bytes
 
     adapters = adapter_layers(model)
     if not adapters:
@@ -237,9 +224,9 @@ def export_peft(
         if fresh:
             os.chmod(target, 0o777 & ~_umask())  # mkdtemp makes 0700
         st_meta = {"format": "pt"}
-        _write_atomic(target / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=st_meta))
-        _write_atomic(target / META_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-        _write_atomic(target / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+        atomic_write_bytes(target / WEIGHTS_NAME, save_bytes(tensors, metadata=st_meta))
+        atomic_write_text(target / META_NAME, json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(target / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
         if fresh:
             os.rename(target, save_dir)
     except BaseException:
