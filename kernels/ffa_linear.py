@@ -25,9 +25,12 @@ Design (numbers in bench/NOTES.md):
   bytes at T=512) that ``_clip_reduce_kernel`` reads once and then is freed: no per-sample state outlives the op.
 - LoRA mode (``xa`` given): a second pass over ``xa`` with the same kernel gives ``Q_i = s V_i^T xa_i``.
 
-Precision: base GEMMs in the input dtype with float32 accumulation (as cuBLAS); adapter maths in float32,
-``input_precision="ieee"`` for float32 inputs and ``"tf32x3"`` (float32-accurate on tensor cores) for
-bf16/fp16, one TF32 dot for terms rounded to bf16/fp16 at once (see ``_prec``). Under
+Precision: base GEMMs in the input dtype with float32 accumulation (as cuBLAS); adapter maths in float32:
+``input_precision="ieee"`` for float32 inputs; for bfloat16 inputs the big operand (G, X) stays bfloat16 and
+the small float32 one (U, A, B) is split into three bfloat16 terms, each block's products summed from a zero
+accumulator and promoted to float32 on the CUDA cores (``SPLIT_BF16`` / ``SPLIT_W``: float32-accurate U, P_i
+and norms); fp16 inputs use ``"tf32x3"``; terms rounded to bf16/fp16 at once use one TF32 dot or two bf16
+terms (see ``_prec``). Under
 ``TRITON_INTERPRET=1`` every dot is upcast to float32 (numpy has no bf16 dot) and bf16 stores are rounded
 to nearest-even by hand (the interpreter's cast truncates).
 float64 inputs, empty tensors and devices other than CUDA (CPU only under the interpreter) are handed to
@@ -462,10 +465,12 @@ def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
 def _prec(dtype: torch.dtype, rounded: bool = False) -> str:
     """tl.dot input precision of the float32 adapter maths.
 
-    fp32 inputs: exact fp32 ("ieee", as PyTorch's default matmul without TF32). bf16/fp16 inputs: U and the
-    per-sample P and norms use float32-accurate 3xTF32 (plain TF32 would lose ~3 digits in the norms);
-    terms that are ``rounded`` to bf16/fp16 right away (s U B^T in Y, V for s V A in dX) use one TF32 dot:
-    its 2^-11 relative error is below the output's own rounding, at a third of the tensor-core time.
+    fp32 inputs: exact fp32 ("ieee", as PyTorch's default matmul without TF32). fp16 inputs (and the dots
+    that take float32 operands on both sides): U and the per-sample P and norms use float32-accurate 3xTF32
+    (plain TF32 would lose ~3 digits in the norms); terms that are ``rounded`` to bf16/fp16 right away
+    (s U B^T in Y, V for s V A in dX) use one TF32 dot: its 2^-11 relative error is below the output's own
+    rounding, at a third of the tensor-core time. bf16 inputs take the split-bf16 path of the one-pass
+    kernel and of U instead (the kernels' ``SPLIT_BF16`` / ``SPLIT_W``), where this precision is unused.
     """
     if dtype == torch.float32:
         return "ieee"
