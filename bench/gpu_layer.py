@@ -151,22 +151,27 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
 
 
 def _with_gemm(v: Variant, gemm: str | None) -> Variant:
-    """Run the variant's calls with FEDLORA_FAST_GEMM=gemm (None: leave the default)."""
+    """Run the variant's calls with FEDLORA_FAST_GEMM=gemm (None: leave the default); ``reference`` runs the
+    same layer on the PyTorch reference ops instead (FEDLORA_FAST_BACKEND=torch: cuBLAS and a few torch
+    kernels, fewer host-side launches than Triton's: where it wins, the step is host-bound)."""
     if gemm is None:
         return v
     from fedlora_fast.kernels import ffa_linear as K
+    from fedlora_fast.ops import backends
+
+    var, value = (backends.ENV_VAR, "torch") if gemm == "reference" else (K.GEMM_ENV_VAR, gemm)
 
     def wrap(fn):
         def run():
-            old = os.environ.get(K.GEMM_ENV_VAR)
-            os.environ[K.GEMM_ENV_VAR] = gemm
+            old = os.environ.get(var)
+            os.environ[var] = value
             try:
                 return fn()
             finally:
                 if old is None:
-                    os.environ.pop(K.GEMM_ENV_VAR, None)
+                    os.environ.pop(var, None)
                 else:
-                    os.environ[K.GEMM_ENV_VAR] = old
+                    os.environ[var] = old
 
         return run
 
@@ -390,7 +395,8 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=10, help="CUDA: do_bench rep budget x10 ms; CPU: timed calls")
-    ap.add_argument("--variants", default="floor,ffa_flat[triton],ffa_flat[cublas],ffa_per_layer,peft_opacus")
+    ap.add_argument("--variants", default="floor,ffa_flat[triton],ffa_flat[cublas],ffa_flat[reference],ffa_per_layer,peft_opacus",
+                    help="ffa_flat[reference] is the same layer on the PyTorch reference ops (not counted as ours)")
     ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
     ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")
     ap.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of every variant (profiler)")
@@ -454,7 +460,7 @@ def main(argv=None) -> int:
                         profiles[name] = [{"kernel": f"profile failed: {e!r}"[:200], "us_per_step": 0.0, "calls_per_step": 0}]
             variants.clear()
             sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
-            ffa_names = [k for k in times if k.startswith("ffa_flat")]
+            ffa_names = [k for k in times if k.startswith("ffa_flat") and k != "ffa_flat[reference]"]
             best = min(ffa_names, key=lambda k: times[k]["full_ms"]) if ffa_names else None
             ff_flops, ff_bytes = ffa_work(n, N, inp, out, args.r, e)
             fl_flops, fl_bytes = floor_work(N, inp, out, e)

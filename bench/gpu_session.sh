@@ -43,7 +43,7 @@ L=$(left); (( L > ${STEP_S:-100} )) && L=${STEP_S:-100}
 echo "== 3/3 end-to-end DP step (bench/step.py, random Llama 1B, bf16), ${L}s"
 if (( L > 30 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" \
-        --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
+        --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_flat@torch,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
         2>&1 | tee "$OUT/step.log" | tail -25
 fi
 date -u
