@@ -227,7 +227,7 @@ def _to_data(rows: list[dict], names: dict, text_column: str | None, label_colum
             keys = [str(v).strip() if not isinstance(v, (int, float)) or isinstance(v, bool) else str(int(v)) for v in raw]
             unknown = sorted({k for k in keys if k not in lookup})
             if unknown:
-                raise DataError(f"label_column: the test split has labels {unknown[:5]} absent from the training split")
+                raise DataError(f"label_column: {source} has labels {unknown[:5]} outside the classes {label_names}")
             ids = [lookup[k] for k in keys]
         return TextClassificationData(texts, ids, label_names, source)
     ids, classes = labels_to_classes(raw, names.get(lcol))
@@ -258,6 +258,7 @@ def load_text_classification(
     label_column: str | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
+    label_names: list[str] | None = None,
 ) -> tuple[TextClassificationData, TextClassificationData]:
     """``(train, test)`` for a text-classification source.
 
@@ -267,8 +268,10 @@ def load_text_classification(
         text_column, label_column: column names; None: guessed from common names.
         test_fraction: share held out (stratified) when the source has no test split.
         seed: the split's seed.
+        label_names: the classes in id order; None: the classes found in the data. Given, a source may
+            hold only some of them (one silo's share) and the ids stay those of every other silo.
     Raises:
-        DataError: a missing file, an unknown column, labels that are not classes.
+        DataError: a missing file, an unknown column, labels that are not classes (or not in ``label_names``).
     """
     if source is None:
         source = BUNDLED_SMS
@@ -278,12 +281,12 @@ def load_text_classification(
     looks_local = path.suffix.lower() in LOCAL_SUFFIXES or os.sep in str(source) or str(source).startswith(".")
     if path.is_file():
         rows, names = _read_local(path)
-        data = _to_data(rows, names, text_column, label_column, str(path))
+        data = _to_data(rows, names, text_column, label_column, str(path), label_names)
         return train_test_split(data, test_fraction, seed)
     if looks_local or path.exists():
         raise DataError(f"data: no such file {str(source)!r} (expected a csv/tsv/json/jsonl/parquet file or a hub dataset name)")
     train_rows, test_rows = _read_hub(str(source))
-    train = _to_data(*train_rows, text_column, label_column, f"{source}[train]")
+    train = _to_data(*train_rows, text_column, label_column, f"{source}[train]", label_names)
     if test_rows is None:
         return train_test_split(train, test_fraction, seed)
     return train, _to_data(*test_rows, text_column, label_column, f"{source}[test]", train.label_names)

@@ -220,6 +220,15 @@ def test_data_loading_and_labels(tmp_path):
         load_text_classification(str(tmp_path / "missing.csv"))
     a, b = train_test_split(train, 0.5, seed=3)
     assert len(a) + len(b) == len(train)
+    # the classes fixed in advance (one silo's file may hold only some of them): ids follow the given order
+    q = tmp_path / "silo.tsv"
+    q.write_text("Label\tSMS\n" + "".join(f"ham\thello {i}\n" for i in range(6)), encoding="utf-8")
+    tr, te = load_text_classification(str(q), seed=0, label_names=["spam", "ham"])
+    assert tr.label_names == ["spam", "ham"] and set(tr.labels) | set(te.labels) == {1}
+    with pytest.raises(DataError, match="outside the classes"):
+        load_text_classification(str(q), label_names=["spam", "eggs"])
+    with pytest.raises(ValueError, match="labels: expected at least two distinct"):
+        FederatedConfig(labels=["ham", "ham"]).validate()
 
 
 def test_parquet_through_datasets(tmp_path):

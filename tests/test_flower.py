@@ -340,6 +340,44 @@ def test_node_calibrates_one_client_like_the_simulation(tiny):
     assert node.calibrate(fed, 0, noise_multiplier=0.75) == 0.75  # from an earlier round: no new search
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
+    """A silo's SuperNode with ``data-path``: one client holding that file's training rows, the same classes and
+    model fingerprint as the server's federation, and an update the server accepts."""
+    from flwr.app import Context
+
+    from fedlora_fast.flower import client_app, node
+
+    silo = tmp_path / "silo.tsv"
+    rows = [("spam", f"WIN a prize now {i}") if i % 3 == 0 else ("ham", f"see you at lunch {i}") for i in range(25)]
+    silo.write_text("Label\tSMS\n" + "".join(f"{y}\t{t}\n" for y, t in rows), encoding="utf-8")
+    rc = _tiny_run_config(tiny, labels="ham,spam")
+
+    def context(run_config, **node_config):
+        return Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2, **node_config},
+                       state=RecordDict(), run_config=run_config)
+
+    ctx = context(rc, **{"data-path": str(silo)})
+    cfg, fed, pid, k = client_app.load_node(ctx)
+    assert (pid, k, len(fed.clients), fed.clients[0].client_id) == (1, 0, 1, 1)
+    assert fed.clients[0].num_examples == len(fed.train) == 20 and len(fed.test) == 5  # 25 rows, 20 % held out
+    assert fed.train.label_names == ["ham", "spam"] and set(fed.train.texts) <= {t for _, t in rows}
+    server = node.build(flower_config.federated_config(rc))
+    assert fed.fingerprint == server.fingerprint, "every silo's model must match the server's"
+    client = client_app._restore(fed, k, ctx.state)
+    assert client.noise_multiplier > 0 and client.sample_rate == pytest.approx(8 / 20)
+    msg = client.fit(fed.model, server.server.broadcast(), round_idx=0, fingerprint=fed.fingerprint)
+    update, cid, reason = server.server.validate(msg)
+    assert reason is None and cid == 1 and update.num_examples == 20
+
+    with pytest.raises(ValueError, match="labels"):  # own data files need the classes named by the run
+        client_app.load_node(context(_tiny_run_config(tiny), **{"data-path": str(silo)}))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("Label\tSMS\nham\thello\nspam\tWIN\neggs\tbacon\n", encoding="utf-8")
+    with pytest.raises(Exception, match="eggs"):  # a class outside the run's labels
+        client_app.load_node(context(rc, **{"data-path": str(bad)}))
+
+
 def test_client_state_persists_across_messages(tiny):
     from fedlora_fast.flower import client_app, node
 
@@ -367,6 +405,10 @@ def test_client_state_persists_across_messages(tiny):
 def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
     model, data = tiny
     out, dump = tmp_path / "out", tmp_path / "dump"
+    silo = tmp_path / "silo1.tsv"  # node 1 trains on its own file (data-path), node 0 on its partition of data
+    silo.write_text("Label\tSMS\n" + "".join(
+        f"spam\tWIN a prize now {i}\n" if i % 3 == 0 else f"ham\tsee you at lunch {i}\n" for i in range(25)
+    ), encoding="utf-8")
     link_port, *node_ports = _free_ports(3)
     link = deployment.start("superlink", [str(BIN / "flower-superlink"), "--insecure",
                                           "--disable-runtime-dependency-installation", "--port", str(link_port)])
@@ -374,7 +416,7 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
     for k, port in enumerate(node_ports):
         deployment.start(f"supernode{k}", [
             str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-            "--node-config", f"partition-id={k} num-partitions=2",
+            "--node-config", f"partition-id={k} num-partitions=2" + (f" data-path='{silo}'" if k == 1 else ""),
         ])
     cli_env = deployment.env("cli")
     (pathlib.Path(cli_env["FLWR_HOME"]) / "config.toml").write_text(
@@ -382,7 +424,8 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
     )
     run_config = (
         f'model="{model}" data="{data}" clients=2 partition="iid" rounds=2 local-steps=2 batch-size=8 '
-        f'max-length=24 rank=4 epsilon=8.0 eval-every=2 out="{out}" flower-dump-dir="{dump}" flower-round-timeout=120'
+        f'max-length=24 rank=4 epsilon=8.0 eval-every=2 out="{out}" flower-dump-dir="{dump}" flower-round-timeout=120 '
+        'labels="ham,spam"'
     )
     t0 = time.monotonic()
     try:
@@ -417,6 +460,7 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
         sent = [serialization.decode((dump / f"round{rnd}-client{k}.safetensors").read_bytes()) for k in (0, 1)]
         agg, meta = serialization.decode((dump / f"round{rnd}-global.safetensors").read_bytes())
         n = [m["num_examples"] for _, m in sent]
+        assert n[1] == 20, "node 1 trains on the 20 training rows of its own file (25 rows, 20 % held out)"
         assert all(m["round"] == rnd - 1 for _, m in sent)
         assert agg.keys() == sent[0][0].keys() and any("lora_B" in k for k in agg)
         assert not any("lora_A" in k for k in agg), "FFA-LoRA sends B (and the head), never A"

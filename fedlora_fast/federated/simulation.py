@@ -56,6 +56,7 @@ class FederatedConfig:
     data: str | None = None  # a local csv/tsv/json/jsonl/parquet or hub dataset; None: bundled SMS spam
     text_column: str | None = None
     label_column: str | None = None
+    labels: list[str] | None = None  # class names in id order; None: from the data. Fixes the head across silos
     test_fraction: float = 0.2
     max_length: int = 40  # SMS: median 20 tokens; spam cues come early (p90 is 49)
     num_clients: int = 3
@@ -136,6 +137,10 @@ class FederatedConfig:
             raise ValueError(f"min_clients: expected at most num_clients={self.num_clients}, got {self.min_clients}")
         if not self.targets:
             raise ValueError("targets: expected at least one module name")
+        if self.labels is not None:
+            names = list(self.labels)
+            if len(names) < 2 or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"labels: expected at least two distinct non-empty class names, got {self.labels!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,6 +233,7 @@ class Federation:
         train, test = data or load_text_classification(
             cfg.data, text_column=cfg.text_column, label_column=cfg.label_column,
             test_fraction=cfg.test_fraction, seed=derive_seed(cfg.seed, "split") % (2**32),
+            label_names=list(cfg.labels) if cfg.labels is not None else None,
         )
         if cfg.num_clients > len(train):
             raise ValueError(

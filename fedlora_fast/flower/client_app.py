@@ -7,7 +7,11 @@ head if trained: FFA-LoRA, Sun et al., ICLR 2024, arXiv 2403.12313), the update 
 privacy record; the evaluate handler scores the global adapter on the node's shard of the test split.
 
 The node's data and client are built exactly as in the simulation (``Federation``, same run config, same
-partition); the node picks its client with ``--node-config "partition-id=K num-partitions=N"``. Each message
+partition); the node picks its client with ``--node-config "partition-id=K num-partitions=N"``. A silo with
+its own examples adds ``data-path="/its/file.tsv"`` to that node config: the node then trains on every
+training row of that file (its held-out share for evaluation) instead of a partition of the run's ``data``;
+the run config must then name the classes (``labels = "ham,spam"``) so that every silo's classifier head,
+and so the model fingerprint the server checks, is the same. Each message
 runs in a fresh process, so the client's privacy state (noise multiplier, accountant) and its RNG states
 live in the run's ``context.state`` between rounds. DP noise and batch sampling are always seeded from the
 operating system here: the server knows the run config (and its ``seed``), and noise it could regenerate
@@ -35,6 +39,7 @@ from fedlora_fast.flower.config import DUMP_KEY, federated_config, flower_settin
 from fedlora_fast.flower.strategy import ROUND_KEY
 from fedlora_fast.privacy.accounting import Accountant
 
+DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
 
@@ -65,15 +70,43 @@ def node_partition(context: Context, cfg: FederatedConfig) -> int:
     return pid
 
 
-def load_node(context: Context) -> tuple[FederatedConfig, Federation, int]:
-    """``(config, federation, client index)`` of this node, built once per process (no noise calibrated)."""
+def node_data_path(context: Context) -> str | None:
+    """This silo's own data file from ``--node-config "... data-path=PATH"``, or None (a partition of ``data``)."""
+    path = context.node_config.get(DATA_PATH_KEY)
+    if path is None or path == "":
+        return None
+    if not isinstance(path, str):
+        raise ValueError(f"node config '{DATA_PATH_KEY}': expected a file path string, got {path!r}")
+    return path
+
+
+def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
+    """``(config, federation, node's client id, its index in federation.clients)``, built once per process
+    (no noise calibrated). With a node ``data-path`` the federation holds this silo's client alone.
+
+    Raises:
+        ValueError: a bad ``partition-id``/``num-partitions``/``data-path``, or ``data-path`` without the run
+            config's ``labels``.
+    """
     cfg = dataclasses.replace(federated_config(context.run_config), secure_noise=True)
     pid = node_partition(context, cfg)
+    local = node_data_path(context)
+    if local is not None:
+        if cfg.labels is None:
+            raise ValueError(
+                f"run config 'labels': name the classes in id order (e.g. labels = \"ham,spam\") when nodes train "
+                f"on their own '{DATA_PATH_KEY}': every silo's classifier head must have the same classes"
+            )
+        # this silo's examples only: one client holding every training row of the file
+        cfg = dataclasses.replace(cfg, data=local, num_clients=1, min_clients=1, partition="iid")
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     if key not in _FEDERATIONS:
         _FEDERATIONS.clear()
-        _FEDERATIONS[key] = node.build(cfg)
-    return cfg, _FEDERATIONS[key], pid
+        fed = node.build(cfg)
+        if local is not None:
+            fed.clients[0].client_id = pid
+        _FEDERATIONS[key] = fed
+    return cfg, _FEDERATIONS[key], pid, 0 if local is not None else pid
 
 
 def _restore(fed: Federation, pid: int, state: RecordDict) -> Client:
@@ -105,8 +138,8 @@ def _persist(client: Client, state: RecordDict) -> None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local DP-SGD from the received global tensors; reply with the trainable tensors and privacy record."""
-    cfg, fed, pid = load_node(context)
-    client = _restore(fed, pid, context.state)
+    cfg, fed, pid, k = load_node(context)
+    client = _restore(fed, k, context.state)
     global_state = records.to_tensors(msg.content.array_records["arrays"])
     round_idx = int(msg.content.config_records["config"][ROUND_KEY])
     torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, pid))  # dropout masks, as in the simulation
@@ -132,11 +165,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy and loss of the global adapter on this node's shard of the test split.
 
     Shard k holds test examples k, k+N, k+2N, ... of the N clients: the example-weighted mean over all
-    shards is the accuracy on the whole test split, the number the simulation reports.
+    shards is the accuracy on the whole test split, the number the simulation reports. A node with its own
+    ``data-path`` scores its own held-out share of that file.
     """
-    cfg, fed, pid = load_node(context)
+    cfg, fed, pid, k = load_node(context)
     load_trainable(fed.model, records.to_tensors(msg.content.array_records["arrays"]))
-    idx = range(pid, len(fed.test_ids), cfg.num_clients)
+    idx = range(pid, len(fed.test_ids), cfg.num_clients) if cfg.num_clients > 1 else range(len(fed.test_ids))
     result = evaluate_model(
         fed.model, [fed.test_ids[i] for i in idx], [fed.test.labels[i] for i in idx], fed.pad_id,
         cfg.eval_batch_size, fed.device,
