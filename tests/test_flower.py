@@ -24,7 +24,7 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason="the Flower integration needs the 'flower' extra: pip install .[flower]")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
 
 from fedlora_fast.federated import serialization  # noqa: E402
 from fedlora_fast.federated.aggregation import FedAvg as FedAvgAggregator  # noqa: E402
