@@ -372,6 +372,13 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
 
     with pytest.raises(ValueError, match="labels"):  # own data files need the classes named by the run
         client_app.load_node(context(_tiny_run_config(tiny), **{"data-path": str(silo)}))
+    # a ServerApp with no data at all (flower-server-data = false): same model, fingerprint and start state
+    bare = node.ServerOnly(flower_config.federated_config(rc))
+    assert bare.fingerprint == server.fingerprint and bare.metrics()["data"]["label_names"] == ["ham", "spam"]
+    assert bare.server.global_state.keys() == server.server.global_state.keys()
+    assert all(torch.equal(bare.server.global_state[k], v) for k, v in server.server.global_state.items())
+    with pytest.raises(ValueError, match="labels"):
+        node.ServerOnly(flower_config.federated_config(_tiny_run_config(tiny)))
     bad = tmp_path / "bad.tsv"
     bad.write_text("Label\tSMS\nham\thello\nspam\tWIN\neggs\tbacon\n", encoding="utf-8")
     with pytest.raises(Exception, match="eggs"):  # a class outside the run's labels
@@ -425,7 +432,7 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
     run_config = (
         f'model="{model}" data="{data}" clients=2 partition="iid" rounds=2 local-steps=2 batch-size=8 '
         f'max-length=24 rank=4 epsilon=8.0 eval-every=2 out="{out}" flower-dump-dir="{dump}" flower-round-timeout=120 '
-        'labels="ham,spam"'
+        'labels="ham,spam" flower-server-data=false'
     )
     t0 = time.monotonic()
     try:
@@ -444,6 +451,7 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2], context
+    assert metrics["data"]["source"] is None, "flower-server-data=false: the ServerApp loaded no data"
     for r in metrics["rounds"]:
         assert r["accepted"] == [0, 1] and r["rejected"] == [] and r["applied"], r
     first, last = metrics["rounds"]

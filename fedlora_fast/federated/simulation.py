@@ -219,6 +219,27 @@ def evaluate(model: nn.Module, input_ids: list[list[int]], labels: list[int], pa
     return {"accuracy": correct / n, "loss": loss / n}
 
 
+def adapted_model(cfg: FederatedConfig, num_labels: int) -> tuple[str, object, nn.Module]:
+    """``(resolved model name, tokenizer, model with its adapters on cfg.device)``: the same on every
+    participant of a run (the adapters' A comes from ``cfg.seed``), so their fingerprints agree."""
+    name = resolve_model(cfg.model)
+    tokenizer, model = load_model(name, num_labels, cfg.seed)
+    inject_adapters(model, target_modules=cfg.targets, r=cfg.r, alpha=cfg.alpha, seed=cfg.seed,
+                    train_A=cfg.method == "lora", trainable_modules=cfg.trainable_modules or None)
+    return name, tokenizer, model.to(torch.device(cfg.device))
+
+
+def make_server(cfg: FederatedConfig, model: nn.Module, fp: str) -> Server:
+    """The run's server: the model's trainable tensors as the global state, and its aggregator."""
+    if cfg.aggregator == "central_dp":
+        server_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "server_noise")
+        aggregator = CentralDP(clip_norm=cfg.server_clip_norm, noise_multiplier=cfg.server_noise_multiplier,
+                               num_clients=cfg.num_clients, generator=torch.Generator().manual_seed(server_seed))
+    else:
+        aggregator = FedAvg()
+    return Server(trainable_state(model), fp, aggregator, cfg.min_clients)
+
+
 class Federation:
     """A built federation: data, the shared model, the clients and the server.
 
@@ -252,12 +273,8 @@ class Federation:
                                proportions=cfg.label_proportions, alpha=cfg.dirichlet_alpha)
         if any(len(p) == 0 for p in self.parts):
             raise ValueError(f"partition: a client got no examples (sizes {[len(p) for p in self.parts]})")
-        self.model_name = resolve_model(cfg.model)
-        self.tokenizer, model = load_model(self.model_name, self.num_labels, cfg.seed)
-        inject_adapters(model, target_modules=cfg.targets, r=cfg.r, alpha=cfg.alpha, seed=cfg.seed,
-                        train_A=cfg.method == "lora", trainable_modules=cfg.trainable_modules or None)
+        self.model_name, self.tokenizer, self.model = adapted_model(cfg, self.num_labels)
         self.device = torch.device(cfg.device)
-        self.model = model.to(self.device)
         self.pad_id = int(self.tokenizer.pad_token_id)
         train_ids = tokenize(self.tokenizer, train.texts, cfg.max_length)
         self.test_ids = tokenize(self.tokenizer, test.texts, cfg.max_length)
@@ -284,13 +301,7 @@ class Federation:
                 sample_generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", k)),
                 noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
             ))
-        if cfg.aggregator == "central_dp":
-            server_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "server_noise")
-            aggregator = CentralDP(clip_norm=cfg.server_clip_norm, noise_multiplier=cfg.server_noise_multiplier,
-                                   num_clients=cfg.num_clients, generator=torch.Generator().manual_seed(server_seed))
-        else:
-            aggregator = FedAvg()
-        self.server = Server(trainable_state(self.model), self.fingerprint, aggregator, cfg.min_clients)
+        self.server = make_server(cfg, self.model, self.fingerprint)
         self.records: list[dict] = []
 
     # --- one round ---------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def _toml_default(action: argparse.Action):
     return value
 
 
-FLOWER_DEFAULTS = {DUMP_KEY: "", TIMEOUT_KEY: 3600.0}
+SERVER_DATA_KEY = "flower-server-data"  # false: the ServerApp loads no data (needs labels; no data summary)
+FLOWER_DEFAULTS = {DUMP_KEY: "", TIMEOUT_KEY: 3600.0, SERVER_DATA_KEY: True}
 
 
 def default_run_config() -> dict:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from fedlora_fast.federated.simulation import Federation, FederatedConfig
+from fedlora_fast.federated.simulation import Federation, FederatedConfig, adapted_model, make_server
+from fedlora_fast.federated.state import adapter_config, fingerprint
 from fedlora_fast.privacy.accounting import calibrate_noise_multiplier
 
 
@@ -53,3 +54,37 @@ def calibrate(fed: Federation, client: int, noise_multiplier: float | None = Non
             ) from None
     c.noise_multiplier = float(noise_multiplier)
     return c.noise_multiplier
+
+
+class ServerOnly:
+    """The ServerApp's side of a run that holds no data (run config ``flower-server-data = false``).
+
+    The model with its adapters, the fingerprint and the server, built as ``Federation`` builds them, with
+    the classes from the run config's ``labels`` instead of a dataset: what a coordinator needs when every
+    silo trains on its own file. ``metrics()`` has the simulation's layout with no data summary.
+
+    Raises:
+        ValueError: the run config names no ``labels``.
+    """
+
+    def __init__(self, cfg: FederatedConfig):
+        if cfg.labels is None:
+            raise ValueError(
+                "run config 'labels': a ServerApp without data (flower-server-data = false) needs the classes "
+                "named in id order, e.g. labels = \"ham,spam\""
+            )
+        self.config = cfg
+        self.model_name, self.tokenizer, self.model = adapted_model(cfg, len(cfg.labels))
+        self.adapter_config = adapter_config(self.model)
+        self.fingerprint = fingerprint(self.adapter_config)
+        self.server = make_server(cfg, self.model, self.fingerprint)
+
+    def metrics(self) -> dict:
+        cfg = self.config
+        return {
+            "config": {**cfg.to_dict(), "model_resolved": self.model_name},
+            "adapter": {**{k: v for k, v in self.adapter_config.items() if k != "tensors"}, "fingerprint": self.fingerprint},
+            "data": {"source": None, "label_names": list(cfg.labels), "note": "the ServerApp holds no data"},
+            "rounds": [],
+            "final": None,
+        }

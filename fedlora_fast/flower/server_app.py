@@ -23,7 +23,7 @@ from fedlora_fast.federated import serialization
 from fedlora_fast.federated.simulation import Federation, export_adapter, format_round, plot_curves
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
-from fedlora_fast.flower.config import DUMP_KEY, OUT_KEY, TIMEOUT_KEY, federated_config, flower_setting
+from fedlora_fast.flower.config import DUMP_KEY, OUT_KEY, SERVER_DATA_KEY, TIMEOUT_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import FedLoRAStrategy
 
 CHECKPOINT_NAME = "flower_checkpoint.safetensors"  # not the simulation's: it cannot resume a Flower run
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
-def metrics_document(fed: Federation, strategy: FedLoRAStrategy, extra: dict) -> dict:
+def metrics_document(fed: Federation | node.ServerOnly, strategy: FedLoRAStrategy, extra: dict) -> dict:
     """``metrics.json`` in the simulation's layout, with the clients' privacy records as they reported them."""
     cfg = fed.config
     doc = fed.metrics()
@@ -80,7 +80,8 @@ def main(grid: Grid, context: Context) -> None:
     dump = flower_setting(context.run_config, DUMP_KEY)
     timeout = flower_setting(context.run_config, TIMEOUT_KEY)
     out.mkdir(parents=True, exist_ok=True)
-    fed = node.build(cfg)  # the server needs no client's noise
+    # the server needs no client's noise; with flower-server-data = false, no data either (silos hold it all)
+    fed = node.build(cfg) if flower_setting(context.run_config, SERVER_DATA_KEY) else node.ServerOnly(cfg)
     strategy = FedLoRAStrategy(fed.server, num_clients=cfg.num_clients, delta=cfg.delta, num_rounds=cfg.rounds,
                                eval_every=cfg.eval_every)
     extra = {"run_id": context.run_id}
