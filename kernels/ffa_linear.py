@@ -95,6 +95,46 @@ def _round_bf16_rne(x):
 
 
 @triton.jit
+def _split_bf16(x):
+    """float32 ``x`` as three bfloat16 terms, ``hi + lo + lo2 = x`` to ~2^-24 (each the rounded remainder)."""
+    hi = x.to(tl.bfloat16)
+    rest = x - hi.to(tl.float32)
+    lo = rest.to(tl.bfloat16)
+    lo2 = (rest - lo.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo, lo2
+
+
+@triton.jit
+def _dot_split(a, hi, lo, lo2, TERMS: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ (hi + lo [+ lo2])`` in float32, ``a`` exact in bfloat16, ``TERMS`` (2 or 3) split terms.
+
+    On the bfloat16 tensor cores from a zero accumulator, smallest terms first: the caller adds this block's
+    result to its running float32 sum on the CUDA cores. Accumulating every block into one tensor-core
+    accumulator measured 1.4e-5..6.9e-5 relative error in U/P/nu on an H100 (v1, bench/NOTES.md): their
+    float32 accumulation truncates at each MMA step, ~3*K/16 times; promoting per block keeps it to
+    ~3*BLOCK/16 truncations of a block-sized sum (~6e-7 predicted by an RZ model that reproduced the v1
+    errors). ``UPCAST``: the interpreter has no bfloat16 dot, so the same products run in float32 there.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        if TERMS == 3:
+            out = tl.dot(a, lo2.to(tl.float32), input_precision="ieee")
+            out = tl.dot(a, lo.to(tl.float32), out, input_precision="ieee")
+        else:
+            out = tl.dot(a, lo.to(tl.float32), input_precision="ieee")
+        out = tl.dot(a, hi.to(tl.float32), out, input_precision="ieee")
+    else:
+        a = a.to(tl.bfloat16)
+        if TERMS == 3:
+            out = tl.dot(a, lo2)
+            out = tl.dot(a, lo, out)
+        else:
+            out = tl.dot(a, lo)
+        out = tl.dot(a, hi, out)
+    return out
+
+
+@triton.jit
 def _gemm_lowrank_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
     stride_xn, stride_xt, stride_xk,
@@ -147,25 +187,9 @@ def _gemm_lowrank_kernel(
                 mask_k = (k0 + rk) < K
                 a = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-            if SPLIT_W:
-                b = b.to(tl.float32)
-                b_hi = b.to(tl.bfloat16)
-                b_r = b - b_hi.to(tl.float32)
-                b_lo = b_r.to(tl.bfloat16)
-                b_lo2 = (b_r - b_lo.to(tl.float32)).to(tl.bfloat16)
-                # this block's sum from a zero accumulator, smallest terms first, then added to acc in
-                # float32 on the CUDA cores (see _outer_kernel: tensor-core accumulation truncates)
-                if MAIN_FP32:  # the interpreter has no bfloat16 dot: the same products in float32
-                    a = a.to(tl.float32)
-                    blk = tl.dot(a, b_lo2.to(tl.float32), input_precision="ieee")
-                    blk = tl.dot(a, b_lo.to(tl.float32), blk, input_precision="ieee")
-                    blk = tl.dot(a, b_hi.to(tl.float32), blk, input_precision="ieee")
-                else:
-                    a = a.to(tl.bfloat16)
-                    blk = tl.dot(a, b_lo2)
-                    blk = tl.dot(a, b_lo, blk)
-                    blk = tl.dot(a, b_hi, blk)
-                acc += blk
+            if SPLIT_W:  # MAIN_FP32 is set only under the interpreter here (see _launch_gemm)
+                b_hi, b_lo, b_lo2 = _split_bf16(b.to(tl.float32))
+                acc += _dot_split(a, b_hi, b_lo, b_lo2, 3, MAIN_FP32)
             else:
                 if MAIN_FP32:
                     a = a.to(tl.float32)
@@ -246,10 +270,7 @@ def _outer_kernel(
             other=0.0,
         ).to(tl.float32)
         if SPLIT_BF16:
-            b_hi = bm.to(tl.bfloat16)
-            b_rest = bm - b_hi.to(tl.float32)
-            b_lo = b_rest.to(tl.bfloat16)
-            b_lo2 = (b_rest - b_lo.to(tl.float32)).to(tl.bfloat16)
+            b_hi, b_lo, b_lo2 = _split_bf16(bm)
     for t0 in range(t_start, t_end, BLOCK_T):
         mask_t = (t0 + rt) < t_end
         m = seg.to(tl.int64) * SEG + t0 + rt
@@ -265,41 +286,11 @@ def _outer_kernel(
             mask=mask_t[:, None] & mask_j[None, :],
             other=0.0,
         ).to(tl.float32)
-        if SPLIT_BF16:
-            r_hi = rr.to(tl.bfloat16)
-            r_rest = rr - r_hi.to(tl.float32)
-            r_lo = r_rest.to(tl.bfloat16)
-            r_lo2 = (r_rest - r_lo.to(tl.float32)).to(tl.bfloat16)
-            # P: this block's sum from a zero accumulator (smallest terms first), added to acc in float32
-            # on the CUDA cores. Accumulating every block's three dots into acc on the tensor cores
-            # measured 1.4e-5..6.9e-5 relative error in U/P/nu on an H100 (v1, bench/NOTES.md): their
-            # float32 accumulation truncates at each MMA step, ~3*K/16 times. Promoting per block keeps
-            # it to ~BLOCK/16*3 truncations of a block-sized sum (~6e-7 predicted by an RZ model that
-            # reproduced the measured v1 errors).
-            if UPCAST:
-                lt = lt.to(tl.float32)
-                lt_t = tl.trans(lt)
-                blk = tl.dot(lt_t, r_lo2.to(tl.float32), input_precision="ieee")
-                blk = tl.dot(lt_t, r_lo.to(tl.float32), blk, input_precision="ieee")
-                blk = tl.dot(lt_t, r_hi.to(tl.float32), blk, input_precision="ieee")
-                acc += blk
-                if HAS_V:
-                    vp = tl.dot(lt, b_hi.to(tl.float32), input_precision="ieee")
-                    vp = tl.dot(lt, b_lo.to(tl.float32), vp, input_precision="ieee")
-                    if V_TERMS == 3:
-                        vp = tl.dot(lt, b_lo2.to(tl.float32), vp, input_precision="ieee")
-            else:
-                lt = lt.to(tl.bfloat16)
-                lt_t = tl.trans(lt)
-                blk = tl.dot(lt_t, r_lo2)
-                blk = tl.dot(lt_t, r_lo, blk)
-                blk = tl.dot(lt_t, r_hi, blk)
-                acc += blk
-                if HAS_V:
-                    vp = tl.dot(lt, b_hi)
-                    vp = tl.dot(lt, b_lo, vp)
-                    if V_TERMS == 3:
-                        vp = tl.dot(lt, b_lo2, vp)
+        if SPLIT_BF16:  # P from a zero accumulator per block, promoted to float32 (see _dot_split)
+            r_hi, r_lo, r_lo2 = _split_bf16(rr)
+            acc += _dot_split(tl.trans(lt), r_hi, r_lo, r_lo2, 3, UPCAST)
+            if HAS_V:
+                vp = _dot_split(lt, b_hi, b_lo, b_lo2, V_TERMS, UPCAST)
         else:
             lt = lt.to(tl.float32)
             acc = tl.dot(tl.trans(lt), rr, acc, input_precision=PREC)
