@@ -240,6 +240,15 @@ def make_server(cfg: FederatedConfig, model: nn.Module, fp: str) -> Server:
     return Server(trainable_state(model), fp, aggregator, cfg.min_clients)
 
 
+def describe_run(fed) -> dict:
+    """The ``config`` and ``adapter`` sections of ``metrics.json`` for a built run (``Federation`` or a
+    data-less server build): every setting, the resolved model, the adapter layout and its fingerprint."""
+    return {
+        "config": {**fed.config.to_dict(), "model_resolved": fed.model_name},
+        "adapter": {**{k: v for k, v in fed.adapter_config.items() if k != "tensors"}, "fingerprint": fed.fingerprint},
+    }
+
+
 class Federation:
     """A built federation: data, the shared model, the clients and the server.
 
@@ -314,15 +323,15 @@ class Federation:
             torch.manual_seed(derive_seed(cfg.seed, "dropout", r, client.client_id))
             uploads.append(client.fit(self.model, message, round_idx=r, fingerprint=self.fingerprint, on_step=on_step))
         result = self.server.run_round(uploads)
+        accepted = [u.client_id for u in result.accepted]
         record = {
             "round": r + 1,
-            "accepted": [u.client_id for u in result.accepted],
+            "accepted": accepted,
             "rejected": result.rejected,
             "applied": result.applied,
             # read off the clients in this process (one operator runs them all here): the loss never
             # travels in an update message, since it is not covered by the DP guarantee
-            "train_loss": _mean([c.last_metrics.get("train_loss") for c in self.clients
-                                 if c.client_id in {u.client_id for u in result.accepted}]),
+            "train_loss": _mean([c.last_metrics.get("train_loss") for c in self.clients if c.client_id in accepted]),
             "epsilon": self.epsilon(),
             "bytes_up": result.bytes_up,
             "bytes_down": len(message) * len(self.clients),
@@ -352,8 +361,7 @@ class Federation:
     def metrics(self) -> dict:
         cfg = self.config
         out = {
-            "config": {**cfg.to_dict(), "model_resolved": self.model_name},
-            "adapter": {**{k: v for k, v in self.adapter_config.items() if k != "tensors"}, "fingerprint": self.fingerprint},
+            **describe_run(self),
             "data": {
                 "source": self.train.source, "label_names": self.train.label_names,
                 "train_examples": len(self.train), "test_examples": len(self.test),

@@ -168,9 +168,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     shards is the accuracy on the whole test split, the number the simulation reports. A node with its own
     ``data-path`` scores its own held-out share of that file.
     """
-    cfg, fed, pid, k = load_node(context)
+    cfg, fed, _, k = load_node(context)
     load_trainable(fed.model, records.to_tensors(msg.content.array_records["arrays"]))
-    idx = range(pid, len(fed.test_ids), cfg.num_clients) if cfg.num_clients > 1 else range(len(fed.test_ids))
+    idx = range(k, len(fed.test_ids), len(fed.clients))  # a silo's own build holds one client: all of its test rows
     result = evaluate_model(
         fed.model, [fed.test_ids[i] for i in idx], [fed.test.labels[i] for i in idx], fed.pad_id,
         cfg.eval_batch_size, fed.device,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fedlora_fast.federated.simulation import Federation, FederatedConfig, adapted_model, make_server
+from fedlora_fast.federated.simulation import Federation, FederatedConfig, adapted_model, describe_run, make_server
 from fedlora_fast.federated.state import adapter_config, fingerprint
 from fedlora_fast.privacy.accounting import calibrate_noise_multiplier
 
@@ -80,11 +80,9 @@ class ServerOnly:
         self.server = make_server(cfg, self.model, self.fingerprint)
 
     def metrics(self) -> dict:
-        cfg = self.config
         return {
-            "config": {**cfg.to_dict(), "model_resolved": self.model_name},
-            "adapter": {**{k: v for k, v in self.adapter_config.items() if k != "tensors"}, "fingerprint": self.fingerprint},
-            "data": {"source": None, "label_names": list(cfg.labels), "note": "the ServerApp holds no data"},
+            **describe_run(self),
+            "data": {"source": None, "label_names": list(self.config.labels), "note": "the ServerApp holds no data"},
             "rounds": [],
             "final": None,
         }
