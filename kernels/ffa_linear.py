@@ -527,11 +527,12 @@ def _launch_gemm(
         *xs, swk, swn, *ls, srj, srn, *_rows3(out),
         M, N, K, T, rank, float(scale),
     )  # fmt: skip
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with _device_guard(device):
         if _autotune(device) and x is not None and not accumulate and N > 64:
             tensors = (x, w, bias, L, R, out)
             key = (device.index, M, N, K, *flags.items(), *(t.dtype if t is not None else None for t in tensors))
-            _launch_tuned(key, args, flags, M, N, K)
+            _launch_tuned(key, grid, args, flags, K)
             return
         cfg = dict(_blocks("gemm" if N > 64 else "narrow", device, M=M, N=N, K=max(K, 1)))
         if N <= 64:  # narrow outputs (U = xa A^T): one column tile of width next_pow2(N)
@@ -539,7 +540,6 @@ def _launch_gemm(
         if x is None:
             cfg["BLOCK_K"] = 16
         cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
-        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
         _gemm_lowrank_kernel[grid](*args, **flags, **cfg)
 
 
@@ -554,17 +554,15 @@ def _autotune(device: torch.device) -> bool:
 _TUNED_CONFIGS: dict[tuple, dict] = {}
 
 
-def _launch_tuned(key: tuple, args: tuple, flags: dict, M: int, N: int, K: int) -> None:
+def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
     """Launch the base GEMM with the autotuned config for ``key`` (tuning it on the first call)."""
     cfg = _TUNED_CONFIGS.get(key)
     if cfg is None:
-        grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _gemm_lowrank_tuned[grid](*args, **flags)
         best = getattr(_gemm_lowrank_tuned, "best_config", None)  # set by the autotuner's run
         if best is not None and hasattr(best, "all_kwargs"):
             _TUNED_CONFIGS[key] = dict(best.all_kwargs())
         return
-    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     _gemm_lowrank_kernel[grid](*args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
 
 
