@@ -28,6 +28,7 @@ Usage:
     python bench/step.py                                  # CPU: packaged MiniLM, n=32, T=128
     python bench/step.py --device cuda                    # random Llama-style 1.0B model (n=8, T=512), bf16
     python bench/step.py --smoke                          # tiny random BERT, n=2, T=8, 1 round (CI)
+    python bench/step.py --model llama-1b-narrow --n 8 --T 16   # host overhead: 154 adapters, no arithmetic
     python bench/step.py --json bench/results/step_cpu2_DATE.json --plot bench/results/step_cpu2_DATE.png
     python bench/step.py --profile bench/results/profile_DIR   # torch.profiler table per variant
     python bench/step.py --threads 1 --clock cpu          # on a loaded CPU box
@@ -60,7 +61,7 @@ VARIANTS = (
     "peft_opacus_ghost",
 )
 FFA_VARIANTS = ("ffa_nodp", "ffa_dp_flat", "ffa_dp_per_layer")
-MODELS = ("minilm", "bert-tiny", "llama-1b", "llama-tiny")
+MODELS = ("minilm", "bert-tiny", "llama-1b", "llama-tiny", "llama-1b-narrow")
 ALPHA = 16.0
 MAX_GRAD_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
@@ -105,7 +106,8 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn
 
     ``minilm`` is the packaged all-MiniLM-L6-v2 (real weights; the head is initialised from seed 0);
     the others are random: ``llama-1b`` has TinyLlama-1.1B's shapes (22 layers, 2048 hidden, 5632 MLP,
-    32 heads / 4 KV heads, 32k vocab) with a 2-label score head instead of the LM head: 1.035B parameters.
+    32 heads / 4 KV heads, 32k vocab) with a 2-label score head instead of the LM head: 1.035B parameters;
+    ``llama-1b-narrow`` the same 22 layers at width 64 (a host-overhead proxy, see NOTES.md).
     """
     import transformers
 
@@ -129,14 +131,18 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn
         _no_dropout(config)
         model = transformers.BertForSequenceClassification(config)
         head = "classifier"
-    elif name in ("llama-1b", "llama-tiny"):
-        shapes = (
-            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-            if name == "llama-1b"
-            else dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-        )
+    elif name in ("llama-1b", "llama-tiny", "llama-1b-narrow"):
+        shapes = {
+            "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+            "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64),
+            # llama-1b's structure (22 layers, 154 adapted linears) at width 64: the arithmetic is negligible,
+            # so the step time is what the host spends issuing it (framework, dispatch, launches)
+            "llama-1b-narrow": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=22,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                    max_position_embeddings=2048),
+        }[name]
         config = transformers.LlamaConfig(**shapes, num_labels=2, pad_token_id=0)
         _no_dropout(config)
         with torch.device(device):  # random init straight on the device: minutes saved for 1B on CPU

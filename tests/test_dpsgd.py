@@ -14,7 +14,7 @@ from torch import nn
 import fedlora_fast as ff
 from fedlora_fast.ops import backends
 from fedlora_fast.per_sample import PerSampleStateError
-from fedlora_fast.privacy import Accountant, batch_size, micro_batches
+from fedlora_fast.privacy import Accountant, batch_size, dpsgd, micro_batches
 from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
 
 IN, HID, OUT, R = 7, 6, 3, 3  # odd sizes on purpose
@@ -26,6 +26,13 @@ def reference_backend(monkeypatch):
     backends.clear_cache()
     yield
     backends.clear_cache()
+
+
+@pytest.fixture(params=[False, True], ids=["per_tensor", "grouped"])
+def grouped(request, monkeypatch):
+    """Flat clipping's two paths on CPU: one clip-reduce per tensor, or all tensors in one (CUDA's default)."""
+    monkeypatch.setitem(dpsgd.GROUPED_CLIP_REDUCE, "cpu", request.param)
+    return request.param
 
 
 def make_model(train_A=False, seed=0):
@@ -114,7 +121,7 @@ def test_per_layer_norms_and_clipped_sum_match_loop(train_A, n, T):
 # --- the update with noise 0 ----------------------------------------------------------------------------
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
-def test_noise_free_update_is_clipped_sum_over_m(clipping, train_A):
+def test_noise_free_update_is_clipped_sum_over_m(clipping, train_A, grouped):
     model = make_model(train_A)
     batch = make_batch(5, 4, scale=2.0)  # large enough that most samples clip
     names = [k for k, p in model.named_parameters() if p.requires_grad]
@@ -147,7 +154,7 @@ def _pre_noise_sum(model, dp, batch):
 
 @pytest.mark.parametrize("clipping,thresholds", [("flat", None), ("per_layer", None), ("per_layer", [0.1, 0.5, 0.3])])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_removing_one_sample_moves_pre_noise_sum_by_at_most_sensitivity(clipping, thresholds, seed, caplog):
+def test_removing_one_sample_moves_pre_noise_sum_by_at_most_sensitivity(clipping, thresholds, seed, caplog, grouped):
     model = make_model(train_A=False, seed=seed)
     C = 1.3
     if thresholds is not None:
@@ -217,7 +224,7 @@ def test_noise_generator_os_seeded_by_default_and_explicit_seed_logged(caplog):
 
 # --- micro-batches -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_accumulated_micro_batches_equal_one_big_batch(clipping):
+def test_accumulated_micro_batches_equal_one_big_batch(clipping, grouped):
     batch = make_batch(7, 5, scale=2.0)
     sums = []
     for sizes in ([7], [3, 3, 1], [1] * 7):
@@ -303,7 +310,7 @@ def test_per_layer_next_backward_without_zero_grad_is_not_contaminated():
 
 # --- robustness ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_non_finite_sample_is_dropped_and_counted(clipping, caplog):
+def test_non_finite_sample_is_dropped_and_counted(clipping, caplog, grouped):
     model = make_model()
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     batch = make_batch(4, 3)
@@ -478,7 +485,7 @@ def test_gradients_from_before_the_engine_never_enter_a_step(clipping):
         assert_close_verbose(got, 2 * want[k], atol=1e-5, rtol=1e-5, name=k + " (twice)")
 
 
-def test_step_on_a_bf16_model_with_a_trained_head():
+def test_step_on_a_bf16_model_with_a_trained_head(grouped):
     """Noise is added to float32 sums and cast once: a bf16 parameter never receives a float32 .grad."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 3)).to(torch.bfloat16)
@@ -492,3 +499,52 @@ def test_step_on_a_bf16_model_with_a_trained_head():
     for p, b in zip(params, before):
         assert p.grad.dtype == p.dtype
         assert not torch.equal(p, b)
+
+
+def test_grouped_clip_reduce_equals_per_tensor_with_an_unused_adapter(monkeypatch):
+    """The one-launch path (CUDA's) and the per-tensor path give the same clipped sums, zeros for an adapter
+    the forward never used, and drop a NaN sample in both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT), nn.Linear(HID, OUT))
+    ff.inject_adapters(model, ["0", "2", "3"], r=R, alpha=6.0, trainable_modules=[])
+    for m in (model[0], model[2], model[3]):
+        with torch.no_grad():
+            m.lora_B.normal_(0, 0.5)
+    batch = make_batch(5, 4, scale=2.0)
+    batch["x"][3, 0, 0] = float("nan")
+    sums = {}
+    for flag in (False, True):
+        monkeypatch.setitem(dpsgd.GROUPED_CLIP_REDUCE, "cpu", flag)
+        dp = make_dp(model, max_grad_norm=0.5)
+        ((model[3](model[1](model[0](batch["x"]))) - batch["y"]) ** 2).sum().backward()  # model[2] unused
+        dp.accumulate()
+        sums[flag] = dp.clipped_sum()
+        dp.zero_grad()
+        dp.detach()
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert names == ["0.lora_B", "2.lora_B", "3.lora_B"]
+    assert torch.equal(sums[True][1], torch.zeros(OUT, R)) and torch.equal(sums[False][1], torch.zeros(OUT, R))
+    for k, a, b in zip(names, sums[False], sums[True]):
+        assert torch.isfinite(a).all() and (a.abs().sum() > 0 or k == "2.lora_B"), k
+        assert_close_verbose(b, a, atol=1e-6, rtol=1e-6, name=k)
+
+
+def test_trainable_parameters_on_two_devices_are_refused():
+    model = nn.Sequential(nn.Linear(IN, HID), nn.Linear(HID, OUT))
+    ff.inject_adapters(model, ["0", "1"], r=R)
+    model[1].to("meta")
+    with pytest.raises(ValueError, match=r"several devices \['cpu', 'meta'\]"):
+        make_dp(model)
+
+
+def test_gradients_after_a_step_are_views_of_one_buffer_in_the_parameter_dtype():
+    model = make_model()
+    model[2].to(torch.float64)  # a head in another dtype: its own cast of the flat buffer
+    dp = make_dp(model, noise_multiplier=1.0, noise_seed=0)
+    x = make_batch(3, 2)["x"]
+    (model[2](model[1](model[0](x)).double()) ** 2).sum().backward()
+    dp.step()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    assert grads["0.lora_B"].dtype == torch.float32 and grads["2.weight"].dtype == torch.float64
+    assert grads["2.weight"].untyped_storage().data_ptr() == grads["2.bias"].untyped_storage().data_ptr()
+    assert all(torch.isfinite(g).all() for g in grads.values())

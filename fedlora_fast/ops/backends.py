@@ -116,12 +116,20 @@ def backend_for(device_type: str) -> str:
     return name
 
 
+# (op, device type, FEDLORA_FAST_BACKEND as set) -> function: every op call asks, once per layer and pass
+_IMPLEMENTATIONS: dict[tuple[str, str, str | None], Callable] = {}
+
+
 def implementation(op: str, device_type: str) -> Callable:
-    """The function computing ``op`` for tensors on ``device_type``."""
-    module, _ = _probe(backend_for(device_type), device_type)
-    fn = getattr(module, op, None)
-    if fn is None:  # the backend leaves this op to the reference
-        fn = getattr(_probe("torch", device_type)[0], op)
+    """The function computing ``op`` for tensors on ``device_type`` (cached per value of the variable)."""
+    key = (op, device_type, os.environ.get(ENV_VAR))
+    fn = _IMPLEMENTATIONS.get(key)
+    if fn is None:
+        module, _ = _probe(backend_for(device_type), device_type)
+        fn = getattr(module, op, None)
+        if fn is None:  # the backend leaves this op to the reference
+            fn = getattr(_probe("torch", device_type)[0], op)
+        _IMPLEMENTATIONS[key] = fn
     return fn
 
 
@@ -129,3 +137,4 @@ def clear_cache() -> None:
     """Forget probes (tests change the environment between cases)."""
     _probe.cache_clear()
     _warn_fallback.cache_clear()
+    _IMPLEMENTATIONS.clear()
