@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: install, the CUDA-marked tests run natively, the Triton layer benchmark
-# (correctness check, timings, per-kernel profile, host time), then the end-to-end DP step on a random 1B
-# Llama, each within what is left of BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
+# One call on a GPU machine: install, the CUDA-marked tests run natively, the host cost per launch by path
+# (bench/launch.py), the Triton layer benchmark (correctness check, timings, per-kernel profile, host time),
+# then the end-to-end DP step on a random 1B Llama (with a profile: GPU busy time per step), each within
+# what is left of BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
-#   TEST_S=280 LAYER_S=170 STEP_S=100 BUDGET_S=560 bash bench/gpu_session.sh   # per-step caps and the
+#   TEST_S=240 LAUNCH_S=30 LAYER_S=170 STEP_S=110 BUDGET_S=570 bash bench/gpu_session.sh   # per-step caps and the
 #                                                  # whole budget (seconds, counted from the start)
 #   LAYER_ARGS=--sweep-outer bash bench/gpu_session.sh  # also sweep the one-pass backward's block sizes
 #
@@ -27,22 +28,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,
 date -u
 
 # Correct first: the CUDA-marked tests (every kernel against float64, natively), then the timings.
-echo "== 1/3 CUDA tests, natively (pytest -m cuda)"
+echo "== 1/4 CUDA tests, natively (pytest -m cuda)"
 timeout "${TEST_S:-280}" "$PY" -m pytest -m cuda -q -n "${TEST_WORKERS:-14}" -p no:cacheprovider -p no:benchmark -rfE \
     --junitxml="$OUT/junit_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.log" | tail -25
 
 left() { echo $(( ${BUDGET_S:-600} - ($(date +%s) - START) - 10 )); }
+L=$(left); (( L > ${LAUNCH_S:-30} )) && L=${LAUNCH_S:-30}
+echo "== 2/4 host cost per launch, by path (bench/launch.py), ${L}s"
+if (( L > 10 )); then
+    timeout "$L" "$PY" bench/launch.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/launch.log"
+fi
+
 L=$(left); (( L > ${LAYER_S:-170} )) && L=${LAYER_S:-170}
-echo "== 2/3 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
+echo "== 3/4 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
 if (( L > 30 )); then
     timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${LAYER_ARGS:-} \
         2>&1 | tee "$OUT/gpu_layer.log"
 fi
 
-L=$(left); (( L > ${STEP_S:-100} )) && L=${STEP_S:-100}
-echo "== 3/3 end-to-end DP step (bench/step.py, random Llama 1B, bf16), ${L}s"
+L=$(left); (( L > ${STEP_S:-110} )) && L=${STEP_S:-110}
+echo "== 4/4 end-to-end DP step (bench/step.py, random Llama 1B, bf16), ${L}s"
 if (( L > 30 )); then
-    timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" \
+    timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" --profile "$OUT/step_profile" \
         --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_flat@torch,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
         2>&1 | tee "$OUT/step.log" | tail -25
 fi

@@ -439,8 +439,9 @@ def profile_variants(fns: dict, device: torch.device, folder: str, steps: int = 
     """Profile ``steps`` steps of each variant with torch.profiler; write one op table per variant.
 
     Returns:
-        ``{name: {"path": table file, "phases_ms": {"forward"|"backward"|"update": ms per step}}}``
-        (profiled time, profiler overhead included: use the proportions, not the absolute values).
+        ``{name: {"path": table file, "phases_ms": {"forward"|"backward"|"update": ms per step},
+        "gpu_busy_ms": GPU kernel ms per step (CUDA; None elsewhere)}}`` (phases: profiled time, profiler
+        overhead included: use the proportions, not the absolute values).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -455,6 +456,10 @@ def profile_variants(fns: dict, device: torch.device, folder: str, steps: int = 
                 fn()
                 harness.sync(device)
         averages = prof.key_averages()
+        busy = None  # GPU kernel time per step: against the unprofiled step time, host- or GPU-bound
+        if device.type == "cuda":
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps if kernels else None
         phases = {}
         for ev in averages:
             if ev.key.startswith("bench."):
@@ -465,7 +470,7 @@ def profile_variants(fns: dict, device: torch.device, folder: str, steps: int = 
         with open(path, "w", encoding="utf-8") as f:
             f.write(f"# {name}: {steps} steps, sorted by {sort}; ms per step by phase (profiled): "
                     f"{json.dumps({k: round(v, 1) for k, v in phases.items()})}\n{table}\n")
-        out[name] = {"path": path, "phases_ms": phases}
+        out[name] = {"path": path, "phases_ms": phases, "gpu_busy_ms": busy}
     return out
 
 
@@ -666,6 +671,8 @@ def _run(args) -> dict:
     row["machine"] = harness.machine_info(device)
     row["machine"]["load_avg_at_start"] = machine_start["load_avg_1_5_15"]
     print(ratio_table(row, specs), flush=True)
+    if args.json and args.profile:  # the timings are kept even if the profile runs out of time
+        harness.write_json(args.json, row)
     if args.profile:
         if not fns:
             base, _ = build_model(args.model, device, DTYPES[args.dtype])
@@ -678,7 +685,11 @@ def _run(args) -> dict:
         for name, prof in profiles.items():
             row[f"{name}_profile_phases_ms"] = prof["phases_ms"]
             phases = "  ".join(f"{k}={v:.0f}" for k, v in prof["phases_ms"].items())
-            print(f"#   {name:<24} {phases}   ({prof['path']})", flush=True)
+            busy = ""
+            if prof["gpu_busy_ms"] is not None and f"{name}_s" in row:  # < 1: the GPU waits for the host
+                row[f"{name}_gpu_busy_ms"] = prof["gpu_busy_ms"]
+                busy = f"  gpu busy {prof['gpu_busy_ms']:.1f} ms = {prof['gpu_busy_ms'] / 1e3 / row[f'{name}_s']:.2f} of the step"
+            print(f"#   {name:<24} {phases}{busy}   ({prof['path']})", flush=True)
     if args.json:
         harness.write_json(args.json, row)
         print(f"# wrote {args.json}", flush=True)

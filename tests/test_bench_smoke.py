@@ -161,3 +161,17 @@ def test_gpu_layer_smoke():
         if "--smoke" not in f.read():
             pytest.skip("bench/gpu_layer.py has no --smoke mode yet")
     _run([path, "--smoke"])
+
+
+def test_launch_overhead_smoke(tmp_path):
+    """bench/launch.py (host cost per launch, by path) on CPU: every row is measured or names its failure;
+    under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason."""
+    out = tmp_path / "launch.json"
+    _run([os.path.join(BENCH, "launch.py"), "--calls", "2", "--rounds", "1", "--json", str(out)],
+         env={"TRITON_INTERPRET": "1"})
+    row = json.loads(out.read_text())
+    us = row["us_per_call"]
+    for name in ("torch_add", "ffa_fwd", "ffa_bwd", "gemm_jit", "floor_step", "layer_step", "layer_step_dp"):
+        assert isinstance(us[name], float) and us[name] > 0, (name, us[name])
+    assert us["gemm_compiled"].startswith("failed: RuntimeError"), us["gemm_compiled"]
+    assert row["device_type"] == "cpu" and row["shape"] == "2,8,128,256,16"

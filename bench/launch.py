@@ -1,0 +1,200 @@
+"""Host (CPU) cost of issuing one piece of GPU work, path by path: where a host-bound step's time goes.
+
+Issue 3: on the H100 machine the 1B-Llama DP step was host-bound (154 adapted layers, ~6 Triton launches
+each; bench/NOTES.md). This measures, in microseconds of wall time per call *issued* (the GPU is waited
+for only between rounds; every kernel here is tiny, so the launch queue never fills):
+
+    torch_add         ``torch.add(a, b, out=c)``: PyTorch's dispatch floor
+    gemm_jit          one recorded launch of our GEMM kernel through Triton's JIT (``kernel[grid](...)``:
+                      argument binding, specialisation, cache key, then the driver launch)
+    gemm_compiled     the same launch through the compiled kernel's own launcher (``CompiledKernel[grid]``):
+                      what a launcher that skips the JIT's per-call work would cost; checked bit-equal
+    ffa_fwd / ffa_bwd the Triton ops as the layer calls them (wrapper + 2 / 3-4 launches), per-sample mode
+    floor_step        frozen ``nn.Linear`` forward + input-gradient backward (autograd), tiny shape
+    layer_step        ``FFALoRALinear`` forward + backward (no DP), same shape
+    layer_step_dp     the same under ``DPSGD`` (flat clipping): forward, backward, ``step``, ``zero_grad``
+    graph_replay      ``layer_step`` captured once in a CUDA graph, replayed
+
+    python bench/launch.py [--json OUT]      # CUDA
+    python bench/launch.py --calls 2 --rounds 1  # CPU: the torch rows (+ Triton under TRITON_INTERPRET=1, untimed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+
+def per_call_us(fn, sync, calls: int, rounds: int) -> float:
+    """Median over ``rounds`` of the wall time per call of ``calls`` back-to-back calls (not waited for)."""
+    per = []
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+    sync()
+    return statistics.median(per)
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: records each ``kernel[grid](*args, **kw)`` and forwards it."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((grid, args, kw))
+            return self.fn[grid](*args, **kw)
+
+        return launch
+
+
+def compiled_launcher(fn, grid, args: tuple, kw: dict):
+    """``(runner, positional args)`` launching the already compiled ``fn`` without the JIT's per-call work.
+
+    The positional list is every kernel parameter in signature order, constexprs included (what Triton's
+    JIT hands its launcher); raises if this Triton version does not expose the compiled kernel.
+    """
+    compiled = fn[grid](*args, **kw)  # the JIT returns the CompiledKernel it launched
+    if compiled is None or not hasattr(compiled, "run"):
+        raise RuntimeError(f"kernel[grid](...) returned {type(compiled).__name__}, not a compiled kernel")
+    names = list(fn.arg_names)
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kw.items() if k in names})
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise RuntimeError(f"cannot bind {missing} (defaults or autotuned parameters)")
+    g = grid(bound) if callable(grid) else grid
+    g = tuple(g) + (1,) * (3 - len(g))
+    return compiled[g], [bound[n] for n in names]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=200, help="calls per round")
+    p.add_argument("--rounds", type=int, default=7, help="rounds (median)")
+    p.add_argument("--shape", default="2,8,128,256,16", help="n,T,in,out,r of the tiny layer")
+    p.add_argument("--json", default=None, help="write the rows here (atomic)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = lambda: harness.sync(device)  # noqa: E731
+    n, T, inp, out, r = (int(v) for v in args.shape.split(","))
+    rows: dict[str, float | str] = {}
+
+    def measure(name, fn):
+        try:
+            fn()  # warm-up (compiles, tunes)
+            rows[name] = round(per_call_us(fn, sync, args.calls, args.rounds), 2)
+        except Exception as e:  # report and go on: one path failing must not hide the others
+            rows[name] = f"failed: {type(e).__name__}: {e}"[:300]
+        print(f"{name:16s} {rows[name]}", flush=True)
+
+    a, b, c = (torch.randn(1024, device=device) for _ in range(3))
+    measure("torch_add", lambda: torch.add(a, b, out=c))
+
+    import fedlora_fast as ff
+    from fedlora_fast.reference import MODE_PER_SAMPLE
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, T, inp, generator=gen).to(device, dtype)
+    g = torch.randn(n, T, out, generator=gen).to(device, dtype)
+    base = torch.nn.Linear(inp, out, bias=False).to(device, dtype)
+    W = base.weight.detach()
+    A = (torch.randn(r, inp, generator=gen) / inp**0.5).to(device)
+    B = (torch.randn(out, r, generator=gen) * 0.1).to(device)
+
+    if cuda or os.environ.get("TRITON_INTERPRET") == "1":  # interpreted on CPU: a smoke check, not a timing
+        from fedlora_fast import kernels
+        from fedlora_fast.kernels import ffa_linear as K
+
+        fwd = lambda: kernels.ffa_linear_fwd(x, x, W, None, A, B, 2.0)  # noqa: E731
+        u = fwd()[1]
+        measure("ffa_fwd", fwd)
+        measure("ffa_bwd", lambda: kernels.ffa_linear_bwd(g, u, W, A, B, None, 2.0, True, False, MODE_PER_SAMPLE, 0.0, 0.0))
+        recorder = _Recorder(K._gemm_lowrank_kernel)
+        K._gemm_lowrank_kernel = recorder
+        try:
+            fwd()  # records the U launch and the (tuned-config) Y launch
+        finally:
+            K._gemm_lowrank_kernel = recorder.fn
+        grid, largs, lkw = recorder.calls[-1]
+        measure("gemm_jit", lambda: recorder.fn[grid](*largs, **lkw))
+        try:
+            runner, full = compiled_launcher(recorder.fn, grid, largs, lkw)
+            out_t = largs[5]  # out_ptr: the sixth argument of _gemm_lowrank_kernel
+            recorder.fn[grid](*largs, **lkw)
+            want = out_t.clone()
+            out_t.fill_(float("nan"))
+            runner(*full)
+            sync()
+            rows["gemm_compiled_equal"] = bool(torch.equal(out_t, want))
+            measure("gemm_compiled", lambda: runner(*full))
+        except Exception as e:
+            rows["gemm_compiled"] = f"failed: {type(e).__name__}: {e}"[:300]
+            print(f"gemm_compiled    {rows['gemm_compiled']}", flush=True)
+
+    xg = x.clone().requires_grad_(True)
+
+    def floor_step():
+        base(xg).backward(g)
+
+    measure("floor_step", floor_step)
+    model = torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False)).to(device, dtype)
+    ff.inject_adapters(model, ["0"], r=r, alpha=2.0 * r)
+
+    def layer_step():
+        model(xg).backward(g)
+
+    measure("layer_step", layer_step)
+    if cuda:
+        try:
+            model[0].lora_B.grad = None
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    layer_step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                layer_step()
+            measure("graph_replay", graph.replay)
+        except Exception as e:
+            rows["graph_replay"] = f"failed: {type(e).__name__}: {e}"[:300]
+            print(f"graph_replay     {rows['graph_replay']}", flush=True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=n, noise_seed=0)
+
+    def layer_step_dp():
+        model(xg).backward(g)
+        dp.step()
+        dp.zero_grad()
+
+    measure("layer_step_dp", layer_step_dp)
+    result = {**harness.machine_info(device), "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
+              "calls": args.calls, "rounds": args.rounds, "us_per_call": rows}  # fmt: skip
+    if args.json:
+        harness.write_json(args.json, result)
+        print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
