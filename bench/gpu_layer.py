@@ -8,7 +8,8 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
 2. times forward and the full step (forward + backward; backward = their difference) of
    - ``floor``: the frozen base ``nn.Linear``: forward + input-gradient backward only,
    - ``ffa_flat[gemm]``: ``FFALoRALinear`` with per-sample gradients and norms (flat clipping: every P_i
-     kept), base GEMM by the fused Triton kernel (``triton``) or by cuBLAS + a Triton epilogue (``cublas``),
+     kept), base GEMM by the fused Triton kernel (``triton``), its persistent TMA twin (``tma``), or by
+     cuBLAS + a Triton epilogue (``cublas``),
    - ``ffa_per_layer``: the same with per-layer clipping (clipped sum inside the backward, no P kept),
    - ``peft_opacus``: peft's LoRA layer (A frozen, as FFA; ``--peft-train-A`` for vanilla LoRA) wrapped in
      opacus' ``GradSampleModule`` (hooks), per-sample gradients + their norms,
@@ -38,7 +39,7 @@ import harness  # noqa: E402
 
 LLAMA7B = [(4096, 4096), (4096, 11008), (11008, 4096)]  # q/k/v/o, gate/up, down projections
 TOKENS = [(8, 512), (8, 2048)]
-SMOKE_SHAPES, SMOKE_TOKENS = [(40, 48)], [(2, 5)]
+SMOKE_SHAPES, SMOKE_TOKENS = [(72, 80)], [(2, 5)]  # in, out > 64 and multiples of 8: the TMA GEMM runs too
 ELEM = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 
 
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=10, help="CUDA: do_bench rep budget x10 ms; CPU: timed calls")
-    ap.add_argument("--variants", default="floor,ffa_flat[triton],ffa_flat[cublas],ffa_flat[reference],ffa_per_layer,peft_opacus",
+    ap.add_argument("--variants", default="floor,ffa_flat[triton],ffa_flat[tma],ffa_flat[cublas],ffa_flat[reference],ffa_per_layer,peft_opacus",
                     help="ffa_flat[reference] is the same layer on the PyTorch reference ops (not counted as ours)")
     ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
     ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")
@@ -434,7 +435,8 @@ def main(argv=None) -> int:
             base.requires_grad_(False)
             x = torch.randn(n, T, inp, device=device, dtype=dtype, requires_grad=True)
             g = torch.randn(n, T, out, device=device, dtype=dtype) * 0.01
-            checks = [check_ops(n, T, inp, out, args.r, dtype, device, gm) for gm in ("triton", "cublas")]
+            gemms = [k[len("ffa_flat["):-1] for k in which if k.startswith("ffa_flat[") and k != "ffa_flat[reference]"]
+            checks = [check_ops(n, T, inp, out, args.r, dtype, device, gm) for gm in (gemms or ["triton"])]
             variants = make_variants(base, x, g, args.r, args.alpha, peft_train_A=args.peft_train_A, which=which)
             times = {}
             for name, v in variants.items():

@@ -5,7 +5,7 @@
 # what is left of BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
-#   TEST_S=240 LAUNCH_S=30 LAYER_S=170 STEP_S=110 BUDGET_S=570 bash bench/gpu_session.sh   # per-step caps and the
+#   TEST_S=230 LAUNCH_S=30 LAYER_S=200 STEP_S=110 BUDGET_S=585 bash bench/gpu_session.sh   # per-step caps and the
 #                                                  # whole budget (seconds, counted from the start)
 #   LAYER_ARGS=--sweep-outer bash bench/gpu_session.sh  # also sweep the one-pass backward's block sizes
 #
@@ -39,7 +39,7 @@ if (( L > 10 )); then
     timeout "$L" "$PY" bench/launch.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/launch.log"
 fi
 
-L=$(left); (( L > ${LAYER_S:-170} )) && L=${LAYER_S:-170}
+L=$(left); (( L > ${LAYER_S:-200} )) && L=${LAYER_S:-200}
 echo "== 3/4 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
 if (( L > 30 )); then
     timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${LAYER_ARGS:-} \

@@ -52,7 +52,7 @@ from torch import Tensor
 from fedlora_fast.reference import ffa_linear as _ref
 from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, clip_coef
 
-GEMM_ENV_VAR = "FEDLORA_FAST_GEMM"  # "triton" (default): fused Triton GEMM; "cublas": torch.matmul + epilogue
+GEMM_ENV_VAR = "FEDLORA_FAST_GEMM"  # "triton" (default), "cublas" (torch.matmul + epilogue) or "tma"
 
 # Tests set this to a function ``(shape, dtype, device) -> Tensor`` (e.g. filled with NaN) so that any
 # element of an output or scratch buffer a kernel fails to write shows up.
@@ -72,11 +72,16 @@ def _interpret() -> bool:
     return _INTERPRET
 
 
+GEMM_IMPLS = ("triton", "cublas", "tma")
+
+
 def gemm_impl() -> str:
-    """Which base GEMM the fused ops use: ``"triton"`` (default) or ``"cublas"`` (``FEDLORA_FAST_GEMM``)."""
+    """Which base GEMM the fused ops use (``FEDLORA_FAST_GEMM``): ``"triton"`` (default), ``"cublas"``, or
+    ``"tma"`` (a persistent Triton GEMM loading X and W through TMA descriptors; the same epilogue; a
+    candidate not yet timed on a GPU, used where the descriptors' alignment rules hold, else ``"triton"``)."""
     name = os.environ.get(GEMM_ENV_VAR, "triton").strip().lower() or "triton"
-    if name not in ("triton", "cublas"):
-        raise ValueError(f"{GEMM_ENV_VAR}: expected 'triton' or 'cublas', got {name!r}")
+    if name not in GEMM_IMPLS:
+        raise ValueError(f"{GEMM_ENV_VAR}: expected one of {', '.join(map(repr, GEMM_IMPLS))}, got {name!r}")
     return name
 
 
@@ -225,6 +230,74 @@ def _gemm_lowrank_kernel(
     if FIX_BF16_ROUNDING:
         acc = _round_bf16_rne(acc)
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemm_tma_kernel(
+    x_desc, w_desc, out_ptr, bias_ptr, l_ptr, r_ptr,
+    stride_om, stride_of, stride_lm, stride_lj, stride_rj, stride_rn,
+    M, N, K, RANK, scale,
+    W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, LR_PREC: tl.constexpr,
+    FIX_BF16_ROUNDING: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """Persistent ``out = X Wt + bias + scale * L R`` over 2-D row-major X (M, K) and out (M, N), loading X
+    and W through TMA descriptors (Hopper+; the Triton persistent-matmul tutorial's structure).
+
+    ``W_KN``: ``w_desc`` describes Wt itself, (K, N) (dX = G W: W is (out, in) = (K, N)); else W, (N, K),
+    transposed in registers (Y = X W^T). Each program walks tiles ``pid, pid + NUM_SMS, ...`` in grouped
+    order. TMA zero-fills out-of-bounds loads (no K/M/N masks in the main loop). The epilogue is
+    ``_gemm_lowrank_kernel``'s: the low-rank term into the same accumulator, bias, a masked store.
+    """
+    start = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    group = GROUP_M * num_n
+    for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=True):
+        first_m = (tile // group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group) % group_m
+        pid_n = (tile % group) // group_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            off_k = kt * BLOCK_K
+            a = x_desc.load([off_m, off_k])
+            if W_KN:
+                b = w_desc.load([off_k, off_n])
+            else:
+                b = w_desc.load([off_n, off_k]).T
+            if UPCAST:  # the interpreter has no bfloat16 dot
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        if HAS_LOWRANK:
+            rj = tl.arange(0, BLOCK_R)
+            mask_j = rj < RANK
+            lo = tl.load(
+                l_ptr + rm.to(tl.int64)[:, None] * stride_lm + rj[None, :] * stride_lj,
+                mask=(rm < M)[:, None] & mask_j[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            hi = tl.load(
+                r_ptr + rj[:, None] * stride_rj + rn[None, :] * stride_rn,
+                mask=mask_j[:, None] & (rn < N)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc = tl.dot(lo * scale, hi, acc, input_precision=LR_PREC)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if FIX_BF16_ROUNDING:
+            acc = _round_bf16_rne(acc)
+        # a masked pointer store: a TMA store's staging tile (BLOCK_M x BLOCK_N) would not fit in shared
+        # memory beside the pipeline's stages at 128 x 256 (232 KiB > 227 on sm90)
+        o_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_of
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
@@ -528,6 +601,9 @@ def _launch_gemm(
         M, N, K, T, rank, float(scale),
     )  # fmt: skip
     grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    if gemm_impl() == "tma" and x is not None and not accumulate and not main_fp32 and N > 64:
+        if _launch_gemm_tma(x, wt, bias, lowrank, out, scale, flags["LR_PREC"], flags["FIX_BF16_ROUNDING"]):
+            return
     with _device_guard(device):
         if _autotune(device) and x is not None and not accumulate and N > 64:
             tensors = (x, w, bias, L, R, out)
@@ -541,6 +617,100 @@ def _launch_gemm(
             cfg["BLOCK_K"] = 16
         cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
         _gemm_lowrank_kernel[grid](*args, **flags, **cfg)
+
+
+def _tma_2d(t: Tensor, rows: int, cols: int) -> tuple[int, int] | None:
+    """(row stride, 1) when ``t`` addresses as a row-major (rows, cols) matrix a TMA descriptor can take
+    (16-byte aligned base and row stride, unit column stride), else None."""
+    if t.dim() == 3:  # (n, T, cols): rows n*T must be evenly spaced
+        n, T, _ = t.shape
+        if t.stride(2) != 1 or (n > 1 and t.stride(0) != T * t.stride(1)):
+            return None
+        row = t.stride(1)
+    else:
+        if t.stride(1) != 1:
+            return None
+        row = t.stride(0)
+    e = t.element_size()
+    if t.data_ptr() % 16 or (row * e) % 16 or (rows > 1 and row < cols):
+        return None
+    return row, 1
+
+
+def _tma_configs() -> list:
+    """Autotune space of the TMA GEMM on CUDA (the persistent-matmul tutorial's Hopper sizes)."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w,
+                      pre_hook=_tma_block_shapes)
+        for bm, bn, bk, st, w in [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
+                                  (128, 128, 64, 4, 8), (128, 128, 64, 4, 4), (128, 128, 128, 3, 8)]
+    ]  # fmt: skip
+
+
+def _tma_block_shapes(nargs: dict) -> None:
+    """Point the descriptors at the launch's block sizes (autotune pre-hook; also called before direct launches)."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
+
+
+_gemm_tma_tuned = triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "W_KN", "HAS_BIAS", "HAS_LOWRANK"])(
+    _gemm_tma_kernel
+)
+
+
+def _launch_gemm_tma(x, wt, bias, lowrank, out, scale, lr_prec: str, fix_rounding: bool) -> bool:
+    """``out = x Wt + bias + scale L R`` with the persistent TMA kernel; False (nothing launched) when the
+    operands break the descriptors' rules (then the caller takes the pointer-based GEMM)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, T, N = out.shape
+    M, K = n * T, x.shape[2]
+    w, swk, swn = wt
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype or out.dtype != x.dtype:
+        return False
+    if out.device.type == "cuda" and torch.cuda.get_device_capability(out.device)[0] < 9:
+        return False  # TMA is Hopper's (sm90+)
+    xs, os_ = _tma_2d(x, M, K), _tma_2d(out, M, N)
+    w_kn = swn == 1  # Wt (K, N) is row-major in memory (dX: W itself); else W (N, K) is (Y: W^T)
+    ws = _tma_2d(w, K, N) if w_kn else _tma_2d(w, N, K) if swk == 1 else None
+    L, R, srj, srn = lowrank if lowrank is not None else (out, out, 0, 0)
+    if lowrank is not None and (L.dim() != 3 or (n > 1 and L.stride(0) != T * L.stride(1))):
+        return False
+    if None in (xs, os_, ws):
+        return False
+    device = out.device
+    x_desc = TensorDescriptor(x, [M, K], list(xs), [16, 16])  # block shapes: set per config
+    w_desc = TensorDescriptor(w, [K, N] if w_kn else [N, K], list(ws), [16, 16])
+    args = (
+        x_desc, w_desc, out, bias if bias is not None else out, L, R, os_[0], 1,
+        L.stride(1) if lowrank is not None else 0, L.stride(2) if lowrank is not None else 0, srj, srn,
+        M, N, K, L.shape[2] if lowrank is not None else 1, float(scale),
+    )  # fmt: skip
+    flags = dict(
+        W_KN=w_kn, HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank is not None, LR_PREC=lr_prec,
+        FIX_BF16_ROUNDING=fix_rounding, UPCAST=_interpret(), BLOCK_R=_pow2(L.shape[2] if lowrank is not None else 1),
+    )  # fmt: skip
+    with _device_guard(device):
+        if not _autotune(device):  # interpreter: fixed blocks, a few "SMs" so the persistent loop repeats
+            cfg = dict(_blocks("gemm", device, M=M, N=N, K=K))
+            _tma_block_shapes({**cfg, **flags, "x_desc": x_desc, "w_desc": w_desc})
+            tiles = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])
+            _gemm_tma_kernel[(min(4, tiles),)](*args, **flags, **cfg, NUM_SMS=4)
+            return True
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        grid = lambda meta: (min(sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
+        key = ("tma", device.index, M, N, K, *flags.items(), x.dtype)
+        cfg = _TUNED_CONFIGS.get(key)
+        if cfg is None:
+            _gemm_tma_tuned[grid](*args, **flags, NUM_SMS=sms)
+            best = getattr(_gemm_tma_tuned, "best_config", None)
+            if best is not None and hasattr(best, "all_kwargs"):
+                _TUNED_CONFIGS[key] = {k: v for k, v in best.all_kwargs().items() if k != "pre_hook"}
+            return True
+        _tma_block_shapes({**cfg, **flags, "x_desc": x_desc, "w_desc": w_desc})
+        _gemm_tma_kernel[grid](*args, **flags, **cfg, NUM_SMS=sms)
+    return True
 
 
 def _autotune(device: torch.device) -> bool:

@@ -186,6 +186,52 @@ def test_low_precision_poisoned(poisoned, device, dtype):
     assert not torch.isnan(got[0]).any()
 
 
+# (n, T, in, out, r, x row padding, TMA launches fwd+bwd): Y/dX take the TMA kernel when in/out are
+# multiples of 8 (16-byte rows) and wider than 64; x may be a strided view
+TMA_SHAPES = [
+    (2, 5, 72, 136, 4, 0, 2),  # both GEMMs; tiles past M, N and K (zero-filled by the descriptors)
+    (3, 17, 96, 80, 16, 8, 2),  # x rows padded (row stride 104): still a descriptor
+    (1, 1, 40, 96, 3, 0, 1),  # dX is narrow (in <= 64): pointer kernel
+    (2, 3, 70, 45, 5, 0, 0),  # 140-byte rows: no descriptor, the pointer GEMM takes both
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=str)
+def test_tma_gemm_poisoned(poisoned, device, dtype, shape, monkeypatch):
+    """FEDLORA_FAST_GEMM=tma: the persistent TMA GEMM where its alignment rules hold (launches counted),
+    Y and dX within 2x PyTorch's own low-precision error, the adapter maths float32 as on every path."""
+    *dims, pad, want_launches = shape
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "tma")
+    launched = []
+    real = K._launch_gemm_tma
+    monkeypatch.setattr(K, "_launch_gemm_tma", lambda *a: launched.append(real(*a)) or launched[-1])
+    t = make(*dims, device, dtype=dtype)
+    n, T, inp = t["x"].shape
+    if pad:
+        wide = torch.full((n, T, inp + pad), float("nan"), dtype=dtype, device=device)
+        wide[..., :inp] = t["x"]
+        t["x"] = wide[..., :inp]
+    s = 0.7
+    y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    assert sum(launched) == want_launches, launched
+    t64 = dict(t, xa=t["x"])
+    exp_y, exp_u = ref_fwd(t64, s)
+    exp = ref_bwd(t64, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    lp_y, _ = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    lp_dx = ref.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)[0]
+    for name, a, lp, e in (("y", y, lp_y, exp_y), ("dx", got[0], lp_dx, exp[0])):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        torch_err = (lp.double() - e).abs().max().item()
+        err = (a.double() - e).abs().max().item()
+        assert err <= 2 * torch_err + 1e-3 * e.abs().max().item(), f"{name}: {err:.3g} vs PyTorch's {torch_err:.3g}"
+    close(u, exp_u, "u")
+    for name, a, e in zip(["gB", "nuB"], got[2:4], exp[2:4]):
+        close(a, e, name)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("lora", [False, True], ids=["ffa", "lora"])
@@ -511,6 +557,25 @@ def _aot_autotune_cases():
     return cases
 
 
+def _aot_tma_cases():
+    """The TMA GEMM (``FEDLORA_FAST_GEMM=tma``; sm90+) for Y and dX in every autotune config."""
+    bf, f32 = "*bf16", "*fp32"
+    cases = []
+    for c in K._tma_configs():
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        cfg = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+        for which, w_kn in (("Y", False), ("dX", True)):
+            w_block = [bk, bn] if w_kn else [bn, bk]
+            ptrs = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}]>", w_desc=f"tensordesc<bf16[{w_block[0]}, {w_block[1]}]>",
+                        out_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32)
+            constexprs = dict(W_KN=w_kn, HAS_BIAS=which == "Y", HAS_LOWRANK=True, LR_PREC="tf32",
+                              FIX_BF16_ROUNDING=False, UPCAST=False, BLOCK_R=16, NUM_SMS=132, stride_lj=1, stride_of=1,
+                              **{k: v for k, v in c.kwargs.items()}, **({"stride_rn": 1} if w_kn else {"stride_rj": 1}))
+            cases.append((f"tma {which} tuned {c.kwargs} w{c.num_warps} s{c.num_stages}", K._gemm_tma_kernel,
+                          ptrs, constexprs, cfg))
+    return cases
+
+
 def _stack_bytes(cubin: bytes) -> int | None:
     """Per-thread stack frame (register spills) of a compiled kernel, from cuobjdump; None without the tool."""
     import glob
@@ -543,7 +608,7 @@ def _aot_main(capability: int) -> None:
     from triton.compiler import ASTSource
 
     smem_limit = {80: 163 * 1024, 90: 227 * 1024}[capability]
-    for name, fn, ptrs, constexprs, cfg in _aot_cases() + _aot_autotune_cases():
+    for name, fn, ptrs, constexprs, cfg in _aot_cases() + _aot_autotune_cases() + (_aot_tma_cases() if capability >= 90 else []):
         sig = {}
         for arg in fn.arg_names:
             if arg in constexprs:
@@ -554,14 +619,15 @@ def _aot_main(capability: int) -> None:
         # what the JIT infers for 16-aligned pointers and sizes/strides divisible by 16 (Llama shapes): it
         # enables vectorised, software-pipelined loads, i.e. the most shared memory the launch will use
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if sig[arg] != "constexpr"}
-        attrs = {k: v for k, v in attrs.items() if sig[fn.arg_names[k[0]]] != "fp32"}
+        attrs = {k: v for k, v in attrs.items() if sig[fn.arg_names[k[0]]] != "fp32"
+                 and not sig[fn.arg_names[k[0]]].startswith("tensordesc")}
         src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
         shared = kernel.metadata.shared
         assert shared <= smem_limit, f"{name}: {shared} B of shared memory > sm{capability}'s {smem_limit}"
         stack = _stack_bytes(kernel.asm["cubin"]) if "cubin" in kernel.asm else None
         print(f"sm{capability} {name}: shared {shared / 1024:.0f} KiB, stack {stack} B", flush=True)
-        must_not_spill = name.startswith(("gemm Y", "gemm dX", "outer r16"))
+        must_not_spill = name.startswith(("gemm Y", "gemm dX", "outer r16", "tma"))
         assert not (must_not_spill and stack), f"{name}: {stack} B of register spills (stack frame) on sm{capability}"
 
 
