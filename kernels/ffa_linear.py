@@ -42,6 +42,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
+import warnings
 from typing import Callable
 
 import torch
@@ -52,7 +54,7 @@ from torch import Tensor
 from fedlora_fast.reference import ffa_linear as _ref
 from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, clip_coef
 
-GEMM_ENV_VAR = "FEDLORA_FAST_GEMM"  # "triton" (default), "cublas" (torch.matmul + epilogue) or "tma"
+GEMM_ENV_VAR = "FEDLORA_FAST_GEMM"  # "auto" (default), "triton", "cublas" (torch.matmul + epilogue), "tma"
 
 # Tests set this to a function ``(shape, dtype, device) -> Tensor`` (e.g. filled with NaN) so that any
 # element of an output or scratch buffer a kernel fails to write shows up.
@@ -72,14 +74,24 @@ def _interpret() -> bool:
     return _INTERPRET
 
 
-GEMM_IMPLS = ("triton", "cublas", "tma")
+GEMM_IMPLS = ("auto", "triton", "cublas", "tma")
+# what "auto" times on the first call per shape (CUDA). "tma" joins once a GPU run has confirmed it
+# (bench/NOTES.md, v3): until then it runs only when asked for by name.
+AUTO_CANDIDATES = ("triton", "cublas")
 
 
 def gemm_impl() -> str:
-    """Which base GEMM the fused ops use (``FEDLORA_FAST_GEMM``): ``"triton"`` (default), ``"cublas"``, or
-    ``"tma"`` (a persistent Triton GEMM loading X and W through TMA descriptors; the same epilogue; a
-    candidate not yet timed on a GPU, used where the descriptors' alignment rules hold, else ``"triton"``)."""
-    name = os.environ.get(GEMM_ENV_VAR, "triton").strip().lower() or "triton"
+    """Which base GEMM the fused ops use (``FEDLORA_FAST_GEMM``):
+
+    - ``"auto"`` (default): on CUDA, the first call per (op, shape, dtype) times each of ``AUTO_CANDIDATES``
+      on the call's own inputs and keeps the fastest for the process (the two differ by up to ~25 % either
+      way per shape on an H100, bench/NOTES.md); elsewhere ``"triton"``. Results agree to rounding, not bit
+      for bit, across choices: pin a value for bitwise-reproducible runs.
+    - ``"triton"``: the fused Triton GEMM; ``"cublas"``: ``torch.matmul`` + the low-rank term added in place;
+    - ``"tma"``: a persistent Triton GEMM loading X and W through TMA descriptors (sm90+, bf16/fp16,
+      16-byte-aligned rows, else ``"triton"``), the same epilogue; not yet timed on a GPU.
+    """
+    name = os.environ.get(GEMM_ENV_VAR, "auto").strip().lower() or "auto"
     if name not in GEMM_IMPLS:
         raise ValueError(f"{GEMM_ENV_VAR}: expected one of {', '.join(map(repr, GEMM_IMPLS))}, got {name!r}")
     return name
@@ -564,11 +576,12 @@ def _launch_gemm(
     accumulate: bool = False,
     main_fp32: bool = False,
     prec_dtype: torch.dtype,
+    tma: bool = False,
 ) -> None:
     """out (n,T,N) (+)= x (n,T,K) @ Wt (K,N) + bias + scale * L (n,T,r) @ R (r,N).
 
     ``wt`` is (tensor, stride_k, stride_n) so W^T and W are read in place; ``lowrank`` is
-    (L, R, stride_rj, stride_rn).
+    (L, R, stride_rj, stride_rn). ``tma``: take the TMA kernel where its rules hold.
     """
     n, T, N = out.shape
     M = n * T
@@ -601,7 +614,7 @@ def _launch_gemm(
         M, N, K, T, rank, float(scale),
     )  # fmt: skip
     grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    if gemm_impl() == "tma" and x is not None and not accumulate and not main_fp32 and N > 64:
+    if tma and x is not None and not accumulate and not main_fp32 and N > 64:
         if _launch_gemm_tma(x, wt, bias, lowrank, out, scale, flags["LR_PREC"], flags["FIX_BF16_ROUNDING"]):
             return
     with _device_guard(device):
@@ -734,6 +747,54 @@ def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
             _TUNED_CONFIGS[key] = dict(best.all_kwargs())
         return
     _gemm_lowrank_kernel[grid](*args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
+
+
+# (op, device index, sizes, dtype, flags) -> the GEMM "auto" measured fastest for it in this process
+_AUTO_CHOICE: dict[tuple, str] = {}
+
+
+def _auto_times(device: torch.device) -> bool:
+    """Whether "auto" times its candidates on this device (CUDA, outside graph capture; tests fake it)."""
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    """Milliseconds per call of ``fn`` after one warm-up call (which compiles and autotunes)."""
+    fn()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def _choose_gemm(key: tuple, device: torch.device, run: Callable[[str], Tensor]) -> str:
+    """The GEMM for this call: ``FEDLORA_FAST_GEMM`` if pinned; for "auto" the fastest of ``AUTO_CANDIDATES``
+    timed once per ``key`` on ``run(impl)`` (a pure function of the call's inputs: timing it has no effect
+    but the time), or "triton" where nothing is timed."""
+    impl = gemm_impl()
+    if impl != "auto":
+        return impl
+    choice = _AUTO_CHOICE.get(key)
+    if choice is not None:
+        return choice
+    if not _auto_times(device):
+        return "triton"
+    try:
+        times = {c: _time_ms(lambda c=c: run(c), device) for c in AUTO_CANDIDATES}
+    except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
+        warnings.warn(f"fedlora_fast: {GEMM_ENV_VAR}=auto could not time the GEMMs ({e!r}); using triton",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        times = {"triton": 0.0}
+    choice = _AUTO_CHOICE[key] = min(times, key=times.get)
+    return choice
 
 
 def _device_guard(device: torch.device):
@@ -899,13 +960,19 @@ def ffa_linear_fwd(
     # U = xa A^T, float32 (read A^T through A's strides)
     _launch_gemm(xa, (A, A.stride(1), A.stride(0)), None, None, u, 1.0, main_fp32=True, prec_dtype=x.dtype)
     lowrank = (u, B, B.stride(1), B.stride(0))  # R = B^T (r, out)
-    if gemm_impl() == "cublas":
-        y = torch.nn.functional.linear(x, weight, bias)
-        _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)
-    else:
+
+    def y_with(impl: str) -> Tensor:
+        if impl == "cublas":
+            y = torch.nn.functional.linear(x, weight, bias)
+            _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)
+            return y
         y = _alloc((n, T, out), x.dtype, x.device)
-        _launch_gemm(x, (weight, weight.stride(1), weight.stride(0)), bias, lowrank, y, scale, prec_dtype=x.dtype)
-    return y, u
+        w_t = (weight, weight.stride(1), weight.stride(0))
+        _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
+        return y
+
+    key = ("fwd", x.device.index, n * T, out, inp, x.dtype, bias is not None)
+    return y_with(_choose_gemm(key, x.device, y_with)), u
 
 
 def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
@@ -985,19 +1052,23 @@ def ffa_linear_bwd(
     if need_dx:
         lowrank = (v, A, A.stride(0), A.stride(1))  # R = A (r, in)
         w_main = (weight, weight.stride(0), weight.stride(1))  # dx = G W: Wt is W itself (K=out, N=in)
-        cublas = gemm_impl() == "cublas"
+
+        def dx_with(impl: str) -> Tensor:  # G W (+ s V A unless split)
+            if impl == "cublas":
+                dx = torch.matmul(g, weight)
+                if not split_dx:
+                    _launch_gemm(None, None, None, lowrank, dx, scale, accumulate=True, prec_dtype=dt)
+                return dx
+            dx = _alloc((n, T, inp), dt, g.device)
+            _launch_gemm(g, w_main, None, None if split_dx else lowrank, dx, 1.0 if split_dx else scale,
+                         prec_dtype=dt, tma=impl == "tma")  # fmt: skip
+            return dx
+
+        key = ("dx", g.device.index, n * T, inp, out, dt, split_dx)
+        dx = dx_with(_choose_gemm(key, g.device, dx_with))
         if split_dx:
-            dx = torch.matmul(g, weight) if cublas else _alloc((n, T, inp), dt, g.device)
-            if not cublas:
-                _launch_gemm(g, w_main, None, None, dx, 1.0, prec_dtype=dt)
             dxa = _alloc((n, T, inp), dt, g.device)
             _launch_gemm(None, None, None, lowrank, dxa, scale, prec_dtype=dt)
-        elif cublas:
-            dx = torch.matmul(g, weight)
-            _launch_gemm(None, None, None, lowrank, dx, scale, accumulate=True, prec_dtype=dt)
-        else:
-            dx = _alloc((n, T, inp), dt, g.device)
-            _launch_gemm(g, w_main, None, lowrank, dx, scale, prec_dtype=dt)
     if gB.dtype != acc:
         gB = gB.to(acc)
     return dx, dxa, gB, nuB, gA, nuA

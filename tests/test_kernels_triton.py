@@ -186,6 +186,66 @@ def test_low_precision_poisoned(poisoned, device, dtype):
     assert not torch.isnan(got[0]).any()
 
 
+@pytest.mark.parametrize("fastest", ["triton", "cublas"])
+def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, fastest):
+    """FEDLORA_FAST_GEMM=auto (default): the first call per (op, shape) times every candidate on its own
+    inputs, later calls reuse the choice; the result is correct whichever wins; a pinned value overrides."""
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+    timed = []
+
+    def fake_time(fn, device, reps=3):
+        timed.append(fn.__defaults__[0])  # the candidate (bound as the lambda's default)
+        fn()  # it really runs: a candidate that fails would surface here
+        return 1.0 if fn.__defaults__[0] == fastest else 5.0
+
+    monkeypatch.setattr(K, "_time_ms", fake_time)
+    linear_calls, real_linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: linear_calls.append(1) or real_linear(*a))
+    t = make(3, 6, 70, 45, 17, "cpu")
+    s = 0.7
+    for _ in range(2):
+        y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+        got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    assert timed == list(K.AUTO_CANDIDATES) * 2, timed  # fwd and dx, once each
+    assert set(K._AUTO_CHOICE.values()) == {fastest}
+    assert len(linear_calls) == (1 if fastest == "triton" else 3)  # the timed cublas run (+ 2 real forwards)
+    exp_y, exp_u = ref_fwd(dict(t, xa=t["x"]), s)
+    exp = ref_bwd(t, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    close(y, exp_y, "y")
+    close(got[0], exp[0], "dx")
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "triton")  # pinned: no timing, the Triton GEMM
+    linear_calls.clear()
+    K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    assert linear_calls == [] and len(timed) == 4
+
+
+def test_auto_gemm_falls_back_to_triton_when_timing_fails(monkeypatch):
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+
+    def broken(fn, device, reps=3):
+        raise RuntimeError("no timer")
+
+    monkeypatch.setattr(K, "_time_ms", broken)
+    t = make(2, 3, 20, 24, 5, "cpu")
+    with pytest.warns(RuntimeWarning, match="could not time"):
+        y, _ = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
+    assert list(K._AUTO_CHOICE.values()) == ["triton"]
+    close(y, ref_fwd(dict(t, xa=t["x"]), 0.5)[0], "y")
+
+
+def test_auto_gemm_times_nothing_off_cuda(monkeypatch):
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_time_ms", lambda *a, **k: pytest.fail("timed off CUDA"))
+    t = make(2, 3, 20, 24, 5, "cpu")
+    K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
+    assert K._AUTO_CHOICE == {} and K.gemm_impl() == "auto"
+
+
 # (n, T, in, out, r, x row padding, TMA launches fwd+bwd): Y/dX take the TMA kernel when in/out are
 # multiples of 8 (16-byte rows) and wider than 64; x may be a strided view
 TMA_SHAPES = [
