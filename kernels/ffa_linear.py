@@ -620,7 +620,7 @@ def _launch_gemm(
     with _device_guard(device):
         if _autotune(device) and x is not None and not accumulate and N > 64:
             tensors = (x, w, bias, L, R, out)
-            key = (device.index, M, N, K, *flags.items(), *(t.dtype if t is not None else None for t in tensors))
+            key = (device.index, _tokens_bucket(M), N, K, *flags.items(), *(t.dtype if t is not None else None for t in tensors))
             _launch_tuned(key, grid, args, flags, K)
             return
         cfg = dict(_blocks("gemm" if N > 64 else "narrow", device, M=M, N=N, K=max(K, 1)))
@@ -713,7 +713,7 @@ def _launch_gemm_tma(x, wt, bias, lowrank, out, scale, lr_prec: str, fix_roundin
             return True
         sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         grid = lambda meta: (min(sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
-        key = ("tma", device.index, M, N, K, *flags.items(), x.dtype)
+        key = ("tma", device.index, _tokens_bucket(M), N, K, *flags.items(), x.dtype)
         cfg = _TUNED_CONFIGS.get(key)
         if cfg is None:
             _gemm_tma_tuned[grid](*args, **flags, NUM_SMS=sms)
@@ -726,13 +726,21 @@ def _launch_gemm_tma(x, wt, bias, lowrank, out, scale, lr_prec: str, fix_roundin
     return True
 
 
+def _tokens_bucket(M: int) -> int:
+    """The token count M as the tuning caches see it: the next power of two. DP training draws Poisson
+    batches, so M = n * T changes almost every step; keyed on M itself, every new batch size would autotune
+    the GEMM again (~10 configs timed) and re-time "auto". Within a factor of 2 of M the best tile choice is
+    the same one in practice (the tile count changes, not the per-tile work)."""
+    return _next_pow2(M)
+
+
 def _autotune(device: torch.device) -> bool:
     """Whether the base GEMM is autotuned on this device (CUDA; tests fake it under the interpreter)."""
     return device.type == "cuda"
 
 
-# (device, sizes, flags, dtypes) -> the autotuner's choice as launch kwargs. After the first call for a key,
-# the GEMM is launched straight with it: the autotuner's own per-call work (a dict of every argument, its
+# (device, token bucket, sizes, flags, dtypes) -> the autotuner's choice as launch kwargs. After the first
+# call for a key, the GEMM is launched straight with it: the autotuner's own per-call work (a dict of every argument, its
 # key, the config merge) measured ~90 us per launch under cProfile on the H100 machine's CPU (v1 log).
 _TUNED_CONFIGS: dict[tuple, dict] = {}
 
@@ -749,7 +757,7 @@ def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
     _gemm_lowrank_kernel[grid](*args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
 
 
-# (op, device index, sizes, dtype, flags) -> the GEMM "auto" measured fastest for it in this process
+# (op, device index, token bucket, sizes, dtype, flags) -> the GEMM "auto" measured fastest in this process
 _AUTO_CHOICE: dict[tuple, str] = {}
 
 
@@ -971,7 +979,7 @@ def ffa_linear_fwd(
         _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
         return y
 
-    key = ("fwd", x.device.index, n * T, out, inp, x.dtype, bias is not None)
+    key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, x.dtype, bias is not None)
     return y_with(_choose_gemm(key, x.device, y_with)), u
 
 
@@ -1064,7 +1072,7 @@ def ffa_linear_bwd(
                          prec_dtype=dt, tma=impl == "tma")  # fmt: skip
             return dx
 
-        key = ("dx", g.device.index, n * T, inp, out, dt, split_dx)
+        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, dt, split_dx)
         dx = dx_with(_choose_gemm(key, g.device, dx_with))
         if split_dx:
             dxa = _alloc((n, T, inp), dt, g.device)

@@ -210,7 +210,11 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
         got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
     assert timed == list(K.AUTO_CANDIDATES) * 2, timed  # fwd and dx, once each
     assert set(K._AUTO_CHOICE.values()) == {fastest}
-    assert len(linear_calls) == (1 if fastest == "triton" else 3)  # the timed cublas run (+ 2 real forwards)
+    t5 = make(5, 6, 70, 45, 17, "cpu")  # another Poisson batch size, same token bucket (18, 30 -> 32): no new timing
+    K.ffa_linear_fwd(t5["x"], t5["x"], t5["weight"], t5["bias"], t5["A"], t5["B"], s)
+    assert len(timed) == 4
+    # cuBLAS forwards: the one timed run, then every real forward (3) if it won
+    assert len(linear_calls) == (1 if fastest == "triton" else 4)
     exp_y, exp_u = ref_fwd(dict(t, xa=t["x"]), s)
     exp = ref_bwd(t, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
     close(y, exp_y, "y")
@@ -219,6 +223,26 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
     linear_calls.clear()
     K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
     assert linear_calls == [] and len(timed) == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (times the GEMMs with CUDA events)")
+def test_auto_gemm_on_cuda_picks_a_candidate_and_stays_correct(monkeypatch):
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    t = make(4, 64, 256, 320, 16, "cuda", torch.bfloat16, seed=5)
+    s = 0.7
+    y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    assert len(K._AUTO_CHOICE) == 2 and set(K._AUTO_CHOICE.values()) <= set(K.AUTO_CANDIDATES), K._AUTO_CHOICE
+    t64 = dict(t, xa=t["x"])
+    exp_y, _ = ref_fwd(t64, s)
+    exp = ref_bwd(t64, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    lp_y, _ = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    lp_dx = ref.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)[0]
+    for name, a, lp, e in (("y", y, lp_y, exp_y), ("dx", got[0], lp_dx, exp[0])):
+        torch_err = (lp.double() - e).abs().max().item()
+        assert (a.double() - e).abs().max().item() <= 2 * torch_err + 1e-3 * e.abs().max().item(), name
 
 
 def test_auto_gemm_falls_back_to_triton_when_timing_fails(monkeypatch):
@@ -374,6 +398,13 @@ def test_tuned_gemm_launches_with_the_cached_config(monkeypatch):
     assert len(K._TUNED_CONFIGS) == 1 and next(iter(K._TUNED_CONFIGS.values()))["BLOCK_N"] == 32
     close(y1, y64, "y (tuned)")
     assert torch.equal(y1, y2), "the cached-config launch differs from the tuned one"
+    # Poisson batches: another batch size in the same power-of-two token bucket reuses the choice (10 and 15
+    # tokens -> 16); 20 tokens (bucket 32) tunes once more
+    for n, tuned in ((3, 1), (4, 2)):
+        t = make(n, 5, 70, 100, 3, "cpu", torch.float32, seed=n)
+        y, _ = K.ffa_linear_fwd(*(t[k] for k in ("x", "xa", "weight", "bias", "A", "B")), 2.0)
+        assert calls.count("tuner") == tuned, (n, calls)
+        close(y, ref_fwd(t, 2.0)[0], f"y (n={n})")
 
 
 @pytest.mark.parametrize("device", DEVICES)
