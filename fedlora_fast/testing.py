@@ -1,4 +1,4 @@
-"""Public test utilities: a verbose allclose and the batch-of-one per-sample gradient oracle.
+"""Public test utilities: a verbose allclose, the batch-of-one per-sample gradient oracle, random op inputs.
 
 The oracle runs every sample through the model alone and takes its gradient with plain autograd (no
 per-sample machinery), the way opacus checks its grad samplers; use it to check any per-sample engine.
@@ -32,6 +32,33 @@ def assert_close_verbose(actual: Tensor, expected: Tensor, *, atol: float, rtol:
             f"NaN mismatches {int(nan_mismatch.sum())}, inf mismatches {int(inf_mismatch.sum())}; "
             f"first (index, actual, expected): {worst}"
         )
+
+
+def ffa_inputs(n: int, T: int, inp: int, out: int, r: int, dtype: torch.dtype, device, seed: int = 0,
+               bias: bool = True) -> dict[str, Tensor | None]:
+    """Random inputs of the ``ffa_linear`` ops from a seeded CPU generator (the same on every device):
+    ``x`` (n, T, in), ``weight`` (out, in), ``bias`` (out,) or None, ``A`` (r, in) and ``B`` (out, r) float32,
+    ``g`` (n, T, out), and ``xa``: x with inverted dropout (p=0.3). Scales keep outputs O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    x = rnd(n, T, inp).to(dtype)
+    return dict(
+        x=x,
+        weight=rnd(out, inp, scale=inp**-0.5).to(dtype),
+        bias=rnd(out).to(dtype) if bias else None,
+        A=rnd(r, inp, scale=inp**-0.5),
+        B=rnd(out, r, scale=0.5),
+        g=rnd(n, T, out).to(dtype),
+        xa=(x.float() * (torch.rand(n, T, inp, generator=gen).to(device) > 0.3) / 0.7).to(dtype),
+    )
+
+
+def f64(t: Tensor | None) -> Tensor | None:
+    """``t`` in float64 (None stays None): the reference's precision."""
+    return None if t is None else t.double()
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import torch
 
 from fedlora_fast import reference as ref
 from fedlora_fast.ops import ffa_linear_bwd, ffa_linear_clip_reduce, ffa_linear_fwd
-from fedlora_fast.testing import assert_close_verbose
+from fedlora_fast.testing import assert_close_verbose, f64, ffa_inputs
 
 from conftest import backend_params
 
@@ -18,28 +18,6 @@ SHAPES = [
     (2, 5, 33, 19, 64),  # r=64, r larger than in/out
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def make_inputs(n, T, inp, out, r, dtype, device, seed=0, bias=True):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device)
-
-    x = rnd(n, T, inp).to(dtype)
-    return dict(
-        x=x,
-        weight=rnd(out, inp, scale=inp**-0.5).to(dtype),
-        bias=rnd(out).to(dtype) if bias else None,
-        A=rnd(r, inp, scale=inp**-0.5),
-        B=rnd(out, r, scale=0.5),
-        g=rnd(n, T, out).to(dtype),
-        xa=(x.float() * (torch.rand(n, T, inp, generator=gen).to(device) > 0.3) / 0.7).to(dtype),
-    )
-
-
-def f64(t):
-    return None if t is None else t.double()
 
 
 def check(actual, expected, lowp_expected, dtype, name):
@@ -59,7 +37,7 @@ def check(actual, expected, lowp_expected, dtype, name):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_fwd(use_backend, dtype, shape):
     _, device = use_backend
-    t = make_inputs(*shape, dtype, device)
+    t = ffa_inputs(*shape, dtype, device)
     s = 2.0 / shape[-1] ** 0.5
     y, u = ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
     y64, u64 = ref.ffa_linear_fwd(f64(t["x"]), f64(t["xa"]), f64(t["weight"]), f64(t["bias"]), f64(t["A"]), f64(t["B"]), s)
@@ -77,7 +55,7 @@ def test_fwd(use_backend, dtype, shape):
 @pytest.mark.parametrize("split_dx", [False, True], ids=["fused_dx", "split_dx"])
 def test_bwd(use_backend, dtype, shape, mode, lora, split_dx):
     _, device = use_backend
-    t = make_inputs(*shape, dtype, device)
+    t = ffa_inputs(*shape, dtype, device)
     s = 2.0 / shape[-1] ** 0.5
     _, u = ref.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
     u64 = ref.ffa_linear_fwd(f64(t["x"]), f64(t["xa"]), f64(t["weight"]), f64(t["bias"]), f64(t["A"]), f64(t["B"]), s)[1]
@@ -98,7 +76,7 @@ def test_bwd(use_backend, dtype, shape, mode, lora, split_dx):
 @pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
 def test_bwd_without_dx(use_backend):
     _, device = use_backend
-    t = make_inputs(3, 4, 37, 53, 3, torch.float32, device)
+    t = ffa_inputs(3, 4, 37, 53, 3, torch.float32, device)
     _, u = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 1.0)
     dx, dxa, gB, *_ = ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 1.0, False, False, ref.MODE_SUM, 0.0, 0.0)
     assert dx.numel() == 0 and dxa.numel() == 0 and gB.shape == (53, 3)
@@ -131,7 +109,7 @@ def test_clip_coef_exact():
 def test_opcheck(use_backend):
     """The custom ops satisfy torch.library's contract (fake impls, no aliasing) so torch.compile traces them."""
     _, device = use_backend
-    t = make_inputs(3, 5, 37, 19, 3, torch.float32, device)
+    t = ffa_inputs(3, 5, 37, 19, 3, torch.float32, device)
     _, u = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
     torch.library.opcheck(ffa_linear_fwd, (t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.5))
     for mode in (ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP):

@@ -19,7 +19,9 @@ import fedlora_fast as ff  # noqa: E402
 import fedlora_fast.kernels.ffa_linear as K  # noqa: E402
 from fedlora_fast import reference as ref  # noqa: E402
 from fedlora_fast.ops import backends  # noqa: E402
-from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop  # noqa: E402
+from fedlora_fast.testing import (  # noqa: E402
+    assert_close_verbose, f64, ffa_inputs, per_sample_grads_engine, per_sample_grads_loop,
+)
 
 MODES = [ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP]
 MODE_IDS = ["sum", "per_sample", "clip"]
@@ -71,25 +73,7 @@ def gemm(request, monkeypatch):
 
 
 def make(n, T, inp, out, r, device, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device)
-
-    x = rnd(n, T, inp).to(dtype)
-    return dict(
-        x=x,
-        xa=(x.float() * (torch.rand(n, T, inp, generator=gen).to(device) > 0.3) / 0.7).to(dtype),
-        weight=rnd(out, inp, scale=inp**-0.5).to(dtype),
-        bias=rnd(out).to(dtype),
-        A=rnd(r, inp, scale=inp**-0.5),
-        B=rnd(out, r, scale=0.5),
-        g=rnd(n, T, out).to(dtype),
-    )
-
-
-def f64(t):
-    return None if t is None else t.double()
+    return ffa_inputs(n, T, inp, out, r, dtype, device, seed)
 
 
 def ref_fwd(t, s):
