@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     B = (torch.randn(out, r, generator=gen) * 0.1).to(device)
 
     if cuda or os.environ.get("TRITON_INTERPRET") == "1":  # interpreted on CPU: a smoke check, not a timing
+        # the fused Triton GEMM, pinned: "auto" could pick cuBLAS + the in-place epilogue at this tiny shape,
+        # and the recorded launch would then accumulate into its output (no longer a pure rerun to compare)
+        os.environ["FEDLORA_FAST_GEMM"] = "triton"
         from fedlora_fast import kernels
         from fedlora_fast.kernels import ffa_linear as K
 

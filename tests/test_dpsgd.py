@@ -28,10 +28,13 @@ def reference_backend(monkeypatch):
     backends.clear_cache()
 
 
-@pytest.fixture(params=[False, True], ids=["per_tensor", "grouped"])
+@pytest.fixture(params=["per_tensor", "grouped", "grouped_small"])
 def grouped(request, monkeypatch):
-    """Flat clipping's two paths on CPU: one clip-reduce per tensor, or all tensors in one (CUDA's default)."""
-    monkeypatch.setitem(dpsgd.GROUPED_CLIP_REDUCE, "cpu", request.param)
+    """Flat clipping's paths on CPU: one clip-reduce per tensor, all tensors in one (CUDA's default), or
+    groups closed by a 64-byte limit (one tensor each here)."""
+    monkeypatch.setitem(dpsgd.GROUPED_CLIP_REDUCE, "cpu", request.param != "per_tensor")
+    if request.param == "grouped_small":
+        monkeypatch.setattr(dpsgd, "GROUP_BYTES", 64)
     return request.param
 
 
@@ -513,8 +516,10 @@ def test_grouped_clip_reduce_equals_per_tensor_with_an_unused_adapter(monkeypatc
     batch = make_batch(5, 4, scale=2.0)
     batch["x"][3, 0, 0] = float("nan")
     sums = {}
-    for flag in (False, True):
-        monkeypatch.setitem(dpsgd.GROUPED_CLIP_REDUCE, "cpu", flag)
+    for flag, limit in ((False, None), (True, None), ("small", 64)):
+        monkeypatch.setitem(dpsgd.GROUPED_CLIP_REDUCE, "cpu", bool(flag))
+        if limit:
+            monkeypatch.setattr(dpsgd, "GROUP_BYTES", limit)
         dp = make_dp(model, max_grad_norm=0.5)
         ((model[3](model[1](model[0](batch["x"]))) - batch["y"]) ** 2).sum().backward()  # model[2] unused
         dp.accumulate()
@@ -523,10 +528,12 @@ def test_grouped_clip_reduce_equals_per_tensor_with_an_unused_adapter(monkeypatc
         dp.detach()
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     assert names == ["0.lora_B", "2.lora_B", "3.lora_B"]
-    assert torch.equal(sums[True][1], torch.zeros(OUT, R)) and torch.equal(sums[False][1], torch.zeros(OUT, R))
-    for k, a, b in zip(names, sums[False], sums[True]):
+    for flag in (False, True, "small"):
+        assert torch.equal(sums[flag][1], torch.zeros(OUT, R)), flag
+    for k, a, b, c in zip(names, sums[False], sums[True], sums["small"]):
         assert torch.isfinite(a).all() and (a.abs().sum() > 0 or k == "2.lora_B"), k
         assert_close_verbose(b, a, atol=1e-6, rtol=1e-6, name=k)
+        assert_close_verbose(c, a, atol=1e-6, rtol=1e-6, name=f"{k} (groups of 64 bytes)")
 
 
 def test_trainable_parameters_on_two_devices_are_refused():

@@ -34,9 +34,10 @@ from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE, clip_coef
 log = logging.getLogger(__name__)
 
 CLIPPING = ("flat", "per_layer")
-# device type -> whether flat clipping concatenates every tensor's per-sample gradients and clip-reduces
-# them in one launch (see DPSGD._clip_flat); tests flip it to run both paths on CPU
+# device type -> whether flat clipping concatenates the tensors' per-sample gradients (in groups of up to
+# GROUP_BYTES) and clip-reduces each group in one launch (see DPSGD._clip_flat); tests flip both
 GROUPED_CLIP_REDUCE = {"cuda": True}
+GROUP_BYTES = 64 << 20
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
@@ -407,9 +408,10 @@ class DPSGD:
     def _clip_flat(self, coef: Tensor, n: int) -> Tensor:
         """``sum_i c_i P_i`` of every trainable tensor, as one (total,) float32 vector.
 
-        On CUDA the per-sample gradients of all tensors are concatenated and clip-reduced in one launch
-        (one copy of them, ~0.1 ms at a 1B model's adapters, against one launch per tensor); elsewhere each
-        tensor is reduced in place (a copy costs more than a launch on a CPU).
+        On CUDA the per-sample gradients are concatenated in groups of up to ``GROUP_BYTES`` and each group
+        is clip-reduced in one launch (a 1B model's 154 adapters: 2 launches instead of 154; the copy is
+        ~0.1 ms and at most ``GROUP_BYTES`` of extra memory); elsewhere each tensor is reduced in place (a
+        copy costs more than a launch on a CPU).
         """
         grads = []
         for p in self.params:
@@ -417,26 +419,35 @@ class DPSGD:
             if gs is not None and gs.shape[0] != n:
                 raise RuntimeError(f"per-sample gradients of one tensor have {gs.shape[0]} samples, expected {n}")
             grads.append(gs)
-        present = [g for g in grads if g is not None]
-        if GROUPED_CLIP_REDUCE.get(self._device.type, False) and present and n > 0:
-            P = torch.cat([g.reshape(n, -1) for g in present], dim=1)
-            cols = math.gcd(P.shape[1], 64)  # (n, rows, cols): the op's (n, a, b) in tiles it handles well
-            summed = call(ffa_linear_clip_reduce, P.view(n, P.shape[1] // cols, cols), coef).reshape(-1)
-            if len(present) == len(grads):
-                return summed.float()
-            pieces, offset = [], 0
-            for g, k in zip(grads, self._sizes):
-                pieces.append(summed[offset : offset + k] if g is not None else None)
-                offset += k if g is not None else 0
-            return self._flatten(pieces)
-        parts = []
-        for g, p in zip(grads, self.params):
-            if g is None:
-                parts.append(None)
-                continue
-            rows = p.shape[0] if p.dim() > 1 else 1  # (n, *shape) -> (n, rows, cols); n may be 0
-            parts.append(call(ffa_linear_clip_reduce, g.reshape(n, rows, p.numel() // rows), coef))
-        return self._flatten(parts)
+        pieces: list[Tensor | None] = [None] * len(grads)
+        if GROUPED_CLIP_REDUCE.get(self._device.type, False) and n > 0:
+            group: list[int] = []
+
+            def flush():
+                P = torch.cat([grads[i].reshape(n, -1) for i in group], dim=1)
+                cols = math.gcd(P.shape[1], 64)  # (n, rows, cols): the op's (n, a, b), tiles it handles well
+                summed = call(ffa_linear_clip_reduce, P.view(n, P.shape[1] // cols, cols), coef).reshape(-1)
+                for i, part in zip(group, summed.split([self._sizes[i] for i in group])):
+                    pieces[i] = part
+                group.clear()
+
+            size = 0
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                group.append(i)
+                size += g.numel() * g.element_size()
+                if size >= GROUP_BYTES:
+                    flush()
+                    size = 0
+            if group:
+                flush()
+        else:
+            for i, (g, p) in enumerate(zip(grads, self.params)):
+                if g is not None:
+                    rows = p.shape[0] if p.dim() > 1 else 1  # (n, *shape) -> (n, rows, cols); n may be 0
+                    pieces[i] = call(ffa_linear_clip_reduce, g.reshape(n, rows, p.numel() // rows), coef)
+        return self._flatten(pieces)
 
     def _split(self, flat: Tensor) -> list[Tensor]:
         """Per-tensor views of a (total,) vector, shaped like ``params``."""
