@@ -15,7 +15,12 @@ for only between rounds; every kernel here is tiny, so the launch queue never fi
     layer_step_dp     the same under ``DPSGD`` (flat clipping): forward, backward, ``step``, ``zero_grad``
     graph_replay      ``layer_step`` captured once in a CUDA graph, replayed
 
+With ``--stub-kernels`` (CPU) the Triton backend runs with every kernel launch replaced by a no-op (and
+the GEMM's tuned-config path taken, as on CUDA): what remains is our own host cost per op and layer step,
+the part of a host-bound GPU step that any machine can measure and that this repository can cut.
+
     python bench/launch.py [--json OUT]      # CUDA
+    python bench/launch.py --stub-kernels    # any CPU: our wrappers' host cost, Triton's launch excluded
     python bench/launch.py --calls 2 --rounds 1  # CPU: the torch rows (+ Triton under TRITON_INTERPRET=1, untimed)
 """
 
@@ -84,14 +89,49 @@ def compiled_launcher(fn, grid, args: tuple, kw: dict):
     return compiled[g], [bound[n] for n in names]
 
 
+class _NoLaunch:
+    """A kernel whose launches do nothing but evaluate the grid (as Triton does); as an autotuner it reports
+    a best config, so the caller caches it and takes the direct tuned-config path, as on CUDA."""
+
+    def __init__(self, best=None):
+        self.best_config = best
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            if callable(grid):
+                grid({"BLOCK_M": 128, "BLOCK_N": 128, **kw})
+
+        return launch
+
+
+def stub_kernels() -> None:
+    """Replace every Triton kernel of ``fedlora_fast.kernels.ffa_linear`` by ``_NoLaunch`` (for --stub-kernels)."""
+    import triton
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    cfg = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    for name in ("_gemm_lowrank_kernel", "_outer_kernel", "_split_sum_kernel", "_clip_reduce_kernel", "_gemm_tma_kernel"):
+        setattr(K, name, _NoLaunch())
+    K._gemm_lowrank_tuned = _NoLaunch(cfg)
+    K._gemm_tma_tuned = _NoLaunch(cfg)
+    K._autotune = lambda device: True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=200, help="calls per round")
     p.add_argument("--rounds", type=int, default=7, help="rounds (median)")
     p.add_argument("--shape", default="2,8,128,256,16", help="n,T,in,out,r of the tiny layer")
     p.add_argument("--json", default=None, help="write the rows here (atomic)")
+    p.add_argument("--stub-kernels", action="store_true",
+                   help="CPU: the Triton backend with no-op kernel launches (our own host cost per op)")
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
+    if args.stub_kernels:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the backend accepts CPU tensors
+        os.environ["FEDLORA_FAST_BACKEND"] = "triton"
+        stub_kernels()
+    cuda = torch.cuda.is_available() and not args.stub_kernels
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = lambda: harness.sync(device)  # noqa: E731
@@ -120,7 +160,14 @@ def main(argv=None) -> int:
     A = (torch.randn(r, inp, generator=gen) / inp**0.5).to(device)
     B = (torch.randn(out, r, generator=gen) * 0.1).to(device)
 
-    if cuda or os.environ.get("TRITON_INTERPRET") == "1":  # interpreted on CPU: a smoke check, not a timing
+    if args.stub_kernels:
+        from fedlora_fast import kernels
+
+        fwd = lambda: kernels.ffa_linear_fwd(x, x, W, None, A, B, 2.0)  # noqa: E731
+        u = fwd()[1]
+        measure("ffa_fwd", fwd)
+        measure("ffa_bwd", lambda: kernels.ffa_linear_bwd(g, u, W, A, B, None, 2.0, True, False, MODE_PER_SAMPLE, 0.0, 0.0))
+    elif cuda or os.environ.get("TRITON_INTERPRET") == "1":  # interpreted on CPU: a smoke check, not a timing
         # the fused Triton GEMM, pinned: "auto" could pick cuBLAS + the in-place epilogue at this tiny shape,
         # and the recorded launch would then accumulate into its output (no longer a pure rerun to compare)
         os.environ["FEDLORA_FAST_GEMM"] = "triton"
@@ -192,7 +239,8 @@ def main(argv=None) -> int:
 
     measure("layer_step_dp", layer_step_dp)
     result = {**harness.machine_info(device), "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
-              "calls": args.calls, "rounds": args.rounds, "us_per_call": rows}  # fmt: skip
+              "kernels_stubbed": bool(args.stub_kernels), "calls": args.calls, "rounds": args.rounds,
+              "us_per_call": rows}  # fmt: skip
     if args.json:
         harness.write_json(args.json, result)
         print(f"# wrote {args.json}")
