@@ -510,32 +510,38 @@ def _interp_block(dim: int) -> int:
     return 32 if dim <= 256 else 128
 
 
+_CUDA_BLOCKS = {
+    "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    # U = xa A^T: N = r, memory bound on xa: 32-row tiles so that 4k tokens still give 128 programs
+    "narrow": dict(BLOCK_M=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+    # one pass over G: 64 rows x 128 features per step (16 KiB bf16, 32 KiB once upcast for the 3xTF32
+    # dots), P tile 128 x r float32 in registers. 256 wide would halve the V partials (N*r*4 B per
+    # out-tile) but needs ~200 KiB of shared memory with 3 stages: try it when a GPU can measure it.
+    "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2),
+    "finish": dict(BLOCK_A=256, num_warps=4),
+    "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
+}
+
+
 def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
-    """Block sizes and warps for every launch; one place to tune (no autotune under the interpreter).
+    """Block sizes and warps for every launch (a fresh dict); one place to tune (no autotune under the
+    interpreter).
 
     ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B). GPU sizes are first guesses (sm80/sm90, bf16,
     r <= 64) until measured with bench/gpu_layer.py.
     """
-    if device.type != "cuda":  # interpreter
-        b = {k: _interp_block(v) for k, v in dims.items()}
-        return {
-            "gemm": lambda: dict(BLOCK_M=b["M"], BLOCK_N=b["N"], BLOCK_K=b["K"], GROUP_M=4),
-            "narrow": lambda: dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1),
-            "outer": lambda: dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"]),
-            "finish": lambda: dict(BLOCK_A=b["A"]),
-            "clip": lambda: dict(BLOCK_A=b["A"], BLOCK_B=b["B"]),
-        }[kind]()
-    return {
-        "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        # U = xa A^T: N = r, memory bound on xa: 32-row tiles so that 4k tokens still give 128 programs
-        "narrow": dict(BLOCK_M=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
-        # one pass over G: 64 rows x 128 features per step (16 KiB bf16, 32 KiB once upcast for the 3xTF32
-        # dots), P tile 128 x r float32 in registers. 256 wide would halve the V partials (N*r*4 B per
-        # out-tile) but needs ~200 KiB of shared memory with 3 stages: try it when a GPU can measure it.
-        "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2),
-        "finish": dict(BLOCK_A=256, num_warps=4),
-        "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
-    }[kind]
+    if device.type == "cuda":
+        return dict(_CUDA_BLOCKS[kind])
+    b = {k: _interp_block(v) for k, v in dims.items()}  # interpreter
+    if kind == "gemm":
+        return dict(BLOCK_M=b["M"], BLOCK_N=b["N"], BLOCK_K=b["K"], GROUP_M=4)
+    if kind == "narrow":
+        return dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1)
+    if kind == "outer":
+        return dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"])
+    if kind == "finish":
+        return dict(BLOCK_A=b["A"])
+    return dict(BLOCK_A=b["A"], BLOCK_B=b["B"])  # clip
 
 
 def _prec(dtype: torch.dtype, rounded: bool = False) -> str:
@@ -551,18 +557,6 @@ def _prec(dtype: torch.dtype, rounded: bool = False) -> str:
     if dtype == torch.float32:
         return "ieee"
     return "tf32" if rounded else "tf32x3"
-
-
-def _base_prec(dtype: torch.dtype) -> str:
-    """Precision of the base GEMM for float32 inputs: what cuBLAS does for ``torch.matmul`` (TF32 only when
-    ``torch.backends.cuda.matmul.allow_tf32`` is set). bf16/fp16 dots ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _rows3(t: Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _launch_gemm(
@@ -591,26 +585,14 @@ def _launch_gemm(
     w, swk, swn = wt if wt is not None else (dummy, 0, 0)
     L, R, srj, srn = lowrank if lowrank is not None else (dummy, dummy, 0, 0)
     rank = L.shape[2] if lowrank is not None else 1
-    xs = _rows3(x) if x is not None else (0, 0, 0)
-    ls = _rows3(L) if lowrank is not None else (0, 0, 0)
-    prec = _prec(prec_dtype)
-    # U = xa A^T with bfloat16 xa: A split into bfloat16 terms instead of upcasting the xa tile
-    split_w = main_fp32 and x is not None and x.dtype == torch.bfloat16
-    flags = dict(
-        HAS_MAIN=x is not None,
-        HAS_C=accumulate,
-        HAS_BIAS=bias is not None,
-        HAS_LOWRANK=lowrank is not None,
-        SPLIT_W=split_w,
-        MAIN_FP32=(main_fp32 and not split_w) or _interpret(),
-        MAIN_PREC=prec if main_fp32 else _base_prec(prec_dtype),
-        LR_PREC=_prec(prec_dtype, rounded=out.dtype != torch.float32),
-        FIX_BF16_ROUNDING=_interpret() and out.dtype == torch.bfloat16,
-        BLOCK_R=_pow2(rank),
-    )
+    flags = _gemm_flags(
+        x.dtype if x is not None else None, out.dtype, prec_dtype, main_fp32, accumulate, bias is not None,
+        lowrank is not None, _pow2(rank), torch.backends.cuda.matmul.allow_tf32,
+    )  # fmt: skip
     args = (
         x if x is not None else dummy, w, bias if bias is not None else dummy, L, R, out,
-        *xs, swk, swn, *ls, srj, srn, *_rows3(out),
+        *(x.stride() if x is not None else (0, 0, 0)), swk, swn,
+        *(L.stride() if lowrank is not None else (0, 0, 0)), srj, srn, *out.stride(),
         M, N, K, T, rank, float(scale),
     )  # fmt: skip
     grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -619,17 +601,41 @@ def _launch_gemm(
             return
     with _device_guard(device):
         if _autotune(device) and x is not None and not accumulate and N > 64:
-            tensors = (x, w, bias, L, R, out)
-            key = (device.index, _tokens_bucket(M), N, K, *flags.items(), *(t.dtype if t is not None else None for t in tensors))
+            key = (device.index, _tokens_bucket(M), N, K, w.dtype, R.dtype, L.dtype, id(flags))
             _launch_tuned(key, grid, args, flags, K)
             return
-        cfg = dict(_blocks("gemm" if N > 64 else "narrow", device, M=M, N=N, K=max(K, 1)))
+        cfg = _blocks("gemm" if N > 64 else "narrow", device, M=M, N=N, K=max(K, 1))
         if N <= 64:  # narrow outputs (U = xa A^T): one column tile of width next_pow2(N)
             cfg["BLOCK_N"] = _pow2(N)
         if x is None:
             cfg["BLOCK_K"] = 16
         cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
         _gemm_lowrank_kernel[grid](*args, **flags, **cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_flags(
+    x_dtype, out_dtype, prec_dtype, main_fp32: bool, accumulate: bool, has_bias: bool, has_lowrank: bool,
+    block_r: int, allow_tf32: bool,
+) -> dict:
+    """The constexpr flags of one ``_gemm_lowrank_kernel`` launch (cached: one dict per combination, never
+    mutated; its ``id`` keys the tuned-config cache)."""
+    prec = _prec(prec_dtype)
+    # U = xa A^T with bfloat16 xa: A split into bfloat16 terms instead of upcasting the xa tile
+    split_w = main_fp32 and x_dtype == torch.bfloat16
+    base_prec = "ieee" if prec_dtype == torch.float32 and not allow_tf32 else "tf32"  # what cuBLAS does
+    return dict(
+        HAS_MAIN=x_dtype is not None,
+        HAS_C=accumulate,
+        HAS_BIAS=has_bias,
+        HAS_LOWRANK=has_lowrank,
+        SPLIT_W=split_w,
+        MAIN_FP32=(main_fp32 and not split_w) or _interpret(),
+        MAIN_PREC=prec if main_fp32 else base_prec,
+        LR_PREC=_prec(prec_dtype, rounded=out_dtype != torch.float32),
+        FIX_BF16_ROUNDING=_interpret() and out_dtype == torch.bfloat16,
+        BLOCK_R=block_r,
+    )
 
 
 def _tma_2d(t: Tensor, rows: int, cols: int) -> tuple[int, int] | None:
@@ -706,7 +712,7 @@ def _launch_gemm_tma(x, wt, bias, lowrank, out, scale, lr_prec: str, fix_roundin
     )  # fmt: skip
     with _device_guard(device):
         if not _autotune(device):  # interpreter: fixed blocks, a few "SMs" so the persistent loop repeats
-            cfg = dict(_blocks("gemm", device, M=M, N=N, K=K))
+            cfg = _blocks("gemm", device, M=M, N=N, K=K)
             _tma_block_shapes({**cfg, **flags, "x_desc": x_desc, "w_desc": w_desc})
             tiles = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])
             _gemm_tma_kernel[(min(4, tiles),)](*args, **flags, **cfg, NUM_SMS=4)
@@ -838,7 +844,7 @@ def _per_sample_outer(
     device = L.device
     acc = R.dtype
     nseg, seg_rows = (1, M) if mode == MODE_SUM else (n, T)
-    cfg = dict(_blocks("outer", device, T=seg_rows, A=a))
+    cfg = _blocks("outer", device, T=seg_rows, A=a)
     block_a, block_t = cfg["BLOCK_A"], cfg["BLOCK_T"]
     a_tiles = _cdiv(a, block_a)
     # split a segment's rows over programs only when segments x a-tiles cannot fill the device
@@ -871,7 +877,7 @@ def _per_sample_outer(
         _outer_kernel[grid](
             L, R, Bmat if Bmat is not None else dummy, dest,
             nu_part if nu_part is not None else dummy, vpart if vpart is not None else dummy,
-            *_rows3(L), *_rows3(R),
+            *L.stride(), *R.stride(),
             *(Bmat.stride() if Bmat is not None else (0, 0)),
             sd_i, sd_s, sd_a, sd_j,
             *(vpart.stride()[:2] if vpart is not None else (0, 0)),
@@ -882,7 +888,7 @@ def _per_sample_outer(
             BLOCK_R=_pow2(r), **cfg,
         )  # fmt: skip
         if nsplit > 1:
-            fcfg = dict(_blocks("finish", device, A=a))
+            fcfg = _blocks("finish", device, A=a)
             f_tiles = _cdiv(a, fcfg["BLOCK_A"])
             nu_part = _alloc((nseg, f_tiles), torch.float32, device) if per_sample else None
             pa, pj = ar_strides(P)
@@ -902,7 +908,7 @@ def _per_sample_outer(
 def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
     n, A, B = P.shape
     out = _alloc((A, B), P.dtype, P.device)
-    cfg = dict(_blocks("clip", P.device, A=A, B=B))
+    cfg = _blocks("clip", P.device, A=A, B=B)
     if B <= 64:  # (n, out, r): whole rank in one tile
         cfg["BLOCK_B"] = _pow2(B, lo=1)
     grid = (_cdiv(A, cfg["BLOCK_A"]), _cdiv(B, cfg["BLOCK_B"]))
@@ -926,7 +932,7 @@ def _use_reference(*tensors: Tensor | None) -> bool:
             continue
         if t.dtype == torch.float64 or t.numel() == 0:
             return True
-        if t.device.type not in ("cuda", "cpu") or (t.device.type == "cpu" and not _interpret()):
+        if not t.is_cuda and not (_INTERPRET and t.device.type == "cpu"):
             return True
     return False
 

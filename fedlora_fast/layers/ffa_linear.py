@@ -7,6 +7,7 @@ client from ``(seed, qualified layer name)``; only ``B`` is trained. The forward
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
@@ -170,7 +171,8 @@ class FFALoRALinear(nn.Module):
                 f"{self.name or 'FFALoRALinear'}: the base weight and bias must stay frozen (requires_grad=False)"
             )
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:
             dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
@@ -184,7 +186,8 @@ class FFALoRALinear(nn.Module):
         xa = self.dropout(x3) if not isinstance(self.dropout, nn.Identity) else None
         # grad mode is off inside Function.forward: decide here whether this pass needs per-sample work
         ps_ctx = self.ps_ctx if per_sample.active(self.ps_ctx) else None
-        with torch.autocast(device_type, enabled=False):
+        # the ops run in the dtype chosen above: autocast off inside (entered only when it is on)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             y = _FFALinearFn.apply(x3, xa, weight, bias, self.lora_A, self.lora_B, self, ps_ctx)
         return y.reshape(*lead, self.out_features)
 
