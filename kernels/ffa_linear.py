@@ -801,13 +801,14 @@ def _choose_gemm(key: tuple, device: torch.device, run: Callable[[str], Tensor])
         return choice
     if not _auto_times(device):
         return "triton"
-    try:
-        times = {c: _time_ms(lambda c=c: run(c), device) for c in AUTO_CANDIDATES}
-    except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
-        warnings.warn(f"fedlora_fast: {GEMM_ENV_VAR}=auto could not time the GEMMs ({e!r}); using triton",
-                      RuntimeWarning, stacklevel=3)  # fmt: skip
-        times = {"triton": 0.0}
-    choice = _AUTO_CHOICE[key] = min(times, key=times.get)
+    times = {}
+    for c in AUTO_CANDIDATES:
+        try:
+            times[c] = _time_ms(lambda c=c: run(c), device)
+        except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
+            warnings.warn(f"fedlora_fast: {GEMM_ENV_VAR}=auto could not time the {c} GEMM ({e!r}); skipping it",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
+    choice = _AUTO_CHOICE[key] = min(times, key=times.get) if times else "triton"
     return choice
 
 
