@@ -43,7 +43,8 @@ def backend_info() -> dict:
     from fedlora_fast.ops import backends
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    out = {"requested": os.environ.get(backends.ENV_VAR) or "auto"}
+    # FEDLORA_FAST_GEMM: the triton backend's base GEMM (auto: timed per shape on CUDA; kernels/ffa_linear.py)
+    out = {"requested": os.environ.get(backends.ENV_VAR) or "auto", "gemm": os.environ.get("FEDLORA_FAST_GEMM") or "auto"}
     for device in devices:
         entry: dict = {}
         with warnings.catch_warnings(record=True) as caught:
