@@ -9,8 +9,10 @@ Design (numbers in bench/NOTES.md):
   (r, N). One kernel serves the forward ``Y = X W^T + b + s U B^T`` (low-rank term added in the GEMM's
   epilogue, so Y is written once), ``U = xa A^T`` (N = r, float32), ``dX = G W + s V A`` and the split
   ``dxa = s V A``. With ``FEDLORA_FAST_GEMM=cublas`` the base GEMM goes to ``torch.matmul`` and the same
-  kernel adds the low-rank term in place (one more read+write of Y/dX; kept as the fallback if the Triton
-  GEMM turns out slower than cuBLAS on a card).
+  kernel adds the low-rank term in place (one more read+write of Y/dX); the default ``auto`` times both per
+  shape on CUDA and keeps the faster (``gemm_impl``).
+- ``_gemm_tma_kernel`` (``FEDLORA_FAST_GEMM=tma``, sm90+): the same GEMM + epilogue as a persistent kernel
+  loading X and W through TMA descriptors; a candidate until timed on a GPU (bench/NOTES.md, v3).
 - ``_outer_kernel``: the one pass over ``G``. Program (segment, split, out-tile) streams its rows of ``G``
   once, accumulating ``P = s G^T U`` (out-tile x r, float32, in registers), and ``V = G B`` restricted to
   its out-tile. Segments are samples (MODE_PER_SAMPLE / MODE_CLIP) or all rows (MODE_SUM). Cross-program
@@ -83,10 +85,11 @@ AUTO_CANDIDATES = ("triton", "cublas")
 def gemm_impl() -> str:
     """Which base GEMM the fused ops use (``FEDLORA_FAST_GEMM``):
 
-    - ``"auto"`` (default): on CUDA, the first call per (op, shape, dtype) times each of ``AUTO_CANDIDATES``
-      on the call's own inputs and keeps the fastest for the process (the two differ by up to ~25 % either
-      way per shape on an H100, bench/NOTES.md); elsewhere ``"triton"``. Results agree to rounding, not bit
-      for bit, across choices: pin a value for bitwise-reproducible runs.
+    - ``"auto"`` (default): on CUDA, the first call per (op, token bucket, sizes, dtype) times each of
+      ``AUTO_CANDIDATES`` on the call's own inputs and keeps the fastest for the process (on an H100, v1:
+      cuBLAS + epilogue 4-5 % faster at 2 of 6 Llama-7B shapes, Triton 3-35 % faster at the others;
+      bench/NOTES.md); elsewhere ``"triton"``. Results agree to rounding, not bit for bit, across choices:
+      pin a value for bitwise-reproducible runs.
     - ``"triton"``: the fused Triton GEMM; ``"cublas"``: ``torch.matmul`` + the low-rank term added in place;
     - ``"tma"``: a persistent Triton GEMM loading X and W through TMA descriptors (sm90+, bf16/fp16,
       16-byte-aligned rows, else ``"triton"``), the same epilogue; not yet timed on a GPU.
