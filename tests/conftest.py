@@ -8,6 +8,10 @@ if not glob.glob("/dev/nvidia[0-9]*"):
 # The interpreter's tl.dot is numpy's matmul on small tiles: OpenBLAS's thread pool turns each into ~50 ms on
 # a loaded shared CPU (measured on the 2-core dev box: 52 ms vs 0.01 ms single-threaded). Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# On CUDA the default FEDLORA_FAST_GEMM=auto times two GEMMs at every new test shape; the suite pins the
+# Triton GEMM instead (each test of cuBLAS, TMA or auto selects it itself) so a GPU run spends its time on
+# checks. On CPU auto is the Triton GEMM anyway.
+os.environ.setdefault("FEDLORA_FAST_GEMM", "triton")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
