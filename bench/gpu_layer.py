@@ -157,7 +157,10 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
             gemm = name[len("ffa_flat[") : -1] if name.startswith("ffa_flat[") else None
             out[name] = _with_gemm(Variant(name, layer, x, g, reset), gemm)
     if "peft_opacus" in which:
-        out["peft_opacus"] = make_peft_opacus(base, x, g, r, alpha, peft_train_A)
+        try:
+            out["peft_opacus"] = make_peft_opacus(base, x, g, r, alpha, peft_train_A)
+        except ImportError as e:  # a GPU machine without opacus/peft: time ours, say what is missing
+            print(f"# peft_opacus skipped: {e} (carry the wheels in .whl/, see bench/README.md)", flush=True)
     return out
 
 

@@ -620,9 +620,13 @@ def _run(args) -> dict:
     batch = make_batch(base, args.n, args.T, device)
     params = sum(p.numel() for p in base.parameters())
     fns, infos = {}, {}
-    for spec in specs:
+    for spec in list(specs):
         name, backend = parse_variant(spec)
-        fns[result_key(spec)], infos[result_key(spec)] = build_variant(name, base, head, batch, args.r, backend)
+        try:
+            fns[result_key(spec)], infos[result_key(spec)] = build_variant(name, base, head, batch, args.r, backend)
+        except ImportError as e:  # e.g. a GPU machine without opacus: time the others, say what is missing
+            print(f"# {spec} skipped: {e} (install it, or carry its wheel in .whl/: bench/README.md)", flush=True)
+            specs.remove(spec)
     del base
     trained = {k: i["trainable"] for k, i in infos.items() if i["trainable"]}
     if len(set(trained.values())) > 1:  # a fair comparison trains the same tensors everywhere
