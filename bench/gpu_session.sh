@@ -29,7 +29,7 @@ date -u
 
 # Correct first: the CUDA-marked tests (every kernel against float64, natively), then the timings.
 # The tests of what has never run on a GPU go first (FIRST_K), so a capped run still answers them.
-echo "== 1/4 CUDA tests, natively (pytest -m cuda): first -k '${FIRST_K:=tensor_cores or tma or auto_gemm}'"
+echo "== 1/4 CUDA tests, natively (pytest -m cuda): first -k '${FIRST_K:=tensor_cores or tma or auto_gemm or direct_launch}'"
 T0=$(date +%s)
 timeout "${FIRST_S:-100}" "$PY" -m pytest -m cuda -k "$FIRST_K" -q -n "${TEST_WORKERS:-14}" -p no:cacheprovider \
     -p no:benchmark -rfE --junitxml="$OUT/junit_cuda_first.xml" 2>&1 | tee "$OUT/tests_cuda_first.log" | tail -12

@@ -10,6 +10,7 @@ for only between rounds; every kernel here is tiny, so the launch queue never fi
     gemm_compiled     the same launch through the compiled kernel's own launcher (``CompiledKernel[grid]``):
                       what a launcher that skips the JIT's per-call work would cost; checked bit-equal
     ffa_fwd / ffa_bwd the Triton ops as the layer calls them (wrapper + 2 / 3-4 launches), per-sample mode
+    *_direct          the same with FEDLORA_FAST_LAUNCH=direct (compiled kernels launched without the JIT)
     floor_step        frozen ``nn.Linear`` forward + input-gradient backward (autograd), tiny shape
     layer_step        ``FFALoRALinear`` forward + backward (no DP), same shape
     layer_step_dp     the same under ``DPSGD`` (flat clipping): forward, backward, ``step``, ``zero_grad``
@@ -146,6 +147,15 @@ def main(argv=None) -> int:
             rows[name] = f"failed: {type(e).__name__}: {e}"[:300]
         print(f"{name:16s} {rows[name]}", flush=True)
 
+    def measure_direct(name, fn):  # the same call with FEDLORA_FAST_LAUNCH=direct (CUDA)
+        if not cuda:
+            return
+        os.environ["FEDLORA_FAST_LAUNCH"] = "direct"
+        try:
+            measure(name + "_direct", fn)
+        finally:
+            os.environ.pop("FEDLORA_FAST_LAUNCH", None)
+
     a, b, c = (torch.randn(1024, device=device) for _ in range(3))
     measure("torch_add", lambda: torch.add(a, b, out=c))
 
@@ -177,7 +187,10 @@ def main(argv=None) -> int:
         fwd = lambda: kernels.ffa_linear_fwd(x, x, W, None, A, B, 2.0)  # noqa: E731
         u = fwd()[1]
         measure("ffa_fwd", fwd)
-        measure("ffa_bwd", lambda: kernels.ffa_linear_bwd(g, u, W, A, B, None, 2.0, True, False, MODE_PER_SAMPLE, 0.0, 0.0))
+        bwd = lambda: kernels.ffa_linear_bwd(g, u, W, A, B, None, 2.0, True, False, MODE_PER_SAMPLE, 0.0, 0.0)  # noqa: E731
+        measure("ffa_bwd", bwd)
+        measure_direct("ffa_fwd", fwd)
+        measure_direct("ffa_bwd", bwd)
         recorder = _Recorder(K._gemm_lowrank_kernel)
         K._gemm_lowrank_kernel = recorder
         try:
@@ -213,6 +226,7 @@ def main(argv=None) -> int:
         model(xg).backward(g)
 
     measure("layer_step", layer_step)
+    measure_direct("layer_step", layer_step)
     if cuda:
         try:
             model[0].lora_B.grad = None
@@ -238,6 +252,7 @@ def main(argv=None) -> int:
         dp.zero_grad()
 
     measure("layer_step_dp", layer_step_dp)
+    measure_direct("layer_step_dp", layer_step_dp)
     result = {**harness.machine_info(device), "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
               "kernels_stubbed": bool(args.stub_kernels), "calls": args.calls, "rounds": args.rounds,
               "us_per_call": rows}  # fmt: skip

@@ -613,7 +613,7 @@ def _launch_gemm(
         if x is None:
             cfg["BLOCK_K"] = 16
         cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
-        _gemm_lowrank_kernel[grid](*args, **flags, **cfg)
+        _run(_gemm_lowrank_kernel, grid, *args, **flags, **cfg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -763,7 +763,7 @@ def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
         if best is not None and hasattr(best, "all_kwargs"):
             _TUNED_CONFIGS[key] = dict(best.all_kwargs())
         return
-    _gemm_lowrank_kernel[grid](*args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
+    _run(_gemm_lowrank_kernel, grid, *args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
 
 
 # (op, device index, token bucket, sizes, dtype, flags) -> the GEMM "auto" measured fastest in this process
@@ -813,6 +813,55 @@ def _choose_gemm(key: tuple, device: torch.device, run: Callable[[str], Tensor])
                           RuntimeWarning, stacklevel=3)  # fmt: skip
     choice = _AUTO_CHOICE[key] = min(times, key=times.get) if times else "triton"
     return choice
+
+
+LAUNCH_ENV_VAR = "FEDLORA_FAST_LAUNCH"  # "jit" (default): kernel[grid](...); "direct": see _run
+
+
+def _run(fn, grid, *args, **kw) -> None:
+    """``fn[grid](*args, **kw)``, or with ``FEDLORA_FAST_LAUNCH=direct`` (CUDA) the same compiled kernel
+    launched through its own launcher, skipping the JIT's per-call argument binding, specialisation and
+    cache key (tens of microseconds of host time per launch on the H100 machine's CPU; bench/launch.py
+    measures both). The first launch per specialisation goes through the JIT, which compiles and returns the
+    kernel; later ones reuse it when every argument specialises the same way (``_spec_key``). Kernels must
+    take their non-constexpr parameters positionally and every constexpr by keyword (all of ours do)."""
+    if _INTERPRET or os.environ.get(LAUNCH_ENV_VAR, "jit") != "direct":
+        fn[grid](*args, **kw)
+        return
+    key = (id(fn), torch.cuda.current_device(), _spec_key(args), tuple(kw.items()))
+    entry = _DIRECT.get(key)
+    if entry is None:
+        compiled = fn[grid](*args, **kw)  # compiles if needed, launches, returns the CompiledKernel
+        names = [p.name for p in fn.params if p.is_constexpr]
+        if compiled is not None and hasattr(compiled, "run") and all(n in kw for n in names):
+            _DIRECT[key] = (compiled, [kw[n] for n in names])
+        return
+    compiled, constexprs = entry
+    g = grid(kw) if callable(grid) else grid
+    compiled[(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)](*args, *constexprs)
+
+
+# (kernel, device, argument specialisation, constexprs and options) -> (CompiledKernel, constexpr values)
+_DIRECT: dict[tuple, tuple] = {}
+
+
+def _spec_key(args: tuple) -> tuple:
+    """How Triton's JIT specialises each non-constexpr argument: a tensor by dtype and 16-byte alignment, an
+    int by ``== 1`` (made a constant), divisibility by 16 and 32/64-bit range, a float as fp32. Two calls
+    with equal keys get the same compiled kernel from the JIT, so the direct launch may reuse it."""
+    key = []
+    for a in args:
+        if isinstance(a, Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or a is None:
+            key.append(a)
+        elif isinstance(a, int):
+            key.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
+        elif isinstance(a, float):
+            key.append(float)
+        else:
+            raise TypeError(f"direct launch: unexpected argument type {type(a).__name__}")
+    return tuple(key)
 
 
 def _device_guard(device: torch.device):
@@ -878,8 +927,8 @@ def _per_sample_outer(
     dummy = R
     grid = (nseg * nsplit, a_tiles)
     with _device_guard(device):
-        _outer_kernel[grid](
-            L, R, Bmat if Bmat is not None else dummy, dest,
+        _run(
+            _outer_kernel, grid, L, R, Bmat if Bmat is not None else dummy, dest,
             nu_part if nu_part is not None else dummy, vpart if vpart is not None else dummy,
             *L.stride(), *R.stride(),
             *(Bmat.stride() if Bmat is not None else (0, 0)),
@@ -896,8 +945,8 @@ def _per_sample_outer(
             f_tiles = _cdiv(a, fcfg["BLOCK_A"])
             nu_part = _alloc((nseg, f_tiles), torch.float32, device) if per_sample else None
             pa, pj = ar_strides(P)
-            _split_sum_kernel[(nseg, f_tiles)](
-                dest, P, nu_part if nu_part is not None else dest,
+            _run(
+                _split_sum_kernel, (nseg, f_tiles), dest, P, nu_part if nu_part is not None else dest,
                 *dest.stride(), P.stride(0) if per_sample else 0, pa, pj,
                 a, r, nsplit, f_tiles,
                 HAS_NORM=nu_part is not None, BLOCK_R=_pow2(r), **fcfg,
@@ -917,8 +966,8 @@ def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
         cfg["BLOCK_B"] = _pow2(B, lo=1)
     grid = (_cdiv(A, cfg["BLOCK_A"]), _cdiv(B, cfg["BLOCK_B"]))
     with _device_guard(P.device):
-        _clip_reduce_kernel[grid](
-            P, coef, out, *P.stride(), coef.stride(0), *out.stride(), n, A, B,
+        _run(
+            _clip_reduce_kernel, grid, P, coef, out, *P.stride(), coef.stride(0), *out.stride(), n, A, B,
             ACC_FP64=P.dtype == torch.float64, **cfg,
         )  # fmt: skip
     return out

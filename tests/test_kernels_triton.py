@@ -260,6 +260,103 @@ def test_auto_gemm_times_nothing_off_cuda(monkeypatch):
     assert K._AUTO_CHOICE == {} and K.gemm_impl() == "auto"
 
 
+def test_direct_launch_key_matches_tritons_specialisation():
+    """FEDLORA_FAST_LAUNCH=direct reuses a compiled kernel when ``_spec_key`` says the arguments specialise
+    alike: two arguments must get equal keys exactly when Triton's own specialisation of them is equal."""
+    jit = pytest.importorskip("triton.runtime.jit")
+    if not hasattr(jit, "native_specialize_impl"):
+        pytest.skip("this Triton has no native_specialize_impl to compare with")
+    from triton.backends.compiler import BaseBackend
+
+    def triton_spec(v):
+        return jit.native_specialize_impl(BaseBackend, v, False, True, True)
+
+    buf = torch.empty(64, dtype=torch.float32)
+    values = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 2**31 - 16, 2**31, 2**31 + 16, 2**40 + 3, 0.5, 3.0,
+              buf, buf[4:], buf[1:], buf[2:], torch.empty(8, dtype=torch.bfloat16), torch.empty(8, dtype=torch.bfloat16)[3:]]
+    for a in values:
+        for b in values:
+            same_key = K._spec_key((a,)) == K._spec_key((b,))
+            same_spec = type(a) is type(b) and triton_spec(a) == triton_spec(b)
+            assert same_key == same_spec, (a if not isinstance(a, torch.Tensor) else "tensor", b if not isinstance(b, torch.Tensor) else "tensor")
+
+
+def test_direct_launch_plumbing_with_a_fake_kernel(monkeypatch):
+    """The direct path's bookkeeping on any machine, with a stand-in for a JIT kernel: the first launch per
+    specialisation goes through the JIT, the next through the compiled kernel with (args, constexprs in
+    signature order) and a 3-D grid from the launch's own block sizes; another specialisation misses."""
+    from types import SimpleNamespace
+
+    log = []
+
+    class Compiled:
+        run = object()
+
+        def __getitem__(self, grid):
+            return lambda *a: log.append(("direct", grid, a))
+
+    class FakeJit:
+        params = [SimpleNamespace(name=n, is_constexpr=c) for n, c in
+                  (("x_ptr", False), ("n", False), ("BLOCK", True), ("FLAG", True))]  # fmt: skip
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                log.append(("jit", grid(kw) if callable(grid) else grid, a))
+                return Compiled()
+
+            return launch
+
+    monkeypatch.setattr(K, "_INTERPRET", False)
+    monkeypatch.setattr(K, "_DIRECT", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "direct")
+    fn, buf = FakeJit(), torch.empty(64)
+    grid = lambda meta: (100 // meta["BLOCK"],)  # noqa: E731
+    for x, n in ((buf, 32), (buf, 48), (buf[1:], 32), (buf, 1)):
+        K._run(fn, grid, x, n, BLOCK=16, FLAG=True)
+    K._run(fn, grid, buf, 16, BLOCK=32, FLAG=True)  # other constexprs: another compiled kernel
+    assert [e[0] for e in log] == ["jit", "direct", "jit", "jit", "jit"], log
+    assert log[1][1] == (6, 1, 1) and log[1][2] == (buf, 48, 16, True)
+    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "jit")  # the default: always the JIT
+    K._run(fn, grid, buf, 48, BLOCK=16, FLAG=True)
+    assert log[-1][0] == "jit"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the interpreter has no compiled kernels")
+def test_direct_launch_gives_the_jits_bits(monkeypatch):
+    """Every op through FEDLORA_FAST_LAUNCH=direct equals the JIT launch bit for bit, across shapes whose
+    ints specialise differently (T=1, n=1, odd sizes) and inputs at 16-byte-aligned and unaligned addresses,
+    interleaved so that a wrong cache key would hand one case another case's kernel."""
+    monkeypatch.setattr(K, "_DIRECT", {})
+    cases = []
+    for shape in [(1, 1, 37, 53, 3), (3, 6, 70, 45, 17), (2, 64, 128, 256, 16), (1, 200, 64, 96, 8)]:
+        for offset in (0, 1):
+            cases.append((shape, offset))
+    def run_all():
+        outs = []
+        for (n, T, inp, out, r), offset in cases:
+            t = make(n, T, inp, out, r, "cuda", torch.bfloat16, seed=n + T)
+            if offset:  # x at an address that is not 16-byte aligned
+                wide = torch.empty(n * T * inp + offset, dtype=torch.bfloat16, device="cuda")
+                wide[offset:] = t["x"].reshape(-1)
+                t["x"] = wide[offset:].view(n, T, inp)
+            y, u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)
+            outs += [y, u]
+            for mode in MODES:
+                outs += list(K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], t["xa"], 0.7, True, True,
+                                              mode, 3.0, 2.0))  # fmt: skip
+        return outs
+
+    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "jit")
+    want = run_all()
+    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "direct")
+    first, again = run_all(), run_all()  # the first pass fills the cache through the JIT, the second reuses it
+    assert len(K._DIRECT) > 0
+    for i, (w, a, b) in enumerate(zip(want, first, again)):
+        assert torch.equal(w, a) and torch.equal(w, b), f"output {i} differs from the JIT launch"
+
+
 # (n, T, in, out, r, x row padding, TMA launches fwd+bwd): Y/dX take the TMA kernel when in/out are
 # multiples of 8 (16-byte rows) and wider than 64; x may be a strided view
 TMA_SHAPES = [
