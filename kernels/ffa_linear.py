@@ -832,8 +832,11 @@ def _run(fn, grid, *args, **kw) -> None:
     entry = _DIRECT.get(key)
     if entry is None:
         compiled = fn[grid](*args, **kw)  # compiles if needed, launches, returns the CompiledKernel
-        names = [p.name for p in fn.params if p.is_constexpr]
-        if compiled is not None and hasattr(compiled, "run") and all(n in kw for n in names):
+        params = fn.params
+        names = [p.name for p in params if p.is_constexpr]
+        # the launcher takes every parameter in signature order: ours are the positional ones, then constexprs
+        laid_out = len(args) + len(names) == len(params) and not any(p.is_constexpr for p in params[: len(args)])
+        if compiled is not None and hasattr(compiled, "run") and laid_out and all(n in kw for n in names):
             _DIRECT[key] = (compiled, [kw[n] for n in names])
         return
     compiled, constexprs = entry
