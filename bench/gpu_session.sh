@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, the CUDA-marked tests run natively, the host cost per launch by path
 # (bench/launch.py), the Triton layer benchmark (correctness check, timings, per-kernel profile, host time),
-# then the end-to-end DP step on a random 1B Llama (with a profile: GPU busy time per step), each within
-# what is left of BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
+# then the end-to-end DP step on a random 1B Llama (with a profile: GPU busy time per step) and again with
+# direct kernel launches, each within what is left of BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
-#   TEST_S=230 LAUNCH_S=30 LAYER_S=200 STEP_S=110 BUDGET_S=585 bash bench/gpu_session.sh   # per-step caps and the
+#   TEST_S=220 LAUNCH_S=30 LAYER_S=180 STEP_S=100 DIRECT_S=45 BUDGET_S=585 bash bench/gpu_session.sh   # per-step caps and the
 #                                                  # whole budget (seconds, counted from the start)
 #   LAYER_ARGS=--sweep-outer bash bench/gpu_session.sh  # also sweep the one-pass backward's block sizes
 #
@@ -58,5 +58,12 @@ if (( L > 30 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" --profile "$OUT/step_profile" \
         --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_flat@torch,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
         2>&1 | tee "$OUT/step.log" | tail -25
+fi
+
+L=$(left); (( L > ${DIRECT_S:-45} )) && L=${DIRECT_S:-45}
+echo "== 4/4 (b) the same step with FEDLORA_FAST_LAUNCH=direct, ${L}s"
+if (( L > 20 )); then
+    FEDLORA_FAST_LAUNCH=direct timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step_direct.json" \
+        --variants "${DIRECT_VARIANTS:-floor,ffa_nodp,ffa_dp_flat}" 2>&1 | tee "$OUT/step_direct.log" | tail -8
 fi
 date -u
