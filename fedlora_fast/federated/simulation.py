@@ -249,6 +249,20 @@ def describe_run(fed) -> dict:
     }
 
 
+def final_record(
+    records: list[dict], *, delta: float, epsilon: float, clients: list, server_privacy, totals: tuple[str, ...]
+) -> dict:
+    """The ``final`` record of ``metrics.json``: the last round's accuracy and loss, the privacy spent, and
+    the sums of ``totals`` over every round (the simulation and the Flower ServerApp write the same layout)."""
+    last = records[-1]
+    out = {
+        "round": last["round"], "accuracy": last["accuracy"], "loss": last["loss"], "delta": delta,
+        "epsilon": epsilon, "clients": clients, "server_privacy": server_privacy,
+    }  # fmt: skip
+    out.update({key: sum(r[key] for r in records) for key in totals})
+    return out
+
+
 class Federation:
     """A built federation: data, the shared model, the clients and the server.
 
@@ -373,20 +387,12 @@ class Federation:
             "final": None,
         }
         if self.server.round >= cfg.rounds and self.records:
-            last = self.records[-1]
-            out["final"] = {
-                "round": last["round"],
-                "accuracy": last["accuracy"],
-                "loss": last["loss"],
-                "delta": cfg.delta,
-                "epsilon": self.epsilon(),
-                "clients": [c.privacy_record(cfg.delta) for c in self.clients],
-                "server_privacy": self.server.aggregator.privacy(cfg.delta),
-                "bytes_up": sum(r["bytes_up"] for r in self.records),
-                "bytes_down": sum(r["bytes_down"] for r in self.records),
-                "seconds": sum(r["seconds"] for r in self.records),
-                "cpu_seconds": sum(r["cpu_seconds"] for r in self.records),
-            }
+            out["final"] = final_record(
+                self.records, delta=cfg.delta, epsilon=self.epsilon(),
+                clients=[c.privacy_record(cfg.delta) for c in self.clients],
+                server_privacy=self.server.aggregator.privacy(cfg.delta),
+                totals=("bytes_up", "bytes_down", "seconds", "cpu_seconds"),
+            )  # fmt: skip
         return out
 
     # --- checkpoint ----------------------------------------------------------------------------------------

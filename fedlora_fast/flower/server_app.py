@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
-from fedlora_fast.federated.simulation import Federation, export_adapter, format_round, plot_curves
+from fedlora_fast.federated.simulation import Federation, export_adapter, final_record, format_round, plot_curves
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import DUMP_KEY, OUT_KEY, SERVER_DATA_KEY, TIMEOUT_KEY, federated_config, flower_setting
@@ -40,19 +40,11 @@ def metrics_document(fed: Federation | node.ServerOnly, strategy: FedLoRAStrateg
     doc["final"] = None
     doc["flower"] = extra
     if strategy.rounds and strategy.rounds[-1]["round"] == cfg.rounds:
-        last = strategy.rounds[-1]
-        doc["final"] = {
-            "round": last["round"],
-            "accuracy": last["accuracy"],
-            "loss": last["loss"],
-            "delta": cfg.delta,
-            "epsilon": strategy.epsilon(),
-            "clients": [strategy.clients[k] for k in sorted(strategy.clients)],
-            "server_privacy": fed.server.aggregator.privacy(cfg.delta),
-            "bytes_up": sum(r["bytes_up"] for r in strategy.rounds),
-            "bytes_down": sum(r["bytes_down"] for r in strategy.rounds),
-            "seconds": sum(r["seconds"] for r in strategy.rounds),
-        }
+        doc["final"] = final_record(
+            strategy.rounds, delta=cfg.delta, epsilon=strategy.epsilon(),
+            clients=[strategy.clients[k] for k in sorted(strategy.clients)],
+            server_privacy=fed.server.aggregator.privacy(cfg.delta), totals=("bytes_up", "bytes_down", "seconds"),
+        )  # fmt: skip
     return doc
 
 
