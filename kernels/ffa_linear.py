@@ -495,15 +495,20 @@ def _pow2(v: int, lo: int = 16) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
+def _sms_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the current one for a bare ``cuda``)."""
+    return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _target_programs(device: torch.device) -> int:
     """Programs wanted in flight for the one-pass backward: 2 per SM on CUDA, a few under the interpreter
     (small, so that the tests' tiny shapes also take the rows-split path)."""
     if device.type == "cuda":
-        return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return 2 * _num_sms(device)
     return 4
 
 
@@ -720,15 +725,11 @@ def _launch_gemm_tma(x, wt, bias, lowrank, out, scale, lr_prec: str, fix_roundin
             tiles = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])
             _gemm_tma_kernel[(min(4, tiles),)](*args, **flags, **cfg, NUM_SMS=4)
             return True
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        sms = _num_sms(device)
         grid = lambda meta: (min(sms, _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
         key = ("tma", device.index, _tokens_bucket(M), N, K, *flags.items(), x.dtype)
-        cfg = _TUNED_CONFIGS.get(key)
-        if cfg is None:
-            _gemm_tma_tuned[grid](*args, **flags, NUM_SMS=sms)
-            best = getattr(_gemm_tma_tuned, "best_config", None)
-            if best is not None and hasattr(best, "all_kwargs"):
-                _TUNED_CONFIGS[key] = {k: v for k, v in best.all_kwargs().items() if k != "pre_hook"}
+        cfg = _tuned_config(_gemm_tma_tuned, key, grid, args, dict(flags, NUM_SMS=sms))
+        if cfg is None:  # this call was the tuning run
             return True
         _tma_block_shapes({**cfg, **flags, "x_desc": x_desc, "w_desc": w_desc})
         _gemm_tma_kernel[grid](*args, **flags, **cfg, NUM_SMS=sms)
@@ -754,14 +755,22 @@ def _autotune(device: torch.device) -> bool:
 _TUNED_CONFIGS: dict[tuple, dict] = {}
 
 
-def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
-    """Launch the base GEMM with the autotuned config for ``key`` (tuning it on the first call)."""
+def _tuned_config(tuned, key: tuple, grid, args: tuple, kwargs: dict) -> dict | None:
+    """The autotuner's launch kwargs cached for ``key``; on the first call for ``key``, runs ``tuned`` (which
+    tunes and launches), caches its choice and returns None: the caller has nothing left to launch."""
     cfg = _TUNED_CONFIGS.get(key)
     if cfg is None:
-        _gemm_lowrank_tuned[grid](*args, **flags)
-        best = getattr(_gemm_lowrank_tuned, "best_config", None)  # set by the autotuner's run
+        tuned[grid](*args, **kwargs)
+        best = getattr(tuned, "best_config", None)  # set by the autotuner's run
         if best is not None and hasattr(best, "all_kwargs"):
-            _TUNED_CONFIGS[key] = dict(best.all_kwargs())
+            _TUNED_CONFIGS[key] = {k: v for k, v in best.all_kwargs().items() if k != "pre_hook"}
+    return cfg
+
+
+def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
+    """Launch the base GEMM with the autotuned config for ``key`` (tuning it on the first call)."""
+    cfg = _tuned_config(_gemm_lowrank_tuned, key, grid, args, flags)
+    if cfg is None:
         return
     _run(_gemm_lowrank_kernel, grid, *args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
 

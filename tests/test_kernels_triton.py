@@ -87,6 +87,23 @@ def ref_bwd(t, u64, lora, *rest):
     return ref.ffa_linear_bwd(f64(t["g"]), u64, f64(t["weight"]), f64(t["A"]), f64(t["B"]), xa, *rest)
 
 
+def check_lowp_y_dx(t, s, y, u, dx):
+    """FFA forward ``y`` and fused ``dx`` (xa = x, per-sample mode) of bf16/fp16 inputs: their dtype and shape,
+    and error at most 2x PyTorch's own low-precision error + 1e-3 of the float64 reference's scale.
+    Returns the reference's (u, backward outputs) for further checks."""
+    t64 = dict(t, xa=t["x"])
+    exp_y, exp_u = ref_fwd(t64, s)
+    exp = ref_bwd(t64, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    lp_y, _ = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    lp_dx = ref.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)[0]
+    for name, a, lp, e in (("y", y, lp_y, exp_y), ("dx", dx, lp_dx, exp[0])):
+        assert a.dtype == t["x"].dtype and a.shape == e.shape, name
+        torch_err = (lp.double() - e).abs().max().item()
+        err = (a.double() - e).abs().max().item()
+        assert err <= 2 * torch_err + 1e-3 * e.abs().max().item(), f"{name}: {err:.3g} vs PyTorch's {torch_err:.3g}"
+    return exp_u, exp
+
+
 def nan_alloc(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -219,14 +236,7 @@ def test_auto_gemm_on_cuda_picks_a_candidate_and_stays_correct(monkeypatch):
     y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
     got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
     assert len(K._AUTO_CHOICE) == 2 and set(K._AUTO_CHOICE.values()) <= set(K.AUTO_CANDIDATES), K._AUTO_CHOICE
-    t64 = dict(t, xa=t["x"])
-    exp_y, _ = ref_fwd(t64, s)
-    exp = ref_bwd(t64, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
-    lp_y, _ = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
-    lp_dx = ref.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)[0]
-    for name, a, lp, e in (("y", y, lp_y, exp_y), ("dx", got[0], lp_dx, exp[0])):
-        torch_err = (lp.double() - e).abs().max().item()
-        assert (a.double() - e).abs().max().item() <= 2 * torch_err + 1e-3 * e.abs().max().item(), name
+    check_lowp_y_dx(t, s, y, u, got[0])
 
 
 @pytest.mark.parametrize("broken", [("triton",), ("cublas",), ("triton", "cublas")], ids=str)
@@ -388,16 +398,7 @@ def test_tma_gemm_poisoned(poisoned, device, dtype, shape, monkeypatch):
     y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
     got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
     assert sum(launched) == want_launches, launched
-    t64 = dict(t, xa=t["x"])
-    exp_y, exp_u = ref_fwd(t64, s)
-    exp = ref_bwd(t64, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
-    lp_y, _ = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
-    lp_dx = ref.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)[0]
-    for name, a, lp, e in (("y", y, lp_y, exp_y), ("dx", got[0], lp_dx, exp[0])):
-        assert a.dtype == dtype and a.shape == e.shape, name
-        torch_err = (lp.double() - e).abs().max().item()
-        err = (a.double() - e).abs().max().item()
-        assert err <= 2 * torch_err + 1e-3 * e.abs().max().item(), f"{name}: {err:.3g} vs PyTorch's {torch_err:.3g}"
+    exp_u, exp = check_lowp_y_dx(t, s, y, u, got[0])
     close(u, exp_u, "u")
     for name, a, e in zip(["gB", "nuB"], got[2:4], exp[2:4]):
         close(a, e, name)
