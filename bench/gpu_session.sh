@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, the CUDA-marked tests run natively, the host cost per launch by path
-# (bench/launch.py), the Triton layer benchmark (correctness check, timings, per-kernel profile, host time),
+# (bench/launch.py), Nsight Compute on one layer step's kernels (bench/ncu_layer.py, where ncu exists), the
+# Triton layer benchmark (correctness check, timings, per-kernel profile, host time),
 # then the end-to-end DP step on a random 1B Llama (with a profile: GPU busy time per step) and again with
 # direct kernel launches, each within what is left of BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
-#   TEST_S=220 LAUNCH_S=30 LAYER_S=180 STEP_S=100 DIRECT_S=45 BUDGET_S=585 bash bench/gpu_session.sh   # per-step caps and the
+#   TEST_S=260 LAUNCH_S=40 NCU_S=60 LAYER_S=150 STEP_S=90 DIRECT_S=40 BUDGET_S=585 bash bench/gpu_session.sh   # per-step caps and the
 #                                                  # whole budget (seconds, counted from the start)
 #   LAYER_ARGS=--sweep-outer bash bench/gpu_session.sh  # also sweep the one-pass backward's block sizes
 #
@@ -27,33 +28,38 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 date -u
 
-# Correct first: the CUDA-marked tests (every kernel against float64, natively), then the timings.
-# The tests of what has never run on a GPU go first (FIRST_K), so a capped run still answers them.
-echo "== 1/4 CUDA tests, natively (pytest -m cuda): first -k '${FIRST_K:=tensor_cores or tma or auto_gemm or direct_launch}'"
-T0=$(date +%s)
-timeout "${FIRST_S:-100}" "$PY" -m pytest -m cuda -k "$FIRST_K" -q -n "${TEST_WORKERS:-14}" -p no:cacheprovider \
-    -p no:benchmark -rfE --junitxml="$OUT/junit_cuda_first.xml" 2>&1 | tee "$OUT/tests_cuda_first.log" | tail -12
-REST=$(( ${TEST_S:-280} - ($(date +%s) - T0) ))
-echo "== 1/4 the rest of the CUDA tests, ${REST}s"
-timeout "$REST" "$PY" -m pytest -m cuda -k "not ($FIRST_K)" -q -n "${TEST_WORKERS:-14}" -p no:cacheprovider \
-    -p no:benchmark -rfE --junitxml="$OUT/junit_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.log" | tail -25
+# Correct first: the CUDA-marked tests (every kernel against float64, natively), then the timings. One run:
+# a -k split ("the never-run tests first") selected every test on the H200 machine (2026-11-26), not here.
+echo "== 1/5 CUDA tests, natively (pytest -m cuda), ${TEST_S:=260}s"
+timeout "$TEST_S" "$PY" -m pytest -m cuda -q -n "${TEST_WORKERS:-14}" -p no:cacheprovider -p no:benchmark -rfE \
+    --durations=15 --junitxml="$OUT/junit_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.log" | tail -30
 
 left() { echo $(( ${BUDGET_S:-600} - ($(date +%s) - START) - 10 )); }
-L=$(left); (( L > ${LAUNCH_S:-30} )) && L=${LAUNCH_S:-30}
-echo "== 2/4 host cost per launch, by path (bench/launch.py), ${L}s"
+L=$(left); (( L > ${LAUNCH_S:-40} )) && L=${LAUNCH_S:-40}
+echo "== 2/5 host cost per launch, by path (bench/launch.py), ${L}s"
 if (( L > 10 )); then
     timeout "$L" "$PY" bench/launch.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/launch.log"
 fi
 
+L=$(left); (( L > ${NCU_S:-60} )) && L=${NCU_S:-60}
+echo "== 3/5 Nsight Compute on one layer step's kernels (bench/ncu_layer.py), ${L}s"
+if (( L > 20 )) && command -v ncu >/dev/null; then
+    timeout "$L" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+        "$PY" bench/ncu_layer.py ${NCU_ARGS:-} > "$OUT/ncu_layer.log" 2>&1
+    grep -E "^  [_a-z].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|^    ---" \
+        "$OUT/ncu_layer.log" | head -80
+fi
+
 L=$(left); (( L > ${LAYER_S:-200} )) && L=${LAYER_S:-200}
-echo "== 3/4 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
+echo "== 4/5 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
 if (( L > 30 )); then
     timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${LAYER_ARGS:-} \
         2>&1 | tee "$OUT/gpu_layer.log"
 fi
 
 L=$(left); (( L > ${STEP_S:-110} )) && L=${STEP_S:-110}
-echo "== 4/4 end-to-end DP step (bench/step.py, random Llama 1B, bf16), ${L}s"
+echo "== 5/5 end-to-end DP step (bench/step.py, random Llama 1B, bf16), ${L}s"
 if (( L > 30 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" --profile "$OUT/step_profile" \
         --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_flat@torch,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
@@ -61,7 +67,7 @@ if (( L > 30 )); then
 fi
 
 L=$(left); (( L > ${DIRECT_S:-45} )) && L=${DIRECT_S:-45}
-echo "== 4/4 (b) the same step with FEDLORA_FAST_LAUNCH=direct, ${L}s"
+echo "== 5/5 (b) the same step with FEDLORA_FAST_LAUNCH=direct, ${L}s"
 if (( L > 20 )); then
     FEDLORA_FAST_LAUNCH=direct timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step_direct.json" \
         --variants "${DIRECT_VARIANTS:-floor,ffa_nodp,ffa_dp_flat}" 2>&1 | tee "$OUT/step_direct.log" | tail -8

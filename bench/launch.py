@@ -9,8 +9,10 @@ for only between rounds; every kernel here is tiny, so the launch queue never fi
                       argument binding, specialisation, cache key, then the driver launch)
     gemm_compiled     the same launch through the compiled kernel's own launcher (``CompiledKernel[grid]``):
                       what a launcher that skips the JIT's per-call work would cost; checked bit-equal
+    spec_key          what the direct path spends per launch on its own cache key (``_spec_key``)
     ffa_fwd / ffa_bwd the Triton ops as the layer calls them (wrapper + 2 / 3-4 launches), per-sample mode
-    *_direct          the same with FEDLORA_FAST_LAUNCH=direct (compiled kernels launched without the JIT)
+    *_direct          the same with FEDLORA_FAST_LAUNCH=direct (compiled kernels launched without the JIT),
+                      in rounds alternating with the JIT's (CUDA)
     floor_step        frozen ``nn.Linear`` forward + input-gradient backward (autograd), tiny shape
     layer_step        ``FFALoRALinear`` forward + backward (no DP), same shape
     layer_step_dp     the same under ``DPSGD`` (flat clipping): forward, backward, ``step``, ``zero_grad``
@@ -139,6 +141,13 @@ def main(argv=None) -> int:
     n, T, inp, out, r = (int(v) for v in args.shape.split(","))
     rows: dict[str, float | str] = {}
 
+    def save():  # after every row: a run stopped by its time cap keeps what it measured
+        if args.json:
+            harness.write_json(args.json, {**harness.machine_info(device), "shape": args.shape,
+                                           "dtype": str(dtype).replace("torch.", ""),
+                                           "kernels_stubbed": bool(args.stub_kernels), "calls": args.calls,
+                                           "rounds": args.rounds, "us_per_call": rows})  # fmt: skip
+
     def measure(name, fn):
         try:
             fn()  # warm-up (compiles, tunes)
@@ -146,15 +155,39 @@ def main(argv=None) -> int:
         except Exception as e:  # report and go on: one path failing must not hide the others
             rows[name] = f"failed: {type(e).__name__}: {e}"[:300]
         print(f"{name:16s} {rows[name]}", flush=True)
+        save()
 
-    def measure_direct(name, fn):  # the same call with FEDLORA_FAST_LAUNCH=direct (CUDA)
+    def with_launch(mode, fn):  # fn under FEDLORA_FAST_LAUNCH=mode
+        def call():
+            os.environ["FEDLORA_FAST_LAUNCH"] = mode
+            try:
+                fn()
+            finally:
+                os.environ.pop("FEDLORA_FAST_LAUNCH", None)
+        return call
+
+    def measure_direct(name, fn):
+        """On CUDA, ``name`` and ``name_direct`` (FEDLORA_FAST_LAUNCH=direct) in alternating rounds, so that a
+        shared host's drift falls on both alike; elsewhere ``name`` alone."""
         if not cuda:
+            measure(name, fn)
             return
-        os.environ["FEDLORA_FAST_LAUNCH"] = "direct"
+        pair = {name: with_launch("jit", fn), name + "_direct": with_launch("direct", fn)}
+        per = {k: [] for k in pair}
         try:
-            measure(name + "_direct", fn)
-        finally:
-            os.environ.pop("FEDLORA_FAST_LAUNCH", None)
+            for f in pair.values():
+                f()  # warm-up (compiles, tunes, caches the direct launchers)
+            for _ in range(args.rounds):
+                for k, f in pair.items():
+                    per[k].append(per_call_us(f, sync, args.calls, 1))
+            for k in pair:
+                rows[k] = round(statistics.median(per[k]), 2)
+        except Exception as e:  # report and go on
+            for k in pair:
+                rows.setdefault(k, f"failed: {type(e).__name__}: {e}"[:300])
+        for k in pair:
+            print(f"{k:16s} {rows[k]}", flush=True)
+        save()
 
     a, b, c = (torch.randn(1024, device=device) for _ in range(3))
     measure("torch_add", lambda: torch.add(a, b, out=c))
@@ -186,9 +219,7 @@ def main(argv=None) -> int:
 
         fwd = lambda: kernels.ffa_linear_fwd(x, x, W, None, A, B, 2.0)  # noqa: E731
         u = fwd()[1]
-        measure("ffa_fwd", fwd)
         bwd = lambda: kernels.ffa_linear_bwd(g, u, W, A, B, None, 2.0, True, False, MODE_PER_SAMPLE, 0.0, 0.0)  # noqa: E731
-        measure("ffa_bwd", bwd)
         measure_direct("ffa_fwd", fwd)
         measure_direct("ffa_bwd", bwd)
         recorder = _Recorder(K._gemm_lowrank_kernel)
@@ -199,6 +230,7 @@ def main(argv=None) -> int:
             K._gemm_lowrank_kernel = recorder.fn
         grid, largs, lkw = recorder.calls[-1]
         measure("gemm_jit", lambda: recorder.fn[grid](*largs, **lkw))
+        measure("spec_key", lambda: K._spec_key(largs))  # the direct path's own per-launch key
         try:
             runner, full = compiled_launcher(recorder.fn, grid, largs, lkw)
             out_t = largs[5]  # out_ptr: the sixth argument of _gemm_lowrank_kernel
@@ -225,7 +257,6 @@ def main(argv=None) -> int:
     def layer_step():
         model(xg).backward(g)
 
-    measure("layer_step", layer_step)
     measure_direct("layer_step", layer_step)
     if cuda:
         try:
@@ -251,13 +282,9 @@ def main(argv=None) -> int:
         dp.step()
         dp.zero_grad()
 
-    measure("layer_step_dp", layer_step_dp)
     measure_direct("layer_step_dp", layer_step_dp)
-    result = {**harness.machine_info(device), "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
-              "kernels_stubbed": bool(args.stub_kernels), "calls": args.calls, "rounds": args.rounds,
-              "us_per_call": rows}  # fmt: skip
+    save()
     if args.json:
-        harness.write_json(args.json, result)
         print(f"# wrote {args.json}")
     return 0
 

@@ -435,13 +435,15 @@ def mem_child(args) -> None:
     print(json.dumps(harness.measure_peak_memory(step, device=device, calls=2)), flush=True)
 
 
-def profile_variants(fns: dict, device: torch.device, folder: str, steps: int = 3) -> dict[str, dict]:
+def profile_variants(fns: dict, device: torch.device, folder: str, steps: int = 3, on_variant=None) -> dict[str, dict]:
     """Profile ``steps`` steps of each variant with torch.profiler; write one op table per variant.
 
     Returns:
-        ``{name: {"path": table file, "phases_ms": {"forward"|"backward"|"update": ms per step},
-        "gpu_busy_ms": GPU kernel ms per step (CUDA; None elsewhere)}}`` (phases: profiled time, profiler
-        overhead included: use the proportions, not the absolute values).
+        ``{name: {"path": table file, "phases_ms": {"forward"|"backward"|"update": host ms per step},
+        "gpu_busy_ms": GPU kernel ms per step (CUDA; None elsewhere)}}`` (phases: the host (CPU) time of each
+        phase's range, profiler overhead included: use the proportions, not the absolute values. Not GPU
+        time: on CUDA the backward's kernels are launched from autograd's device thread, outside the range).
+        ``on_variant(name, result)`` is called after each variant (so a run cut short keeps what it has).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -463,14 +465,16 @@ def profile_variants(fns: dict, device: torch.device, folder: str, steps: int = 
         phases = {}
         for ev in averages:
             if ev.key.startswith("bench."):
-                total_us = ev.device_time_total if device.type == "cuda" else ev.cpu_time_total
-                phases[ev.key[len("bench."):]] = total_us / 1e3 / steps
+                phases[ev.key[len("bench."):]] = ev.cpu_time_total / 1e3 / steps
         table = averages.table(sort_by=sort, row_limit=40)
         path = os.path.join(folder, f"{name}.txt")
         with open(path, "w", encoding="utf-8") as f:
-            f.write(f"# {name}: {steps} steps, sorted by {sort}; ms per step by phase (profiled): "
-                    f"{json.dumps({k: round(v, 1) for k, v in phases.items()})}\n{table}\n")
+            f.write(f"# {name}: {steps} steps, sorted by {sort}; host ms per step by phase (profiled): "
+                    f"{json.dumps({k: round(v, 1) for k, v in phases.items()})}; GPU busy ms per step: "
+                    f"{'-' if busy is None else round(busy, 1)}\n{table}\n")
         out[name] = {"path": path, "phases_ms": phases, "gpu_busy_ms": busy}
+        if on_variant is not None:
+            on_variant(name, out[name])
     return out
 
 
@@ -684,9 +688,9 @@ def _run(args) -> dict:
                 name, backend = parse_variant(spec)
                 fns[result_key(spec)], _ = build_variant(name, base, head, batch, args.r, backend)
             del base
-        profiles = profile_variants(fns, device, args.profile, steps=1 if args.smoke else 3)
-        print("# profiled ms per step by phase (profiler overhead included):", flush=True)
-        for name, prof in profiles.items():
+        print("# profiled host ms per step by phase (profiler overhead included):", flush=True)
+
+        def record(name, prof):
             row[f"{name}_profile_phases_ms"] = prof["phases_ms"]
             phases = "  ".join(f"{k}={v:.0f}" for k, v in prof["phases_ms"].items())
             busy = ""
@@ -694,6 +698,10 @@ def _run(args) -> dict:
                 row[f"{name}_gpu_busy_ms"] = prof["gpu_busy_ms"]
                 busy = f"  gpu busy {prof['gpu_busy_ms']:.1f} ms = {prof['gpu_busy_ms'] / 1e3 / row[f'{name}_s']:.2f} of the step"
             print(f"#   {name:<24} {phases}{busy}   ({prof['path']})", flush=True)
+            if args.json:
+                harness.write_json(args.json, row)
+
+        profile_variants(fns, device, args.profile, steps=1 if args.smoke else 3, on_variant=record)
     if args.json:
         harness.write_json(args.json, row)
         print(f"# wrote {args.json}", flush=True)

@@ -171,7 +171,14 @@ def test_launch_overhead_smoke(tmp_path):
          env={"TRITON_INTERPRET": "1"})
     row = json.loads(out.read_text())
     us = row["us_per_call"]
-    for name in ("torch_add", "ffa_fwd", "ffa_bwd", "gemm_jit", "floor_step", "layer_step", "layer_step_dp"):
+    for name in ("torch_add", "ffa_fwd", "ffa_bwd", "gemm_jit", "spec_key", "floor_step", "layer_step", "layer_step_dp"):
         assert isinstance(us[name], float) and us[name] > 0, (name, us[name])
     assert us["gemm_compiled"].startswith("failed: RuntimeError"), us["gemm_compiled"]
     assert row["device_type"] == "cpu" and row["shape"] == "2,8,128,256,16"
+
+
+def test_ncu_layer_smoke():
+    """bench/ncu_layer.py (one step of our kernels for Nsight Compute) at toy size through the interpreter."""
+    proc = _run([os.path.join(BENCH, "ncu_layer.py"), "--tokens", "2x5", "--shape", "72x80", "--r", "4"],
+                env={"TRITON_INTERPRET": "1"})
+    assert "per-sample dB (2, 80, 4), norms (2,) finite=True" in proc.stdout, proc.stdout
