@@ -336,6 +336,90 @@ def test_non_finite_sample_is_dropped_and_counted(clipping, caplog, grouped):
     assert all(torch.isfinite(p).all() for p in params(model))
 
 
+class _FakeTransfer:
+    """Stands in for the pinned-memory copy + CUDA event of a deferred drop count: not arrived until released."""
+
+    def __init__(self):
+        self.sent, self.arrived, self.waited = [], False, 0
+
+    def __call__(self, count):
+        assert isinstance(count, torch.Tensor) and count.dim() == 0  # the device tensor, not a host int
+        self.sent.append(count.clone())
+
+        def wait():
+            self.waited += 1
+
+        return self.sent[-1], (lambda: self.arrived), wait
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """CUDA's drop counting (on the device, read back later) on the CPU, with a transfer that arrives on cue."""
+    monkeypatch.setitem(dpsgd.DEFERRED_DROP_COUNT, "cpu", True)
+    fake = _FakeTransfer()
+    monkeypatch.setattr(dpsgd._DroppedCounter, "_transfer", staticmethod(fake))
+    return fake
+
+
+def test_deferred_drop_count_never_reads_the_device_in_the_step(deferred, caplog, monkeypatch):
+    """The step reads no device value back (no host sync on CUDA); the count and its warning arrive later,
+    the totals are exact once read, and the dropped sample is out of the sum all along."""
+    model = make_model()
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    dp = make_dp(model)
+    batches = []
+    for seed, bad in ((3, (1,)), (4, (0, 2))):
+        b = make_batch(4, 3, seed=seed)
+        for i in bad:
+            b["x"][i, 0, 0] = float("nan")
+        batches.append(b)
+    good = {k: torch.cat([batches[0][k][[0, 2, 3]], batches[1][k][[1, 3]]]) for k in batches[0]}
+    want = hand_clipped_sum(per_sample_grads_loop(model, loss_fn, good), names)
+
+    def no_read(*a, **kw):
+        raise AssertionError("a device value was read back inside the DP step")
+
+    with caplog.at_level(logging.WARNING, logger="fedlora_fast.privacy.dpsgd"):
+        with monkeypatch.context() as m:
+            for attr in ("__int__", "__bool__", "item", "tolist"):
+                m.setattr(torch.Tensor, attr, no_read)
+            for b in batches:
+                loss_fn(model, b).backward()
+                dp.accumulate()
+            sums = dp.clipped_sum()
+            dp.step()
+        assert "dropped" not in caplog.text  # not arrived yet
+        assert len(deferred.sent) == 1 and int(deferred.sent[0]) == 3  # one transfer per step, summed
+        for k, got in zip(names, sums):
+            assert_close_verbose(got, want[k], atol=1e-5, rtol=1e-5, name=k)
+        dp.zero_grad()
+        loss_fn(model, make_batch(4, 3, seed=5)).backward()
+        dp.step()  # the first step's count has not arrived: still nothing read, nothing blocked
+        assert "dropped" not in caplog.text and deferred.waited == 0
+        deferred.arrived = True
+        loss_fn(model, make_batch(4, 3, seed=6)).backward()
+        dp.accumulate()
+        dp.zero_grad()  # a discarded micro-batch (nothing dropped): counted, never a step
+        loss_fn(model, make_batch(4, 3, seed=7)).backward()
+        dp.step()  # arrived: read back without waiting for anything else
+        assert "dropped 3 of 8 sample(s) with non-finite per-sample gradient norms (over 2 micro-batches)" in caplog.text
+    assert dp.samples_dropped == 3 and dp.last_step_dropped == 0 and dp.last_step_samples == 4
+
+
+def test_deferred_drop_count_waits_when_asked(deferred):
+    """Asking for the totals waits for the counts in flight (the one place the host blocks)."""
+    model = make_model()
+    dp = make_dp(model)
+    b = make_batch(4, 3)
+    b["x"][3, 2, 1] = float("inf")
+    loss_fn(model, b).backward()
+    dp.step()
+    assert deferred.waited == 0
+    assert dp.last_step_dropped == 1 and deferred.waited == 1
+    assert dp.samples_dropped == 1 and dp.last_step_samples == 4
+    assert all(torch.isfinite(p).all() for p in params(model))
+
+
 # --- accountant wiring ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mechanism", ["rdp", "prv"])
 def test_accountant_is_shared_across_rounds(mechanism):

@@ -20,6 +20,7 @@ import logging
 import math
 import secrets
 import weakref
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,88 @@ CLIPPING = ("flat", "per_layer")
 # GROUP_BYTES) and clip-reduces each group in one launch (see DPSGD._clip_flat); tests flip both
 GROUPED_CLIP_REDUCE = {"cuda": True}
 GROUP_BYTES = 64 << 20
+# device type -> whether the count of dropped (non-finite) samples stays on the device and reaches the host
+# later, without a sync in the step (see _DroppedCounter); tests flip it
+DEFERRED_DROP_COUNT = {"cuda": True}
+
+
+class _DroppedCounter:
+    """Samples dropped for a non-finite per-sample gradient norm: counted, and warned about.
+
+    Where ``DEFERRED_DROP_COUNT`` says so (CUDA), a micro-batch's count stays a device tensor: ``end_step``
+    sends the step's count to the host with a non-blocking copy, and it is read back (and warned about) once
+    it has arrived, at a later step or when a total is asked for. Reading it at once would stall the host
+    until the GPU has finished the whole backward at every micro-batch. Elsewhere (CPU) it is read at once.
+    Dropping itself never waits for this: the sample's clipping coefficient is 0 on the device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.deferred = DEFERRED_DROP_COUNT.get(device.type, False)
+        self.total = 0  # counts read back so far (every micro-batch, stepped or discarded)
+        self.last_step = 0  # of the last step read back
+        self._pending: list[tuple[int | Tensor, int]] = []  # this step's micro-batches: (count, n)
+        self._inflight: list[tuple[Tensor | None, Callable[[], bool], Callable[[], None], int, int, bool]] = []
+
+    def add(self, bad: Tensor, n: int) -> None:
+        """One micro-batch of ``n`` samples, ``bad`` (0-dim) of them dropped."""
+        if not self.deferred:
+            k = int(bad)
+            self._warn(k, n)
+            self.total += k
+            bad = k
+        self._pending.append((bad, n))
+
+    def end_step(self, stepped: bool) -> None:
+        """The pending micro-batches were stepped (``stepped``) or discarded (``zero_grad``)."""
+        pending, self._pending = self._pending, []
+        if not pending and not stepped:
+            return  # nothing discarded
+        if not self.deferred:
+            if stepped:
+                self.last_step = sum(k for k, _ in pending)
+            return
+        n = sum(m for _, m in pending)
+        if pending:
+            count = pending[0][0] if len(pending) == 1 else torch.stack([k for k, _ in pending]).sum()
+            host, ready, wait = self._transfer(count)
+        else:
+            host, ready, wait = None, (lambda: True), (lambda: None)
+        self._inflight.append((host, ready, wait, n, len(pending), stepped))
+        self.reap(block=False)
+
+    @staticmethod
+    def _transfer(count: Tensor) -> tuple[Tensor, Callable[[], bool], Callable[[], None]]:
+        """A host copy of the device scalar ``count`` that is filled without blocking: (copy, arrived?, wait)."""
+        if count.device.type != "cuda":  # another accelerator: a plain (blocking) copy
+            host = count.to("cpu")
+            return host, (lambda: True), (lambda: None)
+        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host.copy_(count, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event.query, event.synchronize
+
+    def reap(self, block: bool) -> None:
+        """Read back the counts that have arrived (all of them, waiting if ``block``), oldest first."""
+        while self._inflight:
+            host, ready, wait, n, batches, stepped = self._inflight[0]
+            if not block and not ready():
+                return
+            wait()
+            self._inflight.pop(0)
+            k = int(host) if host is not None else 0
+            self._warn(k, n, batches)
+            self.total += k
+            if stepped:
+                self.last_step = k
+
+    @staticmethod
+    def _warn(k: int, n: int, batches: int = 1) -> None:
+        if k:
+            log.warning(
+                "DPSGD: dropped %d of %d sample(s) with non-finite per-sample gradient norms%s",
+                k, n, "" if batches == 1 else f" (over {batches} micro-batches)",
+            )
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
@@ -181,13 +264,24 @@ class DPSGD:
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
         self._summed: Tensor | None = None  # (total,) float32: the clipped sums since the last step
         self._pending_samples = 0  # samples clipped into _summed since the last step
-        self._pending_dropped = 0
         self._pending_batches = 0
         self._grads_stale = False  # .grad holds the last step's gradient, to be dropped before new backward
-        self.samples_dropped = 0  # non-finite per-sample gradients dropped, over the engine's life
+        self._dropped = _DroppedCounter(self._device)
         self.steps = 0
         self.last_step_samples = 0
-        self.last_step_dropped = 0
+
+    @property
+    def samples_dropped(self) -> int:
+        """Samples dropped for a non-finite per-sample gradient norm, over the engine's life (every
+        micro-batch clipped, stepped or discarded). On CUDA reading it waits for the counts still in flight."""
+        self._dropped.reap(block=True)
+        return self._dropped.total
+
+    @property
+    def last_step_dropped(self) -> int:
+        """Of the last step's samples, how many were dropped (see ``samples_dropped``)."""
+        self._dropped.reap(block=True)
+        return self._dropped.last_step
 
     # --- construction helpers ----------------------------------------------------------------------------
     def _make_accountant(self, accountant: str | Accountant | None) -> Accountant | None:
@@ -359,7 +453,8 @@ class DPSGD:
         """Clip the last backward's per-sample gradients and add them to the running sum; free them.
 
         Call once per physical micro-batch for large logical batches (``step`` calls it for the last one).
-        A sample whose total norm is not finite is dropped (coefficient 0, counted in ``samples_dropped``).
+        A sample whose total norm is not finite is dropped (coefficient 0, counted in ``samples_dropped``;
+        on CUDA the count is read back without stalling the step, so its warning may come a step later).
         With per-layer clipping the layers already clipped inside their backward: a sample with a
         non-finite gradient in one tensor is dropped from that tensor's sum only (its other tensors, each
         clipped to ``C_l``, stay: sensitivity is unchanged).
@@ -383,11 +478,8 @@ class DPSGD:
                 grads.append(p.grad)  # the layer's backward already clipped and summed (None: unused)
             clipped = self._flatten(grads)
         self._summed = clipped if self._summed is None else self._summed + clipped
-        dropped = int((~torch.isfinite(norms2)).sum())  # exactly the samples clip_coef gave coefficient 0
-        if dropped:
-            log.warning("DPSGD: dropped %d of %d sample(s) with non-finite per-sample gradient norms", dropped, n)
-        self.samples_dropped += dropped
-        self._pending_dropped += dropped
+        # exactly the samples clip_coef gave coefficient 0; counted on the device (no sync: _DroppedCounter)
+        self._dropped.add((~torch.isfinite(norms2)).sum(), n)
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
@@ -527,8 +619,9 @@ class DPSGD:
         self.scale_grad()
         self.optimizer.step()
         self.steps += 1
-        self.last_step_samples, self.last_step_dropped = self._pending_samples, self._pending_dropped
-        self._pending_samples = self._pending_batches = self._pending_dropped = 0
+        self.last_step_samples = self._pending_samples
+        self._dropped.end_step(stepped=True)
+        self._pending_samples = self._pending_batches = 0
         self._grads_stale = True
 
     def epsilon(self, delta: float) -> float:
@@ -556,7 +649,8 @@ class DPSGD:
             per_sample.clear(p)
             p.grad = None
         self._summed = None
-        self._pending_samples = self._pending_batches = self._pending_dropped = 0
+        self._dropped.end_step(stepped=False)
+        self._pending_samples = self._pending_batches = 0
         self._grads_stale = False
 
     def detach(self) -> None:
