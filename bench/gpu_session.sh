@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, the CUDA-marked tests run natively, the host cost per launch by path
 # (bench/launch.py), Nsight Compute on one layer step's kernels (bench/ncu_layer.py, where ncu exists), the
-# Triton layer benchmark (correctness check, timings, per-kernel profile, host time),
-# then the end-to-end DP step on a random 1B Llama (with a profile: GPU busy time per step) and again with
-# direct kernel launches, each within what is left of BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
+# end-to-end DP step on a random 1B Llama (with a profile: GPU busy time per step), the same step replayed
+# from a CUDA graph (its own process: a failed capture cannot take the others down), then the Triton layer
+# benchmark (correctness check, timings, per-kernel profile, host time), each within what is left of
+# BUDGET_S. Logs and results go to $OUT (default bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
-#   TEST_S=260 LAUNCH_S=40 NCU_S=60 LAYER_S=150 STEP_S=90 DIRECT_S=40 BUDGET_S=585 bash bench/gpu_session.sh   # per-step caps and the
+#   TEST_S=260 LAUNCH_S=40 NCU_S=60 LAYER_S=150 STEP_S=90 GRAPH_S=60 BUDGET_S=585 bash bench/gpu_session.sh   # per-step caps and the
 #                                                  # whole budget (seconds, counted from the start)
 #   LAYER_ARGS=--sweep-outer bash bench/gpu_session.sh  # also sweep the one-pass backward's block sizes
 #
@@ -51,25 +52,25 @@ if (( L > 20 )) && command -v ncu >/dev/null; then
         "$OUT/ncu_layer.log" | head -80
 fi
 
-L=$(left); (( L > ${LAYER_S:-200} )) && L=${LAYER_S:-200}
-echo "== 4/5 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
-if (( L > 30 )); then
-    timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${LAYER_ARGS:-} \
-        2>&1 | tee "$OUT/gpu_layer.log"
-fi
-
 L=$(left); (( L > ${STEP_S:-110} )) && L=${STEP_S:-110}
-echo "== 5/5 end-to-end DP step (bench/step.py, random Llama 1B, bf16), ${L}s"
+echo "== 4/5 end-to-end DP step (bench/step.py, random Llama 1B, bf16), ${L}s"
 if (( L > 30 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" --profile "$OUT/step_profile" \
         --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_flat@torch,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
         2>&1 | tee "$OUT/step.log" | tail -25
 fi
 
-L=$(left); (( L > ${DIRECT_S:-45} )) && L=${DIRECT_S:-45}
-echo "== 5/5 (b) the same step with FEDLORA_FAST_LAUNCH=direct, ${L}s"
+L=$(left); (( L > ${GRAPH_S:-60} )) && L=${GRAPH_S:-60}
+echo "== 4/5 (b) the step replayed from a CUDA graph (ffa_dp_flat_graph, a prototype; own process), ${L}s"
 if (( L > 20 )); then
-    FEDLORA_FAST_LAUNCH=direct timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step_direct.json" \
-        --variants "${DIRECT_VARIANTS:-floor,ffa_nodp,ffa_dp_flat}" 2>&1 | tee "$OUT/step_direct.log" | tail -8
+    timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step_graph.json" \
+        --variants "${GRAPH_VARIANTS:-floor,ffa_dp_flat,ffa_dp_flat_graph}" 2>&1 | tee "$OUT/step_graph.log" | tail -8
+fi
+
+L=$(left); (( L > ${LAYER_S:-150} )) && L=${LAYER_S:-150}
+echo "== 5/5 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
+if (( L > 30 )); then
+    timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${LAYER_ARGS:-} \
+        2>&1 | tee "$OUT/gpu_layer.log"
 fi
 date -u

@@ -14,6 +14,9 @@ Variants:
     peft_lora          peft LoRA with A frozen (FFA-LoRA in peft), plain SGD step
     peft_opacus        the same model under opacus hooks mode (PrivacyEngine.make_private, Poisson off)
     peft_opacus_ghost  the same under opacus ghost clipping (grad_sample_mode="ghost", two backwards)
+    ffa_dp_flat_graph  (CUDA, on request) ffa_dp_flat with forward + backward + clip-reduce replayed from a
+                       CUDA graph; noise, scaling and the optimizer step eager (a prototype: the host-bound
+                       1B step's answer, see bench/NOTES.md)
 
 Every variant but ``floor`` trains the classification head in full (``trainable_modules`` here,
 ``modules_to_save`` in peft, per-sample gradients in both DP engines), so the head costs the same
@@ -61,6 +64,11 @@ VARIANTS = (
     "peft_opacus_ghost",
 )
 FFA_VARIANTS = ("ffa_nodp", "ffa_dp_flat", "ffa_dp_per_layer")
+# CUDA only, never in the default list: ffa_dp_flat with forward + backward + clip-reduce captured once in a
+# CUDA graph and replayed (noise, scaling and the optimizer step stay eager: the engine's own code). A
+# prototype for bench/NOTES.md's "next": the 1B step is host-bound, and a graph replay issues a layer step's
+# work in microseconds
+CUDA_VARIANTS = ("ffa_dp_flat_graph",)
 MODELS = ("minilm", "bert-tiny", "llama-1b", "llama-tiny", "llama-1b-narrow")
 ALPHA = 16.0
 MAX_GRAD_NORM = 1.0
@@ -282,6 +290,9 @@ def _build_variant(variant, base, head, batch, r, backend, holder):
 
         return _make_step(forward, dp_update, backend), info
 
+    if variant == "ffa_dp_flat_graph":
+        return _graph_variant(model, targets, extra, inputs, labels, r, backend, info)
+
     if variant.startswith("peft"):
         import peft
 
@@ -316,6 +327,76 @@ def _build_variant(variant, base, head, batch, r, backend, holder):
     raise ValueError(f"variant: expected one of {VARIANTS} (optionally '@backend' for ffa_*), got {variant!r}")
 
 
+def _graph_variant(model, targets, extra, inputs, labels, r, backend, info):
+    """``ffa_dp_flat`` with forward, backward and the flat clip-reduce captured in one CUDA graph.
+
+    Warm-up steps run eagerly on a side stream first (Triton compiles and autotunes, ``auto`` picks its GEMMs:
+    none of that may happen inside a capture). The model gets no attention mask (all ones here: the same
+    maths, and Hugging Face's mask code may read it back to the host, which a capture forbids). Each step
+    replays the graph, hands the captured clipped sum and dropped-sample count to the engine, and runs the
+    engine's own eager ``step``: noise from its generator, accounting, scaling, the optimizer. Before timing,
+    one replay's clipped sum is checked against an eager step's on the same batch (``info["graph_check"]``).
+    """
+    if labels.device.type != "cuda":
+        raise ValueError("ffa_dp_flat_graph: CUDA graphs need --device cuda")
+    import fedlora_fast as ff
+
+    ff.inject_adapters(model, target_modules=targets, r=r, alpha=ALPHA, seed=0, trainable_modules=extra)
+    opt = _sgd(model)
+    info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n = labels.shape[0]
+    dp = ff.DPSGD(  # seeded noise: benchmark runs are reproducible (never do this for real privacy)
+        model, opt, max_grad_norm=MAX_GRAD_NORM, noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=n,
+        clipping="flat", generator=torch.Generator(device=labels.device).manual_seed(0),
+    )
+    ids = inputs["input_ids"]
+
+    def forward_backward():
+        _loss(model(input_ids=ids).logits, labels).backward()
+
+    with _backend(backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                forward_backward()
+                dp.step()
+                dp.zero_grad()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward_backward()
+            dp.clip_and_accumulate()
+        summed, bad = dp._summed, dp._dropped._pending[-1][0]  # the graph's outputs, rewritten by each replay
+        dp._summed, dp._pending_samples, dp._pending_batches = None, 0, 0  # the capture stepped nothing
+        dp._dropped._pending.clear()
+        graph.replay()
+        got = summed.clone()
+        forward_backward()
+        dp.clip_and_accumulate()
+        want = dp._summed
+        info["graph_check"] = {
+            "max_abs_diff": float((got - want).abs().max()), "scale": float(want.abs().max()),
+            "bitwise_equal": bool(torch.equal(got, want)),
+        }
+        print(f"# ffa_dp_flat_graph: replayed clipped sum vs eager {info['graph_check']}", flush=True)
+        dp.zero_grad()
+
+    label = torch.profiler.record_function
+
+    def step():
+        with label("bench.replay"):
+            graph.replay()
+        with label("bench.update"):
+            dp._summed = summed  # add_noise makes a new tensor: the graph's output is never written here
+            dp._dropped.add(bad.clone(), n)
+            dp._pending_samples, dp._pending_batches = n, 1
+            dp.step()
+            dp.zero_grad()
+
+    return step, info
+
+
 def _with_update_check(step, model: nn.Module, info: dict):
     """Record in ``info["updated"]`` a callable: the fraction of trainable tensors the steps have changed.
 
@@ -333,8 +414,8 @@ def _with_update_check(step, model: nn.Module, info: dict):
 def parse_variant(spec: str) -> tuple[str, str | None]:
     """``"ffa_dp_flat@native"`` -> ``("ffa_dp_flat", "native")``; a plain name -> ``(name, None)``."""
     name, _, backend = spec.partition("@")
-    if name not in VARIANTS:
-        raise ValueError(f"--variants: unknown variant {name!r}; expected names from {VARIANTS}")
+    if name not in VARIANTS + CUDA_VARIANTS:
+        raise ValueError(f"--variants: unknown variant {name!r}; expected names from {VARIANTS + CUDA_VARIANTS}")
     if backend and name not in FFA_VARIANTS:
         raise ValueError(f"--variants: '@backend' applies to {FFA_VARIANTS} only, got {spec!r}")
     if backend:
@@ -410,7 +491,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.variant_specs = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
         for spec in args.variant_specs:
-            parse_variant(spec)
+            if parse_variant(spec)[0] in CUDA_VARIANTS and not cuda:
+                raise ValueError(f"--variants: {spec} needs --device cuda (CUDA graphs), got {args.device}")
     except ValueError as e:
         p.error(str(e))
     return args
@@ -631,6 +713,11 @@ def _run(args) -> dict:
         except ImportError as e:  # e.g. a GPU machine without opacus: time the others, say what is missing
             print(f"# {spec} skipped: {e} (install it, or carry its wheel in .whl/: bench/README.md)", flush=True)
             specs.remove(spec)
+        except Exception as e:  # a prototype that fails (e.g. a CUDA graph capture) must not hide the others
+            if name not in CUDA_VARIANTS:
+                raise
+            print(f"# {spec} failed to build: {type(e).__name__}: {str(e)[:500]}", flush=True)
+            specs.remove(spec)
     del base
     trained = {k: i["trainable"] for k, i in infos.items() if i["trainable"]}
     if len(set(trained.values())) > 1:  # a fair comparison trains the same tensors everywhere
@@ -666,6 +753,8 @@ def _run(args) -> dict:
         row[f"{key}_times_s"] = ts
         row[f"{key}_trainable"] = infos[key]["trainable"]
         row[f"{key}_updated"] = infos[key]["updated"]()
+        if "graph_check" in infos[key]:  # ffa_dp_flat_graph: replayed clipped sum vs an eager step's
+            row[f"{key}_graph_check"] = infos[key]["graph_check"]
     if not args.no_mem:
         fns.clear()  # free the timing models before spawning memory children
         for spec in specs:

@@ -82,6 +82,26 @@ def test_step_rejects_bad_variant(spec, capsys):
     assert spec.split(",")[-1].split("@")[-1] in capsys.readouterr().err
 
 
+def test_step_graph_variant_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        step.parse_args(["--smoke", "--device", "cpu", "--variants", "floor,ffa_dp_flat_graph"])
+    assert "ffa_dp_flat_graph needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_step_graph_variant_replays_the_eager_clipped_sum(tmp_path):
+    """The CUDA-graph prototype on a tiny Llama: the replayed clipped sum equals an eager step's, and every
+    trainable tensor is updated by the graphed steps."""
+    out = tmp_path / "step.json"
+    step.main(["--smoke", "--device", "cuda", "--no-mem", "--model", "llama-tiny", "--json", str(out),
+               "--variants", "ffa_dp_flat,ffa_dp_flat_graph"])
+    row = json.loads(out.read_text())
+    assert row["ffa_dp_flat_graph_updated"] == 1.0
+    check = row["ffa_dp_flat_graph_graph_check"]
+    assert check["max_abs_diff"] <= 1e-5 * max(check["scale"], 1.0), check
+
+
 def test_step_memory_child():
     """The per-variant fresh-process memory probe prints one JSON line with a plausible peak."""
     proc = _run(["bench/step.py", "--smoke", "--mem-child", "ffa_dp_flat"], env=None)
