@@ -76,9 +76,9 @@ def _interpret() -> bool:
     return _INTERPRET
 
 
-GEMM_IMPLS = ("auto", "triton", "cublas", "tma")
-# what "auto" times on the first call per shape (CUDA). "tma" joins once a GPU run has confirmed it
-# (bench/NOTES.md, v3): until then it runs only when asked for by name.
+GEMM_IMPLS = ("auto", "triton", "cublas", "cublas_acc", "tma")
+# what "auto" times on the first call per shape (CUDA). A candidate joins once a GPU run has confirmed it
+# (bench/NOTES.md): "tma" measured slower on an H200 (2026-11-26); "cublas_acc" is not yet measured.
 AUTO_CANDIDATES = ("triton", "cublas")
 
 
@@ -90,9 +90,15 @@ def gemm_impl() -> str:
       cuBLAS + epilogue 4-5 % faster at 2 of 6 Llama-7B shapes, Triton 3-35 % faster at the others;
       bench/NOTES.md); elsewhere ``"triton"``. Results agree to rounding, not bit for bit, across choices:
       pin a value for bitwise-reproducible runs.
-    - ``"triton"``: the fused Triton GEMM; ``"cublas"``: ``torch.matmul`` + the low-rank term added in place;
+    - ``"triton"``: the fused Triton GEMM; ``"cublas"``: ``torch.matmul`` + the low-rank term added in place
+      by our kernel (one more read and write of the output);
+    - ``"cublas_acc"``: the low-rank term (and bias) written first by our kernel, then cuBLAS accumulates the
+      base GEMM onto it in place (``addmm_``, beta = 1: the output is written once by each, read once by
+      cuBLAS's epilogue). The low-rank term is rounded to the input dtype before the sum (twice in all,
+      once in ``"cublas"``/``"triton"``); not yet timed on a GPU;
     - ``"tma"``: a persistent Triton GEMM loading X and W through TMA descriptors (sm90+, bf16/fp16,
-      16-byte-aligned rows, else ``"triton"``), the same epilogue; not yet timed on a GPU.
+      16-byte-aligned rows, else ``"triton"``), the same epilogue; measured slower than ``"triton"`` and
+      cuBLAS on an H200 (bench/NOTES.md).
     """
     name = os.environ.get(GEMM_ENV_VAR, "auto").strip().lower() or "auto"
     if name not in GEMM_IMPLS:
@@ -1045,6 +1051,11 @@ def ffa_linear_fwd(
             y = torch.nn.functional.linear(x, weight, bias)
             _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)
             return y
+        if impl == "cublas_acc":  # y = bias + s U B^T, then y += x W^T by cuBLAS (beta = 1, in place)
+            y = _alloc((n, T, out), x.dtype, x.device)
+            _launch_gemm(None, None, bias, lowrank, y, scale, prec_dtype=x.dtype)
+            y.view(n * T, out).addmm_(x.reshape(n * T, inp), weight.t())
+            return y
         y = _alloc((n, T, out), x.dtype, x.device)
         w_t = (weight, weight.stride(1), weight.stride(0))
         _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
@@ -1133,10 +1144,15 @@ def ffa_linear_bwd(
         w_main = (weight, weight.stride(0), weight.stride(1))  # dx = G W: Wt is W itself (K=out, N=in)
 
         def dx_with(impl: str) -> Tensor:  # G W (+ s V A unless split)
-            if impl == "cublas":
+            if impl == "cublas" or (impl == "cublas_acc" and split_dx):
                 dx = torch.matmul(g, weight)
                 if not split_dx:
                     _launch_gemm(None, None, None, lowrank, dx, scale, accumulate=True, prec_dtype=dt)
+                return dx
+            if impl == "cublas_acc":  # dx = s V A, then dx += G W by cuBLAS (beta = 1, in place)
+                dx = _alloc((n, T, inp), dt, g.device)
+                _launch_gemm(None, None, None, lowrank, dx, scale, prec_dtype=dt)
+                dx.view(n * T, inp).addmm_(g.reshape(n * T, out), weight)
                 return dx
             dx = _alloc((n, T, inp), dt, g.device)
             _launch_gemm(g, w_main, None, None if split_dx else lowrank, dx, 1.0 if split_dx else scale,

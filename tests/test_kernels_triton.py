@@ -66,7 +66,7 @@ def poisoned(monkeypatch):
     assert calls, "the kernels allocated nothing through alloc_hook: the poisoning checked nothing"
 
 
-@pytest.fixture(params=["triton", "cublas"])
+@pytest.fixture(params=["triton", "cublas", "cublas_acc"])
 def gemm(request, monkeypatch):
     monkeypatch.setenv(K.GEMM_ENV_VAR, request.param)
     return request.param
@@ -155,9 +155,11 @@ def test_bwd_poisoned(poisoned, device, shape, mode, lora, split):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_bwd_cublas_path_poisoned(poisoned, device, mode, monkeypatch):
-    """FEDLORA_FAST_GEMM=cublas: base GEMM by torch.matmul, the low-rank term added in place by the kernel."""
-    monkeypatch.setenv(K.GEMM_ENV_VAR, "cublas")
+@pytest.mark.parametrize("impl", ["cublas", "cublas_acc"])
+def test_bwd_cublas_path_poisoned(poisoned, device, mode, impl, monkeypatch):
+    """FEDLORA_FAST_GEMM=cublas: base GEMM by torch.matmul, the low-rank term added in place by the kernel;
+    cublas_acc: the low-rank term first, cuBLAS accumulating the base GEMM onto it."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, impl)
     t = make(3, 6, 70, 45, 17, device)
     u64 = ref_fwd(t, 0.5)[1]
     for split in (False, True):
@@ -224,6 +226,22 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
     linear_calls.clear()
     K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
     assert linear_calls == [] and len(timed) == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cublas_acc_low_precision_poisoned(poisoned, device, dtype, monkeypatch):
+    """cublas_acc in bf16/fp16: the low-rank term rounded before cuBLAS adds the base GEMM onto it still
+    lands within 2x PyTorch's own low-precision error (a large B makes the term matter)."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "cublas_acc")
+    t = make(2, 9, 72, 80, 4, device, dtype=dtype, seed=3)
+    t["B"] = t["B"] * 30
+    s = 0.7
+    y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    exp_u, exp = check_lowp_y_dx(t, s, y, u, got[0])
+    close(u, exp_u, "u")
+    close(got[2], exp[2], "gB")
 
 
 @pytest.mark.cuda
