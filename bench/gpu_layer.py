@@ -300,34 +300,45 @@ def python_profile(fn, steps: int = 30, top: int = 25) -> str:
     return buf.getvalue()
 
 
-OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages); the first is the shipped default
-    (64, 128, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2),
-    (64, 256, 8, 2), (32, 256, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2),
+OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages, PROMOTE, PACK); the first is the shipped default
+    (64, 128, 4, 2, 1, False), (32, 128, 4, 3, 1, False), (64, 128, 8, 3, 1, False), (128, 128, 8, 2, 1, False),
+    (64, 256, 8, 2, 1, False), (32, 256, 8, 3, 1, False), (64, 64, 4, 3, 1, False), (128, 64, 4, 2, 1, False),
+    # P's tensor-core accumulator over 2 / 4 row blocks before promotion, and R's three split terms packed
+    # into one 64-wide operand (bench/NOTES.md, "v3 on an H200" and "v4")
+    (64, 128, 4, 2, 2, False), (64, 128, 4, 2, 4, False), (64, 128, 4, 2, 1, True), (64, 128, 4, 3, 1, True),
+    (64, 256, 8, 2, 1, True), (128, 128, 8, 2, 1, True), (64, 128, 4, 2, 2, True),
 ]  # fmt: skip
 
 
 def sweep_outer(n, T, out, r, dtype, device, reps: int) -> list[dict]:
-    """Time the one-pass backward over G (P_i, norms, V = G B) for each block config of ``OUTER_SWEEP``."""
+    """Time the one-pass backward over G (P_i, norms, V = G B) for each block config of ``OUTER_SWEEP``, with
+    each config's relative error in P and the norms against float64 (a faster config must also hold the
+    4e-6 the CUDA accuracy test asks for)."""
     from fedlora_fast.kernels import ffa_linear as K
     from fedlora_fast.reference import MODE_PER_SAMPLE
 
     g = torch.randn(n, T, out, device=device, dtype=dtype)
     u = torch.randn(n, T, r, device=device, dtype=torch.float32)
     Bm = torch.randn(out, r, device=device, dtype=torch.float32)
+    p64 = 2.0 * g.double().transpose(1, 2) @ u.double()  # (n, out, r)
+    nu64 = p64.square().sum((1, 2))
     real = K._blocks
     rows = []
-    for bt, ba, warps, stages in OUTER_SWEEP:
-        cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages)
+    for bt, ba, warps, stages, promote, pack in OUTER_SWEEP:
+        cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages, PROMOTE=promote, PACK=pack)
 
         def blocks(kind, dev, **dims):
-            return dict(cfg) if kind == "outer" and dev.type == "cuda" else real(kind, dev, **dims)
+            return dict(cfg) if kind == "outer" else real(kind, dev, **dims)
 
         K._blocks = blocks
         try:
             fn = lambda: K._per_sample_outer(g, u, 2.0, MODE_PER_SAMPLE, "ar", Bmat=Bm, v_rounded=True, prec_dtype=dtype)  # noqa: E731
-            fn()
+            P, nu, _ = fn()
+            err_p = float((P.double() - p64).abs().max() / p64.abs().max())
+            err_nu = float(((nu.double() - nu64).abs() / nu64).max())
             ms = bench_ms(fn, device, reps)
-            rows.append({"config": cfg, "ms": ms, "g_gbps": g.numel() * g.element_size() / (ms * 1e-3) / 1e9})
+            rows.append({"config": cfg, "ms": ms, "g_gbps": g.numel() * g.element_size() / (ms * 1e-3) / 1e9,
+                         "rel_err_P": err_p, "rel_err_nu": err_nu})
         except Exception as e:  # noqa: BLE001  (a config that fails to compile: report, keep sweeping)
             rows.append({"config": cfg, "error": repr(e)[:200]})
         finally:
@@ -556,7 +567,8 @@ def main(argv=None) -> int:
     for row in rows:
         for sw in row.get("sweep_outer", []):
             print(f"## outer n={row['n']} T={row['T']} out={row['out']} {sw['config']}: "
-                  + (f"{sw['ms'] * 1e3:.0f}us ({sw['g_gbps']:.0f} GB/s of G)" if "ms" in sw else sw["error"]))
+                  + (f"{sw['ms'] * 1e3:.0f}us ({sw['g_gbps']:.0f} GB/s of G; rel. error P {sw['rel_err_P']:.1e}, "
+                     f"norms {sw['rel_err_nu']:.1e})" if "ms" in sw else sw["error"]))
     write(rows)
     print(f"# wrote {path}")
     return 0 if all(r["correct"] for r in rows) else 1

@@ -131,6 +131,24 @@ def _split_bf16(x):
 
 
 @triton.jit
+def _dot_split_into(a, hi, lo, lo2, acc, UPCAST: tl.constexpr):
+    """``acc + a @ (hi + lo + lo2)`` on the tensor cores' own float32 accumulation, smallest terms first: the
+    three-term product of ``_dot_split`` chained into an accumulator that spans several blocks (the one-pass
+    kernel's ``PROMOTE``), promoted by the caller."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        acc = tl.dot(a, lo2.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(a, lo.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(a, hi.to(tl.float32), acc, input_precision="ieee")
+    else:
+        a = a.to(tl.bfloat16)
+        acc = tl.dot(a, lo2, acc)
+        acc = tl.dot(a, lo, acc)
+        acc = tl.dot(a, hi, acc)
+    return acc
+
+
+@triton.jit
 def _dot_split(a, hi, lo, lo2, TERMS: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ (hi + lo [+ lo2])`` in float32, ``a`` exact in bfloat16, ``TERMS`` (2 or 3) split terms.
 
@@ -332,7 +350,8 @@ def _outer_kernel(
     SEG, T, A, RANK, ROWS_PER_SPLIT, NSPLIT, NUM_A_TILES, scale,
     HAS_V: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr, V_PREC: tl.constexpr,
     SPLIT_BF16: tl.constexpr, V_TERMS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, PROMOTE: tl.constexpr,
+    PACK: tl.constexpr, P_WIDTH: tl.constexpr,
 ):  # fmt: skip
     """One pass over L (rows of a segment split): P = scale * L^T R per (segment, split, a-tile), V = L Bm.
 
@@ -343,6 +362,14 @@ def _outer_kernel(
     into bfloat16 terms (hi + lo + lo2 = R to ~2^-24), each multiplied on the bfloat16 tensor cores with
     float32 accumulation: P is float32-accurate without upcasting the big L tile (3xTF32 would split
     both operands). ``V_TERMS`` terms of Bm for V (2: ~2^-16, enough for a term rounded to bfloat16).
+    ``PROMOTE``: P's tensor-core accumulator spans this many row blocks before it is added to the float32
+    running sum on the CUDA cores (1: every block, as v2 measured at 4e-7 on an H200; more blocks mean fewer
+    waits for the tensor cores and more of their truncating accumulation, see _dot_split).
+    ``PACK`` (with ``SPLIT_BF16``, BLOCK_R = 16): R's three bfloat16 terms interleaved as one operand of
+    ``P_WIDTH`` = 4 * BLOCK_R columns (every fourth zero), so P takes one tensor-core instruction per step
+    instead of three chained ones (m64n64k16 for m64n16k16 x 3, each waited for: the v2 kernel issued 40
+    such instructions in five waited groups per 16 KiB of L, bench/NOTES.md); each term's sum stays apart
+    until the end, where the four are added in float32. ``P_WIDTH`` = BLOCK_R otherwise.
     ``UPCAST``: the interpreter has no bfloat16 dot, so the same products run in float32 there.
     """
     pid_s = tl.program_id(0)
@@ -356,7 +383,7 @@ def _outer_kernel(
     mask_a = ra < A
     mask_j = rj < RANK
     rt = tl.arange(0, BLOCK_T)
-    acc = tl.zeros((BLOCK_A, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_A, P_WIDTH), dtype=tl.float32)
     if HAS_V:
         bm = tl.load(
             b_ptr + ra[:, None] * stride_ba + rj[None, :] * stride_bj,
@@ -365,37 +392,50 @@ def _outer_kernel(
         ).to(tl.float32)
         if SPLIT_BF16:
             b_hi, b_lo, b_lo2 = _split_bf16(bm)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        mask_t = (t0 + rt) < t_end
-        m = seg.to(tl.int64) * SEG + t0 + rt
-        smp = m // T
-        tok = m % T
-        lt = tl.load(
-            l_ptr + (smp * stride_ln + tok * stride_lt)[:, None] + ra[None, :] * stride_la,
-            mask=mask_t[:, None] & mask_a[None, :],
-            other=0.0,
-        )
-        rr = tl.load(
-            r_ptr + (smp * stride_rn + tok * stride_rt)[:, None] + rj[None, :] * stride_rj,
-            mask=mask_t[:, None] & mask_j[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if SPLIT_BF16:  # P from a zero accumulator per block, promoted to float32 (see _dot_split)
-            r_hi, r_lo, r_lo2 = _split_bf16(rr)
-            acc += _dot_split(tl.trans(lt), r_hi, r_lo, r_lo2, 3, UPCAST)
-            if HAS_V:
-                vp = _dot_split(lt, b_hi, b_lo, b_lo2, V_TERMS, UPCAST)
-        else:
-            lt = lt.to(tl.float32)
-            acc = tl.dot(tl.trans(lt), rr, acc, input_precision=PREC)
-            if HAS_V:
-                vp = tl.dot(lt, bm, input_precision=V_PREC)
-        if HAS_V:
-            tl.store(
-                v_ptr + pid_a.to(tl.int64) * stride_vtile + m[:, None] * stride_vm + rj[None, :],
-                vp,
-                mask=mask_t[:, None] & mask_j[None, :],
+    for t_group in range(t_start, t_end, BLOCK_T * PROMOTE):
+        part = tl.zeros((BLOCK_A, P_WIDTH), dtype=tl.float32)
+        for k in tl.static_range(PROMOTE):
+            t0 = t_group + k * BLOCK_T
+            mask_t = (t0 + rt) < t_end
+            m = seg.to(tl.int64) * SEG + t0 + rt
+            smp = m // T
+            tok = m % T
+            lt = tl.load(
+                l_ptr + (smp * stride_ln + tok * stride_lt)[:, None] + ra[None, :] * stride_la,
+                mask=mask_t[:, None] & mask_a[None, :],
+                other=0.0,
             )
+            rr = tl.load(
+                r_ptr + (smp * stride_rn + tok * stride_rt)[:, None] + rj[None, :] * stride_rj,
+                mask=mask_t[:, None] & mask_j[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if PACK:  # the three terms (and a zero) interleaved: column 4 j + t holds term t of R's column j
+                r_hi, r_lo, r_lo2 = _split_bf16(rr)
+                r4 = tl.reshape(tl.join(tl.join(r_hi, r_lo), tl.join(r_lo2, tl.zeros_like(r_lo2))), (BLOCK_T, P_WIDTH))
+                if UPCAST:
+                    part = tl.dot(tl.trans(lt).to(tl.float32), r4.to(tl.float32), part, input_precision="ieee")
+                else:
+                    part = tl.dot(tl.trans(lt), r4, part)
+            elif SPLIT_BF16:  # P on the tensor cores' accumulator for PROMOTE blocks, then promoted
+                r_hi, r_lo, r_lo2 = _split_bf16(rr)
+                part = _dot_split_into(tl.trans(lt), r_hi, r_lo, r_lo2, part, UPCAST)
+            else:
+                part = tl.dot(tl.trans(lt.to(tl.float32)), rr, part, input_precision=PREC)
+            if HAS_V:
+                if SPLIT_BF16:
+                    vp = _dot_split(lt, b_hi, b_lo, b_lo2, V_TERMS, UPCAST)
+                else:
+                    vp = tl.dot(lt.to(tl.float32), bm, input_precision=V_PREC)
+            if HAS_V:
+                tl.store(
+                    v_ptr + pid_a.to(tl.int64) * stride_vtile + m[:, None] * stride_vm + rj[None, :],
+                    vp,
+                    mask=mask_t[:, None] & mask_j[None, :],
+                )
+        acc += part
+    if PACK:  # each term's sum kept apart until here: added in float32
+        acc = tl.sum(tl.reshape(acc, (BLOCK_A, BLOCK_R, P_WIDTH // BLOCK_R)), axis=2)
     acc = acc * scale
     tl.store(
         p_ptr + seg * stride_pi + split * stride_ps + ra[:, None] * stride_pa + rj[None, :] * stride_pj,
@@ -531,7 +571,9 @@ _CUDA_BLOCKS = {
     # one pass over G: 64 rows x 128 features per step (16 KiB bf16, 32 KiB once upcast for the 3xTF32
     # dots), P tile 128 x r float32 in registers. 256 wide would halve the V partials (N*r*4 B per
     # out-tile) but needs ~200 KiB of shared memory with 3 stages: try it when a GPU can measure it.
-    "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2),
+    # PACK: R's split terms as one 64-wide operand (r <= 16, bf16): 1 tensor-core instruction for 3; opt-in
+    # until a GPU run times it (bench/gpu_layer.py --sweep-outer)
+    "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2, PROMOTE=1, PACK=False),
     "finish": dict(BLOCK_A=256, num_warps=4),
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
 }
@@ -552,7 +594,7 @@ def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
     if kind == "narrow":
         return dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1)
     if kind == "outer":
-        return dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"])
+        return dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"], PROMOTE=1, PACK=False)
     if kind == "finish":
         return dict(BLOCK_A=b["A"])
     return dict(BLOCK_A=b["A"], BLOCK_B=b["B"])  # clip
@@ -917,6 +959,8 @@ def _per_sample_outer(
     nseg, seg_rows = (1, M) if mode == MODE_SUM else (n, T)
     cfg = _blocks("outer", device, T=seg_rows, A=a)
     block_a, block_t = cfg["BLOCK_A"], cfg["BLOCK_T"]
+    block_r = _pow2(r)
+    pack = bool(cfg.pop("PACK", False)) and L.dtype == torch.bfloat16 and block_r == 16
     a_tiles = _cdiv(a, block_a)
     # split a segment's rows over programs only when segments x a-tiles cannot fill the device
     nsplit = max(1, min(_cdiv(_target_programs(device), nseg * a_tiles), _cdiv(seg_rows, block_t)))
@@ -956,7 +1000,7 @@ def _per_sample_outer(
             HAS_V=Bmat is not None, HAS_NORM=nu_part is not None, PREC=_prec(prec_dtype),
             V_PREC=_prec(prec_dtype, rounded=v_rounded),
             SPLIT_BF16=L.dtype == torch.bfloat16, V_TERMS=2 if v_rounded else 3, UPCAST=_interpret(),
-            BLOCK_R=_pow2(r), **cfg,
+            BLOCK_R=block_r, PACK=pack, P_WIDTH=4 * block_r if pack else block_r, **cfg,
         )  # fmt: skip
         if nsplit > 1:
             fcfg = _blocks("finish", device, A=a)

@@ -183,6 +183,20 @@ def test_gpu_layer_smoke():
     _run([path, "--smoke"])
 
 
+def test_gpu_layer_outer_sweep_smoke(monkeypatch):
+    """The one-pass kernel's config sweep (CUDA in the bench) through the interpreter at toy size: every
+    config runs, with its time and its error against float64 (PROMOTE > 1 and PACK included)."""
+    import gpu_layer
+
+    monkeypatch.setattr(gpu_layer, "OUTER_SWEEP", [(32, 32, 4, 2, 1, False), (16, 32, 4, 2, 3, False),
+                                                   (16, 32, 4, 2, 2, True)])
+    rows = gpu_layer.sweep_outer(2, 37, 40, 3, torch.bfloat16, torch.device("cpu"), reps=1)
+    assert [(r["config"]["PROMOTE"], r["config"]["PACK"]) for r in rows] == [(1, False), (3, False), (2, True)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["rel_err_P"] < 1e-5 and r["rel_err_nu"] < 1e-5, r
+
+
 def test_launch_overhead_smoke(tmp_path):
     """bench/launch.py (host cost per launch, by path) on CPU: every row is measured or names its failure;
     under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason."""

@@ -154,6 +154,45 @@ def test_bwd_poisoned(poisoned, device, shape, mode, lora, split):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("promote,pack", [(2, False), (3, False), (1, True), (3, True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", PATH_SHAPES[:3] + [(2, 7, 130, 67, 16)], ids=str)
+def test_outer_promote_pack_poisoned(poisoned, device, promote, pack, dtype, shape, monkeypatch):
+    """The one-pass kernel with P's tensor-core accumulator spanning ``promote`` row blocks (rows split over
+    programs, T=1, several blocks per program, groups cut by the end of a sample's rows) and, for bf16 with
+    r <= 16, R's three split terms packed side by side into one operand (``pack``): per-sample and clipped
+    gradients, norms and V (through dx) as with every block promoted and the terms chained."""
+    real, run = K._blocks, K._run
+    packed = []
+
+    def blocks(kind, dev, **dims):
+        cfg = real(kind, dev, **dims)
+        if kind == "outer":
+            cfg.update(PROMOTE=promote, PACK=pack)
+        return cfg
+
+    def counting_run(fn, grid, *args, **kw):
+        if fn is K._outer_kernel:
+            packed.append(kw["PACK"])
+        return run(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_blocks", blocks)
+    monkeypatch.setattr(K, "_run", counting_run)
+    t = make(*shape, device, dtype=dtype)
+    s = 0.7
+    u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)[1]
+    for mode in (ref.MODE_PER_SAMPLE, ref.MODE_CLIP):
+        got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], t["xa"], s, True, True, mode, 3.0, 2.0)
+        exp = ref_bwd(t, f64(u), True, s, True, True, mode, 3.0, 2.0)
+        for name, a, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got, exp):
+            if name in ("dx", "dxa") and dtype != torch.float32:
+                continue  # rounded to bf16: covered by the low-precision tests; P/norms are float32 maths
+            close(a, e, f"{name} (mode={mode})")
+    # packing applies to bf16 L with r <= 16 only (G for B's gradient; x for A's, whose R is V of width r)
+    assert any(packed) == (pack and dtype == torch.bfloat16 and shape[4] <= 16), packed
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("impl", ["cublas", "cublas_acc"])
 def test_bwd_cublas_path_poisoned(poisoned, device, mode, impl, monkeypatch):
@@ -725,10 +764,20 @@ def _aot_cases():
             cases.append((
                 f"outer r{r_block} V={has_v} {v_prec}", K._outer_kernel,
                 dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
-                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, **blocks(ob),
+                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, P_WIDTH=r_block, **blocks(ob),
                      SPLIT_BF16=True, V_TERMS=2 if v_prec == "tf32" else 3, UPCAST=False,
                      **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
             ))  # fmt: skip
+    # gpu_layer.py's OUTER_SWEEP options: they must compile; spills are the sweep's to weigh (PROMOTE=2 with
+    # PACK spills 16 B under triton 3.6), so only the shipped configs above must not spill
+    for promote, pack in ((2, False), (4, False), (1, True), (2, True)):
+        cases.append((
+            f"sweep outer r16 V=True tf32 PROMOTE={promote} PACK={pack}", K._outer_kernel,
+            dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
+            dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16,
+                 **dict(blocks(ob), PROMOTE=promote, PACK=pack, P_WIDTH=64 if pack else 16),
+                 SPLIT_BF16=True, V_TERMS=2, UPCAST=False, **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
+        ))  # fmt: skip
     cases.append(("split_sum", K._split_sum_kernel, dict(pp_ptr=f32, p_ptr=f32, nu_ptr=f32),
                   dict(HAS_NORM=True, BLOCK_R=16, **blocks(fb), **unit("stride_qj", "stride_pj")), fb))  # fmt: skip
     clip_flags = dict(ACC_FP64=False, **dict(blocks(cb), BLOCK_B=16), **unit("stride_pb", "stride_ob"))
