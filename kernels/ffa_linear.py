@@ -369,7 +369,9 @@ def _outer_kernel(
     ``P_WIDTH`` = 4 * BLOCK_R columns (every fourth zero), so P takes one tensor-core instruction per step
     instead of three chained ones (m64n64k16 for m64n16k16 x 3, each waited for: the v2 kernel issued 40
     such instructions in five waited groups per 16 KiB of L, bench/NOTES.md); each term's sum stays apart
-    until the end, where the four are added in float32. ``P_WIDTH`` = BLOCK_R otherwise.
+    until the end, where the four are added in float32. V likewise: Bm's three terms in one operand (one
+    instruction group instead of ``V_TERMS`` chained ones; all three terms, whatever ``V_TERMS``), added per
+    row block. ``P_WIDTH`` = BLOCK_R otherwise.
     ``UPCAST``: the interpreter has no bfloat16 dot, so the same products run in float32 there.
     """
     pid_s = tl.program_id(0)
@@ -392,6 +394,8 @@ def _outer_kernel(
         ).to(tl.float32)
         if SPLIT_BF16:
             b_hi, b_lo, b_lo2 = _split_bf16(bm)
+            if PACK:  # V's operand as P's: Bm's three terms and a zero interleaved, one 64-wide operand
+                b4 = tl.reshape(tl.join(tl.join(b_hi, b_lo), tl.join(b_lo2, tl.zeros_like(b_lo2))), (BLOCK_A, P_WIDTH))
     for t_group in range(t_start, t_end, BLOCK_T * PROMOTE):
         part = tl.zeros((BLOCK_A, P_WIDTH), dtype=tl.float32)
         for k in tl.static_range(PROMOTE):
@@ -423,7 +427,13 @@ def _outer_kernel(
             else:
                 part = tl.dot(tl.trans(lt.to(tl.float32)), rr, part, input_precision=PREC)
             if HAS_V:
-                if SPLIT_BF16:
+                if PACK:  # one instruction group for all three terms, added in float32 per row block
+                    if UPCAST:
+                        vp4 = tl.dot(lt.to(tl.float32), b4.to(tl.float32), input_precision="ieee")
+                    else:
+                        vp4 = tl.dot(lt, b4)
+                    vp = tl.sum(tl.reshape(vp4, (BLOCK_T, BLOCK_R, P_WIDTH // BLOCK_R)), axis=2)
+                elif SPLIT_BF16:
                     vp = _dot_split(lt, b_hi, b_lo, b_lo2, V_TERMS, UPCAST)
                 else:
                     vp = tl.dot(lt.to(tl.float32), bm, input_precision=V_PREC)
