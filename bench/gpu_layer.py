@@ -346,6 +346,45 @@ def sweep_outer(n, T, out, r, dtype, device, reps: int) -> list[dict]:
     return rows
 
 
+U_SWEEP = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages, PACK_W) of U = X A^T; the first is the shipped default
+    (32, 128, 4, 3, False), (64, 128, 4, 3, False), (64, 128, 4, 3, True), (64, 64, 4, 4, True),
+    (128, 128, 8, 3, True), (64, 256, 4, 2, True),
+]  # fmt: skip
+
+
+def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
+    """Time the U pass (U = X A^T, float32-accurate) for each config of ``U_SWEEP``, with its error vs float64."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    x = torch.randn(n, T, inp, device=device, dtype=dtype)
+    A = torch.randn(r, inp, device=device, dtype=torch.float32) / inp**0.5
+    u64 = x.double() @ A.double().T
+    real = K._blocks
+    rows = []
+    for bm, bk, warps, stages, pack in U_SWEEP:
+        cfg = dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages, PACK_W=pack)
+
+        def blocks(kind, dev, **dims):
+            return dict(cfg) if kind == "narrow" else real(kind, dev, **dims)
+
+        K._blocks = blocks
+        try:
+            def fn():
+                u = torch.empty(n, T, r, device=device, dtype=torch.float32)
+                K._launch_gemm(x, (A, A.stride(1), A.stride(0)), None, None, u, 1.0, main_fp32=True, prec_dtype=dtype)
+                return u
+
+            err = float((fn().double() - u64).abs().max() / u64.abs().max())
+            ms = bench_ms(fn, device, reps)
+            rows.append({"config": cfg, "ms": ms, "x_gbps": x.numel() * x.element_size() / (ms * 1e-3) / 1e9,
+                         "rel_err_U": err})
+        except Exception as e:  # noqa: BLE001  (a config that fails to compile: report, keep sweeping)
+            rows.append({"config": cfg, "error": repr(e)[:200]})
+        finally:
+            K._blocks = real
+    return rows
+
+
 # --- correctness -----------------------------------------------------------------------------------------
 def check_ops(n, T, inp, out, r, dtype, device, gemm: str) -> dict:
     """The Triton ops vs the float64 reference on fresh inputs; low precision judged against PyTorch's own
@@ -426,7 +465,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
     ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")
     ap.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of every variant (profiler)")
-    ap.add_argument("--sweep-outer", action="store_true", help="CUDA: time the one-pass backward's block configs")
+    ap.add_argument("--sweep-outer", action="store_true",
+                    help="CUDA: time the one-pass backward's and the U pass's block configs (with their errors)")
     ap.add_argument("--host", action="store_true",
                     help="CUDA: CPU time to issue each variant's step, and a cProfile of ours at the first shape")
     args = ap.parse_args(argv)
@@ -514,6 +554,7 @@ def main(argv=None) -> int:
                         profiles[name] = [{"kernel": f"profile failed: {e!r}"[:200], "us_per_step": 0.0, "calls_per_step": 0}]
             variants.clear()
             sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
+            sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
             ffa_names = [k for k in times if k.startswith("ffa_flat") and k != "ffa_flat[reference]"]
             best = min(ffa_names, key=lambda k: times[k]["full_ms"]) if ffa_names else None
             # the headline is what a user gets by default (FEDLORA_FAST_GEMM=auto); else the best pinned GEMM
@@ -533,6 +574,8 @@ def main(argv=None) -> int:
                 row["kernels"] = profiles
             if sweep is not None:
                 row["sweep_outer"] = sweep
+            if sweep_x is not None:
+                row["sweep_u"] = sweep_x
             if ours and "floor" in times:
                 row["ratio_to_floor"] = times[ours]["full_ms"] / times["floor"]["full_ms"]
                 row["ratio_to_floor_fwd"] = times[ours]["fwd_ms"] / times["floor"]["fwd_ms"]
@@ -565,6 +608,10 @@ def main(argv=None) -> int:
                 print(f"## n={row['n']} T={row['T']} {row['in']}->{row['out']} {name}: "
                       + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']:.0f}us x{k['calls_per_step']:.0f}" for k in table[:6]))
     for row in rows:
+        for sw in row.get("sweep_u", []):
+            print(f"## U n={row['n']} T={row['T']} in={row['in']} {sw['config']}: "
+                  + (f"{sw['ms'] * 1e3:.0f}us ({sw['x_gbps']:.0f} GB/s of X; rel. error {sw['rel_err_U']:.1e})"
+                     if "ms" in sw else sw["error"]))
         for sw in row.get("sweep_outer", []):
             print(f"## outer n={row['n']} T={row['T']} out={row['out']} {sw['config']}: "
                   + (f"{sw['ms'] * 1e3:.0f}us ({sw['g_gbps']:.0f} GB/s of G; rel. error P {sw['rel_err_P']:.1e}, "

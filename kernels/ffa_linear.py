@@ -191,15 +191,18 @@ def _gemm_lowrank_kernel(
     MAIN_FP32: tl.constexpr, MAIN_PREC: tl.constexpr, LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
     SPLIT_W: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PACK_W: tl.constexpr,
 ):  # fmt: skip
     """out[m, :] (=|+=) X[m] @ Wt + bias + scale * L[m] @ R; row m is (m // T, m % T) of a 3-D tensor.
 
     ``SPLIT_W``: X is bfloat16 and Wt float32 (U = X A^T): Wt is split into three bfloat16 terms
     (hi + lo + lo2 = Wt to ~2^-24) and X (exact in bfloat16) multiplies each on the bfloat16 tensor cores,
     float32 accumulation: float32-accurate without upcasting the X tile. ``EVEN_K``: K % BLOCK_K == 0 (no
-    K mask in the main loop). Rows/columns past M/N are loaded wrapped (valid addresses, results discarded
-    by the store mask), as in the Triton matmul tutorial, so that only the store is masked.
+    K mask in the main loop). ``PACK_W`` (with ``SPLIT_W``): the three terms interleaved with a zero into one
+    operand 4 * BLOCK_N wide, one tensor-core instruction group per K step instead of three chained ones
+    (as the one-pass kernel's ``PACK``); each term's sum kept apart until after the K loop. Rows/columns
+    past M/N are loaded wrapped (valid addresses, results discarded by the store mask), as in the Triton
+    matmul tutorial, so that only the store is masked.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -219,6 +222,8 @@ def _gemm_lowrank_kernel(
     # 64-bit element offsets of the rows (n * T * features may pass 2^31)
     x_row = (rm_ld // T).to(tl.int64) * stride_xn + (rm_ld % T).to(tl.int64) * stride_xt
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PACK_W:
+        acc4 = tl.zeros((BLOCK_M, 4 * BLOCK_N), dtype=tl.float32)
     if HAS_MAIN:
         rk = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + x_row[:, None] + rk[None, :] * stride_xk
@@ -231,7 +236,14 @@ def _gemm_lowrank_kernel(
                 mask_k = (k0 + rk) < K
                 a = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-            if SPLIT_W:  # MAIN_FP32 is set only under the interpreter here (see _launch_gemm)
+            if PACK_W:  # one instruction group for the three terms, promoted per K block
+                b_hi, b_lo, b_lo2 = _split_bf16(b.to(tl.float32))
+                b4 = tl.reshape(tl.join(tl.join(b_hi, b_lo), tl.join(b_lo2, tl.zeros_like(b_lo2))), (BLOCK_K, 4 * BLOCK_N))
+                if MAIN_FP32:
+                    acc4 += tl.dot(a.to(tl.float32), b4.to(tl.float32), input_precision="ieee")
+                else:
+                    acc4 += tl.dot(a.to(tl.bfloat16), b4)
+            elif SPLIT_W:  # MAIN_FP32 is set only under the interpreter here (see _launch_gemm)
                 b_hi, b_lo, b_lo2 = _split_bf16(b.to(tl.float32))
                 acc += _dot_split(a, b_hi, b_lo, b_lo2, 3, MAIN_FP32)
             else:
@@ -243,6 +255,8 @@ def _gemm_lowrank_kernel(
                 acc = tl.dot(a, b, acc, input_precision=MAIN_PREC)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
+    if PACK_W:
+        acc += tl.sum(tl.reshape(acc4, (BLOCK_M, BLOCK_N, 4)), axis=2)
     smp = (rm // T).to(tl.int64)
     tok = (rm % T).to(tl.int64)
     if HAS_LOWRANK:
@@ -577,7 +591,8 @@ def _interp_block(dim: int) -> int:
 _CUDA_BLOCKS = {
     "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     # U = xa A^T: N = r, memory bound on xa: 32-row tiles so that 4k tokens still give 128 programs
-    "narrow": dict(BLOCK_M=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+    # PACK_W: A's split terms as one 64-wide operand (r <= 16, bf16 x): opt-in until timed (--sweep-u)
+    "narrow": dict(BLOCK_M=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, PACK_W=False),
     # one pass over G: 64 rows x 128 features per step (16 KiB bf16, 32 KiB once upcast for the 3xTF32
     # dots), P tile 128 x r float32 in registers. 256 wide would halve the V partials (N*r*4 B per
     # out-tile) but needs ~200 KiB of shared memory with 3 stages: try it when a GPU can measure it.
@@ -602,7 +617,7 @@ def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
     if kind == "gemm":
         return dict(BLOCK_M=b["M"], BLOCK_N=b["N"], BLOCK_K=b["K"], GROUP_M=4)
     if kind == "narrow":
-        return dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1)
+        return dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1, PACK_W=False)
     if kind == "outer":
         return dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"], PROMOTE=1, PACK=False)
     if kind == "finish":
@@ -673,6 +688,8 @@ def _launch_gemm(
         cfg = _blocks("gemm" if N > 64 else "narrow", device, M=M, N=N, K=max(K, 1))
         if N <= 64:  # narrow outputs (U = xa A^T): one column tile of width next_pow2(N)
             cfg["BLOCK_N"] = _pow2(N)
+            if cfg.pop("PACK_W", False) and flags["SPLIT_W"] and cfg["BLOCK_N"] == 16:
+                flags = dict(flags, PACK_W=True)
         if x is None:
             cfg["BLOCK_K"] = 16
         cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
@@ -701,6 +718,7 @@ def _gemm_flags(
         LR_PREC=_prec(prec_dtype, rounded=out_dtype != torch.float32),
         FIX_BF16_ROUNDING=_interpret() and out_dtype == torch.bfloat16,
         BLOCK_R=block_r,
+        PACK_W=False,
     )
 
 

@@ -197,6 +197,18 @@ def test_gpu_layer_outer_sweep_smoke(monkeypatch):
         assert r["ms"] > 0 and r["rel_err_P"] < 1e-5 and r["rel_err_nu"] < 1e-5, r
 
 
+def test_gpu_layer_u_sweep_smoke(monkeypatch):
+    """The U pass's config sweep through the interpreter at toy size: every config runs, packed or not."""
+    import gpu_layer
+
+    monkeypatch.setattr(gpu_layer, "U_SWEEP", [(32, 32, 4, 3, False), (16, 32, 4, 3, True)])
+    rows = gpu_layer.sweep_u(2, 7, 45, 5, torch.bfloat16, torch.device("cpu"), reps=1)
+    assert [r["config"]["PACK_W"] for r in rows] == [False, True]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["rel_err_U"] < 1e-5, r
+
+
 def test_launch_overhead_smoke(tmp_path):
     """bench/launch.py (host cost per launch, by path) on CPU: every row is measured or names its failure;
     under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason."""

@@ -193,6 +193,34 @@ def test_outer_promote_pack_poisoned(poisoned, device, promote, pack, dtype, sha
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 50, 20, 24, 5), (1, 1, 300, 260, 2), (2, 7, 130, 67, 16), (3, 6, 70, 45, 17)],
+                         ids=str)
+def test_u_pack_poisoned(poisoned, device, shape, monkeypatch):
+    """U = xa A^T with A's three split terms packed into one operand (PACK_W; bf16 xa, r <= 16): float32-
+    accurate against float64, through every K tail; r = 17 keeps the chained path."""
+    real, run = K._blocks, K._run
+    packed = []
+
+    def blocks(kind, dev, **dims):
+        cfg = real(kind, dev, **dims)
+        if kind == "narrow":
+            cfg["PACK_W"] = True
+        return cfg
+
+    def counting_run(fn, grid, *args, **kw):
+        if fn is K._gemm_lowrank_kernel and kw.get("SPLIT_W"):
+            packed.append(kw["PACK_W"])
+        return run(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_blocks", blocks)
+    monkeypatch.setattr(K, "_run", counting_run)
+    t = make(*shape, device, dtype=torch.bfloat16)
+    u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)[1]
+    close(u, ref_fwd(t, 0.7)[1], "u")
+    assert packed == [shape[4] <= 16], packed
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("impl", ["cublas", "cublas_acc"])
 def test_bwd_cublas_path_poisoned(poisoned, device, mode, impl, monkeypatch):
@@ -740,7 +768,7 @@ def _aot_cases():
     bf, f32 = "*bf16", "*fp32"
     gemm_ptrs = dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32, out_ptr=bf)
     flags = dict(HAS_C=False, HAS_BIAS=True, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16, SPLIT_W=False,
-                 EVEN_K=True)
+                 EVEN_K=True, PACK_W=False)
     gb, nb, ob = K._blocks("gemm", cuda), K._blocks("narrow", cuda), K._blocks("outer", cuda)
     fb, cb = K._blocks("finish", cuda), K._blocks("clip", cuda)
     blocks = lambda b: {k: v for k, v in b.items() if k.isupper()}  # noqa: E731
@@ -755,6 +783,10 @@ def _aot_cases():
         ("gemm U", K._gemm_lowrank_kernel, dict(gemm_ptrs, w_ptr=f32, out_ptr=f32),
          dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=False, SPLIT_W=True, MAIN_PREC="tf32x3",
               LR_PREC="tf32", BLOCK_N=16, **blocks(nb), **unit("stride_xk", "stride_wk", "stride_of")), nb),
+        ("sweep gemm U PACK_W", K._gemm_lowrank_kernel, dict(gemm_ptrs, w_ptr=f32, out_ptr=f32),
+         dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=False, SPLIT_W=True, MAIN_PREC="tf32x3",
+              LR_PREC="tf32", BLOCK_N=16, **dict(blocks(nb), BLOCK_M=64, PACK_W=True),
+              **unit("stride_xk", "stride_wk", "stride_of")), nb),
         ("gemm low-rank in place", K._gemm_lowrank_kernel, gemm_ptrs,
          dict(flags, HAS_C=True, HAS_BIAS=False, HAS_MAIN=False, MAIN_FP32=False, MAIN_PREC="tf32",
               LR_PREC="tf32", **dict(blocks(gb), BLOCK_K=16), **unit("stride_lj", "stride_rn", "stride_of")), gb),
@@ -791,7 +823,7 @@ def _aot_autotune_cases():
     gemm_ptrs = dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32, out_ptr=bf)
     unit = lambda *names: dict.fromkeys(names, 1)  # noqa: E731
     flags = dict(HAS_C=False, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16, SPLIT_W=False, EVEN_K=True,
-                 HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32")
+                 HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32", PACK_W=False)
     cases = []
     for c in K._gemm_configs():
         cfg = {"num_warps": c.num_warps, "num_stages": c.num_stages}
