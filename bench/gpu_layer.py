@@ -388,6 +388,17 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
     return rows
 
 
+def print_sweeps(row: dict) -> None:
+    for sw in row.get("sweep_u", []):
+        print(f"## U n={row['n']} T={row['T']} in={row['in']} {sw['config']}: "
+              + (f"{sw['ms'] * 1e3:.0f}us ({sw['x_gbps']:.0f} GB/s of X; rel. error {sw['rel_err_U']:.1e})"
+                 if "ms" in sw else sw["error"]), flush=True)
+    for sw in row.get("sweep_outer", []):
+        print(f"## outer n={row['n']} T={row['T']} out={row['out']} {sw['config']}: "
+              + (f"{sw['ms'] * 1e3:.0f}us ({sw['g_gbps']:.0f} GB/s of G; rel. error P {sw['rel_err_P']:.1e}, "
+                 f"norms {sw['rel_err_nu']:.1e})" if "ms" in sw else sw["error"]), flush=True)
+
+
 # --- correctness -----------------------------------------------------------------------------------------
 def check_ops(n, T, inp, out, r, dtype, device, gemm: str) -> dict:
     """The Triton ops vs the float64 reference on fresh inputs; low precision judged against PyTorch's own
@@ -470,6 +481,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of every variant (profiler)")
     ap.add_argument("--sweep-outer", action="store_true",
                     help="CUDA: time the one-pass backward's and the U pass's block configs (with their errors)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the --sweep-outer sweeps (one-pass and U configs, each with its float64 error), no "
+                         "variants: the short GPU step that decides the kernel configs")
     ap.add_argument("--host", action="store_true",
                     help="CUDA: CPU time to issue each variant's step, and a cProfile of ours at the first shape")
     args = ap.parse_args(argv)
@@ -524,6 +538,15 @@ def main(argv=None) -> int:
     for (n, T) in tokens:
         for (inp, out) in shapes:
             N = n * T
+            if args.sweep_only:
+                row = {"device": info["device"], "n": n, "T": T, "tokens": N, "in": inp, "out": out, "r": args.r,
+                       "dtype": args.dtype, "sweep_u": sweep_u(n, T, inp, args.r, dtype, device, reps),
+                       "sweep_outer": sweep_outer(n, T, out, args.r, dtype, device, reps)}  # fmt: skip
+                row["correct"] = all("error" not in sw for sw in row["sweep_u"] + row["sweep_outer"])  # all ran
+                rows.append(row)
+                write(rows)
+                print_sweeps(row)
+                continue
             torch.manual_seed(0)
             base = torch.nn.Linear(inp, out, device=device, dtype=dtype)
             base.requires_grad_(False)
@@ -616,15 +639,9 @@ def main(argv=None) -> int:
             for name, table in row.get("kernels", {}).items():
                 print(f"## n={row['n']} T={row['T']} {row['in']}->{row['out']} {name}: "
                       + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']:.0f}us x{k['calls_per_step']:.0f}" for k in table[:6]))
-    for row in rows:
-        for sw in row.get("sweep_u", []):
-            print(f"## U n={row['n']} T={row['T']} in={row['in']} {sw['config']}: "
-                  + (f"{sw['ms'] * 1e3:.0f}us ({sw['x_gbps']:.0f} GB/s of X; rel. error {sw['rel_err_U']:.1e})"
-                     if "ms" in sw else sw["error"]))
-        for sw in row.get("sweep_outer", []):
-            print(f"## outer n={row['n']} T={row['T']} out={row['out']} {sw['config']}: "
-                  + (f"{sw['ms'] * 1e3:.0f}us ({sw['g_gbps']:.0f} GB/s of G; rel. error P {sw['rel_err_P']:.1e}, "
-                     f"norms {sw['rel_err_nu']:.1e})" if "ms" in sw else sw["error"]))
+    if not args.sweep_only:
+        for row in rows:
+            print_sweeps(row)
     write(rows)
     print(f"# wrote {path}")
     return 0 if all(r["correct"] for r in rows) else 1

@@ -209,6 +209,15 @@ def test_gpu_layer_u_sweep_smoke(monkeypatch):
         assert r["ms"] > 0 and r["rel_err_U"] < 1e-5, r
 
 
+def test_gpu_layer_sweep_only_smoke(tmp_path):
+    """--sweep-only: the sweeps alone (the short GPU step that decides kernel configs), with a results file."""
+    out = tmp_path / "sweep.json"
+    proc = _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only", "--json", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["correct"] and len(row["sweep_outer"]) == 15 and len(row["sweep_u"]) == 6, row
+    assert "## outer" in proc.stdout and "## U" in proc.stdout
+
+
 def test_launch_overhead_smoke(tmp_path):
     """bench/launch.py (host cost per launch, by path) on CPU: every row is measured or names its failure;
     under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason."""
