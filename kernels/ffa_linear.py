@@ -131,51 +131,53 @@ def _split_bf16(x):
 
 
 @triton.jit
-def _dot_split_into(a, hi, lo, lo2, acc, UPCAST: tl.constexpr):
-    """``acc + a @ (hi + lo + lo2)`` on the tensor cores' own float32 accumulation, smallest terms first: the
-    three-term product of ``_dot_split`` chained into an accumulator that spans several blocks (the one-pass
-    kernel's ``PROMOTE``), promoted by the caller."""
+def _tc_dot(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` on the tensor cores in the operands' 16-bit dtype (float32 accumulation). ``UPCAST``:
+    the interpreter has no bfloat16 dot, so the same products run in float32 there."""
     if UPCAST:
-        a = a.to(tl.float32)
-        acc = tl.dot(a, lo2.to(tl.float32), acc, input_precision="ieee")
-        acc = tl.dot(a, lo.to(tl.float32), acc, input_precision="ieee")
-        acc = tl.dot(a, hi.to(tl.float32), acc, input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        a = a.to(tl.bfloat16)
-        acc = tl.dot(a, lo2, acc)
-        acc = tl.dot(a, lo, acc)
-        acc = tl.dot(a, hi, acc)
-    return acc
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _dot_split_into(a, hi, lo, lo2, acc, TERMS: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ (hi + lo [+ lo2])``, ``a`` exact in bfloat16, ``TERMS`` (2 or 3) split terms chained on the
+    tensor cores' own float32 accumulation, smallest terms first (the one-pass kernel's ``PROMOTE`` chains
+    them across several row blocks before promoting)."""
+    if TERMS == 3:
+        acc = _tc_dot(a, lo2, acc, UPCAST)
+    acc = _tc_dot(a, lo, acc, UPCAST)
+    return _tc_dot(a, hi, acc, UPCAST)
 
 
 @triton.jit
 def _dot_split(a, hi, lo, lo2, TERMS: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ (hi + lo [+ lo2])`` in float32, ``a`` exact in bfloat16, ``TERMS`` (2 or 3) split terms.
+    """``a @ (hi + lo [+ lo2])`` in float32 from a zero accumulator (``_dot_split_into``).
 
-    On the bfloat16 tensor cores from a zero accumulator, smallest terms first: the caller adds this block's
-    result to its running float32 sum on the CUDA cores. Accumulating every block into one tensor-core
-    accumulator measured 1.4e-5..6.9e-5 relative error in U/P/nu on an H100 (v1, bench/NOTES.md): their
-    float32 accumulation truncates at each MMA step, ~3*K/16 times; promoting per block keeps it to
-    ~3*BLOCK/16 truncations of a block-sized sum (~6e-7 predicted by an RZ model that reproduced the v1
-    errors). ``UPCAST``: the interpreter has no bfloat16 dot, so the same products run in float32 there.
+    The caller adds this block's result to its running float32 sum on the CUDA cores. Accumulating every
+    block into one tensor-core accumulator measured 1.4e-5..6.9e-5 relative error in U/P/nu on an H100 (v1,
+    bench/NOTES.md): their float32 accumulation truncates at each MMA step, ~3*K/16 times; promoting per
+    block keeps it to ~3*BLOCK/16 truncations of a block-sized sum (~6e-7 predicted by an RZ model that
+    reproduced the v1 errors; 4e-7 measured on an H200, v2).
     """
-    if UPCAST:
-        a = a.to(tl.float32)
-        if TERMS == 3:
-            out = tl.dot(a, lo2.to(tl.float32), input_precision="ieee")
-            out = tl.dot(a, lo.to(tl.float32), out, input_precision="ieee")
-        else:
-            out = tl.dot(a, lo.to(tl.float32), input_precision="ieee")
-        out = tl.dot(a, hi.to(tl.float32), out, input_precision="ieee")
-    else:
-        a = a.to(tl.bfloat16)
-        if TERMS == 3:
-            out = tl.dot(a, lo2)
-            out = tl.dot(a, lo, out)
-        else:
-            out = tl.dot(a, lo)
-        out = tl.dot(a, hi, out)
-    return out
+    return _dot_split_into(a, hi, lo, lo2, tl.zeros((a.shape[0], hi.shape[1]), dtype=tl.float32), TERMS, UPCAST)
+
+
+@triton.jit
+def _split_bf16_packed(x):
+    """float32 ``x`` (m, k) as one bfloat16 operand (m, 4 k) of its three ``_split_bf16`` terms: column
+    4 j + t holds term t of column j (t = 3: zero), so one tensor-core instruction multiplies all three."""
+    hi, lo, lo2 = _split_bf16(x)
+    return tl.reshape(tl.join(tl.join(hi, lo), tl.join(lo2, tl.zeros_like(lo2))), (x.shape[0], 4 * x.shape[1]))
+
+
+@triton.jit
+def _sum_packed(acc):
+    """Products with a ``_split_bf16_packed`` operand, (m, 4 k), back to (m, k): each column's terms added in
+    float32."""
+    return tl.sum(tl.reshape(acc, (acc.shape[0], acc.shape[1] // 4, 4)), axis=2)
 
 
 @triton.jit
@@ -237,12 +239,7 @@ def _gemm_lowrank_kernel(
                 a = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
             if PACK_W:  # one instruction group for the three terms, promoted per K block
-                b_hi, b_lo, b_lo2 = _split_bf16(b.to(tl.float32))
-                b4 = tl.reshape(tl.join(tl.join(b_hi, b_lo), tl.join(b_lo2, tl.zeros_like(b_lo2))), (BLOCK_K, 4 * BLOCK_N))
-                if MAIN_FP32:
-                    acc4 += tl.dot(a.to(tl.float32), b4.to(tl.float32), input_precision="ieee")
-                else:
-                    acc4 += tl.dot(a.to(tl.bfloat16), b4)
+                acc4 += _tc_dot(a, _split_bf16_packed(b.to(tl.float32)), tl.zeros_like(acc4), MAIN_FP32)
             elif SPLIT_W:  # MAIN_FP32 is set only under the interpreter here (see _launch_gemm)
                 b_hi, b_lo, b_lo2 = _split_bf16(b.to(tl.float32))
                 acc += _dot_split(a, b_hi, b_lo, b_lo2, 3, MAIN_FP32)
@@ -256,7 +253,7 @@ def _gemm_lowrank_kernel(
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
     if PACK_W:
-        acc += tl.sum(tl.reshape(acc4, (BLOCK_M, BLOCK_N, 4)), axis=2)
+        acc += _sum_packed(acc4)
     smp = (rm // T).to(tl.int64)
     tok = (rm % T).to(tl.int64)
     if HAS_LOWRANK:
@@ -323,10 +320,7 @@ def _gemm_tma_kernel(
                 b = w_desc.load([off_k, off_n])
             else:
                 b = w_desc.load([off_n, off_k]).T
-            if UPCAST:  # the interpreter has no bfloat16 dot
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _tc_dot(a, b, acc, UPCAST)
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         if HAS_LOWRANK:
@@ -365,7 +359,7 @@ def _outer_kernel(
     HAS_V: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr, V_PREC: tl.constexpr,
     SPLIT_BF16: tl.constexpr, V_TERMS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, PROMOTE: tl.constexpr,
-    PACK: tl.constexpr, P_WIDTH: tl.constexpr,
+    PACK: tl.constexpr,
 ):  # fmt: skip
     """One pass over L (rows of a segment split): P = scale * L^T R per (segment, split, a-tile), V = L Bm.
 
@@ -380,12 +374,12 @@ def _outer_kernel(
     running sum on the CUDA cores (1: every block, as v2 measured at 4e-7 on an H200; more blocks mean fewer
     waits for the tensor cores and more of their truncating accumulation, see _dot_split).
     ``PACK`` (with ``SPLIT_BF16``, BLOCK_R = 16): R's three bfloat16 terms interleaved as one operand of
-    ``P_WIDTH`` = 4 * BLOCK_R columns (every fourth zero), so P takes one tensor-core instruction per step
+    4 * BLOCK_R columns (``_split_bf16_packed``), so P takes one tensor-core instruction per step
     instead of three chained ones (m64n64k16 for m64n16k16 x 3, each waited for: the v2 kernel issued 40
     such instructions in five waited groups per 16 KiB of L, bench/NOTES.md); each term's sum stays apart
     until the end, where the four are added in float32. V likewise: Bm's three terms in one operand (one
     instruction group instead of ``V_TERMS`` chained ones; all three terms, whatever ``V_TERMS``), added per
-    row block. ``P_WIDTH`` = BLOCK_R otherwise.
+    row block.
     ``UPCAST``: the interpreter has no bfloat16 dot, so the same products run in float32 there.
     """
     pid_s = tl.program_id(0)
@@ -399,6 +393,7 @@ def _outer_kernel(
     mask_a = ra < A
     mask_j = rj < RANK
     rt = tl.arange(0, BLOCK_T)
+    P_WIDTH: tl.constexpr = 4 * BLOCK_R if PACK else BLOCK_R  # P's accumulator: packed terms side by side
     acc = tl.zeros((BLOCK_A, P_WIDTH), dtype=tl.float32)
     if HAS_V:
         bm = tl.load(
@@ -409,7 +404,7 @@ def _outer_kernel(
         if SPLIT_BF16:
             b_hi, b_lo, b_lo2 = _split_bf16(bm)
             if PACK:  # V's operand as P's: Bm's three terms and a zero interleaved, one 64-wide operand
-                b4 = tl.reshape(tl.join(tl.join(b_hi, b_lo), tl.join(b_lo2, tl.zeros_like(b_lo2))), (BLOCK_A, P_WIDTH))
+                b4 = _split_bf16_packed(bm)
     for t_group in range(t_start, t_end, BLOCK_T * PROMOTE):
         part = tl.zeros((BLOCK_A, P_WIDTH), dtype=tl.float32)
         for k in tl.static_range(PROMOTE):
@@ -428,25 +423,16 @@ def _outer_kernel(
                 mask=mask_t[:, None] & mask_j[None, :],
                 other=0.0,
             ).to(tl.float32)
-            if PACK:  # the three terms (and a zero) interleaved: column 4 j + t holds term t of R's column j
-                r_hi, r_lo, r_lo2 = _split_bf16(rr)
-                r4 = tl.reshape(tl.join(tl.join(r_hi, r_lo), tl.join(r_lo2, tl.zeros_like(r_lo2))), (BLOCK_T, P_WIDTH))
-                if UPCAST:
-                    part = tl.dot(tl.trans(lt).to(tl.float32), r4.to(tl.float32), part, input_precision="ieee")
-                else:
-                    part = tl.dot(tl.trans(lt), r4, part)
+            if PACK:  # the three terms (and a zero) interleaved: one instruction group
+                part = _tc_dot(tl.trans(lt), _split_bf16_packed(rr), part, UPCAST)
             elif SPLIT_BF16:  # P on the tensor cores' accumulator for PROMOTE blocks, then promoted
                 r_hi, r_lo, r_lo2 = _split_bf16(rr)
-                part = _dot_split_into(tl.trans(lt), r_hi, r_lo, r_lo2, part, UPCAST)
+                part = _dot_split_into(tl.trans(lt), r_hi, r_lo, r_lo2, part, 3, UPCAST)
             else:
                 part = tl.dot(tl.trans(lt.to(tl.float32)), rr, part, input_precision=PREC)
             if HAS_V:
                 if PACK:  # one instruction group for all three terms, added in float32 per row block
-                    if UPCAST:
-                        vp4 = tl.dot(lt.to(tl.float32), b4.to(tl.float32), input_precision="ieee")
-                    else:
-                        vp4 = tl.dot(lt, b4)
-                    vp = tl.sum(tl.reshape(vp4, (BLOCK_T, BLOCK_R, P_WIDTH // BLOCK_R)), axis=2)
+                    vp = _sum_packed(_tc_dot(lt, b4, tl.zeros((BLOCK_T, P_WIDTH), dtype=tl.float32), UPCAST))
                 elif SPLIT_BF16:
                     vp = _dot_split(lt, b_hi, b_lo, b_lo2, V_TERMS, UPCAST)
                 else:
@@ -459,7 +445,7 @@ def _outer_kernel(
                 )
         acc += part
     if PACK:  # each term's sum kept apart until here: added in float32
-        acc = tl.sum(tl.reshape(acc, (BLOCK_A, BLOCK_R, P_WIDTH // BLOCK_R)), axis=2)
+        acc = _sum_packed(acc)
     acc = acc * scale
     tl.store(
         p_ptr + seg * stride_pi + split * stride_ps + ra[:, None] * stride_pa + rj[None, :] * stride_pj,
@@ -1028,7 +1014,7 @@ def _per_sample_outer(
             HAS_V=Bmat is not None, HAS_NORM=nu_part is not None, PREC=_prec(prec_dtype),
             V_PREC=_prec(prec_dtype, rounded=v_rounded),
             SPLIT_BF16=L.dtype == torch.bfloat16, V_TERMS=2 if v_rounded else 3, UPCAST=_interpret(),
-            BLOCK_R=block_r, PACK=pack, P_WIDTH=4 * block_r if pack else block_r, **cfg,
+            BLOCK_R=block_r, PACK=pack, **cfg,
         )  # fmt: skip
         if nsplit > 1:
             fcfg = _blocks("finish", device, A=a)

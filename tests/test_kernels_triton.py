@@ -801,7 +801,7 @@ def _aot_cases():
             cases.append((
                 f"outer r{r_block} V={has_v} {v_prec}", K._outer_kernel,
                 dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
-                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, P_WIDTH=r_block, **blocks(ob),
+                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, **blocks(ob),
                      SPLIT_BF16=True, V_TERMS=2 if v_prec == "tf32" else 3, UPCAST=False,
                      **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
             ))  # fmt: skip
@@ -812,7 +812,7 @@ def _aot_cases():
             f"sweep outer r16 V=True tf32 PROMOTE={promote} PACK={pack}", K._outer_kernel,
             dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
             dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16,
-                 **dict(blocks(ob), PROMOTE=promote, PACK=pack, P_WIDTH=64 if pack else 16),
+                 **dict(blocks(ob), PROMOTE=promote, PACK=pack),
                  SPLIT_BF16=True, V_TERMS=2, UPCAST=False, **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
         ))  # fmt: skip
     cases.append(("split_sum", K._split_sum_kernel, dict(pp_ptr=f32, p_ptr=f32, nu_ptr=f32),
