@@ -269,7 +269,7 @@ def _build_variant(variant, base, head, batch, r, backend, holder):
         info["trainable"] = 0
         return _make_step(lambda: _loss(model(**inputs).logits, labels), None, None), info
 
-    if variant in FFA_VARIANTS:
+    if variant in FFA_VARIANTS or variant in CUDA_VARIANTS:
         import fedlora_fast as ff
 
         ff.inject_adapters(model, target_modules=targets, r=r, alpha=ALPHA, seed=0, trainable_modules=extra)
@@ -280,18 +280,18 @@ def _build_variant(variant, base, head, batch, r, backend, holder):
             return _make_step(forward, plain_update(opt), backend), info
         dp = ff.DPSGD(  # seeded noise: benchmark runs are reproducible (never do this for real privacy)
             model, opt, max_grad_norm=MAX_GRAD_NORM, noise_multiplier=NOISE_MULTIPLIER,
-            expected_batch_size=n, clipping="flat" if variant == "ffa_dp_flat" else "per_layer",
+            expected_batch_size=n, clipping="per_layer" if variant == "ffa_dp_per_layer" else "flat",
             generator=torch.Generator(device=labels.device).manual_seed(0),
         )
+        if variant == "ffa_dp_flat_graph":
+            step, info["graph_check"] = _graph_step(model, dp, inputs["input_ids"], labels, backend)
+            return step, info
 
         def dp_update():
             dp.step()
             dp.zero_grad()
 
         return _make_step(forward, dp_update, backend), info
-
-    if variant == "ffa_dp_flat_graph":
-        return _graph_variant(model, targets, extra, inputs, labels, r, backend, info)
 
     if variant.startswith("peft"):
         import peft
@@ -327,29 +327,20 @@ def _build_variant(variant, base, head, batch, r, backend, holder):
     raise ValueError(f"variant: expected one of {VARIANTS} (optionally '@backend' for ffa_*), got {variant!r}")
 
 
-def _graph_variant(model, targets, extra, inputs, labels, r, backend, info):
-    """``ffa_dp_flat`` with forward, backward and the flat clip-reduce captured in one CUDA graph.
+def _graph_step(model: nn.Module, dp, ids: torch.Tensor, labels: torch.Tensor, backend: str | None) -> tuple:
+    """``ffa_dp_flat``'s step with forward, backward and the flat clip-reduce captured in one CUDA graph.
 
     Warm-up steps run eagerly on a side stream first (Triton compiles and autotunes, ``auto`` picks its GEMMs:
     none of that may happen inside a capture). The model gets no attention mask (all ones here: the same
-    maths, and Hugging Face's mask code may read it back to the host, which a capture forbids). Each step
-    replays the graph, hands the captured clipped sum and dropped-sample count to the engine, and runs the
-    engine's own eager ``step``: noise from its generator, accounting, scaling, the optimizer. Before timing,
-    one replay's clipped sum is checked against an eager step's on the same batch (``info["graph_check"]``).
+    maths, and Hugging Face's mask code may read it back to the host, which a capture forbids). The graph
+    holds the engine's device work (``_clip_batch``); each step replays it, hands its outputs to the engine
+    (``_add_clipped``) and runs the engine's own eager ``step``: noise from its generator, accounting,
+    scaling, the optimizer. Before timing, one replay's clipped sum is checked against an eager step's on
+    the same batch. Returns ``(step, check)``.
     """
     if labels.device.type != "cuda":
         raise ValueError("ffa_dp_flat_graph: CUDA graphs need --device cuda")
-    import fedlora_fast as ff
-
-    ff.inject_adapters(model, target_modules=targets, r=r, alpha=ALPHA, seed=0, trainable_modules=extra)
-    opt = _sgd(model)
-    info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n = labels.shape[0]
-    dp = ff.DPSGD(  # seeded noise: benchmark runs are reproducible (never do this for real privacy)
-        model, opt, max_grad_norm=MAX_GRAD_NORM, noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=n,
-        clipping="flat", generator=torch.Generator(device=labels.device).manual_seed(0),
-    )
-    ids = inputs["input_ids"]
 
     def forward_backward():
         _loss(model(input_ids=ids).logits, labels).backward()
@@ -366,35 +357,25 @@ def _graph_variant(model, targets, extra, inputs, labels, r, backend, info):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             forward_backward()
-            dp.clip_and_accumulate()
-        summed, bad = dp._summed, dp._dropped._pending[-1][0]  # the graph's outputs, rewritten by each replay
-        dp._summed, dp._pending_samples, dp._pending_batches = None, 0, 0  # the capture stepped nothing
-        dp._dropped._pending.clear()
+            summed, dropped, _ = dp._clip_batch()  # the graph's outputs, rewritten by each replay
         graph.replay()
         got = summed.clone()
         forward_backward()
-        dp.clip_and_accumulate()
-        want = dp._summed
-        info["graph_check"] = {
-            "max_abs_diff": float((got - want).abs().max()), "scale": float(want.abs().max()),
-            "bitwise_equal": bool(torch.equal(got, want)),
-        }
-        print(f"# ffa_dp_flat_graph: replayed clipped sum vs eager {info['graph_check']}", flush=True)
-        dp.zero_grad()
-
+        want = dp._clip_batch()[0]
+    check = {"max_abs_diff": float((got - want).abs().max()), "scale": float(want.abs().max()),
+             "bitwise_equal": bool(torch.equal(got, want))}  # fmt: skip
+    print(f"# ffa_dp_flat_graph: replayed clipped sum vs eager {check}", flush=True)
     label = torch.profiler.record_function
 
     def step():
         with label("bench.replay"):
             graph.replay()
         with label("bench.update"):
-            dp._summed = summed  # add_noise makes a new tensor: the graph's output is never written here
-            dp._dropped.add(bad.clone(), n)
-            dp._pending_samples, dp._pending_batches = n, 1
+            dp._add_clipped(summed, dropped.clone(), n)  # add_noise makes a new tensor: summed is never written
             dp.step()
             dp.zero_grad()
 
-    return step, info
+    return step, check
 
 
 def _with_update_check(step, model: nn.Module, info: dict):

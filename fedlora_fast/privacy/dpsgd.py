@@ -462,6 +462,14 @@ class DPSGD:
         Returns:
             the micro-batch size n.
         """
+        clipped, dropped, n = self._clip_batch()
+        self._add_clipped(clipped, dropped, n)
+        return n
+
+    def _clip_batch(self) -> tuple[Tensor, Tensor, int]:
+        """The last backward's clipped sum as one (total,) float32 vector, how many samples it dropped (a
+        0-dim device tensor) and n; frees the per-sample gradients. Device work only, no bookkeeping (a
+        CUDA graph can hold it: bench/step.py's ffa_dp_flat_graph)."""
         norms2 = self._norms2()  # the clear error when there is no backward
         n = norms2.shape[0]
         if self.clipping == "flat":
@@ -477,15 +485,19 @@ class DPSGD:
                     )
                 grads.append(p.grad)  # the layer's backward already clipped and summed (None: unused)
             clipped = self._flatten(grads)
-        self._summed = clipped if self._summed is None else self._summed + clipped
-        # exactly the samples clip_coef gave coefficient 0; counted on the device (no sync: _DroppedCounter)
-        self._dropped.add((~torch.isfinite(norms2)).sum(), n)
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
+        # exactly the samples clip_coef gave coefficient 0
+        return clipped, (~torch.isfinite(norms2)).sum(), n
+
+    def _add_clipped(self, clipped: Tensor, dropped: Tensor, n: int) -> None:
+        """Add one micro-batch's ``_clip_batch`` results to the running sum and the step's counts (the dropped
+        count stays on the device: _DroppedCounter)."""
+        self._summed = clipped if self._summed is None else self._summed + clipped
+        self._dropped.add(dropped, n)
         self._pending_samples += n
         self._pending_batches += 1
-        return n
 
     accumulate = clip_and_accumulate
 
