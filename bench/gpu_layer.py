@@ -28,6 +28,7 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -313,6 +314,19 @@ OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages, PROMOTE, PACK); the
 ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def blocks_override(kind: str, cfg: dict):
+    """The kernels' ``_blocks(kind, ...)`` answer ``cfg`` for the duration (a sweep's config)."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    real = K._blocks
+    K._blocks = lambda k, dev, **dims: dict(cfg) if k == kind else real(k, dev, **dims)
+    try:
+        yield
+    finally:
+        K._blocks = real
+
+
 def sweep_outer(n, T, out, r, dtype, device, reps: int) -> list[dict]:
     """Time the one-pass backward over G (P_i, norms, V = G B) for each block config of ``OUTER_SWEEP``, with
     each config's relative error in P and the norms against float64 (a faster config must also hold the
@@ -325,27 +339,20 @@ def sweep_outer(n, T, out, r, dtype, device, reps: int) -> list[dict]:
     Bm = torch.randn(out, r, device=device, dtype=torch.float32)
     p64 = 2.0 * g.double().transpose(1, 2) @ u.double()  # (n, out, r)
     nu64 = p64.square().sum((1, 2))
-    real = K._blocks
     rows = []
     for bt, ba, warps, stages, promote, pack in OUTER_SWEEP:
         cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages, PROMOTE=promote, PACK=pack)
-
-        def blocks(kind, dev, **dims):
-            return dict(cfg) if kind == "outer" else real(kind, dev, **dims)
-
-        K._blocks = blocks
         try:
-            fn = lambda: K._per_sample_outer(g, u, 2.0, MODE_PER_SAMPLE, "ar", Bmat=Bm, v_rounded=True, prec_dtype=dtype)  # noqa: E731
-            P, nu, _ = fn()
-            err_p = float((P.double() - p64).abs().max() / p64.abs().max())
-            err_nu = float(((nu.double() - nu64).abs() / nu64).max())
-            ms = bench_ms(fn, device, reps)
+            with blocks_override("outer", cfg):
+                fn = lambda: K._per_sample_outer(g, u, 2.0, MODE_PER_SAMPLE, "ar", Bmat=Bm, v_rounded=True, prec_dtype=dtype)  # noqa: E731
+                P, nu, _ = fn()
+                err_p = float((P.double() - p64).abs().max() / p64.abs().max())
+                err_nu = float(((nu.double() - nu64).abs() / nu64).max())
+                ms = bench_ms(fn, device, reps)
             rows.append({"config": cfg, "ms": ms, "g_gbps": g.numel() * g.element_size() / (ms * 1e-3) / 1e9,
                          "rel_err_P": err_p, "rel_err_nu": err_nu})
         except Exception as e:  # noqa: BLE001  (a config that fails to compile: report, keep sweeping)
             rows.append({"config": cfg, "error": repr(e)[:200]})
-        finally:
-            K._blocks = real
     return rows
 
 
@@ -362,29 +369,22 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
     x = torch.randn(n, T, inp, device=device, dtype=dtype)
     A = torch.randn(r, inp, device=device, dtype=torch.float32) / inp**0.5
     u64 = x.double() @ A.double().T
-    real = K._blocks
+    def fn():
+        u = torch.empty(n, T, r, device=device, dtype=torch.float32)
+        K._launch_gemm(x, (A, A.stride(1), A.stride(0)), None, None, u, 1.0, main_fp32=True, prec_dtype=dtype)
+        return u
+
     rows = []
     for bm, bk, warps, stages, pack in U_SWEEP:
         cfg = dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages, PACK_W=pack)
-
-        def blocks(kind, dev, **dims):
-            return dict(cfg) if kind == "narrow" else real(kind, dev, **dims)
-
-        K._blocks = blocks
         try:
-            def fn():
-                u = torch.empty(n, T, r, device=device, dtype=torch.float32)
-                K._launch_gemm(x, (A, A.stride(1), A.stride(0)), None, None, u, 1.0, main_fp32=True, prec_dtype=dtype)
-                return u
-
-            err = float((fn().double() - u64).abs().max() / u64.abs().max())
-            ms = bench_ms(fn, device, reps)
+            with blocks_override("narrow", cfg):
+                err = float((fn().double() - u64).abs().max() / u64.abs().max())
+                ms = bench_ms(fn, device, reps)
             rows.append({"config": cfg, "ms": ms, "x_gbps": x.numel() * x.element_size() / (ms * 1e-3) / 1e9,
                          "rel_err_U": err})
         except Exception as e:  # noqa: BLE001  (a config that fails to compile: report, keep sweeping)
             rows.append({"config": cfg, "error": repr(e)[:200]})
-        finally:
-            K._blocks = real
     return rows
 
 

@@ -157,35 +157,30 @@ def main(argv=None) -> int:
         print(f"{name:16s} {rows[name]}", flush=True)
         save()
 
-    def with_launch(mode, fn):  # fn under FEDLORA_FAST_LAUNCH=mode
-        def call():
-            os.environ["FEDLORA_FAST_LAUNCH"] = mode
-            try:
-                fn()
-            finally:
-                os.environ.pop("FEDLORA_FAST_LAUNCH", None)
-        return call
-
     def measure_direct(name, fn):
-        """On CUDA, ``name`` and ``name_direct`` (FEDLORA_FAST_LAUNCH=direct) in alternating rounds, so that a
-        shared host's drift falls on both alike; elsewhere ``name`` alone."""
+        """On CUDA, ``name`` and ``name_direct`` (FEDLORA_FAST_LAUNCH=jit / direct) in alternating rounds, so
+        that a shared host's drift falls on both alike; elsewhere ``name`` alone."""
         if not cuda:
             measure(name, fn)
             return
-        pair = {name: with_launch("jit", fn), name + "_direct": with_launch("direct", fn)}
-        per = {k: [] for k in pair}
+        modes = {name: "jit", name + "_direct": "direct"}
+        per = {k: [] for k in modes}
         try:
-            for f in pair.values():
-                f()  # warm-up (compiles, tunes, caches the direct launchers)
-            for _ in range(args.rounds):
-                for k, f in pair.items():
-                    per[k].append(per_call_us(f, sync, args.calls, 1))
-            for k in pair:
+            for rnd in range(args.rounds + 1):  # round 0: warm-up (compiles, tunes, caches the launchers)
+                for k, mode in modes.items():
+                    os.environ["FEDLORA_FAST_LAUNCH"] = mode  # set per round, outside the timed calls
+                    if rnd == 0:
+                        fn()
+                    else:
+                        per[k].append(per_call_us(fn, sync, args.calls, 1))
+            for k in modes:
                 rows[k] = round(statistics.median(per[k]), 2)
         except Exception as e:  # report and go on
-            for k in pair:
+            for k in modes:
                 rows.setdefault(k, f"failed: {type(e).__name__}: {e}"[:300])
-        for k in pair:
+        finally:
+            os.environ.pop("FEDLORA_FAST_LAUNCH", None)
+        for k in modes:
             print(f"{k:16s} {rows[k]}", flush=True)
         save()
 

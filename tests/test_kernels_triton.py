@@ -104,6 +104,29 @@ def check_lowp_y_dx(t, s, y, u, dx):
     return exp_u, exp
 
 
+def override_blocks(monkeypatch, kind, updates, record):
+    """``_blocks(kind, ...)`` with ``updates`` applied for the test; returns the list of ``record(kernel, kw)``
+    over every launch where it is not None (what the launches actually took)."""
+    real, run = K._blocks, K._run
+    seen = []
+
+    def blocks(k, dev, **dims):
+        cfg = real(k, dev, **dims)
+        if k == kind:
+            cfg.update(updates)
+        return cfg
+
+    def recording_run(fn, grid, *args, **kw):
+        value = record(fn, kw)
+        if value is not None:
+            seen.append(value)
+        return run(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_blocks", blocks)
+    monkeypatch.setattr(K, "_run", recording_run)
+    return seen
+
+
 def nan_alloc(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -165,22 +188,8 @@ def test_outer_promote_pack_poisoned(poisoned, device, promote, pack, dtype, sha
     if device == "cuda" and (dtype != torch.bfloat16 or shape != (2, 7, 130, 67, 16)):
         pytest.skip("natively one case per option (a GPU run's compile time is budgeted); the interpreter takes "
                     "every case, and bench/gpu_layer.py --sweep-outer checks each option against float64 too")
-    real, run = K._blocks, K._run
-    packed = []
-
-    def blocks(kind, dev, **dims):
-        cfg = real(kind, dev, **dims)
-        if kind == "outer":
-            cfg.update(PROMOTE=promote, PACK=pack)
-        return cfg
-
-    def counting_run(fn, grid, *args, **kw):
-        if fn is K._outer_kernel:
-            packed.append(kw["PACK"])
-        return run(fn, grid, *args, **kw)
-
-    monkeypatch.setattr(K, "_blocks", blocks)
-    monkeypatch.setattr(K, "_run", counting_run)
+    packed = override_blocks(monkeypatch, "outer", dict(PROMOTE=promote, PACK=pack),
+                             lambda fn, kw: kw["PACK"] if fn is K._outer_kernel else None)
     t = make(*shape, device, dtype=dtype)
     s = 0.7
     u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)[1]
@@ -203,22 +212,8 @@ def test_u_pack_poisoned(poisoned, device, shape, monkeypatch):
     accurate against float64, through every K tail; r = 17 keeps the chained path."""
     if device == "cuda" and shape != (2, 7, 130, 67, 16):
         pytest.skip("natively one case (a GPU run's compile time is budgeted); the interpreter takes every case")
-    real, run = K._blocks, K._run
-    packed = []
-
-    def blocks(kind, dev, **dims):
-        cfg = real(kind, dev, **dims)
-        if kind == "narrow":
-            cfg["PACK_W"] = True
-        return cfg
-
-    def counting_run(fn, grid, *args, **kw):
-        if fn is K._gemm_lowrank_kernel and kw.get("SPLIT_W"):
-            packed.append(kw["PACK_W"])
-        return run(fn, grid, *args, **kw)
-
-    monkeypatch.setattr(K, "_blocks", blocks)
-    monkeypatch.setattr(K, "_run", counting_run)
+    packed = override_blocks(monkeypatch, "narrow", dict(PACK_W=True),
+                             lambda fn, kw: kw["PACK_W"] if fn is K._gemm_lowrank_kernel and kw["SPLIT_W"] else None)
     t = make(*shape, device, dtype=torch.bfloat16)
     u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)[1]
     close(u, ref_fwd(t, 0.7)[1], "u")
