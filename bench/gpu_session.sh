@@ -50,7 +50,7 @@ if (( L > 20 )); then
 fi
 
 L=$(cap "${GRAPH_S:-70}")
-echo "== 3/7 the 1B DP step replayed from a CUDA graph (ffa_dp_flat_graph, a prototype; own process), ${L}s"
+echo "== 3/7 the 1B DP step replayed from a CUDA graph (ffa_dp_flat_graph: GraphedAccumulator; own process), ${L}s"
 if (( L > 20 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step_graph.json" \
         --variants "${GRAPH_VARIANTS:-floor,ffa_dp_flat,ffa_dp_flat_graph,peft_opacus}" 2>&1 | tee "$OUT/step_graph.log" | tail -12

@@ -14,9 +14,9 @@ Variants:
     peft_lora          peft LoRA with A frozen (FFA-LoRA in peft), plain SGD step
     peft_opacus        the same model under opacus hooks mode (PrivacyEngine.make_private, Poisson off)
     peft_opacus_ghost  the same under opacus ghost clipping (grad_sample_mode="ghost", two backwards)
-    ffa_dp_flat_graph  (CUDA, on request) ffa_dp_flat with forward + backward + clip-reduce replayed from a
-                       CUDA graph; noise, scaling and the optimizer step eager (a prototype: the host-bound
-                       1B step's answer, see bench/NOTES.md)
+    ffa_dp_flat_graph  (CUDA, on request) ffa_dp_flat through GraphedAccumulator: forward + backward +
+                       clip-reduce replayed from a CUDA graph; noise, scaling and the optimizer step eager
+                       (the host-bound 1B step's answer, see bench/NOTES.md)
 
 Every variant but ``floor`` trains the classification head in full (``trainable_modules`` here,
 ``modules_to_save`` in peft, per-sample gradients in both DP engines), so the head costs the same
@@ -65,9 +65,9 @@ VARIANTS = (
 )
 FFA_VARIANTS = ("ffa_nodp", "ffa_dp_flat", "ffa_dp_per_layer")
 # CUDA only, never in the default list: ffa_dp_flat with forward + backward + clip-reduce captured once in a
-# CUDA graph and replayed (noise, scaling and the optimizer step stay eager: the engine's own code). A
-# prototype for bench/NOTES.md's "next": the 1B step is host-bound, and a graph replay issues a layer step's
-# work in microseconds
+# CUDA graph and replayed (fedlora_fast.privacy.GraphedAccumulator; noise, scaling and the optimizer step stay
+# eager: the engine's own code). The 1B step is host-bound, and a graph replay issues a layer step's work in
+# microseconds
 CUDA_VARIANTS = ("ffa_dp_flat_graph",)
 MODELS = ("minilm", "bert-tiny", "llama-1b", "llama-tiny", "llama-1b-narrow")
 ALPHA = 16.0
@@ -328,40 +328,41 @@ def _build_variant(variant, base, head, batch, r, backend, holder):
 
 
 def _graph_step(model: nn.Module, dp, ids: torch.Tensor, labels: torch.Tensor, backend: str | None) -> tuple:
-    """``ffa_dp_flat``'s step with forward, backward and the flat clip-reduce captured in one CUDA graph.
+    """``ffa_dp_flat``'s step through ``GraphedAccumulator``: forward, backward and the flat clip-reduce
+    replayed from a CUDA graph (captured on the first call, after eager warm-ups), then the engine's own
+    eager ``step`` (noise from its generator, accounting, scaling, the optimizer).
 
-    Warm-up steps run eagerly on a side stream first (Triton compiles and autotunes, ``auto`` picks its GEMMs:
-    none of that may happen inside a capture). The model gets no attention mask (all ones here: the same
-    maths, and Hugging Face's mask code may read it back to the host, which a capture forbids). The graph
-    holds the engine's device work (``_clip_batch``); each step replays it, hands its outputs to the engine
-    (``_add_clipped``) and runs the engine's own eager ``step``: noise from its generator, accounting,
-    scaling, the optimizer. Before timing, one replay's clipped sum is checked against an eager step's on
-    the same batch. Returns ``(step, check)``.
+    The model gets no attention mask (all ones here: the same maths, and Hugging Face's 2-D mask code reads
+    a value back, which a capture refuses). The micro-batch is the whole batch (n fixed: no padding).
+    Before timing, one replay's clipped sum is checked against an eager ``backward(); accumulate()`` on the
+    same batch. Returns ``(step, check)``.
     """
-    if labels.device.type != "cuda":
-        raise ValueError("ffa_dp_flat_graph: CUDA graphs need --device cuda")
-    n = labels.shape[0]
+    import logging
 
-    def forward_backward():
-        _loss(model(input_ids=ids).logits, labels).backward()
+    from fedlora_fast.privacy.graphed import GraphedAccumulator
 
-    with _backend(backend):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                forward_backward()
-                dp.step()
-                dp.zero_grad()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward_backward()
-            summed, dropped, _ = dp._clip_batch()  # the graph's outputs, rewritten by each replay
-        graph.replay()
-        got = summed.clone()
-        forward_backward()
-        want = dp._clip_batch()[0]
+    n = labels.shape[0]  # (off CUDA the accumulator runs eagerly: the smoke test checks this plumbing)
+
+    def per_sample_loss(model, batch):
+        logits = model(input_ids=batch["input_ids"]).logits
+        return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+    batch = {"input_ids": ids, "labels": labels}
+    acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=n, warmup=3)
+    quiet = logging.getLogger("fedlora_fast.privacy.dpsgd")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # zero_grad() below discards the checked sums on purpose
+    try:
+        with _backend(backend):
+            acc.accumulate(batch)  # warm-ups, the capture, one replay
+            got = torch.cat([t.flatten() for t in dp.clipped_sum()])
+            dp.zero_grad()
+            _loss(model(input_ids=ids).logits, labels).backward()
+            dp.accumulate()
+            want = torch.cat([t.flatten() for t in dp.clipped_sum()])
+            dp.zero_grad()
+    finally:
+        quiet.setLevel(level)
     check = {"max_abs_diff": float((got - want).abs().max()), "scale": float(want.abs().max()),
              "bitwise_equal": bool(torch.equal(got, want))}  # fmt: skip
     print(f"# ffa_dp_flat_graph: replayed clipped sum vs eager {check}", flush=True)
@@ -369,9 +370,8 @@ def _graph_step(model: nn.Module, dp, ids: torch.Tensor, labels: torch.Tensor, b
 
     def step():
         with label("bench.replay"):
-            graph.replay()
+            acc.accumulate(batch)
         with label("bench.update"):
-            dp._add_clipped(summed, dropped.clone(), n)  # add_noise makes a new tensor: summed is never written
             dp.step()
             dp.zero_grad()
 

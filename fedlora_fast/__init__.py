@@ -11,6 +11,7 @@ from fedlora_fast.peft_compat import export_peft, from_peft, load_peft  # noqa: 
 from fedlora_fast.privacy import (  # noqa: F401
     DPSGD,
     Accountant,
+    GraphedAccumulator,
     PoissonSampler,
     calibrate_noise_multiplier,
     poisson_dataloader,

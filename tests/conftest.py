@@ -53,6 +53,15 @@ def _fresh_backend_cache():
     backends.clear_cache()
 
 
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """The PyTorch reference ops for one test (engine maths, not kernels: those are checked per backend)."""
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    backends.clear_cache()
+    yield
+    backends.clear_cache()
+
+
 def tiny_bert_run(root, sms_rows):
     """A random 1-layer BERT (hidden 16) with the packaged MiniLM tokenizer, and the first ``sms_rows`` SMS rows.
 

@@ -88,10 +88,23 @@ def test_step_graph_variant_needs_cuda(capsys):
     assert "ffa_dp_flat_graph needs --device cuda" in capsys.readouterr().err
 
 
+def test_step_graph_variant_plumbing_on_cpu(capsys):
+    """Off CUDA the graph variant's GraphedAccumulator runs eagerly: its check against an eager accumulate
+    is exact and every trainable tensor is updated (the CLI itself refuses the variant without CUDA)."""
+    model, head = step.build_model("llama-tiny", torch.device("cpu"), torch.float32)
+    batch = step.make_batch(model, 3, 8, torch.device("cpu"))
+    fn, info = step.build_variant("ffa_dp_flat_graph", model, head, batch, r=4, backend="torch")
+    assert info["graph_check"]["max_abs_diff"] <= 1e-6 * max(info["graph_check"]["scale"], 1.0), info
+    fn()
+    fn()
+    assert info["updated"]() == 1.0
+    assert "replayed clipped sum vs eager" in capsys.readouterr().out
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_step_graph_variant_replays_the_eager_clipped_sum(tmp_path):
-    """The CUDA-graph prototype on a tiny Llama: the replayed clipped sum equals an eager step's, and every
+    """The CUDA-graph step (GraphedAccumulator) on a tiny Llama: the replayed clipped sum equals an eager step's, and every
     trainable tensor is updated by the graphed steps."""
     out = tmp_path / "step.json"
     step.main(["--smoke", "--device", "cuda", "--no-mem", "--model", "llama-tiny", "--json", str(out),

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import fedlora_fast as ff
-from fedlora_fast.ops import backends
 from fedlora_fast.per_sample import PerSampleStateError
 from fedlora_fast.privacy import Accountant, batch_size, dpsgd, micro_batches
 from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
@@ -20,12 +19,7 @@ from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, 
 IN, HID, OUT, R = 7, 6, 3, 3  # odd sizes on purpose
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "torch")
-    backends.clear_cache()
-    yield
-    backends.clear_cache()
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(params=["per_tensor", "grouped", "grouped_small"])

@@ -466,14 +466,28 @@ class DPSGD:
         self._add_clipped(clipped, dropped, n)
         return n
 
-    def _clip_batch(self) -> tuple[Tensor, Tensor, int]:
+    def _clip_batch(self, valid: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
         """The last backward's clipped sum as one (total,) float32 vector, how many samples it dropped (a
-        0-dim device tensor) and n; frees the per-sample gradients. Device work only, no bookkeeping (a
-        CUDA graph can hold it: bench/step.py's ffa_dp_flat_graph)."""
+        0-dim device tensor) and n; frees the per-sample gradients. Device work only, no bookkeeping and no
+        read-back (a CUDA graph holds it: ``GraphedAccumulator``).
+
+        ``valid``: an (n,) bool mask of real samples in a padded batch. Padding rows get coefficient 0 (they
+        add nothing, even a non-finite gradient: the clip-reduce skips coefficient 0) and are not counted
+        as dropped. Their gradients must not reach ``.grad`` (per-layer clipping sums inside the backward):
+        give them loss weight 0, which makes them exactly zero (``GraphedAccumulator`` does).
+        """
         norms2 = self._norms2()  # the clear error when there is no backward
         n = norms2.shape[0]
+        bad = ~torch.isfinite(norms2)
+        if valid is not None:
+            if valid.shape != (n,) or valid.dtype != torch.bool:
+                raise ValueError(f"valid: expected a ({n},) bool mask, got {tuple(valid.shape)} {valid.dtype}")
+            bad = bad & valid
         if self.clipping == "flat":
-            clipped = self._clip_flat(clip_coef(norms2, self.max_grad_norm), n)
+            coef = clip_coef(norms2, self.max_grad_norm)
+            if valid is not None:
+                coef = torch.where(valid, coef, torch.zeros_like(coef))
+            clipped = self._clip_flat(coef, n)
         else:
             grads = []
             for p in self.params:
@@ -488,8 +502,8 @@ class DPSGD:
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
-        # exactly the samples clip_coef gave coefficient 0
-        return clipped, (~torch.isfinite(norms2)).sum(), n
+        # exactly the (real) samples clip_coef gave coefficient 0
+        return clipped, bad.sum(), n
 
     def _add_clipped(self, clipped: Tensor, dropped: Tensor, n: int) -> None:
         """Add one micro-batch's ``_clip_batch`` results to the running sum and the step's counts (the dropped

@@ -1,0 +1,285 @@
+"""DP micro-batches of a fixed shape, replayed from a CUDA graph: the host cost of a step, gone.
+
+A DP-SGD step of a model with many small adapters is host-bound on a GPU: issuing the forward, backward
+and clipping of a 1B Llama's 154 adapters took longer than the GPU needed to run them (bench/NOTES.md: 158
+ms per step, of which the GPU was busy 71). A CUDA graph issues the same work in microseconds, but it needs
+fixed shapes and no value read back to the host, while Poisson sampling, which the privacy accounting
+assumes, draws batches of a random size.
+
+``GraphedAccumulator`` reconciles the two: every micro-batch is padded to one fixed size. Padding rows are
+copies of the micro-batch's first sample (valid inputs, finite activations) with loss weight 0, so their
+per-sample gradients are exactly zero; the clipping gives them coefficient 0 besides (nothing they hold,
+not even a non-finite value, reaches the sum) and does not count them as dropped or as samples. The
+clipped sum of the real samples is what the eager ``loss.backward(); dp.accumulate()`` computes, up to the
+order of floating-point sums. Only the forward, backward and clip-reduce are captured; noise, accounting,
+scaling and the optimizer stay in ``DPSGD.step``, eager: nothing about the noise changes.
+
+    dp = DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=m, sample_rate=q)
+    acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=16)
+    for batch in poisson_loader:                      # any size, 0 included
+        if acc.accumulate(batch) == 0:
+            dp.step(empty_batch=True)
+        else:
+            dp.step()
+        dp.zero_grad()
+
+Off CUDA (or with ``graph=False``) the same padding and masking run eagerly: the same results, no graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from fedlora_fast.privacy.dpsgd import DPSGD
+
+log = logging.getLogger(__name__)
+
+REDUCTIONS = ("sum", "mean")
+# aten ops that read a device value back to the host (item(), bool(), a data-dependent output shape): each
+# is a synchronisation, which a CUDA graph capture refuses
+HOST_READ_OPS = frozenset(
+    {
+        "aten._local_scalar_dense.default",
+        "aten.is_nonzero.default",
+        "aten.equal.default",
+        "aten.nonzero.default",
+        "aten.nonzero_static.default",
+        "aten.masked_select.default",
+        "aten._unique2.default",
+        "aten.unique_dim.default",
+        "aten.unique_consecutive.default",
+        "aten.bincount.default",
+        "aten.repeat_interleave.Tensor",
+    }
+)
+_OWN_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller(stack: list[traceback.FrameSummary]) -> str:
+    """The innermost frame outside torch and this module: where the read was asked for."""
+    for frame in reversed(stack):
+        if not os.path.abspath(frame.filename).startswith(_OWN_DIRS):
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return "(inside torch)"
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.found: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        to_host = name in ("aten._to_copy.default", "aten.copy_.default") and _to_host(func, args, kwargs)
+        if name in HOST_READ_OPS or to_host:
+            self.found.append((name, _caller(traceback.extract_stack())))
+        return func(*args, **kwargs)
+
+
+def _to_host(func, args, kwargs) -> bool:
+    """A copy from a device tensor into CPU memory (``.cpu()``, ``.tolist()``, ``copy_`` into a CPU tensor)."""
+    if str(func) == "aten.copy_.default":
+        dst, src = args[0], args[1]
+        return isinstance(src, Tensor) and src.device.type != "cpu" and dst.device.type == "cpu"
+    src, device = args[0], kwargs.get("device")
+    return src.device.type != "cpu" and device is not None and torch.device(device).type == "cpu"
+
+
+def find_host_reads(fn: Callable[[], Any]) -> list[tuple[str, str]]:
+    """Run ``fn()`` once and list every op in it (backward included) that reads a device value back to the
+    host, as ``(aten op, "file:line in function")``; empty when ``fn`` can be captured in a CUDA graph as far
+    as reads go. Works on any device: on the CPU it finds what would synchronise on a GPU (except plain
+    device-to-host copies, which only exist there).
+    """
+    probe = _HostReads()
+    with probe:
+        fn()
+    return probe.found
+
+
+class GraphedAccumulator:
+    """``loss.backward(); dp.accumulate()`` for micro-batches padded to one shape, replayed from a CUDA graph.
+
+    Args:
+        dp: the ``DPSGD`` engine (flat or per-layer clipping); its ``step``/``zero_grad`` stay the caller's.
+        loss_fn: ``loss_fn(model, batch) -> (b,)`` per-sample losses of a micro-batch (``batch`` has the
+            input batch's structure; tensors are fixed buffers of ``micro_batch_size`` rows). It must be a
+            pure function of the tensors: under a graph its Python runs only while capturing. Hugging Face
+            attention masks as 2-D padding masks read a value back (``find_host_reads`` says where): pass a
+            4-D boolean mask, e.g. ``mask[:, None, None, :].bool()`` for a bidirectional encoder; a causal
+            model with right-padded inputs needs none for its real positions.
+        micro_batch_size: b, the fixed number of rows per replay; a larger batch is split, a smaller
+            (or the last) micro-batch padded.
+        reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (1/k
+            for the k real samples of each micro-batch, as ``loss.mean()`` would).
+        graph: capture a CUDA graph; None (default): when the engine's parameters are on CUDA.
+        warmup: eager runs before the capture (Triton compiles and autotunes, ``auto`` picks its GEMMs: none
+            of that may happen inside a capture). Their results are discarded: nothing is released.
+    Raises:
+        ValueError: bad arguments; later (``accumulate``) a batch whose non-batch shapes, dtypes or structure
+            differ from the first one's, or a ``loss_fn`` that reads device values back (graph mode).
+    """
+
+    def __init__(
+        self,
+        dp: DPSGD,
+        loss_fn: Callable[[torch.nn.Module, Any], Tensor],
+        *,
+        micro_batch_size: int,
+        reduction: str = "sum",
+        graph: bool | None = None,
+        warmup: int = 2,
+    ):
+        if not isinstance(dp, DPSGD):
+            raise TypeError(f"dp: expected a DPSGD engine, got {type(dp).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch) -> (b,) losses, got {loss_fn!r}")
+        b = micro_batch_size
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+            raise ValueError(f"micro_batch_size: expected a positive int, got {micro_batch_size!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup: expected an int >= 1, got {warmup!r}")
+        self.device = dp._device
+        if graph is None:
+            graph = self.device.type == "cuda"
+        if graph and self.device.type != "cuda":
+            raise ValueError(f"graph: CUDA graphs need the engine's parameters on CUDA, they are on {self.device}")
+        self.dp, self.loss_fn, self.micro_batch_size = dp, loss_fn, b
+        self.reduction, self.graph, self.warmup = reduction, bool(graph), warmup
+        self.last_loss: Tensor | None = None  # the last micro-batch's weighted loss (0-dim, on the device)
+        self.replays = 0
+        self._spec = None  # the batch structure, its non-tensor leaves and the per-sample buffers
+        self._const: list = []
+        self._static: list[Tensor] = []
+        self._weight = torch.zeros(b, dtype=torch.float32, device=self.device)
+        self._valid = torch.zeros(b, dtype=torch.bool, device=self.device)
+        self._cuda_graph = None
+        self._out: tuple[Tensor, Tensor, Tensor] | None = None
+
+    # --- the batch ---------------------------------------------------------------------------------------
+    def _split(self, batch: Any) -> tuple[list, Any, int]:
+        leaves, spec = tree_flatten(batch)
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        if not tensors:
+            raise ValueError(f"batch: expected tensors with the samples along dim 0, got a {type(batch).__name__}")
+        bad = [tuple(x.shape) for x in tensors if x.dim() == 0]
+        if bad:
+            raise ValueError("batch: every tensor needs the samples along dim 0, got a 0-dim tensor")
+        sizes = sorted({x.shape[0] for x in tensors})
+        if len(sizes) != 1:
+            raise ValueError(f"batch: tensors disagree on the number of samples (dim 0): {sizes}")
+        return leaves, spec, sizes[0]
+
+    def _setup(self, leaves: list, spec) -> None:
+        b = self.micro_batch_size
+        self._spec = spec
+        self._const = [None if isinstance(x, Tensor) else x for x in leaves]
+        self._static = [
+            torch.empty((b, *x.shape[1:]), dtype=x.dtype, device=self.device) for x in leaves if isinstance(x, Tensor)
+        ]
+
+    def _check(self, leaves: list, spec) -> None:
+        if spec != self._spec or [None if isinstance(x, Tensor) else x for x in leaves] != self._const:
+            raise ValueError(
+                f"batch: its structure or non-tensor values differ from the first batch's ({spec} vs {self._spec}); "
+                "a GraphedAccumulator replays one fixed computation"
+            )
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        for i, (x, s) in enumerate(zip(tensors, self._static)):
+            if x.shape[1:] != s.shape[1:] or x.dtype != s.dtype:
+                raise ValueError(
+                    f"batch: tensor {i} has per-sample shape {tuple(x.shape[1:])} {x.dtype}, expected "
+                    f"{tuple(s.shape[1:])} {s.dtype} (the first batch's): pad sequences to one fixed length, or "
+                    "use one GraphedAccumulator per shape"
+                )
+
+    def _fill(self, leaves: list, start: int, k: int) -> None:
+        """Copy samples [start, start + k) into the buffers; rows k.. repeat the first (loss weight 0)."""
+        b = self.micro_batch_size
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        for x, s in zip(tensors, self._static):
+            part = x[start : start + k]
+            s[:k].copy_(part, non_blocking=True)
+            if k < b:
+                s[k:].copy_(part[:1].expand(b - k, *part.shape[1:]), non_blocking=True)
+        self._weight.zero_()
+        self._weight[:k] = 1.0 if self.reduction == "sum" else 1.0 / k
+        self._valid.zero_()
+        self._valid[:k] = True
+
+    # --- the captured work -------------------------------------------------------------------------------
+    def _batch(self) -> Any:
+        it = iter(self._static)
+        return tree_unflatten([next(it) if c is None else c for c in self._const], self._spec)
+
+    def _device_work(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward, backward and the clip-reduce of the buffers: (clipped sum, dropped count, loss)."""
+        b = self.micro_batch_size
+        losses = self.loss_fn(self.dp.model, self._batch())
+        if not isinstance(losses, Tensor) or losses.shape != (b,):
+            got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(f"loss_fn: expected ({b},) per-sample losses (one per row of the micro-batch), got {got}")
+        total = (losses.float() * self._weight).sum()
+        total.backward()
+        clipped, dropped, _ = self.dp._clip_batch(self._valid)
+        return clipped, dropped, total.detach()
+
+    def _capture(self) -> None:
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._device_work()  # discarded: compiles, autotunes; nothing is added or released
+            reads = find_host_reads(self._device_work)
+        current.wait_stream(side)
+        if reads:
+            where = "; ".join(f"{op} at {at}" for op, at in dict.fromkeys(reads))
+            raise ValueError(
+                f"loss_fn: reads device values back to the host, which a CUDA graph cannot hold: {where}. "
+                "Hugging Face 2-D attention masks do (pass a 4-D boolean mask, or none for a right-padded causal "
+                "model), or use graph=False"
+            )
+        self._cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._cuda_graph):
+            self._out = self._device_work()
+
+    # --- the public step ---------------------------------------------------------------------------------
+    def accumulate(self, batch: Any) -> int:
+        """Clip-accumulate every sample of ``batch`` into the engine (as ``dp.accumulate()`` after each
+        micro-batch's backward); returns the number of samples n (0: nothing done, step with
+        ``dp.step(empty_batch=True)``). ``batch``: a tensor or a (nested) dict/list/tuple of tensors with the
+        samples along dim 0; its per-sample shapes and dtypes must stay those of the first batch."""
+        leaves, spec, n = self._split(batch)
+        if n == 0:
+            return 0
+        if self._spec is None:
+            self._setup(leaves, spec)
+        self._check(leaves, spec)
+        b = self.micro_batch_size
+        for start in range(0, n, b):
+            k = min(b, n - start)
+            self._fill(leaves, start, k)
+            if not self.graph:
+                clipped, dropped, loss = self._device_work()
+            else:
+                if self._cuda_graph is None:
+                    self._capture()
+                self._cuda_graph.replay()
+                self.replays += 1
+                # the graph rewrites its outputs at every replay: the engine keeps copies
+                clipped, dropped, loss = (t.clone() for t in self._out)
+            self.dp._add_clipped(clipped, dropped, k)
+            self.last_loss = loss
+        return n

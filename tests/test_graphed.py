@@ -1,0 +1,285 @@
+"""GraphedAccumulator: padded fixed-shape micro-batches equal the eager accumulate; host-read detection.
+
+The padding, masking and bookkeeping run eagerly on the CPU (graph=False: the same code a CUDA graph
+captures); the capture itself is checked against the eager path on CUDA (marked, skipped without one).
+"""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import fedlora_fast as ff
+from fedlora_fast.ops import backends
+from fedlora_fast.privacy import dpsgd
+from fedlora_fast.privacy.graphed import GraphedAccumulator, find_host_reads
+from fedlora_fast.testing import assert_close_verbose
+
+IN, HID, OUT, R = 7, 6, 3, 3
+
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+def make_model(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT)).to(device)
+    ff.inject_adapters(model, ["0"], r=R, alpha=6.0, seed=seed, trainable_modules=["2"])
+    with torch.no_grad():
+        model[0].lora_B.normal_(0, 0.5)
+    return model
+
+
+def make_dp(model, **kw):
+    kw = {"max_grad_norm": 1.0, "noise_multiplier": 0.0, "expected_batch_size": 4, **kw}
+    return ff.DPSGD(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0), **kw)
+
+
+def make_batch(n, T=5, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": 2 * torch.randn(n, T, IN, generator=g).to(device), "y": torch.randn(n, T, OUT, generator=g).to(device)}
+
+
+def per_sample_loss(model, batch):
+    return ((model(batch["x"]) - batch["y"]) ** 2).flatten(1).sum(1)
+
+
+def eager_sum(batch, sizes, clipping, reduction="sum", **kw):
+    """The reference: plain micro-batches through loss.backward(); dp.accumulate()."""
+    model = make_model()
+    dp = make_dp(model, clipping=clipping, **kw)
+    start = 0
+    for s in sizes:
+        mb = {k: v[start : start + s] for k, v in batch.items()}
+        start += s
+        losses = per_sample_loss(model, mb)
+        (losses.sum() if reduction == "sum" else losses.mean()).backward()
+        dp.accumulate()
+    return torch.cat([t.flatten() for t in dp.clipped_sum()]), dp
+
+
+def graphed_sum(batches, b, clipping, reduction="sum", **kw):
+    model = make_model()
+    dp = make_dp(model, clipping=clipping, **kw)
+    acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=b, reduction=reduction, graph=False)
+    counts = [acc.accumulate(batch) for batch in batches]
+    return torch.cat([t.flatten() for t in dp.clipped_sum()]), dp, counts
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("n, b", [(7, 3), (2, 5), (6, 6), (1, 4)])
+def test_padded_micro_batches_equal_the_eager_accumulate(clipping, n, b, monkeypatch):
+    monkeypatch.setitem(dpsgd.GROUPED_CLIP_REDUCE, "cpu", True)  # CUDA's grouped clip-reduce
+    batch = make_batch(n)
+    want, _ = eager_sum(batch, [n], clipping)
+    got, dp, counts = graphed_sum([batch], b, clipping)
+    assert counts == [n]
+    assert dp._pending_samples == n and dp._pending_batches == -(-n // b), "padding rows are not samples"
+    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum")
+    dp.step()
+    assert dp.last_step_samples == n and dp.samples_dropped == 0
+
+
+def test_mean_reduction_weights_each_micro_batch_like_loss_mean():
+    batch = make_batch(7)
+    want, _ = eager_sum(batch, [3, 3, 1], "flat", reduction="mean", max_grad_norm=100.0)
+    got, _, _ = graphed_sum([batch], 3, "flat", reduction="mean", max_grad_norm=100.0)
+    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum (mean)")
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("bad_row", [0, 2])
+def test_non_finite_sample_dropped_once_even_when_it_pads(clipping, bad_row, caplog):
+    """Row 0 of a short micro-batch is copied into its padding: a NaN there must be dropped (and counted)
+    once, and its padded copies must neither poison the sum nor count."""
+    batch = make_batch(3)
+    batch["x"][bad_row, 1, 0] = float("nan")
+    keep = [i for i in range(3) if i != bad_row]
+    want, _ = eager_sum({k: v[keep] for k, v in batch.items()}, [2], clipping)
+    with caplog.at_level(logging.WARNING, logger="fedlora_fast.privacy.dpsgd"):
+        got, dp, _ = graphed_sum([batch], 8, clipping)
+        dp.step()
+    assert torch.isfinite(got).all()
+    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum without the NaN sample")
+    assert dp.samples_dropped == 1 and dp.last_step_samples == 3
+    assert "dropped 1 of 3" in caplog.text
+
+
+def test_padding_repeats_a_real_sample_so_the_loss_stays_finite():
+    """A loss undefined at all-zero inputs (here: normalised by the input's size) stays finite, because
+    the padding rows are copies of a real sample (zero rows would give 0 * nan = nan in the weighted sum)."""
+    model = make_model()
+    dp = make_dp(model)
+
+    def loss(model, mb):
+        return per_sample_loss(model, mb) / mb["x"].abs().flatten(1).sum(1)
+
+    acc = GraphedAccumulator(dp, loss, micro_batch_size=5, graph=False)
+    batch = make_batch(2)
+    acc.accumulate(batch)
+    want = loss(model, batch).sum()
+    dp.zero_grad()
+    assert_close_verbose(acc.last_loss, want.detach(), atol=1e-5, rtol=1e-5, name="weighted loss")
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_clip_batch_valid_mask_excludes_rows_that_have_gradients(clipping):
+    """Defence in depth: rows marked invalid add nothing and are not counted even when their gradients are
+    not zero (the loss weight 0 normally makes them zero)."""
+    batch = make_batch(4)
+    batch["x"][3, 0, 0] = float("inf")
+    valid = torch.tensor([True, False, True, False])
+    want, _ = eager_sum({k: v[[0, 2]] for k, v in batch.items()}, [2], clipping)
+    model = make_model()
+    dp = make_dp(model, clipping=clipping)
+    per_sample_loss(model, batch).sum().backward()
+    clipped, dropped, n = dp._clip_batch(valid)
+    assert n == 4 and int(dropped) == 0
+    if clipping == "flat":  # per-layer clipping sums inside the backward: there the loss weight is the guard
+        assert_close_verbose(clipped, want, atol=1e-5, rtol=1e-5, name="clipped sum over valid rows")
+    with pytest.raises(ValueError, match=r"valid: expected a \(4,\) bool mask"):
+        per_sample_loss(model, batch).sum().backward()
+        dp._clip_batch(valid.float())
+
+
+def test_several_batches_and_an_empty_one():
+    a, b = make_batch(5, seed=3), make_batch(2, seed=4)
+    both = {k: torch.cat([a[k], b[k]]) for k in a}
+    want, _ = eager_sum(both, [7], "flat")
+    empty = {k: v[:0] for k, v in a.items()}
+    got, dp, counts = graphed_sum([a, empty, b], 4, "flat")
+    assert counts == [5, 0, 2] and dp._pending_samples == 7
+    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum")
+
+
+def test_tuple_batches_and_non_tensor_leaves():
+    batch = make_batch(3)
+    model = make_model()
+    dp = make_dp(model)
+    seen = []
+
+    def loss(model, mb):
+        x, y, tag = mb
+        seen.append(tag)
+        return ((model(x) - y) ** 2).flatten(1).sum(1)
+
+    acc = GraphedAccumulator(dp, loss, micro_batch_size=2, graph=False)
+    assert acc.accumulate((batch["x"], batch["y"], "t")) == 3
+    assert seen == ["t", "t"]
+    with pytest.raises(ValueError, match="non-tensor values differ"):
+        acc.accumulate((batch["x"], batch["y"], "other"))
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make_model()
+    dp = make_dp(model)
+    with pytest.raises(ValueError, match="micro_batch_size: expected a positive int, got 0"):
+        GraphedAccumulator(dp, per_sample_loss, micro_batch_size=0)
+    with pytest.raises(ValueError, match="reduction"):
+        GraphedAccumulator(dp, per_sample_loss, micro_batch_size=2, reduction="max")
+    with pytest.raises(ValueError, match="graph: CUDA graphs need the engine's parameters on CUDA"):
+        GraphedAccumulator(dp, per_sample_loss, micro_batch_size=2, graph=True)
+    with pytest.raises(TypeError, match="dp: expected a DPSGD"):
+        GraphedAccumulator(object(), per_sample_loss, micro_batch_size=2)
+    acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=2)
+    assert acc.graph is False, "graph=None is off on the CPU"
+    acc.accumulate(make_batch(3, T=5))
+    with pytest.raises(ValueError, match=r"tensor 0 has per-sample shape \(4, 7\) torch.float32, expected \(5, 7\)"):
+        acc.accumulate(make_batch(3, T=4))
+    with pytest.raises(ValueError, match="disagree on the number of samples"):
+        acc.accumulate({"x": torch.zeros(3, 5, IN), "y": torch.zeros(2, 5, OUT)})
+    dp.zero_grad()
+    summed = GraphedAccumulator(dp, lambda m, mb: per_sample_loss(m, mb).sum(), micro_batch_size=2)
+    with pytest.raises(ValueError, match=r"loss_fn: expected \(2,\) per-sample losses"):
+        summed.accumulate(make_batch(3))
+
+
+def test_find_host_reads_names_the_op_and_the_line():
+    x = torch.randn(4)
+
+    def reads():
+        if (x > 0).any():  # bool(): a read-back
+            return x.sum().item()
+
+    found = find_host_reads(reads)
+    assert [op for op, _ in found] == ["aten.is_nonzero.default", "aten._local_scalar_dense.default"] or all(
+        op == "aten._local_scalar_dense.default" for op, _ in found
+    ), found
+    assert all("test_graphed.py" in at and "reads" in at for _, at in found), found
+    assert find_host_reads(lambda: (x * 2).sum()) == []
+
+
+def test_find_host_reads_on_a_llama_step_with_and_without_a_2d_mask():
+    """The Hugging Face 2-D padding mask reads back (transformers' sdpa mask skip); no mask, or the 4-D
+    mask GraphedAccumulator's docstring recommends, does not; nor does the engine's clipping."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    ff.inject_adapters(model, "all-linear", r=4)
+    dp = make_dp(model)
+    ids = torch.randint(0, 64, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] & mask[:, None, None, :].bool()
+
+    def step(attention_mask):
+        def fn():
+            logits = model(input_ids=ids, attention_mask=attention_mask).logits
+            nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="sum").backward()
+            dp._clip_batch()
+            return logits
+
+        return fn
+
+    found = find_host_reads(step(mask))
+    assert found and all(op == "aten._local_scalar_dense.default" for op, _ in found), found
+    assert any("masking_utils" in at for _, at in found), found
+    assert find_host_reads(step(None)) == []
+    assert find_host_reads(step(causal)) == []
+    with torch.no_grad():  # the 4-D mask is the same model for the real (unmasked) positions
+        a = model(input_ids=ids, attention_mask=mask).logits
+        b = model(input_ids=ids, attention_mask=causal).logits
+    assert_close_verbose(b[mask.bool()], a[mask.bool()], atol=1e-5, rtol=1e-5, name="logits, 4-D vs 2-D mask")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_cuda_graph_replays_equal_the_eager_accumulate(clipping, monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    backends.clear_cache()
+    sums = {}
+    for graph in (False, True):
+        model = make_model(device="cuda")
+        dp = make_dp(model, clipping=clipping, noise_multiplier=1.0, noise_seed=0)
+        acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=4, graph=graph)
+        total = []
+        for seed, n in ((1, 7), (2, 3), (3, 4)):  # 2 + 1 + 1 micro-batches, 3 of them padded
+            assert acc.accumulate(make_batch(n, seed=seed, device="cuda")) == n
+            total.append(torch.cat([t.flatten() for t in dp.clipped_sum()]))
+            dp.step()
+            dp.zero_grad()
+        sums[graph] = torch.stack(total)
+        assert acc.replays == (4 if graph else 0)
+        assert dp.samples_dropped == 0 and dp.steps == 3
+    assert_close_verbose(sums[True], sums[False], atol=1e-5, rtol=1e-5, name="replayed clipped sums")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_capture_refuses_a_loss_that_reads_back():
+    model = make_model(device="cuda")
+    dp = make_dp(model)
+
+    def loss(model, mb):
+        out = per_sample_loss(model, mb)
+        return out * (1.0 if float(out.max()) > 0 else 2.0)
+
+    acc = GraphedAccumulator(dp, loss, micro_batch_size=4)
+    with pytest.raises(ValueError, match="reads device values back.*_local_scalar_dense"):
+        acc.accumulate(make_batch(3, device="cuda"))
