@@ -12,6 +12,8 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
      measured slower on an H200), by cuBLAS + a Triton epilogue (``cublas``), by cuBLAS accumulating onto the
      low-rank term (``cublas_acc``), or as chosen by timing per shape (``auto``, the default: the
      headline ratios use it),
+   - ``ffa_flat[graph]``: ``ffa_flat[auto]`` replayed from CUDA graphs (CUDA only): its GPU time without
+     the host's issue cost, which sets the eager pace at 8x512 4096->4096,
    - ``ffa_per_layer``: the same with per-layer clipping (clipped sum inside the backward, no P kept),
    - ``peft_opacus``: peft's LoRA layer (A frozen, as FFA; ``--peft-train-A`` for vanilla LoRA) wrapped in
      opacus' ``GradSampleModule`` (hooks), per-sample gradients + their norms,
@@ -44,12 +46,15 @@ LLAMA7B = [(4096, 4096), (4096, 11008), (11008, 4096)]  # q/k/v/o, gate/up, down
 TOKENS = [(8, 512), (8, 2048)]
 SMOKE_SHAPES, SMOKE_TOKENS = [(72, 80)], [(2, 5)]  # in, out > 64 and multiples of 8: the TMA GEMM runs too
 ELEM = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+GRAPH = "graph"  # ffa_flat[graph]: ffa_flat[auto]'s forward and step replayed from CUDA graphs (host cost gone)
 
 
 DEFINITIONS = {
     "ratio_to_floor": "full step (fwd+bwd) of ours (ffa_flat[auto], the default GEMM choice; else the best "
                       "ffa_flat variant) / floor (frozen nn.Linear fwd + dX)",
     "ratio_to_floor_best_pinned": "the same for the fastest ffa_flat variant with a pinned GEMM",
+    "ratio_to_floor_graph": "ffa_flat[graph] (ffa_flat[auto]'s step replayed from a CUDA graph: no host issue "
+                            "cost) / floor (eager: its host cost is below its GPU time at every shape)",
     "ratio_to_peft_opacus": "full step of ours / peft LoRA + opacus hooks + norms",
     "overhead_ratio_to_peft_opacus": "(ours - floor) / (peft+opacus - floor), full step: what each adds to the "
                                      "frozen layer's own work (the 2x goal restated where peft+opacus < 2x the "
@@ -160,6 +165,15 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
         if name.startswith("ffa_flat[") or name == "ffa_per_layer":
             layer, reset = ffa(MODE_PER_SAMPLE if name.startswith("ffa_flat") else MODE_CLIP)
             gemm = name[len("ffa_flat[") : -1] if name.startswith("ffa_flat[") else None
+            if gemm == GRAPH:
+                if x.device.type != "cuda":
+                    print(f"# {name} skipped: CUDA graphs need a CUDA device", flush=True)
+                    continue
+                try:
+                    out[name] = _graphed(Variant(name, layer, x, g, reset))
+                except Exception as e:  # noqa: BLE001  (a failed capture must not cost the other variants)
+                    print(f"# {name} skipped: capture failed: {e!r}"[:300], flush=True)
+                continue
             out[name] = _with_gemm(Variant(name, layer, x, g, reset), gemm)
     if "peft_opacus" in which:
         try:
@@ -167,6 +181,27 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
         except ImportError as e:  # a GPU machine without opacus/peft: time ours, say what is missing
             print(f"# peft_opacus skipped: {e} (carry the wheels in .whl/, see bench/README.md)", flush=True)
     return out
+
+
+def _graphed(v: Variant, warmup: int = 3) -> Variant:
+    """The variant's forward and its full step (default GEMM choice) each captured once in a CUDA graph and
+    replayed: the GPU time of the same work with the host's issue cost gone (what ``GraphedAccumulator``
+    gives a training step). Warm-ups run eagerly on a side stream first (compiles, autotuning, ``auto``)."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            v.step()
+    current.wait_stream(side)
+    step_graph, fwd_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(step_graph):
+        v.step()
+    with torch.cuda.graph(fwd_graph):
+        v.forward()
+    v.step, v.forward = step_graph.replay, fwd_graph.replay
+    v.graphs = (step_graph, fwd_graph)  # kept alive with the variant
+    return v
 
 
 def _with_gemm(v: Variant, gemm: str | None) -> Variant:
@@ -474,7 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=10, help="CUDA: do_bench rep budget x10 ms; CPU: timed calls")
-    ap.add_argument("--variants", default="floor,ffa_flat[auto],ffa_flat[triton],ffa_flat[cublas],ffa_flat[cublas_acc],ffa_flat[reference],ffa_per_layer,peft_opacus",
+    ap.add_argument("--variants", default="floor,ffa_flat[auto],ffa_flat[graph],ffa_flat[triton],ffa_flat[cublas],ffa_flat[cublas_acc],ffa_flat[reference],ffa_per_layer,peft_opacus",
                     help="ffa_flat[reference] is the same layer on the PyTorch reference ops (not counted as ours)")
     ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
     ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")
@@ -553,7 +588,7 @@ def main(argv=None) -> int:
             x = torch.randn(n, T, inp, device=device, dtype=dtype, requires_grad=True)
             g = torch.randn(n, T, out, device=device, dtype=dtype) * 0.01
             gemms = [k[len("ffa_flat["):-1] for k in which
-                     if k.startswith("ffa_flat[") and k not in ("ffa_flat[reference]", "ffa_flat[auto]")]
+                     if k.startswith("ffa_flat[") and k not in ("ffa_flat[reference]", "ffa_flat[auto]", f"ffa_flat[{GRAPH}]")]
             checks = [check_ops(n, T, inp, out, args.r, dtype, device, gm) for gm in (gemms or ["triton"])]
             variants = make_variants(base, x, g, args.r, args.alpha, peft_train_A=args.peft_train_A, which=which)
             times = {}
@@ -581,7 +616,7 @@ def main(argv=None) -> int:
             variants.clear()
             sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
             sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
-            ffa_names = [k for k in times if k.startswith("ffa_flat") and k != "ffa_flat[reference]"]
+            ffa_names = [k for k in times if k.startswith("ffa_flat") and k not in ("ffa_flat[reference]", f"ffa_flat[{GRAPH}]")]
             best = min(ffa_names, key=lambda k: times[k]["full_ms"]) if ffa_names else None
             # the headline is what a user gets by default (FEDLORA_FAST_GEMM=auto); else the best pinned GEMM
             ours = "ffa_flat[auto]" if "ffa_flat[auto]" in times else best
@@ -607,6 +642,8 @@ def main(argv=None) -> int:
                 row["ratio_to_floor_fwd"] = times[ours]["fwd_ms"] / times["floor"]["fwd_ms"]
                 row["ratio_to_floor_bwd"] = times[ours]["bwd_ms"] / times["floor"]["bwd_ms"]
                 row["ratio_to_floor_best_pinned"] = times[best]["full_ms"] / times["floor"]["full_ms"]
+            if f"ffa_flat[{GRAPH}]" in times and "floor" in times:
+                row["ratio_to_floor_graph"] = times[f"ffa_flat[{GRAPH}]"]["full_ms"] / times["floor"]["full_ms"]
             if ours and "peft_opacus" in times:
                 row["ratio_to_peft_opacus"] = times[ours]["full_ms"] / times["peft_opacus"]["full_ms"]
                 if "floor" in times and times["peft_opacus"]["full_ms"] > times["floor"]["full_ms"]:
