@@ -12,6 +12,7 @@ from fedlora_fast.privacy import (  # noqa: F401
     DPSGD,
     Accountant,
     GraphedAccumulator,
+    capturable_attention_mask,
     PoissonSampler,
     calibrate_noise_multiplier,
     poisson_dataloader,

@@ -118,6 +118,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate on the test split every N rounds (and at the end)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
     g.add_argument("--device", default=d.device, help="torch device (cpu, cuda)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay each client's fixed-shape micro-batches (forward, backward, clipping) from a CUDA graph")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (round summaries still printed)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run_train)

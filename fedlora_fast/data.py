@@ -300,9 +300,14 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]
     return tokenizer(list(texts), truncation=True, max_length=int(max_length), padding=False)["input_ids"]
 
 
-def collate(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Pad a batch to its longest sequence: ``(input_ids, attention_mask)``, both (n, T_max) int64."""
+def collate(ids: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Pad a batch to its longest sequence (or to ``length``): ``(input_ids, attention_mask)``, both (n, T)
+    int64, right-padded."""
     n, t = len(ids), max((len(x) for x in ids), default=1)
+    if length is not None:
+        if length < t:
+            raise ValueError(f"length: expected >= the longest sequence ({t}), got {length}")
+        t = length
     input_ids = torch.full((n, t), int(pad_id), dtype=torch.long)
     mask = torch.zeros((n, t), dtype=torch.long)
     for i, x in enumerate(ids):

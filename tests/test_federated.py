@@ -370,3 +370,49 @@ def test_round_lr_schedules():
     assert round_lr(0.1, 0, 1, "cosine") == 0.1
     with pytest.raises(ValueError, match=r"lr_schedule: expected one of"):
         round_lr(0.1, 0, 5, "linear")
+
+
+# --- CUDA-graph clients ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_cuda_graph_client_path_equals_the_eager_one(clipping):
+    """Client(cuda_graph=True) on a CPU model runs the padded computation GraphedAccumulator captures on a
+    GPU (sequences padded to the client's longest through the 4-D mask, batches to whole micro-batches):
+    without noise or dropout, its update and its loss equal the eager client's."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlora_fast import inject_adapters
+    from fedlora_fast.federated.client import Client
+    from fedlora_fast.federated.state import trainable_state
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    inject_adapters(model, ["query", "value"], r=4, trainable_modules=["classifier"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    gen = torch.Generator().manual_seed(3)
+    ids = [torch.randint(1, 50, (int(k),), generator=gen).tolist() for k in torch.randint(2, 12, (20,), generator=gen)]
+    labels = torch.randint(0, 2, (20,), generator=gen).tolist()
+    message = serialization.encode(trainable_state(model), {})
+    out = {}
+    for graph in (False, True):
+        client = Client(0, ids, labels, pad_id=0, batch_size=7, local_steps=3, lr=0.05, max_grad_norm=0.5,
+                        noise_multiplier=0.0, clipping=clipping, physical_batch_size=3, cuda_graph=graph,
+                        sample_generator=torch.Generator().manual_seed(5), noise_generator=torch.Generator().manual_seed(6))
+        update, _ = serialization.decode(client.fit(model, message, round_idx=0, fingerprint="f"))
+        out[graph] = (update, client.last_metrics)
+    (eager, m_eager), (graphed, m_graphed) = out[False], out[True]
+    assert m_graphed["steps"] == m_eager["steps"] == 3 and m_graphed["mean_batch"] == m_eager["mean_batch"]
+    assert m_graphed["train_loss"] == pytest.approx(m_eager["train_loss"], rel=1e-5)
+    initial, _ = serialization.decode(message)
+    for k in eager:
+        assert not torch.equal(eager[k], initial[k]), f"{k}: the eager client did not train it"
+        torch.testing.assert_close(graphed[k], eager[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_cuda_graph_needs_a_cuda_device(tiny):
+    with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need device cuda, got device 'cpu'"):
+        tiny_config(tiny, cuda_graph=True).validate()

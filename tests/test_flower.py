@@ -77,6 +77,12 @@ def test_run_config_is_parsed_like_the_command_line():
         flower_config.federated_config({"noise-multiplier": 1.0, "epsilon": 4.0})
     with pytest.raises(ValueError, match="num_clients: expected an int >= 1, got 0"):
         flower_config.federated_config({"clients": 0})
+    # a switch: true turns it on, as the bare flag does (and is validated as on the command line)
+    assert flower_config.federated_config({"cuda-graph": True, "device": "cuda"}).cuda_graph is True
+    with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need device cuda"):
+        flower_config.federated_config({"cuda-graph": True})
+    with pytest.raises(ValueError, match="run config 'cuda-graph': expected true or false, got 'yes'"):
+        flower_config.federated_config({"cuda-graph": "yes"})
 
 
 def test_importing_fedlora_fast_never_imports_flwr():

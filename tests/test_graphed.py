@@ -210,41 +210,70 @@ def test_find_host_reads_names_the_op_and_the_line():
     assert find_host_reads(lambda: (x * 2).sum()) == []
 
 
-def test_find_host_reads_on_a_llama_step_with_and_without_a_2d_mask():
-    """The Hugging Face 2-D padding mask reads back (transformers' sdpa mask skip); no mask, or the 4-D
-    mask GraphedAccumulator's docstring recommends, does not; nor does the engine's clipping."""
+def _hf_classifier(kind):
     pytest.importorskip("transformers")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    model = LlamaForCausalLM(cfg)
-    ff.inject_adapters(model, "all-linear", r=4)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)  # fmt: skip
+        model = LlamaForSequenceClassification(cfg)
+    else:
+        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=32, num_labels=2,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+        model = BertForSequenceClassification(cfg)
+    head = "score" if kind == "llama" else "classifier"
+    ff.inject_adapters(model, "all-linear", r=4, trainable_modules=[head])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_capturable_attention_mask_same_model_and_no_host_reads(kind):
+    """The 2-D padding mask reads back (transformers' sdpa mask skip); capturable_attention_mask's 4-D mask
+    gives the same logits (causal for Llama, padding only for BERT) and a step without any read-back, the
+    engine's clipping included."""
+    model = _hf_classifier(kind)
     dp = make_dp(model)
-    ids = torch.randint(0, 64, (3, 9))
+    ids = torch.randint(1, 64, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 6:] = 0
-    causal = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] & mask[:, None, None, :].bool()
+    ids[1, 6:] = 0  # right padding (Llama's classifier pools the last non-pad token)
+    labels = torch.tensor([0, 1, 1])
 
     def step(attention_mask):
         def fn():
             logits = model(input_ids=ids, attention_mask=attention_mask).logits
-            nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="sum").backward()
+            nn.functional.cross_entropy(logits.float(), labels, reduction="sum").backward()
             dp._clip_batch()
-            return logits
 
         return fn
 
     found = find_host_reads(step(mask))
     assert found and all(op == "aten._local_scalar_dense.default" for op, _ in found), found
     assert any("masking_utils" in at for _, at in found), found
-    assert find_host_reads(step(None)) == []
-    assert find_host_reads(step(causal)) == []
-    with torch.no_grad():  # the 4-D mask is the same model for the real (unmasked) positions
-        a = model(input_ids=ids, attention_mask=mask).logits
-        b = model(input_ids=ids, attention_mask=causal).logits
-    assert_close_verbose(b[mask.bool()], a[mask.bool()], atol=1e-5, rtol=1e-5, name="logits, 4-D vs 2-D mask")
+    four = ff.capturable_attention_mask(model, mask)
+    assert four.shape == (3, 1, 9, 9) and four.dtype == torch.bool
+    assert find_host_reads(step(four)) == []
+    model.eval()
+    real = mask.bool()
+    with torch.no_grad():
+        hidden = {k: model.base_model(input_ids=ids, attention_mask=m).last_hidden_state[real]
+                  for k, m in (("2d", mask), ("4d", four), ("none", None))}  # fmt: skip
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=four).logits
+    assert_close_verbose(hidden["4d"], hidden["2d"], atol=1e-5, rtol=1e-5, name="hidden states, 4-D vs 2-D mask")
+    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="logits, 4-D vs 2-D mask")
+    # the comparison can fail: ignoring the padding changes BERT (bidirectional) at the padded sample's tokens
+    assert (kind == "llama") == torch.allclose(hidden["none"], hidden["2d"], atol=1e-4)
+
+
+def test_capturable_attention_mask_refuses_what_it_cannot_tell():
+    with pytest.raises(ValueError, match=r"mask: expected a 2-D \(n, T\) padding mask, got \(3,\)"):
+        ff.capturable_attention_mask(make_model(), torch.ones(3))
+    with pytest.raises(ValueError, match="cannot tell from its attention modules whether Sequential is causal"):
+        ff.capturable_attention_mask(make_model(), torch.ones(3, 4))
 
 
 @pytest.mark.cuda

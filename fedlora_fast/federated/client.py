@@ -22,6 +22,7 @@ from fedlora_fast.federated import serialization
 from fedlora_fast.federated.state import load_trainable, trainable_state
 from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
 from fedlora_fast.privacy.dpsgd import DPSGD
+from fedlora_fast.privacy.graphed import GraphedAccumulator, capturable_attention_mask
 from fedlora_fast.privacy.sampling import PoissonSampler
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -59,6 +60,13 @@ def _epsilon(mechanism: str, history: tuple, delta: float) -> float:
     return Accountant.from_state_dict({"mechanism": mechanism, "history": [list(h) for h in history]}).epsilon(delta)
 
 
+def _per_sample_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Per-sample cross-entropies of a classification batch, with a mask a CUDA graph can hold."""
+    mask = capturable_attention_mask(model, batch["attention_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+    return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
 @contextlib.contextmanager
 def _quiet_seeded_generator_warning():
     """DPSGD warns at every construction with a caller-seeded generator; the simulation warns once itself."""
@@ -91,6 +99,10 @@ class Client:
         accountant: its accountant (a fresh RDP one when None).
         secure_mode: DPSGD's secure noise (fresh OS-seeded generator per step, Holohan & Braghin 2021);
             the noise is then not reproducible and ``noise_generator`` is unused.
+        cuda_graph: run every micro-batch (``physical_batch_size`` rows, default the expected batch size)
+            through ``GraphedAccumulator``: sequences padded to the client's longest, the sampled batch
+            padded to whole micro-batches, forward + backward + clipping replayed from a CUDA graph captured
+            once per ``fit`` (on a CPU model: the same padded computation, eager).
     """
 
     def __init__(
@@ -116,6 +128,7 @@ class Client:
         secure_mode: bool = False,
         rounds: int = 1,
         lr_schedule: str = "constant",
+        cuda_graph: bool = False,
     ):
         if len(input_ids) != len(labels) or not labels:
             raise ValueError(f"client {client_id}: expected as many labels as examples (> 0), got {len(labels)} and {len(input_ids)}")
@@ -133,6 +146,8 @@ class Client:
         self.accountant = accountant or Accountant()
         self.secure_mode = bool(secure_mode)
         self.rounds, self.lr_schedule = int(rounds), lr_schedule
+        self.cuda_graph = bool(cuda_graph)
+        self.seq_len = max(1, max(len(x) for x in self.input_ids))  # the fixed length of cuda_graph batches
 
     def epsilon(self, delta: float) -> float:
         return _epsilon(self.accountant.mechanism, tuple(map(tuple, self.accountant.history)), float(delta))
@@ -179,11 +194,20 @@ class Client:
         device = params[0].device
         model.train()
         loss_sum, seen, sizes = 0.0, 0, []
+        graphed = None
+        if self.cuda_graph:
+            graphed = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=self.physical_batch_size or self.expected_batch_size)
         try:
             for batch in sampler:
                 sizes.append(len(batch))
                 if not batch:
                     dp.step(empty_batch=True)
+                elif graphed is not None:
+                    ids, mask = collate([self.input_ids[i] for i in batch], self.pad_id, length=self.seq_len)
+                    graphed.accumulate({"input_ids": ids, "attention_mask": mask, "labels": self.labels[batch]})
+                    loss_sum += float(graphed.last_loss)
+                    seen += len(batch)
+                    dp.step()
                 else:
                     chunk = self.physical_batch_size or len(batch)
                     for start in range(0, len(batch), chunk):

@@ -91,6 +91,7 @@ class FederatedConfig:
     eval_batch_size: int = 128
     physical_batch_size: int | None = None
     device: str = "cpu"
+    cuda_graph: bool = False  # clients replay each fixed-shape micro-batch from a CUDA graph (device cuda)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting, the expected and the actual value."""
@@ -129,6 +130,8 @@ class FederatedConfig:
             pos_num("epsilon")
         else:
             pos_num("noise_multiplier", allow_zero=True)
+        if self.cuda_graph and not str(self.device).startswith("cuda"):
+            raise ValueError(f"cuda_graph: CUDA graphs need device cuda, got device {self.device!r}")
         for name, allowed in (("partition", SCHEMES), ("method", METHODS), ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
                               ("clipping", CLIPPING), ("aggregator", tuple(AGGREGATORS))):
             if getattr(self, name) not in allowed:
@@ -320,7 +323,7 @@ class Federation:
                 batch_size=cfg.batch_size, local_steps=cfg.local_steps, lr=cfg.lr, optimizer=cfg.optimizer,
                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
                 noise_multiplier=sigma, clipping=cfg.clipping, physical_batch_size=cfg.physical_batch_size,
-                secure_mode=cfg.secure_noise, rounds=cfg.rounds, lr_schedule=cfg.lr_schedule,
+                secure_mode=cfg.secure_noise, rounds=cfg.rounds, lr_schedule=cfg.lr_schedule, cuda_graph=cfg.cuda_graph,
                 sample_generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", k)),
                 noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
             ))

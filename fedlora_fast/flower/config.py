@@ -86,6 +86,12 @@ def parse_run_config(run_config: Mapping) -> tuple[FederatedConfig, argparse.Nam
     for key, value in run_config.items():
         if key not in actions or value == defaults[key] and type(value) is type(defaults[key]):
             continue
+        if isinstance(actions[key], argparse._StoreTrueAction):  # a switch: true turns it on
+            if not isinstance(value, bool):
+                raise ValueError(f"run config {key!r}: expected true or false, got {value!r}")
+            if value:
+                argv.append(f"--{key}")
+            continue
         if isinstance(value, bool):
             raise ValueError(f"run config {key!r}: expected a value for --{key}, got {value!r}")
         if isinstance(value, str) and value.strip() == "" and actions[key].default is None:

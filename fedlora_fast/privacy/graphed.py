@@ -106,6 +106,32 @@ def find_host_reads(fn: Callable[[], Any]) -> list[tuple[str, str]]:
     return probe.found
 
 
+def capturable_attention_mask(model: torch.nn.Module, mask: Tensor) -> Tensor:
+    """A 2-D (n, T) padding mask (1 = token, 0 = padding) as the 4-D boolean mask (n, 1, T, T) that Hugging
+    Face models take as given, with no read-back (their 2-D mask path asks whether every entry is 1, which
+    a CUDA graph cannot hold). Causal models (attention modules with ``is_causal=True``, e.g. Llama) get the
+    causal triangle too; bidirectional encoders (BERT) only the padding.
+
+    Raises:
+        ValueError: a mask that is not 2-D, or a model whose attention modules do not say (or disagree on)
+            whether they are causal.
+    """
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask: expected a 2-D (n, T) padding mask, got {got}")
+    causal = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
+    if len(causal) != 1:
+        raise ValueError(
+            f"model: cannot tell from its attention modules whether {type(model).__name__} is causal (is_causal "
+            f"values {sorted(causal)}); build the 4-D boolean mask (n, 1, T, T) yourself"
+        )
+    T = mask.shape[1]
+    keep = mask.bool()[:, None, None, :].expand(-1, 1, T, T)
+    if causal == {True}:
+        keep = keep & torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    return keep
+
+
 class GraphedAccumulator:
     """``loss.backward(); dp.accumulate()`` for micro-batches padded to one shape, replayed from a CUDA graph.
 
@@ -114,14 +140,16 @@ class GraphedAccumulator:
         loss_fn: ``loss_fn(model, batch) -> (b,)`` per-sample losses of a micro-batch (``batch`` has the
             input batch's structure; tensors are fixed buffers of ``micro_batch_size`` rows). It must be a
             pure function of the tensors: under a graph its Python runs only while capturing. Hugging Face
-            attention masks as 2-D padding masks read a value back (``find_host_reads`` says where): pass a
-            4-D boolean mask, e.g. ``mask[:, None, None, :].bool()`` for a bidirectional encoder; a causal
-            model with right-padded inputs needs none for its real positions.
+            attention masks as 2-D padding masks read a value back (``find_host_reads`` says where): pass
+            ``capturable_attention_mask(model, mask)`` instead. Under autocast inside ``loss_fn``, pass
+            ``cache_enabled=False`` (PyTorch's rule for autocast in a captured region).
         micro_batch_size: b, the fixed number of rows per replay; a larger batch is split, a smaller
             (or the last) micro-batch padded.
         reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (1/k
             for the k real samples of each micro-batch, as ``loss.mean()`` would).
-        graph: capture a CUDA graph; None (default): when the engine's parameters are on CUDA.
+        graph: capture a CUDA graph; None (default): when the engine's parameters are on CUDA. The graph
+            reads the parameters' memory: optimizers update them in place, which it sees; a parameter
+            replaced by a new tensor after the capture (not copied into) needs a new accumulator.
         warmup: eager runs before the capture (Triton compiles and autotunes, ``auto`` picks its GEMMs: none
             of that may happen inside a capture). Their results are discarded: nothing is released.
     Raises:
@@ -157,7 +185,7 @@ class GraphedAccumulator:
             raise ValueError(f"graph: CUDA graphs need the engine's parameters on CUDA, they are on {self.device}")
         self.dp, self.loss_fn, self.micro_batch_size = dp, loss_fn, b
         self.reduction, self.graph, self.warmup = reduction, bool(graph), warmup
-        self.last_loss: Tensor | None = None  # the last micro-batch's weighted loss (0-dim, on the device)
+        self.last_loss: Tensor | None = None  # the last accumulate()'s weighted loss (0-dim, on the device)
         self.replays = 0
         self._spec = None  # the batch structure, its non-tensor leaves and the per-sample buffers
         self._const: list = []
@@ -263,11 +291,13 @@ class GraphedAccumulator:
         samples along dim 0; its per-sample shapes and dtypes must stay those of the first batch."""
         leaves, spec, n = self._split(batch)
         if n == 0:
+            self.last_loss = None
             return 0
         if self._spec is None:
             self._setup(leaves, spec)
         self._check(leaves, spec)
         b = self.micro_batch_size
+        total = None
         for start in range(0, n, b):
             k = min(b, n - start)
             self._fill(leaves, start, k)
@@ -281,5 +311,6 @@ class GraphedAccumulator:
                 # the graph rewrites its outputs at every replay: the engine keeps copies
                 clipped, dropped, loss = (t.clone() for t in self._out)
             self.dp._add_clipped(clipped, dropped, k)
-            self.last_loss = loss
+            total = loss if total is None else total + loss
+        self.last_loss = total
         return n
