@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -423,6 +424,43 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
     return rows
 
 
+ACCURACY_BOUND = 4e-6  # relative error vs float64 that U, P and the norms must hold (the CUDA accuracy test's)
+SWEEP_ERRORS = {"sweep_outer": ("rel_err_P", "rel_err_nu"), "sweep_u": ("rel_err_U",)}
+SWEEP_KIND = {"sweep_outer": "outer", "sweep_u": "narrow"}  # the _CUDA_BLOCKS entry each sweep tunes
+
+
+def choose_blocks(rows: list[dict], bound: float = ACCURACY_BOUND) -> dict[str, dict]:
+    """From a sweep results file's rows: per kernel kind, the config with the least total time over every
+    swept shape among those that ran at every shape and held ``bound`` there (None where none did)."""
+    chosen = {}
+    for sweep, errs in SWEEP_ERRORS.items():
+        totals: dict[str, list] = {}
+        for row in rows:
+            for entry in row.get(sweep, []):
+                key = json.dumps(entry["config"], sort_keys=True)
+                ok = "error" not in entry and all(entry[e] <= bound for e in errs)
+                t = totals.setdefault(key, [entry["config"], 0.0, 0, True])
+                t[1] += entry.get("ms", 0.0)
+                t[2] += 1
+                t[3] &= ok
+        shapes = sum(1 for row in rows if sweep in row)
+        good = [t for t in totals.values() if t[3] and t[2] == shapes and shapes > 0]
+        chosen[SWEEP_KIND[sweep]] = min(good, key=lambda t: t[1])[0] if good else None
+    return chosen
+
+
+def apply_blocks(chosen: dict[str, dict | None]) -> dict[str, dict]:
+    """Make the kernels use ``chosen`` configs (this process only); returns what was applied."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    applied = {}
+    for kind, cfg in chosen.items():
+        if cfg is not None:
+            K._CUDA_BLOCKS[kind] = dict(cfg)
+            applied[kind] = dict(cfg)
+    return applied
+
+
 def print_sweeps(row: dict) -> None:
     for sw in row.get("sweep_u", []):
         print(f"## U n={row['n']} T={row['T']} in={row['in']} {sw['config']}: "
@@ -519,6 +557,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-only", action="store_true",
                     help="only the --sweep-outer sweeps (one-pass and U configs, each with its float64 error), no "
                          "variants: the short GPU step that decides the kernel configs")
+    ap.add_argument("--blocks-from", default=None, metavar="SWEEP_JSON",
+                    help="use, for this run, the fastest one-pass and U configs of a --sweep-only results file "
+                         f"that held {ACCURACY_BOUND:g} relative error at every swept shape")
     ap.add_argument("--host", action="store_true",
                     help="CUDA: CPU time to issue each variant's step, and a cProfile of ours at the first shape")
     args = ap.parse_args(argv)
@@ -538,6 +579,11 @@ def main(argv=None) -> int:
     reps = 2 if args.smoke and args.reps == 10 else args.reps
     which = [v.strip() for v in args.variants.split(",") if v.strip()]
 
+    blocks_applied = {}
+    if args.blocks_from:
+        with open(args.blocks_from, encoding="utf-8") as f:
+            blocks_applied = apply_blocks(choose_blocks(json.load(f)["rows"]))
+        print(f"# kernel configs from {args.blocks_from}: {blocks_applied or 'none held the bound: defaults'}")
     info = harness.machine_info(device)
     ceil = ceilings(device, dtype)
     print(f"# {info['device']}  load {info['load_avg_1_5_15']}  dtype {args.dtype}  r={args.r}")
@@ -561,6 +607,7 @@ def main(argv=None) -> int:
         harness.write_json(path, {
             "bench": "gpu_layer",
             "gemm_autotune_choices": tuned,
+            "blocks_applied": blocks_applied,
             "machine": info,
             "ceilings": ceil,
             "definitions": DEFINITIONS,

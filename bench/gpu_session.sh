@@ -5,7 +5,7 @@
 # from a CUDA graph beside the eager one (its own process: a failed capture cannot take the others down);
 # Nsight Compute on one layer step's kernels (bench/ncu_layer.py, where ncu exists); the host cost per launch
 # by path (bench/launch.py); the end-to-end DP step with a profile (GPU busy time per step); the Triton
-# layer benchmark (correctness check, timings, per-kernel profile, host time). Logs and results go to $OUT
+# layer benchmark with the sweeps' best configs (correctness check, timings, per-kernel profile, host time). Logs and results go to $OUT
 # (default bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
@@ -83,7 +83,9 @@ fi
 L=$(cap "${LAYER_S:-150}")
 echo "== 7/7 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
 if (( L > 30 )); then
-    timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${LAYER_ARGS:-} \
+    # with step 2's fastest configs that held 4e-6 (the baseline default configs: the H200 run of 2026-11-26)
+    BLOCKS=(); [ -s "$OUT/sweep.json" ] && BLOCKS=(--blocks-from "$OUT/sweep.json")
+    timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${BLOCKS[@]+"${BLOCKS[@]}"} ${LAYER_ARGS:-} \
         2>&1 | tee "$OUT/gpu_layer.log"
 fi
 date -u

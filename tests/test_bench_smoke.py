@@ -231,6 +231,38 @@ def test_gpu_layer_sweep_only_smoke(tmp_path):
     assert "## outer" in proc.stdout and "## U" in proc.stdout
 
 
+def test_choose_blocks_takes_the_fastest_config_that_holds_the_bound_everywhere():
+    import gpu_layer
+
+    def entry(name, ms, err, **extra):
+        return {"config": {"name": name}, "ms": ms, "rel_err_P": err, "rel_err_nu": err, "rel_err_U": err, **extra}
+
+    rows = [
+        {"sweep_outer": [entry("default", 3.0, 1e-7), entry("fast", 1.0, 1e-7), entry("inexact", 0.5, 1e-5),
+                         entry("broken", 0.1, 0.0, error="compile")],
+         "sweep_u": [entry("default", 1.0, 1e-7), entry("fast_here", 0.1, 1e-7)]},
+        {"sweep_outer": [entry("default", 3.0, 1e-7), entry("fast", 1.5, 1e-7), entry("inexact", 0.5, 1e-7),
+                         entry("broken", 0.1, 0.0)],
+         "sweep_u": [entry("default", 1.0, 1e-7), entry("fast_here", 5.0, 1e-7)]},
+    ]
+    # "inexact" missed the bound at one shape, "broken" failed at one: neither may be shipped
+    assert gpu_layer.choose_blocks(rows) == {"outer": {"name": "fast"}, "narrow": {"name": "default"}}
+    rows[0]["sweep_outer"] = [entry("only_here", 0.1, 1e-7)]  # a config swept at one shape only: not chosen
+    rows[1]["sweep_outer"] = [entry("elsewhere", 0.2, 1e-6)]
+    assert gpu_layer.choose_blocks(rows)["outer"] is None
+    assert gpu_layer.choose_blocks([]) == {"outer": None, "narrow": None}
+
+
+def test_gpu_layer_blocks_from_a_sweep_file(tmp_path):
+    """--blocks-from: the sweep file's choice is applied for the run and recorded in its results."""
+    sweep, out = tmp_path / "sweep.json", tmp_path / "layer.json"
+    _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only", "--json", str(sweep)])
+    _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--blocks-from", str(sweep), "--json", str(out),
+          "--variants", "floor,ffa_flat[auto]"])
+    applied = json.loads(out.read_text())["blocks_applied"]
+    assert set(applied) == {"outer", "narrow"} and "PACK" in applied["outer"] and "PACK_W" in applied["narrow"]
+
+
 def test_launch_overhead_smoke(tmp_path):
     """bench/launch.py (host cost per launch, by path) on CPU: every row is measured or names its failure;
     under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason."""
