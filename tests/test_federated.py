@@ -416,3 +416,14 @@ def test_cuda_graph_client_path_equals_the_eager_one(clipping):
 def test_cuda_graph_needs_a_cuda_device(tiny):
     with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need device cuda, got device 'cpu'"):
         tiny_config(tiny, cuda_graph=True).validate()
+
+
+def test_graph_micro_batch_size_holds_most_poisson_batches_in_one_replay():
+    from fedlora_fast.federated.client import graph_micro_batch_size
+
+    gen = torch.Generator().manual_seed(0)
+    for m, N in ((96, 1000), (8, 40), (30, 31), (1, 500)):
+        b = graph_micro_batch_size(m, N)
+        n = (torch.rand(4000, N, generator=gen) < m / N).sum(1)  # 4000 Poisson batch sizes
+        assert m < b <= N and (n <= b).float().mean() >= 0.95, (m, N, b)
+    assert graph_micro_batch_size(40, 40) == 40  # q = 1: every batch is the whole dataset

@@ -195,6 +195,22 @@ def test_bad_inputs_raise_clear_errors():
         summed.accumulate(make_batch(3))
 
 
+def test_replaced_parameters_are_refused_after_a_capture():
+    """A captured graph reads the parameters' memory: a parameter replaced by another tensor (not copied
+    into) must be refused, in-place updates (optimizers, load_state_dict) accepted. The check itself, with
+    the capture's snapshot taken by hand (CUDA graphs need a GPU)."""
+    model = make_model()
+    acc = GraphedAccumulator(make_dp(model), per_sample_loss, micro_batch_size=2)
+    acc._memory = acc._model_memory()
+    with torch.no_grad():
+        model[0].lora_B.add_(1.0)
+    model.load_state_dict(model.state_dict())
+    acc._check_memory()
+    model[2].bias.data = model[2].bias.data.clone()
+    with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced by other tensors since the CUDA graph"):
+        acc._check_memory()
+
+
 def test_find_host_reads_names_the_op_and_the_line():
     x = torch.randn(4)
 

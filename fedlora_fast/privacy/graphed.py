@@ -148,8 +148,9 @@ class GraphedAccumulator:
         reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (1/k
             for the k real samples of each micro-batch, as ``loss.mean()`` would).
         graph: capture a CUDA graph; None (default): when the engine's parameters are on CUDA. The graph
-            reads the parameters' memory: optimizers update them in place, which it sees; a parameter
-            replaced by a new tensor after the capture (not copied into) needs a new accumulator.
+            reads the parameters' memory: optimizers update them in place, which it sees; a parameter or
+            buffer replaced by another tensor after the capture (not copied into) is refused at the next
+            ``accumulate`` (a new accumulator captures the new one).
         warmup: eager runs before the capture (Triton compiles and autotunes, ``auto`` picks its GEMMs: none
             of that may happen inside a capture). Their results are discarded: nothing is released.
     Raises:
@@ -194,6 +195,7 @@ class GraphedAccumulator:
         self._valid = torch.zeros(b, dtype=torch.bool, device=self.device)
         self._cuda_graph = None
         self._out: tuple[Tensor, Tensor, Tensor] | None = None
+        self._memory: list[tuple[str, int]] = []  # (name, data_ptr) of every parameter and buffer at capture
 
     # --- the batch ---------------------------------------------------------------------------------------
     def _split(self, batch: Any) -> tuple[list, Any, int]:
@@ -282,6 +284,22 @@ class GraphedAccumulator:
         self._cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._cuda_graph):
             self._out = self._device_work()
+        self._memory = self._model_memory()
+
+    def _model_memory(self) -> list[tuple[str, int]]:
+        model = self.dp.model
+        return [(n, t.data_ptr()) for n, t in [*model.named_parameters(), *model.named_buffers()]]
+
+    def _check_memory(self) -> None:
+        """Refuse to replay over parameters or buffers that are no longer where the capture read them."""
+        now = self._model_memory()
+        if now != self._memory:
+            moved = [n for (n, p), (m, q) in zip(now, self._memory) if n != m or p != q] or ["(the set of tensors)"]
+            raise ValueError(
+                f"model: {moved[:4]} replaced by other tensors since the CUDA graph was captured (it would read "
+                "the old memory): copy new values in place (param.data.copy_(...), load_state_dict), or build "
+                "a new GraphedAccumulator"
+            )
 
     # --- the public step ---------------------------------------------------------------------------------
     def accumulate(self, batch: Any) -> int:
@@ -296,6 +314,8 @@ class GraphedAccumulator:
         if self._spec is None:
             self._setup(leaves, spec)
         self._check(leaves, spec)
+        if self._cuda_graph is not None:
+            self._check_memory()
         b = self.micro_batch_size
         total = None
         for start in range(0, n, b):
