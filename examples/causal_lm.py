@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-examples", type=int, default=None, help="cap on the training examples")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU")
     p.add_argument("--no-grad-ckpt", action="store_true", help="disable Hugging Face gradient checkpointing")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each fixed-shape micro-batch (sequences padded to --max-length) from a CUDA graph "
+                        "(ff.GraphedAccumulator; on a CPU the same padded computation, eager); turns gradient "
+                        "checkpointing off (not yet checked inside a capture)")
     p.add_argument("--seed", type=int, default=0, help="adapter seed (A) and data split")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -110,9 +114,9 @@ def load_examples(args, tok) -> list[list[int]]:
     return [ids for ids in out if len(ids) >= 2]
 
 
-def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; padded labels are -100 (they contribute to no gradient)."""
-    width = max(len(s) for s in seqs)
+def collate(seqs: list[list[int]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence (or to ``width``); padded labels are -100 (no gradient)."""
+    width = width or max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -122,7 +126,9 @@ def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(n,) next-token cross-entropy, averaged over each sample's own tokens (padding excluded)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    # the 4-D mask: the same model as the 2-D one, with nothing read back to the host (a CUDA graph can hold it)
+    mask = ff.capturable_attention_mask(model, batch["attention_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, -100)
     tok = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
@@ -150,7 +156,7 @@ def main(argv=None) -> dict:
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     adapters = ff.inject_adapters(model, targets, r=args.r, alpha=args.alpha, seed=args.seed,
                                   train_A=args.method == "lora")
-    if not args.no_grad_ckpt:
+    if not args.no_grad_ckpt and not args.cuda_graph:
         model.gradient_checkpointing_enable()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -190,9 +196,14 @@ def main(argv=None) -> dict:
                           expected_batch_size=max(1, round(args.sample_rate * len(shard))), clipping=args.clipping)
             sampler = PoissonSampler(len(shard), args.sample_rate, steps=args.local_steps,
                                      generator=torch.Generator().manual_seed(args.seed * 10007 + rnd * 101 + c))
+            graphed = ff.GraphedAccumulator(dp, per_sample_loss, micro_batch_size=args.micro_batch) if args.cuda_graph else None
             for idx in sampler:
                 if not idx:
                     dp.step(empty_batch=True)
+                elif graphed is not None:  # padded to whole micro-batches of --max-length tokens, replayed
+                    graphed.accumulate(collate([shard[j] for j in idx], pad_id, width=args.max_length))
+                    train_losses.append(graphed.last_loss.item() / len(idx))
+                    dp.step()
                 else:
                     for i in range(0, len(idx), args.micro_batch):
                         batch = {k: v.to(device) for k, v in collate([shard[j] for j in idx[i : i + args.micro_batch]], pad_id).items()}

@@ -208,15 +208,17 @@ def test_per_sample_state_memory_is_n_times_sum_out_r():
     assert stored == n * sum(layer.out_features * layer.r for layer in adapters.values())
 
 
-def test_causal_lm_example_runs_tiny(tmp_path):
-    """End to end: the example trains, spends at most its epsilon, and its adapter loads in peft and in ours."""
+@pytest.mark.parametrize("extra", [[], ["--cuda-graph"]], ids=["eager", "cuda_graph"])
+def test_causal_lm_example_runs_tiny(tmp_path, extra):
+    """End to end: the example trains, spends at most its epsilon, and its adapter loads in peft and in ours
+    (``--cuda-graph``: the GraphedAccumulator path, eager on a CPU)."""
     import importlib.util
     import json
 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "examples" / "causal_lm.py"), "--tiny", "--out", str(out),
-           "--rounds", "2", "--local-steps", "2", "--max-examples", "64", "--epsilon", "6"]
+           "--rounds", "2", "--local-steps", "2", "--max-examples", "64", "--epsilon", "6", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "epsilon" in proc.stdout
