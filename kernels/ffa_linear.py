@@ -77,16 +77,19 @@ def _interpret() -> bool:
 
 
 GEMM_IMPLS = ("auto", "triton", "cublas", "cublas_acc", "tma")
-# what "auto" times on the first call per shape (CUDA). A candidate joins once a GPU run has confirmed it
-# (bench/NOTES.md): "tma" measured slower on an H200 (2026-11-26); "cublas_acc" is not yet measured.
-AUTO_CANDIDATES = ("triton", "cublas")
+# what "auto" times on the first call per shape (CUDA). "tma" measured slower on an H200 (2026-11-26) and is
+# out; "cublas_acc" is in before its first GPU timing: it rounds as often as "cublas" (one term before the
+# sum, then the sum: the low-rank term there, the base GEMM in "cublas"), so taking it changes no result
+# beyond what "auto" already allows, and auto takes it only where it times faster (bench/NOTES.md)
+AUTO_CANDIDATES = ("triton", "cublas", "cublas_acc")
 
 
 def gemm_impl() -> str:
     """Which base GEMM the fused ops use (``FEDLORA_FAST_GEMM``):
 
     - ``"auto"`` (default): on CUDA, the first call per (op, token bucket, sizes, dtype) times each of
-      ``AUTO_CANDIDATES`` on the call's own inputs and keeps the fastest for the process (on an H100, v1:
+      ``AUTO_CANDIDATES`` (triton, cublas, cublas_acc) on the call's own inputs and keeps the fastest for the
+      process (on an H100, v1:
       cuBLAS + epilogue 4-5 % faster at 2 of 6 Llama-7B shapes, Triton 3-35 % faster at the others;
       bench/NOTES.md); elsewhere ``"triton"``. Results agree to rounding, not bit for bit, across choices:
       pin a value for bitwise-reproducible runs.

@@ -256,7 +256,7 @@ def test_low_precision_poisoned(poisoned, device, dtype):
     assert not torch.isnan(got[0]).any()
 
 
-@pytest.mark.parametrize("fastest", ["triton", "cublas"])
+@pytest.mark.parametrize("fastest", ["triton", "cublas", "cublas_acc"])
 def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, fastest):
     """FEDLORA_FAST_GEMM=auto (default): the first call per (op, shape) times every candidate on its own
     inputs, later calls reuse the choice; the result is correct whichever wins; a pinned value overrides."""
@@ -282,9 +282,9 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
     assert set(K._AUTO_CHOICE.values()) == {fastest}
     t5 = make(5, 6, 70, 45, 17, "cpu")  # another Poisson batch size, same token bucket (18, 30 -> 32): no new timing
     K.ffa_linear_fwd(t5["x"], t5["x"], t5["weight"], t5["bias"], t5["A"], t5["B"], s)
-    assert len(timed) == 4
-    # cuBLAS forwards: the one timed run, then every real forward (3) if it won
-    assert len(linear_calls) == (1 if fastest == "triton" else 4)
+    assert len(timed) == 2 * len(K.AUTO_CANDIDATES)
+    # cuBLAS + epilogue forwards (F.linear): the one timed run, then every real forward (3) if it won
+    assert len(linear_calls) == (4 if fastest == "cublas" else 1)
     exp_y, exp_u = ref_fwd(dict(t, xa=t["x"]), s)
     exp = ref_bwd(t, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
     close(y, exp_y, "y")
@@ -292,7 +292,7 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
     monkeypatch.setenv(K.GEMM_ENV_VAR, "triton")  # pinned: no timing, the Triton GEMM
     linear_calls.clear()
     K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
-    assert linear_calls == [] and len(timed) == 4
+    assert linear_calls == [] and len(timed) == 2 * len(K.AUTO_CANDIDATES)
 
 
 @pytest.mark.parametrize("device", DEVICES)
