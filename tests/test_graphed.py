@@ -22,10 +22,10 @@ IN, HID, OUT, R = 7, 6, 3, 3
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
-def make_model(seed=0, device="cpu"):
+def make_model(seed=0, device="cpu", train_A=False):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT)).to(device)
-    ff.inject_adapters(model, ["0"], r=R, alpha=6.0, seed=seed, trainable_modules=["2"])
+    ff.inject_adapters(model, ["0"], r=R, alpha=6.0, seed=seed, trainable_modules=["2"], train_A=train_A)
     with torch.no_grad():
         model[0].lora_B.normal_(0, 0.5)
     return model
@@ -45,9 +45,9 @@ def per_sample_loss(model, batch):
     return ((model(batch["x"]) - batch["y"]) ** 2).flatten(1).sum(1)
 
 
-def eager_sum(batch, sizes, clipping, reduction="sum", **kw):
+def eager_sum(batch, sizes, clipping, reduction="sum", train_A=False, **kw):
     """The reference: plain micro-batches through loss.backward(); dp.accumulate()."""
-    model = make_model()
+    model = make_model(train_A=train_A)
     dp = make_dp(model, clipping=clipping, **kw)
     start = 0
     for s in sizes:
@@ -59,8 +59,8 @@ def eager_sum(batch, sizes, clipping, reduction="sum", **kw):
     return torch.cat([t.flatten() for t in dp.clipped_sum()]), dp
 
 
-def graphed_sum(batches, b, clipping, reduction="sum", **kw):
-    model = make_model()
+def graphed_sum(batches, b, clipping, reduction="sum", train_A=False, **kw):
+    model = make_model(train_A=train_A)
     dp = make_dp(model, clipping=clipping, **kw)
     acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=b, reduction=reduction, graph=False)
     counts = [acc.accumulate(batch) for batch in batches]
@@ -69,11 +69,12 @@ def graphed_sum(batches, b, clipping, reduction="sum", **kw):
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("n, b", [(7, 3), (2, 5), (6, 6), (1, 4)])
-def test_padded_micro_batches_equal_the_eager_accumulate(clipping, n, b, monkeypatch):
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+def test_padded_micro_batches_equal_the_eager_accumulate(clipping, n, b, train_A, monkeypatch):
     monkeypatch.setitem(dpsgd.GROUPED_CLIP_REDUCE, "cpu", True)  # CUDA's grouped clip-reduce
     batch = make_batch(n)
-    want, _ = eager_sum(batch, [n], clipping)
-    got, dp, counts = graphed_sum([batch], b, clipping)
+    want, _ = eager_sum(batch, [n], clipping, train_A=train_A)
+    got, dp, counts = graphed_sum([batch], b, clipping, train_A=train_A)
     assert counts == [n]
     assert dp._pending_samples == n and dp._pending_batches == -(-n // b), "padding rows are not samples"
     assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum")

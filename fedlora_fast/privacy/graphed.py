@@ -144,7 +144,9 @@ class GraphedAccumulator:
             ``capturable_attention_mask(model, mask)`` instead. Under autocast inside ``loss_fn``, pass
             ``cache_enabled=False`` (PyTorch's rule for autocast in a captured region).
         micro_batch_size: b, the fixed number of rows per replay; a larger batch is split, a smaller
-            (or the last) micro-batch padded.
+            (or the last) micro-batch padded. Sequences of varied length: pad them to one length, or bucket
+            them with one accumulator per padded length on the same engine (each holds its own graph and
+            memory).
         reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (1/k
             for the k real samples of each micro-batch, as ``loss.mean()`` would).
         graph: capture a CUDA graph; None (default): when the engine's parameters are on CUDA. The graph
