@@ -154,6 +154,23 @@ def test_several_batches_and_an_empty_one():
     assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum")
 
 
+def test_length_buckets_one_accumulator_each_on_one_engine():
+    """Two padded lengths, two accumulators, one engine and one step: the sum of both eager accumulates."""
+    short, long = make_batch(3, T=2, seed=5), make_batch(4, T=6, seed=6)
+    model = make_model()
+    dp = make_dp(model)
+    for b in (short, long):
+        per_sample_loss(model, b).sum().backward()
+        dp.accumulate()
+    want = torch.cat([t.flatten() for t in dp.clipped_sum()])
+    dp.zero_grad()
+    buckets = {T: GraphedAccumulator(dp, per_sample_loss, micro_batch_size=4, graph=False) for T in (2, 6)}
+    assert buckets[2].accumulate(short) == 3 and buckets[6].accumulate(long) == 4
+    assert dp._pending_samples == 7
+    assert_close_verbose(torch.cat([t.flatten() for t in dp.clipped_sum()]), want, atol=1e-5, rtol=1e-5, name="sum")
+    dp.step()
+
+
 def test_tuple_batches_and_non_tensor_leaves():
     batch = make_batch(3)
     model = make_model()
