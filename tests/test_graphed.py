@@ -242,6 +242,9 @@ def test_find_host_reads_names_the_op_and_the_line():
     ), found
     assert all("test_graphed.py" in at and "reads" in at for _, at in found), found
     assert find_host_reads(lambda: (x * 2).sum()) == []
+    # restricted to one device type: a read of a CPU tensor does not stop a CUDA capture
+    assert find_host_reads(reads, device_type="cuda") == []
+    assert find_host_reads(reads, device_type="cpu") == found
 
 
 def _hf_classifier(kind):

@@ -72,15 +72,22 @@ def _caller(stack: list[traceback.FrameSummary]) -> str:
 
 
 class _HostReads(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, device_type: str | None):
         super().__init__()
+        self.device_type = device_type
         self.found: list[tuple[str, str]] = []
+
+    def _on_device(self, args, kwargs) -> bool:
+        if self.device_type is None:
+            return True
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        return any(t.device.type == self.device_type for t in tensors)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
         to_host = name in ("aten._to_copy.default", "aten.copy_.default") and _to_host(func, args, kwargs)
-        if name in HOST_READ_OPS or to_host:
+        if to_host or (name in HOST_READ_OPS and self._on_device(args, kwargs)):
             self.found.append((name, _caller(traceback.extract_stack())))
         return func(*args, **kwargs)
 
@@ -94,13 +101,14 @@ def _to_host(func, args, kwargs) -> bool:
     return src.device.type != "cpu" and device is not None and torch.device(device).type == "cpu"
 
 
-def find_host_reads(fn: Callable[[], Any]) -> list[tuple[str, str]]:
+def find_host_reads(fn: Callable[[], Any], device_type: str | None = None) -> list[tuple[str, str]]:
     """Run ``fn()`` once and list every op in it (backward included) that reads a device value back to the
     host, as ``(aten op, "file:line in function")``; empty when ``fn`` can be captured in a CUDA graph as far
-    as reads go. Works on any device: on the CPU it finds what would synchronise on a GPU (except plain
-    device-to-host copies, which only exist there).
+    as reads go. ``device_type``: only reads of tensors on that device (``"cuda"``: what a capture refuses;
+    reading a CPU tensor is harmless there); None: of any tensor, so that a CPU run finds what would
+    synchronise on a GPU (except plain device-to-host copies, which only exist there).
     """
-    probe = _HostReads()
+    probe = _HostReads(device_type)
     with probe:
         fn()
     return probe.found
@@ -274,7 +282,7 @@ class GraphedAccumulator:
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 self._device_work()  # discarded: compiles, autotunes; nothing is added or released
-            reads = find_host_reads(self._device_work)
+            reads = find_host_reads(self._device_work, self.device.type)
         current.wait_stream(side)
         if reads:
             where = "; ".join(f"{op} at {at}" for op, at in dict.fromkeys(reads))
