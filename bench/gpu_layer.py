@@ -347,6 +347,9 @@ OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages, PROMOTE, PACK); the
     # into one 64-wide operand (bench/NOTES.md, "v3 on an H200" and "v4")
     (64, 128, 4, 2, 2, False), (64, 128, 4, 2, 4, False), (64, 128, 4, 2, 1, True), (64, 128, 4, 3, 1, True),
     (64, 256, 8, 2, 1, True), (128, 128, 8, 2, 1, True), (64, 128, 4, 2, 2, True),
+    # packed with two warpgroups (each takes 64 of the 128 features: 12 HGMMA in 2 groups per tile, 64/84 KiB
+    # of shared memory) or a deeper pipeline on 32-row tiles (52 KiB); sm90 SASS, no spills (2026-11-26)
+    (64, 128, 8, 2, 1, True), (64, 128, 8, 3, 1, True), (32, 128, 4, 4, 1, True),
 ]  # fmt: skip
 
 

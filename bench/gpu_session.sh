@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One call on a GPU machine, in order of what decides the next change (each step capped, and within what is
 # left of BUDGET_S): install; the CUDA-marked tests natively; the kernel-config sweeps (one-pass and U
-# configs, each with its float64 error: bench/gpu_layer.py --sweep-only); the 1B-Llama DP step replayed
-# from a CUDA graph beside the eager one (its own process: a failed capture cannot take the others down);
-# Nsight Compute on one layer step's kernels (bench/ncu_layer.py, where ncu exists); the host cost per launch
-# by path (bench/launch.py); the end-to-end DP step with a profile (GPU busy time per step); the Triton
-# layer benchmark with the sweeps' best configs (correctness check, timings, per-kernel profile, host time). Logs and results go to $OUT
-# (default bench/results/gpu_session).
+# configs, each with its float64 error: bench/gpu_layer.py --sweep-only); the Triton layer benchmark with
+# the sweeps' best configs (correctness check, timings, per-kernel profile, host time: issue 3's ratios);
+# the 1B-Llama DP step through GraphedAccumulator (a CUDA graph) beside the eager one (its own process: a
+# failed capture cannot take the others down); then diagnostics as time allows: Nsight Compute on one layer
+# step's kernels (bench/ncu_layer.py, where ncu exists), the host cost per launch by path
+# (bench/launch.py), the end-to-end DP step with a profile. Logs and results go to $OUT (default
+# bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
-#   TEST_S=260 SWEEP_S=100 GRAPH_S=70 NCU_S=60 LAUNCH_S=40 STEP_S=90 LAYER_S=150 BUDGET_S=585 bash bench/gpu_session.sh
+#   TEST_S=230 SWEEP_S=100 LAYER_S=160 GRAPH_S=70 NCU_S=60 LAUNCH_S=40 STEP_S=90 BUDGET_S=585 bash bench/gpu_session.sh
 #                                                  # per-step caps and the whole budget (seconds from the start);
 #                                                  # a cap of 0 skips that step
 #
@@ -33,7 +34,7 @@ date -u
 
 # Correct first: the CUDA-marked tests (every kernel against float64, natively), then the timings. One run:
 # a -k split ("the never-run tests first") selected every test on the H200 machine (2026-11-26), not here.
-echo "== 1/7 CUDA tests, natively (pytest -m cuda), ${TEST_S:=260}s"
+echo "== 1/7 CUDA tests, natively (pytest -m cuda), ${TEST_S:=230}s"
 if (( TEST_S > 0 )); then
     timeout "$TEST_S" "$PY" -m pytest -m cuda -q -n "${TEST_WORKERS:-14}" -p no:cacheprovider -p no:benchmark -rfE \
         --durations=15 --junitxml="$OUT/junit_cuda.xml" 2>&1 | tee "$OUT/tests_cuda.log" | tail -30
@@ -49,15 +50,24 @@ if (( L > 20 )); then
         ${SWEEP_ARGS:---shapes 4096x11008,4096x4096 --tokens 8x2048} 2>&1 | tee "$OUT/sweep.log" | tail -45
 fi
 
+L=$(cap "${LAYER_S:-160}")
+echo "== 3/7 Triton layer benchmark with the sweeps' best configs (bench/gpu_layer.py --blocks-from), ${L}s"
+if (( L > 30 )); then
+    # step 2's fastest configs that held 4e-6 (the default configs' numbers: the H200 run of 2026-11-26)
+    BLOCKS=(); [ -s "$OUT/sweep.json" ] && BLOCKS=(--blocks-from "$OUT/sweep.json")
+    timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${BLOCKS[@]+"${BLOCKS[@]}"} ${LAYER_ARGS:-} \
+        2>&1 | tee "$OUT/gpu_layer.log"
+fi
+
 L=$(cap "${GRAPH_S:-70}")
-echo "== 3/7 the 1B DP step replayed from a CUDA graph (ffa_dp_flat_graph: GraphedAccumulator; own process), ${L}s"
+echo "== 4/7 the 1B DP step replayed from a CUDA graph (ffa_dp_flat_graph: GraphedAccumulator; own process), ${L}s"
 if (( L > 20 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step_graph.json" \
         --variants "${GRAPH_VARIANTS:-floor,ffa_dp_flat,ffa_dp_flat_graph,peft_opacus}" 2>&1 | tee "$OUT/step_graph.log" | tail -12
 fi
 
 L=$(cap "${NCU_S:-60}")
-echo "== 4/7 Nsight Compute on one layer step's kernels (bench/ncu_layer.py), ${L}s"
+echo "== 5/7 Nsight Compute on one layer step's kernels (bench/ncu_layer.py), ${L}s"
 if (( L > 20 )) && command -v ncu >/dev/null; then
     timeout "$L" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
@@ -67,25 +77,17 @@ if (( L > 20 )) && command -v ncu >/dev/null; then
 fi
 
 L=$(cap "${LAUNCH_S:-40}")
-echo "== 5/7 host cost per launch, by path (bench/launch.py), ${L}s"
+echo "== 6/7 host cost per launch, by path (bench/launch.py), ${L}s"
 if (( L > 10 )); then
     timeout "$L" "$PY" bench/launch.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/launch.log"
 fi
 
 L=$(cap "${STEP_S:-90}")
-echo "== 6/7 end-to-end DP step (bench/step.py, random Llama 1B, bf16, profiled), ${L}s"
+echo "== 7/7 end-to-end DP step (bench/step.py, random Llama 1B, bf16, profiled), ${L}s"
 if (( L > 30 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step.json" --profile "$OUT/step_profile" \
         --variants "${STEP_VARIANTS:-floor,ffa_nodp,ffa_dp_flat,ffa_dp_flat@torch,ffa_dp_per_layer,peft_lora,peft_opacus}" ${STEP_ARGS:-} \
         2>&1 | tee "$OUT/step.log" | tail -25
 fi
 
-L=$(cap "${LAYER_S:-150}")
-echo "== 7/7 Triton layer benchmark (bench/gpu_layer.py), ${L}s"
-if (( L > 30 )); then
-    # with step 2's fastest configs that held 4e-6 (the baseline default configs: the H200 run of 2026-11-26)
-    BLOCKS=(); [ -s "$OUT/sweep.json" ] && BLOCKS=(--blocks-from "$OUT/sweep.json")
-    timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${BLOCKS[@]+"${BLOCKS[@]}"} ${LAYER_ARGS:-} \
-        2>&1 | tee "$OUT/gpu_layer.log"
-fi
 date -u

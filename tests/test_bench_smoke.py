@@ -224,10 +224,13 @@ def test_gpu_layer_u_sweep_smoke(monkeypatch):
 
 def test_gpu_layer_sweep_only_smoke(tmp_path):
     """--sweep-only: the sweeps alone (the short GPU step that decides kernel configs), with a results file."""
+    import gpu_layer
+
     out = tmp_path / "sweep.json"
     proc = _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
-    assert row["correct"] and len(row["sweep_outer"]) == 15 and len(row["sweep_u"]) == 6, row
+    assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 18, row
+    assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) == 6, row
     assert "## outer" in proc.stdout and "## U" in proc.stdout
 
 
