@@ -4,6 +4,7 @@ The padding, masking and bookkeeping run eagerly on the CPU (graph=False: the sa
 captures); the capture itself is checked against the eager path on CUDA (marked, skipped without one).
 """
 
+import contextlib
 import logging
 
 import pytest
@@ -227,6 +228,114 @@ def test_replaced_parameters_are_refused_after_a_capture():
     model[2].bias.data = model[2].bias.data.clone()
     with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced by other tensors since the CUDA graph"):
         acc._check_memory()
+
+
+class _FakeCuda:
+    """torch.cuda's stream/graph API as CPU stand-ins, so graph mode's control flow runs here: a "capture" runs
+    the work once (a real one only records it), ``replay()`` reruns the accumulator's work and writes the
+    results into the captured outputs in place, as a real replay rewrites its output memory."""
+
+    def __init__(self, monkeypatch):
+        self.acc, self.captures, self.capturing = None, 0, False
+        fake = self
+
+        class Graph:
+            def replay(self):
+                for out, new in zip(fake.acc._out, fake.acc._device_work()):
+                    out.copy_(new)
+
+        class Capture:
+            def __init__(self, graph):
+                pass
+
+            def __enter__(self):
+                fake.captures += 1
+                fake.capturing = True
+
+            def __exit__(self, *exc):
+                fake.capturing = False
+                return False
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", Capture)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    def accumulator(self, dp, loss, **kw):
+        acc = GraphedAccumulator(dp, loss, graph=False, **kw)
+        acc.graph = True  # graph mode on the CPU: only through these stand-ins
+        self.acc = acc
+        return acc
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_graph_mode_control_flow_with_stand_ins(clipping, monkeypatch):
+    """Warm-ups, the read-back probe and one capture, then replays whose outputs are copied before the engine
+    keeps them (several micro-batches per step: kept without a copy, the first would be overwritten)."""
+    fake = _FakeCuda(monkeypatch)
+    calls = []
+
+    def loss(model, mb):
+        calls.append(1)
+        return per_sample_loss(model, mb)
+
+    batches = [make_batch(7, seed=3), make_batch(2, seed=4)]
+    model, twin = make_model(), make_model()  # the twin steps through the eager path (checked above)
+    dp, dp_twin = make_dp(model, clipping=clipping), make_dp(twin, clipping=clipping)
+    acc = fake.accumulator(dp, loss, micro_batch_size=3, warmup=2)
+    eager = GraphedAccumulator(dp_twin, per_sample_loss, micro_batch_size=3, graph=False)
+    for batch in batches:
+        acc.accumulate(batch)
+        eager.accumulate(batch)
+        got, want = (torch.cat([t.flatten() for t in d.clipped_sum()]) for d in (dp, dp_twin))
+        assert_close_verbose(got, want, atol=1e-6, rtol=1e-6, name="sum")
+        for d in (dp, dp_twin):
+            d.step()
+            d.zero_grad()
+    assert fake.captures == 1 and acc.replays == 3 + 1
+    assert len(calls) == 2 + 1 + 1 + acc.replays  # warm-ups, probe, capture, one per replay
+    model[2].weight.data = model[2].weight.data.clone()
+    with pytest.raises(ValueError, match=r"model: \['2.weight'\] replaced by other tensors"):
+        acc.accumulate(batches[1])
+
+
+def test_graph_mode_refuses_read_backs_and_cleans_up_a_failed_capture(monkeypatch):
+    fake = _FakeCuda(monkeypatch)
+    model = make_model()
+    dp = make_dp(model)
+
+    def reading(model, mb):
+        out = per_sample_loss(model, mb)
+        return out * (2.0 if float(out.detach().max()) > 0 else 1.0)
+
+    with pytest.raises(ValueError, match=r"reads device values back.*_local_scalar_dense.*test_graphed.py"):
+        fake.accumulator(dp, reading, micro_batch_size=4).accumulate(make_batch(3))
+    dp.zero_grad()
+
+    def fail_mid_backward(grad):  # after the head's backward (its per-sample state is set), before layer 0's
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def failing(model, mb):
+        h = model[0](mb["x"])
+        if fake.capturing:
+            h.register_hook(fail_mid_backward)
+        return ((model[2](model[1](h)) - mb["y"]) ** 2).flatten(1).sum(1)
+
+    acc = fake.accumulator(dp, failing, micro_batch_size=4)
+    with pytest.raises(RuntimeError, match="capture of loss_fn's forward/backward failed.*graph=False"):
+        acc.accumulate(make_batch(3))
+    assert acc._cuda_graph is None
+    # nothing left behind: the engine works eagerly right after
+    per_sample_loss(model, make_batch(3)).sum().backward()
+    dp.step()
 
 
 def test_find_host_reads_names_the_op_and_the_line():

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fedlora_fast import per_sample
 from fedlora_fast.privacy.dpsgd import DPSGD
 
 log = logging.getLogger(__name__)
@@ -288,13 +289,25 @@ class GraphedAccumulator:
             where = "; ".join(f"{op} at {at}" for op, at in dict.fromkeys(reads))
             raise ValueError(
                 f"loss_fn: reads device values back to the host, which a CUDA graph cannot hold: {where}. "
-                "Hugging Face 2-D attention masks do (pass a 4-D boolean mask, or none for a right-padded causal "
-                "model), or use graph=False"
+                "Hugging Face 2-D attention masks do (pass capturable_attention_mask(model, mask) instead), or "
+                "use graph=False"
             )
-        self._cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._cuda_graph):
-            self._out = self._device_work()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self._device_work()
+        except Exception as e:
+            for p in self.dp.params:  # what the failed capture left must not reach a later (eager) step
+                per_sample.clear(p)
+                p.grad = None
+            raise RuntimeError(
+                f"CUDA graph capture of loss_fn's forward/backward failed ({type(e).__name__}: {e}); "
+                "GraphedAccumulator(..., graph=False) runs the same padded computation eagerly"
+            ) from e
+        self._cuda_graph, self._out = graph, out
         self._memory = self._model_memory()
+        log.info("GraphedAccumulator: forward, backward and clipping of %d-row micro-batches captured in a CUDA graph",
+                 self.micro_batch_size)
 
     def _model_memory(self) -> list[tuple[str, int]]:
         model = self.dp.model
