@@ -415,6 +415,31 @@ def test_capturable_attention_mask_same_model_and_no_host_reads(kind):
     assert (kind == "llama") == torch.allclose(hidden["none"], hidden["2d"], atol=1e-4)
 
 
+def test_capturable_attention_mask_and_sliding_windows():
+    """A sliding window no shorter than the sequence changes nothing (the same logits as the 2-D mask); a
+    shorter one, which one 4-D mask cannot express, is refused; a window the config switches off is ignored."""
+    pytest.importorskip("transformers")
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_labels=2, pad_token_id=0, sliding_window=9)  # fmt: skip
+    model = MistralForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    ids[1, 5:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=ff.capturable_attention_mask(model, mask)).logits
+    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="logits within the window")
+    model.config.sliding_window = 4
+    with pytest.raises(ValueError, match=r"9 tokens exceed the model's sliding attention window \(4\)"):
+        ff.capturable_attention_mask(model, mask)
+    model.config.use_sliding_window = False  # Qwen2-style: a window in the config, not in use
+    assert ff.capturable_attention_mask(model, mask).shape == (2, 1, 9, 9)
+
+
 def test_capturable_attention_mask_refuses_what_it_cannot_tell():
     with pytest.raises(ValueError, match=r"mask: expected a 2-D \(n, T\) padding mask, got \(3,\)"):
         ff.capturable_attention_mask(make_model(), torch.ones(3))

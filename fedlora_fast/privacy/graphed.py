@@ -122,8 +122,9 @@ def capturable_attention_mask(model: torch.nn.Module, mask: Tensor) -> Tensor:
     causal triangle too; bidirectional encoders (BERT) only the padding.
 
     Raises:
-        ValueError: a mask that is not 2-D, or a model whose attention modules do not say (or disagree on)
-            whether they are causal.
+        ValueError: a mask that is not 2-D; a model whose attention modules do not say (or disagree on)
+            whether they are causal; sequences longer than the model's sliding attention window (Mistral,
+            Gemma...: within the window the mask is the same, beyond it one 4-D mask cannot express it).
     """
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
@@ -135,6 +136,14 @@ def capturable_attention_mask(model: torch.nn.Module, mask: Tensor) -> Tensor:
             f"values {sorted(causal)}); build the 4-D boolean mask (n, 1, T, T) yourself"
         )
     T = mask.shape[1]
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and 0 < window < T and getattr(config, "use_sliding_window", True) is not False:
+        raise ValueError(
+            f"mask: {T} tokens exceed the model's sliding attention window ({window}), which its own mask code "
+            "applies (per layer, in some models) and one 4-D mask cannot: pad to at most the window, or run "
+            "without a CUDA graph (graph=False) with the 2-D mask"
+        )
     keep = mask.bool()[:, None, None, :].expand(-1, 1, T, T)
     if causal == {True}:
         keep = keep & torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
