@@ -220,14 +220,36 @@ def test_replaced_parameters_are_refused_after_a_capture():
     the capture's snapshot taken by hand (CUDA graphs need a GPU)."""
     model = make_model()
     acc = GraphedAccumulator(make_dp(model), per_sample_loss, micro_batch_size=2)
-    acc._memory = acc._model_memory()
+    acc._memory, acc._captured_clipping = acc._model_memory(), acc._clipping()
     with torch.no_grad():
         model[0].lora_B.add_(1.0)
     model.load_state_dict(model.state_dict())
-    acc._check_memory()
+    acc._check_captured()
     model[2].bias.data = model[2].bias.data.clone()
     with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced by other tensors since the CUDA graph"):
-        acc._check_memory()
+        acc._check_captured()
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_changed_clipping_thresholds_are_refused_after_a_capture(clipping, monkeypatch):
+    """The captured clipping baked C (and the per-layer thresholds) in; the noise follows the engine's
+    current C. Replaying after C changed would clip with the old threshold: refused (privacy, not speed)."""
+    fake = _FakeCuda(monkeypatch)
+    model = make_model()
+    dp = make_dp(model, clipping=clipping)
+    acc = fake.accumulator(dp, per_sample_loss, micro_batch_size=4)
+    acc.accumulate(make_batch(3))
+    dp.step()
+    dp.zero_grad()
+    if clipping == "flat":
+        dp.max_grad_norm = 0.5
+    else:
+        dp._set_per_layer([0.2] * len(dp.params))
+    with pytest.raises(ValueError, match="dp: clipping changed since the CUDA graph was captured"):
+        acc.accumulate(make_batch(3))
+    make_dp(model)  # a new engine on the model detaches this one
+    with pytest.raises(ValueError, match="dp: this engine is no longer attached to its model"):
+        acc.accumulate(make_batch(3))
 
 
 class _FakeCuda:

@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fedlora_fast import per_sample
-from fedlora_fast.privacy.dpsgd import DPSGD
+from fedlora_fast.privacy.dpsgd import DPSGD, attached_engine
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ class GraphedAccumulator:
         self._cuda_graph = None
         self._out: tuple[Tensor, Tensor, Tensor] | None = None
         self._memory: list[tuple[str, int]] = []  # (name, data_ptr) of every parameter and buffer at capture
+        self._captured_clipping: tuple = ()
 
     # --- the batch ---------------------------------------------------------------------------------------
     def _split(self, batch: Any) -> tuple[list, Any, int]:
@@ -314,7 +315,7 @@ class GraphedAccumulator:
                 "GraphedAccumulator(..., graph=False) runs the same padded computation eagerly"
             ) from e
         self._cuda_graph, self._out = graph, out
-        self._memory = self._model_memory()
+        self._memory, self._captured_clipping = self._model_memory(), self._clipping()
         log.info("GraphedAccumulator: forward, backward and clipping of %d-row micro-batches captured in a CUDA graph",
                  self.micro_batch_size)
 
@@ -322,8 +323,23 @@ class GraphedAccumulator:
         model = self.dp.model
         return [(n, t.data_ptr()) for n, t in [*model.named_parameters(), *model.named_buffers()]]
 
-    def _check_memory(self) -> None:
-        """Refuse to replay over parameters or buffers that are no longer where the capture read them."""
+    def _clipping(self) -> tuple:
+        """What the captured clipping baked in as constants: the mode, C and the per-layer thresholds."""
+        dp = self.dp
+        return dp.clipping, dp.max_grad_norm, tuple(sorted((dp.ctx.clip or {}).values()))
+
+    def _check_captured(self) -> None:
+        """Refuse to replay over parameters or buffers that are no longer where the capture read them, or with
+        clipping thresholds other than the ones the capture baked in (the noise follows the engine's current
+        C: replaying an older, larger C would add noise too small for the sensitivity)."""
+        if attached_engine(self.dp.model) is not self.dp:
+            raise ValueError("dp: this engine is no longer attached to its model (detached, or replaced by another "
+                             "DPSGD): build a new GraphedAccumulator for the engine in use")
+        if self._clipping() != self._captured_clipping:
+            raise ValueError(
+                f"dp: clipping changed since the CUDA graph was captured ({self._captured_clipping} -> "
+                f"{self._clipping()}; the graph clips with the old thresholds): build a new GraphedAccumulator"
+            )
         now = self._model_memory()
         if now != self._memory:
             moved = [n for (n, p), (m, q) in zip(now, self._memory) if n != m or p != q] or ["(the set of tensors)"]
@@ -347,7 +363,7 @@ class GraphedAccumulator:
             self._setup(leaves, spec)
         self._check(leaves, spec)
         if self._cuda_graph is not None:
-            self._check_memory()
+            self._check_captured()
         b = self.micro_batch_size
         total = None
         for start in range(0, n, b):
