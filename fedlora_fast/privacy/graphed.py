@@ -172,7 +172,8 @@ class GraphedAccumulator:
             buffer replaced by another tensor after the capture (not copied into) is refused at the next
             ``accumulate`` (a new accumulator captures the new one).
         warmup: eager runs before the capture (Triton compiles and autotunes, ``auto`` picks its GEMMs: none
-            of that may happen inside a capture). Their results are discarded: nothing is released.
+            of that may happen inside a capture); the read-back probe is one more. Their results are
+            discarded: nothing is released. A capture thus costs ``warmup + 2`` micro-batches of work once.
     Raises:
         ValueError: bad arguments; later (``accumulate``) a batch whose non-batch shapes, dtypes or structure
             differ from the first one's, or a ``loss_fn`` that reads device values back (graph mode).
@@ -186,7 +187,7 @@ class GraphedAccumulator:
         micro_batch_size: int,
         reduction: str = "sum",
         graph: bool | None = None,
-        warmup: int = 2,
+        warmup: int = 1,
     ):
         if not isinstance(dp, DPSGD):
             raise TypeError(f"dp: expected a DPSGD engine, got {type(dp).__name__}")
