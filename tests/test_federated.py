@@ -402,15 +402,22 @@ def test_cuda_graph_client_path_equals_the_eager_one(clipping):
         client = Client(0, ids, labels, pad_id=0, batch_size=7, local_steps=3, lr=0.05, max_grad_norm=0.5,
                         noise_multiplier=0.0, clipping=clipping, physical_batch_size=3, cuda_graph=graph,
                         sample_generator=torch.Generator().manual_seed(5), noise_generator=torch.Generator().manual_seed(6))
-        update, _ = serialization.decode(client.fit(model, message, round_idx=0, fingerprint="f"))
-        out[graph] = (update, client.last_metrics)
-    (eager, m_eager), (graphed, m_graphed) = out[False], out[True]
-    assert m_graphed["steps"] == m_eager["steps"] == 3 and m_graphed["mean_batch"] == m_eager["mean_batch"]
-    assert m_graphed["train_loss"] == pytest.approx(m_eager["train_loss"], rel=1e-5)
+        rounds = []
+        for rnd in range(2):  # round 2 starts from round 1's update, as a server would send it back
+            msg = message if rnd == 0 else serialization.encode(rounds[-1][0], {})
+            update, _ = serialization.decode(client.fit(model, msg, round_idx=rnd, fingerprint="f"))
+            rounds.append((update, client.last_metrics))
+            if graph:
+                first = first if rnd else next(iter(client._graphed.values()))
+                assert list(client._graphed.values()) == [first], "one accumulator per client and model, reused"
+        out[graph] = rounds
     initial, _ = serialization.decode(message)
-    for k in eager:
-        assert not torch.equal(eager[k], initial[k]), f"{k}: the eager client did not train it"
-        torch.testing.assert_close(graphed[k], eager[k], atol=1e-5, rtol=1e-5, msg=k)
+    for (eager, m_eager), (graphed, m_graphed) in zip(out[False], out[True]):
+        assert m_graphed["steps"] == m_eager["steps"] == 3 and m_graphed["mean_batch"] == m_eager["mean_batch"]
+        assert m_graphed["train_loss"] == pytest.approx(m_eager["train_loss"], rel=1e-5)
+        for k in eager:
+            assert not torch.equal(eager[k], initial[k]), f"{k}: the eager client did not train it"
+            torch.testing.assert_close(graphed[k], eager[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
 def test_cuda_graph_needs_a_cuda_device(tiny):

@@ -329,6 +329,34 @@ def test_graph_mode_control_flow_with_stand_ins(clipping, monkeypatch):
         acc.accumulate(batches[1])
 
 
+def test_rebind_feeds_a_new_engine_from_the_same_capture(monkeypatch):
+    """A federated client's next round: a new engine (fresh optimizer, same model and clipping) takes over
+    the capture; sums equal an eager twin's; another model, other tensors or other clipping are refused."""
+    fake = _FakeCuda(monkeypatch)
+    model, twin = make_model(), make_model()
+    acc = fake.accumulator(make_dp(model), per_sample_loss, micro_batch_size=3)
+    eager = GraphedAccumulator(make_dp(twin), per_sample_loss, micro_batch_size=3, graph=False)
+    for rnd in range(2):
+        if rnd:
+            acc.dp.detach()
+            acc.rebind(make_dp(model))
+            eager.rebind(make_dp(twin))
+        for seed in (3, 4):
+            batch = make_batch(5, seed=seed + 10 * rnd)
+            acc.accumulate(batch)
+            eager.accumulate(batch)
+            got, want = (torch.cat([t.flatten() for t in a.dp.clipped_sum()]) for a in (acc, eager))
+            assert_close_verbose(got, want, atol=1e-6, rtol=1e-6, name=f"round {rnd} sum")
+            for a in (acc, eager):
+                a.dp.step()
+                a.dp.zero_grad()
+    assert fake.captures == 1
+    with pytest.raises(ValueError, match="only move to an engine on the same model"):
+        acc.rebind(make_dp(twin))
+    with pytest.raises(ValueError, match="dp: clips differently"):
+        acc.rebind(make_dp(model, max_grad_norm=0.5))
+
+
 def test_graph_mode_refuses_read_backs_and_cleans_up_a_failed_capture(monkeypatch):
     fake = _FakeCuda(monkeypatch)
     model = make_model()

@@ -110,7 +110,8 @@ class Client:
         cuda_graph: run every micro-batch (``physical_batch_size`` rows, default ``graph_micro_batch_size``)
             through ``GraphedAccumulator``: sequences padded to the client's longest, the sampled batch
             padded to whole micro-batches, forward + backward + clipping replayed from a CUDA graph captured
-            once per ``fit`` (on a CPU model: the same padded computation, eager).
+            in the client's first ``fit`` and reused by later rounds' engines (on a CPU model: the same padded
+            computation, eager). Each client holds its graph's memory (activations of one micro-batch).
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class Client:
         self.secure_mode = bool(secure_mode)
         self.rounds, self.lr_schedule = int(rounds), lr_schedule
         self.cuda_graph = bool(cuda_graph)
+        self._graphed: dict[int, GraphedAccumulator] = {}  # id(model) -> its accumulator (cuda_graph)
         self.seq_len = max(1, max(len(x) for x in self.input_ids))  # the fixed length of cuda_graph batches
 
     def epsilon(self, delta: float) -> float:
@@ -203,9 +205,13 @@ class Client:
         model.train()
         loss_sum, seen, sizes = 0.0, 0, []
         graphed = None
-        if self.cuda_graph:
-            size = self.physical_batch_size or graph_micro_batch_size(self.expected_batch_size, self.num_examples)
-            graphed = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=size)
+        if self.cuda_graph:  # one capture per client and model, fed by every round's new engine
+            graphed = self._graphed.get(id(model))
+            if graphed is None or graphed.dp.model is not model:
+                size = self.physical_batch_size or graph_micro_batch_size(self.expected_batch_size, self.num_examples)
+                graphed = self._graphed[id(model)] = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=size)
+            else:
+                graphed.rebind(dp)
         try:
             for batch in sampler:
                 sizes.append(len(batch))

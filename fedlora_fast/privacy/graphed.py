@@ -350,6 +350,28 @@ class GraphedAccumulator:
                 "a new GraphedAccumulator"
             )
 
+    def rebind(self, dp: DPSGD) -> None:
+        """Feed a new engine on the same model from the same capture (a federated client builds one engine,
+        with a fresh optimizer, per round: re-capturing would cost ``warmup + 2`` micro-batches each time).
+
+        Raises:
+            ValueError: ``dp`` is on another model, trains other tensors, or clips differently (the capture
+                baked the old engine's clipping in).
+        """
+        if not isinstance(dp, DPSGD):
+            raise TypeError(f"dp: expected a DPSGD engine, got {type(dp).__name__}")
+        old = self.dp
+        if dp.model is not old.model or [id(p) for p in dp.params] != [id(p) for p in old.params]:
+            raise ValueError("dp: a GraphedAccumulator can only move to an engine on the same model and tensors")
+        if self._cuda_graph is not None:
+            self.dp = dp
+            if self._clipping() != self._captured_clipping:
+                self.dp = old
+                raise ValueError(
+                    f"dp: clips differently ({self._captured_clipping} captured) -> build a new GraphedAccumulator"
+                )
+        self.dp = dp
+
     # --- the public step ---------------------------------------------------------------------------------
     def accumulate(self, batch: Any) -> int:
         """Clip-accumulate every sample of ``batch`` into the engine (as ``dp.accumulate()`` after each
