@@ -181,6 +181,7 @@ def main(argv=None) -> dict:
     print(f"{len(train_set)} training examples over {args.clients} clients, {n_eval} held out; "
           f"noise multiplier {sigma:.3f} for epsilon {args.epsilon} at delta {args.delta} "
           f"over {total_steps} steps with q={args.sample_rate}")
+    graphed = None  # --cuda-graph: the GraphedAccumulator every client's engine feeds from
     records = [{"round": 0, "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch)}]
     print(f"round 0: eval loss {records[0]['eval_loss']:.4f}")
     for rnd in range(1, args.rounds + 1):
@@ -196,7 +197,11 @@ def main(argv=None) -> dict:
                           expected_batch_size=max(1, round(args.sample_rate * len(shard))), clipping=args.clipping)
             sampler = PoissonSampler(len(shard), args.sample_rate, steps=args.local_steps,
                                      generator=torch.Generator().manual_seed(args.seed * 10007 + rnd * 101 + c))
-            graphed = ff.GraphedAccumulator(dp, per_sample_loss, micro_batch_size=args.micro_batch) if args.cuda_graph else None
+            if args.cuda_graph:  # one capture for the run: every client's engine (same model, shapes, clipping)
+                if graphed is None:
+                    graphed = ff.GraphedAccumulator(dp, per_sample_loss, micro_batch_size=args.micro_batch)
+                else:
+                    graphed.rebind(dp)
             for idx in sampler:
                 if not idx:
                     dp.step(empty_batch=True)
