@@ -220,13 +220,24 @@ def test_replaced_parameters_are_refused_after_a_capture():
     the capture's snapshot taken by hand (CUDA graphs need a GPU)."""
     model = make_model()
     acc = GraphedAccumulator(make_dp(model), per_sample_loss, micro_batch_size=2)
-    acc._memory, acc._captured_clipping = acc._model_memory(), acc._clipping()
+    acc._snapshot()
     with torch.no_grad():
         model[0].lora_B.add_(1.0)
     model.load_state_dict(model.state_dict())
     acc._check_captured()
-    model[2].bias.data = model[2].bias.data.clone()
+    bias = model[2].bias.data
+    model[2].bias.data = bias.clone()
     with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced by other tensors since the CUDA graph"):
+        acc._check_captured()
+    model[2].bias.data = bias
+    acc._check_captured()
+    model[2].bias = nn.Parameter(bias.clone())  # a new Parameter object
+    with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced"):
+        acc._check_captured()
+    model[2].bias = nn.Parameter(bias)  # the same memory again: nothing the graph reads has moved
+    acc._check_captured()
+    model[1] = nn.Tanh()  # a submodule replaced (no tensors of its own)
+    with pytest.raises(ValueError, match=r"replaced by other tensors"):
         acc._check_captured()
 
 

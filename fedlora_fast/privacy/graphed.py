@@ -217,6 +217,8 @@ class GraphedAccumulator:
         self._cuda_graph = None
         self._out: tuple[Tensor, Tensor, Tensor] | None = None
         self._memory: list[tuple[str, int]] = []  # (name, data_ptr) of every parameter and buffer at capture
+        self._modules: list[torch.nn.Module] = []
+        self._captured_fingerprint: list[int] = []
         self._captured_clipping: tuple = ()
 
     # --- the batch ---------------------------------------------------------------------------------------
@@ -316,13 +318,35 @@ class GraphedAccumulator:
                 "GraphedAccumulator(..., graph=False) runs the same padded computation eagerly"
             ) from e
         self._cuda_graph, self._out = graph, out
-        self._memory, self._captured_clipping = self._model_memory(), self._clipping()
+        self._snapshot()
         log.info("GraphedAccumulator: forward, backward and clipping of %d-row micro-batches captured in a CUDA graph",
                  self.micro_batch_size)
 
     def _model_memory(self) -> list[tuple[str, int]]:
+        """(name, data_ptr) of every parameter and buffer (for the error message: ~1 ms on a 1B Llama)."""
         model = self.dp.model
         return [(n, t.data_ptr()) for n, t in [*model.named_parameters(), *model.named_buffers()]]
+
+    def _fingerprint(self) -> list[int]:
+        """Where every parameter and buffer of the captured modules lives, and which modules they hold:
+        the per-``accumulate`` check, ~5x cheaper than ``_model_memory`` (0.18 ms for a 1B Llama's 511
+        tensors on the 2-core dev box)."""
+        out: list[int] = []
+        add = out.append
+        for module in self._modules:
+            for t in module._parameters.values():
+                add(0 if t is None else t.data_ptr())
+            for t in module._buffers.values():
+                add(0 if t is None else t.data_ptr())
+            for child in module._modules.values():
+                add(id(child))
+        return out
+
+    def _snapshot(self) -> None:
+        """What the capture read and baked in, for ``_check_captured`` to compare against later."""
+        self._modules = list(self.dp.model.modules())
+        self._captured_fingerprint, self._memory = self._fingerprint(), self._model_memory()
+        self._captured_clipping = self._clipping()
 
     def _clipping(self) -> tuple:
         """What the captured clipping baked in as constants: the mode, C and the per-layer thresholds."""
@@ -341,9 +365,9 @@ class GraphedAccumulator:
                 f"dp: clipping changed since the CUDA graph was captured ({self._captured_clipping} -> "
                 f"{self._clipping()}; the graph clips with the old thresholds): build a new GraphedAccumulator"
             )
-        now = self._model_memory()
-        if now != self._memory:
-            moved = [n for (n, p), (m, q) in zip(now, self._memory) if n != m or p != q] or ["(the set of tensors)"]
+        if self._fingerprint() != self._captured_fingerprint:
+            now = self._model_memory()
+            moved = [n for (n, p), (m, q) in zip(now, self._memory) if n != m or p != q] or ["(a submodule)"]
             raise ValueError(
                 f"model: {moved[:4]} replaced by other tensors since the CUDA graph was captured (it would read "
                 "the old memory): copy new values in place (param.data.copy_(...), load_state_dict), or build "
