@@ -17,6 +17,7 @@ for only between rounds; every kernel here is tiny, so the launch queue never fi
     layer_step        ``FFALoRALinear`` forward + backward (no DP), same shape
     layer_step_dp     the same under ``DPSGD`` (flat clipping): forward, backward, ``step``, ``zero_grad``
     graph_replay      ``layer_step`` captured once in a CUDA graph, replayed
+    layer_step_dp_graphed  ``layer_step_dp`` through ``GraphedAccumulator`` (CUDA: replayed from a graph)
 
 With ``--stub-kernels`` (CPU) the Triton backend runs with every kernel launch replaced by a no-op (and
 the GEMM's tuned-config path taken, as on CUDA): what remains is our own host cost per op and layer step,
@@ -278,6 +279,20 @@ def main(argv=None) -> int:
         dp.zero_grad()
 
     measure_direct("layer_step_dp", layer_step_dp)
+    # the same DP step through GraphedAccumulator (CUDA: forward, backward and clipping replayed from a graph;
+    # elsewhere the same padded computation, eagerly): what is left of the host cost with graphs
+    def per_sample_loss(m, b):  # the gradient g per sample, and dX as in layer_step_dp (x requires grad)
+        return (m(b["x"].detach().requires_grad_(True)) * b["g"]).flatten(1).sum(1)
+
+    acc = ff.GraphedAccumulator(dp, per_sample_loss, micro_batch_size=n)
+    batch = {"x": x, "g": g}
+
+    def layer_step_dp_graphed():
+        acc.accumulate(batch)
+        dp.step()
+        dp.zero_grad()
+
+    measure("layer_step_dp_graphed", layer_step_dp_graphed)
     save()
     if args.json:
         print(f"# wrote {args.json}")
