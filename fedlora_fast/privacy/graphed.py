@@ -51,14 +51,12 @@ HOST_READ_OPS = frozenset(
         "aten._local_scalar_dense.default",
         "aten.is_nonzero.default",
         "aten.equal.default",
-        "aten.nonzero.default",
-        "aten.nonzero_static.default",
+        "aten.nonzero.default",  # (nonzero_static, with its fixed size, does not read back)
         "aten.masked_select.default",
         "aten._unique2.default",
         "aten.unique_dim.default",
         "aten.unique_consecutive.default",
         "aten.bincount.default",
-        "aten.repeat_interleave.Tensor",
     }
 )
 _OWN_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
