@@ -576,7 +576,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.environ["FEDLORA_FAST_BACKEND"] = "triton"
     dtype = getattr(torch, args.dtype)
-    e = ELEM[dtype]
+    elem = ELEM[dtype]  # bytes per element (not `e`: an `except ... as e` in main would unbind it)
     shapes = parse_pairs(args.shapes) if args.shapes else (SMOKE_SHAPES if args.smoke else LLAMA7B)
     tokens = parse_pairs(args.tokens) if args.tokens else (SMOKE_TOKENS if args.smoke else TOKENS)
     reps = 2 if args.smoke and args.reps == 10 else args.reps
@@ -641,11 +641,17 @@ def main(argv=None) -> int:
                      if k.startswith("ffa_flat[") and k not in ("ffa_flat[reference]", "ffa_flat[auto]", f"ffa_flat[{GRAPH}]")]
             checks = [check_ops(n, T, inp, out, args.r, dtype, device, gm) for gm in (gemms or ["triton"])]
             variants = make_variants(base, x, g, args.r, args.alpha, peft_train_A=args.peft_train_A, which=which)
-            times = {}
-            for name, v in variants.items():
-                v.step()  # warm-up: autotune, caches, lazily built hooks
-                fwd = bench_ms(v.forward, device, reps)
-                full = bench_ms(v.step, device, reps)
+            times, failed = {}, {}
+            for name, v in list(variants.items()):
+                try:
+                    v.step()  # warm-up: autotune, caches, lazily built hooks
+                    fwd = bench_ms(v.forward, device, reps)
+                    full = bench_ms(v.step, device, reps)
+                except Exception as err:  # noqa: BLE001  (one variant failing must not cost the others' numbers)
+                    failed[name] = f"{type(err).__name__}: {err}"[:300]
+                    print(f"# {name} failed at n={n} T={T} {inp}->{out}: {failed[name]}", flush=True)
+                    del variants[name]
+                    continue
                 # backward = full - forward: opacus' hooks consume the forward's activations, so a retained
                 # graph cannot be re-run for it alone; the same derivation for every variant
                 times[name] = {"fwd_ms": fwd, "bwd_ms": full - fwd, "full_ms": full}
@@ -661,8 +667,8 @@ def main(argv=None) -> int:
                 for name, v in variants.items():
                     try:
                         profiles[name] = kernel_table(v.step)
-                    except Exception as e:  # noqa: BLE001  (the profile is a diagnostic: never lose the timings)
-                        profiles[name] = [{"kernel": f"profile failed: {e!r}"[:200], "us_per_step": 0.0, "calls_per_step": 0}]
+                    except Exception as err:  # noqa: BLE001  (the profile is a diagnostic: never lose the timings)
+                        profiles[name] = [{"kernel": f"profile failed: {err!r}"[:200], "us_per_step": 0.0, "calls_per_step": 0}]
             variants.clear()
             sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
             sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
@@ -670,8 +676,8 @@ def main(argv=None) -> int:
             best = min(ffa_names, key=lambda k: times[k]["full_ms"]) if ffa_names else None
             # the headline is what a user gets by default (FEDLORA_FAST_GEMM=auto); else the best pinned GEMM
             ours = "ffa_flat[auto]" if "ffa_flat[auto]" in times else best
-            ff_flops, ff_bytes = ffa_work(n, N, inp, out, args.r, e)
-            fl_flops, fl_bytes = floor_work(N, inp, out, e)
+            ff_flops, ff_bytes = ffa_work(n, N, inp, out, args.r, elem)
+            fl_flops, fl_bytes = floor_work(N, inp, out, elem)
             row = {
                 "device": info["device"],
                 "n": n, "T": T, "tokens": N, "in": inp, "out": out, "r": args.r, "dtype": args.dtype,
@@ -681,6 +687,9 @@ def main(argv=None) -> int:
                 "best_ffa": best,
                 "ours": ours,
             }  # fmt: skip
+            if failed:
+                row["failed"] = failed
+                row["correct"] = False  # a variant that cannot run is not a pass
             if profiles:
                 row["kernels"] = profiles
             if sweep is not None:

@@ -196,6 +196,25 @@ def test_gpu_layer_smoke():
     _run([path, "--smoke"])
 
 
+def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkeypatch):
+    """A variant that raises is reported (row["failed"], correct=False, exit 1); the others are still timed."""
+    import gpu_layer
+
+    def broken(base, x, g, r, alpha, train_A):
+        def step():
+            raise RuntimeError("boom")
+
+        return gpu_layer.Variant("peft_opacus", base, x, g, step)
+
+    monkeypatch.setattr(gpu_layer, "make_peft_opacus", broken)
+    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
+    out = tmp_path / "layer.json"
+    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[auto],peft_opacus"])
+    row = json.loads(out.read_text())["rows"][0]
+    assert code == 1 and row["correct"] is False and "boom" in row["failed"]["peft_opacus"], row.get("failed")
+    assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
+
+
 def test_gpu_layer_outer_sweep_smoke(monkeypatch):
     """The one-pass kernel's config sweep (CUDA in the bench) through the interpreter at toy size: every
     config runs, with its time and its error against float64 (PROMOTE > 1 and PACK included)."""
