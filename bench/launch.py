@@ -31,7 +31,6 @@ the part of a host-bound GPU step that any machine can measure and that this rep
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

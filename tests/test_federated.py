@@ -402,13 +402,13 @@ def test_cuda_graph_client_path_equals_the_eager_one(clipping):
         client = Client(0, ids, labels, pad_id=0, batch_size=7, local_steps=3, lr=0.05, max_grad_norm=0.5,
                         noise_multiplier=0.0, clipping=clipping, physical_batch_size=3, cuda_graph=graph,
                         sample_generator=torch.Generator().manual_seed(5), noise_generator=torch.Generator().manual_seed(6))
-        rounds = []
+        rounds, first = [], None
         for rnd in range(2):  # round 2 starts from round 1's update, as a server would send it back
             msg = message if rnd == 0 else serialization.encode(rounds[-1][0], {})
             update, _ = serialization.decode(client.fit(model, msg, round_idx=rnd, fingerprint="f"))
             rounds.append((update, client.last_metrics))
             if graph:
-                first = first if rnd else next(iter(client._graphed.values()))
+                first = first or next(iter(client._graphed.values()))
                 assert list(client._graphed.values()) == [first], "one accumulator per client and model, reused"
         out[graph] = rounds
     initial, _ = serialization.decode(message)
