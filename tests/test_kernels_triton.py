@@ -810,6 +810,16 @@ def _aot_cases():
                  **dict(blocks(ob), PROMOTE=promote, PACK=pack),
                  SPLIT_BF16=True, V_TERMS=2, UPCAST=False, **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
         ))  # fmt: skip
+    # the packed configs with other tiles, warps and stages (gpu_layer.py's OUTER_SWEEP, 2026-11-26 additions)
+    for bt, ba, warps, stages in ((64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 4)):
+        cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages)
+        cases.append((
+            f"sweep outer r16 PACK {bt}x{ba} w{warps} s{stages}", K._outer_kernel,
+            dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
+            dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16, BLOCK_T=bt, BLOCK_A=ba,
+                 PROMOTE=1, PACK=True, SPLIT_BF16=True, V_TERMS=2, UPCAST=False,
+                 **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), cfg,
+        ))  # fmt: skip
     cases.append(("split_sum", K._split_sum_kernel, dict(pp_ptr=f32, p_ptr=f32, nu_ptr=f32),
                   dict(HAS_NORM=True, BLOCK_R=16, **blocks(fb), **unit("stride_qj", "stride_pj")), fb))  # fmt: skip
     clip_flags = dict(ACC_FP64=False, **dict(blocks(cb), BLOCK_B=16), **unit("stride_pb", "stride_ob"))
