@@ -254,8 +254,10 @@ def test_changed_clipping_thresholds_are_refused_after_a_capture(clipping, monke
     dp.zero_grad()
     if clipping == "flat":
         dp.max_grad_norm = 0.5
-    else:
-        dp._set_per_layer([0.2] * len(dp.params))
+    else:  # the same thresholds, swapped between tensors
+        dp._set_per_layer([0.1 * (i + 1) for i in range(len(dp.params))])
+        acc._captured_clipping = acc._clipping()
+        dp._set_per_layer([0.1 * (len(dp.params) - i) for i in range(len(dp.params))])
     with pytest.raises(ValueError, match="dp: clipping changed since the CUDA graph was captured"):
         acc.accumulate(make_batch(3))
     make_dp(model)  # a new engine on the model detaches this one

@@ -349,7 +349,8 @@ class GraphedAccumulator:
     def _clipping(self) -> tuple:
         """What the captured clipping baked in as constants: the mode, C and the per-layer thresholds."""
         dp = self.dp
-        return dp.clipping, dp.max_grad_norm, tuple(sorted((dp.ctx.clip or {}).values()))
+        per_layer = dp.ctx.clip or {}
+        return dp.clipping, dp.max_grad_norm, tuple(per_layer.get(id(p)) for p in dp.params)
 
     def _check_captured(self) -> None:
         """Refuse to replay over parameters or buffers that are no longer where the capture read them, or with
