@@ -50,11 +50,12 @@ if (( L > 20 )); then
         ${SWEEP_ARGS:---shapes 4096x11008,4096x4096 --tokens 8x2048} 2>&1 | tee "$OUT/sweep.log" | tail -45
 fi
 
+# steps 3 and 5 take step 2's fastest configs that held 4e-6 (the default configs' numbers: the H200 run of
+# 2026-11-26)
+BLOCKS=(); [ -s "$OUT/sweep.json" ] && BLOCKS=(--blocks-from "$OUT/sweep.json")
 L=$(cap "${LAYER_S:-160}")
 echo "== 3/7 Triton layer benchmark with the sweeps' best configs (bench/gpu_layer.py --blocks-from), ${L}s"
 if (( L > 30 )); then
-    # step 2's fastest configs that held 4e-6 (the default configs' numbers: the H200 run of 2026-11-26)
-    BLOCKS=(); [ -s "$OUT/sweep.json" ] && BLOCKS=(--blocks-from "$OUT/sweep.json")
     timeout "$L" "$PY" bench/gpu_layer.py --profile --host --json "$OUT/gpu_layer.json" ${BLOCKS[@]+"${BLOCKS[@]}"} ${LAYER_ARGS:-} \
         2>&1 | tee "$OUT/gpu_layer.log"
 fi
@@ -71,7 +72,7 @@ echo "== 5/7 Nsight Compute on one layer step's kernels (bench/ncu_layer.py), ${
 if (( L > 20 )) && command -v ncu >/dev/null; then
     timeout "$L" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section WarpStateStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-        "$PY" bench/ncu_layer.py ${NCU_ARGS:-} > "$OUT/ncu_layer.log" 2>&1
+        "$PY" bench/ncu_layer.py ${BLOCKS[@]+"${BLOCKS[@]}"} ${NCU_ARGS:-} > "$OUT/ncu_layer.log" 2>&1
     grep -E "^  [_a-z].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|^    ---" \
         "$OUT/ncu_layer.log" | head -80
 fi

@@ -28,7 +28,18 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="4096x11008", help="in x out")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2, help="steps before the profiled one (compile, autotune)")
+    p.add_argument("--blocks-from", default=None, metavar="SWEEP_JSON",
+                   help="profile the one-pass and U configs gpu_layer.py --blocks-from would take from this sweep file")
     args = p.parse_args(argv)
+    if args.blocks_from:
+        import json
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import gpu_layer
+
+        with open(args.blocks_from, encoding="utf-8") as f:
+            applied = gpu_layer.apply_blocks(gpu_layer.choose_blocks(json.load(f)["rows"]))
+        print(f"# kernel configs from {args.blocks_from}: {applied or 'none held the bound: defaults'}")
     os.environ.setdefault("FEDLORA_FAST_GEMM", "triton")
     import torch
 

@@ -300,8 +300,15 @@ def test_launch_overhead_smoke(tmp_path):
     assert row["device_type"] == "cpu" and row["shape"] == "2,8,128,256,16"
 
 
-def test_ncu_layer_smoke():
-    """bench/ncu_layer.py (one step of our kernels for Nsight Compute) at toy size through the interpreter."""
-    proc = _run([os.path.join(BENCH, "ncu_layer.py"), "--tokens", "2x5", "--shape", "72x80", "--r", "4"],
-                env={"TRITON_INTERPRET": "1"})
+def test_ncu_layer_smoke(tmp_path):
+    """bench/ncu_layer.py (one step of our kernels for Nsight Compute) at toy size through the interpreter,
+    with the configs of a sweep file as gpu_session.sh passes them."""
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"rows": [{
+        "sweep_outer": [{"config": {"BLOCK_T": 64, "BLOCK_A": 128, "num_warps": 4, "num_stages": 2, "PROMOTE": 1,
+                                    "PACK": True}, "ms": 1.0, "rel_err_P": 1e-7, "rel_err_nu": 1e-7}],
+        "sweep_u": []}]}))  # fmt: skip
+    proc = _run([os.path.join(BENCH, "ncu_layer.py"), "--tokens", "2x5", "--shape", "72x80", "--r", "4",
+                 "--blocks-from", str(sweep)], env={"TRITON_INTERPRET": "1"})
     assert "per-sample dB (2, 80, 4), norms (2,) finite=True" in proc.stdout, proc.stdout
+    assert "kernel configs from" in proc.stdout and "'PACK': True" in proc.stdout, proc.stdout
