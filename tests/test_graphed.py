@@ -303,6 +303,7 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
 
     def accumulator(self, dp, loss, **kw):
         acc = GraphedAccumulator(dp, loss, graph=False, **kw)

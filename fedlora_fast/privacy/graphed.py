@@ -418,9 +418,10 @@ class GraphedAccumulator:
             if not self.graph:
                 clipped, dropped, loss = self._device_work()
             else:
-                if self._cuda_graph is None:
-                    self._capture()
-                self._cuda_graph.replay()
+                with torch.cuda.device(self.device):  # the engine's GPU, whichever is current
+                    if self._cuda_graph is None:
+                        self._capture()
+                    self._cuda_graph.replay()
                 self.replays += 1
                 # the graph rewrites its outputs at every replay: the engine keeps copies
                 clipped, dropped, loss = (t.clone() for t in self._out)
