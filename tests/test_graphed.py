@@ -68,6 +68,53 @@ def graphed_sum(batches, b, clipping, reduction="sum", train_A=False, **kw):
     return torch.cat([t.flatten() for t in dp.clipped_sum()]), dp, counts
 
 
+class _FakeCuda:
+    """torch.cuda's stream/graph API as CPU stand-ins, so graph mode's control flow runs here: a "capture" runs
+    the work once (a real one only records it), ``replay()`` reruns the accumulator's work and writes the
+    results into the captured outputs in place, as a real replay rewrites its output memory."""
+
+    def __init__(self, monkeypatch):
+        self.acc, self.captures, self.capturing = None, 0, False
+        fake = self
+
+        class Graph:
+            def replay(self):
+                for out, new in zip(fake.acc._out, fake.acc._device_work()):
+                    out.copy_(new)
+
+        class Capture:
+            def __init__(self, graph):
+                pass
+
+            def __enter__(self):
+                fake.captures += 1
+                fake.capturing = True
+
+            def __exit__(self, *exc):
+                fake.capturing = False
+                return False
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", Capture)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+    def accumulator(self, dp, loss, **kw):
+        acc = GraphedAccumulator(dp, loss, graph=False, **kw)
+        acc.graph = True  # graph mode on the CPU: only through these stand-ins
+        self.acc = acc
+        return acc
+
+
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("n, b", [(7, 3), (2, 5), (6, 6), (1, 4)])
 @pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
@@ -263,53 +310,6 @@ def test_changed_clipping_thresholds_are_refused_after_a_capture(clipping, monke
     make_dp(model)  # a new engine on the model detaches this one
     with pytest.raises(ValueError, match="dp: this engine is no longer attached to its model"):
         acc.accumulate(make_batch(3))
-
-
-class _FakeCuda:
-    """torch.cuda's stream/graph API as CPU stand-ins, so graph mode's control flow runs here: a "capture" runs
-    the work once (a real one only records it), ``replay()`` reruns the accumulator's work and writes the
-    results into the captured outputs in place, as a real replay rewrites its output memory."""
-
-    def __init__(self, monkeypatch):
-        self.acc, self.captures, self.capturing = None, 0, False
-        fake = self
-
-        class Graph:
-            def replay(self):
-                for out, new in zip(fake.acc._out, fake.acc._device_work()):
-                    out.copy_(new)
-
-        class Capture:
-            def __init__(self, graph):
-                pass
-
-            def __enter__(self):
-                fake.captures += 1
-                fake.capturing = True
-
-            def __exit__(self, *exc):
-                fake.capturing = False
-                return False
-
-        class Stream:
-            def __init__(self, device=None):
-                pass
-
-            def wait_stream(self, other):
-                pass
-
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", Capture)
-        monkeypatch.setattr(torch.cuda, "Stream", Stream)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-
-    def accumulator(self, dp, loss, **kw):
-        acc = GraphedAccumulator(dp, loss, graph=False, **kw)
-        acc.graph = True  # graph mode on the CPU: only through these stand-ins
-        self.acc = acc
-        return acc
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
