@@ -211,7 +211,9 @@ class Client:
         sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=self.local_steps, generator=self.sample_generator)
         device = params[0].device
         model.train()
-        loss_sum, seen, sizes = 0.0, 0, []
+        # the training loss is summed on the device and read once after the loop: a read per step would make
+        # the host wait for every step's GPU work instead of issuing the next (what a host-bound GPU run needs)
+        loss_sum, seen, sizes = torch.zeros((), dtype=torch.float32, device=device), 0, []
         graphed = None
         if self.cuda_graph:  # one capture per client and model, fed by every round's new engine
             graphed = self._graphed.get(id(model))
@@ -228,7 +230,7 @@ class Client:
                 elif graphed is not None:
                     ids, mask = collate([self.input_ids[i] for i in batch], self.pad_id, length=self.seq_len)
                     graphed.accumulate({"input_ids": ids, "attention_mask": mask, "labels": self.labels[batch]})
-                    loss_sum += float(graphed.last_loss)
+                    loss_sum += graphed.last_loss
                     seen += len(batch)
                     dp.step()
                 else:
@@ -240,7 +242,7 @@ class Client:
                         loss = nn.functional.cross_entropy(logits.float(), self.labels[idx].to(device), reduction="sum")
                         loss.backward()
                         dp.accumulate()
-                        loss_sum += float(loss.detach())
+                        loss_sum += loss.detach().float()
                     seen += len(batch)
                     dp.step()
                 dp.zero_grad()
@@ -252,7 +254,7 @@ class Client:
         # are functions of this client's data (and of which samples were drawn) released without noise, so
         # they are not covered by the DP guarantee and never go into the update message.
         self.last_metrics = {
-            "train_loss": loss_sum / seen if seen else None,
+            "train_loss": float(loss_sum) / seen if seen else None,
             "steps": len(sizes),
             "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
             "samples_dropped": dp.samples_dropped,
