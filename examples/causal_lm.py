@@ -207,14 +207,14 @@ def main(argv=None) -> dict:
                     dp.step(empty_batch=True)
                 elif graphed is not None:  # padded to whole micro-batches of --max-length tokens, replayed
                     graphed.accumulate(collate([shard[j] for j in idx], pad_id, width=args.max_length))
-                    train_losses.append(graphed.last_loss.item() / len(idx))
+                    train_losses.append(graphed.last_loss.detach() / len(idx))  # on the device: no wait
                     dp.step()
                 else:
                     for i in range(0, len(idx), args.micro_batch):
                         batch = {k: v.to(device) for k, v in collate([shard[j] for j in idx[i : i + args.micro_batch]], pad_id).items()}
                         loss = per_sample_loss(model, batch)
                         loss.sum().backward()  # summed over samples: each sample's gradient is its own
-                        train_losses.append(loss.mean().item())
+                        train_losses.append(loss.detach().mean())
                         dp.accumulate()
                     dp.step()
                 accountants[c].step(noise_multiplier=sigma, sample_rate=args.sample_rate)
@@ -230,7 +230,8 @@ def main(argv=None) -> dict:
             for n in names:
                 params[n].copy_(global_state[n])
         eps = max(a.epsilon(args.delta) for a in accountants)
-        rec = {"round": rnd, "train_loss": sum(train_losses) / max(1, len(train_losses)),
+        mean_loss = torch.stack(train_losses).mean().item() if train_losses else 0.0  # one read per round
+        rec = {"round": rnd, "train_loss": mean_loss,
                "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch),
                "epsilon": eps, "seconds": time.time() - t0}
         records.append(rec)
