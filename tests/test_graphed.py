@@ -479,6 +479,35 @@ def test_capturable_attention_mask_same_model_and_no_host_reads(kind):
     assert (kind == "llama") == torch.allclose(hidden["none"], hidden["2d"], atol=1e-4)
 
 
+def test_padded_path_under_gradient_checkpointing_equals_the_eager_accumulate():
+    """Hugging Face gradient checkpointing (recomputed forwards inside the backward) with the padded path
+    (eager here): the same clipped sum as a plain backward + accumulate without checkpointing."""
+    sums = []
+    for ckpt in (False, True):
+        model = _hf_classifier("llama")
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        model.train()
+        dp = make_dp(model)
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(1, 64, (5, 8), generator=gen)
+        batch = {"input_ids": ids, "mask": torch.ones(5, 8, dtype=torch.long), "labels": torch.tensor([0, 1, 1, 0, 1])}
+
+        def loss(model, b):
+            mask = ff.capturable_attention_mask(model, b["mask"])
+            logits = model(input_ids=b["input_ids"], attention_mask=mask).logits
+            return nn.functional.cross_entropy(logits.float(), b["labels"], reduction="none")
+
+        if ckpt:
+            GraphedAccumulator(dp, loss, micro_batch_size=3, graph=False).accumulate(batch)
+        else:
+            loss(model, batch).sum().backward()
+            dp.accumulate()
+        sums.append(torch.cat([t.flatten() for t in dp.clipped_sum()]))
+    assert sums[0].abs().sum() > 0
+    assert_close_verbose(sums[1], sums[0], atol=1e-5, rtol=1e-5, name="checkpointed padded sum")
+
+
 def test_capturable_attention_mask_and_sliding_windows():
     """A sliding window no shorter than the sequence changes nothing (the same logits as the 2-D mask); a
     shorter one, which one 4-D mask cannot express, is refused; a window the config switches off is ignored."""
