@@ -420,6 +420,29 @@ def test_find_host_reads_names_the_op_and_the_line():
     assert find_host_reads(reads, device_type="cpu") == found
 
 
+def test_find_host_reads_sees_cuda_syncs_and_rng_state_reads(monkeypatch):
+    """torch.cuda.synchronize and get_rng_state (activation checkpointing's saved RNG state) show no aten op;
+    the probe records them too (stand-ins here: this box has no CUDA), and not for a CPU-only capture."""
+    calls = []
+
+    def sync(*a, **k):
+        calls.append("sync")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: calls.append("rng") or torch.zeros(8, dtype=torch.uint8))
+
+    def user_code():
+        torch.cuda.get_rng_state()
+        torch.cuda.synchronize()
+
+    found = find_host_reads(user_code, device_type="cuda")
+    assert [op for op, _ in found] == ["torch.cuda.get_rng_state", "torch.cuda.synchronize"], found
+    assert all("test_graphed.py" in at and "user_code" in at for _, at in found), found
+    assert calls == ["rng", "sync"], "the recorded calls still run"
+    assert find_host_reads(user_code, device_type="cpu") == []
+    assert torch.cuda.synchronize is sync, "the originals are put back"
+
+
 def _hf_classifier(kind):
     pytest.importorskip("transformers")
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification

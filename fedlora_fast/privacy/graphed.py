@@ -28,6 +28,7 @@ Off CUDA (or with ``graph=False``) the same padding and masking run eagerly: the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import traceback
@@ -100,15 +101,43 @@ def _to_host(func, args, kwargs) -> bool:
     return src.device.type != "cpu" and device is not None and torch.device(device).type == "cpu"
 
 
+# Python-level calls a capture refuses that no aten op shows: a device synchronisation, and reading the CUDA
+# generator's state (activation checkpointing saves it to replay dropout: torch.utils.checkpoint's
+# preserve_rng_state)
+HOST_READ_CALLS = ("synchronize", "get_rng_state", "get_rng_state_all")
+
+
+@contextlib.contextmanager
+def _record_calls(found: list[tuple[str, str]]):
+    """``torch.cuda``'s HOST_READ_CALLS recorded (with their caller) while the block runs; they still run."""
+    originals = {name: getattr(torch.cuda, name) for name in HOST_READ_CALLS}
+
+    def recorder(name, original):
+        def call(*args, **kwargs):
+            found.append((f"torch.cuda.{name}", _caller(traceback.extract_stack())))
+            return original(*args, **kwargs)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(torch.cuda, name, recorder(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.cuda, name, original)
+
+
 def find_host_reads(fn: Callable[[], Any], device_type: str | None = None) -> list[tuple[str, str]]:
     """Run ``fn()`` once and list every op in it (backward included) that reads a device value back to the
-    host, as ``(aten op, "file:line in function")``; empty when ``fn`` can be captured in a CUDA graph as far
-    as reads go. ``device_type``: only reads of tensors on that device (``"cuda"``: what a capture refuses;
-    reading a CPU tensor is harmless there); None: of any tensor, so that a CPU run finds what would
-    synchronise on a GPU (except plain device-to-host copies, which only exist there).
+    host, as ``(aten op or torch.cuda call, "file:line in function")``; empty when ``fn`` can be captured in
+    a CUDA graph as far as reads go. ``device_type``: only reads of tensors on that device (``"cuda"``: what
+    a capture refuses; reading a CPU tensor is harmless there); None: of any tensor, so that a CPU run finds
+    what would synchronise on a GPU (except plain device-to-host copies, which only exist there). Calls of
+    ``torch.cuda.synchronize`` / ``get_rng_state`` are found on every device type but the CPU alone.
     """
     probe = _HostReads(device_type)
-    with probe:
+    with probe, (_record_calls(probe.found) if device_type != "cpu" else contextlib.nullcontext()):
         fn()
     return probe.found
 
@@ -298,10 +327,15 @@ class GraphedAccumulator:
         current.wait_stream(side)
         if reads:
             where = "; ".join(f"{op} at {at}" for op, at in dict.fromkeys(reads))
+            hint = ""
+            if any(op.startswith("torch.cuda.get_rng_state") for op, _ in reads):
+                hint = (" Activation checkpointing saves the CUDA RNG state: enable it with preserve_rng_state=False "
+                        "(Hugging Face: gradient_checkpointing_kwargs={'use_reentrant': False, "
+                        "'preserve_rng_state': False}; exact for models without dropout).")
             raise ValueError(
                 f"loss_fn: reads device values back to the host, which a CUDA graph cannot hold: {where}. "
                 "Hugging Face 2-D attention masks do (pass capturable_attention_mask(model, mask) instead), or "
-                "use graph=False"
+                f"use graph=False.{hint}"
             )
         graph = torch.cuda.CUDAGraph()
         try:
