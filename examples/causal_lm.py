@@ -60,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-grad-ckpt", action="store_true", help="disable Hugging Face gradient checkpointing")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each fixed-shape micro-batch (sequences padded to --max-length) from a CUDA graph "
-                        "(ff.GraphedAccumulator; on a CPU the same padded computation, eager); turns gradient "
-                        "checkpointing off (not yet checked inside a capture)")
+                        "(ff.GraphedAccumulator; on a CPU the same padded computation, eager); gradient "
+                        "checkpointing then keeps no RNG state (exact without dropout; not yet run on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="adapter seed (A) and data split")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -156,8 +156,11 @@ def main(argv=None) -> dict:
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     adapters = ff.inject_adapters(model, targets, r=args.r, alpha=args.alpha, seed=args.seed,
                                   train_A=args.method == "lora")
-    if not args.no_grad_ckpt and not args.cuda_graph:
-        model.gradient_checkpointing_enable()
+    if not args.no_grad_ckpt:
+        # under a CUDA graph the checkpoint must not save the CUDA RNG state (a capture refuses the read); without
+        # dropout in the model there is nothing for it to replay, so the gradients are the same
+        kwargs = {"use_reentrant": False, "preserve_rng_state": False} if args.cuda_graph else None
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # flat clipping keeps every sample's gradient of every trained tensor until the step (examples/README.md)
