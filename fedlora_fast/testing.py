@@ -111,3 +111,58 @@ def per_sample_grads_engine(model: nn.Module) -> dict[str, Tensor]:
         for n, p in model.named_parameters()
         if p.requires_grad and getattr(p, "ff_grad_sample", None) is not None
     }
+
+
+class StandInCudaGraphs:
+    """``torch.cuda``'s stream and graph API replaced by CPU stand-ins while used as a context manager, so that
+    code that captures and replays CUDA graphs (``GraphedAccumulator``) runs its control flow on a machine
+    without a GPU. A capture runs its body once (a real one only records it); ``replay`` is what each graph
+    replay does (default: nothing, the GPU's time rather than the host's; tests pass a function that reruns
+    the captured work into the captured outputs in place, as a real replay rewrites its output memory).
+    ``captures`` counts captures; ``capturing`` is true inside one.
+    """
+
+    NAMES = ("CUDAGraph", "graph", "Stream", "current_stream", "stream", "device")
+
+    def __init__(self, replay: Callable[[], None] | None = None):
+        self.replay, self.captures, self.capturing = replay, 0, False
+        self._saved: dict = {}
+
+    def __enter__(self) -> "StandInCudaGraphs":
+        state = self
+
+        class Graph:
+            def replay(self):
+                if state.replay is not None:
+                    state.replay()
+
+        class Capture:
+            def __init__(self, graph):
+                pass
+
+            def __enter__(self):
+                state.captures += 1
+                state.capturing = True
+
+            def __exit__(self, *exc):
+                state.capturing = False
+                return False
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        stand_ins = dict(CUDAGraph=Graph, graph=Capture, Stream=Stream, current_stream=lambda device=None: Stream(),
+                         stream=lambda s: contextlib.nullcontext(), device=lambda d: contextlib.nullcontext())  # fmt: skip
+        self._saved = {k: getattr(torch.cuda, k) for k in self.NAMES}
+        for k, v in stand_ins.items():
+            setattr(torch.cuda, k, v)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for k, v in self._saved.items():
+            setattr(torch.cuda, k, v)
+        return False

@@ -312,3 +312,15 @@ def test_ncu_layer_smoke(tmp_path):
                  "--blocks-from", str(sweep)], env={"TRITON_INTERPRET": "1"})
     assert "per-sample dB (2, 80, 4), norms (2,) finite=True" in proc.stdout, proc.stdout
     assert "kernel configs from" in proc.stdout and "'PACK': True" in proc.stdout, proc.stdout
+
+
+def test_graph_host_smoke(capsys):
+    """bench/graph_host.py (host cost of a graphed DP step, replay stubbed) on a tiny Llama: both paths run
+    (the graphed one through the stand-in capture), and torch.cuda is restored afterwards."""
+    import graph_host
+
+    real = torch.cuda.CUDAGraph
+    out = graph_host.main(["--smoke"])
+    assert out["graphed"] > 0 and out["eager"] > 0 and out["check"] > 0, out
+    assert torch.cuda.CUDAGraph is real
+    assert "per step" in capsys.readouterr().out

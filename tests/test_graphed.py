@@ -4,7 +4,6 @@ The padding, masking and bookkeeping run eagerly on the CPU (graph=False: the sa
 captures); the capture itself is checked against the eager path on CUDA (marked, skipped without one).
 """
 
-import contextlib
 import logging
 
 import pytest
@@ -15,7 +14,7 @@ import fedlora_fast as ff
 from fedlora_fast.ops import backends
 from fedlora_fast.privacy import dpsgd
 from fedlora_fast.privacy.graphed import GraphedAccumulator, find_host_reads
-from fedlora_fast.testing import assert_close_verbose
+from fedlora_fast.testing import StandInCudaGraphs, assert_close_verbose
 
 IN, HID, OUT, R = 7, 6, 3, 3
 
@@ -69,50 +68,38 @@ def graphed_sum(batches, b, clipping, reduction="sum", train_A=False, **kw):
 
 
 class _FakeCuda:
-    """torch.cuda's stream/graph API as CPU stand-ins, so graph mode's control flow runs here: a "capture" runs
-    the work once (a real one only records it), ``replay()`` reruns the accumulator's work and writes the
-    results into the captured outputs in place, as a real replay rewrites its output memory."""
+    """Graph mode on the CPU: ``StandInCudaGraphs`` whose replay reruns the accumulator's captured work into
+    the captured outputs in place, as a real replay rewrites its output memory."""
 
-    def __init__(self, monkeypatch):
-        self.acc, self.captures, self.capturing = None, 0, False
-        fake = self
+    def __init__(self):
+        self.acc = None
+        self.stand_ins = StandInCudaGraphs(replay=self._replay)
 
-        class Graph:
-            def replay(self):
-                for out, new in zip(fake.acc._out, fake.acc._device_work()):
-                    out.copy_(new)
+    def _replay(self):
+        for out, new in zip(self.acc._out, self.acc._device_work()):
+            out.copy_(new)
 
-        class Capture:
-            def __init__(self, graph):
-                pass
+    @property
+    def captures(self):
+        return self.stand_ins.captures
 
-            def __enter__(self):
-                fake.captures += 1
-                fake.capturing = True
-
-            def __exit__(self, *exc):
-                fake.capturing = False
-                return False
-
-        class Stream:
-            def __init__(self, device=None):
-                pass
-
-            def wait_stream(self, other):
-                pass
-
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", Capture)
-        monkeypatch.setattr(torch.cuda, "Stream", Stream)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    @property
+    def capturing(self):
+        return self.stand_ins.capturing
 
     def accumulator(self, dp, loss, **kw):
         acc = GraphedAccumulator(dp, loss, graph=False, **kw)
         acc.graph = True  # graph mode on the CPU: only through these stand-ins
         self.acc = acc
         return acc
+
+
+@pytest.fixture
+def fake():
+    """``_FakeCuda`` for one test: torch.cuda's graph API is the stand-ins' inside it, the real one after."""
+    f = _FakeCuda()
+    with f.stand_ins:
+        yield f
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
@@ -289,10 +276,9 @@ def test_replaced_parameters_are_refused_after_a_capture():
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_changed_clipping_thresholds_are_refused_after_a_capture(clipping, monkeypatch):
+def test_changed_clipping_thresholds_are_refused_after_a_capture(clipping, fake):
     """The captured clipping baked C (and the per-layer thresholds) in; the noise follows the engine's
     current C. Replaying after C changed would clip with the old threshold: refused (privacy, not speed)."""
-    fake = _FakeCuda(monkeypatch)
     model = make_model()
     dp = make_dp(model, clipping=clipping)
     acc = fake.accumulator(dp, per_sample_loss, micro_batch_size=4)
@@ -313,10 +299,9 @@ def test_changed_clipping_thresholds_are_refused_after_a_capture(clipping, monke
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_graph_mode_control_flow_with_stand_ins(clipping, monkeypatch):
+def test_graph_mode_control_flow_with_stand_ins(clipping, fake):
     """Warm-ups, the read-back probe and one capture, then replays whose outputs are copied before the engine
     keeps them (several micro-batches per step: kept without a copy, the first would be overwritten)."""
-    fake = _FakeCuda(monkeypatch)
     calls = []
 
     def loss(model, mb):
@@ -343,10 +328,9 @@ def test_graph_mode_control_flow_with_stand_ins(clipping, monkeypatch):
         acc.accumulate(batches[1])
 
 
-def test_rebind_feeds_a_new_engine_from_the_same_capture(monkeypatch):
+def test_rebind_feeds_a_new_engine_from_the_same_capture(fake):
     """A federated client's next round: a new engine (fresh optimizer, same model and clipping) takes over
     the capture; sums equal an eager twin's; another model, other tensors or other clipping are refused."""
-    fake = _FakeCuda(monkeypatch)
     model, twin = make_model(), make_model()
     acc = fake.accumulator(make_dp(model), per_sample_loss, micro_batch_size=3)
     eager = GraphedAccumulator(make_dp(twin), per_sample_loss, micro_batch_size=3, graph=False)
@@ -371,8 +355,7 @@ def test_rebind_feeds_a_new_engine_from_the_same_capture(monkeypatch):
         acc.rebind(make_dp(model, max_grad_norm=0.5))
 
 
-def test_graph_mode_refuses_read_backs_and_cleans_up_a_failed_capture(monkeypatch):
-    fake = _FakeCuda(monkeypatch)
+def test_graph_mode_refuses_read_backs_and_cleans_up_a_failed_capture(fake):
     model = make_model()
     dp = make_dp(model)
 
