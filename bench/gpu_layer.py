@@ -188,18 +188,8 @@ def _graphed(v: Variant, warmup: int = 3) -> Variant:
     """The variant's forward and its full step (default GEMM choice) each captured once in a CUDA graph and
     replayed: the GPU time of the same work with the host's issue cost gone (what ``GraphedAccumulator``
     gives a training step). Warm-ups run eagerly on a side stream first (compiles, autotuning, ``auto``)."""
-    current = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            v.step()
-    current.wait_stream(side)
-    step_graph, fwd_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(step_graph):
-        v.step()
-    with torch.cuda.graph(fwd_graph):
-        v.forward()
+    step_graph = harness.capture_cuda_graph(v.step, warmup)
+    fwd_graph = harness.capture_cuda_graph(v.forward, warmup=0)  # the step's warm-ups compiled its kernels
     v.step, v.forward = step_graph.replay, fwd_graph.replay
     v.graphs = (step_graph, fwd_graph)  # kept alive with the variant
     return v

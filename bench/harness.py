@@ -109,6 +109,22 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3) -> "torch.cuda.CUDAGraph":
+    """``fn`` captured in a new CUDA graph, after ``warmup`` eager runs on a side stream (Triton compiles and
+    autotunes, ``auto`` picks its GEMMs, cuBLAS sets up: none of that may happen inside a capture)."""
+    if warmup:
+        current, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]],
     *,

@@ -256,16 +256,7 @@ def main(argv=None) -> int:
     if cuda:
         try:
             model[0].lora_B.grad = None
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    layer_step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                layer_step()
-            measure("graph_replay", graph.replay)
+            measure("graph_replay", harness.capture_cuda_graph(layer_step, warmup=3).replay)
         except Exception as e:
             rows["graph_replay"] = f"failed: {type(e).__name__}: {e}"[:300]
             print(f"graph_replay     {rows['graph_replay']}", flush=True)

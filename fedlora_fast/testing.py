@@ -122,8 +122,6 @@ class StandInCudaGraphs:
     ``captures`` counts captures; ``capturing`` is true inside one.
     """
 
-    NAMES = ("CUDAGraph", "graph", "Stream", "current_stream", "stream", "device")
-
     def __init__(self, replay: Callable[[], None] | None = None):
         self.replay, self.captures, self.capturing = replay, 0, False
         self._saved: dict = {}
@@ -157,7 +155,7 @@ class StandInCudaGraphs:
 
         stand_ins = dict(CUDAGraph=Graph, graph=Capture, Stream=Stream, current_stream=lambda device=None: Stream(),
                          stream=lambda s: contextlib.nullcontext(), device=lambda d: contextlib.nullcontext())  # fmt: skip
-        self._saved = {k: getattr(torch.cuda, k) for k in self.NAMES}
+        self._saved = {k: getattr(torch.cuda, k) for k in stand_ins}
         for k, v in stand_ins.items():
             setattr(torch.cuda, k, v)
         return self

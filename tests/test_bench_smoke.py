@@ -137,6 +137,18 @@ def test_measure_peak_memory_sees_a_transient_allocation():
     assert mem["mem_step_mb"] >= 120, mem
 
 
+def test_capture_cuda_graph_warms_up_then_captures_once():
+    """harness.capture_cuda_graph under the torch.cuda stand-ins: ``warmup`` eager runs, then one captured."""
+    from fedlora_fast.testing import StandInCudaGraphs
+
+    calls = []
+    with StandInCudaGraphs() as stand_ins:
+        harness.capture_cuda_graph(lambda: calls.append(stand_ins.capturing), warmup=3)
+        assert calls == [False, False, False, True] and stand_ins.captures == 1
+        harness.capture_cuda_graph(lambda: calls.append(stand_ins.capturing), warmup=0)
+        assert calls[4:] == [True] and stand_ins.captures == 2
+
+
 def test_time_interleaved_rotates_and_counts():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
