@@ -164,7 +164,7 @@ class Client:
         self.secure_mode = bool(secure_mode)
         self.rounds, self.lr_schedule = int(rounds), lr_schedule
         self.cuda_graph = bool(cuda_graph)
-        self._graphed: dict[int, GraphedAccumulator] = {}  # id(model) -> its accumulator (cuda_graph)
+        self._graphed: GraphedAccumulator | None = None  # cuda_graph: the capture, reused every round
         self.seq_len = max(1, max(len(x) for x in self.input_ids))  # the fixed length of cuda_graph batches
 
     def epsilon(self, delta: float) -> float:
@@ -215,11 +215,11 @@ class Client:
         # the host wait for every step's GPU work instead of issuing the next (what a host-bound GPU run needs)
         loss_sum, seen, sizes = torch.zeros((), dtype=torch.float32, device=device), 0, []
         graphed = None
-        if self.cuda_graph:  # one capture per client and model, fed by every round's new engine
-            graphed = self._graphed.get(id(model))
+        if self.cuda_graph:  # one capture per client (and model), fed by every round's new engine
+            graphed = self._graphed
             if graphed is None or graphed.dp.model is not model:
                 size = self.physical_batch_size or graph_micro_batch_size(self.expected_batch_size, self.num_examples)
-                graphed = self._graphed[id(model)] = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=size)
+                graphed = self._graphed = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=size)
             else:
                 graphed.rebind(dp)
         try:

@@ -249,34 +249,32 @@ class GraphedAccumulator:
         self._captured_clipping: tuple = ()
 
     # --- the batch ---------------------------------------------------------------------------------------
-    def _split(self, batch: Any) -> tuple[list, Any, int]:
+    def _split(self, batch: Any) -> tuple[list[Tensor], list, Any, int]:
+        """``(tensors, constants, spec, n)``: the batch's tensor leaves, its leaves with each tensor as None
+        (what the capture takes as given), its structure, and its number of samples."""
         leaves, spec = tree_flatten(batch)
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         if not tensors:
             raise ValueError(f"batch: expected tensors with the samples along dim 0, got a {type(batch).__name__}")
-        bad = [tuple(x.shape) for x in tensors if x.dim() == 0]
-        if bad:
+        if any(x.dim() == 0 for x in tensors):
             raise ValueError("batch: every tensor needs the samples along dim 0, got a 0-dim tensor")
         sizes = sorted({x.shape[0] for x in tensors})
         if len(sizes) != 1:
             raise ValueError(f"batch: tensors disagree on the number of samples (dim 0): {sizes}")
-        return leaves, spec, sizes[0]
+        constants = [None if isinstance(x, Tensor) else x for x in leaves]
+        return tensors, constants, spec, sizes[0]
 
-    def _setup(self, leaves: list, spec) -> None:
+    def _setup(self, tensors: list[Tensor], constants: list, spec) -> None:
         b = self.micro_batch_size
-        self._spec = spec
-        self._const = [None if isinstance(x, Tensor) else x for x in leaves]
-        self._static = [
-            torch.empty((b, *x.shape[1:]), dtype=x.dtype, device=self.device) for x in leaves if isinstance(x, Tensor)
-        ]
+        self._spec, self._const = spec, constants
+        self._static = [torch.empty((b, *x.shape[1:]), dtype=x.dtype, device=self.device) for x in tensors]
 
-    def _check(self, leaves: list, spec) -> None:
-        if spec != self._spec or [None if isinstance(x, Tensor) else x for x in leaves] != self._const:
+    def _check(self, tensors: list[Tensor], constants: list, spec) -> None:
+        if spec != self._spec or constants != self._const:
             raise ValueError(
                 f"batch: its structure or non-tensor values differ from the first batch's ({spec} vs {self._spec}); "
                 "a GraphedAccumulator replays one fixed computation"
             )
-        tensors = [x for x in leaves if isinstance(x, Tensor)]
         for i, (x, s) in enumerate(zip(tensors, self._static)):
             if x.shape[1:] != s.shape[1:] or x.dtype != s.dtype:
                 raise ValueError(
@@ -285,10 +283,9 @@ class GraphedAccumulator:
                     "use one GraphedAccumulator per shape"
                 )
 
-    def _fill(self, leaves: list, start: int, k: int) -> None:
+    def _fill(self, tensors: list[Tensor], start: int, k: int) -> None:
         """Copy samples [start, start + k) into the buffers; rows k.. repeat the first (loss weight 0)."""
         b = self.micro_batch_size
-        tensors = [x for x in leaves if isinstance(x, Tensor)]
         for x, s in zip(tensors, self._static):
             part = x[start : start + k]
             s[:k].copy_(part, non_blocking=True)
@@ -380,9 +377,9 @@ class GraphedAccumulator:
         self._captured_fingerprint, self._memory = self._fingerprint(), self._model_memory()
         self._captured_clipping = self._clipping()
 
-    def _clipping(self) -> tuple:
+    def _clipping(self, dp: DPSGD | None = None) -> tuple:
         """What the captured clipping baked in as constants: the mode, C and the per-layer thresholds."""
-        dp = self.dp
+        dp = dp or self.dp
         per_layer = dp.ctx.clip or {}
         return dp.clipping, dp.max_grad_norm, tuple(per_layer.get(id(p)) for p in dp.params)
 
@@ -420,13 +417,10 @@ class GraphedAccumulator:
         old = self.dp
         if dp.model is not old.model or [id(p) for p in dp.params] != [id(p) for p in old.params]:
             raise ValueError("dp: a GraphedAccumulator can only move to an engine on the same model and tensors")
-        if self._cuda_graph is not None:
-            self.dp = dp
-            if self._clipping() != self._captured_clipping:
-                self.dp = old
-                raise ValueError(
-                    f"dp: clips differently ({self._captured_clipping} captured) -> build a new GraphedAccumulator"
-                )
+        if self._cuda_graph is not None and self._clipping(dp) != self._captured_clipping:
+            raise ValueError(
+                f"dp: clips differently ({self._captured_clipping} captured) -> build a new GraphedAccumulator"
+            )
         self.dp = dp
 
     # --- the public step ---------------------------------------------------------------------------------
@@ -435,20 +429,20 @@ class GraphedAccumulator:
         micro-batch's backward); returns the number of samples n (0: nothing done, step with
         ``dp.step(empty_batch=True)``). ``batch``: a tensor or a (nested) dict/list/tuple of tensors with the
         samples along dim 0; its per-sample shapes and dtypes must stay those of the first batch."""
-        leaves, spec, n = self._split(batch)
+        tensors, constants, spec, n = self._split(batch)
         if n == 0:
             self.last_loss = None
             return 0
         if self._spec is None:
-            self._setup(leaves, spec)
-        self._check(leaves, spec)
+            self._setup(tensors, constants, spec)
+        self._check(tensors, constants, spec)
         if self._cuda_graph is not None:
             self._check_captured()
         b = self.micro_batch_size
         total = None
         for start in range(0, n, b):
             k = min(b, n - start)
-            self._fill(leaves, start, k)
+            self._fill(tensors, start, k)
             if not self.graph:
                 clipped, dropped, loss = self._device_work()
             else:
