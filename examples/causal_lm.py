@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import fedlora_fast as ff
+from fedlora_fast.data import collate as pad_batch
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier
 
@@ -116,11 +117,7 @@ def load_examples(args, tok) -> list[list[int]]:
 
 def collate(seqs: list[list[int]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence (or to ``width``); padded labels are -100 (no gradient)."""
-    width = width or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    ids, mask = pad_batch(seqs, pad_id, length=width)
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
