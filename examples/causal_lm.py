@@ -29,7 +29,7 @@ from torch import nn
 import fedlora_fast as ff
 from fedlora_fast.data import collate as pad_batch
 from fedlora_fast.peft_compat import export_peft
-from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier
+from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
 
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU")
     p.add_argument("--no-grad-ckpt", action="store_true", help="disable Hugging Face gradient checkpointing")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each fixed-shape micro-batch (sequences padded to --max-length) from a CUDA graph "
+                   help="replay each fixed-shape micro-batch (sequences padded to --max-length; --micro-batch rows and "
+                        "the powers of two below) from a CUDA graph "
                         "(ff.GraphedAccumulator; on a CPU the same padded computation, eager); gradient "
                         "checkpointing then keeps no RNG state (exact without dropout; not yet run on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="adapter seed (A) and data split")
@@ -199,13 +200,14 @@ def main(argv=None) -> dict:
                                      generator=torch.Generator().manual_seed(args.seed * 10007 + rnd * 101 + c))
             if args.cuda_graph:  # one capture for the run: every client's engine (same model, shapes, clipping)
                 if graphed is None:
-                    graphed = ff.GraphedAccumulator(dp, per_sample_loss, micro_batch_size=args.micro_batch)
+                    sizes = graph_micro_batch_sizes(args.micro_batch)  # and the powers of two below: little padding
+                    graphed = ff.GraphedAccumulator(dp, per_sample_loss, micro_batch_size=sizes)
                 else:
                     graphed.rebind(dp)
             for idx in sampler:
                 if not idx:
                     dp.step(empty_batch=True)
-                elif graphed is not None:  # padded to whole micro-batches of --max-length tokens, replayed
+                elif graphed is not None:  # micro-batches of --max-length tokens (plan(n)), replayed
                     graphed.accumulate(collate([shard[j] for j in idx], pad_id, width=args.max_length))
                     train_losses.append(graphed.last_loss.detach() / len(idx))  # on the device: no wait
                     dp.step()

@@ -116,9 +116,10 @@ def per_sample_grads_engine(model: nn.Module) -> dict[str, Tensor]:
 class StandInCudaGraphs:
     """``torch.cuda``'s stream and graph API replaced by CPU stand-ins while used as a context manager, so that
     code that captures and replays CUDA graphs (``GraphedAccumulator``) runs its control flow on a machine
-    without a GPU. A capture runs its body once (a real one only records it); ``replay`` is what each graph
-    replay does (default: nothing, the GPU's time rather than the host's; tests pass a function that reruns
-    the captured work into the captured outputs in place, as a real replay rewrites its output memory).
+    without a GPU. A capture runs its body once (a real one only records it); ``replay(graph)`` is what each
+    graph replay does (default: nothing, the GPU's time rather than the host's; tests pass a function that
+    reruns the graph's captured work into its captured outputs in place, as a real replay rewrites its
+    output memory).
     ``captures`` counts captures; ``capturing`` is true inside one.
     """
 
@@ -132,10 +133,10 @@ class StandInCudaGraphs:
         class Graph:
             def replay(self):
                 if state.replay is not None:
-                    state.replay()
+                    state.replay(self)
 
         class Capture:
-            def __init__(self, graph):
+            def __init__(self, graph, pool=None):
                 pass
 
             def __enter__(self):
@@ -154,7 +155,8 @@ class StandInCudaGraphs:
                 pass
 
         stand_ins = dict(CUDAGraph=Graph, graph=Capture, Stream=Stream, current_stream=lambda device=None: Stream(),
-                         stream=lambda s: contextlib.nullcontext(), device=lambda d: contextlib.nullcontext())  # fmt: skip
+                         stream=lambda s: contextlib.nullcontext(), device=lambda d: contextlib.nullcontext(),
+                         graph_pool_handle=object)  # fmt: skip
         self._saved = {k: getattr(torch.cuda, k) for k in stand_ins}
         for k, v in stand_ins.items():
             setattr(torch.cuda, k, v)

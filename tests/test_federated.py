@@ -425,21 +425,29 @@ def test_cuda_graph_needs_a_cuda_device(tiny):
         tiny_config(tiny, cuda_graph=True).validate()
 
 
-def test_graph_micro_batch_size_bounds_the_padding():
-    """Small expected batches fit one replay ~98 % of the time (padding is relatively large there, but the
-    work is small); large ones take several replays of GRAPH_MICRO_BATCH rows, padding ~b/2 rows per batch:
-    within ~25 % of the sampled samples from m = 64 on."""
+def test_graph_micro_batch_sizes_bound_the_padding():
+    """The largest size fits ~98 % of small Poisson batches in one replay; with the powers of two below it,
+    GraphedAccumulator's plan pads ~3-6 % of the rows at m = 8-12 (one size of m + 2 sd: ~75 %) and < 1 %
+    from m = 96 on, for at most ~1.6 replays per batch at m = 8."""
     from fedlora_fast.federated.client import GRAPH_MICRO_BATCH, graph_micro_batch_size
+    from fedlora_fast.privacy import graph_micro_batch_sizes, plan_micro_batches
 
+    assert graph_micro_batch_sizes(1) == (1,)
+    assert graph_micro_batch_sizes(14) == (14, 8, 4, 2, 1)
+    assert graph_micro_batch_sizes(16) == (16, 8, 4, 2, 1)
+    with pytest.raises(ValueError, match="largest: expected a positive int, got 0"):
+        graph_micro_batch_sizes(0)
     gen = torch.Generator().manual_seed(0)
     for m, N in ((96, 1000), (8, 40), (12, 13), (1, 500), (300, 2000)):
         b = graph_micro_batch_size(m, N)
-        n = (torch.rand(4000, N, generator=gen) < m / N).sum(1).float()  # 4000 Poisson batch sizes
-        padded = torch.ceil(n / b) * b
+        n = (torch.rand(4000, N, generator=gen) < m / N).sum(1).tolist()  # 4000 Poisson batch sizes
         assert 1 <= b <= min(N, GRAPH_MICRO_BATCH), (m, N, b)
         if b < GRAPH_MICRO_BATCH:
-            assert m < b and (n <= b).float().mean() >= 0.95, (m, N, b)
-        if m >= 64:
-            assert padded.sum() / n.sum() <= 1.25, (m, N, b, float(padded.sum() / n.sum()))
+            assert m < b and sum(k <= b for k in n) >= 0.95 * len(n), (m, N, b)
+        plans = [plan_micro_batches(k, graph_micro_batch_sizes(b)) for k in n]
+        rows, replays = sum(map(sum, plans)), sum(map(len, plans))
+        assert rows <= (1.07 if m < 64 else 1.01) * sum(n), (m, N, rows / sum(n))
+        if m <= 12:
+            assert replays <= 1.7 * len(n), (m, N, replays / len(n))
     assert graph_micro_batch_size(96, 1000) == GRAPH_MICRO_BATCH
     assert graph_micro_batch_size(5, 5) == 5  # q = 1: every batch is the whole dataset

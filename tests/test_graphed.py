@@ -4,6 +4,7 @@ The padding, masking and bookkeeping run eagerly on the CPU (graph=False: the sa
 captures); the capture itself is checked against the eager path on CUDA (marked, skipped without one).
 """
 
+import itertools
 import logging
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 import fedlora_fast as ff
 from fedlora_fast.ops import backends
 from fedlora_fast.privacy import dpsgd
-from fedlora_fast.privacy.graphed import GraphedAccumulator, find_host_reads
+from fedlora_fast.privacy.graphed import GraphedAccumulator, find_host_reads, plan_micro_batches
 from fedlora_fast.testing import StandInCudaGraphs, assert_close_verbose
 
 IN, HID, OUT, R = 7, 6, 3, 3
@@ -75,8 +76,9 @@ class _FakeCuda:
         self.acc = None
         self.stand_ins = StandInCudaGraphs(replay=self._replay)
 
-    def _replay(self):
-        for out, new in zip(self.acc._out, self.acc._device_work()):
+    def _replay(self, graph):
+        slot = next(s for s in self.acc._slots.values() if s.graph is graph)
+        for out, new in zip(slot.out, self.acc._device_work(slot)):
             out.copy_(new)
 
     @property
@@ -115,6 +117,72 @@ def test_padded_micro_batches_equal_the_eager_accumulate(clipping, n, b, train_A
     assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum")
     dp.step()
     assert dp.last_step_samples == n and dp.samples_dropped == 0
+
+
+def _best_cover(n, sizes, c):
+    """Brute force: every count of each size that covers n with at most one micro-batch not full; the least
+    (rows + c * replays, replays)."""
+    best = None
+    for counts in itertools.product(*(range(n // s + 2) for s in sizes)):
+        used = [s for s, k in zip(sizes, counts) for _ in range(k)]
+        rows = sum(used)
+        if rows < n or (used and rows - min(used) >= n):  # short, or a whole micro-batch of padding
+            continue
+        key = (rows + c * len(used), len(used))
+        best = key if best is None or key < best else best
+    return best
+
+
+@pytest.mark.parametrize("sizes", [(3,), (4, 1), (16, 8, 4, 2, 1), (5, 3), (6, 4)])
+@pytest.mark.parametrize("c", [0.0, 1.0, 2.5])
+def test_plan_is_the_cheapest_cover(sizes, c):
+    for n in range(0, 21):
+        plan = plan_micro_batches(n, sizes, c)
+        assert sum(plan) >= n and all(s in sizes for s in plan), (n, plan)
+        assert sum(plan[:-1]) < n or n == 0, f"only the last micro-batch may hold padding: {n} -> {plan}"
+        assert plan[:-1] == sorted(plan[:-1], reverse=True)
+        if n:
+            assert (sum(plan) + c * len(plan), len(plan)) == _best_cover(n, sizes, c), (n, plan)
+    assert plan_micro_batches(0, sizes, c) == []
+
+
+def test_plan_examples_and_errors():
+    pow2 = (16, 8, 4, 2, 1)
+    assert plan_micro_batches(13, pow2) == [8, 4, 1]  # 13 rows + 3 replays < 16 + 1
+    assert plan_micro_batches(15, pow2) == [16]  # 16 + 1 < 15 + 4
+    assert plan_micro_batches(15, pow2, replay_cost=0.2) == [8, 4, 2, 1]  # 15.8 < 16.2
+    assert plan_micro_batches(40, pow2) == [16, 16, 8]
+    assert plan_micro_batches(7, (3,)) == [3, 3, 3]
+    model = make_model()
+    acc = GraphedAccumulator(make_dp(model), per_sample_loss, micro_batch_size=[2, 8, 4, 8])
+    assert acc.micro_batch_sizes == (8, 4, 2) and acc.micro_batch_size == 8
+    assert acc.plan(7) == [8] and acc.plan(6) == [4, 2] and acc.plan(0) == []  # 8 + 1 < 8 + 2; 6 + 2 < 8 + 1
+    for bad in ([], (4, 0), (2.0,), (True,), "4"):
+        with pytest.raises(ValueError, match="micro_batch_size: expected a positive int or a non-empty sequence"):
+            GraphedAccumulator(make_dp(model), per_sample_loss, micro_batch_size=bad)
+    for bad in (-1, float("inf"), float("nan"), None):
+        with pytest.raises(ValueError, match="replay_cost: expected a finite number >= 0"):
+            GraphedAccumulator(make_dp(model), per_sample_loss, micro_batch_size=4, replay_cost=bad)
+    with pytest.raises(ValueError, match="n: expected an int >= 0"):
+        acc.plan(-1)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("n", [1, 6, 7, 13])
+def test_several_micro_batch_sizes_equal_the_eager_accumulate(clipping, n):
+    batch = make_batch(n, seed=n)
+    want, _ = eager_sum(batch, [n], clipping)
+    model = make_model()
+    dp = make_dp(model, clipping=clipping)
+    acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=(4, 2, 1), graph=False)
+    assert acc.accumulate(batch) == n
+    plan = acc.plan(n)
+    assert dp._pending_samples == n and dp._pending_batches == len(plan)
+    assert sorted(acc._slots) == sorted(set(plan)), "a size's buffers exist once it is used"
+    got = torch.cat([t.flatten() for t in dp.clipped_sum()])
+    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name=f"clipped sum, plan {plan}")
+    dp.step()
+    assert dp.last_step_samples == n
 
 
 def test_mean_reduction_weights_each_micro_batch_like_loss_mean():
@@ -227,7 +295,7 @@ def test_tuple_batches_and_non_tensor_leaves():
 def test_bad_inputs_raise_clear_errors():
     model = make_model()
     dp = make_dp(model)
-    with pytest.raises(ValueError, match="micro_batch_size: expected a positive int, got 0"):
+    with pytest.raises(ValueError, match="micro_batch_size: expected a positive int or a non-empty sequence of them, got 0"):
         GraphedAccumulator(dp, per_sample_loss, micro_batch_size=0)
     with pytest.raises(ValueError, match="reduction"):
         GraphedAccumulator(dp, per_sample_loss, micro_batch_size=2, reduction="max")
@@ -328,6 +396,32 @@ def test_graph_mode_control_flow_with_stand_ins(clipping, fake):
         acc.accumulate(batches[1])
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_graph_mode_captures_each_size_once_when_first_needed(clipping, fake):
+    """Sizes (4, 2, 1): a batch of 7 runs as 4 + 4 (one capture; one row padded saves a replay), 6 as 4 + 2
+    (a second), 5 as 4 + 1 (a third), 8 as 4 + 4 (none); each replay rewrites only its own graph's outputs;
+    sums equal an eager twin's."""
+    model, twin = make_model(), make_model()
+    dp, dp_twin = make_dp(model, clipping=clipping), make_dp(twin, clipping=clipping)
+    acc = fake.accumulator(dp, per_sample_loss, micro_batch_size=(4, 2, 1))
+    eager = GraphedAccumulator(dp_twin, per_sample_loss, micro_batch_size=(4, 2, 1), graph=False)
+    captures, replays = [], []
+    for seed, n in enumerate((7, 6, 5, 8)):
+        batch = make_batch(n, seed=seed)
+        acc.accumulate(batch)
+        eager.accumulate(batch)
+        captures.append(fake.captures)
+        replays.append(acc.replays)
+        got, want = (torch.cat([t.flatten() for t in d.clipped_sum()]) for d in (dp, dp_twin))
+        assert_close_verbose(got, want, atol=1e-6, rtol=1e-6, name=f"sum of {n}, plan {acc.plan(n)}")
+        for d in (dp, dp_twin):
+            d.step()
+            d.zero_grad()
+    assert [acc.plan(n) for n in (7, 6, 5, 8)] == [[4, 4], [4, 2], [4, 1], [4, 4]]
+    assert captures == [1, 2, 3, 3] and replays == [2, 4, 6, 8]
+    assert acc._captured and all(slot.graph is not None for slot in acc._slots.values())
+
+
 def test_rebind_feeds_a_new_engine_from_the_same_capture(fake):
     """A federated client's next round: a new engine (fresh optimizer, same model and clipping) takes over
     the capture; sums equal an eager twin's; another model, other tensors or other clipping are refused."""
@@ -379,7 +473,7 @@ def test_graph_mode_refuses_read_backs_and_cleans_up_a_failed_capture(fake):
     acc = fake.accumulator(dp, failing, micro_batch_size=4)
     with pytest.raises(RuntimeError, match="capture of loss_fn's forward/backward failed.*graph=False"):
         acc.accumulate(make_batch(3))
-    assert acc._cuda_graph is None
+    assert all(slot.graph is None for slot in acc._slots.values()) and not acc._captured
     # nothing left behind: the engine works eagerly right after
     per_sample_loss(model, make_batch(3)).sum().backward()
     dp.step()
@@ -424,6 +518,34 @@ def test_find_host_reads_sees_cuda_syncs_and_rng_state_reads(monkeypatch):
     assert calls == ["rng", "sync"], "the recorded calls still run"
     assert find_host_reads(user_code, device_type="cpu") == []
     assert torch.cuda.synchronize is sync, "the originals are put back"
+
+
+def test_find_host_reads_sees_stream_and_event_waits(monkeypatch):
+    """A Stream's or Event's synchronize / query (and an Event's elapsed_time) wait for or ask about device
+    work, which a capture refuses, without any aten op (stand-in methods here: no CUDA on this box)."""
+    calls = []
+    for cls, name in ((torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "query"), (torch.cuda.Event, "elapsed_time")):
+        monkeypatch.setattr(cls, name, lambda self, *a, _n=name: calls.append(_n))
+    stub = torch.cuda.Event.query
+
+    def user_code():
+        torch.cuda.Stream.synchronize(None)  # what stream.synchronize() calls
+        torch.cuda.Event.query(None)
+        torch.cuda.Event.elapsed_time(None, None)
+
+    found = find_host_reads(user_code, device_type="cuda")
+    assert [op for op, _ in found] == ["torch.cuda.Stream.synchronize", "torch.cuda.Event.query",
+                                       "torch.cuda.Event.elapsed_time"], found  # fmt: skip
+    assert all("user_code" in at for _, at in found) and calls == ["synchronize", "query", "elapsed_time"]
+    assert torch.cuda.Event.query is stub, "the originals are put back"
+    # a method a class inherits (ExternalStream's synchronize is Stream's) is recorded, then not left behind
+    from fedlora_fast.privacy import graphed
+
+    monkeypatch.setitem(graphed.HOST_READ_METHODS, "ExternalStream", ("synchronize",))
+    before = {c: dict(vars(c)) for c in (torch.cuda.Stream, torch.cuda.ExternalStream)}
+    found = find_host_reads(lambda: torch.cuda.ExternalStream.synchronize(None), device_type="cuda")
+    assert [op for op, _ in found] == ["torch.cuda.ExternalStream.synchronize", "torch.cuda.Stream.synchronize"], found
+    assert {c: dict(vars(c)) for c in before} == before, "nothing added to or left on the classes"
 
 
 def _hf_classifier(kind):
@@ -552,23 +674,26 @@ def test_capturable_attention_mask_refuses_what_it_cannot_tell():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_cuda_graph_replays_equal_the_eager_accumulate(clipping, monkeypatch):
+@pytest.mark.parametrize("sizes", [4, (4, 2, 1)], ids=["one_size", "three_sizes"])
+def test_cuda_graph_replays_equal_the_eager_accumulate(clipping, sizes, monkeypatch):
+    """One size: 7, 2, 5, 1 samples as 2 + 1 + 2 + 1 replays, 4 of them padded. Three sizes (one memory
+    pool): [4, 4], [2], [4, 1], [1], the graphs replayed in changing orders."""
     monkeypatch.setenv(backends.ENV_VAR, "triton")
     backends.clear_cache()
     sums = {}
     for graph in (False, True):
         model = make_model(device="cuda")
         dp = make_dp(model, clipping=clipping, noise_multiplier=1.0, noise_seed=0)
-        acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=4, graph=graph)
+        acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=sizes, graph=graph)
         total = []
-        for seed, n in ((1, 7), (2, 3), (3, 4)):  # 2 + 1 + 1 micro-batches, 3 of them padded
+        for seed, n in ((1, 7), (2, 2), (3, 5), (4, 1)):
             assert acc.accumulate(make_batch(n, seed=seed, device="cuda")) == n
             total.append(torch.cat([t.flatten() for t in dp.clipped_sum()]))
             dp.step()
             dp.zero_grad()
         sums[graph] = torch.stack(total)
-        assert acc.replays == (4 if graph else 0)
-        assert dp.samples_dropped == 0 and dp.steps == 3
+        assert acc.replays == (sum(len(acc.plan(n)) for n in (7, 2, 5, 1)) if graph else 0)
+        assert dp.samples_dropped == 0 and dp.steps == 4
     assert_close_verbose(sums[True], sums[False], atol=1e-5, rtol=1e-5, name="replayed clipped sums")
 
 

@@ -22,7 +22,7 @@ from fedlora_fast.federated import serialization
 from fedlora_fast.federated.state import load_trainable, trainable_state
 from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
 from fedlora_fast.privacy.dpsgd import DPSGD
-from fedlora_fast.privacy.graphed import GraphedAccumulator, capturable_attention_mask
+from fedlora_fast.privacy.graphed import GraphedAccumulator, capturable_attention_mask, graph_micro_batch_sizes
 from fedlora_fast.privacy.sampling import PoissonSampler
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -64,13 +64,10 @@ GRAPH_MICRO_BATCH = 16  # the largest default micro-batch of a CUDA-graph client
 
 
 def graph_micro_batch_size(expected: int, num_examples: int) -> int:
-    """The fixed micro-batch b of a CUDA-graph client. Every sampled batch is padded to whole micro-batches:
-    small batches (m + 2 standard deviations of the Poisson size, ``sqrt(m (1 - q))``, at most
-    ``GRAPH_MICRO_BATCH``) fit one replay ~98 % of the time (relatively much padding, little work); larger
-    ones take several replays of ``GRAPH_MICRO_BATCH`` rows, padding ~b/2 rows per batch (~8 % at m = 96,
-    against ~50 % with b = m, where half the batches need a second, mostly empty replay). Capped at the
-    dataset size. A first guess: the per-replay cost against the per-row cost, which would decide, is not
-    yet measured."""
+    """The largest micro-batch b of a CUDA-graph client: m + 2 standard deviations of the Poisson batch size
+    (``sqrt(m (1 - q))``), at most ``GRAPH_MICRO_BATCH``, so that ~98 % of small batches fit one replay;
+    larger ones take several. Capped at the dataset size. Smaller batches run on the smaller sizes of
+    ``graph_micro_batch_sizes(b)`` rather than padded to b."""
     q = expected / num_examples
     fits = math.ceil(expected + 2 * math.sqrt(expected * max(0.0, 1 - q)))
     return min(num_examples, fits, GRAPH_MICRO_BATCH)
@@ -115,11 +112,12 @@ class Client:
         accountant: its accountant (a fresh RDP one when None).
         secure_mode: DPSGD's secure noise (fresh OS-seeded generator per step, Holohan & Braghin 2021);
             the noise is then not reproducible and ``noise_generator`` is unused.
-        cuda_graph: run every micro-batch (``physical_batch_size`` rows, default ``graph_micro_batch_size``)
-            through ``GraphedAccumulator``: sequences padded to the client's longest, the sampled batch
-            padded to whole micro-batches, forward + backward + clipping replayed from a CUDA graph captured
-            in the client's first ``fit`` and reused by later rounds' engines (on a CPU model: the same padded
-            computation, eager). Each client holds its graph's memory (activations of one micro-batch).
+        cuda_graph: run every micro-batch through ``GraphedAccumulator``: sequences padded to the client's
+            longest, the sampled batch split into micro-batches of ``graph_micro_batch_sizes(b)`` (b =
+            ``physical_batch_size``, default ``graph_micro_batch_size``: b and the powers of two below it, so
+            that little is padded), forward + backward + clipping replayed from CUDA graphs captured the first
+            time a size is needed and reused by later rounds' engines (on a CPU model: the same padded
+            computation, eager). Each client holds its graphs' memory (one pool: the activations of b rows).
     """
 
     def __init__(
@@ -218,8 +216,10 @@ class Client:
         if self.cuda_graph:  # one capture per client (and model), fed by every round's new engine
             graphed = self._graphed
             if graphed is None or graphed.dp.model is not model:
-                size = self.physical_batch_size or graph_micro_batch_size(self.expected_batch_size, self.num_examples)
-                graphed = self._graphed = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=size)
+                largest = self.physical_batch_size or graph_micro_batch_size(self.expected_batch_size, self.num_examples)
+                graphed = self._graphed = GraphedAccumulator(
+                    dp, _per_sample_loss, micro_batch_size=graph_micro_batch_sizes(largest)
+                )
             else:
                 graphed.rebind(dp)
         try:

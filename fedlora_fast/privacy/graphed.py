@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -103,29 +104,40 @@ def _to_host(func, args, kwargs) -> bool:
 
 # Python-level calls a capture refuses that no aten op shows: a device synchronisation, and reading the CUDA
 # generator's state (activation checkpointing saves it to replay dropout: torch.utils.checkpoint's
-# preserve_rng_state)
+# preserve_rng_state); then methods of torch.cuda's classes that wait for or ask about device work
 HOST_READ_CALLS = ("synchronize", "get_rng_state", "get_rng_state_all")
+HOST_READ_METHODS = {"Stream": ("synchronize", "query"), "Event": ("synchronize", "query", "elapsed_time")}
+_INHERITED = object()
 
 
 @contextlib.contextmanager
 def _record_calls(found: list[tuple[str, str]]):
-    """``torch.cuda``'s HOST_READ_CALLS recorded (with their caller) while the block runs; they still run."""
-    originals = {name: getattr(torch.cuda, name) for name in HOST_READ_CALLS}
+    """``torch.cuda``'s HOST_READ_CALLS and HOST_READ_METHODS recorded (with their caller) while the block runs;
+    they still run."""
+    targets = [(torch.cuda, name, f"torch.cuda.{name}") for name in HOST_READ_CALLS]
+    for cls_name, methods in HOST_READ_METHODS.items():
+        cls = getattr(torch.cuda, cls_name, None)
+        targets += [(cls, m, f"torch.cuda.{cls_name}.{m}") for m in methods if hasattr(cls, m)]
+    # what each owner itself held (a method defined on a base class is not put back as the owner's own)
+    originals = [(owner, name, vars(owner).get(name, _INHERITED)) for owner, name, _ in targets]
 
-    def recorder(name, original):
+    def recorder(label, original):
         def call(*args, **kwargs):
-            found.append((f"torch.cuda.{name}", _caller(traceback.extract_stack())))
+            found.append((label, _caller(traceback.extract_stack())))
             return original(*args, **kwargs)
 
         return call
 
-    for name, original in originals.items():
-        setattr(torch.cuda, name, recorder(name, original))
+    for owner, name, label in targets:
+        setattr(owner, name, recorder(label, getattr(owner, name)))
     try:
         yield
     finally:
-        for name, original in originals.items():
-            setattr(torch.cuda, name, original)
+        for owner, name, original in originals:
+            if original is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
 
 
 def find_host_reads(fn: Callable[[], Any], device_type: str | None = None) -> list[tuple[str, str]]:
@@ -134,7 +146,8 @@ def find_host_reads(fn: Callable[[], Any], device_type: str | None = None) -> li
     a CUDA graph as far as reads go. ``device_type``: only reads of tensors on that device (``"cuda"``: what
     a capture refuses; reading a CPU tensor is harmless there); None: of any tensor, so that a CPU run finds
     what would synchronise on a GPU (except plain device-to-host copies, which only exist there). Calls of
-    ``torch.cuda.synchronize`` / ``get_rng_state`` are found on every device type but the CPU alone.
+    ``torch.cuda.synchronize`` / ``get_rng_state`` and of a ``torch.cuda.Stream``'s or ``Event``'s
+    ``synchronize`` / ``query`` (``elapsed_time``) are found on every device type but the CPU alone.
     """
     probe = _HostReads(device_type)
     with probe, (_record_calls(probe.found) if device_type != "cpu" else contextlib.nullcontext()):
@@ -177,30 +190,102 @@ def capturable_attention_mask(model: torch.nn.Module, mask: Tensor) -> Tensor:
     return keep
 
 
+def plan_micro_batches(n: int, sizes: Sequence[int], replay_cost: float = 1.0) -> list[int]:
+    """The micro-batch sizes a batch of ``n`` samples runs as, in order (every one full but possibly the last,
+    which is padded): of all ways to cover n with ``sizes``, the one of least ``rows + replay_cost *
+    replays`` (rows computed, padding included; ``replay_cost``: one replay's fixed cost in rows of work),
+    fewer replays on a tie. With powers of two down to 1, nothing is padded unless a replay costs more than
+    the rows it saves. ``[]`` for n = 0."""
+    return _Planner(tuple(sizes), float(replay_cost)).plan(n)
+
+
+def graph_micro_batch_sizes(largest: int) -> tuple[int, ...]:
+    """``largest`` and every power of two below it, e.g. (14, 8, 4, 2, 1): micro-batch sizes that cover any
+    batch without padding (one graph each, one memory pool); the plan still pads a row where that saves a
+    replay costing more."""
+    if isinstance(largest, bool) or not isinstance(largest, int) or largest <= 0:
+        raise ValueError(f"largest: expected a positive int, got {largest!r}")
+    return (largest, *(1 << k for k in reversed(range(largest.bit_length())) if 1 << k < largest))
+
+
+class _Planner:
+    """``plan_micro_batches`` for one set of sizes, its table extended as larger batches arrive (Poisson
+    batch sizes repeat: each n is planned once, in O(n * len(sizes)) the first time a larger n comes)."""
+
+    def __init__(self, sizes: tuple[int, ...], replay_cost: float):
+        self.sizes = tuple(sorted(set(sizes), reverse=True))
+        self.replay_cost = replay_cost
+        # best[m]: (cost, replays, size of the first micro-batch) to cover m samples; m = 0 costs nothing
+        self.best: list[tuple[float, int, int]] = [(0.0, 0, 0)]
+
+    def _extend(self, n: int) -> None:
+        best, c = self.best, self.replay_cost
+        for m in range(len(best), n + 1):
+            options = []
+            for s in self.sizes:
+                if s >= m:  # one (padded) replay covers the rest
+                    options.append((s + c, 1, -s))
+                else:
+                    cost, replays, _ = best[m - s]
+                    options.append((cost + s + c, replays + 1, -s))
+            cost, replays, s = min(options)  # least cost, then fewest replays, then the largest size first
+            best.append((cost, replays, -s))
+
+    def plan(self, n: int) -> list[int]:
+        if n >= len(self.best):
+            self._extend(n)
+        out, m = [], n
+        while m > 0:
+            s = self.best[m][2]
+            out.append(s)
+            m -= s
+        # the walk ends with the one micro-batch that may be padded (size >= what is left): it stays last,
+        # the full ones before it go largest first
+        return sorted(out[:-1], reverse=True) + out[-1:]
+
+
+class _Slot:
+    """One micro-batch size: its fixed input buffers, loss weights, real-row mask and (graph mode) capture."""
+
+    def __init__(self, size: int, tensors: list[Tensor], device: torch.device):
+        self.size = size
+        self.static = [torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=device) for x in tensors]
+        self.weight = torch.zeros(size, dtype=torch.float32, device=device)
+        self.valid = torch.zeros(size, dtype=torch.bool, device=device)
+        self.graph = None
+        self.out: tuple[Tensor, Tensor, Tensor] | None = None
+
+
 class GraphedAccumulator:
-    """``loss.backward(); dp.accumulate()`` for micro-batches padded to one shape, replayed from a CUDA graph.
+    """``loss.backward(); dp.accumulate()`` for micro-batches padded to fixed shapes, replayed from CUDA graphs.
 
     Args:
         dp: the ``DPSGD`` engine (flat or per-layer clipping); its ``step``/``zero_grad`` stay the caller's.
         loss_fn: ``loss_fn(model, batch) -> (b,)`` per-sample losses of a micro-batch (``batch`` has the
-            input batch's structure; tensors are fixed buffers of ``micro_batch_size`` rows). It must be a
-            pure function of the tensors: under a graph its Python runs only while capturing. Hugging Face
-            attention masks as 2-D padding masks read a value back (``find_host_reads`` says where): pass
+            input batch's structure; tensors are fixed buffers of b rows). It must be a pure function of the
+            tensors: under a graph its Python runs only while capturing. Hugging Face attention masks as 2-D
+            padding masks read a value back (``find_host_reads`` says where): pass
             ``capturable_attention_mask(model, mask)`` instead. Under autocast inside ``loss_fn``, pass
             ``cache_enabled=False`` (PyTorch's rule for autocast in a captured region).
-        micro_batch_size: b, the fixed number of rows per replay; a larger batch is split, a smaller
-            (or the last) micro-batch padded. Sequences of varied length: pad them to one length, or bucket
-            them with one accumulator per padded length on the same engine (each holds its own graph and
-            memory).
+        micro_batch_size: b, the fixed number of rows per replay, or several sizes (e.g. ``(16, 8, 4, 2,
+            1)``): one graph each, captured the first time a batch needs it, all in one memory pool (its
+            largest's). A batch of n samples runs as ``plan(n)`` (``plan_micro_batches``): the cover of
+            least rows + ``replay_cost`` x replays, so that a Poisson batch need not be padded to the
+            largest size (a padded row costs as much GPU work as a real one). Sequences of varied length:
+            pad them to one length, or bucket them with one accumulator per padded length on the same
+            engine (each holds its own graphs and memory).
+        replay_cost: one replay's fixed cost, in rows of work (default 1): only matters with several sizes.
+            Large models with long sequences: less (a row is much work); small ones: more.
         reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (1/k
             for the k real samples of each micro-batch, as ``loss.mean()`` would).
-        graph: capture a CUDA graph; None (default): when the engine's parameters are on CUDA. The graph
+        graph: capture CUDA graphs; None (default): when the engine's parameters are on CUDA. The graph
             reads the parameters' memory: optimizers update them in place, which it sees; a parameter or
-            buffer replaced by another tensor after the capture (not copied into) is refused at the next
-            ``accumulate`` (a new accumulator captures the new one).
-        warmup: eager runs before the capture (Triton compiles and autotunes, ``auto`` picks its GEMMs: none
-            of that may happen inside a capture); the read-back probe is one more. Their results are
-            discarded: nothing is released. A capture thus costs ``warmup + 2`` micro-batches of work once.
+            buffer replaced by another tensor after the first capture (not copied into) is refused at the
+            next ``accumulate`` (a new accumulator captures the new one).
+        warmup: eager runs before each capture (Triton compiles and autotunes, ``auto`` picks its GEMMs:
+            none of that may happen inside a capture); the read-back probe is one more. Their results are
+            discarded: nothing is released. A capture thus costs ``warmup + 2`` micro-batches of work once
+            per size.
     Raises:
         ValueError: bad arguments; later (``accumulate``) a batch whose non-batch shapes, dtypes or structure
             differ from the first one's, or a ``loss_fn`` that reads device values back (graph mode).
@@ -211,7 +296,8 @@ class GraphedAccumulator:
         dp: DPSGD,
         loss_fn: Callable[[torch.nn.Module, Any], Tensor],
         *,
-        micro_batch_size: int,
+        micro_batch_size: int | Sequence[int],
+        replay_cost: float = 1.0,
         reduction: str = "sum",
         graph: bool | None = None,
         warmup: int = 1,
@@ -220,9 +306,17 @@ class GraphedAccumulator:
             raise TypeError(f"dp: expected a DPSGD engine, got {type(dp).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch) -> (b,) losses, got {loss_fn!r}")
-        b = micro_batch_size
-        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
-            raise ValueError(f"micro_batch_size: expected a positive int, got {micro_batch_size!r}")
+        sizes = (micro_batch_size,) if isinstance(micro_batch_size, int) else micro_batch_size
+        try:
+            sizes = tuple(sizes)
+        except TypeError:
+            sizes = (micro_batch_size,)
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in sizes):
+            raise ValueError(
+                f"micro_batch_size: expected a positive int or a non-empty sequence of them, got {micro_batch_size!r}"
+            )
+        if isinstance(replay_cost, bool) or not isinstance(replay_cost, (int, float)) or not 0 <= replay_cost < math.inf:
+            raise ValueError(f"replay_cost: expected a finite number >= 0 (rows of work), got {replay_cost!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
@@ -232,21 +326,29 @@ class GraphedAccumulator:
             graph = self.device.type == "cuda"
         if graph and self.device.type != "cuda":
             raise ValueError(f"graph: CUDA graphs need the engine's parameters on CUDA, they are on {self.device}")
-        self.dp, self.loss_fn, self.micro_batch_size = dp, loss_fn, b
+        self._planner = _Planner(sizes, float(replay_cost))
+        self.dp, self.loss_fn = dp, loss_fn
+        self.micro_batch_sizes: tuple[int, ...] = self._planner.sizes  # largest first
+        self.micro_batch_size = self.micro_batch_sizes[0]
         self.reduction, self.graph, self.warmup = reduction, bool(graph), warmup
         self.last_loss: Tensor | None = None  # the last accumulate()'s weighted loss (0-dim, on the device)
         self.replays = 0
-        self._spec = None  # the batch structure, its non-tensor leaves and the per-sample buffers
+        self._spec = None  # the batch structure and its non-tensor leaves (the first batch's)
         self._const: list = []
-        self._static: list[Tensor] = []
-        self._weight = torch.zeros(b, dtype=torch.float32, device=self.device)
-        self._valid = torch.zeros(b, dtype=torch.bool, device=self.device)
-        self._cuda_graph = None
-        self._out: tuple[Tensor, Tensor, Tensor] | None = None
+        self._shapes: list[tuple[tuple[int, ...], torch.dtype]] = []  # each tensor leaf's per-sample shape
+        self._slots: dict[int, _Slot] = {}
+        self._pool = None  # the graphs' shared memory pool
+        self._captured = False  # a capture exists: its snapshot below is checked before every replay
         self._memory: list[tuple[str, int]] = []  # (name, data_ptr) of every parameter and buffer at capture
         self._modules: list[torch.nn.Module] = []
         self._captured_fingerprint: list[int] = []
         self._captured_clipping: tuple = ()
+
+    def plan(self, n: int) -> list[int]:
+        """The micro-batch sizes a batch of n samples runs as (``plan_micro_batches``)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n: expected an int >= 0, got {n!r}")
+        return self._planner.plan(n)
 
     # --- the batch ---------------------------------------------------------------------------------------
     def _split(self, batch: Any) -> tuple[list[Tensor], list, Any, int]:
@@ -265,9 +367,8 @@ class GraphedAccumulator:
         return tensors, constants, spec, sizes[0]
 
     def _setup(self, tensors: list[Tensor], constants: list, spec) -> None:
-        b = self.micro_batch_size
         self._spec, self._const = spec, constants
-        self._static = [torch.empty((b, *x.shape[1:]), dtype=x.dtype, device=self.device) for x in tensors]
+        self._shapes = [(tuple(x.shape[1:]), x.dtype) for x in tensors]
 
     def _check(self, tensors: list[Tensor], constants: list, spec) -> None:
         if spec != self._spec or constants != self._const:
@@ -275,52 +376,60 @@ class GraphedAccumulator:
                 f"batch: its structure or non-tensor values differ from the first batch's ({spec} vs {self._spec}); "
                 "a GraphedAccumulator replays one fixed computation"
             )
-        for i, (x, s) in enumerate(zip(tensors, self._static)):
-            if x.shape[1:] != s.shape[1:] or x.dtype != s.dtype:
+        for i, (x, (shape, dtype)) in enumerate(zip(tensors, self._shapes)):
+            if tuple(x.shape[1:]) != shape or x.dtype != dtype:
                 raise ValueError(
                     f"batch: tensor {i} has per-sample shape {tuple(x.shape[1:])} {x.dtype}, expected "
-                    f"{tuple(s.shape[1:])} {s.dtype} (the first batch's): pad sequences to one fixed length, or "
+                    f"{shape} {dtype} (the first batch's): pad sequences to one fixed length, or "
                     "use one GraphedAccumulator per shape"
                 )
 
-    def _fill(self, tensors: list[Tensor], start: int, k: int) -> None:
-        """Copy samples [start, start + k) into the buffers; rows k.. repeat the first (loss weight 0)."""
-        b = self.micro_batch_size
-        for x, s in zip(tensors, self._static):
+    def _slot(self, size: int, tensors: list[Tensor]) -> _Slot:
+        slot = self._slots.get(size)
+        if slot is None:
+            slot = self._slots[size] = _Slot(size, tensors, self.device)
+        return slot
+
+    def _fill(self, slot: _Slot, tensors: list[Tensor], start: int, k: int) -> None:
+        """Copy samples [start, start + k) into the slot's buffers; rows k.. repeat the first (loss weight 0)."""
+        b = slot.size
+        for x, s in zip(tensors, slot.static):
             part = x[start : start + k]
             s[:k].copy_(part, non_blocking=True)
             if k < b:
                 s[k:].copy_(part[:1].expand(b - k, *part.shape[1:]), non_blocking=True)
-        self._weight.zero_()
-        self._weight[:k] = 1.0 if self.reduction == "sum" else 1.0 / k
-        self._valid.zero_()
-        self._valid[:k] = True
+        slot.weight.zero_()
+        slot.weight[:k] = 1.0 if self.reduction == "sum" else 1.0 / k
+        slot.valid.zero_()
+        slot.valid[:k] = True
 
     # --- the captured work -------------------------------------------------------------------------------
-    def _batch(self) -> Any:
-        it = iter(self._static)
+    def _batch(self, slot: _Slot) -> Any:
+        it = iter(slot.static)
         return tree_unflatten([next(it) if c is None else c for c in self._const], self._spec)
 
-    def _device_work(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Forward, backward and the clip-reduce of the buffers: (clipped sum, dropped count, loss)."""
-        b = self.micro_batch_size
-        losses = self.loss_fn(self.dp.model, self._batch())
+    def _device_work(self, slot: _Slot) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward, backward and the clip-reduce of a slot's buffers: (clipped sum, dropped count, loss).
+        It starts from no per-sample state or ``.grad`` and leaves none (``_clip_batch`` frees them): a
+        replay reads only the slot's buffers and the model, and writes only its outputs."""
+        b = slot.size
+        losses = self.loss_fn(self.dp.model, self._batch(slot))
         if not isinstance(losses, Tensor) or losses.shape != (b,):
             got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise ValueError(f"loss_fn: expected ({b},) per-sample losses (one per row of the micro-batch), got {got}")
-        total = (losses.float() * self._weight).sum()
+        total = (losses.float() * slot.weight).sum()
         total.backward()
-        clipped, dropped, _ = self.dp._clip_batch(self._valid)
+        clipped, dropped, _ = self.dp._clip_batch(slot.valid)
         return clipped, dropped, total.detach()
 
-    def _capture(self) -> None:
+    def _capture(self, slot: _Slot) -> None:
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self._device_work()  # discarded: compiles, autotunes; nothing is added or released
-            reads = find_host_reads(self._device_work, self.device.type)
+                self._device_work(slot)  # discarded: compiles, autotunes; nothing is added or released
+            reads = find_host_reads(lambda: self._device_work(slot), self.device.type)
         current.wait_stream(side)
         if reads:
             where = "; ".join(f"{op} at {at}" for op, at in dict.fromkeys(reads))
@@ -334,10 +443,16 @@ class GraphedAccumulator:
                 "Hugging Face 2-D attention masks do (pass capturable_attention_mask(model, mask) instead), or "
                 f"use graph=False.{hint}"
             )
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                out = self._device_work()
+            # One pool for every size: a replay needs only its own temporaries (``_device_work`` carries no
+            # state from one micro-batch to the next) and every graph's outputs stay referenced (slot.out),
+            # so graphs replayed one after another on one stream, in any order, never overwrite what another
+            # still needs; the pool holds the largest graph's temporaries, not their sum.
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._device_work(slot)
         except Exception as e:
             for p in self.dp.params:  # what the failed capture left must not reach a later (eager) step
                 per_sample.clear(p)
@@ -346,10 +461,11 @@ class GraphedAccumulator:
                 f"CUDA graph capture of loss_fn's forward/backward failed ({type(e).__name__}: {e}); "
                 "GraphedAccumulator(..., graph=False) runs the same padded computation eagerly"
             ) from e
-        self._cuda_graph, self._out = graph, out
-        self._snapshot()
+        slot.graph, slot.out = graph, out
+        if not self._captured:
+            self._snapshot()
         log.info("GraphedAccumulator: forward, backward and clipping of %d-row micro-batches captured in a CUDA graph",
-                 self.micro_batch_size)
+                 slot.size)
 
     def _model_memory(self) -> list[tuple[str, int]]:
         """(name, data_ptr) of every parameter and buffer (for the error message: ~1 ms on a 1B Llama)."""
@@ -373,6 +489,7 @@ class GraphedAccumulator:
 
     def _snapshot(self) -> None:
         """What the capture read and baked in, for ``_check_captured`` to compare against later."""
+        self._captured = True
         self._modules = list(self.dp.model.modules())
         self._captured_fingerprint, self._memory = self._fingerprint(), self._model_memory()
         self._captured_clipping = self._clipping()
@@ -417,7 +534,7 @@ class GraphedAccumulator:
         old = self.dp
         if dp.model is not old.model or [id(p) for p in dp.params] != [id(p) for p in old.params]:
             raise ValueError("dp: a GraphedAccumulator can only move to an engine on the same model and tensors")
-        if self._cuda_graph is not None and self._clipping(dp) != self._captured_clipping:
+        if self._captured and self._clipping(dp) != self._captured_clipping:
             raise ValueError(
                 f"dp: clips differently ({self._captured_clipping} captured) -> build a new GraphedAccumulator"
             )
@@ -428,7 +545,8 @@ class GraphedAccumulator:
         """Clip-accumulate every sample of ``batch`` into the engine (as ``dp.accumulate()`` after each
         micro-batch's backward); returns the number of samples n (0: nothing done, step with
         ``dp.step(empty_batch=True)``). ``batch``: a tensor or a (nested) dict/list/tuple of tensors with the
-        samples along dim 0; its per-sample shapes and dtypes must stay those of the first batch."""
+        samples along dim 0; its per-sample shapes and dtypes must stay those of the first batch. It runs as
+        the micro-batches ``plan(n)``."""
         tensors, constants, spec, n = self._split(batch)
         if n == 0:
             self.last_loss = None
@@ -436,23 +554,24 @@ class GraphedAccumulator:
         if self._spec is None:
             self._setup(tensors, constants, spec)
         self._check(tensors, constants, spec)
-        if self._cuda_graph is not None:
+        if self._captured:
             self._check_captured()
-        b = self.micro_batch_size
-        total = None
-        for start in range(0, n, b):
-            k = min(b, n - start)
-            self._fill(tensors, start, k)
+        total, start = None, 0
+        for size in self._planner.plan(n):
+            k = min(size, n - start)
+            slot = self._slot(size, tensors)
+            self._fill(slot, tensors, start, k)
+            start += k
             if not self.graph:
-                clipped, dropped, loss = self._device_work()
+                clipped, dropped, loss = self._device_work(slot)
             else:
                 with torch.cuda.device(self.device):  # the engine's GPU, whichever is current
-                    if self._cuda_graph is None:
-                        self._capture()
-                    self._cuda_graph.replay()
+                    if slot.graph is None:
+                        self._capture(slot)
+                    slot.graph.replay()
                 self.replays += 1
                 # the graph rewrites its outputs at every replay: the engine keeps copies
-                clipped, dropped, loss = (t.clone() for t in self._out)
+                clipped, dropped, loss = (t.clone() for t in slot.out)
             self.dp._add_clipped(clipped, dropped, k)
             total = loss if total is None else total + loss
         self.last_loss = total
