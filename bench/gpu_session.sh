@@ -4,7 +4,8 @@
 # configs, each with its float64 error: bench/gpu_layer.py --sweep-only); the Triton layer benchmark with
 # the sweeps' best configs (correctness check, timings, per-kernel profile, host time: issue 3's ratios);
 # the 1B-Llama DP step through GraphedAccumulator (a CUDA graph) beside the eager one (its own process: a
-# failed capture cannot take the others down); then diagnostics as time allows: Nsight Compute on one layer
+# failed capture cannot take the others down), then what a replay of each micro-batch size costs
+# (--graph-sizes: the fixed cost a + c per row, i.e. GraphedAccumulator's replay_cost = a/c); then diagnostics as time allows: Nsight Compute on one layer
 # step's kernels (bench/ncu_layer.py, where ncu exists), the host cost per launch by path
 # (bench/launch.py), the end-to-end DP step with a profile. Logs and results go to $OUT (default
 # bench/results/gpu_session).
@@ -64,7 +65,8 @@ L=$(cap "${GRAPH_S:-70}")
 echo "== 4/7 the 1B DP step replayed from a CUDA graph (ffa_dp_flat_graph: GraphedAccumulator; own process), ${L}s"
 if (( L > 20 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step_graph.json" \
-        --variants "${GRAPH_VARIANTS:-floor,ffa_dp_flat,ffa_dp_flat_graph,peft_opacus}" 2>&1 | tee "$OUT/step_graph.log" | tail -12
+        --variants "${GRAPH_VARIANTS:-floor,ffa_dp_flat,ffa_dp_flat_graph,peft_opacus}" --graph-sizes "${GRAPH_SIZES:-8,4,2,1}" \
+        2>&1 | tee "$OUT/step_graph.log" | grep -v '^# round' | tail -14
 fi
 
 L=$(cap "${NCU_S:-60}")

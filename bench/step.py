@@ -273,19 +273,12 @@ def _build_variant(variant, base, head, batch, r, backend, holder):
         return _make_step(lambda: _loss(model(**inputs).logits, labels), None, None), info
 
     if variant in FFA_VARIANTS or variant in CUDA_VARIANTS:
-        import fedlora_fast as ff
-
-        ff.inject_adapters(model, target_modules=targets, r=r, alpha=ALPHA, seed=0, trainable_modules=extra)
-        opt = _sgd(model)
+        opt = _ffa(model, targets, extra, r)
         info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         forward = lambda: _loss(model(**inputs).logits, labels)  # noqa: E731
         if variant == "ffa_nodp":
             return _make_step(forward, plain_update(opt), backend), info
-        dp = ff.DPSGD(  # seeded noise: benchmark runs are reproducible (never do this for real privacy)
-            model, opt, max_grad_norm=MAX_GRAD_NORM, noise_multiplier=NOISE_MULTIPLIER,
-            expected_batch_size=n, clipping="per_layer" if variant == "ffa_dp_per_layer" else "flat",
-            generator=torch.Generator(device=labels.device).manual_seed(0),
-        )
+        dp = _dp(model, opt, n, labels.device, "per_layer" if variant == "ffa_dp_per_layer" else "flat")
         if variant == "ffa_dp_flat_graph":
             step, info["graph_check"] = _graph_step(model, dp, inputs["input_ids"], labels, backend)
             return step, info
@@ -330,13 +323,95 @@ def _build_variant(variant, base, head, batch, r, backend, holder):
     raise ValueError(f"variant: expected one of {VARIANTS} (optionally '@backend' for ffa_*), got {variant!r}")
 
 
+def _ffa(model: nn.Module, targets: list[str], extra: list[str] | None, r: int) -> torch.optim.Optimizer:
+    """Our adapters on ``targets`` (and ``extra`` trained in full); the SGD optimizer of what trains."""
+    import fedlora_fast as ff
+
+    ff.inject_adapters(model, target_modules=targets, r=r, alpha=ALPHA, seed=0, trainable_modules=extra)
+    return _sgd(model)
+
+
+def _dp(model: nn.Module, opt, n: int, device: torch.device, clipping: str = "flat"):
+    import fedlora_fast as ff
+
+    return ff.DPSGD(  # seeded noise: benchmark runs are reproducible (never do this for real privacy)
+        model, opt, max_grad_norm=MAX_GRAD_NORM, noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=n,
+        clipping=clipping, generator=torch.Generator(device=device).manual_seed(0),
+    )
+
+
+def _per_sample_ce(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Per-sample cross-entropy, no attention mask (all ones here: the same maths, and Hugging Face's 2-D
+    mask code reads a value back, which a CUDA graph capture refuses)."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+def graph_size_costs(base: nn.Module, head: str | None, batch: dict, r: int, sizes: list[int],
+                     device: torch.device, rounds: int = 3, reps: int = 4) -> dict:  # fmt: skip
+    """What a micro-batch of each size costs through one ``GraphedAccumulator`` holding all ``sizes`` (on
+    CUDA: its replayed graphs, captured first; elsewhere the same work eagerly): ``reps`` accumulates of s
+    rows issued back to back, then one synchronisation (the steady-state cost, host and GPU overlapped),
+    median of ``rounds`` rounds interleaved over the sizes. The fit ``t(s) = a + c s`` (least squares) gives
+    ``replay_cost = a / c``: the rows a micro-batch's fixed cost is worth, ``GraphedAccumulator``'s
+    ``replay_cost`` argument (which decides how much a plan pads)."""
+    import logging
+    import time
+
+    from fedlora_fast.privacy.graphed import GraphedAccumulator
+
+    if not sizes or min(sizes) < 1 or max(sizes) > batch["labels"].shape[0]:
+        raise ValueError(f"--graph-sizes: expected sizes in 1..{batch['labels'].shape[0]} (the batch), got {sizes}")
+    model = copy.deepcopy(base)
+    opt = _ffa(model, adapter_targets(model, head), [head] if head else None, r)
+    dp = _dp(model, opt, batch["labels"].shape[0], device)
+    acc = GraphedAccumulator(dp, _per_sample_ce, micro_batch_size=sizes, replay_cost=0.0)
+    subs = {s: {"input_ids": batch["input_ids"][:s], "labels": batch["labels"][:s]} for s in sizes}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    quiet = logging.getLogger("fedlora_fast.privacy.dpsgd")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # zero_grad() discards the sums on purpose
+    times: dict[int, list[float]] = {s: [] for s in sizes}
+    try:
+        for s in sizes:  # captures (CUDA), compiles and tunes each size's kernels
+            assert acc.plan(s) == [s], (s, acc.plan(s))
+            acc.accumulate(subs[s])
+            dp.zero_grad()
+        for _ in range(rounds):
+            for s in sizes:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    acc.accumulate(subs[s])
+                sync()
+                times[s].append((time.perf_counter() - t0) / reps * 1e3)
+                dp.zero_grad()
+    finally:
+        quiet.setLevel(level)
+    ms = {s: harness.median(ts) for s, ts in times.items()}
+    xs = sorted(ms)
+    if len(xs) > 1:
+        mx, my = sum(xs) / len(xs), sum(ms[x] for x in xs) / len(xs)
+        c = sum((x - mx) * (ms[x] - my) for x in xs) / sum((x - mx) ** 2 for x in xs)
+        a = my - c * mx
+    else:
+        a, c = float("nan"), float("nan")
+    out = {"graph": acc.graph, "sizes": xs, "ms_per_micro_batch": {str(s): ms[s] for s in xs}, "fixed_ms": a,
+           "per_row_ms": c, "replay_cost_rows": a / c if c > 0 else None}  # fmt: skip
+    print("# micro-batch cost by size (" + ("CUDA graph replays" if acc.graph else "eager") + "): "
+          + "  ".join(f"{s}: {ms[s]:.2f} ms" for s in xs)
+          + f"; fit {a:.2f} ms + {c:.3f} ms/row -> replay_cost = a/c = "
+          + (f"{out['replay_cost_rows']:.2f} rows" if out["replay_cost_rows"] is not None else "n/a"), flush=True)
+    return out
+
+
 def _graph_step(model: nn.Module, dp, ids: torch.Tensor, labels: torch.Tensor, backend: str | None) -> tuple:
     """``ffa_dp_flat``'s step through ``GraphedAccumulator``: forward, backward and the flat clip-reduce
     replayed from a CUDA graph (captured on the first call, after eager warm-ups), then the engine's own
     eager ``step`` (noise from its generator, accounting, scaling, the optimizer).
 
-    The model gets no attention mask (all ones here: the same maths, and Hugging Face's 2-D mask code reads
-    a value back, which a capture refuses). The micro-batch is the whole batch (n fixed: no padding).
+    The model gets no attention mask (``_per_sample_ce``). The micro-batch is the whole batch (n fixed: no
+    padding).
     Before timing, one replay's clipped sum is checked against an eager ``backward(); accumulate()`` on the
     same batch. Returns ``(step, check)``.
     """
@@ -345,13 +420,8 @@ def _graph_step(model: nn.Module, dp, ids: torch.Tensor, labels: torch.Tensor, b
     from fedlora_fast.privacy.graphed import GraphedAccumulator
 
     n = labels.shape[0]  # (off CUDA the accumulator runs eagerly: the smoke test checks this plumbing)
-
-    def per_sample_loss(model, batch):
-        logits = model(input_ids=batch["input_ids"]).logits
-        return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-
     batch = {"input_ids": ids, "labels": labels}
-    acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=n, warmup=3)
+    acc = GraphedAccumulator(dp, _per_sample_ce, micro_batch_size=n, warmup=3)
     quiet = logging.getLogger("fedlora_fast.privacy.dpsgd")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # zero_grad() below discards the checked sums on purpose
@@ -439,6 +509,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma list; ffa_* may carry '@torch'/'@native'/'@triton' to pin the op backend")
     p.add_argument("--no-mem", action="store_true", help="skip the per-variant memory subprocesses")
+    p.add_argument("--graph-sizes", default=None, metavar="S,S,...",
+                   help="after the variants: one GraphedAccumulator with these micro-batch sizes (<= n), each "
+                        "size's cost and the fit a + c*rows, i.e. its replay_cost = a/c (CUDA: replayed graphs)")
     p.add_argument("--json", default=None, help="write the results row here (atomic)")
     p.add_argument("--plot", default=None, help="write a bar chart (time and memory ratios to floor) here")
     p.add_argument("--profile", default=None, help="folder: write a torch.profiler op table per variant")
@@ -479,6 +552,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                 raise ValueError(f"--variants: {spec} needs --device cuda (CUDA graphs), got {args.device}")
     except ValueError as e:
         p.error(str(e))
+    args.graph_size_list = None
+    if args.graph_sizes:
+        try:
+            args.graph_size_list = sorted({int(v) for v in args.graph_sizes.split(",") if v.strip()}, reverse=True)
+        except ValueError:
+            p.error(f"--graph-sizes: expected comma-separated integers, got {args.graph_sizes!r}")
+        if not args.graph_size_list or min(args.graph_size_list) < 1 or max(args.graph_size_list) > args.n:
+            p.error(f"--graph-sizes: expected sizes in 1..{args.n} (--n), got {args.graph_sizes!r}")
     return args
 
 
@@ -739,6 +820,13 @@ def _run(args) -> dict:
         row[f"{key}_updated"] = infos[key]["updated"]()
         if "graph_check" in infos[key]:  # ffa_dp_flat_graph: replayed clipped sum vs an eager step's
             row[f"{key}_graph_check"] = infos[key]["graph_check"]
+    if args.graph_sizes:
+        if args.json:  # the variants' timings are kept even if this runs out of time
+            harness.write_json(args.json, row)
+        fns.clear()
+        base, _ = build_model(args.model, device, DTYPES[args.dtype])
+        row["graph_sizes"] = graph_size_costs(base, head, batch, args.r, args.graph_size_list, device)
+        del base
     if not args.no_mem:
         fns.clear()  # free the timing models before spawning memory children
         for spec in specs:

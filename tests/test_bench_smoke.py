@@ -101,6 +101,22 @@ def test_step_graph_variant_plumbing_on_cpu(capsys):
     assert "replayed clipped sum vs eager" in capsys.readouterr().out
 
 
+def test_step_graph_sizes_on_cpu(tmp_path, capsys):
+    """--graph-sizes: one accumulator with every size, each size's cost and the fit (eager off CUDA)."""
+    out = tmp_path / "step.json"
+    step.main(["--smoke", "--no-mem", "--model", "llama-tiny", "--n", "4", "--variants", "floor",
+               "--graph-sizes", "4,1,2", "--json", str(out)])  # fmt: skip
+    got = json.loads(out.read_text())["graph_sizes"]
+    assert got["graph"] is False and got["sizes"] == [1, 2, 4]
+    assert all(v > 0 for v in got["ms_per_micro_batch"].values()), got
+    assert math.isfinite(got["fixed_ms"]) and math.isfinite(got["per_row_ms"]), got
+    assert "micro-batch cost by size (eager)" in capsys.readouterr().out
+    for bad in ("0,1", "5", "a,b"):
+        with pytest.raises(SystemExit):
+            step.parse_args(["--smoke", "--n", "4", "--graph-sizes", bad])
+        assert "--graph-sizes" in capsys.readouterr().err
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_step_graph_variant_replays_the_eager_clipped_sum(tmp_path):
@@ -108,9 +124,10 @@ def test_step_graph_variant_replays_the_eager_clipped_sum(tmp_path):
     trainable tensor is updated by the graphed steps."""
     out = tmp_path / "step.json"
     step.main(["--smoke", "--device", "cuda", "--no-mem", "--model", "llama-tiny", "--json", str(out),
-               "--variants", "ffa_dp_flat,ffa_dp_flat_graph"])
+               "--variants", "ffa_dp_flat,ffa_dp_flat_graph", "--graph-sizes", "2,1"])
     row = json.loads(out.read_text())
     assert row["ffa_dp_flat_graph_updated"] == 1.0
+    assert row["graph_sizes"]["graph"] is True and row["graph_sizes"]["sizes"] == [1, 2]
     check = row["ffa_dp_flat_graph_graph_check"]
     assert check["max_abs_diff"] <= 1e-5 * max(check["scale"], 1.0), check
 
