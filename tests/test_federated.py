@@ -408,8 +408,9 @@ def test_cuda_graph_client_path_equals_the_eager_one(clipping):
             update, _ = serialization.decode(client.fit(model, msg, round_idx=rnd, fingerprint="f"))
             rounds.append((update, client.last_metrics))
             if graph:
-                first = first or client._graphed
-                assert first is not None and client._graphed is first, "one accumulator per client, reused"
+                (held,) = client._graph_cache.values()
+                first = first or held
+                assert held is first, "one accumulator per client, reused"
         out[graph] = rounds
     initial, _ = serialization.decode(message)
     for (eager, m_eager), (graphed, m_graphed) in zip(out[False], out[True]):
@@ -418,6 +419,48 @@ def test_cuda_graph_client_path_equals_the_eager_one(clipping):
         for k in eager:
             assert not torch.equal(eager[k], initial[k]), f"{k}: the eager client did not train it"
             torch.testing.assert_close(graphed[k], eager[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_clients_of_one_model_share_their_cuda_graphs():
+    """share_cuda_graphs: clients of one model pad to the longest sequence of any, use the largest micro-batch
+    sizes and keep one accumulator (one capture) between them; each client's update equals an unshared
+    client's, whose sequences are shorter and whose micro-batches are smaller."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlora_fast import inject_adapters
+    from fedlora_fast.federated.client import Client, share_cuda_graphs
+    from fedlora_fast.federated.state import trainable_state
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    inject_adapters(model, ["query", "value"], r=4, trainable_modules=["classifier"])
+    gen = torch.Generator().manual_seed(3)
+    data = []
+    for k, (n, longest) in enumerate(((20, 6), (9, 14))):  # different lengths and expected batch sizes
+        ids = [torch.randint(1, 50, (int(t),), generator=gen).tolist() for t in torch.randint(2, longest + 1, (n,), generator=gen)]
+        data.append((ids, torch.randint(0, 2, (n,), generator=gen).tolist(), 7 if k == 0 else 2))
+    message = serialization.encode(trainable_state(model), {})
+
+    def clients(graph):
+        return [Client(k, ids, labels, pad_id=0, batch_size=m, local_steps=2, lr=0.05, max_grad_norm=0.5,
+                       noise_multiplier=0.0, cuda_graph=graph, sample_generator=torch.Generator().manual_seed(5 + k),
+                       noise_generator=torch.Generator().manual_seed(6)) for k, (ids, labels, m) in enumerate(data)]  # fmt: skip
+
+    shared, alone = clients(True), clients(True)
+    assert shared[0].graph_sizes != shared[1].graph_sizes and shared[0].seq_len != shared[1].seq_len
+    share_cuda_graphs(shared + clients(False))
+    assert shared[0].seq_len == shared[1].seq_len == max(c.seq_len for c in alone)
+    assert shared[0].graph_sizes == shared[1].graph_sizes == max((c.graph_sizes for c in alone), key=lambda s: s[0])
+    for a, b in zip(shared, alone):
+        got, _ = serialization.decode(a.fit(model, message, round_idx=0, fingerprint="f"))
+        want, _ = serialization.decode(b.fit(model, message, round_idx=0, fingerprint="f"))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert shared[0]._graph_cache is shared[1]._graph_cache and len(shared[0]._graph_cache) == 1
+    (held,) = shared[0]._graph_cache.values()
+    assert held.dp.model is model and held.micro_batch_sizes == shared[0].graph_sizes
 
 
 def test_cuda_graph_needs_a_cuda_device(tiny):

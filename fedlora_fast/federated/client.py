@@ -73,6 +73,23 @@ def graph_micro_batch_size(expected: int, num_examples: int) -> int:
     return min(num_examples, fits, GRAPH_MICRO_BATCH)
 
 
+def share_cuda_graphs(clients: list["Client"]) -> None:
+    """Let CUDA-graph clients that train one model in one process (the simulation) replay the same graphs:
+    every one pads to the longest sequence of any, uses the largest micro-batch size any would (and the
+    powers of two below it), and they keep one ``GraphedAccumulator`` between them, rebound to each
+    client's engine in its ``fit``: one capture per size and one memory pool instead of one per client.
+    Clients without ``cuda_graph`` are left alone. The results are those of unshared clients (right
+    padding is masked; a batch's micro-batches change only where sums are added)."""
+    graphed = [c for c in clients if c.cuda_graph]
+    if not graphed:
+        return
+    seq_len = max(c.seq_len for c in graphed)
+    sizes = max((c.graph_sizes for c in graphed), key=lambda s: s[0])
+    cache: dict = {}
+    for c in graphed:
+        c.seq_len, c.graph_sizes, c._graph_cache = seq_len, sizes, cache
+
+
 def _per_sample_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Per-sample cross-entropies of a classification batch, with a mask a CUDA graph can hold."""
     mask = capturable_attention_mask(model, batch["attention_mask"])
@@ -117,7 +134,8 @@ class Client:
             ``physical_batch_size``, default ``graph_micro_batch_size``: b and the powers of two below it, so
             that little is padded), forward + backward + clipping replayed from CUDA graphs captured the first
             time a size is needed and reused by later rounds' engines (on a CPU model: the same padded
-            computation, eager). Each client holds its graphs' memory (one pool: the activations of b rows).
+            computation, eager). Each client holds its graphs' memory (one pool: the activations of b rows),
+            unless clients of one model share them (``share_cuda_graphs``, as the simulation does).
     """
 
     def __init__(
@@ -162,8 +180,13 @@ class Client:
         self.secure_mode = bool(secure_mode)
         self.rounds, self.lr_schedule = int(rounds), lr_schedule
         self.cuda_graph = bool(cuda_graph)
-        self._graphed: GraphedAccumulator | None = None  # cuda_graph: the capture, reused every round
-        self.seq_len = max(1, max(len(x) for x in self.input_ids))  # the fixed length of cuda_graph batches
+        # cuda_graph: the fixed padded length of every batch, the micro-batch sizes, and where the accumulator
+        # (its captures) is kept across rounds: this client's own slot, or one shared by clients of one model
+        # (share_cuda_graphs)
+        self.seq_len = max(1, max(len(x) for x in self.input_ids))
+        largest = physical_batch_size or graph_micro_batch_size(self.expected_batch_size, self.num_examples)
+        self.graph_sizes = graph_micro_batch_sizes(largest)
+        self._graph_cache: dict = {}
 
     def epsilon(self, delta: float) -> float:
         return _epsilon(self.accountant.mechanism, tuple(map(tuple, self.accountant.history)), float(delta))
@@ -213,13 +236,11 @@ class Client:
         # the host wait for every step's GPU work instead of issuing the next (what a host-bound GPU run needs)
         loss_sum, seen, sizes = torch.zeros((), dtype=torch.float32, device=device), 0, []
         graphed = None
-        if self.cuda_graph:  # one capture per client (and model), fed by every round's new engine
-            graphed = self._graphed
+        if self.cuda_graph:  # captured once (per client, or per model when shared), fed by every round's engine
+            key = (self.seq_len, self.graph_sizes)
+            graphed = self._graph_cache.get(key)
             if graphed is None or graphed.dp.model is not model:
-                largest = self.physical_batch_size or graph_micro_batch_size(self.expected_batch_size, self.num_examples)
-                graphed = self._graphed = GraphedAccumulator(
-                    dp, _per_sample_loss, micro_batch_size=graph_micro_batch_sizes(largest)
-                )
+                graphed = self._graph_cache[key] = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=self.graph_sizes)
             else:
                 graphed.rebind(dp)
         try:

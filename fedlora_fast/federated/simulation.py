@@ -29,7 +29,7 @@ from fedlora_fast.data import TextClassificationData, collate, load_text_classif
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
 from fedlora_fast.federated.aggregation import AGGREGATORS, CentralDP, FedAvg
-from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS, Client
+from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS, Client, share_cuda_graphs
 from fedlora_fast.federated.partition import SCHEMES, partition
 from fedlora_fast.federated.server import Server
 from fedlora_fast.federated.state import adapter_config, fingerprint, load_trainable, trainable_state
@@ -327,6 +327,7 @@ class Federation:
                 sample_generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", k)),
                 noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
             ))
+        share_cuda_graphs(self.clients)  # one model here: one set of captures for every client
         self.server = make_server(cfg, self.model, self.fingerprint)
         self.records: list[dict] = []
 
