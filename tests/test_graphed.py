@@ -165,6 +165,12 @@ def test_plan_examples_and_errors():
             GraphedAccumulator(make_dp(model), per_sample_loss, micro_batch_size=4, replay_cost=bad)
     with pytest.raises(ValueError, match="n: expected an int >= 0"):
         acc.plan(-1)
+    with pytest.raises(ValueError, match="n: expected an int >= 0"):
+        plan_micro_batches(2.0, pow2)
+    with pytest.raises(ValueError, match="micro_batch_size: expected a positive int or a non-empty sequence"):
+        plan_micro_batches(3, (4, 0))
+    with pytest.raises(ValueError, match="replay_cost: expected a finite number >= 0"):
+        plan_micro_batches(3, pow2, replay_cost=-1)
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])

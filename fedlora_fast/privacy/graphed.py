@@ -196,7 +196,32 @@ def plan_micro_batches(n: int, sizes: Sequence[int], replay_cost: float = 1.0) -
     replays`` (rows computed, padding included; ``replay_cost``: one replay's fixed cost in rows of work),
     fewer replays on a tie. With powers of two down to 1, nothing is padded unless a replay costs more than
     the rows it saves. ``[]`` for n = 0."""
-    return _Planner(tuple(sizes), float(replay_cost)).plan(n)
+    return _Planner(_check_sizes(sizes), _check_replay_cost(replay_cost)).plan(_check_n(n))
+
+
+def _check_n(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    return n
+
+
+def _check_sizes(micro_batch_size) -> tuple[int, ...]:
+    sizes = (micro_batch_size,) if isinstance(micro_batch_size, int) else micro_batch_size
+    try:
+        sizes = tuple(sizes)
+    except TypeError:
+        sizes = (micro_batch_size,)
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in sizes):
+        raise ValueError(
+            f"micro_batch_size: expected a positive int or a non-empty sequence of them, got {micro_batch_size!r}"
+        )
+    return sizes
+
+
+def _check_replay_cost(replay_cost) -> float:
+    if isinstance(replay_cost, bool) or not isinstance(replay_cost, (int, float)) or not 0 <= replay_cost < math.inf:
+        raise ValueError(f"replay_cost: expected a finite number >= 0 (rows of work), got {replay_cost!r}")
+    return float(replay_cost)
 
 
 def graph_micro_batch_sizes(largest: int) -> tuple[int, ...]:
@@ -306,17 +331,7 @@ class GraphedAccumulator:
             raise TypeError(f"dp: expected a DPSGD engine, got {type(dp).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch) -> (b,) losses, got {loss_fn!r}")
-        sizes = (micro_batch_size,) if isinstance(micro_batch_size, int) else micro_batch_size
-        try:
-            sizes = tuple(sizes)
-        except TypeError:
-            sizes = (micro_batch_size,)
-        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in sizes):
-            raise ValueError(
-                f"micro_batch_size: expected a positive int or a non-empty sequence of them, got {micro_batch_size!r}"
-            )
-        if isinstance(replay_cost, bool) or not isinstance(replay_cost, (int, float)) or not 0 <= replay_cost < math.inf:
-            raise ValueError(f"replay_cost: expected a finite number >= 0 (rows of work), got {replay_cost!r}")
+        sizes, replay_cost = _check_sizes(micro_batch_size), _check_replay_cost(replay_cost)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
@@ -326,7 +341,7 @@ class GraphedAccumulator:
             graph = self.device.type == "cuda"
         if graph and self.device.type != "cuda":
             raise ValueError(f"graph: CUDA graphs need the engine's parameters on CUDA, they are on {self.device}")
-        self._planner = _Planner(sizes, float(replay_cost))
+        self._planner = _Planner(sizes, replay_cost)
         self.dp, self.loss_fn = dp, loss_fn
         self.micro_batch_sizes: tuple[int, ...] = self._planner.sizes  # largest first
         self.micro_batch_size = self.micro_batch_sizes[0]
@@ -346,9 +361,7 @@ class GraphedAccumulator:
 
     def plan(self, n: int) -> list[int]:
         """The micro-batch sizes a batch of n samples runs as (``plan_micro_batches``)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n: expected an int >= 0, got {n!r}")
-        return self._planner.plan(n)
+        return self._planner.plan(_check_n(n))
 
     # --- the batch ---------------------------------------------------------------------------------------
     def _split(self, batch: Any) -> tuple[list[Tensor], list, Any, int]:
