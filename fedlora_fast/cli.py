@@ -93,6 +93,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--server-clip-norm", type=float, default=d.server_clip_norm, help="central_dp: L2 bound on a client's update")
     g.add_argument("--server-noise-multiplier", type=float, default=d.server_noise_multiplier, help="central_dp: noise multiplier")
     g.add_argument("--min-clients", type=int, default=d.min_clients, help="fewest accepted updates that change the global adapter")
+    g.add_argument("--max-update-norm", type=float, default=d.max_update_norm,
+                   help="reject a client update further than this (L2, all sent tensors) from the global adapter (default: no bound)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="expected Poisson batch size per step (sample rate = batch / client size)")
     g.add_argument("--lr", type=float, default=d.lr, help="local learning rate")

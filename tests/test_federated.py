@@ -100,6 +100,27 @@ def test_central_dp_clips_each_update_and_adds_calibrated_noise():
         make_aggregator("median")
 
 
+def test_central_dp_accounts_the_selection_rate_not_the_accepted_count():
+    """Three clients selected, one update rejected (or lost) every round: that is not random subsampling, so
+    the accountant keeps q = selected / num_clients (1 here), whatever the number accepted."""
+    from fedlora_fast.privacy import Accountant
+
+    g = {"w": torch.zeros(3)}
+    agg = CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=3, generator=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        agg.aggregate(g, [ClientUpdate(k, {"w": torch.ones(3)}, 1) for k in range(2)])  # 2 of 3 accepted
+    want = Accountant()
+    for _ in range(4):
+        want.step(noise_multiplier=1.0, sample_rate=1.0)
+    assert agg.privacy(1e-5)["epsilon"] == pytest.approx(want.epsilon(1e-5))
+    half = CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=4, clients_per_round=2)
+    half.aggregate(g, [ClientUpdate(0, {"w": torch.ones(3)}, 1)])
+    assert half.accountant.state_dict()["history"] == [[1.0, 0.5, 1]]
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match=r"clients_per_round: expected an int in 1\.\.4"):
+            CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=4, clients_per_round=bad)
+
+
 # --- server validation --------------------------------------------------------------------------------------
 def _msg(tensors, **meta):
     base = {"client_id": 0, "round": 0, "fingerprint": "fp", "num_examples": 10}
@@ -140,6 +161,34 @@ def test_server_rejects_bad_updates_and_the_round_completes(caplog):
     assert "rejected the update of client 1" in caplog.text
 
 
+def test_server_bounds_update_norms_and_example_counts():
+    """With FedAvg one finite update of 1e30, or one claim of 10^15 examples, would own the average: the server
+    rejects updates further than max_update_norm from the global state, and counts other than the ones it
+    knows each client holds (ids it does not know too)."""
+    g = {"lora_B": torch.zeros(2, 2)}
+    server = Server(g, "fp", FedAvg(), max_update_norm=3.0, example_counts={0: 10, 1: 30, 2: 5})
+    result = server.run_round([
+        _msg({"lora_B": torch.ones(2, 2)}, client_id=0, num_examples=10),  # norm 2: accepted
+        _msg({"lora_B": torch.full((2, 2), 1e30)}, client_id=1, num_examples=30),  # norm 2e30
+        _msg({"lora_B": torch.full((2, 2), 1.4)}, client_id=2, num_examples=10**15),  # norm 2.8, count lies
+        _msg({"lora_B": torch.ones(2, 2)}, client_id=7, num_examples=10),  # not a client
+        _msg({"lora_B": torch.full((2, 2), 1.6)}, client_id=1, num_examples=30),  # norm 3.2
+    ])
+    assert [u.client_id for u in result.accepted] == [0]
+    reasons = [r["reason"] for r in result.rejected]
+    assert "update norm 2e+30 (L2 distance from the global state) exceeds max_update_norm=3" in reasons[0]
+    assert "num_examples 1000000000000000 differs from the 5 client 2 holds" in reasons[1]
+    assert "client_id 7: not one of the federation's clients [0, 1, 2]" in reasons[2]
+    assert "update norm 3.2 " in reasons[3]
+    torch.testing.assert_close(server.global_state["lora_B"], torch.ones(2, 2))
+    # the bound is from the current global state, round after round
+    result = server.run_round([_msg({"lora_B": torch.full((2, 2), 2.4)}, client_id=2, num_examples=5, round=1)])
+    assert result.applied, result.rejected  # distance 2 * 1.4 = 2.8 from the new global state
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="max_update_norm: expected None or a finite number > 0"):
+            Server(g, "fp", max_update_norm=bad)
+
+
 def test_server_keeps_state_below_min_clients():
     g = {"lora_B": torch.zeros(2, 2)}
     server = Server(g, "fp", FedAvg(), min_clients=2)
@@ -149,6 +198,30 @@ def test_server_keeps_state_below_min_clients():
 
 
 # --- serialization and checkpoints ------------------------------------------------------------------------
+def test_load_trainable_refuses_wrong_shapes_dtypes_and_non_finite_values():
+    """A broadcast state is checked before anything is copied: copy_ would broadcast a (1,) tensor over a
+    weight, or convert integers, without a word."""
+    from torch import nn
+
+    from fedlora_fast.federated.state import load_trainable
+
+    model = nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = {"weight": torch.ones(2, 3), "bias": torch.ones(2)}
+    cases = [
+        ({**good, "weight": torch.full((1,), 7.0)}, r"state\['weight'\]: expected a floating-point tensor of shape \(2, 3\), got \(1,\)"),
+        ({**good, "bias": torch.ones(2, dtype=torch.long)}, r"state\['bias'\].*got \(2,\) torch.int64"),
+        ({**good, "bias": torch.tensor([1.0, float("inf")])}, r"state\['bias'\]: has non-finite values"),
+    ]
+    for state, match in cases:
+        with pytest.raises(ValueError, match=match):
+            load_trainable(model, state)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed by a refused state"
+    load_trainable(model, good)
+    assert torch.equal(model.weight, torch.ones(2, 3))
+
+
 def test_message_roundtrip_and_sizes():
     t = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.float16)}
     msg = serialization.encode(t, {"round": 3, "x": [1, 2]})
@@ -198,6 +271,22 @@ def test_partitions():
         label_skew(y, [[0.5, 0.6], [0.5, 0.5]], seed=0)
     with pytest.raises(ValueError, match="one row per client"):
         partition(y, "label_skew", 2, 0)
+
+
+def test_label_skew_default_sizes_fit_every_class_count():
+    """Default sizes: each client's share of a class is rounded on its own, so the bound floor(count / demand)
+    can ask for more than a class holds (23 examples of the scarce class: 15 per client needs 24). The
+    default is the largest equal size whose rounded shares fit, for every scarce-class count."""
+    props = np.asarray(PAPER_LABEL_SKEW)
+    for scarce in range(3, 400):
+        y = np.array([0] * scarce + [1] * (scarce + 500))
+        parts = label_skew(y, PAPER_LABEL_SKEW, seed=0)
+        bound = int(scarce // props[:, 0].sum())  # min_c count_c / demand_c
+        n = max(m for m in range(bound + 1) if (np.rint(m * props).sum(0) <= np.bincount(y)).all())
+        assert n >= bound - 2, (scarce, n)
+        for part, row in zip(parts, props):
+            assert np.bincount(y[part], minlength=2).tolist() == np.rint(n * row).astype(int).tolist(), (scarce, n)
+        assert len(set(sum(parts, []))) == sum(map(len, parts))
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -306,7 +395,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny, tmp_path):
 
 
 def test_bad_client_update_is_rejected_in_a_real_round(tiny, tmp_path, caplog):
-    fed = Federation(tiny_config(tiny, rounds=1, local_steps=1))
+    fed = Federation(tiny_config(tiny, rounds=2, local_steps=1))
     real_fit = fed.clients[1].fit
 
     def bad_fit(model, message, **kw):
@@ -315,9 +404,19 @@ def test_bad_client_update_is_rejected_in_a_real_round(tiny, tmp_path, caplog):
         tensors[key][0, 0] = float("nan")
         return serialization.encode(tensors, meta)
 
+    def inflating_fit(model, message, **kw):  # a finite update that claims more examples than it holds
+        tensors, meta = serialization.decode(real_fit_2(model, message, **kw))
+        return serialization.encode(tensors, {**meta, "num_examples": meta["num_examples"] * 1000})
+
+    real_fit_2 = fed.clients[2].fit
     fed.clients[1].fit = bad_fit
     rec = fed.run_round()
     assert rec["accepted"] == [0, 2] and rec["rejected"][0]["client"] == 1 and rec["applied"]
+    assert fed.server.example_counts == {c.client_id: c.num_examples for c in fed.clients}
+    fed.clients[1].fit, fed.clients[2].fit = real_fit, inflating_fit
+    rec = fed.run_round()
+    assert rec["accepted"] == [0, 1] and rec["rejected"][0]["client"] == 2
+    assert "num_examples" in rec["rejected"][0]["reason"]
     assert all(torch.isfinite(t).all() for t in fed.server.global_state.values())
     # Another adapter seed gives another fingerprint: that client's update is refused.
     other = Federation(tiny_config(tiny, rounds=1, local_steps=1, seed=8))

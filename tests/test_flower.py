@@ -168,6 +168,36 @@ def test_strategy_rejects_malformed_updates_and_the_round_completes():
     assert strategy.epsilon() == 2.5 and metrics["epsilon"] == 2.5
 
 
+def test_strategy_binds_client_ids_to_nodes():
+    """A client id belongs to the node whose update under it was first accepted, and a node speaks for one id:
+    later claims across the binding are rejected before validation, and no node can lower the epsilon
+    another reported (within the first round, before any binding, the run epsilon is the max of both)."""
+    g = {"l.lora_B": torch.zeros(3, 2)}
+    server = Server(g, FP, FedAvgAggregator(), min_clients=1)
+    strategy = FedLoRAStrategy(server, num_clients=3, delta=1e-5, num_rounds=3)
+    one, big = {"l.lora_B": torch.ones(3, 2)}, {"l.lora_B": torch.full((3, 2), 100.0)}
+    strategy._pending = {"round": 1}
+    # round 1: node 11 claims id 0 ahead of node 10 (no binding yet: first accepted wins), reporting eps 0
+    strategy.aggregate_train(1, [_reply(11, _update(0, big, 5, eps=0.0)), _reply(10, _update(0, one, 5, eps=3.0)),
+                                 _reply(12, _update(1, one, 5, rnd=0, eps=1.0))])  # fmt: skip
+    assert strategy._pending["accepted"] == [0, 1] and strategy.epsilon() == 3.0, "node 10's report still counts"
+    assert strategy.clients[0]["epsilon"] == 0.0, "id 0's record is the accepted sender's, not a duplicate's"
+    # round 2: node 10 may no longer claim id 0 (node 11's), node 12 may not claim id 0 either
+    strategy._pending = {"round": 2}
+    arrays, _ = strategy.aggregate_train(2, [_reply(10, _update(0, one, 5, rnd=1)), _reply(12, _update(0, big, 5, rnd=1)),
+                                             _reply(11, _update(0, one, 5, rnd=1, eps=0.5))])  # fmt: skip
+    reasons = [r["reason"] for r in strategy._pending["rejected"]]
+    assert strategy._pending["accepted"] == [0] and len(reasons) == 2, reasons
+    assert "node 10 claims client id 0, which belongs to node 11" in reasons[0]
+    assert "node 12 claims client id 0, which belongs to node 11" in reasons[1]
+    strategy._pending = {"round": 3}
+    strategy.aggregate_train(3, [_reply(11, _update(2, one, 5, rnd=2)), _reply(11, _update(1, one, 5, rnd=2))])
+    reasons = [r["reason"] for r in strategy._pending["rejected"]]
+    assert "node 11 speaks for client id 0, not 2" in reasons[0]  # an unbound id: still not node 11's
+    assert "node 11 claims client id 1, which belongs to node 12" in reasons[1]
+    assert strategy.clients[0]["epsilon"] == 0.5 and strategy.epsilon() == 3.0
+
+
 def test_strategy_keeps_the_global_state_when_every_update_is_bad():
     g = {"l.lora_B": torch.zeros(3, 2)}
     server = Server(g, FP, FedAvgAggregator(), min_clients=1)

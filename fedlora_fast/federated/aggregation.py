@@ -81,15 +81,19 @@ class CentralDP(Aggregator):
 
     Args:
         clip_norm: S, the L2 bound on one client's update over all sent tensors.
-        noise_multiplier: sigma; the noise std on the mean is ``sigma * S / K`` for K clients in the round.
-        num_clients: clients in the federation (the per-round sample rate is ``K / num_clients``).
+        noise_multiplier: sigma; the noise std on the mean is ``sigma * S / K`` for the K accepted updates.
+        num_clients: clients in the federation.
+        clients_per_round: clients *selected* every round (default: all of them, as the simulation and the
+            Flower strategy do). The accountant's sample rate is ``clients_per_round / num_clients``, fixed:
+            an update rejected or lost after selection is not a random subsample, so accounting with the
+            accepted count would understate epsilon (3 selected, 1 rejected: q = 2/3 instead of 1).
         generator: noise generator; None draws a seed from the operating system.
     """
 
     name = "central_dp"
 
     def __init__(self, *, clip_norm: float, noise_multiplier: float, num_clients: int,
-                 generator: torch.Generator | None = None):
+                 clients_per_round: int | None = None, generator: torch.Generator | None = None):
         if not math.isfinite(float(clip_norm)) or float(clip_norm) <= 0:
             raise ValueError(f"server_clip_norm: expected a finite number > 0, got {clip_norm!r}")
         self.clip_norm = float(clip_norm)
@@ -97,6 +101,10 @@ class CentralDP(Aggregator):
         if int(num_clients) <= 0:
             raise ValueError(f"num_clients: expected a positive int, got {num_clients!r}")
         self.num_clients = int(num_clients)
+        per_round = self.num_clients if clients_per_round is None else clients_per_round
+        if isinstance(per_round, bool) or not isinstance(per_round, int) or not 0 < per_round <= self.num_clients:
+            raise ValueError(f"clients_per_round: expected an int in 1..{self.num_clients} (num_clients), got {clients_per_round!r}")
+        self.sample_rate = per_round / self.num_clients
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
         self.accountant = Accountant()
 
@@ -116,7 +124,7 @@ class CentralDP(Aggregator):
         for k, g in global_state.items():
             noise = torch.normal(0.0, std, size=g.shape, generator=self.generator, dtype=torch.float64) if std > 0 else 0.0
             out[k] = (g.double() + (summed[k] + noise) / n).to(g.dtype)
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=min(1.0, n / self.num_clients))
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return out
 
     def state_dict(self):

@@ -66,6 +66,10 @@ def label_skew(
     demand = p.sum(0)
     if sizes is None:
         n = min(math.floor(counts[c] / demand[c]) for c in range(num_classes) if demand[c] > 0)
+        # each client's share is rounded on its own, so the rounded shares of a class can exceed what the
+        # bound above allows by up to K/2 examples: the largest n whose rounded shares all fit
+        while n > 0 and (np.rint(n * p).astype(np.int64).sum(0) > counts).any():
+            n -= 1
         sizes = [n] * p.shape[0]
     per = np.rint(np.asarray(sizes, dtype=np.float64)[:, None] * p).astype(np.int64)  # (K, C)
     short = [c for c in range(num_classes) if per[:, c].sum() > counts[c]]

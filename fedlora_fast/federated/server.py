@@ -2,14 +2,17 @@
 
 Nothing unvalidated reaches the global state: an update is rejected (and logged with its reason) when it
 cannot be decoded, belongs to another round, carries another adapter fingerprint (seed, rank, alpha,
-targets, method), has missing or unexpected tensors, a wrong shape or dtype, or a non-finite value. The round
-goes on with the rest when at least ``min_clients`` updates are accepted; otherwise the global state stays
-as it was.
+targets, method), has missing or unexpected tensors, a wrong shape or dtype, or a non-finite value; and, where
+the server is told what to expect, moves the global state further than ``max_update_norm`` or claims another
+example count than the client holds (FedAvg weights by it: a client claiming 10^15 examples would own the
+average). The round goes on with the rest when at least ``min_clients`` updates are accepted; otherwise the
+global state stays as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,12 +44,25 @@ class Server:
         fingerprint: the adapter fingerprint every update must carry.
         aggregator: an ``Aggregator`` (FedAvg by default).
         min_clients: fewest accepted updates that move the global state.
+        max_update_norm: reject an update whose L2 distance from the global state (over every tensor) is
+            larger; None: no bound (finite values only). FedAvg has no other defence against one client
+            sending huge values; central DP clips them instead.
+        example_counts: ``{client id: examples}`` the server knows each client holds (a simulation does);
+            an update from another id, or claiming another count, is rejected. None: counts are taken as sent.
     """
 
     def __init__(self, initial_state: dict[str, Tensor], fingerprint: str, aggregator: Aggregator | None = None,
-                 min_clients: int = 1):
+                 min_clients: int = 1, *, max_update_norm: float | None = None,
+                 example_counts: dict[int, int] | None = None):
         if int(min_clients) < 1:
             raise ValueError(f"min_clients: expected an int >= 1, got {min_clients!r}")
+        if max_update_norm is not None and not (
+            isinstance(max_update_norm, (int, float)) and not isinstance(max_update_norm, bool)
+            and math.isfinite(max_update_norm) and max_update_norm > 0
+        ):  # fmt: skip
+            raise ValueError(f"max_update_norm: expected None or a finite number > 0, got {max_update_norm!r}")
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        self.example_counts = None if example_counts is None else {int(k): int(v) for k, v in example_counts.items()}
         self.global_state = serialization.clone_state(initial_state)
         self.fingerprint = fingerprint
         self.aggregator = aggregator or FedAvg()
@@ -77,6 +93,10 @@ class Server:
         n = meta.get("num_examples")
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             return None, cid, f"metadata: num_examples must be a positive int, got {n!r}"
+        if self.example_counts is not None and self.example_counts.get(cid) != n:
+            if cid not in self.example_counts:
+                return None, cid, f"client_id {cid}: not one of the federation's clients {sorted(self.example_counts)[:8]}"
+            return None, cid, f"metadata: num_examples {n} differs from the {self.example_counts[cid]} client {cid} holds"
         if seen is not None and cid in seen:
             return None, cid, f"duplicate update from client {cid} in round {self.round}"
         missing = sorted(self.global_state.keys() - tensors.keys())
@@ -89,6 +109,10 @@ class Server:
                 return None, cid, f"tensor {k!r}: expected {tuple(g.shape)} {g.dtype}, got {tuple(t.shape)} {t.dtype}"
             if not bool(torch.isfinite(t).all()):
                 return None, cid, f"tensor {k!r}: has non-finite values"
+        if self.max_update_norm is not None:
+            norm = math.sqrt(sum(float((tensors[k].double() - g.double()).pow(2).sum()) for k, g in self.global_state.items()))
+            if norm > self.max_update_norm:
+                return None, cid, f"update norm {norm:.4g} (L2 distance from the global state) exceeds max_update_norm={self.max_update_norm:g}"
         metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
         return ClientUpdate(cid, tensors, n, metrics), cid, None
 

@@ -85,6 +85,7 @@ class FederatedConfig:
     server_clip_norm: float = 1.0  # central_dp only
     server_noise_multiplier: float = 1.0  # central_dp only
     min_clients: int = 1
+    max_update_norm: float | None = None  # server: reject an update further than this (L2) from the global state
     seed: int = 0
     secure_noise: bool = False  # True: DPSGD's secure mode, noise from the OS (not reproducible from --seed)
     eval_every: int = 1
@@ -112,6 +113,8 @@ class FederatedConfig:
         pos_int("max_length", 2)
         if self.physical_batch_size is not None:
             pos_int("physical_batch_size")
+        if self.max_update_norm is not None:
+            pos_num("max_update_norm")
         for name in ("lr", "alpha", "max_grad_norm", "dirichlet_alpha", "server_clip_norm"):
             pos_num(name)
         for name in ("weight_decay", "momentum", "server_noise_multiplier"):
@@ -232,15 +235,17 @@ def adapted_model(cfg: FederatedConfig, num_labels: int) -> tuple[str, object, n
     return name, tokenizer, model.to(torch.device(cfg.device))
 
 
-def make_server(cfg: FederatedConfig, model: nn.Module, fp: str) -> Server:
-    """The run's server: the model's trainable tensors as the global state, and its aggregator."""
+def make_server(cfg: FederatedConfig, model: nn.Module, fp: str, example_counts: dict[int, int] | None = None) -> Server:
+    """The run's server: the model's trainable tensors as the global state, its aggregator, its bounds
+    (``max_update_norm``; ``example_counts``: what each client holds, where the server knows it)."""
     if cfg.aggregator == "central_dp":
         server_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "server_noise")
         aggregator = CentralDP(clip_norm=cfg.server_clip_norm, noise_multiplier=cfg.server_noise_multiplier,
                                num_clients=cfg.num_clients, generator=torch.Generator().manual_seed(server_seed))
     else:
         aggregator = FedAvg()
-    return Server(trainable_state(model), fp, aggregator, cfg.min_clients)
+    return Server(trainable_state(model), fp, aggregator, cfg.min_clients, max_update_norm=cfg.max_update_norm,
+                  example_counts=example_counts)
 
 
 def describe_run(fed) -> dict:
@@ -328,7 +333,7 @@ class Federation:
                 noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
             ))
         share_cuda_graphs(self.clients)  # one model here: one set of captures for every client
-        self.server = make_server(cfg, self.model, self.fingerprint)
+        self.server = make_server(cfg, self.model, self.fingerprint, {c.client_id: c.num_examples for c in self.clients})
         self.records: list[dict] = []
 
     # --- one round ---------------------------------------------------------------------------------------

@@ -28,11 +28,20 @@ def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
 
     Raises:
         KeyError: a key is missing or unexpected.
+        ValueError: a tensor of another shape (``copy_`` would broadcast it silently), not floating point,
+            or not finite. Nothing is copied then.
     """
     params = trainable_state(model)
     if params.keys() != state.keys():
         missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
         raise KeyError(f"state: missing keys {missing[:6]}, unexpected keys {extra[:6]}")
+    for k, p in params.items():
+        t = state[k]
+        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape) or not t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"state[{k!r}]: expected a floating-point tensor of shape {tuple(p.shape)}, got {got}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"state[{k!r}]: has non-finite values")
     for k, p in params.items():
         p.copy_(state[k].to(device=p.device, dtype=p.dtype))
 

@@ -19,13 +19,17 @@ from fedlora_fast.privacy.accounting import calibrate_noise_multiplier
 
 
 def build(cfg: FederatedConfig) -> Federation:
-    """``Federation(cfg)`` without calibrating any client's noise (see ``calibrate``); ``fed.config`` is ``cfg``."""
+    """``Federation(cfg)`` without calibrating any client's noise (see ``calibrate``); ``fed.config`` is ``cfg``.
+    Its server takes example counts as sent: over Flower a silo may train on its own data file, whose size
+    the ServerApp's partition of its own copy of the data does not know."""
     if cfg.epsilon is None:
-        return Federation(cfg)
-    fed = Federation(dataclasses.replace(cfg, epsilon=None, noise_multiplier=0.0))
-    fed.config = cfg
-    for c in fed.clients:
-        c.noise_multiplier = float("nan")  # DPSGD refuses NaN: nothing trains without its calibrated noise
+        fed = Federation(cfg)
+    else:
+        fed = Federation(dataclasses.replace(cfg, epsilon=None, noise_multiplier=0.0))
+        fed.config = cfg
+        for c in fed.clients:
+            c.noise_multiplier = float("nan")  # DPSGD refuses NaN: nothing trains without its calibrated noise
+    fed.server.example_counts = None
     return fed
 
 

@@ -67,7 +67,14 @@ class FedLoRAStrategy(FedAvg):
         super().__init__(**kwargs)
         self.server, self.delta, self.num_clients = server, float(delta), int(num_clients)
         self.num_rounds, self.eval_every = int(num_rounds), int(eval_every)
-        self.clients: dict[int, dict] = {}  # client id -> latest privacy record
+        self.clients: dict[int, dict] = {}  # client id -> latest privacy record (from the node it is bound to)
+        # Trust on first use: a client id belongs to the node whose update under that id was first accepted,
+        # and a node speaks for one client id. Flower's node authentication is what makes a node's identity
+        # itself trustworthy; this keeps a node from taking over another's id (its updates, its duplicates
+        # check, its privacy record) once both have spoken.
+        self._node_of: dict[int, int] = {}  # client id -> node
+        self._client_of: dict[int, int] = {}  # node -> client id
+        self._reports: dict[int, dict] = {}  # node -> its latest privacy report: epsilon() is the max over all
         self.rounds: list[dict] = []  # one record per completed round (metrics.json "rounds")
         self._pending: dict = {}
         self._round_start = time.perf_counter()
@@ -100,7 +107,7 @@ class FedLoRAStrategy(FedAvg):
             updates were accepted.
         """
         replies = list(replies)
-        messages, rejected, privacy = [], [], {}
+        messages, rejected, privacy, senders = [], [], {}, {}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -120,20 +127,37 @@ class FedLoRAStrategy(FedAvg):
             except Exception as e:  # malformed content of any kind: reject this reply only
                 rejected.append({"client": None, "node": node, "reason": f"malformed reply: {e}"})
                 continue
+            if not (isinstance(cid, int) and not isinstance(cid, bool)):
+                messages.append(message)  # the server rejects it, naming the bad client_id
+                continue
+            owner, claimed = self._node_of.get(cid), self._client_of.get(node)
+            if (owner is not None and owner != node) or (claimed is not None and claimed != cid):
+                reason = (f"node {node} claims client id {cid}, which belongs to node {owner}" if owner not in (None, node)
+                          else f"node {node} speaks for client id {claimed}, not {cid}")
+                rejected.append({"client": cid, "node": node, "reason": f"{reason} (their first accepted updates)"})
+                continue
             messages.append(message)
+            senders.setdefault(cid, node)  # the server keeps the first update of an id and rejects the rest
             metrics = next(iter(content.metric_records.values()), None)
             if metrics is not None and all(_number(metrics.get(k)) for k in PRIVACY_KEYS):
-                privacy[cid] = {"num_examples": metrics.get(self.weighted_by_key)}
-                privacy[cid].update({k: metrics[k] for k in PRIVACY_KEYS})
+                rec = {"num_examples": metrics.get(self.weighted_by_key), **{k: metrics[k] for k in PRIVACY_KEYS}}
+                self._reports[node] = {"client": cid, "node": node, **rec}
+                if senders[cid] == node:
+                    privacy.setdefault(cid, rec)
         for r in rejected:
             log.warning("round %d: rejected the reply of node %s: %s", server_round, r["node"], r["reason"])
         result = self.server.run_round(messages)
         for r in result.rejected:
             log.warning("round %d: rejected the update of client %s: %s", server_round, r["client"], r["reason"])
+        for u in result.accepted:  # bind each accepted id to the node that sent it (first accepted: for good)
+            self._node_of.setdefault(u.client_id, senders[u.client_id])
+            self._client_of.setdefault(senders[u.client_id], u.client_id)
         # A client whose update failed validation has still spent its budget: its reported privacy record
         # counts (ids outside [0, num_clients) are ignored, so a malformed reply cannot invent clients).
+        # Only a node's own id (unbound yet, or bound to it) gets its record here; every node's latest report
+        # also counts in epsilon(), so a node cannot lower the epsilon another node reported.
         for cid, rec in privacy.items():
-            if isinstance(cid, int) and not isinstance(cid, bool) and 0 <= cid < self.num_clients:
+            if 0 <= cid < self.num_clients:
                 self.clients[cid] = {"client": cid, **rec}
         # Our clients keep their training loss local (it is not differentially private); a client of another
         # make that reports one still gets it averaged here, as the simulation's metrics.json would show it.
@@ -154,8 +178,9 @@ class FedLoRAStrategy(FedAvg):
         return arrays, metrics
 
     def epsilon(self) -> float:
-        """The largest epsilon any client has reported (0 before any report)."""
-        eps = [c["epsilon"] for c in self.clients.values() if isinstance(c.get("epsilon"), (int, float))]
+        """The largest epsilon any client or node has reported (0 before any report)."""
+        recs = [*self.clients.values(), *self._reports.values()]
+        eps = [c["epsilon"] for c in recs if _finite_number(c.get("epsilon"))]
         return float(max(eps)) if eps else 0.0
 
     # --- evaluate ----------------------------------------------------------------------------------------
