@@ -4,12 +4,15 @@ A DP engine attaches one ``PerSampleContext`` to every module that computes per-
 backward, each such module hands its per-sample results to ``store``, which keeps them on the parameter:
 
 - ``param.ff_grad_sample``: (n, *param.shape) float32 per-sample gradients (flat clipping only),
+- ``param.ff_clipped``: the float32 clipped sum ``sum_i c_i P_i`` (per-layer clipping only),
 - ``param.ff_norm2``: (n,) float32 squared per-sample norms (both modes),
 - ``param.ff_batch``: the forward pass (batch id) they came from.
 
-With per-layer clipping the module clips inside its own backward and returns the clipped sum as the
-ordinary ``.grad``; no per-sample gradient outlives the layer. Without a context (DP off) none of this
-runs: modules take their plain, per-sample-free path.
+With per-layer clipping the module clips inside its own backward; no per-sample gradient outlives the
+layer. The clipped sum stays float32 until the noise is added (as flat clipping's does): rounded to a bf16
+``.grad`` first, one sample could move a large sum by more than its threshold. Nothing reaches ``.grad``
+from a per-sample module. Without a context (DP off) none of this runs: modules take their plain,
+per-sample-free path.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE
 
-PS_ATTRS = ("ff_grad_sample", "ff_norm2", "ff_batch")
+PS_ATTRS = ("ff_grad_sample", "ff_clipped", "ff_norm2", "ff_batch")
 
 
 @dataclass
@@ -101,16 +104,18 @@ def store(param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tens
 
 
 def param_result(param: Tensor, ctx: PerSampleContext | None, batch_id: int, grad: Tensor, norm2: Tensor) -> Tensor | None:
-    """Route a per-sample backward result of ``param``: returns what autograd should accumulate in ``.grad``.
+    """Keep a per-sample backward result on ``param``; returns what autograd should accumulate in ``.grad``:
+    nothing (None) in both modes.
 
-    ``grad`` is (n, *shape) in flat mode (stored, nothing returned to autograd) and the clipped sum in
-    per-layer mode (returned, its norms stored).
+    ``grad`` is (n, *shape) in flat mode and the clipped sum in per-layer mode (kept float32, with the
+    norms).
     """
     if ctx.mode == MODE_PER_SAMPLE:
         store(param, ctx, batch_id, grad.float(), norm2)
         return None
     store(param, ctx, batch_id, None, norm2)
-    return grad.to(param.dtype)
+    param.ff_clipped = grad.float()
+    return None
 
 
 def active(ctx: PerSampleContext | None) -> bool:

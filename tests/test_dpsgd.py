@@ -582,6 +582,127 @@ def test_step_on_a_bf16_model_with_a_trained_head(grouped):
         assert not torch.equal(p, b)
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_bf16_clipped_sums_stay_float32_so_one_sample_moves_them_by_at_most_C(clipping):
+    """Sensitivity on a bf16 model: k identical samples that all clip, against k - 1. Rounded to bf16 before
+    the noise (a per-layer sum kept in a bf16 .grad), a sum of 300 samples moved by 1.27 C, or not at all at
+    1000; kept float32 until the noise, by C (to float32 rounding)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 3)).to(torch.bfloat16)
+    ff.inject_adapters(model, target_modules=["0"], r=2, trainable_modules=["1"])
+    dp = ff.DPSGD(model, torch.optim.SGD(params(model), lr=0.1), max_grad_norm=1.0, noise_multiplier=0.0,
+                  expected_batch_size=4, clipping=clipping)  # fmt: skip
+    x1 = (10 * torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))).to(torch.bfloat16)
+
+    def clipped(k):
+        model(x1.expand(k, 5, 16).contiguous()).float().sum().backward()
+        dp.accumulate()
+        out = torch.cat([t.double().flatten() for t in dp.clipped_sum()])
+        dp.zero_grad()
+        return out
+
+    for k in (300, 1000):
+        moved = float((clipped(k) - clipped(k - 1)).norm())
+        assert moved == pytest.approx(1.0, rel=1e-3), (k, moved)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_max_grad_norm_changes_only_between_steps_and_per_layer_thresholds_follow(clipping):
+    """Samples clipped with one C must not be noised for another: a change within a step is refused; between
+    steps it is taken, and the default per-layer thresholds C/sqrt(L) follow it (the noise is sigma * C)."""
+    model = make_model()
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    dp = make_dp(model, clipping=clipping)
+    loss_fn(model, make_batch(3, 2)).backward()
+    if clipping == "per_layer":  # already clipped inside the backward
+        with pytest.raises(RuntimeError, match="max_grad_norm: cannot change from 1.0 to 0.1 in the middle of a step"):
+            dp.max_grad_norm = 0.1
+    dp.accumulate()
+    with pytest.raises(RuntimeError, match="max_grad_norm: cannot change from 1.0 to 0.1 in the middle of a step"):
+        dp.max_grad_norm = 0.1
+    dp.max_grad_norm = 1.0  # the same value: nothing changes
+    dp.step()
+    dp.max_grad_norm = 0.1
+    batch = make_batch(3, 2, seed=4)
+    loop = per_sample_grads_loop(model, loss_fn, batch)
+    thresholds = {k: 0.1 / math.sqrt(len(names)) for k in names} if clipping == "per_layer" else None
+    want = hand_clipped_sum(loop, names, thresholds, C=0.1)
+    loss_fn(model, batch).backward()
+    dp.accumulate()
+    for k, got in zip(names, dp.clipped_sum()):
+        assert_close_verbose(got, want[k], atol=1e-6, rtol=1e-5, name=k)
+    assert dp.sensitivity == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="max_grad_norm: expected a finite number > 0"):
+        dp.max_grad_norm = -1.0
+
+
+def test_explicit_per_layer_thresholds_must_fit_under_a_new_max_grad_norm():
+    model = make_model()
+    dp = make_dp(model, clipping="per_layer", per_layer_max_grad_norm=[0.3, 0.4, 0.5])
+    dp.max_grad_norm = 2.0  # sqrt(0.5) ~ 0.707 still fits
+    with pytest.raises(ValueError, match="exceeds max_grad_norm = 0.5"):
+        dp.max_grad_norm = 0.5
+    assert dp.max_grad_norm == 2.0, "a refused value leaves C as it was"
+
+
+def test_a_tensor_unfrozen_after_the_engine_is_built_is_refused_at_step():
+    """An optimizer over model.parameters() and a layer unfrozen later: its plain gradient would be applied
+    unclipped and un-noised by the optimizer's step. Refused, as is a .grad set on a frozen tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+    ff.inject_adapters(model, ["0"], r=R)
+    dp = ff.DPSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=1e-3, noise_multiplier=5.0,
+                  expected_batch_size=4, noise_seed=0)  # fmt: skip
+    model[2].weight.requires_grad_(True)
+    before = model[2].weight.detach().clone()
+    loss_fn(model, make_batch(4, None, scale=100.0)).backward()
+    with pytest.raises(RuntimeError, match=r"model/optimizer: \['2.weight'\] would be updated with a gradient"):
+        dp.step()
+    assert torch.equal(model[2].weight, before)
+    model[2].weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"\['2.weight'\]"):  # frozen again, but its .grad is still there
+        dp.step()
+    model[2].weight.grad = None
+    dp.step()
+    assert torch.equal(model[2].weight, before) and dp.steps == 1
+
+
+def test_driving_the_stages_by_hand_is_accounted():
+    """clip_and_accumulate -> add_noise -> scale_grad -> optimizer.step (opacus's staging): every noisy
+    release is an accountant step, the step's counts end, and no clipped sum reaches .grad without noise."""
+    model = make_model()
+    opt = torch.optim.SGD(params(model), lr=0.1)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, sample_rate=0.01)
+    for _ in range(3):
+        loss_fn(model, make_batch(4, None)).backward()
+        dp.clip_and_accumulate()
+        dp.add_noise()
+        dp.scale_grad()
+        opt.step()
+        dp.zero_grad()
+    assert dp.accountant.steps == 3 and dp.steps == 3 and dp.last_step_samples == 4 and dp.epsilon(1e-5) > 0
+    loss_fn(model, make_batch(4, None)).backward()
+    dp.clip_and_accumulate()
+    with pytest.raises(RuntimeError, match="scale_grad\\(\\): call add_noise\\(\\) first"):
+        dp.scale_grad()
+    dp.step()
+    assert dp.accountant.steps == 4
+
+
+def test_bad_construction_arguments_name_themselves():
+    model = make_model()
+    opt = torch.optim.SGD(params(model), lr=0.1)
+    kw = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "expected_batch_size": 4}
+    with pytest.raises(TypeError, match="per_layer_max_grad_norm: expected a sequence of 3 thresholds"):
+        ff.DPSGD(model, opt, clipping="per_layer", per_layer_max_grad_norm=0.5, **kw)
+    with pytest.raises(TypeError, match="optimizer: expected a torch.optim.Optimizer, got NoneType"):
+        ff.DPSGD(model, None, **kw)
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got NoneType"):
+        ff.DPSGD(None, opt, **kw)
+    with pytest.raises(TypeError, match="secure_mode: expected True or False, got 'no'"):
+        ff.DPSGD(model, opt, secure_mode="no", **kw)
+
+
 def test_grouped_clip_reduce_equals_per_tensor_with_an_unused_adapter(monkeypatch):
     """The one-launch path (CUDA's) and the per-tensor path give the same clipped sums, zeros for an adapter
     the forward never used, and drop a NaN sample in both."""

@@ -74,13 +74,16 @@ def make_batch(lengths: list[int], pad_to: int, *, left: bool = False, seed: int
 
 
 def engine_grads(model: nn.Module, batch: dict, clipping: str = "flat", max_grad_norm: float = 1e6):
-    """One DPSGD-instrumented backward: (per-sample grads by name, per-sample norms, .grad by name)."""
+    """One DPSGD-instrumented backward: (per-sample grads by name, per-sample norms, clipped sums by name)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     dp = ff.DPSGD(model, opt, max_grad_norm=max_grad_norm, noise_multiplier=0.0, expected_batch_size=1,
                   clipping=clipping)
     causal_lm_loss(model, batch).backward()
     ps, norms = per_sample_grads_engine(model), dp.per_sample_norms().clone()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad), "per-sample modules leave .grad alone"
+    dp.accumulate()
+    grads = dict(zip(names, dp.clipped_sum()))
     dp.zero_grad()
     dp.detach()
     return ps, norms, grads

@@ -215,7 +215,13 @@ class DPSGD:
         noise_seed: int | None = None,
         secure_mode: bool = False,
     ):
-        self.max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode: expected True or False, got {secure_mode!r}")
+        self._max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
         self.noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
         m = expected_batch_size
         if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
@@ -236,6 +242,7 @@ class DPSGD:
         self._device = self.params[0].device
         self.ctx = per_sample.PerSampleContext(mode=MODE_PER_SAMPLE if clipping == "flat" else MODE_CLIP)
         self.sensitivity = self.max_grad_norm
+        self._per_layer_default = per_layer_max_grad_norm is None  # thresholds follow C (C / sqrt(L))
         if clipping == "per_layer":
             self._set_per_layer(per_layer_max_grad_norm)
         elif per_layer_max_grad_norm is not None:
@@ -263,12 +270,43 @@ class DPSGD:
         self._hooks += [m.register_forward_pre_hook(self._guard_unconsumed) for m in self.modules.values()]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
         self._summed: Tensor | None = None  # (total,) float32: the clipped sums since the last step
+        self._noised = False  # add_noise ran since the last step (scale_grad refuses otherwise)
         self._pending_samples = 0  # samples clipped into _summed since the last step
         self._pending_batches = 0
         self._grads_stale = False  # .grad holds the last step's gradient, to be dropped before new backward
         self._dropped = _DroppedCounter(self._device)
         self.steps = 0
         self.last_step_samples = 0
+
+    @property
+    def max_grad_norm(self) -> float:
+        """C: the flat clipping threshold, and what the noise ``sigma C`` is calibrated to.
+
+        It may change between steps (a schedule): the per-layer thresholds follow it when they are the
+        default ``C / sqrt(L)``, and explicit ones must still fit under it. Never within a step: samples
+        already clipped with one C would be noised for another.
+        """
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        value = _check_positive("max_grad_norm", value)
+        pending = self._pending_batches or (self.clipping == "per_layer" and self._have_backward())
+        if pending and value != self._max_grad_norm:
+            raise RuntimeError(
+                f"max_grad_norm: cannot change from {self._max_grad_norm} to {value} in the middle of a step "
+                "(samples already clipped with the old C would be noised for the new one): step() or "
+                "zero_grad() first"
+            )
+        old, self._max_grad_norm = self._max_grad_norm, value
+        if self.clipping == "flat":
+            self.sensitivity = value
+        else:
+            try:
+                self._set_per_layer(None if self._per_layer_default else [self.ctx.clip[id(p)] for p in self.params])
+            except ValueError:
+                self._max_grad_norm = old
+                raise
 
     @property
     def samples_dropped(self) -> int:
@@ -343,7 +381,13 @@ class DPSGD:
         L = len(self.params)
         if thresholds is None:
             thresholds = [self.max_grad_norm / math.sqrt(L)] * L
-        thresholds = list(thresholds)
+        try:
+            thresholds = list(thresholds)
+        except TypeError:
+            raise TypeError(
+                f"per_layer_max_grad_norm: expected a sequence of {L} thresholds (one per trainable tensor), "
+                f"got {thresholds!r}"
+            ) from None
         if len(thresholds) != L:
             raise ValueError(
                 f"per_layer_max_grad_norm: expected {L} thresholds (one per trainable tensor), got {len(thresholds)}"
@@ -396,22 +440,14 @@ class DPSGD:
                 "samples (per-sample gradients and their clipping would not bound one sample's influence); "
                 "put them in eval mode or replace them with GroupNorm/LayerNorm"
             )
-        # per-layer clipping accumulates each clipped sum into .grad, which must start empty: the last
-        # step's gradient (already used by the optimizer) is dropped silently; any other gradient (a plain
-        # backward with the engine paused, or set by hand) would enter the step unclipped, so it is dropped
-        # with a warning
-        foreign = [p for p in self.params if p.grad is not None and not per_sample.has_state(p)]
-        if foreign and not self._grads_stale:
-            if self.clipping == "per_layer":
-                log.warning(
-                    "DPSGD: dropping .grad of %d trainable tensor(s) that did not come from a per-sample backward",
-                    len(foreign),
-                )
-            else:
-                foreign = []  # flat clipping never reads .grad (add_noise overwrites it)
-        for p in foreign:
-            p.grad = None
-        self._grads_stale = False
+        # the last step's gradient (views of one buffer, already used by the optimizer) is freed. Nothing in
+        # the engine reads .grad: per-sample modules keep their results (float32) in the per-sample state and
+        # scale_grad overwrites every .grad, so a gradient from a plain backward (the engine paused, or set
+        # by hand) never reaches a step
+        if self._grads_stale:
+            for p in self.params:
+                p.grad = None
+            self._grads_stale = False
 
     def _guard_unconsumed(self, module, args):
         if not (module.training and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
@@ -473,8 +509,8 @@ class DPSGD:
 
         ``valid``: an (n,) bool mask of real samples in a padded batch. Padding rows get coefficient 0 (they
         add nothing, even a non-finite gradient: the clip-reduce skips coefficient 0) and are not counted
-        as dropped. Their gradients must not reach ``.grad`` (per-layer clipping sums inside the backward):
-        give them loss weight 0, which makes them exactly zero (``GraphedAccumulator`` does).
+        as dropped. Their gradients must not reach the per-layer sums (per-layer clipping sums inside the
+        backward): give them loss weight 0, which makes them exactly zero (``GraphedAccumulator`` does).
         """
         norms2 = self._norms2()  # the clear error when there is no backward
         n = norms2.shape[0]
@@ -488,17 +524,8 @@ class DPSGD:
             if valid is not None:
                 coef = torch.where(valid, coef, torch.zeros_like(coef))
             clipped = self._clip_flat(coef, n)
-        else:
-            grads = []
-            for p in self.params:
-                if p.grad is not None and not per_sample.has_state(p):
-                    names = {id(q): n for n, q in self.model.named_parameters()}
-                    raise RuntimeError(
-                        f"{names.get(id(p), 'a parameter')}: has a .grad that did not come from its per-sample "
-                        "backward (a backward with the engine paused or detached?); call dp.zero_grad() first"
-                    )
-                grads.append(p.grad)  # the layer's backward already clipped and summed (None: unused)
-            clipped = self._flatten(grads)
+        else:  # the layers' backwards already clipped and summed, in float32 (None: unused)
+            clipped = self._flatten([getattr(p, "ff_clipped", None) for p in self.params])
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
@@ -581,7 +608,10 @@ class DPSGD:
         return [v.clone() for v in self._split(self._summed)]
 
     def add_noise(self) -> None:
-        """Add ``N(0, (sigma C)^2)`` noise to every trainable tensor's clipped sum (float32), in one draw."""
+        """Add ``N(0, (sigma C)^2)`` noise to every trainable tensor's clipped sum (float32), in one draw.
+
+        The noisy sum is a release: this is where the accountant takes its step (every call, so driving the
+        stages by hand is accounted too)."""
         std = self.noise_multiplier * self.max_grad_norm
         total = self._summed
         if total is None:
@@ -589,6 +619,9 @@ class DPSGD:
         if std > 0:
             total = total + self._noise(std, total.shape[0])
         self._summed = total  # stays float32 until scale_grad casts it (a bf16 .grad can't take it)
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self._noised = True
 
     def _noise(self, std: float, size: int) -> Tensor:
         device = self._device
@@ -601,7 +634,15 @@ class DPSGD:
         return acc * (std / 2)
 
     def scale_grad(self) -> None:
-        """Set ``.grad`` to the noisy sum divided by the expected batch size m, in the parameter's dtype."""
+        """Set ``.grad`` to the noisy sum divided by the expected batch size m, in the parameter's dtype, and
+        end the logical step (its counts reset; the optimizer's step is the caller's).
+
+        Raises:
+            RuntimeError: no ``add_noise`` since the last step (a clipped sum without noise must not reach
+                ``.grad``).
+        """
+        if not self._noised:
+            raise RuntimeError("scale_grad(): call add_noise() first: the clipped sum has no noise yet")
         scaled = self._summed / self.expected_batch_size
         cast: dict[torch.dtype, Tensor] = {}  # one cast per parameter dtype; every .grad is a view of it
         offset = 0
@@ -611,7 +652,12 @@ class DPSGD:
                 src = cast[p.dtype] = scaled if p.dtype == torch.float32 else scaled.to(p.dtype)
             p.grad = src[offset : offset + k].view(p.shape)
             offset += k
-        self._summed = None
+        self._summed, self._noised = None, False
+        self.steps += 1
+        self.last_step_samples = self._pending_samples
+        self._dropped.end_step(stepped=True)
+        self._pending_samples = self._pending_batches = 0
+        self._grads_stale = True
 
     def step(self, *, empty_batch: bool = False) -> None:
         """One DP-SGD step: clip what the last backward left, add noise once, divide by m, step.
@@ -625,8 +671,8 @@ class DPSGD:
                 same gradients) and ``empty_batch`` was not set; or ``empty_batch`` set while samples are
                 pending.
         """
-        self.max_grad_norm = _check_positive("max_grad_norm", self.max_grad_norm)
         self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
+        self._check_trainable()
         if self._have_backward():
             self.clip_and_accumulate()
         if empty_batch and self._pending_samples > 0:
@@ -639,16 +685,25 @@ class DPSGD:
                 "step(): no per-sample gradients since the last step (a step on the same gradients twice, "
                 "or no backward): run loss.backward() first, or step(empty_batch=True) for an empty batch"
             )
-        self.add_noise()
-        if self.accountant is not None:  # the noisy gradient exists from here on: the step is spent
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.add_noise()  # the noisy gradient exists from here on: the accountant's step is spent
         self.scale_grad()
         self.optimizer.step()
-        self.steps += 1
-        self.last_step_samples = self._pending_samples
-        self._dropped.end_step(stepped=True)
-        self._pending_samples = self._pending_batches = 0
-        self._grads_stale = True
+
+    def _check_trainable(self) -> None:
+        """Refuse a step that would apply a gradient this engine did not clip and noise: a tensor made
+        trainable after the engine was built, or one the optimizer holds with a ``.grad`` set elsewhere."""
+        ours = {id(p) for p in self.params}
+        new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ours]
+        other = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in ours and p.grad is not None]
+        if new or other:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            tensors = {id(p): p for p in [*new, *other]}.values()
+            what = [names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for p in tensors]
+            raise RuntimeError(
+                f"model/optimizer: {what[:6]} would be updated with a gradient DPSGD neither clipped nor "
+                "noised (made trainable after the engine was built, or a .grad set outside it): build a new "
+                "DPSGD after changing what trains, or freeze them and clear their .grad"
+            )
 
     def epsilon(self, delta: float) -> float:
         """The epsilon spent so far at ``delta`` by this engine's accountant (all of its steps, every round).
@@ -674,7 +729,7 @@ class DPSGD:
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
-        self._summed = None
+        self._summed, self._noised = None, False
         self._dropped.end_step(stepped=False)
         self._pending_samples = self._pending_batches = 0
         self._grads_stale = False
