@@ -103,7 +103,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="local optimizer (fresh every round)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument("--physical-batch-size", type=int, default=None, help="split sampled batches into micro-batches of this size (memory only)")
+    g.add_argument("--physical-batch-size", type=int, default=None, help="split sampled batches into micro-batches of this size (less memory; with dropout, other masks)")
     g = p.add_argument_group("privacy (sample-level DP-SGD per client)")
     eps = g.add_mutually_exclusive_group()
     eps.add_argument("--epsilon", type=float, default=d.epsilon, help="target epsilon per client; the noise is calibrated to it")
@@ -145,7 +145,9 @@ def run_train(args: argparse.Namespace) -> int:
         import torch
 
         if config.device != "cpu":
-            torch.device(config.device)
+            device = torch.device(config.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UsageError(f"device: {config.device!r}, but this machine's PyTorch sees no CUDA device")
     except RuntimeError as e:
         raise UsageError(f"device: {e}") from None
     metrics = run_simulation(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

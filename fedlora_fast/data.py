@@ -56,7 +56,7 @@ class TextClassificationData:
 def _read_delimited(path: Path) -> list[dict]:
     tsv = path.suffix.lower() == ".tsv"
     csv.field_size_limit(1 << 24)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's "CSV UTF-8") is dropped
         # TSV files (the bundled SMS data among them) are unquoted: a '"' is part of the text.
         reader = csv.DictReader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
         rows = list(reader)
@@ -66,7 +66,7 @@ def _read_delimited(path: Path) -> list[dict]:
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
@@ -79,6 +79,9 @@ def _read_json(path: Path) -> list[dict]:
         if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
             obj = lists[0]
         elif all(isinstance(v, list) for v in obj.values()):  # column-oriented
+            lengths = {k: len(v) for k, v in obj.items()}
+            if len(set(lengths.values())) > 1:
+                raise DataError(f"data: {path}: column-oriented JSON with columns of different lengths {lengths}")
             keys = list(obj)
             obj = [dict(zip(keys, vals)) for vals in zip(*obj.values())]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
@@ -192,6 +195,20 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
     return _check_classes([index[int(v)] for v in nums], [str(v) for v in uniq], len(values), what)
 
 
+def _label_key(v) -> str:
+    """A raw label as the class name ``labels_to_classes`` would give it: integral numbers (also as text,
+    ``"1.0"``) as ``"1"``, other text stripped."""
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+        f = float(v)
+        return str(int(f)) if math.isfinite(f) and f == int(f) else str(v)
+    text = str(v).strip()
+    try:
+        f = float(text)
+    except ValueError:
+        return text
+    return str(int(f)) if math.isfinite(f) and f == int(f) else text
+
+
 def _check_classes(ids: list[int], names: list[str], n: int, what: str) -> tuple[list[int], list[str]]:
     if len(names) < 2:
         raise DataError(f"{what}: expected at least 2 classes, found {len(names)} ({names})")
@@ -224,8 +241,15 @@ def _to_data(rows: list[dict], names: dict, text_column: str | None, label_colum
         if names.get(lcol) == label_names:
             ids = [int(v) for v in raw]
         else:
-            keys = [str(v).strip() if not isinstance(v, (int, float)) or isinstance(v, bool) else str(int(v)) for v in raw]
+            keys = [_label_key(v) for v in raw]
             unknown = sorted({k for k in keys if k not in lookup})
+            if unknown and all(k.lstrip("-").isdigit() for k in keys):  # integer labels: class ids in name order
+                ids = [int(k) for k in keys]
+                bad = sorted({i for i in ids if not 0 <= i < len(label_names)})
+                if bad:
+                    raise DataError(f"label_column: {source} has class ids {bad[:5]} outside [0, {len(label_names)}) "
+                                    f"(the classes {label_names})")
+                return TextClassificationData(texts, ids, label_names, source)
             if unknown:
                 raise DataError(f"label_column: {source} has labels {unknown[:5]} outside the classes {label_names}")
             ids = [lookup[k] for k in keys]

@@ -79,11 +79,20 @@ def test_train_writes_metrics_curves_and_resumes(tiny, tmp_path, capsys):
     # a second run into the same directory must not silently overwrite it
     code, _, err = run_cli(tiny_args(tiny, out), capsys)
     assert code == EXIT_USAGE and "--resume" in err
+    code, _, err = run_cli(tiny_args(tiny, out, "--resume", "--overwrite"), capsys)
+    assert code == EXIT_USAGE and "resume, overwrite: pass one" in err
     # resuming a finished run rewrites the same final metrics
     code, _, err = run_cli(tiny_args(tiny, out, "--epsilon", "6", "--delta", "1e-4", "--resume"), capsys)
     assert code == 0, err
     again = json.loads((out / "metrics.json").read_text())
     assert again["final"]["accuracy"] == final["accuracy"] and again["final"]["epsilon"] == final["epsilon"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_usage_error(tiny, tmp_path, capsys):
+    code, _, err = run_cli(tiny_args(tiny, tmp_path / "o", "--device", "cuda"), capsys)
+    assert code == EXIT_USAGE and "device: 'cuda', but this machine's PyTorch sees no CUDA device" in err
+    assert "Traceback" not in err
 
 
 def test_module_entry_point_help():

@@ -320,6 +320,34 @@ def test_data_loading_and_labels(tmp_path):
         FederatedConfig(labels=["ham", "ham"]).validate()
 
 
+def test_data_files_with_a_byte_order_mark_ragged_columns_and_numeric_labels(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; column-oriented JSON must not be cut to its
+    shortest column; with --labels, labels written 0.0/1.0 are the classes "0"/"1", and integer labels are
+    class ids in the names' order."""
+    bom = tmp_path / "bom.csv"
+    bom.write_text("\ufefftext,label\n" + "".join(f"msg {i},{'spam' if i % 3 else 'ham'}\n" for i in range(20)), encoding="utf-8")
+    for kw in ({}, {"text_column": "text"}):
+        train, test = load_text_classification(str(bom), seed=0, **kw)
+        assert len(train) + len(test) == 20 and train.label_names == ["ham", "spam"]
+    ragged = tmp_path / "cols.json"
+    ragged.write_text(json.dumps({"text": [f"m {i}" for i in range(10)], "label": [0, 1] * 3}))
+    with pytest.raises(DataError, match=r"columns of different lengths \{'text': 10, 'label': 6\}"):
+        load_text_classification(str(ragged), seed=0)
+    floats = tmp_path / "floats.csv"
+    floats.write_text("text,label\n" + "".join(f"m {i},{i % 2}.0\n" for i in range(20)))
+    train, test = load_text_classification(str(floats), seed=0, label_names=["0", "1"])
+    assert train.label_names == ["0", "1"] and sorted(set(train.labels) | set(test.labels)) == [0, 1]
+    ints = tmp_path / "ints.jsonl"
+    rows = [{"text": f"m {i}", "label": i % 2} for i in range(20)]
+    ints.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, test = load_text_classification(str(ints), seed=0, label_names=["ham", "spam"])
+    got = {t: y for d in (train, test) for t, y in zip(d.texts, d.labels)}
+    assert got == {r["text"]: r["label"] for r in rows} and train.label_names == ["ham", "spam"]
+    ints.write_text("".join(json.dumps({"text": f"m {i}", "label": i % 3}) + "\n" for i in range(20)))
+    with pytest.raises(DataError, match=r"class ids \[2\] outside \[0, 2\)"):
+        load_text_classification(str(ints), seed=0, label_names=["ham", "spam"])
+
+
 def test_parquet_through_datasets(tmp_path):
     pytest.importorskip("datasets", reason="parquet files are read through the optional 'datasets' package")
     pq = pytest.importorskip("pyarrow.parquet")
@@ -392,6 +420,51 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny, tmp_path):
         run_simulation(tiny_config(tiny, rounds=4), tmp_path / "part", resume=True, progress=False, echo=None)
     with pytest.raises(ValueError, match="--resume"):
         run_simulation(cfg, tmp_path / "full", progress=False, echo=None)
+
+
+def test_resume_refuses_other_data_other_micro_batches_and_overwrite_clears_the_old_run(tiny, tmp_path):
+    """A resume must find the same data and model (the noise was calibrated to the old sample rates) and the
+    same physical batch size (with dropout on it changes the masks); --overwrite removes everything the old
+    run wrote, so no old adapter/ sits beside the new metrics.json; a fresh run refuses any of it."""
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny, rounds=2)
+    run_simulation(cfg, out, progress=False, echo=None)
+    assert (out / "adapter").is_dir() and (out / "metrics.json").exists()
+    import dataclasses
+
+    data = tmp_path / "data.tsv"  # the same path, other contents: the config alone cannot tell
+    lines = Path(tiny["data"]).read_text(encoding="utf-8").splitlines(keepends=True)
+    data.write_text("".join(lines), encoding="utf-8")
+    mine = dataclasses.replace(cfg, data=str(data))
+    short = run_simulation(mine, tmp_path / "short", progress=False, echo=None, stop_after=1)
+    assert short["final"] is None
+    data.write_text("".join(lines[: 1 + (len(lines) - 1) // 2]), encoding="utf-8")
+    with pytest.raises(ValueError, match="resume: the checkpoint .* was written for other data or another model"):
+        run_simulation(mine, tmp_path / "short", resume=True, progress=False, echo=None)
+    data.write_text("".join(lines), encoding="utf-8")
+    assert run_simulation(mine, tmp_path / "short", resume=True, progress=False, echo=None)["final"] is not None
+    with pytest.raises(ValueError, match="physical_batch_size=None, this run has physical_batch_size=2"):
+        run_simulation(dataclasses.replace(mine, physical_batch_size=2), tmp_path / "short", resume=True,
+                       progress=False, echo=None)  # fmt: skip
+    with pytest.raises(ValueError, match="resume, overwrite: pass one"):
+        run_simulation(cfg, out, resume=True, overwrite=True, progress=False, echo=None)
+    other = dataclasses.replace(cfg, seed=8)
+    run_simulation(other, out, overwrite=True, progress=False, echo=None, stop_after=1)
+    assert not (out / "adapter").exists() and not (out / "curves.png").exists(), "the old run's outputs stay"
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 8
+    flower = tmp_path / "flower"
+    flower.mkdir()
+    (flower / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds a run \(metrics.json\)"):
+        run_simulation(cfg, flower, progress=False, echo=None)
+
+
+def test_max_length_beyond_the_model_positions_is_refused(tiny):
+    from transformers import AutoConfig
+
+    positions = AutoConfig.from_pretrained(tiny["model"]).max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_length: {positions + 1} tokens exceed the model's {positions} positions"):
+        Federation(tiny_config(tiny, max_length=positions + 1))
 
 
 def test_bad_client_update_is_rejected_in_a_real_round(tiny, tmp_path, caplog):

@@ -124,8 +124,8 @@ class Client:
         noise_multiplier: sigma (0: no noise, no privacy).
         clipping: ``"flat"`` or ``"per_layer"``.
         sample_generator, noise_generator: the client's persistent RNGs (checkpointed with it).
-        physical_batch_size: split a larger sampled batch into micro-batches of at most this size
-            (same result, less memory); None: never split.
+        physical_batch_size: split a larger sampled batch into micro-batches of at most this size (less
+            memory; the same result without dropout, other dropout masks with it); None: never split.
         accountant: its accountant (a fresh RDP one when None).
         secure_mode: DPSGD's secure noise (fresh OS-seeded generator per step, Holohan & Braghin 2021);
             the noise is then not reproducible and ``noise_generator`` is unused.

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,12 @@ from fedlora_fast.privacy.dpsgd import CLIPPING
 log = logging.getLogger(__name__)
 
 METHODS = ("ffa", "lora")
-# Settings that do not change any number of the run: a resume may change them.
-RESUME_FREE = ("device", "physical_batch_size", "eval_batch_size")
+# Settings that do not change any number of the run: a resume may change them. (Not the device: the noise
+# generators' states are per device type; not physical_batch_size: with dropout on, the micro-batch shapes
+# change the dropout masks.)
+RESUME_FREE = ("eval_batch_size",)
+# what a run writes into --out (a fresh run refuses a directory holding any of them, --overwrite removes them)
+RUN_OUTPUTS = ("checkpoint.safetensors", "metrics.json", "curves.png", "adapter", "flower_checkpoint.safetensors")
 
 
 @dataclass
@@ -305,6 +310,12 @@ class Federation:
         if any(len(p) == 0 for p in self.parts):
             raise ValueError(f"partition: a client got no examples (sizes {[len(p) for p in self.parts]})")
         self.model_name, self.tokenizer, self.model = adapted_model(cfg, self.num_labels)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and cfg.max_length > positions:
+            raise ValueError(
+                f"max_length: {cfg.max_length} tokens exceed the model's {positions} positions "
+                f"(max_position_embeddings of {self.model_name}); use --max-length {positions} or less"
+            )
         self.device = torch.device(cfg.device)
         self.pad_id = int(self.tokenizer.pad_token_id)
         train_ids = tokenize(self.tokenizer, train.texts, cfg.max_length)
@@ -405,6 +416,15 @@ class Federation:
         return out
 
     # --- checkpoint ----------------------------------------------------------------------------------------
+    def data_fingerprint(self) -> str:
+        """SHA-256 (16 hex) of the split the run trains and tests on (texts, labels, class names) and the
+        resolved model: a resume must find the same, whatever the config's paths say."""
+        h = hashlib.sha256()
+        for d in (self.train, self.test):
+            h.update(json.dumps([d.texts, d.labels, d.label_names], ensure_ascii=False).encode())
+        h.update(str(self.model_name).encode())
+        return h.hexdigest()[:16]
+
     def save(self, path: str | os.PathLike) -> None:
         tensors = {f"global/{k}": v for k, v in self.server.global_state.items()}
         for c in self.clients:
@@ -412,6 +432,7 @@ class Federation:
         tensors.update({f"aggregator/{k}": v for k, v in self.server.aggregator.tensor_state().items()})
         state = {
             "config": self.config.to_dict(),
+            "data": self.data_fingerprint(),
             "fingerprint": self.fingerprint,
             "round": self.server.round,
             "records": self.records,
@@ -438,6 +459,12 @@ class Federation:
             )
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(f"resume: adapter fingerprint {state['fingerprint']} differs from this run's {self.fingerprint}")
+        if state.get("data") != self.data_fingerprint():
+            raise ValueError(
+                f"resume: the checkpoint {path} was written for other data or another model ({state.get('data')}), "
+                f"this run loads {self.data_fingerprint()} (the noise was calibrated to the old sample rates): "
+                "resume with the same data and model, or start a new run with another --out"
+            )
         self.server.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
         self.server.round = int(state["round"])
         self.server.aggregator.load_state_dict(state["aggregator"])
@@ -550,14 +577,22 @@ def run_simulation(
     """
     out = Path(out_dir)
     path = out / ckpt.CHECKPOINT_NAME
+    if resume and overwrite:
+        raise ValueError("resume, overwrite: pass one (--resume continues the run in --out, --overwrite replaces it)")
     if resume and not path.exists():
         raise ValueError(f"resume: no checkpoint {path} to resume from; run without --resume first")
-    if path.exists() and not resume and not overwrite:
-        raise ValueError(f"out: {out} already holds a run ({path.name}); pass --resume to continue it, "
+    held = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if held and not resume and not overwrite:
+        raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
                          "--overwrite to start afresh, or another --out")
     fed = Federation(config, data)
     if resume:
         fed.restore(path)
+    elif held:  # --overwrite: nothing of the old run may stay beside the new one's outputs
+        for name in held:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        log.warning("out: removed the previous run's %s from %s (--overwrite)", ", ".join(held), out)
     if not config.secure_noise:
         log.warning("DP noise is seeded from --seed (a reproducible simulation); real deployments: --secure-noise")
     out.mkdir(parents=True, exist_ok=True)
