@@ -59,14 +59,22 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
     if not targets:
         raise ValueError("target_modules: expected at least one module name or 'all-linear', got none")
     excluded = set(exclude)
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FFALoRALinear)]
+    modules = dict(model.named_modules())
+    adapted = [n for n, m in modules.items() if isinstance(m, FFALoRALinear)]
+    # not adaptable: an adapter's own base layer (wrapping it again would bypass the adapter), and the linear
+    # children of nn.MultiheadAttention, which reads their weight and bias directly (an adapter never runs)
+    owner = {n: a for n in modules for a in adapted if n.startswith(a + ".")}
+    mha = {f"{n}.{c}" if n else c: n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)
+           for c, _ in m.named_children()}  # fmt: skip
+    linear = [n for n, m in modules.items()
+              if isinstance(m, nn.Linear) and not isinstance(m, FFALoRALinear) and n not in owner and n not in mha]
     if ALL_LINEAR in targets:
         skip = _output_layer_names(model) | excluded
         chosen = [n for n in linear if not any(_matches(n, s) or n.startswith(s + ".") for s in skip)]
         if not chosen:
             raise ValueError("target_modules='all-linear': the model has no nn.Linear besides its output layer")
         return chosen
-    chosen, modules = [], dict(model.named_modules())
+    chosen = []
     for target in targets:
         hits = [n for n in modules if n and _matches(n, target)]
         if not hits:
@@ -79,6 +87,13 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
             m = modules[n]
             if isinstance(m, FFALoRALinear):
                 raise ValueError(f"target_modules: {n!r} already has an adapter")
+            if n in owner:
+                raise ValueError(f"target_modules: {n!r} is inside the adapter {owner[n]!r}; it already has one")
+            if n in mha:
+                raise ValueError(
+                    f"target_modules: {n!r} belongs to nn.MultiheadAttention {mha[n] or type(model).__name__!r}, "
+                    "which reads its weight directly: an adapter there would never run"
+                )
             if not isinstance(m, nn.Linear):
                 raise ValueError(f"target_modules: {n!r} is a {type(m).__name__}, expected torch.nn.Linear")
             if n not in chosen:
@@ -120,8 +135,10 @@ def inject_adapters(
     clash = [n for n in names if any(n == e or n.startswith(e + ".") for e in extra_names)]
     if clash:
         raise ValueError(f"target_modules and trainable_modules overlap: {clash}")
+    # everything else is frozen; adapters of an earlier call keep what they train
+    kept = {id(p) for m in model.modules() if isinstance(m, FFALoRALinear) for p in (m.lora_A, m.lora_B) if p.requires_grad}
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(id(p) in kept)
     adapters = {}
     for name in names:
         layer = FFALoRALinear(

@@ -260,6 +260,18 @@ def _read_dir(load_dir: Path) -> tuple[dict, dict[str, Tensor], dict | None]:
     return config, load_file(str(w_path)), meta
 
 
+# LoRA config fields that plain LoRA sets or that do not change what the adapter computes (the checked ones
+# are checked below); any other field with a value is a variant this loader does not implement
+_PLAIN_LORA_FIELDS = frozenset({
+    "peft_type", "task_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "rank_pattern",
+    "alpha_pattern", "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+    "bias", "use_dora", "lora_bias", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "runtime_config", "qalora_group_size", "trainable_token_indices",
+    "layer_replication", "target_parameters", "ensure_weight_tying",
+})  # fmt: skip
+
+
 def _check_config(config: dict) -> None:
     problems = []
     if config.get("peft_type") != "LORA":
@@ -267,7 +279,9 @@ def _check_config(config: dict) -> None:
     for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             problems.append(f"{key}={config.get(key)!r} (supported: {ok!r})")
-    for key in ("trainable_token_indices", "layer_replication", "target_parameters"):
+    # fields of LoRA variants that compute something else (peft adds them over time): any that is set
+    variants = [k for k, v in config.items() if k not in _PLAIN_LORA_FIELDS and v not in (None, False, [], {}, "", 0)]
+    for key in ("trainable_token_indices", "layer_replication", "target_parameters", *variants):
         if config.get(key):
             problems.append(f"{key}={config.get(key)!r} (unsupported)")
     if config.get("lora_bias"):
@@ -373,6 +387,8 @@ def load_peft(
                 f"{n}: adapter maps {A.shape[1]} -> {B.shape[0]}, the layer {base.in_features} -> {base.out_features}"
             )
         if isinstance(module, FFALoRALinear):
+            if module.merged:
+                problems.append(f"{n}: the model's adapter is merged into its weight; unmerge() it first")
             scale = alpha / (math.sqrt(r) if use_rslora else r)
             if module.r != r or not math.isclose(module.scale, scale, rel_tol=1e-9):
                 problems.append(f"{n}: the model's adapter has r={module.r}, scale={module.scale:g}; the file r={r}, scale={scale:g}")
@@ -386,7 +402,9 @@ def load_peft(
             problems.append(f"{k}: shape {tuple(t.shape)} in the file, {tuple(state[k].shape)} in the model")
     if other:
         for m in config.get("modules_to_save") or []:
-            hits = [n for n in modules if n and _matches(n, m) and any(k.startswith(n + ".") for k in other)]
+            # peft's own rule for modules_to_save is a plain suffix (its "classifier" also saves DistilBERT's
+            # "pre_classifier"), not the dot-bounded target match
+            hits = [n for n in modules if n and n.endswith(m) and any(k.startswith(n + ".") for k in other)]
             extra_modules += [h for h in hits if h not in extra_modules]
         orphans = [k for k in other if not any(k.startswith(e + ".") for e in extra_modules)]
         if orphans:

@@ -54,6 +54,35 @@ def test_init_output_equals_base_and_merge_matches():
         assert_close_verbose(layer.base_layer.weight, w, atol=1e-6, rtol=0, name=name + " unmerged")
 
 
+def test_a_merged_state_dict_says_so_and_loads_without_applying_the_adapter_twice():
+    """A merged layer's state_dict holds W + sBA and a "merged" entry; a fresh (unmerged) layer loading it
+    becomes merged (the adapter is not added a second time), and an unmerged state loaded into a merged layer
+    unmerges it. Adapter weights alone cannot be loaded into a merged layer (its weight holds the old ones)."""
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    ff.inject_adapters(model, target_modules=["0", "2"], r=3, alpha=6.0)
+    randomize_B(model)
+    model.eval()
+    x = torch.randn(4, 9, 37)
+    y = model(x)
+    unmerged_state = copy.deepcopy(model.state_dict())
+    assert not any(k.endswith("merged") for k in unmerged_state), "an unmerged state_dict is unchanged"
+    for layer in ff.adapter_layers(model).values():
+        layer.merge()
+    state = model.state_dict()
+    assert state["0.merged"].item() and state["2.merged"].item()
+    fresh = copy.deepcopy(base)
+    ff.inject_adapters(fresh, target_modules=["0", "2"], r=3, alpha=6.0)
+    fresh.eval().load_state_dict(state)
+    assert all(layer.merged for layer in ff.adapter_layers(fresh).values())
+    assert_close_verbose(fresh(x), y, atol=1e-5, rtol=1e-5, name="merged state loaded into a fresh model")
+    fresh.load_state_dict(unmerged_state)
+    assert not any(layer.merged for layer in ff.adapter_layers(fresh).values())
+    assert_close_verbose(fresh(x), y, atol=1e-5, rtol=1e-5, name="unmerged state loaded into a merged model")
+    with pytest.raises(RuntimeError, match="the layer is merged .* unmerge\\(\\) before loading new adapter weights"):
+        model.load_state_dict({"0.lora_B": torch.zeros_like(model[0].lora_B)}, strict=False)
+
+
 def test_A_is_a_function_of_seed_and_name():
     a = ff.inject_adapters(tiny_model(), target_modules=["0", "2"], seed=7)
     b = ff.inject_adapters(tiny_model(), target_modules=["0", "2"], seed=7)
@@ -251,6 +280,8 @@ def test_injection_errors():
 
         m = nn.Sequential(nn.Linear(4, 4), WithParam())
         ff.inject_adapters(m, target_modules=["0"], trainable_modules=["1"])
+    with pytest.raises(TypeError, match=r"'?1'? \(LayerNorm over \(3, 4\): per-sample rule for one normalised dim only\)"):
+        ff.inject_adapters(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm((3, 4))), target_modules=["0"], trainable_modules=["1"])
 
 
 def test_injection_freezes_everything_else():
@@ -262,6 +293,24 @@ def test_injection_freezes_everything_else():
     model = tiny_model()
     ff.inject_adapters(model, target_modules="all-linear")
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_B", "2.lora_B", "4.lora_B"]
+
+
+def test_injection_skips_what_an_adapter_could_not_reach():
+    """An adapter's own base layer is not adapted again (the outer layer would bypass the inner adapter), and
+    nn.MultiheadAttention's out_proj, whose weight the attention reads directly, is never adapted; a second
+    call keeps the first call's adapters trainable."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    assert sorted(ff.inject_adapters(enc, "all-linear", r=2)) == ["linear1", "linear2"]
+    with pytest.raises(ValueError, match=r"'self_attn.out_proj' belongs to nn.MultiheadAttention 'self_attn'"):
+        ff.inject_adapters(enc, ["out_proj"], r=2)
+    model = tiny_model()
+    ff.inject_adapters(model, target_modules=["0"])
+    second = ff.inject_adapters(model, target_modules="all-linear")
+    assert sorted(second) == ["2", "4"], "0.base_layer must not be wrapped"
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_B", "2.lora_B", "4.lora_B"]
+    with pytest.raises(ValueError, match=r"'0.base_layer' is inside the adapter '0'"):
+        ff.inject_adapters(model, target_modules=["0.base_layer"])
 
 
 def test_dp_refuses_uncovered_trainable_params_and_step_without_backward():

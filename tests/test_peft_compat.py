@@ -325,3 +325,41 @@ def test_converted_ffa_model_exports_and_reloads(tmp_path):
     load_peft(again, tmp_path / "a")
     x = ids(vocab=101)
     assert_close_verbose(again(input_ids=x).logits, model.eval()(input_ids=x).logits, atol=1e-6, rtol=1e-6, name="logits")
+
+
+def test_load_peft_distilbert_modules_to_save_follow_peft_suffix_rule(tmp_path):
+    """peft saves every module whose name ends with a modules_to_save entry: DistilBERT's "classifier" also
+    saves "pre_classifier". Both load, and the logits equal peft's."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=2)
+    base = DistilBertForSequenceClassification(cfg).eval()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.normal_(0, 0.2)
+    pm.save_pretrained(str(tmp_path / "ad"))
+    assert any(k.startswith("base_model.model.pre_classifier") for k in load_file(str(tmp_path / "ad" / "adapter_model.safetensors")))
+    ours = copy.deepcopy(base)
+    load_peft(ours, tmp_path / "ad")
+    ids = torch.randint(0, 100, (2, 7))
+    assert_close_verbose(ours.eval()(input_ids=ids).logits, pm.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5, name="logits")
+
+
+def test_load_peft_refuses_lora_variants_and_merged_layers(tmp_path):
+    model = tiny_bert()
+    ff.inject_adapters(model, ["query", "value"], r=4, trainable_modules=["classifier"])
+    export_peft(model, str(tmp_path / "a"))
+    config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    for key, value in (("alora_invocation_tokens", [5, 6]), ("use_qalora", True), ("velora_config", {"x": 1})):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / CONFIG_NAME).write_text(json.dumps({**config, key: value}))
+        (tmp_path / key / WEIGHTS_NAME).write_bytes((tmp_path / "a" / WEIGHTS_NAME).read_bytes())
+        with pytest.raises(ValueError, match=f"unsupported LoRA configuration: {key}="):
+            load_peft(copy.deepcopy(model), tmp_path / key)
+    merged = copy.deepcopy(model)
+    ff.adapter_layers(merged)["bert.encoder.layer.0.attention.self.query"].merge()
+    with pytest.raises(ValueError, match="query: the model's adapter is merged into its weight; unmerge"):
+        load_peft(merged, tmp_path / "a")

@@ -95,6 +95,25 @@ class _FFALinearFn(torch.autograd.Function):
         return dx, dxa, None, None, dA, dB, None, None
 
 
+def _save_merged_flag(module: "FFALoRALinear", state_dict, prefix: str, local_metadata) -> None:
+    if module.merged:
+        state_dict[prefix + "merged"] = torch.ones((), dtype=torch.bool)
+
+
+def _read_merged_flag(module: "FFALoRALinear", state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    flag = state_dict.pop(prefix + "merged", None)
+    if prefix + "base_layer.weight" in state_dict:  # the weight comes with its own merged state
+        module._loaded_merged = flag is not None and bool(flag)
+    elif module.merged and any(prefix + k in state_dict for k in ("lora_A", "lora_B")):
+        errors.append(f"{prefix or 'FFALoRALinear.'}lora_A/lora_B: the layer is merged (its weight holds the old "
+                      "adapter): unmerge() before loading new adapter weights without the base weight")
+
+
+def _apply_merged_flag(module: "FFALoRALinear", incompatible_keys) -> None:
+    if module._loaded_merged is not None:  # the weight just loaded is merged (or not) as its source was
+        module.merged, module._loaded_merged = module._loaded_merged, None
+
+
 class FFALoRALinear(nn.Module):
     """``y = base(x) + s * dropout(x) A^T B^T`` with ``A`` frozen (FFA-LoRA) or trained (``train_A=True``).
 
@@ -143,6 +162,12 @@ class FFALoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.ps_ctx: per_sample.PerSampleContext | None = None  # set by a DP engine
+        # a merged layer's state_dict holds W + sBA: it says so (a "merged" entry, only then), and a layer
+        # loading it takes that state on, so the adapter is never applied twice (nor lost)
+        self._register_state_dict_hook(_save_merged_flag)
+        self._register_load_state_dict_pre_hook(_read_merged_flag, with_module=True)
+        self.register_load_state_dict_post_hook(_apply_merged_flag)
+        self._loaded_merged: bool | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -198,7 +223,9 @@ class FFALoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight for inference (``W += s B A``)."""
+        """Fold the adapter into the base weight for inference (``W += s B A``). Exact to float32 rounding in
+        float32; a bf16/fp16 weight is rounded to its precision, so ``unmerge`` then restores W only to that
+        rounding (~2^-8 of |W| in bf16), as in peft."""
         if not self.merged:
             w = self.base_layer.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))

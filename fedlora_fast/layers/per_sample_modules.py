@@ -112,7 +112,10 @@ def make_per_sample(module: nn.Module, name: str = "") -> list[nn.Module]:
     for sub_name, sub in module.named_modules():
         if not any(True for _ in sub.parameters(recurse=False)):
             continue
-        if isinstance(sub, _PerSampleMixin):
+        if isinstance(sub, nn.LayerNorm) and len(sub.normalized_shape) != 1:
+            unsupported.append(f"{'.'.join(filter(None, [name, sub_name]))} (LayerNorm over {tuple(sub.normalized_shape)}: "
+                               "per-sample rule for one normalised dim only)")
+        elif isinstance(sub, _PerSampleMixin):
             leaves.append(sub)
         elif type(sub) in _SWAPS:
             leaves.append(sub)
