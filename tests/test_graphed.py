@@ -191,11 +191,57 @@ def test_several_micro_batch_sizes_equal_the_eager_accumulate(clipping, n):
     assert dp.last_step_samples == n
 
 
-def test_mean_reduction_weights_each_micro_batch_like_loss_mean():
+def test_mean_reduction_is_the_batch_mean_however_it_is_split():
+    """reduction="mean" weighs each of the batch's n samples 1/n, as loss.mean() over the batch: the split
+    (which a speed setting, replay_cost, decides) must not change it."""
     batch = make_batch(7)
-    want, _ = eager_sum(batch, [3, 3, 1], "flat", reduction="mean", max_grad_norm=100.0)
-    got, _, _ = graphed_sum([batch], 3, "flat", reduction="mean", max_grad_norm=100.0)
-    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum (mean)")
+    want, _ = eager_sum(batch, [7], "flat", reduction="mean", max_grad_norm=100.0)
+    want_loss = float(per_sample_loss(make_model(), batch).mean())
+    for sizes, cost in ((3, 1.0), ((4, 2, 1), 0.0), ((8, 4, 2, 1), 1.0)):
+        model = make_model()
+        dp = make_dp(model, max_grad_norm=100.0)
+        acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=sizes, replay_cost=cost, reduction="mean", graph=False)
+        acc.accumulate(batch)
+        got = torch.cat([t.flatten() for t in dp.clipped_sum()])
+        assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name=f"clipped sum (mean), plan {acc.plan(7)}")
+        assert float(acc.last_loss) == pytest.approx(want_loss, rel=1e-5)
+
+
+def test_a_failure_part_way_leaves_nothing_in_the_engine(fake):
+    """Plan [4, 1]: the 1-row capture fails after the 4-row micro-batch ran. Nothing of the batch may stay in
+    the step (a retry, e.g. with graph=False as the error suggests, would clip those samples twice)."""
+    model = make_model()
+    dp = make_dp(model)
+
+    def loss(model, mb):
+        if fake.capturing and mb["x"].shape[0] == 1:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return per_sample_loss(model, mb)
+
+    acc = fake.accumulator(dp, loss, micro_batch_size=(4, 1), replay_cost=0.0)
+    batch = make_batch(5)
+    assert acc.plan(5) == [4, 1]
+    with pytest.raises(RuntimeError, match="capture of loss_fn's forward/backward failed"):
+        acc.accumulate(batch)
+    assert dp._pending_samples == 0 and dp._pending_batches == 0 and dp._summed is None
+    retry = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=(4, 1), graph=False)
+    assert retry.accumulate(batch) == 5 and dp._pending_samples == 5
+    want, _ = eager_sum(batch, [5], "flat")
+    assert_close_verbose(torch.cat([t.flatten() for t in dp.clipped_sum()]), want, atol=1e-5, rtol=1e-5, name="retry")
+
+
+def test_eval_mode_or_a_merge_after_the_capture_is_refused(fake):
+    """train/eval (dropout) and an adapter's merge are Python-level switches a replay would not see."""
+    model = make_model()
+    acc = fake.accumulator(make_dp(model), per_sample_loss, micro_batch_size=4)
+    acc.accumulate(make_batch(3))
+    acc.dp.step()
+    acc.dp.zero_grad()
+    model.eval()
+    with pytest.raises(ValueError, match="switched between train and eval or merged/unmerged"):
+        acc.accumulate(make_batch(3))
+    model.train()
+    acc.accumulate(make_batch(3))
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
@@ -335,7 +381,7 @@ def test_replaced_parameters_are_refused_after_a_capture():
     acc._check_captured()
     bias = model[2].bias.data
     model[2].bias.data = bias.clone()
-    with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced by other tensors since the CUDA graph"):
+    with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced by other tensors"):
         acc._check_captured()
     model[2].bias.data = bias
     acc._check_captured()
@@ -498,6 +544,13 @@ def test_find_host_reads_names_the_op_and_the_line():
     ), found
     assert all("test_graphed.py" in at and "reads" in at for _, at in found), found
     assert find_host_reads(lambda: (x * 2).sum()) == []
+    # boolean-mask indexing and tensor repeats read a size back inside one aten op
+    mask, reps = x > 0, torch.tensor([1, 2, 0, 1])
+    assert [op for op, _ in find_host_reads(lambda: x[mask])] == ["aten.index.Tensor"]
+    assert [op for op, _ in find_host_reads(lambda: x.clone().__setitem__(mask, 0.0))] == ["aten.index_put_.default"]
+    assert [op for op, _ in find_host_reads(lambda: torch.repeat_interleave(x, reps))] == ["aten.repeat_interleave.Tensor"]
+    assert find_host_reads(lambda: x[torch.tensor([0, 2])]) == [], "integer indices read nothing back"
+    assert find_host_reads(lambda: torch.repeat_interleave(x, reps, output_size=4)) == []
     # restricted to one device type: a read of a CPU tensor does not stop a CUDA capture
     assert find_host_reads(reads, device_type="cuda") == []
     assert find_host_reads(reads, device_type="cpu") == found
@@ -554,31 +607,34 @@ def test_find_host_reads_sees_stream_and_event_waits(monkeypatch):
     assert {c: dict(vars(c)) for c in before} == before, "nothing added to or left on the classes"
 
 
-def _hf_classifier(kind):
+def _hf_classifier(kind, attn="sdpa"):
     pytest.importorskip("transformers")
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)  # fmt: skip
+                          num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0,
+                          attn_implementation=attn)  # fmt: skip
         model = LlamaForSequenceClassification(cfg)
     else:
         cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=48, max_position_embeddings=32, num_labels=2,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=attn)  # fmt: skip
         model = BertForSequenceClassification(cfg)
     head = "score" if kind == "llama" else "classifier"
     ff.inject_adapters(model, "all-linear", r=4, trainable_modules=[head])
     return model
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_capturable_attention_mask_same_model_and_no_host_reads(kind):
+def test_capturable_attention_mask_same_model_and_no_host_reads(kind, attn):
     """The 2-D padding mask reads back (transformers' sdpa mask skip); capturable_attention_mask's 4-D mask
     gives the same logits (causal for Llama, padding only for BERT) and a step without any read-back, the
-    engine's clipping included."""
-    model = _hf_classifier(kind)
+    engine's clipping included, under sdpa and eager attention (which adds the mask to the scores: a boolean
+    mask there would count as +1/+0 and drop the causal triangle)."""
+    model = _hf_classifier(kind, attn)
     dp = make_dp(model)
     ids = torch.randint(1, 64, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
@@ -594,11 +650,13 @@ def test_capturable_attention_mask_same_model_and_no_host_reads(kind):
 
         return fn
 
-    found = find_host_reads(step(mask))
-    assert found and all(op == "aten._local_scalar_dense.default" for op, _ in found), found
-    assert any("masking_utils" in at for _, at in found), found
+    if attn == "sdpa":
+        found = find_host_reads(step(mask))
+        assert found and all(op == "aten._local_scalar_dense.default" for op, _ in found), found
+        assert any("masking_utils" in at for _, at in found), found
     four = ff.capturable_attention_mask(model, mask)
-    assert four.shape == (3, 1, 9, 9) and four.dtype == torch.bool
+    assert four.shape == (3, 1, 9, 9) and four.dtype == torch.float32
+    assert set(four.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
     assert find_host_reads(step(four)) == []
     model.eval()
     real = mask.bool()
@@ -611,6 +669,16 @@ def test_capturable_attention_mask_same_model_and_no_host_reads(kind):
     assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="logits, 4-D vs 2-D mask")
     # the comparison can fail: ignoring the padding changes BERT (bidirectional) at the padded sample's tokens
     assert (kind == "llama") == torch.allclose(hidden["none"], hidden["2d"], atol=1e-4)
+    if kind == "llama":  # causal: a later token never changes an earlier one's state
+        later = ids.clone()
+        later[0, 5] = (later[0, 5] % 63) + 1
+        with torch.no_grad():
+            a = model.base_model(input_ids=ids, attention_mask=four).last_hidden_state[0, :5]
+            b = model.base_model(input_ids=later, attention_mask=four).last_hidden_state[0, :5]
+        assert torch.equal(a, b)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attention implementation 'flash_attention_2' takes no 4-D mask"):
+        ff.capturable_attention_mask(model, mask)
 
 
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False, "preserve_rng_state": False}],

@@ -236,14 +236,15 @@ class Client:
         # the host wait for every step's GPU work instead of issuing the next (what a host-bound GPU run needs)
         loss_sum, seen, sizes = torch.zeros((), dtype=torch.float32, device=device), 0, []
         graphed = None
-        if self.cuda_graph:  # captured once (per client, or per model when shared), fed by every round's engine
-            key = (self.seq_len, self.graph_sizes)
-            graphed = self._graph_cache.get(key)
-            if graphed is None or graphed.dp.model is not model:
-                graphed = self._graph_cache[key] = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=self.graph_sizes)
-            else:
-                graphed.rebind(dp)
         try:
+            if self.cuda_graph:  # captured once (per client, or per model when shared), fed by every round's engine
+                # (clients sharing a cache but clipping differently keep apart: a capture bakes its clipping in)
+                key = (self.seq_len, self.graph_sizes, self.clipping, self.max_grad_norm)
+                graphed = self._graph_cache.get(key)
+                if graphed is None or graphed.dp.model is not model:
+                    graphed = self._graph_cache[key] = GraphedAccumulator(dp, _per_sample_loss, micro_batch_size=self.graph_sizes)
+                else:
+                    graphed.rebind(dp)
             for batch in sampler:
                 sizes.append(len(batch))
                 if not batch:

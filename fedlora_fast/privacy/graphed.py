@@ -88,9 +88,26 @@ class _HostReads(TorchDispatchMode):
         kwargs = kwargs or {}
         name = str(func)
         to_host = name in ("aten._to_copy.default", "aten.copy_.default") and _to_host(func, args, kwargs)
-        if to_host or (name in HOST_READ_OPS and self._on_device(args, kwargs)):
+        reads = name in HOST_READ_OPS or _data_dependent(name, args, kwargs)
+        if to_host or (reads and self._on_device(args, kwargs)):
             self.found.append((name, _caller(traceback.extract_stack())))
         return func(*args, **kwargs)
+
+
+# indexing with a boolean (or uint8) mask is nonzero() inside the op: its output size (or the positions it
+# writes) is read back, which no separate aten op shows at this level; likewise repeat_interleave with a
+# tensor of repeats and no output_size
+_MASK_INDEX_OPS = ("aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default", "aten._index_put_impl_.default")
+
+
+def _data_dependent(name: str, args, kwargs) -> bool:
+    if name in _MASK_INDEX_OPS and len(args) > 1:
+        return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ()))
+    if name == "aten.repeat_interleave.Tensor":
+        return kwargs.get("output_size") is None
+    if name == "aten.repeat_interleave.self_Tensor":
+        return kwargs.get("output_size") is None
+    return False
 
 
 def _to_host(func, args, kwargs) -> bool:
@@ -155,16 +172,21 @@ def find_host_reads(fn: Callable[[], Any], device_type: str | None = None) -> li
     return probe.found
 
 
-def capturable_attention_mask(model: torch.nn.Module, mask: Tensor) -> Tensor:
-    """A 2-D (n, T) padding mask (1 = token, 0 = padding) as the 4-D boolean mask (n, 1, T, T) that Hugging
+def capturable_attention_mask(model: torch.nn.Module, mask: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A 2-D (n, T) padding mask (1 = token, 0 = padding) as the 4-D additive mask (n, 1, T, T) that Hugging
     Face models take as given, with no read-back (their 2-D mask path asks whether every entry is 1, which
-    a CUDA graph cannot hold). Causal models (attention modules with ``is_causal=True``, e.g. Llama) get the
-    causal triangle too; bidirectional encoders (BERT) only the padding.
+    a CUDA graph cannot hold): 0 where a query may attend to a key, the dtype's lowest value where not (what
+    both eager attention, which adds the mask to the scores, and sdpa take; a boolean mask would be added as
+    +1/+0 by eager attention, and a row with no key left gives NaN in sdpa, finite here). Causal models
+    (attention modules with ``is_causal=True``, e.g. Llama) get the causal triangle too; bidirectional
+    encoders (BERT) only the padding. ``dtype``: the attention's (default: the input embeddings').
 
     Raises:
         ValueError: a mask that is not 2-D; a model whose attention modules do not say (or disagree on)
-            whether they are causal; sequences longer than the model's sliding attention window (Mistral,
-            Gemma...: within the window the mask is the same, beyond it one 4-D mask cannot express it).
+            whether they are causal; an attention implementation other than eager or sdpa (flash and flex
+            attention take no 4-D mask); sequences longer than the model's sliding attention window
+            (Mistral, Gemma...: within the window the mask is the same, beyond it one 4-D mask cannot
+            express it).
     """
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
@@ -173,10 +195,16 @@ def capturable_attention_mask(model: torch.nn.Module, mask: Tensor) -> Tensor:
     if len(causal) != 1:
         raise ValueError(
             f"model: cannot tell from its attention modules whether {type(model).__name__} is causal (is_causal "
-            f"values {sorted(causal)}); build the 4-D boolean mask (n, 1, T, T) yourself"
+            f"values {sorted(causal)}); build the 4-D mask (n, 1, T, T) yourself"
         )
     T = mask.shape[1]
     config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in (None, "eager", "sdpa"):
+        raise ValueError(
+            f"model: attention implementation {impl!r} takes no 4-D mask; load the model with "
+            "attn_implementation='sdpa' or 'eager' for a CUDA graph, or run with graph=False"
+        )
     window = getattr(config, "sliding_window", None)
     if isinstance(window, int) and 0 < window < T and getattr(config, "use_sliding_window", True) is not False:
         raise ValueError(
@@ -184,10 +212,15 @@ def capturable_attention_mask(model: torch.nn.Module, mask: Tensor) -> Tensor:
             "applies (per layer, in some models) and one 4-D mask cannot: pad to at most the window, or run "
             "without a CUDA graph (graph=False) with the 2-D mask"
         )
+    if dtype is None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
     keep = mask.bool()[:, None, None, :].expand(-1, 1, T, T)
     if causal == {True}:
         keep = keep & torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
-    return keep
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+    return torch.where(keep, torch.zeros((), dtype=dtype, device=mask.device), blocked)
 
 
 def plan_micro_batches(n: int, sizes: Sequence[int], replay_cost: float = 1.0) -> list[int]:
@@ -301,8 +334,8 @@ class GraphedAccumulator:
             engine (each holds its own graphs and memory).
         replay_cost: one replay's fixed cost, in rows of work (default 1): only matters with several sizes.
             Large models with long sequences: less (a row is much work); small ones: more.
-        reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (1/k
-            for the k real samples of each micro-batch, as ``loss.mean()`` would).
+        reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (1/n
+            for each of the batch's n samples, as ``loss.mean()`` over the batch would, however it is split).
         graph: capture CUDA graphs; None (default): when the engine's parameters are on CUDA. The graph
             reads the parameters' memory: optimizers update them in place, which it sees; a parameter or
             buffer replaced by another tensor after the first capture (not copied into) is refused at the
@@ -403,8 +436,9 @@ class GraphedAccumulator:
             slot = self._slots[size] = _Slot(size, tensors, self.device)
         return slot
 
-    def _fill(self, slot: _Slot, tensors: list[Tensor], start: int, k: int) -> None:
-        """Copy samples [start, start + k) into the slot's buffers; rows k.. repeat the first (loss weight 0)."""
+    def _fill(self, slot: _Slot, tensors: list[Tensor], start: int, k: int, n: int) -> None:
+        """Copy samples [start, start + k) of the batch's n into the slot's buffers; rows k.. repeat the first
+        (loss weight 0)."""
         b = slot.size
         for x, s in zip(tensors, slot.static):
             part = x[start : start + k]
@@ -412,7 +446,7 @@ class GraphedAccumulator:
             if k < b:
                 s[k:].copy_(part[:1].expand(b - k, *part.shape[1:]), non_blocking=True)
         slot.weight.zero_()
-        slot.weight[:k] = 1.0 if self.reduction == "sum" else 1.0 / k
+        slot.weight[:k] = 1.0 if self.reduction == "sum" else 1.0 / n
         slot.valid.zero_()
         slot.valid[:k] = True
 
@@ -498,6 +532,9 @@ class GraphedAccumulator:
                 add(0 if t is None else t.data_ptr())
             for child in module._modules.values():
                 add(id(child))
+            # Python-level switches the capture took as given: train/eval (dropout), an adapter's merge
+            add(module.training)
+            add(getattr(module, "merged", None))
         return out
 
     def _snapshot(self) -> None:
@@ -529,9 +566,10 @@ class GraphedAccumulator:
             now = self._model_memory()
             moved = [n for (n, p), (m, q) in zip(now, self._memory) if n != m or p != q] or ["(a submodule)"]
             raise ValueError(
-                f"model: {moved[:4]} replaced by other tensors since the CUDA graph was captured (it would read "
-                "the old memory): copy new values in place (param.data.copy_(...), load_state_dict), or build "
-                "a new GraphedAccumulator"
+                f"model: {moved[:4]} replaced by other tensors, or a module switched between train and eval or "
+                "merged/unmerged, since the CUDA graph was captured (it would replay the old memory and "
+                "mode): copy new values in place (param.data.copy_(...), load_state_dict), restore the mode, "
+                "or build a new GraphedAccumulator"
             )
 
     def rebind(self, dp: DPSGD) -> None:
@@ -569,11 +607,14 @@ class GraphedAccumulator:
         self._check(tensors, constants, spec)
         if self._captured:
             self._check_captured()
-        total, start = None, 0
+        # all or nothing: the engine gets the batch's clipped sums only once every micro-batch has run (a
+        # failure part-way, e.g. a capture refused for a new size, must not leave some samples clipped in
+        # the step: a retry of the batch would count them twice)
+        done, total, start = [], None, 0
         for size in self._planner.plan(n):
             k = min(size, n - start)
             slot = self._slot(size, tensors)
-            self._fill(slot, tensors, start, k)
+            self._fill(slot, tensors, start, k, n)
             start += k
             if not self.graph:
                 clipped, dropped, loss = self._device_work(slot)
@@ -585,7 +626,9 @@ class GraphedAccumulator:
                 self.replays += 1
                 # the graph rewrites its outputs at every replay: the engine keeps copies
                 clipped, dropped, loss = (t.clone() for t in slot.out)
-            self.dp._add_clipped(clipped, dropped, k)
+            done.append((clipped, dropped, k))
             total = loss if total is None else total + loss
+        for clipped, dropped, k in done:
+            self.dp._add_clipped(clipped, dropped, k)
         self.last_loss = total
         return n
