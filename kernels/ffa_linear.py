@@ -450,13 +450,14 @@ def _outer_kernel(
     if PACK:  # each term's sum kept apart until here: added in float32
         acc = _sum_packed(acc)
     acc = acc * scale
-    tl.store(
-        p_ptr + seg * stride_pi + split * stride_ps + ra[:, None] * stride_pa + rj[None, :] * stride_pj,
+    tl.store(  # (64-bit offsets: n * out * r of a per-sample workspace can pass 2^31 elements)
+        p_ptr + seg.to(tl.int64) * stride_pi + split.to(tl.int64) * stride_ps + ra[:, None] * stride_pa
+        + rj[None, :] * stride_pj,
         acc.to(p_ptr.dtype.element_ty),
         mask=mask_a[:, None] & mask_j[None, :],
     )
     if HAS_NORM:
-        tl.store(nu_ptr + seg * NUM_A_TILES + pid_a, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+        tl.store(nu_ptr + seg.to(tl.int64) * NUM_A_TILES + pid_a, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -475,11 +476,13 @@ def _split_sum_kernel(
     mask = (ra < A)[:, None] & (rj < RANK)[None, :]
     offs = ra[:, None] * stride_qa + rj[None, :] * stride_qj
     acc = tl.zeros((BLOCK_A, BLOCK_R), dtype=tl.float32)
-    for j in range(0, NSPLIT):
-        acc += tl.load(pp_ptr + seg * stride_qi + j * stride_qs + offs, mask=mask, other=0.0)
-    tl.store(p_ptr + seg * stride_pi + ra[:, None] * stride_pa + rj[None, :] * stride_pj, acc, mask=mask)
+    q = pp_ptr + seg.to(tl.int64) * stride_qi + offs  # a running pointer: 64-bit, as in the one-pass kernel
+    for _ in range(0, NSPLIT):
+        acc += tl.load(q, mask=mask, other=0.0)
+        q += stride_qs
+    tl.store(p_ptr + seg.to(tl.int64) * stride_pi + ra[:, None] * stride_pa + rj[None, :] * stride_pj, acc, mask=mask)
     if HAS_NORM:
-        tl.store(nu_ptr + seg * NUM_A_TILES + pid_a, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+        tl.store(nu_ptr + seg.to(tl.int64) * NUM_A_TILES + pid_a, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -498,9 +501,11 @@ def _clip_reduce_kernel(
     offs = ra[:, None] * stride_pa + rb[None, :] * stride_pb
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=acc_ty)
+    pi = p_ptr + offs  # a running pointer over samples: 64-bit offsets past 2^31 elements
     for i in range(0, N):  # fixed order over samples: deterministic
         c = tl.load(c_ptr + i * stride_c).to(acc_ty)
-        p = tl.load(p_ptr + i * stride_pn + offs, mask=mask, other=0.0).to(acc_ty)
+        p = tl.load(pi, mask=mask, other=0.0).to(acc_ty)
+        pi += stride_pn
         acc += tl.where(c != 0, c * p, 0.0)
     tl.store(out_ptr + ra[:, None] * stride_oa + rb[None, :] * stride_ob, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -1099,6 +1104,9 @@ def ffa_linear_fwd(
     _check_dtype("weight", weight, x.dtype)
     if bias is not None:
         _check_dtype("bias", bias, x.dtype)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        bias = bias.contiguous()  # the GEMM epilogues read it at unit stride
     if tuple(A.shape) != (r, inp) or tuple(B.shape) != (out, r):
         raise ValueError(f"A, B: expected ({r}, {inp}) and ({out}, {r}), got {tuple(A.shape)} and {tuple(B.shape)}")
     n, T, _ = x.shape

@@ -117,3 +117,51 @@ def test_opcheck(use_backend):
             ffa_linear_bwd, (t["g"], u, t["weight"], t["A"], t["B"], t["xa"], 0.5, True, True, mode, 1.0, 1.0)
         )
     torch.library.opcheck(ffa_linear_clip_reduce, (torch.randn(4, 19, 3, device=device), torch.rand(4, device=device)))
+
+
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+def test_bad_arguments_are_named_before_any_backend_runs(use_backend):
+    """Shapes, devices and scalars are checked at the op boundary (the custom op and the eager ``call`` path):
+    a wrong shape would broadcast into a wrong answer in the reference (which also serves the other
+    backends' float64 calls) or read out of bounds in a kernel; a tensor on ``meta`` would make the
+    dispatcher run the fake implementation and return uninitialised memory."""
+    from fedlora_fast.ops.ffa_linear import call
+
+    _, device = use_backend
+    t = ffa_inputs(2, 5, 12, 7, 3, torch.float32, device)
+    x, w, b, A, B = t["x"], t["weight"], t["bias"], t["A"], t["B"]
+    y, u = ffa_linear_fwd(x, x, w, b, A, B, 2.0)
+    g = torch.randn_like(y)
+    fwd_cases = [
+        (dict(A=A.to("meta")), r"A: expected a tensor on .* \(where x is\), got meta"),
+        (dict(bias=b[:1]), r"bias: expected shape \(7\), got \(1,\)"),
+        (dict(bias=torch.randn(14, device=device)[::2].clone()[:6]), r"bias: expected shape \(7\), got \(6,\)"),
+        (dict(B=B[:, :2]), r"B: expected shape \(7, 3\), got \(7, 2\)"),
+        (dict(xa=x[:1]), r"xa: expected shape \(2, 5, 12\), got \(1, 5, 12\)"),
+        (dict(scale=float("inf")), r"scale: expected a finite number, got inf"),
+    ]
+    for change, match in fwd_cases:
+        args = {"x": x, "xa": x, "weight": w, "bias": b, "A": A, "B": B, "scale": 2.0, **change}
+        for op in (ffa_linear_fwd, lambda *a: call(ffa_linear_fwd, *a)):
+            with pytest.raises(ValueError, match=match):
+                op(*args.values())
+    bwd = dict(g=g, u=u, weight=w, A=A, B=B, xa=None, scale=2.0, need_dx=True, split_dx=False, mode=2, clip_B=0.5, clip_A=0.5)
+    bwd_cases = [
+        (dict(g=g[:1]), r"u: expected shape \(1, 5, 3\), got \(2, 5, 3\)"),
+        (dict(B=B.to("meta")), r"B: expected a tensor on .*, got meta"),
+        (dict(clip_B=-1.0), r"clip_B: expected a finite number > 0, got -1.0"),
+        (dict(clip_B=float("nan")), r"clip_B: expected a finite number > 0, got nan"),
+        (dict(mode=3), r"mode: expected 0 \(sum\), 1 \(per-sample\) or 2 \(clip\), got 3"),
+    ]
+    for change, match in bwd_cases:
+        args = {**bwd, **change}
+        for op in (ffa_linear_bwd, lambda *a: call(ffa_linear_bwd, *a)):
+            with pytest.raises(ValueError, match=match):
+                op(*args.values())
+    P, coef = torch.randn(3, 4, 5, device=device), torch.ones(3, device=device)
+    for args, match in (((P[0], coef), r"P: expected shape \(\*, \*, \*\), got \(4, 5\)"),
+                        ((P, coef[:2]), r"coef: expected shape \(3\), got \(2,\)"),
+                        ((P, coef.to("meta")), r"coef: expected a tensor on .*, got meta")):  # fmt: skip
+        for op in (ffa_linear_clip_reduce, lambda *a: call(ffa_linear_clip_reduce, *a)):
+            with pytest.raises(ValueError, match=match):
+                op(*args)

@@ -259,6 +259,8 @@ def test_bad_input_errors_name_what_was_expected():
         ff.FFALoRALinear(nn.Linear(16, 8), r=2, dropout=1.0)
     with pytest.raises(TypeError, match=r"base: expected torch.nn.Linear, got Conv1d"):
         ff.FFALoRALinear(nn.Conv1d(3, 3, 1), r=2)
+    with pytest.raises(ValueError, match=r"base: expected in and out features > 0, got Linear\(0, 5\)"):
+        ff.FFALoRALinear(nn.Linear(0, 5), r=2)
 
 
 def test_injection_errors():

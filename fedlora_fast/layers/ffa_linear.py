@@ -142,6 +142,8 @@ class FFALoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected torch.nn.Linear, got {type(base).__name__}")
+        if base.in_features <= 0 or base.out_features <= 0:
+            raise ValueError(f"base: expected in and out features > 0, got Linear({base.in_features}, {base.out_features})")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r: expected a positive int, got {r!r}")
         if not math.isfinite(float(alpha)) or float(alpha) <= 0:

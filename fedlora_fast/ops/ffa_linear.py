@@ -11,19 +11,93 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import math
+
 from fedlora_fast.ops.backends import implementation
-from fedlora_fast.reference.ffa_linear import MODE_PER_SAMPLE, MODE_SUM, acc_dtype
+from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, acc_dtype
+
+# --- argument checks: shapes, devices and scalars, before any backend sees them (never tensor values: that
+# would read the device back). A wrong shape would otherwise broadcast into a wrong answer in the reference
+# (which also serves float64 calls of the other backends) or read out of bounds in a kernel; a tensor on
+# another device (meta) would make the dispatcher run the fake implementation and return uninitialised memory.
+
+
+def _shape(name: str, t: Tensor | None, shape: tuple) -> None:
+    if not isinstance(t, Tensor) or t.dim() != len(shape) or any(e is not None and a != e for a, e in zip(t.shape, shape)):
+        want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected shape {want}, got {got}")
+
+
+def _devices(ref_name: str, ref: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name}: expected a tensor on {ref.device} (where {ref_name} is), got {t.device}")
+
+
+def _finite(name: str, v: float, positive: bool = False) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"{name}: expected a finite number{' > 0' if positive else ''}, got {v!r}")
+
+
+def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
+    """Raise ValueError naming the argument whose shape, device or value does not fit ``ffa_linear_fwd``."""
+    _shape("x", x, (None, None, None))
+    n, T, inp = x.shape
+    _shape("xa", xa, (n, T, inp))
+    _shape("weight", weight, (None, inp))
+    out = weight.shape[0]
+    if bias is not None:
+        _shape("bias", bias, (out,))
+    _shape("A", A, (None, inp))
+    _shape("B", B, (out, A.shape[0]))
+    _finite("scale", scale)
+    _devices("x", x, xa=xa, weight=weight, bias=bias, A=A, B=B)
+
+
+def check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A) -> None:
+    """Raise ValueError naming the argument whose shape, device or value does not fit ``ffa_linear_bwd``."""
+    _shape("g", g, (None, None, None))
+    n, T, out = g.shape
+    _shape("weight", weight, (out, None))
+    inp = weight.shape[1]
+    _shape("A", A, (None, inp))
+    r = A.shape[0]
+    _shape("B", B, (out, r))
+    _shape("u", u, (n, T, r))
+    if xa is not None:
+        _shape("xa", xa, (n, T, inp))
+    if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
+        raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode!r}")
+    _finite("scale", scale)
+    if mode == MODE_CLIP:
+        _finite("clip_B", clip_B, positive=True)
+        if xa is not None:
+            _finite("clip_A", clip_A, positive=True)
+    _devices("g", g, u=u, weight=weight, A=A, B=B, xa=xa)
+
+
+def check_clip_reduce(P, coef) -> None:
+    """Raise ValueError naming the argument whose shape or device does not fit ``ffa_linear_clip_reduce``."""
+    _shape("P", P, (None, None, None))
+    _shape("coef", coef, (P.shape[0],))
+    _devices("P", P, coef=coef)
+
+
+_CHECKS = {"ffa_linear_fwd": check_fwd, "ffa_linear_bwd": check_bwd, "ffa_linear_clip_reduce": check_clip_reduce}
 
 
 @torch.library.custom_op("fedlora_fast::ffa_linear_fwd", mutates_args=())
 def ffa_linear_fwd(
     x: Tensor, xa: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
+    check_fwd(x, xa, weight, bias, A, B, scale)
     return implementation("ffa_linear_fwd", x.device.type)(x, xa, weight, bias, A, B, scale)
 
 
 @ffa_linear_fwd.register_fake
 def _(x, xa, weight, bias, A, B, scale):
+    check_fwd(x, xa, weight, bias, A, B, scale)
     n, T, _ = x.shape
     return x.new_empty((n, T, weight.shape[0])), x.new_empty((n, T, A.shape[0]), dtype=acc_dtype(x.dtype))
 
@@ -43,6 +117,7 @@ def ffa_linear_bwd(
     clip_B: float,
     clip_A: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A)
     return implementation("ffa_linear_bwd", g.device.type)(
         g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A
     )
@@ -50,6 +125,7 @@ def ffa_linear_bwd(
 
 @ffa_linear_bwd.register_fake
 def _(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A):
+    check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A)
     n, T, _ = g.shape
     out, r = B.shape
     inp = A.shape[1]
@@ -68,11 +144,13 @@ def _(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A):
 
 @torch.library.custom_op("fedlora_fast::ffa_linear_clip_reduce", mutates_args=())
 def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
+    check_clip_reduce(P, coef)
     return implementation("ffa_linear_clip_reduce", P.device.type)(P, coef)
 
 
 @ffa_linear_clip_reduce.register_fake
 def _(P, coef):
+    check_clip_reduce(P, coef)
     return P.new_empty(P.shape[1:])
 
 
@@ -88,4 +166,6 @@ def call(op, *args):
     """
     if torch.compiler.is_compiling():
         return op(*args)
-    return implementation(_OP_NAMES[op], args[0].device.type)(*args)
+    name = _OP_NAMES[op]
+    _CHECKS[name](*args)
+    return implementation(name, args[0].device.type)(*args)
