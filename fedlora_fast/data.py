@@ -259,15 +259,27 @@ def _to_data(rows: list[dict], names: dict, text_column: str | None, label_colum
 
 
 def train_test_split(data: TextClassificationData, test_fraction: float, seed: int) -> tuple[TextClassificationData, TextClassificationData]:
-    """A stratified split: every class keeps its share in both parts (``round(count * test_fraction)`` to test)."""
+    """A stratified split: every class keeps its share in both parts (about ``round(count * test_fraction)``
+    to test), and identical texts stay on one side (a message in both would be tested on after training on
+    it: the bundled SMS data holds ~400 repeated messages)."""
     if not 0.0 < float(test_fraction) < 1.0:
         raise DataError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     rng = np.random.default_rng(seed)
-    y = np.asarray(data.labels)
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(data.texts):
+        groups.setdefault(t, []).append(i)
+    by_class: list[list[list[int]]] = [[] for _ in data.label_names]
+    for members in groups.values():  # a group goes with its first example's class
+        by_class[data.labels[members[0]]].append(members)
     test_idx = []
-    for c in range(len(data.label_names)):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        test_idx += idx[: int(round(idx.size * test_fraction))].tolist()
+    for c, class_groups in enumerate(by_class):
+        want = int(round(sum(len(g) for g in class_groups) * test_fraction))
+        taken = 0
+        for k in rng.permutation(len(class_groups)):
+            if taken >= want:
+                break
+            test_idx += class_groups[k]
+            taken += len(class_groups[k])
     test_set = set(test_idx)
     train_idx = [i for i in range(len(data)) if i not in test_set]
     if not train_idx or not test_idx:

@@ -320,6 +320,20 @@ def test_data_loading_and_labels(tmp_path):
         FederatedConfig(labels=["ham", "ham"]).validate()
 
 
+def test_split_keeps_identical_texts_on_one_side_and_stratifies():
+    """The bundled SMS data repeats ~400 messages: none may be both trained and tested on; each class keeps
+    its share; the split is a function of the seed."""
+    train, test = load_text_classification(None, seed=0)
+    assert not set(train.texts) & set(test.texts)
+    assert len(train) + len(test) == 5574 and abs(len(test) - 0.2 * 5574) <= 40
+    for c in range(2):
+        share = [sum(1 for y in d.labels if y == c) / len(d) for d in (train, test)]
+        assert abs(share[0] - share[1]) < 0.01, share
+    again = load_text_classification(None, seed=0)[1]
+    assert again.texts == test.texts
+    assert load_text_classification(None, seed=1)[1].texts != test.texts
+
+
 def test_data_files_with_a_byte_order_mark_ragged_columns_and_numeric_labels(tmp_path):
     """Excel's "CSV UTF-8" starts with a byte-order mark; column-oriented JSON must not be cut to its
     shortest column; with --labels, labels written 0.0/1.0 are the classes "0"/"1", and integer labels are
