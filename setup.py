@@ -92,6 +92,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fedlora_fast.kernels": "kernels"},
