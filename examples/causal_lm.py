@@ -196,8 +196,9 @@ def main(argv=None) -> dict:
             opt = torch.optim.Adam(trainable, lr=args.lr)
             dp = ff.DPSGD(model, opt, max_grad_norm=args.max_grad_norm, noise_multiplier=sigma,
                           expected_batch_size=max(1, round(args.sample_rate * len(shard))), clipping=args.clipping)
-            sampler = PoissonSampler(len(shard), args.sample_rate, steps=args.local_steps,
-                                     generator=torch.Generator().manual_seed(args.seed * 10007 + rnd * 101 + c))
+            # sampling from the OS's entropy: the accounting's amplification by subsampling assumes nobody can
+            # tell which samples a step drew (a sampler seeded from the public --seed would tell)
+            sampler = PoissonSampler(len(shard), args.sample_rate, steps=args.local_steps)
             if args.cuda_graph:  # one capture for the run: every client's engine (same model, shapes, clipping)
                 if graphed is None:
                     sizes = graph_micro_batch_sizes(args.micro_batch)  # and the powers of two below: little padding

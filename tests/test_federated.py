@@ -546,6 +546,17 @@ def test_other_settings_run(tiny, tmp_path):
     assert all(r["applied"] and not r["rejected"] for r in m["rounds"])
 
 
+def test_secure_noise_draws_the_sampling_from_the_os_too(tiny):
+    """Amplification by subsampling assumes nobody can tell which samples a step drew: with --secure-noise
+    the Poisson sampling is OS-seeded like the noise; without it both follow --seed (a reproducible run)."""
+    def states(**kw):
+        fed = Federation(tiny_config(tiny, **kw))
+        return [c.sample_generator.get_state() for c in fed.clients]
+
+    assert all(torch.equal(a, b) for a, b in zip(states(), states()))
+    assert not any(torch.equal(a, b) for a, b in zip(states(secure_noise=True), states(secure_noise=True)))
+
+
 def test_round_lr_schedules():
     from fedlora_fast.federated.client import round_lr
 

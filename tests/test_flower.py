@@ -513,3 +513,63 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
             torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-7)
     assert (out / "adapter").is_dir() and (out / "flower_checkpoint.safetensors").is_file()
     print(f"flower deployment: 2 rounds in {seconds:.1f} s (flwr run wall time)")
+
+
+def test_bf16_tensors_cross_flower_records_exactly():
+    """numpy has no bfloat16: bf16 tensors travel as float32 (exactly) and come back as bf16, so the server's
+    dtype check passes and a bf16 checkpoint runs under Flower as in the simulation."""
+    t = {"w": torch.randn(3, 4).to(torch.bfloat16), "b": torch.randn(2)}
+    msg = serialization.encode(t, {"client_id": 0, "round": 0})
+    arrays, meta = records.from_message(msg)
+    back, info = serialization.decode(records.to_message(arrays, meta))
+    assert back["w"].dtype == torch.bfloat16 and torch.equal(back["w"], t["w"]) and torch.equal(back["b"], t["b"])
+    assert records.BF16_KEY not in info, "the marker is the records' business, not the server's"
+    assert records.to_tensors(records.to_array_record(t))["w"].dtype == torch.float32
+
+
+def test_flower_settings_and_a_node_refuse_what_would_spend_budget_for_nothing(tiny):
+    """A round timeout of 0, negative or NaN makes Flower send the messages (clients train, spend budget) and
+    collect no reply; a node asked for more rounds than its noise was planned for refuses; and a run without
+    noise reports epsilon inf, not 0."""
+    from fedlora_fast.flower import client_app, node
+
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="flower-round-timeout.*expected a finite number of seconds > 0"):
+            flower_config.flower_setting({flower_config.TIMEOUT_KEY: bad}, flower_config.TIMEOUT_KEY)
+    cfg = flower_config.federated_config(_tiny_run_config(tiny, **{"noise-multiplier": 1.3}))
+    fed = node.build(cfg)
+    client = client_app._restore(fed, 0, RecordDict())
+    client.accountant.step(noise_multiplier=1.3, sample_rate=client.sample_rate, num_steps=cfg.rounds * cfg.local_steps)
+    client_app._persist(client, state := RecordDict())
+
+    class Ctx:  # what load_node and train read
+        run_config = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+        node_config = {"partition-id": 0, "num-partitions": cfg.num_clients}
+        run_id = 1
+
+    Ctx.state = state
+    with pytest.raises(RuntimeError, match=r"node 0: another round would take its DP-SGD steps from \d+ to \d+, past the"):
+        client_app.train(None, Ctx)  # refused before the message is even read
+    strategy = FedLoRAStrategy(Server({"w": torch.zeros(1)}, FP), num_clients=1, delta=1e-5, num_rounds=1)
+    strategy.clients[0] = {"client": 0, "epsilon": float("inf")}
+    assert strategy.epsilon() == float("inf")
+
+
+def test_server_app_refuses_an_out_that_holds_a_run_unless_told_to_replace_it(tiny, tmp_path):
+    from fedlora_fast.flower import server_app
+
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+
+    class Ctx:
+        run_config = {**_tiny_run_config(tiny), "out": str(out)}
+        run_id = 1
+
+    with pytest.raises(ValueError, match=r"already holds a run \(metrics.json, adapter\).*flower-overwrite = true"):
+        server_app.main(None, Ctx)
+    assert (out / "adapter").is_dir(), "nothing removed when refused"
+    Ctx.run_config = {**Ctx.run_config, "flower-overwrite": True}
+    with pytest.raises(AttributeError):  # past the guard (no grid here): the old outputs went first
+        server_app.main(None, Ctx)
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()

@@ -334,13 +334,15 @@ class Federation:
             else:
                 sigma = float(cfg.noise_multiplier)
             noise_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "noise", k)
+            # secure mode: sampling from the OS too (amplification by subsampling assumes the draws are secret)
+            sample_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "sample", k)
             self.clients.append(Client(
                 k, [train_ids[i] for i in idx], [train.labels[i] for i in idx], pad_id=self.pad_id,
                 batch_size=cfg.batch_size, local_steps=cfg.local_steps, lr=cfg.lr, optimizer=cfg.optimizer,
                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
                 noise_multiplier=sigma, clipping=cfg.clipping, physical_batch_size=cfg.physical_batch_size,
                 secure_mode=cfg.secure_noise, rounds=cfg.rounds, lr_schedule=cfg.lr_schedule, cuda_graph=cfg.cuda_graph,
-                sample_generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", k)),
+                sample_generator=torch.Generator().manual_seed(sample_seed),
                 noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
             ))
         share_cuda_graphs(self.clients)  # one model here: one set of captures for every client

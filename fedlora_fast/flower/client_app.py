@@ -140,6 +140,13 @@ def train(msg: Message, context: Context) -> Message:
     """Local DP-SGD from the received global tensors; reply with the trainable tensors and privacy record."""
     cfg, fed, pid, k = load_node(context)
     client = _restore(fed, k, context.state)
+    planned = cfg.rounds * cfg.local_steps
+    if client.accountant.steps + cfg.local_steps > planned:  # a faulty or hostile server asking for more
+        raise RuntimeError(
+            f"node {pid}: another round would take its DP-SGD steps from {client.accountant.steps} to "
+            f"{client.accountant.steps + cfg.local_steps}, past the {planned} (rounds x local-steps) its noise and "
+            "epsilon were planned for: refused"
+        )
     global_state = records.to_tensors(msg.content.array_records["arrays"])
     round_idx = int(msg.content.config_records["config"][ROUND_KEY])
     torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, pid))  # dropout masks, as in the simulation

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 from collections.abc import Mapping
 
 from fedlora_fast.cli import add_train_parser, config_from_args
@@ -57,7 +58,8 @@ def _toml_default(action: argparse.Action):
 
 
 SERVER_DATA_KEY = "flower-server-data"  # false: the ServerApp loads no data (needs labels; no data summary)
-FLOWER_DEFAULTS = {DUMP_KEY: "", TIMEOUT_KEY: 3600.0, SERVER_DATA_KEY: True}
+OVERWRITE_KEY = "flower-overwrite"  # true: the ServerApp replaces a run already in `out` (else it refuses)
+FLOWER_DEFAULTS = {DUMP_KEY: "", TIMEOUT_KEY: 3600.0, SERVER_DATA_KEY: True, OVERWRITE_KEY: False}
 
 
 def default_run_config() -> dict:
@@ -125,4 +127,8 @@ def flower_setting(run_config: Mapping, key: str):
         value = float(value)
     if not isinstance(value, expected):
         raise ValueError(f"run config {key!r}: expected a {expected.__name__}, got {value!r}")
+    if key == TIMEOUT_KEY and not (math.isfinite(value) and value > 0):
+        # 0, negative or NaN: Flower still sends the round's messages (clients train and spend budget) but
+        # waits for no reply, so every round would aggregate nothing
+        raise ValueError(f"run config {key!r}: expected a finite number of seconds > 0, got {value!r}")
     return value

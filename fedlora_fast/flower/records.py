@@ -25,9 +25,19 @@ class RecordError(ValueError):
     """A Flower record that cannot be turned into a fedlora_fast message (missing, mistyped or corrupted)."""
 
 
+BF16_KEY = "fedlora-bf16"  # metadata entry: the tensors sent as float32 that are bfloat16 (numpy has no bf16)
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    t = t.detach().to("cpu")
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: float32 holds every bf16 value exactly
+        t = t.float()
+    return t.contiguous().numpy()
+
+
 def to_array_record(tensors: dict[str, Tensor]) -> ArrayRecord:
-    """``{name: tensor}`` -> ``ArrayRecord`` (CPU copies; order kept)."""
-    return ArrayRecord({k: Array(t.detach().to("cpu").contiguous().numpy()) for k, t in tensors.items()})
+    """``{name: tensor}`` -> ``ArrayRecord`` (CPU copies; order kept; bfloat16 as float32, exactly)."""
+    return ArrayRecord({k: Array(_numpy(t)) for k, t in tensors.items()})
 
 
 def to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
@@ -78,11 +88,22 @@ def read_meta(record: ConfigRecord) -> dict:
 
 
 def to_message(arrays: ArrayRecord, meta: ConfigRecord) -> bytes:
-    """A Flower (arrays, metadata) pair -> fedlora_fast message bytes (what ``Server.validate`` reads)."""
-    return serialization.encode(to_tensors(arrays), read_meta(meta))
+    """A Flower (arrays, metadata) pair -> fedlora_fast message bytes (what ``Server.validate`` reads); the
+    tensors ``from_message`` sent as float32 for bfloat16 are bfloat16 again (the server checks dtypes)."""
+    tensors, info = to_tensors(arrays), read_meta(meta)
+    bf16 = info.pop(BF16_KEY, [])
+    if not isinstance(bf16, list):
+        raise RecordError(f"config[{META_KEY!r}][{BF16_KEY!r}]: expected a list of tensor names, got {bf16!r}")
+    for k in bf16:
+        if k in tensors and tensors[k].dtype == torch.float32:
+            tensors[k] = tensors[k].to(torch.bfloat16)  # exact: they were bfloat16 values
+    return serialization.encode(tensors, info)
 
 
 def from_message(message: bytes) -> tuple[ArrayRecord, ConfigRecord]:
     """fedlora_fast message bytes -> the Flower (arrays, metadata) pair."""
     tensors, meta = serialization.decode(message)
+    bf16 = [k for k, t in tensors.items() if t.dtype == torch.bfloat16]
+    if bf16:
+        meta = {**meta, BF16_KEY: bf16}
     return to_array_record(tensors), meta_record(meta)

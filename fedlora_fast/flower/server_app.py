@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -20,10 +21,25 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
-from fedlora_fast.federated.simulation import Federation, export_adapter, final_record, format_round, plot_curves
+from fedlora_fast.federated.simulation import (
+    RUN_OUTPUTS,
+    Federation,
+    export_adapter,
+    final_record,
+    format_round,
+    plot_curves,
+)
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
-from fedlora_fast.flower.config import DUMP_KEY, OUT_KEY, SERVER_DATA_KEY, TIMEOUT_KEY, federated_config, flower_setting
+from fedlora_fast.flower.config import (
+    DUMP_KEY,
+    OUT_KEY,
+    OVERWRITE_KEY,
+    SERVER_DATA_KEY,
+    TIMEOUT_KEY,
+    federated_config,
+    flower_setting,
+)
 from fedlora_fast.flower.strategy import FedLoRAStrategy
 
 CHECKPOINT_NAME = "flower_checkpoint.safetensors"  # not the simulation's: it cannot resume a Flower run
@@ -71,6 +87,12 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(flower_setting(context.run_config, OUT_KEY)).expanduser()
     dump = flower_setting(context.run_config, DUMP_KEY)
     timeout = flower_setting(context.run_config, TIMEOUT_KEY)
+    held = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if held and not flower_setting(context.run_config, OVERWRITE_KEY):
+        raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); set another 'out', or "
+                         "flower-overwrite = true to replace it")
+    for name in held:  # nothing of the old run may stay beside the new one's outputs
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
     # the server needs no client's noise; with flower-server-data = false, no data either (silos hold it all)
     fed = node.build(cfg) if flower_setting(context.run_config, SERVER_DATA_KEY) else node.ServerOnly(cfg)

@@ -180,7 +180,8 @@ class FedLoRAStrategy(FedAvg):
     def epsilon(self) -> float:
         """The largest epsilon any client or node has reported (0 before any report)."""
         recs = [*self.clients.values(), *self._reports.values()]
-        eps = [c["epsilon"] for c in recs if _finite_number(c.get("epsilon"))]
+        # inf counts (a client without noise has no privacy: the run must not read as epsilon 0); NaN does not
+        eps = [c["epsilon"] for c in recs if _number(c.get("epsilon")) and not math.isnan(c["epsilon"])]
         return float(max(eps)) if eps else 0.0
 
     # --- evaluate ----------------------------------------------------------------------------------------
