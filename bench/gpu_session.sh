@@ -11,7 +11,7 @@
 # bench/results/gpu_session).
 #
 #   bash bench/gpu_session.sh                       # on a CUDA machine with PyTorch + Triton installed
-#   TEST_S=230 SWEEP_S=100 LAYER_S=160 GRAPH_S=70 NCU_S=60 LAUNCH_S=40 STEP_S=90 BUDGET_S=585 bash bench/gpu_session.sh
+#   TEST_S=230 SWEEP_S=100 LAYER_S=160 GRAPH_S=90 NCU_S=60 LAUNCH_S=40 STEP_S=90 BUDGET_S=585 bash bench/gpu_session.sh
 #                                                  # per-step caps and the whole budget (seconds from the start);
 #                                                  # a cap of 0 skips that step
 #
@@ -61,7 +61,7 @@ if (( L > 30 )); then
         2>&1 | tee "$OUT/gpu_layer.log"
 fi
 
-L=$(cap "${GRAPH_S:-70}")
+L=$(cap "${GRAPH_S:-90}")
 echo "== 4/7 the 1B DP step replayed from a CUDA graph (ffa_dp_flat_graph: GraphedAccumulator; own process), ${L}s"
 if (( L > 20 )); then
     timeout "$L" "$PY" bench/step.py --device cuda --no-mem --json "$OUT/step_graph.json" \
