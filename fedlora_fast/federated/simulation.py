@@ -45,8 +45,23 @@ METHODS = ("ffa", "lora")
 # generators' states are per device type; not physical_batch_size: with dropout on, the micro-batch shapes
 # change the dropout masks.)
 RESUME_FREE = ("eval_batch_size",)
-# what a run writes into --out (a fresh run refuses a directory holding any of them, --overwrite removes them)
-RUN_OUTPUTS = ("checkpoint.safetensors", "metrics.json", "curves.png", "adapter", "flower_checkpoint.safetensors")
+# what a run (simulation or Flower ServerApp) writes into --out: a fresh run refuses a directory holding any of
+# them, --overwrite removes them (held_run_outputs, remove_run_outputs)
+RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", "flower_checkpoint.safetensors")
+
+
+def held_run_outputs(out: Path) -> list[str]:
+    """The ``RUN_OUTPUTS`` that ``out`` already holds."""
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+
+
+def remove_run_outputs(out: Path, names: list[str]) -> None:
+    """Remove an earlier run's outputs, so that nothing of it stays beside a new run's."""
+    for name in names:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if names:
+        log.warning("out: removed the previous run's %s from %s", ", ".join(names), out)
 
 
 @dataclass
@@ -418,9 +433,11 @@ class Federation:
         return out
 
     # --- checkpoint ----------------------------------------------------------------------------------------
+    @functools.cached_property
     def data_fingerprint(self) -> str:
         """SHA-256 (16 hex) of the split the run trains and tests on (texts, labels, class names) and the
-        resolved model: a resume must find the same, whatever the config's paths say."""
+        resolved model: a resume must find the same, whatever the config's paths say. Computed once (every
+        round's checkpoint carries it)."""
         h = hashlib.sha256()
         for d in (self.train, self.test):
             h.update(json.dumps([d.texts, d.labels, d.label_names], ensure_ascii=False).encode())
@@ -434,7 +451,7 @@ class Federation:
         tensors.update({f"aggregator/{k}": v for k, v in self.server.aggregator.tensor_state().items()})
         state = {
             "config": self.config.to_dict(),
-            "data": self.data_fingerprint(),
+            "data": self.data_fingerprint,
             "fingerprint": self.fingerprint,
             "round": self.server.round,
             "records": self.records,
@@ -461,10 +478,10 @@ class Federation:
             )
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(f"resume: adapter fingerprint {state['fingerprint']} differs from this run's {self.fingerprint}")
-        if state.get("data") != self.data_fingerprint():
+        if state.get("data") != self.data_fingerprint:
             raise ValueError(
                 f"resume: the checkpoint {path} was written for other data or another model ({state.get('data')}), "
-                f"this run loads {self.data_fingerprint()} (the noise was calibrated to the old sample rates): "
+                f"this run loads {self.data_fingerprint} (the noise was calibrated to the old sample rates): "
                 "resume with the same data and model, or start a new run with another --out"
             )
         self.server.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
@@ -583,18 +600,15 @@ def run_simulation(
         raise ValueError("resume, overwrite: pass one (--resume continues the run in --out, --overwrite replaces it)")
     if resume and not path.exists():
         raise ValueError(f"resume: no checkpoint {path} to resume from; run without --resume first")
-    held = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    held = held_run_outputs(out)
     if held and not resume and not overwrite:
         raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
                          "--overwrite to start afresh, or another --out")
     fed = Federation(config, data)
     if resume:
         fed.restore(path)
-    elif held:  # --overwrite: nothing of the old run may stay beside the new one's outputs
-        for name in held:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        log.warning("out: removed the previous run's %s from %s (--overwrite)", ", ".join(held), out)
+    else:  # --overwrite (or nothing there)
+        remove_run_outputs(out, held)
     if not config.secure_noise:
         log.warning("DP noise is seeded from --seed (a reproducible simulation); real deployments: --secure-noise")
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -22,12 +21,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
 from fedlora_fast.federated.simulation import (
-    RUN_OUTPUTS,
     Federation,
     export_adapter,
     final_record,
     format_round,
+    held_run_outputs,
     plot_curves,
+    remove_run_outputs,
 )
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
@@ -87,12 +87,11 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(flower_setting(context.run_config, OUT_KEY)).expanduser()
     dump = flower_setting(context.run_config, DUMP_KEY)
     timeout = flower_setting(context.run_config, TIMEOUT_KEY)
-    held = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    held = held_run_outputs(out)
     if held and not flower_setting(context.run_config, OVERWRITE_KEY):
         raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); set another 'out', or "
                          "flower-overwrite = true to replace it")
-    for name in held:  # nothing of the old run may stay beside the new one's outputs
-        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    remove_run_outputs(out, held)
     out.mkdir(parents=True, exist_ok=True)
     # the server needs no client's noise; with flower-server-data = false, no data either (silos hold it all)
     fed = node.build(cfg) if flower_setting(context.run_config, SERVER_DATA_KEY) else node.ServerOnly(cfg)

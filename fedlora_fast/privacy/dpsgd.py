@@ -652,12 +652,9 @@ class DPSGD:
                 src = cast[p.dtype] = scaled if p.dtype == torch.float32 else scaled.to(p.dtype)
             p.grad = src[offset : offset + k].view(p.shape)
             offset += k
-        self._summed, self._noised = None, False
         self.steps += 1
         self.last_step_samples = self._pending_samples
-        self._dropped.end_step(stepped=True)
-        self._pending_samples = self._pending_batches = 0
-        self._grads_stale = True
+        self._end_step(stepped=True)
 
     def step(self, *, empty_batch: bool = False) -> None:
         """One DP-SGD step: clip what the last backward left, add noise once, divide by m, step.
@@ -729,10 +726,15 @@ class DPSGD:
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
+        self._end_step(stepped=False)
+
+    def _end_step(self, stepped: bool) -> None:
+        """Close the logical step: the running sum and its counts start again. ``stepped``: its gradient
+        went to ``.grad`` (dropped before the next backward), else it was discarded."""
         self._summed, self._noised = None, False
-        self._dropped.end_step(stepped=False)
+        self._dropped.end_step(stepped=stepped)
         self._pending_samples = self._pending_batches = 0
-        self._grads_stale = False
+        self._grads_stale = stepped
 
     def detach(self) -> None:
         """Stop per-sample work: the modules return to their plain, DP-free path."""
