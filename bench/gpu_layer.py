@@ -10,8 +10,9 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
    - ``ffa_flat[gemm]``: ``FFALoRALinear`` with per-sample gradients and norms (flat clipping: every P_i
      kept), base GEMM by the fused Triton kernel (``triton``), its persistent TMA twin (``tma``, on request:
      measured slower on an H200), by cuBLAS + a Triton epilogue (``cublas``), by cuBLAS accumulating onto the
-     low-rank term (``cublas_acc``), or as chosen by timing per shape (``auto``, the default: the
-     headline ratios use it),
+     low-rank term (``cublas_acc``), by cuBLAS on the merged weight ``W + s B A`` both ways with no V in
+     the backward (``merged``), or as chosen by timing per shape (``auto``, the default: the headline
+     ratios use it); ``ffa_flat[reference]`` (the PyTorch ops) on request,
    - ``ffa_flat[graph]``: ``ffa_flat[auto]`` replayed from CUDA graphs (CUDA only): its GPU time without
      the host's issue cost, which sets the eager pace at 8x512 4096->4096,
    - ``ffa_per_layer``: the same with per-layer clipping (clipped sum inside the backward, no P kept),
@@ -540,7 +541,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=10, help="CUDA: do_bench rep budget x10 ms; CPU: timed calls")
-    ap.add_argument("--variants", default="floor,ffa_flat[auto],ffa_flat[graph],ffa_flat[triton],ffa_flat[cublas],ffa_flat[cublas_acc],ffa_flat[reference],ffa_per_layer,peft_opacus",
+    ap.add_argument("--variants", default="floor,ffa_flat[auto],ffa_flat[graph],ffa_flat[triton],ffa_flat[cublas],ffa_flat[cublas_acc],ffa_flat[merged],ffa_per_layer,peft_opacus",
                     help="ffa_flat[reference] is the same layer on the PyTorch reference ops (not counted as ours)")
     ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
     ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")

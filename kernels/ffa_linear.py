@@ -11,6 +11,8 @@ Design (numbers in bench/NOTES.md):
   ``dxa = s V A``. With ``FEDLORA_FAST_GEMM=cublas`` the base GEMM goes to ``torch.matmul`` and the same
   kernel adds the low-rank term in place (one more read+write of Y/dX); the default ``auto`` times both per
   shape on CUDA and keeps the faster (``gemm_impl``).
+- ``_merge_kernel`` (``FEDLORA_FAST_GEMM=merged``): ``W' = W + s B A`` once per op, so that both base GEMMs
+  are plain cuBLAS GEMMs on W' and the backward needs no V (``dX = G W'``).
 - ``_gemm_tma_kernel`` (``FEDLORA_FAST_GEMM=tma``, sm90+): the same GEMM + epilogue as a persistent kernel
   loading X and W through TMA descriptors; a candidate until timed on a GPU (bench/NOTES.md, v3).
 - ``_outer_kernel``: the one pass over ``G``. Program (segment, split, out-tile) streams its rows of ``G``
@@ -56,7 +58,7 @@ from torch import Tensor
 from fedlora_fast.reference import ffa_linear as _ref
 from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, clip_coef
 
-GEMM_ENV_VAR = "FEDLORA_FAST_GEMM"  # "auto" (default), "triton", "cublas" (torch.matmul + epilogue), "tma"
+GEMM_ENV_VAR = "FEDLORA_FAST_GEMM"  # "auto" (default), "triton", "cublas", "cublas_acc", "merged", "tma"
 
 # Tests set this to a function ``(shape, dtype, device) -> Tensor`` (e.g. filled with NaN) so that any
 # element of an output or scratch buffer a kernel fails to write shows up.
@@ -76,19 +78,21 @@ def _interpret() -> bool:
     return _INTERPRET
 
 
-GEMM_IMPLS = ("auto", "triton", "cublas", "cublas_acc", "tma")
+GEMM_IMPLS = ("auto", "triton", "cublas", "cublas_acc", "merged", "tma")
 # what "auto" times on the first call per shape (CUDA). "tma" measured slower on an H200 (2026-11-26) and is
 # out; "cublas_acc" is in before its first GPU timing: it rounds as often as "cublas" (one term before the
 # sum, then the sum: the low-rank term there, the base GEMM in "cublas"), so taking it changes no result
-# beyond what "auto" already allows, and auto takes it only where it times faster (bench/NOTES.md)
-AUTO_CANDIDATES = ("triton", "cublas", "cublas_acc")
+# beyond what "auto" already allows, and auto takes it only where it times faster (bench/NOTES.md);
+# "merged" likewise (2026-11-26, before its first GPU timing): rounding W + s B A once to the input dtype
+# measured no less accurate than PyTorch's own bf16/fp16 path (tests hold it to the same bound as the others)
+AUTO_CANDIDATES = ("triton", "cublas", "cublas_acc", "merged")
 
 
 def gemm_impl() -> str:
     """Which base GEMM the fused ops use (``FEDLORA_FAST_GEMM``):
 
     - ``"auto"`` (default): on CUDA, the first call per (op, token bucket, sizes, dtype) times each of
-      ``AUTO_CANDIDATES`` (triton, cublas, cublas_acc) on the call's own inputs and keeps the fastest for the
+      ``AUTO_CANDIDATES`` (triton, cublas, cublas_acc, merged) on the call's own inputs and keeps the fastest for the
       process (on an H100, v1:
       cuBLAS + epilogue 4-5 % faster at 2 of 6 Llama-7B shapes, Triton 3-35 % faster at the others;
       bench/NOTES.md); elsewhere ``"triton"``. Results agree to rounding, not bit for bit, across choices:
@@ -99,6 +103,15 @@ def gemm_impl() -> str:
       base GEMM onto it in place (``addmm_``, beta = 1: the output is written once by each, read once by
       cuBLAS's epilogue). The low-rank term is rounded to the input dtype before the sum (twice in all,
       once in ``"cublas"``/``"triton"``); not yet timed on a GPU;
+    - ``"merged"``: ``W' = W + s B A`` made by our kernel (W read once, W' written once, per call), then one
+      cuBLAS GEMM each way: ``Y = x W'^T + b`` and ``dX = G W'`` (exact algebra: ``G W + s (G B) A``), so the
+      backward's one pass over G computes no V at all (FFA mode). The adapter's cost becomes two weight-sized
+      passes per layer step instead of the output epilogues and V: it wins when tokens outnumber the
+      weight's rows (bench/NOTES.md has the arithmetic). W' is rounded to the input dtype once (the adapter's
+      term at W's scale): measured no less accurate than PyTorch's own bf16/fp16 path; a term under half an
+      ulp of W is lost, the threshold at which "cublas" (and peft) lose it at Y's scale. Only where the
+      adapter input is the base input (no adapter dropout) and dX is not split; elsewhere it runs as
+      ``"cublas"``. Not yet timed on a GPU;
     - ``"tma"``: a persistent Triton GEMM loading X and W through TMA descriptors (sm90+, bf16/fp16,
       16-byte-aligned rows, else ``"triton"``), the same epilogue; measured slower than ``"triton"`` and
       cuBLAS on an H200 (bench/NOTES.md).
@@ -510,6 +523,38 @@ def _clip_reduce_kernel(
     tl.store(out_ptr + ra[:, None] * stride_oa + rb[None, :] * stride_ob, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+
+@triton.jit
+def _merge_kernel(
+    w_ptr, b_ptr, a_ptr, out_ptr,
+    stride_wo, stride_wi, stride_bo, stride_bj, stride_aj, stride_ai, stride_oo, stride_oi,
+    OUT, IN, RANK, scale,
+    LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """out = W + scale * B @ A (out, in): the base weight with the adapter merged in, rounded once to W's
+    dtype (``FEDLORA_FAST_GEMM=merged``). The low-rank product is float32 (``LR_PREC`` as the GEMM
+    epilogue's: the sum is rounded to W's dtype right away)."""
+    pid_o = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    ro = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ri = pid_i.to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rj = tl.arange(0, BLOCK_R)
+    mask_o = ro < OUT
+    mask_i = ri < IN
+    mask_j = rj < RANK
+    b = tl.load(b_ptr + ro[:, None] * stride_bo + rj[None, :] * stride_bj,
+                mask=mask_o[:, None] & mask_j[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
+                mask=mask_j[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    mask = mask_o[:, None] & mask_i[None, :]
+    w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
+    acc = tl.dot(b * scale, a, w.to(tl.float32), input_precision=LR_PREC)
+    if FIX_BF16_ROUNDING:
+        acc = _round_bf16_rne(acc)
+    tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _gemm_configs() -> list:
     """Autotune space of the base GEMM on CUDA (Triton matmul tutorial sizes for Hopper/Ampere)."""
     cfgs = []
@@ -595,6 +640,8 @@ _CUDA_BLOCKS = {
     "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2, PROMOTE=1, PACK=False),
     "finish": dict(BLOCK_A=256, num_warps=4),
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
+    # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles
+    "merge": dict(BLOCK_O=64, BLOCK_I=128, num_warps=4),
 }
 
 
@@ -616,6 +663,8 @@ def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
         return dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"], PROMOTE=1, PACK=False)
     if kind == "finish":
         return dict(BLOCK_A=b["A"])
+    if kind == "merge":
+        return dict(BLOCK_O=b["O"], BLOCK_I=b["I"])
     return dict(BLOCK_A=b["A"], BLOCK_B=b["B"])  # clip
 
 
@@ -871,20 +920,22 @@ def _time_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> f
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-def _choose_gemm(key: tuple, device: torch.device, run: Callable[[str], Tensor]) -> str:
+def _choose_gemm(key: tuple, device: torch.device, run: Callable[[str], object], merged_ok: bool = True) -> str:
     """The GEMM for this call: ``FEDLORA_FAST_GEMM`` if pinned; for "auto" the fastest of ``AUTO_CANDIDATES``
     timed once per ``key`` on ``run(impl)`` (a pure function of the call's inputs: timing it has no effect
-    but the time), or "triton" where nothing is timed."""
+    but the time), or "triton" where nothing is timed. Where the call cannot merge (``merged_ok`` False:
+    the adapter input or the input gradient is split from the base one) "merged" is out, and a pinned
+    "merged" runs as "cublas"."""
     impl = gemm_impl()
     if impl != "auto":
-        return impl
+        return "cublas" if impl == "merged" and not merged_ok else impl
     choice = _AUTO_CHOICE.get(key)
     if choice is not None:
         return choice
     if not _auto_times(device):
         return "triton"
     times = {}
-    for c in AUTO_CANDIDATES:
+    for c in AUTO_CANDIDATES if merged_ok else tuple(c for c in AUTO_CANDIDATES if c != "merged"):
         try:
             times[c] = _time_ms(lambda c=c: run(c), device)
         except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
@@ -1042,6 +1093,25 @@ def _per_sample_outer(
     return P, nu, v
 
 
+def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``W + scale * B A`` (out, in) in W's dtype, contiguous: the one weight of ``FEDLORA_FAST_GEMM=merged``
+    (``Y = x W'^T + b`` and ``dX = G W'``). Transient: made per call, never cached (a cached W' per layer would
+    double the model's weight memory)."""
+    out, inp = weight.shape
+    r = A.shape[0]
+    wm = _alloc((out, inp), weight.dtype, weight.device)
+    cfg = _blocks("merge", weight.device, O=out, I=inp)
+    grid = (_cdiv(out, cfg["BLOCK_O"]), _cdiv(inp, cfg["BLOCK_I"]))
+    with _device_guard(weight.device):
+        _run(
+            _merge_kernel, grid, weight, B, A, wm, *weight.stride(), *B.stride(), *A.stride(), *wm.stride(),
+            out, inp, r, float(scale),
+            LR_PREC=_prec(weight.dtype, rounded=weight.dtype != torch.float32),
+            FIX_BF16_ROUNDING=_interpret() and weight.dtype == torch.bfloat16, BLOCK_R=_pow2(r), **cfg,
+        )  # fmt: skip
+    return wm
+
+
 def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
     n, A, B = P.shape
     out = _alloc((A, B), P.dtype, P.device)
@@ -1115,7 +1185,11 @@ def ffa_linear_fwd(
     _launch_gemm(xa, (A, A.stride(1), A.stride(0)), None, None, u, 1.0, main_fp32=True, prec_dtype=x.dtype)
     lowrank = (u, B, B.stride(1), B.stride(0))  # R = B^T (r, out)
 
+    merged_ok = xa is x or (xa.data_ptr() == x.data_ptr() and xa.shape == x.shape and xa.stride() == x.stride())
+
     def y_with(impl: str) -> Tensor:
+        if impl == "merged":  # y = x (W + s B A)^T + b: one cuBLAS GEMM, U is only saved for the backward
+            return torch.nn.functional.linear(x, _merged_weight(weight, A, B, scale), bias)
         if impl == "cublas":
             y = torch.nn.functional.linear(x, weight, bias)
             _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)
@@ -1130,8 +1204,8 @@ def ffa_linear_fwd(
         _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
         return y
 
-    key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, x.dtype, bias is not None)
-    return y_with(_choose_gemm(key, x.device, y_with)), u
+    key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, x.dtype, bias is not None, merged_ok)
+    return y_with(_choose_gemm(key, x.device, y_with, merged_ok)), u
 
 
 def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
@@ -1190,12 +1264,47 @@ def ffa_linear_bwd(
         _check3("xa", xa, (n, T, inp))
     dt = g.dtype
     acc = u.dtype
-    need_v = need_dx or xa is not None
-    # the one pass over G: P_i = s G_i^T U_i (+ norms) and V = G B
-    gB, nuB, v = _per_sample_outer(
-        g, u, scale, mode, "ar", Bmat=B if need_v else None, v_rounded=xa is None, prec_dtype=dt
-    )  # in LoRA mode V also makes A's per-sample gradients: keep it float32-accurate
     empty = u.new_empty((0,))
+    lowrank_of = lambda v: (v, A, A.stride(0), A.stride(1))  # noqa: E731  (R = A (r, in))
+    w_main = (weight, weight.stride(0), weight.stride(1))  # dx = G W: Wt is W itself (K=out, N=in)
+
+    def dx_with(impl: str, v: Tensor) -> Tensor:  # G W (+ s V A unless split)
+        lowrank = lowrank_of(v)
+        if impl == "cublas" or (impl == "cublas_acc" and split_dx):
+            dx = torch.matmul(g, weight)
+            if not split_dx:
+                _launch_gemm(None, None, None, lowrank, dx, scale, accumulate=True, prec_dtype=dt)
+            return dx
+        if impl == "cublas_acc":  # dx = s V A, then dx += G W by cuBLAS (beta = 1, in place)
+            dx = _alloc((n, T, inp), dt, g.device)
+            _launch_gemm(None, None, None, lowrank, dx, scale, prec_dtype=dt)
+            dx.view(n * T, inp).addmm_(g.reshape(n * T, out), weight)
+            return dx
+        dx = _alloc((n, T, inp), dt, g.device)
+        _launch_gemm(g, w_main, None, None if split_dx else lowrank, dx, 1.0 if split_dx else scale,
+                     prec_dtype=dt, tma=impl == "tma")  # fmt: skip
+        return dx
+
+    def pass_and_dx(impl: str) -> tuple:
+        """The one pass over G (P_i = s G_i^T U_i, norms, and V = G B where something needs it) and dx.
+        "merged": dx = G (W + s B A), one cuBLAS GEMM, and no V at all in FFA mode."""
+        merged = impl == "merged" and need_dx
+        need_v = (need_dx and not merged) or xa is not None
+        gB, nuB, v = _per_sample_outer(
+            g, u, scale, mode, "ar", Bmat=B if need_v else None, v_rounded=xa is None, prec_dtype=dt
+        )  # in LoRA mode V also makes A's per-sample gradients: keep it float32-accurate
+        dx = g.new_empty((0,))
+        if merged:
+            dx = torch.matmul(g, _merged_weight(weight, A, B, scale))
+        elif need_dx:
+            dx = dx_with(impl, v)
+        return gB, nuB, v, dx
+
+    impl = "triton"
+    if need_dx:
+        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, dt, split_dx, mode, xa is None)
+        impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx)
+    gB, nuB, v, dx = pass_and_dx(impl)
     if mode == MODE_CLIP:
         gB = _clip_reduce(gB, clip_coef(nuB, clip_B))
     gA, nuA = empty, u.new_empty((0,))
@@ -1207,32 +1316,10 @@ def ffa_linear_bwd(
             nuA = u.new_empty((0,))
     if mode == MODE_SUM:
         nuB = u.new_empty((0,))
-    dx, dxa = g.new_empty((0,)), g.new_empty((0,))
-    if need_dx:
-        lowrank = (v, A, A.stride(0), A.stride(1))  # R = A (r, in)
-        w_main = (weight, weight.stride(0), weight.stride(1))  # dx = G W: Wt is W itself (K=out, N=in)
-
-        def dx_with(impl: str) -> Tensor:  # G W (+ s V A unless split)
-            if impl == "cublas" or (impl == "cublas_acc" and split_dx):
-                dx = torch.matmul(g, weight)
-                if not split_dx:
-                    _launch_gemm(None, None, None, lowrank, dx, scale, accumulate=True, prec_dtype=dt)
-                return dx
-            if impl == "cublas_acc":  # dx = s V A, then dx += G W by cuBLAS (beta = 1, in place)
-                dx = _alloc((n, T, inp), dt, g.device)
-                _launch_gemm(None, None, None, lowrank, dx, scale, prec_dtype=dt)
-                dx.view(n * T, inp).addmm_(g.reshape(n * T, out), weight)
-                return dx
-            dx = _alloc((n, T, inp), dt, g.device)
-            _launch_gemm(g, w_main, None, None if split_dx else lowrank, dx, 1.0 if split_dx else scale,
-                         prec_dtype=dt, tma=impl == "tma")  # fmt: skip
-            return dx
-
-        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, dt, split_dx)
-        dx = dx_with(_choose_gemm(key, g.device, dx_with))
-        if split_dx:
-            dxa = _alloc((n, T, inp), dt, g.device)
-            _launch_gemm(None, None, None, lowrank, dxa, scale, prec_dtype=dt)
+    dxa = g.new_empty((0,))
+    if need_dx and split_dx:
+        dxa = _alloc((n, T, inp), dt, g.device)
+        _launch_gemm(None, None, None, lowrank_of(v), dxa, scale, prec_dtype=dt)
     if gB.dtype != acc:
         gB = gB.to(acc)
     return dx, dxa, gB, nuB, gA, nuA

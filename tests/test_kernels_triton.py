@@ -66,7 +66,7 @@ def poisoned(monkeypatch):
     assert calls, "the kernels allocated nothing through alloc_hook: the poisoning checked nothing"
 
 
-@pytest.fixture(params=["triton", "cublas", "cublas_acc"])
+@pytest.fixture(params=["triton", "cublas", "cublas_acc", "merged"])
 def gemm(request, monkeypatch):
     monkeypatch.setenv(K.GEMM_ENV_VAR, request.param)
     return request.param
@@ -222,7 +222,7 @@ def test_u_pack_poisoned(poisoned, device, shape, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("impl", ["cublas", "cublas_acc"])
+@pytest.mark.parametrize("impl", ["cublas", "cublas_acc", "merged"])
 def test_bwd_cublas_path_poisoned(poisoned, device, mode, impl, monkeypatch):
     """FEDLORA_FAST_GEMM=cublas: base GEMM by torch.matmul, the low-rank term added in place by the kernel;
     cublas_acc: the low-rank term first, cuBLAS accumulating the base GEMM onto it."""
@@ -256,7 +256,7 @@ def test_low_precision_poisoned(poisoned, device, dtype):
     assert not torch.isnan(got[0]).any()
 
 
-@pytest.mark.parametrize("fastest", ["triton", "cublas", "cublas_acc"])
+@pytest.mark.parametrize("fastest", ["triton", "cublas", "cublas_acc", "merged"])
 def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, fastest):
     """FEDLORA_FAST_GEMM=auto (default): the first call per (op, shape) times every candidate on its own
     inputs, later calls reuse the choice; the result is correct whichever wins; a pinned value overrides."""
@@ -283,8 +283,9 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
     t5 = make(5, 6, 70, 45, 17, "cpu")  # another Poisson batch size, same token bucket (18, 30 -> 32): no new timing
     K.ffa_linear_fwd(t5["x"], t5["x"], t5["weight"], t5["bias"], t5["A"], t5["B"], s)
     assert len(timed) == 2 * len(K.AUTO_CANDIDATES)
-    # cuBLAS + epilogue forwards (F.linear): the one timed run, then every real forward (3) if it won
-    assert len(linear_calls) == (4 if fastest == "cublas" else 1)
+    # cuBLAS + epilogue and merged forwards (F.linear): one timed run each, then every real forward (3) if
+    # one of them won
+    assert len(linear_calls) == 2 + (3 if fastest in ("cublas", "merged") else 0)
     exp_y, exp_u = ref_fwd(dict(t, xa=t["x"]), s)
     exp = ref_bwd(t, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
     close(y, exp_y, "y")
@@ -297,18 +298,135 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_cublas_acc_low_precision_poisoned(poisoned, device, dtype, monkeypatch):
-    """cublas_acc in bf16/fp16: the low-rank term rounded before cuBLAS adds the base GEMM onto it still
-    lands within 2x PyTorch's own low-precision error (a large B makes the term matter)."""
-    monkeypatch.setenv(K.GEMM_ENV_VAR, "cublas_acc")
+@pytest.mark.parametrize("impl,b_scale", [("cublas_acc", 30.0), ("merged", 1.0), ("merged", 30.0)], ids=str)
+def test_rounding_gemm_paths_low_precision_poisoned(poisoned, device, dtype, impl, b_scale, monkeypatch):
+    """The paths that round the adapter's term on its own, in bf16/fp16, land within 2x PyTorch's own
+    low-precision error: cublas_acc (the low-rank term rounded before cuBLAS adds the base GEMM onto it) and
+    merged (W + s B A rounded once to the input dtype: the term at W's scale). A large B makes the term
+    matter (it dominates the output)."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, impl)
     t = make(2, 9, 72, 80, 4, device, dtype=dtype, seed=3)
-    t["B"] = t["B"] * 30
+    t["B"] = t["B"] * b_scale
     s = 0.7
     y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
     got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
     exp_u, exp = check_lowp_y_dx(t, s, y, u, got[0])
     close(u, exp_u, "u")
     close(got[2], exp[2], "gB")
+    close(got[3], exp[3], "nuB")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("out,inp,r", [(45, 70, 17), (24, 20, 1), (300, 33, 64), (32, 64, 16)], ids=str)
+def test_merged_weight_poisoned(poisoned, device, dtype, out, inp, r):
+    """``_merged_weight`` = W + s B A against float64, rounded once to W's dtype; W read through its strides."""
+    t = make(1, 1, inp, out, r, device, dtype=dtype, seed=4)
+    s = 0.7
+    for w in (t["weight"], t["weight"].t().contiguous().t()):  # row-major and column-major W
+        got = K._merged_weight(w, t["A"], t["B"], s)
+        exp = f64(w) + s * f64(t["B"]) @ f64(t["A"])
+        assert got.dtype == dtype and got.shape == (out, inp)
+        if dtype == torch.float32:
+            close(got, exp, "W'")
+        else:  # one rounding of the exact sum: half an ulp, |W'| * 2^-8 (bf16) or 2^-11 (fp16; 2^-25 in its
+            # subnormals), plus the low-rank product's own error (one TF32 dot on a GPU: 2^-11 of |s||B||A|)
+            bf = dtype == torch.bfloat16
+            half_ulp = (exp.abs() * (2**-8 if bf else 2**-11)).clamp_min(1e-40 if bf else 2**-25)
+            lowrank_err = 2**-11 * s * f64(t["B"]).abs() @ f64(t["A"]).abs()
+            err = ((got.double() - exp).abs() - lowrank_err).max().item()
+            excess = ((got.double() - exp).abs() - lowrank_err - half_ulp).max().item()
+            assert excess <= 0, f"W': off the exact sum by more than half an ulp (+{excess:.3g}; max err {err:.3g})"
+
+
+def _launches(monkeypatch):
+    """Record (kernel name, HAS_V) of every kernel launch through ``K._run``."""
+    seen, run = [], K._run
+
+    def recording_run(fn, grid, *args, **kw):
+        seen.append((getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")), kw.get("HAS_V")))
+        return run(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_run", recording_run)
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("lora", [False, True], ids=["ffa", "lora"])
+def test_merged_backward_needs_no_v(poisoned, device, mode, lora, monkeypatch):
+    """FEDLORA_FAST_GEMM=merged: dX = G (W + s B A), so in FFA mode the one pass over G computes no V (that is
+    the point of it); in LoRA mode V still feeds A's gradients. Every output equals the float64 reference."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    launches = _launches(monkeypatch)
+    t = make(3, 6, 70, 45, 17, device)
+    s = 0.5
+    u64 = ref_fwd(t, s)[1]
+    xa = t["xa"] if lora else None
+    got = K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], xa, s, True, False, mode, 2.0, 1.5)
+    exp = ref_bwd(t, u64, lora, s, True, False, mode, 2.0, 1.5)
+    for name, a, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got, exp):
+        close(a, e, name)
+    outer = [has_v for name, has_v in launches if name == "_outer_kernel"]
+    assert outer[0] is lora, launches  # the pass over G: V only for LoRA's second pass
+    assert ("_merge_kernel", None) in launches and not any(n == "_gemm_lowrank_kernel" for n, _ in launches), launches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_falls_back_where_it_cannot_merge(poisoned, device, monkeypatch):
+    """Adapter dropout (xa is not x) or a split dX cannot be merged: pinned "merged" runs as "cublas" there
+    (correct results, no merge), and "auto" does not time it."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    launches = _launches(monkeypatch)
+    t = make(2, 5, 40, 36, 3, device)
+    s = 0.5
+    y, u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    y64, u64 = ref_fwd(t, s)
+    close(y, y64, "y")
+    got = K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], None, s, True, True, 1, 0.0, 0.0)
+    exp = ref_bwd(t, u64, False, s, True, True, 1, 0.0, 0.0)
+    for name, a, e in zip(["dx", "dxa", "gB", "nuB"], got, exp):
+        close(a, e, name)
+    assert not any(n == "_merge_kernel" for n, _ in launches), launches
+    # the same input twice (another view of x's memory) merges
+    y2, _ = K.ffa_linear_fwd(t["x"], t["x"].view(t["x"].shape), t["weight"], t["bias"], t["A"], t["B"], s)
+    close(y2, ref_fwd(dict(t, xa=t["x"]), s)[0], "y (merged)")
+    assert any(n == "_merge_kernel" for n, _ in launches), launches
+    monkeypatch.delenv(K.GEMM_ENV_VAR)
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+    timed = []
+    monkeypatch.setattr(K, "_time_ms", lambda fn, device, reps=3: (timed.append(fn.__defaults__[0]), fn(), 1.0)[2])
+    K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], None, s, True, True, 1, 0.0, 0.0)
+    unmerged = [c for c in K.AUTO_CANDIDATES if c != "merged"]
+    assert timed == unmerged * 2, timed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_sees_a_small_adapter_as_the_cublas_path_does(device, monkeypatch):
+    """bf16: an adapter term below the output's rounding is lost by any path that rounds the base GEMM (or W)
+    before adding it: "cublas" (and peft) at Y's scale, "merged" at W's, the same threshold |s B A| ~ |W| 2^-9.
+    The fused fp32 epilogue ("triton") keeps it on average. The fraction of the exact adapter effect each
+    path's output carries (regression slope over every output) shows it; merged must be no worse than cublas."""
+    gen = torch.Generator().manual_seed(0)
+    N, inp, out, r, s = 1024, 256, 128, 16, 2.0
+    x = torch.randn(1, N, inp, generator=gen).to(device, torch.bfloat16)
+    w = (torch.randn(out, inp, generator=gen) * 0.02).to(device, torch.bfloat16)
+    A = (torch.randn(r, inp, generator=gen) / inp**0.5).to(device)
+    base = f64(x) @ f64(w).t()
+    slopes = {}
+    for b_scale in (3e-5, 1e-4):
+        B = (torch.randn(out, r, generator=gen) * b_scale).to(device)
+        effect = (s * (f64(x) @ f64(A).t()) @ f64(B).t()).flatten()
+        for impl in ("triton", "cublas", "merged"):
+            monkeypatch.setenv(K.GEMM_ENV_VAR, impl)
+            y, _ = K.ffa_linear_fwd(x, x, w, None, A, B, s)
+            slopes[impl, b_scale] = ((y.double() - base).flatten() @ effect / (effect @ effect)).item()
+    for b_scale in (3e-5, 1e-4):
+        assert slopes["triton", b_scale] > 0.95, slopes
+        assert slopes["merged", b_scale] >= slopes["cublas", b_scale] - 0.05, slopes
+    assert slopes["cublas", 3e-5] < 0.8, slopes  # the threshold is real at this size (else the test says nothing)
 
 
 @pytest.mark.cuda
@@ -824,6 +942,11 @@ def _aot_cases():
                   dict(HAS_NORM=True, BLOCK_R=16, **blocks(fb), **unit("stride_qj", "stride_pj")), fb))  # fmt: skip
     clip_flags = dict(ACC_FP64=False, **dict(blocks(cb), BLOCK_B=16), **unit("stride_pb", "stride_ob"))
     cases.append(("clip_reduce", K._clip_reduce_kernel, dict(p_ptr=f32, c_ptr=f32, out_ptr=f32), clip_flags, cb))
+    mb = K._blocks("merge", cuda)
+    for r_block in (16, 64):
+        cases.append((f"merge r{r_block}", K._merge_kernel, dict(w_ptr=bf, b_ptr=f32, a_ptr=f32, out_ptr=bf),
+                      dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, **blocks(mb),
+                           **unit("stride_wi", "stride_bj", "stride_ai", "stride_oi")), mb))  # fmt: skip
     return cases
 
 
