@@ -18,6 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -32,7 +35,7 @@ from fedlora_fast.federated.server import Server  # noqa: E402
 from fedlora_fast.federated.simulation import FederatedConfig  # noqa: E402
 from fedlora_fast.flower import config as flower_config  # noqa: E402
 from fedlora_fast.flower import records  # noqa: E402
-from fedlora_fast.flower.strategy import FedLoRAStrategy  # noqa: E402
+from fedlora_fast.flower.strategy import ROUND_KEY, FedLoRAStrategy  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower"
@@ -217,6 +220,14 @@ def test_strategy_evaluation_is_example_weighted_and_skips_malformed():
         _reply(3, RecordDict({"m": MetricRecord({"num-examples": 10, "accuracy": float("nan"), "loss": 1.0})})),
     ])
     assert m["accuracy"] == pytest.approx(0.8) and m["loss"] == pytest.approx(0.4) and m["num-examples"] == 40
+    # a silo that keeps its held-out rows private replies num-examples 0 and no scores: left out, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = strategy.aggregate_evaluate(2, [
+            _reply(1, RecordDict({"m": MetricRecord({"num-examples": 30, "accuracy": 0.9, "loss": 0.2})})),
+            _reply(2, RecordDict({"m": MetricRecord({"num-examples": 0})})),
+        ])
+    assert m["accuracy"] == pytest.approx(0.9) and m["num-examples"] == 30
 
 
 # --- a real local deployment ----------------------------------------------------------------------------------
@@ -406,6 +417,15 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
     update, cid, reason = server.server.validate(msg)
     assert reason is None and cid == 1 and update.num_examples == 20
 
+    # evaluation: the silo's held-out rows are private; exact scores only with flower-eval-local = true
+    eval_msg = SimpleNamespace(content=SimpleNamespace(array_records={"arrays": records.to_array_record(
+        server.server.global_state)}))  # fmt: skip
+    for setting, scored in ((None, False), (False, False), (True, True)):
+        run_config = rc if setting is None else {**rc, flower_config.EVAL_LOCAL_KEY: setting}
+        with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+            reply = client_app.evaluate(eval_msg, context(run_config, **{"data-path": str(silo)}))
+        metrics = reply.metric_records["metrics"]
+        assert metrics["num-examples"] == (5 if scored else 0) and ("accuracy" in metrics) == scored, setting
     with pytest.raises(ValueError, match="labels"):  # own data files need the classes named by the run
         client_app.load_node(context(_tiny_run_config(tiny), **{"data-path": str(silo)}))
     # a ServerApp with no data at all (flower-server-data = false): same model, fingerprint and start state
@@ -550,6 +570,21 @@ def test_flower_settings_and_a_node_refuse_what_would_spend_budget_for_nothing(t
     Ctx.state = state
     with pytest.raises(RuntimeError, match=r"node 0: another round would take its DP-SGD steps from \d+ to \d+, past the"):
         client_app.train(None, Ctx)  # refused before the message is even read
+    # a node with no saved state past round 0 (a restarted SuperNode: context.state is in its memory only)
+    # counts every earlier round as its own: no fresh epsilon, no fresh budget
+    Ctx.state = RecordDict()
+    last = SimpleNamespace(content=SimpleNamespace(
+        array_records={"arrays": records.to_array_record(fed.server.global_state)},
+        config_records={"config": {ROUND_KEY: cfg.rounds}},
+    ))  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="no privacy state from earlier rounds at round 2"):
+        with pytest.raises(RuntimeError, match=rf"steps from {cfg.rounds * cfg.local_steps} to"):
+            client_app.train(last, Ctx)  # round index = rounds: every planned step already counted
+    restarted = client_app._restore(fed, 0, RecordDict())
+    with pytest.warns(RuntimeWarning, match="counting 2 earlier DP-SGD steps"):
+        client_app._count_earlier_rounds(restarted, cfg, 0, 1)
+    assert restarted.accountant.steps == cfg.local_steps
+    assert restarted.accountant.history == [(1.3, restarted.sample_rate, cfg.local_steps)]
     strategy = FedLoRAStrategy(Server({"w": torch.zeros(1)}, FP), num_clients=1, delta=1e-5, num_rounds=1)
     strategy.clients[0] = {"client": 0, "epsilon": float("inf")}
     assert strategy.epsilon() == float("inf")

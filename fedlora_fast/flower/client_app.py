@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from fedlora_fast.federated.simulation import Federation, FederatedConfig, deriv
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
-from fedlora_fast.flower.config import DUMP_KEY, federated_config, flower_setting
+from fedlora_fast.flower.config import DUMP_KEY, EVAL_LOCAL_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import ROUND_KEY
 from fedlora_fast.privacy.accounting import Accountant
 
@@ -135,20 +136,45 @@ def _persist(client: Client, state: RecordDict) -> None:
     state[RNG_KEY] = records.to_array_record(client.tensor_state())
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Local DP-SGD from the received global tensors; reply with the trainable tensors and privacy record."""
-    cfg, fed, pid, k = load_node(context)
-    client = _restore(fed, k, context.state)
+def _check_budget(client: Client, cfg: FederatedConfig, pid: int) -> None:
+    """Refuse a round that would take the node's DP-SGD steps past the rounds x local-steps its noise and
+    epsilon were planned for (a faulty or hostile server asking for more)."""
     planned = cfg.rounds * cfg.local_steps
-    if client.accountant.steps + cfg.local_steps > planned:  # a faulty or hostile server asking for more
+    if client.accountant.steps + cfg.local_steps > planned:
         raise RuntimeError(
             f"node {pid}: another round would take its DP-SGD steps from {client.accountant.steps} to "
             f"{client.accountant.steps + cfg.local_steps}, past the {planned} (rounds x local-steps) its noise and "
             "epsilon were planned for: refused"
         )
+
+
+def _count_earlier_rounds(client: Client, cfg: FederatedConfig, pid: int, round_idx: int) -> None:
+    """A node with no saved state at round ``round_idx`` > 0 either joins late or lost its state (a SuperNode
+    restart clears ``context.state``). Its data may have trained in every earlier round, so its accountant
+    counts them all as its own: a restarted node must not report a fresh epsilon (and get a fresh budget)
+    while the steps it took before still count. Over-counting for a node that really joined late is safe."""
+    steps = round_idx * cfg.local_steps
+    if steps == 0 or client.noise_multiplier == 0:  # no noise: epsilon is inf whatever the count
+        return
+    warnings.warn(
+        f"node {pid}: no privacy state from earlier rounds at round {round_idx} (a restarted SuperNode, or its "
+        f"first round): counting {steps} earlier DP-SGD steps as its own", RuntimeWarning, stacklevel=3,
+    )
+    client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate, num_steps=steps)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local DP-SGD from the received global tensors; reply with the trainable tensors and privacy record."""
+    cfg, fed, pid, k = load_node(context)
+    fresh = STATE_KEY not in context.state.config_records
+    client = _restore(fed, k, context.state)
+    _check_budget(client, cfg, pid)
     global_state = records.to_tensors(msg.content.array_records["arrays"])
     round_idx = int(msg.content.config_records["config"][ROUND_KEY])
+    if fresh:
+        _count_earlier_rounds(client, cfg, pid, round_idx)
+        _check_budget(client, cfg, pid)
     torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, pid))  # dropout masks, as in the simulation
     update = client.fit(
         fed.model, serialization.encode(global_state, {"round": round_idx}), round_idx=round_idx,
@@ -173,9 +199,14 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     Shard k holds test examples k, k+N, k+2N, ... of the N clients: the example-weighted mean over all
     shards is the accuracy on the whole test split, the number the simulation reports. A node with its own
-    ``data-path`` scores its own held-out share of that file.
+    ``data-path`` scores its own held-out share of that file only if the run config says
+    ``flower-eval-local = true``: those rows are the silo's private data, and their exact accuracy and loss are
+    not covered by the DP guarantee. Otherwise it replies ``num-examples`` 0 and no scores.
     """
     cfg, fed, _, k = load_node(context)
+    if node_data_path(context) is not None and not flower_setting(context.run_config, EVAL_LOCAL_KEY):
+        # a silo's held-out rows are its private data: exact scores on them are outside the DP guarantee
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     load_trainable(fed.model, records.to_tensors(msg.content.array_records["arrays"]))
     idx = range(k, len(fed.test_ids), len(fed.clients))  # a silo's own build holds one client: all of its test rows
     result = evaluate_model(

@@ -59,7 +59,9 @@ def _toml_default(action: argparse.Action):
 
 SERVER_DATA_KEY = "flower-server-data"  # false: the ServerApp loads no data (needs labels; no data summary)
 OVERWRITE_KEY = "flower-overwrite"  # true: the ServerApp replaces a run already in `out` (else it refuses)
-FLOWER_DEFAULTS = {DUMP_KEY: "", TIMEOUT_KEY: 3600.0, SERVER_DATA_KEY: True, OVERWRITE_KEY: False}
+# true: nodes with their own data-path send exact accuracy/loss on their held-out rows (outside the DP guarantee)
+EVAL_LOCAL_KEY = "flower-eval-local"
+FLOWER_DEFAULTS = {DUMP_KEY: "", TIMEOUT_KEY: 3600.0, SERVER_DATA_KEY: True, OVERWRITE_KEY: False, EVAL_LOCAL_KEY: False}
 
 
 def default_run_config() -> dict:

@@ -204,6 +204,8 @@ class FedLoRAStrategy(FedAvg):
                 continue
             m = next(iter(msg.content.metric_records.values()), None)
             n = None if m is None else m.get(self.weighted_by_key)
+            if n == 0 and isinstance(n, int) and not isinstance(n, bool):
+                continue  # a node that scores nothing (a silo keeping its own held-out rows private)
             scores_ok = m is not None and all(_finite_number(m.get(k)) for k in ("accuracy", "loss"))
             if not (scores_ok and _number(n) and isinstance(n, int) and n > 0):
                 log.warning("round %d: malformed evaluation reply from node %s skipped", server_round, node)
