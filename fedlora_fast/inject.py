@@ -12,7 +12,7 @@ from typing import Iterable
 from torch import nn
 
 from fedlora_fast.layers.ffa_linear import FFALoRALinear
-from fedlora_fast.layers.per_sample_modules import make_per_sample
+from fedlora_fast.layers.per_sample_modules import _PerSampleMixin, make_per_sample
 
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYER_NAMES = ("classifier", "score", "lm_head")
@@ -135,8 +135,9 @@ def inject_adapters(
     clash = [n for n in names if any(n == e or n.startswith(e + ".") for e in extra_names)]
     if clash:
         raise ValueError(f"target_modules and trainable_modules overlap: {clash}")
-    # everything else is frozen; adapters of an earlier call keep what they train
+    # everything else is frozen; adapters and trainable modules of an earlier call keep what they train
     kept = {id(p) for m in model.modules() if isinstance(m, FFALoRALinear) for p in (m.lora_A, m.lora_B) if p.requires_grad}
+    kept |= {id(p) for m in model.modules() if isinstance(m, _PerSampleMixin) for p in m.parameters() if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(id(p) in kept)
     adapters = {}

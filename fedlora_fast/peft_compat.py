@@ -272,6 +272,9 @@ _PLAIN_LORA_FIELDS = frozenset({
 })  # fmt: skip
 
 
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
 def _check_config(config: dict) -> None:
     problems = []
     if config.get("peft_type") != "LORA":
@@ -286,6 +289,12 @@ def _check_config(config: dict) -> None:
             problems.append(f"{key}={config.get(key)!r} (unsupported)")
     if config.get("lora_bias"):
         problems.append("lora_bias=True (unsupported)")
+    # initialisations that also change the base weights (W - s B A at creation, or a quantised residual):
+    # peft redoes that change when it loads the adapter; loading it onto the unchanged base would be wrong
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        problems.append(f"init_lora_weights={init!r} (it changes the base weights: save the adapter with peft's "
+                        "path_initial_model_for_weight_conversion to get a plain LoRA adapter)")
     if problems:
         raise ValueError(f"{CONFIG_NAME}: unsupported LoRA configuration: {'; '.join(problems)}")
 

@@ -84,7 +84,9 @@ def store(param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tens
         if param.ff_batch != batch_id:
             raise PerSampleStateError(
                 "per-sample gradients of an earlier batch were never consumed: call dp.step() (or "
-                "dp.accumulate() for micro-batches) after each backward, before the next forward"
+                "dp.accumulate() for micro-batches) after each backward, before the next forward. A loss that "
+                "runs the model more than once per backward (siamese or consistency losses) is not supported: "
+                "each sample's gradient would span two forwards"
             )
         if ctx.mode == MODE_CLIP or grad_sample is None:
             raise PerSampleStateError(

@@ -481,6 +481,14 @@ def test_max_length_beyond_the_model_positions_is_refused(tiny):
         Federation(tiny_config(tiny, max_length=positions + 1))
 
 
+def test_a_delta_of_one_over_n_or_more_is_warned_about(tiny):
+    """(epsilon, delta)-DP with delta >= 1/n allows publishing a whole record: say so per client."""
+    fed = Federation(tiny_config(tiny, rounds=1, local_steps=1))
+    n = min(c.num_examples for c in fed.clients)
+    with pytest.warns(RuntimeWarning, match=rf"delta: {2.0 / n:g} >= 1/{n} \(client \d's examples\)"):
+        Federation(tiny_config(tiny, rounds=1, local_steps=1, delta=2.0 / n))
+
+
 def test_bad_client_update_is_rejected_in_a_real_round(tiny, tmp_path, caplog):
     fed = Federation(tiny_config(tiny, rounds=2, local_steps=1))
     real_fit = fed.clients[1].fit

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import fedlora_fast as ff
+from fedlora_fast import per_sample
+from fedlora_fast.layers.ffa_linear import init_lora_A
 from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
 
 
@@ -313,6 +315,60 @@ def test_injection_skips_what_an_adapter_could_not_reach():
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_B", "2.lora_B", "4.lora_B"]
     with pytest.raises(ValueError, match=r"'0.base_layer' is inside the adapter '0'"):
         ff.inject_adapters(model, target_modules=["0.base_layer"])
+    model = tiny_model()  # a second call keeps the first call's trainable modules trainable too
+    ff.inject_adapters(model, target_modules=["0"], trainable_modules=["4"])
+    ff.inject_adapters(model, target_modules=["2"])
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_B", "2.lora_B", "4.bias", "4.weight"]
+
+
+def test_injection_follows_the_models_mode_and_keeps_A_float32_across_casts():
+    """An adapter put into an eval model does not run its dropout; a later ``.to(bf16)``/``.half()`` keeps the
+    frozen A float32 and equal to the seed's (clients that cast before or after injecting agree on A), while
+    a trained A (LoRA) and the base follow the cast."""
+    model = tiny_model().eval()
+    layers = ff.inject_adapters(model, ["0", "2"], r=3, dropout=0.5, seed=5)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(4, 37)
+    randomize_B(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    assert all(m.training for m in model.modules())
+    seed_A = init_lora_A(3, 37, 5, "0")
+    before = copy.deepcopy(model).to(torch.bfloat16)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16)):
+        m = cast(copy.deepcopy(model))
+        a = ff.adapter_layers(m)["0"]
+        assert a.lora_A.dtype == torch.float32 and torch.equal(a.lora_A, seed_A)
+        assert a.weight.dtype in (torch.bfloat16, torch.float16) and a.lora_B.dtype == a.weight.dtype
+        assert isinstance(a.lora_A, nn.Parameter) and not a.lora_A.requires_grad
+    fresh = tiny_model().to(torch.bfloat16)  # the other order: cast first, then inject
+    ff.inject_adapters(fresh, ["0", "2"], r=3, seed=5)
+    assert torch.equal(ff.adapter_layers(fresh)["0"].lora_A, ff.adapter_layers(before)["0"].lora_A)
+    lora = ff.inject_adapters(tiny_model(), ["0"], r=3, train_A=True)["0"].to(torch.bfloat16)
+    assert lora.lora_A.dtype == torch.bfloat16  # a trained A is a model parameter like any other
+    back = copy.deepcopy(model).double().float()
+    assert torch.equal(ff.adapter_layers(back)["0"].lora_A, seed_A)
+
+
+def test_a_frozen_B_gets_no_per_sample_state_under_dp():
+    """Partial freezing (a lora_B with requires_grad False, as peft allows): the DP step trains the others and
+    the frozen B gets no per-sample state (it failed at the second step with flat clipping, at once per layer)."""
+    for clipping in ("flat", "per_layer"):
+        model = tiny_model()
+        layers = ff.inject_adapters(model, ["0", "2"], r=3)
+        randomize_B(model)
+        layers["2"].lora_B.requires_grad_(False)
+        frozen = layers["2"].lora_B.detach().clone()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4, clipping=clipping)
+        for _ in range(3):
+            model(torch.randn(4, 37)).sum().backward()
+            assert not per_sample.has_state(layers["2"].lora_B)
+            dp.step()
+            dp.zero_grad()
+        assert torch.equal(layers["2"].lora_B, frozen) and layers["2"].lora_B.grad is None
+        assert layers["0"].lora_B.abs().sum() > 0
 
 
 def test_dp_refuses_uncovered_trainable_params_and_step_without_backward():

@@ -353,12 +353,19 @@ def test_load_peft_refuses_lora_variants_and_merged_layers(tmp_path):
     ff.inject_adapters(model, ["query", "value"], r=4, trainable_modules=["classifier"])
     export_peft(model, str(tmp_path / "a"))
     config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
-    for key, value in (("alora_invocation_tokens", [5, 6]), ("use_qalora", True), ("velora_config", {"x": 1})):
-        (tmp_path / key).mkdir()
-        (tmp_path / key / CONFIG_NAME).write_text(json.dumps({**config, key: value}))
-        (tmp_path / key / WEIGHTS_NAME).write_bytes((tmp_path / "a" / WEIGHTS_NAME).read_bytes())
+    # variants, and initialisations that change the base weights (peft redoes that change when it loads them)
+    for key, value in (("alora_invocation_tokens", [5, 6]), ("use_qalora", True), ("velora_config", {"x": 1}),
+                       ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora")):
+        (tmp_path / str(value)).mkdir()
+        (tmp_path / str(value) / CONFIG_NAME).write_text(json.dumps({**config, key: value}))
+        (tmp_path / str(value) / WEIGHTS_NAME).write_bytes((tmp_path / "a" / WEIGHTS_NAME).read_bytes())
         with pytest.raises(ValueError, match=f"unsupported LoRA configuration: {key}="):
-            load_peft(copy.deepcopy(model), tmp_path / key)
+            load_peft(copy.deepcopy(model), tmp_path / str(value))
+    for init in ("gaussian", False, True):  # plain initialisations load
+        (tmp_path / f"i{init}").mkdir()
+        (tmp_path / f"i{init}" / CONFIG_NAME).write_text(json.dumps({**config, "init_lora_weights": init}))
+        (tmp_path / f"i{init}" / WEIGHTS_NAME).write_bytes((tmp_path / "a" / WEIGHTS_NAME).read_bytes())
+        load_peft(copy.deepcopy(model), tmp_path / f"i{init}")
     merged = copy.deepcopy(model)
     ff.adapter_layers(merged)["bert.encoder.layer.0.attention.self.query"].merge()
     with pytest.raises(ValueError, match="query: the model's adapter is merged into its weight; unmerge"):

@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedlora_fast.privacy import PoissonSampler, batch_size, check_poisson_loader, poisson_dataloader
+from fedlora_fast.privacy.sampling import _empty_like_batch
 
 
 def test_batch_sizes_have_binomial_mean_and_variance():
@@ -37,6 +38,29 @@ def test_empty_batches_come_out_as_zero_sample_batches():
         assert x.shape[0] == y.shape[0]
     assert len(sizes) == 60
     assert 0 in sizes and max(sizes) > 0
+
+
+def test_an_empty_batch_carries_nothing_of_the_example_it_was_shaped_from():
+    """The 0-sample batch is shaped by collating dataset[0], which was not sampled: its strings and other
+    values must not reach a training step (a loop that tokenises b["text"] would train on record 0)."""
+    ds = [{"text": "secret message of user 0", "label": 1, "ids": torch.arange(3), "meta": {"id": 7}}] * 3
+    loader = poisson_dataloader(ds, sample_rate=1e-9, steps=2, generator=torch.Generator().manual_seed(0))
+    for b in loader:
+        assert batch_size(b) == 0 and b["text"] == [] and b["ids"].shape == (0, 3) and b["label"].shape == (0,)
+        assert set(b["meta"]) == {"id"} and b["meta"]["id"].shape == (0,)
+    assert _empty_like_batch(("a", 3)) == () and _empty_like_batch({"k": "v"}) == {"k": None}
+
+
+def test_inclusion_probability_never_exceeds_the_accounted_rate(monkeypatch):
+    """torch.rand's float32 draws are multiples of 2^-24: ``u < q`` includes a sample with probability
+    ceil(q 2^24) / 2^24 > q. The sampler compares against q rounded down to that grid: at most q."""
+    grid = 2.0**-24
+    q = 3 * grid + grid / 4  # between grid points 3 and 4
+    draws = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.float32) * grid  # every draw at or below 5 grid points
+    monkeypatch.setattr(torch, "rand", lambda n, generator=None: draws[:n])
+    (batch,) = list(PoissonSampler(6, q, steps=1, generator=torch.Generator()))
+    assert batch == [0, 1, 2], batch  # P = 3 / 2^24 <= q (u < q would also take u = 3 grid points: 4 / 2^24 > q)
+    assert PoissonSampler(6, 1.0, steps=1, generator=torch.Generator())._threshold == 1.0
 
 
 def test_default_generator_does_not_touch_global_rng():

@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -340,6 +341,12 @@ class Federation:
         self.clients = []
         for k, idx in enumerate(self.parts):
             q = min(1.0, cfg.batch_size / len(idx))
+            if cfg.delta >= 1.0 / len(idx):  # (eps, delta)-DP with delta >= 1/n allows publishing a whole record
+                warnings.warn(
+                    f"delta: {cfg.delta:g} >= 1/{len(idx)} (client {k}'s examples): at that delta a mechanism may "
+                    f"publish a whole record and still be (epsilon, delta)-DP; use delta well below 1/n "
+                    f"(e.g. {0.1 / len(idx):.2g} or less)", RuntimeWarning, stacklevel=2,
+                )
             if cfg.epsilon is not None:
                 try:
                     sigma = _calibrate(target_epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=q,

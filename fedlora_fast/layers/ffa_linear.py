@@ -77,8 +77,12 @@ class _FFALinearFn(torch.autograd.Function):
         # tensors: under activation checkpointing (HF gradient_checkpointing_enable) those unpack as
         # recomputed aliases, other Python objects, so state stored on them would be lost.
         pA, pB = layer.lora_A, layer.lora_B
-        clip_B = ps_ctx.threshold(pB) if ps_ctx is not None else 0.0
-        clip_A = ps_ctx.threshold(pA) if ps_ctx is not None and ctx.train_A else 0.0
+        want_B = ctx.needs_input_grad[5]  # a frozen B (partial freezing, as peft allows) gets no per-sample state
+        want_A = ctx.train_A and ctx.needs_input_grad[4]
+        if ps_ctx is not None and not (want_A or want_B):
+            mode = MODE_SUM  # nothing of this layer is trained: no per-sample work at all
+        clip_B = ps_ctx.threshold(pB) if ps_ctx is not None and want_B else 0.0
+        clip_A = ps_ctx.threshold(pA) if ps_ctx is not None and want_A else 0.0
         dx, dxa, gB, nuB, gA, nuA = call(
             ffa_linear_bwd, g, u, weight, A, B, xa, layer.scale, need_dx, ctx.split, mode, clip_B, clip_A
         )
@@ -87,11 +91,11 @@ class _FFALinearFn(torch.autograd.Function):
         if ctx.split:  # x feeds only the base GEMM; xa (its dropout) only the adapter
             dx, dxa = (dx if ctx.needs_input_grad[0] else None), (dxa if ctx.needs_input_grad[1] else None)
         if ps_ctx is None:
-            dB = gB.to(B.dtype) if ctx.needs_input_grad[5] else None
-            dA = gA.to(A.dtype) if ctx.train_A and ctx.needs_input_grad[4] else None
+            dB = gB.to(B.dtype) if want_B else None
+            dA = gA.to(A.dtype) if want_A else None
         else:
-            dB = per_sample.param_result(pB, ps_ctx, ctx.batch_id, gB, nuB)
-            dA = per_sample.param_result(pA, ps_ctx, ctx.batch_id, gA, nuA) if ctx.train_A else None
+            dB = per_sample.param_result(pB, ps_ctx, ctx.batch_id, gB, nuB) if want_B else None
+            dA = per_sample.param_result(pA, ps_ctx, ctx.batch_id, gA, nuA) if want_A else None
         return dx, dxa, None, None, dA, dB, None, None
 
 
@@ -170,6 +174,21 @@ class FFALoRALinear(nn.Module):
         self._register_load_state_dict_pre_hook(_read_merged_flag, with_module=True)
         self.register_load_state_dict_post_hook(_apply_merged_flag)
         self._loaded_merged: bool | None = None
+        self.train(base.training)  # an adapter put into an eval model must not run its dropout
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half``, ...), except that a frozen float32 ``lora_A``
+        never goes to bfloat16/float16: every client must hold the same A (it is regenerated from the seed in
+        float32, and averaging B assumes it), and the ops compute U in float32 anyway. It still moves device."""
+        A = self._parameters.get("lora_A")
+        if A is None or A.requires_grad or A.dtype != torch.float32:
+            return super()._apply(fn, recurse)
+        exact = A.data  # _apply gives the parameter new data; this keeps the float32 values
+        super()._apply(fn, recurse)
+        A = self._parameters["lora_A"]  # the same object, or a new one under overwrite_module_params_on_conversion
+        if A.dtype in (torch.bfloat16, torch.float16):
+            A.data = exact.to(A.device)
+        return self
 
     @property
     def weight(self) -> Tensor:

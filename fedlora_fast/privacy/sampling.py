@@ -8,6 +8,7 @@ are a different mechanism that the Poisson accountants do not bound; ``check_poi
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
@@ -55,6 +56,7 @@ class PoissonSampler(torch.utils.data.Sampler):
         ):
             raise ValueError(f"generator: expected a CPU torch.Generator, got {generator!r}")
         self.generator = os_seeded_generator() if generator is None else generator
+        self._threshold = math.floor(self.sample_rate * 2**24) / 2**24  # see __iter__
 
     @property
     def expected_batch_size(self) -> float:
@@ -66,12 +68,17 @@ class PoissonSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.num_examples, generator=self.generator) < self.sample_rate
+            # float32 draws are multiples of 2^-24: ``u < q`` would include a sample with probability
+            # ceil(q 2^24) / 2^24 > q (+19 % at q = 3e-7), more than the accountant assumes. Against q rounded
+            # down to that grid the probability is floor(q 2^24) / 2^24 <= q: never more than accounted.
+            mask = torch.rand(self.num_examples, generator=self.generator) < self._threshold
             yield mask.nonzero().flatten().tolist()
 
 
 def _empty_like_batch(batch: Any) -> Any:
-    """The same nested structure with every tensor sliced to 0 samples."""
+    """The same nested structure with every tensor sliced to 0 samples and nothing of the example it was
+    shaped from: a list of per-sample values (collated strings, ids) becomes empty, any other leaf None. (The
+    structure comes from collating ``dataset[0]``, which was not sampled: none of its data may reach a step.)"""
     if isinstance(batch, Tensor):
         return batch[:0]
     if isinstance(batch, Mapping):
@@ -79,8 +86,10 @@ def _empty_like_batch(batch: Any) -> Any:
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_empty_like_batch(v) for v in batch))
     if isinstance(batch, (list, tuple)):
+        if all(not isinstance(v, (Tensor, Mapping, list, tuple)) for v in batch):
+            return type(batch)()  # one value per sample (default_collate's list of strings): no samples
         return type(batch)(_empty_like_batch(v) for v in batch)
-    return batch
+    return None
 
 
 class _EmptySafeCollate:
