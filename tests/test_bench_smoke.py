@@ -255,7 +255,7 @@ def test_gpu_layer_outer_sweep_smoke(monkeypatch):
     assert [(r["config"]["PROMOTE"], r["config"]["PACK"]) for r in rows] == [(1, False), (3, False), (2, True)]
     for r in rows:
         assert "error" not in r, r
-        assert r["ms"] > 0 and r["rel_err_P"] < 1e-5 and r["rel_err_nu"] < 1e-5, r
+        assert r["ms"] > 0 and r["ms_nov"] > 0 and r["rel_err_P"] < 1e-5 and r["rel_err_nu"] < 1e-5, r
 
 
 def test_gpu_layer_u_sweep_smoke(monkeypatch):
@@ -302,6 +302,9 @@ def test_choose_blocks_takes_the_fastest_config_that_holds_the_bound_everywhere(
     rows[1]["sweep_outer"] = [entry("elsewhere", 0.2, 1e-6)]
     assert gpu_layer.choose_blocks(rows)["outer"] is None
     assert gpu_layer.choose_blocks([]) == {"outer": None, "narrow": None}
+    # the pass is timed with V and without (merged's): a config fast with V but slow without loses
+    rows = [{"sweep_outer": [entry("with_v", 1.0, 1e-7, ms_nov=5.0), entry("both", 2.0, 1e-7, ms_nov=2.0)]}]
+    assert gpu_layer.choose_blocks(rows)["outer"] == {"name": "both"}
 
 
 def test_gpu_layer_blocks_from_a_sweep_file(tmp_path):
