@@ -111,7 +111,8 @@ def gemm_impl() -> str:
       term at W's scale): measured no less accurate than PyTorch's own bf16/fp16 path; a term under half an
       ulp of W is lost, the threshold at which "cublas" (and peft) lose it at Y's scale. Only where the
       adapter input is the base input (no adapter dropout) and dX is not split; elsewhere it runs as
-      ``"cublas"``. Not yet timed on a GPU;
+      ``"cublas"``. ``"auto"`` leaves it out for float16 (W' can overflow where Y does not, and fp16's
+      subnormals lose the term at an absolute threshold). Not yet timed on a GPU;
     - ``"tma"``: a persistent Triton GEMM loading X and W through TMA descriptors (sm90+, bf16/fp16,
       16-byte-aligned rows, else ``"triton"``), the same epilogue; measured slower than ``"triton"`` and
       cuBLAS on an H200 (bench/NOTES.md).
@@ -209,7 +210,7 @@ def _gemm_lowrank_kernel(
     MAIN_FP32: tl.constexpr, MAIN_PREC: tl.constexpr, LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
     SPLIT_W: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PACK_W: tl.constexpr,
+    GROUP_M: tl.constexpr, PACK_W: tl.constexpr, PRESPLIT_W: tl.constexpr,
 ):  # fmt: skip
     """out[m, :] (=|+=) X[m] @ Wt + bias + scale * L[m] @ R; row m is (m // T, m % T) of a 3-D tensor.
 
@@ -218,7 +219,10 @@ def _gemm_lowrank_kernel(
     float32 accumulation: float32-accurate without upcasting the X tile. ``EVEN_K``: K % BLOCK_K == 0 (no
     K mask in the main loop). ``PACK_W`` (with ``SPLIT_W``): the three terms interleaved with a zero into one
     operand 4 * BLOCK_N wide, one tensor-core instruction group per K step instead of three chained ones
-    (as the one-pass kernel's ``PACK``); each term's sum kept apart until after the K loop. Rows/columns
+    (as the one-pass kernel's ``PACK``); each term's sum kept apart until after the K loop. ``PRESPLIT_W``
+    (with ``SPLIT_W``, N <= BLOCK_N): Wt arrives already split, bfloat16, in the layout the loop multiplies
+    (``_split_terms_kernel``, once per call): the conversions leave the K loop, where every program of M
+    rows repeated them for the same Wt. Rows/columns
     past M/N are loaded wrapped (valid addresses, results discarded by the store mask), as in the Triton
     matmul tutorial, so that only the store is masked.
     """
@@ -245,16 +249,31 @@ def _gemm_lowrank_kernel(
     if HAS_MAIN:
         rk = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + x_row[:, None] + rk[None, :] * stride_xk
-        w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_ld.to(tl.int64)[None, :] * stride_wn
+        if PRESPLIT_W and PACK_W:  # Wt's terms made by _split_terms_kernel, interleaved: (K, 4 BLOCK_N) bf16
+            w_ptrs = w_ptr + rk[:, None] * stride_wk + tl.arange(0, 4 * BLOCK_N)[None, :] * stride_wn
+        elif PRESPLIT_W:  # side by side, [hi | lo | lo2]: (K, 3 BLOCK_N) bf16, zero past N
+            w_ptrs = w_ptr + rk[:, None] * stride_wk + tl.arange(0, BLOCK_N)[None, :] * stride_wn
+        else:
+            w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_ld.to(tl.int64)[None, :] * stride_wn
         for k0 in range(0, K, BLOCK_K):
+            mask_k = (k0 + rk) < K
             if EVEN_K:
                 a = tl.load(x_ptrs)
                 b = tl.load(w_ptrs)
             else:
-                mask_k = (k0 + rk) < K
                 a = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-            if PACK_W:  # one instruction group for the three terms, promoted per K block
+            if PRESPLIT_W and PACK_W:  # the packed terms as loaded: no conversion in the loop
+                acc4 += _tc_dot(a, b, tl.zeros_like(acc4), MAIN_FP32)
+            elif PRESPLIT_W:
+                if EVEN_K:
+                    b_lo = tl.load(w_ptrs + BLOCK_N * stride_wn)
+                    b_lo2 = tl.load(w_ptrs + 2 * BLOCK_N * stride_wn)
+                else:
+                    b_lo = tl.load(w_ptrs + BLOCK_N * stride_wn, mask=mask_k[:, None], other=0.0)
+                    b_lo2 = tl.load(w_ptrs + 2 * BLOCK_N * stride_wn, mask=mask_k[:, None], other=0.0)
+                acc += _dot_split(a, b, b_lo, b_lo2, 3, MAIN_FP32)
+            elif PACK_W:  # one instruction group for the three terms, promoted per K block
                 acc4 += _tc_dot(a, _split_bf16_packed(b.to(tl.float32)), tl.zeros_like(acc4), MAIN_FP32)
             elif SPLIT_W:  # MAIN_FP32 is set only under the interpreter here (see _launch_gemm)
                 b_hi, b_lo, b_lo2 = _split_bf16(b.to(tl.float32))
@@ -555,6 +574,30 @@ def _merge_kernel(
     tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+
+@triton.jit
+def _split_terms_kernel(
+    w_ptr, t_ptr, stride_wk, stride_wn, stride_tk, K, N,
+    PACKED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Wt (K, N) float32 as its three bfloat16 ``_split_bf16`` terms, zero past N, for ``PRESPLIT_W``:
+    side by side ``[hi | lo | lo2]`` (K, 3 BLOCK_N), or interleaved as ``_split_bf16_packed`` (K, 4 BLOCK_N)."""
+    rk = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = tl.arange(0, BLOCK_N)
+    mask_k = rk < K
+    w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                mask=mask_k[:, None] & (rn < N)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    if PACKED:
+        rc = tl.arange(0, 4 * BLOCK_N)
+        tl.store(t_ptr + rk[:, None] * stride_tk + rc[None, :], _split_bf16_packed(w), mask=mask_k[:, None])
+    else:
+        hi, lo, lo2 = _split_bf16(w)
+        t = t_ptr + rk[:, None] * stride_tk + rn[None, :]
+        tl.store(t, hi, mask=mask_k[:, None])
+        tl.store(t + BLOCK_N, lo, mask=mask_k[:, None])
+        tl.store(t + 2 * BLOCK_N, lo2, mask=mask_k[:, None])
+
+
 def _gemm_configs() -> list:
     """Autotune space of the base GEMM on CUDA (Triton matmul tutorial sizes for Hopper/Ampere)."""
     cfgs = []
@@ -631,7 +674,10 @@ _CUDA_BLOCKS = {
     "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     # U = xa A^T: N = r, memory bound on xa: 32-row tiles so that 4k tokens still give 128 programs
     # PACK_W: A's split terms as one 64-wide operand (r <= 16, bf16 x): opt-in until timed (--sweep-u)
-    "narrow": dict(BLOCK_M=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, PACK_W=False),
+    # PRESPLIT_W: A's split terms made once per call by a small kernel instead of in every program's K loop
+    # (the shipped U loop's SASS on sm90: 48 HMMA among ~400 conversion instructions, and spills); opt-in
+    # until a GPU run times it (--sweep-u)
+    "narrow": dict(BLOCK_M=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, PACK_W=False, PRESPLIT_W=False),
     # one pass over G: 64 rows x 128 features per step (16 KiB bf16, 32 KiB once upcast for the 3xTF32
     # dots), P tile 128 x r float32 in registers. 256 wide would halve the V partials (N*r*4 B per
     # out-tile) but needs ~200 KiB of shared memory with 3 stages: try it when a GPU can measure it.
@@ -658,7 +704,7 @@ def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
     if kind == "gemm":
         return dict(BLOCK_M=b["M"], BLOCK_N=b["N"], BLOCK_K=b["K"], GROUP_M=4)
     if kind == "narrow":
-        return dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1, PACK_W=False)
+        return dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1, PACK_W=False, PRESPLIT_W=False)
     if kind == "outer":
         return dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"], PROMOTE=1, PACK=False)
     if kind == "finish":
@@ -733,10 +779,25 @@ def _launch_gemm(
             cfg["BLOCK_N"] = _pow2(N)
             if cfg.pop("PACK_W", False) and flags["SPLIT_W"] and cfg["BLOCK_N"] == 16:
                 flags = dict(flags, PACK_W=True)
+            if cfg.pop("PRESPLIT_W", False) and flags["SPLIT_W"]:  # Wt's terms once, not in every program
+                flags = dict(flags, PRESPLIT_W=True)
+                terms = _split_terms(w, swk, swn, K, N, cfg["BLOCK_N"], flags["PACK_W"])
+                args = (*args[:1], terms, *args[2:9], terms.stride(0), terms.stride(1), *args[11:])
         if x is None:
             cfg["BLOCK_K"] = 16
         cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
         _run(_gemm_lowrank_kernel, grid, *args, **flags, **cfg)
+
+
+def _split_terms(w: Tensor, swk: int, swn: int, K: int, N: int, block_n: int, packed: bool) -> Tensor:
+    """Wt (K, N) float32, read through (swk, swn), as the bfloat16 terms ``PRESPLIT_W`` loads (see
+    ``_split_terms_kernel``): (K, 4 block_n) packed, else (K, 3 block_n). A few KiB per call (r x in)."""
+    terms = _alloc((K, (4 if packed else 3) * block_n), torch.bfloat16, w.device)
+    block_k = 128 if w.device.type == "cuda" else _interp_block(K)
+    with _device_guard(w.device):
+        _run(_split_terms_kernel, (_cdiv(K, block_k),), w, terms, swk, swn, terms.stride(0), K, N,
+             PACKED=packed, BLOCK_K=block_k, BLOCK_N=block_n)  # fmt: skip
+    return terms
 
 
 @functools.lru_cache(maxsize=None)
@@ -762,6 +823,7 @@ def _gemm_flags(
         FIX_BF16_ROUNDING=_interpret() and out_dtype == torch.bfloat16,
         BLOCK_R=block_r,
         PACK_W=False,
+        PRESPLIT_W=False,
     )
 
 
@@ -920,12 +982,16 @@ def _time_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> f
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-def _choose_gemm(key: tuple, device: torch.device, run: Callable[[str], object], merged_ok: bool = True) -> str:
+def _choose_gemm(
+    key: tuple, device: torch.device, run: Callable[[str], object], merged_ok: bool = True,
+    dtype: torch.dtype | None = None,
+) -> str:  # fmt: skip
     """The GEMM for this call: ``FEDLORA_FAST_GEMM`` if pinned; for "auto" the fastest of ``AUTO_CANDIDATES``
     timed once per ``key`` on ``run(impl)`` (a pure function of the call's inputs: timing it has no effect
     but the time), or "triton" where nothing is timed. Where the call cannot merge (``merged_ok`` False:
     the adapter input or the input gradient is split from the base one) "merged" is out, and a pinned
-    "merged" runs as "cublas"."""
+    "merged" runs as "cublas". "auto" never merges float16 (``dtype``): W + s B A can leave fp16's range
+    where Y and dX do not, and in its subnormals the adapter's term is lost at an absolute threshold."""
     impl = gemm_impl()
     if impl != "auto":
         return "cublas" if impl == "merged" and not merged_ok else impl
@@ -935,7 +1001,8 @@ def _choose_gemm(key: tuple, device: torch.device, run: Callable[[str], object],
     if not _auto_times(device):
         return "triton"
     times = {}
-    for c in AUTO_CANDIDATES if merged_ok else tuple(c for c in AUTO_CANDIDATES if c != "merged"):
+    merge = merged_ok and dtype != torch.float16
+    for c in AUTO_CANDIDATES if merge else tuple(c for c in AUTO_CANDIDATES if c != "merged"):
         try:
             times[c] = _time_ms(lambda c=c: run(c), device)
         except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
@@ -1205,7 +1272,7 @@ def ffa_linear_fwd(
         return y
 
     key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, x.dtype, bias is not None, merged_ok)
-    return y_with(_choose_gemm(key, x.device, y_with, merged_ok)), u
+    return y_with(_choose_gemm(key, x.device, y_with, merged_ok, x.dtype)), u
 
 
 def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
@@ -1303,7 +1370,7 @@ def ffa_linear_bwd(
     impl = "triton"
     if need_dx:
         key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, dt, split_dx, mode, xa is None)
-        impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx)
+        impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx, dtype=dt)
     gB, nuB, v, dx = pass_and_dx(impl)
     if mode == MODE_CLIP:
         gB = _clip_reduce(gB, clip_coef(nuB, clip_B))

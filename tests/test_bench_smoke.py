@@ -259,12 +259,15 @@ def test_gpu_layer_outer_sweep_smoke(monkeypatch):
 
 
 def test_gpu_layer_u_sweep_smoke(monkeypatch):
-    """The U pass's config sweep through the interpreter at toy size: every config runs, packed or not."""
+    """The U pass's config sweep through the interpreter at toy size: every config runs, packed or not,
+    split in the loop or once ahead (PRESPLIT_W)."""
     import gpu_layer
 
-    monkeypatch.setattr(gpu_layer, "U_SWEEP", [(32, 32, 4, 3, False), (16, 32, 4, 3, True)])
+    monkeypatch.setattr(gpu_layer, "U_SWEEP", [(32, 32, 4, 3, False, False), (16, 32, 4, 3, True, False),
+                                               (32, 32, 4, 3, False, True), (16, 32, 4, 3, True, True)])
     rows = gpu_layer.sweep_u(2, 7, 45, 5, torch.bfloat16, torch.device("cpu"), reps=1)
-    assert [r["config"]["PACK_W"] for r in rows] == [False, True]
+    assert [(r["config"]["PACK_W"], r["config"]["PRESPLIT_W"]) for r in rows] == [
+        (False, False), (True, False), (False, True), (True, True)]
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["rel_err_U"] < 1e-5, r
@@ -278,7 +281,7 @@ def test_gpu_layer_sweep_only_smoke(tmp_path):
     proc = _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 18, row
-    assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) == 6, row
+    assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) == 10, row
     assert "## outer" in proc.stdout and "## U" in proc.stdout
 
 

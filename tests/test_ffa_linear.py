@@ -145,6 +145,9 @@ def test_bad_arguments_are_named_before_any_backend_runs(use_backend):
         for op in (ffa_linear_fwd, lambda *a: call(ffa_linear_fwd, *a)):
             with pytest.raises(ValueError, match=match):
                 op(*args.values())
+    for op in (ffa_linear_fwd, lambda *a: call(ffa_linear_fwd, *a)):  # xa is dropout(x): x's dtype
+        with pytest.raises(TypeError, match=r"xa: expected dtype torch.float32 \(x's\), got torch.int32"):
+            op(x, x.view(torch.int32), w, b, A, B, 2.0)
     bwd = dict(g=g, u=u, weight=w, A=A, B=B, xa=None, scale=2.0, need_dx=True, split_dx=False, mode=2, clip_B=0.5, clip_A=0.5)
     bwd_cases = [
         (dict(g=g[:1]), r"u: expected shape \(1, 5, 3\), got \(2, 5, 3\)"),

@@ -207,17 +207,30 @@ def test_outer_promote_pack_poisoned(poisoned, device, promote, pack, dtype, sha
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 50, 20, 24, 5), (1, 1, 300, 260, 2), (2, 7, 130, 67, 16), (3, 6, 70, 45, 17)],
                          ids=str)
-def test_u_pack_poisoned(poisoned, device, shape, monkeypatch):
+@pytest.mark.parametrize("presplit", [False, True], ids=["in_loop", "presplit"])
+def test_u_pack_poisoned(poisoned, device, shape, presplit, monkeypatch):
     """U = xa A^T with A's three split terms packed into one operand (PACK_W; bf16 xa, r <= 16): float32-
-    accurate against float64, through every K tail; r = 17 keeps the chained path."""
+    accurate against float64, through every K tail; r = 17 keeps the chained path. PRESPLIT_W: the terms
+    made once by their own kernel, then loaded: bit for bit the U of the in-loop split."""
     if device == "cuda" and shape != (2, 7, 130, 67, 16):
         pytest.skip("natively one case (a GPU run's compile time is budgeted); the interpreter takes every case")
-    packed = override_blocks(monkeypatch, "narrow", dict(PACK_W=True),
-                             lambda fn, kw: kw["PACK_W"] if fn is K._gemm_lowrank_kernel and kw["SPLIT_W"] else None)
     t = make(*shape, device, dtype=torch.bfloat16)
-    u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)[1]
-    close(u, ref_fwd(t, 0.7)[1], "u")
-    assert packed == [shape[4] <= 16], packed
+    u_in_loop = {}
+    if presplit:
+        with monkeypatch.context() as m:
+            for pack in (False, True):
+                override_blocks(m, "narrow", dict(PACK_W=pack), lambda fn, kw: None)
+                u_in_loop[pack] = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)[1]
+    for pack in (False, True):
+        with monkeypatch.context() as m:
+            seen = override_blocks(m, "narrow", dict(PACK_W=pack, PRESPLIT_W=presplit),
+                                   lambda fn, kw: (kw["PACK_W"], kw["PRESPLIT_W"])
+                                   if fn is K._gemm_lowrank_kernel and kw["SPLIT_W"] else None)
+            u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)[1]
+        close(u, ref_fwd(t, 0.7)[1], "u")
+        assert seen == [(pack and shape[4] <= 16, presplit)], seen
+        if presplit:
+            assert torch.equal(u, u_in_loop[pack]), "the presplit terms must give the in-loop split's U exactly"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -401,6 +414,11 @@ def test_merged_falls_back_where_it_cannot_merge(poisoned, device, monkeypatch):
     K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], None, s, True, True, 1, 0.0, 0.0)
     unmerged = [c for c in K.AUTO_CANDIDATES if c != "merged"]
     assert timed == unmerged * 2, timed
+    # float16: auto never merges (W + s B A can overflow where Y does not); pinned, it does
+    timed.clear()
+    h = make(2, 5, 40, 36, 3, device, dtype=torch.float16)
+    K.ffa_linear_fwd(h["x"], h["x"], h["weight"], h["bias"], h["A"], h["B"], s)
+    assert timed == unmerged, timed
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -886,7 +904,7 @@ def _aot_cases():
     bf, f32 = "*bf16", "*fp32"
     gemm_ptrs = dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32, out_ptr=bf)
     flags = dict(HAS_C=False, HAS_BIAS=True, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16, SPLIT_W=False,
-                 EVEN_K=True, PACK_W=False)
+                 EVEN_K=True, PACK_W=False, PRESPLIT_W=False)
     gb, nb, ob = K._blocks("gemm", cuda), K._blocks("narrow", cuda), K._blocks("outer", cuda)
     fb, cb = K._blocks("finish", cuda), K._blocks("clip", cuda)
     blocks = lambda b: {k: v for k, v in b.items() if k.isupper()}  # noqa: E731
@@ -905,6 +923,13 @@ def _aot_cases():
          dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=False, SPLIT_W=True, MAIN_PREC="tf32x3",
               LR_PREC="tf32", BLOCK_N=16, **dict(blocks(nb), BLOCK_M=64, PACK_W=True),
               **unit("stride_xk", "stride_wk", "stride_of")), nb),
+        *((f"sweep gemm U PRESPLIT_W pack={pack}", K._gemm_lowrank_kernel, dict(gemm_ptrs, w_ptr=bf, out_ptr=f32),
+           dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=False, SPLIT_W=True,
+                MAIN_PREC="tf32x3", LR_PREC="tf32", BLOCK_N=16,
+                **dict(blocks(nb), BLOCK_M=64 if pack else 32, PACK_W=pack, PRESPLIT_W=True),
+                **unit("stride_xk", "stride_wn", "stride_of")), nb) for pack in (False, True)),
+        *((f"split terms packed={pack}", K._split_terms_kernel, dict(w_ptr=f32, t_ptr=bf),
+           dict(PACKED=pack, BLOCK_K=128, BLOCK_N=16, stride_wn=1), {"num_warps": 4}) for pack in (False, True)),
         ("gemm low-rank in place", K._gemm_lowrank_kernel, gemm_ptrs,
          dict(flags, HAS_C=True, HAS_BIAS=False, HAS_MAIN=False, MAIN_FP32=False, MAIN_PREC="tf32",
               LR_PREC="tf32", **dict(blocks(gb), BLOCK_K=16), **unit("stride_lj", "stride_rn", "stride_of")), gb),
@@ -956,7 +981,7 @@ def _aot_autotune_cases():
     gemm_ptrs = dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32, out_ptr=bf)
     unit = lambda *names: dict.fromkeys(names, 1)  # noqa: E731
     flags = dict(HAS_C=False, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16, SPLIT_W=False, EVEN_K=True,
-                 HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32", PACK_W=False)
+                 HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32", PACK_W=False, PRESPLIT_W=False)
     cases = []
     for c in K._gemm_configs():
         cfg = {"num_warps": c.num_warps, "num_stages": c.num_stages}

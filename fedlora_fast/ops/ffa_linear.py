@@ -45,6 +45,8 @@ def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
     _shape("x", x, (None, None, None))
     n, T, inp = x.shape
     _shape("xa", xa, (n, T, inp))
+    if xa.dtype != x.dtype:  # xa is dropout(x): the same dtype (a reinterpreting view would be read as x)
+        raise TypeError(f"xa: expected dtype {x.dtype} (x's), got {xa.dtype}")
     _shape("weight", weight, (None, inp))
     out = weight.shape[0]
     if bias is not None:
