@@ -331,16 +331,22 @@ def python_profile(fn, steps: int = 30, top: int = 25) -> str:
     return buf.getvalue()
 
 
-OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages, PROMOTE, PACK); the first is the shipped default
-    (64, 128, 4, 2, 1, False), (32, 128, 4, 3, 1, False), (64, 128, 8, 3, 1, False), (128, 128, 8, 2, 1, False),
-    (64, 256, 8, 2, 1, False), (32, 256, 8, 3, 1, False), (64, 64, 4, 3, 1, False), (128, 64, 4, 2, 1, False),
-    # P's tensor-core accumulator over 2 / 4 row blocks before promotion, and R's three split terms packed
-    # into one 64-wide operand (bench/NOTES.md, "v3 on an H200" and "v4")
-    (64, 128, 4, 2, 2, False), (64, 128, 4, 2, 4, False), (64, 128, 4, 2, 1, True), (64, 128, 4, 3, 1, True),
-    (64, 256, 8, 2, 1, True), (128, 128, 8, 2, 1, True), (64, 128, 4, 2, 2, True),
+OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages, PROMOTE, PACK[, PRESPLIT]); the first is shipped.
+    # In order of what they decide (a sweep cut short by its time budget keeps the first ones): the options
+    # first, then other tiles.
+    (64, 128, 4, 2, 1, False),
+    # R's three split terms packed into one 64-wide operand, and U's bf16 terms made once per call instead of
+    # in every a-tile's loop (sm90 SASS, r16 without V: 1672 -> 1432 instructions), chained or packed
+    (64, 128, 4, 2, 1, True), (64, 128, 4, 2, 1, False, True), (64, 128, 4, 2, 1, True, True),
+    # P's tensor-core accumulator over 2 / 4 row blocks before promotion (bench/NOTES.md, "v3 on an H200", "v4")
+    (64, 128, 4, 2, 2, False), (64, 128, 4, 2, 4, False), (64, 128, 4, 2, 2, True),
     # packed with two warpgroups (each takes 64 of the 128 features: 12 HGMMA in 2 groups per tile, 64/84 KiB
     # of shared memory) or a deeper pipeline on 32-row tiles (52 KiB); sm90 SASS, no spills (2026-11-26)
-    (64, 128, 8, 2, 1, True), (64, 128, 8, 3, 1, True), (32, 128, 4, 4, 1, True),
+    (64, 128, 8, 2, 1, True), (64, 128, 8, 2, 1, True, True), (64, 128, 4, 3, 1, True), (64, 128, 8, 3, 1, True),
+    (32, 128, 4, 4, 1, True), (64, 256, 8, 2, 1, True), (128, 128, 8, 2, 1, True),
+    # other tiles of the shipped (chained) loop
+    (32, 128, 4, 3, 1, False), (64, 128, 8, 3, 1, False), (128, 128, 8, 2, 1, False),
+    (64, 256, 8, 2, 1, False), (32, 256, 8, 3, 1, False), (64, 64, 4, 3, 1, False), (128, 64, 4, 2, 1, False),
 ]  # fmt: skip
 
 
@@ -357,7 +363,7 @@ def blocks_override(kind: str, cfg: dict):
         K._blocks = real
 
 
-def sweep_outer(n, T, out, r, dtype, device, reps: int) -> list[dict]:
+def sweep_outer(n, T, out, r, dtype, device, reps: int, progress=None) -> list[dict]:
     """Time the one-pass backward over G for each block config of ``OUTER_SWEEP``: with V = G B (``ms``: the
     fused-dX GEMMs need it) and without (``ms_nov``: the pass of ``FEDLORA_FAST_GEMM=merged``, P_i and norms
     only), with each config's relative error in P and the norms against float64 (a faster config must also
@@ -371,8 +377,9 @@ def sweep_outer(n, T, out, r, dtype, device, reps: int) -> list[dict]:
     p64 = 2.0 * g.double().transpose(1, 2) @ u.double()  # (n, out, r)
     nu64 = p64.square().sum((1, 2))
     rows = []
-    for bt, ba, warps, stages, promote, pack in OUTER_SWEEP:
-        cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages, PROMOTE=promote, PACK=pack)
+    for bt, ba, warps, stages, promote, pack, *presplit in OUTER_SWEEP:
+        cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages, PROMOTE=promote, PACK=pack,
+                   PRESPLIT=bool(presplit and presplit[0]))
         try:
             with blocks_override("outer", cfg):
                 timed = {}
@@ -389,16 +396,18 @@ def sweep_outer(n, T, out, r, dtype, device, reps: int) -> list[dict]:
                          "rel_err_P": err_p, "rel_err_nu": err_nu})
         except Exception as e:  # noqa: BLE001  (a config that fails to compile: report, keep sweeping)
             rows.append({"config": cfg, "error": repr(e)[:200]})
+        if progress is not None:
+            progress(rows)
     return rows
 
 
-U_SWEEP = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages, PACK_W, PRESPLIT_W) of U = X A^T; the first is shipped
-    (32, 128, 4, 3, False, False), (64, 128, 4, 3, False, False), (64, 128, 4, 3, True, False),
-    (64, 64, 4, 4, True, False), (128, 128, 8, 3, True, False), (64, 256, 4, 2, True, False),
+U_SWEEP = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages, PACK_W, PRESPLIT_W) of U = X A^T; the first is shipped.
     # A's terms split once per call by their own kernel (sm90 SASS of the shipped tile: 1240 -> 672
-    # instructions, no conversions left in the loop, no spills; bit-identical U), packed or not
-    (32, 128, 4, 3, False, True), (64, 128, 4, 3, False, True), (64, 128, 4, 3, True, True),
-    (128, 128, 8, 3, True, True),
+    # instructions, no conversions left in the loop, no spills; bit-identical U), packed or not, come first
+    (32, 128, 4, 3, False, False), (32, 128, 4, 3, False, True), (64, 128, 4, 3, True, True),
+    (64, 128, 4, 3, False, True), (128, 128, 8, 3, True, True),
+    (64, 128, 4, 3, False, False), (64, 128, 4, 3, True, False), (64, 64, 4, 4, True, False),
+    (128, 128, 8, 3, True, False), (64, 256, 4, 2, True, False),
 ]  # fmt: skip
 
 
@@ -628,8 +637,10 @@ def main(argv=None) -> int:
             N = n * T
             if args.sweep_only:
                 row = {"device": info["device"], "n": n, "T": T, "tokens": N, "in": inp, "out": out, "r": args.r,
-                       "dtype": args.dtype, "sweep_u": sweep_u(n, T, inp, args.r, dtype, device, reps),
-                       "sweep_outer": sweep_outer(n, T, out, args.r, dtype, device, reps)}  # fmt: skip
+                       "dtype": args.dtype, "sweep_u": sweep_u(n, T, inp, args.r, dtype, device, reps)}
+                # written after every one-pass config: a sweep cut short by its time budget keeps what it timed
+                row["sweep_outer"] = sweep_outer(n, T, out, args.r, dtype, device, reps,
+                                                 progress=lambda done: write(rows + [dict(row, sweep_outer=done)]))
                 row["correct"] = all("error" not in sw for sw in row["sweep_u"] + row["sweep_outer"])  # all ran
                 rows.append(row)
                 write(rows)

@@ -56,7 +56,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
             "Fine-tune a text classifier across several simulated clients, each training FFA-LoRA's B under "
             "DP-SGD with its own privacy accountant and sending only B (and the head) to a server that "
             "validates and averages the updates. With no flags: the packaged all-MiniLM-L6-v2, the bundled SMS "
-            "Spam Collection (20%% held out for test), the paper's 3-client label skew, epsilon 8 at delta 1e-5. "
+            "Spam Collection (20% held out for test), the paper's 3-client label skew, epsilon 8 at delta 1e-5. "
             "Writes OUT/metrics.json, OUT/curves.png, OUT/adapter/ (peft format) and a checkpoint after "
             "every round (--resume continues it)."
         ),

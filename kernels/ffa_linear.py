@@ -394,7 +394,7 @@ def _outer_kernel(
     HAS_V: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr, V_PREC: tl.constexpr,
     SPLIT_BF16: tl.constexpr, V_TERMS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, PROMOTE: tl.constexpr,
-    PACK: tl.constexpr,
+    PACK: tl.constexpr, PRESPLIT: tl.constexpr,
 ):  # fmt: skip
     """One pass over L (rows of a segment split): P = scale * L^T R per (segment, split, a-tile), V = L Bm.
 
@@ -415,6 +415,9 @@ def _outer_kernel(
     until the end, where the four are added in float32. V likewise: Bm's three terms in one operand (one
     instruction group instead of ``V_TERMS`` chained ones; all three terms, whatever ``V_TERMS``), added per
     row block.
+    ``PRESPLIT`` (with ``SPLIT_BF16``): R arrives as its bfloat16 terms, made once per call by
+    ``_split_terms_kernel`` (n, T, 3 BLOCK_R) side by side, or (n, T, 4 BLOCK_R) interleaved with ``PACK``,
+    zero past RANK: every a-tile's program loaded and split the same R rows in its loop before.
     ``UPCAST``: the interpreter has no bfloat16 dot, so the same products run in float32 there.
     """
     pid_s = tl.program_id(0)
@@ -453,18 +456,25 @@ def _outer_kernel(
                 mask=mask_t[:, None] & mask_a[None, :],
                 other=0.0,
             )
-            rr = tl.load(
-                r_ptr + (smp * stride_rn + tok * stride_rt)[:, None] + rj[None, :] * stride_rj,
-                mask=mask_t[:, None] & mask_j[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            if PACK:  # the three terms (and a zero) interleaved: one instruction group
-                part = _tc_dot(tl.trans(lt), _split_bf16_packed(rr), part, UPCAST)
-            elif SPLIT_BF16:  # P on the tensor cores' accumulator for PROMOTE blocks, then promoted
-                r_hi, r_lo, r_lo2 = _split_bf16(rr)
+            r_row = r_ptr + (smp * stride_rn + tok * stride_rt)[:, None]
+            if PRESPLIT and PACK:  # the packed terms as made by _split_terms_kernel: no conversion here
+                r4 = tl.load(r_row + tl.arange(0, 4 * BLOCK_R)[None, :] * stride_rj, mask=mask_t[:, None], other=0.0)
+                part = _tc_dot(tl.trans(lt), r4, part, UPCAST)
+            elif PRESPLIT:
+                r_hi = tl.load(r_row + rj[None, :] * stride_rj, mask=mask_t[:, None], other=0.0)
+                r_lo = tl.load(r_row + (BLOCK_R + rj)[None, :] * stride_rj, mask=mask_t[:, None], other=0.0)
+                r_lo2 = tl.load(r_row + (2 * BLOCK_R + rj)[None, :] * stride_rj, mask=mask_t[:, None], other=0.0)
                 part = _dot_split_into(tl.trans(lt), r_hi, r_lo, r_lo2, part, 3, UPCAST)
             else:
-                part = tl.dot(tl.trans(lt.to(tl.float32)), rr, part, input_precision=PREC)
+                rr = tl.load(r_row + rj[None, :] * stride_rj, mask=mask_t[:, None] & mask_j[None, :], other=0.0)
+                rr = rr.to(tl.float32)
+                if PACK:  # the three terms (and a zero) interleaved: one instruction group
+                    part = _tc_dot(tl.trans(lt), _split_bf16_packed(rr), part, UPCAST)
+                elif SPLIT_BF16:  # P on the tensor cores' accumulator for PROMOTE blocks, then promoted
+                    r_hi, r_lo, r_lo2 = _split_bf16(rr)
+                    part = _dot_split_into(tl.trans(lt), r_hi, r_lo, r_lo2, part, 3, UPCAST)
+                else:
+                    part = tl.dot(tl.trans(lt.to(tl.float32)), rr, part, input_precision=PREC)
             if HAS_V:
                 if PACK:  # one instruction group for all three terms, added in float32 per row block
                     vp = _sum_packed(_tc_dot(lt, b4, tl.zeros((BLOCK_T, P_WIDTH), dtype=tl.float32), UPCAST))
@@ -683,7 +693,9 @@ _CUDA_BLOCKS = {
     # out-tile) but needs ~200 KiB of shared memory with 3 stages: try it when a GPU can measure it.
     # PACK: R's split terms as one 64-wide operand (r <= 16, bf16): 1 tensor-core instruction for 3; opt-in
     # until a GPU run times it (bench/gpu_layer.py --sweep-outer)
-    "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2, PROMOTE=1, PACK=False),
+    # PRESPLIT: R's (U's) split terms made once per call by a small kernel, not in every a-tile's loop;
+    # opt-in until timed (--sweep-outer)
+    "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2, PROMOTE=1, PACK=False, PRESPLIT=False),
     "finish": dict(BLOCK_A=256, num_warps=4),
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
     # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles
@@ -706,7 +718,7 @@ def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
     if kind == "narrow":
         return dict(BLOCK_M=b["M"], BLOCK_K=b["K"], GROUP_M=1, PACK_W=False, PRESPLIT_W=False)
     if kind == "outer":
-        return dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"], PROMOTE=1, PACK=False)
+        return dict(BLOCK_T=b["T"] // 2, BLOCK_A=b["A"], PROMOTE=1, PACK=False, PRESPLIT=False)
     if kind == "finish":
         return dict(BLOCK_A=b["A"])
     if kind == "merge":
@@ -1101,6 +1113,10 @@ def _per_sample_outer(
     block_a, block_t = cfg["BLOCK_A"], cfg["BLOCK_T"]
     block_r = _pow2(r)
     pack = bool(cfg.pop("PACK", False)) and L.dtype == torch.bfloat16 and block_r == 16
+    presplit = bool(cfg.pop("PRESPLIT", False)) and L.dtype == torch.bfloat16
+    if presplit:  # R's bf16 terms once (n T r elements), not once per a-tile program in its loop
+        R2 = R.reshape(n * T, r)
+        R = _split_terms(R2, R2.stride(0), R2.stride(1), n * T, r, block_r, pack).view(n, T, -1)
     a_tiles = _cdiv(a, block_a)
     # split a segment's rows over programs only when segments x a-tiles cannot fill the device
     nsplit = max(1, min(_cdiv(_target_programs(device), nseg * a_tiles), _cdiv(seg_rows, block_t)))
@@ -1140,7 +1156,7 @@ def _per_sample_outer(
             HAS_V=Bmat is not None, HAS_NORM=nu_part is not None, PREC=_prec(prec_dtype),
             V_PREC=_prec(prec_dtype, rounded=v_rounded),
             SPLIT_BF16=L.dtype == torch.bfloat16, V_TERMS=2 if v_rounded else 3, UPCAST=_interpret(),
-            BLOCK_R=block_r, PACK=pack, **cfg,
+            BLOCK_R=block_r, PACK=pack, PRESPLIT=presplit, **cfg,
         )  # fmt: skip
         if nsplit > 1:
             fcfg = _blocks("finish", device, A=a)

@@ -250,9 +250,10 @@ def test_gpu_layer_outer_sweep_smoke(monkeypatch):
     import gpu_layer
 
     monkeypatch.setattr(gpu_layer, "OUTER_SWEEP", [(32, 32, 4, 2, 1, False), (16, 32, 4, 2, 3, False),
-                                                   (16, 32, 4, 2, 2, True)])
+                                                   (16, 32, 4, 2, 2, True), (16, 32, 4, 2, 1, True, True)])
     rows = gpu_layer.sweep_outer(2, 37, 40, 3, torch.bfloat16, torch.device("cpu"), reps=1)
-    assert [(r["config"]["PROMOTE"], r["config"]["PACK"]) for r in rows] == [(1, False), (3, False), (2, True)]
+    assert [(r["config"]["PROMOTE"], r["config"]["PACK"], r["config"]["PRESPLIT"]) for r in rows] == [
+        (1, False, False), (3, False, False), (2, True, False), (1, True, True)]
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["ms_nov"] > 0 and r["rel_err_P"] < 1e-5 and r["rel_err_nu"] < 1e-5, r
@@ -280,7 +281,7 @@ def test_gpu_layer_sweep_only_smoke(tmp_path):
     out = tmp_path / "sweep.json"
     proc = _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
-    assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 18, row
+    assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 21, row
     assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) == 10, row
     assert "## outer" in proc.stdout and "## U" in proc.stdout
 

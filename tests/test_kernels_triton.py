@@ -205,6 +205,33 @@ def test_outer_promote_pack_poisoned(poisoned, device, promote, pack, dtype, sha
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pack,promote", [(False, 1), (True, 1), (False, 2)], ids=str)
+@pytest.mark.parametrize("shape", PATH_SHAPES[:3] + [(2, 7, 130, 67, 16), (2, 9, 40, 33, 64)], ids=str)
+def test_outer_presplit_poisoned(poisoned, device, pack, promote, shape, monkeypatch):
+    """PRESPLIT: R's (U's, and V's in LoRA mode) bf16 terms made once by their own kernel, then loaded by the
+    one-pass kernel: every output bit for bit what the in-loop split gives, and close to float64."""
+    if device == "cuda" and shape != (2, 7, 130, 67, 16):
+        pytest.skip("natively one case per option (a GPU run's compile time is budgeted); the interpreter takes all")
+    t = make(*shape, device, dtype=torch.bfloat16)
+    s = 0.7
+    u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)[1]
+    for mode in (ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP):
+        got = {}
+        for presplit in (False, True):
+            with monkeypatch.context() as m:
+                seen = override_blocks(m, "outer", dict(PROMOTE=promote, PACK=pack, PRESPLIT=presplit),
+                                       lambda fn, kw: kw["PRESPLIT"] if fn is K._outer_kernel else None)
+                got[presplit] = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], t["xa"], s, True, True,
+                                                 mode, 3.0, 2.0)  # fmt: skip
+            assert seen == [presplit, presplit], seen  # B's pass over G and A's over xa
+        exp = ref_bwd(t, f64(u), True, s, True, True, mode, 3.0, 2.0)
+        for name, a, b, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got[False], got[True], exp):
+            assert torch.equal(a, b), f"{name} (mode={mode}): the presplit terms must give the in-loop result"
+            if name not in ("dx", "dxa"):
+                close(b, e, f"{name} (mode={mode})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 50, 20, 24, 5), (1, 1, 300, 260, 2), (2, 7, 130, 67, 16), (3, 6, 70, 45, 17)],
                          ids=str)
 @pytest.mark.parametrize("presplit", [False, True], ids=["in_loop", "presplit"])
@@ -960,9 +987,19 @@ def _aot_cases():
             f"sweep outer r16 PACK {bt}x{ba} w{warps} s{stages}", K._outer_kernel,
             dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
             dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16, BLOCK_T=bt, BLOCK_A=ba,
-                 PROMOTE=1, PACK=True, SPLIT_BF16=True, V_TERMS=2, UPCAST=False,
+                 PROMOTE=1, PACK=True, PRESPLIT=False, SPLIT_BF16=True, V_TERMS=2, UPCAST=False,
                  **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), cfg,
         ))  # fmt: skip
+    # R's terms made ahead (PRESPLIT: bf16 R), chained or packed, with V (fused dX) and without (merged)
+    for has_v in (True, False):
+        for pack in (False, True):
+            cases.append((
+                f"sweep outer r16 V={has_v} PRESPLIT PACK={pack}", K._outer_kernel,
+                dict(l_ptr=bf, r_ptr=bf, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
+                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16,
+                     **dict(blocks(ob), PACK=pack, PRESPLIT=True), SPLIT_BF16=True, V_TERMS=2, UPCAST=False,
+                     **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
+            ))  # fmt: skip
     cases.append(("split_sum", K._split_sum_kernel, dict(pp_ptr=f32, p_ptr=f32, nu_ptr=f32),
                   dict(HAS_NORM=True, BLOCK_R=16, **blocks(fb), **unit("stride_qj", "stride_pj")), fb))  # fmt: skip
     clip_flags = dict(ACC_FP64=False, **dict(blocks(cb), BLOCK_B=16), **unit("stride_pb", "stride_ob"))
