@@ -1228,9 +1228,15 @@ def _use_reference(*tensors: Tensor | None) -> bool:
 
 
 def _check3(name: str, t: Tensor, shape: tuple) -> None:
-    if t.dim() != 3 or any(e is not None and s != e for s, e in zip(t.shape, shape)):
-        want = "(" + ", ".join("·" if e is None else str(e) for e in shape) + ")"
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    got = t.shape
+    if len(got) == 3:  # a plain loop (host time: several calls per layer step)
+        for a, e in zip(got, shape):
+            if e is not None and a != e:
+                break
+        else:
+            return
+    want = "(" + ", ".join("·" if e is None else str(e) for e in shape) + ")"
+    raise ValueError(f"{name}: expected shape {want}, got {tuple(got)}")
 
 
 def _check_dtype(name: str, t: Tensor, dtype: torch.dtype) -> None:
