@@ -66,8 +66,9 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
     owner = {n: a for n in modules for a in adapted if n.startswith(a + ".")}
     mha = {f"{n}.{c}" if n else c: n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)
            for c, _ in m.named_children()}  # fmt: skip
-    linear = [n for n, m in modules.items()
-              if isinstance(m, nn.Linear) and not isinstance(m, FFALoRALinear) and n not in owner and n not in mha]
+    trained = {n for n, m in modules.items() if isinstance(m, _PerSampleMixin)}  # trained in full by an earlier call
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not isinstance(m, FFALoRALinear)
+              and n not in owner and n not in mha and n not in trained]  # fmt: skip
     if ALL_LINEAR in targets:
         skip = _output_layer_names(model) | excluded
         chosen = [n for n in linear if not any(_matches(n, s) or n.startswith(s + ".") for s in skip)]
@@ -89,6 +90,9 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
                 raise ValueError(f"target_modules: {n!r} already has an adapter")
             if n in owner:
                 raise ValueError(f"target_modules: {n!r} is inside the adapter {owner[n]!r}; it already has one")
+            if n in trained:
+                raise ValueError(f"target_modules: {n!r} is trained in full (trainable_modules of an earlier call); "
+                                 "an adapter would freeze it")
             if n in mha:
                 raise ValueError(
                     f"target_modules: {n!r} belongs to nn.MultiheadAttention {mha[n] or type(model).__name__!r}, "

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fedlora_fast.ops.ffa_linear import check_shape
 from fedlora_fast.reference import ffa_linear as _ref
 from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, clip_coef
 
@@ -1227,18 +1228,6 @@ def _use_reference(*tensors: Tensor | None) -> bool:
     return False
 
 
-def _check3(name: str, t: Tensor, shape: tuple) -> None:
-    got = t.shape
-    if len(got) == 3:  # a plain loop (host time: several calls per layer step)
-        for a, e in zip(got, shape):
-            if e is not None and a != e:
-                break
-        else:
-            return
-    want = "(" + ", ".join("·" if e is None else str(e) for e in shape) + ")"
-    raise ValueError(f"{name}: expected shape {want}, got {tuple(got)}")
-
-
 def _check_dtype(name: str, t: Tensor, dtype: torch.dtype) -> None:
     if t.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
@@ -1258,8 +1247,8 @@ def ffa_linear_fwd(
         return _ref.ffa_linear_fwd(x, xa, weight, bias, A, B, scale)
     out, inp = weight.shape
     r = A.shape[0]
-    _check3("x", x, (None, None, inp))
-    _check3("xa", xa, tuple(x.shape))
+    check_shape("x", x, (None, None, inp))
+    check_shape("xa", xa, tuple(x.shape))
     _check_dtype("weight", weight, x.dtype)
     if bias is not None:
         _check_dtype("bias", bias, x.dtype)
@@ -1342,15 +1331,15 @@ def ffa_linear_bwd(
         return _ref.ffa_linear_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A)
     out, inp = weight.shape
     r = A.shape[0]
-    _check3("g", g, (None, None, out))
+    check_shape("g", g, (None, None, out))
     n, T, _ = g.shape
-    _check3("u", u, (n, T, r))
+    check_shape("u", u, (n, T, r))
     _check_dtype("u", u, torch.float32)
     _check_dtype("weight", weight, g.dtype)
     if tuple(A.shape) != (r, inp) or tuple(B.shape) != (out, r):
         raise ValueError(f"A, B: expected ({r}, {inp}) and ({out}, {r}), got {tuple(A.shape)} and {tuple(B.shape)}")
     if xa is not None:
-        _check3("xa", xa, (n, T, inp))
+        check_shape("xa", xa, (n, T, inp))
     dt = g.dtype
     acc = u.dtype
     empty = u.new_empty((0,))

@@ -315,10 +315,12 @@ def test_injection_skips_what_an_adapter_could_not_reach():
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_B", "2.lora_B", "4.lora_B"]
     with pytest.raises(ValueError, match=r"'0.base_layer' is inside the adapter '0'"):
         ff.inject_adapters(model, target_modules=["0.base_layer"])
-    model = tiny_model()  # a second call keeps the first call's trainable modules trainable too
+    model = tiny_model()  # a second call keeps the first call's trainable modules trainable, and unadapted
     ff.inject_adapters(model, target_modules=["0"], trainable_modules=["4"])
-    ff.inject_adapters(model, target_modules=["2"])
+    ff.inject_adapters(model, target_modules="all-linear")
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_B", "2.lora_B", "4.bias", "4.weight"]
+    with pytest.raises(ValueError, match=r"'4' is trained in full \(trainable_modules of an earlier call\)"):
+        ff.inject_adapters(model, target_modules=["4"])
 
 
 def test_injection_follows_the_models_mode_and_keeps_A_float32_across_casts():
@@ -345,6 +347,8 @@ def test_injection_follows_the_models_mode_and_keeps_A_float32_across_casts():
     fresh = tiny_model().to(torch.bfloat16)  # the other order: cast first, then inject
     ff.inject_adapters(fresh, ["0", "2"], r=3, seed=5)
     assert torch.equal(ff.adapter_layers(fresh)["0"].lora_A, ff.adapter_layers(before)["0"].lora_A)
+    via64 = ff.adapter_layers(copy.deepcopy(model).double().to(torch.bfloat16))["0"]
+    assert via64.lora_A.dtype == torch.float32 and torch.equal(via64.lora_A, seed_A)
     lora = ff.inject_adapters(tiny_model(), ["0"], r=3, train_A=True)["0"].to(torch.bfloat16)
     assert lora.lora_A.dtype == torch.bfloat16  # a trained A is a model parameter like any other
     back = copy.deepcopy(model).double().float()
@@ -354,9 +358,9 @@ def test_injection_follows_the_models_mode_and_keeps_A_float32_across_casts():
 def test_a_frozen_B_gets_no_per_sample_state_under_dp():
     """Partial freezing (a lora_B with requires_grad False, as peft allows): the DP step trains the others and
     the frozen B gets no per-sample state (it failed at the second step with flat clipping, at once per layer)."""
-    for clipping in ("flat", "per_layer"):
+    for clipping, train_A in (("flat", False), ("per_layer", False), ("flat", True), ("per_layer", True)):
         model = tiny_model()
-        layers = ff.inject_adapters(model, ["0", "2"], r=3)
+        layers = ff.inject_adapters(model, ["0", "2"], r=3, train_A=train_A)
         randomize_B(model)
         layers["2"].lora_B.requires_grad_(False)
         frozen = layers["2"].lora_B.detach().clone()

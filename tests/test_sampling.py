@@ -51,16 +51,34 @@ def test_an_empty_batch_carries_nothing_of_the_example_it_was_shaped_from():
     assert _empty_like_batch(("a", 3)) == () and _empty_like_batch({"k": "v"}) == {"k": None}
 
 
-def test_inclusion_probability_never_exceeds_the_accounted_rate(monkeypatch):
+def test_inclusion_probability_is_exactly_the_accounted_rate(monkeypatch):
     """torch.rand's float32 draws are multiples of 2^-24: ``u < q`` includes a sample with probability
-    ceil(q 2^24) / 2^24 > q. The sampler compares against q rounded down to that grid: at most q."""
+    ceil(q 2^24) / 2^24 > q. The sampler includes u < t = floor(q 2^24) / 2^24, and a tie u == t with the
+    probability left (a second, float64 draw): q in all, also for q below 2^-24."""
     grid = 2.0**-24
-    q = 3 * grid + grid / 4  # between grid points 3 and 4
-    draws = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.float32) * grid  # every draw at or below 5 grid points
-    monkeypatch.setattr(torch, "rand", lambda n, generator=None: draws[:n])
-    (batch,) = list(PoissonSampler(6, q, steps=1, generator=torch.Generator()))
-    assert batch == [0, 1, 2], batch  # P = 3 / 2^24 <= q (u < q would also take u = 3 grid points: 4 / 2^24 > q)
-    assert PoissonSampler(6, 1.0, steps=1, generator=torch.Generator())._threshold == 1.0
+    q = 3 * grid + grid / 4  # between grid points 3 and 4: a tie at 3 is kept with probability 1/4
+    for second, want in ((0.1, [0, 1, 2, 3]), (0.3, [0, 1, 2])):
+        draws = {torch.float32: torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.float32) * grid,
+                 torch.float64: torch.tensor([second], dtype=torch.float64)}
+        calls = []
+
+        def fake_rand(n, generator=None, dtype=torch.float32):
+            calls.append((n, dtype))
+            return draws[dtype][:n]
+
+        with monkeypatch.context() as m:
+            m.setattr(torch, "rand", fake_rand)
+            (batch,) = list(PoissonSampler(6, q, steps=1, generator=torch.Generator()))
+        assert batch == want and calls == [(6, torch.float32), (1, torch.float64)], (batch, calls)
+    for q in (1.0, 0.5, 0.1, 1e-3, 3 * grid + grid / 4, 1e-7, 0.4 * grid, 1e-9):
+        s = PoissonSampler(6, q, steps=1, generator=torch.Generator())
+        exact = s._threshold + s._tie_rate * grid  # P(u < t) + P(u == t) * P(second draw kept)
+        assert exact <= q and q - exact < 2.0**-70, (q, exact)
+    # a seeded run's draws are those of u < q wherever no tie occurs
+    a = list(PoissonSampler(5000, 0.05, steps=3, generator=torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    b = [(torch.rand(5000, generator=g) < 0.05).nonzero().flatten().tolist() for _ in range(3)]
+    assert a == b
 
 
 def test_default_generator_does_not_touch_global_rng():

@@ -81,8 +81,9 @@ class _FFALinearFn(torch.autograd.Function):
         want_A = ctx.train_A and ctx.needs_input_grad[4]
         if ps_ctx is not None and not (want_A or want_B):
             mode = MODE_SUM  # nothing of this layer is trained: no per-sample work at all
-        clip_B = ps_ctx.threshold(pB) if ps_ctx is not None and want_B else 0.0
-        clip_A = ps_ctx.threshold(pA) if ps_ctx is not None and want_A else 0.0
+        # a tensor not trained gets a placeholder threshold (its clipped sum is computed and dropped)
+        clip_B = ps_ctx.threshold(pB) if ps_ctx is not None and want_B else 1.0
+        clip_A = ps_ctx.threshold(pA) if ps_ctx is not None and want_A else 1.0
         dx, dxa, gB, nuB, gA, nuA = call(
             ffa_linear_bwd, g, u, weight, A, B, xa, layer.scale, need_dx, ctx.split, mode, clip_B, clip_A
         )
@@ -181,13 +182,13 @@ class FFALoRALinear(nn.Module):
         never goes to bfloat16/float16: every client must hold the same A (it is regenerated from the seed in
         float32, and averaging B assumes it), and the ops compute U in float32 anyway. It still moves device."""
         A = self._parameters.get("lora_A")
-        if A is None or A.requires_grad or A.dtype != torch.float32:
+        if A is None or A.requires_grad or A.dtype not in (torch.float32, torch.float64):
             return super()._apply(fn, recurse)
-        exact = A.data  # _apply gives the parameter new data; this keeps the float32 values
+        exact = A.data  # _apply gives the parameter new data; this keeps the float32 (or float64) values
         super()._apply(fn, recurse)
         A = self._parameters["lora_A"]  # the same object, or a new one under overwrite_module_params_on_conversion
         if A.dtype in (torch.bfloat16, torch.float16):
-            A.data = exact.to(A.device)
+            A.data = exact.to(A.device, torch.float32)  # a float64 A is the seed's float32 A exactly
         return self
 
     @property

@@ -22,7 +22,8 @@ from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_S
 # another device (meta) would make the dispatcher run the fake implementation and return uninitialised memory.
 
 
-def _shape(name: str, t: Tensor | None, shape: tuple) -> None:
+def check_shape(name: str, t: Tensor | None, shape: tuple) -> None:
+    """Raise ValueError unless ``t`` is a tensor of ``shape`` (None: any size), naming ``name``."""
     if isinstance(t, Tensor):  # a plain loop: this runs ~10 times per layer step, on the host's critical path
         got = t.shape
         if len(got) == len(shape):
@@ -49,33 +50,33 @@ def _finite(name: str, v: float, positive: bool = False) -> None:
 
 def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
     """Raise ValueError naming the argument whose shape, device or value does not fit ``ffa_linear_fwd``."""
-    _shape("x", x, (None, None, None))
+    check_shape("x", x, (None, None, None))
     n, T, inp = x.shape
-    _shape("xa", xa, (n, T, inp))
+    check_shape("xa", xa, (n, T, inp))
     if xa.dtype != x.dtype:  # xa is dropout(x): the same dtype (a reinterpreting view would be read as x)
         raise TypeError(f"xa: expected dtype {x.dtype} (x's), got {xa.dtype}")
-    _shape("weight", weight, (None, inp))
+    check_shape("weight", weight, (None, inp))
     out = weight.shape[0]
     if bias is not None:
-        _shape("bias", bias, (out,))
-    _shape("A", A, (None, inp))
-    _shape("B", B, (out, A.shape[0]))
+        check_shape("bias", bias, (out,))
+    check_shape("A", A, (None, inp))
+    check_shape("B", B, (out, A.shape[0]))
     _finite("scale", scale)
     _devices("x", x, xa=xa, weight=weight, bias=bias, A=A, B=B)
 
 
 def check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A) -> None:
     """Raise ValueError naming the argument whose shape, device or value does not fit ``ffa_linear_bwd``."""
-    _shape("g", g, (None, None, None))
+    check_shape("g", g, (None, None, None))
     n, T, out = g.shape
-    _shape("weight", weight, (out, None))
+    check_shape("weight", weight, (out, None))
     inp = weight.shape[1]
-    _shape("A", A, (None, inp))
+    check_shape("A", A, (None, inp))
     r = A.shape[0]
-    _shape("B", B, (out, r))
-    _shape("u", u, (n, T, r))
+    check_shape("B", B, (out, r))
+    check_shape("u", u, (n, T, r))
     if xa is not None:
-        _shape("xa", xa, (n, T, inp))
+        check_shape("xa", xa, (n, T, inp))
     if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
         raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode!r}")
     _finite("scale", scale)
@@ -88,8 +89,8 @@ def check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, cl
 
 def check_clip_reduce(P, coef) -> None:
     """Raise ValueError naming the argument whose shape or device does not fit ``ffa_linear_clip_reduce``."""
-    _shape("P", P, (None, None, None))
-    _shape("coef", coef, (P.shape[0],))
+    check_shape("P", P, (None, None, None))
+    check_shape("coef", coef, (P.shape[0],))
     _devices("P", P, coef=coef)
 
 

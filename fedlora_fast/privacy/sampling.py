@@ -56,7 +56,9 @@ class PoissonSampler(torch.utils.data.Sampler):
         ):
             raise ValueError(f"generator: expected a CPU torch.Generator, got {generator!r}")
         self.generator = os_seeded_generator() if generator is None else generator
-        self._threshold = math.floor(self.sample_rate * 2**24) / 2**24  # see __iter__
+        grid = math.floor(self.sample_rate * 2**24)  # see __iter__
+        self._threshold = grid / 2**24
+        self._tie_rate = math.floor((self.sample_rate * 2**24 - grid) * 2**53) / 2**53
 
     @property
     def expected_batch_size(self) -> float:
@@ -69,9 +71,18 @@ class PoissonSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
             # float32 draws are multiples of 2^-24: ``u < q`` would include a sample with probability
-            # ceil(q 2^24) / 2^24 > q (+19 % at q = 3e-7), more than the accountant assumes. Against q rounded
-            # down to that grid the probability is floor(q 2^24) / 2^24 <= q: never more than accounted.
-            mask = torch.rand(self.num_examples, generator=self.generator) < self._threshold
+            # ceil(q 2^24) / 2^24 > q (+19 % at q = 3e-7), more than the accountant assumes. So: included if
+            # u < t = floor(q 2^24) / 2^24, and where u == t (probability 2^-24) with the probability left,
+            # q 2^24 - floor(q 2^24), by a second, float64 draw (rounded down to its 2^-53 grid): in all
+            # exactly q (less by under 2^-77), also below 2^-24. The second draw happens only on a tie, so
+            # the draws of a seeded run are those of ``u < q`` unless a tie occurs.
+            u = torch.rand(self.num_examples, generator=self.generator)
+            mask = u < self._threshold
+            if self._tie_rate > 0:
+                ties = (u == self._threshold).nonzero().flatten()
+                if len(ties):
+                    second = torch.rand(len(ties), generator=self.generator, dtype=torch.float64)
+                    mask[ties[second < self._tie_rate]] = True
             yield mask.nonzero().flatten().tolist()
 
 
