@@ -6,6 +6,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // std::optional<py::buffer> for the arguments that may be None
 
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -55,8 +58,8 @@ void expect_shape(const View& v, const char* name, const std::vector<py::ssize_t
 
 void bwd(const py::buffer& g, const py::buffer& u, const py::buffer& B, std::optional<py::buffer> xa,
          std::optional<py::buffer> v, const py::buffer& gB, std::optional<py::buffer> nuB,
-         std::optional<py::buffer> gA, std::optional<py::buffer> nuA, float scale, int mode, float clip_B,
-         float clip_A) {
+         std::optional<py::buffer> gA, std::optional<py::buffer> nuA, float scale, int mode, double clip_B,
+         double clip_A) {
     if (mode != ff::MODE_SUM && mode != ff::MODE_PER_SAMPLE && mode != ff::MODE_CLIP)  // output ranks depend on it
         throw py::value_error("mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got " + std::to_string(mode));
     const View vg = view(g, "g", 3, false), vu = view(u, "u", 3, false), vB = view(B, "B", 2, false);
@@ -72,8 +75,13 @@ void bwd(const py::buffer& g, const py::buffer& u, const py::buffer& B, std::opt
     p.B = vB.data();
     p.scale = scale;
     p.mode = mode;
-    p.clip_B = clip_B;
-    p.clip_A = clip_A;
+    // a finite threshold beyond float32's range clips nothing (c = 1), as FLT_MAX does; inf and NaN stay
+    // themselves (refused by the checks)
+    const auto threshold = [](double c) {
+        return static_cast<float>(std::isfinite(c) ? std::min(c, static_cast<double>(FLT_MAX)) : c);
+    };
+    p.clip_B = threshold(clip_B);
+    p.clip_A = threshold(clip_A);
     const bool per_sample = mode == ff::MODE_PER_SAMPLE;
     std::optional<View> vxa, vv, vnuB, vgA, vnuA;
     if (xa) {

@@ -24,6 +24,9 @@ namespace {
 
 constexpr int64_t kKB = 8;   // ranks per register tile (r is padded up to a multiple of 8 with zeros)
 constexpr int64_t kAW = 32;  // output columns per register tile (two AVX-512 / four AVX2 vectors)
+// chunks of samples whose clipped sums the backward adds in a fixed order (its parallelism in sum / clip
+// modes with many samples; memory: kSumChunks x out x r floats)
+constexpr int64_t kSumChunks = 32;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -230,34 +233,44 @@ void ffa_linear_bwd(const FfaLinearBwdParams& p) {
     const int64_t threads = max_threads();
     const bool by_tiles = n < threads;
     const int nthreads = by_tiles ? 1 : static_cast<int>(std::min<int64_t>(threads, n));
-    // per-thread sums of c_i P_i (sum / clip modes), reduced in thread order after the loop
-    std::vector<float> sumB(per_sample ? 0 : nthreads * szB, 0.0f);
-    std::vector<float> sumA(per_sample ? 0 : nthreads * szA, 0.0f);
+    // Sum / clip modes: the sums of c_i P_i over fixed chunks of consecutive samples (chunk c holds samples
+    // [c n / chunks, (c + 1) n / chunks)), each summed in sample order by one thread, then added in chunk
+    // order. The chunks depend on n alone, so the result is bitwise the same for every thread count.
+    const int64_t nchunks = per_sample ? 0 : std::min<int64_t>(n, kSumChunks);
+    std::vector<float> sumB(nchunks * szB, 0.0f);
+    std::vector<float> sumA(lora ? nchunks * szA : 0, 0.0f);
+    auto chunk = [&](int64_t c, float* Up, float* Vp, float* PB, float* PA, bool par) {
+        for (int64_t i = c * n / nchunks; i < (c + 1) * n / nchunks; ++i)
+            sample(i, Up, Vp, PB, PA, &sumB[c * szB], lora ? &sumA[c * szA] : nullptr, par);
+    };
     if (by_tiles) {
         std::vector<float> Up(T * rp, 0.0f), Vp(need_v ? T * rp : 0, 0.0f);
         std::vector<float> PB(per_sample ? 0 : szB), PA(per_sample ? 0 : szA);
-        for (int64_t i = 0; i < n; ++i)
-            sample(i, Up.data(), Vp.data(), PB.data(), PA.data(), sumB.data(), sumA.data(), true);
+        if (per_sample)
+            for (int64_t i = 0; i < n; ++i) sample(i, Up.data(), Vp.data(), nullptr, nullptr, nullptr, nullptr, true);
+        else
+            for (int64_t c = 0; c < nchunks; ++c) chunk(c, Up.data(), Vp.data(), PB.data(), PA.data(), true);
     } else {
         std::string error;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
 #endif
         {
-#ifdef _OPENMP
-            const int tid = omp_get_thread_num();
-#else
-            const int tid = 0;
-#endif
             try {
                 std::vector<float> Up(T * rp, 0.0f), Vp(need_v ? T * rp : 0, 0.0f);
                 std::vector<float> PB(per_sample ? 0 : szB), PA(per_sample ? 0 : szA);
-                float* sB = per_sample ? nullptr : &sumB[tid * szB];
-                float* sA = per_sample || !lora ? nullptr : &sumA[tid * szA];
+                if (per_sample) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-                for (int64_t i = 0; i < n; ++i) sample(i, Up.data(), Vp.data(), PB.data(), PA.data(), sB, sA, false);
+                    for (int64_t i = 0; i < n; ++i)
+                        sample(i, Up.data(), Vp.data(), nullptr, nullptr, nullptr, nullptr, false);
+                } else {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+                    for (int64_t c = 0; c < nchunks; ++c) chunk(c, Up.data(), Vp.data(), PB.data(), PA.data(), false);
+                }
             } catch (const std::exception& e) {  // exceptions must not cross the OpenMP region
 #ifdef _OPENMP
 #pragma omp critical
@@ -269,12 +282,12 @@ void ffa_linear_bwd(const FfaLinearBwdParams& p) {
     }
     if (per_sample) return;
     std::fill(p.gB, p.gB + szB, 0.0f);
-    for (int th = 0; th < nthreads; ++th)
-        for (int64_t e = 0; e < szB; ++e) p.gB[e] += sumB[th * szB + e];
+    for (int64_t c = 0; c < nchunks; ++c)
+        for (int64_t e = 0; e < szB; ++e) p.gB[e] += sumB[c * szB + e];
     if (lora) {
         std::fill(p.gA, p.gA + szA, 0.0f);
-        for (int th = 0; th < nthreads; ++th)
-            for (int64_t e = 0; e < szA; ++e) p.gA[e] += sumA[th * szA + e];
+        for (int64_t c = 0; c < nchunks; ++c)
+            for (int64_t e = 0; e < szA; ++e) p.gA[e] += sumA[c * szA + e];
     }
 }
 

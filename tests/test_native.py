@@ -162,27 +162,43 @@ def test_clip_threshold_extremes(nat):
     assert (zero == 0).all()
 
 
-@pytest.mark.parametrize("n", [7, 1], ids=["samples_over_threads", "tiles_over_threads"])
+@pytest.mark.parametrize("n", [7, 40, 1], ids=["samples_over_threads", "chunks", "tiles_over_threads"])
 def test_deterministic_and_thread_count(nat, n):
-    """Same input, same bits (static schedule); one thread agrees with all of them.
+    """Same input, same bits; the adapter's (per-sample, clipped or summed) gradients and norms also whatever
+    the thread count: they must not change with the machine's cores (the clipped sums are added over fixed
+    chunks of samples, in chunk order).
 
-    n = 7 spreads samples over the threads; n = 1 (fewer samples than threads) spreads one sample's tiles.
+    n = 7 and 40 spread samples (chunks) over the threads; n = 1 (fewer samples than threads) spreads one
+    sample's tiles. Every mode; LoRA, so that A's sums are covered too.
     """
-    t = inputs(n, 11, 20, 45, 6)
-    call = lambda: bwd(nat, t, t["xa"], 0.3, True, True, ref.MODE_CLIP, (0.5, 0.5))  # noqa: E731
-    a, b = call(), call()
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # the extension shares torch's OpenMP runtime, so this reaches it too
-        from fedlora_fast import _native
+    from fedlora_fast import _native
 
-        assert _native.max_threads() == 1
-        one = call()
-    finally:
-        torch.set_num_threads(threads)
-    compare(one, a)
+    t = inputs(n, 11, 20, 45, 6)
+    threads = torch.get_num_threads()
+    for mode in (ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP):
+        call = lambda: bwd(nat, t, t["xa"], 0.3, True, True, mode, (0.5, 0.5))  # noqa: E731
+        a, b = call(), call()
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        for k in sorted({1, 2, 3, threads}):
+            try:
+                torch.set_num_threads(k)  # the extension shares torch's OpenMP runtime, so this reaches it too
+                assert _native.max_threads() == k
+                other = call()
+            finally:
+                torch.set_num_threads(threads)
+            # the adapter's gradients and norms (ours); dx comes from torch's GEMM, which need not be
+            for name, x, y in list(zip(("dx", "dxa", "gB", "nuB", "gA", "nuA"), other, a))[2:]:
+                assert torch.equal(x, y), f"mode {mode}, {k} threads vs {threads}: {name} differs"
+
+
+def test_a_threshold_beyond_float32_clips_nothing(nat):
+    """The op boundary takes any finite threshold; one past float32's range (the extension's) clips nothing,
+    exactly as the sum of the per-sample gradients (it was turned into inf and refused)."""
+    t = inputs(3, 5, 16, 24, 4)
+    huge = bwd(nat, t, t["xa"], 0.3, True, True, ref.MODE_CLIP, (1e39, 1e39))
+    total = bwd(nat, t, t["xa"], 0.3, True, True, ref.MODE_SUM, (0.5, 0.5))
+    assert torch.equal(huge[2], total[2]) and torch.equal(huge[4], total[4])
 
 
 def test_non_contiguous_inputs(nat):
