@@ -6,6 +6,7 @@ checked backend by backend in test_ffa_linear.py).
 
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -564,6 +565,26 @@ def test_gradients_from_before_the_engine_never_enter_a_step(clipping):
     dp.accumulate()
     for k, got in zip(names, dp.clipped_sum()):
         assert_close_verbose(got, 2 * want[k], atol=1e-5, rtol=1e-5, name=k + " (twice)")
+
+
+def test_a_gradient_from_around_the_per_sample_modules_is_named_not_silently_lost():
+    """A regulariser on a trained tensor (or the weight used functionally) sends its gradient straight to
+    .grad, around the per-sample machinery: it cannot be clipped per sample and is discarded, with a warning
+    naming the tensor (silently, it trained another objective than the one written)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+    ff.inject_adapters(model, target_modules=["0"], r=2, trainable_modules=["1"])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4)
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dp.step()  # a clean backward: nothing to say
+    dp.zero_grad()
+    (model(x).sum() + 100 * model[1].weight.square().sum()).backward()
+    with pytest.warns(RuntimeWarning, match=r"\['1.weight'\] had a gradient from around their per-sample modules"):
+        dp.step()
 
 
 def test_step_on_a_bf16_model_with_a_trained_head(grouped):

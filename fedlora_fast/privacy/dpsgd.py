@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import warnings
 import weakref
 from typing import Callable
 
@@ -513,6 +514,7 @@ class DPSGD:
         backward): give them loss weight 0, which makes them exactly zero (``GraphedAccumulator`` does).
         """
         norms2 = self._norms2()  # the clear error when there is no backward
+        self._warn_outside_grads()
         n = norms2.shape[0]
         bad = ~torch.isfinite(norms2)
         if valid is not None:
@@ -531,6 +533,27 @@ class DPSGD:
             p.grad = None
         # exactly the (real) samples clip_coef gave coefficient 0
         return clipped, bad.sum(), n
+
+    def _warn_outside_grads(self) -> None:
+        """A ``.grad`` on a tensor this engine trains, at clipping time, came from around its per-sample module
+        (the weight used outside its module, a loss term on the tensor itself such as a regulariser, a
+        backward with the engine paused, or set by hand). It was never clipped per sample, so it never enters
+        a step (``_clip_batch`` clears it): say so, since for a functional use or a regulariser that silently
+        trains another objective than the one written. (After a step whose next forward skipped the model's
+        own forward, ``.grad`` still holds that step's gradient and cannot tell: nothing is said then.)"""
+        if self._grads_stale:
+            return
+        outside = [p for p in self.params if p.grad is not None]
+        if outside:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            what = [names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for p in outside]
+            warnings.warn(
+                f"DPSGD: {what[:6]} had a gradient from around their per-sample modules (the weight used outside "
+                "its module, e.g. F.linear(h, head.weight); a loss term on the tensor itself, e.g. a regulariser; "
+                "or a backward with the engine paused). DP-SGD cannot clip it per sample: it is discarded. Use "
+                "trained tensors only through their modules (a regulariser: the optimizer's weight_decay)",
+                RuntimeWarning, stacklevel=4,
+            )
 
     def _add_clipped(self, clipped: Tensor, dropped: Tensor, n: int) -> None:
         """Add one micro-batch's ``_clip_batch`` results to the running sum and the step's counts (the dropped
