@@ -553,7 +553,6 @@ def _clip_reduce_kernel(
     tl.store(out_ptr + ra[:, None] * stride_oa + rb[None, :] * stride_ob, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-
 @triton.jit
 def _merge_kernel(
     w_ptr, b_ptr, a_ptr, out_ptr,
@@ -583,7 +582,6 @@ def _merge_kernel(
     if FIX_BF16_ROUNDING:
         acc = _round_bf16_rne(acc)
     tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
 
 
 @triton.jit
@@ -701,6 +699,8 @@ _CUDA_BLOCKS = {
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
     # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles
     "merge": dict(BLOCK_O=64, BLOCK_I=128, num_warps=4),
+    # a float32 operand's bf16 split terms (PRESPLIT_W / PRESPLIT): a few KiB, one pass
+    "split": dict(BLOCK_K=128, num_warps=4),
 }
 
 
@@ -724,6 +724,8 @@ def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
         return dict(BLOCK_A=b["A"])
     if kind == "merge":
         return dict(BLOCK_O=b["O"], BLOCK_I=b["I"])
+    if kind == "split":
+        return dict(BLOCK_K=b["K"])
     return dict(BLOCK_A=b["A"], BLOCK_B=b["B"])  # clip
 
 
@@ -806,10 +808,10 @@ def _split_terms(w: Tensor, swk: int, swn: int, K: int, N: int, block_n: int, pa
     """Wt (K, N) float32, read through (swk, swn), as the bfloat16 terms ``PRESPLIT_W`` loads (see
     ``_split_terms_kernel``): (K, 4 block_n) packed, else (K, 3 block_n). A few KiB per call (r x in)."""
     terms = _alloc((K, (4 if packed else 3) * block_n), torch.bfloat16, w.device)
-    block_k = 128 if w.device.type == "cuda" else _interp_block(K)
+    cfg = _blocks("split", w.device, K=K)
     with _device_guard(w.device):
-        _run(_split_terms_kernel, (_cdiv(K, block_k),), w, terms, swk, swn, terms.stride(0), K, N,
-             PACKED=packed, BLOCK_K=block_k, BLOCK_N=block_n)  # fmt: skip
+        _run(_split_terms_kernel, (_cdiv(K, cfg["BLOCK_K"]),), w, terms, swk, swn, terms.stride(0), K, N,
+             PACKED=packed, BLOCK_N=block_n, **cfg)  # fmt: skip
     return terms
 
 
@@ -1252,8 +1254,7 @@ def ffa_linear_fwd(
     _check_dtype("weight", weight, x.dtype)
     if bias is not None:
         _check_dtype("bias", bias, x.dtype)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        check_shape("bias", bias, (out,))
         bias = bias.contiguous()  # the GEMM epilogues read it at unit stride
     if tuple(A.shape) != (r, inp) or tuple(B.shape) != (out, r):
         raise ValueError(f"A, B: expected ({r}, {inp}) and ({out}, {r}), got {tuple(A.shape)} and {tuple(B.shape)}")

@@ -956,7 +956,8 @@ def _aot_cases():
                 **dict(blocks(nb), BLOCK_M=64 if pack else 32, PACK_W=pack, PRESPLIT_W=True),
                 **unit("stride_xk", "stride_wn", "stride_of")), nb) for pack in (False, True)),
         *((f"split terms packed={pack}", K._split_terms_kernel, dict(w_ptr=f32, t_ptr=bf),
-           dict(PACKED=pack, BLOCK_K=128, BLOCK_N=16, stride_wn=1), {"num_warps": 4}) for pack in (False, True)),
+           dict(PACKED=pack, BLOCK_N=16, stride_wn=1, **blocks(K._blocks("split", cuda))), K._blocks("split", cuda))
+          for pack in (False, True)),
         ("gemm low-rank in place", K._gemm_lowrank_kernel, gemm_ptrs,
          dict(flags, HAS_C=True, HAS_BIAS=False, HAS_MAIN=False, MAIN_FP32=False, MAIN_PREC="tf32",
               LR_PREC="tf32", **dict(blocks(gb), BLOCK_K=16), **unit("stride_lj", "stride_rn", "stride_of")), gb),

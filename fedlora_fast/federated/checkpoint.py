@@ -17,6 +17,9 @@ from torch import Tensor
 from fedlora_fast.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+# the Flower ServerApp's (it cannot resume a Flower run, so it is not the simulation's name); here so that
+# the simulation, which cannot import flwr, knows it too
+FLOWER_CHECKPOINT_NAME = "flower_checkpoint.safetensors"
 FORMAT_VERSION = 1
 
 

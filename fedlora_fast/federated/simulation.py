@@ -48,7 +48,7 @@ METHODS = ("ffa", "lora")
 RESUME_FREE = ("eval_batch_size",)
 # what a run (simulation or Flower ServerApp) writes into --out: a fresh run refuses a directory holding any of
 # them, --overwrite removes them (held_run_outputs, remove_run_outputs)
-RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", "flower_checkpoint.safetensors")
+RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", ckpt.FLOWER_CHECKPOINT_NAME)
 
 
 def held_run_outputs(out: Path) -> list[str]:

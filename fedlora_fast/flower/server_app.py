@@ -42,7 +42,7 @@ from fedlora_fast.flower.config import (
 )
 from fedlora_fast.flower.strategy import FedLoRAStrategy
 
-CHECKPOINT_NAME = "flower_checkpoint.safetensors"  # not the simulation's: it cannot resume a Flower run
+CHECKPOINT_NAME = ckpt.FLOWER_CHECKPOINT_NAME  # not the simulation's: it cannot resume a Flower run
 
 log = logging.getLogger(__name__)
 app = ServerApp()

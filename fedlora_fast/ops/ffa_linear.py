@@ -8,10 +8,10 @@ trace under ``torch.compile`` without graph breaks and are checked with ``torch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
-
-import math
 
 from fedlora_fast.ops.backends import implementation
 from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, acc_dtype

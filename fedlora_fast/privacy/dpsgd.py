@@ -545,8 +545,7 @@ class DPSGD:
             return
         outside = [p for p in self.params if p.grad is not None]
         if outside:
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            what = [names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for p in outside]
+            what = self._names_of(outside)
             warnings.warn(
                 f"DPSGD: {what[:6]} had a gradient from around their per-sample modules (the weight used outside "
                 "its module, e.g. F.linear(h, head.weight); a loss term on the tensor itself, e.g. a regulariser; "
@@ -554,6 +553,11 @@ class DPSGD:
                 "trained tensors only through their modules (a regulariser: the optimizer's weight_decay)",
                 RuntimeWarning, stacklevel=4,
             )
+
+    def _names_of(self, tensors) -> list[str]:
+        """The model's names of ``tensors`` (for error messages), or their shapes where the model has none."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for p in tensors]
 
     def _add_clipped(self, clipped: Tensor, dropped: Tensor, n: int) -> None:
         """Add one micro-batch's ``_clip_batch`` results to the running sum and the step's counts (the dropped
@@ -716,9 +720,7 @@ class DPSGD:
         new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ours]
         other = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in ours and p.grad is not None]
         if new or other:
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            tensors = {id(p): p for p in [*new, *other]}.values()
-            what = [names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for p in tensors]
+            what = self._names_of({id(p): p for p in [*new, *other]}.values())
             raise RuntimeError(
                 f"model/optimizer: {what[:6]} would be updated with a gradient DPSGD neither clipped nor "
                 "noised (made trainable after the engine was built, or a .grad set outside it): build a new "
