@@ -435,6 +435,39 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
                          "rel_err_U": err})
         except Exception as e:  # noqa: BLE001  (a config that fails to compile: report, keep sweeping)
             rows.append({"config": cfg, "error": repr(e)[:200]})
+    rows += u_cublas_baselines(x, A, u64, device, reps)
+    return rows
+
+
+def u_cublas_baselines(x, A, u64, device, reps: int) -> list[dict]:
+    """What cuBLAS makes of the U pass, for the notes (never shipped by ``choose_blocks``): A split into
+    ``terms`` bfloat16 terms (1: A rounded once, as peft's bf16 LoRA; 3: float32-accurate, as our kernel),
+    one GEMM with float32 output (``torch.mm(..., out_dtype=float32)``, CUDA) and the terms' partial U summed.
+    If the 3-term GEMM runs near X's copy speed, a cuBLAS U pass is the next candidate to build."""
+    if x.dtype != torch.bfloat16 or device.type != "cuda":
+        return []
+    x2 = x.reshape(-1, x.shape[-1])
+    r = A.shape[0]
+    rows = []
+    for terms in (1, 3):
+        parts, rest = [], A
+        for _ in range(terms):
+            parts.append(rest.to(torch.bfloat16))
+            rest = rest - parts[-1].float()
+        at = torch.cat(parts).t()  # (in, terms * r): one GEMM for every term
+
+        def fn(at=at, terms=terms):
+            u = torch.mm(x2, at, out_dtype=torch.float32)
+            return u if terms == 1 else u.view(-1, terms, r).sum(1)
+
+        entry = {"config": {"cublas_terms": terms}, "baseline": True}
+        try:
+            entry["rel_err_U"] = float((fn().double().view_as(u64) - u64).abs().max() / u64.abs().max())
+            entry["ms"] = bench_ms(fn, device, reps)
+            entry["x_gbps"] = x.numel() * x.element_size() / (entry["ms"] * 1e-3) / 1e9
+        except Exception as e:  # noqa: BLE001  (torch without mm's out_dtype: say so, keep going)
+            entry["error"] = repr(e)[:200]
+        rows.append(entry)
     return rows
 
 
@@ -451,6 +484,8 @@ def choose_blocks(rows: list[dict], bound: float = ACCURACY_BOUND) -> dict[str, 
         totals: dict[str, list] = {}
         for row in rows:
             for entry in row.get(sweep, []):
+                if entry.get("baseline"):  # a reference point for the notes, not a config of ours
+                    continue
                 key = json.dumps(entry["config"], sort_keys=True)
                 ok = "error" not in entry and all(entry[e] <= bound for e in errs)
                 t = totals.setdefault(key, [entry["config"], 0.0, 0, True])

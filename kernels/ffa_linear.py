@@ -92,7 +92,7 @@ AUTO_CANDIDATES = ("triton", "cublas", "cublas_acc", "merged")
 def gemm_impl() -> str:
     """Which base GEMM the fused ops use (``FEDLORA_FAST_GEMM``):
 
-    - ``"auto"`` (default): on CUDA, the first call per (op, token bucket, sizes, dtype) times each of
+    - ``"auto"`` (default): on CUDA, the first call per (op, token bucket, sizes, rank, dtype) times each of
       ``AUTO_CANDIDATES`` (triton, cublas, cublas_acc, merged) on the call's own inputs and keeps the fastest for the
       process (on an H100, v1:
       cuBLAS + epilogue 4-5 % faster at 2 of 6 Llama-7B shapes, Triton 3-35 % faster at the others;
@@ -971,7 +971,8 @@ def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
     _run(_gemm_lowrank_kernel, grid, *args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
 
 
-# (op, device index, token bucket, sizes, dtype, flags) -> the GEMM "auto" measured fastest in this process
+# (op, device index, token bucket, sizes incl. the rank r, dtype, flags) -> the GEMM "auto" measured fastest in
+# this process (r changes the adapter's share of the work: r = 64 and r = 8 layers of one size may differ)
 _AUTO_CHOICE: dict[tuple, str] = {}
 
 
@@ -1283,7 +1284,7 @@ def ffa_linear_fwd(
         _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
         return y
 
-    key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, x.dtype, bias is not None, merged_ok)
+    key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok)
     return y_with(_choose_gemm(key, x.device, y_with, merged_ok, x.dtype)), u
 
 
@@ -1381,7 +1382,7 @@ def ffa_linear_bwd(
 
     impl = "triton"
     if need_dx:
-        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, dt, split_dx, mode, xa is None)
+        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, r, dt, split_dx, mode, xa is None)
         impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx, dtype=dt)
     gB, nuB, v, dx = pass_and_dx(impl)
     if mode == MODE_CLIP:

@@ -309,6 +309,10 @@ def test_choose_blocks_takes_the_fastest_config_that_holds_the_bound_everywhere(
     # the pass is timed with V and without (merged's): a config fast with V but slow without loses
     rows = [{"sweep_outer": [entry("with_v", 1.0, 1e-7, ms_nov=5.0), entry("both", 2.0, 1e-7, ms_nov=2.0)]}]
     assert gpu_layer.choose_blocks(rows)["outer"] == {"name": "both"}
+    # cuBLAS's U pass is a reference point in the sweep, not a config of ours: never shipped, however fast
+    cublas = dict(entry("cublas", 0.01, 1e-7), config={"cublas_terms": 3}, baseline=True)
+    rows = [{"sweep_u": [entry("default", 1.0, 1e-7), cublas]}, {"sweep_u": [entry("default", 1.0, 1e-7), cublas]}]
+    assert gpu_layer.choose_blocks(rows)["narrow"] == {"name": "default"}
 
 
 def test_gpu_layer_blocks_from_a_sweep_file(tmp_path):

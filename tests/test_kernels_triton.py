@@ -330,10 +330,13 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
     exp = ref_bwd(t, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
     close(y, exp_y, "y")
     close(got[0], exp[0], "dx")
+    t3 = make(3, 6, 70, 45, 3, "cpu")  # same sizes and bucket, another rank: the adapter's share differs, timed anew
+    K.ffa_linear_fwd(t3["x"], t3["x"], t3["weight"], t3["bias"], t3["A"], t3["B"], s)
+    assert len(timed) == 3 * len(K.AUTO_CANDIDATES)
     monkeypatch.setenv(K.GEMM_ENV_VAR, "triton")  # pinned: no timing, the Triton GEMM
     linear_calls.clear()
     K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
-    assert linear_calls == [] and len(timed) == 2 * len(K.AUTO_CANDIDATES)
+    assert linear_calls == [] and len(timed) == 3 * len(K.AUTO_CANDIDATES)
 
 
 @pytest.mark.parametrize("device", DEVICES)
