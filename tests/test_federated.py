@@ -251,6 +251,40 @@ def test_checkpoint_is_atomic_and_roundtrips(tmp_path):
         ckpt.load_checkpoint(tmp_path / "bad.safetensors")
 
 
+def test_checkpoint_refuses_flipped_bits_and_unreadable_state_naming_the_file(tmp_path):
+    """A flipped bit in a tensor fails the resume (checksum) instead of resuming from wrong values; a
+    metadata state that is not JSON, or missing, is a ValueError naming the file, not a bare parser error."""
+    from safetensors.torch import save as st_save
+
+    path = tmp_path / "c.safetensors"
+    ckpt.save_checkpoint(path, {"x": torch.arange(6.0), "g": torch.tensor([1, 2], dtype=torch.uint8),
+                                "h": torch.ones(2, dtype=torch.bfloat16)}, {"round": 1})
+    data = bytearray(path.read_bytes())
+    assert ckpt.load_checkpoint(path)[1] == {"round": 1}
+    data[-3] ^= 1  # inside the last tensor's bytes (the header comes first)
+    (tmp_path / "flip.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="flip.safetensors is corrupted"):
+        ckpt.load_checkpoint(tmp_path / "flip.safetensors")
+    meta = {"format": "fedlora_fast.checkpoint", "version": str(ckpt.FORMAT_VERSION)}
+    (tmp_path / "nostate.safetensors").write_bytes(st_save({"x": torch.ones(1)}, metadata=meta))
+    with pytest.raises(ValueError, match="nostate.safetensors has no run state"):
+        ckpt.load_checkpoint(tmp_path / "nostate.safetensors")
+    (tmp_path / "json.safetensors").write_bytes(st_save({"x": torch.ones(1)}, metadata=dict(meta, state="{oops")))
+    with pytest.raises(ValueError, match="json.safetensors has an unreadable run state"):
+        ckpt.load_checkpoint(tmp_path / "json.safetensors")
+
+
+def test_central_dp_resume_equals_uninterrupted_run(tiny, tmp_path):
+    """Central DP's noise is one seeded stream over the global tensors: a resume must put each draw on the
+    same tensor as the uninterrupted run (the checkpoint returns names sorted, the server's order is not)."""
+    cfg = tiny_config(tiny, rounds=2, aggregator="central_dp", server_noise_multiplier=0.5, server_clip_norm=0.5)
+    full = run_simulation(cfg, tmp_path / "full", progress=False, echo=None)
+    run_simulation(cfg, tmp_path / "part", progress=False, echo=None, stop_after=1)
+    resumed = run_simulation(cfg, tmp_path / "part", resume=True, progress=False, echo=None)
+    assert strip_times(resumed) == strip_times(full)
+    assert serialization.state_equal(global_state(tmp_path / "full"), global_state(tmp_path / "part"))
+
+
 # --- partitioning -----------------------------------------------------------------------------------------
 def test_partitions():
     y = np.array([0] * 300 + [1] * 60)

@@ -22,6 +22,7 @@ import warnings
 from types import SimpleNamespace
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +115,9 @@ def test_records_reject_corrupted_arrays():
     lying = Array(dtype="float32", shape=(7,), stype=good.stype, data=good.data)  # declares another shape
     with pytest.raises(records.RecordError, match="declared"):
         records.to_tensors(ArrayRecord({"x": lying}))
+    big = np.arange(3, dtype=">f4")  # another byte order: the same values, in native order
+    got = records.to_tensors(ArrayRecord({"x": Array(big)}))["x"]
+    assert got.dtype == torch.float32 and got.tolist() == [0.0, 1.0, 2.0]
 
 
 # --- strategy with fabricated messages ----------------------------------------------------------------------
@@ -199,6 +203,45 @@ def test_strategy_binds_client_ids_to_nodes():
     assert "node 11 speaks for client id 0, not 2" in reasons[0]  # an unbound id: still not node 11's
     assert "node 11 claims client id 1, which belongs to node 12" in reasons[1]
     assert strategy.clients[0]["epsilon"] == 0.5 and strategy.epsilon() == 3.0
+
+
+def test_strategy_binds_the_accepted_sender_and_fixes_each_ids_example_count():
+    """An id binds to the node whose message the server accepted (not a node that claimed the id first with an
+    update the server then rejected), and that message's privacy record is the id's. FedAvg weights by the
+    count a client sends: an id's count is fixed by its first accepted update, so no node grows its weight."""
+    g = {"l.lora_B": torch.zeros(3, 2)}
+    server = Server(g, FP, FedAvgAggregator(), min_clients=1, num_clients=2)
+    strategy = FedLoRAStrategy(server, num_clients=2, delta=1e-5, num_rounds=3)
+    one = {"l.lora_B": torch.ones(3, 2)}
+    strategy._pending = {"round": 1}
+    strategy.aggregate_train(1, [_reply(66, _update(0, one, 5, fp="ffffffffffffffff", eps=0.01)),
+                                 _reply(10, _update(0, one, 5, eps=3.0)), _reply(11, _update(1, one, 5, eps=1.0))])
+    assert strategy._pending["accepted"] == [0, 1]
+    assert strategy._node_of[0] == 10 and strategy.clients[0]["epsilon"] == 3.0
+    strategy._pending = {"round": 2}
+    strategy.aggregate_train(2, [_reply(66, _update(0, one, 5, rnd=1)), _reply(10, _update(0, one, 5, rnd=1)),
+                                 _reply(11, _update(1, one, 10**6, rnd=1))])  # fmt: skip
+    reasons = [r["reason"] for r in strategy._pending["rejected"]]
+    assert strategy._pending["accepted"] == [0], reasons
+    assert "node 66 claims client id 0, which belongs to node 10" in reasons[0]
+    assert "num_examples 1000000 differs from the 5 client 1 sent in its first accepted update" in reasons[1]
+    strategy._pending = {"round": 3}  # ids outside the federation: refused by the server
+    strategy.aggregate_train(3, [_reply(12, _update(2, one, 5, rnd=2)), _reply(13, _update(-1, one, 5, rnd=2))])
+    reasons = [r["reason"] for r in strategy._pending["rejected"]]
+    assert strategy._pending["accepted"] == [] and all("not one of the federation's clients 0..1" in r for r in reasons)
+
+
+def test_server_refuses_a_non_int_round_and_keeps_only_known_client_metrics():
+    g = {"l.lora_B": torch.zeros(3, 2)}
+    server = Server(g, FP, FedAvgAggregator(), min_clients=1)
+    server.round = 1
+    for rnd in (True, 1.0):
+        msg = serialization.encode(g, {"client_id": 0, "round": rnd, "fingerprint": FP, "num_examples": 3})
+        assert "stale or future round" in server.validate(msg)[2]
+    msg = serialization.encode(g, {"client_id": 0, "round": 1, "fingerprint": FP, "num_examples": 3, "metrics": {
+        "train_loss": 0.5, "steps": 4, "secret": "patient note", "label_counts": [3, 1], "nan": float("nan")}})
+    update, _, reason = server.validate(msg)
+    assert reason is None and update.metrics == {"train_loss": 0.5, "steps": 4}
 
 
 def test_strategy_keeps_the_global_state_when_every_update_is_bad():
@@ -439,6 +482,11 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
     bad.write_text("Label\tSMS\nham\thello\nspam\tWIN\neggs\tbacon\n", encoding="utf-8")
     with pytest.raises(Exception, match="eggs"):  # a class outside the run's labels
         client_app.load_node(context(rc, **{"data-path": str(bad)}))
+    # through the handlers (whose exception text Flower sends to the server) the row's text stays on the node
+    for handler in (client_app.train, client_app.evaluate):
+        with pytest.raises(client_app.NodeError) as err:
+            handler(None, context(rc, **{"data-path": str(bad)}))
+        assert "eggs" not in str(err.value) and "DataError in the node's" in str(err.value), str(err.value)
 
 
 def test_client_state_persists_across_messages(tiny):

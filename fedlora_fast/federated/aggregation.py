@@ -121,7 +121,8 @@ class CentralDP(Aggregator):
                 summed[k] += delta[k] * coef
         std = self.noise_multiplier * self.clip_norm
         out = {}
-        for k, g in global_state.items():
+        for k in sorted(global_state):  # one noise stream over the keys in name order: their order never matters
+            g = global_state[k]
             noise = torch.normal(0.0, std, size=g.shape, generator=self.generator, dtype=torch.float64) if std > 0 else 0.0
             out[k] = (g.double() + (summed[k] + noise) / n).to(g.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

@@ -7,10 +7,12 @@ run killed at any moment leaves either the previous checkpoint or the new one, n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 from safetensors import safe_open
+import torch
 from safetensors.torch import save as _st_save
 from torch import Tensor
 
@@ -25,16 +27,30 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], state: dict) -> None:
     """Atomically write ``tensors`` and the JSON-safe ``state`` to ``path``."""
-    meta = {"format": "fedlora_fast.checkpoint", "version": str(FORMAT_VERSION), "state": json.dumps(state)}
-    data = _st_save({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, metadata=meta)
-    atomic_write_bytes(path, data)
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    state_json = json.dumps(state)
+    meta = {"format": "fedlora_fast.checkpoint", "version": str(FORMAT_VERSION), "state": state_json,
+            "sha256": _digest(tensors, state_json)}
+    atomic_write_bytes(path, _st_save(tensors, metadata=meta))
+
+
+def _digest(tensors: dict[str, Tensor], state_json: str) -> str:
+    """SHA-256 over the state and every tensor (name, dtype, shape, bytes; in name order): a flipped bit in a
+    checkpoint fails the resume instead of resuming silently from wrong values."""
+    h = hashlib.sha256(state_json.encode())
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """``(tensors, state)`` from a checkpoint written by ``save_checkpoint``.
 
     Raises:
-        ValueError: the file is not a fedlora_fast checkpoint or has another format version.
+        ValueError: the file is not a fedlora_fast checkpoint, has another format version, or its content
+            does not match the checksum written with it.
     """
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -46,4 +62,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
         raise ValueError(f"resume: {path} is not a fedlora_fast checkpoint")
     if meta.get("version") != str(FORMAT_VERSION):
         raise ValueError(f"resume: {path} has checkpoint format version {meta.get('version')}, expected {FORMAT_VERSION}")
-    return tensors, json.loads(meta["state"])
+    if "state" not in meta:
+        raise ValueError(f"resume: {path} has no run state in its metadata")
+    if "sha256" in meta and meta["sha256"] != _digest(tensors, meta["state"]):
+        raise ValueError(f"resume: {path} is corrupted (its content does not match the checksum written with it)")
+    try:
+        state = json.loads(meta["state"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"resume: {path} has an unreadable run state ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"resume: {path}: expected the run state to be a JSON object, got {type(state).__name__}")
+    return tensors, state

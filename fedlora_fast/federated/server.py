@@ -23,6 +23,8 @@ from fedlora_fast.federated.aggregation import Aggregator, ClientUpdate, FedAvg
 
 log = logging.getLogger(__name__)
 
+CLIENT_METRICS = ("steps", "train_loss")  # what an update's metadata may report beside its tensors
+
 
 @dataclass
 class RoundResult:
@@ -31,6 +33,7 @@ class RoundResult:
     round: int
     accepted: list[ClientUpdate] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)  # {"client": id or None, "reason": str}
+    accepted_from: list[int] = field(default_factory=list)  # the message index of each accepted update
     applied: bool = False  # the global state was updated (>= min_clients accepted)
     bytes_up: int = 0
     payload_up: int = 0
@@ -49,11 +52,13 @@ class Server:
             sending huge values; central DP clips them instead.
         example_counts: ``{client id: examples}`` the server knows each client holds (a simulation does);
             an update from another id, or claiming another count, is rejected. None: counts are taken as sent.
+        num_clients: client ids run from 0 to ``num_clients - 1``; an update under any other id is rejected
+            (None: any int id).
     """
 
     def __init__(self, initial_state: dict[str, Tensor], fingerprint: str, aggregator: Aggregator | None = None,
                  min_clients: int = 1, *, max_update_norm: float | None = None,
-                 example_counts: dict[int, int] | None = None):
+                 example_counts: dict[int, int] | None = None, num_clients: int | None = None):
         if int(min_clients) < 1:
             raise ValueError(f"min_clients: expected an int >= 1, got {min_clients!r}")
         if max_update_norm is not None and not (
@@ -63,6 +68,9 @@ class Server:
             raise ValueError(f"max_update_norm: expected None or a finite number > 0, got {max_update_norm!r}")
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
         self.example_counts = None if example_counts is None else {int(k): int(v) for k, v in example_counts.items()}
+        if num_clients is not None and (isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1):
+            raise ValueError(f"num_clients: expected None or an int >= 1, got {num_clients!r}")
+        self.num_clients = num_clients
         self.global_state = serialization.clone_state(initial_state)
         self.fingerprint = fingerprint
         self.aggregator = aggregator or FedAvg()
@@ -82,8 +90,10 @@ class Server:
         cid = meta.get("client_id")
         if not isinstance(cid, int) or isinstance(cid, bool):
             return None, None, f"metadata: client_id must be an int, got {cid!r}"
+        if self.num_clients is not None and not 0 <= cid < self.num_clients:
+            return None, cid, f"client_id {cid}: not one of the federation's clients 0..{self.num_clients - 1}"
         rnd = meta.get("round")
-        if rnd != self.round:
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd != self.round:
             return None, cid, f"stale or future round: update for round {rnd!r}, server is at round {self.round}"
         if meta.get("fingerprint") != self.fingerprint:
             return None, cid, (
@@ -113,14 +123,17 @@ class Server:
             norm = math.sqrt(sum(float((tensors[k].double() - g.double()).pow(2).sum()) for k, g in self.global_state.items()))
             if norm > self.max_update_norm:
                 return None, cid, f"update norm {norm:.4g} (L2 distance from the global state) exceeds max_update_norm={self.max_update_norm:g}"
-        metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+        sent = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+        # only the known numeric keys (a client's metrics reach metrics.json): nothing else a client chose to send
+        metrics = {k: sent[k] for k in CLIENT_METRICS if isinstance(sent.get(k), (int, float))
+                   and not isinstance(sent[k], bool) and math.isfinite(sent[k])}
         return ClientUpdate(cid, tensors, n, metrics), cid, None
 
     def run_round(self, messages: list[bytes]) -> RoundResult:
         """Validate the round's messages, aggregate the accepted ones, advance the round counter."""
         result = RoundResult(round=self.round)
         seen: set[int] = set()
-        for msg in messages:
+        for i, msg in enumerate(messages):
             result.bytes_up += len(msg)
             try:
                 result.payload_up += serialization.payload_size(msg)
@@ -133,6 +146,7 @@ class Server:
                 continue
             seen.add(cid)
             result.accepted.append(update)
+            result.accepted_from.append(i)
         if len(result.accepted) >= self.min_clients:
             new_state = self.aggregator.aggregate(self.global_state, result.accepted)
             if all(bool(torch.isfinite(t).all()) for t in new_state.values()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -266,7 +267,7 @@ def make_server(cfg: FederatedConfig, model: nn.Module, fp: str, example_counts:
     else:
         aggregator = FedAvg()
     return Server(trainable_state(model), fp, aggregator, cfg.min_clients, max_update_norm=cfg.max_update_norm,
-                  example_counts=example_counts)
+                  example_counts=example_counts, num_clients=cfg.num_clients)
 
 
 def describe_run(fed) -> dict:
@@ -475,6 +476,13 @@ class Federation:
             ValueError: the checkpoint was written with other settings or another adapter.
         """
         tensors, state = ckpt.load_checkpoint(path)
+        try:
+            self._restore(path, tensors, state)
+        except (KeyError, TypeError) as e:  # a checkpoint of this format lacks what this version writes
+            raise ValueError(f"resume: {path} lacks part of the run state ({type(e).__name__}: {e}); "
+                             "it was not written by this version's save") from None
+
+    def _restore(self, path, tensors: dict, state: dict) -> None:
         old, new = state["config"], self.config.to_dict()
         diff = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
         if diff:
@@ -491,7 +499,17 @@ class Federation:
                 f"this run loads {self.data_fingerprint} (the noise was calibrated to the old sample rates): "
                 "resume with the same data and model, or start a new run with another --out"
             )
-        self.server.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        saved = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        if saved.keys() != self.server.global_state.keys():
+            raise ValueError(f"resume: {path} holds the global tensors {sorted(saved)}, this run trains "
+                             f"{sorted(self.server.global_state)}")
+        for k, g in self.server.global_state.items():
+            if saved[k].dtype != g.dtype or saved[k].shape != g.shape:
+                raise ValueError(f"resume: {path}: global/{k}: expected {g.dtype} {tuple(g.shape)}, got "
+                                 f"{saved[k].dtype} {tuple(saved[k].shape)}")
+        # in the server's own key order (safetensors returns names sorted): seeded draws over the global
+        # state's keys, such as central DP's noise, then land on the same tensors as in an uninterrupted run
+        self.server.global_state = {k: saved[k] for k in self.server.global_state}
         self.server.round = int(state["round"])
         self.server.aggregator.load_state_dict(state["aggregator"])
         self.server.aggregator.load_tensor_state(
@@ -560,10 +578,10 @@ def plot_curves(metrics: dict, path: str | os.PathLike) -> None:
     cfg = metrics["config"]
     fig.suptitle(f"{cfg['method']} r={cfg['r']} | {cfg['num_clients']} clients | {cfg['partition']}")
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    ckpt.atomic_write_bytes(path, buf.getvalue())  # a unique temp file, fsynced, renamed: like every output
 
 
 def export_adapter(model: nn.Module, path: Path, base_model: str | None = None, metadata: dict | None = None) -> str | None:

@@ -21,7 +21,9 @@ protects nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import secrets
 import warnings
 from pathlib import Path
@@ -45,6 +47,32 @@ STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON st
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
 
 app = ClientApp()
+log = logging.getLogger(__name__)
+
+
+class NodeError(RuntimeError):
+    """An error whose message quotes no data of the node (settings, budget): Flower sends it to the server as is."""
+
+
+def _kept_private(handler):
+    """Flower sends a handler's exception text to the server (and the strategy writes it to metrics.json). A
+    data error may quote the silo's rows (a label, a text): anything but a ``NodeError`` is logged here in
+    full and reaches the server as its type only."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except NodeError:
+            raise
+        except Exception as e:
+            log.exception("fedlora_fast node: %s failed", handler.__name__)
+            raise NodeError(
+                f"{type(e).__name__} in the node's {handler.__name__} (its message stays in the node's log: it may "
+                "quote the node's data)"
+            ) from None
+
+    return run
 _FEDERATIONS: dict[str, Federation] = {}  # one per config per process (a process may serve several messages)
 
 
@@ -141,7 +169,7 @@ def _check_budget(client: Client, cfg: FederatedConfig, pid: int) -> None:
     epsilon were planned for (a faulty or hostile server asking for more)."""
     planned = cfg.rounds * cfg.local_steps
     if client.accountant.steps + cfg.local_steps > planned:
-        raise RuntimeError(
+        raise NodeError(
             f"node {pid}: another round would take its DP-SGD steps from {client.accountant.steps} to "
             f"{client.accountant.steps + cfg.local_steps}, past the {planned} (rounds x local-steps) its noise and "
             "epsilon were planned for: refused"
@@ -164,6 +192,7 @@ def _count_earlier_rounds(client: Client, cfg: FederatedConfig, pid: int, round_
 
 
 @app.train()
+@_kept_private
 def train(msg: Message, context: Context) -> Message:
     """Local DP-SGD from the received global tensors; reply with the trainable tensors and privacy record."""
     cfg, fed, pid, k = load_node(context)
@@ -194,6 +223,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_kept_private
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy and loss of the global adapter on this node's shard of the test split.
 

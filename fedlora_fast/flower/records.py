@@ -61,7 +61,10 @@ def to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
             raise RecordError(
                 f"arrays[{k!r}]: declared {arr.dtype}{list(arr.shape)} but holds {a.dtype}{list(a.shape)}"
             )
-        out[k] = torch.from_numpy(np.array(a, copy=True))
+        try:  # in native byte order (a big-endian array is the same values; torch takes native only)
+            out[k] = torch.from_numpy(np.array(a, dtype=a.dtype.newbyteorder("="), copy=True))
+        except Exception as e:  # any numpy array torch cannot hold
+            raise RecordError(f"arrays[{k!r}]: {a.dtype} does not convert to a tensor ({type(e).__name__}: {e})") from None
     return out
 
 

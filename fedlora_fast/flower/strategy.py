@@ -74,6 +74,11 @@ class FedLoRAStrategy(FedAvg):
         # check, its privacy record) once both have spoken.
         self._node_of: dict[int, int] = {}  # client id -> node
         self._client_of: dict[int, int] = {}  # node -> client id
+        # FedAvg weights by the example count a client sends, and a Flower server cannot check it against data
+        # it does not hold: an id's count is fixed by its first accepted update (a client's data does not change
+        # within a run), so a node cannot grow its weight round by round; max_update_norm bounds what any
+        # weight can do, central DP clips per client whatever its count
+        self._examples_of: dict[int, int] = {}  # client id -> its example count
         self._reports: dict[int, dict] = {}  # node -> its latest privacy report: epsilon() is the max over all
         self.rounds: list[dict] = []  # one record per completed round (metrics.json "rounds")
         self._pending: dict = {}
@@ -107,7 +112,7 @@ class FedLoRAStrategy(FedAvg):
             updates were accepted.
         """
         replies = list(replies)
-        messages, rejected, privacy, senders = [], [], {}, {}
+        messages, nodes, cids, reports, rejected = [], [], [], [], []  # nodes, cids, reports: per message
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -123,12 +128,16 @@ class FedLoRAStrategy(FedAvg):
                         f"{self.configrecord_key!r}, got {sorted(content.keys())}"
                     )
                 message = records.to_message(arrays, meta)
-                cid = records.read_meta(meta).get("client_id")
+                sent_meta = records.read_meta(meta)
+                cid = sent_meta.get("client_id")
             except Exception as e:  # malformed content of any kind: reject this reply only
                 rejected.append({"client": None, "node": node, "reason": f"malformed reply: {e}"})
                 continue
             if not (isinstance(cid, int) and not isinstance(cid, bool)):
                 messages.append(message)  # the server rejects it, naming the bad client_id
+                nodes.append(node)
+                cids.append(None)
+                reports.append(None)
                 continue
             owner, claimed = self._node_of.get(cid), self._client_of.get(node)
             if (owner is not None and owner != node) or (claimed is not None and claimed != cid):
@@ -136,26 +145,42 @@ class FedLoRAStrategy(FedAvg):
                           else f"node {node} speaks for client id {claimed}, not {cid}")
                 rejected.append({"client": cid, "node": node, "reason": f"{reason} (their first accepted updates)"})
                 continue
-            messages.append(message)
-            senders.setdefault(cid, node)  # the server keeps the first update of an id and rejects the rest
+            sent = sent_meta.get("num_examples")
+            if cid in self._examples_of and sent != self._examples_of[cid]:
+                rejected.append({"client": cid, "node": node, "reason": (
+                    f"num_examples {sent!r} differs from the {self._examples_of[cid]} client {cid} sent in its first "
+                    "accepted update (FedAvg weights by it)")})
+                continue
+            rec = None
             metrics = next(iter(content.metric_records.values()), None)
             if metrics is not None and all(_number(metrics.get(k)) for k in PRIVACY_KEYS):
                 rec = {"num_examples": metrics.get(self.weighted_by_key), **{k: metrics[k] for k in PRIVACY_KEYS}}
                 self._reports[node] = {"client": cid, "node": node, **rec}
-                if senders[cid] == node:
-                    privacy.setdefault(cid, rec)
+            messages.append(message)
+            nodes.append(node)
+            cids.append(cid)
+            reports.append(rec)
         for r in rejected:
             log.warning("round %d: rejected the reply of node %s: %s", server_round, r["node"], r["reason"])
         result = self.server.run_round(messages)
         for r in result.rejected:
             log.warning("round %d: rejected the update of client %s: %s", server_round, r["client"], r["reason"])
-        for u in result.accepted:  # bind each accepted id to the node that sent it (first accepted: for good)
-            self._node_of.setdefault(u.client_id, senders[u.client_id])
-            self._client_of.setdefault(senders[u.client_id], u.client_id)
-        # A client whose update failed validation has still spent its budget: its reported privacy record
-        # counts (ids outside [0, num_clients) are ignored, so a malformed reply cannot invent clients).
-        # Only a node's own id (unbound yet, or bound to it) gets its record here; every node's latest report
+        # bind each accepted id to the node whose message the server accepted (first accepted: for good), and
+        # take that message's privacy record for the id
+        privacy = {}
+        for u, i in zip(result.accepted, result.accepted_from):
+            self._node_of.setdefault(u.client_id, nodes[i])
+            self._client_of.setdefault(nodes[i], u.client_id)
+            self._examples_of.setdefault(u.client_id, u.num_examples)
+            if reports[i] is not None:
+                privacy[u.client_id] = reports[i]
+        # A client whose update failed validation has still spent its budget: the record of the first message
+        # under its id counts (ids outside [0, num_clients) are ignored, so a malformed reply cannot invent
+        # clients). Only a node's own id (unbound yet, or bound to it) reaches here; every node's latest report
         # also counts in epsilon(), so a node cannot lower the epsilon another node reported.
+        for cid, rec in zip(cids, reports):
+            if rec is not None and cid not in privacy:
+                privacy[cid] = rec
         for cid, rec in privacy.items():
             if 0 <= cid < self.num_clients:
                 self.clients[cid] = {"client": cid, **rec}
