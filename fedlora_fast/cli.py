@@ -162,6 +162,9 @@ def run_train(args: argparse.Namespace) -> int:
         f"final: test accuracy {final['accuracy']:.4f} | epsilon {final['epsilon']:.3f} (delta {final['delta']:g}, "
         f"largest over {len(final['clients'])} clients) | {final['seconds']:.0f} s of rounds | wrote {', '.join(wrote)}"
     )
+    if not config.secure_noise:  # the seed is in metrics.json and the adapter's metadata: anyone may rebuild the noise
+        print("note: the DP noise was seeded from --seed (reproducible): this epsilon holds only against someone who "
+              "does not know the seed; train on real private data with --secure-noise")
     return 0
 
 

@@ -1006,10 +1006,16 @@ def _choose_gemm(
     timed once per ``key`` on ``run(impl)`` (a pure function of the call's inputs: timing it has no effect
     but the time), or "triton" where nothing is timed. Where the call cannot merge (``merged_ok`` False:
     the adapter input or the input gradient is split from the base one) "merged" is out, and a pinned
-    "merged" runs as "cublas". "auto" never merges float16 (``dtype``): W + s B A can leave fp16's range
-    where Y and dX do not, and in its subnormals the adapter's term is lost at an absolute threshold."""
+    "merged" runs as "cublas". Nor is float16 (``dtype``) ever merged, pinned or not: W + s B A can leave
+    fp16's range where Y and dX do not (then 0 * inf = NaN at every token), and in its subnormals the
+    adapter's term is lost at an absolute threshold; a pinned "merged" runs as "cublas_acc" there. "auto"
+    leaves "cublas" out for float16 as well: it rounds x W^T to fp16 before adding the adapter's term, so
+    an output whose base part alone overflows (the sum does not) would be inf on that path only, and
+    whether a sample's loss is inf (and DP drops it) must not depend on which GEMM timed faster."""
     impl = gemm_impl()
     if impl != "auto":
+        if impl == "merged" and dtype == torch.float16:
+            return "cublas_acc"  # adds the term in float32 before rounding, as the merge would have
         return "cublas" if impl == "merged" and not merged_ok else impl
     choice = _AUTO_CHOICE.get(key)
     if choice is not None:
@@ -1017,8 +1023,8 @@ def _choose_gemm(
     if not _auto_times(device):
         return "triton"
     times = {}
-    merge = merged_ok and dtype != torch.float16
-    for c in AUTO_CANDIDATES if merge else tuple(c for c in AUTO_CANDIDATES if c != "merged"):
+    skip = {"merged", "cublas"} if dtype == torch.float16 else set() if merged_ok else {"merged"}
+    for c in (c for c in AUTO_CANDIDATES if c not in skip):
         try:
             times[c] = _time_ms(lambda c=c: run(c), device)
         except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
@@ -1231,6 +1237,24 @@ def _use_reference(*tensors: Tensor | None) -> bool:
     return False
 
 
+# The largest rank the kernels take. The pass over G keeps a (rows x r) float32 accumulator per program: at
+# r = 128 it still compiles for sm90 (176-208 KiB of shared memory) but spills registers (368-704 B of stack,
+# AOT, 2026-11-26); beyond, it would not fit shared memory and fail at the first launch. Larger ranks run
+# the reference (torch ops, on the same device), with one warning.
+MAX_RANK = 128
+_RANK_WARNED: set[int] = set()
+
+
+def _rank_too_large(r: int) -> bool:
+    if r <= MAX_RANK:
+        return False
+    if r not in _RANK_WARNED:
+        _RANK_WARNED.add(r)
+        warnings.warn(f"fedlora_fast: rank r={r} is above the Triton kernels' {MAX_RANK}: this layer runs the PyTorch "
+                      "reference instead (correct, slower)", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return True
+
+
 def _check_dtype(name: str, t: Tensor, dtype: torch.dtype) -> None:
     if t.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
@@ -1246,7 +1270,7 @@ def ffa_linear_fwd(
     Returns:
         y: (n, T, out) in x's dtype; u: (n, T, r) float32.
     """
-    if _use_reference(x, xa, weight, bias, A, B):
+    if _use_reference(x, xa, weight, bias, A, B) or _rank_too_large(A.shape[0]):
         return _ref.ffa_linear_fwd(x, xa, weight, bias, A, B, scale)
     out, inp = weight.shape
     r = A.shape[0]
@@ -1329,7 +1353,7 @@ def ffa_linear_bwd(
     """
     if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
         raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode}")
-    if _use_reference(g, u, weight, A, B, xa):
+    if _use_reference(g, u, weight, A, B, xa) or _rank_too_large(A.shape[0]):
         return _ref.ffa_linear_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A)
     out, inp = weight.shape
     r = A.shape[0]

@@ -55,6 +55,9 @@ def test_epsilon_grows_with_steps_and_is_zero_then_inf():
     assert acc.epsilon(1e-5) > e1 > 0
     acc.step(noise_multiplier=0.0, sample_rate=0.1)
     assert acc.epsilon(1e-5) == math.inf
+    tiny = Accountant()  # at a large delta the RDP conversion goes below 0 (-2.3 here): a spent budget is >= 0
+    tiny.step(noise_multiplier=1.0, sample_rate=1e-5)
+    assert tiny.epsilon(0.9) == 0.0
 
 
 def test_rounds_persisted_through_json_spend_R_times_K_steps(tmp_path):

@@ -74,6 +74,10 @@ def test_train_writes_metrics_curves_and_resumes(tiny, tmp_path, capsys):
     final = m["final"]
     assert final["delta"] == 1e-4 and final["epsilon"] <= 6.0 + 1e-9
     assert {"noise_multiplier", "sample_rate", "steps", "epsilon"} <= set(final["clients"][0])
+    # seeded noise (the default: reproducible) is said next to epsilon, in metrics.json, the adapter and the output
+    assert final["noise"].startswith("seeded from the run's seed") and "note: the DP noise was seeded" in stdout
+    meta = json.loads((out / "adapter" / "fedlora_fast.json").read_text())
+    assert meta["user"]["noise"] == final["noise"], meta
     assert (out / "curves.png").stat().st_size > 0
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # a second run into the same directory must not silently overwrite it

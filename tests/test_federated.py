@@ -96,6 +96,13 @@ def test_central_dp_clips_each_update_and_adds_calibrated_noise():
     res = noisy.aggregate(zeros, [ClientUpdate(0, dict(zeros), 1), ClientUpdate(1, dict(zeros), 1)])
     assert abs(float(res["w"].std()) - 1.5 * 2.0 / 2) < 0.03  # std sigma*S/K
     assert noisy.privacy(1e-5)["steps"] == 1 and math.isfinite(noisy.privacy(1e-5)["epsilon"])
+    # the divisor is the number selected (2), never the number accepted: one update less leaves the released
+    # mean's noise scale as it was (else the accountant's epsilon would not hold) and contributes zero
+    res = noisy.aggregate(zeros, [ClientUpdate(0, dict(zeros), 1)])
+    assert abs(float(res["w"].std()) - 1.5 * 2.0 / 2) < 0.03
+    torch.testing.assert_close(agg.aggregate(g, ups[:1])["w"], g["w"] + big / 5 / 2)
+    with pytest.raises(ValueError, match="3 accepted, more than the 2 clients selected"):
+        noisy.aggregate(zeros, [ClientUpdate(k, dict(zeros), 1) for k in range(3)])
     with pytest.raises(ValueError, match="aggregator"):
         make_aggregator("median")
 

@@ -139,6 +139,8 @@ def test_bad_arguments_are_named_before_any_backend_runs(use_backend):
         (dict(B=B[:, :2]), r"B: expected shape \(7, 3\), got \(7, 2\)"),
         (dict(xa=x[:1]), r"xa: expected shape \(2, 5, 12\), got \(1, 5, 12\)"),
         (dict(scale=float("inf")), r"scale: expected a finite number, got inf"),
+        # finite in Python, inf as the float32 the kernels take (then inf * 0 = NaN where B is zero)
+        (dict(scale=1e39), r"scale: expected \|scale\| <= 3.403e\+38 \(float32's range\) for torch.float32 inputs, got 1e\+39"),
     ]
     for change, match in fwd_cases:
         args = {"x": x, "xa": x, "weight": w, "bias": b, "A": A, "B": B, "scale": 2.0, **change}
@@ -148,6 +150,23 @@ def test_bad_arguments_are_named_before_any_backend_runs(use_backend):
     for op in (ffa_linear_fwd, lambda *a: call(ffa_linear_fwd, *a)):  # xa is dropout(x): x's dtype
         with pytest.raises(TypeError, match=r"xa: expected dtype torch.float32 \(x's\), got torch.int32"):
             op(x, x.view(torch.int32), w, b, A, B, 2.0)
+    # the base GEMM runs in x's dtype: a weight or bias in another is named here, not deep in a backend
+    for change, match in ((dict(weight=w.double()), r"weight: expected dtype torch.float32 \(x's\), got torch.float64"),
+                          (dict(bias=b.half()), r"bias: expected dtype torch.float32 \(x's\), got torch.float16")):  # fmt: skip
+        args = {"x": x, "xa": x, "weight": w, "bias": b, "A": A, "B": B, "scale": 2.0, **change}
+        for op in (ffa_linear_fwd, lambda *a: call(ffa_linear_fwd, *a)):
+            with pytest.raises(TypeError, match=match):
+                op(*args.values())
+    for change, match in ((dict(u=u.half()), r"u: expected dtype torch.float32 \(the forward's U"),
+                          (dict(weight=w.double()), r"weight: expected dtype torch.float32 \(g's\), got torch.float64"),
+                          (dict(xa=x.double()), r"xa: expected dtype torch.float32 \(g's\), got torch.float64")):  # fmt: skip
+        args = dict(g=g, u=u, weight=w, A=A, B=B, xa=None, scale=2.0, need_dx=True, split_dx=False, mode=2,
+                    clip_B=0.5, clip_A=0.5) | change
+        for op in (ffa_linear_bwd, lambda *a: call(ffa_linear_bwd, *a)):
+            with pytest.raises(TypeError, match=match):
+                op(*args.values())
+    yd, _ = ffa_linear_fwd(x.double(), x.double(), w.double(), b.double(), A, B, 1e39)  # float64: float64's range
+    assert yd.dtype == torch.float64
     bwd = dict(g=g, u=u, weight=w, A=A, B=B, xa=None, scale=2.0, need_dx=True, split_dx=False, mode=2, clip_B=0.5, clip_A=0.5)
     bwd_cases = [
         (dict(g=g[:1]), r"u: expected shape \(1, 5, 3\), got \(2, 5, 3\)"),

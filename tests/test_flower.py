@@ -562,7 +562,7 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
     assert first["accuracy"] is None, "eval-every=2: no evaluation after round 1"
     assert 0.0 <= last["accuracy"] <= 1.0 and math.isfinite(last["loss"])
     final = metrics["final"]
-    assert final is not None and final["delta"] == 1e-5
+    assert final is not None and final["delta"] == 1e-5 and final["noise"].startswith("secure")
     eps = [c["epsilon"] for c in final["clients"]]
     assert [c["client"] for c in final["clients"]] == [0, 1] and all(0 < e <= 8.0 for e in eps)
     assert final["epsilon"] == max(eps)

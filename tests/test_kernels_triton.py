@@ -9,6 +9,7 @@ linear layers adapted) against the batch-of-one loop. On a CPU-only machine the 
 """
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -395,6 +396,31 @@ def _launches(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rank_above_the_kernels_limit_runs_the_reference(device, monkeypatch):
+    """r > MAX_RANK (128) would not fit the pass over G's accumulator in shared memory on a GPU: such a layer
+    runs the reference, correct, with one warning, and launches no kernel of ours; r = MAX_RANK runs ours."""
+    launches = _launches(monkeypatch)
+    monkeypatch.setattr(K, "_RANK_WARNED", set())
+    monkeypatch.setattr(K, "MAX_RANK", 4)  # the rule, at a rank the interpreter runs quickly
+    s = 0.5
+    for r, ours in ((4, True), (5, False)):
+        launches.clear()
+        t = make(2, 3, 9, 7, r, device)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+            got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+        exp_y, exp_u = ref_fwd(dict(t, xa=t["x"]), s)
+        close(y, exp_y, "y")
+        exp = ref_bwd(t, f64(u), False, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+        for name, a, e in zip(["dx", "dxa", "gB", "nuB"], got, exp):
+            close(a, e, name)
+        assert bool(launches) is ours, launches
+        msgs = [str(x.message) for x in w if "above the Triton kernels" in str(x.message)]
+        assert len(msgs) == (0 if ours else 1), msgs  # once per rank, not per call
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("lora", [False, True], ids=["ffa", "lora"])
 def test_merged_backward_needs_no_v(poisoned, device, mode, lora, monkeypatch):
@@ -444,11 +470,39 @@ def test_merged_falls_back_where_it_cannot_merge(poisoned, device, monkeypatch):
     K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], None, s, True, True, 1, 0.0, 0.0)
     unmerged = [c for c in K.AUTO_CANDIDATES if c != "merged"]
     assert timed == unmerged * 2, timed
-    # float16: auto never merges (W + s B A can overflow where Y does not); pinned, it does
+    # float16: auto never merges (W + s B A can overflow where Y does not) nor takes "cublas" (x W^T rounded
+    # to fp16 before the term is added: it can overflow where Y does not)
     timed.clear()
     h = make(2, 5, 40, 36, 3, device, dtype=torch.float16)
     K.ffa_linear_fwd(h["x"], h["x"], h["weight"], h["bias"], h["A"], h["B"], s)
-    assert timed == unmerged, timed
+    assert timed == [c for c in K.AUTO_CANDIDATES if c not in ("merged", "cublas")], timed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["triton", "cublas_acc", "merged", "auto"])
+def test_float16_overflow_in_one_part_stays_out_of_the_result(device, impl, monkeypatch):
+    """fp16: W + s B A (merged's W') or x W^T alone may pass 65504 where the output does not. No path auto
+    may take, nor a pinned "merged" (it runs as "cublas_acc" in fp16), lets that become inf or NaN: an
+    all-zero token's output stays 0 (not 0 * inf), and a sum under the range stays finite."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, impl)
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+    h = torch.float16
+    x = torch.zeros(1, 2, 16, dtype=h, device=device)
+    x[0, 1, 1] = 1.5
+    w = torch.zeros(16, 16, dtype=h, device=device)
+    w[0, 0] = 60000.0  # + s B A = 1e4 at [0, 0]: W' = 7e4 overflows fp16
+    w[1, 1] = 60000.0  # token 1's output 1: x W^T = 9e4 overflows, + the term (-3e4): 6e4 does not
+    A = torch.zeros(2, 16, device=device)
+    A[0, 0] = A[1, 1] = 1.0
+    B = torch.zeros(16, 2, device=device)
+    B[0, 0], B[1, 1] = 1.0, -2.0
+    s = 10000.0
+    y, u = K.ffa_linear_fwd(x, x, w, None, A, B, s)
+    g = torch.full((1, 2, 16), 1e-3, dtype=h, device=device)
+    dx = K.ffa_linear_bwd(g, u, w, A, B, None, s, True, False, ref.MODE_PER_SAMPLE, 0.0, 0.0)[0]
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all(), (y, dx)
+    assert y[0, 0].abs().max().item() == 0.0 and y[0, 1, 1].item() == 60000.0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -81,7 +81,12 @@ class CentralDP(Aggregator):
 
     Args:
         clip_norm: S, the L2 bound on one client's update over all sent tensors.
-        noise_multiplier: sigma; the noise std on the mean is ``sigma * S / K`` for the K accepted updates.
+        noise_multiplier: sigma; the noise std on the mean is ``sigma * S / K`` for the K clients selected per
+            round. The noisy sum is divided by that fixed K, never by the number of updates accepted: with the
+            accepted count as divisor, one client more or less would change the released mean's noise scale
+            (add/remove) or double the sum's sensitivity (replace-one), and the accountant's epsilon would not
+            hold (McMahan et al., ICLR 2018, divide by the expected count likewise). A rejected or missing
+            update contributes zero.
         num_clients: clients in the federation.
         clients_per_round: clients *selected* every round (default: all of them, as the simulation and the
             Flower strategy do). The accountant's sample rate is ``clients_per_round / num_clients``, fixed:
@@ -104,6 +109,7 @@ class CentralDP(Aggregator):
         per_round = self.num_clients if clients_per_round is None else clients_per_round
         if isinstance(per_round, bool) or not isinstance(per_round, int) or not 0 < per_round <= self.num_clients:
             raise ValueError(f"clients_per_round: expected an int in 1..{self.num_clients} (num_clients), got {clients_per_round!r}")
+        self.clients_per_round = per_round
         self.sample_rate = per_round / self.num_clients
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
         self.accountant = Accountant()
@@ -111,7 +117,10 @@ class CentralDP(Aggregator):
     def aggregate(self, global_state, updates):
         if not updates:
             raise ValueError("updates: expected at least one client update, got none")
-        n = len(updates)
+        if len(updates) > self.clients_per_round:
+            raise ValueError(f"updates: {len(updates)} accepted, more than the {self.clients_per_round} clients selected "
+                             "per round (clients_per_round) the noise and accounting are calibrated for")
+        n = self.clients_per_round  # fixed: see the class docstring
         summed = {k: torch.zeros(g.shape, dtype=torch.float64) for k, g in global_state.items()}
         for u in updates:
             delta = {k: u.tensors[k].double() - global_state[k].double() for k in global_state}

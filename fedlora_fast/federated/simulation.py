@@ -279,15 +279,22 @@ def describe_run(fed) -> dict:
     }
 
 
+NOISE_SEEDED = "seeded from the run's seed: reproducible, not private against anyone who knows the seed"
+NOISE_SECURE = "secure: drawn from the operating system's randomness"
+
+
 def final_record(
-    records: list[dict], *, delta: float, epsilon: float, clients: list, server_privacy, totals: tuple[str, ...]
+    records: list[dict], *, delta: float, epsilon: float, clients: list, server_privacy, totals: tuple[str, ...],
+    noise: str,
 ) -> dict:
     """The ``final`` record of ``metrics.json``: the last round's accuracy and loss, the privacy spent, and
-    the sums of ``totals`` over every round (the simulation and the Flower ServerApp write the same layout)."""
+    the sums of ``totals`` over every round (the simulation and the Flower ServerApp write the same layout).
+    ``noise`` says where the DP noise came from: epsilon holds only against someone who cannot regenerate it,
+    and a seeded run's seed is in ``config`` (and in the exported adapter's metadata)."""
     last = records[-1]
     out = {
         "round": last["round"], "accuracy": last["accuracy"], "loss": last["loss"], "delta": delta,
-        "epsilon": epsilon, "clients": clients, "server_privacy": server_privacy,
+        "epsilon": epsilon, "noise": noise, "clients": clients, "server_privacy": server_privacy,
     }  # fmt: skip
     out.update({key: sum(r[key] for r in records) for key in totals})
     return out
@@ -437,6 +444,7 @@ class Federation:
                 clients=[c.privacy_record(cfg.delta) for c in self.clients],
                 server_privacy=self.server.aggregator.privacy(cfg.delta),
                 totals=("bytes_up", "bytes_down", "seconds", "cpu_seconds"),
+                noise=NOISE_SECURE if cfg.secure_noise else NOISE_SEEDED,
             )  # fmt: skip
         return out
 
@@ -668,7 +676,7 @@ def run_simulation(
         final = metrics["final"]
         reason = export_adapter(fed.model, out / "adapter", fed.model_name, {
             "fingerprint": fed.fingerprint, "rounds": final["round"], "accuracy": final["accuracy"],
-            "epsilon": final["epsilon"], "delta": final["delta"]})
+            "epsilon": final["epsilon"], "delta": final["delta"], "noise": final["noise"]})
         if reason:
             log.warning("adapter/ not written: %s", reason)
             metrics["adapter_export"] = reason

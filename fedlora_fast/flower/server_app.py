@@ -11,7 +11,6 @@ at the end ``OUT/adapter/`` (peft format) and ``OUT/curves.png``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -21,7 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
 from fedlora_fast.federated.simulation import (
+    NOISE_SECURE,
     Federation,
+    dump_metrics,
     export_adapter,
     final_record,
     format_round,
@@ -60,6 +61,7 @@ def metrics_document(fed: Federation | node.ServerOnly, strategy: FedLoRAStrateg
             strategy.rounds, delta=cfg.delta, epsilon=strategy.epsilon(),
             clients=[strategy.clients[k] for k in sorted(strategy.clients)],
             server_privacy=fed.server.aggregator.privacy(cfg.delta), totals=("bytes_up", "bytes_down", "seconds"),
+            noise=NOISE_SECURE,  # every node and the server draw their noise from the OS under Flower
         )  # fmt: skip
     return doc
 
@@ -105,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
             return None
         record = strategy.close_round()
         save_checkpoint(out / CHECKPOINT_NAME, fed, strategy)
-        ckpt.atomic_write_text(out / "metrics.json", json.dumps(metrics_document(fed, strategy, extra), indent=2))
+        ckpt.atomic_write_text(out / "metrics.json", dump_metrics(metrics_document(fed, strategy, extra)))
         if dump:
             ckpt.atomic_write_bytes(
                 Path(dump) / f"round{server_round}-global.safetensors",
@@ -124,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=end_of_round,
     )
     doc = metrics_document(fed, strategy, extra)
-    ckpt.atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2))
+    ckpt.atomic_write_text(out / "metrics.json", dump_metrics(doc))
     if doc["final"] is not None:
         if any(r["accuracy"] is not None for r in doc["rounds"]):
             plot_curves(doc, out / "curves.png")

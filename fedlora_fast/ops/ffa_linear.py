@@ -43,9 +43,25 @@ def _devices(ref_name: str, ref: Tensor, **tensors: Tensor | None) -> None:
             raise ValueError(f"{name}: expected a tensor on {ref.device} (where {ref_name} is), got {t.device}")
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def _finite(name: str, v: float, positive: bool = False) -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
         raise ValueError(f"{name}: expected a finite number{' > 0' if positive else ''}, got {v!r}")
+
+
+def _scale(v: float, dtype: torch.dtype) -> None:
+    """The scale is finite, and within float32's range unless the call is float64: the kernels take it as a
+    float32, where a larger value would become inf (and inf * 0 = NaN where B is zero)."""
+    _finite("scale", v)
+    if dtype != torch.float64 and abs(v) > _FP32_MAX:
+        raise ValueError(f"scale: expected |scale| <= {_FP32_MAX:.4g} (float32's range) for {dtype} inputs, got {v!r}")
+
+
+def _dtype(name: str, t: Tensor | None, dtype: torch.dtype, why: str) -> None:
+    if t is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} ({why}), got {t.dtype}")
 
 
 def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
@@ -53,15 +69,17 @@ def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
     check_shape("x", x, (None, None, None))
     n, T, inp = x.shape
     check_shape("xa", xa, (n, T, inp))
-    if xa.dtype != x.dtype:  # xa is dropout(x): the same dtype (a reinterpreting view would be read as x)
-        raise TypeError(f"xa: expected dtype {x.dtype} (x's), got {xa.dtype}")
+    # xa is dropout(x): the same dtype (a reinterpreting view would be read as x); the base GEMM is in x's dtype
+    _dtype("xa", xa, x.dtype, "x's")
+    _dtype("weight", weight, x.dtype, "x's")
+    _dtype("bias", bias, x.dtype, "x's")
     check_shape("weight", weight, (None, inp))
     out = weight.shape[0]
     if bias is not None:
         check_shape("bias", bias, (out,))
     check_shape("A", A, (None, inp))
     check_shape("B", B, (out, A.shape[0]))
-    _finite("scale", scale)
+    _scale(scale, x.dtype)
     _devices("x", x, xa=xa, weight=weight, bias=bias, A=A, B=B)
 
 
@@ -77,9 +95,12 @@ def check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, cl
     check_shape("u", u, (n, T, r))
     if xa is not None:
         check_shape("xa", xa, (n, T, inp))
+    _dtype("weight", weight, g.dtype, "g's")
+    _dtype("xa", xa, g.dtype, "g's")
+    _dtype("u", u, acc_dtype(g.dtype), "the forward's U: the adapter's maths runs in it")
     if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
         raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode!r}")
-    _finite("scale", scale)
+    _scale(scale, g.dtype)
     if mode == MODE_CLIP:
         _finite("clip_B", clip_B, positive=True)
         if xa is not None:

@@ -107,7 +107,8 @@ class Accountant:
             return 0.0
         if any(s == 0 for s, _, _ in self._acc.history):
             return math.inf
-        return float(self._acc.get_epsilon(delta=d))
+        # the conversion may go below 0 for a large delta (valid: eps >= log(1 - delta)); a budget spent is >= 0
+        return max(0.0, float(self._acc.get_epsilon(delta=d)))
 
     def state_dict(self) -> dict:
         """JSON-safe state (no pickle): ``{"version", "mechanism", "history": [[sigma, q, steps], ...]}``."""
@@ -166,7 +167,7 @@ def calibrate_noise_multiplier(
 
     Raises:
         ValueError: arguments out of range, or a budget that no noise level can meet (e.g. with RDP,
-            epsilon below the conversion's floor of about ``log(1/delta) / 63``).
+            epsilon below the conversion's floor at opacus's largest order, 63: about 0.10 at delta = 1e-5).
     """
     eps = _number("target_epsilon", target_epsilon)
     if not math.isfinite(eps) or eps <= 0:
