@@ -112,8 +112,10 @@ def gemm_impl() -> str:
       term at W's scale): measured no less accurate than PyTorch's own bf16/fp16 path; a term under half an
       ulp of W is lost, the threshold at which "cublas" (and peft) lose it at Y's scale. Only where the
       adapter input is the base input (no adapter dropout) and dX is not split; elsewhere it runs as
-      ``"cublas"``. ``"auto"`` leaves it out for float16 (W' can overflow where Y does not, and fp16's
-      subnormals lose the term at an absolute threshold). Not yet timed on a GPU;
+      ``"cublas"``. Never in float16, pinned or not (W' can overflow where Y does not, and fp16's
+      subnormals lose the term at an absolute threshold): a pinned "merged" runs as ``"cublas_acc"`` there,
+      and ``"auto"`` leaves out ``"cublas"`` too for float16 (x W^T rounded before the term is added can
+      overflow where Y does not). Not yet timed on a GPU;
     - ``"tma"``: a persistent Triton GEMM loading X and W through TMA descriptors (sm90+, bf16/fp16,
       16-byte-aligned rows, else ``"triton"``), the same epilogue; measured slower than ``"triton"`` and
       cuBLAS on an H200 (bench/NOTES.md).
