@@ -638,6 +638,43 @@ def test_flower_settings_and_a_node_refuse_what_would_spend_budget_for_nothing(t
     assert strategy.epsilon() == float("inf")
 
 
+def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(tiny, tmp_path):
+    """With ``privacy-dir`` the node's own disk holds its steps for the run (written before each reply): a
+    restarted SuperNode (empty context.state) takes them from there, not from the round the server names, so
+    a server sending round 0 again gets no fresh budget; a ledger that does not load stops the node."""
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    cfg = flower_config.federated_config(rc)
+    planned = cfg.rounds * cfg.local_steps
+    fed = node.build(cfg)
+
+    class Ctx:
+        run_config = rc
+        node_config = {"partition-id": 0, "num-partitions": cfg.num_clients, client_app.LEDGER_DIR_KEY: str(tmp_path)}
+        run_id = 5
+
+    round0 = SimpleNamespace(content=SimpleNamespace(
+        array_records={"arrays": records.to_array_record(fed.server.global_state)},
+        config_records={"config": {ROUND_KEY: 0}},
+    ))  # fmt: skip
+    ledger = client_app.ledger_path(Ctx, 0)
+    assert ledger == tmp_path / "fedlora_fast-privacy-run5-node0.json"
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        for _ in range(cfg.rounds):
+            Ctx.state = RecordDict()  # a restart before every round, and the server says round 0 each time
+            reply = client_app.train(round0, Ctx)
+        assert json.loads(ledger.read_text())["noise_multiplier"] == 1.3
+        assert reply.metric_records["metrics"]["steps"] == planned, "the ledger's steps, not the server's round"
+        Ctx.state = RecordDict()
+        with pytest.raises(client_app.NodeError, match=rf"steps from {planned} to"):
+            client_app.train(round0, Ctx)
+        ledger.write_text("{not json")
+        Ctx.state = RecordDict()
+        with pytest.raises(client_app.NodeError, match="does not load.*refusing to train without it"):
+            client_app.train(round0, Ctx)
+
+
 def test_server_app_refuses_an_out_that_holds_a_run_unless_told_to_replace_it(tiny, tmp_path):
     from fedlora_fast.flower import server_app
 

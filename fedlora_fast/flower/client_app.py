@@ -43,6 +43,7 @@ from fedlora_fast.flower.strategy import ROUND_KEY
 from fedlora_fast.privacy.accounting import Accountant
 
 DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
+LEDGER_DIR_KEY = "privacy-dir"  # node config: a directory on the node's disk for its privacy ledger (optional)
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
 
@@ -176,13 +177,43 @@ def _check_budget(client: Client, cfg: FederatedConfig, pid: int) -> None:
         )
 
 
+def ledger_path(context: Context, pid: int) -> Path | None:
+    """The node's privacy ledger for this run (``--node-config "... privacy-dir=DIR"``), or None.
+
+    ``context.state`` lives in the SuperNode's memory: a restart loses it, and without a ledger the node can
+    only count the rounds the *server* says came before (``_count_earlier_rounds``). With one, the node's
+    own disk says how many DP-SGD steps (and at which noise) its data already took in this run; it is
+    written atomically after every round's training, before the reply leaves the node."""
+    d = context.node_config.get(LEDGER_DIR_KEY)
+    if d is None or d == "":
+        return None
+    if not isinstance(d, str):
+        raise NodeError(f"node config '{LEDGER_DIR_KEY}': expected a directory path string, got {type(d).__name__}")
+    return Path(d) / f"fedlora_fast-privacy-run{context.run_id}-node{pid}.json"
+
+
+def _load_ledger(path: Path, fed: Federation, k: int, client: Client) -> None:
+    """Take the node's accountant and noise multiplier from its ledger (a restarted SuperNode)."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        node.calibrate(fed, k, saved["noise_multiplier"])
+        client.load_state_dict({"accountant": saved["accountant"]})
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a ledger that does not load must not mean "no steps"
+        raise NodeError(f"privacy ledger {path} does not load ({type(e).__name__}); refusing to train without it") from None
+
+
+def _write_ledger(path: Path, client: Client) -> None:
+    checkpoint.atomic_write_text(path, json.dumps(
+        {"accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier}))
+
+
 def _count_earlier_rounds(client: Client, cfg: FederatedConfig, pid: int, round_idx: int) -> None:
     """A node with no saved state at round ``round_idx`` > 0 either joins late or lost its state (a SuperNode
     restart clears ``context.state``). Its data may have trained in every earlier round, so its accountant
     counts them all as its own: a restarted node must not report a fresh epsilon (and get a fresh budget)
     while the steps it took before still count. Over-counting for a node that really joined late is safe."""
-    steps = round_idx * cfg.local_steps
-    if steps == 0 or client.noise_multiplier == 0:  # no noise: epsilon is inf whatever the count
+    steps = round_idx * cfg.local_steps - client.accountant.steps  # beyond what a ledger already holds
+    if steps <= 0 or client.noise_multiplier == 0:  # no noise: epsilon is inf whatever the count
         return
     warnings.warn(
         f"node {pid}: no privacy state from earlier rounds at round {round_idx} (a restarted SuperNode, or its "
@@ -197,7 +228,10 @@ def train(msg: Message, context: Context) -> Message:
     """Local DP-SGD from the received global tensors; reply with the trainable tensors and privacy record."""
     cfg, fed, pid, k = load_node(context)
     fresh = STATE_KEY not in context.state.config_records
+    ledger = ledger_path(context, pid)
     client = _restore(fed, k, context.state)
+    if fresh and ledger is not None and ledger.exists():  # a restarted SuperNode: its own disk has the count
+        _load_ledger(ledger, fed, k, client)
     _check_budget(client, cfg, pid)
     global_state = records.to_tensors(msg.content.array_records["arrays"])
     round_idx = int(msg.content.config_records["config"][ROUND_KEY])
@@ -209,6 +243,8 @@ def train(msg: Message, context: Context) -> Message:
         fed.model, serialization.encode(global_state, {"round": round_idx}), round_idx=round_idx,
         fingerprint=fed.fingerprint,
     )
+    if ledger is not None:  # before the update leaves the node: the steps are spent once it has
+        _write_ledger(ledger, client)
     _persist(client, context.state)
     dump = flower_setting(context.run_config, DUMP_KEY)
     if dump:
