@@ -1,18 +1,25 @@
 """``inject_adapters``: put FFA-LoRA (or LoRA) adapters on a model's linear layers and freeze the rest.
 
-Target names follow peft: a module matches a target when its qualified name equals it or ends with
-``"." + target``; ``"all-linear"`` takes every ``nn.Linear`` except the output layer (the model's output
-embeddings and heads named ``classifier``/``score``/``lm_head``, and any ``trainable_modules``).
+Target names follow peft's list form: a module matches a target when its qualified name equals it or ends
+with ``"." + target``; ``"all-linear"`` takes every ``nn.Linear`` except the output layer (the model's output
+embeddings and heads named ``classifier``/``score``/``lm_head``, and any ``trainable_modules``). Unlike peft,
+a single string is one such name, not a regular expression.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable
 
 from torch import nn
 
-from fedlora_fast.layers.ffa_linear import FFALoRALinear
-from fedlora_fast.layers.per_sample_modules import _PerSampleMixin, make_per_sample
+from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, check_layer_args
+from fedlora_fast.layers.per_sample_modules import (
+    _PerSampleMixin,
+    make_per_sample,
+    per_sample_error,
+    per_sample_problems,
+)
 
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYER_NAMES = ("classifier", "score", "lm_head")
@@ -43,10 +50,41 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return out
 
 
+def peft_modules(model: nn.Module) -> list[str]:
+    """``"name (module.Class)"`` of every peft tuner layer or ``modules_to_save`` wrapper in ``model``.
+
+    Adapters injected there would nest inside peft's layers (or wrap its ``base_layer``) and peft would keep
+    running its own adapter around them. peft is imported only if already loaded (a peft module cannot exist
+    otherwise); without it, any class from a ``peft`` package counts.
+    """
+    classes: tuple[type, ...] = ()
+    if "peft" in sys.modules:
+        try:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            classes = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+        except ImportError:  # pragma: no cover - a peft without these names
+            pass
+    out = []
+    for name, m in model.named_modules():
+        cls = type(m)
+        if isinstance(m, classes) or (not classes and cls.__module__.split(".")[0] == "peft"):
+            out.append(f"{name or type(model).__name__} ({cls.__module__}.{cls.__name__})")
+    return out
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+_REGEX_CHARS = set("*+?[]()|\\^$")
+
+
+def _has_conv1d(modules: dict[str, nn.Module]) -> bool:
+    return any(type(m).__name__ == "Conv1D" for m in modules.values())
 
 
 def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
@@ -73,16 +111,24 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
         skip = _output_layer_names(model) | excluded
         chosen = [n for n in linear if not any(_matches(n, s) or n.startswith(s + ".") for s in skip)]
         if not chosen:
-            raise ValueError("target_modules='all-linear': the model has no nn.Linear besides its output layer")
+            conv1d = " (transformers' Conv1D layers, as in GPT-2, are not supported)" if _has_conv1d(modules) else ""
+            raise ValueError(
+                f"target_modules='all-linear': the model has no nn.Linear besides its output layer{conv1d}"
+            )
+        odd = [f"{n} ({base_problem(modules[n])})" for n in chosen if base_problem(modules[n])]
+        if odd:
+            raise ValueError(f"target_modules='all-linear': cannot adapt {odd[:4]}; list the targets to adapt instead")
         return chosen
     chosen = []
     for target in targets:
         hits = [n for n in modules if n and _matches(n, target)]
         if not hits:
             sample = sorted({n.split(".")[-1] for n in linear})[:12]
+            regex = "; it is matched as a name, not as a regex (as a string is in peft)" if _REGEX_CHARS & set(target) \
+                else ""
             raise ValueError(
                 f"target_modules: {target!r} matches no module of {type(model).__name__}; "
-                f"linear layer names there include {sample}"
+                f"linear layer names there include {sample}{regex}"
             )
         for n in hits:
             m = modules[n]
@@ -99,7 +145,10 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
                     "which reads its weight directly: an adapter there would never run"
                 )
             if not isinstance(m, nn.Linear):
-                raise ValueError(f"target_modules: {n!r} is a {type(m).__name__}, expected torch.nn.Linear")
+                conv1d = " (transformers' Conv1D, as in GPT-2, is not supported)" if _has_conv1d({n: m}) else ""
+                raise ValueError(f"target_modules: {n!r} is a {type(m).__name__}, expected torch.nn.Linear{conv1d}")
+            if base_problem(m):
+                raise ValueError(f"target_modules: {n!r}: {base_problem(m)}")
             if n not in chosen:
                 chosen.append(n)
     return chosen
@@ -121,13 +170,24 @@ def inject_adapters(
 
     Args:
         model: any ``nn.Module`` (Hugging Face BERT/RoBERTa ``query``/``value``…, Llama ``q_proj``…).
-        target_modules: names (peft matching) or ``"all-linear"``.
+        target_modules: names, matched as peft matches a list (a module's qualified name equals the
+            target or ends with ``"." + target``), or ``"all-linear"``. A single string is one name: peft
+            reads a string as a regex (``re.fullmatch``), this does not.
         r, alpha, seed, train_A, dropout, use_rslora: see ``FFALoRALinear``.
         trainable_modules: extra modules trained in full with exact per-sample gradients, e.g.
             ``["classifier"]`` for a classification head.
     Returns:
         ``{qualified_name: layer}`` for every adapter added.
+    Raises:
+        ValueError, TypeError: targets, trainable modules or arguments it cannot use; checked before the
+            model is changed, so a refused call leaves it as it was.
     """
+    peft_layers = peft_modules(model)
+    if peft_layers:
+        raise ValueError(
+            f"model: has peft layers {peft_layers[:4]}; adapters would nest inside them: convert the peft "
+            "model with ff.from_peft(peft_model) instead"
+        )
     extra = _as_list(trainable_modules, "trainable_modules")
     extra_names = []
     for target in extra:
@@ -139,6 +199,11 @@ def inject_adapters(
     clash = [n for n in names if any(n == e or n.startswith(e + ".") for e in extra_names)]
     if clash:
         raise ValueError(f"target_modules and trainable_modules overlap: {clash}")
+    for name in names:
+        check_layer_args(model.get_submodule(name), r, alpha, dropout)
+    unsupported = [u for name in extra_names for u in per_sample_problems(model.get_submodule(name), name)]
+    if unsupported:
+        raise per_sample_error(unsupported, "trainable_modules")
     # everything else is frozen; adapters and trainable modules of an earlier call keep what they train
     kept = {id(p) for m in model.modules() if isinstance(m, FFALoRALinear) for p in (m.lora_A, m.lora_B) if p.requires_grad}
     kept |= {id(p) for m in model.modules() if isinstance(m, _PerSampleMixin) for p in m.parameters() if p.requires_grad}

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -24,10 +25,10 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from fedlora_fast.inject import _matches, _set_submodule, adapter_layers
+from fedlora_fast.inject import _matches, _set_submodule, adapter_layers, peft_modules
 from fedlora_fast.io import atomic_write_bytes, atomic_write_text
-from fedlora_fast.layers.ffa_linear import FFALoRALinear, init_lora_A
-from fedlora_fast.layers.per_sample_modules import make_per_sample
+from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, init_lora_A
+from fedlora_fast.layers.per_sample_modules import make_per_sample, per_sample_error, per_sample_problems
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,8 +58,28 @@ def _infer_task_type(model: nn.Module) -> str | None:
     return None
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's ``OptimizedModule`` and (Distributed)DataParallel.
+
+    Their qualified names gain a prefix (``_orig_mod.``, ``module.``) that the model peft loads into does not
+    have: peft silently ignores keys written with it.
+    """
+    wrappers: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    if "torch._dynamo" in sys.modules:  # torch.compile was used: its wrapper class exists
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        wrappers += (OptimizedModule,)
+    while isinstance(model, wrappers):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
+
+
 def _infer_modules_to_save(model: nn.Module, adapters: dict[str, FFALoRALinear]) -> list[str]:
-    """The outermost modules whose parameters are all trainable, outside the adapters (a head, a norm)."""
+    """The outermost modules whose parameters are all trainable, outside the adapters (a head, a norm).
+
+    A tied tensor (``lm_head.weight`` is ``embed_tokens.weight``) is listed under each module holding it:
+    peft unties ``modules_to_save``, so a module left out would keep the old weight.
+    """
     in_adapter = {id(p) for layer in adapters.values() for p in layer.parameters()}
     modules = dict(model.named_modules())
 
@@ -67,7 +88,7 @@ def _infer_modules_to_save(model: nn.Module, adapters: dict[str, FFALoRALinear])
         return bool(params) and all(p.requires_grad and id(p) not in in_adapter for p in params)
 
     out: set[str] = set()
-    for pname, p in model.named_parameters():
+    for pname, p in model.named_parameters(remove_duplicate=False):
         if not p.requires_grad or id(p) in in_adapter:
             continue
         owner = pname.rpartition(".")[0]
@@ -79,6 +100,15 @@ def _infer_modules_to_save(model: nn.Module, adapters: dict[str, FFALoRALinear])
     return sorted(out)
 
 
+def _tied_outside(model: nn.Module, module_names: list[str]) -> list[str]:
+    """Names, outside ``module_names``, of parameters that the listed modules hold too (tied weights)."""
+    ids = {id(p) for m in module_names for p in model.get_submodule(m).parameters()}
+    return sorted(
+        pname for pname, p in model.named_parameters(remove_duplicate=False)
+        if id(p) in ids and not any(pname.startswith(m + ".") for m in module_names)
+    )
+
+
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """peft ``target_modules``: the short names (``q_proj``) when they select exactly ``names``, else full names."""
     short = sorted({n.rpartition(".")[2] for n in names})
@@ -87,8 +117,9 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def _pattern(values: dict[str, float | int], default: float | int) -> dict[str, float | int]:
-    """peft's ``rank_pattern``/``alpha_pattern`` (regex keys, matched as ``(.*\\.)?(key)$``) for the odd ones out."""
-    return {re.escape(n): v for n, v in sorted(values.items()) if v != default}
+    """peft's ``rank_pattern``/``alpha_pattern`` for the odd ones out. peft matches a key as ``(.*\\.)?(key)$``,
+    so a bare ``enc\\.q`` would also set ``dec.enc.q``: the ``^`` anchors it to the full name."""
+    return {"^" + re.escape(n): v for n, v in sorted(values.items()) if v != default}
 
 
 def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
@@ -132,15 +163,24 @@ def export_peft(
     Returns:
         The directory path.
     Raises:
-        ValueError: no adapters, or adapters that peft's single LoraConfig cannot describe (mixed
-            ``use_rslora`` or dropout).
+        ValueError: no adapters, adapters that peft's single LoraConfig cannot describe (mixed
+            ``use_rslora`` or dropout), adapters whose qualified name is not the one they were created with
+            (a wrapper other than torch.compile's or DataParallel's, which are unwrapped), or
+            ``modules_to_save`` holding weights tied to a module not listed.
     """
     from safetensors.torch import save as save_bytes
 
+    model = _unwrap(model)
     adapters = adapter_layers(model)
     if not adapters:
         raise ValueError("model: no FFALoRALinear adapters to export; call inject_adapters or from_peft first")
     names = list(adapters)
+    renamed = [f"{n} (created as {l.name!r})" for n, l in adapters.items() if l.name and l.name != n]
+    if renamed:
+        raise ValueError(
+            f"model: adapters under another name than they were created with: {renamed[:4]}; the model peft "
+            "loads into has the names given at creation: export the model inject_adapters was called on"
+        )
     for what in ("use_rslora", "dropout"):
         values = {n: (l.use_rslora if what == "use_rslora" else _dropout_p(l)) for n, l in adapters.items()}
         if len(set(values.values())) > 1:
@@ -159,6 +199,12 @@ def export_peft(
             raise ValueError(f"modules_to_save: {m!r} is not a submodule of {type(model).__name__}")
         if any(m == n or m.startswith(n + ".") or n.startswith(m + ".") for n in names):
             raise ValueError(f"modules_to_save: {m!r} overlaps an adapter layer")
+    tied = _tied_outside(model, modules_to_save)
+    if tied:
+        raise ValueError(
+            f"modules_to_save: {modules_to_save} share weights with {tied[:8]} (tied); peft unties modules_to_save, "
+            "so the unlisted module would keep the old weight: list its module too"
+        )
     if task_type == "auto":
         task_type = _infer_task_type(model)
     if base_model_name_or_path is None:
@@ -186,6 +232,11 @@ def export_peft(
         "alpha_pattern": _pattern(alphas, alpha),
         "use_dora": False,
     }
+    held = Counter(i for m in modules_to_save for i in {id(p) for p in all_modules[m].parameters()})
+    if any(c > 1 for c in held.values()):
+        # a tied pair (lm_head, embed_tokens) saved both: peft keeps them tied (one trained copy) only when
+        # told, and warns otherwise; set only then, as a peft older than the field warns on it
+        config["ensure_weight_tying"] = True
     tensors: dict[str, Tensor] = {}
     for n, layer in adapters.items():
         tensors[f"{PREFIX}{n}.lora_A.weight"] = layer.lora_A.detach()
@@ -356,6 +407,11 @@ def load_peft(
     if not A_file:
         raise ValueError(f"{WEIGHTS_NAME}: no lora_A/lora_B weights")
     names = sorted(A_file)
+    model = _unwrap(model)
+    peft_layers = peft_modules(model)
+    if peft_layers:
+        raise ValueError(f"model: has peft layers {peft_layers[:4]}; load the adapter into the base model, or "
+                         "convert the peft model with ff.from_peft(peft_model)")
     modules = dict(model.named_modules())
     existing = adapter_layers(model)
     inject = not existing
@@ -388,36 +444,61 @@ def load_peft(
             problems.append(f"{n}: no such module in {type(model).__name__}")
             continue
         base = module.base_layer if isinstance(module, FFALoRALinear) else module
-        if not isinstance(base, nn.Linear):
-            problems.append(f"{n}: a {type(module).__name__}, expected torch.nn.Linear")
+        why = base_problem(base)
+        if why is not None:
+            problems.append(f"{n}: {why}")
             continue
         if (B.shape[0], A.shape[1]) != (base.out_features, base.in_features):
             problems.append(
                 f"{n}: adapter maps {A.shape[1]} -> {B.shape[0]}, the layer {base.in_features} -> {base.out_features}"
             )
+            continue
         if isinstance(module, FFALoRALinear):
             if module.merged:
                 problems.append(f"{n}: the model's adapter is merged into its weight; unmerge() it first")
             scale = alpha / (math.sqrt(r) if use_rslora else r)
             if module.r != r or not math.isclose(module.scale, scale, rel_tol=1e-9):
                 problems.append(f"{n}: the model's adapter has r={module.r}, scale={module.scale:g}; the file r={r}, scale={scale:g}")
+        info = meta_layers.get(n, {})
+        if info.get("method") == "ffa" and info.get("seed") is not None:
+            expected = init_lora_A(r, base.in_features, int(info["seed"]), info.get("seed_name", n))
+            if not torch.equal(A.float(), expected):
+                raise ValueError(
+                    f"load_dir: {n}.lora_A is not the A that FFA-LoRA derives from seed {info['seed']}; "
+                    "the file was altered or written for another layer name"
+                )
         specs[n] = (r, alpha)
-    extra_modules: list[str] = []
+    # peft also saves an adapted layer's own weight (``<layer>.base_layer.weight``) when it adapts an embedding
+    # layer name (lm_head: the vocabulary may have been resized), and with save_embedding_layers the input and
+    # output embeddings (``<embedding>.weight``); PeftModel.from_pretrained loads both into the model, so do we
     state = model.state_dict()
+    to_model: dict[str, str] = {}  # file key -> key in the model as it is now
+    for k in other:
+        owner, _, leaf = k.rpartition(".base_layer.")
+        if owner in A_file and leaf in ("weight", "bias"):
+            to_model[k] = k if isinstance(modules.get(owner), FFALoRALinear) else f"{owner}.{leaf}"
+    extra_modules: list[str] = []
     for k, t in other.items():
-        if k not in state:
+        mk = to_model.get(k, k)
+        if mk not in state:
             problems.append(f"{k}: not a parameter or buffer of {type(model).__name__} (nor a LoRA weight)")
-        elif tuple(state[k].shape) != tuple(t.shape):
-            problems.append(f"{k}: shape {tuple(t.shape)} in the file, {tuple(state[k].shape)} in the model")
-    if other:
+        elif tuple(state[mk].shape) != tuple(t.shape):
+            problems.append(f"{k}: shape {tuple(t.shape)} in the file, {tuple(state[mk].shape)} in the model")
+    saved = [k for k in other if k not in to_model]
+    if saved:
         for m in config.get("modules_to_save") or []:
             # peft's own rule for modules_to_save is a plain suffix (its "classifier" also saves DistilBERT's
             # "pre_classifier"), not the dot-bounded target match
-            hits = [n for n in modules if n and n.endswith(m) and any(k.startswith(n + ".") for k in other)]
+            hits = [n for n in modules if n and n.endswith(m) and any(k.startswith(n + ".") for k in saved)]
             extra_modules += [h for h in hits if h not in extra_modules]
-        orphans = [k for k in other if not any(k.startswith(e + ".") for e in extra_modules)]
+        embeddings = _embedding_names(model)
+        orphans = [k for k in saved if not any(k.startswith(e + ".") for e in extra_modules + embeddings)]
         if orphans:
             problems.append(f"weights outside the adapters and the config's modules_to_save: {orphans[:8]}")
+    if inject:  # checked here, not when making them per-sample: a refusal must leave the model unchanged
+        no_rule = [u for m in extra_modules for u in per_sample_problems(modules[m], m)]
+        if no_rule:
+            problems.append(str(per_sample_error(no_rule, "modules_to_save")))
     if problems:
         raise ValueError(f"load_dir: {str(load_dir)!r} does not fit the model: " + "; ".join(problems))
 
@@ -436,28 +517,34 @@ def load_peft(
             )
             _set_submodule(model, n, layer)
         for m in extra_modules:
-            make_per_sample(model.get_submodule(m), m)
+            make_per_sample(model.get_submodule(m), m, what="modules_to_save")
     layers = adapter_layers(model)
-    for n in names:
-        layer, info = layers[n], meta_layers.get(n, {})
-        A = A_file[n]
-        if info.get("method") == "ffa" and info.get("seed") is not None:
-            expected = init_lora_A(layer.r, layer.in_features, int(info["seed"]), info.get("seed_name", n))
-            if not torch.equal(A.float(), expected):
-                raise ValueError(
-                    f"load_dir: {n}.lora_A is not the A that FFA-LoRA derives from seed {info['seed']}; "
-                    "the file was altered or written for another layer name"
-                )
-        with torch.no_grad():
-            layer.lora_A.copy_(A.to(layer.lora_A.device, layer.lora_A.dtype))
+    with torch.no_grad():
+        for n in names:
+            layer = layers[n]
+            layer.lora_A.copy_(A_file[n].to(layer.lora_A.device, layer.lora_A.dtype))
             layer.lora_B.copy_(B_file[n].to(layer.lora_B.device, layer.lora_B.dtype))
-    if other:
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            params.update(dict(model.named_buffers()))
+        if other:
+            # every name of a tied tensor (lm_head.weight is embed_tokens.weight): the file may key either
+            params = dict(model.named_parameters(remove_duplicate=False))
+            params.update(dict(model.named_buffers(remove_duplicate=False)))
             for k, t in other.items():
                 params[k].copy_(t.to(params[k].device, params[k].dtype))
     return {n: layers[n] for n in names}
+
+
+def _embedding_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's input and output embeddings (Hugging Face models), if any."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            emb = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if emb is not None:
+            found += [n for n, m in model.named_modules(remove_duplicate=False) if m is emb and n]
+    return found
 
 
 def _peft():
@@ -547,6 +634,11 @@ def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
                 problems.append(f"{name}: modules_to_save wrapper with {len(keys)} copies {keys}")
             else:
                 wrappers[name] = module.modules_to_save[keys[0]]
+                # a trained copy becomes per-sample: checked now, so that a refusal changes nothing
+                if any(p.requires_grad for p in wrappers[name].parameters()):
+                    no_rule = per_sample_problems(wrappers[name], name)
+                    if no_rule:
+                        problems.append(f"{name}: " + str(per_sample_error(no_rule, "trained modules_to_save copy")))
         elif isinstance(module, (BaseTunerLayer, AuxWrapper)):
             problems.append(f"{name}: {type(module).__module__}.{type(module).__name__} (not a LoRA linear layer)")
     built = {}
@@ -573,7 +665,7 @@ def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
 
     for name, inner in wrappers.items():
         if any(p.requires_grad for p in inner.parameters()):
-            make_per_sample(inner, name)
+            make_per_sample(inner, name, what="modules_to_save")
         _set_submodule(model, name, inner)
     for name, (key, r, alpha, use_rslora, p) in built.items():
         layer = loras[name]

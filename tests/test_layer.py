@@ -411,3 +411,72 @@ def test_torch_compile_traces_layer_in_one_graph_and_matches_eager():
     assert_close_verbose(y, y_eager, atol=1e-6, rtol=1e-6, name="y")
     assert_close_verbose(gx, x.grad, atol=1e-6, rtol=1e-6, name="dx")
     assert_close_verbose(gB, layer.lora_B.grad, atol=1e-5, rtol=1e-5, name="dB")
+
+
+def test_a_linear_subclass_with_its_own_forward_is_refused_before_any_change():
+    """The layer computes F.linear(x, weight, bias) itself: a subclass's forward (here a scaling) would be
+    silently dropped."""
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    with pytest.raises(TypeError, match=r"base: .*ScaledLinear overrides nn.Linear.forward"):
+        ff.FFALoRALinear(ScaledLinear(4, 3), r=2)
+    model = nn.Sequential(nn.Linear(4, 4), ScaledLinear(4, 3))
+    for targets in (["0", "1"], "all-linear"):
+        with pytest.raises(ValueError, match=r"'?1'?.*ScaledLinear overrides nn.Linear.forward"):
+            ff.inject_adapters(model, targets, trainable_modules=None)
+        assert not ff.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_refused_injection_leaves_the_model_unchanged():
+    """Every check runs before the first parameter is frozen or layer replaced."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.GroupNorm(2, 4))
+    with pytest.raises(TypeError, match=r"trainable_modules: no per-sample gradient rule for 2 \(GroupNorm\)"):
+        ff.inject_adapters(model, ["0", "1"], trainable_modules=["2"])
+    assert not ff.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=r"alpha: expected a positive finite number"):
+        ff.inject_adapters(model, ["0", "1"], alpha=-1.0)
+    assert not ff.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_string_target_is_a_name_and_a_regex_says_so():
+    with pytest.raises(ValueError, match=r"matched as a name, not as a regex"):
+        ff.inject_adapters(tiny_model(), r"[02]")
+    assert list(ff.inject_adapters(tiny_model(), "2")) == ["2"]
+
+
+def test_B_is_float32_whatever_the_default_dtype():
+    """A is float32 (from the seed); B must not follow torch's default dtype, or clients would differ."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = ff.FFALoRALinear(nn.Linear(16, 8, dtype=torch.float32), r=2)
+    finally:
+        torch.set_default_dtype(old)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+
+
+def test_autocast_leaves_float64_as_nn_linear_does():
+    base = nn.Linear(16, 8).double()
+    layer = ff.FFALoRALinear(base, r=2, alpha=4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert base(x).dtype == torch.float64
+        y = layer(x)
+    assert y.dtype == torch.float64
+    assert_close_verbose(y, expected, atol=1e-12, rtol=1e-12, name="y")
+
+
+def test_gpt2_conv1d_is_named_as_unsupported():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(ValueError, match=r"all-linear.*Conv1D layers, as in GPT-2, are not supported"):
+        ff.inject_adapters(model, "all-linear")
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn' is a Conv1D.*not supported"):
+        ff.inject_adapters(model, ["c_attn"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import warnings
 
 import pytest
@@ -37,9 +38,9 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(cfg).eval()
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, **config) -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -53,6 +54,12 @@ def randomize(params, seed: int = 1, std: float = 0.2) -> None:
 
 def ids(n: int = 2, t: int = 9, vocab: int = 100) -> torch.Tensor:
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(7))
+
+
+def structure(model: nn.Module) -> tuple[list, list]:
+    """Module types and requires_grad flags: what a refused call must leave as it was."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)])
 
 
 def peft_load_quietly(base, path):
@@ -191,8 +198,10 @@ def test_load_peft_checks_ffa_seed(tmp_path):
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[key] = tensors[key] + 1e-3
     save_file(tensors, str(tmp_path / "a" / WEIGHTS_NAME))
+    fresh = tiny_bert()
     with pytest.raises(ValueError, match="not the A that FFA-LoRA derives from seed 5"):
-        load_peft(tiny_bert(), tmp_path / "a")
+        load_peft(fresh, tmp_path / "a")
+    assert not ff.adapter_layers(fresh) and all(p.requires_grad for p in fresh.parameters())  # checked first
 
 
 def test_export_overwrites_atomically_and_keeps_other_files(tmp_path):
@@ -370,3 +379,163 @@ def test_load_peft_refuses_lora_variants_and_merged_layers(tmp_path):
     ff.adapter_layers(merged)["bert.encoder.layer.0.attention.self.query"].merge()
     with pytest.raises(ValueError, match="query: the model's adapter is merged into its weight; unmerge"):
         load_peft(merged, tmp_path / "a")
+
+
+def test_export_tied_trained_head_saves_every_module_holding_it(tmp_path):
+    """named_parameters() lists a tied tensor once (under model.embed_tokens): peft, which unties
+    modules_to_save, then kept the old lm_head. Both modules are saved, tied in peft."""
+    ours = tiny_llama(tie_word_embeddings=True)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    adapters = ff.inject_adapters(ours, ["q_proj", "v_proj"], r=4, alpha=8.0, trainable_modules=["lm_head"])
+    randomize([l.lora_B for l in adapters.values()] + [ours.lm_head.weight])
+    export_peft(ours, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert cfg["modules_to_save"] == ["lm_head", "model.embed_tokens"] and cfg["ensure_weight_tying"] is True
+    keys = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(keys)
+    pm = peft_load_quietly(tiny_llama(tie_word_embeddings=True), tmp_path / "a")
+    x = ids(vocab=101)
+    assert_close_verbose(pm(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="logits")
+    tied = r"modules_to_save: \['lm_head'\] share weights with \['model.embed_tokens.weight'\]"
+    with pytest.raises(ValueError, match=tied):
+        export_peft(ours, tmp_path / "b", modules_to_save=["lm_head"])
+    # an embedding has no per-sample rule: load_peft refuses, before changing the model
+    fresh = tiny_llama(tie_word_embeddings=True)
+    before = structure(fresh)
+    no_rule = r"modules_to_save: no per-sample gradient rule for .*model.embed_tokens \(Embedding\)"
+    with pytest.raises(ValueError, match=no_rule):
+        load_peft(fresh, tmp_path / "a")
+    assert structure(fresh) == before
+
+
+def test_rank_and_alpha_pattern_keys_match_one_full_name(tmp_path):
+    """peft matches a pattern key as (.*\\.)?(key)$: an unanchored "enc\\.q" also set dec.enc.q."""
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.k(self.q(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = Enc(), nn.Module()
+            self.dec.enc = Enc()
+
+        def forward(self, x):
+            return self.dec.enc(self.enc(x))
+
+    def net():
+        torch.manual_seed(0)
+        return Net().eval()
+
+    ours = net()
+    ff.inject_adapters(ours, ["dec.enc.q", "enc.k", "dec.enc.k"], r=4, alpha=8.0)
+    ours.enc.q = FFALoRALinear(ours.enc.q, 4, 2.0, name="enc.q")  # same rank, another alpha
+    randomize([l.lora_B for l in ff.adapter_layers(ours).values()])
+    export_peft(ours, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["alpha_pattern"] == {"^enc\\.q": 2}
+    pm = peft_load_quietly(net(), tmp_path / "a")
+    assert pm.base_model.model.dec.enc.q.scaling["default"] == 2.0
+    x = torch.randn(3, 4)
+    assert_close_verbose(pm(x), ours(x), atol=1e-6, rtol=1e-6, name="peft")
+    back = net()
+    load_peft(back, tmp_path / "a")
+    assert (back.enc.q.alpha, back.dec.enc.q.alpha) == (2.0, 8.0)
+    assert_close_verbose(back(x), ours(x), atol=1e-6, rtol=1e-6, name="load_peft")
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_export_and_load_see_through_compile_and_data_parallel(tmp_path, wrap):
+    """torch.compile and DataParallel prefix every name (_orig_mod., module.); peft ignored such keys."""
+    wrapper = (lambda m: torch.compile(m)) if wrap == "compile" else nn.DataParallel
+    ours = tiny_llama()
+    adapters = ff.inject_adapters(ours, ["q_proj"], r=4, alpha=8.0)
+    randomize([l.lora_B for l in adapters.values()])
+    export_peft(wrapper(ours), tmp_path / "a")
+    assert all(k.startswith("base_model.model.model.layers.") for k in load_file(str(tmp_path / "a" / WEIGHTS_NAME)))
+    x = ids(vocab=101)
+    pm = peft_load_quietly(tiny_llama(), tmp_path / "a")
+    assert_close_verbose(pm(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="peft")
+    again = tiny_llama()
+    load_peft(wrapper(again), tmp_path / "a")
+    assert_close_verbose(again(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-6, rtol=1e-6, name="load_peft")
+
+
+def test_export_refuses_adapters_renamed_by_an_unknown_wrapper(tmp_path):
+    ours = tiny_llama()
+    ff.inject_adapters(ours, ["q_proj"], r=4)
+    renamed = r"0.model.layers.0.self_attn.q_proj \(created as 'model.layers.0.self_attn.q_proj'\)"
+    with pytest.raises(ValueError, match=renamed):
+        export_peft(nn.Sequential(ours), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("peft_loaded", [True, False], ids=["isinstance", "module_name"])
+def test_inject_and_load_refuse_a_model_with_peft_layers(tmp_path, monkeypatch, peft_loaded):
+    """Adapters injected into a peft model nested inside peft's layers; from_peft is the way."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    pm = get_peft_model(tiny_llama(), cfg)
+    ours = tiny_llama()
+    ff.inject_adapters(ours, ["q_proj"], r=4)
+    export_peft(ours, tmp_path / "a")
+    if not peft_loaded:  # as if peft were not imported: the classes are told by their module
+        for name in [k for k in sys.modules if k == "peft" or k.startswith("peft.")]:
+            monkeypatch.delitem(sys.modules, name)
+    before = structure(pm)
+    for targets in ("all-linear", ["q_proj"], ["base_layer"]):
+        match = r"model: has peft layers .*q_proj \(peft\.tuners\.lora\.layer\.Linear\).*ff\.from_peft"
+        with pytest.raises(ValueError, match=match):
+            ff.inject_adapters(pm, targets)
+    with pytest.raises(ValueError, match=r"model: has peft layers .*ff\.from_peft"):
+        load_peft(pm.get_base_model(), tmp_path / "a")
+    assert structure(pm) == before
+
+
+def test_refused_conversions_leave_the_model_unchanged(tmp_path):
+    """A module with no per-sample rule (Llama's RMSNorm) is refused before anything is injected or swapped,
+    and the error names where it came from."""
+    llama = tiny_llama()
+    before = structure(llama)
+    with pytest.raises(TypeError, match=r"^trainable_modules: no per-sample gradient rule for model.norm \(LlamaRMSNorm\)"):
+        ff.inject_adapters(llama, ["q_proj"], trainable_modules=["model.norm"])
+    assert structure(llama) == before
+    saved = ["layers.1.mlp.down_proj", "model.norm"]
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=saved))
+    pm.save_pretrained(str(tmp_path / "p"))
+    no_rule = r"modules_to_save: no per-sample gradient rule for model.norm \(LlamaRMSNorm\)"
+    with pytest.raises(ValueError, match=no_rule) as err:
+        load_peft(llama, tmp_path / "p")
+    assert "trainable_modules" not in str(err.value)
+    assert structure(llama) == before
+    before = structure(pm)
+    no_rule = r"from_peft: cannot convert: model.norm: trained modules_to_save copy: no per-sample gradient rule"
+    with pytest.raises(ValueError, match=no_rule) as err:
+        from_peft(pm)
+    assert "trainable_modules" not in str(err.value)
+    assert structure(pm) == before
+
+
+def test_load_peft_takes_the_base_weight_peft_saves_with_embedding_layers(tmp_path):
+    """peft saves <layer>.base_layer.weight when it adapts lm_head (a resized vocabulary), and the embeddings
+    with save_embedding_layers=True; PeftModel.from_pretrained loads them, and so does load_peft."""
+    x = ids(vocab=101)
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])).eval()
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n] + [pm.base_model.model.lm_head.base_layer.weight])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True"
+        pm.save_pretrained(str(tmp_path / "p"))
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(str(tmp_path / "p" / WEIGHTS_NAME))
+    fresh = tiny_llama()
+    load_peft(fresh, tmp_path / "p")
+    assert_close_verbose(fresh(input_ids=x).logits, pm(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="lm_head")
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).eval()
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n or "embed_tokens" in n])
+    pm.save_pretrained(str(tmp_path / "e"), save_embedding_layers=True)
+    assert "base_model.model.model.embed_tokens.weight" in load_file(str(tmp_path / "e" / WEIGHTS_NAME))
+    fresh = tiny_llama()
+    load_peft(fresh, tmp_path / "e")
+    assert_close_verbose(fresh(input_ids=x).logits, pm(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="embeddings")

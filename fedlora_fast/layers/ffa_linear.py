@@ -51,6 +51,32 @@ def check_input(x: Tensor, in_features: int, weight: Tensor, what: str = "x") ->
         raise ValueError(f"{what}: expected a tensor on {weight.device} (the layer's device), got {x.device}")
 
 
+def base_problem(base: nn.Module) -> str | None:
+    """Why ``base`` cannot be adapted, or None: the layer computes ``F.linear(x, base.weight, base.bias)``
+    itself, so a subclass with its own forward (a quantised or scaled linear) would silently lose it."""
+    if not isinstance(base, nn.Linear):
+        return f"expected torch.nn.Linear, got {type(base).__name__}"
+    if type(base).forward is not nn.Linear.forward:
+        return (f"{type(base).__module__}.{type(base).__name__} overrides nn.Linear.forward, which the adapter "
+                "would bypass (it computes F.linear(x, weight, bias) itself); only that forward is supported")
+    return None
+
+
+def check_layer_args(base: nn.Module, r: int, alpha: float, dropout: float) -> None:
+    """``FFALoRALinear``'s argument checks, callable before a model is changed (``inject_adapters``)."""
+    why = base_problem(base)
+    if why is not None:
+        raise TypeError(f"base: {why}")
+    if base.in_features <= 0 or base.out_features <= 0:
+        raise ValueError(f"base: expected in and out features > 0, got Linear({base.in_features}, {base.out_features})")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r: expected a positive int, got {r!r}")
+    if not math.isfinite(float(alpha)) or float(alpha) <= 0:
+        raise ValueError(f"alpha: expected a positive finite number, got {alpha!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+
+
 class _FFALinearFn(torch.autograd.Function):
     """Autograd glue around the ``ffa_linear`` ops; the layer object carries the configuration."""
 
@@ -145,16 +171,7 @@ class FFALoRALinear(nn.Module):
         use_rslora: bool = False,
     ):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected torch.nn.Linear, got {type(base).__name__}")
-        if base.in_features <= 0 or base.out_features <= 0:
-            raise ValueError(f"base: expected in and out features > 0, got Linear({base.in_features}, {base.out_features})")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r: expected a positive int, got {r!r}")
-        if not math.isfinite(float(alpha)) or float(alpha) <= 0:
-            raise ValueError(f"alpha: expected a positive finite number, got {alpha!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        check_layer_args(base, r, alpha, dropout)
         self.base_layer = base
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -165,7 +182,9 @@ class FFALoRALinear(nn.Module):
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         device = base.weight.device
         self.lora_A = nn.Parameter(init_lora_A(r, self.in_features, seed, name).to(device), requires_grad=self.train_A)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        # float32 like A whatever the default dtype: the adapter's dtype must not depend on process state
+        # (clients with another default would exchange B of another dtype)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.ps_ctx: per_sample.PerSampleContext | None = None  # set by a DP engine
@@ -218,7 +237,8 @@ class FFALoRALinear(nn.Module):
                 f"{self.name or 'FFALoRALinear'}: the base weight and bias must stay frozen (requires_grad=False)"
             )
         device_type = x.device.type
-        autocast = torch.is_autocast_enabled(device_type)
+        # autocast leaves float64 as it is (nn.Linear under autocast stays float64): so does the adapter
+        autocast = torch.is_autocast_enabled(device_type) and x.dtype != torch.float64
         if autocast:
             dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)

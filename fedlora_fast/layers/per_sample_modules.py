@@ -100,33 +100,48 @@ class PerSampleLayerNorm(_PerSampleMixin, nn.LayerNorm):
 _SWAPS: dict[type, type] = {nn.Linear: PerSampleLinear, nn.LayerNorm: PerSampleLayerNorm}
 
 
-def make_per_sample(module: nn.Module, name: str = "") -> list[nn.Module]:
-    """Make every parameterised leaf of ``module`` compute per-sample gradients; unfreeze its parameters.
+def per_sample_problems(module: nn.Module, name: str = "") -> list[str]:
+    """The parameterised leaves of ``module`` with no per-sample rule, each as ``"name (why)"``.
 
-    Returns:
-        The swapped leaves.
-    Raises:
-        TypeError: a leaf with parameters has no per-sample rule (its name and type are listed).
+    Separate from ``make_per_sample`` so that callers that also inject or swap modules (``inject_adapters``,
+    ``load_peft``, ``from_peft``) can refuse before changing anything.
     """
-    leaves, unsupported = [], []
+    unsupported = []
     for sub_name, sub in module.named_modules():
         if not any(True for _ in sub.parameters(recurse=False)):
             continue
+        full = ".".join(filter(None, [name, sub_name]))
         if isinstance(sub, nn.LayerNorm) and len(sub.normalized_shape) != 1:
-            unsupported.append(f"{'.'.join(filter(None, [name, sub_name]))} (LayerNorm over {tuple(sub.normalized_shape)}: "
+            unsupported.append(f"{full} (LayerNorm over {tuple(sub.normalized_shape)}: "
                                "per-sample rule for one normalised dim only)")
-        elif isinstance(sub, _PerSampleMixin):
-            leaves.append(sub)
-        elif type(sub) in _SWAPS:
-            leaves.append(sub)
-        else:
-            unsupported.append(f"{'.'.join(filter(None, [name, sub_name]))} ({type(sub).__name__})")
+        elif not isinstance(sub, _PerSampleMixin) and type(sub) not in _SWAPS:
+            unsupported.append(f"{full} ({type(sub).__name__})")
+    return unsupported
+
+
+def per_sample_error(unsupported: list[str], what: str = "trainable_modules") -> TypeError:
+    """The error for ``per_sample_problems``; ``what`` names where the modules came from (an argument, a file)."""
+    return TypeError(
+        f"{what}: no per-sample gradient rule for " + ", ".join(unsupported)
+        + f"; supported leaf types: {', '.join(t.__name__ for t in _SWAPS)}"
+    )
+
+
+def make_per_sample(module: nn.Module, name: str = "", *, what: str = "trainable_modules") -> list[nn.Module]:
+    """Make every parameterised leaf of ``module`` compute per-sample gradients; unfreeze its parameters.
+
+    Args:
+        what: the argument (or source) the module came from, named in the error.
+    Returns:
+        The swapped leaves.
+    Raises:
+        TypeError: a leaf with parameters has no per-sample rule (its name and type are listed); nothing
+            is changed then.
+    """
+    unsupported = per_sample_problems(module, name)
     if unsupported:
-        raise TypeError(
-            "trainable_modules: no per-sample gradient rule for "
-            + ", ".join(unsupported)
-            + f"; supported leaf types: {', '.join(t.__name__ for t in _SWAPS)}"
-        )
+        raise per_sample_error(unsupported, what)
+    leaves = [sub for sub in module.modules() if any(True for _ in sub.parameters(recurse=False))]
     for sub in leaves:
         if not isinstance(sub, _PerSampleMixin):
             sub.__class__ = _SWAPS[type(sub)]
