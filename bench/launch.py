@@ -141,9 +141,12 @@ def main(argv=None) -> int:
     n, T, inp, out, r = (int(v) for v in args.shape.split(","))
     rows: dict[str, float | str] = {}
 
+    # once: machine_info imports transformers, peft and opacus for their versions (seconds, not per row)
+    info = harness.machine_info(device) if args.json else {}
+
     def save():  # after every row: a run stopped by its time cap keeps what it measured
         if args.json:
-            harness.write_json(args.json, {**harness.machine_info(device), "shape": args.shape,
+            harness.write_json(args.json, {**info, "shape": args.shape,
                                            "dtype": str(dtype).replace("torch.", ""),
                                            "kernels_stubbed": bool(args.stub_kernels), "calls": args.calls,
                                            "rounds": args.rounds, "us_per_call": rows})  # fmt: skip

@@ -637,6 +637,15 @@ def add_ratios(row: dict) -> dict:
     return row
 
 
+def _with_times(row: dict, times: dict[str, list[float]]) -> dict:
+    """Put each variant's median, spread and per-round times into ``row`` (returned)."""
+    for key, ts in times.items():
+        row[f"{key}_s"] = harness.median(ts)
+        row[f"{key}_spread"] = harness.spread(ts)
+        row[f"{key}_times_s"] = list(ts)
+    return row
+
+
 def ratio_table(row: dict, specs: list[str]) -> str:
     keys = [result_key(s) for s in specs]
     floor_m = row.get("floor_mem_mb")
@@ -791,12 +800,6 @@ def _run(args) -> dict:
           f"{infos[result_key(specs[0])]['targets']} adapted linear layers; auto op backend on "
           f"{device.type}: {backends.backend_for(device.type)}", flush=True)
 
-    def progress(k, this_round):
-        print(f"# round {k + 1}/{args.reps}: " + " ".join(f"{n}={t:.3f}" for n, t in this_round.items()), flush=True)
-
-    times = harness.time_interleaved(
-        fns, device=device, reps=args.reps, warmup=args.warmup, on_round=progress, clock=args.clock
-    )
     row = {
         "device": harness.device_name(device),
         "model": args.model,
@@ -812,14 +815,28 @@ def _run(args) -> dict:
         "op_backend_auto": backends.backend_for(device.type),
         "variants": [result_key(s) for s in specs],
     }
-    for key, ts in times.items():
-        row[f"{key}_s"] = harness.median(ts)
-        row[f"{key}_spread"] = harness.spread(ts)
-        row[f"{key}_times_s"] = ts
-        row[f"{key}_trainable"] = infos[key]["trainable"]
+    for key, info in infos.items():
+        row[f"{key}_trainable"] = info["trainable"]
+        if "graph_check" in info:  # ffa_dp_flat_graph: replayed clipped sum vs an eager step's (at build)
+            row[f"{key}_graph_check"] = info["graph_check"]
+    done: dict[str, list[float]] = {}  # the rounds timed so far
+
+    def progress(k, this_round):
+        print(f"# round {k + 1}/{args.reps}: " + " ".join(f"{n}={t:.3f}" for n, t in this_round.items()), flush=True)
+        for name, t in this_round.items():
+            done.setdefault(name, []).append(t)
+        if args.json:  # the rounds done so far, so that a run cut short by its time cap keeps them
+            partial = _with_times(dict(row), done)
+            partial["partial"] = {"rounds_done": k + 1, "rounds": args.reps}
+            partial["machine"] = machine_start
+            harness.write_json(args.json, add_ratios(partial))
+
+    times = harness.time_interleaved(
+        fns, device=device, reps=args.reps, warmup=args.warmup, on_round=progress, clock=args.clock
+    )
+    _with_times(row, times)
+    for key in times:
         row[f"{key}_updated"] = infos[key]["updated"]()
-        if "graph_check" in infos[key]:  # ffa_dp_flat_graph: replayed clipped sum vs an eager step's
-            row[f"{key}_graph_check"] = infos[key]["graph_check"]
     if args.graph_sizes:
         if args.json:  # the variants' timings are kept even if this runs out of time
             harness.write_json(args.json, row)

@@ -72,6 +72,7 @@ def test_step_smoke_llama_and_backend_pin(tmp_path):
     assert (prof / "ffa_dp_flat_torch.txt").read_text().startswith("# ffa_dp_flat_torch")
     assert row["variants"] == ["floor", "ffa_dp_flat_torch", "peft_opacus"]
     assert row["ffa_dp_flat_torch_updated"] == 1.0 and row["peft_opacus_updated"] == 1.0
+    assert "partial" not in row  # only a run cut short is marked partial
     assert row["ffa_dp_flat_torch_trainable"] == row["peft_opacus_trainable"] > 0
 
 
@@ -130,6 +131,34 @@ def test_step_graph_variant_replays_the_eager_clipped_sum(tmp_path):
     assert row["graph_sizes"]["graph"] is True and row["graph_sizes"]["sizes"] == [1, 2]
     check = row["ffa_dp_flat_graph_graph_check"]
     assert check["max_abs_diff"] <= 1e-5 * max(check["scale"], 1.0), check
+
+
+def test_step_keeps_the_rounds_done_when_cut(tmp_path, monkeypatch):
+    """A run stopped by its time cap after a round (gpu_session.sh's steps) has already written that round:
+    a partial row with each variant's times so far and the paired ratios, marked as partial."""
+    out = tmp_path / "step.json"
+    real = harness.time_interleaved
+
+    class Cut(Exception):
+        pass
+
+    def cut_after_first_round(fns, *, on_round=None, **kw):
+        def then_stop(k, this_round):
+            on_round(k, this_round)
+            raise Cut  # what the cap's SIGTERM amounts to
+
+        return real(fns, on_round=then_stop, **kw)
+
+    monkeypatch.setattr(harness, "time_interleaved", cut_after_first_round)
+    with pytest.raises(Cut):
+        step.main(["--smoke", "--no-mem", "--model", "llama-tiny", "--json", str(out),
+                   "--variants", "floor,ffa_dp_flat@torch"])
+    row = json.loads(out.read_text())
+    assert row["partial"] == {"rounds_done": 1, "rounds": 1}, row.get("partial")
+    assert row["variants"] == ["floor", "ffa_dp_flat_torch"] and row["machine"]["date"].endswith("Z")
+    for key in row["variants"]:
+        assert len(row[f"{key}_times_s"]) == 1 and row[f"{key}_s"] > 0, row
+    assert row["ffa_dp_flat_torch_ratio_to_floor"] > 0 and row["ffa_dp_flat_torch_trainable"] > 0
 
 
 def test_step_memory_child():
@@ -244,6 +273,49 @@ def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkey
     assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
 
 
+def test_gpu_layer_check_ops_records_a_failing_gemm_and_checks_the_others(monkeypatch):
+    """check_ops builds the inputs and references once and checks every GEMM path on them; a path that raises
+    is recorded ({"ok": False, "error": ...}) instead of ending the layer benchmark."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+    from fedlora_fast.reference import MODE_PER_SAMPLE
+
+    real = K.ffa_linear_fwd
+
+    def fwd(*args, **kwargs):
+        if os.environ.get(K.GEMM_ENV_VAR) == "cublas":
+            raise RuntimeError("no cuBLAS today")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(K, "ffa_linear_fwd", fwd)
+    checks = gpu_layer.check_ops(2, 5, 72, 80, 4, torch.bfloat16, torch.device("cpu"), ["triton", "cublas", "triton"])
+    assert [c["gemm"] for c in checks] == ["triton", "cublas", "triton"]
+    assert checks[1]["ok"] is False and "RuntimeError: no cuBLAS today" in checks[1]["error"], checks[1]
+    assert checks[0]["ok"] and "error" not in checks[0], checks[0]
+    assert checks[0]["details"] == checks[2]["details"]  # the same inputs and references for every path
+    assert {"y", "u", f"dx[mode={MODE_PER_SAMPLE}]", f"nuB[mode={MODE_PER_SAMPLE}]"} <= set(checks[0]["details"])
+
+
+def test_gpu_layer_sweep_correct_ignores_a_failing_cublas_baseline(tmp_path, monkeypatch):
+    """cuBLAS's U pass is a reference point: its failure (e.g. a torch without mm's out_dtype) leaves the sweep
+    correct; a config of ours that fails does not."""
+    import gpu_layer
+
+    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")  # main() sets it: undone after the test
+    monkeypatch.setattr(gpu_layer, "OUTER_SWEEP", [(32, 32, 4, 2, 1, False)])
+    monkeypatch.setattr(gpu_layer, "U_SWEEP", [(32, 32, 4, 3, False, False)])
+    monkeypatch.setattr(gpu_layer, "u_cublas_baselines", lambda *a, **k: [
+        {"config": {"cublas_terms": 3}, "baseline": True, "error": "TypeError: out_dtype"}])
+    out = tmp_path / "sweep.json"
+    assert gpu_layer.main(["--smoke", "--sweep-only", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["correct"] is True and row["sweep_u"][-1]["baseline"], row["sweep_u"]
+    monkeypatch.setattr(gpu_layer, "sweep_u", lambda *a, **k: [{"config": {"BLOCK_M": 32}, "error": "compile"}])
+    assert gpu_layer.main(["--smoke", "--sweep-only", "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["rows"][0]["correct"] is False
+
+
 def test_gpu_layer_outer_sweep_smoke(monkeypatch):
     """The one-pass kernel's config sweep (CUDA in the bench) through the interpreter at toy size: every
     config runs, with its time and its error against float64 (PROMOTE > 1 and PACK included)."""
@@ -352,6 +424,95 @@ def test_ncu_layer_smoke(tmp_path):
                  "--blocks-from", str(sweep)], env={"TRITON_INTERPRET": "1"})
     assert "per-sample dB (2, 80, 4), norms (2,) finite=True" in proc.stdout, proc.stdout
     assert "kernel configs from" in proc.stdout and "'PACK': True" in proc.stdout, proc.stdout
+
+
+def _session_stubs(tmp_path, timeout_stub: str) -> dict:
+    """bin/ with a stub `python` (and, where given, `timeout` and a fake-clock `date`) for bench/gpu_session.sh."""
+    import stat
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    stubs = {"python": '#!/bin/bash\ncase "$*" in\n  *pytest\\ *) echo "[gw0] [ 1%] PASSED tests/t.py::test_a"; '
+                       'echo "[gw1] [ 2%] FAILED tests/t.py::test_b"; exec sleep 60;;\nesac\nexit 0\n'}
+    if timeout_stub:
+        (tmp_path / "clock").write_text("0")
+        stubs["date"] = f'#!/bin/bash\nif [ "${{1:-}}" = "+%s" ]; then cat {tmp_path}/clock; else echo fake-date; fi\n'
+        stubs["timeout"] = timeout_stub.replace("CLOCK", str(tmp_path / "clock"))
+    for name, text in stubs.items():
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod((bin_ / name).stat().st_mode | stat.S_IEXEC)
+    out, packed = tmp_path / "out", tmp_path / "R"
+    packed.mkdir()
+    knobs = ("_S", "_ARGS", "_VARIANTS", "_SIZES", "TEST_FILES", "TEST_WORKERS")  # the script's, from the caller
+    env = {k: v for k, v in os.environ.items() if not k.endswith(knobs)}
+    return {**env, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": str(bin_ / "python"),
+            "OUT": str(out), "TAR_TO": str(packed / "gs.tgz"), "PACK_EVERY_S": "0"}
+
+
+# the fake `timeout -k K CAP CMD...`: advances the fake clock by what the step needs (NEED_<step>), or by its
+# cap (plus the kill's grace K where GRACE=1: a step that ignores TERM) when it needs more; 1 s for the rest
+_FAKE_TIMEOUT = r"""#!/bin/bash
+[ "$1" = "-k" ] && { k=$2; shift 2; }
+cap=$1; shift
+case "$*" in
+  *pytest_timeout*) d=1;; *" -m pytest "*) d=$NEED_TEST;; *sweep-only*) d=$NEED_SWEEP;; *gpu_layer.py*) d=$NEED_LAYER;;
+  *graph-sizes*) d=$NEED_GRAPH;; *ncu_layer*) d=$NEED_NCU;; *launch.py*) d=$NEED_LAUNCH;; *step.py*) d=$NEED_STEP;;
+  *) d=1;;
+esac
+if (( d > cap )); then d=$((cap + k * GRACE)); r=124; else r=0; fi
+echo $(( $(cat CLOCK) + d )) > CLOCK
+exit $r
+"""
+
+
+def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
+    """bench/gpu_session.sh on a fake clock (the default caps and BUDGET_S=570): with every step running to
+    its cap, each of the 7 steps gets at least its cap; when each also takes the kill's 5 s grace, the last
+    step (launch) is the one skipped; time that early steps leave unused goes to the later ones."""
+    import re
+
+    env = _session_stubs(tmp_path, _FAKE_TIMEOUT)
+    (tmp_path / "bin" / "ncu").write_text("#!/bin/bash\n")
+    (tmp_path / "bin" / "ncu").chmod(0o755)
+
+    def session(grace=0, **need):
+        (tmp_path / "clock").write_text("0")
+        steps = ("TEST", "SWEEP", "LAYER", "GRAPH", "STEP", "NCU", "LAUNCH")
+        needs = {f"NEED_{k}": str(need.get(k, 999)) for k in steps}
+        proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh")],
+                              env={**env, **needs, "GRACE": str(grace)}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        caps = {int(m[1]): int(m[2]) for m in re.finditer(r"^== (\d)/7 .*, (-?\d+)s \(at", proc.stdout, re.M)}
+        skipped = {int(m[1]) for m in re.finditer(r"^== (\d)/7 [^\n]*\n-- skipped", proc.stdout, re.M)}
+        done = int(re.search(r"^== done at \+(\d+)s", proc.stdout, re.M)[1])
+        assert sorted(caps) == list(range(1, 8)), proc.stdout
+        return caps, skipped, done, proc.stdout
+
+    defaults = dict(enumerate([165, 85, 130, 70, 45, 30, 15], 1))
+    caps, skipped, done, log = session()
+    assert not skipped and all(caps[i] >= c for i, c in defaults.items()) and done <= 570, log
+    caps, skipped, done, log = session(grace=1)
+    assert skipped == {7} and all(caps[i] >= defaults[i] for i in range(1, 6)) and done <= 575, log
+    caps, skipped, done, log = session(TEST=100, SWEEP=40)
+    assert not skipped and caps[3] > 130 + 60 and done <= 570, log  # what tests and sweeps left, to the layer bench
+
+
+def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):
+    """Stopped by an outer `timeout` in the middle of a step, bench/gpu_session.sh packs $OUT into TAR_TO at
+    once: the archive holds the console (session.log) and the running step's log so far (the failed test)."""
+    import tarfile
+
+    env = _session_stubs(tmp_path, "")
+    proc = subprocess.run(["timeout", "-k", "5", "6", "bash", os.path.join(BENCH, "gpu_session.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 124 and "stopped at" in proc.stdout, proc.stdout + proc.stderr
+    with tarfile.open(env["TAR_TO"]) as tar:
+        names = set(tar.getnames())
+        tests = tar.extractfile("./tests_cuda.log").read().decode()
+        session = tar.extractfile("./session.log").read().decode()
+    assert {"./tests_cuda.log", "./session.log"} <= names, names
+    assert "FAILED tests/t.py::test_b" in tests and "== 1/7 CUDA tests" in session, (tests, session)
+    assert os.listdir(os.path.dirname(env["TAR_TO"])) == ["gs.tgz"]  # no half-written archive left beside it
 
 
 def test_graph_host_smoke(capsys):
