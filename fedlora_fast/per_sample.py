@@ -36,11 +36,22 @@ class PerSampleContext:
         clip: per-tensor thresholds for MODE_CLIP, keyed by ``id(param)``.
         batch_id: incremented by the engine at every model forward, to tell a layer used twice in one
             forward (whose contributions add up) from a backward whose results were never consumed.
+        forwards: counts the per-sample modules' forwards (``forward_id``): each backward result carries
+            the id of the module forward it came from. Unlike ``batch_id`` it needs no hook on the model (a
+            loss may call submodules directly) and recomputation (activation checkpointing) gets a new one.
+        consumed: every module forward up to this id was run before the engine's last clip: a backward of
+            one of them now would be a second backward of a forward already clipped into the step (a retained
+            graph), or of one run before the step it should have been part of; it is refused.
+        closed: the engine was detached (or replaced): a backward of a forward run under it has no engine
+            to clip it, and is refused rather than clipped by another engine under other thresholds.
     """
 
     mode: int = MODE_PER_SAMPLE
     clip: dict[int, float] = field(default_factory=dict)
     batch_id: int = 0
+    forwards: int = 0
+    consumed: int = 0
+    closed: bool = False
 
     def threshold(self, param: Tensor) -> float:
         """The per-layer threshold of ``param`` (MODE_CLIP); fails closed for a parameter it does not know."""
@@ -53,6 +64,12 @@ class PerSampleContext:
                 f"per-layer clipping has no threshold for a parameter of shape {tuple(param.shape)}: it was "
                 "made trainable after the DP engine was built; build DPSGD after inject_adapters"
             ) from None
+
+
+def forward_id(ctx: PerSampleContext) -> int:
+    """A new id for one per-sample module forward (called in the module's autograd forward)."""
+    ctx.forwards += 1
+    return ctx.forwards
 
 
 class PerSampleStateError(RuntimeError):
@@ -69,17 +86,30 @@ def clear(param: Tensor) -> None:
             setattr(param, name, None)
 
 
-def store(param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tensor | None, norm2: Tensor) -> None:
+def store(
+    param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tensor | None, norm2: Tensor, fwd: int
+) -> None:
     """Keep one backward's per-sample results on ``param``.
 
     Args:
         grad_sample: (n, *param.shape) per-sample gradients (flat mode), None in per-layer mode.
         norm2: (n,) squared norms of those per-sample gradients.
         batch_id: ``ctx.batch_id`` captured at the forward that produced them.
+        fwd: the module forward's ``forward_id``.
     Raises:
         PerSampleStateError: state from an earlier forward was not consumed by the engine, or a layer
             used twice in one forward under per-layer clipping (its clip would not be per sample).
     """
+    if ctx.closed:
+        raise PerSampleStateError(
+            "a backward of a forward run under a DP engine that has since been detached (or replaced): its "
+            "per-sample gradients have no engine to clip them; run the forward again under the current engine"
+        )
+    if fwd <= ctx.consumed:
+        raise PerSampleStateError(
+            "a second backward through a forward whose per-sample gradients were already clipped into the "
+            "step (a retained graph): its samples would count twice; run the forward again"
+        )
     if has_state(param):
         if param.ff_batch != batch_id:
             raise PerSampleStateError(
@@ -105,7 +135,9 @@ def store(param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tens
     param.ff_batch = batch_id
 
 
-def param_result(param: Tensor, ctx: PerSampleContext | None, batch_id: int, grad: Tensor, norm2: Tensor) -> Tensor | None:
+def param_result(
+    param: Tensor, ctx: PerSampleContext | None, batch_id: int, grad: Tensor, norm2: Tensor, fwd: int
+) -> Tensor | None:
     """Keep a per-sample backward result on ``param``; returns what autograd should accumulate in ``.grad``:
     nothing (None) in both modes.
 
@@ -113,9 +145,9 @@ def param_result(param: Tensor, ctx: PerSampleContext | None, batch_id: int, gra
     norms).
     """
     if ctx.mode == MODE_PER_SAMPLE:
-        store(param, ctx, batch_id, grad.float(), norm2)
+        store(param, ctx, batch_id, grad.float(), norm2, fwd)
         return None
-    store(param, ctx, batch_id, None, norm2)
+    store(param, ctx, batch_id, None, norm2, fwd)
     param.ff_clipped = grad.float()
     return None
 

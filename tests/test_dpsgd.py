@@ -290,6 +290,53 @@ def test_unconsumed_backward_is_refused_at_next_forward():
         model(make_batch(3, 2)["x"])
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_a_second_backward_of_a_consumed_forward_is_refused(clipping):
+    """A retained graph run backward again after accumulate() would put the same samples in the step twice
+    (the sum of one sample at 2C): the engine refuses it, before and after a step."""
+    model = make_model()
+    dp = make_dp(model, clipping=clipping)
+    loss = loss_fn(model, make_batch(1, 2))
+    loss.backward(retain_graph=True)
+    dp.accumulate()
+    with pytest.raises(PerSampleStateError, match="second backward through a forward whose per-sample"):
+        loss.backward(retain_graph=True)
+    dp.step()
+    with pytest.raises(RuntimeError):  # after the step: autograd's in-place check on the updated weights
+        loss.backward()
+    loss_fn(model, make_batch(2, 2)).backward()  # a new forward trains as usual
+    dp.step()
+    for seed in range(3):  # a loss that calls submodules (no model-level forward) trains step after step too
+        b = make_batch(2, 2, seed=seed)
+        ((model[2](model[1](model[0](b["x"]))) - b["y"]) ** 2).sum().backward()
+        dp.step()
+
+
+def test_a_backward_of_a_forward_under_a_replaced_engine_is_refused():
+    """Per-layer clipping clips inside the backward with the engine of the forward: a backward after that
+    engine was replaced would reach the new engine clipped to the old thresholds (10x the new C here)."""
+    model = make_model()
+    make_dp(model, clipping="per_layer", max_grad_norm=10.0)
+    loss = loss_fn(model, make_batch(1, 2, scale=50.0))
+    new = make_dp(model, clipping="per_layer", max_grad_norm=1.0)
+    with pytest.raises(PerSampleStateError, match="detached \\(or replaced\\)"):
+        loss.backward()
+    loss_fn(model, make_batch(1, 2, scale=50.0)).backward()
+    new.accumulate()
+    assert float(torch.cat([t.flatten() for t in new.clipped_sum()]).norm()) <= new.sensitivity * (1 + 1e-6)
+
+
+def test_add_noise_refuses_a_noise_multiplier_set_by_hand_out_of_range():
+    model = make_model()
+    dp = make_dp(model, noise_multiplier=1.0)
+    loss_fn(model, make_batch(2, 2)).backward()
+    dp.accumulate()
+    for bad in (-1.0, float("nan")):
+        dp.noise_multiplier = bad
+        with pytest.raises(ValueError, match="noise_multiplier"):
+            dp.add_noise()
+
+
 def test_per_layer_next_backward_without_zero_grad_is_not_contaminated():
     """Per-layer clipping accumulates into .grad: the previous step's gradient must not leak into the next."""
     model = make_model()

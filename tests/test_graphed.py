@@ -55,7 +55,7 @@ def eager_sum(batch, sizes, clipping, reduction="sum", train_A=False, **kw):
         mb = {k: v[start : start + s] for k, v in batch.items()}
         start += s
         losses = per_sample_loss(model, mb)
-        (losses.sum() if reduction == "sum" else losses.mean()).backward()
+        (losses.sum() if reduction == "sum" else losses.sum() / dp.expected_batch_size).backward()
         dp.accumulate()
     return torch.cat([t.flatten() for t in dp.clipped_sum()]), dp
 
@@ -191,12 +191,15 @@ def test_several_micro_batch_sizes_equal_the_eager_accumulate(clipping, n):
     assert dp.last_step_samples == n
 
 
-def test_mean_reduction_is_the_batch_mean_however_it_is_split():
-    """reduction="mean" weighs each of the batch's n samples 1/n, as loss.mean() over the batch: the split
-    (which a speed setting, replay_cost, decides) must not change it."""
+def test_mean_reduction_divides_by_the_expected_batch_size_however_it_is_split():
+    """reduction="mean" weighs each sample 1/m, m the engine's expected batch size (fixed): never 1/n for the
+    batch's actual n, which would let one sample rescale every other's gradient (the step's sum could move by
+    ~2C without it). The split (which a speed setting, replay_cost, decides) must not change it either."""
     batch = make_batch(7)
-    want, _ = eager_sum(batch, [7], "flat", reduction="mean", max_grad_norm=100.0)
-    want_loss = float(per_sample_loss(make_model(), batch).mean())
+    want, dp0 = eager_sum(batch, [7], "flat", reduction="mean", max_grad_norm=100.0)
+    m = dp0.expected_batch_size
+    assert m != 7, "the test needs a batch whose size is not the expected one"
+    want_loss = float(per_sample_loss(make_model(), batch).sum()) / m
     for sizes, cost in ((3, 1.0), ((4, 2, 1), 0.0), ((8, 4, 2, 1), 1.0)):
         model = make_model()
         dp = make_dp(model, max_grad_norm=100.0)
@@ -205,6 +208,38 @@ def test_mean_reduction_is_the_batch_mean_however_it_is_split():
         got = torch.cat([t.flatten() for t in dp.clipped_sum()])
         assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name=f"clipped sum (mean), plan {acc.plan(7)}")
         assert float(acc.last_loss) == pytest.approx(want_loss, rel=1e-5)
+    # leave one out: with the fixed divisor the sum moves by at most C when a sample is removed
+    C = 0.5
+    sums = []
+    for drop in (None, 3):
+        b = batch if drop is None else {k: torch.cat([v[:drop], v[drop + 1 :]]) for k, v in batch.items()}
+        model = make_model()
+        dp = make_dp(model, max_grad_norm=C)
+        GraphedAccumulator(dp, per_sample_loss, micro_batch_size=4, reduction="mean", graph=False).accumulate(b)
+        sums.append(torch.cat([t.flatten().double() for t in dp.clipped_sum()]))
+    assert float((sums[0] - sums[1]).norm()) <= C * (1 + 1e-5)
+
+
+def test_an_eager_failure_inside_a_backward_leaves_no_per_sample_state():
+    """graph=False: a backward that fails after the adapters stored their per-sample state (here a hook on
+    the input, which runs last) must not leave it for a later dp.step() to clip without the padding mask."""
+    from fedlora_fast import per_sample
+
+    model = make_model()
+    dp = make_dp(model)
+
+    def loss(model, mb):
+        if mb["x"].shape[0] == 1:  # the plan's second micro-batch
+            x = mb["x"].clone().requires_grad_()
+            x.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("backward failed late")))
+            return ((model(x) - mb["y"]) ** 2).flatten(1).sum(1)
+        return per_sample_loss(model, mb)
+
+    acc = GraphedAccumulator(dp, loss, micro_batch_size=(4, 1), replay_cost=0.0, graph=False)
+    with pytest.raises(RuntimeError, match="backward failed late"):
+        acc.accumulate(make_batch(5))
+    assert not any(per_sample.has_state(p) for p in dp.params)
+    assert dp._pending_samples == 0 and dp._summed is None
 
 
 def test_a_failure_part_way_leaves_nothing_in_the_engine(fake):

@@ -89,6 +89,7 @@ class _FFALinearFn(torch.autograd.Function):
         y, u = call(ffa_linear_fwd, x, xa, weight, bias, A, B, layer.scale)
         ctx.layer, ctx.ps_ctx = layer, ps_ctx
         ctx.batch_id = ps_ctx.batch_id if ps_ctx is not None else -1
+        ctx.fwd = per_sample.forward_id(ps_ctx) if ps_ctx is not None else -1
         ctx.train_A = A.requires_grad
         ctx.save_for_backward(u, weight, A, B, xa if A.requires_grad else None)
         return y
@@ -121,8 +122,8 @@ class _FFALinearFn(torch.autograd.Function):
             dB = gB.to(B.dtype) if want_B else None
             dA = gA.to(A.dtype) if want_A else None
         else:
-            dB = per_sample.param_result(pB, ps_ctx, ctx.batch_id, gB, nuB) if want_B else None
-            dA = per_sample.param_result(pA, ps_ctx, ctx.batch_id, gA, nuA) if want_A else None
+            dB = per_sample.param_result(pB, ps_ctx, ctx.batch_id, gB, nuB, ctx.fwd) if want_B else None
+            dA = per_sample.param_result(pA, ps_ctx, ctx.batch_id, gA, nuA, ctx.fwd) if want_A else None
         return dx, dxa, None, None, dA, dB, None, None
 
 

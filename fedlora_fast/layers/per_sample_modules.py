@@ -21,6 +21,7 @@ class _PerSampleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, *params):
         ctx.module, ctx.ps_ctx, ctx.batch_id = module, module.ps_ctx, module.ps_ctx.batch_id
+        ctx.fwd = per_sample.forward_id(module.ps_ctx)
         ctx.save_for_backward(x, *params)
         return module.plain_forward(x)
 
@@ -41,7 +42,7 @@ class _PerSampleFn(torch.autograd.Function):
             if ctx.ps_ctx.mode == per_sample.MODE_CLIP:
                 coef = clip_coef(norm2, ctx.ps_ctx.threshold(p))
                 ps = ffa_linear_clip_reduce(ps.reshape(ps.shape[0], 1, p.numel()), coef).reshape(p.shape)
-            grads.append(per_sample.param_result(p, ctx.ps_ctx, ctx.batch_id, ps, norm2))
+            grads.append(per_sample.param_result(p, ctx.ps_ctx, ctx.batch_id, ps, norm2, ctx.fwd))
         return (dx, None, *grads)
 
 

@@ -165,14 +165,20 @@ class DPSGD:
                 dp.step(empty_batch=True)                # noise only; still one accountant step
             else:
                 for mb in micro_batches(batch, 16):      # large logical batch, small physical ones
-                    loss_fn(model, mb).backward()        # loss summed (or averaged) over the micro-batch
+                    loss_fn(model, mb).backward()        # loss summed over the micro-batch's samples
                     dp.accumulate()
                 dp.step()
             dp.zero_grad()
         dp.epsilon(1e-5)
 
-    The loss may be a sum or a mean over the micro-batch: each sample's gradient is clipped to C either way,
-    but with a mean the per-sample gradients are 1/n of the sample's own and clip less often.
+    The loss must be a **sum** over the micro-batch's samples (or a mean with a fixed divisor, such as the
+    expected batch size): never ``loss.mean()`` over the actual batch. With the actual n as divisor, one
+    sample's presence rescales every other sample's gradient, and the step's sum can move by up to about 2C
+    when one sample is removed (the noise is calibrated to C). A mean over tokens *within* a sample is fine.
+    Dim 0 of every adapted layer's input must be the sample (batch-first models, as Hugging Face's): a
+    sequence-first model (``nn.TransformerEncoderLayer(batch_first=False)``) or one that folds samples into
+    rows (n choices -> n·c rows) would be clipped per position or per row, which bounds no sample's
+    contribution by C. The engine cannot see this from the tensors.
 
     Args:
         model: a model with adapters from ``inject_adapters`` (and optional ``trainable_modules``).
@@ -531,6 +537,7 @@ class DPSGD:
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
+        self.ctx.consumed = self.ctx.forwards  # a later backward of any forward run so far is refused
         # exactly the (real) samples clip_coef gave coefficient 0
         return clipped, bad.sum(), n
 
@@ -638,7 +645,9 @@ class DPSGD:
         """Add ``N(0, (sigma C)^2)`` noise to every trainable tensor's clipped sum (float32), in one draw.
 
         The noisy sum is a release: this is where the accountant takes its step (every call, so driving the
-        stages by hand is accounted too)."""
+        stages by hand is accounted too). sigma is checked here too: set by hand to a negative or NaN value,
+        it would release the sum with no noise (C is checked by its setter)."""
+        self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
         std = self.noise_multiplier * self.max_grad_norm
         total = self._summed
         if total is None:
@@ -769,6 +778,7 @@ class DPSGD:
         ref = _ENGINES.get(self.model)
         if ref is not None and ref() in (None, self):
             del _ENGINES[self.model]
+        self.ctx.closed = True  # a backward of a forward run under this engine is refused from now on
         for m in self.modules.values():
             m.ps_ctx = None
         for p in self.params:

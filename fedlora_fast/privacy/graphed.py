@@ -334,8 +334,10 @@ class GraphedAccumulator:
             engine (each holds its own graphs and memory).
         replay_cost: one replay's fixed cost, in rows of work (default 1): only matters with several sizes.
             Large models with long sequences: less (a row is much work); small ones: more.
-        reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (1/n
-            for each of the batch's n samples, as ``loss.mean()`` over the batch would, however it is split).
+        reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (weight
+            1/m, m the engine's ``expected_batch_size``: the loss as a mean over the *expected* batch). Never
+            1/n for the batch's actual n: one sample's presence would rescale every other's gradient, and
+            the step's sum could move by up to about 2C when one sample is removed (the noise is for C).
         graph: capture CUDA graphs; None (default): when the engine's parameters are on CUDA. The graph
             reads the parameters' memory: optimizers update them in place, which it sees; a parameter or
             buffer replaced by another tensor after the first capture (not copied into) is refused at the
@@ -446,7 +448,7 @@ class GraphedAccumulator:
             if k < b:
                 s[k:].copy_(part[:1].expand(b - k, *part.shape[1:]), non_blocking=True)
         slot.weight.zero_()
-        slot.weight[:k] = 1.0 if self.reduction == "sum" else 1.0 / n
+        slot.weight[:k] = 1.0 if self.reduction == "sum" else 1.0 / self.dp.expected_batch_size  # fixed, never n
         slot.valid.zero_()
         slot.valid[:k] = True
 
@@ -611,23 +613,31 @@ class GraphedAccumulator:
         # failure part-way, e.g. a capture refused for a new size, must not leave some samples clipped in
         # the step: a retry of the batch would count them twice)
         done, total, start = [], None, 0
-        for size in self._planner.plan(n):
-            k = min(size, n - start)
-            slot = self._slot(size, tensors)
-            self._fill(slot, tensors, start, k, n)
-            start += k
-            if not self.graph:
-                clipped, dropped, loss = self._device_work(slot)
-            else:
-                with torch.cuda.device(self.device):  # the engine's GPU, whichever is current
-                    if slot.graph is None:
-                        self._capture(slot)
-                    slot.graph.replay()
-                self.replays += 1
-                # the graph rewrites its outputs at every replay: the engine keeps copies
-                clipped, dropped, loss = (t.clone() for t in slot.out)
-            done.append((clipped, dropped, k))
-            total = loss if total is None else total + loss
+        try:
+            for size in self._planner.plan(n):
+                k = min(size, n - start)
+                slot = self._slot(size, tensors)
+                self._fill(slot, tensors, start, k, n)
+                start += k
+                if not self.graph:
+                    clipped, dropped, loss = self._device_work(slot)
+                else:
+                    with torch.cuda.device(self.device):  # the engine's GPU, whichever is current
+                        if slot.graph is None:
+                            self._capture(slot)
+                        slot.graph.replay()
+                    self.replays += 1
+                    # the graph rewrites its outputs at every replay: the engine keeps copies
+                    clipped, dropped, loss = (t.clone() for t in slot.out)
+                done.append((clipped, dropped, k))
+                total = loss if total is None else total + loss
+        except BaseException:
+            # a failure inside a micro-batch's forward/backward (eager, a warm-up or the read-back probe)
+            # leaves its padded rows' per-sample state: a later dp.step() would clip it with no padding mask
+            for p in self.dp.params:
+                per_sample.clear(p)
+                p.grad = None
+            raise
         for clipped, dropped, k in done:
             self.dp._add_clipped(clipped, dropped, k)
         self.last_loss = total
