@@ -3,8 +3,13 @@
 The native CPU backend ``fedlora_fast._native`` (csrc/, C++17 + OpenMP + pybind11) is built by CMake
 (CMakeLists.txt) during ``pip install .`` / ``pip install -e .``. ``FEDLORA_FAST_NO_NATIVE=1`` skips it;
 ``FEDLORA_FAST_CMAKE_ARGS`` adds CMake arguments (e.g. ``-DFEDLORA_FAST_MARCH_NATIVE=OFF`` for a portable
-build). A failed native build only warns: the package then runs on the PyTorch reference, and
-``python -m fedlora_fast.env`` reports what was built.
+build). The default build is tuned for the building CPU (``-march=native``); the instruction sets it may use
+are recorded in ``fedlora_fast/_native_isa.json`` and the module is not loaded on a CPU that lacks one (the
+package then runs on the PyTorch reference and says how to rebuild).
+
+A failed native build only warns (on stderr: ``pip`` shows it with ``-v``) and leaves the reason in
+``fedlora_fast/_native_build_error.txt``, which the runtime fallback warning and ``python -m fedlora_fast.env``
+quote; ``FEDLORA_FAST_REQUIRE_NATIVE=1`` makes it fail the install instead (CI, images).
 """
 
 import os
@@ -18,6 +23,8 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+ISA_FILE = "_native_isa.json"  # written by CMakeLists.txt; read by fedlora_fast/env.py
+BUILD_ERROR_FILE = "_native_build_error.txt"  # written here when the build fails; read by fedlora_fast/env.py
 
 
 class CMakeExtension(Extension):
@@ -42,22 +49,80 @@ def _cmake_executable() -> str | None:
 class CMakeBuild(build_ext):
     """Configure and build CMakeLists.txt into the extension's place; never fail the install over it."""
 
+    def _side_files(self, ext: Extension) -> list[str]:
+        """Files written next to the module: the ISA it needs (CMake) and, on failure, why it is missing."""
+        out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        return [os.path.join(out_dir, name) for name in (ISA_FILE, BUILD_ERROR_FILE)]
+
+    def get_outputs(self) -> list[str]:
+        outputs = super().get_outputs()
+        for ext in self.extensions:
+            if isinstance(ext, CMakeExtension):
+                outputs += [f for f in self._side_files(ext) if os.path.exists(f)]
+        return outputs
+
+    def _inplace_pairs(self, ext: Extension) -> list[tuple[str, str]]:
+        """(built, in-place) paths of the module and its side files (``--inplace``, ``pip install -e``)."""
+        inplace_file, regular_file = self._get_inplace_equivalent(self.get_finalized_command("build_py"), ext)
+        pairs = [(regular_file, inplace_file)]
+        for name in (ISA_FILE, BUILD_ERROR_FILE):
+            pairs.append(tuple(os.path.join(os.path.dirname(f), name) for f in (regular_file, inplace_file)))
+        return pairs
+
+    def copy_extensions_to_source(self) -> None:
+        """setuptools copies only the module; copy its side files too, and after a failed build drop the
+        stale in-place module and records instead of failing on the missing one."""
+        others = [ext for ext in self.extensions if not isinstance(ext, CMakeExtension)]
+        for ext in self.extensions:
+            if isinstance(ext, CMakeExtension):
+                for built, inplace in self._inplace_pairs(ext):
+                    if os.path.exists(built):
+                        self.copy_file(built, inplace, level=self.verbose)
+                    elif os.path.exists(inplace):
+                        os.remove(inplace)
+        if others:
+            saved, self.extensions = self.extensions, others
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = saved
+
+    def _get_output_mapping(self):
+        yield from super()._get_output_mapping()
+        if self.inplace:
+            for ext in self.extensions:
+                if isinstance(ext, CMakeExtension):
+                    yield from ((b, i) for b, i in self._inplace_pairs(ext)[1:] if os.path.exists(b))
+
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
-        if os.path.exists(target):  # a failed rebuild must not ship a stale module built from other sources
-            os.remove(target)
+        # a failed rebuild must not ship a stale module built from other sources, nor a stale record
+        for stale in (target, *self._side_files(ext)):
+            if os.path.exists(stale):
+                os.remove(stale)
         try:
             self._cmake_build(ext)
         except Exception as e:  # noqa: BLE001  (any failure: warn, the reference backend still works)
+            if REQUIRE_NATIVE:
+                raise RuntimeError(f"fedlora_fast: building the native CPU backend failed ({e}) "
+                                   "and FEDLORA_FAST_REQUIRE_NATIVE is set") from e
             msg = (
                 f"fedlora_fast: building the native CPU backend {ext.name} failed ({e}); installing without it "
-                "(CPU ops use the PyTorch reference). Needs a C++17 compiler, CMake >= 3.18 and pybind11; "
-                "set FEDLORA_FAST_NO_NATIVE=1 to skip the attempt."
+                "(CPU ops use the PyTorch reference, much slower). Needs a C++17 compiler, CMake >= 3.18 and "
+                "pybind11. pip may cache this wheel: after fixing the cause, reinstall with "
+                "pip install --no-cache-dir --force-reinstall --no-binary fedlora_fast fedlora_fast "
+                "(pip install --no-cache-dir --force-reinstall -e . in a checkout). "
+                "FEDLORA_FAST_NO_NATIVE=1 skips the attempt; FEDLORA_FAST_REQUIRE_NATIVE=1 makes it an error."
             )
             warnings.warn(msg)
-            print("WARNING: " + msg, file=sys.stderr)
+            bar = "!" * 100
+            print(f"\n{bar}\nWARNING: {msg}\n{bar}\n", file=sys.stderr, flush=True)
+            error_file = self._side_files(ext)[1]
+            os.makedirs(os.path.dirname(error_file), exist_ok=True)
+            with open(error_file, "w", encoding="utf-8") as f:
+                f.write(f"{e}\n")
 
     def _cmake_build(self, ext: CMakeExtension) -> None:
         import pybind11
@@ -75,12 +140,34 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             *shlex.split(os.environ.get("FEDLORA_FAST_CMAKE_ARGS", "")),
         ]
-        subprocess.run([cmake, "-S", ROOT, "-B", build_temp, *args], check=True)
+        _run("configuring", [cmake, "-S", ROOT, "-B", build_temp, *args])
         jobs = str(os.cpu_count() or 1)
-        subprocess.run([cmake, "--build", build_temp, "--config", "Release", "-j", jobs], check=True)
+        _run("compiling", [cmake, "--build", build_temp, "--config", "Release", "-j", jobs])
 
 
-NATIVE = os.environ.get("FEDLORA_FAST_NO_NATIVE", "").strip().lower() not in ("1", "true", "yes", "on")
+def _run(step: str, cmd: list[str]) -> None:
+    """Run a CMake step, echoing its output (pip shows it with -v); a failure's message quotes the lines
+    that say why (CMake's errors, the compiler's), not the command line."""
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    sys.stderr.write(r.stdout)
+    if r.returncode != 0:
+        lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+        why = []
+        for i, ln in enumerate(lines):
+            if ln.startswith("CMake Error"):  # the error and the sentence under it
+                why.append(" ".join(lines[i:i + 4]))
+            elif " error: " in ln or ln.endswith(" - broken") or ln.startswith("Could NOT find"):
+                why.append(ln)
+        tail = "; ".join(why[:3] or lines[-4:])
+        raise RuntimeError(f"CMake {step} failed (exit {r.returncode}): {tail}")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+NATIVE = not _env_flag("FEDLORA_FAST_NO_NATIVE")
+REQUIRE_NATIVE = _env_flag("FEDLORA_FAST_REQUIRE_NATIVE")
 
 packages = [p for p in find_packages(include=["fedlora_fast", "fedlora_fast.*"])]
 packages.append("fedlora_fast.kernels")

@@ -63,7 +63,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and adapter")
-    g.add_argument("--model", default=None, help="local model directory or hub name (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--model", default=None,
+                   help="local model directory, or hub name such as org/name (a path that exists, or starts with /, "
+                        "./, ../ or ~, is local) (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--method", choices=METHODS, default=d.method, help="ffa: frozen random A, train and send B; lora: train and send A and B")
     g.add_argument("-r", "--rank", dest="r", type=int, default=d.r, help="adapter rank r")
     g.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale numerator (scale = alpha / r)")
@@ -71,7 +73,12 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--trainable-modules", type=_names, default=d.trainable_modules,
                    help="comma-separated modules trained in full under DP (the classification head); '' for none")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="csv/tsv/json/jsonl/parquet file or hub dataset name (default: bundled SMS spam)")
+    g.add_argument("--data", default=None,
+                   help="csv/tsv/json/jsonl/parquet file with a header row (UTF-8), or hub dataset name such as org/name "
+                        "(default: bundled SMS spam). CSV uses standard quoting (a text with a comma is written "
+                        "\"like, this\"); TSV is read WITHOUT quoting: a quote is part of the text, and a text "
+                        "cannot contain a tab or a line break. A row with more or fewer fields than the header "
+                        "is an error; parquet needs pip install 'fedlora_fast[data]'")
     g.add_argument("--text-column", default=None, help="column with the text (default: guessed; SMS for the bundled data)")
     g.add_argument("--label-column", default=None, help="column with the class label (default: guessed; Label for the bundled data)")
     g.add_argument("--labels", type=_names, default=None,

@@ -9,9 +9,12 @@ UCI, CC BY 4.0: see ``fedlora_fast/data/README.md``) with a stratified held-out 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -53,27 +56,72 @@ class TextClassificationData:
 
 
 # --- reading --------------------------------------------------------------------------------------------
-def _read_delimited(path: Path) -> list[dict]:
+def _decode(path: Path) -> str:
+    """The file's text as UTF-8 (a byte-order mark, as Excel's "CSV UTF-8" writes, is dropped); another
+    encoding is refused with the line of the first undecodable byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"data: {path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line} ({e.reason}); "
+            "re-save the file as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet, or iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _read_delimited(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows as dicts keyed by the header row, and each row's place in the file (``"line N"``).
+
+    CSV is read with standard quoting (a field holding a comma, quote or newline is quoted ``"..."``, a
+    quote inside doubled ``""``). TSV is read without quoting: a ``"`` is part of the text (as in the
+    bundled SMS data), so a text field cannot hold a tab or a newline. A row with more or fewer fields
+    than the header is refused."""
     tsv = path.suffix.lower() == ".tsv"
     csv.field_size_limit(1 << 24)
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's "CSV UTF-8") is dropped
-        # TSV files (the bundled SMS data among them) are unquoted: a '"' is part of the text.
-        reader = csv.DictReader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        rows = list(reader)
-        if reader.fieldnames is None:
-            raise DataError(f"data: {path} is empty; expected a header row and at least one example")
-    return rows
+    text = _decode(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    header = next(reader, None)
+    while header is not None and not "".join(header).strip():  # blank lines before the header
+        header = next(reader, None)
+    if header is None:
+        raise DataError(f"data: {path} is empty; expected a header row and at least one example")
+    rows, where = [], []
+    for fields in reader:
+        if not "".join(fields).strip() and len(fields) <= 1:  # a blank (or whitespace-only) line
+            continue
+        if len(fields) != len(header):
+            hint = (
+                "TSV is read without quoting: a text field cannot contain a tab or a line break"
+                if tsv else
+                'a text field containing a comma, a quote or a line break must be quoted: "like, this" '
+                '(a quote inside it doubled: "say ""hi""")'
+            )
+            raise DataError(
+                f"data: {path}, line {reader.line_num}: {len(fields)} field(s), expected {len(header)} "
+                f"(the header's columns {header}); {hint}"
+            )
+        rows.append(dict(zip(header, fields)))
+        where.append(f"line {reader.line_num}")
+    return rows, where
 
 
-def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8-sig")
+def _read_json(path: Path) -> tuple[list[dict], list[str]]:
+    text = _decode(path)
+    where = None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
-        try:
-            obj = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise DataError(f"data: {path} is neither JSON nor JSON lines ({e})") from None
+        obj, where = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"data: {path}, line {number}: neither JSON nor JSON lines ({e})") from None
+            where.append(f"line {number}")
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
@@ -86,44 +134,49 @@ def _read_json(path: Path) -> list[dict]:
             obj = [dict(zip(keys, vals)) for vals in zip(*obj.values())]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
         raise DataError(f"data: {path}: expected a list of records (objects) or JSON lines")
-    return obj
+    return obj, where if where is not None else [f"record {i + 1}" for i in range(len(obj))]
 
 
-def _datasets_rows(ds) -> tuple[list[dict], dict]:
-    """Rows of a ``datasets.Dataset`` and ``{column: class names}`` for its ClassLabel columns."""
+def _datasets_rows(ds) -> tuple[list[dict], dict, list[str]]:
+    """Rows of a ``datasets.Dataset``, ``{column: class names}`` for its ClassLabel columns, row places."""
     names = {}
     for col, feat in ds.features.items():
         if type(feat).__name__ == "ClassLabel":
             names[col] = list(feat.names)
-    return ds.to_list(), names
+    rows = ds.to_list()
+    return rows, names, [f"row {i + 1}" for i in range(len(rows))]
 
 
-def _read_local(path: Path) -> tuple[list[dict], dict]:
+def _read_local(path: Path) -> tuple[list[dict], dict, list[str]]:
+    """``(rows, {column: ClassLabel names}, each row's place in the file)``."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        return _read_delimited(path), {}
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        datasets = None
+        return _with_names(_read_delimited(path))
     if suffix in (".json", ".jsonl"):
-        return _read_json(path), {}
+        return _with_names(_read_json(path))
     if suffix == ".parquet":
-        if datasets is None:
-            raise DataError(f"data: reading {path} (parquet) needs the 'datasets' package: pip install datasets")
-        import datasets as hf
-
+        try:
+            import datasets as hf
+        except ImportError:
+            raise DataError(
+                f"data: reading {path} (parquet) needs the 'datasets' package: pip install 'fedlora_fast[data]' "
+                "(or save the data as csv/tsv/jsonl)"
+            ) from None
         return _datasets_rows(hf.load_dataset("parquet", data_files=str(path), split="train"))
     raise DataError(f"data: {path}: expected a file ending in one of {LOCAL_SUFFIXES}, got {suffix or 'no suffix'!r}")
 
 
-def _read_hub(name: str) -> tuple[tuple[list[dict], dict], tuple[list[dict], dict] | None]:
+def _with_names(read: tuple[list[dict], list[str]]) -> tuple[list[dict], dict, list[str]]:
+    return read[0], {}, read[1]
+
+
+def _read_hub(name: str) -> tuple[tuple[list[dict], dict, list[str]], tuple[list[dict], dict, list[str]] | None]:
     try:
         import datasets as hf
     except ImportError:
         raise DataError(
             f"data: {name!r} is not a local file, and loading a hub dataset needs the 'datasets' package "
-            "(pip install datasets) and network access"
+            "(pip install 'fedlora_fast[data]') and network access"
         ) from None
     try:
         dd = hf.load_dataset(name)
@@ -135,42 +188,73 @@ def _read_hub(name: str) -> tuple[tuple[list[dict], dict], tuple[list[dict], dic
     test_rows = None
     for split in ("test", "validation"):  # GLUE-style test splits carry label -1: skip them
         if split in dd:
-            rows, names = _datasets_rows(dd[split])
+            rows, names, where = _datasets_rows(dd[split])
             labels = [c for c in (rows[0] if rows else {}) if c.lower() in LABEL_CANDIDATES]
             if rows and not (labels and all(r[labels[0]] in (-1, None) for r in rows[:100])):
-                test_rows = (rows, names)
+                test_rows = (rows, names, where)
                 break
     return train_rows, test_rows
 
 
+HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def is_local_name(name: str | os.PathLike, suffixes: Sequence[str] = ()) -> bool:
+    """Whether ``name`` (a ``--data`` or ``--model`` value) means a local path rather than a hub name.
+
+    Local: it exists, or it starts with ``/``, ``./``, ``../`` or ``~`` (or ``\\`` / a drive on Windows), or
+    it ends with one of ``suffixes`` (data files: ``.csv`` …). Otherwise a hub name is ``name`` or
+    ``org/name`` (letters, digits, ``_.-``): ``some-org/some-model`` goes to the hub; anything else
+    (``a/b/c``) is a local path that does not exist.
+    """
+    text = os.fspath(name)
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith(("/", "./", "../", "~", ".\\", "..\\", "\\")) or path.is_absolute():
+        return True
+    if suffixes and path.suffix.lower() in tuple(suffixes):
+        return True
+    return HUB_NAME.fullmatch(text) is None
+
+
 # --- columns and labels -----------------------------------------------------------------------------------
-def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str:
+def _in(source: str) -> str:
+    return f" in {source}" if source else ""
+
+
+def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
+                 source: str = "") -> str:
     if wanted is not None:
         if wanted not in columns:
-            raise DataError(f"{what}: no column {wanted!r} in the data; its columns are {columns}")
+            raise DataError(f"{what}: no column {wanted!r}{_in(source)}; its columns are {columns}")
         return wanted
     lower = {c.lower(): c for c in columns}
     for cand in candidates:
         if cand in lower:
             return lower[cand]
-    raise DataError(f"{what}: not given and none of {list(candidates)} is a column; the data's columns are {columns}")
+    raise DataError(
+        f"{what}: not given and none of {list(candidates)} is a column{_in(source)}; its columns are {columns}"
+    )
 
 
-def labels_to_classes(values: list, class_names: list[str] | None = None, what: str = "label_column") -> tuple[list[int], list[str]]:
+def labels_to_classes(values: list, class_names: list[str] | None = None, what: str = "label_column",
+                      source: str = "", where: Sequence[str] | None = None) -> tuple[list[int], list[str]]:
     """Map raw label values (strings, ints, integral floats, bools) to class ids ``0..C-1``.
+
+    ``source`` (a file name) and ``where`` (each value's place in it, e.g. ``"line 7"``) go into errors.
 
     Raises:
         DataError: missing labels, non-integral numbers, fewer than 2 classes, or so many distinct values
             that the column is not a set of classes.
     """
+    place = (lambda i: where[i]) if where is not None else (lambda i: f"row {i}")
     if class_names is not None and all(isinstance(v, int) for v in values):
         bad = [v for v in values if not 0 <= v < len(class_names)]
         if bad:
-            raise DataError(f"{what}: class ids must be in [0, {len(class_names)}), found {bad[:5]}")
+            raise DataError(f"{what}: class ids must be in [0, {len(class_names)}), found {bad[:5]}{_in(source)}")
         return list(values), list(class_names)
     missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())]
     if missing:
-        raise DataError(f"{what}: {len(missing)} example(s) have no label (first at row {missing[0]})")
+        raise DataError(f"{what}: {len(missing)} example(s){_in(source)} have no label (first at {place(missing[0])})")
     if all(isinstance(v, str) for v in values):
         stripped = [v.strip() for v in values]
         try:
@@ -179,20 +263,21 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
             names = sorted(set(stripped))
             index = {n: i for i, n in enumerate(names)}
             ids, names = [index[v] for v in stripped], names
-            return _check_classes(ids, names, len(values), what)
+            return _check_classes(ids, names, len(values), what, source)
     if not all(isinstance(v, (int, float, bool, np.integer, np.floating)) for v in values):
         kinds = sorted({type(v).__name__ for v in values})
-        raise DataError(f"{what}: labels must be strings or numbers, found values of type {kinds}")
+        raise DataError(f"{what}: labels must be strings or numbers, found values of type {kinds}{_in(source)}")
     nums = [float(v) for v in values]
-    bad = [v for v in nums if not math.isfinite(v) or v != int(v)]
+    bad = [i for i, v in enumerate(nums) if not math.isfinite(v) or v != int(v)]
     if bad:
         raise DataError(
-            f"{what}: labels must be classes (strings or integers), found non-integral values such as {bad[:3]}; "
+            f"{what}: labels must be classes (strings or integers), found non-integral values such as "
+            f"{[nums[i] for i in bad[:3]]}{_in(source)} (first at {place(bad[0])}); "
             "regression targets are not supported"
         )
     uniq = sorted({int(v) for v in nums})
     index = {v: i for i, v in enumerate(uniq)}
-    return _check_classes([index[int(v)] for v in nums], [str(v) for v in uniq], len(values), what)
+    return _check_classes([index[int(v)] for v in nums], [str(v) for v in uniq], len(values), what, source)
 
 
 def _label_key(v) -> str:
@@ -209,59 +294,90 @@ def _label_key(v) -> str:
     return str(int(f)) if math.isfinite(f) and f == int(f) else text
 
 
-def _check_classes(ids: list[int], names: list[str], n: int, what: str) -> tuple[list[int], list[str]]:
+def _check_classes(ids: list[int], names: list[str], n: int, what: str,
+                   source: str = "") -> tuple[list[int], list[str]]:
     if len(names) < 2:
-        raise DataError(f"{what}: expected at least 2 classes, found {len(names)} ({names})")
+        raise DataError(f"{what}: expected at least 2 classes, found {len(names)} ({names}){_in(source)}")
     if len(names) > MAX_CLASSES or (n >= 20 and len(names) > n // 2):
         raise DataError(
-            f"{what}: {len(names)} distinct values in {n} examples: this column does not look like class "
-            "labels; pick the label column with --label-column"
+            f"{what}: {len(names)} distinct values in {n} examples{_in(source)}: this column does not look like "
+            "class labels; pick the label column with --label-column"
         )
     return ids, names
 
 
-def _to_data(rows: list[dict], names: dict, text_column: str | None, label_column: str | None, source: str,
-             label_names: list[str] | None = None) -> TextClassificationData:
+def _ids_for_names(raw: list, label_names: list[str], source: str, where: list[str]) -> list[int]:
+    """Class ids of ``raw`` labels under the given classes. One reading per file: every label is a class
+    name, or every label is an integer class id (in ``label_names``' order) and none of them is also a
+    class name; a file mixing the two (e.g. classes ``["1", "2"]`` and a label ``0``) is refused rather
+    than read either way."""
+    lookup = {n: i for i, n in enumerate(label_names)}
+    keys = [_label_key(v) for v in raw]
+    unknown = [i for i, k in enumerate(keys) if k not in lookup]
+    if not unknown:
+        return [lookup[k] for k in keys]
+    integers = all(re.fullmatch(r"-?\d+", k) for k in keys)
+    named = [i for i, k in enumerate(keys) if k in lookup]
+    if integers and named:
+        raise DataError(
+            f"label_column: {source} mixes class names and class ids: {keys[named[0]]!r} ({where[named[0]]}) is one "
+            f"of the classes {label_names} but {keys[unknown[0]]!r} ({where[unknown[0]]}) is not; write every label "
+            f"either as a class name or as a class id in [0, {len(label_names)})"
+        )
+    if integers:  # integer labels, none a class name: class ids in the names' order
+        ids = [int(k) for k in keys]
+        bad = [i for i, v in enumerate(ids) if not 0 <= v < len(label_names)]
+        if bad:
+            vals = sorted({ids[i] for i in bad})
+            raise DataError(f"label_column: {source} has class ids {vals[:5]} outside [0, {len(label_names)}) "
+                            f"(the classes {label_names}; first at {where[bad[0]]})")
+        return ids
+    vals = sorted({keys[i] for i in unknown})
+    raise DataError(f"label_column: {source} has labels {vals[:5]} outside the classes {label_names} "
+                    f"(first at {where[unknown[0]]})")
+
+
+def _to_data(rows: list[dict], names: dict, where: list[str], text_column: str | None, label_column: str | None,
+             source: str, label_names: list[str] | None = None) -> TextClassificationData:
     if not rows:
         raise DataError(f"data: {source} has no examples")
     columns = list(rows[0].keys())
-    tcol = _pick_column(columns, text_column, TEXT_CANDIDATES, "text_column")
-    lcol = _pick_column(columns, label_column, LABEL_CANDIDATES, "label_column")
+    tcol = _pick_column(columns, text_column, TEXT_CANDIDATES, "text_column", source)
+    lcol = _pick_column(columns, label_column, LABEL_CANDIDATES, "label_column", source)
     if tcol == lcol:
         raise DataError(f"text_column and label_column: both are {tcol!r}; they must differ")
     texts = []
     for i, r in enumerate(rows):
         t = r.get(tcol)
         if not isinstance(t, str):
-            raise DataError(f"text_column: row {i} of {source} has {type(t).__name__} in {tcol!r}, expected text")
+            raise DataError(f"text_column: {source}, {where[i]} has {type(t).__name__} in {tcol!r}, expected text")
         texts.append(t)
     raw = [r.get(lcol) for r in rows]
-    if label_names is not None:  # a test split: map with the training split's classes
-        lookup = {n: i for i, n in enumerate(label_names)}
+    if label_names is not None:  # one silo's file or a test split: map with the classes given
+        missing = [i for i, v in enumerate(raw) if v is None or (isinstance(v, str) and not v.strip())]
+        if missing:
+            raise DataError(f"label_column: {len(missing)} example(s) in {source} have no label "
+                            f"(first at {where[missing[0]]})")
         if names.get(lcol) == label_names:
             ids = [int(v) for v in raw]
         else:
-            keys = [_label_key(v) for v in raw]
-            unknown = sorted({k for k in keys if k not in lookup})
-            if unknown and all(k.lstrip("-").isdigit() for k in keys):  # integer labels: class ids in name order
-                ids = [int(k) for k in keys]
-                bad = sorted({i for i in ids if not 0 <= i < len(label_names)})
-                if bad:
-                    raise DataError(f"label_column: {source} has class ids {bad[:5]} outside [0, {len(label_names)}) "
-                                    f"(the classes {label_names})")
-                return TextClassificationData(texts, ids, label_names, source)
-            if unknown:
-                raise DataError(f"label_column: {source} has labels {unknown[:5]} outside the classes {label_names}")
-            ids = [lookup[k] for k in keys]
+            ids = _ids_for_names(raw, label_names, source, where)
         return TextClassificationData(texts, ids, label_names, source)
-    ids, classes = labels_to_classes(raw, names.get(lcol))
+    ids, classes = labels_to_classes(raw, names.get(lcol), source=source, where=where)
     return TextClassificationData(texts, ids, classes, source)
 
 
 def train_test_split(data: TextClassificationData, test_fraction: float, seed: int) -> tuple[TextClassificationData, TextClassificationData]:
-    """A stratified split: every class keeps its share in both parts (about ``round(count * test_fraction)``
-    to test), and identical texts stay on one side (a message in both would be tested on after training on
-    it: the bundled SMS data holds ~400 repeated messages)."""
+    """A stratified split that keeps identical texts on one side (a message in both would be tested on
+    after training on it: the bundled SMS data holds ~400 repeated messages).
+
+    Per class (a group of identical texts goes with its first example's class), the groups are visited in
+    a seeded random order and one joins the test split while that brings the class's test count closer to
+    ``round(count * test_fraction)``: a large group that would overshoot is passed over. Then, for a class
+    with at least 2 distinct texts, neither side may lack it: the smallest group moves to the side that has
+    none. A class with a single distinct text (all copies of one message) stays wholly in train, with a
+    warning: it cannot be tested on without leaking.
+    """
     if not 0.0 < float(test_fraction) < 1.0:
         raise DataError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     rng = np.random.default_rng(seed)
@@ -274,16 +390,35 @@ def train_test_split(data: TextClassificationData, test_fraction: float, seed: i
     test_idx = []
     for c, class_groups in enumerate(by_class):
         want = int(round(sum(len(g) for g in class_groups) * test_fraction))
-        taken = 0
+        taken, chosen = 0, []
         for k in rng.permutation(len(class_groups)):
             if taken >= want:
                 break
+            if taken + len(class_groups[k]) - want <= want - taken:  # closer to (or as close to) the target
+                chosen.append(int(k))
+                taken += len(class_groups[k])
+        if len(class_groups) >= 2:
+            by_size = sorted(range(len(class_groups)), key=lambda k: len(class_groups[k]))
+            if not chosen:  # test would lack the class: its smallest group goes there
+                chosen = [by_size[0]]
+            elif len(chosen) == len(class_groups):  # train would lack it: its smallest test group stays in train
+                chosen.remove(min(chosen, key=lambda k: len(class_groups[k])))
+        elif class_groups and len(data) > 1:
+            copies = len(class_groups[0])
+            warnings.warn(
+                f"data: class {data.label_names[c]!r} in {data.source or 'the data'} has a single distinct text"
+                + (f" ({copies} copies)" if copies > 1 else "")
+                + ": it stays in train and the test split has none of that class",
+                UserWarning,
+                stacklevel=2,
+            )
+        for k in chosen:
             test_idx += class_groups[k]
-            taken += len(class_groups[k])
     test_set = set(test_idx)
     train_idx = [i for i in range(len(data)) if i not in test_set]
     if not train_idx or not test_idx:
-        raise DataError(f"test_fraction={test_fraction}: leaves an empty train or test split of {len(data)} examples")
+        raise DataError(f"test_fraction={test_fraction}: leaves an empty train or test split of {len(data)} examples"
+                        f"{_in(data.source)}")
     return data.subset(train_idx), data.subset(sorted(test_idx))
 
 
@@ -299,28 +434,33 @@ def load_text_classification(
     """``(train, test)`` for a text-classification source.
 
     Args:
-        source: a local csv/tsv/json/jsonl/parquet file, a hub dataset name, or None for the bundled SMS
-            Spam Collection (text column ``SMS``, label column ``Label``: ham/spam).
+        source: a local csv/tsv/json/jsonl/parquet file, a hub dataset name (``name`` or ``org/name``; see
+            ``is_local_name``), or None for the bundled SMS Spam Collection (text column ``SMS``, label
+            column ``Label``: ham/spam). CSV is quoted as usual; TSV is read without quoting (a ``"`` is
+            text). A row with more or fewer fields than the header is refused.
         text_column, label_column: column names; None: guessed from common names.
-        test_fraction: share held out (stratified) when the source has no test split.
+        test_fraction: share held out (stratified, see ``train_test_split``) when the source has no test split.
         seed: the split's seed.
         label_names: the classes in id order; None: the classes found in the data. Given, a source may
-            hold only some of them (one silo's share) and the ids stay those of every other silo.
+            hold only some of them (one silo's share) and the ids stay those of every other silo. Its
+            labels are then all class names or all integer class ids, never a mix.
     Raises:
-        DataError: a missing file, an unknown column, labels that are not classes (or not in ``label_names``).
+        DataError: a missing or unreadable file, a malformed row, an unknown column, labels that are not
+            classes (or not in ``label_names``); the message names the file and line.
     """
     if source is None:
         source = BUNDLED_SMS
         text_column = text_column or "SMS"
         label_column = label_column or "Label"
     path = Path(source).expanduser()
-    looks_local = path.suffix.lower() in LOCAL_SUFFIXES or os.sep in str(source) or str(source).startswith(".")
     if path.is_file():
-        rows, names = _read_local(path)
-        data = _to_data(rows, names, text_column, label_column, str(path), label_names)
+        rows, names, where = _read_local(path)
+        data = _to_data(rows, names, where, text_column, label_column, str(path), label_names)
         return train_test_split(data, test_fraction, seed)
-    if looks_local or path.exists():
-        raise DataError(f"data: no such file {str(source)!r} (expected a csv/tsv/json/jsonl/parquet file or a hub dataset name)")
+    if is_local_name(source, LOCAL_SUFFIXES):
+        what = "is a directory, not a file" if path.is_dir() else "no such file"
+        raise DataError(f"data: {what} {str(source)!r} (expected a csv/tsv/json/jsonl/parquet file or a hub dataset "
+                        "name such as 'org/name')")
     train_rows, test_rows = _read_hub(str(source))
     train = _to_data(*train_rows, text_column, label_column, f"{source}[train]", label_names)
     if test_rows is None:

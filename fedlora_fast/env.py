@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import sys
 import warnings
+from pathlib import Path
 
 
 def _version(dist: str) -> str | None:
@@ -23,17 +25,121 @@ def _version(dist: str) -> str | None:
         return None
 
 
+# --- the native module's build record (setup.py, CMakeLists.txt) -------------------------------------------
+ISA_FILE = "_native_isa.json"  # next to the module: the instruction sets it was compiled to use
+BUILD_ERROR_FILE = "_native_build_error.txt"  # in the package: why the install-time build failed
+REBUILD_HINT = (
+    "pip install --no-cache-dir --force-reinstall --no-binary fedlora_fast fedlora_fast "
+    "(in a checkout: pip install --no-cache-dir --force-reinstall -e .)"
+)
+PORTABLE_HINT = (
+    "or build a portable module with FEDLORA_FAST_CMAKE_ARGS=-DFEDLORA_FAST_MARCH_NATIVE=OFF set during the "
+    "install (for a wheel shared between machines or baked into an image)"
+)
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo names (``avx2``, ``avx512f`` …); None where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def native_path() -> Path | None:
+    """Where ``fedlora_fast._native`` would be imported from, found without importing it."""
+    try:
+        spec = importlib.util.find_spec("fedlora_fast._native")
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def native_isa(path: Path | None = None) -> dict | None:
+    """The build's record of the instruction sets the module may use (``isa``: /proc/cpuinfo names;
+    ``march_native``: tuned for the build machine), or None when there is no record (older or hand builds)."""
+    path = native_path() if path is None else path
+    if path is None:
+        return None
+    try:
+        record = json.loads((path.parent / ISA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def missing_isa(record: dict | None = None, flags: set[str] | None = None) -> list[str]:
+    """The recorded instruction sets this CPU lacks ([] when none, or when either side is unknown)."""
+    record = native_isa() if record is None else record
+    flags = cpu_flags() if flags is None else flags
+    required = (record or {}).get("isa")
+    if not isinstance(required, list) or flags is None:
+        return []
+    return [f for f in required if f not in flags]
+
+
+def isa_problem() -> str | None:
+    """Why the built module must not be loaded on this CPU (it would die of SIGILL), or None."""
+    record = native_isa()
+    missing = missing_isa(record)
+    if not missing:
+        return None
+    tuned = " (it was compiled with -march=native on another machine)" if record.get("march_native") else ""
+    return (
+        f"fedlora_fast._native was built for instruction sets this CPU lacks: {', '.join(missing)}{tuned}; "
+        f"not loading it. Rebuild it on this machine: {REBUILD_HINT}; {PORTABLE_HINT}"
+    )
+
+
+def native_build_error() -> str | None:
+    """The reason the install-time native build failed, when setup.py recorded one."""
+    try:
+        return (_package_dir() / BUILD_ERROR_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def native_import_error(error: ImportError) -> str:
+    """The message for a failed ``import fedlora_fast._native``: the error, the install-time build failure
+    when there was one, and how to rebuild (pip may be reinstalling a cached wheel built without it)."""
+    failed = native_build_error()
+    skipped = os.environ.get("FEDLORA_FAST_NO_NATIVE", "")
+    return (
+        f"{error}"
+        + (f"; the native build failed when fedlora_fast was installed: {failed}" if failed else "")
+        + (f"; FEDLORA_FAST_NO_NATIVE={skipped} is set here" if skipped else "")
+        + f"; to build it (needs a C++17 compiler and CMake), reinstall bypassing pip's wheel cache: {REBUILD_HINT}"
+    )
+
+
 def native_info() -> dict:
-    """Whether ``fedlora_fast._native`` imports, where from, and its build info (or the import error)."""
+    """Whether ``fedlora_fast._native`` is built, usable on this CPU and imports; where from; its build
+    info, the instruction sets it needs (or the error)."""
+    path = native_path()
+    record = native_isa(path) if path is not None else None
+    isa = dict(required=record.get("isa"), march_native=record.get("march_native"),
+               missing_here=missing_isa(record)) if record else None
+    if path is None:
+        return dict(built=False, loaded=False,
+                    error=native_import_error(ImportError("No module named 'fedlora_fast._native'")))
+    problem = isa_problem()
+    if problem:
+        return dict(built=True, loaded=False, path=str(path), error=problem, isa=isa)
     try:
         native = importlib.import_module("fedlora_fast._native")
     except ImportError as e:
-        skipped = os.environ.get("FEDLORA_FAST_NO_NATIVE", "")
-        return dict(built=False, error=str(e), hint=(
-            "reinstall with a C++17 compiler and CMake (pip install -e .)"
-            + (f"; note FEDLORA_FAST_NO_NATIVE={skipped} is set here" if skipped else "")
-        ))
-    return dict(built=True, path=native.__file__, **native.build_info())
+        return dict(built=True, loaded=False, path=str(path), error=native_import_error(e), isa=isa)
+    return dict(built=True, loaded=True, path=native.__file__, **native.build_info(),
+                isa=isa if isa else "not recorded (a build from before the record, or by hand): not checked")
 
 
 def backend_info() -> dict:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedlora_fast
 from fedlora_fast import reference as ref
 from fedlora_fast.ops import backends
 from fedlora_fast.testing import assert_close_verbose
@@ -312,7 +313,7 @@ def test_env_report():
     from fedlora_fast import env
 
     r = env.report()
-    assert r["native"]["built"] == backends.available("native", "cpu")
+    assert r["native"]["loaded"] == backends.available("native", "cpu")
     assert r["backends"]["cpu"]["backend"] in backends.BACKENDS
 
 
@@ -339,3 +340,87 @@ def test_missing_native_requested_raises(native_missing, monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "native")
     with pytest.raises(backends.BackendUnavailableError, match="fedlora_fast._native was not built"):
         backends.backend_for("cpu")
+
+
+# ---------------------------------------------------------------- built for another CPU (-march=native)
+@pytest.fixture
+def fresh_native_import(monkeypatch):
+    """Let ``fedlora_fast.ops.native`` be imported afresh (its checks run at import), without the extension
+    already loaded, so the test can see whether the extension is imported."""
+    monkeypatch.delitem(sys.modules, "fedlora_fast.ops.native", raising=False)
+    monkeypatch.delitem(sys.modules, "fedlora_fast._native", raising=False)
+    monkeypatch.delattr(fedlora_fast, "_native", raising=False)  # else `from fedlora_fast import _native` reuses it
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    backends.clear_cache()
+    yield
+    backends.clear_cache()
+
+
+def test_native_built_for_missing_instructions_is_not_loaded(fresh_native_import, monkeypatch):
+    """A -march=native module (a wheel from a pip cache, a Docker image) on a CPU without its instruction
+    sets would die of SIGILL at the first op: the recorded ISA is checked before the extension is loaded,
+    and the fallback warning names the missing flags and how to rebuild."""
+    from fedlora_fast import env
+
+    record = {"march_native": True, "isa": ["sse2", "avx2", "avx512f", "amx_tile"]}
+    monkeypatch.setattr(env, "native_isa", lambda path=None: record)
+    monkeypatch.setattr(env, "cpu_flags", lambda: {"sse2", "avx2"})
+    with pytest.warns(RuntimeWarning, match="native backend unavailable") as rec:
+        assert backends.backend_for("cpu") == "torch"
+        assert backends.backend_for("cpu") == "torch"
+    msgs = [str(w.message) for w in rec if "native backend unavailable" in str(w.message)]
+    assert len(msgs) == 1
+    assert "instruction sets this CPU lacks: avx512f, amx_tile" in msgs[0], msgs[0]
+    assert "--no-cache-dir --force-reinstall --no-binary fedlora_fast" in msgs[0], msgs[0]
+    assert "FEDLORA_FAST_MARCH_NATIVE=OFF" in msgs[0], msgs[0]
+    assert "fedlora_fast._native" not in sys.modules, "the extension was loaded before the check"
+    assert backends.implementation("ffa_linear_bwd", "cpu") is ref.ffa_linear_bwd
+    info = env.native_info()
+    if info["built"]:
+        assert info["loaded"] is False and "avx512f, amx_tile" in info["error"], info
+        assert info["isa"]["missing_here"] == ["avx512f", "amx_tile"]
+    assert "fedlora_fast._native" not in sys.modules, "env.native_info loaded the extension"
+
+
+def test_isa_check_passes_when_flags_are_present_or_unknown(monkeypatch):
+    from fedlora_fast import env
+
+    record = {"march_native": True, "isa": ["sse2", "avx2"]}
+    assert env.missing_isa(record, {"sse2", "avx2", "avx512f"}) == []
+    assert env.missing_isa(record, {"sse2"}) == ["avx2"]
+    monkeypatch.setattr(env, "cpu_flags", lambda: None)  # not Linux: cannot tell, do not refuse
+    assert env.missing_isa(record) == []
+    assert env.missing_isa({"isa": None}, {"sse2"}) == []  # the build could not list its ISA
+
+
+def test_isa_recorded_next_to_the_built_module():
+    """The module the tests load carries the record of what it needs, and this CPU has all of it."""
+    _native_or_skip()
+    from fedlora_fast import env
+
+    path = env.native_path()
+    record = env.native_isa(path)
+    assert record is not None, f"no {env.ISA_FILE} next to {path}: rebuild (setup.py build_ext --inplace)"
+    assert isinstance(record["isa"], list) and isinstance(record["march_native"], bool)
+    if record["processor"] in ("x86_64", "AMD64"):
+        assert "sse2" in record["isa"]
+    flags = env.cpu_flags()
+    if flags is not None:
+        assert env.missing_isa(record, flags) == []
+        if record["march_native"] and "avx2" in flags:
+            assert "avx2" in record["isa"]
+
+
+def test_failed_build_is_quoted_by_the_runtime_warning(fresh_native_import, monkeypatch, tmp_path):
+    """pip hides a failed (optional) native build and may cache the wheel: the reason setup.py recorded
+    and the cache-bypassing reinstall command reach the fallback warning."""
+    from fedlora_fast import env
+
+    (tmp_path / env.BUILD_ERROR_FILE).write_text("CMake configuring failed: the C++ compiler is broken\n")
+    monkeypatch.setattr(env, "_package_dir", lambda: tmp_path)
+    monkeypatch.setitem(sys.modules, "fedlora_fast._native", None)  # not built
+    with pytest.warns(RuntimeWarning, match="native backend unavailable") as rec:
+        assert backends.backend_for("cpu") == "torch"
+    msg = str(rec[0].message)
+    assert "native build failed when fedlora_fast was installed: CMake configuring failed" in msg, msg
+    assert "pip install --no-cache-dir --force-reinstall" in msg, msg

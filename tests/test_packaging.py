@@ -65,3 +65,56 @@ def test_sdist_ships_the_native_sources_the_licence_and_the_data(tmp_path):
                    "fedlora_fast/data/sms_spam_collection.tsv", "fedlora_fast/data/README.md", "kernels/ffa_linear.py"):
         assert needed in names, f"{needed} missing from the sdist"
     assert not any(n.startswith("tests/") for n in names)
+
+
+def _build_ext(tmp_path, **env):
+    """``setup.py build_ext`` into tmp_path (what ``pip wheel`` packs), never touching the in-place module."""
+    import os
+
+    full = {**os.environ, **env}
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                        "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, env=full, capture_output=True, text=True)  # fmt: skip
+    return r, tmp_path / "lib" / "fedlora_fast"
+
+
+def test_failed_native_build_warns_loudly_and_leaves_its_reason(tmp_path):
+    """A failed optional build exits 0 (pip then installs, and may cache, a wheel without the module): it
+    must say so on stderr, with the reinstall command that bypasses the cache, and leave the reason for
+    the runtime warning; FEDLORA_FAST_REQUIRE_NATIVE=1 turns it into an error."""
+    r, pkg = _build_ext(tmp_path / "a", CXX="/bin/false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "WARNING: fedlora_fast: building the native CPU backend" in r.stderr, r.stderr[-2000:]
+    assert "pip install --no-cache-dir --force-reinstall" in r.stderr
+    assert not list(pkg.glob("_native*.so"))
+    reason = (pkg / "_native_build_error.txt").read_text()
+    assert "/bin/false" in reason and "CMake" in reason, reason
+    r, _ = _build_ext(tmp_path / "b", CXX="/bin/false", FEDLORA_FAST_REQUIRE_NATIVE="1")
+    assert r.returncode != 0 and "FEDLORA_FAST_REQUIRE_NATIVE is set" in r.stderr, r.stderr[-2000:]
+
+
+def test_native_build_records_the_instruction_sets_it_needs(tmp_path):
+    """The built module ships with _native_isa.json: -march=native records the build CPU's extensions
+    (checked at import on the running CPU); a portable build (MARCH_NATIVE=OFF) records only the baseline."""
+    import json
+
+    import pytest
+
+    from fedlora_fast import env
+    from fedlora_fast.ops import backends
+
+    if not backends.available("native", "cpu"):
+        pytest.skip("the native module is not built here (no C++ toolchain?)")
+
+    r, pkg = _build_ext(tmp_path / "native")
+    assert r.returncode == 0 and list(pkg.glob("_native*.so")), r.stderr[-2000:]
+    native = json.loads((pkg / "_native_isa.json").read_text())
+    assert native["march_native"] is True and isinstance(native["isa"], list), native
+    flags = env.cpu_flags()
+    if flags is not None:
+        assert env.missing_isa(native, flags) == [], native  # this CPU has what it built for
+        for f in ("avx2", "avx512f"):
+            assert (f in native["isa"]) == (f in flags), (f, native["isa"])
+    r, pkg = _build_ext(tmp_path / "portable", FEDLORA_FAST_CMAKE_ARGS="-DFEDLORA_FAST_MARCH_NATIVE=OFF")
+    assert r.returncode == 0, r.stderr[-2000:]
+    portable = json.loads((pkg / "_native_isa.json").read_text())
+    assert portable["march_native"] is False and "avx512f" not in portable["isa"], portable

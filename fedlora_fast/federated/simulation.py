@@ -202,9 +202,12 @@ def load_model(name: str, num_labels: int, seed: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from fedlora_fast.data import is_local_name
+
     local = Path(name).expanduser()
-    if not local.exists() and (os.sep in name or name.startswith(".")):
-        raise ValueError(f"model: no such directory {name!r} (expected a local model directory or a hub name)")
+    if not local.exists() and is_local_name(name):  # ./x, /x, ~/x, a/b/c; org/name is a hub name
+        raise ValueError(f"model: no such directory {name!r} (expected a local model directory or a hub name "
+                         "such as 'org/name')")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     bars = hf_logging.is_progress_bar_enabled()

@@ -5,3 +5,10 @@ imports ``flwr``. Point a Flower App's components at ``fedlora_fast.flower.clien
 ``fedlora_fast.flower.server_app:app`` (see ``examples/flower/``); every setting comes from the Flower run
 config with the names and defaults of ``fedlora-fast train`` (``fedlora_fast.flower.config``).
 """
+
+try:  # every module here needs flwr: say which extra brings it, not just "No module named 'flwr'"
+    import flwr  # noqa: F401
+except ImportError as _e:
+    raise ImportError(
+        f"fedlora_fast.flower needs Flower ({_e}): pip install 'fedlora_fast[flower]'", name=_e.name
+    ) from _e

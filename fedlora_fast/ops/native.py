@@ -15,8 +15,10 @@ and folds the adapter into the base GEMM the same way (``Y = x (W + s B A)^T + b
 
 Per-shape choice: every float32 shape measured ran faster here than on the reference (bench/NOTES.md,
 "Native CPU backend"), so no shape is routed back; a shape found slower belongs in a rule at the top of
-the function concerned. Importing this module fails with ImportError when the extension was not built;
-``fedlora_fast.ops.backends`` then falls back to the reference with one warning.
+the function concerned. Importing this module fails with ImportError when the extension was not built,
+or when it was built for instruction sets this CPU lacks (``-march=native`` on another machine: checked
+against the build's record before the extension is loaded, since running it would die of SIGILL);
+``fedlora_fast.ops.backends`` then falls back to the reference with one warning that says how to rebuild.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedlora_fast import _native  # noqa: F401  (ImportError here = not built: the backend probe reports it)
+from fedlora_fast import env as _env
+
+_isa_problem = _env.isa_problem()
+if _isa_problem:  # checked BEFORE loading the extension: its first vector instruction would kill the process
+    raise ImportError(_isa_problem)
+try:
+    from fedlora_fast import _native  # noqa: F401  (ImportError here = not built: the backend probe reports it)
+except ImportError as e:
+    raise ImportError(_env.native_import_error(e), name=e.name, path=e.path) from e
 from fedlora_fast.reference import ffa_linear as _ref
 
 MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP = _ref.MODE_SUM, _ref.MODE_PER_SAMPLE, _ref.MODE_CLIP

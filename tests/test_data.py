@@ -1,0 +1,207 @@
+"""Reading user data files (fedlora_fast.data): malformed rows, encodings, label readings, the split's
+guarantees, and hub-name routing. Every error must name the file (and the line where there is one)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+
+from fedlora_fast import data as D
+from fedlora_fast.data import DataError, load_text_classification
+
+
+def _write(tmp_path, name, text, encoding="utf-8"):
+    p = tmp_path / name
+    p.write_bytes(text.encode(encoding))
+    return str(p)
+
+
+# --- malformed rows -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "body, line, found",
+    [
+        ("hello, world,ham\nok,spam\n" + "x,ham\n" * 4, 2, 3),  # first row has an extra field
+        ("ok,ham\nfree,spam\nbuy now, cheap,spam\nfine,ham\n", 4, 3),  # a later row: text was silently cut
+        ("ok,ham\nbuy now\nfree,spam\n", 3, 1),  # a missing field
+    ],
+    ids=["extra_first", "extra_later", "missing"],
+)
+def test_csv_row_with_wrong_field_count_is_refused(tmp_path, body, line, found):
+    p = _write(tmp_path, "d.csv", "text,label\n" + body)
+    with pytest.raises(DataError) as e:
+        load_text_classification(p, seed=0)
+    msg = str(e.value)
+    assert p in msg and f"line {line}" in msg and f"{found} field(s), expected 2" in msg, msg
+    assert "quoted" in msg, msg
+
+
+def test_tsv_row_with_a_tab_in_the_text_is_refused(tmp_path):
+    p = _write(tmp_path, "d.tsv", "Label\tSMS\nham\tok\nspam\tfree\tnow\n")
+    with pytest.raises(DataError, match=r"line 3: 3 field\(s\), expected 2.*TSV is read without quoting"):
+        load_text_classification(p, seed=0)
+
+
+def test_csv_quoting_works_and_tsv_quotes_are_text(tmp_path):
+    rows = "".join(f'"msg {i}, with a comma",{"spam" if i % 2 else "ham"}\n' for i in range(10))
+    tr, te = load_text_classification(_write(tmp_path, "q.csv", "text,label\n" + rows), seed=0)
+    assert {t for d in (tr, te) for t in d.texts} == {f"msg {i}, with a comma" for i in range(10)}
+    rows = "".join(f'{"spam" if i % 2 else "ham"}\tsaid "hi {i}\n' for i in range(10))
+    tr, te = load_text_classification(_write(tmp_path, "q.tsv", "Label\tSMS\n" + rows), seed=0)
+    assert {t for d in (tr, te) for t in d.texts} == {f'said "hi {i}' for i in range(10)}
+
+
+def test_blank_and_whitespace_lines_are_skipped(tmp_path):
+    p = _write(tmp_path, "d.csv", "text,label\nok,ham\n\n   \nfree,spam\nfine,ham\nwin,spam\n\n")
+    tr, te = load_text_classification(p, seed=0, test_fraction=0.5)
+    assert sorted(tr.texts + te.texts) == ["fine", "free", "ok", "win"]
+
+
+# --- errors name the file and line --------------------------------------------------------------------------
+def test_non_utf8_file_is_refused_with_file_line_and_advice(tmp_path):
+    p = _write(tmp_path, "latin1.csv", "text,label\nok,ham\ncaf\u00e9,spam\n", encoding="latin-1")
+    with pytest.raises(DataError) as e:
+        load_text_classification(p, seed=0)
+    msg = str(e.value)
+    assert p in msg and "not UTF-8" in msg and "line 3" in msg and "re-save" in msg and "UTF-8" in msg, msg
+    pj = _write(tmp_path, "latin1.jsonl", '{"text": "caf\u00e9", "label": 0}\n', encoding="latin-1")
+    with pytest.raises(DataError, match="not UTF-8 text.*line 1"):
+        load_text_classification(pj, seed=0)
+
+
+def test_label_and_column_errors_name_the_file_and_line(tmp_path):
+    one = _write(tmp_path, "one.csv", "text,label\na,ham\nb,ham\n")
+    with pytest.raises(DataError, match=r"at least 2 classes.*" + "one.csv"):
+        load_text_classification(one, seed=0)
+    cols = _write(tmp_path, "cols.csv", "text,label\na,ham\nb,spam\n")
+    with pytest.raises(DataError, match=r"no column 'foo' in .*cols\.csv"):
+        load_text_classification(cols, text_column="foo", seed=0)
+    nolab = _write(tmp_path, "nolab.csv", "text,label\na,ham\nb,\nc,spam\n")
+    with pytest.raises(DataError, match=r"1 example\(s\) in .*nolab\.csv have no label \(first at line 3\)"):
+        load_text_classification(nolab, seed=0)
+    with pytest.raises(DataError, match=r"nolab\.csv have no label \(first at line 3\)"):
+        load_text_classification(nolab, seed=0, label_names=["ham", "spam"])
+    js = _write(tmp_path, "d.jsonl", '{"text": "a", "label": "ham"}\n\n{"text": "b", "label": null}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl have no label \(first at line 3\)"):
+        load_text_classification(js, seed=0)
+
+
+# --- labels with fixed classes: one reading per file --------------------------------------------------------
+def test_integer_class_names_and_ids_are_not_mixed(tmp_path):
+    """Classes "1", "2" (star ratings): a stray 0 used to switch the whole file to class ids, shifting
+    every label by one."""
+    rows = "".join(f"review {i},{1 + i % 2}\n" for i in range(10)) + "review x,0\n"
+    p = _write(tmp_path, "stars.csv", "text,label\n" + rows)
+    with pytest.raises(DataError) as e:
+        load_text_classification(p, seed=0, label_names=["1", "2"])
+    msg = str(e.value)
+    assert "mixes class names and class ids" in msg and "'0' (line 12)" in msg and p in msg, msg
+    # all names: read as names, never shifted
+    p2 = _write(tmp_path, "stars2.csv", "text,label\n" + "".join(f"review {i},{1 + i % 2}\n" for i in range(10)))
+    tr, te = load_text_classification(p2, seed=0, label_names=["1", "2"])
+    got = {t: tr.label_names[y] for d in (tr, te) for t, y in zip(d.texts, d.labels)}
+    assert got == {f"review {i}": str(1 + i % 2) for i in range(10)}
+
+
+def test_unknown_label_with_fixed_classes_names_the_line(tmp_path):
+    p = _write(tmp_path, "d.csv", "text,label\na,ham\nb,eggs\n")
+    with pytest.raises(DataError, match=r"labels \['eggs'\] outside the classes \['ham', 'spam'\] \(first at line 3\)"):
+        load_text_classification(p, seed=0, label_names=["ham", "spam"])
+
+
+# --- the split ----------------------------------------------------------------------------------------------
+def _spam_group(n_spam_texts: int, copies: int) -> D.TextClassificationData:
+    texts = [f"ham {i}" for i in range(40)] + [f"spam {i % n_spam_texts}" for i in range(copies)]
+    return D.TextClassificationData(texts, [0] * 40 + [1] * copies, ["ham", "spam"], "mem")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_never_moves_a_whole_class_into_test(seed):
+    """40 distinct ham and one spam text repeated 10 times: all spam went to test, none was trained on."""
+    with pytest.warns(UserWarning, match="class 'spam' in mem has a single distinct text \\(10 copies\\)"):
+        tr, te = D.train_test_split(_spam_group(1, 10), 0.2, seed)
+    assert tr.class_counts() == [32, 10] and te.class_counts() == [8, 0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_keeps_a_class_with_two_texts_on_both_sides(seed):
+    """Two spam texts, 6 copies each: want round(12 * 0.2) = 2; either group overshoots, but both sides
+    must see spam, and no text is on both sides."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr, te = D.train_test_split(_spam_group(2, 12), 0.2, seed)
+    assert tr.class_counts()[1] == 6 and te.class_counts()[1] == 6
+    assert not set(tr.texts) & set(te.texts)
+    # a class so small that its rounded share is all of it still keeps one text in train
+    data = D.TextClassificationData(["a", "b", "c", "d", "e"], [0, 0, 0, 1, 1], ["x", "y"], "mem")
+    tr, te = D.train_test_split(data, 0.8, seed)
+    assert tr.class_counts()[1] == 1 and te.class_counts()[1] == 1
+
+
+def test_split_does_not_overshoot_on_a_big_duplicate_group():
+    texts = [f"m {i}" for i in range(50)] + ["same"] * 30 + [f"s {i}" for i in range(20)]
+    data = D.TextClassificationData(texts, [0] * 80 + [1] * 20, ["a", "b"], "mem")
+    for seed in range(10):
+        tr, te = D.train_test_split(data, 0.2, seed)
+        assert te.class_counts()[0] <= 16, (seed, te.class_counts())  # want 16: the group of 30 is passed over
+
+
+# --- hub names vs local paths -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, local",
+    [
+        ("some-org/some-data", False), ("imdb", False), ("org/name.v2", False),
+        ("./missing", True), ("../missing", True), ("/abs/missing", True), ("~/missing", True),
+        ("org/missing.csv", True), ("missing.jsonl", True), ("a/b/c", True), ("has space/x", True),
+    ],
+)
+def test_is_local_name(name, local):
+    assert D.is_local_name(name, D.LOCAL_SUFFIXES) is local
+
+
+def test_org_prefixed_data_name_goes_to_the_hub(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_hub(name):
+        calls.append(name)
+        raise DataError(f"data: {name!r} could not be loaded from the hub (offline)")
+
+    monkeypatch.setattr(D, "_read_hub", fake_hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="could not be loaded from the hub"):
+        load_text_classification("some-org/some-data")
+    assert calls == ["some-org/some-data"]
+    for local in ("org/missing.csv", "./missing", "a/b/c"):
+        with pytest.raises(DataError, match="no such file"):
+            load_text_classification(local)
+    assert calls == ["some-org/some-data"]
+
+
+def test_org_prefixed_model_name_goes_to_the_hub(monkeypatch, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fedlora_fast.federated.simulation import load_model
+
+    calls = []
+
+    def fake_from_pretrained(name, *a, **k):
+        calls.append(name)
+        raise OSError(f"{name} is not reachable (offline)")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="cannot load 'some-org/some-model'"):
+        load_model("some-org/some-model", 2, 0)
+    assert calls == ["some-org/some-model"]
+    with pytest.raises(ValueError, match="no such directory './some-model'"):
+        load_model("./some-model", 2, 0)
+    assert calls == ["some-org/some-model"]
+
+
+# --- optional extras ----------------------------------------------------------------------------------------
+def test_parquet_without_datasets_names_the_extra(tmp_path, monkeypatch):
+    p = tmp_path / "d.parquet"
+    p.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"pip install 'fedlora_fast\[data\]'"):
+        load_text_classification(str(p))
