@@ -47,6 +47,19 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults as a user types them: none where the help says it already or there is none (None), a list
+    comma-joined (``query,value``, not ``['query', 'value']``)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action.default, (list, tuple)):
+            return f"{text} (default: {','.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
 def add_train_parser(sub) -> argparse.ArgumentParser:
     d = FederatedConfig()
     p = sub.add_parser(
@@ -60,7 +73,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
             "Writes OUT/metrics.json, OUT/curves.png, OUT/adapter/ (peft format) and a checkpoint after "
             "every round (--resume continues it)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("model and adapter")
     g.add_argument("--model", default=None,
@@ -169,7 +182,7 @@ def run_train(args: argparse.Namespace) -> int:
         f"final: test accuracy {final['accuracy']:.4f} | epsilon {final['epsilon']:.3f} (delta {final['delta']:g}, "
         f"largest over {len(final['clients'])} clients) | {final['seconds']:.0f} s of rounds | wrote {', '.join(wrote)}"
     )
-    if not config.secure_noise:  # the seed is in metrics.json and the adapter's metadata: anyone may rebuild the noise
+    if final["noise"].startswith("seeded"):  # the seed is in metrics.json and the adapter's metadata
         print("note: the DP noise was seeded from --seed (reproducible): this epsilon holds only against someone who "
               "does not know the seed; train on real private data with --secure-noise")
     return 0

@@ -116,10 +116,17 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return short if selected == set(names) else sorted(names)
 
 
-def _pattern(values: dict[str, float | int], default: float | int) -> dict[str, float | int]:
-    """peft's ``rank_pattern``/``alpha_pattern`` for the odd ones out. peft matches a key as ``(.*\\.)?(key)$``,
-    so a bare ``enc\\.q`` would also set ``dec.enc.q``: the ``^`` anchors it to the full name."""
-    return {"^" + re.escape(n): v for n, v in sorted(values.items()) if v != default}
+def _pattern(values: dict[str, float | int], default: float | int, names: list[str]) -> dict[str, float | int]:
+    """peft's ``rank_pattern``/``alpha_pattern`` for the odd ones out. peft (0.21) matches a key as
+    ``(.*\\.)?(key)$``, so a bare ``enc\\.q`` would also set ``dec.enc.q``: where another adapted layer's name
+    (``names``) ends with ``.`` + this one, ``^`` anchors the key to the full name. Elsewhere the key stays
+    bare, as every peft version since 0.13 reads it."""
+    out = {}
+    for n, v in sorted(values.items()):
+        if v != default:
+            clash = any(m != n and m.endswith("." + n) for m in names)
+            out[("^" if clash else "") + re.escape(n)] = v
+    return out
 
 
 def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
@@ -164,8 +171,9 @@ def export_peft(
         The directory path.
     Raises:
         ValueError: no adapters, adapters that peft's single LoraConfig cannot describe (mixed
-            ``use_rslora`` or dropout), adapters whose qualified name is not the one they were created with
-            (a wrapper other than torch.compile's or DataParallel's, which are unwrapped), or
+            ``use_rslora`` or dropout), adapters whose qualified name does not end with the one they were
+            created with (a wrapper other than torch.compile's, DataParallel's or DistributedDataParallel's,
+            which are unwrapped), or
             ``modules_to_save`` holding weights tied to a module not listed.
     """
     from safetensors.torch import save as save_bytes
@@ -175,11 +183,16 @@ def export_peft(
     if not adapters:
         raise ValueError("model: no FFALoRALinear adapters to export; call inject_adapters or from_peft first")
     names = list(adapters)
-    renamed = [f"{n} (created as {l.name!r})" for n, l in adapters.items() if l.name and l.name != n]
+    # a layer created under a submodule (inject_adapters(model.backbone, ...)) exports under its full name here,
+    # which is what peft loads into this model (A's seed name is kept in the metadata); a name that does not
+    # end with the creation name was changed by something else (a wrapper that is not unwrapped)
+    renamed = [f"{n} (created as {l.name!r})" for n, l in adapters.items()
+               if l.name and l.name != n and not n.endswith("." + l.name)]
     if renamed:
         raise ValueError(
-            f"model: adapters under another name than they were created with: {renamed[:4]}; the model peft "
-            "loads into has the names given at creation: export the model inject_adapters was called on"
+            f"model: adapters under a name that does not end with the one they were created with: {renamed[:4]} "
+            "(a wrapper fedlora_fast does not unwrap?); export the model inject_adapters was called on, or the "
+            "model it is part of"
         )
     for what in ("use_rslora", "dropout"):
         values = {n: (l.use_rslora if what == "use_rslora" else _dropout_p(l)) for n, l in adapters.items()}
@@ -228,8 +241,8 @@ def export_peft(
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": _pattern(rs, r),
-        "alpha_pattern": _pattern(alphas, alpha),
+        "rank_pattern": _pattern(rs, r, names),
+        "alpha_pattern": _pattern(alphas, alpha, names),
         "use_dora": False,
     }
     held = Counter(i for m in modules_to_save for i in {id(p) for p in all_modules[m].parameters()})
@@ -374,8 +387,9 @@ def load_peft(
     Returns:
         ``{qualified_name: layer}`` of the loaded adapters.
     Raises:
-        FileNotFoundError, ValueError: a missing file, an unsupported config, or names/shapes that do not
-            fit the model (every offending name listed).
+        FileNotFoundError, ValueError: a missing file, an unsupported config, names/shapes that do not
+            fit the model (every offending name listed), or a model that already has peft layers (use
+            ``from_peft``); nothing of the model is changed before a refusal.
     """
     load_dir = Path(load_dir)
     config, tensors, meta = _read_dir(load_dir)

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE
 
-PS_ATTRS = ("ff_grad_sample", "ff_clipped", "ff_norm2", "ff_batch")
+PS_ATTRS = ("ff_grad_sample", "ff_clipped", "ff_norm2", "ff_batch", "ff_fwds")
+CONSUMED_KEPT = 1 << 16  # forward ids remembered as consumed; older ones fall under the watermark
 
 
 @dataclass
@@ -39,9 +40,10 @@ class PerSampleContext:
         forwards: counts the per-sample modules' forwards (``forward_id``): each backward result carries
             the id of the module forward it came from. Unlike ``batch_id`` it needs no hook on the model (a
             loss may call submodules directly) and recomputation (activation checkpointing) gets a new one.
-        consumed: every module forward up to this id was run before the engine's last clip: a backward of
-            one of them now would be a second backward of a forward already clipped into the step (a retained
-            graph), or of one run before the step it should have been part of; it is refused.
+        consumed: the module forwards whose per-sample gradients the engine has clipped into a step: a
+            backward of one of them again (a retained graph) would count its samples twice, and is refused.
+            Forwards not yet backwarded stay usable (several micro-batches' forwards, then their backwards).
+            Only the latest ``CONSUMED_KEPT`` ids are kept; ``consumed_below`` refuses every older one.
         closed: the engine was detached (or replaced): a backward of a forward run under it has no engine
             to clip it, and is refused rather than clipped by another engine under other thresholds.
     """
@@ -50,8 +52,17 @@ class PerSampleContext:
     clip: dict[int, float] = field(default_factory=dict)
     batch_id: int = 0
     forwards: int = 0
-    consumed: int = 0
+    consumed: set[int] = field(default_factory=set)
+    consumed_below: int = 0
     closed: bool = False
+
+    def consume(self, fwds: set[int]) -> None:
+        """Mark these module forwards' per-sample gradients as clipped into a step."""
+        self.consumed |= fwds
+        if len(self.consumed) > CONSUMED_KEPT:  # bounded memory: forget the oldest half, refuse all below them
+            keep = sorted(self.consumed)[-CONSUMED_KEPT // 2 :]
+            self.consumed_below = keep[0]
+            self.consumed = set(keep)
 
     def threshold(self, param: Tensor) -> float:
         """The per-layer threshold of ``param`` (MODE_CLIP); fails closed for a parameter it does not know."""
@@ -105,7 +116,7 @@ def store(
             "a backward of a forward run under a DP engine that has since been detached (or replaced): its "
             "per-sample gradients have no engine to clip them; run the forward again under the current engine"
         )
-    if fwd <= ctx.consumed:
+    if fwd in ctx.consumed or fwd < ctx.consumed_below:
         raise PerSampleStateError(
             "a second backward through a forward whose per-sample gradients were already clipped into the "
             "step (a retained graph): its samples would count twice; run the forward again"
@@ -130,6 +141,10 @@ def store(
             )
         grad_sample = param.ff_grad_sample + grad_sample
         norm2 = grad_sample.flatten(1).pow(2).sum(1)
+        fwds = param.ff_fwds | {fwd}
+    else:
+        fwds = {fwd}
+    param.ff_fwds = fwds
     param.ff_grad_sample = grad_sample
     param.ff_norm2 = norm2.float()
     param.ff_batch = batch_id

@@ -64,6 +64,20 @@ def test_labels_that_are_not_classes(tiny, tmp_path, capsys):
     assert code == EXIT_USAGE and "label_column: labels must be classes" in err and "Traceback" not in err
 
 
+def test_a_run_without_noise_says_so_and_writes_strict_json(tiny, tmp_path, capsys):
+    """--noise-multiplier 0: no privacy. final.noise says "none", no seeded-noise note is printed, and the
+    infinite epsilon is null in metrics.json and in the adapter's metadata (strict JSON: no Infinity)."""
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(tiny_args(tiny, out, "--noise-multiplier", "0", "--rounds", "1"), capsys)
+    assert code == 0, err
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["noise"].startswith("none") and final["epsilon"] is None
+    assert "note: the DP noise was seeded" not in stdout
+    meta = json.loads((out / "adapter" / "fedlora_fast.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert meta["user"]["epsilon"] is None and meta["user"]["noise"] == final["noise"]
+
+
 def test_train_writes_metrics_curves_and_resumes(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, err = run_cli(tiny_args(tiny, out, "--epsilon", "6", "--delta", "1e-4"), capsys)
@@ -110,3 +124,6 @@ def test_module_entry_point_help():
         assert flag in res.stdout
     text = " ".join(res.stdout.split())  # argparse wraps the help
     assert "TSV is read WITHOUT quoting" in text and "org/name" in text, text
+    # defaults as typed: none printed twice or as None, lists comma-joined
+    assert "(default: None)" not in text and "(default: query,value)" in text and "['" not in text, text
+    assert text.count("(default: the packaged all-MiniLM-L6-v2)") == 1

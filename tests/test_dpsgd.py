@@ -310,6 +310,31 @@ def test_a_second_backward_of_a_consumed_forward_is_refused(clipping):
         b = make_batch(2, 2, seed=seed)
         ((model[2](model[1](model[0](b["x"]))) - b["y"]) ** 2).sum().backward()
         dp.step()
+    # the forwards of two micro-batches first, then their backwards: each counted once, as one after the other
+    first, second = make_batch(2, 2, seed=7), make_batch(3, 2, seed=8)
+    l1, l2 = loss_fn(model, first), loss_fn(model, second)
+    l1.backward()
+    dp.accumulate()
+    l2.backward()
+    dp.accumulate()
+    both = torch.cat([t.flatten() for t in dp.clipped_sum()])
+    dp.zero_grad()
+    for b in (first, second):
+        loss_fn(model, b).backward()
+        dp.accumulate()
+    assert_close_verbose(torch.cat([t.flatten() for t in dp.clipped_sum()]), both, atol=0, rtol=0, name="order")
+
+
+def test_consumed_forward_ids_stay_bounded(monkeypatch):
+    from fedlora_fast import per_sample
+
+    monkeypatch.setattr(per_sample, "CONSUMED_KEPT", 8)
+    ctx = per_sample.PerSampleContext()
+    ctx.consume(set(range(1, 10)))  # 9 > 8: the oldest half is forgotten, and refused by the watermark
+    assert ctx.consumed == {6, 7, 8, 9} and ctx.consumed_below == 6
+    with pytest.raises(PerSampleStateError, match="second backward"):
+        per_sample.store(torch.zeros(2), ctx, 0, torch.zeros(1, 2), torch.zeros(1), fwd=3)
+    per_sample.store(torch.zeros(2), ctx, 0, torch.zeros(1, 2), torch.zeros(1), fwd=10)
 
 
 def test_a_backward_of_a_forward_under_a_replaced_engine_is_refused():

@@ -225,6 +225,9 @@ def test_strategy_binds_the_accepted_sender_and_fixes_each_ids_example_count():
     assert strategy._pending["accepted"] == [0], reasons
     assert "node 66 claims client id 0, which belongs to node 10" in reasons[0]
     assert "num_examples 1000000 differs from the 5 client 1 sent in its first accepted update" in reasons[1]
+    _, metrics = strategy.aggregate_train(2, [_reply(11, _update(1, one, 7, rnd=2, eps=9.0))])
+    assert strategy.clients[1]["epsilon"] == 9.0 and strategy.epsilon() == 9.0, "refused, but it trained: it counts"
+    strategy.server.round = 2
     strategy._pending = {"round": 3}  # ids outside the federation: refused by the server
     strategy.aggregate_train(3, [_reply(12, _update(2, one, 5, rnd=2)), _reply(13, _update(-1, one, 5, rnd=2))])
     reasons = [r["reason"] for r in strategy._pending["rejected"]]
@@ -482,6 +485,10 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
     bad.write_text("Label\tSMS\nham\thello\nspam\tWIN\neggs\tbacon\n", encoding="utf-8")
     with pytest.raises(Exception, match="eggs"):  # a class outside the run's labels
         client_app.load_node(context(rc, **{"data-path": str(bad)}))
+    # settings errors (no data in them) reach the server in full; they stay ValueErrors for callers
+    with pytest.raises(client_app.NodeConfigError, match="labels") as err:
+        client_app.train(None, context(_tiny_run_config(tiny), **{"data-path": str(silo)}))
+    assert isinstance(err.value, ValueError)
     # through the handlers (whose exception text Flower sends to the server) the row's text stays on the node
     for handler in (client_app.train, client_app.evaluate):
         with pytest.raises(client_app.NodeError) as err:

@@ -284,6 +284,20 @@ def describe_run(fed) -> dict:
 
 NOISE_SEEDED = "seeded from the run's seed: reproducible, not private against anyone who knows the seed"
 NOISE_SECURE = "secure: drawn from the operating system's randomness"
+NOISE_NONE = "none: a client added no DP noise (noise multiplier 0: epsilon is infinite)"
+
+
+def noise_source(secure: bool, noise_multipliers) -> str:
+    """``final.noise``: where the run's DP noise came from (NOISE_SEEDED, NOISE_SECURE or NOISE_NONE)."""
+    if any(s == 0 for s in noise_multipliers):
+        return NOISE_NONE
+    return NOISE_SECURE if secure else NOISE_SEEDED
+
+
+def adapter_metadata(fed, final: dict) -> dict:
+    """What the exported adapter's ``fedlora_fast.json`` records of the run (strict JSON: inf as null)."""
+    return _json_safe({"fingerprint": fed.fingerprint, "rounds": final["round"], "accuracy": final["accuracy"],
+                       "epsilon": final["epsilon"], "delta": final["delta"], "noise": final["noise"]})
 
 
 def final_record(
@@ -447,7 +461,7 @@ class Federation:
                 clients=[c.privacy_record(cfg.delta) for c in self.clients],
                 server_privacy=self.server.aggregator.privacy(cfg.delta),
                 totals=("bytes_up", "bytes_down", "seconds", "cpu_seconds"),
-                noise=NOISE_SECURE if cfg.secure_noise else NOISE_SEEDED,
+                noise=noise_source(cfg.secure_noise, [c.noise_multiplier for c in self.clients]),
             )  # fmt: skip
         return out
 
@@ -677,9 +691,7 @@ def run_simulation(
             plot_curves(metrics, out / "curves.png")
         load_trainable(fed.model, fed.server.global_state)
         final = metrics["final"]
-        reason = export_adapter(fed.model, out / "adapter", fed.model_name, {
-            "fingerprint": fed.fingerprint, "rounds": final["round"], "accuracy": final["accuracy"],
-            "epsilon": final["epsilon"], "delta": final["delta"], "noise": final["noise"]})
+        reason = export_adapter(fed.model, out / "adapter", fed.model_name, adapter_metadata(fed, final))
         if reason:
             log.warning("adapter/ not written: %s", reason)
             metrics["adapter_export"] = reason

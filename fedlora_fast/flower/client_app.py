@@ -55,6 +55,10 @@ class NodeError(RuntimeError):
     """An error whose message quotes no data of the node (settings, budget): Flower sends it to the server as is."""
 
 
+class NodeConfigError(NodeError, ValueError):
+    """A bad node or run config setting (no data in the message): the server sees how to start the node."""
+
+
 def _kept_private(handler):
     """Flower sends a handler's exception text to the server (and the strategy writes it to metrics.json). A
     data error may quote the silo's rows (a label, a text): anything but a ``NodeError`` is logged here in
@@ -74,6 +78,8 @@ def _kept_private(handler):
             ) from None
 
     return run
+
+
 _FEDERATIONS: dict[str, Federation] = {}  # one per config per process (a process may serve several messages)
 
 
@@ -86,17 +92,17 @@ def node_partition(context: Context, cfg: FederatedConfig) -> int:
     nc = context.node_config
     pid = nc.get("partition-id")
     if isinstance(pid, bool) or not isinstance(pid, int):
-        raise ValueError(
+        raise NodeConfigError(
             f"node config 'partition-id': expected an int in [0, {cfg.num_clients}), got {pid!r}; start the "
             "SuperNode with --node-config \"partition-id=K num-partitions=N\""
         )
     parts = nc.get("num-partitions", cfg.num_clients)
     if parts != cfg.num_clients:
-        raise ValueError(
+        raise NodeConfigError(
             f"node config 'num-partitions': expected the run config's clients={cfg.num_clients}, got {parts!r}"
         )
     if not 0 <= pid < cfg.num_clients:
-        raise ValueError(f"node config 'partition-id': expected an int in [0, {cfg.num_clients}), got {pid}")
+        raise NodeConfigError(f"node config 'partition-id': expected an int in [0, {cfg.num_clients}), got {pid}")
     return pid
 
 
@@ -106,7 +112,7 @@ def node_data_path(context: Context) -> str | None:
     if path is None or path == "":
         return None
     if not isinstance(path, str):
-        raise ValueError(f"node config '{DATA_PATH_KEY}': expected a file path string, got {path!r}")
+        raise NodeConfigError(f"node config '{DATA_PATH_KEY}': expected a file path string, got {path!r}")
     return path
 
 
@@ -118,12 +124,16 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
         ValueError: a bad ``partition-id``/``num-partitions``/``data-path``, or ``data-path`` without the run
             config's ``labels``.
     """
-    cfg = dataclasses.replace(federated_config(context.run_config), secure_noise=True)
+    try:
+        run_cfg = federated_config(context.run_config)
+    except ValueError as e:  # the run config's own errors: settings, no data of the node
+        raise NodeConfigError(str(e)) from None
+    cfg = dataclasses.replace(run_cfg, secure_noise=True)
     pid = node_partition(context, cfg)
     local = node_data_path(context)
     if local is not None:
         if cfg.labels is None:
-            raise ValueError(
+            raise NodeConfigError(
                 f"run config 'labels': name the classes in id order (e.g. labels = \"ham,spam\") when nodes train "
                 f"on their own '{DATA_PATH_KEY}': every silo's classifier head must have the same classes"
             )

@@ -20,13 +20,14 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
 from fedlora_fast.federated.simulation import (
-    NOISE_SECURE,
     Federation,
+    adapter_metadata,
     dump_metrics,
     export_adapter,
     final_record,
     format_round,
     held_run_outputs,
+    noise_source,
     plot_curves,
     remove_run_outputs,
 )
@@ -61,7 +62,8 @@ def metrics_document(fed: Federation | node.ServerOnly, strategy: FedLoRAStrateg
             strategy.rounds, delta=cfg.delta, epsilon=strategy.epsilon(),
             clients=[strategy.clients[k] for k in sorted(strategy.clients)],
             server_privacy=fed.server.aggregator.privacy(cfg.delta), totals=("bytes_up", "bytes_down", "seconds"),
-            noise=NOISE_SECURE,  # every node and the server draw their noise from the OS under Flower
+            # every node and the server draw their noise from the OS under Flower
+            noise=noise_source(True, [c.get("noise_multiplier") for c in strategy.clients.values()]),
         )  # fmt: skip
     return doc
 
@@ -131,6 +133,6 @@ def main(grid: Grid, context: Context) -> None:
         if any(r["accuracy"] is not None for r in doc["rounds"]):
             plot_curves(doc, out / "curves.png")
         load_trainable(fed.model, fed.server.global_state)
-        reason = export_adapter(fed.model, out / "adapter")
+        reason = export_adapter(fed.model, out / "adapter", metadata=adapter_metadata(fed, doc["final"]))
         if reason:
             log.warning("adapter/ not written: %s", reason)

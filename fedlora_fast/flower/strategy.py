@@ -113,6 +113,7 @@ class FedLoRAStrategy(FedAvg):
         """
         replies = list(replies)
         messages, nodes, cids, reports, rejected = [], [], [], [], []  # nodes, cids, reports: per message
+        refused_reports = []  # (client id, privacy record) of the id's own node, refused before the server
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -145,17 +146,18 @@ class FedLoRAStrategy(FedAvg):
                           else f"node {node} speaks for client id {claimed}, not {cid}")
                 rejected.append({"client": cid, "node": node, "reason": f"{reason} (their first accepted updates)"})
                 continue
-            sent = sent_meta.get("num_examples")
-            if cid in self._examples_of and sent != self._examples_of[cid]:
-                rejected.append({"client": cid, "node": node, "reason": (
-                    f"num_examples {sent!r} differs from the {self._examples_of[cid]} client {cid} sent in its first "
-                    "accepted update (FedAvg weights by it)")})
-                continue
             rec = None
             metrics = next(iter(content.metric_records.values()), None)
             if metrics is not None and all(_number(metrics.get(k)) for k in PRIVACY_KEYS):
                 rec = {"num_examples": metrics.get(self.weighted_by_key), **{k: metrics[k] for k in PRIVACY_KEYS}}
                 self._reports[node] = {"client": cid, "node": node, **rec}
+            sent = sent_meta.get("num_examples")
+            if cid in self._examples_of and sent != self._examples_of[cid]:
+                rejected.append({"client": cid, "node": node, "reason": (
+                    f"num_examples {sent!r} differs from the {self._examples_of[cid]} client {cid} sent in its first "
+                    "accepted update (FedAvg weights by it)")})
+                refused_reports.append((cid, rec))  # it trained: its privacy record still counts
+                continue
             messages.append(message)
             nodes.append(node)
             cids.append(cid)
@@ -178,7 +180,7 @@ class FedLoRAStrategy(FedAvg):
         # under its id counts (ids outside [0, num_clients) are ignored, so a malformed reply cannot invent
         # clients). Only a node's own id (unbound yet, or bound to it) reaches here; every node's latest report
         # also counts in epsilon(), so a node cannot lower the epsilon another node reported.
-        for cid, rec in zip(cids, reports):
+        for cid, rec in [*zip(cids, reports), *refused_reports]:
             if rec is not None and cid not in privacy:
                 privacy[cid] = rec
         for cid, rec in privacy.items():

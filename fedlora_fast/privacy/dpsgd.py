@@ -534,10 +534,10 @@ class DPSGD:
             clipped = self._clip_flat(coef, n)
         else:  # the layers' backwards already clipped and summed, in float32 (None: unused)
             clipped = self._flatten([getattr(p, "ff_clipped", None) for p in self.params])
+        self.ctx.consume(set().union(*(getattr(p, "ff_fwds", None) or () for p in self.params)))
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
-        self.ctx.consumed = self.ctx.forwards  # a later backward of any forward run so far is refused
         # exactly the (real) samples clip_coef gave coefficient 0
         return clipped, bad.sum(), n
 
