@@ -112,8 +112,8 @@ class CMakeBuild(build_ext):
                 f"fedlora_fast: building the native CPU backend {ext.name} failed ({e}); installing without it "
                 "(CPU ops use the PyTorch reference, much slower). Needs a C++17 compiler, CMake >= 3.18 and "
                 "pybind11. pip may cache this wheel: after fixing the cause, reinstall with "
-                "pip install --no-cache-dir --force-reinstall --no-binary fedlora_fast fedlora_fast "
-                "(pip install --no-cache-dir --force-reinstall -e . in a checkout). "
+                "pip install --no-cache-dir --force-reinstall --no-deps --no-binary fedlora_fast fedlora_fast "
+                "(pip install --no-cache-dir --force-reinstall --no-deps -e . in a checkout). "
                 "FEDLORA_FAST_NO_NATIVE=1 skips the attempt; FEDLORA_FAST_REQUIRE_NATIVE=1 makes it an error."
             )
             warnings.warn(msg)

@@ -68,6 +68,9 @@ double outer_acc(const float* L, int64_t ldL, int64_t na, const float* R, int64_
     alignas(64) float acc[kKB][kAW];
     for (int64_t a0 = 0; a0 < na; a0 += kAW) {
         const int64_t w = std::min(kAW, na - a0);
+        // this 32-row tile's share, added whole: the very sums outer_acc_par forms per tile, so a sample's
+        // norm is bitwise the same whichever of the two ran it (i.e. whatever the thread count)
+        double part = 0.0;
         for (int64_t k0 = 0; k0 < nk; k0 += kKB) {
             if (w == kAW)
                 tile_full<kAW>(L + a0, ldL, R + k0, nkp, T, acc);
@@ -78,9 +81,10 @@ double outer_acc(const float* L, int64_t ldL, int64_t na, const float* R, int64_
                 for (int64_t j = 0; j < w; ++j) {
                     const float val = s * acc[k][j];
                     out[(a0 + j) * sa + (k0 + k) * sk] = val;
-                    norm2 += static_cast<double>(val) * val;
+                    part += static_cast<double>(val) * val;
                 }
         }
+        norm2 += part;
     }
     return norm2;
 }

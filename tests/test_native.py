@@ -193,6 +193,34 @@ def test_deterministic_and_thread_count(nat, n):
                 assert torch.equal(x, y), f"mode {mode}, {k} threads vs {threads}: {name} differs"
 
 
+def test_one_sample_norm_is_the_same_bits_whatever_the_thread_count(nat):
+    """One sample, two 32-row tiles: the one-thread path summed the norm in one running double, the
+    tile-parallel path per tile; they rounded differently on this input (a reviewer's), so nu and the clip
+    coefficient (hence the clipped sum) changed with the thread count. Both now add per-tile partials."""
+    from fedlora_fast import _native
+
+    out, r = 64, 1
+    g = torch.zeros(1, 1, out)
+    g[0, 0, 0], g[0, 0, 1] = 1.77001953125, 0.92041015625
+    g[0, 0, 2:4] = 2.0**-12
+    g[0, 0, 32:] = 2.0**-27
+    u, B = torch.ones(1, 1, r), torch.ones(out, r)
+    threads = torch.get_num_threads()
+    got = {}
+    for mode, shape in ((ref.MODE_PER_SAMPLE, (1, out, r)), (ref.MODE_CLIP, (out, r))):
+        for k in (1, 2):
+            try:
+                torch.set_num_threads(k)
+                gB, nuB = torch.empty(shape), torch.empty(1)
+                _native.ffa_linear_bwd(g.numpy(), u.numpy(), B.numpy(), None, None, gB.numpy(), nuB.numpy(), None,
+                                       None, 1.0, mode, 0.5, 0.0)
+            finally:
+                torch.set_num_threads(threads)
+            got[mode, k] = (gB, nuB)
+        for a_, b_ in zip(got[mode, 1], got[mode, 2]):
+            assert torch.equal(a_, b_), f"mode {mode}: 1 vs 2 threads differ ({a_.flatten()[:2]} vs {b_.flatten()[:2]})"
+
+
 def test_a_threshold_beyond_float32_clips_nothing(nat):
     """The op boundary takes any finite threshold; one past float32's range (the extension's) clips nothing,
     exactly as the sum of the per-sample gradients (it was turned into inf and refused)."""
@@ -371,7 +399,7 @@ def test_native_built_for_missing_instructions_is_not_loaded(fresh_native_import
     msgs = [str(w.message) for w in rec if "native backend unavailable" in str(w.message)]
     assert len(msgs) == 1
     assert "instruction sets this CPU lacks: avx512f, amx_tile" in msgs[0], msgs[0]
-    assert "--no-cache-dir --force-reinstall --no-binary fedlora_fast" in msgs[0], msgs[0]
+    assert "--no-cache-dir --force-reinstall --no-deps --no-binary fedlora_fast" in msgs[0], msgs[0]
     assert "FEDLORA_FAST_MARCH_NATIVE=OFF" in msgs[0], msgs[0]
     assert "fedlora_fast._native" not in sys.modules, "the extension was loaded before the check"
     assert backends.implementation("ffa_linear_bwd", "cpu") is ref.ffa_linear_bwd
@@ -391,6 +419,28 @@ def test_isa_check_passes_when_flags_are_present_or_unknown(monkeypatch):
     monkeypatch.setattr(env, "cpu_flags", lambda: None)  # not Linux: cannot tell, do not refuse
     assert env.missing_isa(record) == []
     assert env.missing_isa({"isa": None}, {"sse2"}) == []  # the build could not list its ISA
+    # a record of another architecture (x86 emulated on an ARM host reads the host's cpuinfo): unknown
+    monkeypatch.setattr(env.platform, "machine", lambda: "x86_64")
+    assert env.missing_isa({"processor": "aarch64", "isa": ["avx2"]}, {"fp", "asimd"}) == []
+    assert env.missing_isa({"processor": "AMD64", "isa": ["avx2"]}, {"sse2"}) == ["avx2"]
+    # an odd record (entries that are not names) is no record, never an error out of the backend probe
+    assert env.missing_isa({"isa": ["avx2", None, 5]}, {"sse2"}) == ["avx2"]
+    monkeypatch.setattr(env, "native_isa", lambda path=None: {"isa": [["x"]]})
+    monkeypatch.setattr(env, "cpu_flags", lambda: {"sse2"})
+    assert env.isa_problem() is None
+
+
+def test_cpu_flags_read_only_an_x86_flags_line(tmp_path, monkeypatch):
+    """Under x86 emulation on an ARM host /proc/cpuinfo has the host's "Features" line: not this CPU's."""
+    from fedlora_fast import env
+
+    real_open = open
+    for text, want in (("processor\t: 0\nFeatures\t: fp asimd evtstrm\n", None),
+                       ("processor\t: 0\nflags\t\t: fpu sse2 avx2\n", {"fpu", "sse2", "avx2"})):  # fmt: skip
+        (tmp_path / "cpuinfo").write_text(text)
+        monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(tmp_path / "cpuinfo", *a, **k)
+                            if p == "/proc/cpuinfo" else real_open(p, *a, **k))
+        assert env.cpu_flags() == want
 
 
 def test_isa_recorded_next_to_the_built_module():

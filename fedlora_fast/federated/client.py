@@ -165,6 +165,13 @@ class Client:
     ):
         if len(input_ids) != len(labels) or not labels:
             raise ValueError(f"client {client_id}: expected as many labels as examples (> 0), got {len(labels)} and {len(input_ids)}")
+        for name, v in (("batch_size", batch_size), ("local_steps", local_steps), ("rounds", rounds)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {lr_schedule!r}")
         self.client_id = int(client_id)
         self.last_metrics: dict = {}  # the last fit's local training metrics (never sent: see fit)
         self.input_ids, self.labels = list(input_ids), torch.as_tensor(list(labels), dtype=torch.long)
@@ -221,6 +228,8 @@ class Client:
         params = list(trainable_state(model).values())
         lr = round_lr(self.lr, round_idx, self.rounds, self.lr_schedule)
         opt = make_optimizer(self.optimizer, params, lr, self.weight_decay, self.momentum)
+        # built before the engine attaches: a failure here must not leave the model with a DP engine's hooks
+        sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=self.local_steps, generator=self.sample_generator)
         with _quiet_seeded_generator_warning():
             # The engine steps this client's persistent accountant once per noisy step (empty batches too).
             dp = DPSGD(
@@ -229,7 +238,6 @@ class Client:
                 generator=None if self.secure_mode else self.noise_generator, secure_mode=self.secure_mode,
                 sample_rate=self.sample_rate, accountant=self.accountant,
             )
-        sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=self.local_steps, generator=self.sample_generator)
         device = params[0].device
         model.train()
         # the training loss is summed on the device and read once after the loop: a read per step would make

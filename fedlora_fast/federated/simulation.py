@@ -43,10 +43,11 @@ from fedlora_fast.privacy.dpsgd import CLIPPING
 log = logging.getLogger(__name__)
 
 METHODS = ("ffa", "lora")
-# Settings that do not change any number of the run: a resume may change them. (Not the device: the noise
-# generators' states are per device type; not physical_batch_size: with dropout on, the micro-batch shapes
-# change the dropout masks.)
-RESUME_FREE = ("eval_batch_size",)
+# Settings that do not change any number of the run: a resume may change them. None so far: not the device
+# (the noise generators' states are per device type), not physical_batch_size (with dropout on, the
+# micro-batch shapes change the dropout masks), not eval_batch_size (the eval loss's float32 sums change in
+# their last digits with the batching), so that a resumed run ends bit for bit as an uninterrupted one.
+RESUME_FREE: tuple[str, ...] = ()
 # what a run (simulation or Flower ServerApp) writes into --out: a fresh run refuses a directory holding any of
 # them, --overwrite removes them (held_run_outputs, remove_run_outputs)
 RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", ckpt.FLOWER_CHECKPOINT_NAME)
@@ -141,8 +142,11 @@ class FederatedConfig:
             pos_num(name)
         for name in ("weight_decay", "momentum", "server_noise_multiplier"):
             pos_num(name, allow_zero=True)
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction: expected a number in (0, 1), got {self.test_fraction!r}")
+        tf = self.test_fraction
+        if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:
+            raise ValueError(f"test_fraction: expected a number in (0, 1), got {tf!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):  # derive_seed would truncate 1.5
+            raise ValueError(f"seed: expected an int, got {self.seed!r}")
         check_delta(self.delta)
         if self.epsilon is None and self.noise_multiplier is None:
             raise ValueError("epsilon / noise_multiplier: give one (epsilon calibrates the noise per client)")
@@ -215,7 +219,16 @@ def load_model(name: str, num_labels: int, seed: int):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         torch.manual_seed(derive_seed(seed, "head"))
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+        except RuntimeError as e:  # a classifier trained for another number of labels (transformers refuses)
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            log.warning("model %r: its classifier has another number of labels than the data's %d: a new head "
+                        "is initialised from the seed", name, num_labels)
+            torch.manual_seed(derive_seed(seed, "head"))
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels,
+                                                                       ignore_mismatched_sizes=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"model: cannot load {name!r} as a sequence classifier ({type(e).__name__}: {e})") from None
     finally:
