@@ -72,7 +72,6 @@ class CMakeBuild(build_ext):
     def copy_extensions_to_source(self) -> None:
         """setuptools copies only the module; copy its side files too, and after a failed build drop the
         stale in-place module and records instead of failing on the missing one."""
-        others = [ext for ext in self.extensions if not isinstance(ext, CMakeExtension)]
         for ext in self.extensions:
             if isinstance(ext, CMakeExtension):
                 for built, inplace in self._inplace_pairs(ext):
@@ -80,12 +79,6 @@ class CMakeBuild(build_ext):
                         self.copy_file(built, inplace, level=self.verbose)
                     elif os.path.exists(inplace):
                         os.remove(inplace)
-        if others:
-            saved, self.extensions = self.extensions, others
-            try:
-                super().copy_extensions_to_source()
-            finally:
-                self.extensions = saved
 
     def _get_output_mapping(self):
         yield from super()._get_output_mapping()

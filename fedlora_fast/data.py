@@ -236,6 +236,13 @@ def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
     )
 
 
+def _check_labelled(values, what: str, source, place) -> None:
+    """Raise DataError if any value is missing or blank, naming ``what``, the file and the first place."""
+    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())]
+    if missing:
+        raise DataError(f"{what}: {len(missing)} example(s){_in(source)} have no label (first at {place(missing[0])})")
+
+
 def labels_to_classes(values: list, class_names: list[str] | None = None, what: str = "label_column",
                       source: str = "", where: Sequence[str] | None = None) -> tuple[list[int], list[str]]:
     """Map raw label values (strings, ints, integral floats, bools) to class ids ``0..C-1``.
@@ -252,9 +259,7 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
         if bad:
             raise DataError(f"{what}: class ids must be in [0, {len(class_names)}), found {bad[:5]}{_in(source)}")
         return list(values), list(class_names)
-    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())]
-    if missing:
-        raise DataError(f"{what}: {len(missing)} example(s){_in(source)} have no label (first at {place(missing[0])})")
+    _check_labelled(values, what, source, place)
     if all(isinstance(v, str) for v in values):
         stripped = [v.strip() for v in values]
         try:
@@ -354,10 +359,7 @@ def _to_data(rows: list[dict], names: dict, where: list[str], text_column: str |
         texts.append(t)
     raw = [r.get(lcol) for r in rows]
     if label_names is not None:  # one silo's file or a test split: map with the classes given
-        missing = [i for i, v in enumerate(raw) if v is None or (isinstance(v, str) and not v.strip())]
-        if missing:
-            raise DataError(f"label_column: {len(missing)} example(s) in {source} have no label "
-                            f"(first at {where[missing[0]]})")
+        _check_labelled(raw, "label_column", source, where.__getitem__)
         if names.get(lcol) == label_names:
             ids = [int(v) for v in raw]
         else:
@@ -398,9 +400,8 @@ def train_test_split(data: TextClassificationData, test_fraction: float, seed: i
                 chosen.append(int(k))
                 taken += len(class_groups[k])
         if len(class_groups) >= 2:
-            by_size = sorted(range(len(class_groups)), key=lambda k: len(class_groups[k]))
             if not chosen:  # test would lack the class: its smallest group goes there
-                chosen = [by_size[0]]
+                chosen = [min(range(len(class_groups)), key=lambda k: len(class_groups[k]))]
             elif len(chosen) == len(class_groups):  # train would lack it: its smallest test group stays in train
                 chosen.remove(min(chosen, key=lambda k: len(class_groups[k])))
         elif class_groups and len(data) > 1:

@@ -97,10 +97,13 @@ def missing_isa(record: dict | None = None, flags: set[str] | None = None) -> li
     return [f for f in required if isinstance(f, str) and f not in flags]
 
 
-def isa_problem() -> str | None:
-    """Why the built module must not be loaded on this CPU (it would die of SIGILL), or None."""
+def isa_problem(record: dict | None = None) -> str | None:
+    """Why the built module must not be loaded on this CPU (it would die of SIGILL), or None. ``record``:
+    the module's build record when the caller has read it already (None: read it here)."""
     try:
-        record = native_isa()
+        record = native_isa() if record is None else record
+        if not record:
+            return None  # no record (an older or hand build): nothing to check
         missing = missing_isa(record)
     except Exception:  # noqa: BLE001  (an odd record must not stop the backend probe: it means "no record")
         return None
@@ -144,7 +147,7 @@ def native_info() -> dict:
     if path is None:
         return dict(built=False, loaded=False,
                     error=native_import_error(ImportError("No module named 'fedlora_fast._native'")))
-    problem = isa_problem()
+    problem = isa_problem(record) if record else None
     if problem:
         return dict(built=True, loaded=False, path=str(path), error=problem, isa=isa)
     try:

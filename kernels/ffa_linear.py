@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fedlora_fast.ops.ffa_linear import check_shape
+from fedlora_fast.ops.ffa_linear import check_dtype, check_shape
 from fedlora_fast.reference import ffa_linear as _ref
 from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, clip_coef
 
@@ -1025,7 +1025,9 @@ def _choose_gemm(
     if not _auto_times(device):
         return "triton"
     times = {}
-    skip = {"merged", "cublas"} if dtype == torch.float16 else set() if merged_ok else {"merged"}
+    skip = set() if merged_ok else {"merged"}
+    if dtype == torch.float16:
+        skip |= {"merged", "cublas"}
     for c in (c for c in AUTO_CANDIDATES if c not in skip):
         try:
             times[c] = _time_ms(lambda c=c: run(c), device)
@@ -1257,11 +1259,6 @@ def _rank_too_large(r: int) -> bool:
     return True
 
 
-def _check_dtype(name: str, t: Tensor, dtype: torch.dtype) -> None:
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-
-
 def ffa_linear_fwd(
     x: Tensor, xa: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -1278,9 +1275,9 @@ def ffa_linear_fwd(
     r = A.shape[0]
     check_shape("x", x, (None, None, inp))
     check_shape("xa", xa, tuple(x.shape))
-    _check_dtype("weight", weight, x.dtype)
+    check_dtype("weight", weight, x.dtype)
     if bias is not None:
-        _check_dtype("bias", bias, x.dtype)
+        check_dtype("bias", bias, x.dtype)
         check_shape("bias", bias, (out,))
         bias = bias.contiguous()  # the GEMM epilogues read it at unit stride
     if tuple(A.shape) != (r, inp) or tuple(B.shape) != (out, r):
@@ -1362,8 +1359,8 @@ def ffa_linear_bwd(
     check_shape("g", g, (None, None, out))
     n, T, _ = g.shape
     check_shape("u", u, (n, T, r))
-    _check_dtype("u", u, torch.float32)
-    _check_dtype("weight", weight, g.dtype)
+    check_dtype("u", u, torch.float32)
+    check_dtype("weight", weight, g.dtype)
     if tuple(A.shape) != (r, inp) or tuple(B.shape) != (out, r):
         raise ValueError(f"A, B: expected ({r}, {inp}) and ({out}, {r}), got {tuple(A.shape)} and {tuple(B.shape)}")
     if xa is not None:

@@ -101,6 +101,10 @@ def test_central_dp_clips_each_update_and_adds_calibrated_noise():
     res = noisy.aggregate(zeros, [ClientUpdate(0, dict(zeros), 1)])
     assert abs(float(res["w"].std()) - 1.5 * 2.0 / 2) < 0.03
     torch.testing.assert_close(agg.aggregate(g, ups[:1])["w"], g["w"] + big / 5 / 2)
+    # the noise runs over the names sorted; the result keeps the global state's own key order (a resume, which
+    # restores that order, then sums norms over the same order as an uninterrupted run)
+    two = {"b": torch.zeros(3), "a": torch.zeros(2)}
+    assert list(noisy.aggregate(two, [ClientUpdate(0, dict(two), 1)])) == ["b", "a"]
     with pytest.raises(ValueError, match="3 accepted, more than the 2 clients selected"):
         noisy.aggregate(zeros, [ClientUpdate(k, dict(zeros), 1) for k in range(3)])
     with pytest.raises(ValueError, match="aggregator"):

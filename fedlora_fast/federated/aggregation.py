@@ -129,11 +129,10 @@ class CentralDP(Aggregator):
             for k in summed:
                 summed[k] += delta[k] * coef
         std = self.noise_multiplier * self.clip_norm
-        out = {}
-        for k in sorted(global_state):  # one noise stream over the keys in name order: their order never matters
-            g = global_state[k]
-            noise = torch.normal(0.0, std, size=g.shape, generator=self.generator, dtype=torch.float64) if std > 0 else 0.0
-            out[k] = (g.double() + (summed[k] + noise) / n).to(g.dtype)
+        # one noise stream over the keys in name order (their order never matters); the output keeps the input's
+        noise = {k: torch.normal(0.0, std, size=global_state[k].shape, generator=self.generator, dtype=torch.float64)
+                 for k in sorted(global_state)} if std > 0 else {}
+        out = {k: (g.double() + (summed[k] + noise.get(k, 0.0)) / n).to(g.dtype) for k, g in global_state.items()}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return out
 

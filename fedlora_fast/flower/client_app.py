@@ -149,10 +149,12 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
     return cfg, _FEDERATIONS[key], pid, 0 if local is not None else pid
 
 
-def _restore(fed: Federation, pid: int, state: RecordDict) -> Client:
+def _restore(fed: Federation, pid: int, state: RecordDict, ledger: Path | None = None) -> Client:
     """The node's client with its noise multiplier, accountant and RNG states from earlier rounds of the run.
 
-    On its first round the noise multiplier is calibrated and both generators are seeded from the OS.
+    On its first round (or after a restart) both generators are seeded from the OS and the noise multiplier is
+    calibrated, or, where the node's privacy ``ledger`` exists (a restarted SuperNode), taken from it with the
+    accountant.
     """
     client = fed.clients[pid]
     if STATE_KEY in state.config_records:
@@ -161,8 +163,11 @@ def _restore(fed: Federation, pid: int, state: RecordDict) -> Client:
         client.load_state_dict(saved["client"])
         client.load_tensor_state(records.to_tensors(state.array_records[RNG_KEY]))
     else:
-        node.calibrate(fed, pid)
-        client.load_state_dict({"accountant": Accountant().state_dict()})  # a cached process may hold an old one
+        if ledger is not None and ledger.exists():  # a restarted SuperNode: its own disk has the count
+            _load_ledger(ledger, fed, pid, client)
+        else:
+            node.calibrate(fed, pid)
+            client.load_state_dict({"accountant": Accountant().state_dict()})  # a cached process may hold an old one
         client.sample_generator.manual_seed(secrets.randbits(63))
         client.noise_generator.manual_seed(secrets.randbits(63))
     return client
@@ -239,9 +244,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, fed, pid, k = load_node(context)
     fresh = STATE_KEY not in context.state.config_records
     ledger = ledger_path(context, pid)
-    client = _restore(fed, k, context.state)
-    if fresh and ledger is not None and ledger.exists():  # a restarted SuperNode: its own disk has the count
-        _load_ledger(ledger, fed, k, client)
+    client = _restore(fed, k, context.state, ledger)
     _check_budget(client, cfg, pid)
     global_state = records.to_tensors(msg.content.array_records["arrays"])
     round_idx = int(msg.content.config_records["config"][ROUND_KEY])

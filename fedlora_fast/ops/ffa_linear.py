@@ -59,9 +59,10 @@ def _scale(v: float, dtype: torch.dtype) -> None:
         raise ValueError(f"scale: expected |scale| <= {_FP32_MAX:.4g} (float32's range) for {dtype} inputs, got {v!r}")
 
 
-def _dtype(name: str, t: Tensor | None, dtype: torch.dtype, why: str) -> None:
+def check_dtype(name: str, t: Tensor | None, dtype: torch.dtype, why: str = "") -> None:
+    """Raise TypeError unless ``t`` is None or of ``dtype``, naming ``name`` (and ``why`` that dtype)."""
     if t is not None and t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype} ({why}), got {t.dtype}")
+        raise TypeError(f"{name}: expected dtype {dtype}{f' ({why})' if why else ''}, got {t.dtype}")
 
 
 def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
@@ -70,9 +71,9 @@ def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
     n, T, inp = x.shape
     check_shape("xa", xa, (n, T, inp))
     # xa is dropout(x): the same dtype (a reinterpreting view would be read as x); the base GEMM is in x's dtype
-    _dtype("xa", xa, x.dtype, "x's")
-    _dtype("weight", weight, x.dtype, "x's")
-    _dtype("bias", bias, x.dtype, "x's")
+    check_dtype("xa", xa, x.dtype, "x's")
+    check_dtype("weight", weight, x.dtype, "x's")
+    check_dtype("bias", bias, x.dtype, "x's")
     check_shape("weight", weight, (None, inp))
     out = weight.shape[0]
     if bias is not None:
@@ -95,9 +96,9 @@ def check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, cl
     check_shape("u", u, (n, T, r))
     if xa is not None:
         check_shape("xa", xa, (n, T, inp))
-    _dtype("weight", weight, g.dtype, "g's")
-    _dtype("xa", xa, g.dtype, "g's")
-    _dtype("u", u, acc_dtype(g.dtype), "the forward's U: the adapter's maths runs in it")
+    check_dtype("weight", weight, g.dtype, "g's")
+    check_dtype("xa", xa, g.dtype, "g's")
+    check_dtype("u", u, acc_dtype(g.dtype), "the forward's U: the adapter's maths runs in it")
     if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
         raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode!r}")
     _scale(scale, g.dtype)

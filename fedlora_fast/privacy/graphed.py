@@ -438,8 +438,8 @@ class GraphedAccumulator:
             slot = self._slots[size] = _Slot(size, tensors, self.device)
         return slot
 
-    def _fill(self, slot: _Slot, tensors: list[Tensor], start: int, k: int, n: int) -> None:
-        """Copy samples [start, start + k) of the batch's n into the slot's buffers; rows k.. repeat the first
+    def _fill(self, slot: _Slot, tensors: list[Tensor], start: int, k: int) -> None:
+        """Copy the batch's samples [start, start + k) into the slot's buffers; rows k.. repeat the first
         (loss weight 0)."""
         b = slot.size
         for x, s in zip(tensors, slot.static):
@@ -502,10 +502,7 @@ class GraphedAccumulator:
             # still needs; the pool holds the largest graph's temporaries, not their sum.
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self._device_work(slot)
-        except Exception as e:
-            for p in self.dp.params:  # what the failed capture left must not reach a later (eager) step
-                per_sample.clear(p)
-                p.grad = None
+        except Exception as e:  # what the failed capture left is cleared by accumulate (as any failure's)
             raise RuntimeError(
                 f"CUDA graph capture of loss_fn's forward/backward failed ({type(e).__name__}: {e}); "
                 "GraphedAccumulator(..., graph=False) runs the same padded computation eagerly"
@@ -617,7 +614,7 @@ class GraphedAccumulator:
             for size in self._planner.plan(n):
                 k = min(size, n - start)
                 slot = self._slot(size, tensors)
-                self._fill(slot, tensors, start, k, n)
+                self._fill(slot, tensors, start, k)
                 start += k
                 if not self.graph:
                     clipped, dropped, loss = self._device_work(slot)
@@ -632,7 +629,7 @@ class GraphedAccumulator:
                 done.append((clipped, dropped, k))
                 total = loss if total is None else total + loss
         except BaseException:
-            # a failure inside a micro-batch's forward/backward (eager, a warm-up or the read-back probe)
+            # a failure inside a micro-batch's forward/backward (eager, a capture, its warm-ups or read-back probe)
             # leaves its padded rows' per-sample state: a later dp.step() would clip it with no padding mask
             for p in self.dp.params:
                 per_sample.clear(p)
