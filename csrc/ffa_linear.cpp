@@ -25,8 +25,10 @@ namespace {
 constexpr int64_t kKB = 8;   // ranks per register tile (r is padded up to a multiple of 8 with zeros)
 constexpr int64_t kAW = 32;  // output columns per register tile (two AVX-512 / four AVX2 vectors)
 // chunks of samples whose clipped sums the backward adds in a fixed order (its parallelism in sum / clip
-// modes with many samples; memory: kSumChunks x out x r floats)
+// modes with many samples). Memory: chunks x out x r floats (+ in x r in LoRA mode), with at most kSumChunks
+// chunks and, for wide layers, as many as fit in kSumScratch floats (8 at out = 32000, r = 64).
 constexpr int64_t kSumChunks = 32;
+constexpr int64_t kSumScratch = int64_t{1} << 24;  // 64 MiB of float32
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -239,8 +241,10 @@ void ffa_linear_bwd(const FfaLinearBwdParams& p) {
     const int nthreads = by_tiles ? 1 : static_cast<int>(std::min<int64_t>(threads, n));
     // Sum / clip modes: the sums of c_i P_i over fixed chunks of consecutive samples (chunk c holds samples
     // [c n / chunks, (c + 1) n / chunks)), each summed in sample order by one thread, then added in chunk
-    // order. The chunks depend on n alone, so the result is bitwise the same for every thread count.
-    const int64_t nchunks = per_sample ? 0 : std::min<int64_t>(n, kSumChunks);
+    // order. The chunks depend on n and the layer's size alone, so the result is bitwise the same for every
+    // thread count.
+    const int64_t nchunks =
+        per_sample ? 0 : std::min<int64_t>({n, kSumChunks, std::max<int64_t>(1, kSumScratch / (szB + szA))});
     std::vector<float> sumB(nchunks * szB, 0.0f);
     std::vector<float> sumA(lora ? nchunks * szA : 0, 0.0f);
     auto chunk = [&](int64_t c, float* Up, float* Vp, float* PB, float* PA, bool par) {

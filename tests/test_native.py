@@ -5,7 +5,9 @@ covers native automatically); here: what only the native path has (buffer checks
 threads, zero-copy), and how the dispatcher behaves when the extension is missing.
 """
 
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +195,52 @@ def test_deterministic_and_thread_count(nat, n):
                 assert torch.equal(x, y), f"mode {mode}, {k} threads vs {threads}: {name} differs"
 
 
+_WIDE_SCRATCH = r"""
+import resource, sys, torch
+from fedlora_fast import _native
+from fedlora_fast.reference import ffa_linear as ref
+torch.set_num_threads(int(sys.argv[1]))
+n, out, r = 40, 40000, 64
+gen = torch.Generator().manual_seed(0)
+g, u, B = torch.randn(n, 1, out, generator=gen), torch.randn(n, 1, r, generator=gen), torch.randn(out, r, generator=gen)
+gB, nuB = torch.full((out, r), float("nan")), torch.full((n,), float("nan"))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_native.ffa_linear_bwd(g.numpy(), u.numpy(), B.numpy(), None, None, gB.numpy(), nuB.numpy(), None, None, 0.5,
+                       ref.MODE_CLIP, 40.0, 0.0)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+P = 0.5 * torch.einsum("no,nr->nor", g[:, 0].double(), u[:, 0].double())
+nu = P.pow(2).sum((1, 2))
+c = (40.0 / (nu.sqrt() + 1e-6)).clamp(max=1.0)
+err = ((gB.double() - torch.einsum("n,nor->or", c, P)).abs().max() / P.abs().max()).item()
+nu_err = ((nuB.double() - nu).abs() / nu).max().item()
+torch.save({"gB": gB, "nuB": nuB}, sys.argv[2])
+print(f"{grown:.0f} {err:.3g} {nu_err:.3g}")
+"""
+
+
+def test_wide_layer_sum_scratch_is_bounded(nat, tmp_path):
+    """The clipped sums run over up to 32 chunks of samples, each with its own out x r buffer: 328 MB at
+    out = 40000, r = 64. Wide layers (a vocabulary head) get fewer chunks, 64 MiB in all, still fixed by the
+    shape alone: the result stays exact and the same bits for 1 and 2 threads. Fresh processes, so that peak
+    memory is this call's."""
+    import subprocess
+
+    script = tmp_path / "wide.py"
+    script.write_text(_WIDE_SCRATCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(fedlora_fast.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}  # this package
+    res = {}
+    for k in (1, 2):
+        run = subprocess.run([sys.executable, str(script), str(k), str(tmp_path / f"{k}.pt")], capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr
+        grown, err, nu_err = map(float, run.stdout.split())
+        assert err < 1e-5 and nu_err < 1e-5, (k, err, nu_err)
+        assert grown < 160, f"{k} threads: peak memory grew {grown:.0f} MiB in the call (32 chunks: 313 MiB)"
+        res[k] = torch.load(tmp_path / f"{k}.pt")
+    assert torch.equal(res[1]["gB"], res[2]["gB"]) and torch.equal(res[1]["nuB"], res[2]["nuB"])
+
+
 def test_one_sample_norm_is_the_same_bits_whatever_the_thread_count(nat):
     """One sample, two 32-row tiles: the one-thread path summed the norm in one running double, the
     tile-parallel path per tile; they rounded differently on this input (a reviewer's), so nu and the clip
@@ -348,8 +396,11 @@ def test_env_report():
 # ---------------------------------------------------------------- dispatcher without the extension
 @pytest.fixture
 def native_missing(monkeypatch):
-    """Make ``import fedlora_fast.ops.native`` fail as it does when the extension was not built."""
-    monkeypatch.setitem(sys.modules, "fedlora_fast.ops.native", None)
+    """Make ``import fedlora_fast.ops.native`` fail as it does when the extension was not built (its wrapper is
+    imported afresh, the extension itself cannot be)."""
+    monkeypatch.delitem(sys.modules, "fedlora_fast.ops.native", raising=False)
+    monkeypatch.setitem(sys.modules, "fedlora_fast._native", None)
+    monkeypatch.delattr(fedlora_fast, "_native", raising=False)
     backends.clear_cache()
     yield
     backends.clear_cache()
@@ -365,9 +416,14 @@ def test_missing_native_falls_back_with_one_warning(native_missing, monkeypatch)
 
 
 def test_missing_native_requested_raises(native_missing, monkeypatch):
+    from fedlora_fast import env
+
     monkeypatch.setenv(backends.ENV_VAR, "native")
-    with pytest.raises(backends.BackendUnavailableError, match="fedlora_fast._native was not built"):
+    with pytest.raises(backends.BackendUnavailableError, match="needs a C\\+\\+17 compiler and CMake") as e:
         backends.backend_for("cpu")
+    msg = str(e.value)
+    assert msg.count(env.REBUILD_HINT) == 1 and "CMake (pip install -e ." not in msg, msg  # one rebuild hint
+    assert "python -m fedlora_fast.env` reports what was built" in msg, msg
 
 
 # ---------------------------------------------------------------- built for another CPU (-march=native)

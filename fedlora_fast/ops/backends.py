@@ -67,17 +67,8 @@ def _probe(name: str, device_type: str) -> tuple[ModuleType | None, str]:
         return None, f"the native backend runs on CPU tensors only, got {device_type}"
     try:
         module = importlib.import_module(_MODULES[name])
-    except ImportError as e:
-        if name != "native":
-            hint = "see the import error"
-        elif str(e).startswith("fedlora_fast._native was built for"):  # built, refused on this CPU: e says why
-            hint = "`python -m fedlora_fast.env` reports what was built and what this CPU has"
-        else:
-            hint = (
-                "the C++ extension fedlora_fast._native was not built: reinstall with a C++17 compiler and "
-                "CMake (pip install -e . without FEDLORA_FAST_NO_NATIVE=1); `python -m fedlora_fast.env` "
-                "reports what was built"
-            )
+    except ImportError as e:  # native: e says what happened (not built, or refused on this CPU) and how to rebuild
+        hint = "`python -m fedlora_fast.env` reports what was built" if name == "native" else "see the import error"
         return None, f"cannot import {_MODULES[name]}: {e}; {hint}"
     if not any(hasattr(module, op) for op in OPS):
         return None, f"{_MODULES[name]} implements none of the ops {OPS} yet"
