@@ -54,15 +54,34 @@ GRAPH = "graph"  # ffa_flat[graph]: ffa_flat[auto]'s forward and step replayed f
 DEFINITIONS = {
     "ratio_to_floor": "full step (fwd+bwd) of ours (ffa_flat[auto], the default GEMM choice; else the best "
                       "ffa_flat variant) / floor (frozen nn.Linear fwd + dX)",
-    "ratio_to_floor_best_pinned": "the same for the fastest ffa_flat variant with a pinned GEMM",
+    "ratio_to_floor_best_pinned": "the same for the fastest ffa_flat variant with a pinned GEMM (not auto, which "
+                                  "may mix paths per op, nor graph)",
     "ratio_to_floor_graph": "ffa_flat[graph] (ffa_flat[auto]'s step replayed from a CUDA graph: no host issue "
                             "cost) / floor (eager: its host cost is below its GPU time at every shape)",
     "ratio_to_peft_opacus": "full step of ours / peft LoRA + opacus hooks + norms",
+    "work timed": "ffa_flat and peft_opacus alike stop at every sample's gradient and norm (flat clipping's "
+                  "first half, as opacus's DPOptimizer forms them); the clip and clipped sum are in neither. "
+                  "ffa_per_layer includes them (the clipped sum comes out of the pass over G)",
     "overhead_ratio_to_peft_opacus": "(ours - floor) / (peft+opacus - floor), full step: what each adds to the "
                                      "frozen layer's own work (the 2x goal restated where peft+opacus < 2x the "
                                      "floor makes the plain ratio unreachable; bench/NOTES.md)",
     "tflops, gbps": "formula FLOPs / bytes of bench/NOTES.md (Triton section) over the full-step time",
 }
+
+
+UNPINNED = ("reference", "auto", GRAPH)  # ffa_flat[...] variants that are not one pinned GEMM path
+
+
+def gemms_to_check(which: list[str], device_type: str) -> list[str]:
+    """The base-GEMM paths (FEDLORA_FAST_GEMM) whose ops check_ops compares with the float64 reference: every
+    pinned ``ffa_flat[<gemm>]`` variant timed, and with ``ffa_flat[auto]`` or ``[graph]`` (the headline) every
+    path auto may pick (on CUDA ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked."""
+    gemms = [k[len("ffa_flat["):-1] for k in which if k.startswith("ffa_flat[") and k[len("ffa_flat["):-1] not in UNPINNED]
+    if any(k in which for k in ("ffa_flat[auto]", f"ffa_flat[{GRAPH}]")):
+        from fedlora_fast.kernels import ffa_linear as K
+
+        gemms += [c for c in (K.AUTO_CANDIDATES if device_type == "cuda" else ("triton",)) if c not in gemms]
+    return gemms or ["triton"]
 
 
 # --- the model of the work: FLOPs and minimum bytes (bench/NOTES.md, "Triton (GPU) kernels") ------------
@@ -657,7 +676,9 @@ def main(argv=None) -> int:
         print(f"# ceilings: matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s")
     path = args.json
     if path is None:
-        name = f"gpu_layer_{harness.device_slug(device)}_{harness.utc_date()}.json"
+        # bfloat16 (the issue's dtype) keeps the plain name; another dtype's run must not overwrite it
+        tag = "" if dtype == torch.bfloat16 else f"_{args.dtype}"
+        name = f"gpu_layer_{harness.device_slug(device)}_{harness.utc_date()}{tag}.json"
         results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
         folder = tempfile.mkdtemp(prefix="gpu_layer_smoke_") if args.smoke else results
         path = os.path.join(folder, name)
@@ -704,10 +725,8 @@ def main(argv=None) -> int:
             base.requires_grad_(False)
             x = torch.randn(n, T, inp, device=device, dtype=dtype, requires_grad=True)
             g = torch.randn(n, T, out, device=device, dtype=dtype) * 0.01
-            gemms = [k[len("ffa_flat["):-1] for k in which
-                     if k.startswith("ffa_flat[") and k not in ("ffa_flat[reference]", "ffa_flat[auto]", f"ffa_flat[{GRAPH}]")]
             try:  # inputs and references built once per row; each GEMM path's failure is its own entry
-                checks = check_ops(n, T, inp, out, args.r, dtype, device, gemms or ["triton"])
+                checks = check_ops(n, T, inp, out, args.r, dtype, device, gemms_to_check(which, device.type))
             except Exception as err:  # noqa: BLE001  (e.g. out of memory building the references: time anyway)
                 checks = [{"ok": False, "gemm": "references", "error": f"{type(err).__name__}: {err}"[:300]}]
                 print(f"# checks failed at n={n} T={T} {inp}->{out}: {checks[0]['error']}", flush=True)
@@ -743,8 +762,8 @@ def main(argv=None) -> int:
             variants.clear()
             sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
             sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
-            ffa_names = [k for k in times if k.startswith("ffa_flat") and k not in ("ffa_flat[reference]", f"ffa_flat[{GRAPH}]")]
-            best = min(ffa_names, key=lambda k: times[k]["full_ms"]) if ffa_names else None
+            pinned = [k for k in times if k.startswith("ffa_flat[") and k[len("ffa_flat["):-1] not in UNPINNED]
+            best = min(pinned, key=lambda k: times[k]["full_ms"]) if pinned else None
             # the headline is what a user gets by default (FEDLORA_FAST_GEMM=auto); else the best pinned GEMM
             ours = "ffa_flat[auto]" if "ffa_flat[auto]" in times else best
             ff_flops, ff_bytes = ffa_work(n, N, inp, out, args.r, elem)
@@ -771,7 +790,8 @@ def main(argv=None) -> int:
                 row["ratio_to_floor"] = times[ours]["full_ms"] / times["floor"]["full_ms"]
                 row["ratio_to_floor_fwd"] = times[ours]["fwd_ms"] / times["floor"]["fwd_ms"]
                 row["ratio_to_floor_bwd"] = times[ours]["bwd_ms"] / times["floor"]["bwd_ms"]
-                row["ratio_to_floor_best_pinned"] = times[best]["full_ms"] / times["floor"]["full_ms"]
+                if best:
+                    row["ratio_to_floor_best_pinned"] = times[best]["full_ms"] / times["floor"]["full_ms"]
             if f"ffa_flat[{GRAPH}]" in times and "floor" in times:
                 row["ratio_to_floor_graph"] = times[f"ffa_flat[{GRAPH}]"]["full_ms"] / times["floor"]["full_ms"]
             if ours and "peft_opacus" in times:

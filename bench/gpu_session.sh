@@ -122,9 +122,15 @@ if timeout -k 5 30 "$PY" -c "import pytest_timeout" 2>/dev/null; then
 else
     echo "# pytest-timeout not installed: no per-test timeout"
 fi
+TEST_WORKERS_ARGS=()
+if timeout -k 5 30 "$PY" -c "import xdist" 2>/dev/null; then
+    TEST_WORKERS_ARGS=(-n "${TEST_WORKERS:-14}")
+else
+    echo "# pytest-xdist not installed: the tests run in one process"
+fi
 L=$(cap 1)
 if begin 1 "CUDA tests, natively (pytest -m cuda: $TEST_FILES)" "$L" 20; then
-    run "$OUT/tests_cuda.log" "$L" "$PY" -m pytest ${TESTS[@]+"${TESTS[@]}"} -m cuda -v -n "${TEST_WORKERS:-14}" \
+    run "$OUT/tests_cuda.log" "$L" "$PY" -m pytest ${TESTS[@]+"${TESTS[@]}"} -m cuda -v ${TEST_WORKERS_ARGS[@]+"${TEST_WORKERS_ARGS[@]}"} \
         -p no:cacheprovider -p no:benchmark -rfE --durations=15 --junitxml="$OUT/junit_cuda.xml" \
         ${TEST_TIMEOUT[@]+"${TEST_TIMEOUT[@]}"}
     echo "# $(grep -c " PASSED" "$OUT/tests_cuda.log") passed, $(grep -cE " (FAILED|ERROR) " "$OUT/tests_cuda.log") failed or errors so far; failures:"

@@ -271,6 +271,24 @@ def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkey
     row = json.loads(out.read_text())["rows"][0]
     assert code == 1 and row["correct"] is False and "boom" in row["failed"]["peft_opacus"], row.get("failed")
     assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
+    # auto mixes GEMM paths per op: it is the headline, never the "best pinned" one
+    assert row["best_ffa"] is None and "ratio_to_floor_best_pinned" not in row, row
+    assert [c["gemm"] for c in row["checks"]] == ["triton"]  # what auto runs off CUDA
+
+
+def test_gpu_layer_checks_every_path_auto_may_time():
+    """The headline (ffa_flat[auto] / [graph]) times whichever GEMM path auto picks: on CUDA every candidate is
+    checked against float64, not only the pinned variants listed."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    assert gpu_layer.gemms_to_check(["floor", "ffa_flat[auto]"], "cuda") == list(K.AUTO_CANDIDATES)
+    assert gpu_layer.gemms_to_check(["ffa_flat[graph]", "ffa_flat[cublas]"], "cuda") == \
+        ["cublas"] + [c for c in K.AUTO_CANDIDATES if c != "cublas"]
+    assert gpu_layer.gemms_to_check(["ffa_flat[auto]"], "cpu") == ["triton"]
+    assert gpu_layer.gemms_to_check(["ffa_flat[merged]", "ffa_flat[reference]"], "cuda") == ["merged"]
+    assert gpu_layer.gemms_to_check(["floor", "peft_opacus"], "cuda") == ["triton"]
 
 
 def test_gpu_layer_check_ops_records_a_failing_gemm_and_checks_the_others(monkeypatch):
