@@ -614,6 +614,25 @@ def test_secure_noise_draws_the_sampling_from_the_os_too(tiny):
     assert not any(torch.equal(a, b) for a, b in zip(states(secure_noise=True), states(secure_noise=True)))
 
 
+def test_secure_noise_draws_the_dropout_masks_from_the_os_too(tiny, monkeypatch):
+    """Dropout masks are drawn for a whole batch, so a sample's mask depends on which others the batch holds:
+    masks computable from a known seed would let one sample's presence move the others' clipped gradients by
+    a known amount (beyond C). With --secure-noise their seed comes from the OS; without it from --seed."""
+    from fedlora_fast.federated import simulation
+
+    seeded, secure = tiny_config(tiny), tiny_config(tiny, secure_noise=True)
+    assert simulation.dropout_seed(seeded, 1, 0) == simulation.dropout_seed(seeded, 1, 0) == \
+        simulation.derive_seed(seeded.seed, "dropout", 1, 0)
+    draws = {simulation.dropout_seed(secure, 1, 0) for _ in range(4)}
+    assert len(draws) == 4 and simulation.derive_seed(secure.seed, "dropout", 1, 0) not in draws
+    calls = []  # and a round takes every client's masks from it
+    real = simulation.dropout_seed
+    monkeypatch.setattr(simulation, "dropout_seed", lambda cfg, r, k: calls.append((cfg.secure_noise, r, k)) or real(cfg, r, k))
+    fed = Federation(tiny_config(tiny, secure_noise=True, rounds=1))
+    fed.run_round()
+    assert calls == [(True, 0, c.client_id) for c in fed.clients]
+
+
 def test_round_lr_schedules():
     from fedlora_fast.federated.client import round_lr
 

@@ -9,6 +9,7 @@ stopped in a finalizer, also when the test fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -645,6 +646,27 @@ def test_flower_settings_and_a_node_refuse_what_would_spend_budget_for_nothing(t
     assert strategy.epsilon() == float("inf")
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_a_node_refuses_a_round_past_its_epsilon_when_its_data_shrank(tiny):
+    """The noise multiplier was calibrated for the node's sample rate when its data was first read. A silo's
+    file that shrank since raises q = batch / examples for every step to come, and the steps check alone let
+    epsilon pass the target (a reviewer's run: 3.1 -> 7.2 -> 9.9 against 4): such a round is refused."""
+    from fedlora_fast.flower import client_app, node
+
+    cfg = flower_config.federated_config(_tiny_run_config(tiny, rounds=3, **{"local-steps": 4}))
+    fed = node.build(cfg)
+    client = client_app._restore(fed, 0, RecordDict())
+    q0 = client.sample_rate
+    client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=q0, num_steps=cfg.local_steps)
+    client_app._check_budget(client, cfg, 0)  # the planned rate: every planned round stays within epsilon
+    client.sample_rate = min(1.0, 4 * q0)  # its file now holds a quarter of the examples
+    with pytest.raises(client_app.NodeError, match=r"node 0: another round at sample rate .* would spend epsilon "
+                                                   r"[\d.]+, past the run's target 8.0 .* refused"):
+        client_app._check_budget(client, cfg, 0)
+    fixed = dataclasses.replace(cfg, epsilon=None, noise_multiplier=client.noise_multiplier)
+    client_app._check_budget(client, fixed, 0)  # a fixed noise multiplier has no target: steps alone
+
+
 def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(tiny, tmp_path):
     """With ``privacy-dir`` the node's own disk holds its steps for the run (written before each reply): a
     restarted SuperNode (empty context.state) takes them from there, not from the round the server names, so
@@ -667,10 +689,14 @@ def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(t
     ))  # fmt: skip
     ledger = client_app.ledger_path(Ctx, 0)
     assert ledger == tmp_path / "fedlora_fast-privacy-run5-node0.json"
-    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+    seeds = []  # a node's dropout masks are OS-seeded (secure noise is forced over Flower)
+    real_seed = client_app.dropout_seed
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content), \
+            mock.patch.object(client_app, "dropout_seed", lambda c, r, k: seeds.append(c.secure_noise) or real_seed(c, r, k)):
         for _ in range(cfg.rounds):
             Ctx.state = RecordDict()  # a restart before every round, and the server says round 0 each time
             reply = client_app.train(round0, Ctx)
+        assert seeds == [True] * cfg.rounds
         assert json.loads(ledger.read_text())["noise_multiplier"] == 1.3
         assert reply.metric_records["metrics"]["steps"] == planned, "the ledger's steps, not the server's round"
         Ctx.state = RecordDict()

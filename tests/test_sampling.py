@@ -51,6 +51,23 @@ def test_an_empty_batch_carries_nothing_of_the_example_it_was_shaped_from():
     assert _empty_like_batch(("a", 3)) == () and _empty_like_batch({"k": "v"}) == {"k": None}
 
 
+def test_an_empty_batch_survives_a_collate_with_per_batch_scalars():
+    """A collate that adds a 0-dim tensor (here the batch's token count) made every empty Poisson batch raise
+    IndexError deep in the DataLoader (a random crash, about e^-m per step); the scalar, computed from the
+    unsampled dataset[0], becomes None."""
+    from torch.utils.data import default_collate
+
+    def collate(samples):
+        b = default_collate(samples)
+        return {**b, "n_tokens": b["ids"].ne(0).sum()}
+
+    ds = [{"ids": torch.tensor([5, 6, 0])}] * 4
+    loader = poisson_dataloader(ds, sample_rate=1e-9, steps=2, collate_fn=collate,
+                                generator=torch.Generator().manual_seed(0))
+    for b in loader:
+        assert b["ids"].shape == (0, 3) and b["n_tokens"] is None
+
+
 def test_inclusion_probability_is_exactly_the_accounted_rate(monkeypatch):
     """torch.rand's float32 draws are multiples of 2^-24: ``u < q`` includes a sample with probability
     ceil(q 2^24) / 2^24 > q. The sampler includes u < t = floor(q 2^24) / 2^24, and a tie u == t with the

@@ -110,7 +110,7 @@ class FederatedConfig:
     min_clients: int = 1
     max_update_norm: float | None = None  # server: reject an update further than this (L2) from the global state
     seed: int = 0
-    secure_noise: bool = False  # True: DPSGD's secure mode, noise from the OS (not reproducible from --seed)
+    secure_noise: bool = False  # True: DPSGD's secure mode; noise, sampling and dropout from the OS (not reproducible)
     eval_every: int = 1
     eval_batch_size: int = 128
     physical_batch_size: int | None = None
@@ -186,6 +186,17 @@ def derive_seed(seed: int, *parts) -> int:
     """A 63-bit seed for one purpose (``parts``) of a run seeded with ``seed``."""
     key = ":".join(["fedlora_fast.federated", str(int(seed)), *map(str, parts)])
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def dropout_seed(cfg: "FederatedConfig", round_idx: int, client_id: int) -> int:
+    """The seed of a client's dropout masks in a round: from the run seed, or from the OS with ``secure_noise``.
+
+    The masks are drawn for the whole (padded) batch, so which mask a sample gets depends on which other samples
+    the batch holds: with masks anyone holding the seed can compute, one sample's presence moves the others'
+    clipped gradients by a known amount, beyond the sensitivity C that DP-SGD's noise covers. Masks drawn from
+    a secret seed are fresh draws for every sample whatever its neighbours, as the analysis assumes. A seeded
+    run (the default) is reproducible from ``--seed`` anyway, its noise included (labelled ``seeded``)."""
+    return secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "dropout", round_idx, client_id)
 
 
 def resolve_model(model: str | None) -> str:
@@ -416,7 +427,7 @@ class Federation:
         message = self.server.broadcast()
         uploads = []
         for client in self.clients:
-            torch.manual_seed(derive_seed(cfg.seed, "dropout", r, client.client_id))
+            torch.manual_seed(dropout_seed(cfg, r, client.client_id))
             uploads.append(client.fit(self.model, message, round_idx=r, fingerprint=self.fingerprint, on_step=on_step))
         result = self.server.run_round(uploads)
         accepted = [u.client_id for u in result.accepted]

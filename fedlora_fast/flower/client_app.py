@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora_fast.federated import checkpoint, serialization
 from fedlora_fast.federated.client import Client
-from fedlora_fast.federated.simulation import Federation, FederatedConfig, derive_seed
+from fedlora_fast.federated.simulation import Federation, FederatedConfig, dropout_seed
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
@@ -182,13 +182,27 @@ def _persist(client: Client, state: RecordDict) -> None:
 
 def _check_budget(client: Client, cfg: FederatedConfig, pid: int) -> None:
     """Refuse a round that would take the node's DP-SGD steps past the rounds x local-steps its noise and
-    epsilon were planned for (a faulty or hostile server asking for more)."""
+    epsilon were planned for (a faulty or hostile server asking for more), or, with an ``epsilon`` target,
+    one that would spend more than it: the noise was calibrated for the sample rate of the node's data when
+    it was first read, and a silo's file that shrank since raises the rate (q = batch / examples) of every
+    step to come."""
     planned = cfg.rounds * cfg.local_steps
     if client.accountant.steps + cfg.local_steps > planned:
         raise NodeError(
             f"node {pid}: another round would take its DP-SGD steps from {client.accountant.steps} to "
             f"{client.accountant.steps + cfg.local_steps}, past the {planned} (rounds x local-steps) its noise and "
             "epsilon were planned for: refused"
+        )
+    if cfg.epsilon is None:
+        return  # a fixed noise multiplier: no target to hold (the reply reports the epsilon spent)
+    after = Accountant.from_state_dict(client.accountant.state_dict())
+    after.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate, num_steps=cfg.local_steps)
+    spent = after.epsilon(cfg.delta)
+    if spent > cfg.epsilon:
+        raise NodeError(
+            f"node {pid}: another round at sample rate {client.sample_rate:.4g} ({client.num_examples} examples now) "
+            f"would spend epsilon {spent:.4g}, past the run's target {cfg.epsilon} its noise multiplier "
+            f"{client.noise_multiplier:.4g} was calibrated for: refused"
         )
 
 
@@ -251,7 +265,7 @@ def train(msg: Message, context: Context) -> Message:
     if fresh:
         _count_earlier_rounds(client, cfg, pid, round_idx)
         _check_budget(client, cfg, pid)
-    torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, pid))  # dropout masks, as in the simulation
+    torch.manual_seed(dropout_seed(cfg, round_idx, pid))  # dropout masks, as in the simulation: secret here
     update = client.fit(
         fed.model, serialization.encode(global_state, {"round": round_idx}), round_idx=round_idx,
         fingerprint=fed.fingerprint,

@@ -88,10 +88,11 @@ class PoissonSampler(torch.utils.data.Sampler):
 
 def _empty_like_batch(batch: Any) -> Any:
     """The same nested structure with every tensor sliced to 0 samples and nothing of the example it was
-    shaped from: a list of per-sample values (collated strings, ids) becomes empty, any other leaf None. (The
-    structure comes from collating ``dataset[0]``, which was not sampled: none of its data may reach a step.)"""
+    shaped from: a list of per-sample values (collated strings, ids) becomes empty, any other leaf None, a
+    0-dim tensor (a per-batch scalar a collate computed, e.g. a token count) too. (The structure comes from
+    collating ``dataset[0]``, which was not sampled: none of its data may reach a step.)"""
     if isinstance(batch, Tensor):
-        return batch[:0]
+        return batch[:0] if batch.dim() else None
     if isinstance(batch, Mapping):
         return type(batch)({k: _empty_like_batch(v) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
