@@ -760,6 +760,31 @@ def test_a_tensor_unfrozen_after_the_engine_is_built_is_refused_at_step():
     assert torch.equal(model[2].weight, before) and dp.steps == 1
 
 
+def test_a_tensor_unfrozen_after_the_engine_is_built_is_refused_when_driving_the_stages_by_hand():
+    """clip_and_accumulate -> add_noise -> scale_grad -> the caller's optimizer.step: step()'s refusal must
+    hold there too (a reviewer's run moved the unfrozen layer by its raw gradient)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+    ff.inject_adapters(model, ["0"], r=R)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1e-3, noise_multiplier=5.0, expected_batch_size=4, noise_seed=0,
+                  sample_rate=0.1)  # fmt: skip
+    model[2].weight.requires_grad_(True)
+    loss_fn(model, make_batch(4, None, scale=100.0)).backward()
+    with pytest.raises(RuntimeError, match=r"model/optimizer: \['2.weight'\] would be updated with a gradient"):
+        dp.clip_and_accumulate()  # before anything is summed, noised or accounted
+    assert dp.accountant.steps == 0
+    model[2].weight.requires_grad_(False)
+    model[2].weight.grad = None
+    dp.clip_and_accumulate()
+    dp.add_noise()
+    model[2].weight.requires_grad_(True)  # unfrozen between the stages, with a .grad of its own
+    model[2].weight.grad = torch.ones_like(model[2].weight)
+    with pytest.raises(RuntimeError, match=r"\['2.weight'\] would be updated"):
+        dp.scale_grad()
+    assert all(p.grad is None for p in dp.params), "nothing reached .grad"
+
+
 def test_driving_the_stages_by_hand_is_accounted():
     """clip_and_accumulate -> add_noise -> scale_grad -> optimizer.step (opacus's staging): every noisy
     release is an accountant step, the step's counts end, and no clipped sum reaches .grad without noise."""

@@ -178,7 +178,11 @@ class DPSGD:
     Dim 0 of every adapted layer's input must be the sample (batch-first models, as Hugging Face's): a
     sequence-first model (``nn.TransformerEncoderLayer(batch_first=False)``) or one that folds samples into
     rows (n choices -> n·c rows) would be clipped per position or per row, which bounds no sample's
-    contribution by C. The engine cannot see this from the tensors.
+    contribution by C. The engine cannot see this from the tensors. Likewise each backward must follow one
+    call of the model on one batch: a loss that runs the whole model twice is refused, but one that calls its
+    *submodules* on two batches (two chunks through ``model.model``, then one backward) cannot be told apart
+    from weight sharing, and row i of each chunk would be clipped as one sample. Per-sample gradients,
+    norms, clipped sums and noise are float32, also for a float64 model.
 
     Args:
         model: a model with adapters from ``inject_adapters`` (and optional ``trainable_modules``).
@@ -504,7 +508,11 @@ class DPSGD:
 
         Returns:
             the micro-batch size n.
+        Raises:
+            RuntimeError: a trainable tensor this engine does not clip (``_check_trainable``): refused before
+                anything is summed, noised or accounted.
         """
+        self._check_trainable()
         clipped, dropped, n = self._clip_batch()
         self._add_clipped(clipped, dropped, n)
         return n
@@ -675,10 +683,12 @@ class DPSGD:
 
         Raises:
             RuntimeError: no ``add_noise`` since the last step (a clipped sum without noise must not reach
-                ``.grad``).
+                ``.grad``); or a trainable tensor this engine does not clip (``_check_trainable``): the
+                caller's optimizer step would apply its raw gradient.
         """
         if not self._noised:
             raise RuntimeError("scale_grad(): call add_noise() first: the clipped sum has no noise yet")
+        self._check_trainable()
         scaled = self._summed / self.expected_batch_size
         cast: dict[torch.dtype, Tensor] = {}  # one cast per parameter dtype; every .grad is a view of it
         offset = 0
@@ -724,7 +734,8 @@ class DPSGD:
 
     def _check_trainable(self) -> None:
         """Refuse a step that would apply a gradient this engine did not clip and noise: a tensor made
-        trainable after the engine was built, or one the optimizer holds with a ``.grad`` set elsewhere."""
+        trainable after the engine was built, or one the optimizer holds with a ``.grad`` set elsewhere.
+        Checked by ``step``, and by the stages driven by hand (``clip_and_accumulate``, ``scale_grad``)."""
         ours = {id(p) for p in self.params}
         new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ours]
         other = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in ours and p.grad is not None]
