@@ -2,10 +2,12 @@
 //
 // Computes exactly fedlora_fast/reference/ffa_linear.py (maths in DESIGN.md, FFA-LoRA: Sun et al., ICLR
 // 2024, arXiv 2403.12313). Samples are spread over OpenMP threads (static schedule: results do not depend
-// on timing); with fewer samples than threads, the tiles of one sample are. For one sample i, G_i (T x out) is read once to form every P_i = s G_i^T U_i: the output is
-// tiled into 32 columns x 8 ranks, a tile of accumulators that stays in registers while t runs over the
-// tokens, so P_i is written once and its norm taken on the way out. V_i = G_i B is a second, row-wise
-// sweep over G_i while it is still in L2 (T x out x 4 bytes = 768 KiB at BERT shapes, L2 = 2 MiB here).
+// on timing); with fewer samples than threads, the tiles of one sample are. For one sample i, G_i (T x out)
+// is read once to form every P_i = s G_i^T U_i: the output is tiled into 32 columns x 8 ranks, a tile of
+// accumulators that stays in registers while t runs over the tokens, so P_i is written once and its norm
+// taken on the way out. V_i = G_i B is a second, row-wise sweep over G_i while it is still in L2 (T x out x
+// 4 bytes = 768 KiB at BERT shapes, L2 = 2 MiB here). Sum mode (no per-sample results) runs the same tiles
+// over all n x T tokens at once.
 #include "ffa_linear.h"
 
 #include <algorithm>
@@ -24,11 +26,13 @@ namespace {
 
 constexpr int64_t kKB = 8;   // ranks per register tile (r is padded up to a multiple of 8 with zeros)
 constexpr int64_t kAW = 32;  // output columns per register tile (two AVX-512 / four AVX2 vectors)
-// chunks of samples whose clipped sums the backward adds in a fixed order (its parallelism in sum / clip
-// modes with many samples). Memory: chunks x out x r floats (+ in x r in LoRA mode), with at most kSumChunks
+// chunks of samples whose clipped sums the backward adds in a fixed order (its parallelism in clip mode with
+// many samples). Memory: chunks x out x r floats (+ in x r in LoRA mode), with at most kSumChunks
 // chunks and, for wide layers, as many as fit in kSumScratch floats (8 at out = 32000, r = 64).
 constexpr int64_t kSumChunks = 32;
 constexpr int64_t kSumScratch = int64_t{1} << 24;  // 64 MiB of float32
+// sum mode: tokens per block of the pass over all n x T tokens (outer_sum_par)
+constexpr int64_t kSumTokens = 256;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -62,10 +66,11 @@ inline void tile_edge(const float* L, int64_t ldL, const float* R, int64_t ldR, 
     }
 }
 
-// out[a * sa + k * sk] = s * sum_t L[t][a] * R[t][k] for a < na, k < nk; returns the squared Frobenius norm
-// of the result (double accumulation). L: (T, na) row stride ldL; R: (T, nkp) zero-padded, nkp % 8 == 0.
+// out[a * sa + k * sk] = s * sum_t L[t][a] * R[t][k] for a < na, k < nk (add: += instead of =); returns the
+// squared Frobenius norm of the term (double accumulation). L: (T, na) row stride ldL; R: (T, nkp) zero-padded,
+// nkp % 8 == 0.
 double outer_acc(const float* L, int64_t ldL, int64_t na, const float* R, int64_t nkp, int64_t nk, int64_t T,
-                 float s, float* out, int64_t sa, int64_t sk) {
+                 float s, float* out, int64_t sa, int64_t sk, bool add = false) {
     double norm2 = 0.0;
     alignas(64) float acc[kKB][kAW];
     for (int64_t a0 = 0; a0 < na; a0 += kAW) {
@@ -82,7 +87,8 @@ double outer_acc(const float* L, int64_t ldL, int64_t na, const float* R, int64_
             for (int64_t k = 0; k < kb; ++k)
                 for (int64_t j = 0; j < w; ++j) {
                     const float val = s * acc[k][j];
-                    out[(a0 + j) * sa + (k0 + k) * sk] = val;
+                    float& o = out[(a0 + j) * sa + (k0 + k) * sk];
+                    o = add ? o + val : val;
                     part += static_cast<double>(val) * val;
                 }
         }
@@ -120,7 +126,7 @@ void rows_times_B(const float* G, int64_t T, int64_t out, const float* Bt, int64
 // outer_acc with its 32-column tiles spread over threads (one sample, fewer samples than threads). The
 // per-tile norms are summed in tile order afterwards, so the result does not depend on timing.
 double outer_acc_par(const float* L, int64_t ldL, int64_t na, const float* R, int64_t nkp, int64_t nk, int64_t T,
-                     float s, float* out, int64_t sa, int64_t sk) {
+                     float s, float* out, int64_t sa, int64_t sk, bool add = false) {
     const int64_t ntiles = (na + kAW - 1) / kAW;
     std::vector<double> part(ntiles, 0.0);
 #ifdef _OPENMP
@@ -128,11 +134,28 @@ double outer_acc_par(const float* L, int64_t ldL, int64_t na, const float* R, in
 #endif
     for (int64_t tile = 0; tile < ntiles; ++tile) {
         const int64_t a0 = tile * kAW;
-        part[tile] = outer_acc(L + a0, ldL, std::min(kAW, na - a0), R, nkp, nk, T, s, out + a0 * sa, sa, sk);
+        part[tile] = outer_acc(L + a0, ldL, std::min(kAW, na - a0), R, nkp, nk, T, s, out + a0 * sa, sa, sk, add);
     }
     double norm2 = 0.0;
     for (double v : part) norm2 += v;
     return norm2;
+}
+
+// out += s * sum_t L[t][a] * R[t][k] over all T rows, as outer_acc, in blocks of kSumTokens rows each summed in
+// float32 and added into out (no float32 sum runs over more rows than that); the 32-column tiles go to threads
+// in one parallel region. Tiles and blocks are fixed by the shape: the same bits for every thread count.
+void outer_sum_par(const float* L, int64_t ldL, int64_t na, const float* R, int64_t nkp, int64_t nk, int64_t T,
+                   float s, float* out, int64_t sa, int64_t sk) {
+    const int64_t ntiles = (na + kAW - 1) / kAW;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (int64_t tile = 0; tile < ntiles; ++tile) {
+        const int64_t a0 = tile * kAW, w = std::min(kAW, na - a0);
+        for (int64_t t0 = 0; t0 < T; t0 += kSumTokens)
+            outer_acc(L + t0 * ldL + a0, ldL, w, R + t0 * nkp, nkp, nk, std::min(kSumTokens, T - t0), s,
+                      out + a0 * sa, sa, sk, true);
+    }
 }
 
 // rows_times_B with blocks of 16 rows spread over threads.
@@ -219,32 +242,51 @@ void ffa_linear_bwd(const FfaLinearBwdParams& p) {
         auto reduce = [&](double norm2, float clip, float* nu, const float* P, float* sum, int64_t size) {
             if (p.mode != MODE_SUM) nu[i] = static_cast<float>(norm2);
             if (per_sample) return;
-            const float c = p.mode == MODE_CLIP ? clip_coef(static_cast<float>(norm2), clip) : 1.0f;
+            const float c = clip_coef(static_cast<float>(norm2), clip);  // clip mode (sum mode returned early)
             if (c != 0.0f)  // c = 0 drops the sample, NaNs included
                 for (int64_t e = 0; e < size; ++e) sum[e] += c * P[e];
         };
         // B: P_i = s G_i^T U_i, (out, r)
         float* dstB = per_sample ? p.gB + i * szB : PB;
-        const double nB = (par ? outer_acc_par : outer_acc)(Gi, out, out, Up, rp, r, T, p.scale, dstB, r, 1);
+        const double nB = (par ? outer_acc_par : outer_acc)(Gi, out, out, Up, rp, r, T, p.scale, dstB, r, 1, false);
         reduce(nB, p.clip_B, p.nuB, PB, sB, szB);
         if (!lora) return;
         // A (LoRA mode): Q_i = s V_i^T Xa_i, (r, in)
         float* dstA = per_sample ? p.gA + i * szA : PA;
         const double nA = (par ? outer_acc_par : outer_acc)(p.xa + i * T * in, in, in, Vp, rp, r, T, p.scale, dstA,
-                                                            1, in);
+                                                            1, in, false);
         reduce(nA, p.clip_A, p.nuA, PA, sA, szA);
     };
 
-    // Samples over threads; with fewer samples than threads (n = 1), the tiles of each sample instead.
-    const int64_t threads = max_threads();
-    const bool by_tiles = n < threads;
-    const int nthreads = by_tiles ? 1 : static_cast<int>(std::min<int64_t>(threads, n));
-    // Sum / clip modes: the sums of c_i P_i over fixed chunks of consecutive samples (chunk c holds samples
+    if (p.mode == MODE_SUM) {
+        // No per-sample results: G^T U (and Xa^T V) over all n x T tokens at once (outer_sum_par), with no
+        // per-sample or per-chunk buffers (13x faster than this path's per-sample work on a 32000-wide layer,
+        // r = 64; bench/NOTES.md).
+        std::fill(p.gB, p.gB + szB, 0.0f);
+        if (lora) std::fill(p.gA, p.gA + szA, 0.0f);
+        const int64_t NT = n * T;
+        std::vector<float> Up(NT * rp, 0.0f), Vp(need_v ? NT * rp : 0, 0.0f);
+        for (int64_t t = 0; t < NT; ++t) std::memcpy(&Up[t * rp], p.u + t * r, sizeof(float) * r);
+        if (need_v) {
+            rows_times_B_par(p.g, NT, out, Bt.data(), rp, Vp.data());
+            if (p.v)
+                for (int64_t t = 0; t < NT; ++t) std::memcpy(p.v + t * r, &Vp[t * rp], sizeof(float) * r);
+        }
+        outer_sum_par(p.g, out, out, Up.data(), rp, r, NT, p.scale, p.gB, r, 1);
+        if (lora) outer_sum_par(p.xa, in, in, Vp.data(), rp, r, NT, p.scale, p.gA, 1, in);
+        return;
+    }
+    // Clip mode: the sums of c_i P_i over fixed chunks of consecutive samples (chunk c holds samples
     // [c n / chunks, (c + 1) n / chunks)), each summed in sample order by one thread, then added in chunk
     // order. The chunks depend on n and the layer's size alone, so the result is bitwise the same for every
     // thread count.
     const int64_t nchunks =
         per_sample ? 0 : std::min<int64_t>({n, kSumChunks, std::max<int64_t>(1, kSumScratch / (szB + szA))});
+    // Samples (chunks) over threads; with fewer of them than threads (n = 1, or a wide layer's few chunks),
+    // the tiles of each sample instead (the same bits: outer_acc_par forms the very per-tile sums).
+    const int64_t threads = max_threads();
+    const bool by_tiles = (per_sample ? n : nchunks) < threads;
+    const int nthreads = by_tiles ? 1 : static_cast<int>(std::min<int64_t>(threads, n));
     std::vector<float> sumB(nchunks * szB, 0.0f);
     std::vector<float> sumA(lora ? nchunks * szA : 0, 0.0f);
     auto chunk = [&](int64_t c, float* Up, float* Vp, float* PB, float* PA, bool par) {

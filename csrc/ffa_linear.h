@@ -65,7 +65,8 @@ void ffa_linear_clip_reduce(const ClipReduceParams& p);
 void lowrank_in(const LowRankParams& p);
 void lowrank_out(const LowRankParams& p);
 
-// Clipping factor of one squared norm, exactly the reference's clip_coef in float32.
+// Clipping factor of one squared norm: the reference's clip_coef in float32, to 1 ulp (torch computes
+// C / x as C * (1 / x), this a true division).
 float clip_coef(float norm2, float max_norm);
 
 // Number of OpenMP threads the kernels use (1 without OpenMP).
