@@ -56,6 +56,12 @@ import triton.language as tl
 from torch import Tensor
 
 from fedlora_fast.ops.ffa_linear import check_dtype, check_shape
+
+try:  # raised at a launch that needs more shared memory (or registers) than the device has
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover  (another Triton layout: nothing to catch)
+    class OutOfResources(Exception):  # type: ignore[no-redef]
+        pass
 from fedlora_fast.reference import ffa_linear as _ref
 from fedlora_fast.reference.ffa_linear import MODE_CLIP, MODE_PER_SAMPLE, MODE_SUM, clip_coef
 
@@ -502,7 +508,9 @@ def _outer_kernel(
         mask=mask_a[:, None] & mask_j[None, :],
     )
     if HAS_NORM:
-        tl.store(nu_ptr + seg.to(tl.int64) * NUM_A_TILES + pid_a, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+        # over the stored elements only: a padded rank column holds inf * 0 = NaN for a sample with an inf
+        sq = tl.where(mask_a[:, None] & mask_j[None, :], acc * acc, 0.0)
+        tl.store(nu_ptr + seg.to(tl.int64) * NUM_A_TILES + pid_a, tl.sum(tl.sum(sq, axis=1), axis=0))
 
 
 @triton.jit
@@ -537,9 +545,11 @@ def _clip_reduce_kernel(
     N, A, B,
     ACC_FP64: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    """out = sum_i c_i P_i over samples with c_i != 0 (a dropped sample's NaN never reaches the sum)."""
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    """out = sum_i c_i P_i over samples with c_i != 0 (a dropped sample's NaN never reaches the sum). One grid
+    axis over (a, b) tiles, b fastest: CUDA caps the grid's y axis at 65535 (b > 4M columns at BLOCK_B = 64)."""
+    num_b = tl.cdiv(B, BLOCK_B)
+    pid_a = tl.program_id(0) // num_b
+    pid_b = tl.program_id(0) % num_b
     ra = pid_a.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     rb = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (ra < A)[:, None] & (rb < B)[None, :]
@@ -1215,7 +1225,7 @@ def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
     cfg = _blocks("clip", P.device, A=A, B=B)
     if B <= 64:  # (n, out, r): whole rank in one tile
         cfg["BLOCK_B"] = _pow2(B, lo=1)
-    grid = (_cdiv(A, cfg["BLOCK_A"]), _cdiv(B, cfg["BLOCK_B"]))
+    grid = (_cdiv(A, cfg["BLOCK_A"]) * _cdiv(B, cfg["BLOCK_B"]),)
     with _device_guard(P.device):
         _run(
             _clip_reduce_kernel, grid, P, coef, out, *P.stride(), coef.stride(0), *out.stride(), n, A, B,
@@ -1259,6 +1269,23 @@ def _rank_too_large(r: int) -> bool:
     return True
 
 
+# (op, device index, r, dtype) whose kernels a launch refused for lack of resources (shared memory): a GPU with
+# less than sm90's 227 KiB per block (sm86/sm89: 99 KiB, sm75: 64 KiB) at a large rank (AOT, 2026-11-26: the
+# pass over G at r = 128 on sm86, r = 32 in bf16 on sm75). Those calls run the reference, with one warning.
+_OUT_OF_RESOURCES: set[tuple] = set()
+
+
+def _too_big_here(op: str, t: Tensor, r: int) -> bool:
+    return (op, t.device.index, r, t.dtype) in _OUT_OF_RESOURCES
+
+
+def _out_of_resources(op: str, t: Tensor, r: int, err: Exception) -> None:
+    _OUT_OF_RESOURCES.add((op, t.device.index, r, t.dtype))
+    where = torch.cuda.get_device_name(t.device) if t.is_cuda else t.device.type
+    warnings.warn(f"fedlora_fast: the Triton {op} kernels for r={r}, {t.dtype} do not fit this {where} ({err}); "
+                  "these calls run the PyTorch reference instead (correct, slower)", RuntimeWarning, stacklevel=3)
+
+
 def ffa_linear_fwd(
     x: Tensor, xa: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -1269,8 +1296,19 @@ def ffa_linear_fwd(
     Returns:
         y: (n, T, out) in x's dtype; u: (n, T, r) float32.
     """
-    if _use_reference(x, xa, weight, bias, A, B) or _rank_too_large(A.shape[0]):
+    r = A.shape[0]
+    if _use_reference(x, xa, weight, bias, A, B) or _rank_too_large(r) or _too_big_here("forward", x, r):
         return _ref.ffa_linear_fwd(x, xa, weight, bias, A, B, scale)
+    try:
+        return _fwd(x, xa, weight, bias, A, B, scale)
+    except OutOfResources as e:
+        _out_of_resources("forward", x, r, e)
+        return _ref.ffa_linear_fwd(x, xa, weight, bias, A, B, scale)
+
+
+def _fwd(
+    x: Tensor, xa: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
     out, inp = weight.shape
     r = A.shape[0]
     check_shape("x", x, (None, None, inp))
@@ -1308,7 +1346,9 @@ def ffa_linear_fwd(
         return y
 
     key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok)
-    return y_with(_choose_gemm(key, x.device, y_with, merged_ok, x.dtype)), u
+    with _device_guard(x.device):  # auto's events and streams on the tensors' device, not the current one
+        impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype)
+    return y_with(impl), u
 
 
 def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
@@ -1352,8 +1392,21 @@ def ffa_linear_bwd(
     """
     if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
         raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode}")
-    if _use_reference(g, u, weight, A, B, xa) or _rank_too_large(A.shape[0]):
-        return _ref.ffa_linear_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A)
+    args = (g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A)
+    r = A.shape[0]
+    if _use_reference(g, u, weight, A, B, xa) or _rank_too_large(r) or _too_big_here("backward", g, r):
+        return _ref.ffa_linear_bwd(*args)
+    try:
+        return _bwd(*args)
+    except OutOfResources as e:
+        _out_of_resources("backward", g, r, e)
+        return _ref.ffa_linear_bwd(*args)
+
+
+def _bwd(
+    g: Tensor, u: Tensor, weight: Tensor, A: Tensor, B: Tensor, xa: Tensor | None, scale: float, need_dx: bool,
+    split_dx: bool, mode: int, clip_B: float, clip_A: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     out, inp = weight.shape
     r = A.shape[0]
     check_shape("g", g, (None, None, out))
@@ -1406,7 +1459,8 @@ def ffa_linear_bwd(
     impl = "triton"
     if need_dx:
         key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, r, dt, split_dx, mode, xa is None)
-        impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx, dtype=dt)
+        with _device_guard(g.device):  # auto's events and streams on the tensors' device, not the current one
+            impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx, dtype=dt)
     gB, nuB, v, dx = pass_and_dx(impl)
     if mode == MODE_CLIP:
         gB = _clip_reduce(gB, clip_coef(nuB, clip_B))

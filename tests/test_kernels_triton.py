@@ -421,6 +421,70 @@ def test_rank_above_the_kernels_limit_runs_the_reference(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_launch_out_of_shared_memory_runs_the_reference(device, monkeypatch):
+    """A GPU with less shared memory per block than sm90 (sm86: 99 KiB, sm75: 64 KiB) refuses the pass over G
+    at a large rank with Triton's OutOfResources at launch: the op runs the reference for that rank and dtype
+    from then on, with one warning, instead of crashing the step."""
+    monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
+    run, refused = K._run, []
+
+    def small_gpu(fn, grid, *args, **kw):  # the pass over G and the GEMMs with a low-rank term do not fit
+        name = getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?"))
+        if name == "_outer_kernel" or (name == "_gemm_lowrank_kernel" and kw.get("HAS_MAIN") and kw.get("HAS_LOWRANK")):
+            refused.append(name)
+            raise K.OutOfResources(116736, 101376, "shared memory")
+        return run(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_run", small_gpu)
+    s = 0.5
+    t = make(2, 3, 9, 7, 3, device)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            refused.clear()
+            y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+            got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_CLIP, 0.1, 0)
+            exp_y, exp_u = ref_fwd(dict(t, xa=t["x"]), s)
+            close(y, exp_y, "y")
+            close(u, exp_u, "u")
+            for name, a, e in zip(["dx", "dxa", "gB", "nuB"], got, ref_bwd(t, f64(u), False, s, True, False,
+                                                                          ref.MODE_CLIP, 0.1, 0)):
+                close(a, e, name)
+            assert bool(refused) == (_ == 0), f"call {_}: refused launches {refused} (the refusal is remembered)"
+    msgs = [str(x.message) for x in w if "do not fit" in str(x.message)]
+    assert len(msgs) == 2 and "forward" in msgs[0] and "backward" in msgs[1], msgs  # once per op
+    assert "r=3" in msgs[0] and "shared memory" in msgs[0], msgs[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,T,r", [(2, 3, 5), (2, 3, 16), (1, 50, 5)], ids=["padded_rank", "full_rank", "rows_split"])
+def test_an_inf_gradient_gets_an_inf_norm_as_in_the_reference(device, n, T, r):
+    """A sample with an inf in G: its P holds +-inf and its norm is inf (the reference's), on every path; the
+    padded rank columns (inf * 0 = NaN) no longer reach the norm. Either way the sample is dropped."""
+    t = make(n, T, 9, 7, r, device)
+    t["g"][0, 1, 2] = float("inf")
+    u = torch.randn(n, T, r, generator=torch.Generator().manual_seed(1)).to(device)
+    got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 0.5, False, False, ref.MODE_PER_SAMPLE, 0, 0)
+    exp = ref.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 0.5, False, False, ref.MODE_PER_SAMPLE, 0, 0)
+    assert torch.isinf(exp[3][0]) and torch.isinf(got[3][0]), (got[3], exp[3])
+    if n > 1:
+        close(got[3][1:], exp[3][1:], "nuB")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_reduce_grid_is_one_axis(device, monkeypatch):
+    """CUDA caps a grid's y axis at 65535: (n, a, b) with b past 4M columns (a (n, 1, numel) view) could not
+    launch on a 2-D grid of (a, b) tiles; the tiles now go on axis 0 (2^31 - 1)."""
+    grids, run = [], K._run
+    monkeypatch.setattr(K, "_run", lambda fn, grid, *a, **kw: grids.append(grid) or run(fn, grid, *a, **kw))
+    P = torch.randn(3, 2, 300, generator=torch.Generator().manual_seed(0)).to(device)
+    coef = torch.tensor([0.5, 0.0, 2.0], device=device)
+    close(K.ffa_linear_clip_reduce(P, coef), ref.ffa_linear_clip_reduce(f64(P), f64(coef)), "sum")
+    cfg = K._blocks("clip", P.device, A=2, B=300)
+    assert grids == [(K._cdiv(2, cfg["BLOCK_A"]) * K._cdiv(300, cfg["BLOCK_B"]),)], grids
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("lora", [False, True], ids=["ffa", "lora"])
 def test_merged_backward_needs_no_v(poisoned, device, mode, lora, monkeypatch):
