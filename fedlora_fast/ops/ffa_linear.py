@@ -32,7 +32,7 @@ def check_shape(name: str, t: Tensor | None, shape: tuple) -> None:
                     break
             else:
                 return
-    want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+    want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ("," if len(shape) == 1 else "") + ")"
     got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
     raise ValueError(f"{name}: expected shape {want}, got {got}")
 
@@ -65,6 +65,18 @@ def check_dtype(name: str, t: Tensor | None, dtype: torch.dtype, why: str = "") 
         raise TypeError(f"{name}: expected dtype {dtype}{f' ({why})' if why else ''}, got {t.dtype}")
 
 
+def _sizes_and_factors(weight: Tensor, A: Tensor, B: Tensor) -> None:
+    """in, out and r are >= 1 (the layer's own rule; the backends disagreed on empty layers), and A and B are
+    floating point (an integer A was cast silently by one backend)."""
+    out, inp = weight.shape
+    if out < 1 or inp < 1 or A.shape[0] < 1:
+        raise ValueError(f"weight, A: expected out, in and r >= 1, got weight {tuple(weight.shape)} and A "
+                         f"{tuple(A.shape)}")
+    for name, t in (("A", A), ("B", B)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+
+
 def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
     """Raise ValueError naming the argument whose shape, device or value does not fit ``ffa_linear_fwd``."""
     check_shape("x", x, (None, None, None))
@@ -80,6 +92,7 @@ def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
         check_shape("bias", bias, (out,))
     check_shape("A", A, (None, inp))
     check_shape("B", B, (out, A.shape[0]))
+    _sizes_and_factors(weight, A, B)
     _scale(scale, x.dtype)
     _devices("x", x, xa=xa, weight=weight, bias=bias, A=A, B=B)
 
@@ -99,6 +112,7 @@ def check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, cl
     check_dtype("weight", weight, g.dtype, "g's")
     check_dtype("xa", xa, g.dtype, "g's")
     check_dtype("u", u, acc_dtype(g.dtype), "the forward's U: the adapter's maths runs in it")
+    _sizes_and_factors(weight, A, B)
     if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
         raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode!r}")
     _scale(scale, g.dtype)
