@@ -66,6 +66,9 @@ DEFINITIONS = {
                                      "frozen layer's own work (the 2x goal restated where peft+opacus < 2x the "
                                      "floor makes the plain ratio unreachable; bench/NOTES.md)",
     "tflops, gbps": "formula FLOPs / bytes of bench/NOTES.md (Triton section) over the full-step time",
+    "floor_drift": "the floor's full step timed again after every variant / its first timing: the variants are "
+                   "timed one after another, so a drift of the card's clocks over the row shows here (ratios "
+                   "are against the first timing)",
 }
 
 
@@ -745,6 +748,8 @@ def main(argv=None) -> int:
                 # backward = full - forward: opacus' hooks consume the forward's activations, so a retained
                 # graph cannot be re-run for it alone; the same derivation for every variant
                 times[name] = {"fwd_ms": fwd, "bwd_ms": full - fwd, "full_ms": full}
+            if "floor" in variants:  # the floor again, after every variant: the clock's drift over the row
+                times["floor"]["full_ms_again"] = bench_ms(variants["floor"].step, device, reps)
             if args.host and device.type == "cuda":
                 for name, v in variants.items():
                     times[name]["host_ms"] = host_ms(v.step, device)
@@ -792,6 +797,8 @@ def main(argv=None) -> int:
                 row["ratio_to_floor_bwd"] = times[ours]["bwd_ms"] / times["floor"]["bwd_ms"]
                 if best:
                     row["ratio_to_floor_best_pinned"] = times[best]["full_ms"] / times["floor"]["full_ms"]
+            if "full_ms_again" in times.get("floor", {}):
+                row["floor_drift"] = times["floor"]["full_ms_again"] / times["floor"]["full_ms"]
             if f"ffa_flat[{GRAPH}]" in times and "floor" in times:
                 row["ratio_to_floor_graph"] = times[f"ffa_flat[{GRAPH}]"]["full_ms"] / times["floor"]["full_ms"]
             if ours and "peft_opacus" in times:

@@ -271,6 +271,7 @@ def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkey
     row = json.loads(out.read_text())["rows"][0]
     assert code == 1 and row["correct"] is False and "boom" in row["failed"]["peft_opacus"], row.get("failed")
     assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
+    assert row["floor_drift"] == row["times_ms"]["floor"]["full_ms_again"] / row["times_ms"]["floor"]["full_ms"]
     # auto mixes GEMM paths per op: it is the headline, never the "best pinned" one
     assert row["best_ffa"] is None and "ratio_to_floor_best_pinned" not in row, row
     assert [c["gemm"] for c in row["checks"]] == ["triton"]  # what auto runs off CUDA
