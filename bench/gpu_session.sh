@@ -22,7 +22,7 @@
 #   TEST_S=165 SWEEP_S=85 LAYER_S=130 GRAPH_S=70 STEP_S=45 NCU_S=30 LAUNCH_S=15 BUDGET_S=570
 # (540 s of steps + ~20 s of install and versions + a 5 s margin, inside the outer 580 s). A step may also take
 # what earlier steps left unused beyond the caps of the steps after it, never more than what is left.
-# Other knobs: TEST_FILES, TEST_WORKERS, TEST_TIMEOUT_S, SWEEP_ARGS, LAYER_ARGS, GRAPH_VARIANTS, GRAPH_SIZES,
+# Other knobs: TEST_FILES, TEST_K (pytest -k), TEST_WORKERS, TEST_TIMEOUT_S, SWEEP_ARGS, LAYER_ARGS, GRAPH_VARIANTS, GRAPH_SIZES,
 # STEP_VARIANTS, STEP_ARGS, NCU_ARGS, LAUNCH_ARGS, PYTHON.
 #
 # Wheels in .whl/ (e.g. opacus, when the machine cannot reach PyPI) are installed to /tmp/site first.
@@ -130,7 +130,11 @@ else
 fi
 L=$(cap 1)
 if begin 1 "CUDA tests, natively (pytest -m cuda: $TEST_FILES)" "$L" 20; then
+    TEST_K_ARGS=(); [ -n "${TEST_K:-}" ] && TEST_K_ARGS=(-k "$TEST_K")
+    # every failure's traceback lands in test_failures.log as it happens (tests/conftest.py): a cut keeps them
+    FEDLORA_FAST_FAILURE_LOG="$OUT/test_failures.log" \
     run "$OUT/tests_cuda.log" "$L" "$PY" -m pytest ${TESTS[@]+"${TESTS[@]}"} -m cuda -v ${TEST_WORKERS_ARGS[@]+"${TEST_WORKERS_ARGS[@]}"} \
+        ${TEST_K_ARGS[@]+"${TEST_K_ARGS[@]}"} \
         -p no:cacheprovider -p no:benchmark -rfE --durations=15 --junitxml="$OUT/junit_cuda.xml" \
         ${TEST_TIMEOUT[@]+"${TEST_TIMEOUT[@]}"}
     echo "# $(grep -c " PASSED" "$OUT/tests_cuda.log") passed, $(grep -cE " (FAILED|ERROR) " "$OUT/tests_cuda.log") failed or errors so far; failures:"

@@ -87,11 +87,12 @@ def _interpret() -> bool:
 
 GEMM_IMPLS = ("auto", "triton", "cublas", "cublas_acc", "merged", "tma")
 # what "auto" times on the first call per shape (CUDA). "tma" measured slower on an H200 (2026-11-26) and is
-# out; "cublas_acc" is in before its first GPU timing: it rounds as often as "cublas" (one term before the
-# sum, then the sum: the low-rank term there, the base GEMM in "cublas"), so taking it changes no result
-# beyond what "auto" already allows, and auto takes it only where it times faster (bench/NOTES.md);
-# "merged" likewise (2026-11-26, before its first GPU timing): rounding W + s B A once to the input dtype
-# measured no less accurate than PyTorch's own bf16/fp16 path (tests hold it to the same bound as the others)
+# out; "cublas_acc" rounds as often as "cublas" (one term before the sum, then the sum: the low-rank term
+# there, the base GEMM in "cublas"), so taking it changes no result beyond what "auto" already allows;
+# "merged": rounding W + s B A once to the input dtype measured no less accurate than PyTorch's own bf16/fp16
+# path (tests hold it to the same bound as the others). Both kept after their first timing (an H100,
+# 2026-11-26): auto took "merged" for the forward and dX at every 16k-token Llama-7B shape (1.09-1.15x the
+# floor) and "cublas_acc" for two 4k-token forwards (bench/NOTES.md)
 AUTO_CANDIDATES = ("triton", "cublas", "cublas_acc", "merged")
 
 

@@ -21,6 +21,25 @@ from fedlora_fast.ops import backends  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (``item.rep_call``...): a fixture's teardown can tell a test that
+    skipped itself from one that ran."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+def pytest_runtest_logreport(report):
+    """With FEDLORA_FAST_FAILURE_LOG set (bench/gpu_session.sh sets it), every failure's traceback is appended
+    to that file as it happens (with xdist, in the controller): a run cut by its time cap before pytest's
+    summary still says why each test failed."""
+    path = os.environ.get("FEDLORA_FAST_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 def backend_params():
     """(backend, device) pairs: every backend on every device it may run on, unavailable ones skipped."""
     out = []

@@ -54,7 +54,7 @@ DEVICES = _device_params()
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned(monkeypatch, request):
     """Every buffer the kernels allocate starts as NaN; yields the list of allocated shapes."""
     calls = []
 
@@ -64,6 +64,9 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(K, "alloc_hook", hook)
     yield calls
+    ran = getattr(request.node, "rep_call", None)
+    if ran is not None and ran.skipped:
+        return  # a case the test skips itself (on CUDA, one per option) allocated nothing: no error
     assert calls, "the kernels allocated nothing through alloc_hook: the poisoning checked nothing"
 
 
