@@ -60,9 +60,11 @@ fi
 
 if [[ "$DEVICE" == "cuda" && -f bench/gpu_layer.py ]]; then
     echo "== 5/6 Triton layer benchmark: bench/gpu_layer.py"
-    # a failed check is reported (exit 1) but must not cost step 6 its numbers
+    # a failed check is reported (exit 1) but must not cost step 6 its numbers; a smoke run writes to a
+    # temporary folder (not over the day's real results)
+    LAYER_JSON=(--json "$RESULTS/gpu_layer_${SLUG}_${DATE}.json"); [[ "$SMOKE" == "1" ]] && LAYER_JSON=()
     # shellcheck disable=SC2086
-    "$PY" bench/gpu_layer.py --json "$RESULTS/gpu_layer_${SLUG}_${DATE}.json" $GPU_ARGS \
+    "$PY" bench/gpu_layer.py ${LAYER_JSON[@]+"${LAYER_JSON[@]}"} $GPU_ARGS \
         || echo "== 5/6 bench/gpu_layer.py exited $?: a check failed or a variant could not run (see its rows)"
 else
     echo "== 5/6 skipped: bench/gpu_layer.py needs CUDA and the file (device=$DEVICE)"

@@ -7,7 +7,7 @@
 // accumulators that stays in registers while t runs over the tokens, so P_i is written once and its norm
 // taken on the way out. V_i = G_i B is a second, row-wise sweep over G_i while it is still in L2 (T x out x
 // 4 bytes = 768 KiB at BERT shapes, L2 = 2 MiB here). Sum mode (no per-sample results) runs the same tiles
-// over all n x T tokens at once.
+// over all n x T tokens at once, unless V is needed and samples are long (then per sample, as above).
 #include "ffa_linear.h"
 
 #include <algorithm>
@@ -242,7 +242,7 @@ void ffa_linear_bwd(const FfaLinearBwdParams& p) {
         auto reduce = [&](double norm2, float clip, float* nu, const float* P, float* sum, int64_t size) {
             if (p.mode != MODE_SUM) nu[i] = static_cast<float>(norm2);
             if (per_sample) return;
-            const float c = clip_coef(static_cast<float>(norm2), clip);  // clip mode (sum mode returned early)
+            const float c = p.mode == MODE_CLIP ? clip_coef(static_cast<float>(norm2), clip) : 1.0f;
             if (c != 0.0f)  // c = 0 drops the sample, NaNs included
                 for (int64_t e = 0; e < size; ++e) sum[e] += c * P[e];
         };
@@ -258,10 +258,12 @@ void ffa_linear_bwd(const FfaLinearBwdParams& p) {
         reduce(nA, p.clip_A, p.nuA, PA, sA, szA);
     };
 
-    if (p.mode == MODE_SUM) {
-        // No per-sample results: G^T U (and Xa^T V) over all n x T tokens at once (outer_sum_par), with no
-        // per-sample or per-chunk buffers (13x faster than this path's per-sample work on a 32000-wide layer,
-        // r = 64; bench/NOTES.md).
+    // Sum mode needs no per-sample results: G^T U (and Xa^T V) over all n x T tokens at once (outer_sum_par),
+    // without per-sample or per-chunk buffers (~100x faster than the per-sample route at 64 samples of a
+    // 32000-wide layer, r = 64; bench/NOTES.md). Where V = G B is needed too, that route reads G from memory
+    // twice, while the per-sample route makes its second sweep over G_i in L2 and pays ~3 passes over each
+    // P_i instead: it is the cheaper one when T > 3 r (MiniLM's T = 128, r = 8: 20-28 % faster, measured).
+    if (p.mode == MODE_SUM && (!need_v || T <= 3 * r)) {
         std::fill(p.gB, p.gB + szB, 0.0f);
         if (lora) std::fill(p.gA, p.gA + szA, 0.0f);
         const int64_t NT = n * T;
@@ -276,16 +278,18 @@ void ffa_linear_bwd(const FfaLinearBwdParams& p) {
         if (lora) outer_sum_par(p.xa, in, in, Vp.data(), rp, r, NT, p.scale, p.gA, 1, in);
         return;
     }
-    // Clip mode: the sums of c_i P_i over fixed chunks of consecutive samples (chunk c holds samples
-    // [c n / chunks, (c + 1) n / chunks)), each summed in sample order by one thread, then added in chunk
-    // order. The chunks depend on n and the layer's size alone, so the result is bitwise the same for every
-    // thread count.
+    // Clip (and per-sample-route sum) mode: the sums of c_i P_i over fixed chunks of consecutive samples (chunk
+    // c holds samples [c n / chunks, (c + 1) n / chunks)), each summed in sample order by one thread, then
+    // added in chunk order. The chunks depend on n and the layer's size alone, so the result is bitwise the
+    // same for every thread count.
     const int64_t nchunks =
         per_sample ? 0 : std::min<int64_t>({n, kSumChunks, std::max<int64_t>(1, kSumScratch / (szB + szA))});
-    // Samples (chunks) over threads; with fewer of them than threads (n = 1, or a wide layer's few chunks),
-    // the tiles of each sample instead (the same bits: outer_acc_par forms the very per-tile sums).
+    // Samples (chunks) over threads; with fewer samples than threads (n = 1), or where the memory cap left a
+    // wide layer fewer chunks than threads, the tiles of each sample instead (the same bits: outer_acc_par
+    // forms the very per-tile sums).
     const int64_t threads = max_threads();
-    const bool by_tiles = (per_sample ? n : nchunks) < threads;
+    const bool capped = nchunks < std::min<int64_t>(n, kSumChunks);
+    const bool by_tiles = n < threads || (capped && nchunks < threads);
     const int nthreads = by_tiles ? 1 : static_cast<int>(std::min<int64_t>(threads, n));
     std::vector<float> sumB(nchunks * szB, 0.0f);
     std::vector<float> sumA(lora ? nchunks * szA : 0, 0.0f);

@@ -166,8 +166,9 @@ def test_clip_threshold_extremes(nat):
     assert (zero == 0).all()
 
 
+@pytest.mark.parametrize("T", [11, 20], ids=["sum_one_pass", "sum_per_sample"])  # sum mode's route: T <= 3 r
 @pytest.mark.parametrize("n", [7, 40, 1], ids=["samples_over_threads", "chunks", "tiles_over_threads"])
-def test_deterministic_and_thread_count(nat, n):
+def test_deterministic_and_thread_count(nat, n, T):
     """Same input, same bits; the adapter's (per-sample, clipped or summed) gradients and norms also whatever
     the thread count: they must not change with the machine's cores (the clipped sums are added over fixed
     chunks of samples, in chunk order).
@@ -177,7 +178,7 @@ def test_deterministic_and_thread_count(nat, n):
     """
     from fedlora_fast import _native
 
-    t = inputs(n, 11, 20, 45, 6)
+    t = inputs(n, T, 20, 45, 6)
     threads = torch.get_num_threads()
     for mode in (ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP):
         call = lambda: bwd(nat, t, t["xa"], 0.3, True, True, mode, (0.5, 0.5))  # noqa: E731

@@ -13,9 +13,10 @@ float32 for the adapter maths (the reference casts too) while ``dx`` stays in th
 reference; float64 calls (the tests' ground truth) run the reference. The forward computes ``U`` natively
 and folds the adapter into the base GEMM the same way (``Y = x (W + s B A)^T + b`` when ``xa`` is ``x``).
 
-Per-shape choice: every float32 shape measured ran faster here than on the reference or level with it
-(bench/NOTES.md, "Native CPU backend": LoRA-mode sum at r >= 64, 0.75-1.46x), so no shape is routed back; a
-shape found clearly slower belongs in a rule at the top of the function concerned. Importing this module fails with ImportError when the extension was not built,
+Per-shape choice: every float32 shape measured ran faster here than on the reference but one, LoRA-mode sum
+at r = 64 on a 32000-wide layer (training A and B without DP on a vocabulary head: 1.1-1.6x the reference's
+time, its V = G B pass being a GEMM MKL does better; bench/NOTES.md, "Native CPU backend"), left native for
+now; a shape found clearly slower belongs in a rule at the top of the function concerned. Importing this module fails with ImportError when the extension was not built,
 or when it was built for instruction sets this CPU lacks (``-march=native`` on another machine: checked
 against the build's record before the extension is loaded, since running it would die of SIGILL);
 ``fedlora_fast.ops.backends`` then falls back to the reference with one warning that says how to rebuild.
