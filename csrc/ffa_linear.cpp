@@ -26,9 +26,10 @@ namespace {
 
 constexpr int64_t kKB = 8;   // ranks per register tile (r is padded up to a multiple of 8 with zeros)
 constexpr int64_t kAW = 32;  // output columns per register tile (two AVX-512 / four AVX2 vectors)
-// chunks of samples whose clipped sums the backward adds in a fixed order (its parallelism in clip mode with
-// many samples). Memory: chunks x out x r floats (+ in x r in LoRA mode), with at most kSumChunks
-// chunks and, for wide layers, as many as fit in kSumScratch floats (8 at out = 32000, r = 64).
+// chunks of samples whose clipped sums the backward adds in a fixed order (its parallelism in clip mode, and
+// in sum mode's per-sample route, with many samples). Memory: chunks x out x r floats (+ in x r in LoRA
+// mode), at most kSumChunks chunks and, for wide layers, as many as fit in kSumScratch floats (8 at
+// out = 32000, r = 64).
 constexpr int64_t kSumChunks = 32;
 constexpr int64_t kSumScratch = int64_t{1} << 24;  // 64 MiB of float32
 // sum mode: tokens per block of the pass over all n x T tokens (outer_sum_par)

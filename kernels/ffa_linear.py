@@ -1297,14 +1297,15 @@ def ffa_linear_fwd(
     Returns:
         y: (n, T, out) in x's dtype; u: (n, T, r) float32.
     """
+    args = (x, xa, weight, bias, A, B, scale)
     r = A.shape[0]
     if _use_reference(x, xa, weight, bias, A, B) or _rank_too_large(r) or _too_big_here("forward", x, r):
-        return _ref.ffa_linear_fwd(x, xa, weight, bias, A, B, scale)
+        return _ref.ffa_linear_fwd(*args)
     try:
-        return _fwd(x, xa, weight, bias, A, B, scale)
+        return _fwd(*args)
     except OutOfResources as e:
         _out_of_resources("forward", x, r, e)
-        return _ref.ffa_linear_fwd(x, xa, weight, bias, A, B, scale)
+        return _ref.ffa_linear_fwd(*args)
 
 
 def _fwd(

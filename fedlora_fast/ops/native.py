@@ -16,10 +16,11 @@ and folds the adapter into the base GEMM the same way (``Y = x (W + s B A)^T + b
 Per-shape choice: every float32 shape measured ran faster here than on the reference but one, LoRA-mode sum
 at r = 64 on a 32000-wide layer (training A and B without DP on a vocabulary head: 1.1-1.6x the reference's
 time, its V = G B pass being a GEMM MKL does better; bench/NOTES.md, "Native CPU backend"), left native for
-now; a shape found clearly slower belongs in a rule at the top of the function concerned. Importing this module fails with ImportError when the extension was not built,
-or when it was built for instruction sets this CPU lacks (``-march=native`` on another machine: checked
-against the build's record before the extension is loaded, since running it would die of SIGILL);
-``fedlora_fast.ops.backends`` then falls back to the reference with one warning that says how to rebuild.
+now; a shape found clearly slower belongs in a rule at the top of the function concerned. Importing this
+module fails with ImportError when the extension was not built, or when it was built for instruction sets
+this CPU lacks (``-march=native`` on another machine: checked against the build's record before the
+extension is loaded, since running it would die of SIGILL); ``fedlora_fast.ops.backends`` then falls back
+to the reference with one warning that says how to rebuild.
 """
 
 from __future__ import annotations
