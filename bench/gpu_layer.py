@@ -69,6 +69,9 @@ DEFINITIONS = {
     "floor_drift": "the floor's full step timed again after every variant / its first timing: the variants are "
                    "timed one after another, so a drift of the card's clocks over the row shows here (ratios "
                    "are against the first timing)",
+    "ratio_to_floor_interleaved, ratio_to_peft_opacus_interleaved": "the median over --rounds rounds (every "
+        "variant's full step once per round, the order rotated) of ours / floor and ours / peft+opacus within "
+        "the round: free of the drift that floor_drift shows; interleaved_full_ms holds the rounds",
 }
 
 
@@ -108,6 +111,18 @@ def ffa_work(n: int, N: int, inp: int, out: int, r: int, e: int) -> tuple[float,
 
 
 # --- timing ---------------------------------------------------------------------------------------------
+def interleave(variants: dict, device: torch.device, reps: int, rounds: int) -> dict[str, list[float]]:
+    """``{name: [full-step ms per round]}``: ``rounds`` rounds timing every variant once (``bench_ms``), the
+    order rotated by one each round, so a ratio of two variants in one round compares them under the same
+    clocks."""
+    names = list(variants)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(rounds):
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            out[name].append(bench_ms(variants[name].step, device, reps))
+    return out
+
+
 def bench_ms(fn, device: torch.device, reps: int) -> float:
     """Median milliseconds of ``fn()``: triton.testing.do_bench on CUDA, perf_counter medians on CPU."""
     if device.type == "cuda":
@@ -635,6 +650,9 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=10, help="CUDA: do_bench rep budget x10 ms; CPU: timed calls")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds of every variant's full step (ratios within a round; 0: none; "
+                         "default 3, 1 with --smoke)")
     ap.add_argument("--variants", default="floor,ffa_flat[auto],ffa_flat[graph],ffa_flat[triton],ffa_flat[cublas],ffa_flat[cublas_acc],ffa_flat[merged],ffa_per_layer,peft_opacus",
                     help="ffa_flat[reference] is the same layer on the PyTorch reference ops (not counted as ours)")
     ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
@@ -665,6 +683,8 @@ def main(argv=None) -> int:
     shapes = parse_pairs(args.shapes) if args.shapes else (SMOKE_SHAPES if args.smoke else LLAMA7B)
     tokens = parse_pairs(args.tokens) if args.tokens else (SMOKE_TOKENS if args.smoke else TOKENS)
     reps = 2 if args.smoke and args.reps == 10 else args.reps
+    if args.rounds is None:
+        args.rounds = 1 if args.smoke else 3
     which = [v.strip() for v in args.variants.split(",") if v.strip()]
 
     blocks_applied = {}
@@ -750,6 +770,10 @@ def main(argv=None) -> int:
                 times[name] = {"fwd_ms": fwd, "bwd_ms": full - fwd, "full_ms": full}
             if "floor" in variants:  # the floor again, after every variant: the clock's drift over the row
                 times["floor"]["full_ms_again"] = bench_ms(variants["floor"].step, device, reps)
+            # rounds of every variant's full step, the order rotated each round: ratios taken within a round
+            # do not drift with the card's clocks the way the sequential timings above can (7-9 % over a row
+            # on an H100, 2026-11-26)
+            interleaved = interleave(variants, device, reps, args.rounds) if args.rounds > 0 else {}
             if args.host and device.type == "cuda":
                 for name, v in variants.items():
                     times[name]["host_ms"] = host_ms(v.step, device)
@@ -797,6 +821,12 @@ def main(argv=None) -> int:
                 row["ratio_to_floor_bwd"] = times[ours]["bwd_ms"] / times["floor"]["bwd_ms"]
                 if best:
                     row["ratio_to_floor_best_pinned"] = times[best]["full_ms"] / times["floor"]["full_ms"]
+            if interleaved:
+                row["interleaved_full_ms"] = interleaved
+                for key, other in (("ratio_to_floor_interleaved", "floor"),
+                                   ("ratio_to_peft_opacus_interleaved", "peft_opacus")):
+                    if ours in interleaved and other in interleaved:
+                        row[key] = statistics.median(a / b for a, b in zip(interleaved[ours], interleaved[other]))
             if "full_ms_again" in times.get("floor", {}):
                 row["floor_drift"] = times["floor"]["full_ms_again"] / times["floor"]["full_ms"]
             if f"ffa_flat[{GRAPH}]" in times and "floor" in times:
@@ -827,6 +857,11 @@ def main(argv=None) -> int:
                 + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
                 + (f" (overhead {row['overhead_ratio_to_peft_opacus']:.3f})" if "overhead_ratio_to_peft_opacus" in row else "")
+                + (f"  | interleaved: ours/floor {row['ratio_to_floor_interleaved']:.3f}"
+                   if "ratio_to_floor_interleaved" in row else "")
+                + (f" ours/peft+opacus {row['ratio_to_peft_opacus_interleaved']:.3f}"
+                   if "ratio_to_peft_opacus_interleaved" in row else "")
+                + (f"  floor drift {row['floor_drift']:.3f}" if "floor_drift" in row else "")
             )
     if args.profile:
         for row in rows:

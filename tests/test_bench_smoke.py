@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -272,9 +274,24 @@ def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkey
     assert code == 1 and row["correct"] is False and "boom" in row["failed"]["peft_opacus"], row.get("failed")
     assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
     assert row["floor_drift"] == row["times_ms"]["floor"]["full_ms_again"] / row["times_ms"]["floor"]["full_ms"]
+    rounds = row["interleaved_full_ms"]  # --smoke: one round of the variants that ran
+    assert set(rounds) == {"floor", "ffa_flat[auto]"} and all(len(v) == 1 for v in rounds.values()), rounds
+    assert row["ratio_to_floor_interleaved"] == rounds["ffa_flat[auto]"][0] / rounds["floor"][0]
+    assert "ratio_to_peft_opacus_interleaved" not in row  # peft_opacus failed: no ratio to it
     # auto mixes GEMM paths per op: it is the headline, never the "best pinned" one
     assert row["best_ffa"] is None and "ratio_to_floor_best_pinned" not in row, row
     assert [c["gemm"] for c in row["checks"]] == ["triton"]  # what auto runs off CUDA
+
+
+def test_gpu_layer_interleave_rotates_the_order():
+    import gpu_layer
+
+    seen = []
+    variants = {k: SimpleNamespace(step=lambda k=k: seen.append(k)) for k in ("a", "b", "c")}
+    got = gpu_layer.interleave(variants, torch.device("cpu"), 1, 3)
+    assert set(got) == {"a", "b", "c"} and all(len(v) == 3 for v in got.values())
+    # bench_ms on CPU: one untimed call, then `reps` (1) timed one, per measurement
+    assert seen[::2] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"] and seen[::2] == seen[1::2], seen
 
 
 def test_gpu_layer_checks_every_path_auto_may_time():
