@@ -78,11 +78,22 @@ DEFINITIONS = {
 UNPINNED = ("reference", "auto", GRAPH)  # ffa_flat[...] variants that are not one pinned GEMM path
 
 
+def gemm_of(name: str) -> str | None:
+    """The ``X`` of an ``ffa_flat[X]`` variant name (a GEMM path, or reference/auto/graph), else None."""
+    return name[len("ffa_flat[") : -1] if name.startswith("ffa_flat[") else None
+
+
+def pinned_gemm(name: str) -> str | None:
+    """The one GEMM path an ``ffa_flat[<gemm>]`` variant pins, or None (not ffa_flat, or ``UNPINNED``)."""
+    gemm = gemm_of(name)
+    return None if gemm in UNPINNED else gemm
+
+
 def gemms_to_check(which: list[str], device_type: str) -> list[str]:
     """The base-GEMM paths (FEDLORA_FAST_GEMM) whose ops check_ops compares with the float64 reference: every
     pinned ``ffa_flat[<gemm>]`` variant timed, and with ``ffa_flat[auto]`` or ``[graph]`` (the headline) every
     path auto may pick (on CUDA ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked."""
-    gemms = [k[len("ffa_flat["):-1] for k in which if k.startswith("ffa_flat[") and k[len("ffa_flat["):-1] not in UNPINNED]
+    gemms = [g for g in map(pinned_gemm, which) if g is not None]
     if any(k in which for k in ("ffa_flat[auto]", f"ffa_flat[{GRAPH}]")):
         from fedlora_fast.kernels import ffa_linear as K
 
@@ -203,7 +214,7 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
     for name in which:
         if name.startswith("ffa_flat[") or name == "ffa_per_layer":
             layer, reset = ffa(MODE_PER_SAMPLE if name.startswith("ffa_flat") else MODE_CLIP)
-            gemm = name[len("ffa_flat[") : -1] if name.startswith("ffa_flat[") else None
+            gemm = gemm_of(name)
             if gemm == GRAPH:
                 if x.device.type != "cuda":
                     print(f"# {name} skipped: CUDA graphs need a CUDA device", flush=True)
@@ -791,7 +802,7 @@ def main(argv=None) -> int:
             variants.clear()
             sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
             sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
-            pinned = [k for k in times if k.startswith("ffa_flat[") and k[len("ffa_flat["):-1] not in UNPINNED]
+            pinned = [k for k in times if pinned_gemm(k) is not None]
             best = min(pinned, key=lambda k: times[k]["full_ms"]) if pinned else None
             # the headline is what a user gets by default (FEDLORA_FAST_GEMM=auto); else the best pinned GEMM
             ours = "ffa_flat[auto]" if "ffa_flat[auto]" in times else best

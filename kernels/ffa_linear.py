@@ -110,7 +110,7 @@ def gemm_impl() -> str:
     - ``"cublas_acc"``: the low-rank term (and bias) written first by our kernel, then cuBLAS accumulates the
       base GEMM onto it in place (``addmm_``, beta = 1: the output is written once by each, read once by
       cuBLAS's epilogue). The low-rank term is rounded to the input dtype before the sum (twice in all,
-      once in ``"cublas"``/``"triton"``); not yet timed on a GPU;
+      once in ``"cublas"``/``"triton"``); auto took it for some 4k-token forwards on an H100 (2026-11-26);
     - ``"merged"``: ``W' = W + s B A`` made by our kernel (W read once, W' written once, per call), then one
       cuBLAS GEMM each way: ``Y = x W'^T + b`` and ``dX = G W'`` (exact algebra: ``G W + s (G B) A``), so the
       backward's one pass over G computes no V at all (FFA mode). The adapter's cost becomes two weight-sized
@@ -122,7 +122,7 @@ def gemm_impl() -> str:
       ``"cublas"``. Never in float16, pinned or not (W' can overflow where Y does not, and fp16's
       subnormals lose the term at an absolute threshold): a pinned "merged" runs as ``"cublas_acc"`` there,
       and ``"auto"`` leaves out ``"cublas"`` too for float16 (x W^T rounded before the term is added can
-      overflow where Y does not). Not yet timed on a GPU;
+      overflow where Y does not). Auto's choice at 16k tokens on an H100 (2026-11-26);
     - ``"tma"``: a persistent Triton GEMM loading X and W through TMA descriptors (sm90+, bf16/fp16,
       16-byte-aligned rows, else ``"triton"``), the same epilogue; measured slower than ``"triton"`` and
       cuBLAS on an H200 (bench/NOTES.md).
@@ -1266,7 +1266,7 @@ def _rank_too_large(r: int) -> bool:
     if r not in _RANK_WARNED:
         _RANK_WARNED.add(r)
         warnings.warn(f"fedlora_fast: rank r={r} is above the Triton kernels' {MAX_RANK}: this layer runs the PyTorch "
-                      "reference instead (correct, slower)", RuntimeWarning, stacklevel=3)  # fmt: skip
+                      "reference instead (correct, slower)", RuntimeWarning, stacklevel=4)  # fmt: skip
     return True
 
 
@@ -1284,7 +1284,21 @@ def _out_of_resources(op: str, t: Tensor, r: int, err: Exception) -> None:
     _OUT_OF_RESOURCES.add((op, t.device.index, r, t.dtype))
     where = torch.cuda.get_device_name(t.device) if t.is_cuda else t.device.type
     warnings.warn(f"fedlora_fast: the Triton {op} kernels for r={r}, {t.dtype} do not fit this {where} ({err}); "
-                  "these calls run the PyTorch reference instead (correct, slower)", RuntimeWarning, stacklevel=3)
+                  "these calls run the PyTorch reference instead (correct, slower)", RuntimeWarning, stacklevel=4)
+
+
+def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, reference: Callable, args: tuple):
+    """``kernels(*args)``, or ``reference(*args)`` where the kernels do not take the call: inputs they leave to
+    the reference (``_use_reference``), a rank above ``MAX_RANK``, or a launch this device refused for lack of
+    resources (remembered per op, device, r and dtype, with one warning). ``tensors[0]`` names the device."""
+    lead = tensors[0]
+    if _use_reference(*tensors) or _rank_too_large(r) or _too_big_here(op, lead, r):
+        return reference(*args)
+    try:
+        return kernels(*args)
+    except OutOfResources as e:
+        _out_of_resources(op, lead, r, e)
+        return reference(*args)
 
 
 def ffa_linear_fwd(
@@ -1297,15 +1311,8 @@ def ffa_linear_fwd(
     Returns:
         y: (n, T, out) in x's dtype; u: (n, T, r) float32.
     """
-    args = (x, xa, weight, bias, A, B, scale)
-    r = A.shape[0]
-    if _use_reference(x, xa, weight, bias, A, B) or _rank_too_large(r) or _too_big_here("forward", x, r):
-        return _ref.ffa_linear_fwd(*args)
-    try:
-        return _fwd(*args)
-    except OutOfResources as e:
-        _out_of_resources("forward", x, r, e)
-        return _ref.ffa_linear_fwd(*args)
+    return _kernels_or_reference("forward", (x, xa, weight, bias, A, B), A.shape[0], _fwd, _ref.ffa_linear_fwd,
+                                 (x, xa, weight, bias, A, B, scale))
 
 
 def _fwd(
@@ -1394,15 +1401,8 @@ def ffa_linear_bwd(
     """
     if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
         raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode}")
-    args = (g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A)
-    r = A.shape[0]
-    if _use_reference(g, u, weight, A, B, xa) or _rank_too_large(r) or _too_big_here("backward", g, r):
-        return _ref.ffa_linear_bwd(*args)
-    try:
-        return _bwd(*args)
-    except OutOfResources as e:
-        _out_of_resources("backward", g, r, e)
-        return _ref.ffa_linear_bwd(*args)
+    return _kernels_or_reference("backward", (g, u, weight, A, B, xa), A.shape[0], _bwd, _ref.ffa_linear_bwd,
+                                 (g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, clip_A))
 
 
 def _bwd(
