@@ -21,7 +21,8 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
 3. prints ratios, achieved TFLOP/s and GB/s (from the formulas in bench/NOTES.md) against the card's
    measured bf16 matmul and copy ceilings, and writes ``bench/results/gpu_layer_<device>_<date>.json``:
    one row per shape and dtype with ``device``, the shape, ``ratio_to_floor`` (ours / floor, full step;
-   goal <= 1.10) and ``ratio_to_peft_opacus`` (ours / peft+opacus; goal <= 0.5, i.e. >= 2x faster).
+   goal <= 1.10) and ``ratio_to_peft_opacus`` (ours / peft+opacus; goal <= 0.5, i.e. >= 2x faster), both
+   the median of within-round ratios over ``--rounds`` interleaved rounds (free of the card's drift).
 
     python bench/gpu_layer.py                 # CUDA, all shapes
     python bench/gpu_layer.py --smoke         # tiny shapes on CPU through TRITON_INTERPRET=1: seconds, for CI
@@ -59,6 +60,8 @@ DEFINITIONS = {
     "ratio_to_floor_graph": "ffa_flat[graph] (ffa_flat[auto]'s step replayed from a CUDA graph: no host issue "
                             "cost) / floor (eager: its host cost is below its GPU time at every shape)",
     "ratio_to_peft_opacus": "full step of ours / peft LoRA + opacus hooks + norms",
+    "headline ratios": "ratio_to_floor and ratio_to_peft_opacus are the interleaved medians where --rounds ran "
+                       "(see below; the one-after-another timings are then *_sequential), else sequential",
     "work timed": "ffa_flat and peft_opacus alike stop at every sample's gradient and norm (flat clipping's "
                   "first half, as opacus's DPOptimizer forms them); the clip and clipped sum are in neither. "
                   "ffa_per_layer includes them (the clipped sum comes out of the pass over G)",
@@ -381,11 +384,12 @@ def python_profile(fn, steps: int = 30, top: int = 25) -> str:
 
 OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages, PROMOTE, PACK[, PRESPLIT]); the first is shipped.
     # In order of what they decide (a sweep cut short by its time budget keeps the first ones): the options
-    # first, then other tiles.
-    (64, 128, 4, 2, 1, False),
+    # first, then other tiles. Shipped since the H100 sweep of 2026-11-26 (64 x 128, 2 stages before).
+    (64, 64, 4, 3, 1, False),
     # R's three split terms packed into one 64-wide operand, and U's bf16 terms made once per call instead of
-    # in every a-tile's loop (sm90 SASS, r16 without V: 1672 -> 1432 instructions), chained or packed
-    (64, 128, 4, 2, 1, True), (64, 128, 4, 2, 1, False, True), (64, 128, 4, 2, 1, True, True),
+    # in every a-tile's loop (sm90 SASS, r16 without V: 1672 -> 1432 instructions), chained or packed, on the
+    # tiles shipped before
+    (64, 128, 4, 2, 1, False), (64, 128, 4, 2, 1, True), (64, 128, 4, 2, 1, False, True), (64, 128, 4, 2, 1, True, True),
     # P's tensor-core accumulator over 2 / 4 row blocks before promotion (bench/NOTES.md, "v3 on an H200", "v4")
     (64, 128, 4, 2, 2, False), (64, 128, 4, 2, 4, False), (64, 128, 4, 2, 2, True),
     # packed with two warpgroups (each takes 64 of the 128 features: 12 HGMMA in 2 groups per tile, 64/84 KiB
@@ -394,7 +398,7 @@ OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages, PROMOTE, PACK[, PRE
     (32, 128, 4, 4, 1, True), (64, 256, 8, 2, 1, True), (128, 128, 8, 2, 1, True),
     # other tiles of the shipped (chained) loop
     (32, 128, 4, 3, 1, False), (64, 128, 8, 3, 1, False), (128, 128, 8, 2, 1, False),
-    (64, 256, 8, 2, 1, False), (32, 256, 8, 3, 1, False), (64, 64, 4, 3, 1, False), (128, 64, 4, 2, 1, False),
+    (64, 256, 8, 2, 1, False), (32, 256, 8, 3, 1, False), (128, 64, 4, 2, 1, False),
 ]  # fmt: skip
 
 
@@ -415,7 +419,7 @@ def sweep_outer(n, T, out, r, dtype, device, reps: int, progress=None) -> list[d
     """Time the one-pass backward over G for each block config of ``OUTER_SWEEP``: with V = G B (``ms``: the
     fused-dX GEMMs need it) and without (``ms_nov``: the pass of ``FEDLORA_FAST_GEMM=merged``, P_i and norms
     only), with each config's relative error in P and the norms against float64 (a faster config must also
-    hold the 4e-6 the CUDA accuracy test asks for)."""
+    hold ``ACCURACY_BOUND`` to be shipped)."""
     from fedlora_fast.kernels import ffa_linear as K
     from fedlora_fast.reference import MODE_PER_SAMPLE
 
@@ -449,12 +453,13 @@ def sweep_outer(n, T, out, r, dtype, device, reps: int, progress=None) -> list[d
     return rows
 
 
-U_SWEEP = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages, PACK_W, PRESPLIT_W) of U = X A^T; the first is shipped.
-    # A's terms split once per call by their own kernel (sm90 SASS of the shipped tile: 1240 -> 672
-    # instructions, no conversions left in the loop, no spills; bit-identical U), packed or not, come first
-    (32, 128, 4, 3, False, False), (32, 128, 4, 3, False, True), (64, 128, 4, 3, True, True),
-    (64, 128, 4, 3, False, True), (128, 128, 8, 3, True, True),
-    (64, 128, 4, 3, False, False), (64, 128, 4, 3, True, False), (64, 64, 4, 4, True, False),
+U_SWEEP = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages, PACK_W, PRESPLIT_W) of U = X A^T; the first is shipped
+    # (since the H100 sweep of 2026-11-26; 32-row tiles before). A's terms split once per call by their own
+    # kernel (sm90 SASS of the 32-row tile: 1240 -> 672 instructions, no conversions left in the loop, no
+    # spills; the same U to 4 decimals on the H100, not bit for bit), packed or not, come next
+    (64, 128, 4, 3, False, False), (32, 128, 4, 3, False, False), (32, 128, 4, 3, False, True),
+    (64, 128, 4, 3, True, True), (64, 128, 4, 3, False, True), (128, 128, 8, 3, True, True),
+    (64, 128, 4, 3, True, False), (64, 64, 4, 4, True, False),
     (128, 128, 8, 3, True, False), (64, 256, 4, 2, True, False),
 ]  # fmt: skip
 
@@ -519,7 +524,11 @@ def u_cublas_baselines(x, A, u64, device, reps: int) -> list[dict]:
     return rows
 
 
-ACCURACY_BOUND = 4e-6  # relative error vs float64 that U, P and the norms must hold (the CUDA accuracy test's)
+# relative error vs float64 that U, P and the norms must hold at every swept shape for a config to be shipped:
+# float32-class. On an H100 (2026-11-26) the chained split paths held 1.8e-7..4.3e-7; the packed ones (PACK /
+# PACK_W: each term's sum promoted per K block) 1.1e-6..3.7e-6 for P and the norms and 1.3e-5 for U, as did
+# cuBLAS on the three terms. 4e-6, the CUDA accuracy test's guard, had let PACK through by 8 % of the bound.
+ACCURACY_BOUND = 1e-6
 SWEEP_ERRORS = {"sweep_outer": ("rel_err_P", "rel_err_nu"), "sweep_u": ("rel_err_U",)}
 SWEEP_KIND = {"sweep_outer": "outer", "sweep_u": "narrow"}  # the _CUDA_BLOCKS entry each sweep tunes
 
@@ -826,7 +835,7 @@ def main(argv=None) -> int:
                 row["sweep_outer"] = sweep
             if sweep_x is not None:
                 row["sweep_u"] = sweep_x
-            if ours and "floor" in times:
+            if ours and "floor" in times:  # replaced by the interleaved median below where rounds ran
                 row["ratio_to_floor"] = times[ours]["full_ms"] / times["floor"]["full_ms"]
                 row["ratio_to_floor_fwd"] = times[ours]["fwd_ms"] / times["floor"]["fwd_ms"]
                 row["ratio_to_floor_bwd"] = times[ours]["bwd_ms"] / times["floor"]["bwd_ms"]
@@ -849,6 +858,10 @@ def main(argv=None) -> int:
                         (times[ours]["full_ms"] - times["floor"]["full_ms"])
                         / (times["peft_opacus"]["full_ms"] - times["floor"]["full_ms"])
                     )
+            for key in ("ratio_to_floor", "ratio_to_peft_opacus"):  # the headline: drift-free where rounds ran
+                if f"{key}_interleaved" in row and key in row:
+                    row[f"{key}_sequential"] = row[key]
+                    row[key] = row[f"{key}_interleaved"]
             for k, t in times.items():
                 flops, bytes_ = (fl_flops, fl_bytes) if k == "floor" else (ff_flops, ff_bytes)
                 t["tflops"] = flops / (t["full_ms"] * 1e-3) / 1e12
@@ -868,10 +881,10 @@ def main(argv=None) -> int:
                 + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
                 + (f" (overhead {row['overhead_ratio_to_peft_opacus']:.3f})" if "overhead_ratio_to_peft_opacus" in row else "")
-                + (f"  | interleaved: ours/floor {row['ratio_to_floor_interleaved']:.3f}"
-                   if "ratio_to_floor_interleaved" in row else "")
-                + (f" ours/peft+opacus {row['ratio_to_peft_opacus_interleaved']:.3f}"
-                   if "ratio_to_peft_opacus_interleaved" in row else "")
+                + (f"  | sequential: ours/floor {row['ratio_to_floor_sequential']:.3f}"
+                   if "ratio_to_floor_sequential" in row else "")
+                + (f" ours/peft+opacus {row['ratio_to_peft_opacus_sequential']:.3f}"
+                   if "ratio_to_peft_opacus_sequential" in row else "")
                 + (f"  floor drift {row['floor_drift']:.3f}" if "floor_drift" in row else "")
             )
     if args.profile:

@@ -118,7 +118,7 @@ TESTS=()  # the files that exist (one missing path would make pytest run nothing
 for f in $TEST_FILES; do if [ -e "$f" ]; then TESTS+=("$f"); else echo "# $f does not exist: left out"; fi; done
 TEST_TIMEOUT=()
 if timeout -k 5 30 "$PY" -c "import pytest_timeout" 2>/dev/null; then
-    TEST_TIMEOUT=(--timeout="${TEST_TIMEOUT_S:-90}")
+    TEST_TIMEOUT=(--timeout="${TEST_TIMEOUT_S:-240}")
 else
     echo "# pytest-timeout not installed: no per-test timeout"
 fi

@@ -120,9 +120,11 @@ def gemm_impl() -> str:
       ulp of W is lost, the threshold at which "cublas" (and peft) lose it at Y's scale. Only where the
       adapter input is the base input (no adapter dropout) and dX is not split; elsewhere it runs as
       ``"cublas"``. Never in float16, pinned or not (W' can overflow where Y does not, and fp16's
-      subnormals lose the term at an absolute threshold): a pinned "merged" runs as ``"cublas_acc"`` there,
-      and ``"auto"`` leaves out ``"cublas"`` too for float16 (x W^T rounded before the term is added can
-      overflow where Y does not). Auto's choice at 16k tokens on an H100 (2026-11-26);
+      subnormals lose the term at an absolute threshold): a pinned "merged" runs as ``"triton"`` there.
+      ``"auto"`` takes only ``"triton"`` in float16: "cublas" rounds x W^T to fp16 before the term is
+      added, and "cublas_acc" gave inf on an H100 (2026-11-26, torch 2.11 defaults) where x W^T alone
+      passes 65504 and the sum does not (cuBLAS's fp16 epilogue). Auto's choice at 16k tokens on an H100
+      (2026-11-26);
     - ``"tma"``: a persistent Triton GEMM loading X and W through TMA descriptors (sm90+, bf16/fp16,
       16-byte-aligned rows, else ``"triton"``), the same epilogue; measured slower than ``"triton"`` and
       cuBLAS on an H200 (bench/NOTES.md).
@@ -694,20 +696,18 @@ def _interp_block(dim: int) -> int:
 
 _CUDA_BLOCKS = {
     "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    # U = xa A^T: N = r, memory bound on xa: 32-row tiles so that 4k tokens still give 128 programs
-    # PACK_W: A's split terms as one 64-wide operand (r <= 16, bf16 x): opt-in until timed (--sweep-u)
-    # PRESPLIT_W: A's split terms made once per call by a small kernel instead of in every program's K loop
-    # (the shipped U loop's SASS on sm90: 48 HMMA among ~400 conversion instructions, and spills); opt-in
-    # until a GPU run times it (--sweep-u)
-    "narrow": dict(BLOCK_M=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, PACK_W=False, PRESPLIT_W=False),
-    # one pass over G: 64 rows x 128 features per step (16 KiB bf16, 32 KiB once upcast for the 3xTF32
-    # dots), P tile 128 x r float32 in registers. 256 wide would halve the V partials (N*r*4 B per
-    # out-tile) but needs ~200 KiB of shared memory with 3 stages: try it when a GPU can measure it.
-    # PACK: R's split terms as one 64-wide operand (r <= 16, bf16): 1 tensor-core instruction for 3; opt-in
-    # until a GPU run times it (bench/gpu_layer.py --sweep-outer)
-    # PRESPLIT: R's (U's) split terms made once per call by a small kernel, not in every a-tile's loop;
-    # opt-in until timed (--sweep-outer)
-    "outer": dict(BLOCK_T=64, BLOCK_A=128, num_warps=4, num_stages=2, PROMOTE=1, PACK=False, PRESPLIT=False),
+    # U = xa A^T: N = r, memory bound on xa. The sweep on an H100 (2026-11-26, bench/gpu_layer.py --sweep-u,
+    # 16k tokens): 64-row tiles 67/146 us at in = 4096/11008 against 104/265 us for the 32-row tiles shipped
+    # before (1.55-1.81x), at cuBLAS's speed for A rounded to one bf16 term (61/141 us) with float32-class
+    # error (4.3e-7). PACK_W (A's split terms as one 64-wide operand) was as fast but 1.3e-5 off; PRESPLIT_W
+    # (the terms made once per call by a small kernel) no faster at 64 rows: both stay opt-in
+    "narrow": dict(BLOCK_M=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, PACK_W=False, PRESPLIT_W=False),
+    # one pass over G, P tile BLOCK_A x r float32 in registers. The H100 sweep (2026-11-26, 16k tokens, out =
+    # 11008/4096, with V and without): 64 rows x 64 features, 3 stages, 706 us over the four passes against
+    # 899 us for the 64 x 128, 2-stage tiles shipped before; error 2.7e-7. PACK (R's split terms as one
+    # operand) with two warpgroups was 8 % faster (651 us) but 1.1e-6..3.7e-6 off (gpu_layer.ACCURACY_BOUND);
+    # PRESPLIT (U's terms made once per call) slower at every tile swept: both stay opt-in
+    "outer": dict(BLOCK_T=64, BLOCK_A=64, num_warps=4, num_stages=3, PROMOTE=1, PACK=False, PRESPLIT=False),
     "finish": dict(BLOCK_A=256, num_warps=4),
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
     # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles
@@ -1021,15 +1021,19 @@ def _choose_gemm(
     the adapter input or the input gradient is split from the base one) "merged" is out, and a pinned
     "merged" runs as "cublas". Nor is float16 (``dtype``) ever merged, pinned or not: W + s B A can leave
     fp16's range where Y and dX do not (then 0 * inf = NaN at every token), and in its subnormals the
-    adapter's term is lost at an absolute threshold; a pinned "merged" runs as "cublas_acc" there. "auto"
-    leaves "cublas" out for float16 as well: it rounds x W^T to fp16 before adding the adapter's term, so
-    an output whose base part alone overflows (the sum does not) would be inf on that path only, and
-    whether a sample's loss is inf (and DP drops it) must not depend on which GEMM timed faster."""
+    adapter's term is lost at an absolute threshold; a pinned "merged" runs as "triton" there (the one
+    path that adds the term to x W^T in float32 before rounding). "auto" takes "triton" for float16 too,
+    untimed: "cublas" rounds x W^T to fp16 before adding the adapter's term, and "cublas_acc" gave inf on
+    an H100 (2026-11-26) where x W^T alone passes 65504 and the sum does not (cuBLAS's fp16 epilogue), so
+    an output whose base part alone overflows would be inf on those paths only, and whether a sample's
+    loss is inf (and DP drops it) must not depend on which GEMM timed faster."""
     impl = gemm_impl()
     if impl != "auto":
         if impl == "merged" and dtype == torch.float16:
-            return "cublas_acc"  # adds the term in float32 before rounding, as the merge would have
+            return "triton"
         return "cublas" if impl == "merged" and not merged_ok else impl
+    if dtype == torch.float16:
+        return "triton"
     choice = _AUTO_CHOICE.get(key)
     if choice is not None:
         return choice
@@ -1037,8 +1041,6 @@ def _choose_gemm(
         return "triton"
     times = {}
     skip = set() if merged_ok else {"merged"}
-    if dtype == torch.float16:
-        skip |= {"merged", "cublas"}
     for c in (c for c in AUTO_CANDIDATES if c not in skip):
         try:
             times[c] = _time_ms(lambda c=c: run(c), device)

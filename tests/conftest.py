@@ -33,9 +33,10 @@ def pytest_runtest_makereport(item, call):
 def pytest_runtest_logreport(report):
     """With FEDLORA_FAST_FAILURE_LOG set (bench/gpu_session.sh sets it), every failure's traceback is appended
     to that file as it happens (with xdist, in the controller): a run cut by its time cap before pytest's
-    summary still says why each test failed."""
+    summary still says why each test failed. An xdist worker leaves it to the controller, which replays the
+    worker's reports (both writing logged every failure twice on the H100 run of 2026-11-26)."""
     path = os.environ.get("FEDLORA_FAST_FAILURE_LOG")
-    if path and report.failed:
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 

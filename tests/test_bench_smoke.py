@@ -277,6 +277,9 @@ def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkey
     rounds = row["interleaved_full_ms"]  # --smoke: one round of the variants that ran
     assert set(rounds) == {"floor", "ffa_flat[auto]"} and all(len(v) == 1 for v in rounds.values()), rounds
     assert row["ratio_to_floor_interleaved"] == rounds["ffa_flat[auto]"][0] / rounds["floor"][0]
+    # the headline is the interleaved ratio; the one-after-another timing is kept beside it
+    sequential = row["times_ms"]["ffa_flat[auto]"]["full_ms"] / row["times_ms"]["floor"]["full_ms"]
+    assert row["ratio_to_floor"] == row["ratio_to_floor_interleaved"] and row["ratio_to_floor_sequential"] == sequential
     assert "ratio_to_peft_opacus_interleaved" not in row  # peft_opacus failed: no ratio to it
     # auto mixes GEMM paths per op: it is the headline, never the "best pinned" one
     assert row["best_ffa"] is None and "ratio_to_floor_best_pinned" not in row, row
@@ -421,6 +424,24 @@ def test_choose_blocks_takes_the_fastest_config_that_holds_the_bound_everywhere(
     cublas = dict(entry("cublas", 0.01, 1e-7), config={"cublas_terms": 3}, baseline=True)
     rows = [{"sweep_u": [entry("default", 1.0, 1e-7), cublas]}, {"sweep_u": [entry("default", 1.0, 1e-7), cublas]}]
     assert gpu_layer.choose_blocks(rows)["narrow"] == {"name": "default"}
+    # the packed configs' error on an H100 (3.7e-6, under the test guard's 4e-6): fast, not shipped
+    rows = [{"sweep_outer": [entry("default", 1.0, 2.7e-7), entry("packed", 0.9, 3.7e-6)]}]
+    assert gpu_layer.choose_blocks(rows)["outer"] == {"name": "default"}
+
+
+def test_the_first_swept_config_is_the_shipped_one():
+    """OUTER_SWEEP's and U_SWEEP's first entries are the kernels' CUDA blocks (a sweep cut short still times
+    what ships, and a ratio to 'the first' means the shipped config)."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    bt, ba, warps, stages, promote, pack, *presplit = gpu_layer.OUTER_SWEEP[0]
+    assert K._CUDA_BLOCKS["outer"] == dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages,
+                                           PROMOTE=promote, PACK=pack, PRESPLIT=bool(presplit and presplit[0]))
+    bm, bk, warps, stages, pack_w, presplit_w = gpu_layer.U_SWEEP[0]
+    assert K._CUDA_BLOCKS["narrow"] == dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages,
+                                            PACK_W=pack_w, PRESPLIT_W=presplit_w)
 
 
 def test_gpu_layer_blocks_from_a_sweep_file(tmp_path):
@@ -592,3 +613,9 @@ def test_failures_are_logged_as_they_happen_and_a_self_skipped_case_is_no_error(
     assert "1 failed, 1 skipped" in proc.stdout and "error" not in proc.stdout.splitlines()[-1], proc.stdout
     text = log.read_text()
     assert "test_x.py::test_fails (call)" in text and "boom" in text and "test_skips" not in text, text
+    assert text.count("(call)") == 1, text
+    # an xdist worker writes nothing: its controller replays the report and writes it (once)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                    str(tmp_path / "test_x.py")], cwd=tmp_path, env={**env, "PYTEST_XDIST_WORKER": "gw0"},
+                   capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert log.read_text() == text

@@ -260,8 +260,14 @@ def test_u_pack_poisoned(poisoned, device, shape, presplit, monkeypatch):
             u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)[1]
         close(u, ref_fwd(t, 0.7)[1], "u")
         assert seen == [(pack and shape[4] <= 16, presplit)], seen
-        if presplit:
+        if presplit and device == "cpu":  # the interpreter: the same products in the same order
             assert torch.equal(u, u_in_loop[pack]), "the presplit terms must give the in-loop split's U exactly"
+        elif presplit:  # sm90 (an H100, 2026-11-26): equal to 4 decimals, not bit for bit (the compiled dots of
+            # a loaded operand and of one split in registers sum in another order): within 64 float32
+            # roundings of the absolute sum (2^-18 of it), where a missing or wrong hi or lo term is 2^-9 away;
+            # lo2 (under 2^-17 of A) is held by the float64 check alone there
+            bound = 2**-18 * (t["xa"].double().abs() @ t["A"].double().abs().t())
+            assert ((u.double() - u_in_loop[pack].double()).abs() <= bound).all(), "presplit U vs in-loop U"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -377,10 +383,12 @@ def test_merged_weight_poisoned(poisoned, device, dtype, out, inp, r):
         if dtype == torch.float32:
             close(got, exp, "W'")
         else:  # one rounding of the exact sum: half an ulp, |W'| * 2^-8 (bf16) or 2^-11 (fp16; 2^-25 in its
-            # subnormals), plus the low-rank product's own error (one TF32 dot on a GPU: 2 x 2^-11 of |s||B||A|)
+            # subnormals), plus the low-rank product's own error: one TF32 dot on a GPU, whose operands keep
+            # their top 10 mantissa bits (truncated, < 2^-10 each: 2^-9 + 2^-20 of |s||B||A|, and 2^-24 for
+            # s B in float32). A bound of 2^-10, for rounded operands, failed on an H100 (2026-11-26).
             bf = dtype == torch.bfloat16
             half_ulp = (exp.abs() * (2**-8 if bf else 2**-11)).clamp_min(1e-40 if bf else 2**-25)
-            lowrank_err = 2**-10 * s * f64(t["B"]).abs() @ f64(t["A"]).abs()  # TF32 rounds both operands
+            lowrank_err = (2**-9 + 2**-19) * s * f64(t["B"]).abs() @ f64(t["A"]).abs()
             err = ((got.double() - exp).abs() - lowrank_err).max().item()
             excess = ((got.double() - exp).abs() - lowrank_err - half_ulp).max().item()
             assert excess <= 0, f"W': off the exact sum by more than half an ulp (+{excess:.3g}; max err {err:.3g})"
@@ -538,20 +546,24 @@ def test_merged_falls_back_where_it_cannot_merge(poisoned, device, monkeypatch):
     K.ffa_linear_bwd(t["g"], u64.float(), t["weight"], t["A"], t["B"], None, s, True, True, 1, 0.0, 0.0)
     unmerged = [c for c in K.AUTO_CANDIDATES if c != "merged"]
     assert timed == unmerged * 2, timed
-    # float16: auto never merges (W + s B A can overflow where Y does not) nor takes "cublas" (x W^T rounded
-    # to fp16 before the term is added: it can overflow where Y does not)
+    # float16: auto times nothing and runs "triton": merging can overflow where Y does not, and "cublas" /
+    # "cublas_acc" round x W^T to fp16 (in cuBLAS's epilogue for the latter, on an H100) before the term
     timed.clear()
+    launches.clear()
     h = make(2, 5, 40, 36, 3, device, dtype=torch.float16)
     K.ffa_linear_fwd(h["x"], h["x"], h["weight"], h["bias"], h["A"], h["B"], s)
-    assert timed == [c for c in K.AUTO_CANDIDATES if c not in ("merged", "cublas")], timed
+    assert timed == [], timed
+    assert [n for n, _ in launches].count("_gemm_lowrank_kernel") == 2, launches  # U, then Y with x W^T fused
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["triton", "cublas_acc", "merged", "auto"])
+@pytest.mark.parametrize("impl", ["triton", "merged", "auto"])
 def test_float16_overflow_in_one_part_stays_out_of_the_result(device, impl, monkeypatch):
-    """fp16: W + s B A (merged's W') or x W^T alone may pass 65504 where the output does not. No path auto
-    may take, nor a pinned "merged" (it runs as "cublas_acc" in fp16), lets that become inf or NaN: an
-    all-zero token's output stays 0 (not 0 * inf), and a sum under the range stays finite."""
+    """fp16: W + s B A (merged's W') or x W^T alone may pass 65504 where the output does not. Neither auto
+    (it runs "triton" in fp16) nor a pinned "merged" (it runs as "triton" there) lets that become inf or NaN:
+    an all-zero token's output stays 0 (not 0 * inf), and a sum under the range stays finite. A pinned
+    "cublas" or "cublas_acc" rounds x W^T to fp16 first (cublas_acc in cuBLAS's epilogue: inf here on an
+    H100, 2026-11-26): the user's pin, documented, not tested for this."""
     monkeypatch.setenv(K.GEMM_ENV_VAR, impl)
     monkeypatch.setattr(K, "_AUTO_CHOICE", {})
     monkeypatch.setattr(K, "_auto_times", lambda device: True)
@@ -1011,6 +1023,7 @@ def minilm_loss(model, batch):
     [("plain", 1e-4), ("checkpoint", 1e-4), ("autocast_bf16", 3e-2)],
     ids=["plain", "checkpoint", "autocast_bf16"],
 )
+@pytest.mark.timeout(360)  # natively: every MiniLM shape's kernels compile cold (164 s under 14 workers, H100)
 def test_minilm_per_sample_norms_match_loop(triton_backend, variant, rtol):
     device = triton_backend
     model, adapters = minilm(device=device)

@@ -333,7 +333,8 @@ class GraphedAccumulator:
             pad them to one length, or bucket them with one accumulator per padded length on the same
             engine (each holds its own graphs and memory).
         replay_cost: one replay's fixed cost, in rows of work (default 1): only matters with several sizes.
-            Large models with long sequences: less (a row is much work); small ones: more.
+            Large models with long sequences: less (a row is much work); small ones: more. Measured: 1.76
+            rows for a 1B Llama at T = 512, r = 8, bf16 on an H100 (14.0 ms + 8.0 ms per row; bench/NOTES.md).
         reduction: ``"sum"`` (each real sample's loss weight 1, the DP-SGD convention) or ``"mean"`` (weight
             1/m, m the engine's ``expected_batch_size``: the loss as a mean over the *expected* batch). Never
             1/n for the batch's actual n: one sample's presence would rescale every other's gradient, and
