@@ -408,7 +408,7 @@ def blocks_override(kind: str, cfg: dict):
     from fedlora_fast.kernels import ffa_linear as K
 
     real = K._blocks
-    K._blocks = lambda k, dev, **dims: dict(cfg) if k == kind else real(k, dev, **dims)
+    K._blocks = lambda k, dev, dtype=None, **dims: dict(cfg) if k == kind else real(k, dev, dtype, **dims)
     try:
         yield
     finally:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import time
 import warnings
 from typing import Callable
@@ -715,18 +716,54 @@ _CUDA_BLOCKS = {
     # a float32 operand's bf16 split terms (PRESPLIT_W / PRESPLIT): a few KiB, one pass
     "split": dict(BLOCK_K=128, num_warps=4),
 }
+# float32 models: the exact ("ieee") dots run on the CUDA cores with their operands in registers, and the
+# tiles above spilled (AOT sm90, 2026-11-26: the pass over G 800 B of stack at r = 16, 8632 B at r = 64 with
+# V; the in-place low-rank epilogue 4800 / 11152 B). These keep r = 16 free of spills and r = 64 near it:
+# the pass over G 0 / 8 B, U 0 / 0 B, the epilogue 0 / 3984 B. The main float32 GEMM is autotuned.
+_CUDA_FP32_BLOCKS = {
+    "outer": dict(BLOCK_T=16, BLOCK_A=64, num_stages=2),
+    "narrow": dict(BLOCK_K=32),
+    "gemm": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8),
+}
+# U's 64-row tile was swept at r = 16; above r = 32 it keeps the 32-row tile measured before: at r = 128 the
+# 64-row one needs 272 KiB of shared memory on sm90 (227 available), 32 rows 144 KiB (AOT, 2026-11-26)
+_NARROW_WIDE_R = 32
+
+# (op, device index, r, dtype) -> the most software-pipeline stages that op's launches may use on this
+# device: set where a launch as configured ran out of shared memory (GPUs with less per block than sm90:
+# sm80 163 KiB, sm86/sm89 99 KiB, sm75 64 KiB). Before this, such a launch ran the reference; fewer stages
+# fit there at every rank the AOT checks (sm86: the pass over G and U at r = 128 fit with 2 stages)
+_STAGE_CAP: dict[tuple, int] = {}
+_LAUNCH = threading.local()  # .stage_cap: the cap for the op running on this thread (None: as configured)
 
 
-def _blocks(kind: str, device: torch.device, **dims: int) -> dict:
+def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, **dims: int) -> dict:
     """Block sizes and warps for every launch (a fresh dict); one place to tune (no autotune under the
     interpreter).
 
-    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B). GPU sizes are first guesses (sm80/sm90, bf16,
-    r <= 64) until measured with bench/gpu_layer.py.
+    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B); ``dtype`` the model's (float32 takes smaller
+    CUDA tiles). CUDA sizes: swept on an H100 for bf16 at r = 16 (bench/gpu_layer.py), AOT-checked for
+    spills and shared memory elsewhere. An op whose launch ran out of shared memory on this device runs with
+    fewer pipeline stages (``_STAGE_CAP``).
     """
+    cap = getattr(_LAUNCH, "stage_cap", None)
     if device.type == "cuda":
-        return dict(_CUDA_BLOCKS[kind])
-    b = {k: _interp_block(v) for k, v in dims.items()}  # interpreter
+        cfg = dict(_CUDA_BLOCKS[kind])
+        if dtype == torch.float32:
+            cfg.update(_CUDA_FP32_BLOCKS.get(kind, {}))
+        if kind == "narrow" and dims.get("N", 0) > _NARROW_WIDE_R:
+            cfg["BLOCK_M"] = 32
+        if cap is not None:
+            cfg["num_stages"] = min(cfg.get("num_stages", 3), cap)  # Triton's default is 3
+        return cfg
+    cfg = _interp_blocks(kind, {k: _interp_block(v) for k, v in dims.items()})
+    if cap is not None:  # the interpreter ignores it: what the tests of the cap see
+        cfg["num_stages"] = cap
+    return cfg
+
+
+def _interp_blocks(kind: str, b: dict) -> dict:
+    """The interpreter's blocks of ``kind`` from each tiled dim's block ``b``."""
     if kind == "gemm":
         return dict(BLOCK_M=b["M"], BLOCK_N=b["N"], BLOCK_K=b["K"], GROUP_M=4)
     if kind == "narrow":
@@ -802,7 +839,7 @@ def _launch_gemm(
             key = (device.index, _tokens_bucket(M), N, K, w.dtype, R.dtype, L.dtype, id(flags))
             _launch_tuned(key, grid, args, flags, K)
             return
-        cfg = _blocks("gemm" if N > 64 else "narrow", device, M=M, N=N, K=max(K, 1))
+        cfg = _blocks("gemm" if N > 64 else "narrow", device, prec_dtype, M=M, N=N, K=max(K, 1))
         if N <= 64:  # narrow outputs (U = xa A^T): one column tile of width next_pow2(N)
             cfg["BLOCK_N"] = _pow2(N)
             if cfg.pop("PACK_W", False) and flags["SPLIT_W"] and cfg["BLOCK_N"] == 16:
@@ -1136,7 +1173,7 @@ def _per_sample_outer(
     device = L.device
     acc = R.dtype
     nseg, seg_rows = (1, M) if mode == MODE_SUM else (n, T)
-    cfg = _blocks("outer", device, T=seg_rows, A=a)
+    cfg = _blocks("outer", device, L.dtype, T=seg_rows, A=a)
     block_a, block_t = cfg["BLOCK_A"], cfg["BLOCK_T"]
     block_r = _pow2(r)
     pack = bool(cfg.pop("PACK", False)) and L.dtype == torch.bfloat16 and block_r == 16
@@ -1292,15 +1329,25 @@ def _out_of_resources(op: str, t: Tensor, r: int, err: Exception) -> None:
 def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, reference: Callable, args: tuple):
     """``kernels(*args)``, or ``reference(*args)`` where the kernels do not take the call: inputs they leave to
     the reference (``_use_reference``), a rank above ``MAX_RANK``, or a launch this device refused for lack of
-    resources (remembered per op, device, r and dtype, with one warning). ``tensors[0]`` names the device."""
+    resources even with one pipeline stage (remembered per op, device, r and dtype, with one warning). A
+    refused launch first reruns the op with fewer stages (2, then 1; remembered in ``_STAGE_CAP``): the ops
+    are pure, so a rerun after a partial one gives the same result. ``tensors[0]`` names the device."""
     lead = tensors[0]
     if _use_reference(*tensors) or _rank_too_large(r) or _too_big_here(op, lead, r):
         return reference(*args)
-    try:
-        return kernels(*args)
-    except OutOfResources as e:
-        _out_of_resources(op, lead, r, e)
-        return reference(*args)
+    key = (op, lead.device.index, r, lead.dtype)
+    cap = _STAGE_CAP.get(key)
+    while True:
+        _LAUNCH.stage_cap = cap
+        try:
+            return kernels(*args)
+        except OutOfResources as e:
+            if cap == 1:
+                _out_of_resources(op, lead, r, e)
+                return reference(*args)
+            cap = _STAGE_CAP[key] = 2 if cap is None else cap - 1
+        finally:
+            _LAUNCH.stage_cap = None
 
 
 def ffa_linear_fwd(

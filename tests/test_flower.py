@@ -46,6 +46,15 @@ FP = "0123456789abcdef"
 RUN_TIMEOUT = 240  # seconds for `flwr run` (about 60 s on an idle 2-core box)
 
 
+@pytest.fixture(autouse=True)
+def privacy_dir(tmp_path_factory, monkeypatch) -> pathlib.Path:
+    """Nodes keep a privacy ledger by default: here in a temporary directory, never in the real
+    ~/.local/state (the deployment's SuperNode processes inherit the variable)."""
+    d = tmp_path_factory.mktemp("privacy")
+    monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", str(d))
+    return d
+
+
 # --- run config ----------------------------------------------------------------------------------------------
 def test_pyproject_declares_every_setting_with_the_cli_defaults():
     import tomllib
@@ -521,7 +530,7 @@ def test_client_state_persists_across_messages(tiny):
 
 
 @pytest.mark.slow
-def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
+def test_flower_deployment_two_rounds(deployment, tmp_path, tiny, privacy_dir):
     model, data = tiny
     out, dump = tmp_path / "out", tmp_path / "dump"
     silo = tmp_path / "silo1.tsv"  # node 1 trains on its own file (data-path), node 0 on its partition of data
@@ -571,6 +580,8 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny):
     assert 0.0 <= last["accuracy"] <= 1.0 and math.isfinite(last["loss"])
     final = metrics["final"]
     assert final is not None and final["delta"] == 1e-5 and final["noise"].startswith("secure")
+    ledgers = sorted(p.name.rpartition("-")[2] for p in privacy_dir.glob("fedlora_fast-privacy-run*-node*.json"))
+    assert ledgers == ["node0.json", "node1.json"], "each SuperNode keeps its privacy ledger by default"
     eps = [c["epsilon"] for c in final["clients"]]
     assert [c["client"] for c in final["clients"]] == [0, 1] and all(0 < e <= 8.0 for e in eps)
     assert final["epsilon"] == max(eps)
@@ -706,6 +717,154 @@ def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(t
         Ctx.state = RecordDict()
         with pytest.raises(client_app.NodeError, match="does not load.*refusing to train without it"):
             client_app.train(round0, Ctx)
+
+
+def _node_ctx(rc: dict, run_id: int = 9, **node_config):
+    """A fake Context for node 0 of a 2-client run; ``state`` is set (empty: a fresh or restarted SuperNode)."""
+    return SimpleNamespace(run_config=rc, run_id=run_id, state=RecordDict(),
+                           node_config={"partition-id": 0, "num-partitions": 2, **node_config})
+
+
+def _train_msg(fed, round_idx: int):
+    return SimpleNamespace(content=SimpleNamespace(
+        array_records={"arrays": records.to_array_record(fed.server.global_state)},
+        config_records={"config": {ROUND_KEY: round_idx}},
+    ))  # fmt: skip
+
+
+def _default_dirs(monkeypatch, tmp_path) -> pathlib.Path:
+    """No $FEDLORA_FAST_PRIVACY_DIR: the default under $XDG_STATE_HOME (returned), HOME a temporary one too."""
+    monkeypatch.delenv("FEDLORA_FAST_PRIVACY_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "fedlora_fast" / "privacy"
+
+
+def test_default_privacy_dir_is_per_user(monkeypatch, tmp_path):
+    from fedlora_fast.flower import client_app
+
+    xdg = _default_dirs(monkeypatch, tmp_path)
+    assert client_app.default_privacy_dir() == xdg
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/state")  # the XDG spec: relative paths are ignored
+    assert client_app.default_privacy_dir() == tmp_path / "home" / ".local" / "state" / "fedlora_fast" / "privacy"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert client_app.default_privacy_dir() == tmp_path / "home" / ".local" / "state" / "fedlora_fast" / "privacy"
+    monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert client_app.default_privacy_dir() == tmp_path / "mine"
+
+
+def test_node_keeps_a_privacy_ledger_by_default_and_a_restart_resumes_it(tiny, tmp_path, monkeypatch):
+    """No ``privacy-dir``: the ledger goes to the per-user default directory (created 0o700), holds the
+    accountant and noise multiplier only, and a restarted SuperNode continues its epsilon instead of a fresh one."""
+    from fedlora_fast.flower import client_app, node
+
+    default = _default_dirs(monkeypatch, tmp_path)
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    cfg = flower_config.federated_config(rc)
+    fed = node.build(cfg)
+    ctx = _node_ctx(rc)
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a writable default: no fallback, nothing to warn
+            first = client_app.train(_train_msg(fed, 0), ctx).metric_records["metrics"]
+        ledger = default / "fedlora_fast-privacy-run9-node0.json"
+        assert ledger.is_file() and (default.stat().st_mode & 0o777) == 0o700
+        saved = json.loads(ledger.read_text())
+        assert set(saved) == {"accountant", "noise_multiplier"} and saved["noise_multiplier"] == 1.3
+        assert set(saved["accountant"]) == {"version", "mechanism", "history"}, "no data of the node in the ledger"
+        assert not (tmp_path / "home").exists(), "nothing under HOME when XDG_STATE_HOME is set"
+        ctx.state = RecordDict()  # a restarted SuperNode, and a server that says round 0 again
+        again = client_app.train(_train_msg(fed, 0), ctx).metric_records["metrics"]
+    assert first["steps"] == cfg.local_steps and again["steps"] == 2 * cfg.local_steps, "the ledger's count continues"
+    assert again["epsilon"] > first["epsilon"]
+
+
+def test_an_unwritable_default_privacy_dir_falls_back_with_a_warning(tiny, tmp_path, monkeypatch):
+    """A default directory that cannot be created (a read-only container, here a file in its way): the node
+    trains without a ledger as before, counting earlier rounds at its current sample rate, and says so."""
+    from fedlora_fast.flower import client_app, node
+
+    default = _default_dirs(monkeypatch, tmp_path)
+    default.parent.parent.mkdir(parents=True)
+    default.parent.write_text("not a directory")
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    cfg = flower_config.federated_config(rc)
+    fed = node.build(cfg)
+    ctx = _node_ctx(rc)
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        with pytest.warns(RuntimeWarning) as caught:
+            reply = client_app.train(_train_msg(fed, 1), ctx)  # a restart before round 1
+    text = [str(w.message) for w in caught]
+    assert any(f"default privacy ledger directory {default} is not writable" in t and "'privacy-dir=DIR'" in t
+               for t in text), text
+    assert any("if this node's data grew since, earlier rounds are undercounted; set node config 'privacy-dir'" in t
+               for t in text), text
+    assert reply.metric_records["metrics"]["steps"] == 2 * cfg.local_steps, "round 0 counted as its own"
+    # a ledger already in a default directory the node cannot write: refused, not ignored
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state2"))
+    kept = tmp_path / "state2" / "fedlora_fast" / "privacy"
+    kept.mkdir(parents=True)
+    (kept / "fedlora_fast-privacy-run9-node0.json").write_text("{}")
+    with mock.patch.object(client_app, "_unwritable", lambda d: "PermissionError: read-only"):
+        with pytest.raises(client_app.NodeError, match="exists but its directory is not writable"):
+            client_app.ledger_path(_node_ctx(rc), 0)
+
+
+def test_an_explicit_privacy_dir_that_is_not_writable_stops_the_node(tiny, tmp_path, monkeypatch):
+    """``privacy-dir`` (or $FEDLORA_FAST_PRIVACY_DIR) is the user's choice: not writable is an error before any
+    training, not a silent fallback; a missing one is created (0o700)."""
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    fed = node.build(flower_config.federated_config(rc))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    fit = mock.patch.object(client_app.Client, "fit", side_effect=AssertionError("trained"))
+    with fit, pytest.raises(client_app.NodeError, match=rf"node config 'privacy-dir': .*{blocked} is not writable"):
+        client_app.train(_train_msg(fed, 0), _node_ctx(rc, **{"privacy-dir": str(blocked)}))
+    monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", str(blocked / "sub"))
+    with fit, pytest.raises(client_app.NodeError, match=r"\$FEDLORA_FAST_PRIVACY_DIR: .* is not writable"):
+        client_app.train(_train_msg(fed, 0), _node_ctx(rc))
+    with pytest.raises(client_app.NodeConfigError, match="expected a directory path string"):
+        client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": 3}), 0)
+    read_only = OSError(30, "Read-only file system")  # EROFS: a directory that exists, on a read-only mount
+    with mock.patch.object(client_app.tempfile, "mkstemp", side_effect=read_only):
+        with pytest.raises(client_app.NodeError, match="not writable .*Read-only file system"):
+            client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": str(tmp_path)}), 0)
+    made = tmp_path / "new" / "ledgers"
+    assert client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": str(made)}), 0).parent == made
+    assert (made.stat().st_mode & 0o777) == 0o700
+
+
+def test_privacy_dir_none_turns_the_ledger_off_and_warns(tiny, privacy_dir):
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    cfg = flower_config.federated_config(rc)
+    fed = node.build(cfg)
+    ctx = _node_ctx(rc, **{"privacy-dir": "none"})
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        with pytest.warns(RuntimeWarning) as caught:
+            reply = client_app.train(_train_msg(fed, 1), ctx)
+    text = [str(w.message) for w in caught]
+    assert any("privacy-dir=none: no privacy ledger" in t and "earlier rounds are undercounted" in t
+               for t in text), text
+    assert any("counting 2 earlier DP-SGD steps" in t for t in text), text
+    assert reply.metric_records["metrics"]["steps"] == 2 * cfg.local_steps, "still counts the earlier round"
+    assert list(privacy_dir.iterdir()) == [], "no ledger written anywhere"
+
+
+def test_earlier_rounds_count_at_the_largest_sample_rate_the_ledger_knows(tiny):
+    from fedlora_fast.flower import client_app, node
+
+    cfg = flower_config.federated_config(_tiny_run_config(tiny, **{"noise-multiplier": 1.3}))
+    client = client_app._restore(node.build(cfg), 0, RecordDict())
+    q = client.sample_rate
+    client.accountant.step(noise_multiplier=1.3, sample_rate=min(1.0, 2 * q), num_steps=1)  # its data was smaller
+    with pytest.warns(RuntimeWarning, match=rf"counting {2 * cfg.local_steps - 1} earlier DP-SGD steps .* sample rate"):
+        client_app._count_earlier_rounds(client, cfg, 0, 2, ledger=True)
+    assert client.accountant.history == [(1.3, min(1.0, 2 * q), 2 * cfg.local_steps)], "at 2q, not the rate now"
 
 
 def test_server_app_refuses_an_out_that_holds_a_run_unless_told_to_replace_it(tiny, tmp_path):

@@ -114,8 +114,8 @@ def override_blocks(monkeypatch, kind, updates, record):
     real, run = K._blocks, K._run
     seen = []
 
-    def blocks(k, dev, **dims):
-        cfg = real(k, dev, **dims)
+    def blocks(k, dev, dtype=None, **dims):
+        cfg = real(k, dev, dtype, **dims)
         if k == kind:
             cfg.update(updates)
         return cfg
@@ -432,11 +432,70 @@ def test_rank_above_the_kernels_limit_runs_the_reference(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fits_at", [2, 1])
+def test_a_launch_out_of_shared_memory_reruns_with_fewer_stages(device, fits_at, monkeypatch):
+    """Where the pass over G fits this device's shared memory only with fewer software-pipeline stages than
+    configured (sm86 at r = 128: 2), the op reruns with 2, then 1 stage, and keeps the kernels (no reference,
+    no warning); the cap is remembered per op, device, rank and dtype, so later calls launch with it at once."""
+    monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
+    monkeypatch.setattr(K, "_STAGE_CAP", {})
+    run, tried = K._run, []
+
+    def small_gpu(fn, grid, *args, **kw):
+        if getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")) == "_outer_kernel":
+            stages = kw.get("num_stages", 3)  # Triton's default where a config names none
+            tried.append(stages)
+            if stages > fits_at:
+                raise K.OutOfResources(116736, 101376, "shared memory")
+        return run(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_run", small_gpu)
+    s = 0.5
+    t = make(2, 3, 9, 7, 3, device)
+    u = ref_fwd(dict(t, xa=t["x"]), s)[1].float()
+    exp = ref_bwd(t, f64(u), False, s, True, False, ref.MODE_CLIP, 0.1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no reference fallback, no warning
+        for call in range(2):
+            tried.clear()
+            got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_CLIP, 0.1, 0)
+            for name, a, e in zip(["dx", "dxa", "gB", "nuB"], got, exp):
+                close(a, e, name)
+            first = [3, 2, 1][: 4 - fits_at]  # as configured (refused), then 2 (and 1): the last one ran
+            assert tried == (first if call == 0 else [fits_at]), (call, tried)
+    assert K._STAGE_CAP == {("backward", t["g"].device.index, 3, t["g"].dtype): fits_at}
+    assert K._LAUNCH.stage_cap is None  # the cap does not leak out of the op
+
+
+def test_cuda_blocks_by_dtype_and_rank():
+    """float32 models take the smaller CUDA tiles of _CUDA_FP32_BLOCKS (the exact dots spilled on the bf16
+    tiles); U narrows to 32 rows above r = 32 (the 64-row tile needs 272 KiB of shared memory at r = 128);
+    a stage cap lowers num_stages, never raises it. Checked ahead of time by the sm90 compile test."""
+    cuda = torch.device("cuda")
+    outer = K._blocks("outer", cuda, torch.bfloat16)
+    assert outer == K._CUDA_BLOCKS["outer"] and K._blocks("outer", cuda) == outer
+    assert K._blocks("outer", cuda, torch.float32) == dict(K._CUDA_BLOCKS["outer"], **K._CUDA_FP32_BLOCKS["outer"])
+    assert K._blocks("narrow", cuda, torch.bfloat16, N=16)["BLOCK_M"] == 64
+    assert K._blocks("narrow", cuda, torch.bfloat16, N=64)["BLOCK_M"] == 32
+    assert K._blocks("gemm", cuda, torch.float32)["BLOCK_M"] == 64 and K._blocks("gemm", cuda)["BLOCK_M"] == 128
+    try:
+        K._LAUNCH.stage_cap = 2
+        assert K._blocks("outer", cuda, torch.bfloat16)["num_stages"] == 2
+        assert K._blocks("outer", cuda, torch.float32)["num_stages"] == 2
+        assert K._blocks("merge", cuda)["num_stages"] == 2  # Triton's default 3, capped
+        K._LAUNCH.stage_cap = 5
+        assert K._blocks("outer", cuda, torch.bfloat16)["num_stages"] == K._CUDA_BLOCKS["outer"]["num_stages"]
+    finally:
+        K._LAUNCH.stage_cap = None
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_launch_out_of_shared_memory_runs_the_reference(device, monkeypatch):
     """A GPU with less shared memory per block than sm90 (sm86: 99 KiB, sm75: 64 KiB) refuses the pass over G
-    at a large rank with Triton's OutOfResources at launch: the op runs the reference for that rank and dtype
-    from then on, with one warning, instead of crashing the step."""
+    at a large rank with Triton's OutOfResources at launch, even with one pipeline stage: the op runs the
+    reference for that rank and dtype from then on, with one warning, instead of crashing the step."""
     monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
+    monkeypatch.setattr(K, "_STAGE_CAP", {})
     run, refused = K._run, []
 
     def small_gpu(fn, grid, *args, **kw):  # the pass over G and the GEMMs with a low-rank term do not fit
@@ -1148,6 +1207,36 @@ def _aot_cases():
         cases.append((f"merge r{r_block}", K._merge_kernel, dict(w_ptr=bf, b_ptr=f32, a_ptr=f32, out_ptr=bf),
                       dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, **blocks(mb),
                            **unit("stride_wi", "stride_bj", "stride_ai", "stride_oi")), mb))  # fmt: skip
+    # U at the ranks where its tile narrows to 32 rows (64 rows need 272 KiB of shared memory at r = 128)
+    u_ptrs = dict(gemm_ptrs, w_ptr=f32, out_ptr=f32)
+    for r_block in (64, 128):
+        nbr = K._blocks("narrow", cuda, torch.bfloat16, N=r_block)
+        cases.append((f"wide gemm U r{r_block}", K._gemm_lowrank_kernel, u_ptrs,
+                      dict(K._gemm_flags(torch.bfloat16, torch.float32, torch.bfloat16, True, False, False, False, 1,
+                                         False), BLOCK_N=r_block, EVEN_K=True, **blocks(nbr),
+                           **unit("stride_xk", "stride_wk", "stride_of")), nbr))  # fmt: skip
+    # float32 models: the CUDA-core ("ieee") dots on their own tiles (_CUDA_FP32_BLOCKS); r = 16 must not spill
+    all32 = dict.fromkeys(gemm_ptrs, f32)
+    for r_block in (16, 64):
+        ob32 = K._blocks("outer", cuda, torch.float32)
+        for has_v in (True, False):
+            cases.append((
+                f"outer r{r_block} fp32 V={has_v}", K._outer_kernel,
+                dict(l_ptr=f32, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
+                dict(HAS_V=has_v, HAS_NORM=True, PREC="ieee", V_PREC="ieee", BLOCK_R=r_block, **blocks(ob32),
+                     SPLIT_BF16=False, V_TERMS=3, UPCAST=False,
+                     **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob32,
+            ))  # fmt: skip
+        nb32 = K._blocks("narrow", cuda, torch.float32, N=r_block)
+        cases.append((f"gemm U fp32 r{r_block}", K._gemm_lowrank_kernel, all32,
+                      dict(K._gemm_flags(torch.float32, torch.float32, torch.float32, True, False, False, False, 1,
+                                         False), BLOCK_N=r_block, EVEN_K=True, **blocks(nb32),
+                           **unit("stride_xk", "stride_wk", "stride_of")), nb32))  # fmt: skip
+        gb32 = K._blocks("gemm", cuda, torch.float32)
+        cases.append((f"gemm low-rank in place fp32 r{r_block}", K._gemm_lowrank_kernel, all32,
+                      dict(K._gemm_flags(None, torch.float32, torch.float32, False, True, False, True, r_block,
+                                         False), EVEN_K=True, **dict(blocks(gb32), BLOCK_K=16),
+                           **unit("stride_lj", "stride_rn", "stride_of")), gb32))  # fmt: skip
     return cases
 
 
@@ -1239,7 +1328,7 @@ def _aot_main(capability: int) -> None:
         assert shared <= smem_limit, f"{name}: {shared} B of shared memory > sm{capability}'s {smem_limit}"
         stack = _stack_bytes(kernel.asm["cubin"]) if "cubin" in kernel.asm else None
         print(f"sm{capability} {name}: shared {shared / 1024:.0f} KiB, stack {stack} B", flush=True)
-        must_not_spill = name.startswith(("gemm Y", "gemm dX", "outer r16", "tma"))
+        must_not_spill = name.startswith(("gemm Y", "gemm dX", "outer r16", "tma")) or name.endswith("fp32 r16")
         assert not (must_not_spill and stack), f"{name}: {stack} B of register spills (stack frame) on sm{capability}"
 
 

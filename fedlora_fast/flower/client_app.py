@@ -13,9 +13,10 @@ training row of that file (its held-out share for evaluation) instead of a parti
 the run config must then name the classes (``labels = "ham,spam"``) so that every silo's classifier head,
 and so the model fingerprint the server checks, is the same. Each message
 runs in a fresh process, so the client's privacy state (noise multiplier, accountant) and its RNG states
-live in the run's ``context.state`` between rounds. DP noise and batch sampling are always seeded from the
-operating system here: the server knows the run config (and its ``seed``), and noise it could regenerate
-protects nothing.
+live in the run's ``context.state`` between rounds, and the accountant with the noise multiplier also in a
+privacy ledger on the node's own disk (``ledger_path``), so that a restarted SuperNode keeps counting. DP noise
+and batch sampling are always seeded from the operating system here: the server knows the run config (and its
+``seed``), and noise it could regenerate protects nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import secrets
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -43,7 +46,9 @@ from fedlora_fast.flower.strategy import ROUND_KEY
 from fedlora_fast.privacy.accounting import Accountant
 
 DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
-LEDGER_DIR_KEY = "privacy-dir"  # node config: a directory on the node's disk for its privacy ledger (optional)
+LEDGER_DIR_KEY = "privacy-dir"  # node config: the directory of the node's privacy ledger (default: below)
+LEDGER_OFF = "none"  # privacy-dir=none: no ledger (a restarted node counts earlier rounds as _count_earlier_rounds can)
+PRIVACY_DIR_ENV = "FEDLORA_FAST_PRIVACY_DIR"  # the ledger directory where the node config names none
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
 
@@ -206,19 +211,107 @@ def _check_budget(client: Client, cfg: FederatedConfig, pid: int) -> None:
         )
 
 
+def default_privacy_dir() -> Path:
+    """Where a node keeps its privacy ledger when its config names no ``privacy-dir``: ``$FEDLORA_FAST_PRIVACY_DIR``
+    if set, else ``$XDG_STATE_HOME/fedlora_fast/privacy`` (an absolute ``XDG_STATE_HOME`` only, as the XDG spec
+    says), else ``~/.local/state/fedlora_fast/privacy``.
+
+    Raises:
+        RuntimeError: no home directory can be determined (and neither variable is set).
+    """
+    env = os.environ.get(PRIVACY_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return base / "fedlora_fast" / "privacy"
+
+
+def _unwritable(d: Path) -> str | None:
+    """Why the ledger cannot be written in ``d`` (created with mode 0o700 where missing), or None: a file is
+    created and removed there, as the ledger's atomic write (a temporary file renamed) will need."""
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fedlora_fast-probe.", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
+def _no_ledger_limits() -> str:
+    return ("a restarted SuperNode then counts the rounds the server says came before at its data's current sample "
+            "rate: if this node's data grew since, earlier rounds are undercounted")
+
+
 def ledger_path(context: Context, pid: int) -> Path | None:
-    """The node's privacy ledger for this run (``--node-config "... privacy-dir=DIR"``), or None.
+    """The node's privacy ledger for this run, ``DIR/fedlora_fast-privacy-run<RUN_ID>-node<K>.json``, or None.
 
     ``context.state`` lives in the SuperNode's memory: a restart loses it, and without a ledger the node can
-    only count the rounds the *server* says came before (``_count_earlier_rounds``). With one, the node's
-    own disk says how many DP-SGD steps (and at which noise) its data already took in this run; it is
-    written atomically after every round's training, before the reply leaves the node."""
+    only count the rounds the *server* says came before (``_count_earlier_rounds``), at its data's sample rate
+    *now*. With one, the node's own disk says how many DP-SGD steps (and at which noise and sample rate) its
+    data already took in this run; it is written atomically after every round's training, before the reply
+    leaves the node. It holds the accountant's history (noise multiplier, sample rate, steps) and the noise
+    multiplier: no example of the node's data.
+
+    ``DIR`` is, in this order:
+
+    - the node config's ``privacy-dir=DIR``: created (mode 0o700) where missing; not writable is an error;
+    - ``$FEDLORA_FAST_PRIVACY_DIR``: the same (it too is the user's explicit choice);
+    - the per-user default (``default_privacy_dir``): where it cannot be created or written (a read-only
+      container file system, no home directory), the node trains without a ledger, as before ledgers were on
+      by default, and warns (RuntimeWarning) naming the directory and ``privacy-dir``.
+
+    ``privacy-dir=none`` turns the ledger off (None, with a RuntimeWarning each round): for nodes whose restarts
+    cannot happen or are accounted for elsewhere; a restarted node then counts as ``_count_earlier_rounds`` can.
+
+    Raises:
+        NodeError: ``privacy-dir`` is not a string, or an explicit directory (node config or environment) cannot
+            be created or written; or the default directory is unusable but already holds this run's ledger (a
+            record the node could no longer update: refused rather than ignored).
+    """
+    name = f"fedlora_fast-privacy-run{context.run_id}-node{pid}.json"
     d = context.node_config.get(LEDGER_DIR_KEY)
-    if d is None or d == "":
+    if d is not None and not isinstance(d, str):
+        raise NodeConfigError(
+            f"node config '{LEDGER_DIR_KEY}': expected a directory path string (or '{LEDGER_OFF}'), "
+            f"got {type(d).__name__}"
+        )
+    if d is not None and d.strip().lower() == LEDGER_OFF:
+        warnings.warn(
+            f"node {pid}: node config {LEDGER_DIR_KEY}={LEDGER_OFF}: no privacy ledger; {_no_ledger_limits()}",
+            RuntimeWarning, stacklevel=3,
+        )
         return None
-    if not isinstance(d, str):
-        raise NodeError(f"node config '{LEDGER_DIR_KEY}': expected a directory path string, got {type(d).__name__}")
-    return Path(d) / f"fedlora_fast-privacy-run{context.run_id}-node{pid}.json"
+    explicit = f"node config '{LEDGER_DIR_KEY}'" if d else None  # the user's own choice: not writable is an error
+    if not d and os.environ.get(PRIVACY_DIR_ENV):
+        explicit = f"${PRIVACY_DIR_ENV}"
+    try:
+        path = Path(d).expanduser() if d else default_privacy_dir()
+    except RuntimeError as e:  # Path.home(): no home directory to put the default under
+        path, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = _unwritable(path)
+    if why is None:
+        return path / name
+    if explicit is not None:
+        raise NodeError(f"{explicit}: privacy ledger directory {path or d} is not writable ({why}); refusing to train "
+                        "without the ledger asked for")
+    try:
+        exists = path is not None and (path / name).exists()
+    except OSError:
+        exists = True  # cannot tell: a ledger may be there
+    if exists:
+        raise NodeError(f"privacy ledger {path / name} exists but its directory is not writable ({why}); refusing to "
+                        f"train without updating it (set node config '{LEDGER_DIR_KEY}')")
+    warnings.warn(
+        f"node {pid}: the default privacy ledger directory {path if path is not None else '(none: no home directory)'} "
+        f"is not writable ({why}): training without a privacy ledger; {_no_ledger_limits()}. Set node config "
+        f"'{LEDGER_DIR_KEY}=DIR' (or ${PRIVACY_DIR_ENV}) to a writable directory",
+        RuntimeWarning, stacklevel=3,
+    )
+    return None
 
 
 def _load_ledger(path: Path, fed: Federation, k: int, client: Client) -> None:
@@ -236,19 +329,33 @@ def _write_ledger(path: Path, client: Client) -> None:
         {"accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier}))
 
 
-def _count_earlier_rounds(client: Client, cfg: FederatedConfig, pid: int, round_idx: int) -> None:
+def _count_earlier_rounds(
+    client: Client, cfg: FederatedConfig, pid: int, round_idx: int, *, ledger: bool = False
+) -> None:
     """A node with no saved state at round ``round_idx`` > 0 either joins late or lost its state (a SuperNode
     restart clears ``context.state``). Its data may have trained in every earlier round, so its accountant
     counts them all as its own: a restarted node must not report a fresh epsilon (and get a fresh budget)
-    while the steps it took before still count. Over-counting for a node that really joined late is safe."""
+    while the steps it took before still count. Over-counting for a node that really joined late is safe.
+
+    The steps are counted at the largest sample rate the node knows its data had in this run: its rate now,
+    or a larger one its ``ledger``'s history holds. With a ledger, the rounds it lacks are rounds the node did
+    not train (over-counted: safe). Without one, nothing on the node bounds its *past* sample rate: a silo
+    file that grew since (smaller q now) had a larger q in the rounds counted here, and they are undercounted.
+    The warning says so; the privacy ledger (on by default, ``ledger_path``) is the fix."""
     steps = round_idx * cfg.local_steps - client.accountant.steps  # beyond what a ledger already holds
     if steps <= 0 or client.noise_multiplier == 0:  # no noise: epsilon is inf whatever the count
         return
+    q = max([client.sample_rate] + [h[1] for h in client.accountant.history])
+    limits = "" if ledger else (
+        f" (no privacy ledger: if this node's data grew since, earlier rounds are undercounted; set node config "
+        f"'{LEDGER_DIR_KEY}' to a writable directory)"
+    )
     warnings.warn(
         f"node {pid}: no privacy state from earlier rounds at round {round_idx} (a restarted SuperNode, or its "
-        f"first round): counting {steps} earlier DP-SGD steps as its own", RuntimeWarning, stacklevel=3,
+        f"first round): counting {steps} earlier DP-SGD steps as its own at sample rate {q:.4g}{limits}",
+        RuntimeWarning, stacklevel=3,
     )
-    client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate, num_steps=steps)
+    client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=q, num_steps=steps)
 
 
 @app.train()
@@ -263,7 +370,7 @@ def train(msg: Message, context: Context) -> Message:
     global_state = records.to_tensors(msg.content.array_records["arrays"])
     round_idx = int(msg.content.config_records["config"][ROUND_KEY])
     if fresh:
-        _count_earlier_rounds(client, cfg, pid, round_idx)
+        _count_earlier_rounds(client, cfg, pid, round_idx, ledger=ledger is not None)
         _check_budget(client, cfg, pid)
     torch.manual_seed(dropout_seed(cfg, round_idx, pid))  # dropout masks, as in the simulation: secret here
     update = client.fit(
