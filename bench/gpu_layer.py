@@ -60,8 +60,12 @@ DEFINITIONS = {
     "ratio_to_floor_graph": "ffa_flat[graph] (ffa_flat[auto]'s step replayed from a CUDA graph: no host issue "
                             "cost) / floor (eager: its host cost is below its GPU time at every shape)",
     "ratio_to_peft_opacus": "full step of ours / peft LoRA + opacus hooks + norms",
-    "headline ratios": "ratio_to_floor and ratio_to_peft_opacus are the interleaved medians where --rounds ran "
-                       "(see below; the one-after-another timings are then *_sequential), else sequential",
+    "headline ratios": "ratio_to_floor, ratio_to_peft_opacus, ratio_to_floor_graph, ratio_to_floor_best_pinned "
+                       "and overhead_ratio_to_peft_opacus are the interleaved medians where --rounds ran (see "
+                       "below; the one-after-another timings are then *_sequential), else sequential; "
+                       "ratio_to_floor_fwd/bwd are always sequential (only full steps run in rounds). Files written "
+                       "before commit ea190b3 (e.g. gpu_layer_*_20261126_pm_run*.json) hold the sequential values "
+                       "under the plain names",
     "work timed": "ffa_flat and peft_opacus alike stop at every sample's gradient and norm (flat clipping's "
                   "first half, as opacus's DPOptimizer forms them); the clip and clipped sum are in neither. "
                   "ffa_per_layer includes them (the clipped sum comes out of the pass over G)",
@@ -70,11 +74,11 @@ DEFINITIONS = {
                                      "floor makes the plain ratio unreachable; bench/NOTES.md)",
     "tflops, gbps": "formula FLOPs / bytes of bench/NOTES.md (Triton section) over the full-step time",
     "floor_drift": "the floor's full step timed again after every variant / its first timing: the variants are "
-                   "timed one after another, so a drift of the card's clocks over the row shows here (ratios "
-                   "are against the first timing)",
-    "ratio_to_floor_interleaved, ratio_to_peft_opacus_interleaved": "the median over --rounds rounds (every "
-        "variant's full step once per round, the order rotated) of ours / floor and ours / peft+opacus within "
-        "the round: free of the drift that floor_drift shows; interleaved_full_ms holds the rounds",
+                   "timed one after another, so a drift of the card's clocks over the row shows here (the "
+                   "sequential ratios are against the first timing)",
+    "*_interleaved": "the median over --rounds rounds (every variant's full step once per round, the order "
+        "rotated) of the within-round ratio: free of the drift that floor_drift shows; interleaved_full_ms "
+        "holds the rounds",
 }
 
 
@@ -841,12 +845,20 @@ def main(argv=None) -> int:
                 row["ratio_to_floor_bwd"] = times[ours]["bwd_ms"] / times["floor"]["bwd_ms"]
                 if best:
                     row["ratio_to_floor_best_pinned"] = times[best]["full_ms"] / times["floor"]["full_ms"]
+            pairs = (("ratio_to_floor", ours, "floor"), ("ratio_to_peft_opacus", ours, "peft_opacus"),
+                     ("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]", "floor"),
+                     ("ratio_to_floor_best_pinned", best, "floor"))
             if interleaved:
                 row["interleaved_full_ms"] = interleaved
-                for key, other in (("ratio_to_floor_interleaved", "floor"),
-                                   ("ratio_to_peft_opacus_interleaved", "peft_opacus")):
-                    if ours in interleaved and other in interleaved:
-                        row[key] = statistics.median(a / b for a, b in zip(interleaved[ours], interleaved[other]))
+                for key, a, b in pairs:
+                    if a in interleaved and b in interleaved:
+                        row[f"{key}_interleaved"] = statistics.median(
+                            x / y for x, y in zip(interleaved[a], interleaved[b]))
+                if all(v in interleaved for v in (ours, "floor", "peft_opacus")):
+                    over = [(o - f) / (p - f) for o, f, p in
+                            zip(interleaved[ours], interleaved["floor"], interleaved["peft_opacus"]) if p > f]
+                    if over:
+                        row["overhead_ratio_to_peft_opacus_interleaved"] = statistics.median(over)
             if "full_ms_again" in times.get("floor", {}):
                 row["floor_drift"] = times["floor"]["full_ms_again"] / times["floor"]["full_ms"]
             if f"ffa_flat[{GRAPH}]" in times and "floor" in times:
@@ -858,7 +870,7 @@ def main(argv=None) -> int:
                         (times[ours]["full_ms"] - times["floor"]["full_ms"])
                         / (times["peft_opacus"]["full_ms"] - times["floor"]["full_ms"])
                     )
-            for key in ("ratio_to_floor", "ratio_to_peft_opacus"):  # the headline: drift-free where rounds ran
+            for key in [p[0] for p in pairs] + ["overhead_ratio_to_peft_opacus"]:  # drift-free where rounds ran
                 if f"{key}_interleaved" in row and key in row:
                     row[f"{key}_sequential"] = row[key]
                     row[key] = row[f"{key}_interleaved"]

@@ -725,14 +725,16 @@ _CUDA_FP32_BLOCKS = {
     "narrow": dict(BLOCK_K=32),
     "gemm": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8),
 }
-# U's 64-row tile was swept at r = 16; above r = 32 it keeps the 32-row tile measured before: at r = 128 the
-# 64-row one needs 272 KiB of shared memory on sm90 (227 available), 32 rows 144 KiB (AOT, 2026-11-26)
+# U's 64-row tile was swept at r = 16; at 32 < r <= 64 it keeps the 32-row tile measured before: at r = 64
+# the 64-row one needs 160 KiB of shared memory on sm90 (163 KiB on sm80) and spills 1392 B on sm86 (AOT,
+# 2026-11-26), 32 rows 80 KiB and none. Above r = 64 U is no "narrow" launch: the autotuned GEMM takes it
 _NARROW_WIDE_R = 32
 
 # (op, device index, r, dtype) -> the most software-pipeline stages that op's launches may use on this
 # device: set where a launch as configured ran out of shared memory (GPUs with less per block than sm90:
 # sm80 163 KiB, sm86/sm89 99 KiB, sm75 64 KiB). Before this, such a launch ran the reference; fewer stages
-# fit there at every rank the AOT checks (sm86: the pass over G and U at r = 128 fit with 2 stages)
+# fit there at every rank the AOT checks (sm86: the pass over G at r = 128 fits with 2 stages). The cap is
+# per op, so it also slows that op's launches that did fit (a with-V backward's cap applies to FFA's too)
 _STAGE_CAP: dict[tuple, int] = {}
 _LAUNCH = threading.local()  # .stage_cap: the cap for the op running on this thread (None: as configured)
 
@@ -1081,6 +1083,8 @@ def _choose_gemm(
     for c in (c for c in AUTO_CANDIDATES if c not in skip):
         try:
             times[c] = _time_ms(lambda c=c: run(c), device)
+        except OutOfResources:  # the op reruns with fewer stages (_kernels_or_reference) and times again there
+            raise
         except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
             warnings.warn(f"fedlora_fast: {GEMM_ENV_VAR}=auto could not time the {c} GEMM ({e!r}); skipping it",
                           RuntimeWarning, stacklevel=3)  # fmt: skip

@@ -467,9 +467,43 @@ def test_a_launch_out_of_shared_memory_reruns_with_fewer_stages(device, fits_at,
     assert K._LAUNCH.stage_cap is None  # the cap does not leak out of the op
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_times_its_candidates_under_the_stage_cap(device, monkeypatch):
+    """An out-of-shared-memory launch while "auto" times the GEMM candidates is not a candidate that "cannot
+    run here": the op reruns with fewer stages and times every candidate under that cap (no warnings, no
+    untimed choice cached for the process)."""
+    monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
+    monkeypatch.setattr(K, "_STAGE_CAP", {})
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)  # auto
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+    timed = []
+    monkeypatch.setattr(K, "_time_ms", lambda fn, device, reps=3: (timed.append(fn.__defaults__[0]), fn(), 1.0)[2])
+    run = K._run
+
+    def small_gpu(fn, grid, *args, **kw):
+        if getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")) == "_outer_kernel":
+            if kw.get("num_stages", 3) > 2:
+                raise K.OutOfResources(116736, 101376, "shared memory")
+        return run(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_run", small_gpu)
+    s = 0.5
+    t = make(2, 3, 9, 7, 3, device)
+    u = ref_fwd(dict(t, xa=t["x"]), s)[1].float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, ref.MODE_PER_SAMPLE, 0, 0)
+    for name, a, e in zip(["dx", "dxa", "gB", "nuB"], got, ref_bwd(t, f64(u), False, s, True, False,
+                                                                  ref.MODE_PER_SAMPLE, 0, 0)):
+        close(a, e, name)
+    assert timed == ["triton", *K.AUTO_CANDIDATES], timed  # the first try refused, then every one under the cap
+    assert K._STAGE_CAP == {("backward", t["g"].device.index, 3, t["g"].dtype): 2}
+
+
 def test_cuda_blocks_by_dtype_and_rank():
     """float32 models take the smaller CUDA tiles of _CUDA_FP32_BLOCKS (the exact dots spilled on the bf16
-    tiles); U narrows to 32 rows above r = 32 (the 64-row tile needs 272 KiB of shared memory at r = 128);
+    tiles); U narrows to 32 rows above r = 32 (the 64-row tile needs 160 KiB of shared memory at r = 64);
     a stage cap lowers num_stages, never raises it. Checked ahead of time by the sm90 compile test."""
     cuda = torch.device("cuda")
     outer = K._blocks("outer", cuda, torch.bfloat16)
@@ -1207,9 +1241,9 @@ def _aot_cases():
         cases.append((f"merge r{r_block}", K._merge_kernel, dict(w_ptr=bf, b_ptr=f32, a_ptr=f32, out_ptr=bf),
                       dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, **blocks(mb),
                            **unit("stride_wi", "stride_bj", "stride_ai", "stride_oi")), mb))  # fmt: skip
-    # U at the ranks where its tile narrows to 32 rows (64 rows need 272 KiB of shared memory at r = 128)
+    # U where its tile narrows to 32 rows (64 rows need 160 KiB of shared memory at r = 64 and spill on sm86)
     u_ptrs = dict(gemm_ptrs, w_ptr=f32, out_ptr=f32)
-    for r_block in (64, 128):
+    for r_block in (64,):  # above 64, U is the autotuned GEMM's
         nbr = K._blocks("narrow", cuda, torch.bfloat16, N=r_block)
         cases.append((f"wide gemm U r{r_block}", K._gemm_lowrank_kernel, u_ptrs,
                       dict(K._gemm_flags(torch.bfloat16, torch.float32, torch.bfloat16, True, False, False, False, 1,
