@@ -431,12 +431,9 @@ def test_rank_above_the_kernels_limit_runs_the_reference(device, monkeypatch):
         assert len(msgs) == (0 if ours else 1), msgs  # once per rank, not per call
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fits_at", [2, 1])
-def test_a_launch_out_of_shared_memory_reruns_with_fewer_stages(device, fits_at, monkeypatch):
-    """Where the pass over G fits this device's shared memory only with fewer software-pipeline stages than
-    configured (sm86 at r = 128: 2), the op reruns with 2, then 1 stage, and keeps the kernels (no reference,
-    no warning); the cap is remembered per op, device, rank and dtype, so later calls launch with it at once."""
+def _outer_fits_at(monkeypatch, fits_at: int) -> list:
+    """A GPU on which the pass over G fits shared memory only with ``fits_at`` pipeline stages or fewer: its
+    launches with more raise OutOfResources (fresh cap and refusal records). Returns the stages tried."""
     monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
     monkeypatch.setattr(K, "_STAGE_CAP", {})
     run, tried = K._run, []
@@ -450,6 +447,16 @@ def test_a_launch_out_of_shared_memory_reruns_with_fewer_stages(device, fits_at,
         return run(fn, grid, *args, **kw)
 
     monkeypatch.setattr(K, "_run", small_gpu)
+    return tried
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fits_at", [2, 1])
+def test_a_launch_out_of_shared_memory_reruns_with_fewer_stages(device, fits_at, monkeypatch):
+    """Where the pass over G fits this device's shared memory only with fewer software-pipeline stages than
+    configured (sm86 at r = 128: 2), the op reruns with 2, then 1 stage, and keeps the kernels (no reference,
+    no warning); the cap is remembered per op, device, rank and dtype, so later calls launch with it at once."""
+    tried = _outer_fits_at(monkeypatch, fits_at)
     s = 0.5
     t = make(2, 3, 9, 7, 3, device)
     u = ref_fwd(dict(t, xa=t["x"]), s)[1].float()
@@ -472,22 +479,12 @@ def test_auto_times_its_candidates_under_the_stage_cap(device, monkeypatch):
     """An out-of-shared-memory launch while "auto" times the GEMM candidates is not a candidate that "cannot
     run here": the op reruns with fewer stages and times every candidate under that cap (no warnings, no
     untimed choice cached for the process)."""
-    monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
-    monkeypatch.setattr(K, "_STAGE_CAP", {})
     monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)  # auto
     monkeypatch.setattr(K, "_AUTO_CHOICE", {})
     monkeypatch.setattr(K, "_auto_times", lambda device: True)
     timed = []
     monkeypatch.setattr(K, "_time_ms", lambda fn, device, reps=3: (timed.append(fn.__defaults__[0]), fn(), 1.0)[2])
-    run = K._run
-
-    def small_gpu(fn, grid, *args, **kw):
-        if getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")) == "_outer_kernel":
-            if kw.get("num_stages", 3) > 2:
-                raise K.OutOfResources(116736, 101376, "shared memory")
-        return run(fn, grid, *args, **kw)
-
-    monkeypatch.setattr(K, "_run", small_gpu)
+    _outer_fits_at(monkeypatch, 2)
     s = 0.5
     t = make(2, 3, 9, 7, 3, device)
     u = ref_fwd(dict(t, xa=t["x"]), s)[1].float()
