@@ -725,6 +725,12 @@ _CUDA_FP32_BLOCKS = {
     "narrow": dict(BLOCK_K=32),
     "gemm": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8),
 }
+# The pass over G with V at r > 16 keeps the 128-wide tile shipped before (the sweep measured r = 16 only):
+# V's per-tile partials are (out / BLOCK_A) x rows x r float32, written and read back, 4 r / BLOCK_A times
+# G's own bytes (bf16): at r = 64 a 64-wide tile would move 4x G's bytes in partials, and hold 720 MB of
+# them at 16k tokens and out = 11008; 128 wide halves both
+_CUDA_V_WIDE = dict(BLOCK_A=128, num_stages=2)
+_V_WIDE_R = 16
 # U's 64-row tile was swept at r = 16; at 32 < r <= 64 it keeps the 32-row tile measured before: at r = 64
 # the 64-row one needs 160 KiB of shared memory on sm90 (163 KiB on sm80) and spills 1392 B on sm86 (AOT,
 # 2026-11-26), 32 rows 80 KiB and none. Above r = 64 U is no "narrow" launch: the autotuned GEMM takes it
@@ -743,8 +749,8 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
     """Block sizes and warps for every launch (a fresh dict); one place to tune (no autotune under the
     interpreter).
 
-    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B); ``dtype`` the model's (float32 takes smaller
-    CUDA tiles). CUDA sizes: swept on an H100 for bf16 at r = 16 (bench/gpu_layer.py), AOT-checked for
+    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B), and for the pass over G ``V_RANK`` (r where it
+    computes V, else 0); ``dtype`` the model's (float32 takes smaller CUDA tiles). CUDA sizes: swept on an H100 for bf16 at r = 16 (bench/gpu_layer.py), AOT-checked for
     spills and shared memory elsewhere. An op whose launch ran out of shared memory on this device runs with
     fewer pipeline stages (``_STAGE_CAP``).
     """
@@ -755,10 +761,12 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
             cfg.update(_CUDA_FP32_BLOCKS.get(kind, {}))
         if kind == "narrow" and dims.get("N", 0) > _NARROW_WIDE_R:
             cfg["BLOCK_M"] = 32
+        if kind == "outer" and dims.get("V_RANK", 0) > _V_WIDE_R and dtype != torch.float32:
+            cfg.update(_CUDA_V_WIDE)
         if cap is not None:
             cfg["num_stages"] = min(cfg.get("num_stages", 3), cap)  # Triton's default is 3
         return cfg
-    cfg = _interp_blocks(kind, {k: _interp_block(v) for k, v in dims.items()})
+    cfg = _interp_blocks(kind, {k: _interp_block(v) for k, v in dims.items() if k != "V_RANK"})
     if cap is not None:  # the interpreter ignores it: what the tests of the cap see
         cfg["num_stages"] = cap
     return cfg
@@ -1177,7 +1185,7 @@ def _per_sample_outer(
     device = L.device
     acc = R.dtype
     nseg, seg_rows = (1, M) if mode == MODE_SUM else (n, T)
-    cfg = _blocks("outer", device, L.dtype, T=seg_rows, A=a)
+    cfg = _blocks("outer", device, L.dtype, T=seg_rows, A=a, V_RANK=r if Bmat is not None else 0)
     block_a, block_t = cfg["BLOCK_A"], cfg["BLOCK_T"]
     block_r = _pow2(r)
     pack = bool(cfg.pop("PACK", False)) and L.dtype == torch.bfloat16 and block_r == 16

@@ -509,6 +509,10 @@ def test_cuda_blocks_by_dtype_and_rank():
     assert K._blocks("narrow", cuda, torch.bfloat16, N=16)["BLOCK_M"] == 64
     assert K._blocks("narrow", cuda, torch.bfloat16, N=64)["BLOCK_M"] == 32
     assert K._blocks("gemm", cuda, torch.float32)["BLOCK_M"] == 64 and K._blocks("gemm", cuda)["BLOCK_M"] == 128
+    # the pass over G with V above r = 16: 128 wide (V's partials shrink with the tile's width)
+    assert K._blocks("outer", cuda, torch.bfloat16, V_RANK=16) == outer
+    assert K._blocks("outer", cuda, torch.bfloat16, V_RANK=64) == dict(outer, **K._CUDA_V_WIDE)
+    assert K._blocks("outer", cuda, torch.float32, V_RANK=64)["BLOCK_A"] == K._CUDA_FP32_BLOCKS["outer"]["BLOCK_A"]
     try:
         K._LAUNCH.stage_cap = 2
         assert K._blocks("outer", cuda, torch.bfloat16)["num_stages"] == 2
@@ -1192,12 +1196,13 @@ def _aot_cases():
     ]  # fmt: skip
     for r_block in (16, 64):
         for has_v, v_prec in ((True, "tf32"), (True, "tf32x3"), (False, "tf32")):
+            obr = K._blocks("outer", cuda, torch.bfloat16, V_RANK=r_block if has_v else 0)  # r = 64 with V: wide
             cases.append((
                 f"outer r{r_block} V={has_v} {v_prec}", K._outer_kernel,
                 dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
-                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, **blocks(ob),
+                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, **blocks(obr),
                      SPLIT_BF16=True, V_TERMS=2 if v_prec == "tf32" else 3, UPCAST=False,
-                     **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
+                     **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), obr,
             ))  # fmt: skip
     # gpu_layer.py's OUTER_SWEEP options: they must compile; spills are the sweep's to weigh (PROMOTE=2 with
     # PACK spills 16 B under triton 3.6), so only the shipped configs above must not spill
