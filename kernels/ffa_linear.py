@@ -707,7 +707,8 @@ _CUDA_BLOCKS = {
     # 11008/4096, with V and without): 64 rows x 64 features, 3 stages, 706 us over the four passes against
     # 899 us for the 64 x 128, 2-stage tiles shipped before; error 2.7e-7. PACK (R's split terms as one
     # operand) with two warpgroups was 8 % faster (651 us) but 1.1e-6..3.7e-6 off (gpu_layer.ACCURACY_BOUND);
-    # PRESPLIT (U's terms made once per call) slower at every tile swept: both stay opt-in
+    # PRESPLIT (U's terms made once per call) slower at every tile swept: both stay opt-in. With V above
+    # r = 16: _CUDA_V_WIDE
     "outer": dict(BLOCK_T=64, BLOCK_A=64, num_warps=4, num_stages=3, PROMOTE=1, PACK=False, PRESPLIT=False),
     "finish": dict(BLOCK_A=256, num_warps=4),
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
@@ -750,9 +751,9 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
     interpreter).
 
     ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B), and for the pass over G ``V_RANK`` (r where it
-    computes V, else 0); ``dtype`` the model's (float32 takes smaller CUDA tiles). CUDA sizes: swept on an H100 for bf16 at r = 16 (bench/gpu_layer.py), AOT-checked for
-    spills and shared memory elsewhere. An op whose launch ran out of shared memory on this device runs with
-    fewer pipeline stages (``_STAGE_CAP``).
+    computes V, else 0); ``dtype`` the model's (float32 takes smaller CUDA tiles). CUDA sizes: swept on an
+    H100 for bf16 at r = 16 (bench/gpu_layer.py), AOT-checked for spills and shared memory elsewhere. An op
+    whose launch ran out of shared memory on this device runs with fewer pipeline stages (``_STAGE_CAP``).
     """
     cap = getattr(_LAUNCH, "stage_cap", None)
     if device.type == "cuda":

@@ -715,8 +715,10 @@ def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(t
             client_app.train(round0, Ctx)
         ledger.write_text("{not json")
         Ctx.state = RecordDict()
-        with pytest.raises(client_app.NodeError, match="does not load.*refusing to train without it"):
+        with pytest.raises(client_app.NodeError, match="privacy ledger fedlora_fast-privacy-run5-node0.json does not "
+                                                       "load.*refusing to train without it") as refused:
             client_app.train(round0, Ctx)
+        assert str(tmp_path) not in str(refused.value), "the server learns the file name, not the node's directory"
 
 
 def _node_ctx(rc: dict, run_id: int = 9, **node_config):
@@ -764,14 +766,21 @@ def test_node_keeps_a_privacy_ledger_by_default_and_a_restart_resumes_it(tiny, t
     cfg = flower_config.federated_config(rc)
     fed = node.build(cfg)
     ctx = _node_ctx(rc)
+    umask = os.umask(0o022)  # a usual umask: the ledger is still the owner's alone
+    try:
+        with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # a writable default: no fallback, nothing to warn
+                first = client_app.train(_train_msg(fed, 0), ctx).metric_records["metrics"]
+    finally:
+        os.umask(umask)
+    ledger = default / "fedlora_fast-privacy-run9-node0.json"
+    assert ledger.is_file() and (default.stat().st_mode & 0o777) == 0o700
+    assert (ledger.stat().st_mode & 0o777) == 0o600, oct(ledger.stat().st_mode)
     with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # a writable default: no fallback, nothing to warn
-            first = client_app.train(_train_msg(fed, 0), ctx).metric_records["metrics"]
-        ledger = default / "fedlora_fast-privacy-run9-node0.json"
-        assert ledger.is_file() and (default.stat().st_mode & 0o777) == 0o700
         saved = json.loads(ledger.read_text())
         assert set(saved) == {"accountant", "noise_multiplier"} and saved["noise_multiplier"] == 1.3
+        assert not any(p.name.endswith(".tmp") for p in default.iterdir()), "the atomic write leaves no temp file"
         assert set(saved["accountant"]) == {"version", "mechanism", "history"}, "no data of the node in the ledger"
         assert not (tmp_path / "home").exists(), "nothing under HOME when XDG_STATE_HOME is set"
         ctx.state = RecordDict()  # a restarted SuperNode, and a server that says round 0 again
@@ -780,7 +789,7 @@ def test_node_keeps_a_privacy_ledger_by_default_and_a_restart_resumes_it(tiny, t
     assert again["epsilon"] > first["epsilon"]
 
 
-def test_an_unwritable_default_privacy_dir_falls_back_with_a_warning(tiny, tmp_path, monkeypatch):
+def test_an_unwritable_default_privacy_dir_falls_back_with_a_warning(tiny, tmp_path, monkeypatch, caplog):
     """A default directory that cannot be created (a read-only container, here a file in its way): the node
     trains without a ledger as before, counting earlier rounds at its current sample rate, and says so."""
     from fedlora_fast.flower import client_app, node
@@ -807,11 +816,16 @@ def test_an_unwritable_default_privacy_dir_falls_back_with_a_warning(tiny, tmp_p
     kept.mkdir(parents=True)
     (kept / "fedlora_fast-privacy-run9-node0.json").write_text("{}")
     with mock.patch.object(client_app, "_unwritable", lambda d: "PermissionError: read-only"):
-        with pytest.raises(client_app.NodeError, match="exists but its directory is not writable"):
+        with pytest.raises(client_app.NodeError, match=r"privacy ledger fedlora_fast-privacy-run9-node0.json exists "
+                           r"in the node's default privacy ledger directory, which is not writable .*refusing to "
+                           r"train without updating it: copy fedlora_fast-privacy-run9-node0.json into a writable "
+                           r"directory and set node config 'privacy-dir' .*to that directory") as refused:
             client_app.ledger_path(_node_ctx(rc), 0)
+    assert str(tmp_path) not in str(refused.value), "the server learns the file name, not the node's directory"
+    assert str(kept / "fedlora_fast-privacy-run9-node0.json") in caplog.text, "the node's own log has the path"
 
 
-def test_an_explicit_privacy_dir_that_is_not_writable_stops_the_node(tiny, tmp_path, monkeypatch):
+def test_an_explicit_privacy_dir_that_is_not_writable_stops_the_node(tiny, tmp_path, monkeypatch, caplog):
     """``privacy-dir`` (or $FEDLORA_FAST_PRIVACY_DIR) is the user's choice: not writable is an error before any
     training, not a silent fallback; a missing one is created (0o700)."""
     from fedlora_fast.flower import client_app, node
@@ -821,11 +835,15 @@ def test_an_explicit_privacy_dir_that_is_not_writable_stops_the_node(tiny, tmp_p
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     fit = mock.patch.object(client_app.Client, "fit", side_effect=AssertionError("trained"))
-    with fit, pytest.raises(client_app.NodeError, match=rf"node config 'privacy-dir': .*{blocked} is not writable"):
+    with fit, pytest.raises(client_app.NodeError, match=r"node config 'privacy-dir': the node's privacy ledger "
+                            r"directory is not writable \(FileExistsError") as refused:
         client_app.train(_train_msg(fed, 0), _node_ctx(rc, **{"privacy-dir": str(blocked)}))
+    assert str(tmp_path) not in str(refused.value), "the server learns the setting, not the node's directory"
+    assert f"{blocked} is not writable" in caplog.text, "the node's own log has the path"
     monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", str(blocked / "sub"))
-    with fit, pytest.raises(client_app.NodeError, match=r"\$FEDLORA_FAST_PRIVACY_DIR: .* is not writable"):
+    with fit, pytest.raises(client_app.NodeError, match=r"\$FEDLORA_FAST_PRIVACY_DIR: .* is not writable") as refused:
         client_app.train(_train_msg(fed, 0), _node_ctx(rc))
+    assert str(tmp_path) not in str(refused.value)
     with pytest.raises(client_app.NodeConfigError, match="expected a directory path string"):
         client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": 3}), 0)
     read_only = OSError(30, "Read-only file system")  # EROFS: a directory that exists, on a read-only mount
@@ -863,8 +881,101 @@ def test_earlier_rounds_count_at_the_largest_sample_rate_the_ledger_knows(tiny):
     q = client.sample_rate
     client.accountant.step(noise_multiplier=1.3, sample_rate=min(1.0, 2 * q), num_steps=1)  # its data was smaller
     with pytest.warns(RuntimeWarning, match=rf"counting {2 * cfg.local_steps - 1} earlier DP-SGD steps .* sample rate"):
-        client_app._count_earlier_rounds(client, cfg, 0, 2, ledger=True)
+        client_app._count_earlier_rounds(client, cfg, 0, 2, loaded=True)
     assert client.accountant.history == [(1.3, min(1.0, 2 * q), 2 * cfg.local_steps)], "at 2q, not the rate now"
+
+
+def test_a_ledger_directory_without_this_runs_file_at_a_restart_warns_of_the_undercount(tiny, tmp_path, monkeypatch):
+    """A ledger *directory* in use is not a ledger *loaded*: a restart at round > 0 that finds no file there (the
+    directory moved, another HOME, a container layer that did not persist) counts the earlier rounds at the
+    data's sample rate now, so the warning must carry the undercount caveat and say where the node looked. A
+    restart that loads its ledger has nothing to add (the rounds it lacks, it did not train)."""
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, rounds=3, **{"noise-multiplier": 1.3})
+    cfg = flower_config.federated_config(rc)
+    fed = node.build(cfg)
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", str(first))
+    ctx = _node_ctx(rc)
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        client_app.train(_train_msg(fed, 0), ctx)
+        ctx.state = RecordDict()  # a restart that finds its ledger: round 1 is one it did not train
+        with pytest.warns(RuntimeWarning) as caught:
+            loaded = client_app.train(_train_msg(fed, 2), ctx).metric_records["metrics"]
+        text = [str(w.message) for w in caught if "no privacy state from earlier rounds" in str(w.message)]
+        assert len(text) == 1 and "undercounted" not in text[0] and "no privacy ledger" not in text[0], text
+        assert loaded["steps"] == 3 * cfg.local_steps
+        monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", str(moved))  # the directory changed between restarts
+        ctx.state = RecordDict()
+        with pytest.warns(RuntimeWarning) as caught:
+            lost = client_app.train(_train_msg(fed, 1), ctx).metric_records["metrics"]
+    text = [str(w.message) for w in caught if "no privacy state from earlier rounds" in str(w.message)]
+    assert len(text) == 1, [str(w.message) for w in caught]
+    assert f"no privacy ledger found at {moved / 'fedlora_fast-privacy-run9-node0.json'}" in text[0], text
+    assert "its data grew since, earlier rounds are undercounted" in text[0], text
+    assert lost["steps"] == 2 * cfg.local_steps, "the earlier round still counted, at the rate now"
+    assert (moved / "fedlora_fast-privacy-run9-node0.json").is_file(), "and a ledger kept from here on"
+
+
+def test_privacy_dir_values_are_stripped_absolute_or_none(tiny, tmp_path, monkeypatch, privacy_dir, caplog):
+    """Blank (``""`` included) means the default; ``none`` (any case) turns the ledger off in the node config
+    and in $FEDLORA_FAST_PRIVACY_DIR alike; a relative path (after ``~`` expansion) is a NodeConfigError for
+    both, since the working directory may differ after a restart; nothing is ever created in the working
+    directory."""
+    from fedlora_fast.flower import client_app
+
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    name = "fedlora_fast-privacy-run9-node0.json"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for blank in ("", "  ", "\t"):
+        assert client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": blank}), 0) == privacy_dir / name, blank
+    monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", f"  {privacy_dir}  ")
+    assert client_app.ledger_path(_node_ctx(rc), 0) == privacy_dir / name
+    monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", " ")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert client_app.ledger_path(_node_ctx(rc), 0) == tmp_path / "state" / "fedlora_fast" / "privacy" / name
+    for off in (" None ", "NONE"):
+        monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", off)
+        assert client_app.default_privacy_dir() is None
+        with pytest.warns(RuntimeWarning, match=r"\$FEDLORA_FAST_PRIVACY_DIR=none: no privacy ledger; .*undercounted"):
+            assert client_app.ledger_path(_node_ctx(rc), 0) is None
+    assert client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": str(tmp_path / "mine")}), 0).parent == \
+        tmp_path / "mine", "the node config's directory comes first"
+    with pytest.warns(RuntimeWarning, match="node config privacy-dir=none: no privacy ledger"):
+        assert client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": " None"}), 0) is None
+    for rel in ("rel/ledgers", " ledgers ", "./x"):
+        with pytest.raises(client_app.NodeConfigError, match=r"node config 'privacy-dir': expected an absolute "
+                           r"directory path .*working directory, which may differ after a restart") as refused:
+            client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": rel}), 0)
+        assert rel.strip() not in str(refused.value) and repr(rel.strip()) in caplog.text
+        monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", rel)
+        with pytest.raises(client_app.NodeConfigError, match=r"\$FEDLORA_FAST_PRIVACY_DIR: expected an absolute"):
+            client_app.ledger_path(_node_ctx(rc), 0)
+        with pytest.raises(client_app.NodeConfigError):
+            client_app.default_privacy_dir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    assert client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": "~/ledgers"}), 0) == home / "ledgers" / name
+    monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", "~/env-ledgers")
+    assert client_app.ledger_path(_node_ctx(rc), 0) == home / "env-ledgers" / name
+    assert list(cwd.iterdir()) == [], "nothing created in the working directory"
+
+
+def test_atomic_writes_keep_0644_by_default_and_take_a_mode(tmp_path):
+    from fedlora_fast import io
+
+    umask = os.umask(0o077)
+    try:
+        io.atomic_write_text(tmp_path / "out.json", "{}")
+        io.atomic_write_bytes(tmp_path / "out.bin", b"x")
+        io.atomic_write_text(tmp_path / "mine.json", "{}", mode=0o600)
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"out.json": 0o644, "out.bin": 0o644, "mine.json": 0o600}, modes
 
 
 def test_server_app_refuses_an_out_that_holds_a_run_unless_told_to_replace_it(tiny, tmp_path):

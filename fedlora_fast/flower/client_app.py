@@ -47,7 +47,7 @@ from fedlora_fast.privacy.accounting import Accountant
 
 DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
 LEDGER_DIR_KEY = "privacy-dir"  # node config: the directory of the node's privacy ledger (default: below)
-LEDGER_OFF = "none"  # privacy-dir=none: no ledger (a restarted node counts earlier rounds as _count_earlier_rounds can)
+LEDGER_OFF = "none"  # privacy-dir=none (or $FEDLORA_FAST_PRIVACY_DIR=none): no ledger (see _count_earlier_rounds)
 PRIVACY_DIR_ENV = "FEDLORA_FAST_PRIVACY_DIR"  # the ledger directory where the node config names none
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
@@ -158,8 +158,8 @@ def _restore(fed: Federation, pid: int, state: RecordDict, ledger: Path | None =
     """The node's client with its noise multiplier, accountant and RNG states from earlier rounds of the run.
 
     On its first round (or after a restart) both generators are seeded from the OS and the noise multiplier is
-    calibrated, or, where the node's privacy ``ledger`` exists (a restarted SuperNode), taken from it with the
-    accountant.
+    calibrated, or, given the node's privacy ``ledger`` file (a restarted SuperNode; ``train`` passes it only
+    where it exists), taken from it with the accountant: one that does not load is a ``NodeError``.
     """
     client = fed.clients[pid]
     if STATE_KEY in state.config_records:
@@ -168,7 +168,7 @@ def _restore(fed: Federation, pid: int, state: RecordDict, ledger: Path | None =
         client.load_state_dict(saved["client"])
         client.load_tensor_state(records.to_tensors(state.array_records[RNG_KEY]))
     else:
-        if ledger is not None and ledger.exists():  # a restarted SuperNode: its own disk has the count
+        if ledger is not None:  # a restarted SuperNode: its own disk has the count
             _load_ledger(ledger, fed, pid, client)
         else:
             node.calibrate(fed, pid)
@@ -211,17 +211,41 @@ def _check_budget(client: Client, cfg: FederatedConfig, pid: int) -> None:
         )
 
 
-def default_privacy_dir() -> Path:
+def _absolute_dir(value: str, source: str) -> Path:
+    """``value`` (stripped, not blank) as a ledger directory: ``~`` expanded, and absolute, else a NodeConfigError.
+    The message names the setting, not the value (which stays in the node's log)."""
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # "~" or "~user" with no such home directory
+        log.error("fedlora_fast node: %s=%r: '~' cannot be expanded", source, value)
+        raise NodeConfigError(f"{source}: its '~' cannot be expanded on the node (no such home directory): give an "
+                              "absolute directory path") from None
+    if not path.is_absolute():
+        log.error("fedlora_fast node: %s=%r is a relative path", source, value)
+        raise NodeConfigError(
+            f"{source}: expected an absolute directory path (or '{LEDGER_OFF}'), got a relative one: it would resolve "
+            "against the node's working directory, which may differ after a restart, and the restarted node would "
+            "miss its privacy ledger"
+        )
+    return path
+
+
+def default_privacy_dir() -> Path | None:
     """Where a node keeps its privacy ledger when its config names no ``privacy-dir``: ``$FEDLORA_FAST_PRIVACY_DIR``
-    if set, else ``$XDG_STATE_HOME/fedlora_fast/privacy`` (an absolute ``XDG_STATE_HOME`` only, as the XDG spec
+    if set (an absolute path after ``~`` expansion; blank counts as unset; ``none``, in any case, means no ledger:
+    None), else ``$XDG_STATE_HOME/fedlora_fast/privacy`` (an absolute ``XDG_STATE_HOME`` only, as the XDG spec
     says), else ``~/.local/state/fedlora_fast/privacy``.
 
     Raises:
+        NodeConfigError: ``$FEDLORA_FAST_PRIVACY_DIR`` is a relative path (it would resolve against the working
+            directory, which may differ after a restart), or its ``~`` cannot be expanded.
         RuntimeError: no home directory can be determined (and neither variable is set).
     """
-    env = os.environ.get(PRIVACY_DIR_ENV)
+    env = os.environ.get(PRIVACY_DIR_ENV, "").strip()
+    if env.lower() == LEDGER_OFF:
+        return None
     if env:
-        return Path(env).expanduser()
+        return _absolute_dir(env, f"${PRIVACY_DIR_ENV}")
     xdg = os.environ.get("XDG_STATE_HOME")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
     return base / "fedlora_fast" / "privacy"
@@ -229,14 +253,15 @@ def default_privacy_dir() -> Path:
 
 def _unwritable(d: Path) -> str | None:
     """Why the ledger cannot be written in ``d`` (created with mode 0o700 where missing), or None: a file is
-    created and removed there, as the ledger's atomic write (a temporary file renamed) will need."""
+    created and removed there, as the ledger's atomic write (a temporary file renamed) will need. The reason
+    names the error, never the path (it may reach the server in a ``NodeError``)."""
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".fedlora_fast-probe.", dir=d)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
+        return f"{type(e).__name__}: {e.strerror}" if e.strerror else type(e).__name__
     return None
 
 
@@ -251,11 +276,14 @@ def ledger_path(context: Context, pid: int) -> Path | None:
     ``context.state`` lives in the SuperNode's memory: a restart loses it, and without a ledger the node can
     only count the rounds the *server* says came before (``_count_earlier_rounds``), at its data's sample rate
     *now*. With one, the node's own disk says how many DP-SGD steps (and at which noise and sample rate) its
-    data already took in this run; it is written atomically after every round's training, before the reply
-    leaves the node. It holds the accountant's history (noise multiplier, sample rate, steps) and the noise
-    multiplier: no example of the node's data.
+    data already took in this run; it is written atomically (mode 0o600) after every round's training, before
+    the reply leaves the node. It holds the accountant's history (noise multiplier, sample rate, steps) and the
+    noise multiplier: no example of the node's data. ``DIR`` must persist across restarts (a volume in a
+    container): a restart that finds no ledger there counts as a node without one, and warns.
 
-    ``DIR`` is, in this order:
+    ``DIR`` is, in this order (each value stripped; blank, ``""`` included, means "not set"; a path must be
+    absolute after ``~`` expansion, since a relative one would resolve against a working directory that may
+    differ after a restart):
 
     - the node config's ``privacy-dir=DIR``: created (mode 0o700) where missing; not writable is an error;
     - ``$FEDLORA_FAST_PRIVACY_DIR``: the same (it too is the user's explicit choice);
@@ -263,13 +291,18 @@ def ledger_path(context: Context, pid: int) -> Path | None:
       container file system, no home directory), the node trains without a ledger, as before ledgers were on
       by default, and warns (RuntimeWarning) naming the directory and ``privacy-dir``.
 
-    ``privacy-dir=none`` turns the ledger off (None, with a RuntimeWarning each round): for nodes whose restarts
-    cannot happen or are accounted for elsewhere; a restarted node then counts as ``_count_earlier_rounds`` can.
+    ``privacy-dir=none`` (any case), or ``$FEDLORA_FAST_PRIVACY_DIR=none`` where the node config names no
+    directory, turns the ledger off (None, with a RuntimeWarning each round): for nodes whose restarts cannot
+    happen or are accounted for elsewhere; a restarted node then counts as ``_count_earlier_rounds`` can.
+
+    The errors below reach the server: they name the setting and the ledger's file name, never the node's
+    directory (its path, e.g. a home directory, would tell the server the user's name); the node's log has it.
 
     Raises:
-        NodeError: ``privacy-dir`` is not a string, or an explicit directory (node config or environment) cannot
-            be created or written; or the default directory is unusable but already holds this run's ledger (a
-            record the node could no longer update: refused rather than ignored).
+        NodeConfigError: ``privacy-dir`` is not a string, or it or ``$FEDLORA_FAST_PRIVACY_DIR`` is a relative path.
+        NodeError: an explicit directory (node config or environment) cannot be created or written; or the
+            default directory is unusable but already holds this run's ledger (a record the node could no longer
+            update: refused rather than ignored; copy it to a writable ``privacy-dir``).
     """
     name = f"fedlora_fast-privacy-run{context.run_id}-node{pid}.json"
     d = context.node_config.get(LEDGER_DIR_KEY)
@@ -278,17 +311,19 @@ def ledger_path(context: Context, pid: int) -> Path | None:
             f"node config '{LEDGER_DIR_KEY}': expected a directory path string (or '{LEDGER_OFF}'), "
             f"got {type(d).__name__}"
         )
-    if d is not None and d.strip().lower() == LEDGER_OFF:
-        warnings.warn(
-            f"node {pid}: node config {LEDGER_DIR_KEY}={LEDGER_OFF}: no privacy ledger; {_no_ledger_limits()}",
-            RuntimeWarning, stacklevel=3,
-        )
+    d = (d or "").strip()  # blank: not set (the default below)
+    env = os.environ.get(PRIVACY_DIR_ENV, "").strip()
+    off = (f"node config {LEDGER_DIR_KEY}={LEDGER_OFF}" if d.lower() == LEDGER_OFF
+           else f"${PRIVACY_DIR_ENV}={LEDGER_OFF}" if not d and env.lower() == LEDGER_OFF else None)
+    if off is not None:
+        warnings.warn(f"node {pid}: {off}: no privacy ledger; {_no_ledger_limits()}", RuntimeWarning, stacklevel=3)
         return None
-    explicit = f"node config '{LEDGER_DIR_KEY}'" if d else None  # the user's own choice: not writable is an error
-    if not d and os.environ.get(PRIVACY_DIR_ENV):
-        explicit = f"${PRIVACY_DIR_ENV}"
+    # the user's own choice: not writable is an error
+    explicit = f"node config '{LEDGER_DIR_KEY}'" if d else f"${PRIVACY_DIR_ENV}" if env else None
     try:
-        path = Path(d).expanduser() if d else default_privacy_dir()
+        path = _absolute_dir(d, explicit) if d else default_privacy_dir()
+    except NodeError:
+        raise  # a relative path named by the user
     except RuntimeError as e:  # Path.home(): no home directory to put the default under
         path, why = None, f"{type(e).__name__}: {e}"
     else:
@@ -296,15 +331,22 @@ def ledger_path(context: Context, pid: int) -> Path | None:
     if why is None:
         return path / name
     if explicit is not None:
-        raise NodeError(f"{explicit}: privacy ledger directory {path or d} is not writable ({why}); refusing to train "
-                        "without the ledger asked for")
+        log.error("fedlora_fast node: %s: privacy ledger directory %s is not writable (%s)", explicit, path, why)
+        raise NodeError(f"{explicit}: the node's privacy ledger directory is not writable ({why}); refusing to train "
+                        "without the ledger asked for (the node's log names the directory)")
     try:
         exists = path is not None and (path / name).exists()
     except OSError:
         exists = True  # cannot tell: a ledger may be there
     if exists:
-        raise NodeError(f"privacy ledger {path / name} exists but its directory is not writable ({why}); refusing to "
-                        f"train without updating it (set node config '{LEDGER_DIR_KEY}')")
+        log.error("fedlora_fast node: privacy ledger %s exists but its directory is not writable (%s): copy it into "
+                  "a writable directory and set node config '%s' to that directory", path / name, why, LEDGER_DIR_KEY)
+        raise NodeError(
+            f"privacy ledger {name} exists in the node's default privacy ledger directory, which is not writable "
+            f"({why}); refusing to train without updating it: copy {name} into a writable directory and set node "
+            f"config '{LEDGER_DIR_KEY}' (or ${PRIVACY_DIR_ENV}) to that directory (the node's log names the default "
+            "one)"
+        )
     warnings.warn(
         f"node {pid}: the default privacy ledger directory {path if path is not None else '(none: no home directory)'} "
         f"is not writable ({why}): training without a privacy ledger; {_no_ledger_limits()}. Set node config "
@@ -321,16 +363,19 @@ def _load_ledger(path: Path, fed: Federation, k: int, client: Client) -> None:
         node.calibrate(fed, k, saved["noise_multiplier"])
         client.load_state_dict({"accountant": saved["accountant"]})
     except (OSError, ValueError, KeyError, TypeError) as e:  # a ledger that does not load must not mean "no steps"
-        raise NodeError(f"privacy ledger {path} does not load ({type(e).__name__}); refusing to train without it") from None
+        log.error("fedlora_fast node: privacy ledger %s does not load (%s: %s)", path, type(e).__name__, e)
+        raise NodeError(f"privacy ledger {path.name} does not load ({type(e).__name__}); refusing to train without "
+                        "it (the node's log names its directory)") from None
 
 
 def _write_ledger(path: Path, client: Client) -> None:
-    checkpoint.atomic_write_text(path, json.dumps(
-        {"accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier}))
+    checkpoint.atomic_write_text(path, json.dumps(  # 0o600 whatever the umask: the node's own record
+        {"accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier}), mode=0o600)
 
 
 def _count_earlier_rounds(
-    client: Client, cfg: FederatedConfig, pid: int, round_idx: int, *, ledger: bool = False
+    client: Client, cfg: FederatedConfig, pid: int, round_idx: int, *, loaded: bool = False,
+    looked_in: Path | None = None,
 ) -> None:
     """A node with no saved state at round ``round_idx`` > 0 either joins late or lost its state (a SuperNode
     restart clears ``context.state``). Its data may have trained in every earlier round, so its accountant
@@ -338,18 +383,32 @@ def _count_earlier_rounds(
     while the steps it took before still count. Over-counting for a node that really joined late is safe.
 
     The steps are counted at the largest sample rate the node knows its data had in this run: its rate now,
-    or a larger one its ``ledger``'s history holds. With a ledger, the rounds it lacks are rounds the node did
-    not train (over-counted: safe). Without one, nothing on the node bounds its *past* sample rate: a silo
-    file that grew since (smaller q now) had a larger q in the rounds counted here, and they are undercounted.
-    The warning says so; the privacy ledger (on by default, ``ledger_path``) is the fix."""
+    or a larger one in the history of the ledger it ``loaded``. With this run's ledger file loaded, the rounds
+    it lacks are rounds the node did not train (its ledger is written before every reply): over-counted, safe.
+    Without it, nothing on the node bounds its *past* sample rate: a silo file that grew since (smaller q now)
+    had a larger q in the rounds counted here, and they are undercounted. That is so with no ledger
+    (``privacy-dir=none``, an unwritable default directory) and with a ledger directory where this run's file
+    was not found (``looked_in``: a directory moved or another ``HOME`` since the last start, a container layer
+    that did not persist, a node upgraded mid-run; or a node that really joins late). The warning says so and,
+    in the second case, where the node looked (warnings stay on the node; the server sees none of this)."""
     steps = round_idx * cfg.local_steps - client.accountant.steps  # beyond what a ledger already holds
     if steps <= 0 or client.noise_multiplier == 0:  # no noise: epsilon is inf whatever the count
         return
     q = max([client.sample_rate] + [h[1] for h in client.accountant.history])
-    limits = "" if ledger else (
-        f" (no privacy ledger: if this node's data grew since, earlier rounds are undercounted; set node config "
-        f"'{LEDGER_DIR_KEY}' to a writable directory)"
-    )
+    if loaded:
+        limits = ""
+    elif looked_in is not None:
+        limits = (
+            f" (no privacy ledger found at {looked_in}: if this node trained earlier rounds of this run with its "
+            f"ledger elsewhere (another '{LEDGER_DIR_KEY}', $HOME or $XDG_STATE_HOME, a container layer that did not "
+            "persist) and its data grew since, earlier rounds are undercounted; keep the ledger directory on storage "
+            "that persists across restarts. A node that joins the run late has no ledger yet: nothing is lost)"
+        )
+    else:
+        limits = (
+            f" (no privacy ledger: if this node's data grew since, earlier rounds are undercounted; set node config "
+            f"'{LEDGER_DIR_KEY}' to a writable directory)"
+        )
     warnings.warn(
         f"node {pid}: no privacy state from earlier rounds at round {round_idx} (a restarted SuperNode, or its "
         f"first round): counting {steps} earlier DP-SGD steps as its own at sample rate {q:.4g}{limits}",
@@ -365,12 +424,13 @@ def train(msg: Message, context: Context) -> Message:
     cfg, fed, pid, k = load_node(context)
     fresh = STATE_KEY not in context.state.config_records
     ledger = ledger_path(context, pid)
-    client = _restore(fed, k, context.state, ledger)
+    loaded = fresh and ledger is not None and ledger.exists()  # this run's ledger file is read (not just its dir)
+    client = _restore(fed, k, context.state, ledger if loaded else None)
     _check_budget(client, cfg, pid)
     global_state = records.to_tensors(msg.content.array_records["arrays"])
     round_idx = int(msg.content.config_records["config"][ROUND_KEY])
     if fresh:
-        _count_earlier_rounds(client, cfg, pid, round_idx, ledger=ledger is not None)
+        _count_earlier_rounds(client, cfg, pid, round_idx, loaded=loaded, looked_in=None if loaded else ledger)
         _check_budget(client, cfg, pid)
     torch.manual_seed(dropout_seed(cfg, round_idx, pid))  # dropout masks, as in the simulation: secret here
     update = client.fit(
