@@ -699,15 +699,15 @@ _CUDA_BLOCKS = {
     "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     # U = xa A^T: N = r, memory bound on xa. The sweep on an H100 (2026-11-26, bench/gpu_layer.py --sweep-u,
     # 16k tokens): 64-row tiles 67/146 us at in = 4096/11008 against 104/265 us for the 32-row tiles shipped
-    # before (1.55-1.81x), at cuBLAS's speed for A rounded to one bf16 term (61/141 us) with float32-class
-    # error (4.3e-7). PACK_W (A's split terms as one 64-wide operand) was as fast but 1.3e-5 off; PRESPLIT_W
-    # (the terms made once per call by a small kernel) no faster at 64 rows: both stay opt-in
+    # before (1.55-1.81x), within 10 % of cuBLAS for A rounded to one bf16 term (61/141 us) and as fast as
+    # cuBLAS on A's three terms, with float32-class error (4.3e-7). PACK_W (A's split terms as one 64-wide operand) was as fast but 1.3e-5 off; PRESPLIT_W
+    # (the terms made once per call by a small kernel) no faster at 64 rows (faster at 32): both stay opt-in
     "narrow": dict(BLOCK_M=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, PACK_W=False, PRESPLIT_W=False),
     # one pass over G, P tile BLOCK_A x r float32 in registers. The H100 sweep (2026-11-26, 16k tokens, out =
     # 11008/4096, with V and without): 64 rows x 64 features, 3 stages, 706 us over the four passes against
     # 899 us for the 64 x 128, 2-stage tiles shipped before; error 2.7e-7. PACK (R's split terms as one
     # operand) with two warpgroups was 8 % faster (651 us) but 1.1e-6..3.7e-6 off (gpu_layer.ACCURACY_BOUND);
-    # PRESPLIT (U's terms made once per call) slower at every tile swept: both stay opt-in. With V above
+    # PRESPLIT (U's terms made once per call) slower over the four passes at every tile: both stay opt-in. With V above
     # r = 16: _CUDA_V_WIDE
     "outer": dict(BLOCK_T=64, BLOCK_A=64, num_warps=4, num_stages=3, PROMOTE=1, PACK=False, PRESPLIT=False),
     "finish": dict(BLOCK_A=256, num_warps=4),
