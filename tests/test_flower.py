@@ -29,15 +29,16 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason="the Flower integration needs the 'flower' extra: pip install .[flower]")
 
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
 
 from fedlora_fast.federated import serialization  # noqa: E402
 from fedlora_fast.federated.aggregation import FedAvg as FedAvgAggregator  # noqa: E402
 from fedlora_fast.federated.server import Server  # noqa: E402
 from fedlora_fast.federated.simulation import FederatedConfig  # noqa: E402
+from fedlora_fast.privacy.accounting import Accountant  # noqa: E402
 from fedlora_fast.flower import config as flower_config  # noqa: E402
 from fedlora_fast.flower import records  # noqa: E402
-from fedlora_fast.flower.strategy import ROUND_KEY, FedLoRAStrategy  # noqa: E402
+from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, ROUND_KEY, FedLoRAStrategy  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower"
@@ -242,6 +243,40 @@ def test_strategy_binds_the_accepted_sender_and_fixes_each_ids_example_count():
     strategy.aggregate_train(3, [_reply(12, _update(2, one, 5, rnd=2)), _reply(13, _update(-1, one, 5, rnd=2))])
     reasons = [r["reason"] for r in strategy._pending["rejected"]]
     assert strategy._pending["accepted"] == [] and all("not one of the federation's clients 0..1" in r for r in reasons)
+
+
+def test_strategy_tells_each_bound_node_its_own_first_accepted_example_count(monkeypatch):
+    """A node bound to a client id gets, in its own train config only, the id's first accepted example count (a
+    bound on its past sample rate for a restart without its ledger); FedAvg's messages share one RecordDict, so
+    each bound node's config is its own copy; a node with no accepted update (unbound) gets no key at all."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # a ServerApp process sets them
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    g = {"l.lora_B": torch.zeros(3, 2)}
+    server = Server(g, FP, FedAvgAggregator(), min_clients=1, num_clients=2)
+    strategy = FedLoRAStrategy(server, num_clients=3, delta=1e-5, num_rounds=3)
+    one = {"l.lora_B": torch.ones(3, 2)}
+    strategy._pending = {"round": 1}
+    strategy.aggregate_train(1, [_reply(10, _update(0, one, 5)), _reply(11, _update(1, one, 7)),
+                                 _reply(12, _update(0, one, 3, fp="ffffffffffffffff"))])  # rejected: unbound
+    assert strategy._pending["accepted"] == [0, 1] and 12 not in strategy._client_of
+    strategy._pending = {"round": 2}  # node 11 sends another count: refused, its first one stays its record
+    strategy.aggregate_train(2, [_reply(11, _update(1, one, 70, rnd=1))])
+    grid = SimpleNamespace(get_node_ids=lambda: [10, 11, 12])
+    config = ConfigRecord({"lr": 0.1, FIRST_EXAMPLES_KEY: 999})  # never sent to every node, whoever put it there
+    sent = strategy.configure_train(2, records.to_array_record(g), config, grid)
+    messages = {m.metadata.dst_node_id: m for m in sent}
+    assert sorted(messages) == [10, 11, 12]
+    configs = {n: m.content.config_records["config"] for n, m in messages.items()}
+    assert configs[10][FIRST_EXAMPLES_KEY] == 5 and configs[11][FIRST_EXAMPLES_KEY] == 7
+    assert FIRST_EXAMPLES_KEY not in configs[12] and FIRST_EXAMPLES_KEY not in config
+    assert configs[10] is not configs[11] and configs[10] is not configs[12]
+    for c in configs.values():  # the rest of the config reaches every node, as FedAvg sends it
+        assert c["lr"] == 0.1 and c[ROUND_KEY] == server.round and c["server-round"] == 2
+    for m in messages.values():
+        assert set(m.content.keys()) == {"arrays", "config"} and m.metadata.message_type == "train"
+        assert records.to_tensors(m.content.array_records["arrays"])["l.lora_B"].eq(0).all()
 
 
 def test_server_refuses_a_non_int_round_and_keeps_only_known_client_metrics():
@@ -727,10 +762,10 @@ def _node_ctx(rc: dict, run_id: int = 9, **node_config):
                            node_config={"partition-id": 0, "num-partitions": 2, **node_config})
 
 
-def _train_msg(fed, round_idx: int):
+def _train_msg(fed, round_idx: int, **config):
     return SimpleNamespace(content=SimpleNamespace(
         array_records={"arrays": records.to_array_record(fed.server.global_state)},
-        config_records={"config": {ROUND_KEY: round_idx}},
+        config_records={"config": {ROUND_KEY: round_idx, **config}},
     ))  # fmt: skip
 
 
@@ -883,6 +918,85 @@ def test_earlier_rounds_count_at_the_largest_sample_rate_the_ledger_knows(tiny):
     with pytest.warns(RuntimeWarning, match=rf"counting {2 * cfg.local_steps - 1} earlier DP-SGD steps .* sample rate"):
         client_app._count_earlier_rounds(client, cfg, 0, 2, loaded=True)
     assert client.accountant.history == [(1.3, min(1.0, 2 * q), 2 * cfg.local_steps)], "at 2q, not the rate now"
+
+
+def _hint_case(tiny):
+    """``(cfg, fed, fresh)``: the tiny run with a fixed noise multiplier 1.3, and ``fresh()``, node 0's client as
+    a restarted SuperNode without a ledger has it (an empty accountant; the same object every time)."""
+    from fedlora_fast.flower import client_app, node
+
+    cfg = flower_config.federated_config(_tiny_run_config(tiny, **{"noise-multiplier": 1.3}))
+    fed = node.build(cfg)
+    return cfg, fed, lambda: client_app._restore(fed, 0, RecordDict())
+
+
+def test_a_ledgerless_restart_counts_earlier_rounds_at_the_servers_first_accepted_count(tiny):
+    """No ledger and data that grew since the node's first accepted update (the server's record: fewer examples,
+    a larger q then): the earlier rounds count at the rate that record implies, by the client's own formula
+    q = min(1, batch / n), and the warning says where the rate came from. Through ``train`` too (the hint is
+    the train config's key). A loaded ledger ignores the hint: its history is the node's own record."""
+    from fedlora_fast.flower import client_app
+
+    cfg, fed, fresh = _hint_case(tiny)
+    client = fresh()
+    q, first = client.sample_rate, client.num_examples // 2  # its silo file doubled since its first accepted update
+    q_then = min(1.0, cfg.batch_size / first)
+    assert q < q_then < 1.0
+    with pytest.warns(RuntimeWarning, match=rf"counting {2 * cfg.local_steps} earlier DP-SGD steps as its own at "
+                      rf"sample rate {q_then:.4g} \(the rate at {first} examples, from the server's record of this "
+                      rf"node's first accepted example count; its data has {client.num_examples} now"):
+        client_app._count_earlier_rounds(client, cfg, 0, 2, first_examples=first)
+    assert client.accountant.history == [(1.3, q_then, 2 * cfg.local_steps)]
+    ref, now = Accountant(), Accountant()
+    ref.step(noise_multiplier=1.3, sample_rate=q_then, num_steps=2 * cfg.local_steps)
+    now.step(noise_multiplier=1.3, sample_rate=q, num_steps=2 * cfg.local_steps)
+    assert client.accountant.epsilon(cfg.delta) == ref.epsilon(cfg.delta) > now.epsilon(cfg.delta)
+    # the same through train(): privacy-dir=none, a restart before round 1, the hint in the train config
+    ctx = _node_ctx(_tiny_run_config(tiny, **{"noise-multiplier": 1.3}), **{"privacy-dir": "none"})
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        with pytest.warns(RuntimeWarning) as caught:
+            reply = client_app.train(_train_msg(fed, 1, **{FIRST_EXAMPLES_KEY: first}), ctx)
+    text = [str(w.message) for w in caught]
+    assert any(f"sample rate {q_then:.4g} (the rate at {first} examples, from the server's record" in t for t in text)
+    ref = Accountant()
+    ref.step(noise_multiplier=1.3, sample_rate=q_then, num_steps=cfg.local_steps)  # round 0, at the rate then
+    ref.step(noise_multiplier=1.3, sample_rate=q, num_steps=cfg.local_steps)  # round 1, trained now
+    metrics = reply.metric_records["metrics"]
+    assert metrics["steps"] == 2 * cfg.local_steps and metrics["epsilon"] == pytest.approx(ref.epsilon(cfg.delta))
+    # a loaded ledger: nothing changes (the rounds it lacks are rounds it did not train)
+    loaded = fresh()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        client_app._count_earlier_rounds(loaded, cfg, 0, 2, loaded=True, first_examples=first)
+    assert loaded.accountant.history == [(1.3, q, 2 * cfg.local_steps)]
+    assert not any("server's" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_a_larger_or_malformed_first_examples_hint_changes_nothing(tiny):
+    """The hint can only raise the rate: a count larger than the node's own (a smaller q, e.g. a hostile server)
+    is ignored by max(); a malformed one (not a positive int) is ignored with a warning, never an error that
+    would stop the node, and the rounds count as without it."""
+    from fedlora_fast.flower import client_app
+
+    cfg, _, fresh = _hint_case(tiny)
+    client = fresh()
+    q, n = client.sample_rate, client.num_examples
+    with pytest.warns(RuntimeWarning) as without:
+        client_app._count_earlier_rounds(client, cfg, 0, 2)
+    assert client.accountant.history == [(1.3, q, 2 * cfg.local_steps)]
+    client = fresh()
+    with pytest.warns(RuntimeWarning) as caught:
+        client_app._count_earlier_rounds(client, cfg, 0, 2, first_examples=10 * n)
+    assert client.accountant.history == [(1.3, q, 2 * cfg.local_steps)]
+    assert [str(w.message) for w in caught] == [str(w.message) for w in without], "the same count, the same words"
+    for bad in (0, -3, 2.5, float(n // 2), True, "12", [12], "x" * 500):
+        client = fresh()
+        with pytest.warns(RuntimeWarning) as caught:
+            client_app._count_earlier_rounds(client, cfg, 0, 2, first_examples=bad)
+        text = [str(w.message) for w in caught]
+        assert any(f"node 0: ignoring the server's '{FIRST_EXAMPLES_KEY}' = " in t and "expected a positive int" in t
+                   and len(t) < 400 for t in text), (bad, text)
+        assert client.accountant.history == [(1.3, q, 2 * cfg.local_steps)], bad
 
 
 def test_a_ledger_directory_without_this_runs_file_at_a_restart_warns_of_the_undercount(tiny, tmp_path, monkeypatch):

@@ -42,8 +42,8 @@ from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import DUMP_KEY, EVAL_LOCAL_KEY, federated_config, flower_setting
-from fedlora_fast.flower.strategy import ROUND_KEY
-from fedlora_fast.privacy.accounting import Accountant
+from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, ROUND_KEY
+from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
 
 DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
 LEDGER_DIR_KEY = "privacy-dir"  # node config: the directory of the node's privacy ledger (default: below)
@@ -267,7 +267,8 @@ def _unwritable(d: Path) -> str | None:
 
 def _no_ledger_limits() -> str:
     return ("a restarted SuperNode then counts the rounds the server says came before at its data's current sample "
-            "rate: if this node's data grew since, earlier rounds are undercounted")
+            "rate, or the larger one implied by the server's record of its first accepted example count: if this "
+            "node's data grew since and the server has no such record, earlier rounds are undercounted")
 
 
 def ledger_path(context: Context, pid: int) -> Path | None:
@@ -275,9 +276,10 @@ def ledger_path(context: Context, pid: int) -> Path | None:
 
     ``context.state`` lives in the SuperNode's memory: a restart loses it, and without a ledger the node can
     only count the rounds the *server* says came before (``_count_earlier_rounds``), at its data's sample rate
-    *now*. With one, the node's own disk says how many DP-SGD steps (and at which noise and sample rate) its
-    data already took in this run; it is written atomically (mode 0o600) after every round's training, before
-    the reply leaves the node. It holds the accountant's history (noise multiplier, sample rate, steps) and the
+    *now* or the larger one the server's record of its first accepted example count implies. With one, the
+    node's own disk says how many DP-SGD steps (and at which noise and sample rate) its data already took in
+    this run; it is written atomically (mode 0o600) after every round's training, before the reply leaves the
+    node. It holds the accountant's history (noise multiplier, sample rate, steps) and the
     noise multiplier: no example of the node's data. ``DIR`` must persist across restarts (a volume in a
     container): a restart that finds no ledger there counts as a node without one, and warns.
 
@@ -373,9 +375,28 @@ def _write_ledger(path: Path, client: Client) -> None:
         {"accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier}), mode=0o600)
 
 
+def _hinted_sample_rate(client: Client, pid: int, hint) -> float | None:
+    """The sample rate the node's data had at the server's record of its first accepted example count
+    (``hint``, the train config's ``FIRST_EXAMPLES_KEY``), by the client's own formula q = min(1, batch / n); None
+    without a hint. A malformed hint (not a positive int) is ignored with a RuntimeWarning, never an error: a
+    faulty server must not stop the node, and ignoring it is what a node without a hint does."""
+    if hint is None:
+        return None
+    if not isinstance(hint, int) or isinstance(hint, bool) or hint <= 0:
+        shown = repr(hint)
+        warnings.warn(
+            f"node {pid}: ignoring the server's '{FIRST_EXAMPLES_KEY}' = "
+            f"{shown if len(shown) <= 80 else shown[:77] + '...'}: expected a positive int (the server's record of "
+            "this node's first accepted example count); earlier rounds are counted without it",
+            RuntimeWarning, stacklevel=4,
+        )
+        return None
+    return check_sample_rate(min(1.0, client.batch_size / hint))
+
+
 def _count_earlier_rounds(
     client: Client, cfg: FederatedConfig, pid: int, round_idx: int, *, loaded: bool = False,
-    looked_in: Path | None = None,
+    looked_in: Path | None = None, first_examples=None,
 ) -> None:
     """A node with no saved state at round ``round_idx`` > 0 either joins late or lost its state (a SuperNode
     restart clears ``context.state``). Its data may have trained in every earlier round, so its accountant
@@ -390,13 +411,35 @@ def _count_earlier_rounds(
     (``privacy-dir=none``, an unwritable default directory) and with a ledger directory where this run's file
     was not found (``looked_in``: a directory moved or another ``HOME`` since the last start, a container layer
     that did not persist, a node upgraded mid-run; or a node that really joins late). The warning says so and,
-    in the second case, where the node looked (warnings stay on the node; the server sees none of this)."""
+    in the second case, where the node looked (warnings stay on the node; the server sees none of this).
+
+    Without a loaded ledger the server's record helps: ``first_examples`` (the train config's
+    ``FIRST_EXAMPLES_KEY``) is the example count of this node's client id's first accepted update, fixed for
+    the run (the server refuses later updates with another count), and the rounds are counted at no less than
+    the rate it implies, ``min(1, batch / first_examples)``. The hint can only raise the count, never lower it
+    below what the node computes alone: the rate used is ``max(rate now, ledger history, hinted rate)``. A
+    hostile or faulty server can send a smaller count (a larger q: more steps' worth of epsilon counted, more
+    conservative, at worst a node that refuses to train, which such a server can cause anyway) or a larger
+    one (a smaller q: ``max`` ignores it); a malformed one is ignored with a warning (``_hinted_sample_rate``).
+    Rounds whose update the server refused (another count: data that changed mid-run) are not bounded by it.
+    With a loaded ledger the hint is not used: the ledger's own history is the node's record."""
     steps = round_idx * cfg.local_steps - client.accountant.steps  # beyond what a ledger already holds
     if steps <= 0 or client.noise_multiplier == 0:  # no noise: epsilon is inf whatever the count
         return
-    q = max([client.sample_rate] + [h[1] for h in client.accountant.history])
+    known = max([client.sample_rate] + [h[1] for h in client.accountant.history])
+    hinted = None if loaded else _hinted_sample_rate(client, pid, first_examples)
+    q = known if hinted is None else max(known, hinted)
     if loaded:
         limits = ""
+    elif hinted is not None and hinted > known:
+        limits = (
+            f" (the rate at {first_examples} examples, from the server's record of this node's first accepted example "
+            f"count; its data has {client.num_examples} now. No privacy ledger"
+            + (f" found at {looked_in}" if looked_in is not None else "")
+            + ": rounds in which its data was smaller still (before its first accepted update, or whose update the "
+            "server refused) are undercounted; "
+            f"keep node config '{LEDGER_DIR_KEY}' on a writable directory that persists across restarts)"
+        )
     elif looked_in is not None:
         limits = (
             f" (no privacy ledger found at {looked_in}: if this node trained earlier rounds of this run with its "
@@ -428,9 +471,11 @@ def train(msg: Message, context: Context) -> Message:
     client = _restore(fed, k, context.state, ledger if loaded else None)
     _check_budget(client, cfg, pid)
     global_state = records.to_tensors(msg.content.array_records["arrays"])
-    round_idx = int(msg.content.config_records["config"][ROUND_KEY])
+    train_config = msg.content.config_records["config"]
+    round_idx = int(train_config[ROUND_KEY])
     if fresh:
-        _count_earlier_rounds(client, cfg, pid, round_idx, loaded=loaded, looked_in=None if loaded else ledger)
+        _count_earlier_rounds(client, cfg, pid, round_idx, loaded=loaded, looked_in=None if loaded else ledger,
+                              first_examples=train_config.get(FIRST_EXAMPLES_KEY))
         _check_budget(client, cfg, pid)
     torch.manual_seed(dropout_seed(cfg, round_idx, pid))  # dropout masks, as in the simulation: secret here
     update = client.fit(

@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -35,6 +35,9 @@ from fedlora_fast.flower import records
 log = logging.getLogger(__name__)
 
 ROUND_KEY = "fedlora-round"  # the server's round counter, echoed by clients in their update metadata
+# train config, per node: the example count of the node's client id's first accepted update (bound nodes only), a
+# bound on the node's past sample rate for a restart without its privacy ledger (client_app._count_earlier_rounds)
+FIRST_EXAMPLES_KEY = "fedlora-first-examples"
 PRIVACY_KEYS = ("noise_multiplier", "sample_rate", "steps", "epsilon")  # clients' MetricRecord (with num-examples)
 
 
@@ -88,10 +91,26 @@ class FedLoRAStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's sampling, with the fedlora_fast round counter in the config (clients echo it back)."""
+        """FedAvg's sampling, with the fedlora_fast round counter in the config (clients echo it back).
+
+        A node bound to a client id (its update under that id was accepted) also gets, in its own copy of the
+        config, the id's first accepted example count (``FIRST_EXAMPLES_KEY``): a restarted node without its
+        privacy ledger counts the earlier rounds at no less than the sample rate that count implies. FedAvg's
+        messages share one ``RecordDict``: a bound node's message gets a new one with its own ``ConfigRecord``,
+        so no node's count reaches another node; unbound nodes get the shared config, without the key.
+        """
         self._round_start = time.perf_counter()
         config[ROUND_KEY] = self.server.round
+        config.pop(FIRST_EXAMPLES_KEY, None)  # per node only, never in the config every node gets
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            cid = self._client_of.get(msg.metadata.dst_node_id)
+            if cid is None or cid not in self._examples_of:
+                continue
+            content = msg.content
+            own = ConfigRecord(dict(content.config_records[self.configrecord_key]))
+            own[FIRST_EXAMPLES_KEY] = self._examples_of[cid]
+            msg.content = RecordDict({**dict(content.items()), self.configrecord_key: own})
         broadcast = self.server.broadcast()  # what the simulation sends: counts bytes the same way
         self._pending = {
             "round": server_round,
