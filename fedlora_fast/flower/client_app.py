@@ -279,9 +279,9 @@ def ledger_path(context: Context, pid: int) -> Path | None:
     *now* or the larger one the server's record of its first accepted example count implies. With one, the
     node's own disk says how many DP-SGD steps (and at which noise and sample rate) its data already took in
     this run; it is written atomically (mode 0o600) after every round's training, before the reply leaves the
-    node. It holds the accountant's history (noise multiplier, sample rate, steps) and the
-    noise multiplier: no example of the node's data. ``DIR`` must persist across restarts (a volume in a
-    container): a restart that finds no ledger there counts as a node without one, and warns.
+    node. It holds the accountant's history (noise multiplier, sample rate, steps) and the noise multiplier:
+    no example of the node's data. ``DIR`` must persist across restarts (a volume in a container): a restart
+    that finds no ledger there counts as a node without one, and warns.
 
     ``DIR`` is, in this order (each value stripped; blank, ``""`` included, means "not set"; a path must be
     absolute after ``~`` expansion, since a relative one would resolve against a working directory that may
