@@ -736,6 +736,22 @@ _V_WIDE_R = 16
 # the 64-row one needs 160 KiB of shared memory on sm90 (163 KiB on sm80) and spills 1392 B on sm86 (AOT,
 # 2026-11-26), 32 rows 80 KiB and none. Above r = 64 U is no "narrow" launch: the autotuned GEMM takes it
 _NARROW_WIDE_R = 32
+# ... except on sm90+, where the H100 sweep at r = 64 (2026-11-26, 16k tokens, bench/results/
+# gpu_session_NVIDIA_H100_80GB_HBM3_20261126_eve) timed 128-row tiles with 8 warps at 77 / 191 us for in =
+# 4096 / 11008 against the 32-row tiles' 133 / 333 us (cuBLAS on A's three bf16 terms: 73 / 165 us), at the
+# same error (3.1e-7 / 5.3e-7). They need 208 KiB of shared memory (AOT sm90), which only sm90+ has
+_CUDA_NARROW_WIDE_SM90 = dict(BLOCK_M=128, num_warps=8)
+# The pass over G without V (the merged and cuBLAS dX paths) at 16 < r <= 64, from the same sweep: 64 x 128
+# tiles with 8 warps, 3 stages, 115 / 292 us at out = 4096 / 11008 against 150 / 413 us for r = 16's 64 x 64
+# tile with 4 warps (2.0e-7 / 3.1e-7 error). With V the 128-wide tile above stayed the best (254 / 615 us)
+_CUDA_OUTER_WIDE_NO_V = dict(BLOCK_A=128, num_warps=8)
+_WIDE_MAX_R = 64  # above this, the rules above were not measured: the r = 16 configs
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of CUDA ``device`` (cached: ``_blocks`` runs at every launch)."""
+    return torch.cuda.get_device_capability(device)
 
 # (op, device index, r, dtype) -> the most software-pipeline stages that op's launches may use on this
 # device: set where a launch as configured ran out of shared memory (GPUs with less per block than sm90:
@@ -743,16 +759,18 @@ _NARROW_WIDE_R = 32
 # fit there at every rank the AOT checks (sm86: the pass over G at r = 128 fits with 2 stages). The cap is
 # per op, so it also slows that op's launches that did fit (a with-V backward's cap applies to FFA's too)
 _STAGE_CAP: dict[tuple, int] = {}
-_LAUNCH = threading.local()  # .stage_cap: the cap for the op running on this thread (None: as configured)
+# .stage_cap: the cap for the op running on this thread (None: as configured); .refused_stages: the stages of
+# its launch that ran out of shared memory
+_LAUNCH = threading.local()
 
 
 def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, **dims: int) -> dict:
     """Block sizes and warps for every launch (a fresh dict); one place to tune (no autotune under the
     interpreter).
 
-    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B), and for the pass over G ``V_RANK`` (r where it
-    computes V, else 0); ``dtype`` the model's (float32 takes smaller CUDA tiles). CUDA sizes: swept on an
-    H100 for bf16 at r = 16 (bench/gpu_layer.py), AOT-checked for spills and shared memory elsewhere. An op
+    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B), and for the pass over G ``RANK`` (r) and
+    ``V_RANK`` (r where it computes V, else 0); ``dtype`` the model's (float32 takes smaller CUDA tiles). CUDA sizes: swept on an
+    H100 for bf16 at r = 16 and r = 64 (bench/gpu_layer.py), AOT-checked for spills and shared memory elsewhere. An op
     whose launch ran out of shared memory on this device runs with fewer pipeline stages (``_STAGE_CAP``).
     """
     cap = getattr(_LAUNCH, "stage_cap", None)
@@ -761,13 +779,16 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
         if dtype == torch.float32:
             cfg.update(_CUDA_FP32_BLOCKS.get(kind, {}))
         if kind == "narrow" and dims.get("N", 0) > _NARROW_WIDE_R:
-            cfg["BLOCK_M"] = 32
+            sm90 = dtype != torch.float32 and _capability(device)[0] >= 9
+            cfg.update(_CUDA_NARROW_WIDE_SM90 if sm90 else dict(BLOCK_M=32))
         if kind == "outer" and dims.get("V_RANK", 0) > _V_WIDE_R and dtype != torch.float32:
             cfg.update(_CUDA_V_WIDE)
+        elif kind == "outer" and _V_WIDE_R < dims.get("RANK", 0) <= _WIDE_MAX_R and dtype != torch.float32:
+            cfg.update(_CUDA_OUTER_WIDE_NO_V)
         if cap is not None:
             cfg["num_stages"] = min(cfg.get("num_stages", 3), cap)  # Triton's default is 3
         return cfg
-    cfg = _interp_blocks(kind, {k: _interp_block(v) for k, v in dims.items() if k != "V_RANK"})
+    cfg = _interp_blocks(kind, {k: _interp_block(v) for k, v in dims.items() if k not in ("V_RANK", "RANK")})
     if cap is not None:  # the interpreter ignores it: what the tests of the cap see
         cfg["num_stages"] = cap
     return cfg
@@ -1101,10 +1122,20 @@ def _choose_gemm(
     return choice
 
 
-LAUNCH_ENV_VAR = "FEDLORA_FAST_LAUNCH"  # "jit" (default): kernel[grid](...); "direct": see _run
+LAUNCH_ENV_VAR = "FEDLORA_FAST_LAUNCH"  # "jit" (default): kernel[grid](...); "direct": see _launch
 
 
 def _run(fn, grid, *args, **kw) -> None:
+    """Launch ``fn`` (``_launch``). A launch refused for lack of shared memory leaves its stage count in
+    ``_LAUNCH.refused_stages``: the op's rerun (``_kernels_or_reference``) caps the stages below it."""
+    try:
+        _launch(fn, grid, args, kw)
+    except OutOfResources:
+        _LAUNCH.refused_stages = kw.get("num_stages", 3)  # Triton's default where a config names none
+        raise
+
+
+def _launch(fn, grid, args: tuple, kw: dict) -> None:
     """``fn[grid](*args, **kw)``, or with ``FEDLORA_FAST_LAUNCH=direct`` (CUDA) the same compiled kernel
     launched through its own launcher, skipping the JIT's per-call argument binding, specialisation and
     cache key (tens of microseconds of host time per launch on the H100 machine's CPU; bench/launch.py
@@ -1186,7 +1217,7 @@ def _per_sample_outer(
     device = L.device
     acc = R.dtype
     nseg, seg_rows = (1, M) if mode == MODE_SUM else (n, T)
-    cfg = _blocks("outer", device, L.dtype, T=seg_rows, A=a, V_RANK=r if Bmat is not None else 0)
+    cfg = _blocks("outer", device, L.dtype, T=seg_rows, A=a, RANK=r, V_RANK=r if Bmat is not None else 0)
     block_a, block_t = cfg["BLOCK_A"], cfg["BLOCK_T"]
     block_r = _pow2(r)
     pack = bool(cfg.pop("PACK", False)) and L.dtype == torch.bfloat16 and block_r == 16
@@ -1322,6 +1353,29 @@ def _rank_too_large(r: int) -> bool:
     return True
 
 
+# a launch Triton could not compile (its frontend, an MLIR pass or ptxas): a compiler bug for that argument
+# specialisation, e.g. Triton 3.6-3.9's "Illegal shared layout" for U with the opt-in PACK_W operand in 64-row
+# tiles where in_features is not a multiple of 16 (reproduced ahead of time, 2026-11-26). That call shape runs
+# the reference from then on, with one warning, rather than stop training; the test suite makes the warning an
+# error (pyproject.toml), so a kernel that does not compile still fails there.
+COMPILE_FALLBACK_MESSAGE = "fedlora_fast: Triton could not compile"
+_COMPILE_FAILED: set[tuple] = set()
+
+
+def _compile_failure(err: BaseException) -> bool:
+    """Whether ``err`` is Triton failing to compile a kernel (not a launch or input error)."""
+    if type(err).__name__ in ("CompilationError", "CompileTimeAssertionFailure", "PTXASError"):
+        return True
+    return isinstance(err, RuntimeError) and "PassManager::run failed" in str(err)
+
+
+def _call_shape(op: str, tensors: tuple, r: int) -> tuple:
+    """What a compile failure depends on: the op, r, and each tensor's device, dtype, shape, strides and
+    16-byte alignment (how Triton specialises a launch)."""
+    return (op, r, *((t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % 16 == 0)
+                     for t in tensors if t is not None))
+
+
 # (op, device index, r, dtype) whose kernels a launch refused for lack of resources (shared memory): a GPU with
 # less than sm90's 227 KiB per block (sm86/sm89: 99 KiB, sm75: 64 KiB) at a large rank (AOT, 2026-11-26: the
 # pass over G at r = 128 on sm86, r = 32 in bf16 on sm75). Those calls run the reference, with one warning.
@@ -1343,24 +1397,38 @@ def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, re
     """``kernels(*args)``, or ``reference(*args)`` where the kernels do not take the call: inputs they leave to
     the reference (``_use_reference``), a rank above ``MAX_RANK``, or a launch this device refused for lack of
     resources even with one pipeline stage (remembered per op, device, r and dtype, with one warning). A
-    refused launch first reruns the op with fewer stages (2, then 1; remembered in ``_STAGE_CAP``): the ops
-    are pure, so a rerun after a partial one gives the same result. ``tensors[0]`` names the device."""
+    refused launch first reruns the op with fewer stages (one fewer than the refused launch had, down to 1;
+    remembered in ``_STAGE_CAP``): the ops are pure, so a rerun after a partial one gives the same result. A
+    launch Triton cannot compile runs the reference for that call shape (``_COMPILE_FAILED``, one warning).
+    ``tensors[0]`` names the device."""
     lead = tensors[0]
     if _use_reference(*tensors) or _rank_too_large(r) or _too_big_here(op, lead, r):
+        return reference(*args)
+    if _COMPILE_FAILED and _call_shape(op, tensors, r) in _COMPILE_FAILED:
         return reference(*args)
     key = (op, lead.device.index, r, lead.dtype)
     cap = _STAGE_CAP.get(key)
     while True:
-        _LAUNCH.stage_cap = cap
+        _LAUNCH.stage_cap, _LAUNCH.refused_stages = cap, None
         try:
             return kernels(*args)
         except OutOfResources as e:
-            if cap == 1:
+            refused = _LAUNCH.refused_stages or cap or 3  # unknown (not through _run): one below the cap
+            if refused <= 1:
                 _out_of_resources(op, lead, r, e)
                 return reference(*args)
-            cap = _STAGE_CAP[key] = 2 if cap is None else cap - 1
+            cap = _STAGE_CAP[key] = refused - 1
+        except Exception as e:
+            if not _compile_failure(e):
+                raise
+            _COMPILE_FAILED.add(_call_shape(op, tensors, r))
+            warnings.warn(f"{COMPILE_FALLBACK_MESSAGE} the {op} kernels for r={r}, {lead.dtype}, shapes "
+                          f"{[tuple(t.shape) for t in tensors if t is not None]} ({type(e).__name__}: "
+                          f"{str(e)[:200]}); calls of this shape run the PyTorch reference instead (correct, "
+                          "slower). Please report it with your Triton version", RuntimeWarning, stacklevel=3)
+            return reference(*args)
         finally:
-            _LAUNCH.stage_cap = None
+            _LAUNCH.stage_cap = _LAUNCH.refused_stages = None
 
 
 def ffa_linear_fwd(
