@@ -741,7 +741,7 @@ _NARROW_WIDE_R = 32
 # 4096 / 11008 against the 32-row tiles' 133 / 333 us (cuBLAS on A's three bf16 terms: 73 / 165 us), at the
 # same error (3.1e-7 / 5.3e-7). They need 208 KiB of shared memory (AOT sm90), which only sm90+ has
 _CUDA_NARROW_WIDE_SM90 = dict(BLOCK_M=128, num_warps=8)
-# The pass over G without V (the merged and cuBLAS dX paths) at 16 < r <= 64, from the same sweep: 64 x 128
+# The pass over G without V (the merged and cuBLAS dX paths) at 16 < r <= 64, bf16, from the same sweep: 64 x 128
 # tiles with 8 warps, 3 stages, 115 / 292 us at out = 4096 / 11008 against 150 / 413 us for r = 16's 64 x 64
 # tile with 4 warps (2.0e-7 / 3.1e-7 error). With V the 128-wide tile above stayed the best (254 / 615 us)
 _CUDA_OUTER_WIDE_NO_V = dict(BLOCK_A=128, num_warps=8)
@@ -769,9 +769,10 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
     interpreter).
 
     ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B), and for the pass over G ``RANK`` (r) and
-    ``V_RANK`` (r where it computes V, else 0); ``dtype`` the model's (float32 takes smaller CUDA tiles). CUDA sizes: swept on an
-    H100 for bf16 at r = 16 and r = 64 (bench/gpu_layer.py), AOT-checked for spills and shared memory elsewhere. An op
-    whose launch ran out of shared memory on this device runs with fewer pipeline stages (``_STAGE_CAP``).
+    ``V_RANK`` (r where it computes V, else 0); ``dtype`` the model's (float32 takes smaller CUDA tiles).
+    CUDA sizes: swept on an H100 for bf16 at r = 16 and r = 64 (bench/gpu_layer.py; the r = 64 tiles are
+    bf16's only), AOT-checked for spills and shared memory elsewhere. An op whose launch ran out of shared
+    memory on this device runs with fewer pipeline stages (``_STAGE_CAP``).
     """
     cap = getattr(_LAUNCH, "stage_cap", None)
     if device.type == "cuda":
@@ -779,11 +780,11 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
         if dtype == torch.float32:
             cfg.update(_CUDA_FP32_BLOCKS.get(kind, {}))
         if kind == "narrow" and dims.get("N", 0) > _NARROW_WIDE_R:
-            sm90 = dtype != torch.float32 and _capability(device)[0] >= 9
+            sm90 = dtype == torch.bfloat16 and _capability(device)[0] >= 9  # as measured: bf16 on an H100
             cfg.update(_CUDA_NARROW_WIDE_SM90 if sm90 else dict(BLOCK_M=32))
         if kind == "outer" and dims.get("V_RANK", 0) > _V_WIDE_R and dtype != torch.float32:
             cfg.update(_CUDA_V_WIDE)
-        elif kind == "outer" and _V_WIDE_R < dims.get("RANK", 0) <= _WIDE_MAX_R and dtype != torch.float32:
+        elif kind == "outer" and _V_WIDE_R < dims.get("RANK", 0) <= _WIDE_MAX_R and dtype == torch.bfloat16:
             cfg.update(_CUDA_OUTER_WIDE_NO_V)
         if cap is not None:
             cfg["num_stages"] = min(cfg.get("num_stages", 3), cap)  # Triton's default is 3

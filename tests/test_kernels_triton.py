@@ -527,9 +527,9 @@ def test_auto_times_its_candidates_under_the_stage_cap(device, monkeypatch):
 @pytest.mark.parametrize("sm", [(9, 0), (8, 6)], ids=["sm90", "sm86"])
 def test_cuda_blocks_by_dtype_and_rank(sm, monkeypatch):
     """float32 models take the smaller CUDA tiles of _CUDA_FP32_BLOCKS (the exact dots spilled on the bf16
-    tiles); above r = 32 U takes 128-row tiles with 8 warps on sm90+ (208 KiB of shared memory; the H100's
-    fastest at r = 64) and 32 rows elsewhere and in float32 (the 64-row tile needs 160 KiB at r = 64); the pass
-    over G without V takes 64 x 128 tiles with 8 warps at 16 < r <= 64; a stage cap lowers num_stages, never
+    tiles); above r = 32 U takes 128-row tiles with 8 warps on sm90+ in bf16 (208 KiB of shared memory; the
+    H100's fastest at r = 64) and 32 rows elsewhere (the 64-row tile needs 160 KiB at r = 64); the pass over G
+    without V takes 64 x 128 tiles with 8 warps at 16 < r <= 64 in bf16; a stage cap lowers num_stages, never
     raises it. Checked ahead of time by the sm90 compile test."""
     monkeypatch.setattr(K, "_capability", lambda device: sm)
     cuda = torch.device("cuda")
@@ -550,7 +550,11 @@ def test_cuda_blocks_by_dtype_and_rank(sm, monkeypatch):
     for r, expected in ((16, outer), (17, dict(outer, BLOCK_A=128, num_warps=8)),
                         (64, dict(outer, BLOCK_A=128, num_warps=8)), (128, outer)):
         assert K._blocks("outer", cuda, torch.bfloat16, RANK=r, V_RANK=0) == expected, r
-    assert K._blocks("outer", cuda, torch.float32, RANK=64, V_RANK=0)["BLOCK_A"] == K._CUDA_FP32_BLOCKS["outer"]["BLOCK_A"]
+    fp32_outer = K._blocks("outer", cuda, torch.float32, RANK=64, V_RANK=0)
+    assert fp32_outer["BLOCK_A"] == K._CUDA_FP32_BLOCKS["outer"]["BLOCK_A"]
+    # the r = 64 tiles were measured in bf16 only: float16 keeps the others
+    assert K._blocks("outer", cuda, torch.float16, RANK=64, V_RANK=0) == outer
+    assert K._blocks("narrow", cuda, torch.float16, N=64)["BLOCK_M"] == 32
     try:
         K._LAUNCH.stage_cap = 2
         assert K._blocks("outer", cuda, torch.bfloat16)["num_stages"] == 2
