@@ -575,29 +575,33 @@ def _merge_kernel(
     stride_wo, stride_wi, stride_bo, stride_bj, stride_aj, stride_ai, stride_oo, stride_oi,
     OUT, IN, RANK, scale,
     LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, LOOP_I: tl.constexpr,
 ):  # fmt: skip
     """out = W + scale * B @ A (out, in): the base weight with the adapter merged in, rounded once to W's
     dtype (``FEDLORA_FAST_GEMM=merged``). The low-rank product is float32 (``LR_PREC`` as the GEMM
-    epilogue's: the sum is rounded to W's dtype right away)."""
+    epilogue's: the sum is rounded to W's dtype right away). A program covers ``LOOP_I`` tiles along ``in``
+    (B's tile loaded once, A's and W's pipelined over the loop); 1: one tile, no loop."""
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
     ro = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    ri = pid_i.to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     rj = tl.arange(0, BLOCK_R)
     mask_o = ro < OUT
-    mask_i = ri < IN
     mask_j = rj < RANK
     b = tl.load(b_ptr + ro[:, None] * stride_bo + rj[None, :] * stride_bj,
                 mask=mask_o[:, None] & mask_j[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
-                mask=mask_j[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    mask = mask_o[:, None] & mask_i[None, :]
-    w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
-    acc = tl.dot(b * scale, a, w.to(tl.float32), input_precision=LR_PREC)
-    if FIX_BF16_ROUNDING:
-        acc = _round_bf16_rne(acc)
-    tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    b = b * scale
+    for step in range(LOOP_I):
+        ri = (pid_i.to(tl.int64) * LOOP_I + step) * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask_i = ri < IN
+        a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
+                    mask=mask_j[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        mask = mask_o[:, None] & mask_i[None, :]
+        w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
+        acc = tl.dot(b, a, w.to(tl.float32), input_precision=LR_PREC)
+        if FIX_BF16_ROUNDING:
+            acc = _round_bf16_rne(acc)
+        tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)  # fmt: skip
 
 
 @triton.jit
@@ -1293,7 +1297,8 @@ def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor
     r = A.shape[0]
     wm = _alloc((out, inp), weight.dtype, weight.device)
     cfg = _blocks("merge", weight.device, O=out, I=inp)
-    grid = (_cdiv(out, cfg["BLOCK_O"]), _cdiv(inp, cfg["BLOCK_I"]))
+    cfg.setdefault("LOOP_I", 1)
+    grid = (_cdiv(out, cfg["BLOCK_O"]), _cdiv(inp, cfg["BLOCK_I"] * cfg["LOOP_I"]))
     with _device_guard(weight.device):
         _run(
             _merge_kernel, grid, weight, B, A, wm, *weight.stride(), *B.stride(), *A.stride(), *wm.stride(),

@@ -374,11 +374,22 @@ def test_rounding_gemm_paths_low_precision_poisoned(poisoned, device, dtype, imp
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("out,inp,r", [(45, 70, 17), (24, 20, 1), (300, 33, 64), (32, 64, 16)], ids=str)
-def test_merged_weight_poisoned(poisoned, device, dtype, out, inp, r):
-    """``_merged_weight`` = W + s B A against float64, rounded once to W's dtype; W read through its strides."""
+@pytest.mark.parametrize("out,inp,r", [(45, 70, 17), (24, 20, 1), (300, 33, 64), (32, 64, 16), (24, 200, 5)],
+                         ids=str)  # 200: several programs along in, each looping (loop3)
+@pytest.mark.parametrize("loop_i", [None, 3], ids=["shipped", "loop3"])
+def test_merged_weight_poisoned(poisoned, device, dtype, out, inp, r, loop_i, monkeypatch):
+    """``_merged_weight`` = W + s B A against float64, rounded once to W's dtype; W read through its strides.
+    ``loop3``: each program loops over three tiles along ``in`` (``LOOP_I``, a swept option), tails included;
+    under the interpreter bit for bit the one-tile result."""
     t = make(1, 1, inp, out, r, device, dtype=dtype, seed=4)
     s = 0.7
+    if loop_i is not None:
+        one_tile = K._merged_weight(t["weight"], t["A"], t["B"], s)
+        seen = override_blocks(monkeypatch, "merge", {"LOOP_I": loop_i},
+                               lambda fn, kw: kw["LOOP_I"] if fn is K._merge_kernel else None)
+        if device == "cpu":
+            assert torch.equal(K._merged_weight(t["weight"], t["A"], t["B"], s), one_tile)
+        assert seen and set(seen) == {loop_i}, seen
     for w in (t["weight"], t["weight"].t().contiguous().t()):  # row-major and column-major W
         got = K._merged_weight(w, t["A"], t["B"], s)
         exp = f64(w) + s * f64(t["B"]) @ f64(t["A"])
@@ -1337,11 +1348,19 @@ def _aot_cases():
                   dict(HAS_NORM=True, BLOCK_R=16, **blocks(fb), **unit("stride_qj", "stride_pj")), fb))  # fmt: skip
     clip_flags = dict(ACC_FP64=False, **dict(blocks(cb), BLOCK_B=16), **unit("stride_pb", "stride_ob"))
     cases.append(("clip_reduce", K._clip_reduce_kernel, dict(p_ptr=f32, c_ptr=f32, out_ptr=f32), clip_flags, cb))
-    mb = K._blocks("merge", cuda)
+    mb = dict(K._blocks("merge", cuda))
+    mb.setdefault("LOOP_I", 1)  # as _merged_weight launches it
+    merge_ptrs = dict(w_ptr=bf, b_ptr=f32, a_ptr=f32, out_ptr=bf)
+    merge_units = unit("stride_wi", "stride_bj", "stride_ai", "stride_oi")
     for r_block in (16, 64):
-        cases.append((f"merge r{r_block}", K._merge_kernel, dict(w_ptr=bf, b_ptr=f32, a_ptr=f32, out_ptr=bf),
-                      dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, **blocks(mb),
-                           **unit("stride_wi", "stride_bj", "stride_ai", "stride_oi")), mb))  # fmt: skip
+        cases.append((f"merge r{r_block}", K._merge_kernel, merge_ptrs,
+                      dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, **blocks(mb), **merge_units), mb))
+        # the looping variant the merge sweep times (LOOP_I tiles along in per program, pipelined)
+        for bo, bi, warps in ((64, 128, 4), (128, 128, 8)):
+            cfg = dict(BLOCK_O=bo, BLOCK_I=bi, LOOP_I=4, num_warps=warps, num_stages=3)
+            cases.append((f"sweep merge r{r_block} {bo}x{bi} LOOP_I=4 w{warps} s3", K._merge_kernel, merge_ptrs,
+                          dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, **blocks(cfg),
+                               **merge_units), cfg))  # fmt: skip
     # U where its tile narrows to 32 rows (64 rows need 160 KiB of shared memory at r = 64 and spill on sm86)
     u_ptrs = dict(gemm_ptrs, w_ptr=f32, out_ptr=f32)
     for r_block in (64,):  # above 64, U is the autotuned GEMM's
