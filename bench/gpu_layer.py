@@ -496,6 +496,82 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
     return rows
 
 
+MERGE_SWEEP = [  # (BLOCK_O, BLOCK_I, num_warps, num_stages[, LOOP_I]) of W' = W + s B A (FEDLORA_FAST_GEMM=merged);
+    # the first is shipped. On an H100 (2026-11-26) the shipped tile took 326-373 us per call at r = 64 and out x
+    # in = 4096 x 11008 / 11008 x 4096 bf16 (136-138 us at r = 16) against ~60 us for W's own bytes at 3 TB/s.
+    # Without LOOP_I (1) a program does one tile and no loop: num_stages (None: Triton's default) pipelines
+    # nothing. Each program reads its B rows (BLOCK_O x r) and A columns (r x BLOCK_I LOOP_I), float32: over
+    # the grid 4 r out in (1/BLOCK_O + 1/(BLOCK_I LOOP_I)) bytes (mostly L2 hits), against W's 2 out in
+    # itemsize. LOOP_I > 1: B's tile loaded once, A's and W's tiles pipelined over the loop (AOT sm90 r = 64:
+    # 120 KiB of shared memory at 64 x 128, 160 KiB at 128 x 128 w8, no spills)
+    (64, 128, 4, None), (128, 128, 4, None), (128, 128, 8, None), (64, 256, 4, None),
+    (128, 256, 8, None), (256, 128, 8, None), (32, 256, 4, None), (128, 64, 4, None),
+    (64, 128, 4, 3, 4), (64, 128, 4, 3, 16), (128, 128, 8, 3, 4),
+]  # fmt: skip
+# a merged weight must stay within half an ulp of W's dtype of the exact float64 sum, beyond the low-rank
+# product's own (TF32) error: tests/test_kernels_triton.py::test_merged_weight_poisoned's bound, here as a
+# ratio (ulp_err_W = max over W' of (|got - exact| - low-rank error) / half an ulp of |exact|; <= 1 holds it)
+MERGE_ULP_BOUND = 1.0
+
+
+def merge_config(bo: int, bi: int, warps: int, stages, loop_i: int = 1) -> dict:
+    """A ``MERGE_SWEEP`` entry as the kernels' ``_CUDA_BLOCKS["merge"]`` dict (num_stages only where set,
+    LOOP_I only above 1)."""
+    cfg = dict(BLOCK_O=bo, BLOCK_I=bi, num_warps=warps)
+    if stages is not None:
+        cfg["num_stages"] = stages
+    if loop_i > 1:
+        cfg["LOOP_I"] = loop_i
+    return cfg
+
+
+def merge_error_scales(w, A, B, s: float):
+    """The float64 merged weight of (W, A, B, s), half an ulp of W's dtype at each of its elements, and the
+    low-rank product's own error bound (one TF32 dot for bf16/fp16 as the kernel's ``LR_PREC``; fp32: ieee)."""
+    exact = w.double() + s * (B.double() @ A.double())
+    fi = torch.finfo(w.dtype)
+    half = fi.eps / 2  # bf16 2^-8, fp16 2^-11, fp32 2^-24
+    half_ulp = (exact.abs() * half).clamp_min(fi.smallest_normal * half)  # subnormals: half their spacing
+    dot = (2**-9 + 2**-19) if w.dtype != torch.float32 else A.shape[0] * 2.0**-23
+    lowrank_err = dot * abs(s) * (B.double().abs() @ A.double().abs())
+    return exact, half_ulp, lowrank_err
+
+
+def sweep_merge(out, inp, r, dtype, device, reps: int) -> list[dict]:
+    """Time the merge kernel alone (``_merged_weight``: W' = W + s B A, rounded once to W's dtype) for each
+    config of ``MERGE_SWEEP`` at W (out, in), with its error vs float64 in half-ulps of W's dtype
+    (``ulp_err_W``: a config must hold ``MERGE_ULP_BOUND`` to be shipped) and GB/s of W's traffic (read W,
+    write W')."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    w = (torch.randn(out, inp, device=device) * inp**-0.5).to(dtype)
+    A = torch.randn(r, inp, device=device, dtype=torch.float32) * inp**-0.5
+    B = torch.randn(out, r, device=device, dtype=torch.float32) * 0.05
+    s = 2.0
+    exact, half_ulp, lowrank_err = merge_error_scales(w, A, B, s)
+    w_bytes = 2 * w.numel() * w.element_size()
+    fn = lambda: K._merged_weight(w, A, B, s)  # noqa: E731
+    rows = []
+    for bo, bi, warps, stages, *loop in MERGE_SWEEP:
+        cfg = merge_config(bo, bi, warps, stages, *loop)
+        try:
+            with blocks_override("merge", cfg):
+                got = fn()
+                if got.dtype != dtype or got.shape != (out, inp):
+                    raise RuntimeError(f"merged weight {got.dtype} {tuple(got.shape)}")
+                diff = (got.double() - exact).abs()
+                ulp_err = float(((diff - lowrank_err) / half_ulp).max())
+                rel_err = float(diff.max() / exact.abs().max())
+                del got, diff
+                ms = bench_ms(fn, device, reps)
+            ab_bytes = 4 * r * out * inp * (1 / bo + 1 / (bi * cfg.get("LOOP_I", 1)))  # A and B, as read
+            rows.append({"config": cfg, "ms": ms, "w_gbps": w_bytes / (ms * 1e-3) / 1e9,
+                         "ab_bytes_per_w_byte": ab_bytes / w_bytes, "ulp_err_W": ulp_err, "rel_err_W": rel_err})
+        except Exception as e:  # noqa: BLE001  (a config that fails to compile: report, keep sweeping)
+            rows.append({"config": cfg, "error": repr(e)[:200]})
+    return rows
+
+
 def u_cublas_baselines(x, A, u64, device, reps: int) -> list[dict]:
     """What cuBLAS makes of the U pass, for the notes (never shipped by ``choose_blocks``): A split into
     ``terms`` bfloat16 terms (1: A rounded once, as peft's bf16 LoRA; 3: float32-accurate, as our kernel),
@@ -533,13 +609,15 @@ def u_cublas_baselines(x, A, u64, device, reps: int) -> list[dict]:
 # ones (PACK / PACK_W: each term's sum promoted per K block) mostly 1.1e-6..3.7e-6 for P and the norms and
 # 1.3e-5 for U, as did cuBLAS on the three terms. 4e-6, the CUDA accuracy test's guard, let PACK through by 7 %.
 ACCURACY_BOUND = 1e-6
-SWEEP_ERRORS = {"sweep_outer": ("rel_err_P", "rel_err_nu"), "sweep_u": ("rel_err_U",)}
-SWEEP_KIND = {"sweep_outer": "outer", "sweep_u": "narrow"}  # the _CUDA_BLOCKS entry each sweep tunes
+SWEEP_ERRORS = {"sweep_outer": ("rel_err_P", "rel_err_nu"), "sweep_u": ("rel_err_U",), "sweep_merge": ("ulp_err_W",)}
+SWEEP_KIND = {"sweep_outer": "outer", "sweep_u": "narrow", "sweep_merge": "merge"}  # the _CUDA_BLOCKS entry each tunes
+ERROR_BOUNDS = {"ulp_err_W": MERGE_ULP_BOUND}  # errors in other units than choose_blocks' relative ``bound``
 
 
 def choose_blocks(rows: list[dict], bound: float = ACCURACY_BOUND) -> dict[str, dict]:
     """From a sweep results file's rows: per kernel kind, the config with the least total time over every
-    swept shape among those that ran at every shape and held ``bound`` there (None where none did)."""
+    swept shape among those that ran at every shape and held ``bound`` there (None where none did); the merged
+    weight's error is in half-ulps, held to ``ERROR_BOUNDS``. A kind is judged over the rows that swept it."""
     chosen = {}
     for sweep, errs in SWEEP_ERRORS.items():
         totals: dict[str, list] = {}
@@ -548,7 +626,7 @@ def choose_blocks(rows: list[dict], bound: float = ACCURACY_BOUND) -> dict[str, 
                 if entry.get("baseline"):  # a reference point for the notes, not a config of ours
                     continue
                 key = json.dumps(entry["config"], sort_keys=True)
-                ok = "error" not in entry and all(entry[e] <= bound for e in errs)
+                ok = "error" not in entry and all(entry[e] <= ERROR_BOUNDS.get(e, bound) for e in errs)
                 t = totals.setdefault(key, [entry["config"], 0.0, 0, True])
                 t[1] += entry.get("ms", 0.0) + entry.get("ms_nov", 0.0)  # the pass with V and without
                 t[2] += 1
@@ -580,6 +658,11 @@ def print_sweeps(row: dict) -> None:
         print(f"## outer n={row['n']} T={row['T']} out={row['out']} {sw['config']}: "
               + (f"{sw['ms'] * 1e3:.0f}us with V, {sw['ms_nov'] * 1e3:.0f}us without ({sw['g_gbps']:.0f} / "
                  f"{sw['g_gbps_nov']:.0f} GB/s of G; rel. error P {sw['rel_err_P']:.1e}, norms {sw['rel_err_nu']:.1e})"
+                 if "ms" in sw else sw["error"]), flush=True)
+    for sw in row.get("sweep_merge", []):
+        print(f"## merge n={row['n']} out={row['out']} in={row['in']} {sw['config']}: "
+              + (f"{sw['ms'] * 1e3:.0f}us ({sw['w_gbps']:.1f} GB/s of W; err {sw['ulp_err_W']:.2f} half-ulp, "
+                 f"rel. {sw['rel_err_W']:.1e}; A+B reads {sw['ab_bytes_per_w_byte']:.2f}x W's bytes)"
                  if "ms" in sw else sw["error"]), flush=True)
 
 
@@ -683,13 +766,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="results file (default bench/results/gpu_layer_<device>_<date>.json)")
     ap.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of every variant (profiler)")
     ap.add_argument("--sweep-outer", action="store_true",
-                    help="CUDA: time the one-pass backward's and the U pass's block configs (with their errors)")
+                    help="CUDA: time the one-pass backward's, the U pass's and the merged weight's block configs "
+                         "(with their errors)")
     ap.add_argument("--sweep-only", action="store_true",
-                    help="only the --sweep-outer sweeps (one-pass and U configs, each with its float64 error), no "
-                         "variants: the short GPU step that decides the kernel configs")
+                    help="only the --sweep-outer sweeps (one-pass, U and merge configs, each with its float64 "
+                         "error), no variants: the short GPU step that decides the kernel configs")
     ap.add_argument("--blocks-from", default=None, metavar="SWEEP_JSON",
-                    help="use, for this run, the fastest one-pass and U configs of a --sweep-only results file "
-                         f"that held {ACCURACY_BOUND:g} relative error at every swept shape")
+                    help="use, for this run, the fastest one-pass, U and merge configs of a --sweep-only results file "
+                         f"that held {ACCURACY_BOUND:g} relative error (merge: half an ulp of W's dtype) at every "
+                         "swept shape")
     ap.add_argument("--host", action="store_true",
                     help="CUDA: CPU time to issue each variant's step, and a cProfile of ours at the first shape")
     args = ap.parse_args(argv)
@@ -751,18 +836,22 @@ def main(argv=None) -> int:
         })  # fmt: skip
 
     rows = []
+    merged_shapes: set = set()  # the (in, out) whose merge sweep ran
     for (n, T) in tokens:
         for (inp, out) in shapes:
             N = n * T
             if args.sweep_only:
                 row = {"device": info["device"], "n": n, "T": T, "tokens": N, "in": inp, "out": out, "r": args.r,
                        "dtype": args.dtype, "sweep_u": sweep_u(n, T, inp, args.r, dtype, device, reps)}
+                if (inp, out) not in merged_shapes:  # W' depends on the shape, not the tokens: once per shape
+                    merged_shapes.add((inp, out))
+                    row["sweep_merge"] = sweep_merge(out, inp, args.r, dtype, device, reps)
                 # written after every one-pass config: a sweep cut short by its time budget keeps what it timed
                 row["sweep_outer"] = sweep_outer(n, T, out, args.r, dtype, device, reps,
                                                  progress=lambda done: write(rows + [dict(row, sweep_outer=done)]))
                 # every config of ours ran (cuBLAS's U baselines are reference points: their failure is no fault)
                 row["correct"] = all("error" not in sw for sw in row["sweep_u"] + row["sweep_outer"]
-                                     if not sw.get("baseline"))
+                                     + row.get("sweep_merge", []) if not sw.get("baseline"))
                 rows.append(row)
                 write(rows)
                 print_sweeps(row)
@@ -815,6 +904,10 @@ def main(argv=None) -> int:
             variants.clear()
             sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
             sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
+            sweep_m = None
+            if args.sweep_outer and device.type == "cuda" and (inp, out) not in merged_shapes:
+                merged_shapes.add((inp, out))
+                sweep_m = sweep_merge(out, inp, args.r, dtype, device, reps)
             pinned = [k for k in times if pinned_gemm(k) is not None]
             best = min(pinned, key=lambda k: times[k]["full_ms"]) if pinned else None
             # the headline is what a user gets by default (FEDLORA_FAST_GEMM=auto); else the best pinned GEMM
@@ -839,6 +932,8 @@ def main(argv=None) -> int:
                 row["sweep_outer"] = sweep
             if sweep_x is not None:
                 row["sweep_u"] = sweep_x
+            if sweep_m is not None:
+                row["sweep_merge"] = sweep_m
             if ours and "floor" in times:  # replaced by the interleaved median below where rounds ran
                 row["ratio_to_floor"] = times[ours]["full_ms"] / times["floor"]["full_ms"]
                 row["ratio_to_floor_fwd"] = times[ours]["fwd_ms"] / times["floor"]["fwd_ms"]

@@ -344,6 +344,7 @@ def test_gpu_layer_sweep_correct_ignores_a_failing_cublas_baseline(tmp_path, mon
     monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")  # main() sets it: undone after the test
     monkeypatch.setattr(gpu_layer, "OUTER_SWEEP", [(32, 32, 4, 2, 1, False)])
     monkeypatch.setattr(gpu_layer, "U_SWEEP", [(32, 32, 4, 3, False, False)])
+    monkeypatch.setattr(gpu_layer, "MERGE_SWEEP", [(64, 128, 4, None)])
     monkeypatch.setattr(gpu_layer, "u_cublas_baselines", lambda *a, **k: [
         {"config": {"cublas_terms": 3}, "baseline": True, "error": "TypeError: out_dtype"}])
     out = tmp_path / "sweep.json"
@@ -351,6 +352,13 @@ def test_gpu_layer_sweep_correct_ignores_a_failing_cublas_baseline(tmp_path, mon
     row = json.loads(out.read_text())["rows"][0]
     assert row["correct"] is True and row["sweep_u"][-1]["baseline"], row["sweep_u"]
     monkeypatch.setattr(gpu_layer, "sweep_u", lambda *a, **k: [{"config": {"BLOCK_M": 32}, "error": "compile"}])
+    assert gpu_layer.main(["--smoke", "--sweep-only", "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["rows"][0]["correct"] is False
+    monkeypatch.undo()  # a merge config of ours that fails to compile is a fault too
+    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
+    monkeypatch.setattr(gpu_layer, "OUTER_SWEEP", [(32, 32, 4, 2, 1, False)])
+    monkeypatch.setattr(gpu_layer, "U_SWEEP", [(32, 32, 4, 3, False, False)])
+    monkeypatch.setattr(gpu_layer, "sweep_merge", lambda *a, **k: [{"config": {"BLOCK_O": 64}, "error": "compile"}])
     assert gpu_layer.main(["--smoke", "--sweep-only", "--json", str(out)]) == 1
     assert json.loads(out.read_text())["rows"][0]["correct"] is False
 
@@ -385,6 +393,36 @@ def test_gpu_layer_u_sweep_smoke(monkeypatch):
         assert r["ms"] > 0 and r["rel_err_U"] < 1e-5, r
 
 
+def test_gpu_layer_merge_sweep_smoke(monkeypatch):
+    """The merge kernel's (W' = W + s B A) config sweep through the interpreter at a shape with tails in both
+    dims: every config runs, timed, within half an ulp of float64 (beyond the low-rank product's error); a
+    merged weight that is wrong (here: the adapter dropped) is recorded over the bound and never chosen."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    monkeypatch.setattr(gpu_layer, "MERGE_SWEEP", [(64, 128, 4, None), (32, 64, 4, 2), (16, 32, 4, None)])
+    for dtype in (torch.bfloat16, torch.float16):
+        rows = gpu_layer.sweep_merge(70, 45, 5, dtype, torch.device("cpu"), reps=1)
+        assert [r["config"] for r in rows] == [dict(BLOCK_O=64, BLOCK_I=128, num_warps=4),
+                                               dict(BLOCK_O=32, BLOCK_I=64, num_warps=4, num_stages=2),
+                                               dict(BLOCK_O=16, BLOCK_I=32, num_warps=4)]
+        for r in rows:
+            assert "error" not in r, r
+            assert r["ms"] > 0 and r["w_gbps"] > 0 and r["ab_bytes_per_w_byte"] > 0, r
+            assert math.isfinite(r["ulp_err_W"]) and r["ulp_err_W"] <= gpu_layer.MERGE_ULP_BOUND, r
+            assert 0 < r["rel_err_W"] < 1e-2, r
+    assert gpu_layer.choose_blocks([{"sweep_merge": rows}])["merge"] is not None
+    # the sweep really launches the config it names: a tile the kernel cannot take fails as that config's error
+    monkeypatch.setattr(gpu_layer, "MERGE_SWEEP", [(64, 128, 4, None), (48, 32, 4, None)])  # 48: no power of 2
+    rows = gpu_layer.sweep_merge(70, 45, 5, torch.bfloat16, torch.device("cpu"), reps=1)
+    assert "error" not in rows[0] and "error" in rows[1], rows
+    monkeypatch.setattr(K, "_merged_weight", lambda w, A, B, s: w.clone())  # the adapter lost: far off
+    rows = gpu_layer.sweep_merge(70, 45, 5, torch.bfloat16, torch.device("cpu"), reps=1)
+    assert all(r["ulp_err_W"] > 10 * gpu_layer.MERGE_ULP_BOUND for r in rows), rows
+    assert gpu_layer.choose_blocks([{"sweep_merge": rows}])["merge"] is None
+
+
 def test_gpu_layer_sweep_only_smoke(tmp_path):
     """--sweep-only: the sweeps alone (the short GPU step that decides kernel configs), with a results file."""
     import gpu_layer
@@ -394,7 +432,13 @@ def test_gpu_layer_sweep_only_smoke(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 21, row
     assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) == 10, row
+    assert len(row["sweep_merge"]) == len(gpu_layer.MERGE_SWEEP) == 11, row
+    for sw in row["sweep_merge"]:
+        assert "error" not in sw, sw
+        assert sw["ms"] > 0 and 0 <= sw["ulp_err_W"] <= gpu_layer.MERGE_ULP_BOUND and sw["rel_err_W"] > 0, sw
+    assert [sw["config"] for sw in row["sweep_merge"]] == [gpu_layer.merge_config(*c) for c in gpu_layer.MERGE_SWEEP]
     assert "## outer" in proc.stdout and "## U" in proc.stdout
+    assert proc.stdout.count("## merge n=2 out=80 in=72 ") == 11, proc.stdout
 
 
 def test_choose_blocks_takes_the_fastest_config_that_holds_the_bound_everywhere():
@@ -412,11 +456,11 @@ def test_choose_blocks_takes_the_fastest_config_that_holds_the_bound_everywhere(
          "sweep_u": [entry("default", 1.0, 1e-7), entry("fast_here", 5.0, 1e-7)]},
     ]
     # "inexact" missed the bound at one shape, "broken" failed at one: neither may be shipped
-    assert gpu_layer.choose_blocks(rows) == {"outer": {"name": "fast"}, "narrow": {"name": "default"}}
+    assert gpu_layer.choose_blocks(rows) == {"outer": {"name": "fast"}, "narrow": {"name": "default"}, "merge": None}
     rows[0]["sweep_outer"] = [entry("only_here", 0.1, 1e-7)]  # a config swept at one shape only: not chosen
     rows[1]["sweep_outer"] = [entry("elsewhere", 0.2, 1e-6)]
     assert gpu_layer.choose_blocks(rows)["outer"] is None
-    assert gpu_layer.choose_blocks([]) == {"outer": None, "narrow": None}
+    assert gpu_layer.choose_blocks([]) == {"outer": None, "narrow": None, "merge": None}
     # the pass is timed with V and without (merged's): a config fast with V but slow without loses
     rows = [{"sweep_outer": [entry("with_v", 1.0, 1e-7, ms_nov=5.0), entry("both", 2.0, 1e-7, ms_nov=2.0)]}]
     assert gpu_layer.choose_blocks(rows)["outer"] == {"name": "both"}
@@ -427,11 +471,19 @@ def test_choose_blocks_takes_the_fastest_config_that_holds_the_bound_everywhere(
     # the packed configs' error on an H100 (3.7e-6, under the test guard's 4e-6): fast, not shipped
     rows = [{"sweep_outer": [entry("default", 1.0, 2.7e-7), entry("packed", 0.9, 3.7e-6)]}]
     assert gpu_layer.choose_blocks(rows)["outer"] == {"name": "default"}
+    # the merged weight's error is in half-ulps of W's dtype (bound 1), not relative: 0.9 passes, 1.5 does not;
+    # it is judged over the rows that swept it (once per shape, not per token count)
+    def merge(name, ms, ulp):
+        return {"config": {"name": name}, "ms": ms, "ulp_err_W": ulp, "rel_err_W": 1e-3}
+
+    rows = [{"sweep_merge": [merge("shipped", 0.3, 0.8), merge("wide", 0.1, 0.9), merge("sloppy", 0.05, 1.5)]},
+            {"sweep_u": [entry("default", 1.0, 1e-7)]}]
+    assert gpu_layer.choose_blocks(rows) == {"outer": None, "narrow": {"name": "default"}, "merge": {"name": "wide"}}
 
 
 def test_the_first_swept_config_is_the_shipped_one():
-    """OUTER_SWEEP's and U_SWEEP's first entries are the kernels' CUDA blocks (a sweep cut short still times
-    what ships, and a ratio to 'the first' means the shipped config)."""
+    """OUTER_SWEEP's, U_SWEEP's and MERGE_SWEEP's first entries are the kernels' CUDA blocks (a sweep cut short
+    still times what ships, and a ratio to 'the first' means the shipped config)."""
     import gpu_layer
 
     from fedlora_fast.kernels import ffa_linear as K
@@ -442,6 +494,9 @@ def test_the_first_swept_config_is_the_shipped_one():
     bm, bk, warps, stages, pack_w, presplit_w = gpu_layer.U_SWEEP[0]
     assert K._CUDA_BLOCKS["narrow"] == dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages,
                                             PACK_W=pack_w, PRESPLIT_W=presplit_w)
+    shipped = K._blocks("merge", torch.device("cuda"), torch.bfloat16, O=4096, I=11008)  # no CUDA needed
+    assert gpu_layer.merge_config(*gpu_layer.MERGE_SWEEP[0]) == shipped == K._CUDA_BLOCKS["merge"]
+    assert len(set(gpu_layer.MERGE_SWEEP)) == len(gpu_layer.MERGE_SWEEP) >= 4  # distinct candidates to time
 
 
 def test_gpu_layer_blocks_from_a_sweep_file(tmp_path):
@@ -451,7 +506,8 @@ def test_gpu_layer_blocks_from_a_sweep_file(tmp_path):
     _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--blocks-from", str(sweep), "--json", str(out),
           "--variants", "floor,ffa_flat[auto]"])
     applied = json.loads(out.read_text())["blocks_applied"]
-    assert set(applied) == {"outer", "narrow"} and "PACK" in applied["outer"] and "PACK_W" in applied["narrow"]
+    assert set(applied) == {"outer", "narrow", "merge"} and "PACK" in applied["outer"] and "PACK_W" in applied["narrow"]
+    assert set(applied["merge"]) >= {"BLOCK_O", "BLOCK_I", "num_warps"}, applied["merge"]
 
 
 def test_launch_overhead_smoke(tmp_path):
