@@ -740,10 +740,10 @@ _V_WIDE_R = 16
 # the 64-row one needs 160 KiB of shared memory on sm90 (163 KiB on sm80) and spills 1392 B on sm86 (AOT,
 # 2026-11-26), 32 rows 80 KiB and none. Above r = 64 U is no "narrow" launch: the autotuned GEMM takes it
 _NARROW_WIDE_R = 32
-# ... except on sm90+, where the H100 sweep at r = 64 (2026-11-26, 16k tokens, bench/results/
+# ... except on sm90 and sm100, where the H100 sweep at r = 64 (2026-11-26, 16k tokens, bench/results/
 # gpu_session_NVIDIA_H100_80GB_HBM3_20261126_eve) timed 128-row tiles with 8 warps at 77 / 191 us for in =
 # 4096 / 11008 against the 32-row tiles' 133 / 333 us (cuBLAS on A's three bf16 terms: 73 / 165 us), at the
-# same error (3.1e-7 / 5.3e-7). They need 208 KiB of shared memory (AOT sm90), which only sm90+ has
+# same error (3.1e-7 / 5.3e-7). They need 208 KiB of shared memory (AOT sm90): sm90 and sm100 only
 _CUDA_NARROW_WIDE_SM90 = dict(BLOCK_M=128, num_warps=8)
 # The pass over G without V (the merged and cuBLAS dX paths) at 16 < r <= 64, bf16, from the same sweep: 64 x 128
 # tiles with 8 warps, 3 stages, 115 / 292 us at out = 4096 / 11008 against 150 / 413 us for r = 16's 64 x 64
@@ -784,7 +784,8 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
         if dtype == torch.float32:
             cfg.update(_CUDA_FP32_BLOCKS.get(kind, {}))
         if kind == "narrow" and dims.get("N", 0) > _NARROW_WIDE_R:
-            sm90 = dtype == torch.bfloat16 and _capability(device)[0] >= 9  # as measured: bf16 on an H100
+            # as measured: bf16 on an H100; sm90/sm100 have 227 KiB per block, sm12x (consumer Blackwell) 99
+            sm90 = dtype == torch.bfloat16 and _capability(device)[0] in (9, 10)
             cfg.update(_CUDA_NARROW_WIDE_SM90 if sm90 else dict(BLOCK_M=32))
         if kind == "outer" and dims.get("V_RANK", 0) > _V_WIDE_R and dtype != torch.float32:
             cfg.update(_CUDA_V_WIDE)
@@ -1121,6 +1122,8 @@ def _choose_gemm(
         except OutOfResources:  # the op reruns with fewer stages (_kernels_or_reference) and times again there
             raise
         except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
+            if _compile_failure(e):  # a kernel Triton cannot compile: the op's fallback, with its warning
+                raise
             warnings.warn(f"fedlora_fast: {GEMM_ENV_VAR}=auto could not time the {c} GEMM ({e!r}); skipping it",
                           RuntimeWarning, stacklevel=3)  # fmt: skip
     choice = _AUTO_CHOICE[key] = min(times, key=times.get) if times else "triton"
@@ -1361,11 +1364,13 @@ def _rank_too_large(r: int) -> bool:
 
 # a launch Triton could not compile (its frontend, an MLIR pass or ptxas): a compiler bug for that argument
 # specialisation, e.g. Triton 3.6-3.9's "Illegal shared layout" for U with the opt-in PACK_W operand in 64-row
-# tiles where in_features is not a multiple of 16 (reproduced ahead of time, 2026-11-26). That call shape runs
-# the reference from then on, with one warning, rather than stop training; the test suite makes the warning an
-# error (pyproject.toml), so a kernel that does not compile still fails there.
+# tiles where in_features is not a multiple of 16 (reproduced ahead of time, 2026-11-26). Calls that Triton
+# specialises the same way run the reference from then on, with one warning per op, r and dtype, rather than
+# stop training; the test suite makes the warning an error (pyproject.toml), so a kernel that does not compile
+# still fails there.
 COMPILE_FALLBACK_MESSAGE = "fedlora_fast: Triton could not compile"
-_COMPILE_FAILED: set[tuple] = set()
+_COMPILE_FAILED: set[tuple] = set()  # _call_shape keys
+_COMPILE_WARNED: set[tuple] = set()  # (op, device index, r, dtype) warned about
 
 
 def _compile_failure(err: BaseException) -> bool:
@@ -1376,10 +1381,12 @@ def _compile_failure(err: BaseException) -> bool:
 
 
 def _call_shape(op: str, tensors: tuple, r: int) -> tuple:
-    """What a compile failure depends on: the op, r, and each tensor's device, dtype, shape, strides and
-    16-byte alignment (how Triton specialises a launch)."""
-    return (op, r, *((t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % 16 == 0)
-                     for t in tensors if t is not None))
+    """What a compile failure depends on: the op, r, and each tensor's device, dtype, 16-byte alignment, and
+    which sizes and strides are 1 or divisible by 16 (how Triton specialises a launch: a new batch size
+    with the same specialisation does not try to compile again)."""
+    spec = lambda v: (v == 1, v % 16 == 0)  # noqa: E731
+    return (op, r, *((t.device, t.dtype, t.data_ptr() % 16 == 0, tuple(map(spec, t.shape)),
+                      tuple(map(spec, t.stride()))) for t in tensors if t is not None))
 
 
 # (op, device index, r, dtype) whose kernels a launch refused for lack of resources (shared memory): a GPU with
@@ -1419,7 +1426,8 @@ def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, re
         try:
             return kernels(*args)
         except OutOfResources as e:
-            refused = _LAUNCH.refused_stages or cap or 3  # unknown (not through _run): one below the cap
+            # one below the refused launch's stages, never above the cap (an autotuned launch ignores it)
+            refused = min(_LAUNCH.refused_stages or 3, cap or 3)
             if refused <= 1:
                 _out_of_resources(op, lead, r, e)
                 return reference(*args)
@@ -1427,11 +1435,13 @@ def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, re
         except Exception as e:
             if not _compile_failure(e):
                 raise
+            if key not in _COMPILE_WARNED:  # once per op, r and dtype (a test makes it an error: nothing recorded)
+                warnings.warn(f"{COMPILE_FALLBACK_MESSAGE} the {op} kernels for r={r}, {lead.dtype}, shapes "
+                              f"{[tuple(t.shape) for t in tensors if t is not None]} ({type(e).__name__}: "
+                              f"{str(e)[:200]}); calls of such shapes run the PyTorch reference instead (correct, "
+                              "slower). Please report it with your Triton version", RuntimeWarning, stacklevel=3)
+                _COMPILE_WARNED.add(key)
             _COMPILE_FAILED.add(_call_shape(op, tensors, r))
-            warnings.warn(f"{COMPILE_FALLBACK_MESSAGE} the {op} kernels for r={r}, {lead.dtype}, shapes "
-                          f"{[tuple(t.shape) for t in tensors if t is not None]} ({type(e).__name__}: "
-                          f"{str(e)[:200]}); calls of this shape run the PyTorch reference instead (correct, "
-                          "slower). Please report it with your Triton version", RuntimeWarning, stacklevel=3)
             return reference(*args)
         finally:
             _LAUNCH.stage_cap = _LAUNCH.refused_stages = None

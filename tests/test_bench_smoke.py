@@ -423,6 +423,56 @@ def test_gpu_layer_merge_sweep_smoke(monkeypatch):
     assert gpu_layer.choose_blocks([{"sweep_merge": rows}])["merge"] is None
 
 
+def test_gpu_layer_sweeps_fail_a_config_that_leaves_outputs_unwritten(monkeypatch):
+    """A config that writes only part of its output must fail its accuracy check even where the allocator
+    hands back the previous config's buffer, still holding correct values (CUDA's caching allocator does):
+    the accuracy call's outputs start as NaN."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    real = K._merged_weight
+
+    def half_written(w, A, B, s):  # W' in a buffer from the kernels' allocator, only its first half written
+        exact = real(w, A, B, s)
+        buf = K._alloc(exact.shape, exact.dtype, exact.device)
+        if not buf.isnan().any():
+            buf.copy_(exact)  # what a reused buffer would hold after a correct config of the same shape
+        half = exact.shape[1] // 2
+        buf[:, :half] = exact[:, :half]
+        return buf
+
+    monkeypatch.setattr(K, "_merged_weight", half_written)
+    monkeypatch.setattr(gpu_layer, "MERGE_SWEEP", [(64, 128, 4, None)])
+    rows = gpu_layer.sweep_merge(70, 45, 5, torch.bfloat16, torch.device("cpu"), reps=1)
+    assert not rows[0]["ulp_err_W"] <= gpu_layer.MERGE_ULP_BOUND, rows  # NaN: never within the bound
+    assert gpu_layer.choose_blocks([{"sweep_merge": rows}])["merge"] is None
+
+
+def test_gpu_layer_a_config_too_big_for_the_gpu_does_not_fit_and_is_no_fault(monkeypatch):
+    """A sweep config this GPU lacks the shared memory for (Triton's OutOfResources) is recorded as not
+    fitting: never chosen, and not an error of the run (a sweep on a smaller GPU must not exit 1 for it)."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    real = K._merged_weight
+
+    def small_gpu(w, A, B, s):
+        if K._blocks("merge", w.device).get("LOOP_I", 1) > 1:
+            raise K.OutOfResources(131072, 101376, "shared memory")
+        return real(w, A, B, s)
+
+    monkeypatch.setattr(K, "_merged_weight", small_gpu)
+    monkeypatch.setattr(gpu_layer, "MERGE_SWEEP", [(64, 128, 4, None), (64, 128, 4, 3, 4)])
+    rows = gpu_layer.sweep_merge(70, 45, 5, torch.bfloat16, torch.device("cpu"), reps=1)
+    assert "error" not in rows[0] and rows[1].get("does_not_fit") and "OutOfResources" in rows[1]["error"], rows
+    assert gpu_layer.choose_blocks([{"sweep_merge": rows}])["merge"] == rows[0]["config"]
+    assert gpu_layer.sweep_row_correct({"sweep_merge": rows})
+    broken = gpu_layer.sweep_error(RuntimeError("PassManager::run failed"))  # a compile failure is a fault
+    assert "does_not_fit" not in broken and not gpu_layer.sweep_row_correct({"sweep_merge": rows + [broken]})
+
+
 def test_gpu_layer_sweep_only_smoke(tmp_path):
     """--sweep-only: the sweeps alone (the short GPU step that decides kernel configs), with a results file."""
     import gpu_layer

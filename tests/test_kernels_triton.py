@@ -385,11 +385,17 @@ def test_merged_weight_poisoned(poisoned, device, dtype, out, inp, r, loop_i, mo
     s = 0.7
     if loop_i is not None:
         one_tile = K._merged_weight(t["weight"], t["A"], t["B"], s)
-        seen = override_blocks(monkeypatch, "merge", {"LOOP_I": loop_i},
-                               lambda fn, kw: kw["LOOP_I"] if fn is K._merge_kernel else None)
+        seen = override_blocks(monkeypatch, "merge", {"LOOP_I": loop_i}, lambda fn, kw: (
+            (kw["LOOP_I"], kw["BLOCK_O"], kw["BLOCK_I"]) if fn is K._merge_kernel else None))
+        grids, run = [], K._run
+        monkeypatch.setattr(K, "_run", lambda fn, grid, *a, **kw: (grids.append(grid), run(fn, grid, *a, **kw))[1])
         if device == "cpu":
             assert torch.equal(K._merged_weight(t["weight"], t["A"], t["B"], s), one_tile)
-        assert seen and set(seen) == {loop_i}, seen
+        else:
+            K._merged_weight(t["weight"], t["A"], t["B"], s)
+        assert seen and {sw[0] for sw in seen} == {loop_i}, seen
+        _, bo, bi = seen[0]  # one program per BLOCK_O rows and per LOOP_I tiles of BLOCK_I along in
+        assert grids == [(-(-out // bo), -(-inp // (bi * loop_i)))], grids
     for w in (t["weight"], t["weight"].t().contiguous().t()):  # row-major and column-major W
         got = K._merged_weight(w, t["A"], t["B"], s)
         exp = f64(w) + s * f64(t["B"]) @ f64(t["A"])
@@ -511,6 +517,37 @@ def test_a_launch_out_of_shared_memory_reruns_with_fewer_stages(device, fewer, s
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_stage_cap_only_goes_down_when_a_refused_launch_ignores_it(device, monkeypatch):
+    """A launch that does not take the cap (an autotuned config: the autotuner's stages) and keeps being
+    refused must not make the cap go up again or loop: 2, then 1, then the reference with its warning."""
+    monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
+    monkeypatch.setattr(K, "_STAGE_CAP", {})
+    real_blocks = K._blocks
+    monkeypatch.setattr(K, "_blocks", lambda kind, *a, **kw: dict(real_blocks(kind, *a, **kw), num_stages=4)
+                        if kind == "outer" else real_blocks(kind, *a, **kw))
+    launch, tried = K._launch, []
+
+    def refusing(fn, grid, args, kw):
+        if getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")) == "_outer_kernel":
+            tried.append(kw["num_stages"])
+            if len(tried) > 10:  # a loop: fail the test rather than hang it
+                raise AssertionError(f"the op keeps rerunning: {tried}")
+            raise K.OutOfResources(116736, 101376, "shared memory")
+        return launch(fn, grid, args, kw)
+
+    monkeypatch.setattr(K, "_launch", refusing)
+    t = make(2, 3, 9, 7, 3, device)
+    u = ref_fwd(dict(t, xa=t["x"]), 0.5)[1].float()
+    with pytest.warns(RuntimeWarning, match="do not fit"):
+        got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 0.5, True, False, ref.MODE_CLIP, 0.1, 0)
+    assert tried == [4, 4, 4], tried  # as configured (cap none), under cap 2, under cap 1: then the reference
+    assert K._STAGE_CAP == {("backward", t["g"].device.index, 3, t["g"].dtype): 1}
+    for name, a, e in zip(["dx", "dxa", "gB", "nuB"], got, ref_bwd(t, f64(u), False, 0.5, True, False,
+                                                                  ref.MODE_CLIP, 0.1, 0)):
+        close(a, e, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_auto_times_its_candidates_under_the_stage_cap(device, monkeypatch):
     """An out-of-shared-memory launch while "auto" times the GEMM candidates is not a candidate that "cannot
     run here": the op reruns with fewer stages and times every candidate under that cap (no warnings, no
@@ -535,7 +572,7 @@ def test_auto_times_its_candidates_under_the_stage_cap(device, monkeypatch):
     assert K._STAGE_CAP == {("backward", t["g"].device.index, 3, t["g"].dtype): fits_at}
 
 
-@pytest.mark.parametrize("sm", [(9, 0), (8, 6)], ids=["sm90", "sm86"])
+@pytest.mark.parametrize("sm", [(9, 0), (10, 0), (8, 6), (12, 0)], ids=["sm90", "sm100", "sm86", "sm120"])
 def test_cuda_blocks_by_dtype_and_rank(sm, monkeypatch):
     """float32 models take the smaller CUDA tiles of _CUDA_FP32_BLOCKS (the exact dots spilled on the bf16
     tiles); above r = 32 U takes 128-row tiles with 8 warps on sm90+ in bf16 (208 KiB of shared memory; the
@@ -550,7 +587,8 @@ def test_cuda_blocks_by_dtype_and_rank(sm, monkeypatch):
     assert K._blocks("narrow", cuda, torch.bfloat16, N=16)["BLOCK_M"] == 64
     assert K._blocks("narrow", cuda, torch.bfloat16, N=32)["BLOCK_M"] == 64
     wide_u = K._blocks("narrow", cuda, torch.bfloat16, N=64)
-    assert (wide_u["BLOCK_M"], wide_u["num_warps"]) == ((128, 8) if sm >= (9, 0) else (32, 4)), wide_u
+    # 208 KiB of shared memory: sm90 and sm100 (227 KiB per block), not sm86 or sm12x (99 KiB)
+    assert (wide_u["BLOCK_M"], wide_u["num_warps"]) == ((128, 8) if sm[0] in (9, 10) else (32, 4)), wide_u
     assert K._blocks("narrow", cuda, torch.float32, N=64)["BLOCK_M"] == 32
     assert K._blocks("gemm", cuda, torch.float32)["BLOCK_M"] == 64 and K._blocks("gemm", cuda)["BLOCK_M"] == 128
     # the pass over G with V above r = 16: 128 wide (V's partials shrink with the tile's width)
@@ -609,23 +647,33 @@ def test_a_launch_out_of_shared_memory_runs_the_reference(device, monkeypatch):
                                                                           ref.MODE_CLIP, 0.1, 0)):
                 close(a, e, name)
             assert bool(refused) == (_ == 0), f"call {_}: refused launches {refused} (the refusal is remembered)"
+            if _ == 0:  # per op (forward, backward): as configured, then one stage fewer each time, down to 1
+                runs = [[refused[0]]]
+                for a, b in zip(refused, refused[1:]):
+                    if b < a:
+                        runs[-1].append(b)
+                    else:
+                        runs.append([b])
+                assert len(runs) == 2, refused
+                assert all(run_ == list(range(run_[0], 0, -1)) for run_ in runs), refused
     msgs = [str(x.message) for x in w if "do not fit" in str(x.message)]
     assert len(msgs) == 2 and "forward" in msgs[0] and "backward" in msgs[1], msgs  # once per op
     assert "r=3" in msgs[0] and "shared memory" in msgs[0], msgs[0]
 
 
-def _compiler_bug_at_odd_k(monkeypatch, err: Exception) -> list:
+def _compiler_bug_at_odd_k(monkeypatch, err: Exception, only=lambda kw: True) -> list:
     """Triton failing to compile the GEMM kernel wherever its K is not a multiple of 16 (as Triton 3.6-3.9 did
-    for U with PACK_W in 64-row tiles, 2026-11-26): those launches raise ``err``. Returns the K of every
-    GEMM launch attempted."""
+    for U with PACK_W in 64-row tiles, 2026-11-26), for the launches ``only(kw)`` picks: those raise ``err``.
+    Returns the K of every GEMM launch attempted."""
     monkeypatch.setattr(K, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(K, "_COMPILE_WARNED", set())
     launch, attempted = K._launch, []
 
     def buggy(fn, grid, args, kw):
         if getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")) == "_gemm_lowrank_kernel":
             k = args[list(fn.arg_names).index("K")]
             attempted.append(k)
-            if k % 16:
+            if k % 16 and only(kw):
                 raise err
         return launch(fn, grid, args, kw)
 
@@ -657,8 +705,40 @@ def test_a_launch_triton_cannot_compile_runs_the_reference_for_that_call_shape(d
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y, u = K.ffa_linear_fwd(even["x"], even["x"], even["weight"], even["bias"], even["A"], even["B"], s)
-    assert attempted and all(k == 16 for k in attempted), attempted  # another shape: the kernels
+    assert attempted and all(k == 16 for k in attempted), attempted  # another specialisation: the kernels
     close(y, ref_fwd(dict(even, xa=even["x"]), s)[0], "y")
+    # another batch size that Triton specialises the same way (DP's Poisson batches change n every step):
+    # no new compile attempt, no new warning
+    other_n = make(3, 3, 9, 7, 3, device, seed=1)
+    attempted.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, u = K.ffa_linear_fwd(other_n["x"], other_n["x"], other_n["weight"], other_n["bias"], other_n["A"],
+                                other_n["B"], s)
+    assert attempted == [], attempted
+    close(y, ref_fwd(dict(other_n, xa=other_n["x"]), s)[0], "y")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compile_failure_while_auto_times_the_gemms_falls_back_with_its_warning(device, monkeypatch):
+    """Under "auto" a candidate whose kernel Triton cannot compile is not "a GEMM that cannot be timed": the
+    op takes the compile fallback (its warning, the call shape recorded) and no choice is cached."""
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)  # auto
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+    monkeypatch.setattr(K, "_time_ms", lambda fn, device, reps=3: (fn(), 1.0)[1])
+    # only the "triton" candidate's fused GEMM (x W^T with the low-rank term) does not compile; U does
+    _compiler_bug_at_odd_k(monkeypatch, RuntimeError("PassManager::run failed"),
+                           only=lambda kw: kw["HAS_MAIN"] and kw["HAS_LOWRANK"])
+    t = make(2, 3, 9, 7, 3, device)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y, _ = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
+    msgs = [str(x.message) for x in w]
+    assert any(K.COMPILE_FALLBACK_MESSAGE in m for m in msgs), msgs
+    assert not any("could not time" in m for m in msgs), msgs
+    assert K._COMPILE_FAILED and not K._AUTO_CHOICE, (K._COMPILE_FAILED, K._AUTO_CHOICE)
+    close(y, ref_fwd(dict(t, xa=t["x"]), 0.5)[0], "y")
 
 
 @pytest.mark.parametrize("device", DEVICES)
