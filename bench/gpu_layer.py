@@ -507,10 +507,8 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
     x = torch.randn(n, T, inp, device=device, dtype=dtype)
     A = torch.randn(r, inp, device=device, dtype=torch.float32) / inp**0.5
     u64 = x.double() @ A.double().T
-    def fn(fill: float | None = None):  # fill: the accuracy call's NaN start (an unwritten element must fail)
-        u = torch.empty(n, T, r, device=device, dtype=torch.float32)
-        if fill is not None:
-            u.fill_(fill)
+    def fn():  # U in the kernels' allocator: NaN for the accuracy call (nan_outputs)
+        u = K._alloc((n, T, r), torch.float32, device)
         K._launch_gemm(x, (A, A.stride(1), A.stride(0)), None, None, u, 1.0, main_fp32=True, prec_dtype=dtype)
         return u
 
@@ -520,8 +518,8 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
                    PRESPLIT_W=presplit)
         try:
             with blocks_override("narrow", cfg):
-                with nan_outputs():  # U's own buffer, and PRESPLIT_W's split terms
-                    err = float((fn(float("nan")).double() - u64).abs().max() / u64.abs().max())
+                with nan_outputs():  # U's buffer, and PRESPLIT_W's split terms
+                    err = float((fn().double() - u64).abs().max() / u64.abs().max())
                 ms = bench_ms(fn, device, reps)
             rows.append({"config": cfg, "ms": ms, "x_gbps": x.numel() * x.element_size() / (ms * 1e-3) / 1e9,
                          "rel_err_U": err})
@@ -544,7 +542,7 @@ MERGE_SWEEP = [  # (BLOCK_O, BLOCK_I, num_warps, num_stages[, LOOP_I]) of W' = W
     (64, 128, 4, 3, 4), (64, 128, 4, 3, 16), (128, 128, 8, 3, 4),
 ]  # fmt: skip
 # a merged weight must stay within half an ulp of W's dtype of the exact float64 sum, beyond the low-rank
-# product's own (TF32) error: tests/test_kernels_triton.py::test_merged_weight_poisoned's bound, here as a
+# product's own (TF32) error (fedlora_fast.testing.merged_weight_bounds, as test_merged_weight_poisoned), as a
 # ratio (ulp_err_W = max over W' of (|got - exact| - low-rank error) / half an ulp of |exact|; <= 1 holds it)
 MERGE_ULP_BOUND = 1.0
 
@@ -560,30 +558,19 @@ def merge_config(bo: int, bi: int, warps: int, stages, loop_i: int = 1) -> dict:
     return cfg
 
 
-def merge_error_scales(w, A, B, s: float):
-    """The float64 merged weight of (W, A, B, s), half an ulp of W's dtype at each of its elements, and the
-    low-rank product's own error bound (one TF32 dot for bf16/fp16 as the kernel's ``LR_PREC``; fp32: ieee)."""
-    exact = w.double() + s * (B.double() @ A.double())
-    fi = torch.finfo(w.dtype)
-    half = fi.eps / 2  # bf16 2^-8, fp16 2^-11, fp32 2^-24
-    half_ulp = (exact.abs() * half).clamp_min(fi.smallest_normal * half)  # subnormals: half their spacing
-    dot = (2**-9 + 2**-19) if w.dtype != torch.float32 else A.shape[0] * 2.0**-23
-    lowrank_err = dot * abs(s) * (B.double().abs() @ A.double().abs())
-    return exact, half_ulp, lowrank_err
-
-
 def sweep_merge(out, inp, r, dtype, device, reps: int) -> list[dict]:
     """Time the merge kernel alone (``_merged_weight``: W' = W + s B A, rounded once to W's dtype) for each
     config of ``MERGE_SWEEP`` at W (out, in), with its error vs float64 in half-ulps of W's dtype
     (``ulp_err_W``: a config must hold ``MERGE_ULP_BOUND`` to be shipped) and GB/s of W's traffic (read W,
     write W')."""
     from fedlora_fast.kernels import ffa_linear as K
+    from fedlora_fast.testing import merged_weight_bounds
 
     w = (torch.randn(out, inp, device=device) * inp**-0.5).to(dtype)
     A = torch.randn(r, inp, device=device, dtype=torch.float32) * inp**-0.5
     B = torch.randn(out, r, device=device, dtype=torch.float32) * 0.05
     s = 2.0
-    exact, half_ulp, lowrank_err = merge_error_scales(w, A, B, s)
+    exact, half_ulp, lowrank_err = merged_weight_bounds(w, A, B, s)
     w_bytes = 2 * w.numel() * w.element_size()
     fn = lambda: K._merged_weight(w, A, B, s)  # noqa: E731
     rows = []

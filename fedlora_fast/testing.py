@@ -56,6 +56,19 @@ def ffa_inputs(n: int, T: int, inp: int, out: int, r: int, dtype: torch.dtype, d
     )
 
 
+def merged_weight_bounds(w: Tensor, A: Tensor, B: Tensor, s: float) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``W' = W + s B A`` rounded once to W's dtype must hold: the exact float64 sum, half an ulp of W's
+    dtype at each element (subnormals: half their spacing), and the low-rank product's own error. For
+    bf16/fp16 that is one TF32 dot, whose operands keep their top 10 mantissa bits (truncated: 2^-9 + 2^-19
+    of |s||B||A|); for float32 r roundings (r 2^-23). A W' within half an ulp beyond that error is right."""
+    exact = w.double() + s * (B.double() @ A.double())
+    fi = torch.finfo(w.dtype)
+    half = fi.eps / 2  # bf16 2^-8, fp16 2^-11, fp32 2^-24
+    half_ulp = (exact.abs() * half).clamp_min(fi.smallest_normal * half)
+    dot = (2**-9 + 2**-19) if w.dtype != torch.float32 else A.shape[0] * 2.0**-23
+    return exact, half_ulp, dot * abs(s) * (B.double().abs() @ A.double().abs())
+
+
 def f64(t: Tensor | None) -> Tensor | None:
     """``t`` in float64 (None stays None): the reference's precision."""
     return None if t is None else t.double()

@@ -21,7 +21,7 @@ import fedlora_fast.kernels.ffa_linear as K  # noqa: E402
 from fedlora_fast import reference as ref  # noqa: E402
 from fedlora_fast.ops import backends  # noqa: E402
 from fedlora_fast.testing import (  # noqa: E402
-    assert_close_verbose, f64, ffa_inputs, per_sample_grads_engine, per_sample_grads_loop,
+    assert_close_verbose, f64, ffa_inputs, merged_weight_bounds, per_sample_grads_engine, per_sample_grads_loop,
 )
 
 MODES = [ref.MODE_SUM, ref.MODE_PER_SAMPLE, ref.MODE_CLIP]
@@ -398,17 +398,15 @@ def test_merged_weight_poisoned(poisoned, device, dtype, out, inp, r, loop_i, mo
         assert grids == [(-(-out // bo), -(-inp // (bi * loop_i)))], grids
     for w in (t["weight"], t["weight"].t().contiguous().t()):  # row-major and column-major W
         got = K._merged_weight(w, t["A"], t["B"], s)
-        exp = f64(w) + s * f64(t["B"]) @ f64(t["A"])
+        exp, half_ulp, lowrank_err = merged_weight_bounds(w, t["A"], t["B"], s)
         assert got.dtype == dtype and got.shape == (out, inp)
         if dtype == torch.float32:
             close(got, exp, "W'")
-        else:  # one rounding of the exact sum: half an ulp, |W'| * 2^-8 (bf16) or 2^-11 (fp16; 2^-25 in its
-            # subnormals), plus the low-rank product's own error: one TF32 dot on a GPU, whose operands keep
-            # their top 10 mantissa bits (truncated, < 2^-10 each: 2^-9 + 2^-20 of |s||B||A|, and 2^-24 for
-            # s B in float32). A bound of 2^-10, for rounded operands, failed on an H100 (2026-11-26).
-            bf = dtype == torch.bfloat16
-            half_ulp = (exp.abs() * (2**-8 if bf else 2**-11)).clamp_min(1e-40 if bf else 2**-25)
-            lowrank_err = (2**-9 + 2**-19) * s * f64(t["B"]).abs() @ f64(t["A"]).abs()
+        else:  # one rounding of the exact sum: half an ulp, |W'| * 2^-8 (bf16) or 2^-11 (fp16; half the
+            # subnormal spacing in its subnormals), plus the low-rank product's own error: one TF32 dot on a
+            # GPU, whose operands keep their top 10 mantissa bits (truncated, < 2^-10 each: 2^-9 + 2^-20 of
+            # |s||B||A|, and 2^-24 for s B in float32). A bound of 2^-10, for rounded operands, failed on an
+            # H100 (2026-11-26).
             err = ((got.double() - exp).abs() - lowrank_err).max().item()
             excess = ((got.double() - exp).abs() - lowrank_err - half_ulp).max().item()
             assert excess <= 0, f"W': off the exact sum by more than half an ulp (+{excess:.3g}; max err {err:.3g})"
@@ -459,7 +457,7 @@ def _outer_fits_at(monkeypatch, fits_at: int) -> list:
     launch, tried = K._launch, []
 
     def small_gpu(fn, grid, args, kw):  # where Triton raises it: under _run, which notes the refused stages
-        if getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")) == "_outer_kernel":
+        if fn is K._outer_kernel:
             stages = kw.get("num_stages", 3)  # Triton's default where a config names none
             tried.append(stages)
             if stages > fits_at:
@@ -528,7 +526,7 @@ def test_the_stage_cap_only_goes_down_when_a_refused_launch_ignores_it(device, m
     launch, tried = K._launch, []
 
     def refusing(fn, grid, args, kw):
-        if getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")) == "_outer_kernel":
+        if fn is K._outer_kernel:
             tried.append(kw["num_stages"])
             if len(tried) > 10:  # a loop: fail the test rather than hang it
                 raise AssertionError(f"the op keeps rerunning: {tried}")
@@ -625,8 +623,7 @@ def test_a_launch_out_of_shared_memory_runs_the_reference(device, monkeypatch):
     launch, refused = K._launch, []
 
     def small_gpu(fn, grid, args, kw):  # the pass over G and the GEMMs with a low-rank term do not fit
-        name = getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?"))
-        if name == "_outer_kernel" or (name == "_gemm_lowrank_kernel" and kw.get("HAS_MAIN") and kw.get("HAS_LOWRANK")):
+        if fn is K._outer_kernel or (fn is K._gemm_lowrank_kernel and kw.get("HAS_MAIN") and kw.get("HAS_LOWRANK")):
             refused.append(kw.get("num_stages", 3))
             raise K.OutOfResources(116736, 101376, "shared memory")
         return launch(fn, grid, args, kw)
@@ -670,7 +667,7 @@ def _compiler_bug_at_odd_k(monkeypatch, err: Exception, only=lambda kw: True) ->
     launch, attempted = K._launch, []
 
     def buggy(fn, grid, args, kw):
-        if getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")) == "_gemm_lowrank_kernel":
+        if fn is K._gemm_lowrank_kernel:
             k = args[list(fn.arg_names).index("K")]
             attempted.append(k)
             if k % 16 and only(kw):
