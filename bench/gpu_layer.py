@@ -529,17 +529,25 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
     return rows
 
 
-MERGE_SWEEP = [  # (BLOCK_O, BLOCK_I, num_warps, num_stages[, LOOP_I]) of W' = W + s B A (FEDLORA_FAST_GEMM=merged);
-    # the first is shipped. On an H100 (2026-11-26) the shipped tile took 326-373 us per call at r = 64 and out x
-    # in = 4096 x 11008 / 11008 x 4096 bf16 (136-138 us at r = 16) against ~60 us for W's own bytes at 3 TB/s.
-    # Without LOOP_I (1) a program does one tile and no loop: num_stages (None: Triton's default) pipelines
-    # nothing. Each program reads its B rows (BLOCK_O x r) and A columns (r x BLOCK_I LOOP_I), float32: over
-    # the grid 4 r out in (1/BLOCK_O + 1/(BLOCK_I LOOP_I)) bytes (mostly L2 hits), against W's 2 out in
-    # itemsize. LOOP_I > 1: B's tile loaded once, A's and W's tiles pipelined over the loop (AOT sm90 r = 64:
-    # 120 KiB of shared memory at 64 x 128, 160 KiB at 128 x 128 w8, no spills)
-    (64, 128, 4, None), (128, 128, 4, None), (128, 128, 8, None), (64, 256, 4, None),
-    (128, 256, 8, None), (256, 128, 8, None), (32, 256, 4, None), (128, 64, 4, None),
+MERGE_SWEEP = [  # (BLOCK_O, BLOCK_I, num_warps, num_stages[, LOOP_I[, LR_PREC[, BLOCK_RK]]]) of W' = W + s B A
+    # (FEDLORA_FAST_GEMM=merged); the first is shipped. On an H100 (2026-11-26) the shipped tile took 326-373 us
+    # per call at r = 64 and out x in = 4096 x 11008 / 11008 x 4096 bf16 (136-138 us at r = 16) against ~60 us
+    # for W's own bytes at 3 TB/s. Without LOOP_I (1) a program does one tile and no loop: num_stages (None:
+    # Triton's default) pipelines nothing. Each program reads its B rows (BLOCK_O x r) and A columns (r x
+    # BLOCK_I LOOP_I), float32: over the grid 4 r out in (1/BLOCK_O + 1/(BLOCK_I LOOP_I)) bytes (mostly L2
+    # hits), against W's 2 out in itemsize. LOOP_I > 1: B's tile loaded once, A's and W's tiles pipelined over
+    # the loop (AOT sm90 r = 64: 120 KiB of shared memory at 64 x 128, 160 KiB at 128 x 128 w8, no spills).
+    # LR_PREC "ieee": the product as float32 FMAs on the CUDA cores (r per element: 0.72 / 2.9 GFMA at r = 16 /
+    # 64 and 4096 x 11008, ~24 / ~97 us of an H100's FP32 issue at 1.75 GHz) instead of a TF32 dot; BLOCK_RK:
+    # the rank in slices of that depth, pipelined (the FMA dot holds a slice's operands in registers: at r = 64
+    # in one slice it spills 6.8 KB with 4 warps, AOT sm90; 16-deep slices: 104-182 registers, no spills)
+    (64, 128, 4, None),
+    (64, 128, 4, 3, 1, "ieee", 16), (64, 128, 8, 3, 1, "ieee", 16), (128, 128, 8, 3, 1, "ieee", 16),
+    (32, 128, 4, 3, 1, "ieee", 16), (64, 256, 8, 3, 1, "ieee", 16), (64, 128, 8, 3, 4, "ieee", 16),
+    (64, 128, 4, 3, 1, None, 16), (128, 128, 8, 3, 1, None, 16),
     (64, 128, 4, 3, 4), (64, 128, 4, 3, 16), (128, 128, 8, 3, 4),
+    (128, 128, 4, None), (128, 128, 8, None), (64, 256, 4, None),
+    (128, 256, 8, None), (256, 128, 8, None), (32, 256, 4, None), (128, 64, 4, None),
 ]  # fmt: skip
 # a merged weight must stay within half an ulp of W's dtype of the exact float64 sum, beyond the low-rank
 # product's own (TF32) error (fedlora_fast.testing.merged_weight_bounds, as test_merged_weight_poisoned), as a
@@ -547,14 +555,19 @@ MERGE_SWEEP = [  # (BLOCK_O, BLOCK_I, num_warps, num_stages[, LOOP_I]) of W' = W
 MERGE_ULP_BOUND = 1.0
 
 
-def merge_config(bo: int, bi: int, warps: int, stages, loop_i: int = 1) -> dict:
+def merge_config(bo: int, bi: int, warps: int, stages, loop_i: int = 1, prec: str | None = None,
+                 block_rk: int | None = None) -> dict:
     """A ``MERGE_SWEEP`` entry as the kernels' ``_CUDA_BLOCKS["merge"]`` dict (num_stages only where set,
-    LOOP_I only above 1)."""
+    LOOP_I only above 1, LR_PREC and BLOCK_RK only where given)."""
     cfg = dict(BLOCK_O=bo, BLOCK_I=bi, num_warps=warps)
     if stages is not None:
         cfg["num_stages"] = stages
     if loop_i > 1:
         cfg["LOOP_I"] = loop_i
+    if prec is not None:
+        cfg["LR_PREC"] = prec
+    if block_rk is not None:
+        cfg["BLOCK_RK"] = block_rk
     return cfg
 
 
@@ -587,7 +600,9 @@ def sweep_merge(out, inp, r, dtype, device, reps: int) -> list[dict]:
                 rel_err = float(diff.max() / exact.abs().max())
                 del got, diff
                 ms = bench_ms(fn, device, reps)
-            ab_bytes = 4 * r * out * inp * (1 / bo + 1 / (bi * cfg.get("LOOP_I", 1)))  # A and B, as read
+            # A and B as read: B's tile once per program, or once per LOOP_I step where the rank is sliced
+            b_steps = 1 if cfg.get("BLOCK_RK", r) >= K._pow2(r) else cfg.get("LOOP_I", 1)
+            ab_bytes = 4 * r * out * inp * (1 / bo + b_steps / (bi * cfg.get("LOOP_I", 1)))
             rows.append({"config": cfg, "ms": ms, "w_gbps": w_bytes / (ms * 1e-3) / 1e9,
                          "ab_bytes_per_w_byte": ab_bytes / w_bytes, "ulp_err_W": ulp_err, "rel_err_W": rel_err})
         except Exception as e:  # noqa: BLE001  (a config that fails to compile or fit: report, keep sweeping)

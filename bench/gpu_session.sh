@@ -150,7 +150,7 @@ if begin 2 "kernel-config sweeps (bench/gpu_layer.py --sweep-only)" "$L" 20; the
     # shellcheck disable=SC2086
     run "$OUT/sweep.log" "$L" "$PY" bench/gpu_layer.py --sweep-only --json "$OUT/sweep.json" \
         ${SWEEP_ARGS:---shapes 4096x11008,11008x4096 --tokens 8x2048}
-    tail -n 100 "$OUT/sweep.log"  # two shapes: ~35 outer, 2 x 12 U and 2 x 11 merge lines
+    tail -n 110 "$OUT/sweep.log"  # two shapes: ~35 outer, 2 x 12 U and 2 x 19 merge lines
 fi
 pack
 

@@ -576,28 +576,43 @@ def _merge_kernel(
     OUT, IN, RANK, scale,
     LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, LOOP_I: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
 ):  # fmt: skip
     """out = W + scale * B @ A (out, in): the base weight with the adapter merged in, rounded once to W's
     dtype (``FEDLORA_FAST_GEMM=merged``). The low-rank product is float32 (``LR_PREC`` as the GEMM
-    epilogue's: the sum is rounded to W's dtype right away). A program covers ``LOOP_I`` tiles along ``in``
-    (B's tile loaded once, A's and W's pipelined over the loop); 1: one tile, no loop."""
+    epilogue's, or "ieee": exact float32 FMAs on the CUDA cores), accumulated onto W in float32 and rounded to
+    W's dtype once. A program covers ``LOOP_I`` tiles along ``in`` (1: one tile); each tile's product runs
+    in ``BLOCK_RK``-deep slices of the rank (``BLOCK_R``: one dot, B's tile loaded once per program; less: a
+    loop over the slices, B's and A's pipelined, each slice's operands a fraction of the registers)."""
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
     ro = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    rj = tl.arange(0, BLOCK_R)
+    rj = tl.arange(0, BLOCK_RK)
     mask_o = ro < OUT
-    mask_j = rj < RANK
-    b = tl.load(b_ptr + ro[:, None] * stride_bo + rj[None, :] * stride_bj,
-                mask=mask_o[:, None] & mask_j[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    b = b * scale
+    if BLOCK_RK == BLOCK_R:  # the whole rank in one dot: B's tile is the same for every step
+        b = tl.load(b_ptr + ro[:, None] * stride_bo + rj[None, :] * stride_bj,
+                    mask=mask_o[:, None] & (rj < RANK)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        b = b * scale
     for step in range(LOOP_I):
         ri = (pid_i.to(tl.int64) * LOOP_I + step) * BLOCK_I + tl.arange(0, BLOCK_I)
         mask_i = ri < IN
-        a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
-                    mask=mask_j[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
         mask = mask_o[:, None] & mask_i[None, :]
-        w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
-        acc = tl.dot(b, a, w.to(tl.float32), input_precision=LR_PREC)
+        if BLOCK_RK == BLOCK_R:
+            a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
+                        mask=(rj < RANK)[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
+            acc = tl.dot(b, a, w.to(tl.float32), input_precision=LR_PREC)
+        else:
+            w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
+            acc = w.to(tl.float32)
+            for k in range(0, RANK, BLOCK_RK):
+                rk = k + rj
+                mask_k = rk < RANK
+                bk = tl.load(b_ptr + ro[:, None] * stride_bo + rk[None, :] * stride_bj,
+                             mask=mask_o[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                ak = tl.load(a_ptr + rk[:, None] * stride_aj + ri[None, :] * stride_ai,
+                             mask=mask_k[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                acc = tl.dot(bk * scale, ak, acc, input_precision=LR_PREC)
         if FIX_BF16_ROUNDING:
             acc = _round_bf16_rne(acc)
         tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty),
@@ -716,7 +731,9 @@ _CUDA_BLOCKS = {
     "outer": dict(BLOCK_T=64, BLOCK_A=64, num_warps=4, num_stages=3, PROMOTE=1, PACK=False, PRESPLIT=False),
     "finish": dict(BLOCK_A=256, num_warps=4),
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
-    # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles
+    # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles, the rank
+    # in one TF32 dot (136 / 326-373 us at r = 16 / 64 and 4096 x 11008 on an H100, W's bytes ~60 us). Swept
+    # beside it, not yet timed: LOOP_I, BLOCK_RK (the rank in slices), LR_PREC "ieee" (float32 FMAs)
     "merge": dict(BLOCK_O=64, BLOCK_I=128, num_warps=4),
     # a float32 operand's bf16 split terms (PRESPLIT_W / PRESPLIT): a few KiB, one pass
     "split": dict(BLOCK_K=128, num_warps=4),
@@ -1301,13 +1318,17 @@ def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor
     wm = _alloc((out, inp), weight.dtype, weight.device)
     cfg = _blocks("merge", weight.device, O=out, I=inp)
     cfg.setdefault("LOOP_I", 1)
+    block_r = _pow2(r)
+    cfg["BLOCK_RK"] = min(cfg.get("BLOCK_RK", block_r), block_r)
+    # the product's precision: a config may ask for "ieee" (CUDA-core FMAs) where W is rounded to bf16 anyway
+    prec = cfg.pop("LR_PREC", None) or _prec(weight.dtype, rounded=True)
     grid = (_cdiv(out, cfg["BLOCK_O"]), _cdiv(inp, cfg["BLOCK_I"] * cfg["LOOP_I"]))
     with _device_guard(weight.device):
         _run(
             _merge_kernel, grid, weight, B, A, wm, *weight.stride(), *B.stride(), *A.stride(), *wm.stride(),
             out, inp, r, float(scale),
-            LR_PREC=_prec(weight.dtype, rounded=weight.dtype != torch.float32),
-            FIX_BF16_ROUNDING=_interpret() and weight.dtype == torch.bfloat16, BLOCK_R=_pow2(r), **cfg,
+            LR_PREC="ieee" if weight.dtype == torch.float32 else prec,
+            FIX_BF16_ROUNDING=_interpret() and weight.dtype == torch.bfloat16, BLOCK_R=block_r, **cfg,
         )  # fmt: skip
     return wm
 

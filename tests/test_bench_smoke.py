@@ -482,13 +482,13 @@ def test_gpu_layer_sweep_only_smoke(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 21, row
     assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) == 10, row
-    assert len(row["sweep_merge"]) == len(gpu_layer.MERGE_SWEEP) == 11, row
+    assert len(row["sweep_merge"]) == len(gpu_layer.MERGE_SWEEP) == 19, row
     for sw in row["sweep_merge"]:
         assert "error" not in sw, sw
         assert sw["ms"] > 0 and 0 <= sw["ulp_err_W"] <= gpu_layer.MERGE_ULP_BOUND and sw["rel_err_W"] > 0, sw
     assert [sw["config"] for sw in row["sweep_merge"]] == [gpu_layer.merge_config(*c) for c in gpu_layer.MERGE_SWEEP]
     assert "## outer" in proc.stdout and "## U" in proc.stdout
-    assert proc.stdout.count("## merge n=2 out=80 in=72 ") == 11, proc.stdout
+    assert proc.stdout.count("## merge n=2 out=80 in=72 ") == 19, proc.stdout
 
 
 def test_choose_blocks_takes_the_fastest_config_that_holds_the_bound_everywhere():

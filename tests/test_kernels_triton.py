@@ -376,26 +376,34 @@ def test_rounding_gemm_paths_low_precision_poisoned(poisoned, device, dtype, imp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("out,inp,r", [(45, 70, 17), (24, 20, 1), (300, 33, 64), (32, 64, 16), (24, 200, 5)],
                          ids=str)  # 200: several programs along in, each looping (loop3)
-@pytest.mark.parametrize("loop_i", [None, 3], ids=["shipped", "loop3"])
-def test_merged_weight_poisoned(poisoned, device, dtype, out, inp, r, loop_i, monkeypatch):
+@pytest.mark.parametrize("variant", [None, dict(LOOP_I=3), dict(LR_PREC="ieee", BLOCK_RK=16),
+                                     dict(BLOCK_RK=16, LOOP_I=3), dict(LR_PREC="ieee", BLOCK_RK=16, LOOP_I=3)],
+                         ids=["shipped", "loop3", "fma_rk16", "rk16_loop3", "fma_rk16_loop3"])
+def test_merged_weight_poisoned(poisoned, device, dtype, out, inp, r, variant, monkeypatch):
     """``_merged_weight`` = W + s B A against float64, rounded once to W's dtype; W read through its strides.
-    ``loop3``: each program loops over three tiles along ``in`` (``LOOP_I``, a swept option), tails included;
-    under the interpreter bit for bit the one-tile result."""
+    The swept options: ``LOOP_I`` (each program loops over three tiles along ``in``, tails included; under the
+    interpreter bit for bit the one-tile result where the rank is one slice), ``BLOCK_RK`` (the rank in
+    16-deep slices: r = 17 and 64 loop over them, r <= 16 is one) and ``LR_PREC`` "ieee" (the product as
+    float32 FMAs: the same bound)."""
     t = make(1, 1, inp, out, r, device, dtype=dtype, seed=4)
     s = 0.7
-    if loop_i is not None:
+    if variant is not None:
         one_tile = K._merged_weight(t["weight"], t["A"], t["B"], s)
-        seen = override_blocks(monkeypatch, "merge", {"LOOP_I": loop_i}, lambda fn, kw: (
-            (kw["LOOP_I"], kw["BLOCK_O"], kw["BLOCK_I"]) if fn is K._merge_kernel else None))
+        seen = override_blocks(monkeypatch, "merge", variant, lambda fn, kw: (
+            (kw["LOOP_I"], kw["BLOCK_O"], kw["BLOCK_I"], kw["BLOCK_RK"], kw["BLOCK_R"], kw["LR_PREC"])
+            if fn is K._merge_kernel else None))
         grids, run = [], K._run
         monkeypatch.setattr(K, "_run", lambda fn, grid, *a, **kw: (grids.append(grid), run(fn, grid, *a, **kw))[1])
-        if device == "cpu":
-            assert torch.equal(K._merged_weight(t["weight"], t["A"], t["B"], s), one_tile)
-        else:
-            K._merged_weight(t["weight"], t["A"], t["B"], s)
-        assert seen and {sw[0] for sw in seen} == {loop_i}, seen
-        _, bo, bi = seen[0]  # one program per BLOCK_O rows and per LOOP_I tiles of BLOCK_I along in
+        got = K._merged_weight(t["weight"], t["A"], t["B"], s)
+        loop_i, block_rk = variant.get("LOOP_I", 1), variant.get("BLOCK_RK")
+        assert len(seen) == 1 and seen[0][0] == loop_i, seen
+        _, bo, bi, rk, block_r, prec = seen[0]  # one program per BLOCK_O rows and per LOOP_I tiles of BLOCK_I
         assert grids == [(-(-out // bo), -(-inp // (bi * loop_i)))], grids
+        assert block_r == max(16, 1 << (r - 1).bit_length()), seen
+        assert rk == (min(block_rk, block_r) if block_rk else block_r), seen
+        assert prec == ("ieee" if dtype == torch.float32 else variant.get("LR_PREC", "tf32")), seen
+        if device == "cpu" and rk == block_r and "LR_PREC" not in variant:  # the same dots, in other programs
+            assert torch.equal(got, one_tile)
     for w in (t["weight"], t["weight"].t().contiguous().t()):  # row-major and column-major W
         got = K._merged_weight(w, t["A"], t["B"], s)
         exp, half_ulp, lowrank_err = merged_weight_bounds(w, t["A"], t["B"], s)
@@ -1431,13 +1439,17 @@ def _aot_cases():
     merge_units = unit("stride_wi", "stride_bj", "stride_ai", "stride_oi")
     for r_block in (16, 64):
         cases.append((f"merge r{r_block}", K._merge_kernel, merge_ptrs,
-                      dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, **blocks(mb), **merge_units), mb))
-        # the looping variant the merge sweep times (LOOP_I tiles along in per program, pipelined)
-        for bo, bi, warps in ((64, 128, 4), (128, 128, 8)):
-            cfg = dict(BLOCK_O=bo, BLOCK_I=bi, LOOP_I=4, num_warps=warps, num_stages=3)
-            cases.append((f"sweep merge r{r_block} {bo}x{bi} LOOP_I=4 w{warps} s3", K._merge_kernel, merge_ptrs,
-                          dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, **blocks(cfg),
-                               **merge_units), cfg))  # fmt: skip
+                      dict(LR_PREC="tf32", FIX_BF16_ROUNDING=False, BLOCK_R=r_block, BLOCK_RK=r_block, **blocks(mb),
+                           **merge_units), mb))  # fmt: skip
+        # the variants the merge sweep times: LOOP_I tiles along in per program (pipelined), the rank in 16-deep
+        # slices, the product as float32 FMAs ("ieee": one slice's operands in registers)
+        for bo, bi, warps, loop_i, prec, block_rk in ((64, 128, 4, 4, "tf32", r_block), (128, 128, 8, 4, "tf32", r_block),
+                                                      (64, 128, 4, 1, "tf32", 16), (64, 128, 4, 1, "ieee", 16),
+                                                      (128, 128, 8, 1, "ieee", 16), (64, 128, 8, 4, "ieee", 16)):
+            cfg = dict(BLOCK_O=bo, BLOCK_I=bi, LOOP_I=loop_i, BLOCK_RK=block_rk, num_warps=warps, num_stages=3)
+            cases.append((f"sweep merge r{r_block} {bo}x{bi} LOOP_I={loop_i} {prec} RK{block_rk} w{warps} s3",
+                          K._merge_kernel, merge_ptrs, dict(LR_PREC=prec, FIX_BF16_ROUNDING=False, BLOCK_R=r_block,
+                                                            **blocks(cfg), **merge_units), cfg))  # fmt: skip
     # U where its tile narrows to 32 rows (64 rows need 160 KiB of shared memory at r = 64 and spill on sm86)
     u_ptrs = dict(gemm_ptrs, w_ptr=f32, out_ptr=f32)
     for r_block in (64,):  # above 64, U is the autotuned GEMM's
