@@ -809,6 +809,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-only", action="store_true",
                     help="only the --sweep-outer sweeps (one-pass, U and merge configs, each with its float64 "
                          "error), no variants: the short GPU step that decides the kernel configs")
+    ap.add_argument("--sweeps", default="u,merge,outer",
+                    help="which sweeps --sweep-only / --sweep-outer run (comma-separated: u, merge, outer; "
+                         "--blocks-from keeps the defaults of the kernels not swept)")
     ap.add_argument("--blocks-from", default=None, metavar="SWEEP_JSON",
                     help="use, for this run, the fastest one-pass, U and merge configs of a --sweep-only results file "
                          f"that held {ACCURACY_BOUND:g} relative error (merge: half an ulp of W's dtype) at every "
@@ -833,6 +836,9 @@ def main(argv=None) -> int:
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 3
     which = [v.strip() for v in args.variants.split(",") if v.strip()]
+    sweeps = {v.strip() for v in args.sweeps.split(",") if v.strip()}
+    if not sweeps or sweeps - {"u", "merge", "outer"}:
+        ap.error(f"--sweeps: expected a comma-separated subset of u, merge, outer; got {args.sweeps!r}")
 
     blocks_applied = {}
     if args.blocks_from:
@@ -880,13 +886,16 @@ def main(argv=None) -> int:
             N = n * T
             if args.sweep_only:
                 row = {"device": info["device"], "n": n, "T": T, "tokens": N, "in": inp, "out": out, "r": args.r,
-                       "dtype": args.dtype, "sweep_u": sweep_u(n, T, inp, args.r, dtype, device, reps)}
-                if (inp, out) not in merged_shapes:  # W' depends on the shape, not the tokens: once per shape
+                       "dtype": args.dtype}
+                if "u" in sweeps:
+                    row["sweep_u"] = sweep_u(n, T, inp, args.r, dtype, device, reps)
+                if "merge" in sweeps and (inp, out) not in merged_shapes:  # W' depends on the shape, not the tokens
                     merged_shapes.add((inp, out))
                     row["sweep_merge"] = sweep_merge(out, inp, args.r, dtype, device, reps)
-                # written after every one-pass config: a sweep cut short by its time budget keeps what it timed
-                row["sweep_outer"] = sweep_outer(n, T, out, args.r, dtype, device, reps,
-                                                 progress=lambda done: write(rows + [dict(row, sweep_outer=done)]))
+                    write(rows + [row])
+                if "outer" in sweeps:  # written after every config: a sweep cut short keeps what it timed
+                    row["sweep_outer"] = sweep_outer(n, T, out, args.r, dtype, device, reps,
+                                                     progress=lambda done: write(rows + [dict(row, sweep_outer=done)]))
                 # every config of ours ran (cuBLAS's U baselines are reference points: their failure is no fault)
                 row["correct"] = sweep_row_correct(row)
                 rows.append(row)
@@ -939,10 +948,11 @@ def main(argv=None) -> int:
                     except Exception as err:  # noqa: BLE001  (the profile is a diagnostic: never lose the timings)
                         profiles[name] = [{"kernel": f"profile failed: {err!r}"[:200], "us_per_step": 0.0, "calls_per_step": 0}]
             variants.clear()
-            sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
-            sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if args.sweep_outer and device.type == "cuda" else None
+            swept = sweeps if args.sweep_outer and device.type == "cuda" else set()
+            sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if "outer" in swept else None
+            sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if "u" in swept else None
             sweep_m = None
-            if args.sweep_outer and device.type == "cuda" and (inp, out) not in merged_shapes:
+            if "merge" in swept and (inp, out) not in merged_shapes:
                 merged_shapes.add((inp, out))
                 sweep_m = sweep_merge(out, inp, args.r, dtype, device, reps)
             pinned = [k for k in times if pinned_gemm(k) is not None]

@@ -560,6 +560,24 @@ def test_gpu_layer_blocks_from_a_sweep_file(tmp_path):
     assert set(applied["merge"]) >= {"BLOCK_O", "BLOCK_I", "num_warps"}, applied["merge"]
 
 
+def test_gpu_layer_sweeps_selects_the_sweeps(tmp_path):
+    """--sweeps merge: only the merged-weight sweep runs (the short GPU step when only it is in question), and
+    --blocks-from that file changes the merge config alone; an unknown sweep name is refused by name."""
+    sweep, out = tmp_path / "sweep.json", tmp_path / "layer.json"
+    proc = _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only", "--sweeps", "merge",
+                 "--json", str(sweep)])
+    rows = json.loads(sweep.read_text())["rows"]
+    assert rows and all("sweep_u" not in row and "sweep_outer" not in row for row in rows), rows
+    assert sum(1 for row in rows if "sweep_merge" in row) == len({(row["in"], row["out"]) for row in rows})
+    assert "## U" not in proc.stdout and "## outer" not in proc.stdout and "## merge" in proc.stdout
+    _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--blocks-from", str(sweep), "--json", str(out),
+          "--variants", "floor,ffa_flat[auto]"])
+    assert set(json.loads(out.read_text())["blocks_applied"]) == {"merge"}
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only",
+                          "--sweeps", "merge,tma"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--sweeps" in bad.stderr and "'merge,tma'" in bad.stderr, bad.stderr
+
+
 def test_launch_overhead_smoke(tmp_path):
     """bench/launch.py (host cost per launch, by path) on CPU: every row is measured or names its failure;
     under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason."""
