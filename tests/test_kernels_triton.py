@@ -1214,6 +1214,49 @@ def test_non_contiguous_inputs(poisoned, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "g_by_token", "u_by_token", "u_sliced"])
+def test_outer_rows_of_samples_without_division(poisoned, device, mode, layout, monkeypatch):
+    """The pass over G indexes rows by sample without a division per row (``SAMPLE_SEG``) wherever a segment
+    is one sample: the per-sample modes, and the sum when G's and U's rows are evenly spaced over samples
+    (one sample of n T rows). A G or U stored token-major (rows of a sample apart) takes the divided path;
+    every layout gives the reference's results, LoRA mode (the second pass, over x with V) included."""
+    n, T, inp, out, r = 3, 5, 40, 36, 6
+    c = make(n, T, inp, out, r, device)
+    s = 0.7
+
+    def by_token(t):  # same values, (T, n, ·) storage seen as (n, T, ·): rows of one sample T apart
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    u64 = ref_fwd(c, s)[1]
+    g, u = c["g"], u64.float()
+    if layout == "g_by_token":
+        g = by_token(g)
+    elif layout == "u_by_token":
+        u = by_token(u)
+    elif layout == "u_sliced":  # evenly spaced, not contiguous: rows r + 3 apart
+        wide = torch.zeros(n, T, r + 3, device=device)
+        wide[..., 1 : r + 1] = u
+        u = wide[..., 1 : r + 1]
+    seen = []
+    run = K._run
+
+    def recording_run(fn, grid, *args, **kw):
+        if fn is K._outer_kernel:
+            seen.append(kw["SAMPLE_SEG"])
+        return run(fn, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_run", recording_run)
+    got = K.ffa_linear_bwd(g, u, c["weight"], c["A"], c["B"], c["xa"], s, True, True, mode, 1.0, 1.0)
+    exp = ref_bwd(c, u64, True, s, True, True, mode, 1.0, 1.0)
+    for name, a, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got, exp):
+        close(a, e, f"{name} ({layout})")
+    divided = mode == ref.MODE_SUM and layout in ("g_by_token", "u_by_token")
+    # the pass over G, then the one over x (contiguous) with V (contiguous): rows of samples evenly spaced
+    assert seen == [not divided, True], seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,transposed", [((6, 45, 7), False), ((4, 3, 130), True), ((1, 1, 1), False)], ids=str)
 def test_clip_reduce_poisoned(poisoned, device, shape, transposed):
     """Wide and narrow trailing dims, a transposed P, a dropped sample holding NaN."""
@@ -1389,16 +1432,20 @@ def _aot_cases():
          dict(flags, HAS_C=True, HAS_BIAS=False, HAS_MAIN=False, MAIN_FP32=False, MAIN_PREC="tf32",
               LR_PREC="tf32", **dict(blocks(gb), BLOCK_K=16), **unit("stride_lj", "stride_rn", "stride_of")), gb),
     ]  # fmt: skip
-    for r_block in (16, 64):
-        for has_v, v_prec in ((True, "tf32"), (True, "tf32x3"), (False, "tf32")):
-            obr = K._blocks("outer", cuda, torch.bfloat16, RANK=r_block, V_RANK=r_block if has_v else 0)  # r = 64: wide
-            cases.append((
-                f"outer r{r_block} V={has_v} {v_prec}", K._outer_kernel,
-                dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
-                dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, **blocks(obr),
-                     SPLIT_BF16=True, V_TERMS=2 if v_prec == "tf32" else 3, UPCAST=False,
-                     **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), obr,
-            ))  # fmt: skip
+    # segments are samples (SAMPLE_SEG: per-sample modes, evenly spaced rows) or rows of several samples (the
+    # sum over a strided L: a division per row)
+    for r_block, has_v, v_prec, sample_seg in ((16, True, "tf32", True), (16, True, "tf32x3", True),
+                                               (16, False, "tf32", True), (64, True, "tf32", True),
+                                               (64, True, "tf32x3", True), (64, False, "tf32", True),
+                                               (16, True, "tf32", False)):
+        obr = K._blocks("outer", cuda, torch.bfloat16, RANK=r_block, V_RANK=r_block if has_v else 0)  # r = 64: wide
+        cases.append((
+            f"outer r{r_block} V={has_v} {v_prec}{'' if sample_seg else ' rows divided'}", K._outer_kernel,
+            dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
+            dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC=v_prec, BLOCK_R=r_block, **blocks(obr),
+                 SPLIT_BF16=True, V_TERMS=2 if v_prec == "tf32" else 3, UPCAST=False, SAMPLE_SEG=sample_seg,
+                 **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), obr,
+        ))  # fmt: skip
     # gpu_layer.py's OUTER_SWEEP options: they must compile; spills are the sweep's to weigh (PROMOTE=2 with
     # PACK spills 16 B under triton 3.6), so only the shipped configs above must not spill
     for promote, pack in ((2, False), (4, False), (1, True), (2, True)):
@@ -1407,7 +1454,7 @@ def _aot_cases():
             dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
             dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16,
                  **dict(blocks(ob), PROMOTE=promote, PACK=pack),
-                 SPLIT_BF16=True, V_TERMS=2, UPCAST=False, **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
+                 SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True, **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
         ))  # fmt: skip
     # the packed configs with other tiles, warps and stages (gpu_layer.py's OUTER_SWEEP, 2026-11-26 additions)
     for bt, ba, warps, stages in ((64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 4)):
@@ -1416,7 +1463,7 @@ def _aot_cases():
             f"sweep outer r16 PACK {bt}x{ba} w{warps} s{stages}", K._outer_kernel,
             dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
             dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16, BLOCK_T=bt, BLOCK_A=ba,
-                 PROMOTE=1, PACK=True, PRESPLIT=False, SPLIT_BF16=True, V_TERMS=2, UPCAST=False,
+                 PROMOTE=1, PACK=True, PRESPLIT=False, SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True,
                  **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), cfg,
         ))  # fmt: skip
     # R's terms made ahead (PRESPLIT: bf16 R), chained or packed, with V (fused dX) and without (merged)
@@ -1426,7 +1473,7 @@ def _aot_cases():
                 f"sweep outer r16 V={has_v} PRESPLIT PACK={pack}", K._outer_kernel,
                 dict(l_ptr=bf, r_ptr=bf, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
                 dict(HAS_V=has_v, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16,
-                     **dict(blocks(ob), PACK=pack, PRESPLIT=True), SPLIT_BF16=True, V_TERMS=2, UPCAST=False,
+                     **dict(blocks(ob), PACK=pack, PRESPLIT=True), SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True,
                      **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
             ))  # fmt: skip
     cases.append(("split_sum", K._split_sum_kernel, dict(pp_ptr=f32, p_ptr=f32, nu_ptr=f32),
@@ -1467,7 +1514,7 @@ def _aot_cases():
                 f"outer r{r_block} fp32 V={has_v}", K._outer_kernel,
                 dict(l_ptr=f32, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
                 dict(HAS_V=has_v, HAS_NORM=True, PREC="ieee", V_PREC="ieee", BLOCK_R=r_block, **blocks(ob32),
-                     SPLIT_BF16=False, V_TERMS=3, UPCAST=False,
+                     SPLIT_BF16=False, V_TERMS=3, UPCAST=False, SAMPLE_SEG=True,
                      **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob32,
             ))  # fmt: skip
         nb32 = K._blocks("narrow", cuda, torch.float32, N=r_block)
