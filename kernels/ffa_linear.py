@@ -586,10 +586,12 @@ def _merge_kernel(
 ):  # fmt: skip
     """out = W + scale * B @ A (out, in): the base weight with the adapter merged in, rounded once to W's
     dtype (``FEDLORA_FAST_GEMM=merged``). The low-rank product is float32 (``LR_PREC`` as the GEMM
-    epilogue's, or "ieee": exact float32 FMAs on the CUDA cores), accumulated onto W in float32 and rounded to
-    W's dtype once. A program covers ``LOOP_I`` tiles along ``in`` (1: one tile); each tile's product runs
-    in ``BLOCK_RK``-deep slices of the rank (``BLOCK_R``: one dot, B's tile loaded once per program; less: a
-    loop over the slices, B's and A's pipelined, each slice's operands a fraction of the registers)."""
+    epilogue's, or "ieee": exact float32 FMAs on the CUDA cores) from a zero accumulator; W is added to it
+    once, in float32, and the sum rounded to W's dtype (W as the dot's accumulator would take a rounding at
+    W's scale per multiply-add or slice: float32 W then drifted by up to a few ulps). A program covers
+    ``LOOP_I`` tiles along ``in`` (1: one tile); each tile's product runs in ``BLOCK_RK``-deep slices of the
+    rank (``BLOCK_R``: one dot, B's tile loaded once per program; less: a loop over the slices, B's and A's
+    pipelined, each slice's operands a fraction of the registers)."""
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
     ro = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -606,11 +608,9 @@ def _merge_kernel(
         if BLOCK_RK == BLOCK_R:
             a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
                         mask=(rj < RANK)[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
-            acc = tl.dot(b, a, w.to(tl.float32), input_precision=LR_PREC)
+            acc = tl.dot(b, a, input_precision=LR_PREC)
         else:
-            w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
-            acc = w.to(tl.float32)
+            acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
             for k in range(0, RANK, BLOCK_RK):
                 rk = k + rj
                 mask_k = rk < RANK
@@ -619,6 +619,8 @@ def _merge_kernel(
                 ak = tl.load(a_ptr + rk[:, None] * stride_aj + ri[None, :] * stride_ai,
                              mask=mask_k[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
                 acc = tl.dot(bk * scale, ak, acc, input_precision=LR_PREC)
+        w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
+        acc += w.to(tl.float32)
         if FIX_BF16_ROUNDING:
             acc = _round_bf16_rne(acc)
         tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty),
@@ -752,6 +754,9 @@ _CUDA_FP32_BLOCKS = {
     "outer": dict(BLOCK_T=16, BLOCK_A=64, num_stages=2),
     "narrow": dict(BLOCK_K=32),
     "gemm": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8),
+    # W + s B A: the bf16 tile spilled 4.8 / 11.6 KB per thread at r = 16 / 64 (the FMA dot holds its operands
+    # in registers); 8 warps and the rank in 16-deep slices: 250 / 112 registers, no spills (AOT sm90)
+    "merge": dict(num_warps=8, BLOCK_RK=16),
 }
 # The pass over G with V at r > 16 keeps the 128-wide tile shipped before (the sweep measured r = 16 only):
 # V's per-tile partials are (out / BLOCK_A) x rows x r float32, written and read back, 4 r / BLOCK_A times
@@ -1318,26 +1323,35 @@ def _per_sample_outer(
     return P, nu, v
 
 
+def _merge_launch(device: torch.device, dtype: torch.dtype, r: int, out: int, inp: int) -> dict:
+    """The merge kernel's config for W (out, in) of ``dtype`` at rank r: ``_blocks("merge")`` with
+    ``LOOP_I``, ``BLOCK_R``, ``BLOCK_RK`` (at most BLOCK_R) and ``LR_PREC`` (a config may ask for "ieee",
+    CUDA-core FMAs, where W is rounded to bf16 anyway; float32 W always takes it) filled in."""
+    cfg = _blocks("merge", device, dtype, O=out, I=inp)
+    cfg.setdefault("LOOP_I", 1)
+    cfg["BLOCK_R"] = block_r = _pow2(r)
+    rk = cfg.get("BLOCK_RK", block_r)
+    if not (isinstance(rk, int) and rk >= 16 and rk & (rk - 1) == 0):
+        raise ValueError(f"merge config: BLOCK_RK must be a power of two >= 16 (a tl.dot depth), got {rk!r}")
+    cfg["BLOCK_RK"] = min(rk, block_r)
+    prec = cfg.pop("LR_PREC", None) or _prec(dtype, rounded=True)
+    cfg["LR_PREC"] = "ieee" if dtype == torch.float32 else prec
+    return cfg
+
+
 def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``W + scale * B A`` (out, in) in W's dtype, contiguous: the one weight of ``FEDLORA_FAST_GEMM=merged``
     (``Y = x W'^T + b`` and ``dX = G W'``). Transient: made per call, never cached (a cached W' per layer would
     double the model's weight memory)."""
     out, inp = weight.shape
-    r = A.shape[0]
     wm = _alloc((out, inp), weight.dtype, weight.device)
-    cfg = _blocks("merge", weight.device, O=out, I=inp)
-    cfg.setdefault("LOOP_I", 1)
-    block_r = _pow2(r)
-    cfg["BLOCK_RK"] = min(cfg.get("BLOCK_RK", block_r), block_r)
-    # the product's precision: a config may ask for "ieee" (CUDA-core FMAs) where W is rounded to bf16 anyway
-    prec = cfg.pop("LR_PREC", None) or _prec(weight.dtype, rounded=True)
+    cfg = _merge_launch(weight.device, weight.dtype, A.shape[0], out, inp)
     grid = (_cdiv(out, cfg["BLOCK_O"]), _cdiv(inp, cfg["BLOCK_I"] * cfg["LOOP_I"]))
     with _device_guard(weight.device):
         _run(
             _merge_kernel, grid, weight, B, A, wm, *weight.stride(), *B.stride(), *A.stride(), *wm.stride(),
-            out, inp, r, float(scale),
-            LR_PREC="ieee" if weight.dtype == torch.float32 else prec,
-            FIX_BF16_ROUNDING=_interpret() and weight.dtype == torch.bfloat16, BLOCK_R=block_r, **cfg,
+            out, inp, A.shape[0], float(scale),
+            FIX_BF16_ROUNDING=_interpret() and weight.dtype == torch.bfloat16, **cfg,
         )  # fmt: skip
     return wm
 

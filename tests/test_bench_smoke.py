@@ -486,6 +486,7 @@ def test_gpu_layer_sweep_only_smoke(tmp_path):
     for sw in row["sweep_merge"]:
         assert "error" not in sw, sw
         assert sw["ms"] > 0 and 0 <= sw["ulp_err_W"] <= gpu_layer.MERGE_ULP_BOUND and sw["rel_err_W"] > 0, sw
+        assert sw["ulp_err_W_strict"] >= sw["ulp_err_W"], sw  # the same error without the TF32 allowance
     assert [sw["config"] for sw in row["sweep_merge"]] == [gpu_layer.merge_config(*c) for c in gpu_layer.MERGE_SWEEP]
     assert "## outer" in proc.stdout and "## U" in proc.stdout
     assert proc.stdout.count("## merge n=2 out=80 in=72 ") == 19, proc.stdout
@@ -576,6 +577,9 @@ def test_gpu_layer_sweeps_selects_the_sweeps(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only",
                           "--sweeps", "merge,tma"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--sweeps" in bad.stderr and "'merge,tma'" in bad.stderr, bad.stderr
+    alone = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweeps", "merge"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)  # no sweep to choose from
+    assert alone.returncode == 2 and "--sweep-only or --sweep-outer" in alone.stderr, alone.stderr
 
 
 def test_launch_overhead_smoke(tmp_path):
