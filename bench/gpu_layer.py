@@ -802,7 +802,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10, help="CUDA: do_bench rep budget x10 ms; CPU: timed calls")
     ap.add_argument("--rounds", type=int, default=None,
                     help="interleaved rounds of every variant's full step (ratios within a round; 0: none; "
-                         "default 3, 1 with --smoke)")
+                         "default 5, 1 with --smoke: three rounds left the ratio's run-to-run spread at "
+                         "0.02-0.05 on an H100, and a round costs ~1 s per shape)")
     ap.add_argument("--variants", default="floor,ffa_flat[auto],ffa_flat[graph],ffa_flat[triton],ffa_flat[cublas],ffa_flat[cublas_acc],ffa_flat[merged],ffa_per_layer,peft_opacus",
                     help="ffa_flat[reference] is the same layer on the PyTorch reference ops (not counted as ours)")
     ap.add_argument("--peft-train-A", action="store_true", help="peft+opacus trains A too (vanilla LoRA)")
@@ -839,7 +840,7 @@ def main(argv=None) -> int:
     tokens = parse_pairs(args.tokens) if args.tokens else (SMOKE_TOKENS if args.smoke else TOKENS)
     reps = 2 if args.smoke and args.reps == 10 else args.reps
     if args.rounds is None:
-        args.rounds = 1 if args.smoke else 3
+        args.rounds = 1 if args.smoke else 5
     which = [v.strip() for v in args.variants.split(",") if v.strip()]
     sweeps = {v.strip() for v in args.sweeps.split(",") if v.strip()}
     if not sweeps or sweeps - {"u", "merge", "outer"}:
