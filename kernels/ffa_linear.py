@@ -587,8 +587,9 @@ def _merge_kernel(
     """out = W + scale * B @ A (out, in): the base weight with the adapter merged in, rounded once to W's
     dtype (``FEDLORA_FAST_GEMM=merged``). The low-rank product is float32 (``LR_PREC`` as the GEMM
     epilogue's, or "ieee": exact float32 FMAs on the CUDA cores) from a zero accumulator; W is added to it
-    once, in float32, and the sum rounded to W's dtype (W as the dot's accumulator would take a rounding at
-    W's scale per multiply-add or slice: float32 W then drifted by up to a few ulps). A program covers
+    once, in float32, and the sum rounded to W's dtype (W as each slice's accumulator took a rounding at W's
+    scale per slice: float32 W drifted by a few ulps; on a GPU the compiler still folds the add into the
+    accumulator of a single dot, up to r such roundings, far below bf16's). A program covers
     ``LOOP_I`` tiles along ``in`` (1: one tile); each tile's product runs in ``BLOCK_RK``-deep slices of the
     rank (``BLOCK_R``: one dot, B's tile loaded once per program; less: a loop over the slices, B's and A's
     pipelined, each slice's operands a fraction of the registers)."""
