@@ -1250,7 +1250,7 @@ def test_non_contiguous_inputs(poisoned, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("layout", ["contiguous", "g_by_token", "u_by_token", "u_sliced"])
+@pytest.mark.parametrize("layout", ["contiguous", "g_by_token", "u_by_token", "u_sliced", "g_T_slice"])
 def test_outer_rows_of_samples_without_division(poisoned, device, mode, layout, monkeypatch):
     """The pass over G indexes rows by sample without a division per row (``SAMPLE_SEG``) wherever a segment
     is one sample: the per-sample modes, and the sum when G's and U's rows are evenly spaced over samples
@@ -1269,6 +1269,10 @@ def test_outer_rows_of_samples_without_division(poisoned, device, mode, layout, 
         g = by_token(g)
     elif layout == "u_by_token":
         u = by_token(u)
+    elif layout == "g_T_slice":  # a window of a longer sequence: samples T + 3 rows apart, not T
+        longer = torch.zeros(n, T + 3, out, device=device)
+        longer[:, 1 : T + 1] = g
+        g = longer[:, 1 : T + 1]
     elif layout == "u_sliced":  # evenly spaced, not contiguous: rows r + 3 apart
         wide = torch.zeros(n, T, r + 3, device=device)
         wide[..., 1 : r + 1] = u
@@ -1286,7 +1290,7 @@ def test_outer_rows_of_samples_without_division(poisoned, device, mode, layout, 
     exp = ref_bwd(c, u64, True, s, True, True, mode, 1.0, 1.0)
     for name, a, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got, exp):
         close(a, e, f"{name} ({layout})")
-    divided = mode == ref.MODE_SUM and layout in ("g_by_token", "u_by_token")
+    divided = mode == ref.MODE_SUM and layout in ("g_by_token", "u_by_token", "g_T_slice")
     # the pass over G, then the one over x (contiguous) with V (contiguous): rows of samples evenly spaced
     assert seen == [not divided, True], seen
 
