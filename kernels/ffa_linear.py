@@ -95,6 +95,10 @@ GEMM_IMPLS = ("auto", "triton", "cublas", "cublas_acc", "merged", "tma")
 # 2026-11-26): auto took "merged" for the forward and dX at every 16k-token Llama-7B shape (1.09-1.15x the
 # floor) and "cublas_acc" for two 4k-token forwards (bench/NOTES.md)
 AUTO_CANDIDATES = ("triton", "cublas", "cublas_acc", "merged")
+# rounds of "auto"'s one-time timing, the candidates' order reversed in every other round, each candidate's
+# fastest round kept: on an H100 (2026-11-26) a single round chose differently between runs at 16k tokens
+# (4096->11008 dX: "triton" in 3 of 5 runs, "merged" in 2) while their profiled kernels differed by 80-240 us
+AUTO_ROUNDS = 2
 
 
 def gemm_impl() -> str:
@@ -1143,18 +1147,25 @@ def _choose_gemm(
         return choice
     if not _auto_times(device):
         return "triton"
-    times = {}
-    skip = set() if merged_ok else {"merged"}
-    for c in (c for c in AUTO_CANDIDATES if c not in skip):
-        try:
-            times[c] = _time_ms(lambda c=c: run(c), device)
-        except OutOfResources:  # the op reruns with fewer stages (_kernels_or_reference) and times again there
-            raise
-        except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
-            if _compile_failure(e):  # a kernel Triton cannot compile: the op's fallback, with its warning
+    times: dict[str, float] = {}
+    cands = [c for c in AUTO_CANDIDATES if merged_ok or c != "merged"]
+    failed = set()
+    for rnd in range(AUTO_ROUNDS):  # the order reversed every other round: a GPU's clock drifting under
+        for c in cands if rnd % 2 == 0 else cands[::-1]:  # load falls on every candidate alike; the best kept
+            if c in failed:
+                continue
+            try:
+                t = _time_ms(lambda c=c: run(c), device)
+            except OutOfResources:  # the op reruns with fewer stages (_kernels_or_reference), times again there
                 raise
-            warnings.warn(f"fedlora_fast: {GEMM_ENV_VAR}=auto could not time the {c} GEMM ({e!r}); skipping it",
-                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            except Exception as e:  # noqa: BLE001  (a candidate that cannot run here must not stop training)
+                if _compile_failure(e):  # a kernel Triton cannot compile: the op's fallback, with its warning
+                    raise
+                failed.add(c)
+                warnings.warn(f"fedlora_fast: {GEMM_ENV_VAR}=auto could not time the {c} GEMM ({e!r}); skipping it",
+                              RuntimeWarning, stacklevel=3)  # fmt: skip
+                continue
+            times[c] = min(t, times.get(c, t))
     choice = _AUTO_CHOICE[key] = min(times, key=times.get) if times else "triton"
     return choice
 
