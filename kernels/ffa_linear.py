@@ -105,8 +105,8 @@ def gemm_impl() -> str:
     """Which base GEMM the fused ops use (``FEDLORA_FAST_GEMM``):
 
     - ``"auto"`` (default): on CUDA, the first call per (op, token bucket, sizes, rank, dtype) times each of
-      ``AUTO_CANDIDATES`` (triton, cublas, cublas_acc, merged) on the call's own inputs and keeps the fastest for the
-      process (on an H100, v1:
+      ``AUTO_CANDIDATES`` (triton, cublas, cublas_acc, merged) on the call's own inputs (``AUTO_ROUNDS`` rounds,
+      each candidate's fastest kept) and keeps the fastest for the process (on an H100, v1:
       cuBLAS + epilogue 4-5 % faster at 2 of 6 Llama-7B shapes, Triton 3-35 % faster at the others;
       bench/NOTES.md); elsewhere ``"triton"``. Results agree to rounding, not bit for bit, across choices:
       pin a value for bitwise-reproducible runs.
