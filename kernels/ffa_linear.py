@@ -97,7 +97,8 @@ GEMM_IMPLS = ("auto", "triton", "cublas", "cublas_acc", "merged", "tma")
 AUTO_CANDIDATES = ("triton", "cublas", "cublas_acc", "merged")
 # rounds of "auto"'s one-time timing, the candidates' order reversed in every other round, each candidate's
 # fastest round kept: on an H100 (2026-11-26) a single round chose differently between runs at 16k tokens
-# (4096->11008 dX: "triton" in 3 of 5 runs, "merged" in 2) while the merged path's profiled kernels were 240 us faster (run 2)
+# (4096->11008 dX: "triton" in 3 of 5 runs, "merged" in 2) while the merged path's profiled kernels were
+# 240 us faster (run 2)
 AUTO_ROUNDS = 2
 
 

@@ -1524,7 +1524,8 @@ def _aot_cases():
             dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
             dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16,
                  **dict(blocks(ob), PROMOTE=promote, PACK=pack),
-                 SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True, **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
+                 SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True,
+                 **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
         ))  # fmt: skip
     # the packed configs with other tiles, warps and stages (gpu_layer.py's OUTER_SWEEP, 2026-11-26 additions)
     for bt, ba, warps, stages in ((64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 4)):
@@ -1559,9 +1560,9 @@ def _aot_cases():
                           dict(FIX_BF16_ROUNDING=False, **blocks(mb), **merge_units), mb))  # fmt: skip
         # the variants the merge sweep times: LOOP_I tiles along in per program (pipelined), the rank in 16-deep
         # slices, the product as float32 FMAs ("ieee": one slice's operands in registers)
-        for bo, bi, warps, loop_i, prec, block_rk in ((64, 128, 4, 4, "tf32", r_block), (128, 128, 8, 4, "tf32", r_block),
-                                                      (64, 128, 4, 1, "tf32", 16), (64, 128, 4, 1, "ieee", 16),
-                                                      (128, 128, 8, 1, "ieee", 16), (64, 128, 8, 4, "ieee", 16)):
+        variants = ((64, 128, 4, 4, "tf32", r_block), (128, 128, 8, 4, "tf32", r_block), (64, 128, 4, 1, "tf32", 16),
+                    (64, 128, 4, 1, "ieee", 16), (128, 128, 8, 1, "ieee", 16), (64, 128, 8, 4, "ieee", 16))
+        for bo, bi, warps, loop_i, prec, block_rk in variants:
             cfg = dict(BLOCK_O=bo, BLOCK_I=bi, LOOP_I=loop_i, BLOCK_RK=block_rk, num_warps=warps, num_stages=3)
             cases.append((f"sweep merge r{r_block} {bo}x{bi} LOOP_I={loop_i} {prec} RK{block_rk} w{warps} s3",
                           K._merge_kernel, merge_ptrs, dict(LR_PREC=prec, FIX_BF16_ROUNDING=False, BLOCK_R=r_block,
