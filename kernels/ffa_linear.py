@@ -418,8 +418,10 @@ def _outer_kernel(
 
     Rows of segment ``seg`` are ``seg * SEG .. seg * SEG + SEG - 1`` of the (M, ·) row space; row m is
     (m // T, m % T) of the 3-D tensors L (n, T, A) and R (n, T, RANK). ``SAMPLE_SEG`` (SEG == T): a segment
-    is one sample, row t of segment seg is (seg, t), and the loop computes no division per row (six
-    integer divisions per row block per thread, ~120 of its ~540 instructions, AOT sm90).
+    is one sample, row t of segment seg is (seg, t), and the loop computes no division per row (the divided
+    path: six integer divisions per row block per thread, ~120 of its ~540 instructions, AOT sm90). The
+    host passes T = M (one sample of M rows, ``stride_ln`` unused) for a sum over rows evenly spaced
+    across samples.
 
     ``SPLIT_BF16`` (bfloat16 L): L stays bfloat16 (exact) and the small float32 operands R and Bm are split
     into bfloat16 terms (hi + lo + lo2 = R to ~2^-24), each multiplied on the bfloat16 tensor cores with
@@ -1301,8 +1303,8 @@ def _per_sample_outer(
     vpart = _alloc((a_tiles, M, r), torch.float32, device) if Bmat is not None else None
     dummy = R
     grid = (nseg * nsplit, a_tiles)
-    # rows evenly spaced over samples (contiguous (n, T) rows of L and R): one sample of M rows, whose
-    # segment the kernel indexes without a division per row
+    # rows evenly spaced over samples (stride(0) == T stride(1) for L and R: contiguous rows, feature slices,
+    # every k-th token, expanded): one sample of M rows, whose segment the kernel indexes without a division
     t_arg = M if nseg == 1 and L.stride(0) == T * L.stride(1) and R.stride(0) == T * R.stride(1) else T
     with _device_guard(device):
         _run(

@@ -1281,13 +1281,15 @@ def test_non_contiguous_inputs(poisoned, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("layout", ["contiguous", "g_by_token", "u_by_token", "u_sliced", "g_T_slice"])
+@pytest.mark.parametrize("layout", ["contiguous", "g_by_token", "u_by_token", "u_sliced", "g_T_slice", "g_every2nd",
+                                    "g_feat_slice", "xa_by_token"])
 def test_outer_rows_of_samples_without_division(poisoned, device, mode, layout, monkeypatch):
     """The pass over G indexes rows by sample without a division per row (``SAMPLE_SEG``) wherever a segment
     is one sample: the per-sample modes, and the sum when G's and U's rows are evenly spaced over samples
     (one sample of n T rows). A G or U stored token-major (rows of a sample apart) takes the divided path;
-    every layout gives the reference's results, LoRA mode (the second pass, over x with V) included."""
-    n, T, inp, out, r = 3, 5, 40, 36, 6
+    every layout gives the reference's results, LoRA mode (the second pass, over x with V) included. T = 37:
+    several row blocks per sample (the interpreter's are 32 rows), and the sum's rows split over programs."""
+    n, T, inp, out, r = 3, 37, 40, 36, 6
     c = make(n, T, inp, out, r, device)
     s = 0.7
 
@@ -1304,6 +1306,14 @@ def test_outer_rows_of_samples_without_division(poisoned, device, mode, layout, 
         longer = torch.zeros(n, T + 3, out, device=device)
         longer[:, 1 : T + 1] = g
         g = longer[:, 1 : T + 1]
+    elif layout == "g_every2nd":  # every second token of a longer sequence: evenly spaced, 2 rows apart
+        longer = torch.zeros(n, 2 * T, out, device=device)
+        longer[:, ::2] = g
+        g = longer[:, ::2]
+    elif layout == "g_feat_slice":  # features of a wider G: evenly spaced rows, out + 2 apart
+        wider = torch.zeros(n, T, out + 2, device=device)
+        wider[..., 1 : out + 1] = g
+        g = wider[..., 1 : out + 1]
     elif layout == "u_sliced":  # evenly spaced, not contiguous: rows r + 3 apart
         wide = torch.zeros(n, T, r + 3, device=device)
         wide[..., 1 : r + 1] = u
@@ -1317,13 +1327,15 @@ def test_outer_rows_of_samples_without_division(poisoned, device, mode, layout, 
         return run(fn, grid, *args, **kw)
 
     monkeypatch.setattr(K, "_run", recording_run)
-    got = K.ffa_linear_bwd(g, u, c["weight"], c["A"], c["B"], c["xa"], s, True, True, mode, 1.0, 1.0)
+    xa = by_token(c["xa"]) if layout == "xa_by_token" else c["xa"]
+    got = K.ffa_linear_bwd(g, u, c["weight"], c["A"], c["B"], xa, s, True, True, mode, 1.0, 1.0)
     exp = ref_bwd(c, u64, True, s, True, True, mode, 1.0, 1.0)
     for name, a, e in zip(["dx", "dxa", "gB", "nuB", "gA", "nuA"], got, exp):
         close(a, e, f"{name} ({layout})")
     divided = mode == ref.MODE_SUM and layout in ("g_by_token", "u_by_token", "g_T_slice")
-    # the pass over G, then the one over x (contiguous) with V (contiguous): rows of samples evenly spaced
-    assert seen == [not divided, True], seen
+    divided_x = mode == ref.MODE_SUM and layout == "xa_by_token"
+    # the pass over G, then the one over x with V (contiguous)
+    assert seen == [not divided, not divided_x], seen
 
 
 @pytest.mark.parametrize("device", DEVICES)
