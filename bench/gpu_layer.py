@@ -603,9 +603,10 @@ def sweep_merge(out, inp, r, dtype, device, reps: int) -> list[dict]:
                 rel_err = float(diff.max() / exact.abs().max())
                 del got, diff
                 ms = bench_ms(fn, device, reps)
+                launch = K._merge_launch(device, dtype, r, out, inp)  # as the kernel ran: BLOCK_RK clamped
             # A and B as read: B's tile once per program, or once per LOOP_I step where the rank is sliced
-            b_steps = 1 if cfg.get("BLOCK_RK", K._pow2(r)) >= K._pow2(r) else cfg.get("LOOP_I", 1)
-            ab_bytes = 4 * r * out * inp * (1 / bo + b_steps / (bi * cfg.get("LOOP_I", 1)))
+            b_steps = 1 if launch["BLOCK_RK"] == launch["BLOCK_R"] else launch["LOOP_I"]
+            ab_bytes = 4 * r * out * inp * (1 / bo + b_steps / (bi * launch["LOOP_I"]))
             rows.append({"config": cfg, "ms": ms, "w_gbps": w_bytes / (ms * 1e-3) / 1e9,
                          "ab_bytes_per_w_byte": ab_bytes / w_bytes, "ulp_err_W": ulp_err,
                          "ulp_err_W_strict": ulp_err_strict, "rel_err_W": rel_err})

@@ -793,6 +793,7 @@ def _capability(device: torch.device) -> tuple[int, int]:
     """The compute capability of CUDA ``device`` (cached: ``_blocks`` runs at every launch)."""
     return torch.cuda.get_device_capability(device)
 
+
 # (op, device index, r, dtype) -> the most software-pipeline stages that op's launches may use on this
 # device: set where a launch as configured ran out of shared memory (GPUs with less per block than sm90:
 # sm80 163 KiB, sm86/sm89 99 KiB, sm75 64 KiB). Before this, such a launch ran the reference; fewer stages

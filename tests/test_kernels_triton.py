@@ -1682,12 +1682,13 @@ def _aot_main(capability: int) -> None:
 
     smem_limit = {80: 163 * 1024, 90: 227 * 1024}[capability]
     K._capability = lambda device: divmod(capability, 10)  # the configs _blocks gives that GPU
+    fixed = _aot_cases()
     cases = [(name, fn, ptrs, constexprs, cfg, True) for name, fn, ptrs, constexprs, cfg in
-             _aot_cases() + _aot_autotune_cases() + (_aot_tma_cases() if capability >= 90 else [])]
+             fixed + _aot_autotune_cases() + (_aot_tma_cases() if capability >= 90 else [])]
     # the shipped fixed-size launches again where no size or stride divides by 16 (in_features 130, say): the
     # JIT specialises those apart, and Triton 3.6-3.9 could not compile U with PACK_W in 64-row tiles there
     cases += [(f"{name} unaligned", fn, ptrs, dict(constexprs, **({"EVEN_K": False} if "EVEN_K" in constexprs else {})),
-               cfg, False) for name, fn, ptrs, constexprs, cfg in _aot_cases() if not name.startswith("sweep")]
+               cfg, False) for name, fn, ptrs, constexprs, cfg in fixed if not name.startswith("sweep")]
     for name, fn, ptrs, constexprs, cfg, aligned in cases:
         sig = {}
         for arg in fn.arg_names:
