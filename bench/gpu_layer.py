@@ -351,7 +351,8 @@ def kernel_table(fn, steps: int = 3, top: int = 12) -> list[dict]:
         if us is None:
             us = getattr(ev, "self_cuda_time_total", 0.0)
         if us and us > 0:
-            rows.append({"kernel": ev.key[:90], "us_per_step": us / steps, "calls_per_step": ev.count / steps})
+            rows.append({"kernel": ev.key[:90], "us_per_step": us / steps, "calls_per_step": ev.count / steps,
+                         "us_per_call": us / ev.count})  # us_per_step sums a step's calls of the kernel
     rows.sort(key=lambda r: -r["us_per_step"])
     return rows[:top]
 
@@ -530,8 +531,8 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
 
 
 MERGE_SWEEP = [  # (BLOCK_O, BLOCK_I, num_warps, num_stages[, LOOP_I[, LR_PREC[, BLOCK_RK]]]) of W' = W + s B A
-    # (FEDLORA_FAST_GEMM=merged); the first is shipped. On an H100 (2026-11-26) the shipped tile took 326-373 us
-    # per call at r = 64 and out x in = 4096 x 11008 / 11008 x 4096 bf16 (136-138 us at r = 16) against ~60 us
+    # (FEDLORA_FAST_GEMM=merged); the first is shipped. On an H100 (2026-11-26) the shipped tile took 163-187 us
+    # per call at r = 64 and out x in = 4096 x 11008 / 11008 x 4096 bf16 (68-69 us at r = 16) against ~60 us
     # for W's own bytes at 3 TB/s. Without LOOP_I (1) a program does one tile and no loop: num_stages (None:
     # Triton's default) pipelines nothing. Each program reads its B rows (BLOCK_O x r) and A columns (r x
     # BLOCK_I LOOP_I), float32: over the grid 4 r out in (1/BLOCK_O + 1/(BLOCK_I LOOP_I)) bytes (mostly L2
@@ -1054,7 +1055,8 @@ def main(argv=None) -> int:
         for row in rows:
             for name, table in row.get("kernels", {}).items():
                 print(f"## n={row['n']} T={row['T']} {row['in']}->{row['out']} {name}: "
-                      + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']:.0f}us x{k['calls_per_step']:.0f}" for k in table[:6]))
+                      + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']:.0f}us/step = {k['calls_per_step']:.0f} x "
+                                  f"{k.get('us_per_call', 0.0):.0f}us" for k in table[:6]))
     if not args.sweep_only:
         for row in rows:
             print_sweeps(row)

@@ -748,7 +748,7 @@ _CUDA_BLOCKS = {
     "finish": dict(BLOCK_A=256, num_warps=4),
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
     # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles, the rank
-    # in one TF32 dot (136 / 326-373 us at r = 16 / 64 and 4096 x 11008 on an H100, W's bytes ~60 us). Swept
+    # in one TF32 dot (68 / 163-187 us per call at r = 16 / 64 and 4096 x 11008 on an H100, W's bytes ~60 us). Swept
     # beside it, not yet timed: LOOP_I, BLOCK_RK (the rank in slices), LR_PREC "ieee" (float32 FMAs)
     "merge": dict(BLOCK_O=64, BLOCK_I=128, num_warps=4),
     # a float32 operand's bf16 split terms (PRESPLIT_W / PRESPLIT): a few KiB, one pass
