@@ -501,6 +501,13 @@ U_SWEEP = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages, PACK_W, PRESPLIT_W) of 
 ]  # fmt: skip
 
 
+def split_taken(K, M: int, inp: int, cfg: dict, device) -> int:
+    """The SPLIT_K a U launch of ``cfg`` runs with (``_launch_gemm``): the config's own, else the kernels'
+    rule; 1 where K is one block (nothing to split)."""
+    split = cfg.get("SPLIT_K") or K._split_k(device, K._cdiv(M, cfg["BLOCK_M"]), inp, cfg["BLOCK_K"])
+    return split if inp > cfg["BLOCK_K"] else 1
+
+
 def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
     """Time the U pass (U = X A^T, float32-accurate) for each config of ``U_SWEEP``, with its error vs float64."""
     from fedlora_fast.kernels import ffa_linear as K
@@ -523,9 +530,27 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
                     err = float((fn().double() - u64).abs().max() / u64.abs().max())
                 ms = bench_ms(fn, device, reps)
             rows.append({"config": cfg, "ms": ms, "x_gbps": x.numel() * x.element_size() / (ms * 1e-3) / 1e9,
-                         "rel_err_U": err})
+                         "rel_err_U": err,  # K in halves where the rule splits at this config's tiles
+                         "split_taken": split_taken(K, n * T, inp, cfg, device)})
         except Exception as e:  # noqa: BLE001  (a config that fails to compile or fit: report, keep sweeping)
             rows.append({"config": cfg, **sweep_error(e)})
+    # the shipped config with K unsplit and in two halves (SPLIT_K; the kernels choose by _split_k's rule):
+    # whether the rule's split pays at this token count. Never shipped by choose_blocks (a rule, not a tile)
+    bm, bk, warps, stages, pack, presplit = U_SWEEP[0]
+    for split in (1, 2):
+        cfg = dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages, PACK_W=pack,
+                   PRESPLIT_W=presplit, SPLIT_K=split)
+        entry = {"config": cfg, "split_k": split, "split_taken": split_taken(K, n * T, inp, cfg, device),
+                 "rule": K._split_k(device, K._cdiv(n * T, bm), inp, bk)}
+        try:
+            with blocks_override("narrow", cfg):
+                with nan_outputs():
+                    entry["rel_err_U"] = float((fn().double() - u64).abs().max() / u64.abs().max())
+                entry["ms"] = bench_ms(fn, device, reps)
+            entry["x_gbps"] = x.numel() * x.element_size() / (entry["ms"] * 1e-3) / 1e9
+        except Exception as e:  # noqa: BLE001
+            entry.update(sweep_error(e))
+        rows.append(entry)
     rows += u_cublas_baselines(x, A, u64, device, reps)
     return rows
 
@@ -667,8 +692,8 @@ def choose_blocks(rows: list[dict], bound: float = ACCURACY_BOUND) -> dict[str, 
         totals: dict[str, list] = {}
         for row in rows:
             for entry in row.get(sweep, []):
-                if entry.get("baseline"):  # a reference point for the notes, not a config of ours
-                    continue
+                if entry.get("baseline") or "split_k" in entry:  # a reference point for the notes / U's
+                    continue  # split rule's probe, not a config to ship
                 key = json.dumps(entry["config"], sort_keys=True)
                 ok = "error" not in entry and all(entry[e] <= ERROR_BOUNDS.get(e, bound) for e in errs)
                 t = totals.setdefault(key, [entry["config"], 0.0, 0, True])
@@ -695,7 +720,9 @@ def apply_blocks(chosen: dict[str, dict | None]) -> dict[str, dict]:
 
 def print_sweeps(row: dict) -> None:
     for sw in row.get("sweep_u", []):
-        print(f"## U n={row['n']} T={row['T']} in={row['in']} {sw['config']}: "
+        print(f"## U n={row['n']} T={row['T']} in={row['in']} {sw['config']}"
+              + (f" (the rule takes SPLIT_K={sw['rule']})" if "split_k" in sw else "")
+              + (f" [K in {sw['split_taken']} part(s)]" if "split_taken" in sw else "") + ": "
               + (f"{sw['ms'] * 1e3:.0f}us ({sw['x_gbps']:.0f} GB/s of X; rel. error {sw['rel_err_U']:.1e})"
                  if "ms" in sw else sw["error"]), flush=True)
     for sw in row.get("sweep_outer", []):

@@ -10,7 +10,9 @@ Design (numbers in bench/NOTES.md):
   epilogue, so Y is written once), ``U = xa A^T`` (N = r, float32), ``dX = G W + s V A`` and the split
   ``dxa = s V A``. With ``FEDLORA_FAST_GEMM=cublas`` the base GEMM goes to ``torch.matmul`` and the same
   kernel adds the low-rank term in place (one more read+write of Y/dX); the default ``auto`` times both per
-  shape on CUDA and keeps the faster (``gemm_impl``).
+  shape on CUDA and keeps the faster (``gemm_impl``). U alone may run in two halves of K (``SPLIT_K``,
+  where its row tiles leave half the SMs idle), each added with one float32 atomic into a zeroed U: two
+  addends into zero sum to the same bits in either order, so U stays deterministic (``_split_k``).
 - ``_merge_kernel`` (``FEDLORA_FAST_GEMM=merged``): ``W' = W + s B A`` once per op, so that both base GEMMs
   are plain cuBLAS GEMMs on W' and the backward needs no V (``dX = G W'``).
 - ``_gemm_tma_kernel`` (``FEDLORA_FAST_GEMM=tma``, sm90+): the same GEMM + epilogue as a persistent kernel
@@ -20,7 +22,8 @@ Design (numbers in bench/NOTES.md):
   its out-tile. Segments are samples (MODE_PER_SAMPLE / MODE_CLIP) or all rows (MODE_SUM). Cross-program
   sums go through small float32 scratch buffers (V partials: out/BLOCK_A x M x r; P partials when a
   sample's rows are split for parallelism) reduced afterwards in a fixed order: deterministic, no atomics
-  (the interpreter has no fp16 atomics, and fp32 atomics would make DP results run-dependent).
+  (the interpreter has no fp16 atomics, and fp32 atomics of many addends would make DP results
+  run-dependent).
 - Norms: when a sample is not split, the kernel writes ``||P_i[out-tile]||^2`` partials straight from
   registers; otherwise ``_split_sum_kernel`` sums the split partials and takes the norms.
 - Per-layer clipping: ``c_i`` needs the whole ``nu_i`` (every out-tile) before ``sum_i c_i P_i``. Instead
@@ -107,7 +110,8 @@ def gemm_impl() -> str:
 
     - ``"auto"`` (default): on CUDA, the first call per (op, token bucket, sizes, rank, dtype) times each of
       ``AUTO_CANDIDATES`` (triton, cublas, cublas_acc, merged) on the call's own inputs (``AUTO_ROUNDS`` rounds,
-      each candidate's fastest kept) and keeps the fastest for the process (on an H100, v1:
+      each candidate's fastest kept; GPU time, the host's issue time hidden: ``_time_ms``) and keeps the
+      fastest for the process (on an H100, v1:
       cuBLAS + epilogue 4-5 % faster at 2 of 6 Llama-7B shapes, Triton 3-35 % faster at the others;
       bench/NOTES.md); elsewhere ``"triton"``. Results agree to rounding, not bit for bit, across choices:
       pin a value for bitwise-reproducible runs.
@@ -228,7 +232,7 @@ def _gemm_lowrank_kernel(
     MAIN_FP32: tl.constexpr, MAIN_PREC: tl.constexpr, LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
     SPLIT_W: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PACK_W: tl.constexpr, PRESPLIT_W: tl.constexpr,
+    GROUP_M: tl.constexpr, PACK_W: tl.constexpr, PRESPLIT_W: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, :] (=|+=) X[m] @ Wt + bias + scale * L[m] @ R; row m is (m // T, m % T) of a 3-D tensor.
 
@@ -242,7 +246,13 @@ def _gemm_lowrank_kernel(
     (``_split_terms_kernel``, once per call): the conversions leave the K loop, where every program of M
     rows repeated them for the same Wt. Rows/columns
     past M/N are loaded wrapped (valid addresses, results discarded by the store mask), as in the Triton
-    matmul tutorial, so that only the store is masked.
+    matmul tutorial, so that only the store is masked. ``SPLIT_K`` (1 or 2; 2 only for ``out += X Wt`` into a
+    zeroed float32 ``out``, nothing else): grid axis 1 splits K in two halves of whole blocks, each program
+    adds its partial sum with one float32 atomic add. Two addends into zero: ``(0 + a) + b == (0 + b) + a``
+    exactly, so the result does not depend on which half lands first (three or more would). The atomic
+    flushes a float32 subnormal to zero (sm90 SASS: ``REDG.E.ADD.F32x4.FTZ``), deterministically. Whether a
+    launch splits depends on its row count and the GPU's SM count (``_split_k``), so U's last bits may
+    differ between token counts or GPU models, never between runs of one shape on one GPU.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -265,15 +275,21 @@ def _gemm_lowrank_kernel(
     if PACK_W:
         acc4 = tl.zeros((BLOCK_M, 4 * BLOCK_N), dtype=tl.float32)
     if HAS_MAIN:
-        rk = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + x_row[:, None] + rk[None, :] * stride_xk
-        if PRESPLIT_W and PACK_W:  # Wt's terms made by _split_terms_kernel, interleaved: (K, 4 BLOCK_N) bf16
-            w_ptrs = w_ptr + rk[:, None] * stride_wk + tl.arange(0, 4 * BLOCK_N)[None, :] * stride_wn
-        elif PRESPLIT_W:  # side by side, [hi | lo | lo2]: (K, 3 BLOCK_N) bf16, zero past N
-            w_ptrs = w_ptr + rk[:, None] * stride_wk + tl.arange(0, BLOCK_N)[None, :] * stride_wn
+        if SPLIT_K > 1:  # this program's K range: whole blocks, so only the last block of K is partial
+            k_lo = tl.program_id(1) * (tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K)
+            k_hi = tl.minimum(K, k_lo + tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K)
         else:
-            w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_ld.to(tl.int64)[None, :] * stride_wn
-        for k0 in range(0, K, BLOCK_K):
+            k_lo = 0
+            k_hi = K
+        rk = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + x_row[:, None] + (k_lo + rk).to(tl.int64)[None, :] * stride_xk  # K * stride may pass 2^31
+        if PRESPLIT_W and PACK_W:  # Wt's terms made by _split_terms_kernel, interleaved: (K, 4 BLOCK_N) bf16
+            w_ptrs = w_ptr + (k_lo + rk)[:, None] * stride_wk + tl.arange(0, 4 * BLOCK_N)[None, :] * stride_wn
+        elif PRESPLIT_W:  # side by side, [hi | lo | lo2]: (K, 3 BLOCK_N) bf16, zero past N
+            w_ptrs = w_ptr + (k_lo + rk)[:, None] * stride_wk + tl.arange(0, BLOCK_N)[None, :] * stride_wn
+        else:
+            w_ptrs = w_ptr + (k_lo + rk)[:, None] * stride_wk + rn_ld.to(tl.int64)[None, :] * stride_wn
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             mask_k = (k0 + rk) < K
             if EVEN_K:
                 a = tl.load(x_ptrs)
@@ -332,7 +348,10 @@ def _gemm_lowrank_kernel(
         acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
     if FIX_BF16_ROUNDING:
         acc = _round_bf16_rne(acc)
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K > 1:
+        tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -923,10 +942,41 @@ def _launch_gemm(
                 flags = dict(flags, PRESPLIT_W=True)
                 terms = _split_terms(w, swk, swn, K, N, cfg["BLOCK_N"], flags["PACK_W"])
                 args = (*args[:1], terms, *args[2:9], terms.stride(0), terms.stride(1), *args[11:])
+            split = cfg.pop("SPLIT_K", None)  # a sweep's config may set it; else _split_k's rule
+            if split not in (None, 1, 2):
+                raise ValueError(f"SPLIT_K: expected 1 or 2 (a third addend would make U's sum order-dependent), "
+                                 f"got {split!r}")
+            # U only (main_fp32: U = xa A^T, float32, nothing else in the output): the rule was measured for it
+            if main_fp32 and x is not None and not (accumulate or bias is not None or lowrank is not None) \
+                    and out.dtype == torch.float32:
+                programs = _cdiv(M, cfg["BLOCK_M"])
+                split = _split_k(device, programs, K, cfg["BLOCK_K"]) if split is None else split
+                if split == 2 and K > cfg["BLOCK_K"]:  # two halves of whole blocks, atomically added into zeros
+                    flags = dict(flags, SPLIT_K=2)
+                    out.zero_()
+                    grid = (programs, 2)
         if x is None:
             cfg["BLOCK_K"] = 16
         cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
         _run(_gemm_lowrank_kernel, grid, *args, **flags, **cfg)
+
+
+_INTERP_SMS = 2  # the interpreter's stand-in for a GPU's SM count in _split_k: one-program launches split
+
+
+def _split_k(device: torch.device, programs: int, K: int, block_k: int) -> int:
+    """2 where a narrow float32 GEMM (U = xa A^T) has at most half as many programs as the GPU has SMs and K
+    more than one block, else 1. U's programs are bound by their own issue rate (A split into bfloat16
+    terms in every K step; on an H100 a lone program per SM streamed X at the same ~17-19 GB/s as two
+    did, 2026-11-26): with 64 programs on 132 SMs (4k tokens, 64-row tiles) half the GPU idles, and two
+    halves of K per row tile use all of it. Where 2 * programs > SMs some SM runs two halves, as slow as
+    one whole program: no gain. Never more than 2 halves: the float32 atomic sum of two partials into
+    zero is exact-order-free (``_gemm_lowrank_kernel``), of three it is not, and U must not change from
+    run to run."""
+    if K <= block_k:
+        return 1
+    sms = _num_sms(device) if device.type == "cuda" else _INTERP_SMS
+    return 2 if 2 * programs <= sms else 1
 
 
 def _split_terms(w: Tensor, swk: int, swn: int, K: int, N: int, block_n: int, packed: bool) -> Tensor:
@@ -964,6 +1014,7 @@ def _gemm_flags(
         BLOCK_R=block_r,
         PACK_W=False,
         PRESPLIT_W=False,
+        SPLIT_K=1,
     )
 
 
@@ -1106,11 +1157,51 @@ def _auto_times(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
+# device index -> cycles of ``torch.cuda._sleep`` per millisecond (None: no such function here)
+_SLEEP_CYCLES_PER_MS: dict[int, float | None] = {}
+_SLEEP_CAP_MS = 50.0  # the longest head start _time_ms gives the host
+
+
+def _sleep_cycles_per_ms(device: torch.device) -> float | None:
+    """How many cycles of ``torch.cuda._sleep`` (a spin kernel) last one millisecond on ``device``: measured
+    once per device with CUDA events; None where this torch has no ``_sleep``."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SLEEP_CYCLES_PER_MS:
+        sleep = getattr(torch.cuda, "_sleep", None)
+        rate = None
+        if sleep is not None:
+            cycles = 10_000_000
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            sleep(cycles // 10)  # the spin kernel's own first launch
+            start.record()
+            sleep(cycles)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+            rate = cycles / ms if ms > 0 else None
+        _SLEEP_CYCLES_PER_MS[index] = rate
+    return _SLEEP_CYCLES_PER_MS[index]
+
+
 def _time_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
-    """Milliseconds per call of ``fn`` after one warm-up call (which compiles and autotunes)."""
+    """Milliseconds of device time per call of ``fn`` after one warm-up call (which compiles and autotunes).
+
+    On CUDA the timed calls are queued behind a spin kernel (``torch.cuda._sleep``) that lasts longer than
+    the host takes to issue them, so the events see the GPU run them back to back: the GPU time of each
+    candidate, not the host's issue time. Without it a host-bound call (small layers: ~1.4 ms of host
+    work against ~0.4 ms of GPU work per layer step at 4k tokens on an H100, 2026-11-26) is timed by its
+    Python and launch overhead, and "auto" picks by that; but under a CUDA graph (``GraphedAccumulator``,
+    the recommended way to run such layers) only the GPU time is left, and it is also what a GPU-bound
+    step waits for."""
     fn()
-    if device.type == "cuda":
+    if device.type == "cuda":  # (on the current stream of the tensors' device: _choose_gemm's caller sets it)
+        rate = _sleep_cycles_per_ms(device)
+        t0 = time.perf_counter()
+        fn()  # one call's issue time (the GPU may still be running it: not waited for)
+        issue_ms = (time.perf_counter() - t0) * 1e3
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if rate is not None:  # twice the time to issue every timed call, + 0.1 ms: the head start
+            torch.cuda._sleep(int(rate * min(_SLEEP_CAP_MS, 2.0 * issue_ms * (reps + 1) + 0.1)))
         start.record()
         for _ in range(reps):
             fn()

@@ -387,10 +387,15 @@ def test_gpu_layer_u_sweep_smoke(monkeypatch):
                                                (32, 32, 4, 3, False, True), (16, 32, 4, 3, True, True)])
     rows = gpu_layer.sweep_u(2, 7, 45, 5, torch.bfloat16, torch.device("cpu"), reps=1)
     assert [(r["config"]["PACK_W"], r["config"]["PRESPLIT_W"]) for r in rows] == [
-        (False, False), (True, False), (False, True), (True, True)]
+        (False, False), (True, False), (False, True), (True, True), (False, False), (False, False)]
+    # the last two: the shipped config with K unsplit / in halves, beside the rule's choice (14 rows: one
+    # program, which splits under the interpreter); choose_blocks never ships them
+    assert [(r.get("split_k"), r.get("rule")) for r in rows[-2:]] == [(1, 2), (2, 2)], rows[-2:]  # K 45 > 32
+    assert [r["split_taken"] for r in rows] == [2, 2, 2, 2, 1, 2], rows  # 14 rows: one program at 16 or 32
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["rel_err_U"] < 1e-5, r
+    assert gpu_layer.choose_blocks([{"sweep_u": rows[-2:]}])["narrow"] is None
 
 
 def test_gpu_layer_merge_sweep_smoke(monkeypatch):
@@ -481,7 +486,8 @@ def test_gpu_layer_sweep_only_smoke(tmp_path):
     proc = _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 21, row
-    assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) == 10, row
+    assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) + 2 == 12, row  # + the shipped config, K unsplit / in halves
+    assert [sw.get("split_k") for sw in row["sweep_u"][-2:]] == [1, 2], row["sweep_u"][-2:]
     assert len(row["sweep_merge"]) == len(gpu_layer.MERGE_SWEEP) == 19, row
     for sw in row["sweep_merge"]:
         assert "error" not in sw, sw

@@ -9,6 +9,7 @@ linear layers adapted) against the batch-of-one loop. On a CPU-only machine the 
 """
 
 import os
+import time
 import warnings
 
 import pytest
@@ -239,16 +240,18 @@ def test_outer_presplit_poisoned(poisoned, device, pack, promote, shape, monkeyp
 @pytest.mark.parametrize("shape", [(1, 50, 20, 24, 5), (1, 1, 300, 260, 2), (2, 7, 130, 67, 16), (3, 6, 70, 45, 17)],
                          ids=str)
 @pytest.mark.parametrize("presplit", [False, True], ids=["in_loop", "presplit"])
-def test_u_pack_poisoned(poisoned, device, shape, presplit, monkeypatch):
+@pytest.mark.parametrize("split_k", [1, 2], ids=["k_whole", "k_halves"])
+def test_u_pack_poisoned(poisoned, device, shape, presplit, split_k, monkeypatch):
     """U = xa A^T with A's three split terms packed into one operand (PACK_W; bf16 xa, r <= 16): float32-
     accurate against float64, through every K tail; r = 17 keeps the chained path. PRESPLIT_W: the terms
     made once by their own kernel, then loaded: bit for bit the U of the in-loop split. Natively, PACK_W runs
     in 32-row tiles: Triton 3.6-3.9 cannot compile it in the shipped 64-row tiles where in_features is not a
     multiple of 16 (an H100 run, 2026-11-26; reproduced ahead of time), and those calls run the reference."""
-    if device == "cuda" and shape != (2, 7, 130, 67, 16):
+    if device == "cuda" and (shape != (2, 7, 130, 67, 16) or split_k == 2):
         pytest.skip("natively one case (a GPU run's compile time is budgeted); the interpreter takes every case")
     t = make(*shape, device, dtype=torch.bfloat16)
-    rows = lambda pack: {"BLOCK_M": 32} if pack and device == "cuda" else {}  # noqa: E731
+    # K whole (as at 16k tokens) or in halves (SPLIT_K, as the interpreter's rule takes for one-program shapes)
+    rows = lambda pack: dict({"BLOCK_M": 32} if pack and device == "cuda" else {}, SPLIT_K=split_k)  # noqa: E731
     u_in_loop = {}
     if presplit:
         with monkeypatch.context() as m:
@@ -271,6 +274,78 @@ def test_u_pack_poisoned(poisoned, device, shape, presplit, monkeypatch):
             # lo2 (under 2^-17 of A) is held by the float64 check alone there
             bound = 2**-18 * (t["xa"].double().abs() @ t["A"].double().abs().t())
             assert ((u.double() - u_in_loop[pack].double()).abs() <= bound).all(), "presplit U vs in-loop U"
+
+
+# (shape, SPLIT_K the interpreter's rule takes): one program (M <= 32) and K over one block (32) splits
+U_SPLIT_SHAPES = [((2, 7, 130, 67, 16), 2), ((3, 6, 70, 45, 17), 2), ((1, 1, 300, 260, 2), 2),
+                  ((1, 50, 20, 24, 5), 1), ((2, 40, 96, 8, 64), 1), ((1, 9, 64, 10, 3), 2),
+                  ((2, 5, 32, 12, 4), 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,rule", U_SPLIT_SHAPES, ids=str)
+def test_u_split_k(poisoned, device, dtype, shape, rule, monkeypatch):
+    """U = xa A^T with K in two halves added atomically into a zeroed U (SPLIT_K = 2, where a launch has
+    at most half a program per SM): float32-accurate against float64 with either half's products, the
+    same bits on every run, and the interpreter's rule taken where no config sets it."""
+    if device == "cuda" and (dtype != torch.bfloat16 or shape != (2, 7, 130, 67, 16)):
+        pytest.skip("natively one case (a GPU run's compile time is budgeted); the interpreter takes every case")
+    t = make(*shape, device, dtype=dtype)
+    u64 = ref_fwd(t, 0.7)[1]
+    real_run = K._run
+    for forced in (None, 1, 2):
+        launches = []
+
+        def run(fn, grid, *args, **kw):
+            if fn is K._gemm_lowrank_kernel and not kw["HAS_LOWRANK"] and kw["HAS_MAIN"]:
+                launches.append((grid, kw["SPLIT_K"]))
+            return real_run(fn, grid, *args, **kw)
+
+        us = []
+        with monkeypatch.context() as m:
+            m.setattr(K, "_run", run)
+            if forced is not None:
+                override_blocks(m, "narrow", dict(SPLIT_K=forced), lambda fn, kw: None)
+                m.setattr(K, "_run", run)  # override_blocks' recorder replaced it: record again, on top
+            for _ in range(2):
+                us.append(K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)[1])
+        want = rule if forced is None else forced
+        if want == 2 and shape[2] <= K._blocks("narrow", t["x"].device, dtype, M=1, N=1, K=shape[2])["BLOCK_K"]:
+            want = 1  # K of one block: no second half to split off
+        if device == "cuda" and forced is None:
+            want = launches[0][1]  # the GPU's SM count decides (test_u_split_rule holds the rule)
+        assert [k for _, k in launches] == [want, want], (forced, launches)
+        if want == 2:
+            assert all(isinstance(g, tuple) and len(g) == 2 and g[1] == 2 for g, _ in launches), launches
+        close(us[0], u64, f"u (SPLIT_K={forced})")
+        assert torch.equal(us[0], us[1]), f"SPLIT_K={forced}: U must have the same bits on every run"
+
+
+def test_u_split_rule(monkeypatch):
+    """``_split_k``: two halves where 2 * programs <= SMs and K spans two blocks or more; never more than two; a config
+    asking for three is refused by name."""
+    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    assert K._split_k(cuda, 64, 4096, 128) == 2  # 8 x 512 tokens in 64-row tiles on an H100
+    assert K._split_k(cuda, 66, 256, 128) == 2
+    assert K._split_k(cuda, 67, 4096, 128) == 1  # some SM would run two halves: no gain
+    assert K._split_k(cuda, 256, 11008, 128) == 1  # 16k tokens
+    assert K._split_k(cuda, 1, 128, 128) == 1 and K._split_k(cuda, 1, 129, 128) == 2  # K of one block / two
+    cpu = torch.device("cpu")
+    assert K._split_k(cpu, 1, 64, 32) == 2 and K._split_k(cpu, 2, 64, 32) == 1
+    # only U splits: a float32 dX = G W with in_features <= 64 (narrow) and no low-rank term (split_dx) does not
+    t = make(2, 5, 40, 100, 4, "cpu")
+    with monkeypatch.context() as m:
+        seen = override_blocks(m, "narrow", {}, lambda fn, kw: (kw["HAS_MAIN"], kw["HAS_LOWRANK"], kw["SPLIT_K"])
+                               if fn is K._gemm_lowrank_kernel else None)
+        K.ffa_linear_bwd(t["g"], ref_fwd(t, 0.5)[1].float(), t["weight"], t["A"], t["B"], None, 0.5, True, True,
+                         ref.MODE_SUM, 0.0, 0.0)  # fmt: skip
+    assert (True, False, 1) in seen and all(k == 1 for *_, k in seen), seen
+    t = make(2, 7, 130, 67, 16, "cpu")
+    override_blocks(monkeypatch, "narrow", dict(SPLIT_K=3), lambda fn, kw: None)
+    with pytest.raises(ValueError, match="SPLIT_K: expected 1 or 2.*got 3"):
+        K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -338,6 +413,72 @@ def test_auto_gemm_keeps_each_candidates_fastest_round(monkeypatch, triton_ms, m
     K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
     assert timed == auto_order(K.AUTO_CANDIDATES), timed
     assert list(K._AUTO_CHOICE.values()) == [wins]
+
+
+class _FakeEvent:
+    """A ``torch.cuda.Event`` stand-in writing what it is asked into ``log`` (CUDA's stream order, on a CPU)."""
+
+    def __init__(self, log, ms):
+        self.log, self.ms, self.name = log, ms, None
+
+    def record(self):
+        self.name = "start" if "start" not in self.log else "end"
+        self.log.append(self.name)
+
+    def synchronize(self):
+        self.log.append(f"sync {self.name}")
+
+    def elapsed_time(self, other):
+        return self.ms
+
+
+@pytest.mark.parametrize("has_sleep", [True, False], ids=["sleep", "no_sleep"])
+def test_auto_times_device_time_behind_a_head_start(monkeypatch, has_sleep):
+    """"auto" times each candidate's GPU time, not the host's: the timed calls are queued behind a spin
+    kernel lasting twice the host's measured issue time of all of them (+ 0.1 ms, at most 50 ms), so the
+    events bracket the GPU running them back to back. Without ``torch.cuda._sleep``, the events as before."""
+    log = []
+    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing: _FakeEvent(log, 6.0))
+    if has_sleep:
+        monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)), raising=False)
+    else:
+        monkeypatch.delattr(torch.cuda, "_sleep", raising=False)
+    monkeypatch.setattr(K, "_SLEEP_CYCLES_PER_MS", {0: 2e6} if has_sleep else {0: None})
+    pause = 0.004
+
+    def fn():
+        log.append("fn")
+        time.sleep(pause)
+
+    ms = K._time_ms(fn, torch.device("cuda", 0), reps=3)
+    assert ms == 2.0  # the events' 6 ms over 3 calls
+    calls = ["start", "fn", "fn", "fn", "end", "sync end"]
+    if not has_sleep:
+        assert log == ["fn", "fn"] + calls, log
+    else:
+        assert log[:2] == ["fn", "fn"] and log[3:] == calls and log[2][0] == "sleep", log
+        issue_ms = pause * 1e3  # at least: one call slept that long
+        assert 2e6 * (2 * issue_ms * 4 + 0.1) <= log[2][1] <= 2e6 * K._SLEEP_CAP_MS, log[2]
+        monkeypatch.setattr(time, "sleep", lambda s: None)
+        log.clear()
+        pause = 10.0  # a host "slower" than the cap: never more than 50 ms of spin
+        monkeypatch.setattr(time, "perf_counter", iter(range(0, 10**6, 10)).__next__)  # 10 s per call issued
+        K._time_ms(fn, torch.device("cuda", 0), reps=3)
+        assert log[2] == ("sleep", int(2e6 * K._SLEEP_CAP_MS)), log
+
+
+def test_sleep_calibration(monkeypatch):
+    """``_sleep_cycles_per_ms``: cycles over the events' milliseconds around one long spin, once per device;
+    None where torch has no ``_sleep``."""
+    log = []
+    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing: _FakeEvent(log, 4.0))
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)), raising=False)
+    monkeypatch.setattr(K, "_SLEEP_CYCLES_PER_MS", {})
+    assert K._sleep_cycles_per_ms(torch.device("cuda", 1)) == 10_000_000 / 4.0
+    assert log == [("sleep", 1_000_000), "start", ("sleep", 10_000_000), "end", "sync end"], log
+    assert K._sleep_cycles_per_ms(torch.device("cuda", 1)) == 2.5e6 and len(log) == 5  # cached
+    monkeypatch.delattr(torch.cuda, "_sleep")
+    assert K._sleep_cycles_per_ms(torch.device("cuda", 2)) is None
 
 
 @pytest.mark.parametrize("fastest", ["triton", "cublas", "cublas_acc", "merged"])
@@ -1483,7 +1624,7 @@ def _aot_cases():
     bf, f32 = "*bf16", "*fp32"
     gemm_ptrs = dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32, out_ptr=bf)
     flags = dict(HAS_C=False, HAS_BIAS=True, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16, SPLIT_W=False,
-                 EVEN_K=True, PACK_W=False, PRESPLIT_W=False)
+                 EVEN_K=True, PACK_W=False, PRESPLIT_W=False, SPLIT_K=1)
     gb, nb, ob = K._blocks("gemm", cuda), K._blocks("narrow", cuda), K._blocks("outer", cuda)
     fb, cb = K._blocks("finish", cuda), K._blocks("clip", cuda)
     blocks = lambda b: {k: v for k, v in b.items() if k.isupper()}  # noqa: E731
@@ -1498,6 +1639,9 @@ def _aot_cases():
         ("gemm U", K._gemm_lowrank_kernel, dict(gemm_ptrs, w_ptr=f32, out_ptr=f32),
          dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=False, SPLIT_W=True, MAIN_PREC="tf32x3",
               LR_PREC="tf32", BLOCK_N=16, **blocks(nb), **unit("stride_xk", "stride_wk", "stride_of")), nb),
+        ("gemm U SPLIT_K=2", K._gemm_lowrank_kernel, dict(gemm_ptrs, w_ptr=f32, out_ptr=f32),
+         dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=False, SPLIT_W=True, MAIN_PREC="tf32x3",
+              LR_PREC="tf32", BLOCK_N=16, SPLIT_K=2, **blocks(nb), **unit("stride_xk", "stride_wk", "stride_of")), nb),
         ("sweep gemm U PACK_W", K._gemm_lowrank_kernel, dict(gemm_ptrs, w_ptr=f32, out_ptr=f32),
          dict(flags, HAS_BIAS=False, HAS_LOWRANK=False, HAS_MAIN=True, MAIN_FP32=False, SPLIT_W=True, MAIN_PREC="tf32x3",
               LR_PREC="tf32", BLOCK_N=16, **dict(blocks(nb), BLOCK_M=64, PACK_W=True),
@@ -1618,7 +1762,8 @@ def _aot_autotune_cases():
     gemm_ptrs = dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, l_ptr=f32, r_ptr=f32, out_ptr=bf)
     unit = lambda *names: dict.fromkeys(names, 1)  # noqa: E731
     flags = dict(HAS_C=False, HAS_LOWRANK=True, FIX_BF16_ROUNDING=False, BLOCK_R=16, SPLIT_W=False, EVEN_K=True,
-                 HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32", PACK_W=False, PRESPLIT_W=False)
+                 HAS_MAIN=True, MAIN_FP32=False, MAIN_PREC="tf32", LR_PREC="tf32", PACK_W=False, PRESPLIT_W=False,
+                 SPLIT_K=1)
     cases = []
     for c in K._gemm_configs():
         cfg = {"num_warps": c.num_warps, "num_stages": c.num_stages}
