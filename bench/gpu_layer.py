@@ -501,13 +501,6 @@ U_SWEEP = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages, PACK_W, PRESPLIT_W) of 
 ]  # fmt: skip
 
 
-def split_taken(K, M: int, inp: int, cfg: dict, device) -> int:
-    """The SPLIT_K a U launch of ``cfg`` runs with (``_launch_gemm``): the config's own, else the kernels'
-    rule; 1 where K is one block (nothing to split)."""
-    split = cfg.get("SPLIT_K") or K._split_k(device, K._cdiv(M, cfg["BLOCK_M"]), inp, cfg["BLOCK_K"])
-    return split if inp > cfg["BLOCK_K"] else 1
-
-
 def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
     """Time the U pass (U = X A^T, float32-accurate) for each config of ``U_SWEEP``, with its error vs float64."""
     from fedlora_fast.kernels import ffa_linear as K
@@ -520,35 +513,27 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
         K._launch_gemm(x, (A, A.stride(1), A.stride(0)), None, None, u, 1.0, main_fp32=True, prec_dtype=dtype)
         return u
 
+    def config(bm, bk, warps, stages, pack, presplit, **split):
+        return dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages, PACK_W=pack,
+                    PRESPLIT_W=presplit, **split)
+
+    runs = [(config(*c), {}) for c in U_SWEEP]
+    # then the shipped config with K unsplit and in two halves (SPLIT_K; the kernels choose by _split_k's rule):
+    # whether the rule's split pays at this token count. Never shipped by choose_blocks (a rule, not a tile)
+    rule = K._split_k(device, K._cdiv(n * T, U_SWEEP[0][0]), inp, U_SWEEP[0][1])
+    runs += [(config(*U_SWEEP[0], SPLIT_K=split), {"split_k": split, "rule": rule}) for split in (1, 2)]
     rows = []
-    for bm, bk, warps, stages, pack, presplit in U_SWEEP:
-        cfg = dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages, PACK_W=pack,
-                   PRESPLIT_W=presplit)
+    for cfg, probe in runs:
+        # split_taken: K in halves where the config or the rule splits at this config's tiles
+        entry = {"config": cfg, **probe, "split_taken": K._split_k(
+            device, K._cdiv(n * T, cfg["BLOCK_M"]), inp, cfg["BLOCK_K"], cfg.get("SPLIT_K"))}
         try:
             with blocks_override("narrow", cfg):
                 with nan_outputs():  # U's buffer, and PRESPLIT_W's split terms
-                    err = float((fn().double() - u64).abs().max() / u64.abs().max())
-                ms = bench_ms(fn, device, reps)
-            rows.append({"config": cfg, "ms": ms, "x_gbps": x.numel() * x.element_size() / (ms * 1e-3) / 1e9,
-                         "rel_err_U": err,  # K in halves where the rule splits at this config's tiles
-                         "split_taken": split_taken(K, n * T, inp, cfg, device)})
-        except Exception as e:  # noqa: BLE001  (a config that fails to compile or fit: report, keep sweeping)
-            rows.append({"config": cfg, **sweep_error(e)})
-    # the shipped config with K unsplit and in two halves (SPLIT_K; the kernels choose by _split_k's rule):
-    # whether the rule's split pays at this token count. Never shipped by choose_blocks (a rule, not a tile)
-    bm, bk, warps, stages, pack, presplit = U_SWEEP[0]
-    for split in (1, 2):
-        cfg = dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages, PACK_W=pack,
-                   PRESPLIT_W=presplit, SPLIT_K=split)
-        entry = {"config": cfg, "split_k": split, "split_taken": split_taken(K, n * T, inp, cfg, device),
-                 "rule": K._split_k(device, K._cdiv(n * T, bm), inp, bk)}
-        try:
-            with blocks_override("narrow", cfg):
-                with nan_outputs():
                     entry["rel_err_U"] = float((fn().double() - u64).abs().max() / u64.abs().max())
                 entry["ms"] = bench_ms(fn, device, reps)
             entry["x_gbps"] = x.numel() * x.element_size() / (entry["ms"] * 1e-3) / 1e9
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001  (a config that fails to compile or fit: report, keep sweeping)
             entry.update(sweep_error(e))
         rows.append(entry)
     rows += u_cublas_baselines(x, A, u64, device, reps)

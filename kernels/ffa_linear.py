@@ -276,8 +276,9 @@ def _gemm_lowrank_kernel(
         acc4 = tl.zeros((BLOCK_M, 4 * BLOCK_N), dtype=tl.float32)
     if HAS_MAIN:
         if SPLIT_K > 1:  # this program's K range: whole blocks, so only the last block of K is partial
-            k_lo = tl.program_id(1) * (tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K)
-            k_hi = tl.minimum(K, k_lo + tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K)
+            part = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+            k_lo = tl.program_id(1) * part
+            k_hi = tl.minimum(K, k_lo + part)
         else:
             k_lo = 0
             k_hi = K
@@ -942,16 +943,15 @@ def _launch_gemm(
                 flags = dict(flags, PRESPLIT_W=True)
                 terms = _split_terms(w, swk, swn, K, N, cfg["BLOCK_N"], flags["PACK_W"])
                 args = (*args[:1], terms, *args[2:9], terms.stride(0), terms.stride(1), *args[11:])
-            split = cfg.pop("SPLIT_K", None)  # a sweep's config may set it; else _split_k's rule
-            if split not in (None, 1, 2):
+            asked = cfg.pop("SPLIT_K", None)  # a sweep's config may set it; else _split_k's rule
+            if asked not in (None, 1, 2):
                 raise ValueError(f"SPLIT_K: expected 1 or 2 (a third addend would make U's sum order-dependent), "
-                                 f"got {split!r}")
+                                 f"got {asked!r}")
             # U only (main_fp32: U = xa A^T, float32, nothing else in the output): the rule was measured for it
             if main_fp32 and x is not None and not (accumulate or bias is not None or lowrank is not None) \
                     and out.dtype == torch.float32:
                 programs = _cdiv(M, cfg["BLOCK_M"])
-                split = _split_k(device, programs, K, cfg["BLOCK_K"]) if split is None else split
-                if split == 2 and K > cfg["BLOCK_K"]:  # two halves of whole blocks, atomically added into zeros
+                if _split_k(device, programs, K, cfg["BLOCK_K"], asked) == 2:  # halves, added atomically into zeros
                     flags = dict(flags, SPLIT_K=2)
                     out.zero_()
                     grid = (programs, 2)
@@ -964,7 +964,7 @@ def _launch_gemm(
 _INTERP_SMS = 2  # the interpreter's stand-in for a GPU's SM count in _split_k: one-program launches split
 
 
-def _split_k(device: torch.device, programs: int, K: int, block_k: int) -> int:
+def _split_k(device: torch.device, programs: int, K: int, block_k: int, asked: int | None = None) -> int:
     """2 where a narrow float32 GEMM (U = xa A^T) has at most half as many programs as the GPU has SMs and K
     more than one block, else 1. U's programs are bound by their own issue rate (A split into bfloat16
     terms in every K step; on an H100 a lone program per SM streamed X at the same ~17-19 GB/s as two
@@ -972,9 +972,11 @@ def _split_k(device: torch.device, programs: int, K: int, block_k: int) -> int:
     halves of K per row tile use all of it. Where 2 * programs > SMs some SM runs two halves, as slow as
     one whole program: no gain. Never more than 2 halves: the float32 atomic sum of two partials into
     zero is exact-order-free (``_gemm_lowrank_kernel``), of three it is not, and U must not change from
-    run to run."""
+    run to run. ``asked``: a config's own SPLIT_K, taken instead of the rule (but K of one block never splits)."""
     if K <= block_k:
         return 1
+    if asked is not None:
+        return asked
     sms = _num_sms(device) if device.type == "cuda" else _INTERP_SMS
     return 2 if 2 * programs <= sms else 1
 

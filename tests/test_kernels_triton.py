@@ -293,21 +293,19 @@ def test_u_split_k(poisoned, device, dtype, shape, rule, monkeypatch):
         pytest.skip("natively one case (a GPU run's compile time is budgeted); the interpreter takes every case")
     t = make(*shape, device, dtype=dtype)
     u64 = ref_fwd(t, 0.7)[1]
-    real_run = K._run
     for forced in (None, 1, 2):
-        launches = []
-
-        def run(fn, grid, *args, **kw):
-            if fn is K._gemm_lowrank_kernel and not kw["HAS_LOWRANK"] and kw["HAS_MAIN"]:
-                launches.append((grid, kw["SPLIT_K"]))
-            return real_run(fn, grid, *args, **kw)
-
-        us = []
+        launches, us = [], []
         with monkeypatch.context() as m:
-            m.setattr(K, "_run", run)
             if forced is not None:
                 override_blocks(m, "narrow", dict(SPLIT_K=forced), lambda fn, kw: None)
-                m.setattr(K, "_run", run)  # override_blocks' recorder replaced it: record again, on top
+            real_run = K._run  # (override_blocks' recorder where it set one)
+
+            def run(fn, grid, *args, **kw):  # the grid too, which override_blocks' record does not see
+                if fn is K._gemm_lowrank_kernel and not kw["HAS_LOWRANK"] and kw["HAS_MAIN"]:
+                    launches.append((grid, kw["SPLIT_K"]))
+                return real_run(fn, grid, *args, **kw)
+
+            m.setattr(K, "_run", run)
             for _ in range(2):
                 us.append(K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], 0.7)[1])
         want = rule if forced is None else forced
@@ -332,6 +330,9 @@ def test_u_split_rule(monkeypatch):
     assert K._split_k(cuda, 67, 4096, 128) == 1  # some SM would run two halves: no gain
     assert K._split_k(cuda, 256, 11008, 128) == 1  # 16k tokens
     assert K._split_k(cuda, 1, 128, 128) == 1 and K._split_k(cuda, 1, 129, 128) == 2  # K of one block / two
+    # a config's own SPLIT_K over the rule, except that K of one block never splits
+    assert K._split_k(cuda, 256, 4096, 128, 2) == 2 and K._split_k(cuda, 64, 4096, 128, 1) == 1
+    assert K._split_k(cuda, 1, 128, 128, 2) == 1
     cpu = torch.device("cpu")
     assert K._split_k(cpu, 1, 64, 32) == 2 and K._split_k(cpu, 2, 64, 32) == 1
     # only U splits: a float32 dX = G W with in_features <= 64 (narrow) and no low-rank term (split_dx) does not
@@ -1459,15 +1460,7 @@ def test_outer_rows_of_samples_without_division(poisoned, device, mode, layout, 
         wide = torch.zeros(n, T, r + 3, device=device)
         wide[..., 1 : r + 1] = u
         u = wide[..., 1 : r + 1]
-    seen = []
-    run = K._run
-
-    def recording_run(fn, grid, *args, **kw):
-        if fn is K._outer_kernel:
-            seen.append(kw["SAMPLE_SEG"])
-        return run(fn, grid, *args, **kw)
-
-    monkeypatch.setattr(K, "_run", recording_run)
+    seen = override_blocks(monkeypatch, "outer", {}, lambda fn, kw: kw["SAMPLE_SEG"] if fn is K._outer_kernel else None)
     xa = by_token(c["xa"]) if layout == "xa_by_token" else c["xa"]
     got = K.ffa_linear_bwd(g, u, c["weight"], c["A"], c["B"], xa, s, True, True, mode, 1.0, 1.0)
     exp = ref_bwd(c, u64, True, s, True, True, mode, 1.0, 1.0)
