@@ -15,6 +15,7 @@ for only between rounds; every kernel here is tiny, so the launch queue never fi
                       in rounds alternating with the JIT's (CUDA)
     floor_step        frozen ``nn.Linear`` forward + input-gradient backward (autograd), tiny shape
     layer_step        ``FFALoRALinear`` forward + backward (no DP), same shape
+    layer_step_ps     the same keeping every sample's gradient and norm, no engine (gpu_layer.py's ffa_flat step)
     layer_step_dp     the same under ``DPSGD`` (flat clipping): forward, backward, ``step``, ``zero_grad``
     graph_replay      ``layer_step`` captured once in a CUDA graph, replayed
     layer_step_dp_graphed  ``layer_step_dp`` through ``GraphedAccumulator`` (CUDA: replayed from a graph)
@@ -256,6 +257,18 @@ def main(argv=None) -> int:
         model(xg).backward(g)
 
     measure_direct("layer_step", layer_step)
+    # the layer with every sample's gradient and norm kept, no engine: gpu_layer.py's ffa_flat step
+    from fedlora_fast import per_sample
+    from fedlora_fast.layers import FFALoRALinear
+
+    ps_layer = FFALoRALinear(torch.nn.Linear(inp, out, bias=False).to(device, dtype), r=r, alpha=2.0 * r, name="ps")
+    ps_layer.ps_ctx = per_sample.PerSampleContext(mode=MODE_PER_SAMPLE)
+
+    def layer_step_ps():  # (x's gradient accumulates as in the rows above; the per-sample state is cleared)
+        per_sample.clear(ps_layer.lora_B)
+        ps_layer(xg).backward(g)
+
+    measure_direct("layer_step_ps", layer_step_ps)
     if cuda:
         try:
             model[0].lora_B.grad = None

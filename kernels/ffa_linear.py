@@ -917,7 +917,8 @@ def _launch_gemm(
     rank = L.shape[2] if lowrank is not None else 1
     flags = _gemm_flags(
         x.dtype if x is not None else None, out.dtype, prec_dtype, main_fp32, accumulate, bias is not None,
-        lowrank is not None, _pow2(rank), torch.backends.cuda.matmul.allow_tf32,
+        lowrank is not None, _pow2(rank),
+        prec_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,  # (read only where it counts: ~1 us)
     )  # fmt: skip
     args = (
         x if x is not None else dummy, w, bias if bias is not None else dummy, L, R, out,
@@ -1146,7 +1147,9 @@ def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
     cfg = _tuned_config(_gemm_lowrank_tuned, key, grid, args, flags)
     if cfg is None:
         return
-    _run(_gemm_lowrank_kernel, grid, *args, **flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
+    if "EVEN_K" not in cfg:  # the first launch with it: kept as the whole launch's kwargs (flags and K are in the key)
+        cfg = _TUNED_CONFIGS[key] = {**flags, **cfg, "EVEN_K": K % cfg["BLOCK_K"] == 0}
+    _run(_gemm_lowrank_kernel, grid, *args, **cfg)
 
 
 # (op, device index, token bucket, sizes incl. the rank r, dtype, flags) -> the GEMM "auto" measured fastest in
@@ -1329,9 +1332,16 @@ def _spec_key(args: tuple) -> tuple:
     return tuple(key)
 
 
+_NO_GUARD = contextlib.nullcontext()  # stateless and reentrant: one instance serves every call
+
+
 def _device_guard(device: torch.device):
-    """``torch.cuda.device(d)`` for CUDA tensors (Triton launches on the current device), no-op otherwise."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """``torch.cuda.device(d)`` for CUDA tensors (Triton launches on the current device), no-op otherwise,
+    and a no-op inside an op that already holds the guard for ``device`` (``_kernels_or_reference`` enters
+    it once per op: the launch helpers' own guards cost ~2-4 us of host time each, ~6 per layer step)."""
+    if device.type != "cuda" or getattr(_LAUNCH, "device", None) == device:
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
 def _per_sample_outer(
@@ -1487,12 +1497,8 @@ def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
 
 def _use_reference(*tensors: Tensor | None) -> bool:
     """Inputs the kernels leave to the reference: float64, empty tensors, devices Triton cannot run."""
-    for t in tensors:
-        if t is None:
-            continue
-        if t.dtype == torch.float64 or t.numel() == 0:
-            return True
-        if not t.is_cuda and not (_INTERPRET and t.device.type == "cpu"):
+    for t in tensors:  # (on the host's critical path, every op call: attribute reads only)
+        if t is not None and (t.dtype is torch.float64 or not t.numel() or not (t.is_cuda or (_INTERPRET and t.is_cpu))):
             return True
     return False
 
@@ -1577,7 +1583,9 @@ def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, re
     while True:
         _LAUNCH.stage_cap, _LAUNCH.refused_stages = cap, None
         try:
-            return kernels(*args)
+            with _device_guard(lead.device):  # once for the op's launches (they skip their own: same device)
+                _LAUNCH.device = lead.device
+                return kernels(*args)
         except OutOfResources as e:
             # one below the refused launch's stages, never above the cap (an autotuned launch ignores it)
             refused = min(_LAUNCH.refused_stages or 3, cap or 3)
@@ -1597,7 +1605,7 @@ def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, re
             _COMPILE_FAILED.add(_call_shape(op, tensors, r))
             return reference(*args)
         finally:
-            _LAUNCH.stage_cap = _LAUNCH.refused_stages = None
+            _LAUNCH.stage_cap = _LAUNCH.refused_stages = _LAUNCH.device = None
 
 
 def ffa_linear_fwd(

@@ -596,8 +596,8 @@ def test_launch_overhead_smoke(tmp_path):
          env={"TRITON_INTERPRET": "1"})
     row = json.loads(out.read_text())
     us = row["us_per_call"]
-    for name in ("torch_add", "ffa_fwd", "ffa_bwd", "gemm_jit", "spec_key", "floor_step", "layer_step", "layer_step_dp",
-                 "layer_step_dp_graphed"):
+    for name in ("torch_add", "ffa_fwd", "ffa_bwd", "gemm_jit", "spec_key", "floor_step", "layer_step", "layer_step_ps",
+                 "layer_step_dp", "layer_step_dp_graphed"):
         assert isinstance(us[name], float) and us[name] > 0, (name, us[name])
     assert us["gemm_compiled"].startswith("failed: RuntimeError"), us["gemm_compiled"]
     assert row["device_type"] == "cpu" and row["shape"] == "2,8,128,256,16"

@@ -730,6 +730,57 @@ def test_a_launch_out_of_shared_memory_reruns_with_fewer_stages(device, fewer, s
     assert K._LAUNCH.stage_cap is None  # the cap does not leak out of the op
 
 
+def test_an_op_enters_its_cuda_device_guard_once(monkeypatch):
+    """``_kernels_or_reference`` holds ``torch.cuda.device`` for the op's device around the whole op, and the
+    launch helpers' own guards are no-ops for that device inside it (host time); outside an op, or for another
+    device, each guard is the real one; the op's device does not leak out of the op, even when it raises.
+    ``torch.cuda.device`` is a recording stand-in (no GPU needed)."""
+    entered = []
+
+    class FakeGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeGuard)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+
+    class FakeTensor:  # only what _kernels_or_reference reads of tensors[0] once _use_reference is bypassed
+        device, dtype = cuda0, torch.bfloat16
+
+    monkeypatch.setattr(K, "_use_reference", lambda *t: False)
+    inner = []
+
+    def kernels(fail=False):
+        for d in (cuda0, cuda0, cuda1, torch.device("cpu")):
+            with K._device_guard(d):
+                inner.append(d)
+        if fail:
+            raise ValueError("a launch failed")
+        return "ran"
+
+    with K._device_guard(cuda0):  # outside an op: the real guard
+        pass
+    assert entered == [cuda0]
+    entered.clear()
+    assert K._kernels_or_reference("forward", (FakeTensor(),), 4, kernels, None, ()) == "ran"
+    assert entered == [cuda0, cuda1]  # the op's guard once; another device's guard is real
+    assert inner == [cuda0, cuda0, cuda1, torch.device("cpu")]
+    assert K._LAUNCH.device is None
+    entered.clear()
+    with pytest.raises(ValueError, match="a launch failed"):
+        K._kernels_or_reference("forward", (FakeTensor(),), 4, kernels, None, (True,))
+    assert K._LAUNCH.device is None
+    with K._device_guard(cuda0):  # after the op: real again
+        pass
+    assert entered == [cuda0, cuda1, cuda0]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_stage_cap_only_goes_down_when_a_refused_launch_ignores_it(device, monkeypatch):
     """A launch that does not take the cap (an autotuned config: the autotuner's stages) and keeps being

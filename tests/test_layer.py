@@ -123,6 +123,55 @@ def test_gradients_match_float64(train_A, rslora):
         assert layer.lora_A.grad is None
 
 
+@pytest.mark.parametrize("lead", [(), (6,), (2, 5), (2, 3, 4)], ids=["1d", "2d", "3d", "4d"])
+def test_any_leading_dims_match_float64(lead):
+    """Inputs of 1 to 4 dims (a 3-D input goes to the ops as it is, the others flattened to 3-D and the output
+    shaped back): the output's shape, values and dX, dB against float64."""
+    torch.manual_seed(5)
+    lin = nn.Linear(11, 9)
+    layer = ff.FFALoRALinear(lin, r=2, alpha=3.0, seed=0, name="l")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(*lead, 11, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*lead, 9)
+    g = torch.randn(y.shape)
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_(True)
+    B64 = layer.lora_B.detach().double().requires_grad_(True)
+    y64 = x64 @ lin.weight.double().t() + lin.bias.double() + layer.scale * (x64 @ layer.lora_A.double().t()) @ B64.t()
+    y64.backward(g.double())
+    assert_close_verbose(y, y64, atol=1e-5, rtol=1e-5, name="y")
+    assert_close_verbose(x.grad, x64.grad, atol=1e-5, rtol=1e-5, name="dX")
+    assert_close_verbose(layer.lora_B.grad, B64.grad, atol=1e-4, rtol=1e-5, name="dB")
+
+
+def test_a_parametrized_B_is_used_as_parametrized():
+    """The layer reads A and B from its parameter dict where they are plain parameters (host time), and through
+    the attribute where a parametrization replaced one: B = 2 B_orig here, and its gradient reaches B_orig."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, b):
+            return 2 * b
+
+    torch.manual_seed(6)
+    lin = nn.Linear(7, 5)
+    layer = ff.FFALoRALinear(lin, r=2, alpha=2.0, seed=0, name="l")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    B0 = layer.lora_B.detach().clone()
+    parametrize.register_parametrization(layer, "lora_B", Double())
+    x = torch.randn(3, 4, 7)
+    y = layer(x)
+    want = lin(x) + layer.scale * (x @ layer.lora_A.t()) @ (2 * B0).t()
+    assert_close_verbose(y, want, atol=1e-5, rtol=1e-5, name="y")
+    y.sum().backward()
+    orig = layer.parametrizations.lora_B.original
+    want_grad = 2 * layer.scale * torch.ones(3 * 4, 5).t() @ (x.reshape(-1, 7) @ layer.lora_A.t())
+    assert_close_verbose(orig.grad, want_grad, atol=1e-4, rtol=1e-5, name="dB_orig")
+
+
 def sum_loss(model, batch):
     return (model(batch["x"]) * batch["w"]).sum()
 

@@ -33,8 +33,12 @@ def init_lora_A(r: int, in_features: int, seed: int, name: str) -> Tensor:
 
 
 def flat3(t: Tensor) -> Tensor:
-    """(n, ..., f) -> (n, T, f) with T the product of the middle dims (n may be 0); 1-D -> (1, 1, f)."""
-    if t.dim() == 1:
+    """(n, ..., f) -> (n, T, f) with T the product of the middle dims (n may be 0); 1-D -> (1, 1, f); a 3-D
+    tensor is returned as it is (a reshape to its own shape would still make a new view: host time per call)."""
+    dim = t.dim()
+    if dim == 3:
+        return t
+    if dim == 1:
         return t.reshape(1, 1, -1)
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
@@ -77,6 +81,9 @@ def check_layer_args(base: nn.Module, r: int, alpha: float, dropout: float) -> N
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
 
 
+_NO_AUTOCAST_CHANGE = contextlib.nullcontext()  # stateless and reentrant: one instance for every call
+
+
 class _FFALinearFn(torch.autograd.Function):
     """Autograd glue around the ``ffa_linear`` ops; the layer object carries the configuration."""
 
@@ -103,7 +110,7 @@ class _FFALinearFn(torch.autograd.Function):
         # Per-sample state and per-layer thresholds belong to the Parameters themselves, not to the saved
         # tensors: under activation checkpointing (HF gradient_checkpointing_enable) those unpack as
         # recomputed aliases, other Python objects, so state stored on them would be lost.
-        pA, pB = layer.lora_A, layer.lora_B
+        pA, pB = layer._adapter("lora_A"), layer._adapter("lora_B")
         want_B = ctx.needs_input_grad[5]  # a frozen B (partial freezing, as peft allows) gets no per-sample state
         want_A = ctx.train_A and ctx.needs_input_grad[4]
         if ps_ctx is not None and not (want_A or want_B):
@@ -227,7 +234,12 @@ class FFALoRALinear(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        # submodules and parameters through the module's dicts where they are plain entries: nn.Module's
+        # __getattr__ costs ~0.5 us per lookup, a dozen per call on the host's critical path. The base
+        # weight goes through getattr (a parametrization makes it a property); so do A and B if one is
+        # parametrized (then absent from _parameters)
+        base = self._modules["base_layer"]
+        weight, bias = base.weight, base.bias
         check_input(x, self.in_features, weight)
         if self.merged:
             if self.training and torch.is_grad_enabled() and self.lora_B.requires_grad:
@@ -249,15 +261,20 @@ class FFALoRALinear(nn.Module):
                 f"x: expected dtype {weight.dtype} (the base weight's), got {x.dtype}; "
                 "cast the input or run under torch.autocast"
             )
-        lead = x.shape[:-1]
         x3 = flat3(x)
-        xa = self.dropout(x3) if not isinstance(self.dropout, nn.Identity) else None
+        dropout = self._modules["dropout"]
+        xa = dropout(x3) if not isinstance(dropout, nn.Identity) else None
         # grad mode is off inside Function.forward: decide here whether this pass needs per-sample work
         ps_ctx = self.ps_ctx if per_sample.active(self.ps_ctx) else None
         # the ops run in the dtype chosen above: autocast off inside (entered only when it is on)
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            y = _FFALinearFn.apply(x3, xa, weight, bias, self.lora_A, self.lora_B, self, ps_ctx)
-        return y.reshape(*lead, self.out_features)
+        with torch.autocast(device_type, enabled=False) if autocast else _NO_AUTOCAST_CHANGE:
+            y = _FFALinearFn.apply(x3, xa, weight, bias, self._adapter("lora_A"), self._adapter("lora_B"), self, ps_ctx)
+        return y if x3 is x else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _adapter(self, name: str) -> Tensor:
+        """``self.lora_A`` / ``self.lora_B`` without nn.Module's ``__getattr__`` where it is a plain parameter."""
+        p = self._parameters.get(name)
+        return getattr(self, name) if p is None else p
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
