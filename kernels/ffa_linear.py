@@ -1147,9 +1147,15 @@ def _launch_tuned(key: tuple, grid, args: tuple, flags: dict, K: int) -> None:
     cfg = _tuned_config(_gemm_lowrank_tuned, key, grid, args, flags)
     if cfg is None:
         return
-    if "EVEN_K" not in cfg:  # the first launch with it: kept as the whole launch's kwargs (flags and K are in the key)
-        cfg = _TUNED_CONFIGS[key] = {**flags, **cfg, "EVEN_K": K % cfg["BLOCK_K"] == 0}
-    _run(_gemm_lowrank_kernel, grid, *args, **cfg)
+    entry = _TUNED_LAUNCH.get(key)
+    if entry is None or entry[0] is not flags or entry[1] is not cfg:  # (dict(**a, **b) refuses a shared name)
+        entry = _TUNED_LAUNCH[key] = (flags, cfg, dict(**flags, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0))
+    _run(_gemm_lowrank_kernel, grid, *args, **entry[2])
+
+
+# key of _TUNED_CONFIGS -> (the flags dict, the autotuner's config, the launch's whole kwargs): merged once, not
+# per call; used only while both are the very objects it was made from (a re-tune or new flags make it again)
+_TUNED_LAUNCH: dict[tuple, tuple] = {}
 
 
 # (op, device index, token bucket, sizes incl. the rank r, dtype, flags) -> the GEMM "auto" measured fastest in
@@ -1335,13 +1341,31 @@ def _spec_key(args: tuple) -> tuple:
 _NO_GUARD = contextlib.nullcontext()  # stateless and reentrant: one instance serves every call
 
 
+class _CudaGuard:
+    """``torch.cuda.device(d)`` that also records ``d`` as this thread's innermost guarded device while it is
+    held (``_LAUNCH.device``), restoring the previous one on exit."""
+
+    __slots__ = ("device", "guard", "prev")
+
+    def __init__(self, device: torch.device):
+        self.device, self.guard = device, torch.cuda.device(device)
+
+    def __enter__(self):
+        self.guard.__enter__()
+        self.prev, _LAUNCH.device = getattr(_LAUNCH, "device", None), self.device
+
+    def __exit__(self, *exc):
+        _LAUNCH.device = self.prev
+        return self.guard.__exit__(*exc)
+
+
 def _device_guard(device: torch.device):
     """``torch.cuda.device(d)`` for CUDA tensors (Triton launches on the current device), no-op otherwise,
-    and a no-op inside an op that already holds the guard for ``device`` (``_kernels_or_reference`` enters
-    it once per op: the launch helpers' own guards cost ~2-4 us of host time each, ~6 per layer step)."""
+    and a no-op where the innermost guard this thread holds is already ``device`` (``_kernels_or_reference``
+    enters one per op: the launch helpers' own guards cost ~2-4 us of host time each, ~6 per layer step)."""
     if device.type != "cuda" or getattr(_LAUNCH, "device", None) == device:
         return _NO_GUARD
-    return torch.cuda.device(device)
+    return _CudaGuard(device)
 
 
 def _per_sample_outer(
@@ -1584,7 +1608,6 @@ def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, re
         _LAUNCH.stage_cap, _LAUNCH.refused_stages = cap, None
         try:
             with _device_guard(lead.device):  # once for the op's launches (they skip their own: same device)
-                _LAUNCH.device = lead.device
                 return kernels(*args)
         except OutOfResources as e:
             # one below the refused launch's stages, never above the cap (an autotuned launch ignores it)
@@ -1605,7 +1628,7 @@ def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, re
             _COMPILE_FAILED.add(_call_shape(op, tensors, r))
             return reference(*args)
         finally:
-            _LAUNCH.stage_cap = _LAUNCH.refused_stages = _LAUNCH.device = None
+            _LAUNCH.stage_cap = _LAUNCH.refused_stages = None
 
 
 def ffa_linear_fwd(

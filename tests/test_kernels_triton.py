@@ -779,6 +779,38 @@ def test_an_op_enters_its_cuda_device_guard_once(monkeypatch):
     with K._device_guard(cuda0):  # after the op: real again
         pass
     assert entered == [cuda0, cuda1, cuda0]
+    entered.clear()
+
+    def nested():  # another device's guard inside the op makes that device current: cuda0's is real again in it
+        with K._device_guard(cuda1):
+            with K._device_guard(cuda0):
+                pass
+            with K._device_guard(cuda1):
+                pass
+        with K._device_guard(cuda0):
+            pass
+        return "ran"
+
+    assert K._kernels_or_reference("forward", (FakeTensor(),), 4, nested, None, ()) == "ran"
+    assert entered == [cuda0, cuda1, cuda0]
+
+    # a launch refused even at one stage runs the reference: outside the op's guard, as any caller would be
+    monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
+    monkeypatch.setattr(K, "_STAGE_CAP", {})
+    seen = []
+
+    def refused():
+        K._LAUNCH.refused_stages = 1
+        raise K.OutOfResources(1, 0, "shared memory")
+
+    def reference():
+        seen.append(K._LAUNCH.device)
+        return "reference"
+
+    FakeTensor.is_cuda = False  # (names the device in the warning without asking CUDA for its name)
+    with pytest.warns(RuntimeWarning, match="do not fit"):
+        assert K._kernels_or_reference("forward", (FakeTensor(),), 4, refused, reference, ()) == "reference"
+    assert seen == [None] and K._LAUNCH.device is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1400,10 +1432,18 @@ def test_tuned_gemm_launches_with_the_cached_config(monkeypatch):
 
     real_kernel = K._gemm_lowrank_kernel
 
+    y_blocks = []  # BLOCK_N of each direct Y launch (U's launches have no low-rank term)
+
     class CountingKernel:
         def __getitem__(self, grid):
             calls.append("direct")
-            return real_kernel[grid]
+
+            def launch(*a, **kw):
+                if kw["HAS_LOWRANK"]:
+                    y_blocks.append(kw["BLOCK_N"])
+                return real_kernel[grid](*a, **kw)
+
+            return launch
 
     monkeypatch.setattr(K, "_autotune", lambda device: True)
     monkeypatch.setattr(K, "_gemm_lowrank_tuned", FakeTuner())
@@ -1426,6 +1466,16 @@ def test_tuned_gemm_launches_with_the_cached_config(monkeypatch):
         y, _ = K.ffa_linear_fwd(*(t[k] for k in ("x", "xa", "weight", "bias", "A", "B")), 2.0)
         assert calls.count("tuner") == tuned, (n, calls)
         close(y, ref_fwd(t, 2.0)[0], f"y (n={n})")
+    # tuned again (the cache emptied, the tuner now choosing another config): the launches after it take the new
+    # config, not the launch kwargs merged from the old one
+    assert y_blocks and set(y_blocks) == {32}, y_blocks
+    K._TUNED_CONFIGS.clear()
+    chosen = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=2, num_stages=1)
+    y_blocks.clear()
+    for _ in range(2):
+        y, _ = K.ffa_linear_fwd(*args, 2.0)
+        close(y, y64, "y (tuned again)")
+    assert calls.count("tuner") == 3 and y_blocks == [64, 64], (calls, y_blocks)  # the tuner's own launch, then ours
 
 
 @pytest.mark.parametrize("device", DEVICES)
