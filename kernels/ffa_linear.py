@@ -1522,7 +1522,9 @@ def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
 def _use_reference(*tensors: Tensor | None) -> bool:
     """Inputs the kernels leave to the reference: float64, empty tensors, devices Triton cannot run."""
     for t in tensors:  # (on the host's critical path, every op call: attribute reads only)
-        if t is not None and (t.dtype is torch.float64 or not t.numel() or not (t.is_cuda or (_INTERPRET and t.is_cpu))):
+        if t is None:
+            continue
+        if t.dtype is torch.float64 or not t.numel() or not (t.is_cuda or (_INTERPRET and t.is_cpu)):
             return True
     return False
 
