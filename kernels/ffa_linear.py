@@ -1205,7 +1205,7 @@ def _time_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> f
     the recommended way to run such layers) only the GPU time is left, and it is also what a GPU-bound
     step waits for."""
     fn()
-    if device.type == "cuda":  # (on the current stream of the tensors' device: _choose_gemm's caller sets it)
+    if device.type == "cuda":  # (on the current stream of the tensors' device: _kernels_or_reference's guard)
         rate = _sleep_cycles_per_ms(device)
         t0 = time.perf_counter()
         fn()  # one call's issue time (the GPU may still be running it: not waited for)
@@ -1687,8 +1687,7 @@ def _fwd(
         return y
 
     key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok)
-    with _device_guard(x.device):  # auto's events and streams on the tensors' device, not the current one
-        impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype)
+    impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype)  # (under the op's device guard: its events too)
     return y_with(impl), u
 
 
@@ -1793,8 +1792,7 @@ def _bwd(
     impl = "triton"
     if need_dx:
         key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, r, dt, split_dx, mode, xa is None)
-        with _device_guard(g.device):  # auto's events and streams on the tensors' device, not the current one
-            impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx, dtype=dt)
+        impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx, dtype=dt)  # (the op's device guard)
     gB, nuB, v, dx = pass_and_dx(impl)
     if mode == MODE_CLIP:
         gB = _clip_reduce(gB, clip_coef(nuB, clip_B))
