@@ -156,6 +156,55 @@ def bench_ms(fn, device: torch.device, reps: int) -> float:
     return 1e3 * statistics.median(ts)
 
 
+def queued_times(fn, n: int, flush, spin, event) -> list[float]:
+    """``n`` timed calls of ``fn``, each after ``flush()`` (L2 emptied) and ``spin()`` (the GPU kept busy while
+    the host issues the call), between two ``event()`` records; the milliseconds of each once all ran."""
+    marks = []
+    for _ in range(n):
+        flush()
+        spin()
+        start, end = event(), event()
+        start.record()
+        fn()
+        end.record()
+        marks.append((start, end))
+    marks[-1][1].synchronize()
+    return [start.elapsed_time(end) for start, end in marks]
+
+
+def kernel_ms(fn, device: torch.device, reps: int) -> float:
+    """Median milliseconds of GPU time per call of ``fn``, for the kernel sweeps.
+
+    do_bench's method (L2 flushed before each call, CUDA events around it, median), with each call also queued
+    behind a spin kernel (``torch.cuda._sleep``) that lasts twice the host's issue time of one call: without it,
+    a call whose host work outlasts the flush (a memset and a Triton launch: ~0.1 ms on an H100 VM's CPU,
+    2026-11-26, against ~85 us of GPU time for the 256 MB flush) is timed by its host work. That made rows of
+    one config differ 2.5x in the 4k-token U sweep (28 vs 71 us). Off CUDA, or without ``_sleep``: ``bench_ms``."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    rate = K._sleep_cycles_per_ms(device) if device.type == "cuda" else None
+    if rate is None:
+        return bench_ms(fn, device, reps)
+    fn()
+    torch.cuda.synchronize(device)
+    issue_ms = 0.0
+    for _ in range(3):  # the slowest of three issues (the GPU may still be running them: not waited for)
+        t0 = time.perf_counter()
+        fn()
+        issue_ms = max(issue_ms, (time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize(device)
+    cache = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    cycles = int(rate * min(K._SLEEP_CAP_MS, 2.0 * issue_ms + 0.05))
+
+    def timed(n):
+        return queued_times(fn, n, cache.zero_, lambda: torch.cuda._sleep(cycles),
+                            lambda: torch.cuda.Event(enable_timing=True))
+
+    estimate = statistics.median(timed(5))
+    n = max(5, min(300, int(max(100, 10 * reps) / max(estimate, 1e-3))))  # do_bench's rep budget in ms
+    return float(statistics.median(timed(n)))
+
+
 def ceilings(device: torch.device, dtype: torch.dtype) -> dict:
     """Measured matmul TFLOP/s (8192^3 in ``dtype``) and device-to-device copy GB/s (1 GiB) of this card."""
     if device.type != "cuda":
@@ -478,7 +527,7 @@ def sweep_outer(n, T, out, r, dtype, device, reps: int, progress=None) -> list[d
                         P, nu, _ = fn()
                     err_p = max(err_p, float((P.double() - p64).abs().max() / p64.abs().max()))
                     err_nu = max(err_nu, float(((nu.double() - nu64).abs() / nu64).max()))
-                    timed[key] = bench_ms(fn, device, reps)
+                    timed[key] = kernel_ms(fn, device, reps)
             ms = timed["ms"]
             rows.append({"config": cfg, **timed, "g_gbps": g.numel() * g.element_size() / (ms * 1e-3) / 1e9,
                          "g_gbps_nov": g.numel() * g.element_size() / (timed["ms_nov"] * 1e-3) / 1e9,
@@ -531,7 +580,7 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
             with blocks_override("narrow", cfg):
                 with nan_outputs():  # U's buffer, and PRESPLIT_W's split terms
                     entry["rel_err_U"] = float((fn().double() - u64).abs().max() / u64.abs().max())
-                entry["ms"] = bench_ms(fn, device, reps)
+                entry["ms"] = kernel_ms(fn, device, reps)
             entry["x_gbps"] = x.numel() * x.element_size() / (entry["ms"] * 1e-3) / 1e9
         except Exception as e:  # noqa: BLE001  (a config that fails to compile or fit: report, keep sweeping)
             entry.update(sweep_error(e))
@@ -613,7 +662,7 @@ def sweep_merge(out, inp, r, dtype, device, reps: int) -> list[dict]:
                 ulp_err_strict = float((diff / half_ulp).max())
                 rel_err = float(diff.max() / exact.abs().max())
                 del got, diff
-                ms = bench_ms(fn, device, reps)
+                ms = kernel_ms(fn, device, reps)
                 launch = K._merge_launch(device, dtype, r, out, inp)  # as the kernel ran: BLOCK_RK clamped
             # A and B as read: B's tile once per program, or once per LOOP_I step where the rank is sliced
             b_steps = 1 if launch["BLOCK_RK"] == launch["BLOCK_R"] else launch["LOOP_I"]
@@ -650,7 +699,7 @@ def u_cublas_baselines(x, A, u64, device, reps: int) -> list[dict]:
         entry = {"config": {"cublas_terms": terms}, "baseline": True}
         try:
             entry["rel_err_U"] = float((fn().double().view_as(u64) - u64).abs().max() / u64.abs().max())
-            entry["ms"] = bench_ms(fn, device, reps)
+            entry["ms"] = kernel_ms(fn, device, reps)
             entry["x_gbps"] = x.numel() * x.element_size() / (entry["ms"] * 1e-3) / 1e9
         except Exception as e:  # noqa: BLE001  (torch without mm's out_dtype: say so, keep going)
             entry["error"] = repr(e)[:200]
@@ -692,15 +741,29 @@ def choose_blocks(rows: list[dict], bound: float = ACCURACY_BOUND) -> dict[str, 
 
 
 def apply_blocks(chosen: dict[str, dict | None]) -> dict[str, dict]:
-    """Make the kernels use ``chosen`` configs (this process only); returns what was applied."""
+    """Make the kernels use ``chosen`` configs (this process only); returns what was applied.
+
+    ``_blocks(kind, ...)`` on CUDA then answers the chosen config for that kind at every rank and dtype, as
+    during the sweep (``blocks_override``), with only the stage cap applied: the kernels' rank rules
+    (``_CUDA_MERGE_WIDE``, ``_CUDA_NARROW_WIDE_SM90``, ...) would otherwise replace a tile swept at r = 64 by
+    the shipped r = 64 one, and the layer would run a config other than the one the sweep chose."""
     from fedlora_fast.kernels import ffa_linear as K
 
-    applied = {}
-    for kind, cfg in chosen.items():
-        if cfg is not None:
-            K._CUDA_BLOCKS[kind] = dict(cfg)
-            applied[kind] = dict(cfg)
-    return applied
+    applied = {kind: dict(cfg) for kind, cfg in chosen.items() if cfg is not None}
+    if applied:
+        real = K._blocks
+
+        def chosen_blocks(kind, device, dtype=None, **dims):
+            if kind not in applied or device.type != "cuda":
+                return real(kind, device, dtype, **dims)
+            cfg = dict(applied[kind])
+            cap = getattr(K._LAUNCH, "stage_cap", None)
+            if cap is not None:
+                cfg["num_stages"] = min(cfg.get("num_stages", 3), cap)
+            return cfg
+
+        K._blocks = chosen_blocks
+    return {kind: dict(cfg) for kind, cfg in applied.items()}
 
 
 def print_sweeps(row: dict) -> None:

@@ -768,8 +768,10 @@ _CUDA_BLOCKS = {
     "finish": dict(BLOCK_A=256, num_warps=4),
     "clip": dict(BLOCK_A=64, BLOCK_B=64, num_warps=4),
     # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles, the rank
-    # in one TF32 dot (68 / 163-187 us per call at r = 16 / 64 and 4096 x 11008 on an H100, W's bytes ~60 us). Swept
-    # beside it, not yet timed: LOOP_I, BLOCK_RK (the rank in slices), LR_PREC "ieee" (float32 FMAs)
+    # in one TF32 dot: 71 / 73 us per call at r = 16 and 4096 x 11008 / 11008 x 4096 on an H100 (W's bytes ~60 us;
+    # 2026-11-26 night sweep, bench/results/gpu_session_NVIDIA_H100_80GB_HBM3_20261126_night). No other config was
+    # clearly faster at r = 16 (the best, 32 x 256, 69 / 72 us: noise); LOOP_I, BLOCK_RK slices and LR_PREC "ieee"
+    # (float32 FMAs) were slower (76-114 us). Above r = 16: _CUDA_MERGE_WIDE
     "merge": dict(BLOCK_O=64, BLOCK_I=128, num_warps=4),
     # a float32 operand's bf16 split terms (PRESPLIT_W / PRESPLIT): a few KiB, one pass
     "split": dict(BLOCK_K=128, num_warps=4),
@@ -805,6 +807,10 @@ _CUDA_NARROW_WIDE_SM90 = dict(BLOCK_M=128, num_warps=8)
 # tiles with 8 warps, 3 stages, 115 / 292 us at out = 4096 / 11008 against 150 / 413 us for r = 16's 64 x 64
 # tile with 4 warps (2.0e-7 / 3.1e-7 error). With V the 128-wide tile above stayed the best (254 / 615 us)
 _CUDA_OUTER_WIDE_NO_V = dict(BLOCK_A=128, num_warps=8)
+# The merged weight at 16 < r <= 64, bf16, from the same night's sweep at r = 64 (16k tokens): 128 x 64 tiles with
+# 4 warps, 108 / 110 us per call at 4096 x 11008 / 11008 x 4096 against the r = 16 tile's 160 / 163 us, at the
+# same error (0.69 / 0.72 of half a bf16 ulp); the FMA ("ieee") variants no faster (159-214 us)
+_CUDA_MERGE_WIDE = dict(BLOCK_O=128, BLOCK_I=64, num_warps=4)
 _WIDE_MAX_R = 64  # above this, the rules above were not measured: the r = 16 configs
 
 
@@ -829,8 +835,9 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
     """Block sizes and warps for every launch (a fresh dict); one place to tune (no autotune under the
     interpreter).
 
-    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B), and for the pass over G ``RANK`` (r) and
-    ``V_RANK`` (r where it computes V, else 0); ``dtype`` the model's (float32 takes smaller CUDA tiles).
+    ``dims`` are the sizes the blocks tile (M/N/K, T/A, A/B, O/I), for the pass over G and the merge ``RANK``
+    (r), and for the pass over G ``V_RANK`` (r where it computes V, else 0); ``dtype`` the model's (float32
+    takes smaller CUDA tiles).
     CUDA sizes: swept on an H100 for bf16 at r = 16 and r = 64 (bench/gpu_layer.py; the r = 64 tiles are
     bf16's only), AOT-checked for spills and shared memory elsewhere. An op whose launch ran out of shared
     memory on this device runs with fewer pipeline stages (``_STAGE_CAP``).
@@ -848,6 +855,8 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
             cfg.update(_CUDA_V_WIDE)
         elif kind == "outer" and _V_WIDE_R < dims.get("RANK", 0) <= _WIDE_MAX_R and dtype == torch.bfloat16:
             cfg.update(_CUDA_OUTER_WIDE_NO_V)
+        if kind == "merge" and _V_WIDE_R < dims.get("RANK", 0) <= _WIDE_MAX_R and dtype == torch.bfloat16:
+            cfg.update(_CUDA_MERGE_WIDE)
         if cap is not None:
             cfg["num_stages"] = min(cfg.get("num_stages", 3), cap)  # Triton's default is 3
         return cfg
@@ -1470,7 +1479,7 @@ def _merge_launch(device: torch.device, dtype: torch.dtype, r: int, out: int, in
     """The merge kernel's config for W (out, in) of ``dtype`` at rank r: ``_blocks("merge")`` with
     ``LOOP_I``, ``BLOCK_R``, ``BLOCK_RK`` (at most BLOCK_R) and ``LR_PREC`` (a config may ask for "ieee",
     CUDA-core FMAs, where W is rounded to bf16 anyway; float32 W always takes it) filled in."""
-    cfg = _blocks("merge", device, dtype, O=out, I=inp)
+    cfg = _blocks("merge", device, dtype, O=out, I=inp, RANK=r)
     cfg.setdefault("LOOP_I", 1)
     cfg["BLOCK_R"] = block_r = _pow2(r)
     rk = cfg.get("BLOCK_RK", block_r)

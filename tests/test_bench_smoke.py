@@ -753,3 +753,105 @@ def test_failures_are_logged_as_they_happen_and_a_self_skipped_case_is_no_error(
                     str(tmp_path / "test_x.py")], cwd=tmp_path, env={**env, "PYTEST_XDIST_WORKER": "gw0"},
                    capture_output=True, text=True, timeout=300)  # fmt: skip
     assert log.read_text() == text
+
+
+def test_apply_blocks_is_what_every_cuda_launch_of_that_kind_takes(monkeypatch):
+    """``--blocks-from``: the sweep's chosen config is what the kernels launch for that kind at every rank (the
+    rank rules, e.g. the merge's 128 x 64 tile above r = 16, must not replace a config swept at r = 64), with
+    the stage cap still applied; other kinds and CPU launches keep the kernels' own rules."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    monkeypatch.setattr(K, "_blocks", K._blocks)  # restored after the test
+    real = K._blocks
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    chosen = dict(BLOCK_O=32, BLOCK_I=256, num_warps=4)
+    assert gpu_layer.apply_blocks({"merge": chosen, "outer": None}) == {"merge": chosen}
+    for r in (16, 64):
+        launch = K._merge_launch(cuda, torch.bfloat16, r, 4096, 11008)
+        assert (launch["BLOCK_O"], launch["BLOCK_I"], launch["num_warps"]) == (32, 256, 4), (r, launch)
+    assert real("merge", cuda, torch.bfloat16, O=4096, I=11008, RANK=64)["BLOCK_O"] == 128  # the rule it overrides
+    assert K._blocks("outer", cuda, torch.bfloat16, RANK=64, V_RANK=0) == real("outer", cuda, torch.bfloat16,
+                                                                               RANK=64, V_RANK=0)
+    assert K._blocks("merge", cpu, O=40, I=300) == real("merge", cpu, O=40, I=300)
+    try:
+        K._LAUNCH.stage_cap = 2
+        assert K._blocks("merge", cuda, torch.bfloat16)["num_stages"] == 2
+    finally:
+        K._LAUNCH.stage_cap = None
+    assert "num_stages" not in K._blocks("merge", cuda, torch.bfloat16)
+
+
+def test_kernel_sweep_timing_queues_each_call_behind_the_flush_and_a_spin(monkeypatch):
+    """The sweeps time kernels by GPU time: each call is issued after the L2 flush and a spin kernel are queued,
+    between its own two events, and only the last event is waited for (the host never drains the queue, so
+    the spin covers the host's issue time); off CUDA ``kernel_ms`` is ``bench_ms``."""
+    import gpu_layer
+
+    log = []
+
+    class Event:
+        def __init__(self):
+            self.i = len([e for e in log if e.startswith("event")])
+            log.append(f"event{self.i}")
+
+        def record(self):
+            log.append(f"record{self.i}")
+            self.t = 0.5 * len(log)
+
+        def synchronize(self):
+            log.append(f"sync{self.i}")
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    times = gpu_layer.queued_times(lambda: log.append("fn"), 2, lambda: log.append("flush"),
+                                   lambda: log.append("spin"), Event)
+    assert log == ["flush", "spin", "event0", "event1", "record0", "fn", "record1",
+                   "flush", "spin", "event2", "event3", "record2", "fn", "record3", "sync3"], log
+    assert times == [1.0, 1.0]  # end - start: the call between them
+    calls = []
+    monkeypatch.setattr(gpu_layer, "bench_ms", lambda fn, device, reps: calls.append((fn, device, reps)) or 7.0)
+    fn = lambda: None  # noqa: E731
+    assert gpu_layer.kernel_ms(fn, torch.device("cpu"), 3) == 7.0 and calls == [(fn, torch.device("cpu"), 3)]
+
+
+def test_kernel_ms_spins_twice_the_host_issue_time(monkeypatch):
+    """On CUDA (faked here) ``kernel_ms`` spins ``2 x`` the slowest of three host issues + 0.05 ms before each
+    timed call, capped at ``_SLEEP_CAP_MS``, and returns the median of the per-call event times."""
+    import time as _time
+
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    spins, elapsed = [], iter(range(10**6))
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.t = next(elapsed)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 9.0 if end.t % 8 == 7 else 0.25  # every 4th call 9 ms: the median ignores the outliers
+
+    monkeypatch.setattr(K, "_sleep_cycles_per_ms", lambda device: 1000.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", spins.append, raising=False)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(8, dtype=torch.int8))
+    cuda = torch.device("cuda")
+    for host_ms, expected_ms in ((2.0, 2 * 2.0 + 0.05), (40.0, K._SLEEP_CAP_MS)):
+        spins.clear()
+        ms = gpu_layer.kernel_ms(lambda h=host_ms: _time.sleep(h / 1e3), cuda, 1)
+        assert ms == 0.25
+        assert len(set(spins)) == 1 and 5 + 5 <= len(spins) <= 5 + 300, len(spins)
+        # at least the issue time asked for (a slower box only lengthens it), never past the cap
+        assert expected_ms * 1000.0 <= spins[0] <= K._SLEEP_CAP_MS * 1000.0, (host_ms, spins[0])

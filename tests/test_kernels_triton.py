@@ -874,8 +874,8 @@ def test_cuda_blocks_by_dtype_and_rank(sm, monkeypatch):
     """float32 models take the smaller CUDA tiles of _CUDA_FP32_BLOCKS (the exact dots spilled on the bf16
     tiles); above r = 32 U takes 128-row tiles with 8 warps on sm90+ in bf16 (208 KiB of shared memory; the
     H100's fastest at r = 64) and 32 rows elsewhere (the 64-row tile needs 160 KiB at r = 64); the pass over G
-    without V takes 64 x 128 tiles with 8 warps at 16 < r <= 64 in bf16; a stage cap lowers num_stages, never
-    raises it. Checked ahead of time by the sm90 compile test."""
+    without V takes 64 x 128 tiles with 8 warps and the merged weight 128 x 64 tiles at 16 < r <= 64 in bf16; a
+    stage cap lowers num_stages, never raises it. Checked ahead of time by the sm90 compile test."""
     monkeypatch.setattr(K, "_capability", lambda device: sm)
     cuda = torch.device("cuda")
     outer = K._blocks("outer", cuda, torch.bfloat16)
@@ -901,6 +901,15 @@ def test_cuda_blocks_by_dtype_and_rank(sm, monkeypatch):
     # the r = 64 tiles were measured in bf16 only: float16 keeps the others
     assert K._blocks("outer", cuda, torch.float16, RANK=64, V_RANK=0) == outer
     assert K._blocks("narrow", cuda, torch.float16, N=64)["BLOCK_M"] == 32
+    # the merged weight: 128 x 64 tiles at 16 < r <= 64 in bf16 (the r = 64 sweep), as _merge_launch passes r
+    merge = K._CUDA_BLOCKS["merge"]
+    for r, expected in ((16, merge), (17, dict(merge, **K._CUDA_MERGE_WIDE)), (64, dict(merge, **K._CUDA_MERGE_WIDE)),
+                        (128, merge)):
+        assert K._blocks("merge", cuda, torch.bfloat16, O=4096, I=11008, RANK=r) == expected, r
+        launch = K._merge_launch(cuda, torch.bfloat16, r, 4096, 11008)
+        assert (launch["BLOCK_O"], launch["BLOCK_I"]) == (expected["BLOCK_O"], expected["BLOCK_I"]), r
+    assert K._merge_launch(cuda, torch.float16, 64, 4096, 11008)["BLOCK_O"] == merge["BLOCK_O"]
+    assert K._merge_launch(cuda, torch.float32, 64, 4096, 11008)["BLOCK_O"] == merge["BLOCK_O"]
     try:
         K._LAUNCH.stage_cap = 2
         assert K._blocks("outer", cuda, torch.bfloat16)["num_stages"] == 2
