@@ -185,6 +185,12 @@ def kernel_ms(fn, device: torch.device, reps: int) -> float:
     rate = K._sleep_cycles_per_ms(device) if device.type == "cuda" else None
     if rate is None:
         return bench_ms(fn, device, reps)
+    with torch.cuda.device(device):  # the spin and the events on the stream the kernels run on
+        return _kernel_ms_here(fn, device, reps, rate, K._SLEEP_CAP_MS)
+
+
+def _kernel_ms_here(fn, device: torch.device, reps: int, rate: float, cap_ms: float) -> float:
+    """``kernel_ms`` on the current CUDA device: ``rate`` cycles of ``torch.cuda._sleep`` per ms."""
     fn()
     torch.cuda.synchronize(device)
     issue_ms = 0.0
@@ -194,14 +200,14 @@ def kernel_ms(fn, device: torch.device, reps: int) -> float:
         issue_ms = max(issue_ms, (time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize(device)
     cache = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-    cycles = int(rate * min(K._SLEEP_CAP_MS, 2.0 * issue_ms + 0.05))
+    cycles = int(rate * min(cap_ms, 2.0 * issue_ms + 0.05))
 
     def timed(n):
         return queued_times(fn, n, cache.zero_, lambda: torch.cuda._sleep(cycles),
                             lambda: torch.cuda.Event(enable_timing=True))
 
     estimate = statistics.median(timed(5))
-    n = max(5, min(300, int(max(100, 10 * reps) / max(estimate, 1e-3))))  # do_bench's rep budget in ms
+    n = max(5, min(300, int(max(100, 10 * reps) / max(estimate, 1e-3))))  # ~do_bench's budget in ms of kernel time
     return float(statistics.median(timed(n)))
 
 
@@ -590,9 +596,10 @@ def sweep_u(n, T, inp, r, dtype, device, reps: int) -> list[dict]:
 
 
 MERGE_SWEEP = [  # (BLOCK_O, BLOCK_I, num_warps, num_stages[, LOOP_I[, LR_PREC[, BLOCK_RK]]]) of W' = W + s B A
-    # (FEDLORA_FAST_GEMM=merged); the first is shipped. On an H100 (2026-11-26) the shipped tile took 163-187 us
-    # per call at r = 64 and out x in = 4096 x 11008 / 11008 x 4096 bf16 (68-69 us at r = 16) against ~60 us
-    # for W's own bytes at 3 TB/s. Without LOOP_I (1) a program does one tile and no loop: num_stages (None:
+    # (FEDLORA_FAST_GEMM=merged); the first is shipped at r <= 16, the last (128 x 64, _CUDA_MERGE_WIDE) at
+    # 16 < r <= 64 in bf16. On an H100 (2026-11-26, night sweep) they took 71-73 us per call at r = 16 and
+    # 108-110 us at r = 64 (the first 160-163 us there), out x in = 4096 x 11008 / 11008 x 4096 bf16, against
+    # ~60 us for W's own bytes at 3 TB/s. Without LOOP_I (1) a program does one tile and no loop: num_stages (None:
     # Triton's default) pipelines nothing. Each program reads its B rows (BLOCK_O x r) and A columns (r x
     # BLOCK_I LOOP_I), float32: over the grid 4 r out in (1/BLOCK_O + 1/(BLOCK_I LOOP_I)) bytes (mostly L2
     # hits), against W's 2 out in itemsize. LOOP_I > 1: B's tile loaded once, A's and W's tiles pipelined over
@@ -766,6 +773,21 @@ def apply_blocks(chosen: dict[str, dict | None]) -> dict[str, dict]:
     return {kind: dict(cfg) for kind, cfg in applied.items()}
 
 
+def blocks_from_file(path: str, r: int, dtype: str) -> dict[str, dict] | None:
+    """``--blocks-from``: ``apply_blocks(choose_blocks(rows))`` of a sweep results file, where it was swept at this
+    run's rank and dtype only (``apply_blocks`` answers its configs at every rank and dtype: a file swept at
+    r = 16 or in bf16 would put untimed tiles, or tiles that spill or do not fit, on an r = 64 or a float32
+    run). Returns what was applied, or None (with the reason printed) where the file does not match."""
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    swept = sorted({(row.get("r"), row.get("dtype")) for row in rows}, key=str)
+    if swept != [(r, dtype)]:
+        print(f"# kernel configs from {path}: NOT applied: swept at (r, dtype) {swept}, this run is r={r} {dtype}; "
+              "the shipped configs run", flush=True)
+        return None
+    return apply_blocks(choose_blocks(rows))
+
+
 def print_sweeps(row: dict) -> None:
     for sw in row.get("sweep_u", []):
         print(f"## U n={row['n']} T={row['T']} in={row['in']} {sw['config']}"
@@ -927,9 +949,10 @@ def main(argv=None) -> int:
 
     blocks_applied = {}
     if args.blocks_from:
-        with open(args.blocks_from, encoding="utf-8") as f:
-            blocks_applied = apply_blocks(choose_blocks(json.load(f)["rows"]))
-        print(f"# kernel configs from {args.blocks_from}: {blocks_applied or 'none held the bound: defaults'}")
+        blocks_applied = blocks_from_file(args.blocks_from, args.r, args.dtype)
+        if blocks_applied is not None:
+            print(f"# kernel configs from {args.blocks_from}: {blocks_applied or 'none held the bound: defaults'}")
+        blocks_applied = blocks_applied or {}
     info = harness.machine_info(device)
     ceil = ceilings(device, dtype)
     print(f"# {info['device']}  load {info['load_avg_1_5_15']}  dtype {args.dtype}  r={args.r}")

@@ -37,9 +37,13 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import gpu_layer
 
-        with open(args.blocks_from, encoding="utf-8") as f:
-            applied = gpu_layer.apply_blocks(gpu_layer.choose_blocks(json.load(f)["rows"]))
-        print(f"# kernel configs from {args.blocks_from}: {applied or 'none held the bound: defaults'}")
+        import torch
+
+        # the step below runs bf16 on CUDA, float32 on the CPU: a sweep file applies only at its rank and dtype
+        applied = gpu_layer.blocks_from_file(args.blocks_from, args.r,
+                                             "bfloat16" if torch.cuda.is_available() else "float32")
+        if applied is not None:
+            print(f"# kernel configs from {args.blocks_from}: {applied or 'none held the bound: defaults'}")
     os.environ.setdefault("FEDLORA_FAST_GEMM", "triton")
     import torch
 

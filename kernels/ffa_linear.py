@@ -770,8 +770,8 @@ _CUDA_BLOCKS = {
     # W + s B A (FEDLORA_FAST_GEMM=merged): memory bound (W read once, W' written once), 64 x 128 tiles, the rank
     # in one TF32 dot: 71 / 73 us per call at r = 16 and 4096 x 11008 / 11008 x 4096 on an H100 (W's bytes ~60 us;
     # 2026-11-26 night sweep, bench/results/gpu_session_NVIDIA_H100_80GB_HBM3_20261126_night). No other config was
-    # clearly faster at r = 16 (the best, 32 x 256, 69 / 72 us: noise); LOOP_I, BLOCK_RK slices and LR_PREC "ieee"
-    # (float32 FMAs) were slower (76-114 us). Above r = 16: _CUDA_MERGE_WIDE
+    # clearly faster at r = 16 (the best, 32 x 256, 69 / 72 us: noise); LOOP_I and LR_PREC "ieee" (float32 FMAs)
+    # were slower (76-114 us). Above r = 16: _CUDA_MERGE_WIDE
     "merge": dict(BLOCK_O=64, BLOCK_I=128, num_warps=4),
     # a float32 operand's bf16 split terms (PRESPLIT_W / PRESPLIT): a few KiB, one pass
     "split": dict(BLOCK_K=128, num_warps=4),
@@ -807,9 +807,9 @@ _CUDA_NARROW_WIDE_SM90 = dict(BLOCK_M=128, num_warps=8)
 # tiles with 8 warps, 3 stages, 115 / 292 us at out = 4096 / 11008 against 150 / 413 us for r = 16's 64 x 64
 # tile with 4 warps (2.0e-7 / 3.1e-7 error). With V the 128-wide tile above stayed the best (254 / 615 us)
 _CUDA_OUTER_WIDE_NO_V = dict(BLOCK_A=128, num_warps=8)
-# The merged weight at 16 < r <= 64, bf16, from the same night's sweep at r = 64 (16k tokens): 128 x 64 tiles with
-# 4 warps, 108 / 110 us per call at 4096 x 11008 / 11008 x 4096 against the r = 16 tile's 160 / 163 us, at the
-# same error (0.69 / 0.72 of half a bf16 ulp); the FMA ("ieee") variants no faster (159-214 us)
+# The merged weight at 16 < r <= 64, bf16, from the same night's sweep at r = 64 (W of 4096 x 11008 and 11008 x
+# 4096 only): 128 x 64 tiles with 4 warps, 108 / 110 us per call against the r = 16 tile's 160 / 163 us, at the
+# same error (0.69 / 0.72 of half a bf16 ulp); the FMA ("ieee") variants no faster (159-206 us)
 _CUDA_MERGE_WIDE = dict(BLOCK_O=128, BLOCK_I=64, num_warps=4)
 _WIDE_MAX_R = 64  # above this, the rules above were not measured: the r = 16 configs
 

@@ -4,6 +4,7 @@ Timings here mean nothing (toy shapes, one round); what is checked is that every
 what it should, and that the results file, plot and memory probe have the promised form.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -553,6 +554,8 @@ def test_the_first_swept_config_is_the_shipped_one():
                                             PACK_W=pack_w, PRESPLIT_W=presplit_w)
     shipped = K._blocks("merge", torch.device("cuda"), torch.bfloat16, O=4096, I=11008)  # no CUDA needed
     assert gpu_layer.merge_config(*gpu_layer.MERGE_SWEEP[0]) == shipped == K._CUDA_BLOCKS["merge"]
+    wide = K._blocks("merge", torch.device("cuda"), torch.bfloat16, O=4096, I=11008, RANK=64)  # 16 < r <= 64
+    assert wide != shipped and wide == gpu_layer.merge_config(*gpu_layer.MERGE_SWEEP[-1])
     assert len(set(gpu_layer.MERGE_SWEEP)) == len(gpu_layer.MERGE_SWEEP) >= 4  # distinct candidates to time
 
 
@@ -608,6 +611,7 @@ def test_ncu_layer_smoke(tmp_path):
     with the configs of a sweep file as gpu_session.sh passes them."""
     sweep = tmp_path / "sweep.json"
     sweep.write_text(json.dumps({"rows": [{
+        "r": 4, "dtype": "float32",  # the step's rank, and its dtype on the CPU
         "sweep_outer": [{"config": {"BLOCK_T": 64, "BLOCK_A": 128, "num_warps": 4, "num_stages": 2, "PROMOTE": 1,
                                     "PACK": True}, "ms": 1.0, "rel_err_P": 1e-7, "rel_err_nu": 1e-7}],
         "sweep_u": []}]}))  # fmt: skip
@@ -839,7 +843,7 @@ def test_kernel_ms_spins_twice_the_host_issue_time(monkeypatch):
             pass
 
         def elapsed_time(self, end):
-            return 9.0 if end.t % 8 == 7 else 0.25  # every 4th call 9 ms: the median ignores the outliers
+            return 9.0 if end.t % 8 == 7 else 2.0  # every 4th call 9 ms: the median ignores the outliers
 
     monkeypatch.setattr(K, "_sleep_cycles_per_ms", lambda device: 1000.0)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -848,10 +852,38 @@ def test_kernel_ms_spins_twice_the_host_issue_time(monkeypatch):
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(8, dtype=torch.int8))
     cuda = torch.device("cuda")
-    for host_ms, expected_ms in ((2.0, 2 * 2.0 + 0.05), (40.0, K._SLEEP_CAP_MS)):
+    guarded = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: guarded.append(d) or contextlib.nullcontext())
+    monkeypatch.setattr(K, "_SLEEP_CAP_MS", 8.0)  # (a short cap: the test sleeps the host time ~60 times)
+    for host_ms, expected_ms in ((2.0, 2 * 2.0 + 0.05), (6.0, 8.0)):
         spins.clear()
         ms = gpu_layer.kernel_ms(lambda h=host_ms: _time.sleep(h / 1e3), cuda, 1)
-        assert ms == 0.25
-        assert len(set(spins)) == 1 and 5 + 5 <= len(spins) <= 5 + 300, len(spins)
+        assert ms == 2.0
+        assert len(set(spins)) == 1 and len(spins) == 5 + 50, len(spins)  # 100 ms of 2 ms calls after 5
         # at least the issue time asked for (a slower box only lengthens it), never past the cap
-        assert expected_ms * 1000.0 <= spins[0] <= K._SLEEP_CAP_MS * 1000.0, (host_ms, spins[0])
+        assert expected_ms * 1000.0 <= spins[0] <= 8.0 * 1000.0, (host_ms, spins[0])
+    assert guarded == [cuda, cuda]  # the spin and the events on the kernels' device
+
+
+def test_blocks_from_a_file_swept_at_another_rank_or_dtype_is_not_applied(tmp_path, monkeypatch, capsys):
+    """``blocks_from_file`` applies a sweep file's choice only where it was swept at the run's rank and dtype
+    (``apply_blocks`` answers it at every rank): otherwise it says so and the shipped configs run."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    monkeypatch.setattr(K, "_blocks", K._blocks)  # restored after the test
+    real = K._blocks
+    merge = {"config": {"BLOCK_O": 32, "BLOCK_I": 256, "num_warps": 4}, "ms": 1.0, "ulp_err_W": 0.5}
+    path = tmp_path / "sweep.json"
+    cuda = torch.device("cuda")
+    for rows in ([{"r": 16, "dtype": "bfloat16", "sweep_merge": [merge]}],
+                 [{"r": 64, "dtype": "float32", "sweep_merge": [merge]}],
+                 [{"r": 64, "dtype": "bfloat16", "sweep_merge": [merge]}, {"r": 16, "dtype": "bfloat16"}]):
+        path.write_text(json.dumps({"rows": rows}))
+        assert gpu_layer.blocks_from_file(str(path), 64, "bfloat16") is None
+        assert "NOT applied" in capsys.readouterr().out
+        assert K._blocks is real
+    path.write_text(json.dumps({"rows": [{"r": 64, "dtype": "bfloat16", "sweep_merge": [merge]}]}))
+    assert gpu_layer.blocks_from_file(str(path), 64, "bfloat16") == {"merge": merge["config"]}
+    assert K._merge_launch(cuda, torch.bfloat16, 64, 4096, 11008)["BLOCK_I"] == 256
