@@ -446,6 +446,9 @@ OUTER_SWEEP = [  # (BLOCK_T, BLOCK_A, num_warps, num_stages, PROMOTE, PACK[, PRE
     # In order of what they decide (a sweep cut short by its time budget keeps the first ones): the options
     # first, then other tiles. Shipped since the H100 sweep of 2026-11-26 (64 x 128, 2 stages before).
     (64, 64, 4, 3, 1, False),
+    # the shipped tile's neighbours, since the loop lost its per-row division (SAMPLE_SEG, 2026-11-26: 157-159 us
+    # at out = 11008 and 16k tokens against ~120 us for G's bytes): a deeper pipeline, two warpgroups, taller tiles
+    (64, 64, 4, 4, 1, False), (64, 64, 8, 3, 1, False), (128, 64, 8, 3, 1, False),
     # R's three split terms packed into one 64-wide operand, and U's bf16 terms made once per call instead of
     # in every a-tile's loop (sm90 SASS, r16 without V: 1672 -> 1432 instructions), chained or packed, on the
     # tiles shipped before

@@ -486,7 +486,7 @@ def test_gpu_layer_sweep_only_smoke(tmp_path):
     out = tmp_path / "sweep.json"
     proc = _run([os.path.join(BENCH, "gpu_layer.py"), "--smoke", "--sweep-only", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
-    assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 21, row
+    assert row["correct"] and len(row["sweep_outer"]) == len(gpu_layer.OUTER_SWEEP) == 24, row
     assert len(row["sweep_u"]) == len(gpu_layer.U_SWEEP) + 2 == 12, row  # + the shipped config, K unsplit / in halves
     assert [sw.get("split_k") for sw in row["sweep_u"][-2:]] == [1, 2], row["sweep_u"][-2:]
     assert len(row["sweep_merge"]) == len(gpu_layer.MERGE_SWEEP) == 19, row
