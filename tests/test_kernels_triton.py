@@ -1786,24 +1786,16 @@ def _aot_cases():
                  SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True,
                  **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), ob,
         ))  # fmt: skip
-    # the shipped tile's neighbours in the chained loop (gpu_layer.py's OUTER_SWEEP, after SAMPLE_SEG)
-    for bt, ba, warps, stages in ((64, 64, 4, 4), (64, 64, 8, 3), (128, 64, 8, 3)):
+    # gpu_layer.py's OUTER_SWEEP tiles: the shipped tile's neighbours in the chained loop (after SAMPLE_SEG), and
+    # the packed configs with other tiles, warps and stages (2026-11-26 additions)
+    for bt, ba, warps, stages, pack in ((64, 64, 4, 4, False), (64, 64, 8, 3, False), (128, 64, 8, 3, False),
+                                        (64, 128, 8, 2, True), (64, 128, 8, 3, True), (32, 128, 4, 4, True)):
         cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages)
         cases.append((
-            f"sweep outer r16 {bt}x{ba} w{warps} s{stages}", K._outer_kernel,
+            f"sweep outer r16{' PACK' if pack else ''} {bt}x{ba} w{warps} s{stages}", K._outer_kernel,
             dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
             dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16, BLOCK_T=bt, BLOCK_A=ba,
-                 PROMOTE=1, PACK=False, PRESPLIT=False, SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True,
-                 **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), cfg,
-        ))  # fmt: skip
-    # the packed configs with other tiles, warps and stages (gpu_layer.py's OUTER_SWEEP, 2026-11-26 additions)
-    for bt, ba, warps, stages in ((64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 4)):
-        cfg = dict(BLOCK_T=bt, BLOCK_A=ba, num_warps=warps, num_stages=stages)
-        cases.append((
-            f"sweep outer r16 PACK {bt}x{ba} w{warps} s{stages}", K._outer_kernel,
-            dict(l_ptr=bf, r_ptr=f32, b_ptr=f32, p_ptr=f32, nu_ptr=f32, v_ptr=f32),
-            dict(HAS_V=True, HAS_NORM=True, PREC="tf32x3", V_PREC="tf32", BLOCK_R=16, BLOCK_T=bt, BLOCK_A=ba,
-                 PROMOTE=1, PACK=True, PRESPLIT=False, SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True,
+                 PROMOTE=1, PACK=pack, PRESPLIT=False, SPLIT_BF16=True, V_TERMS=2, UPCAST=False, SAMPLE_SEG=True,
                  **unit("stride_la", "stride_rj", "stride_bj", "stride_pj")), cfg,
         ))  # fmt: skip
     # R's terms made ahead (PRESPLIT: bf16 R), chained or packed, with V (fused dX) and without (merged)
