@@ -32,12 +32,10 @@ def main(argv=None) -> int:
                    help="profile the one-pass and U configs gpu_layer.py --blocks-from would take from this sweep file")
     args = p.parse_args(argv)
     if args.blocks_from:
-        import json
+        import torch
 
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import gpu_layer
-
-        import torch
 
         # the step below runs bf16 on CUDA, float32 on the CPU: a sweep file applies only at its rank and dtype
         applied = gpu_layer.blocks_from_file(args.blocks_from, args.r,
