@@ -811,6 +811,8 @@ _CUDA_OUTER_WIDE_NO_V = dict(BLOCK_A=128, num_warps=8)
 # 4096 only): 128 x 64 tiles with 4 warps, 108 / 110 us per call against the r = 16 tile's 160 / 163 us, at the
 # same error (0.69 / 0.72 of half a bf16 ulp); the FMA ("ieee") variants no faster (159-206 us)
 _CUDA_MERGE_WIDE = dict(BLOCK_O=128, BLOCK_I=64, num_warps=4)
+# the r = 64 sweeps' tiles by kind, for 16 < r <= _WIDE_MAX_R in bf16 (the pass over G: without V only)
+_CUDA_BF16_WIDE = {"outer": _CUDA_OUTER_WIDE_NO_V, "merge": _CUDA_MERGE_WIDE}
 _WIDE_MAX_R = 64  # above this, the rules above were not measured: the r = 16 configs
 
 
@@ -853,10 +855,8 @@ def _blocks(kind: str, device: torch.device, dtype: torch.dtype | None = None, *
             cfg.update(_CUDA_NARROW_WIDE_SM90 if sm90 else dict(BLOCK_M=32))
         if kind == "outer" and dims.get("V_RANK", 0) > _V_WIDE_R and dtype != torch.float32:
             cfg.update(_CUDA_V_WIDE)
-        elif kind == "outer" and _V_WIDE_R < dims.get("RANK", 0) <= _WIDE_MAX_R and dtype == torch.bfloat16:
-            cfg.update(_CUDA_OUTER_WIDE_NO_V)
-        if kind == "merge" and _V_WIDE_R < dims.get("RANK", 0) <= _WIDE_MAX_R and dtype == torch.bfloat16:
-            cfg.update(_CUDA_MERGE_WIDE)
+        elif kind in _CUDA_BF16_WIDE and _V_WIDE_R < dims.get("RANK", 0) <= _WIDE_MAX_R and dtype == torch.bfloat16:
+            cfg.update(_CUDA_BF16_WIDE[kind])
         if cap is not None:
             cfg["num_stages"] = min(cfg.get("num_stages", 3), cap)  # Triton's default is 3
         return cfg
