@@ -194,10 +194,12 @@ if begin 6 "Nsight Compute on one layer step's kernels (bench/ncu_layer.py; ${NC
 fi
 pack
 
+# unless LAUNCH_ARGS is set (even empty): where the ffa_flat and DP steps' host time goes, function by function
+LAUNCH_PROFILE="--profile layer_step_ps,layer_step_ps_direct,layer_step_dp --profile-calls 200"
 L=$(cap 7)
 if begin 7 "host cost per launch, by path (bench/launch.py)" "$L" 10; then
     # shellcheck disable=SC2086
-    run "$OUT/launch.log" "$L" "$PY" bench/launch.py --json "$OUT/launch.json" ${LAUNCH_ARGS:-}
+    run "$OUT/launch.log" "$L" "$PY" bench/launch.py --json "$OUT/launch.json" ${LAUNCH_ARGS-$LAUNCH_PROFILE}
     cat "$OUT/launch.log"
 fi
 

@@ -27,12 +27,19 @@ the part of a host-bound GPU step that any machine can measure and that this rep
     python bench/launch.py [--json OUT]      # CUDA
     python bench/launch.py --stub-kernels    # any CPU: our wrappers' host cost, Triton's launch excluded
     python bench/launch.py --calls 2 --rounds 1  # CPU: the torch rows (+ Triton under TRITON_INTERPRET=1, untimed)
+    python bench/launch.py --profile layer_step_ps,layer_step_ps_direct  # + where those rows' host time goes
+
+``--profile ROWS`` runs each named row (a ``*_direct`` name: with FEDLORA_FAST_LAUNCH=direct) under cProfile
+after the timings and prints its functions by own time and by cumulative time: the split of a GPU machine's
+host cost (driver calls, the JIT, the allocator, autograd) that --stub-kernels cannot show on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -122,6 +129,56 @@ def stub_kernels() -> None:
     K._autotune = lambda device: True
 
 
+def _short(path: str) -> str:
+    """A profiled function's file, from the package it belongs to (site-packages/…, fedlora_fast/…)."""
+    for mark in ("site-packages/", "dist-packages/"):
+        if mark in path:
+            return path.split(mark, 1)[1]
+    parts = path.replace(os.sep, "/").split("/")
+    return "/".join(parts[-2:])
+
+
+def profile_rows(fns: dict, names: list[str], calls: int, top: int, sync) -> dict[str, str]:
+    """cProfile ``calls`` calls of each named row (``fns[name]``; a ``*_direct`` name runs its base row with
+    FEDLORA_FAST_LAUNCH=direct); returns each row's report: the ``top`` functions by own time, then by
+    cumulative time, in microseconds per profiled call (cProfile's own overhead included: shares, not timings)."""
+    reports = {}
+    for name in names:
+        direct = name.endswith("_direct")
+        fn = fns.get(name[: -len("_direct")] if direct else name)
+        if fn is None:
+            reports[name] = f"no such row (rows: {', '.join(fns)})"
+            continue
+        if direct:
+            os.environ["FEDLORA_FAST_LAUNCH"] = "direct"
+        try:
+            fn()  # warm (a direct row's first call per specialisation goes through the JIT)
+            sync()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fn()
+            prof.disable()
+            sync()
+        except Exception as e:  # report and go on
+            reports[name] = f"failed: {type(e).__name__}: {e}"[:300]
+            continue
+        finally:
+            os.environ.pop("FEDLORA_FAST_LAUNCH", None)
+        stats = pstats.Stats(prof)
+        total_us = stats.total_tt / calls * 1e6
+        lines = [f"== profile {name}: {calls} calls, {total_us:.1f} us per call under cProfile "
+                 "(per call: calls, own us, cumulative us)"]
+        for order, col in (("own time", 2), ("cumulative time", 3)):
+            lines.append(f"-- by {order}")
+            ranked = sorted(stats.stats.items(), key=lambda kv: kv[1][col], reverse=True)[:top]
+            for (path, line, func), (_, nc, tt, ct, _) in ranked:
+                where = func if path == "~" else f"{_short(path)}:{line}({func})"
+                lines.append(f"{nc / calls:8.1f} {tt / calls * 1e6:9.1f} {ct / calls * 1e6:9.1f}  {where}")
+        reports[name] = "\n".join(lines)
+    return reports
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=200, help="calls per round")
@@ -130,6 +187,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the rows here (atomic)")
     p.add_argument("--stub-kernels", action="store_true",
                    help="CPU: the Triton backend with no-op kernel launches (our own host cost per op)")
+    p.add_argument("--profile", default="",
+                   help="comma-separated rows to run under cProfile after the timings (a *_direct name: that row "
+                        "with FEDLORA_FAST_LAUNCH=direct), e.g. layer_step_ps,layer_step_dp")
+    p.add_argument("--profile-calls", type=int, default=300, help="profiled calls per --profile row")
+    p.add_argument("--profile-top", type=int, default=30, help="functions listed per ordering")
     args = p.parse_args(argv)
     if args.stub_kernels:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the backend accepts CPU tensors
@@ -141,6 +203,8 @@ def main(argv=None) -> int:
     sync = lambda: harness.sync(device)  # noqa: E731
     n, T, inp, out, r = (int(v) for v in args.shape.split(","))
     rows: dict[str, float | str] = {}
+    fns: dict = {}  # row name -> the function it times (for --profile)
+    profiles: dict[str, str] = {}  # --profile row -> its report
 
     # once: machine_info imports transformers, peft and opacus for their versions (seconds, not per row)
     info = harness.machine_info(device) if args.json else {}
@@ -150,9 +214,11 @@ def main(argv=None) -> int:
             harness.write_json(args.json, {**info, "shape": args.shape,
                                            "dtype": str(dtype).replace("torch.", ""),
                                            "kernels_stubbed": bool(args.stub_kernels), "calls": args.calls,
-                                           "rounds": args.rounds, "us_per_call": rows})  # fmt: skip
+                                           "rounds": args.rounds, "us_per_call": rows,
+                                           **({"profiles": profiles} if profiles else {})})  # fmt: skip
 
     def measure(name, fn):
+        fns[name] = fn
         try:
             fn()  # warm-up (compiles, tunes)
             rows[name] = round(per_call_us(fn, sync, args.calls, args.rounds), 2)
@@ -167,6 +233,7 @@ def main(argv=None) -> int:
         if not cuda:
             measure(name, fn)
             return
+        fns[name] = fn
         modes = {name: "jit", name + "_direct": "direct"}
         per = {k: [] for k in modes}
         try:
@@ -299,6 +366,12 @@ def main(argv=None) -> int:
         dp.zero_grad()
 
     measure("layer_step_dp_graphed", layer_step_dp_graphed)
+    names = [v for v in args.profile.split(",") if v]
+    if names:
+        reports = profile_rows(fns, names, args.profile_calls, args.profile_top, sync)
+        for name, text in reports.items():
+            print(text if text.startswith("==") else f"== profile {name}: {text}", flush=True)
+        profiles.update(reports)
     save()
     if args.json:
         print(f"# wrote {args.json}")

@@ -595,9 +595,16 @@ def test_launch_overhead_smoke(tmp_path):
     """bench/launch.py (host cost per launch, by path) on CPU: every row is measured or names its failure;
     under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason."""
     out = tmp_path / "launch.json"
-    _run([os.path.join(BENCH, "launch.py"), "--calls", "2", "--rounds", "1", "--json", str(out)],
-         env={"TRITON_INTERPRET": "1"})
+    proc = _run([os.path.join(BENCH, "launch.py"), "--calls", "2", "--rounds", "1", "--json", str(out),
+                 "--profile", "layer_step_ps,nope", "--profile-calls", "2", "--profile-top", "5"],
+                env={"TRITON_INTERPRET": "1"})
     row = json.loads(out.read_text())
+    # --profile: the named row under cProfile, its own functions listed with per-call counts; a wrong name says so
+    ps = row["profiles"]["layer_step_ps"]
+    assert ps.startswith("== profile layer_step_ps: 2 calls") and "-- by own time" in ps, ps
+    assert "-- by cumulative time" in ps and "launch.py" in ps and "(layer_step_ps)" in ps, ps
+    assert row["profiles"]["nope"].startswith("no such row (rows: torch_add"), row["profiles"]["nope"]
+    assert "== profile layer_step_ps" in proc.stdout and "== profile nope: no such row" in proc.stdout
     us = row["us_per_call"]
     for name in ("torch_add", "ffa_fwd", "ffa_bwd", "gemm_jit", "spec_key", "floor_step", "layer_step", "layer_step_ps",
                  "layer_step_dp", "layer_step_dp_graphed"):
