@@ -1244,31 +1244,44 @@ def test_auto_gemm_times_nothing_off_cuda(monkeypatch):
     assert K._AUTO_CHOICE == {} and K.gemm_impl() == "auto"
 
 
-def test_direct_launch_key_matches_tritons_specialisation():
-    """FEDLORA_FAST_LAUNCH=direct reuses a compiled kernel when ``_spec_key`` says the arguments specialise
-    alike: two arguments must get equal keys exactly when Triton's own specialisation of them is equal."""
+def test_direct_launch_key_refines_tritons_specialisation():
+    """FEDLORA_FAST_LAUNCH=direct reuses the kernel the JIT compiled for the first call with the same
+    ``_spec_key``: two arguments with equal keys must specialise alike in Triton's own specialiser (that of
+    the CUDA backend where this Triton has it); ints are keyed by value, tensors by dtype and alignment."""
     jit = pytest.importorskip("triton.runtime.jit")
     if not hasattr(jit, "native_specialize_impl"):
         pytest.skip("this Triton has no native_specialize_impl to compare with")
-    from triton.backends.compiler import BaseBackend
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend as backend
+    except ImportError:
+        from triton.backends.compiler import BaseBackend as backend
 
     def triton_spec(v):
-        return jit.native_specialize_impl(BaseBackend, v, False, True, True)
+        return type(v) if isinstance(v, float) else None, jit.native_specialize_impl(backend, v, False, True, True)
 
     buf = torch.empty(64, dtype=torch.float32)
-    values = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 2**31 - 16, 2**31, 2**31 + 16, 2**40 + 3, 0.5, 3.0,
-              buf, buf[4:], buf[1:], buf[2:], torch.empty(8, dtype=torch.bfloat16), torch.empty(8, dtype=torch.bfloat16)[3:]]
-    for a in values:
-        for b in values:
-            same_key = K._spec_key((a,)) == K._spec_key((b,))
-            same_spec = type(a) is type(b) and triton_spec(a) == triton_spec(b)
-            assert same_key == same_spec, (a if not isinstance(a, torch.Tensor) else "tensor", b if not isinstance(b, torch.Tensor) else "tensor")
+    values = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 2**31 - 16, 2**31, 2**31 + 16, 2**40 + 3, 2**63 + 16, 0.5,
+              3.0, 1.0, 0.0, float("nan"), True, False, None, buf, buf[4:], buf[1:], buf[2:], buf[8:], buf[3:],
+              torch.empty(8, dtype=torch.bfloat16), torch.empty(8, dtype=torch.bfloat16)[3:],
+              torch.empty(64, dtype=torch.bfloat16)[8:], torch.empty(4, dtype=torch.int32),
+              torch.nn.Parameter(torch.empty(8))]  # fmt: skip
+    pairs_alike = 0
+    for i, a in enumerate(values):
+        for j, b in enumerate(values):
+            if K._spec_key((a,)) == K._spec_key((b,)):
+                assert triton_spec(a) == triton_spec(b), (i, j)
+                pairs_alike += i != j
+    assert pairs_alike >= 20  # aligned tensor views share a key, and so do floats: the key is not per object
+    assert K._spec_key((1,)) != K._spec_key((True,)) and K._spec_key((0,)) != K._spec_key((False,))
+    with pytest.raises(TypeError, match="unexpected argument type str"):
+        K._spec_key(("x",))
 
 
 def test_direct_launch_plumbing_with_a_fake_kernel(monkeypatch):
     """The direct path's bookkeeping on any machine, with a stand-in for a JIT kernel: the first launch per
     specialisation goes through the JIT, the next through the compiled kernel with (args, constexprs in
-    signature order) and a 3-D grid from the launch's own block sizes; another specialisation misses."""
+    signature order) and a 3-D grid from the launch's own block sizes; another specialisation, another int
+    value or other constexprs miss; a full cache starts over."""
     from types import SimpleNamespace
 
     log = []
@@ -1296,13 +1309,20 @@ def test_direct_launch_plumbing_with_a_fake_kernel(monkeypatch):
     monkeypatch.setenv(K.LAUNCH_ENV_VAR, "direct")
     fn, buf = FakeJit(), torch.empty(64)
     grid = lambda meta: (100 // meta["BLOCK"],)  # noqa: E731
-    for x, n in ((buf, 32), (buf, 48), (buf[1:], 32), (buf, 1)):
+    view = buf[4:]  # 16-byte aligned like buf: the same specialisation
+    for x, n in ((buf, 32), (view, 32), (buf[1:], 32), (buf, 48), (buf, 1)):
         K._run(fn, grid, x, n, BLOCK=16, FLAG=True)
     K._run(fn, grid, buf, 16, BLOCK=32, FLAG=True)  # other constexprs: another compiled kernel
-    assert [e[0] for e in log] == ["jit", "direct", "jit", "jit", "jit"], log
-    assert log[1][1] == (6, 1, 1) and log[1][2] == (buf, 48, 16, True)
+    assert [e[0] for e in log] == ["jit", "direct", "jit", "jit", "jit", "jit"], log
+    assert log[1][1] == (6, 1, 1) and log[1][2] == (view, 32, 16, True)
+    assert len(K._DIRECT) == 5
+    monkeypatch.setattr(K, "_DIRECT_MAX", 5)  # full: the next new key clears it first
+    K._run(fn, grid, buf, 64, BLOCK=16, FLAG=True)
+    assert log[-1][0] == "jit" and len(K._DIRECT) == 1
+    K._run(fn, grid, buf, 64, BLOCK=16, FLAG=True)
+    assert log[-1][0] == "direct"
     monkeypatch.setenv(K.LAUNCH_ENV_VAR, "jit")  # the default: always the JIT
-    K._run(fn, grid, buf, 48, BLOCK=16, FLAG=True)
+    K._run(fn, grid, buf, 64, BLOCK=16, FLAG=True)
     assert log[-1][0] == "jit"
 
 
