@@ -727,7 +727,9 @@ def _pow2(v: int, lo: int = 16) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _sms_of(index: int) -> int:
+    """SM count of CUDA device ``index`` (cached: read for the pass over G and U's split at every call)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
