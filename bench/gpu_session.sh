@@ -23,7 +23,7 @@
 # (540 s of steps + ~20 s of install and versions + a 5 s margin, inside the outer 580 s). A step may also take
 # what earlier steps left unused beyond the caps of the steps after it, never more than what is left.
 # Other knobs: TEST_FILES, TEST_K (pytest -k), TEST_WORKERS, TEST_TIMEOUT_S, SWEEP_ARGS, LAYER_ARGS, GRAPH_VARIANTS, GRAPH_SIZES,
-# STEP_VARIANTS, STEP_ARGS, NCU_ARGS, LAUNCH_ARGS, PYTHON.
+# STEP_VARIANTS, STEP_ARGS, NCU_ARGS, LAUNCH_ARGS, LAUNCH_4K_ARGS (empty: no 4k-token launch.py run), PYTHON.
 #
 # Wheels in .whl/ (e.g. opacus, when the machine cannot reach PyPI) are installed to /tmp/site first.
 # The package is installed without its native CPU extension (FEDLORA_FAST_NO_NATIVE=1): nothing here uses it.
@@ -196,11 +196,21 @@ pack
 
 # unless LAUNCH_ARGS is set (even empty): where the ffa_flat and DP steps' host time goes, function by function
 LAUNCH_PROFILE="--profile layer_step_ps,layer_step_ps_direct,layer_step_dp --profile-calls 200"
+LAUNCH_4K_DEFAULT="--shape 8,512,4096,4096,16 --layer-gemm auto --calls 30 --rounds 5 --profile layer_step_ps,layer_step_ps_direct --profile-calls 40"
 L=$(cap 7)
 if begin 7 "host cost per launch, by path (bench/launch.py)" "$L" 10; then
     # shellcheck disable=SC2086
     run "$OUT/launch.log" "$L" "$PY" bench/launch.py --json "$OUT/launch.json" ${LAUNCH_ARGS-$LAUNCH_PROFILE}
     cat "$OUT/launch.log"
+    # then, as time allows, the same at the 4k-token Llama-7B 4096^2 layer with "auto", the GEMM users run: the
+    # eager 4k rows of the layer bench are host-bound, and this profile says where that host time goes
+    L=$(( $(left) - 1 ))
+    if [ -n "${LAUNCH_4K_ARGS-x}" ] && (( L >= 25 )); then
+        # shellcheck disable=SC2086
+        run "$OUT/launch_4k.log" "$L" "$PY" bench/launch.py --json "$OUT/launch_4k.json" \
+            ${LAUNCH_4K_ARGS-$LAUNCH_4K_DEFAULT}
+        cat "$OUT/launch_4k.log"
+    fi
 fi
 
 echo "== done at +$(( $(date +%s) - START ))s of BUDGET_S=${BUDGET_S}; $(date -u)"

@@ -28,6 +28,7 @@ the part of a host-bound GPU step that any machine can measure and that this rep
     python bench/launch.py --stub-kernels    # any CPU: our wrappers' host cost, Triton's launch excluded
     python bench/launch.py --calls 2 --rounds 1  # CPU: the torch rows (+ Triton under TRITON_INTERPRET=1, untimed)
     python bench/launch.py --profile layer_step_ps,layer_step_ps_direct  # + where those rows' host time goes
+    python bench/launch.py --shape 8,512,4096,4096,16 --layer-gemm auto --profile layer_step_ps  # at 4k tokens
 
 ``--profile ROWS`` runs each named row (a ``*_direct`` name: with FEDLORA_FAST_LAUNCH=direct) under cProfile
 after the timings and prints its functions by own time and by cumulative time: the split of a GPU machine's
@@ -187,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the rows here (atomic)")
     p.add_argument("--stub-kernels", action="store_true",
                    help="CPU: the Triton backend with no-op kernel launches (our own host cost per op)")
+    p.add_argument("--layer-gemm", default="triton", choices=("triton", "auto", "cublas", "cublas_acc", "merged"),
+                   help="FEDLORA_FAST_GEMM for the layer-step rows (default triton, as in the earlier runs; auto: what "
+                        "users run, e.g. at --shape 8,512,4096,4096,16, the 4k-token Llama-7B rows of gpu_layer.py)")
     p.add_argument("--profile", default="",
                    help="comma-separated rows to run under cProfile after the timings (a *_direct name: that row "
                         "with FEDLORA_FAST_LAUNCH=direct), e.g. layer_step_ps,layer_step_dp")
@@ -214,7 +218,7 @@ def main(argv=None) -> int:
             harness.write_json(args.json, {**info, "shape": args.shape,
                                            "dtype": str(dtype).replace("torch.", ""),
                                            "kernels_stubbed": bool(args.stub_kernels), "calls": args.calls,
-                                           "rounds": args.rounds, "us_per_call": rows,
+                                           "rounds": args.rounds, "layer_gemm": args.layer_gemm, "us_per_call": rows,
                                            **({"profiles": profiles} if profiles else {})})  # fmt: skip
 
     def measure(name, fn):
@@ -311,6 +315,7 @@ def main(argv=None) -> int:
             rows["gemm_compiled"] = f"failed: {type(e).__name__}: {e}"[:300]
             print(f"gemm_compiled    {rows['gemm_compiled']}", flush=True)
 
+    os.environ["FEDLORA_FAST_GEMM"] = args.layer_gemm  # the layer rows' base GEMM (the op rows above pin triton)
     xg = x.clone().requires_grad_(True)
 
     def floor_step():

@@ -677,12 +677,13 @@ def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
     (tmp_path / "bin" / "ncu").write_text("#!/bin/bash\n")
     (tmp_path / "bin" / "ncu").chmod(0o755)
 
-    def session(grace=0, **need):
+    def session(grace=0, extra=None, **need):
         (tmp_path / "clock").write_text("0")
         steps = ("TEST", "SWEEP", "LAYER", "GRAPH", "STEP", "NCU", "LAUNCH")
         needs = {f"NEED_{k}": str(need.get(k, 999)) for k in steps}
         proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh")],
-                              env={**env, **needs, "GRACE": str(grace)}, capture_output=True, text=True, timeout=120)
+                              env={**env, **needs, "GRACE": str(grace), **(extra or {})}, capture_output=True,
+                              text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         caps = {int(m[1]): int(m[2]) for m in re.finditer(r"^== (\d)/7 .*, (-?\d+)s \(at", proc.stdout, re.M)}
         skipped = {int(m[1]) for m in re.finditer(r"^== (\d)/7 [^\n]*\n-- skipped", proc.stdout, re.M)}
@@ -697,6 +698,14 @@ def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
     assert skipped == {7} and all(caps[i] >= defaults[i] for i in range(1, 6)) and done <= 575, log
     caps, skipped, done, log = session(TEST=100, SWEEP=40)
     assert not skipped and caps[3] > 130 + 60 and done <= 570, log  # what tests and sweeps left, to the layer bench
+    # time left after launch.py: the 4k-token launch.py run too (unless LAUNCH_4K_ARGS is set empty)
+    launch_runs = lambda log: log.split("== 7/7", 1)[1].count("-- rc=")  # noqa: E731
+    caps, skipped, done, log = session(STEP=1, NCU=1, LAUNCH=5)
+    assert launch_runs(log) == 2 and done <= 570, log
+    caps, skipped, done, log = session(STEP=1, NCU=1, LAUNCH=5, extra={"LAUNCH_4K_ARGS": ""})
+    assert launch_runs(log) == 1, log
+    caps, skipped, done, log = session()  # no time left for it
+    assert launch_runs(log) == 1, log
 
 
 def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):
