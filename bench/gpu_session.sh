@@ -23,7 +23,7 @@
 # (540 s of steps + ~20 s of install and versions + a 5 s margin, inside the outer 580 s). A step may also take
 # what earlier steps left unused beyond the caps of the steps after it, never more than what is left.
 # Other knobs: TEST_FILES, TEST_K (pytest -k), TEST_WORKERS, TEST_TIMEOUT_S, SWEEP_ARGS, LAYER_ARGS, GRAPH_VARIANTS, GRAPH_SIZES,
-# STEP_VARIANTS, STEP_ARGS, NCU_ARGS, LAUNCH_ARGS, LAUNCH_4K_ARGS (empty: no 4k-token launch.py run), PYTHON.
+# STEP_VARIANTS, STEP_ARGS, NCU_ARGS, LAUNCH_ARGS, LAUNCH_4K_ARGS (empty or blank: no 4k-token launch.py run), PYTHON.
 #
 # Wheels in .whl/ (e.g. opacus, when the machine cannot reach PyPI) are installed to /tmp/site first.
 # The package is installed without its native CPU extension (FEDLORA_FAST_NO_NATIVE=1): nothing here uses it.
@@ -205,10 +205,10 @@ if begin 7 "host cost per launch, by path (bench/launch.py)" "$L" 10; then
     # then, as time allows, the same at the 4k-token Llama-7B 4096^2 layer with "auto", the GEMM users run: the
     # eager 4k rows of the layer bench are host-bound, and this profile says where that host time goes
     L=$(( $(left) - 1 ))
-    if [ -n "${LAUNCH_4K_ARGS-x}" ] && (( L >= 25 )); then
+    A4K=${LAUNCH_4K_ARGS-$LAUNCH_4K_DEFAULT}
+    if [ -n "${A4K// /}" ] && (( L >= 25 )); then
         # shellcheck disable=SC2086
-        run "$OUT/launch_4k.log" "$L" "$PY" bench/launch.py --json "$OUT/launch_4k.json" \
-            ${LAUNCH_4K_ARGS-$LAUNCH_4K_DEFAULT}
+        run "$OUT/launch_4k.log" "$L" "$PY" bench/launch.py --json "$OUT/launch_4k.json" $A4K
         cat "$OUT/launch_4k.log"
     fi
 fi

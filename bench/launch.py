@@ -31,13 +31,15 @@ the part of a host-bound GPU step that any machine can measure and that this rep
     python bench/launch.py --shape 8,512,4096,4096,16 --layer-gemm auto --profile layer_step_ps  # at 4k tokens
 
 ``--profile ROWS`` runs each named row (a ``*_direct`` name: with FEDLORA_FAST_LAUNCH=direct) under cProfile
-after the timings and prints its functions by own time and by cumulative time: the split of a GPU machine's
-host cost (driver calls, the JIT, the allocator, autograd) that --stub-kernels cannot show on a CPU.
+right after its timing, in the same state, and prints its functions by own time and by cumulative time: the
+split of a GPU machine's host cost (driver calls, the JIT, the allocator, autograd) that --stub-kernels cannot
+show on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -131,7 +133,8 @@ def stub_kernels() -> None:
 
 
 def _short(path: str) -> str:
-    """A profiled function's file, from the package it belongs to (site-packages/…, fedlora_fast/…)."""
+    """A profiled function's file: from its package down where it is installed (torch/autograd/graph.py),
+    else its last two path components (kernels/ffa_linear.py)."""
     for mark in ("site-packages/", "dist-packages/"):
         if mark in path:
             return path.split(mark, 1)[1]
@@ -139,45 +142,50 @@ def _short(path: str) -> str:
     return "/".join(parts[-2:])
 
 
-def profile_rows(fns: dict, names: list[str], calls: int, top: int, sync) -> dict[str, str]:
-    """cProfile ``calls`` calls of each named row (``fns[name]``; a ``*_direct`` name runs its base row with
-    FEDLORA_FAST_LAUNCH=direct); returns each row's report: the ``top`` functions by own time, then by
+@contextlib.contextmanager
+def launch_mode(mode: str | None):
+    """FEDLORA_FAST_LAUNCH set to ``mode`` (None: left as it is) for the block, then restored."""
+    prev = os.environ.get("FEDLORA_FAST_LAUNCH")
+    if mode is not None:
+        os.environ["FEDLORA_FAST_LAUNCH"] = mode
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop("FEDLORA_FAST_LAUNCH", None)
+        else:
+            os.environ["FEDLORA_FAST_LAUNCH"] = prev
+
+
+def profile_row(name: str, fn, mode: str | None, calls: int, top: int, sync) -> str:
+    """``calls`` calls of a row's ``fn`` under cProfile (FEDLORA_FAST_LAUNCH=``mode`` where given), right after
+    the row was timed, in the same state; the report lists the ``top`` functions by own time, then by
     cumulative time, in microseconds per profiled call (cProfile's own overhead included: shares, not timings)."""
-    reports = {}
-    for name in names:
-        direct = name.endswith("_direct")
-        fn = fns.get(name[: -len("_direct")] if direct else name)
-        if fn is None:
-            reports[name] = f"no such row (rows: {', '.join(fns)})"
-            continue
-        if direct:
-            os.environ["FEDLORA_FAST_LAUNCH"] = "direct"
-        try:
+    prof = cProfile.Profile()
+    try:
+        with launch_mode(mode):
             fn()  # warm (a direct row's first call per specialisation goes through the JIT)
             sync()
-            prof = cProfile.Profile()
             prof.enable()
-            for _ in range(calls):
-                fn()
-            prof.disable()
+            try:
+                for _ in range(calls):
+                    fn()
+            finally:
+                prof.disable()
             sync()
-        except Exception as e:  # report and go on
-            reports[name] = f"failed: {type(e).__name__}: {e}"[:300]
-            continue
-        finally:
-            os.environ.pop("FEDLORA_FAST_LAUNCH", None)
-        stats = pstats.Stats(prof)
-        total_us = stats.total_tt / calls * 1e6
-        lines = [f"== profile {name}: {calls} calls, {total_us:.1f} us per call under cProfile "
-                 "(per call: calls, own us, cumulative us)"]
-        for order, col in (("own time", 2), ("cumulative time", 3)):
-            lines.append(f"-- by {order}")
-            ranked = sorted(stats.stats.items(), key=lambda kv: kv[1][col], reverse=True)[:top]
-            for (path, line, func), (_, nc, tt, ct, _) in ranked:
-                where = func if path == "~" else f"{_short(path)}:{line}({func})"
-                lines.append(f"{nc / calls:8.1f} {tt / calls * 1e6:9.1f} {ct / calls * 1e6:9.1f}  {where}")
-        reports[name] = "\n".join(lines)
-    return reports
+    except Exception as e:  # report and go on
+        return f"== profile {name}: failed: {type(e).__name__}: {e}"[:300]
+    stats = pstats.Stats(prof)
+    total_us = stats.total_tt / calls * 1e6
+    lines = [f"== profile {name}: {calls} calls, {total_us:.1f} us per call under cProfile "
+             "(per call: calls, own us, cumulative us)"]
+    for order, col in (("own time", 2), ("cumulative time", 3)):
+        lines.append(f"-- by {order}")
+        ranked = sorted(stats.stats.items(), key=lambda kv: kv[1][col], reverse=True)[:top]
+        for (path, line, func), (_, nc, tt, ct, _) in ranked:
+            where = func if path == "~" else f"{_short(path)}:{line}({func})"
+            lines.append(f"{nc / calls:8.1f} {tt / calls * 1e6:9.1f} {ct / calls * 1e6:9.1f}  {where}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -188,9 +196,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the rows here (atomic)")
     p.add_argument("--stub-kernels", action="store_true",
                    help="CPU: the Triton backend with no-op kernel launches (our own host cost per op)")
-    p.add_argument("--layer-gemm", default="triton", choices=("triton", "auto", "cublas", "cublas_acc", "merged"),
-                   help="FEDLORA_FAST_GEMM for the layer-step rows (default triton, as in the earlier runs; auto: what "
-                        "users run, e.g. at --shape 8,512,4096,4096,16, the 4k-token Llama-7B rows of gpu_layer.py)")
+    p.add_argument("--layer-gemm", default=None, choices=("triton", "auto", "cublas", "cublas_acc", "merged"),
+                   help="FEDLORA_FAST_GEMM for the layer-step rows (default: triton where the op rows pinned it, on "
+                        "CUDA as in the earlier runs, else the environment's; auto: what users run, e.g. at --shape "
+                        "8,512,4096,4096,16, the 4k-token Llama-7B rows of gpu_layer.py)")
     p.add_argument("--profile", default="",
                    help="comma-separated rows to run under cProfile after the timings (a *_direct name: that row "
                         "with FEDLORA_FAST_LAUNCH=direct), e.g. layer_step_ps,layer_step_dp")
@@ -207,8 +216,14 @@ def main(argv=None) -> int:
     sync = lambda: harness.sync(device)  # noqa: E731
     n, T, inp, out, r = (int(v) for v in args.shape.split(","))
     rows: dict[str, float | str] = {}
-    fns: dict = {}  # row name -> the function it times (for --profile)
+    layer_gemm = None  # FEDLORA_FAST_GEMM of the layer rows, once they start
+    wanted = [v for v in args.profile.split(",") if v]  # --profile rows, each profiled right after its timing
     profiles: dict[str, str] = {}  # --profile row -> its report
+
+    def maybe_profile(name, fn, mode=None):
+        if name in wanted:
+            profiles[name] = profile_row(name, fn, mode, args.profile_calls, args.profile_top, sync)
+            print(profiles[name], flush=True)
 
     # once: machine_info imports transformers, peft and opacus for their versions (seconds, not per row)
     info = harness.machine_info(device) if args.json else {}
@@ -218,17 +233,17 @@ def main(argv=None) -> int:
             harness.write_json(args.json, {**info, "shape": args.shape,
                                            "dtype": str(dtype).replace("torch.", ""),
                                            "kernels_stubbed": bool(args.stub_kernels), "calls": args.calls,
-                                           "rounds": args.rounds, "layer_gemm": args.layer_gemm, "us_per_call": rows,
+                                           "rounds": args.rounds, "layer_gemm": layer_gemm, "us_per_call": rows,
                                            **({"profiles": profiles} if profiles else {})})  # fmt: skip
 
     def measure(name, fn):
-        fns[name] = fn
         try:
             fn()  # warm-up (compiles, tunes)
             rows[name] = round(per_call_us(fn, sync, args.calls, args.rounds), 2)
         except Exception as e:  # report and go on: one path failing must not hide the others
             rows[name] = f"failed: {type(e).__name__}: {e}"[:300]
         print(f"{name:16s} {rows[name]}", flush=True)
+        maybe_profile(name, fn)
         save()
 
     def measure_direct(name, fn):
@@ -237,26 +252,26 @@ def main(argv=None) -> int:
         if not cuda:
             measure(name, fn)
             return
-        fns[name] = fn
         modes = {name: "jit", name + "_direct": "direct"}
         per = {k: [] for k in modes}
         try:
-            for rnd in range(args.rounds + 1):  # round 0: warm-up (compiles, tunes, caches the launchers)
-                for k, mode in modes.items():
-                    os.environ["FEDLORA_FAST_LAUNCH"] = mode  # set per round, outside the timed calls
-                    if rnd == 0:
-                        fn()
-                    else:
-                        per[k].append(per_call_us(fn, sync, args.calls, 1))
+            with launch_mode(None):  # restored afterwards
+                for rnd in range(args.rounds + 1):  # round 0: warm-up (compiles, tunes, caches the launchers)
+                    for k, mode in modes.items():
+                        os.environ["FEDLORA_FAST_LAUNCH"] = mode  # set per round, outside the timed calls
+                        if rnd == 0:
+                            fn()
+                        else:
+                            per[k].append(per_call_us(fn, sync, args.calls, 1))
             for k in modes:
                 rows[k] = round(statistics.median(per[k]), 2)
         except Exception as e:  # report and go on
             for k in modes:
                 rows.setdefault(k, f"failed: {type(e).__name__}: {e}"[:300])
-        finally:
-            os.environ.pop("FEDLORA_FAST_LAUNCH", None)
         for k in modes:
             print(f"{k:16s} {rows[k]}", flush=True)
+        for k, mode in modes.items():
+            maybe_profile(k, fn, mode)
         save()
 
     a, b, c = (torch.randn(1024, device=device) for _ in range(3))
@@ -315,7 +330,9 @@ def main(argv=None) -> int:
             rows["gemm_compiled"] = f"failed: {type(e).__name__}: {e}"[:300]
             print(f"gemm_compiled    {rows['gemm_compiled']}", flush=True)
 
-    os.environ["FEDLORA_FAST_GEMM"] = args.layer_gemm  # the layer rows' base GEMM (the op rows above pin triton)
+    if args.layer_gemm is not None:  # the layer rows' base GEMM (the op rows above pinned triton on CUDA)
+        os.environ["FEDLORA_FAST_GEMM"] = args.layer_gemm
+    layer_gemm = os.environ.get("FEDLORA_FAST_GEMM", "auto")
     xg = x.clone().requires_grad_(True)
 
     def floor_step():
@@ -371,12 +388,10 @@ def main(argv=None) -> int:
         dp.zero_grad()
 
     measure("layer_step_dp_graphed", layer_step_dp_graphed)
-    names = [v for v in args.profile.split(",") if v]
-    if names:
-        reports = profile_rows(fns, names, args.profile_calls, args.profile_top, sync)
-        for name, text in reports.items():
-            print(text if text.startswith("==") else f"== profile {name}: {text}", flush=True)
-        profiles.update(reports)
+    for name in wanted:
+        if name not in profiles:
+            profiles[name] = f"== profile {name}: no such row here (rows: {', '.join(rows)})"
+            print(profiles[name], flush=True)
     save()
     if args.json:
         print(f"# wrote {args.json}")

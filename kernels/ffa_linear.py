@@ -727,9 +727,7 @@ def _pow2(v: int, lo: int = 16) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _sms_of(index: int) -> int:
-    """SM count of CUDA device ``index`` (cached: read for the pass over G and U's split at every call)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -1349,12 +1347,13 @@ def _spec_key_other(a) -> object:
         return (a.dtype, not a.data_ptr() & 15)
     if a is None:
         return None
-    t = type(a)
-    if t is float:
-        return float  # Triton passes every non-constexpr float as fp32, whatever its value
-    if t is bool:
+    if isinstance(a, bool):
         return (bool, a)  # not equal to the int 1 or 0 in the key (True == 1 in Python)
-    raise TypeError(f"direct launch: unexpected argument type {t.__name__}")
+    if isinstance(a, float):
+        return float  # Triton passes every non-constexpr float as fp32, whatever its value
+    if isinstance(a, int):
+        return int(a)  # an int subclass (IntEnum): as its value, like a plain int
+    raise TypeError(f"direct launch: unexpected argument type {type(a).__name__}")
 
 
 _NO_GUARD = contextlib.nullcontext()  # stateless and reentrant: one instance serves every call

@@ -593,18 +593,24 @@ def test_gpu_layer_sweeps_selects_the_sweeps(tmp_path):
 
 def test_launch_overhead_smoke(tmp_path):
     """bench/launch.py (host cost per launch, by path) on CPU: every row is measured or names its failure;
-    under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason."""
+    under the interpreter the Triton rows run too, and the compiled-launcher row fails with its reason; the
+    rows named by --profile are profiled right after their own timing."""
     out = tmp_path / "launch.json"
     proc = _run([os.path.join(BENCH, "launch.py"), "--calls", "2", "--rounds", "1", "--json", str(out),
-                 "--profile", "layer_step_ps,nope", "--profile-calls", "2", "--profile-top", "5"],
+                 "--profile", "layer_step,layer_step_ps,nope,layer_step_dp", "--profile-calls", "2", "--profile-top", "5"],
                 env={"TRITON_INTERPRET": "1"})
     row = json.loads(out.read_text())
     # --profile: the named row under cProfile, its own functions listed with per-call counts; a wrong name says so
     ps = row["profiles"]["layer_step_ps"]
     assert ps.startswith("== profile layer_step_ps: 2 calls") and "-- by own time" in ps, ps
     assert "-- by cumulative time" in ps and "launch.py" in ps and "(layer_step_ps)" in ps, ps
-    assert row["profiles"]["nope"].startswith("no such row (rows: torch_add"), row["profiles"]["nope"]
+    assert row["profiles"]["nope"].startswith("== profile nope: no such row here (rows: torch_add"), row["profiles"]
     assert "== profile layer_step_ps" in proc.stdout and "== profile nope: no such row" in proc.stdout
+    # each row profiled right after its own timing, in its state: the plain layer step before the DP engine
+    # attaches to that model, the DP step after; none of them fails, nor do the rows timed after them
+    for name in ("layer_step", "layer_step_dp"):
+        assert "failed" not in row["profiles"][name] and "(per call" in row["profiles"][name], row["profiles"][name]
+    assert row["layer_gemm"] == "triton"  # the op rows' pin, kept for the layer rows as in the earlier runs
     us = row["us_per_call"]
     for name in ("torch_add", "ffa_fwd", "ffa_bwd", "gemm_jit", "spec_key", "floor_step", "layer_step", "layer_step_ps",
                  "layer_step_dp", "layer_step_dp_graphed"):
@@ -663,6 +669,7 @@ case "$*" in
 esac
 if (( d > cap )); then d=$((cap + k * GRACE)); r=124; else r=0; fi
 echo $(( $(cat CLOCK) + d )) > CLOCK
+echo "$*" >> CLOCK.cmds
 exit $r
 """
 
@@ -698,14 +705,27 @@ def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
     assert skipped == {7} and all(caps[i] >= defaults[i] for i in range(1, 6)) and done <= 575, log
     caps, skipped, done, log = session(TEST=100, SWEEP=40)
     assert not skipped and caps[3] > 130 + 60 and done <= 570, log  # what tests and sweeps left, to the layer bench
-    # time left after launch.py: the 4k-token launch.py run too (unless LAUNCH_4K_ARGS is set empty)
-    launch_runs = lambda log: log.split("== 7/7", 1)[1].count("-- rc=")  # noqa: E731
-    caps, skipped, done, log = session(STEP=1, NCU=1, LAUNCH=5)
-    assert launch_runs(log) == 2 and done <= 570, log
-    caps, skipped, done, log = session(STEP=1, NCU=1, LAUNCH=5, extra={"LAUNCH_4K_ARGS": ""})
-    assert launch_runs(log) == 1, log
-    caps, skipped, done, log = session()  # no time left for it
-    assert launch_runs(log) == 1, log
+    # time left after launch.py: the 4k-token launch.py run too (unless LAUNCH_4K_ARGS is set empty or blank);
+    # each with its default arguments unless LAUNCH_ARGS / LAUNCH_4K_ARGS say otherwise
+    cmds = tmp_path / "clock.cmds"
+
+    def launches(extra=None, **need):
+        cmds.write_text("")
+        caps, skipped, done, log = session(extra=extra, **need)
+        assert done <= 570, log
+        return [line.split("launch.py", 1)[1].split() for line in cmds.read_text().splitlines() if "launch.py" in line]
+
+    tiny, at_4k = launches(STEP=1, NCU=1, LAUNCH=5)
+    assert tiny[tiny.index("--profile") + 1] == "layer_step_ps,layer_step_ps_direct,layer_step_dp", tiny
+    assert at_4k[at_4k.index("--shape") + 1] == "8,512,4096,4096,16" and "--layer-gemm" in at_4k, at_4k
+    assert at_4k[at_4k.index("--layer-gemm") + 1] == "auto" and "--profile" in at_4k, at_4k
+    for blank in ("", " "):
+        assert len(launches(STEP=1, NCU=1, LAUNCH=5, extra={"LAUNCH_4K_ARGS": blank})) == 1
+    (tiny,) = launches(STEP=1, NCU=1, LAUNCH=5, extra={"LAUNCH_ARGS": "", "LAUNCH_4K_ARGS": ""})
+    assert tiny == ["--json", str(tmp_path / "out" / "launch.json")], tiny  # no --profile
+    (_, at_4k) = launches(STEP=1, NCU=1, LAUNCH=5, extra={"LAUNCH_4K_ARGS": "--shape 4,512,64,64,8"})
+    assert at_4k[-2:] == ["--shape", "4,512,64,64,8"], at_4k
+    assert len(launches()) == 1  # no time left for it
 
 
 def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):

@@ -1271,8 +1271,17 @@ def test_direct_launch_key_refines_tritons_specialisation():
             if K._spec_key((a,)) == K._spec_key((b,)):
                 assert triton_spec(a) == triton_spec(b), (i, j)
                 pairs_alike += i != j
-    assert pairs_alike >= 20  # aligned tensor views share a key, and so do floats: the key is not per object
+    assert pairs_alike >= 20
+    # not per object: aligned views of one buffer, and of another, share a key; so do all floats
+    assert K._spec_key((buf,)) == K._spec_key((buf[4:],)) == K._spec_key((torch.empty(3),))
+    assert K._spec_key((0.5,)) == K._spec_key((float("nan"),))
     assert K._spec_key((1,)) != K._spec_key((True,)) and K._spec_key((0,)) != K._spec_key((False,))
+    import enum
+
+    class Size(enum.IntEnum):
+        S = 48
+
+    assert K._spec_key((Size.S,)) == K._spec_key((48,))  # an int subclass as its value
     with pytest.raises(TypeError, match="unexpected argument type str"):
         K._spec_key(("x",))
 
