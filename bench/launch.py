@@ -201,8 +201,8 @@ def main(argv=None) -> int:
                         "CUDA as in the earlier runs, else the environment's; auto: what users run, e.g. at --shape "
                         "8,512,4096,4096,16, the 4k-token Llama-7B rows of gpu_layer.py)")
     p.add_argument("--profile", default="",
-                   help="comma-separated rows to run under cProfile after the timings (a *_direct name: that row "
-                        "with FEDLORA_FAST_LAUNCH=direct), e.g. layer_step_ps,layer_step_dp")
+                   help="comma-separated rows to run under cProfile, each right after its own timing (a *_direct "
+                        "name: that row with FEDLORA_FAST_LAUNCH=direct), e.g. layer_step_ps,layer_step_dp")
     p.add_argument("--profile-calls", type=int, default=300, help="profiled calls per --profile row")
     p.add_argument("--profile-top", type=int, default=30, help="functions listed per ordering")
     args = p.parse_args(argv)

@@ -1338,7 +1338,7 @@ def _spec_key(args: tuple) -> tuple:
     16-byte alignment; every non-constexpr float as fp32): two calls with equal keys get the same compiled
     kernel from it, so the direct launch may reuse it (``test_direct_launch_key_refines_tritons_specialisation``
     checks this against the installed Triton's own specialiser). Ints, most of the arguments, go in as they are:
-    finer than Triton's classes (one cache entry per shape, not per class) and ~3x cheaper to key."""
+    finer than Triton's classes (one cache entry per shape, not per class) and ~2x cheaper to key."""
     return tuple([a if type(a) is int else _spec_key_other(a) for a in args])
 
 
