@@ -1304,7 +1304,10 @@ def _launch(fn, grid, args: tuple, kw: dict) -> None:
     cache key (tens of microseconds of host time per launch on the H100 machine's CPU; bench/launch.py
     measures both). The first launch per specialisation goes through the JIT, which compiles and returns the
     kernel; later ones reuse it when every argument specialises the same way (``_spec_key``). Kernels must
-    take their non-constexpr parameters positionally and every constexpr by keyword (all of ours do)."""
+    take their non-constexpr parameters positionally and every constexpr by keyword (all of ours do). What
+    else the JIT keys its cache on is not rechecked per launch: Triton's compile-time knobs (TRITON_DEBUG,
+    instrumentation hooks) and its check of changed globals; change them before the first launch, not
+    between launches."""
     if _INTERPRET or os.environ.get(LAUNCH_ENV_VAR, "jit") != "direct":
         fn[grid](*args, **kw)
         return
