@@ -872,3 +872,26 @@ def test_gradients_after_a_step_are_views_of_one_buffer_in_the_parameter_dtype()
     assert grads["0.lora_B"].dtype == torch.float32 and grads["2.weight"].dtype == torch.float64
     assert grads["2.weight"].untyped_storage().data_ptr() == grads["2.bias"].untyped_storage().data_ptr()
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_a_replaced_or_detached_engine_refuses_to_clip_noise_or_step(clipping):
+    """A second DPSGD on the same model takes over its clipping (per-layer: inside the backward, with its own
+    thresholds). The first one's noise is scaled to its own bound, which would not cover a sum clipped under
+    the second one (a reviewer's reproduction: C = 1e-3 noise on a sum clipped at C = 100): every DP stage of
+    the replaced engine, and of a detached one, is refused; its epsilon and counts stay readable."""
+    model = make_model()
+    old = make_dp(model, clipping=clipping, max_grad_norm=1e-3, noise_multiplier=1.0, sample_rate=0.1)
+    loss_fn(model, make_batch(3, 4)).backward()
+    old.accumulate()  # clipped under its own bound: fine while it is attached
+    new = make_dp(model, clipping=clipping, max_grad_norm=100.0)
+    loss_fn(model, make_batch(3, 4, seed=2)).backward()  # clipped by the new engine's layers
+    for stage in (old.accumulate, old.step, old.add_noise, old.scale_grad, lambda: old.step(empty_batch=True)):
+        with pytest.raises(RuntimeError, match="this engine was detached"):
+            stage()
+    assert old.epsilon(1e-5) == 0.0 and old.samples_dropped == 0  # nothing released, nothing accounted
+    new.step()  # the attached engine steps as usual
+    new.detach()
+    loss_fn(model, make_batch(3, 4, seed=3)).backward()  # plain, DP-free backward
+    with pytest.raises(RuntimeError, match="this engine was detached"):
+        new.step(empty_batch=True)

@@ -857,3 +857,16 @@ def test_cuda_graph_hugging_face_classifier_with_padding_masks(kind, monkeypatch
         assert dp.samples_dropped == 0 and dp.steps == 3
     assert torch.isfinite(sums[True]).all() and sums[True].abs().sum() > 0
     assert_close_verbose(sums[True], sums[False], atol=1e-5, rtol=1e-4, name="replayed clipped sums")
+
+
+def test_an_accumulator_of_a_replaced_engine_is_refused_before_capture():
+    """An accumulator whose engine was replaced by a new DPSGD on the same model (not rebound) refuses the next
+    batch on its eager path too (and before a first capture), not only when replaying: otherwise per-layer
+    clipping would run with the new engine's thresholds under the old engine's noise."""
+    model = make_model()
+    acc = GraphedAccumulator(make_dp(model, clipping="per_layer", max_grad_norm=1e-3), per_sample_loss,
+                             micro_batch_size=3, graph=False)
+    make_dp(model, clipping="per_layer", max_grad_norm=100.0)
+    with pytest.raises(RuntimeError, match="this engine was detached"):
+        acc.accumulate(make_batch(3))
+    assert acc.dp.clipped_sum()[0].abs().sum() == 0  # nothing was summed

@@ -527,6 +527,7 @@ class DPSGD:
         as dropped. Their gradients must not reach the per-layer sums (per-layer clipping sums inside the
         backward): give them loss weight 0, which makes them exactly zero (``GraphedAccumulator`` does).
         """
+        self._check_attached()
         norms2 = self._norms2()  # the clear error when there is no backward
         self._warn_outside_grads()
         n = norms2.shape[0]
@@ -655,6 +656,7 @@ class DPSGD:
         The noisy sum is a release: this is where the accountant takes its step (every call, so driving the
         stages by hand is accounted too). sigma is checked here too: set by hand to a negative or NaN value,
         it would release the sum with no noise (C is checked by its setter)."""
+        self._check_attached()
         self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
         std = self.noise_multiplier * self.max_grad_norm
         total = self._summed
@@ -686,6 +688,7 @@ class DPSGD:
                 ``.grad``); or a trainable tensor this engine does not clip (``_check_trainable``): the
                 caller's optimizer step would apply its raw gradient.
         """
+        self._check_attached()
         if not self._noised:
             raise RuntimeError("scale_grad(): call add_noise() first: the clipped sum has no noise yet")
         self._check_trainable()
@@ -714,6 +717,7 @@ class DPSGD:
                 same gradients) and ``empty_batch`` was not set; or ``empty_batch`` set while samples are
                 pending.
         """
+        self._check_attached()
         self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
         self._check_trainable()
         if self._have_backward():
@@ -781,8 +785,21 @@ class DPSGD:
         self._pending_samples = self._pending_batches = 0
         self._grads_stale = stepped
 
+    def _check_attached(self) -> None:
+        """Refuse the DP stages (clip, noise, scale, step) of an engine that was detached, or replaced by a
+        new DPSGD on the same model. The model's layers then clip under the new engine (per-layer clipping
+        clips inside their backward with its thresholds), so this engine's noise, scaled to its own bound,
+        would not cover what it sums. ``epsilon`` and the counts stay readable."""
+        if self.ctx.closed:
+            raise RuntimeError(
+                "DPSGD: this engine was detached (or replaced by a new DPSGD on the same model): it no longer "
+                "clips this model's per-sample gradients, so it must not clip, noise or step them; use the "
+                "engine now attached (GraphedAccumulator.rebind(new_engine) for an accumulator)"
+            )
+
     def detach(self) -> None:
-        """Stop per-sample work: the modules return to their plain, DP-free path."""
+        """Stop per-sample work: the modules return to their plain, DP-free path. The engine's DP stages
+        (``accumulate``, ``add_noise``, ``scale_grad``, ``step``) are refused from then on."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
