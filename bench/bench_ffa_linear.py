@@ -31,16 +31,13 @@ CPU_BACKENDS = [b for b in ("torch", "native") if backends.available(b, "cpu")]
 @contextlib.contextmanager
 def backend(name: str):
     """Run the custom ops on backend ``name`` (through FEDLORA_FAST_BACKEND), restoring the environment."""
-    old = os.environ.get(backends.ENV_VAR)
-    os.environ[backends.ENV_VAR] = name
-    backends.clear_cache()
+    import harness  # bench/harness.py (imported where used, as in main)
+
     try:
-        yield
+        with harness.env_var(backends.ENV_VAR, name):
+            backends.clear_cache()
+            yield
     finally:
-        if old is None:
-            os.environ.pop(backends.ENV_VAR, None)
-        else:
-            os.environ[backends.ENV_VAR] = old
         backends.clear_cache()
 
 

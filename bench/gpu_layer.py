@@ -327,15 +327,8 @@ def _with_gemm(v: Variant, gemm: str | None) -> Variant:
 
     def wrap(fn):
         def run():
-            old = os.environ.get(var)
-            os.environ[var] = value
-            try:
+            with harness.env_var(var, value):
                 return fn()
-            finally:
-                if old is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = old
 
         return run
 
@@ -865,28 +858,22 @@ def check_ops(n, T, inp, out, r, dtype, device, gemms) -> list[dict]:
     results = []
     for gemm in gemms:
         worst: dict = {}
-        old = os.environ.get(K.GEMM_ENV_VAR)
-        os.environ[K.GEMM_ENV_VAR] = gemm
-        try:
-            y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
-            judge(worst, "y", y, y64, ylp)
-            judge(worst, "u", u, u64, ulp)
-            for mode in modes:
-                got = K.ffa_linear_bwd(gy, u, *args, mode, *tail)
-                for name, a_, e_, l_ in zip(["dx", "dxa", "gB", "nuB"], got, exp_bwd[mode], lowp_bwd[mode]):
-                    if e_.numel():
-                        judge(worst, f"{name}[mode={mode}]", a_, e_, l_)
-            results.append({"ok": all(v["ok"] for v in worst.values()), "gemm": gemm, "details": worst})
-        except Exception as err:  # noqa: BLE001  (one GEMM path failing must not cost the others' checks)
-            results.append({"ok": False, "gemm": gemm, "error": f"{type(err).__name__}: {err}"[:300],
-                            "details": worst})
-            print(f"# check of ffa_flat[{gemm}] failed at n={n} T={T} {inp}->{out}: {results[-1]['error']}",
-                  flush=True)
-        finally:
-            if old is None:
-                os.environ.pop(K.GEMM_ENV_VAR, None)
-            else:
-                os.environ[K.GEMM_ENV_VAR] = old
+        with harness.env_var(K.GEMM_ENV_VAR, gemm):
+            try:
+                y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
+                judge(worst, "y", y, y64, ylp)
+                judge(worst, "u", u, u64, ulp)
+                for mode in modes:
+                    got = K.ffa_linear_bwd(gy, u, *args, mode, *tail)
+                    for name, a_, e_, l_ in zip(["dx", "dxa", "gB", "nuB"], got, exp_bwd[mode], lowp_bwd[mode]):
+                        if e_.numel():
+                            judge(worst, f"{name}[mode={mode}]", a_, e_, l_)
+                results.append({"ok": all(v["ok"] for v in worst.values()), "gemm": gemm, "details": worst})
+            except Exception as err:  # noqa: BLE001  (one GEMM path failing must not cost the others' checks)
+                results.append({"ok": False, "gemm": gemm, "error": f"{type(err).__name__}: {err}"[:300],
+                                "details": worst})
+                print(f"# check of ffa_flat[{gemm}] failed at n={n} T={T} {inp}->{out}: {results[-1]['error']}",
+                      flush=True)
     return results
 
 

@@ -19,6 +19,7 @@ Memory:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -101,6 +102,22 @@ def machine_info(device: torch.device | str) -> dict:
 
 def utc_date() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """``os.environ[name] = value`` for the block (None: left as it is), then restored (unset if it was): how
+    the benches switch the ops' backend, GEMM and launch path (read per call) around one variant's calls."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 # --- timing ----------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ show on a CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import os
 import pstats
@@ -142,28 +141,13 @@ def _short(path: str) -> str:
     return "/".join(parts[-2:])
 
 
-@contextlib.contextmanager
-def launch_mode(mode: str | None):
-    """FEDLORA_FAST_LAUNCH set to ``mode`` (None: left as it is) for the block, then restored."""
-    prev = os.environ.get("FEDLORA_FAST_LAUNCH")
-    if mode is not None:
-        os.environ["FEDLORA_FAST_LAUNCH"] = mode
-    try:
-        yield
-    finally:
-        if prev is None:
-            os.environ.pop("FEDLORA_FAST_LAUNCH", None)
-        else:
-            os.environ["FEDLORA_FAST_LAUNCH"] = prev
-
-
 def profile_row(name: str, fn, mode: str | None, calls: int, top: int, sync) -> str:
     """``calls`` calls of a row's ``fn`` under cProfile (FEDLORA_FAST_LAUNCH=``mode`` where given), right after
     the row was timed, in the same state; the report lists the ``top`` functions by own time, then by
     cumulative time, in microseconds per profiled call (cProfile's own overhead included: shares, not timings)."""
     prof = cProfile.Profile()
     try:
-        with launch_mode(mode):
+        with harness.env_var("FEDLORA_FAST_LAUNCH", mode):
             fn()  # warm (a direct row's first call per specialisation goes through the JIT)
             sync()
             prof.enable()
@@ -255,7 +239,7 @@ def main(argv=None) -> int:
         modes = {name: "jit", name + "_direct": "direct"}
         per = {k: [] for k in modes}
         try:
-            with launch_mode(None):  # restored afterwards
+            with harness.env_var("FEDLORA_FAST_LAUNCH", None):  # restored afterwards
                 for rnd in range(args.rounds + 1):  # round 0: warm-up (compiles, tunes, caches the launchers)
                     for k, mode in modes.items():
                         os.environ["FEDLORA_FAST_LAUNCH"] = mode  # set per round, outside the timed calls

@@ -194,23 +194,11 @@ def adapter_targets(model: nn.Module, head: str) -> list[str]:
 
 
 # --- variants --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def _backend(name: str | None):
     """Select the fedlora_fast op backend for the duration of one step (None: automatic choice)."""
-    if name is None:
-        yield
-        return
     from fedlora_fast.ops import backends
 
-    old = os.environ.get(backends.ENV_VAR)
-    os.environ[backends.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[backends.ENV_VAR]
-        else:
-            os.environ[backends.ENV_VAR] = old
+    return harness.env_var(backends.ENV_VAR, name)
 
 
 def _sgd(model: nn.Module) -> torch.optim.Optimizer:

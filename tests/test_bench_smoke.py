@@ -949,3 +949,23 @@ def test_blocks_from_a_file_swept_at_another_rank_or_dtype_is_not_applied(tmp_pa
     path.write_text(json.dumps({"rows": [{"r": 64, "dtype": "bfloat16", "sweep_merge": [merge]}]}))
     assert gpu_layer.blocks_from_file(str(path), 64, "bfloat16") == {"merge": merge["config"]}
     assert K._merge_launch(cuda, torch.bfloat16, 64, 4096, 11008)["BLOCK_I"] == 256
+
+
+def test_harness_env_var_sets_for_the_block_and_restores(monkeypatch):
+    """harness.env_var (how the benches switch backend, GEMM and launch path): set inside, restored after,
+    also when the block raises; unset again where it was unset; None leaves the value as it is."""
+    name = "FEDLORA_FAST_TEST_ENV_VAR"
+    monkeypatch.delenv(name, raising=False)
+    with harness.env_var(name, "a"):
+        assert os.environ[name] == "a"
+    assert name not in os.environ
+    monkeypatch.setenv(name, "old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with harness.env_var(name, "b"):
+            assert os.environ[name] == "b"
+            raise RuntimeError("boom")
+    assert os.environ[name] == "old"
+    with harness.env_var(name, None):
+        assert os.environ[name] == "old"
+        os.environ[name] = "changed inside"
+    assert os.environ[name] == "old"
