@@ -717,7 +717,6 @@ class DPSGD:
                 same gradients) and ``empty_batch`` was not set; or ``empty_batch`` set while samples are
                 pending.
         """
-        self._check_attached()
         self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
         self._check_trainable()
         if self._have_backward():
