@@ -273,10 +273,75 @@ def test_eval_mode_or_a_merge_after_the_capture_is_refused(fake):
     acc.dp.step()
     acc.dp.zero_grad()
     model.eval()
-    with pytest.raises(ValueError, match="switched between train and eval or merged/unmerged"):
+    with pytest.raises(ValueError, match=r"changed since the CUDA graph was captured.*0\.training: True -> False"):
         acc.accumulate(make_batch(3))
     model.train()
     acc.accumulate(make_batch(3))
+    acc.dp.step()
+    acc.dp.zero_grad()
+    model[0].merge()
+    with pytest.raises(ValueError, match=r"0\.merged: False -> True"):
+        acc.accumulate(make_batch(3))
+    model[0].unmerge()
+    acc.accumulate(make_batch(3))
+
+
+def _refused_then_accepted(acc, change, undo, match):
+    change()
+    with pytest.raises(ValueError, match=match):
+        acc._check_captured()
+    undo()
+    acc._check_captured()
+
+
+def test_settings_hooks_and_requires_grad_changed_after_a_capture_are_refused(fake):
+    """A replay runs no Python: an adapter's scale, a dropout probability, a peft-style settings dict, a
+    parameter's requires_grad, a hook added to a module or globally would all be ignored by the replay (the
+    old computation, silently). Each is refused with its name, and accepted again once restored; the
+    engine's own hooks (a rebound engine's are new) are not the model's."""
+    model = make_model()
+    model[2].scaling = {"default": 2.0}  # as peft's LoRA layers hold it
+    acc = fake.accumulator(make_dp(model), per_sample_loss, micro_batch_size=4)
+    acc.accumulate(make_batch(3))
+    acc.dp.step()
+    acc.dp.zero_grad()
+    layer = model[0]
+    _refused_then_accepted(acc, lambda: setattr(layer, "scale", 4.0), lambda: setattr(layer, "scale", 2.0),
+                           r"0\.scale: 2\.0 -> 4\.0")
+    layer.dropout = nn.Dropout(0.1)  # a new submodule
+    with pytest.raises(ValueError, match=r"0: submodules changed"):
+        acc._check_captured()
+    layer.dropout = acc._modules[acc._module_names.index("0.dropout")]
+    acc._check_captured()
+    model[2].scaling["default"] = 3.0
+    with pytest.raises(ValueError, match=r"2\.scaling: \{'default': 2\.0\} -> \{'default': 3\.0\}"):
+        acc._check_captured()
+    model[2].scaling["default"] = 2.0
+    acc._check_captured()
+    _refused_then_accepted(acc, lambda: layer.lora_B.requires_grad_(False), lambda: layer.lora_B.requires_grad_(True),
+                           r"0: parameters \(memory, requires_grad\) changed")
+    handle = None
+
+    def add_hook():
+        nonlocal handle
+        handle = model[1].register_forward_hook(lambda m, i, o: o * 2)
+
+    _refused_then_accepted(acc, add_hook, lambda: handle.remove(), r"1: hooks changed")
+
+    def add_global():
+        nonlocal handle
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+
+    _refused_then_accepted(acc, add_global, lambda: handle.remove(), "a global module hook was added or removed")
+    del layer.train_A  # a setting deleted
+    with pytest.raises(ValueError, match=r"0\.train_A: False -> <object"):
+        acc._check_captured()
+    layer.train_A = False
+    old = acc.dp
+    old.detach()
+    acc.rebind(make_dp(model))  # new engine hooks on the model: not a change of the captured computation
+    acc.accumulate(make_batch(3))
+    assert acc.dp is not old
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
@@ -314,6 +379,30 @@ def test_padding_repeats_a_real_sample_so_the_loss_stays_finite():
     assert_close_verbose(acc.last_loss, want.detach(), atol=1e-5, rtol=1e-5, name="weighted loss")
 
 
+def test_an_infinite_first_loss_is_reported_as_inf_not_nan():
+    """Padding rows copy the micro-batch's first sample: with its loss inf, 0 * inf in the padding would make
+    the reported loss NaN (the client's train_loss metric). The padding is masked out: the loss is inf, the
+    sample is dropped as non-finite, the other sample's clipped gradient is kept."""
+    model = make_model()
+    dp = make_dp(model)
+
+    def loss(model, mb):  # inf where x[:, 0, 0] == 200 (only there)
+        return per_sample_loss(model, mb) / (mb["x"][:, 0, 0] - 200.0).abs()
+
+    batch = make_batch(2)
+    batch["x"][0, 0, 0] = 200.0
+    acc = GraphedAccumulator(dp, loss, micro_batch_size=4, graph=False)
+    assert acc.accumulate(batch) == 2
+    assert acc.last_loss.item() == float("inf")
+    dp_ok = make_dp(make_model())
+    GraphedAccumulator(dp_ok, loss, micro_batch_size=1, graph=False).accumulate({k: v[1:] for k, v in batch.items()})
+    want = torch.cat([t.flatten() for t in dp_ok.clipped_sum()])
+    assert want.abs().sum() > 0
+    assert_close_verbose(torch.cat([t.flatten() for t in dp.clipped_sum()]), want, atol=1e-6, rtol=1e-6, name="sum")
+    dp.step()
+    assert dp.samples_dropped == 1
+
+
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 def test_clip_batch_valid_mask_excludes_rows_that_have_gradients(clipping):
     """Defence in depth: rows marked invalid add nothing and are not counted even when their gradients are
@@ -342,6 +431,13 @@ def test_several_batches_and_an_empty_one():
     got, dp, counts = graphed_sum([a, empty, b], 4, "flat")
     assert counts == [5, 0, 2] and dp._pending_samples == 7
     assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="clipped sum")
+    # an empty batch is checked like any other: a wrong per-sample shape is the caller's bug even at n = 0
+    acc = GraphedAccumulator(make_dp(make_model()), per_sample_loss, micro_batch_size=4, graph=False)
+    assert acc.accumulate(empty) == 0
+    with pytest.raises(ValueError, match="tensor 0 has per-sample shape"):
+        acc.accumulate({"x": torch.zeros(0, 6, IN), "y": torch.zeros(0, 5, OUT)})
+    with pytest.raises(ValueError, match="structure or non-tensor values differ"):
+        acc.accumulate({"x": torch.zeros(0, 5, IN)})
 
 
 def test_length_buckets_one_accumulator_each_on_one_engine():
@@ -416,17 +512,17 @@ def test_replaced_parameters_are_refused_after_a_capture():
     acc._check_captured()
     bias = model[2].bias.data
     model[2].bias.data = bias.clone()
-    with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced by other tensors"):
+    with pytest.raises(ValueError, match=r"model: changed .*\['2.bias'\] replaced by other tensors"):
         acc._check_captured()
     model[2].bias.data = bias
     acc._check_captured()
     model[2].bias = nn.Parameter(bias.clone())  # a new Parameter object
-    with pytest.raises(ValueError, match=r"model: \['2.bias'\] replaced"):
+    with pytest.raises(ValueError, match=r"model: changed .*\['2.bias'\] replaced"):
         acc._check_captured()
     model[2].bias = nn.Parameter(bias)  # the same memory again: nothing the graph reads has moved
     acc._check_captured()
     model[1] = nn.Tanh()  # a submodule replaced (no tensors of its own)
-    with pytest.raises(ValueError, match=r"replaced by other tensors"):
+    with pytest.raises(ValueError, match=r"\(the model\): submodules changed"):
         acc._check_captured()
 
 
@@ -479,7 +575,7 @@ def test_graph_mode_control_flow_with_stand_ins(clipping, fake):
     assert fake.captures == 1 and acc.replays == 3 + 1
     assert len(calls) == 2 + 1 + 1 + acc.replays  # warm-ups, probe, capture, one per replay
     model[2].weight.data = model[2].weight.data.clone()
-    with pytest.raises(ValueError, match=r"model: \['2.weight'\] replaced by other tensors"):
+    with pytest.raises(ValueError, match=r"model: changed .*\['2.weight'\] replaced by other tensors"):
         acc.accumulate(batches[1])
 
 
