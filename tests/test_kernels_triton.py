@@ -8,6 +8,7 @@ linear layers adapted) against the batch-of-one loop. On a CPU-only machine the 
 ``TRITON_INTERPRET=1`` (set by conftest); tests on ``cuda`` run natively and are skipped without a GPU.
 """
 
+import functools
 import os
 import time
 import warnings
@@ -1249,15 +1250,19 @@ def test_direct_launch_key_refines_tritons_specialisation():
     ``_spec_key``: two arguments with equal keys must specialise alike in Triton's own specialiser (that of
     the CUDA backend where this Triton has it); ints are keyed by value, tensors by dtype and alignment."""
     jit = pytest.importorskip("triton.runtime.jit")
-    if not hasattr(jit, "native_specialize_impl"):
-        pytest.skip("this Triton has no native_specialize_impl to compare with")
     try:
         from triton.backends.nvidia.compiler import CUDABackend as backend
     except ImportError:
         from triton.backends.compiler import BaseBackend as backend
+    if hasattr(jit, "native_specialize_impl"):  # Triton >= 3.6 (C++)
+        specialize = functools.partial(jit.native_specialize_impl, backend)
+    elif hasattr(jit, "create_specialize_impl"):  # Triton 3.4-3.5 (Python)
+        specialize = jit.create_specialize_impl(backend.get_arg_specialization)
+    else:
+        pytest.skip("this Triton has no specialiser function to compare with")
 
     def triton_spec(v):
-        return type(v) if isinstance(v, float) else None, jit.native_specialize_impl(backend, v, False, True, True)
+        return type(v) if isinstance(v, float) else None, specialize(v, False, True, True)
 
     buf = torch.empty(64, dtype=torch.float32)
     values = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 2**31 - 16, 2**31, 2**31 + 16, 2**40 + 3, 2**63 + 16, 0.5,
@@ -1948,8 +1953,11 @@ def _stack_bytes(cubin: bytes) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _aot_main(capability: int) -> None:
+def _aot_main(capability: int, strict: bool = True) -> None:
     """Compile every case for ``sm<capability>`` (run in a process without TRITON_INTERPRET).
+
+    ``strict=False`` (checking another Triton version: ``PYTHONPATH=<its dir>``) compiles every case,
+    prints what each finds and a summary, and fails only where a case does not compile.
 
     Also checks the register budget where it decides speed: the base GEMM in every autotune config and the
     one-pass backward at r=16 must not spill (a stack frame). v0's GEMM epilogue spilled in every config and
@@ -1968,6 +1976,7 @@ def _aot_main(capability: int) -> None:
     # JIT specialises those apart, and Triton 3.6-3.9 could not compile U with PACK_W in 64-row tiles there
     cases += [(f"{name} unaligned", fn, ptrs, dict(constexprs, **({"EVEN_K": False} if "EVEN_K" in constexprs else {})),
                cfg, False) for name, fn, ptrs, constexprs, cfg in fixed if not name.startswith("sweep")]
+    failed, findings = [], []
     for name, fn, ptrs, constexprs, cfg, aligned in cases:
         sig = {}
         for arg in fn.arg_names:
@@ -1984,14 +1993,28 @@ def _aot_main(capability: int) -> None:
         attrs = {k: v for k, v in attrs.items() if sig[fn.arg_names[k[0]]] != "fp32"
                  and not sig[fn.arg_names[k[0]]].startswith("tensordesc")}
         src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+        try:
+            kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+        except Exception as e:
+            if strict:
+                raise
+            failed.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+            print(f"sm{capability} {name}: DOES NOT COMPILE", flush=True)
+            continue
         shared = kernel.metadata.shared
-        assert shared <= smem_limit, f"{name}: {shared} B of shared memory > sm{capability}'s {smem_limit}"
         stack = _stack_bytes(kernel.asm["cubin"]) if "cubin" in kernel.asm else None
         print(f"sm{capability} {name}: shared {shared / 1024:.0f} KiB, stack {stack} B", flush=True)
         must_not_spill = aligned and (name.startswith(("gemm Y", "gemm dX", "outer r16", "tma", "merge"))
                                       or name.endswith("fp32 r16"))
-        assert not (must_not_spill and stack), f"{name}: {stack} B of register spills (stack frame) on sm{capability}"
+        found = [f"{name}: {shared} B of shared memory > sm{capability}'s {smem_limit}"] if shared > smem_limit else []
+        if must_not_spill and stack:
+            found.append(f"{name}: {stack} B of register spills (stack frame) on sm{capability}")
+        assert not (strict and found), found[:1]
+        findings += found
+    if not strict:
+        print(f"triton {triton.__version__}: {len(cases)} cases, {len(failed)} do not compile, {len(findings)} "
+              "over the shared-memory or spill budget", *failed, *findings, sep="\n  ", flush=True)
+        assert not failed, "some launches do not compile with this Triton"
 
 
 @pytest.mark.slow

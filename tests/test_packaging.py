@@ -27,20 +27,39 @@ def test_imports_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
 
 
-def test_explicit_unavailable_backend_raises_with_diagnosis():
+def _layer_call_raises_backend_error(setup: str, checks: str, env: dict) -> None:
+    """Run ``setup``, then an adapter layer's call in a fresh process: it must raise BackendUnavailableError
+    whose text passes ``checks`` (a Python expression over ``e``)."""
     code = (
-        "import torch, fedlora_fast as ff\n"
+        f"import torch, fedlora_fast as ff\n{setup}"
         "from fedlora_fast.ops import BackendUnavailableError\n"
         "layer = ff.FFALoRALinear(torch.nn.Linear(8, 4), r=2)\n"
         "try:\n"
         "    layer(torch.randn(3, 8))\n"
         "except BackendUnavailableError as e:\n"
-        "    assert 'FEDLORA_FAST_BACKEND=triton' in str(e) and 'TRITON_INTERPRET' in str(e), e\n"
+        f"    assert {checks}, e\n"
         "else:\n"
         "    raise SystemExit('no error')\n"
     )
-    env = {"FEDLORA_FAST_BACKEND": "triton", "TRITON_INTERPRET": "0", "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, env={**env, "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+
+
+def test_explicit_unavailable_backend_raises_with_diagnosis():
+    _layer_call_raises_backend_error("", "'FEDLORA_FAST_BACKEND=triton' in str(e) and 'TRITON_INTERPRET' in str(e)",
+                                     {"FEDLORA_FAST_BACKEND": "triton", "TRITON_INTERPRET": "0"})
+
+
+def test_a_triton_older_than_the_checked_floor_is_refused_with_its_version():
+    """Triton releases older than ``MIN_TRITON`` were never compiled against: the backend is unavailable with
+    the version in the reason (forced: an error; automatic on CUDA: the reference, with a warning)."""
+    from fedlora_fast.ops import backends
+
+    assert backends._version("3.2.0") < backends.MIN_TRITON <= backends._version("3.3.1")
+    assert backends._version("3.5.0.dev20250101+git12ab") == (3, 5, 0)
+    assert backends._version("3.3rc1") == (3, 3) and backends._version("3.10.0") > backends._version("3.9.0")
+    setup = "import sys, types\nsys.modules['triton'] = types.SimpleNamespace(__version__='3.2.0')\n"
+    _layer_call_raises_backend_error(setup, "'triton 3.2.0 is older than 3.3' in str(e)",
+                                     {"FEDLORA_FAST_BACKEND": "triton", "TRITON_INTERPRET": "1"})
 
 
 def test_unknown_backend_name_is_rejected():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import os
 import warnings
 from types import ModuleType
@@ -45,6 +46,24 @@ def requested_backend() -> str | None:
     return name
 
 
+# The oldest Triton every shipped launch compiles with for sm90 (2026-11-27: 3.3.1, 3.4.0, 3.5.1, 3.6.0 and
+# 3.9.0 ahead of time; 3.6.0 natively on an H100; 3.1 and 3.2 could not be checked): older runs the reference
+MIN_TRITON = (3, 3)
+
+
+def _version(v: str) -> tuple[int, ...]:
+    """(3, 4, 0) from "3.4.0", "3.4.0+git1234" or "3.5.0.dev20250101"; non-numeric parts end it."""
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        out.append(int(digits))
+        if len(digits) < len(part):
+            break
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=None)
 def _probe(name: str, device_type: str) -> tuple[ModuleType | None, str]:
     """(module, "") when backend ``name`` can run on ``device_type``, else (None, diagnosis)."""
@@ -60,9 +79,14 @@ def _probe(name: str, device_type: str) -> tuple[ModuleType | None, str]:
         if device_type not in ("cpu", "cuda"):
             return None, f"the triton backend supports cuda (and cpu under TRITON_INTERPRET=1), not {device_type}"
         try:
-            import triton  # noqa: F401
+            import triton
         except ImportError as e:
             return None, f"the triton backend needs the 'triton' package ({e}); pip install triton"
+        if _version(getattr(triton, "__version__", "0")) < MIN_TRITON:
+            return None, (
+                f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest release "
+                "the kernels are compiled against (bench/NOTES.md); upgrade torch, or pip install 'triton>=3.3'"
+            )
     if name == "native" and device_type != "cpu":
         return None, f"the native backend runs on CPU tensors only, got {device_type}"
     try:
