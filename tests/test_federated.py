@@ -84,6 +84,31 @@ def test_fedavg_is_the_example_weighted_mean():
         assert out[key].dtype == g[key].dtype
 
 
+@pytest.mark.parametrize("make", [FedAvg, lambda: CentralDP(clip_norm=1.0, noise_multiplier=0.0, num_clients=2)],
+                         ids=["fedavg", "central_dp"])
+def test_aggregators_refuse_updates_that_do_not_match_the_global_state(make):
+    """Called directly (Server.validate checks messages first), an aggregator must not broadcast a wrong shape
+    into the mean, drop an unexpected key, or average a non-finite value: each is a clear error."""
+    g = {"w": torch.zeros(2, 3)}
+    good = ClientUpdate(0, {"w": torch.ones(2, 3)}, 4)
+    cases = [
+        (ClientUpdate(1, {"w": torch.ones(1, 3)}, 4),
+         r"client 1: w: expected a floating-point tensor of shape \(2, 3\)"),
+        (ClientUpdate(1, {"w": torch.ones(2, 3), "v": torch.ones(1)}, 4), r"client 1: .*1 unexpected \['v'\]"),
+        (ClientUpdate(1, {}, 4), r"client 1: .*1 missing \['w'\]"),
+        (ClientUpdate(1, {"w": torch.ones(2, 3, dtype=torch.int64)}, 4), r"got \(2, 3\) torch.int64"),
+        (ClientUpdate(1, {"w": torch.full((2, 3), float("nan"))}, 4), "client 1: w: non-finite values"),
+        (ClientUpdate(1, {"w": torch.ones(2, 3)}, 0), "client 1: num_examples: expected a positive int, got 0"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            make().aggregate(g, [good, bad])
+    with pytest.raises(ValueError, match="expected at least one client update"):
+        make().aggregate(g, [])
+    out = make().aggregate(g, [good])["w"]
+    assert out.shape == (2, 3) and out.dtype == torch.float32 and bool(out.ne(0).all())
+
+
 def test_central_dp_clips_each_update_and_adds_calibrated_noise():
     g = {"w": torch.ones(4)}
     big, small = torch.tensor([3.0, 4.0, 0.0, 0.0]), torch.tensor([0.1, 0.0, 0.0, 0.0])  # norms 5 and 0.1
@@ -588,6 +613,11 @@ def test_update_message_carries_no_data_dependent_metrics(tiny):
     # the simulation (one operator, all clients in this process) still reports the mean training loss
     losses = [c.last_metrics["train_loss"] for c in fed.clients]
     assert rec["train_loss"] == pytest.approx(sum(losses) / 3)
+    # a round past config.rounds would spend privacy beyond the planned steps: refused before any client trains
+    eps = fed.epsilon()
+    with pytest.raises(RuntimeError, match=r"has run its 1 rounds .* past the 2 DP-SGD steps"):
+        fed.run_round()
+    assert len(sent) == 3 and fed.epsilon() == eps and all(c.accountant.steps == 2 for c in fed.clients)
 
 
 def test_other_settings_run(tiny, tmp_path):
@@ -802,3 +832,11 @@ def test_client_checks_its_arguments_when_built():
                           (dict(lr_schedule="step"), r"lr_schedule: expected one of")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             Client(0, ids, labels, **{**base, **change})
+    # labels as the docstring's "(n,) class ids" may come: a list, a tensor, a numpy array; none or too few refused
+    import numpy as np
+
+    for lab in (labels, torch.tensor(labels), np.array(labels)):
+        assert Client(0, ids, lab, **base).labels.tolist() == [0, 1]
+    for lab in ([], torch.tensor([0]), np.array([], dtype=np.int64)):
+        with pytest.raises(ValueError, match="expected as many labels as examples"):
+            Client(0, ids if len(lab) else [], lab, **base)

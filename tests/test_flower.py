@@ -478,6 +478,24 @@ def test_node_calibrates_one_client_like_the_simulation(tiny):
     assert node.calibrate(fed, 0, noise_multiplier=0.75) == 0.75  # from an earlier round: no new search
 
 
+def test_a_coordinator_without_a_gpu_builds_the_server_side_on_the_cpu(tiny, monkeypatch):
+    """The run config's device is the SuperNodes' (they train); a ServerApp on a machine without CUDA builds
+    its side on the CPU (same fingerprint and start state) instead of failing inside torch."""
+    from fedlora_fast.flower import node
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = flower_config.federated_config(_tiny_run_config(tiny, device="cuda", labels="ham,spam"))
+    side = node.for_server(cfg)
+    assert (side.device, side.cuda_graph, cfg.device) == ("cpu", False, "cuda")
+    assert dataclasses.replace(side, device=cfg.device, cuda_graph=cfg.cuda_graph) == cfg
+    cpu = flower_config.federated_config(_tiny_run_config(tiny, labels="ham,spam"))
+    assert node.for_server(cpu) is cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert node.for_server(cfg) is cfg  # a coordinator with a GPU keeps it
+    bare, plain = node.ServerOnly(side), node.ServerOnly(cpu)
+    assert bare.fingerprint == plain.fingerprint and next(bare.model.parameters()).device.type == "cpu"
+
+
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
     """A silo's SuperNode with ``data-path``: one client holding that file's training rows, the same classes and

@@ -58,14 +58,36 @@ class Aggregator:
         return None
 
 
+def check_updates(global_state: dict[str, Tensor], updates: list[ClientUpdate]) -> None:
+    """Raise ValueError unless there is an update and every one holds exactly the global state's keys with its
+    shapes and finite values (``Server.validate`` checks messages so; this guards direct callers): a (1, r)
+    tensor would otherwise broadcast into a wrong mean, and an extra key would be dropped silently."""
+    if not updates:
+        raise ValueError("updates: expected at least one client update, got none")
+    for u in updates:
+        if isinstance(u.num_examples, bool) or not isinstance(u.num_examples, int) or u.num_examples <= 0:
+            raise ValueError(f"client {u.client_id}: num_examples: expected a positive int, got {u.num_examples!r}")
+        if set(u.tensors) != set(global_state):
+            extra, missing = sorted(set(u.tensors) - set(global_state)), sorted(set(global_state) - set(u.tensors))
+            raise ValueError(f"client {u.client_id}: expected the global state's keys, got {len(extra)} unexpected "
+                             f"{extra[:3]} and {len(missing)} missing {missing[:3]}")
+        for k, g in global_state.items():
+            t = u.tensors[k]
+            if not isinstance(t, Tensor) or t.shape != g.shape or not t.dtype.is_floating_point:
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"client {u.client_id}: {k}: expected a floating-point tensor of shape "
+                                 f"{tuple(g.shape)}, got {got}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"client {u.client_id}: {k}: non-finite values")
+
+
 class FedAvg(Aggregator):
     """Weighted FedAvg: ``sum_k n_k t_k / sum_k n_k``, accumulated in float64."""
 
     name = "fedavg"
 
     def aggregate(self, global_state, updates):
-        if not updates:
-            raise ValueError("updates: expected at least one client update, got none")
+        check_updates(global_state, updates)
         total = sum(u.num_examples for u in updates)
         out = {}
         for k, g in global_state.items():
@@ -115,8 +137,7 @@ class CentralDP(Aggregator):
         self.accountant = Accountant()
 
     def aggregate(self, global_state, updates):
-        if not updates:
-            raise ValueError("updates: expected at least one client update, got none")
+        check_updates(global_state, updates)
         if len(updates) > self.clients_per_round:
             raise ValueError(f"updates: {len(updates)} accepted, more than the {self.clients_per_round} clients selected "
                              "per round (clients_per_round) the noise and accounting are calibrated for")

@@ -163,7 +163,7 @@ class Client:
         lr_schedule: str = "constant",
         cuda_graph: bool = False,
     ):
-        if len(input_ids) != len(labels) or not labels:
+        if len(input_ids) != len(labels) or len(labels) == 0:  # len: labels may be a tensor or an array
             raise ValueError(f"client {client_id}: expected as many labels as examples (> 0), got {len(labels)} and {len(input_ids)}")
         for name, v in (("batch_size", batch_size), ("local_steps", local_steps), ("rounds", rounds)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -174,7 +174,8 @@ class Client:
             raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {lr_schedule!r}")
         self.client_id = int(client_id)
         self.last_metrics: dict = {}  # the last fit's local training metrics (never sent: see fit)
-        self.input_ids, self.labels = list(input_ids), torch.as_tensor(list(labels), dtype=torch.long)
+        labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)  # a tensor's or array's ints
+        self.input_ids, self.labels = list(input_ids), torch.as_tensor(labels, dtype=torch.long)
         self.num_examples = len(self.labels)
         self.pad_id, self.batch_size, self.local_steps = int(pad_id), int(batch_size), int(local_steps)
         self.sample_rate = check_sample_rate(min(1.0, self.batch_size / self.num_examples))

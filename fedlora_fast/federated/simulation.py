@@ -422,7 +422,20 @@ class Federation:
 
     # --- one round ---------------------------------------------------------------------------------------
     def run_round(self, on_step: Callable[[], None] | None = None) -> dict:
+        """One round: broadcast, every client's local DP training, aggregation; its record.
+
+        Raises:
+            RuntimeError: the federation has run its ``config.rounds`` already: the clients' noise (and, with
+                an ``epsilon`` target, their noise multiplier) was planned for that many rounds of local steps,
+                and another would spend privacy beyond it (a Flower node refuses the same).
+        """
         cfg, r = self.config, self.server.round
+        if r >= cfg.rounds:
+            raise RuntimeError(
+                f"rounds: the federation has run its {cfg.rounds} rounds (config.rounds); another would take every "
+                f"client past the {cfg.rounds * cfg.local_steps} DP-SGD steps (rounds x local_steps) its noise and "
+                "epsilon were planned for: build a Federation with more rounds instead"
+            )
         t0, c0 = time.perf_counter(), time.process_time()
         message = self.server.broadcast()
         uploads = []

@@ -12,10 +12,27 @@ training without noise); ``calibrate`` sets one client's with the same call and 
 from __future__ import annotations
 
 import dataclasses
+import logging
+
+import torch
 
 from fedlora_fast.federated.simulation import Federation, FederatedConfig, adapted_model, describe_run, make_server
 from fedlora_fast.federated.state import adapter_config, fingerprint
 from fedlora_fast.privacy.accounting import calibrate_noise_multiplier
+
+log = logging.getLogger(__name__)
+
+
+def for_server(cfg: FederatedConfig) -> FederatedConfig:
+    """The config the ServerApp builds its side with: ``cfg`` unless it names CUDA on a coordinator without a
+    GPU; then the CPU, without CUDA graphs. The run config's ``device`` is the SuperNodes' training device;
+    the server only aggregates, evaluates (with its own data) and exports, which the CPU can do, and its
+    model, adapters and fingerprint are the same on any device. Callers keep ``cfg`` as the run's record."""
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        log.info("ServerApp: no CUDA device here; the server side runs on the CPU (the nodes train on %s)",
+                 cfg.device)
+        return dataclasses.replace(cfg, device="cpu", cuda_graph=False)
+    return cfg
 
 
 def build(cfg: FederatedConfig) -> Federation:

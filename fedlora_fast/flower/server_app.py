@@ -98,7 +98,11 @@ def main(grid: Grid, context: Context) -> None:
     remove_run_outputs(out, held)
     out.mkdir(parents=True, exist_ok=True)
     # the server needs no client's noise; with flower-server-data = false, no data either (silos hold it all)
-    fed = node.build(cfg) if flower_setting(context.run_config, SERVER_DATA_KEY) else node.ServerOnly(cfg)
+    # on the device the nodes train on, or the CPU where this machine has no GPU (node.for_server); the run's
+    # record (metrics.json, the checkpoint) keeps the run config as given
+    side = node.for_server(cfg)
+    fed = node.build(side) if flower_setting(context.run_config, SERVER_DATA_KEY) else node.ServerOnly(side)
+    fed.config = cfg
     strategy = FedLoRAStrategy(fed.server, num_clients=cfg.num_clients, delta=cfg.delta, num_rounds=cfg.rounds,
                                eval_every=cfg.eval_every)
     extra = {"run_id": context.run_id}
