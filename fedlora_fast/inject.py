@@ -200,7 +200,7 @@ def inject_adapters(
     if clash:
         raise ValueError(f"target_modules and trainable_modules overlap: {clash}")
     for name in names:
-        check_layer_args(model.get_submodule(name), r, alpha, dropout)
+        check_layer_args(model.get_submodule(name), r, alpha, dropout, seed)
     unsupported = [u for name in extra_names for u in per_sample_problems(model.get_submodule(name), name)]
     if unsupported:
         raise per_sample_error(unsupported, "trainable_modules")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fedlora_fast.inject import _matches, _set_submodule, adapter_layers, peft_modules
 from fedlora_fast.io import atomic_write_bytes, atomic_write_text
-from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, init_lora_A
+from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, check_layer_args, init_lora_A
 from fedlora_fast.layers.per_sample_modules import make_per_sample, per_sample_error, per_sample_problems
 
 CONFIG_NAME = "adapter_config.json"
@@ -513,18 +513,30 @@ def load_peft(
         no_rule = [u for m in extra_modules for u in per_sample_problems(modules[m], m)]
         if no_rule:
             problems.append(str(per_sample_error(no_rule, "modules_to_save")))
+        layer_args = {}  # what each layer is built with below, checked as FFALoRALinear checks it
+        try:
+            dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+        except (TypeError, ValueError):
+            problems.append(f"adapter_config.json: lora_dropout: expected a number, got {config.get('lora_dropout')!r}")
+            dropout = 0.0
+        for n, (r, alpha) in specs.items():
+            layer_seed = seed if seed is not None else meta_layers.get(n, {}).get("seed") or 0
+            try:
+                check_layer_args(modules[n], r, alpha, dropout, layer_seed)
+            except (TypeError, ValueError) as e:
+                problems.append(f"{n}: {e} (from adapter_config.json's r / lora_alpha / rank_pattern / "
+                                "alpha_pattern / lora_dropout, or the seed)")
+            layer_args[n] = (r, alpha, int(layer_seed))
     if problems:
         raise ValueError(f"load_dir: {str(load_dir)!r} does not fit the model: " + "; ".join(problems))
 
     if inject:
         for p in model.parameters():
             p.requires_grad_(False)
-        dropout = float(config.get("lora_dropout", 0.0) or 0.0)
         for n in names:
             info = meta_layers.get(n, {})
             layer_train_A = bool(train_A) if train_A is not None else info.get("method") == "lora"
-            layer_seed = int(seed) if seed is not None else int(info.get("seed") or 0)
-            r, alpha = specs[n]
+            r, alpha, layer_seed = layer_args[n]
             layer = FFALoRALinear(
                 modules[n], r, alpha, seed=layer_seed, name=n, train_A=layer_train_A,
                 dropout=dropout, use_rslora=use_rslora,

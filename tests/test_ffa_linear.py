@@ -187,10 +187,54 @@ def test_bad_arguments_are_named_before_any_backend_runs(use_backend):
         for op in (ffa_linear_bwd, lambda *a: call(ffa_linear_bwd, *a)):
             with pytest.raises(ValueError, match=match):
                 op(*args.values())
+    # real floating point only: an integer x came back truncated, a complex one without its imaginary part
+    for bad in (x.long(), torch.complex(x, x)):
+        for op in (ffa_linear_fwd, lambda *a: call(ffa_linear_fwd, *a)):
+            with pytest.raises(TypeError, match=rf"x: expected a floating-point dtype .*got {bad.dtype}"):
+                op(bad, bad, w.to(bad.dtype), b.to(bad.dtype), A, B, 2.0)
+        for op in (ffa_linear_bwd, lambda *a: call(ffa_linear_bwd, *a)):
+            with pytest.raises(TypeError, match=rf"g: expected a floating-point dtype .*got {bad.dtype}"):
+                op(*{**bwd, "g": g.to(bad.dtype), "weight": w.to(bad.dtype)}.values())
     P, coef = torch.randn(3, 4, 5, device=device), torch.ones(3, device=device)
+    for args, name in (((P.long(), coef), "P"), ((P, coef.long()), "coef")):
+        for op in (ffa_linear_clip_reduce, lambda *a: call(ffa_linear_clip_reduce, *a)):
+            with pytest.raises(TypeError, match=rf"{name}: expected a floating-point dtype .*got torch.int64"):
+                op(*args)
     for args, match in (((P[0], coef), r"P: expected shape \(\*, \*, \*\), got \(4, 5\)"),
                         ((P, coef[:2]), r"coef: expected shape \(3,\), got \(2,\)"),
                         ((P, coef.to("meta")), r"coef: expected a tensor on .*, got meta")):  # fmt: skip
         for op in (ffa_linear_clip_reduce, lambda *a: call(ffa_linear_clip_reduce, *a)):
             with pytest.raises(ValueError, match=match):
                 op(*args)
+
+
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+def test_what_a_backend_cannot_read_goes_through_the_op(use_backend):
+    """The eager path hands plain tensors to the backend directly (``call``); a negative-bit view (public:
+    ``z.conj().imag``), a FakeTensor or meta tensors go through the op instead: the values of the
+    materialised tensor (a kernel reading the view's storage lost the sign), and shapes without memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fedlora_fast.ops.ffa_linear import call
+
+    _, device = use_backend
+    t = ffa_inputs(2, 5, 12, 7, 3, torch.float32, device)
+    x, w, b, A, B = t["x"], t["weight"], t["bias"], t["A"], t["B"]
+    neg = torch.complex(torch.zeros_like(x), -x).conj().imag  # x's values, negative bit set
+    assert neg.is_neg() and torch.equal(neg, x)
+    y, u = call(ffa_linear_fwd, x, x, w, b, A, B, 2.0)
+    y_neg, u_neg = call(ffa_linear_fwd, neg, neg, w, b, A, B, 2.0)
+    assert_close_verbose(y_neg, y, atol=1e-6, rtol=1e-6, name="y of a negative-bit x")
+    assert_close_verbose(u_neg, u, atol=1e-6, rtol=1e-6, name="u of a negative-bit x")
+    g = torch.randn_like(y)
+    g_neg = torch.complex(torch.zeros_like(g), -g).conj().imag
+    bwd = (u, w, A, B, None, 2.0, True, False, ref.MODE_PER_SAMPLE, 1.0, 1.0)
+    for got, want in zip(call(ffa_linear_bwd, g_neg, *bwd), call(ffa_linear_bwd, g, *bwd)):
+        assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="backward of a negative-bit g")
+    meta = [v.to("meta") if isinstance(v, torch.Tensor) else v for v in (x, x, w, b, A, B, 2.0)]
+    ym, um = call(ffa_linear_fwd, *meta)
+    assert (ym.device.type, ym.shape, um.shape, um.dtype) == ("meta", y.shape, u.shape, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        xf = mode.from_tensor(x)
+        yf, uf = call(ffa_linear_fwd, xf, xf, w, b, A, B, 2.0)
+    assert yf.shape == y.shape and uf.shape == u.shape

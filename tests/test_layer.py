@@ -312,6 +312,33 @@ def test_bad_input_errors_name_what_was_expected():
         ff.FFALoRALinear(nn.Conv1d(3, 3, 1), r=2)
     with pytest.raises(ValueError, match=r"base: expected in and out features > 0, got Linear\(0, 5\)"):
         ff.FFALoRALinear(nn.Linear(0, 5), r=2)
+    for seed in (1.5, "7", True):  # 1.5 gave seed 1's A, silently
+        with pytest.raises(ValueError, match=rf"seed: expected an int, got {seed!r}"):
+            ff.FFALoRALinear(nn.Linear(16, 8), r=2, seed=seed)
+        with pytest.raises(ValueError, match="seed: expected an int"):
+            ff.inject_adapters(tiny_model(), target_modules=["0"], seed=seed)
+    import numpy as np
+
+    assert torch.equal(ff.FFALoRALinear(nn.Linear(16, 8), r=2, seed=np.int64(3)).lora_A,
+                       ff.FFALoRALinear(nn.Linear(16, 8), r=2, seed=3).lora_A)
+    layer.merge()  # merged: the same dtype error, not aten's from inside F.linear
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32.*got torch.float64"):
+        layer.eval()(torch.randn(2, 16, dtype=torch.float64))
+
+
+def test_double_backward_is_a_clear_error_and_meta_tensors_give_shapes():
+    """The fused backward is not differentiable: create_graph=True and a second backward raise one clear
+    error on every backend (the native one gave a silently wrong second derivative). A layer on the meta
+    device gives output shapes, as nn.Linear does (shape inference, deferred init)."""
+    layer = ff.FFALoRALinear(nn.Linear(16, 8), r=2)
+    randomize_B(nn.Sequential(layer))
+    x = torch.randn(3, 16, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+    meta = ff.FFALoRALinear(nn.Linear(16, 8, device="meta"), r=2)
+    y = meta(torch.empty(3, 5, 16, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 5, 8)
 
 
 def test_injection_errors():

@@ -184,6 +184,20 @@ def test_load_peft_errors_name_the_problem(tmp_path):
     save_file(load_file(str(tmp_path / "p" / WEIGHTS_NAME)), str(tmp_path / "dora" / WEIGHTS_NAME))
     with pytest.raises(ValueError, match="use_dora"):
         load_peft(tiny_bert(), tmp_path / "dora")
+    # settings FFALoRALinear refuses are named with the config's fields before anything changes (one layer's
+    # alpha_pattern once left the layers before it adapted and every parameter frozen)
+    for name, change, match in (("a0", {"alpha_pattern": {"value": 0}}, r"value\S*: alpha: expected a positive"),
+                                ("neg", {"lora_alpha": -16}, r"alpha: expected a positive finite number, got -16"),
+                                ("drop", {"lora_dropout": 1.0}, r"dropout: expected a probability in \[0, 1\)")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CONFIG_NAME).write_text(json.dumps({**cfg, **change}))
+        save_file(load_file(str(tmp_path / "p" / WEIGHTS_NAME)), str(tmp_path / name / WEIGHTS_NAME))
+        model = tiny_bert()
+        before = structure(model)
+        with pytest.raises(ValueError, match=match) as err:
+            load_peft(model, tmp_path / name)
+        assert "adapter_config.json" in str(err.value)
+        assert structure(model) == before
 
 
 def test_load_peft_checks_ffa_seed(tmp_path):

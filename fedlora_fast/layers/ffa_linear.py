@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from fedlora_fast import per_sample
 from fedlora_fast.ops.ffa_linear import call, ffa_linear_bwd, ffa_linear_fwd
@@ -66,7 +68,7 @@ def base_problem(base: nn.Module) -> str | None:
     return None
 
 
-def check_layer_args(base: nn.Module, r: int, alpha: float, dropout: float) -> None:
+def check_layer_args(base: nn.Module, r: int, alpha: float, dropout: float, seed: int = 0) -> None:
     """``FFALoRALinear``'s argument checks, callable before a model is changed (``inject_adapters``)."""
     why = base_problem(base)
     if why is not None:
@@ -75,6 +77,8 @@ def check_layer_args(base: nn.Module, r: int, alpha: float, dropout: float) -> N
         raise ValueError(f"base: expected in and out features > 0, got Linear({base.in_features}, {base.out_features})")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r: expected a positive int, got {r!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # 1.5 would give seed 1's A, silently
+        raise ValueError(f"seed: expected an int, got {seed!r}")
     if not math.isfinite(float(alpha)) or float(alpha) <= 0:
         raise ValueError(f"alpha: expected a positive finite number, got {alpha!r}")
     if not 0.0 <= float(dropout) < 1.0:
@@ -102,6 +106,7 @@ class _FFALinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the fused backward is not itself differentiable: double backward is a clear error
     def backward(ctx, g):
         u, weight, A, B, xa = ctx.saved_tensors
         layer, ps_ctx = ctx.layer, ctx.ps_ctx
@@ -179,7 +184,7 @@ class FFALoRALinear(nn.Module):
         use_rslora: bool = False,
     ):
         super().__init__()
-        check_layer_args(base, r, alpha, dropout)
+        check_layer_args(base, r, alpha, dropout, seed)
         self.base_layer = base
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -241,6 +246,15 @@ class FFALoRALinear(nn.Module):
         base = self._modules["base_layer"]
         weight, bias = base.weight, base.bias
         check_input(x, self.in_features, weight)
+        device_type = x.device.type
+        # autocast leaves float64 as it is (nn.Linear under autocast stays float64): so does the adapter; the
+        # meta device has no autocast state to ask for (shape inference: the op's fake implementation runs)
+        autocast = device_type != "meta" and torch.is_autocast_enabled(device_type) and x.dtype != torch.float64
+        if not autocast and x.dtype != weight.dtype:
+            raise TypeError(
+                f"x: expected dtype {weight.dtype} (the base weight's), got {x.dtype}; "
+                "cast the input or run under torch.autocast"
+            )
         if self.merged:
             if self.training and torch.is_grad_enabled() and self.lora_B.requires_grad:
                 raise RuntimeError(f"{self.name or 'FFALoRALinear'}: unmerge() before training the adapter")
@@ -249,18 +263,10 @@ class FFALoRALinear(nn.Module):
             raise RuntimeError(
                 f"{self.name or 'FFALoRALinear'}: the base weight and bias must stay frozen (requires_grad=False)"
             )
-        device_type = x.device.type
-        # autocast leaves float64 as it is (nn.Linear under autocast stays float64): so does the adapter
-        autocast = torch.is_autocast_enabled(device_type) and x.dtype != torch.float64
         if autocast:
             dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        elif x.dtype != weight.dtype:
-            raise TypeError(
-                f"x: expected dtype {weight.dtype} (the base weight's), got {x.dtype}; "
-                "cast the input or run under torch.autocast"
-            )
         x3 = flat3(x)
         dropout = self._modules["dropout"]
         xa = dropout(x3) if not isinstance(dropout, nn.Identity) else None
