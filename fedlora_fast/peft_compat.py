@@ -526,7 +526,8 @@ def load_peft(
             except (TypeError, ValueError) as e:
                 problems.append(f"{n}: {e} (from adapter_config.json's r / lora_alpha / rank_pattern / "
                                 "alpha_pattern / lora_dropout, or the seed)")
-            layer_args[n] = (r, alpha, int(layer_seed))
+            else:
+                layer_args[n] = (r, alpha, int(layer_seed))
     if problems:
         raise ValueError(f"load_dir: {str(load_dir)!r} does not fit the model: " + "; ".join(problems))
 

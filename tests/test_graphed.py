@@ -4,6 +4,7 @@ The padding, masking and bookkeeping run eagerly on the CPU (graph=False: the sa
 captures); the capture itself is checked against the eager path on CUDA (marked, skipped without one).
 """
 
+import collections
 import itertools
 import logging
 
@@ -301,6 +302,7 @@ def test_settings_hooks_and_requires_grad_changed_after_a_capture_are_refused(fa
     engine's own hooks (a rebound engine's are new) are not the model's."""
     model = make_model()
     model[2].scaling = {"default": 2.0}  # as peft's LoRA layers hold it
+    model[2].counts = collections.defaultdict(int)  # a container whose constructor takes no copy
     acc = fake.accumulator(make_dp(model), per_sample_loss, micro_batch_size=4)
     acc.accumulate(make_batch(3))
     acc.dp.step()
@@ -317,6 +319,11 @@ def test_settings_hooks_and_requires_grad_changed_after_a_capture_are_refused(fa
     with pytest.raises(ValueError, match=r"2\.scaling: \{'default': 2\.0\} -> \{'default': 3\.0\}"):
         acc._check_captured()
     model[2].scaling["default"] = 2.0
+    acc._check_captured()
+    model[2].counts["x"] += 1
+    with pytest.raises(ValueError, match=r"2\.counts: \{\} -> defaultdict"):
+        acc._check_captured()
+    del model[2].counts["x"]
     acc._check_captured()
     _refused_then_accepted(acc, lambda: layer.lora_B.requires_grad_(False), lambda: layer.lora_B.requires_grad_(True),
                            r"0: parameters \(memory, requires_grad\) changed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -201,6 +202,17 @@ def test_load_peft_errors_name_the_problem(tmp_path):
 
 
 def test_load_peft_checks_ffa_seed(tmp_path):
+    lora = tiny_bert()  # a LoRA layer's seed is not checked against A: a malformed one is still named
+    ff.inject_adapters(lora, ["query", "value"], r=4, alpha=8.0, train_A=True)
+    export_peft(lora, tmp_path / "l")
+    meta = json.loads((tmp_path / "l" / "fedlora_fast.json").read_text())
+    for bad in ("abc", [1], 1.5):
+        for info in meta["layers"].values():
+            info["seed"] = bad
+        (tmp_path / "l" / "fedlora_fast.json").write_text(json.dumps(meta))
+        match = rf"does not fit the model: .*seed: expected an int, got {re.escape(repr(bad))}"
+        with pytest.raises(ValueError, match=match):
+            load_peft(tiny_bert(), tmp_path / "l")
     ours = tiny_bert()
     ff.inject_adapters(ours, ["query", "value"], r=4, alpha=8.0, seed=5)
     export_peft(ours, tmp_path / "a")

@@ -14,7 +14,6 @@ import numbers
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from fedlora_fast import per_sample
 from fedlora_fast.ops.ffa_linear import call, ffa_linear_bwd, ffa_linear_fwd
@@ -106,8 +105,14 @@ class _FFALinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the fused backward is not itself differentiable: double backward is a clear error
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # only under create_graph=True: the engine runs backward without grad
+            # (once_differentiable would raise only where the incoming gradient requires grad: a gradient
+            # penalty over y.sum() would get a detached dx and lose its share of dB, silently)
+            raise RuntimeError(
+                f"{ctx.layer.name or 'FFALoRALinear'}: backward with create_graph=True (double backward, "
+                "gradient penalties) is not supported: the fused backward is not itself differentiable"
+            )
         u, weight, A, B, xa = ctx.saved_tensors
         layer, ps_ctx = ctx.layer, ctx.ps_ctx
         need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]

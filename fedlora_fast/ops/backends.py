@@ -82,10 +82,12 @@ def _probe(name: str, device_type: str) -> tuple[ModuleType | None, str]:
             import triton
         except ImportError as e:
             return None, f"the triton backend needs the 'triton' package ({e}); pip install triton"
-        if _version(getattr(triton, "__version__", "0")) < MIN_TRITON:
+        version = getattr(triton, "__version__", "0")
+        if _version(version) < MIN_TRITON:
             return None, (
-                f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest release "
-                "the kernels are compiled against (bench/NOTES.md); upgrade torch, or pip install 'triton>=3.3'"
+                f"triton {version} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest release the kernels "
+                "are compiled against (bench/NOTES.md); torch >= 2.7 brings a newer one (upgrade torch with its "
+                "own Triton rather than Triton alone: torch pins the release it was built with)"
             )
     if name == "native" and device_type != "cpu":
         return None, f"the native backend runs on CPU tensors only, got {device_type}"

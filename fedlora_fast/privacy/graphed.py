@@ -98,8 +98,9 @@ def _settings(d: dict, names: tuple[str, ...], copy: bool = False) -> tuple:
     not change with the live dict it was taken from)."""
     get = d.get
     vals = [get(k, _MISSING) for k in names]
-    if copy:
-        vals = [type(v)(v) if isinstance(v, (dict, list, set)) else v for v in vals]
+    if copy:  # plain copies (a defaultdict's constructor takes no dict); a subclass compares equal to them
+        vals = [dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else set(v)
+                if isinstance(v, set) else v for v in vals]
     return tuple(vals)
 
 
@@ -593,13 +594,13 @@ class GraphedAccumulator:
 
     def _snapshot(self) -> None:
         """What the capture read and baked in, for ``_check_captured`` to compare against later."""
-        self._captured = True
         named = list(self.dp.model.named_modules())
         self._module_names = [n or "(the model)" for n, _ in named]
         self._modules = [m for _, m in named]
         self._setting_names = [_setting_names(m.__dict__) for m in self._modules]
         self._captured_fingerprint, self._memory = self._fingerprint(copy=True), self._model_memory()
         self._captured_clipping = self._clipping()
+        self._captured = True  # last: a snapshot that failed part-way is not checked against
 
     def _changes(self, now: list[tuple]) -> list[str]:
         """What differs between ``now`` and the captured fingerprint, in words (the error message's)."""
