@@ -288,7 +288,9 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
 def _label_key(v) -> str:
     """A raw label as the class name ``labels_to_classes`` would give it: integral numbers (also as text,
     ``"1.0"``) as ``"1"``, other text stripped."""
-    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+    if isinstance(v, (bool, np.bool_)):
+        return str(int(v))  # as labels_to_classes names a bool column's classes: "0", "1"
+    if isinstance(v, (int, float, np.integer, np.floating)):
         f = float(v)
         return str(int(f)) if math.isfinite(f) and f == int(f) else str(v)
     text = str(v).strip()
@@ -360,9 +362,12 @@ def _to_data(rows: list[dict], names: dict, where: list[str], text_column: str |
     raw = [r.get(lcol) for r in rows]
     if label_names is not None:  # one silo's file or a test split: map with the classes given
         _check_labelled(raw, "label_column", source, where.__getitem__)
-        if names.get(lcol) == label_names:
+        own = names.get(lcol)  # a ClassLabel column's own class names: its ids index them, not label_names
+        if own == label_names:
             ids = [int(v) for v in raw]
         else:
+            if own is not None:  # ids -> the column's names, then mapped by name (another order, a subset)
+                raw = [own[int(v)] if isinstance(v, int) and 0 <= int(v) < len(own) else v for v in raw]
             ids = _ids_for_names(raw, label_names, source, where)
         return TextClassificationData(texts, ids, label_names, source)
     ids, classes = labels_to_classes(raw, names.get(lcol), source=source, where=where)

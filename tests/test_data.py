@@ -205,3 +205,30 @@ def test_parquet_without_datasets_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match=r"pip install 'fedlora_fast\[data\]'"):
         load_text_classification(str(p))
+
+
+def test_a_class_label_column_in_another_order_than_the_labels_given_maps_by_name():
+    """A ClassLabel column (parquet, hub) stores ids into its own names: with --labels in another order (or
+    a silo's classes), each id goes through the column's name, never read as an index into the labels given
+    (which relabelled every example, silently)."""
+    from fedlora_fast.data import DataError, _to_data
+
+    rows = [{"text": "great film", "label": 1}, {"text": "awful film", "label": 0}, {"text": "fine", "label": 1}]
+    names, where = {"label": ["negative", "positive"]}, ["row 1", "row 2", "row 3"]
+    for given in (["positive", "negative"], ["negative", "positive"], ["neutral", "negative", "positive"]):
+        d = _to_data(rows, names, where, None, None, "ds[train]", given)
+        assert [d.label_names[y] for y in d.labels] == ["positive", "negative", "positive"], given
+    with pytest.raises(DataError, match=r"labels \['positive'\] outside the classes \['negative'\]"):
+        _to_data(rows, names, where, None, None, "ds[train]", ["negative"])
+
+
+def test_a_bool_label_column_maps_alike_in_train_and_test():
+    """labels_to_classes names a bool column's classes "0" and "1": a test split (or a silo's file) mapped
+    with those classes must read True as "1", not as "True" (which was refused as an unknown class)."""
+    from fedlora_fast.data import _to_data
+
+    rows = [{"text": f"t{i}", "label": bool(i % 2)} for i in range(6)]
+    where = [f"row {i + 1}" for i in range(6)]
+    train = _to_data(rows, {}, where, None, None, "ds[train]")
+    test = _to_data(rows, {}, where, None, None, "ds[test]", train.label_names)
+    assert train.label_names == ["0", "1"] and test.labels == train.labels == [0, 1, 0, 1, 0, 1]

@@ -531,6 +531,21 @@ def test_resume_refuses_other_data_other_micro_batches_and_overwrite_clears_the_
         run_simulation(mine, tmp_path / "short", resume=True, progress=False, echo=None)
     data.write_text("".join(lines), encoding="utf-8")
     assert run_simulation(mine, tmp_path / "short", resume=True, progress=False, echo=None)["final"] is not None
+    # other base weights saved at the same model path: the old B would go on training against another base
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = Path(shutil.copytree(tiny["model"], tmp_path / "model"))
+    theirs = dataclasses.replace(cfg, model=str(model))
+    run_simulation(theirs, tmp_path / "m", progress=False, echo=None, stop_after=1)
+    (weights,) = model.glob("*.safetensors")
+    original = weights.read_bytes()
+    save_file({k: v + 1 for k, v in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(ValueError, match="resume: the checkpoint .* was written for other data or another model"):
+        run_simulation(theirs, tmp_path / "m", resume=True, progress=False, echo=None)
+    weights.write_bytes(original)
+    assert run_simulation(theirs, tmp_path / "m", resume=True, progress=False, echo=None)["final"] is not None
     with pytest.raises(ValueError, match="physical_batch_size=None, this run has physical_batch_size=2"):
         run_simulation(dataclasses.replace(mine, physical_batch_size=2), tmp_path / "short", resume=True,
                        progress=False, echo=None)  # fmt: skip
@@ -631,6 +646,16 @@ def test_other_settings_run(tiny, tmp_path):
     assert final["server_privacy"]["steps"] == 2 and final["server_privacy"]["level"] == "user"
     assert all(c["noise_multiplier"] == 1.1 and c["steps"] == 2 for c in final["clients"])
     assert all(r["applied"] and not r["rejected"] for r in m["rounds"])
+    # secure mode: the checkpoint (owner-only) holds no OS-seeded generator state (it would predict the noise
+    # still to come); a resume goes on with fresh OS draws and the counts from the file
+    path = tmp_path / "o" / ckpt.CHECKPOINT_NAME
+    tensors, _ = ckpt.load_checkpoint(path)
+    assert sorted({k.split("/")[0] for k in tensors}) == ["global"] and path.stat().st_mode & 0o777 == 0o600
+    part = run_simulation(cfg, tmp_path / "p", progress=False, echo=None, stop_after=1)
+    assert part["final"] is None
+    resumed = run_simulation(cfg, tmp_path / "p", resume=True, progress=False, echo=None)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2] and resumed["final"]["server_privacy"]["steps"] == 2
+    assert all(c["steps"] == 2 for c in resumed["final"]["clients"])
 
 
 def test_secure_noise_draws_the_sampling_from_the_os_too(tiny):

@@ -26,12 +26,13 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], state: dict) -> None:
-    """Atomically write ``tensors`` and the JSON-safe ``state`` to ``path``."""
+    """Atomically write ``tensors`` and the JSON-safe ``state`` to ``path``, readable by its owner only (run
+    state: accountants, and generator states where a run is seeded)."""
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     state_json = json.dumps(state)
     meta = {"format": "fedlora_fast.checkpoint", "version": str(FORMAT_VERSION), "state": state_json,
             "sha256": _digest(tensors, state_json)}
-    atomic_write_bytes(path, _st_save(tensors, metadata=meta))
+    atomic_write_bytes(path, _st_save(tensors, metadata=meta), mode=0o600)
 
 
 def _digest(tensors: dict[str, Tensor], state_json: str) -> str:

@@ -512,13 +512,18 @@ class Federation:
         for d in (self.train, self.test):
             h.update(json.dumps([d.texts, d.labels, d.label_names], ensure_ascii=False).encode())
         h.update(str(self.model_name).encode())
+        _hash_model_files(h, self.model_name)
         return h.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
+        """Checkpoint the run (owner-only file). With ``secure_noise`` the generators' states are left out:
+        they are OS-seeded secrets (whoever read them could predict the noise still to come, and a Mersenne
+        Twister's state also gives back its earlier draws); a resume draws fresh ones from the OS."""
         tensors = {f"global/{k}": v for k, v in self.server.global_state.items()}
-        for c in self.clients:
-            tensors.update({f"client{c.client_id}/{k}": v for k, v in c.tensor_state().items()})
-        tensors.update({f"aggregator/{k}": v for k, v in self.server.aggregator.tensor_state().items()})
+        if not self.config.secure_noise:
+            for c in self.clients:
+                tensors.update({f"client{c.client_id}/{k}": v for k, v in c.tensor_state().items()})
+            tensors.update({f"aggregator/{k}": v for k, v in self.server.aggregator.tensor_state().items()})
         state = {
             "config": self.config.to_dict(),
             "data": self.data_fingerprint,
@@ -574,15 +579,40 @@ class Federation:
         self.server.global_state = {k: saved[k] for k in self.server.global_state}
         self.server.round = int(state["round"])
         self.server.aggregator.load_state_dict(state["aggregator"])
-        self.server.aggregator.load_tensor_state(
-            {k[len("aggregator/"):]: v for k, v in tensors.items() if k.startswith("aggregator/")})
+        secure = self.config.secure_noise  # no generator states saved: this run's OS-seeded ones go on
+        if not secure:
+            self.server.aggregator.load_tensor_state(
+                {k[len("aggregator/"):]: v for k, v in tensors.items() if k.startswith("aggregator/")})
         for c, cs, sigma in zip(self.clients, state["clients"], state["noise_multipliers"]):
             c.load_state_dict(cs)
             c.noise_multiplier = float(sigma)
             prefix = f"client{c.client_id}/"
-            c.load_tensor_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            if not secure:
+                c.load_tensor_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.records = list(state["records"])
         load_trainable(self.model, self.server.global_state)
+
+
+_MODEL_SAMPLE = 1 << 20  # bytes hashed from each end of a large model file
+
+
+def _hash_model_files(h, model_dir) -> None:
+    """Feed a local model directory's identity to ``h``: every file's name and size, small files whole, and
+    each large one's first and last MiB (new base weights saved at the same path change these; hashing
+    whole multi-GB weights at every start would not pay). A hub name resolves to a revision's own path."""
+    root = Path(str(model_dir))
+    if not root.is_dir():
+        return
+    for f in sorted(p for p in root.iterdir() if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"\0{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 4 * _MODEL_SAMPLE:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(_MODEL_SAMPLE))
+                fh.seek(size - _MODEL_SAMPLE)
+                h.update(fh.read(_MODEL_SAMPLE))
 
 
 def _json_safe(obj):

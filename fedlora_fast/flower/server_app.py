@@ -69,9 +69,10 @@ def metrics_document(fed: Federation | node.ServerOnly, strategy: FedLoRAStrateg
 
 
 def save_checkpoint(path: Path, fed: Federation, strategy: FedLoRAStrategy) -> None:
-    """Global tensors, aggregator state and the round records, written atomically (safetensors + JSON)."""
+    """Global tensors, the aggregator's accountant and the round records, written atomically (safetensors +
+    JSON, owner-only). Not the central-DP noise generator's state: it is OS-seeded (a ServerApp always runs
+    in secure mode), and whoever read it could predict the noise still to come and recover earlier draws."""
     tensors = {f"global/{k}": v for k, v in fed.server.global_state.items()}
-    tensors.update({f"aggregator/{k}": v for k, v in fed.server.aggregator.tensor_state().items()})
     state = {
         "flower": True,
         "config": fed.config.to_dict(),
