@@ -140,12 +140,14 @@ if begin 1 "CUDA tests, natively (pytest -m cuda: $TEST_FILES)" "$L" 20; then
     echo "# $(grep -c " PASSED" "$OUT/tests_cuda.log") passed, $(grep -cE " (FAILED|ERROR) " "$OUT/tests_cuda.log") failed or errors so far; failures:"
     grep -E "\b(FAILED|ERROR)\b" "$OUT/tests_cuda.log" | head -40
     tail -n 3 "$OUT/tests_cuda.log"
+    echo  # a log cut mid-line by its cap must not swallow the next step's header
 fi
 pack
 
 # 2. The sweeps: the U pass depends on `in`, the one-pass backward on `out`: 4096x11008 and 11008x4096 cover
 # both sizes for each.
 L=$(cap 2)
+rm -f "$OUT/sweep.json"  # step 3 applies this call's sweep only: never one a warm machine kept from an earlier call
 if begin 2 "kernel-config sweeps (bench/gpu_layer.py --sweep-only)" "$L" 20; then
     # shellcheck disable=SC2086
     run "$OUT/sweep.log" "$L" "$PY" bench/gpu_layer.py --sweep-only --json "$OUT/sweep.json" \

@@ -752,6 +752,14 @@ def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
     (_, at_4k) = launches(STEP=1, NCU=1, LAUNCH=5, extra={"LAUNCH_4K_ARGS": "--shape 4,512,64,64,8"})
     assert at_4k[-2:] == ["--shape", "4,512,64,64,8"], at_4k
     assert len(launches()) == 1  # no time left for it
+    # a sweep file an earlier call left in $OUT (a warm machine) is never applied: only this call's sweep
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "sweep.json").write_text('{"stale": true}')
+    cmds.write_text("")
+    session(extra={"SWEEP_S": "0"})
+    layer = [line for line in cmds.read_text().splitlines() if "gpu_layer.py" in line and "sweep-only" not in line]
+    assert layer and not any("--blocks-from" in line for line in layer), layer
+    assert not (tmp_path / "out" / "sweep.json").exists()
 
 
 def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):
