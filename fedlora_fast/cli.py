@@ -156,11 +156,33 @@ def config_from_args(args: argparse.Namespace) -> FederatedConfig:
     return FederatedConfig(**kw)
 
 
+# (flag, its FederatedConfig field, the setting it belongs to, whether that setting is in force)
+_MODE_FLAGS = (
+    ("--label-proportions", "label_proportions", "--partition label_skew", lambda c: c.partition == "label_skew"),
+    ("--dirichlet-alpha", "dirichlet_alpha", "--partition dirichlet", lambda c: c.partition == "dirichlet"),
+    ("--server-clip-norm", "server_clip_norm", "--aggregator central_dp", lambda c: c.aggregator == "central_dp"),
+    ("--server-noise-multiplier", "server_noise_multiplier", "--aggregator central_dp",
+     lambda c: c.aggregator == "central_dp"),
+    ("--momentum", "momentum", "--optimizer sgd", lambda c: c.optimizer == "sgd"),
+)
+
+
+def check_mode_flags(config: FederatedConfig) -> None:
+    """Refuse a flag set away from its default where the chosen mode ignores it (``--dirichlet-alpha`` with an
+    iid split): the run would silently not do what the command line says."""
+    defaults = FederatedConfig()
+    for flag, field_name, belongs, active in _MODE_FLAGS:
+        if getattr(config, field_name) != getattr(defaults, field_name) and not active(config):
+            raise UsageError(f"{flag}: applies only with {belongs}, which this run does not use; drop it or "
+                             f"set {belongs}")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from fedlora_fast.federated.simulation import run_simulation
 
     config = config_from_args(args)
     config.validate()
+    check_mode_flags(config)
     try:
         import torch
 
@@ -168,8 +190,11 @@ def run_train(args: argparse.Namespace) -> int:
             device = torch.device(config.device)
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise UsageError(f"device: {config.device!r}, but this machine's PyTorch sees no CUDA device")
-    except RuntimeError as e:
-        raise UsageError(f"device: {e}") from None
+            if device.type == "meta":  # tensors without memory: nothing to train or evaluate
+                raise UsageError(f"device: {config.device!r} holds no data; use cpu or cuda")
+            torch.empty(0, device=device)  # a device this PyTorch cannot use fails here, with its reason
+    except (RuntimeError, AssertionError) as e:  # torch says "not compiled with X enabled" with an assert
+        raise UsageError(f"device: {config.device!r}: {e}") from None
     metrics = run_simulation(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     final = metrics["final"]
     out = Path(args.out)

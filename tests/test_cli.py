@@ -47,6 +47,15 @@ def run_cli(args, capsys):
         (["--rounds", "0"], "rounds: expected an int >= 1, got 0"),
         (["--model", "/nonexistent/model"], "model: no such directory"),
         (["--targets", "nothing_like_this"], "target_modules: 'nothing_like_this' matches no module"),
+        # a flag its chosen mode ignores: refused, not silently dropped
+        (["--partition", "iid", "--dirichlet-alpha", "0.3"],
+         "--dirichlet-alpha: applies only with --partition dirichlet"),
+        (["--partition", "iid", "--label-proportions", "0.1,0.9;0.9,0.1;0.5,0.5"],
+         "--label-proportions: applies only with --partition label_skew"),
+        (["--server-noise-multiplier", "2"], "--server-noise-multiplier: applies only with --aggregator central_dp"),
+        (["--optimizer", "adamw", "--momentum", "0.9"], "--momentum: applies only with --optimizer sgd"),
+        (["--device", "meta"], "device: 'meta' holds no data"),
+        (["--device", "xpu"], "device: 'xpu': "),
     ],
 )
 def test_bad_input_gives_a_clear_error(tiny, tmp_path, capsys, extra, expected):
