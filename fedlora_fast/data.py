@@ -367,7 +367,8 @@ def _to_data(rows: list[dict], names: dict, where: list[str], text_column: str |
             ids = [int(v) for v in raw]
         else:
             if own is not None:  # ids -> the column's names, then mapped by name (another order, a subset)
-                raw = [own[int(v)] if isinstance(v, int) and 0 <= int(v) < len(own) else v for v in raw]
+                raw = [own[int(v)] if isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                       and 0 <= int(v) < len(own) else v for v in raw]
             ids = _ids_for_names(raw, label_names, source, where)
         return TextClassificationData(texts, ids, label_names, source)
     ids, classes = labels_to_classes(raw, names.get(lcol), source=source, where=where)

@@ -215,9 +215,13 @@ def test_a_class_label_column_in_another_order_than_the_labels_given_maps_by_nam
 
     rows = [{"text": "great film", "label": 1}, {"text": "awful film", "label": 0}, {"text": "fine", "label": 1}]
     names, where = {"label": ["negative", "positive"]}, ["row 1", "row 2", "row 3"]
+    import numpy as np
+
+    as_numpy = [{**r, "label": np.int64(r["label"])} for r in rows]  # what a parquet column may hold
     for given in (["positive", "negative"], ["negative", "positive"], ["neutral", "negative", "positive"]):
-        d = _to_data(rows, names, where, None, None, "ds[train]", given)
-        assert [d.label_names[y] for y in d.labels] == ["positive", "negative", "positive"], given
+        for rs in (rows, as_numpy):
+            d = _to_data(rs, names, where, None, None, "ds[train]", given)
+            assert [d.label_names[y] for y in d.labels] == ["positive", "negative", "positive"], given
     with pytest.raises(DataError, match=r"labels \['positive'\] outside the classes \['negative'\]"):
         _to_data(rows, names, where, None, None, "ds[train]", ["negative"])
 
