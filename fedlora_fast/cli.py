@@ -167,12 +167,14 @@ _MODE_FLAGS = (
 )
 
 
-def check_mode_flags(config: FederatedConfig) -> None:
+def check_mode_flags(config: FederatedConfig, prefix: str = "--") -> None:
     """Refuse a flag set away from its default where the chosen mode ignores it (``--dirichlet-alpha`` with an
-    iid split): the run would silently not do what the command line says."""
+    iid split): the run would silently not do what the command line says. ``prefix=""``: named as a Flower
+    run config's keys (``dirichlet-alpha``)."""
     defaults = FederatedConfig()
     for flag, field_name, belongs, active in _MODE_FLAGS:
         if getattr(config, field_name) != getattr(defaults, field_name) and not active(config):
+            flag, belongs = (flag, belongs) if prefix == "--" else (flag[2:], belongs[2:].replace(" ", " = "))
             raise UsageError(f"{flag}: applies only with {belongs}, which this run does not use; drop it or "
                              f"set {belongs}")
 

@@ -285,11 +285,13 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
     return _check_classes([index[int(v)] for v in nums], [str(v) for v in uniq], len(values), what, source)
 
 
-def _label_key(v) -> str:
+def _label_key(v, names: dict | None = None) -> str:
     """A raw label as the class name ``labels_to_classes`` would give it: integral numbers (also as text,
-    ``"1.0"``) as ``"1"``, other text stripped."""
+    ``"1.0"``) as ``"1"``, other text stripped. A bool is its own name ("True") where ``names`` has it, else
+    "1"/"0", as ``labels_to_classes`` names a bool column's classes (never read as a class id the other way)."""
     if isinstance(v, (bool, np.bool_)):
-        return str(int(v))  # as labels_to_classes names a bool column's classes: "0", "1"
+        name = str(bool(v))
+        return name if names is not None and name in names else str(int(v))
     if isinstance(v, (int, float, np.integer, np.floating)):
         f = float(v)
         return str(int(f)) if math.isfinite(f) and f == int(f) else str(v)
@@ -319,7 +321,7 @@ def _ids_for_names(raw: list, label_names: list[str], source: str, where: list[s
     class name; a file mixing the two (e.g. classes ``["1", "2"]`` and a label ``0``) is refused rather
     than read either way."""
     lookup = {n: i for i, n in enumerate(label_names)}
-    keys = [_label_key(v) for v in raw]
+    keys = [_label_key(v, lookup) for v in raw]
     unknown = [i for i, k in enumerate(keys) if k not in lookup]
     if not unknown:
         return [lookup[k] for k in keys]

@@ -236,3 +236,6 @@ def test_a_bool_label_column_maps_alike_in_train_and_test():
     train = _to_data(rows, {}, where, None, None, "ds[train]")
     test = _to_data(rows, {}, where, None, None, "ds[test]", train.label_names)
     assert train.label_names == ["0", "1"] and test.labels == train.labels == [0, 1, 0, 1, 0, 1]
+    for given in (["True", "False"], ["False", "True"]):  # classes named as the bools: mapped by name, any order
+        d = _to_data(rows, {}, where, None, None, "ds[test]", given)
+        assert [d.label_names[y] for y in d.labels] == [str(r["label"]) for r in rows], given

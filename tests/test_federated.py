@@ -542,9 +542,17 @@ def test_resume_refuses_other_data_other_micro_batches_and_overwrite_clears_the_
     (weights,) = model.glob("*.safetensors")
     original = weights.read_bytes()
     save_file({k: v + 1 for k, v in load_file(str(weights)).items()}, str(weights))
-    with pytest.raises(ValueError, match="resume: the checkpoint .* was written for other data or another model"):
+    with pytest.raises(ValueError, match="resume: the checkpoint .* was written with other base-model files"):
         run_simulation(theirs, tmp_path / "m", resume=True, progress=False, echo=None)
     weights.write_bytes(original)
+    (model / "README.md").write_text("a model card edited since")  # not a model file: no refusal
+    run_simulation(theirs, tmp_path / "m2", progress=False, echo=None, stop_after=1)
+    (model / "README.md").write_text("edited again")
+    assert run_simulation(theirs, tmp_path / "m2", resume=True, progress=False, echo=None)["final"] is not None
+    # a checkpoint written before the model check (no "model" entry) resumes, with a warning
+    path = tmp_path / "m" / ckpt.CHECKPOINT_NAME
+    tensors, state = ckpt.load_checkpoint(path)
+    ckpt.save_checkpoint(path, tensors, {k: v for k, v in state.items() if k != "model"})
     assert run_simulation(theirs, tmp_path / "m", resume=True, progress=False, echo=None)["final"] is not None
     with pytest.raises(ValueError, match="physical_batch_size=None, this run has physical_batch_size=2"):
         run_simulation(dataclasses.replace(mine, physical_batch_size=2), tmp_path / "short", resume=True,

@@ -74,11 +74,12 @@ def test_pyproject_declares_every_setting_with_the_cli_defaults():
 def test_run_config_is_parsed_like_the_command_line():
     from fedlora_fast.cli import build_parser, config_from_args
 
-    rc = {"clients": 2, "partition": "iid", "targets": "query,value,dense", "noise-multiplier": 1.5,
+    rc = {"clients": 2, "partition": "label_skew", "targets": "query,value,dense", "noise-multiplier": 1.5,
           "label-proportions": "0.2,0.8;0.8,0.2", "lr": 1, "rank": 4, "trainable-modules": "", "epsilon": 8.0}
     cfg = flower_config.federated_config(rc)
     cli = config_from_args(build_parser().parse_args([
-        "train", "--clients", "2", "--partition", "iid", "--targets", "query,value,dense", "--noise-multiplier", "1.5",
+        "train", "--clients", "2", "--partition", "label_skew", "--targets", "query,value,dense", "--noise-multiplier",
+        "1.5",
         "--label-proportions", "0.2,0.8;0.8,0.2", "--lr", "1", "--rank", "4", "--trainable-modules", "",
     ]))
     assert cfg == cli
@@ -92,6 +93,8 @@ def test_run_config_is_parsed_like_the_command_line():
         flower_config.federated_config({"noise-multiplier": 1.0, "epsilon": 4.0})
     with pytest.raises(ValueError, match="num_clients: expected an int >= 1, got 0"):
         flower_config.federated_config({"clients": 0})
+    with pytest.raises(ValueError, match="dirichlet-alpha: applies only with partition = dirichlet"):
+        flower_config.federated_config({"partition": "iid", "dirichlet-alpha": 0.3})  # ignored: refused
     # a switch: true turns it on, as the bare flag does (and is validated as on the command line)
     assert flower_config.federated_config({"cuda-graph": True, "device": "cuda"}).cuda_graph is True
     with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need device cuda"):

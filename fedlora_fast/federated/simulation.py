@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import time
@@ -512,6 +513,13 @@ class Federation:
         for d in (self.train, self.test):
             h.update(json.dumps([d.texts, d.labels, d.label_names], ensure_ascii=False).encode())
         h.update(str(self.model_name).encode())
+        return h.hexdigest()[:16]
+
+    @functools.cached_property
+    def model_fingerprint(self) -> str:
+        """SHA-256 (16 hex) of the local model directory's model files (``_hash_model_files``): other base
+        weights saved at the same path must not resume (the adapter would go on against another base)."""
+        h = hashlib.sha256()
         _hash_model_files(h, self.model_name)
         return h.hexdigest()[:16]
 
@@ -527,6 +535,7 @@ class Federation:
         state = {
             "config": self.config.to_dict(),
             "data": self.data_fingerprint,
+            "model": self.model_fingerprint,
             "fingerprint": self.fingerprint,
             "round": self.server.round,
             "records": self.records,
@@ -566,6 +575,15 @@ class Federation:
                 f"this run loads {self.data_fingerprint} (the noise was calibrated to the old sample rates): "
                 "resume with the same data and model, or start a new run with another --out"
             )
+        if "model" not in state:  # written before the check existed (2026-11-27): the base is not verified
+            log.warning("resume: %s predates the base-model check; resuming without verifying that %s holds the "
+                        "same weights", path, self.model_name)
+        elif state["model"] != self.model_fingerprint:
+            raise ValueError(
+                f"resume: the checkpoint {path} was written with other base-model files at {self.model_name} "
+                f"({state['model']}, now {self.model_fingerprint}): the adapter would go on training against "
+                "another base; resume with the same model, or start a new run with another --out"
+            )
         saved = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
         if saved.keys() != self.server.global_state.keys():
             raise ValueError(f"resume: {path} holds the global tensors {sorted(saved)}, this run trains "
@@ -596,14 +614,23 @@ class Federation:
 _MODEL_SAMPLE = 1 << 20  # bytes hashed from each end of a large model file
 
 
+# what transformers loads from a model directory: configs, weights (and their indexes), tokenizer files; not
+# READMEs, logs or a run's own outputs written beside them
+_MODEL_FILE = re.compile(r"(config|generation_config|preprocessor_config|special_tokens_map|added_tokens)\.json|"
+                         r"tokenizer.*|vocab\..*|merges\.txt|.*\.safetensors(\.index\.json)?|.*\.bin(\.index\.json)?|"
+                         r".*\.model")
+
+
 def _hash_model_files(h, model_dir) -> None:
-    """Feed a local model directory's identity to ``h``: every file's name and size, small files whole, and
-    each large one's first and last MiB (new base weights saved at the same path change these; hashing
-    whole multi-GB weights at every start would not pay). A hub name resolves to a revision's own path."""
+    """Feed a local model directory's model files (``_MODEL_FILE``, top level) to ``h``: each one's name and
+    size, small files whole, and each large one's first and last MiB (new base weights saved at the same path
+    change these; hashing whole multi-GB weights at every start would not pay). A hub name (not a local
+    directory) adds nothing: its revision is not checked."""
     root = Path(str(model_dir))
     if not root.is_dir():
         return
-    for f in sorted(p for p in root.iterdir() if p.is_file()):
+    own = set(RUN_OUTPUTS)  # a run whose --out is the model directory itself: its outputs are not the model
+    for f in sorted(p for p in root.iterdir() if _MODEL_FILE.fullmatch(p.name) and p.name not in own and p.is_file()):
         size = f.stat().st_size
         h.update(f"\0{f.name}\0{size}\0".encode())
         with open(f, "rb") as fh:

@@ -20,7 +20,7 @@ import io
 import math
 from collections.abc import Mapping
 
-from fedlora_fast.cli import add_train_parser, config_from_args
+from fedlora_fast.cli import add_train_parser, check_mode_flags, config_from_args
 from fedlora_fast.federated.simulation import FederatedConfig
 
 OUT_KEY = "out"  # the ServerApp's output directory (metrics.json, adapter/, checkpoint), as --out
@@ -111,6 +111,7 @@ def parse_run_config(run_config: Mapping) -> tuple[FederatedConfig, argparse.Nam
         raise ValueError(f"run config: {msg[-1] if msg else 'invalid settings'} (from {argv})") from None
     cfg = config_from_args(args)
     cfg.validate()
+    check_mode_flags(cfg, prefix="")  # as `fedlora-fast train` refuses them: a setting the run would ignore
     return cfg, args
 
 
