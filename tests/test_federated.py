@@ -97,7 +97,7 @@ def test_aggregators_refuse_updates_that_do_not_match_the_global_state(make):
         (ClientUpdate(1, {"w": torch.ones(2, 3), "v": torch.ones(1)}, 4), r"client 1: .*1 unexpected \['v'\]"),
         (ClientUpdate(1, {}, 4), r"client 1: .*1 missing \['w'\]"),
         (ClientUpdate(1, {"w": torch.ones(2, 3, dtype=torch.int64)}, 4), r"got \(2, 3\) torch.int64"),
-        (ClientUpdate(1, {"w": torch.full((2, 3), float("nan"))}, 4), "client 1: w: non-finite values"),
+        (ClientUpdate(1, {"w": torch.full((2, 3), float("nan"))}, 4), "client 1: w: has non-finite values"),
         (ClientUpdate(1, {"w": torch.ones(2, 3)}, 0), "client 1: num_examples: expected a positive int, got 0"),
     ]
     for bad, match in cases:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fedlora_fast.federated.state import check_tensor
 from fedlora_fast.privacy.accounting import Accountant, check_noise_multiplier
 
 
@@ -72,13 +73,7 @@ def check_updates(global_state: dict[str, Tensor], updates: list[ClientUpdate]) 
             raise ValueError(f"client {u.client_id}: expected the global state's keys, got {len(extra)} unexpected "
                              f"{extra[:3]} and {len(missing)} missing {missing[:3]}")
         for k, g in global_state.items():
-            t = u.tensors[k]
-            if not isinstance(t, Tensor) or t.shape != g.shape or not t.dtype.is_floating_point:
-                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"client {u.client_id}: {k}: expected a floating-point tensor of shape "
-                                 f"{tuple(g.shape)}, got {got}")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"client {u.client_id}: {k}: non-finite values")
+            check_tensor(f"client {u.client_id}: {k}", u.tensors[k], g.shape)
 
 
 class FedAvg(Aggregator):

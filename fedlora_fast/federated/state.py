@@ -22,6 +22,16 @@ def trainable_state(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def check_tensor(what: str, t, shape) -> None:
+    """Raise ValueError naming ``what`` unless ``t`` is a finite floating-point tensor of ``shape`` (a tensor of
+    another shape would broadcast silently where it is copied or averaged)."""
+    if not isinstance(t, Tensor) or tuple(t.shape) != tuple(shape) or not t.is_floating_point():
+        got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{what}: expected a floating-point tensor of shape {tuple(shape)}, got {got}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what}: has non-finite values")
+
+
 @torch.no_grad()
 def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy ``state`` into the model's trainable parameters (the keys must be exactly those).
@@ -36,12 +46,7 @@ def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
         missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
         raise KeyError(f"state: missing keys {missing[:6]}, unexpected keys {extra[:6]}")
     for k, p in params.items():
-        t = state[k]
-        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape) or not t.is_floating_point():
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"state[{k!r}]: expected a floating-point tensor of shape {tuple(p.shape)}, got {got}")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"state[{k!r}]: has non-finite values")
+        check_tensor(f"state[{k!r}]", state[k], p.shape)
     for k, p in params.items():
         p.copy_(state[k].to(device=p.device, dtype=p.dtype))
 
