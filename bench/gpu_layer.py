@@ -15,8 +15,9 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
      the backward (``merged``), or as chosen by timing per shape (``auto``, the default: the headline
      ratios use it); ``ffa_flat[reference]`` (the PyTorch ops) on request,
    - ``ffa_flat[graph]``: ``ffa_flat[auto]`` replayed from CUDA graphs (CUDA only): its GPU time without
-     the host's issue cost, which sets the eager pace at 8x512 4096->4096; ``ffa_flat[direct]`` (on
-     request): ``ffa_flat[auto]`` with direct launches (``FEDLORA_FAST_LAUNCH=direct``),
+     the host's issue cost, which sets the eager pace at 8x512 4096->4096; ``ffa_flat[direct]`` and
+     ``ffa_flat[jit]`` (on request): ``ffa_flat[auto]`` with each launch mode (``FEDLORA_FAST_LAUNCH``; the
+     default is direct with Triton 3.4-3.9, so there ``[auto]`` runs as ``[direct]`` and ``[jit]`` is the A/B),
    - ``ffa_per_layer``: the same with per-layer clipping (clipped sum inside the backward, no P kept),
    - ``peft_opacus``: peft's LoRA layer (A frozen, as FFA; ``--peft-train-A`` for vanilla LoRA) wrapped in
      opacus' ``GradSampleModule`` (hooks), per-sample gradients + their norms,
@@ -53,6 +54,8 @@ SMOKE_SHAPES, SMOKE_TOKENS = [(72, 80)], [(2, 5)]  # in, out > 64 and multiples 
 ELEM = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 GRAPH = "graph"  # ffa_flat[graph]: ffa_flat[auto]'s forward and step replayed from CUDA graphs (host cost gone)
 DIRECT = "direct"  # ffa_flat[direct]: ffa_flat[auto] with FEDLORA_FAST_LAUNCH=direct (compiled kernels, no JIT)
+JIT = "jit"  # ffa_flat[jit]: ffa_flat[auto] with FEDLORA_FAST_LAUNCH=jit (every launch through Triton's JIT)
+LAUNCH_VARIANTS = {DIRECT: "direct", JIT: "jit"}  # variant -> FEDLORA_FAST_LAUNCH
 
 
 DEFINITIONS = {
@@ -63,10 +66,14 @@ DEFINITIONS = {
     "ratio_to_floor_graph": "ffa_flat[graph] (ffa_flat[auto]'s step replayed from a CUDA graph: no host issue "
                             "cost) / floor (eager: its host cost is below its GPU time at every shape)",
     "ratio_to_floor_direct": "ffa_flat[direct] (ffa_flat[auto] with FEDLORA_FAST_LAUNCH=direct: the compiled "
-                             "kernels launched without Triton's per-call JIT work; opt-in) / floor: against "
-                             "ratio_to_floor, what direct launches save an eager step (host-bound at 4k tokens)",
+                             "kernels launched without Triton's per-call JIT work; the default with Triton "
+                             "3.4-3.9 since 2026-11-27, opt-in before) / floor: against ratio_to_floor_jit, what "
+                             "direct launches save an eager step (host-bound at 4k tokens)",
+    "ratio_to_floor_jit": "ffa_flat[jit] (ffa_flat[auto] with FEDLORA_FAST_LAUNCH=jit: every launch through "
+                          "Triton's JIT, the default before 2026-11-27 and with other Triton releases) / floor",
     "ratio_to_peft_opacus": "full step of ours / peft LoRA + opacus hooks + norms",
     "headline ratios": "ratio_to_floor, ratio_to_peft_opacus, ratio_to_floor_graph, ratio_to_floor_direct, "
+                       "ratio_to_floor_jit, "
                        "ratio_to_floor_best_pinned "
                        "and overhead_ratio_to_peft_opacus are the interleaved medians where --rounds ran (see "
                        "below; the one-after-another timings are then *_sequential), else sequential; "
@@ -89,7 +96,7 @@ DEFINITIONS = {
 }
 
 
-UNPINNED = ("reference", "auto", GRAPH, DIRECT)  # ffa_flat[...] variants that are not one pinned GEMM path
+UNPINNED = ("reference", "auto", GRAPH, *LAUNCH_VARIANTS)  # ffa_flat[...] variants that are not one pinned GEMM path
 
 
 def gemm_of(name: str) -> str | None:
@@ -108,7 +115,7 @@ def gemms_to_check(which: list[str], device_type: str) -> list[str]:
     pinned ``ffa_flat[<gemm>]`` variant timed, and with ``ffa_flat[auto]`` or ``[graph]`` (the headline) every
     path auto may pick (on CUDA ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked."""
     gemms = [g for g in map(pinned_gemm, which) if g is not None]
-    if any(k in which for k in ("ffa_flat[auto]", f"ffa_flat[{GRAPH}]", f"ffa_flat[{DIRECT}]")):
+    if any(f"ffa_flat[{k}]" in which for k in ("auto", GRAPH, *LAUNCH_VARIANTS)):
         from fedlora_fast.kernels import ffa_linear as K
 
         gemms += [c for c in (K.AUTO_CANDIDATES if device_type == "cuda" else ("triton",)) if c not in gemms]
@@ -316,15 +323,19 @@ def _graphed(v: Variant, warmup: int = 3) -> Variant:
 def _with_gemm(v: Variant, gemm: str | None) -> Variant:
     """Run the variant's calls with FEDLORA_FAST_GEMM=gemm (None: leave the default); ``reference`` runs the
     same layer on the PyTorch reference ops instead (FEDLORA_FAST_BACKEND=torch: cuBLAS and a few torch
-    kernels, fewer host-side launches than Triton's: where it wins, the step is host-bound); ``direct`` runs
-    it with the default GEMM choice and FEDLORA_FAST_LAUNCH=direct."""
+    kernels, fewer host-side launches than Triton's: where it wins, the step is host-bound); ``direct`` and
+    ``jit`` run it with the default GEMM choice and that FEDLORA_FAST_LAUNCH."""
     if gemm is None:
         return v
     from fedlora_fast.kernels import ffa_linear as K
     from fedlora_fast.ops import backends
 
-    var, value = {"reference": (backends.ENV_VAR, "torch"), DIRECT: (K.LAUNCH_ENV_VAR, "direct")}.get(
-        gemm, (K.GEMM_ENV_VAR, gemm))
+    if gemm == "reference":
+        var, value = backends.ENV_VAR, "torch"
+    elif gemm in LAUNCH_VARIANTS:
+        var, value = K.LAUNCH_ENV_VAR, LAUNCH_VARIANTS[gemm]
+    else:
+        var, value = K.GEMM_ENV_VAR, gemm
 
     def wrap(fn):
         def run():
@@ -1105,6 +1116,7 @@ def main(argv=None) -> int:
             pairs = (("ratio_to_floor", ours, "floor"), ("ratio_to_peft_opacus", ours, "peft_opacus"),
                      ("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]", "floor"),
                      ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]", "floor"),
+                     ("ratio_to_floor_jit", f"ffa_flat[{JIT}]", "floor"),
                      ("ratio_to_floor_best_pinned", best, "floor"))
             if interleaved:
                 row["interleaved_full_ms"] = interleaved
@@ -1119,8 +1131,8 @@ def main(argv=None) -> int:
                         row["overhead_ratio_to_peft_opacus_interleaved"] = statistics.median(over)
             if "full_ms_again" in times.get("floor", {}):
                 row["floor_drift"] = times["floor"]["full_ms_again"] / times["floor"]["full_ms"]
-            for key, name in (("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]"), ("ratio_to_floor_direct",
-                                                                                f"ffa_flat[{DIRECT}]")):
+            for key, name in (("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]"),
+                              ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]"), ("ratio_to_floor_jit", f"ffa_flat[{JIT}]")):
                 if name in times and "floor" in times:
                     row[key] = times[name]["full_ms"] / times["floor"]["full_ms"]
             if ours and "peft_opacus" in times:
@@ -1152,6 +1164,7 @@ def main(argv=None) -> int:
                 )
                 + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
                 + (f" (direct {row['ratio_to_floor_direct']:.3f})" if "ratio_to_floor_direct" in row else "")
+                + (f" (jit {row['ratio_to_floor_jit']:.3f})" if "ratio_to_floor_jit" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
                 + (f" (overhead {row['overhead_ratio_to_peft_opacus']:.3f})" if "overhead_ratio_to_peft_opacus" in row else "")
                 + (f"  | sequential: ours/floor {row['ratio_to_floor_sequential']:.3f}"

@@ -12,7 +12,8 @@ for only between rounds; every kernel here is tiny, so the launch queue never fi
     spec_key          what the direct path spends per launch on its own cache key (``_spec_key``)
     ffa_fwd / ffa_bwd the Triton ops as the layer calls them (wrapper + 2 / 3-4 launches), per-sample mode
     *_direct          the same with FEDLORA_FAST_LAUNCH=direct (compiled kernels launched without the JIT),
-                      in rounds alternating with the JIT's (CUDA)
+                      in rounds alternating with the JIT's (CUDA: the row without the suffix sets
+                      FEDLORA_FAST_LAUNCH=jit; direct is the default with Triton 3.4-3.9)
     floor_step        frozen ``nn.Linear`` forward + input-gradient backward (autograd), tiny shape
     layer_step        ``FFALoRALinear`` forward + backward (no DP), same shape
     layer_step_ps     the same keeping every sample's gradient and norm, no engine (gpu_layer.py's ffa_flat step)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import threading
 import time
 import warnings
@@ -1285,7 +1286,45 @@ def _choose_gemm(
     return choice
 
 
-LAUNCH_ENV_VAR = "FEDLORA_FAST_LAUNCH"  # "jit" (default): kernel[grid](...); "direct": see _launch
+LAUNCH_ENV_VAR = "FEDLORA_FAST_LAUNCH"  # "direct": see _launch; "jit": kernel[grid](...); unset: _LAUNCH_DEFAULT
+LAUNCH_MODES = ("direct", "jit")
+# The Triton releases whose JIT specialiser the direct launch's key was checked against (3.4-3.5's Python one,
+# 3.6-3.9's C++ one: test_direct_launch_key_refines_tritons_specialisation) and whose launch call it mirrors (the
+# JIT's ``kernel.run(grid, stream, function, metadata, hooks, *bound args)`` and ``CompiledKernel.__getitem__``:
+# read in 3.3.1, 3.4.0, 3.5.1, 3.6.0 and 3.9.0, the same call). Direct launches are the default there: on an
+# H100 (2026-11-27, Triton 3.6.0) they took the eager 4k-token layer step from 1.35 / 1.56 / 4.51x the floor to
+# 1.16 / 1.32 / 4.11x and left the 16k-token one within noise (bench/NOTES.md). Other releases (3.3, and
+# any later one, whose specialisation may be finer than the key) launch through the JIT unless
+# FEDLORA_FAST_LAUNCH=direct asks for it.
+_DIRECT_TRITON = ((3, 4), (3, 10))  # [first, past-the-last) (major, minor)
+
+
+def _triton_minor(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a Triton version string ("3.6.0", "3.5.1+git1234"); (0, 0) where unreadable."""
+    parts = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(parts[1]), int(parts[2])) if parts else (0, 0)
+
+
+def launch_default(version: str | None = None) -> str:
+    """The launch mode used where FEDLORA_FAST_LAUNCH is unset, for Triton ``version`` (default: the installed
+    one): "direct" for the releases in ``_DIRECT_TRITON``, else "jit"."""
+    v = _triton_minor(triton.__version__ if version is None else version)
+    return "direct" if _DIRECT_TRITON[0] <= v < _DIRECT_TRITON[1] else "jit"
+
+
+_LAUNCH_DEFAULT = launch_default()
+
+
+def launch_mode() -> str:
+    """How kernels are launched now: FEDLORA_FAST_LAUNCH where set ("direct" or "jit"), else the default for
+    the installed Triton (``launch_default``); the interpreter always goes through the JIT."""
+    mode = os.environ.get(LAUNCH_ENV_VAR)
+    if mode is None:
+        return _LAUNCH_DEFAULT
+    if mode not in LAUNCH_MODES:
+        raise ValueError(f"{LAUNCH_ENV_VAR}={mode!r}: expected one of {', '.join(LAUNCH_MODES)} (or unset: "
+                         f"{_LAUNCH_DEFAULT} with this Triton, {triton.__version__})")
+    return mode
 
 
 def _run(fn, grid, *args, **kw) -> None:
@@ -1299,7 +1338,7 @@ def _run(fn, grid, *args, **kw) -> None:
 
 
 def _launch(fn, grid, args: tuple, kw: dict) -> None:
-    """``fn[grid](*args, **kw)``, or with ``FEDLORA_FAST_LAUNCH=direct`` (CUDA) the same compiled kernel
+    """``fn[grid](*args, **kw)``, or in the direct launch mode (CUDA; ``launch_mode``) the same compiled kernel
     launched through its own launcher, skipping the JIT's per-call argument binding, specialisation and
     cache key (tens of microseconds of host time per launch on the H100 machine's CPU; bench/launch.py
     measures both). The first launch per specialisation goes through the JIT, which compiles and returns the
@@ -1308,28 +1347,31 @@ def _launch(fn, grid, args: tuple, kw: dict) -> None:
     else the JIT keys its cache on is not rechecked per launch: Triton's compile-time knobs (TRITON_DEBUG,
     instrumentation hooks) and its check of changed globals; change them before the first launch, not
     between launches."""
-    if _INTERPRET or os.environ.get(LAUNCH_ENV_VAR, "jit") != "direct":
+    if launch_mode() != "direct" or _INTERPRET:  # the mode first: a bad FEDLORA_FAST_LAUNCH fails everywhere
         fn[grid](*args, **kw)
         return
     key = (id(fn), torch.cuda.current_device(), _spec_key(args), tuple(kw.items()))
     entry = _DIRECT.get(key)
-    if entry is None:
+    if entry is None or entry[0] is not fn:  # not yet, or another kernel object that took a freed one's id
         compiled = fn[grid](*args, **kw)  # compiles if needed, launches, returns the CompiledKernel
-        params = fn.params
+        params = getattr(fn, "params", None)
+        if params is None:  # not a JITFunction (a stand-in): launched through fn[grid] every time
+            return
         names = [p.name for p in params if p.is_constexpr]
         # the launcher takes every parameter in signature order: ours are the positional ones, then constexprs
         laid_out = len(args) + len(names) == len(params) and not any(p.is_constexpr for p in params[: len(args)])
         if compiled is not None and hasattr(compiled, "run") and laid_out and all(n in kw for n in names):
             if len(_DIRECT) >= _DIRECT_MAX:  # ints are keyed by value: bound the entries a run of many shapes makes
                 _DIRECT.clear()
-            _DIRECT[key] = (compiled, [kw[n] for n in names])
+            _DIRECT[key] = (fn, compiled, [kw[n] for n in names])
         return
-    compiled, constexprs = entry
+    _, compiled, constexprs = entry
     g = grid(kw) if callable(grid) else grid
     compiled[(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)](*args, *constexprs)
 
 
-# (kernel, device, argument specialisation, constexprs and options) -> (CompiledKernel, constexpr values)
+# (id of the kernel, device, argument specialisation, constexprs and options) -> (the kernel, its CompiledKernel,
+# constexpr values)
 _DIRECT: dict[tuple, tuple] = {}
 _DIRECT_MAX = 4096
 

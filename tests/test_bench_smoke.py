@@ -287,9 +287,10 @@ def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkey
     assert [c["gemm"] for c in row["checks"]] == ["triton"]  # what auto runs off CUDA
 
 
-def test_gpu_layer_direct_variant_is_auto_with_direct_launches(tmp_path, monkeypatch):
-    """ffa_flat[direct]: the default GEMM choice with FEDLORA_FAST_LAUNCH=direct set around its own calls only
-    (the others launch through the JIT), and its ratio to the floor in the row, interleaved where rounds ran."""
+def test_gpu_layer_launch_variants_are_auto_with_that_launch_mode(tmp_path, monkeypatch):
+    """ffa_flat[direct] / ffa_flat[jit]: the default GEMM choice with FEDLORA_FAST_LAUNCH=direct / jit set around
+    their own calls only (the others launch in the default mode), and their ratios to the floor in the row,
+    interleaved where rounds ran."""
     import gpu_layer
 
     from fedlora_fast.kernels import ffa_linear as K
@@ -301,16 +302,18 @@ def test_gpu_layer_direct_variant_is_auto_with_direct_launches(tmp_path, monkeyp
     monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
     monkeypatch.delenv(K.LAUNCH_ENV_VAR, raising=False)
     out = tmp_path / "layer.json"
-    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[auto],ffa_flat[direct]"])
+    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants",
+                           "floor,ffa_flat[auto],ffa_flat[direct],ffa_flat[jit]"])
     row = json.loads(out.read_text())["rows"][0]
     assert code == 0 and row["correct"] and row["ours"] == "ffa_flat[auto]", row
-    assert "direct" in seen and None in seen and os.environ.get(K.LAUNCH_ENV_VAR) is None, set(seen)
+    assert {"direct", "jit", None} <= set(seen) and os.environ.get(K.LAUNCH_ENV_VAR) is None, set(seen)
     rounds = row["interleaved_full_ms"]
-    assert row["ratio_to_floor_direct"] == rounds["ffa_flat[direct]"][0] / rounds["floor"][0]
-    assert row["ratio_to_floor_direct_sequential"] == (row["times_ms"]["ffa_flat[direct]"]["full_ms"]
-                                                       / row["times_ms"]["floor"]["full_ms"])
+    for mode in ("direct", "jit"):
+        assert row[f"ratio_to_floor_{mode}"] == rounds[f"ffa_flat[{mode}]"][0] / rounds["floor"][0]
+        assert row[f"ratio_to_floor_{mode}_sequential"] == (row["times_ms"][f"ffa_flat[{mode}]"]["full_ms"]
+                                                            / row["times_ms"]["floor"]["full_ms"])
+        assert gpu_layer.gemms_to_check(["floor", f"ffa_flat[{mode}]"], "cuda") == list(K.AUTO_CANDIDATES)
     assert row["best_ffa"] is None  # not a pinned GEMM path
-    assert gpu_layer.gemms_to_check(["floor", "ffa_flat[direct]"], "cuda") == list(K.AUTO_CANDIDATES)
 
 
 def test_gpu_layer_interleave_rotates_the_order():

@@ -1335,9 +1335,57 @@ def test_direct_launch_plumbing_with_a_fake_kernel(monkeypatch):
     assert log[-1][0] == "jit" and len(K._DIRECT) == 1
     K._run(fn, grid, buf, 64, BLOCK=16, FLAG=True)
     assert log[-1][0] == "direct"
-    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "jit")  # the default: always the JIT
+    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "jit")  # asked for: always the JIT
     K._run(fn, grid, buf, 64, BLOCK=16, FLAG=True)
     assert log[-1][0] == "jit"
+    monkeypatch.delenv(K.LAUNCH_ENV_VAR)  # unset: the installed Triton's default
+    for default, want in (("direct", "direct"), ("jit", "jit")):
+        monkeypatch.setattr(K, "_LAUNCH_DEFAULT", default)
+        K._run(fn, grid, buf, 64, BLOCK=16, FLAG=True)
+        assert log[-1][0] == want, default
+    monkeypatch.setattr(K, "_INTERPRET", True)  # the interpreter: the JIT whatever the mode
+    K._run(fn, grid, buf, 64, BLOCK=16, FLAG=True)
+    assert log[-1][0] == "jit"
+    monkeypatch.setattr(K, "_INTERPRET", False)
+    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "direct")
+    other = FakeJit()  # an entry under this kernel's id that another kernel object left (a freed id reused)
+    K._DIRECT[(id(other), 0, K._spec_key((buf, 64)), (("BLOCK", 16), ("FLAG", True)))] = (fn, Compiled(), [16, 1])
+    K._run(other, grid, buf, 64, BLOCK=16, FLAG=True)
+    assert log[-1][0] == "jit"
+    K._run(other, grid, buf, 64, BLOCK=16, FLAG=True)  # its own entry now
+    assert log[-1][0] == "direct" and log[-1][2] == (buf, 64, 16, True)
+
+    class NoParams:  # a stand-in without JITFunction.params (as the tests' no-launch fakes): never cached
+        def __getitem__(self, grid):
+            return lambda *a, **kw: log.append(("plain", grid, a))
+
+    stub, before = NoParams(), len(K._DIRECT)
+    for _ in range(2):
+        K._run(stub, grid, buf, 64, BLOCK=16, FLAG=True)
+        assert log[-1][0] == "plain"
+    assert len(K._DIRECT) == before
+
+
+def test_launch_mode_default_and_bad_values(monkeypatch):
+    """Direct launches are the default for the Triton releases whose specialiser the key was checked against
+    and whose launch call it mirrors (3.4-3.9), the JIT elsewhere; FEDLORA_FAST_LAUNCH overrides it, and a value
+    that is neither mode is an error naming the variable, on every backend (the interpreter included)."""
+    for version, want in (("3.3.1", "jit"), ("3.4.0", "direct"), ("3.5.1", "direct"), ("3.6.0", "direct"),
+                          ("3.9.0", "direct"), ("3.9.1+gitabc", "direct"), ("3.10.0", "jit"), ("4.0.0", "jit"),
+                          ("3.1", "jit"), ("nightly", "jit"), ("", "jit")):  # fmt: skip
+        assert K.launch_default(version) == want, version
+    assert K._LAUNCH_DEFAULT == K.launch_default()  # the installed Triton's, read once
+    monkeypatch.delenv(K.LAUNCH_ENV_VAR, raising=False)
+    assert K.launch_mode() == K._LAUNCH_DEFAULT
+    for mode in K.LAUNCH_MODES:
+        monkeypatch.setenv(K.LAUNCH_ENV_VAR, mode)
+        assert K.launch_mode() == mode
+    for bad in ("Direct", "", "1"):
+        monkeypatch.setenv(K.LAUNCH_ENV_VAR, bad)
+        with pytest.raises(ValueError, match=f"FEDLORA_FAST_LAUNCH={bad!r}: expected one of direct, jit"):
+            K.launch_mode()
+        with pytest.raises(ValueError, match="FEDLORA_FAST_LAUNCH"):  # through a launch, interpreter or not
+            K._run(lambda *a, **k: pytest.fail("launched"), (1,), 1)
 
 
 @pytest.mark.cuda
