@@ -86,6 +86,10 @@ DEFINITIONS = {
     "overhead_ratio_to_peft_opacus": "(ours - floor) / (peft+opacus - floor), full step: what each adds to the "
                                      "frozen layer's own work (the 2x goal restated where peft+opacus < 2x the "
                                      "floor makes the plain ratio unreachable; bench/NOTES.md)",
+    "ratio_to_floor_kernel_time": "with --profile: each variant's GPU kernel time per full step (the profiler's "
+                                  "per-kernel sums) / the floor's, by variant name: free of host gaps and of "
+                                  "clock drift between rounds; not a wall-clock ratio (it leaves out the time the "
+                                  "GPU idles between kernels, which an eager host-bound step is made of)",
     "tflops, gbps": "formula FLOPs / bytes of bench/NOTES.md (Triton section) over the full-step time",
     "floor_drift": "the floor's full step timed again after every variant / its first timing: the variants are "
                    "timed one after another, so a drift of the card's clocks over the row shows here (the "
@@ -404,7 +408,8 @@ def make_peft_opacus(base, x, g, r: int, alpha: float, train_A: bool) -> Variant
 
 # --- where the time goes: per-kernel profile and the one-pass backward's block sizes -------------------
 def kernel_table(fn, steps: int = 3, top: int = 12) -> list[dict]:
-    """Device time per step of every kernel ``fn`` launches (torch.profiler), largest first."""
+    """Device time per step of every kernel ``fn`` launches (torch.profiler), largest first: the ``top`` largest,
+    then one row summing the rest (so the table's ``us_per_step`` add up to the step's kernel time)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -422,7 +427,30 @@ def kernel_table(fn, steps: int = 3, top: int = 12) -> list[dict]:
             rows.append({"kernel": ev.key[:90], "us_per_step": us / steps, "calls_per_step": ev.count / steps,
                          "us_per_call": us / ev.count})  # us_per_step sums a step's calls of the kernel
     rows.sort(key=lambda r: -r["us_per_step"])
-    return rows[:top]
+    rest = rows[top:]
+    if rest:
+        calls = sum(r["calls_per_step"] for r in rest)
+        us = sum(r["us_per_step"] for r in rest)
+        rows = rows[:top] + [{"kernel": f"({len(rest)} more kernels)", "us_per_step": us, "calls_per_step": calls,
+                              "us_per_call": us / calls if calls else 0.0}]
+    return rows
+
+
+def kernel_time_ratios(profiles: dict[str, list[dict]]) -> dict[str, float]:
+    """Each profiled variant's GPU kernel time per step (the sum of its ``kernel_table``) over the floor's: the
+    ratio free of host gaps, launch order and clock drift between rounds (bench/NOTES.md, 2026-11-27: at 16k
+    tokens it read 1.09-1.12 where the interleaved wall-clock ratio read 1.00-1.07). Empty without a usable
+    floor profile; a variant whose profile failed (a row with no time) is left out."""
+    def total(table):
+        if not table or any(k.get("us_per_step", 0.0) <= 0.0 for k in table):
+            return None
+        return sum(k["us_per_step"] for k in table)
+
+    floor = total(profiles.get("floor"))
+    if not floor:
+        return {}
+    return {name: t / floor for name, table in profiles.items()
+            if name != "floor" and (t := total(table)) is not None}
 
 
 def host_ms(fn, device: torch.device, steps: int = 40) -> float:
@@ -1101,6 +1129,9 @@ def main(argv=None) -> int:
                 row["correct"] = False  # a variant that cannot run is not a pass
             if profiles:
                 row["kernels"] = profiles
+                ratios = kernel_time_ratios(profiles)
+                if ratios:
+                    row["ratio_to_floor_kernel_time"] = ratios  # every profiled variant's, by name
             if sweep is not None:
                 row["sweep_outer"] = sweep
             if sweep_x is not None:
@@ -1178,7 +1209,9 @@ def main(argv=None) -> int:
             for name, table in row.get("kernels", {}).items():
                 print(f"## n={row['n']} T={row['T']} {row['in']}->{row['out']} {name}: "
                       + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']:.0f}us/step = {k['calls_per_step']:.0f} x "
-                                  f"{k.get('us_per_call', 0.0):.0f}us" for k in table[:6]))
+                                  f"{k.get('us_per_call', 0.0):.0f}us" for k in table[:6])
+                      + (f" | kernel time x floor {row['ratio_to_floor_kernel_time'][name]:.3f}"
+                         if name in row.get("ratio_to_floor_kernel_time", {}) else ""))
     if not args.sweep_only:
         for row in rows:
             print_sweeps(row)

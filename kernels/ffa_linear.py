@@ -1344,15 +1344,15 @@ def _launch(fn, grid, args: tuple, kw: dict) -> None:
     measures both). The first launch per specialisation goes through the JIT, which compiles and returns the
     kernel; later ones reuse it when every argument specialises the same way (``_spec_key``). Kernels must
     take their non-constexpr parameters positionally and every constexpr by keyword (all of ours do). What
-    else the JIT keys its cache on is not rechecked per launch: Triton's compile-time knobs (TRITON_DEBUG,
-    instrumentation hooks) and its check of changed globals; change them before the first launch, not
-    between launches."""
+    else the JIT does per call is skipped after a specialisation's first launch: its compile-time knobs
+    (TRITON_DEBUG, instrumentation hooks), its check of changed globals and its ``pre_run_hooks``; change them
+    before the first launch, not between launches."""
     if launch_mode() != "direct" or _INTERPRET:  # the mode first: a bad FEDLORA_FAST_LAUNCH fails everywhere
         fn[grid](*args, **kw)
         return
     key = (id(fn), torch.cuda.current_device(), _spec_key(args), tuple(kw.items()))
     entry = _DIRECT.get(key)
-    if entry is None or entry[0] is not fn:  # not yet, or another kernel object that took a freed one's id
+    if entry is None or entry[0] is not fn:  # (defensive: an entry holds its kernel, so its id stays taken)
         compiled = fn[grid](*args, **kw)  # compiles if needed, launches, returns the CompiledKernel
         params = getattr(fn, "params", None)
         if params is None:  # not a JITFunction (a stand-in): launched through fn[grid] every time
@@ -1667,6 +1667,7 @@ def _kernels_or_reference(op: str, tensors: tuple, r: int, kernels: Callable, re
         return reference(*args)
     if _COMPILE_FAILED and _call_shape(op, tensors, r) in _COMPILE_FAILED:
         return reference(*args)
+    launch_mode()  # a bad FEDLORA_FAST_LAUNCH fails here, before auto's GEMM timing could take it for a GEMM failing
     key = (op, lead.device.index, r, lead.dtype)
     cap = _STAGE_CAP.get(key)
     while True:

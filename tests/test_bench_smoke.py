@@ -316,6 +316,53 @@ def test_gpu_layer_launch_variants_are_auto_with_that_launch_mode(tmp_path, monk
     assert row["best_ffa"] is None  # not a pinned GEMM path
 
 
+def test_gpu_layer_kernel_time_ratios():
+    """ratio_to_floor_kernel_time: each profiled variant's summed kernel time over the floor's; a failed profile
+    (a row with no time) is left out, and without a usable floor profile there is none."""
+    import gpu_layer
+
+    def table(*us):
+        return [{"kernel": f"k{i}", "us_per_step": u, "calls_per_step": 1.0} for i, u in enumerate(us)]
+
+    failed = [{"kernel": "profile failed: RuntimeError()", "us_per_step": 0.0, "calls_per_step": 0}]
+    got = gpu_layer.kernel_time_ratios({"floor": table(700.0, 700.0), "ffa_flat[auto]": table(700.0, 700.0, 140.0),
+                                        "peft_opacus": table(1400.0, 1500.0, 100.0), "ffa_flat[merged]": failed})
+    assert got == {"ffa_flat[auto]": 1.1, "peft_opacus": 3000.0 / 1400.0}, got
+    assert gpu_layer.kernel_time_ratios({"floor": failed, "ffa_flat[auto]": table(1.0)}) == {}
+    assert gpu_layer.kernel_time_ratios({"ffa_flat[auto]": table(1.0)}) == {}
+    assert "ratio_to_floor_kernel_time" in gpu_layer.DEFINITIONS
+
+
+def test_gpu_layer_kernel_table_sums_to_the_step(monkeypatch):
+    """kernel_table keeps the largest kernels and one row summing the rest: its us_per_step add up to the
+    profiled step's kernel time (what kernel_time_ratios divides)."""
+    import torch.profiler
+
+    import gpu_layer
+
+    events = [SimpleNamespace(key=f"k{i}", self_device_time_total=float(10 * (i + 1)), count=3) for i in range(5)]
+
+    class FakeProfile:
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    got = gpu_layer.kernel_table(lambda: None, steps=3, top=2)
+    assert [k["kernel"] for k in got] == ["k4", "k3", "(3 more kernels)"], got
+    assert sum(k["us_per_step"] for k in got) == sum(e.self_device_time_total for e in events) / 3
+    assert got[-1]["calls_per_step"] == 3.0 and len(gpu_layer.kernel_table(lambda: None, steps=3, top=12)) == 5
+
+
 def test_gpu_layer_interleave_rotates_the_order():
     import gpu_layer
 

@@ -1369,7 +1369,8 @@ def test_direct_launch_plumbing_with_a_fake_kernel(monkeypatch):
 def test_launch_mode_default_and_bad_values(monkeypatch):
     """Direct launches are the default for the Triton releases whose specialiser the key was checked against
     and whose launch call it mirrors (3.4-3.9), the JIT elsewhere; FEDLORA_FAST_LAUNCH overrides it, and a value
-    that is neither mode is an error naming the variable, on every backend (the interpreter included)."""
+    that is neither mode is an error naming the variable wherever Triton kernels run (CUDA or the
+    interpreter), raised by the op before auto's GEMM timing (which would read it as a GEMM failing)."""
     for version, want in (("3.3.1", "jit"), ("3.4.0", "direct"), ("3.5.1", "direct"), ("3.6.0", "direct"),
                           ("3.9.0", "direct"), ("3.9.1+gitabc", "direct"), ("3.10.0", "jit"), ("4.0.0", "jit"),
                           ("3.1", "jit"), ("nightly", "jit"), ("", "jit")):  # fmt: skip
@@ -1386,6 +1387,16 @@ def test_launch_mode_default_and_bad_values(monkeypatch):
             K.launch_mode()
         with pytest.raises(ValueError, match="FEDLORA_FAST_LAUNCH"):  # through a launch, interpreter or not
             K._run(lambda *a, **k: pytest.fail("launched"), (1,), 1)
+    # through the ops: the forward and a backward-first call, before any GEMM choice is made
+    monkeypatch.setattr(K, "_choose_gemm", lambda *a, **k: pytest.fail("GEMM chosen under a bad launch mode"))
+    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "Direct")
+    t = make(2, 3, 20, 24, 5, "cpu")
+    u = torch.randn(2, 3, 5)
+    for call in (lambda: K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5),
+                 lambda: K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 0.5, True, False,
+                                          ref.MODE_PER_SAMPLE, 0, 0)):  # fmt: skip
+        with pytest.raises(ValueError, match="FEDLORA_FAST_LAUNCH='Direct'"):
+            call()
 
 
 @pytest.mark.cuda
