@@ -32,6 +32,11 @@ START=$(date +%s)
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results/gpu_session}
+# a machine may keep /tmp from an earlier session (2026-11-27: a fresh H100 machine's /tmp/gs held the night
+# session's test logs): files this run did not write must not be packed with its results, so move them aside
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    OLD=$(mktemp -d "${OUT%/}.old.XXXXXX") && mv "$OUT" "$OLD/" && echo "# $OUT held earlier files: moved to $OLD"
+fi
 mkdir -p "$OUT"
 # the console from here on is also in $OUT/session.log (tee ignores an outer timeout's TERM: it keeps the
 # last lines and ends when the script does)

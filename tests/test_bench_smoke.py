@@ -818,6 +818,9 @@ def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):
     import tarfile
 
     env = _session_stubs(tmp_path, "")
+    os.makedirs(env["OUT"])
+    with open(os.path.join(env["OUT"], "junit_cuda.xml"), "w") as f:  # an earlier session's, on a reused machine
+        f.write("stale")
     proc = subprocess.run(["timeout", "-k", "5", "6", "bash", os.path.join(BENCH, "gpu_session.sh")], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 124 and "stopped at" in proc.stdout, proc.stdout + proc.stderr
@@ -825,7 +828,9 @@ def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):
         names = set(tar.getnames())
         tests = tar.extractfile("./tests_cuda.log").read().decode()
         session = tar.extractfile("./session.log").read().decode()
-    assert {"./tests_cuda.log", "./session.log"} <= names, names
+    assert {"./tests_cuda.log", "./session.log"} <= names and "./junit_cuda.xml" not in names, names
+    (old,) = [d for d in os.listdir(tmp_path) if d.startswith("out.old.")]  # moved aside, not lost
+    assert os.listdir(tmp_path / old / "out") == ["junit_cuda.xml"]
     assert "FAILED tests/t.py::test_b" in tests and "== 1/7 CUDA tests" in session, (tests, session)
     assert os.listdir(os.path.dirname(env["TAR_TO"])) == ["gs.tgz"]  # no half-written archive left beside it
 
