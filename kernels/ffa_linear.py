@@ -1347,7 +1347,7 @@ def _launch(fn, grid, args: tuple, kw: dict) -> None:
     else the JIT does per call is skipped after a specialisation's first launch: its compile-time knobs
     (TRITON_DEBUG, instrumentation hooks), its check of changed globals and its ``pre_run_hooks``; change them
     before the first launch, not between launches."""
-    if launch_mode() != "direct" or _INTERPRET:  # the mode first: a bad FEDLORA_FAST_LAUNCH fails everywhere
+    if launch_mode() != "direct" or _INTERPRET:  # the mode first: a bad value fails under the interpreter too
         fn[grid](*args, **kw)
         return
     key = (id(fn), torch.cuda.current_device(), _spec_key(args), tuple(kw.items()))
