@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import threading
 import time
 import warnings
@@ -60,6 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fedlora_fast.ops import backends
 from fedlora_fast.ops.ffa_linear import check_dtype, check_shape
 
 try:  # raised at a launch that needs more shared memory (or registers) than the device has
@@ -1299,16 +1299,10 @@ LAUNCH_MODES = ("direct", "jit")
 _DIRECT_TRITON = ((3, 4), (3, 10))  # [first, past-the-last) (major, minor)
 
 
-def _triton_minor(version: str) -> tuple[int, int]:
-    """``(major, minor)`` of a Triton version string ("3.6.0", "3.5.1+git1234"); (0, 0) where unreadable."""
-    parts = re.match(r"(\d+)\.(\d+)", version or "")
-    return (int(parts[1]), int(parts[2])) if parts else (0, 0)
-
-
 def launch_default(version: str | None = None) -> str:
     """The launch mode used where FEDLORA_FAST_LAUNCH is unset, for Triton ``version`` (default: the installed
     one): "direct" for the releases in ``_DIRECT_TRITON``, else "jit"."""
-    v = _triton_minor(triton.__version__ if version is None else version)
+    v = backends._version(triton.__version__ if version is None else version)  # () where unreadable: the JIT
     return "direct" if _DIRECT_TRITON[0] <= v < _DIRECT_TRITON[1] else "jit"
 
 

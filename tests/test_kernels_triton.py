@@ -1372,8 +1372,8 @@ def test_launch_mode_default_and_bad_values(monkeypatch):
     that is neither mode is an error naming the variable wherever Triton kernels run (CUDA or the
     interpreter), raised by the op before auto's GEMM timing (which would read it as a GEMM failing)."""
     for version, want in (("3.3.1", "jit"), ("3.4.0", "direct"), ("3.5.1", "direct"), ("3.6.0", "direct"),
-                          ("3.9.0", "direct"), ("3.9.1+gitabc", "direct"), ("3.10.0", "jit"), ("4.0.0", "jit"),
-                          ("3.1", "jit"), ("nightly", "jit"), ("", "jit")):  # fmt: skip
+                          ("3.9.0", "direct"), ("3.9.1+gitabc", "direct"), ("3.10.0", "jit"), ("3.10", "jit"),
+                          ("4.0.0", "jit"), ("3.1", "jit"), ("nightly", "jit"), ("", "jit")):  # fmt: skip
         assert K.launch_default(version) == want, version
     assert K._LAUNCH_DEFAULT == K.launch_default()  # the installed Triton's, read once
     monkeypatch.delenv(K.LAUNCH_ENV_VAR, raising=False)
