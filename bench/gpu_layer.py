@@ -18,6 +18,8 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
      the host's issue cost, which sets the eager pace at 8x512 4096->4096; ``ffa_flat[direct]`` and
      ``ffa_flat[jit]`` (on request): ``ffa_flat[auto]`` with each launch mode (``FEDLORA_FAST_LAUNCH``; the
      default is direct with Triton 3.4-3.9, so there ``[auto]`` runs as ``[direct]`` and ``[jit]`` is the A/B),
+     ``ffa_flat[keep]`` (on request): ``ffa_flat[auto]`` with ``FEDLORA_FAST_KEEP_MERGED=1`` (a merged forward's
+     ``W + s B A`` kept for its backward: one merge per step instead of two, a W-sized buffer held between them),
    - ``ffa_per_layer``: the same with per-layer clipping (clipped sum inside the backward, no P kept),
    - ``peft_opacus``: peft's LoRA layer (A frozen, as FFA; ``--peft-train-A`` for vanilla LoRA) wrapped in
      opacus' ``GradSampleModule`` (hooks), per-sample gradients + their norms,
@@ -56,6 +58,7 @@ GRAPH = "graph"  # ffa_flat[graph]: ffa_flat[auto]'s forward and step replayed f
 DIRECT = "direct"  # ffa_flat[direct]: ffa_flat[auto] with FEDLORA_FAST_LAUNCH=direct (compiled kernels, no JIT)
 JIT = "jit"  # ffa_flat[jit]: ffa_flat[auto] with FEDLORA_FAST_LAUNCH=jit (every launch through Triton's JIT)
 LAUNCH_VARIANTS = {DIRECT: "direct", JIT: "jit"}  # variant -> FEDLORA_FAST_LAUNCH
+KEEP = "keep"  # ffa_flat[keep]: ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=1 (the forward's W' kept for dX)
 
 
 DEFINITIONS = {
@@ -71,9 +74,12 @@ DEFINITIONS = {
                              "direct launches save an eager step (host-bound at 4k tokens)",
     "ratio_to_floor_jit": "ffa_flat[jit] (ffa_flat[auto] with FEDLORA_FAST_LAUNCH=jit: every launch through "
                           "Triton's JIT, the default before 2026-11-27 and with other Triton releases) / floor",
+    "ratio_to_floor_keep": "ffa_flat[keep] (ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=1: a merged forward keeps "
+                           "its W + s B A for the backward, one W-sized buffer per layer between them; opt-in) / "
+                           "floor: against ratio_to_floor, what one merge fewer per step saves",
     "ratio_to_peft_opacus": "full step of ours / peft LoRA + opacus hooks + norms",
     "headline ratios": "ratio_to_floor, ratio_to_peft_opacus, ratio_to_floor_graph, ratio_to_floor_direct, "
-                       "ratio_to_floor_jit, "
+                       "ratio_to_floor_jit, ratio_to_floor_keep, "
                        "ratio_to_floor_best_pinned "
                        "and overhead_ratio_to_peft_opacus are the interleaved medians where --rounds ran (see "
                        "below; the one-after-another timings are then *_sequential), else sequential; "
@@ -100,7 +106,8 @@ DEFINITIONS = {
 }
 
 
-UNPINNED = ("reference", "auto", GRAPH, *LAUNCH_VARIANTS)  # ffa_flat[...] variants that are not one pinned GEMM path
+# ffa_flat[...] variants that are not one pinned GEMM path
+UNPINNED = ("reference", "auto", GRAPH, *LAUNCH_VARIANTS, KEEP)
 
 
 def gemm_of(name: str) -> str | None:
@@ -119,7 +126,7 @@ def gemms_to_check(which: list[str], device_type: str) -> list[str]:
     pinned ``ffa_flat[<gemm>]`` variant timed, and with ``ffa_flat[auto]`` or ``[graph]`` (the headline) every
     path auto may pick (on CUDA ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked."""
     gemms = [g for g in map(pinned_gemm, which) if g is not None]
-    if any(f"ffa_flat[{k}]" in which for k in ("auto", GRAPH, *LAUNCH_VARIANTS)):
+    if any(f"ffa_flat[{k}]" in which for k in ("auto", GRAPH, *LAUNCH_VARIANTS, KEEP)):
         from fedlora_fast.kernels import ffa_linear as K
 
         gemms += [c for c in (K.AUTO_CANDIDATES if device_type == "cuda" else ("triton",)) if c not in gemms]
@@ -328,7 +335,8 @@ def _with_gemm(v: Variant, gemm: str | None) -> Variant:
     """Run the variant's calls with FEDLORA_FAST_GEMM=gemm (None: leave the default); ``reference`` runs the
     same layer on the PyTorch reference ops instead (FEDLORA_FAST_BACKEND=torch: cuBLAS and a few torch
     kernels, fewer host-side launches than Triton's: where it wins, the step is host-bound); ``direct`` and
-    ``jit`` run it with the default GEMM choice and that FEDLORA_FAST_LAUNCH."""
+    ``jit`` run it with the default GEMM choice and that FEDLORA_FAST_LAUNCH; ``keep`` with the default GEMM
+    choice and FEDLORA_FAST_KEEP_MERGED=1."""
     if gemm is None:
         return v
     from fedlora_fast.kernels import ffa_linear as K
@@ -338,6 +346,8 @@ def _with_gemm(v: Variant, gemm: str | None) -> Variant:
         var, value = backends.ENV_VAR, "torch"
     elif gemm in LAUNCH_VARIANTS:
         var, value = K.LAUNCH_ENV_VAR, LAUNCH_VARIANTS[gemm]
+    elif gemm == KEEP:
+        var, value = K.KEEP_ENV_VAR, "1"
     else:
         var, value = K.GEMM_ENV_VAR, gemm
 
@@ -1148,6 +1158,7 @@ def main(argv=None) -> int:
                      ("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]", "floor"),
                      ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]", "floor"),
                      ("ratio_to_floor_jit", f"ffa_flat[{JIT}]", "floor"),
+                     ("ratio_to_floor_keep", f"ffa_flat[{KEEP}]", "floor"),
                      ("ratio_to_floor_best_pinned", best, "floor"))
             if interleaved:
                 row["interleaved_full_ms"] = interleaved
@@ -1163,7 +1174,8 @@ def main(argv=None) -> int:
             if "full_ms_again" in times.get("floor", {}):
                 row["floor_drift"] = times["floor"]["full_ms_again"] / times["floor"]["full_ms"]
             for key, name in (("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]"),
-                              ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]"), ("ratio_to_floor_jit", f"ffa_flat[{JIT}]")):
+                              ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]"),
+                              ("ratio_to_floor_jit", f"ffa_flat[{JIT}]"), ("ratio_to_floor_keep", f"ffa_flat[{KEEP}]")):
                 if name in times and "floor" in times:
                     row[key] = times[name]["full_ms"] / times["floor"]["full_ms"]
             if ours and "peft_opacus" in times:
@@ -1196,6 +1208,7 @@ def main(argv=None) -> int:
                 + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
                 + (f" (direct {row['ratio_to_floor_direct']:.3f})" if "ratio_to_floor_direct" in row else "")
                 + (f" (jit {row['ratio_to_floor_jit']:.3f})" if "ratio_to_floor_jit" in row else "")
+                + (f" (keep {row['ratio_to_floor_keep']:.3f})" if "ratio_to_floor_keep" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
                 + (f" (overhead {row['overhead_ratio_to_peft_opacus']:.3f})" if "overhead_ratio_to_peft_opacus" in row else "")
                 + (f"  | sequential: ours/floor {row['ratio_to_floor_sequential']:.3f}"

@@ -14,7 +14,9 @@ Design (numbers in bench/NOTES.md):
   where its row tiles leave half the SMs idle), each added with one float32 atomic into a zeroed U: two
   addends into zero sum to the same bits in either order, so U stays deterministic (``_split_k``).
 - ``_merge_kernel`` (``FEDLORA_FAST_GEMM=merged``): ``W' = W + s B A`` once per op, so that both base GEMMs
-  are plain cuBLAS GEMMs on W' and the backward needs no V (``dX = G W'``).
+  are plain cuBLAS GEMMs on W' and the backward needs no V (``dX = G W'``). With
+  ``FEDLORA_FAST_KEEP_MERGED=1`` the forward's W' rides on its U to the backward, which then merges nothing
+  (``keep_merged``).
 - ``_gemm_tma_kernel`` (``FEDLORA_FAST_GEMM=tma``, sm90+): the same GEMM + epilogue as a persistent kernel
   loading X and W through TMA descriptors; a candidate until timed on a GPU (bench/NOTES.md, v3).
 - ``_outer_kernel``: the one pass over ``G``. Program (segment, split, out-tile) streams its rows of ``G``
@@ -144,6 +146,65 @@ def gemm_impl() -> str:
     if name not in GEMM_IMPLS:
         raise ValueError(f"{GEMM_ENV_VAR}: expected one of {', '.join(map(repr, GEMM_IMPLS))}, got {name!r}")
     return name
+
+
+KEEP_ENV_VAR = "FEDLORA_FAST_KEEP_MERGED"  # "1": the forward's merged weight is kept for its backward
+_KEEP_VALUES = {"": False, "0": False, "false": False, "no": False, "off": False,
+                "1": True, "true": True, "yes": True, "on": True}  # fmt: skip
+_KEPT_ATTR = "_fedlora_fast_merged"  # the attribute of U that carries the forward's W' (a _Kept)
+
+
+def keep_merged() -> bool:
+    """``FEDLORA_FAST_KEEP_MERGED=1`` (opt-in, default off): a forward that runs the ``merged`` GEMM keeps its
+    ``W' = W + s B A`` for its own backward, which then runs ``dX = G W'`` without merging W' again (one
+    W-sized pass fewer per layer step: ~25 us at 4096 x 4096 and ~70 us at 4096 x 11008 on an H100,
+    bench/NOTES.md). The price is memory: one W-sized buffer per adapted layer from its forward until its
+    backward is done (13 GB for a Llama-7B forward with every projection adapted, in the model's dtype; under
+    activation checkpointing only the recomputed block's). With it on, ``auto`` credits the forward's
+    ``merged`` candidate with the merge it saves the backward (the merge is timed alone once per shape), so
+    it takes ``merged`` in both directions where that is the fastest step. The kept W' rides on the
+    forward's U as an attribute: it is freed with U (when autograd frees the backward's saved tensors), and
+    used only while W, A and B are the same tensors at the same version and the scale is the same; anything
+    else (a saved-tensor hook that copies U, an in-place change of B) merges again, as without the option."""
+    v = os.environ.get(KEEP_ENV_VAR, "0").strip().lower()
+    if v not in _KEEP_VALUES:
+        raise ValueError(f"{KEEP_ENV_VAR}: expected 1 or 0 (true/false, yes/no, on/off), got {v!r}")
+    return _KEEP_VALUES[v]
+
+
+class _Kept:
+    """A forward's merged weight and what it was merged from (``_merge_sig``)."""
+
+    __slots__ = ("weight", "sig")
+
+    def __init__(self, weight: Tensor, sig: tuple):
+        self.weight, self.sig = weight, sig
+
+
+def _merge_sig(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple | None:
+    """What W' = W + s B A depends on: each tensor's memory, layout and version counter, and the scale.
+    None for inference tensors (no version counter: nothing to check a kept W' against)."""
+    sig = [float(scale)]
+    for t in (weight, A, B):
+        if t.is_inference():
+            return None
+        sig += (t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride())
+    return tuple(sig)
+
+
+def _keep(u: Tensor, wm: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
+    sig = _merge_sig(weight, A, B, scale)
+    if sig is not None:
+        setattr(u, _KEPT_ATTR, _Kept(wm, sig))
+
+
+def _kept_weight(u: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor | None:
+    """The merged weight the forward that made ``u`` kept, if it was merged from these very W, A, B (same
+    memory, layout, version) and scale; else None."""
+    kept = getattr(u, _KEPT_ATTR, None)
+    if not isinstance(kept, _Kept) or kept.sig != _merge_sig(weight, A, B, scale):
+        return None
+    return kept.weight
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1237,7 +1298,7 @@ def _time_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> f
 
 def _choose_gemm(
     key: tuple, device: torch.device, run: Callable[[str], object], merged_ok: bool = True,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, credit: Callable[[], object] | None = None,
 ) -> str:  # fmt: skip
     """The GEMM for this call: ``FEDLORA_FAST_GEMM`` if pinned; for "auto" the fastest of ``AUTO_CANDIDATES``
     timed once per ``key`` on ``run(impl)`` (a pure function of the call's inputs: timing it has no effect
@@ -1250,7 +1311,10 @@ def _choose_gemm(
     untimed: "cublas" rounds x W^T to fp16 before adding the adapter's term, and "cublas_acc" gave inf on
     an H100 (2026-11-26) where x W^T alone passes 65504 and the sum does not (cuBLAS's fp16 epilogue), so
     an output whose base part alone overflows would be inf on those paths only, and whether a sample's
-    loss is inf (and DP drops it) must not depend on which GEMM timed faster."""
+    loss is inf (and DP drops it) must not depend on which GEMM timed faster.
+
+    ``credit``: work the "merged" candidate saves elsewhere (the backward's merge, ``keep_merged``), timed
+    alone (its fastest of ``AUTO_ROUNDS``) and taken off merged's time."""
     impl = gemm_impl()
     if impl != "auto":
         if impl == "merged" and dtype == torch.float16:
@@ -1282,6 +1346,8 @@ def _choose_gemm(
                               RuntimeWarning, stacklevel=3)  # fmt: skip
                 continue
             times[c] = min(t, times.get(c, t))
+    if credit is not None and "merged" in times:  # merged ran, so its merge runs: no failure to catch here
+        times["merged"] -= min(_time_ms(credit, device) for _ in range(AUTO_ROUNDS))
     choice = _AUTO_CHOICE[key] = min(times, key=times.get) if times else "triton"
     return choice
 
@@ -1541,8 +1607,9 @@ def _merge_launch(device: torch.device, dtype: torch.dtype, r: int, out: int, in
 
 def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``W + scale * B A`` (out, in) in W's dtype, contiguous: the one weight of ``FEDLORA_FAST_GEMM=merged``
-    (``Y = x W'^T + b`` and ``dX = G W'``). Transient: made per call, never cached (a cached W' per layer would
-    double the model's weight memory)."""
+    (``Y = x W'^T + b`` and ``dX = G W'``). Made per call and never cached across steps (a W' per layer held
+    for good would double the model's weight memory); ``keep_merged`` (opt-in) holds the forward's from the
+    forward to its backward only."""
     out, inp = weight.shape
     wm = _alloc((out, inp), weight.dtype, weight.device)
     cfg = _merge_launch(weight.device, weight.dtype, A.shape[0], out, inp)
@@ -1726,10 +1793,13 @@ def _fwd(
     lowrank = (u, B, B.stride(1), B.stride(0))  # R = B^T (r, out)
 
     merged_ok = xa is x or (xa.data_ptr() == x.data_ptr() and xa.shape == x.shape and xa.stride() == x.stride())
+    keep = merged_ok and x.dtype != torch.float16 and keep_merged()  # (fp16 never merges: _choose_gemm)
+    made: list[Tensor] = []  # the last W' y_with made (the one to keep, when it is the call's own)
 
     def y_with(impl: str) -> Tensor:
         if impl == "merged":  # y = x (W + s B A)^T + b: one cuBLAS GEMM, U is only saved for the backward
-            return torch.nn.functional.linear(x, _merged_weight(weight, A, B, scale), bias)
+            made[:] = (_merged_weight(weight, A, B, scale),)
+            return torch.nn.functional.linear(x, made[0], bias)
         if impl == "cublas":
             y = torch.nn.functional.linear(x, weight, bias)
             _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)
@@ -1744,9 +1814,14 @@ def _fwd(
         _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
         return y
 
-    key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok)
-    impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype)  # (under the op's device guard: its events too)
-    return y_with(impl), u
+    key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok, keep)
+    credit = functools.partial(_merged_weight, weight, A, B, scale) if keep else None  # the backward's merge
+    impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype, credit)  # (the op's device guard: its events too)
+    made.clear()  # a W' from auto's timing is not this call's
+    y = y_with(impl)
+    if keep and made:
+        _keep(u, made[0], weight, A, B, scale)
+    return y, u
 
 
 def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
@@ -1832,9 +1907,12 @@ def _bwd(
                      prec_dtype=dt, tma=impl == "tma")  # fmt: skip
         return dx
 
+    kept = _kept_weight(u, weight, A, B, scale) if need_dx and not split_dx else None  # the forward's W'
+
     def pass_and_dx(impl: str) -> tuple:
         """The one pass over G (P_i = s G_i^T U_i, norms, and V = G B where something needs it) and dx.
-        "merged": dx = G (W + s B A), one cuBLAS GEMM, and no V at all in FFA mode."""
+        "merged": dx = G (W + s B A), one cuBLAS GEMM (on the forward's W' where it kept it), and no V at all
+        in FFA mode."""
         merged = impl == "merged" and need_dx
         need_v = (need_dx and not merged) or xa is not None
         gB, nuB, v = _per_sample_outer(
@@ -1842,14 +1920,15 @@ def _bwd(
         )  # in LoRA mode V also makes A's per-sample gradients: keep it float32-accurate
         dx = g.new_empty((0,))
         if merged:
-            dx = torch.matmul(g, _merged_weight(weight, A, B, scale))
+            dx = torch.matmul(g, kept if kept is not None else _merged_weight(weight, A, B, scale))
         elif need_dx:
             dx = dx_with(impl, v)
         return gB, nuB, v, dx
 
     impl = "triton"
     if need_dx:
-        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, r, dt, split_dx, mode, xa is None)
+        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, r, dt, split_dx, mode, xa is None,
+               kept is not None)  # fmt: skip
         impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx, dtype=dt)  # (the op's device guard)
     gB, nuB, v, dx = pass_and_dx(impl)
     if mode == MODE_CLIP:

@@ -911,6 +911,33 @@ def test_cuda_graph_replays_equal_the_eager_accumulate(clipping, sizes, monkeypa
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replays_with_the_kept_merged_weight(monkeypatch):
+    """FEDLORA_FAST_GEMM=merged with FEDLORA_FAST_KEEP_MERGED=1: the captured step merges once per layer and
+    its backward reads the forward's W' (allocated in the graph's pool); replays equal the eager step without
+    the option."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    backends.clear_cache()
+    sums = {}
+    for graph, keep in ((False, "0"), (True, "1")):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+        model = make_model(device="cuda")
+        dp = make_dp(model, noise_multiplier=1.0, noise_seed=0)
+        acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=4, graph=graph)
+        total = []
+        for seed, n in ((1, 7), (2, 3)):
+            assert acc.accumulate(make_batch(n, seed=seed, device="cuda")) == n
+            total.append(torch.cat([t.flatten() for t in dp.clipped_sum()]))
+            dp.step()
+            dp.zero_grad()
+        sums[graph] = torch.stack(total)
+    assert_close_verbose(sums[True], sums[False], atol=1e-5, rtol=1e-5, name="replayed clipped sums (kept W')")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_capture_refuses_a_loss_that_reads_back():
     model = make_model(device="cuda")
     dp = make_dp(model)

@@ -1146,6 +1146,199 @@ def test_merged_falls_back_where_it_cannot_merge(poisoned, device, monkeypatch):
     assert [n for n, _ in launches].count("_gemm_lowrank_kernel") == 2, launches  # U, then Y with x W^T fused
 
 
+def _merges(launches) -> int:
+    return sum(n == "_merge_kernel" for n, _ in launches)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_keep_merged_backward_reuses_the_forwards_weight(poisoned, device, mode, monkeypatch):
+    """FEDLORA_FAST_KEEP_MERGED=1: the merged forward keeps its W' on U, and the backward of that U runs
+    dX = G W' without merging again: one merge per step instead of two, every output as without the option
+    (dX to the bit: the same W'), and against the float64 reference."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    launches = _launches(monkeypatch)
+    t = make(3, 6, 70, 45, 17, device)
+    s = 0.5
+    rest = (s, True, False, mode, 2.0, 1.5)
+    results = {}
+    for keep in ("0", "1"):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+        launches.clear()
+        y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+        assert _merges(launches) == 1, launches
+        assert hasattr(u, K._KEPT_ATTR) is (keep == "1")
+        launches.clear()
+        got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, *rest)
+        assert _merges(launches) == (0 if keep == "1" else 1), launches
+        results[keep] = (y, *got)
+    y64, u64 = ref_fwd(dict(t, xa=t["x"]), s)
+    exp = ref_bwd(t, u64, False, *rest)
+    for name, a, b, e in zip(["y", "dx", "dxa", "gB", "nuB"], results["0"], results["1"], (y64, *exp)):
+        assert torch.equal(a, b), name
+        close(b, e, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_keep_merged_is_used_only_for_what_it_was_merged_from(poisoned, device, monkeypatch):
+    """A kept W' is used only while W, A and B are the same tensors at the same version and the scale is the
+    same: an in-place change of B (or of W or A), another W of equal values, another scale, or a U without
+    the attribute (a saved-tensor hook's copy) merge again, and dX is the float64 reference's of the
+    backward's own inputs."""
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "1")
+    launches = _launches(monkeypatch)
+    s = 0.5
+
+    def backward_merges(t, u, scale=s):
+        launches.clear()
+        got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, scale, True, False, 1, 0.0, 0.0)
+        close(got[0], ref_bwd(t, f64(u), False, scale, True, False, 1, 0.0, 0.0)[0], "dx")
+        return _merges(launches)
+
+    for change in ("none", "B", "weight", "A", "weight object", "scale", "copied u"):
+        t = make(2, 5, 40, 36, 3, device)
+        _, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+        scale = s
+        with torch.no_grad():
+            if change in ("B", "weight", "A"):
+                t[change].add_(0.25)
+        if change == "weight object":
+            t["weight"] = t["weight"].clone()
+        if change == "scale":
+            scale = 0.75
+        if change == "copied u":
+            u = u.clone()
+        assert backward_merges(t, u, scale) == (0 if change == "none" else 1), change
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_keep_merged_only_where_the_forward_merged(poisoned, device, monkeypatch):
+    """Nothing is kept where the forward did not merge: another pinned GEMM, adapter dropout (xa is not x),
+    float16 (never merged), inference tensors (no version to check against); a bad value of the variable
+    is a ValueError naming it."""
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "1")
+    s = 0.5
+    t = make(2, 5, 40, 36, 3, device)
+    for impl in ("triton", "cublas", "cublas_acc"):
+        monkeypatch.setenv(K.GEMM_ENV_VAR, impl)
+        _, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+        assert not hasattr(u, K._KEPT_ATTR), impl
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    _, u = K.ffa_linear_fwd(t["x"], t["xa"], t["weight"], t["bias"], t["A"], t["B"], s)
+    assert not hasattr(u, K._KEPT_ATTR)
+    h = make(2, 5, 40, 36, 3, device, dtype=torch.float16)
+    _, u = K.ffa_linear_fwd(h["x"], h["x"], h["weight"], h["bias"], h["A"], h["B"], s)
+    assert not hasattr(u, K._KEPT_ATTR)
+    with torch.inference_mode():
+        i = make(2, 5, 40, 36, 3, device)
+        y, u = K.ffa_linear_fwd(i["x"], i["x"], i["weight"], i["bias"], i["A"], i["B"], s)
+    assert not hasattr(u, K._KEPT_ATTR)
+    close(y, ref_fwd(dict(i, xa=i["x"]), s)[0], "y (inference)")
+    _, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    assert hasattr(u, K._KEPT_ATTR)  # the same call where it merges: kept
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match=K.KEEP_ENV_VAR):
+        K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    for v, want in (("", False), ("0", False), ("off", False), ("1", True), ("True", True), (" yes ", True)):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, v)
+        assert K.keep_merged() is want, v
+
+
+@pytest.mark.parametrize("keep,merged_ms,wins", [("0", 1.5, "triton"), ("1", 1.5, "merged"), ("1", 2.5, "triton")])
+def test_auto_credits_merged_with_the_backwards_merge_when_kept(monkeypatch, keep, merged_ms, wins):
+    """With the kept weight, auto takes the merge the backward saves off the forward's merged time (the
+    merge alone timed ``AUTO_ROUNDS`` times, its fastest taken): merged at 1.5 ms with a 0.8 ms merge beats
+    triton's 1.0 only then, at 2.5 ms not even then (and then no W' from the timing is kept). The backward
+    that got the kept W' is a shape of its own (timed anew)."""
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+    ms = {"triton": 1.0, "cublas": 2.0, "cublas_acc": 3.0, "merged": merged_ms}
+    timed = []
+
+    def fake_time(fn, device, reps=3):
+        defaults = getattr(fn, "__defaults__", None)
+        c = defaults[0] if defaults else "merge alone"
+        timed.append(c)
+        fn()
+        return ms.get(c, 0.9 - 0.1 * timed.count(c))  # the merge alone: 0.8 ms at its fastest
+
+    monkeypatch.setattr(K, "_time_ms", fake_time)
+    t = make(2, 3, 20, 24, 5, "cpu")
+    s = 0.5
+    y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    credit = ["merge alone"] * K.AUTO_ROUNDS if keep == "1" else []
+    assert timed == auto_order(K.AUTO_CANDIDATES) + credit, timed
+    assert list(K._AUTO_CHOICE.values()) == [wins]
+    assert hasattr(u, K._KEPT_ATTR) is (wins == "merged")
+    close(y, ref_fwd(dict(t, xa=t["x"]), s)[0], "y")
+    timed.clear()
+    got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, 1, 0.0, 0.0)
+    assert timed == auto_order(K.AUTO_CANDIDATES), timed  # no credit in the backward: nothing to save there
+    dx_keys = [k for k in K._AUTO_CHOICE if k[0] == "dx"]
+    assert len(dx_keys) == 1 and dx_keys[0][-1] is (wins == "merged"), dx_keys
+    close(got[0], ref_bwd(t, f64(u), False, s, True, False, 1, 0.0, 0.0)[0], "dx")
+
+
+def test_keep_merged_through_the_layer(triton_backend, monkeypatch):
+    """Through the layer's autograd: one merge per step with the option (none in the backward), gradients
+    equal to the bit to those without it, the kept W' freed with the graph's saved tensors, reused by a
+    second backward of a retained graph, and merged afresh under activation checkpointing's recompute."""
+    import gc
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint
+
+    device = triton_backend
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    launches = _launches(monkeypatch)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 20).to(device)
+    layer = ff.FFALoRALinear(base, r=4, alpha=8.0, seed=1, name="q")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 24, device=device)
+    grads = {}
+    for keep in ("0", "1"):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+        xr = x.clone().requires_grad_()
+        launches.clear()
+        y = layer(xr)
+        fwd_merges = _merges(launches)
+        y.pow(2).sum().backward()
+        grads[keep] = (y.detach(), xr.grad, layer.lora_B.grad.clone())
+        layer.lora_B.grad = None
+        assert (fwd_merges, _merges(launches)) == ((1, 1) if keep == "1" else (1, 2)), launches
+    for a, b in zip(grads["0"], grads["1"]):
+        assert torch.equal(a, b)
+    # lifetime: held by the graph's saved U only
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "1")
+    held = []
+    real_keep = K._keep
+    monkeypatch.setattr(K, "_keep", lambda u, wm, *a: (held.append(weakref.ref(wm)), real_keep(u, wm, *a)))
+    y = layer(x.clone().requires_grad_())
+    gc.collect()
+    assert held[-1]() is not None
+    launches.clear()
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()  # the retained graph's U still carries it: no merge in either backward
+    assert _merges(launches) == 0, launches
+    del y
+    gc.collect()
+    assert held[-1]() is None, "the kept W' outlived the graph"
+    with torch.no_grad():
+        layer(x)
+    gc.collect()
+    assert held[-1]() is None, "a forward without autograd kept its W'"
+    launches.clear()
+    xr = x.clone().requires_grad_()
+    checkpoint(layer, xr, use_reentrant=False).pow(2).sum().backward()
+    assert torch.allclose(xr.grad, grads["1"][1], rtol=1e-5, atol=1e-6)
+    assert _merges(launches) == 2, launches  # the forward and its recompute merge; the backward does not
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["triton", "merged", "auto"])
 def test_float16_overflow_in_one_part_stays_out_of_the_result(device, impl, monkeypatch):
