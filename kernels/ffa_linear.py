@@ -62,7 +62,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fedlora_fast.ops import backends
-from fedlora_fast.ops.ffa_linear import check_dtype, check_shape
+from fedlora_fast.ops.ffa_linear import BACKWARD_STATE_ATTR, check_dtype, check_shape
 
 try:  # raised at a launch that needs more shared memory (or registers) than the device has
     from triton.runtime.errors import OutOfResources
@@ -151,21 +151,27 @@ def gemm_impl() -> str:
 KEEP_ENV_VAR = "FEDLORA_FAST_KEEP_MERGED"  # "1": the forward's merged weight is kept for its backward
 _KEEP_VALUES = {"": False, "0": False, "false": False, "no": False, "off": False,
                 "1": True, "true": True, "yes": True, "on": True}  # fmt: skip
-_KEPT_ATTR = "_fedlora_fast_merged"  # the attribute of U that carries the forward's W' (a _Kept)
+_KEPT_ATTR = BACKWARD_STATE_ATTR  # the attribute of U that carries the forward's W' (a _Kept)
 
 
 def keep_merged() -> bool:
     """``FEDLORA_FAST_KEEP_MERGED=1`` (opt-in, default off): a forward that runs the ``merged`` GEMM keeps its
     ``W' = W + s B A`` for its own backward, which then runs ``dX = G W'`` without merging W' again (one
-    W-sized pass fewer per layer step: ~25 us at 4096 x 4096 and ~70 us at 4096 x 11008 on an H100,
-    bench/NOTES.md). The price is memory: one W-sized buffer per adapted layer from its forward until its
-    backward is done (13 GB for a Llama-7B forward with every projection adapted, in the model's dtype; under
-    activation checkpointing only the recomputed block's). With it on, ``auto`` credits the forward's
-    ``merged`` candidate with the merge it saves the backward (the merge is timed alone once per shape), so
-    it takes ``merged`` in both directions where that is the fastest step. The kept W' rides on the
-    forward's U as an attribute: it is freed with U (when autograd frees the backward's saved tensors), and
-    used only while W, A and B are the same tensors at the same version and the scale is the same; anything
-    else (a saved-tensor hook that copies U, an in-place change of B) merges again, as without the option."""
+    W-sized pass fewer per layer step: a merge took ~25 us at 4096 x 4096 and ~70 us at 4096 x 11008, r = 16,
+    bf16, on an H100, bench/NOTES.md). The price is memory: one W-sized buffer per adapted layer from its
+    forward until its backward is done (13 GB for a bf16 Llama-7B forward with every projection adapted;
+    under activation checkpointing only the recomputed block's; in a CUDA graph, the graph's memory pool
+    holds it for as long as the graph lives). The layer drops it at once where the backward will not read it
+    (no input gradient wanted, or adapter dropout active). With it on, ``auto`` credits the forward's
+    ``merged`` candidate with the merge it saves the backward (the merge alone is timed once per shape), so
+    it takes ``merged`` in both directions where that is the fastest step; the credit assumes the backward
+    then runs ``merged`` too (it is the cheapest dX with W' given, but ``auto`` times it on its own). The
+    kept W' rides on the forward's U as an attribute: it is freed with U (when autograd frees the backward's
+    saved tensors), and used only while W, A and B are the same memory at the same version counter and the
+    scale is the same; a saved-tensor hook that copies U, or an in-place change of W, A or B through autograd,
+    merges again. Writes that bypass the version counter (``p.data.add_(...)``, a raw kernel, a collective)
+    between a forward and its backward are not seen: the backward then uses the forward's W', the one the
+    forward computed with, where the option off would merge the changed weights."""
     v = os.environ.get(KEEP_ENV_VAR, "0").strip().lower()
     if v not in _KEEP_VALUES:
         raise ValueError(f"{KEEP_ENV_VAR}: expected 1 or 0 (true/false, yes/no, on/off), got {v!r}")
@@ -1798,8 +1804,10 @@ def _fwd(
 
     def y_with(impl: str) -> Tensor:
         if impl == "merged":  # y = x (W + s B A)^T + b: one cuBLAS GEMM, U is only saved for the backward
-            made[:] = (_merged_weight(weight, A, B, scale),)
-            return torch.nn.functional.linear(x, made[0], bias)
+            wm = _merged_weight(weight, A, B, scale)
+            if keep:
+                made[:] = (wm,)
+            return torch.nn.functional.linear(x, wm, bias)
         if impl == "cublas":
             y = torch.nn.functional.linear(x, weight, bias)
             _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)

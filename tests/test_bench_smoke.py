@@ -317,29 +317,34 @@ def test_gpu_layer_launch_variants_are_auto_with_that_launch_mode(tmp_path, monk
 
 
 def test_gpu_layer_keep_variant_is_auto_with_the_kept_weight(tmp_path, monkeypatch):
-    """ffa_flat[keep]: the default GEMM choice with FEDLORA_FAST_KEEP_MERGED=1 set around its own calls only,
-    its ratio to the floor in the row (interleaved where rounds ran), and the paths auto may take checked."""
+    """ffa_flat[keep]: the GEMM choice of ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=1 set around its own calls
+    only, its ratio to the floor in the row (interleaved where rounds ran), and the paths auto may take checked.
+    With the merged GEMM pinned (auto is the Triton GEMM off CUDA), its backward runs on the kept W' and
+    ffa_flat[auto]'s never does."""
     import gpu_layer
 
     from fedlora_fast.kernels import ffa_linear as K
 
-    seen = []
-    real_run = K._run
+    seen, used = [], []
+    real_run, real_kept = K._run, K._kept_weight
     monkeypatch.setattr(K, "_run", lambda *a, **kw: (seen.append(os.environ.get(K.KEEP_ENV_VAR)),
                                                      real_run(*a, **kw))[1])
+    monkeypatch.setattr(K, "_kept_weight", lambda *a: (lambda w: (used.append((os.environ.get(K.KEEP_ENV_VAR),
+                                                                               w is not None)), w)[1])(real_kept(*a)))
     monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
     monkeypatch.delenv(K.KEEP_ENV_VAR, raising=False)
     out = tmp_path / "layer.json"
-    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[auto],ffa_flat[keep]"])
+    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[merged],ffa_flat[keep]"])
     row = json.loads(out.read_text())["rows"][0]
-    assert code == 0 and row["correct"] and row["ours"] == "ffa_flat[auto]", row
+    assert code == 0 and row["correct"], row
     assert {"1", None} <= set(seen) and os.environ.get(K.KEEP_ENV_VAR) is None, set(seen)
+    assert ("1", True) in used and ("1", False) not in used and (None, True) not in used, set(used)
     rounds = row["interleaved_full_ms"]
     assert row["ratio_to_floor_keep"] == rounds["ffa_flat[keep]"][0] / rounds["floor"][0]
     assert row["ratio_to_floor_keep_sequential"] == (row["times_ms"]["ffa_flat[keep]"]["full_ms"]
                                                      / row["times_ms"]["floor"]["full_ms"])
     assert gpu_layer.gemms_to_check(["floor", "ffa_flat[keep]"], "cuda") == list(K.AUTO_CANDIDATES)
-    assert row["best_ffa"] is None  # not a pinned GEMM path
 
 
 def test_gpu_layer_kernel_time_ratios():

@@ -920,6 +920,9 @@ def test_cuda_graph_replays_with_the_kept_merged_weight(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "triton")
     monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
     backends.clear_cache()
+    used = []  # backward calls that got the forward's W' (the capture's among them; replays call nothing)
+    real = K._kept_weight
+    monkeypatch.setattr(K, "_kept_weight", lambda *a: (lambda w: (used.append(w is not None), w)[1])(real(*a)))
     sums = {}
     for graph, keep in ((False, "0"), (True, "1")):
         monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
@@ -933,6 +936,8 @@ def test_cuda_graph_replays_with_the_kept_merged_weight(monkeypatch):
             dp.step()
             dp.zero_grad()
         sums[graph] = torch.stack(total)
+        assert any(used) is (keep == "1"), used
+        used.clear()
     assert_close_verbose(sums[True], sums[False], atol=1e-5, rtol=1e-5, name="replayed clipped sums (kept W')")
 
 

@@ -1245,12 +1245,14 @@ def test_keep_merged_only_where_the_forward_merged(poisoned, device, monkeypatch
         assert K.keep_merged() is want, v
 
 
-@pytest.mark.parametrize("keep,merged_ms,wins", [("0", 1.5, "triton"), ("1", 1.5, "merged"), ("1", 2.5, "triton")])
+@pytest.mark.parametrize("keep,merged_ms,wins", [("0", 1.5, "triton"), ("1", 1.5, "merged"), ("1", 1.75, "triton"),
+                                                ("1", 2.5, "triton")])
 def test_auto_credits_merged_with_the_backwards_merge_when_kept(monkeypatch, keep, merged_ms, wins):
     """With the kept weight, auto takes the merge the backward saves off the forward's merged time (the
-    merge alone timed ``AUTO_ROUNDS`` times, its fastest taken): merged at 1.5 ms with a 0.8 ms merge beats
-    triton's 1.0 only then, at 2.5 ms not even then (and then no W' from the timing is kept). The backward
-    that got the kept W' is a shape of its own (timed anew)."""
+    merge alone timed ``AUTO_ROUNDS`` times at 0.8 then 0.7 ms, its fastest taken): merged at 1.5 ms beats
+    triton's 1.0 only then; at 1.75 ms it would with the slowest round's credit but not with the fastest's;
+    at 2.5 ms not at all (and then no W' from the timing is kept). The backward that got the kept W' is a
+    shape of its own (timed anew)."""
     monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
     monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
     monkeypatch.setattr(K, "_AUTO_CHOICE", {})
@@ -1280,6 +1282,39 @@ def test_auto_credits_merged_with_the_backwards_merge_when_kept(monkeypatch, kee
     dx_keys = [k for k in K._AUTO_CHOICE if k[0] == "dx"]
     assert len(dx_keys) == 1 and dx_keys[0][-1] is (wins == "merged"), dx_keys
     close(got[0], ref_bwd(t, f64(u), False, s, True, False, 1, 0.0, 0.0)[0], "dx")
+    # the other setting of the option is another forward key: timed anew, its own choice (a process may run
+    # both, as the layer bench's [auto] and [keep] do)
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "1" if keep == "0" else "0")
+    timed.clear()
+    K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    assert timed[: len(K.AUTO_CANDIDATES) * K.AUTO_ROUNDS] == auto_order(K.AUTO_CANDIDATES), timed
+    assert len([k for k in K._AUTO_CHOICE if k[0] == "fwd"]) == 2, K._AUTO_CHOICE
+
+
+def test_auto_credit_needs_a_merged_time(monkeypatch):
+    """A merged candidate that fails to time (with its warning) is out, and no credit is timed for it."""
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "1")
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+    timed = []
+
+    def fake_time(fn, device, reps=3):
+        defaults = getattr(fn, "__defaults__", None)
+        c = defaults[0] if defaults else "merge alone"
+        timed.append(c)
+        if c == "merged":
+            raise RuntimeError("no merge here")
+        fn()
+        return {"triton": 1.0, "cublas": 2.0, "cublas_acc": 3.0}[c]
+
+    monkeypatch.setattr(K, "_time_ms", fake_time)
+    t = make(2, 3, 20, 24, 5, "cpu")
+    with pytest.warns(RuntimeWarning, match="could not time the merged GEMM"):
+        y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
+    assert "merge alone" not in timed and list(K._AUTO_CHOICE.values()) == ["triton"], timed
+    assert not hasattr(u, K._KEPT_ATTR)
+    close(y, ref_fwd(dict(t, xa=t["x"]), 0.5)[0], "y")
 
 
 def test_keep_merged_through_the_layer(triton_backend, monkeypatch):
@@ -1337,6 +1372,22 @@ def test_keep_merged_through_the_layer(triton_backend, monkeypatch):
     checkpoint(layer, xr, use_reentrant=False).pow(2).sum().backward()
     assert torch.allclose(xr.grad, grads["1"][1], rtol=1e-5, atol=1e-6)
     assert _merges(launches) == 2, launches  # the forward and its recompute merge; the backward does not
+    # no input gradient wanted (the first layer behind frozen embeddings): the layer drops the W' at once
+    y = layer(x)
+    gc.collect()
+    assert y.requires_grad and held[-1]() is None, "a W' no backward reads was kept"
+    y.sum().backward()
+    # adapter dropout in eval mode hands x back: no split, so the kept W' serves the backward
+    drop = ff.FFALoRALinear(base, r=4, alpha=8.0, seed=1, name="q", dropout=0.5).eval()
+    with torch.no_grad():
+        drop.lora_B.copy_(layer.lora_B)
+    xr = x.clone().requires_grad_()
+    launches.clear()
+    y = drop(xr)
+    assert held[-1]() is not None
+    y.pow(2).sum().backward()
+    assert _merges(launches) == 1, launches
+    assert torch.equal(y.detach(), grads["1"][0]) and torch.equal(xr.grad, grads["1"][1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -469,25 +469,33 @@ def test_dp_refuses_uncovered_trainable_params_and_step_without_backward():
         dp.step()
 
 
-def test_torch_compile_traces_layer_in_one_graph_and_matches_eager():
+@pytest.mark.parametrize("case", ["input_grad", "no_input_grad", "eval_dropout"])
+def test_torch_compile_traces_layer_in_one_graph_and_matches_eager(case):
+    """One graph, as eager, also where the layer drops backward-only state (no input gradient wanted) and where
+    a dropout in eval mode hands x back (the adapter input is then x itself)."""
     torch.manual_seed(0)
-    layer = ff.FFALoRALinear(nn.Linear(16, 8), r=2)
+    layer = ff.FFALoRALinear(nn.Linear(16, 8), r=2, dropout=0.1 if case == "eval_dropout" else 0.0)
+    layer.train(case != "eval_dropout")
     with torch.no_grad():
         layer.lora_B.normal_()
-    x = torch.randn(3, 5, 16, requires_grad=True)
+    x = torch.randn(3, 5, 16, requires_grad=case != "no_input_grad")
     torch._dynamo.reset()
     explained = torch._dynamo.explain(layer)(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     compiled = torch.compile(layer, backend="aot_eager")
     y = compiled(x)
     y.pow(2).sum().backward()
-    gx, gB = x.grad.clone(), layer.lora_B.grad.clone()
+    gx, gB = x.grad.clone() if x.requires_grad else None, layer.lora_B.grad.clone()
     x.grad = None
     layer.lora_B.grad = None
     y_eager = layer(x)
     y_eager.pow(2).sum().backward()
     assert_close_verbose(y, y_eager, atol=1e-6, rtol=1e-6, name="y")
-    assert_close_verbose(gx, x.grad, atol=1e-6, rtol=1e-6, name="dx")
+    if gx is not None:
+        # eval-mode dropout: dynamo traces its output as a new tensor, so the compiled layer keeps the split dX
+        # (G W and s V A apart) where eager runs one dX: equal to float32 rounding at dX's scale
+        atol = 1e-6 * float(gx.abs().max()) if case == "eval_dropout" else 1e-6
+        assert_close_verbose(gx, x.grad, atol=atol, rtol=1e-6, name="dx")
     assert_close_verbose(gB, layer.lora_B.grad, atol=1e-5, rtol=1e-5, name="dB")
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora_fast import per_sample
-from fedlora_fast.ops.ffa_linear import call, ffa_linear_bwd, ffa_linear_fwd
+from fedlora_fast.ops.ffa_linear import call, drop_backward_state, ffa_linear_bwd, ffa_linear_fwd
 from fedlora_fast.reference import MODE_SUM
 
 
@@ -97,6 +97,8 @@ class _FFALinearFn(torch.autograd.Function):
         ctx.split = xa is not None
         xa = x if xa is None else xa
         y, u = call(ffa_linear_fwd, x, xa, weight, bias, A, B, layer.scale)
+        if ctx.split or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            drop_backward_state(u)  # state for a merged dX (FEDLORA_FAST_KEEP_MERGED) no backward will read
         ctx.layer, ctx.ps_ctx = layer, ps_ctx
         ctx.batch_id = ps_ctx.batch_id if ps_ctx is not None else -1
         ctx.fwd = per_sample.forward_id(ps_ctx) if ps_ctx is not None else -1
@@ -275,6 +277,8 @@ class FFALoRALinear(nn.Module):
         x3 = flat3(x)
         dropout = self._modules["dropout"]
         xa = dropout(x3) if not isinstance(dropout, nn.Identity) else None
+        if xa is x3:  # dropout in eval mode (or p = 0) hands x back: the adapter input is x, as without dropout
+            xa = None
         # grad mode is off inside Function.forward: decide here whether this pass needs per-sample work
         ps_ctx = self.ps_ctx if per_sample.active(self.ps_ctx) else None
         # the ops run in the dtype chosen above: autocast off inside (entered only when it is on)

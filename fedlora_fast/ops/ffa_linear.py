@@ -211,6 +211,20 @@ def _(P, coef):
     return P.new_empty(P.shape[1:])
 
 
+# A backend may leave state for the backward on the forward's U, as an attribute of this name: the Triton
+# backend's kept merged weight (FEDLORA_FAST_KEEP_MERGED). It lives as long as U: the layer saves U for the
+# backward, and drops the state where no backward will read it (drop_backward_state).
+BACKWARD_STATE_ATTR = "_fedlora_fast_backward_state"
+
+
+def drop_backward_state(u: Tensor) -> None:
+    """Free what a backend left on ``u`` for a backward that will not read it (no input gradient, split dX).
+    Nothing to do while ``torch.compile`` traces (the op's outputs carry no state there; touching a traced
+    tensor's ``__dict__`` would break the graph)."""
+    if not torch.compiler.is_compiling():
+        u.__dict__.pop(BACKWARD_STATE_ATTR, None)
+
+
 _OP_NAMES = {ffa_linear_fwd: "ffa_linear_fwd", ffa_linear_bwd: "ffa_linear_bwd", ffa_linear_clip_reduce: "ffa_linear_clip_reduce"}
 
 
