@@ -451,11 +451,22 @@ def _with_update_check(step, model: nn.Module, info: dict):
     return step, info
 
 
+# "+option" after an ffa_* variant (and its "@backend"): an environment setting around its build and its steps
+OPTIONS = {"keep": ("FEDLORA_FAST_KEEP_MERGED", "1")}  # the forward's merged weight kept for the backward
+
+
 def parse_variant(spec: str) -> tuple[str, str | None]:
-    """``"ffa_dp_flat@native"`` -> ``("ffa_dp_flat", "native")``; a plain name -> ``(name, None)``."""
-    name, _, backend = spec.partition("@")
+    """``"ffa_dp_flat@native"`` -> ``("ffa_dp_flat", "native")``; a plain name -> ``(name, None)``; options
+    (``"ffa_dp_flat+keep"``, ``"ffa_dp_flat@triton+keep"``) are checked here and read by ``variant_options``."""
+    head, *options = spec.split("+")
+    name, _, backend = head.partition("@")
     if name not in VARIANTS + CUDA_VARIANTS:
         raise ValueError(f"--variants: unknown variant {name!r}; expected names from {VARIANTS + CUDA_VARIANTS}")
+    for opt in options:
+        if opt not in OPTIONS:
+            raise ValueError(f"--variants: unknown option '+{opt}' in {spec!r}; expected one of {sorted(OPTIONS)}")
+        if name not in FFA_VARIANTS + CUDA_VARIANTS:
+            raise ValueError(f"--variants: '+{opt}' applies to {FFA_VARIANTS + CUDA_VARIANTS} only, got {spec!r}")
     if backend and name not in FFA_VARIANTS:
         raise ValueError(f"--variants: '@backend' applies to {FFA_VARIANTS} only, got {spec!r}")
     if backend:
@@ -466,8 +477,29 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
     return name, backend or None
 
 
+def variant_options(spec: str) -> list[str]:
+    """The ``+option`` names of a variant spec (checked by ``parse_variant``)."""
+    return spec.split("+")[1:]
+
+
+def build_spec(spec: str, base: nn.Module, head: str | None, batch: dict, r: int):
+    """``build_variant`` for a variant spec: its name and backend, and its options' environment set around
+    the build (a CUDA graph captures there) and around every step."""
+    name, backend = parse_variant(spec)
+    env = [OPTIONS[o] for o in variant_options(spec)]
+
+    def with_env(fn):
+        with contextlib.ExitStack() as stack:
+            for var, value in env:
+                stack.enter_context(harness.env_var(var, value))
+            return fn()
+
+    step, info = with_env(lambda: build_variant(name, base, head, batch, r, backend))
+    return (step if not env else lambda: with_env(step)), info
+
+
 def result_key(spec: str) -> str:
-    return spec.replace("@", "_")
+    return spec.replace("@", "_").replace("+", "_")
 
 
 # --- CLI -------------------------------------------------------------------------------------------------
@@ -493,7 +525,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=harness.MIN_REPS, help="timed rounds (median reported; >= 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma list; ffa_* may carry '@torch'/'@native'/'@triton' to pin the op backend")
+                   help="comma list; ffa_* may carry '@torch'/'@native'/'@triton' to pin the op backend, then "
+                        "'+keep' for FEDLORA_FAST_KEEP_MERGED=1 (e.g. ffa_dp_flat@triton+keep)")
     p.add_argument("--no-mem", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--graph-sizes", default=None, metavar="S,S,...",
                    help="after the variants: one GraphedAccumulator with these micro-batch sizes (<= n), each "
@@ -559,11 +592,10 @@ def _child_argv(args, spec: str) -> list[str]:
 def mem_child(args) -> None:
     """Internal: build one variant in this fresh process, print its peak memory as one JSON line."""
     device = torch.device(args.device)
-    name, backend = parse_variant(args.mem_child)
     base, head = build_model(args.model, device, DTYPES[args.dtype])
     head = head if args.head == "train" else None
     batch = make_batch(base, args.n, args.T, device)
-    step, _ = build_variant(name, base, head, batch, args.r, backend)
+    step, _ = build_spec(args.mem_child, base, head, batch, args.r)
     del base
     print(json.dumps(harness.measure_peak_memory(step, device=device, calls=2)), flush=True)
 
@@ -767,9 +799,9 @@ def _run(args) -> dict:
     params = sum(p.numel() for p in base.parameters())
     fns, infos = {}, {}
     for spec in list(specs):
-        name, backend = parse_variant(spec)
+        name, _ = parse_variant(spec)
         try:
-            fns[result_key(spec)], infos[result_key(spec)] = build_variant(name, base, head, batch, args.r, backend)
+            fns[result_key(spec)], infos[result_key(spec)] = build_spec(spec, base, head, batch, args.r)
         except ImportError as e:  # e.g. a GPU machine without opacus: time the others, say what is missing
             print(f"# {spec} skipped: {e} (install it, or carry its wheel in .whl/: bench/README.md)", flush=True)
             specs.remove(spec)
@@ -849,8 +881,7 @@ def _run(args) -> dict:
         if not fns:
             base, _ = build_model(args.model, device, DTYPES[args.dtype])
             for spec in specs:
-                name, backend = parse_variant(spec)
-                fns[result_key(spec)], _ = build_variant(name, base, head, batch, args.r, backend)
+                fns[result_key(spec)], _ = build_spec(spec, base, head, batch, args.r)
             del base
         print("# profiled host ms per step by phase (profiler overhead included):", flush=True)
 

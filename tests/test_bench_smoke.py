@@ -79,11 +79,35 @@ def test_step_smoke_llama_and_backend_pin(tmp_path):
     assert row["ffa_dp_flat_torch_trainable"] == row["peft_opacus_trainable"] > 0
 
 
-@pytest.mark.parametrize("spec", ["floor,opacus_magic", "peft_lora@native", "ffa_nodp@cuda_magic"])
+@pytest.mark.parametrize("spec", ["floor,opacus_magic", "peft_lora@native", "ffa_nodp@cuda_magic", "ffa_dp_flat+turbo",
+                                  "peft_lora+keep", "ffa_dp_flat@triton+keep+turbo"])
 def test_step_rejects_bad_variant(spec, capsys):
     with pytest.raises(SystemExit):
         step.parse_args(["--smoke", "--variants", spec])
     assert spec.split(",")[-1].split("@")[-1] in capsys.readouterr().err
+
+
+def test_step_keep_option_sets_its_variable_around_its_own_steps(tmp_path, monkeypatch):
+    """``+keep``: FEDLORA_FAST_KEEP_MERGED=1 around that variant's build and steps only (here with the merged
+    GEMM pinned, so its backwards run on the forward's kept W' and the plain variant's never do), its own
+    result key, and the memory child takes the option too."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    used = []
+    real = K._kept_weight
+    monkeypatch.setattr(K, "_kept_weight", lambda *a: (lambda w: (used.append((os.environ.get(K.KEEP_ENV_VAR),
+                                                                               w is not None)), w)[1])(real(*a)))
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    monkeypatch.delenv(K.KEEP_ENV_VAR, raising=False)
+    out = tmp_path / "step.json"
+    step.main(["--smoke", "--no-mem", "--model", "llama-tiny", "--n", "2", "--T", "4", "--json", str(out),
+               "--variants", "floor,ffa_dp_flat@triton,ffa_dp_flat@triton+keep"])
+    row = json.loads(out.read_text())
+    assert row["variants"] == ["floor", "ffa_dp_flat_triton", "ffa_dp_flat_triton_keep"], row["variants"]
+    assert row["ffa_dp_flat_triton_keep_updated"] == 1.0 and row["ffa_dp_flat_triton_keep_ratio_to_floor"] > 0
+    assert ("1", True) in used and ("1", False) not in used and (None, True) not in used, set(used)
+    assert os.environ.get(K.KEEP_ENV_VAR) is None
+    assert step.variant_options("ffa_dp_flat@triton+keep") == ["keep"] and step.variant_options("floor") == []
 
 
 def test_step_graph_variant_needs_cuda(capsys):
