@@ -1799,7 +1799,7 @@ def _fwd(
     lowrank = (u, B, B.stride(1), B.stride(0))  # R = B^T (r, out)
 
     merged_ok = xa is x or (xa.data_ptr() == x.data_ptr() and xa.shape == x.shape and xa.stride() == x.stride())
-    keep = merged_ok and x.dtype != torch.float16 and keep_merged()  # (fp16 never merges: _choose_gemm)
+    keep = keep_merged() and merged_ok and x.dtype != torch.float16  # (fp16 never merges: _choose_gemm)
     made: list[Tensor] = []  # the last W' y_with made (the one to keep, when it is the call's own)
 
     def y_with(impl: str) -> Tensor:

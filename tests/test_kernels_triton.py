@@ -1240,6 +1240,8 @@ def test_keep_merged_only_where_the_forward_merged(poisoned, device, monkeypatch
     monkeypatch.setenv(K.KEEP_ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match=K.KEEP_ENV_VAR):
         K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], s)
+    with pytest.raises(ValueError, match=K.KEEP_ENV_VAR):  # also where nothing would be kept: a typo is seen
+        K.ffa_linear_fwd(h["x"], h["x"], h["weight"], h["bias"], h["A"], h["B"], s)
     for v, want in (("", False), ("0", False), ("off", False), ("1", True), ("True", True), (" yes ", True)):
         monkeypatch.setenv(K.KEEP_ENV_VAR, v)
         assert K.keep_merged() is want, v
