@@ -20,6 +20,7 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
      default is direct with Triton 3.4-3.9, so there ``[auto]`` runs as ``[direct]`` and ``[jit]`` is the A/B),
      ``ffa_flat[keep]`` (on request): ``ffa_flat[auto]`` with ``FEDLORA_FAST_KEEP_MERGED=1`` (a merged forward's
      ``W + s B A`` kept for its backward: one merge per step instead of two, a W-sized buffer held between them),
+     ``ffa_flat[graph_keep]`` (on request, CUDA): ``ffa_flat[keep]`` captured and replayed as ``[graph]`` is,
    - ``ffa_per_layer``: the same with per-layer clipping (clipped sum inside the backward, no P kept),
    - ``peft_opacus``: peft's LoRA layer (A frozen, as FFA; ``--peft-train-A`` for vanilla LoRA) wrapped in
      opacus' ``GradSampleModule`` (hooks), per-sample gradients + their norms,
@@ -59,6 +60,8 @@ DIRECT = "direct"  # ffa_flat[direct]: ffa_flat[auto] with FEDLORA_FAST_LAUNCH=d
 JIT = "jit"  # ffa_flat[jit]: ffa_flat[auto] with FEDLORA_FAST_LAUNCH=jit (every launch through Triton's JIT)
 LAUNCH_VARIANTS = {DIRECT: "direct", JIT: "jit"}  # variant -> FEDLORA_FAST_LAUNCH
 KEEP = "keep"  # ffa_flat[keep]: ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=1 (the forward's W' kept for dX)
+GRAPH_KEEP = "graph_keep"  # ffa_flat[graph_keep]: ffa_flat[keep] replayed from CUDA graphs (captured with it)
+GRAPHS = {GRAPH: None, GRAPH_KEEP: KEEP}  # graph variant -> the _with_gemm setting its capture runs under
 
 
 DEFINITIONS = {
@@ -77,9 +80,11 @@ DEFINITIONS = {
     "ratio_to_floor_keep": "ffa_flat[keep] (ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=1: a merged forward keeps "
                            "its W + s B A for the backward, one W-sized buffer per layer between them; opt-in) / "
                            "floor: against ratio_to_floor, what one merge fewer per step saves",
+    "ratio_to_floor_graph_keep": "ffa_flat[graph_keep] (ffa_flat[keep]'s step captured and replayed from a CUDA "
+                                 "graph) / floor: against ratio_to_floor_graph, the kept W' without host cost",
     "ratio_to_peft_opacus": "full step of ours / peft LoRA + opacus hooks + norms",
     "headline ratios": "ratio_to_floor, ratio_to_peft_opacus, ratio_to_floor_graph, ratio_to_floor_direct, "
-                       "ratio_to_floor_jit, ratio_to_floor_keep, "
+                       "ratio_to_floor_jit, ratio_to_floor_keep, ratio_to_floor_graph_keep, "
                        "ratio_to_floor_best_pinned "
                        "and overhead_ratio_to_peft_opacus are the interleaved medians where --rounds ran (see "
                        "below; the one-after-another timings are then *_sequential), else sequential; "
@@ -107,7 +112,7 @@ DEFINITIONS = {
 
 
 # ffa_flat[...] variants that are not one pinned GEMM path
-UNPINNED = ("reference", "auto", GRAPH, *LAUNCH_VARIANTS, KEEP)
+UNPINNED = ("reference", "auto", *GRAPHS, *LAUNCH_VARIANTS, KEEP)
 
 
 def gemm_of(name: str) -> str | None:
@@ -126,7 +131,7 @@ def gemms_to_check(which: list[str], device_type: str) -> list[str]:
     pinned ``ffa_flat[<gemm>]`` variant timed, and with ``ffa_flat[auto]`` or ``[graph]`` (the headline) every
     path auto may pick (on CUDA ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked."""
     gemms = [g for g in map(pinned_gemm, which) if g is not None]
-    if any(f"ffa_flat[{k}]" in which for k in ("auto", GRAPH, *LAUNCH_VARIANTS, KEEP)):
+    if any(f"ffa_flat[{k}]" in which for k in ("auto", *GRAPHS, *LAUNCH_VARIANTS, KEEP)):
         from fedlora_fast.kernels import ffa_linear as K
 
         gemms += [c for c in (K.AUTO_CANDIDATES if device_type == "cuda" else ("triton",)) if c not in gemms]
@@ -302,12 +307,12 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
         if name.startswith("ffa_flat[") or name == "ffa_per_layer":
             layer, reset = ffa(MODE_PER_SAMPLE if name.startswith("ffa_flat") else MODE_CLIP)
             gemm = gemm_of(name)
-            if gemm == GRAPH:
+            if gemm in GRAPHS:
                 if x.device.type != "cuda":
                     print(f"# {name} skipped: CUDA graphs need a CUDA device", flush=True)
                     continue
                 try:
-                    out[name] = _graphed(Variant(name, layer, x, g, reset))
+                    out[name] = graph_variant(Variant(name, layer, x, g, reset), gemm)
                 except Exception as e:  # noqa: BLE001  (a failed capture must not cost the other variants)
                     print(f"# {name} skipped: capture failed: {e!r}"[:300], flush=True)
                 continue
@@ -318,6 +323,11 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
         except ImportError as e:  # a GPU machine without opacus/peft: time ours, say what is missing
             print(f"# peft_opacus skipped: {e} (carry the wheels in .whl/, see bench/README.md)", flush=True)
     return out
+
+
+def graph_variant(v: Variant, graph: str) -> Variant:
+    """``ffa_flat[graph]`` / ``[graph_keep]``: the variant captured (``_graphed``) under its ``GRAPHS`` setting."""
+    return _graphed(_with_gemm(v, GRAPHS[graph]))
 
 
 def _graphed(v: Variant, warmup: int = 3) -> Variant:
@@ -1159,6 +1169,7 @@ def main(argv=None) -> int:
                      ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]", "floor"),
                      ("ratio_to_floor_jit", f"ffa_flat[{JIT}]", "floor"),
                      ("ratio_to_floor_keep", f"ffa_flat[{KEEP}]", "floor"),
+                     ("ratio_to_floor_graph_keep", f"ffa_flat[{GRAPH_KEEP}]", "floor"),
                      ("ratio_to_floor_best_pinned", best, "floor"))
             if interleaved:
                 row["interleaved_full_ms"] = interleaved
@@ -1175,7 +1186,8 @@ def main(argv=None) -> int:
                 row["floor_drift"] = times["floor"]["full_ms_again"] / times["floor"]["full_ms"]
             for key, name in (("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]"),
                               ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]"),
-                              ("ratio_to_floor_jit", f"ffa_flat[{JIT}]"), ("ratio_to_floor_keep", f"ffa_flat[{KEEP}]")):
+                              ("ratio_to_floor_jit", f"ffa_flat[{JIT}]"), ("ratio_to_floor_keep", f"ffa_flat[{KEEP}]"),
+                              ("ratio_to_floor_graph_keep", f"ffa_flat[{GRAPH_KEEP}]")):
                 if name in times and "floor" in times:
                     row[key] = times[name]["full_ms"] / times["floor"]["full_ms"]
             if ours and "peft_opacus" in times:
@@ -1209,6 +1221,8 @@ def main(argv=None) -> int:
                 + (f" (direct {row['ratio_to_floor_direct']:.3f})" if "ratio_to_floor_direct" in row else "")
                 + (f" (jit {row['ratio_to_floor_jit']:.3f})" if "ratio_to_floor_jit" in row else "")
                 + (f" (keep {row['ratio_to_floor_keep']:.3f})" if "ratio_to_floor_keep" in row else "")
+                + (f" (graph keep {row['ratio_to_floor_graph_keep']:.3f})"
+                   if "ratio_to_floor_graph_keep" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
                 + (f" (overhead {row['overhead_ratio_to_peft_opacus']:.3f})" if "overhead_ratio_to_peft_opacus" in row else "")
                 + (f"  | sequential: ours/floor {row['ratio_to_floor_sequential']:.3f}"

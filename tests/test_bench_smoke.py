@@ -371,6 +371,25 @@ def test_gpu_layer_keep_variant_is_auto_with_the_kept_weight(tmp_path, monkeypat
     assert gpu_layer.gemms_to_check(["floor", "ffa_flat[keep]"], "cuda") == list(K.AUTO_CANDIDATES)
 
 
+
+def test_gpu_layer_graph_keep_captures_with_the_kept_weight(monkeypatch):
+    """ffa_flat[graph_keep] is captured with FEDLORA_FAST_KEEP_MERGED=1 (the replays run what the capture ran),
+    ffa_flat[graph] with the default; both are auto-like for the checks and get their ratio keys."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    seen = []
+    monkeypatch.setattr(gpu_layer, "_graphed", lambda v: (v.step(), v)[1])  # the capture's warm-up call
+    monkeypatch.delenv(K.KEEP_ENV_VAR, raising=False)
+    for graph, want in (("graph", None), ("graph_keep", "1")):
+        v = SimpleNamespace(step=lambda: seen.append(os.environ.get(K.KEEP_ENV_VAR)), forward=lambda: None)
+        gpu_layer.graph_variant(v, graph)
+        assert seen.pop() == want, graph
+    assert os.environ.get(K.KEEP_ENV_VAR) is None
+    assert gpu_layer.gemms_to_check(["floor", "ffa_flat[graph_keep]"], "cuda") == list(K.AUTO_CANDIDATES)
+    assert "ratio_to_floor_graph_keep" in gpu_layer.DEFINITIONS
+
 def test_gpu_layer_kernel_time_ratios():
     """ratio_to_floor_kernel_time: each profiled variant's summed kernel time over the floor's; a failed profile
     (a row with no time) is left out, and without a usable floor profile there is none."""
