@@ -126,15 +126,22 @@ def pinned_gemm(name: str) -> str | None:
     return None if gemm in UNPINNED else gemm
 
 
+MERGED_KEPT = "merged+keep"  # a check_ops path: FEDLORA_FAST_GEMM=merged with FEDLORA_FAST_KEEP_MERGED=1
+
+
 def gemms_to_check(which: list[str], device_type: str) -> list[str]:
     """The base-GEMM paths (FEDLORA_FAST_GEMM) whose ops check_ops compares with the float64 reference: every
-    pinned ``ffa_flat[<gemm>]`` variant timed, and with ``ffa_flat[auto]`` or ``[graph]`` (the headline) every
-    path auto may pick (on CUDA ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked."""
+    pinned ``ffa_flat[<gemm>]`` variant timed, and with any variant that takes auto's choice (``[auto]``,
+    ``[graph]``, the launch modes, ``[keep]``, ``[graph_keep]``) every path auto may pick (on CUDA
+    ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked. With ``[keep]`` or
+    ``[graph_keep]`` also ``MERGED_KEPT``, the merged backward on the forward's kept W'."""
     gemms = [g for g in map(pinned_gemm, which) if g is not None]
     if any(f"ffa_flat[{k}]" in which for k in ("auto", *GRAPHS, *LAUNCH_VARIANTS, KEEP)):
         from fedlora_fast.kernels import ffa_linear as K
 
         gemms += [c for c in (K.AUTO_CANDIDATES if device_type == "cuda" else ("triton",)) if c not in gemms]
+    if any(f"ffa_flat[{k}]" in which for k in (KEEP, GRAPH_KEEP)):
+        gemms.append(MERGED_KEPT)
     return gemms or ["triton"]
 
 
@@ -918,7 +925,8 @@ def check_ops(n, T, inp, out, r, dtype, device, gemms) -> list[dict]:
     results = []
     for gemm in gemms:
         worst: dict = {}
-        with harness.env_var(K.GEMM_ENV_VAR, gemm):
+        keep = "1" if gemm == MERGED_KEPT else None  # the bwd calls below reuse the fwd's U: its kept W'
+        with harness.env_var(K.GEMM_ENV_VAR, "merged" if keep else gemm), harness.env_var(K.KEEP_ENV_VAR, keep):
             try:
                 y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
                 judge(worst, "y", y, y64, ylp)
@@ -999,6 +1007,9 @@ def main(argv=None) -> int:
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 5
     which = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if any(f"ffa_flat[{k}]" in which for k in (KEEP, GRAPH_KEEP)):
+        harness.refuse_global("FEDLORA_FAST_KEEP_MERGED",
+                              "ffa_flat[keep] sets it for itself; the others would keep too")
     sweeps = {v.strip() for v in args.sweeps.split(",") if v.strip()}
     if not sweeps or sweeps - {"u", "merge", "outer"}:
         ap.error(f"--sweeps: expected a comma-separated subset of u, merge, outer; got {args.sweeps!r}")

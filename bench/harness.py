@@ -96,8 +96,17 @@ def machine_info(device: torch.device | str) -> dict:
         "load_avg_1_5_15": [round(x, 2) for x in load],
         "platform": platform.platform(),
         "versions": versions(),
+        # the library's settings in the environment the run started with (GEMM path, launch mode, kept W'...)
+        "fedlora_fast_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FEDLORA_FAST_")},
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def refuse_global(var: str, why: str) -> None:
+    """SystemExit if ``var`` is set in the environment: a variant that sets it for itself is compared with
+    variants that must run without it (``why``)."""
+    if os.environ.get(var) is not None:
+        raise SystemExit(f"{var}={os.environ[var]!r} is set in the environment: unset it ({why})")
 
 
 def utc_date() -> str:

@@ -462,11 +462,16 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
     name, _, backend = head.partition("@")
     if name not in VARIANTS + CUDA_VARIANTS:
         raise ValueError(f"--variants: unknown variant {name!r}; expected names from {VARIANTS + CUDA_VARIANTS}")
-    for opt in options:
+    for i, opt in enumerate(options):
         if opt not in OPTIONS:
-            raise ValueError(f"--variants: unknown option '+{opt}' in {spec!r}; expected one of {sorted(OPTIONS)}")
+            raise ValueError(f"--variants: unknown option '+{opt}' in {spec!r}; expected one of {sorted(OPTIONS)} "
+                             "(after the '@backend', if any)")
+        if opt in options[:i]:
+            raise ValueError(f"--variants: '+{opt}' twice in {spec!r}")
         if name not in FFA_VARIANTS + CUDA_VARIANTS:
             raise ValueError(f"--variants: '+{opt}' applies to {FFA_VARIANTS + CUDA_VARIANTS} only, got {spec!r}")
+        if opt == "keep" and backend not in ("", "triton"):  # only the Triton backend merges (kernels/)
+            raise ValueError(f"--variants: '+keep' does nothing on the {backend} backend, got {spec!r}")
     if backend and name not in FFA_VARIANTS:
         raise ValueError(f"--variants: '@backend' applies to {FFA_VARIANTS} only, got {spec!r}")
     if backend:
@@ -526,7 +531,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma list; ffa_* may carry '@torch'/'@native'/'@triton' to pin the op backend, then "
-                        "'+keep' for FEDLORA_FAST_KEEP_MERGED=1 (e.g. ffa_dp_flat@triton+keep)")
+                        "'+keep' for FEDLORA_FAST_KEEP_MERGED=1 (e.g. ffa_dp_flat@triton+keep; results under "
+                        "ffa_dp_flat_triton_keep; --graph-sizes ignores options)")
     p.add_argument("--no-mem", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--graph-sizes", default=None, metavar="S,S,...",
                    help="after the variants: one GraphedAccumulator with these micro-batch sizes (<= n), each "
@@ -565,6 +571,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.reps < harness.MIN_REPS and not args.smoke:
         warnings.warn(f"--reps {args.reps} < {harness.MIN_REPS}: the median is not a stable estimate")
     args.variant_specs = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if any("keep" in variant_options(spec) for spec in args.variant_specs) and not args.mem_child:
+        harness.refuse_global(OPTIONS["keep"][0], "'+keep' sets it for its own variants; the others would keep too")
     try:
         for spec in args.variant_specs:
             if parse_variant(spec)[0] in CUDA_VARIANTS and not cuda:

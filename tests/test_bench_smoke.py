@@ -80,7 +80,8 @@ def test_step_smoke_llama_and_backend_pin(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["floor,opacus_magic", "peft_lora@native", "ffa_nodp@cuda_magic", "ffa_dp_flat+turbo",
-                                  "peft_lora+keep", "ffa_dp_flat@triton+keep+turbo"])
+                                  "peft_lora+keep", "ffa_dp_flat@triton+keep+turbo", "ffa_dp_flat@torch+keep",
+                                  "ffa_dp_flat+keep+keep", "ffa_dp_flat+keep@triton"])
 def test_step_rejects_bad_variant(spec, capsys):
     with pytest.raises(SystemExit):
         step.parse_args(["--smoke", "--variants", spec])
@@ -108,6 +109,23 @@ def test_step_keep_option_sets_its_variable_around_its_own_steps(tmp_path, monke
     assert ("1", True) in used and ("1", False) not in used and (None, True) not in used, set(used)
     assert os.environ.get(K.KEEP_ENV_VAR) is None
     assert step.variant_options("ffa_dp_flat@triton+keep") == ["keep"] and step.variant_options("floor") == []
+    # the fresh-process memory probe builds and steps the variant with the option too (here in-process)
+    used.clear()
+    step.main(["--smoke", "--model", "llama-tiny", "--n", "2", "--T", "4", "--mem-child", "ffa_dp_flat@triton+keep"])
+    assert ("1", True) in used and ("1", False) not in used, set(used)
+    # the graph variant captures inside its build (eagerly off CUDA, where it checks against an eager step):
+    # the option is set there too
+    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
+    model, head = step.build_model("llama-tiny", torch.device("cpu"), torch.float32)
+    batch = step.make_batch(model, 3, 4, torch.device("cpu"))
+    used.clear()
+    fn, info = step.build_spec("ffa_dp_flat_graph+keep", model, head, batch, r=4)
+    assert ("1", True) in used and ("1", False) not in used, set(used)
+    # a global setting would make the plain variants keep too: refused
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "1")
+    with pytest.raises(SystemExit, match="FEDLORA_FAST_KEEP_MERGED='1' is set in the environment"):
+        step.parse_args(["--smoke", "--variants", "ffa_dp_flat,ffa_dp_flat+keep"])
+    assert harness.machine_info("cpu")["fedlora_fast_env"][K.KEEP_ENV_VAR] == "1"
 
 
 def test_step_graph_variant_needs_cuda(capsys):
@@ -368,8 +386,15 @@ def test_gpu_layer_keep_variant_is_auto_with_the_kept_weight(tmp_path, monkeypat
     assert row["ratio_to_floor_keep"] == rounds["ffa_flat[keep]"][0] / rounds["floor"][0]
     assert row["ratio_to_floor_keep_sequential"] == (row["times_ms"]["ffa_flat[keep]"]["full_ms"]
                                                      / row["times_ms"]["floor"]["full_ms"])
-    assert gpu_layer.gemms_to_check(["floor", "ffa_flat[keep]"], "cuda") == list(K.AUTO_CANDIDATES)
-
+    assert gpu_layer.gemms_to_check(["floor", "ffa_flat[keep]"], "cuda") == [*K.AUTO_CANDIDATES, "merged+keep"]
+    # the float64 check ran the merged backward on the kept W' too (the spy above saw only kept ones with "1")
+    assert [(c["gemm"], c["ok"]) for c in row["checks"]] == [("merged", True), ("triton", True), ("merged+keep", True)]
+    used.clear()  # the check of the kept path, alone: its backwards run on the kept W'
+    (check,) = gpu_layer.check_ops(2, 5, 72, 80, 4, torch.float32, "cpu", [gpu_layer.MERGED_KEPT])
+    assert check["ok"] and set(used) == {("1", True)}, (check, used)
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "1")  # a global setting would make the other variants keep too: refused
+    with pytest.raises(SystemExit, match="FEDLORA_FAST_KEEP_MERGED='1' is set in the environment"):
+        gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[keep]"])
 
 
 def test_gpu_layer_graph_keep_captures_with_the_kept_weight(monkeypatch):
@@ -387,8 +412,9 @@ def test_gpu_layer_graph_keep_captures_with_the_kept_weight(monkeypatch):
         gpu_layer.graph_variant(v, graph)
         assert seen.pop() == want, graph
     assert os.environ.get(K.KEEP_ENV_VAR) is None
-    assert gpu_layer.gemms_to_check(["floor", "ffa_flat[graph_keep]"], "cuda") == list(K.AUTO_CANDIDATES)
+    assert gpu_layer.gemms_to_check(["floor", "ffa_flat[graph_keep]"], "cuda") == [*K.AUTO_CANDIDATES, "merged+keep"]
     assert "ratio_to_floor_graph_keep" in gpu_layer.DEFINITIONS
+
 
 def test_gpu_layer_kernel_time_ratios():
     """ratio_to_floor_kernel_time: each profiled variant's summed kernel time over the floor's; a failed profile
