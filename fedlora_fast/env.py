@@ -165,8 +165,15 @@ def backend_info() -> dict:
     from fedlora_fast.ops import backends
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    # FEDLORA_FAST_GEMM: the triton backend's base GEMM (auto: timed per shape on CUDA; kernels/ffa_linear.py)
-    out = {"requested": os.environ.get(backends.ENV_VAR) or "auto", "gemm": os.environ.get("FEDLORA_FAST_GEMM") or "auto"}
+    # the triton backend's settings (kernels/ffa_linear.py): FEDLORA_FAST_GEMM, the base GEMM (auto: timed per
+    # shape on CUDA); FEDLORA_FAST_LAUNCH, direct or JIT launches (unset: by Triton version);
+    # FEDLORA_FAST_KEEP_MERGED, the forward's merged weight kept for its backward (opt-in)
+    out = {
+        "requested": os.environ.get(backends.ENV_VAR) or "auto",
+        "gemm": os.environ.get("FEDLORA_FAST_GEMM") or "auto",
+        "launch": os.environ.get("FEDLORA_FAST_LAUNCH") or "default",
+        "keep_merged": os.environ.get("FEDLORA_FAST_KEEP_MERGED") or "0",
+    }
     for device in devices:
         entry: dict = {}
         with warnings.catch_warnings(record=True) as caught:

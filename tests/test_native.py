@@ -392,12 +392,15 @@ def test_build_info(ext):
         assert getattr(ext, name).__doc__, f"{name} has no docstring"
 
 
-def test_env_report():
+def test_env_report(monkeypatch):
     from fedlora_fast import env
 
+    monkeypatch.setenv("FEDLORA_FAST_KEEP_MERGED", "1")
+    monkeypatch.delenv("FEDLORA_FAST_LAUNCH", raising=False)
     r = env.report()
     assert r["native"]["loaded"] == backends.available("native", "cpu")
     assert r["backends"]["cpu"]["backend"] in backends.BACKENDS
+    assert (r["backends"]["keep_merged"], r["backends"]["launch"]) == ("1", "default"), r["backends"]
 
 
 # ---------------------------------------------------------------- dispatcher without the extension
