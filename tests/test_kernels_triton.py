@@ -1152,13 +1152,16 @@ def _merges(launches) -> int:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_keep_merged_backward_reuses_the_forwards_weight(poisoned, device, mode, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["ffa", "lora"])
+def test_keep_merged_backward_reuses_the_forwards_weight(poisoned, device, mode, lora, monkeypatch):
     """FEDLORA_FAST_KEEP_MERGED=1: the merged forward keeps its W' on U, and the backward of that U runs
     dX = G W' without merging again: one merge per step instead of two, every output as without the option
-    (dX to the bit: the same W'), and against the float64 reference."""
+    (dX to the bit: the same W'), and against the float64 reference; in LoRA mode (A trained, the adapter
+    input x itself) A's gradients too."""
     monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
     launches = _launches(monkeypatch)
     t = make(3, 6, 70, 45, 17, device)
+    t["xa"] = t["x"]  # no adapter dropout: the forward can merge
     s = 0.5
     rest = (s, True, False, mode, 2.0, 1.5)
     results = {}
@@ -1169,12 +1172,12 @@ def test_keep_merged_backward_reuses_the_forwards_weight(poisoned, device, mode,
         assert _merges(launches) == 1, launches
         assert hasattr(u, K._KEPT_ATTR) is (keep == "1")
         launches.clear()
-        got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, *rest)
+        got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], t["xa"] if lora else None, *rest)
         assert _merges(launches) == (0 if keep == "1" else 1), launches
         results[keep] = (y, *got)
-    y64, u64 = ref_fwd(dict(t, xa=t["x"]), s)
-    exp = ref_bwd(t, u64, False, *rest)
-    for name, a, b, e in zip(["y", "dx", "dxa", "gB", "nuB"], results["0"], results["1"], (y64, *exp)):
+    y64, u64 = ref_fwd(t, s)
+    exp = ref_bwd(t, u64, lora, *rest)
+    for name, a, b, e in zip(["y", "dx", "dxa", "gB", "nuB", "gA", "nuA"], results["0"], results["1"], (y64, *exp)):
         assert torch.equal(a, b), name
         close(b, e, name)
 
