@@ -62,6 +62,11 @@ LAUNCH_VARIANTS = {DIRECT: "direct", JIT: "jit"}  # variant -> FEDLORA_FAST_LAUN
 KEEP = "keep"  # ffa_flat[keep]: ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=1 (the forward's W' kept for dX)
 GRAPH_KEEP = "graph_keep"  # ffa_flat[graph_keep]: ffa_flat[keep] replayed from CUDA graphs (captured with it)
 GRAPHS = {GRAPH: None, GRAPH_KEEP: KEEP}  # graph variant -> the _with_gemm setting its capture runs under
+KEEP_VARIANTS = (KEEP, GRAPH_KEEP)  # the variants that set FEDLORA_FAST_KEEP_MERGED for themselves
+AUTO_LIKE = ("auto", *GRAPHS, *LAUNCH_VARIANTS, KEEP)  # ffa_flat[...] variants that run auto's GEMM choice
+# the ratio to the floor of each auto-like variant beside the headline (row key -> ffa_flat[...] variant)
+VARIANT_RATIOS = {"ratio_to_floor_graph": GRAPH, "ratio_to_floor_direct": DIRECT, "ratio_to_floor_jit": JIT,
+                  "ratio_to_floor_keep": KEEP, "ratio_to_floor_graph_keep": GRAPH_KEEP}
 
 
 DEFINITIONS = {
@@ -112,7 +117,7 @@ DEFINITIONS = {
 
 
 # ffa_flat[...] variants that are not one pinned GEMM path
-UNPINNED = ("reference", "auto", *GRAPHS, *LAUNCH_VARIANTS, KEEP)
+UNPINNED = ("reference", *AUTO_LIKE)
 
 
 def gemm_of(name: str) -> str | None:
@@ -136,11 +141,11 @@ def gemms_to_check(which: list[str], device_type: str) -> list[str]:
     ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked. With ``[keep]`` or
     ``[graph_keep]`` also ``MERGED_KEPT``, the merged backward on the forward's kept W'."""
     gemms = [g for g in map(pinned_gemm, which) if g is not None]
-    if any(f"ffa_flat[{k}]" in which for k in ("auto", *GRAPHS, *LAUNCH_VARIANTS, KEEP)):
+    if any(f"ffa_flat[{k}]" in which for k in AUTO_LIKE):
         from fedlora_fast.kernels import ffa_linear as K
 
         gemms += [c for c in (K.AUTO_CANDIDATES if device_type == "cuda" else ("triton",)) if c not in gemms]
-    if any(f"ffa_flat[{k}]" in which for k in (KEEP, GRAPH_KEEP)):
+    if any(f"ffa_flat[{k}]" in which for k in KEEP_VARIANTS):
         gemms.append(MERGED_KEPT)
     return gemms or ["triton"]
 
@@ -1007,7 +1012,7 @@ def main(argv=None) -> int:
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 5
     which = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if any(f"ffa_flat[{k}]" in which for k in (KEEP, GRAPH_KEEP)):
+    if any(f"ffa_flat[{k}]" in which for k in KEEP_VARIANTS):
         harness.refuse_global("FEDLORA_FAST_KEEP_MERGED",
                               "ffa_flat[keep] sets it for itself; the others would keep too")
     sweeps = {v.strip() for v in args.sweeps.split(",") if v.strip()}
@@ -1176,11 +1181,7 @@ def main(argv=None) -> int:
                 if best:
                     row["ratio_to_floor_best_pinned"] = times[best]["full_ms"] / times["floor"]["full_ms"]
             pairs = (("ratio_to_floor", ours, "floor"), ("ratio_to_peft_opacus", ours, "peft_opacus"),
-                     ("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]", "floor"),
-                     ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]", "floor"),
-                     ("ratio_to_floor_jit", f"ffa_flat[{JIT}]", "floor"),
-                     ("ratio_to_floor_keep", f"ffa_flat[{KEEP}]", "floor"),
-                     ("ratio_to_floor_graph_keep", f"ffa_flat[{GRAPH_KEEP}]", "floor"),
+                     *((key, f"ffa_flat[{v}]", "floor") for key, v in VARIANT_RATIOS.items()),
                      ("ratio_to_floor_best_pinned", best, "floor"))
             if interleaved:
                 row["interleaved_full_ms"] = interleaved
@@ -1195,10 +1196,8 @@ def main(argv=None) -> int:
                         row["overhead_ratio_to_peft_opacus_interleaved"] = statistics.median(over)
             if "full_ms_again" in times.get("floor", {}):
                 row["floor_drift"] = times["floor"]["full_ms_again"] / times["floor"]["full_ms"]
-            for key, name in (("ratio_to_floor_graph", f"ffa_flat[{GRAPH}]"),
-                              ("ratio_to_floor_direct", f"ffa_flat[{DIRECT}]"),
-                              ("ratio_to_floor_jit", f"ffa_flat[{JIT}]"), ("ratio_to_floor_keep", f"ffa_flat[{KEEP}]"),
-                              ("ratio_to_floor_graph_keep", f"ffa_flat[{GRAPH_KEEP}]")):
+            for key, v in VARIANT_RATIOS.items():
+                name = f"ffa_flat[{v}]"
                 if name in times and "floor" in times:
                     row[key] = times[name]["full_ms"] / times["floor"]["full_ms"]
             if ours and "peft_opacus" in times:
