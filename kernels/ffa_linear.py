@@ -1800,35 +1800,31 @@ def _fwd(
 
     merged_ok = xa is x or (xa.data_ptr() == x.data_ptr() and xa.shape == x.shape and xa.stride() == x.stride())
     keep = keep_merged() and merged_ok and x.dtype != torch.float16  # (fp16 never merges: _choose_gemm)
-    made: list[Tensor] = []  # the last W' y_with made (the one to keep, when it is the call's own)
 
-    def y_with(impl: str) -> Tensor:
+    def y_with(impl: str) -> tuple[Tensor, Tensor | None]:  # y, and the merged weight where one was made
         if impl == "merged":  # y = x (W + s B A)^T + b: one cuBLAS GEMM, U is only saved for the backward
             wm = _merged_weight(weight, A, B, scale)
-            if keep:
-                made[:] = (wm,)
-            return torch.nn.functional.linear(x, wm, bias)
+            return torch.nn.functional.linear(x, wm, bias), wm
         if impl == "cublas":
             y = torch.nn.functional.linear(x, weight, bias)
             _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)
-            return y
+            return y, None
         if impl == "cublas_acc":  # y = bias + s U B^T, then y += x W^T by cuBLAS (beta = 1, in place)
             y = _alloc((n, T, out), x.dtype, x.device)
             _launch_gemm(None, None, bias, lowrank, y, scale, prec_dtype=x.dtype)
             y.view(n * T, out).addmm_(x.reshape(n * T, inp), weight.t())
-            return y
+            return y, None
         y = _alloc((n, T, out), x.dtype, x.device)
         w_t = (weight, weight.stride(1), weight.stride(0))
         _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
-        return y
+        return y, None
 
     key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok, keep)
     credit = functools.partial(_merged_weight, weight, A, B, scale) if keep else None  # the backward's merge
     impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype, credit)  # (the op's device guard: its events too)
-    made.clear()  # a W' from auto's timing is not this call's
-    y = y_with(impl)
-    if keep and made:
-        _keep(u, made[0], weight, A, B, scale)
+    y, wm = y_with(impl)  # (auto's timed calls dropped theirs: only this call's W' can be kept)
+    if keep and wm is not None:
+        _keep(u, wm, weight, A, B, scale)
     return y, u
 
 
