@@ -7,6 +7,7 @@ per-sample machinery), the way opacus checks its grad samplers; use it to check 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -124,6 +125,24 @@ def per_sample_grads_engine(model: nn.Module) -> dict[str, Tensor]:
         for n, p in model.named_parameters()
         if p.requires_grad and getattr(p, "ff_grad_sample", None) is not None
     }
+
+
+def spy_kept_weight(monkeypatch) -> list[tuple[str | None, bool]]:
+    """Record every backward's lookup of its forward's kept merged weight (the Triton backend's
+    ``_kept_weight``, ``FEDLORA_FAST_KEEP_MERGED``) as (the variable's value at that moment, whether one was
+    found); the lookups return what they did. ``monkeypatch``: pytest's fixture (undone with the test)."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    seen: list[tuple[str | None, bool]] = []
+    real = K._kept_weight
+
+    def spy(*args):
+        w = real(*args)
+        seen.append((os.environ.get(K.KEEP_ENV_VAR), w is not None))
+        return w
+
+    monkeypatch.setattr(K, "_kept_weight", spy)
+    return seen
 
 
 class StandInCudaGraphs:

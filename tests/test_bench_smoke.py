@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fedlora_fast.testing import spy_kept_weight
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 sys.path.insert(0, BENCH)
@@ -94,10 +96,7 @@ def test_step_keep_option_sets_its_variable_around_its_own_steps(tmp_path, monke
     result key, and the memory child takes the option too."""
     from fedlora_fast.kernels import ffa_linear as K
 
-    used = []
-    real = K._kept_weight
-    monkeypatch.setattr(K, "_kept_weight", lambda *a: (lambda w: (used.append((os.environ.get(K.KEEP_ENV_VAR),
-                                                                               w is not None)), w)[1])(real(*a)))
+    used = spy_kept_weight(monkeypatch)
     monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
     monkeypatch.delenv(K.KEEP_ENV_VAR, raising=False)
     out = tmp_path / "step.json"
@@ -367,12 +366,19 @@ def test_gpu_layer_keep_variant_is_auto_with_the_kept_weight(tmp_path, monkeypat
 
     from fedlora_fast.kernels import ffa_linear as K
 
-    seen, used = [], []
-    real_run, real_kept = K._run, K._kept_weight
+    seen, used = [], spy_kept_weight(monkeypatch)
+    real_run = K._run
     monkeypatch.setattr(K, "_run", lambda *a, **kw: (seen.append(os.environ.get(K.KEEP_ENV_VAR)),
                                                      real_run(*a, **kw))[1])
-    monkeypatch.setattr(K, "_kept_weight", lambda *a: (lambda w: (used.append((os.environ.get(K.KEEP_ENV_VAR),
-                                                                               w is not None)), w)[1])(real_kept(*a)))
+    real_check = gpu_layer.check_ops
+
+    def check_then_forget(*args, **kw):  # the float64 checks run first and set the variable themselves (their
+        got = real_check(*args, **kw)  # lookups are asserted below): what follows is the timed variants' alone
+        seen.clear()
+        used.clear()
+        return got
+
+    monkeypatch.setattr(gpu_layer, "check_ops", check_then_forget)
     monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
     monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
     monkeypatch.delenv(K.KEEP_ENV_VAR, raising=False)
@@ -390,7 +396,7 @@ def test_gpu_layer_keep_variant_is_auto_with_the_kept_weight(tmp_path, monkeypat
     # the float64 check ran the merged backward on the kept W' too (the spy above saw only kept ones with "1")
     assert [(c["gemm"], c["ok"]) for c in row["checks"]] == [("merged", True), ("triton", True), ("merged+keep", True)]
     used.clear()  # the check of the kept path, alone: its backwards run on the kept W'
-    (check,) = gpu_layer.check_ops(2, 5, 72, 80, 4, torch.float32, "cpu", [gpu_layer.MERGED_KEPT])
+    (check,) = real_check(2, 5, 72, 80, 4, torch.float32, "cpu", [gpu_layer.MERGED_KEPT])
     assert check["ok"] and set(used) == {("1", True)}, (check, used)
     monkeypatch.setenv(K.KEEP_ENV_VAR, "1")  # a global setting would make the other variants keep too: refused
     with pytest.raises(SystemExit, match="FEDLORA_FAST_KEEP_MERGED='1' is set in the environment"):

@@ -16,7 +16,7 @@ import fedlora_fast as ff
 from fedlora_fast.ops import backends
 from fedlora_fast.privacy import dpsgd
 from fedlora_fast.privacy.graphed import GraphedAccumulator, find_host_reads, plan_micro_batches
-from fedlora_fast.testing import StandInCudaGraphs, assert_close_verbose
+from fedlora_fast.testing import StandInCudaGraphs, assert_close_verbose, spy_kept_weight
 
 IN, HID, OUT, R = 7, 6, 3, 3
 
@@ -926,9 +926,7 @@ def test_dp_steps_with_the_kept_merged_weight(device, monkeypatch):
     backends.clear_cache()
     if backends._probe("triton", device)[0] is None:
         pytest.skip(f"triton backend unavailable on {device}: {backends._probe('triton', device)[1]}")
-    used = []  # backward calls that got the forward's W' (the capture's among them; replays call nothing)
-    real = K._kept_weight
-    monkeypatch.setattr(K, "_kept_weight", lambda *a: (lambda w: (used.append(w is not None), w)[1])(real(*a)))
+    lookups = spy_kept_weight(monkeypatch)  # the capture's among them (replays call nothing)
     sums = {}
     for keep in ("0", "1"):
         monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
@@ -948,8 +946,9 @@ def test_dp_steps_with_the_kept_merged_weight(device, monkeypatch):
             dp.step()
             dp.zero_grad()
         sums[keep] = torch.stack(total)
-        assert any(used) is (keep == "1") and all(used) is (keep == "1"), used
-        used.clear()
+        used = [got for _, got in lookups]  # backward calls that got the forward's W'
+        assert any(used) is (keep == "1") and all(used) is (keep == "1"), lookups
+        lookups.clear()
     assert_close_verbose(sums["1"], sums["0"], atol=1e-6, rtol=1e-6, name="clipped sums (kept W')")
 
 
