@@ -54,6 +54,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -148,10 +149,40 @@ def gemm_impl() -> str:
     return name
 
 
-KEEP_ENV_VAR = "FEDLORA_FAST_KEEP_MERGED"  # "1": the forward's merged weight is kept for its backward
-_KEEP_VALUES = {"": False, "0": False, "false": False, "no": False, "off": False,
-                "1": True, "true": True, "yes": True, "on": True}  # fmt: skip
+KEEP_ENV_VAR = "FEDLORA_FAST_KEEP_MERGED"  # "1": the forward's W' kept for its backward; "cache": and across steps
+_KEEP_VALUES = {"": "off", "0": "off", "false": "off", "no": "off", "off": "off",
+                "1": "backward", "true": "backward", "yes": "backward", "on": "backward", "cache": "cache"}  # fmt: skip
 _KEPT_ATTR = BACKWARD_STATE_ATTR  # the attribute of U that carries the forward's W' (a _Kept)
+
+
+def keep_mode() -> str:
+    """``FEDLORA_FAST_KEEP_MERGED`` as "off" (unset, 0/false/no/off), "backward" (1/true/yes/on:
+    ``keep_merged``) or "cache" (``merged_cache``); anything else is a ValueError naming the variable."""
+    v = os.environ.get(KEEP_ENV_VAR, "0").strip().lower()
+    if v not in _KEEP_VALUES:
+        raise ValueError(f"{KEEP_ENV_VAR}: expected 1 or 0 (true/false, yes/no, on/off) or cache, got {v!r}")
+    return _KEEP_VALUES[v]
+
+
+def merged_cache() -> bool:
+    """``FEDLORA_FAST_KEEP_MERGED=cache`` (opt-in): ``keep_merged``, and each adapter's W' = W + s B A is
+    also kept across forwards, one per B tensor, and brought up to date at each forward by
+    ``_merge_kernel``'s ``CHECK`` pass: a tile is merged again only where a bit of its B rows or A columns
+    changed since (an unchanged W' costs a read of B and A, not of W). Between optimizer steps, i.e. over
+    the micro-batches of one DP logical batch (``micro_batches``, ``GraphedAccumulator``) and in
+    evaluation, the forward is then one cuBLAS GEMM on W' (plus U) and the backward's dX another, with no
+    merge at all; after a step, one merge, as with ``keep_merged``. ``auto`` takes ``merged`` without
+    timing where the cache applies (no other candidate does less), and so does the backward given the
+    forward's W'. B and A are compared by content, so writes that bypass the version counter and CUDA graph
+    replays are seen; W (frozen) by memory, layout and version counter, as ``keep_merged`` does: change the
+    base weight through autograd-visible ops (``copy_`` under ``no_grad``) or replace it. A different W or
+    scale gets a new W' (the old one is never rewritten: a pending backward may hold it).
+
+    The price: one W-sized buffer per adapted layer for as long as its B lives (13 GB for a bf16 Llama-7B
+    with every projection adapted, 2 GB for q and v only), until ``clear_merged_cache()``. A CUDA graph
+    replays the W' it captured: those stay allocated (not freed by ``clear_merged_cache``) until their B is
+    freed. Under capture no new W' is made (the call runs as with ``keep_merged``)."""
+    return keep_mode() == "cache"
 
 
 def keep_merged() -> bool:
@@ -164,18 +195,16 @@ def keep_merged() -> bool:
     holds it for as long as the graph lives). The layer drops it at once where the backward will not read it
     (no input gradient wanted, or adapter dropout active). With it on, ``auto`` credits the forward's
     ``merged`` candidate with the merge it saves the backward (the merge alone is timed once per shape), so
-    it takes ``merged`` in both directions where that is the fastest step; the credit assumes the backward
-    then runs ``merged`` too (it is the cheapest dX with W' given, but ``auto`` times it on its own). The
-    kept W' rides on the forward's U as an attribute: it is freed with U (when autograd frees the backward's
+    it takes ``merged`` in both directions where that is the fastest step (a backward given the forward's
+    W' takes ``merged`` untimed under ``auto``: ``dX = G W'`` is the floor's own GEMM, so the credit is
+    earned). The kept W' rides on the forward's U as an attribute: it is freed with U (when autograd frees the backward's
     saved tensors), and used only while W, A and B are the same memory at the same version counter and the
     scale is the same; a saved-tensor hook that copies U, or an in-place change of W, A or B through autograd,
     merges again. Writes that bypass the version counter (``p.data.add_(...)``, a raw kernel, a collective)
     between a forward and its backward are not seen: the backward then uses the forward's W', the one the
-    forward computed with, where the option off would merge the changed weights."""
-    v = os.environ.get(KEEP_ENV_VAR, "0").strip().lower()
-    if v not in _KEEP_VALUES:
-        raise ValueError(f"{KEEP_ENV_VAR}: expected 1 or 0 (true/false, yes/no, on/off), got {v!r}")
-    return _KEEP_VALUES[v]
+    forward computed with, where the option off would merge the changed weights. True also for
+    ``merged_cache``'s value ("cache")."""
+    return keep_mode() != "off"
 
 
 class _Kept:
@@ -211,6 +240,81 @@ def _kept_weight(u: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float) 
     if not isinstance(kept, _Kept) or kept.sig != _merge_sig(weight, A, B, scale):
         return None
     return kept.weight
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float type's bits, by element size
+
+
+class _Cached:
+    """One adapter's cached W' (``merged_cache``): what it was merged from, and B's and A's bits then."""
+
+    __slots__ = ("b_ref", "w_ref", "sig", "weight", "b_snap", "a_snap", "captured")
+
+    def __init__(self, weight: Tensor, A: Tensor, B: Tensor, sig: tuple, wm: Tensor):
+        self.b_ref, self.w_ref, self.sig, self.weight = weakref.ref(B), weakref.ref(weight), sig, wm
+        self.b_snap = torch.empty(B.shape, dtype=_BITS[B.element_size()], device=B.device)
+        self.a_snap = torch.empty(A.shape, dtype=_BITS[A.element_size()], device=A.device)
+        self.captured = False
+
+
+_MERGED_CACHE: dict[int, _Cached] = {}  # id(B) -> its W'; an entry leaves when its B is freed
+_CAPTURED: list[tuple[Tensor, ...]] = []  # W' and snapshots a CUDA graph may still replay into: never freed
+
+
+def clear_merged_cache() -> None:
+    """Free every W' of ``merged_cache`` (``FEDLORA_FAST_KEEP_MERGED=cache``), except those a CUDA graph
+    captured (it may replay into them)."""
+    for e in _MERGED_CACHE.values():
+        _retire(e)
+    _MERGED_CACHE.clear()
+
+
+def _retire(e: _Cached) -> None:
+    if e.captured:
+        _CAPTURED.append((e.weight, e.b_snap, e.a_snap))
+
+
+def _cache_sig(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple | None:
+    """What a cached W' is checked against on the host (B and A by content, on the device): W's memory,
+    layout and version counter, the scale, and A's and B's types and shapes. None where W has no version
+    counter (an inference tensor)."""
+    if weight.is_inference():
+        return None
+    return (float(scale), weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.stride(),
+            weight.device, A.dtype, tuple(A.shape), A.device, B.dtype, tuple(B.shape), B.device)  # fmt: skip
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor | None:
+    """B's cached W' (``merged_cache``), brought up to date with W, A, B and the scale: made and merged in
+    full on first use or when W or the scale changed (a new buffer, the old one left to whoever holds it),
+    else merged again only where B's or A's bits changed. None where it cannot be cached (no version
+    counter on W; a first use under CUDA graph capture)."""
+    sig = _cache_sig(weight, A, B, scale)
+    if sig is None:
+        return None
+    key = id(B)
+    e = _MERGED_CACHE.get(key)
+    capturing = _capturing(weight.device)
+    if e is None or e.b_ref() is not B or e.w_ref() is not weight or e.sig != sig:
+        if capturing:  # a buffer from the graph's private pool must not outlive the graph in the cache
+            return None
+        if e is not None:
+            _retire(e)
+        else:
+            weakref.finalize(B, _MERGED_CACHE.pop, key, None)
+        out, inp = weight.shape
+        e = _MERGED_CACHE[key] = _Cached(weight, A, B, sig, _alloc((out, inp), weight.dtype, weight.device))
+        _launch_merge(weight, A, B, scale, e.weight)
+    else:
+        e.captured = e.captured or capturing
+        _launch_merge(weight, A, B, scale, e.weight, (e.b_snap, e.a_snap))
+    e.b_snap.copy_(B.view(e.b_snap.dtype))
+    e.a_snap.copy_(A.view(e.a_snap.dtype))
+    return e.weight
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -672,12 +776,12 @@ def _clip_reduce_kernel(
 
 @triton.jit
 def _merge_kernel(
-    w_ptr, b_ptr, a_ptr, out_ptr,
+    w_ptr, b_ptr, a_ptr, out_ptr, b_bits_ptr, b_snap_ptr, a_bits_ptr, a_snap_ptr,
     stride_wo, stride_wi, stride_bo, stride_bj, stride_aj, stride_ai, stride_oo, stride_oi,
     OUT, IN, RANK, scale,
     LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, LOOP_I: tl.constexpr,
-    BLOCK_RK: tl.constexpr,
+    BLOCK_RK: tl.constexpr, CHECK: tl.constexpr,
 ):  # fmt: skip
     """out = W + scale * B @ A (out, in): the base weight with the adapter merged in, rounded once to W's
     dtype (``FEDLORA_FAST_GEMM=merged``). The low-rank product is float32 (``LR_PREC`` as the GEMM
@@ -687,7 +791,14 @@ def _merge_kernel(
     accumulator of a single dot, up to r such roundings, far below bf16's). A program covers
     ``LOOP_I`` tiles along ``in`` (1: one tile); each tile's product runs in ``BLOCK_RK``-deep slices of the
     rank (``BLOCK_R``: one dot, B's tile loaded once per program; less: a loop over the slices, B's and A's
-    pipelined, each slice's operands a fraction of the registers)."""
+    pipelined, each slice's operands a fraction of the registers).
+
+    ``CHECK`` (the merged-weight cache, ``FEDLORA_FAST_KEEP_MERGED=cache``): ``out`` already holds the W'
+    merged from the B and A whose bits the snapshots hold (``b_snap`` (OUT, RANK) and ``a_snap`` (RANK, IN),
+    contiguous, of the integer type of B's and A's element size; ``b_bits`` and ``a_bits`` are B and A viewed
+    as that type). A tile is merged again only where a bit of its B rows or A columns differs from them; an
+    unchanged tile reads a few rank-wide rows and writes nothing. Bits, not values: -0.0 against 0.0 (and any
+    NaN) counts as changed, so the tile is the one a fresh merge writes."""
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
     ro = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -697,30 +808,43 @@ def _merge_kernel(
         b = tl.load(b_ptr + ro[:, None] * stride_bo + rj[None, :] * stride_bj,
                     mask=mask_o[:, None] & (rj < RANK)[None, :], other=0.0).to(tl.float32)  # fmt: skip
         b = b * scale
+    if CHECK:  # did a bit of this program's B rows change since the cached W' was merged?
+        rr = tl.arange(0, BLOCK_R)
+        mask_rb = mask_o[:, None] & (rr < RANK)[None, :]
+        b_now = tl.load(b_bits_ptr + ro[:, None] * stride_bo + rr[None, :] * stride_bj, mask=mask_rb, other=0)
+        b_was = tl.load(b_snap_ptr + ro[:, None] * RANK + rr[None, :], mask=mask_rb, other=0)
+        b_changed = tl.max(tl.max((b_now != b_was).to(tl.int32), axis=1), axis=0)
     for step in range(LOOP_I):
         ri = (pid_i.to(tl.int64) * LOOP_I + step) * BLOCK_I + tl.arange(0, BLOCK_I)
         mask_i = ri < IN
         mask = mask_o[:, None] & mask_i[None, :]
-        if BLOCK_RK == BLOCK_R:
-            a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
-                        mask=(rj < RANK)[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            acc = tl.dot(b, a, input_precision=LR_PREC)
-        else:
-            acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-            for k in range(0, RANK, BLOCK_RK):
-                rk = k + rj
-                mask_k = rk < RANK
-                bk = tl.load(b_ptr + ro[:, None] * stride_bo + rk[None, :] * stride_bj,
-                             mask=mask_o[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                ak = tl.load(a_ptr + rk[:, None] * stride_aj + ri[None, :] * stride_ai,
-                             mask=mask_k[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                acc = tl.dot(bk * scale, ak, acc, input_precision=LR_PREC)
-        w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
-        acc += w.to(tl.float32)
-        if FIX_BF16_ROUNDING:
-            acc = _round_bf16_rne(acc)
-        tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)  # fmt: skip
+        todo = True
+        if CHECK:  # ... or of this tile's A columns
+            mask_ra = (rr < RANK)[:, None] & mask_i[None, :]
+            a_now = tl.load(a_bits_ptr + rr[:, None] * stride_aj + ri[None, :] * stride_ai, mask=mask_ra, other=0)
+            a_was = tl.load(a_snap_ptr + rr[:, None] * IN + ri[None, :], mask=mask_ra, other=0)
+            todo = (b_changed + tl.max(tl.max((a_now != a_was).to(tl.int32), axis=1), axis=0)) > 0
+        if todo:  # (always without CHECK)
+            if BLOCK_RK == BLOCK_R:
+                a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
+                            mask=(rj < RANK)[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                acc = tl.dot(b, a, input_precision=LR_PREC)
+            else:
+                acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+                for k in range(0, RANK, BLOCK_RK):
+                    rk = k + rj
+                    mask_k = rk < RANK
+                    bk = tl.load(b_ptr + ro[:, None] * stride_bo + rk[None, :] * stride_bj,
+                                 mask=mask_o[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                    ak = tl.load(a_ptr + rk[:, None] * stride_aj + ri[None, :] * stride_ai,
+                                 mask=mask_k[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                    acc = tl.dot(bk * scale, ak, acc, input_precision=LR_PREC)
+            w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
+            acc += w.to(tl.float32)
+            if FIX_BF16_ROUNDING:
+                acc = _round_bf16_rne(acc)
+            tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty),
+                     mask=mask)  # fmt: skip
 
 
 @triton.jit
@@ -1613,20 +1737,30 @@ def _merge_launch(device: torch.device, dtype: torch.dtype, r: int, out: int, in
 
 def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``W + scale * B A`` (out, in) in W's dtype, contiguous: the one weight of ``FEDLORA_FAST_GEMM=merged``
-    (``Y = x W'^T + b`` and ``dX = G W'``). Made per call and never cached across steps (a W' per layer held
-    for good would double the model's weight memory); ``keep_merged`` (opt-in) holds the forward's from the
-    forward to its backward only."""
+    (``Y = x W'^T + b`` and ``dX = G W'``). Made per call; ``keep_merged`` (opt-in) holds the forward's from
+    the forward to its backward, ``merged_cache`` (opt-in) across steps as well (a W' per layer held for good
+    adds the adapted layers' weight memory once more)."""
     out, inp = weight.shape
     wm = _alloc((out, inp), weight.dtype, weight.device)
+    _launch_merge(weight, A, B, scale, wm)
+    return wm
+
+
+def _launch_merge(
+    weight: Tensor, A: Tensor, B: Tensor, scale: float, wm: Tensor, snaps: tuple[Tensor, Tensor] | None = None
+) -> None:  # fmt: skip
+    """W + scale * B A into ``wm``; with ``snaps`` (B's and A's bits when ``wm`` was last merged, as
+    ``_Cached`` holds them) only its tiles whose B rows or A columns changed since."""
+    out, inp = weight.shape
     cfg = _merge_launch(weight.device, weight.dtype, A.shape[0], out, inp)
     grid = (_cdiv(out, cfg["BLOCK_O"]), _cdiv(inp, cfg["BLOCK_I"] * cfg["LOOP_I"]))
+    bits = (B, B, A, A) if snaps is None else (B.view(snaps[0].dtype), snaps[0], A.view(snaps[1].dtype), snaps[1])
     with _device_guard(weight.device):
         _run(
-            _merge_kernel, grid, weight, B, A, wm, *weight.stride(), *B.stride(), *A.stride(), *wm.stride(),
+            _merge_kernel, grid, weight, B, A, wm, *bits, *weight.stride(), *B.stride(), *A.stride(), *wm.stride(),
             out, inp, A.shape[0], float(scale),
-            FIX_BF16_ROUNDING=_interpret() and weight.dtype == torch.bfloat16, **cfg,
+            FIX_BF16_ROUNDING=_interpret() and weight.dtype == torch.bfloat16, CHECK=snaps is not None, **cfg,
         )  # fmt: skip
-    return wm
 
 
 def _clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
@@ -1819,6 +1953,11 @@ def _fwd(
         _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
         return y, None
 
+    if keep and merged_cache() and gemm_impl() in ("auto", "merged"):  # B's W' kept across steps: one GEMM
+        wm = _cached_merged_weight(weight, A, B, scale)
+        if wm is not None:
+            _keep(u, wm, weight, A, B, scale)
+            return torch.nn.functional.linear(x, wm, bias), u
     key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok, keep)
     credit = functools.partial(_merged_weight, weight, A, B, scale) if keep else None  # the backward's merge
     impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype, credit)  # (the op's device guard: its events too)
@@ -1930,9 +2069,10 @@ def _bwd(
         return gB, nuB, v, dx
 
     impl = "triton"
-    if need_dx:
-        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, r, dt, split_dx, mode, xa is None,
-               kept is not None)  # fmt: skip
+    if kept is not None and gemm_impl() in ("auto", "merged"):  # dX = G W' is the floor's own GEMM: nothing
+        impl = "merged"  # does less, so auto takes it untimed (and the forward's credit is earned)
+    elif need_dx:
+        key = ("dx", g.device.index, _tokens_bucket(n * T), inp, out, r, dt, split_dx, mode, xa is None)
         impl = _choose_gemm(key, g.device, pass_and_dx, merged_ok=not split_dx, dtype=dt)  # (the op's device guard)
     gB, nuB, v, dx = pass_and_dx(impl)
     if mode == MODE_CLIP:

@@ -915,10 +915,11 @@ def test_cuda_graph_replays_equal_the_eager_accumulate(clipping, sizes, monkeypa
         not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")]),
 ])
 def test_dp_steps_with_the_kept_merged_weight(device, monkeypatch):
-    """FEDLORA_FAST_GEMM=merged with FEDLORA_FAST_KEEP_MERGED=1 in DP steps (on CUDA captured in a graph: the
-    backward reads the forward's W' from the graph's pool; on the CPU eagerly, Triton interpreted): the second
-    adapted layer's backward gets the kept W' (the first's input wants no gradient: nothing kept there), and
-    the clipped sums equal those of eager steps without the option."""
+    """FEDLORA_FAST_GEMM=merged with FEDLORA_FAST_KEEP_MERGED=1 or =cache in DP steps (on CUDA captured in a
+    graph: the backward reads the forward's W' from the graph's pool, or the cached W' the capture found,
+    which each replay brings up to date with B as the optimizer changes it; on the CPU eagerly, Triton
+    interpreted): the second adapted layer's backward gets the kept W' (the first's input wants no gradient:
+    nothing kept there), and the clipped sums equal those of eager steps without the option."""
     from fedlora_fast.kernels import ffa_linear as K
 
     monkeypatch.setenv(backends.ENV_VAR, "triton")
@@ -928,8 +929,9 @@ def test_dp_steps_with_the_kept_merged_weight(device, monkeypatch):
         pytest.skip(f"triton backend unavailable on {device}: {backends._probe('triton', device)[1]}")
     lookups = spy_kept_weight(monkeypatch)  # the capture's among them (replays call nothing)
     sums = {}
-    for keep in ("0", "1"):
+    for keep in ("0", "1", "cache"):
         monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+        K.clear_merged_cache()
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT)).to(device)
         ff.inject_adapters(model, ["0", "2"], r=R, alpha=6.0, seed=0)
@@ -937,7 +939,7 @@ def test_dp_steps_with_the_kept_merged_weight(device, monkeypatch):
             model[0].lora_B.normal_(0, 0.5)
             model[2].lora_B.normal_(0, 0.5)
         dp = make_dp(model, noise_multiplier=1.0, noise_seed=0)
-        graph = device == "cuda" and keep == "1"
+        graph = device == "cuda" and keep != "0"
         acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=4, graph=graph)
         total = []
         for seed, n in ((1, 7), (2, 3)):
@@ -947,9 +949,13 @@ def test_dp_steps_with_the_kept_merged_weight(device, monkeypatch):
             dp.zero_grad()
         sums[keep] = torch.stack(total)
         used = [got for _, got in lookups]  # backward calls that got the forward's W'
-        assert any(used) is (keep == "1") and all(used) is (keep == "1"), lookups
+        assert any(used) is (keep != "0") and all(used) is (keep != "0"), lookups
         lookups.clear()
+        if keep == "cache":  # both layers' W' cached (and, in the graph, replayed into)
+            assert len(K._MERGED_CACHE) == 2 and all(e.captured is graph for e in K._MERGED_CACHE.values())
+            K.clear_merged_cache()
     assert_close_verbose(sums["1"], sums["0"], atol=1e-6, rtol=1e-6, name="clipped sums (kept W')")
+    assert_close_verbose(sums["cache"], sums["0"], atol=1e-6, rtol=1e-6, name="clipped sums (cached W')")
 
 
 @pytest.mark.cuda

@@ -629,12 +629,12 @@ def test_merge_config_rejects_a_slice_depth_a_dot_cannot_take(monkeypatch):
             K._merged_weight(t["weight"], t["A"], t["B"], 0.5)
 
 
-def _launches(monkeypatch):
-    """Record (kernel name, HAS_V) of every kernel launch through ``K._run``."""
+def _launches(monkeypatch, flag: str = "HAS_V"):
+    """Record (kernel name, its ``flag``: HAS_V, or CHECK for the cache's merges) of every launch through ``K._run``."""
     seen, run = [], K._run
 
     def recording_run(fn, grid, *args, **kw):
-        seen.append((getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")), kw.get("HAS_V")))
+        seen.append((getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", "?")), kw.get(flag)))
         return run(fn, grid, *args, **kw)
 
     monkeypatch.setattr(K, "_run", recording_run)
@@ -1256,8 +1256,8 @@ def test_auto_credits_merged_with_the_backwards_merge_when_kept(monkeypatch, kee
     """With the kept weight, auto takes the merge the backward saves off the forward's merged time (the
     merge alone timed ``AUTO_ROUNDS`` times at 0.8 then 0.7 ms, its fastest taken): merged at 1.5 ms beats
     triton's 1.0 only then; at 1.75 ms it would with the slowest round's credit but not with the fastest's;
-    at 2.5 ms not at all (and then no W' from the timing is kept). The backward that got the kept W' is a
-    shape of its own (timed anew)."""
+    at 2.5 ms not at all (and then no W' from the timing is kept). The backward that got the kept W' runs
+    merged untimed (dX = G W' is the floor's own GEMM); one without it is timed as ever."""
     monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
     monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
     monkeypatch.setattr(K, "_AUTO_CHOICE", {})
@@ -1283,9 +1283,9 @@ def test_auto_credits_merged_with_the_backwards_merge_when_kept(monkeypatch, kee
     close(y, ref_fwd(dict(t, xa=t["x"]), s)[0], "y")
     timed.clear()
     got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, s, True, False, 1, 0.0, 0.0)
-    assert timed == auto_order(K.AUTO_CANDIDATES), timed  # no credit in the backward: nothing to save there
-    dx_keys = [k for k in K._AUTO_CHOICE if k[0] == "dx"]
-    assert len(dx_keys) == 1 and dx_keys[0][-1] is (wins == "merged"), dx_keys
+    kept = wins == "merged"  # no credit in the backward: nothing to save there
+    assert timed == ([] if kept else auto_order(K.AUTO_CANDIDATES)), timed
+    assert len([k for k in K._AUTO_CHOICE if k[0] == "dx"]) == (0 if kept else 1), K._AUTO_CHOICE
     close(got[0], ref_bwd(t, f64(u), False, s, True, False, 1, 0.0, 0.0)[0], "dx")
     # the other setting of the option is another forward key: timed anew, its own choice (a process may run
     # both, as the layer bench's [auto] and [keep] do)
@@ -1393,6 +1393,250 @@ def test_keep_merged_through_the_layer(triton_backend, monkeypatch):
     y.pow(2).sum().backward()
     assert _merges(launches) == 1, launches
     assert torch.equal(y.detach(), grads["1"][0]) and torch.equal(xr.grad, grads["1"][1])
+
+
+def _merge_checks(launches) -> list[bool]:
+    """CHECK of each ``_merge_kernel`` launch (``_launches(monkeypatch, "CHECK")``)."""
+    return [chk for n, chk in launches if n == "_merge_kernel"]
+
+
+@pytest.fixture
+def merged_cache(monkeypatch):
+    """FEDLORA_FAST_KEEP_MERGED=cache, the GEMM left to auto (never timed off CUDA), a clean cache before and
+    after the test."""
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "cache")
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    K.clear_merged_cache()
+    yield
+    K.clear_merged_cache()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, dtype, monkeypatch):
+    """FEDLORA_FAST_KEEP_MERGED=cache: the first forward merges W' in full; a forward with the same B and A
+    writes no tile of it (a poisoned W' stays poisoned: what was cached is what is used); a changed B row
+    (or A column) re-merges only the tiles of its row (column) block, through a write that bypasses the
+    version counter too; -0.0 for 0.0 counts as changed. Every W' equals a fresh merge to the bit, and Y the
+    pinned merged forward's, and the float64 reference."""
+    launches = _launches(monkeypatch, "CHECK")
+    t = make(2, 3, 150, 70, 5, device, dtype=dtype)
+    x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
+
+    def fwd():
+        launches.clear()
+        return K.ffa_linear_fwd(x, x, w, t["bias"], A, B, s)
+
+    y, _ = fwd()
+    assert _merge_checks(launches) == [False], launches  # made: one full merge
+    (entry,) = K._MERGED_CACHE.values()
+    wm = entry.weight
+    assert torch.equal(wm, K._merged_weight(w, A, B, s))
+    with monkeypatch.context() as m:
+        m.setenv(K.KEEP_ENV_VAR, "0")
+        m.setenv(K.GEMM_ENV_VAR, "merged")
+        assert torch.equal(y, K.ffa_linear_fwd(x, x, w, t["bias"], A, B, s)[0])
+    if dtype == torch.float32:  # (bf16: the pinned merged forward's accuracy is tested on its own)
+        close(y, ref_fwd(dict(t, xa=x), s)[0], "y")
+    cfg = K._merge_launch(w.device, w.dtype, 5, 70, 150)
+    bo, bi = cfg["BLOCK_O"], cfg["BLOCK_I"] * cfg["LOOP_I"]
+    assert 70 > bo and 150 > bi, cfg  # several tiles each way, or the test checks no granularity
+    wm.fill_(float("nan"))
+    y2, _ = fwd()
+    assert _merge_checks(launches) == [True] and K._MERGED_CACHE[id(B)].weight is wm, launches
+    assert wm.isnan().all() and y2.isnan().all(), "an unchanged B re-merged (or the cache was not used)"
+    for what, row, col in (("B", 40, 2), ("A", 3, 130), ("-0.0", 7, 1)):
+        wm.fill_(float("nan"))
+        if what == "-0.0":
+            B.data[row, col] = 0.0
+            fwd()
+            wm.fill_(float("nan"))
+            B.data[row, col] = -0.0
+        else:
+            (B if what == "B" else A).data[row, col] += 0.5  # .data: no version bump, seen by content
+        fwd()
+        assert _merge_checks(launches) == [True], launches
+        fresh = K._merged_weight(w, A, B, s)
+        stale = wm.isnan()
+        if what == "A":  # the column block of A's changed column, every row
+            blk = slice(col // bi * bi, col // bi * bi + bi)
+            assert not stale[:, blk].any() and stale.sum() == 70 * (150 - fresh[:, blk].shape[1]), what
+            assert torch.equal(wm[:, blk], fresh[:, blk]), what
+        else:  # the row block of B's changed row, every column
+            blk = slice(row // bo * bo, row // bo * bo + bo)
+            assert not stale[blk].any() and stale.sum() == 150 * (70 - fresh[blk].shape[0]), what
+            assert torch.equal(wm[blk], fresh[blk]), what
+    wm.fill_(float("nan"))
+    B.data.add_(0.25)  # every row: all of W' again
+    y3, _ = fwd()
+    assert torch.equal(wm, K._merged_weight(w, A, B, s))
+    if dtype == torch.float32:
+        close(y3, ref_fwd(dict(t, xa=x, B=B), s)[0], "y after B changed")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_cache_keys_lifetime_and_fallbacks(poisoned, merged_cache, device, monkeypatch):
+    """One W' per B: two adapters over one W interleave correctly. A new scale or an in-place change of W
+    gets a new W' (the old one left to the pending backward that holds it, which stays right). The entry
+    leaves with its B and with ``clear_merged_cache()``. Nothing is cached for an inference W, float16, a
+    pinned non-merged GEMM or adapter dropout; a bad value of the variable is a ValueError naming it."""
+    import gc
+
+    launches = _launches(monkeypatch, "CHECK")
+    t = make(2, 5, 40, 36, 3, device)
+    x, w, A, s = t["x"], t["weight"], t["A"], 0.5
+    B1, B2 = t["B"], t["B"] * -2.0
+    rest = (True, False, 1, 0.0, 0.0)
+
+    def dx_ok(g, u, B, scale, name):
+        got = K.ffa_linear_bwd(g, u, w, A, B, None, scale, *rest)
+        close(got[0], ref_bwd(dict(t, B=B), f64(u), False, scale, *rest)[0], name)
+
+    _, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+    _, u2 = K.ffa_linear_fwd(x, x, w, None, A, B2, s)
+    assert len(K._MERGED_CACHE) == 2
+    launches.clear()
+    dx_ok(t["g"], u1, B1, s, "dx (B1)")
+    dx_ok(t["g"], u2, B2, s, "dx (B2)")
+    assert _merge_checks(launches) == [], launches  # both backwards on their forward's W'
+    # another scale: a new W' for B1; the pending backward of the old scale keeps its own
+    _, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+    old = K._MERGED_CACHE[id(B1)].weight
+    launches.clear()
+    _, u1b = K.ffa_linear_fwd(x, x, w, None, A, B1, 0.75)
+    assert _merge_checks(launches) == [False] and K._MERGED_CACHE[id(B1)].weight is not old, launches
+    dx_ok(t["g"], u1, B1, s, "dx (pending, old scale)")
+    dx_ok(t["g"], u1b, B1, 0.75, "dx (new scale)")
+    # W changed in place (version counter): a new W', correct
+    _, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+    with torch.no_grad():
+        w.add_(0.125)
+    launches.clear()
+    y, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+    assert _merge_checks(launches) == [False], launches
+    close(y, ref_fwd(dict(t, xa=x, weight=w, bias=None), s)[0], "y after W changed")
+    dx_ok(t["g"], u1, B1, s, "dx after W changed")
+    del u1, u1b, u2, B2
+    gc.collect()
+    assert list(K._MERGED_CACHE) == [id(B1)]
+    K.clear_merged_cache()
+    assert not K._MERGED_CACHE
+    # where nothing is cached
+    with torch.inference_mode():
+        i = make(2, 5, 40, 36, 3, device)
+        y, _ = K.ffa_linear_fwd(i["x"], i["x"], i["weight"], i["bias"], i["A"], i["B"], s)
+    close(y, ref_fwd(dict(i, xa=i["x"]), s)[0], "y (inference)")
+    h = make(2, 5, 40, 36, 3, device, dtype=torch.float16)
+    K.ffa_linear_fwd(h["x"], h["x"], h["weight"], h["bias"], h["A"], h["B"], s)
+    K.ffa_linear_fwd(x, t["xa"], w, None, A, B1, s)  # adapter dropout: x and xa differ
+    for impl in ("triton", "cublas", "cublas_acc"):
+        monkeypatch.setenv(K.GEMM_ENV_VAR, impl)
+        K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+    assert not K._MERGED_CACHE
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+    assert list(K._MERGED_CACHE) == [id(B1)]
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "caches")
+    with pytest.raises(ValueError, match=K.KEEP_ENV_VAR):
+        K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+    for v, mode in (("0", "off"), ("1", "backward"), (" Cache ", "cache")):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, v)
+        assert (K.keep_mode(), K.keep_merged(), K.merged_cache()) == (mode, mode != "off", mode == "cache"), v
+
+
+def test_merged_cache_under_capture(merged_cache, monkeypatch):
+    """Under CUDA graph capture (stood in for: ``_capturing``) no W' is made (the call runs as with
+    FEDLORA_FAST_KEEP_MERGED=1: with merged pinned, it merges for itself and keeps that); an existing one is
+    used, and is then kept alive past a new W' for a new scale, since the graph may replay into it."""
+    import gc
+    import weakref
+
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
+    launches = _launches(monkeypatch, "CHECK")
+    t = make(2, 3, 20, 24, 5, "cpu")
+    x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    y, u = K.ffa_linear_fwd(x, x, w, None, A, B, s)
+    assert not K._MERGED_CACHE and _merge_checks(launches) == [False] and hasattr(u, K._KEPT_ATTR), launches
+    close(y, ref_fwd(dict(t, xa=x, bias=None), s)[0], "y")
+    monkeypatch.setattr(K, "_capturing", lambda device: False)
+    K.ffa_linear_fwd(x, x, w, None, A, B, s)  # eager (a warm-up): made
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    launches.clear()
+    K.ffa_linear_fwd(x, x, w, None, A, B, s)  # captured: the conditional merge on the cached W'
+    assert _merge_checks(launches) == [True], launches
+    held = weakref.ref(K._MERGED_CACHE[id(B)].weight)
+    assert K.ffa_linear_fwd(x, x, w, None, A, B, 0.75)[0] is not None  # a new scale under capture: not cached
+    assert K._MERGED_CACHE[id(B)].weight is held()
+    monkeypatch.setattr(K, "_capturing", lambda device: False)
+    K.ffa_linear_fwd(x, x, w, None, A, B, 0.75)  # eager: a new W'; the captured one stays allocated
+    assert K._MERGED_CACHE[id(B)].weight is not held()
+    del u
+    gc.collect()
+    assert held() is not None and any(c[0] is held() for c in K._CAPTURED)
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    K.ffa_linear_fwd(x, x, w, None, A, B, 0.75)  # captured again (the new W')
+    monkeypatch.setattr(K, "_capturing", lambda device: False)
+    held2 = weakref.ref(K._MERGED_CACHE[id(B)].weight)
+    K.clear_merged_cache()
+    gc.collect()
+    assert not K._MERGED_CACHE and held2() is not None and any(c[0] is held2() for c in K._CAPTURED)
+    K._CAPTURED[:] = [c for c in K._CAPTURED if c[0] is not held() and c[0] is not held2()]
+
+
+def test_merged_cache_skips_autos_timing(merged_cache, monkeypatch):
+    """With the cache, auto times nothing: the forward runs merged on B's W', and its backward, given that
+    W', runs merged too."""
+    monkeypatch.setattr(K, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(K, "_auto_times", lambda device: True)
+    timed = []
+    monkeypatch.setattr(K, "_time_ms", lambda fn, device, reps=3: timed.append(fn) or 1.0)
+    launches = _launches(monkeypatch, "CHECK")
+    t = make(2, 3, 20, 24, 5, "cpu")
+    y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
+    got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 0.5, True, False, 1, 0.0, 0.0)
+    assert timed == [] and K._AUTO_CHOICE == {} and _merge_checks(launches) == [False], launches
+    close(y, ref_fwd(dict(t, xa=t["x"]), 0.5)[0], "y")
+    close(got[0], ref_bwd(t, f64(u), False, 0.5, True, False, 1, 0.0, 0.0)[0], "dx")
+
+
+def test_merged_cache_dp_micro_batches_through_the_layer(triton_backend, merged_cache, monkeypatch):
+    """DP steps of two micro-batches each through the layer, B stepped by the optimizer in between: with the
+    cache, one full merge in all (the first forward), a conditional one per later forward, none in any
+    backward, and every clipped sum and parameter equal to the bit to the same steps with W' merged per
+    call (FEDLORA_FAST_GEMM=merged without the cache)."""
+    device = triton_backend
+    launches = _launches(monkeypatch, "CHECK")
+    results = {}
+    for keep in ("0", "cache"):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+        monkeypatch.setenv(K.GEMM_ENV_VAR, "merged" if keep == "0" else "auto")
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 6)).to(device)
+        ff.inject_adapters(model, ["0", "2"], r=4, alpha=8.0, seed=0)
+        with torch.no_grad():
+            model[2].lora_B.normal_(0, 0.5)
+        dp = ff.DPSGD(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5),
+                      max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=6)
+        gen = torch.Generator().manual_seed(1)
+        launches.clear()
+        sums = []
+        for _ in range(3):
+            for _ in range(2):
+                xb = torch.randn(3, 2, 12, generator=gen).to(device).requires_grad_()
+                model(xb).pow(2).sum().backward()
+                dp.accumulate()
+            sums.append(torch.cat([c.flatten() for c in dp.clipped_sum()]))
+            dp.step()
+            dp.zero_grad()
+        results[keep] = (torch.stack(sums), [p.detach().clone() for p in model.parameters()])
+        if keep == "cache":
+            assert _merge_checks(launches) == [False] * 2 + [True] * 10, launches  # 2 layers, 6 forwards
+        else:
+            assert _merge_checks(launches) == [False] * 24, launches  # each forward and backward merges
+    assert torch.equal(results["0"][0], results["cache"][0])
+    for a, b in zip(results["0"][1], results["cache"][1]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -2159,8 +2403,11 @@ def _aot_cases():
     for r_block in (16, 64):
         for dtype, ptrs in ((torch.bfloat16, merge_ptrs), (torch.float32, dict.fromkeys(merge_ptrs, f32))):
             mb = K._merge_launch(cuda, dtype, r_block, 4096, 11008)  # as _merged_weight launches it
-            cases.append((f"merge r{r_block}{' fp32' if dtype == torch.float32 else ''}", K._merge_kernel, ptrs,
-                          dict(FIX_BF16_ROUNDING=False, **blocks(mb), **merge_units), mb))  # fmt: skip
+            for check in (False, True):  # CHECK: the merged-weight cache's conditional merge (B, A float32)
+                bits = dict(b_bits_ptr="*i32", b_snap_ptr="*i32", a_bits_ptr="*i32", a_snap_ptr="*i32") if check else {}
+                name = f"merge r{r_block}{' fp32' if dtype == torch.float32 else ''}{' cached' if check else ''}"
+                cases.append((name, K._merge_kernel, dict(ptrs, **bits),
+                              dict(FIX_BF16_ROUNDING=False, CHECK=check, **blocks(mb), **merge_units), mb))  # fmt: skip
         # the variants the merge sweep times: LOOP_I tiles along in per program (pipelined), the rank in 16-deep
         # slices, the product as float32 FMAs ("ieee": one slice's operands in registers)
         variants = ((64, 128, 4, 4, "tf32", r_block), (128, 128, 8, 4, "tf32", r_block), (64, 128, 4, 1, "tf32", 16),
@@ -2169,7 +2416,8 @@ def _aot_cases():
             cfg = dict(BLOCK_O=bo, BLOCK_I=bi, LOOP_I=loop_i, BLOCK_RK=block_rk, num_warps=warps, num_stages=3)
             cases.append((f"sweep merge r{r_block} {bo}x{bi} LOOP_I={loop_i} {prec} RK{block_rk} w{warps} s3",
                           K._merge_kernel, merge_ptrs, dict(LR_PREC=prec, FIX_BF16_ROUNDING=False, BLOCK_R=r_block,
-                                                            **blocks(cfg), **merge_units), cfg))  # fmt: skip
+                                                            CHECK=False, **blocks(cfg), **merge_units),
+                          cfg))  # fmt: skip
     # U where its tile narrows to 32 rows (64 rows need 160 KiB of shared memory at r = 64 and spill on sm86)
     u_ptrs = dict(gemm_ptrs, w_ptr=f32, out_ptr=f32)
     for r_block in (64,):  # above 64, U is the autotuned GEMM's
