@@ -21,6 +21,10 @@ shared provenance of ``bench/harness.py``. At Llama-7B projection shapes (4096->
      ``ffa_flat[keep]`` (on request): ``ffa_flat[auto]`` with ``FEDLORA_FAST_KEEP_MERGED=1`` (a merged forward's
      ``W + s B A`` kept for its backward: one merge per step instead of two, a W-sized buffer held between them),
      ``ffa_flat[graph_keep]`` (on request, CUDA): ``ffa_flat[keep]`` captured and replayed as ``[graph]`` is,
+     ``ffa_flat[cache]`` (on request): ``ffa_flat[auto]`` with ``FEDLORA_FAST_KEEP_MERGED=cache`` (B's W' kept
+     across steps and only checked against B and A at each forward: B does not change between the timed
+     steps, so this is the steady state of the micro-batches of one DP logical batch; a step after an
+     optimizer update costs one merge more, timed as ``merge_ms``), ``ffa_flat[graph_cache]`` its graphs,
    - ``ffa_per_layer``: the same with per-layer clipping (clipped sum inside the backward, no P kept),
    - ``peft_opacus``: peft's LoRA layer (A frozen, as FFA; ``--peft-train-A`` for vanilla LoRA) wrapped in
      opacus' ``GradSampleModule`` (hooks), per-sample gradients + their norms,
@@ -61,12 +65,16 @@ JIT = "jit"  # ffa_flat[jit]: ffa_flat[auto] with FEDLORA_FAST_LAUNCH=jit (every
 LAUNCH_VARIANTS = {DIRECT: "direct", JIT: "jit"}  # variant -> FEDLORA_FAST_LAUNCH
 KEEP = "keep"  # ffa_flat[keep]: ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=1 (the forward's W' kept for dX)
 GRAPH_KEEP = "graph_keep"  # ffa_flat[graph_keep]: ffa_flat[keep] replayed from CUDA graphs (captured with it)
-GRAPHS = {GRAPH: None, GRAPH_KEEP: KEEP}  # graph variant -> the _with_gemm setting its capture runs under
-KEEP_VARIANTS = (KEEP, GRAPH_KEEP)  # the variants that set FEDLORA_FAST_KEEP_MERGED for themselves
-AUTO_LIKE = ("auto", *GRAPHS, *LAUNCH_VARIANTS, KEEP)  # ffa_flat[...] variants that run auto's GEMM choice
+CACHE = "cache"  # ffa_flat[cache]: ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=cache (B's W' kept across steps)
+GRAPH_CACHE = "graph_cache"  # ffa_flat[graph_cache]: ffa_flat[cache] replayed from CUDA graphs
+KEEP_SETTINGS = {KEEP: "1", CACHE: "cache"}  # _with_gemm setting -> its FEDLORA_FAST_KEEP_MERGED
+GRAPHS = {GRAPH: None, GRAPH_KEEP: KEEP, GRAPH_CACHE: CACHE}  # graph variant -> the setting its capture runs under
+KEEP_VARIANTS = (KEEP, GRAPH_KEEP, CACHE, GRAPH_CACHE)  # the variants that set FEDLORA_FAST_KEEP_MERGED themselves
+AUTO_LIKE = ("auto", *GRAPHS, *LAUNCH_VARIANTS, KEEP, CACHE)  # ffa_flat[...] variants that run auto's GEMM choice
 # the ratio to the floor of each auto-like variant beside the headline (row key -> ffa_flat[...] variant)
 VARIANT_RATIOS = {"ratio_to_floor_graph": GRAPH, "ratio_to_floor_direct": DIRECT, "ratio_to_floor_jit": JIT,
-                  "ratio_to_floor_keep": KEEP, "ratio_to_floor_graph_keep": GRAPH_KEEP}
+                  "ratio_to_floor_keep": KEEP, "ratio_to_floor_graph_keep": GRAPH_KEEP,
+                  "ratio_to_floor_cache": CACHE, "ratio_to_floor_graph_cache": GRAPH_CACHE}
 
 
 DEFINITIONS = {
@@ -87,9 +95,19 @@ DEFINITIONS = {
                            "floor: against ratio_to_floor, what one merge fewer per step saves",
     "ratio_to_floor_graph_keep": "ffa_flat[graph_keep] (ffa_flat[keep]'s step captured and replayed from a CUDA "
                                  "graph) / floor: against ratio_to_floor_graph, the kept W' without host cost",
+    "ratio_to_floor_cache": "ffa_flat[cache] (ffa_flat[auto] with FEDLORA_FAST_KEEP_MERGED=cache: B's W + s B A "
+                            "kept across steps, checked against B and A at each forward, re-merged where they "
+                            "changed; opt-in, one W-sized buffer per layer for good) / floor. B is the same in "
+                            "every timed step: the steady state of the micro-batches of one DP logical batch (no "
+                            "optimizer step between them); the first micro-batch after a step pays one merge "
+                            "more (the row's merge_ms)",
+    "ratio_to_floor_graph_cache": "ffa_flat[graph_cache] (ffa_flat[cache]'s step captured and replayed from a CUDA "
+                                  "graph, the check inside the graph) / floor",
+    "merge_ms": "one full merge W + s B A alone (the kernel the cache skips while B is unchanged), CUDA events",
     "ratio_to_peft_opacus": "full step of ours / peft LoRA + opacus hooks + norms",
     "headline ratios": "ratio_to_floor, ratio_to_peft_opacus, ratio_to_floor_graph, ratio_to_floor_direct, "
-                       "ratio_to_floor_jit, ratio_to_floor_keep, ratio_to_floor_graph_keep, "
+                       "ratio_to_floor_jit, ratio_to_floor_keep, ratio_to_floor_graph_keep, ratio_to_floor_cache, "
+                       "ratio_to_floor_graph_cache, "
                        "ratio_to_floor_best_pinned "
                        "and overhead_ratio_to_peft_opacus are the interleaved medians where --rounds ran (see "
                        "below; the one-after-another timings are then *_sequential), else sequential; "
@@ -132,6 +150,8 @@ def pinned_gemm(name: str) -> str | None:
 
 
 MERGED_KEPT = "merged+keep"  # a check_ops path: FEDLORA_FAST_GEMM=merged with FEDLORA_FAST_KEEP_MERGED=1
+MERGED_CACHED = "merged+cache"  # a check_ops path: FEDLORA_FAST_KEEP_MERGED=cache, the forward run twice
+CHECK_KEEP = {MERGED_KEPT: "1", MERGED_CACHED: "cache"}  # those paths' FEDLORA_FAST_KEEP_MERGED
 
 
 def gemms_to_check(which: list[str], device_type: str) -> list[str]:
@@ -139,14 +159,18 @@ def gemms_to_check(which: list[str], device_type: str) -> list[str]:
     pinned ``ffa_flat[<gemm>]`` variant timed, and with any variant that takes auto's choice (``[auto]``,
     ``[graph]``, the launch modes, ``[keep]``, ``[graph_keep]``) every path auto may pick (on CUDA
     ``AUTO_CANDIDATES``; elsewhere it picks triton): the timed path is checked. With ``[keep]`` or
-    ``[graph_keep]`` also ``MERGED_KEPT``, the merged backward on the forward's kept W'."""
+    ``[graph_keep]`` also ``MERGED_KEPT``, the merged backward on the forward's kept W'; with ``[cache]`` or
+    ``[graph_cache]`` ``MERGED_CACHED``, the forward on the cached W' (made, then checked) and the backward
+    on it."""
     gemms = [g for g in map(pinned_gemm, which) if g is not None]
     if any(f"ffa_flat[{k}]" in which for k in AUTO_LIKE):
         from fedlora_fast.kernels import ffa_linear as K
 
         gemms += [c for c in (K.AUTO_CANDIDATES if device_type == "cuda" else ("triton",)) if c not in gemms]
-    if any(f"ffa_flat[{k}]" in which for k in KEEP_VARIANTS):
+    if any(f"ffa_flat[{k}]" in which for k in (KEEP, GRAPH_KEEP)):
         gemms.append(MERGED_KEPT)
+    if any(f"ffa_flat[{k}]" in which for k in (CACHE, GRAPH_CACHE)):
+        gemms.append(MERGED_CACHED)
     return gemms or ["triton"]
 
 
@@ -338,7 +362,8 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
 
 
 def graph_variant(v: Variant, graph: str) -> Variant:
-    """``ffa_flat[graph]`` / ``[graph_keep]``: the variant captured (``_graphed``) under its ``GRAPHS`` setting."""
+    """``ffa_flat[graph]`` / ``[graph_keep]`` / ``[graph_cache]``: the variant captured (``_graphed``) under its
+    ``GRAPHS`` setting."""
     return _graphed(_with_gemm(v, GRAPHS[graph]))
 
 
@@ -357,8 +382,8 @@ def _with_gemm(v: Variant, gemm: str | None) -> Variant:
     """Run the variant's calls with FEDLORA_FAST_GEMM=gemm (None: leave the default); ``reference`` runs the
     same layer on the PyTorch reference ops instead (FEDLORA_FAST_BACKEND=torch: cuBLAS and a few torch
     kernels, fewer host-side launches than Triton's: where it wins, the step is host-bound); ``direct`` and
-    ``jit`` run it with the default GEMM choice and that FEDLORA_FAST_LAUNCH; ``keep`` with the default GEMM
-    choice and FEDLORA_FAST_KEEP_MERGED=1."""
+    ``jit`` run it with the default GEMM choice and that FEDLORA_FAST_LAUNCH; ``keep`` and ``cache`` with the
+    default GEMM choice and FEDLORA_FAST_KEEP_MERGED=1 / =cache."""
     if gemm is None:
         return v
     from fedlora_fast.kernels import ffa_linear as K
@@ -368,8 +393,8 @@ def _with_gemm(v: Variant, gemm: str | None) -> Variant:
         var, value = backends.ENV_VAR, "torch"
     elif gemm in LAUNCH_VARIANTS:
         var, value = K.LAUNCH_ENV_VAR, LAUNCH_VARIANTS[gemm]
-    elif gemm == KEEP:
-        var, value = K.KEEP_ENV_VAR, "1"
+    elif gemm in KEEP_SETTINGS:
+        var, value = K.KEEP_ENV_VAR, KEEP_SETTINGS[gemm]
     else:
         var, value = K.GEMM_ENV_VAR, gemm
 
@@ -714,6 +739,17 @@ def merge_config(bo: int, bi: int, warps: int, stages, loop_i: int = 1, prec: st
     return cfg
 
 
+def time_merge(out, inp, r, dtype, device, reps: int) -> float:
+    """Milliseconds of one full merge ``W + s B A`` at W (out, in) on the shipped config (``_merged_weight``,
+    ``kernel_ms``): what ``ffa_flat[cache]``'s first step after an optimizer update adds to its timed steps."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    w = torch.randn(out, inp, device=device).to(dtype)
+    A = torch.randn(r, inp, device=device)
+    B = torch.randn(out, r, device=device)
+    return kernel_ms(lambda: K._merged_weight(w, A, B, 2.0), device, reps)
+
+
 def sweep_merge(out, inp, r, dtype, device, reps: int) -> list[dict]:
     """Time the merge kernel alone (``_merged_weight``: W' = W + s B A, rounded once to W's dtype) for each
     config of ``MERGE_SWEEP`` at W (out, in), with its error vs float64 in half-ulps of W's dtype
@@ -930,10 +966,13 @@ def check_ops(n, T, inp, out, r, dtype, device, gemms) -> list[dict]:
     results = []
     for gemm in gemms:
         worst: dict = {}
-        keep = "1" if gemm == MERGED_KEPT else None  # the bwd calls below reuse the fwd's U: its kept W'
+        keep = CHECK_KEEP.get(gemm)  # the bwd calls below reuse the fwd's U: its kept W'
         with harness.env_var(K.GEMM_ENV_VAR, "merged" if keep else gemm), harness.env_var(K.KEEP_ENV_VAR, keep):
             try:
                 y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
+                if gemm == MERGED_CACHED:  # the first call made B's W': the second runs the check the steps time
+                    judge(worst, "y[made]", y, y64, ylp)
+                    y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
                 judge(worst, "y", y, y64, ylp)
                 judge(worst, "u", u, u64, ulp)
                 for mode in modes:
@@ -1014,7 +1053,7 @@ def main(argv=None) -> int:
     which = [v.strip() for v in args.variants.split(",") if v.strip()]
     if any(f"ffa_flat[{k}]" in which for k in KEEP_VARIANTS):
         harness.refuse_global("FEDLORA_FAST_KEEP_MERGED",
-                              "ffa_flat[keep] sets it for itself; the others would keep too")
+                              "ffa_flat[keep] and [cache] set it for themselves; the others would keep too")
     sweeps = {v.strip() for v in args.sweeps.split(",") if v.strip()}
     if not sweeps or sweeps - {"u", "merge", "outer"}:
         ap.error(f"--sweeps: expected a comma-separated subset of u, merge, outer; got {args.sweeps!r}")
@@ -1136,6 +1175,9 @@ def main(argv=None) -> int:
                     except Exception as err:  # noqa: BLE001  (the profile is a diagnostic: never lose the timings)
                         profiles[name] = [{"kernel": f"profile failed: {err!r}"[:200], "us_per_step": 0.0, "calls_per_step": 0}]
             variants.clear()
+            merge_ms = None
+            if any(f"ffa_flat[{k}]" in times for k in (CACHE, GRAPH_CACHE)):  # what a step after an update adds
+                merge_ms = time_merge(out, inp, args.r, dtype, device, reps)
             swept = sweeps if args.sweep_outer and device.type == "cuda" else set()
             sweep = sweep_outer(n, T, out, args.r, dtype, device, reps) if "outer" in swept else None
             sweep_x = sweep_u(n, T, inp, args.r, dtype, device, reps) if "u" in swept else None
@@ -1160,6 +1202,8 @@ def main(argv=None) -> int:
             }  # fmt: skip
             if interleave_error:
                 row["interleave_error"] = interleave_error
+            if merge_ms is not None:
+                row["merge_ms"] = merge_ms
             if failed:
                 row["failed"] = failed
                 row["correct"] = False  # a variant that cannot run is not a pass
@@ -1233,6 +1277,10 @@ def main(argv=None) -> int:
                 + (f" (keep {row['ratio_to_floor_keep']:.3f})" if "ratio_to_floor_keep" in row else "")
                 + (f" (graph keep {row['ratio_to_floor_graph_keep']:.3f})"
                    if "ratio_to_floor_graph_keep" in row else "")
+                + (f" (cache {row['ratio_to_floor_cache']:.3f})" if "ratio_to_floor_cache" in row else "")
+                + (f" (graph cache {row['ratio_to_floor_graph_cache']:.3f})"
+                   if "ratio_to_floor_graph_cache" in row else "")
+                + (f" (merge {row['merge_ms']:.3f}ms)" if "merge_ms" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
                 + (f" (overhead {row['overhead_ratio_to_peft_opacus']:.3f})" if "overhead_ratio_to_peft_opacus" in row else "")
                 + (f"  | sequential: ours/floor {row['ratio_to_floor_sequential']:.3f}"

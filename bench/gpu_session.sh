@@ -164,9 +164,10 @@ pack
 # steps 3 and 6 take step 2's fastest configs that held 4e-6 (the default configs' numbers: the H200 run of
 # 2026-11-26). The layer bench's 8x2048 rows (GPU-bound: what the kernels decide) come first.
 BLOCKS=(); [ -s "$OUT/sweep.json" ] && BLOCKS=(--blocks-from "$OUT/sweep.json")
-# the default path, the kept merged weight (FEDLORA_FAST_KEEP_MERGED, opt-in) beside it, each eager and from a CUDA
-# graph, the pinned merged path, per-layer clipping and the peer (the other pinned paths: on request, LAYER_ARGS)
-LAYER_VARIANTS="floor,ffa_flat[auto],ffa_flat[keep],ffa_flat[graph],ffa_flat[graph_keep],ffa_flat[merged],ffa_per_layer,peft_opacus"
+# the default path, the kept merged weight (FEDLORA_FAST_KEEP_MERGED=1, opt-in) and the cached one (=cache: the
+# micro-batches of one logical batch) beside it, each eager and from a CUDA graph, per-layer clipping and the peer
+# (the pinned paths, [merged] included: on request, LAYER_ARGS)
+LAYER_VARIANTS="floor,ffa_flat[auto],ffa_flat[keep],ffa_flat[cache],ffa_flat[graph],ffa_flat[graph_keep],ffa_flat[graph_cache],ffa_per_layer,peft_opacus"
 L=$(cap 3)
 if begin 3 "Triton layer benchmark with the sweeps' best configs (bench/gpu_layer.py --blocks-from)" "$L" 30; then
     # shellcheck disable=SC2086

@@ -452,7 +452,8 @@ def _with_update_check(step, model: nn.Module, info: dict):
 
 
 # "+option" after an ffa_* variant (and its "@backend"): an environment setting around its build and its steps
-OPTIONS = {"keep": ("FEDLORA_FAST_KEEP_MERGED", "1")}  # the forward's merged weight kept for the backward
+OPTIONS = {"keep": ("FEDLORA_FAST_KEEP_MERGED", "1"),  # the forward's merged weight kept for the backward
+           "cache": ("FEDLORA_FAST_KEEP_MERGED", "cache")}  # ... and across steps (re-merged where B changed)
 
 
 def parse_variant(spec: str) -> tuple[str, str | None]:
@@ -470,8 +471,10 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
             raise ValueError(f"--variants: '+{opt}' twice in {spec!r}")
         if name not in FFA_VARIANTS + CUDA_VARIANTS:
             raise ValueError(f"--variants: '+{opt}' applies to {FFA_VARIANTS + CUDA_VARIANTS} only, got {spec!r}")
-        if opt == "keep" and backend not in ("", "triton"):  # only the Triton backend merges (kernels/)
-            raise ValueError(f"--variants: '+keep' does nothing on the {backend} backend, got {spec!r}")
+        if backend not in ("", "triton"):  # only the Triton backend merges (kernels/)
+            raise ValueError(f"--variants: '+{opt}' does nothing on the {backend} backend, got {spec!r}")
+        if any(OPTIONS[o][0] == OPTIONS[opt][0] for o in options[:i]):
+            raise ValueError(f"--variants: '+{opt}' and an earlier option set the same variable in {spec!r}")
     if backend and name not in FFA_VARIANTS:
         raise ValueError(f"--variants: '@backend' applies to {FFA_VARIANTS} only, got {spec!r}")
     if backend:
@@ -531,8 +534,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma list; ffa_* may carry '@torch'/'@native'/'@triton' to pin the op backend, then "
-                        "'+keep' for FEDLORA_FAST_KEEP_MERGED=1 (e.g. ffa_dp_flat@triton+keep; results under "
-                        "ffa_dp_flat_triton_keep; --graph-sizes ignores options)")
+                        "'+keep' for FEDLORA_FAST_KEEP_MERGED=1 or '+cache' for =cache (e.g. "
+                        "ffa_dp_flat@triton+keep; results under ffa_dp_flat_triton_keep; each step here updates "
+                        "B, so '+cache' re-merges every step; --graph-sizes ignores options)")
     p.add_argument("--no-mem", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--graph-sizes", default=None, metavar="S,S,...",
                    help="after the variants: one GraphedAccumulator with these micro-batch sizes (<= n), each "
@@ -571,14 +575,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.reps < harness.MIN_REPS and not args.smoke:
         warnings.warn(f"--reps {args.reps} < {harness.MIN_REPS}: the median is not a stable estimate")
     args.variant_specs = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if any("keep" in variant_options(spec) for spec in args.variant_specs) and not args.mem_child:
-        harness.refuse_global(OPTIONS["keep"][0], "'+keep' sets it for its own variants; the others would keep too")
     try:
         for spec in args.variant_specs:
             if parse_variant(spec)[0] in CUDA_VARIANTS and not cuda:
                 raise ValueError(f"--variants: {spec} needs --device cuda (CUDA graphs), got {args.device}")
     except ValueError as e:
         p.error(str(e))
+    for var in {OPTIONS[o][0] for spec in args.variant_specs for o in variant_options(spec)}:
+        if not args.mem_child:
+            harness.refuse_global(var, "an option ('+keep', '+cache') sets it for its own variants; the others "
+                                       "would keep too")
     args.graph_size_list = None
     if args.graph_sizes:
         try:

@@ -167,7 +167,7 @@ def backend_info() -> dict:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     # the triton backend's settings (kernels/ffa_linear.py): FEDLORA_FAST_GEMM, the base GEMM (auto: timed per
     # shape on CUDA); FEDLORA_FAST_LAUNCH, direct or JIT launches (unset: by Triton version);
-    # FEDLORA_FAST_KEEP_MERGED, the forward's merged weight kept for its backward (opt-in)
+    # FEDLORA_FAST_KEEP_MERGED, the forward's merged weight kept for its backward (1) or across steps (cache)
     out = {
         "requested": os.environ.get(backends.ENV_VAR) or "auto",
         "gemm": os.environ.get("FEDLORA_FAST_GEMM") or "auto",

@@ -5,6 +5,7 @@ what it should, and that the results file, plot and memory probe have the promis
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -83,11 +84,31 @@ def test_step_smoke_llama_and_backend_pin(tmp_path):
 
 @pytest.mark.parametrize("spec", ["floor,opacus_magic", "peft_lora@native", "ffa_nodp@cuda_magic", "ffa_dp_flat+turbo",
                                   "peft_lora+keep", "ffa_dp_flat@triton+keep+turbo", "ffa_dp_flat@torch+keep",
-                                  "ffa_dp_flat+keep+keep", "ffa_dp_flat+keep@triton"])
+                                  "ffa_dp_flat+keep+keep", "ffa_dp_flat+keep@triton", "ffa_dp_flat+keep+cache",
+                                  "ffa_dp_flat@native+cache"])
 def test_step_rejects_bad_variant(spec, capsys):
     with pytest.raises(SystemExit):
         step.parse_args(["--smoke", "--variants", spec])
     assert spec.split(",")[-1].split("@")[-1] in capsys.readouterr().err
+
+
+def test_step_cache_option_steps_on_the_cached_weight(tmp_path, monkeypatch):
+    """``+cache``: FEDLORA_FAST_KEEP_MERGED=cache around that variant only (the GEMM left to auto): its
+    backwards run on the cached W', which each step's update of B makes the next forward re-merge, and the
+    trained result is the plain variant's to the bit (same seeds)."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    used = spy_kept_weight(monkeypatch)
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    monkeypatch.delenv(K.KEEP_ENV_VAR, raising=False)
+    out = tmp_path / "step.json"
+    step.main(["--smoke", "--no-mem", "--model", "llama-tiny", "--n", "2", "--T", "4", "--json", str(out),
+               "--variants", "floor,ffa_dp_flat@triton+cache"])
+    row = json.loads(out.read_text())
+    assert row["variants"] == ["floor", "ffa_dp_flat_triton_cache"], row["variants"]
+    assert row["ffa_dp_flat_triton_cache_updated"] == 1.0
+    assert ("cache", True) in used and ("cache", False) not in used, set(used)
+    assert os.environ.get(K.KEEP_ENV_VAR) is None
 
 
 def test_step_keep_option_sets_its_variable_around_its_own_steps(tmp_path, monkeypatch):
@@ -413,13 +434,68 @@ def test_gpu_layer_graph_keep_captures_with_the_kept_weight(monkeypatch):
     seen = []
     monkeypatch.setattr(gpu_layer, "_graphed", lambda v: (v.step(), v)[1])  # the capture's warm-up call
     monkeypatch.delenv(K.KEEP_ENV_VAR, raising=False)
-    for graph, want in (("graph", None), ("graph_keep", "1")):
+    for graph, want in (("graph", None), ("graph_keep", "1"), ("graph_cache", "cache")):
         v = SimpleNamespace(step=lambda: seen.append(os.environ.get(K.KEEP_ENV_VAR)), forward=lambda: None)
         gpu_layer.graph_variant(v, graph)
         assert seen.pop() == want, graph
     assert os.environ.get(K.KEEP_ENV_VAR) is None
     assert gpu_layer.gemms_to_check(["floor", "ffa_flat[graph_keep]"], "cuda") == [*K.AUTO_CANDIDATES, "merged+keep"]
     assert "ratio_to_floor_graph_keep" in gpu_layer.DEFINITIONS
+    assert gpu_layer.gemms_to_check(["ffa_flat[graph_cache]"], "cuda") == [*K.AUTO_CANDIDATES, "merged+cache"]
+    assert "ratio_to_floor_graph_cache" in gpu_layer.DEFINITIONS
+
+
+def test_gpu_layer_cache_variant_times_the_cached_weight(tmp_path, monkeypatch):
+    """ffa_flat[cache]: FEDLORA_FAST_KEEP_MERGED=cache around its own calls only. Its layer's W' is merged in
+    full once (the warm-up) and only checked in every timed step after (B does not change between them),
+    its backwards run on it; the row has its ratio, the full merge's time (merge_ms) and the float64 check of
+    the cached path (the forward made, then checked)."""
+    import gpu_layer
+
+    from fedlora_fast.kernels import ffa_linear as K
+
+    merges, used = [], spy_kept_weight(monkeypatch)
+    real_run = K._run
+
+    def run(fn, *a, **kw):
+        if fn is K._merge_kernel:
+            merges.append((os.environ.get(K.KEEP_ENV_VAR), kw["CHECK"]))
+        return real_run(fn, *a, **kw)
+
+    monkeypatch.setattr(K, "_run", run)
+    real_check, real_time = gpu_layer.check_ops, gpu_layer.time_merge
+
+    def check_then_forget(*args, **kw):  # the float64 checks' merges and lookups: asserted below on their own
+        got = real_check(*args, **kw)
+        merges.clear()
+        used.clear()
+        return got
+
+    def time_then_forget(*args, **kw):  # merge_ms's full merges (outside any variant: no setting)
+        before = len(merges)
+        got = real_time(*args, **kw)
+        assert len(merges) > before and set(merges[before:]) == {(None, False)}, merges[before:]
+        del merges[before:]
+        return got
+
+    monkeypatch.setattr(gpu_layer, "check_ops", check_then_forget)
+    monkeypatch.setattr(gpu_layer, "time_merge", time_then_forget)
+    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    monkeypatch.delenv(K.KEEP_ENV_VAR, raising=False)
+    out = tmp_path / "layer.json"
+    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[auto],ffa_flat[cache]"])
+    row = json.loads(out.read_text())["rows"][0]
+    assert code == 0 and row["correct"], row
+    assert merges[0] == ("cache", False) and merges[1:] and set(merges[1:]) == {("cache", True)}, merges
+    assert ("cache", True) in used and ("cache", False) not in used and (None, True) not in used, set(used)
+    gc.collect()  # (the variants hold their layers in reference cycles: closures)
+    assert os.environ.get(K.KEEP_ENV_VAR) is None and not K._MERGED_CACHE  # freed with the variant's layer
+    rounds = row["interleaved_full_ms"]
+    assert row["ratio_to_floor_cache"] == rounds["ffa_flat[cache]"][0] / rounds["floor"][0]
+    assert row["merge_ms"] > 0
+    assert [(c["gemm"], c["ok"]) for c in row["checks"]] == [("triton", True), ("merged+cache", True)]
+    assert "y[made]" in row["checks"][1]["details"] and "y" in row["checks"][1]["details"]
 
 
 def test_gpu_layer_kernel_time_ratios():
