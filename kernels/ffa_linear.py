@@ -312,8 +312,8 @@ def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) ->
     else:
         e.captured = e.captured or capturing
         _launch_merge(weight, A, B, scale, e.weight, (e.b_snap, e.a_snap))
-    e.b_snap.copy_(B.view(e.b_snap.dtype))
-    e.a_snap.copy_(A.view(e.a_snap.dtype))
+    # the bits the next call compares against, after the merge read the old ones (stream order): one launch
+    torch._foreach_copy_([e.b_snap, e.a_snap], [B.view(e.b_snap.dtype), A.view(e.a_snap.dtype)])
     return e.weight
 
 
