@@ -302,19 +302,27 @@ def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) ->
     if e is None or e.b_ref() is not B or e.w_ref() is not weight or e.sig != sig:
         if capturing:  # a buffer from the graph's private pool must not outlive the graph in the cache
             return None
+        out, inp = weight.shape
+        new = _Cached(weight, A, B, sig, _alloc((out, inp), weight.dtype, weight.device))
+        _launch_merge(weight, A, B, scale, new.weight)
+        _snapshot(new, A, B)
+        # in the cache only once whole: a merge that raised (a launch out of resources, which the op retries)
+        # must not leave a W' whose snapshots claim bits it was never merged from
         if e is not None:
             _retire(e)
-        else:
+        if e is None or e.b_ref() is not B:
             weakref.finalize(B, _MERGED_CACHE.pop, key, None)
-        out, inp = weight.shape
-        e = _MERGED_CACHE[key] = _Cached(weight, A, B, sig, _alloc((out, inp), weight.dtype, weight.device))
-        _launch_merge(weight, A, B, scale, e.weight)
-    else:
-        e.captured = e.captured or capturing
-        _launch_merge(weight, A, B, scale, e.weight, (e.b_snap, e.a_snap))
-    # the bits the next call compares against, after the merge read the old ones (stream order): one launch
-    torch._foreach_copy_([e.b_snap, e.a_snap], [B.view(e.b_snap.dtype), A.view(e.a_snap.dtype)])
+        _MERGED_CACHE[key] = new
+        return new.weight
+    e.captured = e.captured or capturing
+    _launch_merge(weight, A, B, scale, e.weight, (e.b_snap, e.a_snap))
+    _snapshot(e, A, B)
     return e.weight
+
+
+def _snapshot(e: _Cached, A: Tensor, B: Tensor) -> None:
+    """B's and A's bits into the entry's snapshots, after the merge that read the old ones (stream order)."""
+    torch._foreach_copy_([e.b_snap, e.a_snap], [B.view(e.b_snap.dtype), A.view(e.a_snap.dtype)])
 
 
 # ---------------------------------------------------------------------------------------------------------

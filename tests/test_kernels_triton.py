@@ -1544,6 +1544,28 @@ def test_merged_cache_keys_lifetime_and_fallbacks(poisoned, merged_cache, device
         assert (K.keep_mode(), K.keep_merged(), K.merged_cache()) == (mode, mode != "off", mode == "cache"), v
 
 
+def test_merged_cache_is_whole_or_absent(merged_cache, monkeypatch):
+    """A first merge that raises (a launch out of resources, which the op retries with fewer stages) leaves
+    no entry behind: the retry makes W' afresh (a half-made one would have snapshots of bits it was never
+    merged from, and its unwritten tiles would pass the check)."""
+    t = make(2, 3, 20, 24, 5, "cpu")
+    x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
+    real, calls = K._launch_merge, []
+
+    def fails_once(*args, **kw):
+        calls.append(kw)
+        if len(calls) == 1:
+            raise K.OutOfResources(1, 0, "shared memory")  # (required, limit, name), as Triton raises it
+        return real(*args, **kw)
+
+    monkeypatch.setattr(K, "_launch_merge", fails_once)
+    with pytest.raises(K.OutOfResources):
+        K._cached_merged_weight(w, A, B, s)
+    assert not K._MERGED_CACHE
+    wm = K._cached_merged_weight(w, A, B, s)
+    assert torch.equal(wm, K._merged_weight(w, A, B, s)) and list(K._MERGED_CACHE) == [id(B)]
+
+
 def test_merged_cache_under_capture(merged_cache, monkeypatch):
     """Under CUDA graph capture (stood in for: ``_capturing``) no W' is made (the call runs as with
     FEDLORA_FAST_KEEP_MERGED=1: with merged pinned, it merges for itself and keeps that); an existing one is
