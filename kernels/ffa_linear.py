@@ -186,23 +186,22 @@ def merged_cache() -> bool:
 
 
 def keep_merged() -> bool:
-    """``FEDLORA_FAST_KEEP_MERGED=1`` (opt-in, default off): a forward that runs the ``merged`` GEMM keeps its
-    ``W' = W + s B A`` for its own backward, which then runs ``dX = G W'`` without merging W' again (one
-    W-sized pass fewer per layer step: a merge took ~25 us at 4096 x 4096 and ~70 us at 4096 x 11008, r = 16,
-    bf16, on an H100, bench/NOTES.md). The price is memory: one W-sized buffer per adapted layer from its
-    forward until its backward is done (13 GB for a bf16 Llama-7B forward with every projection adapted;
-    under activation checkpointing only the recomputed block's; in a CUDA graph, the graph's memory pool
-    holds it for as long as the graph lives). The layer drops it at once where the backward will not read it
-    (no input gradient wanted, or adapter dropout active). With it on, ``auto`` credits the forward's
-    ``merged`` candidate with the merge it saves the backward (the merge alone is timed once per shape), so
-    it takes ``merged`` in both directions where that is the fastest step (a backward given the forward's
-    W' takes ``merged`` untimed under ``auto``: ``dX = G W'`` is the floor's own GEMM, so the credit is
-    earned). The kept W' rides on the forward's U as an attribute: it is freed with U (when autograd frees the backward's
-    saved tensors), and used only while W, A and B are the same memory at the same version counter and the
-    scale is the same; a saved-tensor hook that copies U, or an in-place change of W, A or B through autograd,
-    merges again. Writes that bypass the version counter (``p.data.add_(...)``, a raw kernel, a collective)
-    between a forward and its backward are not seen: the backward then uses the forward's W', the one the
-    forward computed with, where the option off would merge the changed weights. True also for
+    """``FEDLORA_FAST_KEEP_MERGED=1`` (opt-in, default off): a forward that runs the ``merged`` GEMM keeps its ``W'
+    = W + s B A`` for its own backward, which then runs ``dX = G W'`` without merging W' again (one W-sized pass
+    fewer per layer step: a merge took ~25 us at 4096 x 4096 and ~70 us at 4096 x 11008, r = 16, bf16, on an H100,
+    bench/NOTES.md). The price is memory: one W-sized buffer per adapted layer from its forward until its backward
+    is done (13 GB for a bf16 Llama-7B forward with every projection adapted; under activation checkpointing only
+    the recomputed block's; in a CUDA graph, the graph's memory pool holds it for as long as the graph lives). The
+    layer drops it at once where the backward will not read it (no input gradient wanted, or adapter dropout
+    active). With it on, ``auto`` credits the forward's ``merged`` candidate with the merge it saves the backward
+    (the merge alone is timed once per shape), so it takes ``merged`` in both directions where that is the fastest
+    step (a backward given the forward's W' takes ``merged`` untimed under ``auto``: ``dX = G W'`` is the floor's
+    own GEMM, so the credit is earned). The kept W' rides on the forward's U as an attribute: it is freed with U
+    (when autograd frees the backward's saved tensors), and used only while W, A and B are the same memory at the
+    same version counter and the scale is the same; a saved-tensor hook that copies U, or an in-place change of W, A
+    or B through autograd, merges again. Writes that bypass the version counter (``p.data.add_(...)``, a raw kernel,
+    a collective) between a forward and its backward are not seen: the backward then uses the forward's W', the one
+    the forward computed with, where the option off would merge the changed weights. True also for
     ``merged_cache``'s value ("cache")."""
     return keep_mode() != "off"
 
@@ -315,8 +314,7 @@ def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) ->
         _MERGED_CACHE[key] = new
         return new.weight
     e.captured = e.captured or capturing
-    _launch_merge(weight, A, B, scale, e.weight, (e.b_snap, e.a_snap))
-    _snapshot(e, A, B)
+    _launch_merge(weight, A, B, scale, e.weight, (e.b_snap, e.a_snap))  # (the snapshots updated there)
     return e.weight
 
 
@@ -784,9 +782,9 @@ def _clip_reduce_kernel(
 
 @triton.jit
 def _merge_kernel(
-    w_ptr, b_ptr, a_ptr, out_ptr, b_bits_ptr, b_snap_ptr, a_bits_ptr, a_snap_ptr,
+    w_ptr, b_ptr, a_ptr, out_ptr, flags_ptr,
     stride_wo, stride_wi, stride_bo, stride_bj, stride_aj, stride_ai, stride_oo, stride_oi,
-    OUT, IN, RANK, scale,
+    OUT, IN, RANK, N_O, scale,
     LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, LOOP_I: tl.constexpr,
     BLOCK_RK: tl.constexpr, CHECK: tl.constexpr,
@@ -801,14 +799,32 @@ def _merge_kernel(
     rank (``BLOCK_R``: one dot, B's tile loaded once per program; less: a loop over the slices, B's and A's
     pipelined, each slice's operands a fraction of the registers).
 
-    ``CHECK`` (the merged-weight cache, ``FEDLORA_FAST_KEEP_MERGED=cache``): ``out`` already holds the W'
-    merged from the B and A whose bits the snapshots hold (``b_snap`` (OUT, RANK) and ``a_snap`` (RANK, IN),
-    contiguous, of the integer type of B's and A's element size; ``b_bits`` and ``a_bits`` are B and A viewed
-    as that type). A tile is merged again only where a bit of its B rows or A columns differs from them; an
-    unchanged tile reads a few rank-wide rows and writes nothing. Bits, not values: -0.0 against 0.0 (and any
-    NaN) counts as changed, so the tile is the one a fresh merge writes."""
+    ``CHECK`` (the merged-weight cache, ``FEDLORA_FAST_KEEP_MERGED=cache``): ``out`` already holds a W', and
+    ``flags`` (``_changed_kernel``'s: N_O for the row blocks of B, then one per program column for A) say
+    which of its row and column blocks changed since. A program merges its tiles only where its row block's
+    or its column block's flag is set; otherwise it reads two flags and writes nothing."""
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
+    todo = True
+    if CHECK:
+        todo = (tl.load(flags_ptr + pid_o) + tl.load(flags_ptr + N_O + pid_i)) > 0
+    if todo:  # (always without CHECK)
+        _merge_tiles(w_ptr, b_ptr, a_ptr, out_ptr, pid_o, pid_i,
+                     stride_wo, stride_wi, stride_bo, stride_bj, stride_aj, stride_ai, stride_oo, stride_oi,
+                     OUT, IN, RANK, scale, LR_PREC, FIX_BF16_ROUNDING, BLOCK_O, BLOCK_I, BLOCK_R, LOOP_I,
+                     BLOCK_RK)  # fmt: skip
+
+
+@triton.jit
+def _merge_tiles(
+    w_ptr, b_ptr, a_ptr, out_ptr, pid_o, pid_i,
+    stride_wo, stride_wi, stride_bo, stride_bj, stride_aj, stride_ai, stride_oo, stride_oi,
+    OUT, IN, RANK, scale,
+    LR_PREC: tl.constexpr, FIX_BF16_ROUNDING: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, LOOP_I: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+):  # fmt: skip
+    """``_merge_kernel``'s work for program (pid_o, pid_i)."""
     ro = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     rj = tl.arange(0, BLOCK_RK)
     mask_o = ro < OUT
@@ -816,43 +832,66 @@ def _merge_kernel(
         b = tl.load(b_ptr + ro[:, None] * stride_bo + rj[None, :] * stride_bj,
                     mask=mask_o[:, None] & (rj < RANK)[None, :], other=0.0).to(tl.float32)  # fmt: skip
         b = b * scale
-    if CHECK:  # did a bit of this program's B rows change since the cached W' was merged?
-        rr = tl.arange(0, BLOCK_R)
-        mask_rb = mask_o[:, None] & (rr < RANK)[None, :]
-        b_now = tl.load(b_bits_ptr + ro[:, None] * stride_bo + rr[None, :] * stride_bj, mask=mask_rb, other=0)
-        b_was = tl.load(b_snap_ptr + ro[:, None] * RANK + rr[None, :], mask=mask_rb, other=0)
-        b_changed = tl.max(tl.max((b_now != b_was).to(tl.int32), axis=1), axis=0)
     for step in range(LOOP_I):
         ri = (pid_i.to(tl.int64) * LOOP_I + step) * BLOCK_I + tl.arange(0, BLOCK_I)
         mask_i = ri < IN
         mask = mask_o[:, None] & mask_i[None, :]
-        todo = True
-        if CHECK:  # ... or of this tile's A columns
-            mask_ra = (rr < RANK)[:, None] & mask_i[None, :]
-            a_now = tl.load(a_bits_ptr + rr[:, None] * stride_aj + ri[None, :] * stride_ai, mask=mask_ra, other=0)
-            a_was = tl.load(a_snap_ptr + rr[:, None] * IN + ri[None, :], mask=mask_ra, other=0)
-            todo = (b_changed + tl.max(tl.max((a_now != a_was).to(tl.int32), axis=1), axis=0)) > 0
-        if todo:  # (always without CHECK)
-            if BLOCK_RK == BLOCK_R:
-                a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
-                            mask=(rj < RANK)[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                acc = tl.dot(b, a, input_precision=LR_PREC)
-            else:
-                acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-                for k in range(0, RANK, BLOCK_RK):
-                    rk = k + rj
-                    mask_k = rk < RANK
-                    bk = tl.load(b_ptr + ro[:, None] * stride_bo + rk[None, :] * stride_bj,
-                                 mask=mask_o[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                    ak = tl.load(a_ptr + rk[:, None] * stride_aj + ri[None, :] * stride_ai,
-                                 mask=mask_k[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                    acc = tl.dot(bk * scale, ak, acc, input_precision=LR_PREC)
-            w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
-            acc += w.to(tl.float32)
-            if FIX_BF16_ROUNDING:
-                acc = _round_bf16_rne(acc)
-            tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty),
-                     mask=mask)  # fmt: skip
+        if BLOCK_RK == BLOCK_R:
+            a = tl.load(a_ptr + rj[:, None] * stride_aj + ri[None, :] * stride_ai,
+                        mask=(rj < RANK)[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            acc = tl.dot(b, a, input_precision=LR_PREC)
+        else:
+            acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+            for k in range(0, RANK, BLOCK_RK):
+                rk = k + rj
+                mask_k = rk < RANK
+                bk = tl.load(b_ptr + ro[:, None] * stride_bo + rk[None, :] * stride_bj,
+                             mask=mask_o[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                ak = tl.load(a_ptr + rk[:, None] * stride_aj + ri[None, :] * stride_ai,
+                             mask=mask_k[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                acc = tl.dot(bk * scale, ak, acc, input_precision=LR_PREC)
+        w = tl.load(w_ptr + ro[:, None] * stride_wo + ri[None, :] * stride_wi, mask=mask, other=0.0)
+        acc += w.to(tl.float32)
+        if FIX_BF16_ROUNDING:
+            acc = _round_bf16_rne(acc)
+        tl.store(out_ptr + ro[:, None] * stride_oo + ri[None, :] * stride_oi, acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _changed_kernel(
+    b_bits_ptr, b_snap_ptr, a_bits_ptr, a_snap_ptr, flags_ptr,
+    stride_bo, stride_bj, stride_aj, stride_ai, OUT, IN, RANK, N_O,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, LOOP_I: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Which blocks of a cached W' (``merged_cache``) a change of B or A makes stale, for ``_merge_kernel``'s
+    CHECK: program p < N_O compares B's rows [p BLOCK_O, (p+1) BLOCK_O) with their snapshot (``b_snap``
+    (OUT, RANK), contiguous), program N_O + q A's columns [q BLOCK_I LOOP_I, ...) (``a_snap`` (RANK, IN)),
+    each writes 1 or 0 to ``flags[p]`` and its rows or columns' current bits into the snapshot. Each program
+    owns what it reads and writes: no races. Bits (B and A viewed as the integer type of their element size),
+    not values: -0.0 against 0.0, and any NaN, count as changed, so a tile merged again is the one a fresh
+    merge writes."""
+    p = tl.program_id(0)
+    rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < RANK
+    if p < N_O:
+        ro = p.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+        mask = (ro < OUT)[:, None] & mask_r[None, :]
+        now = tl.load(b_bits_ptr + ro[:, None] * stride_bo + rr[None, :] * stride_bj, mask=mask, other=0)
+        snap = b_snap_ptr + ro[:, None] * RANK + rr[None, :]
+        changed = tl.max(tl.max((now != tl.load(snap, mask=mask, other=0)).to(tl.int32), axis=1), axis=0)
+        tl.store(snap, now, mask=mask)
+    else:
+        changed = tl.zeros((), dtype=tl.int32)
+        for step in range(LOOP_I):
+            ri = ((p - N_O).to(tl.int64) * LOOP_I + step) * BLOCK_I + tl.arange(0, BLOCK_I)
+            mask = mask_r[:, None] & (ri < IN)[None, :]
+            now = tl.load(a_bits_ptr + rr[:, None] * stride_aj + ri[None, :] * stride_ai, mask=mask, other=0)
+            snap = a_snap_ptr + rr[:, None] * IN + ri[None, :]
+            changed = tl.maximum(changed, tl.max(tl.max((now != tl.load(snap, mask=mask, other=0)).to(tl.int32),
+                                                        axis=1), axis=0))  # fmt: skip
+            tl.store(snap, now, mask=mask)
+    tl.store(flags_ptr + p, changed)
 
 
 @triton.jit
@@ -1758,15 +1797,25 @@ def _launch_merge(
     weight: Tensor, A: Tensor, B: Tensor, scale: float, wm: Tensor, snaps: tuple[Tensor, Tensor] | None = None
 ) -> None:  # fmt: skip
     """W + scale * B A into ``wm``; with ``snaps`` (B's and A's bits when ``wm`` was last merged, as
-    ``_Cached`` holds them) only its tiles whose B rows or A columns changed since."""
+    ``_Cached`` holds them) only its tiles whose B rows or A columns changed since (``_changed_kernel``,
+    which also brings the snapshots up to date: two launches, the first reading B, A and the snapshots once)."""
     out, inp = weight.shape
-    cfg = _merge_launch(weight.device, weight.dtype, A.shape[0], out, inp)
+    r = A.shape[0]
+    cfg = _merge_launch(weight.device, weight.dtype, r, out, inp)
     grid = (_cdiv(out, cfg["BLOCK_O"]), _cdiv(inp, cfg["BLOCK_I"] * cfg["LOOP_I"]))
-    bits = (B, B, A, A) if snaps is None else (B.view(snaps[0].dtype), snaps[0], A.view(snaps[1].dtype), snaps[1])
+    flags = wm  # (unread without CHECK)
     with _device_guard(weight.device):
+        if snaps is not None:  # which row and column blocks changed; the snapshots brought up to date
+            flags = torch.empty(grid[0] + grid[1], dtype=torch.int32, device=weight.device)
+            b_bits, a_bits = B.view(snaps[0].dtype), A.view(snaps[1].dtype)
+            _run(
+                _changed_kernel, (grid[0] + grid[1],), b_bits, snaps[0], a_bits, snaps[1], flags,
+                *b_bits.stride(), *a_bits.stride(), out, inp, r, grid[0],
+                BLOCK_O=cfg["BLOCK_O"], BLOCK_I=cfg["BLOCK_I"], LOOP_I=cfg["LOOP_I"], BLOCK_R=cfg["BLOCK_R"],
+            )  # fmt: skip
         _run(
-            _merge_kernel, grid, weight, B, A, wm, *bits, *weight.stride(), *B.stride(), *A.stride(), *wm.stride(),
-            out, inp, A.shape[0], float(scale),
+            _merge_kernel, grid, weight, B, A, wm, flags, *weight.stride(), *B.stride(), *A.stride(), *wm.stride(),
+            out, inp, r, grid[0], float(scale),
             FIX_BF16_ROUNDING=_interpret() and weight.dtype == torch.bfloat16, CHECK=snaps is not None, **cfg,
         )  # fmt: skip
 

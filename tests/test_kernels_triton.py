@@ -1412,13 +1412,16 @@ def merged_cache(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,tiles", [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"LOOP_I": 2})],
+                         ids=["fp32", "bf16", "fp32-loop_i2"])
+def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, dtype, tiles, monkeypatch):
     """FEDLORA_FAST_KEEP_MERGED=cache: the first forward merges W' in full; a forward with the same B and A
     writes no tile of it (a poisoned W' stays poisoned: what was cached is what is used); a changed B row
     (or A column) re-merges only the tiles of its row (column) block, through a write that bypasses the
     version counter too; -0.0 for 0.0 counts as changed. Every W' equals a fresh merge to the bit, and Y the
-    pinned merged forward's, and the float64 reference."""
+    pinned merged forward's, and the float64 reference. ``tiles``: the merge's config (LOOP_I = 2: a program's
+    column block is two tiles wide)."""
+    override_blocks(monkeypatch, "merge", tiles, lambda fn, kw: None)
     launches = _launches(monkeypatch, "CHECK")
     t = make(2, 3, 150, 70, 5, device, dtype=dtype)
     x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
@@ -1445,7 +1448,7 @@ def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, d
     y2, _ = fwd()
     assert _merge_checks(launches) == [True] and K._MERGED_CACHE[id(B)].weight is wm, launches
     assert wm.isnan().all() and y2.isnan().all(), "an unchanged B re-merged (or the cache was not used)"
-    for what, row, col in (("B", 40, 2), ("A", 3, 130), ("-0.0", 7, 1)):
+    for what, row, col in (("B", 40, 2), ("A", 3, 100), ("-0.0", 7, 1)):  # col 100: LOOP_I = 2's 2nd tile
         wm.fill_(float("nan"))
         if what == "-0.0":
             B.data[row, col] = 0.0
@@ -2425,11 +2428,16 @@ def _aot_cases():
     for r_block in (16, 64):
         for dtype, ptrs in ((torch.bfloat16, merge_ptrs), (torch.float32, dict.fromkeys(merge_ptrs, f32))):
             mb = K._merge_launch(cuda, dtype, r_block, 4096, 11008)  # as _merged_weight launches it
-            for check in (False, True):  # CHECK: the merged-weight cache's conditional merge (B, A float32)
-                bits = dict(b_bits_ptr="*i32", b_snap_ptr="*i32", a_bits_ptr="*i32", a_snap_ptr="*i32") if check else {}
+            for check in (False, True):  # CHECK: the merged-weight cache's conditional merge
                 name = f"merge r{r_block}{' fp32' if dtype == torch.float32 else ''}{' cached' if check else ''}"
-                cases.append((name, K._merge_kernel, dict(ptrs, **bits),
+                cases.append((name, K._merge_kernel, dict(ptrs, flags_ptr="*i32"),
                               dict(FIX_BF16_ROUNDING=False, CHECK=check, **blocks(mb), **merge_units), mb))  # fmt: skip
+            for bits in ("i32", "i16"):  # the cache's check of B's and A's bits (float32 or 16-bit adapters)
+                ch = dict(b_bits_ptr=f"*{bits}", b_snap_ptr=f"*{bits}", a_bits_ptr=f"*{bits}", a_snap_ptr=f"*{bits}",
+                          flags_ptr="*i32")
+                cases.append((f"merge changed r{r_block} {bits}", K._changed_kernel, ch,
+                              dict(BLOCK_O=mb["BLOCK_O"], BLOCK_I=mb["BLOCK_I"], LOOP_I=mb["LOOP_I"],
+                                   BLOCK_R=mb["BLOCK_R"], stride_bj=1, stride_ai=1), {"num_warps": 4}))  # fmt: skip
         # the variants the merge sweep times: LOOP_I tiles along in per program (pipelined), the rank in 16-deep
         # slices, the product as float32 FMAs ("ieee": one slice's operands in registers)
         variants = ((64, 128, 4, 4, "tf32", r_block), (128, 128, 8, 4, "tf32", r_block), (64, 128, 4, 1, "tf32", 16),
