@@ -409,6 +409,18 @@ def _with_gemm(v: Variant, gemm: str | None) -> Variant:
     return v
 
 
+def cache_applies(v: Variant) -> None:
+    """RuntimeError unless the merged-weight cache holds an entry for the variant's layer after its warm-up
+    step: where it does not apply (float16, a GEMM pinned globally to a path other than merged, adapter
+    dropout), ``[cache]`` would time another path under its name."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    B = v.module.lora_B
+    if not any(e.refs[2]() is B for e in K._MERGED_CACHE.values()):
+        raise RuntimeError(f"{v.name}: the merged-weight cache did not apply (dtype {v.module.weight.dtype}, "
+                           f"{K.GEMM_ENV_VAR}={os.environ.get(K.GEMM_ENV_VAR)!r}): it would time another path")
+
+
 def make_peft_opacus(base, x, g, r: int, alpha: float, train_A: bool) -> Variant:
     """peft LoRA around a copy of ``base`` inside opacus' GradSampleModule (hooks); norms as DPOptimizer does."""
     import copy
@@ -969,10 +981,13 @@ def check_ops(n, T, inp, out, r, dtype, device, gemms) -> list[dict]:
         keep = CHECK_KEEP.get(gemm)  # the bwd calls below reuse the fwd's U: its kept W'
         with harness.env_var(K.GEMM_ENV_VAR, "merged" if keep else gemm), harness.env_var(K.KEEP_ENV_VAR, keep):
             try:
+                if gemm == MERGED_CACHED:  # W' made from another B, then checked against B (a re-merge of
+                    kept_B = B.clone()  # every tile, as after an optimizer step), then checked again (no
+                    B.data.add_(0.5)  # change: the steady state the steps time)
+                    K.ffa_linear_fwd(x, x, w, b, A, B, s)
+                    B.data.copy_(kept_B)
+                    judge(worst, "y[re-merged]", K.ffa_linear_fwd(x, x, w, b, A, B, s)[0], y64, ylp)
                 y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
-                if gemm == MERGED_CACHED:  # the first call made B's W': the second runs the check the steps time
-                    judge(worst, "y[made]", y, y64, ylp)
-                    y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
                 judge(worst, "y", y, y64, ylp)
                 judge(worst, "u", u, u64, ulp)
                 for mode in modes:
@@ -1138,6 +1153,8 @@ def main(argv=None) -> int:
             for name, v in list(variants.items()):
                 try:
                     v.step()  # warm-up: autotune, caches, lazily built hooks
+                    if gemm_of(name) in (CACHE, GRAPH_CACHE):
+                        cache_applies(v)
                     fwd = bench_ms(v.forward, device, reps)
                     full = bench_ms(v.step, device, reps)
                 except Exception as err:  # noqa: BLE001  (one variant failing must not cost the others' numbers)

@@ -166,22 +166,28 @@ def keep_mode() -> str:
 
 def merged_cache() -> bool:
     """``FEDLORA_FAST_KEEP_MERGED=cache`` (opt-in): ``keep_merged``, and each adapter's W' = W + s B A is
-    also kept across forwards, one per B tensor, and brought up to date at each forward by
-    ``_merge_kernel``'s ``CHECK`` pass: a tile is merged again only where a bit of its B rows or A columns
-    changed since (an unchanged W' costs a read of B and A, not of W). Between optimizer steps, i.e. over
-    the micro-batches of one DP logical batch (``micro_batches``, ``GraphedAccumulator``) and in
-    evaluation, the forward is then one cuBLAS GEMM on W' (plus U) and the backward's dX another, with no
-    merge at all; after a step, one merge, as with ``keep_merged``. ``auto`` takes ``merged`` without
-    timing where the cache applies (no other candidate does less), and so does the backward given the
-    forward's W'. B and A are compared by content, so writes that bypass the version counter and CUDA graph
-    replays are seen; W (frozen) by memory, layout and version counter, as ``keep_merged`` does: change the
-    base weight through autograd-visible ops (``copy_`` under ``no_grad``) or replace it. A different W or
-    scale gets a new W' (the old one is never rewritten: a pending backward may hold it).
+    also kept across forwards, one per (W, A, B) tensors, and brought up to date at each forward by two small
+    launches: ``_changed_kernel`` compares B's and A's bits with their snapshots, and ``_merge_kernel``'s
+    ``CHECK`` re-merges only the tiles whose B rows or A columns changed (an unchanged W' costs a read of B
+    and A, not of W). Between optimizer steps, i.e. over the micro-batches of one DP logical batch
+    (``micro_batches``, ``GraphedAccumulator``) and in evaluation, the forward is then one cuBLAS GEMM on W'
+    (plus U) and the backward's dX another, with no merge at all; after a step, one merge, as with
+    ``keep_merged``. ``auto`` takes ``merged`` without timing where the cache applies (no other candidate
+    does less), and so does the backward given the forward's W'.
 
-    The price: one W-sized buffer per adapted layer for as long as its B lives (13 GB for a bf16 Llama-7B
-    with every projection adapted, 2 GB for q and v only), until ``clear_merged_cache()``. A CUDA graph
-    replays the W' it captured: those stay allocated (not freed by ``clear_merged_cache``) until their B is
-    freed. Under capture no new W' is made (the call runs as with ``keep_merged``)."""
+    What is checked: B and A by content, so writes that bypass the version counter and CUDA graph replays
+    are seen. W (frozen) on the host only: its memory (held by the entry, so an equal address is the same
+    memory), layout and version counter, as ``keep_merged`` does; a new W, a new scale, or a content change
+    while a backward still holds the current W' get a new W' (the old one is never rewritten). Not seen: a
+    base weight changed through ``.data`` (no version bump), eagerly or between replays of a graph (a replay
+    runs no host check; ``GraphedAccumulator`` refuses to replay after a version-bumping change of a base
+    weight it captured). ``torch.compile(mode="reduce-overhead")`` with the cache is untested (its warm-ups
+    may allocate from the graphs' pool outside a capture): use ``GraphedAccumulator``.
+
+    The price: one W-sized buffer per adapted layer for as long as its W, A and B live (13 GB for a bf16
+    Llama-7B with every projection adapted, 2 GB for q and v only), until ``clear_merged_cache()``. A CUDA
+    graph replays the W' it captured: those stay allocated (not freed by ``clear_merged_cache``) until their
+    W, A or B is freed. Under capture no new W' is made (the call runs as with ``keep_merged``)."""
     return keep_mode() == "cache"
 
 
@@ -209,7 +215,7 @@ def keep_merged() -> bool:
 class _Kept:
     """A forward's merged weight and what it was merged from (``_merge_sig``)."""
 
-    __slots__ = ("weight", "sig")
+    __slots__ = ("weight", "sig", "__weakref__")  # (weakly held by the cache entry it came from: _Cached.holders)
 
     def __init__(self, weight: Tensor, sig: tuple):
         self.weight, self.sig = weight, sig
@@ -226,10 +232,13 @@ def _merge_sig(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple | No
     return tuple(sig)
 
 
-def _keep(u: Tensor, wm: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float) -> None:
+def _keep(u: Tensor, wm: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float) -> _Kept | None:
     sig = _merge_sig(weight, A, B, scale)
-    if sig is not None:
-        setattr(u, _KEPT_ATTR, _Kept(wm, sig))
+    if sig is None:
+        return None
+    kept = _Kept(wm, sig)
+    setattr(u, _KEPT_ATTR, kept)
+    return kept
 
 
 def _kept_weight(u: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor | None:
@@ -245,32 +254,64 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float type's bits,
 
 
 class _Cached:
-    """One adapter's cached W' (``merged_cache``): what it was merged from, and B's and A's bits then."""
+    """One adapter's cached W' (``merged_cache``): what it was merged from, B's and A's bits then, and the
+    kept W' handed to pending backwards (``holders``: while one lives, W' is not written in place)."""
 
-    __slots__ = ("b_ref", "w_ref", "sig", "weight", "b_snap", "a_snap", "captured")
+    __slots__ = ("refs", "storage", "sig", "weight", "b_snap", "a_snap", "captured", "holders")
 
     def __init__(self, weight: Tensor, A: Tensor, B: Tensor, sig: tuple, wm: Tensor):
-        self.b_ref, self.w_ref, self.sig, self.weight = weakref.ref(B), weakref.ref(weight), sig, wm
+        self.refs = tuple(map(weakref.ref, (weight, A, B)))
+        # W's memory held: an equal data_ptr is then the same memory, not a new tensor at a reused address
+        # (``param.data = ...`` keeps the version counter)
+        self.storage = weight.untyped_storage()
+        self.sig, self.weight = sig, wm
         self.b_snap = torch.empty(B.shape, dtype=_BITS[B.element_size()], device=B.device)
         self.a_snap = torch.empty(A.shape, dtype=_BITS[A.element_size()], device=A.device)
         self.captured = False
+        self.holders: weakref.WeakSet = weakref.WeakSet()
+
+    def matches(self, weight: Tensor, A: Tensor, B: Tensor, sig: tuple) -> bool:
+        return self.sig == sig and all(r() is t for r, t in zip(self.refs, (weight, A, B)))
 
 
-_MERGED_CACHE: dict[int, _Cached] = {}  # id(B) -> its W'; an entry leaves when its B is freed
-_CAPTURED: list[tuple[Tensor, ...]] = []  # W' and snapshots a CUDA graph may still replay into: never freed
+_MERGED_CACHE: dict[tuple, _Cached] = {}  # (id(W), id(A), id(B)) -> their W'; leaves when one of them is freed
+# W' and snapshots a CUDA graph may replay into, after their entry was replaced or cleared: freed with the key's
+# tensors (a graph replaying after those are freed reads freed memory anyway)
+_CAPTURED: dict[tuple, list] = {}
 
 
 def clear_merged_cache() -> None:
     """Free every W' of ``merged_cache`` (``FEDLORA_FAST_KEEP_MERGED=cache``), except those a CUDA graph
-    captured (it may replay into them)."""
-    for e in _MERGED_CACHE.values():
-        _retire(e)
+    captured (it may replay into them: freed when their W, A or B is)."""
+    for key, e in list(_MERGED_CACHE.items()):
+        _retire(key, e)
     _MERGED_CACHE.clear()
 
 
-def _retire(e: _Cached) -> None:
+def _retire(key: tuple, e: _Cached) -> None:
     if e.captured:
-        _CAPTURED.append((e.weight, e.b_snap, e.a_snap))
+        _CAPTURED.setdefault(key, []).append((e.weight, e.b_snap, e.a_snap))
+
+
+def _forget(key: tuple) -> None:
+    """The finalizer of an entry's W, A and B: the entry and what graphs captured of it."""
+    _MERGED_CACHE.pop(key, None)
+    _CAPTURED.pop(key, None)
+
+
+def captured_base_weights_changed(params) -> list[str]:
+    """Of the tensors in ``params``, the base weights whose cached W' a CUDA graph captured and which changed
+    since through an op that bumps their version counter (``copy_`` under ``no_grad``, ``load_state_dict``,
+    the layer's ``merge``) or were given new memory: a replay re-checks B and A, never W
+    (``merged_cache``), so it would go on using the old W. ``GraphedAccumulator`` refuses to replay then."""
+    ids = {id(p) for p in params}
+    out = []
+    for e in list(_MERGED_CACHE.values()):
+        w = e.refs[0]()
+        if e.captured and w is not None and id(w) in ids and (w.data_ptr(), w._version) != e.sig[1:3]:
+            out.append(f"a base weight of shape {tuple(w.shape)} (FEDLORA_FAST_KEEP_MERGED=cache: the graph replays "
+                       "its W' merged from the old values)")
+    return out
 
 
 def _cache_sig(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple | None:
@@ -287,19 +328,22 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor | None:
-    """B's cached W' (``merged_cache``), brought up to date with W, A, B and the scale: made and merged in
-    full on first use or when W or the scale changed (a new buffer, the old one left to whoever holds it),
-    else merged again only where B's or A's bits changed. None where it cannot be cached (no version
-    counter on W; a first use under CUDA graph capture)."""
+def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> _Cached | None:
+    """The cache entry of (W, A, B) (``merged_cache``), its W' brought up to date with them and the scale.
+
+    A new W' (made and merged in full; the old one left to whoever holds it) on first use, when W or the
+    scale changed, or while a pending backward holds the current one (a content change written in place
+    would change the W' that backward reads: a B swapped through ``.data`` for an eval forward and back, say).
+    Otherwise merged again in place only where B's or A's bits changed. None where it cannot be cached (no
+    version counter on W; a new W' needed under CUDA graph capture, whose pool must not feed the cache)."""
     sig = _cache_sig(weight, A, B, scale)
     if sig is None:
         return None
-    key = id(B)
+    key = (id(weight), id(A), id(B))
     e = _MERGED_CACHE.get(key)
     capturing = _capturing(weight.device)
-    if e is None or e.b_ref() is not B or e.w_ref() is not weight or e.sig != sig:
-        if capturing:  # a buffer from the graph's private pool must not outlive the graph in the cache
+    if e is None or not e.matches(weight, A, B, sig) or len(e.holders):
+        if capturing:
             return None
         out, inp = weight.shape
         new = _Cached(weight, A, B, sig, _alloc((out, inp), weight.dtype, weight.device))
@@ -308,14 +352,20 @@ def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) ->
         # in the cache only once whole: a merge that raised (a launch out of resources, which the op retries)
         # must not leave a W' whose snapshots claim bits it was never merged from
         if e is not None:
-            _retire(e)
-        if e is None or e.b_ref() is not B:
-            weakref.finalize(B, _MERGED_CACHE.pop, key, None)
+            _retire(key, e)
+        if e is None or not all(r() is t for r, t in zip(e.refs, (weight, A, B))):
+            for t in (weight, A, B):
+                weakref.finalize(t, _forget, key)
         _MERGED_CACHE[key] = new
-        return new.weight
+        return new
     e.captured = e.captured or capturing
-    _launch_merge(weight, A, B, scale, e.weight, (e.b_snap, e.a_snap))  # (the snapshots updated there)
-    return e.weight
+    try:
+        _launch_merge(weight, A, B, scale, e.weight, (e.b_snap, e.a_snap))  # (the snapshots updated there)
+    except BaseException:  # the snapshots may hold the new bits while W' does not: the entry goes
+        _retire(key, e)
+        _MERGED_CACHE.pop(key, None)
+        raise
+    return e
 
 
 def _snapshot(e: _Cached, A: Tensor, B: Tensor) -> None:
@@ -2011,10 +2061,12 @@ def _fwd(
         return y, None
 
     if keep and merged_cache() and gemm_impl() in ("auto", "merged"):  # B's W' kept across steps: one GEMM
-        wm = _cached_merged_weight(weight, A, B, scale)
-        if wm is not None:
-            _keep(u, wm, weight, A, B, scale)
-            return torch.nn.functional.linear(x, wm, bias), u
+        e = _cached_merged_weight(weight, A, B, scale)
+        if e is not None:
+            kept = _keep(u, e.weight, weight, A, B, scale)
+            if kept is not None:
+                e.holders.add(kept)  # until its backward is done (or the layer drops it), W' is not rewritten
+            return torch.nn.functional.linear(x, e.weight, bias), u
     key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok, keep)
     credit = functools.partial(_merged_weight, weight, A, B, scale) if keep else None  # the backward's merge
     impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype, credit)  # (the op's device guard: its events too)

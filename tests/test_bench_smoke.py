@@ -495,7 +495,12 @@ def test_gpu_layer_cache_variant_times_the_cached_weight(tmp_path, monkeypatch):
     assert row["ratio_to_floor_cache"] == rounds["ffa_flat[cache]"][0] / rounds["floor"][0]
     assert row["merge_ms"] > 0
     assert [(c["gemm"], c["ok"]) for c in row["checks"]] == [("triton", True), ("merged+cache", True)]
-    assert "y[made]" in row["checks"][1]["details"] and "y" in row["checks"][1]["details"]
+    assert "y[re-merged]" in row["checks"][1]["details"] and "y" in row["checks"][1]["details"]
+    # where the cache cannot apply (a GEMM pinned globally to another path), [cache] fails instead of timing it
+    monkeypatch.setenv(K.GEMM_ENV_VAR, "triton")
+    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[cache]"])
+    row = json.loads(out.read_text())["rows"][0]
+    assert code == 1 and "did not apply" in row["failed"]["ffa_flat[cache]"], row.get("failed")
 
 
 def test_gpu_layer_kernel_time_ratios():

@@ -295,6 +295,46 @@ def _refused_then_accepted(acc, change, undo, match):
     acc._check_captured()
 
 
+def test_a_cached_base_weight_changed_after_a_capture_is_refused(fake, monkeypatch):
+    """FEDLORA_FAST_KEEP_MERGED=cache in a capture (the Triton ops on the CPU, the capture stood in for): a
+    replay re-checks B and A but never the base weight W. B changing in place between replays is what the
+    cache is for (accepted, and replayed right); W changed through a version-bumping op afterwards is refused,
+    naming the cache, where the plain fingerprint (memory only) would have let the replay go on with the old
+    W's W'."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    monkeypatch.setenv(K.KEEP_ENV_VAR, "cache")
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    backends.clear_cache()
+    if backends._probe("triton", "cpu")[0] is None:
+        pytest.skip(f"triton backend unavailable: {backends._probe('triton', 'cpu')[1]}")
+    monkeypatch.setattr(K, "_capturing", lambda device: fake.capturing)
+    K.clear_merged_cache()
+    model = make_model()
+    acc = fake.accumulator(make_dp(model), per_sample_loss, micro_batch_size=4)
+    acc.accumulate(make_batch(3))
+    acc.dp.step()  # B changes in place
+    acc.dp.zero_grad()
+    assert fake.captures and any(e.captured for e in K._MERGED_CACHE.values())
+    ref_model = make_model()
+    ref_model.load_state_dict(model.state_dict())  # the stepped B, eagerly
+    ref_dp = make_dp(ref_model)
+    per_sample_loss(ref_model, make_batch(3, seed=2)).sum().backward()
+    ref_dp.accumulate()
+    want = torch.cat([t.flatten() for t in ref_dp.clipped_sum()])
+    got = acc.accumulate(make_batch(3, seed=2))  # a replay after B changed: fine
+    sums = torch.cat([t.flatten() for t in acc.dp.clipped_sum()])
+    assert got == 3
+    assert_close_verbose(sums, want, atol=1e-5, rtol=1e-5, name="clipped sum after B changed")
+    acc.dp.zero_grad()
+    with torch.no_grad():
+        model[0].weight.add_(0.125)
+    with pytest.raises(ValueError, match="FEDLORA_FAST_KEEP_MERGED=cache"):
+        acc._check_captured()
+    K.clear_merged_cache()
+
+
 def test_settings_hooks_and_requires_grad_changed_after_a_capture_are_refused(fake):
     """A replay runs no Python: an adapter's scale, a dropout probability, a peft-style settings dict, a
     parameter's requires_grad, a hook added to a module or globally would all be ignored by the replay (the

@@ -1395,6 +1395,11 @@ def test_keep_merged_through_the_layer(triton_backend, monkeypatch):
     assert torch.equal(y.detach(), grads["1"][0]) and torch.equal(xr.grad, grads["1"][1])
 
 
+def _entry(w, A, B):
+    """The merged-weight cache's entry of (W, A, B)."""
+    return K._MERGED_CACHE[(id(w), id(A), id(B))]
+
+
 def _merge_checks(launches) -> list[bool]:
     """CHECK of each ``_merge_kernel`` launch (``_launches(monkeypatch, "CHECK")``)."""
     return [chk for n, chk in launches if n == "_merge_kernel"]
@@ -1426,11 +1431,11 @@ def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, d
     t = make(2, 3, 150, 70, 5, device, dtype=dtype)
     x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
 
-    def fwd():
+    def fwd():  # y only: the forward's U, which holds W' for a backward, freed at once
         launches.clear()
-        return K.ffa_linear_fwd(x, x, w, t["bias"], A, B, s)
+        return K.ffa_linear_fwd(x, x, w, t["bias"], A, B, s)[0]
 
-    y, _ = fwd()
+    y = fwd()
     assert _merge_checks(launches) == [False], launches  # made: one full merge
     (entry,) = K._MERGED_CACHE.values()
     wm = entry.weight
@@ -1445,8 +1450,8 @@ def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, d
     bo, bi = cfg["BLOCK_O"], cfg["BLOCK_I"] * cfg["LOOP_I"]
     assert 70 > bo and 150 > bi, cfg  # several tiles each way, or the test checks no granularity
     wm.fill_(float("nan"))
-    y2, _ = fwd()
-    assert _merge_checks(launches) == [True] and K._MERGED_CACHE[id(B)].weight is wm, launches
+    y2 = fwd()
+    assert _merge_checks(launches) == [True] and _entry(w, A, B).weight is wm, launches
     assert wm.isnan().all() and y2.isnan().all(), "an unchanged B re-merged (or the cache was not used)"
     for what, row, col in (("B", 40, 2), ("A", 3, 100), ("-0.0", 7, 1)):  # col 100: LOOP_I = 2's 2nd tile
         wm.fill_(float("nan"))
@@ -1471,7 +1476,7 @@ def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, d
             assert torch.equal(wm[blk], fresh[blk]), what
     wm.fill_(float("nan"))
     B.data.add_(0.25)  # every row: all of W' again
-    y3, _ = fwd()
+    y3 = fwd()
     assert torch.equal(wm, K._merged_weight(w, A, B, s))
     if dtype == torch.float32:
         close(y3, ref_fwd(dict(t, xa=x, B=B), s)[0], "y after B changed")
@@ -1479,49 +1484,66 @@ def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, d
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_merged_cache_keys_lifetime_and_fallbacks(poisoned, merged_cache, device, monkeypatch):
-    """One W' per B: two adapters over one W interleave correctly. A new scale or an in-place change of W
-    gets a new W' (the old one left to the pending backward that holds it, which stays right). The entry
-    leaves with its B and with ``clear_merged_cache()``. Nothing is cached for an inference W, float16, a
-    pinned non-merged GEMM or adapter dropout; a bad value of the variable is a ValueError naming it."""
+    """One W' per (W, A, B): two adapters over one W, and one B tied across two A (two layers sharing an
+    adapter), interleave forwards and backwards correctly. A new scale, an in-place change of W, or a new
+    tensor given to W through ``.data`` (same version counter) gets a new W'; the old one stays with the
+    pending backward that holds it, which stays right. The entry leaves with its B and with
+    ``clear_merged_cache()``. Nothing is cached for an inference W, float16, a pinned non-merged GEMM or
+    adapter dropout; a bad value of the variable is a ValueError naming it."""
     import gc
+    import weakref
 
     launches = _launches(monkeypatch, "CHECK")
     t = make(2, 5, 40, 36, 3, device)
     x, w, A, s = t["x"], t["weight"], t["A"], 0.5
-    B1, B2 = t["B"], t["B"] * -2.0
+    B1, B2, A2 = t["B"], t["B"] * -2.0, t["A"].flip(1).contiguous()
     rest = (True, False, 1, 0.0, 0.0)
 
-    def dx_ok(g, u, B, scale, name):
+    def dx_ok(g, u, B, scale, name, A=A):
         got = K.ffa_linear_bwd(g, u, w, A, B, None, scale, *rest)
-        close(got[0], ref_bwd(dict(t, B=B), f64(u), False, scale, *rest)[0], name)
+        close(got[0], ref_bwd(dict(t, B=B, A=A, weight=w), f64(u), False, scale, *rest)[0], name)
 
     _, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
     _, u2 = K.ffa_linear_fwd(x, x, w, None, A, B2, s)
-    assert len(K._MERGED_CACHE) == 2
+    _, u3 = K.ffa_linear_fwd(x, x, w, None, A2, B1, s)  # B1 tied to another A
+    assert len(K._MERGED_CACHE) == 3
     launches.clear()
     dx_ok(t["g"], u1, B1, s, "dx (B1)")
     dx_ok(t["g"], u2, B2, s, "dx (B2)")
-    assert _merge_checks(launches) == [], launches  # both backwards on their forward's W'
+    dx_ok(t["g"], u3, B1, s, "dx (B1 with A2)", A=A2)
+    assert _merge_checks(launches) == [], launches  # each backward on its forward's W'
     # another scale: a new W' for B1; the pending backward of the old scale keeps its own
     _, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
-    old = K._MERGED_CACHE[id(B1)].weight
+    old = _entry(w, A, B1).weight
     launches.clear()
     _, u1b = K.ffa_linear_fwd(x, x, w, None, A, B1, 0.75)
-    assert _merge_checks(launches) == [False] and K._MERGED_CACHE[id(B1)].weight is not old, launches
+    assert _merge_checks(launches) == [False] and _entry(w, A, B1).weight is not old, launches
     dx_ok(t["g"], u1, B1, s, "dx (pending, old scale)")
     dx_ok(t["g"], u1b, B1, 0.75, "dx (new scale)")
-    # W changed in place (version counter): a new W', correct
-    _, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
-    with torch.no_grad():
-        w.add_(0.125)
-    launches.clear()
-    y, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
-    assert _merge_checks(launches) == [False], launches
-    close(y, ref_fwd(dict(t, xa=x, weight=w, bias=None), s)[0], "y after W changed")
-    dx_ok(t["g"], u1, B1, s, "dx after W changed")
-    del u1, u1b, u2, B2
+    del u1, u1b, u2, u3
+    # W changed in place (version counter), then given a new tensor through .data (the version counter
+    # kept, the old memory held by the entry: a new address): a new W' each time, correct
+    for change in ("in place", ".data", "dtype round trip"):
+        K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+        with torch.no_grad():
+            if change == "in place":
+                w.add_(0.125)
+            elif change == ".data":
+                w.data = w.data * 0.5
+            else:  # as module.to(bfloat16) then .to(float32): new memory, maybe at the old address (CUDA's
+                old = weakref.ref(w.untyped_storage())  # caching allocator) unless the entry holds the old memory
+                w.data = w.data.to(torch.bfloat16)
+                w.data = w.data.to(torch.float32)
+                gc.collect()
+                assert old() is not None, "the old W's memory was freed: its address reusable at the same version"
+        launches.clear()
+        y, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
+        assert _merge_checks(launches) == [False], (change, launches)
+        close(y, ref_fwd(dict(t, xa=x, weight=w, bias=None), s)[0], f"y after W changed {change}")
+        dx_ok(t["g"], u1, B1, s, f"dx after W changed {change}")
+    del u1, B2
     gc.collect()
-    assert list(K._MERGED_CACHE) == [id(B1)]
+    assert sorted(K._MERGED_CACHE) == sorted([(id(w), id(A), id(B1)), (id(w), id(A2), id(B1))])
     K.clear_merged_cache()
     assert not K._MERGED_CACHE
     # where nothing is cached
@@ -1538,7 +1560,7 @@ def test_merged_cache_keys_lifetime_and_fallbacks(poisoned, merged_cache, device
     assert not K._MERGED_CACHE
     monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
     K.ffa_linear_fwd(x, x, w, None, A, B1, s)
-    assert list(K._MERGED_CACHE) == [id(B1)]
+    assert list(K._MERGED_CACHE) == [(id(w), id(A), id(B1))]
     monkeypatch.setenv(K.KEEP_ENV_VAR, "caches")
     with pytest.raises(ValueError, match=K.KEEP_ENV_VAR):
         K.ffa_linear_fwd(x, x, w, None, A, B1, s)
@@ -1547,32 +1569,65 @@ def test_merged_cache_keys_lifetime_and_fallbacks(poisoned, merged_cache, device
         assert (K.keep_mode(), K.keep_merged(), K.merged_cache()) == (mode, mode != "off", mode == "cache"), v
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_cache_never_rewrites_what_a_backward_holds(poisoned, merged_cache, device):
+    """While a backward is pending on the cached W', a forward whose B differs by content (here swapped in
+    through ``.data`` for an evaluation and swapped back before the backward, no version bump) gets a new
+    W' instead of re-merging the held one in place: the pending backward reads the W' its forward used.
+    Non-contiguous B and A (transposed storage) throughout."""
+    t = make(2, 5, 40, 36, 3, device)
+    x, w, s = t["x"], t["weight"], 0.5
+    A = t["A"].t().contiguous().t()  # (r, in) with column-major strides
+    B = t["B"].t().contiguous().t()
+    B_eval = B.detach() * 3.0
+    rest = (True, False, 1, 0.0, 0.0)
+    _, u = K.ffa_linear_fwd(x, x, w, None, A, B, s)
+    held = _entry(w, A, B).weight
+    train_B = B.data
+    B.data = B_eval  # an evaluation with other adapter weights (e.g. an average's), the same tensor object
+    with torch.no_grad():
+        y_eval, _ = K.ffa_linear_fwd(x, x, w, None, A, B, s)
+    close(y_eval, ref_fwd(dict(t, xa=x, A=A, B=B_eval, bias=None), s)[0], "y (eval B)")
+    assert _entry(w, A, B).weight is not held
+    B.data = train_B
+    got = K.ffa_linear_bwd(t["g"], u, w, A, B, None, s, *rest)
+    close(got[0], ref_bwd(dict(t, A=A, B=train_B), f64(u), False, s, *rest)[0], "dx (pending, train B)")
+    del u
+    y, _ = K.ffa_linear_fwd(x, x, w, None, A, B, s)  # nothing pending: back to the check in place
+    close(y, ref_fwd(dict(t, xa=x, A=A, B=train_B, bias=None), s)[0], "y (train B again)")
+
+
 def test_merged_cache_is_whole_or_absent(merged_cache, monkeypatch):
-    """A first merge that raises (a launch out of resources, which the op retries with fewer stages) leaves
-    no entry behind: the retry makes W' afresh (a half-made one would have snapshots of bits it was never
-    merged from, and its unwritten tiles would pass the check)."""
+    """A merge that raises (a launch out of resources, which the op retries with fewer stages) leaves no
+    entry behind, first merge or check: the retry merges afresh. (A half-made W' would have snapshots of
+    bits it was never merged from, and the check's snapshots are updated before its merge runs: either
+    would pass stale tiles from then on.)"""
     t = make(2, 3, 20, 24, 5, "cpu")
     x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
-    real, calls = K._launch_merge, []
+    real, fail = K._launch_merge, []
 
-    def fails_once(*args, **kw):
-        calls.append(kw)
-        if len(calls) == 1:
+    def fails_when_asked(*args, **kw):
+        if fail:
+            fail.pop()
             raise K.OutOfResources(1, 0, "shared memory")  # (required, limit, name), as Triton raises it
         return real(*args, **kw)
 
-    monkeypatch.setattr(K, "_launch_merge", fails_once)
-    with pytest.raises(K.OutOfResources):
-        K._cached_merged_weight(w, A, B, s)
-    assert not K._MERGED_CACHE
-    wm = K._cached_merged_weight(w, A, B, s)
-    assert torch.equal(wm, K._merged_weight(w, A, B, s)) and list(K._MERGED_CACHE) == [id(B)]
+    monkeypatch.setattr(K, "_launch_merge", fails_when_asked)
+    for step in ("first", "check"):
+        fail.append(step)
+        with pytest.raises(K.OutOfResources):
+            K._cached_merged_weight(w, A, B, s)
+        assert not K._MERGED_CACHE, step
+        e = K._cached_merged_weight(w, A, B, s)
+        assert torch.equal(e.weight, K._merged_weight(w, A, B, s)) and list(K._MERGED_CACHE) == [(id(w), id(A), id(B))]
+        B.data.add_(0.5)  # what the failed check would have missed
 
 
 def test_merged_cache_under_capture(merged_cache, monkeypatch):
     """Under CUDA graph capture (stood in for: ``_capturing``) no W' is made (the call runs as with
     FEDLORA_FAST_KEEP_MERGED=1: with merged pinned, it merges for itself and keeps that); an existing one is
-    used, and is then kept alive past a new W' for a new scale, since the graph may replay into it."""
+    used and marked, and then stays allocated past a new W' for a new scale, eager calls and
+    ``clear_merged_cache()``, since the graph may replay into it, until its B is freed."""
     import gc
     import weakref
 
@@ -1580,33 +1635,41 @@ def test_merged_cache_under_capture(merged_cache, monkeypatch):
     launches = _launches(monkeypatch, "CHECK")
     t = make(2, 3, 20, 24, 5, "cpu")
     x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
-    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    capturing = [True]
+    monkeypatch.setattr(K, "_capturing", lambda device: capturing[0])
+
+    def fwd(scale):  # y only: nothing pending
+        return K.ffa_linear_fwd(x, x, w, None, A, B, scale)[0]
+
     y, u = K.ffa_linear_fwd(x, x, w, None, A, B, s)
     assert not K._MERGED_CACHE and _merge_checks(launches) == [False] and hasattr(u, K._KEPT_ATTR), launches
     close(y, ref_fwd(dict(t, xa=x, bias=None), s)[0], "y")
-    monkeypatch.setattr(K, "_capturing", lambda device: False)
-    K.ffa_linear_fwd(x, x, w, None, A, B, s)  # eager (a warm-up): made
-    monkeypatch.setattr(K, "_capturing", lambda device: True)
-    launches.clear()
-    K.ffa_linear_fwd(x, x, w, None, A, B, s)  # captured: the conditional merge on the cached W'
-    assert _merge_checks(launches) == [True], launches
-    held = weakref.ref(K._MERGED_CACHE[id(B)].weight)
-    assert K.ffa_linear_fwd(x, x, w, None, A, B, 0.75)[0] is not None  # a new scale under capture: not cached
-    assert K._MERGED_CACHE[id(B)].weight is held()
-    monkeypatch.setattr(K, "_capturing", lambda device: False)
-    K.ffa_linear_fwd(x, x, w, None, A, B, 0.75)  # eager: a new W'; the captured one stays allocated
-    assert K._MERGED_CACHE[id(B)].weight is not held()
     del u
+    capturing[0] = False
+    fwd(s)  # eager (a warm-up): made
+    capturing[0] = True
+    launches.clear()
+    fwd(s)  # captured: the conditional merge on the cached W'
+    assert _merge_checks(launches) == [True] and _entry(w, A, B).captured, launches
+    held = weakref.ref(_entry(w, A, B).weight)
+    fwd(0.75)  # a new scale under capture: not cached
+    assert _entry(w, A, B).weight is held()
+    capturing[0] = False
+    fwd(s)  # eager again: the entry stays marked
+    fwd(0.75)  # eager: a new W'; the captured one stays allocated
+    assert _entry(w, A, B).weight is not held()
     gc.collect()
-    assert held() is not None and any(c[0] is held() for c in K._CAPTURED)
-    monkeypatch.setattr(K, "_capturing", lambda device: True)
-    K.ffa_linear_fwd(x, x, w, None, A, B, 0.75)  # captured again (the new W')
-    monkeypatch.setattr(K, "_capturing", lambda device: False)
-    held2 = weakref.ref(K._MERGED_CACHE[id(B)].weight)
+    assert held() is not None
+    capturing[0] = True
+    fwd(0.75)  # captured again (the new W')
+    capturing[0] = False
+    held2 = weakref.ref(_entry(w, A, B).weight)
     K.clear_merged_cache()
     gc.collect()
-    assert not K._MERGED_CACHE and held2() is not None and any(c[0] is held2() for c in K._CAPTURED)
-    K._CAPTURED[:] = [c for c in K._CAPTURED if c[0] is not held() and c[0] is not held2()]
+    assert not K._MERGED_CACHE and held() is not None and held2() is not None
+    del B, t
+    gc.collect()
+    assert held() is None and held2() is None and not K._CAPTURED  # freed with their B
 
 
 def test_merged_cache_skips_autos_timing(merged_cache, monkeypatch):

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -633,6 +634,11 @@ class GraphedAccumulator:
                 f"{self._clipping()}; the graph clips with the old thresholds): build a new GraphedAccumulator"
             )
         now = self._fingerprint()
+        cached = sys.modules.get("fedlora_fast.kernels.ffa_linear")  # (imported only where the Triton ops ran)
+        stale = cached.captured_base_weights_changed(self.dp.model.parameters()) if cached is not None else []
+        if stale:
+            raise ValueError(f"model: {'; '.join(stale[:3])} changed since the CUDA graph was captured: build a new "
+                             "GraphedAccumulator (or run without the cache)")
         if now != self._captured_fingerprint:
             memory = self._model_memory()
             moved = [n for (n, p), (m, q) in zip(memory, self._memory) if n != m or p != q]
@@ -640,7 +646,8 @@ class GraphedAccumulator:
             raise ValueError(
                 f"model: changed since the CUDA graph was captured, which would replay the old memory, "
                 f"settings and hooks: {'; '.join(changes[:6])}. Copy new values in place (param.data.copy_(...), "
-                "load_state_dict), restore the settings (train/eval, merge, scale, dropout p, requires_grad), "
+                "load_state_dict; with FEDLORA_FAST_KEEP_MERGED=cache not into frozen base weights), restore the "
+                "settings (train/eval, merge, scale, dropout p, requires_grad), "
                 "or build a new GraphedAccumulator"
             )
 
