@@ -61,6 +61,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from fedlora_fast.ops import backends
 from fedlora_fast.ops.ffa_linear import BACKWARD_STATE_ATTR, check_dtype, check_shape
@@ -165,29 +166,31 @@ def keep_mode() -> str:
 
 
 def merged_cache() -> bool:
-    """``FEDLORA_FAST_KEEP_MERGED=cache`` (opt-in): ``keep_merged``, and each adapter's W' = W + s B A is
-    also kept across forwards, one per (W, A, B) tensors, and brought up to date at each forward by two small
-    launches: ``_changed_kernel`` compares B's and A's bits with their snapshots, and ``_merge_kernel``'s
-    ``CHECK`` re-merges only the tiles whose B rows or A columns changed (an unchanged W' costs a read of B
-    and A, not of W). Between optimizer steps, i.e. over the micro-batches of one DP logical batch
-    (``micro_batches``, ``GraphedAccumulator``) and in evaluation, the forward is then one cuBLAS GEMM on W'
-    (plus U) and the backward's dX another, with no merge at all; after a step, one merge, as with
-    ``keep_merged``. ``auto`` takes ``merged`` without timing where the cache applies (no other candidate
-    does less), and so does the backward given the forward's W'.
+    """``FEDLORA_FAST_KEEP_MERGED=cache`` (opt-in): ``keep_merged``, and each adapter's W' = W + s B A is also kept
+    across forwards, one per (W, A, B) tensors (W an ``nn.Parameter``: a weight made per call, as a float32 weight
+    cast under bf16 autocast is, runs as with ``keep_merged``), and brought up to date at each forward by two small
+    launches: ``_changed_kernel`` compares B's and A's bits with their snapshots, and ``_merge_kernel``'s ``CHECK``
+    re-merges only the tiles whose B rows or A columns changed (an unchanged W' costs a read of B and A, not of W).
+    Between optimizer steps, i.e. over the micro-batches of one DP logical batch (``micro_batches``,
+    ``GraphedAccumulator``) and in evaluation, the forward is then one cuBLAS GEMM on W' (plus U) and the backward's
+    dX another, with no merge at all; after a step, one merge, as with ``keep_merged``. ``auto`` takes ``merged``
+    without timing where the cache applies (no other candidate does less), and so does the backward given the
+    forward's W'.
 
-    What is checked: B and A by content, so writes that bypass the version counter and CUDA graph replays
-    are seen. W (frozen) on the host only: its memory (held by the entry, so an equal address is the same
-    memory), layout and version counter, as ``keep_merged`` does; a new W, a new scale, or a content change
-    while a backward still holds the current W' get a new W' (the old one is never rewritten). Not seen: a
-    base weight changed through ``.data`` (no version bump), eagerly or between replays of a graph (a replay
-    runs no host check; ``GraphedAccumulator`` refuses to replay after a version-bumping change of a base
-    weight it captured). ``torch.compile(mode="reduce-overhead")`` with the cache is untested (its warm-ups
-    may allocate from the graphs' pool outside a capture): use ``GraphedAccumulator``.
+    What is checked: B and A by content, so writes that bypass the version counter and CUDA graph replays are seen.
+    W (frozen) on the host only: its storage (weakly referenced, so a new tensor at a reused address is seen),
+    address, layout and version counter, as ``keep_merged`` does. A new W, a new scale, or any forward while a
+    backward still holds the current W' get a new W' (the old one is never rewritten; so a layer applied twice in
+    one forward merges afresh for its second call). Not seen: a base weight changed through ``.data`` (no version
+    bump), eagerly or between replays of a graph (a replay runs no host check; ``GraphedAccumulator`` refuses to
+    replay after a version-bumping change of a base weight it captured). ``torch.compile(mode="reduce-overhead")``
+    with the cache is untested (its warm-ups may allocate from the graphs' pool outside a capture): use
+    ``GraphedAccumulator``.
 
-    The price: one W-sized buffer per adapted layer for as long as its W, A and B live (13 GB for a bf16
-    Llama-7B with every projection adapted, 2 GB for q and v only), until ``clear_merged_cache()``. A CUDA
-    graph replays the W' it captured: those stay allocated (not freed by ``clear_merged_cache``) until their
-    W, A or B is freed. Under capture no new W' is made (the call runs as with ``keep_merged``)."""
+    The price: one W-sized buffer per adapted layer for as long as its W, A and B live (13 GB for a bf16 Llama-7B
+    with every projection adapted, 2 GB for q and v only), until ``clear_merged_cache()``. A CUDA graph replays the
+    W' it captured: those stay allocated (not freed by ``clear_merged_cache``) until their W, A or B is freed. Under
+    capture no new W' is made (the call runs as with ``keep_merged``)."""
     return keep_mode() == "cache"
 
 
@@ -261,9 +264,10 @@ class _Cached:
 
     def __init__(self, weight: Tensor, A: Tensor, B: Tensor, sig: tuple, wm: Tensor):
         self.refs = tuple(map(weakref.ref, (weight, A, B)))
-        # W's memory held: an equal data_ptr is then the same memory, not a new tensor at a reused address
-        # (``param.data = ...`` keeps the version counter)
-        self.storage = weight.untyped_storage()
+        # W's memory, weakly: a tensor given to W later (``param.data = ...`` keeps the version counter) is
+        # another storage even where it reuses the old address (CUDA's caching allocator); not held, so that
+        # ``module.to(...)`` or ``.cpu()`` frees the old memory at once
+        self.storage = StorageWeakRef(weight.untyped_storage())
         self.sig, self.weight = sig, wm
         self.b_snap = torch.empty(B.shape, dtype=_BITS[B.element_size()], device=B.device)
         self.a_snap = torch.empty(A.shape, dtype=_BITS[A.element_size()], device=A.device)
@@ -271,13 +275,15 @@ class _Cached:
         self.holders: weakref.WeakSet = weakref.WeakSet()
 
     def matches(self, weight: Tensor, A: Tensor, B: Tensor, sig: tuple) -> bool:
-        return self.sig == sig and all(r() is t for r, t in zip(self.refs, (weight, A, B)))
+        return (self.sig == sig and all(r() is t for r, t in zip(self.refs, (weight, A, B)))
+                and not self.storage.expired() and self.storage.cdata == weight.untyped_storage()._cdata)
 
 
 _MERGED_CACHE: dict[tuple, _Cached] = {}  # (id(W), id(A), id(B)) -> their W'; leaves when one of them is freed
 # W' and snapshots a CUDA graph may replay into, after their entry was replaced or cleared: freed with the key's
 # tensors (a graph replaying after those are freed reads freed memory anyway)
 _CAPTURED: dict[tuple, list] = {}
+_WATCHED: dict[tuple, list] = {}  # key -> the finalizers of its W, A and B (one set per key, however often made)
 
 
 def clear_merged_cache() -> None:
@@ -297,18 +303,37 @@ def _forget(key: tuple) -> None:
     """The finalizer of an entry's W, A and B: the entry and what graphs captured of it."""
     _MERGED_CACHE.pop(key, None)
     _CAPTURED.pop(key, None)
+    for f in _WATCHED.pop(key, ()):
+        f.detach()  # the other two tensors' finalizers: their key is gone (its ids may be reused)
 
 
-def captured_base_weights_changed(params) -> list[str]:
-    """Of the tensors in ``params``, the base weights whose cached W' a CUDA graph captured and which changed
-    since through an op that bumps their version counter (``copy_`` under ``no_grad``, ``load_state_dict``,
-    the layer's ``merge``) or were given new memory: a replay re-checks B and A, never W
-    (``merged_cache``), so it would go on using the old W. ``GraphedAccumulator`` refuses to replay then."""
+def _watch(key: tuple, tensors: tuple) -> None:
+    if not any(f.alive for f in _WATCHED.get(key, ())):
+        _WATCHED[key] = [weakref.finalize(t, _forget, key) for t in tensors]
+
+
+def captured_base_weights(params) -> list[tuple]:
+    """Of the tensors in ``params``, the base weights whose cached W' a CUDA graph captured (``merged_cache``),
+    as (weak reference, address, version counter) now: what ``changed_base_weights`` compares against later.
+    ``GraphedAccumulator`` records them after each capture."""
     ids = {id(p) for p in params}
     out = []
     for e in list(_MERGED_CACHE.values()):
         w = e.refs[0]()
-        if e.captured and w is not None and id(w) in ids and (w.data_ptr(), w._version) != e.sig[1:3]:
+        if e.captured and w is not None and id(w) in ids:
+            out.append((e.refs[0], w.data_ptr(), w._version))
+    return out
+
+
+def changed_base_weights(records: list[tuple]) -> list[str]:
+    """Of ``captured_base_weights``' records, the base weights since changed through an op that bumps their
+    version counter (``copy_`` under ``no_grad``, ``load_state_dict``, the layer's ``merge``) or given new
+    memory: a replay re-checks B and A, never W, so it would go on using the W' merged from the old W
+    (whether or not the entry is still in the cache: a replay writes into the buffers it captured)."""
+    out = []
+    for ref, ptr, version in records:
+        w = ref()
+        if w is not None and (w.data_ptr(), w._version) != (ptr, version):
             out.append(f"a base weight of shape {tuple(w.shape)} (FEDLORA_FAST_KEEP_MERGED=cache: the graph replays "
                        "its W' merged from the old values)")
     return out
@@ -337,8 +362,8 @@ def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) ->
     Otherwise merged again in place only where B's or A's bits changed. None where it cannot be cached (no
     version counter on W; a new W' needed under CUDA graph capture, whose pool must not feed the cache)."""
     sig = _cache_sig(weight, A, B, scale)
-    if sig is None:
-        return None
+    if sig is None or not isinstance(weight, torch.nn.Parameter):  # a W made per call (an fp32 weight cast
+        return None  # under autocast, say) has a new identity each forward: a W' per call, as keep_merged
     key = (id(weight), id(A), id(B))
     e = _MERGED_CACHE.get(key)
     capturing = _capturing(weight.device)
@@ -353,9 +378,7 @@ def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) ->
         # must not leave a W' whose snapshots claim bits it was never merged from
         if e is not None:
             _retire(key, e)
-        if e is None or not all(r() is t for r, t in zip(e.refs, (weight, A, B))):
-            for t in (weight, A, B):
-                weakref.finalize(t, _forget, key)
+        _watch(key, (weight, A, B))
         _MERGED_CACHE[key] = new
         return new
     e.captured = e.captured or capturing

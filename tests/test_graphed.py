@@ -332,6 +332,20 @@ def test_a_cached_base_weight_changed_after_a_capture_is_refused(fake, monkeypat
         model[0].weight.add_(0.125)
     with pytest.raises(ValueError, match="FEDLORA_FAST_KEEP_MERGED=cache"):
         acc._check_captured()
+    # still refused once the captured entry left the cache (a replay writes into the buffers it captured):
+    # an eval forward (a new W' for the new W), then the cache cleared
+    with torch.no_grad():
+        model(make_batch(2)["x"])
+    assert not any(e.captured for e in K._MERGED_CACHE.values())
+    with pytest.raises(ValueError, match="FEDLORA_FAST_KEEP_MERGED=cache"):
+        acc._check_captured()
+    K.clear_merged_cache()
+    with pytest.raises(ValueError, match="FEDLORA_FAST_KEEP_MERGED=cache"):
+        acc._check_captured()
+    # a new accumulator on the changed model captures the new W': accepted
+    acc2 = fake.accumulator(make_dp(model), per_sample_loss, micro_batch_size=4)
+    acc2.accumulate(make_batch(3))
+    acc2._check_captured()
     K.clear_merged_cache()
 
 

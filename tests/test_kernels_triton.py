@@ -12,6 +12,7 @@ import functools
 import os
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -1395,6 +1396,11 @@ def test_keep_merged_through_the_layer(triton_backend, monkeypatch):
     assert torch.equal(y.detach(), grads["1"][0]) and torch.equal(xr.grad, grads["1"][1])
 
 
+def _param(w):
+    """A frozen ``nn.Parameter`` of ``w``: the merged-weight cache keeps W' only for parameters."""
+    return torch.nn.Parameter(w, requires_grad=False)
+
+
 def _entry(w, A, B):
     """The merged-weight cache's entry of (W, A, B)."""
     return K._MERGED_CACHE[(id(w), id(A), id(B))]
@@ -1429,6 +1435,7 @@ def test_merged_cache_merges_only_what_changed(poisoned, merged_cache, device, d
     override_blocks(monkeypatch, "merge", tiles, lambda fn, kw: None)
     launches = _launches(monkeypatch, "CHECK")
     t = make(2, 3, 150, 70, 5, device, dtype=dtype)
+    t["weight"] = _param(t["weight"])  # the cache is for parameters (persistent W)
     x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
 
     def fwd():  # y only: the forward's U, which holds W' for a backward, freed at once
@@ -1495,6 +1502,7 @@ def test_merged_cache_keys_lifetime_and_fallbacks(poisoned, merged_cache, device
 
     launches = _launches(monkeypatch, "CHECK")
     t = make(2, 5, 40, 36, 3, device)
+    t["weight"] = _param(t["weight"])  # the cache is for parameters (persistent W)
     x, w, A, s = t["x"], t["weight"], t["A"], 0.5
     B1, B2, A2 = t["B"], t["B"] * -2.0, t["A"].flip(1).contiguous()
     rest = (True, False, 1, 0.0, 0.0)
@@ -1523,19 +1531,21 @@ def test_merged_cache_keys_lifetime_and_fallbacks(poisoned, merged_cache, device
     del u1, u1b, u2, u3
     # W changed in place (version counter), then given a new tensor through .data (the version counter
     # kept, the old memory held by the entry: a new address): a new W' each time, correct
-    for change in ("in place", ".data", "dtype round trip"):
+    if device == "cpu":  # W over memory we own, so that a new tensor can be given to W at the same address
+        w.data = torch.from_numpy(w.detach().numpy().copy())
+    for change in ("in place", ".data", "same address") if device == "cpu" else ("in place", ".data"):
         K.ffa_linear_fwd(x, x, w, None, A, B1, s)
         with torch.no_grad():
             if change == "in place":
                 w.add_(0.125)
             elif change == ".data":
                 w.data = w.data * 0.5
-            else:  # as module.to(bfloat16) then .to(float32): new memory, maybe at the old address (CUDA's
-                old = weakref.ref(w.untyped_storage())  # caching allocator) unless the entry holds the old memory
-                w.data = w.data.to(torch.bfloat16)
-                w.data = w.data.to(torch.float32)
-                gc.collect()
-                assert old() is not None, "the old W's memory was freed: its address reusable at the same version"
+            else:  # a new tensor at the old address and the same version counter, as module.to(bf16) then
+                buf = w.numpy()  # .to(float32) may give on CUDA (its caching allocator reuses the freed block)
+                ptr = w.data_ptr()
+                buf *= 2.0
+                w.data = torch.from_numpy(buf)
+                assert w.data_ptr() == ptr
         launches.clear()
         y, u1 = K.ffa_linear_fwd(x, x, w, None, A, B1, s)
         assert _merge_checks(launches) == [False], (change, launches)
@@ -1569,6 +1579,38 @@ def test_merged_cache_keys_lifetime_and_fallbacks(poisoned, merged_cache, device
         assert (K.keep_mode(), K.keep_merged(), K.merged_cache()) == (mode, mode != "off", mode == "cache"), v
 
 
+def test_merged_cache_only_for_parameters_and_watched_once(merged_cache, triton_backend, monkeypatch):
+    """W' is cached only for a parameter W: a W made per call (a float32 weight cast to bfloat16 under
+    autocast, each forward a new tensor) would make a W' and its finalizers per forward; there the call runs
+    as with FEDLORA_FAST_KEEP_MERGED=1, through the layer too, with the same result. An entry remade
+    (another scale each call) or cleared again and again watches its tensors with one set of finalizers."""
+    device = triton_backend
+    t = make(2, 3, 20, 24, 5, device)
+    x, A, B = t["x"], t["A"], t["B"]
+    K.ffa_linear_fwd(x, x, t["weight"], None, A, B, 0.5)
+    assert not K._MERGED_CACHE and not K._WATCHED
+    w = _param(t["weight"])
+    registry = len(weakref.finalize._registry)
+    for i in range(4):
+        K.ffa_linear_fwd(x, x, w, None, A, B, 0.5 + i)
+        if i % 2:
+            K.clear_merged_cache()
+    assert list(K._WATCHED) == [(id(w), id(A), id(B))] and len(weakref.finalize._registry) == registry + 3
+    K.clear_merged_cache()
+    torch.manual_seed(0)
+    layer = ff.FFALoRALinear(torch.nn.Linear(20, 24), r=4, alpha=8.0, seed=1, name="q").to(device)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    xr = torch.randn(2, 3, 20, device=device)
+    outs = {}
+    for keep in ("0", "cache"):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            outs[keep] = layer(xr)
+        assert not K._MERGED_CACHE, keep  # the float32 weight, cast per call
+    assert torch.equal(outs["0"], outs["cache"])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_merged_cache_never_rewrites_what_a_backward_holds(poisoned, merged_cache, device):
     """While a backward is pending on the cached W', a forward whose B differs by content (here swapped in
@@ -1576,6 +1618,7 @@ def test_merged_cache_never_rewrites_what_a_backward_holds(poisoned, merged_cach
     W' instead of re-merging the held one in place: the pending backward reads the W' its forward used.
     Non-contiguous B and A (transposed storage) throughout."""
     t = make(2, 5, 40, 36, 3, device)
+    t["weight"] = _param(t["weight"])  # the cache is for parameters (persistent W)
     x, w, s = t["x"], t["weight"], 0.5
     A = t["A"].t().contiguous().t()  # (r, in) with column-major strides
     B = t["B"].t().contiguous().t()
@@ -1603,6 +1646,7 @@ def test_merged_cache_is_whole_or_absent(merged_cache, monkeypatch):
     bits it was never merged from, and the check's snapshots are updated before its merge runs: either
     would pass stale tiles from then on.)"""
     t = make(2, 3, 20, 24, 5, "cpu")
+    t["weight"] = _param(t["weight"])  # the cache is for parameters (persistent W)
     x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
     real, fail = K._launch_merge, []
 
@@ -1634,6 +1678,7 @@ def test_merged_cache_under_capture(merged_cache, monkeypatch):
     monkeypatch.setenv(K.GEMM_ENV_VAR, "merged")
     launches = _launches(monkeypatch, "CHECK")
     t = make(2, 3, 20, 24, 5, "cpu")
+    t["weight"] = _param(t["weight"])  # the cache is for parameters (persistent W)
     x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
     capturing = [True]
     monkeypatch.setattr(K, "_capturing", lambda device: capturing[0])
@@ -1681,6 +1726,7 @@ def test_merged_cache_skips_autos_timing(merged_cache, monkeypatch):
     monkeypatch.setattr(K, "_time_ms", lambda fn, device, reps=3: timed.append(fn) or 1.0)
     launches = _launches(monkeypatch, "CHECK")
     t = make(2, 3, 20, 24, 5, "cpu")
+    t["weight"] = _param(t["weight"])  # the cache is for parameters (persistent W)
     y, u = K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5)
     got = K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 0.5, True, False, 1, 0.0, 0.0)
     assert timed == [] and K._AUTO_CHOICE == {} and _merge_checks(launches) == [False], launches

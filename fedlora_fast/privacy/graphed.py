@@ -436,6 +436,9 @@ class GraphedAccumulator:
         self._slots: dict[int, _Slot] = {}
         self._pool = None  # the graphs' shared memory pool
         self._captured = False  # a capture exists: its snapshot below is checked before every replay
+        # base weights whose cached merged weight a capture replays (FEDLORA_FAST_KEEP_MERGED=cache), as the
+        # capture found them: a replay never re-checks them (kernels.ffa_linear.captured_base_weights)
+        self._cached_weights: list[tuple] = []
         self._memory: list[tuple[str, int]] = []  # (name, data_ptr) of every parameter and buffer at capture
         self._modules: list[torch.nn.Module] = []
         self._module_names: list[str] = []
@@ -559,6 +562,9 @@ class GraphedAccumulator:
                 "GraphedAccumulator(..., graph=False) runs the same padded computation eagerly"
             ) from e
         slot.graph, slot.out = graph, out
+        cache = sys.modules.get("fedlora_fast.kernels.ffa_linear")  # (imported only where the Triton ops ran)
+        if cache is not None:
+            self._cached_weights += cache.captured_base_weights(self.dp.model.parameters())
         if not self._captured:
             self._snapshot()
         log.info("GraphedAccumulator: forward, backward and clipping of %d-row micro-batches captured in a CUDA graph",
@@ -634,8 +640,8 @@ class GraphedAccumulator:
                 f"{self._clipping()}; the graph clips with the old thresholds): build a new GraphedAccumulator"
             )
         now = self._fingerprint()
-        cached = sys.modules.get("fedlora_fast.kernels.ffa_linear")  # (imported only where the Triton ops ran)
-        stale = cached.captured_base_weights_changed(self.dp.model.parameters()) if cached is not None else []
+        cache = sys.modules.get("fedlora_fast.kernels.ffa_linear")
+        stale = cache.changed_base_weights(self._cached_weights) if cache is not None else []
         if stale:
             raise ValueError(f"model: {'; '.join(stale[:3])} changed since the CUDA graph was captured: build a new "
                              "GraphedAccumulator (or run without the cache)")
