@@ -1734,6 +1734,37 @@ def test_merged_cache_skips_autos_timing(merged_cache, monkeypatch):
     close(got[0], ref_bwd(t, f64(u), False, 0.5, True, False, 1, 0.0, 0.0)[0], "dx")
 
 
+def test_merged_cache_under_torch_compile(triton_backend, merged_cache, monkeypatch):
+    """torch.compile (aot_eager, one graph) of a model with two adapted layers: the compiled calls hand the
+    op the parameters themselves, so each layer's W' is made once and only checked after; the input
+    gradients and B's gradients equal the uncompiled model's without the cache to the bit."""
+    device = triton_backend
+    seen, real = [], K._launch_merge
+    monkeypatch.setattr(K, "_launch_merge", lambda *a, **kw: (seen.append(len(a) > 5), real(*a, **kw))[1])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 6)).to(device)
+    ff.inject_adapters(model, ["0", "2"], r=4, alpha=8.0, seed=0)
+    with torch.no_grad():
+        model[2].lora_B.normal_(0, 0.5)
+    xs = [torch.randn(3, 2, 12, device=device) for _ in range(3)]
+    grads = {}
+    for keep, fn in (("0", model), ("cache", torch.compile(model, backend="aot_eager", fullgraph=True))):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+        monkeypatch.setenv(K.GEMM_ENV_VAR, "merged" if keep == "0" else "auto")
+        seen.clear()
+        out = []
+        for x in xs:
+            xr = x.clone().requires_grad_()
+            fn(xr).pow(2).sum().backward()
+            out += [xr.grad, model[0].lora_B.grad.clone(), model[2].lora_B.grad.clone()]
+            model.zero_grad(set_to_none=True)
+        grads[keep] = out
+        if keep == "cache":
+            assert seen == [False, False] + [True] * 4 and len(K._MERGED_CACHE) == 2, seen
+    for a, b in zip(grads["0"], grads["cache"]):
+        assert torch.equal(a, b)
+
+
 def test_merged_cache_dp_micro_batches_through_the_layer(triton_backend, merged_cache, monkeypatch):
     """DP steps of two micro-batches each through the layer, B stepped by the optimizer in between: with the
     cache, one full merge in all (the first forward), a conditional one per later forward, none in any
