@@ -1294,14 +1294,8 @@ def main(argv=None) -> int:
                     for k, t in times.items()
                 )
                 + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
-                + (f" (direct {row['ratio_to_floor_direct']:.3f})" if "ratio_to_floor_direct" in row else "")
-                + (f" (jit {row['ratio_to_floor_jit']:.3f})" if "ratio_to_floor_jit" in row else "")
-                + (f" (keep {row['ratio_to_floor_keep']:.3f})" if "ratio_to_floor_keep" in row else "")
-                + (f" (graph keep {row['ratio_to_floor_graph_keep']:.3f})"
-                   if "ratio_to_floor_graph_keep" in row else "")
-                + (f" (cache {row['ratio_to_floor_cache']:.3f})" if "ratio_to_floor_cache" in row else "")
-                + (f" (graph cache {row['ratio_to_floor_graph_cache']:.3f})"
-                   if "ratio_to_floor_graph_cache" in row else "")
+                + "".join(f" ({v.replace('_', ' ')} {row[key]:.3f})"  # ours/floor of each variant beside the headline
+                          for key, v in VARIANT_RATIOS.items() if key in row)
                 + (f" (merge {row['merge_ms']:.3f}ms)" if "merge_ms" in row else "")
                 + (f"  ours/peft+opacus {row['ratio_to_peft_opacus']:.3f}" if "ratio_to_peft_opacus" in row else "")
                 + (f" (overhead {row['overhead_ratio_to_peft_opacus']:.3f})" if "overhead_ratio_to_peft_opacus" in row else "")
