@@ -2063,7 +2063,8 @@ def _fwd(
     lowrank = (u, B, B.stride(1), B.stride(0))  # R = B^T (r, out)
 
     merged_ok = xa is x or (xa.data_ptr() == x.data_ptr() and xa.shape == x.shape and xa.stride() == x.stride())
-    keep = keep_merged() and merged_ok and x.dtype != torch.float16  # (fp16 never merges: _choose_gemm)
+    mode = keep_mode()  # (read once per call: the variable is parsed on the host's hot path)
+    keep = mode != "off" and merged_ok and x.dtype != torch.float16  # (fp16 never merges: _choose_gemm)
 
     def y_with(impl: str) -> tuple[Tensor, Tensor | None]:  # y, and the merged weight where one was made
         if impl == "merged":  # y = x (W + s B A)^T + b: one cuBLAS GEMM, U is only saved for the backward
@@ -2083,7 +2084,7 @@ def _fwd(
         _launch_gemm(x, w_t, bias, lowrank, y, scale, prec_dtype=x.dtype, tma=impl == "tma")
         return y, None
 
-    if keep and merged_cache() and gemm_impl() in ("auto", "merged"):  # B's W' kept across steps: one GEMM
+    if keep and mode == "cache" and gemm_impl() in ("auto", "merged"):  # B's W' kept across steps: one GEMM
         e = _cached_merged_weight(weight, A, B, scale)
         if e is not None:
             kept = _keep(u, e.weight, weight, A, B, scale)
