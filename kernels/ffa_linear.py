@@ -2069,9 +2069,9 @@ def _fwd(
     def y_with(impl: str) -> tuple[Tensor, Tensor | None]:  # y, and the merged weight where one was made
         if impl == "merged":  # y = x (W + s B A)^T + b: one cuBLAS GEMM, U is only saved for the backward
             wm = _merged_weight(weight, A, B, scale)
-            return torch.nn.functional.linear(x, wm, bias), wm
+            return _ref.base_linear(x, wm, bias), wm
         if impl == "cublas":
-            y = torch.nn.functional.linear(x, weight, bias)
+            y = _ref.base_linear(x, weight, bias)
             _launch_gemm(None, None, None, lowrank, y, scale, accumulate=True, prec_dtype=x.dtype)
             return y, None
         if impl == "cublas_acc":  # y = bias + s U B^T, then y += x W^T by cuBLAS (beta = 1, in place)
@@ -2090,7 +2090,7 @@ def _fwd(
             kept = _keep(u, e.weight, weight, A, B, scale)
             if kept is not None:
                 e.holders.add(kept)  # until its backward is done (or the layer drops it), W' is not rewritten
-            return torch.nn.functional.linear(x, e.weight, bias), u
+            return _ref.base_linear(x, e.weight, bias), u
     key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok, keep)
     credit = functools.partial(_merged_weight, weight, A, B, scale) if keep else None  # the backward's merge
     impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype, credit)  # (the op's device guard: its events too)

@@ -238,3 +238,61 @@ def test_what_a_backend_cannot_read_goes_through_the_op(use_backend):
         xf = mode.from_tensor(x)
         yf, uf = call(ffa_linear_fwd, xf, xf, w, b, A, B, 2.0)
     assert yf.shape == y.shape and uf.shape == u.shape
+
+
+# (FEDLORA_FAST_GEMM, FEDLORA_FAST_KEEP_MERGED) for the Triton backend: each way its forward makes Y
+Y_PATHS = [("triton", "0"), ("cublas", "0"), ("cublas_acc", "0"), ("merged", "0"), ("merged", "1"), ("merged", "cache")]
+
+
+def _y_path_cases():
+    """(backend, device), Triton's Y path, the native backend's fold: each backend with the ways it makes Y."""
+    out = []
+    for p in backend_params():
+        name, device = p.values[0]
+        for path in Y_PATHS if name == "triton" else Y_PATHS[:1]:
+            for fold in (False, True) if name == "native" else (False,):
+                extra = f"-{path[0]}-keep{path[1]}" if name == "triton" else ("-fold" if fold else "")
+                out.append(pytest.param((name, device), path, fold, id=p.id + extra, marks=p.marks))
+    return out
+
+
+@pytest.mark.parametrize("use_backend,path,fold", _y_path_cases(), indirect=["use_backend"])
+def test_the_layer_output_can_be_changed_in_place(use_backend, path, fold, monkeypatch):
+    """``y += residual; y.mul_(2)`` after the layer, then a backward: the op's output is a tensor of its own
+    (autograd refuses an in-place change of a custom Function's view output), on every backend and every way
+    the forward makes Y (the Triton GEMM settings; the native backend's folded ``W + s B A`` and its in-place
+    rank-r update), and x's and B's gradients are the float64 ones of that in-place computation."""
+    from torch import nn
+
+    from fedlora_fast.layers import FFALoRALinear
+
+    name, device = use_backend
+    monkeypatch.setenv("FEDLORA_FAST_GEMM", path[0])
+    monkeypatch.setenv("FEDLORA_FAST_KEEP_MERGED", path[1])
+    if name == "native":
+        from fedlora_fast.ops import native
+
+        monkeypatch.setattr(native, "_fold_pays", lambda *a: fold)
+    torch.manual_seed(0)
+    layer = FFALoRALinear(nn.Linear(13, 11).to(device), r=3, alpha=6.0, seed=0, name="p")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 13, device=device, requires_grad=True)
+    res = torch.randn(2, 3, 11, device=device)
+    try:
+        y = layer(x)
+        assert not y._is_view()
+        y += res
+        y.mul_(2)
+        y.pow(2).sum().backward()
+    finally:
+        if name == "triton":
+            from fedlora_fast.kernels.ffa_linear import clear_merged_cache
+
+            clear_merged_cache()
+    W, b, A = (t.detach().double() for t in (layer.weight, layer.bias, layer.lora_A))
+    x64, B64 = x.detach().double().requires_grad_(), layer.lora_B.detach().double().requires_grad_()
+    y64 = (x64 @ W.T + b + layer.scale * (x64 @ A.T) @ B64.T + res.double()) * 2
+    y64.pow(2).sum().backward()
+    for got, exp, what in ((y, y64, "y"), (x.grad, x64.grad, "x.grad"), (layer.lora_B.grad, B64.grad, "B.grad")):
+        assert_close_verbose(got.detach(), exp.detach(), atol=1e-5 * exp.abs().max().item(), rtol=1e-5, name=what)

@@ -499,8 +499,8 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
         return 1.0 if fn.__defaults__[0] == fastest else 5.0
 
     monkeypatch.setattr(K, "_time_ms", fake_time)
-    linear_calls, real_linear = [], torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: linear_calls.append(1) or real_linear(*a))
+    linear_calls, real_linear = [], K._ref.base_linear
+    monkeypatch.setattr(K._ref, "base_linear", lambda *a: linear_calls.append(1) or real_linear(*a))
     t = make(3, 6, 70, 45, 17, "cpu")
     s = 0.7
     for _ in range(2):
@@ -511,7 +511,7 @@ def test_auto_gemm_times_once_per_shape_and_keeps_the_fastest(monkeypatch, faste
     t5 = make(5, 6, 70, 45, 17, "cpu")  # another Poisson batch size, same token bucket (18, 30 -> 32): no new timing
     K.ffa_linear_fwd(t5["x"], t5["x"], t5["weight"], t5["bias"], t5["A"], t5["B"], s)
     assert len(timed) == 2 * K.AUTO_ROUNDS * len(K.AUTO_CANDIDATES)
-    # cuBLAS + epilogue and merged forwards (F.linear): one timed run each per round, then every real forward
+    # cuBLAS + epilogue and merged forwards (base_linear): one timed run each per round, then every real forward
     # (3) if one of them won
     assert len(linear_calls) == 2 * K.AUTO_ROUNDS + (3 if fastest in ("cublas", "merged") else 0)
     exp_y, exp_u = ref_fwd(dict(t, xa=t["x"]), s)

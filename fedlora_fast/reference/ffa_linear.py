@@ -47,6 +47,24 @@ def clip_coef(norm2: Tensor, max_norm: float) -> Tensor:
     return torch.where(torch.isfinite(norm), coef, torch.zeros_like(coef))
 
 
+def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x W^T + b`` for a (n, T, in) ``x`` as a (n, T, out) tensor of its own, written by one (add)mm.
+
+    ``F.linear`` folds a 3-D input into one matrix product and returns a *view* of its 2-D result. An op's
+    output must not be one: autograd refuses an in-place change of a custom Function's view output
+    (``y += residual`` after the layer), so whether user code ran would depend on the backend and, under
+    ``FEDLORA_FAST_GEMM=auto``, on which GEMM timed fastest. ``weight`` and ``bias`` are in ``x``'s dtype.
+    """
+    n, T, inp = x.shape
+    y = x.new_empty((n, T, weight.shape[0]))
+    y2, x2 = y.view(n * T, weight.shape[0]), x.reshape(n * T, inp)
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y2)  # (the same cuBLAS(Lt) bias epilogue as F.linear's addmm)
+    return y
+
+
 def ffa_linear_fwd(
     x: Tensor, xa: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
