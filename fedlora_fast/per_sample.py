@@ -169,3 +169,25 @@ def param_result(
 
 def active(ctx: PerSampleContext | None) -> bool:
     return ctx is not None and torch.is_grad_enabled()
+
+
+def gradient_node(param: Tensor):
+    """The autograd node through which ``param``'s gradient flows (its AccumulateGrad for a leaf), taken at
+    the forward, for ``accumulates`` in the backward; None for a tensor that does not require grad."""
+    return torch.autograd.graph.get_gradient_edge(param).node if param.requires_grad else None
+
+
+def accumulates(node) -> bool:
+    """Whether the running backward delivers a gradient through ``node`` (``gradient_node``).
+
+    ``torch.autograd.grad(loss, x)`` and ``loss.backward(inputs=[x])`` run the layers' backward for x's
+    gradient only: the engine skips the parameters' gradient nodes, so a per-sample result stored then would
+    be a gradient nobody asked for, counted into the next step (a retained graph's second, input-only
+    backward doubled every norm and clipped sum). ``autograd.grad(loss, [param])`` asks for the parameter
+    itself: it counts as delivered (the engine cannot tell for a leaf then, and raises)."""
+    if node is None:
+        return True
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # "a leaf node was passed ... while running autograd.grad()": the leaf is an input
+        return True

@@ -895,3 +895,51 @@ def test_a_replaced_or_detached_engine_refuses_to_clip_noise_or_step(clipping):
     loss_fn(model, make_batch(3, 4, seed=3)).backward()  # plain, DP-free backward
     with pytest.raises(RuntimeError, match="this engine was detached"):
         new.step(empty_batch=True)
+
+
+def _loss(model, x, y):
+    return ((model(x) - y) ** 2).sum()
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+def test_an_input_only_backward_keeps_no_per_sample_gradients(clipping, train_A):
+    """``torch.autograd.grad(loss, x)`` and ``loss.backward(inputs=[x])`` (saliency, adversarial terms on
+    inputs) deliver no parameter gradient, as in plain PyTorch: no per-sample state may come of them. After a
+    full backward with the graph retained, an input-only one changes neither the norms nor the clipped sums
+    (it had doubled both under flat clipping); alone, it leaves nothing to step on. Asking for the
+    parameters themselves (``autograd.grad(loss, params)``) still keeps their per-sample results."""
+    b = make_batch(4, 3)
+    model = make_model(train_A)
+    dp = make_dp(model, clipping=clipping)
+    x = b["x"].clone().requires_grad_(True)
+    loss = _loss(model, x, b["y"])
+    loss.backward(retain_graph=True)
+    norms = dp.per_sample_norms().clone()
+    gx = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    loss.backward(inputs=[x])
+    assert torch.equal(dp.per_sample_norms(), norms)
+    dp.accumulate()
+    once = dp.clipped_sum()
+
+    model2 = make_model(train_A)  # the same model and batch through one plain backward
+    dp2 = make_dp(model2, clipping=clipping)
+    x2 = b["x"].clone().requires_grad_(True)
+    _loss(model2, x2, b["y"]).backward()
+    assert torch.equal(dp2.per_sample_norms(), norms)
+    dp2.accumulate()
+    for a, e in zip(once, dp2.clipped_sum()):
+        assert torch.equal(a, e)
+    assert torch.equal(gx, x2.grad)
+
+    model3 = make_model(train_A)
+    dp3 = make_dp(model3, clipping=clipping)
+    for run in (lambda l: torch.autograd.grad(l, x3), lambda l: l.backward(inputs=[x3])):
+        x3 = b["x"].clone().requires_grad_(True)
+        run(_loss(model3, x3, b["y"]))
+        with pytest.raises(RuntimeError, match="no per-sample gradients"):
+            dp3.per_sample_norms()
+        with pytest.raises(RuntimeError, match="no per-sample gradients"):
+            dp3.step()
+    torch.autograd.grad(_loss(model3, b["x"], b["y"]), params(model3), allow_unused=True)
+    assert torch.equal(dp3.per_sample_norms(), norms)
