@@ -356,10 +356,24 @@ def test_add_noise_refuses_a_noise_multiplier_set_by_hand_out_of_range():
     dp = make_dp(model, noise_multiplier=1.0)
     loss_fn(model, make_batch(2, 2)).backward()
     dp.accumulate()
-    for bad in (-1.0, float("nan")):
+    for bad in (-1.0, float("nan"), 1e39):  # (1e39: sigma * C beyond float32, the noise would be inf)
         dp.noise_multiplier = bad
         with pytest.raises(ValueError, match="noise_multiplier"):
             dp.add_noise()
+        with pytest.raises(ValueError, match="noise_multiplier"):
+            dp.step()
+    dp.noise_multiplier = 1e36  # C = 1: sigma * C within range; C itself cannot be set past it either
+    with pytest.raises(ValueError, match=r"noise_multiplier \* max_grad_norm: expected at most .* = 1e\+37"):
+        dp.max_grad_norm = 10.0
+    assert dp.max_grad_norm == 1.0
+    dp.add_noise()
+    assert all(torch.isfinite(t).all() for t in dp.clipped_sum())
+
+
+def test_the_largest_noise_std_is_finite_in_float32():
+    """MAX_NOISE_STD leaves room for draws of dozens of std in float32, and not much more than that."""
+    f32 = torch.finfo(torch.float32).max
+    assert 30 * dpsgd.MAX_NOISE_STD < f32 < 100 * dpsgd.MAX_NOISE_STD
 
 
 def test_per_layer_next_backward_without_zero_grad_is_not_contaminated():
@@ -562,6 +576,8 @@ def test_epsilon_without_accountant_is_refused():
         ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm"),
         ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm"),
         ({"max_grad_norm": "big"}, TypeError, "max_grad_norm"),
+        ({"max_grad_norm": 1e20, "noise_multiplier": 1e19}, ValueError, r"noise_multiplier \* max_grad_norm"),
+        ({"max_grad_norm": 1e39, "noise_multiplier": 1.0}, ValueError, r"noise_multiplier \* max_grad_norm"),
         ({"expected_batch_size": 0}, ValueError, "expected_batch_size"),
         ({"expected_batch_size": 2.5}, ValueError, "expected_batch_size"),
         ({"clipping": "global"}, ValueError, "clipping"),
@@ -758,6 +774,27 @@ def test_a_tensor_unfrozen_after_the_engine_is_built_is_refused_at_step():
     model[2].weight.grad = None
     dp.step()
     assert torch.equal(model[2].weight, before) and dp.steps == 1
+
+
+def test_a_tensor_frozen_after_the_engine_is_built_is_refused_at_step():
+    """The opposite change: a trained B frozen later gets no per-sample gradient, yet each step would still
+    give it noise as its gradient and the optimizer would move it. Refused before anything is noised or
+    accounted; unfrozen again, the engine steps it as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+    ff.inject_adapters(model, ["0", "2"], r=R)
+    dp = make_dp(model, noise_multiplier=1.0, noise_seed=0, sample_rate=0.1)
+    model[2].lora_B.requires_grad_(False)
+    before = model[2].lora_B.detach().clone()
+    loss_fn(model, make_batch(4, None)).backward()
+    with pytest.raises(RuntimeError, match=r"model: \['2.lora_B'\] were frozen after the engine was built"):
+        dp.step()
+    assert torch.equal(model[2].lora_B, before) and dp.accountant.steps == 0 and dp.steps == 0
+    with pytest.raises(RuntimeError, match=r"\['2.lora_B'\] were frozen"):
+        dp.clip_and_accumulate()
+    model[2].lora_B.requires_grad_(True)
+    dp.step()  # (the backward before the refusals: layer 2 contributes no sample, only noise)
+    assert dp.steps == 1 and not torch.equal(model[2].lora_B, before)
 
 
 def test_a_tensor_unfrozen_after_the_engine_is_built_is_refused_when_driving_the_stages_by_hand():

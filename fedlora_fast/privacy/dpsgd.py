@@ -137,6 +137,20 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     return v
 
 
+# The largest noise std sigma * C: the noise is drawn in float32 (as the clipped sum is kept), and a draw of
+# a few dozen std must still be finite there, else the step would write inf/NaN into every trained tensor.
+MAX_NOISE_STD = torch.finfo(torch.float32).max / 64  # ~5.3e36
+
+
+def _check_noise_std(noise_multiplier: float, max_grad_norm: float) -> None:
+    std = noise_multiplier * max_grad_norm
+    if std > MAX_NOISE_STD:
+        raise ValueError(
+            f"noise_multiplier * max_grad_norm: expected at most {MAX_NOISE_STD:.3g} (the noise is float32), got "
+            f"{noise_multiplier!r} * {max_grad_norm!r} = {std:.3g}"
+        )
+
+
 # model -> weakref(engine); weak both ways so that neither keeps the other alive
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
@@ -234,6 +248,7 @@ class DPSGD:
             raise TypeError(f"secure_mode: expected True or False, got {secure_mode!r}")
         self._max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
         self.noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+        _check_noise_std(self.noise_multiplier, self._max_grad_norm)
         m = expected_batch_size
         if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
             raise ValueError(f"expected_batch_size: expected a positive int, got {expected_batch_size!r}")
@@ -302,6 +317,7 @@ class DPSGD:
     @max_grad_norm.setter
     def max_grad_norm(self, value: float) -> None:
         value = _check_positive("max_grad_norm", value)
+        _check_noise_std(self.noise_multiplier, value)
         pending = self._pending_batches or (self.clipping == "per_layer" and self._have_backward())
         if pending and value != self._max_grad_norm:
             raise RuntimeError(
@@ -658,6 +674,7 @@ class DPSGD:
         it would release the sum with no noise (C is checked by its setter)."""
         self._check_attached()
         self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
+        _check_noise_std(self.noise_multiplier, self.max_grad_norm)  # (sigma may have been set by hand)
         std = self.noise_multiplier * self.max_grad_norm
         total = self._summed
         if total is None:
@@ -718,6 +735,7 @@ class DPSGD:
                 pending.
         """
         self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
+        _check_noise_std(self.noise_multiplier, self.max_grad_norm)
         self._check_trainable()
         if self._have_backward():
             self.clip_and_accumulate()
@@ -737,8 +755,16 @@ class DPSGD:
 
     def _check_trainable(self) -> None:
         """Refuse a step that would apply a gradient this engine did not clip and noise: a tensor made
-        trainable after the engine was built, or one the optimizer holds with a ``.grad`` set elsewhere.
+        trainable after the engine was built, or one the optimizer holds with a ``.grad`` set elsewhere; and
+        one frozen after it was built, which would still be given noise as its gradient and moved.
         Checked by ``step``, and by the stages driven by hand (``clip_and_accumulate``, ``scale_grad``)."""
+        frozen = [p for p in self.params if not p.requires_grad]
+        if frozen:
+            raise RuntimeError(
+                f"model: {self._names_of(frozen)[:6]} were frozen after the engine was built: each step would "
+                "still set their .grad to noise and the optimizer would move them; build a new DPSGD after "
+                "changing what trains (pass accountant=this_engine.accountant to keep the privacy spent)"
+            )
         ours = {id(p) for p in self.params}
         new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ours]
         other = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in ours and p.grad is not None]
