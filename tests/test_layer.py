@@ -516,6 +516,26 @@ def test_a_linear_subclass_with_its_own_forward_is_refused_before_any_change():
         assert not ff.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("hook", ["forward_pre", "forward", "full_backward", "full_backward_pre", "instance_forward"])
+def test_a_linear_with_hooks_or_an_instance_forward_is_refused(hook):
+    """The adapter never calls the base module, so its hooks (and a forward set on the instance, as
+    accelerate's hooks do) would be silently skipped: a pre-hook doubling the input changed nothing."""
+    lin = nn.Linear(4, 3)
+    if hook == "instance_forward":
+        plain = lin.forward
+        lin.forward = lambda x: plain(2 * x)
+    else:
+        fn = (lambda m, a: (2 * a[0],)) if hook == "forward_pre" else (lambda m, a, b=None: None)
+        getattr(lin, f"register_{hook}_hook")(fn)
+    why = "replaced on the instance" if hook == "instance_forward" else "module hooks"
+    with pytest.raises(TypeError, match=f"base: .*{why}"):
+        ff.FFALoRALinear(lin, r=2)
+    model = nn.Sequential(nn.Linear(4, 4), lin)
+    with pytest.raises(ValueError, match=f"'?1'?.*{why}"):
+        ff.inject_adapters(model, ["0", "1"], trainable_modules=None)
+    assert not ff.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
 def test_refused_injection_leaves_the_model_unchanged():
     """Every check runs before the first parameter is frozen or layer replaced."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.GroupNorm(2, 4))

@@ -64,6 +64,15 @@ def base_problem(base: nn.Module) -> str | None:
     if type(base).forward is not nn.Linear.forward:
         return (f"{type(base).__module__}.{type(base).__name__} overrides nn.Linear.forward, which the adapter "
                 "would bypass (it computes F.linear(x, weight, bias) itself); only that forward is supported")
+    if "forward" in base.__dict__:  # a forward set on the instance (accelerate's add_hook_to_module wraps it so)
+        return ("its forward is replaced on the instance (an accelerate hook, a wrapper), which the adapter would "
+                "bypass (it computes F.linear(x, weight, bias) itself): remove it before adapting the layer")
+    hooks = [k for k in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+             if getattr(base, k, None)]
+    if hooks:
+        return (f"it has module hooks ({', '.join(k.strip('_') for k in hooks)}), which the adapter would bypass "
+                "(it computes F.linear(x, weight, bias) itself, never calling the module): remove them before "
+                "adapting the layer, or put them on the adapter layer instead")
     return None
 
 
