@@ -536,6 +536,33 @@ def test_a_linear_with_hooks_or_an_instance_forward_is_refused(hook):
     assert not ff.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("cast", [None, torch.bfloat16], ids=["fp32", "bf16_on_meta"])
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+def test_adapters_made_on_meta_get_their_seeded_A_and_a_zero_B_when_materialised(cast, train_A):
+    """A model built under torch.device("meta") (big models), adapted there, then given memory by to_empty and
+    its base checkpoint: A is the seed's and B zero, as if adapted on the real model (before, both were
+    uninitialised memory, and every client held another A); a frozen A stays float32 through a cast on meta."""
+    real = tiny_model()
+    with torch.device("meta"):
+        model = tiny_model()
+    ff.inject_adapters(model, ["0", "2"], r=3, seed=7, train_A=train_A, trainable_modules=None)
+    ff.inject_adapters(real, ["0", "2"], r=3, seed=7, train_A=train_A, trainable_modules=None)
+    if cast is not None:
+        model.to(cast)
+        real.to(cast)
+    model.to_empty(device="cpu")
+    base_state = {k: v for k, v in real.state_dict().items() if "lora_" not in k}  # a base checkpoint
+    missing, unexpected = model.load_state_dict(base_state, strict=False)
+    assert not unexpected and sorted(missing) == sorted(k for k in real.state_dict() if "lora_" in k)
+    for name, layer in ff.adapter_layers(model).items():
+        exp_A = init_lora_A(3, layer.in_features, 7, name)
+        assert layer.lora_A.dtype == (torch.float32 if not train_A else (cast or torch.float32))
+        assert torch.equal(layer.lora_A.float(), exp_A.to(layer.lora_A.dtype).float())
+        assert not layer.lora_B.any()
+    x = torch.randn(4, 37, dtype=cast or torch.float32)
+    assert torch.equal(model(x), real(x))
+
+
 def test_refused_injection_leaves_the_model_unchanged():
     """Every check runs before the first parameter is frozen or layer replaced."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.GroupNorm(2, 4))

@@ -233,15 +233,32 @@ class FFALoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half``, ...), except that a frozen float32 ``lora_A``
         never goes to bfloat16/float16: every client must hold the same A (it is regenerated from the seed in
-        float32, and averaging B assumes it), and the ops compute U in float32 anyway. It still moves device."""
+        float32, and averaging B assumes it), and the ops compute U in float32 anyway. It still moves device.
+
+        An adapter made on the meta device (a model built under ``torch.device("meta")``) has no values: when
+        ``to_empty`` gives it memory, A is generated from (seed, name) and B zeroed, as at construction (a base
+        checkpoint loaded next never holds them: uninitialised memory would be trained, and every client would
+        hold another A)."""
         A = self._parameters.get("lora_A")
-        if A is None or A.requires_grad or A.dtype not in (torch.float32, torch.float64):
-            return super()._apply(fn, recurse)
-        exact = A.data  # _apply gives the parameter new data; this keeps the float32 (or float64) values
-        super()._apply(fn, recurse)
-        A = self._parameters["lora_A"]  # the same object, or a new one under overwrite_module_params_on_conversion
-        if A.dtype in (torch.bfloat16, torch.float16):
-            A.data = exact.to(A.device, torch.float32)  # a float64 A is the seed's float32 A exactly
+        on_meta = A is not None and A.is_meta
+        if A is None or A.requires_grad or A.dtype not in (torch.float32, torch.float64) or on_meta:
+            super()._apply(fn, recurse)
+        else:
+            exact = A.data  # _apply gives the parameter new data; this keeps the float32 (or float64) values
+            super()._apply(fn, recurse)
+            A = self._parameters["lora_A"]  # the same object, or a new one under overwrite_module_params_on_conversion
+            if A.dtype in (torch.bfloat16, torch.float16):
+                A.data = exact.to(A.device, torch.float32)  # a float64 A is the seed's float32 A exactly
+        A, B = self._parameters.get("lora_A"), self._parameters.get("lora_B")
+        if on_meta and A is not None and not A.is_meta:
+            init = init_lora_A(self.r, self.in_features, self.seed, self.name)
+            with torch.no_grad():
+                if not A.requires_grad and A.dtype in (torch.bfloat16, torch.float16):  # cast on meta: float32 here too
+                    A.data = init.to(A.device)
+                else:
+                    A.copy_(init)
+                if B is not None and not B.is_meta:
+                    B.zero_()
         return self
 
     @property
