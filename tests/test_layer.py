@@ -9,6 +9,7 @@ from torch import nn
 import fedlora_fast as ff
 from fedlora_fast import per_sample
 from fedlora_fast.layers.ffa_linear import init_lora_A
+from fedlora_fast.ops.ffa_linear import call
 from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
 
 
@@ -321,6 +322,19 @@ def test_bad_input_errors_name_what_was_expected():
 
     assert torch.equal(ff.FFALoRALinear(nn.Linear(16, 8), r=2, seed=np.int64(3)).lora_A,
                        ff.FFALoRALinear(nn.Linear(16, 8), r=2, seed=3).lora_A)
+    numpy_r = ff.FFALoRALinear(nn.Linear(16, 8), r=np.int64(2))  # integers are integers, as for the seed
+    assert type(numpy_r.r) is int and numpy_r.lora_B.shape == (8, 2)
+    # not numbers: named (None failed inside float(), "16" and "0.1" passed it and failed later or never)
+    for kw, what in (({"alpha": None}, "alpha"), ({"alpha": "16"}, "alpha"), ({"alpha": 10**400}, "alpha"),
+                     ({"dropout": None}, "dropout"), ({"dropout": "0.1"}, "dropout"), ({"alpha": True}, "alpha")):
+        with pytest.raises(ValueError, match=f"{what}: expected"):
+            ff.FFALoRALinear(nn.Linear(16, 8), r=2, **kw)
+        with pytest.raises(ValueError, match=f"{what}: expected"):
+            ff.inject_adapters(tiny_model(), target_modules=["0"], **kw)
+    t = {k: v.detach() for k, v in (("x", torch.randn(1, 2, 16)), ("w", layer.weight), ("A", layer.lora_A),
+                                    ("B", layer.lora_B))}
+    with pytest.raises(ValueError, match=r"scale: expected a finite number, got 1000"):  # (OverflowError before)
+        call(ff.ops.ffa_linear_fwd, t["x"], t["x"], t["w"], None, t["A"], t["B"], 10**400)  # (the layer's path)
     layer.merge()  # merged: the same dtype error, not aten's from inside F.linear
     with pytest.raises(TypeError, match=r"x: expected dtype torch.float32.*got torch.float64"):
         layer.eval()(torch.randn(2, 16, dtype=torch.float64))

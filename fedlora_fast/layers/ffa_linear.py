@@ -83,14 +83,26 @@ def check_layer_args(base: nn.Module, r: int, alpha: float, dropout: float, seed
         raise TypeError(f"base: {why}")
     if base.in_features <= 0 or base.out_features <= 0:
         raise ValueError(f"base: expected in and out features > 0, got Linear({base.in_features}, {base.out_features})")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ValueError(f"r: expected a positive int, got {r!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # 1.5 would give seed 1's A, silently
         raise ValueError(f"seed: expected an int, got {seed!r}")
-    if not math.isfinite(float(alpha)) or float(alpha) <= 0:
+    # numbers only (a string "16" would pass float(), None fail there without the argument's name)
+    if not _real(alpha) or not math.isfinite(float(alpha)) or float(alpha) <= 0:
         raise ValueError(f"alpha: expected a positive finite number, got {alpha!r}")
-    if not 0.0 <= float(dropout) < 1.0:
+    if not _real(dropout) or not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+
+
+def _real(v) -> bool:
+    """A real number, not a bool, that float() takes (an int past float64's range is refused, not raised)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
 
 
 _NO_AUTOCAST_CHANGE = contextlib.nullcontext()  # stateless and reentrant: one instance for every call
@@ -211,14 +223,14 @@ class FFALoRALinear(nn.Module):
         if base.bias is not None:
             base.bias.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.seed, self.name = r, float(alpha), int(seed), name
+        self.r, self.alpha, self.seed, self.name = int(r), float(alpha), int(seed), name
         self.use_rslora, self.train_A = bool(use_rslora), bool(train_A)
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         device = base.weight.device
-        self.lora_A = nn.Parameter(init_lora_A(r, self.in_features, seed, name).to(device), requires_grad=self.train_A)
+        self.lora_A = nn.Parameter(init_lora_A(self.r, self.in_features, seed, name).to(device), requires_grad=self.train_A)
         # float32 like A whatever the default dtype: the adapter's dtype must not depend on process state
         # (clients with another default would exchange B of another dtype)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.ps_ctx: per_sample.PerSampleContext | None = None  # set by a DP engine

@@ -48,7 +48,11 @@ _FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _finite(name: str, v: float, positive: bool = False) -> None:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
+    try:  # (an int beyond float64's range overflows in isfinite itself)
+        finite = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        finite = False
+    if not finite or (positive and v <= 0):
         raise ValueError(f"{name}: expected a finite number{' > 0' if positive else ''}, got {v!r}")
 
 
