@@ -88,7 +88,8 @@ def test_fedavg_is_the_example_weighted_mean():
                          ids=["fedavg", "central_dp"])
 def test_aggregators_refuse_updates_that_do_not_match_the_global_state(make):
     """Called directly (Server.validate checks messages first), an aggregator must not broadcast a wrong shape
-    into the mean, drop an unexpected key, or average a non-finite value: each is a clear error."""
+    into the mean, drop an unexpected key, average a non-finite value or another dtype, or count a client
+    twice: each is a clear error."""
     g = {"w": torch.zeros(2, 3)}
     good = ClientUpdate(0, {"w": torch.ones(2, 3)}, 4)
     cases = [
@@ -99,6 +100,10 @@ def test_aggregators_refuse_updates_that_do_not_match_the_global_state(make):
         (ClientUpdate(1, {"w": torch.ones(2, 3, dtype=torch.int64)}, 4), r"got \(2, 3\) torch.int64"),
         (ClientUpdate(1, {"w": torch.full((2, 3), float("nan"))}, 4), "client 1: w: has non-finite values"),
         (ClientUpdate(1, {"w": torch.ones(2, 3)}, 0), "client 1: num_examples: expected a positive int, got 0"),
+        # finite in float64, inf once averaged back into the float32 state (was returned as inf)
+        (ClientUpdate(1, {"w": torch.full((2, 3), 1e300, dtype=torch.float64)}, 4),
+         r"client 1: w: expected torch.float32 \(the global state's\), got torch.float64"),
+        (ClientUpdate(0, {"w": torch.ones(2, 3)}, 4), r"one update per client, got client ids \[0, 0\]"),  # twice
     ]
     for bad, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -195,6 +200,33 @@ def test_server_rejects_bad_updates_and_the_round_completes(caplog):
     torch.testing.assert_close(server.global_state["lora_B"], torch.full((4, 2), (2.0 * 10 + 4.0 * 30) / 40))
     assert all(torch.isfinite(t).all() for t in server.global_state.values())
     assert "rejected the update of client 1" in caplog.text
+
+
+def test_a_clients_metrics_or_a_failing_check_never_end_the_round(monkeypatch):
+    """A JSON integer of hundreds of digits in an update's metrics made math.isfinite raise: the whole round
+    (and a Flower ServerApp) ended on one client's message. Now such a metric is dropped, the update kept;
+    and any check that raises rejects only the message it was checking."""
+    g = {"lora_B": torch.zeros(4, 2)}
+    server = Server(g, "fp", FedAvg(), min_clients=1)
+    one = {"lora_B": torch.ones(4, 2)}
+    msgs = [_msg(one, client_id=0, metrics={"steps": 10**400, "train_loss": 0.5}),
+            _msg(one, client_id=1, metrics={"steps": 2**53 + 1, "train_loss": float("inf")}),
+            _msg(one, client_id=2, metrics={"steps": 12, "train_loss": 2**53})]
+    result = server.run_round(msgs)
+    assert [u.client_id for u in result.accepted] == [0, 1, 2] and result.applied
+    assert [u.metrics for u in result.accepted] == [{"train_loss": 0.5}, {}, {"steps": 12, "train_loss": 2**53}]
+    real = server.validate
+
+    def flaky(msg, seen=None):
+        if msg is msgs[1]:
+            raise OverflowError("a check that raises")
+        return real(msg, seen)
+
+    monkeypatch.setattr(server, "validate", flaky)
+    msgs = [_msg(one, client_id=c, round=1) for c in range(3)]
+    result = server.run_round(msgs)
+    assert [u.client_id for u in result.accepted] == [0, 2] and result.applied
+    assert result.rejected == [{"client": None, "reason": "invalid message (OverflowError: a check that raises)"}]
 
 
 def test_server_bounds_update_norms_and_example_counts():
@@ -305,9 +337,15 @@ def test_checkpoint_refuses_flipped_bits_and_unreadable_state_naming_the_file(tm
     (tmp_path / "nostate.safetensors").write_bytes(st_save({"x": torch.ones(1)}, metadata=meta))
     with pytest.raises(ValueError, match="nostate.safetensors has no run state"):
         ckpt.load_checkpoint(tmp_path / "nostate.safetensors")
-    (tmp_path / "json.safetensors").write_bytes(st_save({"x": torch.ones(1)}, metadata=dict(meta, state="{oops")))
+    x = {"x": torch.ones(1)}
+    (tmp_path / "json.safetensors").write_bytes(
+        st_save(x, metadata=dict(meta, state="{oops", sha256=ckpt._digest(x, "{oops"))))
     with pytest.raises(ValueError, match="json.safetensors has an unreadable run state"):
         ckpt.load_checkpoint(tmp_path / "json.safetensors")
+    # edited values with the checksum taken out (it was then never verified): refused
+    (tmp_path / "nosum.safetensors").write_bytes(st_save({"x": torch.full((6,), 7.0)}, metadata=dict(meta, state="{}")))
+    with pytest.raises(ValueError, match="nosum.safetensors has no checksum"):
+        ckpt.load_checkpoint(tmp_path / "nosum.safetensors")
 
 
 def test_central_dp_resume_equals_uninterrupted_run(tiny, tmp_path):

@@ -60,11 +60,16 @@ class Aggregator:
 
 
 def check_updates(global_state: dict[str, Tensor], updates: list[ClientUpdate]) -> None:
-    """Raise ValueError unless there is an update and every one holds exactly the global state's keys with its
-    shapes and finite values (``Server.validate`` checks messages so; this guards direct callers): a (1, r)
-    tensor would otherwise broadcast into a wrong mean, and an extra key would be dropped silently."""
+    """Raise ValueError unless there is an update, one per client, and every one holds exactly the global
+    state's keys with its shapes, dtypes and finite values (``Server.validate`` checks messages so; this guards
+    direct callers): a (1, r) tensor would otherwise broadcast into a wrong mean, an extra key would be
+    dropped silently, a float64 value beyond float32 would average to inf in a float32 state, and a client
+    counted twice would have twice its weight (and, under ``CentralDP``, twice the sensitivity)."""
     if not updates:
         raise ValueError("updates: expected at least one client update, got none")
+    ids = [u.client_id for u in updates]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"updates: expected one update per client, got client ids {sorted(ids)[:8]} with repeats")
     for u in updates:
         if isinstance(u.num_examples, bool) or not isinstance(u.num_examples, int) or u.num_examples <= 0:
             raise ValueError(f"client {u.client_id}: num_examples: expected a positive int, got {u.num_examples!r}")
@@ -74,6 +79,9 @@ def check_updates(global_state: dict[str, Tensor], updates: list[ClientUpdate]) 
                              f"{extra[:3]} and {len(missing)} missing {missing[:3]}")
         for k, g in global_state.items():
             check_tensor(f"client {u.client_id}: {k}", u.tensors[k], g.shape)
+            if u.tensors[k].dtype != g.dtype:
+                raise ValueError(f"client {u.client_id}: {k}: expected {g.dtype} (the global state's), got "
+                                 f"{u.tensors[k].dtype}")
 
 
 class FedAvg(Aggregator):

@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 CLIENT_METRICS = ("steps", "train_loss")  # what an update's metadata may report beside its tensors
 
 
+def _finite_number(v) -> bool:
+    """A JSON number a client may report: a finite float, or an int a float64 holds exactly (JSON allows
+    integers of thousands of digits, and ``math.isfinite(10**400)`` raises instead of answering)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return abs(v) <= 2**53
+    return isinstance(v, float) and math.isfinite(v)
+
+
 @dataclass
 class RoundResult:
     """What the server did with one round's messages."""
@@ -125,8 +135,7 @@ class Server:
                 return None, cid, f"update norm {norm:.4g} (L2 distance from the global state) exceeds max_update_norm={self.max_update_norm:g}"
         sent = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
         # only the known numeric keys (a client's metrics reach metrics.json): nothing else a client chose to send
-        metrics = {k: sent[k] for k in CLIENT_METRICS if isinstance(sent.get(k), (int, float))
-                   and not isinstance(sent[k], bool) and math.isfinite(sent[k])}
+        metrics = {k: sent[k] for k in CLIENT_METRICS if _finite_number(sent.get(k))}
         return ClientUpdate(cid, tensors, n, metrics), cid, None
 
     def run_round(self, messages: list[bytes]) -> RoundResult:
@@ -139,7 +148,10 @@ class Server:
                 result.payload_up += serialization.payload_size(msg)
             except serialization.MessageError:
                 pass
-            update, cid, reason = self.validate(msg, seen)
+            try:
+                update, cid, reason = self.validate(msg, seen)
+            except Exception as e:  # noqa: BLE001  (one client's message must never end the round for all)
+                update, cid, reason = None, None, f"invalid message ({type(e).__name__}: {str(e)[:200]})"
             if update is None:
                 log.warning("round %d: rejected the update of client %s: %s", self.round, cid, reason)
                 result.rejected.append({"client": cid, "reason": reason})
