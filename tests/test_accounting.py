@@ -187,3 +187,51 @@ def test_calibration_bad_input(kw, match):
 def test_accountant_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call(Accountant())
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+@pytest.mark.parametrize("eps,q,steps", [(2.0, 0.02, 300), (8.0, 0.24, 48), (0.5, 1.0, 10)])
+def test_calibration_is_opacus_search(mechanism, eps, q, steps):
+    """The search is opacus's get_noise_multiplier step for step (now run over our accountant): the same sigma
+    wherever our epsilon is opacus's (RDP's extended orders change nothing at epsilon >= 1)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    ours = calibrate_noise_multiplier(target_epsilon=eps, delta=1e-5, sample_rate=q, steps=steps, mechanism=mechanism)
+    theirs = get_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps,
+                                  accountant=mechanism, epsilon_tolerance=min(0.01, 0.01 * eps))
+    if mechanism == "prv" or eps >= 1:
+        assert ours == theirs
+    acc = Accountant(mechanism)
+    acc.step(noise_multiplier=ours, sample_rate=q, num_steps=steps)
+    assert acc.epsilon(1e-5) <= eps
+
+
+def test_tiny_noise_gives_a_bound_not_a_crash_a_hang_or_gigabytes():
+    """RDP at sigma 1e-200 divided by zero: epsilon is inf (no finite bound is computable). PRV below
+    PRV_MIN_SIGMA asked for tens of GiB or ran for minutes: it reports RDP's bound for the same steps."""
+    from fedlora_fast.privacy import accounting
+
+    rdp = Accountant("rdp")
+    rdp.step(noise_multiplier=1e-200, sample_rate=0.5, num_steps=3)
+    assert rdp.epsilon(1e-5) == math.inf
+    for sigma, q in ((0.001, 0.01), (0.01, 0.5), (0.1, 0.01)):
+        prv = Accountant("prv")
+        prv.step(noise_multiplier=1.0, sample_rate=q, num_steps=5)
+        prv.step(noise_multiplier=sigma, sample_rate=q, num_steps=20)
+        assert prv.epsilon(1e-5) == opacus_epsilon("rdp", prv.history, 1e-5) or prv.epsilon(1e-5) == math.inf
+    at_cut = Accountant("prv")
+    at_cut.step(noise_multiplier=accounting.PRV_MIN_SIGMA, sample_rate=0.01, num_steps=20)
+    assert at_cut.epsilon(1e-5) == opacus_epsilon("prv", at_cut.history, 1e-5)  # PRV itself from the cut-off up
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_calibration_refuses_budgets_beyond_meaning_and_ends_near_them(mechanism):
+    """target_epsilon 1e30 searched forever (0.01 below float64's resolution there); PRV at 1000 ran for
+    minutes. Above MAX_TARGET_EPSILON: a named error; at it, a sigma that meets it, quickly."""
+    with pytest.raises(ValueError, match=r"target_epsilon: expected at most 1000"):
+        calibrate_noise_multiplier(target_epsilon=1e30, delta=1e-5, sample_rate=0.01, steps=100, mechanism=mechanism)
+    sigma = calibrate_noise_multiplier(target_epsilon=1000.0, delta=1e-5, sample_rate=0.01, steps=100,
+                                       mechanism=mechanism)
+    acc = Accountant(mechanism)
+    acc.step(noise_multiplier=sigma, sample_rate=0.01, num_steps=100)
+    assert acc.epsilon(1e-5) <= 1000.0

@@ -427,7 +427,8 @@ def test_data_loading_and_labels(tmp_path):
     with pytest.raises(ValueError, match="labels: expected at least two distinct"):
         FederatedConfig(labels=["ham", "ham"]).validate()
     for change, match in ((dict(test_fraction="0.2"), r"test_fraction: expected a number in \(0, 1\), got '0.2'"),
-                          (dict(seed=1.5), r"seed: expected an int, got 1.5")):  # fmt: skip
+                          (dict(seed=1.5), r"seed: expected an int, got 1.5"),
+                          (dict(epsilon=1e30), r"epsilon: expected at most 1000")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             FederatedConfig(**change).validate()
 

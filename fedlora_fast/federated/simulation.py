@@ -38,7 +38,7 @@ from fedlora_fast.federated.partition import SCHEMES, partition
 from fedlora_fast.federated.server import Server
 from fedlora_fast.federated.state import adapter_config, fingerprint, load_trainable, trainable_state
 from fedlora_fast.inject import inject_adapters
-from fedlora_fast.privacy.accounting import calibrate_noise_multiplier, check_delta
+from fedlora_fast.privacy.accounting import MAX_TARGET_EPSILON, calibrate_noise_multiplier, check_delta
 from fedlora_fast.privacy.dpsgd import CLIPPING
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,9 @@ class FederatedConfig:
             )
         if self.epsilon is not None:
             pos_num("epsilon")
+            if self.epsilon > MAX_TARGET_EPSILON:  # (calibration would refuse it per client, after loading)
+                raise ValueError(f"epsilon: expected at most {MAX_TARGET_EPSILON:g} (beyond it there is no meaningful "
+                                 f"guarantee to calibrate for; give noise_multiplier instead), got {self.epsilon!r}")
         else:
             pos_num("noise_multiplier", allow_zero=True)
         if self.cuda_graph and not str(self.device).startswith("cuda"):

@@ -22,6 +22,16 @@ STATE_VERSION = 1
 _RDP_EXTRA_ORDERS = (*range(64, 129), *range(132, 257, 4), 288, 320, 384, 448, 512, 640, 768, 1024)
 
 
+# PRV's discretisation grows without bound as sigma shrinks (opacus 1.6, q = 0.01, 100 steps: sigma 0.1 took 7 s
+# and 1.5 GB on the dev box, 0.05 over a minute; 0.001 asked for 84 GiB). Below this sigma, where epsilon is
+# in the hundreds anyway, the PRV accountant reports RDP's bound for the same steps: also a valid upper bound.
+PRV_MIN_SIGMA = 0.2
+# The largest budget calibration accepts: beyond it there is no meaningful guarantee to calibrate for, and the
+# search would chase sigma towards 0 (at 1e30 it never ended: an absolute 0.01 is below float64's resolution).
+MAX_TARGET_EPSILON = 1000.0
+_MAX_SIGMA = 1e6  # calibration's upper end (opacus's MAX_SIGMA)
+
+
 def _rdp_orders() -> list[float]:
     from opacus.accountants import RDPAccountant
 
@@ -117,15 +127,27 @@ class Accountant:
         """The epsilon spent so far at ``delta``: 0 before any step, inf if any step had no noise.
 
         RDP: opacus's RDP-to-(eps, delta) conversion, minimised over orders 1.1 to 1024; PRV: opacus's upper
-        bound (``eps_error=0.01``).
+        bound (``eps_error=0.01``), or RDP's where a step's sigma is below ``PRV_MIN_SIGMA`` (PRV's cost explodes
+        there). inf where the arithmetic overflows (a sigma so small that no finite bound is computable).
         """
         d = check_delta(delta)
-        if not self._acc.history:
+        history = self._acc.history
+        if not history:
             return 0.0
-        if any(s == 0 for s, _, _ in self._acc.history):
+        if any(s == 0 for s, _, _ in history):
+            return math.inf
+        acc = self._acc
+        if self.mechanism == "prv" and any(s < PRV_MIN_SIGMA for s, _, _ in history):
+            from opacus.accountants import RDPAccountant
+
+            acc = RDPAccountant()
+            acc.history = list(history)
+        try:
+            eps = acc.get_epsilon(delta=d, **_epsilon_kwargs("rdp" if acc is not self._acc else self.mechanism))
+        except (ZeroDivisionError, OverflowError, FloatingPointError):  # (RDP at sigma 1e-200 divided by 0)
             return math.inf
         # the conversion may go below 0 for a large delta (valid: eps >= log(1 - delta)); a budget spent is >= 0
-        return max(0.0, float(self._acc.get_epsilon(delta=d, **_epsilon_kwargs(self.mechanism))))
+        return max(0.0, float(eps))
 
     def state_dict(self) -> dict:
         """JSON-safe state (no pickle): ``{"version", "mechanism", "history": [[sigma, q, steps], ...]}``."""
@@ -179,26 +201,34 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The noise multiplier that spends at most ``target_epsilon`` at ``delta`` over ``steps`` Poisson steps.
 
-    Uses opacus's ``get_noise_multiplier`` (doubling then bisection, stopping within 0.01 of the target, or
-    within 1 % of it below epsilon = 1); the result is checked again with a fresh accountant, so the returned
-    sigma never exceeds the budget.
+    opacus's search (``get_noise_multiplier``: sigma doubled from 20 until the budget is met, then bisected
+    from [0, sigma], stopping within 0.01 of the target, or within 1 % of it below epsilon = 1), run over this
+    module's ``Accountant.epsilon`` (its extended RDP orders, PRV's cut-off) and bounded to 200 bisections; the
+    result is checked again with a fresh accountant, so the returned sigma never exceeds the budget.
 
     Raises:
-        ValueError: arguments out of range, or a budget that no noise level can meet (e.g. with RDP,
-            epsilon below the conversion's floor at the largest order, 1024: about 0.0035 at delta = 1e-5).
+        ValueError: arguments out of range (``target_epsilon`` above ``MAX_TARGET_EPSILON`` too), or a budget
+            that no noise level can meet (e.g. with RDP, epsilon below the conversion's floor at the largest
+            order, 1024: about 0.0035 at delta = 1e-5).
     """
     eps = _number("target_epsilon", target_epsilon)
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"target_epsilon: expected a finite number > 0, got {target_epsilon!r}")
+    if eps > MAX_TARGET_EPSILON:
+        raise ValueError(f"target_epsilon: expected at most {MAX_TARGET_EPSILON:g} (beyond it there is no meaningful "
+                         f"guarantee to calibrate for; set the noise multiplier itself), got {target_epsilon!r}")
     d, q = check_delta(delta), check_sample_rate(sample_rate)
     k = _check_count("steps", steps, 1)
     if mechanism not in ACCOUNTANTS:
         raise ValueError(f"mechanism: expected one of {ACCOUNTANTS}, got {mechanism!r}")
-    try:
-        from opacus.accountants.utils import get_noise_multiplier
 
-        sigma = get_noise_multiplier(target_epsilon=eps, target_delta=d, sample_rate=q, steps=k, accountant=mechanism,
-                                     epsilon_tolerance=min(0.01, 0.01 * eps), **_epsilon_kwargs(mechanism))
+    def eps_of(sigma: float) -> float:
+        acc = Accountant(mechanism)
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=k)
+        return acc.epsilon(d)
+
+    try:
+        sigma = _search_sigma(eps_of, eps, min(0.01, 0.01 * eps))
     except (ValueError, ArithmeticError, RuntimeError) as e:
         raise ValueError(
             f"target_epsilon={eps} at delta={d} cannot be met with sample_rate={q} over {k} steps "
@@ -215,3 +245,27 @@ def calibrate_noise_multiplier(
             f"({mechanism} accountant); the budget cannot be met reliably"
         )
     return float(sigma)
+
+
+def _search_sigma(eps_of, target: float, tolerance: float) -> float:
+    """opacus's ``get_noise_multiplier`` search over ``eps_of(sigma)``, with at most 200 bisections (where
+    ``eps_of`` jumps, as at PRV's cut-off, the bracket can shrink to nothing above the tolerance: the sigma
+    found then meets the budget, only less tightly)."""
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target:
+        sigma_high = 2 * sigma_high
+        eps_high = eps_of(sigma_high)
+        if sigma_high > _MAX_SIGMA:
+            raise ValueError("The privacy budget is too low.")
+    for _ in range(200):
+        if target - eps_high <= tolerance:
+            break
+        sigma = (sigma_low + sigma_high) / 2
+        if sigma in (sigma_low, sigma_high):
+            break
+        e = eps_of(sigma)
+        if e < target:
+            sigma_high, eps_high = sigma, e
+        else:
+            sigma_low = sigma
+    return sigma_high
