@@ -205,9 +205,13 @@ def run_train(args: argparse.Namespace) -> int:
         wrote.append(str(out / "curves.png"))
     if (out / "adapter").exists():
         wrote.append(str(out / "adapter") + "/")
+    server = final.get("server_privacy") or {}
+    server_eps = server.get("epsilon")
+    server_eps = f" | server (user-level) epsilon {server_eps:.3f}" if isinstance(server_eps, float) else ""
     print(
         f"final: test accuracy {final['accuracy']:.4f} | epsilon {final['epsilon']:.3f} (delta {final['delta']:g}, "
-        f"largest over {len(final['clients'])} clients) | {final['seconds']:.0f} s of rounds | wrote {', '.join(wrote)}"
+        f"largest over {len(final['clients'])} clients){server_eps} | {final['seconds']:.0f} s of rounds | wrote "
+        f"{', '.join(wrote)}"
     )
     if final["noise"].startswith("seeded"):  # the seed is in metrics.json and the adapter's metadata
         print("note: the DP noise was seeded from --seed (reproducible): this epsilon holds only against someone who "

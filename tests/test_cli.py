@@ -87,6 +87,20 @@ def test_a_run_without_noise_says_so_and_writes_strict_json(tiny, tmp_path, caps
     assert meta["user"]["epsilon"] is None and meta["user"]["noise"] == final["noise"]
 
 
+def test_a_run_whose_only_noise_is_the_servers_says_it_was_seeded(tiny, tmp_path, capsys):
+    """--noise-multiplier 0 with central_dp: the server's user-level noise is the run's only DP noise, and it
+    is drawn from the run's seed. final.noise said "none" and no note was printed; it now begins "seeded",
+    names the server's noise, and the final line gives the server's epsilon."""
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(tiny_args(tiny, out, "--noise-multiplier", "0", "--rounds", "1", "--aggregator",
+                                          "central_dp", "--server-noise-multiplier", "0.5"), capsys)  # fmt: skip
+    assert code == 0, err
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["noise"].startswith("seeded from the run's seed") and "only the server's user-level noise" in final["noise"]
+    assert "note: the DP noise was seeded" in stdout
+    assert f"server (user-level) epsilon {final['server_privacy']['epsilon']:.3f}" in stdout
+
+
 def test_train_writes_metrics_curves_and_resumes(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, err = run_cli(tiny_args(tiny, out, "--epsilon", "6", "--delta", "1e-4"), capsys)

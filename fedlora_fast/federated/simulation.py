@@ -315,10 +315,18 @@ NOISE_SECURE = "secure: drawn from the operating system's randomness"
 NOISE_NONE = "none: a client added no DP noise (noise multiplier 0: epsilon is infinite)"
 
 
-def noise_source(secure: bool, noise_multipliers) -> str:
-    """``final.noise``: where the run's DP noise came from (NOISE_SEEDED, NOISE_SECURE or NOISE_NONE)."""
+NOISE_SERVER_ONLY = ("; only the server's user-level noise (central_dp): the clients added none, so their "
+                     "sample-level epsilon is infinite")
+
+
+def noise_source(secure: bool, noise_multipliers, server_noise_multiplier: float = 0.0) -> str:
+    """``final.noise``: where the run's DP noise came from (a sentence beginning NOISE_SEEDED, NOISE_SECURE or
+    NOISE_NONE). The server's noise (``central_dp``) counts: seeded from the run's seed, a run whose only
+    noise is the server's is reproducible too, and must say so."""
     if any(s == 0 for s in noise_multipliers):
-        return NOISE_NONE
+        if not server_noise_multiplier:
+            return NOISE_NONE
+        return (NOISE_SECURE if secure else NOISE_SEEDED) + NOISE_SERVER_ONLY
     return NOISE_SECURE if secure else NOISE_SEEDED
 
 
@@ -502,7 +510,8 @@ class Federation:
                 clients=[c.privacy_record(cfg.delta) for c in self.clients],
                 server_privacy=self.server.aggregator.privacy(cfg.delta),
                 totals=("bytes_up", "bytes_down", "seconds", "cpu_seconds"),
-                noise=noise_source(cfg.secure_noise, [c.noise_multiplier for c in self.clients]),
+                noise=noise_source(cfg.secure_noise, [c.noise_multiplier for c in self.clients],
+                                   getattr(self.server.aggregator, "noise_multiplier", 0.0)),
             )  # fmt: skip
         return out
 

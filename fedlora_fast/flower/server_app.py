@@ -63,7 +63,8 @@ def metrics_document(fed: Federation | node.ServerOnly, strategy: FedLoRAStrateg
             clients=[strategy.clients[k] for k in sorted(strategy.clients)],
             server_privacy=fed.server.aggregator.privacy(cfg.delta), totals=("bytes_up", "bytes_down", "seconds"),
             # every node and the server draw their noise from the OS under Flower
-            noise=noise_source(True, [c.get("noise_multiplier") for c in strategy.clients.values()]),
+            noise=noise_source(True, [c.get("noise_multiplier") for c in strategy.clients.values()],
+                               getattr(fed.server.aggregator, "noise_multiplier", 0.0)),
         )  # fmt: skip
     return doc
 
