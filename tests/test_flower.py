@@ -532,10 +532,12 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
     # evaluation: the silo's held-out rows are private; exact scores only with flower-eval-local = true
     eval_msg = SimpleNamespace(content=SimpleNamespace(array_records={"arrays": records.to_array_record(
         server.server.global_state)}))  # fmt: skip
-    for setting, scored in ((None, False), (False, False), (True, True)):
+    # (the run config alone cannot ask for them: the node's own eval-local must agree)
+    for setting, node_ok, scored in ((None, True, False), (False, True, False), (True, False, False), (True, True, True)):
         run_config = rc if setting is None else {**rc, flower_config.EVAL_LOCAL_KEY: setting}
+        own = {"data-path": str(silo), **({client_app.EVAL_LOCAL_NODE_KEY: True} if node_ok else {})}
         with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
-            reply = client_app.evaluate(eval_msg, context(run_config, **{"data-path": str(silo)}))
+            reply = client_app.evaluate(eval_msg, context(run_config, **own))
         metrics = reply.metric_records["metrics"]
         assert metrics["num-examples"] == (5 if scored else 0) and ("accuracy" in metrics) == scored, setting
     with pytest.raises(ValueError, match="labels"):  # own data files need the classes named by the run
@@ -600,7 +602,7 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny, privacy_dir):
     for k, port in enumerate(node_ports):
         deployment.start(f"supernode{k}", [
             str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-            "--node-config", f"partition-id={k} num-partitions=2" + (f" data-path='{silo}'" if k == 1 else ""),
+            "--node-config", f"partition-id={k} num-partitions=2 dump-dir='{dump}'" + (f" data-path='{silo}'" if k == 1 else ""),
         ])
     cli_env = deployment.env("cli")
     (pathlib.Path(cli_env["FLWR_HOME"]) / "config.toml").write_text(
@@ -1131,3 +1133,42 @@ def test_server_app_refuses_an_out_that_holds_a_run_unless_told_to_replace_it(ti
     with pytest.raises(AttributeError):  # past the guard (no grid here): the old outputs went first
         server_app.main(None, Ctx)
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
+    """The run config is the server's. By default a node refuses to train without noise; with max-epsilon /
+    max-delta it refuses a run planned past them (epsilon of its noise multiplier and sample rate over rounds
+    x local-steps, at the run's delta). (Before, noise-multiplier=0 in the run config took every silo's noise
+    away, and the server received exact clipped sums.)"""
+    from types import SimpleNamespace
+
+    from flwr.app import Context
+
+    from fedlora_fast.flower import client_app
+    from fedlora_fast.privacy import Accountant
+
+    cfg = SimpleNamespace(delta=1e-5, rounds=3, local_steps=4)
+    noisy, silent = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1), SimpleNamespace(noise_multiplier=0.0, sample_rate=0.1)
+    plan = Accountant()
+    plan.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=12)
+    planned = plan.epsilon(1e-5)
+
+    def check(client, run=cfg, **node_config):
+        ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, **node_config}, state=RecordDict(),
+                      run_config={})
+        client_app._check_node_limits(ctx, client, run, 0)
+
+    check(noisy)
+    with pytest.raises(client_app.NodeError, match="without noise.*allow-no-noise=true"):
+        check(silent)
+    check(silent, **{"allow-no-noise": True})
+    check(noisy, **{"max-epsilon": planned * 1.01})
+    with pytest.raises(client_app.NodeError, match=rf"planned to spend epsilon {planned:.4g}.*max-epsilon=2"):
+        check(noisy, **{"max-epsilon": 2.0})
+    with pytest.raises(client_app.NodeError, match="max-epsilon"):  # no noise: epsilon inf, past any cap
+        check(silent, **{"allow-no-noise": True, "max-epsilon": 100.0})
+    with pytest.raises(client_app.NodeError, match=r"delta 0.1 exceeds this node's max-delta=1e-05"):
+        check(noisy, SimpleNamespace(delta=0.1, rounds=3, local_steps=4), **{"max-delta": 1e-5})
+    for key, bad in (("max-epsilon", -1.0), ("max-epsilon", "8"), ("max-delta", float("nan")), ("allow-no-noise", "yes")):
+        with pytest.raises(client_app.NodeConfigError, match=f"node config '{key}'"):
+            check(silent if key == "allow-no-noise" else noisy, **{key: bad})

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -41,13 +42,19 @@ from fedlora_fast.federated.simulation import Federation, FederatedConfig, dropo
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
-from fedlora_fast.flower.config import DUMP_KEY, EVAL_LOCAL_KEY, federated_config, flower_setting
+from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, ROUND_KEY
 from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
 
 DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
 LEDGER_DIR_KEY = "privacy-dir"  # node config: the directory of the node's privacy ledger (default: below)
 LEDGER_OFF = "none"  # privacy-dir=none (or $FEDLORA_FAST_PRIVACY_DIR=none): no ledger (see _count_earlier_rounds)
+# The node's own limits: the run config is the server's, and the server is not trusted with the silo's privacy.
+MAX_EPSILON_KEY = "max-epsilon"  # node config: refuse a run whose planned epsilon (at its delta) exceeds this
+MAX_DELTA_KEY = "max-delta"  # node config: refuse a run whose delta exceeds this
+ALLOW_NO_NOISE_KEY = "allow-no-noise"  # node config: true = train with noise multiplier 0 (no privacy) if asked
+EVAL_LOCAL_NODE_KEY = "eval-local"  # node config: true = score own held-out rows when the run config asks too
+DUMP_DIR_KEY = "dump-dir"  # node config: audit: write each update sent to this directory
 PRIVACY_DIR_ENV = "FEDLORA_FAST_PRIVACY_DIR"  # the ledger directory where the node config names none
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
@@ -209,6 +216,53 @@ def _check_budget(client: Client, cfg: FederatedConfig, pid: int) -> None:
             f"would spend epsilon {spent:.4g}, past the run's target {cfg.epsilon} its noise multiplier "
             f"{client.noise_multiplier:.4g} was calibrated for: refused"
         )
+
+
+def _node_number(context: Context, key: str) -> float | None:
+    """A positive finite number from the node config, or None where it is not set (blank counts as not set)."""
+    v = context.node_config.get(key)
+    if v is None or v == "":
+        return None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    if not ok:
+        raise NodeConfigError(f"node config '{key}': expected a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _node_flag(context: Context, key: str) -> bool:
+    v = context.node_config.get(key, False)
+    if not isinstance(v, bool):
+        raise NodeConfigError(f"node config '{key}': expected true or false, got {v!r}")
+    return v
+
+
+def _check_node_limits(context: Context, client: Client, cfg: FederatedConfig, pid: int) -> None:
+    """Refuse a run whose privacy the node did not agree to. The run config (noise multiplier or epsilon,
+    delta, rounds) comes from whoever submitted the run: by default a node refuses to train without noise
+    (``allow-no-noise``), and with ``max-epsilon`` / ``max-delta`` it refuses a run planned to spend more
+    (the planned epsilon: its noise multiplier at its sample rate over rounds x local-steps, at the run's
+    delta)."""
+    if client.noise_multiplier == 0 and not _node_flag(context, ALLOW_NO_NOISE_KEY):
+        raise NodeError(
+            f"node {pid}: the run asks for DP-SGD without noise (noise multiplier 0: no privacy for this silo's "
+            f"data): refused; start the SuperNode with node config {ALLOW_NO_NOISE_KEY}=true to allow it"
+        )
+    max_delta = _node_number(context, MAX_DELTA_KEY)
+    if max_delta is not None and cfg.delta > max_delta:
+        raise NodeError(f"node {pid}: the run's delta {cfg.delta:g} exceeds this node's {MAX_DELTA_KEY}={max_delta:g}: "
+                        "refused")
+    max_eps = _node_number(context, MAX_EPSILON_KEY)
+    if max_eps is not None:
+        plan = Accountant()
+        plan.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate,
+                  num_steps=cfg.rounds * cfg.local_steps)
+        planned = plan.epsilon(cfg.delta)
+        if planned > max_eps:
+            raise NodeError(
+                f"node {pid}: the run is planned to spend epsilon {planned:.4g} at delta {cfg.delta:g} (noise "
+                f"multiplier {client.noise_multiplier:.4g}, sample rate {client.sample_rate:.4g}, "
+                f"{cfg.rounds * cfg.local_steps} steps), past this node's {MAX_EPSILON_KEY}={max_eps:g}: refused"
+            )
 
 
 def _absolute_dir(value: str, source: str) -> Path:
@@ -469,6 +523,7 @@ def train(msg: Message, context: Context) -> Message:
     ledger = ledger_path(context, pid)
     loaded = fresh and ledger is not None and ledger.exists()  # this run's ledger file is read (not just its dir)
     client = _restore(fed, k, context.state, ledger if loaded else None)
+    _check_node_limits(context, client, cfg, pid)
     _check_budget(client, cfg, pid)
     global_state = records.to_tensors(msg.content.array_records["arrays"])
     train_config = msg.content.config_records["config"]
@@ -485,8 +540,10 @@ def train(msg: Message, context: Context) -> Message:
     if ledger is not None:  # before the update leaves the node: the steps are spent once it has
         _write_ledger(ledger, client)
     _persist(client, context.state)
-    dump = flower_setting(context.run_config, DUMP_KEY)
+    dump = context.node_config.get(DUMP_DIR_KEY)  # the node's own choice: never a path the run config names
     if dump:
+        if not isinstance(dump, str):
+            raise NodeConfigError(f"node config '{DUMP_DIR_KEY}': expected a directory path string, got {dump!r}")
         checkpoint.atomic_write_bytes(Path(dump) / f"round{round_idx + 1}-client{pid}.safetensors", update)
     arrays, meta = records.from_message(update)
     privacy = client.privacy_record(cfg.delta)
@@ -505,11 +562,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     Shard k holds test examples k, k+N, k+2N, ... of the N clients: the example-weighted mean over all
     shards is the accuracy on the whole test split, the number the simulation reports. A node with its own
     ``data-path`` scores its own held-out share of that file only if the run config says
-    ``flower-eval-local = true``: those rows are the silo's private data, and their exact accuracy and loss are
-    not covered by the DP guarantee. Otherwise it replies ``num-examples`` 0 and no scores.
+    ``flower-eval-local = true`` *and* its own node config says ``eval-local=true``: those rows are the silo's
+    private data, and their exact accuracy and loss are not covered by the DP guarantee, so the server alone
+    cannot ask for them. Otherwise it replies ``num-examples`` 0 and no scores.
     """
     cfg, fed, _, k = load_node(context)
-    if node_data_path(context) is not None and not flower_setting(context.run_config, EVAL_LOCAL_KEY):
+    own_ok = flower_setting(context.run_config, EVAL_LOCAL_KEY) and _node_flag(context, EVAL_LOCAL_NODE_KEY)
+    if node_data_path(context) is not None and not own_ok:
         # a silo's held-out rows are its private data: exact scores on them are outside the DP guarantee
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     load_trainable(fed.model, records.to_tensors(msg.content.array_records["arrays"]))

@@ -24,7 +24,7 @@ from fedlora_fast.cli import add_train_parser, check_mode_flags, config_from_arg
 from fedlora_fast.federated.simulation import FederatedConfig
 
 OUT_KEY = "out"  # the ServerApp's output directory (metrics.json, adapter/, checkpoint), as --out
-DUMP_KEY = "flower-dump-dir"  # audit: clients write what they send, the server what it aggregates ("" = off)
+DUMP_KEY = "flower-dump-dir"  # audit: the ServerApp writes each aggregate ("" = off; nodes: node config dump-dir)
 TIMEOUT_KEY = "flower-round-timeout"  # seconds the ServerApp waits for the replies of one round
 NOT_UNDER_FLOWER = ("help", "resume", "overwrite", "no_progress", "debug", "secure_noise")
 
