@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,9 @@ def _read_delimited(path: Path) -> tuple[list[dict], list[str]]:
         header = next(reader, None)
     if header is None:
         raise DataError(f"data: {path} is empty; expected a header row and at least one example")
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:  # (a row would keep the last such column and read it silently)
+        raise DataError(f"data: {path}: the header names column(s) {repeated} more than once; give each column its own name")
     rows, where = [], []
     for fields in reader:
         if not "".join(fields).strip() and len(fields) <= 1:  # a blank (or whitespace-only) line
@@ -261,7 +265,7 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
         return list(values), list(class_names)
     _check_labelled(values, what, source, place)
     if all(isinstance(v, str) for v in values):
-        stripped = [v.strip() for v in values]
+        stripped = [_nfc(v.strip()) for v in values]  # "café" composed or not is one class
         try:
             values = [float(v) for v in stripped]
         except ValueError:
@@ -285,6 +289,11 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
     return _check_classes([index[int(v)] for v in nums], [str(v) for v in uniq], len(values), what, source)
 
 
+def _nfc(text: str) -> str:
+    """Unicode NFC: one spelling of a class name whether its accents came composed or combining."""
+    return unicodedata.normalize("NFC", text)
+
+
 def _label_key(v, names: dict | None = None) -> str:
     """A raw label as the class name ``labels_to_classes`` would give it: integral numbers (also as text,
     ``"1.0"``) as ``"1"``, other text stripped. A bool is its own name ("True") where ``names`` has it, else
@@ -295,7 +304,7 @@ def _label_key(v, names: dict | None = None) -> str:
     if isinstance(v, (int, float, np.integer, np.floating)):
         f = float(v)
         return str(int(f)) if math.isfinite(f) and f == int(f) else str(v)
-    text = str(v).strip()
+    text = _nfc(str(v).strip())
     try:
         f = float(text)
     except ValueError:
@@ -320,7 +329,7 @@ def _ids_for_names(raw: list, label_names: list[str], source: str, where: list[s
     name, or every label is an integer class id (in ``label_names``' order) and none of them is also a
     class name; a file mixing the two (e.g. classes ``["1", "2"]`` and a label ``0``) is refused rather
     than read either way."""
-    lookup = {n: i for i, n in enumerate(label_names)}
+    lookup = {_nfc(n): i for i, n in enumerate(label_names)}
     keys = [_label_key(v, lookup) for v in raw]
     unknown = [i for i, k in enumerate(keys) if k not in lookup]
     if not unknown:
@@ -377,9 +386,17 @@ def _to_data(rows: list[dict], names: dict, where: list[str], text_column: str |
     return TextClassificationData(texts, ids, classes, source)
 
 
+def same_text_key(text: str) -> str:
+    """What makes two texts the same message for the split: Unicode NFC, case folded, runs of whitespace as
+    one space, ends stripped. An uncased tokenizer (MiniLM's) gives such texts the same tokens: kept apart
+    only by case or spacing, 14 of the bundled data's 1,114 test messages were token for token training ones."""
+    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+
+
 def train_test_split(data: TextClassificationData, test_fraction: float, seed: int) -> tuple[TextClassificationData, TextClassificationData]:
     """A stratified split that keeps identical texts on one side (a message in both would be tested on
-    after training on it: the bundled SMS data holds ~400 repeated messages).
+    after training on it: the bundled SMS data holds ~400 repeated messages). Identical means equal under
+    ``same_text_key`` (case, spacing and Unicode form aside).
 
     Per class (a group of identical texts goes with its first example's class), the groups are visited in
     a seeded random order and one joins the test split while that brings the class's test count closer to
@@ -393,7 +410,7 @@ def train_test_split(data: TextClassificationData, test_fraction: float, seed: i
     rng = np.random.default_rng(seed)
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(data.texts):
-        groups.setdefault(t, []).append(i)
+        groups.setdefault(same_text_key(t), []).append(i)
     by_class: list[list[list[int]]] = [[] for _ in data.label_names]
     for members in groups.values():  # a group goes with its first example's class
         by_class[data.labels[members[0]]].append(members)

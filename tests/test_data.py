@@ -239,3 +239,32 @@ def test_a_bool_label_column_maps_alike_in_train_and_test():
     for given in (["True", "False"], ["False", "True"]):  # classes named as the bools: mapped by name, any order
         d = _to_data(rows, {}, where, None, None, "ds[test]", given)
         assert [d.label_names[y] for y in d.labels] == [str(r["label"]) for r in rows], given
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    """``text,label,text``: each row kept the last "text" and trained on it without a word."""
+    p = tmp_path / "dup.csv"
+    p.write_text("text,label,text\n" + "".join(f"a{i},{i % 2},b{i}\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"dup.csv: the header names column\(s\) \['text'\] more than once"):
+        load_text_classification(str(p))
+
+
+def test_class_names_are_one_class_whatever_their_unicode_form(tmp_path):
+    """"café" composed (NFC) and with a combining accent (NFD) look the same and are one class: they made a
+    2-class head of one class. The given classes (``--labels``) match either form, and two of them that are
+    one name in NFC are refused."""
+    from fedlora_fast.federated.simulation import FederatedConfig
+
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    ids, names = D.labels_to_classes([nfc, nfd, "tea", nfd, "tea"])
+    assert names == [nfc, "tea"] and ids == [0, 0, 1, 0, 1]
+    p = tmp_path / "u.tsv"
+    p.write_text("label\ttext\n" + "".join(f"{[nfd, 'tea', nfc][i % 3]}\tmessage {i}\n" for i in range(12)),
+                 encoding="utf-8")
+    for given in ([nfc, "tea"], [nfd, "tea"]):
+        tr, te = load_text_classification(str(p), seed=0, label_names=given)
+        assert sorted(set(tr.labels) | set(te.labels)) == [0, 1]
+        assert sum(tr.labels) + sum(te.labels) == 4  # the four "tea" rows; café in either form is class 0
+
+    with pytest.raises(ValueError, match="labels: expected at least two distinct"):
+        FederatedConfig(labels=[nfc, nfd]).validate()

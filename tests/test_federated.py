@@ -377,7 +377,7 @@ def test_partitions():
         iid(y[:3], 4, seed=0)
     with pytest.raises(ValueError, match="sum to 1"):
         label_skew(y, [[0.5, 0.6], [0.5, 0.5]], seed=0)
-    with pytest.raises(ValueError, match="one row per client"):
+    with pytest.raises(ValueError, match=r"rows \(one per client\)"):
         partition(y, "label_skew", 2, 0)
 
 
@@ -395,6 +395,22 @@ def test_label_skew_default_sizes_fit_every_class_count():
         for part, row in zip(parts, props):
             assert np.bincount(y[part], minlength=2).tolist() == np.rint(n * row).astype(int).tolist(), (scarce, n)
         assert len(set(sum(parts, []))) == sum(map(len, parts))
+
+
+def test_label_skew_has_a_column_for_every_class_of_the_run():
+    """Classes named by --labels may be missing from the data (the last one here): the proportions still have
+    one column per class. Its shape was judged by max id + 1 (3 columns refused for 3 classes), and a
+    proportion asked of the missing class is a clear shortage error; the client count's error names both fixes."""
+    y = np.array([0, 1] * 30)
+    rows = [[0.1, 0.9, 0.0], [0.9, 0.1, 0.0]]
+    parts = partition(y, "label_skew", 2, 0, proportions=rows, num_classes=3)
+    assert [np.bincount(y[p], minlength=3)[2] for p in parts] == [0, 0] and all(parts)
+    with pytest.raises(ValueError, match=r"expected one row of 2 class proportions"):  # (without the run's classes)
+        partition(y, "label_skew", 2, 0, proportions=rows)
+    with pytest.raises(ValueError, match=r"class id\(s\) \[2\] have no example in the data"):
+        partition(y, "label_skew", 2, 0, proportions=[[0.1, 0.8, 0.1], [0.9, 0.1, 0.0]], num_classes=3)
+    with pytest.raises(ValueError, match=r"pass --clients 2, or --label-proportions with 3 rows"):
+        partition(y, "label_skew", 3, 0, proportions=rows, num_classes=3)
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -436,8 +452,13 @@ def test_data_loading_and_labels(tmp_path):
 def test_split_keeps_identical_texts_on_one_side_and_stratifies():
     """The bundled SMS data repeats ~400 messages: none may be both trained and tested on; each class keeps
     its share; the split is a function of the seed."""
+    from fedlora_fast.data import same_text_key
+
     train, test = load_text_classification(None, seed=0)
     assert not set(train.texts) & set(test.texts)
+    # nor two that differ only by case or spacing (an uncased tokenizer gives them the same tokens)
+    assert not {same_text_key(t) for t in train.texts} & {same_text_key(t) for t in test.texts}
+    assert same_text_key("Sorry, I'll call later In  meeting. ") == same_text_key("sorry, i'll call later in meeting.")
     assert len(train) + len(test) == 5574 and abs(len(test) - 0.2 * 5574) <= 40
     for c in range(2):
         share = [sum(1 for y in d.labels if y == c) / len(d) for d in (train, test)]

@@ -39,7 +39,8 @@ def iid(labels: Sequence[int], num_clients: int, seed: int) -> list[list[int]]:
 
 
 def label_skew(
-    labels: Sequence[int], proportions: Sequence[Sequence[float]], seed: int, sizes: Sequence[int] | None = None
+    labels: Sequence[int], proportions: Sequence[Sequence[float]], seed: int, sizes: Sequence[int] | None = None,
+    num_classes: int | None = None,
 ) -> list[list[int]]:
     """Client k holds classes in exactly the proportions ``proportions[k]`` (one row per client).
 
@@ -48,6 +49,7 @@ def label_skew(
         proportions: (K, C) rows of non-negative numbers summing to 1.
         sizes: examples per client; None: equal sizes, as large as the scarcest class allows
             (``min_c count_c / sum_k p_kc``), so some examples of the other classes stay unused.
+        num_classes: C, where the classes are known (a class may have no example here); None: max id + 1.
     Returns:
         K sorted, disjoint index lists; client k's class-c count is ``round(sizes[k] * p_kc)``.
     Raises:
@@ -55,7 +57,7 @@ def label_skew(
     """
     y = _check(labels, len(proportions))
     p = np.asarray(proportions, dtype=np.float64)
-    num_classes = int(y.max()) + 1
+    num_classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
     if p.ndim != 2 or p.shape[1] != num_classes:
         raise ValueError(
             f"proportions: expected one row of {num_classes} class proportions per client, got shape {p.shape}"
@@ -64,6 +66,10 @@ def label_skew(
         raise ValueError(f"proportions: every row must be non-negative and sum to 1, got {p.tolist()}")
     counts = np.bincount(y, minlength=num_classes)
     demand = p.sum(0)
+    absent = [c for c in range(num_classes) if counts[c] == 0 and demand[c] > 0]
+    if absent:
+        raise ValueError(f"proportions: class id(s) {absent} have no example in the data, yet a client is to hold a "
+                         "share of them; give them proportion 0 (or add their examples)")
     if sizes is None:
         n = min(math.floor(counts[c] / demand[c]) for c in range(num_classes) if demand[c] > 0)
         # each client's share is rounded on its own, so the rounded shares of a class can exceed what the
@@ -123,8 +129,10 @@ def partition(
     *,
     proportions: Sequence[Sequence[float]] | None = None,
     alpha: float = 0.5,
+    num_classes: int | None = None,
 ) -> list[list[int]]:
-    """Dispatch to a scheme by name (``iid``, ``label_skew``, ``dirichlet``)."""
+    """Dispatch to a scheme by name (``iid``, ``label_skew``, ``dirichlet``); ``num_classes``: the run's
+    classes (``label_skew``'s proportions have one column per class, present in the data or not)."""
     if scheme == "iid":
         return iid(labels, num_clients, seed)
     if scheme == "label_skew":
@@ -132,9 +140,10 @@ def partition(
         if len(props) != num_clients:
             raise ValueError(
                 f"num_clients: label_skew has {len(props)} rows of proportions (one per client), got "
-                f"num_clients={num_clients}; pass --label-proportions with one row per client"
+                f"num_clients={num_clients}; pass --clients {len(props)}, or --label-proportions with "
+                f"{num_clients} rows (one per client)"
             )
-        return label_skew(labels, props, seed)
+        return label_skew(labels, props, seed, num_classes=num_classes)
     if scheme == "dirichlet":
         return dirichlet(labels, num_clients, alpha, seed)
     raise ValueError(f"partition: expected one of {SCHEMES}, got {scheme!r}")

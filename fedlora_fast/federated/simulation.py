@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,8 @@ class FederatedConfig:
             raise ValueError("targets: expected at least one module name")
         if self.labels is not None:
             names = list(self.labels)
-            if len(names) < 2 or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            if (len(names) < 2 or not all(isinstance(n, str) and n for n in names)
+                    or len({unicodedata.normalize("NFC", n) for n in names}) != len(names)):  # (café twice: one class)
                 raise ValueError(f"labels: expected at least two distinct non-empty class names, got {self.labels!r}")
 
     def to_dict(self) -> dict:
@@ -383,7 +385,8 @@ class Federation:
                 "partition 'iid' or 'dirichlet'"
             )
         self.parts = partition(train.labels, cfg.partition, cfg.num_clients, derive_seed(cfg.seed, "partition") % (2**32),
-                               proportions=cfg.label_proportions, alpha=cfg.dirichlet_alpha)
+                               proportions=cfg.label_proportions, alpha=cfg.dirichlet_alpha,
+                               num_classes=len(train.label_names))
         if any(len(p) == 0 for p in self.parts):
             raise ValueError(f"partition: a client got no examples (sizes {[len(p) for p in self.parts]})")
         self.model_name, self.tokenizer, self.model = adapted_model(cfg, self.num_labels)
