@@ -196,10 +196,13 @@ def run_train(args: argparse.Namespace) -> int:
                 raise UsageError(f"device: {config.device!r} holds no data; use cpu or cuda")
             torch.empty(0, device=device)  # a device this PyTorch cannot use fails here, with its reason
     except (RuntimeError, AssertionError) as e:  # torch says "not compiled with X enabled" with an assert
-        raise UsageError(f"device: {config.device!r}: {e}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # (mps on Linux: a 55-line dispatcher table)
+        raise UsageError(f"device: {config.device!r}: {first}") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # (else found only after the model is loaded and the noise calibrated)
+        raise UsageError(f"out: {str(out)!r} is a file; expected a directory for the run (new, or one to --resume)")
     metrics = run_simulation(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     final = metrics["final"]
-    out = Path(args.out)
     wrote = [str(out / "metrics.json")]
     if (out / "curves.png").exists():
         wrote.append(str(out / "curves.png"))
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="fedlora-fast: %(levelname)s: %(message)s")
     # opacus notes that the optimal RDP order is at the edge of its grid; the bound is still valid.
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    shown = warnings.showwarning  # a warning is one line on stderr, not Python's file:line and source echo
+    warnings.showwarning = lambda message, *a, **k: print(f"fedlora-fast: warning: {message}", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -252,8 +257,22 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"fedlora-fast {args.command}: error: {msg}", file=sys.stderr)
+        print(f"fedlora-fast {args.command}: error: {_as_flag(msg, parser, args.command)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        warnings.showwarning = shown
+
+
+def _as_flag(msg: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """A message that begins with a setting's name (``num_clients: ...``, as ``FederatedConfig.validate`` and
+    the library name their arguments) begins with its flag on the command line (``--clients: ...``)."""
+    name, sep, rest = msg.partition(": ")
+    if not sep or not name.isidentifier():
+        return msg
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    sub = sub.choices.get(command) if sub is not None else None
+    flags = {a.dest: a.option_strings[-1] for a in (sub._actions if sub is not None else []) if a.option_strings}
+    return f"{flags[name]}: {rest}" if name in flags else msg
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
             return _check_classes(ids, names, len(values), what, source)
     if not all(isinstance(v, (int, float, bool, np.integer, np.floating)) for v in values):
         kinds = sorted({type(v).__name__ for v in values})
-        raise DataError(f"{what}: labels must be strings or numbers, found values of type {kinds}{_in(source)}")
+        raise DataError(f"{what}: labels must be all strings or all numbers, found values of the types {kinds}{_in(source)}")
     nums = [float(v) for v in values]
     bad = [i for i, v in enumerate(nums) if not math.isfinite(v) or v != int(v)]
     if bad:

@@ -39,9 +39,10 @@ def run_cli(args, capsys):
     "extra, expected",
     [
         (["--data", "/nonexistent/x.csv"], "no such file '/nonexistent/x.csv'"),
-        (["--text-column", "Body"], ("text_column: no column 'Body' in /", "; its columns are ['Label', 'SMS']")),
+        (["--text-column", "Body"], ("--text-column: no column 'Body' in /", "; its columns are ['Label', 'SMS']")),
         (["--data", "./nowhere"], "data: no such file './nowhere'"),
-        (["--clients", "500"], "num_clients: 500 clients but only"),
+        (["--clients", "500"], "--clients: 500 clients but only"),  # (errors name the flag, not the setting)
+        (["--rank", "0"], "--rank: expected an int >= 1, got 0"),
         (["--epsilon", "0.0001"], "epsilon: client 0"),
         (["--epsilon", "-1"], "epsilon: expected a finite number > 0, got -1.0"),
         (["--rounds", "0"], "rounds: expected an int >= 1, got 0"),
@@ -56,6 +57,7 @@ def run_cli(args, capsys):
         (["--optimizer", "adamw", "--momentum", "0.9"], "--momentum: applies only with --optimizer sgd"),
         (["--device", "meta"], "device: 'meta' holds no data"),
         (["--device", "xpu"], "device: 'xpu': "),
+        (["--device", "mps"], "--device: 'mps': "),  # (one line: torch's error was a 55-line dispatcher table)
     ],
 )
 def test_bad_input_gives_a_clear_error(tiny, tmp_path, capsys, extra, expected):
@@ -66,11 +68,42 @@ def test_bad_input_gives_a_clear_error(tiny, tmp_path, capsys, extra, expected):
     assert "Traceback" not in err and err.count("\n") == 1, err
 
 
+def test_an_out_path_that_is_a_file_is_refused_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    from fedlora_fast.federated import simulation
+
+    monkeypatch.setattr(simulation, "run_simulation", lambda *a, **k: pytest.fail("the run started"))
+    (tmp_path / "f").write_text("x")
+    code, _, err = run_cli(tiny_args(tiny, tmp_path / "f"), capsys)
+    assert code == EXIT_USAGE and f"--out: '{tmp_path / 'f'}' is a file" in err and err.count("\n") == 1, err
+
+
+def test_a_warning_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """A warning during the run is printed as one line, not Python's file:line plus the echoed source line;
+    the process's own warning display is restored afterwards."""
+    import warnings
+
+    from fedlora_fast.federated import simulation
+
+    def run(*a, **k):
+        warnings.warn("delta 0.3 is large", UserWarning)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(simulation, "run_simulation", run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        code, _, err = run_cli(tiny_args(tiny, tmp_path / "o"), capsys)
+        restored = warnings.showwarning is before  # (catch_warnings itself restores it only on exit)
+    assert code == EXIT_USAGE and err.splitlines() == ["fedlora-fast: warning: delta 0.3 is large",
+                                                       "fedlora-fast train: error: stop here"], err
+    assert restored
+
+
 def test_labels_that_are_not_classes(tiny, tmp_path, capsys):
     bad = tmp_path / "reg.csv"
     bad.write_text("text,score\n" + "".join(f"example {i},{i * 0.37:.2f}\n" for i in range(40)))
     code, _, err = run_cli(tiny_args(tiny, tmp_path / "o", "--data", str(bad), "--label-column", "score"), capsys)
-    assert code == EXIT_USAGE and "label_column: labels must be classes" in err and "Traceback" not in err
+    assert code == EXIT_USAGE and "--label-column: labels must be classes" in err and "Traceback" not in err
 
 
 def test_a_run_without_noise_says_so_and_writes_strict_json(tiny, tmp_path, capsys):

@@ -67,6 +67,8 @@ def test_pyproject_declares_every_setting_with_the_cli_defaults():
     cli = config_from_args(build_parser().parse_args(["train"]))
     assert flower_config.federated_config(declared) == cli == FederatedConfig()
     assert flower_config.flower_setting(declared, "out") == build_parser().parse_args(["train"]).out
+    for blank in ("", "  "):  # "" means not given (TOML has no null): the default, not the SuperLink's cwd
+        assert flower_config.flower_setting({"out": blank}, "out") == build_parser().parse_args(["train"]).out
     for key in ("clients", "rank", "local-steps", "noise-multiplier", "max-grad-norm", "aggregator"):
         assert key in declared, f"run-config keys are the CLI's flag names: {key}"
 

@@ -98,8 +98,10 @@ def parse_run_config(run_config: Mapping) -> tuple[FederatedConfig, argparse.Nam
             continue
         if isinstance(value, bool):
             raise ValueError(f"run config {key!r}: expected a value for --{key}, got {value!r}")
-        if isinstance(value, str) and value.strip() == "" and actions[key].default is None:
-            continue  # "not given": the parser's default (for a list flag, "" is the empty list, as on the CLI)
+        if isinstance(value, str) and value.strip() == "" and (actions[key].default is None or key == OUT_KEY):
+            # "not given": the parser's default (for a list flag, "" is the empty list, as on the CLI); a blank
+            # out is not the SuperLink's working directory
+            continue
         argv += [f"--{key}", str(value)]
     parser = train_parser()
     err = io.StringIO()
