@@ -348,6 +348,29 @@ def test_checkpoint_refuses_flipped_bits_and_unreadable_state_naming_the_file(tm
         ckpt.load_checkpoint(tmp_path / "nosum.safetensors")
 
 
+def test_the_model_check_reads_every_byte_of_the_weights(tmp_path):
+    """Resume checks the base model's files: a change in the middle of a large weights file (same size,
+    first and last MiB unchanged) passed when only its ends were hashed."""
+    import hashlib
+
+    from fedlora_fast.federated.simulation import _hash_model_files
+
+    def digest():
+        h = hashlib.sha256()
+        _hash_model_files(h, tmp_path)
+        return h.hexdigest()
+
+    data = bytearray(range(256)) * (6 * 4096)  # 6 MiB
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    (tmp_path / "notes.txt").write_text("not a model file")
+    before = digest()
+    (tmp_path / "notes.txt").write_text("edited")
+    assert digest() == before
+    data[3 << 20] ^= 1
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    assert digest() != before
+
+
 def test_central_dp_resume_equals_uninterrupted_run(tiny, tmp_path):
     """Central DP's noise is one seeded stream over the global tensors: a resume must put each draw on the
     same tensor as the uninterrupted run (the checkpoint returns names sorted, the server's order is not)."""

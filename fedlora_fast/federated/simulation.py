@@ -626,7 +626,7 @@ class Federation:
         load_trainable(self.model, self.server.global_state)
 
 
-_MODEL_SAMPLE = 1 << 20  # bytes hashed from each end of a large model file
+_MODEL_CHUNK = 8 << 20  # bytes read per call while hashing a model file
 
 
 # what transformers loads from a model directory: configs, weights (and their indexes), tokenizer files; not
@@ -637,10 +637,11 @@ _MODEL_FILE = re.compile(r"(config|generation_config|preprocessor_config|special
 
 
 def _hash_model_files(h, model_dir) -> None:
-    """Feed a local model directory's model files (``_MODEL_FILE``, top level) to ``h``: each one's name and
-    size, small files whole, and each large one's first and last MiB (new base weights saved at the same path
-    change these; hashing whole multi-GB weights at every start would not pay). A hub name (not a local
-    directory) adds nothing: its revision is not checked."""
+    """Feed a local model directory's model files (``_MODEL_FILE``, top level) to ``h``: each one's name, size
+    and whole content. (Only the first and last MiB of large files were hashed: other weights saved at the same
+    path with those bytes unchanged were resumed against. A whole read costs seconds for a 7B model, once per
+    process, mostly from the page cache the model's own loading filled.) A hub name (not a local directory)
+    adds nothing: its revision is not checked."""
     root = Path(str(model_dir))
     if not root.is_dir():
         return
@@ -649,12 +650,8 @@ def _hash_model_files(h, model_dir) -> None:
         size = f.stat().st_size
         h.update(f"\0{f.name}\0{size}\0".encode())
         with open(f, "rb") as fh:
-            if size <= 4 * _MODEL_SAMPLE:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(_MODEL_SAMPLE))
-                fh.seek(size - _MODEL_SAMPLE)
-                h.update(fh.read(_MODEL_SAMPLE))
+            for chunk in iter(lambda: fh.read(_MODEL_CHUNK), b""):
+                h.update(chunk)
 
 
 def _json_safe(obj):
