@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, KeyError, OSError) as e:
         if getattr(args, "debug", False):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"fedlora-fast {args.command}: error: {_as_flag(msg, parser, args.command)}", file=sys.stderr)
         return EXIT_USAGE
     finally:

@@ -88,7 +88,7 @@ def _read_delimited(path: Path) -> tuple[list[dict], list[str]]:
         header = next(reader, None)
     if header is None:
         raise DataError(f"data: {path} is empty; expected a header row and at least one example")
-    repeated = sorted({h for h in header if header.count(h) > 1})
+    repeated = sorted({h for h in header if h.strip() and header.count(h) > 1})  # (unnamed columns: no one reads them)
     if repeated:  # (a row would keep the last such column and read it silently)
         raise DataError(f"data: {path}: the header names column(s) {repeated} more than once; give each column its own name")
     rows, where = [], []

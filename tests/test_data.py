@@ -247,6 +247,10 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path):
     p.write_text("text,label,text\n" + "".join(f"a{i},{i % 2},b{i}\n" for i in range(10)))
     with pytest.raises(DataError, match=r"dup.csv: the header names column\(s\) \['text'\] more than once"):
         load_text_classification(str(p))
+    kaggle = tmp_path / "spam.csv"  # Kaggle's SMS file: two named columns and three unnamed, empty ones
+    kaggle.write_text("v1,v2,,,\n" + "".join(f"{'ham' if i % 2 else 'spam'},message {i},,,\n" for i in range(10)))
+    tr, te = load_text_classification(str(kaggle), text_column="v2", label_column="v1", seed=0)
+    assert len(tr) + len(te) == 10
 
 
 def test_class_names_are_one_class_whatever_their_unicode_form(tmp_path):

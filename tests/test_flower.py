@@ -1150,7 +1150,8 @@ def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
     from fedlora_fast.privacy import Accountant
 
     cfg = SimpleNamespace(delta=1e-5, rounds=3, local_steps=4)
-    noisy, silent = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1), SimpleNamespace(noise_multiplier=0.0, sample_rate=0.1)
+    noisy = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1, accountant=Accountant())
+    silent = SimpleNamespace(noise_multiplier=0.0, sample_rate=0.1, accountant=Accountant())
     plan = Accountant()
     plan.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=12)
     planned = plan.epsilon(1e-5)
@@ -1169,6 +1170,15 @@ def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
         check(noisy, **{"max-epsilon": 2.0})
     with pytest.raises(client_app.NodeError, match="max-epsilon"):  # no noise: epsilon inf, past any cap
         check(silent, **{"allow-no-noise": True, "max-epsilon": 100.0})
+    # a node whose data grew: its first 6 steps ran at sample rate 0.3; the plan counts them so
+    grown = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1, accountant=Accountant())
+    grown.accountant.step(noise_multiplier=1.0, sample_rate=0.3, num_steps=6)
+    spent = Accountant.from_state_dict(grown.accountant.state_dict())
+    spent.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=6)
+    assert spent.epsilon(1e-5) > planned * 1.01
+    with pytest.raises(client_app.NodeError, match=r"12 steps with the 6 already spent"):
+        check(grown, **{"max-epsilon": planned * 1.01})
+    check(grown, **{"max-epsilon": spent.epsilon(1e-5) * 1.001})
     with pytest.raises(client_app.NodeError, match=r"delta 0.1 exceeds this node's max-delta=1e-05"):
         check(noisy, SimpleNamespace(delta=0.1, rounds=3, local_steps=4), **{"max-delta": 1e-5})
     for key, bad in (("max-epsilon", -1.0), ("max-epsilon", "8"), ("max-delta", float("nan")), ("allow-no-noise", "yes")):

@@ -252,16 +252,17 @@ def _check_node_limits(context: Context, client: Client, cfg: FederatedConfig, p
         raise NodeError(f"node {pid}: the run's delta {cfg.delta:g} exceeds this node's {MAX_DELTA_KEY}={max_delta:g}: "
                         "refused")
     max_eps = _node_number(context, MAX_EPSILON_KEY)
-    if max_eps is not None:
-        plan = Accountant()
-        plan.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate,
-                  num_steps=cfg.rounds * cfg.local_steps)
+    if max_eps is not None:  # the steps spent (at the sample rates they had) and the rest of the run at today's
+        plan = Accountant.from_state_dict(client.accountant.state_dict())
+        rest = max(0, cfg.rounds * cfg.local_steps - plan.steps)
+        plan.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate, num_steps=rest)
         planned = plan.epsilon(cfg.delta)
         if planned > max_eps:
             raise NodeError(
                 f"node {pid}: the run is planned to spend epsilon {planned:.4g} at delta {cfg.delta:g} (noise "
-                f"multiplier {client.noise_multiplier:.4g}, sample rate {client.sample_rate:.4g}, "
-                f"{cfg.rounds * cfg.local_steps} steps), past this node's {MAX_EPSILON_KEY}={max_eps:g}: refused"
+                f"multiplier {client.noise_multiplier:.4g}, sample rate {client.sample_rate:.4g}, {plan.steps} "
+                f"steps with the {plan.steps - rest} already spent), past this node's {MAX_EPSILON_KEY}={max_eps:g}: "
+                "refused"
             )
 
 
