@@ -65,8 +65,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
         raise ValueError(f"resume: {path} has checkpoint format version {meta.get('version')}, expected {FORMAT_VERSION}")
     if "state" not in meta:
         raise ValueError(f"resume: {path} has no run state in its metadata")
-    if "sha256" not in meta:  # every checkpoint of this format is written with one: its absence is damage
-        raise ValueError(f"resume: {path} has no checksum in its metadata (a damaged or edited checkpoint)")
+    if "sha256" not in meta:  # written since the checksum came in: its absence is damage or an older release
+        raise ValueError(f"resume: {path} has no checksum in its metadata (a damaged or edited checkpoint, or one "
+                         "written by a release before checksums: start a new run)")
     if meta["sha256"] != _digest(tensors, meta["state"]):
         raise ValueError(f"resume: {path} is corrupted (its content does not match the checksum written with it)")
     try:

@@ -532,6 +532,7 @@ def train(msg: Message, context: Context) -> Message:
     if fresh:
         _count_earlier_rounds(client, cfg, pid, round_idx, loaded=loaded, looked_in=None if loaded else ledger,
                               first_examples=train_config.get(FIRST_EXAMPLES_KEY))
+        _check_node_limits(context, client, cfg, pid)  # (again: with the earlier rounds now counted)
         _check_budget(client, cfg, pid)
     torch.manual_seed(dropout_seed(cfg, round_idx, pid))  # dropout masks, as in the simulation: secret here
     update = client.fit(

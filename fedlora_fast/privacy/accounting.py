@@ -30,6 +30,9 @@ PRV_MIN_SIGMA = 0.2
 # search would chase sigma towards 0 (at 1e30 it never ended: an absolute 0.01 is below float64's resolution).
 MAX_TARGET_EPSILON = 1000.0
 _MAX_SIGMA = 1e6  # calibration's upper end (opacus's MAX_SIGMA)
+# Below this sigma epsilon is inf: no finite bound is computable (epsilon would exceed 1e190), and opacus's
+# RDP loop for fractional orders never ended for sigma ~1e-162..1e-154 (1/sigma^2 overflows, its terms NaN).
+_MIN_FINITE_SIGMA = 1e-100
 
 
 def _rdp_orders() -> list[float]:
@@ -134,7 +137,7 @@ class Accountant:
         history = self._acc.history
         if not history:
             return 0.0
-        if any(s == 0 for s, _, _ in history):
+        if any(s < _MIN_FINITE_SIGMA for s, _, _ in history):  # (0: no noise at all)
             return math.inf
         acc = self._acc
         if self.mechanism == "prv" and any(s < PRV_MIN_SIGMA for s, _, _ in history):
