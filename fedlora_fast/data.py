@@ -391,7 +391,7 @@ def same_text_key(text: str) -> str:
     one space, ends stripped. An uncased tokenizer (MiniLM's) gives such texts the same tokens: kept apart
     only by case or spacing, 9 of the bundled data's 1,114 test messages (seed 0) were training ones. Texts that
     differ only past the model's max_length (templated spam) can still fall on both sides."""
-    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+    return " ".join(_nfc(text).casefold().split())
 
 
 def train_test_split(data: TextClassificationData, test_fraction: float, seed: int) -> tuple[TextClassificationData, TextClassificationData]:
