@@ -171,14 +171,22 @@ def active(ctx: PerSampleContext | None) -> bool:
     return ctx is not None and torch.is_grad_enabled()
 
 
-def gradient_node(param: Tensor):
-    """The autograd node through which ``param``'s gradient flows (its AccumulateGrad for a leaf), taken at
-    the forward, for ``accumulates`` in the backward; None for a tensor that does not require grad."""
-    return torch.autograd.graph.get_gradient_edge(param).node if param.requires_grad else None
+def input_nodes(ctx, k: int) -> tuple:
+    """The gradient nodes (AccumulateGrad for a leaf; None for a tensor that needs no gradient) of the last
+    ``k`` tensor inputs of the custom Function whose backward is running, for ``accumulates``.
+
+    ``ctx`` is the Function's own graph node there: its edges are its tensor inputs' gradient nodes, in
+    order (non-tensor arguments and ``None`` have none). Read in the backward, they cost nothing in the
+    forward (``torch.autograd.graph.get_gradient_edge`` per tensor cost ~4 us each on the host's critical
+    path). A backward traced without a graph node (no ``next_functions``) keeps the state (as before)."""
+    edges = getattr(ctx, "next_functions", None)
+    if edges is None or len(edges) < k:
+        return (None,) * k
+    return tuple(node for node, _ in edges[len(edges) - k :])
 
 
 def accumulates(node) -> bool:
-    """Whether the running backward delivers a gradient through ``node`` (``gradient_node``).
+    """Whether the running backward delivers a gradient through ``node`` (``input_nodes``).
 
     ``torch.autograd.grad(loss, x)`` and ``loss.backward(inputs=[x])`` run the layers' backward for x's
     gradient only: the engine skips the parameters' gradient nodes, so a per-sample result stored then would

@@ -376,6 +376,25 @@ def test_the_largest_noise_std_is_finite_in_float32():
     assert 30 * dpsgd.MAX_NOISE_STD < f32 < 100 * dpsgd.MAX_NOISE_STD
 
 
+def test_noise_beyond_a_half_precision_trained_tensor_is_refused_before_release():
+    """.grad is the noisy sum / m cast to the tensor's dtype: a float16 B (largest value 65504) got inf from a
+    noise std of ~1e3 m. The engine refuses it at construction and, for a tensor cast later, before the release
+    (nothing accounted); within range the step stays finite."""
+    model = make_model()
+    model[0].lora_B.data = model[0].lora_B.data.half()
+    with pytest.raises(ValueError, match=r"expected_batch_size: expected at most .* torch.float16 .* = 2\.5e\+05"):
+        make_dp(model, noise_multiplier=1e6, expected_batch_size=4)
+    model = make_model()
+    dp = make_dp(model, noise_multiplier=1e6, expected_batch_size=4, sample_rate=0.1)
+    model[0].lora_B.data = model[0].lora_B.data.half()
+    with pytest.raises(ValueError, match="torch.float16"):
+        dp.step(empty_batch=True)
+    assert dp.accountant.history == [] and dp.steps == 0
+    dp.noise_multiplier = 4000.0  # std / m = 1000: 65 std below float16's largest value
+    dp.step(empty_batch=True)
+    assert torch.isfinite(model[0].lora_B.grad).all() and model[0].lora_B.grad.dtype == torch.float16
+
+
 def test_per_layer_next_backward_without_zero_grad_is_not_contaminated():
     """Per-layer clipping accumulates into .grad: the previous step's gradient must not leak into the next."""
     model = make_model()
@@ -980,3 +999,34 @@ def test_an_input_only_backward_keeps_no_per_sample_gradients(clipping, train_A)
             dp3.step()
     torch.autograd.grad(_loss(model3, b["x"], b["y"]), params(model3), allow_unused=True)
     assert torch.equal(dp3.per_sample_norms(), norms)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_torch_compile_and_compiled_autograd_keep_the_per_sample_results(clipping):
+    """The backward finds A's and B's gradient nodes on its own graph node (``per_sample.input_nodes``): under
+    ``torch.compile`` (aot_eager) and compiled autograd the norms and clipped sums equal eager ones, and an
+    input-only ``autograd.grad`` through the compiled model still keeps nothing."""
+    b = make_batch(4, 3)
+    want = []
+    for how in ("eager", "compile", "compiled_autograd"):
+        torch._dynamo.reset()
+        model = make_model()
+        dp = make_dp(model, clipping=clipping)
+        run = torch.compile(model, backend="aot_eager") if how == "compile" else model
+        if how == "compiled_autograd":
+            with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                _loss(run, b["x"], b["y"]).backward()
+        else:
+            _loss(run, b["x"], b["y"]).backward()
+        got = [dp.per_sample_norms().clone()]
+        dp.accumulate()
+        got += dp.clipped_sum()
+        if not want:
+            want = got
+        for a, e in zip(got, want):
+            assert_close_verbose(a, e, atol=1e-6, rtol=1e-6, name=how)
+        x = b["x"].clone().requires_grad_(True)
+        torch.autograd.grad(_loss(run, x, b["y"]), x)
+        with pytest.raises(RuntimeError, match="no per-sample gradients"):
+            dp.per_sample_norms()
+    torch._dynamo.reset()

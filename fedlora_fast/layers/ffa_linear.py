@@ -124,9 +124,6 @@ class _FFALinearFn(torch.autograd.Function):
         ctx.batch_id = ps_ctx.batch_id if ps_ctx is not None else -1
         ctx.fwd = per_sample.forward_id(ps_ctx) if ps_ctx is not None else -1
         ctx.train_A = A.requires_grad
-        # under DP: the gradient nodes of A and B, to store per-sample results only where the backward delivers
-        # their gradients (not for an input-only autograd.grad(loss, x))
-        ctx.nodes = (per_sample.gradient_node(A), per_sample.gradient_node(B)) if ps_ctx is not None else (None, None)
         ctx.save_for_backward(u, weight, A, B, xa if A.requires_grad else None)
         return y
 
@@ -149,8 +146,10 @@ class _FFALinearFn(torch.autograd.Function):
         pA, pB = layer._adapter("lora_A"), layer._adapter("lora_B")
         # a frozen B (partial freezing, as peft allows) gets no per-sample state, nor one whose gradient this
         # backward does not deliver (autograd.grad(loss, x))
-        want_B = ctx.needs_input_grad[5] and per_sample.accumulates(ctx.nodes[1])
-        want_A = ctx.train_A and ctx.needs_input_grad[4] and per_sample.accumulates(ctx.nodes[0])
+        # (A and B are the apply's last two tensor inputs: their gradient nodes are this node's last two edges)
+        nodes = per_sample.input_nodes(ctx, 2) if ps_ctx is not None else (None, None)
+        want_B = ctx.needs_input_grad[5] and per_sample.accumulates(nodes[1])
+        want_A = ctx.train_A and ctx.needs_input_grad[4] and per_sample.accumulates(nodes[0])
         if ps_ctx is not None and not (want_A or want_B):
             mode = MODE_SUM  # nothing of this layer is trained: no per-sample work at all
         # a tensor not trained gets a placeholder threshold (its clipped sum is computed and dropped)

@@ -22,7 +22,6 @@ class _PerSampleFn(torch.autograd.Function):
     def forward(ctx, x, module, *params):
         ctx.module, ctx.ps_ctx, ctx.batch_id = module, module.ps_ctx, module.ps_ctx.batch_id
         ctx.fwd = per_sample.forward_id(module.ps_ctx)
-        ctx.nodes = [per_sample.gradient_node(p) for p in params]
         ctx.save_for_backward(x, *params)
         return module.plain_forward(x)
 
@@ -34,7 +33,8 @@ class _PerSampleFn(torch.autograd.Function):
         params = [p for p in (module.weight, module.bias) if p is not None]
         dx = module.input_grad(x, g) if ctx.needs_input_grad[0] else None
         grads = []
-        for p, node, ps in zip(params, ctx.nodes, module.per_sample_grads(flat3(x), flat3(g))):
+        nodes = per_sample.input_nodes(ctx, len(params))  # (the params are the apply's last tensor inputs)
+        for p, node, ps in zip(params, nodes, module.per_sample_grads(flat3(x), flat3(g))):
             if not p.requires_grad or not per_sample.accumulates(node):  # (an input-only backward: nothing kept)
                 grads.append(None)
                 continue
