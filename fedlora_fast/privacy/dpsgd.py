@@ -142,13 +142,28 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
 MAX_NOISE_STD = torch.finfo(torch.float32).max / 64  # ~5.3e36
 
 
-def _check_noise_std(noise_multiplier: float, max_grad_norm: float) -> None:
+def _check_noise_std(noise_multiplier: float, max_grad_norm: float, expected_batch_size: int | None = None,
+                     dtypes=()) -> None:
+    """Refuse noise that cannot be represented: sigma C beyond float32 (the noise and the clipped sum), and
+    sigma C / m beyond a trained tensor's own dtype (``.grad`` is the noisy sum / m cast to it: a float16 B,
+    whose largest value is 65504, would get inf from a noise std of ~1e3 m)."""
     std = noise_multiplier * max_grad_norm
     if std > MAX_NOISE_STD:
         raise ValueError(
             f"noise_multiplier * max_grad_norm: expected at most {MAX_NOISE_STD:.3g} (the noise is float32), got "
             f"{noise_multiplier!r} * {max_grad_norm!r} = {std:.3g}"
         )
+    if expected_batch_size is None:
+        return
+    for dtype in dtypes:
+        top = torch.finfo(dtype).max / 64
+        if top < MAX_NOISE_STD and std / expected_batch_size > top:
+            raise ValueError(
+                f"noise_multiplier * max_grad_norm / expected_batch_size: expected at most {top:.3g} for trained "
+                f"tensors of dtype {dtype} (their .grad is the noisy sum / m in that dtype), got {noise_multiplier!r}"
+                f" * {max_grad_norm!r} / {expected_batch_size!r} = {std / expected_batch_size:.3g}: keep the "
+                "trained tensors float32 (FFALoRALinear's B is float32 unless cast), or lower sigma C"
+            )
 
 
 # model -> weakref(engine); weak both ways so that neither keeps the other alive
@@ -261,6 +276,7 @@ class DPSGD:
         self.modules = per_sample_modules(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._check_params(model, optimizer)
+        self._check_noise_range()
         # every trainable tensor's clipped sum, noise and gradient live in one flat float32 buffer: the step
         # is a handful of launches for any number of adapters (per-tensor ops cost one launch each: ~5 per
         # adapter per step, which dominated the step of a 154-layer model on a GPU)
@@ -317,7 +333,7 @@ class DPSGD:
     @max_grad_norm.setter
     def max_grad_norm(self, value: float) -> None:
         value = _check_positive("max_grad_norm", value)
-        _check_noise_std(self.noise_multiplier, value)
+        _check_noise_std(self.noise_multiplier, value, self.expected_batch_size, self._grad_dtypes())
         pending = self._pending_batches or (self.clipping == "per_layer" and self._have_backward())
         if pending and value != self._max_grad_norm:
             raise RuntimeError(
@@ -674,7 +690,7 @@ class DPSGD:
         it would release the sum with no noise (C is checked by its setter)."""
         self._check_attached()
         self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
-        _check_noise_std(self.noise_multiplier, self.max_grad_norm)  # (sigma may have been set by hand)
+        self._check_noise_range()  # (sigma may have been set by hand, a tensor cast since)
         std = self.noise_multiplier * self.max_grad_norm
         total = self._summed
         if total is None:
@@ -685,6 +701,12 @@ class DPSGD:
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self._noised = True
+
+    def _grad_dtypes(self) -> set[torch.dtype]:
+        return {p.dtype for p in self.params}
+
+    def _check_noise_range(self) -> None:
+        _check_noise_std(self.noise_multiplier, self.max_grad_norm, self.expected_batch_size, self._grad_dtypes())
 
     def _noise(self, std: float, size: int) -> Tensor:
         device = self._device
@@ -735,7 +757,7 @@ class DPSGD:
                 pending.
         """
         self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
-        _check_noise_std(self.noise_multiplier, self.max_grad_norm)
+        self._check_noise_range()
         self._check_trainable()
         if self._have_backward():
             self.clip_and_accumulate()
