@@ -482,6 +482,10 @@ def test_split_keeps_identical_texts_on_one_side_and_stratifies():
     # nor two that differ only by case or spacing (an uncased tokenizer gives them the same tokens)
     assert not {same_text_key(t) for t in train.texts} & {same_text_key(t) for t in test.texts}
     assert same_text_key("Sorry, I'll call later In  meeting. ") == same_text_key("sorry, i'll call later in meeting.")
+    # nor by accents, composed or combining (the uncased tokenizer drops them too), while letters stay letters
+    keys = {same_text_key(t) for t in ("Café RÉSUMÉ", "cafe resume", "Cafe\u0301 Re\u0301sume\u0301", "CAFÉ  résumé")}
+    assert keys == {"cafe resume"}
+    assert same_text_key("Straße ﬁn") == "strasse fin" and same_text_key("cafe") != same_text_key("cafes")
     assert len(train) + len(test) == 5574 and abs(len(test) - 0.2 * 5574) <= 40
     for c in range(2):
         share = [sum(1 for y in d.labels if y == c) / len(d) for d in (train, test)]
