@@ -111,18 +111,37 @@ def _read_delimited(path: Path) -> tuple[list[dict], list[str]]:
     return rows, where
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """``json``'s object hook: an object naming a key twice is refused (``json`` keeps the last silently, so a
+    record with two ``label`` fields would train on whichever came second)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     text = _decode(path)
     where = None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise DataError(f"data: {path}: an object names the key {e.args[0]!r} twice") from None
     except json.JSONDecodeError:
         obj, where = [], []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                obj.append(json.loads(line))
+                obj.append(json.loads(line, object_pairs_hook=_no_duplicate_keys))
+            except _DuplicateKey as e:
+                raise DataError(f"data: {path}, line {number}: the record names the key {e.args[0]!r} twice") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"data: {path}, line {number}: neither JSON nor JSON lines ({e})") from None
             where.append(f"line {number}")

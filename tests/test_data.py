@@ -253,6 +253,24 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path):
     assert len(tr) + len(te) == 10
 
 
+def test_a_json_record_naming_a_key_twice_is_refused(tmp_path):
+    """``{"text": .., "label": 1, "label": 0}``: json keeps the last key silently, so the row trained on
+    whichever label came second. JSON lines name the line; a whole-file JSON names the key."""
+    rows = "".join(f'{{"text": "m{i}", "label": {i % 2}}}\n' for i in range(10))
+    p = tmp_path / "dup.jsonl"
+    p.write_text(rows + '{"text": "x", "label": 1, "label": 0}\n')
+    with pytest.raises(DataError, match=r"dup.jsonl, line 11: the record names the key 'label' twice"):
+        load_text_classification(str(p))
+    q = tmp_path / "dup.json"
+    q.write_text('{"data": [{"text": "a", "text": "b", "label": 0}]}')
+    with pytest.raises(DataError, match=r"dup.json: an object names the key 'text' twice"):
+        load_text_classification(str(q))
+    ok = tmp_path / "ok.jsonl"  # (equal values under different keys, nested objects: fine)
+    ok.write_text(rows.replace('"label"', '"meta": {"a": 1, "b": 1}, "label"'))
+    tr, te = load_text_classification(str(ok), seed=0)
+    assert len(tr) + len(te) == 10
+
+
 def test_class_names_are_one_class_whatever_their_unicode_form(tmp_path):
     """"café" composed (NFC) and with a combining accent (NFD) look the same and are one class: they made a
     2-class head of one class. The given classes (``--labels``) match either form, and two of them that are
