@@ -395,6 +395,25 @@ def test_noise_beyond_a_half_precision_trained_tensor_is_refused_before_release(
     assert torch.isfinite(model[0].lora_B.grad).all() and model[0].lora_B.grad.dtype == torch.float16
 
 
+def test_expected_batch_size_set_by_hand_is_checked():
+    """m divides the noisy sum: set by hand to 0 it wrote inf into every trained tensor, to -4 it reversed the
+    update. The setter refuses both, and an m that would put the noise beyond a float16 B."""
+    model = make_model()
+    dp = make_dp(model, noise_multiplier=2000.0, expected_batch_size=4)
+    for bad in (0, -4, 2.5, True, None):
+        with pytest.raises(ValueError, match=f"expected_batch_size: expected a positive int, got {bad!r}"):
+            dp.expected_batch_size = bad
+    assert dp.expected_batch_size == 4
+    dp.expected_batch_size = 8
+    loss_fn(model, make_batch(2, 2)).backward()
+    dp.step()
+    assert dp.expected_batch_size == 8 and all(torch.isfinite(p.grad).all() for p in params(model))
+    model[0].lora_B.data = model[0].lora_B.data.half()  # sigma C / m = 2000 / m: float16's bound is ~1023
+    with pytest.raises(ValueError, match="torch.float16"):
+        dp.expected_batch_size = 1
+    assert dp.expected_batch_size == 8
+
+
 def test_per_layer_next_backward_without_zero_grad_is_not_contaminated():
     """Per-layer clipping accumulates into .grad: the previous step's gradient must not leak into the next."""
     model = make_model()

@@ -949,9 +949,12 @@ def test_client_checks_its_arguments_when_built():
     for change, match in ((dict(local_steps=0), r"local_steps: expected an int >= 1, got 0"),
                           (dict(batch_size=1.5), r"batch_size: expected an int >= 1, got 1.5"),
                           (dict(optimizer="lion"), r"optimizer: expected one of"),
-                          (dict(lr_schedule="step"), r"lr_schedule: expected one of")):  # fmt: skip
+                          (dict(lr_schedule="step"), r"lr_schedule: expected one of"),
+                          *((dict(physical_batch_size=v), rf"physical_batch_size: expected an int >= 1 or None, got {v}")
+                            for v in (0, -1, 2.5, True))):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             Client(0, ids, labels, **{**base, **change})
+    assert Client(0, ids, labels, **{**base, "physical_batch_size": 1}).physical_batch_size == 1
     # labels as the docstring's "(n,) class ids" may come: a list, a tensor, a numpy array; none or too few refused
     import numpy as np
 

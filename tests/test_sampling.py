@@ -148,3 +148,24 @@ def test_micro_batches_of_a_tokenizer_batch_encoding():
     parts = list(micro_batches(enc, 2))
     assert [batch_size(p) for p in parts] == [2, 2, 1]
     assert isinstance(parts[0], transformers.BatchEncoding) and parts[2]["input_ids"].tolist() == [[8, 9]]
+
+
+def test_micro_batches_split_per_sample_values_and_keep_per_batch_ones():
+    """``default_collate`` turns a string field into a list of one string per sample: each micro-batch gets
+    its own (every micro-batch got all five, so a loss reading them ran each sample in three micro-batches).
+    A 0-dim tensor (a per-batch value) goes whole to each, and does not count as the samples dim; a list of
+    plain values of another length than the batch is refused by name."""
+    from fedlora_fast.privacy import micro_batches
+
+    batch = {"n_tokens": torch.tensor(7), "x": torch.arange(10).reshape(5, 2), "text": ["a", "b", "c", "d", "e"],
+             "pair": (torch.arange(5), ("u", "v", "w", "x", "y")), "none": []}
+    assert batch_size(batch) == 5
+    parts = list(micro_batches(batch, 2))
+    assert [p["text"] for p in parts] == [["a", "b"], ["c", "d"], ["e"]]
+    assert [p["pair"][1] for p in parts] == [("u", "v"), ("w", "x"), ("y",)]
+    assert [p["x"].shape[0] for p in parts] == [2, 2, 1] and all(int(p["n_tokens"]) == 7 for p in parts)
+    assert all(p["none"] == [] for p in parts)
+    with pytest.raises(ValueError, match=r"batch: a list of 3 plain values in a batch of 5 samples"):
+        list(micro_batches({**batch, "text": ["a", "b", "c"]}, 2))
+    with pytest.raises(TypeError, match="no tensor with a samples dim"):
+        batch_size({"n": torch.tensor(3)})

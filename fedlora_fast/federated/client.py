@@ -168,6 +168,9 @@ class Client:
         for name, v in (("batch_size", batch_size), ("local_steps", local_steps), ("rounds", rounds)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        p = physical_batch_size  # (0 read as "never split", -1 failed later under another argument's name)
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ValueError(f"physical_batch_size: expected an int >= 1 or None, got {p!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
         if lr_schedule not in LR_SCHEDULES:

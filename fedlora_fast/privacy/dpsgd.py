@@ -166,6 +166,11 @@ def _check_noise_std(noise_multiplier: float, max_grad_norm: float, expected_bat
             )
 
 
+def _check_batch_size(m) -> None:
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise ValueError(f"expected_batch_size: expected a positive int, got {m!r}")
+
+
 # model -> weakref(engine); weak both ways so that neither keeps the other alive
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
@@ -264,15 +269,13 @@ class DPSGD:
         self._max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
         self.noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
         _check_noise_std(self.noise_multiplier, self._max_grad_norm)
-        m = expected_batch_size
-        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
-            raise ValueError(f"expected_batch_size: expected a positive int, got {expected_batch_size!r}")
+        _check_batch_size(expected_batch_size)
         if clipping not in CLIPPING:
             raise ValueError(f"clipping: expected one of {CLIPPING}, got {clipping!r}")
         self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate)
         self.accountant = self._make_accountant(accountant)
         self.model, self.optimizer = model, optimizer
-        self.expected_batch_size, self.clipping = expected_batch_size, clipping
+        self._expected_batch_size, self.clipping = expected_batch_size, clipping
         self.modules = per_sample_modules(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._check_params(model, optimizer)
@@ -319,6 +322,18 @@ class DPSGD:
         self._dropped = _DroppedCounter(self._device)
         self.steps = 0
         self.last_step_samples = 0
+
+    @property
+    def expected_batch_size(self) -> int:
+        """m: the clipped, noised sum is divided by it (``sum_i c_i P_i + N(0, (sigma C)^2)) / m``); the expected
+        size of a Poisson batch, q N. May change between steps (it scales the update, not the privacy)."""
+        return self._expected_batch_size
+
+    @expected_batch_size.setter
+    def expected_batch_size(self, value: int) -> None:
+        _check_batch_size(value)  # (0 wrote inf into every trained tensor, a negative m reversed the update)
+        _check_noise_std(self.noise_multiplier, self.max_grad_norm, value, self._grad_dtypes())
+        self._expected_batch_size = value
 
     @property
     def max_grad_norm(self) -> float:

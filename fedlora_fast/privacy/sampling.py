@@ -97,9 +97,9 @@ def _empty_like_batch(batch: Any) -> Any:
         return type(batch)({k: _empty_like_batch(v) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_empty_like_batch(v) for v in batch))
+    if _per_sample_values(batch):
+        return type(batch)()  # one value per sample (default_collate's list of strings): no samples
     if isinstance(batch, (list, tuple)):
-        if all(not isinstance(v, (Tensor, Mapping, list, tuple)) for v in batch):
-            return type(batch)()  # one value per sample (default_collate's list of strings): no samples
         return type(batch)(_empty_like_batch(v) for v in batch)
     return None
 
@@ -178,8 +178,11 @@ def check_poisson_loader(loader: DataLoader, sample_rate: float | None = None) -
 
 
 def batch_size(batch: Any) -> int:
-    """Number of samples in a (nested dict/list/tuple of tensors) batch: the first dim of its first tensor."""
+    """Number of samples in a (nested dict/list/tuple of tensors) batch: the first dim of its first tensor
+    with one (a 0-dim tensor is a per-batch value, e.g. a token count a collate computed)."""
     if isinstance(batch, Tensor):
+        if batch.dim() == 0:
+            raise TypeError("batch: a 0-dim tensor has no samples dim")
         return batch.shape[0]
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else []
     for v in values:
@@ -187,18 +190,34 @@ def batch_size(batch: Any) -> int:
             return batch_size(v)
         except TypeError:
             continue
-    raise TypeError(f"batch: no tensor found in a {type(batch).__name__}")
+    raise TypeError(f"batch: no tensor with a samples dim found in a {type(batch).__name__}")
 
 
-def _slice(batch: Any, start: int, stop: int) -> Any:
+def _per_sample_values(batch: Any) -> bool:
+    """A list/tuple of plain values, one per sample (``default_collate``'s list of strings)."""
+    return isinstance(batch, (list, tuple)) and len(batch) > 0 and not hasattr(batch, "_fields") and all(
+        not isinstance(v, (Tensor, Mapping, list, tuple)) for v in batch
+    )
+
+
+def _slice(batch: Any, start: int, stop: int, n: int) -> Any:
+    """Samples ``start:stop`` of a batch of ``n``: tensors and per-sample value lists sliced, 0-dim tensors
+    and other leaves (per-batch values) passed on whole."""
     if isinstance(batch, Tensor):
-        return batch[start:stop]
+        return batch[start:stop] if batch.dim() else batch
     if isinstance(batch, Mapping):
-        return type(batch)({k: _slice(v, start, stop) for k, v in batch.items()})
+        return type(batch)({k: _slice(v, start, stop, n) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_slice(v, start, stop) for v in batch))
+        return type(batch)(*(_slice(v, start, stop, n) for v in batch))
+    if _per_sample_values(batch):  # (as _empty_like_batch reads them): each micro-batch gets its own values
+        if len(batch) != n:
+            raise ValueError(
+                f"batch: a list of {len(batch)} plain values in a batch of {n} samples: expected one value per "
+                "sample (or put per-batch values in a 0-dim tensor)"
+            )
+        return type(batch)(batch[start:stop])
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice(v, start, stop) for v in batch)
+        return type(batch)(_slice(v, start, stop, n) for v in batch)
     return batch
 
 
@@ -212,4 +231,4 @@ def micro_batches(batch: Any, max_size: int) -> Iterator[Any]:
         raise ValueError(f"max_size: expected a positive int, got {max_size!r}")
     n = batch_size(batch)
     for start in range(0, n, max_size):
-        yield _slice(batch, start, min(n, start + max_size))
+        yield _slice(batch, start, min(n, start + max_size), n)
