@@ -217,9 +217,21 @@ def inject_adapters(
         )
         _set_submodule(model, name, layer)
         adapters[name] = layer
+    mark_tied_bases(model, adapters)
     for name in extra_names:
         make_per_sample(model.get_submodule(name), name)
     return adapters
+
+
+def mark_tied_bases(model: nn.Module, layers: dict[str, FFALoRALinear]) -> None:
+    """Record on each layer the model's other names of its base weight (``FFALoRALinear.tied_with``): a tied
+    ``lm_head`` shares its weight with the input embedding, which ``merge()`` must not change."""
+    names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+    for n, layer in layers.items():
+        own = f"{n}.base_layer.weight"
+        layer.tied_with = tuple(sorted(x for x in names.get(id(layer.base_layer.weight), ()) if x != own))
 
 
 def adapter_layers(model: nn.Module) -> dict[str, FFALoRALinear]:

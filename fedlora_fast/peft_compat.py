@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,7 +26,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from fedlora_fast.inject import _matches, _set_submodule, adapter_layers, peft_modules
+from fedlora_fast.inject import _matches, _set_submodule, adapter_layers, mark_tied_bases, peft_modules
 from fedlora_fast.io import atomic_write_bytes, atomic_write_text
 from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, check_layer_args, init_lora_A
 from fedlora_fast.layers.per_sample_modules import make_per_sample, per_sample_error, per_sample_problems
@@ -44,6 +45,26 @@ _TASK_TYPES = (
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
 )
+
+
+# peft's TaskType values, and the heads its task classes add to modules_to_save (whatever the config says)
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+
+
+def _suffix_clashes(modules: dict, saved: list[str], adapters: list[str]) -> list[str]:
+    """Module names that peft's ``modules_to_save`` rule (a plain suffix: ``classifier`` also takes
+    ``pre_classifier``) would wrap and that are, hold or sit inside an adapter layer: peft refuses those."""
+    return sorted({
+        k for k in modules for m in saved
+        if k and k.endswith(m) and any(k == n or k.startswith(n + ".") or n.startswith(k + ".") for n in adapters)
+    })
+
+
+def _export_alpha(layer: FFALoRALinear) -> float:
+    """peft's ``lora_alpha`` for the scale the layer computes with (``scale`` may have been set by hand)."""
+    denom = math.sqrt(layer.r) if layer.use_rslora else layer.r
+    return layer.alpha if math.isclose(layer.scale, layer.alpha / denom, rel_tol=1e-12) else layer.scale * denom
 
 
 def _method(layer: FFALoRALinear) -> str:
@@ -178,6 +199,8 @@ def export_peft(
     """
     from safetensors.torch import save as save_bytes
 
+    if task_type not in (None, "auto", *PEFT_TASK_TYPES):
+        raise ValueError(f"task_type: expected None, 'auto' or one of peft's {PEFT_TASK_TYPES}, got {task_type!r}")
     model = _unwrap(model)
     adapters = adapter_layers(model)
     if not adapters:
@@ -199,7 +222,7 @@ def export_peft(
         if len(set(values.values())) > 1:
             raise ValueError(f"model: peft's LoraConfig holds one {what} for all layers, the adapters have {values}")
     rs = {n: l.r for n, l in adapters.items()}
-    alphas = {n: _num(l.alpha) for n, l in adapters.items()}
+    alphas = {n: _num(_export_alpha(l)) for n, l in adapters.items()}
     r = Counter(rs.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     if modules_to_save is None:
@@ -218,8 +241,25 @@ def export_peft(
             f"modules_to_save: {modules_to_save} share weights with {tied[:8]} (tied); peft unties modules_to_save, "
             "so the unlisted module would keep the old weight: list its module too"
         )
-    if task_type == "auto":
+    inferred = task_type == "auto"
+    if inferred:
         task_type = _infer_task_type(model)
+    clashes = _suffix_clashes(all_modules, _TASK_HEADS.get(task_type, []), names)
+    if clashes and inferred:  # a plain PeftModel loads the adapted head; the task's class would wrap it
+        task_type = None
+    elif clashes:
+        raise ValueError(
+            f"task_type: peft's {task_type} saves {_TASK_HEADS[task_type]} in full (modules_to_save), and "
+            f"{clashes[:4]} hold adapters, which peft cannot wrap: pass task_type=None"
+        )
+    clashes = _suffix_clashes(all_modules, modules_to_save, names)
+    if clashes:
+        warnings.warn(
+            f"export_peft: peft matches modules_to_save {modules_to_save} as plain suffixes, so it would also wrap "
+            f"the adapted {clashes[:4]} and PeftModel.from_pretrained will refuse {str(save_dir)!r}; "
+            "fedlora_fast.load_peft reads it (or adapt/train modules whose names are not suffixes of each other)",
+            RuntimeWarning, stacklevel=2,
+        )
     if base_model_name_or_path is None:
         cfg = getattr(model, "config", None)
         base_model_name_or_path = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or None
@@ -391,6 +431,8 @@ def load_peft(
             fit the model (every offending name listed), or a model that already has peft layers (use
             ``from_peft``); nothing of the model is changed before a refusal.
     """
+    if train_A is not None and not isinstance(train_A, bool):  # ("no" would read as True: A trained and sent)
+        raise TypeError(f"train_A: expected True, False or None, got {train_A!r}")
     load_dir = Path(load_dir)
     config, tensors, meta = _read_dir(load_dir)
     _check_config(config)
@@ -473,6 +515,13 @@ def load_peft(
             scale = alpha / (math.sqrt(r) if use_rslora else r)
             if module.r != r or not math.isclose(module.scale, scale, rel_tol=1e-9):
                 problems.append(f"{n}: the model's adapter has r={module.r}, scale={module.scale:g}; the file r={r}, scale={scale:g}")
+            elif not module.train_A and not torch.equal(A.float(), module.lora_A.detach().float().cpu()):
+                # FFA-LoRA's A is frozen and shared: replacing it would leave this model with another A than the
+                # rest of its federation (its fingerprint changes with A, so a server would refuse its updates)
+                problems.append(
+                    f"{n}: the file's lora_A is not the model's frozen A (FFA-LoRA, from seed {module.seed} and name "
+                    f"{module.name!r}); load the file into the base model without adapters to take its A"
+                )
         info = meta_layers.get(n, {})
         if info.get("method") == "ffa" and info.get("seed") is not None:
             expected = init_lora_A(r, base.in_features, int(info["seed"]), info.get("seed_name", n))
@@ -543,6 +592,7 @@ def load_peft(
                 dropout=dropout, use_rslora=use_rslora,
             )
             _set_submodule(model, n, layer)
+        mark_tied_bases(model, {n: m for n, m in adapter_layers(model).items() if n in names})
         for m in extra_modules:
             make_per_sample(model.get_submodule(m), m, what="modules_to_save")
     layers = adapter_layers(model)
@@ -609,6 +659,8 @@ def _lora_problem(layer, LoraLinear) -> str | None:
         return "fan_in_fan_out=True"
     if layer.merged:
         return "merged adapter (call unmerge_adapter() first)"
+    if getattr(layer, "disable_adapters", False):  # (the converted layer would compute the adapter again)
+        return "adapters disabled (disable_adapter_layers()): enable them, or use the base model without them"
     if layer.lora_A[key].bias is not None or layer.lora_B[key].bias is not None:
         return "lora_A/lora_B with a bias"
     return None
@@ -707,4 +759,5 @@ def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
         new.lora_B.requires_grad_(B.requires_grad)
         new.train(layer.training)
         _set_submodule(model, name, new)
+    mark_tied_bases(model, {n: m for n, m in adapter_layers(model).items() if n in built})
     return model

@@ -153,13 +153,21 @@ def test_load_peft_from_peft_save_pretrained(tmp_path):
     assert_close_verbose(fresh(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="injected")
     trainable = sorted(n for n, p in fresh.named_parameters() if p.requires_grad)
     assert trainable == sorted([f"{n}.lora_B" for n in loaded] + ["classifier.weight", "classifier.bias"])
-    # into a model that already has matching adapters: overwritten in place, same outputs
+    # into a model that already has matching LoRA adapters (A trained): overwritten in place, same outputs
     other = tiny_bert()
-    ff.inject_adapters(other, ["query", "value"], r=4, alpha=8.0, seed=9, trainable_modules=["classifier"])
+    ff.inject_adapters(other, ["query", "value"], r=4, alpha=8.0, seed=9, train_A=True, trainable_modules=["classifier"])
     before = {n: id(m) for n, m in ff.adapter_layers(other).items()}
     load_peft(other, tmp_path / "p")
     assert {n: id(m) for n, m in ff.adapter_layers(other).items()} == before
     assert_close_verbose(other(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="overwritten")
+    # FFA-LoRA adapters keep their frozen A: peft's random A is refused by name, nothing changed (it left the
+    # layer saying seed 9 over another A, and the client averaging B against the wrong A)
+    ffa = tiny_bert()
+    ff.inject_adapters(ffa, ["query", "value"], r=4, alpha=8.0, seed=9, trainable_modules=["classifier"])
+    A_before = {n: l.lora_A.clone() for n, l in ff.adapter_layers(ffa).items()}
+    with pytest.raises(ValueError, match=r"query: the file's lora_A is not the model's frozen A \(FFA-LoRA, from seed 9"):
+        load_peft(ffa, tmp_path / "p")
+    assert all(torch.equal(l.lora_A, A_before[n]) for n, l in ff.adapter_layers(ffa).items())
 
 
 def test_load_peft_errors_name_the_problem(tmp_path):
@@ -582,3 +590,123 @@ def test_load_peft_takes_the_base_weight_peft_saves_with_embedding_layers(tmp_pa
     fresh = tiny_llama()
     load_peft(fresh, tmp_path / "e")
     assert_close_verbose(fresh(input_ids=x).logits, pm(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="embeddings")
+
+
+def test_the_fingerprint_pins_the_frozen_A_and_the_scale():
+    """FFA-LoRA averages B over clients that must hold one A. The seed and the names did not pin A down: a layer
+    injected on a submodule derives A from its name there, and ``from_peft`` keeps peft's random A under seed 0.
+    The fingerprint hashes A itself (and the scale the forward multiplies by), so such a client is refused."""
+    from fedlora_fast.federated.state import adapter_config, fingerprint
+
+    def fp(model):
+        return fingerprint(adapter_config(model))
+
+    base = tiny_llama()
+    ref = copy.deepcopy(base)
+    ff.inject_adapters(ref, ["q_proj"], r=4, alpha=8.0, seed=0)
+    again = copy.deepcopy(base)
+    ff.inject_adapters(again, ["q_proj"], r=4, alpha=8.0, seed=0)
+    assert fp(again) == fp(ref)
+    sub = copy.deepcopy(base)
+    ff.inject_adapters(sub.model, ["q_proj"], r=4, alpha=8.0, seed=0)
+    sub.lm_head.weight.requires_grad_(False)  # (the submodule call freezes only the submodule)
+    assert adapter_config(sub)["targets"] == adapter_config(ref)["targets"] and fp(sub) != fp(ref)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    for k, p in pm.named_parameters():
+        if "lora_A" in k:
+            p.requires_grad_(False)
+    assert fp(from_peft(pm)) != fp(ref)
+    scaled = copy.deepcopy(ref)
+    for layer in ff.adapter_layers(scaled).values():
+        layer.scale = 0.5
+    assert fp(scaled) != fp(ref)
+    lora = copy.deepcopy(base)  # LoRA: A is trained and exchanged, not part of the fingerprint
+    ff.inject_adapters(lora, ["q_proj"], r=4, alpha=8.0, seed=0, train_A=True)
+    fp_lora = fp(lora)
+    with torch.no_grad():
+        next(iter(ff.adapter_layers(lora).values())).lora_A.add_(1.0)
+    assert fp(lora) == fp_lora and "A_sha256" not in adapter_config(lora)
+
+
+def test_merge_refuses_a_tied_base_weight():
+    """A tied lm_head's weight is the input embedding: merge() wrote W + sBA into both (logits moved by ~27 in
+    the reviewer's run). Every creation path records the tie and merge() refuses by name; untied, it merges."""
+    m = tiny_llama(tie_word_embeddings=True)
+    layer = ff.inject_adapters(m, ["lm_head", "q_proj"], r=2, alpha=4.0)["lm_head"]
+    assert layer.tied_with == ("model.embed_tokens.weight",)
+    assert ff.adapter_layers(m)["model.layers.0.self_attn.q_proj"].tied_with == ()
+    randomize([layer.lora_B])
+    emb = m.model.embed_tokens.weight.clone()
+    with pytest.raises(RuntimeError, match=r"lm_head: the base weight is also \['model.embed_tokens.weight'\]"):
+        layer.merge()
+    assert not layer.merged and torch.equal(m.model.embed_tokens.weight, emb)
+    ff.adapter_layers(m)["model.layers.0.self_attn.q_proj"].merge()  # untied layers merge as before
+    pm = get_peft_model(tiny_llama(tie_word_embeddings=True), LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]))
+    assert ff.adapter_layers(from_peft(pm))["lm_head"].tied_with == ("model.embed_tokens.weight",)
+
+
+def test_load_trainable_refuses_merged_adapters():
+    """Writing B into a merged adapter left the weight holding the old delta, and unmerge() then subtracted the
+    new one: the base weight was corrupted for good (load_state_dict already refused this)."""
+    from fedlora_fast.federated.state import load_trainable, trainable_state
+
+    m = tiny_llama()
+    ff.inject_adapters(m, ["q_proj"], r=2, alpha=4.0)
+    randomize([p for p in m.parameters() if p.requires_grad])
+    new = {k: v.detach() + 1.0 for k, v in trainable_state(m).items()}
+    w0 = {n: l.base_layer.weight.clone() for n, l in ff.adapter_layers(m).items()}
+    for layer in ff.adapter_layers(m).values():
+        layer.merge()
+    with pytest.raises(ValueError, match="are merged into their weights: unmerge"):
+        load_trainable(m, new)
+    for n, layer in ff.adapter_layers(m).items():
+        layer.unmerge()
+        assert_close_verbose(layer.base_layer.weight, w0[n], atol=1e-6, rtol=0, name=n)
+    load_trainable(m, new)
+
+
+def test_from_peft_refuses_disabled_adapters():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    pm.base_model.disable_adapter_layers()
+    with pytest.raises(ValueError, match="adapters disabled"):
+        from_peft(pm)
+
+
+def test_export_for_peft_task_heads_suffixes_and_a_scale_set_by_hand(tmp_path):
+    """What peft loads must compute what ours does: an adapter on the task's head (peft's SEQ_CLS class saves
+    ``classifier`` in full and cannot wrap an adapter there) exports without the task type; a modules_to_save
+    name that is a suffix of an adapted layer's (``classifier`` of ``pre_classifier``) is warned about; a scale
+    set by hand is exported as the alpha that gives it; bad task types and train_A are refused by name."""
+    model = tiny_bert()
+    ff.inject_adapters(model, ["query", "value", "classifier"], r=4, alpha=8.0)
+    randomize([p for p in model.parameters() if p.requires_grad])
+    for layer in ff.adapter_layers(model).values():
+        layer.scale = 0.75
+    x = ids()
+    want = model(input_ids=x).logits
+    export_peft(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["task_type"] is None
+    got = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "a")).eval()(input_ids=x).logits
+    assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="peft")
+    with pytest.raises(ValueError, match=r"task_type: peft's SEQ_CLS saves \['classifier', 'score'\]"):
+        export_peft(model, tmp_path / "b", task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"task_type: expected None, 'auto' or one of peft's .* got 'seq_cls'"):
+        export_peft(model, tmp_path / "b", task_type="seq_cls")
+    with pytest.raises(TypeError, match="train_A: expected True, False or None, got 'no'"):
+        load_peft(tiny_bert(), tmp_path / "a", train_A="no")
+    def head():  # DistilBERT's pair: peft's "classifier" also takes the adapted "pre_classifier"
+        torch.manual_seed(3)
+        net = nn.Sequential()
+        net.add_module("pre_classifier", nn.Linear(8, 8))
+        net.add_module("classifier", nn.Linear(8, 2))
+        return net
+
+    suffix = head()
+    ff.inject_adapters(suffix, ["pre_classifier"], r=2, alpha=4.0, trainable_modules=["classifier"])
+    randomize([p for p in suffix.parameters() if p.requires_grad])
+    with pytest.warns(RuntimeWarning, match=r"plain suffixes, so it would also wrap the adapted \['pre_classifier'\]"):
+        export_peft(suffix, tmp_path / "c")
+    back = head()  # (ours reads it)
+    assert sorted(load_peft(back, tmp_path / "c")) == ["pre_classifier"]
+    h = torch.randn(3, 8)
+    assert_close_verbose(back(h), suffix(h), atol=1e-6, rtol=1e-6, name="load_peft")

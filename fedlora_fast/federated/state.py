@@ -2,8 +2,8 @@
 
 FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313): every client regenerates the same frozen A from
 ``(seed, layer name)``, so the exchanged state is B (plus any fully trained head); in LoRA mode A and B.
-Two parties may only exchange updates when method, rank, alpha, seed, scaling and targets agree: the
-fingerprint hashes exactly these.
+Two parties may only exchange updates when method, rank, alpha, seed, scaling, targets and (FFA-LoRA) the
+frozen A's values agree: the fingerprint hashes exactly these.
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
     Raises:
         KeyError: a key is missing or unexpected.
         ValueError: a tensor of another shape (``copy_`` would broadcast it silently), not floating point,
-            or not finite. Nothing is copied then.
+            or not finite; or an adapter merged into its weight (``unmerge()`` would then subtract the new
+            B's delta from a weight that holds the old one's). Nothing is copied then.
     """
+    merged = [n for n, layer in adapter_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(f"model: adapters {merged[:6]} are merged into their weights: unmerge() them before "
+                         "loading new adapter tensors (as load_state_dict requires)")
     params = trainable_state(model)
     if params.keys() != state.keys():
         missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
@@ -51,27 +56,49 @@ def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
         p.copy_(state[k].to(device=p.device, dtype=p.dtype))
 
 
+def frozen_A_digest(layers: dict) -> str:
+    """SHA-256 (hex) of every frozen A (FFA-LoRA) in name order: its name, shape and float32 bytes.
+
+    The seed and the layer names do not pin A down alone: A comes from the name a layer was *created* with
+    (``inject_adapters(model.backbone, ...)`` names it inside the backbone), ``load_peft`` may bring a file's A
+    and ``from_peft`` peft's own random A, and another torch release may draw other numbers from one seed.
+    Averaging B over clients holding different A is silently wrong, so the fingerprint hashes A itself."""
+    h = hashlib.sha256()
+    for name in sorted(layers):
+        A = layers[name].lora_A.detach()
+        if A.is_meta:
+            raise ValueError(f"model: adapter {name!r} is on the meta device (no A yet): to_empty() it first")
+        h.update(f"{name}:{tuple(A.shape)}:".encode())
+        h.update(A.float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def adapter_config(model: nn.Module) -> dict:
-    """The settings every party must share: method, r, alpha, seed, rslora, targets, trained tensors."""
+    """The settings every party must share: method, r, alpha, scale, seed, rslora, targets, trained tensors,
+    and (FFA-LoRA) a digest of the frozen A's values (``frozen_A_digest``)."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model: no FFA-LoRA/LoRA adapters; call inject_adapters first")
     first = next(iter(layers.values()))
     for name, layer in layers.items():
-        same = (layer.r, layer.alpha, layer.seed, layer.train_A, layer.use_rslora) == (
-            first.r, first.alpha, first.seed, first.train_A, first.use_rslora
+        same = (layer.r, layer.alpha, layer.scale, layer.seed, layer.train_A, layer.use_rslora) == (
+            first.r, first.alpha, first.scale, first.seed, first.train_A, first.use_rslora
         )
         if not same:
-            raise ValueError(f"model: adapter {name!r} differs from {first.name!r} in r/alpha/seed/method")
-    return {
+            raise ValueError(f"model: adapter {name!r} differs from {first.name!r} in r/alpha/scale/seed/method")
+    config = {
         "method": "lora" if first.train_A else "ffa",
         "r": first.r,
         "alpha": first.alpha,
+        "scale": first.scale,  # (a mutable attribute: what the forward multiplies by, whatever alpha says)
         "seed": first.seed,
         "use_rslora": first.use_rslora,
         "targets": sorted(layers),
         "tensors": {k: [list(p.shape), str(p.dtype).removeprefix("torch.")] for k, p in trainable_state(model).items()},
     }
+    if not first.train_A:  # (LoRA's A is trained and exchanged: the server's state holds it)
+        config["A_sha256"] = frozen_A_digest(layers)
+    return config
 
 
 def fingerprint(config: dict) -> str:

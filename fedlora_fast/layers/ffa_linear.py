@@ -232,6 +232,9 @@ class FFALoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # other names of the base weight in the model (a tied lm_head is embed_tokens' weight), set by
+        # inject_adapters / load_peft / from_peft: merge() refuses, as W += s B A would change them too
+        self.tied_with: tuple[str, ...] = ()
         self.ps_ctx: per_sample.PerSampleContext | None = None  # set by a DP engine
         # a merged layer's state_dict holds W + sBA: it says so (a "merged" entry, only then), and a layer
         # loading it takes that state on, so the adapter is never applied twice (nor lost)
@@ -342,7 +345,19 @@ class FFALoRALinear(nn.Module):
     def merge(self) -> None:
         """Fold the adapter into the base weight for inference (``W += s B A``). Exact to float32 rounding in
         float32; a bf16/fp16 weight is rounded to its precision, so ``unmerge`` then restores W only to that
-        rounding (~2^-8 of |W| in bf16), as in peft."""
+        rounding (~2^-8 of |W| in bf16), as in peft.
+
+        Raises:
+            RuntimeError: the base weight is tied to another module's (``tied_with``): merging would write
+                ``W + s B A`` into that module's weight too (a tied input embedding), silently.
+        """
+        if not self.merged and self.tied_with:
+            raise RuntimeError(
+                f"{self.name or 'FFALoRALinear'}: the base weight is also {list(self.tied_with)[:4]} (tied weights): "
+                "merging would change those modules too; run unmerged, or untie first (give the layer its own "
+                "copy, e.g. lm_head.base_layer.weight = nn.Parameter(lm_head.base_layer.weight.detach().clone()), "
+                "and set tied_with = ())"
+            )
         if not self.merged:
             w = self.base_layer.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
