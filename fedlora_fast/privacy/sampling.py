@@ -226,6 +226,10 @@ def micro_batches(batch: Any, max_size: int) -> Iterator[Any]:
 
     For large logical batches under DP: run forward/backward and ``DPSGD.accumulate()`` on each, then one
     ``DPSGD.step()``. An empty batch yields nothing (step it with ``step(empty_batch=True)``).
+
+    Tensors are split along dim 0; a list of plain values (``default_collate``'s strings) is read as one value
+    per sample and split with them (it must have one per sample); 0-dim tensors and other leaves go whole to
+    every micro-batch (per-batch values: keep them out of the per-sample lists).
     """
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
         raise ValueError(f"max_size: expected a positive int, got {max_size!r}")
