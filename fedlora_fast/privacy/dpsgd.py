@@ -325,7 +325,7 @@ class DPSGD:
 
     @property
     def expected_batch_size(self) -> int:
-        """m: the clipped, noised sum is divided by it (``sum_i c_i P_i + N(0, (sigma C)^2)) / m``); the expected
+        """m: the clipped, noised sum is divided by it (``(sum_i c_i P_i + N(0, (sigma C)^2)) / m``); the expected
         size of a Poisson batch, q N. May change between steps (it scales the update, not the privacy)."""
         return self._expected_batch_size
 
