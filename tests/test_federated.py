@@ -187,6 +187,7 @@ def test_server_rejects_bad_updates_and_the_round_completes(caplog):
         _msg(good, client_id=0),  # duplicate
         _msg(good, client_id=8)[:-5],  # truncated bytes
         b"\x00" * 3 + b"garbage",  # corrupted
+        _msg(good2, client_id=10, num_examples=2**64),  # (Flower's 64-bit records: it ended the ServerApp)
         _msg(good2, client_id=9, num_examples=30),
     ]
     result = server.run_round(msgs)
@@ -194,7 +195,7 @@ def test_server_rejects_bad_updates_and_the_round_completes(caplog):
     assert len(result.rejected) == len(msgs) - 2
     reasons = " ".join(r["reason"] for r in result.rejected)
     for word in ("non-finite", "expected (4, 2) torch.float32", "fingerprint", "round", "missing", "unexpected",
-                 "duplicate", "undecodable"):
+                 "duplicate", "undecodable", "num_examples must be a positive int of at most 2**53"):
         assert word in reasons, word
     assert result.applied and server.round == 1
     torch.testing.assert_close(server.global_state["lora_B"], torch.full((4, 2), (2.0 * 10 + 4.0 * 30) / 40))
@@ -280,6 +281,9 @@ def test_load_trainable_refuses_wrong_shapes_dtypes_and_non_finite_values():
         ({**good, "weight": torch.full((1,), 7.0)}, r"state\['weight'\]: expected a floating-point tensor of shape \(2, 3\), got \(1,\)"),
         ({**good, "bias": torch.ones(2, dtype=torch.long)}, r"state\['bias'\].*got \(2,\) torch.int64"),
         ({**good, "bias": torch.tensor([1.0, float("inf")])}, r"state\['bias'\]: has non-finite values"),
+        # finite in float64, inf in the model's float32: a node trained a round of budget on it for nothing
+        ({**good, "bias": torch.tensor([1.0, 1e300], dtype=torch.float64)},
+         r"state\['bias'\]: torch.float64 values beyond the range of the model's torch.float32"),
     ]
     for state, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -221,6 +221,25 @@ def test_strategy_binds_client_ids_to_nodes():
     assert strategy.clients[0]["epsilon"] == 0.5 and strategy.epsilon() == 3.0
 
 
+def test_a_refused_nodes_privacy_report_counts_and_never_goes_down():
+    """A SuperNode restarted without node authentication comes back under a new node id; its old client id
+    stays bound to the old node, so its updates are refused. It trained all the same: its epsilon counts in the
+    run's (it was dropped before the binding check). A node's later, lower report never lowers the run's."""
+    g = {"l.lora_B": torch.zeros(3, 2)}
+    strategy = FedLoRAStrategy(Server(g, FP, FedAvgAggregator(), min_clients=1, num_clients=2), num_clients=2,
+                               delta=1e-5, num_rounds=3)
+    one = {"l.lora_B": torch.ones(3, 2)}
+    strategy._pending = {"round": 1}
+    strategy.aggregate_train(1, [_reply(10, _update(0, one, 5, eps=1.0)), _reply(11, _update(1, one, 5, eps=1.0))])
+    strategy._pending = {"round": 2}  # node 10 restarted as node 20: refused under id 0, its epsilon counts
+    strategy.aggregate_train(2, [_reply(20, _update(0, one, 5, rnd=1, eps=4.0)), _reply(11, _update(1, one, 5, rnd=1))])
+    assert "node 20 claims client id 0, which belongs to node 10" in strategy._pending["rejected"][0]["reason"]
+    assert strategy.epsilon() == 4.0
+    strategy._pending = {"round": 3}
+    strategy.aggregate_train(3, [_reply(20, _update(0, one, 5, rnd=2, eps=0.1)), _reply(11, _update(1, one, 5, rnd=2))])
+    assert strategy.epsilon() == 4.0 and strategy._reports[20]["epsilon"] == 4.0
+
+
 def test_strategy_binds_the_accepted_sender_and_fixes_each_ids_example_count():
     """An id binds to the node whose message the server accepted (not a node that claimed the id first with an
     update the server then rejected), and that message's privacy record is the id's. FedAvg weights by the
@@ -308,8 +327,16 @@ def test_strategy_keeps_the_global_state_when_every_update_is_bad():
     assert "stale" in strategy._pending["rejected"][0]["reason"]
 
 
+def _scores(n, acc, loss):
+    return RecordDict({"m": MetricRecord({"num-examples": n, "accuracy": acc, "loss": loss})})
+
+
 def test_strategy_evaluation_is_example_weighted_and_skips_malformed():
+    """The weight is the count a node claims: only nodes bound to a client id (an accepted update) are heard,
+    each id's count is fixed by its first accepted reply, and scores out of range are skipped (an unknown node
+    claiming 2**62 examples set the run's accuracy alone; an accuracy of 37 was averaged in)."""
     strategy = FedLoRAStrategy(Server({"b": torch.zeros(1)}, FP), num_clients=3, delta=1e-5, num_rounds=1)
+    strategy._client_of.update({1: 0, 2: 1, 3: 2})  # (as aggregate_train binds nodes whose updates it accepted)
     m = strategy.aggregate_evaluate(1, [
         _reply(1, RecordDict({"m": MetricRecord({"num-examples": 30, "accuracy": 0.9, "loss": 0.2})})),
         _reply(2, RecordDict({"m": MetricRecord({"num-examples": 10, "accuracy": 0.5, "loss": 1.0})})),
@@ -324,6 +351,12 @@ def test_strategy_evaluation_is_example_weighted_and_skips_malformed():
             _reply(2, RecordDict({"m": MetricRecord({"num-examples": 0})})),
         ])
     assert m["accuracy"] == pytest.approx(0.9) and m["num-examples"] == 30
+    m = strategy.aggregate_evaluate(3, [
+        _reply(1, _scores(30, 0.9, 0.2)), _reply(9, _scores(2**62, 1.0, 0.0)),  # node 9: bound to no id
+        _reply(2, _scores(11, 0.5, 1.0)), _reply(3, _scores(10, 37.0, 1.0)),  # id 1 claimed 10 first; accuracy 37
+    ])
+    assert m["accuracy"] == pytest.approx(0.9) and m["num-examples"] == 30
+    assert strategy.aggregate_evaluate(4, [_reply(3, _scores(10, 0.5, -1.0))]) is None  # a negative loss
 
 
 # --- a real local deployment ----------------------------------------------------------------------------------
@@ -648,7 +681,9 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny, privacy_dir):
     assert all(c["steps"] == 4 for c in final["clients"]), "2 rounds x 2 local steps per client"
 
     for rnd in (1, 2):  # the aggregate is the example-weighted mean of exactly what the clients sent
-        sent = [serialization.decode((dump / f"round{rnd}-client{k}.safetensors").read_bytes()) for k in (0, 1)]
+        # (named by the node's own step count: 2 local steps a round)
+        sent = [serialization.decode((dump / f"round{rnd}-client{k}-step{2 * rnd}.safetensors").read_bytes())
+                for k in (0, 1)]
         agg, meta = serialization.decode((dump / f"round{rnd}-global.safetensors").read_bytes())
         n = [m["num_examples"] for _, m in sent]
         assert n[1] == 20, "node 1 trains on the 20 training rows of its own file (25 rows, 20 % held out)"
@@ -779,6 +814,38 @@ def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(t
                                                        "load.*refusing to train without it") as refused:
             client_app.train(round0, Ctx)
         assert str(tmp_path) not in str(refused.value), "the server learns the file name, not the node's directory"
+
+
+def test_a_state_behind_the_ledger_is_not_trusted(tiny, tmp_path):
+    """Flower saves context.state after the reply has left: a save lost then leaves a state that counts fewer
+    steps than were released. The ledger (written before every reply) wins, and the state's generators, which
+    would replay the lost round's noise, are drawn afresh. The ledger never goes down: a file counting more
+    steps than the node's state (another process writing it) stops the release."""
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, rounds=3, **{"noise-multiplier": 1.3})
+    cfg = flower_config.federated_config(rc)
+    fed = node.build(cfg)
+    ctx = _node_ctx(rc, **{client_app.LEDGER_DIR_KEY: str(tmp_path)})
+    ctx.node_config["num-partitions"] = cfg.num_clients
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        client_app.train(_train_msg(fed, 0), ctx)
+        after_round0 = RecordDict(dict(ctx.state.items()))  # the save that will be lost
+        seeds = mock.Mock(wraps=client_app.secrets.randbits)
+        with mock.patch.object(client_app.secrets, "randbits", seeds):
+            client_app.train(_train_msg(fed, 1), ctx)
+            per_round = seeds.call_count  # (secure noise: each step's noise generator is OS-seeded)
+            ctx.state = after_round0  # round 1's save was lost after its reply left
+            with pytest.warns(RuntimeWarning, match="counts fewer DP-SGD steps than its privacy ledger"):
+                reply = client_app.train(_train_msg(fed, 2), ctx)
+            # both generators drawn afresh too: the stale sampling generator would replay round 1's Poisson draws
+            assert seeds.call_count - per_round == per_round + 2
+        assert reply.metric_records["metrics"]["steps"] == 3 * cfg.local_steps, "the ledger's 4 steps + 2, not 2 + 2"
+        client = client_app.load_node(ctx)[1].clients[0]
+        client.accountant = client_app.Accountant()  # a process whose count is behind the file
+        client.accountant.step(noise_multiplier=1.3, sample_rate=client.sample_rate, num_steps=2)
+        with pytest.raises(client_app.NodeError, match=r"counts 6 DP-SGD steps, this node's state 2: another process"):
+            client_app._write_ledger(client_app.ledger_path(ctx, 0), client)
 
 
 def _node_ctx(rc: dict, run_id: int = 9, **node_config):

@@ -36,6 +36,11 @@ def _finite_number(v) -> bool:
     return isinstance(v, float) and math.isfinite(v)
 
 
+# The largest example count an update may claim: FedAvg weights by it as a float (exact up to 2**53), and
+# Flower's records carry it as a 64-bit int (a larger count ended the ServerApp when configuring the next round)
+MAX_EXAMPLES = 2**53
+
+
 @dataclass
 class RoundResult:
     """What the server did with one round's messages."""
@@ -111,8 +116,8 @@ class Server:
                 "(seed, rank, alpha, targets or method differ)"
             )
         n = meta.get("num_examples")
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            return None, cid, f"metadata: num_examples must be a positive int, got {n!r}"
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
+            return None, cid, f"metadata: num_examples must be a positive int of at most 2**53, got {n!r}"
         if self.example_counts is not None and self.example_counts.get(cid) != n:
             if cid not in self.example_counts:
                 return None, cid, f"client_id {cid}: not one of the federation's clients {sorted(self.example_counts)[:8]}"

@@ -52,6 +52,9 @@ def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
         raise KeyError(f"state: missing keys {missing[:6]}, unexpected keys {extra[:6]}")
     for k, p in params.items():
         check_tensor(f"state[{k!r}]", state[k], p.shape)
+        # (in the parameter's own dtype too: a float64 1e300 is finite, and inf once cast to float32)
+        if state[k].dtype != p.dtype and not bool(torch.isfinite(state[k].to(p.dtype)).all()):
+            raise ValueError(f"state[{k!r}]: {state[k].dtype} values beyond the range of the model's {p.dtype}")
     for k, p in params.items():
         p.copy_(state[k].to(device=p.device, dtype=p.dtype))
 

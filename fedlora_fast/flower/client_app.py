@@ -161,15 +161,16 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
     return cfg, _FEDERATIONS[key], pid, 0 if local is not None else pid
 
 
-def _restore(fed: Federation, pid: int, state: RecordDict, ledger: Path | None = None) -> Client:
+def _restore(fed: Federation, pid: int, state: RecordDict, ledger: Path | None = None, use_state: bool = True) -> Client:
     """The node's client with its noise multiplier, accountant and RNG states from earlier rounds of the run.
 
     On its first round (or after a restart) both generators are seeded from the OS and the noise multiplier is
     calibrated, or, given the node's privacy ``ledger`` file (a restarted SuperNode; ``train`` passes it only
     where it exists), taken from it with the accountant: one that does not load is a ``NodeError``.
+    ``use_state=False``: the saved state is behind the ledger (``train``) and is not read at all.
     """
     client = fed.clients[pid]
-    if STATE_KEY in state.config_records:
+    if use_state and STATE_KEY in state.config_records:
         saved = json.loads(state.config_records[STATE_KEY]["state"])
         node.calibrate(fed, pid, saved["noise_multiplier"])
         client.load_state_dict(saved["client"])
@@ -413,19 +414,47 @@ def ledger_path(context: Context, pid: int) -> Path | None:
     return None
 
 
-def _load_ledger(path: Path, fed: Federation, k: int, client: Client) -> None:
-    """Take the node's accountant and noise multiplier from its ledger (a restarted SuperNode)."""
+def _read_ledger(path: Path) -> tuple[dict, Accountant]:
+    """The ledger's JSON and its accountant; one that does not load is a ``NodeError`` (never "no steps")."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        node.calibrate(fed, k, saved["noise_multiplier"])
-        client.load_state_dict({"accountant": saved["accountant"]})
-    except (OSError, ValueError, KeyError, TypeError) as e:  # a ledger that does not load must not mean "no steps"
+        return saved, Accountant.from_state_dict(saved["accountant"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         log.error("fedlora_fast node: privacy ledger %s does not load (%s: %s)", path, type(e).__name__, e)
         raise NodeError(f"privacy ledger {path.name} does not load ({type(e).__name__}); refusing to train without "
                         "it (the node's log names its directory)") from None
 
 
+def _load_ledger(path: Path, fed: Federation, k: int, client: Client) -> None:
+    """Take the node's accountant and noise multiplier from its ledger (a restarted SuperNode)."""
+    saved, _ = _read_ledger(path)
+    try:
+        node.calibrate(fed, k, saved["noise_multiplier"])
+        client.load_state_dict({"accountant": saved["accountant"]})
+    except (ValueError, KeyError, TypeError) as e:  # a ledger that does not load must not mean "no steps"
+        log.error("fedlora_fast node: privacy ledger %s does not load (%s: %s)", path, type(e).__name__, e)
+        raise NodeError(f"privacy ledger {path.name} does not load ({type(e).__name__}); refusing to train without "
+                        "it (the node's log names its directory)") from None
+
+
+def _state_steps(state: RecordDict) -> int:
+    """The DP-SGD steps the node's saved ``context.state`` counts (0 where it holds none)."""
+    if STATE_KEY not in state.config_records:
+        return 0
+    saved = json.loads(state.config_records[STATE_KEY]["state"])
+    return Accountant.from_state_dict(saved["client"]["accountant"]).steps
+
+
 def _write_ledger(path: Path, client: Client) -> None:
+    """Write the node's steps before its update leaves. The ledger never goes down: a file that already counts
+    more steps than this process (another process writing it for the same node) stops the release."""
+    if path.exists():
+        _, before = _read_ledger(path)
+        if before.steps > client.accountant.steps:
+            raise NodeError(
+                f"privacy ledger {path.name} counts {before.steps} DP-SGD steps, this node's state {client.accountant.steps}: "
+                "another process writes it (two SuperNodes for one silo?); refusing to release the update"
+            )
     checkpoint.atomic_write_text(path, json.dumps(  # 0o600 whatever the umask: the node's own record
         {"accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier}), mode=0o600)
 
@@ -522,8 +551,19 @@ def train(msg: Message, context: Context) -> Message:
     cfg, fed, pid, k = load_node(context)
     fresh = STATE_KEY not in context.state.config_records
     ledger = ledger_path(context, pid)
-    loaded = fresh and ledger is not None and ledger.exists()  # this run's ledger file is read (not just its dir)
-    client = _restore(fed, k, context.state, ledger if loaded else None)
+    on_disk = ledger is not None and ledger.exists()
+    if not fresh and on_disk and _read_ledger(ledger)[1].steps > _state_steps(context.state):
+        # Flower saves context.state after the reply has left: a save lost then (a killed process, a failed
+        # push) leaves a state behind the steps released. The ledger, written before every reply, has them; the
+        # state's generators would replay the lost round's noise draws, so they are drawn afresh from the OS
+        warnings.warn(
+            f"node {pid}: its saved state counts fewer DP-SGD steps than its privacy ledger (a state save lost after "
+            "a reply left): the ledger's count is taken, with fresh OS-seeded generators",
+            RuntimeWarning, stacklevel=2,
+        )
+        fresh = True
+    loaded = fresh and on_disk  # this run's ledger file is read (not just its dir)
+    client = _restore(fed, k, context.state, ledger if loaded else None, use_state=not fresh)
     _check_node_limits(context, client, cfg, pid)
     _check_budget(client, cfg, pid)
     global_state = records.to_tensors(msg.content.array_records["arrays"])
@@ -546,7 +586,12 @@ def train(msg: Message, context: Context) -> Message:
     if dump:
         if not isinstance(dump, str):
             raise NodeConfigError(f"node config '{DUMP_DIR_KEY}': expected a directory path string, got {dump!r}")
-        checkpoint.atomic_write_bytes(Path(dump) / f"round{round_idx + 1}-client{pid}.safetensors", update)
+        # named by the node's own step count (the server's round number may repeat), never replacing a copy
+        stem = Path(dump) / f"round{round_idx + 1}-client{pid}-step{client.accountant.steps}"
+        path, i = stem.with_suffix(".safetensors"), 1
+        while path.exists():
+            path, i = stem.parent / f"{stem.name}-{i}.safetensors", i + 1
+        checkpoint.atomic_write_bytes(path, update)
     arrays, meta = records.from_message(update)
     privacy = client.privacy_record(cfg.delta)
     metrics = MetricRecord({

@@ -82,7 +82,10 @@ class FedLoRAStrategy(FedAvg):
         # within a run), so a node cannot grow its weight round by round; max_update_norm bounds what any
         # weight can do, central DP clips per client whatever its count
         self._examples_of: dict[int, int] = {}  # client id -> its example count
-        self._reports: dict[int, dict] = {}  # node -> its latest privacy report: epsilon() is the max over all
+        self._reports: dict[int, dict] = {}  # node -> its largest privacy report: epsilon() is the max over all
+        # client id -> the example count of its first accepted evaluation reply, fixed for the run (a silo's own
+        # held-out rows are not the server's to count: aggregate_evaluate)
+        self._eval_examples_of: dict[int, int] = {}
         self.rounds: list[dict] = []  # one record per completed round (metrics.json "rounds")
         self._pending: dict = {}
         self._round_start = time.perf_counter()
@@ -159,17 +162,21 @@ class FedLoRAStrategy(FedAvg):
                 cids.append(None)
                 reports.append(None)
                 continue
-            owner, claimed = self._node_of.get(cid), self._client_of.get(node)
-            if (owner is not None and owner != node) or (claimed is not None and claimed != cid):
-                reason = (f"node {node} claims client id {cid}, which belongs to node {owner}" if owner not in (None, node)
-                          else f"node {node} speaks for client id {claimed}, not {cid}")
-                rejected.append({"client": cid, "node": node, "reason": f"{reason} (their first accepted updates)"})
-                continue
             rec = None
             metrics = next(iter(content.metric_records.values()), None)
             if metrics is not None and all(_number(metrics.get(k)) for k in PRIVACY_KEYS):
                 rec = {"num_examples": metrics.get(self.weighted_by_key), **{k: metrics[k] for k in PRIVACY_KEYS}}
-                self._reports[node] = {"client": cid, "node": node, **rec}
+                # every node's report counts in epsilon(), before any check of its update: a node refused below
+                # (a restarted SuperNode gets a new node id without node authentication, and its old client id
+                # stays bound to the old one) has trained all the same
+                self._report(node, {"client": cid, "node": node, **rec})
+            owner, claimed = self._node_of.get(cid), self._client_of.get(node)
+            if (owner is not None and owner != node) or (claimed is not None and claimed != cid):
+                reason = (f"node {node} claims client id {cid}, which belongs to node {owner}" if owner not in (None, node)
+                          else f"node {node} speaks for client id {claimed}, not {cid}")
+                rejected.append({"client": cid, "node": node, "reason": f"{reason} (their first accepted updates; a "
+                                 "SuperNode restarted without node authentication comes back under a new node id)"})
+                continue
             sent = sent_meta.get("num_examples")
             if cid in self._examples_of and sent != self._examples_of[cid]:
                 rejected.append({"client": cid, "node": node, "reason": (
@@ -223,6 +230,14 @@ class FedLoRAStrategy(FedAvg):
         arrays = records.to_array_record(self.server.global_state) if result.applied else None
         return arrays, metrics
 
+    def _report(self, node: int, rec: dict) -> None:
+        """Keep ``rec`` as the node's report unless it already reported a larger epsilon: a node's spending
+        only grows within a run, so a lower figure later (a node's mistake or lie) must not lower the run's."""
+        old = self._reports.get(node)
+        eps, before = rec["epsilon"], None if old is None else old["epsilon"]
+        if before is None or math.isnan(before) or (not math.isnan(eps) and eps >= before):
+            self._reports[node] = rec
+
     def epsilon(self) -> float:
         """The largest epsilon any client or node has reported (0 before any report)."""
         recs = [*self.clients.values(), *self._reports.values()]
@@ -241,7 +256,11 @@ class FedLoRAStrategy(FedAvg):
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of the clients' ``accuracy`` and ``loss`` (malformed replies skipped)."""
+        """Example-weighted mean of the clients' ``accuracy`` and ``loss``. Skipped (and logged): malformed
+        replies, scores out of range (accuracy outside [0, 1], a negative loss), and replies from nodes not
+        bound to a client id (no accepted update yet): the weight is the count a node claims, so an unknown
+        node claiming 2**62 examples would set the run's accuracy alone. A bound id's count is fixed by its first
+        accepted reply (trust on first use, as the training count is)."""
         good = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -256,7 +275,18 @@ class FedLoRAStrategy(FedAvg):
             if not (scores_ok and _number(n) and isinstance(n, int) and n > 0):
                 log.warning("round %d: malformed evaluation reply from node %s skipped", server_round, node)
                 continue
-            good.append((n, float(m["accuracy"]), float(m["loss"])))
+            acc, loss = float(m["accuracy"]), float(m["loss"])
+            cid = self._client_of.get(node)
+            want = None if cid is None else self._eval_examples_of.get(cid)
+            why = ("its node is bound to no client id (no accepted update)" if cid is None
+                   else f"{n} examples, client {cid} has {want}" if want is not None and n != want
+                   else f"accuracy {acc!r} outside [0, 1] or loss {loss!r} < 0" if not (0 <= acc <= 1 and loss >= 0)
+                   else None)
+            if why:
+                log.warning("round %d: evaluation reply from node %s skipped: %s", server_round, node, why)
+                continue
+            self._eval_examples_of.setdefault(cid, n)
+            good.append((n, acc, loss))
         acc = _weighted_mean([(n, a) for n, a, _ in good])
         loss = _weighted_mean([(n, v) for n, _, v in good])
         total = sum(n for n, _, _ in good)
