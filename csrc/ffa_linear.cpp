@@ -415,7 +415,7 @@ void lowrank_out(const LowRankParams& p) {
             alignas(64) float acc[W];
             for (int64_t j = 0; j < W; ++j) acc[j] = 0.0f;
             for (int64_t k = 0; k < r; ++k) {
-                const float lk = s * l[k];
+                const float lk = l[k];
                 const float* rk = p.R + k * cols + c0;
                 if (w == W) {
 #pragma omp simd
@@ -424,10 +424,12 @@ void lowrank_out(const LowRankParams& p) {
                     for (int64_t j = 0; j < w; ++j) acc[j] += lk * rk[j];
                 }
             }
+            // s after the rank-r product, as the reference: s * L_t would overflow (or fall into denormals)
+            // where s * (L R)_t does not
             if (p.accumulate)
-                for (int64_t j = 0; j < w; ++j) o[c0 + j] += acc[j];
+                for (int64_t j = 0; j < w; ++j) o[c0 + j] += s * acc[j];
             else
-                for (int64_t j = 0; j < w; ++j) o[c0 + j] = acc[j];
+                for (int64_t j = 0; j < w; ++j) o[c0 + j] = s * acc[j];
         }
     }
 }

@@ -208,6 +208,47 @@ def test_bad_arguments_are_named_before_any_backend_runs(use_backend):
                 op(*args)
 
 
+def test_non_tensor_arguments_are_named_on_the_eager_path_too():
+    """``call`` (the layer's and the engine's eager path) raised AttributeError ('NoneType' object has no attribute
+    'is_meta' / 'float' object has no attribute 'dtype') where the op names the argument; a weight of another
+    width in the backward was blamed on A alone; mode=True passed as per-sample."""
+    from fedlora_fast.ops.ffa_linear import call
+
+    x, w, b, A, B = torch.randn(2, 5, 12), torch.randn(7, 12), torch.randn(7), torch.randn(3, 12), torch.randn(7, 3)
+    y, u = ffa_linear_fwd(x, x, w, b, A, B, 2.0)
+    g = torch.randn_like(y)
+    for op in (ffa_linear_fwd, lambda *a: call(ffa_linear_fwd, *a)):
+        with pytest.raises((ValueError, RuntimeError), match="x"):
+            op(None, x, w, b, A, B, 2.0)
+        with pytest.raises((ValueError, RuntimeError), match="bias"):  # (the op's schema check: RuntimeError)
+            op(x, x, w, 1.0, A, B, 2.0)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(7,\), got float"):
+        call(ffa_linear_fwd, x, x, w, 1.0, A, B, 2.0)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(\*, 12\), got int"):
+        call(ffa_linear_fwd, x, x, 2, b, A, B, 2.0)
+    bwd = (g, u, w, A, B, None, 2.0, True, False, 1, 0.5, 0.5)
+    for op in (ffa_linear_bwd, lambda *a: call(ffa_linear_bwd, *a)):
+        with pytest.raises(ValueError, match=r"A: expected shape \(\*, 6\), got \(3, 12\) \(in = 6, from weight \(7, 6\)\)"):
+            op(*bwd[:2], torch.randn(7, 6), *bwd[3:])
+    # (through the op, torch's schema has already made True the int 1)
+    with pytest.raises(ValueError, match=r"mode: expected 0 \(sum\), 1 \(per-sample\) or 2 \(clip\), got True"):
+        call(ffa_linear_bwd, *bwd[:9], True, *bwd[10:])
+    for op in (ffa_linear_clip_reduce, lambda *a: call(ffa_linear_clip_reduce, *a)):
+        with pytest.raises(ValueError, match=r"P: expected shape \(\*, \*, \*\), got NoneType"):
+            op(None, torch.ones(3))
+
+
+def test_reference_clip_reduce_skips_a_coefficient_that_is_zero_in_ps_dtype():
+    """A float64 coefficient of 1e-50 is 0 in float32: the reference tested it in float64, kept the sample and
+    multiplied its NaN by 0 (NaN in the sum); the kernels cast first and skip it. Both skip it now."""
+    from fedlora_fast.reference import ffa_linear_clip_reduce as ref_clip_reduce
+
+    P = torch.ones(2, 2, 3)
+    P[0, 0, 0] = float("nan")
+    got = ref_clip_reduce(P, torch.tensor([1e-50, 0.5], dtype=torch.float64))
+    assert torch.equal(got, torch.full((2, 3), 0.5))
+
+
 @pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
 def test_what_a_backend_cannot_read_goes_through_the_op(use_backend):
     """The eager path hands plain tensors to the backend directly (``call``); a negative-bit view (public:

@@ -119,6 +119,29 @@ def test_fwd_against_reference(nat, shape, same):
     compare((y, u), (y64, u64), names=("y", "u"))
 
 
+def test_the_scale_multiplies_the_rank_r_product_not_its_factor(nat):
+    """s (U B^T) and s (V A), as the reference: s U first overflowed to inf at U = 2e38, s = 2 (finite results
+    of 8e37), and lost 15 % of Y to float32's denormals at s = 1e-30 (a report-only review found both)."""
+    w = torch.zeros(4, 4)
+    x = torch.zeros(1, 1, 4)
+    x[0, 0, 0] = 2e38
+    A = torch.zeros(2, 4)
+    A[:, 0] = 1.0
+    y, _ = nat.ffa_linear_fwd(x, x * 1.0, w, None, A, torch.full((4, 2), 0.1), 2.0)  # (xa not x: Y += s U B^T)
+    assert torch.allclose(y, torch.full((1, 1, 4), 8e37), rtol=1e-6)
+    g = torch.zeros(1, 1, 4)
+    g[0, 0, 0] = 2e38
+    B = torch.zeros(4, 2)
+    B[0, :] = 1.0
+    _, dxa, *_ = nat.ffa_linear_bwd(g, torch.zeros(1, 1, 2), w, torch.full((2, 4), 0.1), B, None, 2.0, True, True,
+                                    0, 1.0, 1.0)
+    assert torch.allclose(dxa, torch.full((1, 1, 4), 8e37), rtol=1e-6)
+    x = torch.zeros(1, 1, 4)
+    x[0, 0, 0] = 3.3e-15
+    y, _ = nat.ffa_linear_fwd(x, x * 1.0, w, None, A[:1], torch.full((4, 1), 1e15), 1e-30)
+    assert torch.allclose(y.double(), torch.full((1, 1, 4), 3.3e-30, dtype=torch.float64), rtol=1e-6)
+
+
 def test_fwd_low_precision_runs_reference(nat):
     t = inputs(2, 3, 8, 8, 2)
     x = t["xa"].bfloat16()

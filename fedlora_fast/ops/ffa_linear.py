@@ -94,14 +94,14 @@ def check_fwd(x, xa, weight, bias, A, B, scale) -> None:
     _floating("x", x)
     n, T, inp = x.shape
     check_shape("xa", xa, (n, T, inp))
-    # xa is dropout(x): the same dtype (a reinterpreting view would be read as x); the base GEMM is in x's dtype
-    check_dtype("xa", xa, x.dtype, "x's")
-    check_dtype("weight", weight, x.dtype, "x's")
-    check_dtype("bias", bias, x.dtype, "x's")
     check_shape("weight", weight, (None, inp))
     out = weight.shape[0]
     if bias is not None:
         check_shape("bias", bias, (out,))
+    # xa is dropout(x): the same dtype (a reinterpreting view would be read as x); the base GEMM is in x's dtype
+    check_dtype("xa", xa, x.dtype, "x's")
+    check_dtype("weight", weight, x.dtype, "x's")
+    check_dtype("bias", bias, x.dtype, "x's")
     check_shape("A", A, (None, inp))
     check_shape("B", B, (out, A.shape[0]))
     _sizes_and_factors(weight, A, B)
@@ -116,7 +116,10 @@ def check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, cl
     n, T, out = g.shape
     check_shape("weight", weight, (out, None))
     inp = weight.shape[1]
-    check_shape("A", A, (None, inp))
+    try:
+        check_shape("A", A, (None, inp))
+    except ValueError as e:  # in comes from weight: a weight of another width would read as A's mistake
+        raise ValueError(f"{e} (in = {inp}, from weight {tuple(weight.shape)})") from None
     r = A.shape[0]
     check_shape("B", B, (out, r))
     check_shape("u", u, (n, T, r))
@@ -126,7 +129,7 @@ def check_bwd(g, u, weight, A, B, xa, scale, need_dx, split_dx, mode, clip_B, cl
     check_dtype("xa", xa, g.dtype, "g's")
     check_dtype("u", u, acc_dtype(g.dtype), "the forward's U: the adapter's maths runs in it")
     _sizes_and_factors(weight, A, B)
-    if mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
+    if isinstance(mode, bool) or mode not in (MODE_SUM, MODE_PER_SAMPLE, MODE_CLIP):
         raise ValueError(f"mode: expected 0 (sum), 1 (per-sample) or 2 (clip), got {mode!r}")
     _scale(scale, g.dtype)
     if mode == MODE_CLIP:
@@ -248,7 +251,7 @@ def _plain(args: tuple) -> bool:
                 return False
         elif c not in _SCALAR_TYPES:
             return False
-    return not args[0].is_meta
+    return isinstance(args[0], Tensor) and not args[0].is_meta  # (None, a number: the op names the argument)
 
 
 def call(op, *args):

@@ -89,9 +89,10 @@ def ffa_linear_clip_reduce(P: Tensor, coef: Tensor) -> Tensor:
     Returns:
         (a, b) in P's dtype.
     """
+    coef = coef.to(P.dtype)  # first: a float64 coefficient that is 0 in P's dtype skips its sample, as in the kernels
     keep = coef != 0
     P = torch.where(keep[:, None, None], P, torch.zeros((), dtype=P.dtype, device=P.device))
-    return torch.einsum("n,nab->ab", coef.to(P.dtype), P)
+    return torch.einsum("n,nab->ab", coef, P)
 
 
 def _grad_param(left: Tensor, right: Tensor, scale: float, mode: int, clip: float) -> tuple[Tensor, Tensor]:
