@@ -126,13 +126,30 @@ def _no_duplicate_keys(pairs: list) -> dict:
     return out
 
 
+def _json_lines_name_duplicate(text: str, path: Path) -> bool:
+    """For a duplicate key found while reading ``text`` as one JSON document: if the text is JSON lines whose
+    records parse one by one, raise the duplicate with its line number; False where it is not JSON lines."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as e:
+            raise DataError(f"data: {path}, line {number}: the record names the key {e.args[0]!r} twice") from None
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     text = _decode(path)
     where = None
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as e:
-        raise DataError(f"data: {path}: an object names the key {e.args[0]!r} twice") from None
+        dup = e.args[0]
+        if not _json_lines_name_duplicate(text, path):  # (JSON lines: the record's line is named there)
+            raise DataError(f"data: {path}: an object names the key {dup!r} twice") from None
     except json.JSONDecodeError:
         obj, where = [], []
         for number, line in enumerate(text.splitlines(), 1):

@@ -229,9 +229,13 @@ def mark_tied_bases(model: nn.Module, layers: dict[str, FFALoRALinear]) -> None:
     names: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(pname)
+    paths: dict[int, list[str]] = {}  # every path to a module (a block reused at several depths has several)
+    for mname, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(mname)
     for n, layer in layers.items():
-        own = f"{n}.base_layer.weight"
-        layer.tied_with = tuple(sorted(x for x in names.get(id(layer.base_layer.weight), ()) if x != own))
+        # the base layer's own weight under any of its paths is not a tie: W += s B A is what every alias means
+        own = {f"{q}.weight" if q else "weight" for q in paths.get(id(layer.base_layer), ())}
+        layer.tied_with = tuple(sorted(x for x in names.get(id(layer.base_layer.weight), ()) if x not in own))
 
 
 def adapter_layers(model: nn.Module) -> dict[str, FFALoRALinear]:

@@ -244,13 +244,20 @@ def export_peft(
     inferred = task_type == "auto"
     if inferred:
         task_type = _infer_task_type(model)
-    clashes = _suffix_clashes(all_modules, _TASK_HEADS.get(task_type, []), names)
-    if clashes and inferred:  # a plain PeftModel loads the adapted head; the task's class would wrap it
+    heads = _TASK_HEADS.get(task_type, [])
+    clashes = _suffix_clashes(all_modules, heads, names)
+    # peft's task class also expects a saved copy of every module its head names match; a frozen head that
+    # this export does not save (RoBERTa's classifier with adapters elsewhere) fails its load with a KeyError
+    unsaved = sorted(k for k in all_modules for h in heads if k and k.endswith(h) and not any(
+        k == m or k.startswith(m + ".") or m.startswith(k + ".") for m in [*modules_to_save, *names]))
+    if (clashes or unsaved) and inferred:  # a plain PeftModel loads these; the task's class would not
         task_type = None
-    elif clashes:
+    elif clashes or unsaved:
         raise ValueError(
-            f"task_type: peft's {task_type} saves {_TASK_HEADS[task_type]} in full (modules_to_save), and "
-            f"{clashes[:4]} hold adapters, which peft cannot wrap: pass task_type=None"
+            f"task_type: peft's {task_type} saves {heads} in full (modules_to_save), and "
+            + (f"{clashes[:4]} hold adapters, which peft cannot wrap" if clashes else
+               f"{unsaved[:4]} are not saved (not trained), so peft would find no weights for them")
+            + ": pass task_type=None"
         )
     clashes = _suffix_clashes(all_modules, modules_to_save, names)
     if clashes:
@@ -413,7 +420,8 @@ def load_peft(
     """Load a peft LoRA adapter directory into ``model``, injecting ``FFALoRALinear`` layers if it has none.
 
     A model that already has adapters must have exactly the file's adapted layers, with the same shapes and
-    scale; their A and B are overwritten. A model without adapters gets them where the file has them
+    scale; their B is overwritten, and A too where it is trained (LoRA). A frozen A (FFA-LoRA) is shared by the
+    whole federation and stays: a file with another A is refused (load it into the base model instead). A model without adapters gets them where the file has them
     (r from the shapes, alpha/use_rslora/dropout from the config), every other parameter frozen and the
     ``modules_to_save`` made trainable with per-sample gradients, as ``inject_adapters`` does.
 
@@ -428,8 +436,9 @@ def load_peft(
         ``{qualified_name: layer}`` of the loaded adapters.
     Raises:
         FileNotFoundError, ValueError: a missing file, an unsupported config, names/shapes that do not
-            fit the model (every offending name listed), or a model that already has peft layers (use
-            ``from_peft``); nothing of the model is changed before a refusal.
+            fit the model (every offending name listed), FFA adapters whose frozen A differs from the file's,
+            or a model that already has peft layers (use ``from_peft``); nothing of the model is changed before
+            a refusal.
     """
     if train_A is not None and not isinstance(train_A, bool):  # ("no" would read as True: A trained and sent)
         raise TypeError(f"train_A: expected True, False or None, got {train_A!r}")
@@ -515,6 +524,8 @@ def load_peft(
             scale = alpha / (math.sqrt(r) if use_rslora else r)
             if module.r != r or not math.isclose(module.scale, scale, rel_tol=1e-9):
                 problems.append(f"{n}: the model's adapter has r={module.r}, scale={module.scale:g}; the file r={r}, scale={scale:g}")
+            elif not module.train_A and module.lora_A.is_meta:
+                problems.append(f"{n}: the model's adapter is on the meta device (no A yet): to_empty() it first")
             elif not module.train_A and not torch.equal(A.float(), module.lora_A.detach().float().cpu()):
                 # FFA-LoRA's A is frozen and shared: replacing it would leave this model with another A than the
                 # rest of its federation (its fingerprint changes with A, so a server would refuse its updates)

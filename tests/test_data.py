@@ -261,8 +261,11 @@ def test_a_json_record_naming_a_key_twice_is_refused(tmp_path):
     p.write_text(rows + '{"text": "x", "label": 1, "label": 0}\n')
     with pytest.raises(DataError, match=r"dup.jsonl, line 11: the record names the key 'label' twice"):
         load_text_classification(str(p))
+    p.write_text('{"text": "x", "label": 1, "label": 0}\n' + rows)  # the first record: its line too
+    with pytest.raises(DataError, match=r"dup.jsonl, line 1: the record names the key 'label' twice"):
+        load_text_classification(str(p))
     q = tmp_path / "dup.json"
-    q.write_text('{"data": [{"text": "a", "text": "b", "label": 0}]}')
+    q.write_text('{\n  "data": [{"text": "a", "text": "b", "label": 0}]\n}\n')
     with pytest.raises(DataError, match=r"dup.json: an object names the key 'text' twice"):
         load_text_classification(str(q))
     ok = tmp_path / "ok.jsonl"  # (equal values under different keys, nested objects: fine)

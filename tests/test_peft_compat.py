@@ -641,6 +641,17 @@ def test_merge_refuses_a_tied_base_weight():
         layer.merge()
     assert not layer.merged and torch.equal(m.model.embed_tokens.weight, emb)
     ff.adapter_layers(m)["model.layers.0.self_attn.q_proj"].merge()  # untied layers merge as before
+    # one adapter reached by two paths (a block reused, a wrapper's second reference) is not a tie: it merges
+    net = nn.Sequential(nn.Linear(4, 4)).eval()
+    net.alias = net[0]
+    shared = ff.inject_adapters(net, ["0"], r=2, alpha=4.0)["0"]
+    assert shared.tied_with == ()
+    randomize([shared.lora_B])
+    h = torch.randn(3, 4)
+    with torch.no_grad():
+        want = net[0](h)
+        shared.merge()
+        assert_close_verbose(net.alias(h), want, atol=1e-6, rtol=1e-6, name="aliased merge")
     pm = get_peft_model(tiny_llama(tie_word_embeddings=True), LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]))
     assert ff.adapter_layers(from_peft(pm))["lm_head"].tied_with == ("model.embed_tokens.weight",)
 
@@ -710,3 +721,27 @@ def test_export_for_peft_task_heads_suffixes_and_a_scale_set_by_hand(tmp_path):
     assert sorted(load_peft(back, tmp_path / "c")) == ["pre_classifier"]
     h = torch.randn(3, 8)
     assert_close_verbose(back(h), suffix(h), atol=1e-6, rtol=1e-6, name="load_peft")
+
+
+def test_export_with_a_frozen_unsaved_head_leaves_the_task_type_unset(tmp_path):
+    """peft's SEQ_CLS class expects a saved copy of its head: with the head frozen and not exported (adapters
+    elsewhere only) its load failed with a KeyError (a reviewer's RoBERTa "all-linear" run). The export
+    leaves the task type unset then, and a plain PeftModel loads it with our outputs."""
+    model = tiny_bert()
+    ff.inject_adapters(model, ["query", "value"], r=4, alpha=8.0)
+    randomize([p for p in model.parameters() if p.requires_grad])
+    export_peft(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["task_type"] is None
+    x = ids()
+    got = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "a")).eval()(input_ids=x).logits
+    assert_close_verbose(got, model(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="peft")
+    with pytest.raises(ValueError, match=r"task_type: peft's SEQ_CLS .*\['classifier'\] are not saved"):
+        export_peft(model, tmp_path / "b", task_type="SEQ_CLS")
+    with torch.device("meta"):  # FFA adapters without values yet: named, not a crash copying out of meta
+        empty = nn.Sequential(nn.Linear(8, 8))
+    ff.inject_adapters(empty, ["0"], r=2, alpha=4.0)
+    real = nn.Sequential(nn.Linear(8, 8))
+    ff.inject_adapters(real, ["0"], r=2, alpha=4.0)
+    export_peft(real, tmp_path / "c")
+    with pytest.raises(ValueError, match="on the meta device .*to_empty"):
+        load_peft(empty, tmp_path / "c")

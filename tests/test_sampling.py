@@ -169,3 +169,11 @@ def test_micro_batches_split_per_sample_values_and_keep_per_batch_ones():
         list(micro_batches({**batch, "text": ["a", "b", "c"]}, 2))
     with pytest.raises(TypeError, match="no tensor with a samples dim"):
         batch_size({"n": torch.tensor(3)})
+    # lists of lists: one per sample (a custom collate) or one per field (default_collate's transposed layout)
+    tags = [["a", "b"], ["c"], ["d", "e", "f"], ["g", "h"], ["i", "j"]]
+    assert [p["t"] for p in micro_batches({"x": batch["x"], "t": tags}, 2)] == [tags[:2], tags[2:4], tags[4:]]
+    fields = [("a0", "a1", "a2", "a3", "a4"), ("b0", "b1", "b2", "b3", "b4")]
+    assert [p["t"] for p in micro_batches({"x": batch["x"], "t": fields}, 2)][2] == [("a4",), ("b4",)]
+    square = [["a", "b"], ["c", "d"]]  # 2 x 2 in a batch of 2: either way would fit
+    with pytest.raises(ValueError, match="cannot tell whether the samples run along the outer or the inner"):
+        list(micro_batches({"x": batch["x"][:2], "t": square}, 1))

@@ -216,6 +216,17 @@ def _slice(batch: Any, start: int, stop: int, n: int) -> Any:
                 "sample (or put per-batch values in a 0-dim tensor)"
             )
         return type(batch)(batch[start:stop])
+    if isinstance(batch, (list, tuple)) and batch and all(_per_sample_values(v) for v in batch):
+        # lists of plain values: one per sample (a custom collate: [tags of sample 0, tags of sample 1, ...])
+        # or one per field, each with a value per sample (default_collate's transposed [(a0, a1), (b0, b1)])
+        per_sample, per_field = len(batch) == n, all(len(v) == n for v in batch)
+        if per_sample != per_field:
+            return type(batch)(batch[start:stop]) if per_sample else type(batch)(_slice(v, start, stop, n) for v in batch)
+        raise ValueError(
+            f"batch: a list of {len(batch)} lists of plain values (of {sorted({len(v) for v in batch})} values) in a "
+            f"batch of {n} samples: cannot tell whether the samples run along the outer or the inner lists; use "
+            "tensors, or a list of one value per sample"
+        )
     if isinstance(batch, (list, tuple)):
         return type(batch)(_slice(v, start, stop, n) for v in batch)
     return batch
@@ -228,8 +239,10 @@ def micro_batches(batch: Any, max_size: int) -> Iterator[Any]:
     ``DPSGD.step()``. An empty batch yields nothing (step it with ``step(empty_batch=True)``).
 
     Tensors are split along dim 0; a list of plain values (``default_collate``'s strings) is read as one value
-    per sample and split with them (it must have one per sample); 0-dim tensors and other leaves go whole to
-    every micro-batch (per-batch values: keep them out of the per-sample lists).
+    per sample and split with them (it must have one per sample); a list of such lists, as one list per sample
+    or (``default_collate``'s transposed layout) one per field, whichever length fits n (a list that fits
+    both ways is refused); 0-dim tensors and other leaves go whole to every micro-batch (per-batch values:
+    keep them out of the per-sample lists).
     """
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
         raise ValueError(f"max_size: expected a positive int, got {max_size!r}")
