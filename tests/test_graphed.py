@@ -7,6 +7,8 @@ captures); the capture itself is checked against the eager path on CUDA (marked,
 import collections
 import itertools
 import logging
+import os
+import traceback
 
 import pytest
 import torch
@@ -497,7 +499,7 @@ def test_several_batches_and_an_empty_one():
     assert acc.accumulate(empty) == 0
     with pytest.raises(ValueError, match="tensor 0 has per-sample shape"):
         acc.accumulate({"x": torch.zeros(0, 6, IN), "y": torch.zeros(0, 5, OUT)})
-    with pytest.raises(ValueError, match="structure or non-tensor values differ"):
+    with pytest.raises(ValueError, match="structure differs"):
         acc.accumulate({"x": torch.zeros(0, 5, IN)})
 
 
@@ -1076,3 +1078,62 @@ def test_an_accumulator_of_a_replaced_engine_is_refused_before_capture():
     with pytest.raises(RuntimeError, match="this engine was detached"):
         acc.accumulate(make_batch(3))
     assert acc.dp.clipped_sum()[0].abs().sum() == 0  # nothing was summed
+
+
+def test_a_capture_whose_snapshot_fails_is_not_kept(fake):
+    """The graph was kept before the snapshot of what it takes as given: when that failed (a sparse buffer
+    has no data pointer), every later batch replayed it unchecked (after model.eval() and a smaller C here).
+    Now no graph is kept without its snapshot, and the error names the cause and graph=False."""
+    model = make_model()
+    model[1].register_buffer("table", torch.eye(3).to_sparse())  # unused by the forward
+    dp = make_dp(model)
+    acc = fake.accumulator(dp, per_sample_loss, micro_batch_size=4)
+    with pytest.raises(RuntimeError, match="cannot record where the model's parameters and buffers live.*graph=False"):
+        acc.accumulate(make_batch(3))
+    assert all(s.graph is None for s in acc._slots.values()) and not acc._captured
+    with pytest.raises(RuntimeError, match="cannot record"):
+        acc.accumulate(make_batch(3, seed=5))  # tried again (and refused again), never replayed unchecked
+    assert acc.replays == 0 and dp._pending_samples == 0
+
+
+def test_empty_batches_inputs_that_require_grad_and_grad_mode():
+    """poisson_dataloader's empty batch has None for its non-tensor leaves: the README's loop crashed on it
+    (and an empty first batch fixed None as the value every later batch had to hold). A batch tensor that
+    requires grad (inputs_embeds) put the fixed buffers into the autograd graph for good. No grad mode, and
+    detached losses, are named instead of torch's generic "does not require grad"."""
+    model = make_model()
+    dp = make_dp(model)
+    acc = GraphedAccumulator(dp, lambda m, b: per_sample_loss(m, b[0]), micro_batch_size=2, graph=False)
+    full = (make_batch(3), "regression")
+    empty = ({k: v[:0] for k, v in full[0].items()}, None)
+    assert acc.accumulate(empty) == 0 and acc.accumulate(full) == 3 and acc.accumulate(empty) == 0
+    with pytest.raises(ValueError, match="non-tensor values differ from the first batch's \\('other' vs 'regression'\\)"):
+        acc.accumulate((full[0], "other"))
+    x = full[0]["x"].clone().requires_grad_(True)
+    for _ in range(2):
+        assert acc.accumulate(({"x": x, "y": full[0]["y"]}, "regression")) == 3
+    assert x.grad is None and not any(s.requires_grad for slot in acc._slots.values() for s in slot.static)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="accumulate: grad mode is off"):
+        acc.accumulate(full)
+    detached = GraphedAccumulator(dp, lambda m, b: per_sample_loss(m, b).detach(), micro_batch_size=2, graph=False)
+    with pytest.raises(ValueError, match="loss_fn: returned losses that do not require grad"):
+        detached.accumulate(make_batch(2))
+
+
+def test_find_host_reads_sees_a_printed_tensor_and_the_generic_synchronize(monkeypatch):
+    """torch._tensor_str switches dispatch modes off, so print(t) / f"{t}" of a device tensor (a read-back)
+    passed the probe; so did torch.accelerator.synchronize(). A frame in torchvision/ is not torch's own."""
+    from fedlora_fast.privacy import graphed
+
+    t = torch.ones(3)
+    found = find_host_reads(lambda: f"{t}", device_type=None)
+    assert [op for op, _ in found] == ["torch.Tensor.__repr__ (print / str / f-string of a tensor)"]
+    assert "test_graphed.py" in found[0][1]
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a, **k: None)  # (no device to wait for here)
+    assert [op for op, _ in find_host_reads(lambda: torch.accelerator.synchronize(), device_type=None)] == [
+        "torch.accelerator.synchronize"]
+    assert find_host_reads(lambda: f"{t}", device_type="cuda") == []  # a CPU tensor: harmless there
+    torch_dir = graphed._OWN_DIRS[0]
+    beside = os.path.join(os.path.dirname(torch_dir.rstrip(os.sep)), "torchvision", "ops", "boxes.py")
+    frame = traceback.FrameSummary(beside, 42, "nms")
+    assert graphed._caller([frame]) == f"{beside}:42 in nms"

@@ -62,7 +62,8 @@ HOST_READ_OPS = frozenset(
         "aten.bincount.default",
     }
 )
-_OWN_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+# (with a trailing separator: site-packages/torch must not also match torchvision/ or torch_geometric/)
+_OWN_DIRS = tuple(os.path.join(d, "") for d in (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__))))
 
 
 def _caller(stack: list[traceback.FrameSummary]) -> str:
@@ -169,13 +170,18 @@ _INHERITED = object()
 
 
 @contextlib.contextmanager
-def _record_calls(found: list[tuple[str, str]]):
-    """``torch.cuda``'s HOST_READ_CALLS and HOST_READ_METHODS recorded (with their caller) while the block runs;
-    they still run."""
+def _record_calls(found: list[tuple[str, str]], device_type: str | None = None):
+    """``torch.cuda``'s HOST_READ_CALLS and HOST_READ_METHODS recorded (with their caller) while the block runs,
+    and ``torch.accelerator.synchronize``; they still run (the device-generic ``torch.Stream`` / ``torch.Event``
+    are immutable types: not seen). Also a tensor's ``repr`` (``print(t)``, ``f"{t}"``) of a tensor on ``device_type`` (any, for None):
+    it reads every value back, below the dispatch level the probe sees (``torch._tensor_str`` disables modes)."""
     targets = [(torch.cuda, name, f"torch.cuda.{name}") for name in HOST_READ_CALLS]
-    for cls_name, methods in HOST_READ_METHODS.items():
+    for cls_name, methods in HOST_READ_METHODS.items():  # (torch.Stream / torch.Event are immutable C types)
         cls = getattr(torch.cuda, cls_name, None)
         targets += [(cls, m, f"torch.cuda.{cls_name}.{m}") for m in methods if hasattr(cls, m)]
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "synchronize"):
+        targets.append((accelerator, "synchronize", "torch.accelerator.synchronize"))
     # what each owner itself held (a method defined on a base class is not put back as the owner's own)
     originals = [(owner, name, vars(owner).get(name, _INHERITED)) for owner, name, _ in targets]
 
@@ -186,8 +192,19 @@ def _record_calls(found: list[tuple[str, str]]):
 
         return call
 
+    def tensor_repr(original):
+        def call(self, *args, **kwargs):
+            if device_type is None or self.device.type == device_type:
+                found.append(("torch.Tensor.__repr__ (print / str / f-string of a tensor)",
+                              _caller(traceback.extract_stack())))
+            return original(self, *args, **kwargs)
+
+        return call
+
     for owner, name, label in targets:
         setattr(owner, name, recorder(label, getattr(owner, name)))
+    originals.append((Tensor, "__repr__", vars(Tensor)["__repr__"]))
+    Tensor.__repr__ = tensor_repr(vars(Tensor)["__repr__"])
     try:
         yield
     finally:
@@ -204,11 +221,13 @@ def find_host_reads(fn: Callable[[], Any], device_type: str | None = None) -> li
     a CUDA graph as far as reads go. ``device_type``: only reads of tensors on that device (``"cuda"``: what
     a capture refuses; reading a CPU tensor is harmless there); None: of any tensor, so that a CPU run finds
     what would synchronise on a GPU (except plain device-to-host copies, which only exist there). Calls of
-    ``torch.cuda.synchronize`` / ``get_rng_state`` and of a ``torch.cuda.Stream``'s or ``Event``'s
-    ``synchronize`` / ``query`` (``elapsed_time``) are found on every device type but the CPU alone.
+    ``torch.cuda.synchronize`` / ``get_rng_state``, ``torch.accelerator.synchronize``, a ``torch.cuda.Stream``'s
+    or ``Event``'s ``synchronize`` / ``query`` (``elapsed_time``), and printing a tensor (``repr``, ``str``, an
+    f-string) are found on every device type but the CPU alone; the device-generic ``torch.Stream`` /
+    ``torch.Event`` methods are not (immutable types).
     """
     probe = _HostReads(device_type)
-    with probe, (_record_calls(probe.found) if device_type != "cpu" else contextlib.nullcontext()):
+    with probe, (_record_calls(probe.found, device_type) if device_type != "cpu" else contextlib.nullcontext()):
         fn()
     return probe.found
 
@@ -470,10 +489,18 @@ class GraphedAccumulator:
         self._spec, self._const = spec, constants
         self._shapes = [(tuple(x.shape[1:]), x.dtype) for x in tensors]
 
-    def _check(self, tensors: list[Tensor], constants: list, spec) -> None:
-        if spec != self._spec or constants != self._const:
+    def _check(self, tensors: list[Tensor], constants: list, spec, empty: bool = False) -> None:
+        """The batch has the first batch's structure, non-tensor values (not checked for an ``empty`` one:
+        ``poisson_dataloader`` gives its leaves as None there) and per-sample shapes and dtypes."""
+        if spec != self._spec:
             raise ValueError(
-                f"batch: its structure or non-tensor values differ from the first batch's ({spec} vs {self._spec}); "
+                f"batch: its structure differs from the first batch's ({spec} vs {self._spec}); "
+                "a GraphedAccumulator replays one fixed computation"
+            )
+        if not empty and self._const is not None and constants != self._const:
+            differ = [(c, k) for c, k in zip(constants, self._const) if c != k][:3]
+            raise ValueError(
+                f"batch: its non-tensor values differ from the first batch's ({', '.join(f'{c!r} vs {k!r}' for c, k in differ)}); "
                 "a GraphedAccumulator replays one fixed computation"
             )
         for i, (x, (shape, dtype)) in enumerate(zip(tensors, self._shapes)):
@@ -495,7 +522,7 @@ class GraphedAccumulator:
         (loss weight 0)."""
         b = slot.size
         for x, s in zip(tensors, slot.static):
-            part = x[start : start + k]
+            part = x[start : start + k].detach()  # (a batch tensor that requires grad: its values only)
             s[:k].copy_(part, non_blocking=True)
             if k < b:
                 s[k:].copy_(part[:1].expand(b - k, *part.shape[1:]), non_blocking=True)
@@ -520,6 +547,9 @@ class GraphedAccumulator:
             raise ValueError(f"loss_fn: expected ({b},) per-sample losses (one per row of the micro-batch), got {got}")
         # padding rows masked, not only weighted 0: a copied inf loss would make 0 * inf = NaN of the reported
         # loss (their gradients are 0 either way: where's backward gives them none)
+        if not losses.requires_grad:
+            raise ValueError("loss_fn: returned losses that do not require grad (detached, or computed under "
+                             "torch.no_grad()): there is no backward to take per-sample gradients from")
         total = torch.where(slot.valid, losses.float() * slot.weight, 0.0).sum()
         total.backward()
         clipped, dropped, _ = self.dp._clip_batch(slot.valid)
@@ -561,12 +591,22 @@ class GraphedAccumulator:
                 f"CUDA graph capture of loss_fn's forward/backward failed ({type(e).__name__}: {e}); "
                 "GraphedAccumulator(..., graph=False) runs the same padded computation eagerly"
             ) from e
-        slot.graph, slot.out = graph, out
+        # the snapshot before the graph is kept: a graph without one would replay unchecked (_check_captured
+        # runs only once something was captured), whatever changed since
+        cached = []
         cache = sys.modules.get("fedlora_fast.kernels.ffa_linear")  # (imported only where the Triton ops ran)
         if cache is not None:
-            self._cached_weights += cache.captured_base_weights(self.dp.model.parameters())
+            cached = cache.captured_base_weights(self.dp.model.parameters())
         if not self._captured:
-            self._snapshot()
+            try:
+                self._snapshot()
+            except RuntimeError as e:  # (a tensor without storage: a sparse buffer, some wrapper subclasses)
+                raise RuntimeError(
+                    f"GraphedAccumulator: cannot record where the model's parameters and buffers live, which every "
+                    f"replay checks ({e}); graph=False runs the same padded computation eagerly"
+                ) from e
+        self._cached_weights += cached
+        slot.graph, slot.out = graph, out
         log.info("GraphedAccumulator: forward, backward and clipping of %d-row micro-batches captured in a CUDA graph",
                  slot.size)
 
@@ -687,12 +727,19 @@ class GraphedAccumulator:
         the step's device work has run (PyTorch's rule for asynchronous copies; DataLoader's pinned batches
         are fresh tensors each time)."""
         tensors, constants, spec, n = self._split(batch)
+        # an empty Poisson batch's non-tensor leaves are None (poisson_dataloader's stand-ins): it sets and is
+        # checked for structure and per-sample shapes, never for the non-tensor values
         if self._spec is None:
-            self._setup(tensors, constants, spec)
-        self._check(tensors, constants, spec)  # an empty batch too: its structure is the caller's bug all the same
+            self._setup(tensors, None if n == 0 else constants, spec)
+        elif n and self._const is None:
+            self._const = constants
+        self._check(tensors, constants, spec, empty=n == 0)
         if n == 0:
             self.last_loss = None
             return 0
+        if not torch.is_grad_enabled():
+            raise RuntimeError("accumulate: grad mode is off (inside torch.no_grad() or inference_mode()): the "
+                               "per-sample gradients need a backward; call it with grad enabled")
         if self._captured:
             self._check_captured()
         # all or nothing: the engine gets the batch's clipped sums only once every micro-batch has run (a
