@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 
 import fedlora_fast as ff
 from fedlora_fast.data import collate as pad_batch
+from fedlora_fast.io import atomic_write_text
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
 
@@ -76,25 +78,61 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("clients", "rounds", "local_steps", "r", "micro_batch", "max_length", "max_examples"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
+    # checked before the model loads (minutes for a real checkpoint)
     if not 0 < args.sample_rate <= 1:
         p.error(f"--sample-rate: expected a rate in (0, 1], got {args.sample_rate}")
+    for name in ("epsilon", "max_grad_norm", "lr", "alpha"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')}: expected a finite number > 0, got {getattr(args, name)}")
+    if not 0 < args.delta < 1:
+        p.error(f"--delta: expected a number in (0, 1), got {args.delta}")
+    if tiny and args.data:
+        p.error("--data: --tiny trains on synthetic sequences; drop one of them")
+    if tiny and args.max_length < 6:
+        p.error(f"--max-length: --tiny's synthetic sequences need at least 6 tokens, got {args.max_length}")
+    if args.data and not Path(args.data).is_file():
+        p.error(f"--data: {args.data!r} is not a file")
     return args
+
+
+def load_tokenizer(args):
+    """The checkpoint's tokenizer (None for --tiny)."""
+    if args.tiny:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.model)
+
+
+def pad_id_of(tok) -> int:
+    """The id padding is written with: the tokenizer's pad, else its eos, else 0 (padding is masked out of
+    the attention and the loss, so any id gives the same gradients)."""
+    if tok is None:
+        return 0
+    for i in (tok.pad_token_id, tok.eos_token_id):
+        if isinstance(i, int):
+            return i
+    return 0
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
     """The causal LM (and a tokenizer, None for --tiny)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if args.tiny:
         cfg = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         torch.manual_seed(1234)  # the "pretrained" weights every client starts from
         return LlamaForCausalLM(cfg).to(device=device, dtype=dtype), None
-    tok = AutoTokenizer.from_pretrained(args.model)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(args)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     return model, tok
+
+
+def text_lines(text: str) -> list[str]:
+    """One example per ``\n``-ended line. ``str.splitlines`` also breaks at U+2028, U+0085, form feeds...: one
+    line would become several examples, each sampled on its own, and that line's privacy would be a group's."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def load_examples(args, tok) -> list[list[int]]:
@@ -107,10 +145,10 @@ def load_examples(args, tok) -> list[list[int]]:
             out.append([(start + k * step) % 101 for k in range(length)])
         return out
     if args.data:
-        lines = Path(args.data).read_text(encoding="utf-8").splitlines()
+        lines = text_lines(Path(args.data).read_text(encoding="utf-8"))
     else:
         path = Path(ff.__file__).parent / "data" / "sms_spam_collection.tsv"
-        lines = [line.split("\t", 1)[-1] for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.split("\t", 1)[-1] for line in text_lines(path.read_text(encoding="utf-8"))]
     lines = [s.strip() for s in lines if s.strip()][: args.max_examples]
     out = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in lines]
     return [ids for ids in out if len(ids) >= 2]
@@ -122,10 +160,11 @@ def collate(seqs: list[list[int]], pad_id: int, width: int | None = None) -> dic
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(n,) next-token cross-entropy, averaged over each sample's own tokens (padding excluded)."""
-    # the 4-D mask: the same model as the 2-D one, with nothing read back to the host (a CUDA graph can hold it)
-    mask = ff.capturable_attention_mask(model, batch["attention_mask"])
+def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], capturable: bool = True) -> torch.Tensor:
+    """(n,) next-token cross-entropy, averaged over each sample's own tokens (padding excluded).
+    ``capturable``: the 4-D mask, the same model as the 2-D one with nothing read back to the host (a CUDA graph
+    can hold it; models with a sliding window shorter than the batch refuse it); else the 2-D mask."""
+    mask = ff.capturable_attention_mask(model, batch["attention_mask"]) if capturable else batch["attention_mask"]
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, -100)
@@ -137,7 +176,8 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 @torch.no_grad()
 def evaluate(model: nn.Module, seqs: list[list[int]], pad_id: int, device, micro: int) -> float:
     model.eval()
-    losses = [per_sample_loss(model, {k: v.to(device) for k, v in collate(seqs[i : i + micro], pad_id).items()})
+    losses = [per_sample_loss(model, {k: v.to(device) for k, v in collate(seqs[i : i + micro], pad_id).items()},
+                              capturable=False)
               for i in range(0, len(seqs), micro)]
     model.train()
     return torch.cat(losses).mean().item()
@@ -149,8 +189,21 @@ def main(argv=None) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tok = build_model(args, device, dtype)
-    pad_id = 0 if tok is None else tok.pad_token_id
+    # the data first: a file or flags that leave a client without examples fail before the model loads
+    tok = load_tokenizer(args)
+    examples = load_examples(args, tok)
+    rng = random.Random(args.seed)
+    rng.shuffle(examples)
+    n_eval = max(2, len(examples) // 10)
+    eval_set, train_set = examples[:n_eval], examples[n_eval:]
+    if len(train_set) < args.clients:
+        raise SystemExit(
+            f"--data / --max-examples / --max-length: {len(examples)} usable examples (at least 2 tokens each); "
+            f"{n_eval} to hold out for evaluation and one per client (--clients {args.clients}) need "
+            f"{n_eval + args.clients}"
+        )
+    pad_id = pad_id_of(tok)
+    model, _ = build_model(args, device, dtype)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     adapters = ff.inject_adapters(model, targets, r=args.r, alpha=args.alpha, seed=args.seed,
                                   train_A=args.method == "lora")
@@ -167,11 +220,6 @@ def main(argv=None) -> dict:
           f"{sum(p.numel() for p in trainable)} trainable values; {args.clipping} clipping keeps "
           f"{state_floats} per-sample floats per micro-batch of {args.micro_batch} ({state_floats * 4 / 2**20:.2f} MiB)")
 
-    examples = load_examples(args, tok)
-    rng = random.Random(args.seed)
-    rng.shuffle(examples)
-    n_eval = max(2, len(examples) // 10)
-    eval_set, train_set = examples[:n_eval], examples[n_eval:]
     shards = [train_set[c :: args.clients] for c in range(args.clients)]  # IID split, one shard per client
     total_steps = args.rounds * args.local_steps
     sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=args.delta,
@@ -215,7 +263,7 @@ def main(argv=None) -> dict:
                 else:
                     for i in range(0, len(idx), args.micro_batch):
                         batch = {k: v.to(device) for k, v in collate([shard[j] for j in idx[i : i + args.micro_batch]], pad_id).items()}
-                        loss = per_sample_loss(model, batch)
+                        loss = per_sample_loss(model, batch, capturable=False)
                         loss.sum().backward()  # summed over samples: each sample's gradient is its own
                         train_losses.append(loss.detach().mean())
                         dp.accumulate()
@@ -233,12 +281,13 @@ def main(argv=None) -> dict:
             for n in names:
                 params[n].copy_(global_state[n])
         eps = max(a.epsilon(args.delta) for a in accountants)
-        mean_loss = torch.stack(train_losses).mean().item() if train_losses else 0.0  # one read per round
+        mean_loss = torch.stack(train_losses).mean().item() if train_losses else None  # one read per round
         rec = {"round": rnd, "train_loss": mean_loss,
                "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch),
                "epsilon": eps, "seconds": time.time() - t0}
         records.append(rec)
-        print(f"round {rnd}: train loss {rec['train_loss']:.4f}, eval loss {rec['eval_loss']:.4f}, "
+        shown = "n/a (no sample drawn)" if mean_loss is None else f"{mean_loss:.4f}"
+        print(f"round {rnd}: train loss {shown}, eval loss {rec['eval_loss']:.4f}, "
               f"epsilon {eps:.3f} (delta {args.delta}), {rec['seconds']:.1f}s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +295,7 @@ def main(argv=None) -> dict:
                                                   "delta": args.delta, "noise_multiplier": sigma})
     metrics = {"config": vars(args), "noise_multiplier": sigma, "rounds": records,
                "final": {"eval_loss": records[-1]["eval_loss"], "epsilon": eps, "delta": args.delta}}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"final: eval loss {records[-1]['eval_loss']:.4f}, epsilon {eps:.3f}; adapter in {out / 'adapter'}")
     return metrics
 

@@ -126,10 +126,16 @@ def _no_duplicate_keys(pairs: list) -> dict:
     return out
 
 
+def _json_lines(text: str) -> list[str]:
+    """JSON lines' records: split at ``\n`` only (``str.splitlines`` also splits at U+2028, U+0085..., which
+    JSON allows raw inside a string: a valid record would be cut in two)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _json_lines_name_duplicate(text: str, path: Path) -> bool:
     """For a duplicate key found while reading ``text`` as one JSON document: if the text is JSON lines whose
     records parse one by one, raise the duplicate with its line number; False where it is not JSON lines."""
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_json_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -152,7 +158,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
             raise DataError(f"data: {path}: an object names the key {dup!r} twice") from None
     except json.JSONDecodeError:
         obj, where = [], []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(_json_lines(text), 1):
             if not line.strip():
                 continue
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,45 @@ def test_causal_lm_example_runs_a_local_checkpoint_dir(tmp_path):
     assert "torch.bfloat16" in proc.stdout and "round 1:" in proc.stdout
     model = LlamaForCausalLM.from_pretrained(str(ckpt))
     assert len(ff.load_peft(model, out / "adapter")) == 4
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(ckpt)), str(out / "adapter")).eval()
+    x = make_batch([9, 6], pad_to=9)
+    with torch.no_grad():
+        a = model.eval()(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+        b = theirs(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    assert_close_verbose(a, b, atol=1e-5, rtol=1e-5, name="logits")
+    # data that leaves a client without examples is refused before the model loads, naming the flags
+    example = _example_module()
+    few = tmp_path / "few.txt"
+    few.write_text("a b c\nd e f\ng h i\n")
+    with pytest.raises(SystemExit, match=r"3 usable examples .* need 4"):
+        example.main(["--model", str(ckpt), "--data", str(few), "--clients", "2", "--out", str(tmp_path / "few")])
+
+
+def _example_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("causal_lm_example", ROOT / "examples" / "causal_lm.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+def test_causal_lm_example_reads_lines_and_flags_before_the_model(capsys):
+    """"One example per line" means \n-ended lines: str.splitlines also split at U+2028, U+0085, form feeds,
+    so one line (one person's message) became several independently sampled examples. Flags that cannot
+    work are refused before the model loads; a tokenizer without pad and eos pads with 0 (masked anyway)."""
+    from types import SimpleNamespace
+
+    example = _example_module()
+    assert example.text_lines("a\u2028b\nc\x85d\x0ce\r\nf\n") == ["a\u2028b", "c\x85d\x0ce", "f", ""]
+    for argv, match in ((["--tiny", "--data", "x.txt"], "--data: --tiny trains on synthetic"),
+                        (["--tiny", "--max-length", "5"], "--max-length: --tiny's synthetic sequences need at least 6"),
+                        (["--tiny", "--delta", "1.5"], r"--delta: expected a number in \(0, 1\)"),
+                        (["--tiny", "--epsilon", "0"], "--epsilon: expected a finite number > 0"),
+                        (["--model", "m", "--data", "/nonexistent.txt"], "--data: '/nonexistent.txt' is not a file")):
+        with pytest.raises(SystemExit):
+            example.parse_args(argv)
+        assert re.search(match, capsys.readouterr().err), argv
+    tok = SimpleNamespace(pad_token_id=None, eos_token_id=None)
+    assert example.pad_id_of(tok) == 0 and example.pad_id_of(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
