@@ -115,8 +115,8 @@ def pad_id_of(tok) -> int:
     return 0
 
 
-def build_model(args, device: torch.device, dtype: torch.dtype):
-    """The causal LM (and a tokenizer, None for --tiny)."""
+def build_model(args, device: torch.device, dtype: torch.dtype, tok=None):
+    """The causal LM (and a tokenizer, None for --tiny; ``tok``: one already loaded)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if args.tiny:
@@ -124,7 +124,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         torch.manual_seed(1234)  # the "pretrained" weights every client starts from
         return LlamaForCausalLM(cfg).to(device=device, dtype=dtype), None
-    tok = load_tokenizer(args)
+    tok = tok if tok is not None else load_tokenizer(args)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     return model, tok
 
@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
             f"{n_eval + args.clients}"
         )
     pad_id = pad_id_of(tok)
-    model, _ = build_model(args, device, dtype)
+    model, _ = build_model(args, device, dtype, tok)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     adapters = ff.inject_adapters(model, targets, r=args.r, alpha=args.alpha, seed=args.seed,
                                   train_A=args.method == "lora")

@@ -127,15 +127,20 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 
 def _json_lines(text: str) -> list[str]:
-    """JSON lines' records: split at ``\n`` only (``str.splitlines`` also splits at U+2028, U+0085..., which
-    JSON allows raw inside a string: a valid record would be cut in two)."""
-    return [line.removesuffix("\r") for line in text.split("\n")]
+    """JSON lines' records: split at ``\n``, ``\r\n`` or ``\r`` only (control characters JSON never holds raw);
+    ``str.splitlines`` also splits at U+2028, U+0085..., which JSON allows raw inside a string: a valid record
+    would be cut in two."""
+    return re.split(r"\r\n|\r|\n", text)
 
 
 def _json_lines_name_duplicate(text: str, path: Path) -> bool:
     """For a duplicate key found while reading ``text`` as one JSON document: if the text is JSON lines whose
-    records parse one by one, raise the duplicate with its line number; False where it is not JSON lines."""
-    for number, line in enumerate(_json_lines(text), 1):
+    records parse one by one, raise the duplicate with its line number; False where it is not JSON lines (or
+    one line only: a JSON document, not records)."""
+    lines = _json_lines(text)
+    if sum(1 for line in lines if line.strip()) < 2:
+        return False
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -233,8 +233,9 @@ def mark_tied_bases(model: nn.Module, layers: dict[str, FFALoRALinear]) -> None:
     for mname, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(mname)
     for n, layer in layers.items():
-        # the base layer's own weight under any of its paths is not a tie: W += s B A is what every alias means
-        own = {f"{q}.weight" if q else "weight" for q in paths.get(id(layer.base_layer), ())}
+        # the weight reached through the adapter itself, under any of the adapter's paths, is not a tie (W += s B A
+        # is what every such alias computes); a path to the plain base layer that skips the adapter is one
+        own = {f"{q}.base_layer.weight" if q else "base_layer.weight" for q in paths.get(id(layer), ())}
         layer.tied_with = tuple(sorted(x for x in names.get(id(layer.base_layer.weight), ()) if x not in own))
 
 

@@ -260,11 +260,17 @@ def export_peft(
             + ": pass task_type=None"
         )
     clashes = _suffix_clashes(all_modules, modules_to_save, names)
-    if clashes:
+    # peft also wraps (and expects saved weights for) every other module whose name ends with an entry:
+    # DistilBERT's frozen pre_classifier for a trained "classifier"
+    unsaved = sorted({k for k in all_modules for m in modules_to_save if k and k.endswith(m) and k not in clashes
+                      and not any(k == s or k.startswith(s + ".") or s.startswith(k + ".") for s in modules_to_save)})
+    if clashes or unsaved:
+        what = (f"the adapted {clashes[:4]}" if clashes else "") + (" and " if clashes and unsaved else "") + (
+            f"the unsaved {unsaved[:4]}" if unsaved else "")
         warnings.warn(
             f"export_peft: peft matches modules_to_save {modules_to_save} as plain suffixes, so it would also wrap "
-            f"the adapted {clashes[:4]} and PeftModel.from_pretrained will refuse {str(save_dir)!r}; "
-            "fedlora_fast.load_peft reads it (or adapt/train modules whose names are not suffixes of each other)",
+            f"{what} and PeftModel.from_pretrained will refuse {str(save_dir)!r}; fedlora_fast.load_peft reads it "
+            "(or adapt/train modules whose names are not suffixes of each other)",
             RuntimeWarning, stacklevel=2,
         )
     if base_model_name_or_path is None:
@@ -524,7 +530,7 @@ def load_peft(
             scale = alpha / (math.sqrt(r) if use_rslora else r)
             if module.r != r or not math.isclose(module.scale, scale, rel_tol=1e-9):
                 problems.append(f"{n}: the model's adapter has r={module.r}, scale={module.scale:g}; the file r={r}, scale={scale:g}")
-            elif not module.train_A and module.lora_A.is_meta:
+            elif module.lora_A.is_meta or module.lora_B.is_meta:  # (a copy into meta is dropped silently)
                 problems.append(f"{n}: the model's adapter is on the meta device (no A yet): to_empty() it first")
             elif not module.train_A and not torch.equal(A.float(), module.lora_A.detach().float().cpu()):
                 # FFA-LoRA's A is frozen and shared: replacing it would leave this model with another A than the

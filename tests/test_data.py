@@ -265,9 +265,15 @@ def test_a_json_record_naming_a_key_twice_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"dup.jsonl, line 1: the record names the key 'label' twice"):
         load_text_classification(str(p))
     q = tmp_path / "dup.json"
-    q.write_text('{\n  "data": [{"text": "a", "text": "b", "label": 0}]\n}\n')
-    with pytest.raises(DataError, match=r"dup.json: an object names the key 'text' twice"):
-        load_text_classification(str(q))
+    for text in ('{\n  "data": [{"text": "a", "text": "b", "label": 0}]\n}\n', '{"data": [{"text": "a", "text": "b"}]}'):
+        q.write_text(text)  # (a document, on several lines or one: no record line to name)
+        with pytest.raises(DataError, match=r"dup.json: an object names the key 'text' twice"):
+            load_text_classification(str(q))
+    # records split at \n, \r\n or \r only: a raw U+2028 inside a string (valid JSON) does not cut one in two
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"text": "hello\u2028world", "label": 0}\r{"text": "spam here", "label": 1}\r\n' + rows)
+    tr, te = load_text_classification(str(odd), seed=0)
+    assert len(tr) + len(te) == 12 and "hello\u2028world" in tr.texts + te.texts
     ok = tmp_path / "ok.jsonl"  # (equal values under different keys, nested objects: fine)
     ok.write_text(rows.replace('"label"', '"meta": {"a": 1, "b": 1}, "label"'))
     tr, te = load_text_classification(str(ok), seed=0)

@@ -1137,3 +1137,49 @@ def test_find_host_reads_sees_a_printed_tensor_and_the_generic_synchronize(monke
     beside = os.path.join(os.path.dirname(torch_dir.rstrip(os.sep)), "torchvision", "ops", "boxes.py")
     frame = traceback.FrameSummary(beside, 42, "nms")
     assert graphed._caller([frame]) == f"{beside}:42 in nms"
+
+
+def test_find_host_reads_patches_are_shared_and_per_thread():
+    """The recorders are process-wide patches: another thread's prints during a probe are not the probed
+    function's reads (413 of them were, in a reviewer's run), and two overlapping probes in two threads leave
+    the originals in place (each restoring what it saw left a recorder installed for good)."""
+    import threading
+    import time
+
+    original = vars(torch.Tensor)["__repr__"]
+    stop = threading.Event()
+
+    def chatter():
+        while not stop.is_set():
+            repr(torch.zeros(1))
+            time.sleep(0.001)
+
+    other = threading.Thread(target=chatter)
+    other.start()
+    try:
+        assert find_host_reads(lambda: time.sleep(0.05), device_type=None) == []
+    finally:
+        stop.set()
+        other.join()
+    a_in, b_in = threading.Event(), threading.Event()
+    found = {}
+
+    def probe(name, mine, theirs):
+        found[name] = find_host_reads(lambda: (mine.set(), theirs.wait(5), repr(torch.ones(1))), device_type=None)
+
+    threads = [threading.Thread(target=probe, args=("a", a_in, b_in)), threading.Thread(target=probe, args=("b", b_in, a_in))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [len(found[k]) for k in "ab"] == [1, 1], found
+    assert vars(torch.Tensor)["__repr__"] is original and torch.cuda.synchronize.__qualname__ == "synchronize"
+
+
+def test_a_none_leaf_in_the_batch_is_a_value_not_a_tensor_slot():
+    """None marked "a tensor goes here" among the batch's leaves: a batch holding a real None crashed with a bare
+    StopIteration."""
+    dp = make_dp(make_model())
+    acc = GraphedAccumulator(dp, lambda m, b: per_sample_loss(m, {"x": b["x"], "y": b["y"]}) if b["extra"] is None
+                             else None, micro_batch_size=2, graph=False)
+    assert acc.accumulate({"extra": None, **make_batch(3)}) == 3 and dp._pending_samples == 3

@@ -641,10 +641,12 @@ def test_merge_refuses_a_tied_base_weight():
         layer.merge()
     assert not layer.merged and torch.equal(m.model.embed_tokens.weight, emb)
     ff.adapter_layers(m)["model.layers.0.self_attn.q_proj"].merge()  # untied layers merge as before
-    # one adapter reached by two paths (a block reused, a wrapper's second reference) is not a tie: it merges
+    # one adapter reached by two paths (a block reused, a wrapper's second reference) is not a tie: it merges;
+    # the plain layer under a second name (injected under one of them only) is one: merging would change it
     net = nn.Sequential(nn.Linear(4, 4)).eval()
-    net.alias = net[0]
     shared = ff.inject_adapters(net, ["0"], r=2, alpha=4.0)["0"]
+    net.alias = net[0]  # (the adapter itself)
+    ff.inject.mark_tied_bases(net, {"0": shared})
     assert shared.tied_with == ()
     randomize([shared.lora_B])
     h = torch.randn(3, 4)
@@ -652,6 +654,9 @@ def test_merge_refuses_a_tied_base_weight():
         want = net[0](h)
         shared.merge()
         assert_close_verbose(net.alias(h), want, atol=1e-6, rtol=1e-6, name="aliased merge")
+    plain = nn.Sequential(nn.Linear(4, 4)).eval()
+    plain.dec = plain[0]  # the plain Linear: dec computes without the adapter
+    assert ff.inject_adapters(plain, ["0"], r=2, alpha=4.0)["0"].tied_with == ("dec.weight",)
     pm = get_peft_model(tiny_llama(tie_word_embeddings=True), LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]))
     assert ff.adapter_layers(from_peft(pm))["lm_head"].tied_with == ("model.embed_tokens.weight",)
 
@@ -721,6 +726,12 @@ def test_export_for_peft_task_heads_suffixes_and_a_scale_set_by_hand(tmp_path):
     assert sorted(load_peft(back, tmp_path / "c")) == ["pre_classifier"]
     h = torch.randn(3, 8)
     assert_close_verbose(back(h), suffix(h), atol=1e-6, rtol=1e-6, name="load_peft")
+    # DistilBERT with adapters elsewhere: the frozen pre_classifier is not saved, and peft would want it
+    net = head()
+    net.add_module("body", nn.Linear(8, 8))
+    ff.inject_adapters(net, ["body"], r=2, alpha=4.0, trainable_modules=["classifier"])
+    with pytest.warns(RuntimeWarning, match=r"would also wrap the unsaved \['pre_classifier'\]"):
+        export_peft(net, tmp_path / "d")
 
 
 def test_export_with_a_frozen_unsaved_head_leaves_the_task_type_unset(tmp_path):
@@ -745,3 +756,8 @@ def test_export_with_a_frozen_unsaved_head_leaves_the_task_type_unset(tmp_path):
     export_peft(real, tmp_path / "c")
     with pytest.raises(ValueError, match="on the meta device .*to_empty"):
         load_peft(empty, tmp_path / "c")
+    with torch.device("meta"):  # LoRA adapters too: a copy into meta tensors was dropped silently
+        lora = nn.Sequential(nn.Linear(8, 8))
+    ff.inject_adapters(lora, ["0"], r=2, alpha=4.0, train_A=True)
+    with pytest.raises(ValueError, match="on the meta device .*to_empty"):
+        load_peft(lora, tmp_path / "c")

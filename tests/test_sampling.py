@@ -177,3 +177,8 @@ def test_micro_batches_split_per_sample_values_and_keep_per_batch_ones():
     square = [["a", "b"], ["c", "d"]]  # 2 x 2 in a batch of 2: either way would fit
     with pytest.raises(ValueError, match="cannot tell whether the samples run along the outer or the inner"):
         list(micro_batches({"x": batch["x"][:2], "t": square}, 1))
+    # ... unless it is not split (one micro-batch: both readings give it whole), as a batch of one sample is
+    assert [p["t"] for p in micro_batches({"x": batch["x"][:2], "t": square}, 16)] == [square]
+    assert [p["t"] for p in micro_batches({"x": batch["x"][:1], "t": [["a"]]}, 1)] == [[["a"]]]
+    with pytest.raises(ValueError, match="neither one list per sample nor one value per sample"):
+        list(micro_batches({"x": batch["x"][:3], "t": square}, 1))

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -75,6 +76,7 @@ def _caller(stack: list[traceback.FrameSummary]) -> str:
 
 
 _MISSING = object()  # a setting deleted since the capture
+_TENSOR_SLOT = object()  # where a batch's tensor goes among its leaves (a leaf may itself be None)
 _SCALARS = (int, float, complex, str, bytes, type(None))  # bool and IntEnum are ints
 
 
@@ -169,12 +171,44 @@ HOST_READ_METHODS = {"Stream": ("synchronize", "query"), "Event": ("synchronize"
 _INHERITED = object()
 
 
-@contextlib.contextmanager
-def _record_calls(found: list[tuple[str, str]], device_type: str | None = None):
-    """``torch.cuda``'s HOST_READ_CALLS and HOST_READ_METHODS recorded (with their caller) while the block runs,
-    and ``torch.accelerator.synchronize``; they still run (the device-generic ``torch.Stream`` / ``torch.Event``
-    are immutable types: not seen). Also a tensor's ``repr`` (``print(t)``, ``f"{t}"``) of a tensor on ``device_type`` (any, for None):
-    it reads every value back, below the dispatch level the probe sees (``torch._tensor_str`` disables modes)."""
+# The patches are process-wide and shared: the first probe (of any thread) installs them, the last one to end
+# puts the originals back (two threads' probes each restoring what it saw would leave a recorder in place for
+# good when they overlap). A recorder reports to the probes running on its own thread only: the probe's
+# dispatch mode sees that thread alone, and another thread's prints are not the probed function's.
+_PROBES: dict[int, list[tuple[list, str | None]]] = {}  # thread id -> its probes (found, device_type), nested
+_PATCH_LOCK = threading.Lock()
+_PATCHED: list[tuple[Any, str, Any]] = []  # (owner, name, what the owner itself held) while any probe runs
+
+
+def _probes_here() -> list[tuple[list, str | None]]:
+    return _PROBES.get(threading.get_ident(), [])
+
+
+def _recorder(label: str, original: Callable) -> Callable:
+    def call(*args, **kwargs):
+        probes = _probes_here()
+        if probes:
+            at = _caller(traceback.extract_stack())
+            for found, _ in probes:
+                found.append((label, at))
+        return original(*args, **kwargs)
+
+    return call
+
+
+def _repr_recorder(original: Callable) -> Callable:
+    def call(self, *args, **kwargs):
+        probes = [found for found, device_type in _probes_here() if device_type is None or self.device.type == device_type]
+        if probes:
+            at = _caller(traceback.extract_stack())
+            for found in probes:
+                found.append(("torch.Tensor.__repr__ (print / str / f-string of a tensor)", at))
+        return original(self, *args, **kwargs)
+
+    return call
+
+
+def _install() -> None:
     targets = [(torch.cuda, name, f"torch.cuda.{name}") for name in HOST_READ_CALLS]
     for cls_name, methods in HOST_READ_METHODS.items():  # (torch.Stream / torch.Event are immutable C types)
         cls = getattr(torch.cuda, cls_name, None)
@@ -183,36 +217,44 @@ def _record_calls(found: list[tuple[str, str]], device_type: str | None = None):
     if accelerator is not None and hasattr(accelerator, "synchronize"):
         targets.append((accelerator, "synchronize", "torch.accelerator.synchronize"))
     # what each owner itself held (a method defined on a base class is not put back as the owner's own)
-    originals = [(owner, name, vars(owner).get(name, _INHERITED)) for owner, name, _ in targets]
-
-    def recorder(label, original):
-        def call(*args, **kwargs):
-            found.append((label, _caller(traceback.extract_stack())))
-            return original(*args, **kwargs)
-
-        return call
-
-    def tensor_repr(original):
-        def call(self, *args, **kwargs):
-            if device_type is None or self.device.type == device_type:
-                found.append(("torch.Tensor.__repr__ (print / str / f-string of a tensor)",
-                              _caller(traceback.extract_stack())))
-            return original(self, *args, **kwargs)
-
-        return call
-
+    _PATCHED[:] = [(owner, name, vars(owner).get(name, _INHERITED)) for owner, name, _ in targets]
+    _PATCHED.append((Tensor, "__repr__", vars(Tensor)["__repr__"]))
     for owner, name, label in targets:
-        setattr(owner, name, recorder(label, getattr(owner, name)))
-    originals.append((Tensor, "__repr__", vars(Tensor)["__repr__"]))
-    Tensor.__repr__ = tensor_repr(vars(Tensor)["__repr__"])
+        setattr(owner, name, _recorder(label, getattr(owner, name)))
+    Tensor.__repr__ = _repr_recorder(vars(Tensor)["__repr__"])
+
+
+def _uninstall() -> None:
+    for owner, name, original in _PATCHED:
+        if original is _INHERITED:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    _PATCHED.clear()
+
+
+@contextlib.contextmanager
+def _record_calls(found: list[tuple[str, str]], device_type: str | None = None):
+    """``torch.cuda``'s HOST_READ_CALLS and HOST_READ_METHODS recorded (with their caller) while the block runs,
+    and ``torch.accelerator.synchronize``; they still run (the device-generic ``torch.Stream`` / ``torch.Event``
+    are immutable types: not seen). Also the ``repr`` (``print(t)``, ``f"{t}"``) of a tensor on ``device_type``
+    (any, for None): it reads every value back, below the dispatch level the probe sees (``torch._tensor_str``
+    disables modes). Only calls made on this thread are recorded."""
+    me = threading.get_ident()
+    with _PATCH_LOCK:
+        if not _PROBES:
+            _install()
+        _PROBES.setdefault(me, []).append((found, device_type))
     try:
         yield
     finally:
-        for owner, name, original in originals:
-            if original is _INHERITED:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
+        with _PATCH_LOCK:
+            mine = _PROBES[me]
+            mine.pop()
+            if not mine:
+                del _PROBES[me]
+            if not _PROBES:
+                _uninstall()
 
 
 def find_host_reads(fn: Callable[[], Any], device_type: str | None = None) -> list[tuple[str, str]]:
@@ -482,7 +524,7 @@ class GraphedAccumulator:
         sizes = sorted({x.shape[0] for x in tensors})
         if len(sizes) != 1:
             raise ValueError(f"batch: tensors disagree on the number of samples (dim 0): {sizes}")
-        constants = [None if isinstance(x, Tensor) else x for x in leaves]
+        constants = [_TENSOR_SLOT if isinstance(x, Tensor) else x for x in leaves]
         return tensors, constants, spec, sizes[0]
 
     def _setup(self, tensors: list[Tensor], constants: list, spec) -> None:
@@ -534,7 +576,7 @@ class GraphedAccumulator:
     # --- the captured work -------------------------------------------------------------------------------
     def _batch(self, slot: _Slot) -> Any:
         it = iter(slot.static)
-        return tree_unflatten([next(it) if c is None else c for c in self._const], self._spec)
+        return tree_unflatten([next(it) if c is _TENSOR_SLOT else c for c in self._const], self._spec)
 
     def _device_work(self, slot: _Slot) -> tuple[Tensor, Tensor, Tensor]:
         """Forward, backward and the clip-reduce of a slot's buffers: (clipped sum, dropped count, loss).

@@ -220,12 +220,18 @@ def _slice(batch: Any, start: int, stop: int, n: int) -> Any:
         # lists of plain values: one per sample (a custom collate: [tags of sample 0, tags of sample 1, ...])
         # or one per field, each with a value per sample (default_collate's transposed [(a0, a1), (b0, b1)])
         per_sample, per_field = len(batch) == n, all(len(v) == n for v in batch)
+        if (start, stop) == (0, n):  # the whole batch (one micro-batch): both readings give it unchanged
+            return batch
         if per_sample != per_field:
             return type(batch)(batch[start:stop]) if per_sample else type(batch)(_slice(v, start, stop, n) for v in batch)
+        if per_sample:
+            raise ValueError(
+                f"batch: a list of {n} lists of {n} plain values in a batch of {n} samples, split into micro-batches: "
+                "cannot tell whether the samples run along the outer or the inner lists; use tensors"
+            )
         raise ValueError(
             f"batch: a list of {len(batch)} lists of plain values (of {sorted({len(v) for v in batch})} values) in a "
-            f"batch of {n} samples: cannot tell whether the samples run along the outer or the inner lists; use "
-            "tensors, or a list of one value per sample"
+            f"batch of {n} samples: neither one list per sample nor one value per sample in each list"
         )
     if isinstance(batch, (list, tuple)):
         return type(batch)(_slice(v, start, stop, n) for v in batch)
