@@ -167,6 +167,7 @@ def test_micro_batches_split_per_sample_values_and_keep_per_batch_ones():
     assert all(p["none"] == [] for p in parts)
     with pytest.raises(ValueError, match=r"batch: a list of 3 plain values in a batch of 5 samples"):
         list(micro_batches({**batch, "text": ["a", "b", "c"]}, 2))
+    assert list(micro_batches({**batch, "text": ["a", "b", "c"]}, 8))[0]["text"] == ["a", "b", "c"]  # (not split)
     with pytest.raises(TypeError, match="no tensor with a samples dim"):
         batch_size({"n": torch.tensor(3)})
     # lists of lists: one per sample (a custom collate) or one per field (default_collate's transposed layout)

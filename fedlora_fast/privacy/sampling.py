@@ -210,6 +210,8 @@ def _slice(batch: Any, start: int, stop: int, n: int) -> Any:
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_slice(v, start, stop, n) for v in batch))
     if _per_sample_values(batch):  # (as _empty_like_batch reads them): each micro-batch gets its own values
+        if (start, stop) == (0, n):  # not split (one micro-batch): passed on whole, whatever its length
+            return batch
         if len(batch) != n:
             raise ValueError(
                 f"batch: a list of {len(batch)} plain values in a batch of {n} samples: expected one value per "
@@ -245,7 +247,7 @@ def micro_batches(batch: Any, max_size: int) -> Iterator[Any]:
     ``DPSGD.step()``. An empty batch yields nothing (step it with ``step(empty_batch=True)``).
 
     Tensors are split along dim 0; a list of plain values (``default_collate``'s strings) is read as one value
-    per sample and split with them (it must have one per sample); a list of such lists, as one list per sample
+    per sample and split with them (when the batch is split, it must have one per sample); a list of such lists, as one list per sample
     or (``default_collate``'s transposed layout) one per field, whichever length fits n (a list that fits
     both ways is refused); 0-dim tensors and other leaves go whole to every micro-batch (per-batch values:
     keep them out of the per-sample lists).
