@@ -427,9 +427,10 @@ def load_peft(
 
     A model that already has adapters must have exactly the file's adapted layers, with the same shapes and
     scale; their B is overwritten, and A too where it is trained (LoRA). A frozen A (FFA-LoRA) is shared by the
-    whole federation and stays: a file with another A is refused (load it into the base model instead). A model without adapters gets them where the file has them
-    (r from the shapes, alpha/use_rslora/dropout from the config), every other parameter frozen and the
-    ``modules_to_save`` made trainable with per-sample gradients, as ``inject_adapters`` does.
+    whole federation and stays: a file with another A is refused (load it into the base model instead). A
+    model without adapters gets them where the file has them (r from the shapes, alpha/use_rslora/dropout from
+    the config), every other parameter frozen and the ``modules_to_save`` made trainable with per-sample
+    gradients, as ``inject_adapters`` does.
 
     Args:
         model: the base model (the same class the adapters were trained on).

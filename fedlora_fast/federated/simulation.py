@@ -584,9 +584,9 @@ class Federation:
             )
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
-                f"resume: adapter fingerprint {state['fingerprint']} differs from this run's {self.fingerprint} (another "
-                "A, rank, scale or targets; a checkpoint written before the fingerprint hashed A, 2026-11-27, differs "
-                "too): start a new run with another --out"
+                f"resume: adapter fingerprint {state['fingerprint']} differs from this run's {self.fingerprint} "
+                "(another A, rank, scale or targets; a checkpoint written before the fingerprint hashed A, "
+                "2026-11-27, differs too): start a new run with another --out"
             )
         if state.get("data") != self.data_fingerprint:
             raise ValueError(

@@ -161,7 +161,9 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
     return cfg, _FEDERATIONS[key], pid, 0 if local is not None else pid
 
 
-def _restore(fed: Federation, pid: int, state: RecordDict, ledger: Path | None = None, use_state: bool = True) -> Client:
+def _restore(
+    fed: Federation, pid: int, state: RecordDict, ledger: Path | None = None, use_state: bool = True
+) -> Client:
     """The node's client with its noise multiplier, accountant and RNG states from earlier rounds of the run.
 
     On its first round (or after a restart) both generators are seeded from the OS and the noise multiplier is
@@ -452,8 +454,9 @@ def _write_ledger(path: Path, client: Client) -> None:
         _, before = _read_ledger(path)
         if before.steps > client.accountant.steps:
             raise NodeError(
-                f"privacy ledger {path.name} counts {before.steps} DP-SGD steps, this node's state {client.accountant.steps}: "
-                "another process writes it (two SuperNodes for one silo?); refusing to release the update"
+                f"privacy ledger {path.name} counts {before.steps} DP-SGD steps, this node's state "
+                f"{client.accountant.steps}: another process writes it (two SuperNodes for one silo?); refusing to "
+                "release the update"
             )
     checkpoint.atomic_write_text(path, json.dumps(  # 0o600 whatever the umask: the node's own record
         {"accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier}), mode=0o600)

@@ -64,7 +64,9 @@ HOST_READ_OPS = frozenset(
     }
 )
 # (with a trailing separator: site-packages/torch must not also match torchvision/ or torch_geometric/)
-_OWN_DIRS = tuple(os.path.join(d, "") for d in (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__))))
+_OWN_DIRS = tuple(
+    os.path.join(d, "") for d in (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 def _caller(stack: list[traceback.FrameSummary]) -> str:
@@ -198,7 +200,7 @@ def _recorder(label: str, original: Callable) -> Callable:
 
 def _repr_recorder(original: Callable) -> Callable:
     def call(self, *args, **kwargs):
-        probes = [found for found, device_type in _probes_here() if device_type is None or self.device.type == device_type]
+        probes = [found for found, dev in _probes_here() if dev is None or self.device.type == dev]
         if probes:
             at = _caller(traceback.extract_stack())
             for found in probes:
@@ -540,9 +542,9 @@ class GraphedAccumulator:
                 "a GraphedAccumulator replays one fixed computation"
             )
         if not empty and self._const is not None and constants != self._const:
-            differ = [(c, k) for c, k in zip(constants, self._const) if c != k][:3]
+            differ = ", ".join(f"{c!r} vs {k!r}" for c, k in zip(constants, self._const) if c != k)
             raise ValueError(
-                f"batch: its non-tensor values differ from the first batch's ({', '.join(f'{c!r} vs {k!r}' for c, k in differ)}); "
+                f"batch: its non-tensor values differ from the first batch's ({differ}); "
                 "a GraphedAccumulator replays one fixed computation"
             )
         for i, (x, (shape, dtype)) in enumerate(zip(tensors, self._shapes)):

@@ -225,7 +225,9 @@ def _slice(batch: Any, start: int, stop: int, n: int) -> Any:
         if (start, stop) == (0, n):  # the whole batch (one micro-batch): both readings give it unchanged
             return batch
         if per_sample != per_field:
-            return type(batch)(batch[start:stop]) if per_sample else type(batch)(_slice(v, start, stop, n) for v in batch)
+            if per_sample:
+                return type(batch)(batch[start:stop])
+            return type(batch)(_slice(v, start, stop, n) for v in batch)
         if per_sample:
             raise ValueError(
                 f"batch: a list of {n} lists of {n} plain values in a batch of {n} samples, split into micro-batches: "
@@ -247,10 +249,11 @@ def micro_batches(batch: Any, max_size: int) -> Iterator[Any]:
     ``DPSGD.step()``. An empty batch yields nothing (step it with ``step(empty_batch=True)``).
 
     Tensors are split along dim 0; a list of plain values (``default_collate``'s strings) is read as one value
-    per sample and split with them (when the batch is split, it must have one per sample); a list of such lists, as one list per sample
-    or (``default_collate``'s transposed layout) one per field, whichever length fits n (a list that fits
-    both ways is refused); 0-dim tensors and other leaves go whole to every micro-batch (per-batch values:
-    keep them out of the per-sample lists).
+    per sample and split with them (when the batch is split, it must have one per sample); a list of such
+    lists, as one list per sample or (``default_collate``'s transposed layout) one per field, whichever
+    length fits n (a list that fits both ways is refused when split); 0-dim tensors and other leaves go whole
+    to every micro-batch (per-batch values: keep them out of the per-sample lists). An unsplit batch (one
+    micro-batch) passes every list on whole.
     """
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
         raise ValueError(f"max_size: expected a positive int, got {max_size!r}")
