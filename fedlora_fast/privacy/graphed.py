@@ -78,7 +78,14 @@ def _caller(stack: list[traceback.FrameSummary]) -> str:
 
 
 _MISSING = object()  # a setting deleted since the capture
-_TENSOR_SLOT = object()  # where a batch's tensor goes among its leaves (a leaf may itself be None)
+class _TensorSlot:
+    """Where a batch's tensor goes among its leaves (a leaf may itself be None)."""
+
+    def __repr__(self) -> str:
+        return "a tensor"
+
+
+_TENSOR_SLOT = _TensorSlot()
 _SCALARS = (int, float, complex, str, bytes, type(None))  # bool and IntEnum are ints
 
 
