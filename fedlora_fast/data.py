@@ -133,23 +133,25 @@ def _json_lines(text: str) -> list[str]:
     return re.split(r"\r\n|\r|\n", text)
 
 
-def _json_lines_name_duplicate(text: str, path: Path) -> bool:
-    """For a duplicate key found while reading ``text`` as one JSON document: if the text is JSON lines whose
-    records parse one by one, raise the duplicate with its line number; False where it is not JSON lines (or
-    one line only: a JSON document, not records)."""
-    lines = _json_lines(text)
-    if sum(1 for line in lines if line.strip()) < 2:
-        return False
-    for number, line in enumerate(lines, 1):
+class _NotJsonLines(DataError):
+    pass
+
+
+def _read_json_lines(text: str, path: Path) -> tuple[list, list[str]]:
+    """``text``'s records, one JSON value per non-blank line, and each record's line. A record naming a key
+    twice is a DataError with its line; a line that is not JSON is ``_NotJsonLines`` (also a DataError)."""
+    obj, where = [], []
+    for number, line in enumerate(_json_lines(text), 1):
         if not line.strip():
             continue
         try:
-            json.loads(line, object_pairs_hook=_no_duplicate_keys)
+            obj.append(json.loads(line, object_pairs_hook=_no_duplicate_keys))
         except _DuplicateKey as e:
             raise DataError(f"data: {path}, line {number}: the record names the key {e.args[0]!r} twice") from None
-        except json.JSONDecodeError:
-            return False
-    return False
+        except json.JSONDecodeError as e:
+            raise _NotJsonLines(f"data: {path}, line {number}: neither JSON nor JSON lines ({e})") from None
+        where.append(f"line {number}")
+    return obj, where
 
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
@@ -158,21 +160,16 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as e:
-        dup = e.args[0]
-        if not _json_lines_name_duplicate(text, path):  # (JSON lines: the record's line is named there)
-            raise DataError(f"data: {path}: an object names the key {dup!r} twice") from None
-    except json.JSONDecodeError:
-        obj, where = [], []
-        for number, line in enumerate(_json_lines(text), 1):
-            if not line.strip():
-                continue
+        # JSON lines whose first record names a key twice fail here, before the second record: read as records,
+        # the duplicate is named with its line; a document (one line, or lines that are not records) as a whole
+        if sum(1 for line in _json_lines(text) if line.strip()) > 1:
             try:
-                obj.append(json.loads(line, object_pairs_hook=_no_duplicate_keys))
-            except _DuplicateKey as e:
-                raise DataError(f"data: {path}, line {number}: the record names the key {e.args[0]!r} twice") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"data: {path}, line {number}: neither JSON nor JSON lines ({e})") from None
-            where.append(f"line {number}")
+                _read_json_lines(text, path)
+            except _NotJsonLines:
+                pass
+        raise DataError(f"data: {path}: an object names the key {e.args[0]!r} twice") from None
+    except json.JSONDecodeError:
+        obj, where = _read_json_lines(text, path)
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):

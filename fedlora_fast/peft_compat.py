@@ -52,13 +52,21 @@ PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTIO
 _TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 
 
+def _overlaps(name: str, others: Iterable[str]) -> bool:
+    """``name`` is one of ``others``, sits inside one or holds one (qualified module names)."""
+    return any(name == o or name.startswith(o + ".") or o.startswith(name + ".") for o in others)
+
+
+def _peft_wraps(modules: dict, saved: list[str]) -> set[str]:
+    """The module names peft's ``modules_to_save`` rule wraps for ``saved``: a plain suffix (``classifier`` also
+    takes ``pre_classifier``)."""
+    return {k for k in modules for m in saved if k and k.endswith(m)}
+
+
 def _suffix_clashes(modules: dict, saved: list[str], adapters: list[str]) -> list[str]:
-    """Module names that peft's ``modules_to_save`` rule (a plain suffix: ``classifier`` also takes
-    ``pre_classifier``) would wrap and that are, hold or sit inside an adapter layer: peft refuses those."""
-    return sorted({
-        k for k in modules for m in saved
-        if k and k.endswith(m) and any(k == n or k.startswith(n + ".") or n.startswith(k + ".") for n in adapters)
-    })
+    """Module names that peft would wrap for ``saved`` (``_peft_wraps``) and that are, hold or sit inside an
+    adapter layer: peft refuses those."""
+    return sorted(k for k in _peft_wraps(modules, saved) if _overlaps(k, adapters))
 
 
 def _export_alpha(layer: FFALoRALinear) -> float:
@@ -233,7 +241,7 @@ def export_peft(
     for m in modules_to_save:
         if m not in all_modules or not m:
             raise ValueError(f"modules_to_save: {m!r} is not a submodule of {type(model).__name__}")
-        if any(m == n or m.startswith(n + ".") or n.startswith(m + ".") for n in names):
+        if _overlaps(m, names):
             raise ValueError(f"modules_to_save: {m!r} overlaps an adapter layer")
     tied = _tied_outside(model, modules_to_save)
     if tied:
@@ -248,8 +256,7 @@ def export_peft(
     clashes = _suffix_clashes(all_modules, heads, names)
     # peft's task class also expects a saved copy of every module its head names match; a frozen head that
     # this export does not save (RoBERTa's classifier with adapters elsewhere) fails its load with a KeyError
-    unsaved = sorted(k for k in all_modules for h in heads if k and k.endswith(h) and not any(
-        k == m or k.startswith(m + ".") or m.startswith(k + ".") for m in [*modules_to_save, *names]))
+    unsaved = sorted(k for k in _peft_wraps(all_modules, heads) if not _overlaps(k, [*modules_to_save, *names]))
     if (clashes or unsaved) and inferred:  # a plain PeftModel loads these; the task's class would not
         task_type = None
     elif clashes or unsaved:
@@ -262,8 +269,8 @@ def export_peft(
     clashes = _suffix_clashes(all_modules, modules_to_save, names)
     # peft also wraps (and expects saved weights for) every other module whose name ends with an entry:
     # DistilBERT's frozen pre_classifier for a trained "classifier"
-    unsaved = sorted({k for k in all_modules for m in modules_to_save if k and k.endswith(m) and k not in clashes
-                      and not any(k == s or k.startswith(s + ".") or s.startswith(k + ".") for s in modules_to_save)})
+    unsaved = sorted(k for k in _peft_wraps(all_modules, modules_to_save)
+                     if k not in clashes and not _overlaps(k, modules_to_save))
     if clashes or unsaved:
         what = (f"the adapted {clashes[:4]}" if clashes else "") + (" and " if clashes and unsaved else "") + (
             f"the unsaved {unsaved[:4]}" if unsaved else "")

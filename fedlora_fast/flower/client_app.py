@@ -416,27 +416,31 @@ def ledger_path(context: Context, pid: int) -> Path | None:
     return None
 
 
+def _unloadable_ledger(path: Path, e: Exception) -> NodeError:
+    """A ledger that does not load must not mean "no steps": logged with its directory (the node's log), and the
+    error the server sees names the file only."""
+    log.error("fedlora_fast node: privacy ledger %s does not load (%s: %s)", path, type(e).__name__, e)
+    return NodeError(f"privacy ledger {path.name} does not load ({type(e).__name__}); refusing to train without "
+                     "it (the node's log names its directory)")
+
+
 def _read_ledger(path: Path) -> tuple[dict, Accountant]:
     """The ledger's JSON and its accountant; one that does not load is a ``NodeError`` (never "no steps")."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         return saved, Accountant.from_state_dict(saved["accountant"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        log.error("fedlora_fast node: privacy ledger %s does not load (%s: %s)", path, type(e).__name__, e)
-        raise NodeError(f"privacy ledger {path.name} does not load ({type(e).__name__}); refusing to train without "
-                        "it (the node's log names its directory)") from None
+        raise _unloadable_ledger(path, e) from None
 
 
 def _load_ledger(path: Path, fed: Federation, k: int, client: Client) -> None:
     """Take the node's accountant and noise multiplier from its ledger (a restarted SuperNode)."""
-    saved, _ = _read_ledger(path)
+    saved, accountant = _read_ledger(path)
     try:
         node.calibrate(fed, k, saved["noise_multiplier"])
-        client.load_state_dict({"accountant": saved["accountant"]})
-    except (ValueError, KeyError, TypeError) as e:  # a ledger that does not load must not mean "no steps"
-        log.error("fedlora_fast node: privacy ledger %s does not load (%s: %s)", path, type(e).__name__, e)
-        raise NodeError(f"privacy ledger {path.name} does not load ({type(e).__name__}); refusing to train without "
-                        "it (the node's log names its directory)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise _unloadable_ledger(path, e) from None
+    client.accountant = accountant
 
 
 def _state_steps(state: RecordDict) -> int:

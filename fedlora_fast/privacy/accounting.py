@@ -23,8 +23,9 @@ _RDP_EXTRA_ORDERS = (*range(64, 129), *range(132, 257, 4), 288, 320, 384, 448, 5
 
 
 # PRV's discretisation grows without bound as sigma shrinks (opacus 1.6, q = 0.01, 100 steps: sigma 0.1 took 7 s
-# and 1.5 GB on the dev box, 0.05 over a minute; 0.001 asked for 84 GiB in a reviewer's run). Below this sigma, where epsilon is
-# in the hundreds anyway, the PRV accountant reports RDP's bound for the same steps: also a valid upper bound.
+# and 1.5 GB on the dev box, 0.05 over a minute; 0.001 asked for 84 GiB in a reviewer's run). Below this sigma,
+# where epsilon is in the hundreds anyway, the PRV accountant reports RDP's bound for the same steps: also a valid
+# upper bound.
 PRV_MIN_SIGMA = 0.2
 # The largest budget calibration accepts: beyond it there is no meaningful guarantee to calibrate for, and the
 # search would chase sigma towards 0 (at 1e30 it never ended: an absolute 0.01 is below float64's resolution).

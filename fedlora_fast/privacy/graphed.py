@@ -596,11 +596,11 @@ class GraphedAccumulator:
         if not isinstance(losses, Tensor) or losses.shape != (b,):
             got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise ValueError(f"loss_fn: expected ({b},) per-sample losses (one per row of the micro-batch), got {got}")
-        # padding rows masked, not only weighted 0: a copied inf loss would make 0 * inf = NaN of the reported
-        # loss (their gradients are 0 either way: where's backward gives them none)
         if not losses.requires_grad:
             raise ValueError("loss_fn: returned losses that do not require grad (detached, or computed under "
                              "torch.no_grad()): there is no backward to take per-sample gradients from")
+        # padding rows masked, not only weighted 0: a copied inf loss would make 0 * inf = NaN of the reported
+        # loss (their gradients are 0 either way: where's backward gives them none)
         total = torch.where(slot.valid, losses.float() * slot.weight, 0.0).sum()
         total.backward()
         clipped, dropped, _ = self.dp._clip_batch(slot.valid)
