@@ -848,6 +848,58 @@ def test_a_state_behind_the_ledger_is_not_trusted(tiny, tmp_path):
             client_app._write_ledger(client_app.ledger_path(ctx, 0), client)
 
 
+def test_a_round_holds_the_ledger_lock_from_reading_to_writing(tiny, tmp_path):
+    """Two processes for one silo must not both read N steps and both write N + k: a round holds
+    ``<ledger>.lock`` (flock, no wait) while it trains; a lock held elsewhere refuses the round before anything
+    is read or trained, and the lock is released after a round, refused or not."""
+    fcntl = pytest.importorskip("fcntl")
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, rounds=3, **{"noise-multiplier": 1.3})
+    cfg = flower_config.federated_config(rc)
+    fed = node.build(cfg)
+    ctx = _node_ctx(rc, **{client_app.LEDGER_DIR_KEY: str(tmp_path)})
+    ctx.node_config["num-partitions"] = cfg.num_clients
+    ledger = client_app.ledger_path(ctx, 0)
+    lock = ledger.with_name(ledger.name + ".lock")
+    held = []
+    real_fit = client_app.Client.fit
+
+    def fit(self, *a, **kw):  # while training, another open of the lock file cannot take it
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(True)
+        finally:
+            os.close(fd)
+        return real_fit(self, *a, **kw)
+
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content), \
+            mock.patch.object(client_app.Client, "fit", fit):
+        client_app.train(_train_msg(fed, 0), ctx)
+        assert held == [True] and oct(lock.stat().st_mode & 0o777) == oct(0o600)
+        fd = os.open(lock, os.O_RDWR)  # another SuperNode for the same silo, mid-round
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(client_app.NodeError, match=r"privacy ledger fedlora_fast-privacy-run9-node0.json is "
+                                                           r"locked by another process"):
+                client_app.train(_train_msg(fed, 1), ctx)
+            assert len(held) == 1, "refused before training"
+        finally:
+            os.close(fd)  # (closing releases it)
+        reply = client_app.train(_train_msg(fed, 1), ctx)
+        assert reply.metric_records["metrics"]["steps"] == 2 * cfg.local_steps and held == [True, True]
+        with mock.patch.object(client_app, "_check_budget", side_effect=client_app.NodeError("refused")):
+            with pytest.raises(client_app.NodeError, match="refused"):
+                client_app.train(_train_msg(fed, 2), ctx)
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the refused round too
+        finally:
+            os.close(fd)
+
+
 def _node_ctx(rc: dict, run_id: int = 9, **node_config):
     """A fake Context for node 0 of a 2-client run; ``state`` is set (empty: a fresh or restarted SuperNode)."""
     return SimpleNamespace(run_config=rc, run_id=run_id, state=RecordDict(),

@@ -21,6 +21,7 @@ and batch sampling are always seeded from the operating system here: the server 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,6 +32,11 @@ import secrets
 import tempfile
 import warnings
 from pathlib import Path
+
+try:  # POSIX; a platform without it trains unlocked (_ledger_lock)
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -451,6 +457,52 @@ def _state_steps(state: RecordDict) -> int:
     return Accountant.from_state_dict(saved["client"]["accountant"]).steps
 
 
+_NO_LOCK_WARNED: list[bool] = []
+
+
+@contextlib.contextmanager
+def _ledger_lock(path: Path | None):
+    """Hold the ledger's lock file (``<ledger>.lock``, mode 0o600, never removed) for a whole round's training:
+    from reading the ledger to writing it, so that two processes for one silo (two SuperNodes, or two train
+    calls in one process) cannot both read N steps and both write N + k. The lock is ``flock``'s, taken without
+    waiting: held by another process (or another open of it here), the round is refused (``NodeError``): the
+    conservative answer, since the other holder is spending the same data's budget. The kernel releases it when
+    the holder exits, however it exits, so a killed node leaves no stale lock. ``flock`` is advisory and local:
+    on a network file system it may not exclude another machine (keep ``privacy-dir`` on the node's own disk).
+    Without ``fcntl`` (Windows) the round is not locked, with one RuntimeWarning per process."""
+    if path is None:
+        yield
+        return
+    if fcntl is None:  # pragma: no cover (Windows)
+        if not _NO_LOCK_WARNED:
+            _NO_LOCK_WARNED.append(True)
+            warnings.warn("fedlora_fast node: no fcntl on this platform: the privacy ledger is not locked; run one "
+                          "SuperNode per silo", RuntimeWarning, stacklevel=3)
+        yield
+        return
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        log.error("fedlora_fast node: privacy ledger lock %s cannot be opened (%s)", lock, e)
+        raise NodeError(f"privacy ledger lock {lock.name} cannot be opened ({type(e).__name__}); refusing to train "
+                        "without it (the node's log names its directory)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NodeError(
+                f"privacy ledger {path.name} is locked by another process training this node's data (two SuperNodes "
+                "for one silo?); refusing to train this round"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _write_ledger(path: Path, client: Client) -> None:
     """Write the node's steps before its update leaves. The ledger never goes down: a file that already counts
     more steps than this process (another process writing it for the same node) stops the release."""
@@ -556,8 +608,14 @@ def _count_earlier_rounds(
 def train(msg: Message, context: Context) -> Message:
     """Local DP-SGD from the received global tensors; reply with the trainable tensors and privacy record."""
     cfg, fed, pid, k = load_node(context)
-    fresh = STATE_KEY not in context.state.config_records
     ledger = ledger_path(context, pid)
+    with _ledger_lock(ledger):  # from reading the ledger to writing it: one process per silo's data
+        return _train(msg, context, cfg, fed, pid, k, ledger)
+
+
+def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation, pid: int, k: int,
+           ledger: Path | None) -> Message:
+    fresh = STATE_KEY not in context.state.config_records
     on_disk = ledger is not None and ledger.exists()
     if not fresh and on_disk and _read_ledger(ledger)[1].steps > _state_steps(context.state):
         # Flower saves context.state after the reply has left: a save lost then (a killed process, a failed
