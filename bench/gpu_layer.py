@@ -78,8 +78,8 @@ VARIANT_RATIOS = {"ratio_to_floor_graph": GRAPH, "ratio_to_floor_direct": DIRECT
 
 
 DEFINITIONS = {
-    "ratio_to_floor": "full step (fwd+bwd) of ours (ffa_flat[auto], the default GEMM choice; else the best "
-                      "ffa_flat variant) / floor (frozen nn.Linear fwd + dX)",
+    "ratio_to_floor": "full step (fwd+bwd) of ours (ffa_flat[auto], the default GEMM choice; else the fastest "
+                      "ffa_flat variant with a pinned GEMM; absent if neither ran) / floor (frozen nn.Linear fwd + dX)",
     "ratio_to_floor_best_pinned": "the same for the fastest ffa_flat variant with a pinned GEMM (not auto, which "
                                   "may mix paths per op, nor graph)",
     "ratio_to_floor_graph": "ffa_flat[graph] (ffa_flat[auto]'s step replayed from a CUDA graph: no host issue "
@@ -310,7 +310,8 @@ class Variant:
         self.module(self.x).backward(self.g)
 
 
-def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_train_A: bool, which: list[str]):
+def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_train_A: bool, which: list[str],
+                  failed: dict | None = None):
     from fedlora_fast import per_sample
     from fedlora_fast.layers import FFALoRALinear
     from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE
@@ -350,14 +351,18 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
                 try:
                     out[name] = graph_variant(Variant(name, layer, x, g, reset), gemm)
                 except Exception as e:  # noqa: BLE001  (a failed capture must not cost the other variants)
-                    print(f"# {name} skipped: capture failed: {e!r}"[:300], flush=True)
+                    print(f"# {name} failed: capture failed: {e!r}"[:300], flush=True)
+                    if failed is not None:  # (the row is then not correct: a variant asked for did not run)
+                        failed[name] = f"capture failed: {e!r}"[:300]
                 continue
             out[name] = _with_gemm(Variant(name, layer, x, g, reset), gemm)
     if "peft_opacus" in which:
         try:
             out["peft_opacus"] = make_peft_opacus(base, x, g, r, alpha, peft_train_A)
         except ImportError as e:  # a GPU machine without opacus/peft: time ours, say what is missing
-            print(f"# peft_opacus skipped: {e} (carry the wheels in .whl/, see bench/README.md)", flush=True)
+            print(f"# peft_opacus failed: {e} (carry the wheels in .whl/, see bench/README.md)", flush=True)
+            if failed is not None:
+                failed["peft_opacus"] = f"ImportError: {e}"[:300]
     return out
 
 
@@ -981,19 +986,23 @@ def check_ops(n, T, inp, out, r, dtype, device, gemms) -> list[dict]:
     for gemm in gemms:
         worst: dict = {}
         keep = CHECK_KEEP.get(gemm)  # the bwd calls below reuse the fwd's U: its kept W'
+        # the cache keys on a layer's weight Parameter (a plain tensor would run keep_merged under its name)
+        wg = torch.nn.Parameter(w, requires_grad=False) if gemm == MERGED_CACHED else w
         with harness.env_var(K.GEMM_ENV_VAR, "merged" if keep else gemm), harness.env_var(K.KEEP_ENV_VAR, keep):
             try:
                 if gemm == MERGED_CACHED:  # W' made from another B, then checked against B (a re-merge of
                     kept_B = B.clone()  # every tile, as after an optimizer step), then checked again (no
                     B.data.add_(0.5)  # change: the steady state the steps time)
-                    K.ffa_linear_fwd(x, x, w, b, A, B, s)
+                    K.ffa_linear_fwd(x, x, wg, b, A, B, s)
                     B.data.copy_(kept_B)
-                    judge(worst, "y[re-merged]", K.ffa_linear_fwd(x, x, w, b, A, B, s)[0], y64, ylp)
-                y, u = K.ffa_linear_fwd(x, x, w, b, A, B, s)
+                    judge(worst, "y[re-merged]", K.ffa_linear_fwd(x, x, wg, b, A, B, s)[0], y64, ylp)
+                y, u = K.ffa_linear_fwd(x, x, wg, b, A, B, s)
+                if gemm == MERGED_CACHED and not any(e.refs[0]() is wg for e in K._MERGED_CACHE.values()):
+                    raise RuntimeError("the merged-weight cache did not apply: the check would pass another path")
                 judge(worst, "y", y, y64, ylp)
                 judge(worst, "u", u, u64, ulp)
                 for mode in modes:
-                    got = K.ffa_linear_bwd(gy, u, *args, mode, *tail)
+                    got = K.ffa_linear_bwd(gy, u, wg, *args[1:], mode, *tail)
                     for name, a_, e_, l_ in zip(["dx", "dxa", "gB", "nuB"], got, exp_bwd[mode], lowp_bwd[mode]):
                         if e_.numel():
                             judge(worst, f"{name}[mode={mode}]", a_, e_, l_)
@@ -1150,8 +1159,9 @@ def main(argv=None) -> int:
             except Exception as err:  # noqa: BLE001  (e.g. out of memory building the references: time anyway)
                 checks = [{"ok": False, "gemm": "references", "error": f"{type(err).__name__}: {err}"[:300]}]
                 print(f"# checks failed at n={n} T={T} {inp}->{out}: {checks[0]['error']}", flush=True)
-            variants = make_variants(base, x, g, args.r, args.alpha, peft_train_A=args.peft_train_A, which=which)
             times, failed = {}, {}
+            variants = make_variants(base, x, g, args.r, args.alpha, peft_train_A=args.peft_train_A, which=which,
+                                     failed=failed)
             for name, v in list(variants.items()):
                 try:
                     v.step()  # warm-up: autotune, caches, lazily built hooks
@@ -1293,7 +1303,10 @@ def main(argv=None) -> int:
                     + (f", host {t['host_ms']:.3f}ms)" if "host_ms" in t else ")")
                     for k, t in times.items()
                 )
-                + (f"  | ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
+            )
+            print(  # (a line of its own: the session log keeps each line's first 400 characters)
+                f"n={n} T={T} {inp}->{out} ratios:"
+                + (f"  ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
                 + "".join(f" ({v.replace('_', ' ')} {row[key]:.3f})"  # ours/floor of each variant beside the headline
                           for key, v in VARIANT_RATIOS.items() if key in row)
                 + (f" (merge {row['merge_ms']:.3f}ms)" if "merge_ms" in row else "")

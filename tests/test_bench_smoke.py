@@ -319,6 +319,23 @@ def test_gpu_layer_smoke():
     _run([path, "--smoke"])
 
 
+def test_gpu_layer_a_variant_that_cannot_be_built_fails_the_row(tmp_path, monkeypatch):
+    """peft/opacus missing on the machine (or a CUDA graph that cannot be captured) is a failure of the row,
+    not a quiet omission: the JSON would otherwise read correct=True without the peer's ratio."""
+    import gpu_layer
+
+    def missing(*args):
+        raise ImportError("No module named 'opacus'")
+
+    monkeypatch.setattr(gpu_layer, "make_peft_opacus", missing)
+    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
+    out = tmp_path / "layer.json"
+    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[auto],peft_opacus"])
+    row = json.loads(out.read_text())["rows"][0]
+    assert code == 1 and row["correct"] is False and "opacus" in row["failed"]["peft_opacus"], row.get("failed")
+    assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
+
+
 def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkeypatch):
     """A variant that raises is reported (row["failed"], correct=False, exit 1); the others are still timed."""
     import gpu_layer
