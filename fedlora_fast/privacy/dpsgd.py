@@ -16,6 +16,7 @@ once, clipped sums added), then one ``step()``: noise once, one accountant step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -30,6 +31,7 @@ from fedlora_fast import per_sample
 from fedlora_fast.layers.ffa_linear import FFALoRALinear
 from fedlora_fast.layers.per_sample_modules import _PerSampleMixin
 from fedlora_fast.ops.ffa_linear import call, ffa_linear_clip_reduce
+from fedlora_fast.privacy import group
 from fedlora_fast.privacy.accounting import ACCOUNTANTS, Accountant, check_sample_rate
 from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE, clip_coef
 
@@ -182,6 +184,12 @@ def attached_engine(model: nn.Module) -> "DPSGD | None":
     return engine if engine is not None and engine._hooks else None
 
 
+def _trained_device(model) -> torch.device:
+    """The device of ``model``'s first trainable tensor (CPU where it has none: ``DPSGD`` refuses it then)."""
+    params = model.parameters() if isinstance(model, nn.Module) else ()
+    return next((p.device for p in params if p.requires_grad), torch.device("cpu"))
+
+
 def per_sample_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules of ``model`` that compute per-sample gradients (adapters and per-sample heads)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (FFALoRALinear, _PerSampleMixin))}
@@ -239,6 +247,15 @@ class DPSGD:
             normals scaled by 1/2 (opacus's secure mode: Holohan & Braghin, arXiv 2107.10138, against the
             floating-point attack on Gaussian samplers of arXiv 2112.05307). About 4x the noise cost; excludes
             ``generator``/``noise_seed``.
+        process_group: a ``torch.distributed`` process group for data-parallel training (one silo's GPUs, say;
+            ``fedlora_fast.privacy.group``). Each process Poisson-samples its own disjoint shard of the data at
+            ``sample_rate``; ``expected_batch_size`` is the group's (q times the whole data's size). Each
+            process clips its own samples, the clipped sums are summed over the group (one ``all_reduce`` per
+            step) and the group's rank 0 alone adds the noise, so the release is the single-process one. Every
+            process calls ``step`` once per step (``step(empty_batch=True)`` for an empty batch). Settings and
+            the trained tensors' values must be the same on every process (checked when built; the settings
+            again before every release). Per-process: ``clipped_sum``, ``last_step_samples``, the dropped
+            counts. Default None: this process alone.
     Raises:
         ValueError: out-of-range arguments, an accountant without ``sample_rate``, trainable parameters
             without per-sample gradients, an optimizer missing trainable parameters.
@@ -259,7 +276,27 @@ class DPSGD:
         accountant: str | Accountant | None = None,
         noise_seed: int | None = None,
         secure_mode: bool = False,
+        process_group=None,
     ):
+        self.process_group, self.rank, self.world_size = None, 0, 1
+        if process_group is not None:
+            self._comm_device = _trained_device(model)
+            self.rank, self.world_size = group.check_group(process_group, self._comm_device)
+            self.process_group = process_group
+        try:
+            self._configure(model, optimizer, max_grad_norm, noise_multiplier, expected_batch_size, clipping,
+                            generator, per_layer_max_grad_norm, sample_rate, accountant, noise_seed, secure_mode)
+        except Exception:
+            if self.process_group is not None:  # the other processes raise too, rather than wait for this one
+                group.agree(self.process_group, self._comm_device, None, what="building DPSGD")
+            raise
+        if self.process_group is not None:
+            group.agree(self.process_group, self._device, self._group_fields(initial=True), what="building DPSGD")
+        self._attach(model)
+
+    def _configure(self, model, optimizer, max_grad_norm, noise_multiplier, expected_batch_size, clipping,
+                   generator, per_layer_max_grad_norm, sample_rate, accountant, noise_seed, secure_mode) -> None:
+        """``__init__``'s checks and settings, before anything is attached to the model."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -296,7 +333,9 @@ class DPSGD:
         if self.secure_mode and (generator is not None or noise_seed is not None):
             raise ValueError("secure_mode: the noise is seeded from the OS at every step; pass no generator/noise_seed")
         self.generator = self._make_generator(generator, noise_seed)
-        # all checks passed: attach (one engine per model; a new one detaches the last)
+
+    def _attach(self, model: nn.Module) -> None:
+        """All checks passed: attach (one engine per model; a new one detaches the last)."""
         previous = attached_engine(model)
         if previous is not None:
             log.info("DPSGD: detaching the engine previously attached to this model (one engine per model)")
@@ -322,6 +361,33 @@ class DPSGD:
         self._dropped = _DroppedCounter(self._device)
         self.steps = 0
         self.last_step_samples = 0
+
+    def _group_fields(self, initial: bool) -> dict:
+        """What every process of a data-parallel engine must hold alike (``group.agree``): the release's
+        settings before every release, and once, when the engine is built, the rest, the trained tensors'
+        values and the frozen A's (the processes average nothing: equal tensors stay equal only if they
+        start so)."""
+        thresholds = [self.ctx.clip[id(p)] for p in self.params] if self.clipping == "per_layer" else []
+        fields = {
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": float(self.expected_batch_size),
+            "per_layer_max_grad_norm": group.digest({"C_l": torch.tensor(thresholds, dtype=torch.float64)}),
+        }
+        if initial:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            fields |= {
+                "sample_rate": -1.0 if self.sample_rate is None else self.sample_rate,
+                "clipping": float(CLIPPING.index(self.clipping)),
+                "secure_mode": float(self.secure_mode),
+                "the accountant's steps": -1.0 if self.accountant is None else float(self.accountant.steps),
+                "the trained tensors (names, shapes, dtypes, values)":
+                    group.digest({names.get(id(p), str(i)): p for i, p in enumerate(self.params)}),
+                "the adapters' frozen A": group.digest(
+                    {n: m.lora_A for n, m in self.modules.items() if isinstance(m, FFALoRALinear)}
+                ),
+            }
+        return fields
 
     @property
     def expected_batch_size(self) -> int:
@@ -703,15 +769,22 @@ class DPSGD:
         The noisy sum is a release: this is where the accountant takes its step (every call, so driving the
         stages by hand is accounted too). sigma is checked here too: set by hand to a negative or NaN value,
         it would release the sum with no noise (C is checked by its setter)."""
-        self._check_attached()
-        self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
-        self._check_noise_range()  # (sigma may have been set by hand, a tensor cast since)
+        with self._group_refusal():
+            self._check_attached()
+            self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
+            self._check_noise_range()  # (sigma may have been set by hand, a tensor cast since)
+        if self.process_group is not None:
+            group.agree(self.process_group, self._device, self._group_fields(initial=False), what="this release")
         std = self.noise_multiplier * self.max_grad_norm
         total = self._summed
         if total is None:
             total = torch.zeros(sum(self._sizes), dtype=torch.float32, device=self._device)
-        if std > 0:
+        if std > 0 and self.rank == 0:  # (data parallel: rank 0 alone adds the noise to the group's sum)
             total = total + self._noise(std, total.shape[0])
+        elif self.process_group is not None:
+            total = total.clone()  # (the all_reduce writes in place)
+        if self.process_group is not None:
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=self.process_group)
         self._summed = total  # stays float32 until scale_grad casts it (a bf16 .grad can't take it)
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
@@ -771,24 +844,36 @@ class DPSGD:
                 same gradients) and ``empty_batch`` was not set; or ``empty_batch`` set while samples are
                 pending.
         """
-        self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
-        self._check_noise_range()
-        self._check_trainable()
-        if self._have_backward():
-            self.clip_and_accumulate()
-        if empty_batch and self._pending_samples > 0:
-            raise RuntimeError(
-                f"step(empty_batch=True): {self._pending_samples} sample(s) were accumulated since the last step; "
-                "call step() without empty_batch"
-            )
-        if self._pending_batches == 0 and not empty_batch:
-            raise RuntimeError(
-                "step(): no per-sample gradients since the last step (a step on the same gradients twice, "
-                "or no backward): run loss.backward() first, or step(empty_batch=True) for an empty batch"
-            )
+        with self._group_refusal():
+            self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
+            self._check_noise_range()
+            self._check_trainable()
+            if self._have_backward():
+                self.clip_and_accumulate()
+            if empty_batch and self._pending_samples > 0:
+                raise RuntimeError(
+                    f"step(empty_batch=True): {self._pending_samples} sample(s) were accumulated since the last "
+                    "step; call step() without empty_batch"
+                )
+            if self._pending_batches == 0 and not empty_batch:
+                raise RuntimeError(
+                    "step(): no per-sample gradients since the last step (a step on the same gradients twice, "
+                    "or no backward): run loss.backward() first, or step(empty_batch=True) for an empty batch"
+                )
         self.add_noise()  # the noisy gradient exists from here on: the accountant's step is spent
         self.scale_grad()
         self.optimizer.step()
+
+    @contextlib.contextmanager
+    def _group_refusal(self):
+        """Data parallel: an error raised inside, before the release's collectives, first tells the group's
+        other processes (``group.agree``), which then raise too instead of waiting for this one for ever."""
+        try:
+            yield
+        except Exception:
+            if self.process_group is not None:
+                group.agree(self.process_group, self._device, None, what="this release")
+            raise
 
     def _check_trainable(self) -> None:
         """Refuse a step that would apply a gradient this engine did not clip and noise: a tensor made
