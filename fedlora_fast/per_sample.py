@@ -87,6 +87,30 @@ class PerSampleStateError(RuntimeError):
     """Per-sample gradients were produced but not consumed, or cannot be combined."""
 
 
+def state_for_copy(module) -> dict:
+    """``module.__dict__`` for ``copy.deepcopy`` and pickling (the ``__getstate__`` of the per-sample modules).
+
+    The copy is not under the DP engine: its ``ps_ctx`` is None (the engine's context stays with the original,
+    and the engine's hooks, which hold its noise generator, become no-ops in a copy: ``DPSGD``). A module whose
+    tensors hold a backward's per-sample gradients, not yet clipped by a step, is refused: those are one
+    sample's data each, unclipped, and a copy or a file (``torch.save(model)``) would carry them out of the step.
+
+    Raises:
+        PerSampleStateError: per-sample gradients are pending on the module's own tensors.
+    """
+    pending = [n for n, p in module.named_parameters(recurse=False)
+               if any(getattr(p, a, None) is not None for a in PS_ATTRS)]
+    if pending:
+        raise PerSampleStateError(
+            f"{type(module).__name__}: its tensors {pending} hold per-sample gradients of a backward not yet "
+            "stepped (each one sample's, unclipped): a copy or a pickle would carry them out of the DP step; call "
+            "dp.step() (or dp.zero_grad()) first"
+        )
+    state = module.__dict__.copy()
+    state["ps_ctx"] = None
+    return state
+
+
 def has_state(param: Tensor) -> bool:
     return getattr(param, "ff_norm2", None) is not None
 

@@ -242,6 +242,44 @@ def test_accumulated_micro_batches_equal_one_big_batch(clipping, grouped):
         assert_close_verbose(other, sums[0], atol=1e-6, rtol=1e-6, name="accumulated sum")
 
 
+def test_a_copy_or_pickle_of_the_model_leaves_the_engine_and_its_noise_secret_behind():
+    """``copy.deepcopy(model)`` / ``torch.save(model)`` with an engine attached: the copy is a plain model (its
+    layers compute ``.grad``; an EMA, eval or teacher copy must not silently stop training) and holds no engine
+    (whose OS-seeded generator is the noise's secret: a file holding it predicts every later noise draw). Between
+    a backward and its step the per-sample gradients (unclipped) are pending: copying is refused then."""
+    import copy
+    import io
+    import pickle
+
+    model = make_model()
+    dp = make_dp(model, noise_multiplier=1.0)
+    batch = make_batch(4, 5)
+    loss_fn(model, batch).backward()
+    for attempt in (lambda: copy.deepcopy(model), lambda: torch.save(model, io.BytesIO())):
+        with pytest.raises(PerSampleStateError, match=r"\['lora_B'\] hold per-sample gradients of a backward not yet "
+                                                      r"stepped"):
+            attempt()
+    dp.step()
+    dp.zero_grad()
+    twin = copy.deepcopy(model)
+    assert all(m.ps_ctx is None for m in dpsgd.per_sample_modules(twin).values())
+    loss_fn(twin, batch).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params(twin)), "the copy trains plainly"
+    data = pickle.dumps(model)
+    assert b"DPSGD" not in data and b"Generator" not in data, "the engine (and its noise generator) stays behind"
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    hooks = [h for m in loaded.modules() for h in m._forward_pre_hooks.values()]
+    assert hooks and all(isinstance(h, dpsgd._NoHook) for h in hooks)
+    loss_fn(loaded, batch).backward()
+    assert all(p.grad is not None for p in params(loaded))
+    loss_fn(model, batch).backward()  # the original is still under its engine
+    assert dp.per_sample_norms().shape == (4,) and all(p.grad is None for p in params(model))
+    dp.step()
+
+
 def test_micro_batches_helper_splits_and_counts():
     batch = make_batch(7, 3)
     parts = list(micro_batches(batch, 3))

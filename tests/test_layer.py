@@ -286,6 +286,37 @@ def test_autocast_runs_in_lower_precision():
     assert x.grad is not None and layer.lora_B.grad is not None
 
 
+@pytest.mark.usefixtures("reference_backend")
+def test_a_backward_inside_autocast_keeps_the_adapter_maths_float32():
+    """``loss.backward()`` called inside ``torch.autocast`` (common, though PyTorch advises against it) must not
+    cast the backward's float32 adapter maths (the reference backend's matmuls, the per-sample head's norms) to
+    bf16: the gradients and per-sample norms equal those of a backward run outside."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 5))
+    ff.inject_adapters(model, ["0"], r=4, alpha=8.0, trainable_modules=["2"])
+    with torch.no_grad():
+        model[0].lora_B.normal_(0, 0.5)
+    x = torch.randn(3, 7, 16)
+    got = []
+    for inside in (False, True):
+        dp = ff.DPSGD(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                      max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        norms = dp.per_sample_norms()
+        dp.clip_and_accumulate()
+        got.append((norms, dp.clipped_sum()))
+        dp.zero_grad()
+        dp.detach()
+    (n0, c0), (n1, c1) = got
+    assert torch.equal(n0, n1)
+    assert all(torch.equal(a, b) for a, b in zip(c0, c1))
+
+
 def test_extra_repr_and_trainable_tensors():
     layer = ff.FFALoRALinear(nn.Linear(16, 8), r=2, alpha=4.0, seed=3, name="q")
     assert "r=2" in repr(layer) and "method=ffa" in repr(layer) and "seed=3" in repr(layer)

@@ -108,6 +108,15 @@ def _real(v) -> bool:
 _NO_AUTOCAST_CHANGE = contextlib.nullcontext()  # stateless and reentrant: one instance for every call
 
 
+def autocast_off(t: Tensor):
+    """Autocast off for ``t``'s device where it is on, else no change: a backward runs in the saved tensors'
+    dtypes (float32 adapter maths), also when the caller runs ``loss.backward()`` inside ``torch.autocast``,
+    which would otherwise cast the reference backend's matmuls to bf16."""
+    device_type = t.device.type
+    on = device_type != "meta" and torch.is_autocast_enabled(device_type)
+    return torch.autocast(device_type, enabled=False) if on else _NO_AUTOCAST_CHANGE
+
+
 class _FFALinearFn(torch.autograd.Function):
     """Autograd glue around the ``ffa_linear`` ops; the layer object carries the configuration."""
 
@@ -155,9 +164,10 @@ class _FFALinearFn(torch.autograd.Function):
         # a tensor not trained gets a placeholder threshold (its clipped sum is computed and dropped)
         clip_B = ps_ctx.threshold(pB) if ps_ctx is not None and want_B else 1.0
         clip_A = ps_ctx.threshold(pA) if ps_ctx is not None and want_A else 1.0
-        dx, dxa, gB, nuB, gA, nuA = call(
-            ffa_linear_bwd, g, u, weight, A, B, xa, layer.scale, need_dx, ctx.split, mode, clip_B, clip_A
-        )
+        with autocast_off(g):
+            dx, dxa, gB, nuB, gA, nuA = call(
+                ffa_linear_bwd, g, u, weight, A, B, xa, layer.scale, need_dx, ctx.split, mode, clip_B, clip_A
+            )
         dx = dx if need_dx else None
         dxa = dxa if need_dx and ctx.split else None
         if ctx.split:  # x feeds only the base GEMM; xa (its dropout) only the adapter
@@ -243,6 +253,9 @@ class FFALoRALinear(nn.Module):
         self.register_load_state_dict_post_hook(_apply_merged_flag)
         self._loaded_merged: bool | None = None
         self.train(base.training)  # an adapter put into an eval model must not run its dropout
+
+    def __getstate__(self):  # a copy or a pickle is not under the DP engine (per_sample.state_for_copy)
+        return per_sample.state_for_copy(self)
 
     def _apply(self, fn, recurse=True):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half``, ...), except that a frozen float32 ``lora_A``

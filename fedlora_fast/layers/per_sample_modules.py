@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora_fast import per_sample
-from fedlora_fast.layers.ffa_linear import flat3
+from fedlora_fast.layers.ffa_linear import autocast_off, flat3
 from fedlora_fast.reference import clip_coef, ffa_linear_clip_reduce
 
 
@@ -27,6 +27,11 @@ class _PerSampleFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with autocast_off(g):  # float32 per-sample maths, also for a backward run inside torch.autocast
+            return _PerSampleFn._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         x, *_ = ctx.saved_tensors
         module = ctx.module
         # state goes on the module's own Parameters: saved tensors may unpack as other objects (checkpointing)
@@ -49,6 +54,9 @@ class _PerSampleFn(torch.autograd.Function):
 
 class _PerSampleMixin:
     ps_ctx: per_sample.PerSampleContext | None = None
+
+    def __getstate__(self):  # a copy or a pickle is not under the DP engine (per_sample.state_for_copy)
+        return per_sample.state_for_copy(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if not per_sample.active(self.ps_ctx):

@@ -184,6 +184,29 @@ def attached_engine(model: nn.Module) -> "DPSGD | None":
     return engine if engine is not None and engine._hooks else None
 
 
+class _NoHook:
+    """What an engine's hook becomes in a copy or a pickle of the model (``_EngineHook``)."""
+
+    def __call__(self, module, args):
+        return None
+
+
+class _EngineHook:
+    """A forward pre-hook calling one of its engine's methods. The model holds the engine through it (an engine
+    lives as long as its model uses it); a ``copy.deepcopy`` or a pickle of the model gets a ``_NoHook`` in its
+    place: the copy is not under the engine (its layers' ``ps_ctx`` is None too: ``per_sample.state_for_copy``),
+    and ``torch.save(model)`` must not write the engine, whose noise generator is the noise's secret."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def __call__(self, module, args):
+        return self.method(module, args)
+
+    def __reduce__(self):
+        return (_NoHook, ())
+
+
 def _trained_device(model) -> torch.device:
     """The device of ``model``'s first trainable tensor (CPU where it has none: ``DPSGD`` refuses it then)."""
     params = model.parameters() if isinstance(model, nn.Module) else ()
@@ -350,8 +373,9 @@ class DPSGD:
         self._batch_norms = [
             n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
         ]
-        self._hooks = [model.register_forward_pre_hook(self._new_batch)]
-        self._hooks += [m.register_forward_pre_hook(self._guard_unconsumed) for m in self.modules.values()]
+        self._hooks = [model.register_forward_pre_hook(_EngineHook(self._new_batch))]
+        guard = _EngineHook(self._guard_unconsumed)
+        self._hooks += [m.register_forward_pre_hook(guard) for m in self.modules.values()]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
         self._summed: Tensor | None = None  # (total,) float32: the clipped sums since the last step
         self._noised = False  # add_noise ran since the last step (scale_grad refuses otherwise)
