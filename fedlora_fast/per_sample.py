@@ -94,6 +94,8 @@ def state_for_copy(module) -> dict:
     and the engine's hooks, which hold its noise generator, become no-ops in a copy: ``DPSGD``). A module whose
     tensors hold a backward's per-sample gradients, not yet clipped by a step, is refused: those are one
     sample's data each, unclipped, and a copy or a file (``torch.save(model)``) would carry them out of the step.
+    (They are attributes of the Parameters: what pickles the Parameters themselves mid-step, such as
+    ``state_dict(keep_vars=True)`` or the optimizer, still carries them. Save after the step.)
 
     Raises:
         PerSampleStateError: per-sample gradients are pending on the module's own tensors.
@@ -106,7 +108,7 @@ def state_for_copy(module) -> dict:
             "stepped (each one sample's, unclipped): a copy or a pickle would carry them out of the DP step; call "
             "dp.step() (or dp.zero_grad()) first"
         )
-    state = module.__dict__.copy()
+    state = torch.nn.Module.__getstate__(module)  # (drops a .compile()d call bound to the original module)
     state["ps_ctx"] = None
     return state
 

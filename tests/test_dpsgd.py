@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fedlora_fast as ff
+from fedlora_fast import per_sample
 from fedlora_fast.per_sample import PerSampleStateError
 from fedlora_fast.privacy import Accountant, batch_size, dpsgd, micro_batches
 from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
@@ -278,6 +279,15 @@ def test_a_copy_or_pickle_of_the_model_leaves_the_engine_and_its_noise_secret_be
     loss_fn(model, batch).backward()  # the original is still under its engine
     assert dp.per_sample_norms().shape == (4,) and all(p.grad is None for p in params(model))
     dp.step()
+    dp.zero_grad()
+    model[0].compile(backend="eager")  # a compiled call is bound to the original module: not copied with it
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].lora_B.add_(1.0)
+    assert not torch.equal(twin(batch["x"]), model(batch["x"])), "the copy runs its own tensors"
+    loss_fn(twin, batch).backward()
+    assert twin[0].lora_B.grad is not None and not per_sample.has_state(model[0].lora_B)
+    pickle.dumps(model)
 
 
 def test_micro_batches_helper_splits_and_counts():
@@ -914,10 +924,17 @@ def test_driving_the_stages_by_hand_is_accounted():
     assert dp.accountant.steps == 3 and dp.steps == 3 and dp.last_step_samples == 4 and dp.epsilon(1e-5) > 0
     loss_fn(model, make_batch(4, None)).backward()
     dp.clip_and_accumulate()
+    dp.add_noise()
+    with pytest.raises(RuntimeError, match=r"add_noise\(\): this step's sum already has its noise"):
+        dp.add_noise()  # (a group's second all_reduce would multiply the release by the world size)
+    assert dp.accountant.steps == 4
+    dp.zero_grad()
+    loss_fn(model, make_batch(4, None)).backward()
+    dp.clip_and_accumulate()
     with pytest.raises(RuntimeError, match="scale_grad\\(\\): call add_noise\\(\\) first"):
         dp.scale_grad()
     dp.step()
-    assert dp.accountant.steps == 4
+    assert dp.accountant.steps == 5
 
 
 def test_bad_construction_arguments_name_themselves():

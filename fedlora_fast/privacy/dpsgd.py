@@ -795,6 +795,9 @@ class DPSGD:
         it would release the sum with no noise (C is checked by its setter)."""
         with self._group_refusal():
             self._check_attached()
+            if self._noised:  # (data parallel, a second all_reduce would multiply the noisy sum by the world size)
+                raise RuntimeError("add_noise(): this step's sum already has its noise (and its accountant step): "
+                                   "call scale_grad() (or zero_grad()) before the next add_noise()")
             self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
             self._check_noise_range()  # (sigma may have been set by hand, a tensor cast since)
         if self.process_group is not None:
