@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedlora_fast.federated.aggregation import AGGREGATORS
+from fedlora_fast.federated.checkpoint import CHECKPOINT_NAME
 from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS
 from fedlora_fast.federated.partition import SCHEMES
 from fedlora_fast.federated.simulation import METHODS, FederatedConfig
@@ -250,8 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"fedlora-fast {args.command}: interrupted; the last completed round is checkpointed: "
-              "rerun with --resume to continue", file=sys.stderr)
+        out = getattr(args, "out", None)
+        if out is not None and (Path(out) / CHECKPOINT_NAME).exists():
+            print(f"fedlora-fast {args.command}: interrupted; the last completed round is checkpointed: "
+                  "rerun with --resume to continue", file=sys.stderr)
+        else:
+            print(f"fedlora-fast {args.command}: interrupted before a round completed (no checkpoint): rerun without "
+                  "--resume", file=sys.stderr)
         return 130
     except (ValueError, TypeError, KeyError, OSError) as e:
         if getattr(args, "debug", False):

@@ -1,13 +1,52 @@
-"""Atomic file writes: a temporary file beside the target, fsynced, then renamed over it.
+"""Atomic file writes: a temporary file beside the target, fsynced, then renamed over it; and the exclusive lock
+a writer holds over several such writes.
 
 A reader (or a run killed at any moment) sees the old file or the new one, never a torn mix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+try:  # POSIX; without it (Windows) exclusive_lock locks nothing
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+
+class LockedError(OSError):
+    """Another process (or another open of the file here) holds the lock ``exclusive_lock`` asked for."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """Hold ``flock``'s exclusive lock on ``path`` (created mode 0o600, never removed) while the block runs,
+    taken without waiting. The kernel drops it when the holder exits, however it exits: a killed process
+    leaves no stale lock. ``flock`` is advisory and local (on a network file system it may not exclude another
+    machine). Yields whether a lock is held (False without ``fcntl``: Windows).
+
+    Raises:
+        LockedError: the lock is held elsewhere.
+        OSError: the lock file cannot be opened.
+    """
+    if fcntl is None:  # pragma: no cover
+        yield False
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{path} is locked by another process") from None
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> None:

@@ -183,3 +183,48 @@ def test_module_entry_point_help():
     # defaults as typed: none printed twice or as None, lists comma-joined
     assert "(default: None)" not in text and "(default: query,value)" in text and "['" not in text, text
     assert text.count("(default: the packaged all-MiniLM-L6-v2)") == 1
+
+
+def test_an_interrupt_names_resume_only_where_a_round_was_checkpointed(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: --resume is the hint only if a checkpoint exists (before the first round completes, --resume
+    would fail with "no checkpoint")."""
+    import fedlora_fast.federated.simulation as sim
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sim, "run_simulation", interrupted)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--out", str(out), "--no-progress"], capsys)
+    assert code == 130 and "interrupted before a round completed (no checkpoint): rerun without --resume" in err
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"")
+    code, _, err = run_cli(["train", "--out", str(out), "--no-progress"], capsys)
+    assert code == 130 and "rerun with --resume to continue" in err
+
+
+
+def test_a_frozen_new_head_is_saved_with_the_adapter(tiny, tmp_path, capsys):
+    """--trainable-modules '': the classifier head the base checkpoint lacks (drawn from the seed) stays frozen,
+    and the adapter must still carry it: without it every peft load drew its own head (another model than the
+    one evaluated)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
+
+    headless = tmp_path / "headless"  # a base checkpoint without the task's head, as the packaged MiniLM
+    BertModel.from_pretrained(tiny["model"]).save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny["model"]).save_pretrained(headless)
+    out = tmp_path / "frozen_head"
+    code, _, err = run_cli(tiny_args(tiny, out, "--rounds", "1", "--trainable-modules", "", "--model", str(headless)),
+                           capsys)
+    assert code == 0, err
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"], config
+    ids = torch.tensor([[2, 7, 11, 5, 3]])
+    logits = []
+    for seed in (0, 1):  # torch's RNG at load time must not matter
+        torch.manual_seed(seed)
+        base = AutoModelForSequenceClassification.from_pretrained(headless, num_labels=2)
+        logits.append(PeftModel.from_pretrained(base, str(out / "adapter")).eval()(input_ids=ids).logits)
+    assert torch.equal(logits[0], logits[1])

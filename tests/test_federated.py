@@ -471,7 +471,9 @@ def test_data_loading_and_labels(tmp_path):
         FederatedConfig(labels=["ham", "ham"]).validate()
     for change, match in ((dict(test_fraction="0.2"), r"test_fraction: expected a number in \(0, 1\), got '0.2'"),
                           (dict(seed=1.5), r"seed: expected an int, got 1.5"),
-                          (dict(epsilon=1e30), r"epsilon: expected at most 1000")):  # fmt: skip
+                          (dict(epsilon=1e30), r"epsilon: expected at most 1000"),
+                          (dict(lr=1e300), r"lr: expected at most 3.403e\+38 \(the optimizer's float32\), got 1e\+300"),
+                          (dict(weight_decay=1e39), r"weight_decay: expected at most 3.403e\+38")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             FederatedConfig(**change).validate()
 
@@ -659,6 +661,17 @@ def test_resume_refuses_other_data_other_micro_batches_and_overwrite_clears_the_
     (flower / "metrics.json").write_text("{}")
     with pytest.raises(ValueError, match=r"already holds a run \(metrics.json\)"):
         run_simulation(cfg, flower, progress=False, echo=None)
+    # a run holds its --out's lock: a second run into it meanwhile is refused before it reads or writes anything
+    from fedlora_fast.federated.simulation import RUN_LOCK_NAME
+    from fedlora_fast.io import exclusive_lock
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with exclusive_lock(busy / RUN_LOCK_NAME):
+        with pytest.raises(ValueError, match=r"is in use by another fedlora-fast run"):
+            run_simulation(cfg, busy, progress=False, echo=None, stop_after=1)
+    assert sorted(p.name for p in busy.iterdir()) == [RUN_LOCK_NAME]
+    run_simulation(cfg, busy, progress=False, echo=None, stop_after=1)  # (released)
 
 
 def test_max_length_beyond_the_model_positions_is_refused(tiny):
@@ -967,3 +980,27 @@ def test_client_checks_its_arguments_when_built():
     for lab in ([], torch.tensor([0]), np.array([], dtype=np.int64)):
         with pytest.raises(ValueError, match="expected as many labels as examples"):
             Client(0, ids if len(lab) else [], lab, **base)
+
+
+def test_evaluate_counts_non_finite_logits_as_wrong():
+    """argmax over a row of NaN is class 0: a diverged model would read as the majority class's accuracy."""
+    from types import SimpleNamespace
+
+    from fedlora_fast.federated.simulation import evaluate
+
+    class Logits(torch.nn.Module):
+        def __init__(self, rows):
+            super().__init__()
+            self.rows = rows
+
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=self.rows[: input_ids.shape[0]])
+
+    labels = [0, 0, 0, 1]
+    ids = [[5, 6], [5, 6], [5, 6], [5, 6]]
+    nan = torch.full((4, 2), float("nan"))
+    with pytest.warns(RuntimeWarning, match="4 of 4 examples got non-finite logits"):
+        assert evaluate(Logits(nan), ids, labels, pad_id=0)["accuracy"] == 0.0
+    mixed = torch.tensor([[1.0, 0.0], [float("inf"), 0.0], [1.0, 0.0], [0.0, 1.0]])
+    with pytest.warns(RuntimeWarning, match="1 of 4 examples"):
+        assert evaluate(Logits(mixed), ids, labels, pad_id=0)["accuracy"] == 0.75

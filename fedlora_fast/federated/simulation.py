@@ -38,7 +38,8 @@ from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS, Client, shar
 from fedlora_fast.federated.partition import SCHEMES, partition
 from fedlora_fast.federated.server import Server
 from fedlora_fast.federated.state import adapter_config, fingerprint, load_trainable, trainable_state
-from fedlora_fast.inject import inject_adapters
+from fedlora_fast.inject import adapter_layers, inject_adapters
+from fedlora_fast.io import LockedError, exclusive_lock
 from fedlora_fast.privacy.accounting import MAX_TARGET_EPSILON, calibrate_noise_multiplier, check_delta
 from fedlora_fast.privacy.dpsgd import CLIPPING
 
@@ -52,6 +53,7 @@ METHODS = ("ffa", "lora")
 RESUME_FREE: tuple[str, ...] = ()
 # what a run (simulation or Flower ServerApp) writes into --out: a fresh run refuses a directory holding any of
 # them, --overwrite removes them (held_run_outputs, remove_run_outputs)
+RUN_LOCK_NAME = ".fedlora_fast.lock"  # held (flock) by the run writing into an --out directory
 RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", ckpt.FLOWER_CHECKPOINT_NAME)
 
 
@@ -144,6 +146,11 @@ class FederatedConfig:
             pos_num(name)
         for name in ("weight_decay", "momentum", "server_noise_multiplier"):
             pos_num(name, allow_zero=True)
+        top = torch.finfo(torch.float32).max  # the optimizers take them as float32 (beyond: a torch traceback)
+        for name in ("lr", "weight_decay", "momentum"):
+            if getattr(self, name) > top:
+                raise ValueError(f"{name}: expected at most {top:.4g} (the optimizer's float32), got "
+                                 f"{getattr(self, name)!r}")
         tf = self.test_fraction
         if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:
             raise ValueError(f"test_fraction: expected a number in (0, 1), got {tf!r}")
@@ -237,21 +244,26 @@ def load_model(name: str, num_labels: int, seed: int):
         tokenizer = AutoTokenizer.from_pretrained(name)
         torch.manual_seed(derive_seed(seed, "head"))
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+            model, info = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels,
+                                                                             output_loading_info=True)
         except RuntimeError as e:  # a classifier trained for another number of labels (transformers refuses)
             if "ignore_mismatched_sizes" not in str(e):
                 raise
             log.warning("model %r: its classifier has another number of labels than the data's %d: a new head "
                         "is initialised from the seed", name, num_labels)
             torch.manual_seed(derive_seed(seed, "head"))
-            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels,
-                                                                       ignore_mismatched_sizes=True)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"model: cannot load {name!r} as a sequence classifier ({type(e).__name__}: {e})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    # the modules the checkpoint did not hold (a new head, drawn from the seed): export_adapter saves them even
+    # when frozen, since a file without them would load with a head drawn anew (another model than evaluated)
+    keys = [*info.get("missing_keys", ()), *(k[0] for k in info.get("mismatched_keys", ()))]
+    model.fedlora_new_modules = sorted({k.rpartition(".")[0] for k in keys if "." in k})
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"model: the tokenizer of {name!r} has no pad or eos token")
@@ -263,19 +275,27 @@ def load_model(name: str, num_labels: int, seed: int):
 @torch.no_grad()
 def evaluate(model: nn.Module, input_ids: list[list[int]], labels: list[int], pad_id: int, batch_size: int = 128,
              device: str | torch.device = "cpu") -> dict:
-    """Accuracy and mean cross-entropy over a labelled set (eval mode, no grad, length-sorted batches)."""
+    """Accuracy and mean cross-entropy over a labelled set (eval mode, no grad, length-sorted batches).
+
+    An example whose logits are not all finite (a diverged model) counts as wrong, with a RuntimeWarning: its
+    argmax would be class 0, and a diverged model would read as the majority class's accuracy."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))  # less padding: same result
     y = torch.as_tensor(labels, dtype=torch.long)
-    correct, loss = 0, 0.0
+    correct, loss, bad = 0, 0.0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = collate([input_ids[i] for i in idx], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         loss += float(nn.functional.cross_entropy(logits, y[idx], reduction="sum"))
-        correct += int((logits.argmax(-1) == y[idx]).sum())
+        finite = torch.isfinite(logits).all(-1)
+        bad += int((~finite).sum())
+        correct += int(((logits.argmax(-1) == y[idx]) & finite).sum())
     model.train(was_training)
+    if bad:
+        warnings.warn(f"evaluate: {bad} of {len(order)} examples got non-finite logits (a diverged model?): counted "
+                      "as wrong", RuntimeWarning, stacklevel=2)
     n = max(1, len(order))
     return {"accuracy": correct / n, "loss": loss / n}
 
@@ -722,10 +742,16 @@ def plot_curves(metrics: dict, path: str | os.PathLike) -> None:
 def export_adapter(model: nn.Module, path: Path, base_model: str | None = None, metadata: dict | None = None) -> str | None:
     """Write ``path`` in peft format with ``fedlora_fast.peft_compat.export_peft``; a reason when it cannot."""
     try:
-        from fedlora_fast.peft_compat import export_peft
+        from fedlora_fast.peft_compat import _infer_modules_to_save, _overlaps, export_peft
     except ImportError as e:
         return f"fedlora_fast.peft_compat.export_peft is not available ({e})"
-    export_peft(model, str(path), base_model_name_or_path=base_model, metadata=metadata)
+    layers = adapter_layers(model)
+    # modules load_model initialised anew (a head drawn from the seed) and kept frozen (--trainable-modules '')
+    # are saved too: without them, every load of the file would draw its own head
+    new = [m for m in getattr(model, "fedlora_new_modules", ()) if not _overlaps(m, list(layers))
+           and not any(p.requires_grad for p in model.get_submodule(m).parameters())]
+    save = sorted({*_infer_modules_to_save(model, layers), *new}) if new else None
+    export_peft(model, str(path), modules_to_save=save, base_model_name_or_path=base_model, metadata=metadata)
     return None
 
 
@@ -760,6 +786,18 @@ def run_simulation(
         raise ValueError("resume, overwrite: pass one (--resume continues the run in --out, --overwrite replaces it)")
     if resume and not path.exists():
         raise ValueError(f"resume: no checkpoint {path} to resume from; run without --resume first")
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # one run per directory: two would both pass the check below and write over each other's outputs
+        with exclusive_lock(out / RUN_LOCK_NAME):
+            return _run_simulation(config, out, path, resume, overwrite, progress, echo, stop_after, data)
+    except LockedError:
+        raise ValueError(f"out: {out} is in use by another fedlora-fast run (it holds {RUN_LOCK_NAME}); wait for it "
+                         "to finish, or pass another --out") from None
+
+
+def _run_simulation(config: FederatedConfig, out: Path, path: Path, resume: bool, overwrite: bool, progress: bool,
+                    echo, stop_after, data) -> dict:
+    """``run_simulation`` with ``out``'s lock held."""
     held = held_run_outputs(out)
     if held and not resume and not overwrite:
         raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "

@@ -33,11 +33,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-try:  # POSIX; a platform without it trains unlocked (_ledger_lock)
-    import fcntl
-except ImportError:  # pragma: no cover (Windows)
-    fcntl = None
-
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -47,6 +42,7 @@ from fedlora_fast.federated.client import Client
 from fedlora_fast.federated.simulation import Federation, FederatedConfig, dropout_seed
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
+from fedlora_fast.io import LockedError, exclusive_lock
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, ROUND_KEY
@@ -462,45 +458,34 @@ _NO_LOCK_WARNED: list[bool] = []
 
 @contextlib.contextmanager
 def _ledger_lock(path: Path | None):
-    """Hold the ledger's lock file (``<ledger>.lock``, mode 0o600, never removed) for a whole round's training:
-    from reading the ledger to writing it, so that two processes for one silo (two SuperNodes, or two train
-    calls in one process) cannot both read N steps and both write N + k. The lock is ``flock``'s, taken without
-    waiting: held by another process (or another open of it here), the round is refused (``NodeError``): the
-    conservative answer, since the other holder is spending the same data's budget. The kernel releases it when
-    the holder exits, however it exits, so a killed node leaves no stale lock. ``flock`` is advisory and local:
-    on a network file system it may not exclude another machine (keep ``privacy-dir`` on the node's own disk).
-    Without ``fcntl`` (Windows) the round is not locked, with one RuntimeWarning per process."""
+    """Hold the ledger's lock file (``<ledger>.lock``, ``io.exclusive_lock``) for a whole round's training: from
+    reading the ledger to writing it, so that two processes for one silo (two SuperNodes, or two train calls in
+    one process) cannot both read N steps and both write N + k. Taken without waiting: held elsewhere, the round
+    is refused (``NodeError``), the conservative answer, since the other holder is spending the same data's
+    budget. A killed node leaves no stale lock. Local disks only (``flock``). Without ``fcntl`` (Windows) the
+    round is not locked, with one RuntimeWarning per process."""
     if path is None:
-        yield
-        return
-    if fcntl is None:  # pragma: no cover (Windows)
-        if not _NO_LOCK_WARNED:
-            _NO_LOCK_WARNED.append(True)
-            warnings.warn("fedlora_fast node: no fcntl on this platform: the privacy ledger is not locked; run one "
-                          "SuperNode per silo", RuntimeWarning, stacklevel=3)
         yield
         return
     lock = path.with_name(path.name + ".lock")
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        with exclusive_lock(lock) as held:
+            if not held and not _NO_LOCK_WARNED:  # pragma: no cover (Windows)
+                _NO_LOCK_WARNED.append(True)
+                warnings.warn("fedlora_fast node: no fcntl on this platform: the privacy ledger is not locked; run "
+                              "one SuperNode per silo", RuntimeWarning, stacklevel=3)
+            yield
+    except LockedError:
+        raise NodeError(
+            f"privacy ledger {path.name} is locked by another process training this node's data (two SuperNodes "
+            "for one silo?); refusing to train this round"
+        ) from None
     except OSError as e:
+        if e.filename is None or os.fspath(e.filename) != os.fspath(lock):
+            raise  # (an OSError of the round itself)
         log.error("fedlora_fast node: privacy ledger lock %s cannot be opened (%s)", lock, e)
         raise NodeError(f"privacy ledger lock {lock.name} cannot be opened ({type(e).__name__}); refusing to train "
                         "without it (the node's log names its directory)") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise NodeError(
-                f"privacy ledger {path.name} is locked by another process training this node's data (two SuperNodes "
-                "for one silo?); refusing to train this round"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _write_ledger(path: Path, client: Client) -> None:
