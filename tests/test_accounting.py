@@ -237,3 +237,13 @@ def test_calibration_refuses_budgets_beyond_meaning_and_ends_near_them(mechanism
     acc = Accountant(mechanism)
     acc.step(noise_multiplier=sigma, sample_rate=0.01, num_steps=100)
     assert acc.epsilon(1e-5) <= 1000.0
+
+
+def test_prv_is_never_looser_than_rdp_and_falls_back_where_its_numerics_refuse():
+    """PRV's bound has an absolute 0.01 error term and is inf for some sigma RDP bounds; both are valid upper
+    bounds, so "prv" reports the smaller (a review: 0.0100 vs RDP's 0.0035; inf vs 1334; a crash at delta 1e-15)."""
+    for sigma, q, steps, delta in ((50.0, 1e-6, 10, 1e-5), (0.3, 1.0, 200, 1e-5), (1.0, 0.01, 100, 1e-15)):
+        rdp, prv = Accountant("rdp"), Accountant("prv")
+        for acc in (rdp, prv):
+            acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+        assert prv.epsilon(delta) <= rdp.epsilon(delta) and math.isfinite(prv.epsilon(delta)), (sigma, q, steps)

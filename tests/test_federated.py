@@ -154,9 +154,10 @@ def test_central_dp_accounts_the_selection_rate_not_the_accepted_count():
     for _ in range(4):
         want.step(noise_multiplier=1.0, sample_rate=1.0)
     assert agg.privacy(1e-5)["epsilon"] == pytest.approx(want.epsilon(1e-5))
-    half = CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=4, clients_per_round=2)
-    half.aggregate(g, [ClientUpdate(0, {"w": torch.ones(3)}, 1)])
-    assert half.accountant.state_dict()["history"] == [[1.0, 0.5, 1]]
+    with pytest.raises(ValueError, match=r"clients_per_round: 2 of 4 clients per round is a fixed-size draw, not the "
+                                         r"Poisson sampling"):
+        CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=4, clients_per_round=2)
+    assert CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=4, clients_per_round=4).sample_rate == 1.0
     for bad in (0, 5, 2.0, True):
         with pytest.raises(ValueError, match=r"clients_per_round: expected an int in 1\.\.4"):
             CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=4, clients_per_round=bad)

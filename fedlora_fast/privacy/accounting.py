@@ -130,9 +130,11 @@ class Accountant:
     def epsilon(self, delta: float) -> float:
         """The epsilon spent so far at ``delta``: 0 before any step, inf if any step had no noise.
 
-        RDP: opacus's RDP-to-(eps, delta) conversion, minimised over orders 1.1 to 1024; PRV: opacus's upper
-        bound (``eps_error=0.01``), or RDP's where a step's sigma is below ``PRV_MIN_SIGMA`` (PRV's cost explodes
-        there). inf where the arithmetic overflows (a sigma so small that no finite bound is computable).
+        RDP: opacus's RDP-to-(eps, delta) conversion, minimised over orders 1.1 to 1024; PRV: the smaller of
+        opacus's PRV upper bound (``eps_error=0.01``: it never goes below ~0.01, and gives inf for some sigma
+        RDP bounds) and RDP's, both valid upper bounds; RDP's alone where a step's sigma is below
+        ``PRV_MIN_SIGMA`` (PRV's cost explodes there) or where PRV's numerics refuse (a tiny delta). inf where
+        the arithmetic overflows (a sigma so small that no finite bound is computable).
         """
         d = check_delta(delta)
         history = self._acc.history
@@ -140,14 +142,24 @@ class Accountant:
             return 0.0
         if any(s < _MIN_FINITE_SIGMA for s, _, _ in history):  # (0: no noise at all)
             return math.inf
-        acc = self._acc
-        if self.mechanism == "prv" and any(s < PRV_MIN_SIGMA for s, _, _ in history):
-            from opacus.accountants import RDPAccountant
+        if self.mechanism == "rdp":
+            return self._bound(self._acc, "rdp", d)
+        from opacus.accountants import RDPAccountant
 
-            acc = RDPAccountant()
-            acc.history = list(history)
+        rdp = RDPAccountant()
+        rdp.history = list(history)
+        eps = self._bound(rdp, "rdp", d)
+        if any(s < PRV_MIN_SIGMA for s, _, _ in history):
+            return eps
         try:
-            eps = acc.get_epsilon(delta=d, **_epsilon_kwargs("rdp" if acc is not self._acc else self.mechanism))
+            return min(eps, self._bound(self._acc, "prv", d))
+        except (ValueError, RuntimeError):  # opacus: "Floating point errors will dominate" at a tiny delta
+            return eps
+
+    @staticmethod
+    def _bound(acc, mechanism: str, d: float) -> float:
+        try:
+            eps = acc.get_epsilon(delta=d, **_epsilon_kwargs(mechanism))
         except (ZeroDivisionError, OverflowError, FloatingPointError):  # (RDP at sigma 1e-200 divided by 0)
             return math.inf
         # the conversion may go below 0 for a large delta (valid: eps >= log(1 - delta)); a budget spent is >= 0

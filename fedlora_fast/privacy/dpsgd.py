@@ -1,13 +1,13 @@
 """DP-SGD over the adapters: per-sample clipping (flat or per-layer), Gaussian noise, one optimizer step.
 
-Follows Abadi et al. 2016 (DP-SGD) and opacus's ``DPOptimizer`` staging
-(``clip_and_accumulate -> add_noise -> scale_grad -> step``):
-``g = (sum_i c_i P_i + sigma S xi) / m`` with ``c_i = min(1, C / (N_i + 1e-6))``, ``xi ~ N(0, I)``,
-``m`` the expected batch size and ``S`` the sensitivity of the clipped sum (``C`` flat; per-layer
-``sqrt(sum_l C_l^2) <= C``, the noise stays ``sigma C``). Per-sample gradients come from the fused backward of
-the adapter layers (and the per-sample head modules) in the same backward pass as the loss gradient; nothing
-is computed twice. Flat clipping keeps each tensor's P until every norm is known; per-layer clipping clips
-inside each layer's backward with threshold ``C_l`` (default ``C / sqrt(L)`` for L tensors).
+Follows Abadi et al. 2016 (DP-SGD) and opacus's ``DPOptimizer`` staging (``clip_and_accumulate -> add_noise ->
+scale_grad -> step``): ``g = (sum_i c_i P_i + sigma S xi) / m`` with ``c_i = min(1, C / (N_i + 1e-6))``, ``xi ~
+N(0, I)``, ``m`` the expected batch size and ``S`` the sensitivity of the clipped sum (``C`` flat; per-layer
+``sqrt(sum_l C_l^2) <= C``: the noise is ``sigma S``, which is ``sigma C`` with the default thresholds).
+Per-sample gradients come from the fused backward of the adapter layers (and the per-sample head modules) in the
+same backward pass as the loss gradient; nothing is computed twice. Flat clipping keeps each tensor's P until
+every norm is known; per-layer clipping clips inside each layer's backward with threshold ``C_l`` (default ``C /
+sqrt(L)`` for L tensors).
 
 Large logical batches: ``accumulate()`` after each physical micro-batch's backward (every sample clipped
 once, clipped sums added), then one ``step()``: noise once, one accountant step. Poisson sampling
@@ -253,7 +253,9 @@ class DPSGD:
         model: a model with adapters from ``inject_adapters`` (and optional ``trainable_modules``).
         optimizer: any torch optimizer over the model's trainable parameters.
         max_grad_norm: clipping threshold C (flat: over all trainable tensors of a sample).
-        noise_multiplier: sigma; the noise std is ``sigma * C``. 0 disables noise (no privacy: epsilon inf).
+        noise_multiplier: sigma; the noise std is ``sigma * S`` for the clipped sum's sensitivity S (``C``; per-layer
+            ``sqrt(sum C_l^2)``, which is C with the default thresholds). 0 disables noise (no privacy: epsilon
+            inf).
         expected_batch_size: m, the divisor (with Poisson sampling: ``q * dataset size``).
         clipping: ``"flat"`` or ``"per_layer"``.
         generator: the noise generator (on the parameters' device). None (default): a fresh generator
@@ -788,7 +790,9 @@ class DPSGD:
         return [v.clone() for v in self._split(self._summed)]
 
     def add_noise(self) -> None:
-        """Add ``N(0, (sigma C)^2)`` noise to every trainable tensor's clipped sum (float32), in one draw.
+        """Add ``N(0, (sigma S)^2)`` noise to every trainable tensor's clipped sum (float32), in one draw: S is the
+        sum's sensitivity (``self.sensitivity``: C flat; per-layer ``sqrt(sum C_l^2) <= C``, which the noise
+        multiplier sigma the accountant records is relative to).
 
         The noisy sum is a release: this is where the accountant takes its step (every call, so driving the
         stages by hand is accounted too). sigma is checked here too: set by hand to a negative or NaN value,
@@ -802,7 +806,7 @@ class DPSGD:
             self._check_noise_range()  # (sigma may have been set by hand, a tensor cast since)
         if self.process_group is not None:
             group.agree(self.process_group, self._device, self._group_fields(initial=False), what="this release")
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self.noise_multiplier * self.sensitivity
         total = self._summed
         if total is None:
             total = torch.zeros(sum(self._sizes), dtype=torch.float32, device=self._device)
