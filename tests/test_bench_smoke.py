@@ -319,19 +319,26 @@ def test_gpu_layer_smoke():
     _run([path, "--smoke"])
 
 
+def _layer_row_with_peer(tmp_path, monkeypatch, make_peer) -> tuple[int, dict]:
+    """``gpu_layer.main``'s exit code and its one smoke row (floor, ours, the peer), with ``make_peer`` in place of
+    ``make_peft_opacus``."""
+    import gpu_layer
+
+    monkeypatch.setattr(gpu_layer, "make_peft_opacus", make_peer)
+    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
+    out = tmp_path / "layer.json"
+    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[auto],peft_opacus"])
+    return code, json.loads(out.read_text())["rows"][0]
+
+
 def test_gpu_layer_a_variant_that_cannot_be_built_fails_the_row(tmp_path, monkeypatch):
     """peft/opacus missing on the machine (or a CUDA graph that cannot be captured) is a failure of the row,
     not a quiet omission: the JSON would otherwise read correct=True without the peer's ratio."""
-    import gpu_layer
 
     def missing(*args):
         raise ImportError("No module named 'opacus'")
 
-    monkeypatch.setattr(gpu_layer, "make_peft_opacus", missing)
-    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
-    out = tmp_path / "layer.json"
-    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[auto],peft_opacus"])
-    row = json.loads(out.read_text())["rows"][0]
+    code, row = _layer_row_with_peer(tmp_path, monkeypatch, missing)
     assert code == 1 and row["correct"] is False and "opacus" in row["failed"]["peft_opacus"], row.get("failed")
     assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
 
@@ -346,11 +353,7 @@ def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkey
 
         return gpu_layer.Variant("peft_opacus", base, x, g, step)
 
-    monkeypatch.setattr(gpu_layer, "make_peft_opacus", broken)
-    monkeypatch.setenv("FEDLORA_FAST_BACKEND", "triton")
-    out = tmp_path / "layer.json"
-    code = gpu_layer.main(["--smoke", "--json", str(out), "--variants", "floor,ffa_flat[auto],peft_opacus"])
-    row = json.loads(out.read_text())["rows"][0]
+    code, row = _layer_row_with_peer(tmp_path, monkeypatch, broken)
     assert code == 1 and row["correct"] is False and "boom" in row["failed"]["peft_opacus"], row.get("failed")
     assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
     assert row["floor_drift"] == row["times_ms"]["floor"]["full_ms_again"] / row["times_ms"]["floor"]["full_ms"]

@@ -468,24 +468,24 @@ def _ledger_lock(path: Path | None):
         yield
         return
     lock = path.with_name(path.name + ".lock")
-    try:
-        with exclusive_lock(lock) as held:
-            if not held and not _NO_LOCK_WARNED:  # pragma: no cover (Windows)
-                _NO_LOCK_WARNED.append(True)
-                warnings.warn("fedlora_fast node: no fcntl on this platform: the privacy ledger is not locked; run "
-                              "one SuperNode per silo", RuntimeWarning, stacklevel=3)
-            yield
+    stack = contextlib.ExitStack()
+    try:  # (only taking the lock is translated here: the round's own errors pass as they are)
+        held = stack.enter_context(exclusive_lock(lock))
     except LockedError:
         raise NodeError(
             f"privacy ledger {path.name} is locked by another process training this node's data (two SuperNodes "
             "for one silo?); refusing to train this round"
         ) from None
     except OSError as e:
-        if e.filename is None or os.fspath(e.filename) != os.fspath(lock):
-            raise  # (an OSError of the round itself)
         log.error("fedlora_fast node: privacy ledger lock %s cannot be opened (%s)", lock, e)
         raise NodeError(f"privacy ledger lock {lock.name} cannot be opened ({type(e).__name__}); refusing to train "
                         "without it (the node's log names its directory)") from None
+    with stack:
+        if not held and not _NO_LOCK_WARNED:  # pragma: no cover (Windows)
+            _NO_LOCK_WARNED.append(True)
+            warnings.warn("fedlora_fast node: no fcntl on this platform: the privacy ledger is not locked; run "
+                          "one SuperNode per silo", RuntimeWarning, stacklevel=3)
+        yield
 
 
 def _write_ledger(path: Path, client: Client) -> None:

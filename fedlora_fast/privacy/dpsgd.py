@@ -303,18 +303,14 @@ class DPSGD:
         secure_mode: bool = False,
         process_group=None,
     ):
-        self.process_group, self.rank, self.world_size = None, 0, 1
+        self.process_group, self.rank = None, 0
+        device = _trained_device(model)
         if process_group is not None:
-            self._comm_device = _trained_device(model)
-            self.rank, self.world_size = group.check_group(process_group, self._comm_device)
+            self.rank = group.check_group(process_group, device)
             self.process_group = process_group
-        try:
+        with self._group_refusal("building DPSGD", device):
             self._configure(model, optimizer, max_grad_norm, noise_multiplier, expected_batch_size, clipping,
                             generator, per_layer_max_grad_norm, sample_rate, accountant, noise_seed, secure_mode)
-        except Exception:
-            if self.process_group is not None:  # the other processes raise too, rather than wait for this one
-                group.agree(self.process_group, self._comm_device, None, what="building DPSGD")
-            raise
         if self.process_group is not None:
             group.agree(self.process_group, self._device, self._group_fields(initial=True), what="building DPSGD")
         self._attach(model)
@@ -417,7 +413,7 @@ class DPSGD:
 
     @property
     def expected_batch_size(self) -> int:
-        """m: the clipped, noised sum is divided by it (``(sum_i c_i P_i + N(0, (sigma C)^2)) / m``); the expected
+        """m: the clipped, noised sum is divided by it (``(sum_i c_i P_i + N(0, (sigma S)^2)) / m``); the expected
         size of a Poisson batch, q N. May change between steps (it scales the update, not the privacy)."""
         return self._expected_batch_size
 
@@ -429,7 +425,8 @@ class DPSGD:
 
     @property
     def max_grad_norm(self) -> float:
-        """C: the flat clipping threshold, and what the noise ``sigma C`` is calibrated to.
+        """C: the flat clipping threshold, and the bound on the sensitivity S the noise ``sigma S`` is calibrated to
+        (S = C flat; per-layer ``sqrt(sum C_l^2) <= C``).
 
         It may change between steps (a schedule): the per-layer thresholds follow it when they are the
         default ``C / sqrt(L)``, and explicit ones must still fit under it. Never within a step: samples
@@ -896,14 +893,14 @@ class DPSGD:
         self.optimizer.step()
 
     @contextlib.contextmanager
-    def _group_refusal(self):
-        """Data parallel: an error raised inside, before the release's collectives, first tells the group's
+    def _group_refusal(self, what: str = "this release", device: torch.device | None = None):
+        """Data parallel: an error raised inside, before the collectives of ``what``, first tells the group's
         other processes (``group.agree``), which then raise too instead of waiting for this one for ever."""
         try:
             yield
         except Exception:
             if self.process_group is not None:
-                group.agree(self.process_group, self._device, None, what="this release")
+                group.agree(self.process_group, device or self._device, None, what=what)
             raise
 
     def _check_trainable(self) -> None:

@@ -4,8 +4,8 @@ Each process (a GPU of one silo, say) Poisson-samples its own shard of the silo'
 so the union of the shards' batches is a Poisson sample of the whole data at q: the accountant is the
 single-process one. Each process clips its own samples (every sample lives on one process, so flat clipping
 is unchanged), and ``DPSGD.add_noise`` sums the clipped sums over the group with one ``all_reduce``, to which
-the group's rank 0 alone adds the noise ``N(0, (sigma C)^2)``: the released sum is exactly the single-process
-one, ``sum_i c_i P_i + sigma C xi``, and every process steps its optimizer with the same gradient.
+the group's rank 0 alone adds the noise ``N(0, (sigma S)^2)``: the released sum is exactly the single-process
+one, ``sum_i c_i P_i + sigma S xi``, and every process steps its optimizer with the same gradient.
 
 What the group must agree on is checked with two small ``all_gather``s (``agree``) when the engine is built
 (the noise settings, the trained tensors and the frozen A's values) and before every release (the settings
@@ -20,11 +20,8 @@ import hashlib
 import torch
 from torch import Tensor
 
-FAILED = "a refusal on that process"
-
-
-def check_group(process_group, device: torch.device) -> tuple[int, int]:
-    """(rank, world size) of this process in ``process_group``, after checking it can carry ``device`` tensors.
+def check_group(process_group, device: torch.device) -> int:
+    """The rank of this process in ``process_group``, after checking it can carry ``device`` tensors.
 
     Raises:
         TypeError: ``process_group`` is not a ``torch.distributed.ProcessGroup``.
@@ -42,7 +39,7 @@ def check_group(process_group, device: torch.device) -> tuple[int, int]:
     if backend == "nccl" and device.type != "cuda":
         raise ValueError(f"process_group: an NCCL group carries CUDA tensors only, and the trained tensors are on "
                          f"{device}: use a gloo group for CPU training")
-    return dist.get_rank(process_group), dist.get_world_size(process_group)
+    return dist.get_rank(process_group)
 
 
 def digest(tensors: dict[str, Tensor]) -> list[float]:
@@ -84,8 +81,8 @@ def agree(process_group, device: torch.device, fields: dict[str, float | list[fl
         return
     refused = [r for r, row in enumerate(status) if row[0] != 0.0]
     if refused:
-        raise RuntimeError(f"process_group: rank(s) {refused} refused {what} ({FAILED}: its error is in its own "
-                           "output); every rank stops here rather than wait for it")
+        raise RuntimeError(f"process_group: rank(s) {refused} refused {what} (a refusal on that process: its error "
+                           "is in its own output); every rank stops here rather than wait for it")
     if any(row[1] != status[0][1] for row in status):
         raise ValueError(f"process_group: the processes check different settings ({what}): by rank, "
                          f"{[int(row[1]) for row in status]} numbers; run the same fedlora_fast on every process")
