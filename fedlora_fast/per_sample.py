@@ -1,12 +1,17 @@
 """Per-sample gradient state shared by the adapter layers, the per-sample head modules and ``DPSGD``.
 
 A DP engine attaches one ``PerSampleContext`` to every module that computes per-sample gradients. In the
-backward, each such module hands its per-sample results to ``store``, which keeps them on the parameter:
+backward, each such module hands its per-sample results to ``store``, which keeps them on the parameter, in
+one ``Pending`` record (``param.ff_pending``; ``pending(param)`` reads it):
 
-- ``param.ff_grad_sample``: (n, *param.shape) float32 per-sample gradients (flat clipping only),
-- ``param.ff_clipped``: the float32 clipped sum ``sum_i c_i P_i`` (per-layer clipping only),
-- ``param.ff_norm2``: (n,) float32 squared per-sample norms (both modes),
-- ``param.ff_batch``: the forward pass (batch id) they came from.
+- ``grad_sample``: (n, *param.shape) float32 per-sample gradients (flat clipping only),
+- ``clipped``: the float32 clipped sum ``sum_i c_i P_i`` (per-layer clipping only),
+- ``norm2``: (n,) float32 squared per-sample norms (both modes),
+- ``batch``: the forward pass (batch id) they came from; ``fwds``: the module forwards (``forward_id``).
+
+The record refuses to be pickled or copied: whatever pickles the Parameter mid-step (``torch.save`` of the
+model, of ``state_dict(keep_vars=True)`` or of an optimizer) fails instead of writing one sample's unclipped
+gradient into a file.
 
 With per-layer clipping the module clips inside its own backward; no per-sample gradient outlives the
 layer. The clipped sum stays float32 until the noise is added (as flat clipping's does): rounded to a bf16
@@ -24,7 +29,7 @@ from torch import Tensor
 
 from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE
 
-PS_ATTRS = ("ff_grad_sample", "ff_clipped", "ff_norm2", "ff_batch", "ff_fwds")
+PS_ATTR = "ff_pending"  # the one attribute per-sample state lives in, on each trained Parameter
 CONSUMED_KEPT = 1 << 16  # forward ids remembered as consumed; older ones fall under the watermark
 
 
@@ -87,6 +92,35 @@ class PerSampleStateError(RuntimeError):
     """Per-sample gradients were produced but not consumed, or cannot be combined."""
 
 
+_ESCAPE = (
+    "a trained tensor holds per-sample gradients of a backward not yet stepped (each one sample's, unclipped): "
+    "pickling or copying it (torch.save of the model, of state_dict(keep_vars=True) or of an optimizer; "
+    "copy.deepcopy) would carry them out of the DP step; call dp.step() (or dp.zero_grad()) first"
+)
+
+
+class Pending:
+    """One backward's per-sample results on a trained tensor (``param.ff_pending``, module docstring).
+
+    Refuses pickling and copying (``PerSampleStateError``): what pickles the Parameter mid-step would otherwise
+    write every sample's unclipped gradient with it (a Parameter pickles its ``__dict__``).
+    """
+
+    __slots__ = ("grad_sample", "clipped", "norm2", "batch", "fwds")
+
+    def __init__(self, grad_sample: Tensor | None, norm2: Tensor, batch: int, fwds: set[int]):
+        self.grad_sample, self.clipped, self.norm2, self.batch, self.fwds = grad_sample, None, norm2, batch, fwds
+
+    def __reduce_ex__(self, protocol):
+        raise PerSampleStateError(_ESCAPE)
+
+    def __copy__(self):
+        raise PerSampleStateError(_ESCAPE)
+
+    def __deepcopy__(self, memo):
+        raise PerSampleStateError(_ESCAPE)
+
+
 def state_for_copy(module) -> dict:
     """``module.__dict__`` for ``copy.deepcopy`` and pickling (the ``__getstate__`` of the per-sample modules).
 
@@ -94,17 +128,16 @@ def state_for_copy(module) -> dict:
     and the engine's hooks, which hold its noise generator, become no-ops in a copy: ``DPSGD``). A module whose
     tensors hold a backward's per-sample gradients, not yet clipped by a step, is refused: those are one
     sample's data each, unclipped, and a copy or a file (``torch.save(model)``) would carry them out of the step.
-    (They are attributes of the Parameters: what pickles the Parameters themselves mid-step, such as
-    ``state_dict(keep_vars=True)`` or the optimizer, still carries them. Save after the step.)
+    (What pickles the Parameters themselves mid-step, such as ``state_dict(keep_vars=True)`` or an
+    optimizer, is refused by their ``Pending`` record.)
 
     Raises:
         PerSampleStateError: per-sample gradients are pending on the module's own tensors.
     """
-    pending = [n for n, p in module.named_parameters(recurse=False)
-               if any(getattr(p, a, None) is not None for a in PS_ATTRS)]
-    if pending:
+    pending_names = [n for n, p in module.named_parameters(recurse=False) if has_state(p)]
+    if pending_names:
         raise PerSampleStateError(
-            f"{type(module).__name__}: its tensors {pending} hold per-sample gradients of a backward not yet "
+            f"{type(module).__name__}: its tensors {pending_names} hold per-sample gradients of a backward not yet "
             "stepped (each one sample's, unclipped): a copy or a pickle would carry them out of the DP step; call "
             "dp.step() (or dp.zero_grad()) first"
         )
@@ -113,20 +146,24 @@ def state_for_copy(module) -> dict:
     return state
 
 
+def pending(param: Tensor) -> Pending | None:
+    """The per-sample results ``param`` holds from a backward not yet consumed, or None."""
+    return getattr(param, PS_ATTR, None)
+
+
 def has_state(param: Tensor) -> bool:
-    return getattr(param, "ff_norm2", None) is not None
+    return getattr(param, PS_ATTR, None) is not None
 
 
 def clear(param: Tensor) -> None:
-    for name in PS_ATTRS:
-        if hasattr(param, name):
-            setattr(param, name, None)
+    if getattr(param, PS_ATTR, None) is not None:
+        setattr(param, PS_ATTR, None)
 
 
 def store(
     param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tensor | None, norm2: Tensor, fwd: int
-) -> None:
-    """Keep one backward's per-sample results on ``param``.
+) -> Pending:
+    """Keep one backward's per-sample results on ``param`` (returns its new ``Pending`` record).
 
     Args:
         grad_sample: (n, *param.shape) per-sample gradients (flat mode), None in per-layer mode.
@@ -147,8 +184,9 @@ def store(
             "a second backward through a forward whose per-sample gradients were already clipped into the "
             "step (a retained graph): its samples would count twice; run the forward again"
         )
-    if has_state(param):
-        if param.ff_batch != batch_id:
+    held = pending(param)
+    if held is not None:
+        if held.batch != batch_id:
             raise PerSampleStateError(
                 "per-sample gradients of an earlier batch were never consumed: call dp.step() (or "
                 "dp.accumulate() for micro-batches) after each backward, before the next forward. A loss that "
@@ -160,20 +198,19 @@ def store(
                 "a module was used twice in one forward; per-layer clipping cannot clip it inside its "
                 "backward (the sample's gradient is the sum of both uses): use clipping='flat'"
             )
-        if param.ff_grad_sample.shape != grad_sample.shape:
+        if held.grad_sample.shape != grad_sample.shape:
             raise PerSampleStateError(
-                f"per-sample gradients of one forward disagree in shape: {tuple(param.ff_grad_sample.shape)} "
+                f"per-sample gradients of one forward disagree in shape: {tuple(held.grad_sample.shape)} "
                 f"vs {tuple(grad_sample.shape)}"
             )
-        grad_sample = param.ff_grad_sample + grad_sample
+        grad_sample = held.grad_sample + grad_sample
         norm2 = grad_sample.flatten(1).pow(2).sum(1)
-        fwds = param.ff_fwds | {fwd}
+        fwds = held.fwds | {fwd}
     else:
         fwds = {fwd}
-    param.ff_fwds = fwds
-    param.ff_grad_sample = grad_sample
-    param.ff_norm2 = norm2.float()
-    param.ff_batch = batch_id
+    record = Pending(grad_sample, norm2.float(), batch_id, fwds)
+    setattr(param, PS_ATTR, record)
+    return record
 
 
 def param_result(
@@ -188,8 +225,7 @@ def param_result(
     if ctx.mode == MODE_PER_SAMPLE:
         store(param, ctx, batch_id, grad.float(), norm2, fwd)
         return None
-    store(param, ctx, batch_id, None, norm2, fwd)
-    param.ff_clipped = grad.float()
+    store(param, ctx, batch_id, None, norm2, fwd).clipped = grad.float()
     return None
 
 

@@ -120,11 +120,10 @@ def per_sample_grads_loop(
 
 def per_sample_grads_engine(model: nn.Module) -> dict[str, Tensor]:
     """The per-sample gradients a flat-clipping ``DPSGD`` kept from the last backward, by parameter name."""
-    return {
-        n: p.ff_grad_sample.double()
-        for n, p in model.named_parameters()
-        if p.requires_grad and getattr(p, "ff_grad_sample", None) is not None
-    }
+    from fedlora_fast import per_sample
+
+    records = {n: per_sample.pending(p) for n, p in model.named_parameters() if p.requires_grad}
+    return {n: r.grad_sample.double() for n, r in records.items() if r is not None and r.grad_sample is not None}
 
 
 def spy_kept_weight(monkeypatch) -> list[tuple[str | None, bool]]:

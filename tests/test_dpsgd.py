@@ -310,6 +310,46 @@ def test_a_copy_or_pickle_of_the_model_leaves_the_engine_and_its_noise_secret_be
     pickle.dumps(model)
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_pickling_the_trained_tensors_mid_step_is_refused_and_after_the_step_carries_nothing(clipping):
+    """The per-sample results live on the trained Parameters, and a Parameter pickles its ``__dict__``: between
+    a backward and its step, ``torch.save`` of ``state_dict(keep_vars=True)``, of the optimizer or of one tensor
+    would write every sample's unclipped gradient (flat) or the pre-noise clipped sum (per-layer) into the file.
+    Refused; after the step the same saves work and hold no per-sample data."""
+    import copy
+    import io
+    import pickle
+
+    model = make_model()
+    dp = make_dp(model, clipping=clipping, noise_multiplier=1.0)
+    loss_fn(model, make_batch(4, 5)).backward()
+    lora_B = model[0].lora_B
+    assert per_sample.has_state(lora_B)
+    attempts = {
+        "state_dict(keep_vars=True)": lambda: torch.save(model.state_dict(keep_vars=True), io.BytesIO()),
+        "optimizer": lambda: torch.save(dp.optimizer, io.BytesIO()),
+        "tensor": lambda: pickle.dumps(lora_B),
+        "record": lambda: copy.deepcopy(per_sample.pending(lora_B)),
+        "a plain tensor's deepcopy": lambda: copy.deepcopy(plain),
+    }
+    plain = torch.zeros(3)
+    per_sample.store(plain, dp.ctx, dp.ctx.batch_id, torch.zeros(2, 3), torch.zeros(2), per_sample.forward_id(dp.ctx))
+    for what, attempt in attempts.items():
+        with pytest.raises(PerSampleStateError, match="unclipped"):
+            attempt()
+    per_sample.clear(plain)
+    dp.step()
+    for what, save in (("state_dict", lambda b: torch.save(model.state_dict(keep_vars=True), b)),
+                       ("tensor", lambda b: torch.save(lora_B, b))):
+        buf = io.BytesIO()
+        save(buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        tensors = loaded.values() if isinstance(loaded, dict) else [loaded]
+        assert not any(per_sample.has_state(t) for t in tensors), what
+    pickle.dumps(dp.optimizer.state_dict())
+
+
 def test_micro_batches_helper_splits_and_counts():
     batch = make_batch(7, 3)
     parts = list(micro_batches(batch, 3))

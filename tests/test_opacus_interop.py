@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedlora_fast as ff
+from fedlora_fast import per_sample
 from fedlora_fast.ops import backends
 from fedlora_fast.privacy.opacus_interop import prepare_for_opacus
 from fedlora_fast.testing import assert_close_verbose, per_sample_grads_loop
@@ -42,7 +43,7 @@ def ours(model, x, y):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4)
     ((model(x) - y) ** 2).sum().backward()
-    grads = {n: p.ff_grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: per_sample.pending(p).grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
     norms = dp.per_sample_norms().clone()
     dp.zero_grad()
     dp.detach()
@@ -160,7 +161,7 @@ def test_make_private_on_minilm_with_all_linear_adapters_matches_ours():
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=3)
     nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y, reduction="sum").backward()
-    want = {n: p.ff_grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: per_sample.pending(p).grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert len(want) == 6 * 6 + 1 + 2  # 6 linears per layer, the pooler, the classifier weight and bias
     prepare_for_opacus(model)
     loader = DataLoader(TensorDataset(ids, mask, y), batch_size=3)

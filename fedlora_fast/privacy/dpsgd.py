@@ -620,7 +620,7 @@ class DPSGD:
         return self._norms2().sqrt()
 
     def _norms2(self) -> Tensor:
-        norms2 = [p.ff_norm2 for p in self.params if per_sample.has_state(p)]
+        norms2 = [r.norm2 for r in map(per_sample.pending, self.params) if r is not None]
         if not norms2:
             raise RuntimeError(
                 "per_sample_norms(): no per-sample gradients: run loss.backward() on a batch through the "
@@ -678,8 +678,9 @@ class DPSGD:
                 coef = torch.where(valid, coef, torch.zeros_like(coef))
             clipped = self._clip_flat(coef, n)
         else:  # the layers' backwards already clipped and summed, in float32 (None: unused)
-            clipped = self._flatten([getattr(p, "ff_clipped", None) for p in self.params])
-        self.ctx.consume(set().union(*(getattr(p, "ff_fwds", None) or () for p in self.params)))
+            records = map(per_sample.pending, self.params)
+            clipped = self._flatten([r.clipped if r is not None else None for r in records])
+        self.ctx.consume(set().union(*(r.fwds for r in map(per_sample.pending, self.params) if r is not None)))
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
@@ -739,7 +740,8 @@ class DPSGD:
         """
         grads = []
         for p in self.params:
-            gs = getattr(p, "ff_grad_sample", None)  # None: unused in this forward, contributes zero
+            record = per_sample.pending(p)  # None: unused in this forward, contributes zero
+            gs = record.grad_sample if record is not None else None
             if gs is not None and gs.shape[0] != n:
                 raise RuntimeError(f"per-sample gradients of one tensor have {gs.shape[0]} samples, expected {n}")
             grads.append(gs)
