@@ -9,8 +9,14 @@ adapter is written in peft's format (``OUT/adapter``), loadable with ``PeftModel
     python examples/causal_lm.py --model /path/to/Llama-3.2-1B --out runs/llama --rounds 3 --epsilon 8
     # CPU, seconds: a random 2-layer LlamaConfig on synthetic sequences
     python examples/causal_lm.py --tiny --out runs/tiny
+    # several GPUs per silo (data parallel, one process per GPU; gloo on CPUs): the same run, split over them
+    torchrun --standalone --nproc-per-node 8 examples/causal_lm.py --model /path/to/Llama-3.1-8B --out runs/llama8
 
 Text data: ``--data FILE`` (one example per line), default the SMS messages packaged with fedlora_fast.
+Under ``torchrun`` every client's steps run data parallel over the processes (``DPSGD(process_group=...)``):
+each process Poisson-samples its own part of the client's data at q and clips its own samples, and one
+``all_reduce`` per step sums them, rank 0 alone adding the noise: the same release and accounting as one
+process. Rank 0 prints and writes the results.
 Per-sample state: with flat clipping each physical micro-batch of n sequences keeps n * sum(out * r) float32
 per-sample gradients of B until the step (see examples/README.md); ``--clipping per_layer`` keeps none.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -32,6 +39,7 @@ from fedlora_fast.data import collate as pad_batch
 from fedlora_fast.io import atomic_write_text
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
+from fedlora_fast.privacy import group as dp_group
 
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -93,6 +101,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data and not Path(args.data).is_file():
         p.error(f"--data: {args.data!r} is not a file")
     return args
+
+
+def init_group() -> tuple[int, int, object | None]:
+    """(rank, world size, process group) under ``torchrun`` (``WORLD_SIZE`` > 1): NCCL with one GPU per
+    process (``LOCAL_RANK``), gloo on CPUs; (0, 1, None) for a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+
+def all_sum(values: list[float], device, group) -> list[float]:
+    """``values`` summed over the group's processes (themselves without a group)."""
+    if group is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, group=group)
+    return t.tolist()
 
 
 def load_tokenizer(args):
@@ -174,18 +205,36 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], capturable
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, seqs: list[list[int]], pad_id: int, device, micro: int) -> float:
+def evaluate(model: nn.Module, seqs: list[list[int]], pad_id: int, device, micro: int,
+             rank: int = 0, world: int = 1, group=None) -> float:
+    """The mean per-sequence loss on ``seqs`` (data parallel: each process evaluates every world-th one)."""
     model.eval()
-    losses = [per_sample_loss(model, {k: v.to(device) for k, v in collate(seqs[i : i + micro], pad_id).items()},
+    mine = seqs[rank::world]
+    losses = [per_sample_loss(model, {k: v.to(device) for k, v in collate(mine[i : i + micro], pad_id).items()},
                               capturable=False)
-              for i in range(0, len(seqs), micro)]
+              for i in range(0, len(mine), micro)]
     model.train()
-    return torch.cat(losses).mean().item()
+    total, count = all_sum([torch.cat(losses).sum().item() if losses else 0.0, float(len(mine))], device, group)
+    return total / count
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, group = init_group()
+    if group is None:
+        return run(args, rank, world, group)
+    try:
+        metrics = run(args, rank, world, group)
+        torch.distributed.barrier(group=group)  # (no process tears the group down while another still uses it)
+        return metrics
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run(args, rank: int, world: int, group) -> dict:
+    """The federated run (``main``); data parallel over ``group``'s ``world`` processes, or alone."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    say = print if rank == 0 else (lambda *a, **k: None)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -196,11 +245,11 @@ def main(argv=None) -> dict:
     rng.shuffle(examples)
     n_eval = max(2, len(examples) // 10)
     eval_set, train_set = examples[:n_eval], examples[n_eval:]
-    if len(train_set) < args.clients:
+    if len(train_set) < args.clients * world or n_eval < world:
         raise SystemExit(
             f"--data / --max-examples / --max-length: {len(examples)} usable examples (at least 2 tokens each); "
-            f"{n_eval} to hold out for evaluation and one per client (--clients {args.clients}) need "
-            f"{n_eval + args.clients}"
+            f"{n_eval} to hold out for evaluation and one per client (--clients {args.clients}) and process "
+            f"({world}) need {max(n_eval, world) + args.clients * world}"
         )
     pad_id = pad_id_of(tok)
     model, _ = build_model(args, device, dtype, tok)
@@ -216,9 +265,9 @@ def main(argv=None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # flat clipping keeps every sample's gradient of every trained tensor until the step (examples/README.md)
     state_floats = args.micro_batch * sum(p.numel() for p in trainable) if args.clipping == "flat" else 0
-    print(f"model: {type(model).__name__} {dtype} on {device}; {len(adapters)} adapters, "
-          f"{sum(p.numel() for p in trainable)} trainable values; {args.clipping} clipping keeps "
-          f"{state_floats} per-sample floats per micro-batch of {args.micro_batch} ({state_floats * 4 / 2**20:.2f} MiB)")
+    say(f"model: {type(model).__name__} {dtype} on {device}; {len(adapters)} adapters, "
+        f"{sum(p.numel() for p in trainable)} trainable values; {args.clipping} clipping keeps {state_floats} "
+        f"per-sample floats per micro-batch of {args.micro_batch} ({state_floats * 4 / 2**20:.2f} MiB)")
 
     shards = [train_set[c :: args.clients] for c in range(args.clients)]  # IID split, one shard per client
     total_steps = args.rounds * args.local_steps
@@ -227,12 +276,13 @@ def main(argv=None) -> dict:
     accountants = [Accountant("rdp") for _ in shards]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     global_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    print(f"{len(train_set)} training examples over {args.clients} clients, {n_eval} held out; "
-          f"noise multiplier {sigma:.3f} for epsilon {args.epsilon} at delta {args.delta} "
-          f"over {total_steps} steps with q={args.sample_rate}")
+    say(f"{len(train_set)} training examples over {args.clients} clients, {n_eval} held out; "
+        f"noise multiplier {sigma:.3f} for epsilon {args.epsilon} at delta {args.delta} "
+        f"over {total_steps} steps with q={args.sample_rate}" + (f"; {world} processes per client" * (world > 1)))
     graphed = None  # --cuda-graph: the GraphedAccumulator every client's engine feeds from
-    records = [{"round": 0, "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch)}]
-    print(f"round 0: eval loss {records[0]['eval_loss']:.4f}")
+    records = [{"round": 0, "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch,
+                                                  rank, world, group)}]
+    say(f"round 0: eval loss {records[0]['eval_loss']:.4f}")
     for rnd in range(1, args.rounds + 1):
         t0 = time.time()
         updates, weights, train_losses = [], [], []
@@ -242,11 +292,16 @@ def main(argv=None) -> dict:
                 for n in names:
                     params[n].copy_(global_state[n])
             opt = torch.optim.Adam(trainable, lr=args.lr)
+            # (data parallel: the batch size expected over the whole client, the release's)
             dp = ff.DPSGD(model, opt, max_grad_norm=args.max_grad_norm, noise_multiplier=sigma,
-                          expected_batch_size=max(1, round(args.sample_rate * len(shard))), clipping=args.clipping)
-            # sampling from the OS's entropy: the accounting's amplification by subsampling assumes nobody can
-            # tell which samples a step drew (a sampler seeded from the public --seed would tell)
-            sampler = PoissonSampler(len(shard), args.sample_rate, steps=args.local_steps)
+                          expected_batch_size=max(1, round(args.sample_rate * len(shard))), clipping=args.clipping,
+                          process_group=group)
+            # data parallel: this process samples its own part of the client's data at q (the parts' draws together
+            # are a Poisson sample of the client's data at q). Sampling from the OS's entropy: the accounting's
+            # amplification by subsampling assumes nobody can tell which samples a step drew (a sampler seeded
+            # from the public --seed would tell, and processes sharing a seed would draw together)
+            part = shard[rank::world]
+            sampler = PoissonSampler(len(part), args.sample_rate, steps=args.local_steps)
             if args.cuda_graph:  # one capture for the run: every client's engine (same model, shapes, clipping)
                 if graphed is None:
                     sizes = graph_micro_batch_sizes(args.micro_batch)  # and the powers of two below: little padding
@@ -257,12 +312,13 @@ def main(argv=None) -> dict:
                 if not idx:
                     dp.step(empty_batch=True)
                 elif graphed is not None:  # micro-batches of --max-length tokens (plan(n)), replayed
-                    graphed.accumulate(collate([shard[j] for j in idx], pad_id, width=args.max_length))
+                    graphed.accumulate(collate([part[j] for j in idx], pad_id, width=args.max_length))
                     train_losses.append(graphed.last_loss.detach() / len(idx))  # on the device: no wait
                     dp.step()
                 else:
                     for i in range(0, len(idx), args.micro_batch):
-                        batch = {k: v.to(device) for k, v in collate([shard[j] for j in idx[i : i + args.micro_batch]], pad_id).items()}
+                        seqs = [part[j] for j in idx[i : i + args.micro_batch]]
+                        batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
                         loss = per_sample_loss(model, batch, capturable=False)
                         loss.sum().backward()  # summed over samples: each sample's gradient is its own
                         train_losses.append(loss.detach().mean())
@@ -281,20 +337,28 @@ def main(argv=None) -> dict:
             for n in names:
                 params[n].copy_(global_state[n])
         eps = max(a.epsilon(args.delta) for a in accountants)
-        mean_loss = torch.stack(train_losses).mean().item() if train_losses else None  # one read per round
+        # one read per round (data parallel: the mean over every process's micro-batches)
+        summed, count = all_sum([torch.stack(train_losses).sum().item() if train_losses else 0.0,
+                                 float(len(train_losses))], device, group)
+        mean_loss = summed / count if count else None
         rec = {"round": rnd, "train_loss": mean_loss,
-               "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch),
+               "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch, rank, world, group),
                "epsilon": eps, "seconds": time.time() - t0}
         records.append(rec)
         shown = "n/a (no sample drawn)" if mean_loss is None else f"{mean_loss:.4f}"
-        print(f"round {rnd}: train loss {shown}, eval loss {rec['eval_loss']:.4f}, "
-              f"epsilon {eps:.3f} (delta {args.delta}), {rec['seconds']:.1f}s")
+        say(f"round {rnd}: train loss {shown}, eval loss {rec['eval_loss']:.4f}, "
+            f"epsilon {eps:.3f} (delta {args.delta}), {rec['seconds']:.1f}s")
+    if group is not None:  # every process stepped with the same gradients: they hold the same adapter
+        dp_group.agree(group, device, {"the trained adapter": dp_group.digest(global_state)},
+                       what="writing the adapter")
+    metrics = {"config": vars(args), "world_size": world, "noise_multiplier": sigma, "rounds": records,
+               "final": {"eval_loss": records[-1]["eval_loss"], "epsilon": eps, "delta": args.delta}}
+    if rank != 0:
+        return metrics
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     export_peft(model, out / "adapter", metadata={"example": "causal_lm", "rounds": args.rounds, "epsilon": eps,
                                                   "delta": args.delta, "noise_multiplier": sigma})
-    metrics = {"config": vars(args), "noise_multiplier": sigma, "rounds": records,
-               "final": {"eval_loss": records[-1]["eval_loss"], "epsilon": eps, "delta": args.delta}}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"final: eval loss {records[-1]['eval_loss']:.4f}, epsilon {eps:.3f}; adapter in {out / 'adapter'}")
     return metrics

@@ -7,6 +7,7 @@ bf16 is judged against PyTorch's own bf16 error (flash-attention's rule), not a 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import subprocess
@@ -245,6 +246,35 @@ def test_causal_lm_example_runs_tiny(tmp_path, extra):
         a = ours.eval()(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
         b = theirs(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
     assert_close_verbose(a, b, atol=1e-5, rtol=1e-5, name="logits")
+
+
+def test_causal_lm_example_runs_data_parallel_under_torchrun(tmp_path):
+    """Two gloo processes per client (``torchrun``; several GPUs of one silo on a GPU box): each samples and clips
+    its own part of the client's data and ``DPSGD(process_group=...)`` sums them. The run must account as one
+    process does, end with the same adapter on both processes (checked by the example before it writes: a
+    process that stepped on its own gradient fails the run), and write a loadable adapter from rank 0.
+    The release equals one process's on the union of the batches: ``tests/test_dp_group.py``."""
+    import json
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "causal_lm.py"), "--tiny", "--out", str(out), "--rounds", "2", "--local-steps", "2",
+           "--max-examples", "64", "--epsilon", "6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("round 2:") == 1, "rank 0 alone reports"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    acc = ff.privacy.Accountant("rdp")
+    for _ in range(4):  # 2 rounds x 2 local steps, at the client's rate: the single-process accounting
+        acc.step(noise_multiplier=metrics["noise_multiplier"], sample_rate=0.25)
+    assert metrics["final"]["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-12) and acc.epsilon(1e-5) <= 6.0
+    assert all(math.isfinite(r["eval_loss"]) for r in metrics["rounds"])
+    example = _example_module()
+    model, _ = example.build_model(example.parse_args(["--tiny"]), torch.device("cpu"), torch.float32)
+    loaded = ff.load_peft(model, out / "adapter")
+    assert len(loaded) == 14 and any(l.lora_B.abs().sum() > 0 for l in loaded.values())
 
 
 def test_causal_lm_example_runs_a_local_checkpoint_dir(tmp_path):
