@@ -180,6 +180,7 @@ def export_peft(
     save_dir: str | os.PathLike,
     *,
     modules_to_save: Iterable[str] | None = None,
+    also_save: Iterable[str] = (),
     task_type: str | None = "auto",
     base_model_name_or_path: str | None = None,
     metadata: dict | None = None,
@@ -192,6 +193,11 @@ def export_peft(
         save_dir: directory to create (or update: the two peft files and ``fedlora_fast.json`` are replaced).
         modules_to_save: fully trained modules to save with the adapters (peft's ``modules_to_save``);
             default: the outermost modules whose parameters are all trainable (e.g. ``["classifier"]``).
+            peft also wraps every module whose name ends with an entry (``classifier`` takes DistilBERT's
+            ``pre_classifier``) and wants its weights: such modules are saved too (their current weights, so the
+            load computes what ``model`` does), unless they hold an adapter (warned: peft cannot load that).
+        also_save: modules saved in full besides ``modules_to_save``, though frozen: those the base checkpoint
+            lacks, such as a classification head initialised anew, which each load would otherwise draw anew.
         task_type: peft TaskType (``"SEQ_CLS"``, ``"CAUSAL_LM"``...); ``"auto"`` infers it from the model's
             class name; None leaves it unset (``PeftModel.from_pretrained`` then builds a plain ``PeftModel``).
         base_model_name_or_path: recorded in the config; default ``model.config.name_or_path`` if any.
@@ -237,12 +243,21 @@ def export_peft(
         modules_to_save = _infer_modules_to_save(model, adapters)
     else:
         modules_to_save = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    also_save = [also_save] if isinstance(also_save, str) else list(also_save)
     all_modules = dict(model.named_modules())
-    for m in modules_to_save:
-        if m not in all_modules or not m:
-            raise ValueError(f"modules_to_save: {m!r} is not a submodule of {type(model).__name__}")
-        if _overlaps(m, names):
-            raise ValueError(f"modules_to_save: {m!r} overlaps an adapter layer")
+    for arg, listed in (("modules_to_save", modules_to_save), ("also_save", also_save)):
+        for m in listed:
+            if not isinstance(m, str) or m not in all_modules or not m:
+                raise ValueError(f"{arg}: {m!r} is not a submodule of {type(model).__name__}")
+            if _overlaps(m, names):
+                raise ValueError(f"{arg}: {m!r} overlaps an adapter layer")
+    modules_to_save = [*modules_to_save, *(m for m in also_save if m not in modules_to_save)]
+    while True:  # peft's suffix rule wraps these too (DistilBERT's frozen pre_classifier for "classifier"): save them
+        wrapped = sorted(k for k in _peft_wraps(all_modules, modules_to_save)
+                         if not _overlaps(k, modules_to_save) and not _overlaps(k, names))
+        if not wrapped:
+            break
+        modules_to_save += wrapped
     tied = _tied_outside(model, modules_to_save)
     if tied:
         raise ValueError(
@@ -266,18 +281,14 @@ def export_peft(
                f"{unsaved[:4]} are not saved (not trained), so peft would find no weights for them")
             + ": pass task_type=None"
         )
+    # peft also wraps every other module whose name ends with an entry: the unsaved ones were added above; one
+    # that holds (or sits in) an adapter layer it cannot wrap
     clashes = _suffix_clashes(all_modules, modules_to_save, names)
-    # peft also wraps (and expects saved weights for) every other module whose name ends with an entry:
-    # DistilBERT's frozen pre_classifier for a trained "classifier"
-    unsaved = sorted(k for k in _peft_wraps(all_modules, modules_to_save)
-                     if k not in clashes and not _overlaps(k, modules_to_save))
-    if clashes or unsaved:
-        what = (f"the adapted {clashes[:4]}" if clashes else "") + (" and " if clashes and unsaved else "") + (
-            f"the unsaved {unsaved[:4]}" if unsaved else "")
+    if clashes:
         warnings.warn(
             f"export_peft: peft matches modules_to_save {modules_to_save} as plain suffixes, so it would also wrap "
-            f"{what} and PeftModel.from_pretrained will refuse {str(save_dir)!r}; fedlora_fast.load_peft reads it "
-            "(or adapt/train modules whose names are not suffixes of each other)",
+            f"the adapted {clashes[:4]} and PeftModel.from_pretrained will refuse {str(save_dir)!r}; "
+            "fedlora_fast.load_peft reads it (or adapt/train modules whose names are not suffixes of each other)",
             RuntimeWarning, stacklevel=2,
         )
     if base_model_name_or_path is None:

@@ -726,12 +726,53 @@ def test_export_for_peft_task_heads_suffixes_and_a_scale_set_by_hand(tmp_path):
     assert sorted(load_peft(back, tmp_path / "c")) == ["pre_classifier"]
     h = torch.randn(3, 8)
     assert_close_verbose(back(h), suffix(h), atol=1e-6, rtol=1e-6, name="load_peft")
-    # DistilBERT with adapters elsewhere: the frozen pre_classifier is not saved, and peft would want it
+    # DistilBERT with adapters elsewhere: peft wants the frozen pre_classifier too (a real DistilBERT: below)
     net = head()
     net.add_module("body", nn.Linear(8, 8))
     ff.inject_adapters(net, ["body"], r=2, alpha=4.0, trainable_modules=["classifier"])
-    with pytest.warns(RuntimeWarning, match=r"would also wrap the unsaved \['pre_classifier'\]"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         export_peft(net, tmp_path / "d")
+    assert json.loads((tmp_path / "d" / CONFIG_NAME).read_text())["modules_to_save"] == ["classifier", "pre_classifier"]
+
+
+def test_export_distilbert_saves_the_frozen_pre_classifier_peft_wraps(tmp_path):
+    """peft's ``modules_to_save`` rule is a plain suffix: a trained DistilBERT ``classifier`` makes peft wrap the
+    frozen ``pre_classifier`` too, and ``PeftModel.from_pretrained`` then refused a file without its weights
+    (we only warned). The export saves it (its current weights), and peft's SEQ_CLS class loads the file with
+    our logits; ``also_save`` adds a frozen module by name, and bad names are refused."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    def base():
+        torch.manual_seed(0)
+        cfg = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=2)
+        return DistilBertForSequenceClassification(cfg).eval()
+
+    model = base()
+    ff.inject_adapters(model, ["q_lin", "v_lin"], r=4, alpha=8.0, trainable_modules=["classifier"])
+    randomize([p for p in model.parameters() if p.requires_grad])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_peft(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier", "pre_classifier"]
+    x = torch.randint(0, 100, (2, 7))
+    theirs = PeftModel.from_pretrained(base(), str(tmp_path / "a")).eval()
+    assert_close_verbose(theirs(input_ids=x).logits, model.eval()(input_ids=x).logits, atol=1e-5, rtol=1e-5,
+                         name="peft")
+    model = base()
+    ff.inject_adapters(model, ["q_lin", "v_lin"], r=4, alpha=8.0, trainable_modules=[])
+    with torch.no_grad():
+        model.classifier.weight.normal_()  # a head the base checkpoint lacks, drawn anew and kept frozen
+    export_peft(model, tmp_path / "b", also_save=["classifier"])
+    assert json.loads((tmp_path / "b" / CONFIG_NAME).read_text())["modules_to_save"] == ["classifier", "pre_classifier"]
+    theirs = PeftModel.from_pretrained(base(), str(tmp_path / "b")).eval()
+    assert_close_verbose(theirs(input_ids=x).logits, model.eval()(input_ids=x).logits, atol=1e-5, rtol=1e-5,
+                         name="peft, also_save")
+    for bad, match in ((["nope"], r"also_save: 'nope' is not a submodule"),
+                       (["distilbert.transformer.layer.0.attention.q_lin"], "also_save: .* overlaps an adapter")):
+        with pytest.raises(ValueError, match=match):
+            export_peft(model, tmp_path / "c", also_save=bad)
 
 
 def test_export_with_a_frozen_unsaved_head_leaves_the_task_type_unset(tmp_path):
