@@ -111,9 +111,12 @@ def init_group() -> tuple[int, int, object | None]:
         return 0, 1, None
     import torch.distributed as dist
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():  # (bound to its GPU: NCCL need not guess the device of its first collective)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
 
 

@@ -1,5 +1,6 @@
 """One process of tests/test_dp_group.py's data-parallel DPSGD runs (gloo, CPU): ``python dp_group_worker.py RANK
-WORLD INIT_FILE OUT_DIR CLIPPING``. Also imported by the test for the single-process run it compares against.
+WORLD INIT_FILE OUT_DIR CLIPPING [DEVICE]``. Also imported by the test for the single-process run it compares
+against. DEVICE ``cuda``: an NCCL group on the GPU, the ``train`` scenario only (one GPU holds one rank).
 
 Scenarios, in order, on one process group (each refusal is raised on every rank after complete collectives, so
 the group stays usable for the next):
@@ -64,9 +65,9 @@ def loss(model, x, y):
     return ((model(x) - y) ** 2).sum()
 
 
-def train(dp, model, idx_per_step, micro: int | None = None):
+def train(dp, model, idx_per_step, micro: int | None = None, device: str = "cpu"):
     """STEPS steps, each over the samples ``idx_per_step[step]`` (micro-batches of ``micro`` if given)."""
-    x, y = data()
+    x, y = (t.to(device) for t in data())
     for idx in idx_per_step:
         if not idx:
             dp.step(empty_batch=True)
@@ -88,22 +89,26 @@ def _outcome(fn) -> dict:
     return {"error": None}
 
 
-def main(rank: int, world: int, init_file: str, out: str, clipping: str) -> None:
+def main(rank: int, world: int, init_file: str, out: str, clipping: str, device: str = "cpu") -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    kw = {"device_id": torch.device(device, rank)} if device == "cuda" else {}
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60), **kw)
     pg = dist.group.WORLD
     last = world - 1
     results = {}
-    model = make_model()
+    model = make_model().to(device)
     dp = make_dp(model, clipping, process_group=pg)
-    train(dp, model, [step_members(s, world)[rank] for s in range(STEPS)], micro=2 if rank == 0 else None)
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+    train(dp, model, [step_members(s, world)[rank] for s in range(STEPS)], micro=2 if rank == 0 else None,
+          device=device)
+    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
               os.path.join(out, f"rank{rank}.safetensors"))
     results["train"] = {"epsilon": dp.epsilon(1e-5), "steps": dp.steps}
     dp.detach()
+    if device != "cpu":
+        _finish(out, rank, results)
 
     results["build_sigma"] = _outcome(lambda: make_dp(
         make_model(), clipping, process_group=pg, noise_multiplier=SIGMA + (0.1 if rank == last else 0.0)))
@@ -139,6 +144,12 @@ def main(rank: int, world: int, init_file: str, out: str, clipping: str) -> None
         dp.step()
 
     results["release_sigma"] = _outcome(release_sigma)
+    _finish(out, rank, results)
+
+
+def _finish(out: str, rank: int, results: dict) -> None:
+    import torch.distributed as dist
+
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()  # (no rank tears gloo down while another still talks to it)
@@ -151,4 +162,4 @@ def main(rank: int, world: int, init_file: str, out: str, clipping: str) -> None
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], *sys.argv[6:7])
