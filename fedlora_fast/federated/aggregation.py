@@ -36,6 +36,9 @@ class Aggregator:
     """Base class: ``aggregate(global_state, updates) -> new global state`` (same keys, dtypes, shapes)."""
 
     name = ""
+    # a DP release: every round releases (``Server.run_round``), whatever was accepted, since a round skipped for
+    # too few updates would tell whether one client took part; an empty round is noise alone
+    releases_noise = False
 
     def aggregate(self, global_state: dict[str, Tensor], updates: list[ClientUpdate]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -120,9 +123,14 @@ class CentralDP(Aggregator):
             selection would give a varying number of updates, which this class does not take. An update
             rejected or lost after selection still counts (q stays 1).
         generator: noise generator; None draws a seed from the operating system.
+
+    Every round is a release, even one with no update accepted (noise alone): ``Server`` does not skip a round
+    below its ``min_clients`` under this aggregator, since whether a round moved the state would tell whether
+    a client took part (the accountant's epsilon covers the noisy release only).
     """
 
     name = "central_dp"
+    releases_noise = True
 
     def __init__(self, *, clip_norm: float, noise_multiplier: float, num_clients: int,
                  clients_per_round: int | None = None, generator: torch.Generator | None = None):
@@ -148,7 +156,8 @@ class CentralDP(Aggregator):
         self.accountant = Accountant()
 
     def aggregate(self, global_state, updates):
-        check_updates(global_state, updates)
+        if updates:  # (none accepted: the release is noise alone, and it is accounted as every round is)
+            check_updates(global_state, updates)
         if len(updates) > self.clients_per_round:
             raise ValueError(f"updates: {len(updates)} accepted, more than the {self.clients_per_round} clients selected "
                              "per round (clients_per_round) the noise and accounting are calibrated for")

@@ -6,7 +6,8 @@ targets, method), has missing or unexpected tensors, a wrong shape or dtype, or 
 the server is told what to expect, moves the global state further than ``max_update_norm`` or claims another
 example count than the client holds (FedAvg weights by it: a client claiming 10^15 examples would own the
 average). The round goes on with the rest when at least ``min_clients`` updates are accepted; otherwise the
-global state stays as it was.
+global state stays as it was, except under an aggregator that releases with noise (``CentralDP``), which
+releases every round: a round skipped for want of one client would tell whether that client took part.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from fedlora_fast.federated.aggregation import Aggregator, ClientUpdate, FedAvg
 log = logging.getLogger(__name__)
 
 CLIENT_METRICS = ("steps", "train_loss")  # what an update's metadata may report beside its tensors
+
+
+def _shown(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a client's strings reach logs, metrics.json and checkpoints."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _finite_number(v) -> bool:
@@ -61,7 +68,8 @@ class Server:
         initial_state: ``{name: tensor}`` the global trainable tensors (copied).
         fingerprint: the adapter fingerprint every update must carry.
         aggregator: an ``Aggregator`` (FedAvg by default).
-        min_clients: fewest accepted updates that move the global state.
+        min_clients: fewest accepted updates that move the global state (not applied under ``CentralDP``: every
+            round is its noisy release, see the module docstring).
         max_update_norm: reject an update whose L2 distance from the global state (over every tensor) is
             larger; None: no bound (finite values only). FedAvg has no other defence against one client
             sending huge values; central DP clips them instead.
@@ -104,20 +112,20 @@ class Server:
             return None, None, f"undecodable message: {e}"
         cid = meta.get("client_id")
         if not isinstance(cid, int) or isinstance(cid, bool):
-            return None, None, f"metadata: client_id must be an int, got {cid!r}"
+            return None, None, f"metadata: client_id must be an int, got {_shown(cid)}"
         if self.num_clients is not None and not 0 <= cid < self.num_clients:
             return None, cid, f"client_id {cid}: not one of the federation's clients 0..{self.num_clients - 1}"
         rnd = meta.get("round")
         if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd != self.round:
-            return None, cid, f"stale or future round: update for round {rnd!r}, server is at round {self.round}"
+            return None, cid, f"stale or future round: update for round {_shown(rnd)}, server is at round {self.round}"
         if meta.get("fingerprint") != self.fingerprint:
             return None, cid, (
-                f"adapter fingerprint {meta.get('fingerprint')!r} differs from the server's {self.fingerprint!r} "
+                f"adapter fingerprint {_shown(meta.get('fingerprint'))} differs from the server's {self.fingerprint!r} "
                 "(seed, rank, alpha, targets or method differ)"
             )
         n = meta.get("num_examples")
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
-            return None, cid, f"metadata: num_examples must be a positive int of at most 2**53, got {n!r}"
+            return None, cid, f"metadata: num_examples must be a positive int of at most 2**53, got {_shown(n)}"
         if self.example_counts is not None and self.example_counts.get(cid) != n:
             if cid not in self.example_counts:
                 return None, cid, f"client_id {cid}: not one of the federation's clients {sorted(self.example_counts)[:8]}"
@@ -137,7 +145,10 @@ class Server:
         if self.max_update_norm is not None:
             norm = math.sqrt(sum(float((tensors[k].double() - g.double()).pow(2).sum()) for k, g in self.global_state.items()))
             if norm > self.max_update_norm:
-                return None, cid, f"update norm {norm:.4g} (L2 distance from the global state) exceeds max_update_norm={self.max_update_norm:g}"
+                # under central DP the outputs must not carry a client's exact update norm (metrics.json has them)
+                shown = "" if self.aggregator.releases_noise else f" {norm:.4g}"
+                return None, cid, (f"update norm{shown} (L2 distance from the global state) exceeds "
+                                   f"max_update_norm={self.max_update_norm:g}")
         sent = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
         # only the known numeric keys (a client's metrics reach metrics.json): nothing else a client chose to send
         metrics = {k: sent[k] for k in CLIENT_METRICS if _finite_number(sent.get(k))}
@@ -164,7 +175,14 @@ class Server:
             seen.add(cid)
             result.accepted.append(update)
             result.accepted_from.append(i)
-        if len(result.accepted) >= self.min_clients:
+        releases = self.aggregator.releases_noise
+        if len(result.accepted) >= self.min_clients or releases:
+            if len(result.accepted) < self.min_clients:
+                log.warning(
+                    "round %d: only %d update(s) accepted, fewer than min_clients=%d: released all the same (%s "
+                    "adds noise every round: a round skipped would tell whether a client took part)",
+                    self.round, len(result.accepted), self.min_clients, self.aggregator.name,
+                )
             new_state = self.aggregator.aggregate(self.global_state, result.accepted)
             if all(bool(torch.isfinite(t).all()) for t in new_state.values()):
                 self.global_state = new_state

@@ -139,7 +139,7 @@ class FedLoRAStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                rejected.append({"client": None, "node": node, "reason": f"client error: {msg.error.reason}"})
+                rejected.append({"client": None, "node": node, "reason": f"client error: {str(msg.error.reason)[:300]}"})
                 continue
             try:
                 content = msg.content
@@ -154,7 +154,7 @@ class FedLoRAStrategy(FedAvg):
                 sent_meta = records.read_meta(meta)
                 cid = sent_meta.get("client_id")
             except Exception as e:  # malformed content of any kind: reject this reply only
-                rejected.append({"client": None, "node": node, "reason": f"malformed reply: {e}"})
+                rejected.append({"client": None, "node": node, "reason": f"malformed reply: {str(e)[:300]}"})
                 continue
             if not (isinstance(cid, int) and not isinstance(cid, bool)):
                 messages.append(message)  # the server rejects it, naming the bad client_id
@@ -265,7 +265,7 @@ class FedLoRAStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning("round %d: evaluation error from node %s: %s", server_round, node, msg.error.reason)
+                log.warning("round %d: evaluation error from node %s: %s", server_round, node, str(msg.error.reason)[:300])
                 continue
             m = next(iter(msg.content.metric_records.values()), None)
             n = None if m is None else m.get(self.weighted_by_key)
