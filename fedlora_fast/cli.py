@@ -113,7 +113,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="fedavg: example-weighted mean; central_dp: clip each client's update, average, add noise (user-level DP)")
     g.add_argument("--server-clip-norm", type=float, default=d.server_clip_norm, help="central_dp: L2 bound on a client's update")
     g.add_argument("--server-noise-multiplier", type=float, default=d.server_noise_multiplier, help="central_dp: noise multiplier")
-    g.add_argument("--min-clients", type=int, default=d.min_clients, help="fewest accepted updates that change the global adapter (FedAvg; central_dp releases every round)")
+    g.add_argument("--min-clients", type=int, default=d.min_clients,
+                   help="fewest accepted updates that change the global adapter (FedAvg; central_dp releases every round)")
     g.add_argument("--max-update-norm", type=float, default=d.max_update_norm,
                    help="reject a client update further than this (L2, all sent tensors) from the global adapter (default: no bound)")
     g = p.add_argument_group("optimisation")
