@@ -639,6 +639,14 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny, tmp_path):
         run_simulation(cfg, tmp_path / "full", progress=False, echo=None)
 
 
+def test_resume_takes_a_list_setting_given_as_a_tuple(tiny, tmp_path):
+    """``validate`` accepts tuples, the checkpoint stores JSON lists: a resume compared the two and refused its
+    own run ("written with targets=['query', 'value'], this run has targets=('query', 'value')")."""
+    cfg = tiny_config(tiny, rounds=2, targets=("query", "value"))
+    run_simulation(cfg, tmp_path / "run", progress=False, echo=None, stop_after=1)
+    assert run_simulation(cfg, tmp_path / "run", resume=True, progress=False, echo=None)["final"] is not None
+
+
 def test_resume_refuses_other_data_other_micro_batches_and_overwrite_clears_the_old_run(tiny, tmp_path):
     """A resume must find the same data and model (the noise was calibrated to the old sample rates) and the
     same physical batch size (with dropout on it changes the masks); --overwrite removes everything the old

@@ -986,7 +986,8 @@ def test_an_unwritable_default_privacy_dir_falls_back_with_a_warning(tiny, tmp_p
     text = [str(w.message) for w in caught]
     assert any(f"default privacy ledger directory {default} is not writable" in t and "'privacy-dir=DIR'" in t
                for t in text), text
-    assert any("if this node's data grew since, earlier rounds are undercounted; set node config 'privacy-dir'" in t
+    assert any("if this node's data changed since (grew: a larger sample rate then; shrank, with an epsilon target: "
+               "a smaller noise multiplier then), earlier rounds are undercounted; set node config 'privacy-dir'" in t
                for t in text), text
     assert reply.metric_records["metrics"]["steps"] == 2 * cfg.local_steps, "round 0 counted as its own"
     # a ledger already in a default directory the node cannot write: refused, not ignored
@@ -1087,7 +1088,8 @@ def test_a_ledgerless_restart_counts_earlier_rounds_at_the_servers_first_accepte
     q_then = min(1.0, cfg.batch_size / first)
     assert q < q_then < 1.0
     with pytest.warns(RuntimeWarning, match=rf"counting {2 * cfg.local_steps} earlier DP-SGD steps as its own at "
-                      rf"sample rate {q_then:.4g} \(the rate at {first} examples, from the server's record of this "
+                      rf"sample rate {q_then:.4g} and noise multiplier 1.3 \(the rate at {first} examples, from the "
+                      rf"server's record of this "
                       rf"node's first accepted example count; its data has {client.num_examples} now"):
         client_app._count_earlier_rounds(client, cfg, 0, 2, first_examples=first)
     assert client.accountant.history == [(1.3, q_then, 2 * cfg.local_steps)]
@@ -1101,7 +1103,8 @@ def test_a_ledgerless_restart_counts_earlier_rounds_at_the_servers_first_accepte
         with pytest.warns(RuntimeWarning) as caught:
             reply = client_app.train(_train_msg(fed, 1, **{FIRST_EXAMPLES_KEY: first}), ctx)
     text = [str(w.message) for w in caught]
-    assert any(f"sample rate {q_then:.4g} (the rate at {first} examples, from the server's record" in t for t in text)
+    want = f"sample rate {q_then:.4g} and noise multiplier 1.3 (the rate at {first} examples, from the server's record"
+    assert any(want in t for t in text)
     ref = Accountant()
     ref.step(noise_multiplier=1.3, sample_rate=q_then, num_steps=cfg.local_steps)  # round 0, at the rate then
     ref.step(noise_multiplier=1.3, sample_rate=q, num_steps=cfg.local_steps)  # round 1, trained now
@@ -1114,6 +1117,34 @@ def test_a_ledgerless_restart_counts_earlier_rounds_at_the_servers_first_accepte
         client_app._count_earlier_rounds(loaded, cfg, 0, 2, loaded=True, first_examples=first)
     assert loaded.accountant.history == [(1.3, q, 2 * cfg.local_steps)]
     assert not any("server's" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_a_ledgerless_restart_after_data_shrank_counts_earlier_rounds_at_the_noise_they_had(tiny):
+    """With an epsilon target the noise is calibrated at the data's sample rate: a silo file that shrank since
+    the node's first accepted update makes a restarted node (no ledger) calibrate a larger noise multiplier now.
+    Its earlier rounds ran with the smaller one calibrated at the rate then; counted at today's, they were
+    undercounted (a reviewer's run: reported 7.995 against the target 8 while 8.343 was spent). They now count at
+    the noise calibrated at the rate of the server's record, and the larger rate of today."""
+    from fedlora_fast.flower import client_app, node
+    from fedlora_fast.privacy import calibrate_noise_multiplier
+
+    cfg = flower_config.federated_config(_tiny_run_config(tiny))  # epsilon 8
+    fed = node.build(cfg)
+    client = client_app._restore(fed, 0, RecordDict())  # calibrated now, at today's rate
+    q, first = client.sample_rate, 4 * client.num_examples  # its silo file was 4x larger at its first update
+    q_then = cfg.batch_size / first
+    planned = cfg.rounds * cfg.local_steps
+    sigma_then = calibrate_noise_multiplier(target_epsilon=8.0, delta=cfg.delta, sample_rate=q_then, steps=planned)
+    assert sigma_then < client.noise_multiplier and q_then < q
+    with pytest.warns(RuntimeWarning, match=rf"at sample rate {q:.4g} and noise multiplier {sigma_then:.4g}"):
+        client_app._count_earlier_rounds(client, cfg, 0, 1, first_examples=first)
+    assert client.accountant.history == [(sigma_then, q, cfg.local_steps)]
+    # without the record the node cannot know: today's noise, and the warning says the count may be low
+    client = client_app._restore(fed, 0, RecordDict())
+    with pytest.warns(RuntimeWarning, match=r"shrank, with an epsilon target: a smaller noise multiplier then"):
+        client_app._count_earlier_rounds(client, cfg, 0, 1)
+    assert client.accountant.history == [(client.noise_multiplier, q, cfg.local_steps)]
 
 
 def test_a_larger_or_malformed_first_examples_hint_changes_nothing(tiny):
@@ -1171,7 +1202,7 @@ def test_a_ledger_directory_without_this_runs_file_at_a_restart_warns_of_the_und
     text = [str(w.message) for w in caught if "no privacy state from earlier rounds" in str(w.message)]
     assert len(text) == 1, [str(w.message) for w in caught]
     assert f"no privacy ledger found at {moved / 'fedlora_fast-privacy-run9-node0.json'}" in text[0], text
-    assert "its data grew since, earlier rounds are undercounted" in text[0], text
+    assert "its data changed since, earlier rounds are undercounted" in text[0], text
     assert lost["steps"] == 2 * cfg.local_steps, "the earlier round still counted, at the rate now"
     assert (moved / "fedlora_fast-privacy-run9-node0.json").is_file(), "and a ledger kept from here on"
 
@@ -1269,8 +1300,8 @@ def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
     from fedlora_fast.privacy import Accountant
 
     cfg = SimpleNamespace(delta=1e-5, rounds=3, local_steps=4)
-    noisy = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1, accountant=Accountant())
-    silent = SimpleNamespace(noise_multiplier=0.0, sample_rate=0.1, accountant=Accountant())
+    noisy = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1, accountant=Accountant(), num_examples=100)
+    silent = SimpleNamespace(noise_multiplier=0.0, sample_rate=0.1, accountant=Accountant(), num_examples=100)
     plan = Accountant()
     plan.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=12)
     planned = plan.epsilon(1e-5)
@@ -1290,7 +1321,7 @@ def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
     with pytest.raises(client_app.NodeError, match="max-epsilon"):  # no noise: epsilon inf, past any cap
         check(silent, **{"allow-no-noise": True, "max-epsilon": 100.0})
     # a node whose data grew: its first 6 steps ran at sample rate 0.3; the plan counts them so
-    grown = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1, accountant=Accountant())
+    grown = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1, accountant=Accountant(), num_examples=100)
     grown.accountant.step(noise_multiplier=1.0, sample_rate=0.3, num_steps=6)
     spent = Accountant.from_state_dict(grown.accountant.state_dict())
     spent.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=6)
@@ -1300,6 +1331,18 @@ def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
     check(grown, **{"max-epsilon": spent.epsilon(1e-5) * 1.001})
     with pytest.raises(client_app.NodeError, match=r"delta 0.1 exceeds this node's max-delta=1e-05"):
         check(noisy, SimpleNamespace(delta=0.1, rounds=3, local_steps=4), **{"max-delta": 1e-5})
+    # noise so small that the plan's epsilon is infinite is no noise (it passed as "noise" before: a reviewer's
+    # noise-multiplier=1e-120 trained, released and reported epsilon inf)
+    tiny = SimpleNamespace(noise_multiplier=1e-120, sample_rate=0.1, accountant=Accountant(), num_examples=100)
+    with pytest.raises(client_app.NodeError, match=r"without noise \(noise multiplier 1e-120: planned epsilon inf"):
+        check(tiny)
+    check(tiny, **{"allow-no-noise": True})
+    # a delta of 1/n or more (here 1/100) lets a mechanism publish a whole record: refused unless max-delta allows it
+    for delta in (0.01, 0.5):
+        with pytest.raises(client_app.NodeError, match=rf"delta {delta:g} is at least 1/n for this node's 100 "):
+            check(noisy, SimpleNamespace(delta=delta, rounds=3, local_steps=4))
+    check(noisy, SimpleNamespace(delta=0.0099, rounds=3, local_steps=4))
+    check(noisy, SimpleNamespace(delta=0.5, rounds=3, local_steps=4), **{"max-delta": 0.5})
     for key, bad in (("max-epsilon", -1.0), ("max-epsilon", "8"), ("max-delta", float("nan")), ("allow-no-noise", "yes")):
         with pytest.raises(client_app.NodeConfigError, match=f"node config '{key}'"):
             check(silent if key == "allow-no-noise" else noisy, **{key: bad})

@@ -40,7 +40,9 @@ from fedlora_fast.federated.server import Server
 from fedlora_fast.federated.state import adapter_config, fingerprint, load_trainable, trainable_state
 from fedlora_fast.inject import adapter_layers, inject_adapters
 from fedlora_fast.io import LockedError, exclusive_lock
-from fedlora_fast.privacy.accounting import MAX_TARGET_EPSILON, calibrate_noise_multiplier, check_delta
+from fedlora_fast.privacy.accounting import (
+    _MIN_FINITE_SIGMA, MAX_TARGET_EPSILON, calibrate_noise_multiplier, check_delta,
+)
 from fedlora_fast.privacy.dpsgd import CLIPPING
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,12 @@ class FederatedConfig:
                 raise ValueError(f"labels: expected at least two distinct non-empty class names, got {self.labels!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as JSON has them (tuples as lists): what a checkpoint stores, and a resume compares."""
+
+        def plain(v):
+            return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
 
 
 # Clients of equal size share one calibration (a binary search over opacus's RDP bound: seconds each).
@@ -345,7 +352,7 @@ def noise_source(secure: bool, noise_multipliers, server_noise_multiplier: float
     """``final.noise``: where the run's DP noise came from (a sentence beginning NOISE_SEEDED, NOISE_SECURE or
     NOISE_NONE). The server's noise (``central_dp``) counts: seeded from the run's seed, a run whose only
     noise is the server's is reproducible too, and must say so."""
-    if any(s == 0 for s in noise_multipliers):
+    if any(s < _MIN_FINITE_SIGMA for s in noise_multipliers):  # (below it the accountant counts no noise)
         if not server_noise_multiplier:
             return NOISE_NONE
         return (NOISE_SECURE if secure else NOISE_SEEDED) + NOISE_SERVER_ONLY

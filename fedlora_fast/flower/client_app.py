@@ -46,7 +46,7 @@ from fedlora_fast.io import LockedError, exclusive_lock
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, ROUND_KEY
-from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
+from fedlora_fast.privacy.accounting import Accountant, calibrate_noise_multiplier, check_sample_rate
 
 DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
 LEDGER_DIR_KEY = "privacy-dir"  # node config: the directory of the node's privacy ledger (default: below)
@@ -244,24 +244,33 @@ def _node_flag(context: Context, key: str) -> bool:
 def _check_node_limits(context: Context, client: Client, cfg: FederatedConfig, pid: int) -> None:
     """Refuse a run whose privacy the node did not agree to. The run config (noise multiplier or epsilon,
     delta, rounds) comes from whoever submitted the run: by default a node refuses to train without noise
-    (``allow-no-noise``), and with ``max-epsilon`` / ``max-delta`` it refuses a run planned to spend more
-    (the planned epsilon: its noise multiplier at its sample rate over rounds x local-steps, at the run's
-    delta)."""
-    if client.noise_multiplier == 0 and not _node_flag(context, ALLOW_NO_NOISE_KEY):
+    (``allow-no-noise``): a noise multiplier of 0, or one so small that the planned epsilon is infinite; and a
+    delta of 1/n or more for its n examples (such a delta allows publishing a whole record) unless its
+    ``max-delta`` allows it. With ``max-epsilon`` / ``max-delta`` it refuses a run planned to spend more (the
+    planned epsilon: its noise multiplier at its sample rate over rounds x local-steps, at the run's delta)."""
+    # the steps spent (at the sample rates they had) and the rest of the run at today's
+    plan = Accountant.from_state_dict(client.accountant.state_dict())
+    rest = max(0, cfg.rounds * cfg.local_steps - plan.steps)
+    plan.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate, num_steps=rest)
+    planned = plan.epsilon(cfg.delta)
+    if not math.isfinite(planned) and not _node_flag(context, ALLOW_NO_NOISE_KEY):
         raise NodeError(
-            f"node {pid}: the run asks for DP-SGD without noise (noise multiplier 0: no privacy for this silo's "
-            f"data): refused; start the SuperNode with node config {ALLOW_NO_NOISE_KEY}=true to allow it"
+            f"node {pid}: the run asks for DP-SGD without noise (noise multiplier {client.noise_multiplier:.4g}: "
+            f"planned epsilon {planned}, no privacy for this silo's data): refused; start the SuperNode with node "
+            f"config {ALLOW_NO_NOISE_KEY}=true to allow it"
         )
     max_delta = _node_number(context, MAX_DELTA_KEY)
     if max_delta is not None and cfg.delta > max_delta:
         raise NodeError(f"node {pid}: the run's delta {cfg.delta:g} exceeds this node's {MAX_DELTA_KEY}={max_delta:g}: "
                         "refused")
+    if max_delta is None and cfg.delta >= 1.0 / client.num_examples:
+        raise NodeError(
+            f"node {pid}: the run's delta {cfg.delta:g} is at least 1/n for this node's {client.num_examples} examples "
+            f"(a mechanism may then publish a whole record and still be (epsilon, delta)-DP): refused; start the "
+            f"SuperNode with node config {MAX_DELTA_KEY} set to allow it"
+        )
     max_eps = _node_number(context, MAX_EPSILON_KEY)
-    if max_eps is not None:  # the steps spent (at the sample rates they had) and the rest of the run at today's
-        plan = Accountant.from_state_dict(client.accountant.state_dict())
-        rest = max(0, cfg.rounds * cfg.local_steps - plan.steps)
-        plan.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate, num_steps=rest)
-        planned = plan.epsilon(cfg.delta)
+    if max_eps is not None:
         if planned > max_eps:
             raise NodeError(
                 f"node {pid}: the run is planned to spend epsilon {planned:.4g} at delta {cfg.delta:g} (noise "
@@ -534,8 +543,10 @@ def _count_earlier_rounds(
     The steps are counted at the largest sample rate the node knows its data had in this run: its rate now,
     or a larger one in the history of the ledger it ``loaded``. With this run's ledger file loaded, the rounds
     it lacks are rounds the node did not train (its ledger is written before every reply): over-counted, safe.
-    Without it, nothing on the node bounds its *past* sample rate: a silo file that grew since (smaller q now)
-    had a larger q in the rounds counted here, and they are undercounted. That is so with no ledger
+    Without it, nothing on the node bounds its *past* sample rate and noise: a silo file that grew since
+    (smaller q now) had a larger q in the rounds counted here; with an ``epsilon`` target, one that shrank since
+    (larger q now, so a larger noise multiplier calibrated now) had a smaller noise multiplier then. Either way
+    they are undercounted. That is so with no ledger
     (``privacy-dir=none``, an unwritable default directory) and with a ledger directory where this run's file
     was not found (``looked_in``: a directory moved or another ``HOME`` since the last start, a container layer
     that did not persist, a node upgraded mid-run; or a node that really joins late). The warning says so and,
@@ -544,8 +555,10 @@ def _count_earlier_rounds(
     Without a loaded ledger the server's record helps: ``first_examples`` (the train config's
     ``FIRST_EXAMPLES_KEY``) is the example count of this node's client id's first accepted update, fixed for
     the run (the server refuses later updates with another count), and the rounds are counted at no less than
-    the rate it implies, ``min(1, batch / first_examples)``. The hint can only raise the count, never lower it
-    below what the node computes alone: the rate used is ``max(rate now, ledger history, hinted rate)``. A
+    the rate it implies, ``min(1, batch / first_examples)``, and, with an ``epsilon`` target, at no more than the
+    noise multiplier calibrated at that rate (what its first rounds ran with). The hint can only raise the
+    count, never lower it below what the node computes alone: the rate used is ``max(rate now, ledger history,
+    hinted rate)``, the noise multiplier ``min(now, calibrated at the hinted rate)``. A
     hostile or faulty server can send a smaller count (a larger q: more steps' worth of epsilon counted, more
     conservative, at worst a node that refuses to train, which such a server can cause anyway) or a larger
     one (a smaller q: ``max`` ignores it); a malformed one is ignored with a warning (``_hinted_sample_rate``).
@@ -557,6 +570,14 @@ def _count_earlier_rounds(
     known = max([client.sample_rate] + [h[1] for h in client.accountant.history])
     hinted = None if loaded else _hinted_sample_rate(client, pid, first_examples)
     q = known if hinted is None else max(known, hinted)
+    sigma = client.noise_multiplier
+    if hinted is not None and cfg.epsilon is not None and hinted < client.sample_rate:
+        # data that shrank since its first update: the noise then was calibrated at that (smaller) rate, smaller
+        try:
+            sigma = min(sigma, calibrate_noise_multiplier(target_epsilon=cfg.epsilon, delta=cfg.delta,
+                                                          sample_rate=hinted, steps=cfg.rounds * cfg.local_steps))
+        except ValueError:  # (a smaller rate always meets a target the larger one meets: not expected)
+            pass
     if loaded:
         limits = ""
     elif hinted is not None and hinted > known:
@@ -572,20 +593,23 @@ def _count_earlier_rounds(
         limits = (
             f" (no privacy ledger found at {looked_in}: if this node trained earlier rounds of this run with its "
             f"ledger elsewhere (another '{LEDGER_DIR_KEY}', $HOME or $XDG_STATE_HOME, a container layer that did not "
-            "persist) and its data grew since, earlier rounds are undercounted; keep the ledger directory on storage "
+            "persist) and its data changed since, earlier rounds are undercounted; keep the ledger directory on "
+            "storage "
             "that persists across restarts. A node that joins the run late has no ledger yet: nothing is lost)"
         )
     else:
         limits = (
-            f" (no privacy ledger: if this node's data grew since, earlier rounds are undercounted; set node config "
+            f" (no privacy ledger: if this node's data changed since (grew: a larger sample rate then; shrank, with "
+            f"an epsilon target: a smaller noise multiplier then), earlier rounds are undercounted; set node config "
             f"'{LEDGER_DIR_KEY}' to a writable directory)"
         )
     warnings.warn(
         f"node {pid}: no privacy state from earlier rounds at round {round_idx} (a restarted SuperNode, or its "
-        f"first round): counting {steps} earlier DP-SGD steps as its own at sample rate {q:.4g}{limits}",
+        f"first round): counting {steps} earlier DP-SGD steps as its own at sample rate {q:.4g} and noise "
+        f"multiplier {sigma:.4g}{limits}",
         RuntimeWarning, stacklevel=3,
     )
-    client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=q, num_steps=steps)
+    client.accountant.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
 
 
 @app.train()
