@@ -248,11 +248,11 @@ def run(args, rank: int, world: int, group) -> dict:
     rng.shuffle(examples)
     n_eval = max(2, len(examples) // 10)
     eval_set, train_set = examples[:n_eval], examples[n_eval:]
-    if len(train_set) < args.clients * world or n_eval < world:
+    if len(train_set) < args.clients * world:
         raise SystemExit(
-            f"--data / --max-examples / --max-length: {len(examples)} usable examples (at least 2 tokens each); "
-            f"{n_eval} to hold out for evaluation and one per client (--clients {args.clients}) and process "
-            f"({world}) need {max(n_eval, world) + args.clients * world}"
+            f"--data / --max-examples / --max-length: {len(examples)} usable examples (at least 2 tokens each), "
+            f"{n_eval} held out for evaluation: {len(train_set)} to train, fewer than one per client (--clients "
+            f"{args.clients})" + (f" and process ({world})" if world > 1 else "")
         )
     pad_id = pad_id_of(tok)
     model, _ = build_model(args, device, dtype, tok)

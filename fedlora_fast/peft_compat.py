@@ -129,6 +129,12 @@ def _infer_modules_to_save(model: nn.Module, adapters: dict[str, FFALoRALinear])
     return sorted(out)
 
 
+def _outermost(module_names: list[str]) -> list[str]:
+    """``module_names`` without repeats and without those inside another listed module, in order."""
+    names = list(dict.fromkeys(module_names))
+    return [m for m in names if not any(m.startswith(o + ".") for o in names)]
+
+
 def _tied_outside(model: nn.Module, module_names: list[str]) -> list[str]:
     """Names, outside ``module_names``, of parameters that the listed modules hold too (tied weights)."""
     ids = {id(p) for m in module_names for p in model.get_submodule(m).parameters()}
@@ -251,7 +257,16 @@ def export_peft(
                 raise ValueError(f"{arg}: {m!r} is not a submodule of {type(model).__name__}")
             if _overlaps(m, names):
                 raise ValueError(f"{arg}: {m!r} overlaps an adapter layer")
-    modules_to_save = [*modules_to_save, *(m for m in also_save if m not in modules_to_save)]
+    modules_to_save = _outermost([*modules_to_save, *also_save])  # (peft cannot wrap a module inside a wrapped one)
+    inferred = task_type == "auto"
+    if inferred:
+        task_type = _infer_task_type(model)
+    heads = _TASK_HEADS.get(task_type, [])
+    # peft's task class wraps its head whole (RoBERTa's classifier, for a trained classifier.out_proj): saved whole
+    for k in sorted(_peft_wraps(all_modules, heads)):
+        inner = [m for m in modules_to_save if m.startswith(k + ".")]
+        if inner and not _overlaps(k, names):
+            modules_to_save = [m for m in modules_to_save if m not in inner] + [k]
     while True:  # peft's suffix rule wraps these too (DistilBERT's frozen pre_classifier for "classifier"): save them
         wrapped = sorted(k for k in _peft_wraps(all_modules, modules_to_save)
                          if not _overlaps(k, modules_to_save) and not _overlaps(k, names))
@@ -264,14 +279,11 @@ def export_peft(
             f"modules_to_save: {modules_to_save} share weights with {tied[:8]} (tied); peft unties modules_to_save, "
             "so the unlisted module would keep the old weight: list its module too"
         )
-    inferred = task_type == "auto"
-    if inferred:
-        task_type = _infer_task_type(model)
-    heads = _TASK_HEADS.get(task_type, [])
     clashes = _suffix_clashes(all_modules, heads, names)
     # peft's task class also expects a saved copy of every module its head names match; a frozen head that
     # this export does not save (RoBERTa's classifier with adapters elsewhere) fails its load with a KeyError
-    unsaved = sorted(k for k in _peft_wraps(all_modules, heads) if not _overlaps(k, [*modules_to_save, *names]))
+    unsaved = sorted(k for k in _peft_wraps(all_modules, heads) if not _overlaps(k, names)
+                     and not any(k == m or k.startswith(m + ".") for m in modules_to_save))
     if (clashes or unsaved) and inferred:  # a plain PeftModel loads these; the task's class would not
         task_type = None
     elif clashes or unsaved:

@@ -350,6 +350,28 @@ def test_pickling_the_trained_tensors_mid_step_is_refused_and_after_the_step_car
     pickle.dumps(dp.optimizer.state_dict())
 
 
+def test_the_engine_itself_is_never_pickled_or_copied():
+    """After ``accumulate()`` the per-sample records are gone, but the engine holds the step's pre-noise clipped
+    sum, and always its noise generator: ``torch.save({"model": ..., "dp": dp})`` for a resumable checkpoint
+    wrote both (a reviewer found the sum and the generator in the file). Refused by name."""
+    import copy
+    import io
+    import pickle
+
+    model = make_model()
+    dp = make_dp(model, noise_multiplier=1.0, sample_rate=0.1)
+    loss_fn(model, make_batch(4, 5)).backward()
+    dp.accumulate()
+    attempts = (lambda: torch.save({"dp": dp}, io.BytesIO()), lambda: pickle.dumps(dp), lambda: copy.deepcopy(dp),
+                lambda: copy.copy(dp))
+    for attempt in attempts:
+        with pytest.raises(TypeError, match="DPSGD cannot be pickled or copied: it holds the noise generator"):
+            attempt()
+    dp.step()
+    torch.save(model.state_dict(), io.BytesIO())  # what to save instead
+    pickle.dumps(dp.accountant.state_dict())
+
+
 def test_micro_batches_helper_splits_and_counts():
     batch = make_batch(7, 3)
     parts = list(micro_batches(batch, 3))

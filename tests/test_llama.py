@@ -310,7 +310,8 @@ def test_causal_lm_example_runs_a_local_checkpoint_dir(tmp_path):
     example = _example_module()
     few = tmp_path / "few.txt"
     few.write_text("a b c\nd e f\ng h i\n")
-    with pytest.raises(SystemExit, match=r"3 usable examples .* need 4"):
+    with pytest.raises(SystemExit, match=r"3 usable examples .* 2 held out for evaluation: 1 to train, fewer than one "
+                                         r"per client \(--clients 2\)$"):
         example.main(["--model", str(ckpt), "--data", str(few), "--clients", "2", "--out", str(tmp_path / "few")])
 
 

@@ -775,6 +775,36 @@ def test_export_distilbert_saves_the_frozen_pre_classifier_peft_wraps(tmp_path):
             export_peft(model, tmp_path / "c", also_save=bad)
 
 
+def test_export_saves_a_task_head_whole_and_never_nested_entries(tmp_path):
+    """peft's SEQ_CLS class wraps RoBERTa's whole ``classifier``: a file saving only the trained
+    ``classifier.out_proj`` failed its load (KeyError on ``classifier.dense``), and so did nested entries
+    (``also_save=["classifier.dense"]`` beside a saved ``classifier``: counted twice, the file claimed tied
+    weights). The head is saved whole and entries inside another are dropped; peft loads each with our logits."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    def base():
+        torch.manual_seed(0)
+        cfg = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, num_labels=2, max_position_embeddings=40)
+        return RobertaForSequenceClassification(cfg).eval()
+
+    x = torch.randint(3, 100, (2, 7))
+    for k, (trained, also) in enumerate([(["out_proj"], []), (["out_proj"], ["classifier.dense"]),
+                                         (["classifier"], ["classifier.dense"]), ([], ["classifier"])]):
+        model = base()
+        ff.inject_adapters(model, ["query", "value"], r=2, alpha=4.0, trainable_modules=trained)
+        with torch.no_grad():
+            for p in [*(p for p in model.parameters() if p.requires_grad), *model.classifier.dense.parameters()]:
+                p.add_(torch.randn_like(p) * 0.3)  # (the dense layer too: a head the base checkpoint lacks)
+        export_peft(model, tmp_path / str(k), also_save=also)
+        config = json.loads((tmp_path / str(k) / CONFIG_NAME).read_text())
+        assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"], (trained, also)
+        assert "ensure_weight_tying" not in config
+        theirs = PeftModel.from_pretrained(base(), str(tmp_path / str(k))).eval()
+        assert_close_verbose(theirs(input_ids=x).logits, model.eval()(input_ids=x).logits, atol=1e-5, rtol=1e-5,
+                             name=f"peft {trained} {also}")
+
+
 def test_export_with_a_frozen_unsaved_head_leaves_the_task_type_unset(tmp_path):
     """peft's SEQ_CLS class expects a saved copy of its head: with the head frozen and not exported (adapters
     elsewhere only) its load failed with a KeyError (a reviewer's RoBERTa "all-linear" run). The export

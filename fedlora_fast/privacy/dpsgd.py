@@ -355,6 +355,23 @@ class DPSGD:
             raise ValueError("secure_mode: the noise is seeded from the OS at every step; pass no generator/noise_seed")
         self.generator = self._make_generator(generator, noise_seed)
 
+    # An engine is not pickled or copied: it holds the noise generator (the noise's secret: a file holding its
+    # state predicts every later draw) and, between accumulate() and step(), the pre-noise clipped sum
+    _NOT_COPIED = (
+        "DPSGD cannot be pickled or copied: it holds the noise generator's state (the noise's secret) and the "
+        "step's clipped sum before noise. Save the trained tensors (safetensors) and dp.accountant.state_dict(), "
+        "and build a new engine on the loaded model"
+    )
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(self._NOT_COPIED)
+
+    def __copy__(self):
+        raise TypeError(self._NOT_COPIED)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(self._NOT_COPIED)
+
     def _attach(self, model: nn.Module) -> None:
         """All checks passed: attach (one engine per model; a new one detaches the last)."""
         previous = attached_engine(model)
