@@ -592,6 +592,35 @@ def test_load_peft_takes_the_base_weight_peft_saves_with_embedding_layers(tmp_pa
     assert_close_verbose(fresh(input_ids=x).logits, pm(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="embeddings")
 
 
+def test_the_fingerprint_pins_a_frozen_new_head():
+    """A head the base checkpoint lacks is drawn by every party from the seed; frozen (``--trainable-modules
+    ''``) it is never exchanged, so parties whose torch drew other numbers averaged B under different heads,
+    unnoticed (a reviewer's observation). Its frozen values are in the fingerprint; a trained new head is not
+    (the server's state carries it), and a model without new modules keeps its old fingerprint."""
+    from fedlora_fast.federated.state import adapter_config, fingerprint
+
+    def build(trained_head: bool):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+        ff.inject_adapters(net, ["0"], r=2, alpha=4.0, seed=0, trainable_modules=["2"] if trained_head else [])
+        return net
+
+    plain = build(False)
+    old = fingerprint(adapter_config(plain))
+    assert "new_frozen_sha256" not in adapter_config(plain)
+    for trained in (False, True):
+        a, b = build(trained), build(trained)
+        a.fedlora_new_modules = b.fedlora_new_modules = ["2"]
+        assert fingerprint(adapter_config(a)) == fingerprint(adapter_config(b))
+        with torch.no_grad():
+            b[2].weight[0, 0] += 1e-3  # another draw of the new head
+        same = fingerprint(adapter_config(a)) == fingerprint(adapter_config(b))
+        assert same == trained, trained
+    frozen = build(False)
+    frozen.fedlora_new_modules = ["2"]
+    assert fingerprint(adapter_config(frozen)) != old
+
+
 def test_the_fingerprint_pins_the_frozen_A_and_the_scale():
     """FFA-LoRA averages B over clients that must hold one A. The seed and the names did not pin A down: a layer
     injected on a submodule derives A from its name there, and ``from_peft`` keeps peft's random A under seed 0.

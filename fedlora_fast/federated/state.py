@@ -76,9 +76,25 @@ def frozen_A_digest(layers: dict) -> str:
     return h.hexdigest()
 
 
+def frozen_new_digest(model: nn.Module) -> str | None:
+    """SHA-256 (hex) of the frozen tensors of the modules the base checkpoint lacked (``model.fedlora_new_modules``,
+    set by the simulation's ``load_model``: a classification head drawn from the seed), in name order; None
+    where there are none. Every party draws such a head itself, and it is never exchanged when frozen
+    (``--trainable-modules ''``): like A, another torch or transformers release may draw other numbers."""
+    h, any_frozen = hashlib.sha256(), False
+    for m in sorted(getattr(model, "fedlora_new_modules", ())):
+        for n, p in model.get_submodule(m).named_parameters():
+            if not p.requires_grad:
+                any_frozen = True
+                h.update(f"{m}.{n}:{tuple(p.shape)}:".encode())
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest() if any_frozen else None
+
+
 def adapter_config(model: nn.Module) -> dict:
     """The settings every party must share: method, r, alpha, scale, seed, rslora, targets, trained tensors,
-    and (FFA-LoRA) a digest of the frozen A's values (``frozen_A_digest``)."""
+    (FFA-LoRA) a digest of the frozen A's values (``frozen_A_digest``), and of the frozen modules the base
+    checkpoint lacked, where there are any (``frozen_new_digest``)."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model: no FFA-LoRA/LoRA adapters; call inject_adapters first")
@@ -101,6 +117,9 @@ def adapter_config(model: nn.Module) -> dict:
     }
     if not first.train_A:  # (LoRA's A is trained and exchanged: the server's state holds it)
         config["A_sha256"] = frozen_A_digest(layers)
+    new = frozen_new_digest(model)
+    if new is not None:  # (only then: a run without such modules keeps the fingerprint it had)
+        config["new_frozen_sha256"] = new
     return config
 
 
