@@ -298,8 +298,9 @@ def test_server_reasons_cut_what_a_client_sent():
     result = server.run_round([_msg({"lora_B": torch.ones(2)}, fingerprint="x" * 10**6),
                                _msg({"lora_B": torch.ones(2)}, client_id="y" * 10**6),
                                _msg({"lora_B": torch.ones(2)}, round="z" * 10**6),
-                               _msg({"lora_B": torch.ones(2)}, num_examples="w" * 10**6)])
-    assert len(result.rejected) == 4 and all(len(r["reason"]) < 300 for r in result.rejected), result.rejected
+                               _msg({"lora_B": torch.ones(2)}, num_examples="w" * 10**6),
+                               _msg({"lora_B": torch.ones(2), "v" * 10**5: torch.ones(1)})])
+    assert len(result.rejected) == 5 and all(len(r["reason"]) < 300 for r in result.rejected), result.rejected
 
 
 # --- serialization and checkpoints ------------------------------------------------------------------------

@@ -1337,6 +1337,12 @@ def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
     with pytest.raises(client_app.NodeError, match=r"without noise \(noise multiplier 1e-120: planned epsilon inf"):
         check(tiny)
     check(tiny, **{"allow-no-noise": True})
+    # and one whose epsilon is finite but past 1000 (sigma 1e-12: ~1e24), unless the node's max-epsilon allows it
+    tiny.noise_multiplier = 1e-12
+    with pytest.raises(client_app.NodeError, match=r"without noise \(noise multiplier 1e-12: planned epsilon .*e\+"):
+        check(tiny)
+    check(tiny, **{"allow-no-noise": True})
+    check(tiny, **{"max-epsilon": 1e300})
     # a delta of 1/n or more (here 1/100) lets a mechanism publish a whole record: refused unless max-delta allows it
     for delta in (0.01, 0.5):
         with pytest.raises(client_app.NodeError, match=rf"delta {delta:g} is at least 1/n for this node's 100 "):

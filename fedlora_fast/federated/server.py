@@ -135,7 +135,7 @@ class Server:
         missing = sorted(self.global_state.keys() - tensors.keys())
         extra = sorted(tensors.keys() - self.global_state.keys())
         if missing or extra:
-            return None, cid, f"tensors: missing {missing[:4]}, unexpected {extra[:4]}"
+            return None, cid, f"tensors: missing {missing[:4]}, unexpected {[_shown(k) for k in extra[:4]]}"
         for k, g in self.global_state.items():
             t = tensors[k]
             if t.shape != g.shape or t.dtype != g.dtype:

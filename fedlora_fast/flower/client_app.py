@@ -46,7 +46,9 @@ from fedlora_fast.io import LockedError, exclusive_lock
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, ROUND_KEY
-from fedlora_fast.privacy.accounting import Accountant, calibrate_noise_multiplier, check_sample_rate
+from fedlora_fast.privacy.accounting import (
+    MAX_TARGET_EPSILON, Accountant, calibrate_noise_multiplier, check_sample_rate,
+)
 
 DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
 LEDGER_DIR_KEY = "privacy-dir"  # node config: the directory of the node's privacy ledger (default: below)
@@ -216,10 +218,13 @@ def _check_budget(client: Client, cfg: FederatedConfig, pid: int) -> None:
     after.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate, num_steps=cfg.local_steps)
     spent = after.epsilon(cfg.delta)
     if spent > cfg.epsilon:
+        earlier = sorted({f"{h[0]:.4g}" for h in client.accountant.history})
         raise NodeError(
             f"node {pid}: another round at sample rate {client.sample_rate:.4g} ({client.num_examples} examples now) "
             f"would spend epsilon {spent:.4g}, past the run's target {cfg.epsilon} its noise multiplier "
-            f"{client.noise_multiplier:.4g} was calibrated for: refused"
+            f"{client.noise_multiplier:.4g} was calibrated for"
+            + (f" (its {client.accountant.steps} earlier steps counted at noise multiplier {', '.join(earlier)})"
+               if earlier else "") + ": refused"
         )
 
 
@@ -244,20 +249,23 @@ def _node_flag(context: Context, key: str) -> bool:
 def _check_node_limits(context: Context, client: Client, cfg: FederatedConfig, pid: int) -> None:
     """Refuse a run whose privacy the node did not agree to. The run config (noise multiplier or epsilon,
     delta, rounds) comes from whoever submitted the run: by default a node refuses to train without noise
-    (``allow-no-noise``): a noise multiplier of 0, or one so small that the planned epsilon is infinite; and a
-    delta of 1/n or more for its n examples (such a delta allows publishing a whole record) unless its
-    ``max-delta`` allows it. With ``max-epsilon`` / ``max-delta`` it refuses a run planned to spend more (the
+    (``allow-no-noise``): a noise multiplier of 0, or one so small that the planned epsilon is infinite or above
+    ``MAX_TARGET_EPSILON`` (1000: sigma 1e-12 gave 1e24, no privacy either) unless the node's own ``max-epsilon``
+    allows that much; and a delta of 1/n or more for its n examples (such a delta allows publishing a whole
+    record) unless its ``max-delta`` allows it. With ``max-epsilon`` / ``max-delta`` it refuses a run planned to spend more (the
     planned epsilon: its noise multiplier at its sample rate over rounds x local-steps, at the run's delta)."""
     # the steps spent (at the sample rates they had) and the rest of the run at today's
     plan = Accountant.from_state_dict(client.accountant.state_dict())
     rest = max(0, cfg.rounds * cfg.local_steps - plan.steps)
     plan.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate, num_steps=rest)
     planned = plan.epsilon(cfg.delta)
-    if not math.isfinite(planned) and not _node_flag(context, ALLOW_NO_NOISE_KEY):
+    max_eps = _node_number(context, MAX_EPSILON_KEY)
+    no_noise = not math.isfinite(planned) or (planned > MAX_TARGET_EPSILON and (max_eps is None or planned > max_eps))
+    if no_noise and not _node_flag(context, ALLOW_NO_NOISE_KEY):
         raise NodeError(
             f"node {pid}: the run asks for DP-SGD without noise (noise multiplier {client.noise_multiplier:.4g}: "
-            f"planned epsilon {planned}, no privacy for this silo's data): refused; start the SuperNode with node "
-            f"config {ALLOW_NO_NOISE_KEY}=true to allow it"
+            f"planned epsilon {planned:.4g}, above {MAX_TARGET_EPSILON:g}: no privacy for this silo's data): refused; "
+            f"start the SuperNode with node config {ALLOW_NO_NOISE_KEY}=true to allow it"
         )
     max_delta = _node_number(context, MAX_DELTA_KEY)
     if max_delta is not None and cfg.delta > max_delta:
@@ -269,7 +277,6 @@ def _check_node_limits(context: Context, client: Client, cfg: FederatedConfig, p
             f"(a mechanism may then publish a whole record and still be (epsilon, delta)-DP): refused; start the "
             f"SuperNode with node config {MAX_DELTA_KEY} set to allow it"
         )
-    max_eps = _node_number(context, MAX_EPSILON_KEY)
     if max_eps is not None:
         if planned > max_eps:
             raise NodeError(
@@ -561,7 +568,10 @@ def _count_earlier_rounds(
     hinted rate)``, the noise multiplier ``min(now, calibrated at the hinted rate)``. A
     hostile or faulty server can send a smaller count (a larger q: more steps' worth of epsilon counted, more
     conservative, at worst a node that refuses to train, which such a server can cause anyway) or a larger
-    one (a smaller q: ``max`` ignores it); a malformed one is ignored with a warning (``_hinted_sample_rate``).
+    one (a smaller q: ``max`` ignores it for the rate; with an ``epsilon`` target it lowers the noise multiplier
+    counted, so more epsilon, never less: a wrong one can make the node refuse its remaining rounds); a
+    malformed one is ignored with a warning (``_hinted_sample_rate``). Not bounded either: the rounds of an
+    earlier process of this node that had loaded a ledger from a process with more data still (a smaller sigma).
     Rounds whose update the server refused (another count: data that changed mid-run) are not bounded by it.
     With a loaded ledger the hint is not used: the ledger's own history is the node's record."""
     steps = round_idx * cfg.local_steps - client.accountant.steps  # beyond what a ledger already holds
