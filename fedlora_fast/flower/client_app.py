@@ -252,8 +252,9 @@ def _check_node_limits(context: Context, client: Client, cfg: FederatedConfig, p
     (``allow-no-noise``): a noise multiplier of 0, or one so small that the planned epsilon is infinite or above
     ``MAX_TARGET_EPSILON`` (1000: sigma 1e-12 gave 1e24, no privacy either) unless the node's own ``max-epsilon``
     allows that much; and a delta of 1/n or more for its n examples (such a delta allows publishing a whole
-    record) unless its ``max-delta`` allows it. With ``max-epsilon`` / ``max-delta`` it refuses a run planned to spend more (the
-    planned epsilon: its noise multiplier at its sample rate over rounds x local-steps, at the run's delta)."""
+    record) unless its ``max-delta`` allows it. With ``max-epsilon`` / ``max-delta`` it refuses a run planned to
+    spend more (the planned epsilon: its noise multiplier at its sample rate over rounds x local-steps, at the
+    run's delta)."""
     # the steps spent (at the sample rates they had) and the rest of the run at today's
     plan = Accountant.from_state_dict(client.accountant.state_dict())
     rest = max(0, cfg.rounds * cfg.local_steps - plan.steps)

@@ -180,8 +180,8 @@ class FedLoRAStrategy(FedAvg):
             sent = sent_meta.get("num_examples")
             if cid in self._examples_of and sent != self._examples_of[cid]:
                 rejected.append({"client": cid, "node": node, "reason": (
-                    f"num_examples {repr(sent)[:80]} differs from the {self._examples_of[cid]} client {cid} sent in its first "
-                    "accepted update (FedAvg weights by it)")})
+                    f"num_examples {repr(sent)[:80]} differs from the {self._examples_of[cid]} client {cid} sent in its "
+                    "first accepted update (FedAvg weights by it)")})
                 refused_reports.append((cid, rec))  # it trained: its privacy record still counts
                 continue
             messages.append(message)
