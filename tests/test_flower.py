@@ -38,7 +38,7 @@ from fedlora_fast.federated.simulation import FederatedConfig  # noqa: E402
 from fedlora_fast.privacy.accounting import Accountant  # noqa: E402
 from fedlora_fast.flower import config as flower_config  # noqa: E402
 from fedlora_fast.flower import records  # noqa: E402
-from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, ROUND_KEY, FedLoRAStrategy  # noqa: E402
+from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, MIN_NOISE_KEY, ROUND_KEY, FedLoRAStrategy  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower"
@@ -143,10 +143,12 @@ def _reply(node: int, content: RecordDict | None = None, error: Error | None = N
     return Message(content=content, metadata=meta) if error is None else Message(error=error, metadata=meta)
 
 
-def _update(cid: int, tensors: dict, n: int, rnd: int = 0, fp: str = FP, eps: float = 1.0) -> RecordDict:
+def _update(cid: int, tensors: dict, n: int, rnd: int = 0, fp: str = FP, eps: float = 1.0,
+            sigma: float = 1.1) -> RecordDict:
     meta = {"client_id": cid, "round": rnd, "fingerprint": fp, "num_examples": n, "metrics": {"train_loss": 0.5}}
     arrays, meta = records.from_message(serialization.encode(tensors, meta))
-    metrics = MetricRecord({"num-examples": n, "noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 4, "epsilon": eps})
+    metrics = MetricRecord({"num-examples": n, "noise_multiplier": sigma, "sample_rate": 0.1, "steps": 4,
+                            "epsilon": eps})
     return RecordDict({"arrays": arrays, "config": meta, "metrics": metrics})
 
 
@@ -282,11 +284,12 @@ def test_strategy_tells_each_bound_node_its_own_first_accepted_example_count(mon
     strategy = FedLoRAStrategy(server, num_clients=3, delta=1e-5, num_rounds=3)
     one = {"l.lora_B": torch.ones(3, 2)}
     strategy._pending = {"round": 1}
-    strategy.aggregate_train(1, [_reply(10, _update(0, one, 5)), _reply(11, _update(1, one, 7)),
+    strategy.aggregate_train(1, [_reply(10, _update(0, one, 5)), _reply(11, _update(1, one, 7, sigma=1.3)),
                                  _reply(12, _update(0, one, 3, fp="ffffffffffffffff"))])  # rejected: unbound
     assert strategy._pending["accepted"] == [0, 1] and 12 not in strategy._client_of
     strategy._pending = {"round": 2}  # node 11 sends another count: refused, its first one stays its record
-    strategy.aggregate_train(2, [_reply(11, _update(1, one, 70, rnd=1))])
+    strategy.aggregate_train(2, [_reply(11, _update(1, one, 70, rnd=1, sigma=0.2)),
+                                 _reply(10, _update(0, one, 5, rnd=1, sigma=0.9))])  # node 10: a smaller noise
     grid = SimpleNamespace(get_node_ids=lambda: [10, 11, 12])
     config = ConfigRecord({"lr": 0.1, FIRST_EXAMPLES_KEY: 999})  # never sent to every node, whoever put it there
     sent = strategy.configure_train(2, records.to_array_record(g), config, grid)
@@ -295,6 +298,9 @@ def test_strategy_tells_each_bound_node_its_own_first_accepted_example_count(mon
     configs = {n: m.content.config_records["config"] for n, m in messages.items()}
     assert configs[10][FIRST_EXAMPLES_KEY] == 5 and configs[11][FIRST_EXAMPLES_KEY] == 7
     assert FIRST_EXAMPLES_KEY not in configs[12] and FIRST_EXAMPLES_KEY not in config
+    # and the smallest noise multiplier each id reported with an accepted update (node 11's 0.2 was refused)
+    assert configs[10][MIN_NOISE_KEY] == 0.9 and configs[11][MIN_NOISE_KEY] == 1.3
+    assert MIN_NOISE_KEY not in configs[12] and MIN_NOISE_KEY not in config
     assert configs[10] is not configs[11] and configs[10] is not configs[12]
     for c in configs.values():  # the rest of the config reaches every node, as FedAvg sends it
         assert c["lr"] == 0.1 and c[ROUND_KEY] == server.round and c["server-round"] == 2
@@ -1145,6 +1151,43 @@ def test_a_ledgerless_restart_after_data_shrank_counts_earlier_rounds_at_the_noi
     with pytest.warns(RuntimeWarning, match=r"shrank, with an epsilon target: a smaller noise multiplier then"):
         client_app._count_earlier_rounds(client, cfg, 0, 1)
     assert client.accountant.history == [(client.noise_multiplier, q, cfg.local_steps)]
+
+
+def test_a_ledgerless_restart_counts_earlier_rounds_at_no_more_than_the_noise_the_server_recorded(tiny):
+    """The server also sends the smallest noise multiplier the node's id reported with an accepted update: the
+    earlier rounds of a restart without a ledger count at no more than it (it covers an earlier process that ran
+    with less noise still, which the example-count hint cannot). A malformed value is ignored with a warning;
+    a loaded ledger ignores it; through ``train`` the hint is the train config's key."""
+    from fedlora_fast.flower import client_app
+
+    cfg, fed, fresh = _hint_case(tiny)
+    client = fresh()
+    q = client.sample_rate
+    with pytest.warns(RuntimeWarning, match=r"at sample rate [\d.]+ and noise multiplier 0.7 "):
+        client_app._count_earlier_rounds(client, cfg, 0, 2, min_noise=0.7)
+    assert client.accountant.history == [(0.7, q, 2 * cfg.local_steps)]
+    client = fresh()
+    with pytest.warns(RuntimeWarning, match=r"at sample rate [\d.]+ and noise multiplier 1.3 "):  # larger: no change
+        client_app._count_earlier_rounds(client, cfg, 0, 2, min_noise=5.0)
+    for bad in ("0.7", -1.0, float("nan"), True):
+        client = fresh()
+        with pytest.warns(RuntimeWarning) as caught:
+            client_app._count_earlier_rounds(client, cfg, 0, 2, min_noise=bad)
+        assert any(f"ignoring the server's '{MIN_NOISE_KEY}'" in str(w.message) for w in caught), bad
+        assert client.accountant.history == [(1.3, q, 2 * cfg.local_steps)]
+    loaded = fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        client_app._count_earlier_rounds(loaded, cfg, 0, 2, loaded=True, min_noise=0.7)
+    assert loaded.accountant.history == [(1.3, q, 2 * cfg.local_steps)]
+    ctx = _node_ctx(_tiny_run_config(tiny, **{"noise-multiplier": 1.3}), **{"privacy-dir": "none"})
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        with pytest.warns(RuntimeWarning):
+            reply = client_app.train(_train_msg(fed, 1, **{MIN_NOISE_KEY: 0.7}), ctx)
+    ref = Accountant()
+    ref.step(noise_multiplier=0.7, sample_rate=q, num_steps=cfg.local_steps)  # round 0, at the recorded noise
+    ref.step(noise_multiplier=1.3, sample_rate=q, num_steps=cfg.local_steps)  # round 1, trained now
+    assert reply.metric_records["metrics"]["epsilon"] == pytest.approx(ref.epsilon(cfg.delta))
 
 
 def test_a_larger_or_malformed_first_examples_hint_changes_nothing(tiny):

@@ -45,7 +45,7 @@ from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.io import LockedError, exclusive_lock
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
-from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, ROUND_KEY
+from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, MIN_NOISE_KEY, ROUND_KEY
 from fedlora_fast.privacy.accounting import (
     MAX_TARGET_EPSILON, Accountant, calibrate_noise_multiplier, check_sample_rate,
 )
@@ -539,9 +539,28 @@ def _hinted_sample_rate(client: Client, pid: int, hint) -> float | None:
     return check_sample_rate(min(1.0, client.batch_size / hint))
 
 
+def _hinted_noise(pid: int, hint) -> float | None:
+    """The server's record of the smallest noise multiplier this node's client id reported with an accepted
+    update (``hint``, the train config's ``MIN_NOISE_KEY``); None without one. A malformed hint (not a finite
+    number >= 0) is ignored with a RuntimeWarning, as ``_hinted_sample_rate`` ignores its own."""
+    if hint is None:
+        return None
+    if isinstance(hint, bool) or not isinstance(hint, (int, float)) or not math.isfinite(hint) or hint < 0:
+        shown = repr(hint)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        warnings.warn(
+            f"node {pid}: ignoring the server's '{MIN_NOISE_KEY}' = {shown}: "
+            "expected a finite number >= 0 (the smallest noise multiplier this node reported with an accepted "
+            "update); earlier rounds are counted without it",
+            RuntimeWarning, stacklevel=4,
+        )
+        return None
+    return float(hint)
+
+
 def _count_earlier_rounds(
     client: Client, cfg: FederatedConfig, pid: int, round_idx: int, *, loaded: bool = False,
-    looked_in: Path | None = None, first_examples=None,
+    looked_in: Path | None = None, first_examples=None, min_noise=None,
 ) -> None:
     """A node with no saved state at round ``round_idx`` > 0 either joins late or lost its state (a SuperNode
     restart clears ``context.state``). Its data may have trained in every earlier round, so its accountant
@@ -570,8 +589,11 @@ def _count_earlier_rounds(
     conservative, at worst a node that refuses to train, which such a server can cause anyway) or a larger
     one (a smaller q: ``max`` ignores it for the rate; with an ``epsilon`` target it lowers the noise multiplier
     counted, so more epsilon, never less: a wrong one can make the node refuse its remaining rounds); a
-    malformed one is ignored with a warning (``_hinted_sample_rate``). Not bounded either: the rounds of an
-    earlier process of this node that had loaded a ledger from a process with more data still (a smaller sigma).
+    malformed one is ignored with a warning (``_hinted_sample_rate``). ``min_noise`` (``MIN_NOISE_KEY``), the
+    smallest noise multiplier the node's id reported with an accepted update, bounds the noise counted too
+    (``min`` with the rest): it covers the rounds of an earlier process of this node with a smaller sigma still
+    (one that had loaded a ledger from a process with more data). A smaller one from a faulty server only
+    counts more.
     Rounds whose update the server refused (another count: data that changed mid-run) are not bounded by it.
     With a loaded ledger the hint is not used: the ledger's own history is the node's record."""
     steps = round_idx * cfg.local_steps - client.accountant.steps  # beyond what a ledger already holds
@@ -588,6 +610,9 @@ def _count_earlier_rounds(
                                                           sample_rate=hinted, steps=cfg.rounds * cfg.local_steps))
         except ValueError:  # (a smaller rate always meets a target the larger one meets: not expected)
             pass
+    reported = None if loaded else _hinted_noise(pid, min_noise)
+    if reported is not None:
+        sigma = min(sigma, reported)
     if loaded:
         limits = ""
     elif hinted is not None and hinted > known:
@@ -654,7 +679,8 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     round_idx = int(train_config[ROUND_KEY])
     if fresh:
         _count_earlier_rounds(client, cfg, pid, round_idx, loaded=loaded, looked_in=None if loaded else ledger,
-                              first_examples=train_config.get(FIRST_EXAMPLES_KEY))
+                              first_examples=train_config.get(FIRST_EXAMPLES_KEY),
+                              min_noise=train_config.get(MIN_NOISE_KEY))
         _check_node_limits(context, client, cfg, pid)  # (again: with the earlier rounds now counted)
         _check_budget(client, cfg, pid)
     torch.manual_seed(dropout_seed(cfg, round_idx, pid))  # dropout masks, as in the simulation: secret here

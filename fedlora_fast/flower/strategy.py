@@ -38,6 +38,9 @@ ROUND_KEY = "fedlora-round"  # the server's round counter, echoed by clients in 
 # train config, per node: the example count of the node's client id's first accepted update (bound nodes only), a
 # bound on the node's past sample rate for a restart without its privacy ledger (client_app._count_earlier_rounds)
 FIRST_EXAMPLES_KEY = "fedlora-first-examples"
+# train config, per bound node: the smallest noise multiplier its client id reported with an accepted update, a
+# bound on the noise of rounds a restarted node without its ledger counts (client_app._count_earlier_rounds)
+MIN_NOISE_KEY = "fedlora-min-noise"
 PRIVACY_KEYS = ("noise_multiplier", "sample_rate", "steps", "epsilon")  # clients' MetricRecord (with num-examples)
 
 
@@ -82,6 +85,7 @@ class FedLoRAStrategy(FedAvg):
         # within a run), so a node cannot grow its weight round by round; max_update_norm bounds what any
         # weight can do, central DP clips per client whatever its count
         self._examples_of: dict[int, int] = {}  # client id -> its example count
+        self._min_noise_of: dict[int, float] = {}  # client id -> smallest noise multiplier of its accepted reports
         self._reports: dict[int, dict] = {}  # node -> its largest privacy report: epsilon() is the max over all
         # client id -> the example count of its first accepted evaluation reply, fixed for the run (a silo's own
         # held-out rows are not the server's to count: aggregate_evaluate)
@@ -97,14 +101,16 @@ class FedLoRAStrategy(FedAvg):
         """FedAvg's sampling, with the fedlora_fast round counter in the config (clients echo it back).
 
         A node bound to a client id (its update under that id was accepted) also gets, in its own copy of the
-        config, the id's first accepted example count (``FIRST_EXAMPLES_KEY``): a restarted node without its
-        privacy ledger counts the earlier rounds at no less than the sample rate that count implies. FedAvg's
+        config, the id's first accepted example count (``FIRST_EXAMPLES_KEY``) and the smallest noise multiplier
+        it reported with an accepted update (``MIN_NOISE_KEY``): a restarted node without its privacy ledger
+        counts the earlier rounds at no less than the sample rate that count implies, no more than that noise. FedAvg's
         messages share one ``RecordDict``: a bound node's message gets a new one with its own ``ConfigRecord``,
         so no node's count reaches another node; unbound nodes get the shared config, without the key.
         """
         self._round_start = time.perf_counter()
         config[ROUND_KEY] = self.server.round
         config.pop(FIRST_EXAMPLES_KEY, None)  # per node only, never in the config every node gets
+        config.pop(MIN_NOISE_KEY, None)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for msg in messages:
             cid = self._client_of.get(msg.metadata.dst_node_id)
@@ -113,6 +119,8 @@ class FedLoRAStrategy(FedAvg):
             content = msg.content
             own = ConfigRecord(dict(content.config_records[self.configrecord_key]))
             own[FIRST_EXAMPLES_KEY] = self._examples_of[cid]
+            if cid in self._min_noise_of:
+                own[MIN_NOISE_KEY] = self._min_noise_of[cid]
             msg.content = RecordDict({**dict(content.items()), self.configrecord_key: own})
         broadcast = self.server.broadcast()  # what the simulation sends: counts bytes the same way
         self._pending = {
@@ -202,6 +210,9 @@ class FedLoRAStrategy(FedAvg):
             self._examples_of.setdefault(u.client_id, u.num_examples)
             if reports[i] is not None:
                 privacy[u.client_id] = reports[i]
+                sigma = float(reports[i]["noise_multiplier"])
+                if math.isfinite(sigma) and sigma >= 0:
+                    self._min_noise_of[u.client_id] = min(sigma, self._min_noise_of.get(u.client_id, sigma))
         # A client whose update failed validation has still spent its budget: the record of the first message
         # under its id counts (ids outside [0, num_clients) are ignored, so a malformed reply cannot invent
         # clients). Only a node's own id (unbound yet, or bound to it) reaches here; every node's latest report
