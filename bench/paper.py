@@ -159,7 +159,8 @@ def validate_args(args) -> None:
 
 # --- data ---------------------------------------------------------------------------------------------------
 def stratified_subsample(data: TextClassificationData, n: int | None, seed: int) -> TextClassificationData:
-    """At most ``n`` examples of ``data``, every class keeping its share (``round(count * n / N)`` each)."""
+    """About ``n`` examples of ``data``, every class keeping its share (``round(count * n / N)`` each, give or take
+    the groups of identical texts ``train_test_split`` keeps together: 601 for n = 600 on the bundled data)."""
     if n is None or n >= len(data):
         return data
     _, sub = train_test_split(data, n / len(data), seed)
