@@ -263,9 +263,10 @@ def _check_node_limits(context: Context, client: Client, cfg: FederatedConfig, p
     max_eps = _node_number(context, MAX_EPSILON_KEY)
     no_noise = not math.isfinite(planned) or (planned > MAX_TARGET_EPSILON and (max_eps is None or planned > max_eps))
     if no_noise and not _node_flag(context, ALLOW_NO_NOISE_KEY):
+        limit = max(MAX_TARGET_EPSILON, max_eps or 0.0)
         raise NodeError(
             f"node {pid}: the run asks for DP-SGD without noise (noise multiplier {client.noise_multiplier:.4g}: "
-            f"planned epsilon {planned:.4g}, above {MAX_TARGET_EPSILON:g}: no privacy for this silo's data): refused; "
+            f"planned epsilon {planned:.4g}, above {limit:g}: no privacy for this silo's data): refused; "
             f"start the SuperNode with node config {ALLOW_NO_NOISE_KEY}=true to allow it"
         )
     max_delta = _node_number(context, MAX_DELTA_KEY)
