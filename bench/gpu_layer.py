@@ -1304,7 +1304,7 @@ def main(argv=None) -> int:
                     for k, t in times.items()
                 )
             )
-            print(  # (a line of its own: the session log keeps each line's first 400 characters)
+            print(  # (a line of its own: the session log keeps only each line's first 600 characters)
                 f"n={n} T={T} {inp}->{out} ratios:"
                 + (f"  ours/floor {row['ratio_to_floor']:.3f}" if "ratio_to_floor" in row else "")
                 + "".join(f" ({v.replace('_', ' ')} {row[key]:.3f})"  # ours/floor of each variant beside the headline

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 CLIENT_METRICS = ("steps", "train_loss")  # what an update's metadata may report beside its tensors
 
 
-def _shown(value, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: a client's strings reach logs, metrics.json and checkpoints."""
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: what a client or a server sent reaches logs, metrics.json
+    and checkpoints."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -112,20 +113,22 @@ class Server:
             return None, None, f"undecodable message: {e}"
         cid = meta.get("client_id")
         if not isinstance(cid, int) or isinstance(cid, bool):
-            return None, None, f"metadata: client_id must be an int, got {_shown(cid)}"
+            return None, None, f"metadata: client_id must be an int, got {short_repr(cid)}"
         if self.num_clients is not None and not 0 <= cid < self.num_clients:
             return None, cid, f"client_id {cid}: not one of the federation's clients 0..{self.num_clients - 1}"
         rnd = meta.get("round")
         if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd != self.round:
-            return None, cid, f"stale or future round: update for round {_shown(rnd)}, server is at round {self.round}"
+            return None, cid, (f"stale or future round: update for round {short_repr(rnd)}, server is at round "
+                               f"{self.round}")
         if meta.get("fingerprint") != self.fingerprint:
             return None, cid, (
-                f"adapter fingerprint {_shown(meta.get('fingerprint'))} differs from the server's {self.fingerprint!r} "
+                f"adapter fingerprint {short_repr(meta.get('fingerprint'))} differs from the server's "
+                f"{self.fingerprint!r} "
                 "(seed, rank, alpha, targets or method differ)"
             )
         n = meta.get("num_examples")
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
-            return None, cid, f"metadata: num_examples must be a positive int of at most 2**53, got {_shown(n)}"
+            return None, cid, f"metadata: num_examples must be a positive int of at most 2**53, got {short_repr(n)}"
         if self.example_counts is not None and self.example_counts.get(cid) != n:
             if cid not in self.example_counts:
                 return None, cid, f"client_id {cid}: not one of the federation's clients {sorted(self.example_counts)[:8]}"
@@ -135,7 +138,7 @@ class Server:
         missing = sorted(self.global_state.keys() - tensors.keys())
         extra = sorted(tensors.keys() - self.global_state.keys())
         if missing or extra:
-            return None, cid, f"tensors: missing {missing[:4]}, unexpected {[_shown(k) for k in extra[:4]]}"
+            return None, cid, f"tensors: missing {missing[:4]}, unexpected {[short_repr(k) for k in extra[:4]]}"
         for k, g in self.global_state.items():
             t = tensors[k]
             if t.shape != g.shape or t.dtype != g.dtype:

@@ -749,14 +749,13 @@ def plot_curves(metrics: dict, path: str | os.PathLike) -> None:
 def export_adapter(model: nn.Module, path: Path, base_model: str | None = None, metadata: dict | None = None) -> str | None:
     """Write ``path`` in peft format with ``fedlora_fast.peft_compat.export_peft``; a reason when it cannot."""
     try:
-        from fedlora_fast.peft_compat import export_peft
+        from fedlora_fast.peft_compat import _overlaps, export_peft
     except ImportError as e:
         return f"fedlora_fast.peft_compat.export_peft is not available ({e})"
     layers = adapter_layers(model)
     # modules load_model initialised anew (a head drawn from the seed) and kept frozen (--trainable-modules '')
     # are saved too: without them, every load of the file would draw its own head
-    new = [m for m in getattr(model, "fedlora_new_modules", ())
-           if not any(m == k or m.startswith(k + ".") or k.startswith(m + ".") for k in layers)
+    new = [m for m in getattr(model, "fedlora_new_modules", ()) if not _overlaps(m, layers)
            and not any(p.requires_grad for p in model.get_submodule(m).parameters())]
     export_peft(model, str(path), also_save=new, base_model_name_or_path=base_model, metadata=metadata)
     return None

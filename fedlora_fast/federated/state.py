@@ -66,14 +66,10 @@ def frozen_A_digest(layers: dict) -> str:
     (``inject_adapters(model.backbone, ...)`` names it inside the backbone), ``load_peft`` may bring a file's A
     and ``from_peft`` peft's own random A, and another torch release may draw other numbers from one seed.
     Averaging B over clients holding different A is silently wrong, so the fingerprint hashes A itself."""
-    h = hashlib.sha256()
     for name in sorted(layers):
-        A = layers[name].lora_A.detach()
-        if A.is_meta:
+        if layers[name].lora_A.is_meta:
             raise ValueError(f"model: adapter {name!r} is on the meta device (no A yet): to_empty() it first")
-        h.update(f"{name}:{tuple(A.shape)}:".encode())
-        h.update(A.float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return _float32_sha256((name, layers[name].lora_A) for name in sorted(layers))
 
 
 def frozen_new_digest(model: nn.Module) -> str | None:
@@ -81,14 +77,18 @@ def frozen_new_digest(model: nn.Module) -> str | None:
     set by the simulation's ``load_model``: a classification head drawn from the seed), in name order; None
     where there are none. Every party draws such a head itself, and it is never exchanged when frozen
     (``--trainable-modules ''``): like A, another torch or transformers release may draw other numbers."""
-    h, any_frozen = hashlib.sha256(), False
-    for m in sorted(getattr(model, "fedlora_new_modules", ())):
-        for n, p in model.get_submodule(m).named_parameters():
-            if not p.requires_grad:
-                any_frozen = True
-                h.update(f"{m}.{n}:{tuple(p.shape)}:".encode())
-                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest() if any_frozen else None
+    frozen = [(f"{m}.{n}", p) for m in sorted(getattr(model, "fedlora_new_modules", ()))
+              for n, p in model.get_submodule(m).named_parameters() if not p.requires_grad]
+    return _float32_sha256(frozen) if frozen else None
+
+
+def _float32_sha256(named) -> str:
+    """SHA-256 (hex) of ``(name, tensor)`` pairs in the given order: each name, shape and float32 bytes."""
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def adapter_config(model: nn.Module) -> dict:

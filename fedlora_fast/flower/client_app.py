@@ -39,6 +39,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora_fast.federated import checkpoint, serialization
 from fedlora_fast.federated.client import Client
+from fedlora_fast.federated.server import short_repr
 from fedlora_fast.federated.simulation import Federation, FederatedConfig, dropout_seed
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
@@ -529,13 +530,8 @@ def _hinted_sample_rate(client: Client, pid: int, hint) -> float | None:
     if hint is None:
         return None
     if not isinstance(hint, int) or isinstance(hint, bool) or hint <= 0:
-        shown = repr(hint)
-        warnings.warn(
-            f"node {pid}: ignoring the server's '{FIRST_EXAMPLES_KEY}' = "
-            f"{shown if len(shown) <= 80 else shown[:77] + '...'}: expected a positive int (the server's record of "
-            "this node's first accepted example count); earlier rounds are counted without it",
-            RuntimeWarning, stacklevel=4,
-        )
+        _ignore_hint(pid, FIRST_EXAMPLES_KEY, hint, "a positive int (the server's record of this node's first "
+                     "accepted example count)")
         return None
     return check_sample_rate(min(1.0, client.batch_size / hint))
 
@@ -547,16 +543,16 @@ def _hinted_noise(pid: int, hint) -> float | None:
     if hint is None:
         return None
     if isinstance(hint, bool) or not isinstance(hint, (int, float)) or not math.isfinite(hint) or hint < 0:
-        shown = repr(hint)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        warnings.warn(
-            f"node {pid}: ignoring the server's '{MIN_NOISE_KEY}' = {shown}: "
-            "expected a finite number >= 0 (the smallest noise multiplier this node reported with an accepted "
-            "update); earlier rounds are counted without it",
-            RuntimeWarning, stacklevel=4,
-        )
+        _ignore_hint(pid, MIN_NOISE_KEY, hint, "a finite number >= 0 (the smallest noise multiplier this node "
+                     "reported with an accepted update)")
         return None
     return float(hint)
+
+
+def _ignore_hint(pid: int, key: str, hint, expected: str) -> None:
+    """Warn that the train config's ``key`` = ``hint`` is malformed and ignored (``_count_earlier_rounds``'s hints)."""
+    warnings.warn(f"node {pid}: ignoring the server's '{key}' = {short_repr(hint)}: expected {expected}; earlier "
+                  "rounds are counted without it", RuntimeWarning, stacklevel=5)
 
 
 def _count_earlier_rounds(

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora_fast.federated import serialization
-from fedlora_fast.federated.server import Server
+from fedlora_fast.federated.server import Server, short_repr
 from fedlora_fast.flower import records
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,8 @@ class FedLoRAStrategy(FedAvg):
             sent = sent_meta.get("num_examples")
             if cid in self._examples_of and sent != self._examples_of[cid]:
                 rejected.append({"client": cid, "node": node, "reason": (
-                    f"num_examples {repr(sent)[:80]} differs from the {self._examples_of[cid]} client {cid} sent in its "
-                    "first accepted update (FedAvg weights by it)")})
+                    f"num_examples {short_repr(sent)} differs from the {self._examples_of[cid]} client {cid} sent in "
+                    "its first accepted update (FedAvg weights by it)")})
                 refused_reports.append((cid, rec))  # it trained: its privacy record still counts
                 continue
             messages.append(message)

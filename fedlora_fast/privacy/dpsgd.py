@@ -689,15 +689,15 @@ class DPSGD:
             if valid.shape != (n,) or valid.dtype != torch.bool:
                 raise ValueError(f"valid: expected a ({n},) bool mask, got {tuple(valid.shape)} {valid.dtype}")
             bad = bad & valid
+        records = [per_sample.pending(p) for p in self.params]
         if self.clipping == "flat":
             coef = clip_coef(norms2, self.max_grad_norm)
             if valid is not None:
                 coef = torch.where(valid, coef, torch.zeros_like(coef))
             clipped = self._clip_flat(coef, n)
         else:  # the layers' backwards already clipped and summed, in float32 (None: unused)
-            records = map(per_sample.pending, self.params)
             clipped = self._flatten([r.clipped if r is not None else None for r in records])
-        self.ctx.consume(set().union(*(r.fwds for r in map(per_sample.pending, self.params) if r is not None)))
+        self.ctx.consume(set().union(*(r.fwds for r in records if r is not None)))
         for p in self.params:
             per_sample.clear(p)
             p.grad = None

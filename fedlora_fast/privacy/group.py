@@ -20,6 +20,7 @@ import hashlib
 import torch
 from torch import Tensor
 
+
 def check_group(process_group, device: torch.device) -> int:
     """The rank of this process in ``process_group``, after checking it can carry ``device`` tensors.
 
