@@ -16,12 +16,13 @@ gradient into a file.
 With per-layer clipping the module clips inside its own backward; no per-sample gradient outlives the
 layer. The clipped sum stays float32 until the noise is added (as flat clipping's does): rounded to a bf16
 ``.grad`` first, one sample could move a large sum by more than its threshold. Nothing reaches ``.grad``
-from a per-sample module. Without a context (DP off) none of this runs: modules take their plain,
-per-sample-free path.
+from a per-sample module (zeros, under compiled autograd: ``_nothing``). Without a context (DP off) none of
+this runs: modules take their plain, per-sample-free path.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -217,16 +218,30 @@ def param_result(
     param: Tensor, ctx: PerSampleContext | None, batch_id: int, grad: Tensor, norm2: Tensor, fwd: int
 ) -> Tensor | None:
     """Keep a per-sample backward result on ``param``; returns what autograd should accumulate in ``.grad``:
-    nothing (None) in both modes.
+    nothing (None) in both modes, or zeros under compiled autograd (``_nothing``).
 
     ``grad`` is (n, *shape) in flat mode and the clipped sum in per-layer mode (kept float32, with the
     norms).
     """
     if ctx.mode == MODE_PER_SAMPLE:
         store(param, ctx, batch_id, grad.float(), norm2, fwd)
+    else:
+        store(param, ctx, batch_id, None, norm2, fwd).clipped = grad.float()
+    return _nothing(param)
+
+
+def _nothing(param: Tensor) -> Tensor | None:
+    """The "no gradient" a per-sample backward hands autograd for ``param``: None, except under compiled
+    autograd, where it is a zero tensor (a stride-0 view of one zero).
+
+    Compiled autograd traces the sum of a tensor's gradients from two uses (a layer run twice in one forward)
+    as ``torch.add`` of the two backward outputs before it knows them: a None there crashed with a TypeError.
+    Zeros add up to zeros; the engine drops them as it drops every ``.grad`` (``DPSGD._warn_outside_grads``
+    names only non-zero ones)."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")  # not imported: compiled autograd cannot be on
+    if ca is None or not ca.in_compiled_autograd_region:
         return None
-    store(param, ctx, batch_id, None, norm2, fwd).clipped = grad.float()
-    return None
+    return param.new_zeros(()).expand(param.shape)
 
 
 def active(ctx: PerSampleContext | None) -> bool:

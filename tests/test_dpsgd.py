@@ -823,24 +823,85 @@ def test_gradients_from_before_the_engine_never_enter_a_step(clipping):
         assert_close_verbose(got, 2 * want[k], atol=1e-5, rtol=1e-5, name=k + " (twice)")
 
 
-def test_a_gradient_from_around_the_per_sample_modules_is_named_not_silently_lost():
+def _backward(loss_of, how):
+    """``loss_of().backward()`` eagerly or under compiled autograd (aot_eager)."""
+    if how != "compiled_autograd":
+        return loss_of().backward()
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        loss_of().backward()
+
+
+@pytest.mark.parametrize("how", ["eager", "compiled_autograd"])
+def test_a_gradient_from_around_the_per_sample_modules_is_named_not_silently_lost(how):
     """A regulariser on a trained tensor (or the weight used functionally) sends its gradient straight to
     .grad, around the per-sample machinery: it cannot be clipped per sample and is discarded, with a warning
-    naming the tensor (silently, it trained another objective than the one written)."""
+    naming the tensor (silently, it trained another objective than the one written). Under compiled autograd
+    the per-sample modules hand zeros to .grad (None crashes its sum of two uses): those are not named, a
+    regulariser's gradient added to them is."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
     ff.inject_adapters(model, target_modules=["0"], r=2, trainable_modules=["1"])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4)
     x = torch.randn(4, 8)
-    model(x).sum().backward()
+    _backward(lambda: model(x).sum(), how)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dp.step()  # a clean backward: nothing to say
     dp.zero_grad()
-    (model(x).sum() + 100 * model[1].weight.square().sum()).backward()
+    _backward(lambda: model(x).sum() + 100 * model[1].weight.square().sum(), how)
     with pytest.warns(RuntimeWarning, match=r"\['1.weight'\] had a gradient from around their per-sample modules"):
         dp.step()
+    torch._dynamo.reset()
+
+
+class _UsedTwice(nn.Module):
+    """An adapted layer and a trained head, each run twice in one forward (weight sharing across depth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.h = nn.Linear(IN, IN), nn.Linear(IN, OUT)
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.l(torch.tanh(self.l(x))))) + self.h(x)
+
+
+@pytest.mark.parametrize("how", ["eager", "compile", "compiled_autograd"])
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+def test_a_module_used_twice_in_one_forward_gets_the_sum_of_both_uses_per_sample(how, train_A):
+    """Flat clipping sums each sample's gradients of both uses before its norm (the batch-of-one loop's
+    gradient), eagerly, under ``torch.compile`` and under compiled autograd (which had crashed: a TypeError
+    adding the two uses' None gradients); per-layer clipping refuses, naming flat."""
+    batch = make_batch(3, 4)
+    for clipping in ("flat", "per_layer"):
+        torch.manual_seed(0)
+        model = _UsedTwice()
+        ff.inject_adapters(model, ["l"], r=R, alpha=6.0, seed=0, train_A=train_A, trainable_modules=["h"])
+        with torch.no_grad():
+            model.l.lora_B.normal_(0, 0.5)
+        loop = per_sample_grads_loop(model, loss_fn, batch)
+        names = list(loop)
+        dp = make_dp(model, clipping=clipping)
+        run = torch.compile(model, backend="aot_eager") if how == "compile" else model
+        torch._dynamo.reset()
+        if clipping == "per_layer":
+            with pytest.raises(PerSampleStateError, match="used twice in one forward.*clipping='flat'"):
+                _backward(lambda: loss_fn(run, batch), how)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (not torch's own DeprecationWarnings)
+            _backward(lambda: loss_fn(run, batch), how)
+            got = per_sample_grads_engine(model)
+            for k in names:
+                assert_close_verbose(got[k], loop[k], atol=1e-5, rtol=1e-5, name=f"{how} {k}")
+            norms = torch.sqrt(sum(v.reshape(3, -1).pow(2).sum(1) for v in loop.values()))
+            assert_close_verbose(dp.per_sample_norms(), norms, atol=1e-5, rtol=1e-5, name=f"{how} norms")
+            dp.accumulate()
+            want = hand_clipped_sum(loop, names)
+            for k, c in zip(names, dp.clipped_sum()):
+                assert_close_verbose(c, want[k], atol=1e-5, rtol=1e-5, name=f"{how} clipped {k}")
+    torch._dynamo.reset()
 
 
 def test_step_on_a_bf16_model_with_a_trained_head(grouped):

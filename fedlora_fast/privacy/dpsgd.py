@@ -714,6 +714,9 @@ class DPSGD:
         if self._grads_stale:
             return
         outside = [p for p in self.params if p.grad is not None]
+        if outside:  # compiled autograd hands zeros where eager hands None (per_sample._nothing): not outside
+            nonzero = torch.stack([g.ne(0).any() for g in (p.grad for p in outside)]).tolist()
+            outside = [p for p, keep in zip(outside, nonzero) if keep]
         if outside:
             what = self._names_of(outside)
             warnings.warn(
