@@ -2,7 +2,8 @@
 //
 // Arguments are Python buffers (numpy arrays, or torch CPU tensors through Tensor.numpy(): zero-copy).
 // Every buffer must be float32 and C-contiguous; nothing is converted or copied here, so a wrong buffer
-// is an error naming the argument, never a silent copy. Outputs are written in place. No libtorch link.
+// is an error naming the argument, never a silent copy. Outputs are written in place and may share no memory
+// with another argument (expect_disjoint). No libtorch link.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // std::optional<py::buffer> for the arguments that may be None
 
@@ -10,7 +11,9 @@
 #include <cfloat>
 #include <cmath>
 #include <optional>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ffa_linear.h"
@@ -55,6 +58,36 @@ void expect_shape(const View& v, const char* name, const std::vector<py::ssize_t
         throw py::value_error(std::string(name) + ": expected shape " + shape_str(shape) + ", got " +
                               shape_str(v.shape()));
 }
+
+// An argument for expect_disjoint: its name and view (nullptr: not given).
+struct Arg {
+    const char* name;
+    const View* v;
+};
+
+std::pair<const char*, const char*> byte_range(const View& v) {
+    const char* lo = static_cast<const char*>(v.info.ptr);
+    return {lo, lo + v.info.size * v.info.itemsize};
+}
+
+// Every output shares no byte with any other argument: the kernels read inputs after writing outputs (a
+// 64-column block of lowrank_out reads L's row after an earlier block wrote out's), so an alias is a wrong
+// answer, never a refusal, unless refused here.
+void expect_disjoint(std::initializer_list<Arg> outs, std::initializer_list<Arg> all) {
+    for (const Arg& o : outs) {
+        if (!o.v || o.v->info.size == 0) continue;
+        const auto [olo, ohi] = byte_range(*o.v);
+        for (const Arg& a : all) {
+            if (!a.v || a.v == o.v || a.v->info.size == 0) continue;
+            const auto [alo, ahi] = byte_range(*a.v);
+            if (olo < ahi && alo < ohi)
+                throw py::value_error(std::string(o.name) + ": expected an output buffer sharing no memory with " +
+                                      a.name + ", got overlapping buffers");
+        }
+    }
+}
+
+const View* given(const std::optional<View>& v) { return v ? &*v : nullptr; }
 
 void bwd(const py::buffer& g, const py::buffer& u, const py::buffer& B, std::optional<py::buffer> xa,
          std::optional<py::buffer> v, const py::buffer& gB, std::optional<py::buffer> nuB,
@@ -115,6 +148,10 @@ void bwd(const py::buffer& g, const py::buffer& u, const py::buffer& B, std::opt
             p.nuA = vnuA->data();
         }
     }
+    const std::initializer_list<Arg> outs = {{"v", given(vv)}, {"gB", &vgB}, {"nuB", given(vnuB)},
+                                             {"gA", given(vgA)}, {"nuA", given(vnuA)}};
+    expect_disjoint(outs, {{"g", &vg}, {"u", &vu}, {"B", &vB}, {"xa", given(vxa)}, {"v", given(vv)}, {"gB", &vgB},
+                           {"nuB", given(vnuB)}, {"gA", given(vgA)}, {"nuA", given(vnuA)}});
     py::gil_scoped_release release;
     ff::ffa_linear_bwd(p);
 }
@@ -124,6 +161,7 @@ void clip_reduce(const py::buffer& P, const py::buffer& coef, const py::buffer& 
     const auto s = vP.shape();
     expect_shape(vc, "coef", {s[0]});
     expect_shape(vo, "out", {s[1], s[2]});
+    expect_disjoint({{"out", &vo}}, {{"P", &vP}, {"coef", &vc}});
     ff::ClipReduceParams p;
     p.P = vP.data();
     p.coef = vc.data();
@@ -141,6 +179,7 @@ void lowrank_in(const py::buffer& X, const py::buffer& R, const py::buffer& out)
     const py::ssize_t r = vR.shape()[0];
     expect_shape(vR, "A", {r, s[2]});
     expect_shape(vo, "u", {s[0], s[1], r});
+    expect_disjoint({{"u", &vo}}, {{"x", &vX}, {"A", &vR}});
     ff::LowRankParams p;
     p.X = vX.data();
     p.R = vR.data();
@@ -159,6 +198,7 @@ void lowrank_out(const py::buffer& L, const py::buffer& R, const py::buffer& out
     const py::ssize_t cols = vR.shape()[1];
     expect_shape(vR, "R", {s[2], cols});
     expect_shape(vo, "out", {s[0], s[1], cols});
+    expect_disjoint({{"out", &vo}}, {{"L", &vL}, {"R", &vR}});
     ff::LowRankParams p;
     p.X = vL.data();
     p.R = vR.data();

@@ -208,6 +208,28 @@ def test_bad_arguments_are_named_before_any_backend_runs(use_backend):
                 op(*args)
 
 
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+def test_the_eager_path_takes_what_the_op_takes(use_backend):
+    """``call`` on inputs that require grad, with grad mode on (the native forward's ``out=`` GEMM raised
+    there), and with an unused threshold of None outside clip mode (the native binding raised TypeError):
+    the same results as the op and the reference."""
+    from fedlora_fast.ops.ffa_linear import call
+
+    _, device = use_backend
+    t = ffa_inputs(2, 5, 12, 7, 3, torch.float32, device)
+    x = t["x"].clone().requires_grad_(True)
+    args = (x, x, t["weight"], t["bias"], t["A"], t["B"], 2.0)
+    for got, want in zip(call(ffa_linear_fwd, *args), ref.ffa_linear_fwd(*(a.detach() if a is x else a for a in args))):
+        assert not got.requires_grad
+        assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name="fwd")
+    _, u = ref.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 2.0)
+    for mode in (ref.MODE_SUM, ref.MODE_PER_SAMPLE):
+        for xa in (None, t["xa"]):
+            bwd = (t["g"], u, t["weight"], t["A"], t["B"], xa, 2.0, True, False, mode, None, None)
+            for got, want in zip(call(ffa_linear_bwd, *bwd), ref.ffa_linear_bwd(*bwd)):
+                assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name=f"bwd mode {mode}")
+
+
 def test_non_tensor_arguments_are_named_on_the_eager_path_too():
     """``call`` (the layer's and the engine's eager path) raised AttributeError ('NoneType' object has no attribute
     'is_meta' / 'float' object has no attribute 'dtype') where the op names the argument; a weight of another

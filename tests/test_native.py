@@ -408,6 +408,36 @@ def test_binding_lowrank_checks(ext):
         ext.lowrank_out(u, A, np.zeros((2, 3, 4), np.float32), 1.0, False)
 
 
+def test_binding_refuses_outputs_sharing_memory_with_another_argument(ext):
+    """An output aliasing an input was a silent wrong answer (lowrank_out with out = L, r = cols = 80: max error
+    42.6, its second 64-column block read rows the first had overwritten): every binding refuses overlap, a
+    partial one (a view into the same array) too, and takes disjoint views of one array."""
+    big = np.random.default_rng(0).standard_normal((2, 3, 80 * 2)).astype(np.float32)
+    R = np.random.default_rng(1).standard_normal((80, 80)).astype(np.float32)
+    L = np.ascontiguousarray(big[..., :80])
+    with pytest.raises(ValueError, match="out: expected an output buffer sharing no memory with L"):
+        ext.lowrank_out(L, R, L, 0.5, False)
+    flat = np.zeros(2 * 3 * 80 + 10, np.float32)
+    with pytest.raises(ValueError, match="out: .*sharing no memory with L"):  # shifted by 10 floats: partial
+        ext.lowrank_out(flat[: 480].reshape(2, 3, 80), R, flat[10:490].reshape(2, 3, 80), 0.5, False)
+    two = np.zeros((2, 2, 3, 80), np.float32)
+    two[0] = L
+    ext.lowrank_out(two[0], R, two[1], 0.5, False)  # disjoint halves of one array: fine
+    np.testing.assert_allclose(two[1], 0.5 * (L @ R), rtol=1e-5, atol=1e-4)
+    x, A = np.ones((2, 3, 5), np.float32), np.ones((4, 5), np.float32)
+    with pytest.raises(ValueError, match="u: .*sharing no memory with x"):
+        ext.lowrank_in(x, A, x.reshape(-1)[:24].reshape(2, 3, 4))
+    P, coef = np.ones((3, 4, 2), np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="out: .*sharing no memory with P"):
+        ext.ffa_linear_clip_reduce(P, coef, P[0])
+    b = _bufs()
+    for out, clash in (("gB", "g"), ("nuB", "u"), ("nuB", "gB")):
+        kw = dict(b)
+        kw[out] = kw[clash].reshape(-1)[: kw[out].size].reshape(kw[out].shape)
+        with pytest.raises(ValueError, match=f"{out}: .*sharing no memory with {clash}|{clash}: .*with {out}"):
+            _call(ext, **kw)
+
+
 def test_build_info(ext):
     info = ext.build_info()
     assert info["max_threads"] >= 1 and "compiler" in info and "flags" in info

@@ -266,4 +266,7 @@ def call(op, *args):
         return op(*args)
     name = _OP_NAMES[op]
     _CHECKS[name](*args)
+    if torch.is_grad_enabled():  # as behind the op: no autograd (``out=`` GEMMs refuse inputs that need grad)
+        with torch.no_grad():
+            return implementation(name, args[0].device.type)(*args)
     return implementation(name, args[0].device.type)(*args)

@@ -160,8 +160,8 @@ def ffa_linear_bwd(
         _out(nuA) if lora and mode != MODE_SUM else None,
         float(scale),
         int(mode),
-        float(clip_B),
-        float(clip_A),
+        float(clip_B) if mode == MODE_CLIP else 0.0,  # (unused outside clip mode, as by the other backends)
+        float(clip_A) if mode == MODE_CLIP and lora else 0.0,
     )
 
     dx, dxa = g.new_empty((0,)), g.new_empty((0,))
