@@ -1183,3 +1183,23 @@ def test_a_none_leaf_in_the_batch_is_a_value_not_a_tensor_slot():
     acc = GraphedAccumulator(dp, lambda m, b: per_sample_loss(m, {"x": b["x"], "y": b["y"]}) if b["extra"] is None
                              else None, micro_batch_size=2, graph=False)
     assert acc.accumulate({"extra": None, **make_batch(3)}) == 3 and dp._pending_samples == 3
+
+
+def test_a_mapping_torch_cannot_flatten_is_read_as_a_dict_and_per_sample_value_lists_are_refused():
+    """A Hugging Face ``BatchEncoding`` (a UserDict: one opaque leaf to torch's pytree) was refused as "no
+    tensors"; it now runs as the plain dict it holds, with the sums of a dict batch. A list of plain values, one
+    per sample (collated ids), had every micro-batch get the whole list (row i paired with another sample's
+    id): it is refused, naming it, as is one nested in a dict."""
+    from transformers import BatchEncoding
+
+    batch = make_batch(5)
+    want, _, _ = graphed_sum([batch], 2, "flat")
+    got, _, counts = graphed_sum([BatchEncoding(batch)], 2, "flat")
+    assert counts == [5]
+    assert_close_verbose(got, want, atol=0, rtol=0, name="BatchEncoding")
+    model = make_model()
+    acc = GraphedAccumulator(make_dp(model), lambda m, b: per_sample_loss(m, b[0]), micro_batch_size=2, graph=False)
+    for bad in ((batch, ["a", "b", "c", "d", "e"]), ({**batch, "ids": (1, 2, 3, 4, 5)},)):
+        with pytest.raises(ValueError, match=r"batch: a (list|tuple) of 5 plain values .*cannot split"):
+            acc.accumulate(bad)
+    assert acc.accumulate((batch, "a constant string")) == 5

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedlora_fast.privacy import PoissonSampler, batch_size, check_poisson_loader, poisson_dataloader
+from fedlora_fast.privacy import PoissonSampler, batch_size, check_poisson_loader, micro_batches, poisson_dataloader
 from fedlora_fast.privacy.sampling import _empty_like_batch
 
 
@@ -183,3 +183,27 @@ def test_micro_batches_split_per_sample_values_and_keep_per_batch_ones():
     assert [p["t"] for p in micro_batches({"x": batch["x"][:1], "t": [["a"]]}, 1)] == [[["a"]]]
     with pytest.raises(ValueError, match="neither one list per sample nor one value per sample"):
         list(micro_batches({"x": batch["x"][:3], "t": square}, 1))
+
+
+def test_a_defaultdict_batch_is_split_and_emptied_and_the_empty_batch_holds_no_example_data():
+    """``micro_batches`` and the empty Poisson batch rebuilt a mapping with ``type(batch)(dict)``: a
+    defaultdict (whose constructor takes its factory first) raised TypeError. The empty stand-in was a
+    ``[:0]`` view of ``dataset[0]``'s collated tensors, whose storage (saved or pickled with it) still held
+    that unsampled example's values."""
+    import io
+    from collections import defaultdict
+
+    batch = defaultdict(list, {"x": torch.arange(10.0).reshape(5, 2), "y": torch.arange(5)})
+    parts = list(micro_batches(batch, 2))
+    assert [type(p) for p in parts] == [defaultdict] * 3 and parts[0].default_factory is list
+    assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
+
+    data = [{"x": torch.full((4,), 1000.0 + i)} for i in range(3)]
+    loader = poisson_dataloader(data, sample_rate=1e-9, generator=torch.Generator().manual_seed(0),
+                                collate_fn=lambda rows: defaultdict(list, torch.utils.data.default_collate(rows)))
+    empty = next(iter(loader))
+    assert isinstance(empty, defaultdict) and empty["x"].shape == (0, 4)
+    assert empty["x"].untyped_storage().nbytes() == 0
+    buf = io.BytesIO()
+    torch.save(dict(empty), buf)
+    assert torch.tensor(1000.0).numpy().tobytes() not in buf.getvalue()

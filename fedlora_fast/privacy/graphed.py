@@ -35,15 +35,17 @@ import os
 import sys
 import threading
 import traceback
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
 from fedlora_fast import per_sample
 from fedlora_fast.privacy.dpsgd import DPSGD, attached_engine
+from fedlora_fast.privacy.sampling import _per_sample_values
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,28 @@ def _settings(d: dict, names: tuple[str, ...], copy: bool = False) -> tuple:
         vals = [dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else set(v)
                 if isinstance(v, set) else v for v in vals]
     return tuple(vals)
+
+
+def _as_pytree(batch: Any) -> Any:
+    """``batch`` with every mapping torch's pytree does not know (Hugging Face's ``BatchEncoding``, a
+    ``UserDict``) as a plain dict, which ``loss_fn`` then gets (flattened, it was one opaque leaf: refused as
+    "no tensors"). A list of plain values, one per sample (``default_collate``'s list of strings or ids), is
+    refused: the capture takes non-tensor leaves as given, so every micro-batch would get the whole list, row
+    i paired with another sample's value."""
+    if isinstance(batch, Mapping):
+        items = {k: _as_pytree(v) for k, v in batch.items()}
+        if type(batch) in SUPPORTED_NODES and all(items[k] is v for k, v in batch.items()):
+            return batch
+        return items
+    if _per_sample_values(batch):
+        raise ValueError(
+            f"batch: a {type(batch).__name__} of {len(batch)} plain values ({repr(batch)[:60]}): a "
+            "GraphedAccumulator cannot split values that are not tensors into its micro-batches (keep per-sample "
+            "ids as a tensor; give loss_fn per-batch constants some other way)"
+        )
+    if type(batch) in (list, tuple):
+        return type(batch)(_as_pytree(v) for v in batch)
+    return batch
 
 
 def _global_hooks() -> tuple[dict, ...]:
@@ -431,7 +455,9 @@ class GraphedAccumulator:
     Args:
         dp: the ``DPSGD`` engine (flat or per-layer clipping); its ``step``/``zero_grad`` stay the caller's.
         loss_fn: ``loss_fn(model, batch) -> (b,)`` per-sample losses of a micro-batch (``batch`` has the
-            input batch's structure; tensors are fixed buffers of b rows). It must be a pure function of the
+            input batch's structure, a mapping torch's pytree does not know, such as Hugging Face's
+            ``BatchEncoding``, as a dict; tensors are fixed buffers of b rows; a list of plain values, one per
+            sample, is refused: keep per-sample data in tensors). It must be a pure function of the
             tensors: under a graph its Python runs only while capturing. Hugging Face attention masks as 2-D
             padding masks read a value back (``find_host_reads`` says where): pass
             ``capturable_attention_mask(model, mask)`` instead. Under autocast inside ``loss_fn``, pass
@@ -524,7 +550,7 @@ class GraphedAccumulator:
     def _split(self, batch: Any) -> tuple[list[Tensor], list, Any, int]:
         """``(tensors, constants, spec, n)``: the batch's tensor leaves, its leaves with each tensor as None
         (what the capture takes as given), its structure, and its number of samples."""
-        leaves, spec = tree_flatten(batch)
+        leaves, spec = tree_flatten(_as_pytree(batch))
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         if not tensors:
             raise ValueError(f"batch: expected tensors with the samples along dim 0, got a {type(batch).__name__}")

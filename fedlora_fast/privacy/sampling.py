@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -86,15 +87,26 @@ class PoissonSampler(torch.utils.data.Sampler):
             yield mask.nonzero().flatten().tolist()
 
 
+def _same_mapping(batch: Mapping, items: dict) -> Mapping:
+    """``items`` in a mapping of ``batch``'s type: a ``defaultdict`` keeps its factory (its constructor takes
+    that first), a type whose constructor takes no dict (a custom ``Mapping``) becomes a plain dict."""
+    if isinstance(batch, defaultdict):
+        return type(batch)(batch.default_factory, items)
+    try:
+        return type(batch)(items)
+    except TypeError:
+        return dict(items)
+
+
 def _empty_like_batch(batch: Any) -> Any:
     """The same nested structure with every tensor sliced to 0 samples and nothing of the example it was
     shaped from: a list of per-sample values (collated strings, ids) becomes empty, any other leaf None, a
     0-dim tensor (a per-batch scalar a collate computed, e.g. a token count) too. (The structure comes from
     collating ``dataset[0]``, which was not sampled: none of its data may reach a step.)"""
-    if isinstance(batch, Tensor):
-        return batch[:0] if batch.dim() else None
+    if isinstance(batch, Tensor):  # (new storage: a [:0] view would keep the example's values with it)
+        return batch.new_empty((0, *batch.shape[1:])) if batch.dim() else None
     if isinstance(batch, Mapping):
-        return type(batch)({k: _empty_like_batch(v) for k, v in batch.items()})
+        return _same_mapping(batch, {k: _empty_like_batch(v) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_empty_like_batch(v) for v in batch))
     if _per_sample_values(batch):
@@ -206,7 +218,7 @@ def _slice(batch: Any, start: int, stop: int, n: int) -> Any:
     if isinstance(batch, Tensor):
         return batch[start:stop] if batch.dim() else batch
     if isinstance(batch, Mapping):
-        return type(batch)({k: _slice(v, start, stop, n) for k, v in batch.items()})
+        return _same_mapping(batch, {k: _slice(v, start, stop, n) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_slice(v, start, stop, n) for v in batch))
     if _per_sample_values(batch):  # (as _empty_like_batch reads them): each micro-batch gets its own values
