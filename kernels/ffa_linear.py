@@ -288,10 +288,16 @@ _WATCHED: dict[tuple, list] = {}  # key -> the finalizers of its W, A and B (one
 
 def clear_merged_cache() -> None:
     """Free every W' of ``merged_cache`` (``FEDLORA_FAST_KEEP_MERGED=cache``), except those a CUDA graph
-    captured (it may replay into them: freed when their W, A or B is)."""
+    captured (it may replay into them: freed when their W, A or B is), and drop the finalizers watching the
+    tensors of the rest: a tensor with a weak reference cannot be swapped (``torch.utils.swap_tensors``), so
+    ``load_state_dict`` or ``.to()`` under ``torch.__future__.set_swap_module_params_on_conversion(True)``
+    failed on every cached layer's W, A and B until this ran."""
     for key, e in list(_MERGED_CACHE.items()):
         _retire(key, e)
     _MERGED_CACHE.clear()
+    for key in [k for k in _WATCHED if k not in _CAPTURED]:
+        for f in _WATCHED.pop(key):
+            f.detach()
 
 
 def _retire(key: tuple, e: _Cached) -> None:

@@ -1583,7 +1583,8 @@ def test_merged_cache_only_for_parameters_and_watched_once(merged_cache, triton_
     """W' is cached only for a parameter W: a W made per call (a float32 weight cast to bfloat16 under
     autocast, each forward a new tensor) would make a W' and its finalizers per forward; there the call runs
     as with FEDLORA_FAST_KEEP_MERGED=1, through the layer too, with the same result. An entry remade
-    (another scale each call) or cleared again and again watches its tensors with one set of finalizers."""
+    (another scale each call) watches its tensors with one set of finalizers; a clear drops them (a weakly
+    referenced tensor cannot be swapped: ``load_state_dict`` under swap-on-conversion failed)."""
     device = triton_backend
     t = make(2, 3, 20, 24, 5, device)
     x, A, B = t["x"], t["A"], t["B"]
@@ -1593,10 +1594,11 @@ def test_merged_cache_only_for_parameters_and_watched_once(merged_cache, triton_
     registry = len(weakref.finalize._registry)
     for i in range(4):
         K.ffa_linear_fwd(x, x, w, None, A, B, 0.5 + i)
+        assert list(K._WATCHED) == [(id(w), id(A), id(B))] and len(weakref.finalize._registry) == registry + 3
         if i % 2:
             K.clear_merged_cache()
-    assert list(K._WATCHED) == [(id(w), id(A), id(B))] and len(weakref.finalize._registry) == registry + 3
-    K.clear_merged_cache()
+            assert not K._WATCHED and len(weakref.finalize._registry) == registry
+    assert all(torch.utils.swap_tensors(*p) is None for p in ((w, w.clone()), (A, A.clone()), (B, B.clone())))
     torch.manual_seed(0)
     layer = ff.FFALoRALinear(torch.nn.Linear(20, 24), r=4, alpha=8.0, seed=1, name="q").to(device)
     with torch.no_grad():
