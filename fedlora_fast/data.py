@@ -79,10 +79,23 @@ def _read_delimited(path: Path) -> tuple[list[dict], list[str]]:
     bundled SMS data), so a text field cannot hold a tab or a newline. A row with more or fewer fields
     than the header is refused."""
     tsv = path.suffix.lower() == ".tsv"
-    csv.field_size_limit(1 << 24)
     text = _decode(path)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    before = csv.field_size_limit(FIELD_LIMIT)  # (process-wide: put back after)
+    try:
+        return _rows(path, reader, tsv)
+    except csv.Error as e:  # (a field over the limit, a NUL byte...): a DataError, like every other bad file
+        raise DataError(f"data: {path}, line {reader.line_num}: {e}") from None
+    finally:
+        csv.field_size_limit(before)
+
+
+FIELD_LIMIT = 1 << 24  # characters in one CSV/TSV field (16 Mi; Python's default is 128 Ki)
+
+
+def _rows(path: Path, reader, tsv: bool) -> tuple[list[dict], list[str]]:
+    """``_read_delimited``'s rows and their places, from its ``reader``."""
     header = next(reader, None)
     while header is not None and not "".join(header).strip():  # blank lines before the header
         header = next(reader, None)
@@ -310,27 +323,51 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
     _check_labelled(values, what, source, place)
     if all(isinstance(v, str) for v in values):
         stripped = [_nfc(v.strip()) for v in values]  # "café" composed or not is one class
-        try:
-            values = [float(v) for v in stripped]
-        except ValueError:
+        parsed = [_parse_number(v) for v in stripped]
+        if any(v is None for v in parsed):
             names = sorted(set(stripped))
             index = {n: i for i, n in enumerate(names)}
             ids, names = [index[v] for v in stripped], names
             return _check_classes(ids, names, len(values), what, source)
+        values = parsed
     if not all(isinstance(v, (int, float, bool, np.integer, np.floating)) for v in values):
         kinds = sorted({type(v).__name__ for v in values})
         raise DataError(f"{what}: labels must be all strings or all numbers, found values of the types {kinds}{_in(source)}")
-    nums = [float(v) for v in values]
-    bad = [i for i, v in enumerate(nums) if not math.isfinite(v) or v != int(v)]
+    ints = [_integral(v) for v in values]
+    bad = [i for i, v in enumerate(ints) if v is None]
     if bad:
         raise DataError(
             f"{what}: labels must be classes (strings or integers), found non-integral values such as "
-            f"{[nums[i] for i in bad[:3]]}{_in(source)} (first at {place(bad[0])}); "
+            f"{[values[i] for i in bad[:3]]}{_in(source)} (first at {place(bad[0])}); "
             "regression targets are not supported"
         )
-    uniq = sorted({int(v) for v in nums})
+    uniq = sorted(set(ints))
     index = {v: i for i, v in enumerate(uniq)}
-    return _check_classes([index[int(v)] for v in nums], [str(v) for v in uniq], len(values), what, source)
+    return _check_classes([index[v] for v in ints], [str(v) for v in uniq], len(values), what, source)
+
+
+# label text read as a number: ASCII digits only, no "_" separators (float() takes "1_0" as 10 and other
+# scripts' digits); integers as exact ints (as floats, 2**53 + 1 and 2**53 were one class)
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+
+
+def _parse_number(text: str) -> int | float | None:
+    """A stripped label text as an int (integer text, exactly) or a float (decimal or exponent text), else None."""
+    if _INT_TEXT.fullmatch(text):
+        return int(text)
+    if _FLOAT_TEXT.fullmatch(text):
+        return float(text)
+    return None
+
+
+def _integral(v) -> int | None:
+    """A numeric label as an exact int (a bool as 0/1, an integral float as its value), or None when it is
+    not integral (or not finite)."""
+    if isinstance(v, (bool, np.bool_, int, np.integer)):
+        return int(v)
+    f = float(v)
+    return int(f) if math.isfinite(f) and f == int(f) else None
 
 
 def _nfc(text: str) -> str:
@@ -346,14 +383,12 @@ def _label_key(v, names: dict | None = None) -> str:
         name = str(bool(v))
         return name if names is not None and name in names else str(int(v))
     if isinstance(v, (int, float, np.integer, np.floating)):
-        f = float(v)
-        return str(int(f)) if math.isfinite(f) and f == int(f) else str(v)
+        i = _integral(v)
+        return str(i) if i is not None else str(v)
     text = _nfc(str(v).strip())
-    try:
-        f = float(text)
-    except ValueError:
-        return text
-    return str(int(f)) if math.isfinite(f) and f == int(f) else text
+    number = _parse_number(text)
+    i = None if number is None else _integral(number)
+    return str(i) if i is not None else text
 
 
 def _check_classes(ids: list[int], names: list[str], n: int, what: str,

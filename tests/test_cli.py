@@ -106,6 +106,27 @@ def test_labels_that_are_not_classes(tiny, tmp_path, capsys):
     assert code == EXIT_USAGE and "--label-column: labels must be classes" in err and "Traceback" not in err
 
 
+def test_a_field_over_the_csv_limit_and_declared_classes_missing_from_the_data_are_usage_errors(tiny, tmp_path, capsys):
+    """A field over the reader's 16 Mi limit raised csv.Error, a traceback past the CLI's handler (the
+    process-wide limit stayed changed). Classes given by --labels but absent from a simulation's data made a
+    one-class task (test accuracy 1.0): fewer than 2 present in the training split is refused."""
+    import csv
+
+    from fedlora_fast.data import FIELD_LIMIT
+
+    huge = tmp_path / "huge.csv"
+    huge.write_text("text,label\n" + "".join(f"m {i},{'ab'[i % 2]}\n" for i in range(40)) + "x" * (FIELD_LIMIT + 5)
+                    + ",a\n")
+    limit = csv.field_size_limit()
+    code, _, err = run_cli(tiny_args(tiny, tmp_path / "o1", "--data", str(huge)), capsys)
+    assert code == EXIT_USAGE and "Traceback" not in err and "line 42" in err and "field larger than" in err, err
+    assert csv.field_size_limit() == limit
+    ham = tmp_path / "ham.csv"
+    ham.write_text("text,label\n" + "".join(f"message {i},ham\n" for i in range(60)))
+    code, _, err = run_cli(tiny_args(tiny, tmp_path / "o2", "--data", str(ham), "--labels", "ham,spam"), capsys)
+    assert code == EXIT_USAGE and "--labels: the training split holds examples of 1 of the classes" in err, err
+
+
 def test_a_run_without_noise_says_so_and_writes_strict_json(tiny, tmp_path, capsys):
     """--noise-multiplier 0: no privacy. final.noise says "none", no seeded-noise note is printed, and the
     infinite epsilon is null in metrics.json and in the adapter's metadata (strict JSON: no Infinity)."""

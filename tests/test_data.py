@@ -299,3 +299,25 @@ def test_class_names_are_one_class_whatever_their_unicode_form(tmp_path):
 
     with pytest.raises(ValueError, match="labels: expected at least two distinct"):
         FederatedConfig(labels=[nfc, nfd]).validate()
+
+
+def test_integer_labels_are_read_exactly_and_only_ascii_number_text_counts_as_a_number(tmp_path):
+    """Labels went through float(): integers past 2**53 merged (three classes read as two, named by values not
+    in the file), and "1_0" (float() reads it as 10) merged with "10". Integer text and JSON integers are now
+    exact ints; text with "_" or other scripts' digits is a class name; "1.0" is still class 1."""
+    from fedlora_fast.data import _label_key, labels_to_classes
+
+    big = [9007199254740993, 9007199254740995, 9007199254740997]
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\n" + "".join(f"message {i},{big[i % 3]}\n" for i in range(60)))
+    train, test = load_text_classification(path, test_fraction=0.2, seed=0)
+    assert train.label_names == [str(v) for v in big] and sorted(set(train.labels)) == [0, 1, 2]
+    assert labels_to_classes(big * 7)[1] == [str(v) for v in big]
+    ids, names = labels_to_classes(["1_0", "10", "2"] * 7)
+    assert names == ["10", "1_0", "2"] and ids[:3] == [1, 0, 2]
+    assert labels_to_classes(["1.0", " 2", "3e0", "١"] * 7)[1] == ["1.0", "2", "3e0", "١"]  # one text: all text
+    assert labels_to_classes(["1.0", " 2", "3e0"] * 7)[1] == ["1", "2", "3"]
+    assert [_label_key(v) for v in ("1.0", "1_0", 9007199254740993, True, " 7 ")] == ["1", "1_0", "9007199254740993",
+                                                                                      "1", "7"]
+    with pytest.raises(DataError, match=r"non-integral values such as \[1.5"):
+        labels_to_classes(["1.5", "2"] * 7)

@@ -648,6 +648,33 @@ def test_resume_takes_a_list_setting_given_as_a_tuple(tiny, tmp_path):
     assert run_simulation(cfg, tmp_path / "run", resume=True, progress=False, echo=None)["final"] is not None
 
 
+def test_resume_compares_the_data_and_model_a_path_holds_not_its_spelling(tiny, tmp_path, monkeypatch):
+    """The same data file named by a relative path, and the same model files at another directory, resume
+    (refused before: the config's path strings were compared, though the fingerprints decide); a checkpoint
+    whose data fingerprint was hashed with the model's path (before 2026-11-28) resumes too."""
+    import dataclasses
+    import shutil
+
+    cfg = tiny_config(tiny, rounds=2)
+    full = run_simulation(cfg, tmp_path / "full", progress=False, echo=None)
+    run_simulation(cfg, tmp_path / "run", progress=False, echo=None, stop_after=1)
+    monkeypatch.chdir(Path(tiny["data"]).parent)
+    moved = shutil.copytree(tiny["model"], tmp_path / "elsewhere" / "model")
+    other = dataclasses.replace(cfg, data=Path(tiny["data"]).name, model=str(moved))
+    resumed = run_simulation(other, tmp_path / "run", resume=True, progress=False, echo=None)
+    assert strip_times(resumed)["rounds"] == strip_times(full)["rounds"]
+    assert global_state(tmp_path / "run").keys() == global_state(tmp_path / "full").keys()
+    assert serialization.state_equal(global_state(tmp_path / "run"), global_state(tmp_path / "full"))
+    run_simulation(cfg, tmp_path / "old", progress=False, echo=None, stop_after=1)
+    path = tmp_path / "old" / ckpt.CHECKPOINT_NAME
+    tensors, state = ckpt.load_checkpoint(path)
+
+    legacy = Federation(cfg)._data_hash(str(Path(tiny["model"])))
+    assert legacy != state["data"]
+    ckpt.save_checkpoint(path, tensors, {**state, "data": legacy})
+    assert run_simulation(cfg, tmp_path / "old", resume=True, progress=False, echo=None)["final"] is not None
+
+
 def test_resume_refuses_other_data_other_micro_batches_and_overwrite_clears_the_old_run(tiny, tmp_path):
     """A resume must find the same data and model (the noise was calibrated to the old sample rates) and the
     same physical batch size (with dropout on it changes the masks); --overwrite removes everything the old

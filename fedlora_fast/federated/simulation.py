@@ -53,6 +53,9 @@ METHODS = ("ffa", "lora")
 # micro-batch shapes change the dropout masks), not eval_batch_size (the eval loss's float32 sums change in
 # their last digits with the batching), so that a resumed run ends bit for bit as an uninterrupted one.
 RESUME_FREE: tuple[str, ...] = ()
+# settings naming a file or directory: a resume compares what they hold (the data and model fingerprints), not
+# how the path is spelled (relative, another mount, the default packaged model named explicitly)
+RESUME_BY_CONTENT: tuple[str, ...] = ("data", "model")
 # what a run (simulation or Flower ServerApp) writes into --out: a fresh run refuses a directory holding any of
 # them, --overwrite removes them (held_run_outputs, remove_run_outputs)
 RUN_LOCK_NAME = ".fedlora_fast.lock"  # held (flock) by the run writing into an --out directory
@@ -408,12 +411,17 @@ class Federation:
         if cfg.partition == "label_skew" and cfg.label_proportions is None and (cfg.num_clients != 3 or self.num_labels != 2):
             raise ValueError(
                 f"partition: the default label skew is the paper's 3 clients x 2 classes, got {cfg.num_clients} "
-                f"clients and {self.num_labels} classes; pass label_proportions (one row per client), or use "
+                f"clients and {self.num_labels} classes; pass label_proportions (--label-proportions: one row per client), or use "
                 "partition 'iid' or 'dirichlet'"
             )
-        self.parts = partition(train.labels, cfg.partition, cfg.num_clients, derive_seed(cfg.seed, "partition") % (2**32),
-                               proportions=cfg.label_proportions, alpha=cfg.dirichlet_alpha,
-                               num_classes=len(train.label_names))
+        try:
+            self.parts = partition(train.labels, cfg.partition, cfg.num_clients,
+                                   derive_seed(cfg.seed, "partition") % (2**32), proportions=cfg.label_proportions,
+                                   alpha=cfg.dirichlet_alpha, num_classes=len(train.label_names))
+        except ValueError as e:  # (the partition functions' argument is the config's label_proportions)
+            if str(e).startswith("proportions: "):
+                raise ValueError(f"label_proportions: {str(e)[len('proportions: '):]}") from None
+            raise
         if any(len(p) == 0 for p in self.parts):
             raise ValueError(f"partition: a client got no examples (sizes {[len(p) for p in self.parts]})")
         self.model_name, self.tokenizer, self.model = adapted_model(cfg, self.num_labels)
@@ -548,13 +556,18 @@ class Federation:
     # --- checkpoint ----------------------------------------------------------------------------------------
     @functools.cached_property
     def data_fingerprint(self) -> str:
-        """SHA-256 (16 hex) of the split the run trains and tests on (texts, labels, class names) and the
-        resolved model: a resume must find the same, whatever the config's paths say. Computed once (every
-        round's checkpoint carries it)."""
+        """SHA-256 (16 hex) of the split the run trains and tests on (texts, labels, class names) and, for a
+        hub name (no local files for ``model_fingerprint`` to hash), the model's name: a resume must find the
+        same, whatever the config's paths say. Computed once (every round's checkpoint carries it)."""
+        return self._data_hash("" if Path(str(self.model_name)).is_dir() else str(self.model_name))
+
+    def _data_hash(self, model: str) -> str:
+        """``data_fingerprint`` with ``model`` as the model's part (checkpoints written before 2026-11-28 hash
+        the resolved model path there, local directory or not: ``_restore`` accepts that too)."""
         h = hashlib.sha256()
         for d in (self.train, self.test):
             h.update(json.dumps([d.texts, d.labels, d.label_names], ensure_ascii=False).encode())
-        h.update(str(self.model_name).encode())
+        h.update(model.encode())
         return h.hexdigest()[:16]
 
     @functools.cached_property
@@ -602,7 +615,7 @@ class Federation:
 
     def _restore(self, path, tensors: dict, state: dict) -> None:
         old, new = state["config"], self.config.to_dict()
-        diff = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
+        diff = [k for k in new if k not in RESUME_FREE + RESUME_BY_CONTENT and old.get(k) != new[k]]
         if diff:
             k = diff[0]
             raise ValueError(
@@ -615,7 +628,7 @@ class Federation:
                 "(another A, rank, scale or targets; a checkpoint written before the fingerprint hashed A, "
                 "2026-11-27, differs too): start a new run with another --out"
             )
-        if state.get("data") != self.data_fingerprint:
+        if state.get("data") not in (self.data_fingerprint, self._data_hash(str(self.model_name))):
             raise ValueError(
                 f"resume: the checkpoint {path} was written for other data or another model ({state.get('data')}), "
                 f"this run loads {self.data_fingerprint} (the noise was calibrated to the old sample rates): "
@@ -665,6 +678,25 @@ _MODEL_CHUNK = 8 << 20  # bytes read per call while hashing a model file
 _MODEL_FILE = re.compile(r"(config|generation_config|preprocessor_config|special_tokens_map|added_tokens)\.json|"
                          r"tokenizer.*|vocab\..*|merges\.txt|.*\.safetensors(\.index\.json)?|.*\.bin(\.index\.json)?|"
                          r".*\.model")
+
+
+def _check_classes_present(train: TextClassificationData, test: TextClassificationData) -> None:
+    """A simulation's classes declared (``labels``) but absent: fewer than 2 in the training split is refused
+    (a one-class task whose 100 % test accuracy says nothing; without ``labels`` the loader refuses it too); a
+    class with no training or no test example is warned about (never learned, or never measured). Not for a
+    Flower silo: its own file may hold only some of the federation's classes."""
+    names = train.label_names
+    present = [n for n, c in zip(names, train.class_counts()) if c]
+    if len(present) < 2:
+        raise ValueError(
+            f"labels: the training split holds examples of {len(present)} of the classes {names} ({present}); a "
+            "classifier needs at least 2: check the label column, or the classes given"
+        )
+    untrained = [n for n in names if n not in present]
+    untested = [n for n, c in zip(names, test.class_counts()) if not c]
+    if untrained or untested:
+        log.warning("labels: classes without a training example: %s; without a test example: %s",
+                    untrained or "none", untested or "none")
 
 
 def _hash_model_files(h, model_dir) -> None:
@@ -809,6 +841,7 @@ def _run_simulation(config: FederatedConfig, out: Path, path: Path, resume: bool
         raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
                          "--overwrite to start afresh, or another --out")
     fed = Federation(config, data)
+    _check_classes_present(fed.train, fed.test)  # (a simulation's whole data; a Flower silo may hold one class)
     if resume:
         fed.restore(path)
     else:  # --overwrite (or nothing there)
