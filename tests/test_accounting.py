@@ -247,3 +247,32 @@ def test_prv_is_never_looser_than_rdp_and_falls_back_where_its_numerics_refuse()
         for acc in (rdp, prv):
             acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
         assert prv.epsilon(delta) <= rdp.epsilon(delta) and math.isfinite(prv.epsilon(delta)), (sigma, q, steps)
+
+
+def test_prv_answers_with_rdp_where_its_grid_would_not_fit_in_memory():
+    """PRV's grid grows with the steps: 1e6 steps at q = 0.01, sigma = 1 asked for ~1e8 points (a MemoryError
+    after ~40 s, or the process killed); the PRV accountant now reports RDP's (valid) bound there, at once.
+    Where the grid fits, PRV's tighter value is kept."""
+    from fedlora_fast.privacy.accounting import PRV_MAX_POINTS, _prv_grid_points
+
+    big = [(1.0, 0.01, 1_000_000)]
+    assert _prv_grid_points(big, 1e-5) > 10 * PRV_MAX_POINTS
+    prv, rdp = Accountant("prv"), Accountant("rdp")
+    for acc in (prv, rdp):
+        acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=1_000_000)
+    assert prv.epsilon(1e-5) == rdp.epsilon(1e-5) and math.isfinite(rdp.epsilon(1e-5))
+    small_prv, small_rdp = Accountant("prv"), Accountant("rdp")
+    for acc in (small_prv, small_rdp):
+        acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=1000)
+    assert _prv_grid_points([(1.0, 0.01, 1000)], 1e-5) < PRV_MAX_POINTS
+    assert small_prv.epsilon(1e-5) < small_rdp.epsilon(1e-5)
+
+
+def test_a_nan_bound_counts_as_no_bound():
+    """``max(0.0, nan)`` is 0.0: a NaN from the conversion would have read as a budget of 0 spent."""
+
+    class Nan:
+        def get_epsilon(self, **kw):
+            return float("nan")
+
+    assert Accountant._bound(Nan(), "rdp", 1e-5) == math.inf

@@ -1071,6 +1071,10 @@ def test_driving_the_stages_by_hand_is_accounted():
     with pytest.raises(RuntimeError, match=r"add_noise\(\): this step's sum already has its noise"):
         dp.add_noise()  # (a group's second all_reduce would multiply the release by the world size)
     assert dp.accountant.steps == 4
+    loss_fn(model, make_batch(4, None, seed=9)).backward()  # another batch into the released sum: refused
+    with pytest.raises(RuntimeError, match=r"accumulate\(\): this step's sum already has its noise"):
+        dp.clip_and_accumulate()
+    assert dp._pending_samples == 4 and dp.accountant.steps == 4
     dp.zero_grad()
     loss_fn(model, make_batch(4, None)).backward()
     dp.clip_and_accumulate()

@@ -207,3 +207,16 @@ def test_a_defaultdict_batch_is_split_and_emptied_and_the_empty_batch_holds_no_e
     buf = io.BytesIO()
     torch.save(dict(empty), buf)
     assert torch.tensor(1000.0).numpy().tobytes() not in buf.getvalue()
+
+
+def test_a_poisson_loader_whose_collate_fails_on_an_empty_batch_is_refused():
+    """``DataLoader(ds, batch_sampler=PoissonSampler(...))`` with the default collate raised IndexError at the
+    first empty batch (probability (1 - q)^N per step), inviting a skip that breaks the DP analysis; the check
+    accepted it. It is refused now; poisson_dataloader and a collate that takes [] pass."""
+    ds = TensorDataset(torch.randn(20, 3), torch.arange(20))
+    sampler = PoissonSampler(len(ds), 0.01, steps=5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"loader: its collate_fn fails on an empty Poisson batch.*poisson_dataloader"):
+        check_poisson_loader(DataLoader(ds, batch_sampler=sampler))
+    own = DataLoader(ds, batch_sampler=sampler, collate_fn=lambda rows: rows)
+    assert check_poisson_loader(own) == 0.01
+    assert check_poisson_loader(poisson_dataloader(ds, sample_rate=0.01)) == 0.01

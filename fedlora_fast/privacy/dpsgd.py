@@ -665,10 +665,19 @@ class DPSGD:
             RuntimeError: a trainable tensor this engine does not clip (``_check_trainable``): refused before
                 anything is summed, noised or accounted.
         """
+        self._check_not_noised()
         self._check_trainable()
         clipped, dropped, n = self._clip_batch()
         self._add_clipped(clipped, dropped, n)
         return n
+
+    def _check_not_noised(self) -> None:
+        """Nothing joins a sum that already has its noise: its release and its one accountant step would cover
+        samples of another Poisson draw (a higher rate than the one accounted)."""
+        if self._noised:
+            raise RuntimeError("accumulate(): this step's sum already has its noise (add_noise ran): call "
+                               "scale_grad() and the optimizer's step (or zero_grad()) before clipping the next "
+                               "batch into a sum")
 
     def _clip_batch(self, valid: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
         """The last backward's clipped sum as one (total,) float32 vector, how many samples it dropped (a
@@ -735,6 +744,7 @@ class DPSGD:
     def _add_clipped(self, clipped: Tensor, dropped: Tensor, n: int) -> None:
         """Add one micro-batch's ``_clip_batch`` results to the running sum and the step's counts (the dropped
         count stays on the device: _DroppedCounter)."""
+        self._check_not_noised()
         self._summed = clipped if self._summed is None else self._summed + clipped
         self._dropped.add(dropped, n)
         self._pending_samples += n

@@ -30,8 +30,10 @@ def os_seeded_generator() -> torch.Generator:
 class PoissonSampler(torch.utils.data.Sampler):
     """Yields ``steps`` index batches; each index is included independently with probability ``sample_rate``.
 
-    Use as ``DataLoader(ds, batch_sampler=PoissonSampler(...))``, or build the loader with
-    ``poisson_dataloader``. Empty batches are yielded as empty lists.
+    Build the loader with ``poisson_dataloader``, whose collate turns an empty batch into a 0-sample batch (to
+    step with ``DPSGD.step(empty_batch=True)``, never skip). In ``DataLoader(ds, batch_sampler=PoissonSampler(
+    ...))`` the collate gets the empty lists this yields: ``default_collate`` fails on them
+    (``check_poisson_loader`` refuses such a loader).
 
     Args:
         num_examples: dataset size N.
@@ -173,7 +175,8 @@ def check_poisson_loader(loader: DataLoader, sample_rate: float | None = None) -
         q, the loader's sample rate.
     Raises:
         ValueError: ``loader`` draws fixed-size (shuffled or sequential) batches or another custom
-            sampler: the Poisson accountants do not bound that mechanism, so its epsilon would be false.
+            sampler: the Poisson accountants do not bound that mechanism, so its epsilon would be false; or
+            its collate fails on an empty batch (``poisson_dataloader``'s does not).
     """
     sampler = getattr(loader, "batch_sampler", None)
     if not isinstance(sampler, PoissonSampler):
@@ -186,6 +189,16 @@ def check_poisson_loader(loader: DataLoader, sample_rate: float | None = None) -
         )
     if sample_rate is not None and check_sample_rate(sample_rate) != sampler.sample_rate:
         raise ValueError(f"sample_rate: {sample_rate} differs from the loader's Poisson rate {sampler.sample_rate}")
+    collate = getattr(loader, "collate_fn", None)
+    if not isinstance(collate, _EmptySafeCollate):
+        try:  # (an empty Poisson batch, probability (1 - q)^N per step: 37 % at N = 1000, q = 0.001)
+            collate([])
+        except Exception as e:
+            raise ValueError(
+                f"loader: its collate_fn fails on an empty Poisson batch ({type(e).__name__}: {str(e)[:120]}); "
+                "build it with poisson_dataloader(dataset, sample_rate=q, collate_fn=...), whose empty batches "
+                "come out as 0-sample batches: step them with DPSGD.step(empty_batch=True), never skip them"
+            ) from None
     return sampler.sample_rate
 
 
