@@ -349,13 +349,18 @@ def labels_to_classes(values: list, class_names: list[str] | None = None, what: 
 # label text read as a number: ASCII digits only, no "_" separators (float() takes "1_0" as 10 and other
 # scripts' digits); integers as exact ints (as floats, 2**53 + 1 and 2**53 were one class)
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
-_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)",
+                         re.IGNORECASE)  # (linear: "[0-9]+\.?[0-9]*" backtracked quadratically on long digit runs)
 
 
 def _parse_number(text: str) -> int | float | None:
-    """A stripped label text as an int (integer text, exactly) or a float (decimal or exponent text), else None."""
+    """A stripped label text as an int (integer text, exactly) or a float (decimal or exponent text), else None
+    (also integer text past Python's int-conversion digit limit: a name, as any other text)."""
     if _INT_TEXT.fullmatch(text):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:  # ("Exceeds the limit (4300 digits) for integer string conversion")
+            return None
     if _FLOAT_TEXT.fullmatch(text):
         return float(text)
     return None

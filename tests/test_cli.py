@@ -118,13 +118,31 @@ def test_a_field_over_the_csv_limit_and_declared_classes_missing_from_the_data_a
     huge.write_text("text,label\n" + "".join(f"m {i},{'ab'[i % 2]}\n" for i in range(40)) + "x" * (FIELD_LIMIT + 5)
                     + ",a\n")
     limit = csv.field_size_limit()
-    code, _, err = run_cli(tiny_args(tiny, tmp_path / "o1", "--data", str(huge)), capsys)
+    csv.field_size_limit(1234)  # (whatever the last reader left, the process-wide limit must come back)
+    try:
+        code, _, err = run_cli(tiny_args(tiny, tmp_path / "o1", "--data", str(huge)), capsys)
+        assert csv.field_size_limit() == 1234
+    finally:
+        csv.field_size_limit(limit)
     assert code == EXIT_USAGE and "Traceback" not in err and "line 42" in err and "field larger than" in err, err
-    assert csv.field_size_limit() == limit
     ham = tmp_path / "ham.csv"
     ham.write_text("text,label\n" + "".join(f"message {i},ham\n" for i in range(60)))
     code, _, err = run_cli(tiny_args(tiny, tmp_path / "o2", "--data", str(ham), "--labels", "ham,spam"), capsys)
     assert code == EXIT_USAGE and "--labels: the training split holds examples of 1 of the classes" in err, err
+    code, _, err = run_cli(tiny_args(tiny, tmp_path / "o3", "--labels", "ham,spam,other", "--partition", "label_skew",
+                                     "--label-proportions", "0.1,0.8,0.1;0.9,0.1,0;0.5,0.5,0"), capsys)
+    assert code == EXIT_USAGE and "--label-proportions: class id(s) [2] have no example" in err, err
+
+
+def test_a_declared_class_without_examples_is_named_in_a_warning(tiny, tmp_path, caplog):
+    """--labels with a class the data never holds (a 3-class head for 2 classes present) runs, with a warning
+    naming the class that is never trained nor tested."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fedlora_fast.federated.simulation"):
+        code = main(tiny_args(tiny, tmp_path / "o", "--labels", "ham,spam,other", "--rounds", "1"))
+    assert code == 0
+    assert "classes without a training example: ['other']; without a test example: ['other']" in caplog.text
 
 
 def test_a_run_without_noise_says_so_and_writes_strict_json(tiny, tmp_path, capsys):

@@ -1189,7 +1189,8 @@ def test_a_mapping_torch_cannot_flatten_is_read_as_a_dict_and_per_sample_value_l
     """A Hugging Face ``BatchEncoding`` (a UserDict: one opaque leaf to torch's pytree) was refused as "no
     tensors"; it now runs as the plain dict it holds, with the sums of a dict batch. A list of plain values, one
     per sample (collated ids), had every micro-batch get the whole list (row i paired with another sample's
-    id): it is refused, naming it, as is one nested in a dict."""
+    id): it is refused where the batch is split, naming it, also nested in a dict or a namedtuple; per-batch
+    constants, such a list in a batch that fits one micro-batch, and the types of torch's own mappings stay."""
     from transformers import BatchEncoding
 
     batch = make_batch(5)
@@ -1197,9 +1198,24 @@ def test_a_mapping_torch_cannot_flatten_is_read_as_a_dict_and_per_sample_value_l
     got, _, counts = graphed_sum([BatchEncoding(batch)], 2, "flat")
     assert counts == [5]
     assert_close_verbose(got, want, atol=0, rtol=0, name="BatchEncoding")
-    model = make_model()
-    acc = GraphedAccumulator(make_dp(model), lambda m, b: per_sample_loss(m, b[0]), micro_batch_size=2, graph=False)
-    for bad in ((batch, ["a", "b", "c", "d", "e"]), ({**batch, "ids": (1, 2, 3, 4, 5)},)):
-        with pytest.raises(ValueError, match=r"batch: a (list|tuple) of 5 plain values .*cannot split"):
+    Pair = collections.namedtuple("Pair", "data ids")
+    for bad in ((batch, ["a", "b", "c", "d", "e"]), ({**batch, "ids": (1, 2, 3, 4, 5)},), Pair(batch, list("abcde"))):
+        acc = GraphedAccumulator(make_dp(make_model()), lambda m, b: per_sample_loss(m, b[0]), micro_batch_size=2,
+                                 graph=False)
+        with pytest.raises(ValueError, match=r"batch: a (list|tuple) of 5 plain values .* split into micro-batches"):
             acc.accumulate(bad)
-    assert acc.accumulate((batch, "a constant string")) == 5
+    # kept: per-batch constants, a list that fits one micro-batch, and the mapping types torch knows
+    seen = []
+
+    def loss(m, b):
+        seen.append((type(b[0]), getattr(b[0], "default_factory", None), b[1]))
+        return per_sample_loss(m, {"x": b[0]["x"], "y": b[0]["y"]})
+
+    for mb, wrap in ((2, collections.OrderedDict), (2, lambda d: collections.defaultdict(list, d)), (8, dict)):
+        acc = GraphedAccumulator(make_dp(make_model()), loss, micro_batch_size=mb, graph=False)
+        ids = ["a", "b", "c", "d", "e"] if mb == 8 else ("mean",)
+        assert acc.accumulate((wrap({**batch, "tags": ["t"]}), ids)) == 5
+        kind = type(wrap({}))
+        assert all(t is kind and b == ids for t, _, b in seen), seen
+        assert kind is not collections.defaultdict or all(f is list for _, f, _ in seen)
+        seen.clear()

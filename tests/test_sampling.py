@@ -196,6 +196,12 @@ def test_a_defaultdict_batch_is_split_and_emptied_and_the_empty_batch_holds_no_e
     batch = defaultdict(list, {"x": torch.arange(10.0).reshape(5, 2), "y": torch.arange(5)})
     parts = list(micro_batches(batch, 2))
     assert [type(p) for p in parts] == [defaultdict] * 3 and parts[0].default_factory is list
+
+    class Batch(defaultdict):  # a subclass with a constructor of its own
+        def __init__(self, items=()):
+            super().__init__(lambda: None, items)
+
+    assert [type(p) for p in micro_batches(Batch(batch), 2)] == [Batch] * 3
     assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
 
     data = [{"x": torch.full((4,), 1000.0 + i)} for i in range(3)]

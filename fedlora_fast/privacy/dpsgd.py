@@ -723,7 +723,9 @@ class DPSGD:
         if self._grads_stale:
             return
         outside = [p for p in self.params if p.grad is not None]
-        if outside:  # compiled autograd hands zeros where eager hands None (per_sample._nothing): not outside
+        # compiled autograd hands zeros where eager hands None (per_sample._nothing): not outside. (Not read back
+        # while a CUDA graph captures, GraphedAccumulator: a sync there fails the capture; all are named then.)
+        if outside and not (self._device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             nonzero = torch.stack([g.ne(0).any() for g in (p.grad for p in outside)]).tolist()
             outside = [p for p, keep in zip(outside, nonzero) if keep]
         if outside:

@@ -45,7 +45,7 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
 from fedlora_fast import per_sample
 from fedlora_fast.privacy.dpsgd import DPSGD, attached_engine
-from fedlora_fast.privacy.sampling import _per_sample_values
+from fedlora_fast.privacy.sampling import _per_sample_values, _same_mapping
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +122,30 @@ def _settings(d: dict, names: tuple[str, ...], copy: bool = False) -> tuple:
 def _as_pytree(batch: Any) -> Any:
     """``batch`` with every mapping torch's pytree does not know (Hugging Face's ``BatchEncoding``, a
     ``UserDict``) as a plain dict, which ``loss_fn`` then gets (flattened, it was one opaque leaf: refused as
-    "no tensors"). A list of plain values, one per sample (``default_collate``'s list of strings or ids), is
-    refused: the capture takes non-tensor leaves as given, so every micro-batch would get the whole list, row
-    i paired with another sample's value."""
+    "no tensors"). Everything else keeps its type (a container holding such a mapping is rebuilt as itself)."""
     if isinstance(batch, Mapping):
         items = {k: _as_pytree(v) for k, v in batch.items()}
-        if type(batch) in SUPPORTED_NODES and all(items[k] is v for k, v in batch.items()):
+        if type(batch) not in SUPPORTED_NODES:
+            return items
+        return batch if all(items[k] is v for k, v in batch.items()) else _same_mapping(batch, items)
+    if isinstance(batch, (list, tuple)):
+        values = [_as_pytree(v) for v in batch]
+        if all(a is b for a, b in zip(values, batch)):
             return batch
-        return items
-    if _per_sample_values(batch):
-        raise ValueError(
-            f"batch: a {type(batch).__name__} of {len(batch)} plain values ({repr(batch)[:60]}): a "
-            "GraphedAccumulator cannot split values that are not tensors into its micro-batches (keep per-sample "
-            "ids as a tensor; give loss_fn per-batch constants some other way)"
-        )
-    if type(batch) in (list, tuple):
-        return type(batch)(_as_pytree(v) for v in batch)
+        return type(batch)(*values) if hasattr(batch, "_fields") else type(batch)(values)
     return batch
+
+
+def _value_lists(batch: Any):
+    """The lists/tuples of plain values in ``batch`` (``sampling._per_sample_values``), at any depth."""
+    if _per_sample_values(batch):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            yield from _value_lists(v)
+    elif isinstance(batch, (list, tuple)):
+        for v in batch:
+            yield from _value_lists(v)
 
 
 def _global_hooks() -> tuple[dict, ...]:
@@ -456,8 +463,9 @@ class GraphedAccumulator:
         dp: the ``DPSGD`` engine (flat or per-layer clipping); its ``step``/``zero_grad`` stay the caller's.
         loss_fn: ``loss_fn(model, batch) -> (b,)`` per-sample losses of a micro-batch (``batch`` has the
             input batch's structure, a mapping torch's pytree does not know, such as Hugging Face's
-            ``BatchEncoding``, as a dict; tensors are fixed buffers of b rows; a list of plain values, one per
-            sample, is refused: keep per-sample data in tensors). It must be a pure function of the
+            ``BatchEncoding``, as a dict; tensors are fixed buffers of b rows; other leaves are passed as given,
+            so a list of plain values, one per sample, is refused where the batch is split: keep per-sample data
+            in tensors). It must be a pure function of the
             tensors: under a graph its Python runs only while capturing. Hugging Face attention masks as 2-D
             padding masks read a value back (``find_host_reads`` says where): pass
             ``capturable_attention_mask(model, mask)`` instead. Under autocast inside ``loss_fn``, pass
@@ -559,6 +567,16 @@ class GraphedAccumulator:
         sizes = sorted({x.shape[0] for x in tensors})
         if len(sizes) != 1:
             raise ValueError(f"batch: tensors disagree on the number of samples (dim 0): {sizes}")
+        n = sizes[0]
+        # the capture takes non-tensor leaves as given: a list with one value per sample (collated ids) would
+        # reach every micro-batch whole, row i paired with another sample's value
+        per_sample = [v for v in _value_lists(batch) if len(v) == n] if n > 1 and len(self.plan(n)) > 1 else []
+        if per_sample:
+            raise ValueError(
+                f"batch: a {type(per_sample[0]).__name__} of {n} plain values ({repr(per_sample[0])[:60]}), one per "
+                f"sample of a batch of {n} split into micro-batches {self.plan(n)}: a GraphedAccumulator cannot split "
+                "values that are not tensors (keep per-sample ids in a tensor)"
+            )
         constants = [_TENSOR_SLOT if isinstance(x, Tensor) else x for x in leaves]
         return tensors, constants, spec, sizes[0]
 

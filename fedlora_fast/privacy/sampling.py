@@ -92,12 +92,18 @@ class PoissonSampler(torch.utils.data.Sampler):
 def _same_mapping(batch: Mapping, items: dict) -> Mapping:
     """``items`` in a mapping of ``batch``'s type: a ``defaultdict`` keeps its factory (its constructor takes
     that first), a type whose constructor takes no dict (a custom ``Mapping``) becomes a plain dict."""
-    if isinstance(batch, defaultdict):
-        return type(batch)(batch.default_factory, items)
+    if type(batch) is defaultdict:
+        return defaultdict(batch.default_factory, items)
     try:
         return type(batch)(items)
     except TypeError:
-        return dict(items)
+        pass
+    if isinstance(batch, defaultdict):  # (a subclass keeping defaultdict's constructor)
+        try:
+            return type(batch)(batch.default_factory, items)
+        except TypeError:
+            pass
+    return dict(items)
 
 
 def _empty_like_batch(batch: Any) -> Any:
