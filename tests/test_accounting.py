@@ -253,7 +253,7 @@ def test_prv_answers_with_rdp_where_its_grid_would_not_fit_in_memory():
     """PRV's grid grows with the steps: 1e6 steps at q = 0.01, sigma = 1 asked for ~1e8 points (a MemoryError
     after ~40 s, or the process killed); the PRV accountant now reports RDP's (valid) bound there, at once.
     Where the grid fits, PRV's tighter value is kept."""
-    from fedlora_fast.privacy.accounting import PRV_MAX_POINTS, _prv_grid_points
+    from fedlora_fast.privacy.accounting import PRV_MAX_ENTRIES, PRV_MAX_POINTS, _prv_grid_points
 
     big = [(1.0, 0.01, 1_000_000)]
     assert _prv_grid_points(big, 1e-5) > 10 * PRV_MAX_POINTS
@@ -266,6 +266,13 @@ def test_prv_answers_with_rdp_where_its_grid_would_not_fit_in_memory():
         acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=1000)
     assert _prv_grid_points([(1.0, 0.01, 1000)], 1e-5) < PRV_MAX_POINTS
     assert small_prv.epsilon(1e-5) < small_rdp.epsilon(1e-5)
+    # opacus builds one grid per history entry: a noise schedule (sigma changing every step) multiplies it
+    sched_prv, sched_rdp = Accountant("prv"), Accountant("rdp")
+    for acc in (sched_prv, sched_rdp):
+        for i in range(PRV_MAX_ENTRIES + 1):
+            acc.step(noise_multiplier=1.0 + i / 1000, sample_rate=0.01)
+    assert len(sched_prv.history) == PRV_MAX_ENTRIES + 1
+    assert sched_prv.epsilon(1e-5) == sched_rdp.epsilon(1e-5)
 
 
 def test_a_nan_bound_counts_as_no_bound():

@@ -499,8 +499,10 @@ def test_several_batches_and_an_empty_one():
     assert acc.accumulate(empty) == 0
     with pytest.raises(ValueError, match="tensor 0 has per-sample shape"):
         acc.accumulate({"x": torch.zeros(0, 6, IN), "y": torch.zeros(0, 5, OUT)})
-    with pytest.raises(ValueError, match="structure differs"):
+    with pytest.raises(ValueError, match="batch: 1 tensors, the first batch had 2"):
         acc.accumulate({"x": torch.zeros(0, 5, IN)})
+    with pytest.raises(ValueError, match="tensor 0 has per-sample shape"):  # (a first, non-empty batch too)
+        acc.accumulate({"x": torch.zeros(3, 6, IN), "y": torch.zeros(3, 5, OUT)})
 
 
 def test_length_buckets_one_accumulator_each_on_one_engine():
@@ -1199,10 +1201,12 @@ def test_a_mapping_torch_cannot_flatten_is_read_as_a_dict_and_per_sample_value_l
     assert counts == [5]
     assert_close_verbose(got, want, atol=0, rtol=0, name="BatchEncoding")
     Pair = collections.namedtuple("Pair", "data ids")
-    for bad in ((batch, ["a", "b", "c", "d", "e"]), ({**batch, "ids": (1, 2, 3, 4, 5)},), Pair(batch, list("abcde"))):
+    tags = [["keep"], ["keep"], ["drop"], ["drop"], ["keep"]]  # one list per sample (a custom collate's)
+    for bad in ((batch, ["a", "b", "c", "d", "e"]), ({**batch, "ids": (1, 2, 3, 4, 5)},), Pair(batch, list("abcde")),
+                (batch, tags), (batch, [list("abcde"), list("vwxyz")])):
         acc = GraphedAccumulator(make_dp(make_model()), lambda m, b: per_sample_loss(m, b[0]), micro_batch_size=2,
                                  graph=False)
-        with pytest.raises(ValueError, match=r"batch: a (list|tuple) of 5 plain values .* split into micro-batches"):
+        with pytest.raises(ValueError, match=r"batch: a (list|tuple) of plain values .* per sample of a batch of 5, split"):
             acc.accumulate(bad)
     # kept: per-batch constants, a list that fits one micro-batch, and the mapping types torch knows
     seen = []
@@ -1219,3 +1223,12 @@ def test_a_mapping_torch_cannot_flatten_is_read_as_a_dict_and_per_sample_value_l
         assert all(t is kind and b == ids for t, _, b in seen), seen
         assert kind is not collections.defaultdict or all(f is list for _, f, _ in seen)
         seen.clear()
+    # an empty Poisson batch (its constant tuple emptied by poisson_dataloader's stand-in) is not a new structure
+    from fedlora_fast.privacy.sampling import _empty_like_batch
+
+    acc = GraphedAccumulator(make_dp(make_model()), lambda m, b: per_sample_loss(m, b[0]), micro_batch_size=2,
+                             graph=False)
+    assert acc.accumulate((batch, ("sum",))) == 5
+    assert acc.accumulate(_empty_like_batch((batch, ("sum",)))) == 0 and acc.accumulate((batch, ("sum",))) == 5
+    with pytest.raises(ValueError, match="batch: 1 tensors, the first batch had 2"):
+        acc.accumulate(({"x": batch["x"][:0]}, ()))

@@ -32,6 +32,10 @@ PRV_MIN_SIGMA = 0.2
 # (~0.8 GB of peak memory; 7.5e6 took 1.55 GB and 6.7 s in a reviewer's run) the PRV accountant reports RDP's
 # bound: valid, and looser by some per cent (1e5 steps at q = 0.01, sigma = 1: 27.23 against PRV's 25.58).
 PRV_MAX_POINTS = 4_000_000
+# opacus discretises one PRV per history entry (one per change of sigma or q: a noise schedule makes one per step),
+# so the cap counts entries x points; past this many entries PRV is not tried (800 entries of a sigma schedule:
+# 88 s and 2 GB for one epsilon in a reviewer's run; the grid estimate alone runs one RDP conversion per entry)
+PRV_MAX_ENTRIES = 100
 # The largest budget calibration accepts: beyond it there is no meaningful guarantee to calibrate for, and the
 # search would chase sigma towards 0 (at 1e30 it never ended: an absolute 0.01 is below float64's resolution).
 MAX_TARGET_EPSILON = 1000.0
@@ -138,8 +142,9 @@ class Accountant:
         RDP: opacus's RDP-to-(eps, delta) conversion, minimised over orders 1.1 to 1024; PRV: the smaller of
         opacus's PRV upper bound (``eps_error=0.01``: it never goes below ~0.01, and gives inf for some sigma
         RDP bounds) and RDP's, both valid upper bounds; RDP's alone where a step's sigma is below
-        ``PRV_MIN_SIGMA`` (PRV's cost explodes there), where PRV's grid would pass ``PRV_MAX_POINTS`` (many steps,
-        a large q: memory) or where PRV's numerics refuse (a tiny delta). inf where
+        ``PRV_MIN_SIGMA`` (PRV's cost explodes there), where PRV's grids would pass ``PRV_MAX_POINTS`` points or
+        ``PRV_MAX_ENTRIES`` entries (many steps, a large q, a noise schedule: memory and time) or where PRV's
+        numerics refuse (a tiny delta). inf where
         the arithmetic overflows (a sigma so small that no finite bound is computable).
         """
         d = check_delta(delta)
@@ -155,7 +160,8 @@ class Accountant:
         rdp = RDPAccountant()
         rdp.history = list(history)
         eps = self._bound(rdp, "rdp", d)
-        if any(s < PRV_MIN_SIGMA for s, _, _ in history) or _prv_grid_points(history, d) > PRV_MAX_POINTS:
+        if (any(s < PRV_MIN_SIGMA for s, _, _ in history) or len(history) > PRV_MAX_ENTRIES
+                or len(history) * _prv_grid_points(history, d) > PRV_MAX_POINTS):
             return eps
         try:
             return min(eps, self._bound(self._acc, "prv", d))

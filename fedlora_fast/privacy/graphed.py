@@ -136,16 +136,23 @@ def _as_pytree(batch: Any) -> Any:
     return batch
 
 
-def _value_lists(batch: Any):
-    """The lists/tuples of plain values in ``batch`` (``sampling._per_sample_values``), at any depth."""
+def _per_sample_lists(batch: Any, n: int):
+    """The lists/tuples in ``batch``, at any depth, that ``sampling.micro_batches`` would split as per-sample
+    values of a batch of ``n``: plain values, one per sample (``sampling._per_sample_values``), or lists of
+    them, one per sample (a custom collate's tags per sample) or one per field, each with a value per sample
+    (``default_collate``'s transposed layout)."""
     if _per_sample_values(batch):
-        yield batch
+        if len(batch) == n:
+            yield batch
+    elif isinstance(batch, (list, tuple)) and batch and all(_per_sample_values(v) for v in batch):
+        if len(batch) == n or any(len(v) == n for v in batch):
+            yield batch
     elif isinstance(batch, Mapping):
         for v in batch.values():
-            yield from _value_lists(v)
+            yield from _per_sample_lists(v, n)
     elif isinstance(batch, (list, tuple)):
         for v in batch:
-            yield from _value_lists(v)
+            yield from _per_sample_lists(v, n)
 
 
 def _global_hooks() -> tuple[dict, ...]:
@@ -570,12 +577,13 @@ class GraphedAccumulator:
         n = sizes[0]
         # the capture takes non-tensor leaves as given: a list with one value per sample (collated ids) would
         # reach every micro-batch whole, row i paired with another sample's value
-        per_sample = [v for v in _value_lists(batch) if len(v) == n] if n > 1 and len(self.plan(n)) > 1 else []
-        if per_sample:
+        per_sample = next(_per_sample_lists(batch, n), None) if n > 1 and len(self.plan(n)) > 1 else None
+        if per_sample is not None:
             raise ValueError(
-                f"batch: a {type(per_sample[0]).__name__} of {n} plain values ({repr(per_sample[0])[:60]}), one per "
-                f"sample of a batch of {n} split into micro-batches {self.plan(n)}: a GraphedAccumulator cannot split "
-                "values that are not tensors (keep per-sample ids in a tensor)"
+                f"batch: a {type(per_sample).__name__} of plain values ({repr(per_sample)[:60]}) that reads as one "
+                f"value per sample of a batch of {n}, split into micro-batches {self.plan(n)}: a GraphedAccumulator "
+                "cannot split values that are not tensors (keep per-sample data in tensors, per-batch constants in "
+                "a 0-dim tensor or a string)"
             )
         constants = [_TENSOR_SLOT if isinstance(x, Tensor) else x for x in leaves]
         return tensors, constants, spec, sizes[0]
@@ -584,20 +592,26 @@ class GraphedAccumulator:
         self._spec, self._const = spec, constants
         self._shapes = [(tuple(x.shape[1:]), x.dtype) for x in tensors]
 
-    def _check(self, tensors: list[Tensor], constants: list, spec, empty: bool = False) -> None:
-        """The batch has the first batch's structure, non-tensor values (not checked for an ``empty`` one:
-        ``poisson_dataloader`` gives its leaves as None there) and per-sample shapes and dtypes."""
+    def _check(self, tensors: list[Tensor], constants: list, spec) -> None:
+        """The batch has the first batch's structure, non-tensor values and per-sample shapes and dtypes."""
         if spec != self._spec:
             raise ValueError(
                 f"batch: its structure differs from the first batch's ({spec} vs {self._spec}); "
                 "a GraphedAccumulator replays one fixed computation"
             )
-        if not empty and self._const is not None and constants != self._const:
+        if constants != self._const:
             differ = ", ".join(f"{c!r} vs {k!r}" for c, k in zip(constants, self._const) if c != k)
             raise ValueError(
                 f"batch: its non-tensor values differ from the first batch's ({differ}); "
                 "a GraphedAccumulator replays one fixed computation"
             )
+        self._check_tensors(tensors)
+
+    def _check_tensors(self, tensors: list[Tensor]) -> None:
+        """The batch's tensors are the first batch's in number, per-sample shape and dtype."""
+        if len(tensors) != len(self._shapes):
+            raise ValueError(f"batch: {len(tensors)} tensors, the first batch had {len(self._shapes)}; a "
+                             "GraphedAccumulator replays one fixed computation")
         for i, (x, (shape, dtype)) in enumerate(zip(tensors, self._shapes)):
             if tuple(x.shape[1:]) != shape or x.dtype != dtype:
                 raise ValueError(
@@ -822,16 +836,20 @@ class GraphedAccumulator:
         the step's device work has run (PyTorch's rule for asynchronous copies; DataLoader's pinned batches
         are fresh tensors each time)."""
         tensors, constants, spec, n = self._split(batch)
-        # an empty Poisson batch's non-tensor leaves are None (poisson_dataloader's stand-ins): it sets and is
-        # checked for structure and per-sample shapes, never for the non-tensor values
-        if self._spec is None:
-            self._setup(tensors, None if n == 0 else constants, spec)
-        elif n and self._const is None:
-            self._const = constants
-        self._check(tensors, constants, spec, empty=n == 0)
-        if n == 0:
+        if n == 0:  # nothing runs: an empty Poisson batch's non-tensor leaves are None and its value lists empty
+            # (poisson_dataloader's stand-ins), so only its tensors are checked (or, first, fix the shapes), never
+            # its structure or values
+            if self._shapes:
+                self._check_tensors(tensors)
+            else:
+                self._shapes = [(tuple(x.shape[1:]), x.dtype) for x in tensors]
             self.last_loss = None
             return 0
+        if self._spec is None:
+            if self._shapes:  # (fixed by an empty first batch)
+                self._check_tensors(tensors)
+            self._setup(tensors, constants, spec)
+        self._check(tensors, constants, spec)
         if not torch.is_grad_enabled():
             raise RuntimeError("accumulate: grad mode is off (inside torch.no_grad() or inference_mode()): the "
                                "per-sample gradients need a backward; call it with grad enabled")
