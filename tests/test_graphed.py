@@ -1206,7 +1206,7 @@ def test_a_mapping_torch_cannot_flatten_is_read_as_a_dict_and_per_sample_value_l
                 (batch, tags), (batch, [list("abcde"), list("vwxyz")])):
         acc = GraphedAccumulator(make_dp(make_model()), lambda m, b: per_sample_loss(m, b[0]), micro_batch_size=2,
                                  graph=False)
-        with pytest.raises(ValueError, match=r"batch: a (list|tuple) of plain values .* per sample of a batch of 5, split"):
+        with pytest.raises(ValueError, match=r"a (list|tuple) of plain values .* per sample of a batch of 5, split"):
             acc.accumulate(bad)
     # kept: per-batch constants, a list that fits one micro-batch, and the mapping types torch knows
     seen = []
