@@ -411,8 +411,8 @@ class Federation:
         if cfg.partition == "label_skew" and cfg.label_proportions is None and (cfg.num_clients != 3 or self.num_labels != 2):
             raise ValueError(
                 f"partition: the default label skew is the paper's 3 clients x 2 classes, got {cfg.num_clients} "
-                f"clients and {self.num_labels} classes; pass label_proportions (--label-proportions: one row per client), or use "
-                "partition 'iid' or 'dirichlet'"
+                f"clients and {self.num_labels} classes; pass label_proportions (--label-proportions: one row per "
+                "client), or use partition 'iid' or 'dirichlet'"
             )
         try:
             self.parts = partition(train.labels, cfg.partition, cfg.num_clients,
