@@ -123,8 +123,7 @@ class Server:
         if meta.get("fingerprint") != self.fingerprint:
             return None, cid, (
                 f"adapter fingerprint {short_repr(meta.get('fingerprint'))} differs from the server's "
-                f"{self.fingerprint!r} "
-                "(seed, rank, alpha, targets or method differ)"
+                f"{self.fingerprint!r} (seed, rank, alpha, targets or method differ)"
             )
         n = meta.get("num_examples")
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:

@@ -570,9 +570,10 @@ def _count_earlier_rounds(
     Without it, nothing on the node bounds its *past* sample rate and noise: a silo file that grew since
     (smaller q now) had a larger q in the rounds counted here; with an ``epsilon`` target, one that shrank since
     (larger q now, so a larger noise multiplier calibrated now) had a smaller noise multiplier then. Either way
-    they are undercounted. That is so with no ledger (``privacy-dir=none``, an unwritable default directory) and with a ledger directory where this run's file
-    was not found (``looked_in``: a directory moved or another ``HOME`` since the last start, a container layer
-    that did not persist, a node upgraded mid-run; or a node that really joins late). The warning says so and,
+    they are undercounted. That is so with no ledger (``privacy-dir=none``, an unwritable default directory)
+    and with a ledger directory where this run's file was not found (``looked_in``: a directory moved or
+    another ``HOME`` since the last start, a container layer that did not persist, a node upgraded mid-run; or
+    a node that really joins late). The warning says so and,
     in the second case, where the node looked (warnings stay on the node; the server sees none of this).
 
     Without a loaded ledger the server's record helps: ``first_examples`` (the train config's

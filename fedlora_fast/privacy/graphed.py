@@ -577,16 +577,17 @@ class GraphedAccumulator:
         n = sizes[0]
         # the capture takes non-tensor leaves as given: a list with one value per sample (collated ids) would
         # reach every micro-batch whole, row i paired with another sample's value
-        per_sample = next(_per_sample_lists(batch, n), None) if n > 1 and len(self.plan(n)) > 1 else None
+        plan = self.plan(n) if n > 1 else [n]
+        per_sample = next(_per_sample_lists(batch, n), None) if len(plan) > 1 else None
         if per_sample is not None:
             raise ValueError(
                 f"batch: a {type(per_sample).__name__} of plain values ({repr(per_sample)[:60]}) that reads as one "
-                f"value per sample of a batch of {n}, split into micro-batches {self.plan(n)}: a GraphedAccumulator "
+                f"value per sample of a batch of {n}, split into micro-batches {plan}: a GraphedAccumulator "
                 "cannot split values that are not tensors (keep per-sample data in tensors, per-batch constants in "
                 "a 0-dim tensor or a string)"
             )
         constants = [_TENSOR_SLOT if isinstance(x, Tensor) else x for x in leaves]
-        return tensors, constants, spec, sizes[0]
+        return tensors, constants, spec, n
 
     def _setup(self, tensors: list[Tensor], constants: list, spec) -> None:
         self._spec, self._const = spec, constants
