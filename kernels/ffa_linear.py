@@ -87,7 +87,8 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton itself does at import
+# what Triton decided when it decorated the kernels below (at this import): read as Triton reads it
+_INTERPRET = backends.triton_interprets()
 
 
 def _interpret() -> bool:

@@ -445,6 +445,23 @@ def test_partitions():
         partition(y, "label_skew", 2, 0)
 
 
+def test_label_skew_refuses_bad_sizes_and_labels():
+    """Explicit sizes are slice ends: a negative one counted from the pool's end (client 0 took 18 of 20, client
+    2 four of the same examples, client 1 none) and a short list broadcast to every client. Labels outside
+    [0, num_classes) failed deep in numpy, and float or negative ids were read as whatever bincount made of them."""
+    y = np.array([0] * 10 + [1] * 10)
+    for bad in ([-2, 4, 4], [4], [4, 4, 4.5], [4, True, 4], [0, 4, 4], ["4", 4, 4], [float("nan"), 1, 1]):
+        with pytest.raises(ValueError, match=r"sizes: expected 3 ints >= 1"):
+            label_skew(y, [[0.5, 0.5]] * 3, seed=0, sizes=bad)
+    parts = label_skew(y, [[0.5, 0.5]] * 3, seed=0, sizes=np.array([4, 2, 6]))
+    assert [len(p) for p in parts] == [4, 2, 6] and len(set(sum(parts, []))) == 12
+    with pytest.raises(ValueError, match=r"labels: class id 2 is outside \[0, num_classes = 2\)"):
+        label_skew(np.array([0, 1, 2, 0, 1, 2]), [[0.5, 0.5]], seed=0, num_classes=2)
+    for labels in ([0, -1, 1], [0.0, 1.0]):
+        with pytest.raises(ValueError, match="labels: expected class ids, ints >= 0"):
+            partition(np.array(labels), "iid", 1, 0)
+
+
 def test_label_skew_default_sizes_fit_every_class_count():
     """Default sizes: each client's share of a class is rounded on its own, so the bound floor(count / demand)
     can ask for more than a class holds (23 examples of the scarce class: 15 per client needs 24). The

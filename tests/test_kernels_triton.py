@@ -2764,3 +2764,45 @@ def test_gpu_launches_compile_ahead_of_time(capability):
     if proc.returncode != 0 and "No module named" in proc.stderr and "triton.backends" in proc.stderr:
         pytest.skip(f"this triton build cannot compile ahead of time: {proc.stderr[-300:]}")
     assert proc.returncode == 0, f"ahead-of-time compile failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+_TRUTHY_INTERPRET = """
+import torch
+import fedlora_fast.kernels.ffa_linear as K
+from fedlora_fast import reference as ref
+from fedlora_fast.ops import backends
+from fedlora_fast.ops.ffa_linear import ffa_linear_bwd
+assert backends.backend_for("cpu") == "triton" and K._INTERPRET
+torch.manual_seed(0)
+g, u = torch.randn(2, 8, 16), torch.randn(2, 8, 4)
+W, A, B = torch.randn(16, 12), torch.randn(4, 12), torch.randn(16, 4)
+got = ffa_linear_bwd(g.bfloat16(), u, W.bfloat16(), A, B.bfloat16(), None, 0.5, False, False, ref.MODE_PER_SAMPLE, 0, 0)
+want = ref.ffa_linear_bwd(g.bfloat16().double(), u.double(), W.double(), A.double(), B.bfloat16().double(), None,
+                          0.5, False, False, ref.MODE_PER_SAMPLE, 0, 0)
+for name, i in (("P", 2), ("nu", 3)):
+    err = ((got[i].double() - want[i]).abs().max() / want[i].abs().max()).item()
+    assert err < 1e-5, (name, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("value", ["true", "On"])
+def test_triton_interpret_is_read_as_triton_reads_it(value, monkeypatch):
+    """Triton >= 3.4 interprets under any true TRITON_INTERPRET ("true", "on", "yes"); we compared it with "1",
+    so the triton backend refused CPU tensors as uninterpreted while Triton interpreted, and the kernels left out
+    the float32 upcast the interpreter's bf16 dots need (per-sample norms off by ~1e22 in the reviewer's run)."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if not hasattr(triton, "knobs"):
+        pytest.skip(f"triton {triton.__version__} reads TRITON_INTERPRET as the string '1' only")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backends.triton_interprets()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not backends.triton_interprets()
+    env = {**os.environ, "TRITON_INTERPRET": value, backends.ENV_VAR: "triton"}
+    proc = subprocess.run([sys.executable, "-c", _TRUTHY_INTERPRET], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

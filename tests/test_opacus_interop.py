@@ -76,6 +76,41 @@ def test_make_private_hooks_match_our_per_sample_grads(train_A, T):
 
 
 @pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
+def test_make_private_under_autocast_matches_our_per_sample_grads(train_A):
+    """Under torch.autocast our forward runs in bf16 while opacus captures the float32 input: the sampler
+    handed the op a float32 weight with a bf16 gradient (a dtype TypeError), where DPSGD and opacus on a plain
+    nn.Linear both train. It now rebuilds the forward's dtype, and gets our engine's numbers."""
+    model = make_model(train_A)
+    n = 4
+    x, y = torch.randn(n, 5, IN), torch.randn(n, 5, OUT)
+
+    def loss(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        assert out.dtype == torch.bfloat16
+        return ((out.float() - y) ** 2).sum()
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4)
+    loss(model).backward()
+    adapter = [k for k in ("0.lora_A", "0.lora_B") if dict(model.named_parameters())[k].requires_grad]
+    want = {k: per_sample.pending(dict(model.named_parameters())[k]).grad_sample.clone() for k in adapter}
+    dp.zero_grad()
+    dp.detach()
+    prepare_for_opacus(model)
+    loader = DataLoader(TensorDataset(x, y), batch_size=n)
+    pmodel, _, _ = PrivacyEngine().make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0,
+        loss_reduction="sum", poisson_sampling=False,
+    )
+    loss(pmodel).backward()
+    assert len(adapter) == 1 + train_A
+    for k in adapter:
+        got = dict(model.named_parameters())[k].grad_sample
+        assert_close_verbose(got.float(), want[k].float(), atol=1e-6, rtol=1e-6, name=k)
+
+
+@pytest.mark.parametrize("train_A", [False, True], ids=["ffa", "lora"])
 def test_make_private_ghost_clipping_norms_match(train_A):
     model = make_model(train_A)
     model[2].weight.requires_grad_(False)  # LayerNorm has no opacus norm sampler; keep the check on ghost layers

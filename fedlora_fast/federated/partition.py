@@ -21,6 +21,8 @@ def _check(labels: Sequence[int], num_clients: int) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1 or y.size == 0:
         raise ValueError(f"labels: expected a non-empty 1-D sequence of class ids, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise ValueError(f"labels: expected class ids, ints >= 0, got dtype {y.dtype} with minimum {y.min()}")
     if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients <= 0:
         raise ValueError(f"num_clients: expected a positive int, got {num_clients!r}")
     if num_clients > y.size:
@@ -38,6 +40,14 @@ def iid(labels: Sequence[int], num_clients: int, seed: int) -> list[list[int]]:
     return [sorted(p.tolist()) for p in np.array_split(perm, num_clients)]
 
 
+def _positive_ints(values: Sequence[int], k: int) -> bool:
+    try:
+        return len(values) == k and all(
+            not isinstance(v, bool) and int(v) == v and v >= 1 for v in values)
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def label_skew(
     labels: Sequence[int], proportions: Sequence[Sequence[float]], seed: int, sizes: Sequence[int] | None = None,
     num_classes: int | None = None,
@@ -53,11 +63,13 @@ def label_skew(
     Returns:
         K sorted, disjoint index lists; client k's class-c count is ``round(sizes[k] * p_kc)``.
     Raises:
-        ValueError: malformed proportions, or more examples of a class asked for than exist.
+        ValueError: malformed labels, proportions or sizes, or more examples of a class asked for than exist.
     """
     y = _check(labels, len(proportions))
     p = np.asarray(proportions, dtype=np.float64)
     num_classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    if y.max() >= num_classes:
+        raise ValueError(f"labels: class id {int(y.max())} is outside [0, num_classes = {num_classes})")
     if p.ndim != 2 or p.shape[1] != num_classes:
         raise ValueError(
             f"proportions: expected one row of {num_classes} class proportions per client, got shape {p.shape}"
@@ -77,6 +89,10 @@ def label_skew(
         while n > 0 and (np.rint(n * p).astype(np.int64).sum(0) > counts).any():
             n -= 1
         sizes = [n] * p.shape[0]
+    elif not _positive_ints(sizes, p.shape[0]):
+        # a negative size would be a slice end counted from the pool's end (overlapping clients), a short
+        # list would broadcast: both silent
+        raise ValueError(f"sizes: expected {p.shape[0]} ints >= 1 (one per client), got {list(sizes)!r}")
     per = np.rint(np.asarray(sizes, dtype=np.float64)[:, None] * p).astype(np.int64)  # (K, C)
     short = [c for c in range(num_classes) if per[:, c].sum() > counts[c]]
     if short:

@@ -65,24 +65,39 @@ def _version(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def triton_interprets() -> bool:
+    """Whether ``triton.jit`` now makes interpreted kernels: Triton's own reading of ``TRITON_INTERPRET``.
+
+    Triton >= 3.4 reads it as a boolean (``1``, ``true``, ``on``, ``yes`` …; its ``knobs``), 3.3 as the string
+    ``"1"``. Comparing with ``"1"`` here too took ``TRITON_INTERPRET=true`` for compiled kernels: the CPU backend
+    was refused as uninterpreted, and on CUDA the kernels ran interpreted without the float32 upcast the
+    interpreter's dots need (bf16 per-sample norms off by ~1e22). Imports Triton.
+    """
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 @functools.lru_cache(maxsize=None)
 def _probe(name: str, device_type: str) -> tuple[ModuleType | None, str]:
     """(module, "") when backend ``name`` can run on ``device_type``, else (None, diagnosis)."""
     if name == "torch":
         return importlib.import_module(_MODULES["torch"]), ""
     if name == "triton":
-        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if device_type == "cpu" and not interpret:
-            return None, (
-                "the triton backend runs CPU tensors only through the interpreter: "
-                "set TRITON_INTERPRET=1 before Python starts (tests do this), or move tensors to CUDA"
-            )
         if device_type not in ("cpu", "cuda"):
             return None, f"the triton backend supports cuda (and cpu under TRITON_INTERPRET=1), not {device_type}"
         try:
             import triton
         except ImportError as e:
             return None, f"the triton backend needs the 'triton' package ({e}); pip install triton"
+        if device_type == "cpu" and not triton_interprets():
+            return None, (
+                "the triton backend runs CPU tensors only through the interpreter: "
+                "set TRITON_INTERPRET=1 before Python starts (tests do this), or move tensors to CUDA"
+            )
         version = getattr(triton, "__version__", "0")
         if _version(version) < MIN_TRITON:
             return None, (

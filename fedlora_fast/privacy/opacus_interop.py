@@ -47,12 +47,15 @@ def _ffa_per_sample(layer: FFALoRALinear, activations: list[Tensor], backprops: 
     _check_layer(layer)
     x = activations[0]
     n = x.shape[0]
-    x3 = x.reshape(n, -1, layer.in_features)
     g3 = backprops.reshape(n, -1, layer.out_features)
+    # under torch.autocast our forward ran in the autocast dtype (the output's, so the gradient's), while
+    # opacus captured the input before that cast: rebuild what the forward computed in, in its dtype
+    x3 = x.reshape(n, -1, layer.in_features).to(g3.dtype)
+    weight = layer.weight.to(g3.dtype)  # not read (need_dx is False) but checked against g's dtype
     acc = acc_dtype(x3.dtype)
     u = x3.to(acc) @ layer.lora_A.to(acc).t()  # the U our forward saved
     _, _, gB, nuB, gA, nuA = ffa_linear_bwd(
-        g3, u, layer.weight, layer.lora_A, layer.lora_B, x3 if layer.lora_A.requires_grad else None,
+        g3, u, weight, layer.lora_A, layer.lora_B, x3 if layer.lora_A.requires_grad else None,
         layer.scale, False, False, MODE_PER_SAMPLE, 0.0, 0.0,
     )
     return gB, nuB, gA, nuA
