@@ -597,9 +597,9 @@ def collate(ids: Sequence[Sequence[int]], pad_id: int, length: int | None = None
         if length < t:
             raise ValueError(f"length: expected >= the longest sequence ({t}), got {length}")
         t = length
-    input_ids = torch.full((n, t), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((n, t), dtype=torch.long)
+    input_ids = torch.full((n, t), int(pad_id), dtype=torch.long, device="cpu")  # a batch on the CPU, as a
+    mask = torch.zeros((n, t), dtype=torch.long, device="cpu")  # DataLoader's, whatever the default device
     for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long, device="cpu")
         mask[i, : len(x)] = 1
     return input_ids, mask

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -45,6 +46,11 @@ _TASK_TYPES = (
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
 )
+
+
+# peft's LoraConfig default for lora_alpha (8 in peft 0.21, not r): a config without it is read so, as
+# PeftModel.from_pretrained reads it (scale 8 / r), whatever r is
+PEFT_DEFAULT_LORA_ALPHA = 8
 
 
 # peft's TaskType values, and the heads its task classes add to modules_to_save (whatever the config says)
@@ -538,7 +544,8 @@ def load_peft(
             continue
         r = int(A.shape[0])
         r_cfg = _pattern_value(config.get("rank_pattern") or {}, n, config.get("r", r))
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, n, config.get("lora_alpha", r_cfg)))
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, n,
+                                     config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA)))
         if r_cfg != r:
             problems.append(f"{n}: rank {r} in the weights, {r_cfg} in the config")
         module = modules.get(n)
@@ -727,8 +734,9 @@ def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
         each ``modules_to_save`` wrapper is replaced by its trained copy (made per-sample if trainable).
         Use the returned model; the peft wrapper must not be used afterwards.
     Raises:
-        ValueError: layers it cannot convert (DoRA, embedding/conv LoRA, several adapters, merged...),
-            all listed at once, before anything is changed.
+        ValueError: layers it cannot convert (DoRA, embedding/conv LoRA, several adapters, merged, hooks on
+            the base layer, alpha <= 0...) and a seed that is not an int, all listed at once, before anything
+            is changed.
     """
     LoraLayer, LoraLinear, BaseTunerLayer, AuxWrapper, ModulesToSaveWrapper = _peft()
     from peft.tuners.tuners_utils import BaseTuner
@@ -740,6 +748,8 @@ def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
     else:  # a model that peft.inject_adapter_in_model changed
         model = peft_model
     problems, loras, wrappers = [], {}, {}
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # (1.5 would read as seed 1, silently)
+        problems.append(f"seed: expected an int, got {seed!r}")
     cfgs = getattr(peft_model, "peft_config", {}) or {}
     if len(cfgs) > 1:
         problems.append(f"the model has {len(cfgs)} adapters {sorted(cfgs)}; exactly one is supported")
@@ -783,6 +793,11 @@ def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
         p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
         if not isinstance(drop, (nn.Dropout, nn.Identity)):
             problems.append(f"{name}: lora_dropout is a {type(drop).__name__}")
+            continue
+        try:  # FFALoRALinear's own checks (hooks on the base layer, alpha <= 0), here: a refusal changes nothing
+            check_layer_args(layer.get_base_layer(), r, alpha, p)  # (the seed is checked once, above)
+        except (TypeError, ValueError) as e:
+            problems.append(f"{name}: {e}")
             continue
         built[name] = (key, r, alpha, use_rslora, p)
     if not loras and not problems:

@@ -43,7 +43,7 @@ def ffa_inputs(n: int, T: int, inp: int, out: int, r: int, dtype: torch.dtype, d
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device)
+        return (torch.randn(*shape, generator=gen, device="cpu") * scale).to(device)
 
     x = rnd(n, T, inp).to(dtype)
     return dict(
@@ -53,7 +53,7 @@ def ffa_inputs(n: int, T: int, inp: int, out: int, r: int, dtype: torch.dtype, d
         A=rnd(r, inp, scale=inp**-0.5),
         B=rnd(out, r, scale=0.5),
         g=rnd(n, T, out).to(dtype),
-        xa=(x.float() * (torch.rand(n, T, inp, generator=gen).to(device) > 0.3) / 0.7).to(dtype),
+        xa=(x.float() * (torch.rand(n, T, inp, generator=gen, device="cpu").to(device) > 0.3) / 0.7).to(dtype),
     )
 
 

@@ -117,6 +117,34 @@ def test_aggregators_refuse_updates_that_do_not_match_the_global_state(make):
     assert out.shape == (2, 3) and out.dtype == torch.float32 and bool(out.ne(0).all())
 
 
+def test_draws_and_sums_stay_on_the_cpu_under_another_default_device():
+    """Factory calls follow torch.set_default_device: with "cuda" (common for large models) a CPU generator is
+    refused there, and sums meet CPU updates on another device. The meta device stands in here: the Poisson
+    sampler's draws, both aggregators' sums and noise, a collated batch and the test inputs were meta tensors
+    (no values: the sampler failed, the aggregates were not the CPU ones)."""
+    from fedlora_fast.data import collate
+    from fedlora_fast.privacy import PoissonSampler
+    from fedlora_fast.testing import ffa_inputs
+
+    g = {"w": torch.ones(3, 4)}
+    ups = [ClientUpdate(0, {"w": torch.full((3, 4), 2.0)}, 1), ClientUpdate(1, {"w": torch.zeros(3, 4)}, 3)]
+
+    def run():
+        sampled = list(PoissonSampler(50, 0.3, steps=3, generator=torch.Generator().manual_seed(0)))
+        dp = CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=2, generator=torch.Generator().manual_seed(1))
+        inputs = ffa_inputs(2, 3, 5, 4, 2, torch.float32, "cpu", seed=0)
+        return sampled, FedAvg().aggregate(g, ups), dp.aggregate(g, ups), collate([[1, 2], [3]], 0), inputs
+
+    want = run()
+    with torch.device("meta"):
+        got = run()
+    assert got[0] == want[0] and any(got[0])
+    for key in ("w",):
+        assert torch.equal(got[1][key], want[1][key]) and torch.equal(got[2][key], want[2][key])
+    assert all(torch.equal(a, b) for a, b in zip(got[3], want[3]))
+    assert all(torch.equal(got[4][k], want[4][k]) for k in want[4] if want[4][k] is not None)
+
+
 def test_central_dp_clips_each_update_and_adds_calibrated_noise():
     g = {"w": torch.ones(4)}
     big, small = torch.tensor([3.0, 4.0, 0.0, 0.0]), torch.tensor([0.1, 0.0, 0.0, 0.0])  # norms 5 and 0.1

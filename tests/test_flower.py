@@ -105,6 +105,27 @@ def test_run_config_is_parsed_like_the_command_line():
         flower_config.federated_config({"cuda-graph": "yes"})
 
 
+def test_run_config_values_starting_with_a_dash_are_values_and_blank_means_what_the_docs_say():
+    """Each value reaches the parser as one --key=value token: a value starting with "-" is the flag's value (it
+    was read as an option before: labels "-1,1" could not be set under Flower, though `--labels=-1,1` works on the
+    command line, and a negative number got "expected one argument" instead of the validator's message)."""
+    from fedlora_fast.cli import build_parser, config_from_args
+
+    cfg = flower_config.federated_config({"labels": "-1,1", "data": "-data.tsv"})
+    assert cfg.labels == ["-1", "1"] and cfg.data == "-data.tsv"
+    assert cfg == config_from_args(build_parser().parse_args(["train", "--labels=-1,1", "--data=-data.tsv"]))
+    with pytest.raises(ValueError, match=r"delta: expected a number in \(0, 1\), got -1e-06"):
+        flower_config.federated_config({"delta": -1e-06})
+    with pytest.raises(ValueError, match="weight_decay: .*got -1e-05"):
+        flower_config.federated_config({"weight-decay": -1e-05})
+    # "" is "not given" for a setting without a default (and out), the empty list for a list setting, and a value
+    # like any other elsewhere, as on the command line (config.py's docstring, examples/flower/pyproject.toml)
+    assert flower_config.federated_config({"labels": "", "noise-multiplier": ""}) == FederatedConfig()
+    assert flower_config.federated_config({"trainable-modules": ""}).trainable_modules == []
+    with pytest.raises(ValueError, match="argument --epsilon: invalid float value: ''"):
+        flower_config.federated_config({"epsilon": ""})
+
+
 def test_importing_fedlora_fast_never_imports_flwr():
     code = (
         "import sys, fedlora_fast, fedlora_fast.federated, fedlora_fast.cli\n"
@@ -191,6 +212,47 @@ def test_strategy_rejects_malformed_updates_and_the_round_completes():
     assert metrics["accepted"] == 2 and metrics["rejected"] == 6
     # clients whose update was rejected still spent their budget: epsilon is the max over every report
     assert strategy.epsilon() == 2.5 and metrics["epsilon"] == 2.5
+
+
+def test_strategy_rejects_an_update_without_a_well_formed_privacy_record():
+    """Every aggregated update has its client's privacy record: one whose record is missing, not numeric, or
+    NaN (noise, epsilon) is rejected like a malformed update (it was aggregated before, and its client was then
+    missing from the final privacy record and the noise source). Epsilon inf (no noise) is a record."""
+    g = {"l.lora_B": torch.zeros(3, 2)}
+    server = Server(g, FP, FedAvgAggregator(), min_clients=1)
+    strategy = FedLoRAStrategy(server, num_clients=7, delta=1e-5, num_rounds=1)
+    strategy._pending = {"round": 1}
+    one, big = {"l.lora_B": torch.ones(3, 2)}, {"l.lora_B": torch.full((3, 2), 100.0)}
+
+    def update(cid, tensors, **privacy):
+        content = _update(cid, tensors, 10)
+        m = {"num-examples": 10, "noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 4, "epsilon": 1.0, **privacy}
+        return RecordDict({"arrays": content["arrays"], "config": content["config"],
+                           "metrics": MetricRecord({k: v for k, v in m.items() if v is not None})})
+
+    no_metrics = _update(5, big, 10)
+    replies = [
+        _reply(10, update(0, one)),
+        _reply(11, update(1, big, noise_multiplier=float("nan"))),
+        _reply(12, update(2, big, epsilon=float("nan"))),
+        _reply(13, update(3, big, steps=[4])),
+        _reply(14, update(4, big, sample_rate=None)),
+        _reply(15, RecordDict({"arrays": no_metrics["arrays"], "config": no_metrics["config"]})),
+        _reply(16, update(6, one, noise_multiplier=0.0, epsilon=float("inf"))),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert strategy._pending["accepted"] == [0, 6] and metrics["rejected"] == 5
+    assert torch.equal(records.to_tensors(arrays)["l.lora_B"], torch.ones(3, 2)), "no rejected update aggregated"
+    reasons = {r["client"]: r["reason"] for r in strategy._pending["rejected"]}
+    assert reasons == {
+        1: "malformed privacy record: 'noise_multiplier': expected a finite number >= 0, got nan",
+        2: "malformed privacy record: 'epsilon': expected a number >= 0 (inf: no privacy), got nan",
+        3: "malformed privacy record: 'steps': expected a finite number >= 0, got [4]",
+        4: "malformed privacy record: 'sample_rate': expected a number in [0, 1], got None",
+        5: "malformed privacy record: expected a MetricRecord with noise_multiplier, sample_rate, steps, epsilon, "
+           "got none",
+    }
+    assert sorted(strategy.clients) == [0, 6] and strategy.epsilon() == float("inf")
 
 
 def test_strategy_binds_client_ids_to_nodes():
@@ -919,6 +981,44 @@ def _train_msg(fed, round_idx: int, **config):
     ))  # fmt: skip
 
 
+def test_a_node_checks_its_dump_dir_before_it_trains(tiny, tmp_path, privacy_dir):
+    """A node config dump-dir that is not a string or not writable is refused before any DP-SGD step is counted
+    (it was checked after training, once the ledger had the steps: the update was never sent, the budget spent)."""
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    fed = node.build(flower_config.federated_config(rc))
+    (tmp_path / "afile").write_text("not a directory")
+    ledger = privacy_dir / "fedlora_fast-privacy-run9-node0.json"
+    for bad, error, match in (
+        (1, client_app.NodeConfigError, "node config 'dump-dir': expected a directory path string, got 1"),
+        (False, client_app.NodeConfigError, "node config 'dump-dir': expected a directory path string, got False"),
+        (str(tmp_path / "afile" / "sub"), client_app.NodeError,
+         r"node config 'dump-dir': expected a writable directory, got one that is not \(NotADirectoryError"),
+    ):
+        ctx = _node_ctx(rc, **{"dump-dir": bad})
+        with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+            with pytest.raises(error, match=match):
+                client_app.train(_train_msg(fed, 0), ctx)
+        assert not ledger.exists() and not ctx.state.config_records, f"{bad!r}: no step counted"
+    dump = tmp_path / "audit" / "node0"  # created where missing; the update sent is written there
+    ctx = _node_ctx(rc, **{"dump-dir": str(dump)})
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        client_app.train(_train_msg(fed, 0), ctx)
+    assert [p.name for p in dump.iterdir()] == [f"round1-client0-step{fed.config.local_steps}.safetensors"]
+
+
+def test_a_node_sends_a_bad_flower_eval_local_to_the_server_as_a_config_error(tiny):
+    """A run config flower-eval-local that is not true/false reaches the server as what it is (it was a plain
+    ValueError, which the node keeps private: the server saw only "ValueError in the node's evaluate")."""
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, **{"flower-eval-local": "yes"})
+    fed = node.build(flower_config.federated_config(rc))
+    with pytest.raises(client_app.NodeConfigError, match="run config 'flower-eval-local': expected a bool, got 'yes'"):
+        client_app.evaluate(_train_msg(fed, 0), _node_ctx(rc))
+
+
 def _default_dirs(monkeypatch, tmp_path) -> pathlib.Path:
     """No $FEDLORA_FAST_PRIVACY_DIR: the default under $XDG_STATE_HOME (returned), HOME a temporary one too."""
     monkeypatch.delenv("FEDLORA_FAST_PRIVACY_DIR")
@@ -1328,6 +1428,33 @@ def test_server_app_refuses_an_out_that_holds_a_run_unless_told_to_replace_it(ti
     with pytest.raises(AttributeError):  # past the guard (no grid here): the old outputs went first
         server_app.main(None, Ctx)
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+
+def test_server_app_checks_flower_eval_local_and_its_dump_dir_before_any_round(tiny, tmp_path):
+    """Both failed only once the nodes had trained (and spent budget): a bad flower-eval-local in every node's
+    evaluation (the run went on without any), a flower-dump-dir that cannot be written at the first write after
+    round 1. Now the ServerApp refuses them at startup, before it writes anything; a good dump dir is created."""
+    from fedlora_fast.flower import server_app
+
+    out = tmp_path / "out"
+    (tmp_path / "afile").write_text("not a directory")
+
+    class Ctx:
+        run_config = {**_tiny_run_config(tiny), "out": str(out), "flower-eval-local": "yes"}
+        run_id = 1
+
+    with pytest.raises(ValueError, match="run config 'flower-eval-local': expected a bool, got 'yes'"):
+        server_app.main(None, Ctx)
+    Ctx.run_config = {**Ctx.run_config, "flower-eval-local": True, "flower-dump-dir": str(tmp_path / "afile" / "sub")}
+    with pytest.raises(ValueError, match=r"run config 'flower-dump-dir': expected a writable directory, got "
+                                         r"'.*afile/sub' \(NotADirectoryError"):
+        server_app.main(None, Ctx)
+    assert not out.exists(), "refused before anything is written"
+    dump = tmp_path / "audit" / "server"
+    Ctx.run_config = {**Ctx.run_config, "flower-dump-dir": str(dump)}
+    with pytest.raises(AttributeError):  # past the checks (no grid here)
+        server_app.main(None, Ctx)
+    assert dump.is_dir() and not any(dump.iterdir()), "created, and the probe removed"
 
 
 def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():

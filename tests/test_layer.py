@@ -1,6 +1,7 @@
 """FFALoRALinear and inject_adapters: outputs, gradients vs float64, per-sample gradients vs batch-of-one."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -658,3 +659,78 @@ def test_gpt2_conv1d_is_named_as_unsupported():
         ff.inject_adapters(model, "all-linear")
     with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn' is a Conv1D.*not supported"):
         ff.inject_adapters(model, ["c_attn"])
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_adapter_weights_refused_by_a_merged_layer_change_nothing(scope):
+    """A merged layer refuses lora_A/lora_B without the base weight, and keeps the ones it has: torch copies
+    what the state dict holds and raises only at the end, so the new B was taken while W still held s B_old A,
+    and the unmerge() the error asks for then left W off by s (B_old - B_new) A, for good. The caller's dict
+    is not changed, and the refused keys are not reported as missing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ff.FFALoRALinear(nn.Linear(6, 5), r=2, alpha=4.0, name="0"), nn.Linear(5, 3)).eval()
+    layer, w0 = model[0], model[0].base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    b0 = layer.lora_B.detach().clone()
+    layer.merge()
+    target, prefix = (layer, "") if scope == "layer" else (model, "0.")
+    new = {prefix + "lora_B": torch.randn(5, 2), prefix + "lora_A": torch.randn(2, 6)}
+    given = dict(new)
+    with pytest.raises(RuntimeError, match=r"the layer is merged .* unmerge\(\) before loading") as err:
+        target.load_state_dict(new, strict=False)
+    assert new.keys() == given.keys() and all(new[k] is given[k] for k in new), "the caller's dict changed"
+    assert layer.merged and torch.equal(layer.lora_B, b0), "lora_B was overwritten by a refused load"
+    assert torch.equal(layer.lora_A, init_lora_A(2, 6, 0, "0")), "lora_A was overwritten by a refused load"
+    assert "nothing of this layer was loaded" in str(err.value)
+    layer.unmerge()
+    assert_close_verbose(layer.base_layer.weight, w0, atol=1e-6, rtol=0, name="W after unmerge")
+    layer.merge()
+    state = {k: v for k, v in target.state_dict().items() if "base_layer.weight" not in k and k != prefix + "merged"}
+    with pytest.raises(RuntimeError, match=r"the layer is merged") as err:  # strict: only the weight is missing
+        target.load_state_dict(state)
+    missing = re.search(r"Missing key\(s\) in state_dict: ([^\n]*)", str(err.value)).group(1)
+    assert "base_layer.weight" in missing and "lora_" not in missing, missing
+
+
+def test_merge_refuses_a_parametrized_base_weight():
+    """A parametrized weight is computed anew at each access: W += s B A wrote into a throwaway tensor, and the
+    merged forward (F.linear(x, W)) silently dropped the adapter; unmerge() likewise."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2.0
+
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    parametrize.register_parametrization(base, "weight", Double())
+    base.requires_grad_(False)  # (the layer freezes base.weight itself, which a parametrization computes)
+    layer = ff.FFALoRALinear(base, r=2, alpha=4.0, name="proj").eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 6)
+    y = layer(x)
+    with pytest.raises(RuntimeError, match=r"proj: merge\(\): base_layer.weight is parametrized \(Double"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer(x), y)
+    plain = ff.FFALoRALinear(nn.Linear(6, 5), r=2, alpha=4.0, name="plain").eval()
+    plain.merge()
+    w = plain.base_layer.weight.detach().clone()
+    parametrize.register_parametrization(plain.base_layer, "weight", Double())  # after the merge
+    with pytest.raises(RuntimeError, match=r"plain: unmerge\(\): base_layer.weight is parametrized"):
+        plain.unmerge()
+    assert plain.merged and torch.equal(plain.base_layer.parametrizations.weight.original, w)
+
+
+def test_A_is_the_same_under_a_meta_default_device():
+    """init_lora_A names its device: under ``with torch.device("meta")`` torch.rand gave a meta A (no values),
+    and adapting a real layer there failed ("Cannot copy out of meta tensor")."""
+    base = nn.Linear(6, 5)
+    want = init_lora_A(2, 6, 3, "proj")
+    with torch.device("meta"):
+        got = init_lora_A(2, 6, 3, "proj")
+        layer = ff.FFALoRALinear(base, r=2, seed=3, name="proj")
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    assert layer.lora_A.device.type == "cpu" and torch.equal(layer.lora_A, want)
+    assert layer.lora_B.device.type == "cpu" and not layer.lora_B.any()

@@ -861,3 +861,38 @@ def test_export_with_a_frozen_unsaved_head_leaves_the_task_type_unset(tmp_path):
     ff.inject_adapters(lora, ["0"], r=2, alpha=4.0, train_A=True)
     with pytest.raises(ValueError, match="on the meta device .*to_empty"):
         load_peft(lora, tmp_path / "c")
+
+
+@pytest.mark.parametrize("case", ["hook", "alpha_pattern", "seed"])
+def test_from_peft_refuses_the_layer_checks_before_changing_anything(case):
+    """FFALoRALinear's own checks (hooks on a base layer, an alpha <= 0 from alpha_pattern, the seed's type) ran
+    only when each layer was built: after the modules_to_save wrappers were swapped and the earlier layers
+    converted. They are listed with the rest, by layer name, and a refusal leaves the peft model as it was."""
+    last = "bert.encoder.layer.1.attention.self.value"
+    pm = peft_bert(alpha_pattern={"layer.1.attention.self.value": 0} if case == "alpha_pattern" else {})
+    if case == "hook":
+        pm.get_base_model().get_submodule(last).base_layer.register_forward_hook(lambda m, i, o: None)
+    before = structure(pm)
+    match = {"hook": rf"{last}: base: it has module hooks \(forward_hooks\)",
+             "alpha_pattern": rf"{last}: alpha: expected a positive finite number, got 0.0",
+             "seed": r"seed: expected an int, got 1.5"}[case]
+    with pytest.raises(ValueError, match=r"^from_peft: cannot convert: .*" + match):
+        from_peft(pm, seed=1.5 if case == "seed" else 0)
+    assert structure(pm) == before
+    assert not ff.adapter_layers(pm.get_base_model())
+    assert type(pm.get_base_model().classifier).__name__ == "ModulesToSaveWrapper"
+
+
+def test_load_peft_reads_a_missing_lora_alpha_as_peft_does(tmp_path):
+    """peft's LoraConfig default lora_alpha is 8, not r: a config without it loaded with scale r / r."""
+    pm = peft_bert(r=4, modules_to_save=None)
+    pm.save_pretrained(str(tmp_path / "p"))
+    cfg = json.loads((tmp_path / "p" / CONFIG_NAME).read_text())
+    del cfg["lora_alpha"]
+    (tmp_path / "p" / CONFIG_NAME).write_text(json.dumps(cfg))
+    theirs = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "p")).eval()
+    ours = tiny_bert()
+    layers = load_peft(ours, tmp_path / "p")
+    assert {l.scale for l in layers.values()} == {8 / 4}
+    x = ids()
+    assert_close_verbose(ours(input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="logits")

@@ -79,7 +79,7 @@ def test_inclusion_probability_is_exactly_the_accounted_rate(monkeypatch):
                  torch.float64: torch.tensor([second], dtype=torch.float64)}
         calls = []
 
-        def fake_rand(n, generator=None, dtype=torch.float32):
+        def fake_rand(n, generator=None, dtype=torch.float32, device=None):
             calls.append((n, dtype))
             return draws[dtype][:n]
 

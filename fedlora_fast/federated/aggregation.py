@@ -97,7 +97,7 @@ class FedAvg(Aggregator):
         total = sum(u.num_examples for u in updates)
         out = {}
         for k, g in global_state.items():
-            acc = torch.zeros(g.shape, dtype=torch.float64)
+            acc = torch.zeros(g.shape, dtype=torch.float64, device=g.device)  # (not the default device)
             for u in updates:
                 acc += u.tensors[k].double() * (u.num_examples / total)
             out[k] = acc.to(g.dtype)
@@ -162,7 +162,7 @@ class CentralDP(Aggregator):
             raise ValueError(f"updates: {len(updates)} accepted, more than the {self.clients_per_round} clients selected "
                              "per round (clients_per_round) the noise and accounting are calibrated for")
         n = self.clients_per_round  # fixed: see the class docstring
-        summed = {k: torch.zeros(g.shape, dtype=torch.float64) for k, g in global_state.items()}
+        summed = {k: torch.zeros(g.shape, dtype=torch.float64, device=g.device) for k, g in global_state.items()}
         for u in updates:
             delta = {k: u.tensors[k].double() - global_state[k].double() for k in global_state}
             norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
@@ -171,7 +171,10 @@ class CentralDP(Aggregator):
                 summed[k] += delta[k] * coef
         std = self.noise_multiplier * self.clip_norm
         # one noise stream over the keys in name order (their order never matters); the output keeps the input's
-        noise = {k: torch.normal(0.0, std, size=global_state[k].shape, generator=self.generator, dtype=torch.float64)
+        # drawn where the generator is (a factory call would follow torch.set_default_device, and refuse it)
+        gen = self.generator
+        noise = {k: torch.normal(0.0, std, size=global_state[k].shape, generator=gen, dtype=torch.float64,
+                                 device=gen.device).to(global_state[k].device)
                  for k in sorted(global_state)} if std > 0 else {}
         out = {k: (g.double() + (summed[k] + noise.get(k, 0.0)) / n).to(g.dtype) for k, g in global_state.items()}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

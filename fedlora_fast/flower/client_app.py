@@ -331,8 +331,8 @@ def default_privacy_dir() -> Path | None:
 
 
 def _unwritable(d: Path) -> str | None:
-    """Why the ledger cannot be written in ``d`` (created with mode 0o700 where missing), or None: a file is
-    created and removed there, as the ledger's atomic write (a temporary file renamed) will need. The reason
+    """Why the ledger (or a dump-dir's update) cannot be written in ``d`` (created with mode 0o700 where missing),
+    or None: a file is created and removed there, as an atomic write (a temporary file renamed) will need. The reason
     names the error, never the path (it may reach the server in a ``NodeError``)."""
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -654,8 +654,32 @@ def train(msg: Message, context: Context) -> Message:
         return _train(msg, context, cfg, fed, pid, k, ledger)
 
 
+def _dump_dir(context: Context) -> Path | None:
+    """The node config's ``dump-dir`` (audit: each update sent is written there), created and probed, or None
+    (not set, or ""). Checked before training, as ``privacy-dir`` is: found unusable only after the round, the
+    node would have counted the steps (its ledger) and released nothing.
+
+    Raises:
+        NodeConfigError: ``dump-dir`` is not a string.
+        NodeError: the directory cannot be created or written (the message names the error, never the path).
+    """
+    dump = context.node_config.get(DUMP_DIR_KEY)  # the node's own choice: never a path the run config names
+    if dump is None or dump == "":
+        return None
+    if not isinstance(dump, str):
+        raise NodeConfigError(f"node config '{DUMP_DIR_KEY}': expected a directory path string, got {dump!r}")
+    path = Path(dump)
+    why = _unwritable(path)
+    if why is not None:
+        log.error("fedlora_fast node: node config '%s': directory %s is not writable (%s)", DUMP_DIR_KEY, path, why)
+        raise NodeError(f"node config '{DUMP_DIR_KEY}': expected a writable directory, got one that is not ({why}); "
+                        "refusing to train (the node's log names the directory)")
+    return path
+
+
 def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation, pid: int, k: int,
            ledger: Path | None) -> Message:
+    dump = _dump_dir(context)  # before any step is counted: an update that cannot be dumped is never sent
     fresh = STATE_KEY not in context.state.config_records
     on_disk = ledger is not None and ledger.exists()
     if not fresh and on_disk and _read_ledger(ledger)[1].steps > _state_steps(context.state):
@@ -689,12 +713,9 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     if ledger is not None:  # before the update leaves the node: the steps are spent once it has
         _write_ledger(ledger, client)
     _persist(client, context.state)
-    dump = context.node_config.get(DUMP_DIR_KEY)  # the node's own choice: never a path the run config names
-    if dump:
-        if not isinstance(dump, str):
-            raise NodeConfigError(f"node config '{DUMP_DIR_KEY}': expected a directory path string, got {dump!r}")
+    if dump is not None:
         # named by the node's own step count (the server's round number may repeat), never replacing a copy
-        stem = Path(dump) / f"round{round_idx + 1}-client{pid}-step{client.accountant.steps}"
+        stem = dump / f"round{round_idx + 1}-client{pid}-step{client.accountant.steps}"
         path, i = stem.with_suffix(".safetensors"), 1
         while path.exists():
             path, i = stem.parent / f"{stem.name}-{i}.safetensors", i + 1
@@ -721,7 +742,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     cannot ask for them. Otherwise it replies ``num-examples`` 0 and no scores.
     """
     cfg, fed, _, k = load_node(context)
-    own_ok = flower_setting(context.run_config, EVAL_LOCAL_KEY) and _node_flag(context, EVAL_LOCAL_NODE_KEY)
+    try:
+        asked = flower_setting(context.run_config, EVAL_LOCAL_KEY)
+    except ValueError as e:  # the run config's own error (no data of the node): the server sees it as is
+        raise NodeConfigError(str(e)) from None
+    own_ok = asked and _node_flag(context, EVAL_LOCAL_NODE_KEY)
     if node_data_path(context) is not None and not own_ok:
         # a silo's held-out rows are its private data: exact scores on them are outside the DP guarantee
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)

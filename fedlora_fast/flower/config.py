@@ -5,8 +5,14 @@ A Flower run config (``[tool.flwr.app.config]`` in the app's ``pyproject.toml``,
 ``fedlora-fast train`` without the dashes (``--local-steps`` -> ``local-steps``, ``--clients`` ->
 ``clients``), with the same defaults, and its values are parsed by that command's own argument parser
 (``fedlora_fast.cli.add_train_parser``) and turned into a ``FederatedConfig`` by ``config_from_args``: a
-Flower run and a ``fedlora-fast train`` run with the same settings build the same federation. TOML has no
-null: an empty string means "not given"; lists are written as on the command line (``targets =
+Flower run and a ``fedlora-fast train`` run with the same settings build the same federation; each value
+reaches the parser as one ``--key=value`` token, so a value starting with ``-`` (``labels = "-1,1"``,
+``delta = -1e-06``) is that flag's value, as ``--labels=-1,1`` on the command line. TOML has no null: ``""``
+means "not given" (the flag's default) only for the settings whose flag has no default (those declared
+``""`` in ``examples/flower/pyproject.toml``: ``model``, ``data``, ``labels``, ``noise-multiplier``, ...), for
+``out`` and for ``flower-dump-dir`` (off); for a list setting (``targets``, ``trainable-modules``) it is the
+empty list, as ``--trainable-modules ""``; any other key takes ``""`` as its value, as the command line
+would (``epsilon = ""``: "invalid float value: ''"). Lists are written as on the command line (``targets =
 "query,value"``). Keys that only exist under Flower start with ``flower-``; command-line switches that make
 no sense there (``resume``, ``overwrite``, ``no-progress``, ``debug``, ``secure-noise``, which is always on)
 are not run-config keys.
@@ -44,6 +50,8 @@ def _setting_actions() -> dict[str, argparse.Action]:
             continue
         if action.dest not in FederatedConfig.__dataclass_fields__ and action.dest != OUT_KEY:
             raise RuntimeError(f"fedlora-fast train --{longs[0]}: not a FederatedConfig field; map it here")
+        if action.nargs not in (None, 0):  # parse_run_config passes one --key=value token (or a bare switch)
+            raise RuntimeError(f"fedlora-fast train --{longs[0]}: nargs={action.nargs!r}; map it here")
         out[max(longs, key=len)[2:]] = action
     return out
 
@@ -102,7 +110,8 @@ def parse_run_config(run_config: Mapping) -> tuple[FederatedConfig, argparse.Nam
             # "not given": the parser's default (for a list flag, "" is the empty list, as on the CLI); a blank
             # out is not the SuperLink's working directory
             continue
-        argv += [f"--{key}", str(value)]
+        # one token: a value starting with "-" (labels "-1,1", delta -1e-06) is the flag's value, not an option
+        argv.append(f"--{key}={value}")
     parser = train_parser()
     err = io.StringIO()
     try:

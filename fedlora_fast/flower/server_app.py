@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -35,6 +36,7 @@ from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import (
     DUMP_KEY,
+    EVAL_LOCAL_KEY,
     OUT_KEY,
     OVERWRITE_KEY,
     SERVER_DATA_KEY,
@@ -86,6 +88,19 @@ def save_checkpoint(path: Path, fed: Federation, strategy: FedLoRAStrategy) -> N
     ckpt.save_checkpoint(path, tensors, state)
 
 
+def _writable_dir(path: Path, key: str) -> Path:
+    """``path``, created where missing, after a probe file was written and removed there; else a ValueError naming
+    the run-config ``key``: a directory the ServerApp first writes after round 1 must fail before nodes train."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".fedlora_fast-probe.", dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"run config {key!r}: expected a writable directory, got {str(path)!r} "
+                         f"({type(e).__name__}: {e.strerror or e})") from None
+    return path
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``rounds`` rounds of federated FFA-LoRA under DP over the connected SuperNodes."""
@@ -93,17 +108,22 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(flower_setting(context.run_config, OUT_KEY)).expanduser()
     dump = flower_setting(context.run_config, DUMP_KEY)
     timeout = flower_setting(context.run_config, TIMEOUT_KEY)
+    server_data = flower_setting(context.run_config, SERVER_DATA_KEY)
+    # read by the nodes only: checked here, or a bad value fails every evaluation while the run spends its budget
+    flower_setting(context.run_config, EVAL_LOCAL_KEY)
     held = held_run_outputs(out)
     if held and not flower_setting(context.run_config, OVERWRITE_KEY):
         raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); set another 'out', or "
                          "flower-overwrite = true to replace it")
+    if dump:  # first written after round 1's training: a directory that cannot be written fails now, not then
+        dump = _writable_dir(Path(dump).expanduser(), DUMP_KEY)
     remove_run_outputs(out, held)
     out.mkdir(parents=True, exist_ok=True)
     # the server needs no client's noise; with flower-server-data = false, no data either (silos hold it all)
     # on the device the nodes train on, or the CPU where this machine has no GPU (node.for_server); the run's
     # record (metrics.json, the checkpoint) keeps the run config as given
     side = node.for_server(cfg)
-    fed = node.build(side) if flower_setting(context.run_config, SERVER_DATA_KEY) else node.ServerOnly(side)
+    fed = node.build(side) if server_data else node.ServerOnly(side)
     fed.config = cfg
     strategy = FedLoRAStrategy(fed.server, num_clients=cfg.num_clients, delta=cfg.delta, num_rounds=cfg.rounds,
                                eval_every=cfg.eval_every)
@@ -118,7 +138,7 @@ def main(grid: Grid, context: Context) -> None:
         ckpt.atomic_write_text(out / "metrics.json", dump_metrics(metrics_document(fed, strategy, extra)))
         if dump:
             ckpt.atomic_write_bytes(
-                Path(dump) / f"round{server_round}-global.safetensors",
+                dump / f"round{server_round}-global.safetensors",
                 serialization.encode(fed.server.global_state, {"round": server_round, "fingerprint": fed.fingerprint}),
             )
         print(format_round(record, cfg.rounds), flush=True)  # the one-line summary, in the streamed log

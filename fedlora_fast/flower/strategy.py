@@ -14,7 +14,8 @@ its node sampling and message construction, but replaces both aggregation steps:
   (disjoint test shards covering the test split: the result is the accuracy on the whole split).
 
 The client-reported privacy records (noise multiplier, sample rate, steps, epsilon) are kept per client; the
-round's epsilon is the largest any client has spent.
+round's epsilon is the largest any client has spent. A reply without a well-formed record is rejected like any
+malformed update: every aggregated update has its client's record (metrics.json's final clients, noise source).
 """
 
 from __future__ import annotations
@@ -50,6 +51,25 @@ def _number(value) -> bool:
 
 def _finite_number(value) -> bool:
     return _number(value) and math.isfinite(value)
+
+
+def _privacy_problem(metrics: MetricRecord | None) -> str | None:
+    """Why a reply's privacy record (its MetricRecord's ``PRIVACY_KEYS``) is unusable, or None. Epsilon may be
+    inf (a client without noise has no privacy), never NaN: a NaN would be neither counted nor refused."""
+    if metrics is None:
+        return f"expected a MetricRecord with {', '.join(PRIVACY_KEYS)}, got none"
+    expected = {
+        "noise_multiplier": ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
+        "sample_rate": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
+        "steps": ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
+        "epsilon": ("a number >= 0 (inf: no privacy)", lambda v: v >= 0),  # NaN fails every comparison
+    }
+    for key in PRIVACY_KEYS:
+        what, ok = expected[key]
+        value = metrics.get(key)
+        if not (_number(value) and ok(value)):
+            return f"{key!r}: expected {what}, got {short_repr(value)}"
+    return None
 
 
 class FedLoRAStrategy(FedAvg):
@@ -134,7 +154,8 @@ class FedLoRAStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply with ``Server.run_round`` and aggregate the accepted ones.
+        """Validate every reply with ``Server.run_round`` and aggregate the accepted ones. A reply whose privacy
+        record is missing or malformed (``_privacy_problem``) is rejected before it, as a malformed reply is.
 
         Returns:
             ``(new global arrays or None, aggregated train metrics or None)``; None arrays leave Flower's
@@ -170,14 +191,16 @@ class FedLoRAStrategy(FedAvg):
                 cids.append(None)
                 reports.append(None)
                 continue
-            rec = None
             metrics = next(iter(content.metric_records.values()), None)
-            if metrics is not None and all(_number(metrics.get(k)) for k in PRIVACY_KEYS):
-                rec = {"num_examples": metrics.get(self.weighted_by_key), **{k: metrics[k] for k in PRIVACY_KEYS}}
-                # every node's report counts in epsilon(), before any check of its update: a node refused below
-                # (a restarted SuperNode gets a new node id without node authentication, and its old client id
-                # stays bound to the old one) has trained all the same
-                self._report(node, {"client": cid, "node": node, **rec})
+            problem = _privacy_problem(metrics)
+            if problem is not None:  # aggregated, its client would be missing from the run's privacy record
+                rejected.append({"client": cid, "node": node, "reason": f"malformed privacy record: {problem}"})
+                continue
+            rec = {"num_examples": metrics.get(self.weighted_by_key), **{k: metrics[k] for k in PRIVACY_KEYS}}
+            # every node's report counts in epsilon(), before any check of its update: a node refused below
+            # (a restarted SuperNode gets a new node id without node authentication, and its old client id
+            # stays bound to the old one) has trained all the same
+            self._report(node, {"client": cid, "node": node, **rec})
             owner, claimed = self._node_of.get(cid), self._client_of.get(node)
             if (owner is not None and owner != node) or (claimed is not None and claimed != cid):
                 reason = (f"node {node} claims client id {cid}, which belongs to node {owner}" if owner not in (None, node)

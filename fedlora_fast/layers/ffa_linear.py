@@ -14,6 +14,7 @@ import numbers
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from fedlora_fast import per_sample
 from fedlora_fast.ops.ffa_linear import call, drop_backward_state, ffa_linear_bwd, ffa_linear_fwd
@@ -30,7 +31,9 @@ def init_lora_A(r: int, in_features: int, seed: int, name: str) -> Tensor:
     """peft's default A: ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(in), 1/sqrt(in)), from a CPU generator."""
     gen = torch.Generator(device="cpu").manual_seed(adapter_seed(seed, name))
     bound = 1.0 / math.sqrt(in_features)
-    return (torch.rand((r, in_features), generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    # device="cpu" explicitly: a factory call follows the default device (``with torch.device("meta")`` would
+    # give a meta A without values, ``torch.set_default_device("cuda")`` refuse the CPU generator)
+    return (torch.rand((r, in_features), generator=gen, device="cpu", dtype=torch.float32) * 2 - 1) * bound
 
 
 def flat3(t: Tensor) -> Tensor:
@@ -188,16 +191,26 @@ def _save_merged_flag(module: "FFALoRALinear", state_dict, prefix: str, local_me
 
 def _read_merged_flag(module: "FFALoRALinear", state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     flag = state_dict.pop(prefix + "merged", None)
+    module._refused_keys = []  # (not a leftover of a load that raised before its post-hook)
     if prefix + "base_layer.weight" in state_dict:  # the weight comes with its own merged state
         module._loaded_merged = flag is not None and bool(flag)
     elif module.merged and any(prefix + k in state_dict for k in ("lora_A", "lora_B")):
+        # refused, and the layer left as it is: torch copies what the dict still holds and raises only at the
+        # end, so a new B would be taken while W still holds s B_old A (unmerge() would then subtract s B_new A
+        # from W, for good). state_dict is load_state_dict's own copy (a per-module dict), not the caller's.
+        keys = (prefix + "lora_A", prefix + "lora_B")
+        module._refused_keys = [k for k in keys if state_dict.pop(k, None) is not None]
         errors.append(f"{prefix or 'FFALoRALinear.'}lora_A/lora_B: the layer is merged (its weight holds the old "
-                      "adapter): unmerge() before loading new adapter weights without the base weight")
+                      "adapter): unmerge() before loading new adapter weights without the base weight "
+                      "(nothing of this layer was loaded)")
 
 
 def _apply_merged_flag(module: "FFALoRALinear", incompatible_keys) -> None:
     if module._loaded_merged is not None:  # the weight just loaded is merged (or not) as its source was
         module.merged, module._loaded_merged = module._loaded_merged, None
+    if getattr(module, "_refused_keys", None):  # given, refused above (its error says so), not missing
+        refused, module._refused_keys = module._refused_keys, []
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in refused]
 
 
 class FFALoRALinear(nn.Module):
@@ -252,6 +265,7 @@ class FFALoRALinear(nn.Module):
         self._register_load_state_dict_pre_hook(_read_merged_flag, with_module=True)
         self.register_load_state_dict_post_hook(_apply_merged_flag)
         self._loaded_merged: bool | None = None
+        self._refused_keys: list[str] = []  # lora_A/lora_B keys _read_merged_flag refused in a load
         self.train(base.training)  # an adapter put into an eval model must not run its dropout
 
     def __getstate__(self):  # a copy or a pickle is not under the DP engine (per_sample.state_for_copy)
@@ -362,8 +376,12 @@ class FFALoRALinear(nn.Module):
 
         Raises:
             RuntimeError: the base weight is tied to another module's (``tied_with``): merging would write
-                ``W + s B A`` into that module's weight too (a tied input embedding), silently.
+                ``W + s B A`` into that module's weight too (a tied input embedding), silently; or it is
+                parametrized (``torch.nn.utils.parametrize``): the weight read is computed anew at each access,
+                so ``W += s B A`` would change a throwaway tensor and the merged forward lose the adapter.
         """
+        if not self.merged:
+            self._check_weight_writable("merge")
         if not self.merged and self.tied_with:
             raise RuntimeError(
                 f"{self.name or 'FFALoRALinear'}: the base weight is also {list(self.tied_with)[:4]} (tied weights): "
@@ -379,9 +397,21 @@ class FFALoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
+            self._check_weight_writable("unmerge")
             w = self.base_layer.weight
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
             self.merged = False
+
+    def _check_weight_writable(self, what: str) -> None:
+        """``merge``/``unmerge`` write the base weight in place: refused where ``base_layer.weight`` is computed
+        by a parametrization (a fresh tensor at each access; the write would be lost, silently)."""
+        if parametrize.is_parametrized(self.base_layer, "weight"):
+            raise RuntimeError(
+                f"{self.name or 'FFALoRALinear'}: {what}(): base_layer.weight is parametrized "
+                f"({type(self.base_layer.parametrizations.weight[0]).__name__}, torch.nn.utils.parametrize), "
+                "so it cannot be changed in place; run unmerged, or remove the parametrization first "
+                "(parametrize.remove_parametrizations(base_layer, 'weight'))"
+            )
 
     def extra_repr(self) -> str:
         return (

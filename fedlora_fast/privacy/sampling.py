@@ -79,12 +79,12 @@ class PoissonSampler(torch.utils.data.Sampler):
             # q 2^24 - floor(q 2^24), by a second, float64 draw (rounded down to its 2^-53 grid): in all
             # exactly q (less by under 2^-77), also below 2^-24. The second draw happens only on a tie, so
             # the draws of a seeded run are those of ``u < q`` unless a tie occurs.
-            u = torch.rand(self.num_examples, generator=self.generator)
+            u = torch.rand(self.num_examples, generator=self.generator, device="cpu")  # (not the default device)
             mask = u < self._threshold
             if self._tie_rate > 0:
                 ties = (u == self._threshold).nonzero().flatten()
                 if len(ties):
-                    second = torch.rand(len(ties), generator=self.generator, dtype=torch.float64)
+                    second = torch.rand(len(ties), generator=self.generator, dtype=torch.float64, device="cpu")
                     mask[ties[second < self._tie_rate]] = True
             yield mask.nonzero().flatten().tolist()
 
