@@ -16,7 +16,8 @@ Text data: ``--data FILE`` (one example per line), default the SMS messages pack
 Under ``torchrun`` every client's steps run data parallel over the processes (``DPSGD(process_group=...)``):
 each process Poisson-samples its own part of the client's data at q and clips its own samples, and one
 ``all_reduce`` per step sums them, rank 0 alone adding the noise: the same release and accounting as one
-process. Rank 0 prints and writes the results.
+process. Rank 0 prints and writes the results. The processes must build the same run: their flags (but
+``--out``), token ids, model config and dtype are compared before training (the base weights are not).
 Per-sample state: with flat clipping each physical micro-batch of n sequences keeps n * sum(out * r) float32
 per-sample gradients of B until the step (see examples/README.md); ``--clipping per_layer`` keeps none.
 """
@@ -24,6 +25,7 @@ per-sample gradients of B until the step (see examples/README.md); ``--clipping 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -127,6 +129,28 @@ def all_sum(values: list[float], device, group) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t, group=group)
     return t.tolist()
+
+
+def fingerprint(value) -> list[float]:
+    """SHA-256 of ``value``'s JSON, as 32 numbers for ``dp_group.agree``."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return [float(b) for b in hashlib.sha256(text.encode()).digest()]
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` the run could not write, before training (it is first written at the end): created
+    where missing, a probe file written there, and no directory where ``metrics.json`` goes."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--out: expected a writable directory, got {str(out)!r} ({type(e).__name__}: "
+                         f"{e.strerror or e})") from None
+    if (out / "metrics.json").is_dir() or (out / "adapter").is_file():
+        raise SystemExit(f"--out: {str(out)!r} holds a directory metrics.json or a file adapter; the run writes "
+                         "a file and a directory there")
 
 
 def load_tokenizer(args):
@@ -241,11 +265,27 @@ def run(args, rank: int, world: int, group) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # the data first: a file or flags that leave a client without examples fail before the model loads
+    # what the flags alone decide first: an (epsilon, delta) that cannot be met, or an --out that cannot be
+    # written, fails before the data and the model load (minutes for a real checkpoint), not after training
+    total_steps = args.rounds * args.local_steps
+    sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=args.delta,
+                                       sample_rate=args.sample_rate, steps=total_steps)
+    if rank == 0:
+        check_out(Path(args.out))
+    # the data next: a file or flags that leave a client without examples fail before the model loads
     tok = load_tokenizer(args)
     examples = load_examples(args, tok)
     rng = random.Random(args.seed)
     rng.shuffle(examples)
+    if group is not None:
+        # every process splits the same shards into disjoint parts: with other data (another file at the same
+        # path, another --max-examples or --max-length, another tokenizer) the parts would overlap, and an
+        # example sampled on two processes would be included with probability ~2q, its gradient up to twice in
+        # one step (sensitivity 2C): the accounting would not hold. So the flags (but --out, which rank 0 alone
+        # writes) and the token ids must agree before anything trains; the model's config and dtype below
+        flags = {k: v for k, v in vars(args).items() if k != "out"}
+        dp_group.agree(group, device, {"the flags": fingerprint(flags), "the training data": fingerprint(examples)},
+                       what="starting the run")
     n_eval = max(2, len(examples) // 10)
     eval_set, train_set = examples[:n_eval], examples[n_eval:]
     if len(train_set) < args.clients * world:
@@ -257,6 +297,9 @@ def run(args, rank: int, world: int, group) -> dict:
     pad_id = pad_id_of(tok)
     model, _ = build_model(args, device, dtype, tok)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
+    if group is not None:  # (the base weights themselves are not compared: hashing a 7B model takes a while)
+        dp_group.agree(group, device, {"the model config and dtype": fingerprint([model.config.to_dict(), dtype])},
+                       what="building the model")
     adapters = ff.inject_adapters(model, targets, r=args.r, alpha=args.alpha, seed=args.seed,
                                   train_A=args.method == "lora")
     if not args.no_grad_ckpt:
@@ -273,9 +316,6 @@ def run(args, rank: int, world: int, group) -> dict:
         f"per-sample floats per micro-batch of {args.micro_batch} ({state_floats * 4 / 2**20:.2f} MiB)")
 
     shards = [train_set[c :: args.clients] for c in range(args.clients)]  # IID split, one shard per client
-    total_steps = args.rounds * args.local_steps
-    sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=args.delta,
-                                       sample_rate=args.sample_rate, steps=total_steps)
     accountants = [Accountant("rdp") for _ in shards]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     global_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

