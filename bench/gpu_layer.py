@@ -363,6 +363,10 @@ def make_variants(base: torch.nn.Linear, x, g, r: int, alpha: float, *, peft_tra
             print(f"# peft_opacus failed: {e} (carry the wheels in .whl/, see bench/README.md)", flush=True)
             if failed is not None:
                 failed["peft_opacus"] = f"ImportError: {e}"[:300]
+        except Exception as e:  # noqa: BLE001  (a peft/opacus/torch mismatch must not cost the row's other variants)
+            print(f"# peft_opacus failed: {e!r}"[:300], flush=True)
+            if failed is not None:
+                failed["peft_opacus"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 

@@ -342,6 +342,14 @@ def test_gpu_layer_a_variant_that_cannot_be_built_fails_the_row(tmp_path, monkey
     assert code == 1 and row["correct"] is False and "opacus" in row["failed"]["peft_opacus"], row.get("failed")
     assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
 
+    def unsupported(*args):  # any other failure to build it (a torch/opacus mismatch) had ended the whole bench
+        raise NotImplementedError("opacus: layer type not supported")
+
+    code, row = _layer_row_with_peer(tmp_path, monkeypatch, unsupported)
+    assert code == 1 and row["correct"] is False, row.get("failed")
+    assert row["failed"]["peft_opacus"] == "NotImplementedError: opacus: layer type not supported"
+    assert set(row["times_ms"]) == {"floor", "ffa_flat[auto]"} and row["ratio_to_floor"] > 0
+
 
 def test_gpu_layer_a_failing_variant_costs_only_its_own_numbers(tmp_path, monkeypatch):
     """A variant that raises is reported (row["failed"], correct=False, exit 1); the others are still timed."""
@@ -955,6 +963,18 @@ echo $(( $(cat CLOCK) + d )) > CLOCK
 echo "$*" >> CLOCK.cmds
 exit $r
 """
+
+
+def test_gpu_session_default_test_files_hold_the_never_run_data_parallel_gpu_test():
+    """The next GPU call's TEST_K names "nccl" for data parallel's first NCCL run, but the test lives in
+    tests/test_dp_group.py, which the default TEST_FILES left out: the call would have passed without it."""
+    import re
+
+    script = open(os.path.join(BENCH, "gpu_session.sh"), encoding="utf-8").read()
+    files = re.search(r"^TEST_FILES=\$\{TEST_FILES:-([^}]*)\}", script, re.M).group(1).split()
+    assert all(os.path.exists(os.path.join(ROOT, f)) for f in files), files
+    held = [f for f in files if re.search(r"^def test_\w*nccl\w*\(", open(os.path.join(ROOT, f)).read(), re.M)]
+    assert held == ["tests/test_dp_group.py"], files
 
 
 def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
