@@ -1195,10 +1195,16 @@ def main(argv=None) -> int:
                 interleaved = {}
             if args.host and device.type == "cuda":
                 for name, v in variants.items():
-                    times[name]["host_ms"] = host_ms(v.step, device)
+                    try:  # a diagnostic, as the profile below: never lose the row's timings
+                        times[name]["host_ms"] = host_ms(v.step, device)
+                    except Exception as err:  # noqa: BLE001
+                        times[name]["host_error"] = f"{type(err).__name__}: {err}"[:300]
                 ours = next((k for k in variants if k.startswith("ffa_flat")), None)
                 if ours and not rows:
-                    text = python_profile(variants[ours].step)
+                    try:
+                        text = python_profile(variants[ours].step)
+                    except Exception as err:  # noqa: BLE001
+                        text = f"failed: {type(err).__name__}: {err}"[:300]
                     print(f"## cProfile of {ours}.step (n={n} T={T} {inp}->{out}), 30 steps:\n{text}")
             profiles = {}
             if args.profile and device.type == "cuda":
