@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     n, T = (int(v) for v in args.tokens.split("x"))
     inp, out = (int(v) for v in args.shape.split("x"))
     cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not cuda and not kernels.ffa_linear._INTERPRET:  # (TRITON_INTERPRET as Triton reads it: 1, true, on...)
         print("no CUDA: run with TRITON_INTERPRET=1 (a smoke run) or on a GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")

@@ -137,6 +137,16 @@ def fingerprint(value) -> list[float]:
     return [float(b) for b in hashlib.sha256(text.encode()).digest()]
 
 
+def run_fields(args, examples: list[list[int]]) -> dict[str, list[float]]:
+    """What every process of a data-parallel run must share before it trains, for ``dp_group.agree``: each flag
+    (named in an error) and the token ids. Paths are compared by what they hold (the token ids here, the model's
+    config after it loads), not as names: one machine's copy may lie elsewhere than another's; ``--out`` is rank
+    0's alone."""
+    flags = {f"--{k.replace('_', '-')}": fingerprint(v) for k, v in sorted(vars(args).items())
+             if k not in ("out", "model", "data")}
+    return {**flags, "the training data": fingerprint(examples)}
+
+
 def check_out(out: Path) -> None:
     """Refuse an ``--out`` the run could not write, before training (it is first written at the end): created
     where missing, a probe file written there, and no directory where ``metrics.json`` goes."""
@@ -283,9 +293,7 @@ def run(args, rank: int, world: int, group) -> dict:
         # example sampled on two processes would be included with probability ~2q, its gradient up to twice in
         # one step (sensitivity 2C): the accounting would not hold. So the flags (but --out, which rank 0 alone
         # writes) and the token ids must agree before anything trains; the model's config and dtype below
-        flags = {k: v for k, v in vars(args).items() if k != "out"}
-        dp_group.agree(group, device, {"the flags": fingerprint(flags), "the training data": fingerprint(examples)},
-                       what="starting the run")
+        dp_group.agree(group, device, run_fields(args, examples), what="starting the run")
     n_eval = max(2, len(examples) // 10)
     eval_set, train_set = examples[:n_eval], examples[n_eval:]
     if len(train_set) < args.clients * world:

@@ -485,9 +485,12 @@ def test_label_skew_refuses_bad_sizes_and_labels():
     assert [len(p) for p in parts] == [4, 2, 6] and len(set(sum(parts, []))) == 12
     with pytest.raises(ValueError, match=r"labels: class id 2 is outside \[0, num_classes = 2\)"):
         label_skew(np.array([0, 1, 2, 0, 1, 2]), [[0.5, 0.5]], seed=0, num_classes=2)
-    for labels in ([0, -1, 1], [0.0, 1.0]):
+    for labels in ([0, -1, 1], [0.0, 1.0], ["a", "b"], [0, None]):
         with pytest.raises(ValueError, match="labels: expected class ids, ints >= 0"):
             partition(np.array(labels), "iid", 1, 0)
+    flags = np.array([True, False] * 10)  # a binary encoding: classes 1 and 0
+    assert label_skew(flags, [[0.5, 0.5]] * 2, seed=0) == label_skew(flags.astype(int), [[0.5, 0.5]] * 2, seed=0)
+    assert dirichlet(torch.tensor(flags), 2, alpha=1.0, seed=0) == dirichlet(flags.astype(int), 2, alpha=1.0, seed=0)
 
 
 def test_label_skew_default_sizes_fit_every_class_count():

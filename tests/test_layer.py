@@ -682,7 +682,7 @@ def test_adapter_weights_refused_by_a_merged_layer_change_nothing(scope):
     assert new.keys() == given.keys() and all(new[k] is given[k] for k in new), "the caller's dict changed"
     assert layer.merged and torch.equal(layer.lora_B, b0), "lora_B was overwritten by a refused load"
     assert torch.equal(layer.lora_A, init_lora_A(2, 6, 0, "0")), "lora_A was overwritten by a refused load"
-    assert "nothing of this layer was loaded" in str(err.value)
+    assert "its lora_A/lora_B were not loaded" in str(err.value)
     layer.unmerge()
     assert_close_verbose(layer.base_layer.weight, w0, atol=1e-6, rtol=0, name="W after unmerge")
     layer.merge()

@@ -281,7 +281,7 @@ def test_causal_lm_example_refuses_processes_with_other_data(tmp_path):
     """Each process splits the client's shard by rank: built from other data (here --max-examples 62 against 64,
     as another file at the same path would), the parts overlapped (examples in both ranks' parts: sampled with
     probability ~2q, sensitivity up to 2C), and the run finished with the single-process epsilon. Both processes
-    now refuse before training, naming what differs."""
+    now refuse before training, naming what differs (other token ids from the same flags: the test below)."""
     import socket
 
     with socket.socket() as s:
@@ -298,9 +298,31 @@ def test_causal_lm_example_refuses_processes_with_other_data(tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode != 0, out
-        assert "the training data" in err and "starting the run" in err, err[-3000:]
+        assert "--max-examples differs" in err and "starting the run" in err, err[-3000:]
         assert "round 1:" not in out
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_causal_lm_example_compares_flags_one_by_one_and_paths_by_content():
+    """The processes' flags are compared one by one (an error names the flag), --model/--data by what they hold
+    (the token ids, the model's config: identical copies at other paths on another machine are fine), --out not."""
+    example = _example_module()
+    base = ["--model", "/a/ckpt", "--data", "/a/data.txt", "--out", "/a/out"]
+    here = example.run_fields(_args(example, base), [[1, 2, 3]])
+    there = example.run_fields(_args(example, ["--model", "/b/ckpt", "--data", "/b/data.txt", "--out", "/b/o"]),
+                               [[1, 2, 3]])
+    assert here == there and "--lr" in here and "--model" not in here and "--out" not in here
+    assert example.run_fields(_args(example, base), [[1, 2, 4]])["the training data"] != here["the training data"]
+    other = example.run_fields(_args(example, [*base, "--lr", "0.5"]), [[1, 2, 3]])
+    assert [k for k in here if here[k] != other[k]] == ["--lr"]
+
+
+def _args(example, argv):
+    """parse_args without its file check (the paths here are names only)."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(example.Path, "is_file", return_value=True):
+        return example.parse_args(argv)
 
 
 def test_causal_lm_example_refuses_an_unwritable_out_and_an_unmet_epsilon_before_the_model(tmp_path, monkeypatch):

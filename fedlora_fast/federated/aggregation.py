@@ -99,7 +99,7 @@ class FedAvg(Aggregator):
         for k, g in global_state.items():
             acc = torch.zeros(g.shape, dtype=torch.float64, device=g.device)  # (not the default device)
             for u in updates:
-                acc += u.tensors[k].double() * (u.num_examples / total)
+                acc += u.tensors[k].to(acc.device, torch.float64) * (u.num_examples / total)
             out[k] = acc.to(g.dtype)
         return out
 

@@ -21,8 +21,12 @@ def _check(labels: Sequence[int], num_clients: int) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1 or y.size == 0:
         raise ValueError(f"labels: expected a non-empty 1-D sequence of class ids, got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise ValueError(f"labels: expected class ids, ints >= 0, got dtype {y.dtype} with minimum {y.min()}")
+    if y.dtype == bool:  # a binary encoding: False, True are classes 0, 1
+        y = y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels: expected class ids, ints >= 0, got dtype {y.dtype}")
+    if y.min() < 0:
+        raise ValueError(f"labels: expected class ids, ints >= 0, got {int(y.min())}")
     if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients <= 0:
         raise ValueError(f"num_clients: expected a positive int, got {num_clients!r}")
     if num_clients > y.size:

@@ -202,7 +202,7 @@ def _read_merged_flag(module: "FFALoRALinear", state_dict, prefix, local_metadat
         module._refused_keys = [k for k in keys if state_dict.pop(k, None) is not None]
         errors.append(f"{prefix or 'FFALoRALinear.'}lora_A/lora_B: the layer is merged (its weight holds the old "
                       "adapter): unmerge() before loading new adapter weights without the base weight "
-                      "(nothing of this layer was loaded)")
+                      "(its lora_A/lora_B were not loaded)")
 
 
 def _apply_merged_flag(module: "FFALoRALinear", incompatible_keys) -> None:

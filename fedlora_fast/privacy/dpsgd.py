@@ -97,7 +97,7 @@ class _DroppedCounter:
         if count.device.type != "cuda":  # another accelerator: a plain (blocking) copy
             host = count.to("cpu")
             return host, (lambda: True), (lambda: None)
-        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host = torch.empty((), dtype=count.dtype, device="cpu", pin_memory=True)
         host.copy_(count, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
