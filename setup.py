@@ -126,6 +126,11 @@ class CMakeBuild(build_ext):
         out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         build_temp = os.path.join(os.path.abspath(self.build_temp), "cmake")
         os.makedirs(build_temp, exist_ok=True)
+        # configure anew: CMake keeps a cached -D value (FEDLORA_FAST_MARCH_NATIVE=OFF from a portable build, a
+        # compiler) when a later configure does not pass it, so one portable build left the checkout portable
+        cache = os.path.join(build_temp, "CMakeCache.txt")
+        if os.path.exists(cache):
+            os.remove(cache)
         args = [
             f"-DFEDLORA_FAST_OUTPUT_DIR={out_dir}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",

@@ -97,7 +97,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--label-column", default=None, help="column with the class label (default: guessed; Label for the bundled data)")
     g.add_argument("--labels", type=_names, default=None,
                    help="comma-separated class names in id order (default: the classes in the data); fixes the "
-                        "classifier head when Flower nodes train on their own data files (data-path)")
+                        "classifier head when Flower nodes train on their own data files (data-path); a list "
+                        "starting with '-' goes after '=' (--labels=-1,1)")
     g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="stratified share held out for test when the data has no test split")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per text (truncation; batches pad dynamically)")
     g = p.add_argument_group("federation")

@@ -94,18 +94,29 @@ def _infer_task_type(model: nn.Module) -> str | None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's ``OptimizedModule`` and (Distributed)DataParallel.
+    """The model inside torch.compile's ``OptimizedModule``, (Distributed)DataParallel and peft's wrappers.
 
-    Their qualified names gain a prefix (``_orig_mod.``, ``module.``) that the model peft loads into does not
-    have: peft silently ignores keys written with it.
+    Their qualified names gain a prefix (``_orig_mod.``, ``module.``, ``base_model.model.``) that the model peft
+    loads into does not have: peft silently ignores keys written with it. A peft model passed to ``from_peft``
+    (converted in place) exported itself under ``base_model.model.base_model.model.``: a directory neither peft
+    nor ``load_peft`` could load.
     """
     wrappers: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     if "torch._dynamo" in sys.modules:  # torch.compile was used: its wrapper class exists
         from torch._dynamo.eval_frame import OptimizedModule
 
         wrappers += (OptimizedModule,)
-    while isinstance(model, wrappers):
-        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    peft_wrappers: tuple[type, ...] = ()
+    if "peft" in sys.modules:  # peft was used: its wrapper classes exist
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner
+
+        peft_wrappers = (PeftModel, BaseTuner)
+    while isinstance(model, wrappers + peft_wrappers):
+        if isinstance(model, peft_wrappers):  # PeftModel.base_model is the tuner, the tuner's .model the model
+            model = model.base_model if isinstance(model, PeftModel) else model.model
+        else:
+            model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
     return model
 
 
@@ -219,8 +230,8 @@ def export_peft(
     Raises:
         ValueError: no adapters, adapters that peft's single LoraConfig cannot describe (mixed
             ``use_rslora`` or dropout), adapters whose qualified name does not end with the one they were
-            created with (a wrapper other than torch.compile's, DataParallel's or DistributedDataParallel's,
-            which are unwrapped), or
+            created with (a wrapper other than torch.compile's, DataParallel's, DistributedDataParallel's or
+            peft's, which are unwrapped), or
             ``modules_to_save`` holding weights tied to a module not listed.
     """
     from safetensors.torch import save as save_bytes

@@ -338,6 +338,16 @@ def test_from_peft_then_export_roundtrip(tmp_path):
     assert meta["method"] == "lora"  # peft trained A
     back = peft_load_quietly(tiny_bert(), tmp_path / "a")
     assert_close_verbose(back(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="logits")
+    # the peft wrapper converted in place, exported as is (the natural next call): its keys gained a second
+    # base_model.model. prefix, a directory neither peft nor load_peft could load; it is unwrapped now
+    wrapper = copy.deepcopy(pm)
+    from_peft(wrapper)
+    export_peft(wrapper, tmp_path / "b")
+    back = peft_load_quietly(tiny_bert(), tmp_path / "b")
+    assert_close_verbose(back(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="logits (wrapper)")
+    ours = tiny_bert().eval()
+    load_peft(ours, tmp_path / "b")
+    assert_close_verbose(ours(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="logits (load_peft)")
 
 
 @pytest.mark.parametrize("entry", ["lora_model", "inject_adapter_in_model"])
