@@ -15,6 +15,23 @@ def test_ci_runs_the_readme_test_command():
     assert cmd in readme, f"README quick start must show the CI test command: {cmd}"
 
 
+def test_the_readme_first_code_snippet_runs_and_accounts():
+    """The README's "Use it in your code" block, run as written on a tiny BERT and a dataset of dicts: it built an
+    engine without sample_rate (noise, but no accountant: epsilon() raised) and never sampled."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    block = re.search(r"## Use it in your code\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, num_labels=2)
+    scope = {"model": BertForSequenceClassification(cfg),
+             "dataset": [{"input_ids": torch.randint(0, 50, (6,)), "attention_mask": torch.ones(6, dtype=torch.long),
+                          "labels": torch.tensor(i % 2)} for i in range(100)]}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    assert 0 < scope["dp"].epsilon(1e-5) < float("inf") and scope["dp"].accountant.steps >= 1
+
+
 def test_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
