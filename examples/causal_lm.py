@@ -147,6 +147,13 @@ def run_fields(args, examples: list[list[int]]) -> dict[str, list[float]]:
     return {**flags, "the training data": fingerprint(examples)}
 
 
+def model_fields(model: nn.Module, dtype: torch.dtype) -> dict[str, list[float]]:
+    """The model's config and dtype, for ``dp_group.agree``: the config without ``_name_or_path`` (the directory it
+    was loaded from, which may differ between machines holding the same checkpoint)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    return {"the model config and dtype": fingerprint([config, dtype])}
+
+
 def check_out(out: Path) -> None:
     """Refuse an ``--out`` the run could not write, before training (it is first written at the end): created
     where missing, a probe file written there, and no directory where ``metrics.json`` goes."""
@@ -306,8 +313,7 @@ def run(args, rank: int, world: int, group) -> dict:
     model, _ = build_model(args, device, dtype, tok)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     if group is not None:  # (the base weights themselves are not compared: hashing a 7B model takes a while)
-        dp_group.agree(group, device, {"the model config and dtype": fingerprint([model.config.to_dict(), dtype])},
-                       what="building the model")
+        dp_group.agree(group, device, model_fields(model, dtype), what="building the model")
     adapters = ff.inject_adapters(model, targets, r=args.r, alpha=args.alpha, seed=args.seed,
                                   train_A=args.method == "lora")
     if not args.no_grad_ckpt:

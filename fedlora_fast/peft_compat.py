@@ -108,13 +108,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
         wrappers += (OptimizedModule,)
     peft_wrappers: tuple[type, ...] = ()
     if "peft" in sys.modules:  # peft was used: its wrapper classes exist
-        from peft import PeftModel
+        from peft import PeftMixedModel, PeftModel
         from peft.tuners.tuners_utils import BaseTuner
 
-        peft_wrappers = (PeftModel, BaseTuner)
+        peft_wrappers = (PeftModel, PeftMixedModel, BaseTuner)
     while isinstance(model, wrappers + peft_wrappers):
-        if isinstance(model, peft_wrappers):  # PeftModel.base_model is the tuner, the tuner's .model the model
-            model = model.base_model if isinstance(model, PeftModel) else model.model
+        if isinstance(model, peft_wrappers):  # Peft(Mixed)Model.base_model is the tuner, the tuner's .model the model
+            model = model.model if isinstance(model, BaseTuner) else model.base_model
         else:
             model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
     return model
@@ -750,10 +750,13 @@ def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
             is changed.
     """
     LoraLayer, LoraLinear, BaseTunerLayer, AuxWrapper, ModulesToSaveWrapper = _peft()
+    from peft import PeftMixedModel
     from peft.tuners.tuners_utils import BaseTuner
 
     if hasattr(peft_model, "get_base_model"):  # PeftModel and its task subclasses
         model = peft_model.get_base_model()
+    elif isinstance(peft_model, PeftMixedModel):  # get_peft_model(..., mixed=True): its tuner's model
+        model = peft_model.base_model.model
     elif isinstance(peft_model, BaseTuner):  # a LoraModel (PeftModel.base_model): names without "model."
         model = peft_model.model
     else:  # a model that peft.inject_adapter_in_model changed

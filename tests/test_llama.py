@@ -315,6 +315,15 @@ def test_causal_lm_example_compares_flags_one_by_one_and_paths_by_content():
     assert example.run_fields(_args(example, base), [[1, 2, 4]])["the training data"] != here["the training data"]
     other = example.run_fields(_args(example, [*base, "--lr", "0.5"]), [[1, 2, 3]])
     assert [k for k in here if here[k] != other[k]] == ["--lr"]
+    # the model's config is compared without the directory it was loaded from (transformers records it)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    a, b = LlamaForCausalLM(cfg), LlamaForCausalLM(copy.deepcopy(cfg))  # (a model holds its config object)
+    a.config._name_or_path, b.config._name_or_path = "/a/ckpt", "/b/ckpt"
+    assert example.model_fields(a, torch.bfloat16) == example.model_fields(b, torch.bfloat16)
+    assert example.model_fields(a, torch.bfloat16) != example.model_fields(b, torch.float32)
+    b.config.rms_norm_eps = 1e-3
+    assert example.model_fields(a, torch.bfloat16) != example.model_fields(b, torch.bfloat16)
 
 
 def _args(example, argv):

@@ -350,17 +350,26 @@ def test_from_peft_then_export_roundtrip(tmp_path):
     assert_close_verbose(ours(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="logits (load_peft)")
 
 
-@pytest.mark.parametrize("entry", ["lora_model", "inject_adapter_in_model"])
-def test_from_peft_other_entry_points_keep_original_names(entry):
+@pytest.mark.parametrize("entry", ["lora_model", "inject_adapter_in_model", "mixed"])
+def test_from_peft_other_entry_points_keep_original_names(entry, tmp_path):
+    """A PeftMixedModel (get_peft_model(..., mixed=True)) was taken for a model peft.inject_adapter_in_model had
+    changed: from_peft returned the wrapper, whose layers exported under base_model.model. (peft then loaded the
+    directory with its adapter silently missing)."""
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
     if entry == "lora_model":
         pm = get_peft_model(tiny_llama(), cfg)
         wrapped, base = pm.base_model, pm.get_base_model()
+    elif entry == "mixed":
+        wrapped = get_peft_model(tiny_llama(), cfg, mixed=True)
+        base = wrapped.base_model.model
     else:
         base = wrapped = peft.inject_adapter_in_model(cfg, tiny_llama())
     model = from_peft(wrapped)
     assert model is base
     assert sorted(ff.adapter_layers(model)) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    export_peft(wrapped, tmp_path / "a")  # the wrapper, exported as is: unwrapped to the same names
+    keys = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
+    assert sorted({k.split(".self_attn")[0] for k in keys}) == [f"base_model.model.model.layers.{i}" for i in (0, 1)]
 
 
 def test_converted_ffa_model_exports_and_reloads(tmp_path):
