@@ -191,7 +191,8 @@ def merged_cache() -> bool:
     The price: one W-sized buffer per adapted layer for as long as its W, A and B live (13 GB for a bf16 Llama-7B
     with every projection adapted, 2 GB for q and v only), until ``clear_merged_cache()``. A CUDA graph replays the
     W' it captured: those stay allocated (not freed by ``clear_merged_cache``) until their W, A or B is freed. Under
-    capture no new W' is made (the call runs as with ``keep_merged``)."""
+    capture no new W' is made: the call merges for itself and keeps that for its backward, as ``keep_merged`` with
+    ``merged`` pinned does (never an untimed GEMM choice, whose first launch could autotune inside the capture)."""
     return keep_mode() == "cache"
 
 
@@ -2098,6 +2099,13 @@ def _fwd(
             if kept is not None:
                 e.holders.add(kept)  # until its backward is done (or the layer drops it), W' is not rewritten
             return _ref.base_linear(x, e.weight, bias), u
+        if isinstance(weight, torch.nn.Parameter) and _capturing(x.device):
+            # no new cached W' under capture (a layer applied twice, say: eagerly its second call made a new
+            # entry and ran merged, so auto never timed or autotuned this key): merged here too, kept for the
+            # backward, rather than an untimed choice whose first launch would autotune inside the capture
+            y, wm = y_with("merged")
+            _keep(u, wm, weight, A, B, scale)
+            return y, u
     key = ("fwd", x.device.index, _tokens_bucket(n * T), out, inp, r, x.dtype, bias is not None, merged_ok, keep)
     credit = functools.partial(_merged_weight, weight, A, B, scale) if keep else None  # the backward's merge
     impl = _choose_gemm(key, x.device, y_with, merged_ok, x.dtype, credit)  # (the op's device guard: its events too)

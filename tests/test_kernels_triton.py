@@ -1669,6 +1669,41 @@ def test_merged_cache_is_whole_or_absent(merged_cache, monkeypatch):
         B.data.add_(0.5)  # what the failed check would have missed
 
 
+def test_merged_cache_under_capture_with_auto_never_chooses_a_gemm(merged_cache, monkeypatch):
+    """A layer applied twice in one forward under ``auto``: eagerly its second call makes a new cached W' (merged,
+    nothing timed), so under capture, where no W' may be made, the call fell through to auto's choice with no
+    stored choice: "triton", untimed, whose tuned GEMM would autotune inside the capture (synchronize, events:
+    the capture fails). It now merges for itself and keeps W' for the backward, choosing nothing."""
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    t = make(2, 3, 20, 24, 5, "cpu")
+    t["weight"] = _param(t["weight"])
+    x, w, A, B, s = t["x"], t["weight"], t["A"], t["B"], 0.5
+    capturing = [False]
+    monkeypatch.setattr(K, "_capturing", lambda device: capturing[0])
+    chosen = []
+    real = K._choose_gemm
+
+    def choose(key, *a, **k):
+        chosen.append((key[0], capturing[0]))
+        return real(key, *a, **k)
+
+    monkeypatch.setattr(K, "_choose_gemm", choose)
+    g = torch.randn(2, 3, 24, generator=torch.Generator().manual_seed(1))
+    for phase in ("eager", "eager", "capture"):
+        capturing[0] = phase == "capture"
+        y1, u1 = K.ffa_linear_fwd(x, x, w, None, A, B, s)  # the same layer twice, nothing freed in between
+        y2, u2 = K.ffa_linear_fwd(x, x, w, None, A, B, s)
+        assert hasattr(u2, K._KEPT_ATTR), phase  # the backward gets W' without a choice of its own
+        dx = K.ffa_linear_bwd(g, u2, w, A, B, None, s, True, False, ref.MODE_PER_SAMPLE, 0.0, 0.0)[0]
+        want_y, _ = ref_fwd(dict(t, xa=x, bias=None), s)
+        close(y2, want_y, f"y ({phase})")
+        want_dx = ref.ffa_linear_bwd(f64(g), f64(u2), f64(w.detach()), f64(A), f64(B), None, s, True, False,
+                                     ref.MODE_PER_SAMPLE, 0.0, 0.0)[0]
+        close(dx, want_dx, f"dx ({phase})")
+        del y1, u1, y2, u2
+    assert [c for c in chosen if c[1]] == [], chosen
+
+
 def test_merged_cache_under_capture(merged_cache, monkeypatch):
     """Under CUDA graph capture (stood in for: ``_capturing``) no W' is made (the call runs as with
     FEDLORA_FAST_KEEP_MERGED=1: with merged pinned, it merges for itself and keeps that); an existing one is
