@@ -2099,10 +2099,12 @@ def _fwd(
             if kept is not None:
                 e.holders.add(kept)  # until its backward is done (or the layer drops it), W' is not rewritten
             return _ref.base_linear(x, e.weight, bias), u
-        if isinstance(weight, torch.nn.Parameter) and _capturing(x.device):
+        if (isinstance(weight, torch.nn.Parameter) and _capturing(x.device)
+                and _cache_sig(weight, A, B, scale) is not None):
             # no new cached W' under capture (a layer applied twice, say: eagerly its second call made a new
             # entry and ran merged, so auto never timed or autotuned this key): merged here too, kept for the
-            # backward, rather than an untimed choice whose first launch would autotune inside the capture
+            # backward, rather than an untimed choice whose first launch would autotune inside the capture (a
+            # weight the cache never takes, an inference tensor, went through auto eagerly: its stored choice)
             y, wm = y_with("merged")
             _keep(u, wm, weight, A, B, scale)
             return y, u
