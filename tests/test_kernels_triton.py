@@ -1704,6 +1704,34 @@ def test_merged_cache_under_capture_with_auto_never_chooses_a_gemm(merged_cache,
     assert [c for c in chosen if c[1]] == [], chosen
 
 
+def test_merged_cache_under_capture_keeps_auto_choice_for_a_weight_it_never_caches(merged_cache, monkeypatch):
+    """An inference-tensor weight has no version counter: the cache never takes it, so eagerly auto times and
+    stores a choice (cuBLAS here). Under capture it must replay that choice, not merge (the capture branch for
+    layers the cache serves eagerly had taken it too: a W-sized merge per replay that the timing had rejected)."""
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    capturing = [False]
+    monkeypatch.setattr(K, "_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(K, "_auto_times", lambda device: not capturing[0])
+    def time_ms(fn, device, reps=3):  # cuBLAS the fastest; the merge credit (a partial) costs nothing
+        fn()
+        if isinstance(fn, functools.partial):
+            return 0.0
+        return 1.0 if fn.__defaults__ == ("cublas",) else 2.0
+
+    monkeypatch.setattr(K, "_time_ms", time_ms)
+    merges, real = [], K._merged_weight
+    monkeypatch.setattr(K, "_merged_weight", lambda *a: merges.append(capturing[0]) or real(*a))
+    t = make(2, 3, 20, 24, 5, "cpu")
+    with torch.inference_mode():
+        w = torch.nn.Parameter(t["weight"].clone(), requires_grad=False)
+    x, A, B, s = t["x"], t["A"], t["B"], 0.5
+    for phase in ("eager", "capture"):
+        capturing[0] = phase == "capture"
+        y, _ = K.ffa_linear_fwd(x, x, w, None, A, B, s)
+        close(y, ref_fwd(dict(t, xa=x, bias=None), s)[0], f"y ({phase})")
+    assert "cublas" in K._AUTO_CHOICE.values() and True not in merges, (K._AUTO_CHOICE, merges)
+
+
 def test_merged_cache_under_capture(merged_cache, monkeypatch):
     """Under CUDA graph capture (stood in for: ``_capturing``) no W' is made (the call runs as with
     FEDLORA_FAST_KEEP_MERGED=1: with merged pinned, it merges for itself and keeps that); an existing one is
