@@ -53,16 +53,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 
-def _triton_interprets() -> bool:
-    """TRITON_INTERPRET as Triton reads it (1, true, on...); False without Triton."""
-    try:
-        from fedlora_fast.ops.backends import triton_interprets
-
-        return triton_interprets()
-    except ImportError:
-        return False
-
-
 def per_call_us(fn, sync, calls: int, rounds: int) -> float:
     """Median over ``rounds`` of the wall time per call of ``calls`` back-to-back calls (not waited for)."""
     per = []
@@ -273,6 +263,7 @@ def main(argv=None) -> int:
     measure("torch_add", lambda: torch.add(a, b, out=c))
 
     import fedlora_fast as ff
+    from fedlora_fast.ops.backends import triton_interprets
     from fedlora_fast.reference import MODE_PER_SAMPLE
 
     gen = torch.Generator().manual_seed(0)
@@ -290,7 +281,7 @@ def main(argv=None) -> int:
         u = fwd()[1]
         measure("ffa_fwd", fwd)
         measure("ffa_bwd", lambda: kernels.ffa_linear_bwd(g, u, W, A, B, None, 2.0, True, False, MODE_PER_SAMPLE, 0.0, 0.0))
-    elif cuda or _triton_interprets():  # interpreted on CPU: a smoke check, not a timing
+    elif cuda or triton_interprets():  # interpreted on CPU: a smoke check, not a timing
         # the fused Triton GEMM, pinned: "auto" could pick cuBLAS + the in-place epilogue at this tiny shape,
         # and the recorded launch would then accumulate into its output (no longer a pure rerun to compare)
         os.environ["FEDLORA_FAST_GEMM"] = "triton"

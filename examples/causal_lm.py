@@ -38,7 +38,7 @@ from torch import nn
 
 import fedlora_fast as ff
 from fedlora_fast.data import collate as pad_batch
-from fedlora_fast.io import atomic_write_text
+from fedlora_fast.io import atomic_write_text, unwritable
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
 from fedlora_fast.privacy import group as dp_group
@@ -156,15 +156,10 @@ def model_fields(model: nn.Module, dtype: torch.dtype) -> dict[str, list[float]]
 
 def check_out(out: Path) -> None:
     """Refuse an ``--out`` the run could not write, before training (it is first written at the end): created
-    where missing, a probe file written there, and no directory where ``metrics.json`` goes."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SystemExit(f"--out: expected a writable directory, got {str(out)!r} ({type(e).__name__}: "
-                         f"{e.strerror or e})") from None
+    where missing, a probe file written there (``io.unwritable``), and no directory where ``metrics.json`` goes."""
+    why = unwritable(out)
+    if why is not None:
+        raise SystemExit(f"--out: expected a writable directory, got {str(out)!r} ({why})")
     if (out / "metrics.json").is_dir() or (out / "adapter").is_file():
         raise SystemExit(f"--out: {str(out)!r} holds a directory metrics.json or a file adapter; the run writes "
                          "a file and a directory there")

@@ -21,6 +21,20 @@ class LockedError(OSError):
     """Another process (or another open of the file here) holds the lock ``exclusive_lock`` asked for."""
 
 
+def unwritable(directory: str | os.PathLike, *, mode: int = 0o777) -> str | None:
+    """Why files cannot be written atomically in ``directory`` (created with ``mode``, less the umask, where
+    missing), or None: a temporary file is created and removed there, as ``atomic_write_bytes`` will need. The
+    reason is the error's type and text, never the path (the caller decides who may read it)."""
+    try:
+        Path(directory).mkdir(mode=mode, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fedlora_fast-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror}" if e.strerror else type(e).__name__
+    return None
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike):
     """Hold ``flock``'s exclusive lock on ``path`` (created mode 0o600, never removed) while the block runs,

@@ -106,18 +106,32 @@ def _unwrap(model: nn.Module) -> nn.Module:
         from torch._dynamo.eval_frame import OptimizedModule
 
         wrappers += (OptimizedModule,)
-    peft_wrappers: tuple[type, ...] = ()
-    if "peft" in sys.modules:  # peft was used: its wrapper classes exist
-        from peft import PeftMixedModel, PeftModel
-        from peft.tuners.tuners_utils import BaseTuner
-
-        peft_wrappers = (PeftModel, PeftMixedModel, BaseTuner)
-    while isinstance(model, wrappers + peft_wrappers):
-        if isinstance(model, peft_wrappers):  # Peft(Mixed)Model.base_model is the tuner, the tuner's .model the model
-            model = model.model if isinstance(model, BaseTuner) else model.base_model
-        else:
+    while True:
+        if isinstance(model, wrappers):
             model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
-    return model
+            continue
+        inner = _peft_inner(model)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _peft_inner(model: nn.Module) -> nn.Module | None:
+    """The model inside one of peft's wrappers: a ``PeftModel`` (and its task subclasses), a ``PeftMixedModel``
+    (``get_peft_model(..., mixed=True)``), a tuner (``LoraModel``: ``PeftModel.base_model``); None for anything
+    else (a model ``peft.inject_adapter_in_model`` changed; everything where peft was never imported)."""
+    if "peft" not in sys.modules:
+        return None
+    from peft import PeftMixedModel, PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model()
+    if isinstance(model, PeftMixedModel):  # (no get_base_model: its tuner's model)
+        return model.base_model.model
+    if isinstance(model, BaseTuner):  # names without "model."
+        return model.model
+    return None
 
 
 def _infer_modules_to_save(model: nn.Module, adapters: dict[str, FFALoRALinear]) -> list[str]:
@@ -750,16 +764,8 @@ def from_peft(peft_model: nn.Module, *, seed: int = 0) -> nn.Module:
             is changed.
     """
     LoraLayer, LoraLinear, BaseTunerLayer, AuxWrapper, ModulesToSaveWrapper = _peft()
-    from peft import PeftMixedModel
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if hasattr(peft_model, "get_base_model"):  # PeftModel and its task subclasses
-        model = peft_model.get_base_model()
-    elif isinstance(peft_model, PeftMixedModel):  # get_peft_model(..., mixed=True): its tuner's model
-        model = peft_model.base_model.model
-    elif isinstance(peft_model, BaseTuner):  # a LoraModel (PeftModel.base_model): names without "model."
-        model = peft_model.model
-    else:  # a model that peft.inject_adapter_in_model changed
+    model = _peft_inner(peft_model)
+    if model is None:  # a model that peft.inject_adapter_in_model changed
         model = peft_model
     problems, loras, wrappers = [], {}, {}
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # (1.5 would read as seed 1, silently)

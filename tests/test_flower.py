@@ -1133,7 +1133,7 @@ def test_an_explicit_privacy_dir_that_is_not_writable_stops_the_node(tiny, tmp_p
     with pytest.raises(client_app.NodeConfigError, match="expected a directory path string"):
         client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": 3}), 0)
     read_only = OSError(30, "Read-only file system")  # EROFS: a directory that exists, on a read-only mount
-    with mock.patch.object(client_app.tempfile, "mkstemp", side_effect=read_only):
+    with mock.patch("fedlora_fast.io.tempfile.mkstemp", side_effect=read_only):  # (io.unwritable's probe)
         with pytest.raises(client_app.NodeError, match="not writable .*Read-only file system"):
             client_app.ledger_path(_node_ctx(rc, **{"privacy-dir": str(tmp_path)}), 0)
     made = tmp_path / "new" / "ledgers"

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import secrets
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from fedlora_fast.federated.server import short_repr
 from fedlora_fast.federated.simulation import Federation, FederatedConfig, dropout_seed
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
-from fedlora_fast.io import LockedError, exclusive_lock
+from fedlora_fast.io import LockedError, exclusive_lock, unwritable
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, MIN_NOISE_KEY, ROUND_KEY
@@ -334,14 +333,7 @@ def _unwritable(d: Path) -> str | None:
     """Why the ledger (or a dump-dir's update) cannot be written in ``d`` (created with mode 0o700 where missing),
     or None: a file is created and removed there, as an atomic write (a temporary file renamed) will need. The reason
     names the error, never the path (it may reach the server in a ``NodeError``)."""
-    try:
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".fedlora_fast-probe.", dir=d)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror}" if e.strerror else type(e).__name__
-    return None
+    return unwritable(d, mode=0o700)
 
 
 def _no_ledger_limits() -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -45,6 +44,7 @@ from fedlora_fast.flower.config import (
     flower_setting,
 )
 from fedlora_fast.flower.strategy import FedLoRAStrategy
+from fedlora_fast.io import unwritable
 
 CHECKPOINT_NAME = ckpt.FLOWER_CHECKPOINT_NAME  # not the simulation's: it cannot resume a Flower run
 
@@ -89,15 +89,12 @@ def save_checkpoint(path: Path, fed: Federation, strategy: FedLoRAStrategy) -> N
 
 
 def _writable_dir(path: Path, key: str) -> Path:
-    """``path``, created where missing, after a probe file was written and removed there; else a ValueError naming
-    the run-config ``key``: a directory the ServerApp first writes after round 1 must fail before nodes train."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".fedlora_fast-probe.", dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"run config {key!r}: expected a writable directory, got {str(path)!r} "
-                         f"({type(e).__name__}: {e.strerror or e})") from None
+    """``path``, created where missing, after a probe file was written and removed there (``io.unwritable``); else a
+    ValueError naming the run-config ``key``: a directory the ServerApp first writes after round 1 must fail before
+    nodes train."""
+    why = unwritable(path)
+    if why is not None:
+        raise ValueError(f"run config {key!r}: expected a writable directory, got {str(path)!r} ({why})")
     return path
 
 

@@ -71,9 +71,13 @@ def triton_interprets() -> bool:
     Triton >= 3.4 reads it as a boolean (``1``, ``true``, ``on``, ``yes`` …; its ``knobs``), 3.3 as the string
     ``"1"``. Comparing with ``"1"`` here too took ``TRITON_INTERPRET=true`` for compiled kernels: the CPU backend
     was refused as uninterpreted, and on CUDA the kernels ran interpreted without the float32 upcast the
-    interpreter's dots need (bf16 per-sample norms of ~5e22 for a true ~400, in a reviewer's call). Imports Triton.
+    interpreter's dots need (bf16 per-sample norms of ~5e22 for a true ~400, in a reviewer's call). Imports Triton;
+    False without it.
     """
-    import triton
+    try:
+        import triton
+    except ImportError:
+        return False
 
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:

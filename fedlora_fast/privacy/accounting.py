@@ -165,7 +165,7 @@ class Accountant:
             return eps
         try:
             return min(eps, self._bound(self._acc, "prv", d))
-        except (ValueError, RuntimeError, MemoryError):  # opacus: "Floating point errors will dominate" at a tiny delta
+        except (ValueError, RuntimeError, MemoryError):  # "Floating point errors will dominate" (tiny delta); OOM
             return eps
 
     @staticmethod
@@ -178,7 +178,6 @@ class Accountant:
         # NaN (never seen from opacus) is no bound at all: inf, never max(0, NaN) = 0
         eps = float(eps)
         return math.inf if math.isnan(eps) else max(0.0, eps)
-
 
     def state_dict(self) -> dict:
         """JSON-safe state (no pickle): ``{"version", "mechanism", "history": [[sigma, q, steps], ...]}``."""

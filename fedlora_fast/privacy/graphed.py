@@ -589,9 +589,13 @@ class GraphedAccumulator:
         constants = [_TENSOR_SLOT if isinstance(x, Tensor) else x for x in leaves]
         return tensors, constants, spec, n
 
-    def _setup(self, tensors: list[Tensor], constants: list, spec) -> None:
-        self._spec, self._const = spec, constants
-        self._shapes = [(tuple(x.shape[1:]), x.dtype) for x in tensors]
+    def _fix_or_check_shapes(self, tensors: list[Tensor]) -> None:
+        """The first batch (an empty one too) fixes the tensors' per-sample shapes and dtypes; later ones are
+        checked against them."""
+        if self._shapes:
+            self._check_tensors(tensors)
+        else:
+            self._shapes = [(tuple(x.shape[1:]), x.dtype) for x in tensors]
 
     def _check(self, tensors: list[Tensor], constants: list, spec) -> None:
         """The batch has the first batch's structure, non-tensor values and per-sample shapes and dtypes."""
@@ -840,16 +844,12 @@ class GraphedAccumulator:
         if n == 0:  # nothing runs: an empty Poisson batch's non-tensor leaves are None and its value lists empty
             # (poisson_dataloader's stand-ins), so only its tensors are checked (or, first, fix the shapes), never
             # its structure or values
-            if self._shapes:
-                self._check_tensors(tensors)
-            else:
-                self._shapes = [(tuple(x.shape[1:]), x.dtype) for x in tensors]
+            self._fix_or_check_shapes(tensors)
             self.last_loss = None
             return 0
-        if self._spec is None:
-            if self._shapes:  # (fixed by an empty first batch)
-                self._check_tensors(tensors)
-            self._setup(tensors, constants, spec)
+        if self._spec is None:  # the first batch with samples fixes the structure and the non-tensor values
+            self._fix_or_check_shapes(tensors)
+            self._spec, self._const = spec, constants
         self._check(tensors, constants, spec)
         if not torch.is_grad_enabled():
             raise RuntimeError("accumulate: grad mode is off (inside torch.no_grad() or inference_mode()): the "
