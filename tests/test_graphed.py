@@ -1016,6 +1016,62 @@ def test_dp_steps_with_the_kept_merged_weight(device, monkeypatch):
     assert_close_verbose(sums["cache"], sums["0"], atol=1e-6, rtol=1e-6, name="clipped sums (cached W')")
 
 
+class _Twice(nn.Module):
+    """One adapted layer applied twice in a forward (weight sharing), then a trained head."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.head = nn.Linear(IN, IN), nn.Linear(IN, OUT)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", id="cpu_eager"),
+    pytest.param("cuda", id="cuda_graph", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")]),
+])
+def test_dp_steps_with_a_shared_layer_under_the_merged_cache_and_auto(device, monkeypatch):
+    """FEDLORA_FAST_KEEP_MERGED=cache with the default FEDLORA_FAST_GEMM=auto, one adapted layer applied twice in
+    each forward, DP steps through ``GraphedAccumulator`` (on CUDA captured in a graph: the second call finds no
+    cached W' it may make under capture and merges for itself; before that fix it fell through to an untimed
+    Triton GEMM that would autotune inside the capture; on the CPU eagerly, Triton interpreted): the clipped sums
+    equal those of eager steps without the cache, and the captured cache entry is marked so."""
+    from fedlora_fast.kernels import ffa_linear as K
+
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    monkeypatch.delenv(K.GEMM_ENV_VAR, raising=False)
+    backends.clear_cache()
+    if backends._probe("triton", device)[0] is None:
+        pytest.skip(f"triton backend unavailable on {device}: {backends._probe('triton', device)[1]}")
+    sums = {}
+    for keep in ("0", "cache"):
+        monkeypatch.setenv(K.KEEP_ENV_VAR, keep)
+        K.clear_merged_cache()
+        torch.manual_seed(0)
+        model = _Twice().to(device)
+        ff.inject_adapters(model, ["shared"], r=R, alpha=6.0, seed=0, trainable_modules=["head"])
+        with torch.no_grad():
+            model.shared.lora_B.normal_(0, 0.5)
+        dp = make_dp(model, noise_multiplier=1.0, noise_seed=0)
+        graph = device == "cuda" and keep == "cache"
+        acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=4, graph=graph)
+        total = []
+        for seed, n in ((1, 7), (2, 3), (3, 5)):
+            assert acc.accumulate(make_batch(n, seed=seed, device=device)) == n
+            total.append(torch.cat([t.flatten() for t in dp.clipped_sum()]))
+            dp.step()
+            dp.zero_grad()
+        sums[keep] = torch.stack(total)
+        assert dp.samples_dropped == 0 and dp.steps == 3
+        if keep == "cache":  # W' cached (and, in the graph, replayed into)
+            assert K._MERGED_CACHE and any(e.captured for e in K._MERGED_CACHE.values()) is graph
+            assert (acc.replays > 0) is graph
+        K.clear_merged_cache()
+    assert_close_verbose(sums["cache"], sums["0"], atol=1e-5, rtol=1e-5, name="clipped sums (shared layer, cache)")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_capture_refuses_a_loss_that_reads_back():
