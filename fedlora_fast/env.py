@@ -158,6 +158,23 @@ def native_info() -> dict:
                 isa=isa if isa else "not recorded (a build from before the record, or by hand): not checked")
 
 
+def _triton_settings() -> dict[str, str]:
+    """The Triton backend's settings as its kernels read them (a bad value: its error), or as set without Triton."""
+    raw = {"gemm": ("FEDLORA_FAST_GEMM", "auto"), "launch": ("FEDLORA_FAST_LAUNCH", "default"),
+           "keep_merged": ("FEDLORA_FAST_KEEP_MERGED", "0")}
+    try:
+        from fedlora_fast.kernels import ffa_linear as K
+    except ImportError:  # no Triton: nothing reads them
+        return {k: os.environ.get(var) or default for k, (var, default) in raw.items()}
+    out = {}
+    for key, read in (("gemm", K.gemm_impl), ("launch", K.launch_mode), ("keep_merged", K.keep_mode)):
+        try:
+            out[key] = read()
+        except ValueError as e:
+            out[key] = f"error: {e}"
+    return out
+
+
 def backend_info() -> dict:
     """Per device: the backend the ops use and, per op, the module that implements it (or the error)."""
     import torch
@@ -168,12 +185,7 @@ def backend_info() -> dict:
     # the triton backend's settings (kernels/ffa_linear.py): FEDLORA_FAST_GEMM, the base GEMM (auto: timed per
     # shape on CUDA); FEDLORA_FAST_LAUNCH, direct or JIT launches (unset: by Triton version);
     # FEDLORA_FAST_KEEP_MERGED, the forward's merged weight kept for its backward (1) or across steps (cache)
-    out = {
-        "requested": os.environ.get(backends.ENV_VAR) or "auto",
-        "gemm": os.environ.get("FEDLORA_FAST_GEMM") or "auto",
-        "launch": os.environ.get("FEDLORA_FAST_LAUNCH") or "default",
-        "keep_merged": os.environ.get("FEDLORA_FAST_KEEP_MERGED") or "0",
-    }
+    out = {"requested": os.environ.get(backends.ENV_VAR) or "auto", **_triton_settings()}
     for device in devices:
         entry: dict = {}
         with warnings.catch_warnings(record=True) as caught:

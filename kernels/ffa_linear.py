@@ -1636,8 +1636,8 @@ _LAUNCH_DEFAULT = launch_default()
 def launch_mode() -> str:
     """How kernels are launched now: FEDLORA_FAST_LAUNCH where set ("direct" or "jit"), else the default for
     the installed Triton (``launch_default``); the interpreter always goes through the JIT."""
-    mode = os.environ.get(LAUNCH_ENV_VAR)
-    if mode is None:
+    mode = os.environ.get(LAUNCH_ENV_VAR, "").strip().lower()  # empty: unset, as FEDLORA_FAST_GEMM reads it
+    if not mode:
         return _LAUNCH_DEFAULT
     if mode not in LAUNCH_MODES:
         raise ValueError(f"{LAUNCH_ENV_VAR}={mode!r}: expected one of {', '.join(LAUNCH_MODES)} (or unset: "

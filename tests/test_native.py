@@ -453,7 +453,15 @@ def test_env_report(monkeypatch):
     r = env.report()
     assert r["native"]["loaded"] == backends.available("native", "cpu")
     assert r["backends"]["cpu"]["backend"] in backends.BACKENDS
-    assert (r["backends"]["keep_merged"], r["backends"]["launch"]) == ("1", "default"), r["backends"]
+    K = pytest.importorskip("fedlora_fast.kernels.ffa_linear", reason="Triton reads these settings")
+    # with Triton, as its kernels read them: an empty or upper-case FEDLORA_FAST_LAUNCH as the other variables
+    # read theirs (it stopped the first Triton op), a bad value as its error (it was printed back as in effect)
+    assert (r["backends"]["keep_merged"], r["backends"]["launch"]) == ("backward", K.launch_default()), r["backends"]
+    for launch, want in (("", K.launch_default()), (" JIT ", "jit"), ("Direct", "direct")):
+        monkeypatch.setenv("FEDLORA_FAST_LAUNCH", launch)
+        assert K.launch_mode() == want and env.backend_info()["launch"] == want, launch
+    monkeypatch.setenv("FEDLORA_FAST_GEMM", "bogus")
+    assert env.backend_info()["gemm"].startswith("error: FEDLORA_FAST_GEMM: expected one of")
 
 
 # ---------------------------------------------------------------- dispatcher without the extension
