@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from fedlora_fast.federated.checkpoint import CHECKPOINT_NAME
 from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS
 from fedlora_fast.federated.partition import SCHEMES
 from fedlora_fast.federated.simulation import METHODS, FederatedConfig
+from fedlora_fast.io import unwritable
 from fedlora_fast.privacy.dpsgd import CLIPPING
 
 EXIT_USAGE = 2
@@ -182,9 +184,21 @@ def check_mode_flags(config: FederatedConfig, prefix: str = "--") -> None:
                              f"set {belongs}")
 
 
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of ``path``, or None where there is none: a checkpoint rewritten (atomically,
+    a new file renamed over the old) has another."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def run_train(args: argparse.Namespace) -> int:
     from fedlora_fast.federated.simulation import run_simulation
 
+    # the checkpoint --out holds before this run (an interrupt tells its own first checkpoint from it)
+    args.checkpoint_before = _file_id(Path(args.out) / CHECKPOINT_NAME)
     config = config_from_args(args)
     config.validate()
     check_mode_flags(config)
@@ -201,9 +215,15 @@ def run_train(args: argparse.Namespace) -> int:
     except (RuntimeError, AssertionError) as e:  # torch says "not compiled with X enabled" with an assert
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # (mps on Linux: a 55-line dispatcher table)
         raise UsageError(f"device: {config.device!r}: {first}") from None
+    if not args.out:  # (Path('') is the current directory: the run would be written there)
+        raise UsageError(f"out: expected a directory, got {args.out!r}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # (else found only after the model is loaded and the noise calibrated)
         raise UsageError(f"out: {str(out)!r} is a file; expected a directory for the run (new, or one to --resume)")
+    if not args.resume or out.is_dir():  # (--resume into nothing: run_simulation says there is no checkpoint)
+        why = unwritable(out)  # creates it, as the run would; a probe file is written and removed there
+        if why is not None:
+            raise UsageError(f"out: expected a writable directory, got {str(out)!r} ({why})")
     metrics = run_simulation(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     final = metrics["final"]
     wrote = [str(out / "metrics.json")]
@@ -254,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        if out is not None and (Path(out) / CHECKPOINT_NAME).exists():
+        checkpoint = Path(out) / CHECKPOINT_NAME if out else None
+        if checkpoint is not None and getattr(args, "overwrite", False) and checkpoint.exists() and (
+                _file_id(checkpoint) == getattr(args, "checkpoint_before", _file_id(checkpoint))):
+            # --overwrite removes the previous run only once the new one is built: its checkpoint is still there
+            print(f"fedlora-fast {args.command}: interrupted before this run checkpointed a round; the previous "
+                  f"run in {out} is untouched: rerun with --overwrite to replace it", file=sys.stderr)
+        elif checkpoint is not None and checkpoint.exists():
             print(f"fedlora-fast {args.command}: interrupted; the last completed round is checkpointed: "
                   "rerun with --resume to continue", file=sys.stderr)
         else:
@@ -271,16 +297,27 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = shown
 
 
+# library argument names that are not a flag's dest (inject_adapters' target_modules is --targets)
+_ARG_ALIASES = {"target_modules": "targets"}
+# a message's leading setting names: "name: ...", "name=value: ...", "a and b: ...", "a and b overlap: ..."
+_LEADING_NAMES = re.compile(r"(?P<a>[A-Za-z_]\w*)(?:(?=: |=)| and (?P<b>[A-Za-z_]\w*)(?=:| \w+:))")
+
+
 def _as_flag(msg: str, parser: argparse.ArgumentParser, command: str) -> str:
-    """A message that begins with a setting's name (``num_clients: ...``, as ``FederatedConfig.validate`` and
-    the library name their arguments) begins with its flag on the command line (``--clients: ...``)."""
-    name, sep, rest = msg.partition(": ")
-    if not sep or not name.isidentifier():
+    """A message that begins with a setting's name (``num_clients: ...``, ``test_fraction=0.99: ...``,
+    ``text_column and label_column: ...``, as ``FederatedConfig.validate`` and the library name their
+    arguments) begins with its flag on the command line (``--clients: ...``); only where every name it
+    begins with is a flag's (``_ARG_ALIASES``: the library's name for it), the rest of the text unchanged."""
+    m = _LEADING_NAMES.match(msg)
+    if m is None:
         return msg
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     sub = sub.choices.get(command) if sub is not None else None
     flags = {a.dest: a.option_strings[-1] for a in (sub._actions if sub is not None else []) if a.option_strings}
-    return f"{flags[name]}: {rest}" if name in flags else msg
+    names = [_ARG_ALIASES.get(n, n) for n in m.group("a", "b") if n is not None]
+    if not all(n in flags for n in names):
+        return msg
+    return " and ".join(flags[n] for n in names) + msg[m.end():]
 
 
 if __name__ == "__main__":

@@ -47,7 +47,14 @@ def run_cli(args, capsys):
         (["--epsilon", "-1"], "epsilon: expected a finite number > 0, got -1.0"),
         (["--rounds", "0"], "rounds: expected an int >= 1, got 0"),
         (["--model", "/nonexistent/model"], "model: no such directory"),
-        (["--targets", "nothing_like_this"], "target_modules: 'nothing_like_this' matches no module"),
+        # the library's argument names as the flags (target_modules is --targets), here and in "a and b" forms
+        (["--targets", "nothing_like_this"], "--targets: 'nothing_like_this' matches no module"),
+        (["--targets", "classifier"], "--targets and --trainable-modules overlap: "),
+        (["--text-column", "SMS", "--label-column", "SMS"],
+         "--text-column and --label-column: both are 'SMS'; they must differ"),
+        # only what the clients hold trains: a skew that gives every client one class is a one-class task
+        (["--clients", "2", "--partition", "label_skew", "--label-proportions", "1,0;1,0", "--rounds", "1"],
+         "--label-proportions: the clients hold examples of 1 of the classes ['ham', 'spam'] (['ham'])"),
         # a flag its chosen mode ignores: refused, not silently dropped
         (["--partition", "iid", "--dirichlet-alpha", "0.3"],
          "--dirichlet-alpha: applies only with --partition dirichlet"),
@@ -66,6 +73,64 @@ def test_bad_input_gives_a_clear_error(tiny, tmp_path, capsys, extra, expected):
     for part in (expected,) if isinstance(expected, str) else expected:
         assert part in err, err
     assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_a_model_path_that_is_a_file_is_refused(tiny, tmp_path, capsys, monkeypatch, relative):
+    """--model DIR/config.json: transformers loaded the tokenizer beside it, took the file for a single weights
+    file and torch.load()ed it (an UnpicklingError traceback, exit 1)."""
+    model = Path(tiny["model"])
+    monkeypatch.chdir(model.parent)
+    config = f"{model.name}/config.json" if relative else str(model / "config.json")
+    code, _, err = run_cli(tiny_args(tiny, tmp_path / "o", "--model", config), capsys)
+    assert code == EXIT_USAGE and err.count("\n") == 1, err
+    assert f"--model: expected a model directory (or a hub name), got a file {config!r}" in err, err
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--out", ""], "--out: expected a directory, got ''"),  # (the run was written into the current directory)
+        (["--out", "{tmp}/file/run"], "--out: expected a writable directory, got '{tmp}/file/run' (NotADirectoryError"),
+        (["--alpha", "1e308"], "--alpha: expected alpha / r (the adapter scale) between"),
+        (["--optimizer", "sgd", "--momentum", "1.5"], "--momentum: expected a number in [0, 1), got 1.5"),
+        (["--optimizer", "sgd", "--momentum", "1"], "--momentum: expected a number in [0, 1), got 1.0"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_run_starts(tmp_path, capsys, monkeypatch, extra, expected):
+    """Settings refused by the checks before any data or model is loaded, naming the flag."""
+    from fedlora_fast.federated import simulation
+
+    monkeypatch.setattr(simulation, "run_simulation", lambda *a, **k: pytest.fail("the run started"))
+    (tmp_path / "file").write_text("x")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    code, _, err = run_cli(["train", "--no-progress", "--out", str(tmp_path / "o"), *extra], capsys)
+    assert code == EXIT_USAGE and expected.replace("{tmp}", str(tmp_path)) in err and err.count("\n") == 1, err
+
+
+def test_a_message_names_flags_only_where_it_begins_with_settings():
+    """The library's names of settings at the start of a message ("name: ", "name=value: ", "a and b: ") are
+    given as the flags; other text is left alone, as is a message naming something that is not a flag."""
+    from fedlora_fast.cli import _as_flag, build_parser
+
+    parser = build_parser()
+    cases = {
+        "num_clients: 500 clients": "--clients: 500 clients",
+        "target_modules: 'x' matches no module": "--targets: 'x' matches no module",
+        "target_modules='all-linear': cannot adapt": "--targets='all-linear': cannot adapt",
+        "trainable_modules: no per-sample gradient rule": "--trainable-modules: no per-sample gradient rule",
+        "test_fraction=0.99: leaves an empty split": "--test-fraction=0.99: leaves an empty split",
+        "dirichlet_alpha=0.01: could not give": "--dirichlet-alpha=0.01: could not give",
+        "text_column and label_column: both are 'a'": "--text-column and --label-column: both are 'a'",
+        "target_modules and trainable_modules overlap: ['c']": "--targets and --trainable-modules overlap: ['c']",
+        # unchanged: a name not at the start, a name that is no flag, prose
+        "the target_modules: x": "the target_modules: x",
+        "alpha and beta: x": "alpha and beta: x",
+        "text_column and label_column differ": "text_column and label_column differ",
+        "resume, overwrite: pass one": "resume, overwrite: pass one",
+        "seed is 3: target_modules: x": "seed is 3: target_modules: x",
+    }
+    assert {m: _as_flag(m, parser, "train") for m in cases} == cases
 
 
 def test_an_out_path_that_is_a_file_is_refused_before_any_work(tiny, tmp_path, capsys, monkeypatch):
@@ -189,6 +254,9 @@ def test_train_writes_metrics_curves_and_resumes(tiny, tmp_path, capsys):
     assert final["noise"].startswith("seeded from the run's seed") and "note: the DP noise was seeded" in stdout
     meta = json.loads((out / "adapter" / "fedlora_fast.json").read_text())
     assert meta["user"]["noise"] == final["noise"], meta
+    # which logit is which class, and the head's size to load the base with, from adapter/ alone
+    assert meta["user"]["label_names"] == m["data"]["label_names"] == ["ham", "spam"], meta
+    assert meta["user"]["num_labels"] == 2, meta
     assert (out / "curves.png").stat().st_size > 0
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # a second run into the same directory must not silently overwrite it
@@ -236,10 +304,41 @@ def test_an_interrupt_names_resume_only_where_a_round_was_checkpointed(tmp_path,
     out = tmp_path / "run"
     code, _, err = run_cli(["train", "--out", str(out), "--no-progress"], capsys)
     assert code == 130 and "interrupted before a round completed (no checkpoint): rerun without --resume" in err
-    out.mkdir()
+    out.mkdir(exist_ok=True)  # (the writability check made it)
     (out / "checkpoint.safetensors").write_bytes(b"")
     code, _, err = run_cli(["train", "--out", str(out), "--no-progress"], capsys)
     assert code == 130 and "rerun with --resume to continue" in err
+
+
+def test_an_interrupt_of_an_overwrite_before_its_first_checkpoint_leaves_the_previous_run(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """--overwrite removes the previous run only once the new one is built: interrupted before that run's first
+    checkpoint, the checkpoint there is the previous run's (--resume would continue that one, not this); after
+    it, the new run's own (--resume continues it)."""
+    import fedlora_fast.federated.simulation as sim
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"previous run")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sim, "run_simulation", interrupted)
+    code, _, err = run_cli(["train", "--out", str(out), "--no-progress", "--overwrite"], capsys)
+    assert code == 130 and "--resume" not in err, err
+    assert f"interrupted before this run checkpointed a round; the previous run in {out} is untouched: rerun with " \
+           "--overwrite to replace it" in err, err
+    assert (out / "checkpoint.safetensors").read_bytes() == b"previous run"
+
+    def interrupted_after_a_round(*args, **kwargs):  # a new checkpoint, written aside and renamed over the old
+        (out / "new").write_bytes(b"this run, round 1")
+        os.replace(out / "new", out / "checkpoint.safetensors")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sim, "run_simulation", interrupted_after_a_round)
+    code, _, err = run_cli(["train", "--out", str(out), "--no-progress", "--overwrite"], capsys)
+    assert code == 130 and "rerun with --resume to continue" in err, err
 
 
 

@@ -1124,3 +1124,35 @@ def test_evaluate_counts_non_finite_logits_as_wrong():
     mixed = torch.tensor([[1.0, 0.0], [float("inf"), 0.0], [1.0, 0.0], [0.0, 1.0]])
     with pytest.warns(RuntimeWarning, match="1 of 4 examples"):
         assert evaluate(Logits(mixed), ids, labels, pad_id=0)["accuracy"] == 0.75
+
+
+def test_the_class_check_is_over_what_the_clients_hold(tiny, tmp_path, caplog):
+    """A label skew with a zero column gives a class of the training split to no client: it is never trained,
+    and the warning names it (the check ran over the whole split, which holds it)."""
+    rows = [f"{t} {t} item {i},{t}" for i in range(30) for t in ("sport", "tech", "food")]
+    data = tmp_path / "three.csv"
+    data.write_text("body,topic\n" + "\n".join(rows) + "\n")
+    cfg = tiny_config(tiny, data=str(data), text_column="body", label_column="topic", num_clients=2,
+                      partition="label_skew", label_proportions=[[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], epsilon=None,
+                      noise_multiplier=1.0)
+    with caplog.at_level("WARNING", logger="fedlora_fast.federated.simulation"):
+        m = run_simulation(cfg, tmp_path / "o", progress=False, echo=None, stop_after=0)  # (checks only)
+    names = m["data"]["label_names"]
+    assert m["rounds"] == [] and sorted(names) == ["food", "sport", "tech"]
+    assert all(c["class_counts"][2] == 0 for c in m["data"]["clients"]), m["data"]["clients"]
+    assert f"classes without a training example: ['{names[2]}']; without a test example: none" in caplog.text
+
+
+def test_the_adapter_metadata_names_the_classes():
+    """adapter/fedlora_fast.json says which logit is which class (and the head's size), for a simulation
+    (its data's classes) and a ServerApp without data (the run config's labels)."""
+    from types import SimpleNamespace
+
+    from fedlora_fast.federated.simulation import adapter_metadata
+
+    final = {"round": 2, "accuracy": 0.5, "epsilon": float("inf"), "delta": 1e-5, "noise": "none"}
+    data = SimpleNamespace(label_names=["ham", "spam"])
+    for fed in (SimpleNamespace(fingerprint="f", train=data, config=FederatedConfig()),
+                SimpleNamespace(fingerprint="f", config=FederatedConfig(labels=["ham", "spam"]))):
+        meta = adapter_metadata(fed, final)
+        assert meta["label_names"] == ["ham", "spam"] and meta["num_labels"] == 2 and meta["epsilon"] is None

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -151,11 +152,17 @@ class FederatedConfig:
             pos_num(name)
         for name in ("weight_decay", "momentum", "server_noise_multiplier"):
             pos_num(name, allow_zero=True)
-        top = torch.finfo(torch.float32).max  # the optimizers take them as float32 (beyond: a torch traceback)
-        for name in ("lr", "weight_decay", "momentum"):
+        if not self.momentum < 1:  # (1 or more: past gradients never fade from the velocity; the steps grow)
+            raise ValueError(f"momentum: expected a number in [0, 1), got {self.momentum!r}")
+        f32 = torch.finfo(torch.float32)
+        top = f32.max  # the optimizers take them as float32 (beyond: a torch traceback)
+        for name in ("lr", "weight_decay"):
             if getattr(self, name) > top:
                 raise ValueError(f"{name}: expected at most {top:.4g} (the optimizer's float32), got "
                                  f"{getattr(self, name)!r}")
+        if not f32.tiny <= self.alpha / self.r <= top:  # the adapters' scale alpha / r is a float32 factor
+            raise ValueError(f"alpha: expected alpha / r (the adapter scale) between {f32.tiny:.4g} and {top:.4g} "
+                             f"(float32), got alpha={self.alpha!r} with r={self.r} (scale {self.alpha / self.r:.4g})")
         tf = self.test_fraction
         if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:
             raise ValueError(f"test_fraction: expected a number in (0, 1), got {tf!r}")
@@ -246,6 +253,8 @@ def load_model(name: str, num_labels: int, seed: int):
     if not local.exists() and is_local_name(name):  # ./x, /x, ~/x, a/b/c; org/name is a hub name
         raise ValueError(f"model: no such directory {name!r} (expected a local model directory or a hub name "
                          "such as 'org/name')")
+    if local.exists() and not local.is_dir():  # (transformers would torch.load it as a weights file: a traceback)
+        raise ValueError(f"model: expected a model directory (or a hub name), got a file {name!r}")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     bars = hf_logging.is_progress_bar_enabled()
@@ -363,9 +372,15 @@ def noise_source(secure: bool, noise_multipliers, server_noise_multiplier: float
 
 
 def adapter_metadata(fed, final: dict) -> dict:
-    """What the exported adapter's ``fedlora_fast.json`` records of the run (strict JSON: inf as null)."""
+    """What the exported adapter's ``fedlora_fast.json`` records of the run (strict JSON: inf as null), with the
+    class names in id order (``label_names``: logit i is class i) and ``num_labels``, the head's size the base
+    model must be loaded with: ``adapter/`` alone says which logit is which class. ``fed``: a ``Federation``,
+    or a data-less server build (its classes are the config's ``labels``)."""
+    train = getattr(fed, "train", None)
+    names = list(train.label_names if train is not None else fed.config.labels)
     return _json_safe({"fingerprint": fed.fingerprint, "rounds": final["round"], "accuracy": final["accuracy"],
-                       "epsilon": final["epsilon"], "delta": final["delta"], "noise": final["noise"]})
+                       "epsilon": final["epsilon"], "delta": final["delta"], "noise": final["noise"],
+                       "label_names": names, "num_labels": len(names)})
 
 
 def final_record(
@@ -680,11 +695,14 @@ _MODEL_FILE = re.compile(r"(config|generation_config|preprocessor_config|special
                          r".*\.model")
 
 
-def _check_classes_present(train: TextClassificationData, test: TextClassificationData) -> None:
+def _check_classes_present(train: TextClassificationData, test: TextClassificationData,
+                           parts: list[list[int]] | None = None) -> None:
     """A simulation's classes declared (``labels``) but absent: fewer than 2 in the training split is refused
     (a one-class task whose 100 % test accuracy says nothing; without ``labels`` the loader refuses it too); a
-    class with no training or no test example is warned about (never learned, or never measured). Not for a
-    Flower silo: its own file may hold only some of the federation's classes."""
+    class with no training or no test example is warned about (never learned, or never measured). ``parts``:
+    the clients' indices into ``train``; what they hold is what trains (a label skew with zero columns leaves
+    classes of the split to no client), so it is checked too. Not for a Flower silo: its own file may hold only
+    some of the federation's classes."""
     names = train.label_names
     present = [n for n, c in zip(names, train.class_counts()) if c]
     if len(present) < 2:
@@ -692,6 +710,14 @@ def _check_classes_present(train: TextClassificationData, test: TextClassificati
             f"labels: the training split holds examples of {len(present)} of the classes {names} ({present}); a "
             "classifier needs at least 2: check the label column, or the classes given"
         )
+    if parts is not None:
+        held = train.subset(sorted(itertools.chain.from_iterable(parts)))
+        present = [n for n, c in zip(names, held.class_counts()) if c]
+        if len(present) < 2:
+            raise ValueError(
+                f"label_proportions: the clients hold examples of {len(present)} of the classes {names} "
+                f"({present}); a classifier needs at least 2: give a client a share of another class"
+            )
     untrained = [n for n in names if n not in present]
     untested = [n for n, c in zip(names, test.class_counts()) if not c]
     if untrained or untested:
@@ -841,7 +867,8 @@ def _run_simulation(config: FederatedConfig, out: Path, path: Path, resume: bool
         raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
                          "--overwrite to start afresh, or another --out")
     fed = Federation(config, data)
-    _check_classes_present(fed.train, fed.test)  # (a simulation's whole data; a Flower silo may hold one class)
+    # what the clients hold (a simulation's whole data; a Flower silo may hold one class)
+    _check_classes_present(fed.train, fed.test, fed.parts)
     if resume:
         fed.restore(path)
     else:  # --overwrite (or nothing there)
