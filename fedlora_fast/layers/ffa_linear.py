@@ -365,13 +365,15 @@ class FFALoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
-        """``s * B A`` (out, in), float32."""
-        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+        """``s * B A`` (out, in): float32, or float64 for a float64 base weight (``merge`` adds it to W in that
+        dtype: float32 would round a float64 W)."""
+        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        return self.scale * (self.lora_B.to(acc) @ self.lora_A.to(acc))
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight for inference (``W += s B A``). Exact to float32 rounding in
-        float32; a bf16/fp16 weight is rounded to its precision, so ``unmerge`` then restores W only to that
+        float32 (float64 in float64); a bf16/fp16 weight is rounded to its precision, so ``unmerge`` then restores W only to that
         rounding (~2^-8 of |W| in bf16), as in peft.
 
         Raises:
@@ -391,7 +393,8 @@ class FFALoRALinear(nn.Module):
             )
         if not self.merged:
             w = self.base_layer.weight
-            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            delta = self.delta_weight()
+            w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
             self.merged = True
 
     @torch.no_grad()
@@ -399,7 +402,8 @@ class FFALoRALinear(nn.Module):
         if self.merged:
             self._check_weight_writable("unmerge")
             w = self.base_layer.weight
-            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            delta = self.delta_weight()
+            w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
             self.merged = False
 
     def _check_weight_writable(self, what: str) -> None:
