@@ -2104,7 +2104,11 @@ def test_launch_mode_default_and_bad_values(monkeypatch):
     for mode in K.LAUNCH_MODES:
         monkeypatch.setenv(K.LAUNCH_ENV_VAR, mode)
         assert K.launch_mode() == mode
-    for bad in ("Direct", "", "1"):
+    # read as FEDLORA_FAST_GEMM and FEDLORA_FAST_KEEP_MERGED are: case and spaces ignored, empty as unset
+    for value, want in (("Direct", "direct"), (" JIT ", "jit"), ("", K._LAUNCH_DEFAULT)):
+        monkeypatch.setenv(K.LAUNCH_ENV_VAR, value)
+        assert K.launch_mode() == want, value
+    for bad in ("directly", "1"):
         monkeypatch.setenv(K.LAUNCH_ENV_VAR, bad)
         with pytest.raises(ValueError, match=f"FEDLORA_FAST_LAUNCH={bad!r}: expected one of direct, jit"):
             K.launch_mode()
@@ -2112,13 +2116,13 @@ def test_launch_mode_default_and_bad_values(monkeypatch):
             K._run(lambda *a, **k: pytest.fail("launched"), (1,), 1)
     # through the ops: the forward and a backward-first call, before any GEMM choice is made
     monkeypatch.setattr(K, "_choose_gemm", lambda *a, **k: pytest.fail("GEMM chosen under a bad launch mode"))
-    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "Direct")
+    monkeypatch.setenv(K.LAUNCH_ENV_VAR, "directly")
     t = make(2, 3, 20, 24, 5, "cpu")
     u = torch.randn(2, 3, 5)
     for call in (lambda: K.ffa_linear_fwd(t["x"], t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5),
                  lambda: K.ffa_linear_bwd(t["g"], u, t["weight"], t["A"], t["B"], None, 0.5, True, False,
                                           ref.MODE_PER_SAMPLE, 0, 0)):  # fmt: skip
-        with pytest.raises(ValueError, match="FEDLORA_FAST_LAUNCH='Direct'"):
+        with pytest.raises(ValueError, match="FEDLORA_FAST_LAUNCH='directly'"):
             call()
 
 
