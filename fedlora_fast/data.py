@@ -413,7 +413,15 @@ def _ids_for_names(raw: list, label_names: list[str], source: str, where: list[s
     name, or every label is an integer class id (in ``label_names``' order) and none of them is also a
     class name; a file mixing the two (e.g. classes ``["1", "2"]`` and a label ``0``) is refused rather
     than read either way."""
-    lookup = {_nfc(n): i for i, n in enumerate(label_names)}
+    # the names read as the file's labels are ("1.0" and "01" as "1"): else such names never matched, and the
+    # labels were read as class ids, in the names' order (classes swapped, silently)
+    names = [_label_key(n) for n in label_names]
+    lookup = {k: i for i, k in enumerate(names)}
+    if len(lookup) < len(names):
+        j = next(j for j, k in enumerate(names) if k in names[:j])
+        raise DataError(f"label_names: expected distinct classes, got {label_names[names.index(names[j])]!r} and "
+                        f"{label_names[j]!r}, one class as labels are read (numbers by value, text stripped, "
+                        f"Unicode NFC), among {label_names}")
     keys = [_label_key(v, lookup) for v in raw]
     unknown = [i for i, k in enumerate(keys) if k not in lookup]
     if not unknown:
@@ -458,8 +466,12 @@ def _to_data(rows: list[dict], names: dict, where: list[str], text_column: str |
     if label_names is not None:  # one silo's file or a test split: map with the classes given
         _check_labelled(raw, "label_column", source, where.__getitem__)
         own = names.get(lcol)  # a ClassLabel column's own class names: its ids index them, not label_names
-        if own == label_names:
+        if own == label_names:  # (-1: the datasets library's "no label"; unchecked, it was filed as the last class)
             ids = [int(v) for v in raw]
+            bad = [i for i, v in enumerate(ids) if not 0 <= v < len(label_names)]
+            if bad:
+                raise DataError(f"label_column: {source} has class ids {sorted({ids[i] for i in bad})[:5]} outside "
+                                f"[0, {len(label_names)}) (the classes {label_names}; first at {where[bad[0]]})")
         else:
             if own is not None:  # ids -> the column's names, then mapped by name (another order, a subset)
                 raw = [own[int(v)] if isinstance(v, (int, np.integer)) and not isinstance(v, bool)

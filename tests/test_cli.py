@@ -55,6 +55,9 @@ def run_cli(args, capsys):
         # only what the clients hold trains: a skew that gives every client one class is a one-class task
         (["--clients", "2", "--partition", "label_skew", "--label-proportions", "1,0;1,0", "--rounds", "1"],
          "--label-proportions: the clients hold examples of 1 of the classes ['ham', 'spam'] (['ham'])"),
+        # rows of different lengths: numpy's "inhomogeneous shape" named no flag
+        (["--clients", "2", "--partition", "label_skew", "--label-proportions", "0.5,0.5;1.0", "--rounds", "1"],
+         "--label-proportions: expected one row of C numbers per client, got rows of lengths [2, 1]"),
         # a flag its chosen mode ignores: refused, not silently dropped
         (["--partition", "iid", "--dirichlet-alpha", "0.3"],
          "--dirichlet-alpha: applies only with --partition dirichlet"),

@@ -104,6 +104,32 @@ def test_integer_class_names_and_ids_are_not_mixed(tmp_path):
     assert got == {f"review {i}": str(1 + i % 2) for i in range(10)}
 
 
+def test_numeric_class_names_written_otherwise_are_read_as_the_labels_are(tmp_path):
+    """Classes given as "1.0"/"0.0" or "01"/"00", out of numeric order: the file's labels were read as "1"/"0"
+    but the names were not, so every label was read as a class id and the classes swapped, silently."""
+    for given, label in ((["1.0", "0.0"], {1: "1.0", 0: "0.0"}), (["01", "00"], {1: "01", 0: "00"})):
+        rows = "".join(f"great movie {i},{label[1]}\nawful movie {i},{label[0]}\n" for i in range(6))
+        p = _write(tmp_path, f"d{given[0]}.csv", "text,label\n" + rows)
+        tr, te = load_text_classification(p, seed=0, label_names=given)
+        got = {t.split()[0]: tr.label_names[y] for d in (tr, te) for t, y in zip(d.texts, d.labels)}
+        assert got == {"great": given[0], "awful": given[1]}, (given, got)
+    with pytest.raises(DataError, match=r"label_names: expected distinct classes, got '1' and '1\.0'"):
+        load_text_classification(p, seed=0, label_names=["1", "1.0"])
+
+
+def test_class_label_ids_outside_the_classes_are_refused():
+    """A ClassLabel column whose names are the classes given: its ids were taken unchecked, and the datasets
+    library's -1 ("no label") was filed under the last class by the split (or failed far from the file)."""
+    from fedlora_fast.data import _to_data
+
+    rows = [{"text": "great film", "label": 1}, {"text": "awful film", "label": -1}, {"text": "fine", "label": 2}]
+    names, where = {"label": ["negative", "positive"]}, ["row 1", "row 2", "row 3"]
+    with pytest.raises(DataError, match=r"ds\[test\] has class ids \[-1, 2\] outside \[0, 2\).*first at row 2"):
+        _to_data(rows, names, where, None, None, "ds[test]", ["negative", "positive"])
+    ok = _to_data(rows[:1], names, where, None, None, "ds[test]", ["negative", "positive"])
+    assert ok.labels == [1]
+
+
 def test_unknown_label_with_fixed_classes_names_the_line(tmp_path):
     p = _write(tmp_path, "d.csv", "text,label\na,ham\nb,eggs\n")
     with pytest.raises(DataError, match=r"labels \['eggs'\] outside the classes \['ham', 'spam'\] \(first at line 3\)"):

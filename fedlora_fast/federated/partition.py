@@ -70,7 +70,12 @@ def label_skew(
         ValueError: malformed labels, proportions or sizes, or more examples of a class asked for than exist.
     """
     y = _check(labels, len(proportions))
-    p = np.asarray(proportions, dtype=np.float64)
+    try:
+        p = np.asarray(proportions, dtype=np.float64)
+    except (TypeError, ValueError):  # rows of different lengths, or not numbers (numpy's text named no argument)
+        lengths = [len(row) if hasattr(row, "__len__") else None for row in proportions]
+        raise ValueError(f"proportions: expected one row of C numbers per client, got rows of lengths {lengths}: "
+                         f"{proportions!r}"[:300]) from None
     num_classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
     if y.max() >= num_classes:
         raise ValueError(f"labels: class id {int(y.max())} is outside [0, num_classes = {num_classes})")
