@@ -577,6 +577,9 @@ def test_split_keeps_identical_texts_on_one_side_and_stratifies():
     keys = {same_text_key(t) for t in ("Café RÉSUMÉ", "cafe resume", "Cafe\u0301 Re\u0301sume\u0301", "CAFÉ  résumé")}
     assert keys == {"cafe resume"}
     assert same_text_key("Straße ﬁn") == "strasse fin" and same_text_key("cafe") != same_text_key("cafes")
+    # nor by format or control characters, which BERT's tokenizer drops (zero-width space, soft hyphen, BOM,
+    # word joiner, a bell, U+FFFD); a tab is whitespace, one space
+    assert same_text_key("ca\u200bll \u00adme\ufeff la\u2060ter\x07\ufffd\tok") == "call me later ok"
     assert len(train) + len(test) == 5574 and abs(len(test) - 0.2 * 5574) <= 40
     for c in range(2):
         share = [sum(1 for y in d.labels if y == c) / len(d) for d in (train, test)]
