@@ -344,7 +344,6 @@ def test_an_interrupt_of_an_overwrite_before_its_first_checkpoint_leaves_the_pre
     assert code == 130 and "rerun with --resume to continue" in err, err
 
 
-
 def test_a_frozen_new_head_is_saved_with_the_adapter(tiny, tmp_path, capsys):
     """--trainable-modules '': the classifier head the base checkpoint lacks (drawn from the seed) stays frozen,
     and the adapter must still carry it: without it every peft load drew its own head (another model than the

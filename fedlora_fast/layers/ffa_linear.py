@@ -373,8 +373,8 @@ class FFALoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight for inference (``W += s B A``). Exact to float32 rounding in
-        float32 (float64 in float64); a bf16/fp16 weight is rounded to its precision, so ``unmerge`` then restores W only to that
-        rounding (~2^-8 of |W| in bf16), as in peft.
+        float32 (float64 in float64); a bf16/fp16 weight is rounded to its precision, so ``unmerge`` then
+        restores W only to that rounding (~2^-8 of |W| in bf16), as in peft.
 
         Raises:
             RuntimeError: the base weight is tied to another module's (``tied_with``): merging would write
