@@ -297,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = shown
 
 
-# library argument names that are not a flag's dest (inject_adapters' target_modules is --targets)
-_ARG_ALIASES = {"target_modules": "targets"}
+# library argument names that are not a flag's dest (inject_adapters' target_modules is --targets, the data
+# loader's label_names --labels)
+_ARG_ALIASES = {"target_modules": "targets", "label_names": "labels"}
 # a message's leading setting names: "name: ...", "name=value: ...", "a and b: ...", "a and b overlap: ..."
 _LEADING_NAMES = re.compile(r"(?P<a>[A-Za-z_]\w*)(?:(?=: |=)| and (?P<b>[A-Za-z_]\w*)(?=:| \w+:))")
 

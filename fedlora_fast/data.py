@@ -506,7 +506,9 @@ def train_test_split(data: TextClassificationData, test_fraction: float, seed: i
     ``round(count * test_fraction)``: a large group that would overshoot is passed over. Then, for a class
     with at least 2 distinct texts, neither side may lack it: the smallest group moves to the side that has
     none. A class with a single distinct text (all copies of one message) stays wholly in train, with a
-    warning: it cannot be tested on without leaking.
+    warning: it cannot be tested on without leaking. A text labelled as two classes goes with its first
+    example's class, so a class whose texts first appear under another class follows that class's groups: it
+    can lack a side, also with a warning.
     """
     if not 0.0 < float(test_fraction) < 1.0:
         raise DataError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
@@ -532,15 +534,6 @@ def train_test_split(data: TextClassificationData, test_fraction: float, seed: i
                 chosen = [min(range(len(class_groups)), key=lambda k: len(class_groups[k]))]
             elif len(chosen) == len(class_groups):  # train would lack it: its smallest test group stays in train
                 chosen.remove(min(chosen, key=lambda k: len(class_groups[k])))
-        elif class_groups and len(data) > 1:
-            copies = len(class_groups[0])
-            warnings.warn(
-                f"data: class {data.label_names[c]!r} in {data.source or 'the data'} has a single distinct text"
-                + (f" ({copies} copies)" if copies > 1 else "")
-                + ": it stays in train and the test split has none of that class",
-                UserWarning,
-                stacklevel=2,
-            )
         for k in chosen:
             test_idx += class_groups[k]
     test_set = set(test_idx)
@@ -548,7 +541,37 @@ def train_test_split(data: TextClassificationData, test_fraction: float, seed: i
     if not train_idx or not test_idx:
         raise DataError(f"test_fraction={test_fraction}: leaves an empty train or test split of {len(data)} examples"
                         f"{_in(data.source)}")
+    _warn_one_sided(data, groups.values(), test_set)
     return data.subset(train_idx), data.subset(sorted(test_idx))
+
+
+def _warn_one_sided(data: TextClassificationData, groups, test_set: set[int]) -> None:
+    """Warn of each class of ``data`` that the split left on one side only, from where its examples are (the
+    per-class guarantee sees only the groups a class leads: a class whose texts all first appear under another
+    class, e.g. texts labelled ham and then spam, went wherever those groups went, unnoticed)."""
+    y = np.asarray(data.labels, dtype=np.int64)
+    in_test = np.zeros(len(y), dtype=bool)
+    in_test[list(test_set)] = True
+    n = len(data.label_names)
+    sides = {"train": np.bincount(y[~in_test], minlength=n), "test": np.bincount(y[in_test], minlength=n)}
+    distinct = np.zeros(n, dtype=np.int64)  # texts (groups) holding an example of the class
+    led = np.zeros(n, dtype=np.int64)  # those whose first example is of the class: the split placed them
+    for members in groups:
+        distinct[np.unique(y[members])] += 1
+        led[y[members[0]]] += 1
+    for c in range(n):
+        empty = [side for side, counts in sides.items() if not counts[c]]
+        if len(empty) != 1:  # on both sides, or not in the data (one silo's share)
+            continue
+        held = "test" if empty[0] == "train" else "train"
+        count = int(sides[held][c])
+        if distinct[c] == 1:
+            what = "a single distinct text" + (f" ({count} copies)" if count > 1 else "")
+        else:  # (a class that leads 2 groups is on both sides: some of its texts are first another class's)
+            what = (f"{distinct[c]} distinct texts, {distinct[c] - led[c]} of them first labelled as another class "
+                    "(identical texts go with their first example's class)")
+        warnings.warn(f"data: class {data.label_names[c]!r} in {data.source or 'the data'} has {what}: it is in "
+                      f"the {held} split only, the {empty[0]} split has none of it", UserWarning, stacklevel=3)
 
 
 def load_text_classification(

@@ -120,6 +120,7 @@ def test_a_message_names_flags_only_where_it_begins_with_settings():
     cases = {
         "num_clients: 500 clients": "--clients: 500 clients",
         "target_modules: 'x' matches no module": "--targets: 'x' matches no module",
+        "label_names: expected distinct classes": "--labels: expected distinct classes",
         "target_modules='all-linear': cannot adapt": "--targets='all-linear': cannot adapt",
         "trainable_modules: no per-sample gradient rule": "--trainable-modules: no per-sample gradient rule",
         "test_fraction=0.99: leaves an empty split": "--test-fraction=0.99: leaves an empty split",

@@ -173,6 +173,33 @@ def test_split_does_not_overshoot_on_a_big_duplicate_group():
         assert te.class_counts()[0] <= 16, (seed, te.class_counts())  # want 16: the group of 30 is passed over
 
 
+def test_split_warns_of_a_class_whose_texts_all_first_appear_under_another_class():
+    """Spam only in texts first labelled ham ("a", "b"): the groups go with ham, so the guarantee for a class
+    with 2 distinct texts never saw spam, and at some seeds the test split had none of it, without a word."""
+    texts = [f"ham {i}" for i in range(20)] + ["a", "a", "b", "b"]
+    data = D.TextClassificationData(texts, [0] * 20 + [0, 1, 0, 1], ["ham", "spam"], "mem")
+    one_sided = 0
+    for seed in range(10):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tr, te = D.train_test_split(data, 0.2, seed)
+        said = [str(w.message) for w in caught]
+        if te.class_counts()[1] == 0:
+            one_sided += 1
+            assert said == ["data: class 'spam' in mem has 2 distinct texts, 2 of them first labelled as another "
+                            "class (identical texts go with their first example's class): it is in the train split "
+                            "only, the test split has none of it"], (seed, said)
+        else:
+            assert tr.class_counts()[1] and not said, (seed, said)
+    assert 0 < one_sided < 10  # (both cases seen)
+    # a single text whose only copy the split puts in test: the warning said "it stays in train"
+    data = D.TextClassificationData(["a", "b", "c", "d", "e", "x"], [0] * 5 + [1], ["y", "z"], "mem")
+    with pytest.warns(UserWarning, match=r"class 'z' in mem has a single distinct text: it is in the test split "
+                                         r"only, the train split has none of it"):
+        tr, te = D.train_test_split(data, 0.8, 0)
+    assert tr.class_counts()[1] == 0 and te.class_counts()[1] == 1
+
+
 # --- hub names vs local paths -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, local",
