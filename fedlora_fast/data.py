@@ -408,6 +408,16 @@ def _check_classes(ids: list[int], names: list[str], n: int, what: str,
     return ids, names
 
 
+def _checked_ids(ids: list[int], label_names: list[str], source: str, where: list[str]) -> list[int]:
+    """``ids``, refused where one is not a class id in [0, len(label_names)), naming the first such row."""
+    bad = [i for i, v in enumerate(ids) if not 0 <= v < len(label_names)]
+    if bad:
+        vals = sorted({ids[i] for i in bad})
+        raise DataError(f"label_column: {source} has class ids {vals[:5]} outside [0, {len(label_names)}) "
+                        f"(the classes {label_names}; first at {where[bad[0]]})")
+    return ids
+
+
 def _ids_for_names(raw: list, label_names: list[str], source: str, where: list[str]) -> list[int]:
     """Class ids of ``raw`` labels under the given classes. One reading per file: every label is a class
     name, or every label is an integer class id (in ``label_names``' order) and none of them is also a
@@ -435,13 +445,7 @@ def _ids_for_names(raw: list, label_names: list[str], source: str, where: list[s
             f"either as a class name or as a class id in [0, {len(label_names)})"
         )
     if integers:  # integer labels, none a class name: class ids in the names' order
-        ids = [int(k) for k in keys]
-        bad = [i for i, v in enumerate(ids) if not 0 <= v < len(label_names)]
-        if bad:
-            vals = sorted({ids[i] for i in bad})
-            raise DataError(f"label_column: {source} has class ids {vals[:5]} outside [0, {len(label_names)}) "
-                            f"(the classes {label_names}; first at {where[bad[0]]})")
-        return ids
+        return _checked_ids([int(k) for k in keys], label_names, source, where)
     vals = sorted({keys[i] for i in unknown})
     raise DataError(f"label_column: {source} has labels {vals[:5]} outside the classes {label_names} "
                     f"(first at {where[unknown[0]]})")
@@ -467,11 +471,7 @@ def _to_data(rows: list[dict], names: dict, where: list[str], text_column: str |
         _check_labelled(raw, "label_column", source, where.__getitem__)
         own = names.get(lcol)  # a ClassLabel column's own class names: its ids index them, not label_names
         if own == label_names:  # (-1: the datasets library's "no label"; unchecked, it was filed as the last class)
-            ids = [int(v) for v in raw]
-            bad = [i for i, v in enumerate(ids) if not 0 <= v < len(label_names)]
-            if bad:
-                raise DataError(f"label_column: {source} has class ids {sorted({ids[i] for i in bad})[:5]} outside "
-                                f"[0, {len(label_names)}) (the classes {label_names}; first at {where[bad[0]]})")
+            ids = _checked_ids([int(v) for v in raw], label_names, source, where)
         else:
             if own is not None:  # ids -> the column's names, then mapped by name (another order, a subset)
                 raw = [own[int(v)] if isinstance(v, (int, np.integer)) and not isinstance(v, bool)
