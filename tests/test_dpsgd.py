@@ -1251,3 +1251,107 @@ def test_torch_compile_and_compiled_autograd_keep_the_per_sample_results(clippin
         with pytest.raises(RuntimeError, match="no per-sample gradients"):
             dp.per_sample_norms()
     torch._dynamo.reset()
+
+
+# --- layers whose dim 0 is not the sample -------------------------------------------------------------------
+class _Folding(nn.Module):
+    """An adapted layer fed the samples' positions as rows: ``fold`` reshapes (n, T, IN) to (n T, IN), as OPT's
+    decoder layers do before fc1/fc2; ``transpose`` makes it (T, n, IN), sequence-first, as XLNet and FSMT
+    do."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.lin = how, nn.Linear(IN, OUT)
+
+    def forward(self, x):
+        if self.how == "fold":
+            return self.lin(x.reshape(-1, IN)).reshape(*x.shape[:-1], OUT)
+        return self.lin(x.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("how", ["fold", "transpose"])
+@pytest.mark.parametrize("call", ["positional", "keyword", "dict"])
+def test_a_layer_that_sees_rows_other_than_samples_is_refused_before_anything_is_clipped(how, clipping, call):
+    """One sample of T positions through a folding (or sequence-first) adapted layer has T rows of per-sample
+    gradients: clipping each to C bounded that sample's contribution by T C under noise calibrated to C, and
+    the engine could not tell (a review measured 3.6 C from one 16-token sample of a tiny OPT). The engine now
+    compares the rows with the model input's samples and refuses before anything is clipped or accounted."""
+    torch.manual_seed(0)
+    model = _Folding(how)
+    ff.inject_adapters(model, ["lin"], r=R, alpha=6.0)
+    with torch.no_grad():
+        model.lin.lora_B.normal_(0, 0.5)
+    before = [p.detach().clone() for p in params(model)]
+    dp = make_dp(model, clipping=clipping, sample_rate=0.5)
+    b = make_batch(3, 5)
+    run = {"positional": lambda x: model(x), "keyword": lambda x: model(x=x), "dict": None}[call]
+    if call == "dict":
+        model.forward = lambda d, _f=model.forward: _f(d["x"])  # a model taking its batch as one dict
+        run = lambda x: model({"x": x})  # noqa: E731
+    ((run(b["x"]) - b["y"]) ** 2).sum().backward()
+    where = "positional argument 0" if call == "positional" else "x"  # a dict: its key
+    rows = 15 if how == "fold" else 5  # n T rows folded, or T positions sequence-first
+    wanted = rf"\{{'lin\.lora_B': {rows}\}} .* model's input has 3 samples \({where}, dim 0\)"
+    for stage in (dp.per_sample_norms, dp.step):
+        with pytest.raises(ValueError, match=wanted):
+            stage()
+    assert dp.accountant.steps == 0 and dp.steps == 0
+    for p, p0 in zip(params(model), before):
+        assert torch.equal(p, p0)
+
+
+def _tiny_opt():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0,
+                                 attention_dropout=0.0, pad_token_id=1)
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def _lm_loss(model, batch):
+    """Each sample's mean next-token loss, summed over the batch."""
+    logits = model(input_ids=batch["ids"]).logits[:, :-1]
+    per_token = nn.functional.cross_entropy(logits.transpose(1, 2), batch["ids"][:, 1:], reduction="none")
+    return per_token.mean(1).sum()
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_opt_fc_layers_are_refused_and_its_attention_layers_match_the_batch_of_one_loop(clipping):
+    """OPT's decoder layers reshape (B, T, H) to (B T, H) before fc1/fc2: adapting them is refused by name (it
+    had clipped each token to C, silently). Its attention projections are batch-first: their per-sample
+    gradients equal a batch-of-one loop."""
+    ids = torch.randint(3, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    model = _tiny_opt()
+    ff.inject_adapters(model, ["fc1", "fc2"], r=4, alpha=8.0)
+    dp = make_dp(model, clipping=clipping, expected_batch_size=3)
+    _lm_loss(model, {"ids": ids}).backward()
+    with pytest.raises(ValueError, match=r"'model\.decoder\.layers\.0\.fc1\.lora_B': 18.*has 3 samples \(input_ids"):
+        dp.step()
+
+    model = _tiny_opt()
+    ff.inject_adapters(model, ["q_proj", "v_proj"], r=4, alpha=8.0)
+    with torch.no_grad():
+        for layer in ff.adapter_layers(model).values():
+            layer.lora_B.normal_(0, 0.3)
+    dp = make_dp(model, expected_batch_size=3)
+    loop = per_sample_grads_loop(model, _lm_loss, {"ids": ids})
+    _lm_loss(model, {"ids": ids}).backward()
+    got = per_sample_grads_engine(model)
+    assert got.keys() == loop.keys() and len(got) == 4
+    for name in loop:
+        assert_close_verbose(got[name], loop[name], atol=1e-5, rtol=1e-4, name=name)
+    dp.step()
+
+
+def test_the_model_inputs_sample_count_is_read_from_the_input_not_a_mask_or_labels():
+    """``_model_samples``: the Hugging Face input first (whatever the keyword order), then the first positional
+    tensor, then the first keyword tensor, then a dict's; nothing to count by gives None (no check)."""
+    ids, mask, pos = torch.zeros(4, 7), torch.zeros(4, 7), torch.zeros(1, 7)
+    assert dpsgd._model_samples((), {"position_ids": pos, "attention_mask": mask, "input_ids": ids}) == (4, "input_ids")
+    assert dpsgd._model_samples((), {"position_ids": pos, "inputs_embeds": ids}) == (4, "inputs_embeds")
+    assert dpsgd._model_samples(({"labels": mask[:, 0], "pixel_values": ids},), {}) == (4, "pixel_values")
+    assert dpsgd._model_samples((3.0, ids), {"position_ids": pos}) == (4, "positional argument 1")
+    assert dpsgd._model_samples((torch.tensor(2.0),), {"h": ids}) == (4, "h")
+    assert dpsgd._model_samples(([ids],), {"scale": 2.0}) is None

@@ -22,6 +22,7 @@ import math
 import secrets
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -187,7 +188,7 @@ def attached_engine(model: nn.Module) -> "DPSGD | None":
 class _NoHook:
     """What an engine's hook becomes in a copy or a pickle of the model (``_EngineHook``)."""
 
-    def __call__(self, module, args):
+    def __call__(self, module, *args):
         return None
 
 
@@ -200,8 +201,8 @@ class _EngineHook:
     def __init__(self, method):
         self.method = method
 
-    def __call__(self, module, args):
-        return self.method(module, args)
+    def __call__(self, module, *args):  # (args) or, registered with_kwargs, (args, kwargs)
+        return self.method(module, *args)
 
     def __reduce__(self):
         return (_NoHook, ())
@@ -211,6 +212,27 @@ def _trained_device(model) -> torch.device:
     """The device of ``model``'s first trainable tensor (CPU where it has none: ``DPSGD`` refuses it then)."""
     params = model.parameters() if isinstance(model, nn.Module) else ()
     return next((p.device for p in params if p.requires_grad), torch.device("cpu"))
+
+
+_SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def _model_samples(args: tuple, kwargs: dict) -> tuple[int, str] | None:
+    """The number of samples in a model call and where it was read: dim 0 of the Hugging Face input
+    (``input_ids``, ``inputs_embeds``, ``pixel_values``, ``input_values``, ``input_features``; also inside a
+    dict passed as the first argument), else of the first positional tensor, else of the first keyword tensor
+    (None: the call holds no tensor with a dim 0)."""
+    def first(items):
+        return next(((k, v) for k, v in items if isinstance(v, Tensor) and v.dim() >= 1), None)
+
+    mapping = args[0] if args and isinstance(args[0], Mapping) else {}
+    found = (
+        first((k, d.get(k)) for k in _SAMPLE_KEYS for d in (kwargs, mapping))
+        or first((f"positional argument {i}", v) for i, v in enumerate(args))
+        or first(kwargs.items())
+        or first(mapping.items())
+    )
+    return None if found is None else (int(found[1].shape[0]), found[0])
 
 
 def per_sample_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -240,11 +262,14 @@ class DPSGD:
     expected batch size): never ``loss.mean()`` over the actual batch. With the actual n as divisor, one
     sample's presence rescales every other sample's gradient, and the step's sum can move by up to about 2C
     when one sample is removed (the noise is calibrated to C). A mean over tokens *within* a sample is fine.
-    Dim 0 of every adapted layer's input must be the sample (batch-first models, as Hugging Face's): a
-    sequence-first model (``nn.TransformerEncoderLayer(batch_first=False)``) or one that folds samples into
-    rows (n choices -> n·c rows) would be clipped per position or per row, which bounds no sample's
-    contribution by C. The engine cannot see this from the tensors. Likewise each backward must follow one
-    call of the model on one batch: a loss that runs the whole model twice is refused, but one that calls its
+    Dim 0 of every adapted or trained layer's input must be the sample. A layer that sees samples folded
+    into rows (OPT's ``fc1``/``fc2``, MoE shared experts, multiple-choice models: n samples -> n·T or n·c
+    rows) or a sequence-first layout (XLNet, FSMT) would be clipped per row, which bounds no sample's
+    contribution by C: the engine compares every trained tensor's per-sample rows with dim 0 of the model's
+    input (``_model_samples``) and refuses the step, naming them. It cannot see a sequence-first layer in a
+    batch of as many samples as positions, nor a model whose own input is sequence-first
+    (``nn.TransformerEncoderLayer(batch_first=False)``). Likewise each backward must follow one call of the
+    model on one batch: a loss that runs the whole model twice is refused, but one that calls its
     *submodules* on two batches (two chunks through ``model.model``, then one backward) cannot be told apart
     from weight sharing, and row i of each chunk would be clipped as one sample. Per-sample gradients,
     norms, clipped sums and noise are float32, also for a float64 model.
@@ -388,7 +413,8 @@ class DPSGD:
         self._batch_norms = [
             n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
         ]
-        self._hooks = [model.register_forward_pre_hook(_EngineHook(self._new_batch))]
+        self._hooks = [model.register_forward_pre_hook(_EngineHook(self._new_batch), with_kwargs=True)]
+        self._batch_rows: tuple[int, int, str] | None = None  # (batch id, samples, where read): _new_batch
         guard = _EngineHook(self._guard_unconsumed)
         self._hooks += [m.register_forward_pre_hook(guard) for m in self.modules.values()]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
@@ -593,10 +619,12 @@ class DPSGD:
         return generator
 
     # --- per-sample state ------------------------------------------------------------------------------
-    def _new_batch(self, module, args):
+    def _new_batch(self, module, args, kwargs):
         self.ctx.batch_id += 1
         if not torch.is_grad_enabled():
             return  # evaluation: nothing per-sample happens
+        found = _model_samples(args, kwargs)
+        self._batch_rows = None if found is None else (self.ctx.batch_id, *found)
         training = [n for n in self._batch_norms if self.model.get_submodule(n).training]
         if training:
             raise ValueError(
@@ -633,20 +661,45 @@ class DPSGD:
 
         Raises:
             RuntimeError: no backward since the last ``accumulate``/``step``.
+            ValueError: a trained tensor's rows are not the model input's samples (``_check_rows``).
         """
         return self._norms2().sqrt()
 
     def _norms2(self) -> Tensor:
-        norms2 = [r.norm2 for r in map(per_sample.pending, self.params) if r is not None]
-        if not norms2:
+        held = [(p, r) for p, r in zip(self.params, map(per_sample.pending, self.params)) if r is not None]
+        if not held:
             raise RuntimeError(
                 "per_sample_norms(): no per-sample gradients: run loss.backward() on a batch through the "
                 "model first (in training mode, with grad enabled)"
             )
-        n = {t.shape[0] for t in norms2}
+        self._check_rows(held)
+        n = {r.norm2.shape[0] for _, r in held}
         if len(n) != 1:
-            raise RuntimeError(f"per-sample norms disagree on the batch size: {sorted(n)}")
-        return torch.stack(norms2).sum(0)
+            rows = {name: r.norm2.shape[0] for name, (_, r) in zip(self._names_of([p for p, _ in held]), held)}
+            raise RuntimeError(f"per-sample gradients disagree on the number of samples: {rows}")
+        return torch.stack([r.norm2 for _, r in held]).sum(0)
+
+    def _check_rows(self, held: list) -> None:
+        """Every trained tensor's per-sample gradients have one row per sample of the model's input (dim 0 of
+        what ``_model_samples`` reads, at the forward they came from). A layer that sees samples folded into
+        rows (OPT's ``fc1``/``fc2`` reshape (B, T, H) to (B T, H); a multiple-choice model's (B, C, T) to
+        (B C, T)), or batch and sequence transposed (XLNet, FSMT), has per-row gradients: clipping each row to
+        C would let one sample move the sum by up to T C, under noise calibrated to C. Refused before anything
+        is clipped, summed or accounted."""
+        if self._batch_rows is None:
+            return  # the model's input holds no tensor to count samples by (or no forward with grad enabled)
+        batch, samples, where = self._batch_rows
+        wrong = [(p, r.norm2.shape[0]) for p, r in held if r.batch == batch and r.norm2.shape[0] != samples]
+        if wrong:
+            rows = dict(zip(self._names_of([p for p, _ in wrong]), (k for _, k in wrong)))
+            raise ValueError(
+                f"model: the per-sample gradients of {rows} (tensor: rows) do not have one row per sample: the "
+                f"model's input has {samples} samples ({where}, dim 0). Those layers see the samples folded into "
+                "rows (e.g. OPT's fc1/fc2, which reshape (batch, tokens, hidden) to (batch*tokens, hidden); a "
+                "multiple-choice model) or a sequence-first layout (XLNet, FSMT), and clipping each row to C "
+                "would not bound one sample's contribution by C. Adapt or train other layers (inject_adapters' "
+                "targets / trainable_modules), or make dim 0 of their input the sample"
+            )
 
     # --- the staged step ---------------------------------------------------------------------------------
     def clip_and_accumulate(self) -> int:
@@ -664,6 +717,8 @@ class DPSGD:
         Raises:
             RuntimeError: a trainable tensor this engine does not clip (``_check_trainable``): refused before
                 anything is summed, noised or accounted.
+            ValueError: a trained tensor's rows are not the model input's samples (``_check_rows``): refused
+                alike.
         """
         self._check_not_noised()
         self._check_trainable()
