@@ -1301,6 +1301,21 @@ def test_a_layer_that_sees_rows_other_than_samples_is_refused_before_anything_is
         assert torch.equal(p, p0)
 
 
+def test_the_rows_are_checked_against_the_forward_they_came_from():
+    """A second forward with grad before the first one's backward (a side computation) does not hide the
+    first's folded rows: each forward's sample count is kept by its batch id."""
+    torch.manual_seed(0)
+    model = _Folding("fold")
+    ff.inject_adapters(model, ["lin"], r=R, alpha=6.0)
+    dp = make_dp(model)
+    b = make_batch(3, 5)
+    loss = ((model(b["x"]) - b["y"]) ** 2).sum()
+    model(torch.randn(15, 1, IN))  # 15 samples of one position: 15 rows, the first forward's row count
+    loss.backward()
+    with pytest.raises(ValueError, match=r"\{'lin\.lora_B': 15\} .* model's input has 3 samples"):
+        dp.step()
+
+
 def _tiny_opt():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

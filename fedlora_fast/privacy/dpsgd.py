@@ -414,7 +414,7 @@ class DPSGD:
             n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
         ]
         self._hooks = [model.register_forward_pre_hook(_EngineHook(self._new_batch), with_kwargs=True)]
-        self._batch_rows: tuple[int, int, str] | None = None  # (batch id, samples, where read): _new_batch
+        self._batch_rows: dict[int, tuple[int, str]] = {}  # batch id -> (samples, where read): _new_batch
         guard = _EngineHook(self._guard_unconsumed)
         self._hooks += [m.register_forward_pre_hook(guard) for m in self.modules.values()]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
@@ -624,7 +624,10 @@ class DPSGD:
         if not torch.is_grad_enabled():
             return  # evaluation: nothing per-sample happens
         found = _model_samples(args, kwargs)
-        self._batch_rows = None if found is None else (self.ctx.batch_id, *found)
+        if found is not None:  # (the last few forwards: a backward may follow an earlier one)
+            self._batch_rows[self.ctx.batch_id] = found
+            if len(self._batch_rows) > 16:
+                del self._batch_rows[next(iter(self._batch_rows))]
         training = [n for n in self._batch_norms if self.model.get_submodule(n).training]
         if training:
             raise ValueError(
@@ -686,12 +689,12 @@ class DPSGD:
         (B C, T)), or batch and sequence transposed (XLNet, FSMT), has per-row gradients: clipping each row to
         C would let one sample move the sum by up to T C, under noise calibrated to C. Refused before anything
         is clipped, summed or accounted."""
-        if self._batch_rows is None:
-            return  # the model's input holds no tensor to count samples by (or no forward with grad enabled)
-        batch, samples, where = self._batch_rows
-        wrong = [(p, r.norm2.shape[0]) for p, r in held if r.batch == batch and r.norm2.shape[0] != samples]
+        # (a forward whose input held no tensor to count samples by, or run without grad, has no entry)
+        counted = [(p, r, self._batch_rows[r.batch]) for p, r in held if r.batch in self._batch_rows]
+        wrong = [(p, r.norm2.shape[0], *found) for p, r, found in counted if r.norm2.shape[0] != found[0]]
         if wrong:
-            rows = dict(zip(self._names_of([p for p, _ in wrong]), (k for _, k in wrong)))
+            _, _, samples, where = wrong[0]
+            rows = dict(zip(self._names_of([w[0] for w in wrong]), (w[1] for w in wrong)))
             raise ValueError(
                 f"model: the per-sample gradients of {rows} (tensor: rows) do not have one row per sample: the "
                 f"model's input has {samples} samples ({where}, dim 0). Those layers see the samples folded into "
