@@ -193,7 +193,17 @@ def inject_adapters(
     for target in extra:
         hits = [n for n, _ in model.named_modules() if n and _matches(n, target)]
         if not hits:
-            raise ValueError(f"trainable_modules: {target!r} matches no module of {type(model).__name__}")
+            # the names a target can end with, as target_modules' error lists linear layer names, so the user
+            # sees the model's spelling; list indices ("0") only in qualified names ("layers.0"), the sole
+            # names of a bare nn.Sequential
+            qualified = [n for n, _ in model.named_modules() if n]
+            known = sorted({n.rpartition(".")[2] for n in qualified if not n.rpartition(".")[2].isdigit()})
+            known = known or qualified
+            more = f" and {len(known) - 20} more" if len(known) > 20 else ""
+            raise ValueError(
+                f"trainable_modules: {target!r} matches no module of {type(model).__name__}; "
+                f"module names there include {known[:20]}{more}"
+            )
         extra_names += [h for h in hits if not any(h.startswith(e + ".") for e in hits if e != h)]
     names = find_targets(model, target_modules, exclude=extra_names)
     clash = [n for n in names if any(n == e or n.startswith(e + ".") for e in extra_names)]

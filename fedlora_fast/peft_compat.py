@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from fedlora_fast.inject import _matches, _set_submodule, adapter_layers, mark_tied_bases, peft_modules
 from fedlora_fast.io import atomic_write_bytes, atomic_write_text
-from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, check_layer_args, init_lora_A
+from fedlora_fast.layers.ffa_linear import (
+    FFALoRALinear,
+    base_problem,
+    check_layer_args,
+    has_listed_linear_forward,
+    init_lora_A,
+)
 from fedlora_fast.layers.per_sample_modules import make_per_sample, per_sample_error, per_sample_problems
 
 CONFIG_NAME = "adapter_config.json"
@@ -721,7 +727,9 @@ def _lora_problem(layer, LoraLinear) -> str | None:
     if type(layer) is not LoraLinear:
         return f"{type(layer).__module__}.{type(layer).__name__} (only peft.tuners.lora.Linear is supported)"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear:
+    # exactly nn.Linear, or a subclass whose forward is F.linear's maths (Falcon's FalconLinear): FFALoRALinear
+    # computes F.linear(x, weight, bias) itself
+    if type(base) is not nn.Linear and not (isinstance(base, nn.Linear) and has_listed_linear_forward(type(base))):
         return f"base layer is a {type(base).__name__}, expected torch.nn.Linear"
     keys = list(layer.lora_A.keys())
     if len(keys) != 1:

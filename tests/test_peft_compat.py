@@ -321,6 +321,36 @@ def test_from_peft_refuses_what_it_cannot_convert(what, make, match):
     assert not ff.adapter_layers(pm.get_base_model())  # nothing converted
 
 
+def test_from_peft_converts_falcon_linear_and_refuses_a_subclass_overriding_its_forward():
+    """Falcon's FalconLinear is an nn.Linear subclass whose forward is F.linear's maths (x @ W.T + b): its peft
+    layers convert, with peft's output; a subclass with its own forward still is refused, changing nothing."""
+    from transformers import FalconConfig, FalconForCausalLM
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    cfg = FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value", "dense_4h_to_h"])
+    pm = get_peft_model(FalconForCausalLM(cfg).eval(), lora)
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n])
+    x = ids(2, 7, vocab=97)
+    expected = pm(input_ids=x).logits.detach()
+    model = from_peft(pm)
+    layers = ff.adapter_layers(model)
+    assert len(layers) == 4 and all(type(l.base_layer) is FalconLinear for l in layers.values())
+    assert_close_verbose(model(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="logits")
+
+    class ScaledFalconLinear(FalconLinear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    base = nn.Sequential(FalconLinear(4, 4), ScaledFalconLinear(4, 3))
+    pm = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]))
+    before = structure(pm)
+    with pytest.raises(ValueError, match=r"^from_peft: cannot convert: 1: base layer is a ScaledFalconLinear"):
+        from_peft(pm)
+    assert structure(pm) == before and not ff.adapter_layers(pm.get_base_model())
+
+
 def test_from_peft_refuses_two_adapters():
     pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     pm.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))

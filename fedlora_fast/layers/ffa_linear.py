@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import math
 import numbers
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -59,12 +60,30 @@ def check_input(x: Tensor, in_features: int, weight: Tensor, what: str = "x") ->
         raise ValueError(f"{what}: expected a tensor on {weight.device} (the layer's device), got {x.device}")
 
 
+# nn.Linear subclasses whose own forward computes exactly F.linear(x, weight, bias), as (module, class name):
+# Falcon's FalconLinear writes it as ``x @ weight.T + bias``. A class is matched by the identity of its forward
+# with the one that module defines (it is loaded wherever such a layer exists), never by its name alone: another
+# class of that name, or a subclass overriding forward again, stays refused. tests/test_inject.py checks that
+# each listed layer's output equals F.linear's.
+LINEAR_EQUIVALENT_FORWARDS = (("transformers.models.falcon.modeling_falcon", "FalconLinear"),)
+
+
+def has_listed_linear_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` is the forward of a class in ``LINEAR_EQUIVALENT_FORWARDS`` (F.linear's maths)."""
+    for module, name in LINEAR_EQUIVALENT_FORWARDS:
+        known = getattr(sys.modules.get(module), name, None)
+        if isinstance(known, type) and issubclass(known, nn.Linear) and cls.forward is known.forward:
+            return True
+    return False
+
+
 def base_problem(base: nn.Module) -> str | None:
     """Why ``base`` cannot be adapted, or None: the layer computes ``F.linear(x, base.weight, base.bias)``
-    itself, so a subclass with its own forward (a quantised or scaled linear) would silently lose it."""
+    itself, so a subclass with its own forward (a quantised or scaled linear) would silently lose it; only
+    the subclasses of ``LINEAR_EQUIVALENT_FORWARDS``, whose forward is that maths, may override it."""
     if not isinstance(base, nn.Linear):
         return f"expected torch.nn.Linear, got {type(base).__name__}"
-    if type(base).forward is not nn.Linear.forward:
+    if type(base).forward is not nn.Linear.forward and not has_listed_linear_forward(type(base)):
         return (f"{type(base).__module__}.{type(base).__name__} overrides nn.Linear.forward, which the adapter "
                 "would bypass (it computes F.linear(x, weight, bias) itself); only that forward is supported")
     if "forward" in base.__dict__:  # a forward set on the instance (accelerate's add_hook_to_module wraps it so)
