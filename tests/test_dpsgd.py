@@ -4,8 +4,10 @@ Small models on CPU with the PyTorch reference backend: the maths of the engine,
 checked backend by backend in test_ffa_linear.py).
 """
 
+import dataclasses
 import logging
 import math
+import re
 import warnings
 
 import pytest
@@ -1115,7 +1117,8 @@ def test_grouped_clip_reduce_equals_per_tensor_with_an_unused_adapter(monkeypatc
         if limit:
             monkeypatch.setattr(dpsgd, "GROUP_BYTES", limit)
         dp = make_dp(model, max_grad_norm=0.5)
-        ((model[3](model[1](model[0](batch["x"]))) - batch["y"]) ** 2).sum().backward()  # model[2] unused
+        model.forward = lambda x: model[3](model[1](model[0](x)))  # model[2] unused (called as the model: counted)
+        ((model(batch["x"]) - batch["y"]) ** 2).sum().backward()
         dp.accumulate()
         sums[flag] = dp.clipped_sum()
         dp.zero_grad()
@@ -1143,7 +1146,8 @@ def test_gradients_after_a_step_are_views_of_one_buffer_in_the_parameter_dtype()
     model[2].to(torch.float64)  # a head in another dtype: its own cast of the flat buffer
     dp = make_dp(model, noise_multiplier=1.0, noise_seed=0)
     x = make_batch(3, 2)["x"]
-    (model[2](model[1](model[0](x)).double()) ** 2).sum().backward()
+    model.forward = lambda x: model[2](model[1](model[0](x)).double())  # called as the model: its samples counted
+    (model(x) ** 2).sum().backward()
     dp.step()
     grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
     assert grads["0.lora_B"].dtype == torch.float32 and grads["2.weight"].dtype == torch.float64
@@ -1290,9 +1294,9 @@ def test_a_layer_that_sees_rows_other_than_samples_is_refused_before_anything_is
         model.forward = lambda d, _f=model.forward: _f(d["x"])  # a model taking its batch as one dict
         run = lambda x: model({"x": x})  # noqa: E731
     ((run(b["x"]) - b["y"]) ** 2).sum().backward()
-    where = "positional argument 0" if call == "positional" else "x"  # a dict: its key
+    where = {"positional": "positional argument 0", "keyword": "x", "dict": "positional argument 0['x']"}[call]
     rows = 15 if how == "fold" else 5  # n T rows folded, or T positions sequence-first
-    wanted = rf"\{{'lin\.lora_B': {rows}\}} .* model's input has 3 samples \({where}, dim 0\)"
+    wanted = rf"\{{'lin\.lora_B': {rows}\}} .* model was called on 3 samples \({re.escape(where)}, dim 0;"
     for stage in (dp.per_sample_norms, dp.step):
         with pytest.raises(ValueError, match=wanted):
             stage()
@@ -1312,7 +1316,7 @@ def test_the_rows_are_checked_against_the_forward_they_came_from():
     loss = ((model(b["x"]) - b["y"]) ** 2).sum()
     model(torch.randn(15, 1, IN))  # 15 samples of one position: 15 rows, the first forward's row count
     loss.backward()
-    with pytest.raises(ValueError, match=r"\{'lin\.lora_B': 15\} .* model's input has 3 samples"):
+    with pytest.raises(ValueError, match=r"\{'lin\.lora_B': 15\} .* model was called on 3 samples"):
         dp.step()
 
 
@@ -1342,7 +1346,7 @@ def test_opt_fc_layers_are_refused_and_its_attention_layers_match_the_batch_of_o
     ff.inject_adapters(model, ["fc1", "fc2"], r=4, alpha=8.0)
     dp = make_dp(model, clipping=clipping, expected_batch_size=3)
     _lm_loss(model, {"ids": ids}).backward()
-    with pytest.raises(ValueError, match=r"'model\.decoder\.layers\.0\.fc1\.lora_B': 18.*has 3 samples \(input_ids"):
+    with pytest.raises(ValueError, match=r"'model\.decoder\.layers\.0\.fc1\.lora_B': 18.*on 3 samples \(input_ids"):
         dp.step()
 
     model = _tiny_opt()
@@ -1361,12 +1365,159 @@ def test_opt_fc_layers_are_refused_and_its_attention_layers_match_the_batch_of_o
 
 
 def test_the_model_inputs_sample_count_is_read_from_the_input_not_a_mask_or_labels():
-    """``_model_samples``: the Hugging Face input first (whatever the keyword order), then the first positional
-    tensor, then the first keyword tensor, then a dict's; nothing to count by gives None (no check)."""
+    """``_model_samples``: the Hugging Face input first (whatever the keyword order, also a key inside a batch
+    passed whole), else the call's first tensor, opening dicts, lists, tuples and dataclasses; nothing to count
+    by gives None (refused by ``_check_rows``)."""
     ids, mask, pos = torch.zeros(4, 7), torch.zeros(4, 7), torch.zeros(1, 7)
     assert dpsgd._model_samples((), {"position_ids": pos, "attention_mask": mask, "input_ids": ids}) == (4, "input_ids")
     assert dpsgd._model_samples((), {"position_ids": pos, "inputs_embeds": ids}) == (4, "inputs_embeds")
-    assert dpsgd._model_samples(({"labels": mask[:, 0], "pixel_values": ids},), {}) == (4, "pixel_values")
+    got = dpsgd._model_samples(({"labels": mask[:1, 0], "pixel_values": ids},), {})
+    assert got == (4, "positional argument 0['pixel_values']")
     assert dpsgd._model_samples((3.0, ids), {"position_ids": pos}) == (4, "positional argument 1")
     assert dpsgd._model_samples((torch.tensor(2.0),), {"h": ids}) == (4, "h")
-    assert dpsgd._model_samples(([ids],), {"scale": 2.0}) is None
+    assert dpsgd._model_samples(((ids, mask[:1]),), {}) == (4, "positional argument 0[0]")
+    assert dpsgd._model_samples((), {"batch": [pos[0, :1], {"x": ids}]}) == (1, "batch[0]")
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        n: int = 0
+
+    assert dpsgd._model_samples((Batch(ids),), {}) == (4, "positional argument 0.x")
+    assert dpsgd._model_samples(([1, "a"],), {"scale": 2.0, "s": torch.tensor(1.0)}) is None
+
+
+@pytest.mark.parametrize("call", ["tuple", "list", "keyword_tuple", "keyword_dict", "dataclass"])
+def test_a_batch_passed_whole_is_counted_and_a_call_with_nothing_to_count_is_refused(call):
+    """A batch passed as one tuple, list, dict or dataclass is opened to count its samples (a review found
+    ``model((x, y))`` with folded rows stepped: 15 rows clipped as samples). Gradients of a forward whose samples
+    cannot be counted (no tensor in the call; submodules called instead of the model) are refused: the check
+    fails closed."""
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+
+    torch.manual_seed(0)
+    model = _Folding("fold")
+    ff.inject_adapters(model, ["lin"], r=R, alpha=6.0)
+    take = {"tuple": lambda b: b[0], "list": lambda b: b[0], "keyword_tuple": lambda b: b[0],
+            "keyword_dict": lambda b: b["x"], "dataclass": lambda b: b.x}[call]
+    wrap = {"tuple": lambda x: (x, 1.0), "list": lambda x: [x], "keyword_tuple": lambda x: (x,),
+            "keyword_dict": lambda x: {"x": x}, "dataclass": lambda x: Batch(x)}[call]
+    forward = model.forward
+    if call.startswith("keyword"):
+        model.forward = lambda batch: forward(take(batch))
+        run = lambda x: model(batch=wrap(x))  # noqa: E731
+    else:
+        model.forward = lambda b: forward(take(b))
+        run = lambda x: model(wrap(x))  # noqa: E731
+    dp = make_dp(model)
+    b = make_batch(3, 5)
+    ((run(b["x"]) - b["y"]) ** 2).sum().backward()
+    with pytest.raises(ValueError, match=r"\{'lin\.lora_B': 15\} .* called on 3 samples"):
+        dp.step()
+    dp.zero_grad()
+    # nothing to count by: the model called with a callable holding the batch; then a submodule called alone
+    model.forward = lambda get: forward(get())
+    ((model(lambda: b["x"]) - b["y"]) ** 2).sum().backward()
+    with pytest.raises(ValueError, match=r"cannot count the samples .* \['lin\.lora_B'\].*dp\.zero_grad\(\)"):
+        dp.step()
+    dp.zero_grad()
+    model.forward = forward
+    model(b["x"][:, :1])  # a counted forward (3 samples, 3 rows), then a submodule alone on 15 rows
+    ((model.lin(b["x"].reshape(-1, IN)) - b["y"].reshape(-1, OUT)) ** 2).sum().backward()
+    with pytest.raises(ValueError, match=r"called on 3 samples"):
+        dp.step()
+    assert dp.steps == 0
+
+
+def test_routed_experts_and_a_sparse_masked_lm_head_are_refused_when_the_engine_is_built():
+    """A routed expert's rows are the tokens routed to it, and ModernBERT's masked-LM head with
+    ``sparse_prediction`` sees the masked tokens: when their count equals the batch's the row check cannot
+    tell (a review found Switch Transformers' experts and that head clipped per token, silently). Refused by
+    where they sit; shared experts are batch-first and accepted."""
+
+    class Moe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList([nn.Linear(IN, OUT), nn.Linear(IN, OUT)])
+            self.shared_experts = nn.ModuleList([nn.Linear(IN, OUT)])
+
+        def forward(self, x):
+            return self.shared_experts[0](x) + self.experts[0](x[:1])
+
+    model = Moe()
+    ff.inject_adapters(model, ["experts.0", "shared_experts.0"], r=R, alpha=6.0)
+    with pytest.raises(ValueError, match=r"\['experts\.0'\] see tokens gathered from the whole batch"):
+        make_dp(model)
+    model = Moe()
+    ff.inject_adapters(model, ["shared_experts.0"], r=R, alpha=6.0)
+    make_dp(model)
+
+    transformers = pytest.importorskip("transformers")
+    for sparse in (True, False):
+        cfg = transformers.ModernBertConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, sparse_prediction=sparse, pad_token_id=0)
+        model = transformers.ModernBertForMaskedLM(cfg)
+        ff.inject_adapters(model, ["Wqkv", "decoder"], r=4, alpha=8.0, trainable_modules=["head.norm"])
+        if sparse:
+            with pytest.raises(ValueError, match=r"\['head\.norm', 'decoder'\] see tokens gathered"):
+                make_dp(model)
+        else:
+            make_dp(model)
+
+
+def _tiny_nllb_moe(fraction):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.NllbMoeConfig(
+        vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_experts=4, expert_capacity=3,
+        encoder_sparse_step=2, decoder_sparse_step=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        moe_token_dropout=0.0, max_position_embeddings=32, moe_eval_capacity_token_fraction=fraction,
+        router_z_loss_coef=0.0, router_aux_loss_coef=0.0,
+    )
+    model = transformers.NllbMoeForConditionalGeneration(cfg)
+    ff.inject_adapters(model, ["q_proj", "v_proj"], r=4, alpha=8.0)
+    return model
+
+
+def test_an_expert_capacity_shared_by_the_batch_is_refused_like_batch_statistics_and_instance_norm_is_not():
+    """NLLB-MoE's router drops the tokens past an expert's capacity, counted over the whole batch: one sample's
+    tokens decide another's, so even plain attention adapters' per-sample gradients depend on other samples (a
+    review measured 0.3% off the batch-of-one loop). Refused in training mode and in eval mode with a capacity
+    fraction below 1; eval mode with fraction 1 drops nothing and runs. InstanceNorm normalises each sample by
+    its own statistics: no longer refused as batch norm."""
+    ids = torch.randint(3, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    dec = torch.randint(3, 97, (3, 4), generator=torch.Generator().manual_seed(2))
+    for fraction, mode, refused in ((1.0, "train", True), (0.2, "eval", True), (1.0, "eval", False)):
+        model = _tiny_nllb_moe(fraction)
+        getattr(model, mode)()
+        make_dp(model, expected_batch_size=3)
+        run = lambda: model(input_ids=ids, decoder_input_ids=dec).logits.sum()  # noqa: E731
+        if refused:
+            with pytest.raises(ValueError, match=r"route tokens to experts up to a capacity shared by the whole"):
+                run()
+        else:
+            run().backward()
+            assert per_sample_grads_engine(model)["model.encoder.layers.0.self_attn.q_proj.lora_B"].shape[0] == 3
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HID), nn.InstanceNorm1d(5), nn.Linear(HID, OUT)).train()  # (n, 5, HID)
+    ff.inject_adapters(model, ["0"], r=R, alpha=6.0)
+    dp = make_dp(model)
+    b = make_batch(3, 5)
+    ((model(b["x"]) - b["y"]) ** 2).sum().backward()
+    dp.step()
+
+
+def test_a_packed_batch_is_refused():
+    """A padding-free batch (``cu_seq_lens_*``: several sequences in one row, as ``DataCollatorWithFlattening``
+    makes) would be clipped as one sample per row."""
+    model = make_model()
+    make_dp(model)
+    x = make_batch(1, 6)["x"]
+    with pytest.raises(ValueError, match=r"\['cu_seq_lens_q'\], a packed \(padding-free\) batch"):
+        model.forward = lambda x, cu_seq_lens_q=None: model[2](model[1](model[0](x)))
+        model(x, cu_seq_lens_q=torch.tensor([0, 2, 6]))

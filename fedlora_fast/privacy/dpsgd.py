@@ -17,6 +17,7 @@ once, clipped sums added), then one ``step()``: noise once, one accountant step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import secrets
@@ -215,24 +216,62 @@ def _trained_device(model) -> torch.device:
 
 
 _SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+# keyword arguments of a packed (padding-free) batch: several sequences in one row, which DPSGD would clip as one
+_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens")
+
+
+def _tensors(obj, where: str, depth: int = 0):
+    """(where, tensor) for every tensor in ``obj``, depth first: mappings, lists, tuples and dataclasses are
+    opened (a model's batch as one argument: a dict, a ``BatchEncoding``, an ``(x, y)`` pair, a dataclass)."""
+    if isinstance(obj, Tensor):
+        yield where, obj
+    elif depth >= 4:
+        return
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{where}[{k!r}]" if where else str(k), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{where}[{i}]", depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name, None), f"{where}.{f.name}", depth + 1)
 
 
 def _model_samples(args: tuple, kwargs: dict) -> tuple[int, str] | None:
     """The number of samples in a model call and where it was read: dim 0 of the Hugging Face input
-    (``input_ids``, ``inputs_embeds``, ``pixel_values``, ``input_values``, ``input_features``; also inside a
-    dict passed as the first argument), else of the first positional tensor, else of the first keyword tensor
-    (None: the call holds no tensor with a dim 0)."""
-    def first(items):
-        return next(((k, v) for k, v in items if isinstance(v, Tensor) and v.dim() >= 1), None)
+    (``input_ids``, ``inputs_embeds``, ``pixel_values``, ``input_values``, ``input_features``, as a keyword or
+    a key anywhere in the call's dicts), else of the call's first tensor (positional arguments first, opening
+    dicts, lists, tuples and dataclasses). None: the call holds no tensor with a dim 0."""
+    calls = [*(_tensors(a, f"positional argument {i}") for i, a in enumerate(args)), _tensors(kwargs, "")]
+    found = [(w, t) for walk in calls for w, t in walk if t.dim() >= 1]
+    keyed = [(w, t) for key in _SAMPLE_KEYS for w, t in found if w == key or w.endswith(f"[{key!r}]")]
+    where, tensor = (keyed or found or [(None, None)])[0]
+    if tensor is None:
+        return None
+    return int(tensor.shape[0]), where
 
-    mapping = args[0] if args and isinstance(args[0], Mapping) else {}
-    found = (
-        first((k, d.get(k)) for k in _SAMPLE_KEYS for d in (kwargs, mapping))
-        or first((f"positional argument {i}", v) for i, v in enumerate(args))
-        or first(kwargs.items())
-        or first(mapping.items())
-    )
-    return None if found is None else (int(found[1].shape[0]), found[0])
+
+def _gathered_rows(model: nn.Module, trained: list[str]) -> list[str]:
+    """Of the trained per-sample modules ``trained``, those whose rows are tokens gathered from the whole batch
+    rather than samples, named by where they sit: a mixture of experts' routed experts (``...experts.3.wi``:
+    the tokens routed to that expert; Switch Transformers, NLLB-MoE, older Mixtral and Qwen-MoE), and the
+    masked-token head of ``ModernBertForMaskedLM`` with ``sparse_prediction`` (the masked tokens). ``_check_rows``
+    sees them only when the gathered count differs from the batch's."""
+    out = [n for n in trained if "experts" in n.split(".")]
+    for prefix, sub in model.named_modules():
+        if type(sub).__name__ == "ModernBertForMaskedLM" and getattr(sub.config, "sparse_prediction", False):
+            heads = tuple(f"{prefix}.{h}" if prefix else h for h in ("head", "decoder"))
+            out += [n for n in trained if n not in out and (n in heads or n.startswith(tuple(h + "." for h in heads)))]
+    return out
+
+
+# modules whose output for one sample depends on the batch's other samples, by class name: (why, is it so now)
+_BATCH_MIXERS = {
+    # the expert capacity is counted over the whole batch's tokens: other samples decide which of this
+    # sample's tokens reach their expert (none is dropped in eval mode with a capacity fraction >= 1)
+    "NllbMoeTop2Router": lambda m: m.training or not m.moe_eval_capacity_token_fraction >= 1,
+}
 
 
 def per_sample_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -266,12 +305,16 @@ class DPSGD:
     into rows (OPT's ``fc1``/``fc2``, MoE shared experts, multiple-choice models: n samples -> n·T or n·c
     rows) or a sequence-first layout (XLNet, FSMT) would be clipped per row, which bounds no sample's
     contribution by C: the engine compares every trained tensor's per-sample rows with dim 0 of the model's
-    input (``_model_samples``) and refuses the step, naming them. It cannot see a sequence-first layer in a
-    batch of as many samples as positions, nor a model whose own input is sequence-first
-    (``nn.TransformerEncoderLayer(batch_first=False)``). Likewise each backward must follow one call of the
-    model on one batch: a loss that runs the whole model twice is refused, but one that calls its
-    *submodules* on two batches (two chunks through ``model.model``, then one backward) cannot be told apart
-    from weight sharing, and row i of each chunk would be clipped as one sample. Per-sample gradients,
+    input (``_model_samples``) and refuses the step, naming them, and refuses gradients of a forward it cannot
+    count (fails closed). Layers fed tokens gathered from the batch (routed experts, a sparse masked-LM head:
+    ``_gathered_rows``) are refused when the engine is built, packed batches (``cu_seq_lens_*``) and a batch-wide
+    expert capacity (``_BATCH_MIXERS``) at the forward. It cannot see a sequence-first layer in a batch of as
+    many samples as positions, a model whose own input is sequence-first
+    (``nn.TransformerEncoderLayer(batch_first=False)``), nor sequences packed into a row by ``position_ids``
+    alone. Likewise each backward must follow one call of the model on one batch: a loss that runs the whole
+    model twice is refused, but one that calls its *submodules* on two chunks of the size of the model's last
+    call, then one backward, cannot be told apart from weight sharing, and row i of each chunk would be
+    clipped as one sample. Per-sample gradients,
     norms, clipped sums and noise are float32, also for a float64 model.
 
     Args:
@@ -410,9 +453,11 @@ class DPSGD:
         for m in self.modules.values():
             m.ps_ctx = self.ctx
         # batch statistics mix samples: one sample's data would reach every other sample's gradient
-        self._batch_norms = [
-            n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        self._batch_norms = [  # (InstanceNorm normalises each sample by its own statistics: not these)
+            n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
+        self._mixers = [(n, _BATCH_MIXERS[type(m).__name__]) for n, m in model.named_modules()
+                        if type(m).__name__ in _BATCH_MIXERS]
         self._hooks = [model.register_forward_pre_hook(_EngineHook(self._new_batch), with_kwargs=True)]
         self._batch_rows: dict[int, tuple[int, str]] = {}  # batch id -> (samples, where read): _new_batch
         guard = _EngineHook(self._guard_unconsumed)
@@ -535,6 +580,15 @@ class DPSGD:
         names = {id(p): n for n, p in model.named_parameters()}
         if not self.params:
             raise ValueError("model: no trainable parameters; call inject_adapters first")
+        trained = [n for n, m in self.modules.items() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        gathered = _gathered_rows(model, trained)
+        if gathered:
+            raise ValueError(
+                f"model: {gathered[:6]} see tokens gathered from the whole batch (a mixture of experts' routed "
+                "experts; a masked-LM head with sparse_prediction), not one row per sample: their per-sample "
+                "gradients would be per token, and clipping them would not bound one sample's contribution by C. "
+                "Adapt other layers (attention, shared experts), or turn sparse_prediction off"
+            )
         devices = sorted({str(p.device) for p in self.params})
         if len(devices) > 1:
             raise ValueError(
@@ -623,17 +677,32 @@ class DPSGD:
         self.ctx.batch_id += 1
         if not torch.is_grad_enabled():
             return  # evaluation: nothing per-sample happens
-        found = _model_samples(args, kwargs)
-        if found is not None:  # (the last few forwards: a backward may follow an earlier one)
-            self._batch_rows[self.ctx.batch_id] = found
-            if len(self._batch_rows) > 16:
-                del self._batch_rows[next(iter(self._batch_rows))]
+        packed = [k for k in _PACKED_KEYS if kwargs.get(k) is not None]
+        if packed:
+            raise ValueError(
+                f"model: called with {packed}, a packed (padding-free) batch: several sequences share one row, "
+                "and DPSGD clips each row as one sample, so one sequence's removal could move the sum by 2C "
+                "under noise calibrated to C. Pad the batch instead (one sequence per row)"
+            )
+        # the samples this forward's per-sample gradients must have (None: nothing to count by, refused then);
+        # the last few forwards, by batch id: a backward may follow an earlier one
+        self._batch_rows[self.ctx.batch_id] = _model_samples(args, kwargs)
+        if len(self._batch_rows) > 16:
+            del self._batch_rows[next(iter(self._batch_rows))]
         training = [n for n in self._batch_norms if self.model.get_submodule(n).training]
         if training:
             raise ValueError(
                 f"model: {training[:4]} normalise with batch statistics in training mode, which mixes "
                 "samples (per-sample gradients and their clipping would not bound one sample's influence); "
                 "put them in eval mode or replace them with GroupNorm/LayerNorm"
+            )
+        mixing = [n for n, now in self._mixers if now(self.model.get_submodule(n))]
+        if mixing:
+            raise ValueError(
+                f"model: {mixing[:4]} route tokens to experts up to a capacity shared by the whole batch, so "
+                "other samples decide which of a sample's tokens are dropped (its per-sample gradient depends on "
+                "them, like batch statistics). Use eval mode with config.moe_eval_capacity_token_fraction = 1.0 "
+                "(no token dropped)"
             )
         # the last step's gradient (views of one buffer, already used by the optimizer) is freed. Nothing in
         # the engine reads .grad: per-sample modules keep their results (float32) in the per-sample state and
@@ -688,20 +757,30 @@ class DPSGD:
         rows (OPT's ``fc1``/``fc2`` reshape (B, T, H) to (B T, H); a multiple-choice model's (B, C, T) to
         (B C, T)), or batch and sequence transposed (XLNet, FSMT), has per-row gradients: clipping each row to
         C would let one sample move the sum by up to T C, under noise calibrated to C. Refused before anything
-        is clipped, summed or accounted."""
-        # (a forward whose input held no tensor to count samples by, or run without grad, has no entry)
-        counted = [(p, r, self._batch_rows[r.batch]) for p, r in held if r.batch in self._batch_rows]
-        wrong = [(p, r.norm2.shape[0], *found) for p, r, found in counted if r.norm2.shape[0] != found[0]]
+        is clipped, summed or accounted, as are gradients whose forward cannot be counted (fails closed)."""
+        recover = "; dp.zero_grad() drops this backward"
+        uncounted = [p for p, r in held if self._batch_rows.get(r.batch) is None]
+        if uncounted:
+            raise ValueError(
+                f"model: cannot count the samples of the forward that {self._names_of(uncounted)[:6]} came from: "
+                "the call of the model given to DPSGD held no tensor (in its arguments, dicts, lists, tuples or "
+                "dataclasses), or it was not called at all (only its submodules), or more than 16 forwards ago. "
+                "DPSGD checks that every trained tensor has one per-sample row per sample of the model's input; "
+                "call the model itself on the batch's tensors before each backward" + recover
+            )
+        wrong = [(p, r.norm2.shape[0], *self._batch_rows[r.batch]) for p, r in held]
+        wrong = [w for w in wrong if w[1] != w[2]]
         if wrong:
             _, _, samples, where = wrong[0]
             rows = dict(zip(self._names_of([w[0] for w in wrong]), (w[1] for w in wrong)))
             raise ValueError(
                 f"model: the per-sample gradients of {rows} (tensor: rows) do not have one row per sample: the "
-                f"model's input has {samples} samples ({where}, dim 0). Those layers see the samples folded into "
-                "rows (e.g. OPT's fc1/fc2, which reshape (batch, tokens, hidden) to (batch*tokens, hidden); a "
-                "multiple-choice model) or a sequence-first layout (XLNet, FSMT), and clipping each row to C "
-                "would not bound one sample's contribution by C. Adapt or train other layers (inject_adapters' "
-                "targets / trainable_modules), or make dim 0 of their input the sample"
+                f"model was called on {samples} samples ({where}, dim 0; padding rows included). Those layers "
+                "see the samples folded into rows (e.g. OPT's fc1/fc2, which reshape (batch, tokens, hidden) "
+                "to (batch*tokens, hidden)) or a sequence-first layout (XLNet, FSMT), and clipping each row to "
+                "C would not bound one sample's contribution by C. Adapt or train other layers (inject_adapters' "
+                "targets / trainable_modules), or make dim 0 of their input the sample. (A multiple-choice "
+                "model folds the choices into every layer's rows: no layer of it can be trained so)" + recover
             )
 
     # --- the staged step ---------------------------------------------------------------------------------
