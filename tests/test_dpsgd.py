@@ -1521,3 +1521,87 @@ def test_a_packed_batch_is_refused():
     with pytest.raises(ValueError, match=r"\['cu_seq_lens_q'\], a packed \(padding-free\) batch"):
         model.forward = lambda x, cu_seq_lens_q=None: model[2](model[1](model[0](x)))
         model(x, cu_seq_lens_q=torch.tensor([0, 2, 6]))
+
+
+def test_a_packed_sequence_and_seq_idx_are_refused_as_packed_batches():
+    """A ``PackedSequence`` is a tuple whose ``data`` has one row per token of all sequences: counted as the
+    batch it let every token be clipped as a sample (a review: 8 rows stepped for 2 sequences). ``seq_idx``
+    (``DataCollatorWithFlattening(return_seq_idx=True)``) marks a packed row."""
+    model = make_model()
+    make_dp(model)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 5, IN), torch.tensor([5, 3]), batch_first=True)
+    model.forward = lambda p, seq_idx=None: model[2](model[1](model[0](p.data if seq_idx is None else p)))
+    with pytest.raises(ValueError, match=r"called with a PackedSequence \(positional argument 0\)"):
+        model(packed)
+    with pytest.raises(ValueError, match=r"\['seq_idx'\], a packed \(padding-free\) batch"):
+        model(torch.randn(1, 6, IN), seq_idx=torch.tensor([[0, 0, 1, 1, 1, 2]]))
+
+
+def test_an_engine_on_an_inner_model_detaches_the_one_on_the_outer_model():
+    """One engine per layer: an engine built on an inner model took the outer engine's layers, while the outer
+    engine stayed open and could step sums clipped under the inner engine's thresholds (a review: per-layer
+    C = 100 inside, noise for C = 1 outside, a clipped sum of norm 360 for 4 samples)."""
+    outer = make_model()
+    dp_outer = make_dp(outer, clipping="per_layer")
+    inner = nn.Sequential(*outer[:2])  # shares outer[0], the adapted layer
+    inner_params = [p for p in inner.parameters() if p.requires_grad]
+    dp_inner = ff.DPSGD(inner, torch.optim.SGD(inner_params, lr=1.0), max_grad_norm=100.0, noise_multiplier=0.0,
+                        expected_batch_size=4, clipping="per_layer")
+    assert dpsgd.attached_engine(outer) is None and dpsgd.attached_engine(inner) is dp_inner
+    b = make_batch(4, 3)
+    (inner(b["x"]) ** 2).sum().backward()
+    with pytest.raises(RuntimeError, match="this engine was detached"):
+        dp_outer.step()
+    dp_inner.step()
+
+
+class _Checkpointed(nn.Module):
+    """``_Folding`` run under reentrant activation checkpointing: its layer is recomputed in the backward."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.inner = _Folding(how)
+
+    def forward(self, x):  # (reentrant checkpointing trains parameters only through an input with grad)
+        return torch.utils.checkpoint.checkpoint(self.inner, x.requires_grad_(True), use_reentrant=True)
+
+
+def test_reentrant_checkpointing_checks_rows_against_the_one_open_forward():
+    """A layer recomputed in the backward records the latest forward's batch id, not its own: a folded forward
+    followed by another forward on as many samples as it has rows stepped (a review), and a batch-first one
+    followed by a smaller forward was refused as folded. With one open forward each is checked against it;
+    with more, refused, saying why."""
+    torch.manual_seed(0)
+    b, x15 = make_batch(3, 5), torch.randn(15, 5, IN)
+    for how, rows in (("fold", 15), ("transpose", 5)):
+        model = _Checkpointed(how)
+        ff.inject_adapters(model, ["inner.lin"], r=R, alpha=6.0)
+        dp = make_dp(model)
+        ((model(b["x"].clone()) - b["y"]) ** 2).sum().backward()  # one open forward: refused
+        with pytest.raises(ValueError, match=rf"'inner\.lin\.lora_B': {rows}\}} .* called on 3 samples"):
+            dp.step()
+        dp.zero_grad()
+        loss = ((model(b["x"].clone()) - b["y"]) ** 2).sum()
+        model(x15.clone() if how == "fold" else torch.randn(5, 5, IN))  # a second forward as large as the rows
+        loss.backward()
+        with pytest.raises(ValueError, match=r"2 forwards with grad since the last clip, and layers were recomputed"):
+            dp.step()
+        dp.zero_grad()
+
+    # batch-first under checkpointing: the usual loop steps; two open forwards are refused, not misread
+    model = make_model()
+    model.forward = lambda x: torch.utils.checkpoint.checkpoint(lambda h: model[2](model[1](model[0](h))),
+                                                                x.clone().requires_grad_(True), use_reentrant=True)
+    dp = make_dp(model)
+    for n in (4, 3):
+        bn = make_batch(n, 2)
+        ((model(bn["x"]) - bn["y"]) ** 2).sum().backward()
+        dp.step()
+        dp.zero_grad()
+    first, second = make_batch(4, 2), make_batch(3, 2)
+    loss = ((model(first["x"]) - first["y"]) ** 2).sum()
+    model(second["x"])
+    loss.backward()
+    with pytest.raises(ValueError, match=r"2 forwards with grad since the last clip"):
+        dp.accumulate()
+    assert dp.steps == 2

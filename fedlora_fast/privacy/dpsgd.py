@@ -217,39 +217,65 @@ def _trained_device(model) -> torch.device:
 
 _SAMPLE_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 # keyword arguments of a packed (padding-free) batch: several sequences in one row, which DPSGD would clip as one
-_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens")
+_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "seq_idx")
+_WALK_LIMIT = 256  # tensors looked at for a keyed input before settling for the first one (a KV cache, say)
 
 
-def _tensors(obj, where: str, depth: int = 0):
-    """(where, tensor) for every tensor in ``obj``, depth first: mappings, lists, tuples and dataclasses are
-    opened (a model's batch as one argument: a dict, a ``BatchEncoding``, an ``(x, y)`` pair, a dataclass)."""
+def _tensors(obj, path: tuple, depth: int = 0):
+    """(path, tensor) for every tensor in ``obj``, depth first: mappings, lists, tuples and dataclasses are
+    opened (a model's batch as one argument: a dict, a ``BatchEncoding``, an ``(x, y)`` pair, a dataclass). A
+    ``PackedSequence`` is refused: its rows are tokens of several sequences."""
     if isinstance(obj, Tensor):
-        yield where, obj
+        yield path, obj
+    elif isinstance(obj, nn.utils.rnn.PackedSequence):
+        raise ValueError(
+            f"model: called with a PackedSequence ({_path_str(path)}): its rows are the tokens of all sequences, "
+            "and DPSGD would clip each as a sample. Pass a padded batch (one sequence per row)"
+        )
     elif depth >= 4:
         return
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
-            yield from _tensors(v, f"{where}[{k!r}]" if where else str(k), depth + 1)
+            yield from _tensors(v, (*path, k), depth + 1)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _tensors(v, f"{where}[{i}]", depth + 1)
+            yield from _tensors(v, (*path, i), depth + 1)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            yield from _tensors(getattr(obj, f.name, None), f"{where}.{f.name}", depth + 1)
+            yield from _tensors(getattr(obj, f.name, None), (*path, f".{f.name}"), depth + 1)
+
+
+def _path_str(path: tuple) -> str:
+    """``("positional argument 0", "x", 1, ".a")`` -> ``positional argument 0['x'][1].a`` (a keyword: its name)."""
+    head, *rest = path
+    return str(head) + "".join(k if isinstance(k, str) and k.startswith(".") else f"[{k!r}]" for k in rest)
 
 
 def _model_samples(args: tuple, kwargs: dict) -> tuple[int, str] | None:
     """The number of samples in a model call and where it was read: dim 0 of the Hugging Face input
     (``input_ids``, ``inputs_embeds``, ``pixel_values``, ``input_values``, ``input_features``, as a keyword or
     a key anywhere in the call's dicts), else of the call's first tensor (positional arguments first, opening
-    dicts, lists, tuples and dataclasses). None: the call holds no tensor with a dim 0."""
-    calls = [*(_tensors(a, f"positional argument {i}") for i, a in enumerate(args)), _tensors(kwargs, "")]
-    found = [(w, t) for walk in calls for w, t in walk if t.dim() >= 1]
-    keyed = [(w, t) for key in _SAMPLE_KEYS for w, t in found if w == key or w.endswith(f"[{key!r}]")]
-    where, tensor = (keyed or found or [(None, None)])[0]
-    if tensor is None:
-        return None
-    return int(tensor.shape[0]), where
+    dicts, lists, tuples and dataclasses, 4 levels deep). None: the call holds no tensor with a dim 0."""
+    for key in _SAMPLE_KEYS:  # the usual call, model(**batch): no walk
+        t = kwargs.get(key)
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            return int(t.shape[0]), key
+    first = keyed = None
+    walks = [_tensors(a, (f"positional argument {i}",)) for i, a in enumerate(args)]
+    walks += [_tensors(v, (k,)) for k, v in kwargs.items()]
+    seen = 0
+    for path, t in (item for walk in walks for item in walk):
+        if t.dim() < 1:
+            continue
+        first = first or (path, t)
+        rank = _SAMPLE_KEYS.index(path[-1]) if path[-1] in _SAMPLE_KEYS else None
+        if rank is not None and (keyed is None or rank < keyed[0]):
+            keyed = (rank, path, t)
+        seen += 1
+        if seen >= _WALK_LIMIT:
+            break
+    path, t = keyed[1:] if keyed is not None else first or (None, None)
+    return None if t is None else (int(t.shape[0]), _path_str(path))
 
 
 def _gathered_rows(model: nn.Module, trained: list[str]) -> list[str]:
@@ -308,7 +334,8 @@ class DPSGD:
     input (``_model_samples``) and refuses the step, naming them, and refuses gradients of a forward it cannot
     count (fails closed). Layers fed tokens gathered from the batch (routed experts, a sparse masked-LM head:
     ``_gathered_rows``) are refused when the engine is built, packed batches (``cu_seq_lens_*``) and a batch-wide
-    expert capacity (``_BATCH_MIXERS``) at the forward. It cannot see a sequence-first layer in a batch of as
+    expert capacity (``_BATCH_MIXERS``) at the forward. Under reentrant activation checkpointing only one
+    forward may be open per clip (a recomputed layer's gradients cannot tell their forward). It cannot see a sequence-first layer in a batch of as
     many samples as positions, a model whose own input is sequence-first
     (``nn.TransformerEncoderLayer(batch_first=False)``), nor sequences packed into a row by ``position_ids``
     alone. Likewise each backward must follow one call of the model on one batch: a loss that runs the whole
@@ -441,11 +468,15 @@ class DPSGD:
         raise TypeError(self._NOT_COPIED)
 
     def _attach(self, model: nn.Module) -> None:
-        """All checks passed: attach (one engine per model; a new one detaches the last)."""
-        previous = attached_engine(model)
-        if previous is not None:
-            log.info("DPSGD: detaching the engine previously attached to this model (one engine per model)")
-            previous.detach()
+        """All checks passed: attach (one engine per model; a new one detaches the last, and any engine on a
+        model sharing one of its per-sample modules: an engine on the outer model left open after one on an
+        inner model took its layers would step sums clipped under the other engine's thresholds)."""
+        ours = {id(m) for m in self.modules.values()}
+        for other in [ref() for ref in list(_ENGINES.values())]:
+            if other is not None and (other.model is model or ours & {id(m) for m in other.modules.values()}):
+                log.info("DPSGD: detaching the engine previously attached to this model (or sharing its layers): "
+                         "one engine per layer")
+                other.detach()
         _ENGINES[model] = weakref.ref(self)
         for p in self.params:  # a gradient from before (non-private training) must not enter the first step
             per_sample.clear(p)
@@ -460,6 +491,10 @@ class DPSGD:
                         if type(m).__name__ in _BATCH_MIXERS]
         self._hooks = [model.register_forward_pre_hook(_EngineHook(self._new_batch), with_kwargs=True)]
         self._batch_rows: dict[int, tuple[int, str]] = {}  # batch id -> (samples, where read): _new_batch
+        # forwards with grad since the last clip (their batch ids), and whether a layer was recomputed in a
+        # backward since (activation checkpointing): a recomputed layer's gradients carry the latest batch id
+        self._open_forwards: list[int] = []
+        self._recomputed = False
         guard = _EngineHook(self._guard_unconsumed)
         self._hooks += [m.register_forward_pre_hook(guard) for m in self.modules.values()]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
@@ -587,7 +622,8 @@ class DPSGD:
                 f"model: {gathered[:6]} see tokens gathered from the whole batch (a mixture of experts' routed "
                 "experts; a masked-LM head with sparse_prediction), not one row per sample: their per-sample "
                 "gradients would be per token, and clipping them would not bound one sample's contribution by C. "
-                "Adapt other layers (attention, shared experts), or turn sparse_prediction off"
+                "Adapt other layers (attention; shared experts where batch-first, not Qwen2-MoE's), or turn "
+                "sparse_prediction off"
             )
         devices = sorted({str(p.device) for p in self.params})
         if len(devices) > 1:
@@ -689,6 +725,7 @@ class DPSGD:
         self._batch_rows[self.ctx.batch_id] = _model_samples(args, kwargs)
         if len(self._batch_rows) > 16:
             del self._batch_rows[next(iter(self._batch_rows))]
+        self._open_forwards = [*self._open_forwards[-15:], self.ctx.batch_id]
         training = [n for n in self._batch_norms if self.model.get_submodule(n).training]
         if training:
             raise ValueError(
@@ -701,8 +738,8 @@ class DPSGD:
             raise ValueError(
                 f"model: {mixing[:4]} route tokens to experts up to a capacity shared by the whole batch, so "
                 "other samples decide which of a sample's tokens are dropped (its per-sample gradient depends on "
-                "them, like batch statistics). Use eval mode with config.moe_eval_capacity_token_fraction = 1.0 "
-                "(no token dropped)"
+                "them, like batch statistics). Use eval mode with moe_eval_capacity_token_fraction = 1.0 (no token "
+                "dropped), set in the config before the model is built or on each router"
             )
         # the last step's gradient (views of one buffer, already used by the optimizer) is freed. Nothing in
         # the engine reads .grad: per-sample modules keep their results (float32) in the per-sample state and
@@ -714,8 +751,11 @@ class DPSGD:
             self._grads_stale = False
 
     def _guard_unconsumed(self, module, args):
-        if not (module.training and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
-            return  # eval, no_grad, or a recomputation inside backward (activation checkpointing)
+        if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward (activation checkpointing)
+            self._recomputed = self._recomputed or torch.is_grad_enabled()
+            return
+        if not (module.training and torch.is_grad_enabled()):
+            return  # eval, no_grad
         if any(per_sample.has_state(p) for p in self._trainable.get(id(module), ())):
             raise per_sample.PerSampleStateError(
                 "per-sample gradients of an earlier backward were never consumed: call dp.accumulate() (micro-"
@@ -757,18 +797,34 @@ class DPSGD:
         rows (OPT's ``fc1``/``fc2`` reshape (B, T, H) to (B T, H); a multiple-choice model's (B, C, T) to
         (B C, T)), or batch and sequence transposed (XLNet, FSMT), has per-row gradients: clipping each row to
         C would let one sample move the sum by up to T C, under noise calibrated to C. Refused before anything
-        is clipped, summed or accounted, as are gradients whose forward cannot be counted (fails closed)."""
-        recover = "; dp.zero_grad() drops this backward"
-        uncounted = [p for p, r in held if self._batch_rows.get(r.batch) is None]
+        is clipped, summed or accounted, as are gradients whose forward cannot be counted (fails closed).
+
+        A layer recomputed in the backward (reentrant activation checkpointing) records the latest forward's
+        batch id, not its own: then exactly one forward with grad may be open since the last clip, and every
+        gradient is checked against it."""
+        recover = "; dp.zero_grad() drops this backward (and the step's micro-batches accumulated so far)"
+        batch_of = lambda r: r.batch  # noqa: E731
+        if self._recomputed:
+            if len(self._open_forwards) != 1:
+                raise ValueError(
+                    f"model: {len(self._open_forwards)} forwards with grad since the last clip, and layers were "
+                    "recomputed in the backward (activation checkpointing), whose gradients cannot tell which "
+                    "forward they came from, so their rows cannot be checked against its samples. With "
+                    "checkpointing, run each forward's backward and dp.accumulate()/step() before the next "
+                    "forward" + recover
+                )
+            batch_of = lambda r: self._open_forwards[0]  # noqa: E731
+        uncounted = [p for p, r in held if self._batch_rows.get(batch_of(r)) is None]
         if uncounted:
             raise ValueError(
                 f"model: cannot count the samples of the forward that {self._names_of(uncounted)[:6]} came from: "
-                "the call of the model given to DPSGD held no tensor (in its arguments, dicts, lists, tuples or "
-                "dataclasses), or it was not called at all (only its submodules), or more than 16 forwards ago. "
-                "DPSGD checks that every trained tensor has one per-sample row per sample of the model's input; "
-                "call the model itself on the batch's tensors before each backward" + recover
+                "the call of the model given to DPSGD held no tensor (in its arguments, or dicts, lists, tuples "
+                "or dataclasses up to 4 levels deep), or it was not called with grad enabled (only its submodules, "
+                "or model.forward directly), or more than 16 forwards with grad ago. DPSGD checks that every "
+                "trained tensor has one per-sample row per sample of the model's input; call the model itself on "
+                "the batch's tensors before each backward" + recover
             )
-        wrong = [(p, r.norm2.shape[0], *self._batch_rows[r.batch]) for p, r in held]
+        wrong = [(p, r.norm2.shape[0], *self._batch_rows[batch_of(r)]) for p, r in held]
         wrong = [w for w in wrong if w[1] != w[2]]
         if wrong:
             _, _, samples, where = wrong[0]
@@ -780,7 +836,9 @@ class DPSGD:
                 "to (batch*tokens, hidden)) or a sequence-first layout (XLNet, FSMT), and clipping each row to "
                 "C would not bound one sample's contribution by C. Adapt or train other layers (inject_adapters' "
                 "targets / trainable_modules), or make dim 0 of their input the sample. (A multiple-choice "
-                "model folds the choices into every layer's rows: no layer of it can be trained so)" + recover
+                "model folds the choices into every layer's rows: no layer of it can be trained so.) If the "
+                f"count is what is wrong ({where} is not the batch, or model.forward was called directly, "
+                "bypassing the count), call the model with the batch's input first" + recover
             )
 
     # --- the staged step ---------------------------------------------------------------------------------
@@ -844,6 +902,7 @@ class DPSGD:
         else:  # the layers' backwards already clipped and summed, in float32 (None: unused)
             clipped = self._flatten([r.clipped if r is not None else None for r in records])
         self.ctx.consume(set().union(*(r.fwds for r in records if r is not None)))
+        self._open_forwards, self._recomputed = [], False
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
@@ -1121,6 +1180,7 @@ class DPSGD:
         for p in self.params:
             per_sample.clear(p)
             p.grad = None
+        self._open_forwards, self._recomputed = [], False
         self._end_step(stepped=False)
 
     def _end_step(self, stepped: bool) -> None:
