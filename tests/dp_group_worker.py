@@ -10,6 +10,8 @@ the group stays usable for the next):
   3. ``build_B``: the last rank's B differs: refused on every rank.
   4. ``step_refused``: the last rank steps without a backward: its own error, the others' "refused".
   5. ``release_sigma``: rank 0 changes the noise multiplier by hand between two steps: refused on every rank.
+  6. ``accumulate_rows``: the last rank's ``accumulate()`` refuses gradients whose forward it cannot count (its
+     submodules called without the model): its own error, the others' "refused" at their step.
 """
 
 from __future__ import annotations
@@ -144,6 +146,20 @@ def main(rank: int, world: int, init_file: str, out: str, clipping: str, device:
         dp.step()
 
     results["release_sigma"] = _outcome(release_sigma)
+    dp.zero_grad()
+    m = make_model()
+    dp = make_dp(m, clipping, process_group=pg)  # (release_sigma left rank 0's sigma changed)
+
+    def accumulate_rows():
+        if rank == last:
+            ((m[2](m[1](m[0](x[:2]))) - y[:2]) ** 2).sum().backward()  # submodules alone: nothing counted
+        else:
+            loss(m, x[:2], y[:2]).backward()
+        dp.accumulate()
+        dp.step()
+
+    results["accumulate_rows"] = _outcome(accumulate_rows)
+    dp.zero_grad()
     _finish(out, rank, results)
 
 

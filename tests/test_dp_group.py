@@ -62,6 +62,9 @@ def test_two_processes_release_what_one_process_releases_on_their_union(tmp_path
     mine, other = results[1]["step_refused"], results[0]["step_refused"]
     assert mine["error"] == "RuntimeError" and "no per-sample gradients since the last step" in mine["message"]
     assert other["error"] == "RuntimeError" and "rank(s) [1] refused this release" in other["message"]
+    mine, other = results[1]["accumulate_rows"], results[0]["accumulate_rows"]
+    assert mine["error"] == "ValueError" and "cannot count the samples" in mine["message"], mine
+    assert other["error"] == "RuntimeError" and "rank(s) [1] refused this release" in other["message"], other
 
 
 @pytest.mark.cuda

@@ -292,7 +292,7 @@ def _gathered_rows(model: nn.Module, trained: list[str]) -> list[str]:
     return out
 
 
-# modules whose output for one sample depends on the batch's other samples, by class name: (why, is it so now)
+# modules whose output for one sample can depend on the batch's other samples: class name -> whether it does now
 _BATCH_MIXERS = {
     # the expert capacity is counted over the whole batch's tokens: other samples decide which of this
     # sample's tokens reach their expert (none is dropped in eval mode with a capacity fraction >= 1)
@@ -327,22 +327,21 @@ class DPSGD:
     expected batch size): never ``loss.mean()`` over the actual batch. With the actual n as divisor, one
     sample's presence rescales every other sample's gradient, and the step's sum can move by up to about 2C
     when one sample is removed (the noise is calibrated to C). A mean over tokens *within* a sample is fine.
-    Dim 0 of every adapted or trained layer's input must be the sample. A layer that sees samples folded
-    into rows (OPT's ``fc1``/``fc2``, MoE shared experts, multiple-choice models: n samples -> n·T or n·c
-    rows) or a sequence-first layout (XLNet, FSMT) would be clipped per row, which bounds no sample's
-    contribution by C: the engine compares every trained tensor's per-sample rows with dim 0 of the model's
-    input (``_model_samples``) and refuses the step, naming them, and refuses gradients of a forward it cannot
-    count (fails closed). Layers fed tokens gathered from the batch (routed experts, a sparse masked-LM head:
-    ``_gathered_rows``) are refused when the engine is built, packed batches (``cu_seq_lens_*``) and a batch-wide
-    expert capacity (``_BATCH_MIXERS``) at the forward. Under reentrant activation checkpointing only one
-    forward may be open per clip (a recomputed layer's gradients cannot tell their forward). It cannot see a sequence-first layer in a batch of as
-    many samples as positions, a model whose own input is sequence-first
-    (``nn.TransformerEncoderLayer(batch_first=False)``), nor sequences packed into a row by ``position_ids``
-    alone. Likewise each backward must follow one call of the model on one batch: a loss that runs the whole
-    model twice is refused, but one that calls its *submodules* on two chunks of the size of the model's last
-    call, then one backward, cannot be told apart from weight sharing, and row i of each chunk would be
-    clipped as one sample. Per-sample gradients,
-    norms, clipped sums and noise are float32, also for a float64 model.
+    Dim 0 of every adapted or trained layer's input must be the sample. A layer that sees samples folded into rows
+    (OPT's ``fc1``/``fc2``, MoE shared experts, multiple-choice models: n samples -> n·T or n·c rows) or a
+    sequence-first layout (XLNet, FSMT) would be clipped per row, which bounds no sample's contribution by C: the
+    engine compares every trained tensor's per-sample rows with dim 0 of the model's input (``_model_samples``) and
+    refuses the step, naming them, and refuses gradients of a forward it cannot count (fails closed). Layers fed
+    tokens gathered from the batch (routed experts, a sparse masked-LM head: ``_gathered_rows``) are refused when
+    the engine is built, packed batches (``cu_seq_lens_*``, ``seq_idx``, a ``PackedSequence``) and a batch-wide
+    expert capacity (``_BATCH_MIXERS``) at the forward. Under reentrant activation checkpointing only one forward
+    may be open per clip (a recomputed layer's gradients cannot tell their forward). It cannot see a sequence-first
+    layer in a batch of as many samples as positions, a model whose own input is sequence-first
+    (``nn.TransformerEncoderLayer(batch_first=False)``), nor sequences packed into a row by ``position_ids`` alone.
+    Likewise each backward must follow one call of the model on one batch: a loss that runs the whole model twice is
+    refused, but one that calls its *submodules* on two chunks of the size of the model's last call, then one
+    backward, cannot be told apart from weight sharing, and row i of each chunk would be clipped as one sample.
+    Per-sample gradients, norms, clipped sums and noise are float32, also for a float64 model.
 
     Args:
         model: a model with adapters from ``inject_adapters`` (and optional ``trainable_modules``).
@@ -859,7 +858,13 @@ class DPSGD:
                 anything is summed, noised or accounted.
             ValueError: a trained tensor's rows are not the model input's samples (``_check_rows``): refused
                 alike.
+        Data parallel: a refusal here also reaches the group's other processes, at their next release
+        (``_group_refusal``), instead of leaving them waiting for this one.
         """
+        with self._group_refusal():
+            return self._clip_and_accumulate()
+
+    def _clip_and_accumulate(self) -> int:
         self._check_not_noised()
         self._check_trainable()
         clipped, dropped, n = self._clip_batch()
@@ -1107,7 +1112,7 @@ class DPSGD:
             self._check_noise_range()
             self._check_trainable()
             if self._have_backward():
-                self.clip_and_accumulate()
+                self._clip_and_accumulate()  # (inside this refusal: the group hears of a refusal once)
             if empty_batch and self._pending_samples > 0:
                 raise RuntimeError(
                     f"step(empty_batch=True): {self._pending_samples} sample(s) were accumulated since the last "
