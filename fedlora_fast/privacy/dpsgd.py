@@ -288,7 +288,8 @@ def _gathered_rows(model: nn.Module, trained: list[str]) -> list[str]:
     for prefix, sub in model.named_modules():
         if type(sub).__name__ == "ModernBertForMaskedLM" and getattr(sub.config, "sparse_prediction", False):
             heads = tuple(f"{prefix}.{h}" if prefix else h for h in ("head", "decoder"))
-            out += [n for n in trained if n not in out and (n in heads or n.startswith(tuple(h + "." for h in heads)))]
+            under = tuple(h + "." for h in heads)
+            out += [n for n in trained if n not in out and (n in heads or n.startswith(under))]
     return out
 
 
@@ -750,11 +751,13 @@ class DPSGD:
             self._grads_stale = False
 
     def _guard_unconsumed(self, module, args):
+        if not torch.is_grad_enabled():
+            return  # no_grad (the graph task is not read: torch.compile breaks its graph there)
         if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward (activation checkpointing)
-            self._recomputed = self._recomputed or torch.is_grad_enabled()
+            self._recomputed = True
             return
-        if not (module.training and torch.is_grad_enabled()):
-            return  # eval, no_grad
+        if not module.training:
+            return  # eval
         if any(per_sample.has_state(p) for p in self._trainable.get(id(module), ())):
             raise per_sample.PerSampleStateError(
                 "per-sample gradients of an earlier backward were never consumed: call dp.accumulate() (micro-"
@@ -802,7 +805,7 @@ class DPSGD:
         batch id, not its own: then exactly one forward with grad may be open since the last clip, and every
         gradient is checked against it."""
         recover = "; dp.zero_grad() drops this backward (and the step's micro-batches accumulated so far)"
-        batch_of = lambda r: r.batch  # noqa: E731
+        only = None  # the one open forward every gradient is checked against (recomputed layers)
         if self._recomputed:
             if len(self._open_forwards) != 1:
                 raise ValueError(
@@ -812,8 +815,9 @@ class DPSGD:
                     "checkpointing, run each forward's backward and dp.accumulate()/step() before the next "
                     "forward" + recover
                 )
-            batch_of = lambda r: self._open_forwards[0]  # noqa: E731
-        uncounted = [p for p, r in held if self._batch_rows.get(batch_of(r)) is None]
+            only = self._open_forwards[0]
+        counts = [self._batch_rows.get(r.batch if only is None else only) for _, r in held]
+        uncounted = [p for (p, _), count in zip(held, counts) if count is None]
         if uncounted:
             raise ValueError(
                 f"model: cannot count the samples of the forward that {self._names_of(uncounted)[:6]} came from: "
@@ -823,8 +827,7 @@ class DPSGD:
                 "trained tensor has one per-sample row per sample of the model's input; call the model itself on "
                 "the batch's tensors before each backward" + recover
             )
-        wrong = [(p, r.norm2.shape[0], *self._batch_rows[batch_of(r)]) for p, r in held]
-        wrong = [w for w in wrong if w[1] != w[2]]
+        wrong = [(p, r.norm2.shape[0], *count) for (p, r), count in zip(held, counts) if r.norm2.shape[0] != count[0]]
         if wrong:
             _, _, samples, where = wrong[0]
             rows = dict(zip(self._names_of([w[0] for w in wrong]), (w[1] for w in wrong)))
