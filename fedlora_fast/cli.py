@@ -197,8 +197,6 @@ def _file_id(path: Path) -> tuple[int, int, int] | None:
 def run_train(args: argparse.Namespace) -> int:
     from fedlora_fast.federated.simulation import run_simulation
 
-    # the checkpoint --out holds before this run (an interrupt tells its own first checkpoint from it)
-    args.checkpoint_before = _file_id(Path(args.out) / CHECKPOINT_NAME)
     config = config_from_args(args)
     config.validate()
     check_mode_flags(config)
@@ -270,13 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     shown = warnings.showwarning  # a warning is one line on stderr, not Python's file:line and source echo
     warnings.showwarning = lambda message, *a, **k: print(f"fedlora-fast: warning: {message}", file=sys.stderr)
+    out = getattr(args, "out", None)
+    checkpoint = Path(out) / CHECKPOINT_NAME if out else None
+    # the checkpoint --out holds before this run (an interrupt tells its own first checkpoint from it)
+    checkpoint_before = _file_id(checkpoint) if checkpoint is not None else None
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        checkpoint = Path(out) / CHECKPOINT_NAME if out else None
         if checkpoint is not None and getattr(args, "overwrite", False) and checkpoint.exists() and (
-                _file_id(checkpoint) == getattr(args, "checkpoint_before", _file_id(checkpoint))):
+                _file_id(checkpoint) == checkpoint_before):
             # --overwrite removes the previous run only once the new one is built: its checkpoint is still there
             print(f"fedlora-fast {args.command}: interrupted before this run checkpointed a round; the previous "
                   f"run in {out} is untouched: rerun with --overwrite to replace it", file=sys.stderr)

@@ -232,7 +232,9 @@ def test_server_rejects_bad_updates_and_the_round_completes(caplog):
     assert result.applied and server.round == 1
     torch.testing.assert_close(server.global_state["lora_B"], torch.full((4, 2), (2.0 * 10 + 4.0 * 30) / 40))
     assert all(torch.isfinite(t).all() for t in server.global_state.values())
-    assert "rejected the update of client 1" in caplog.text
+    # the logs count rounds from 1, as the metrics and the summary do (they said "round 0" for the first)
+    assert "round 1: rejected the update of client 1" in caplog.text
+    assert "update for round index 7, server is at round index 0 (round 1, counting from 1)" in reasons
 
 
 def test_a_clients_metrics_or_a_failing_check_never_end_the_round(monkeypatch):
@@ -1159,3 +1161,25 @@ def test_the_adapter_metadata_names_the_classes():
                 SimpleNamespace(fingerprint="f", config=FederatedConfig(labels=["ham", "spam"]))):
         meta = adapter_metadata(fed, final)
         assert meta["label_names"] == ["ham", "spam"] and meta["num_labels"] == 2 and meta["epsilon"] is None
+
+
+@pytest.mark.parametrize("eps", [[float("inf"), float("inf")], [None, None], [1.5, float("inf")], [1.0, 2.0]])
+def test_curves_say_when_epsilon_is_infinite(tmp_path, monkeypatch, eps):
+    """Without noise epsilon is inf (None in metrics.json): the epsilon panel was left empty, unexplained."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from fedlora_fast.federated.simulation import plot_curves
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    metrics = {"config": {"delta": 1e-5, "method": "ffa", "r": 8, "num_clients": 2, "partition": "iid"},
+               "rounds": [{"round": i + 1, "accuracy": 0.5, "epsilon": e} for i, e in enumerate(eps)]}
+    plot_curves(metrics, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = figs[0].axes[1]
+    finite = [e for e in eps if e is not None and e != float("inf")]
+    assert list(ax.lines[0].get_ydata()) == finite
+    said = [t.get_text() for t in ax.texts]
+    assert said == ([] if len(finite) == 2 else ["epsilon infinite (no noise)"] if not finite
+                    else ["epsilon infinite in some rounds"])

@@ -99,7 +99,7 @@ class Server:
         self.fingerprint = fingerprint
         self.aggregator = aggregator or FedAvg()
         self.min_clients = int(min_clients)
-        self.round = 0  # rounds completed
+        self.round = 0  # rounds completed: the protocol's 0-based index of the round under way (logs count from 1)
 
     def broadcast(self) -> bytes:
         """The message every client of the next round receives."""
@@ -118,8 +118,8 @@ class Server:
             return None, cid, f"client_id {cid}: not one of the federation's clients 0..{self.num_clients - 1}"
         rnd = meta.get("round")
         if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd != self.round:
-            return None, cid, (f"stale or future round: update for round {short_repr(rnd)}, server is at round "
-                               f"{self.round}")
+            return None, cid, (f"stale or future round: update for round index {short_repr(rnd)}, server is at "
+                               f"round index {self.round} (round {self.round + 1}, counting from 1)")
         if meta.get("fingerprint") != self.fingerprint:
             return None, cid, (
                 f"adapter fingerprint {short_repr(meta.get('fingerprint'))} differs from the server's "
@@ -171,7 +171,7 @@ class Server:
             except Exception as e:  # noqa: BLE001  (one client's message must never end the round for all)
                 update, cid, reason = None, None, f"invalid message ({type(e).__name__}: {str(e)[:200]})"
             if update is None:
-                log.warning("round %d: rejected the update of client %s: %s", self.round, cid, reason)
+                log.warning("round %d: rejected the update of client %s: %s", self.round + 1, cid, reason)
                 result.rejected.append({"client": cid, "reason": reason})
                 continue
             seen.add(cid)
@@ -183,18 +183,18 @@ class Server:
                 log.warning(
                     "round %d: only %d update(s) accepted, fewer than min_clients=%d: released all the same (%s "
                     "adds noise every round: a round skipped would tell whether a client took part)",
-                    self.round, len(result.accepted), self.min_clients, self.aggregator.name,
+                    self.round + 1, len(result.accepted), self.min_clients, self.aggregator.name,
                 )
             new_state = self.aggregator.aggregate(self.global_state, result.accepted)
             if all(bool(torch.isfinite(t).all()) for t in new_state.values()):
                 self.global_state = new_state
                 result.applied = True
             else:  # cannot happen with finite inputs; guard the global state all the same
-                log.error("round %d: aggregation produced non-finite values; global state kept", self.round)
+                log.error("round %d: aggregation produced non-finite values; global state kept", self.round + 1)
         else:
             log.error(
                 "round %d: only %d update(s) accepted, fewer than min_clients=%d; global state kept",
-                self.round, len(result.accepted), self.min_clients,
+                self.round + 1, len(result.accepted), self.min_clients,
             )
         self.round += 1
         return result

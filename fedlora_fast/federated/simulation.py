@@ -37,7 +37,7 @@ from fedlora_fast.federated import serialization
 from fedlora_fast.federated.aggregation import AGGREGATORS, CentralDP, FedAvg
 from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS, Client, share_cuda_graphs
 from fedlora_fast.federated.partition import SCHEMES, partition
-from fedlora_fast.federated.server import Server
+from fedlora_fast.federated.server import Server, _finite_number
 from fedlora_fast.federated.state import adapter_config, fingerprint, load_trainable, trainable_state
 from fedlora_fast.inject import adapter_layers, inject_adapters
 from fedlora_fast.io import LockedError, exclusive_lock
@@ -704,20 +704,19 @@ def _check_classes_present(train: TextClassificationData, test: TextClassificati
     classes of the split to no client), so it is checked too. Not for a Flower silo: its own file may hold only
     some of the federation's classes."""
     names = train.label_names
-    present = [n for n, c in zip(names, train.class_counts()) if c]
-    if len(present) < 2:
-        raise ValueError(
-            f"labels: the training split holds examples of {len(present)} of the classes {names} ({present}); a "
-            "classifier needs at least 2: check the label column, or the classes given"
-        )
+
+    def present_in(data: TextClassificationData, arg: str, holder: str, advice: str) -> list[str]:
+        present = [n for n, c in zip(names, data.class_counts()) if c]
+        if len(present) < 2:
+            raise ValueError(f"{arg}: {holder} examples of {len(present)} of the classes {names} ({present}); a "
+                             f"classifier needs at least 2: {advice}")
+        return present
+
+    present = present_in(train, "labels", "the training split holds", "check the label column, or the classes given")
     if parts is not None:
         held = train.subset(sorted(itertools.chain.from_iterable(parts)))
-        present = [n for n, c in zip(names, held.class_counts()) if c]
-        if len(present) < 2:
-            raise ValueError(
-                f"label_proportions: the clients hold examples of {len(present)} of the classes {names} "
-                f"({present}); a classifier needs at least 2: give a client a share of another class"
-            )
+        present = present_in(held, "label_proportions", "the clients hold",
+                             "give a client a share of another class")
     untrained = [n for n in names if n not in present]
     untested = [n for n, c in zip(names, test.class_counts()) if not c]
     if untrained or untested:
@@ -791,7 +790,14 @@ def plot_curves(metrics: dict, path: str | os.PathLike) -> None:
     ax1.set_xlabel("round")
     ax1.set_ylabel("test accuracy")
     ax1.grid(alpha=0.3)
-    ax2.plot(rounds, [r["epsilon"] for r in recs], marker="o", color="tab:red")
+    # epsilon is inf (None once through JSON) when no noise is added: say so rather than leave the panel empty
+    eps = [(r["round"], r["epsilon"]) for r in recs if _finite_number(r.get("epsilon"))]
+    ax2.plot([p[0] for p in eps], [p[1] for p in eps], marker="o", color="tab:red")
+    if len(eps) < len(recs):
+        ax2.text(0.5, 0.5, "epsilon infinite (no noise)" if not eps else "epsilon infinite in some rounds",
+                 transform=ax2.transAxes, ha="center", va="center", color="tab:red")
+        if not eps:
+            ax2.set_xlim(min(rounds, default=0) - 0.5, max(rounds, default=0) + 0.5)
     ax2.set_xlabel("round")
     ax2.set_ylabel(f"epsilon (delta={metrics['config']['delta']:g}, max over clients)")
     ax2.grid(alpha=0.3)
