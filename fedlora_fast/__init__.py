@@ -6,7 +6,7 @@ sample's gradient norm for DP-SGD clipping in one pass.
 """
 
 from fedlora_fast.inject import adapter_layers, inject_adapters  # noqa: F401
-from fedlora_fast.layers import FFALoRALinear, PerSampleLayerNorm, PerSampleLinear  # noqa: F401
+from fedlora_fast.layers import FFALoRALinear, PerSampleEmbedding, PerSampleLayerNorm, PerSampleLinear  # noqa: F401
 from fedlora_fast.peft_compat import export_peft, from_peft, load_peft  # noqa: F401
 from fedlora_fast.privacy import (  # noqa: F401
     DPSGD,

@@ -208,3 +208,29 @@ def test_make_private_on_minilm_with_all_linear_adapters_matches_ours():
     for k, p in model.named_parameters():
         if p.requires_grad:
             assert_close_verbose(p.grad_sample, want[k], atol=1e-6, rtol=1e-5, name=k)
+
+
+def test_make_private_trains_an_embedding_as_ours_does():
+    """A trained nn.Embedding (``PerSampleEmbedding``) under opacus: our sampler, padding row kept at zero as
+    torch's gradient keeps it (opacus's nn.Embedding sampler sums the padding tokens' gradients into it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(13, HID, padding_idx=2), nn.Linear(HID, OUT))
+    ff.inject_adapters(model, ["1"], r=3, alpha=6.0, trainable_modules=["0"])
+    n = 4
+    x = torch.randint(0, 13, (n, 5), generator=torch.Generator().manual_seed(1))
+    x[:, -1] = 2
+    y = torch.randn(n, 5, OUT)
+    want, _ = ours(model, x, y)
+    loop = per_sample_grads_loop(model, lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(), {"x": x, "y": y})
+    assert loop["0.weight"][:, 2].abs().max() == 0
+    prepare_for_opacus(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    pmodel, _, _ = PrivacyEngine().make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(x, y), batch_size=n), noise_multiplier=0.0,
+        max_grad_norm=1.0, loss_reduction="sum", poisson_sampling=False,
+    )
+    ((pmodel(x) - y) ** 2).sum().backward()
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close_verbose(p.grad_sample, want[k], atol=1e-6, rtol=1e-6, name=k)
+            assert_close_verbose(p.grad_sample, loop[k], atol=1e-5, rtol=1e-5, name=k + " vs loop")

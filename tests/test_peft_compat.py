@@ -482,13 +482,19 @@ def test_export_tied_trained_head_saves_every_module_holding_it(tmp_path):
     tied = r"modules_to_save: \['lm_head'\] share weights with \['model.embed_tokens.weight'\]"
     with pytest.raises(ValueError, match=tied):
         export_peft(ours, tmp_path / "b", modules_to_save=["lm_head"])
-    # an embedding has no per-sample rule: load_peft refuses, before changing the model
+    # our own export loads back (it was refused: an embedding had no per-sample rule), tied, both modules
+    # per-sample, and DP-SGD trains the pair (each sample's gradient: the sum of both uses, clipped as one)
     fresh = tiny_llama(tie_word_embeddings=True)
-    before = structure(fresh)
-    no_rule = r"modules_to_save: no per-sample gradient rule for .*model.embed_tokens \(Embedding\)"
-    with pytest.raises(ValueError, match=no_rule):
-        load_peft(fresh, tmp_path / "a")
-    assert structure(fresh) == before
+    load_peft(fresh, tmp_path / "a")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight and fresh.lm_head.weight.requires_grad
+    assert isinstance(fresh.model.embed_tokens, ff.PerSampleEmbedding) and isinstance(fresh.lm_head, ff.PerSampleLinear)
+    assert_close_verbose(fresh(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-6, rtol=1e-6, name="loaded")
+    opt = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=0.0)
+    dp = ff.DPSGD(fresh, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=2)
+    fresh(input_ids=x, labels=x).loss.backward()
+    dp.step()
+    assert dp.steps == 1
+    dp.detach()
 
 
 def test_rank_and_alpha_pattern_keys_match_one_full_name(tmp_path):

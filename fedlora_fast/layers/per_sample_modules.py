@@ -1,4 +1,4 @@
-"""Fully trainable extra modules (a classifier head, a LayerNorm) with exact per-sample gradients.
+"""Fully trainable extra modules (a classifier head, a LayerNorm, an embedding) with exact per-sample gradients.
 
 ``make_per_sample(module)`` swaps the class of every supported leaf in place (state-dict keys and
 ``isinstance`` checks stay as they were). Without a DP engine the swapped modules run their ordinary
@@ -35,7 +35,7 @@ class _PerSampleFn(torch.autograd.Function):
         x, *_ = ctx.saved_tensors
         module = ctx.module
         # state goes on the module's own Parameters: saved tensors may unpack as other objects (checkpointing)
-        params = [p for p in (module.weight, module.bias) if p is not None]
+        params = module.ps_params()
         dx = module.input_grad(x, g) if ctx.needs_input_grad[0] else None
         grads = []
         nodes = per_sample.input_nodes(ctx, len(params))  # (the params are the apply's last tensor inputs)
@@ -61,8 +61,11 @@ class _PerSampleMixin:
     def forward(self, x: Tensor) -> Tensor:
         if not per_sample.active(self.ps_ctx):
             return self.plain_forward(x)
-        params = [p for p in (self.weight, self.bias) if p is not None]
-        return _PerSampleFn.apply(x, self, *params)
+        return _PerSampleFn.apply(x, self, *self.ps_params())
+
+    def ps_params(self) -> list[Tensor]:
+        """The parameters, in the order of ``per_sample_grads``'s results (an embedding has no bias)."""
+        return [p for p in (self.weight, getattr(self, "bias", None)) if p is not None]
 
 
 class PerSampleLinear(_PerSampleMixin, nn.Linear):
@@ -107,7 +110,37 @@ class PerSampleLayerNorm(_PerSampleMixin, nn.LayerNorm):
         return out
 
 
-_SWAPS: dict[type, type] = {nn.Linear: PerSampleLinear, nn.LayerNorm: PerSampleLayerNorm}
+class PerSampleEmbedding(_PerSampleMixin, nn.Embedding):
+    """nn.Embedding whose per-sample gradient of the table is ``sum_t onehot(id_t) g_t`` (the padding row stays
+    zero, as torch leaves it).
+
+    Dense: a backward holds (n, num_embeddings, embedding_dim) float32 per-sample gradients, as opacus's sampler
+    does (n x 47 MB for a 30k x 384 table). ``max_norm`` (the forward rewrites looked-up rows of the weight in
+    place, a change no noise covers), ``scale_grad_by_freq`` (each token's gradient scaled by its count in the
+    whole batch: one sample's gradient would depend on the others) and ``sparse`` are refused
+    (``per_sample_problems``).
+    """
+
+    def plain_forward(self, x: Tensor) -> Tensor:
+        return nn.functional.embedding(x, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                                       self.scale_grad_by_freq, self.sparse)
+
+    def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        raise TypeError(f"{type(self).__name__}: its input (token ids, {x.dtype}) has no gradient")
+
+    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[Tensor]:
+        n, d = g.shape[0], g.shape[-1]
+        ids = x.reshape(n, -1).long()  # (flat3 folded a 1-D or 2-D id tensor the way it folds features)
+        gf = g.float().reshape(n, ids.shape[1], d)
+        if self.padding_idx is not None:
+            gf = gf.masked_fill((ids == self.padding_idx).unsqueeze(-1), 0.0)
+        rows = ids + torch.arange(n, device=ids.device).unsqueeze(1) * self.num_embeddings
+        out = gf.new_zeros(n * self.num_embeddings, d).index_add_(0, rows.flatten(), gf.reshape(-1, d))
+        return [out.view(n, self.num_embeddings, d)]
+
+
+_SWAPS: dict[type, type] = {nn.Linear: PerSampleLinear, nn.LayerNorm: PerSampleLayerNorm,
+                            nn.Embedding: PerSampleEmbedding}
 
 
 def per_sample_problems(module: nn.Module, name: str = "") -> list[str]:
@@ -124,6 +157,12 @@ def per_sample_problems(module: nn.Module, name: str = "") -> list[str]:
         if isinstance(sub, nn.LayerNorm) and len(sub.normalized_shape) != 1:
             unsupported.append(f"{full} (LayerNorm over {tuple(sub.normalized_shape)}: "
                                "per-sample rule for one normalised dim only)")
+        elif isinstance(sub, nn.Embedding) and (sub.max_norm is not None or sub.scale_grad_by_freq or sub.sparse):
+            why = ("max_norm (its forward renormalises the looked-up rows of the weight in place)"
+                   if sub.max_norm is not None else
+                   "scale_grad_by_freq (a token's gradient scaled by its count in the whole batch)"
+                   if sub.scale_grad_by_freq else "sparse=True")
+            unsupported.append(f"{full} (Embedding with {why}: no per-sample rule)")
         elif not isinstance(sub, _PerSampleMixin) and type(sub) not in _SWAPS:
             unsupported.append(f"{full} ({type(sub).__name__})")
     return unsupported

@@ -650,7 +650,8 @@ class DPSGD:
                 raise ValueError(
                     f"model: module {mod_name or type(model).__name__!r} ({type(mod).__name__}) holds trainable "
                     f"tensors {tied} of a per-sample module (tied weights); their gradients there would not be "
-                    "clipped per sample: untie or freeze them"
+                    f"clipped per sample: untie or freeze them, or train {mod_name!r} too (inject_adapters' "
+                    "trainable_modules; flat clipping sums a sample's gradients from both before its clip)"
                 )
         opt_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [names[id(p)] for p in self.params if id(p) not in opt_params]

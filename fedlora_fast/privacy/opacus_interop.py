@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fedlora_fast.layers.ffa_linear import FFALoRALinear
-from fedlora_fast.layers.per_sample_modules import PerSampleLayerNorm, PerSampleLinear
+from fedlora_fast.layers.per_sample_modules import PerSampleEmbedding, PerSampleLayerNorm, PerSampleLinear
 from fedlora_fast.ops.ffa_linear import ffa_linear_bwd
 from fedlora_fast.reference import MODE_PER_SAMPLE, acc_dtype
 
@@ -115,7 +115,16 @@ def register_with_opacus() -> None:
     register_grad_sampler(PerSampleLinear)(compute_linear_grad_sample)
     register_norm_sampler(PerSampleLinear)(compute_linear_norm_sample)
     register_grad_sampler(PerSampleLayerNorm)(compute_layer_norm_grad_sample)
+    register_grad_sampler(PerSampleEmbedding)(compute_per_sample_embedding_grad_sample)
     _REGISTERED = True
+
+
+def compute_per_sample_embedding_grad_sample(layer: PerSampleEmbedding, activations, backprops) -> dict:
+    """opacus grad sampler for a trained embedding: the module's own rule (opacus 1.6's ``nn.Embedding``
+    sampler leaves the padding row's per-sample gradient non-zero, where torch's gradient is zero)."""
+    if not layer.weight.requires_grad:
+        return {}
+    return {layer.weight: layer.per_sample_grads(activations[0], backprops)[0].to(backprops.dtype)}
 
 
 def prepare_for_opacus(model: nn.Module) -> nn.Module:
