@@ -175,8 +175,9 @@ def inject_adapters(
             reads a string as a regex (``re.fullmatch``), this does not.
         r, alpha, seed, train_A, dropout, use_rslora: see ``FFALoRALinear``.
         trainable_modules: extra modules trained in full with exact per-sample gradients, e.g.
-            ``["classifier"]`` for a classification head; their leaves with parameters must be ``nn.Linear``,
-            ``nn.LayerNorm`` (last dim) or ``nn.Embedding`` (``layers.per_sample_modules``).
+            ``["classifier"]`` for a classification head. ``nn.Linear``, ``nn.LayerNorm`` (last dim) and
+            ``nn.Embedding`` have rules of their own; other leaves with parameters go through ``torch.func``
+            (``layers.per_sample_modules``).
     Returns:
         ``{qualified_name: layer}`` for every adapter added.
     Raises:

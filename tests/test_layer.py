@@ -400,11 +400,12 @@ def test_injection_errors():
     ff.inject_adapters(model, target_modules=["0"])
     with pytest.raises(ValueError, match=r"already has an adapter"):
         ff.inject_adapters(model, target_modules=["0"])
-    with pytest.raises(TypeError, match=r"no per-sample gradient rule for .*GELU|no per-sample gradient rule"):
-        class WithParam(nn.Module):
+    with pytest.raises(TypeError, match=r"no per-sample gradient rule for 1 \(WithParam: its own parameters beside"):
+        class WithParam(nn.Module):  # (a leaf with parameters of its own alone goes through torch.func)
             def __init__(self):
                 super().__init__()
                 self.p = nn.Parameter(torch.zeros(3))
+                self.inner = nn.Linear(3, 3)
 
         m = nn.Sequential(nn.Linear(4, 4), WithParam())
         ff.inject_adapters(m, target_modules=["0"], trainable_modules=["1"])
@@ -611,8 +612,9 @@ def test_adapters_made_on_meta_get_their_seeded_A_and_a_zero_B_when_materialised
 
 def test_refused_injection_leaves_the_model_unchanged():
     """Every check runs before the first parameter is frozen or layer replaced."""
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.GroupNorm(2, 4))
-    with pytest.raises(TypeError, match=r"trainable_modules: no per-sample gradient rule for 2 \(GroupNorm\)"):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    no_rule = r"trainable_modules: no per-sample gradient rule for 2 \(BatchNorm1d: batch norm"
+    with pytest.raises(TypeError, match=no_rule):
         ff.inject_adapters(model, ["0", "1"], trainable_modules=["2"])
     assert not ff.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match=r"alpha: expected a positive finite number"):

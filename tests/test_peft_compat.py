@@ -602,17 +602,24 @@ def test_inject_and_load_refuse_a_model_with_peft_layers(tmp_path, monkeypatch, 
 
 
 def test_refused_conversions_leave_the_model_unchanged(tmp_path):
-    """A module with no per-sample rule (Llama's RMSNorm) is refused before anything is injected or swapped,
-    and the error names where it came from."""
-    llama = tiny_llama()
+    """A module with no per-sample rule (a batch norm in place of Llama's RMSNorm: its statistics mix the samples)
+    is refused before anything is injected or swapped, and the error names where it came from."""
+
+    def odd_llama():
+        model = tiny_llama()
+        model.model.norm = nn.BatchNorm1d(32)
+        return model
+
+    llama = odd_llama()
     before = structure(llama)
-    with pytest.raises(TypeError, match=r"^trainable_modules: no per-sample gradient rule for model.norm \(LlamaRMSNorm\)"):
+    no_rule = r"^trainable_modules: no per-sample gradient rule for model.norm \(BatchNorm1d"
+    with pytest.raises(TypeError, match=no_rule):
         ff.inject_adapters(llama, ["q_proj"], trainable_modules=["model.norm"])
     assert structure(llama) == before
     saved = ["layers.1.mlp.down_proj", "model.norm"]
-    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=saved))
+    pm = get_peft_model(odd_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=saved))
     pm.save_pretrained(str(tmp_path / "p"))
-    no_rule = r"modules_to_save: no per-sample gradient rule for model.norm \(LlamaRMSNorm\)"
+    no_rule = r"modules_to_save: no per-sample gradient rule for model.norm \(BatchNorm1d"
     with pytest.raises(ValueError, match=no_rule) as err:
         load_peft(llama, tmp_path / "p")
     assert "trainable_modules" not in str(err.value)

@@ -1,4 +1,4 @@
-"""Fully trainable extra modules (a classifier head, a LayerNorm, an embedding) with exact per-sample gradients.
+"""Fully trainable extra modules (a head, a norm, an embedding, any sample-wise leaf) with exact per-sample gradients.
 
 ``make_per_sample(module)`` swaps the class of every supported leaf in place (state-dict keys and
 ``isinstance`` checks stay as they were). Without a DP engine the swapped modules run their ordinary
@@ -39,7 +39,8 @@ class _PerSampleFn(torch.autograd.Function):
         dx = module.input_grad(x, g) if ctx.needs_input_grad[0] else None
         grads = []
         nodes = per_sample.input_nodes(ctx, len(params))  # (the params are the apply's last tensor inputs)
-        for p, node, ps in zip(params, nodes, module.per_sample_grads(flat3(x), flat3(g))):
+        shaped = (flat3(x), flat3(g)) if module.ps_flat3 else (x, g)
+        for p, node, ps in zip(params, nodes, module.per_sample_grads(*shaped)):
             if not p.requires_grad or not per_sample.accumulates(node):  # (an input-only backward: nothing kept)
                 grads.append(None)
                 continue
@@ -54,6 +55,7 @@ class _PerSampleFn(torch.autograd.Function):
 
 class _PerSampleMixin:
     ps_ctx: per_sample.PerSampleContext | None = None
+    ps_flat3 = True  # per_sample_grads takes (n, T, features) views of the input and the output's gradient
 
     def __getstate__(self):  # a copy or a pickle is not under the DP engine (per_sample.state_for_copy)
         return per_sample.state_for_copy(self)
@@ -143,6 +145,150 @@ _SWAPS: dict[type, type] = {nn.Linear: PerSampleLinear, nn.LayerNorm: PerSampleL
                             nn.Embedding: PerSampleEmbedding}
 
 
+class _PerSampleFunctional(_PerSampleMixin):
+    """Any other leaf with parameters (an RMSNorm of any model family, GPT-2's Conv1D, GroupNorm, a convolution):
+    each sample's gradient is the vector-Jacobian product of the module's own forward on that sample alone
+    (``torch.func.vmap`` over ``torch.func.vjp``), for every parameter of the module itself. It runs in the
+    module's own dtypes, as its forward did (the function can depend on them: ``nn.RMSNorm``'s default eps is
+    the input dtype's), and the results are kept in float32 as every per-sample gradient is.
+
+    That is exact when the module treats samples independently. The first backward of each module checks it:
+    the per-sample gradients must add up to the batch's own gradient, else it is refused (a module that mixes
+    samples: per-sample gradients of another function than the one trained). Called with one tensor only."""
+
+    ps_flat3 = False
+    _ps_plain = False  # set while torch.func traces the module's own forward (no per-sample Function inside)
+    _ps_checked = False
+
+    def forward(self, *args, **kwargs):
+        if self._ps_plain or not per_sample.active(self.ps_ctx):
+            return self.plain_forward(*args, **kwargs)
+        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: a module trained with per-sample gradients through torch.func takes one "
+                f"tensor, got {len(args)} positional argument(s) and keywords {sorted(kwargs)}"
+            )
+        return _PerSampleFn.apply(args[0], self, *self.ps_params())
+
+    def plain_forward(self, *args, **kwargs):
+        return _base_of(type(self)).forward(self, *args, **kwargs)
+
+    def ps_params(self) -> list[Tensor]:
+        return list(self.parameters(recurse=False))
+
+    def _func_call(self, params: dict, x: Tensor) -> Tensor:
+        self._ps_plain = True
+        try:
+            return torch.func.functional_call(self, params, (x,), strict=True)
+        finally:
+            self._ps_plain = False
+
+    def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
+        _, vjp = torch.func.vjp(lambda xx: self._func_call(params, xx), x.detach())
+        return vjp(g.to(x.dtype))[0]
+
+    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[Tensor]:
+        names = [n for n, _ in self.named_parameters(recurse=False)]
+        params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
+        x = x.detach()
+
+        def grads_of(xs: Tensor, gs: Tensor) -> tuple:
+            out, vjp = torch.func.vjp(lambda ps: self._func_call(ps, xs), params)
+            grads = vjp(gs.to(out.dtype))[0]
+            return tuple(grads[n] for n in names)
+
+        try:
+            ps = torch.func.vmap(lambda xi, gi: grads_of(xi.unsqueeze(0), gi.unsqueeze(0)))(x, g)
+            if not self._ps_checked and not _capturing(x):
+                self._check_separable(ps, grads_of(x, g), names)
+        except PerSampleRuleError:
+            raise
+        except Exception as e:  # (vmap's own errors name torch internals, not the module)
+            raise PerSampleRuleError(
+                f"{type(self).__name__}: its per-sample gradients through torch.func failed ({type(e).__name__}: "
+                f"{str(e)[:300]}); the module's forward must treat samples independently and draw no random "
+                "numbers (dropout): leave it out of trainable_modules"
+            ) from e
+        return list(ps)
+
+    def _check_separable(self, ps: tuple, batch: tuple, names: list[str]) -> None:
+        for n, one, whole in zip(names, ps, batch):
+            # (a sum of n rounded terms against one rounded sum: a few units in the dtype's last place)
+            rtol = 1e-4 if torch.finfo(whole.dtype).bits >= 32 else 5e-2
+            one, whole = one.double(), whole.double()
+            scale = float(whole.abs().max()) if whole.numel() else 0.0
+            err = float((one.sum(0) - whole).abs().max()) if whole.numel() else 0.0
+            if not err <= rtol * scale + 1e-6:
+                raise PerSampleRuleError(
+                    f"{type(self).__name__}: the per-sample gradients of {n!r} (each sample's alone) add up to "
+                    "another gradient than the batch's: its forward mixes samples, so no per-sample gradient of it "
+                    "exists; leave it out of trainable_modules"  # (no figures: they are statistics of the data)
+                )
+        self._ps_checked = True
+
+
+class PerSampleRuleError(RuntimeError):
+    """A module trained through the torch.func rule whose per-sample gradients cannot be computed or are wrong."""
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+_FUNCTIONAL: dict[type, type] = {}  # base class -> its per-sample subclass (one per class, made on first use)
+_FUNCTIONAL_PREFIX = "PerSampleOf:"
+
+
+def _functional_name(base: type) -> str:
+    # pickle finds a class by module and dotted qualname: this name has no dot (module __getattr__ resolves it)
+    return f"{_FUNCTIONAL_PREFIX}{base.__module__.replace('.', '/')}:{base.__qualname__.replace('.', '/')}"
+
+
+def _functional_class(base: type) -> type:
+    cls = _FUNCTIONAL.get(base)
+    if cls is None:
+        name = _functional_name(base)
+        cls = type(f"PerSample{base.__name__}", (_PerSampleFunctional, base), {"__module__": __name__,
+                                                                                 "__qualname__": name})
+        cls._ps_base = base
+        _FUNCTIONAL[base] = cls
+    return cls
+
+
+def _base_of(cls: type) -> type:
+    return cls._ps_base
+
+
+def __getattr__(name: str):
+    """Resolve a pickled ``_functional_class`` by its ``_functional_name`` (the class is made on first use)."""
+    if name.startswith(_FUNCTIONAL_PREFIX):
+        import importlib
+
+        mod, _, qual = name[len(_FUNCTIONAL_PREFIX):].partition(":")
+        base = importlib.import_module(mod.replace("/", "."))
+        for part in qual.split("/"):
+            base = getattr(base, part)
+        return _functional_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _functional_problem(sub: nn.Module) -> str | None:
+    """Why the torch.func rule cannot take ``sub`` (a leaf with parameters and no built-in rule), or None."""
+    if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+        return "batch norm: its batch statistics mix the samples"
+    if isinstance(sub, nn.RNNBase):
+        return "a recurrent layer: sequence-first by default, no per-sample rule"
+    if isinstance(sub, nn.MultiheadAttention) or any(True for c in sub.children() for _ in c.parameters()):
+        return "its own parameters beside submodules with parameters"
+    parametrize = torch.nn.utils.parametrize
+    if parametrize.is_parametrized(sub) or isinstance(sub, parametrize.ParametrizationList):
+        return "a parametrized tensor"
+    if not all(p.is_floating_point() for p in sub.parameters(recurse=False)):
+        return "a parameter that is not floating point"
+    return None
+
+
 def per_sample_problems(module: nn.Module, name: str = "") -> list[str]:
     """The parameterised leaves of ``module`` with no per-sample rule, each as ``"name (why)"``.
 
@@ -164,7 +310,9 @@ def per_sample_problems(module: nn.Module, name: str = "") -> list[str]:
                    if sub.scale_grad_by_freq else "sparse=True")
             unsupported.append(f"{full} (Embedding with {why}: no per-sample rule)")
         elif not isinstance(sub, _PerSampleMixin) and type(sub) not in _SWAPS:
-            unsupported.append(f"{full} ({type(sub).__name__})")
+            why = _functional_problem(sub)
+            if why is not None:
+                unsupported.append(f"{full} ({type(sub).__name__}: {why})")
     return unsupported
 
 
@@ -172,7 +320,8 @@ def per_sample_error(unsupported: list[str], what: str = "trainable_modules") ->
     """The error for ``per_sample_problems``; ``what`` names where the modules came from (an argument, a file)."""
     return TypeError(
         f"{what}: no per-sample gradient rule for " + ", ".join(unsupported)
-        + f"; supported leaf types: {', '.join(t.__name__ for t in _SWAPS)}"
+        + f"; rules of their own: {', '.join(t.__name__ for t in _SWAPS)}; any other leaf with parameters goes "
+        "through torch.func if it treats samples independently and has no submodule with parameters"
     )
 
 
@@ -193,7 +342,7 @@ def make_per_sample(module: nn.Module, name: str = "", *, what: str = "trainable
     leaves = [sub for sub in module.modules() if any(True for _ in sub.parameters(recurse=False))]
     for sub in leaves:
         if not isinstance(sub, _PerSampleMixin):
-            sub.__class__ = _SWAPS[type(sub)]
+            sub.__class__ = _SWAPS.get(type(sub)) or _functional_class(type(sub))
         sub.ps_ctx = None
         for p in sub.parameters():
             p.requires_grad_(True)

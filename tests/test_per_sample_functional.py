@@ -1,0 +1,239 @@
+"""Per-sample gradients of leaves without a built-in rule, through torch.func (``_PerSampleFunctional``):
+Hugging Face RMSNorms (Llama's, Gemma's 1 + w), GPT-2's Conv1D, GroupNorm, nn.RMSNorm and a convolution, against
+a batch-of-one loop; modules that mix samples or draw random numbers are refused, never clipped wrongly.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fedlora_fast as ff
+from fedlora_fast.layers import per_sample_modules as psm
+from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
+
+transformers = pytest.importorskip("transformers")
+
+
+def sgd(model):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+
+def causal_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, -100)
+    return nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+
+
+def tiny(family: str) -> nn.Module:
+    kw = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    cfg = getattr(transformers, f"{family}Config")(**kw, **({"head_dim": 8} if family == "Gemma" else {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).double()
+    with torch.no_grad():  # norms away from their init (ones, or zeros for Gemma's 1 + w)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype))
+    return model
+
+
+def batch(seed: int = 1) -> dict:
+    x = torch.randint(1, 61, (3, 7), generator=torch.Generator().manual_seed(seed))
+    x[1, 5:] = 0
+    return {"input_ids": x, "attention_mask": (x != 0).long()}
+
+
+@pytest.mark.parametrize("family", ["Llama", "Gemma"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_hf_rmsnorms_match_the_loop(family, clipping):
+    model = tiny(family)
+    norms = ["model.norm", "model.layers.0.input_layernorm", "model.layers.1.post_attention_layernorm"]
+    ff.inject_adapters(model, ["q_proj"], r=2, alpha=4.0, trainable_modules=norms)
+    norm = model.model.norm
+    assert isinstance(norm, psm._PerSampleFunctional) and type(norm).__name__ == f"PerSample{family}RMSNorm"
+    b = batch()
+    loop = per_sample_grads_loop(model, causal_loss, b)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(loop) == sorted(names) and len(names) == 5
+    n = 3
+    each = {k: v.reshape(n, -1).norm(dim=1) for k, v in loop.items()}
+    thresholds = [float(each[k].median()) for k in names]  # some samples clipped, in every tensor
+    C = float(torch.sqrt(sum(v.pow(2) for v in each.values())).median())
+    if clipping == "per_layer":
+        C = float(torch.tensor(thresholds, dtype=torch.float64).norm()) * (1 + 1e-9)
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=C, noise_multiplier=0.0, expected_batch_size=3,
+                  clipping=clipping, **({"per_layer_max_grad_norm": thresholds} if clipping == "per_layer" else {}))
+    causal_loss(model, b).backward()
+    if clipping == "flat":
+        ours = per_sample_grads_engine(model)
+        for k in loop:
+            assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
+    dp.accumulate()
+    if clipping == "flat":
+        total = torch.sqrt(sum(v.reshape(n, -1).pow(2).sum(1) for v in loop.values()))
+        coefs = {k: (C / (total + 1e-6)).clamp(max=1.0) for k in names}
+    else:
+        coefs = {k: (C / (loop[k].reshape(n, -1).norm(dim=1) + 1e-6)).clamp(max=1.0) for k, C in zip(names, thresholds)}
+    assert all(bool((c < 1).any()) for c in coefs.values())
+    for k, got in zip(names, dp.clipped_sum()):
+        assert_close_verbose(got, torch.einsum("n,n...->...", coefs[k], loop[k]), atol=1e-7, rtol=1e-5, name=k)
+    dp.step()
+    dp.detach()
+
+
+class Permute(nn.Module):
+    def __init__(self, *dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+def test_conv1d_groupnorm_rmsnorm_and_conv_match_the_loop():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 8), Conv1D(10, 8), nn.RMSNorm(10), Permute(0, 2, 1), nn.GroupNorm(2, 10),
+        nn.Conv1d(10, 4, 3, padding=1), Permute(0, 2, 1), nn.Linear(4, 3),
+    ).double()
+    ff.inject_adapters(model, ["0", "7"], r=2, alpha=4.0, trainable_modules=["1", "2", "4", "5"])
+    for i in (1, 2, 4, 5):
+        assert isinstance(model[i], psm._PerSampleFunctional), i
+    with torch.no_grad():
+        for layer in ff.adapter_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(2)
+    b = {"x": torch.randn(5, 9, 6, generator=g, dtype=torch.float64),
+         "y": torch.randn(5, 9, 3, generator=g, dtype=torch.float64)}
+
+    def loss(m, bb):
+        return ((m(bb["x"]) - bb["y"]) ** 2).sum()
+
+    loop = per_sample_grads_loop(model, loss, b)
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=5)
+    loss(model, b).backward()
+    ours = per_sample_grads_engine(model)
+    assert sorted(ours) == sorted(loop) and len(loop) == 9  # 2 B + Conv1D (2) + RMSNorm + GroupNorm (2) + conv (2)
+    for k in loop:
+        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
+    dp.step()
+    dp.detach()
+
+
+def test_a_bf16_rmsnorm_matches_the_float64_loop():
+    model = tiny("Llama")
+    ref = tiny("Llama")
+    for m in (model, ref):
+        ff.inject_adapters(m, ["q_proj"], r=2, alpha=4.0, trainable_modules=["model.norm"])
+    model.to(torch.bfloat16)
+    b = batch(3)
+    loop = per_sample_grads_loop(ref, causal_loss, b)
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=3)
+    causal_loss(model, b).backward()
+    ours = per_sample_grads_engine(model)
+    assert ours["model.norm.weight"].dtype == torch.float64 and model.model.norm.weight.dtype == torch.bfloat16
+    scale = float(loop["model.norm.weight"].abs().max())
+    assert_close_verbose(ours["model.norm.weight"], loop["model.norm.weight"], atol=0.05 * scale, rtol=0.05,
+                         name="bf16 norm")
+    dp.step()
+    dp.detach()
+
+
+class BatchCentred(nn.Module):
+    """Mixes samples: subtracts the batch mean (no per-sample gradient of it exists)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True)) * self.weight
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.5, True) * self.weight
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x, y=None):
+        return x * self.weight
+
+
+@pytest.mark.parametrize("module, match", [
+    (BatchCentred, "add up to another gradient than the batch's"),
+    (Noisy, "failed .*draw no random"),
+])
+def test_a_module_that_mixes_samples_or_draws_random_numbers_is_refused_at_its_backward(module, match):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), module(), nn.Linear(4, 2))
+    ff.inject_adapters(model, ["0"], r=2, alpha=4.0, trainable_modules=["1"])
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    x = torch.randn(4, 3, 4)
+    with pytest.raises(psm.PerSampleRuleError, match=match):
+        model(x).pow(2).sum().backward()
+    dp.zero_grad()
+    assert dp.steps == 0
+    dp.detach()
+
+
+def test_a_module_called_with_more_than_one_tensor_is_refused_at_its_forward():
+    model = nn.Sequential(nn.Linear(4, 4), TwoInputs())
+    ff.inject_adapters(model, ["0"], r=2, alpha=4.0, trainable_modules=["1"])
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    with pytest.raises(TypeError, match=r"PerSampleTwoInputs: .* takes one tensor, got 2 positional"):
+        model[1](torch.randn(2, 4), torch.randn(2, 4))
+    assert torch.equal(model[1](torch.ones(2, 4)), torch.ones(2, 4))  # one tensor: fine
+    dp.detach()
+
+
+class OwnAndChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: nn.BatchNorm1d(4), "batch norm"),
+    (lambda: nn.LSTM(4, 4), "a recurrent layer"),
+    (OwnAndChild, "its own parameters beside submodules with parameters"),
+    (lambda: nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 1, bias=False)), "a parametrized tensor"),
+])
+def test_leaves_the_rule_cannot_take_are_refused_before_any_change(make, why):
+    model = nn.Sequential(collections.OrderedDict(lin=nn.Linear(4, 4), m=make()))
+    with pytest.raises(TypeError, match=rf"trainable_modules: no per-sample gradient rule for m\S* \(\w+: {why}"):
+        ff.inject_adapters(model, ["lin"], r=2, alpha=4.0, trainable_modules=["m"])
+    assert not ff.adapter_layers(model) and not any(isinstance(m, psm._PerSampleMixin) for m in model.modules())
+
+
+def test_a_model_with_such_a_module_pickles_and_loads_where_its_class_was_never_made():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4))
+    ff.inject_adapters(model, ["0"], r=2, alpha=4.0, trainable_modules=["1"])
+    data = pickle.dumps(model)
+    made = psm._FUNCTIONAL.pop(nn.GroupNorm)  # as in a fresh process, which has not made the class yet
+    try:
+        loaded = pickle.loads(data)
+    finally:
+        psm._FUNCTIONAL.setdefault(nn.GroupNorm, made)
+    assert isinstance(loaded[1], psm._PerSampleFunctional) and isinstance(loaded[1], nn.GroupNorm)
+    x = torch.randn(3, 4)
+    assert torch.equal(loaded(x), model(x))
