@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import secrets
+import sys
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -209,6 +210,32 @@ class _EngineHook:
         return (_NoHook, ())
 
 
+def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The innermost torch optimizer under wrappers that hold one as ``.optimizer`` (accelerate's)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _calling_grad_scaler():
+    """An enabled ``torch.amp.GradScaler`` whose ``step`` is on the call stack (the optimizer step pre-hook's
+    caller, a few frames up), or None."""
+    scalers = tuple(c for c in (getattr(torch.amp, "GradScaler", None),
+                                getattr(getattr(torch.cuda, "amp", None), "GradScaler", None)) if isinstance(c, type))
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if scalers and isinstance(owner, scalers) and owner.is_enabled():
+            return owner
+        frame = frame.f_back
+    return None
+
+
 def _trained_device(model) -> torch.device:
     """The device of ``model``'s first trainable tensor (CPU where it has none: ``DPSGD`` refuses it then)."""
     params = model.parameters() if isinstance(model, nn.Module) else ()
@@ -343,6 +370,14 @@ class DPSGD:
     refused, but one that calls its *submodules* on two chunks of the size of the model's last call, then one
     backward, cannot be told apart from weight sharing, and row i of each chunk would be clipped as one sample.
     Per-sample gradients, norms, clipped sums and noise are float32, also for a float64 model.
+
+    The optimizer steps once per release: an optimizer step with no ``scale_grad()`` (or ``step()``) since the last
+    one is refused (an extra ``optimizer.step()`` after ``step()`` would apply the same noisy gradient twice; a
+    framework's own step, e.g. ``transformers.Trainer``'s, needs the release first), and so is a step through an
+    enabled ``torch.amp.GradScaler``: its loss scale multiplies every per-sample gradient before the clip (C would
+    mean C / scale), and the engine's finite ``.grad`` never lets it back off. Use bf16 autocast, or fp16 autocast
+    without a scaler. accelerate's gradient accumulation: ``accumulate()`` on the micro-batches that do not sync,
+    ``step()`` on the one that does (``step()`` refuses while accelerate is accumulating).
 
     Args:
         model: a model with adapters from ``inject_adapters`` (and optional ``trainable_modules``).
@@ -497,6 +532,10 @@ class DPSGD:
         self._recomputed = False
         guard = _EngineHook(self._guard_unconsumed)
         self._hooks += [m.register_forward_pre_hook(guard) for m in self.modules.values()]
+        inner = _torch_optimizer(self.optimizer)  # the one whose step updates the tensors (under any wrapper)
+        self._released = False  # a noisy gradient is in .grad (scale_grad) and the optimizer has not stepped on it
+        self._hooks += [inner.register_step_pre_hook(_EngineHook(self._before_optimizer_step)),
+                        inner.register_step_post_hook(_EngineHook(self._after_optimizer_step))]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
         self._summed: Tensor | None = None  # (total,) float32: the clipped sums since the last step
         self._noised = False  # add_noise ran since the last step (scale_grad refuses otherwise)
@@ -1038,6 +1077,7 @@ class DPSGD:
             if self._noised:  # (data parallel, a second all_reduce would multiply the noisy sum by the world size)
                 raise RuntimeError("add_noise(): this step's sum already has its noise (and its accountant step): "
                                    "call scale_grad() (or zero_grad()) before the next add_noise()")
+            self._check_optimizer_syncs()
             self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
             self._check_noise_range()  # (sigma may have been set by hand, a tensor cast since)
         if self.process_group is not None:
@@ -1073,6 +1113,40 @@ class DPSGD:
             acc += torch.normal(0.0, 1.0, size=(size,), generator=gen, device=device, dtype=torch.float32)
         return acc * (std / 2)
 
+    def _check_optimizer_syncs(self) -> None:
+        """accelerate's ``AcceleratedOptimizer`` skips its step on micro-batches that do not sync: a release
+        there would be noised and accounted, never applied."""
+        state = getattr(self.optimizer, "gradient_state", None)
+        if state is not None and getattr(state, "sync_gradients", True) is False:
+            raise RuntimeError(
+                "accelerate is accumulating gradients (sync_gradients is False) and would skip the optimizer's "
+                "step, so this release would be noised and accounted but never applied: call dp.accumulate() on the "
+                "micro-batches that do not sync and dp.step() on the one that does"
+            )
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        """The optimizer's step pre-hook: one optimizer step per release, never through a GradScaler."""
+        if not self._released:
+            raise RuntimeError(
+                "optimizer.step(): no DP-SGD release since the optimizer's last step: it would apply a gradient the "
+                "engine did not clip and noise, or the last release a second time (an optimizer.step() after "
+                "dp.step(), which steps already). Step with dp.step(), or dp.clip_and_accumulate(), dp.add_noise(), "
+                "dp.scale_grad() and then optimizer.step() (a framework's own step, e.g. transformers.Trainer's: "
+                "run those three in its pre-optimizer-step callback)"
+            )
+        scaler = _calling_grad_scaler()
+        if scaler is not None:
+            self._released = False
+            raise RuntimeError(
+                "optimizer.step(): called through an enabled torch.amp.GradScaler, which DP-SGD does not support: the "
+                "loss scale multiplies every per-sample gradient before the clip (max_grad_norm would mean "
+                "max_grad_norm / scale, drifting with it), and the engine's always finite .grad never lets the scaler "
+                "back off. Use bf16 autocast, or fp16 autocast without a GradScaler (per-sample maths is float32)"
+            )
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._released = False
+
     def scale_grad(self) -> None:
         """Set ``.grad`` to the noisy sum divided by the expected batch size m, in the parameter's dtype, and
         end the logical step (its counts reset; the optimizer's step is the caller's).
@@ -1098,6 +1172,7 @@ class DPSGD:
         self.steps += 1
         self.last_step_samples = self._pending_samples
         self._end_step(stepped=True)
+        self._released = True
 
     def step(self, *, empty_batch: bool = False) -> None:
         """One DP-SGD step: clip what the last backward left, add noise once, divide by m, step.
@@ -1112,6 +1187,7 @@ class DPSGD:
                 pending.
         """
         with self._group_refusal():
+            self._check_optimizer_syncs()  # (before this batch is clipped into the sum: accumulate() it instead)
             self.noise_multiplier = _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
             self._check_noise_range()
             self._check_trainable()
@@ -1130,6 +1206,13 @@ class DPSGD:
         self.add_noise()  # the noisy gradient exists from here on: the accountant's step is spent
         self.scale_grad()
         self.optimizer.step()
+        if self._released:  # the optimizer's step returned without reaching torch's (a wrapper skipped it)
+            self._released = False
+            raise RuntimeError(
+                f"step(): {type(self.optimizer).__name__}.step() returned without stepping the optimizer it wraps: "
+                "this release was noised and accounted but not applied; step through an optimizer that steps, or "
+                "accumulate() the micro-batches it would skip"
+            )
 
     @contextlib.contextmanager
     def _group_refusal(self, what: str = "this release", device: torch.device | None = None):
