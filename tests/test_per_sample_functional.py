@@ -237,3 +237,56 @@ def test_a_model_with_such_a_module_pickles_and_loads_where_its_class_was_never_
     assert isinstance(loaded[1], psm._PerSampleFunctional) and isinstance(loaded[1], nn.GroupNorm)
     x = torch.randn(3, 4)
     assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", id="cuda_graph", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")]),
+])
+def test_graphed_steps_of_a_trained_embedding_and_norm_equal_eager_steps(device):
+    """GraphedAccumulator over a trained embedding (its own rule) and an RMSNorm (torch.func): on CUDA captured in
+    a graph (the separability check runs once, outside the capture), on the CPU eagerly. Clipped sums equal plain
+    eager micro-batches; noise seeded alike, so the steps' parameters match too."""
+    from fedlora_fast.privacy.graphed import GraphedAccumulator
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(23, 8, padding_idx=0), nn.RMSNorm(8), nn.Linear(8, 8), nn.Tanh(),
+                              nn.Linear(8, 3)).to(device)
+        ff.inject_adapters(model, ["2"], r=2, alpha=4.0, trainable_modules=["0", "1", "4"])
+        with torch.no_grad():
+            model[2].lora_B.normal_(0, 0.5)
+        dp = ff.DPSGD(model, sgd(model), max_grad_norm=0.5, noise_multiplier=1.0, noise_seed=0,
+                      expected_batch_size=4)
+        return model, dp
+
+    def per_sample_loss(model, b):
+        return ((model(b["ids"]) - b["y"]) ** 2).flatten(1).sum(1)
+
+    def batches():
+        for seed, n in ((1, 7), (2, 3), (3, 5)):
+            g = torch.Generator().manual_seed(seed)
+            yield {"ids": torch.randint(0, 23, (n, 6), generator=g).to(device),
+                   "y": torch.randn(n, 6, 3, generator=g).to(device)}
+
+    sums = {}
+    for graphed in (False, True):
+        model, dp = make()
+        acc = GraphedAccumulator(dp, per_sample_loss, micro_batch_size=4, graph=device == "cuda") if graphed else None
+        total = []
+        for b in batches():
+            if graphed:
+                acc.accumulate(b)
+            else:
+                for s in range(0, b["ids"].shape[0], 4):
+                    per_sample_loss(model, {k: v[s : s + 4] for k, v in b.items()}).sum().backward()
+                    dp.accumulate()
+            total.append(torch.cat([t.flatten() for t in dp.clipped_sum()]))
+            dp.step()
+            dp.zero_grad()
+        assert dp.steps == 3 and dp.samples_dropped == 0
+        if graphed and device == "cuda":
+            assert acc.replays > 0
+        sums[graphed] = torch.stack(total)
+    assert_close_verbose(sums[True], sums[False], atol=1e-5, rtol=1e-5, name="clipped sums")
