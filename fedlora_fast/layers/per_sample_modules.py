@@ -152,9 +152,10 @@ class _PerSampleFunctional(_PerSampleMixin):
     module's own dtypes, as its forward did (the function can depend on them: ``nn.RMSNorm``'s default eps is
     the input dtype's), and the results are kept in float32 as every per-sample gradient is.
 
-    That is exact when the module treats samples independently. The first backward of each module checks it:
-    the per-sample gradients must add up to the batch's own gradient, else it is refused (a module that mixes
-    samples: per-sample gradients of another function than the one trained). Called with one tensor only."""
+    That is exact when the module treats samples independently. The first backward of each module with two or
+    more samples checks it: the per-sample gradients must add up to the batch's own gradient, else it is refused
+    (a module that mixes samples: per-sample gradients of another function than the one trained). Called with one
+    tensor only."""
 
     ps_flat3 = False
     _ps_plain = False  # set while torch.func traces the module's own forward (no per-sample Function inside)
@@ -225,7 +226,8 @@ class _PerSampleFunctional(_PerSampleMixin):
                     "another gradient than the batch's: its forward mixes samples, so no per-sample gradient of it "
                     "exists; leave it out of trainable_modules"  # (no figures: they are statistics of the data)
                 )
-        self._ps_checked = True
+        if ps and ps[0].shape[0] >= 2:  # (one sample's gradient is the batch's whatever the module does)
+            self._ps_checked = True
 
 
 class PerSampleRuleError(RuntimeError):
