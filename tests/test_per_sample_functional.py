@@ -157,6 +157,58 @@ class BatchCentred(nn.Module):
         return (x - x.mean(0, keepdim=True)) * self.weight
 
 
+class InputMixed(nn.Module):
+    """Its parameter's gradients add up right; its output and its input's gradient do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return x * self.weight + x.mean(0, keepdim=True)
+
+
+class _MixedBackward(torch.autograd.Function):
+    """The identity, whose backward hands every sample the batch's mean gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.mean(0, keepdim=True).expand_as(g)
+
+
+class BackwardMixed(nn.Module):
+    """Output and parameter gradients sample-wise; only the input's gradient mixes (the adapters ahead would
+    receive other samples' gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return _MixedBackward.apply(x) * self.weight
+
+
+class DetachedMixed(nn.Module):
+    """Mixes samples in its output only (no gradient shows it): downstream gradients would carry other samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return x * self.weight + x.detach().mean(0, keepdim=True)
+
+
 class Noisy(nn.Module):
     def __init__(self):
         super().__init__()
@@ -176,7 +228,10 @@ class TwoInputs(nn.Module):
 
 
 @pytest.mark.parametrize("module, match", [
-    (BatchCentred, "add up to another gradient than the batch's"),
+    (BatchCentred, "for each sample alone, differs from the batch's"),
+    (InputMixed, "its output, for each sample alone, differs"),
+    (BackwardMixed, "its input's gradient, for each sample alone, differs"),
+    (DetachedMixed, "its output, for each sample alone, differs"),
     (Noisy, "failed .*draw no random"),
 ])
 def test_a_module_that_mixes_samples_or_draws_random_numbers_is_refused_at_its_backward(module, match):
@@ -293,3 +348,148 @@ def test_graphed_steps_of_a_trained_embedding_and_norm_equal_eager_steps(device)
             assert acc.replays > 0
         sums[graphed] = torch.stack(total)
     assert_close_verbose(sums[True], sums[False], atol=1e-5, rtol=1e-5, name="clipped sums")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_trained_leaves_under_autocast_match_the_loop(dtype):
+    """The backward replays the forward under the forward's autocast (it crashed on a bf16 input against float32
+    weights: GPT-2's Conv1D, convolutions), and the check's tolerance follows autocast's dtype (GroupNorm under
+    bf16 was refused as mixing samples)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), Conv1D(8, 8), Permute(0, 2, 1), nn.GroupNorm(2, 8), nn.Conv1d(8, 4, 3),
+                          Permute(0, 2, 1), nn.Linear(4, 3))
+    ff.inject_adapters(model, ["0", "6"], r=2, alpha=4.0, trainable_modules=["1", "3", "4"])
+    with torch.no_grad():
+        for layer in ff.adapter_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(4)
+    b = {"x": torch.randn(5, 9, 6, generator=g), "y": torch.randn(5, 7, 3, generator=g)}
+
+    def loss(m, bb):
+        with torch.autocast("cpu", dtype=dtype):
+            out = m(bb["x"])
+        return ((out.float() - bb["y"]) ** 2).sum()
+
+    loop = per_sample_grads_loop(model, loss, b)
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=5)
+    loss(model, b).backward()
+    ours = per_sample_grads_engine(model)
+    assert sorted(ours) == sorted(loop) and len(loop) == 8
+    for k in loop:
+        scale = float(loop[k].abs().max())
+        assert_close_verbose(ours[k], loop[k], atol=0.03 * scale, rtol=0.03, name=k)
+    dp.step()
+    dp.detach()
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma 3's kind: an nn.Embedding subclass (the torch.func rule) scaling by a buffer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(3.0), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+def test_a_leaf_with_buffers_and_per_sample_gradients_that_cancel():
+    """Buffers go into the replayed forward as they are (they were missing: 'Missing key(s): embed_scale'); the
+    check's tolerance is relative to each element's terms, not to their sum (16 near-identical samples whose
+    gradients cancel were refused as mixing)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledEmbedding(11, 4, padding_idx=0), nn.Linear(4, 4), nn.RMSNorm(4), nn.Linear(4, 1))
+    ff.inject_adapters(model, ["3"], r=2, alpha=4.0, trainable_modules=["0", "2"])
+    assert isinstance(model[0], psm._PerSampleFunctional)
+    ids = torch.randint(0, 11, (16, 5), generator=torch.Generator().manual_seed(1))
+    ids[:, 1:] = ids[0, 1:]  # near-identical samples
+    sign = torch.tensor([1.0, -1.0]).repeat(8)
+
+    def loss(m, b):
+        return (b["sign"] * m(b["ids"]).sum((1, 2))).sum()
+
+    batch = {"ids": ids, "sign": sign}
+    loop = per_sample_grads_loop(model, loss, batch)
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=16)
+    loss(model, batch).backward()
+    ours = per_sample_grads_engine(model)
+    for k in loop:
+        assert_close_verbose(ours[k], loop[k], atol=1e-6, rtol=1e-5, name=k)
+    assert model[0]._ps_checked and model[2]._ps_checked
+    dp.step()
+    dp.detach()
+
+
+def test_modules_looked_up_by_positions_shared_by_the_batch_are_refused_when_the_engine_is_built():
+    """T5's relative attention bias is looked up with (query, key) buckets and broadcast over the batch; the row
+    check saw it only when n differed from T (n = T = 4: per-sample gradients off by 1.9x relative, and one
+    sample moved the clipped sum by 2.5x what C allows, in the reviewer's runs). DeBERTa's encoder LayerNorm
+    normalises its relative embeddings' weight. Both are refused by where they sit, before any step."""
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=61, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        dropout_rate=0.0))
+    ff.inject_adapters(t5, ["q", "v"], r=2, trainable_modules=["relative_attention_bias", "final_layer_norm"])
+    with pytest.raises(ValueError, match=r"model: \['encoder.block.0.layer.0.SelfAttention.relative_attention_bias'\] "
+                                         r"are looked up by positions shared by the whole batch"):
+        ff.DPSGD(t5, sgd(t5), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    deberta = transformers.DebertaV2Model(transformers.DebertaV2Config(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        relative_attention=True, position_buckets=4, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+        type_vocab_size=0))
+    ff.inject_adapters(deberta, ["query_proj"], r=2, trainable_modules=["LayerNorm"])
+    with pytest.raises(ValueError, match=r"model: \['encoder.LayerNorm'\] are looked up by positions"):
+        ff.DPSGD(deberta, sgd(deberta), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    # the LayerNorms inside the layers see the batch's hidden states: allowed
+    fine = transformers.DebertaV2Model(deberta.config)
+    ff.inject_adapters(fine, ["query_proj"], r=2, trainable_modules=["encoder.layer.0.output.LayerNorm"])
+    ff.DPSGD(fine, sgd(fine), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4).detach()
+
+
+class NormsItsOwnWeight(nn.Module):
+    """A trained LayerNorm applied to another parameter (DeBERTa's kind), then used with the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(4, 4), requires_grad=False)
+        self.norm = nn.LayerNorm(4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) @ self.norm(self.table)
+
+
+def test_a_trained_module_applied_to_a_parameter_is_refused_at_its_forward():
+    model = NormsItsOwnWeight()
+    ff.inject_adapters(model, ["lin"], r=2, alpha=4.0, trainable_modules=["norm"])
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match=r"PerSampleLayerNorm: its input is a parameter of the model, not the batch"):
+        model(torch.randn(4, 4))  # (n = 4 = the table's rows: the row check could not tell)
+    dp.detach()
+
+
+def test_a_trained_layers_output_can_be_written_in_place():
+    """Wav2Vec2 (and 13 other audio models) zero their padding in a projection's output in place: F.linear's
+    output for a 3-D input was a view of the per-sample Function's, which autograd forbade writing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    ff.inject_adapters(model, ["0"], r=2, alpha=4.0, trainable_modules=["1"])
+    g = torch.Generator().manual_seed(1)
+    b = {"x": torch.randn(3, 5, 4, generator=g, dtype=torch.float64), "mask": torch.rand(3, 5, generator=g) > 0.3}
+    model.double()
+
+    def loss(m, bb):
+        h = m(bb["x"])
+        h[~bb["mask"]] = 0.0
+        return h.pow(2).sum()
+
+    loop = per_sample_grads_loop(model, loss, b)
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=3)
+    loss(model, b).backward()
+    ours = per_sample_grads_engine(model)
+    for k in loop:
+        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
+    dp.step()
+    dp.detach()

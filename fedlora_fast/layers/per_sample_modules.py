@@ -9,6 +9,8 @@ batch gradient into ``.grad``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,7 @@ class _PerSampleFn(torch.autograd.Function):
     def forward(ctx, x, module, *params):
         ctx.module, ctx.ps_ctx, ctx.batch_id = module, module.ps_ctx, module.ps_ctx.batch_id
         ctx.fwd = per_sample.forward_id(module.ps_ctx)
+        ctx.amp = _amp_state(x)  # (the torch.func rule replays a forward run under autocast in its weights' dtype)
         ctx.save_for_backward(x, *params)
         return module.plain_forward(x)
 
@@ -36,11 +39,12 @@ class _PerSampleFn(torch.autograd.Function):
         module = ctx.module
         # state goes on the module's own Parameters: saved tensors may unpack as other objects (checkpointing)
         params = module.ps_params()
-        dx = module.input_grad(x, g) if ctx.needs_input_grad[0] else None
+        amp = {} if module.ps_flat3 else {"amp": ctx.amp}
+        dx = module.input_grad(x, g, **amp) if ctx.needs_input_grad[0] else None
         grads = []
         nodes = per_sample.input_nodes(ctx, len(params))  # (the params are the apply's last tensor inputs)
         shaped = (flat3(x), flat3(g)) if module.ps_flat3 else (x, g)
-        for p, node, ps in zip(params, nodes, module.per_sample_grads(*shaped)):
+        for p, node, ps in zip(params, nodes, module.per_sample_grads(*shaped, **amp)):
             if not p.requires_grad or not per_sample.accumulates(node):  # (an input-only backward: nothing kept)
                 grads.append(None)
                 continue
@@ -53,6 +57,20 @@ class _PerSampleFn(torch.autograd.Function):
         return (dx, None, *grads)
 
 
+def _apply(module: nn.Module, x: Tensor) -> Tensor:
+    """The per-sample forward of ``module`` on ``x``: refuses an input that is a model's tensor rather than data
+    (its rows are no samples), and returns a tensor of its own (a view, F.linear's on a 3-D input, could not
+    be written in place, as audio models do to zero their padding)."""
+    if isinstance(x, nn.Parameter) or isinstance(getattr(x, "_base", None), nn.Parameter):
+        raise ValueError(
+            f"{type(module).__name__}: its input is a parameter of the model, not the batch's data (DeBERTa's "
+            "LayerNorm over its relative embeddings, say): its rows are no samples, so no per-sample gradient of it "
+            "exists; leave it out of trainable_modules"
+        )
+    out = _PerSampleFn.apply(x, module, *module.ps_params())
+    return out.clone() if out._is_view() else out
+
+
 class _PerSampleMixin:
     ps_ctx: per_sample.PerSampleContext | None = None
     ps_flat3 = True  # per_sample_grads takes (n, T, features) views of the input and the output's gradient
@@ -63,7 +81,7 @@ class _PerSampleMixin:
     def forward(self, x: Tensor) -> Tensor:
         if not per_sample.active(self.ps_ctx):
             return self.plain_forward(x)
-        return _PerSampleFn.apply(x, self, *self.ps_params())
+        return _apply(self, x)
 
     def ps_params(self) -> list[Tensor]:
         """The parameters, in the order of ``per_sample_grads``'s results (an embedding has no bias)."""
@@ -131,9 +149,9 @@ class PerSampleEmbedding(_PerSampleMixin, nn.Embedding):
         raise TypeError(f"{type(self).__name__}: its input (token ids, {x.dtype}) has no gradient")
 
     def per_sample_grads(self, x: Tensor, g: Tensor) -> list[Tensor]:
-        n, d = g.shape[0], g.shape[-1]
-        ids = x.reshape(n, -1).long()  # (flat3 folded a 1-D or 2-D id tensor the way it folds features)
-        gf = g.float().reshape(n, ids.shape[1], d)
+        n, T, d = g.shape  # (flat3: (n, T, d); flat3 folded the ids as it folds features, so take T from g)
+        ids = x.reshape(n, T).long()
+        gf = g.float()
         if self.padding_idx is not None:
             gf = gf.masked_fill((ids == self.padding_idx).unsqueeze(-1), 0.0)
         rows = ids + torch.arange(n, device=ids.device).unsqueeze(1) * self.num_embeddings
@@ -169,7 +187,7 @@ class _PerSampleFunctional(_PerSampleMixin):
                 f"{type(self).__name__}: a module trained with per-sample gradients through torch.func takes one "
                 f"tensor, got {len(args)} positional argument(s) and keywords {sorted(kwargs)}"
             )
-        return _PerSampleFn.apply(args[0], self, *self.ps_params())
+        return _apply(self, args[0])
 
     def plain_forward(self, *args, **kwargs):
         return _base_of(type(self)).forward(self, *args, **kwargs)
@@ -179,20 +197,33 @@ class _PerSampleFunctional(_PerSampleMixin):
 
     def _func_call(self, params: dict, x: Tensor) -> Tensor:
         self._ps_plain = True
-        try:
-            return torch.func.functional_call(self, params, (x,), strict=True)
+        try:  # (buffers as they are: an embedding's scale, a norm's running statistics are not trained)
+            return torch.func.functional_call(self, {**dict(self.named_buffers(recurse=False)), **params}, (x,),
+                                              strict=True)
         finally:
             self._ps_plain = False
 
-    def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
-        params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
-        _, vjp = torch.func.vjp(lambda xx: self._func_call(params, xx), x.detach())
-        return vjp(g.to(x.dtype))[0]
+    def _replay_input(self, x: Tensor, amp: tuple | None) -> Tensor:
+        """The input the replay runs on. A forward under autocast ran some ops in a lower precision on inputs
+        and weights of mixed dtypes; the replay runs without autocast, so it takes the input in the parameters'
+        widest dtype (the function autocast approximated; replayed under autocast, ops such as group norm's
+        backward met mixed dtypes inside torch.func). Without autocast: as the forward ran."""
+        x = x.detach()
+        if amp and amp[0] and x.is_floating_point():
+            wide = max((p.dtype for p in self.parameters(recurse=False) if p.is_floating_point()),
+                       key=lambda d: torch.finfo(d).bits, default=x.dtype)
+            x = x.to(wide)
+        return x
 
-    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[Tensor]:
+    def input_grad(self, x: Tensor, g: Tensor, amp: tuple | None = None) -> Tensor:
+        params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
+        out, vjp = torch.func.vjp(lambda xx: self._func_call(params, xx), self._replay_input(x, amp))
+        return vjp(g.to(out.dtype))[0].to(x.dtype)
+
+    def per_sample_grads(self, x: Tensor, g: Tensor, amp: tuple | None = None) -> list[Tensor]:
         names = [n for n, _ in self.named_parameters(recurse=False)]
         params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
-        x = x.detach()
+        x = self._replay_input(x, amp)
 
         def grads_of(xs: Tensor, gs: Tensor) -> tuple:
             out, vjp = torch.func.vjp(lambda ps: self._func_call(ps, xs), params)
@@ -201,8 +232,8 @@ class _PerSampleFunctional(_PerSampleMixin):
 
         try:
             ps = torch.func.vmap(lambda xi, gi: grads_of(xi.unsqueeze(0), gi.unsqueeze(0)))(x, g)
-            if not self._ps_checked and not _capturing(x):
-                self._check_separable(ps, grads_of(x, g), names)
+            if not self._ps_checked and x.shape[0] >= 2 and not _capturing(x):
+                self._check_separable(x, g, ps, grads_of(x, g), names)
         except PerSampleRuleError:
             raise
         except Exception as e:  # (vmap's own errors name torch internals, not the module)
@@ -213,20 +244,35 @@ class _PerSampleFunctional(_PerSampleMixin):
             ) from e
         return list(ps)
 
-    def _check_separable(self, ps: tuple, batch: tuple, names: list[str]) -> None:
-        for n, one, whole in zip(names, ps, batch):
-            # (a sum of n rounded terms against one rounded sum: a few units in the dtype's last place)
-            rtol = 1e-4 if torch.finfo(whole.dtype).bits >= 32 else 5e-2
-            one, whole = one.double(), whole.double()
-            scale = float(whole.abs().max()) if whole.numel() else 0.0
-            err = float((one.sum(0) - whole).abs().max()) if whole.numel() else 0.0
-            if not err <= rtol * scale + 1e-6:
+    def _check_separable(self, x: Tensor, g: Tensor, ps: tuple, batch: tuple, names: list[str]) -> None:
+        """Each sample alone against the batch, once: the outputs row by row (a forward that mixes samples,
+        detached or not), the parameters' gradients summed, and the input's gradient row by row (a mixing that
+        only the backward shows, ahead of this module). Tolerances: a few units in the last place of the lowest
+        precision at work (the replay's input's, the parameters'), relative to each element's terms."""
+        params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
+        dtypes = [x.dtype, *(p.dtype for p in params.values())]
+        rtol = 1e-4 if all(not d.is_floating_point or torch.finfo(d).bits >= 32 for d in dtypes) else 5e-2
+        forward = functools.partial(self._func_call, params)
+        checks = [("its output", torch.func.vmap(lambda xi: forward(xi.unsqueeze(0))[0])(x), forward(x))]
+        if x.is_floating_point():
+            def dx_alone(xi: Tensor, gi: Tensor) -> Tensor:
+                out, vjp = torch.func.vjp(forward, xi.unsqueeze(0))
+                return vjp(gi.unsqueeze(0).to(out.dtype))[0][0]
+
+            out_batch, vjp = torch.func.vjp(forward, x)
+            checks.append(("its input's gradient", torch.func.vmap(dx_alone)(x, g), vjp(g.to(out_batch.dtype))[0]))
+        checks = [(what, each, whole, each.abs()) for what, each, whole in checks]
+        checks += [(f"the gradient of {n!r}", one.sum(0), whole, one.abs().sum(0))
+                   for n, one, whole in zip(names, ps, batch)]
+        for what, each, whole, size in checks:
+            if each.shape != whole.shape or not bool(
+                    ((each.double() - whole.double()).abs() <= rtol * size.double() + 1e-6 * (1 + size.double().max()))
+                    .all()):
                 raise PerSampleRuleError(
-                    f"{type(self).__name__}: the per-sample gradients of {n!r} (each sample's alone) add up to "
-                    "another gradient than the batch's: its forward mixes samples, so no per-sample gradient of it "
-                    "exists; leave it out of trainable_modules"  # (no figures: they are statistics of the data)
-                )
-        if ps and ps[0].shape[0] >= 2:  # (one sample's gradient is the batch's whatever the module does)
+                    f"{type(self).__name__}: {what}, for each sample alone, differs from the batch's: its forward "
+                    "mixes samples, so no per-sample gradient of it exists; leave it out of trainable_modules"
+                )  # (no figures: they are statistics of the data)
+        if any(bool(whole.ne(0).any()) for whole in batch):  # (an all-zero gradient proves nothing: checked later)
             self._ps_checked = True
 
 
@@ -236,6 +282,14 @@ class PerSampleRuleError(RuntimeError):
 
 def _capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _amp_state(x: Tensor) -> tuple[bool, torch.dtype] | None:
+    """(enabled, dtype) of autocast for ``x``'s device at the forward."""
+    device_type = x.device.type
+    if device_type == "meta" or not torch.amp.is_autocast_available(device_type):
+        return None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 _FUNCTIONAL: dict[type, type] = {}  # base class -> its per-sample subclass (one per class, made on first use)

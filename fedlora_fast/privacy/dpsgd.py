@@ -320,6 +320,19 @@ def _gathered_rows(model: nn.Module, trained: list[str]) -> list[str]:
     return out
 
 
+def _position_rows(model: nn.Module, trained: list[str]) -> list[str]:
+    """Of ``trained``, the modules whose rows are positions shared by the whole batch, not samples: the T5 family's
+    ``relative_attention_bias`` (looked up with (query, key) buckets, broadcast over the batch) and DeBERTa's
+    relative embeddings (``rel_embeddings``, read as a weight, and the encoder's ``LayerNorm`` over them).
+    ``_check_rows`` sees them only when the batch's size differs from their row count (n = T for T5)."""
+    out = [n for n in trained if "relative_attention_bias" in n.split(".")]
+    for prefix, sub in model.named_modules():
+        if type(sub).__name__ in ("DebertaEncoder", "DebertaV2Encoder") and getattr(sub, "relative_attention", False):
+            rel = [f"{prefix}.{h}" if prefix else h for h in ("rel_embeddings", "LayerNorm")]
+            out += [n for n in trained if n not in out and (n in rel or n.startswith(tuple(r + "." for r in rel)))]
+    return out
+
+
 # modules whose output for one sample can depend on the batch's other samples: class name -> whether it does now
 _BATCH_MIXERS = {
     # the expert capacity is counted over the whole batch's tokens: other samples decide which of this
@@ -663,6 +676,14 @@ class DPSGD:
                 "gradients would be per token, and clipping them would not bound one sample's contribution by C. "
                 "Adapt other layers (attention; shared experts where batch-first, not Qwen2-MoE's), or turn "
                 "sparse_prediction off"
+            )
+        positions = _position_rows(model, trained)
+        if positions:
+            raise ValueError(
+                f"model: {positions[:6]} are looked up by positions shared by the whole batch (T5's relative "
+                "attention bias; DeBERTa's relative embeddings and the LayerNorm over them), not one row per sample: "
+                "the batch's gradients reach them already summed, and clipping their rows would not bound one "
+                "sample's contribution by C. Leave them out of trainable_modules"
             )
         devices = sorted({str(p.device) for p in self.params})
         if len(devices) > 1:
