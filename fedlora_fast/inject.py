@@ -216,6 +216,17 @@ def inject_adapters(
     unsupported = [u for name in extra_names for u in per_sample_problems(model.get_submodule(name), name)]
     if unsupported:
         raise per_sample_error(unsupported, "trainable_modules")
+    empty = [n for n in extra_names if not any(True for _ in model.get_submodule(n).parameters())]
+    if empty:
+        raise ValueError(f"trainable_modules: {empty[:8]} hold no parameters (nothing to train); name modules with "
+                         "weights (a parameter-free norm, say, is not one)")
+    bases = {id(t): n for n in names for t in (model.get_submodule(n).weight, model.get_submodule(n).bias)
+             if t is not None}
+    tied = sorted({f"{e} and {bases[id(p)]}" for e in extra_names for p in model.get_submodule(e).parameters()
+                   if id(p) in bases})
+    if tied:
+        raise ValueError(f"trainable_modules and target_modules: {tied[:4]} share a tensor (tied weights): an "
+                         "adapter's base weight stays frozen, so it cannot be trained as well; adapt it or train it")
     # everything else is frozen; adapters and trainable modules of an earlier call keep what they train
     kept = {id(p) for m in model.modules() if isinstance(m, FFALoRALinear) for p in (m.lora_A, m.lora_B) if p.requires_grad}
     kept |= {id(p) for m in model.modules() if isinstance(m, _PerSampleMixin) for p in m.parameters() if p.requires_grad}

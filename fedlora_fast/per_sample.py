@@ -52,6 +52,9 @@ class PerSampleContext:
             Only the latest ``CONSUMED_KEPT`` ids are kept; ``consumed_below`` refuses every older one.
         closed: the engine was detached (or replaced): a backward of a forward run under it has no engine
             to clip it, and is refused rather than clipped by another engine under other thresholds.
+        failed: a per-sample backward raised: the per-sample gradients kept are those of the layers it reached
+            before, part of each sample's gradient, and are not clipped. Cleared by the engine's ``zero_grad``,
+            or by the next forward when nothing was kept.
     """
 
     mode: int = MODE_PER_SAMPLE
@@ -61,6 +64,7 @@ class PerSampleContext:
     consumed: set[int] = field(default_factory=set)
     consumed_below: int = 0
     closed: bool = False
+    failed: bool = False
 
     def consume(self, fwds: set[int]) -> None:
         """Mark these module forwards' per-sample gradients as clipped into a step."""
@@ -276,3 +280,23 @@ def accumulates(node) -> bool:
         return torch._C._will_engine_execute_node(node)
     except RuntimeError:  # "a leaf node was passed ... while running autograd.grad()": the leaf is an input
         return True
+
+
+def failing(ctx: PerSampleContext | None):
+    """Wrap a per-sample backward: an exception from it marks ``ctx`` failed (``PerSampleContext.failed``)."""
+    return _Failing(ctx)
+
+
+class _Failing:
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None and self.ctx is not None:
+            self.ctx.failed = True
+        return False

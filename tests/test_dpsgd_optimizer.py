@@ -210,3 +210,43 @@ def test_transformers_trainer_with_the_documented_callback(tmp_path, accumulatio
     refused = "no DP-SGD release since the optimizer's last step" if accumulation == 1 else "never consumed"
     with pytest.raises(RuntimeError, match=refused):
         run(callback=False)
+
+
+def test_a_release_discarded_or_replaced_before_the_optimizer_step_is_not_stepped():
+    """After scale_grad(), dp.zero_grad() (or the next forward's drop of the stale .grad) discards the release, but
+    the step guard still took it as pending: a bare optimizer.step() then applied whatever .grad held, e.g. an
+    unclipped gradient from the head's weight used outside its module (the reviewer's run moved it by 0.34)."""
+    model = make()
+    opt = torch.optim.SGD(trained(model), lr=0.1)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    loss(model).backward()
+    dp.clip_and_accumulate()
+    dp.add_noise()
+    dp.scale_grad()
+    dp.zero_grad()
+    h = torch.randn(4, 6)
+    nn.functional.linear(h, model[2].weight).pow(2).sum().backward()  # raw, unclipped
+    assert model[2].weight.grad is not None
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"no DP-SGD release since the optimizer's last step"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, trained(model)))
+    # a release whose .grad is replaced by hand before the step is refused too
+    dp.zero_grad()
+    loss(model).backward()
+    dp.clip_and_accumulate()
+    dp.add_noise()
+    dp.scale_grad()
+    model[2].weight.grad = torch.ones_like(model[2].weight)
+    with pytest.raises(RuntimeError, match=r"or its .grad replaced since"):
+        opt.step()
+    # and one dropped by the next forward (its optimizer step skipped) as well
+    dp.zero_grad()
+    loss(model).backward()
+    dp.clip_and_accumulate()
+    dp.add_noise()
+    dp.scale_grad()
+    model(torch.randn(2, 5))  # drops the released .grad
+    with pytest.raises(RuntimeError, match=r"no DP-SGD release"):
+        opt.step()
+    dp.detach()

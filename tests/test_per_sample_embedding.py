@@ -162,9 +162,24 @@ def test_a_position_embedding_shared_by_the_batch_is_refused():
                   max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=3)
     x = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(0))
     model(input_ids=x).last_hidden_state.pow(2).sum().backward()
-    with pytest.raises(Exception, match="embeddings.position_embeddings"):
+    with pytest.raises(Exception, match="embeddings.position_embeddings.*pass position_ids expanded to"):
         dp.step()
     assert dp.steps == 0
+    dp.zero_grad()
+    # as the message says: position ids of the batch's own shape make each row a sample
+    model.double()
+
+    def loss(m, b):
+        return m(input_ids=b["x"], position_ids=b["pos"]).last_hidden_state.pow(2).sum()
+
+    batch = {"x": x, "pos": torch.arange(6).expand(3, 6)}
+    loop = per_sample_grads_loop(model, loss, batch)
+    dp.max_grad_norm = 1e6
+    loss(model, batch).backward()
+    ours = per_sample_grads_engine(model)
+    for k in loop:
+        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
+    dp.step()
     dp.detach()
 
 

@@ -493,3 +493,65 @@ def test_a_trained_layers_output_can_be_written_in_place():
         assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
     dp.step()
     dp.detach()
+
+
+def test_old_style_weight_norm_trains_its_g_and_v_through_torch_func():
+    """Under nn.utils.weight_norm a Linear's or an Embedding's weight is computed from weight_g and weight_v: the
+    built-in rules computed a gradient for that computed weight only, and g and v moved by noise alone."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (deprecated in favour of the parametrization)
+        emb = nn.utils.weight_norm(nn.Embedding(11, 4))
+        head = nn.utils.weight_norm(nn.Linear(4, 2))
+    model = nn.Sequential(emb, nn.Linear(4, 4), head).double()
+    ff.inject_adapters(model, ["1"], r=2, alpha=4.0, trainable_modules=["0", "2"])
+    assert isinstance(model[0], psm._PerSampleFunctional) and isinstance(model[2], psm._PerSampleFunctional)
+    assert type(model[2]).__name__ == "PerSampleFunctionalLinear"  # (in messages: not the built-in rule's name)
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
+
+    def loss(m, b):
+        return m(b["ids"]).pow(2).sum()
+
+    loop = per_sample_grads_loop(model, loss, {"ids": ids})
+    assert {"0.weight_g", "0.weight_v", "2.weight_g", "2.weight_v", "2.bias"} <= set(loop)
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=4)
+    loss(model, {"ids": ids}).backward()
+    ours = per_sample_grads_engine(model)
+    assert sorted(ours) == sorted(loop)
+    for k in loop:
+        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
+    dp.step()
+    dp.detach()
+
+
+def test_trainable_modules_without_parameters_or_tied_to_an_adapters_base_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, elementwise_affine=False), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"trainable_modules: \['1'\] hold no parameters"):
+        ff.inject_adapters(model, ["0"], r=2, trainable_modules=["1"])
+    emb, head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+    head.weight = emb.weight
+    tied = nn.Sequential(emb, head)
+    with pytest.raises(ValueError, match=r"\['0 and 1'\] share a tensor \(tied weights\)"):
+        ff.inject_adapters(tied, ["1"], r=2, trainable_modules=["0"])
+    assert not ff.adapter_layers(tied) and type(tied[0]) is nn.Embedding
+
+
+def test_a_step_after_a_backward_that_raised_is_refused_until_zero_grad():
+    """A backward refused part way (here at a module that mixes samples) left the layers it had reached with
+    per-sample gradients; dp.step() then released that partial sum (clipped, but not the samples' gradients)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), BatchCentred(), nn.Linear(4, 2))
+    ff.inject_adapters(model, ["2"], r=2, alpha=4.0, trainable_modules=["1"])
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, sample_rate=0.1)
+    with pytest.raises(psm.PerSampleRuleError):
+        model(torch.randn(4, 4)).pow(2).sum().backward()
+    assert per_sample_grads_engine(model), "the adapter's backward ran before the refusal"
+    with pytest.raises(RuntimeError, match=r"a backward under this engine raised since its last zero_grad"):
+        dp.step()
+    assert dp.accountant.steps == 0
+    dp.zero_grad()
+    dp.step(empty_batch=True)  # cleared: steps again
+    assert dp.accountant.steps == 1
+    dp.detach()

@@ -160,6 +160,11 @@ class _FFALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with per_sample.failing(ctx.ps_ctx):
+            return _FFALinearFn._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         if torch.is_grad_enabled():  # only under create_graph=True: the engine runs backward without grad
             # (once_differentiable would raise only where the incoming gradient requires grad: a gradient
             # penalty over y.sum() would get a detached dx and lose its share of dB, silently)

@@ -30,7 +30,7 @@ class _PerSampleFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        with autocast_off(g):  # float32 per-sample maths, also for a backward run inside torch.autocast
+        with per_sample.failing(ctx.ps_ctx), autocast_off(g):  # (float32 maths, also under torch.autocast)
             return _PerSampleFn._backward(ctx, g)
 
     @staticmethod
@@ -305,8 +305,8 @@ def _functional_class(base: type) -> type:
     cls = _FUNCTIONAL.get(base)
     if cls is None:
         name = _functional_name(base)
-        cls = type(f"PerSample{base.__name__}", (_PerSampleFunctional, base), {"__module__": __name__,
-                                                                                 "__qualname__": name})
+        short = f"PerSample{'Functional' if base in _SWAPS else ''}{base.__name__}"  # (not the built-in's name)
+        cls = type(short, (_PerSampleFunctional, base), {"__module__": __name__, "__qualname__": name})
         cls._ps_base = base
         _FUNCTIONAL[base] = cls
     return cls
@@ -329,17 +329,27 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _builtin_rule(sub: nn.Module) -> bool:
+    """Whether a rule of ``_SWAPS`` computes ``sub``'s gradients: its exact type, and its own parameters are
+    the rule's ``weight`` (and ``bias``). Under the old ``nn.utils.weight_norm`` the weight is computed from
+    ``weight_g`` and ``weight_v``, which the rule would leave without a gradient: those go through torch.func."""
+    if type(sub) not in _SWAPS:
+        return False
+    own = dict(sub.named_parameters(recurse=False))
+    return isinstance(getattr(sub, "weight", None), nn.Parameter) and set(own) <= {"weight", "bias"}
+
+
 def _functional_problem(sub: nn.Module) -> str | None:
     """Why the torch.func rule cannot take ``sub`` (a leaf with parameters and no built-in rule), or None."""
+    parametrize = torch.nn.utils.parametrize
+    if parametrize.is_parametrized(sub) or isinstance(sub, parametrize.ParametrizationList):
+        return "a parametrized tensor"
     if isinstance(sub, nn.modules.batchnorm._BatchNorm):
         return "batch norm: its batch statistics mix the samples"
     if isinstance(sub, nn.RNNBase):
         return "a recurrent layer: sequence-first by default, no per-sample rule"
     if isinstance(sub, nn.MultiheadAttention) or any(True for c in sub.children() for _ in c.parameters()):
         return "its own parameters beside submodules with parameters"
-    parametrize = torch.nn.utils.parametrize
-    if parametrize.is_parametrized(sub) or isinstance(sub, parametrize.ParametrizationList):
-        return "a parametrized tensor"
     if not all(p.is_floating_point() for p in sub.parameters(recurse=False)):
         return "a parameter that is not floating point"
     return None
@@ -365,7 +375,7 @@ def per_sample_problems(module: nn.Module, name: str = "") -> list[str]:
                    "scale_grad_by_freq (a token's gradient scaled by its count in the whole batch)"
                    if sub.scale_grad_by_freq else "sparse=True")
             unsupported.append(f"{full} (Embedding with {why}: no per-sample rule)")
-        elif not isinstance(sub, _PerSampleMixin) and type(sub) not in _SWAPS:
+        elif not isinstance(sub, _PerSampleMixin) and not _builtin_rule(sub):
             why = _functional_problem(sub)
             if why is not None:
                 unsupported.append(f"{full} ({type(sub).__name__}: {why})")
@@ -398,7 +408,7 @@ def make_per_sample(module: nn.Module, name: str = "", *, what: str = "trainable
     leaves = [sub for sub in module.modules() if any(True for _ in sub.parameters(recurse=False))]
     for sub in leaves:
         if not isinstance(sub, _PerSampleMixin):
-            sub.__class__ = _SWAPS.get(type(sub)) or _functional_class(type(sub))
+            sub.__class__ = _SWAPS[type(sub)] if _builtin_rule(sub) else _functional_class(type(sub))
         sub.ps_ctx = None
         for p in sub.parameters():
             p.requires_grad_(True)

@@ -546,7 +546,8 @@ class DPSGD:
         guard = _EngineHook(self._guard_unconsumed)
         self._hooks += [m.register_forward_pre_hook(guard) for m in self.modules.values()]
         inner = _torch_optimizer(self.optimizer)  # the one whose step updates the tensors (under any wrapper)
-        self._released = False  # a noisy gradient is in .grad (scale_grad) and the optimizer has not stepped on it
+        # the .grad tensors of a release (scale_grad) the optimizer has not stepped on yet, else False
+        self._released: list | bool = False
         self._hooks += [inner.register_step_pre_hook(_EngineHook(self._before_optimizer_step)),
                         inner.register_step_post_hook(_EngineHook(self._after_optimizer_step))]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
@@ -774,6 +775,8 @@ class DPSGD:
         self.ctx.batch_id += 1
         if not torch.is_grad_enabled():
             return  # evaluation: nothing per-sample happens
+        if self.ctx.failed and not self._have_backward():  # (a failed backward that kept nothing is behind us)
+            self.ctx.failed = False
         packed = [k for k in _PACKED_KEYS if kwargs.get(k) is not None]
         if packed:
             raise ValueError(
@@ -810,6 +813,7 @@ class DPSGD:
             for p in self.params:
                 p.grad = None
             self._grads_stale = False
+            self._released = False  # (that release is gone: an optimizer step now would apply something else)
 
     def _guard_unconsumed(self, module, args):
         if not torch.is_grad_enabled():
@@ -896,7 +900,9 @@ class DPSGD:
                 f"model: the per-sample gradients of {rows} (tensor: rows) do not have one row per sample: the "
                 f"model was called on {samples} samples ({where}, dim 0; padding rows included). Those layers "
                 "see the samples folded into rows (e.g. OPT's fc1/fc2, which reshape (batch, tokens, hidden) "
-                "to (batch*tokens, hidden)) or a sequence-first layout (XLNet, FSMT), and clipping each row to "
+                "to (batch*tokens, hidden)), a sequence-first layout (XLNet, FSMT), or positions shared by the "
+                "whole batch (BERT's and GPT-2's position embeddings, looked up with (1, T) ids: pass position_ids "
+                "expanded to (n, T) with the batch), and clipping each row to "
                 "C would not bound one sample's contribution by C. Adapt or train other layers (inject_adapters' "
                 "targets / trainable_modules), or make dim 0 of their input the sample. (A multiple-choice "
                 "model folds the choices into every layer's rows: no layer of it can be trained so.) If the "
@@ -954,6 +960,12 @@ class DPSGD:
         backward): give them loss weight 0, which makes them exactly zero (``GraphedAccumulator`` does).
         """
         self._check_attached()
+        if self.ctx.failed and self._have_backward():
+            raise RuntimeError(
+                "a backward under this engine raised since its last zero_grad(): the per-sample gradients kept are "
+                "those of the layers it reached, part of each sample's gradient; call dp.zero_grad() and run the "
+                "batch again"
+            )
         norms2 = self._norms2()  # the clear error when there is no backward
         self._warn_outside_grads()
         n = norms2.shape[0]
@@ -1147,13 +1159,15 @@ class DPSGD:
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         """The optimizer's step pre-hook: one optimizer step per release, never through a GradScaler."""
-        if not self._released:
+        released = self._released
+        if not released or any(p.grad is not g for p, g in zip(self.params, released)):
+            self._released = False
             raise RuntimeError(
-                "optimizer.step(): no DP-SGD release since the optimizer's last step: it would apply a gradient the "
-                "engine did not clip and noise, or the last release a second time (an optimizer.step() after "
-                "dp.step(), which steps already). Step with dp.step(), or dp.clip_and_accumulate(), dp.add_noise(), "
-                "dp.scale_grad() and then optimizer.step() (a framework's own step, e.g. transformers.Trainer's: "
-                "run those three in its pre-optimizer-step callback)"
+                "optimizer.step(): no DP-SGD release since the optimizer's last step, or its .grad replaced since: it "
+                "would apply a gradient the engine did not clip and noise, or the last release a second time (an "
+                "optimizer.step() after dp.step(), which steps already). Step with dp.step(), or "
+                "dp.clip_and_accumulate(), dp.add_noise(), dp.scale_grad() and then optimizer.step() (a framework's "
+                "own step, e.g. transformers.Trainer's: run those three in its pre-optimizer-step callback)"
             )
         scaler = _calling_grad_scaler()
         if scaler is not None:
@@ -1193,7 +1207,7 @@ class DPSGD:
         self.steps += 1
         self.last_step_samples = self._pending_samples
         self._end_step(stepped=True)
-        self._released = True
+        self._released = [p.grad for p in self.params]  # the release, as the optimizer's step must find it
 
     def step(self, *, empty_batch: bool = False) -> None:
         """One DP-SGD step: clip what the last backward left, add noise once, divide by m, step.
@@ -1294,6 +1308,7 @@ class DPSGD:
             per_sample.clear(p)
             p.grad = None
         self._open_forwards, self._recomputed = [], False
+        self.ctx.failed = False
         self._end_step(stepped=False)
 
     def _end_step(self, stepped: bool) -> None:
@@ -1303,6 +1318,7 @@ class DPSGD:
         self._dropped.end_step(stepped=stepped)
         self._pending_samples = self._pending_batches = 0
         self._grads_stale = stepped
+        self._released = False  # (scale_grad sets it after this; zero_grad's discard clears it)
 
     def _check_attached(self) -> None:
         """Refuse the DP stages (clip, noise, scale, step) of an engine that was detached, or replaced by a
