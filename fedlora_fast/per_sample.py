@@ -52,9 +52,10 @@ class PerSampleContext:
             Only the latest ``CONSUMED_KEPT`` ids are kept; ``consumed_below`` refuses every older one.
         closed: the engine was detached (or replaced): a backward of a forward run under it has no engine
             to clip it, and is refused rather than clipped by another engine under other thresholds.
-        failed: a per-sample backward raised: the per-sample gradients kept are those of the layers it reached
-            before, part of each sample's gradient, and are not clipped. Cleared by the engine's ``zero_grad``,
-            or by the next forward when nothing was kept.
+        failed: a per-sample module's own backward (an adapter's, a trained module's) raised: the per-sample
+            gradients kept are those of the layers the backward reached before, part of each sample's gradient,
+            and are not clipped. Cleared by the engine's ``zero_grad``, or by the next forward when nothing was
+            kept. (An error raised by another node of the backward, a frozen layer's, is not seen.)
     """
 
     mode: int = MODE_PER_SAMPLE

@@ -238,7 +238,7 @@ def test_a_release_discarded_or_replaced_before_the_optimizer_step_is_not_steppe
     dp.add_noise()
     dp.scale_grad()
     model[2].weight.grad = torch.ones_like(model[2].weight)
-    with pytest.raises(RuntimeError, match=r"or its .grad replaced since"):
+    with pytest.raises(RuntimeError, match=r"or its .grad changed since"):
         opt.step()
     # and one dropped by the next forward (its optimizer step skipped) as well
     dp.zero_grad()
@@ -250,3 +250,26 @@ def test_a_release_discarded_or_replaced_before_the_optimizer_step_is_not_steppe
     with pytest.raises(RuntimeError, match=r"no DP-SGD release"):
         opt.step()
     dp.detach()
+
+
+def test_a_raw_gradient_added_in_place_to_a_release_withdraws_it():
+    """Autograd adds into an existing .grad in place (the same tensor): a backward using the head's weight outside
+    its module, between the release and the optimizer's step, rode on the release unclipped (the reviewer's step
+    moved the head by 3.0, the release alone by 0.19)."""
+    model = make()
+    opt = torch.optim.SGD(trained(model), lr=0.1)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    loss(model).backward()
+    dp.clip_and_accumulate()
+    dp.add_noise()
+    dp.scale_grad()
+    released = model[2].weight.grad
+    nn.functional.linear(torch.randn(4, 6), model[2].weight).pow(2).sum().backward()
+    assert model[2].weight.grad is released  # (in place)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"no DP-SGD release since the optimizer's last step"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, trained(model)))
+    dp.zero_grad()
+    dp.detach()
+    assert not model[2].weight._post_accumulate_grad_hooks  # (detach removes them)

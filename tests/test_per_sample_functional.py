@@ -555,3 +555,77 @@ def test_a_step_after_a_backward_that_raised_is_refused_until_zero_grad():
     dp.step(empty_batch=True)  # cleared: steps again
     assert dp.accountant.steps == 1
     dp.detach()
+
+
+def test_bf16_groupnorm_with_a_pretrained_affine_is_not_refused():
+    """bf16 rounds a near-cancelling x_hat * w + b to 0 on one path and to ~2e-3 on the other: the check's absolute
+    floor was float32's, and such a norm (or a bf16 GPT-2's biased Conv1D) was refused as mixing samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Unflatten(-1, (64, 1)), nn.GroupNorm(8, 64), nn.Flatten(),
+                          nn.Linear(64, 2)).to(torch.bfloat16)
+    with torch.no_grad():
+        model[2].weight.normal_(1, 0.3)
+        model[2].bias.normal_(0, 0.3)
+    ff.inject_adapters(model, ["0"], r=2, trainable_modules=["2"])
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=32)
+    model(torch.randn(32, 16, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+    dp.step()
+    assert model[2]._ps_checked and dp.steps == 1
+    dp.detach()
+
+
+class Latents(nn.Module):
+    """Perceiver's / BLIP-2's kind: learned queries expanded over the batch, normalised by a trained LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, 3, 4))
+        self.norm = nn.LayerNorm(4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        q = self.norm(self.queries.expand(x.shape[0], -1, -1))
+        return (self.lin(x).unsqueeze(1) * q).sum(1)
+
+
+def test_a_parameter_expanded_over_the_batch_is_a_per_sample_input():
+    torch.manual_seed(0)
+    model = Latents().double()
+    ff.inject_adapters(model, ["lin"], r=2, alpha=4.0, trainable_modules=["norm"])
+    with torch.no_grad():
+        model.lin.lora_B.normal_(0, 0.5)
+    x = torch.randn(4, 4, dtype=torch.float64)
+
+    def loss(m, b):
+        return m(b["x"]).pow(2).sum()
+
+    loop = per_sample_grads_loop(model, loss, {"x": x})
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=4)
+    loss(model, {"x": x}).backward()
+    ours = per_sample_grads_engine(model)
+    for k in loop:
+        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
+    dp.step()
+    dp.detach()
+
+
+def test_a_non_finite_sample_is_dropped_not_taken_for_mixing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4), nn.Linear(4, 2))
+    ff.inject_adapters(model, ["0"], r=2, alpha=4.0, trainable_modules=["1"])
+    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    x = torch.randn(4, 4)
+    x[2, 0] = float("inf")
+    model(x).pow(2).sum().backward()
+    dp.step()
+    assert dp.samples_dropped == 1 and not model[1]._ps_checked  # (checked on a later, finite batch)
+    model(torch.randn(4, 4)).pow(2).sum().backward()
+    dp.step()
+    assert model[1]._ps_checked
+    dp.detach()
+
+
+def test_old_style_spectral_norm_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.utils.spectral_norm(nn.Linear(4, 2)))
+    with pytest.raises(TypeError, match=r"for 1 \(Linear: spectral_norm: its forward runs a power iteration"):
+        ff.inject_adapters(model, ["0"], r=2, trainable_modules=["1"])

@@ -61,7 +61,11 @@ def _apply(module: nn.Module, x: Tensor) -> Tensor:
     """The per-sample forward of ``module`` on ``x``: refuses an input that is a model's tensor rather than data
     (its rows are no samples), and returns a tensor of its own (a view, F.linear's on a 3-D input, could not
     be written in place, as audio models do to zero their padding)."""
-    if isinstance(x, nn.Parameter) or isinstance(getattr(x, "_base", None), nn.Parameter):
+    base = getattr(x, "_base", None)
+    # (a parameter expanded over the batch, BLIP-2's query tokens or Perceiver's latents: each row is the
+    # sample's own use of it, stride 0 along dim 0; a parameter itself, or a slice of one, has rows of its own)
+    if isinstance(x, nn.Parameter) or (isinstance(base, nn.Parameter) and x.dim() > 0 and x.shape[0] > 1
+                                       and x.stride(0) != 0):
         raise ValueError(
             f"{type(module).__name__}: its input is a parameter of the model, not the batch's data (DeBERTa's "
             "LayerNorm over its relative embeddings, say): its rows are no samples, so no per-sample gradient of it "
@@ -250,8 +254,12 @@ class _PerSampleFunctional(_PerSampleMixin):
         only the backward shows, ahead of this module). Tolerances: a few units in the last place of the lowest
         precision at work (the replay's input's, the parameters'), relative to each element's terms."""
         params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
-        dtypes = [x.dtype, *(p.dtype for p in params.values())]
-        rtol = 1e-4 if all(not d.is_floating_point or torch.finfo(d).bits >= 32 for d in dtypes) else 5e-2
+        # the lowest precision at work; its absolute floor too (bf16 rounds a near-cancelling bias + xW to 0 on
+        # one path and to 2e-3 on the other)
+        low = max((d for d in (x.dtype, *(p.dtype for p in params.values())) if d.is_floating_point),
+                  key=lambda d: torch.finfo(d).eps, default=torch.float32)
+        rtol = 1e-4 if torch.finfo(low).bits >= 32 else 5e-2
+        floor = 8 * max(torch.finfo(low).eps, torch.finfo(torch.float32).eps)
         forward = functools.partial(self._func_call, params)
         checks = [("its output", torch.func.vmap(lambda xi: forward(xi.unsqueeze(0))[0])(x), forward(x))]
         if x.is_floating_point():
@@ -264,10 +272,12 @@ class _PerSampleFunctional(_PerSampleMixin):
         checks = [(what, each, whole, each.abs()) for what, each, whole in checks]
         checks += [(f"the gradient of {n!r}", one.sum(0), whole, one.abs().sum(0))
                    for n, one, whole in zip(names, ps, batch)]
+        if not all(bool(torch.isfinite(t).all()) for _, each, whole, _ in checks for t in (each, whole)):
+            return  # a non-finite sample (dropped by the engine) proves nothing either way: checked later
         for what, each, whole, size in checks:
+            size = size.double()
             if each.shape != whole.shape or not bool(
-                    ((each.double() - whole.double()).abs() <= rtol * size.double() + 1e-6 * (1 + size.double().max()))
-                    .all()):
+                    ((each.double() - whole.double()).abs() <= rtol * size + floor * (1 + size.max())).all()):
                 raise PerSampleRuleError(
                     f"{type(self).__name__}: {what}, for each sample alone, differs from the batch's: its forward "
                     "mixes samples, so no per-sample gradient of it exists; leave it out of trainable_modules"
@@ -344,6 +354,10 @@ def _functional_problem(sub: nn.Module) -> str | None:
     parametrize = torch.nn.utils.parametrize
     if parametrize.is_parametrized(sub) or isinstance(sub, parametrize.ParametrizationList):
         return "a parametrized tensor"
+    from torch.nn.utils.spectral_norm import SpectralNorm  # (torch.nn.utils.spectral_norm is the function)
+
+    if any(isinstance(h, SpectralNorm) for h in sub._forward_pre_hooks.values()):
+        return "spectral_norm: its forward runs a power iteration that updates buffers in place"
     if isinstance(sub, nn.modules.batchnorm._BatchNorm):
         return "batch norm: its batch statistics mix the samples"
     if isinstance(sub, nn.RNNBase):

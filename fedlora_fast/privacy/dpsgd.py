@@ -210,6 +210,17 @@ class _EngineHook:
         return (_NoHook, ())
 
 
+class _WeakEngineHook(_EngineHook):
+    """An ``_EngineHook`` that does not keep its engine alive (a no-op once the engine is gone)."""
+
+    def __init__(self, method):
+        self.method = weakref.WeakMethod(method)
+
+    def __call__(self, *args):
+        method = self.method()
+        return None if method is None else method(*args)
+
+
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The innermost torch optimizer under wrappers that hold one as ``.optimizer`` (accelerate's)."""
     for _ in range(8):
@@ -550,6 +561,13 @@ class DPSGD:
         self._released: list | bool = False
         self._hooks += [inner.register_step_pre_hook(_EngineHook(self._before_optimizer_step)),
                         inner.register_step_post_hook(_EngineHook(self._after_optimizer_step))]
+        # a gradient accumulated into a trained tensor's .grad (in place: the same tensor) after a release would
+        # ride on it into the optimizer's step, unclipped: it withdraws the release (the per-sample backwards
+        # hand autograd nothing for these tensors, so only a use outside their modules accumulates)
+        # (weakly: a hook held by a tensor and holding the engine, which holds the tensor, kept parameters alive
+        # past their model, e.g. the merged-weight cache's entries watched by their finalizers)
+        withdraw = _WeakEngineHook(self._withdraw_release)
+        self._hooks += [p.register_post_accumulate_grad_hook(withdraw) for p in self.params]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
         self._summed: Tensor | None = None  # (total,) float32: the clipped sums since the last step
         self._noised = False  # add_noise ran since the last step (scale_grad refuses otherwise)
@@ -1163,7 +1181,7 @@ class DPSGD:
         if not released or any(p.grad is not g for p, g in zip(self.params, released)):
             self._released = False
             raise RuntimeError(
-                "optimizer.step(): no DP-SGD release since the optimizer's last step, or its .grad replaced since: it "
+                "optimizer.step(): no DP-SGD release since the optimizer's last step, or its .grad changed since: it "
                 "would apply a gradient the engine did not clip and noise, or the last release a second time (an "
                 "optimizer.step() after dp.step(), which steps already). Step with dp.step(), or "
                 "dp.clip_and_accumulate(), dp.add_noise(), dp.scale_grad() and then optimizer.step() (a framework's "
@@ -1180,6 +1198,9 @@ class DPSGD:
             )
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._released = False
+
+    def _withdraw_release(self, param) -> None:
         self._released = False
 
     def scale_grad(self) -> None:
