@@ -33,6 +33,14 @@ def loss(model, seed=1, n=4):
     return model(torch.randn(n, 5, generator=g)).pow(2).sum()
 
 
+def release(model, dp):
+    """A backward, then the release driven by hand (opacus's staging), without the optimizer's step."""
+    loss(model).backward()
+    dp.clip_and_accumulate()
+    dp.add_noise()
+    dp.scale_grad()
+
+
 def snapshot(model):
     return [p.detach().clone() for p in trained(model)]
 
@@ -219,10 +227,7 @@ def test_a_release_discarded_or_replaced_before_the_optimizer_step_is_not_steppe
     model = make()
     opt = torch.optim.SGD(trained(model), lr=0.1)
     dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
-    loss(model).backward()
-    dp.clip_and_accumulate()
-    dp.add_noise()
-    dp.scale_grad()
+    release(model, dp)
     dp.zero_grad()
     h = torch.randn(4, 6)
     nn.functional.linear(h, model[2].weight).pow(2).sum().backward()  # raw, unclipped
@@ -233,19 +238,13 @@ def test_a_release_discarded_or_replaced_before_the_optimizer_step_is_not_steppe
     assert all(torch.equal(a, p) for a, p in zip(before, trained(model)))
     # a release whose .grad is replaced by hand before the step is refused too
     dp.zero_grad()
-    loss(model).backward()
-    dp.clip_and_accumulate()
-    dp.add_noise()
-    dp.scale_grad()
+    release(model, dp)
     model[2].weight.grad = torch.ones_like(model[2].weight)
     with pytest.raises(RuntimeError, match=r"or its .grad changed since"):
         opt.step()
     # and one dropped by the next forward (its optimizer step skipped) as well
     dp.zero_grad()
-    loss(model).backward()
-    dp.clip_and_accumulate()
-    dp.add_noise()
-    dp.scale_grad()
+    release(model, dp)
     model(torch.randn(2, 5))  # drops the released .grad
     with pytest.raises(RuntimeError, match=r"no DP-SGD release"):
         opt.step()
@@ -259,10 +258,7 @@ def test_a_raw_gradient_added_in_place_to_a_release_withdraws_it():
     model = make()
     opt = torch.optim.SGD(trained(model), lr=0.1)
     dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
-    loss(model).backward()
-    dp.clip_and_accumulate()
-    dp.add_noise()
-    dp.scale_grad()
+    release(model, dp)
     released = model[2].weight.grad
     nn.functional.linear(torch.randn(4, 6), model[2].weight).pow(2).sum().backward()
     assert model[2].weight.grad is released  # (in place)
