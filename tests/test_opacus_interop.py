@@ -210,16 +210,18 @@ def test_make_private_on_minilm_with_all_linear_adapters_matches_ours():
             assert_close_verbose(p.grad_sample, want[k], atol=1e-6, rtol=1e-5, name=k)
 
 
-def test_make_private_trains_an_embedding_as_ours_does():
+@pytest.mark.parametrize("ids_shape", [(4,), (4, 5), (4, 2, 3)], ids=["1d", "2d", "3d"])
+def test_make_private_trains_an_embedding_as_ours_does(ids_shape):
     """A trained nn.Embedding (``PerSampleEmbedding``) under opacus: our sampler, padding row kept at zero as
-    torch's gradient keeps it (opacus's nn.Embedding sampler sums the padding tokens' gradients into it)."""
+    torch's gradient keeps it (opacus's nn.Embedding sampler sums the padding tokens' gradients into it). Ids of
+    one, two or three dims (the sampler once took opacus's raw output gradient, which only a 2-D id tensor fit)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(13, HID, padding_idx=2), nn.Linear(HID, OUT))
     ff.inject_adapters(model, ["1"], r=3, alpha=6.0, trainable_modules=["0"])
-    n = 4
-    x = torch.randint(0, 13, (n, 5), generator=torch.Generator().manual_seed(1))
-    x[:, -1] = 2
-    y = torch.randn(n, 5, OUT)
+    n = ids_shape[0]
+    x = torch.randint(0, 13, ids_shape, generator=torch.Generator().manual_seed(1))
+    x.view(n, -1)[:, -1] = 2
+    y = torch.randn(*ids_shape, OUT)
     want, _ = ours(model, x, y)
     loop = per_sample_grads_loop(model, lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(), {"x": x, "y": y})
     assert loop["0.weight"][:, 2].abs().max() == 0

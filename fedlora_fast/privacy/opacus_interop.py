@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fedlora_fast.layers.ffa_linear import FFALoRALinear
+from fedlora_fast.layers.ffa_linear import FFALoRALinear, flat3
 from fedlora_fast.layers.per_sample_modules import PerSampleEmbedding, PerSampleLayerNorm, PerSampleLinear
 from fedlora_fast.ops.ffa_linear import ffa_linear_bwd
 from fedlora_fast.reference import MODE_PER_SAMPLE, acc_dtype
@@ -124,7 +124,8 @@ def compute_per_sample_embedding_grad_sample(layer: PerSampleEmbedding, activati
     sampler leaves the padding row's per-sample gradient non-zero, where torch's gradient is zero)."""
     if not layer.weight.requires_grad:
         return {}
-    return {layer.weight: layer.per_sample_grads(activations[0], backprops)[0].to(backprops.dtype)}
+    # (the rule takes the output's gradient as (n, T, dim), as the layer's own backward hands it: flat3)
+    return {layer.weight: layer.per_sample_grads(activations[0], flat3(backprops))[0].to(backprops.dtype)}
 
 
 def prepare_for_opacus(model: nn.Module) -> nn.Module:
