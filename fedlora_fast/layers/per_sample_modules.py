@@ -24,7 +24,7 @@ class _PerSampleFn(torch.autograd.Function):
     def forward(ctx, x, module, *params):
         ctx.module, ctx.ps_ctx, ctx.batch_id = module, module.ps_ctx, module.ps_ctx.batch_id
         ctx.fwd = per_sample.forward_id(module.ps_ctx)
-        ctx.amp = _amp_state(x)  # (the torch.func rule replays a forward run under autocast in its weights' dtype)
+        ctx.autocast = _autocast_on(x)  # (the torch.func rule replays such a forward in its weights' dtype)
         ctx.save_for_backward(x, *params)
         return module.plain_forward(x)
 
@@ -39,12 +39,12 @@ class _PerSampleFn(torch.autograd.Function):
         module = ctx.module
         # state goes on the module's own Parameters: saved tensors may unpack as other objects (checkpointing)
         params = module.ps_params()
-        amp = {} if module.ps_flat3 else {"amp": ctx.amp}
-        dx = module.input_grad(x, g, **amp) if ctx.needs_input_grad[0] else None
+        rule_kw = {} if module.ps_flat3 else {"autocast": ctx.autocast}  # (the torch.func rule's replay)
+        dx = module.input_grad(x, g, **rule_kw) if ctx.needs_input_grad[0] else None
         grads = []
         nodes = per_sample.input_nodes(ctx, len(params))  # (the params are the apply's last tensor inputs)
         shaped = (flat3(x), flat3(g)) if module.ps_flat3 else (x, g)
-        for p, node, ps in zip(params, nodes, module.per_sample_grads(*shaped, **amp)):
+        for p, node, ps in zip(params, nodes, module.per_sample_grads(*shaped, **rule_kw)):
             if not p.requires_grad or not per_sample.accumulates(node):  # (an input-only backward: nothing kept)
                 grads.append(None)
                 continue
@@ -172,12 +172,13 @@ class _PerSampleFunctional(_PerSampleMixin):
     each sample's gradient is the vector-Jacobian product of the module's own forward on that sample alone
     (``torch.func.vmap`` over ``torch.func.vjp``), for every parameter of the module itself. It runs in the
     module's own dtypes, as its forward did (the function can depend on them: ``nn.RMSNorm``'s default eps is
-    the input dtype's), and the results are kept in float32 as every per-sample gradient is.
+    the input dtype's; a forward under autocast is replayed in the weights' dtype), and the results are kept in
+    float32 as every per-sample gradient is.
 
-    That is exact when the module treats samples independently. The first backward of each module with two or
-    more samples checks it: the per-sample gradients must add up to the batch's own gradient, else it is refused
-    (a module that mixes samples: per-sample gradients of another function than the one trained). Called with one
-    tensor only."""
+    That is exact when the module treats samples independently. Until a backward of two or more finite samples
+    with a non-zero gradient has checked it (``_check_separable``: outputs and input gradients row by row,
+    parameter gradients summed, each sample alone against the batch), a module that mixes samples is refused
+    (per-sample gradients of another function than the one trained). Called with one tensor only."""
 
     ps_flat3 = False
     _ps_plain = False  # set while torch.func traces the module's own forward (no per-sample Function inside)
@@ -207,27 +208,27 @@ class _PerSampleFunctional(_PerSampleMixin):
         finally:
             self._ps_plain = False
 
-    def _replay_input(self, x: Tensor, amp: tuple | None) -> Tensor:
+    def _replay_input(self, x: Tensor, autocast: bool) -> Tensor:
         """The input the replay runs on. A forward under autocast ran some ops in a lower precision on inputs
         and weights of mixed dtypes; the replay runs without autocast, so it takes the input in the parameters'
         widest dtype (the function autocast approximated; replayed under autocast, ops such as group norm's
         backward met mixed dtypes inside torch.func). Without autocast: as the forward ran."""
         x = x.detach()
-        if amp and amp[0] and x.is_floating_point():
+        if autocast and x.is_floating_point():
             wide = max((p.dtype for p in self.parameters(recurse=False) if p.is_floating_point()),
                        key=lambda d: torch.finfo(d).bits, default=x.dtype)
             x = x.to(wide)
         return x
 
-    def input_grad(self, x: Tensor, g: Tensor, amp: tuple | None = None) -> Tensor:
+    def input_grad(self, x: Tensor, g: Tensor, autocast: bool = False) -> Tensor:
         params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
-        out, vjp = torch.func.vjp(lambda xx: self._func_call(params, xx), self._replay_input(x, amp))
+        out, vjp = torch.func.vjp(lambda xx: self._func_call(params, xx), self._replay_input(x, autocast))
         return vjp(g.to(out.dtype))[0].to(x.dtype)
 
-    def per_sample_grads(self, x: Tensor, g: Tensor, amp: tuple | None = None) -> list[Tensor]:
-        names = [n for n, _ in self.named_parameters(recurse=False)]
+    def per_sample_grads(self, x: Tensor, g: Tensor, autocast: bool = False) -> list[Tensor]:
         params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
-        x = self._replay_input(x, amp)
+        names = list(params)
+        x = self._replay_input(x, autocast)
 
         def grads_of(xs: Tensor, gs: Tensor) -> tuple:
             out, vjp = torch.func.vjp(lambda ps: self._func_call(ps, xs), params)
@@ -237,7 +238,7 @@ class _PerSampleFunctional(_PerSampleMixin):
         try:
             ps = torch.func.vmap(lambda xi, gi: grads_of(xi.unsqueeze(0), gi.unsqueeze(0)))(x, g)
             if not self._ps_checked and x.shape[0] >= 2 and not _capturing(x):
-                self._check_separable(x, g, ps, grads_of(x, g), names)
+                self._check_separable(x, g, params, ps, grads_of(x, g))
         except PerSampleRuleError:
             raise
         except Exception as e:  # (vmap's own errors name torch internals, not the module)
@@ -248,12 +249,11 @@ class _PerSampleFunctional(_PerSampleMixin):
             ) from e
         return list(ps)
 
-    def _check_separable(self, x: Tensor, g: Tensor, ps: tuple, batch: tuple, names: list[str]) -> None:
+    def _check_separable(self, x: Tensor, g: Tensor, params: dict, ps: tuple, batch: tuple) -> None:
         """Each sample alone against the batch, once: the outputs row by row (a forward that mixes samples,
         detached or not), the parameters' gradients summed, and the input's gradient row by row (a mixing that
         only the backward shows, ahead of this module). Tolerances: a few units in the last place of the lowest
         precision at work (the replay's input's, the parameters'), relative to each element's terms."""
-        params = {n: p.detach() for n, p in self.named_parameters(recurse=False)}
         # the lowest precision at work; its absolute floor too (bf16 rounds a near-cancelling bias + xW to 0 on
         # one path and to 2e-3 on the other)
         low = max((d for d in (x.dtype, *(p.dtype for p in params.values())) if d.is_floating_point),
@@ -271,7 +271,7 @@ class _PerSampleFunctional(_PerSampleMixin):
             checks.append(("its input's gradient", torch.func.vmap(dx_alone)(x, g), vjp(g.to(out_batch.dtype))[0]))
         checks = [(what, each, whole, each.abs()) for what, each, whole in checks]
         checks += [(f"the gradient of {n!r}", one.sum(0), whole, one.abs().sum(0))
-                   for n, one, whole in zip(names, ps, batch)]
+                   for n, one, whole in zip(params, ps, batch)]
         if not all(bool(torch.isfinite(t).all()) for _, each, whole, _ in checks for t in (each, whole)):
             return  # a non-finite sample (dropped by the engine) proves nothing either way: checked later
         for what, each, whole, size in checks:
@@ -294,12 +294,11 @@ def _capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _amp_state(x: Tensor) -> tuple[bool, torch.dtype] | None:
-    """(enabled, dtype) of autocast for ``x``'s device at the forward."""
+def _autocast_on(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (at the forward)."""
     device_type = x.device.type
-    if device_type == "meta" or not torch.amp.is_autocast_available(device_type):
-        return None
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    return (device_type != "meta" and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type))
 
 
 _FUNCTIONAL: dict[type, type] = {}  # base class -> its per-sample subclass (one per class, made on first use)

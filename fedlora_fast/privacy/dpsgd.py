@@ -323,11 +323,21 @@ def _gathered_rows(model: nn.Module, trained: list[str]) -> list[str]:
     masked-token head of ``ModernBertForMaskedLM`` with ``sparse_prediction`` (the masked tokens). ``_check_rows``
     sees them only when the gathered count differs from the batch's."""
     out = [n for n in trained if "experts" in n.split(".")]
+    return out + _trained_under(
+        model, trained, out, ("head", "decoder"),
+        lambda sub: type(sub).__name__ == "ModernBertForMaskedLM" and getattr(sub.config, "sparse_prediction", False))
+
+
+def _trained_under(model: nn.Module, trained: list[str], found: list[str], children: tuple[str, ...],
+                   match: Callable[[nn.Module], bool]) -> list[str]:
+    """Of ``trained`` (not already ``found``), the modules that are, or sit under, the given ``children`` of any
+    module of ``model`` for which ``match(module)`` holds."""
+    out: list[str] = []
     for prefix, sub in model.named_modules():
-        if type(sub).__name__ == "ModernBertForMaskedLM" and getattr(sub.config, "sparse_prediction", False):
-            heads = tuple(f"{prefix}.{h}" if prefix else h for h in ("head", "decoder"))
+        if match(sub):
+            heads = tuple(f"{prefix}.{c}" if prefix else c for c in children)
             under = tuple(h + "." for h in heads)
-            out += [n for n in trained if n not in out and (n in heads or n.startswith(under))]
+            out += [n for n in trained if n not in found and n not in out and (n in heads or n.startswith(under))]
     return out
 
 
@@ -337,11 +347,9 @@ def _position_rows(model: nn.Module, trained: list[str]) -> list[str]:
     relative embeddings (``rel_embeddings``, read as a weight, and the encoder's ``LayerNorm`` over them).
     ``_check_rows`` sees them only when the batch's size differs from their row count (n = T for T5)."""
     out = [n for n in trained if "relative_attention_bias" in n.split(".")]
-    for prefix, sub in model.named_modules():
-        if type(sub).__name__ in ("DebertaEncoder", "DebertaV2Encoder") and getattr(sub, "relative_attention", False):
-            rel = [f"{prefix}.{h}" if prefix else h for h in ("rel_embeddings", "LayerNorm")]
-            out += [n for n in trained if n not in out and (n in rel or n.startswith(tuple(r + "." for r in rel)))]
-    return out
+    deberta = ("DebertaEncoder", "DebertaV2Encoder")
+    return out + _trained_under(model, trained, out, ("rel_embeddings", "LayerNorm"),
+                                lambda sub: type(sub).__name__ in deberta and getattr(sub, "relative_attention", False))
 
 
 # modules whose output for one sample can depend on the batch's other samples: class name -> whether it does now
