@@ -126,6 +126,36 @@ def per_sample_grads_engine(model: nn.Module) -> dict[str, Tensor]:
     return {n: r.grad_sample.double() for n, r in records.items() if r is not None and r.grad_sample is not None}
 
 
+def assert_engine_matches_loop(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, dict], Tensor],
+    batch: dict[str, Tensor],
+    *,
+    atol: float = 1e-7,
+    rtol: float = 1e-5,
+) -> dict[str, Tensor]:
+    """One backward under a fresh flat-clipping ``DPSGD`` (no clipping in effect, no noise) against the
+    batch-of-one loop: the same tensors, each sample's gradient equal. Steps (lr 0) and detaches the engine.
+
+    Returns:
+        The engine's per-sample gradients (``per_sample_grads_engine``), float64.
+    """
+    from fedlora_fast.privacy.dpsgd import DPSGD
+
+    loop = per_sample_grads_loop(model, loss_fn, batch)
+    n = next(iter(batch.values())).shape[0]
+    dp = DPSGD(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
+               max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=max(n, 1))
+    loss_fn(model, batch).backward()
+    ours = per_sample_grads_engine(model)
+    assert sorted(ours) == sorted(loop), (sorted(ours), sorted(loop))
+    for k in loop:
+        assert_close_verbose(ours[k], loop[k], atol=atol, rtol=rtol, name=k)
+    dp.step()
+    dp.detach()
+    return ours
+
+
 def spy_kept_weight(monkeypatch) -> list[tuple[str | None, bool]]:
     """Record every backward's lookup of its forward's kept merged weight (the Triton backend's
     ``_kept_weight``, ``FEDLORA_FAST_KEEP_MERGED``) as (the variable's value at that moment, whether one was

@@ -14,7 +14,9 @@ from torch import nn
 
 import fedlora_fast as ff
 from fedlora_fast.layers import per_sample_modules as psm
-from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
+from fedlora_fast.testing import (
+    assert_close_verbose, assert_engine_matches_loop, per_sample_grads_engine, per_sample_grads_loop,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,15 +118,8 @@ def test_conv1d_groupnorm_rmsnorm_and_conv_match_the_loop():
     def loss(m, bb):
         return ((m(bb["x"]) - bb["y"]) ** 2).sum()
 
-    loop = per_sample_grads_loop(model, loss, b)
-    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=5)
-    loss(model, b).backward()
-    ours = per_sample_grads_engine(model)
-    assert sorted(ours) == sorted(loop) and len(loop) == 9  # 2 B + Conv1D (2) + RMSNorm + GroupNorm (2) + conv (2)
-    for k in loop:
-        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
-    dp.step()
-    dp.detach()
+    ours = assert_engine_matches_loop(model, loss, b)
+    assert len(ours) == 9  # 2 B + Conv1D (2) + RMSNorm + GroupNorm (2) + conv (2)
 
 
 def test_a_bf16_rmsnorm_matches_the_float64_loop():
@@ -410,16 +405,8 @@ def test_a_leaf_with_buffers_and_per_sample_gradients_that_cancel():
     def loss(m, b):
         return (b["sign"] * m(b["ids"]).sum((1, 2))).sum()
 
-    batch = {"ids": ids, "sign": sign}
-    loop = per_sample_grads_loop(model, loss, batch)
-    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=16)
-    loss(model, batch).backward()
-    ours = per_sample_grads_engine(model)
-    for k in loop:
-        assert_close_verbose(ours[k], loop[k], atol=1e-6, rtol=1e-5, name=k)
+    assert_engine_matches_loop(model, loss, {"ids": ids, "sign": sign}, atol=1e-6)
     assert model[0]._ps_checked and model[2]._ps_checked
-    dp.step()
-    dp.detach()
 
 
 def test_modules_looked_up_by_positions_shared_by_the_batch_are_refused_when_the_engine_is_built():
@@ -485,14 +472,7 @@ def test_a_trained_layers_output_can_be_written_in_place():
         h[~bb["mask"]] = 0.0
         return h.pow(2).sum()
 
-    loop = per_sample_grads_loop(model, loss, b)
-    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=3)
-    loss(model, b).backward()
-    ours = per_sample_grads_engine(model)
-    for k in loop:
-        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
-    dp.step()
-    dp.detach()
+    assert_engine_matches_loop(model, loss, b)
 
 
 def test_old_style_weight_norm_trains_its_g_and_v_through_torch_func():
@@ -514,16 +494,8 @@ def test_old_style_weight_norm_trains_its_g_and_v_through_torch_func():
     def loss(m, b):
         return m(b["ids"]).pow(2).sum()
 
-    loop = per_sample_grads_loop(model, loss, {"ids": ids})
-    assert {"0.weight_g", "0.weight_v", "2.weight_g", "2.weight_v", "2.bias"} <= set(loop)
-    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=4)
-    loss(model, {"ids": ids}).backward()
-    ours = per_sample_grads_engine(model)
-    assert sorted(ours) == sorted(loop)
-    for k in loop:
-        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
-    dp.step()
-    dp.detach()
+    ours = assert_engine_matches_loop(model, loss, {"ids": ids})
+    assert {"0.weight_g", "0.weight_v", "2.weight_g", "2.weight_v", "2.bias"} <= set(ours)
 
 
 def test_trainable_modules_without_parameters_or_tied_to_an_adapters_base_are_refused():
@@ -599,14 +571,7 @@ def test_a_parameter_expanded_over_the_batch_is_a_per_sample_input():
     def loss(m, b):
         return m(b["x"]).pow(2).sum()
 
-    loop = per_sample_grads_loop(model, loss, {"x": x})
-    dp = ff.DPSGD(model, sgd(model), max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=4)
-    loss(model, {"x": x}).backward()
-    ours = per_sample_grads_engine(model)
-    for k in loop:
-        assert_close_verbose(ours[k], loop[k], atol=1e-7, rtol=1e-5, name=k)
-    dp.step()
-    dp.detach()
+    assert_engine_matches_loop(model, loss, {"x": x})
 
 
 def test_a_non_finite_sample_is_dropped_not_taken_for_mixing():
