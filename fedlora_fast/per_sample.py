@@ -4,7 +4,8 @@ A DP engine attaches one ``PerSampleContext`` to every module that computes per-
 backward, each such module hands its per-sample results to ``store``, which keeps them on the parameter, in
 one ``Pending`` record (``param.ff_pending``; ``pending(param)`` reads it):
 
-- ``grad_sample``: (n, *param.shape) float32 per-sample gradients (flat clipping only),
+- ``grad_sample``: (n, *param.shape) float32 per-sample gradients (flat clipping only); an embedding's table
+  keeps them as a ``RowScatter`` (its looked-up rows' ids and gradients: n x T x dim, not n x rows x dim),
 - ``clipped``: the float32 clipped sum ``sum_i c_i P_i`` (per-layer clipping only),
 - ``norm2``: (n,) float32 squared per-sample norms (both modes),
 - ``batch``: the forward pass (batch id) they came from; ``fwds``: the module forwards (``forward_id``).
@@ -28,7 +29,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE
+from fedlora_fast.reference import (
+    MODE_CLIP,
+    MODE_PER_SAMPLE,
+    embedding_clip_reduce,
+    embedding_grad_norm2,
+    embedding_grad_sample,
+)
 
 PS_ATTR = "ff_pending"  # the one attribute per-sample state lives in, on each trained Parameter
 CONSUMED_KEPT = 1 << 16  # forward ids remembered as consumed; older ones fall under the watermark
@@ -105,7 +112,22 @@ _ESCAPE = (
 )
 
 
-class Pending:
+class _Sealed:
+    """Refuses pickling and copying (``PerSampleStateError``): it holds one sample's unclipped gradients."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol):
+        raise PerSampleStateError(_ESCAPE)
+
+    def __copy__(self):
+        raise PerSampleStateError(_ESCAPE)
+
+    def __deepcopy__(self, memo):
+        raise PerSampleStateError(_ESCAPE)
+
+
+class Pending(_Sealed):
     """One backward's per-sample results on a trained tensor (``param.ff_pending``, module docstring).
 
     Refuses pickling and copying (``PerSampleStateError``): what pickles the Parameter mid-step would otherwise
@@ -117,14 +139,49 @@ class Pending:
     def __init__(self, grad_sample: Tensor | None, norm2: Tensor, batch: int, fwds: set[int]):
         self.grad_sample, self.clipped, self.norm2, self.batch, self.fwds = grad_sample, None, norm2, batch, fwds
 
-    def __reduce_ex__(self, protocol):
-        raise PerSampleStateError(_ESCAPE)
 
-    def __copy__(self):
-        raise PerSampleStateError(_ESCAPE)
+class RowScatter(_Sealed):
+    """Per-sample gradients of a table looked up by ids, kept sparse: sample i's gradient is
+    ``sum_t onehot(ids[i, t]) g[i, t]`` (``fedlora_fast.reference.embedding``).
 
-    def __deepcopy__(self, memo):
-        raise PerSampleStateError(_ESCAPE)
+    ``ids`` (n, T) int64, ``g`` (n, T, dim) float32 (zero rows where nothing flows: padding), ``rows`` the
+    table's row count. ``shape`` is the dense shape (n, rows, dim). Refuses pickling and copying, as ``Pending``.
+    """
+
+    __slots__ = ("ids", "g", "rows")
+
+    def __init__(self, ids: Tensor, g: Tensor, rows: int):
+        if ids.shape != g.shape[:2] or g.dim() != 3:
+            raise ValueError(f"RowScatter: ids {tuple(ids.shape)} and g {tuple(g.shape)} must be (n, T), (n, T, dim)")
+        self.ids, self.g, self.rows = ids.long(), g.float(), rows
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.g.shape[0], self.rows, self.g.shape[2]))
+
+    def norm2(self) -> Tensor:
+        return embedding_grad_norm2(self.ids, self.g)
+
+    def clip_reduce(self, coef: Tensor) -> Tensor:
+        """``sum_i coef_i P_i``, (rows, dim) float32 (samples with coefficient 0 skipped)."""
+        return embedding_clip_reduce(self.ids, self.g, coef, self.rows)
+
+    def dense(self) -> Tensor:
+        return embedding_grad_sample(self.ids, self.g, self.rows)
+
+    def __add__(self, other: "RowScatter") -> "RowScatter":
+        """The per-sample sum of two lookups of one table in a forward: their rows side by side (exact)."""
+        return RowScatter(torch.cat([self.ids, other.ids], 1), torch.cat([self.g, other.g], 1), self.rows)
+
+
+def dense_grad_sample(gs: "Tensor | RowScatter") -> Tensor:
+    """A record's ``grad_sample`` as a dense (n, *param.shape) tensor (a ``RowScatter`` expanded)."""
+    return gs.dense() if isinstance(gs, RowScatter) else gs
+
+
+def squared_norms(gs: "Tensor | RowScatter") -> Tensor:
+    """(n,) squared norms of per-sample gradients (dense or ``RowScatter``)."""
+    return gs.norm2() if isinstance(gs, RowScatter) else gs.flatten(1).pow(2).sum(1)
 
 
 def state_for_copy(module) -> dict:
@@ -167,12 +224,14 @@ def clear(param: Tensor) -> None:
 
 
 def store(
-    param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tensor | None, norm2: Tensor, fwd: int
+    param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tensor | RowScatter | None, norm2: Tensor,
+    fwd: int
 ) -> Pending:
     """Keep one backward's per-sample results on ``param`` (returns its new ``Pending`` record).
 
     Args:
-        grad_sample: (n, *param.shape) per-sample gradients (flat mode), None in per-layer mode.
+        grad_sample: (n, *param.shape) per-sample gradients, or a ``RowScatter`` (flat mode); None in per-layer
+            mode.
         norm2: (n,) squared norms of those per-sample gradients.
         batch_id: ``ctx.batch_id`` captured at the forward that produced them.
         fwd: the module forward's ``forward_id``.
@@ -209,8 +268,11 @@ def store(
                 f"per-sample gradients of one forward disagree in shape: {tuple(held.grad_sample.shape)} "
                 f"vs {tuple(grad_sample.shape)}"
             )
-        grad_sample = held.grad_sample + grad_sample
-        norm2 = grad_sample.flatten(1).pow(2).sum(1)
+        if isinstance(held.grad_sample, RowScatter) and isinstance(grad_sample, RowScatter):
+            grad_sample = held.grad_sample + grad_sample
+        else:  # (a tied lm_head's dense gradient and its embedding's rows: the sum is dense)
+            grad_sample = dense_grad_sample(held.grad_sample) + dense_grad_sample(grad_sample)
+        norm2 = squared_norms(grad_sample)
         fwds = held.fwds | {fwd}
     else:
         fwds = {fwd}
@@ -225,11 +287,11 @@ def param_result(
     """Keep a per-sample backward result on ``param``; returns what autograd should accumulate in ``.grad``:
     nothing (None) in both modes, or zeros under compiled autograd (``_nothing``).
 
-    ``grad`` is (n, *shape) in flat mode and the clipped sum in per-layer mode (kept float32, with the
-    norms).
+    ``grad`` is (n, *shape) (or a ``RowScatter``) in flat mode and the clipped sum in per-layer mode (kept
+    float32, with the norms).
     """
     if ctx.mode == MODE_PER_SAMPLE:
-        store(param, ctx, batch_id, grad.float(), norm2, fwd)
+        store(param, ctx, batch_id, grad if isinstance(grad, RowScatter) else grad.float(), norm2, fwd)
     else:
         store(param, ctx, batch_id, None, norm2, fwd).clipped = grad.float()
     return _nothing(param)

@@ -123,7 +123,8 @@ def per_sample_grads_engine(model: nn.Module) -> dict[str, Tensor]:
     from fedlora_fast import per_sample
 
     records = {n: per_sample.pending(p) for n, p in model.named_parameters() if p.requires_grad}
-    return {n: r.grad_sample.double() for n, r in records.items() if r is not None and r.grad_sample is not None}
+    return {n: per_sample.dense_grad_sample(r.grad_sample).double() for n, r in records.items()
+            if r is not None and r.grad_sample is not None}
 
 
 def assert_engine_matches_loop(

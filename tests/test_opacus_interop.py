@@ -43,7 +43,8 @@ def ours(model, x, y):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4)
     ((model(x) - y) ** 2).sum().backward()
-    grads = {n: per_sample.pending(p).grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: per_sample.dense_grad_sample(per_sample.pending(p).grad_sample).clone()
+             for n, p in model.named_parameters() if p.requires_grad}
     norms = dp.per_sample_norms().clone()
     dp.zero_grad()
     dp.detach()
@@ -196,7 +197,8 @@ def test_make_private_on_minilm_with_all_linear_adapters_matches_ours():
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=3)
     nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y, reduction="sum").backward()
-    want = {n: per_sample.pending(p).grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: per_sample.dense_grad_sample(per_sample.pending(p).grad_sample).clone()
+            for n, p in model.named_parameters() if p.requires_grad}
     assert len(want) == 6 * 6 + 1 + 2  # 6 linears per layer, the pooler, the classifier weight and bias
     prepare_for_opacus(model)
     loader = DataLoader(TensorDataset(ids, mask, y), batch_size=3)

@@ -208,3 +208,81 @@ def test_graphed_micro_batches_of_token_ids_equal_the_eager_accumulate(clipping)
     got = torch.cat([t.flatten() for t in dp.clipped_sum()])
     assert dp._pending_samples == 7
     assert_close_verbose(got, want, atol=1e-6, rtol=1e-5, name="clipped sums")
+
+
+@pytest.mark.parametrize("n, T, rows, d", [(1, 1, 3, 1), (4, 9, 5, 7), (3, 13, 200, 6), (0, 4, 5, 3), (2, 0, 5, 3)])
+def test_the_sparse_norms_and_clipped_sum_equal_the_dense_float64_ones(n, T, rows, d):
+    """``fedlora_fast.reference.embedding`` against the dense per-sample gradients built in float64 by a loop:
+    ids with repeats (a few rows: most ids repeat), a zero row (padding), and a sample with a NaN and one
+    with an inf row, which make their own norms non-finite only and stay out of the clipped sum."""
+    from fedlora_fast.reference import embedding_clip_reduce, embedding_grad_norm2, embedding_grad_sample
+
+    gen = torch.Generator().manual_seed(n * 100 + T * 10 + rows)
+    ids = torch.randint(0, rows, (n, T), generator=gen)
+    g = torch.randn(n, T, d, generator=gen) * torch.rand(n, 1, 1, generator=gen) * 3
+    if n * T:
+        g[0, -1] = 0.0
+    want = torch.zeros(n, rows, d, dtype=torch.float64)
+    for i in range(n):
+        for t in range(T):
+            want[i, ids[i, t]] += g[i, t].double()
+    assert_close_verbose(embedding_grad_sample(ids, g, rows), want, atol=1e-6, rtol=1e-6, name="dense")
+    norm2 = embedding_grad_norm2(ids, g)
+    assert norm2.dtype == torch.float32 and norm2.shape == (n,)
+    assert_close_verbose(norm2, want.flatten(1).pow(2).sum(1), atol=1e-5, rtol=1e-5, name="norm2")
+    coef = torch.rand(n, generator=gen)
+    want_sum = torch.einsum("n,nrd->rd", coef.double(), want)
+    assert_close_verbose(embedding_clip_reduce(ids, g, coef, rows), want_sum, atol=1e-5, rtol=1e-5, name="clipped")
+    if n >= 3 and T >= 2:
+        bad = g.clone()
+        bad[1, 0, 0] = float("nan")
+        bad[2, 1, -1] = float("inf")
+        norm2_bad = embedding_grad_norm2(ids, bad)
+        assert not torch.isfinite(norm2_bad[1:3]).any()
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[1:3] = False
+        assert_close_verbose(norm2_bad[keep], norm2[keep], atol=0, rtol=0, name="others' norms")
+        coef_bad = torch.where(keep, coef, torch.zeros(()))
+        got = embedding_clip_reduce(ids, bad, coef_bad, rows)
+        assert_close_verbose(got, torch.einsum("n,nrd->rd", coef_bad.double(), want), atol=1e-5, rtol=1e-5,
+                             name="clipped without the non-finite samples")
+
+
+class _TwoLookups(nn.Module):
+    """One table looked up twice in a forward (a question and its context, say): each sample's gradient of
+    the table is the sum of both lookups'."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(23, 4, padding_idx=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, a, b):
+        return self.head(torch.tanh(self.emb(a).sum(1) * self.emb(b).mean(1)))
+
+
+def test_the_engine_keeps_an_embeddings_looked_up_rows_not_the_dense_table():
+    """A backward keeps n x T x dim numbers for the table (not n x rows x dim), also when the table is looked
+    up twice in one forward (both lookups' rows side by side), and the result still equals the loop."""
+    from fedlora_fast import per_sample
+
+    torch.manual_seed(4)
+    model = _TwoLookups().double()
+    ff.inject_adapters(model, ["head"], r=2, alpha=4.0, trainable_modules=["emb"])
+    gen = torch.Generator().manual_seed(7)
+    batch = {"a": torch.randint(0, 23, (5, 3), generator=gen), "b": torch.randint(0, 23, (5, 4), generator=gen)}
+    batch["a"][0, 0] = 1  # the padding id
+
+    def loss(m, bt):
+        return m(bt["a"], bt["b"]).pow(2).sum()
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=5)
+    loss(model, batch).backward()
+    kept = per_sample.pending(model.emb.weight).grad_sample
+    assert isinstance(kept, per_sample.RowScatter) and kept.shape == (5, 23, 4)
+    assert kept.g.shape == (5, 3 + 4, 4) and kept.ids.shape == (5, 7)
+    dp.zero_grad()
+    dp.detach()
+    ours = assert_engine_matches_loop(model, loss, batch)
+    assert ours["emb.weight"][:, 1].abs().max() == 0

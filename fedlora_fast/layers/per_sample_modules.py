@@ -48,11 +48,14 @@ class _PerSampleFn(torch.autograd.Function):
             if not p.requires_grad or not per_sample.accumulates(node):  # (an input-only backward: nothing kept)
                 grads.append(None)
                 continue
-            ps = ps.float()
-            norm2 = ps.flatten(1).pow(2).sum(1)
+            ps = ps if isinstance(ps, per_sample.RowScatter) else ps.float()
+            norm2 = per_sample.squared_norms(ps)
             if ctx.ps_ctx.mode == per_sample.MODE_CLIP:
                 coef = clip_coef(norm2, ctx.ps_ctx.threshold(p))
-                ps = ffa_linear_clip_reduce(ps.reshape(ps.shape[0], 1, p.numel()), coef).reshape(p.shape)
+                if isinstance(ps, per_sample.RowScatter):
+                    ps = ps.clip_reduce(coef)
+                else:
+                    ps = ffa_linear_clip_reduce(ps.reshape(ps.shape[0], 1, p.numel()), coef).reshape(p.shape)
             grads.append(per_sample.param_result(p, ctx.ps_ctx, ctx.batch_id, ps, norm2, ctx.fwd))
         return (dx, None, *grads)
 
@@ -138,8 +141,11 @@ class PerSampleEmbedding(_PerSampleMixin, nn.Embedding):
     """nn.Embedding whose per-sample gradient of the table is ``sum_t onehot(id_t) g_t`` (the padding row stays
     zero, as torch leaves it).
 
-    Dense: a backward holds (n, num_embeddings, embedding_dim) float32 per-sample gradients, as opacus's sampler
-    does (n x 47 MB for a 30k x 384 table). ``max_norm`` (the forward rewrites looked-up rows of the weight in
+    Sparse: a backward keeps each sample's looked-up ids and their rows' gradients (``per_sample.RowScatter``:
+    n x T x embedding_dim float32), not the dense (n, num_embeddings, embedding_dim) tensor opacus's sampler
+    builds (n x 47 MB for a 30k x 384 table); the norms and the clipped sum are computed from them exactly
+    (``fedlora_fast.reference.embedding``). A tied ``lm_head``'s gradient is dense, and so is its sum with the
+    embedding's. ``max_norm`` (the forward rewrites looked-up rows of the weight in
     place, a change no noise covers), ``scale_grad_by_freq`` (each token's gradient scaled by its count in the
     whole batch: one sample's gradient would depend on the others) and ``sparse`` are refused
     (``per_sample_problems``).
@@ -152,15 +158,13 @@ class PerSampleEmbedding(_PerSampleMixin, nn.Embedding):
     def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
         raise TypeError(f"{type(self).__name__}: its input (token ids, {x.dtype}) has no gradient")
 
-    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[Tensor]:
+    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[per_sample.RowScatter]:
         n, T, d = g.shape  # (flat3: (n, T, d); flat3 folded the ids as it folds features, so take T from g)
         ids = x.reshape(n, T).long()
         gf = g.float()
         if self.padding_idx is not None:
             gf = gf.masked_fill((ids == self.padding_idx).unsqueeze(-1), 0.0)
-        rows = ids + torch.arange(n, device=ids.device).unsqueeze(1) * self.num_embeddings
-        out = gf.new_zeros(n * self.num_embeddings, d).index_add_(0, rows.flatten(), gf.reshape(-1, d))
-        return [out.view(n, self.num_embeddings, d)]
+        return [per_sample.RowScatter(ids, gf, self.num_embeddings)]
 
 
 _SWAPS: dict[type, type] = {nn.Linear: PerSampleLinear, nn.LayerNorm: PerSampleLayerNorm,

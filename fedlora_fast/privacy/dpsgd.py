@@ -1074,13 +1074,15 @@ class DPSGD:
         copy costs more than a launch on a CPU).
         """
         grads = []
-        for p in self.params:
+        pieces: list[Tensor | None] = [None] * len(self.params)
+        for i, p in enumerate(self.params):
             record = per_sample.pending(p)  # None: unused in this forward, contributes zero
             gs = record.grad_sample if record is not None else None
             if gs is not None and gs.shape[0] != n:
                 raise RuntimeError(f"per-sample gradients of one tensor have {gs.shape[0]} samples, expected {n}")
+            if isinstance(gs, per_sample.RowScatter):  # (an embedding's looked-up rows: one scatter-add)
+                pieces[i], gs = gs.clip_reduce(coef), None
             grads.append(gs)
-        pieces: list[Tensor | None] = [None] * len(grads)
         if GROUPED_CLIP_REDUCE.get(self._device.type, False) and n > 0:
             group: list[int] = []
 

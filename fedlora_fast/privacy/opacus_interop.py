@@ -125,7 +125,8 @@ def compute_per_sample_embedding_grad_sample(layer: PerSampleEmbedding, activati
     if not layer.weight.requires_grad:
         return {}
     # (the rule takes the output's gradient as (n, T, dim), as the layer's own backward hands it: flat3)
-    return {layer.weight: layer.per_sample_grads(activations[0], flat3(backprops))[0].to(backprops.dtype)}
+    rows = layer.per_sample_grads(activations[0], flat3(backprops))[0]
+    return {layer.weight: rows.dense().to(backprops.dtype)}
 
 
 def prepare_for_opacus(model: nn.Module) -> nn.Module:
