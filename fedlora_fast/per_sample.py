@@ -4,8 +4,9 @@ A DP engine attaches one ``PerSampleContext`` to every module that computes per-
 backward, each such module hands its per-sample results to ``store``, which keeps them on the parameter, in
 one ``Pending`` record (``param.ff_pending``; ``pending(param)`` reads it):
 
-- ``grad_sample``: (n, *param.shape) float32 per-sample gradients (flat clipping only); an embedding's table
-  keeps them as a ``RowScatter`` (its looked-up rows' ids and gradients: n x T x dim, not n x rows x dim),
+- ``grad_sample``: (n, *param.shape) float32 per-sample gradients (flat clipping only), or ``Factors``: a trained
+  embedding's looked-up ids and rows' gradients, a trained Linear's input and output gradient where those are
+  smaller (n x T x (rows + cols) numbers, not n x rows x cols),
 - ``clipped``: the float32 clipped sum ``sum_i c_i P_i`` (per-layer clipping only),
 - ``norm2``: (n,) float32 squared per-sample norms (both modes),
 - ``batch``: the forward pass (batch id) they came from; ``fwds``: the module forwards (``forward_id``).
@@ -32,9 +33,9 @@ from torch import Tensor
 from fedlora_fast.reference import (
     MODE_CLIP,
     MODE_PER_SAMPLE,
-    embedding_clip_reduce,
-    embedding_grad_norm2,
-    embedding_grad_sample,
+    ghost_clip_reduce,
+    ghost_grad_sample,
+    ghost_norm2,
 )
 
 PS_ATTR = "ff_pending"  # the one attribute per-sample state lives in, on each trained Parameter
@@ -140,48 +141,65 @@ class Pending(_Sealed):
         self.grad_sample, self.clipped, self.norm2, self.batch, self.fwds = grad_sample, None, norm2, batch, fwds
 
 
-class RowScatter(_Sealed):
-    """Per-sample gradients of a table looked up by ids, kept sparse: sample i's gradient is
-    ``sum_t onehot(ids[i, t]) g[i, t]`` (``fedlora_fast.reference.embedding``).
+class Factors(_Sealed):
+    """Per-sample gradients of one trained tensor kept as their factors, not as (n, rows, cols)
+    (``fedlora_fast.reference.ghost``): ``P_i = sum over terms of left_i^T right_i``, a term ``(g, x)`` for a
+    Linear's weight, ``(ids, g)`` for a lookup table (one-hot rows).
 
-    ``ids`` (n, T) int64, ``g`` (n, T, dim) float32 (zero rows where nothing flows: padding), ``rows`` the
-    table's row count. ``shape`` is the dense shape (n, rows, dim). Refuses pickling and copying, as ``Pending``.
+    ``shape`` is the dense shape (n, rows, cols). Two uses of one tensor in a forward add up: their tokens side
+    by side (``+``, exact), at most one term of ids and one dense. Refuses pickling and copying, as ``Pending``.
     """
 
-    __slots__ = ("ids", "g", "rows")
+    __slots__ = ("terms", "rows", "_norm2")
 
-    def __init__(self, ids: Tensor, g: Tensor, rows: int):
-        if ids.shape != g.shape[:2] or g.dim() != 3:
-            raise ValueError(f"RowScatter: ids {tuple(ids.shape)} and g {tuple(g.shape)} must be (n, T), (n, T, dim)")
-        self.ids, self.g, self.rows = ids.long(), g.float(), rows
+    def __init__(self, terms: list[tuple[Tensor, Tensor]], rows: int):
+        for left, right in terms:
+            if left.shape[:2] != right.shape[:2] or right.dim() != 3 or left.dim() != (2 if _ids(left) else 3):
+                raise ValueError(f"Factors: a term's left {tuple(left.shape)} and right {tuple(right.shape)} must "
+                                 "be (n, T) ids or (n, T, rows), and (n, T, cols)")
+        self.terms = [(left.long() if _ids(left) else left.float(), right.float()) for left, right in terms]
+        self.rows, self._norm2 = rows, None
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.g.shape[0], self.rows, self.g.shape[2]))
+        right = self.terms[0][1]
+        return torch.Size((right.shape[0], self.rows, right.shape[2]))
 
     def norm2(self) -> Tensor:
-        return embedding_grad_norm2(self.ids, self.g)
+        if self._norm2 is None:
+            self._norm2 = ghost_norm2(self.terms)
+        return self._norm2
 
     def clip_reduce(self, coef: Tensor) -> Tensor:
-        """``sum_i coef_i P_i``, (rows, dim) float32 (samples with coefficient 0 skipped)."""
-        return embedding_clip_reduce(self.ids, self.g, coef, self.rows)
+        """``sum_i coef_i P_i``, (rows, cols) float32 (samples with coefficient 0 skipped; a sample whose tokens
+        cancel capped: ``fedlora_fast.reference.ghost``)."""
+        return ghost_clip_reduce(self.terms, coef, self.rows, self.norm2())
 
     def dense(self) -> Tensor:
-        return embedding_grad_sample(self.ids, self.g, self.rows)
+        return ghost_grad_sample(self.terms, self.rows)
 
-    def __add__(self, other: "RowScatter") -> "RowScatter":
-        """The per-sample sum of two lookups of one table in a forward: their rows side by side (exact)."""
-        return RowScatter(torch.cat([self.ids, other.ids], 1), torch.cat([self.g, other.g], 1), self.rows)
+    def __add__(self, other: "Factors") -> "Factors":
+        """The per-sample sum of two uses of the tensor in one forward (its shape checked by ``store``)."""
+        kinds: dict[bool, tuple[Tensor, Tensor]] = {}
+        for left, right in self.terms + other.terms:
+            held = kinds.get(_ids(left))
+            kinds[_ids(left)] = (left, right) if held is None else (torch.cat([held[0], left], 1),
+                                                                     torch.cat([held[1], right], 1))
+        return Factors(list(kinds.values()), self.rows)
 
 
-def dense_grad_sample(gs: "Tensor | RowScatter") -> Tensor:
-    """A record's ``grad_sample`` as a dense (n, *param.shape) tensor (a ``RowScatter`` expanded)."""
-    return gs.dense() if isinstance(gs, RowScatter) else gs
+def _ids(left: Tensor) -> bool:
+    return not left.is_floating_point()
 
 
-def squared_norms(gs: "Tensor | RowScatter") -> Tensor:
-    """(n,) squared norms of per-sample gradients (dense or ``RowScatter``)."""
-    return gs.norm2() if isinstance(gs, RowScatter) else gs.flatten(1).pow(2).sum(1)
+def dense_grad_sample(gs: "Tensor | Factors") -> Tensor:
+    """A record's ``grad_sample`` as a dense (n, *param.shape) tensor (``Factors`` expanded)."""
+    return gs.dense() if isinstance(gs, Factors) else gs
+
+
+def squared_norms(gs: "Tensor | Factors") -> Tensor:
+    """(n,) squared norms of per-sample gradients (dense or ``Factors``)."""
+    return gs.norm2() if isinstance(gs, Factors) else gs.flatten(1).pow(2).sum(1)
 
 
 def state_for_copy(module) -> dict:
@@ -224,13 +242,13 @@ def clear(param: Tensor) -> None:
 
 
 def store(
-    param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tensor | RowScatter | None, norm2: Tensor,
+    param: Tensor, ctx: PerSampleContext, batch_id: int, grad_sample: Tensor | Factors | None, norm2: Tensor,
     fwd: int
 ) -> Pending:
     """Keep one backward's per-sample results on ``param`` (returns its new ``Pending`` record).
 
     Args:
-        grad_sample: (n, *param.shape) per-sample gradients, or a ``RowScatter`` (flat mode); None in per-layer
+        grad_sample: (n, *param.shape) per-sample gradients, or a ``Factors`` (flat mode); None in per-layer
             mode.
         norm2: (n,) squared norms of those per-sample gradients.
         batch_id: ``ctx.batch_id`` captured at the forward that produced them.
@@ -268,9 +286,9 @@ def store(
                 f"per-sample gradients of one forward disagree in shape: {tuple(held.grad_sample.shape)} "
                 f"vs {tuple(grad_sample.shape)}"
             )
-        if isinstance(held.grad_sample, RowScatter) and isinstance(grad_sample, RowScatter):
-            grad_sample = held.grad_sample + grad_sample
-        else:  # (a tied lm_head's dense gradient and its embedding's rows: the sum is dense)
+        if isinstance(held.grad_sample, Factors) and isinstance(grad_sample, Factors):
+            grad_sample = held.grad_sample + grad_sample  # (a tied lm_head and its embedding: two terms)
+        else:
             grad_sample = dense_grad_sample(held.grad_sample) + dense_grad_sample(grad_sample)
         norm2 = squared_norms(grad_sample)
         fwds = held.fwds | {fwd}
@@ -287,11 +305,11 @@ def param_result(
     """Keep a per-sample backward result on ``param``; returns what autograd should accumulate in ``.grad``:
     nothing (None) in both modes, or zeros under compiled autograd (``_nothing``).
 
-    ``grad`` is (n, *shape) (or a ``RowScatter``) in flat mode and the clipped sum in per-layer mode (kept
+    ``grad`` is (n, *shape) (or a ``Factors``) in flat mode and the clipped sum in per-layer mode (kept
     float32, with the norms).
     """
     if ctx.mode == MODE_PER_SAMPLE:
-        store(param, ctx, batch_id, grad if isinstance(grad, RowScatter) else grad.float(), norm2, fwd)
+        store(param, ctx, batch_id, grad if isinstance(grad, Factors) else grad.float(), norm2, fwd)
     else:
         store(param, ctx, batch_id, None, norm2, fwd).clipped = grad.float()
     return _nothing(param)

@@ -215,7 +215,7 @@ def test_the_sparse_norms_and_clipped_sum_equal_the_dense_float64_ones(n, T, row
     """``fedlora_fast.reference.embedding`` against the dense per-sample gradients built in float64 by a loop:
     ids with repeats (a few rows: most ids repeat), a zero row (padding), and a sample with a NaN and one
     with an inf row, which make their own norms non-finite only and stay out of the clipped sum."""
-    from fedlora_fast.reference import embedding_clip_reduce, embedding_grad_norm2, embedding_grad_sample
+    from fedlora_fast.reference import embedding_grad_sample, ghost_clip_reduce, ghost_norm2
 
     gen = torch.Generator().manual_seed(n * 100 + T * 10 + rows)
     ids = torch.randint(0, rows, (n, T), generator=gen)
@@ -227,23 +227,23 @@ def test_the_sparse_norms_and_clipped_sum_equal_the_dense_float64_ones(n, T, row
         for t in range(T):
             want[i, ids[i, t]] += g[i, t].double()
     assert_close_verbose(embedding_grad_sample(ids, g, rows), want, atol=1e-6, rtol=1e-6, name="dense")
-    norm2 = embedding_grad_norm2(ids, g)
+    norm2 = ghost_norm2([(ids, g)])
     assert norm2.dtype == torch.float32 and norm2.shape == (n,)
     assert_close_verbose(norm2, want.flatten(1).pow(2).sum(1), atol=1e-5, rtol=1e-5, name="norm2")
     coef = torch.rand(n, generator=gen)
     want_sum = torch.einsum("n,nrd->rd", coef.double(), want)
-    assert_close_verbose(embedding_clip_reduce(ids, g, coef, rows), want_sum, atol=1e-5, rtol=1e-5, name="clipped")
+    assert_close_verbose(ghost_clip_reduce([(ids, g)], coef, rows), want_sum, atol=1e-5, rtol=1e-5, name="clipped")
     if n >= 3 and T >= 2:
         bad = g.clone()
         bad[1, 0, 0] = float("nan")
         bad[2, 1, -1] = float("inf")
-        norm2_bad = embedding_grad_norm2(ids, bad)
+        norm2_bad = ghost_norm2([(ids, bad)])
         assert not torch.isfinite(norm2_bad[1:3]).any()
         keep = torch.ones(n, dtype=torch.bool)
         keep[1:3] = False
         assert_close_verbose(norm2_bad[keep], norm2[keep], atol=0, rtol=0, name="others' norms")
         coef_bad = torch.where(keep, coef, torch.zeros(()))
-        got = embedding_clip_reduce(ids, bad, coef_bad, rows)
+        got = ghost_clip_reduce([(ids, bad)], coef_bad, rows)
         assert_close_verbose(got, torch.einsum("n,nrd->rd", coef_bad.double(), want), atol=1e-5, rtol=1e-5,
                              name="clipped without the non-finite samples")
 
@@ -280,8 +280,9 @@ def test_the_engine_keeps_an_embeddings_looked_up_rows_not_the_dense_table():
     dp = ff.DPSGD(model, opt, max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=5)
     loss(model, batch).backward()
     kept = per_sample.pending(model.emb.weight).grad_sample
-    assert isinstance(kept, per_sample.RowScatter) and kept.shape == (5, 23, 4)
-    assert kept.g.shape == (5, 3 + 4, 4) and kept.ids.shape == (5, 7)
+    assert isinstance(kept, per_sample.Factors) and kept.shape == (5, 23, 4)
+    (ids, g), = kept.terms  # (both lookups' tokens side by side)
+    assert g.shape == (5, 3 + 4, 4) and ids.shape == (5, 7)
     dp.zero_grad()
     dp.detach()
     ours = assert_engine_matches_loop(model, loss, batch)

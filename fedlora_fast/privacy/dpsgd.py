@@ -1080,7 +1080,7 @@ class DPSGD:
             gs = record.grad_sample if record is not None else None
             if gs is not None and gs.shape[0] != n:
                 raise RuntimeError(f"per-sample gradients of one tensor have {gs.shape[0]} samples, expected {n}")
-            if isinstance(gs, per_sample.RowScatter):  # (an embedding's looked-up rows: one scatter-add)
+            if isinstance(gs, per_sample.Factors):  # (an embedding's looked-up rows: one scatter-add)
                 pieces[i], gs = gs.clip_reduce(coef), None
             grads.append(gs)
         if GROUPED_CLIP_REDUCE.get(self._device.type, False) and n > 0:

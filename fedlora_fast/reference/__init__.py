@@ -1,9 +1,10 @@
 """PyTorch references of every op: the one place tests, fallback and benchmarks import them from."""
 
-from fedlora_fast.reference.embedding import (  # noqa: F401
-    embedding_clip_reduce,
-    embedding_grad_norm2,
+from fedlora_fast.reference.ghost import (  # noqa: F401
     embedding_grad_sample,
+    ghost_clip_reduce,
+    ghost_grad_sample,
+    ghost_norm2,
 )
 from fedlora_fast.reference.ffa_linear import (  # noqa: F401
     MODE_CLIP,
