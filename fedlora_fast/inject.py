@@ -78,6 +78,29 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+    if isinstance(module, FFALoRALinear) and isinstance(parent, nn.TransformerEncoderLayer):
+        _no_fused_encoder(model, parent)
+
+
+def _slow_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that changes nothing: its presence keeps ``nn.TransformerEncoderLayer`` off its fused
+    path."""
+    return None
+
+
+def _no_fused_encoder(model: nn.Module, layer: nn.TransformerEncoderLayer) -> None:
+    """Keep an adapted ``nn.TransformerEncoderLayer`` on its module-by-module path.
+
+    In eval mode (no autocast, grad off or nothing requiring it) the layer runs one fused op on
+    ``linear1.weight`` and ``linear2.weight`` read directly: an adapter there never ran, and eval outputs were the
+    base model's. The layer leaves that path whenever a submodule has a forward hook: it gets a no-op pre-hook.
+    An ``nn.TransformerEncoder`` holding it stops packing padded batches into nested tensors in eval, which the
+    layers' module-by-module path (and the adapter) would get instead (``use_nested_tensor = False``)."""
+    if _slow_path not in layer._forward_pre_hooks.values():
+        layer.register_forward_pre_hook(_slow_path)
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(sub is layer for sub in m.layers):
+            m.use_nested_tensor = False
 
 
 _REGEX_CHARS = set("*+?[]()|\\^$")

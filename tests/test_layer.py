@@ -424,6 +424,35 @@ def test_injection_freezes_everything_else():
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["0.lora_B", "2.lora_B", "4.lora_B"]
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_an_adapted_transformer_encoder_layer_runs_its_adapters_in_eval(padded):
+    """In eval, nn.TransformerEncoderLayer runs one fused op on linear1.weight/linear2.weight read directly (and
+    nn.TransformerEncoder packs a padded batch into nested tensors): the adapters never ran and eval outputs
+    were the base model's (4.3 apart from train mode's here). Injection keeps such layers module by module."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    x = torch.randn(3, 5, 32)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    if padded:
+        mask[1, 3:] = True
+    enc.eval()
+    with torch.no_grad():
+        base = enc(x, src_key_padding_mask=mask)
+    ff.inject_adapters(enc, "all-linear", r=4, alpha=8.0)
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, ff.FFALoRALinear):
+                m.lora_B.normal_()
+        enc.train()
+        train_out = enc(x, src_key_padding_mask=mask)
+        enc.eval()
+        eval_out = enc(x, src_key_padding_mask=mask)
+    keep = ~mask
+    assert float((train_out[keep] - base[keep]).abs().max()) > 0.1  # the adapters change the output
+    assert_close_verbose(eval_out[keep], train_out[keep], atol=1e-5, rtol=1e-5, name="eval vs train")
+
+
 def test_injection_skips_what_an_adapter_could_not_reach():
     """An adapter's own base layer is not adapted again (the outer layer would bypass the inner adapter), and
     nn.MultiheadAttention's out_proj, whose weight the attention reads directly, is never adapted; a second
