@@ -7,6 +7,7 @@ the bundled SMS data: a few rounds take seconds on a CPU.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedlora_fast as ff
 from fedlora_fast.data import BUNDLED_SMS, DataError, labels_to_classes, load_text_classification, train_test_split
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
@@ -21,6 +23,7 @@ from fedlora_fast.federated.aggregation import CentralDP, ClientUpdate, FedAvg, 
 from fedlora_fast.federated.partition import PAPER_LABEL_SKEW, dirichlet, iid, label_skew, partition
 from fedlora_fast.federated.server import Server
 from fedlora_fast.federated.simulation import FederatedConfig, Federation, run_simulation
+from fedlora_fast.federated.state import trainable_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 
@@ -1105,6 +1108,86 @@ def test_client_checks_its_arguments_when_built():
     for lab in ([], torch.tensor([0]), np.array([], dtype=np.int64)):
         with pytest.raises(ValueError, match="expected as many labels as examples"):
             Client(0, ids if len(lab) else [], lab, **base)
+
+
+def test_a_client_refuses_fractional_labels_and_a_language_models_logits():
+    """Float labels were truncated to classes (0.9 -> 0, 1.7 -> 1); a causal LM's (batch, tokens, vocab) logits
+    failed deep in cross_entropy with no hint that Client trains sequence classifiers."""
+    from fedlora_fast.federated.client import Client
+
+    base = dict(pad_id=0, batch_size=2, local_steps=1, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=r"labels: expected integer class ids, got \[0.9, 1.7\]"):
+        Client(0, [[1], [2], [3]], [0.9, 0.0, 1.7], **base)
+    assert Client(0, [[1], [2]], [1.0, 0.0], **base).labels.tolist() == [1, 0]
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(1, 7)
+
+        def forward(self, input_ids, attention_mask):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(logits=self.head(input_ids.unsqueeze(-1).float()))
+
+    model = LM()
+    ff.inject_adapters(model, ["head"], r=1)
+    message = serialization.encode(trainable_state(model), {})
+    client = Client(0, [[1, 2], [3, 4]], [0, 1], **{**base, "batch_size": 2})
+    client.sample_rate = 1.0  # (every sample drawn: the forward runs)
+    with pytest.raises(ValueError, match=r"Client trains sequence classifiers.*\(2, 2, 7\).*examples/causal_lm.py"):
+        client.fit(model, message, round_idx=0, fingerprint="f")
+
+
+def test_a_client_without_generators_draws_from_the_os_and_one_given_them_warns_once(caplog):
+    """Client's generators default to OS-seeded ones (the noise generator made on the model's device at the first
+    fit); a client given seeded ones warns once when built (fit quiets DPSGD's warning), and the simulation,
+    which seeds them from the run's seed and says so itself, builds its clients without it."""
+    from fedlora_fast.federated.client import Client, quiet_seeded_clients
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    ff.inject_adapters(model, ["0"], r=1)
+
+    class Clf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask):
+            from types import SimpleNamespace
+
+            x = torch.nn.functional.one_hot(input_ids[:, 0], 3).float()
+            return SimpleNamespace(logits=self.inner(x))
+
+    clf = Clf()
+    message = serialization.encode(trainable_state(clf), {})
+    base = dict(pad_id=0, batch_size=2, local_steps=1, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
+    ids, labels = [[1], [2], [0]], [0, 1, 0]
+    updates = []
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            client = Client(0, ids, labels, **base)
+            assert client.noise_generator is None
+            updates.append(serialization.decode(client.fit(clf, message, round_idx=0, fingerprint="f"))[0])
+            assert isinstance(client.noise_generator, torch.Generator)
+            assert set(client.tensor_state()) == {"sample_rng", "noise_rng"}
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    (k,) = updates[0]
+    assert not torch.equal(updates[0][k], updates[1][k]), "two default clients drew the same noise"
+    with caplog.at_level(logging.WARNING):
+        seeded = Client(0, ids, labels, **base, sample_generator=torch.Generator().manual_seed(1),
+                        noise_generator=torch.Generator().manual_seed(2))
+        seeded.fit(clf, message, round_idx=0, fingerprint="f")
+        seeded.fit(clf, message, round_idx=1, fingerprint="f")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "caller-seeded sample_generator and noise_generator" in messages[0], messages
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), quiet_seeded_clients():
+        Client(1, ids, labels, **base, noise_generator=torch.Generator().manual_seed(2))
+    assert not caplog.records
+    fresh = Client(2, ids, labels, **base)
+    with pytest.raises(ValueError, match="no noise generator yet"):
+        fresh.load_tensor_state(seeded.tensor_state())
 
 
 def test_evaluate_counts_non_finite_logits_as_wrong():

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import logging
+import math
+import secrets
 from typing import Callable, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from fedlora_fast.federated.state import load_trainable, trainable_state
 from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
 from fedlora_fast.privacy.dpsgd import DPSGD
 from fedlora_fast.privacy.graphed import GraphedAccumulator, capturable_attention_mask, graph_micro_batch_sizes
-from fedlora_fast.privacy.sampling import PoissonSampler
+from fedlora_fast.privacy.sampling import PoissonSampler, os_seeded_generator
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -93,13 +94,45 @@ def share_cuda_graphs(clients: list["Client"]) -> None:
 def _per_sample_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Per-sample cross-entropies of a classification batch, with a mask a CUDA graph can hold."""
     mask = capturable_attention_mask(model, batch["attention_mask"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+    logits = _class_logits(model(input_ids=batch["input_ids"], attention_mask=mask).logits)
     return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+log = logging.getLogger(__name__)
+
+
+def _class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A sequence classifier's (batch, num_labels) logits; anything else is refused by name."""
+    if logits.dim() != 2:
+        raise ValueError(
+            f"model: Client trains sequence classifiers, whose logits are (batch, num_labels); got logits of shape "
+            f"{tuple(logits.shape)} (a language model's (batch, tokens, vocabulary)?). Train a causal language model "
+            "federatedly as examples/causal_lm.py does, with fedlora_fast.DPSGD directly"
+        )
+    return logits
+
+
+class _Quiet:
+    active = False  # set while quiet_seeded_clients() builds clients
+
+
+_QUIET = _Quiet()
+
+
+@contextlib.contextmanager
+def quiet_seeded_clients():
+    """Build clients given caller-seeded generators without their warning (the simulation warns once itself)."""
+    before, _QUIET.active = _QUIET.active, True
+    try:
+        yield
+    finally:
+        _QUIET.active = before
 
 
 @contextlib.contextmanager
 def _quiet_seeded_generator_warning():
-    """DPSGD warns at every construction with a caller-seeded generator; the simulation warns once itself."""
+    """DPSGD warns at every construction with a caller-seeded generator; a client given one warns once, when it
+    is built (and the simulation, which builds its clients quietly, warns once itself)."""
     logger = logging.getLogger("fedlora_fast.privacy.dpsgd")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -110,12 +143,14 @@ def _quiet_seeded_generator_warning():
 
 
 class Client:
-    """One data holder of the federation.
+    """One data holder of the federation, training a sequence classifier (``model(input_ids=...,
+    attention_mask=...).logits`` of shape (batch, num_labels), per-sample cross-entropy). A causal language
+    model is trained federatedly by ``examples/causal_lm.py`` with the DP engine directly.
 
     Args:
         client_id: its index.
         input_ids: its examples' token ids (unpadded lists).
-        labels: (n,) class ids.
+        labels: (n,) integer class ids (a non-integer label is refused, not truncated).
         pad_id: the tokenizer's padding id.
         batch_size: expected Poisson batch size m; the sample rate is ``q = m / n`` (capped at 1).
         local_steps: DP-SGD steps per round K.
@@ -123,7 +158,11 @@ class Client:
         max_grad_norm: per-sample clipping threshold C.
         noise_multiplier: sigma (0: no noise, no privacy).
         clipping: ``"flat"`` or ``"per_layer"``.
-        sample_generator, noise_generator: the client's persistent RNGs (checkpointed with it).
+        sample_generator, noise_generator: the client's persistent RNGs of its Poisson draws and its noise
+            (checkpointed with it). None (the default): seeded from the operating system, as private training
+            needs; the noise generator is made on the model's device at the first ``fit``. A generator passed
+            here is for reproducible experiments only: whoever knows its seed can predict the noise and the
+            draws, and the reported epsilon then means nothing (logged as a warning, once per client).
         physical_batch_size: split a larger sampled batch into micro-batches of at most this size (less
             memory; the same result without dropout, other dropout masks with it); None: never split.
         accountant: its accountant (a fresh RDP one when None).
@@ -154,8 +193,8 @@ class Client:
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         clipping: str = "flat",
-        sample_generator: torch.Generator,
-        noise_generator: torch.Generator,
+        sample_generator: torch.Generator | None = None,
+        noise_generator: torch.Generator | None = None,
         physical_batch_size: int | None = None,
         accountant: Accountant | None = None,
         secure_mode: bool = False,
@@ -178,6 +217,10 @@ class Client:
         self.client_id = int(client_id)
         self.last_metrics: dict = {}  # the last fit's local training metrics (never sent: see fit)
         labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)  # a tensor's or array's ints
+        fractional = [v for v in labels if isinstance(v, float) and not v.is_integer()]
+        if fractional:
+            raise ValueError(f"labels: expected integer class ids, got {fractional[:4]} (a float label would be "
+                             "truncated to a class)")
         self.input_ids, self.labels = list(input_ids), torch.as_tensor(labels, dtype=torch.long)
         self.num_examples = len(self.labels)
         self.pad_id, self.batch_size, self.local_steps = int(pad_id), int(batch_size), int(local_steps)
@@ -185,7 +228,16 @@ class Client:
         self.expected_batch_size = max(1, int(round(self.sample_rate * self.num_examples)))
         self.lr, self.optimizer, self.weight_decay, self.momentum = float(lr), optimizer, float(weight_decay), float(momentum)
         self.max_grad_norm, self.noise_multiplier, self.clipping = float(max_grad_norm), float(noise_multiplier), clipping
-        self.sample_generator, self.noise_generator = sample_generator, noise_generator
+        if (sample_generator is not None or noise_generator is not None) and not _QUIET.active:
+            given = [n for n, g in (("sample_generator", sample_generator), ("noise_generator", noise_generator))
+                     if g is not None]
+            log.warning(
+                "Client %d: caller-seeded %s: for reproducible experiments only; noise and Poisson draws that can be "
+                "predicted give no privacy (pass none: seeded from the operating system)", int(client_id),
+                " and ".join(given),
+            )
+        self.sample_generator = sample_generator if sample_generator is not None else os_seeded_generator()
+        self.noise_generator = noise_generator  # (None: made on the model's device at the first fit)
         self.physical_batch_size = physical_batch_size
         self.accountant = accountant or Accountant()
         self.secure_mode = bool(secure_mode)
@@ -225,7 +277,10 @@ class Client:
 
         The loss of a batch is the sum of per-sample cross-entropies (DPSGD divides by the expected batch
         size). The model's own dropout stays on: each sample's dropout mask is its own, so per-sample
-        gradients stay exact. The caller seeds torch's global RNG (dropout) beforehand.
+        gradients stay exact. The masks come from torch's global RNG: for private data leave it unseeded (or
+        seed it from the operating system), since masks computable from a known seed let one sample move the
+        others' clipped gradients by a known amount (``simulation.dropout_seed``); the simulation seeds it per
+        client and round.
         """
         tensors, _ = serialization.decode(global_message)
         load_trainable(model, tensors)
@@ -234,6 +289,8 @@ class Client:
         opt = make_optimizer(self.optimizer, params, lr, self.weight_decay, self.momentum)
         # built before the engine attaches: a failure here must not leave the model with a DP engine's hooks
         sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=self.local_steps, generator=self.sample_generator)
+        if self.noise_generator is None:
+            self.noise_generator = torch.Generator(device=params[0].device).manual_seed(secrets.randbits(63))
         with _quiet_seeded_generator_warning():
             # The engine steps this client's persistent accountant once per noisy step (empty batches too).
             dp = DPSGD(
@@ -272,7 +329,7 @@ class Client:
                     for start in range(0, len(batch), chunk):
                         idx = batch[start:start + chunk]
                         ids, mask = collate([self.input_ids[i] for i in idx], self.pad_id)
-                        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                        logits = _class_logits(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
                         loss = nn.functional.cross_entropy(logits.float(), self.labels[idx].to(device), reduction="sum")
                         loss.backward()
                         dp.accumulate()
@@ -311,8 +368,19 @@ class Client:
         self.accountant = Accountant.from_state_dict(state["accountant"])
 
     def tensor_state(self) -> dict:
-        return {"sample_rng": self.sample_generator.get_state(), "noise_rng": self.noise_generator.get_state()}
+        """The generators' states (the noise generator's once it exists: given, or made by the first fit)."""
+        out = {"sample_rng": self.sample_generator.get_state()}
+        if self.noise_generator is not None:
+            out["noise_rng"] = self.noise_generator.get_state()
+        return out
 
     def load_tensor_state(self, tensors: dict) -> None:
+        if "noise_rng" in tensors and self.noise_generator is None:
+            raise ValueError(
+                f"client {self.client_id}: the saved state holds a noise generator's state, and this client has no "
+                "noise generator yet (one is made at the first fit, on the model's device): pass noise_generator="
+                "torch.Generator(device=...) to the Client to restore it"
+            )
         self.sample_generator.set_state(tensors["sample_rng"])
-        self.noise_generator.set_state(tensors["noise_rng"])
+        if "noise_rng" in tensors:
+            self.noise_generator.set_state(tensors["noise_rng"])

@@ -35,7 +35,7 @@ from fedlora_fast.data import TextClassificationData, collate, load_text_classif
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
 from fedlora_fast.federated.aggregation import AGGREGATORS, CentralDP, FedAvg
-from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS, Client, share_cuda_graphs
+from fedlora_fast.federated.client import LR_SCHEDULES, OPTIMIZERS, Client, quiet_seeded_clients, share_cuda_graphs
 from fedlora_fast.federated.partition import SCHEMES, partition
 from fedlora_fast.federated.server import Server, _finite_number
 from fedlora_fast.federated.state import adapter_config, fingerprint, load_trainable, trainable_state
@@ -472,15 +472,18 @@ class Federation:
             noise_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "noise", k)
             # secure mode: sampling from the OS too (amplification by subsampling assumes the draws are secret)
             sample_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "sample", k)
-            self.clients.append(Client(
-                k, [train_ids[i] for i in idx], [train.labels[i] for i in idx], pad_id=self.pad_id,
-                batch_size=cfg.batch_size, local_steps=cfg.local_steps, lr=cfg.lr, optimizer=cfg.optimizer,
-                weight_decay=cfg.weight_decay, momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
-                noise_multiplier=sigma, clipping=cfg.clipping, physical_batch_size=cfg.physical_batch_size,
-                secure_mode=cfg.secure_noise, rounds=cfg.rounds, lr_schedule=cfg.lr_schedule, cuda_graph=cfg.cuda_graph,
-                sample_generator=torch.Generator().manual_seed(sample_seed),
-                noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
-            ))
+            with quiet_seeded_clients():  # (seeded from the run's seed: the run's noise source says so, once)
+                client = Client(
+                    k, [train_ids[i] for i in idx], [train.labels[i] for i in idx], pad_id=self.pad_id,
+                    batch_size=cfg.batch_size, local_steps=cfg.local_steps, lr=cfg.lr, optimizer=cfg.optimizer,
+                    weight_decay=cfg.weight_decay, momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm,
+                    noise_multiplier=sigma, clipping=cfg.clipping, physical_batch_size=cfg.physical_batch_size,
+                    secure_mode=cfg.secure_noise, rounds=cfg.rounds, lr_schedule=cfg.lr_schedule,
+                    cuda_graph=cfg.cuda_graph,
+                    sample_generator=torch.Generator().manual_seed(sample_seed),
+                    noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
+                )
+            self.clients.append(client)
         share_cuda_graphs(self.clients)  # one model here: one set of captures for every client
         self.server = make_server(cfg, self.model, self.fingerprint, {c.client_id: c.num_examples for c in self.clients})
         self.records: list[dict] = []
