@@ -1100,6 +1100,46 @@ def test_bad_construction_arguments_name_themselves():
         ff.DPSGD(model, opt, secure_mode="no", **kw)
 
 
+def test_an_adapter_whose_forward_never_runs_is_named_once():
+    """A model that reads a layer's weight directly (Mamba's conv1d/dt_proj, a fused eval path) never runs the
+    adapter on it: its B got no per-sample gradient and trained on noise alone, silently. The engine names such
+    tensors once per set (a branch the batch did not take looks the same), and says nothing when every tensor
+    got one."""
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(IN, HID)
+            self.b = nn.Linear(HID, OUT)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)  # b's weight read
+
+    torch.manual_seed(0)
+    model = Direct()
+    ff.inject_adapters(model, ["a", "b"], r=R, alpha=6.0)
+    dp = make_dp(model, max_grad_norm=0.5)
+    batch = make_batch(3, 2)
+    with pytest.warns(RuntimeWarning, match=r"\['b.lora_B'\] got no per-sample gradient in this backward"):
+        loss_fn(model, batch).backward()
+        dp.step()
+    dp.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # said once for that set
+        loss_fn(model, batch).backward()
+        dp.step()
+        dp.zero_grad()
+    dp.detach()
+    full = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+    ff.inject_adapters(full, ["0", "2"], r=R, alpha=6.0)
+    dp = make_dp(full, max_grad_norm=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss_fn(full, batch).backward()
+        dp.step()
+    dp.detach()
+
+
 def test_grouped_clip_reduce_equals_per_tensor_with_an_unused_adapter(monkeypatch):
     """The one-launch path (CUDA's) and the per-tensor path give the same clipped sums, zeros for an adapter
     the forward never used, and drop a NaN sample in both."""

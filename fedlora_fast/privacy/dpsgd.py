@@ -578,6 +578,7 @@ class DPSGD:
         self._hooks += [p.register_post_accumulate_grad_hook(withdraw) for p in self.params]
         self._trainable = {id(m): [p for p in m.parameters() if p.requires_grad] for m in self.modules.values()}
         self._summed: Tensor | None = None  # (total,) float32: the clipped sums since the last step
+        self._unreached_warned: set[frozenset] = set()  # (_warn_unreached: said once per set of tensors)
         self._noised = False  # add_noise ran since the last step (scale_grad refuses otherwise)
         self._pending_samples = 0  # samples clipped into _summed since the last step
         self._pending_batches = 0
@@ -1001,6 +1002,7 @@ class DPSGD:
                 raise ValueError(f"valid: expected a ({n},) bool mask, got {tuple(valid.shape)} {valid.dtype}")
             bad = bad & valid
         records = [per_sample.pending(p) for p in self.params]
+        self._warn_unreached(records)
         if self.clipping == "flat":
             coef = clip_coef(norms2, self.max_grad_norm)
             if valid is not None:
@@ -1015,6 +1017,24 @@ class DPSGD:
             p.grad = None
         # exactly the (real) samples clip_coef gave coefficient 0
         return clipped, bad.sum(), n
+
+    def _warn_unreached(self, records: list) -> None:
+        """Once per engine and set of tensors: trained tensors with no per-sample gradient in a backward that gave
+        others one. Their module's forward did not run, or its output did not reach the loss: they get noise only.
+        Often a branch the batch did not take; but a model that reads a layer's weight directly never runs the
+        adapter on it (Mamba's ``conv1d`` and ``dt_proj``), and its B would train on noise alone, silently."""
+        missing = frozenset(i for i, r in enumerate(records) if r is None)
+        if not missing or len(missing) == len(records) or missing in self._unreached_warned:
+            return
+        self._unreached_warned.add(missing)
+        what = self._names_of([self.params[i] for i in sorted(missing)])
+        warnings.warn(
+            f"DPSGD: {what[:6]}{' and more' if len(what) > 6 else ''} got no per-sample gradient in this backward "
+            "(their module's forward did not run, or its output did not reach the loss): this step gives them noise "
+            "only. If they should train, check that the model calls the module itself: a model that reads a "
+            "layer's weight directly (Mamba's conv1d and dt_proj, say) never runs an adapter on it (said once per "
+            "set of tensors)", RuntimeWarning, stacklevel=4,
+        )
 
     def _warn_outside_grads(self) -> None:
         """A ``.grad`` on a tensor this engine trains, at clipping time, came from around its per-sample module
