@@ -8,7 +8,8 @@
 # micro-batch size costs (--graph-sizes: the fixed cost a + c per row, i.e. GraphedAccumulator's
 # replay_cost = a/c); 5. the profiled end-to-end 1B DP step; then the diagnostics, as time allows: 6. Nsight
 # Compute on one layer step's kernels (bench/ncu_layer.py, where ncu exists); 7. the host cost per launch by
-# path (bench/launch.py). When time runs short, 7 and then 6 are the steps skipped (without ncu, step 6's
+# path (bench/launch.py); 8. ghost norms and clipping of a Llama-7B lm_head and embedding against per-sample
+# tensors (bench/ghost.py). When time runs short, 8, 7 and then 6 are the steps skipped (without ncu, step 6's
 # time goes to the others).
 #
 # Logs and results go to $OUT (default bench/results/gpu_session); the console (pip, nvidia-smi, versions,
@@ -19,8 +20,9 @@
 #   R=$OUT; export OUT=/tmp/gs TAR_TO=$R/gs.tgz; timeout -k 5 580 bash bench/gpu_session.sh
 #
 # Per-step caps (seconds; a cap of 0 skips that step) and the whole budget (seconds from the start), defaults:
-#   TEST_S=165 SWEEP_S=85 LAYER_S=130 GRAPH_S=70 STEP_S=45 NCU_S=30 LAUNCH_S=15 BUDGET_S=570
-# (540 s of steps + ~20 s of install and versions + a 5 s margin, inside the outer 580 s). A step may also take
+#   TEST_S=165 SWEEP_S=85 LAYER_S=130 GRAPH_S=70 STEP_S=45 NCU_S=30 LAUNCH_S=15 GHOST_S=20 BUDGET_S=570
+# (540 s of steps 1-7 + ~20 s of install and versions + a 5 s margin, inside the outer 580 s: step 8 runs on
+# what the others leave). A step may also take
 # what earlier steps left unused beyond the caps of the steps after it, never more than what is left.
 # Other knobs: TEST_FILES, TEST_K (pytest -k), TEST_WORKERS, TEST_TIMEOUT_S, SWEEP_ARGS, LAYER_ARGS, GRAPH_VARIANTS, GRAPH_SIZES,
 # STEP_VARIANTS, STEP_ARGS, NCU_ARGS, LAUNCH_ARGS, LAUNCH_4K_ARGS (empty or blank: no 4k-token launch.py run), PYTHON.
@@ -69,11 +71,12 @@ finish() {
 }
 trap finish TERM INT
 
-CAPS=("${TEST_S:=165}" "${SWEEP_S:=85}" "${LAYER_S:=130}" "${GRAPH_S:=70}" "${STEP_S:=45}" "${NCU_S:=30}" "${LAUNCH_S:=15}")
+CAPS=("${TEST_S:=165}" "${SWEEP_S:=85}" "${LAYER_S:=130}" "${GRAPH_S:=70}" "${STEP_S:=45}" "${NCU_S:=30}" "${LAUNCH_S:=15}"
+      "${GHOST_S:=20}")
 NCU=$(command -v ncu) || for f in /opt/nvidia/nsight-compute/*/ncu; do [ -x "$f" ] && NCU=$f; done  # the newest
 [ -z "$NCU" ] && CAPS[5]=0  # no ncu: step 6's time goes to the others
 left() { echo $(( BUDGET_S - ($(date +%s) - START) - MARGIN_S )); }
-# cap I: what step I (1..7) may take: its own cap, or more where earlier steps left time unused beyond the caps
+# cap I: what step I (1..8) may take: its own cap, or more where earlier steps left time unused beyond the caps
 # of the steps after it; never more than what is left (so when time runs short, the last steps lose it)
 cap() {
     local i=$1 l own=${CAPS[$1 - 1]} later=0 j e
@@ -98,7 +101,7 @@ run() {
 }
 # begin N TITLE CAP MIN: print the step's header; false (and say why) when it is to be skipped
 begin() {
-    echo "== $1/7 $2, ${3}s (at +$(( $(date +%s) - START ))s)"
+    echo "== $1/${#CAPS[@]} $2, ${3}s (at +$(( $(date +%s) - START ))s)"
     if (( $1 == 6 )) && [ -z "$NCU" ]; then
         echo "-- skipped: ncu neither on the PATH nor at /opt/nvidia/nsight-compute/*/ncu"; return 1
     fi
@@ -224,6 +227,13 @@ if begin 7 "host cost per launch, by path (bench/launch.py)" "$L" 10; then
         cat "$OUT/launch_4k.log"
     fi
 fi
+
+L=$(cap 8)
+if begin 8 "ghost norms and clipping of a trained lm_head and embedding vs per-sample tensors (bench/ghost.py)" "$L" 10; then
+    run "$OUT/ghost.log" "$L" "$PY" bench/ghost.py --device cuda --out "$OUT/ghost.json"
+    cat "$OUT/ghost.log"
+fi
+pack
 
 echo "== done at +$(( $(date +%s) - START ))s of BUDGET_S=${BUDGET_S}; $(date -u)"
 [ -n "$TICK" ] && kill "$TICK" 2>/dev/null

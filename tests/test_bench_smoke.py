@@ -308,6 +308,17 @@ def test_bench_ffa_linear_smoke():
          env={"FEDLORA_FAST_BENCH_SMOKE": "1"})
 
 
+def test_ghost_bench_smoke(tmp_path):
+    """bench/ghost.py at toy size: its check passes, both cases' rows hold time and memory ratios."""
+    out = tmp_path / "ghost.json"
+    proc = _run(["bench/ghost.py", "--shape", "3", "4", "37", "5", "--reps", "1", "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["lm_head", "embedding"]
+    for r in rows:
+        assert r["check_rel_err"] < 1e-4 and r["time_ratio_ghost_to_dense"] > 0 and r["mem_ratio_ghost_to_dense"] >= 0
+    assert "ghost/dense time" in proc.stdout
+
+
 def test_gpu_layer_smoke():
     """The Triton layer benchmark (owned by the Triton engineer) in its smoke mode, where it has one."""
     path = os.path.join(BENCH, "gpu_layer.py")
