@@ -150,7 +150,7 @@ class Factors(_Sealed):
     by side (``+``, exact), at most one term of ids and one dense. Refuses pickling and copying, as ``Pending``.
     """
 
-    __slots__ = ("terms", "rows", "_norm2")
+    __slots__ = ("terms", "rows", "_norm2", "_versions")
 
     def __init__(self, terms: list[tuple[Tensor, Tensor]], rows: int):
         for left, right in terms:
@@ -159,6 +159,19 @@ class Factors(_Sealed):
                                  "be (n, T) ids or (n, T, rows), and (n, T, cols)")
         self.terms = [(left.long() if _ids(left) else left.float(), right.float()) for left, right in terms]
         self.rows, self._norm2 = rows, None
+        # the norms are taken now, the clipped sum at the step: a factor changed in place in between (a reused
+        # input buffer) would be summed under the old norm's coefficient, beyond C. The rules keep copies of
+        # what the caller owns; the version counters catch the rest.
+        self._versions = [t._version for pair in self.terms for t in pair]
+
+    def _check_unchanged(self) -> None:
+        if [t._version for pair in self.terms for t in pair] != self._versions:
+            raise PerSampleStateError(
+                "a tensor a trained module's per-sample gradient was kept as (its input, or its output's gradient) "
+                "was changed in place after the backward: its clipped sum would no longer match the norm it was "
+                "clipped by; call dp.zero_grad() and run the batch again, and leave a batch's tensors unchanged "
+                "until dp.step() (or dp.accumulate())"
+            )
 
     @property
     def shape(self) -> torch.Size:
@@ -173,9 +186,11 @@ class Factors(_Sealed):
     def clip_reduce(self, coef: Tensor) -> Tensor:
         """``sum_i coef_i P_i``, (rows, cols) float32 (samples with coefficient 0 skipped; a sample whose tokens
         cancel capped: ``fedlora_fast.reference.ghost``)."""
+        self._check_unchanged()
         return ghost_clip_reduce(self.terms, coef, self.rows, self.norm2())
 
     def dense(self) -> Tensor:
+        self._check_unchanged()
         return ghost_grad_sample(self.terms, self.rows)
 
     def __add__(self, other: "Factors") -> "Factors":

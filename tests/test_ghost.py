@@ -17,7 +17,9 @@ from torch import nn
 import fedlora_fast as ff
 from fedlora_fast import per_sample
 from fedlora_fast.reference import ghost
-from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
+from fedlora_fast.testing import (
+    assert_close_verbose, assert_engine_matches_loop, per_sample_grads_engine, per_sample_grads_loop,
+)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -100,9 +102,10 @@ def test_tokens_that_cancel_give_the_norm_of_what_is_left_not_a_rounding_error()
 @pytest.mark.parametrize("kind", ["dense", "ids"])
 def test_a_sample_of_huge_tokens_that_cancel_moves_the_clipped_sum_by_at_most_C(kind, device):
     """The last sample's two tokens cancel exactly (G u x^T and -G u x^T, G = 1e18): its gradient is 0, so no
-    clip scales it down, yet added after the other samples' tokens its first term absorbs their sum (rounded
-    away at ~1e-16 G, 100 here) and its second takes it back to 0: the other samples vanish from those
-    elements. The cap (``CANCEL_CAP``) drops it."""
+    clip scales it down, yet summed in one product with the other samples' tokens its first term absorbs their
+    sum (rounded away at ~1e-16 G, 100 here) and its second takes it back to 0: the other samples vanish from
+    those elements (1.36 against C = 0.5 without the cap). The cap (``CANCEL_CAP``) drops it. (A table's rows of
+    equal id are summed per sample before any other sample's: there the cap is a second line.)"""
     gen = torch.Generator().manual_seed(8)
     n, rows, cols, C = 8, 3, 5, 0.5
     right = torch.randn(n, 3, cols, generator=gen)
@@ -126,12 +129,73 @@ def test_a_sample_of_huge_tokens_that_cancel_moves_the_clipped_sum_by_at_most_C(
     assert float((with_it.double() - without.double()).norm()) <= C
 
 
-def test_chunks_of_samples_give_the_same_norms(monkeypatch):
+def test_chunks_of_samples_and_tiles_of_rows_give_the_same_results(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     terms = _terms("both", 7, 4, 9, 5, gen)
-    whole = ghost.ghost_norm2(terms)
-    monkeypatch.setattr(ghost, "CHUNK_BYTES", 1)  # one sample per chunk
+    coef = torch.rand(7, generator=gen)
+    whole, summed = ghost.ghost_norm2(terms), ghost.ghost_clip_reduce(terms, coef, 9)
+    monkeypatch.setattr(ghost, "CHUNK_BYTES", 1)  # one sample per chunk, one row per tile
     assert_close_verbose(ghost.ghost_norm2(terms), whole, atol=0, rtol=1e-6, name="norms by chunks")
+    assert_close_verbose(ghost.ghost_clip_reduce(terms, coef, 9), summed, atol=1e-6, rtol=1e-6, name="sum by tiles")
+
+
+def test_a_factor_changed_in_place_after_the_backward_is_refused_and_callers_tensors_are_copied():
+    """The norm is taken in the backward, the clipped sum at the step: an id buffer refilled in between (all ids
+    0 here) summed every token's row into one under the old norm's coefficient, 3.75 C for one sample (a
+    reviewer's run; sqrt(T) C at most). The rules copy what the caller owns (ids, a float32 input), and a kept
+    factor changed in place is refused."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(40, 8)
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 30)
+
+        def forward(self, ids, x):
+            return self.body(self.emb(ids)).sum() + self.head(x).pow(2).sum()
+
+    torch.manual_seed(0)
+    model = M()
+    ff.inject_adapters(model, ["body"], r=1, trainable_modules=["emb", "head"])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=1)
+    ids, x = torch.arange(16).unsqueeze(0), torch.randn(1, 4, 8)
+    sums = []
+    for refill in (False, True):
+        ids_buf, x_buf = ids.clone(), x.clone()
+        model(ids_buf, x_buf).backward()
+        if refill:  # (a loader refilling its buffers before the step)
+            ids_buf.zero_()
+            x_buf.mul_(100.0)
+        assert isinstance(per_sample.pending(model.emb.weight).grad_sample, per_sample.Factors)
+        assert isinstance(per_sample.pending(model.head.weight).grad_sample, per_sample.Factors)
+        dp.accumulate()
+        sums.append(torch.cat([t.flatten() for t in dp.clipped_sum()]))
+        dp.zero_grad()
+    assert float(sums[1].norm()) <= 1.0 + 1e-6
+    assert_close_verbose(sums[1], sums[0], atol=0, rtol=0, name="clipped sum after the caller's buffers changed")
+    dp.detach()
+    f = per_sample.Factors(_terms("both", 2, 3, 5, 4, torch.Generator().manual_seed(1)), 5)
+    f.terms[1][1].add_(1.0)
+    with pytest.raises(per_sample.PerSampleStateError, match="changed in place after the backward"):
+        f.clip_reduce(torch.ones(2))
+
+
+def test_a_table_of_few_rows_keeps_dense_per_sample_gradients():
+    """BERT's token types (2 rows) at many tokens: the dense (n, 2, dim) form is smaller than the factors."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Embedding(2, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    ff.inject_adapters(model, ["2"], r=1, trainable_modules=["0"])
+    ids = torch.randint(0, 2, (3, 9), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    dp = ff.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=3)
+    model(ids).pow(2).sum().backward()
+    kept = per_sample.pending(model[0].weight).grad_sample
+    assert isinstance(kept, torch.Tensor) and kept.shape == (3, 2, 6)
+    dp.zero_grad()
+    dp.detach()
+    assert_engine_matches_loop(model, lambda m, b: m(b["ids"]).pow(2).sum(), {"ids": ids})
 
 
 def test_factors_add_up_two_uses_and_refuse_copies():

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fedlora_fast import per_sample
 from fedlora_fast.layers.ffa_linear import autocast_off, flat3
-from fedlora_fast.reference import clip_coef, ffa_linear_clip_reduce
+from fedlora_fast.reference import clip_coef, embedding_grad_sample, ffa_linear_clip_reduce
 
 
 class _PerSampleFn(torch.autograd.Function):
@@ -112,7 +112,9 @@ class PerSampleLinear(_PerSampleMixin, nn.Linear):
         gf, xf = g.float(), x.float()
         T, out_f, in_f = g.shape[1], g.shape[2], x.shape[2]
         if T * (in_f + out_f) + T * T < in_f * out_f:  # (kept as g and x: a 32k-vocabulary lm_head, a long T)
-            out = [per_sample.Factors([(gf, xf)], out_f)]
+            # (x copied if it is the caller's own tensor: changed in place before the step, it would be summed
+            # under a norm taken from what it was)
+            out = [per_sample.Factors([(gf, xf.clone() if xf is x else xf)], out_f)]
         else:
             out = [torch.einsum("nto,nti->noi", gf, xf)]
         if self.bias is not None:
@@ -166,12 +168,14 @@ class PerSampleEmbedding(_PerSampleMixin, nn.Embedding):
     def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
         raise TypeError(f"{type(self).__name__}: its input (token ids, {x.dtype}) has no gradient")
 
-    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[per_sample.Factors]:
+    def per_sample_grads(self, x: Tensor, g: Tensor) -> list[Tensor | per_sample.Factors]:
         n, T, d = g.shape  # (flat3: (n, T, d); flat3 folded the ids as it folds features, so take T from g)
-        ids = x.reshape(n, T).long()
+        ids = x.reshape(n, T).to(torch.long, copy=True)  # (a copy: the caller may refill its id buffer)
         gf = g.float()
         if self.padding_idx is not None:
             gf = gf.masked_fill((ids == self.padding_idx).unsqueeze(-1), 0.0)
+        if T * (d + 2) >= self.num_embeddings * d:  # (a table of few rows, BERT's token types: dense is smaller)
+            return [embedding_grad_sample(ids, gf, self.num_embeddings)]
         return [per_sample.Factors([(ids, gf)], self.num_embeddings)]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fedlora_fast import per_sample
 from fedlora_fast.layers.ffa_linear import FFALoRALinear, flat3
 from fedlora_fast.layers.per_sample_modules import PerSampleEmbedding, PerSampleLayerNorm, PerSampleLinear
 from fedlora_fast.ops.ffa_linear import ffa_linear_bwd
@@ -126,7 +127,7 @@ def compute_per_sample_embedding_grad_sample(layer: PerSampleEmbedding, activati
         return {}
     # (the rule takes the output's gradient as (n, T, dim), as the layer's own backward hands it: flat3)
     rows = layer.per_sample_grads(activations[0], flat3(backprops))[0]
-    return {layer.weight: rows.dense().to(backprops.dtype)}
+    return {layer.weight: per_sample.dense_grad_sample(rows).to(backprops.dtype)}
 
 
 def prepare_for_opacus(model: nn.Module) -> nn.Module:

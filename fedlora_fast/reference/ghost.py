@@ -22,9 +22,11 @@ stays ~1e-16 K CANCEL_CAP C. The cap binds only for a sample whose gradient is b
 factors' magnitude; for independent tokens that ratio is ~1/sqrt(T).
 
 Static shapes throughout (no ``unique``, no read-back): a CUDA graph can hold them. Memory: the factors
-(n x T x (rows + cols)) and, transiently, float64 copies and (T_a, T_b) Grams for a chunk of samples
-(``CHUNK_BYTES``), against n x rows x cols (a 32k x 4096 ``lm_head`` at 8 x 512 tokens: 0.5 GiB of g against
-3.9 GiB of per-sample gradients).
+(n x T x (rows + cols)), the float32 (rows, cols) sum, and transiently float64 copies of one chunk of samples'
+factors, their (T_a, T_b) Grams and one float64 tile of rows of the sum (~``CHUNK_BYTES`` each, 16 MiB on a CPU,
+256 MiB on a GPU), against n x rows x cols for the per-sample tensors (a 32k x 4096 ``lm_head`` at 8 x 512
+tokens: 0.5 GiB of g and 0.5 GiB of sum against 3.9 GiB). The float64 products cost what float32 ones do on
+H100/H200-class GPUs, 2x on a CPU, and far more on GPUs with slow float64 (consumer cards: 1/64 rate).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 from torch import Tensor
 
 Term = tuple[Tensor, Tensor]
-CHUNK_BYTES = 1 << 26  # float64 copies of one chunk of samples' factors
+CHUNK_BYTES = 1 << 24  # float64 copies of one chunk of samples' factors, one tile of the sum (CPU: cache-sized)
+CHUNK_BYTES_GPU = 1 << 28  # (fewer, larger products on a GPU)
 CANCEL_CAP = 1e3
 
 
@@ -41,12 +44,30 @@ def _is_ids(left: Tensor) -> bool:
     return not left.is_floating_point()
 
 
+def _budget(t: Tensor) -> int:
+    return CHUNK_BYTES if t.device.type == "cpu" else CHUNK_BYTES_GPU
+
+
 def _chunks(terms: list[Term]):
-    """(start, stop) ranges of samples whose factors take ~CHUNK_BYTES in float64."""
+    """(start, stop) ranges of samples whose factors take ~``_budget`` bytes in float64."""
     n = terms[0][1].shape[0]
     per_sample = sum(left[0].numel() + right[0].numel() for left, right in terms) * 8 if n else 1
-    step = max(1, CHUNK_BYTES // max(per_sample, 1))
+    step = max(1, _budget(terms[0][1]) // max(per_sample, 1))
     return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _segment_sums(ids: Tensor, vals: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sample's rows of equal id summed: ``(seg_ids, sums)``, (n T,) int64 and (n T, dim) in ``vals``'s
+    dtype, one segment per distinct id of a sample (the unused segments: id 0, sum 0). One sort, static shapes."""
+    n, T, d = vals.shape
+    sid, order = ids.sort(dim=1)
+    gs = vals.gather(1, order.unsqueeze(-1).expand(n, T, d))
+    start = torch.ones_like(sid, dtype=torch.bool)
+    start[:, 1:] = sid[:, 1:] != sid[:, :-1]  # the first of each run of equal ids opens a segment
+    seg = (start.long().cumsum(1) - 1 + torch.arange(n, device=vals.device).unsqueeze(1) * T).flatten()
+    sums = vals.new_zeros(n * T, d).index_add_(0, seg, gs.reshape(-1, d))
+    seg_ids = torch.zeros(n * T, dtype=torch.long, device=vals.device).scatter_(0, seg, sid.flatten())
+    return seg_ids, sums
 
 
 def embedding_grad_norm2(ids: Tensor, g: Tensor) -> Tensor:
@@ -57,27 +78,26 @@ def embedding_grad_norm2(ids: Tensor, g: Tensor) -> Tensor:
         g: (n, T, dim) gradient of the looked-up rows (zero where a row takes no gradient: padding).
     A non-finite row makes its own sample's norm non-finite only.
     """
-    n, T, d = g.shape
+    n, T, _ = g.shape
     if n == 0 or T == 0:
         return torch.zeros(n, dtype=torch.float64, device=g.device)
-    sid, order = ids.sort(dim=1)
-    gs = g.double().gather(1, order.unsqueeze(-1).expand(n, T, d))
-    start = torch.ones_like(sid, dtype=torch.bool)
-    start[:, 1:] = sid[:, 1:] != sid[:, :-1]  # the first of each run of equal ids opens a segment
-    seg = start.long().cumsum(1) - 1 + torch.arange(n, device=g.device).unsqueeze(1) * T
-    summed = gs.new_zeros(n * T, d).index_add_(0, seg.flatten(), gs.reshape(-1, d))
-    return summed.pow(2).sum(1).view(n, T).sum(1)
+    _, sums = _segment_sums(ids, g.double())
+    return sums.pow(2).sum(1).view(n, T).sum(1)
 
 
 def _left_gram(a: Tensor, b: Tensor) -> Tensor:
-    """(n, T_a, T_b) float64 ``<left_a[t], left_b[t']>`` (ids are one-hot rows)."""
+    """(n, T_a, T_b) float64 ``<left_a[t], left_b[t']>`` (ids are one-hot rows; floats given in float64)."""
     if _is_ids(a) and _is_ids(b):
         return (a.unsqueeze(2) == b.unsqueeze(1)).double()
     if _is_ids(a):  # <onehot(a[t]), b[t']> = b[t', a[t]]
-        return b.double().gather(2, a.unsqueeze(1).expand(-1, b.shape[1], -1)).transpose(1, 2)
+        return b.gather(2, a.unsqueeze(1).expand(-1, b.shape[1], -1)).transpose(1, 2)
     if _is_ids(b):
         return _left_gram(b, a).transpose(1, 2)
-    return torch.bmm(a.double(), b.double().transpose(1, 2))
+    return torch.bmm(a, b.transpose(1, 2))
+
+
+def _wide(t: Tensor) -> Tensor:
+    return t if _is_ids(t) else t.double()
 
 
 def _norm2_64(terms: list[Term]) -> Tensor:
@@ -85,12 +105,12 @@ def _norm2_64(terms: list[Term]) -> Tensor:
         return embedding_grad_norm2(*terms[0])
     out = []
     for s, e in _chunks(terms):
-        chunk = [(left[s:e], right[s:e]) for left, right in terms]
+        chunk = [(_wide(left[s:e]), right[s:e].double()) for left, right in terms]  # (one float64 copy each)
         total = torch.zeros(e - s, dtype=torch.float64, device=chunk[0][1].device)
         for a, (la, ra) in enumerate(chunk):
             for b in range(a, len(chunk)):
                 lb, rb = chunk[b]
-                gram = _left_gram(la, lb) * torch.bmm(ra.double(), rb.double().transpose(1, 2))
+                gram = _left_gram(la, lb) * torch.bmm(ra, rb.transpose(1, 2))
                 total += gram.sum((1, 2)) * (1 if a == b else 2)
         out.append(total)
     if not out:
@@ -108,50 +128,71 @@ def ghost_norm2(terms: list[Term]) -> Tensor:
 
 def ghost_magnitude(terms: list[Term]) -> Tensor:
     """(n,) float64 ``M_i = sum over terms and tokens of |left_t| |right_t|`` (>= |P_i|; a one-hot row has
-    norm 1)."""
-    total = 0
-    for left, right in terms:
-        r = right.double().norm(dim=2)
-        total = total + (r if _is_ids(left) else left.double().norm(dim=2) * r).sum(1)
-    return total
+    norm 1), chunk by chunk."""
+    out = []
+    for s, e in _chunks(terms):
+        total = 0
+        for left, right in terms:
+            r = torch.linalg.vector_norm(right[s:e], dim=2, dtype=torch.float64)
+            if not _is_ids(left):
+                r = r * torch.linalg.vector_norm(left[s:e], dim=2, dtype=torch.float64)
+            total = total + r.sum(1)
+        out.append(total)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=terms[0][1].device)
 
 
 def ghost_clip_reduce(terms: list[Term], coef: Tensor, rows: int, norm2: Tensor | None = None) -> Tensor:
-    """``sum_i c_i P_i`` as a (rows, cols) float32 tensor, accumulated in float64, skipping samples with
-    ``c_i == 0``; ``c_i`` capped at ``CANCEL_CAP |P_i| / M_i`` (module docstring). ``norm2``: the (n,)
-    squared norms ``|P_i|^2`` if known (``ghost_norm2``)."""
+    """``sum_i c_i P_i`` as a (rows, cols) float32 tensor, skipping samples with ``c_i == 0``; ``c_i`` capped at
+    ``CANCEL_CAP |P_i| / M_i`` (module docstring). ``norm2``: the (n,) squared norms ``|P_i|^2`` if known.
+
+    Each chunk of samples is summed in float64 over tiles of rows (a table's rows of equal id first summed per
+    sample) and added to the float32 result: what one sample's tokens cancel is resolved in float64, and the
+    float32 additions are of clipped sums (each sample's at most C)."""
     right0 = terms[0][1]
     n, cols = right0.shape[0], right0.shape[2]
     norm = (norm2.double() if norm2 is not None else _norm2_64(terms)).sqrt()
     mag = ghost_magnitude(terms)
-    cap = torch.where(mag > 0, CANCEL_CAP * norm / mag, torch.ones((), dtype=torch.float64, device=mag.device))
-    coef = coef.double() * cap.clamp(max=1.0)
-    coef = torch.where(torch.isfinite(coef), coef, torch.zeros((), dtype=torch.float64, device=coef.device))
-    out = torch.zeros(rows, cols, dtype=torch.float64, device=right0.device)
+    one = torch.ones((), dtype=torch.float64, device=mag.device)
+    cap = torch.where(mag > 0, CANCEL_CAP * norm / mag, one).clamp(max=1.0)
+    coef = coef.double() * cap
+    coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))
+    out = torch.zeros(rows, cols, dtype=torch.float32, device=right0.device)
+    tile = max(1, min(rows, _budget(right0) // (cols * 8)))
     for s, e in _chunks(terms):
         c = coef[s:e].view(-1, 1, 1)
         drop = c == 0
+        products, lookups = [], []
         for left, right in terms:
-            scaled = right[s:e].double().mul_(c).masked_fill_(drop, 0.0).reshape(-1, cols)
+            scaled = right[s:e].double().mul_(c).masked_fill_(drop, 0.0)
             if _is_ids(left):
-                out.index_add_(0, left[s:e].reshape(-1), scaled)
+                lookups.append(_segment_sums(left[s:e], scaled))
             else:
-                out.addmm_(left[s:e].double().masked_fill_(drop, 0.0).reshape(-1, rows).t(), scaled)
-    return out.float()
+                products.append((left[s:e].double().masked_fill_(drop, 0.0).reshape(-1, rows),
+                                 scaled.reshape(-1, cols)))
+        for r0 in range(0, rows, tile):
+            r1 = min(rows, r0 + tile)
+            acc = torch.zeros(r1 - r0, cols, dtype=torch.float64, device=out.device)
+            for left64, scaled in products:
+                acc.addmm_(left64[:, r0:r1].t(), scaled)
+            for seg_ids, sums in lookups:
+                inside = ((seg_ids >= r0) & (seg_ids < r1)).unsqueeze(1)
+                acc.index_add_(0, (seg_ids - r0).clamp(0, r1 - r0 - 1), sums * inside)
+            out[r0:r1] += acc.float()
+    return out
 
 
 def ghost_grad_sample(terms: list[Term], rows: int) -> Tensor:
-    """The dense (n, rows, cols) float32 per-sample gradients (accumulated in float64)."""
+    """The dense (n, rows, cols) float32 per-sample gradients (float32 sums, as a dense per-sample rule's)."""
     right0 = terms[0][1]
     n, cols = right0.shape[0], right0.shape[2]
-    out = torch.zeros(n, rows, cols, dtype=torch.float64, device=right0.device)
+    out = torch.zeros(n, rows, cols, dtype=torch.float32, device=right0.device)
     for left, right in terms:
         if _is_ids(left):
             flat = (left + torch.arange(n, device=left.device).unsqueeze(1) * rows).reshape(-1)
-            out.view(n * rows, cols).index_add_(0, flat, right.double().reshape(-1, cols))
+            out.view(n * rows, cols).index_add_(0, flat, right.float().reshape(-1, cols))
         else:
-            out.baddbmm_(left.double().transpose(1, 2), right.double())
-    return out.float()
+            out.baddbmm_(left.float().transpose(1, 2), right.float())
+    return out
 
 
 def embedding_grad_sample(ids: Tensor, g: Tensor, rows: int) -> Tensor:
