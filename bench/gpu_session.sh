@@ -9,8 +9,8 @@
 # replay_cost = a/c); 5. the profiled end-to-end 1B DP step; then the diagnostics, as time allows: 6. Nsight
 # Compute on one layer step's kernels (bench/ncu_layer.py, where ncu exists); 7. the host cost per launch by
 # path (bench/launch.py); 8. ghost norms and clipping of a Llama-7B lm_head and embedding against per-sample
-# tensors (bench/ghost.py). When time runs short, 8, 7 and then 6 are the steps skipped (without ncu, step 6's
-# time goes to the others).
+# tensors (bench/ghost.py; opt-in: GHOST_S). When time runs short, 8, 7 and then 6 are the steps skipped
+# (without ncu, step 6's time goes to the others).
 #
 # Logs and results go to $OUT (default bench/results/gpu_session); the console (pip, nvidia-smi, versions,
 # each step's summary) is also kept there as session.log. With TAR_TO set, $OUT is packed into that archive
@@ -20,10 +20,10 @@
 #   R=$OUT; export OUT=/tmp/gs TAR_TO=$R/gs.tgz; timeout -k 5 580 bash bench/gpu_session.sh
 #
 # Per-step caps (seconds; a cap of 0 skips that step) and the whole budget (seconds from the start), defaults:
-#   TEST_S=165 SWEEP_S=85 LAYER_S=130 GRAPH_S=70 STEP_S=45 NCU_S=30 LAUNCH_S=15 GHOST_S=20 BUDGET_S=570
-# (540 s of steps 1-7 + ~20 s of install and versions + a 5 s margin, inside the outer 580 s: step 8 runs on
-# what the others leave). A step may also take
-# what earlier steps left unused beyond the caps of the steps after it, never more than what is left.
+#   TEST_S=165 SWEEP_S=85 LAYER_S=130 GRAPH_S=70 STEP_S=45 NCU_S=30 LAUNCH_S=15 GHOST_S=0 BUDGET_S=570
+# (540 s of steps + ~20 s of install and versions + a 5 s margin, inside the outer 580 s; step 8 is opt-in).
+# A step may also take what earlier steps left unused beyond the caps of the steps after it, never more than
+# what is left.
 # Other knobs: TEST_FILES, TEST_K (pytest -k), TEST_WORKERS, TEST_TIMEOUT_S, SWEEP_ARGS, LAYER_ARGS, GRAPH_VARIANTS, GRAPH_SIZES,
 # STEP_VARIANTS, STEP_ARGS, NCU_ARGS, LAUNCH_ARGS, LAUNCH_4K_ARGS (empty or blank: no 4k-token launch.py run), PYTHON.
 #
@@ -72,7 +72,7 @@ finish() {
 trap finish TERM INT
 
 CAPS=("${TEST_S:=165}" "${SWEEP_S:=85}" "${LAYER_S:=130}" "${GRAPH_S:=70}" "${STEP_S:=45}" "${NCU_S:=30}" "${LAUNCH_S:=15}"
-      "${GHOST_S:=20}")
+      "${GHOST_S:=0}")
 NCU=$(command -v ncu) || for f in /opt/nvidia/nsight-compute/*/ncu; do [ -x "$f" ] && NCU=$f; done  # the newest
 [ -z "$NCU" ] && CAPS[5]=0  # no ncu: step 6's time goes to the others
 left() { echo $(( BUDGET_S - ($(date +%s) - START) - MARGIN_S )); }

@@ -967,6 +967,7 @@ cap=$1; shift
 case "$*" in
   *pytest_timeout*) d=1;; *" -m pytest "*) d=$NEED_TEST;; *sweep-only*) d=$NEED_SWEEP;; *gpu_layer.py*) d=$NEED_LAYER;;
   *graph-sizes*) d=$NEED_GRAPH;; *ncu_layer*) d=$NEED_NCU;; *launch.py*) d=$NEED_LAUNCH;; *step.py*) d=$NEED_STEP;;
+  *ghost.py*) d=$NEED_GHOST;;
   *) d=1;;
 esac
 if (( d > cap )); then d=$((cap + k * GRACE)); r=124; else r=0; fi
@@ -1000,16 +1001,19 @@ def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
 
     def session(grace=0, extra=None, **need):
         (tmp_path / "clock").write_text("0")
-        steps = ("TEST", "SWEEP", "LAYER", "GRAPH", "STEP", "NCU", "LAUNCH")
+        steps = ("TEST", "SWEEP", "LAYER", "GRAPH", "STEP", "NCU", "LAUNCH", "GHOST")
         needs = {f"NEED_{k}": str(need.get(k, 999)) for k in steps}
         proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh")],
                               env={**env, **needs, "GRACE": str(grace), **(extra or {})}, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        caps = {int(m[1]): int(m[2]) for m in re.finditer(r"^== (\d)/7 .*, (-?\d+)s \(at", proc.stdout, re.M)}
-        skipped = {int(m[1]) for m in re.finditer(r"^== (\d)/7 [^\n]*\n-- skipped", proc.stdout, re.M)}
+        caps = {int(m[1]): int(m[2]) for m in re.finditer(r"^== (\d)/8 .*, (-?\d+)s \(at", proc.stdout, re.M)}
+        skipped = {int(m[1]) for m in re.finditer(r"^== (\d)/8 [^\n]*\n-- skipped", proc.stdout, re.M)}
+        if "GHOST_S" not in (extra or {}):  # (step 8, the ghost bench, is opt-in: cap 0 by default)
+            assert 8 in skipped and caps[8] == 0, proc.stdout
+            skipped.discard(8)
         done = int(re.search(r"^== done at \+(\d+)s", proc.stdout, re.M)[1])
-        assert sorted(caps) == list(range(1, 8)), proc.stdout
+        assert sorted(caps) == list(range(1, 9)), proc.stdout
         return caps, skipped, done, proc.stdout
 
     defaults = dict(enumerate([165, 85, 130, 70, 45, 30, 15], 1))
@@ -1048,6 +1052,11 @@ def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
     layer = [line for line in cmds.read_text().splitlines() if "gpu_layer.py" in line and "sweep-only" not in line]
     assert layer and not any("--blocks-from" in line for line in layer), layer
     assert not (tmp_path / "out" / "sweep.json").exists()
+    # step 8 (opt-in): the ghost bench on what the others leave, on CUDA
+    cmds.write_text("")
+    caps, skipped, done, log = session(extra={"GHOST_S": "20"}, TEST=100, SWEEP=40, GHOST=5)
+    assert not skipped and caps[8] >= 20 and done <= 570, log
+    assert any("ghost.py --device cuda" in line for line in cmds.read_text().splitlines()), cmds.read_text()
 
 
 def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):
@@ -1069,7 +1078,7 @@ def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):
     assert {"./tests_cuda.log", "./session.log"} <= names and "./junit_cuda.xml" not in names, names
     (old,) = [d for d in os.listdir(tmp_path) if d.startswith("out.old.")]  # moved aside, not lost
     assert os.listdir(tmp_path / old / "out") == ["junit_cuda.xml"]
-    assert "FAILED tests/t.py::test_b" in tests and "== 1/7 CUDA tests" in session, (tests, session)
+    assert "FAILED tests/t.py::test_b" in tests and "== 1/8 CUDA tests" in session, (tests, session)
     assert os.listdir(os.path.dirname(env["TAR_TO"])) == ["gs.tgz"]  # no half-written archive left beside it
 
 
