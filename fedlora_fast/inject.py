@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, check_layer_args
@@ -84,7 +85,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _slow_path(module: nn.Module, args) -> None:
     """A forward pre-hook that changes nothing: its presence keeps ``nn.TransformerEncoderLayer`` off its fused
-    path."""
+    path. It refuses a nested tensor (what an ``nn.TransformerEncoder`` built around the layer after injection
+    packs a padded eval batch into): the adapters cannot take one."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_nested:
+        raise ValueError(
+            f"{type(module).__name__} with adapters got a nested tensor: its nn.TransformerEncoder packs padded eval "
+            "batches into nested tensors, which the adapters cannot take; set encoder.use_nested_tensor = False, or "
+            "inject the adapters into the encoder itself (inject_adapters does that for you)"
+        )
     return None
 
 
