@@ -161,7 +161,8 @@ class Factors(_Sealed):
         self.rows, self._norm2 = rows, None
         # the norms are taken now, the clipped sum at the step: a factor changed in place in between (a reused
         # input buffer) would be summed under the old norm's coefficient, beyond C. The rules keep copies of
-        # what the caller owns; the version counters catch the rest.
+        # what the caller owns; the version counters catch the rest, except writes that bypass them (through
+        # .data, numpy or DLPack) to an output gradient the caller passed to backward() and kept.
         self._versions = [t._version for pair in self.terms for t in pair]
 
     def _check_unchanged(self) -> None:

@@ -1130,6 +1130,30 @@ def test_an_adapter_whose_forward_never_runs_is_named_once():
         dp.step()
         dp.zero_grad()
     dp.detach()
+    # a new set every step (layer drop, routed experts): three sets named, the third saying it is the last
+    class LayerDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(IN, IN) for _ in range(5))
+
+        def forward(self, x, skip):
+            for i, layer in enumerate(self.layers):
+                x = x if i == skip else torch.tanh(layer(x))
+            return x
+
+    drop = LayerDrop()
+    ff.inject_adapters(drop, [f"layers.{i}" for i in range(5)], r=R, alpha=6.0)
+    dp = make_dp(drop, max_grad_norm=0.5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for skip in range(5):
+            drop(batch["x"], skip).pow(2).sum().backward()
+            dp.step()
+            dp.zero_grad()
+    named = [str(w.message) for w in seen if "got no per-sample gradient" in str(w.message)]
+    assert len(named) == 3 and all(f"'layers.{i}.lora_B'" in m for i, m in enumerate(named)), named
+    assert "further sets are not reported" in named[-1] and "further" not in named[0]
+    dp.detach()
     full = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
     ff.inject_adapters(full, ["0", "2"], r=R, alpha=6.0)
     dp = make_dp(full, max_grad_norm=0.5)

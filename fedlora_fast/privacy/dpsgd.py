@@ -45,6 +45,7 @@ CLIPPING = ("flat", "per_layer")
 # GROUP_BYTES) and clip-reduces each group in one launch (see DPSGD._clip_flat); tests flip both
 GROUPED_CLIP_REDUCE = {"cuda": True}
 GROUP_BYTES = 64 << 20
+UNREACHED_WARNINGS = 3  # sets of trained tensors without a per-sample gradient named per engine
 # device type -> whether the count of dropped (non-finite) samples stays on the device and reaches the host
 # later, without a sync in the step (see _DroppedCounter); tests flip it
 DEFERRED_DROP_COUNT = {"cuda": True}
@@ -1024,16 +1025,18 @@ class DPSGD:
         Often a branch the batch did not take; but a model that reads a layer's weight directly never runs the
         adapter on it (Mamba's ``conv1d`` and ``dt_proj``), and its B would train on noise alone, silently."""
         missing = frozenset(i for i, r in enumerate(records) if r is None)
-        if not missing or len(missing) == len(records) or missing in self._unreached_warned:
+        if (not missing or len(missing) == len(records) or missing in self._unreached_warned
+                or len(self._unreached_warned) >= UNREACHED_WARNINGS):
             return
         self._unreached_warned.add(missing)
+        last = len(self._unreached_warned) == UNREACHED_WARNINGS  # (layer drop, routed experts: a new set per step)
         what = self._names_of([self.params[i] for i in sorted(missing)])
         warnings.warn(
             f"DPSGD: {what[:6]}{' and more' if len(what) > 6 else ''} got no per-sample gradient in this backward "
             "(their module's forward did not run, or its output did not reach the loss): this step gives them noise "
             "only. If they should train, check that the model calls the module itself: a model that reads a "
             "layer's weight directly (Mamba's conv1d and dt_proj, say) never runs an adapter on it (said once per "
-            "set of tensors)", RuntimeWarning, stacklevel=4,
+            f"set of tensors{'; further sets are not reported' if last else ''})", RuntimeWarning, stacklevel=4,
         )
 
     def _warn_outside_grads(self) -> None:
