@@ -1020,10 +1020,11 @@ class DPSGD:
         return clipped, bad.sum(), n
 
     def _warn_unreached(self, records: list) -> None:
-        """Once per engine and set of tensors: trained tensors with no per-sample gradient in a backward that gave
-        others one. Their module's forward did not run, or its output did not reach the loss: they get noise only.
-        Often a branch the batch did not take; but a model that reads a layer's weight directly never runs the
-        adapter on it (Mamba's ``conv1d`` and ``dt_proj``), and its B would train on noise alone, silently."""
+        """Once per set of tensors (at most ``UNREACHED_WARNINGS`` sets per engine): trained tensors with no
+        per-sample gradient in a backward that gave others one. Their module's forward did not run, or its output
+        did not reach the loss: they get noise only. Often a branch the batch did not take; but a model that
+        reads a layer's weight directly never runs the adapter on it (Mamba's ``conv1d`` and ``dt_proj``), and
+        its B would train on noise alone, silently."""
         missing = frozenset(i for i, r in enumerate(records) if r is None)
         if (not missing or len(missing) == len(records) or missing in self._unreached_warned
                 or len(self._unreached_warned) >= UNREACHED_WARNINGS):
@@ -1103,7 +1104,7 @@ class DPSGD:
             gs = record.grad_sample if record is not None else None
             if gs is not None and gs.shape[0] != n:
                 raise RuntimeError(f"per-sample gradients of one tensor have {gs.shape[0]} samples, expected {n}")
-            if isinstance(gs, per_sample.Factors):  # (an embedding's looked-up rows: one scatter-add)
+            if isinstance(gs, per_sample.Factors):  # (kept as factors: reference.ghost's clip-reduce)
                 pieces[i], gs = gs.clip_reduce(coef), None
             grads.append(gs)
         if GROUPED_CLIP_REDUCE.get(self._device.type, False) and n > 0:

@@ -8,17 +8,19 @@ right)``: ``left`` (n, T, rows) float or (n, T) int64 ids (one-hot over the rows
 - ``ghost_norm2``: ``|P_i|^2 = sum_{a, b} sum_{t, t'} <left_a[t], left_b[t']> <right_a[t], right_b[t']>``, the
   (T_a, T_b) Gram matrices of each pair of terms. A single table lookup sums its rows of equal id after one
   sort instead (O(n T dim)).
-- ``ghost_clip_reduce``: ``sum_i c_i P_i``: one matrix product per dense term, one scatter-add per table
-  lookup, samples with ``c_i == 0`` skipped (a NaN or inf of a dropped sample stays out).
+- ``ghost_clip_reduce``: ``sum_i c_i P_i``: matrix products for dense terms, each sample's rows of equal id
+  summed then scattered for a table lookup, samples with ``c_i == 0`` skipped (a NaN or inf of a dropped sample
+  stays out).
 - ``ghost_grad_sample``: the dense (n, rows, cols) float32 form, for checks and for opacus.
 
 **Why float64, and the cap.** A dense per-sample gradient is clipped as it was computed, rounding included.
 Here the norm and the sum are two computations, and a sample whose tokens cancel (``g`` and ``-3 g`` against
 ``x`` and ``x / 3``) has a tiny gradient made of huge factors: float32 rounding in the sum, of order
 ``2^-24 K M_i`` for ``M_i = sum_t |left_t| |right_t|`` and K terms summed, would ride on the sum unclipped, and
-a float32 Gram would misjudge its norm by as much. So both are computed in float64 (results float32), and a
-sample's coefficient is capped so that ``c_i M_i <= CANCEL_CAP |c_i P_i| <= CANCEL_CAP C``: its rounding then
-stays ~1e-16 K CANCEL_CAP C. The cap binds only for a sample whose gradient is below 1/CANCEL_CAP of its
+a float32 Gram would misjudge its norm by as much. So both are computed in float64, a chunk of samples at a
+time (each chunk's sum, of clipped contributions, is added to the float32 result), and a sample's coefficient
+is capped so that ``c_i M_i <= CANCEL_CAP |c_i P_i| <= CANCEL_CAP C``: its rounding then stays ~1e-16 K
+CANCEL_CAP C. The cap binds only for a sample whose gradient is below 1/CANCEL_CAP of its
 factors' magnitude; for independent tokens that ratio is ~1/sqrt(T).
 
 Static shapes throughout (no ``unique``, no read-back): a CUDA graph can hold them. Memory: the factors
@@ -26,7 +28,8 @@ Static shapes throughout (no ``unique``, no read-back): a CUDA graph can hold th
 factors, their (T_a, T_b) Grams and one float64 tile of rows of the sum (~``CHUNK_BYTES`` each, 16 MiB on a CPU,
 256 MiB on a GPU), against n x rows x cols for the per-sample tensors (a 32k x 4096 ``lm_head`` at 8 x 512
 tokens: 0.5 GiB of g and 0.5 GiB of sum against 3.9 GiB). The float64 products cost what float32 ones do on
-H100/H200-class GPUs, 2x on a CPU, and far more on GPUs with slow float64 (consumer cards: 1/64 rate).
+H100/H200-class GPUs, 2x on a CPU (the whole clip measured ~1x the dense path's there: ``bench/ghost.py``), and
+far more on GPUs with slow float64 (consumer cards: 1/64 rate).
 """
 
 from __future__ import annotations
