@@ -91,7 +91,7 @@ def _slow_path(module: nn.Module, args) -> None:
         raise ValueError(
             f"{type(module).__name__} with adapters got a nested tensor: its nn.TransformerEncoder packs padded eval "
             "batches into nested tensors, which the adapters cannot take; set encoder.use_nested_tensor = False, or "
-            "inject the adapters into the encoder itself (inject_adapters does that for you)"
+            "build the encoder first and inject the adapters into it (inject_adapters then sets that itself)"
         )
     return None
 

@@ -26,6 +26,8 @@ from fedlora_fast.privacy.dpsgd import DPSGD
 from fedlora_fast.privacy.graphed import GraphedAccumulator, capturable_attention_mask, graph_micro_batch_sizes
 from fedlora_fast.privacy.sampling import PoissonSampler, os_seeded_generator
 
+log = logging.getLogger(__name__)
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -96,9 +98,6 @@ def _per_sample_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     mask = capturable_attention_mask(model, batch["attention_mask"])
     logits = _class_logits(model(input_ids=batch["input_ids"], attention_mask=mask).logits)
     return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-
-
-log = logging.getLogger(__name__)
 
 
 def _class_logits(logits: torch.Tensor) -> torch.Tensor:
