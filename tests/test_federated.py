@@ -1187,9 +1187,18 @@ def test_a_client_without_generators_draws_from_the_os_and_one_given_them_warns_
     with caplog.at_level(logging.WARNING), quiet_seeded_clients():
         Client(1, ids, labels, **base, noise_generator=torch.Generator().manual_seed(2))
     assert not caplog.records
+    # a default client's state restores into a fresh default client (a CPU noise generator made for it), and
+    # both then draw the same: the same update from the same message
+    saved = client.tensor_state()
     fresh = Client(2, ids, labels, **base)
-    with pytest.raises(ValueError, match="no noise generator yet"):
-        fresh.load_tensor_state(seeded.tensor_state())
+    with caplog.at_level(logging.WARNING):
+        fresh.load_tensor_state(saved)
+    assert not caplog.records
+    next_of = [serialization.decode(c.fit(clf, message, round_idx=1, fingerprint="f"))[0][k] for c in (client, fresh)]
+    assert torch.equal(*next_of)
+    cuda_like = {**saved, "noise_rng": torch.zeros(16, dtype=torch.uint8)}  # (a CUDA generator's state: 16 bytes)
+    with pytest.raises(ValueError, match="of another device than the CPU"):
+        Client(3, ids, labels, **base).load_tensor_state(cuda_like)
 
 
 def test_evaluate_counts_non_finite_logits_as_wrong():

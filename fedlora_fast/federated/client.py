@@ -374,12 +374,16 @@ class Client:
         return out
 
     def load_tensor_state(self, tensors: dict) -> None:
+        """Restore ``tensor_state``. A client with no noise generator yet (the default, made at the first fit)
+        takes a CPU one for a CPU generator's saved state; another device's needs ``noise_generator=``."""
         if "noise_rng" in tensors and self.noise_generator is None:
-            raise ValueError(
-                f"client {self.client_id}: the saved state holds a noise generator's state, and this client has no "
-                "noise generator yet (one is made at the first fit, on the model's device): pass noise_generator="
-                "torch.Generator(device=...) to the Client to restore it"
-            )
+            if tensors["noise_rng"].numel() != torch.Generator().get_state().numel():
+                raise ValueError(
+                    f"client {self.client_id}: the saved state holds a noise generator's state of another device "
+                    "than the CPU, and this client has no noise generator yet (one is made at the first fit, on the "
+                    "model's device): pass noise_generator=torch.Generator(device=...) to the Client to restore it"
+                )
+            self.noise_generator = torch.Generator()
         self.sample_generator.set_state(tensors["sample_rng"])
         if "noise_rng" in tensors:
             self.noise_generator.set_state(tensors["noise_rng"])
