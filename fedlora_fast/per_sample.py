@@ -37,6 +37,7 @@ from fedlora_fast.reference import (
     ghost_grad_sample,
     ghost_norm2,
 )
+from fedlora_fast.reference.ghost import is_ids
 
 PS_ATTR = "ff_pending"  # the one attribute per-sample state lives in, on each trained Parameter
 CONSUMED_KEPT = 1 << 16  # forward ids remembered as consumed; older ones fall under the watermark
@@ -154,10 +155,10 @@ class Factors(_Sealed):
 
     def __init__(self, terms: list[tuple[Tensor, Tensor]], rows: int):
         for left, right in terms:
-            if left.shape[:2] != right.shape[:2] or right.dim() != 3 or left.dim() != (2 if _ids(left) else 3):
+            if left.shape[:2] != right.shape[:2] or right.dim() != 3 or left.dim() != (2 if is_ids(left) else 3):
                 raise ValueError(f"Factors: a term's left {tuple(left.shape)} and right {tuple(right.shape)} must "
                                  "be (n, T) ids or (n, T, rows), and (n, T, cols)")
-        self.terms = [(left.long() if _ids(left) else left.float(), right.float()) for left, right in terms]
+        self.terms = [(left.long() if is_ids(left) else left.float(), right.float()) for left, right in terms]
         self.rows, self._norm2 = rows, None
         # the norms are taken now, the clipped sum at the step: a factor changed in place in between (a reused
         # input buffer) would be summed under the old norm's coefficient, beyond C. The rules keep copies of
@@ -198,14 +199,10 @@ class Factors(_Sealed):
         """The per-sample sum of two uses of the tensor in one forward (its shape checked by ``store``)."""
         kinds: dict[bool, tuple[Tensor, Tensor]] = {}
         for left, right in self.terms + other.terms:
-            held = kinds.get(_ids(left))
-            kinds[_ids(left)] = (left, right) if held is None else (torch.cat([held[0], left], 1),
-                                                                     torch.cat([held[1], right], 1))
+            held = kinds.get(is_ids(left))
+            kinds[is_ids(left)] = (left, right) if held is None else (torch.cat([held[0], left], 1),
+                                                                      torch.cat([held[1], right], 1))
         return Factors(list(kinds.values()), self.rows)
-
-
-def _ids(left: Tensor) -> bool:
-    return not left.is_floating_point()
 
 
 def dense_grad_sample(gs: "Tensor | Factors") -> Tensor:

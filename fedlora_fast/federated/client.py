@@ -111,34 +111,27 @@ def _class_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-class _Quiet:
-    active = False  # set while quiet_seeded_clients() builds clients
-
-
-_QUIET = _Quiet()
-
-
 @contextlib.contextmanager
-def quiet_seeded_clients():
-    """Build clients given caller-seeded generators without their warning (the simulation warns once itself)."""
-    before, _QUIET.active = _QUIET.active, True
-    try:
-        yield
-    finally:
-        _QUIET.active = before
-
-
-@contextlib.contextmanager
-def _quiet_seeded_generator_warning():
-    """DPSGD warns at every construction with a caller-seeded generator; a client given one warns once, when it
-    is built (and the simulation, which builds its clients quietly, warns once itself)."""
-    logger = logging.getLogger("fedlora_fast.privacy.dpsgd")
+def _silenced(logger_name: str):
+    """One logger's warnings silenced (its level set back after)."""
+    logger = logging.getLogger(logger_name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         logger.setLevel(level)
+
+
+def quiet_seeded_clients():
+    """Build clients given caller-seeded generators without their warning (the simulation warns once itself)."""
+    return _silenced(__name__)
+
+
+def _quiet_seeded_generator_warning():
+    """DPSGD warns at every construction with a caller-seeded generator; a client given one warns once, when it
+    is built (and the simulation, which builds its clients quietly, warns once itself)."""
+    return _silenced("fedlora_fast.privacy.dpsgd")
 
 
 class Client:
@@ -227,7 +220,7 @@ class Client:
         self.expected_batch_size = max(1, int(round(self.sample_rate * self.num_examples)))
         self.lr, self.optimizer, self.weight_decay, self.momentum = float(lr), optimizer, float(weight_decay), float(momentum)
         self.max_grad_norm, self.noise_multiplier, self.clipping = float(max_grad_norm), float(noise_multiplier), clipping
-        if (sample_generator is not None or noise_generator is not None) and not _QUIET.active:
+        if sample_generator is not None or noise_generator is not None:  # (quiet_seeded_clients: not said)
             given = [n for n, g in (("sample_generator", sample_generator), ("noise_generator", noise_generator))
                      if g is not None]
             log.warning(

@@ -43,7 +43,8 @@ CHUNK_BYTES_GPU = 1 << 28  # (fewer, larger products on a GPU)
 CANCEL_CAP = 1e3
 
 
-def _is_ids(left: Tensor) -> bool:
+def is_ids(left: Tensor) -> bool:
+    """Whether a term's left factor is ids (one-hot rows) rather than a float (n, T, rows) tensor."""
     return not left.is_floating_point()
 
 
@@ -90,21 +91,21 @@ def embedding_grad_norm2(ids: Tensor, g: Tensor) -> Tensor:
 
 def _left_gram(a: Tensor, b: Tensor) -> Tensor:
     """(n, T_a, T_b) float64 ``<left_a[t], left_b[t']>`` (ids are one-hot rows; floats given in float64)."""
-    if _is_ids(a) and _is_ids(b):
+    if is_ids(a) and is_ids(b):
         return (a.unsqueeze(2) == b.unsqueeze(1)).double()
-    if _is_ids(a):  # <onehot(a[t]), b[t']> = b[t', a[t]]
+    if is_ids(a):  # <onehot(a[t]), b[t']> = b[t', a[t]]
         return b.gather(2, a.unsqueeze(1).expand(-1, b.shape[1], -1)).transpose(1, 2)
-    if _is_ids(b):
+    if is_ids(b):
         return _left_gram(b, a).transpose(1, 2)
     return torch.bmm(a, b.transpose(1, 2))
 
 
 def _wide(t: Tensor) -> Tensor:
-    return t if _is_ids(t) else t.double()
+    return t if is_ids(t) else t.double()
 
 
 def _norm2_64(terms: list[Term]) -> Tensor:
-    if len(terms) == 1 and _is_ids(terms[0][0]):
+    if len(terms) == 1 and is_ids(terms[0][0]):
         return embedding_grad_norm2(*terms[0])
     out = []
     for s, e in _chunks(terms):
@@ -137,7 +138,7 @@ def ghost_magnitude(terms: list[Term]) -> Tensor:
         total = 0
         for left, right in terms:
             r = torch.linalg.vector_norm(right[s:e], dim=2, dtype=torch.float64)
-            if not _is_ids(left):
+            if not is_ids(left):
                 r = r * torch.linalg.vector_norm(left[s:e], dim=2, dtype=torch.float64)
             total = total + r.sum(1)
         out.append(total)
@@ -167,7 +168,7 @@ def ghost_clip_reduce(terms: list[Term], coef: Tensor, rows: int, norm2: Tensor 
         products, lookups = [], []
         for left, right in terms:
             scaled = right[s:e].double().mul_(c).masked_fill_(drop, 0.0)
-            if _is_ids(left):
+            if is_ids(left):
                 lookups.append(_segment_sums(left[s:e], scaled))
             else:
                 products.append((left[s:e].double().masked_fill_(drop, 0.0).reshape(-1, rows),
@@ -190,7 +191,7 @@ def ghost_grad_sample(terms: list[Term], rows: int) -> Tensor:
     n, cols = right0.shape[0], right0.shape[2]
     out = torch.zeros(n, rows, cols, dtype=torch.float32, device=right0.device)
     for left, right in terms:
-        if _is_ids(left):
+        if is_ids(left):
             flat = (left + torch.arange(n, device=left.device).unsqueeze(1) * rows).reshape(-1)
             out.view(n * rows, cols).index_add_(0, flat, right.float().reshape(-1, cols))
         else:
