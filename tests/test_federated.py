@@ -1135,7 +1135,7 @@ def test_a_client_refuses_fractional_labels_and_a_language_models_logits():
     message = serialization.encode(trainable_state(model), {})
     client = Client(0, [[1, 2], [3, 4]], [0, 1], **{**base, "batch_size": 2})
     client.sample_rate = 1.0  # (every sample drawn: the forward runs)
-    with pytest.raises(ValueError, match=r"Client trains sequence classifiers.*\(2, 2, 7\).*examples/causal_lm.py"):
+    with pytest.raises(ValueError, match=r"Client trains sequence classifiers.*\(2, 2, 7\).*fedlora-fast train-lm"):
         client.fit(model, message, round_idx=0, fingerprint="f")
 
 

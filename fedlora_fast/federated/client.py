@@ -106,7 +106,7 @@ def _class_logits(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"model: Client trains sequence classifiers, whose logits are (batch, num_labels); got logits of shape "
             f"{tuple(logits.shape)} (a language model's (batch, tokens, vocabulary)?). Train a causal language model "
-            "federatedly as examples/causal_lm.py does, with fedlora_fast.DPSGD directly"
+            "federatedly with fedlora-fast train-lm (fedlora_fast.federated.causal_lm)"
         )
     return logits
 
@@ -137,7 +137,8 @@ def _quiet_seeded_generator_warning():
 class Client:
     """One data holder of the federation, training a sequence classifier (``model(input_ids=...,
     attention_mask=...).logits`` of shape (batch, num_labels), per-sample cross-entropy). A causal language
-    model is trained federatedly by ``examples/causal_lm.py`` with the DP engine directly.
+    model is trained federatedly by ``fedlora-fast train-lm`` (``federated.causal_lm``), with the DP engine
+    directly.
 
     Args:
         client_id: its index.

@@ -1,0 +1,449 @@
+"""``fedlora-fast train-lm``: federated DP fine-tuning of a causal LM with FFA-LoRA, a Llama-class checkpoint on a
+GPU or a tiny random one on a CPU.
+
+FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313): every client derives the same frozen A from the seed,
+trains only B with DP-SGD (per-sample clipping from the fused backward, Gaussian noise, Poisson sampling,
+RDP accounting), and the server averages B weighted by the clients' example counts. At the end the global
+adapter is written in peft's format (``OUT/adapter``), loadable with ``PeftModel.from_pretrained``.
+
+    # GPU, a local checkpoint directory (Llama / Mistral / Qwen...), bf16, gradient checkpointing:
+    fedlora-fast train-lm --model /path/to/Llama-3.2-1B --out runs/llama --rounds 3 --epsilon 8
+    # CPU, seconds: a random 2-layer LlamaConfig on synthetic sequences
+    fedlora-fast train-lm --tiny --out runs/tiny
+    # several GPUs per silo (data parallel, one process per GPU; gloo on CPUs): the same run, split over them
+    torchrun --standalone --nproc-per-node 8 -m fedlora_fast train-lm --model /path/to/Llama-3.1-8B --out runs/llama8
+
+Text data: ``--data FILE`` (one example per line), default the SMS messages packaged with fedlora_fast.
+Under ``torchrun`` every client's steps run data parallel over the processes (``DPSGD(process_group=...)``):
+each process Poisson-samples its own part of the client's data at q and clips its own samples, and one
+``all_reduce`` per step sums them, rank 0 alone adding the noise: the same release and accounting as one
+process. Rank 0 prints and writes the results. The processes must build the same run: their flags (but
+``--out``), token ids, model config and dtype are compared before training (the base weights are not).
+Per-sample state: with flat clipping each physical micro-batch of n sequences keeps n * sum(out * r) float32
+per-sample gradients of B until the step (examples/README.md in the repository); ``--clipping per_layer`` keeps
+none. ``causal_lm_loss`` is the per-sample loss (each sequence's mean next-token cross-entropy), for
+``DPSGD`` and ``GraphedAccumulator`` in a training loop of one's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fedlora_fast as ff
+from fedlora_fast.data import collate as pad_batch
+from fedlora_fast.io import atomic_write_text, unwritable
+from fedlora_fast.peft_compat import export_peft
+from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
+from fedlora_fast.privacy import group as dp_group
+
+LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+# what the parser holds besides the run's own flags (the command line's subcommand, handler and --debug)
+NOT_FLAGS = ("command", "func", "debug")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The run's flags (``fedlora-fast train-lm``'s, and ``parse_args``')."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local Hugging Face causal-LM checkpoint directory")
+    src.add_argument("--tiny", action="store_true", help="random 2-layer LlamaConfig, synthetic data (CPU, seconds)")
+    p.add_argument("--data", help="text file, one training example per line (default: packaged SMS messages)")
+    p.add_argument("--out", default="runs/causal_lm", help="writes OUT/metrics.json and OUT/adapter/")
+    p.add_argument("--targets", default=LLAMA_TARGETS, help="comma-separated module names, or all-linear")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--method", choices=["ffa", "lora"], default="ffa", help="ffa: frozen A; lora: train A too")
+    p.add_argument("--clients", type=int, default=None, help="default 2 (tiny) / 4")
+    p.add_argument("--rounds", type=int, default=None, help="default 2 (tiny) / 3")
+    p.add_argument("--local-steps", type=int, default=None, help="DP-SGD steps per client per round")
+    p.add_argument("--sample-rate", type=float, default=None, help="Poisson rate q per step")
+    p.add_argument("--epsilon", type=float, default=8.0, help="target epsilon per client over the whole run")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--micro-batch", type=int, default=8, help="physical batch size (sequences per backward)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 16 tiny / 128)")
+    p.add_argument("--max-examples", type=int, default=None, help="cap on the training examples")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--no-grad-ckpt", action="store_true", help="disable Hugging Face gradient checkpointing")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each fixed-shape micro-batch (sequences padded to --max-length; --micro-batch rows and "
+                        "the powers of two below) from a CUDA graph "
+                        "(ff.GraphedAccumulator; on a CPU the same padded computation, eager); gradient "
+                        "checkpointing then keeps no RNG state (exact without dropout; not yet run on a GPU)")
+    p.add_argument("--seed", type=int, default=0, help="adapter seed (A) and data split")
+
+
+def finish_args(args: argparse.Namespace, error) -> argparse.Namespace:
+    """The defaults that depend on ``--tiny`` filled in, and what the flags alone decide checked (before the model
+    loads: minutes for a real checkpoint); ``error(message)``: the parser's (it does not return)."""
+    tiny = args.tiny
+    defaults = dict(clients=2 if tiny else 4, rounds=2 if tiny else 3, local_steps=3 if tiny else 10,
+                    sample_rate=0.25 if tiny else 0.05, lr=0.02 if tiny else 2e-3, max_length=16 if tiny else 128,
+                    max_examples=128 if tiny else 4000)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for name in ("clients", "rounds", "local_steps", "r", "micro_batch", "max_length", "max_examples"):
+        if getattr(args, name) <= 0:
+            error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
+    # checked before the model loads (minutes for a real checkpoint)
+    if not 0 < args.sample_rate <= 1:
+        error(f"--sample-rate: expected a rate in (0, 1], got {args.sample_rate}")
+    for name in ("epsilon", "max_grad_norm", "lr", "alpha"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
+            error(f"--{name.replace('_', '-')}: expected a finite number > 0, got {getattr(args, name)}")
+    if not 0 < args.delta < 1:
+        error(f"--delta: expected a number in (0, 1), got {args.delta}")
+    if tiny and args.data:
+        error("--data: --tiny trains on synthetic sequences; drop one of them")
+    if tiny and args.max_length < 6:
+        error(f"--max-length: --tiny's synthetic sequences need at least 6 tokens, got {args.max_length}")
+    if args.data and not Path(args.data).is_file():
+        error(f"--data: {args.data!r} is not a file")
+    return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags of a run (as ``fedlora-fast train-lm`` parses them)."""
+    p = argparse.ArgumentParser(prog="fedlora-fast train-lm", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return finish_args(p.parse_args(argv), p.error)
+
+
+def flag_values(args: argparse.Namespace) -> dict:
+    """The run's settings: every flag's value, without what the command line adds (``NOT_FLAGS``)."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_FLAGS}
+
+
+def init_group() -> tuple[int, int, object | None]:
+    """(rank, world size, process group) under ``torchrun`` (``WORLD_SIZE`` > 1): NCCL with one GPU per
+    process (``LOCAL_RANK``), gloo on CPUs; (0, 1, None) for a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():  # (bound to its GPU: NCCL need not guess the device of its first collective)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+
+def all_sum(values: list[float], device, group) -> list[float]:
+    """``values`` summed over the group's processes (themselves without a group)."""
+    if group is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def fingerprint(value) -> list[float]:
+    """SHA-256 of ``value``'s JSON, as 32 numbers for ``dp_group.agree``."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return [float(b) for b in hashlib.sha256(text.encode()).digest()]
+
+
+def run_fields(args, examples: list[list[int]]) -> dict[str, list[float]]:
+    """What every process of a data-parallel run must share before it trains, for ``dp_group.agree``: each flag
+    (named in an error) and the token ids. Paths are compared by what they hold (the token ids here, the model's
+    config after it loads), not as names: one machine's copy may lie elsewhere than another's; ``--out`` is rank
+    0's alone."""
+    flags = {f"--{k.replace('_', '-')}": fingerprint(v) for k, v in sorted(flag_values(args).items())
+             if k not in ("out", "model", "data")}
+    return {**flags, "the training data": fingerprint(examples)}
+
+
+def model_fields(model: nn.Module, dtype: torch.dtype) -> dict[str, list[float]]:
+    """The model's config and dtype, for ``dp_group.agree``: the config without ``_name_or_path`` (the directory it
+    was loaded from, which may differ between machines holding the same checkpoint)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    return {"the model config and dtype": fingerprint([config, dtype])}
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` the run could not write, before training (it is first written at the end): created
+    where missing, a probe file written there (``io.unwritable``), and no directory where ``metrics.json`` goes."""
+    why = unwritable(out)
+    if why is not None:
+        raise ValueError(f"--out: expected a writable directory, got {str(out)!r} ({why})")
+    if (out / "metrics.json").is_dir() or (out / "adapter").is_file():
+        raise ValueError(f"--out: {str(out)!r} holds a directory metrics.json or a file adapter; the run writes "
+                         "a file and a directory there")
+
+
+def load_tokenizer(args):
+    """The checkpoint's tokenizer (None for --tiny)."""
+    if args.tiny:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.model)
+
+
+def pad_id_of(tok) -> int:
+    """The id padding is written with: the tokenizer's pad, else its eos, else 0 (padding is masked out of
+    the attention and the loss, so any id gives the same gradients)."""
+    if tok is None:
+        return 0
+    for i in (tok.pad_token_id, tok.eos_token_id):
+        if isinstance(i, int):
+            return i
+    return 0
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype, tok=None):
+    """The causal LM (and a tokenizer, None for --tiny; ``tok``: one already loaded)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.tiny:
+        cfg = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        torch.manual_seed(1234)  # the "pretrained" weights every client starts from
+        return LlamaForCausalLM(cfg).to(device=device, dtype=dtype), None
+    tok = tok if tok is not None else load_tokenizer(args)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    return model, tok
+
+
+def text_lines(text: str) -> list[str]:
+    """One example per ``\n``-ended line. ``str.splitlines`` also breaks at U+2028, U+0085, form feeds...: one
+    line would become several examples, each sampled on its own, and that line's privacy would be a group's."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def load_examples(args, tok) -> list[list[int]]:
+    """Token id lists, one per example (at least 2 tokens each)."""
+    if args.tiny:  # arithmetic sequences mod 101: next-token structure a tiny model can pick up
+        gen = random.Random(args.seed)
+        out = []
+        for _ in range(args.max_examples):
+            start, step, length = gen.randrange(101), gen.randrange(1, 6), gen.randrange(6, args.max_length + 1)
+            out.append([(start + k * step) % 101 for k in range(length)])
+        return out
+    if args.data:
+        lines = text_lines(Path(args.data).read_text(encoding="utf-8"))
+    else:
+        path = Path(ff.__file__).parent / "data" / "sms_spam_collection.tsv"
+        lines = [line.split("\t", 1)[-1] for line in text_lines(path.read_text(encoding="utf-8"))]
+    lines = [s.strip() for s in lines if s.strip()][: args.max_examples]
+    out = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in lines]
+    return [ids for ids in out if len(ids) >= 2]
+
+
+def collate(seqs: list[list[int]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence (or to ``width``); padded labels are -100 (no gradient)."""
+    ids, mask = pad_batch(seqs, pad_id, length=width)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], capturable: bool = True) -> torch.Tensor:
+    """(n,) next-token cross-entropy, averaged over each sample's own tokens (padding excluded).
+    ``capturable``: the 4-D mask, the same model as the 2-D one with nothing read back to the host (a CUDA graph
+    can hold it; models with a sliding window shorter than the batch refuse it); else the 2-D mask."""
+    mask = ff.capturable_attention_mask(model, batch["attention_mask"]) if capturable else batch["attention_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, -100)
+    tok = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    count = (labels != -100).sum(1).clamp(min=1)
+    return tok.sum(1) / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, seqs: list[list[int]], pad_id: int, device, micro: int,
+             rank: int = 0, world: int = 1, group=None) -> float:
+    """The mean per-sequence loss on ``seqs`` (data parallel: each process evaluates every world-th one)."""
+    model.eval()
+    mine = seqs[rank::world]
+    losses = [causal_lm_loss(model, {k: v.to(device) for k, v in collate(mine[i : i + micro], pad_id).items()},
+                              capturable=False)
+              for i in range(0, len(mine), micro)]
+    model.train()
+    total, count = all_sum([torch.cat(losses).sum().item() if losses else 0.0, float(len(mine))], device, group)
+    return total / count
+
+
+def train(args: argparse.Namespace) -> dict:
+    """The run of parsed flags (``parse_args``; ``fedlora-fast train-lm``): data parallel over the processes under
+    ``torchrun`` (``WORLD_SIZE`` > 1), else alone. Returns the metrics (every process; rank 0 writes them)."""
+    rank, world, group = init_group()
+    if group is None:
+        return run(args, rank, world, group)
+    try:
+        metrics = run(args, rank, world, group)
+        torch.distributed.barrier(group=group)  # (no process tears the group down while another still uses it)
+        return metrics
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def main(argv=None) -> dict:
+    """``train(parse_args(argv))``."""
+    return train(parse_args(argv))
+
+
+def run(args, rank: int, world: int, group) -> dict:
+    """The federated run (``main``); data parallel over ``group``'s ``world`` processes, or alone."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # what the flags alone decide first: an (epsilon, delta) that cannot be met, or an --out that cannot be
+    # written, fails before the data and the model load (minutes for a real checkpoint), not after training
+    total_steps = args.rounds * args.local_steps
+    sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=args.delta,
+                                       sample_rate=args.sample_rate, steps=total_steps)
+    if rank == 0:
+        check_out(Path(args.out))
+    # the data next: a file or flags that leave a client without examples fail before the model loads
+    tok = load_tokenizer(args)
+    examples = load_examples(args, tok)
+    rng = random.Random(args.seed)
+    rng.shuffle(examples)
+    if group is not None:
+        # every process splits the same shards into disjoint parts: with other data (another file at the same
+        # path, another --max-examples or --max-length, another tokenizer) the parts would overlap, and an
+        # example sampled on two processes would be included with probability ~2q, its gradient up to twice in
+        # one step (sensitivity 2C): the accounting would not hold. So the flags (but --out, which rank 0 alone
+        # writes) and the token ids must agree before anything trains; the model's config and dtype below
+        dp_group.agree(group, device, run_fields(args, examples), what="starting the run")
+    n_eval = max(2, len(examples) // 10)
+    eval_set, train_set = examples[:n_eval], examples[n_eval:]
+    if len(train_set) < args.clients * world:
+        raise ValueError(
+            f"--data / --max-examples / --max-length: {len(examples)} usable examples (at least 2 tokens each), "
+            f"{n_eval} held out for evaluation: {len(train_set)} to train, fewer than one per client (--clients "
+            f"{args.clients})" + (f" and process ({world})" if world > 1 else "")
+        )
+    pad_id = pad_id_of(tok)
+    model, _ = build_model(args, device, dtype, tok)
+    targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
+    if group is not None:  # (the base weights themselves are not compared: hashing a 7B model takes a while)
+        dp_group.agree(group, device, model_fields(model, dtype), what="building the model")
+    adapters = ff.inject_adapters(model, targets, r=args.r, alpha=args.alpha, seed=args.seed,
+                                  train_A=args.method == "lora")
+    if not args.no_grad_ckpt:
+        # under a CUDA graph the checkpoint must not save the CUDA RNG state (a capture refuses the read); without
+        # dropout in the model there is nothing for it to replay, so the gradients are the same
+        kwargs = {"use_reentrant": False, "preserve_rng_state": False} if args.cuda_graph else None
+        if hasattr(model, "activation_checkpointing_enable"):  # (transformers >= 5.2x; the old name warns there)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # flat clipping keeps every sample's gradient of every trained tensor until the step (examples/README.md)
+    state_floats = args.micro_batch * sum(p.numel() for p in trainable) if args.clipping == "flat" else 0
+    say(f"model: {type(model).__name__} {dtype} on {device}; {len(adapters)} adapters, "
+        f"{sum(p.numel() for p in trainable)} trainable values; {args.clipping} clipping keeps {state_floats} "
+        f"per-sample floats per micro-batch of {args.micro_batch} ({state_floats * 4 / 2**20:.2f} MiB)")
+
+    shards = [train_set[c :: args.clients] for c in range(args.clients)]  # IID split, one shard per client
+    accountants = [Accountant("rdp") for _ in shards]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    global_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    say(f"{len(train_set)} training examples over {args.clients} clients, {n_eval} held out; "
+        f"noise multiplier {sigma:.3f} for epsilon {args.epsilon} at delta {args.delta} "
+        f"over {total_steps} steps with q={args.sample_rate}" + (f"; {world} processes per client" * (world > 1)))
+    graphed = None  # --cuda-graph: the GraphedAccumulator every client's engine feeds from
+    records = [{"round": 0, "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch,
+                                                  rank, world, group)}]
+    say(f"round 0: eval loss {records[0]['eval_loss']:.4f}")
+    for rnd in range(1, args.rounds + 1):
+        t0 = time.time()
+        updates, weights, train_losses = [], [], []
+        for c, shard in enumerate(shards):
+            params = dict(model.named_parameters())
+            with torch.no_grad():  # every client starts from the global adapter (A is the same everywhere)
+                for n in names:
+                    params[n].copy_(global_state[n])
+            opt = torch.optim.Adam(trainable, lr=args.lr)
+            # (data parallel: the batch size expected over the whole client, the release's)
+            dp = ff.DPSGD(model, opt, max_grad_norm=args.max_grad_norm, noise_multiplier=sigma,
+                          expected_batch_size=max(1, round(args.sample_rate * len(shard))), clipping=args.clipping,
+                          process_group=group)
+            # data parallel: this process samples its own part of the client's data at q (the parts' draws together
+            # are a Poisson sample of the client's data at q). Sampling from the OS's entropy: the accounting's
+            # amplification by subsampling assumes nobody can tell which samples a step drew (a sampler seeded
+            # from the public --seed would tell, and processes sharing a seed would draw together)
+            part = shard[rank::world]
+            sampler = PoissonSampler(len(part), args.sample_rate, steps=args.local_steps)
+            if args.cuda_graph:  # one capture for the run: every client's engine (same model, shapes, clipping)
+                if graphed is None:
+                    sizes = graph_micro_batch_sizes(args.micro_batch)  # and the powers of two below: little padding
+                    graphed = ff.GraphedAccumulator(dp, causal_lm_loss, micro_batch_size=sizes)
+                else:
+                    graphed.rebind(dp)
+            for idx in sampler:
+                if not idx:
+                    dp.step(empty_batch=True)
+                elif graphed is not None:  # micro-batches of --max-length tokens (plan(n)), replayed
+                    graphed.accumulate(collate([part[j] for j in idx], pad_id, width=args.max_length))
+                    train_losses.append(graphed.last_loss.detach() / len(idx))  # on the device: no wait
+                    dp.step()
+                else:
+                    for i in range(0, len(idx), args.micro_batch):
+                        seqs = [part[j] for j in idx[i : i + args.micro_batch]]
+                        batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
+                        loss = causal_lm_loss(model, batch, capturable=False)
+                        loss.sum().backward()  # summed over samples: each sample's gradient is its own
+                        train_losses.append(loss.detach().mean())
+                        dp.accumulate()
+                    dp.step()
+                accountants[c].step(noise_multiplier=sigma, sample_rate=args.sample_rate)
+                dp.zero_grad()
+            dp.detach()
+            updates.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            weights.append(len(shard))
+        total = float(sum(weights))
+        global_state = {n: sum(u[n].float() * (w / total) for u, w in zip(updates, weights)).to(global_state[n].dtype)
+                        for n in names}
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n in names:
+                params[n].copy_(global_state[n])
+        eps = max(a.epsilon(args.delta) for a in accountants)
+        # one read per round (data parallel: the mean over every process's micro-batches)
+        summed, count = all_sum([torch.stack(train_losses).sum().item() if train_losses else 0.0,
+                                 float(len(train_losses))], device, group)
+        mean_loss = summed / count if count else None
+        rec = {"round": rnd, "train_loss": mean_loss,
+               "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch, rank, world, group),
+               "epsilon": eps, "seconds": time.time() - t0}
+        records.append(rec)
+        shown = "n/a (no sample drawn)" if mean_loss is None else f"{mean_loss:.4f}"
+        say(f"round {rnd}: train loss {shown}, eval loss {rec['eval_loss']:.4f}, "
+            f"epsilon {eps:.3f} (delta {args.delta}), {rec['seconds']:.1f}s")
+    if group is not None:  # every process stepped with the same gradients: they hold the same adapter
+        dp_group.agree(group, device, {"the trained adapter": dp_group.digest(global_state)},
+                       what="writing the adapter")
+    metrics = {"config": flag_values(args), "world_size": world, "noise_multiplier": sigma, "rounds": records,
+               "final": {"eval_loss": records[-1]["eval_loss"], "epsilon": eps, "delta": args.delta}}
+    if rank != 0:
+        return metrics
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_peft(model, out / "adapter", metadata={"example": "causal_lm", "rounds": args.rounds, "epsilon": eps,
+                                                  "delta": args.delta, "noise_multiplier": sigma})
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    print(f"final: eval loss {records[-1]['eval_loss']:.4f}, epsilon {eps:.3f}; adapter in {out / 'adapter'}")
+    return metrics
+
