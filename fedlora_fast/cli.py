@@ -255,7 +255,8 @@ def add_train_lm_parser(sub) -> argparse.ArgumentParser:
             "bf16 on a GPU) across several clients, each training FFA-LoRA's B on every projection under DP-SGD "
             "with its own accountant; the server averages B. --tiny: a random 2-layer Llama on synthetic "
             "sequences (CPU, seconds). Data parallel under torchrun: torchrun --nproc-per-node N -m fedlora_fast "
-            "train-lm .... Writes OUT/metrics.json and OUT/adapter/ (peft format)."
+            "train-lm .... Writes OUT/metrics.json, OUT/adapter/ (peft format) and a checkpoint after every round "
+            "(--resume continues it)."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -304,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.showwarning  # a warning is one line on stderr, not Python's file:line and source echo
     warnings.showwarning = lambda message, *a, **k: print(f"fedlora-fast: warning: {message}", file=sys.stderr)
     out = getattr(args, "out", None)
-    resumable = hasattr(args, "resume")  # (train-lm keeps no checkpoint)
-    checkpoint = Path(out) / CHECKPOINT_NAME if out and resumable else None
+    checkpoint = Path(out) / CHECKPOINT_NAME if out else None
     # the checkpoint --out holds before this run (an interrupt tells its own first checkpoint from it)
     checkpoint_before = _file_id(checkpoint) if checkpoint is not None else None
     try:
@@ -319,11 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         elif checkpoint is not None and checkpoint.exists():
             print(f"fedlora-fast {args.command}: interrupted; the last completed round is checkpointed: "
                   "rerun with --resume to continue", file=sys.stderr)
-        elif resumable:
+        else:
             print(f"fedlora-fast {args.command}: interrupted before a round completed (no checkpoint): rerun without "
                   "--resume", file=sys.stderr)
-        else:
-            print(f"fedlora-fast {args.command}: interrupted (it keeps no checkpoint: rerun it)", file=sys.stderr)
         return 130
     except (ValueError, TypeError, KeyError, OSError) as e:
         if getattr(args, "debug", False):

@@ -352,6 +352,61 @@ def test_train_lm_on_the_command_line_fingerprints_flags_only_and_reports_errors
     assert e.value.code == 2 and "fedlora-fast train-lm: error: --delta: expected" in capsys.readouterr().err
 
 
+def test_train_lm_resumes_a_run_killed_after_a_round(tmp_path, monkeypatch):
+    """A run killed in its second round resumes from the checkpoint of the first: the same records for round 0
+    and 1, the accounting of an uninterrupted run (its epsilon exactly), every round once. Refused: a fresh run
+    into a held --out, --resume with nothing to resume, another flag, other data, another base; a resume may
+    change only how steps are computed (--micro-batch)."""
+    causal_lm = _train_lm_module()
+    flags = ["--tiny", "--rounds", "2", "--local-steps", "2", "--max-examples", "48", "--epsilon", "6"]
+    whole = causal_lm.main([*flags, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "run"
+    evaluate, calls = causal_lm.evaluate, []
+
+    def killed_in_round_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # round 0's, round 1's, then round 2's evaluation
+            raise KeyboardInterrupt
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(causal_lm, "evaluate", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        causal_lm.main([*flags, "--out", str(out)])
+    monkeypatch.setattr(causal_lm, "evaluate", evaluate)
+    assert not (out / "metrics.json").exists()
+    _, state = ff.federated.checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    assert state["round"] == 1 and [r["round"] for r in state["records"]] == [0, 1]
+    with pytest.raises(ValueError, match=r"--out: .* holds a run \(checkpoint.safetensors\): --resume continues it"):
+        causal_lm.main([*flags, "--out", str(out)])
+    with pytest.raises(ValueError, match=r"--resume: the run in .* has --lr 0.02, this one 0.5"):
+        causal_lm.main([*flags, "--out", str(out), "--resume", "--lr", "0.5"])
+    with pytest.raises(ValueError, match=r"--resume: .* holds no checkpoint"):
+        causal_lm.main([*flags, "--out", str(tmp_path / "empty"), "--resume"])
+    with pytest.raises(SystemExit):
+        causal_lm.parse_args([*flags, "--resume", "--overwrite"])
+    resumed = causal_lm.main([*flags, "--out", str(out), "--resume", "--micro-batch", "3"])
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
+    assert resumed["rounds"][:2] == state["records"]
+    assert resumed["final"]["epsilon"] == whole["final"]["epsilon"] <= 6.0
+    assert resumed["rounds"][0]["eval_loss"] == whole["rounds"][0]["eval_loss"]  # (the same base, A and data)
+    assert json_of(out / "metrics.json")["rounds"] == resumed["rounds"]
+    loaded = ff.load_peft(causal_lm.build_model(causal_lm.parse_args(["--tiny"]), torch.device("cpu"),
+                                                torch.float32)[0], out / "adapter")
+    assert len(loaded) == 14
+    # a checkpoint of other data or another base is refused (the fingerprints, not the paths)
+    tensors, state = ff.federated.checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    for what in ("data", "model"):
+        ff.federated.checkpoint.save_checkpoint(out / "checkpoint.safetensors", tensors, {**state, what: "0" * 64})
+        with pytest.raises(ValueError, match=f"--resume: the run in .* trained on other {what}"):
+            causal_lm.main([*flags, "--out", str(out), "--resume"])
+
+
+def json_of(path):
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
 def _args(example, argv):
     """parse_args without its file check (the paths here are names only)."""
     import unittest.mock

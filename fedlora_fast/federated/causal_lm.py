@@ -41,6 +41,8 @@ from torch import nn
 
 import fedlora_fast as ff
 from fedlora_fast.data import collate as pad_batch
+from fedlora_fast.federated.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from fedlora_fast.federated.simulation import _hash_model_files
 from fedlora_fast.io import atomic_write_text, unwritable
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
@@ -84,6 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(ff.GraphedAccumulator; on a CPU the same padded computation, eager); gradient "
                         "checkpointing then keeps no RNG state (exact without dropout; not yet run on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="adapter seed (A) and data split")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run checkpointed in --out after its last complete round (same flags, data "
+                        "and model, checked by content)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
 
 
 def finish_args(args: argparse.Namespace, error) -> argparse.Namespace:
@@ -111,6 +117,8 @@ def finish_args(args: argparse.Namespace, error) -> argparse.Namespace:
         error("--data: --tiny trains on synthetic sequences; drop one of them")
     if tiny and args.max_length < 6:
         error(f"--max-length: --tiny's synthetic sequences need at least 6 tokens, got {args.max_length}")
+    if args.resume and args.overwrite:
+        error("--resume and --overwrite: expected one of them (continue the run in --out, or replace it)")
     if args.data and not Path(args.data).is_file():
         error(f"--data: {args.data!r} is not a file")
     return args
@@ -154,10 +162,14 @@ def all_sum(values: list[float], device, group) -> list[float]:
     return t.tolist()
 
 
+def sha256(value) -> str:
+    """SHA-256 of ``value``'s JSON (hex)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def fingerprint(value) -> list[float]:
     """SHA-256 of ``value``'s JSON, as 32 numbers for ``dp_group.agree``."""
-    text = json.dumps(value, sort_keys=True, default=str)
-    return [float(b) for b in hashlib.sha256(text.encode()).digest()]
+    return [float(b) for b in bytes.fromhex(sha256(value))]
 
 
 def run_fields(args, examples: list[list[int]]) -> dict[str, list[float]]:
@@ -177,15 +189,74 @@ def model_fields(model: nn.Module, dtype: torch.dtype) -> dict[str, list[float]]
     return {"the model config and dtype": fingerprint([config, dtype])}
 
 
-def check_out(out: Path) -> None:
-    """Refuse an ``--out`` the run could not write, before training (it is first written at the end): created
-    where missing, a probe file written there (``io.unwritable``), and no directory where ``metrics.json`` goes."""
+def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an ``--out`` the run could not write, before training (it is first written after the first round):
+    created where missing, a probe file written there (``io.unwritable``), and no directory where
+    ``metrics.json`` goes. A fresh run refuses an ``--out`` holding a run's outputs (unless ``overwrite``); a
+    resumed one needs its checkpoint."""
     why = unwritable(out)
     if why is not None:
         raise ValueError(f"--out: expected a writable directory, got {str(out)!r} ({why})")
-    if (out / "metrics.json").is_dir() or (out / "adapter").is_file():
-        raise ValueError(f"--out: {str(out)!r} holds a directory metrics.json or a file adapter; the run writes "
-                         "a file and a directory there")
+    if (out / "metrics.json").is_dir() or (out / "adapter").is_file() or (out / CHECKPOINT_NAME).is_dir():
+        raise ValueError(f"--out: {str(out)!r} holds a directory metrics.json or {CHECKPOINT_NAME}, or a file "
+                         "adapter; the run writes files and a directory of those names there")
+    held = [name for name in (CHECKPOINT_NAME, "metrics.json", "adapter") if (out / name).exists()]
+    if resume and CHECKPOINT_NAME not in held:
+        raise ValueError(f"--resume: {str(out)!r} holds no checkpoint ({CHECKPOINT_NAME}) to continue")
+    if held and not (resume or overwrite):
+        raise ValueError(f"--out: {str(out)!r} holds a run ({', '.join(held)}): --resume continues it, --overwrite "
+                         "starts afresh there, or choose another --out")
+
+
+# flags a resumed run may change: where it writes, how it resumes, and how each step is computed but not what
+# it computes (micro-batches, CUDA graphs and checkpointing give the same clipped sums)
+RESUME_FREE = ("out", "resume", "overwrite", "micro_batch", "cuda_graph", "no_grad_ckpt")
+
+
+def model_fingerprint(args, model: nn.Module, dtype: torch.dtype) -> str:
+    """SHA-256 of the model's config and dtype and, for ``--model``, of its files (``simulation``'s rule: every
+    weight, config and tokenizer file, whole): a resumed run must train against the same base."""
+    h = hashlib.sha256(sha256(model_fields(model, dtype)).encode())
+    if args.model:
+        _hash_model_files(h, args.model)
+    return h.hexdigest()
+
+
+def save_round(path: Path, global_state: dict, state: dict) -> None:
+    """The run after a complete round, atomically (``federated.checkpoint``: safetensors, checksummed, no RNG
+    state: the run's sampling and noise are seeded from the operating system, and a resumed run draws anew)."""
+    save_checkpoint(path, {f"global/{n}": t for n, t in global_state.items()}, {"format": "train-lm", **state})
+
+
+def load_round(path: Path, args, fingerprints: dict, global_state: dict) -> dict:
+    """The state ``save_round`` wrote, checked against this run: the flags (but ``RESUME_FREE``), the data's and
+    the model's fingerprints and the trained tensors' names, dtypes and shapes. ``global_state`` is filled in."""
+    tensors, state = load_checkpoint(path)
+    if state.get("format") != "train-lm":
+        raise ValueError(f"--resume: {path} is not a checkpoint of fedlora-fast train-lm")
+    try:
+        old, new = state["flags"], flag_values(args)
+        for k in sorted(new):
+            if k not in RESUME_FREE and old.get(k) != new[k] and k not in ("model", "data"):
+                raise ValueError(f"--resume: the run in {path} has --{k.replace('_', '-')} {old.get(k)!r}, this one "
+                                 f"{new[k]!r}: resume with the same flags, or start a new run with another --out")
+        for what, value in fingerprints.items():
+            if state[what] != value:
+                raise ValueError(f"--resume: the run in {path} trained on other {what} (its fingerprint differs): "
+                                 "resume with the same --model and --data, or start a new run with another --out")
+        saved = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        if saved.keys() != global_state.keys():
+            raise ValueError(f"--resume: {path} holds the tensors {sorted(saved)}, this run trains "
+                             f"{sorted(global_state)}")
+        for n, g in global_state.items():
+            if saved[n].dtype != g.dtype or saved[n].shape != g.shape:
+                raise ValueError(f"--resume: {path}: {n}: expected {g.dtype} {tuple(g.shape)}, got "
+                                 f"{saved[n].dtype} {tuple(saved[n].shape)}")
+            global_state[n] = saved[n].to(g.device)
+        int(state["round"]), list(state["records"]), [dict(a) for a in state["accountants"]]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--resume: {path} lacks part of the run state ({type(e).__name__}: {e})") from None
+    return state
 
 
 def load_tokenizer(args):
@@ -312,7 +383,7 @@ def run(args, rank: int, world: int, group) -> dict:
     sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=args.delta,
                                        sample_rate=args.sample_rate, steps=total_steps)
     if rank == 0:
-        check_out(Path(args.out))
+        check_out(Path(args.out), args.resume, args.overwrite)
     # the data next: a file or flags that leave a client without examples fail before the model loads
     tok = load_tokenizer(args)
     examples = load_examples(args, tok)
@@ -364,10 +435,29 @@ def run(args, rank: int, world: int, group) -> dict:
         f"noise multiplier {sigma:.3f} for epsilon {args.epsilon} at delta {args.delta} "
         f"over {total_steps} steps with q={args.sample_rate}" + (f"; {world} processes per client" * (world > 1)))
     graphed = None  # --cuda-graph: the GraphedAccumulator every client's engine feeds from
-    records = [{"round": 0, "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch,
-                                                  rank, world, group)}]
-    say(f"round 0: eval loss {records[0]['eval_loss']:.4f}")
-    for rnd in range(1, args.rounds + 1):
+    ckpt_path = Path(args.out) / CHECKPOINT_NAME
+    # (what rank 0 writes, and every resuming process checks: the model's files are read whole, seconds for 7B)
+    fingerprints = {"data": sha256(examples),
+                    "model": model_fingerprint(args, model, dtype) if rank == 0 or args.resume else None}
+    if args.resume:  # (every process reads the checkpoint: a shared --out; they agree on what they read)
+        state = load_round(ckpt_path, args, fingerprints, global_state)
+        records, start = list(state["records"]), int(state["round"]) + 1
+        accountants = [Accountant.from_state_dict(a) for a in state["accountants"]]
+        if len(accountants) != len(shards) or len(records) != start:
+            raise ValueError(f"--resume: {ckpt_path} holds {len(accountants)} accountants and {len(records)} "
+                             f"records, expected {len(shards)} and {start}")
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n in names:
+                params[n].copy_(global_state[n])
+        if group is not None:
+            dp_group.agree(group, device, {"the checkpoint": dp_group.digest(global_state)}, what="resuming")
+        say(f"resumed after round {start - 1} of {args.rounds} from {ckpt_path}")
+    else:
+        records, start = [{"round": 0, "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch,
+                                                             rank, world, group)}], 1
+        say(f"round 0: eval loss {records[0]['eval_loss']:.4f}")
+    for rnd in range(start, args.rounds + 1):
         t0 = time.time()
         updates, weights, train_losses = [], [], []
         for c, shard in enumerate(shards):
@@ -432,6 +522,11 @@ def run(args, rank: int, world: int, group) -> dict:
         shown = "n/a (no sample drawn)" if mean_loss is None else f"{mean_loss:.4f}"
         say(f"round {rnd}: train loss {shown}, eval loss {rec['eval_loss']:.4f}, "
             f"epsilon {eps:.3f} (delta {args.delta}), {rec['seconds']:.1f}s")
+        if rank == 0:  # (every process holds the same state: checked before the adapter is written)
+            save_round(ckpt_path, global_state, {
+                "flags": flag_values(args), **fingerprints, "round": rnd, "records": records,
+                "accountants": [a.state_dict() for a in accountants], "noise_multiplier": sigma})
+    eps = max(a.epsilon(args.delta) for a in accountants)
     if group is not None:  # every process stepped with the same gradients: they hold the same adapter
         dp_group.agree(group, device, {"the trained adapter": dp_group.digest(global_state)},
                        what="writing the adapter")
