@@ -1187,18 +1187,27 @@ def test_a_client_without_generators_draws_from_the_os_and_one_given_them_warns_
     with caplog.at_level(logging.WARNING), quiet_seeded_clients():
         Client(1, ids, labels, **base, noise_generator=torch.Generator().manual_seed(2))
     assert not caplog.records
-    # a default client's state restores into a fresh default client (a CPU noise generator made for it), and
-    # both then draw the same: the same update from the same message
+    # a default client's state restores into a fresh default client: its noise state waits for the generator
+    # the first fit makes on the model's device (kept by a checkpoint written before that fit), and both clients
+    # then draw the same: the same update from the same message
     saved = client.tensor_state()
     fresh = Client(2, ids, labels, **base)
     with caplog.at_level(logging.WARNING):
         fresh.load_tensor_state(saved)
-    assert not caplog.records
+    assert not caplog.records and fresh.noise_generator is None
+    assert torch.equal(fresh.tensor_state()["noise_rng"], saved["noise_rng"])
     next_of = [serialization.decode(c.fit(clf, message, round_idx=1, fingerprint="f"))[0][k] for c in (client, fresh)]
     assert torch.equal(*next_of)
-    cuda_like = {**saved, "noise_rng": torch.zeros(16, dtype=torch.uint8)}  # (a CUDA generator's state: 16 bytes)
-    with pytest.raises(ValueError, match="of another device than the CPU"):
-        Client(3, ids, labels, **base).load_tensor_state(cuda_like)
+    # a GPU model's client restores the same way (the meta device cannot hold a generator, so the device check is
+    # shown the other way round: a CUDA generator's 16-byte state meeting a CPU model is refused by name at the fit)
+    cuda_like = {**saved, "noise_rng": torch.zeros(16, dtype=torch.uint8)}
+    other = Client(3, ids, labels, **base)
+    other.load_tensor_state(cuda_like)
+    with pytest.raises(ValueError, match=r"client 3: the restored noise generator's state is of another device than "
+                                         r"the model's \(cpu\)"):
+        other.fit(clf, message, round_idx=1, fingerprint="f")
+    with pytest.raises(ValueError, match=r"noise_rng: expected a generator's state \(1-D uint8\), got torch.float32"):
+        Client(4, ids, labels, **base).load_tensor_state({**saved, "noise_rng": torch.zeros(4)})
 
 
 def test_evaluate_counts_non_finite_logits_as_wrong():

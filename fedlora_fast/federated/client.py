@@ -231,6 +231,7 @@ class Client:
             )
         self.sample_generator = sample_generator if sample_generator is not None else os_seeded_generator()
         self.noise_generator = noise_generator  # (None: made on the model's device at the first fit)
+        self._noise_state: torch.Tensor | None = None  # a restored state for that generator (load_tensor_state)
         self.physical_batch_size = physical_batch_size
         self.accountant = accountant or Accountant()
         self.secure_mode = bool(secure_mode)
@@ -283,7 +284,7 @@ class Client:
         # built before the engine attaches: a failure here must not leave the model with a DP engine's hooks
         sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=self.local_steps, generator=self.sample_generator)
         if self.noise_generator is None:
-            self.noise_generator = torch.Generator(device=params[0].device).manual_seed(secrets.randbits(63))
+            self.noise_generator = self._new_noise_generator(params[0].device)
         with _quiet_seeded_generator_warning():
             # The engine steps this client's persistent accountant once per noisy step (empty batches too).
             dp = DPSGD(
@@ -360,24 +361,43 @@ class Client:
     def load_state_dict(self, state: dict) -> None:
         self.accountant = Accountant.from_state_dict(state["accountant"])
 
+    def _new_noise_generator(self, device: torch.device) -> torch.Generator:
+        """The default noise generator, on the model's device: OS-seeded, or holding the restored state."""
+        gen = torch.Generator(device=device)
+        if self._noise_state is None:
+            return gen.manual_seed(secrets.randbits(63))
+        if self._noise_state.numel() != gen.get_state().numel():  # (CPU: 5056 bytes of Mersenne Twister; CUDA: 16)
+            raise ValueError(
+                f"client {self.client_id}: the restored noise generator's state is of another device than the "
+                f"model's ({device}): fit the model on the device the checkpoint was written from"
+            )
+        gen.set_state(self._noise_state)
+        self._noise_state = None
+        return gen
+
     def tensor_state(self) -> dict:
-        """The generators' states (the noise generator's once it exists: given, or made by the first fit)."""
+        """The generators' states (the noise generator's once it exists: given, made by the first fit, or restored
+        and waiting for it)."""
         out = {"sample_rng": self.sample_generator.get_state()}
         if self.noise_generator is not None:
             out["noise_rng"] = self.noise_generator.get_state()
+        elif self._noise_state is not None:
+            out["noise_rng"] = self._noise_state.clone()
         return out
 
     def load_tensor_state(self, tensors: dict) -> None:
-        """Restore ``tensor_state``. A client with no noise generator yet (the default, made at the first fit)
-        takes a CPU one for a CPU generator's saved state; another device's needs ``noise_generator=``."""
-        if "noise_rng" in tensors and self.noise_generator is None:
-            if tensors["noise_rng"].numel() != torch.Generator().get_state().numel():
-                raise ValueError(
-                    f"client {self.client_id}: the saved state holds a noise generator's state of another device "
-                    "than the CPU, and this client has no noise generator yet (one is made at the first fit, on the "
-                    "model's device): pass noise_generator=torch.Generator(device=...) to the Client to restore it"
-                )
-            self.noise_generator = torch.Generator()
+        """Restore ``tensor_state``. A client with no noise generator yet (the default: made at the first fit, on
+        the model's device, which a checkpoint does not name) keeps the saved state for it: the first fit makes
+        the generator on the model's device and restores the state there (refused by name if it is another
+        device's state)."""
         self.sample_generator.set_state(tensors["sample_rng"])
-        if "noise_rng" in tensors:
+        if "noise_rng" not in tensors:
+            return
+        if self.noise_generator is None:
+            state = tensors["noise_rng"]
+            if state.dtype != torch.uint8 or state.dim() != 1:
+                raise ValueError(f"client {self.client_id}: noise_rng: expected a generator's state (1-D uint8), got "
+                                 f"{state.dtype} {tuple(state.shape)}")
+            self._noise_state = state.clone()
+        else:
             self.noise_generator.set_state(tensors["noise_rng"])
