@@ -306,9 +306,10 @@ def test_train_lm_refuses_processes_with_other_data(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_train_lm_compares_flags_one_by_one_and_paths_by_content():
+def test_train_lm_compares_flags_one_by_one_and_paths_by_content(tmp_path):
     """The processes' flags are compared one by one (an error names the flag), --model/--data by what they hold
-    (the token ids, the model's config: identical copies at other paths on another machine are fine), --out not."""
+    (the token ids, the model's config and files: identical copies at other paths on another machine are fine),
+    --out and how a process computes its steps (--micro-batch, --cuda-graph, --no-grad-ckpt) not."""
     example = _train_lm_module()
     base = ["--model", "/a/ckpt", "--data", "/a/data.txt", "--out", "/a/out"]
     here = example.run_fields(_args(example, base), [[1, 2, 3]])
@@ -318,6 +319,8 @@ def test_train_lm_compares_flags_one_by_one_and_paths_by_content():
     assert example.run_fields(_args(example, base), [[1, 2, 4]])["the training data"] != here["the training data"]
     other = example.run_fields(_args(example, [*base, "--lr", "0.5"]), [[1, 2, 3]])
     assert [k for k in here if here[k] != other[k]] == ["--lr"]
+    own = ["--micro-batch", "3", "--cuda-graph", "--no-grad-ckpt"]
+    assert example.run_fields(_args(example, [*base, *own]), [[1, 2, 3]]) == here
     # the model's config is compared without the directory it was loaded from (transformers records it)
     cfg = LlamaConfig(vocab_size=101, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1)
@@ -327,6 +330,12 @@ def test_train_lm_compares_flags_one_by_one_and_paths_by_content():
     assert example.model_fields(a, torch.bfloat16) != example.model_fields(b, torch.float32)
     b.config.rms_norm_eps = 1e-3
     assert example.model_fields(a, torch.bfloat16) != example.model_fields(b, torch.bfloat16)
+    # and its files, whole: two copies of a checkpoint agree, other weights under the same config do not
+    for name, model in (("one", a), ("copy", a), ("other", LlamaForCausalLM(cfg))):
+        model.save_pretrained(str(tmp_path / name))
+    fp = {name: example.model_fingerprint(_args(example, ["--model", str(tmp_path / name)]), a, torch.bfloat16)
+          for name in ("one", "copy", "other")}
+    assert fp["one"] == fp["copy"] != fp["other"]
 
 
 def test_train_lm_on_the_command_line_fingerprints_flags_only_and_reports_errors_in_one_line(tmp_path, capsys):

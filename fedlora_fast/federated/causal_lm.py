@@ -18,7 +18,8 @@ Under ``torchrun`` every client's steps run data parallel over the processes (``
 each process Poisson-samples its own part of the client's data at q and clips its own samples, and one
 ``all_reduce`` per step sums them, rank 0 alone adding the noise: the same release and accounting as one
 process. Rank 0 prints and writes the results. The processes must build the same run: their flags (but
-``--out``), token ids, model config and dtype are compared before training (the base weights are not).
+``--out`` and how each process computes its steps), token ids, model config, dtype and files are compared
+before training.
 Per-sample state: with flat clipping each physical micro-batch of n sequences keeps n * sum(out * r) float32
 per-sample gradients of B until the step (examples/README.md in the repository); ``--clipping per_layer`` keeps
 none. ``causal_lm_loss`` is the per-sample loss (each sequence's mean next-token cross-entropy), for
@@ -53,6 +54,9 @@ LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # what the parser holds besides the run's own flags (the command line's subcommand, handler and --debug)
 NOT_FLAGS = ("command", "func", "debug")
+# how a process computes its steps but not what they compute (micro-batches, CUDA graphs and activation
+# checkpointing give the same clipped sums): the processes of a data-parallel run, and a resumed run, may differ
+PER_PROCESS = ("micro_batch", "cuda_graph", "no_grad_ckpt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,10 +179,10 @@ def fingerprint(value) -> list[float]:
 def run_fields(args, examples: list[list[int]]) -> dict[str, list[float]]:
     """What every process of a data-parallel run must share before it trains, for ``dp_group.agree``: each flag
     (named in an error) and the token ids. Paths are compared by what they hold (the token ids here, the model's
-    config after it loads), not as names: one machine's copy may lie elsewhere than another's; ``--out`` is rank
-    0's alone."""
+    config and files after it loads), not as names: one machine's copy may lie elsewhere than another's; ``--out``
+    is rank 0's alone, and how a process computes its steps (``PER_PROCESS``) is its own."""
     flags = {f"--{k.replace('_', '-')}": fingerprint(v) for k, v in sorted(flag_values(args).items())
-             if k not in ("out", "model", "data")}
+             if k not in ("out", "model", "data", *PER_PROCESS)}
     return {**flags, "the training data": fingerprint(examples)}
 
 
@@ -209,8 +213,8 @@ def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> None:
 
 
 # flags a resumed run may change: where it writes, how it resumes, and how each step is computed but not what
-# it computes (micro-batches, CUDA graphs and checkpointing give the same clipped sums)
-RESUME_FREE = ("out", "resume", "overwrite", "micro_batch", "cuda_graph", "no_grad_ckpt")
+# it computes (PER_PROCESS)
+RESUME_FREE = ("out", "resume", "overwrite", *PER_PROCESS)
 
 
 def model_fingerprint(args, model: nn.Module, dtype: torch.dtype) -> str:
@@ -407,8 +411,13 @@ def run(args, rank: int, world: int, group) -> dict:
     pad_id = pad_id_of(tok)
     model, _ = build_model(args, device, dtype, tok)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
-    if group is not None:  # (the base weights themselves are not compared: hashing a 7B model takes a while)
-        dp_group.agree(group, device, model_fields(model, dtype), what="building the model")
+    # (rank 0 writes it with every round's checkpoint, a resumed run checks it, the processes of a data-parallel
+    # run compare it: the model's files are read whole, seconds for a 7B model, from the page cache its loading
+    # filled)
+    model_fp = model_fingerprint(args, model, dtype) if rank == 0 or args.resume or group is not None else None
+    if group is not None:
+        dp_group.agree(group, device, {**model_fields(model, dtype), "the model's files": fingerprint(model_fp)},
+                       what="building the model")
     adapters = ff.inject_adapters(model, targets, r=args.r, alpha=args.alpha, seed=args.seed,
                                   train_A=args.method == "lora")
     if not args.no_grad_ckpt:
@@ -436,9 +445,7 @@ def run(args, rank: int, world: int, group) -> dict:
         f"over {total_steps} steps with q={args.sample_rate}" + (f"; {world} processes per client" * (world > 1)))
     graphed = None  # --cuda-graph: the GraphedAccumulator every client's engine feeds from
     ckpt_path = Path(args.out) / CHECKPOINT_NAME
-    # (what rank 0 writes, and every resuming process checks: the model's files are read whole, seconds for 7B)
-    fingerprints = {"data": sha256(examples),
-                    "model": model_fingerprint(args, model, dtype) if rank == 0 or args.resume else None}
+    fingerprints = {"data": sha256(examples), "model": model_fp}
     if args.resume:  # (every process reads the checkpoint: a shared --out; they agree on what they read)
         state = load_round(ckpt_path, args, fingerprints, global_state)
         records, start = list(state["records"]), int(state["round"]) + 1
