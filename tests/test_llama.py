@@ -410,6 +410,22 @@ def test_train_lm_resumes_a_run_killed_after_a_round(tmp_path, monkeypatch):
             causal_lm.main([*flags, "--out", str(out), "--resume"])
 
 
+def test_train_lm_secure_noise_reaches_the_engine(tmp_path, monkeypatch):
+    """--secure-noise: every client's engine draws each step's noise in secure mode (fresh OS seeds)."""
+    causal_lm = _train_lm_module()
+    modes, engine = [], causal_lm.ff.DPSGD
+
+    def recording(*a, **k):
+        modes.append(k.get("secure_mode"))
+        return engine(*a, **k)
+
+    monkeypatch.setattr(causal_lm.ff, "DPSGD", recording)
+    flags = ["--tiny", "--rounds", "1", "--local-steps", "1", "--max-examples", "32"]
+    causal_lm.main([*flags, "--out", str(tmp_path / "secure"), "--secure-noise"])
+    causal_lm.main([*flags, "--out", str(tmp_path / "default")])
+    assert modes == [True, True, False, False]  # (2 clients each)
+
+
 def json_of(path):
     import json
 

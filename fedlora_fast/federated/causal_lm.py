@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat")
+    p.add_argument("--secure-noise", action="store_true",
+                   help="DPSGD's secure mode: each step's noise from a fresh OS-seeded generator, the sum of four "
+                        "draws (Holohan & Braghin 2021; the default noise generator is OS-seeded too)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--micro-batch", type=int, default=8, help="physical batch size (sequences per backward)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 16 tiny / 128)")
@@ -476,7 +479,7 @@ def run(args, rank: int, world: int, group) -> dict:
             # (data parallel: the batch size expected over the whole client, the release's)
             dp = ff.DPSGD(model, opt, max_grad_norm=args.max_grad_norm, noise_multiplier=sigma,
                           expected_batch_size=max(1, round(args.sample_rate * len(shard))), clipping=args.clipping,
-                          process_group=group)
+                          process_group=group, secure_mode=args.secure_noise)
             # data parallel: this process samples its own part of the client's data at q (the parts' draws together
             # are a Poisson sample of the client's data at q). Sampling from the OS's entropy: the accounting's
             # amplification by subsampling assumes nobody can tell which samples a step drew (a sampler seeded
