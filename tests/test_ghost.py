@@ -267,3 +267,33 @@ def test_a_linear_kept_as_factors_equals_the_loop(clipping, device):
         assert_close_verbose(got, torch.einsum("n,n...->...", coef[k], loop[k]), atol=1e-6, rtol=1e-5, name=k)
     dp.zero_grad()
     dp.detach()
+
+
+@pytest.mark.parametrize("kind", ["ids", "dense", "both"])
+def test_the_clipped_sum_over_several_chunks_and_tiles_equals_the_float64_loop(kind, monkeypatch):
+    """Chunks of 2 samples and tiles of 8, 7 or 15 of the 40 rows (the tiles a dense term is summed over; a table
+    alone needs none): ids repeated within a sample and across samples, at 0 (the unused segments' id) and at the
+    last row, and a dropped sample (coefficient 0) holding inf and NaN in its factors."""
+    gen = torch.Generator().manual_seed(11)
+    n, rows, cols = 6, 40, 48
+    ids = torch.randint(0, rows, (n, 4), generator=gen)
+    ids[:, 1] = ids[:, 0]  # (a row twice in each sample)
+    ids[0, 3], ids[3, 2], ids[1, 2], ids[4, 0] = 0, rows - 1, ids[0, 0], ids[5, 3]  # (0, the last row; shared)
+    table = (ids, torch.randn(n, 4, cols, generator=gen))
+    dense = (torch.randn(n, 2, rows, generator=gen), torch.randn(n, 2, cols, generator=gen))
+    terms = {"ids": [table], "dense": [dense], "both": [table, dense]}[kind]
+    coef = torch.rand(n, generator=gen) + 0.1
+    coef[2] = 0.0
+    want = torch.einsum("n,nrc->rc", coef.double(), _dense64(terms, rows))
+    bad = [(left.clone(), right.clone()) for left, right in terms]  # sample 2 (dropped): inf and NaN
+    for left, right in bad:
+        right[2, 1, 3], right[2, 0, 0] = float("inf"), float("nan")
+        if left.is_floating_point():
+            left[2, 0, 5] = float("nan")
+    per_sample = sum(left[0].numel() + right[0].numel() for left, right in terms) * 8
+    monkeypatch.setattr(ghost, "CHUNK_BYTES", 2 * per_sample + 8)
+    assert [e - s for s, e in ghost._chunks(terms)] == [2, 2, 2]
+    assert rows // (ghost.CHUNK_BYTES // (cols * 8)) >= 2  # (several tiles of rows)
+    for norm2 in (None, ghost.ghost_norm2(terms)):
+        got = ghost.ghost_clip_reduce(bad, coef, rows, norm2)
+        assert_close_verbose(got, want, atol=1e-5, rtol=1e-5, name=f"sum (norm2 given: {norm2 is not None})")

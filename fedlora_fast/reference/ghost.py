@@ -9,8 +9,8 @@ right)``: ``left`` (n, T, rows) float or (n, T) int64 ids (one-hot over the rows
   (T_a, T_b) Gram matrices of each pair of terms. A single table lookup sums its rows of equal id after one
   sort instead (O(n T dim)).
 - ``ghost_clip_reduce``: ``sum_i c_i P_i``: matrix products for dense terms, each sample's rows of equal id
-  summed then scattered for a table lookup, samples with ``c_i == 0`` skipped (a NaN or inf of a dropped sample
-  stays out).
+  summed, then a chunk's of equal id, then scattered for a table lookup, samples with ``c_i == 0`` skipped (a
+  NaN or inf of a dropped sample stays out).
 - ``ghost_grad_sample``: the dense (n, rows, cols) float32 form, for checks and for opacus.
 
 **Why float64, and the cap.** A dense per-sample gradient is clipped as it was computed, rounding included.
@@ -26,7 +26,8 @@ factors' magnitude; for independent tokens that ratio is ~1/sqrt(T).
 Static shapes throughout (no ``unique``, no read-back): a CUDA graph can hold them. Memory: the factors
 (n x T x (rows + cols)), the float32 (rows, cols) sum, and transiently float64 copies of one chunk of samples'
 factors, their (T_a, T_b) Grams and one float64 tile of rows of the sum (~``CHUNK_BYTES`` each, 16 MiB on a CPU,
-256 MiB on a GPU), against n x rows x cols for the per-sample tensors (a 32k x 4096 ``lm_head`` at 8 x 512
+256 MiB on a GPU; a table alone has no tile: its chunk's float64 sums, one per distinct id, are no larger than
+the chunk's factors), against n x rows x cols for the per-sample tensors (a 32k x 4096 ``lm_head`` at 8 x 512
 tokens: 0.5 GiB of g and 0.5 GiB of sum against 3.9 GiB). The float64 products cost what float32 ones do on
 H100/H200-class GPUs, 2x on a CPU (the whole clip measured ~1x the dense path's there: ``bench/ghost.py``), and
 far more on GPUs with slow float64 (consumer cards: 1/64 rate).
@@ -62,15 +63,17 @@ def _chunks(terms: list[Term]):
 
 def _segment_sums(ids: Tensor, vals: Tensor) -> tuple[Tensor, Tensor]:
     """Each sample's rows of equal id summed: ``(seg_ids, sums)``, (n T,) int64 and (n T, dim) in ``vals``'s
-    dtype, one segment per distinct id of a sample (the unused segments: id 0, sum 0). One sort, static shapes."""
+    dtype, one segment per distinct id of a sample, in order of id (the unused segments, at the end of each
+    sample's: id 0, sum 0). One sort of the ids (not of ``vals``: each row is added where it stands), static
+    shapes."""
     n, T, d = vals.shape
     sid, order = ids.sort(dim=1)
-    gs = vals.gather(1, order.unsqueeze(-1).expand(n, T, d))
     start = torch.ones_like(sid, dtype=torch.bool)
     start[:, 1:] = sid[:, 1:] != sid[:, :-1]  # the first of each run of equal ids opens a segment
-    seg = (start.long().cumsum(1) - 1 + torch.arange(n, device=vals.device).unsqueeze(1) * T).flatten()
-    sums = vals.new_zeros(n * T, d).index_add_(0, seg, gs.reshape(-1, d))
-    seg_ids = torch.zeros(n * T, dtype=torch.long, device=vals.device).scatter_(0, seg, sid.flatten())
+    seg = start.long().cumsum(1) - 1 + torch.arange(n, device=vals.device).unsqueeze(1) * T
+    seg_of_row = torch.empty_like(seg).scatter_(1, order, seg)  # (the segment of each row where it stands)
+    sums = vals.new_zeros(n * T, d).index_add_(0, seg_of_row.flatten(), vals.reshape(-1, d))
+    seg_ids = torch.zeros(n * T, dtype=torch.long, device=vals.device).scatter_(0, seg.flatten(), sid.flatten())
     return seg_ids, sums
 
 
@@ -150,8 +153,9 @@ def ghost_clip_reduce(terms: list[Term], coef: Tensor, rows: int, norm2: Tensor 
     ``CANCEL_CAP |P_i| / M_i`` (module docstring). ``norm2``: the (n,) squared norms ``|P_i|^2`` if known.
 
     Each chunk of samples is summed in float64 over tiles of rows (a table's rows of equal id first summed per
-    sample) and added to the float32 result: what one sample's tokens cancel is resolved in float64, and the
-    float32 additions are of clipped sums (each sample's at most C)."""
+    sample, then over the chunk) and added to the float32 result: what one sample's tokens cancel is resolved in
+    float64, and the float32 additions are of clipped sums (each sample's at most C). A table alone needs no
+    tiles: its chunk's sums (one per distinct id, within the chunk's float64 budget) are added row by row."""
     right0 = terms[0][1]
     n, cols = right0.shape[0], right0.shape[2]
     norm = (norm2.double() if norm2 is not None else _norm2_64(terms)).sqrt()
@@ -167,21 +171,34 @@ def ghost_clip_reduce(terms: list[Term], coef: Tensor, rows: int, norm2: Tensor 
         drop = c == 0
         products, lookups = [], []
         for left, right in terms:
-            scaled = right[s:e].double().mul_(c).masked_fill_(drop, 0.0)
+            scaled = right[s:e].double().mul_(c).masked_fill_(drop, 0.0)  # (a dropped sample's inf or NaN: 0)
             if is_ids(left):
                 lookups.append(_segment_sums(left[s:e], scaled))
             else:
                 products.append((left[s:e].double().masked_fill_(drop, 0.0).reshape(-1, rows),
                                  scaled.reshape(-1, cols)))
+        del scaled
+        if lookups:  # the chunk's segments (every sample's, every table's) of equal id summed in float64
+            ids, sums = lookups[0] if len(lookups) == 1 else (
+                torch.cat([i for i, _ in lookups]), torch.cat([v for _, v in lookups]))
+            del lookups
+            ids, sums = _segment_sums(ids.unsqueeze(0), sums.unsqueeze(0))  # (ids: (1, K), each distinct once)
+            if not products:  # a table alone: float64 only for the chunk's segments, each row added once, no tiles
+                out.index_add_(0, ids.view(-1), sums.float())
+                continue
+            table = ids.view(-1), sums
+        else:
+            table = None
         for r0 in range(0, rows, tile):
             r1 = min(rows, r0 + tile)
-            acc = torch.zeros(r1 - r0, cols, dtype=torch.float64, device=out.device)
+            h = r1 - r0
+            acc = torch.zeros(h + (table is not None), cols, dtype=torch.float64, device=out.device)
             for left64, scaled in products:
-                acc.addmm_(left64[:, r0:r1].t(), scaled)
-            for seg_ids, sums in lookups:
-                inside = ((seg_ids >= r0) & (seg_ids < r1)).unsqueeze(1)
-                acc.index_add_(0, (seg_ids - r0).clamp(0, r1 - r0 - 1), sums * inside)
-            out[r0:r1] += acc.float()
+                acc[:h].addmm_(left64[:, r0:r1].t(), scaled)
+            if table is not None:  # a segment of another tile goes to the extra row, dropped (no masked copy)
+                ids, sums = table
+                acc.index_add_(0, torch.where((ids >= r0) & (ids < r1), ids - r0, h), sums)
+            out[r0:r1] += acc[:h].float()
     return out
 
 
