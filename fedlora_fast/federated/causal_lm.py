@@ -413,6 +413,12 @@ def run(args, rank: int, world: int, group) -> dict:
         )
     pad_id = pad_id_of(tok)
     model, _ = build_model(args, device, dtype, tok)
+    if args.cuda_graph:  # the fixed-shape mask a capture holds, tried now (a sliding window shorter than the
+        # padded length refuses it) rather than at the first step, after the model and round 0's evaluation
+        try:
+            ff.capturable_attention_mask(model, torch.ones(1, args.max_length, dtype=torch.long, device=device))
+        except ValueError as e:
+            raise ValueError(f"--cuda-graph with --max-length {args.max_length}: {e}") from None
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     # (rank 0 writes it with every round's checkpoint, a resumed run checks it, the processes of a data-parallel
     # run compare it: the model's files are read whole, seconds for a 7B model, from the page cache its loading
