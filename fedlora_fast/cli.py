@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         elif checkpoint is not None and checkpoint.exists():
             print(f"fedlora-fast {args.command}: interrupted; the last completed round is checkpointed: "
                   "rerun with --resume to continue", file=sys.stderr)
+        elif getattr(args, "overwrite", False):  # (the previous run's outputs may still be there: not resumable)
+            print(f"fedlora-fast {args.command}: interrupted before this run checkpointed a round: rerun with "
+                  "--overwrite", file=sys.stderr)
         else:
             print(f"fedlora-fast {args.command}: interrupted before a round completed (no checkpoint): rerun without "
                   "--resume", file=sys.stderr)

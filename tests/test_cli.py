@@ -343,6 +343,12 @@ def test_an_interrupt_of_an_overwrite_before_its_first_checkpoint_leaves_the_pre
     monkeypatch.setattr(sim, "run_simulation", interrupted_after_a_round)
     code, _, err = run_cli(["train", "--out", str(out), "--no-progress", "--overwrite"], capsys)
     assert code == 130 and "rerun with --resume to continue" in err, err
+    # an --out holding a previous run's outputs but no checkpoint: neither --resume nor a plain rerun would work
+    (out / "checkpoint.safetensors").unlink()
+    (out / "metrics.json").write_text("{}")
+    monkeypatch.setattr(sim, "run_simulation", interrupted)
+    code, _, err = run_cli(["train", "--out", str(out), "--no-progress", "--overwrite"], capsys)
+    assert code == 130 and "interrupted before this run checkpointed a round: rerun with --overwrite" in err, err
 
 
 def test_a_frozen_new_head_is_saved_with_the_adapter(tiny, tmp_path, capsys):

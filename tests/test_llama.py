@@ -6,6 +6,7 @@ bf16 is judged against PyTorch's own bf16 error (flash-attention's rule), not a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -370,18 +371,8 @@ def test_train_lm_resumes_a_run_killed_after_a_round(tmp_path, monkeypatch):
     flags = ["--tiny", "--rounds", "2", "--local-steps", "2", "--max-examples", "48", "--epsilon", "6"]
     whole = causal_lm.main([*flags, "--out", str(tmp_path / "whole")])
     out = tmp_path / "run"
-    evaluate, calls = causal_lm.evaluate, []
-
-    def killed_in_round_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:  # round 0's, round 1's, then round 2's evaluation
-            raise KeyboardInterrupt
-        return evaluate(*a, **k)
-
-    monkeypatch.setattr(causal_lm, "evaluate", killed_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_evaluation(monkeypatch, causal_lm, 3), pytest.raises(KeyboardInterrupt):  # in round 2
         causal_lm.main([*flags, "--out", str(out)])
-    monkeypatch.setattr(causal_lm, "evaluate", evaluate)
     assert not (out / "metrics.json").exists()
     _, state = ff.federated.checkpoint.load_checkpoint(out / "checkpoint.safetensors")
     assert state["round"] == 1 and [r["round"] for r in state["records"]] == [0, 1]
@@ -429,6 +420,44 @@ def test_train_lm_refuses_a_cuda_graph_longer_than_a_sliding_window_before_train
                         "--max-length", "8", "--max-examples", "40", "--clients", "2"])
 
 
+def test_train_lm_one_run_per_out_overwrite_clears_it_and_a_resume_accounts_from_the_flags(tmp_path, monkeypatch):
+    """Review findings (2026-11-28): two runs or resumes into one --out both ran, each reporting one run's epsilon
+    (now --out's lock refuses the second); --overwrite left the old run's metrics.json and adapter beside the new
+    checkpoint (now removed once the new run is built); a resume took the checkpoint's accountant history as it
+    was (an emptied history under-reported epsilon: now the flags' accounting, and another saved one is refused);
+    a checkpoint without a newer flag could not be resumed (now that flag's default)."""
+    from fedlora_fast.federated import checkpoint
+    from fedlora_fast.federated.simulation import RUN_LOCK_NAME
+    from fedlora_fast.io import exclusive_lock
+
+    causal_lm = _train_lm_module()
+    flags = ["--tiny", "--rounds", "2", "--local-steps", "2", "--max-examples", "48"]
+    out = tmp_path / "run"
+    out.mkdir()
+    with exclusive_lock(out / RUN_LOCK_NAME):
+        with pytest.raises(ValueError, match=r"--out: .* is in use by another fedlora-fast run"):
+            causal_lm.main([*flags, "--out", str(out)])
+    done = causal_lm.main([*flags, "--out", str(out)])
+    with killed_at_evaluation(monkeypatch, causal_lm, 2), pytest.raises(KeyboardInterrupt):  # in round 1
+        causal_lm.main([*flags, "--out", str(out), "--overwrite", "--lr", "0.5"])
+    assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK_NAME], "the previous run's outputs stayed"
+    # a checkpoint after round 1, then its accounting edited: refused; a flag it lacks: that flag's default
+    with killed_at_evaluation(monkeypatch, causal_lm, 3), pytest.raises(KeyboardInterrupt):  # in round 2
+        causal_lm.main([*flags, "--out", str(out)])
+    tensors, state = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    assert state["round"] == 1
+    for edit in ({"accountants": [{**a, "history": []} for a in state["accountants"]]},
+                 {"noise_multiplier": state["noise_multiplier"] * 2}):
+        checkpoint.save_checkpoint(out / "checkpoint.safetensors", tensors, {**state, **edit})
+        with pytest.raises(ValueError, match=r"--resume: .* holds another accounting .* a damaged or edited"):
+            causal_lm.main([*flags, "--out", str(out), "--resume"])
+    older = {**state, "flags": {k: v for k, v in state["flags"].items() if k != "secure_noise"}}
+    checkpoint.save_checkpoint(out / "checkpoint.safetensors", tensors, older)
+    resumed = causal_lm.main([*flags, "--out", str(out), "--resume"])
+    assert resumed["final"]["epsilon"] == done["final"]["epsilon"]
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
+
+
 def test_train_lm_secure_noise_reaches_the_engine(tmp_path, monkeypatch):
     """--secure-noise: every client's engine draws each step's noise in secure mode (fresh OS seeds)."""
     causal_lm = _train_lm_module()
@@ -445,6 +474,25 @@ def test_train_lm_secure_noise_reaches_the_engine(tmp_path, monkeypatch):
     assert modes == [True, True, False, False]  # (2 clients each)
 
 
+@contextlib.contextmanager
+def killed_at_evaluation(monkeypatch, causal_lm, n: int):
+    """The run's n-th evaluation (round 0's is the first) raises KeyboardInterrupt: a run killed in round n - 1,
+    after it checkpointed round n - 2."""
+    evaluate, calls = causal_lm.evaluate, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(causal_lm, "evaluate", counted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(causal_lm, "evaluate", evaluate)
+
+
 def json_of(path):
     import json
 
@@ -452,10 +500,11 @@ def json_of(path):
 
 
 def _args(example, argv):
-    """parse_args without its file check (the paths here are names only)."""
+    """parse_args without its file and directory checks (the paths here are names only)."""
     import unittest.mock
 
-    with unittest.mock.patch.object(example.Path, "is_file", return_value=True):
+    with unittest.mock.patch.object(example.Path, "is_file", return_value=True), \
+            unittest.mock.patch.object(example.Path, "is_dir", return_value=True):
         return example.parse_args(argv)
 
 
@@ -520,21 +569,35 @@ def _train_lm_module():
     return causal_lm
 
 
-def test_train_lm_reads_lines_and_flags_before_the_model(capsys):
+def test_train_lm_reads_lines_and_flags_before_the_model(capsys, tmp_path):
     """"One example per line" means \n-ended lines: str.splitlines also split at U+2028, U+0085, form feeds,
     so one line (one person's message) became several independently sampled examples. Flags that cannot
-    work are refused before the model loads; a tokenizer without pad and eos pads with 0 (masked anyway)."""
+    work are refused before the model loads (a --model that is no checkpoint directory was reported by the
+    tokenizer loader as a bad hub name, or as a missing sentencepiece); a tokenizer without pad and eos pads
+    with 0 (masked anyway). The packaged SMS file's header line is not an example."""
     from types import SimpleNamespace
 
     example = _train_lm_module()
     assert example.text_lines("a\u2028b\nc\x85d\x0ce\r\nf\n") == ["a\u2028b", "c\x85d\x0ce", "f", ""]
-    for argv, match in ((["--tiny", "--data", "x.txt"], "--data: --tiny trains on synthetic"),
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    m = str(tmp_path / "ckpt")
+    for argv, match in ((["--model", "/nonexistent/llama"], "--model: expected a local checkpoint directory .* "
+                                                             "got '/nonexistent/llama': not a directory"),
+                        (["--model", str(tmp_path / "empty")], "--model: .*empty' holds no config.json"),
+                        (["--tiny", "--out", ""], "--out: expected a directory, got ''"),
+                        (["--model", m, "--data", "/nonexistent.txt"], "--data: '/nonexistent.txt' is not a file"),
+                        (["--tiny", "--data", "x.txt"], "--data: --tiny trains on synthetic"),
                         (["--tiny", "--max-length", "5"], "--max-length: --tiny's synthetic sequences need at least 6"),
                         (["--tiny", "--delta", "1.5"], r"--delta: expected a number in \(0, 1\)"),
-                        (["--tiny", "--epsilon", "0"], "--epsilon: expected a finite number > 0"),
-                        (["--model", "m", "--data", "/nonexistent.txt"], "--data: '/nonexistent.txt' is not a file")):
+                        (["--tiny", "--epsilon", "0"], "--epsilon: expected a finite number > 0")):
         with pytest.raises(SystemExit):
             example.parse_args(argv)
         assert re.search(match, capsys.readouterr().err), argv
     tok = SimpleNamespace(pad_token_id=None, eos_token_id=None)
     assert example.pad_id_of(tok) == 0 and example.pad_id_of(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    texts = []  # the packaged data, through a tokenizer that records what it is given
+    example.load_examples(SimpleNamespace(tiny=False, data=None, max_examples=3, max_length=8),
+                          lambda s, **k: texts.append(s) or {"input_ids": [1, 2]})
+    assert texts[0].startswith("Go until jurong point") and "SMS" not in texts

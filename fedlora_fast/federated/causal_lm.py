@@ -17,9 +17,12 @@ Text data: ``--data FILE`` (one example per line), default the SMS messages pack
 Under ``torchrun`` every client's steps run data parallel over the processes (``DPSGD(process_group=...)``):
 each process Poisson-samples its own part of the client's data at q and clips its own samples, and one
 ``all_reduce`` per step sums them, rank 0 alone adding the noise: the same release and accounting as one
-process. Rank 0 prints and writes the results. The processes must build the same run: their flags (but
-``--out`` and how each process computes its steps), token ids, model config, dtype and files are compared
-before training.
+process. Rank 0 prints and writes the results; ``--resume`` needs ``--out`` shared by the processes (each reads
+the checkpoint; they compare what they read). The processes must build the same run: their flags (but ``--out``
+and how each process computes its steps), token ids, model config, dtype and files are compared before training.
+Not covered by the DP guarantee: the per-round training and evaluation losses (printed, and in
+``metrics.json`` and the checkpoint), computed from the data without noise, as the simulation's are; the
+evaluation examples are held out of training, not protected. Share them as you would the data's statistics.
 Per-sample state: with flat clipping each physical micro-batch of n sequences keeps n * sum(out * r) float32
 per-sample gradients of B until the step (examples/README.md in the repository); ``--clipping per_layer`` keeps
 none. ``causal_lm_loss`` is the per-sample loss (each sequence's mean next-token cross-entropy), for
@@ -29,6 +32,7 @@ none. ``causal_lm_loss`` is the per-sample loss (each sequence's mean next-token
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -43,8 +47,8 @@ from torch import nn
 import fedlora_fast as ff
 from fedlora_fast.data import collate as pad_batch
 from fedlora_fast.federated.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from fedlora_fast.federated.simulation import _hash_model_files
-from fedlora_fast.io import atomic_write_text, unwritable
+from fedlora_fast.federated.simulation import RUN_LOCK_NAME, _hash_model_files, held_run_outputs, remove_run_outputs
+from fedlora_fast.io import LockedError, atomic_write_text, exclusive_lock, unwritable
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
 from fedlora_fast.privacy import group as dp_group
@@ -65,26 +69,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="local Hugging Face causal-LM checkpoint directory")
     src.add_argument("--tiny", action="store_true", help="random 2-layer LlamaConfig, synthetic data (CPU, seconds)")
     p.add_argument("--data", help="text file, one training example per line (default: packaged SMS messages)")
-    p.add_argument("--out", default="runs/causal_lm", help="writes OUT/metrics.json and OUT/adapter/")
+    p.add_argument("--out", default="runs/causal_lm",
+                   help="writes OUT/metrics.json, OUT/adapter/ and OUT/checkpoint.safetensors (after every round)")
     p.add_argument("--targets", default=LLAMA_TARGETS, help="comma-separated module names, or all-linear")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--r", type=int, default=8, help="adapter rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator (scale = alpha / r)")
     p.add_argument("--method", choices=["ffa", "lora"], default="ffa", help="ffa: frozen A; lora: train A too")
     p.add_argument("--clients", type=int, default=None, help="default 2 (tiny) / 4")
     p.add_argument("--rounds", type=int, default=None, help="default 2 (tiny) / 3")
-    p.add_argument("--local-steps", type=int, default=None, help="DP-SGD steps per client per round")
-    p.add_argument("--sample-rate", type=float, default=None, help="Poisson rate q per step")
+    p.add_argument("--local-steps", type=int, default=None,
+                   help="DP-SGD steps per client per round (default 3 tiny / 10)")
+    p.add_argument("--sample-rate", type=float, default=None, help="Poisson rate q per step (default 0.25 tiny / 0.05)")
     p.add_argument("--epsilon", type=float, default=8.0, help="target epsilon per client over the whole run")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping threshold C")
+    p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat",
+                   help="flat: one threshold over all tensors; per_layer: C/sqrt(L) each (no per-sample state)")
     p.add_argument("--secure-noise", action="store_true",
                    help="DPSGD's secure mode: each step's noise from a fresh OS-seeded generator, the sum of four "
                         "draws (Holohan & Braghin 2021; the default noise generator is OS-seeded too)")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default 0.02 tiny / 0.002)")
     p.add_argument("--micro-batch", type=int, default=8, help="physical batch size (sequences per backward)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 16 tiny / 128)")
-    p.add_argument("--max-examples", type=int, default=None, help="cap on the training examples")
+    p.add_argument("--max-examples", type=int, default=None, help="cap on the examples read (default 128 tiny / 4000)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU")
     p.add_argument("--no-grad-ckpt", action="store_true", help="disable Hugging Face gradient checkpointing")
     p.add_argument("--cuda-graph", action="store_true",
@@ -124,11 +131,25 @@ def finish_args(args: argparse.Namespace, error) -> argparse.Namespace:
         error("--data: --tiny trains on synthetic sequences; drop one of them")
     if tiny and args.max_length < 6:
         error(f"--max-length: --tiny's synthetic sequences need at least 6 tokens, got {args.max_length}")
+    if not args.out:
+        error("--out: expected a directory, got ''")
+    if args.model is not None:
+        if not Path(args.model).is_dir():
+            error(f"--model: expected a local checkpoint directory (config.json, weights, tokenizer), got "
+                  f"{args.model!r}: not a directory")
+        if not (Path(args.model) / "config.json").is_file():
+            error(f"--model: {args.model!r} holds no config.json: not a Hugging Face checkpoint directory")
     if args.resume and args.overwrite:
         error("--resume and --overwrite: expected one of them (continue the run in --out, or replace it)")
     if args.data and not Path(args.data).is_file():
         error(f"--data: {args.data!r} is not a file")
     return args
+
+
+def _parser_defaults() -> dict:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return {a.dest: a.default for a in p._actions}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -196,23 +217,25 @@ def model_fields(model: nn.Module, dtype: torch.dtype) -> dict[str, list[float]]
     return {"the model config and dtype": fingerprint([config, dtype])}
 
 
-def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> list[str]:
     """Refuse an ``--out`` the run could not write, before training (it is first written after the first round):
     created where missing, a probe file written there (``io.unwritable``), and no directory where
-    ``metrics.json`` goes. A fresh run refuses an ``--out`` holding a run's outputs (unless ``overwrite``); a
-    resumed one needs its checkpoint."""
+    ``metrics.json`` goes. A fresh run refuses an ``--out`` holding a run's outputs (unless ``overwrite``: the
+    run removes them once it is built); a resumed one needs its checkpoint. Returns the outputs held."""
     why = unwritable(out)
     if why is not None:
         raise ValueError(f"--out: expected a writable directory, got {str(out)!r} ({why})")
     if (out / "metrics.json").is_dir() or (out / "adapter").is_file() or (out / CHECKPOINT_NAME).is_dir():
         raise ValueError(f"--out: {str(out)!r} holds a directory metrics.json or {CHECKPOINT_NAME}, or a file "
                          "adapter; the run writes files and a directory of those names there")
-    held = [name for name in (CHECKPOINT_NAME, "metrics.json", "adapter") if (out / name).exists()]
+    held = held_run_outputs(out)
     if resume and CHECKPOINT_NAME not in held:
         raise ValueError(f"--resume: {str(out)!r} holds no checkpoint ({CHECKPOINT_NAME}) to continue")
     if held and not (resume or overwrite):
-        raise ValueError(f"--out: {str(out)!r} holds a run ({', '.join(held)}): --resume continues it, --overwrite "
-                         "starts afresh there, or choose another --out")
+        how = "--resume continues it, " if CHECKPOINT_NAME in held else ""
+        raise ValueError(f"--out: {str(out)!r} holds a run ({', '.join(held)}): {how}--overwrite replaces it, or "
+                         "choose another --out")
+    return held
 
 
 # flags a resumed run may change: where it writes, how it resumes, and how each step is computed but not what
@@ -242,9 +265,9 @@ def load_round(path: Path, args, fingerprints: dict, global_state: dict) -> dict
     if state.get("format") != "train-lm":
         raise ValueError(f"--resume: {path} is not a checkpoint of fedlora-fast train-lm")
     try:
-        old, new = state["flags"], flag_values(args)
-        for k in sorted(new):
-            if k not in RESUME_FREE and old.get(k) != new[k] and k not in ("model", "data"):
+        old, new, defaults = state["flags"], flag_values(args), _parser_defaults()
+        for k in sorted(new):  # (a flag newer than the checkpoint: the run had its default)
+            if k not in RESUME_FREE and old.get(k, defaults.get(k)) != new[k] and k not in ("model", "data"):
                 raise ValueError(f"--resume: the run in {path} has --{k.replace('_', '-')} {old.get(k)!r}, this one "
                                  f"{new[k]!r}: resume with the same flags, or start a new run with another --out")
         for what, value in fingerprints.items():
@@ -319,7 +342,8 @@ def load_examples(args, tok) -> list[list[int]]:
         lines = text_lines(Path(args.data).read_text(encoding="utf-8"))
     else:
         path = Path(ff.__file__).parent / "data" / "sms_spam_collection.tsv"
-        lines = [line.split("\t", 1)[-1] for line in text_lines(path.read_text(encoding="utf-8"))]
+        rows = text_lines(path.read_text(encoding="utf-8"))[1:]  # (the first line is the header: Label, SMS)
+        lines = [line.split("\t", 1)[-1] for line in rows]
     lines = [s.strip() for s in lines if s.strip()][: args.max_examples]
     out = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in lines]
     return [ids for ids in out if len(ids) >= 2]
@@ -378,7 +402,26 @@ def main(argv=None) -> dict:
 
 
 def run(args, rank: int, world: int, group) -> dict:
-    """The federated run (``main``); data parallel over ``group``'s ``world`` processes, or alone."""
+    """The federated run (``main``); data parallel over ``group``'s ``world`` processes, or alone. Rank 0 holds
+    ``--out``'s lock (``simulation.RUN_LOCK_NAME``, as ``fedlora-fast train`` does) throughout: two runs or
+    resumes into one directory would both pass its checks, and train (and spend epsilon) twice for one report."""
+    if rank != 0:
+        return _run(args, rank, world, group)
+    out = Path(args.out)
+    why = unwritable(out)
+    if why is not None:
+        raise ValueError(f"--out: expected a writable directory, got {str(out)!r} ({why})")
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(out / RUN_LOCK_NAME))
+        except LockedError:
+            raise ValueError(f"--out: {str(out)!r} is in use by another fedlora-fast run (it holds {RUN_LOCK_NAME}); "
+                             "wait for it to finish, or choose another --out") from None
+        return _run(args, rank, world, group)
+
+
+def _run(args, rank: int, world: int, group) -> dict:
+    """``run``, with ``--out``'s lock held on rank 0."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     say = print if rank == 0 else (lambda *a, **k: None)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
@@ -389,8 +432,7 @@ def run(args, rank: int, world: int, group) -> dict:
     total_steps = args.rounds * args.local_steps
     sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=args.delta,
                                        sample_rate=args.sample_rate, steps=total_steps)
-    if rank == 0:
-        check_out(Path(args.out), args.resume, args.overwrite)
+    held = check_out(Path(args.out), args.resume, args.overwrite) if rank == 0 else []
     # the data next: a file or flags that leave a client without examples fail before the model loads
     tok = load_tokenizer(args)
     examples = load_examples(args, tok)
@@ -458,10 +500,17 @@ def run(args, rank: int, world: int, group) -> dict:
     if args.resume:  # (every process reads the checkpoint: a shared --out; they agree on what they read)
         state = load_round(ckpt_path, args, fingerprints, global_state)
         records, start = list(state["records"]), int(state["round"]) + 1
-        accountants = [Accountant.from_state_dict(a) for a in state["accountants"]]
-        if len(accountants) != len(shards) or len(records) != start:
-            raise ValueError(f"--resume: {ckpt_path} holds {len(accountants)} accountants and {len(records)} "
-                             f"records, expected {len(shards)} and {start}")
+        # the accounting is the flags': every client took local_steps steps at (sigma, q) per complete round
+        # (empty batches included); a saved history or noise multiplier that says otherwise is refused
+        accountants = [Accountant("rdp") for _ in shards]
+        for a in accountants:
+            a.step(noise_multiplier=sigma, sample_rate=args.sample_rate, num_steps=args.local_steps * (start - 1))
+        expected = [a.state_dict() for a in accountants]
+        if state["accountants"] != expected or state["noise_multiplier"] != sigma or len(records) != start:
+            raise ValueError(f"--resume: {ckpt_path} holds another accounting ({len(state['accountants'])} "
+                             f"accountants, noise multiplier {state['noise_multiplier']}, {len(records)} records) "
+                             f"than {start - 1} rounds of these flags ({len(shards)} clients, noise multiplier "
+                             f"{sigma}): a damaged or edited checkpoint")
         with torch.no_grad():
             params = dict(model.named_parameters())
             for n in names:
@@ -470,6 +519,8 @@ def run(args, rank: int, world: int, group) -> dict:
             dp_group.agree(group, device, {"the checkpoint": dp_group.digest(global_state)}, what="resuming")
         say(f"resumed after round {start - 1} of {args.rounds} from {ckpt_path}")
     else:
+        if rank == 0:  # --overwrite: nothing of the previous run stays beside this one's (none held otherwise)
+            remove_run_outputs(Path(args.out), held)
         records, start = [{"round": 0, "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch,
                                                              rank, world, group)}], 1
         say(f"round 0: eval loss {records[0]['eval_loss']:.4f}")
