@@ -228,3 +228,16 @@ class StandInCudaGraphs:
         for k, v in self._saved.items():
             setattr(torch.cuda, k, v)
         return False
+
+
+def seeded_from_32_bits(gen: torch.Generator) -> bool:
+    """Whether a CPU generator that has drawn nothing yet holds the Mersenne Twister's initialisation from a
+    32-bit seed, as ``manual_seed`` gives it (whatever the seed's width: it keeps the low 32 bits): each state
+    word is a fixed function of the one before. A state drawn from the OS (``privacy.sampling.seed_from_os``)
+    meets that by chance for ~1 word in 2^32."""
+    import struct
+
+    raw = gen.get_state().numpy().tobytes()
+    w = struct.unpack("<624Q", raw[24 : 24 + 624 * 8])
+    follows = sum(w[i] == (1812433253 * (w[i - 1] ^ (w[i - 1] >> 30)) + i) & 0xFFFFFFFF for i in range(1, 624))
+    return follows > 600

@@ -907,6 +907,14 @@ def test_secure_noise_draws_the_sampling_from_the_os_too(tiny):
 
     assert all(torch.equal(a, b) for a, b in zip(states(), states()))
     assert not any(torch.equal(a, b) for a, b in zip(states(secure_noise=True), states(secure_noise=True)))
+    # OS-seeded: the whole CPU state (manual_seed keeps 32 bits of a seed: a search over 2^32 finds it), the
+    # server's central DP noise too
+    from fedlora_fast.testing import seeded_from_32_bits
+
+    fed = Federation(tiny_config(tiny, secure_noise=True, aggregator="central_dp"))
+    for gen in [*(c.sample_generator for c in fed.clients), *(c.noise_generator for c in fed.clients),
+                fed.server.aggregator.generator]:
+        assert not seeded_from_32_bits(gen)
 
 
 def test_secure_noise_draws_the_dropout_masks_from_the_os_too(tiny, monkeypatch):
@@ -915,14 +923,22 @@ def test_secure_noise_draws_the_dropout_masks_from_the_os_too(tiny, monkeypatch)
     a known amount (beyond C). With --secure-noise their seed comes from the OS; without it from --seed."""
     from fedlora_fast.federated import simulation
 
+    from fedlora_fast.testing import seeded_from_32_bits
+
     seeded, secure = tiny_config(tiny), tiny_config(tiny, secure_noise=True)
-    assert simulation.dropout_seed(seeded, 1, 0) == simulation.dropout_seed(seeded, 1, 0) == \
-        simulation.derive_seed(seeded.seed, "dropout", 1, 0)
-    draws = {simulation.dropout_seed(secure, 1, 0) for _ in range(4)}
-    assert len(draws) == 4 and simulation.derive_seed(secure.seed, "dropout", 1, 0) not in draws
+    simulation.seed_dropout(seeded, 1, 0)
+    masks = torch.rand(8)
+    torch.manual_seed(simulation.derive_seed(seeded.seed, "dropout", 1, 0))
+    assert torch.equal(torch.rand(8), masks)
+    draws = []
+    for _ in range(4):
+        simulation.seed_dropout(secure, 1, 0)
+        assert not seeded_from_32_bits(torch.default_generator)  # (the whole state from the OS)
+        draws.append(torch.rand(8))
+    assert not any(torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
     calls = []  # and a round takes every client's masks from it
-    real = simulation.dropout_seed
-    monkeypatch.setattr(simulation, "dropout_seed", lambda cfg, r, k: calls.append((cfg.secure_noise, r, k)) or real(cfg, r, k))
+    real = simulation.seed_dropout
+    monkeypatch.setattr(simulation, "seed_dropout", lambda cfg, r, k: calls.append((cfg.secure_noise, r, k)) or real(cfg, r, k))
     fed = Federation(tiny_config(tiny, secure_noise=True, rounds=1))
     fed.run_round()
     assert calls == [(True, 0, c.client_id) for c in fed.clients]
@@ -1195,6 +1211,9 @@ def test_a_client_without_generators_draws_from_the_os_and_one_given_them_warns_
     with caplog.at_level(logging.WARNING):
         fresh.load_tensor_state(saved)
     assert not caplog.records and fresh.noise_generator is None
+    from fedlora_fast.testing import seeded_from_32_bits
+
+    assert not seeded_from_32_bits(Client(5, ids, labels, **base)._new_noise_generator(torch.device("cpu")))
     assert torch.equal(fresh.tensor_state()["noise_rng"], saved["noise_rng"])
     next_of = [serialization.decode(c.fit(clf, message, round_idx=1, fingerprint="f"))[0][k] for c in (client, fresh)]
     assert torch.equal(*next_of)

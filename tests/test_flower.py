@@ -674,6 +674,10 @@ def test_client_state_persists_across_messages(tiny):
     state = RecordDict()
     fed = node.build(cfg)
     client = client_app._restore(fed, 1, state)  # first message of the run on this node
+    from fedlora_fast.testing import seeded_from_32_bits
+
+    # (OS-seeded: the whole state; manual_seed(randbits(63)) kept 32 bits of it, a search over 2^32 finds)
+    assert not seeded_from_32_bits(client.noise_generator) and not seeded_from_32_bits(client.sample_generator)
     sigma = client.noise_multiplier
     first_noise = client.noise_generator.get_state().clone()
     client.fit(fed.model, fed.server.broadcast(), round_idx=0, fingerprint=fed.fingerprint)
@@ -864,9 +868,9 @@ def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(t
     ledger = client_app.ledger_path(Ctx, 0)
     assert ledger == tmp_path / "fedlora_fast-privacy-run5-node0.json"
     seeds = []  # a node's dropout masks are OS-seeded (secure noise is forced over Flower)
-    real_seed = client_app.dropout_seed
+    real_seed = client_app.seed_dropout
     with mock.patch.object(client_app, "Message", lambda content, reply_to: content), \
-            mock.patch.object(client_app, "dropout_seed", lambda c, r, k: seeds.append(c.secure_noise) or real_seed(c, r, k)):
+            mock.patch.object(client_app, "seed_dropout", lambda c, r, k: seeds.append(c.secure_noise) or real_seed(c, r, k)):
         for _ in range(cfg.rounds):
             Ctx.state = RecordDict()  # a restart before every round, and the server says round 0 each time
             reply = client_app.train(round0, Ctx)
@@ -899,8 +903,10 @@ def test_a_state_behind_the_ledger_is_not_trusted(tiny, tmp_path):
     with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
         client_app.train(_train_msg(fed, 0), ctx)
         after_round0 = RecordDict(dict(ctx.state.items()))  # the save that will be lost
-        seeds = mock.Mock(wraps=client_app.secrets.randbits)
-        with mock.patch.object(client_app.secrets, "randbits", seeds):
+        from fedlora_fast.privacy import sampling
+
+        seeds = mock.Mock(wraps=sampling.seed_from_os)  # (every OS seeding goes through it)
+        with mock.patch.object(sampling, "seed_from_os", seeds), mock.patch.object(client_app, "seed_from_os", seeds):
             client_app.train(_train_msg(fed, 1), ctx)
             per_round = seeds.call_count  # (secure noise: each step's noise generator is OS-seeded)
             ctx.state = after_round0  # round 1's save was lost after its reply left

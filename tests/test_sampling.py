@@ -226,3 +226,41 @@ def test_a_poisson_loader_whose_collate_fails_on_an_empty_batch_is_refused():
     own = DataLoader(ds, batch_sampler=sampler, collate_fn=lambda rows: rows)
     assert check_poisson_loader(own) == 0.01
     assert check_poisson_loader(poisson_dataloader(ds, sample_rate=0.01)) == 0.01
+
+
+def test_os_seeded_generators_draw_their_whole_state_from_the_os(monkeypatch):
+    """A reviewer's finding (2026-11-28): every generator seeded "from the OS" went through manual_seed(randbits(63))
+    and torch's CPU Mersenne Twister keeps a seed's low 32 bits: 2^32 states, which a search over them recovers
+    (the noise, then the clipped sum it hid; the Poisson draws). Now the CPU state's 624 words come from
+    os.urandom: the sampler's, DPSGD's noise (default and secure mode), central DP's, and the global RNG that
+    draws dropout masks under secure noise."""
+    from fedlora_fast.federated.aggregation import CentralDP
+    from fedlora_fast.privacy import dpsgd, sampling
+    from fedlora_fast.testing import seeded_from_32_bits
+
+    assert seeded_from_32_bits(torch.Generator().manual_seed(2**63 - 1))  # (what the check tells)
+    a, b = sampling.os_seeded_generator(), sampling.os_seeded_generator()
+    assert not seeded_from_32_bits(a) and not seeded_from_32_bits(b)
+    assert not torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
+    draws = torch.randn(20000, generator=sampling.os_seeded_generator())
+    assert abs(float(draws.mean())) < 0.05 and abs(float(draws.std()) - 1) < 0.05
+    assert not seeded_from_32_bits(PoissonSampler(10, 0.5).generator)
+    assert not seeded_from_32_bits(CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=2).generator)
+    import fedlora_fast as ff
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    ff.inject_adapters(model, ["0"], r=2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    assert not seeded_from_32_bits(dpsgd.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0,
+                                               expected_batch_size=2).generator)
+    made = []  # secure mode: a fresh OS-seeded generator for every step's noise
+    real = dpsgd.os_seeded_generator
+    monkeypatch.setattr(dpsgd, "os_seeded_generator", lambda *a: made.append(real(*a)) or made[-1])
+    dp = dpsgd.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, secure_mode=True)
+    made.clear()  # (the engine's own, unused in secure mode)
+    model(torch.randn(2, 3)).sum().backward()
+    dp.step()
+    assert len(made) == 1 and not seeded_from_32_bits(made[0])
+    sampling.seed_global_from_os()
+    assert not seeded_from_32_bits(torch.default_generator)
+    torch.manual_seed(0)  # (the other tests' global RNG as they expect it)

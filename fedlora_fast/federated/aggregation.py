@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from fedlora_fast.federated.state import check_tensor
 from fedlora_fast.privacy.accounting import Accountant, check_noise_multiplier
+from fedlora_fast.privacy.sampling import os_seeded_generator
 
 
 @dataclass
@@ -152,7 +152,7 @@ class CentralDP(Aggregator):
             )
         self.clients_per_round = per_round
         self.sample_rate = per_round / self.num_clients
-        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        self.generator = generator or os_seeded_generator()
         self.accountant = Accountant()
 
     def aggregate(self, global_state, updates):

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import math
-import secrets
 from typing import Callable, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from fedlora_fast.federated.state import load_trainable, trainable_state
 from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
 from fedlora_fast.privacy.dpsgd import DPSGD
 from fedlora_fast.privacy.graphed import GraphedAccumulator, capturable_attention_mask, graph_micro_batch_sizes
-from fedlora_fast.privacy.sampling import PoissonSampler, os_seeded_generator
+from fedlora_fast.privacy.sampling import PoissonSampler, os_seeded_generator, seed_from_os
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +272,7 @@ class Client:
         size). The model's own dropout stays on: each sample's dropout mask is its own, so per-sample
         gradients stay exact. The masks come from torch's global RNG: for private data leave it unseeded (or
         seed it from the operating system), since masks computable from a known seed let one sample move the
-        others' clipped gradients by a known amount (``simulation.dropout_seed``); the simulation seeds it per
+        others' clipped gradients by a known amount (``simulation.seed_dropout``); the simulation seeds it per
         client and round.
         """
         tensors, _ = serialization.decode(global_message)
@@ -365,7 +364,7 @@ class Client:
         """The default noise generator, on the model's device: OS-seeded, or holding the restored state."""
         gen = torch.Generator(device=device)
         if self._noise_state is None:
-            return gen.manual_seed(secrets.randbits(63))
+            return seed_from_os(gen)
         if self._noise_state.numel() != gen.get_state().numel():  # (CPU: 5056 bytes of Mersenne Twister; CUDA: 16)
             raise ValueError(
                 f"client {self.client_id}: the restored noise generator's state is of another device than the "

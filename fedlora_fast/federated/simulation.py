@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import shutil
 import time
 import unicodedata
@@ -45,6 +44,7 @@ from fedlora_fast.privacy.accounting import (
     _MIN_FINITE_SIGMA, MAX_TARGET_EPSILON, calibrate_noise_multiplier, check_delta,
 )
 from fedlora_fast.privacy.dpsgd import CLIPPING
+from fedlora_fast.privacy.sampling import os_seeded_generator, seed_global_from_os
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +218,19 @@ def derive_seed(seed: int, *parts) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def dropout_seed(cfg: "FederatedConfig", round_idx: int, client_id: int) -> int:
-    """The seed of a client's dropout masks in a round: from the run seed, or from the OS with ``secure_noise``.
+def seed_dropout(cfg: "FederatedConfig", round_idx: int, client_id: int) -> None:
+    """Seed torch's global RNG, whose draws are a client's dropout masks in a round: from the run seed, or with
+    ``secure_noise`` from the OS (``seed_global_from_os``: the CPU generator's whole state).
 
     The masks are drawn for the whole (padded) batch, so which mask a sample gets depends on which other samples
     the batch holds: with masks anyone holding the seed can compute, one sample's presence moves the others'
     clipped gradients by a known amount, beyond the sensitivity C that DP-SGD's noise covers. Masks drawn from
     a secret seed are fresh draws for every sample whatever its neighbours, as the analysis assumes. A seeded
     run (the default) is reproducible from ``--seed`` anyway, its noise included (labelled ``seeded``)."""
-    return secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "dropout", round_idx, client_id)
+    if cfg.secure_noise:
+        seed_global_from_os()
+    else:
+        torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, client_id))
 
 
 def resolve_model(model: str | None) -> str:
@@ -333,9 +337,10 @@ def make_server(cfg: FederatedConfig, model: nn.Module, fp: str, example_counts:
     """The run's server: the model's trainable tensors as the global state, its aggregator, its bounds
     (``max_update_norm``; ``example_counts``: what each client holds, where the server knows it)."""
     if cfg.aggregator == "central_dp":
-        server_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "server_noise")
+        generator = os_seeded_generator() if cfg.secure_noise else torch.Generator().manual_seed(
+            derive_seed(cfg.seed, "server_noise"))
         aggregator = CentralDP(clip_norm=cfg.server_clip_norm, noise_multiplier=cfg.server_noise_multiplier,
-                               num_clients=cfg.num_clients, generator=torch.Generator().manual_seed(server_seed))
+                               num_clients=cfg.num_clients, generator=generator)
     else:
         aggregator = FedAvg()
     return Server(trainable_state(model), fp, aggregator, cfg.min_clients, max_update_norm=cfg.max_update_norm,
@@ -469,9 +474,12 @@ class Federation:
                     raise ValueError(f"epsilon: client {k} ({len(idx)} examples, sample rate {q:.4g}): {e}") from None
             else:
                 sigma = float(cfg.noise_multiplier)
-            noise_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "noise", k)
             # secure mode: sampling from the OS too (amplification by subsampling assumes the draws are secret)
-            sample_seed = secrets.randbits(63) if cfg.secure_noise else derive_seed(cfg.seed, "sample", k)
+            if cfg.secure_noise:
+                sample_gen, noise_gen = os_seeded_generator(), os_seeded_generator(self.device)
+            else:
+                sample_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", k))
+                noise_gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, "noise", k))
             with quiet_seeded_clients():  # (seeded from the run's seed: the run's noise source says so, once)
                 client = Client(
                     k, [train_ids[i] for i in idx], [train.labels[i] for i in idx], pad_id=self.pad_id,
@@ -480,8 +488,7 @@ class Federation:
                     noise_multiplier=sigma, clipping=cfg.clipping, physical_batch_size=cfg.physical_batch_size,
                     secure_mode=cfg.secure_noise, rounds=cfg.rounds, lr_schedule=cfg.lr_schedule,
                     cuda_graph=cfg.cuda_graph,
-                    sample_generator=torch.Generator().manual_seed(sample_seed),
-                    noise_generator=torch.Generator(device=self.device).manual_seed(noise_seed),
+                    sample_generator=sample_gen, noise_generator=noise_gen,
                 )
             self.clients.append(client)
         share_cuda_graphs(self.clients)  # one model here: one set of captures for every client
@@ -508,7 +515,7 @@ class Federation:
         message = self.server.broadcast()
         uploads = []
         for client in self.clients:
-            torch.manual_seed(dropout_seed(cfg, r, client.client_id))
+            seed_dropout(cfg, r, client.client_id)
             uploads.append(client.fit(self.model, message, round_idx=r, fingerprint=self.fingerprint, on_step=on_step))
         result = self.server.run_round(uploads)
         accepted = [u.client_id for u in result.accepted]

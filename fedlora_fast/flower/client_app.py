@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import warnings
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from flwr.clientapp import ClientApp
 from fedlora_fast.federated import checkpoint, serialization
 from fedlora_fast.federated.client import Client
 from fedlora_fast.federated.server import short_repr
-from fedlora_fast.federated.simulation import Federation, FederatedConfig, dropout_seed
+from fedlora_fast.federated.simulation import Federation, FederatedConfig, seed_dropout
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.io import LockedError, exclusive_lock, unwritable
@@ -49,6 +48,7 @@ from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, MIN_NOISE_KEY, ROUN
 from fedlora_fast.privacy.accounting import (
     MAX_TARGET_EPSILON, Accountant, calibrate_noise_multiplier, check_sample_rate,
 )
+from fedlora_fast.privacy.sampling import seed_from_os
 
 DATA_PATH_KEY = "data-path"  # node config: this silo's own data file (else: partition-id of the run's data)
 LEDGER_DIR_KEY = "privacy-dir"  # node config: the directory of the node's privacy ledger (default: below)
@@ -187,8 +187,8 @@ def _restore(
         else:
             node.calibrate(fed, pid)
             client.load_state_dict({"accountant": Accountant().state_dict()})  # a cached process may hold an old one
-        client.sample_generator.manual_seed(secrets.randbits(63))
-        client.noise_generator.manual_seed(secrets.randbits(63))
+        seed_from_os(client.sample_generator)
+        seed_from_os(client.noise_generator)
     return client
 
 
@@ -697,7 +697,7 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
                               min_noise=train_config.get(MIN_NOISE_KEY))
         _check_node_limits(context, client, cfg, pid)  # (again: with the earlier rounds now counted)
         _check_budget(client, cfg, pid)
-    torch.manual_seed(dropout_seed(cfg, round_idx, pid))  # dropout masks, as in the simulation: secret here
+    seed_dropout(cfg, round_idx, pid)  # dropout masks, as in the simulation: secret here
     update = client.fit(
         fed.model, serialization.encode(global_state, {"round": round_idx}), round_idx=round_idx,
         fingerprint=fed.fingerprint,

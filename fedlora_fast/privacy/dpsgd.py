@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import secrets
 import sys
 import warnings
 import weakref
@@ -36,6 +35,7 @@ from fedlora_fast.layers.per_sample_modules import _PerSampleMixin
 from fedlora_fast.ops.ffa_linear import call, ffa_linear_clip_reduce
 from fedlora_fast.privacy import group
 from fedlora_fast.privacy.accounting import ACCOUNTANTS, Accountant, check_sample_rate
+from fedlora_fast.privacy.sampling import os_seeded_generator
 from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE, clip_coef
 
 log = logging.getLogger(__name__)
@@ -783,7 +783,7 @@ class DPSGD:
         if generator is None:
             self.seeded = False
             log.info("DPSGD: noise generator seeded from the operating system's entropy")
-            return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+            return os_seeded_generator(device)
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         if torch.device(generator.device).type != device.type:
@@ -1192,7 +1192,7 @@ class DPSGD:
         device = self._device
         if not self.secure_mode:
             return torch.normal(0.0, std, size=(size,), generator=self.generator, device=device, dtype=torch.float32)
-        gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        gen = os_seeded_generator(device)
         acc = torch.zeros(size, dtype=torch.float32, device=device)
         for _ in range(4):
             acc += torch.normal(0.0, 1.0, size=(size,), generator=gen, device=device, dtype=torch.float32)

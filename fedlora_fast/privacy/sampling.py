@@ -9,7 +9,9 @@ are a different mechanism that the Poisson accountants do not bound; ``check_poi
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import struct
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
@@ -22,9 +24,48 @@ from torch.utils.data import default_collate
 from fedlora_fast.privacy.accounting import check_sample_rate
 
 
-def os_seeded_generator() -> torch.Generator:
-    """A CPU generator seeded from the operating system's entropy (leaves torch's global RNG untouched)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+# torch's CPU generator state (a Mersenne Twister): the legacy THGeneratorState (the initial seed u64, left i32,
+# seeded i32, next u64, 624 state words as u64, the cached double normal: three f64 and a validity i32) and the
+# cached float normal (f32, a validity bool), padded: 5056 bytes
+_MT_STATE_BYTES, _MT_WORDS, _MT_WORDS_AT, _MT_DOUBLE_VALID_AT, _MT_FLOAT_VALID_AT = 5056, 624, 24, 5040, 5052
+
+
+def seed_from_os(gen: torch.Generator) -> torch.Generator:
+    """``gen`` (returned) with its whole state drawn from the operating system's entropy: for noise, sampling and
+    dropout whose draws must stay secret.
+
+    A CPU generator (Mersenne Twister) gets its 624 state words from ``os.urandom`` (19,968 bits):
+    ``manual_seed`` keeps only the low 32 bits of a seed there, and a search over those 2^32 states recovers the
+    noise, and with it the clipped sum it hides (a reviewer's estimate: about a day of one CPU core). A CUDA
+    generator (Philox) takes a 64-bit seed whole.
+    """
+    if gen.device.type != "cpu":
+        return gen.manual_seed(secrets.randbits(64))
+    state = bytearray(gen.get_state().numpy().tobytes())
+    if len(state) != _MT_STATE_BYTES:  # (a torch whose CPU generator changed layout: refuse rather than guess)
+        raise RuntimeError(f"seed_from_os: expected torch's CPU generator state of {_MT_STATE_BYTES} bytes, got "
+                           f"{len(state)} (torch {torch.__version__}): this torch is not supported")
+    words = struct.unpack(f"<{_MT_WORDS}I", os.urandom(4 * _MT_WORDS))
+    struct.pack_into("<QiiQ", state, 0, 0, 1, 1, 0)  # no initial seed; left = 1: the first draw twists the state
+    struct.pack_into(f"<{_MT_WORDS}Q", state, _MT_WORDS_AT, *words)
+    struct.pack_into("<i", state, _MT_DOUBLE_VALID_AT, 0)  # no cached normal sample (double or float)
+    state[_MT_FLOAT_VALID_AT] = 0
+    gen.set_state(torch.frombuffer(state, dtype=torch.uint8).clone())
+    return gen
+
+
+def os_seeded_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator on ``device`` whose state comes from the operating system's entropy (``seed_from_os``; torch's
+    global RNG untouched)."""
+    return seed_from_os(torch.Generator(device=device))
+
+
+def seed_global_from_os() -> None:
+    """torch's global generators (dropout masks) seeded from the operating system: the CPU's whole state
+    (``seed_from_os``), every CUDA device's with 64 bits."""
+    seed_from_os(torch.default_generator)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(secrets.randbits(64))
 
 
 class PoissonSampler(torch.utils.data.Sampler):
