@@ -459,7 +459,8 @@ def test_train_lm_one_run_per_out_overwrite_clears_it_and_a_resume_accounts_from
 
 
 def test_train_lm_secure_noise_reaches_the_engine(tmp_path, monkeypatch):
-    """--secure-noise: every client's engine draws each step's noise in secure mode (fresh OS seeds)."""
+    """--secure-noise: every client's engine draws each step's noise in secure mode (fresh OS seeds); every run
+    seeds torch's global RNG (dropout masks) from the OS."""
     causal_lm = _train_lm_module()
     modes, engine = [], causal_lm.ff.DPSGD
 
@@ -468,10 +469,14 @@ def test_train_lm_secure_noise_reaches_the_engine(tmp_path, monkeypatch):
         return engine(*a, **k)
 
     monkeypatch.setattr(causal_lm.ff, "DPSGD", recording)
+    seeded = []  # and the global RNG (dropout masks) from the OS's entropy, once per run
+    real_seed = causal_lm.seed_global_from_os
+    monkeypatch.setattr(causal_lm, "seed_global_from_os", lambda: seeded.append(1) or real_seed())
     flags = ["--tiny", "--rounds", "1", "--local-steps", "1", "--max-examples", "32"]
     causal_lm.main([*flags, "--out", str(tmp_path / "secure"), "--secure-noise"])
     causal_lm.main([*flags, "--out", str(tmp_path / "default")])
     assert modes == [True, True, False, False]  # (2 clients each)
+    assert len(seeded) == 2
 
 
 @contextlib.contextmanager

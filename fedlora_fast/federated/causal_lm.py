@@ -51,6 +51,7 @@ from fedlora_fast.federated.simulation import RUN_LOCK_NAME, _hash_model_files, 
 from fedlora_fast.io import LockedError, atomic_write_text, exclusive_lock, unwritable
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
+from fedlora_fast.privacy.sampling import seed_global_from_os
 from fedlora_fast.privacy import group as dp_group
 
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -495,6 +496,10 @@ def _run(args, rank: int, world: int, group) -> dict:
         f"noise multiplier {sigma:.3f} for epsilon {args.epsilon} at delta {args.delta} "
         f"over {total_steps} steps with q={args.sample_rate}" + (f"; {world} processes per client" * (world > 1)))
     graphed = None  # --cuda-graph: the GraphedAccumulator every client's engine feeds from
+    # torch's global RNG draws dropout masks (a model with dropout): from the OS's entropy, the whole state (masks
+    # computable by anyone would let one sample move the others' clipped gradients; torch's own startup seed
+    # keeps 32 bits on the CPU)
+    seed_global_from_os()
     ckpt_path = Path(args.out) / CHECKPOINT_NAME
     fingerprints = {"data": sha256(examples), "model": model_fp}
     if args.resume:  # (every process reads the checkpoint: a shared --out; they agree on what they read)

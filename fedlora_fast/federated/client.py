@@ -270,10 +270,11 @@ class Client:
 
         The loss of a batch is the sum of per-sample cross-entropies (DPSGD divides by the expected batch
         size). The model's own dropout stays on: each sample's dropout mask is its own, so per-sample
-        gradients stay exact. The masks come from torch's global RNG: for private data leave it unseeded (or
-        seed it from the operating system), since masks computable from a known seed let one sample move the
-        others' clipped gradients by a known amount (``simulation.seed_dropout``); the simulation seeds it per
-        client and round.
+        gradients stay exact. The masks come from torch's global RNG: for private data seed it from the
+        operating system with ``privacy.sampling.seed_global_from_os()`` (torch's own startup seed keeps 32
+        bits of entropy on the CPU), since masks computable from a known seed let one sample move the others'
+        clipped gradients by a known amount (``simulation.seed_dropout``); the simulation seeds it per client
+        and round.
         """
         tensors, _ = serialization.decode(global_message)
         load_trainable(model, tensors)
