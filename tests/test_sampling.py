@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedlora_fast.privacy import PoissonSampler, batch_size, check_poisson_loader, micro_batches, poisson_dataloader
+from fedlora_fast.privacy import sampling as sampling_module
 from fedlora_fast.privacy.sampling import _empty_like_batch
 
 
@@ -234,7 +235,6 @@ def test_os_seeded_generators_draw_their_whole_state_from_the_os(monkeypatch):
     (the noise, then the clipped sum it hid; the Poisson draws). Now the CPU state's 624 words come from
     os.urandom: the sampler's, DPSGD's noise (default and secure mode), central DP's, and the global RNG that
     draws dropout masks under secure noise."""
-    from fedlora_fast.federated.aggregation import CentralDP
     from fedlora_fast.privacy import dpsgd, sampling
     from fedlora_fast.testing import seeded_from_32_bits
 
@@ -245,7 +245,6 @@ def test_os_seeded_generators_draw_their_whole_state_from_the_os(monkeypatch):
     draws = torch.randn(20000, generator=sampling.os_seeded_generator())
     assert abs(float(draws.mean())) < 0.05 and abs(float(draws.std()) - 1) < 0.05
     assert not seeded_from_32_bits(PoissonSampler(10, 0.5).generator)
-    assert not seeded_from_32_bits(CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_clients=2).generator)
     import fedlora_fast as ff
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
@@ -253,14 +252,38 @@ def test_os_seeded_generators_draw_their_whole_state_from_the_os(monkeypatch):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     assert not seeded_from_32_bits(dpsgd.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0,
                                                expected_batch_size=2).generator)
-    made = []  # secure mode: a fresh OS-seeded generator for every step's noise
-    real = dpsgd.os_seeded_generator
-    monkeypatch.setattr(dpsgd, "os_seeded_generator", lambda *a: made.append(real(*a)) or made[-1])
-    dp = dpsgd.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, secure_mode=True)
-    made.clear()  # (the engine's own, unused in secure mode)
-    model(torch.randn(2, 3)).sum().backward()
-    dp.step()
-    assert len(made) == 1 and not seeded_from_32_bits(made[0])
+    drawn = []  # the noise on a CPU: from os.urandom at every draw (default and secure mode: four draws summed)
+    real = dpsgd.os_normal
+    monkeypatch.setattr(dpsgd, "os_normal", lambda shape, **k: drawn.append(shape) or real(shape, **k))
+    for secure in (False, True):
+        dp = dpsgd.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=2,
+                         secure_mode=secure)
+        model(torch.randn(2, 3)).sum().backward()
+        dp.step()
+        dp.zero_grad()
+        dp.detach()
+    size = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert drawn == [(1, size), (4, size)]
     sampling.seed_global_from_os()
     assert not seeded_from_32_bits(torch.default_generator)
     torch.manual_seed(0)  # (the other tests' global RNG as they expect it)
+
+
+def test_os_normal_draws_standard_normals_from_the_os_with_no_stream_to_predict():
+    """A reviewer's attack (2026-11-28): a Mersenne Twister's output is linear in its state, so one release of noise
+    alone (an empty batch's step, a central-DP round without updates) gave its state and all the noise to come,
+    however the state was seeded; the next release's clipped sum came out to 2e-7. DP noise that is not
+    caller-seeded is now drawn from os.urandom on a CPU, per draw; central DP's default has no generator."""
+    from fedlora_fast.federated.aggregation import CentralDP
+
+    z = sampling_module.os_normal((400_001,), dtype=torch.float64)
+    assert z.shape == (400_001,) and torch.isfinite(z).all()
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert abs(float((z**4).mean()) - 3) < 0.06 and abs(float((z > 1.96).double().mean()) - 0.025) < 0.002
+    assert not torch.equal(sampling_module.os_normal((8,)), sampling_module.os_normal((8,)))
+    assert sampling_module.os_normal((3, 5)).dtype == torch.float32
+    central = CentralDP(clip_norm=1.0, noise_multiplier=2.0, num_clients=4)
+    assert central.generator is None and central.tensor_state() == {}
+    zero = {"b": torch.zeros(200, 100)}
+    a, b = central.aggregate(zero, [])["b"], central.aggregate(zero, [])["b"]
+    assert not torch.equal(a, b) and abs(float(a.std()) - 2.0 / 4) < 0.02  # (sigma C / clients selected)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fedlora_fast.federated.state import check_tensor
 from fedlora_fast.privacy.accounting import Accountant, check_noise_multiplier
-from fedlora_fast.privacy.sampling import os_seeded_generator
+from fedlora_fast.privacy.sampling import os_normal
 
 
 @dataclass
@@ -122,7 +122,8 @@ class CentralDP(Aggregator):
             hold: 7.9 vs 14.1 for 100 rounds of 10 of 100 clients, a review's dp_accounting check), and Poisson
             selection would give a varying number of updates, which this class does not take. An update
             rejected or lost after selection still counts (q stays 1).
-        generator: noise generator; None draws a seed from the operating system.
+        generator: noise generator, for a reproducible run (whoever knows its seed can remove the noise); None:
+            every draw from the operating system's cryptographically secure generator (``os_normal``).
 
     Every round is a release, even one with no update accepted (noise alone): ``Server`` does not skip a round
     below its ``min_clients`` under this aggregator, since whether a round moved the state would tell whether
@@ -152,7 +153,9 @@ class CentralDP(Aggregator):
             )
         self.clients_per_round = per_round
         self.sample_rate = per_round / self.num_clients
-        self.generator = generator or os_seeded_generator()
+        # (None: every draw from the OS's cryptographically secure generator, os_normal; a generator's stream, even
+        # OS-seeded, is predictable after a round of noise alone, which a round without updates releases)
+        self.generator = generator
         self.accountant = Accountant()
 
     def aggregate(self, global_state, updates):
@@ -173,8 +176,9 @@ class CentralDP(Aggregator):
         # one noise stream over the keys in name order (their order never matters); the output keeps the input's
         # drawn where the generator is (a factory call would follow torch.set_default_device, and refuse it)
         gen = self.generator
-        noise = {k: torch.normal(0.0, std, size=global_state[k].shape, generator=gen, dtype=torch.float64,
-                                 device=gen.device).to(global_state[k].device)
+        noise = {k: (torch.normal(0.0, std, size=global_state[k].shape, generator=gen, dtype=torch.float64,
+                                  device=gen.device) if gen is not None
+                     else os_normal(tuple(global_state[k].shape), dtype=torch.float64) * std).to(global_state[k].device)
                  for k in sorted(global_state)} if std > 0 else {}
         out = {k: (g.double() + (summed[k] + noise.get(k, 0.0)) / n).to(g.dtype) for k, g in global_state.items()}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
@@ -187,10 +191,11 @@ class CentralDP(Aggregator):
         self.accountant = Accountant.from_state_dict(state["accountant"])
 
     def tensor_state(self):
-        return {"generator": self.generator.get_state()}
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
 
     def load_tensor_state(self, tensors):
-        self.generator.set_state(tensors["generator"])
+        if self.generator is not None:
+            self.generator.set_state(tensors["generator"])
 
     def privacy(self, delta):
         return {

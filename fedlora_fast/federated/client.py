@@ -23,7 +23,7 @@ from fedlora_fast.federated.state import load_trainable, trainable_state
 from fedlora_fast.privacy.accounting import Accountant, check_sample_rate
 from fedlora_fast.privacy.dpsgd import DPSGD
 from fedlora_fast.privacy.graphed import GraphedAccumulator, capturable_attention_mask, graph_micro_batch_sizes
-from fedlora_fast.privacy.sampling import PoissonSampler, os_seeded_generator, seed_from_os
+from fedlora_fast.privacy.sampling import PoissonSampler, os_seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,9 @@ class Client:
         noise_multiplier: sigma (0: no noise, no privacy).
         clipping: ``"flat"`` or ``"per_layer"``.
         sample_generator, noise_generator: the client's persistent RNGs of its Poisson draws and its noise
-            (checkpointed with it). None (the default): seeded from the operating system, as private training
-            needs; the noise generator is made on the model's device at the first ``fit``. A generator passed
+            (checkpointed with it). None (the default): from the operating system, as private training needs: the
+            sampler's generator seeded with its whole state from it, the noise drawn by DPSGD's default (on a
+            CPU from the OS's cryptographically secure generator at every draw). A generator passed
             here is for reproducible experiments only: whoever knows its seed can predict the noise and the
             draws, and the reported epsilon then means nothing (logged as a warning, once per client).
         physical_batch_size: split a larger sampled batch into micro-batches of at most this size (less
@@ -229,8 +230,7 @@ class Client:
                 " and ".join(given),
             )
         self.sample_generator = sample_generator if sample_generator is not None else os_seeded_generator()
-        self.noise_generator = noise_generator  # (None: made on the model's device at the first fit)
-        self._noise_state: torch.Tensor | None = None  # a restored state for that generator (load_tensor_state)
+        self.noise_generator = noise_generator  # (None: the engine draws from the OS's secure generator)
         self.physical_batch_size = physical_batch_size
         self.accountant = accountant or Accountant()
         self.secure_mode = bool(secure_mode)
@@ -283,8 +283,6 @@ class Client:
         opt = make_optimizer(self.optimizer, params, lr, self.weight_decay, self.momentum)
         # built before the engine attaches: a failure here must not leave the model with a DP engine's hooks
         sampler = PoissonSampler(self.num_examples, self.sample_rate, steps=self.local_steps, generator=self.sample_generator)
-        if self.noise_generator is None:
-            self.noise_generator = self._new_noise_generator(params[0].device)
         with _quiet_seeded_generator_warning():
             # The engine steps this client's persistent accountant once per noisy step (empty batches too).
             dp = DPSGD(
@@ -361,43 +359,24 @@ class Client:
     def load_state_dict(self, state: dict) -> None:
         self.accountant = Accountant.from_state_dict(state["accountant"])
 
-    def _new_noise_generator(self, device: torch.device) -> torch.Generator:
-        """The default noise generator, on the model's device: OS-seeded, or holding the restored state."""
-        gen = torch.Generator(device=device)
-        if self._noise_state is None:
-            return seed_from_os(gen)
-        if self._noise_state.numel() != gen.get_state().numel():  # (CPU: 5056 bytes of Mersenne Twister; CUDA: 16)
-            raise ValueError(
-                f"client {self.client_id}: the restored noise generator's state is of another device than the "
-                f"model's ({device}): fit the model on the device the checkpoint was written from"
-            )
-        gen.set_state(self._noise_state)
-        self._noise_state = None
-        return gen
-
     def tensor_state(self) -> dict:
-        """The generators' states (the noise generator's once it exists: given, made by the first fit, or restored
-        and waiting for it)."""
+        """The generators' states (the noise generator's where one was given: a default client's noise comes from
+        the OS's generator, which has no state)."""
         out = {"sample_rng": self.sample_generator.get_state()}
         if self.noise_generator is not None:
             out["noise_rng"] = self.noise_generator.get_state()
-        elif self._noise_state is not None:
-            out["noise_rng"] = self._noise_state.clone()
         return out
 
     def load_tensor_state(self, tensors: dict) -> None:
-        """Restore ``tensor_state``. A client with no noise generator yet (the default: made at the first fit, on
-        the model's device, which a checkpoint does not name) keeps the saved state for it: the first fit makes
-        the generator on the model's device and restores the state there (refused by name if it is another
-        device's state)."""
+        """Restore ``tensor_state``. A saved noise generator's state goes to this client's noise generator: a
+        default client (none: its noise from the OS's generator) refuses one rather than continue a stream
+        whose seed someone may know (pass ``noise_generator=`` to continue a reproducible experiment)."""
+        if "noise_rng" in tensors and self.noise_generator is None:
+            raise ValueError(
+                f"client {self.client_id}: noise_rng: the saved state holds a noise generator's state, and this "
+                "client has none (its noise comes from the operating system's generator): pass "
+                "noise_generator=torch.Generator(device=...) to the Client to continue that stream"
+            )
         self.sample_generator.set_state(tensors["sample_rng"])
-        if "noise_rng" not in tensors:
-            return
-        if self.noise_generator is None:
-            state = tensors["noise_rng"]
-            if state.dtype != torch.uint8 or state.dim() != 1:
-                raise ValueError(f"client {self.client_id}: noise_rng: expected a generator's state (1-D uint8), got "
-                                 f"{state.dtype} {tuple(state.shape)}")
-            self._noise_state = state.clone()
-        else:
+        if "noise_rng" in tensors:
             self.noise_generator.set_state(tensors["noise_rng"])

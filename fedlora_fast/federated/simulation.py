@@ -337,8 +337,8 @@ def make_server(cfg: FederatedConfig, model: nn.Module, fp: str, example_counts:
     """The run's server: the model's trainable tensors as the global state, its aggregator, its bounds
     (``max_update_norm``; ``example_counts``: what each client holds, where the server knows it)."""
     if cfg.aggregator == "central_dp":
-        generator = os_seeded_generator() if cfg.secure_noise else torch.Generator().manual_seed(
-            derive_seed(cfg.seed, "server_noise"))
+        # (secure: None, every draw from the OS's cryptographically secure generator)
+        generator = None if cfg.secure_noise else torch.Generator().manual_seed(derive_seed(cfg.seed, "server_noise"))
         aggregator = CentralDP(clip_norm=cfg.server_clip_norm, noise_multiplier=cfg.server_noise_multiplier,
                                num_clients=cfg.num_clients, generator=generator)
     else:

@@ -35,7 +35,7 @@ from fedlora_fast.layers.per_sample_modules import _PerSampleMixin
 from fedlora_fast.ops.ffa_linear import call, ffa_linear_clip_reduce
 from fedlora_fast.privacy import group
 from fedlora_fast.privacy.accounting import ACCOUNTANTS, Accountant, check_sample_rate
-from fedlora_fast.privacy.sampling import os_seeded_generator
+from fedlora_fast.privacy.sampling import os_normal, os_seeded_generator
 from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE, clip_coef
 
 log = logging.getLogger(__name__)
@@ -421,9 +421,11 @@ class DPSGD:
             inf).
         expected_batch_size: m, the divisor (with Poisson sampling: ``q * dataset size``).
         clipping: ``"flat"`` or ``"per_layer"``.
-        generator: the noise generator (on the parameters' device). None (default): a fresh generator
-            seeded from the operating system's entropy. Reproducible runs only: pass a seeded one, or
-            ``noise_seed``; either is logged as a warning.
+        generator: the noise generator (on the parameters' device). None (default): the noise from the
+            operating system, on a CPU from ``os.urandom`` at every draw (``sampling.os_normal``: a generator's
+            stream is predictable from a release of noise alone), on a GPU from a Philox generator keyed with 64
+            bits from it. Reproducible runs only: pass a seeded one, or ``noise_seed``; either is logged as a
+            warning.
         per_layer_max_grad_norm: per-tensor thresholds (a list in ``parameters()`` order) for per-layer
             clipping; default ``C / sqrt(L)`` each. ``sqrt(sum C_l^2)`` must not exceed C.
         sample_rate: Poisson sampling rate q of the batches; required for privacy accounting.
@@ -431,7 +433,8 @@ class DPSGD:
             federated client passes its one accountant to every round's engine). Default: ``"rdp"`` when
             ``sample_rate`` is given, else no accounting.
         noise_seed: an explicit seed for the noise generator (reproducible experiments only).
-        secure_mode: draw each step's noise from a generator freshly seeded from the OS, as the sum of four
+        secure_mode: draw each step's noise from the OS (a CPU: ``os.urandom``; a GPU: a Philox generator freshly
+            keyed from it), as the sum of four
             normals scaled by 1/2 (opacus's secure mode: Holohan & Braghin, arXiv 2107.10138, against the
             floating-point attack on Gaussian samplers of arXiv 2112.05307). About 4x the noise cost; excludes
             ``generator``/``noise_seed``.
@@ -1189,7 +1192,16 @@ class DPSGD:
         _check_noise_std(self.noise_multiplier, self.max_grad_norm, self.expected_batch_size, self._grad_dtypes())
 
     def _noise(self, std: float, size: int) -> Tensor:
+        """(size,) float32 N(0, std^2) on the parameters' device. A caller-seeded engine draws from its generator
+        (reproducible). Otherwise, on a CPU, from the OS's cryptographically secure generator (``os_normal``: a
+        generator's stream, even OS-seeded, is predictable from a release of noise alone, such as an empty
+        batch's); on a GPU from the engine's Philox generator, keyed by 64 bits from the OS (not a proven
+        cryptographic generator: README, privacy notes). Secure mode sums four draws (Holohan & Braghin 2021), each
+        step's from the OS's generator on a CPU, from a fresh OS-keyed Philox generator on a GPU."""
         device = self._device
+        if device.type == "cpu" and (self.secure_mode or not self.seeded):
+            draws = os_normal((4, size) if self.secure_mode else (1, size), dtype=torch.float64).sum(0)
+            return (draws * (std / 2 if self.secure_mode else std)).float()
         if not self.secure_mode:
             return torch.normal(0.0, std, size=(size,), generator=self.generator, device=device, dtype=torch.float32)
         gen = os_seeded_generator(device)

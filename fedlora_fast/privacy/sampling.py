@@ -54,6 +54,22 @@ def seed_from_os(gen: torch.Generator) -> torch.Generator:
     return gen
 
 
+def os_normal(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal draws on the CPU whose every bit comes from the operating system's cryptographically secure
+    generator (``os.urandom``): Box-Muller over 53-bit uniforms, in float64. Nothing drawn before tells anything
+    of what is drawn next. A generator's stream does not give that even when its state came from the OS
+    (``seed_from_os``): a Mersenne Twister's output is linear in its state, and ~20,000 observed bits of it
+    (one release of noise alone: an empty Poisson batch, a central-DP round without updates) determine the
+    state and with it all the noise still to come (a reviewer's attack recovered the next release's clipped sum
+    to 2e-7, in seconds). DP noise that is not caller-seeded is drawn here on a CPU."""
+    n = math.prod(shape)
+    m = (n + 1) // 2
+    bits = torch.frombuffer(bytearray(os.urandom(16 * m)), dtype=torch.int64).view(2, m) & ((1 << 53) - 1)
+    u = (bits.double() + 0.5) * 2.0**-53  # in (0, 1]: the log is finite
+    r, theta = torch.sqrt(-2.0 * torch.log(u[0])), (2 * math.pi) * u[1]
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:n].view(shape).to(dtype)
+
+
 def os_seeded_generator(device: str | torch.device = "cpu") -> torch.Generator:
     """A generator on ``device`` whose state comes from the operating system's entropy (``seed_from_os``; torch's
     global RNG untouched)."""
