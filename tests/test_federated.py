@@ -704,6 +704,18 @@ def test_resume_takes_a_list_setting_given_as_a_tuple(tiny, tmp_path):
     assert run_simulation(cfg, tmp_path / "run", resume=True, progress=False, echo=None)["final"] is not None
 
 
+def test_resume_of_a_train_lm_checkpoint_names_that_command(tiny, tmp_path):
+    """train --resume into an --out that fedlora-fast train-lm wrote said "lacks part of the run state (KeyError:
+    'config'); it was not written by this version's save"."""
+    from fedlora_fast.federated import checkpoint
+
+    (tmp_path / "run").mkdir()
+    checkpoint.save_checkpoint(tmp_path / "run" / "checkpoint.safetensors", {}, {"format": "train-lm", "round": 1})
+    with pytest.raises(ValueError, match=r"resume: .* is a checkpoint of fedlora-fast train-lm, not of fedlora-fast "
+                                         r"train"):
+        run_simulation(tiny_config(tiny), tmp_path / "run", resume=True, progress=False, echo=None)
+
+
 def test_resume_compares_the_data_and_model_a_path_holds_not_its_spelling(tiny, tmp_path, monkeypatch):
     """The same data file named by a relative path, and the same model files at another directory, resume
     (refused before: the config's path strings were compared, though the fingerprints decide); a checkpoint

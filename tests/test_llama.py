@@ -434,6 +434,12 @@ def test_train_lm_one_run_per_out_overwrite_clears_it_and_a_resume_accounts_from
     flags = ["--tiny", "--rounds", "2", "--local-steps", "2", "--max-examples", "48"]
     out = tmp_path / "run"
     out.mkdir()
+    # an --out of the other command: no --resume advised for train-lm, and train's resume names the command
+    ran = tmp_path / "classifier"
+    ran.mkdir()
+    checkpoint.save_checkpoint(ran / "checkpoint.safetensors", {}, {"config": {}})
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoint.safetensors\): --overwrite replaces it"):
+        causal_lm.main([*flags, "--out", str(ran)])
     with exclusive_lock(out / RUN_LOCK_NAME):
         with pytest.raises(ValueError, match=r"--out: .* is in use by another fedlora-fast run"):
             causal_lm.main([*flags, "--out", str(out)])

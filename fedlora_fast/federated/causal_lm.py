@@ -218,6 +218,17 @@ def model_fields(model: nn.Module, dtype: torch.dtype) -> dict[str, list[float]]
     return {"the model config and dtype": fingerprint([config, dtype])}
 
 
+def _is_train_lm_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint this command wrote (its metadata only is read)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("state", "{}")).get("format") == "train-lm"
+    except Exception:  # (missing, another file, damaged: not one to resume)
+        return False
+
+
 def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> list[str]:
     """Refuse an ``--out`` the run could not write, before training (it is first written after the first round):
     created where missing, a probe file written there (``io.unwritable``), and no directory where
@@ -233,7 +244,7 @@ def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> list[
     if resume and CHECKPOINT_NAME not in held:
         raise ValueError(f"--resume: {str(out)!r} holds no checkpoint ({CHECKPOINT_NAME}) to continue")
     if held and not (resume or overwrite):
-        how = "--resume continues it, " if CHECKPOINT_NAME in held else ""
+        how = "--resume continues it, " if _is_train_lm_checkpoint(out / CHECKPOINT_NAME) else ""
         raise ValueError(f"--out: {str(out)!r} holds a run ({', '.join(held)}): {how}--overwrite replaces it, or "
                          "choose another --out")
     return held

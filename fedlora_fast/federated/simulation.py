@@ -639,6 +639,9 @@ class Federation:
                              "it was not written by this version's save") from None
 
     def _restore(self, path, tensors: dict, state: dict) -> None:
+        if state.get("format") == "train-lm":
+            raise ValueError(f"resume: {path} is a checkpoint of fedlora-fast train-lm, not of fedlora-fast train: "
+                             "resume it with train-lm, or start a new run with another --out")
         old, new = state["config"], self.config.to_dict()
         diff = [k for k in new if k not in RESUME_FREE + RESUME_BY_CONTENT and old.get(k) != new[k]]
         if diff:
