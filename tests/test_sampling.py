@@ -282,6 +282,7 @@ def test_os_normal_draws_standard_normals_from_the_os_with_no_stream_to_predict(
     assert abs(float((z**4).mean()) - 3) < 0.06 and abs(float((z > 1.96).double().mean()) - 0.025) < 0.002
     assert not torch.equal(sampling_module.os_normal((8,)), sampling_module.os_normal((8,)))
     assert sampling_module.os_normal((3, 5)).dtype == torch.float32
+    assert sampling_module.os_normal((0, 4)).shape == (0, 4)  # (a zero-size tensor of a global state)
     central = CentralDP(clip_norm=1.0, noise_multiplier=2.0, num_clients=4)
     assert central.generator is None and central.tensor_state() == {}
     zero = {"b": torch.zeros(200, 100)}

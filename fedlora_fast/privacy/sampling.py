@@ -63,6 +63,8 @@ def os_normal(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Ten
     state and with it all the noise still to come (a reviewer's attack recovered the next release's clipped sum
     to 2e-7, in seconds). DP noise that is not caller-seeded is drawn here on a CPU."""
     n = math.prod(shape)
+    if n == 0:  # (an empty buffer is refused by torch.frombuffer)
+        return torch.zeros(shape, dtype=dtype)
     m = (n + 1) // 2
     bits = torch.frombuffer(bytearray(os.urandom(16 * m)), dtype=torch.int64).view(2, m) & ((1 << 53) - 1)
     u = (bits.double() + 0.5) * 2.0**-53  # in (0, 1]: the log is finite
