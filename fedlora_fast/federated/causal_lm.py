@@ -87,8 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat",
                    help="flat: one threshold over all tensors; per_layer: C/sqrt(L) each (no per-sample state)")
     p.add_argument("--secure-noise", action="store_true",
-                   help="DPSGD's secure mode: each step's noise from a fresh OS-seeded generator, the sum of four "
-                        "draws (Holohan & Braghin 2021; the default noise generator is OS-seeded too)")
+                   help="DPSGD's secure mode: each step's noise the sum of four draws from the OS (Holohan & Braghin "
+                        "2021; a CPU: os.urandom, a GPU: a Philox generator freshly keyed from it); the default "
+                        "noise comes from the OS too (a CPU: os.urandom; a GPU: one OS-keyed Philox generator)")
     p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default 0.02 tiny / 0.002)")
     p.add_argument("--micro-batch", type=int, default=8, help="physical batch size (sequences per backward)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 16 tiny / 128)")
@@ -230,13 +231,10 @@ def _is_train_lm_checkpoint(path: Path) -> bool:
 
 
 def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> list[str]:
-    """Refuse an ``--out`` the run could not write, before training (it is first written after the first round):
-    created where missing, a probe file written there (``io.unwritable``), and no directory where
+    """Refuse an ``--out`` the run could not use, before training (it is first written after the first round;
+    ``run`` has already checked it writable, ``io.unwritable``, to take its lock there): no directory where
     ``metrics.json`` goes. A fresh run refuses an ``--out`` holding a run's outputs (unless ``overwrite``: the
     run removes them once it is built); a resumed one needs its checkpoint. Returns the outputs held."""
-    why = unwritable(out)
-    if why is not None:
-        raise ValueError(f"--out: expected a writable directory, got {str(out)!r} ({why})")
     if (out / "metrics.json").is_dir() or (out / "adapter").is_file() or (out / CHECKPOINT_NAME).is_dir():
         raise ValueError(f"--out: {str(out)!r} holds a directory metrics.json or {CHECKPOINT_NAME}, or a file "
                          "adapter; the run writes files and a directory of those names there")
