@@ -9,7 +9,8 @@
 # replay_cost = a/c); 5. the profiled end-to-end 1B DP step; then the diagnostics, as time allows: 6. Nsight
 # Compute on one layer step's kernels (bench/ncu_layer.py, where ncu exists); 7. the host cost per launch by
 # path (bench/launch.py); 8. ghost norms and clipping of a Llama-7B lm_head and embedding against per-sample
-# tensors (bench/ghost.py; opt-in: GHOST_S). When time runs short, 8, 7 and then 6 are the steps skipped
+# tensors (bench/ghost.py), then DP noise draws: the ChaCha20 kernel against Philox and os.urandom copied over
+# (bench/chacha20.py; step 8 is opt-in: GHOST_S). When time runs short, 8, 7 and then 6 are the steps skipped
 # (without ncu, step 6's time goes to the others).
 #
 # Logs and results go to $OUT (default bench/results/gpu_session); the console (pip, nvidia-smi, versions,
@@ -121,7 +122,7 @@ pack
 
 # 1. Correct first: the CUDA-marked tests (every kernel against float64, natively), files in order of what is
 # newest. -v into the log: each test's PASSED/FAILED line is there as it finishes, so a cut names what failed.
-TEST_FILES=${TEST_FILES:-tests/test_dp_group.py tests/test_ghost.py tests/test_per_sample_functional.py tests/test_graphed.py \
+TEST_FILES=${TEST_FILES:-tests/test_chacha20.py tests/test_dp_group.py tests/test_ghost.py tests/test_per_sample_functional.py tests/test_graphed.py \
 tests/test_bench_smoke.py tests/test_kernels_triton.py tests/test_ffa_linear.py}
 TESTS=()  # the files that exist (one missing path would make pytest run nothing)
 for f in $TEST_FILES; do if [ -e "$f" ]; then TESTS+=("$f"); else echo "# $f does not exist: left out"; fi; done
@@ -229,9 +230,14 @@ if begin 7 "host cost per launch, by path (bench/launch.py)" "$L" 10; then
 fi
 
 L=$(cap 8)
-if begin 8 "ghost norms and clipping of a trained lm_head and embedding vs per-sample tensors (bench/ghost.py)" "$L" 10; then
-    run "$OUT/ghost.log" "$L" "$PY" bench/ghost.py --device cuda --out "$OUT/ghost.json"
+if begin 8 "ghost norms and clipping of a trained lm_head and embedding vs per-sample tensors (bench/ghost.py); DP noise draws (bench/chacha20.py)" "$L" 10; then
+    run "$OUT/ghost.log" "$(( L > 20 ? L - 10 : L ))" "$PY" bench/ghost.py --device cuda --out "$OUT/ghost.json"
     cat "$OUT/ghost.log"
+    L=$(( $(left) - 1 ))
+    if (( L >= 5 )); then
+        run "$OUT/chacha20.log" "$L" "$PY" bench/chacha20.py --device cuda --out "$OUT/chacha20.json"
+        cat "$OUT/chacha20.log"
+    fi
 fi
 pack
 

@@ -139,7 +139,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--delta", type=float, default=d.delta, help="delta")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="per-sample clipping threshold C")
     g.add_argument("--clipping", choices=CLIPPING, default=d.clipping, help="flat: one threshold over all tensors; per_layer: C/sqrt(L) each")
-    g.add_argument("--secure-noise", action="store_true", help="DP-SGD secure mode: every step's noise from a fresh OS-seeded generator, and the Poisson sampling and dropout masks OS-seeded (not reproducible from --seed)")
+    g.add_argument("--secure-noise", action="store_true", help="DP-SGD secure mode: every step's noise four draws from the OS's secure generator summed (os.urandom on a CPU, ChaCha20 under a fresh OS key on a GPU), and the Poisson sampling and dropout masks OS-seeded (not reproducible from --seed)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of split, partition, A and (unless --secure-noise) dropout, sampling and noise")
     g.add_argument("--out", default="runs/fedlora-fast", help="output directory")

@@ -4,6 +4,7 @@ Importing this package imports triton; ``fedlora_fast`` itself never does (the b
 it only when the triton backend is used).
 """
 
+from .chacha20 import chacha20_normal  # noqa: F401
 from .ffa_linear import ffa_linear_bwd, ffa_linear_clip_reduce, ffa_linear_fwd  # noqa: F401
 
-__all__ = ["ffa_linear_fwd", "ffa_linear_bwd", "ffa_linear_clip_reduce"]
+__all__ = ["ffa_linear_fwd", "ffa_linear_bwd", "ffa_linear_clip_reduce", "chacha20_normal"]

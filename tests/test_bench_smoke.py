@@ -319,6 +319,16 @@ def test_ghost_bench_smoke(tmp_path):
     assert "ghost/dense time" in proc.stdout
 
 
+def test_chacha20_bench_smoke(tmp_path):
+    """bench/chacha20.py at toy size: its check passes and the row holds every variant's time and ratios."""
+    out = tmp_path / "chacha20.json"
+    proc = _run(["bench/chacha20.py", "--n", "20001", "--reps", "1", "--out", str(out)])
+    (row,) = json.load(open(out))["rows"]
+    assert row["n"] == 20001 and row["check_max_abs_err"] < 1e-12 and row["ratio_chacha20_to_philox"] > 0
+    assert all(row[f"{v}_s"] > 0 for v in ("chacha20", "urandom", "philox")), row
+    assert "chacha20/philox" in proc.stdout
+
+
 def test_gpu_layer_smoke():
     """The Triton layer benchmark (owned by the Triton engineer) in its smoke mode, where it has one."""
     path = os.path.join(BENCH, "gpu_layer.py")
@@ -1052,11 +1062,13 @@ def test_gpu_session_budget_gives_every_step_its_cap(tmp_path):
     layer = [line for line in cmds.read_text().splitlines() if "gpu_layer.py" in line and "sweep-only" not in line]
     assert layer and not any("--blocks-from" in line for line in layer), layer
     assert not (tmp_path / "out" / "sweep.json").exists()
-    # step 8 (opt-in): the ghost bench on what the others leave, on CUDA
+    # step 8 (opt-in): the ghost bench on what the others leave, on CUDA, then the noise-draw bench
     cmds.write_text("")
     caps, skipped, done, log = session(extra={"GHOST_S": "20"}, TEST=100, SWEEP=40, GHOST=5)
     assert not skipped and caps[8] >= 20 and done <= 570, log
-    assert any("ghost.py --device cuda" in line for line in cmds.read_text().splitlines()), cmds.read_text()
+    ran = cmds.read_text().splitlines()
+    assert any("ghost.py --device cuda" in line for line in ran), ran
+    assert any("chacha20.py --device cuda" in line for line in ran), ran
 
 
 def test_gpu_session_a_kill_keeps_what_was_done(tmp_path):

@@ -250,11 +250,12 @@ def test_os_seeded_generators_draw_their_whole_state_from_the_os(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     ff.inject_adapters(model, ["0"], r=2)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    assert not seeded_from_32_bits(dpsgd.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0,
-                                               expected_batch_size=2).generator)
+    # (a default engine keeps no generator: its noise comes from os_normal at every draw, on any device)
+    assert dpsgd.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=2).generator is None
     drawn = []  # the noise on a CPU: from os.urandom at every draw (default and secure mode: four draws summed)
     real = dpsgd.os_normal
-    monkeypatch.setattr(dpsgd, "os_normal", lambda shape, **k: drawn.append(shape) or real(shape, **k))
+    monkeypatch.setattr(dpsgd, "os_normal",
+                        lambda shape, **k: drawn.append((shape, k["device"].type)) or real(shape, **k))
     for secure in (False, True):
         dp = dpsgd.DPSGD(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=2,
                          secure_mode=secure)
@@ -263,7 +264,7 @@ def test_os_seeded_generators_draw_their_whole_state_from_the_os(monkeypatch):
         dp.zero_grad()
         dp.detach()
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert drawn == [(1, size), (4, size)]
+    assert drawn == [((size,), "cpu")] * 5  # (the default's one draw, then secure mode's four)
     sampling.seed_global_from_os()
     assert not seeded_from_32_bits(torch.default_generator)
     torch.manual_seed(0)  # (the other tests' global RNG as they expect it)

@@ -178,7 +178,8 @@ class CentralDP(Aggregator):
         gen = self.generator
         noise = {k: (torch.normal(0.0, std, size=global_state[k].shape, generator=gen, dtype=torch.float64,
                                   device=gen.device) if gen is not None
-                     else os_normal(tuple(global_state[k].shape), dtype=torch.float64) * std).to(global_state[k].device)
+                     else os_normal(tuple(global_state[k].shape), dtype=torch.float64, device=global_state[k].device)
+                     * std).to(global_state[k].device)
                  for k in sorted(global_state)} if std > 0 else {}
         out = {k: (g.double() + (summed[k] + noise.get(k, 0.0)) / n).to(g.dtype) for k, g in global_state.items()}
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

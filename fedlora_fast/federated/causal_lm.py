@@ -87,9 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat",
                    help="flat: one threshold over all tensors; per_layer: C/sqrt(L) each (no per-sample state)")
     p.add_argument("--secure-noise", action="store_true",
-                   help="DPSGD's secure mode: each step's noise the sum of four draws from the OS (Holohan & Braghin "
-                        "2021; a CPU: os.urandom, a GPU: a Philox generator freshly keyed from it); the default "
-                        "noise comes from the OS too (a CPU: os.urandom; a GPU: one OS-keyed Philox generator)")
+                   help="DPSGD's secure mode: each step's noise the sum of four draws from the OS's secure "
+                        "generator (Holohan & Braghin 2021); the default noise comes from it too (a CPU: os.urandom; "
+                        "a GPU: ChaCha20 under a fresh key from os.urandom at every draw)")
     p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default 0.02 tiny / 0.002)")
     p.add_argument("--micro-batch", type=int, default=8, help="physical batch size (sequences per backward)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 16 tiny / 128)")

@@ -159,7 +159,7 @@ class Client:
         physical_batch_size: split a larger sampled batch into micro-batches of at most this size (less
             memory; the same result without dropout, other dropout masks with it); None: never split.
         accountant: its accountant (a fresh RDP one when None).
-        secure_mode: DPSGD's secure noise (fresh OS-seeded generator per step, Holohan & Braghin 2021);
+        secure_mode: DPSGD's secure noise (four draws from the OS's secure generator summed, Holohan & Braghin 2021);
             the noise is then not reproducible and ``noise_generator`` is unused.
         cuda_graph: run every micro-batch through ``GraphedAccumulator``: sequences padded to the client's
             longest, the sampled batch split into micro-batches of ``graph_micro_batch_sizes(b)`` (b =

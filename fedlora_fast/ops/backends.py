@@ -22,7 +22,7 @@ from typing import Callable
 
 ENV_VAR = "FEDLORA_FAST_BACKEND"
 BACKENDS = ("torch", "triton", "native")
-OPS = ("ffa_linear_fwd", "ffa_linear_bwd", "ffa_linear_clip_reduce")
+OPS = ("ffa_linear_fwd", "ffa_linear_bwd", "ffa_linear_clip_reduce", "chacha20_normal")
 _MODULES = {
     "torch": "fedlora_fast.reference",
     "triton": "fedlora_fast.kernels",

@@ -35,7 +35,7 @@ from fedlora_fast.layers.per_sample_modules import _PerSampleMixin
 from fedlora_fast.ops.ffa_linear import call, ffa_linear_clip_reduce
 from fedlora_fast.privacy import group
 from fedlora_fast.privacy.accounting import ACCOUNTANTS, Accountant, check_sample_rate
-from fedlora_fast.privacy.sampling import os_normal, os_seeded_generator
+from fedlora_fast.privacy.sampling import os_normal
 from fedlora_fast.reference import MODE_CLIP, MODE_PER_SAMPLE, clip_coef
 
 log = logging.getLogger(__name__)
@@ -422,10 +422,10 @@ class DPSGD:
         expected_batch_size: m, the divisor (with Poisson sampling: ``q * dataset size``).
         clipping: ``"flat"`` or ``"per_layer"``.
         generator: the noise generator (on the parameters' device). None (default): the noise from the
-            operating system, on a CPU from ``os.urandom`` at every draw (``sampling.os_normal``: a generator's
-            stream is predictable from a release of noise alone), on a GPU from a Philox generator keyed with 64
-            bits from it. Reproducible runs only: pass a seeded one, or ``noise_seed``; either is logged as a
-            warning.
+            operating system's cryptographically secure generator at every draw (``sampling.os_normal``: on a CPU
+            ``os.urandom``, on CUDA a ChaCha20 keystream under a fresh key from it; a generator's stream is
+            predictable from a release of noise alone). Reproducible runs only: pass a seeded one, or
+            ``noise_seed``; either is logged as a warning.
         per_layer_max_grad_norm: per-tensor thresholds (a list in ``parameters()`` order) for per-layer
             clipping; default ``C / sqrt(L)`` each. ``sqrt(sum C_l^2)`` must not exceed C.
         sample_rate: Poisson sampling rate q of the batches; required for privacy accounting.
@@ -433,9 +433,8 @@ class DPSGD:
             federated client passes its one accountant to every round's engine). Default: ``"rdp"`` when
             ``sample_rate`` is given, else no accounting.
         noise_seed: an explicit seed for the noise generator (reproducible experiments only).
-        secure_mode: draw each step's noise from the OS (a CPU: ``os.urandom``; a GPU: a Philox generator freshly
-            keyed from it), as the sum of four
-            normals scaled by 1/2 (opacus's secure mode: Holohan & Braghin, arXiv 2107.10138, against the
+        secure_mode: draw each step's noise from the OS's secure generator (as the default does), as the sum of
+            four normals scaled by 1/2 (opacus's secure mode: Holohan & Braghin, arXiv 2107.10138, against the
             floating-point attack on Gaussian samplers of arXiv 2112.05307). About 4x the noise cost; excludes
             ``generator``/``noise_seed``.
         process_group: a ``torch.distributed`` process group for data-parallel training (one silo's GPUs, say;
@@ -518,7 +517,8 @@ class DPSGD:
             raise ValueError("per_layer_max_grad_norm: only used with clipping='per_layer', got clipping='flat'")
         self.secure_mode = bool(secure_mode)
         if self.secure_mode and (generator is not None or noise_seed is not None):
-            raise ValueError("secure_mode: the noise is seeded from the OS at every step; pass no generator/noise_seed")
+            raise ValueError("secure_mode: the noise comes from the OS's secure generator at every step; pass no "
+                             "generator/noise_seed")
         self.generator = self._make_generator(generator, noise_seed)
 
     # An engine is not pickled or copied: it holds the noise generator (the noise's secret: a file holding its
@@ -775,7 +775,7 @@ class DPSGD:
         self.sensitivity = total
         self.ctx.clip = {id(p): c for p, c in zip(self.params, values)}
 
-    def _make_generator(self, generator: torch.Generator | None, noise_seed: int | None) -> torch.Generator:
+    def _make_generator(self, generator: torch.Generator | None, noise_seed: int | None) -> torch.Generator | None:
         device = self.params[0].device
         if generator is not None and noise_seed is not None:
             raise ValueError("generator, noise_seed: pass at most one")
@@ -783,10 +783,9 @@ class DPSGD:
             if isinstance(noise_seed, bool) or not isinstance(noise_seed, int):
                 raise TypeError(f"noise_seed: expected an int, got {noise_seed!r}")
             generator = torch.Generator(device=device).manual_seed(noise_seed)
-        if generator is None:
+        if generator is None:  # (the noise from the OS's secure generator at every draw: no generator to keep)
             self.seeded = False
-            log.info("DPSGD: noise generator seeded from the operating system's entropy")
-            return os_seeded_generator(device)
+            return None
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         if torch.device(generator.device).type != device.type:
@@ -1193,22 +1192,17 @@ class DPSGD:
 
     def _noise(self, std: float, size: int) -> Tensor:
         """(size,) float32 N(0, std^2) on the parameters' device. A caller-seeded engine draws from its generator
-        (reproducible). Otherwise, on a CPU, from the OS's cryptographically secure generator (``os_normal``: a
-        generator's stream, even OS-seeded, is predictable from a release of noise alone, such as an empty
-        batch's); on a GPU from the engine's Philox generator, keyed by 64 bits from the OS (not a proven
-        cryptographic generator: README, privacy notes). Secure mode sums four draws (Holohan & Braghin 2021), each
-        step's from the OS's generator on a CPU, from a fresh OS-keyed Philox generator on a GPU."""
+        (reproducible). Otherwise from the OS's cryptographically secure generator at every draw (``os_normal``:
+        ``os.urandom`` on a CPU, a ChaCha20 keystream under a fresh OS key on CUDA; a generator's stream, even
+        OS-seeded, is predictable from a release of noise alone, such as an empty batch's). Secure mode sums four
+        draws scaled by 1/2 (Holohan & Braghin 2021), one at a time (two float64 vectors live, not five)."""
         device = self._device
-        if device.type == "cpu" and (self.secure_mode or not self.seeded):
-            draws = os_normal((4, size) if self.secure_mode else (1, size), dtype=torch.float64).sum(0)
+        if self.secure_mode or not self.seeded:
+            draws = os_normal((size,), dtype=torch.float64, device=device)
+            for _ in range(3 if self.secure_mode else 0):
+                draws += os_normal((size,), dtype=torch.float64, device=device)
             return (draws * (std / 2 if self.secure_mode else std)).float()
-        if not self.secure_mode:
-            return torch.normal(0.0, std, size=(size,), generator=self.generator, device=device, dtype=torch.float32)
-        gen = os_seeded_generator(device)
-        acc = torch.zeros(size, dtype=torch.float32, device=device)
-        for _ in range(4):
-            acc += torch.normal(0.0, 1.0, size=(size,), generator=gen, device=device, dtype=torch.float32)
-        return acc * (std / 2)
+        return torch.normal(0.0, std, size=(size,), generator=self.generator, device=device, dtype=torch.float32)
 
     def _check_optimizer_syncs(self) -> None:
         """accelerate's ``AcceleratedOptimizer`` skips its step on micro-batches that do not sync: a release

@@ -21,7 +21,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate
 
+from fedlora_fast.ops.chacha20 import chacha20_normal
 from fedlora_fast.privacy.accounting import check_sample_rate
+from fedlora_fast.reference.chacha20 import normals_from_words
 
 
 # torch's CPU generator state (a Mersenne Twister): the legacy THGeneratorState (the initial seed u64, left i32,
@@ -54,22 +56,29 @@ def seed_from_os(gen: torch.Generator) -> torch.Generator:
     return gen
 
 
-def os_normal(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal draws on the CPU whose every bit comes from the operating system's cryptographically secure
-    generator (``os.urandom``): Box-Muller over 53-bit uniforms, in float64. Nothing drawn before tells anything
-    of what is drawn next. A generator's stream does not give that even when its state came from the OS
-    (``seed_from_os``): a Mersenne Twister's output is linear in its state, and ~20,000 observed bits of it
-    (one release of noise alone: an empty Poisson batch, a central-DP round without updates) determine the
-    state and with it all the noise still to come (a reviewer's attack recovered the next release's clipped sum
-    to 2e-7, in seconds). DP noise that is not caller-seeded is drawn here on a CPU."""
+def os_normal(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+              device: str | torch.device | None = None) -> Tensor:
+    """Standard normal draws on ``device`` (default the CPU) from the operating system's cryptographically secure
+    generator: nothing drawn before (noise released included) tells anything of what is drawn next.
+
+    On a CPU every bit comes from ``os.urandom``; on CUDA from a ChaCha20 keystream (RFC 8439) under a fresh
+    256-bit key from ``os.urandom`` at every call (the ``chacha20_normal`` op: a Triton kernel; ~2 MB of OS bytes
+    per million normals would otherwise cross to the GPU at every step); on another device the CPU's draws are
+    moved there. Both are Box-Muller over 53-bit uniforms in float64 (``reference.chacha20.normals_from_words``),
+    then cast to ``dtype``. A generator's stream does not give that even when its state came from the OS
+    (``seed_from_os``): a Mersenne Twister's output is linear in its state, and ~20,000 observed bits of it (one
+    release of noise alone: an empty Poisson batch, a central-DP round without updates) determine the state and
+    with it all the noise still to come (a reviewer's attack recovered the next release's clipped sum to 2e-7, in
+    seconds); Philox is not a cryptographic generator. DP noise that is not caller-seeded is drawn here."""
+    device = torch.device("cpu" if device is None else device)
     n = math.prod(shape)
     if n == 0:  # (an empty buffer is refused by torch.frombuffer)
-        return torch.zeros(shape, dtype=dtype)
-    m = (n + 1) // 2
-    bits = torch.frombuffer(bytearray(os.urandom(16 * m)), dtype=torch.int64).view(2, m) & ((1 << 53) - 1)
-    u = (bits.double() + 0.5) * 2.0**-53  # in (0, 1]: the log is finite
-    r, theta = torch.sqrt(-2.0 * torch.log(u[0])), (2 * math.pi) * u[1]
-    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:n].view(shape).to(dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if device.type == "cuda":
+        key = struct.unpack("<8I", os.urandom(32))  # (counter and nonce 0: a key serves one call only)
+        return chacha20_normal((*key, 0, 0, 0, 0), n, device).view(shape).to(dtype)
+    values = torch.frombuffer(bytearray(os.urandom(16 * ((n + 1) // 2))), dtype=torch.int64)
+    return normals_from_words(values)[:n].view(shape).to(dtype=dtype, device=device)
 
 
 def os_seeded_generator(device: str | torch.device = "cpu") -> torch.Generator:

@@ -1,5 +1,7 @@
 """PyTorch references of every op: the one place tests, fallback and benchmarks import them from."""
 
+from fedlora_fast.reference.chacha20 import chacha20_normal  # noqa: F401
+
 from fedlora_fast.reference.ghost import (  # noqa: F401
     embedding_grad_sample,
     ghost_clip_reduce,
