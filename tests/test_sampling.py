@@ -289,3 +289,20 @@ def test_os_normal_draws_standard_normals_from_the_os_with_no_stream_to_predict(
     zero = {"b": torch.zeros(200, 100)}
     a, b = central.aggregate(zero, [])["b"], central.aggregate(zero, [])["b"]
     assert not torch.equal(a, b) and abs(float(a.std()) - 2.0 / 4) < 0.02  # (sigma C / clients selected)
+
+
+def test_os_normal_is_never_traced_by_torch_compile(recwarn):
+    """A traced os_normal could keep one call's OS bytes (its key on a GPU) as a constant of the graph, and every
+    replay would add the same noise. It is excluded from tracing: each call of a compiled function draws anew, and
+    Dynamo has nothing to warn about (it used to meet os.urandom and break the graph there)."""
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager")
+    def noised(x):
+        return x + sampling_module.os_normal((8,), dtype=torch.float64)
+
+    x = torch.zeros(8, dtype=torch.float64)
+    a, b = noised(x), noised(x)
+    assert not torch.equal(a, b) and torch.isfinite(a).all()
+    assert not [w for w in recwarn if "urandom" in str(w.message)]
+    torch._dynamo.reset()

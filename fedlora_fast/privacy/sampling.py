@@ -56,6 +56,7 @@ def seed_from_os(gen: torch.Generator) -> torch.Generator:
     return gen
 
 
+@torch.compiler.disable  # always run, never traced: a trace could keep one draw's key (and its noise) as a constant
 def os_normal(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
               device: str | torch.device | None = None) -> Tensor:
     """Standard normal draws on ``device`` (default the CPU) from the operating system's cryptographically secure
