@@ -476,7 +476,7 @@ class Federation:
                 sigma = float(cfg.noise_multiplier)
             # secure mode: sampling from the OS too (amplification by subsampling assumes the draws are secret)
             if cfg.secure_noise:
-                sample_gen, noise_gen = os_seeded_generator(), os_seeded_generator(self.device)
+                sample_gen, noise_gen = os_seeded_generator(), None  # (the noise: the OS's secure generator)
             else:
                 sample_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", k))
                 noise_gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, "noise", k))

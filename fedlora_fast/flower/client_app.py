@@ -170,8 +170,9 @@ def _restore(
 ) -> Client:
     """The node's client with its noise multiplier, accountant and RNG states from earlier rounds of the run.
 
-    On its first round (or after a restart) both generators are seeded from the OS and the noise multiplier is
-    calibrated, or, given the node's privacy ``ledger`` file (a restarted SuperNode; ``train`` passes it only
+    On its first round (or after a restart) its generators are seeded from the OS (under secure noise, every
+    Flower run's, it has only the sampler's: the noise comes from the OS's secure generator) and the noise
+    multiplier is calibrated, or, given the node's privacy ``ledger`` file (a restarted SuperNode; ``train`` passes it only
     where it exists), taken from it with the accountant: one that does not load is a ``NodeError``.
     ``use_state=False``: the saved state is behind the ledger (``train``) and is not read at all.
     """
@@ -188,7 +189,8 @@ def _restore(
             node.calibrate(fed, pid)
             client.load_state_dict({"accountant": Accountant().state_dict()})  # a cached process may hold an old one
         seed_from_os(client.sample_generator)
-        seed_from_os(client.noise_generator)
+        if client.noise_generator is not None:  # (none under secure noise, every Flower run's)
+            seed_from_os(client.noise_generator)
     return client
 
 
