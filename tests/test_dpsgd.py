@@ -1669,3 +1669,31 @@ def test_reentrant_checkpointing_checks_rows_against_the_one_open_forward():
     with pytest.raises(ValueError, match=r"2 forwards with grad since the last clip"):
         dp.accumulate()
     assert dp.steps == 2
+
+
+def test_a_clipping_threshold_too_small_for_float32_is_refused():
+    """A reviewer's finding (2026-11-28): max_grad_norm = 2.1e-45 (1.5 float32 subnormal steps) was accepted, and
+    every entry of a clipped gradient rounded to a whole subnormal step: a sample's clipped norm was 1.886 C
+    against noise for C (a reported epsilon of 8 was ~22). Thresholds below 2^-100 are refused (the engine's,
+    the per-layer ones, the federated run's); at 2^-100 a clipped sample stays within float32 rounding of C."""
+    from fedlora_fast.federated.simulation import FederatedConfig
+
+    model = make_model()
+    for bad in (2.1e-45, 1e-35, 2.0**-101):
+        with pytest.raises(ValueError, match=r"max_grad_norm: expected at least 7.89e-31 \(2\^-100"):
+            make_dp(model, max_grad_norm=bad)
+        with pytest.raises(ValueError, match=r"max_grad_norm: expected at least 7.89e-31"):
+            FederatedConfig(max_grad_norm=bad).validate()
+    C = 2.0**-100
+    dp = make_dp(model, max_grad_norm=C, expected_batch_size=1)
+    for seed in range(3):
+        loss_fn(model, make_batch(1, 3, seed=seed, scale=10.0 ** (3 * seed - 3))).backward()
+        dp.accumulate()
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in dp.clipped_sum()))
+        assert 0 < norm <= C * (1 + 1e-6), (seed, norm / C)
+        dp.zero_grad()
+    with pytest.raises(ValueError, match=r"max_grad_norm: expected at least"):
+        dp.max_grad_norm = 1e-40
+    L = len(params(model))
+    with pytest.raises(ValueError, match=r"per_layer_max_grad_norm\[0\]: expected at least 7.89e-31"):
+        make_dp(model, clipping="per_layer", per_layer_max_grad_norm=[1e-40] + [0.1] * (L - 1))

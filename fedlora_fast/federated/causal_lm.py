@@ -51,6 +51,7 @@ from fedlora_fast.federated.simulation import RUN_LOCK_NAME, _hash_model_files, 
 from fedlora_fast.io import LockedError, atomic_write_text, exclusive_lock, unwritable
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
+from fedlora_fast.privacy.dpsgd import check_clip_norm
 from fedlora_fast.privacy.sampling import seed_global_from_os
 from fedlora_fast.privacy import group as dp_group
 
@@ -127,6 +128,10 @@ def finish_args(args: argparse.Namespace, error) -> argparse.Namespace:
     for name in ("epsilon", "max_grad_norm", "lr", "alpha"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
             error(f"--{name.replace('_', '-')}: expected a finite number > 0, got {getattr(args, name)}")
+    try:
+        check_clip_norm("--max-grad-norm", args.max_grad_norm)
+    except ValueError as e:
+        error(str(e))
     if not 0 < args.delta < 1:
         error(f"--delta: expected a number in (0, 1), got {args.delta}")
     if tiny and args.data:

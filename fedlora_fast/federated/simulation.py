@@ -43,7 +43,7 @@ from fedlora_fast.io import LockedError, exclusive_lock
 from fedlora_fast.privacy.accounting import (
     _MIN_FINITE_SIGMA, MAX_TARGET_EPSILON, calibrate_noise_multiplier, check_delta,
 )
-from fedlora_fast.privacy.dpsgd import CLIPPING
+from fedlora_fast.privacy.dpsgd import CLIPPING, check_clip_norm
 from fedlora_fast.privacy.sampling import os_seeded_generator, seed_global_from_os
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ class FederatedConfig:
             pos_num("max_update_norm")
         for name in ("lr", "alpha", "max_grad_norm", "dirichlet_alpha", "server_clip_norm"):
             pos_num(name)
+        check_clip_norm("max_grad_norm", self.max_grad_norm)  # (checked here: a Flower node refuses it at once)
         for name in ("weight_decay", "momentum", "server_noise_multiplier"):
             pos_num(name, allow_zero=True)
         if not self.momentum < 1:  # (1 or more: past gradients never fade from the velocity; the steps grow)

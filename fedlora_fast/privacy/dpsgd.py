@@ -143,6 +143,24 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     return v
 
 
+# The smallest clipping threshold. A clipped gradient's float32 entries round by half an ulp each: 2^-24 of an
+# entry in float32's normal range, but up to 2^-150 absolute below it (subnormals), which is no bound relative to
+# a C near there: a reviewer's C = 2.1e-45 left a sample's clipped gradient at 1.886 C, against noise for C
+# (epsilon ~22 reported as 8). At C >= 2^-100 the subnormal roundings of even 2^40 entries add at most 2^-30 C.
+MIN_CLIP_NORM = 2.0**-100  # ~7.9e-31
+
+
+def check_clip_norm(name: str, value: float) -> float:
+    """A clipping threshold: a finite number of at least ``MIN_CLIP_NORM``."""
+    v = _check_positive(name, value)
+    if v < MIN_CLIP_NORM:
+        raise ValueError(
+            f"{name}: expected at least {MIN_CLIP_NORM:.3g} (2^-100: below, float32 rounding of the clipped gradients "
+            f"is no longer small against the threshold, and a sample's clipped norm can exceed it), got {value!r}"
+        )
+    return v
+
+
 # The largest noise std sigma * C: the noise is drawn in float32 (as the clipped sum is kept), and a draw of
 # a few dozen std must still be finite there, else the step would write inf/NaN into every trained tensor.
 MAX_NOISE_STD = torch.finfo(torch.float32).max / 64  # ~5.3e36
@@ -489,7 +507,7 @@ class DPSGD:
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(secure_mode, bool):
             raise TypeError(f"secure_mode: expected True or False, got {secure_mode!r}")
-        self._max_grad_norm = _check_positive("max_grad_norm", max_grad_norm)
+        self._max_grad_norm = check_clip_norm("max_grad_norm", max_grad_norm)
         self.noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
         _check_noise_std(self.noise_multiplier, self._max_grad_norm)
         _check_batch_size(expected_batch_size)
@@ -643,7 +661,7 @@ class DPSGD:
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float) -> None:
-        value = _check_positive("max_grad_norm", value)
+        value = check_clip_norm("max_grad_norm", value)
         _check_noise_std(self.noise_multiplier, value, self.expected_batch_size, self._grad_dtypes())
         pending = self._pending_batches or (self.clipping == "per_layer" and self._have_backward())
         if pending and value != self._max_grad_norm:
@@ -765,7 +783,7 @@ class DPSGD:
             raise ValueError(
                 f"per_layer_max_grad_norm: expected {L} thresholds (one per trainable tensor), got {len(thresholds)}"
             )
-        values = [_check_positive(f"per_layer_max_grad_norm[{i}]", c) for i, c in enumerate(thresholds)]
+        values = [check_clip_norm(f"per_layer_max_grad_norm[{i}]", c) for i, c in enumerate(thresholds)]
         total = math.sqrt(sum(c * c for c in values))
         if total > self.max_grad_norm * (1 + 1e-9):
             raise ValueError(
