@@ -7,7 +7,8 @@ block's eight normals (Box-Muller in float64 over 53-bit uniforms). Nothing is r
 launch arguments): the op is ALU-bound, ~980 32-bit integer operations per block of eight normals (20 rounds of
 four quarter rounds of 12) and a float64 log, sqrt, cos and sin per pair, against 8 bytes written per normal.
 Bit-identical keystream to the reference (integer maths); the normals agree to float64 rounding of
-``log``/``cos``/``sin`` (libdevice on a GPU, numpy under the interpreter). Devices other than CUDA (CPU only under ``TRITON_INTERPRET=1``) are handed to the reference.
+``log``/``cos``/``sin`` (libdevice on a GPU, numpy under the interpreter). Devices other than CUDA (CPU only
+under ``TRITON_INTERPRET=1``) are handed to the reference.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ _WORDS = ("k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "ctr0", "n0", "n1", "n
 def _chacha20_normal_kernel(out_ptr, n, k0, k1, k2, k3, k4, k5, k6, k7, ctr0, n0, n1, n2, BLOCK: tl.constexpr):
     """The state's words 4..15 arrive as int32 bit patterns (one signature whatever their values: no compile per
     key, nothing copied to the device); each is reinterpreted as uint32."""
-    lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (int64: 2^32 blocks pass int32's range)
     zero = tl.zeros([BLOCK], dtype=tl.uint32)
     k0 = zero + k0.to(tl.uint32, bitcast=True)
     k1 = zero + k1.to(tl.uint32, bitcast=True)
@@ -95,7 +96,7 @@ def _chacha20_normal_kernel(out_ptr, n, k0, k1, k2, k3, k4, k5, k6, k7, ctr0, n0
         x1, x6, x11, x12 = _quarter(x1, x6, x11, x12)
         x2, x7, x8, x13 = _quarter(x2, x7, x8, x13)
         x3, x4, x9, x14 = _quarter(x3, x4, x9, x14)
-    base = lane.to(tl.int64) * 8
+    base = lane * 8
     _box_muller(out_ptr, base, n, x0 + c0, x1 + c1, x2 + c2, x3 + c3)
     _box_muller(out_ptr, base + 2, n, x4 + k0, x5 + k1, x6 + k2, x7 + k3)
     _box_muller(out_ptr, base + 4, n, x8 + k4, x9 + k5, x10 + k6, x11 + k7)

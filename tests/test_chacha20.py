@@ -196,3 +196,14 @@ def test_kernel_compiles_ahead_of_time():
         pytest.skip(f"this triton build cannot compile ahead of time: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["sm80", "0", "sm90", "0"]
+
+
+def test_os_normal_refuses_a_cuda_graph_capture(monkeypatch):
+    """A capture would keep one draw's key in the graph's launch arguments: every replay the same noise (a
+    Philox generator advanced its offset per replay; a reviewer's suspicion, 2026-11-28). Refused, checked here
+    with the capture state faked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"os_normal: called during a CUDA graph capture"):
+        sampling.os_normal((4,), device="cuda")
+    assert sampling.os_normal((4,)).shape == (4,)  # (a CPU draw is never captured)

@@ -73,8 +73,8 @@ def metrics_document(fed: Federation | node.ServerOnly, strategy: FedLoRAStrateg
 
 def save_checkpoint(path: Path, fed: Federation, strategy: FedLoRAStrategy) -> None:
     """Global tensors, the aggregator's accountant and the round records, written atomically (safetensors +
-    JSON, owner-only). Not the central-DP noise generator's state: it is OS-seeded (a ServerApp always runs
-    in secure mode), and whoever read it could predict the noise still to come and recover earlier draws."""
+    JSON, owner-only). No noise generator state: a ServerApp always runs in secure mode, where the central-DP
+    noise comes from the OS's secure generator at every draw (``os_normal``), with no state to save."""
     tensors = {f"global/{k}": v for k, v in fed.server.global_state.items()}
     state = {
         "flower": True,

@@ -76,6 +76,11 @@ def os_normal(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
     if n == 0:  # (an empty buffer is refused by torch.frombuffer)
         return torch.zeros(shape, dtype=dtype, device=device)
     if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "os_normal: called during a CUDA graph capture, which would keep this draw's key in the graph: every "
+                "replay would add the same noise. Draw DP noise outside the capture (GraphedAccumulator keeps it eager)"
+            )
         key = struct.unpack("<8I", os.urandom(32))  # (counter and nonce 0: a key serves one call only)
         return chacha20_normal((*key, 0, 0, 0, 0), n, device).view(shape).to(dtype)
     values = torch.frombuffer(bytearray(os.urandom(16 * ((n + 1) // 2))), dtype=torch.int64)

@@ -14,10 +14,11 @@ words, the 32-bit block counter of the first block, the nonce's three words (hos
 as launch arguments, with no copy to the device and nothing read back). Block ``b``
 (counter ``state[8] + b``; it may not pass 2^32 - 1) gives 16 keystream words ``w``, read as eight
 little-endian 64-bit values ``v_j = w[2j] + 2^32 w[2j+1]``. Each keeps its low 53 bits, a uniform
-``u_j = (bits + 1/2) 2^-53`` in (0, 1) (never 0: the log is finite), and each pair ``(u_2p, u_2p+1)`` gives two
-normals by Box-Muller in float64: ``r cos(t), r sin(t)`` with ``r = sqrt(-2 ln u_2p)``, ``t = 2 pi u_2p+1``.
-Normal ``8b + j`` is block ``b``'s ``j``-th; the last block's surplus is dropped. The same transform of 64-bit
-words to normals serves ``os_normal``'s CPU path, there over ``os.urandom``'s bytes (``normals_from_words``).
+``u_j = (bits + 1/2) 2^-53`` in (0, 1] (never 0: the log is finite; 1 where ``bits + 1/2`` rounds up to 2^53),
+and each pair ``(u_2p, u_2p+1)`` gives two normals by Box-Muller in float64: ``r cos(t), r sin(t)`` with
+``r = sqrt(-2 ln u_2p)``, ``t = 2 pi u_2p+1``. Normal ``8b + j`` is block ``b``'s ``j``-th; the last block's
+surplus is dropped. The same transform of 64-bit words to normals serves ``os_normal``'s CPU path, there over
+``os.urandom``'s bytes (``normals_from_words``).
 """
 
 from __future__ import annotations
