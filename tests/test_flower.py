@@ -1532,3 +1532,21 @@ def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
     for key, bad in (("max-epsilon", -1.0), ("max-epsilon", "8"), ("max-delta", float("nan")), ("allow-no-noise", "yes")):
         with pytest.raises(client_app.NodeConfigError, match=f"node config '{key}'"):
             check(silent if key == "allow-no-noise" else noisy, **{key: bad})
+
+
+def test_a_node_config_key_spelled_like_ours_is_refused(tiny):
+    """A reviewer's finding (2026-11-28): Flower passes `--node-config "max_epsilon=1.0"` on as `max_epsilon`, which a
+    lookup of `max-epsilon` never saw: the node trained to epsilon 6.07 past the limit it meant to set (likewise
+    privacy_dir, whose ledger then went to the default directory, and data_path, which trained on the run's data
+    instead of the silo's). A key that differs from one of ours only in case, separators or spaces is refused by
+    name before anything is read; other keys (another app's on the same SuperNode) are left alone."""
+    from fedlora_fast.flower import client_app
+
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    for typo, meant in [("max_epsilon", "max-epsilon"), ("MaxEpsilon", "max-epsilon"), ("max-epsilon ", "max-epsilon"),
+                        ("privacy_dir", "privacy-dir"), ("data_path", "data-path"), ("partition_id", "partition-id")]:
+        ctx = _node_ctx(rc, **{typo: 1.0})
+        for handler in (client_app.train, client_app.evaluate):
+            with pytest.raises(client_app.NodeConfigError, match=rf"node config '{typo}': did you mean '{meant}'\?"):
+                handler(None, ctx)
+    client_app.check_node_config(_node_ctx(rc, **{"other-app-key": 1, "max-epsilon": 2.0}))  # (no error)

@@ -99,6 +99,28 @@ def _kept_private(handler):
 _FEDERATIONS: dict[str, Federation] = {}  # one per config per process (a process may serve several messages)
 
 
+NODE_KEYS = ("partition-id", "num-partitions", DATA_PATH_KEY, LEDGER_DIR_KEY, MAX_EPSILON_KEY, MAX_DELTA_KEY,
+             ALLOW_NO_NOISE_KEY, EVAL_LOCAL_NODE_KEY, DUMP_DIR_KEY)
+
+
+def _compact(key: str) -> str:
+    return "".join(ch for ch in key.lower() if ch.isalnum())
+
+
+def check_node_config(context: Context) -> None:
+    """Refuse a node-config key spelled like one of ours but not as ours (``max_epsilon``, ``MaxEpsilon``,
+    ``"max-epsilon "``): Flower passes it on as written and a lookup of ``max-epsilon`` would not see it, so a
+    typo would silently drop the node's own privacy limit (a reviewer's ``max_epsilon=1.0`` trained to epsilon
+    6.07), or its ledger directory, or its own data. Other keys are left alone: a SuperNode's node config serves
+    every app it runs."""
+    ours = {_compact(k): k for k in NODE_KEYS}
+    for key in context.node_config:
+        want = ours.get(_compact(str(key)))
+        if want is not None and key != want:
+            raise NodeConfigError(f"node config {key!r}: did you mean {want!r}? (node-config keys are spelled "
+                                  f"{', '.join(NODE_KEYS)}; this one would be ignored)")
+
+
 def node_partition(context: Context, cfg: FederatedConfig) -> int:
     """This node's client index from ``--node-config "partition-id=K num-partitions=N"``.
 
@@ -140,6 +162,7 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
         ValueError: a bad ``partition-id``/``num-partitions``/``data-path``, or ``data-path`` without the run
             config's ``labels``.
     """
+    check_node_config(context)
     try:
         run_cfg = federated_config(context.run_config)
     except ValueError as e:  # the run config's own errors: settings, no data of the node
@@ -172,8 +195,8 @@ def _restore(
 
     On its first round (or after a restart) its generators are seeded from the OS (under secure noise, every
     Flower run's, it has only the sampler's: the noise comes from the OS's secure generator) and the noise
-    multiplier is calibrated, or, given the node's privacy ``ledger`` file (a restarted SuperNode; ``train`` passes it only
-    where it exists), taken from it with the accountant: one that does not load is a ``NodeError``.
+    multiplier is calibrated, or, given the node's privacy ``ledger`` file (a restarted SuperNode; ``train``
+    passes it only where it exists), taken from it with the accountant: one that does not load is a ``NodeError``.
     ``use_state=False``: the saved state is behind the ledger (``train``) and is not read at all.
     """
     client = fed.clients[pid]
