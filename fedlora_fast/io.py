@@ -95,3 +95,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o64
 def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o644) -> None:
     """``atomic_write_bytes`` of ``text`` in UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def unused_path(stem: str | os.PathLike, suffix: str) -> Path:
+    """``stem + suffix``, or ``stem-1 + suffix``, ``stem-2 + suffix``... the first that does not exist: an audit
+    copy never replaces an earlier one (the caller holds a lock that keeps other writers of the directory out)."""
+    stem = Path(stem)
+    path, i = stem.parent / f"{stem.name}{suffix}", 1
+    while path.exists():
+        path, i = stem.parent / f"{stem.name}-{i}{suffix}", i + 1
+    return path

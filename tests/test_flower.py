@@ -1440,6 +1440,39 @@ def test_server_app_refuses_an_out_that_holds_a_run_unless_told_to_replace_it(ti
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
 
 
+def test_server_app_holds_the_out_directory_lock_and_never_replaces_an_audit_copy(tiny, tmp_path):
+    """A reviewer's finding (2026-11-28): the ServerApp took no lock on `out`, which `fedlora-fast train` holds:
+    a second run started during the first was not refused (the directory ended with one run's metrics beside
+    the other's adapter), and flower-overwrite deleted a running simulation's metrics.json. Its audit copies
+    (roundR-global.safetensors) replaced an earlier run's of the same dump dir. Now `out` is locked for the
+    whole run, and a copy that exists gets a -1, -2... sibling."""
+    from fedlora_fast import io
+    from fedlora_fast.federated.simulation import RUN_LOCK_NAME
+    from fedlora_fast.flower import server_app
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # a run in progress
+
+    class Ctx:
+        run_config = {**_tiny_run_config(tiny), "out": str(out), "flower-overwrite": True}
+        run_id = 1
+
+    with io.exclusive_lock(out / RUN_LOCK_NAME):
+        with pytest.raises(ValueError, match=r"out: .* is in use by another fedlora-fast run \(it holds "):
+            server_app.main(None, Ctx)
+    assert (out / "metrics.json").exists(), "nothing removed while another run holds out"
+    with pytest.raises(AttributeError):  # past the guard once free (no grid here)
+        server_app.main(None, Ctx)
+    stem = tmp_path / "dump" / "round1-global"
+    assert io.unused_path(stem, ".safetensors").name == "round1-global.safetensors"
+    stem.parent.mkdir()
+    for name in ("round1-global.safetensors", "round1-global-1.safetensors"):
+        (stem.parent / name).write_bytes(b"")
+        assert not io.unused_path(stem, ".safetensors").exists()
+    assert io.unused_path(stem, ".safetensors").name == "round1-global-2.safetensors"
+
+
 def test_server_app_checks_flower_eval_local_and_its_dump_dir_before_any_round(tiny, tmp_path):
     """Both failed only once the nodes had trained (and spent budget): a bad flower-eval-local in every node's
     evaluation (the run went on without any), a flower-dump-dir that cannot be written at the first write after

@@ -41,7 +41,7 @@ from fedlora_fast.federated.server import short_repr
 from fedlora_fast.federated.simulation import Federation, FederatedConfig, seed_dropout
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import load_trainable
-from fedlora_fast.io import LockedError, exclusive_lock, unwritable
+from fedlora_fast.io import LockedError, exclusive_lock, unused_path, unwritable
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, MIN_NOISE_KEY, ROUND_KEY
@@ -733,10 +733,7 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     if dump is not None:
         # named by the node's own step count (the server's round number may repeat), never replacing a copy
         stem = dump / f"round{round_idx + 1}-client{pid}-step{client.accountant.steps}"
-        path, i = stem.with_suffix(".safetensors"), 1
-        while path.exists():
-            path, i = stem.parent / f"{stem.name}-{i}.safetensors", i + 1
-        checkpoint.atomic_write_bytes(path, update)
+        checkpoint.atomic_write_bytes(unused_path(stem, ".safetensors"), update)
     arrays, meta = records.from_message(update)
     privacy = client.privacy_record(cfg.delta)
     metrics = MetricRecord({

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
 from fedlora_fast.federated.simulation import (
+    RUN_LOCK_NAME,
     Federation,
     adapter_metadata,
     dump_metrics,
@@ -44,7 +45,7 @@ from fedlora_fast.flower.config import (
     flower_setting,
 )
 from fedlora_fast.flower.strategy import FedLoRAStrategy
-from fedlora_fast.io import unwritable
+from fedlora_fast.io import LockedError, exclusive_lock, unused_path, unwritable
 
 CHECKPOINT_NAME = ckpt.FLOWER_CHECKPOINT_NAME  # not the simulation's: it cannot resume a Flower run
 
@@ -108,14 +109,25 @@ def main(grid: Grid, context: Context) -> None:
     server_data = flower_setting(context.run_config, SERVER_DATA_KEY)
     # read by the nodes only: checked here, or a bad value fails every evaluation while the run spends its budget
     flower_setting(context.run_config, EVAL_LOCAL_KEY)
-    held = held_run_outputs(out)
-    if held and not flower_setting(context.run_config, OVERWRITE_KEY):
-        raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); set another 'out', or "
-                         "flower-overwrite = true to replace it")
+    overwrite = flower_setting(context.run_config, OVERWRITE_KEY)
     if dump:  # first written after round 1's training: a directory that cannot be written fails now, not then
         dump = _writable_dir(Path(dump).expanduser(), DUMP_KEY)
-    remove_run_outputs(out, held)
     out.mkdir(parents=True, exist_ok=True)
+    try:  # one run per directory, as `fedlora-fast train`'s: two would write over each other's outputs
+        with exclusive_lock(out / RUN_LOCK_NAME):
+            _main(grid, context, cfg, out, dump, timeout, server_data, overwrite)
+    except LockedError:
+        raise ValueError(f"out: {out} is in use by another fedlora-fast run (it holds {RUN_LOCK_NAME}); wait for it "
+                         "to finish, or set another 'out'") from None
+
+
+def _main(grid: Grid, context: Context, cfg, out: Path, dump, timeout, server_data: bool, overwrite: bool) -> None:
+    """``main`` with ``out``'s lock held."""
+    held = held_run_outputs(out)
+    if held and not overwrite:
+        raise ValueError(f"out: {out} already holds a run ({', '.join(held)}); set another 'out', or "
+                         "flower-overwrite = true to replace it")
+    remove_run_outputs(out, held)
     # the server needs no client's noise; with flower-server-data = false, no data either (silos hold it all)
     # on the device the nodes train on, or the CPU where this machine has no GPU (node.for_server); the run's
     # record (metrics.json, the checkpoint) keeps the run config as given
@@ -134,8 +146,8 @@ def main(grid: Grid, context: Context) -> None:
         save_checkpoint(out / CHECKPOINT_NAME, fed, strategy)
         ckpt.atomic_write_text(out / "metrics.json", dump_metrics(metrics_document(fed, strategy, extra)))
         if dump:
-            ckpt.atomic_write_bytes(
-                dump / f"round{server_round}-global.safetensors",
+            ckpt.atomic_write_bytes(  # (never replacing an earlier run's copy: -1, -2... where one exists)
+                unused_path(dump / f"round{server_round}-global", ".safetensors"),
                 serialization.encode(fed.server.global_state, {"round": server_round, "fingerprint": fed.fingerprint}),
             )
         print(format_round(record, cfg.rounds), flush=True)  # the one-line summary, in the streamed log
