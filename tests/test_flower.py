@@ -709,7 +709,8 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny, privacy_dir):
     for k, port in enumerate(node_ports):
         deployment.start(f"supernode{k}", [
             str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-            "--node-config", f"partition-id={k} num-partitions=2 dump-dir='{dump}'" + (f" data-path='{silo}'" if k == 1 else ""),
+            "--node-config", f"partition-id={k} num-partitions=2 dump-dir='{dump}'"
+            + (f" data-path='{silo}'" if k == 1 else f" shared-data='{data}'"),  # (node 0: the run's data, agreed)
         ])
     cli_env = deployment.env("cli")
     (pathlib.Path(cli_env["FLWR_HOME"]) / "config.toml").write_text(
@@ -801,7 +802,7 @@ def test_flower_settings_and_a_node_refuse_what_would_spend_budget_for_nothing(t
 
     class Ctx:  # what load_node and train read
         run_config = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
-        node_config = {"partition-id": 0, "num-partitions": cfg.num_clients}
+        node_config = {"partition-id": 0, "num-partitions": cfg.num_clients, "shared-data": str(tiny[1])}
         run_id = 1
 
     Ctx.state = state
@@ -861,7 +862,8 @@ def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(t
 
     class Ctx:
         run_config = rc
-        node_config = {"partition-id": 0, "num-partitions": cfg.num_clients, client_app.LEDGER_DIR_KEY: str(tmp_path)}
+        node_config = {"partition-id": 0, "num-partitions": cfg.num_clients, client_app.LEDGER_DIR_KEY: str(tmp_path),
+                       "shared-data": rc["data"]}
         run_id = 5
 
     round0 = SimpleNamespace(content=SimpleNamespace(
@@ -979,9 +981,11 @@ def test_a_round_holds_the_ledger_lock_from_reading_to_writing(tiny, tmp_path):
 
 
 def _node_ctx(rc: dict, run_id: int = 9, **node_config):
-    """A fake Context for node 0 of a 2-client run; ``state`` is set (empty: a fresh or restarted SuperNode)."""
+    """A fake Context for node 0 of a 2-client run; ``state`` is set (empty: a fresh or restarted SuperNode). Its
+    node config agrees to read the run's ``data`` (``shared-data``) unless it has its own ``data-path``."""
+    shared = {} if "data-path" in node_config or rc.get("data") is None else {"shared-data": rc["data"]}
     return SimpleNamespace(run_config=rc, run_id=run_id, state=RecordDict(),
-                           node_config={"partition-id": 0, "num-partitions": 2, **node_config})
+                           node_config={"partition-id": 0, "num-partitions": 2, **shared, **node_config})
 
 
 def _train_msg(fed, round_idx: int, **config):
@@ -1583,3 +1587,31 @@ def test_a_node_config_key_spelled_like_ours_is_refused(tiny):
             with pytest.raises(client_app.NodeConfigError, match=rf"node config '{typo}': did you mean '{meant}'\?"):
                 handler(None, ctx)
     client_app.check_node_config(_node_ctx(rc, **{"other-app-key": 1, "max-epsilon": 2.0}))  # (no error)
+
+
+def test_a_partition_node_reads_the_runs_data_only_where_its_node_config_pins_it(tiny, tmp_path):
+    """A reviewer's finding (2026-11-28): in partition mode a node read whatever file the run config's `data`
+    named (a private file elsewhere on its disk) and each evaluation's exact accuracy on a crafted head was a
+    counting query on it. Now a node reads a run's `data` only where its node config names the same dataset
+    (`shared-data`); the bundled SMS data (no `data`) needs no pin, and a silo's own `data-path` none either."""
+    from fedlora_fast.flower import client_app
+
+    rc = _tiny_run_config(tiny)
+    other = tmp_path / "private.tsv"
+    other.write_text("Label\tSMS\nham\tmy secret\nspam\tWIN\n", encoding="utf-8")
+
+    def ctx(run_config, **node_config):
+        return SimpleNamespace(run_config=run_config, run_id=3, state=RecordDict(),
+                               node_config={"partition-id": 0, "num-partitions": 2, **node_config})
+
+    for handler in (client_app.train, client_app.evaluate):
+        with pytest.raises(client_app.NodeConfigError, match=r"run config 'data' names .* does not agree to read it"):
+            handler(None, ctx(rc))
+    with pytest.raises(client_app.NodeConfigError, match=r"not the node config's shared-data=.*private.tsv"):
+        client_app.load_node(ctx(rc, **{"shared-data": str(other)}))
+    with pytest.raises(client_app.NodeConfigError, match=r"not the node config's shared-data"):
+        client_app.load_node(ctx({**rc, "data": str(other)}, **{"shared-data": str(tiny[1])}))
+    rel = os.path.relpath(tiny[1])  # the same file however spelled
+    assert client_app.load_node(ctx(rc, **{"shared-data": rel}))[2] == 0
+    bundled = {k: v for k, v in rc.items() if k != "data"}
+    client_app._check_shared_data(ctx(bundled), flower_config.federated_config(bundled))  # (no pin needed)

@@ -59,6 +59,7 @@ MAX_DELTA_KEY = "max-delta"  # node config: refuse a run whose delta exceeds thi
 ALLOW_NO_NOISE_KEY = "allow-no-noise"  # node config: true = train with noise multiplier 0 (no privacy) if asked
 EVAL_LOCAL_NODE_KEY = "eval-local"  # node config: true = score own held-out rows when the run config asks too
 DUMP_DIR_KEY = "dump-dir"  # node config: audit: write each update sent to this directory
+SHARED_DATA_KEY = "shared-data"  # node config: the run config's `data` this node agrees to read (partition mode)
 PRIVACY_DIR_ENV = "FEDLORA_FAST_PRIVACY_DIR"  # the ledger directory where the node config names none
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
@@ -100,7 +101,7 @@ _FEDERATIONS: dict[str, Federation] = {}  # one per config per process (a proces
 
 
 NODE_KEYS = ("partition-id", "num-partitions", DATA_PATH_KEY, LEDGER_DIR_KEY, MAX_EPSILON_KEY, MAX_DELTA_KEY,
-             ALLOW_NO_NOISE_KEY, EVAL_LOCAL_NODE_KEY, DUMP_DIR_KEY)
+             ALLOW_NO_NOISE_KEY, EVAL_LOCAL_NODE_KEY, DUMP_DIR_KEY, SHARED_DATA_KEY)
 
 
 def _compact(key: str) -> str:
@@ -154,6 +155,36 @@ def node_data_path(context: Context) -> str | None:
     return path
 
 
+def _same_data(a: str, b: str) -> bool:
+    """Whether two ``data`` values name the same dataset: the same file, or the same hub name."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() or pb.exists():
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return a == b
+
+
+def _check_shared_data(context: Context, cfg: FederatedConfig) -> None:
+    """Partition mode reads the run config's ``data``, which whoever submits the run names: any file the node can
+    read would do, and each evaluation's exact accuracy on a crafted head is a counting query on it (a reviewer
+    read a private file elsewhere on the node's disk that way). So a node reads a ``data`` other than the
+    bundled SMS data only where its own node config names the same (``shared-data``)."""
+    pinned = context.node_config.get(SHARED_DATA_KEY)
+    if cfg.data is None:
+        return
+    if pinned is None or pinned == "":
+        raise NodeConfigError(
+            f"run config 'data' names {cfg.data!r}, and this node's config does not agree to read it: a node reads "
+            f"a dataset the run names only where its node config pins the same ({SHARED_DATA_KEY}='...'), or "
+            f"trains on its own file ({DATA_PATH_KEY}='...')"
+        )
+    if not isinstance(pinned, str):
+        raise NodeConfigError(f"node config '{SHARED_DATA_KEY}': expected a path or dataset name, got {pinned!r}")
+    if not _same_data(pinned, cfg.data):
+        raise NodeConfigError(
+            f"run config 'data' names {cfg.data!r}, not the node config's {SHARED_DATA_KEY}={pinned!r}: refused"
+        )
+
+
 def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
     """``(config, federation, node's client id, its index in federation.clients)``, built once per process
     (no noise calibrated). With a node ``data-path`` the federation holds this silo's client alone.
@@ -178,6 +209,8 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
             )
         # this silo's examples only: one client holding every training row of the file
         cfg = dataclasses.replace(cfg, data=local, num_clients=1, min_clients=1, partition="iid")
+    else:
+        _check_shared_data(context, cfg)
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     if key not in _FEDERATIONS:
         _FEDERATIONS.clear()
