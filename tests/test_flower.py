@@ -815,9 +815,11 @@ def test_flower_settings_and_a_node_refuse_what_would_spend_budget_for_nothing(t
         array_records={"arrays": records.to_array_record(fed.server.global_state)},
         config_records={"config": {ROUND_KEY: cfg.rounds}},
     ))  # fmt: skip
-    with pytest.warns(RuntimeWarning, match="no privacy state from earlier rounds at round 2"):
-        with pytest.raises(RuntimeError, match=rf"steps from {cfg.rounds * cfg.local_steps} to"):
-            client_app.train(last, Ctx)  # round index = rounds: every planned step already counted
+    # round index = rounds: past the run (every planned step would already be counted): refused as the server's
+    # error before anything is counted (it used to be counted, then refused by the budget check)
+    with pytest.raises(client_app.ServerMessageError,
+                       match=rf"'fedlora-round': expected an int in \[0, {cfg.rounds}\) \(the run's rounds\), got 2"):
+        client_app.train(last, Ctx)
     restarted = client_app._restore(fed, 0, RecordDict())
     with pytest.warns(RuntimeWarning, match="counting 2 earlier DP-SGD steps"):
         client_app._count_earlier_rounds(restarted, cfg, 0, 1)
@@ -1572,8 +1574,8 @@ def test_a_node_keeps_its_own_privacy_limits_against_the_run_config():
 
 
 def test_a_node_config_key_spelled_like_ours_is_refused(tiny):
-    """A reviewer's finding (2026-11-28): Flower passes `--node-config "max_epsilon=1.0"` on as `max_epsilon`, which a
-    lookup of `max-epsilon` never saw: the node trained to epsilon 6.07 past the limit it meant to set (likewise
+    """A reviewer's finding (2026-11-28): Flower passes `--node-config "max_epsilon=1.0"` on as `max_epsilon`, which
+    a lookup of `max-epsilon` never saw: the node trained to epsilon 6.07 past the limit it meant to set (likewise
     privacy_dir, whose ledger then went to the default directory, and data_path, which trained on the run's data
     instead of the silo's). A key that differs from one of ours only in case, separators or spaces is refused by
     name before anything is read; other keys (another app's on the same SuperNode) are left alone."""
@@ -1615,3 +1617,40 @@ def test_a_partition_node_reads_the_runs_data_only_where_its_node_config_pins_it
     assert client_app.load_node(ctx(rc, **{"shared-data": rel}))[2] == 0
     bundled = {k: v for k, v in rc.items() if k != "data"}
     client_app._check_shared_data(ctx(bundled), flower_config.federated_config(bundled))  # (no pin needed)
+
+
+def test_a_malformed_server_message_is_refused_as_the_servers_error_before_any_step(tiny, tmp_path):
+    """A reviewer's finding (2026-11-28): a broadcast with a missing round, an extra tensor, a NaN, a wrong shape
+    or dtype reached the server as "KeyError/ValueError in the node's train (... may quote the node's data)",
+    though none involves the node's data; and int() took "0", 0.9 and True as rounds and trained round -1
+    (budget spent on an update the server rejects as stale). Each is now a ServerMessageError naming the key,
+    raised before any DP-SGD step is counted."""
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
+    fed = node.build(flower_config.federated_config(rc))
+    good = fed.server.global_state
+    name = next(iter(good))
+
+    def msg(tensors, config):
+        return SimpleNamespace(content=SimpleNamespace(
+            array_records={"arrays": records.to_array_record(tensors)}, config_records={"config": config}))
+
+    cases = [
+        (good, {}, r"no 'fedlora-round'"),
+        *((good, {ROUND_KEY: r}, r"'fedlora-round': expected an int in \[0, 2\)")
+          for r in ("0", 0.9, True, -1, 10**12)),
+        ({**good, "extra": torch.zeros(2)}, {ROUND_KEY: 0}, r"1 unexpected \['extra'\] and 0 missing"),
+        ({k: v for k, v in good.items() if k != name}, {ROUND_KEY: 0},
+         rf"0 unexpected \[\] and 1 missing \['{name}'\]"),
+        ({**good, name: torch.full_like(good[name], float("nan"))}, {ROUND_KEY: 0}, rf"{name}: has non-finite"),
+        ({**good, name: torch.zeros(3, 1)}, {ROUND_KEY: 0}, rf"{name}: expected a floating-point tensor of shape"),
+        ({**good, name: good[name].double()}, {ROUND_KEY: 0}, rf"{name}: expected torch.float32, got torch.float64"),
+    ]
+    for tensors, config, match in cases:
+        ctx = _node_ctx(rc, **{client_app.LEDGER_DIR_KEY: str(tmp_path)})
+        with pytest.raises(client_app.ServerMessageError, match=r"server message: .*" + match):
+            client_app.train(msg(tensors, config), ctx)
+        assert not list(tmp_path.glob("*.json")), "no step counted: no ledger written"
+    with pytest.raises(client_app.ServerMessageError, match=r"has non-finite"):
+        client_app.evaluate(msg({**good, name: torch.full_like(good[name], float("inf"))}, {}), _node_ctx(rc))

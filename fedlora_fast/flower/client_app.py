@@ -40,7 +40,7 @@ from fedlora_fast.federated.client import Client
 from fedlora_fast.federated.server import short_repr
 from fedlora_fast.federated.simulation import Federation, FederatedConfig, seed_dropout
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
-from fedlora_fast.federated.state import load_trainable
+from fedlora_fast.federated.state import check_tensor, load_trainable
 from fedlora_fast.io import LockedError, exclusive_lock, unused_path, unwritable
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
@@ -74,6 +74,46 @@ class NodeError(RuntimeError):
 
 class NodeConfigError(NodeError, ValueError):
     """A bad node or run config setting (no data in the message): the server sees how to start the node."""
+
+
+class ServerMessageError(NodeError, ValueError):
+    """The server's message is malformed (its round, its tensors): nothing of the node's data in it."""
+
+
+def _server_round(config, cfg: FederatedConfig) -> int:
+    """The message's round number: an int in [0, rounds). ``int()`` of it took "0", 0.9 and True, trained round
+    -1 (spending budget on an update the server then rejects as stale), and took 10**12 for a noise problem."""
+    if ROUND_KEY not in config:
+        raise ServerMessageError(f"server message: no '{ROUND_KEY}' in its config record")
+    r = config[ROUND_KEY]
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < cfg.rounds:
+        raise ServerMessageError(f"server message: '{ROUND_KEY}': expected an int in [0, {cfg.rounds}) (the run's "
+                                 f"rounds), got {r!r}")
+    return r
+
+
+def _server_tensors(msg: Message, fed: Federation) -> dict:
+    """The message's global tensors, checked against the node's own (keys, shapes, dtypes, finite values) before
+    any step: a malformed broadcast is the server's error, said to it by name, not a node-data error."""
+    if "arrays" not in msg.content.array_records:
+        raise ServerMessageError("server message: no 'arrays' record (the global tensors)")
+    try:
+        tensors = records.to_tensors(msg.content.array_records["arrays"])
+    except (ValueError, TypeError) as e:
+        raise ServerMessageError(f"server message: its 'arrays' record does not load ({e})") from None
+    want = fed.server.global_state
+    if set(tensors) != set(want):
+        extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
+        raise ServerMessageError(f"server message: expected the run's global tensors, got {len(extra)} unexpected "
+                                 f"{extra[:3]} and {len(missing)} missing {missing[:3]}")
+    for k, g in want.items():
+        try:
+            check_tensor(f"server message: {k}", tensors[k], g.shape)
+        except ValueError as e:
+            raise ServerMessageError(str(e)) from None
+        if tensors[k].dtype != g.dtype:
+            raise ServerMessageError(f"server message: {k}: expected {g.dtype}, got {tensors[k].dtype}")
+    return tensors
 
 
 def _kept_private(handler):
@@ -746,9 +786,12 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     client = _restore(fed, k, context.state, ledger if loaded else None, use_state=not fresh)
     _check_node_limits(context, client, cfg, pid)
     _check_budget(client, cfg, pid)
-    global_state = records.to_tensors(msg.content.array_records["arrays"])
+    # the server's message, checked before anything is counted or trained
+    if "config" not in msg.content.config_records:
+        raise ServerMessageError("server message: no 'config' record")
     train_config = msg.content.config_records["config"]
-    round_idx = int(train_config[ROUND_KEY])
+    round_idx = _server_round(train_config, cfg)
+    global_state = _server_tensors(msg, fed)
     if fresh:
         _count_earlier_rounds(client, cfg, pid, round_idx, loaded=loaded, looked_in=None if loaded else ledger,
                               first_examples=train_config.get(FIRST_EXAMPLES_KEY),
@@ -797,7 +840,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if node_data_path(context) is not None and not own_ok:
         # a silo's held-out rows are its private data: exact scores on them are outside the DP guarantee
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
-    load_trainable(fed.model, records.to_tensors(msg.content.array_records["arrays"]))
+    load_trainable(fed.model, _server_tensors(msg, fed))
     idx = range(k, len(fed.test_ids), len(fed.clients))  # a silo's own build holds one client: all of its test rows
     result = evaluate_model(
         fed.model, [fed.test_ids[i] for i in idx], [fed.test.labels[i] for i in idx], fed.pad_id,
