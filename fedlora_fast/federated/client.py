@@ -335,7 +335,8 @@ class Client:
             dp.detach()
         # Local only: the training loss, the Poisson batch sizes and the count of dropped non-finite samples
         # are functions of this client's data (and of which samples were drawn) released without noise, so
-        # they are not covered by the DP guarantee and never go into the update message.
+        # they are not covered by the DP guarantee and never go into the update message (the time a fit takes
+        # tracks the batch sizes too: a server timing replies learns something of them, examples/flower/README).
         self.last_metrics = {
             "train_loss": float(loss_sum) / seen if seen else None,
             "steps": len(sizes),
