@@ -1654,3 +1654,21 @@ def test_a_malformed_server_message_is_refused_as_the_servers_error_before_any_s
         assert not list(tmp_path.glob("*.json")), "no step counted: no ledger written"
     with pytest.raises(client_app.ServerMessageError, match=r"has non-finite"):
         client_app.evaluate(msg({**good, name: torch.full_like(good[name], float("inf"))}, {}), _node_ctx(rc))
+
+
+def test_server_app_writes_no_adapter_when_no_round_applied_an_update(tiny, tmp_path, caplog):
+    """A reviewer's run (2026-11-28): every node refused (the run's clients did not match the SuperNodes'), and
+    the ServerApp still wrote adapter/ with the run's metadata: the initial state, passing for a trained one.
+    Now no round applied means no adapter (a warning says why); one applied round writes it."""
+    from fedlora_fast.flower import node, server_app
+
+    fed = node.build(flower_config.federated_config(_tiny_run_config(tiny)))
+    final = {"round": 1, "accuracy": None, "epsilon": 0.0, "delta": 1e-5, "noise": "secure"}
+    doc = {"final": final, "rounds": [{"accuracy": None, "applied": False}, {"accuracy": None, "applied": False}]}
+    with caplog.at_level("WARNING"):
+        server_app.write_final_outputs(fed, doc, tmp_path / "none")
+    assert not (tmp_path / "none" / "adapter").exists()
+    assert "adapter/ not written: no round applied an update" in caplog.text
+    doc["rounds"][1]["applied"] = True
+    server_app.write_final_outputs(fed, doc, tmp_path / "one")
+    assert (tmp_path / "one" / "adapter" / "adapter_model.safetensors").exists()

@@ -164,10 +164,22 @@ def _main(grid: Grid, context: Context, cfg, out: Path, dump, timeout, server_da
     )
     doc = metrics_document(fed, strategy, extra)
     ckpt.atomic_write_text(out / "metrics.json", dump_metrics(doc))
-    if doc["final"] is not None:
-        if any(r["accuracy"] is not None for r in doc["rounds"]):
-            plot_curves(doc, out / "curves.png")
-        load_trainable(fed.model, fed.server.global_state)
-        reason = export_adapter(fed.model, out / "adapter", metadata=adapter_metadata(fed, doc["final"]))
-        if reason:
-            log.warning("adapter/ not written: %s", reason)
+    write_final_outputs(fed, doc, out)
+
+
+def write_final_outputs(fed, doc: dict, out: Path) -> None:
+    """``curves.png`` and ``adapter/`` after the last round. No adapter where no round applied an update (every
+    node refused or failed, as when a run's ``clients`` did not match the SuperNodes'): the global state is
+    still the initial one, and an adapter labelled with the run's metadata would pass for a trained one."""
+    if doc["final"] is None:
+        return
+    if any(r["accuracy"] is not None for r in doc["rounds"]):
+        plot_curves(doc, out / "curves.png")
+    if not any(r.get("applied") for r in doc["rounds"]):
+        log.warning("adapter/ not written: no round applied an update (every node refused or failed; "
+                    "metrics.json has each round's rejections): the global state is the initial one")
+        return
+    load_trainable(fed.model, fed.server.global_state)
+    reason = export_adapter(fed.model, out / "adapter", metadata=adapter_metadata(fed, doc["final"]))
+    if reason:
+        log.warning("adapter/ not written: %s", reason)
