@@ -143,11 +143,12 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     return v
 
 
-# The smallest clipping threshold. A clipped gradient's float32 entries round by half an ulp each: 2^-24 of an
-# entry in float32's normal range, but up to 2^-150 absolute below it (subnormals), which is no bound relative to
-# a C near there: a reviewer's C = 2.1e-45 left a sample's clipped gradient at 1.886 C, against noise for C
-# (epsilon ~22 reported as 8). At C >= 2^-100 the subnormal roundings of even 2^40 entries add at most 2^-30 C.
-MIN_CLIP_NORM = 2.0**-100  # ~7.9e-31
+# The smallest clipping threshold. A clipped gradient is c_i P_i with c_i = C / (N_i + 1e-6) in float32: c_i
+# must stay a normal float32, or it rounds to a multiple of 2^-149 (a reviewer's C = 2^-100 with N_i ~ C 2^149
+# gave a clipped norm of 1.9 C against noise for C); a float32 norm is below 2^64 (beyond: inf, the sample is
+# dropped), so C >= 2^-60 keeps c_i >= 2^-124. The entries' own roundings (subnormal ones: 2^-150 absolute) then
+# add at most float32's relative rounding. (2^-100 first, 2026-11-28: it bounded the entries, not c_i.)
+MIN_CLIP_NORM = 2.0**-60  # ~8.7e-19
 
 
 def check_clip_norm(name: str, value: float) -> float:
@@ -155,8 +156,8 @@ def check_clip_norm(name: str, value: float) -> float:
     v = _check_positive(name, value)
     if v < MIN_CLIP_NORM:
         raise ValueError(
-            f"{name}: expected at least {MIN_CLIP_NORM:.3g} (2^-100: below, float32 rounding of the clipped gradients "
-            f"is no longer small against the threshold, and a sample's clipped norm can exceed it), got {value!r}"
+            f"{name}: expected at least {MIN_CLIP_NORM:.3g} (2^-60: below, float32 rounding of the clip coefficient "
+            f"is no longer small, and a sample's clipped norm can exceed the threshold), got {value!r}"
         )
     return v
 
