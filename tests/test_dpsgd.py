@@ -1699,3 +1699,22 @@ def test_a_clipping_threshold_too_small_for_float32_is_refused():
     L = len(params(model))
     with pytest.raises(ValueError, match=r"per_layer_max_grad_norm\[0\]: expected at least 8.67e-19"):
         make_dp(model, clipping="per_layer", per_layer_max_grad_norm=[1e-40] + [0.1] * (L - 1))
+
+
+def test_per_layer_default_thresholds_below_the_floor_are_refused_by_max_grad_norm():
+    """A re-review (2026-11-28): with clipping='per_layer' the default thresholds C / sqrt(L) fell below 2^-60 for
+    C just above it, refused under another name (per_layer_max_grad_norm[0]) and, in a federated run, only at the
+    first fit. The engine and the run's model build now refuse it naming max_grad_norm and the least C."""
+    model = make_model()
+    L = len(params(model))
+    assert L > 1
+    C = 2.0**-60 * math.sqrt(L) * 0.99
+    with pytest.raises(ValueError, match=rf"max_grad_norm: with clipping='per_layer' each of the {L} trainable "
+                                         rf"tensors is clipped to max_grad_norm / sqrt\({L}\) = .* expected "
+                                         rf"max_grad_norm of at least"):
+        make_dp(model, clipping="per_layer", max_grad_norm=C)
+    dp = make_dp(model, clipping="per_layer", max_grad_norm=2.0**-60 * math.sqrt(L) * 1.01)
+    assert dp.sensitivity == pytest.approx(2.0**-60 * math.sqrt(L) * 1.01)
+    with pytest.raises(ValueError, match=r"max_grad_norm: with clipping='per_layer'"):
+        dp.max_grad_norm = C
+    make_dp(model, max_grad_norm=C)  # flat: C itself is above the floor

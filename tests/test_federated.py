@@ -822,6 +822,17 @@ def test_max_length_beyond_the_model_positions_is_refused(tiny):
         Federation(tiny_config(tiny, max_length=positions + 1))
 
 
+def test_per_layer_thresholds_below_the_floor_are_refused_when_the_model_is_built(tiny, monkeypatch):
+    """Per-layer clipping's default thresholds C / sqrt(L) depend on the model's L: refused when the run's model
+    is built (the simulation's, the ServerApp's, every Flower node's), before any client trains."""
+    from fedlora_fast.federated.client import Client
+
+    monkeypatch.setattr(Client, "fit", lambda *a, **k: pytest.fail("a client trained"))
+    with pytest.raises(ValueError, match=r"max_grad_norm: with clipping='per_layer' each of the \d+ trainable "
+                                         r"tensors is clipped to"):
+        Federation(tiny_config(tiny, clipping="per_layer", max_grad_norm=2.0**-60 * 1.5))
+
+
 def test_a_delta_of_one_over_n_or_more_is_warned_about(tiny):
     """(epsilon, delta)-DP with delta >= 1/n allows publishing a whole record: say so per client."""
     fed = Federation(tiny_config(tiny, rounds=1, local_steps=1))

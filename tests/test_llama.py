@@ -420,6 +420,17 @@ def test_train_lm_refuses_a_cuda_graph_longer_than_a_sliding_window_before_train
                         "--max-length", "8", "--max-examples", "40", "--clients", "2"])
 
 
+def test_train_lm_refuses_per_layer_thresholds_below_the_floor_before_training(tmp_path, monkeypatch):
+    """--clipping per_layer's default thresholds C / sqrt(L) below 2^-60: refused once the model is built, naming
+    the flags, not at the first step after round 0's evaluation."""
+    causal_lm = _train_lm_module()
+    monkeypatch.setattr(causal_lm, "evaluate", lambda *a, **k: pytest.fail("evaluated before the refusal"))
+    with pytest.raises(ValueError, match=r"--max-grad-norm / --clipping per_layer: max_grad_norm: with "
+                                         r"clipping='per_layer' each of the \d+ trainable tensors"):
+        causal_lm.main(["--tiny", "--clipping", "per_layer", "--max-grad-norm", "1.2e-18", "--max-examples", "40",
+                        "--out", str(tmp_path / "run")])
+
+
 def test_train_lm_one_run_per_out_overwrite_clears_it_and_a_resume_accounts_from_the_flags(tmp_path, monkeypatch):
     """Review findings (2026-11-28): two runs or resumes into one --out both ran, each reporting one run's epsilon
     (now --out's lock refuses the second); --overwrite left the old run's metrics.json and adapter beside the new

@@ -51,7 +51,7 @@ from fedlora_fast.federated.simulation import RUN_LOCK_NAME, _hash_model_files, 
 from fedlora_fast.io import LockedError, atomic_write_text, exclusive_lock, unwritable
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
-from fedlora_fast.privacy.dpsgd import check_clip_norm
+from fedlora_fast.privacy.dpsgd import check_clip_norm, per_layer_thresholds
 from fedlora_fast.privacy.sampling import seed_global_from_os
 from fedlora_fast.privacy import group as dp_group
 
@@ -269,7 +269,8 @@ def model_fingerprint(args, model: nn.Module, dtype: torch.dtype) -> str:
 
 def save_round(path: Path, global_state: dict, state: dict) -> None:
     """The run after a complete round, atomically (``federated.checkpoint``: safetensors, checksummed, no RNG
-    state: the run's sampling and noise are seeded from the operating system, and a resumed run draws anew)."""
+    state: the run's sampling is seeded from the operating system and its noise drawn from the OS's secure generator,
+    and a resumed run draws anew)."""
     save_checkpoint(path, {f"global/{n}": t for n, t in global_state.items()}, {"format": "train-lm", **state})
 
 
@@ -497,6 +498,11 @@ def _run(args, rank: int, world: int, group) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if args.clipping == "per_layer":  # (refused now, not at the first step after round 0's evaluation)
+        try:
+            per_layer_thresholds(args.max_grad_norm, len(trainable))
+        except ValueError as e:
+            raise ValueError(f"--max-grad-norm / --clipping per_layer: {e}") from None
     # flat clipping keeps every sample's gradient of every trained tensor until the step (examples/README.md)
     state_floats = args.micro_batch * sum(p.numel() for p in trainable) if args.clipping == "flat" else 0
     say(f"model: {type(model).__name__} {dtype} on {device}; {len(adapters)} adapters, "

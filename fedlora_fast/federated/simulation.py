@@ -43,7 +43,7 @@ from fedlora_fast.io import LockedError, exclusive_lock
 from fedlora_fast.privacy.accounting import (
     _MIN_FINITE_SIGMA, MAX_TARGET_EPSILON, calibrate_noise_multiplier, check_delta,
 )
-from fedlora_fast.privacy.dpsgd import CLIPPING, check_clip_norm
+from fedlora_fast.privacy.dpsgd import CLIPPING, check_clip_norm, per_layer_thresholds
 from fedlora_fast.privacy.sampling import os_seeded_generator, seed_global_from_os
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,8 @@ def adapted_model(cfg: FederatedConfig, num_labels: int) -> tuple[str, object, n
     tokenizer, model = load_model(name, num_labels, cfg.seed)
     inject_adapters(model, target_modules=cfg.targets, r=cfg.r, alpha=cfg.alpha, seed=cfg.seed,
                     train_A=cfg.method == "lora", trainable_modules=cfg.trainable_modules or None)
+    if cfg.clipping == "per_layer":  # (known once the model is: refused here, before any client trains)
+        per_layer_thresholds(cfg.max_grad_norm, len(trainable_state(model)))
     return name, tokenizer, model.to(torch.device(cfg.device))
 
 
@@ -613,8 +615,9 @@ class Federation:
         return h.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Checkpoint the run (owner-only file). With ``secure_noise`` the generators' states are left out:
-        they are OS-seeded secrets (whoever read them could predict the noise still to come, and a Mersenne
+        """Checkpoint the run (owner-only file). With ``secure_noise`` the generators' states are left out (the
+        noise has none: it comes from the OS's secure generator at every draw): the Poisson sampler's and dropout's
+        are OS-seeded secrets (whoever read them could predict the batches and masks still to come, and a Mersenne
         Twister's state also gives back its earlier draws); a resume draws fresh ones from the OS."""
         tensors = {f"global/{k}": v for k, v in self.server.global_state.items()}
         if not self.config.secure_noise:

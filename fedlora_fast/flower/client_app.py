@@ -15,8 +15,9 @@ and so the model fingerprint the server checks, is the same. Each message
 runs in a fresh process, so the client's privacy state (noise multiplier, accountant) and its RNG states
 live in the run's ``context.state`` between rounds, and the accountant with the noise multiplier also in a
 privacy ledger on the node's own disk (``ledger_path``), so that a restarted SuperNode keeps counting. DP noise
-and batch sampling are always seeded from the operating system here: the server knows the run config (and its
-``seed``), and noise it could regenerate protects nothing.
+is always drawn from the operating system's secure generator here (``os_normal``, at every draw) and batch
+sampling seeded from the OS: the server knows the run config (and its ``seed``), and noise it could regenerate
+protects nothing.
 """
 
 from __future__ import annotations

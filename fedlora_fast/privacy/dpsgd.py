@@ -162,6 +162,20 @@ def check_clip_norm(name: str, value: float) -> float:
     return v
 
 
+def per_layer_thresholds(max_grad_norm: float, num_tensors: int) -> list[float]:
+    """Per-layer clipping's default thresholds: ``max_grad_norm / sqrt(L)`` for each of the L trainable tensors
+    (``sqrt(sum C_l^2) = C``), refused by ``max_grad_norm``'s name where they fall below ``MIN_CLIP_NORM``."""
+    c = max_grad_norm / math.sqrt(num_tensors)
+    if c < MIN_CLIP_NORM:
+        raise ValueError(
+            f"max_grad_norm: with clipping='per_layer' each of the {num_tensors} trainable tensors is clipped to "
+            f"max_grad_norm / sqrt({num_tensors}) = {c:.3g}, below the floor {MIN_CLIP_NORM:.3g} (2^-60, see "
+            f"check_clip_norm); expected max_grad_norm of at least {MIN_CLIP_NORM * math.sqrt(num_tensors):.3g}, "
+            f"got {max_grad_norm!r}"
+        )
+    return [c] * num_tensors
+
+
 # The largest noise std sigma * C: the noise is drawn in float32 (as the clipped sum is kept), and a draw of
 # a few dozen std must still be finite there, else the step would write inf/NaN into every trained tensor.
 MAX_NOISE_STD = torch.finfo(torch.float32).max / 64  # ~5.3e36
@@ -772,7 +786,7 @@ class DPSGD:
     def _set_per_layer(self, thresholds: list[float] | None) -> None:
         L = len(self.params)
         if thresholds is None:
-            thresholds = [self.max_grad_norm / math.sqrt(L)] * L
+            thresholds = per_layer_thresholds(self.max_grad_norm, L)
         try:
             thresholds = list(thresholds)
         except TypeError:

@@ -33,8 +33,8 @@ _MT_STATE_BYTES, _MT_WORDS, _MT_WORDS_AT, _MT_DOUBLE_VALID_AT, _MT_FLOAT_VALID_A
 
 
 def seed_from_os(gen: torch.Generator) -> torch.Generator:
-    """``gen`` (returned) with its whole state drawn from the operating system's entropy: for noise, sampling and
-    dropout whose draws must stay secret.
+    """``gen`` (returned) with its whole state drawn from the operating system's entropy: for Poisson sampling and
+    dropout whose draws must stay secret (DP noise itself is drawn by ``os_normal``, with no generator kept).
 
     A CPU generator (Mersenne Twister) gets its 624 state words from ``os.urandom`` (19,968 bits):
     ``manual_seed`` keeps only the low 32 bits of a seed there, and a search over those 2^32 states recovers the
