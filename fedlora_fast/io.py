@@ -1,5 +1,5 @@
-"""Atomic file writes: a temporary file beside the target, fsynced, then renamed over it; and the exclusive lock
-a writer holds over several such writes.
+"""Atomic file writes: a temporary file beside the target, fsynced, then renamed over it (or linked to a name
+no other file holds: ``atomic_write_new``); and the exclusive lock a writer holds over several such writes.
 
 A reader (or a run killed at any moment) sees the old file or the new one, never a torn mix.
 """
@@ -63,27 +63,26 @@ def exclusive_lock(path: str | os.PathLike):
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    The file gets permission bits ``mode`` whatever the umask (default 0o644: outputs are ordinary files; 0o600
-    for a file only its owner may read)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_temp(directory: Path, name: str, data: bytes, mode: int) -> str:
+    """A temporary file in ``directory`` holding ``data``, fsynced, with permission bits ``mode``: its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, mode)  # mkstemp makes 0600; outputs are ordinary files (0o644) unless told otherwise
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    return tmp
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or link in ``directory`` durable (best effort)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
@@ -92,16 +91,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o64
         pass
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    The file gets permission bits ``mode`` whatever the umask (default 0o644: outputs are ordinary files; 0o600
+    for a file only its owner may read)."""
+    path = Path(path)
+    tmp = _write_temp(path.parent, path.name, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_new(stem: str | os.PathLike, suffix: str, data: bytes, *, mode: int = 0o644) -> Path:
+    """Write ``data`` as a new file: ``stem + suffix``, or ``stem-1 + suffix``, ``stem-2 + suffix``... the first
+    name free, returned. An audit copy never replaces another, even one a concurrent writer (another run
+    sharing the directory) creates meanwhile: the complete file is hard-linked to its name, which fails where
+    the name exists, and the next is tried. Atomic as ``atomic_write_bytes``: a name appears only whole."""
+    stem = Path(stem)
+    tmp = _write_temp(stem.parent, stem.name + suffix, data, mode)
+    try:
+        path, i = stem.parent / f"{stem.name}{suffix}", 1
+        while True:
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                path, i = stem.parent / f"{stem.name}-{i}{suffix}", i + 1
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(stem.parent)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o644) -> None:
     """``atomic_write_bytes`` of ``text`` in UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
-
-def unused_path(stem: str | os.PathLike, suffix: str) -> Path:
-    """``stem + suffix``, or ``stem-1 + suffix``, ``stem-2 + suffix``... the first that does not exist: an audit
-    copy never replaces an earlier one (the caller holds a lock that keeps other writers of the directory out)."""
-    stem = Path(stem)
-    path, i = stem.parent / f"{stem.name}{suffix}", 1
-    while path.exists():
-        path, i = stem.parent / f"{stem.name}-{i}{suffix}", i + 1
-    return path

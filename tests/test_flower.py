@@ -1471,12 +1471,44 @@ def test_server_app_holds_the_out_directory_lock_and_never_replaces_an_audit_cop
     with pytest.raises(AttributeError):  # past the guard once free (no grid here)
         server_app.main(None, Ctx)
     stem = tmp_path / "dump" / "round1-global"
-    assert io.unused_path(stem, ".safetensors").name == "round1-global.safetensors"
-    stem.parent.mkdir()
-    for name in ("round1-global.safetensors", "round1-global-1.safetensors"):
-        (stem.parent / name).write_bytes(b"")
-        assert not io.unused_path(stem, ".safetensors").exists()
-    assert io.unused_path(stem, ".safetensors").name == "round1-global-2.safetensors"
+    assert io.atomic_write_new(stem, ".safetensors", b"a").name == "round1-global.safetensors"
+    (stem.parent / "round1-global-1.safetensors").write_bytes(b"b")
+    assert io.atomic_write_new(stem, ".safetensors", b"c").name == "round1-global-2.safetensors"
+    assert {p.name: p.read_bytes() for p in stem.parent.iterdir()} == {  # nothing replaced, no temporary left
+        "round1-global.safetensors": b"a", "round1-global-1.safetensors": b"b", "round1-global-2.safetensors": b"c"}
+
+
+def test_audit_copies_written_at_once_into_one_directory_never_replace_each_other(tmp_path, monkeypatch):
+    """A re-review (2026-11-28): two ServerApps with different out but one flower-dump-dir (or two nodes' dumps)
+    chose a free name and then renamed over it: one written between the two was replaced. Now a whole file is
+    hard-linked to its name, which fails where the name exists (another writer's, created at any moment)."""
+    import os
+    import threading
+
+    from fedlora_fast import io
+
+    stem = tmp_path / "dump" / "round1-global"
+    real_link, raced = os.link, []
+
+    def link_after_a_rival(src, dst):  # another writer takes the first free name just before this one
+        if not raced:
+            raced.append(dst)
+            with open(dst, "xb") as f:
+                f.write(b"rival")
+        return real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link_after_a_rival)
+    assert io.atomic_write_new(stem, ".safetensors", b"mine").name == "round1-global-1.safetensors"
+    assert (stem.parent / "round1-global.safetensors").read_bytes() == b"rival"
+    monkeypatch.setattr(os, "link", real_link)
+    payloads = [f"copy{i}".encode() * 1000 for i in range(16)]
+    threads = [threading.Thread(target=io.atomic_write_new, args=(stem, ".safetensors", p)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kept = sorted(p.read_bytes() for p in stem.parent.iterdir())
+    assert kept == sorted([b"rival", b"mine", *payloads]), "a copy was replaced or a temporary file left"
 
 
 def test_server_app_checks_flower_eval_local_and_its_dump_dir_before_any_round(tiny, tmp_path):

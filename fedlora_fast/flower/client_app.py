@@ -42,7 +42,7 @@ from fedlora_fast.federated.server import short_repr
 from fedlora_fast.federated.simulation import Federation, FederatedConfig, seed_dropout
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
 from fedlora_fast.federated.state import check_tensor, load_trainable
-from fedlora_fast.io import LockedError, exclusive_lock, unused_path, unwritable
+from fedlora_fast.io import LockedError, atomic_write_new, exclusive_lock, unwritable
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
 from fedlora_fast.flower.strategy import FIRST_EXAMPLES_KEY, MIN_NOISE_KEY, ROUND_KEY
@@ -810,7 +810,7 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     if dump is not None:
         # named by the node's own step count (the server's round number may repeat), never replacing a copy
         stem = dump / f"round{round_idx + 1}-client{pid}-step{client.accountant.steps}"
-        checkpoint.atomic_write_bytes(unused_path(stem, ".safetensors"), update)
+        atomic_write_new(stem, ".safetensors", update)
     arrays, meta = records.from_message(update)
     privacy = client.privacy_record(cfg.delta)
     metrics = MetricRecord({

@@ -45,7 +45,7 @@ from fedlora_fast.flower.config import (
     flower_setting,
 )
 from fedlora_fast.flower.strategy import FedLoRAStrategy
-from fedlora_fast.io import LockedError, exclusive_lock, unused_path, unwritable
+from fedlora_fast.io import LockedError, atomic_write_new, exclusive_lock, unwritable
 
 CHECKPOINT_NAME = ckpt.FLOWER_CHECKPOINT_NAME  # not the simulation's: it cannot resume a Flower run
 
@@ -146,8 +146,8 @@ def _main(grid: Grid, context: Context, cfg, out: Path, dump, timeout, server_da
         save_checkpoint(out / CHECKPOINT_NAME, fed, strategy)
         ckpt.atomic_write_text(out / "metrics.json", dump_metrics(metrics_document(fed, strategy, extra)))
         if dump:
-            ckpt.atomic_write_bytes(  # (never replacing an earlier run's copy: -1, -2... where one exists)
-                unused_path(dump / f"round{server_round}-global", ".safetensors"),
+            atomic_write_new(  # (never replacing another run's copy: -1, -2... where one exists)
+                dump / f"round{server_round}-global", ".safetensors",
                 serialization.encode(fed.server.global_state, {"round": server_round, "fingerprint": fed.fingerprint}),
             )
         print(format_round(record, cfg.rounds), flush=True)  # the one-line summary, in the streamed log
