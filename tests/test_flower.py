@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -1022,6 +1023,47 @@ def test_a_node_checks_its_dump_dir_before_it_trains(tiny, tmp_path, privacy_dir
     with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
         client_app.train(_train_msg(fed, 0), ctx)
     assert [p.name for p in dump.iterdir()] == [f"round1-client0-step{fed.config.local_steps}.safetensors"]
+
+
+def test_a_node_holds_its_train_reply_until_reply_after(tiny, privacy_dir, caplog):
+    """A reviewer's 55 fits (2026-11-28): a node's fit time tracks its secret Poisson batch sizes (r = 0.87), and
+    the README's advice to reply at a fixed time had no setting behind it. The node config reply-after=SECONDS
+    holds each train reply, or its error, until that long after the message arrived; a round that runs past it
+    replies when done and says so in the node's log. Driven by a fake clock: no timing in the test."""
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, rounds=3, **{"noise-multiplier": 1.3})
+    fed = node.build(flower_config.federated_config(rc))
+    ctx = _node_ctx(rc, **{"reply-after": 30})
+    clock, slept = [100.0], []
+    real_fit = client_app.Client.fit
+
+    def fit(self, *a, **kw):  # training "takes" 4 s of the fake clock, or 41 s in the late round
+        clock[0] += 41.0 if late else 4.0
+        return real_fit(self, *a, **kw)
+
+    fake_time = SimpleNamespace(monotonic=lambda: clock[0], sleep=slept.append)
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content), \
+            mock.patch.object(client_app, "time", fake_time), mock.patch.object(client_app.Client, "fit", fit):
+        late = False
+        reply = client_app.train(_train_msg(fed, 0), ctx)
+        assert reply.metric_records["metrics"]["steps"] == fed.config.local_steps
+        assert slept == [pytest.approx(26.0)], "held until 30 s after the message"
+        late = True
+        with caplog.at_level("WARNING", logger=client_app.__name__):
+            client_app.train(_train_msg(fed, 1), ctx)
+        assert slept == [pytest.approx(26.0)] and "this round took 41 s, past reply-after = 30 s" in caplog.text
+        late = False
+        with mock.patch.object(client_app, "_check_budget", side_effect=client_app.NodeError("refused")):
+            with pytest.raises(client_app.NodeError, match="refused"):
+                client_app.train(_train_msg(fed, 2), ctx)
+        assert slept == [pytest.approx(26.0), pytest.approx(30.0)], "an error is held too"
+        for bad in ("30s", -1, float("nan"), True):
+            with pytest.raises(client_app.NodeConfigError, match=rf"node config 'reply-after': expected a finite "
+                                                                 rf"number > 0, got {re.escape(repr(bad))}"):
+                client_app.train(_train_msg(fed, 2), _node_ctx(rc, **{"reply-after": bad}))
+        with pytest.raises(client_app.NodeConfigError, match="node config 'reply_after': did you mean 'reply-after'"):
+            client_app.train(_train_msg(fed, 2), _node_ctx(rc, **{"reply_after": 30}))
 
 
 def test_a_node_sends_a_bad_flower_eval_local_to_the_server_as_a_config_error(tiny):
