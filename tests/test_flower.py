@@ -1719,7 +1719,7 @@ def test_a_malformed_server_message_is_refused_as_the_servers_error_before_any_s
          rf"0 unexpected \[\] and 1 missing \['{name}'\]"),
         ({**good, name: torch.full_like(good[name], float("nan"))}, {ROUND_KEY: 0}, rf"{name}: has non-finite"),
         ({**good, name: torch.zeros(3, 1)}, {ROUND_KEY: 0}, rf"{name}: expected a floating-point tensor of shape"),
-        ({**good, name: good[name].double()}, {ROUND_KEY: 0}, rf"{name}: expected torch.float32, got torch.float64"),
+        ({**good, name: good[name].double()}, {ROUND_KEY: 0}, rf"{name}: expected torch.float32 \(the run's global state's\), got torch.float64"),
     ]
     for tensors, config, match in cases:
         ctx = _node_ctx(rc, **{client_app.LEDGER_DIR_KEY: str(tmp_path)})

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora_fast.federated.state import check_tensor
+from fedlora_fast.federated.state import check_state
 from fedlora_fast.privacy.accounting import Accountant, check_noise_multiplier
 from fedlora_fast.privacy.sampling import os_normal
 
@@ -76,15 +76,7 @@ def check_updates(global_state: dict[str, Tensor], updates: list[ClientUpdate]) 
     for u in updates:
         if isinstance(u.num_examples, bool) or not isinstance(u.num_examples, int) or u.num_examples <= 0:
             raise ValueError(f"client {u.client_id}: num_examples: expected a positive int, got {u.num_examples!r}")
-        if set(u.tensors) != set(global_state):
-            extra, missing = sorted(set(u.tensors) - set(global_state)), sorted(set(global_state) - set(u.tensors))
-            raise ValueError(f"client {u.client_id}: expected the global state's keys, got {len(extra)} unexpected "
-                             f"{extra[:3]} and {len(missing)} missing {missing[:3]}")
-        for k, g in global_state.items():
-            check_tensor(f"client {u.client_id}: {k}", u.tensors[k], g.shape)
-            if u.tensors[k].dtype != g.dtype:
-                raise ValueError(f"client {u.client_id}: {k}: expected {g.dtype} (the global state's), got "
-                                 f"{u.tensors[k].dtype}")
+        check_state(f"client {u.client_id}", u.tensors, global_state, "the global state")
 
 
 class FedAvg(Aggregator):

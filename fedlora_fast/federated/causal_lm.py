@@ -32,7 +32,6 @@ none. ``causal_lm_loss`` is the per-sample loss (each sequence's mean next-token
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -47,8 +46,8 @@ from torch import nn
 import fedlora_fast as ff
 from fedlora_fast.data import collate as pad_batch
 from fedlora_fast.federated.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from fedlora_fast.federated.simulation import RUN_LOCK_NAME, _hash_model_files, held_run_outputs, remove_run_outputs
-from fedlora_fast.io import LockedError, atomic_write_text, exclusive_lock, unwritable
+from fedlora_fast.federated.simulation import _hash_model_files, held_run_outputs, remove_run_outputs, run_lock
+from fedlora_fast.io import atomic_write_text, unwritable
 from fedlora_fast.peft_compat import export_peft
 from fedlora_fast.privacy import Accountant, PoissonSampler, calibrate_noise_multiplier, graph_micro_batch_sizes
 from fedlora_fast.privacy.dpsgd import check_clip_norm, per_layer_thresholds
@@ -428,12 +427,7 @@ def run(args, rank: int, world: int, group) -> dict:
     why = unwritable(out)
     if why is not None:
         raise ValueError(f"--out: expected a writable directory, got {str(out)!r} ({why})")
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(exclusive_lock(out / RUN_LOCK_NAME))
-        except LockedError:
-            raise ValueError(f"--out: {str(out)!r} is in use by another fedlora-fast run (it holds {RUN_LOCK_NAME}); "
-                             "wait for it to finish, or choose another --out") from None
+    with run_lock(out, f"--out: {str(out)!r}", "choose another --out"):
         return _run(args, rank, world, group)
 
 

@@ -9,6 +9,7 @@ atomically and ``resume=True`` continues to exactly the metrics and adapter of a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -60,6 +61,21 @@ RESUME_BY_CONTENT: tuple[str, ...] = ("data", "model")
 # what a run (simulation or Flower ServerApp) writes into --out: a fresh run refuses a directory holding any of
 # them, --overwrite removes them (held_run_outputs, remove_run_outputs)
 RUN_LOCK_NAME = ".fedlora_fast.lock"  # held (flock) by the run writing into an --out directory
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, label: str, hint: str):
+    """Hold ``out``'s run lock (``RUN_LOCK_NAME``) while the block runs: one run per output directory
+    (``fedlora-fast train``, ``train-lm``, the Flower ServerApp), since two would both pass the checks of what
+    ``out`` holds and write over each other's outputs. Only the lock's own refusal becomes the ValueError
+    ``"{label} is in use by another fedlora-fast run ...; wait for it to finish, or {hint}"``."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(Path(out) / RUN_LOCK_NAME))
+        except LockedError:
+            raise ValueError(f"{label} is in use by another fedlora-fast run (it holds {RUN_LOCK_NAME}); wait for it "
+                             f"to finish, or {hint}") from None
+        yield
 RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", ckpt.FLOWER_CHECKPOINT_NAME)
 
 
@@ -882,12 +898,8 @@ def run_simulation(
     if resume and not path.exists():
         raise ValueError(f"resume: no checkpoint {path} to resume from; run without --resume first")
     out.mkdir(parents=True, exist_ok=True)
-    try:  # one run per directory: two would both pass the check below and write over each other's outputs
-        with exclusive_lock(out / RUN_LOCK_NAME):
-            return _run_simulation(config, out, path, resume, overwrite, progress, echo, stop_after, data)
-    except LockedError:
-        raise ValueError(f"out: {out} is in use by another fedlora-fast run (it holds {RUN_LOCK_NAME}); wait for it "
-                         "to finish, or pass another --out") from None
+    with run_lock(out, f"out: {out}", "pass another --out"):
+        return _run_simulation(config, out, path, resume, overwrite, progress, echo, stop_after, data)
 
 
 def _run_simulation(config: FederatedConfig, out: Path, path: Path, resume: bool, overwrite: bool, progress: bool,

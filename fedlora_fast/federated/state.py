@@ -32,6 +32,20 @@ def check_tensor(what: str, t, shape) -> None:
         raise ValueError(f"{what}: has non-finite values")
 
 
+def check_state(what: str, tensors: dict, reference: dict[str, Tensor], reference_name: str) -> None:
+    """Raise ValueError naming ``what`` unless ``tensors`` holds exactly ``reference``'s keys, each a finite
+    tensor of its shape and dtype (``check_tensor``): a client's update against the global state, a server's
+    broadcast against a node's own. ``reference_name`` says what ``reference`` is in the messages."""
+    if set(tensors) != set(reference):
+        extra, missing = sorted(set(tensors) - set(reference)), sorted(set(reference) - set(tensors))
+        raise ValueError(f"{what}: expected {reference_name}'s keys, got {len(extra)} unexpected {extra[:3]} and "
+                         f"{len(missing)} missing {missing[:3]}")
+    for k, g in reference.items():
+        check_tensor(f"{what}: {k}", tensors[k], g.shape)
+        if tensors[k].dtype != g.dtype:
+            raise ValueError(f"{what}: {k}: expected {g.dtype} ({reference_name}'s), got {tensors[k].dtype}")
+
+
 @torch.no_grad()
 def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy ``state`` into the model's trainable parameters (the keys must be exactly those).

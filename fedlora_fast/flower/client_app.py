@@ -33,7 +33,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -42,7 +41,7 @@ from fedlora_fast.federated.client import Client
 from fedlora_fast.federated.server import short_repr
 from fedlora_fast.federated.simulation import Federation, FederatedConfig, seed_dropout
 from fedlora_fast.federated.simulation import evaluate as evaluate_model
-from fedlora_fast.federated.state import check_tensor, load_trainable
+from fedlora_fast.federated.state import check_state, load_trainable
 from fedlora_fast.io import LockedError, atomic_write_new, exclusive_lock, unwritable
 from fedlora_fast.flower import node, records
 from fedlora_fast.flower.config import EVAL_LOCAL_KEY, federated_config, flower_setting
@@ -104,18 +103,10 @@ def _server_tensors(msg: Message, fed: Federation) -> dict:
         tensors = records.to_tensors(msg.content.array_records["arrays"])
     except (ValueError, TypeError) as e:
         raise ServerMessageError(f"server message: its 'arrays' record does not load ({e})") from None
-    want = fed.server.global_state
-    if set(tensors) != set(want):
-        extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
-        raise ServerMessageError(f"server message: expected the run's global tensors, got {len(extra)} unexpected "
-                                 f"{extra[:3]} and {len(missing)} missing {missing[:3]}")
-    for k, g in want.items():
-        try:
-            check_tensor(f"server message: {k}", tensors[k], g.shape)
-        except ValueError as e:
-            raise ServerMessageError(str(e)) from None
-        if tensors[k].dtype != g.dtype:
-            raise ServerMessageError(f"server message: {k}: expected {g.dtype}, got {tensors[k].dtype}")
+    try:
+        check_state("server message", tensors, fed.server.global_state, "the run's global state")
+    except ValueError as e:
+        raise ServerMessageError(str(e)) from None
     return tensors
 
 

@@ -20,7 +20,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora_fast.federated import checkpoint as ckpt
 from fedlora_fast.federated import serialization
 from fedlora_fast.federated.simulation import (
-    RUN_LOCK_NAME,
     Federation,
     adapter_metadata,
     dump_metrics,
@@ -31,6 +30,7 @@ from fedlora_fast.federated.simulation import (
     noise_source,
     plot_curves,
     remove_run_outputs,
+    run_lock,
 )
 from fedlora_fast.federated.state import load_trainable
 from fedlora_fast.flower import node, records
@@ -45,7 +45,7 @@ from fedlora_fast.flower.config import (
     flower_setting,
 )
 from fedlora_fast.flower.strategy import FedLoRAStrategy
-from fedlora_fast.io import LockedError, atomic_write_new, exclusive_lock, unwritable
+from fedlora_fast.io import atomic_write_new, unwritable
 
 CHECKPOINT_NAME = ckpt.FLOWER_CHECKPOINT_NAME  # not the simulation's: it cannot resume a Flower run
 
@@ -113,12 +113,8 @@ def main(grid: Grid, context: Context) -> None:
     if dump:  # first written after round 1's training: a directory that cannot be written fails now, not then
         dump = _writable_dir(Path(dump).expanduser(), DUMP_KEY)
     out.mkdir(parents=True, exist_ok=True)
-    try:  # one run per directory, as `fedlora-fast train`'s: two would write over each other's outputs
-        with exclusive_lock(out / RUN_LOCK_NAME):
-            _main(grid, context, cfg, out, dump, timeout, server_data, overwrite)
-    except LockedError:
-        raise ValueError(f"out: {out} is in use by another fedlora-fast run (it holds {RUN_LOCK_NAME}); wait for it "
-                         "to finish, or set another 'out'") from None
+    with run_lock(out, f"out: {out}", "set another 'out'"):  # one run per directory, as `fedlora-fast train`'s
+        _main(grid, context, cfg, out, dump, timeout, server_data, overwrite)
 
 
 def _main(grid: Grid, context: Context, cfg, out: Path, dump, timeout, server_data: bool, overwrite: bool) -> None:
