@@ -1,7 +1,8 @@
 """``inject_adapters``: put FFA-LoRA (or LoRA) adapters on a model's linear layers and freeze the rest.
 
 Target names follow peft's list form: a module matches a target when its qualified name equals it or ends
-with ``"." + target``; ``"all-linear"`` takes every ``nn.Linear`` except the output layer (the model's output
+with ``"." + target``; ``"all-linear"`` takes every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's) except the
+output layer (the model's output
 embeddings and heads named ``classifier``/``score``/``lm_head``, and any ``trainable_modules``). Unlike peft,
 a single string is one such name, not a regular expression.
 """
@@ -14,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, check_layer_args
+from fedlora_fast.layers.ffa_linear import FFALoRALinear, base_problem, check_layer_args, is_conv1d
 from fedlora_fast.layers.per_sample_modules import (
     _PerSampleMixin,
     make_per_sample,
@@ -114,15 +115,11 @@ def _no_fused_encoder(model: nn.Module, layer: nn.TransformerEncoderLayer) -> No
 _REGEX_CHARS = set("*+?[]()|\\^$")
 
 
-def _has_conv1d(modules: dict[str, nn.Module]) -> bool:
-    return any(type(m).__name__ == "Conv1D" for m in modules.values())
-
-
 def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
-    """Qualified names of the ``nn.Linear`` modules ``target_modules`` selects.
+    """Qualified names of the ``nn.Linear`` (or transformers ``Conv1D``) modules ``target_modules`` selects.
 
     Raises:
-        ValueError: a target matches nothing, or matches a module that is not an ``nn.Linear``.
+        ValueError: a target matches nothing, or matches a module that is not an ``nn.Linear`` or ``Conv1D``.
     """
     targets = _as_list(target_modules, "target_modules")
     if not targets:
@@ -136,16 +133,14 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
     mha = {f"{n}.{c}" if n else c: n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)
            for c, _ in m.named_children()}  # fmt: skip
     trained = {n for n, m in modules.items() if isinstance(m, _PerSampleMixin)}  # trained in full by an earlier call
-    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not isinstance(m, FFALoRALinear)
-              and n not in owner and n not in mha and n not in trained]  # fmt: skip
+    linear = [n for n, m in modules.items() if (isinstance(m, nn.Linear) or is_conv1d(m))
+              and not isinstance(m, FFALoRALinear) and n not in owner and n not in mha and n not in trained]  # fmt: skip
     if ALL_LINEAR in targets:
         skip = _output_layer_names(model) | excluded
         chosen = [n for n in linear if not any(_matches(n, s) or n.startswith(s + ".") for s in skip)]
         if not chosen:
-            conv1d = " (transformers' Conv1D layers, as in GPT-2, are not supported)" if _has_conv1d(modules) else ""
-            raise ValueError(
-                f"target_modules='all-linear': the model has no nn.Linear besides its output layer{conv1d}"
-            )
+            raise ValueError("target_modules='all-linear': the model has no nn.Linear (or Conv1D) besides its output "
+                             "layer")
         odd = [f"{n} ({base_problem(modules[n])})" for n in chosen if base_problem(modules[n])]
         if odd:
             raise ValueError(f"target_modules='all-linear': cannot adapt {odd[:4]}; list the targets to adapt instead")
@@ -175,9 +170,9 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
                     f"target_modules: {n!r} belongs to nn.MultiheadAttention {mha[n] or type(model).__name__!r}, "
                     "which reads its weight directly: an adapter there would never run"
                 )
-            if not isinstance(m, nn.Linear):
-                conv1d = " (transformers' Conv1D, as in GPT-2, is not supported)" if _has_conv1d({n: m}) else ""
-                raise ValueError(f"target_modules: {n!r} is a {type(m).__name__}, expected torch.nn.Linear{conv1d}")
+            if not isinstance(m, nn.Linear) and not is_conv1d(m):
+                raise ValueError(f"target_modules: {n!r} is a {type(m).__name__}, expected torch.nn.Linear or "
+                                 "transformers' Conv1D")
             if base_problem(m):
                 raise ValueError(f"target_modules: {n!r}: {base_problem(m)}")
             if n not in chosen:

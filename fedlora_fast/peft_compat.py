@@ -31,10 +31,12 @@ from fedlora_fast.inject import _matches, _set_submodule, adapter_layers, mark_t
 from fedlora_fast.io import atomic_write_bytes, atomic_write_text
 from fedlora_fast.layers.ffa_linear import (
     FFALoRALinear,
+    base_features,
     base_problem,
     check_layer_args,
     has_listed_linear_forward,
     init_lora_A,
+    is_conv1d,
 )
 from fedlora_fast.layers.per_sample_modules import make_per_sample, per_sample_error, per_sample_problems
 
@@ -354,7 +356,9 @@ def export_peft(
         "lora_alpha": alpha,
         "target_modules": _target_modules(model, names),
         "lora_dropout": _dropout_p(first),
-        "fan_in_fan_out": False,
+        # peft sets it per layer from the base's type anyway (True for a Conv1D, False for nn.Linear, with a
+        # warning where the config says otherwise): the config follows the adapted layers to spare that warning
+        "fan_in_fan_out": all(adapters[n].fan_in_fan_out for n in names),
         "bias": "none",
         "use_rslora": first.use_rslora,
         "modules_to_save": modules_to_save or None,
@@ -463,7 +467,9 @@ def _check_config(config: dict) -> None:
     problems = []
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type={config.get('peft_type')!r} (expected 'LORA')")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+    # (fan_in_fan_out is not checked: peft sets it from each layer's type, True exactly for a Conv1D base, and
+    # the adapter's A and B are the same either way)
+    for key, ok in (("use_dora", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             problems.append(f"{key}={config.get(key)!r} (supported: {ok!r})")
     # fields of LoRA variants that compute something else (peft adds them over time): any that is set
@@ -588,10 +594,9 @@ def load_peft(
         if why is not None:
             problems.append(f"{n}: {why}")
             continue
-        if (B.shape[0], A.shape[1]) != (base.out_features, base.in_features):
-            problems.append(
-                f"{n}: adapter maps {A.shape[1]} -> {B.shape[0]}, the layer {base.in_features} -> {base.out_features}"
-            )
+        fin, fout = base_features(base)
+        if (B.shape[0], A.shape[1]) != (fout, fin):
+            problems.append(f"{n}: adapter maps {A.shape[1]} -> {B.shape[0]}, the layer {fin} -> {fout}")
             continue
         if isinstance(module, FFALoRALinear):
             if module.merged:
@@ -610,7 +615,7 @@ def load_peft(
                 )
         info = meta_layers.get(n, {})
         if info.get("method") == "ffa" and info.get("seed") is not None:
-            expected = init_lora_A(r, base.in_features, int(info["seed"]), info.get("seed_name", n))
+            expected = init_lora_A(r, base_features(base)[0], int(info["seed"]), info.get("seed_name", n))
             if not torch.equal(A.float(), expected):
                 raise ValueError(
                     f"load_dir: {n}.lora_A is not the A that FFA-LoRA derives from seed {info['seed']}; "
@@ -727,10 +732,12 @@ def _lora_problem(layer, LoraLinear) -> str | None:
     if type(layer) is not LoraLinear:
         return f"{type(layer).__module__}.{type(layer).__name__} (only peft.tuners.lora.Linear is supported)"
     base = layer.get_base_layer()
-    # exactly nn.Linear, or a subclass whose forward is F.linear's maths (Falcon's FalconLinear): FFALoRALinear
-    # computes F.linear(x, weight, bias) itself
-    if type(base) is not nn.Linear and not (isinstance(base, nn.Linear) and has_listed_linear_forward(type(base))):
-        return f"base layer is a {type(base).__name__}, expected torch.nn.Linear"
+    # exactly nn.Linear or transformers' Conv1D, or a subclass whose forward is F.linear's maths (Falcon's
+    # FalconLinear): FFALoRALinear computes F.linear(x, weight, bias) itself
+    conv = is_conv1d(base)
+    if (type(base) is not nn.Linear and not (isinstance(base, nn.Linear) and has_listed_linear_forward(type(base)))
+            and not conv):
+        return f"base layer is a {type(base).__name__}, expected torch.nn.Linear or transformers' Conv1D"
     keys = list(layer.lora_A.keys())
     if len(keys) != 1:
         return f"{len(keys)} adapters {keys} (exactly one supported)"
@@ -743,8 +750,8 @@ def _lora_problem(layer, LoraLinear) -> str | None:
         return f"LoRA variant {type(layer.lora_variant[key]).__name__}"
     if getattr(layer, "lora_bias", {}).get(key, False):
         return "lora_bias=True"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True"
+    if bool(getattr(layer, "fan_in_fan_out", False)) != conv:  # (peft sets it so: a Conv1D's weight is (in, out))
+        return f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)!r} on a {type(base).__name__} base"
     if layer.merged:
         return "merged adapter (call unmerge_adapter() first)"
     if getattr(layer, "disable_adapters", False):  # (the converted layer would compute the adapter again)

@@ -13,6 +13,8 @@ from fedlora_fast.layers.ffa_linear import init_lora_A
 from fedlora_fast.ops.ffa_linear import call
 from fedlora_fast.testing import assert_close_verbose, per_sample_grads_engine, per_sample_grads_loop
 
+from conftest import backend_params
+
 
 class FixedMask(nn.Module):
     """A dropout whose mask is fixed per sample, so the batch-of-one loop sees the same mask as the batch."""
@@ -341,7 +343,7 @@ def test_bad_input_errors_name_what_was_expected():
             ff.FFALoRALinear(nn.Linear(16, 8), r=r)
     with pytest.raises(ValueError, match=r"dropout: expected a probability"):
         ff.FFALoRALinear(nn.Linear(16, 8), r=2, dropout=1.0)
-    with pytest.raises(TypeError, match=r"base: expected torch.nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match=r"base: expected torch.nn.Linear or transformers' Conv1D, got Conv1d"):
         ff.FFALoRALinear(nn.Conv1d(3, 3, 1), r=2)
     with pytest.raises(ValueError, match=r"base: expected in and out features > 0, got Linear\(0, 5\)"):
         ff.FFALoRALinear(nn.Linear(0, 5), r=2)
@@ -693,14 +695,104 @@ def test_autocast_leaves_float64_as_nn_linear_does():
     assert_close_verbose(y, expected, atol=1e-12, rtol=1e-12, name="y")
 
 
-def test_gpt2_conv1d_is_named_as_unsupported():
+def tiny_gpt2_f64():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
-    model = transformers.GPT2LMHeadModel(cfg)
-    with pytest.raises(ValueError, match=r"all-linear.*Conv1D layers, as in GPT-2, are not supported"):
-        ff.inject_adapters(model, "all-linear")
-    with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn' is a Conv1D.*not supported"):
-        ff.inject_adapters(model, ["c_attn"])
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=53, n_positions=16, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+@pytest.mark.parametrize("use_backend", backend_params(), indirect=True)
+def test_a_gpt2_conv1d_takes_an_adapter(use_backend):
+    """GPT-2's projections are transformers' Conv1D (``x W + b``, W of shape (in, out)): they were refused as
+    targets. An adapter now takes one as its base (``fan_in_fan_out``, as in peft): the ops get W transposed (a
+    view), the output is ``conv(x) + s x A^T B^T`` on every backend, merge() writes ``(s B A)^T`` through to the
+    Conv1D's own weight and unmerge() restores it, and 'all-linear' adapts every Conv1D but the output layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    _, device = use_backend
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        conv = Conv1D(11, 7).to(device, dtype)  # (nf = out 11, nx = in 7): odd sizes
+        with torch.no_grad():
+            conv.weight.normal_()
+            conv.bias.normal_()
+        w0 = conv.weight.detach().clone()
+        layer = ff.FFALoRALinear(conv, r=3, alpha=6.0, seed=1, name="c").to(device)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        assert (layer.in_features, layer.out_features, layer.fan_in_fan_out) == (7, 11, True)
+        assert layer.weight.shape == (11, 7) and layer.weight.data_ptr() == conv.weight.data_ptr()
+        x = torch.randn(3, 5, 7, dtype=dtype, device=device, requires_grad=True)
+        gy = torch.randn(3, 5, 11, dtype=dtype, device=device)
+        f64 = {k: v.detach().double() for k, v in (("x", x), ("W", w0), ("b", conv.bias), ("A", layer.lora_A),
+                                                   ("B", layer.lora_B), ("g", gy))}
+        u = f64["x"] @ f64["A"].T
+        ref = f64["x"] @ f64["W"] + f64["b"] + layer.scale * u @ f64["B"].T
+        y = layer(x)
+        assert_close_verbose(y.double(), ref, atol=tol, rtol=tol, name=f"y {dtype}")
+        y.backward(gy)
+        dx = f64["g"] @ f64["W"].T + layer.scale * (f64["g"] @ f64["B"]) @ f64["A"]
+        dB = layer.scale * torch.einsum("nto,ntr->or", f64["g"], u)
+        assert_close_verbose(x.grad.double(), dx, atol=tol, rtol=tol, name=f"dx {dtype}")
+        # (B is float32 whatever the base's dtype: its gradient is float32's precision)
+        assert_close_verbose(layer.lora_B.grad.double(), dB, atol=1e-5, rtol=1e-5, name=f"dB {dtype}")
+        assert conv.weight.grad is None and conv.bias.grad is None, "the base stays frozen"
+        layer.eval().merge()
+        delta = (layer.scale * f64["B"] @ f64["A"]).T.to(dtype)
+        assert_close_verbose(conv.weight.detach(), w0 + delta, atol=tol, rtol=tol, name="merged Conv1D weight")
+        assert_close_verbose(layer(x).double(), ref, atol=tol * 10, rtol=tol * 10, name="merged y")
+        layer.unmerge()
+        assert_close_verbose(conv.weight.detach(), w0, atol=tol, rtol=tol, name="unmerged Conv1D weight")
+
+    model = tiny_gpt2_f64()
+    ids = torch.randint(0, 53, (2, 9))
+    before = model(ids).logits
+    adapters = ff.inject_adapters(model, "all-linear", r=2, alpha=4.0)
+    assert sorted(adapters) == sorted(f"transformer.h.{i}.{m}" for i in range(2)
+                                      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert all(type(a.base_layer).__name__ == "Conv1D" for a in adapters.values())
+    assert torch.equal(model(ids).logits, before), "B = 0: the adapted model computes the base model"
+
+
+class _ScaledConv1D(pytest.importorskip("transformers").pytorch_utils.Conv1D):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_conv1d_overriding_its_forward_is_refused():
+    with pytest.raises(TypeError, match=r"base: .*_ScaledConv1D overrides Conv1D.forward"):
+        ff.FFALoRALinear(_ScaledConv1D(4, 3))
+    with pytest.raises(ValueError, match=r"target_modules: '0': .*overrides Conv1D.forward"):
+        ff.inject_adapters(nn.Sequential(_ScaledConv1D(4, 3)), ["0"])
+    with pytest.raises(ValueError, match=r"'1' is a GELU, expected torch.nn.Linear or transformers' Conv1D"):
+        ff.inject_adapters(nn.Sequential(nn.Linear(3, 3), nn.GELU()), ["1"])
+
+
+def test_gpt2_conv1d_adapters_per_sample_grads_match_a_batch_of_one_loop():
+    """Every sample's gradient of every Conv1D adapter's B (and A, in LoRA mode) from the engine equals the
+    batch-of-one loop on a tiny GPT-2 (float64, padded rows)."""
+    from fedlora_fast.testing import assert_engine_matches_loop
+
+    for train_A in (False, True):
+        model = tiny_gpt2_f64().train()
+        for a in ff.inject_adapters(model, "all-linear", r=3, alpha=6.0, train_A=train_A).values():
+            with torch.no_grad():
+                a.lora_B.normal_(0, 0.3)
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(0, 53, (4, 7), generator=g)
+        mask = (torch.arange(7)[None, :] < torch.tensor([7, 3, 5, 7])[:, None]).long()
+        batch = {"input_ids": ids, "attention_mask": mask}
+
+        def loss_fn(m, b):
+            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+            return nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                               reduction="sum")
+
+        ours = assert_engine_matches_loop(model, loss_fn, batch, atol=1e-10, rtol=1e-8)
+        assert len(ours) == 8 * (2 if train_A else 1) and all(v.abs().sum() > 0 for v in ours.values())
 
 
 @pytest.mark.parametrize("scope", ["layer", "model"])

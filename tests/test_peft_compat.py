@@ -116,6 +116,44 @@ def test_export_llama_loads_in_peft_and_matches(tmp_path, targets):
     assert_close_verbose(pm(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=1e-5, name="logits")
 
 
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=100, n_positions=16, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_conv1d_adapters_export_to_peft_convert_from_it_and_load_back(tmp_path):
+    """GPT-2's projections are Conv1D (weight (in, out)): peft adapts them with fan_in_fan_out. Our adapters on
+    them export to a directory peft loads without a warning and computes the same logits from; peft's own GPT-2
+    LoRA model converts (from_peft) to the same forward, and load_peft reads peft's save back."""
+    ours = tiny_gpt2()
+    adapters = ff.inject_adapters(ours, ["c_attn", "c_fc"], r=4, alpha=8.0, seed=2)
+    randomize([l.lora_B for l in adapters.values()])
+    export_peft(ours, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert cfg["fan_in_fan_out"] is True and cfg["target_modules"] == ["c_attn", "c_fc"]
+    pm = peft_load_quietly(tiny_gpt2(), tmp_path / "a")
+    x = ids()
+    expected = ours(input_ids=x).logits
+    assert_close_verbose(pm(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5, name="peft logits")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (peft's own notes on Conv1D and fan_in_fan_out)
+        theirs = get_peft_model(tiny_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                                        fan_in_fan_out=True))
+    randomize([p for n, p in theirs.named_parameters() if "lora_B" in n])
+    want = theirs.eval()(input_ids=x).logits.detach()
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    converted = from_peft(theirs)
+    layers = ff.adapter_layers(converted)
+    assert len(layers) == 6 and all(l.fan_in_fan_out for l in layers.values())  # c_attn and 2 c_proj per block
+    assert_close_verbose(converted(input_ids=x).logits, want, atol=1e-5, rtol=1e-5, name="from_peft logits")
+    fresh = tiny_gpt2()
+    load_peft(fresh, tmp_path / "theirs")  # (onto the base model: the file's A is peft's)
+    assert_close_verbose(fresh(input_ids=x).logits, want, atol=1e-5, rtol=1e-5, name="load_peft logits")
+
+
 def test_export_mixed_ranks_uses_rank_and_alpha_patterns(tmp_path):
     ours = tiny_llama()
     ff.inject_adapters(ours, ["q_proj"], r=2, alpha=4.0)

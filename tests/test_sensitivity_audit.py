@@ -5,7 +5,8 @@ calibrated to it. ``test_dpsgd.py`` checks it on one toy model; here it is audit
 
 - models: an MLP with adapters (FFA-LoRA, and LoRA with A trained), tiny random Llama, BERT and GPT-2;
 - trained modules: a Linear head, LayerNorms, an Embedding, a tied lm_head with its embedding, Llama's RMSNorm and
-  GPT-2's Conv1D (both through the torch.func rule), GPT-2's position embedding (with per-sample position ids);
+  GPT-2's Conv1D (both through the torch.func rule), GPT-2's position embedding (with per-sample position ids),
+  adapters on GPT-2's Conv1D projections;
 - a layer applied twice in one forward; activation checkpointing (reentrant and not);
 - flat and per-layer clipping (default thresholds, and explicit ones whose sensitivity is below C);
 - micro-batches (two ``accumulate()`` calls, the sample removed from one of them); padded sequences with an
@@ -269,14 +270,14 @@ def tiny_bert(trained=(), multiple_choice=False):
     return model
 
 
-def tiny_gpt2(trained=()):
+def tiny_gpt2(trained=(), targets=("lm_head",)):
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
                                   initializer_range=0.2)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg)
-    # GPT-2's only nn.Linear is its lm_head (tied to wte): the adapter goes there; Conv1D is trained in full
-    randomize_B(ff.inject_adapters(model, ["lm_head"], r=2, alpha=4.0, trainable_modules=list(trained)))
+    # GPT-2's only nn.Linear is its lm_head (tied to wte); its projections are Conv1D: adapted, or trained in full
+    randomize_B(ff.inject_adapters(model, list(targets), r=2, alpha=4.0, trainable_modules=list(trained)))
     return model
 
 
@@ -333,6 +334,7 @@ HF = {  # name: (model, token_batch keyword arguments)
     "gpt2-conv1d+layernorm": (lambda: tiny_gpt2(["transformer.h.0.attn.c_attn", "transformer.ln_f"]), {}),
     "gpt2-position-embedding": (lambda: tiny_gpt2(["transformer.wpe", "transformer.h.1.mlp.c_proj"]),
                                 {"positions": True}),
+    "gpt2-conv1d-adapters": (lambda: tiny_gpt2(["transformer.ln_f"], targets=["all-linear"]), {}),
 }
 # a tied pair under per-layer clipping is refused (test_refused_configurations)
 HF_MATRIX = [(case, c) for case in HF for c in CLIPPINGS if (case, c) != ("llama-tied-lm_head", "per_layer")]
@@ -474,10 +476,3 @@ def test_changing_C_within_a_step_is_refused(clipping):
     assert dp.max_grad_norm == 1.0 and dp.sensitivity == pytest.approx(1.0)
     dp.zero_grad()
     dp.detach()
-
-
-def test_gpt2_conv1d_cannot_take_an_adapter():
-    model = tiny_gpt2()
-    with pytest.raises(ValueError, match="Conv1D, as in GPT-2, is not supported"):
-        ff.inject_adapters(model, ["c_attn"], r=2)
-    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # (a refused call changes nothing)

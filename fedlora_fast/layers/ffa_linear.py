@@ -77,13 +77,39 @@ def has_listed_linear_forward(cls: type) -> bool:
     return False
 
 
+def conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's projections: ``y = x W + b``, W of shape (in, out)) where transformers is
+    loaded (a Conv1D cannot exist otherwise), else None."""
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+def is_conv1d(base: nn.Module) -> bool:
+    """Whether ``base`` is a transformers ``Conv1D`` (a subclass too: ``base_problem`` refuses its own forward)."""
+    cls = conv1d_class()
+    return cls is not None and isinstance(base, cls)
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D`` (whose weight is (in, out))."""
+    if is_conv1d(base):
+        return int(base.weight.shape[0]), int(base.weight.shape[1])
+    return base.in_features, base.out_features
+
+
 def base_problem(base: nn.Module) -> str | None:
     """Why ``base`` cannot be adapted, or None: the layer computes ``F.linear(x, base.weight, base.bias)``
-    itself, so a subclass with its own forward (a quantised or scaled linear) would silently lose it; only
-    the subclasses of ``LINEAR_EQUIVALENT_FORWARDS``, whose forward is that maths, may override it."""
-    if not isinstance(base, nn.Linear):
-        return f"expected torch.nn.Linear, got {type(base).__name__}"
-    if type(base).forward is not nn.Linear.forward and not has_listed_linear_forward(type(base)):
+    itself (``F.linear(x, W^T, b)`` for a ``Conv1D``), so a subclass with its own forward (a quantised or scaled
+    linear) would silently lose it; only the subclasses of ``LINEAR_EQUIVALENT_FORWARDS``, whose forward is that
+    maths, may override it."""
+    conv = conv1d_class()
+    if conv is not None and isinstance(base, conv):
+        if type(base).forward is not conv.forward:
+            return (f"{type(base).__module__}.{type(base).__name__} overrides Conv1D.forward, which the adapter "
+                    "would bypass (it computes x W + b itself); only that forward is supported")
+    elif not isinstance(base, nn.Linear):
+        return f"expected torch.nn.Linear or transformers' Conv1D, got {type(base).__name__}"
+    elif type(base).forward is not nn.Linear.forward and not has_listed_linear_forward(type(base)):
         return (f"{type(base).__module__}.{type(base).__name__} overrides nn.Linear.forward, which the adapter "
                 "would bypass (it computes F.linear(x, weight, bias) itself); only that forward is supported")
     if "forward" in base.__dict__:  # a forward set on the instance (accelerate's add_hook_to_module wraps it so)
@@ -103,8 +129,9 @@ def check_layer_args(base: nn.Module, r: int, alpha: float, dropout: float, seed
     why = base_problem(base)
     if why is not None:
         raise TypeError(f"base: {why}")
-    if base.in_features <= 0 or base.out_features <= 0:
-        raise ValueError(f"base: expected in and out features > 0, got Linear({base.in_features}, {base.out_features})")
+    fin, fout = base_features(base)
+    if fin <= 0 or fout <= 0:
+        raise ValueError(f"base: expected in and out features > 0, got {type(base).__name__}({fin}, {fout})")
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ValueError(f"r: expected a positive int, got {r!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # 1.5 would give seed 1's A, silently
@@ -241,7 +268,9 @@ class FFALoRALinear(nn.Module):
     """``y = base(x) + s * dropout(x) A^T B^T`` with ``A`` frozen (FFA-LoRA) or trained (``train_A=True``).
 
     Args:
-        base: the ``nn.Linear`` to adapt; its weight and bias are frozen and shared, not copied.
+        base: the ``nn.Linear`` to adapt, or a transformers ``Conv1D`` (GPT-2's; ``fan_in_fan_out`` is then True:
+            its weight is (in, out), used transposed, as peft does); its weight and bias are frozen and
+            shared, not copied.
         r: adapter rank (>= 1).
         alpha: scaling numerator: ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
         seed, name: ``A`` is generated from ``(seed, name)`` with a CPU generator (peft's init), so every
@@ -249,6 +278,8 @@ class FFALoRALinear(nn.Module):
         train_A: vanilla LoRA (the paper's baseline): A is trained and the input is saved for its gradient.
         dropout: dropout probability on the adapter input.
     """
+
+    fan_in_fan_out = False  # (class default: a layer from before the attribute existed adapts an nn.Linear)
 
     def __init__(
         self,
@@ -268,7 +299,8 @@ class FFALoRALinear(nn.Module):
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = base_features(base)
+        self.fan_in_fan_out = is_conv1d(base)  # the base weight is (in, out): the ops get its transpose (a view)
         self.r, self.alpha, self.seed, self.name = int(r), float(alpha), int(seed), name
         self.use_rslora, self.train_A = bool(use_rslora), bool(train_A)
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
@@ -328,7 +360,9 @@ class FFALoRALinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.weight
+        """The base weight as (out, in): a ``Conv1D``'s (in, out) weight transposed (a view of it)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
 
     @property
     def bias(self) -> Tensor | None:
@@ -348,6 +382,8 @@ class FFALoRALinear(nn.Module):
         # parametrized (then absent from _parameters)
         base = self._modules["base_layer"]
         weight, bias = base.weight, base.bias
+        if self.fan_in_fan_out:  # a Conv1D's (in, out) weight: the ops take (out, in), here a strided view
+            weight = weight.t()
         check_input(x, self.in_features, weight)
         device_type = x.device.type
         # autocast leaves float64 as it is (nn.Linear under autocast stays float64): so does the adapter; the
@@ -416,7 +452,7 @@ class FFALoRALinear(nn.Module):
                 "and set tied_with = ())"
             )
         if not self.merged:
-            w = self.base_layer.weight
+            w = self.weight  # (a Conv1D's: a transposed view, written through)
             delta = self.delta_weight()
             w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
             self.merged = True
@@ -425,7 +461,7 @@ class FFALoRALinear(nn.Module):
     def unmerge(self) -> None:
         if self.merged:
             self._check_weight_writable("unmerge")
-            w = self.base_layer.weight
+            w = self.weight
             delta = self.delta_weight()
             w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
             self.merged = False
@@ -442,8 +478,9 @@ class FFALoRALinear(nn.Module):
             )
 
     def extra_repr(self) -> str:
+        conv = "fan_in_fan_out=True (Conv1D), " if self.fan_in_fan_out else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, {conv}"
             f"alpha={self.alpha}, scale={self.scale:g}, method={'lora' if self.train_A else 'ffa'}, "
             f"seed={self.seed}, merged={self.merged}"
         )
