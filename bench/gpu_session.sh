@@ -122,7 +122,7 @@ pack
 
 # 1. Correct first: the CUDA-marked tests (every kernel against float64, natively), files in order of what is
 # newest. -v into the log: each test's PASSED/FAILED line is there as it finishes, so a cut names what failed.
-TEST_FILES=${TEST_FILES:-tests/test_chacha20.py tests/test_dp_group.py tests/test_ghost.py tests/test_per_sample_functional.py tests/test_graphed.py \
+TEST_FILES=${TEST_FILES:-tests/test_layer.py tests/test_chacha20.py tests/test_dp_group.py tests/test_ghost.py tests/test_per_sample_functional.py tests/test_graphed.py \
 tests/test_bench_smoke.py tests/test_kernels_triton.py tests/test_ffa_linear.py}
 TESTS=()  # the files that exist (one missing path would make pytest run nothing)
 for f in $TEST_FILES; do if [ -e "$f" ]; then TESTS+=("$f"); else echo "# $f does not exist: left out"; fi; done
