@@ -361,6 +361,20 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _weight_owner(weight: Tensor) -> torch.nn.Parameter | None:
+    """The parameter a base weight is: itself, or, for a transformers ``Conv1D`` base (GPT-2's), the (in, out)
+    parameter whose transpose the layer passes (a new view each call: the cache keys on the parameter, and
+    ``_cache_sig`` still checks the view's memory, strides and version counter). None for anything else."""
+    if isinstance(weight, torch.nn.Parameter):
+        return weight
+    base = weight._base
+    if (isinstance(base, torch.nn.Parameter) and weight.dim() == base.dim() == 2
+            and weight.shape == base.shape[::-1] and weight.stride() == base.stride()[::-1]
+            and weight.data_ptr() == base.data_ptr()):
+        return base
+    return None
+
+
 def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> _Cached | None:
     """The cache entry of (W, A, B) (``merged_cache``), its W' brought up to date with them and the scale.
 
@@ -370,23 +384,24 @@ def _cached_merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) ->
     Otherwise merged again in place only where B's or A's bits changed. None where it cannot be cached (no
     version counter on W; a new W' needed under CUDA graph capture, whose pool must not feed the cache)."""
     sig = _cache_sig(weight, A, B, scale)
-    if sig is None or not isinstance(weight, torch.nn.Parameter):  # a W made per call (an fp32 weight cast
-        return None  # under autocast, say) has a new identity each forward: a W' per call, as keep_merged
-    key = (id(weight), id(A), id(B))
+    owner = _weight_owner(weight)
+    if sig is None or owner is None:  # a W made per call (an fp32 weight cast under autocast, say) has a new
+        return None  # identity each forward: a W' per call, as keep_merged
+    key = (id(owner), id(A), id(B))
     e = _MERGED_CACHE.get(key)
     capturing = _capturing(weight.device)
-    if e is None or not e.matches(weight, A, B, sig) or len(e.holders):
+    if e is None or not e.matches(owner, A, B, sig) or len(e.holders):
         if capturing:
             return None
         out, inp = weight.shape
-        new = _Cached(weight, A, B, sig, _alloc((out, inp), weight.dtype, weight.device))
+        new = _Cached(owner, A, B, sig, _alloc((out, inp), weight.dtype, weight.device))
         _launch_merge(weight, A, B, scale, new.weight)
         _snapshot(new, A, B)
         # in the cache only once whole: a merge that raised (a launch out of resources, which the op retries)
         # must not leave a W' whose snapshots claim bits it was never merged from
         if e is not None:
             _retire(key, e)
-        _watch(key, (weight, A, B))
+        _watch(key, (owner, A, B))
         _MERGED_CACHE[key] = new
         return new
     e.captured = e.captured or capturing

@@ -1613,6 +1613,36 @@ def test_merged_cache_only_for_parameters_and_watched_once(merged_cache, triton_
     assert torch.equal(outs["0"], outs["cache"])
 
 
+def test_merged_cache_keys_a_conv1d_base_on_its_parameter(merged_cache, triton_backend):
+    """A reviewer's finding (2026-11-29): a GPT-2 Conv1D base reaches the op as ``weight.t()``, a new view each
+    call, so FEDLORA_FAST_KEEP_MERGED=cache (keyed on parameters) never cached its W' and merged it anew every
+    forward. The cache now keys on the parameter behind such a transpose (the view's own memory, strides and
+    version still checked); any other view of a parameter is still not cached. Outputs and gradients equal
+    float64 over two steps with B changed between them."""
+    transformers = pytest.importorskip("transformers")
+    device = triton_backend
+    torch.manual_seed(0)
+    conv = transformers.pytorch_utils.Conv1D(24, 20).to(device)
+    layer = ff.FFALoRALinear(conv, r=4, alpha=8.0, seed=1, name="c").to(device)
+    for step in range(2):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(2, 3, 20, device=device, requires_grad=True)
+        y = layer(x)
+        assert list(K._WATCHED) == [(id(conv.weight), id(layer.lora_A), id(layer.lora_B))], step
+        W, A, B = (t.detach().double() for t in (conv.weight, layer.lora_A, layer.lora_B))
+        expected = x.detach().double() @ (W + layer.scale * (B @ A).T) + conv.bias.detach().double()
+        assert_close_verbose(y.double(), expected, atol=1e-5, rtol=1e-5, name=f"y, step {step}")
+        y.sum().backward()
+        dx = torch.ones_like(expected) @ (W + layer.scale * (B @ A).T).T
+        assert_close_verbose(x.grad.double(), dx, atol=1e-5, rtol=1e-5, name=f"dx, step {step}")
+    K.clear_merged_cache()
+    w = _param(torch.randn(30, 20, device=device))
+    t = make(2, 3, 20, 24, 5, device)
+    K.ffa_linear_fwd(t["x"], t["x"], w[:24], None, t["A"], t["B"], 0.5)  # a slice of a parameter: not its owner
+    assert not K._MERGED_CACHE and not K._WATCHED
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_merged_cache_never_rewrites_what_a_backward_holds(poisoned, merged_cache, device):
     """While a backward is pending on the cached W', a forward whose B differs by content (here swapped in
