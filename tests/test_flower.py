@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from types import SimpleNamespace
@@ -55,6 +56,17 @@ def privacy_dir(tmp_path_factory, monkeypatch) -> pathlib.Path:
     d = tmp_path_factory.mktemp("privacy")
     monkeypatch.setenv("FEDLORA_FAST_PRIVACY_DIR", str(d))
     return d
+
+
+@pytest.fixture(autouse=True)
+def _fresh_node_process(tmp_path_factory, monkeypatch):
+    """Each test a fresh node process: the tests reuse run ids (a real run's id is unique), so what a process
+    remembers of a run and node (``_RELEASED``) must not carry from one test to the next; and the lock files a
+    node without a ledger takes go to a temporary directory of the test's, not the system's."""
+    from fedlora_fast.flower import client_app
+
+    monkeypatch.setattr(client_app, "_RELEASED", {})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("tmp")))
 
 
 # --- run config ----------------------------------------------------------------------------------------------
@@ -617,7 +629,8 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
     rc = _tiny_run_config(tiny, labels="ham,spam")
 
     def context(run_config, **node_config):
-        return Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2, **node_config},
+        return Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2,
+                                                          "shared-model": run_config["model"], **node_config},
                        state=RecordDict(), run_config=run_config)
 
     ctx = context(rc, **{"data-path": str(silo)})
@@ -710,7 +723,7 @@ def test_flower_deployment_two_rounds(deployment, tmp_path, tiny, privacy_dir):
     for k, port in enumerate(node_ports):
         deployment.start(f"supernode{k}", [
             str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-            "--node-config", f"partition-id={k} num-partitions=2 dump-dir='{dump}'"
+            "--node-config", f"partition-id={k} num-partitions=2 dump-dir='{dump}' shared-model='{model}'"
             + (f" data-path='{silo}'" if k == 1 else f" shared-data='{data}'"),  # (node 0: the run's data, agreed)
         ])
     cli_env = deployment.env("cli")
@@ -803,7 +816,8 @@ def test_flower_settings_and_a_node_refuse_what_would_spend_budget_for_nothing(t
 
     class Ctx:  # what load_node and train read
         run_config = _tiny_run_config(tiny, **{"noise-multiplier": 1.3})
-        node_config = {"partition-id": 0, "num-partitions": cfg.num_clients, "shared-data": str(tiny[1])}
+        node_config = {"partition-id": 0, "num-partitions": cfg.num_clients, "shared-data": str(tiny[1]),
+                       "shared-model": str(tiny[0])}
         run_id = 1
 
     Ctx.state = state
@@ -866,7 +880,7 @@ def test_node_privacy_ledger_survives_a_restart_and_a_server_that_says_round_0(t
     class Ctx:
         run_config = rc
         node_config = {"partition-id": 0, "num-partitions": cfg.num_clients, client_app.LEDGER_DIR_KEY: str(tmp_path),
-                       "shared-data": rc["data"]}
+                       "shared-data": rc["data"], "shared-model": rc["model"]}
         run_id = 5
 
     round0 = SimpleNamespace(content=SimpleNamespace(
@@ -983,10 +997,69 @@ def test_a_round_holds_the_ledger_lock_from_reading_to_writing(tiny, tmp_path):
             os.close(fd)
 
 
+def test_without_a_ledger_a_duplicate_or_concurrent_train_message_is_refused(tiny, tmp_path):
+    """A reviewer's finding (2026-11-29): under privacy-dir=none two train messages for one node given the same
+    saved state (two processes, or a duplicate) both trained and released an update while the state counted one
+    round (epsilon 3.853 reported for 4.530 spent). Now, without a ledger, a lock file per run and node still
+    refuses one held elsewhere, a state behind what this process released is refused, and a process handles one
+    message at a time (its nodes share the model)."""
+    import copy as copymod
+    import threading
+
+    fcntl = pytest.importorskip("fcntl")
+    from fedlora_fast.flower import client_app, node
+
+    rc = _tiny_run_config(tiny, rounds=3, **{"noise-multiplier": 1.3})
+    cfg = flower_config.federated_config(rc)
+    fed = node.build(cfg)
+    ctx = _node_ctx(rc, **{client_app.LEDGER_DIR_KEY: "none"})
+    ctx.node_config["num-partitions"] = cfg.num_clients
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (no ledger: said every round)
+        client_app.train(_train_msg(fed, 0), ctx)
+        snapshot = copymod.deepcopy(ctx.state)  # what a second message for round 1 would be handed
+        lock = client_app._volatile_lock(ctx, 0)
+        assert lock is not None and str(lock).startswith(tempfile.gettempdir())
+        fd = os.open(lock.with_name(lock.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # another process training this node's data right now
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(client_app.NodeError, match=r"is locked by another process"):
+                client_app.train(_train_msg(fed, 1), ctx)
+        finally:
+            os.close(fd)
+        reply = client_app.train(_train_msg(fed, 1), ctx)
+        assert reply.metric_records["metrics"]["steps"] == 2 * cfg.local_steps
+        ctx.state = snapshot  # the duplicate, handed the state saved before round 1
+        with pytest.raises(client_app.NodeError, match=rf"its saved state counts {cfg.local_steps} DP-SGD steps, "
+                                                       rf"this process has released updates after "
+                                                       rf"{2 * cfg.local_steps}: a duplicate or concurrent"):
+            client_app.train(_train_msg(fed, 1), ctx)
+        entered, real_load = threading.Event(), client_app.load_node
+        ctx.state = RecordDict()
+        with mock.patch.object(client_app, "load_node", lambda c: (entered.set(), real_load(c))[1]):
+            with client_app._MESSAGE_LOCK:  # another message of this process in flight: this one waits for it
+                t = threading.Thread(target=_safe, args=(client_app.train, _train_msg(fed, 2), ctx))
+                t.start()
+                assert not entered.wait(1.0), "a second message started while the first held the process's model"
+            t.join(120)
+        assert entered.is_set() and not t.is_alive()
+
+
+def _safe(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # (the thread's outcome is not what the test checks: that it waited)
+        return e
+
+
 def _node_ctx(rc: dict, run_id: int = 9, **node_config):
     """A fake Context for node 0 of a 2-client run; ``state`` is set (empty: a fresh or restarted SuperNode). Its
-    node config agrees to read the run's ``data`` (``shared-data``) unless it has its own ``data-path``."""
+    node config agrees to read the run's ``data`` (``shared-data``) unless it has its own ``data-path``, and to load
+    the run's ``model`` (``shared-model``)."""
     shared = {} if "data-path" in node_config or rc.get("data") is None else {"shared-data": rc["data"]}
+    if rc.get("model") is not None:
+        shared["shared-model"] = rc["model"]
     return SimpleNamespace(run_config=rc, run_id=run_id, state=RecordDict(),
                            node_config={"partition-id": 0, "num-partitions": 2, **shared, **node_config})
 
@@ -1678,7 +1751,8 @@ def test_a_partition_node_reads_the_runs_data_only_where_its_node_config_pins_it
 
     def ctx(run_config, **node_config):
         return SimpleNamespace(run_config=run_config, run_id=3, state=RecordDict(),
-                               node_config={"partition-id": 0, "num-partitions": 2, **node_config})
+                               node_config={"partition-id": 0, "num-partitions": 2,
+                                            "shared-model": run_config["model"], **node_config})
 
     for handler in (client_app.train, client_app.evaluate):
         with pytest.raises(client_app.NodeConfigError, match=r"run config 'data' names .* does not agree to read it"):
@@ -1690,7 +1764,66 @@ def test_a_partition_node_reads_the_runs_data_only_where_its_node_config_pins_it
     rel = os.path.relpath(tiny[1])  # the same file however spelled
     assert client_app.load_node(ctx(rc, **{"shared-data": rel}))[2] == 0
     bundled = {k: v for k, v in rc.items() if k != "data"}
-    client_app._check_shared_data(ctx(bundled), flower_config.federated_config(bundled))  # (no pin needed)
+    client_app.load_node(ctx(bundled))  # (the bundled data needs no pin)
+
+
+def test_a_node_loads_the_runs_model_only_where_its_node_config_pins_it(tiny, tmp_path):
+    """A reviewer's finding (2026-11-29): the run config's `model` made a node load any model directory on its
+    disk (a private one of the same architecture passed the fingerprint check) and send exact scores computed
+    with it. Now a `model` other than the packaged default is loaded only where the node config names the same
+    (`shared-model`), as `shared-data` does for `data`; a silo's own `data-path` needs the pin too."""
+    from fedlora_fast.flower import client_app
+
+    rc = _tiny_run_config(tiny)
+    private = tmp_path / "node_private_model"
+    private.mkdir()
+
+    def ctx(run_config, **node_config):
+        return SimpleNamespace(run_config=run_config, run_id=3, state=RecordDict(),
+                               node_config={"partition-id": 0, "num-partitions": 2, "shared-data": rc["data"],
+                                            **node_config})
+
+    for handler in (client_app.train, client_app.evaluate):
+        with pytest.raises(client_app.NodeConfigError, match=r"run config 'model' names .* does not agree to read it"):
+            handler(None, ctx(rc))
+        with pytest.raises(client_app.NodeConfigError, match=r"run config 'model' names .* does not agree to read it"):
+            handler(None, ctx({**rc, "labels": "ham,spam"}, **{"data-path": rc["data"], "shared-data": ""}))
+    with pytest.raises(client_app.NodeConfigError, match=r"not the node config's shared-model=.*node_private_model"):
+        client_app.load_node(ctx(rc, **{"shared-model": str(private)}))
+    with pytest.raises(client_app.NodeConfigError, match=r"run config 'model' names .*node_private_model.*, not the "
+                                                         r"node config's shared-model"):
+        client_app.load_node(ctx({**rc, "model": str(private)}, **{"shared-model": str(tiny[0])}))
+    assert client_app.load_node(ctx(rc, **{"shared-model": os.path.relpath(tiny[0])}))[2] == 0  # however spelled
+    client_app._check_pinned(ctx(rc), "model", None, client_app.SHARED_MODEL_KEY, "")  # the default: no pin
+
+
+def test_a_silos_held_out_rows_are_the_nodes_choice_not_the_servers(tiny, tmp_path):
+    """A reviewer's finding (2026-11-29): a data-path silo split its file by the run config's test-fraction and
+    seed, so the server chose how many of its rows, and which, were scored exactly under eval-local (18 of 48
+    DP-trained rows moved into the scored set over three runs; a 2-row scored set). Now the node config's
+    test-fraction (default 0.2) and a fixed seed decide: the same rows whatever the run config says."""
+    from fedlora_fast.flower import client_app
+
+    silo = tmp_path / "silo.tsv"
+    rows = [("spam", f"WIN a prize now {i}") if i % 3 == 0 else ("ham", f"see you at lunch {i}") for i in range(50)]
+    silo.write_text("Label\tSMS\n" + "".join(f"{y}\t{t}\n" for y, t in rows), encoding="utf-8")
+
+    def held_out(run_extra: dict, **node_config) -> list[str]:
+        rc = _tiny_run_config(tiny, labels="ham,spam", **run_extra)
+        ctx = SimpleNamespace(run_config=rc, run_id=3, state=RecordDict(),
+                              node_config={"partition-id": 0, "num-partitions": 2, "data-path": str(silo),
+                                           "shared-model": rc["model"], **node_config})
+        return sorted(client_app.load_node(ctx)[1].test.texts)
+
+    default = held_out({})
+    assert len(default) == 10
+    for run_extra in ({"seed": 1}, {"seed": 2, "test-fraction": 0.9}, {"test-fraction": 0.02}):
+        assert held_out(run_extra) == default, f"the run config's {run_extra} moved the silo's held-out rows"
+    assert len(held_out({}, **{"test-fraction": 0.5})) == 24  # (stratified: 8 of 17 spam, 16 of 33 ham)
+    for bad in (0, 1, 1.5, "0.2", True):
+        with pytest.raises(client_app.NodeConfigError, match=r"node config 'test-fraction': expected a number in "
+                                                             r"\(0, 1\)"):
+            held_out({}, **{"test-fraction": bad})
 
 
 def test_a_malformed_server_message_is_refused_as_the_servers_error_before_any_step(tiny, tmp_path):

@@ -29,6 +29,9 @@ import json
 import logging
 import math
 import os
+import stat
+import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +39,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora_fast.data import load_text_classification
 from fedlora_fast.federated import checkpoint, serialization
 from fedlora_fast.federated.client import Client
 from fedlora_fast.federated.server import short_repr
@@ -61,6 +65,9 @@ ALLOW_NO_NOISE_KEY = "allow-no-noise"  # node config: true = train with noise mu
 EVAL_LOCAL_NODE_KEY = "eval-local"  # node config: true = score own held-out rows when the run config asks too
 DUMP_DIR_KEY = "dump-dir"  # node config: audit: write each update sent to this directory
 SHARED_DATA_KEY = "shared-data"  # node config: the run config's `data` this node agrees to read (partition mode)
+SHARED_MODEL_KEY = "shared-model"  # node config: the run config's `model` this node agrees to load (not the default)
+TEST_FRACTION_KEY = "test-fraction"  # node config: a data-path silo's held-out share of its file (default 0.2)
+SILO_SPLIT_SEED = 1_000_003  # a data-path silo's split of its own file: fixed, never the run's seed
 REPLY_AFTER_KEY = "reply-after"  # node config: seconds: hold each train reply until this long after its message
 PRIVACY_DIR_ENV = "FEDLORA_FAST_PRIVACY_DIR"  # the ledger directory where the node config names none
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
@@ -135,7 +142,8 @@ _FEDERATIONS: dict[str, Federation] = {}  # one per config per process (a proces
 
 
 NODE_KEYS = ("partition-id", "num-partitions", DATA_PATH_KEY, LEDGER_DIR_KEY, MAX_EPSILON_KEY, MAX_DELTA_KEY,
-             ALLOW_NO_NOISE_KEY, EVAL_LOCAL_NODE_KEY, DUMP_DIR_KEY, SHARED_DATA_KEY, REPLY_AFTER_KEY)
+             ALLOW_NO_NOISE_KEY, EVAL_LOCAL_NODE_KEY, DUMP_DIR_KEY, SHARED_DATA_KEY, SHARED_MODEL_KEY, REPLY_AFTER_KEY,
+             TEST_FRACTION_KEY)
 
 
 def _compact(key: str) -> str:
@@ -197,26 +205,40 @@ def _same_data(a: str, b: str) -> bool:
     return a == b
 
 
-def _check_shared_data(context: Context, cfg: FederatedConfig) -> None:
-    """Partition mode reads the run config's ``data``, which whoever submits the run names: any file the node can
-    read would do, and each evaluation's exact accuracy on a crafted head is a counting query on it (a reviewer
-    read a private file elsewhere on the node's disk that way). So a node reads a ``data`` other than the
-    bundled SMS data only where its own node config names the same (``shared-data``)."""
-    pinned = context.node_config.get(SHARED_DATA_KEY)
-    if cfg.data is None:
+def _check_pinned(context: Context, what: str, named: str | None, key: str, otherwise: str) -> None:
+    """The run config's ``what`` (``data``, ``model``), ``named`` by whoever submits the run, is read only where
+    the node config's ``key`` names the same (``_same_data``: the same file, or the same hub name); None (the
+    packaged default) needs no pin.
+
+    Partition mode reads the run's ``data``: any file the node can read would do, and each evaluation's exact
+    accuracy on a crafted head is a counting query on it (a reviewer read a private file elsewhere on the node's
+    disk that way). The run's ``model`` likewise: a reviewer had a node load a private model directory from its
+    disk (any model of the same architecture passes the fingerprint) and read it through exact scores."""
+    if named is None:
         return
+    pinned = context.node_config.get(key)
     if pinned is None or pinned == "":
         raise NodeConfigError(
-            f"run config 'data' names {cfg.data!r}, and this node's config does not agree to read it: a node reads "
-            f"a dataset the run names only where its node config pins the same ({SHARED_DATA_KEY}='...'), or "
-            f"trains on its own file ({DATA_PATH_KEY}='...')"
+            f"run config '{what}' names {named!r}, and this node's config does not agree to read it: a node reads "
+            f"a {what} the run names only where its node config pins the same ({key}='...'){otherwise}"
         )
     if not isinstance(pinned, str):
-        raise NodeConfigError(f"node config '{SHARED_DATA_KEY}': expected a path or dataset name, got {pinned!r}")
-    if not _same_data(pinned, cfg.data):
-        raise NodeConfigError(
-            f"run config 'data' names {cfg.data!r}, not the node config's {SHARED_DATA_KEY}={pinned!r}: refused"
-        )
+        raise NodeConfigError(f"node config '{key}': expected a path or hub name, got {pinned!r}")
+    if not _same_data(pinned, named):
+        raise NodeConfigError(f"run config '{what}' names {named!r}, not the node config's {key}={pinned!r}: refused")
+
+
+def _node_test_fraction(context: Context) -> float:
+    """A data-path silo's held-out share of its own file: the node config's ``test-fraction`` (default 0.2), never
+    the run config's. With the run's fraction and seed the server chose how many of the silo's rows, and which,
+    are scored outside the DP guarantee under ``eval-local`` (a reviewer moved 18 of 48 DP-trained rows into the
+    exactly scored set across three runs, and shrank that set to 2 rows)."""
+    v = context.node_config.get(TEST_FRACTION_KEY)
+    if v is None or v == "":
+        return 0.2
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise NodeConfigError(f"node config '{TEST_FRACTION_KEY}': expected a number in (0, 1), got {v!r}")
+    return float(v)
 
 
 def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
@@ -241,14 +263,23 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
                 f"run config 'labels': name the classes in id order (e.g. labels = \"ham,spam\") when nodes train "
                 f"on their own '{DATA_PATH_KEY}': every silo's classifier head must have the same classes"
             )
-        # this silo's examples only: one client holding every training row of the file
-        cfg = dataclasses.replace(cfg, data=local, num_clients=1, min_clients=1, partition="iid")
+        # this silo's examples only: one client holding every training row of the file, split by the node's own
+        # fraction and a fixed seed (the run's would let the server size and move the held-out rows)
+        cfg = dataclasses.replace(cfg, data=local, num_clients=1, min_clients=1, partition="iid",
+                                  test_fraction=_node_test_fraction(context))
     else:
-        _check_shared_data(context, cfg)
+        _check_pinned(context, "data", cfg.data, SHARED_DATA_KEY, f", or trains on its own file ({DATA_PATH_KEY}='...')")
+    _check_pinned(context, "model", cfg.model, SHARED_MODEL_KEY, " (none is needed for the packaged default model)")
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     if key not in _FEDERATIONS:
         _FEDERATIONS.clear()
-        fed = node.build(cfg)
+        data = None
+        if local is not None:
+            data = load_text_classification(
+                local, text_column=cfg.text_column, label_column=cfg.label_column, test_fraction=cfg.test_fraction,
+                seed=SILO_SPLIT_SEED, label_names=list(cfg.labels),
+            )
+        fed = node.build(cfg, data)
         if local is not None:
             fed.clients[0].client_id = pid
         _FEDERATIONS[key] = fed
@@ -559,6 +590,35 @@ def _state_steps(state: RecordDict) -> int:
 _NO_LOCK_WARNED: list[bool] = []
 
 
+# One message at a time in a process: the handlers share ``_FEDERATIONS``' model and clients (a Flower simulation
+# may run several messages in one process's threads; a reviewer's two threads for one node corrupted each other).
+_MESSAGE_LOCK = threading.Lock()
+# Without a ledger (privacy-dir=none): the DP-SGD steps this process has released per (run, node). A train
+# message whose saved state counts fewer is a duplicate of one already answered (its state a snapshot taken
+# before that round's save) and would train again while counting once: refused.
+_RELEASED: dict[tuple[int, int], int] = {}
+
+
+def _volatile_lock(context: Context, pid: int) -> Path | None:
+    """Without a ledger, still a lock file per (run, node) for ``_ledger_lock``: in a per-user directory under the
+    system's temporary directory (created mode 0o700; one that is not a directory owned by this user and closed to
+    others is not used), so that two processes training one node's data at once are refused as with a ledger
+    (a reviewer's two processes under privacy-dir=none both trained and both reported one round's epsilon).
+    None where no such directory is usable."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    if uid is None:  # pragma: no cover (Windows: no flock either)
+        return None
+    d = Path(tempfile.gettempdir()) / f"fedlora_fast-{uid}"
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        return None
+    return d / f"fedlora_fast-run{context.run_id}-node{pid}"
+
+
 @contextlib.contextmanager
 def _ledger_lock(path: Path | None):
     """Hold the ledger's lock file (``<ledger>.lock``, ``io.exclusive_lock``) for a whole round's training: from
@@ -566,7 +626,7 @@ def _ledger_lock(path: Path | None):
     one process) cannot both read N steps and both write N + k. Taken without waiting: held elsewhere, the round
     is refused (``NodeError``), the conservative answer, since the other holder is spending the same data's
     budget. A killed node leaves no stale lock. Local disks only (``flock``). Without ``fcntl`` (Windows) the
-    round is not locked, with one RuntimeWarning per process."""
+    round is not locked, with one RuntimeWarning per process. ``path`` None: nothing to lock."""
     if path is None:
         yield
         return
@@ -738,10 +798,13 @@ def train(msg: Message, context: Context) -> Message:
     started = time.monotonic()
     hold = _node_number(context, REPLY_AFTER_KEY)
     try:
-        cfg, fed, pid, k = load_node(context)
-        ledger = ledger_path(context, pid)
-        with _ledger_lock(ledger):  # from reading the ledger to writing it: one process per silo's data
-            return _train(msg, context, cfg, fed, pid, k, ledger)
+        with _MESSAGE_LOCK:  # (waits: another node's message in this process shares the model)
+            cfg, fed, pid, k = load_node(context)
+            ledger = ledger_path(context, pid)
+            # from reading the ledger to writing it: one process per silo's data (without a ledger: a lock file
+            # per run and node all the same)
+            with _ledger_lock(ledger if ledger is not None else _volatile_lock(context, pid)):
+                return _train(msg, context, cfg, fed, pid, k, ledger)
     finally:
         if hold is not None:
             _hold_reply(started, hold)
@@ -798,6 +861,14 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
             RuntimeWarning, stacklevel=2,
         )
         fresh = True
+    released = _RELEASED.get((context.run_id, pid), 0)
+    if ledger is None and released > _state_steps(context.state):
+        # no ledger to take the count from: a state behind what this process released is a duplicate message's
+        raise NodeError(
+            f"node {pid}: its saved state counts {_state_steps(context.state)} DP-SGD steps, this process has "
+            f"released updates after {released}: a duplicate or concurrent train message (no privacy ledger to "
+            "count from: privacy-dir=none); refusing to train it"
+        )
     loaded = fresh and on_disk  # this run's ledger file is read (not just its dir)
     client = _restore(fed, k, context.state, ledger if loaded else None, use_state=not fresh)
     _check_node_limits(context, client, cfg, pid)
@@ -821,6 +892,7 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     )
     if ledger is not None:  # before the update leaves the node: the steps are spent once it has
         _write_ledger(ledger, client)
+    _RELEASED[(context.run_id, pid)] = client.accountant.steps
     _persist(client, context.state)
     if dump is not None:
         # named by the node's own step count (the server's round number may repeat), never replacing a copy
@@ -847,6 +919,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     private data, and their exact accuracy and loss are not covered by the DP guarantee, so the server alone
     cannot ask for them. Otherwise it replies ``num-examples`` 0 and no scores.
     """
+    with _MESSAGE_LOCK:  # (the model is shared with every other message this process handles)
+        return _evaluate(msg, context)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
     cfg, fed, _, k = load_node(context)
     try:
         asked = flower_setting(context.run_config, EVAL_LOCAL_KEY)

@@ -35,14 +35,14 @@ def for_server(cfg: FederatedConfig) -> FederatedConfig:
     return cfg
 
 
-def build(cfg: FederatedConfig) -> Federation:
-    """``Federation(cfg)`` without calibrating any client's noise (see ``calibrate``); ``fed.config`` is ``cfg``.
+def build(cfg: FederatedConfig, data=None) -> Federation:
+    """``Federation(cfg, data)`` without calibrating any client's noise (see ``calibrate``); ``fed.config`` is ``cfg``.
     Its server takes example counts as sent: over Flower a silo may train on its own data file, whose size
     the ServerApp's partition of its own copy of the data does not know."""
     if cfg.epsilon is None:
-        fed = Federation(cfg)
+        fed = Federation(cfg, data)
     else:
-        fed = Federation(dataclasses.replace(cfg, epsilon=None, noise_multiplier=0.0))
+        fed = Federation(dataclasses.replace(cfg, epsilon=None, noise_multiplier=0.0), data)
         fed.config = cfg
         for c in fed.clients:
             c.noise_multiplier = float("nan")  # DPSGD refuses NaN: nothing trains without its calibrated noise
