@@ -110,21 +110,47 @@ def atomic_write_new(stem: str | os.PathLike, suffix: str, data: bytes, *, mode:
     """Write ``data`` as a new file: ``stem + suffix``, or ``stem-1 + suffix``, ``stem-2 + suffix``... the first
     name free, returned. An audit copy never replaces another, even one a concurrent writer (another run
     sharing the directory) creates meanwhile: the complete file is hard-linked to its name, which fails where
-    the name exists, and the next is tried. Atomic as ``atomic_write_bytes``: a name appears only whole."""
+    the name exists, and the next is tried. Atomic as ``atomic_write_bytes``: a name appears only whole. On a file
+    system without hard links (vfat, exFAT, many SMB and FUSE mounts) the name is created exclusively
+    (``O_EXCL``) and written in place: still never replacing a file, but visible before it is whole."""
     stem = Path(stem)
     tmp = _write_temp(stem.parent, stem.name + suffix, data, mode)
     try:
-        path, i = stem.parent / f"{stem.name}{suffix}", 1
+        path, i, linked = stem.parent / f"{stem.name}{suffix}", 1, True
         while True:
             try:
-                os.link(tmp, path)
+                if linked:
+                    os.link(tmp, path)
+                else:
+                    _write_exclusive(path, data, mode)
                 break
             except FileExistsError:
                 path, i = stem.parent / f"{stem.name}-{i}{suffix}", i + 1
+            except OSError:
+                if not linked:
+                    raise
+                linked = False  # no hard links here: the same name tried again, created exclusively
     finally:
         os.unlink(tmp)
     _fsync_dir(stem.parent)
     return path
+
+
+def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (FileExistsError where it exists) and write ``data`` to it, fsynced, permission bits ``mode``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            fd = None
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(path)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o644) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora_fast.data import load_text_classification
+from fedlora_fast.data import TextClassificationData, load_text_classification, same_text_key, train_test_split
 from fedlora_fast.federated import checkpoint, serialization
 from fedlora_fast.federated.client import Client
 from fedlora_fast.federated.server import short_repr
@@ -241,6 +241,27 @@ def _node_test_fraction(context: Context) -> float:
     return float(v)
 
 
+def _silo_split(cfg: FederatedConfig) -> tuple[TextClassificationData, TextClassificationData]:
+    """A data-path silo's ``(train, test)``: its file's rows (class ids in the run's ``labels`` order, as its
+    head needs) split by ``train_test_split`` at the node's ``test_fraction`` and ``SILO_SPLIT_SEED``, on the
+    rows in a canonical order (by text, then class name) with the classes present in name order. The run config
+    reaches the split only through the file it names: reordering ``labels`` or adding classes the file lacks
+    moved a reviewer's held-out rows (19 of 50 scored over four runs) before the rows and classes were put in a
+    canonical order."""
+    train, test = load_text_classification(
+        cfg.data, text_column=cfg.text_column, label_column=cfg.label_column, test_fraction=cfg.test_fraction,
+        seed=SILO_SPLIT_SEED, label_names=list(cfg.labels),
+    )
+    names = train.label_names
+    rows = sorted(((t, names[y]) for part in (train, test) for t, y in zip(part.texts, part.labels)),
+                  key=lambda r: (same_text_key(r[0]), r[0], r[1]))
+    present = sorted({name for _, name in rows})
+    canon = TextClassificationData([t for t, _ in rows], [present.index(n) for _, n in rows], present, train.source)
+    sides = train_test_split(canon, cfg.test_fraction, SILO_SPLIT_SEED)
+    return tuple(TextClassificationData(s.texts, [names.index(present[y]) for y in s.labels], names, s.source)
+                 for s in sides)
+
+
 def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
     """``(config, federation, node's client id, its index in federation.clients)``, built once per process
     (no noise calibrated). With a node ``data-path`` the federation holds this silo's client alone.
@@ -273,13 +294,7 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     if key not in _FEDERATIONS:
         _FEDERATIONS.clear()
-        data = None
-        if local is not None:
-            data = load_text_classification(
-                local, text_column=cfg.text_column, label_column=cfg.label_column, test_fraction=cfg.test_fraction,
-                seed=SILO_SPLIT_SEED, label_names=list(cfg.labels),
-            )
-        fed = node.build(cfg, data)
+        fed = node.build(cfg, _silo_split(cfg) if local is not None else None)
         if local is not None:
             fed.clients[0].client_id = pid
         _FEDERATIONS[key] = fed
@@ -612,9 +627,14 @@ def _volatile_lock(context: Context, pid: int) -> Path | None:
     try:
         d.mkdir(mode=0o700, exist_ok=True)
         st = os.lstat(d)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        why = (None if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077
+               else "not a directory of this user's closed to others")
+    except OSError as e:
+        why = f"{type(e).__name__}: {e.strerror or e}"
+    if why is not None:  # (another local user may have taken the name in a shared /tmp: said, not silent)
+        warnings.warn(f"node {pid}: no privacy ledger, and {d} cannot hold this node's lock and released-step count "
+                      f"({why}): a duplicate train message in another process is not refused; set node config "
+                      f"'{LEDGER_DIR_KEY}' to a writable directory", RuntimeWarning, stacklevel=3)
         return None
     return d / f"fedlora_fast-run{context.run_id}-node{pid}"
 
@@ -801,10 +821,12 @@ def train(msg: Message, context: Context) -> Message:
         with _MESSAGE_LOCK:  # (waits: another node's message in this process shares the model)
             cfg, fed, pid, k = load_node(context)
             ledger = ledger_path(context, pid)
+            volatile = _volatile_lock(context, pid) if ledger is None else None
             # from reading the ledger to writing it: one process per silo's data (without a ledger: a lock file
-            # per run and node all the same)
-            with _ledger_lock(ledger if ledger is not None else _volatile_lock(context, pid)):
-                return _train(msg, context, cfg, fed, pid, k, ledger)
+            # per run and node all the same, beside the count of steps released)
+            with _ledger_lock(ledger if ledger is not None else volatile):
+                return _train(msg, context, cfg, fed, pid, k, ledger,
+                              volatile.with_name(volatile.name + ".released") if volatile is not None else None)
     finally:
         if hold is not None:
             _hold_reply(started, hold)
@@ -846,8 +868,20 @@ def _dump_dir(context: Context) -> Path | None:
     return path
 
 
+def _read_released(path: Path | None) -> int:
+    """The DP-SGD steps a node without a ledger has released in this run (``_train`` writes it before each reply,
+    under the run and node's lock), 0 where none was written; one that does not read is a ``NodeError``."""
+    if path is None or not path.exists():
+        return 0
+    try:
+        return int(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise NodeError(f"this node's released-step count {path.name} does not read ({type(e).__name__}); refusing "
+                        "to train without it") from None
+
+
 def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation, pid: int, k: int,
-           ledger: Path | None) -> Message:
+           ledger: Path | None, released_path: Path | None = None) -> Message:
     dump = _dump_dir(context)  # before any step is counted: an update that cannot be dumped is never sent
     fresh = STATE_KEY not in context.state.config_records
     on_disk = ledger is not None and ledger.exists()
@@ -861,14 +895,7 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
             RuntimeWarning, stacklevel=2,
         )
         fresh = True
-    released = _RELEASED.get((context.run_id, pid), 0)
-    if ledger is None and released > _state_steps(context.state):
-        # no ledger to take the count from: a state behind what this process released is a duplicate message's
-        raise NodeError(
-            f"node {pid}: its saved state counts {_state_steps(context.state)} DP-SGD steps, this process has "
-            f"released updates after {released}: a duplicate or concurrent train message (no privacy ledger to "
-            "count from: privacy-dir=none); refusing to train it"
-        )
+    released = max(_RELEASED.get((context.run_id, pid), 0), _read_released(released_path))
     loaded = fresh and on_disk  # this run's ledger file is read (not just its dir)
     client = _restore(fed, k, context.state, ledger if loaded else None, use_state=not fresh)
     _check_node_limits(context, client, cfg, pid)
@@ -885,6 +912,14 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
                               min_noise=train_config.get(MIN_NOISE_KEY))
         _check_node_limits(context, client, cfg, pid)  # (again: with the earlier rounds now counted)
         _check_budget(client, cfg, pid)
+    if ledger is None and released > client.accountant.steps:
+        # no ledger to take the count from: a count (saved, or of a restart's earlier rounds) behind the steps this
+        # node released is a duplicate message's (its state a snapshot from before a round already answered)
+        raise NodeError(
+            f"node {pid}: its saved state counts {client.accountant.steps} DP-SGD steps, this node has "
+            f"released updates after {released}: a duplicate or concurrent train message (no privacy ledger to "
+            "count from: privacy-dir=none); refusing to train it"
+        )
     seed_dropout(cfg, round_idx, pid)  # dropout masks, as in the simulation: secret here
     update = client.fit(
         fed.model, serialization.encode(global_state, {"round": round_idx}), round_idx=round_idx,
@@ -893,6 +928,8 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     if ledger is not None:  # before the update leaves the node: the steps are spent once it has
         _write_ledger(ledger, client)
     _RELEASED[(context.run_id, pid)] = client.accountant.steps
+    if released_path is not None:  # (a ClientApp process per message: the next one reads it from here)
+        checkpoint.atomic_write_text(released_path, str(client.accountant.steps), mode=0o600)
     _persist(client, context.state)
     if dump is not None:
         # named by the node's own step count (the server's round number may repeat), never replacing a copy
