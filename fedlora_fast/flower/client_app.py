@@ -608,9 +608,10 @@ _NO_LOCK_WARNED: list[bool] = []
 # One message at a time in a process: the handlers share ``_FEDERATIONS``' model and clients (a Flower simulation
 # may run several messages in one process's threads; a reviewer's two threads for one node corrupted each other).
 _MESSAGE_LOCK = threading.Lock()
-# Without a ledger (privacy-dir=none): the DP-SGD steps this process has released per (run, node). A train
-# message whose saved state counts fewer is a duplicate of one already answered (its state a snapshot taken
-# before that round's save) and would train again while counting once: refused.
+# Without a ledger (privacy-dir=none): the DP-SGD steps this process has released per (run, node); a file beside
+# the run and node's lock keeps them for the next process (``_read_released``). A train message whose count is
+# behind is a duplicate of one already answered (its state a snapshot taken before that round's save) and would
+# train again while counting once: refused.
 _RELEASED: dict[tuple[int, int], int] = {}
 
 
