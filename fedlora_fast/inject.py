@@ -1,10 +1,9 @@
 """``inject_adapters``: put FFA-LoRA (or LoRA) adapters on a model's linear layers and freeze the rest.
 
 Target names follow peft's list form: a module matches a target when its qualified name equals it or ends
-with ``"." + target``; ``"all-linear"`` takes every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's) except the
-output layer (the model's output
-embeddings and heads named ``classifier``/``score``/``lm_head``, and any ``trainable_modules``). Unlike peft,
-a single string is one such name, not a regular expression.
+with ``"." + target``; ``"all-linear"`` takes every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's) except
+the output layer (the model's output embeddings and heads named ``classifier``/``score``/``lm_head``, and any
+``trainable_modules``). Unlike peft, a single string is one such name, not a regular expression.
 """
 
 from __future__ import annotations
@@ -134,7 +133,8 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str], exclude:
            for c, _ in m.named_children()}  # fmt: skip
     trained = {n for n, m in modules.items() if isinstance(m, _PerSampleMixin)}  # trained in full by an earlier call
     linear = [n for n, m in modules.items() if (isinstance(m, nn.Linear) or is_conv1d(m))
-              and not isinstance(m, FFALoRALinear) and n not in owner and n not in mha and n not in trained]  # fmt: skip
+              and not isinstance(m, FFALoRALinear)
+              and n not in owner and n not in mha and n not in trained]  # fmt: skip
     if ALL_LINEAR in targets:
         skip = _output_layer_names(model) | excluded
         chosen = [n for n in linear if not any(_matches(n, s) or n.startswith(s + ".") for s in skip)]

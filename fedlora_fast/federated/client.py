@@ -153,9 +153,10 @@ class Client:
         sample_generator, noise_generator: the client's persistent RNGs of its Poisson draws and its noise
             (checkpointed with it). None (the default): from the operating system, as private training needs: the
             sampler's generator seeded with its whole state from it, the noise drawn by DPSGD's default (from the
-            OS's secure generator at every draw: os.urandom on a CPU, ChaCha20 under a fresh OS key on a GPU). A generator passed
-            here is for reproducible experiments only: whoever knows its seed can predict the noise and the
-            draws, and the reported epsilon then means nothing (logged as a warning, once per client).
+            OS's secure generator at every draw: os.urandom on a CPU, ChaCha20 under a fresh OS key on a GPU). A
+            generator passed here is for reproducible experiments only: whoever knows its seed can predict the
+            noise and the draws, and the reported epsilon then means nothing (logged as a warning, once per
+            client).
         physical_batch_size: split a larger sampled batch into micro-batches of at most this size (less
             memory; the same result without dropout, other dropout masks with it); None: never split.
         accountant: its accountant (a fresh RDP one when None).
@@ -226,8 +227,8 @@ class Client:
                      if g is not None]
             log.warning(
                 "Client %d: caller-seeded %s: for reproducible experiments only; noise and Poisson draws that can be "
-                "predicted give no privacy (pass none: sampling seeded from the OS, noise drawn from its secure generator)", int(client_id),
-                " and ".join(given),
+                "predicted give no privacy (pass none: sampling seeded from the OS, noise drawn from its secure "
+                "generator)", int(client_id), " and ".join(given),
             )
         self.sample_generator = sample_generator if sample_generator is not None else os_seeded_generator()
         self.noise_generator = noise_generator  # (None: the engine draws from the OS's secure generator)

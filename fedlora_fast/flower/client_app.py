@@ -289,7 +289,8 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
         cfg = dataclasses.replace(cfg, data=local, num_clients=1, min_clients=1, partition="iid",
                                   test_fraction=_node_test_fraction(context))
     else:
-        _check_pinned(context, "data", cfg.data, SHARED_DATA_KEY, f", or trains on its own file ({DATA_PATH_KEY}='...')")
+        _check_pinned(context, "data", cfg.data, SHARED_DATA_KEY,
+                      f", or trains on its own file ({DATA_PATH_KEY}='...')")
     _check_pinned(context, "model", cfg.model, SHARED_MODEL_KEY, " (none is needed for the packaged default model)")
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     if key not in _FEDERATIONS:
