@@ -60,16 +60,22 @@ def privacy_dir(tmp_path_factory, monkeypatch) -> pathlib.Path:
 
 @pytest.fixture(autouse=True)
 def _fresh_node_process(tmp_path_factory, monkeypatch):
-    """Each test a fresh node process: the tests reuse run ids (a real run's id is unique), so what a process
-    remembers of a run and node (``_RELEASED``) must not carry from one test to the next; and the lock files a
-    node without a ledger takes go to a temporary directory of the test's, not the system's."""
-    from fedlora_fast.flower import client_app
-
-    monkeypatch.setattr(client_app, "_RELEASED", {})
+    """Each test a fresh node process: the tests reuse run ids (a real run's id is unique), so the volatile ledger
+    (and its lock) a node without a persistent one keeps goes to a temporary directory of the test's, not the
+    system's, and does not carry from one test to the next."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("tmp")))
 
 
 # --- run config ----------------------------------------------------------------------------------------------
+def test_every_node_config_key_is_in_the_readmes_table():
+    """The node config is the silo's own side of a run: a key the README's table lacks is a limit nobody sets."""
+    from fedlora_fast.flower import client_app
+
+    table = (APP / "README.md").read_text().split("Node config (")[1]
+    missing = [k for k in client_app.NODE_KEYS if f"| `{k}`" not in table and f", `{k}`" not in table]
+    assert not missing, f"examples/flower/README.md's node config table lacks {missing}"
+
+
 def test_pyproject_declares_every_setting_with_the_cli_defaults():
     import tomllib
 
@@ -647,12 +653,12 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
     assert reason is None and cid == 1 and update.num_examples == 20
 
     # evaluation: the silo's held-out rows are private; exact scores only with flower-eval-local = true
-    eval_msg = SimpleNamespace(content=SimpleNamespace(array_records={"arrays": records.to_array_record(
-        server.server.global_state)}))  # fmt: skip
-    # (the run config alone cannot ask for them: the node's own eval-local must agree)
+    eval_msg = _eval_msg(server.server.global_state, 1)
+    # (the run config alone cannot ask for them: the node's own eval-local must agree; 5 rows: a floor lowered)
     for setting, node_ok, scored in ((None, True, False), (False, True, False), (True, False, False), (True, True, True)):
         run_config = rc if setting is None else {**rc, flower_config.EVAL_LOCAL_KEY: setting}
-        own = {"data-path": str(silo), **({client_app.EVAL_LOCAL_NODE_KEY: True} if node_ok else {})}
+        own = {"data-path": str(silo), client_app.EVAL_MIN_ROWS_KEY: 5,
+               **({client_app.EVAL_LOCAL_NODE_KEY: True} if node_ok else {})}
         with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
             reply = client_app.evaluate(eval_msg, context(run_config, **own))
         metrics = reply.metric_records["metrics"]
@@ -679,6 +685,79 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
         with pytest.raises(client_app.NodeError) as err:
             handler(None, context(rc, **{"data-path": str(bad)}))
         assert "eggs" not in str(err.value) and "DataError in the node's" in str(err.value), str(err.value)
+
+
+def _eval_msg(global_state: dict, server_round, *, with_config: bool = True):
+    """An evaluate message as FedAvg sends it: the global tensors and a config with its ``server-round``."""
+    return SimpleNamespace(content=SimpleNamespace(
+        array_records={"arrays": records.to_array_record(global_state)},
+        config_records={"config": ConfigRecord({"server-round": server_round})} if with_config else {}))
+
+
+def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_own_columns(tiny, tmp_path):
+    """Under eval-local each exact score on a silo's held-out rows is a counting query on private data, and the
+    server picks the adapter scored. Answers used to be unlimited per round, from any number of rows, in the
+    columns the run config named. Now: at most one answer per round in [1, rounds] (counted beside the ledger,
+    across processes, before the reply leaves; without a persistent ledger in the volatile one's place), only
+    from at least eval-min-rows held-out rows, and in the columns the node config names."""
+    from fedlora_fast.flower import client_app, node
+
+    silo = tmp_path / "silo.tsv"  # a second text-like column the server would rather have scored
+    rows = [("spam", f"WIN a prize now {i}") if i % 3 == 0 else ("ham", f"see you at lunch {i}") for i in range(100)]
+    silo.write_text("Label\tSMS\tsecret\n" + "".join(f"{y}\t{t}\t{'ham' if i % 2 else 'spam'}\n"
+                                                     for i, (y, t) in enumerate(rows)), encoding="utf-8")
+    rc = {**_tiny_run_config(tiny, labels="ham,spam", rounds=3), flower_config.EVAL_LOCAL_KEY: True}
+    state = node.build(flower_config.federated_config(rc)).server.global_state
+
+    def ctx(run_config=rc, **node_config):
+        return _node_ctx(run_config, **{"data-path": str(silo), client_app.EVAL_LOCAL_NODE_KEY: True,
+                                        "text-column": "SMS", "label-column": "Label", **node_config})
+
+    def scored(context, rnd, **kw):
+        with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+            return client_app.evaluate(_eval_msg(state, rnd, **kw), context).metric_records["metrics"]
+
+    assert scored(ctx(), 1)["num-examples"] == 20
+    answers = client_app.ledger_path(ctx(), 0).with_name("fedlora_fast-privacy-run9-node0.evals.json")
+    assert json.loads(answers.read_text()) == [1] and oct(answers.stat().st_mode & 0o777) == "0o600"
+    client_app._FEDERATIONS.clear()  # (a new process: the count is on disk)
+    with pytest.raises(client_app.NodeError, match=r"already sent exact scores on its held-out rows for round 1"):
+        scored(ctx(), 1)
+    assert scored(ctx(), 3)["num-examples"] == 20 and json.loads(answers.read_text()) == [1, 3]
+    for bad in (0, 4, -1, True, "2", 2.0, [1]):  # only the run's rounds: at most `rounds` answers
+        with pytest.raises(client_app.ServerMessageError, match=r"'server-round' in its 'config' record: expected an "
+                                                                r"int in \[1, 3\]"):
+            scored(ctx(), bad)
+    with pytest.raises(client_app.ServerMessageError, match="server-round"):
+        scored(ctx(), 2, with_config=False)
+    answers.write_text("{oops")
+    with pytest.raises(client_app.NodeError, match=r"evals.json does not load.*refusing to score"):
+        scored(ctx(), 2)
+    answers.write_text("[1, 3]")
+    # too few held-out rows (20 here): refused with the setting named
+    with pytest.raises(client_app.NodeError, match=r"held-out rows are fewer than its eval-min-rows=21: no exact"):
+        scored(ctx(**{"eval-min-rows": 21}), 2)
+    for bad in (0, -3, 1.5, "20", True):
+        with pytest.raises(client_app.NodeConfigError, match=r"node config 'eval-min-rows': expected an int >= 1"):
+            scored(ctx(**{"eval-min-rows": bad}), 2)
+    # without a persistent ledger: counted in the volatile one's place, in the temporary directory
+    none = ctx(**{client_app.LEDGER_DIR_KEY: "none"})
+    with pytest.warns(RuntimeWarning, match="no privacy ledger"):
+        assert scored(none, 2)["num-examples"] == 20
+    volatile = client_app._volatile_ledger(none, 0)
+    assert json.loads(volatile.with_name("fedlora_fast-privacy-run9-node0.evals.json").read_text()) == [2]
+    with pytest.warns(RuntimeWarning, match="no privacy ledger"), pytest.raises(client_app.NodeError, match="already"):
+        scored(none, 2)
+    # the columns are the node's: the run config's name the run's data only (it cannot have "secret" scored)
+    fed = client_app.load_node(ctx({**rc, "text-column": "secret", "label-column": "secret"}))[1]
+    assert all(t.startswith(("WIN", "see")) for t in fed.train.texts + fed.test.texts)
+    fed = client_app.load_node(ctx(**{"text-column": "SMS", "label-column": "secret"}))[1]
+    assert sorted(fed.train.labels + fed.test.labels).count(1) == 50  # the node's own choice is read
+    for key in ("text-column", "label-column"):
+        with pytest.raises(client_app.NodeConfigError, match=rf"node config '{key}': expected a column name"):
+            client_app.load_node(ctx(**{key: 3}))
+    with pytest.raises(client_app.NodeConfigError, match=r"did you mean 'label-column'"):
+        client_app.load_node(ctx(**{"label_column": "Label"}))
 
 
 def test_client_state_persists_across_messages(tiny):
@@ -997,31 +1076,35 @@ def test_a_round_holds_the_ledger_lock_from_reading_to_writing(tiny, tmp_path):
             os.close(fd)
 
 
-def test_without_a_ledger_a_duplicate_or_concurrent_train_message_is_refused(tiny, tmp_path):
+def test_without_a_ledger_a_duplicate_or_concurrent_train_message_is_counted_or_refused(tiny, tmp_path):
     """A reviewer's finding (2026-11-29): under privacy-dir=none two train messages for one node given the same
     saved state (two processes, or a duplicate) both trained and released an update while the state counted one
-    round (epsilon 3.853 reported for 4.530 spent). Now, without a ledger, a lock file per run and node still
-    refuses one held elsewhere, a state behind what this process released is refused, and a process handles one
-    message at a time (its nodes share the model)."""
+    round (epsilon 3.853 reported for 4.530 spent). Without a persistent ledger the node now keeps a volatile one
+    (same file, same lock, in a per-user directory under the system's temporary directory): one held elsewhere is
+    refused; a duplicate, in this process or a new one, is counted from it as a lost save is; a restart within one
+    boot loads it; and a process handles one message at a time (its nodes share the model)."""
     import copy as copymod
     import threading
 
     fcntl = pytest.importorskip("fcntl")
     from fedlora_fast.flower import client_app, node
 
-    rc = _tiny_run_config(tiny, rounds=3, **{"noise-multiplier": 1.3})
+    rc = _tiny_run_config(tiny, rounds=4, **{"noise-multiplier": 1.3})
     cfg = flower_config.federated_config(rc)
     fed = node.build(cfg)
     ctx = _node_ctx(rc, **{client_app.LEDGER_DIR_KEY: "none"})
     ctx.node_config["num-partitions"] = cfg.num_clients
+    steps = cfg.local_steps
     with mock.patch.object(client_app, "Message", lambda content, reply_to: content), \
             warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # (no ledger: said every round)
+        warnings.simplefilter("ignore", RuntimeWarning)  # (no persistent ledger: said every round)
         client_app.train(_train_msg(fed, 0), ctx)
         snapshot = copymod.deepcopy(ctx.state)  # what a second message for round 1 would be handed
-        lock = client_app._volatile_lock(ctx, 0)
-        assert lock is not None and str(lock).startswith(tempfile.gettempdir())
-        fd = os.open(lock.with_name(lock.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        ledger = client_app._volatile_ledger(ctx, 0)
+        assert ledger is not None and str(ledger).startswith(tempfile.gettempdir())
+        assert ledger.name == "fedlora_fast-privacy-run9-node0.json" and client_app.ledger_path(ctx, 0) is None
+        assert client_app._read_ledger(ledger)[1].steps == steps and oct(ledger.stat().st_mode & 0o777) == "0o600"
+        fd = os.open(ledger.with_name(ledger.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:  # another process training this node's data right now
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             with pytest.raises(client_app.NodeError, match=r"is locked by another process"):
@@ -1029,19 +1112,27 @@ def test_without_a_ledger_a_duplicate_or_concurrent_train_message_is_refused(tin
         finally:
             os.close(fd)
         reply = client_app.train(_train_msg(fed, 1), ctx)
-        assert reply.metric_records["metrics"]["steps"] == 2 * cfg.local_steps
-        ctx.state = snapshot  # the duplicate, handed the state saved before round 1
-        for process in ("this one", "a new one"):  # (a deployment's SuperNode runs a ClientApp process per message)
-            with pytest.raises(client_app.NodeError, match=rf"its saved state counts {cfg.local_steps} DP-SGD steps, "
-                                                           rf"this node has released updates after "
-                                                           rf"{2 * cfg.local_steps}: a duplicate or concurrent"):
-                client_app.train(_train_msg(fed, 1), ctx)
-            client_app._RELEASED.clear()  # what a fresh process remembers: nothing; the count file says it
+        assert reply.metric_records["metrics"]["steps"] == 2 * steps
+        # the duplicate, handed the state saved before round 1, in this process and in a new one (a deployment's
+        # SuperNode runs a ClientApp process per message): counted from the ledger, never from its stale state
+        for done, process in ((3, "this one"), (4, "a new one")):
+            ctx.state = copymod.deepcopy(snapshot)
+            if process == "a new one":
+                client_app._FEDERATIONS.clear()
+            with pytest.warns(RuntimeWarning, match="counts fewer DP-SGD steps than its privacy ledger"):
+                reply = client_app.train(_train_msg(fed, 1), ctx)
+            assert reply.metric_records["metrics"]["steps"] == done * steps, process
+            assert client_app._read_ledger(ledger)[1].steps == done * steps
+        # all of the run's rounds are spent now: a restart (no state) within one boot loads the volatile ledger
+        ctx.state = RecordDict()
+        client_app._FEDERATIONS.clear()
+        with pytest.raises(client_app.NodeError, match=rf"from {4 * steps} to {5 * steps}, past the {4 * steps}"):
+            client_app.train(_train_msg(fed, 3), ctx)
         shared = pathlib.Path(tempfile.gettempdir()) / f"fedlora_fast-{os.getuid()}"
         os.chmod(shared, 0o777)  # a directory others may write (or another user's, or a symlink): not used, said
-        with pytest.warns(RuntimeWarning, match=r"cannot hold this node's lock and released-step count \(not a "
-                                                r"directory of this user's closed to others\)"):
-            assert client_app._volatile_lock(ctx, 0) is None
+        with pytest.warns(RuntimeWarning, match=r"cannot hold a volatile one \(not a directory of this user's closed "
+                                                r"to others\)"):
+            assert client_app._volatile_ledger(ctx, 0) is None
         os.chmod(shared, 0o700)
         entered, real_load = threading.Event(), client_app.load_node
         ctx.state = RecordDict()

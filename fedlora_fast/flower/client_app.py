@@ -69,6 +69,11 @@ SHARED_MODEL_KEY = "shared-model"  # node config: the run config's `model` this 
 TEST_FRACTION_KEY = "test-fraction"  # node config: a data-path silo's held-out share of its file (default 0.2)
 SILO_SPLIT_SEED = 1_000_003  # a data-path silo's split of its own file: fixed, never the run's seed
 REPLY_AFTER_KEY = "reply-after"  # node config: seconds: hold each train reply until this long after its message
+TEXT_COLUMN_KEY = "text-column"  # node config: a data-path silo's text column (default: guessed); never the run's
+LABEL_COLUMN_KEY = "label-column"  # node config: a data-path silo's label column (default: guessed); never the run's
+EVAL_MIN_ROWS_KEY = "eval-min-rows"  # node config: eval-local scores only a held-out set of at least this many rows
+EVAL_MIN_ROWS = 20  # its default
+SERVER_ROUND_KEY = "server-round"  # Flower FedAvg's round number (1-based) in every train and evaluate config
 PRIVACY_DIR_ENV = "FEDLORA_FAST_PRIVACY_DIR"  # the ledger directory where the node config names none
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
@@ -143,7 +148,7 @@ _FEDERATIONS: dict[str, Federation] = {}  # one per config per process (a proces
 
 NODE_KEYS = ("partition-id", "num-partitions", DATA_PATH_KEY, LEDGER_DIR_KEY, MAX_EPSILON_KEY, MAX_DELTA_KEY,
              ALLOW_NO_NOISE_KEY, EVAL_LOCAL_NODE_KEY, DUMP_DIR_KEY, SHARED_DATA_KEY, SHARED_MODEL_KEY, REPLY_AFTER_KEY,
-             TEST_FRACTION_KEY)
+             TEST_FRACTION_KEY, TEXT_COLUMN_KEY, LABEL_COLUMN_KEY, EVAL_MIN_ROWS_KEY)
 
 
 def _compact(key: str) -> str:
@@ -241,6 +246,18 @@ def _node_test_fraction(context: Context) -> float:
     return float(v)
 
 
+def _node_column(context: Context, key: str) -> str | None:
+    """A data-path silo's column name from the node config (``text-column``, ``label-column``), or None (guessed
+    from common names). The run config's columns name the run's ``data`` only: a server naming a silo's columns
+    chose which of its file's columns are trained on and, under ``eval-local``, exactly scored."""
+    v = context.node_config.get(key)
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str) or not v.strip():
+        raise NodeConfigError(f"node config '{key}': expected a column name of the node's data-path file, got {v!r}")
+    return v
+
+
 def _silo_split(cfg: FederatedConfig) -> tuple[TextClassificationData, TextClassificationData]:
     """A data-path silo's ``(train, test)``: its file's rows (class ids in the run's ``labels`` order, as its
     head needs) split by ``train_test_split`` at the node's ``test_fraction`` and ``SILO_SPLIT_SEED``, on the
@@ -286,8 +303,11 @@ def load_node(context: Context) -> tuple[FederatedConfig, Federation, int, int]:
             )
         # this silo's examples only: one client holding every training row of the file, split by the node's own
         # fraction and a fixed seed (the run's would let the server size and move the held-out rows)
+        # its own file's columns, as its node config names them (the run's name the run's data)
         cfg = dataclasses.replace(cfg, data=local, num_clients=1, min_clients=1, partition="iid",
-                                  test_fraction=_node_test_fraction(context))
+                                  test_fraction=_node_test_fraction(context),
+                                  text_column=_node_column(context, TEXT_COLUMN_KEY),
+                                  label_column=_node_column(context, LABEL_COLUMN_KEY))
     else:
         _check_pinned(context, "data", cfg.data, SHARED_DATA_KEY,
                       f", or trains on its own file ({DATA_PATH_KEY}='...')")
@@ -476,9 +496,15 @@ def _unwritable(d: Path) -> str | None:
 
 
 def _no_ledger_limits() -> str:
-    return ("a restarted SuperNode then counts the rounds the server says came before at its data's current sample "
-            "rate, or the larger one implied by the server's record of its first accepted example count: if this "
-            "node's data grew since and the server has no such record, earlier rounds are undercounted")
+    return ("the node keeps its count in a volatile ledger under the system's temporary directory, which a reboot "
+            "(or a temporary directory cleaned, or another one) loses: a SuperNode restarted after that counts the "
+            "rounds the server says came before at its data's current sample rate, or the larger one implied by the "
+            "server's record of its first accepted example count: if this node's data grew since and the server has "
+            "no such record, earlier rounds are undercounted")
+
+
+def _ledger_name(context: Context, pid: int) -> str:
+    return f"fedlora_fast-privacy-run{context.run_id}-node{pid}.json"
 
 
 def ledger_path(context: Context, pid: int) -> Path | None:
@@ -504,8 +530,10 @@ def ledger_path(context: Context, pid: int) -> Path | None:
       by default, and warns (RuntimeWarning) naming the directory and ``privacy-dir``.
 
     ``privacy-dir=none`` (any case), or ``$FEDLORA_FAST_PRIVACY_DIR=none`` where the node config names no
-    directory, turns the ledger off (None, with a RuntimeWarning each round): for nodes whose restarts cannot
-    happen or are accounted for elsewhere; a restarted node then counts as ``_count_earlier_rounds`` can.
+    directory, turns the persistent ledger off (None, with a RuntimeWarning each round): for nodes whose restarts
+    cannot happen or are accounted for elsewhere. ``train`` then keeps a volatile ledger (``_volatile_ledger``)
+    under the system's temporary directory, as it does where the default directory is unusable: a node restarted
+    after a reboot has lost it, and counts as ``_count_earlier_rounds`` can.
 
     The errors below reach the server: they name the setting and the ledger's file name, never the node's
     directory (its path, e.g. a home directory, would tell the server the user's name); the node's log has it.
@@ -516,7 +544,7 @@ def ledger_path(context: Context, pid: int) -> Path | None:
             default directory is unusable but already holds this run's ledger (a record the node could no longer
             update: refused rather than ignored; copy it to a writable ``privacy-dir``).
     """
-    name = f"fedlora_fast-privacy-run{context.run_id}-node{pid}.json"
+    name = _ledger_name(context, pid)
     d = context.node_config.get(LEDGER_DIR_KEY)
     if d is not None and not isinstance(d, str):
         raise NodeConfigError(
@@ -609,19 +637,18 @@ _NO_LOCK_WARNED: list[bool] = []
 # One message at a time in a process: the handlers share ``_FEDERATIONS``' model and clients (a Flower simulation
 # may run several messages in one process's threads; a reviewer's two threads for one node corrupted each other).
 _MESSAGE_LOCK = threading.Lock()
-# Without a ledger (privacy-dir=none): the DP-SGD steps this process has released per (run, node); a file beside
-# the run and node's lock keeps them for the next process (``_read_released``). A train message whose count is
-# behind is a duplicate of one already answered (its state a snapshot taken before that round's save) and would
-# train again while counting once: refused.
-_RELEASED: dict[tuple[int, int], int] = {}
 
 
-def _volatile_lock(context: Context, pid: int) -> Path | None:
-    """Without a ledger, still a lock file per (run, node) for ``_ledger_lock``: in a per-user directory under the
-    system's temporary directory (created mode 0o700; one that is not a directory owned by this user and closed to
-    others is not used), so that two processes training one node's data at once are refused as with a ledger
-    (a reviewer's two processes under privacy-dir=none both trained and both reported one round's epsilon).
-    None where no such directory is usable."""
+def _volatile_ledger(context: Context, pid: int) -> Path | None:
+    """Where ``ledger_path`` gives none (``privacy-dir=none``, an unusable default directory), still a privacy
+    ledger for the run and node, with its lock: the same file name, in a per-user directory under the system's
+    temporary directory (created mode 0o700; one that is not a directory owned by this user and closed to others
+    is not used). A deployment starts a ClientApp process per message, and this one counts what the node released
+    across them and across a SuperNode restart, until a reboot (or a cleaner) clears it: one mechanism for both
+    cases, read and written like the persistent one. Without it, a reviewer's two processes under privacy-dir=none
+    both trained and both reported one round's epsilon (3.853 for 4.530 spent); a duplicate message, whose state
+    is a snapshot from before a round already answered, is now counted from the ledger as a lost save is.
+    None where no such directory is usable (warned)."""
     uid = os.getuid() if hasattr(os, "getuid") else None
     if uid is None:  # pragma: no cover (Windows: no flock either)
         return None
@@ -634,21 +661,22 @@ def _volatile_lock(context: Context, pid: int) -> Path | None:
     except OSError as e:
         why = f"{type(e).__name__}: {e.strerror or e}"
     if why is not None:  # (another local user may have taken the name in a shared /tmp: said, not silent)
-        warnings.warn(f"node {pid}: no privacy ledger, and {d} cannot hold this node's lock and released-step count "
-                      f"({why}): a duplicate train message in another process is not refused; set node config "
-                      f"'{LEDGER_DIR_KEY}' to a writable directory", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"node {pid}: no privacy ledger, and {d} cannot hold a volatile one ({why}): a duplicate train "
+                      "message, or one in another process at the same time, is not counted or refused; set node "
+                      f"config '{LEDGER_DIR_KEY}' to a writable directory", RuntimeWarning, stacklevel=3)
         return None
-    return d / f"fedlora_fast-run{context.run_id}-node{pid}"
+    return d / _ledger_name(context, pid)
 
 
 @contextlib.contextmanager
-def _ledger_lock(path: Path | None):
+def _ledger_lock(path: Path | None, refusing: str = "to train this round"):
     """Hold the ledger's lock file (``<ledger>.lock``, ``io.exclusive_lock``) for a whole round's training: from
     reading the ledger to writing it, so that two processes for one silo (two SuperNodes, or two train calls in
     one process) cannot both read N steps and both write N + k. Taken without waiting: held elsewhere, the round
     is refused (``NodeError``), the conservative answer, since the other holder is spending the same data's
     budget. A killed node leaves no stale lock. Local disks only (``flock``). Without ``fcntl`` (Windows) the
-    round is not locked, with one RuntimeWarning per process. ``path`` None: nothing to lock."""
+    round is not locked, with one RuntimeWarning per process. ``path`` None: nothing to lock. ``refusing``: what
+    the error says is refused (the evaluate handler holds it too, to count its exact answers)."""
     if path is None:
         yield
         return
@@ -659,11 +687,11 @@ def _ledger_lock(path: Path | None):
     except LockedError:
         raise NodeError(
             f"privacy ledger {path.name} is locked by another process training this node's data (two SuperNodes "
-            "for one silo?); refusing to train this round"
+            f"for one silo?); refusing {refusing}"
         ) from None
     except OSError as e:
         log.error("fedlora_fast node: privacy ledger lock %s cannot be opened (%s)", lock, e)
-        raise NodeError(f"privacy ledger lock {lock.name} cannot be opened ({type(e).__name__}); refusing to train "
+        raise NodeError(f"privacy ledger lock {lock.name} cannot be opened ({type(e).__name__}); refusing {refusing} "
                         "without it (the node's log names its directory)") from None
     with stack:
         if not held and not _NO_LOCK_WARNED:  # pragma: no cover (Windows)
@@ -736,7 +764,8 @@ def _count_earlier_rounds(
     Without it, nothing on the node bounds its *past* sample rate and noise: a silo file that grew since
     (smaller q now) had a larger q in the rounds counted here; with an ``epsilon`` target, one that shrank since
     (larger q now, so a larger noise multiplier calibrated now) had a smaller noise multiplier then. Either way
-    they are undercounted. That is so with no ledger (``privacy-dir=none``, an unwritable default directory)
+    they are undercounted. That is so with no ledger (``privacy-dir=none``, an unwritable default directory,
+    after the volatile ledger those keep was lost)
     and with a ledger directory where this run's file was not found (``looked_in``: a directory moved or
     another ``HOME`` since the last start, a container layer that did not persist, a node upgraded mid-run; or
     a node that really joins late). The warning says so and,
@@ -823,12 +852,12 @@ def train(msg: Message, context: Context) -> Message:
         with _MESSAGE_LOCK:  # (waits: another node's message in this process shares the model)
             cfg, fed, pid, k = load_node(context)
             ledger = ledger_path(context, pid)
-            volatile = _volatile_lock(context, pid) if ledger is None else None
-            # from reading the ledger to writing it: one process per silo's data (without a ledger: a lock file
-            # per run and node all the same, beside the count of steps released)
-            with _ledger_lock(ledger if ledger is not None else volatile):
-                return _train(msg, context, cfg, fed, pid, k, ledger,
-                              volatile.with_name(volatile.name + ".released") if volatile is not None else None)
+            volatile = ledger is None
+            if volatile:  # (privacy-dir=none, an unusable default directory: one in the temporary directory)
+                ledger = _volatile_ledger(context, pid)
+            # from reading the ledger to writing it: one process per silo's data
+            with _ledger_lock(ledger):
+                return _train(msg, context, cfg, fed, pid, k, ledger, volatile)
     finally:
         if hold is not None:
             _hold_reply(started, hold)
@@ -870,20 +899,8 @@ def _dump_dir(context: Context) -> Path | None:
     return path
 
 
-def _read_released(path: Path | None) -> int:
-    """The DP-SGD steps a node without a ledger has released in this run (``_train`` writes it before each reply,
-    under the run and node's lock), 0 where none was written; one that does not read is a ``NodeError``."""
-    if path is None or not path.exists():
-        return 0
-    try:
-        return int(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise NodeError(f"this node's released-step count {path.name} does not read ({type(e).__name__}); refusing "
-                        "to train without it") from None
-
-
 def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation, pid: int, k: int,
-           ledger: Path | None, released_path: Path | None = None) -> Message:
+           ledger: Path | None, volatile: bool = False) -> Message:
     dump = _dump_dir(context)  # before any step is counted: an update that cannot be dumped is never sent
     fresh = STATE_KEY not in context.state.config_records
     on_disk = ledger is not None and ledger.exists()
@@ -897,7 +914,6 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
             RuntimeWarning, stacklevel=2,
         )
         fresh = True
-    released = max(_RELEASED.get((context.run_id, pid), 0), _read_released(released_path))
     loaded = fresh and on_disk  # this run's ledger file is read (not just its dir)
     client = _restore(fed, k, context.state, ledger if loaded else None, use_state=not fresh)
     _check_node_limits(context, client, cfg, pid)
@@ -909,19 +925,12 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     round_idx = _server_round(train_config, cfg)
     global_state = _server_tensors(msg, fed)
     if fresh:
-        _count_earlier_rounds(client, cfg, pid, round_idx, loaded=loaded, looked_in=None if loaded else ledger,
+        _count_earlier_rounds(client, cfg, pid, round_idx, loaded=loaded,
+                              looked_in=None if loaded or volatile else ledger,
                               first_examples=train_config.get(FIRST_EXAMPLES_KEY),
                               min_noise=train_config.get(MIN_NOISE_KEY))
         _check_node_limits(context, client, cfg, pid)  # (again: with the earlier rounds now counted)
         _check_budget(client, cfg, pid)
-    if ledger is None and released > client.accountant.steps:
-        # no ledger to take the count from: a count (saved, or of a restart's earlier rounds) behind the steps this
-        # node released is a duplicate message's (its state a snapshot from before a round already answered)
-        raise NodeError(
-            f"node {pid}: its saved state counts {client.accountant.steps} DP-SGD steps, this node has "
-            f"released updates after {released}: a duplicate or concurrent train message (no privacy ledger to "
-            "count from: privacy-dir=none); refusing to train it"
-        )
     seed_dropout(cfg, round_idx, pid)  # dropout masks, as in the simulation: secret here
     update = client.fit(
         fed.model, serialization.encode(global_state, {"round": round_idx}), round_idx=round_idx,
@@ -929,9 +938,6 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
     )
     if ledger is not None:  # before the update leaves the node: the steps are spent once it has
         _write_ledger(ledger, client)
-    _RELEASED[(context.run_id, pid)] = client.accountant.steps
-    if released_path is not None:  # (a ClientApp process per message: the next one reads it from here)
-        checkpoint.atomic_write_text(released_path, str(client.accountant.steps), mode=0o600)
     _persist(client, context.state)
     if dump is not None:
         # named by the node's own step count (the server's round number may repeat), never replacing a copy
@@ -957,22 +963,61 @@ def evaluate(msg: Message, context: Context) -> Message:
     ``flower-eval-local = true`` *and* its own node config says ``eval-local=true``: those rows are the silo's
     private data, and their exact accuracy and loss are not covered by the DP guarantee, so the server alone
     cannot ask for them. Otherwise it replies ``num-examples`` 0 and no scores.
+
+    Each such answer is an exact counting query on private rows, and the server chooses the adapter scored (a
+    crafted head can single rows out). So the node answers each round of the run (Flower's ``server-round``, in
+    [1, rounds]) at most once, counted in ``<ledger>.evals.json`` beside its privacy ledger (persistent or
+    volatile) before the scores leave: at most ``rounds`` answers per run. It answers only from at least
+    ``eval-min-rows`` held-out rows (node config; default ``EVAL_MIN_ROWS``): a floor against the trivial case,
+    not a privacy guarantee. A silo reads its file's columns from its own node config (``text-column``,
+    ``label-column``), never the run config's: the server does not choose which column is scored.
     """
     with _MESSAGE_LOCK:  # (the model is shared with every other message this process handles)
         return _evaluate(msg, context)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    cfg, fed, _, k = load_node(context)
+    cfg, fed, pid, k = load_node(context)
     try:
         asked = flower_setting(context.run_config, EVAL_LOCAL_KEY)
     except ValueError as e:  # the run config's own error (no data of the node): the server sees it as is
         raise NodeConfigError(str(e)) from None
     own_ok = asked and _node_flag(context, EVAL_LOCAL_NODE_KEY)
-    if node_data_path(context) is not None and not own_ok:
+    silo = node_data_path(context) is not None
+    if silo and not own_ok:
         # a silo's held-out rows are its private data: exact scores on them are outside the DP guarantee
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
-    load_trainable(fed.model, _server_tensors(msg, fed))
+    tensors = _server_tensors(msg, fed)
+    if not silo:  # (a shard of the run's shared test split: the data every node and the server agreed on)
+        return _scores(msg, cfg, fed, k, tensors)
+    # a silo's own held-out rows: at most one exact answer per round of the run, from a set not too small
+    least = _node_count(context, EVAL_MIN_ROWS_KEY, EVAL_MIN_ROWS)
+    if len(fed.test_ids) < least:
+        raise NodeError(f"node {pid}: its held-out rows are fewer than its {EVAL_MIN_ROWS_KEY}={least}: no exact scores "
+                        f"sent (on so few rows they come close to single rows' labels); lower {EVAL_MIN_ROWS_KEY} or "
+                        f"raise {TEST_FRACTION_KEY} in the node config to allow them")
+    rnd = _eval_round(msg, cfg)
+    ledger = ledger_path(context, pid)
+    if ledger is None:
+        ledger = _volatile_ledger(context, pid)
+    if ledger is None:
+        raise NodeError(f"node {pid}: nowhere to count its exact answers (no privacy ledger, persistent or volatile): "
+                        f"no scores on its held-out rows; set node config '{LEDGER_DIR_KEY}' to a writable directory")
+    with _ledger_lock(ledger, "to score its held-out rows"):
+        answers = ledger.with_name(ledger.name[: -len(".json")] + ".evals.json")
+        done = _read_answers(answers)
+        if rnd in done:
+            raise NodeError(f"node {pid}: it has already sent exact scores on its held-out rows for round {rnd} of this "
+                            "run: one answer per round (each is a query on private rows): refused")
+        reply = _scores(msg, cfg, fed, k, tensors)
+        # counted before the scores leave: a reply lost after this is an answer spent, never one more
+        checkpoint.atomic_write_text(answers, json.dumps(sorted(done | {rnd})), mode=0o600)
+        return reply
+
+
+def _scores(msg: Message, cfg: FederatedConfig, fed: Federation, k: int, tensors: dict) -> Message:
+    """The evaluate reply: accuracy and loss of the global ``tensors`` on test shard ``k`` (see ``evaluate``)."""
+    load_trainable(fed.model, tensors)
     idx = range(k, len(fed.test_ids), len(fed.clients))  # a silo's own build holds one client: all of its test rows
     result = evaluate_model(
         fed.model, [fed.test_ids[i] for i in idx], [fed.test.labels[i] for i in idx], fed.pad_id,
@@ -980,3 +1025,40 @@ def _evaluate(msg: Message, context: Context) -> Message:
     )
     metrics = MetricRecord({"num-examples": len(idx), "accuracy": result["accuracy"], "loss": result["loss"]})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _node_count(context: Context, key: str, default: int) -> int:
+    """A node-config int >= 1 (``default`` where not set or blank)."""
+    v = context.node_config.get(key)
+    if v is None or v == "":
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise NodeConfigError(f"node config '{key}': expected an int >= 1, got {v!r}")
+    return v
+
+
+def _eval_round(msg: Message, cfg: FederatedConfig) -> int:
+    """The evaluate message's round (Flower's ``server-round``): an int in [1, rounds], else the server's error.
+    The node answers each round once, so the run's rounds bound the exact answers a server gets."""
+    config = msg.content.config_records.get("config")
+    r = None if config is None else config.get(SERVER_ROUND_KEY)
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= cfg.rounds:
+        raise ServerMessageError(f"server message: '{SERVER_ROUND_KEY}' in its 'config' record: expected an int in "
+                                 f"[1, {cfg.rounds}] (the run's rounds), got {short_repr(r)}")
+    return r
+
+
+def _read_answers(path: Path) -> set[int]:
+    """The rounds whose exact scores on the held-out rows a silo has sent in this run (beside its ledger); one
+    that does not read is a ``NodeError`` (never "none sent")."""
+    if not path.exists():
+        return set()
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(done, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in done):
+            raise ValueError("not a list of rounds")
+        return set(done)
+    except (OSError, ValueError) as e:
+        log.error("fedlora_fast node: %s does not load (%s: %s)", path, type(e).__name__, e)
+        raise NodeError(f"{path.name} does not load ({type(e).__name__}); refusing to score the held-out rows without "
+                        "it (the node's log names its directory)") from None
