@@ -67,6 +67,19 @@ def _fresh_node_process(tmp_path_factory, monkeypatch):
 
 
 # --- run config ----------------------------------------------------------------------------------------------
+def test_the_flower_adapters_are_under_federated_too():
+    """The package layout places the Flower adapters under ``federated``: the same modules, never copies (one
+    ``ClientApp``), and ``import fedlora_fast.federated`` alone does not import them (or flwr)."""
+    from fedlora_fast.federated import flower as under_federated
+    from fedlora_fast.flower import client_app, server_app, strategy
+
+    assert under_federated.client_app is client_app and under_federated.server_app is server_app
+    assert under_federated.FedLoRAStrategy is strategy.FedLoRAStrategy and under_federated.client_app.app is client_app.app
+    code = "import sys, fedlora_fast.federated; print('flwr' in sys.modules, 'fedlora_fast.flower' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stdout
+
+
 def test_every_node_config_key_is_in_the_readmes_table():
     """The node config is the silo's own side of a run: a key the README's table lacks is a limit nobody sets."""
     from fedlora_fast.flower import client_app

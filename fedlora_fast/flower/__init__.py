@@ -3,7 +3,8 @@
 Installed with the ``flower`` extra (``pip install fedlora_fast[flower]``); ``import fedlora_fast`` never
 imports ``flwr``. Point a Flower App's components at ``fedlora_fast.flower.client_app:app`` and
 ``fedlora_fast.flower.server_app:app`` (see ``examples/flower/``); every setting comes from the Flower run
-config with the names and defaults of ``fedlora-fast train`` (``fedlora_fast.flower.config``).
+config with the names and defaults of ``fedlora-fast train`` (``fedlora_fast.flower.config``). The same modules
+are also importable as ``fedlora_fast.federated.flower``, where the package layout places the Flower adapters.
 """
 
 try:  # every module here needs flwr: say which extra brings it, not just "No module named 'flwr'"
