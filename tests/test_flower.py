@@ -667,6 +667,7 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
 
     # evaluation: the silo's held-out rows are private; exact scores only with flower-eval-local = true
     eval_msg = _eval_msg(server.server.global_state, 1)
+    _trained(client_app.ledger_path(context(rc), 1), flower_config.federated_config(rc).local_steps)
     # (the run config alone cannot ask for them: the node's own eval-local must agree; 5 rows: a floor lowered)
     for setting, node_ok, scored in ((None, True, False), (False, True, False), (True, False, False), (True, True, True)):
         run_config = rc if setting is None else {**rc, flower_config.EVAL_LOCAL_KEY: setting}
@@ -700,6 +701,14 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
         assert "eggs" not in str(err.value) and "DataError in the node's" in str(err.value), str(err.value)
 
 
+def _trained(ledger: pathlib.Path, steps: int) -> None:
+    """A privacy ledger (``ledger``) that counts ``steps`` DP-SGD steps of the run, as a node's training leaves it."""
+    accountant = Accountant()
+    accountant.step(noise_multiplier=1.3, sample_rate=0.4, num_steps=steps)
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text(json.dumps({"accountant": accountant.state_dict(), "noise_multiplier": 1.3}))
+
+
 def _eval_msg(global_state: dict, server_round, *, with_config: bool = True):
     """An evaluate message as FedAvg sends it: the global tensors and a config with its ``server-round``."""
     return SimpleNamespace(content=SimpleNamespace(
@@ -710,9 +719,11 @@ def _eval_msg(global_state: dict, server_round, *, with_config: bool = True):
 def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_own_columns(tiny, tmp_path):
     """Under eval-local each exact score on a silo's held-out rows is a counting query on private data, and the
     server picks the adapter scored. Answers used to be unlimited per round, from any number of rows, in the
-    columns the run config named. Now: at most one answer per round in [1, rounds] (counted beside the ledger,
-    across processes, before the reply leaves; without a persistent ledger in the volatile one's place), only
-    from at least eval-min-rows held-out rows, and in the columns the node config names."""
+    columns the run config named. Now: at most one answer per round in [1, rounds] and only for a round the
+    node's ledger says it trained (a re-review: rounds is the server's number; its rounds=10**6 had 40 answers
+    from a node that refused to train), counted beside the ledger across processes before scoring (without a
+    persistent ledger in the volatile one's place), only from at least eval-min-rows held-out rows, and in the
+    columns the node config names."""
     from fedlora_fast.flower import client_app, node
 
     silo = tmp_path / "silo.tsv"  # a second text-like column the server would rather have scored
@@ -730,12 +741,23 @@ def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_
         with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
             return client_app.evaluate(_eval_msg(state, rnd, **kw), context).metric_records["metrics"]
 
+    ledger = client_app.ledger_path(ctx(), 0)
+    answers = ledger.with_name("fedlora_fast-privacy-run9-node0.evals.json")
+    steps = flower_config.federated_config(rc).local_steps
+    with pytest.raises(client_app.NodeError, match=r"its privacy ledger counts 0 DP-SGD steps in this run, fewer "
+                                                   rf"than the {steps} of 1 rounds: no exact scores"):
+        scored(ctx(), 1)  # a round its data has not trained (here: none)
+    _trained(ledger, steps)
     assert scored(ctx(), 1)["num-examples"] == 20
-    answers = client_app.ledger_path(ctx(), 0).with_name("fedlora_fast-privacy-run9-node0.evals.json")
     assert json.loads(answers.read_text()) == [1] and oct(answers.stat().st_mode & 0o777) == "0o600"
     client_app._FEDERATIONS.clear()  # (a new process: the count is on disk)
     with pytest.raises(client_app.NodeError, match=r"already sent exact scores on its held-out rows for round 1"):
         scored(ctx(), 1)
+    with pytest.raises(client_app.NodeError, match=rf"counts {steps} DP-SGD steps in this run, fewer than the "
+                                                   rf"{3 * steps} of 3 rounds"):
+        scored(ctx(), 3)
+    assert json.loads(answers.read_text()) == [1], "a refused round is not counted as answered"
+    _trained(ledger, 3 * steps)
     assert scored(ctx(), 3)["num-examples"] == 20 and json.loads(answers.read_text()) == [1, 3]
     for bad in (0, 4, -1, True, "2", 2.0, [1]):  # only the run's rounds: at most `rounds` answers
         with pytest.raises(client_app.ServerMessageError, match=r"'server-round' in its 'config' record: expected an "
@@ -755,12 +777,21 @@ def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_
             scored(ctx(**{"eval-min-rows": bad}), 2)
     # without a persistent ledger: counted in the volatile one's place, in the temporary directory
     none = ctx(**{client_app.LEDGER_DIR_KEY: "none"})
+    volatile = client_app._volatile_ledger(none, 0)
+    _trained(volatile, 2 * steps)
     with pytest.warns(RuntimeWarning, match="no privacy ledger"):
         assert scored(none, 2)["num-examples"] == 20
-    volatile = client_app._volatile_ledger(none, 0)
     assert json.loads(volatile.with_name("fedlora_fast-privacy-run9-node0.evals.json").read_text()) == [2]
     with pytest.warns(RuntimeWarning, match="no privacy ledger"), pytest.raises(client_app.NodeError, match="already"):
         scored(none, 2)
+    os.chmod(volatile.parent, 0o777)  # and no volatile one either: refused, the setting named
+    try:
+        with pytest.warns(RuntimeWarning, match="no privacy ledger"), \
+                pytest.raises(client_app.NodeError, match=r"cannot hold a volatile one .*refusing to score its held-out "
+                                                          r"rows with its count on no disk; set node config 'privacy-dir'"):
+            scored(none, 1)
+    finally:
+        os.chmod(volatile.parent, 0o700)
     # the columns are the node's: the run config's name the run's data only (it cannot have "secret" scored)
     fed = client_app.load_node(ctx({**rc, "text-column": "secret", "label-column": "secret"}))[1]
     assert all(t.startswith(("WIN", "see")) for t in fed.train.texts + fed.test.texts)
@@ -1143,9 +1174,11 @@ def test_without_a_ledger_a_duplicate_or_concurrent_train_message_is_counted_or_
             client_app.train(_train_msg(fed, 3), ctx)
         shared = pathlib.Path(tempfile.gettempdir()) / f"fedlora_fast-{os.getuid()}"
         os.chmod(shared, 0o777)  # a directory others may write (or another user's, or a symlink): not used, said
-        with pytest.warns(RuntimeWarning, match=r"cannot hold a volatile one \(not a directory of this user's closed "
-                                                r"to others\)"):
-            assert client_app._volatile_ledger(ctx, 0) is None
+        assert client_app._volatile_ledger(ctx, 0) is None
+        ctx.state = copymod.deepcopy(snapshot)  # (a re-review: the duplicate then trained, counted on no disk)
+        with pytest.raises(client_app.NodeError, match=r"cannot hold a volatile one \(the node's log says why\): "
+                                                       r"refusing to train with its count on no disk"):
+            client_app.train(_train_msg(fed, 1), ctx)
         os.chmod(shared, 0o700)
         entered, real_load = threading.Event(), client_app.load_node
         ctx.state = RecordDict()

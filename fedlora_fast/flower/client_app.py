@@ -532,8 +532,9 @@ def ledger_path(context: Context, pid: int) -> Path | None:
     ``privacy-dir=none`` (any case), or ``$FEDLORA_FAST_PRIVACY_DIR=none`` where the node config names no
     directory, turns the persistent ledger off (None, with a RuntimeWarning each round): for nodes whose restarts
     cannot happen or are accounted for elsewhere. ``train`` then keeps a volatile ledger (``_volatile_ledger``)
-    under the system's temporary directory, as it does where the default directory is unusable: a node restarted
-    after a reboot has lost it, and counts as ``_count_earlier_rounds`` can.
+    under the system's temporary directory, as it does where the default directory is unusable (and refuses to
+    train where that is unusable too): a node restarted after a reboot has lost it, and counts as
+    ``_count_earlier_rounds`` can.
 
     The errors below reach the server: they name the setting and the ledger's file name, never the node's
     directory (its path, e.g. a home directory, would tell the server the user's name); the node's log has it.
@@ -648,7 +649,7 @@ def _volatile_ledger(context: Context, pid: int) -> Path | None:
     cases, read and written like the persistent one. Without it, a reviewer's two processes under privacy-dir=none
     both trained and both reported one round's epsilon (3.853 for 4.530 spent); a duplicate message, whose state
     is a snapshot from before a round already answered, is now counted from the ledger as a lost save is.
-    None where no such directory is usable (warned)."""
+    None where no such directory is usable (logged: the caller refuses, ``_no_ledger_at_all``)."""
     uid = os.getuid() if hasattr(os, "getuid") else None
     if uid is None:  # pragma: no cover (Windows: no flock either)
         return None
@@ -661,11 +662,19 @@ def _volatile_ledger(context: Context, pid: int) -> Path | None:
     except OSError as e:
         why = f"{type(e).__name__}: {e.strerror or e}"
     if why is not None:  # (another local user may have taken the name in a shared /tmp: said, not silent)
-        warnings.warn(f"node {pid}: no privacy ledger, and {d} cannot hold a volatile one ({why}): a duplicate train "
-                      "message, or one in another process at the same time, is not counted or refused; set node "
-                      f"config '{LEDGER_DIR_KEY}' to a writable directory", RuntimeWarning, stacklevel=3)
+        log.error("fedlora_fast node %s: no privacy ledger, and %s cannot hold a volatile one (%s)", pid, d, why)
         return None
     return d / _ledger_name(context, pid)
+
+
+def _no_ledger_at_all(pid: int, refusing: str) -> NodeError:
+    """No persistent ledger and no volatile one: what ``refusing`` would spend would be counted on no disk (a
+    duplicate message in another process, or a restart, would spend it again unseen): refused. The error names
+    the setting, never the node's directories (its log has them)."""
+    return NodeError(f"node {pid}: no privacy ledger (privacy-dir={LEDGER_OFF}, or its default directory not "
+                     "writable) and the system's temporary directory cannot hold a volatile one (the node's log says "
+                     f"why): refusing {refusing} with its count on no disk; set node config '{LEDGER_DIR_KEY}' to a "
+                     "writable directory")
 
 
 @contextlib.contextmanager
@@ -855,6 +864,8 @@ def train(msg: Message, context: Context) -> Message:
             volatile = ledger is None
             if volatile:  # (privacy-dir=none, an unusable default directory: one in the temporary directory)
                 ledger = _volatile_ledger(context, pid)
+            if ledger is None:
+                raise _no_ledger_at_all(pid, "to train")
             # from reading the ledger to writing it: one process per silo's data
             with _ledger_lock(ledger):
                 return _train(msg, context, cfg, fed, pid, k, ledger, volatile)
@@ -966,8 +977,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     Each such answer is an exact counting query on private rows, and the server chooses the adapter scored (a
     crafted head can single rows out). So the node answers each round of the run (Flower's ``server-round``, in
-    [1, rounds]) at most once, counted in ``<ledger>.evals.json`` beside its privacy ledger (persistent or
-    volatile) before the scores leave: at most ``rounds`` answers per run. It answers only from at least
+    [1, rounds]) at most once, and only a round its data has trained (its privacy ledger counts ``round x
+    local-steps`` DP-SGD steps or more), counted in ``<ledger>.evals.json`` beside that ledger (persistent or
+    volatile) before scoring: no more answers than the rounds its own limits let it train, per run (``rounds``
+    is the server's number; every run starts a count of its own, as its ledger does). It answers only from at least
     ``eval-min-rows`` held-out rows (node config; default ``EVAL_MIN_ROWS``): a floor against the trivial case,
     not a privacy guarantee. A silo reads its file's columns from its own node config (``text-column``,
     ``label-column``), never the run config's: the server does not choose which column is scored.
@@ -1001,18 +1014,25 @@ def _evaluate(msg: Message, context: Context) -> Message:
     if ledger is None:
         ledger = _volatile_ledger(context, pid)
     if ledger is None:
-        raise NodeError(f"node {pid}: nowhere to count its exact answers (no privacy ledger, persistent or volatile): "
-                        f"no scores on its held-out rows; set node config '{LEDGER_DIR_KEY}' to a writable directory")
+        raise _no_ledger_at_all(pid, "to score its held-out rows")
     with _ledger_lock(ledger, "to score its held-out rows"):
         answers = ledger.with_name(ledger.name[: -len(".json")] + ".evals.json")
         done = _read_answers(answers)
         if rnd in done:
             raise NodeError(f"node {pid}: it has already sent exact scores on its held-out rows for round {rnd} of this "
                             "run: one answer per round (each is a query on private rows): refused")
-        reply = _scores(msg, cfg, fed, k, tensors)
-        # counted before the scores leave: a reply lost after this is an answer spent, never one more
+        # only for a round its data has trained (the ledger counts it): the run's rounds are the server's number,
+        # the training its own limits allow is not (a reviewer's server set rounds=10**6 and had 40 answers from
+        # a node that refused to train)
+        trained = _read_ledger(ledger)[1].steps if ledger.exists() else 0
+        if trained < rnd * cfg.local_steps:
+            raise NodeError(f"node {pid}: its privacy ledger counts {trained} DP-SGD steps in this run, fewer than the "
+                            f"{rnd * cfg.local_steps} of {rnd} rounds: no exact scores on its held-out rows for a round "
+                            "its data has not trained; refused")
+        # counted before scoring: whatever happens next (a failure that depends on the rows, a reply lost) is an
+        # answer spent, never one more
         checkpoint.atomic_write_text(answers, json.dumps(sorted(done | {rnd})), mode=0o600)
-        return reply
+        return _scores(msg, cfg, fed, k, tensors)
 
 
 def _scores(msg: Message, cfg: FederatedConfig, fed: Federation, k: int, tensors: dict) -> Message:
