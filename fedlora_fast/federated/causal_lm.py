@@ -23,6 +23,9 @@ and how each process computes its steps), token ids, model config, dtype and fil
 Not covered by the DP guarantee: the per-round training and evaluation losses (printed, and in
 ``metrics.json`` and the checkpoint), computed from the data without noise, as the simulation's are; the
 evaluation examples are held out of training, not protected. Share them as you would the data's statistics.
+The checkpoint (``OUT/checkpoint.safetensors``) also holds an unkeyed SHA-256 of every example's token ids, for
+``--resume`` to tell other data: whoever holds it and can list candidate datasets can confirm which one was
+used. It is the operator's file; share ``OUT/adapter``.
 Per-sample state: with flat clipping each physical micro-batch of n sequences keeps n * sum(out * r) float32
 per-sample gradients of B until the step (examples/README.md in the repository); ``--clipping per_layer`` keeps
 none. ``causal_lm_loss`` is the per-sample loss (each sequence's mean next-token cross-entropy), for
@@ -346,7 +349,13 @@ def text_lines(text: str) -> list[str]:
 
 
 def load_examples(args, tok) -> list[list[int]]:
-    """Token id lists, one per example (at least 2 tokens each)."""
+    """Token id lists, one per example (at least 2 tokens each, at most ``--max-length``).
+
+    Raises:
+        ValueError: ``--max-length`` leaves no room for a token of text beside the special tokens the tokenizer
+            adds (Hugging Face does not truncate then: a reviewer's BERT tokenizer gave 8-token examples at
+            ``--max-length 1``, and ``[CLS] [SEP]`` alone at 2).
+    """
     if args.tiny:  # arithmetic sequences mod 101: next-token structure a tiny model can pick up
         gen = random.Random(args.seed)
         out = []
@@ -360,8 +369,12 @@ def load_examples(args, tok) -> list[list[int]]:
         path = Path(ff.__file__).parent / "data" / "sms_spam_collection.tsv"
         rows = text_lines(path.read_text(encoding="utf-8"))[1:]  # (the first line is the header: Label, SMS)
         lines = [line.split("\t", 1)[-1] for line in rows]
+    specials = tok.num_special_tokens_to_add()
+    if args.max_length < specials + 1:
+        raise ValueError(f"--max-length: expected at least {specials + 1} (the tokenizer adds {specials} special "
+                         f"tokens to each example, and one token of text), got {args.max_length}")
     lines = [s.strip() for s in lines if s.strip()][: args.max_examples]
-    out = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in lines]
+    out = [tok(s, truncation=True, max_length=args.max_length)["input_ids"][: args.max_length] for s in lines]
     return [ids for ids in out if len(ids) >= 2]
 
 
@@ -546,7 +559,10 @@ def _run(args, rank: int, world: int, group) -> dict:
         say(f"round 0: eval loss {records[0]['eval_loss']:.4f}")
     for rnd in range(start, args.rounds + 1):
         t0 = time.time()
-        updates, weights, train_losses = [], [], []
+        # the round's training loss: per-sample losses summed, and counted (a mean of per-micro-batch means would
+        # weigh a trailing micro-batch of one like a full one: another number for --micro-batch, --cuda-graph or
+        # the processes, which must not change what is computed)
+        updates, weights, train_losses, train_count = [], [], [], 0
         for c, shard in enumerate(shards):
             params = dict(model.named_parameters())
             with torch.no_grad():  # every client starts from the global adapter (A is the same everywhere)
@@ -574,7 +590,8 @@ def _run(args, rank: int, world: int, group) -> dict:
                     dp.step(empty_batch=True)
                 elif graphed is not None:  # micro-batches of --max-length tokens (plan(n)), replayed
                     graphed.accumulate(collate([part[j] for j in idx], pad_id, width=args.max_length))
-                    train_losses.append(graphed.last_loss.detach() / len(idx))  # on the device: no wait
+                    train_losses.append(graphed.last_loss.detach())  # (on the device: no wait)
+                    train_count += len(idx)
                     dp.step()
                 else:
                     for i in range(0, len(idx), args.micro_batch):
@@ -582,7 +599,8 @@ def _run(args, rank: int, world: int, group) -> dict:
                         batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
                         loss = causal_lm_loss(model, batch, capturable=False)
                         loss.sum().backward()  # summed over samples: each sample's gradient is its own
-                        train_losses.append(loss.detach().mean())
+                        train_losses.append(loss.detach().sum())
+                        train_count += len(seqs)
                         dp.accumulate()
                     dp.step()
                 accountants[c].step(noise_multiplier=sigma, sample_rate=args.sample_rate)
@@ -600,7 +618,7 @@ def _run(args, rank: int, world: int, group) -> dict:
         eps = max(a.epsilon(args.delta) for a in accountants)
         # one read per round (data parallel: the mean over every process's micro-batches)
         summed, count = all_sum([torch.stack(train_losses).sum().item() if train_losses else 0.0,
-                                 float(len(train_losses))], device, group)
+                                 float(train_count)], device, group)
         mean_loss = summed / count if count else None
         rec = {"round": rnd, "train_loss": mean_loss,
                "eval_loss": evaluate(model, eval_set, pad_id, device, args.micro_batch, rank, world, group),
