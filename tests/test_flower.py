@@ -667,7 +667,7 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
 
     # evaluation: the silo's held-out rows are private; exact scores only with flower-eval-local = true
     eval_msg = _eval_msg(server.server.global_state, 1)
-    _trained(client_app.ledger_path(context(rc), 1), flower_config.federated_config(rc).local_steps)
+    _trained(client_app.ledger_path(context(rc), 1), [0])
     # (the run config alone cannot ask for them: the node's own eval-local must agree; 5 rows: a floor lowered)
     for setting, node_ok, scored in ((None, True, False), (False, True, False), (True, False, False), (True, True, True)):
         run_config = rc if setting is None else {**rc, flower_config.EVAL_LOCAL_KEY: setting}
@@ -701,12 +701,13 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
         assert "eggs" not in str(err.value) and "DataError in the node's" in str(err.value), str(err.value)
 
 
-def _trained(ledger: pathlib.Path, steps: int) -> None:
-    """A privacy ledger (``ledger``) that counts ``steps`` DP-SGD steps of the run, as a node's training leaves it."""
+def _trained(ledger: pathlib.Path, rounds: list[int], steps_per_round: int = 2) -> None:
+    """A privacy ledger (``ledger``) as a node's training of the server's round indices ``rounds`` leaves it."""
     accountant = Accountant()
-    accountant.step(noise_multiplier=1.3, sample_rate=0.4, num_steps=steps)
+    accountant.step(noise_multiplier=1.3, sample_rate=0.4, num_steps=steps_per_round * len(rounds))
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    ledger.write_text(json.dumps({"accountant": accountant.state_dict(), "noise_multiplier": 1.3}))
+    ledger.write_text(json.dumps({"accountant": accountant.state_dict(), "noise_multiplier": 1.3,
+                                  "trained_rounds": rounds}))
 
 
 def _eval_msg(global_state: dict, server_round, *, with_config: bool = True):
@@ -719,11 +720,12 @@ def _eval_msg(global_state: dict, server_round, *, with_config: bool = True):
 def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_own_columns(tiny, tmp_path):
     """Under eval-local each exact score on a silo's held-out rows is a counting query on private data, and the
     server picks the adapter scored. Answers used to be unlimited per round, from any number of rows, in the
-    columns the run config named. Now: at most one answer per round in [1, rounds] and only for a round the
-    node's ledger says it trained (a re-review: rounds is the server's number; its rounds=10**6 had 40 answers
-    from a node that refused to train), counted beside the ledger across processes before scoring (without a
-    persistent ledger in the volatile one's place), only from at least eval-min-rows held-out rows, and in the
-    columns the node config names."""
+    columns the run config named. Now: at most one answer per round in [1, rounds], only for a round the node's
+    own data trained (its ledger's trained rounds: a review's rounds=10**6 had 40 answers from a node that
+    refused to train, and a re-review's one train message at round R - 1 unlocked R answers through the steps
+    counted for a restart), at most eval-max-answers per run, counted beside the ledger across processes before
+    scoring (without a persistent ledger in the volatile one's place), only from at least eval-min-rows held-out
+    rows, and in the columns the node config names."""
     from fedlora_fast.flower import client_app, node
 
     silo = tmp_path / "silo.tsv"  # a second text-like column the server would rather have scored
@@ -743,22 +745,26 @@ def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_
 
     ledger = client_app.ledger_path(ctx(), 0)
     answers = ledger.with_name("fedlora_fast-privacy-run9-node0.evals.json")
-    steps = flower_config.federated_config(rc).local_steps
-    with pytest.raises(client_app.NodeError, match=r"its privacy ledger counts 0 DP-SGD steps in this run, fewer "
-                                                   rf"than the {steps} of 1 rounds: no exact scores"):
+    untrained = r"its data did not train round {} of this run \(its privacy ledger's trained rounds\)"
+    with pytest.raises(client_app.NodeError, match=untrained.format(1)):
         scored(ctx(), 1)  # a round its data has not trained (here: none)
-    _trained(ledger, steps)
+    _trained(ledger, [0])
     assert scored(ctx(), 1)["num-examples"] == 20
     assert json.loads(answers.read_text()) == [1] and oct(answers.stat().st_mode & 0o777) == "0o600"
     client_app._FEDERATIONS.clear()  # (a new process: the count is on disk)
     with pytest.raises(client_app.NodeError, match=r"already sent exact scores on its held-out rows for round 1"):
         scored(ctx(), 1)
-    with pytest.raises(client_app.NodeError, match=rf"counts {steps} DP-SGD steps in this run, fewer than the "
-                                                   rf"{3 * steps} of 3 rounds"):
+    with pytest.raises(client_app.NodeError, match=untrained.format(3)):
         scored(ctx(), 3)
     assert json.loads(answers.read_text()) == [1], "a refused round is not counted as answered"
-    _trained(ledger, 3 * steps)
+    _trained(ledger, [0, 2])  # (round index 1 missed: its server-round 2 is not answered, 3 is)
     assert scored(ctx(), 3)["num-examples"] == 20 and json.loads(answers.read_text()) == [1, 3]
+    with pytest.raises(client_app.NodeError, match=untrained.format(2)):
+        scored(ctx(), 2)
+    _trained(ledger, [0, 1, 2])
+    with pytest.raises(client_app.NodeError, match=r"has sent exact scores on its held-out rows 2 times in this run, "
+                                                   r"its eval-max-answers=2: refused"):
+        scored(ctx(**{"eval-max-answers": 2}), 2)
     for bad in (0, 4, -1, True, "2", 2.0, [1]):  # only the run's rounds: at most `rounds` answers
         with pytest.raises(client_app.ServerMessageError, match=r"'server-round' in its 'config' record: expected an "
                                                                 r"int in \[1, 3\]"):
@@ -772,13 +778,14 @@ def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_
     # too few held-out rows (20 here): refused with the setting named
     with pytest.raises(client_app.NodeError, match=r"held-out rows are fewer than its eval-min-rows=21: no exact"):
         scored(ctx(**{"eval-min-rows": 21}), 2)
-    for bad in (0, -3, 1.5, "20", True):
-        with pytest.raises(client_app.NodeConfigError, match=r"node config 'eval-min-rows': expected an int >= 1"):
-            scored(ctx(**{"eval-min-rows": bad}), 2)
+    for key in ("eval-min-rows", "eval-max-answers"):
+        for bad in (0, -3, 1.5, "20", True):
+            with pytest.raises(client_app.NodeConfigError, match=rf"node config '{key}': expected an int >= 1"):
+                scored(ctx(**{key: bad}), 2)
     # without a persistent ledger: counted in the volatile one's place, in the temporary directory
     none = ctx(**{client_app.LEDGER_DIR_KEY: "none"})
     volatile = client_app._volatile_ledger(none, 0)
-    _trained(volatile, 2 * steps)
+    _trained(volatile, [0, 1])
     with pytest.warns(RuntimeWarning, match="no privacy ledger"):
         assert scored(none, 2)["num-examples"] == 20
     assert json.loads(volatile.with_name("fedlora_fast-privacy-run9-node0.evals.json").read_text()) == [2]
@@ -802,6 +809,35 @@ def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_
             client_app.load_node(ctx(**{key: 3}))
     with pytest.raises(client_app.NodeConfigError, match=r"did you mean 'label-column'"):
         client_app.load_node(ctx(**{"label_column": "Label"}))
+
+
+def test_one_train_message_late_in_a_run_unlocks_one_exact_answer_not_every_earlier_rounds(tiny, tmp_path):
+    """A re-review's finding (2026-11-29): a fresh node whose first train message is for round index R - 1 counts
+    the R - 1 earlier rounds it cannot rule out, so its steps were those of R rounds, and eval-local answered every
+    server-round 1..R after one trained round. Answers now follow the ledger's trained rounds, which only a fit
+    adds to."""
+    from fedlora_fast.flower import client_app, node
+
+    silo = tmp_path / "silo.tsv"
+    rows = [("spam", f"WIN a prize now {i}") if i % 3 == 0 else ("ham", f"see you at lunch {i}") for i in range(100)]
+    silo.write_text("Label\tSMS\n" + "".join(f"{y}\t{t}\n" for y, t in rows), encoding="utf-8")
+    rc = {**_tiny_run_config(tiny, labels="ham,spam", rounds=4, **{"noise-multiplier": 1.3}),
+          flower_config.EVAL_LOCAL_KEY: True}
+    fed = node.build(flower_config.federated_config(rc))
+    ctx = _node_ctx(rc, **{"data-path": str(silo), client_app.EVAL_LOCAL_NODE_KEY: True})
+    with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
+        with pytest.warns(RuntimeWarning, match="counting 6 earlier DP-SGD steps"):
+            reply = client_app.train(_train_msg(fed, 3), ctx)  # the node's first message: round index 3 of 4
+        assert reply.metric_records["metrics"]["steps"] == 8  # (every earlier round counted: the accounting's due)
+        assert json.loads(client_app.ledger_path(ctx, 0).read_text())["trained_rounds"] == [3]
+        scored = []
+        for rnd in (1, 2, 3, 4):
+            try:
+                client_app.evaluate(_eval_msg(fed.server.global_state, rnd), ctx)
+                scored.append(rnd)
+            except client_app.NodeError as e:
+                assert f"did not train round {rnd}" in str(e), str(e)
+    assert scored == [4]
 
 
 def test_client_state_persists_across_messages(tiny):
@@ -1340,13 +1376,15 @@ def test_node_keeps_a_privacy_ledger_by_default_and_a_restart_resumes_it(tiny, t
     assert (ledger.stat().st_mode & 0o777) == 0o600, oct(ledger.stat().st_mode)
     with mock.patch.object(client_app, "Message", lambda content, reply_to: content):
         saved = json.loads(ledger.read_text())
-        assert set(saved) == {"accountant", "noise_multiplier"} and saved["noise_multiplier"] == 1.3
+        assert set(saved) == {"accountant", "noise_multiplier", "trained_rounds"} and saved["noise_multiplier"] == 1.3
+        assert saved["trained_rounds"] == [0]
         assert not any(p.name.endswith(".tmp") for p in default.iterdir()), "the atomic write leaves no temp file"
         assert set(saved["accountant"]) == {"version", "mechanism", "history"}, "no data of the node in the ledger"
         assert not (tmp_path / "home").exists(), "nothing under HOME when XDG_STATE_HOME is set"
         ctx.state = RecordDict()  # a restarted SuperNode, and a server that says round 0 again
         again = client_app.train(_train_msg(fed, 0), ctx).metric_records["metrics"]
     assert first["steps"] == cfg.local_steps and again["steps"] == 2 * cfg.local_steps, "the ledger's count continues"
+    assert json.loads(ledger.read_text())["trained_rounds"] == [0], "round 0 twice: one round index"
     assert again["epsilon"] > first["epsilon"]
 
 

@@ -73,6 +73,8 @@ TEXT_COLUMN_KEY = "text-column"  # node config: a data-path silo's text column (
 LABEL_COLUMN_KEY = "label-column"  # node config: a data-path silo's label column (default: guessed); never the run's
 EVAL_MIN_ROWS_KEY = "eval-min-rows"  # node config: eval-local scores only a held-out set of at least this many rows
 EVAL_MIN_ROWS = 20  # its default
+EVAL_MAX_ANSWERS_KEY = "eval-max-answers"  # node config: eval-local answers at most this many times per run
+EVAL_MAX_ANSWERS = 10  # its default
 SERVER_ROUND_KEY = "server-round"  # Flower FedAvg's round number (1-based) in every train and evaluate config
 PRIVACY_DIR_ENV = "FEDLORA_FAST_PRIVACY_DIR"  # the ledger directory where the node config names none
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
@@ -148,7 +150,7 @@ _FEDERATIONS: dict[str, Federation] = {}  # one per config per process (a proces
 
 NODE_KEYS = ("partition-id", "num-partitions", DATA_PATH_KEY, LEDGER_DIR_KEY, MAX_EPSILON_KEY, MAX_DELTA_KEY,
              ALLOW_NO_NOISE_KEY, EVAL_LOCAL_NODE_KEY, DUMP_DIR_KEY, SHARED_DATA_KEY, SHARED_MODEL_KEY, REPLY_AFTER_KEY,
-             TEST_FRACTION_KEY, TEXT_COLUMN_KEY, LABEL_COLUMN_KEY, EVAL_MIN_ROWS_KEY)
+             TEST_FRACTION_KEY, TEXT_COLUMN_KEY, LABEL_COLUMN_KEY, EVAL_MIN_ROWS_KEY, EVAL_MAX_ANSWERS_KEY)
 
 
 def _compact(key: str) -> str:
@@ -652,6 +654,8 @@ def _volatile_ledger(context: Context, pid: int) -> Path | None:
     None where no such directory is usable (logged: the caller refuses, ``_no_ledger_at_all``)."""
     uid = os.getuid() if hasattr(os, "getuid") else None
     if uid is None:  # pragma: no cover (Windows: no flock either)
+        log.error("fedlora_fast node %s: no privacy ledger, and no volatile one on this platform (no user id for a "
+                  "per-user directory): set node config '%s' to a writable directory", pid, LEDGER_DIR_KEY)
         return None
     d = Path(tempfile.gettempdir()) / f"fedlora_fast-{uid}"
     try:
@@ -710,19 +714,35 @@ def _ledger_lock(path: Path | None, refusing: str = "to train this round"):
         yield
 
 
-def _write_ledger(path: Path, client: Client) -> None:
-    """Write the node's steps before its update leaves. The ledger never goes down: a file that already counts
-    more steps than this process (another process writing it for the same node) stops the release."""
+def _write_ledger(path: Path, client: Client, round_idx: int | None = None) -> None:
+    """Write the node's steps before its update leaves, with the round (``round_idx``, the server's 0-based index)
+    it has just trained added to the ledger's ``trained_rounds``: the rounds this node's data really trained, which
+    the accountant's steps cannot tell (they also count earlier rounds a restarted node cannot rule out). The
+    ledger never goes down: a file that already counts more steps than this process (another process writing it
+    for the same node) stops the release."""
+    trained: set[int] = set()
     if path.exists():
-        _, before = _read_ledger(path)
+        saved, before = _read_ledger(path)
         if before.steps > client.accountant.steps:
             raise NodeError(
                 f"privacy ledger {path.name} counts {before.steps} DP-SGD steps, this node's state "
                 f"{client.accountant.steps}: another process writes it (two SuperNodes for one silo?); refusing to "
                 "release the update"
             )
-    checkpoint.atomic_write_text(path, json.dumps(  # 0o600 whatever the umask: the node's own record
-        {"accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier}), mode=0o600)
+        trained = _trained_rounds(path, saved)
+    if round_idx is not None:
+        trained.add(round_idx)
+    checkpoint.atomic_write_text(path, json.dumps({  # 0o600 whatever the umask: the node's own record
+        "accountant": client.state_dict()["accountant"], "noise_multiplier": client.noise_multiplier,
+        "trained_rounds": sorted(trained)}), mode=0o600)
+
+
+def _trained_rounds(path: Path, saved: dict) -> set[int]:
+    """The ledger's ``trained_rounds`` (none in a ledger written before 2026-11-29); malformed: a ``NodeError``."""
+    rounds = saved.get("trained_rounds", [])
+    if not isinstance(rounds, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rounds):
+        raise _unloadable_ledger(path, ValueError("trained_rounds: not a list of round indices"))
+    return set(rounds)
 
 
 def _hinted_sample_rate(client: Client, pid: int, hint) -> float | None:
@@ -948,7 +968,7 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
         fingerprint=fed.fingerprint,
     )
     if ledger is not None:  # before the update leaves the node: the steps are spent once it has
-        _write_ledger(ledger, client)
+        _write_ledger(ledger, client, round_idx)
     _persist(client, context.state)
     if dump is not None:
         # named by the node's own step count (the server's round number may repeat), never replacing a copy
@@ -977,10 +997,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     Each such answer is an exact counting query on private rows, and the server chooses the adapter scored (a
     crafted head can single rows out). So the node answers each round of the run (Flower's ``server-round``, in
-    [1, rounds]) at most once, and only a round its data has trained (its privacy ledger counts ``round x
-    local-steps`` DP-SGD steps or more), counted in ``<ledger>.evals.json`` beside that ledger (persistent or
-    volatile) before scoring: no more answers than the rounds its own limits let it train, per run (``rounds``
-    is the server's number; every run starts a count of its own, as its ledger does). It answers only from at least
+    [1, rounds]) at most once, only a round its own data trained (the ledger's ``trained_rounds``, written by
+    ``train`` before each reply), and at most ``eval-max-answers`` times per run (node config; default
+    ``EVAL_MAX_ANSWERS``: ``rounds`` is the server's number), counted in ``<ledger>.evals.json`` beside that
+    ledger (persistent or volatile) before scoring. Every run starts a count of its own, as its ledger does; a
+    volatile ledger lost at a reboot loses it too. It answers only from at least
     ``eval-min-rows`` held-out rows (node config; default ``EVAL_MIN_ROWS``): a floor against the trivial case,
     not a privacy guarantee. A silo reads its file's columns from its own node config (``text-column``,
     ``label-column``), never the run config's: the server does not choose which column is scored.
@@ -1015,24 +1036,29 @@ def _evaluate(msg: Message, context: Context) -> Message:
         ledger = _volatile_ledger(context, pid)
     if ledger is None:
         raise _no_ledger_at_all(pid, "to score its held-out rows")
+    most = _node_count(context, EVAL_MAX_ANSWERS_KEY, EVAL_MAX_ANSWERS)
     with _ledger_lock(ledger, "to score its held-out rows"):
         answers = ledger.with_name(ledger.name[: -len(".json")] + ".evals.json")
         done = _read_answers(answers)
         if rnd in done:
             raise NodeError(f"node {pid}: it has already sent exact scores on its held-out rows for round {rnd} of this "
                             "run: one answer per round (each is a query on private rows): refused")
-        # only for a round its data has trained (the ledger counts it): the run's rounds are the server's number,
-        # the training its own limits allow is not (a reviewer's server set rounds=10**6 and had 40 answers from
-        # a node that refused to train)
-        trained = _read_ledger(ledger)[1].steps if ledger.exists() else 0
-        if trained < rnd * cfg.local_steps:
-            raise NodeError(f"node {pid}: its privacy ledger counts {trained} DP-SGD steps in this run, fewer than the "
-                            f"{rnd * cfg.local_steps} of {rnd} rounds: no exact scores on its held-out rows for a round "
-                            "its data has not trained; refused")
+        # only for a round its own data trained (the server's round index rnd - 1 in the ledger's trained rounds):
+        # the run's rounds are the server's number (a reviewer's rounds=10**6 had 40 answers from a node that
+        # refused to train), and the accountant's steps also count rounds a restart cannot rule out (one train
+        # message at round R - 1 unlocked R answers in a re-review)
+        trained = _trained_rounds(ledger, _read_ledger(ledger)[0]) if ledger.exists() else set()
+        if rnd - 1 not in trained:
+            raise NodeError(f"node {pid}: its data did not train round {rnd} of this run (its privacy ledger's trained "
+                            "rounds): no exact scores on its held-out rows for it; refused")
+        if len(done) >= most:
+            raise NodeError(f"node {pid}: it has sent exact scores on its held-out rows {len(done)} times in this run, "
+                            f"its {EVAL_MAX_ANSWERS_KEY}={most}: refused (raise it in the node config to allow more)")
         # counted before scoring: whatever happens next (a failure that depends on the rows, a reply lost) is an
         # answer spent, never one more
         checkpoint.atomic_write_text(answers, json.dumps(sorted(done | {rnd})), mode=0o600)
-        return _scores(msg, cfg, fed, k, tensors)
+    # (scored with the lock released: a train message for the next round need not wait for it)
+    return _scores(msg, cfg, fed, k, tensors)
 
 
 def _scores(msg: Message, cfg: FederatedConfig, fed: Federation, k: int, tensors: dict) -> Message:
