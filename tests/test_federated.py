@@ -739,8 +739,39 @@ def test_resume_compares_the_data_and_model_a_path_holds_not_its_spelling(tiny, 
 
     legacy = Federation(cfg)._data_hash(str(Path(tiny["model"])))
     assert legacy != state["data"]
-    ckpt.save_checkpoint(path, tensors, {**state, "data": legacy})
+    unkeyed = {k: v for k, v in state.items() if k != "data_keyed"}  # (before 2026-11-29: no key)
+    ckpt.save_checkpoint(path, tensors, {**unkeyed, "data": legacy})
     assert run_simulation(cfg, tmp_path / "old", resume=True, progress=False, echo=None)["final"] is not None
+
+
+def test_a_checkpoint_holds_its_datas_fingerprint_keyed_with_a_secret_beside_it(tiny, tmp_path):
+    """A reviewer's finding (2026-11-29): a checkpoint carried an unkeyed SHA-256 of the data, so whoever held it
+    and could list candidate datasets could confirm which one a run trained on. It is now an HMAC under a key from
+    os.urandom in checkpoint.key beside it (owner-only, one per run): two runs on the same data store different
+    values, neither the plain hash; a resume without the key is refused by name; --overwrite replaces the key."""
+    cfg = tiny_config(tiny, rounds=2)
+    states = []
+    for name in ("a", "b"):
+        run_simulation(cfg, tmp_path / name, progress=False, echo=None, stop_after=1)
+        states.append(ckpt.load_checkpoint(tmp_path / name / ckpt.CHECKPOINT_NAME)[1])
+        key = tmp_path / name / ckpt.RUN_KEY_NAME
+        assert len(key.read_bytes()) == ckpt.RUN_KEY_BYTES and oct(key.stat().st_mode & 0o777) == "0o600"
+    plain = Federation(cfg).data_fingerprint
+    assert states[0]["data_keyed"] is True and plain not in (states[0]["data"], states[1]["data"])
+    assert states[0]["data"] != states[1]["data"], "one key per run"
+    assert states[0]["data"] == ckpt.keyed((tmp_path / "a" / ckpt.RUN_KEY_NAME).read_bytes(), plain)
+    first_key = (tmp_path / "b" / ckpt.RUN_KEY_NAME).read_bytes()
+    (tmp_path / "b" / ckpt.RUN_KEY_NAME).unlink()
+    with pytest.raises(ValueError, match=r"resume: .*checkpoint.key is missing: the checkpoint's data fingerprint is "
+                                         r"keyed with it"):
+        run_simulation(cfg, tmp_path / "b", resume=True, progress=False, echo=None)
+    (tmp_path / "b" / ckpt.RUN_KEY_NAME).write_bytes(b"short")
+    with pytest.raises(ValueError, match=r"checkpoint.key: expected 32 bytes, got 5"):
+        run_simulation(cfg, tmp_path / "b", resume=True, progress=False, echo=None)
+    (tmp_path / "b" / ckpt.RUN_KEY_NAME).write_bytes(first_key)
+    assert run_simulation(cfg, tmp_path / "b", resume=True, progress=False, echo=None)["final"] is not None
+    run_simulation(cfg, tmp_path / "b", overwrite=True, progress=False, echo=None, stop_after=1)
+    assert (tmp_path / "b" / ckpt.RUN_KEY_NAME).read_bytes() != first_key, "--overwrite: a new run, a new key"
 
 
 def test_resume_refuses_other_data_other_micro_batches_and_overwrite_clears_the_old_run(tiny, tmp_path):

@@ -307,6 +307,62 @@ def test_train_lm_refuses_processes_with_other_data(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def _two_ranks(tmp_path, argv_of) -> list[tuple[int, str, str]]:
+    """Two gloo processes of one data-parallel run, started by hand (``argv_of(rank)``: each its own flags, e.g. its
+    own ``--out``): ``[(returncode, stdout, stderr)]`` by rank (killed after 300 s)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([*TRAIN_LM, *argv_of(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, cwd=ROOT))
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        done.append((p.returncode, out, err))
+    return done
+
+
+def test_train_lm_data_parallel_resume_needs_the_checkpoint_on_rank_0_only(tmp_path, monkeypatch):
+    """Every process used to read the checkpoint itself, so a data-parallel --resume needed --out shared by the
+    processes (one file system). Rank 0 now reads it and sends it (JSON and the tensors' bytes): rank 1 here has an
+    empty --out of its own. The resumed run accounts as an uninterrupted one; a checkpoint rank 0 refuses stops
+    rank 1 too, naming rank 0, instead of leaving it waiting."""
+    causal_lm = _train_lm_module()
+    flags = ["--tiny", "--rounds", "2", "--local-steps", "2", "--max-examples", "48", "--epsilon", "6"]
+    out0, out1 = tmp_path / "rank0", tmp_path / "rank1"
+    with killed_at_evaluation(monkeypatch, causal_lm, 3), pytest.raises(KeyboardInterrupt):  # in round 2
+        causal_lm.main([*flags, "--out", str(out0)])
+    _, state = ff.federated.checkpoint.load_checkpoint(out0 / "checkpoint.safetensors")
+    assert state["round"] == 1
+    out1.mkdir()
+    runs = _two_ranks(tmp_path, lambda rank: [*flags, "--resume", "--out", str(out0 if rank == 0 else out1)])
+    assert [rc for rc, _, _ in runs] == [0, 0], runs[0][2][-3000:] + runs[1][2][-3000:]
+    assert "resumed after round 1" in runs[0][1] and runs[0][1].count("round 2:") == 1
+    metrics = json_of(out0 / "metrics.json")
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and metrics["rounds"][:2] == state["records"]
+    acc = ff.privacy.Accountant("rdp")
+    acc.step(noise_multiplier=metrics["noise_multiplier"], sample_rate=0.25, num_steps=4)
+    assert metrics["final"]["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-12) and metrics["world_size"] == 2
+    assert list(out1.iterdir()) == [], "rank 1 writes nothing"
+    # a checkpoint rank 0 refuses (another data's fingerprint): both stop, rank 1 naming rank 0
+    tensors, state = ff.federated.checkpoint.load_checkpoint(out0 / "checkpoint.safetensors")
+    ff.federated.checkpoint.save_checkpoint(out0 / "checkpoint.safetensors", tensors, {**state, "data": "0" * 64})
+    runs = _two_ranks(tmp_path, lambda rank: [*flags, "--resume", "--out", str(out0 if rank == 0 else out1)])
+    assert runs[0][0] != 0 and "trained on other data" in runs[0][2], runs[0][2][-3000:]
+    assert runs[1][0] != 0 and "rank 0 refused the checkpoint" in runs[1][2], runs[1][2][-3000:]
+
+
 def test_train_lm_compares_flags_one_by_one_and_paths_by_content(tmp_path):
     """The processes' flags are compared one by one (an error names the flag), --model/--data by what they hold
     (the token ids, the model's config and files: identical copies at other paths on another machine are fine),
@@ -376,7 +432,8 @@ def test_train_lm_resumes_a_run_killed_after_a_round(tmp_path, monkeypatch):
     assert not (out / "metrics.json").exists()
     _, state = ff.federated.checkpoint.load_checkpoint(out / "checkpoint.safetensors")
     assert state["round"] == 1 and [r["round"] for r in state["records"]] == [0, 1]
-    with pytest.raises(ValueError, match=r"--out: .* holds a run \(checkpoint.safetensors\): --resume continues it"):
+    with pytest.raises(ValueError, match=r"--out: .* holds a run \(checkpoint.safetensors, checkpoint.key\): "
+                                         r"--resume continues it"):
         causal_lm.main([*flags, "--out", str(out)])
     with pytest.raises(ValueError, match=r"--resume: the run in .* has --lr 0.02, this one 0.5"):
         causal_lm.main([*flags, "--out", str(out), "--resume", "--lr", "0.5"])
@@ -395,6 +452,17 @@ def test_train_lm_resumes_a_run_killed_after_a_round(tmp_path, monkeypatch):
     assert len(loaded) == 14
     # a checkpoint of other data or another base is refused (the fingerprints, not the paths)
     tensors, state = ff.federated.checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    # (the data's fingerprint keyed with checkpoint.key beside it: the plain hash would confirm a candidate dataset)
+    key = (out / "checkpoint.key").read_bytes()
+    import random
+
+    examples = causal_lm.load_examples(causal_lm.parse_args(flags), None)
+    random.Random(0).shuffle(examples)  # (as the run orders them: --seed 0)
+    assert state["data_keyed"] and state["data"] == ff.federated.checkpoint.keyed(key, causal_lm.sha256(examples))
+    (out / "checkpoint.key").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint.key is missing"):
+        causal_lm.main([*flags, "--out", str(out), "--resume"])
+    (out / "checkpoint.key").write_bytes(key)
     for what in ("data", "model"):
         ff.federated.checkpoint.save_checkpoint(out / "checkpoint.safetensors", tensors, {**state, what: "0" * 64})
         with pytest.raises(ValueError, match=f"--resume: the run in .* trained on other {what}"):

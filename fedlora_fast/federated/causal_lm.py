@@ -17,15 +17,16 @@ Text data: ``--data FILE`` (one example per line), default the SMS messages pack
 Under ``torchrun`` every client's steps run data parallel over the processes (``DPSGD(process_group=...)``):
 each process Poisson-samples its own part of the client's data at q and clips its own samples, and one
 ``all_reduce`` per step sums them, rank 0 alone adding the noise: the same release and accounting as one
-process. Rank 0 prints and writes the results; ``--resume`` needs ``--out`` shared by the processes (each reads
-the checkpoint; they compare what they read). The processes must build the same run: their flags (but ``--out``
+process. Rank 0 prints and writes the results; under ``--resume`` it reads the checkpoint and sends it to the
+other processes (``--out`` need not be shared; they compare what they received). The processes must build the same run: their flags (but ``--out``
 and how each process computes its steps), token ids, model config, dtype and files are compared before training.
 Not covered by the DP guarantee: the per-round training and evaluation losses (printed, and in
 ``metrics.json`` and the checkpoint), computed from the data without noise, as the simulation's are; the
 evaluation examples are held out of training, not protected. Share them as you would the data's statistics.
-The checkpoint (``OUT/checkpoint.safetensors``) also holds an unkeyed SHA-256 of every example's token ids, for
-``--resume`` to tell other data: whoever holds it and can list candidate datasets can confirm which one was
-used. It is the operator's file; share ``OUT/adapter``.
+The checkpoint (``OUT/checkpoint.safetensors``) also holds a fingerprint of every example's token ids, for
+``--resume`` to tell other data, keyed with ``OUT/checkpoint.key`` (``checkpoint.run_key``: an unkeyed hash
+would let whoever holds the checkpoint confirm which of some candidate datasets was used). Both are the
+operator's files; share ``OUT/adapter``.
 Per-sample state: with flat clipping each physical micro-batch of n sequences keeps n * sum(out * r) float32
 per-sample gradients of B until the step (examples/README.md in the repository); ``--clipping per_layer`` keeps
 none. ``causal_lm_loss`` is the per-sample loss (each sequence's mean next-token cross-entropy), for
@@ -48,7 +49,7 @@ from torch import nn
 
 import fedlora_fast as ff
 from fedlora_fast.data import collate as pad_batch
-from fedlora_fast.federated.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from fedlora_fast.federated.checkpoint import CHECKPOINT_NAME, keyed, load_checkpoint, run_key, save_checkpoint
 from fedlora_fast.federated.simulation import _hash_model_files, held_run_outputs, remove_run_outputs, run_lock
 from fedlora_fast.io import atomic_write_text, unwritable
 from fedlora_fast.peft_compat import export_peft
@@ -273,6 +274,8 @@ def save_round(path: Path, global_state: dict, state: dict) -> None:
     """The run after a complete round, atomically (``federated.checkpoint``: safetensors, checksummed, no RNG
     state: the run's sampling is seeded from the operating system and its noise drawn from the OS's secure generator,
     and a resumed run draws anew)."""
+    key = run_key(path.parent, create=True)  # the data's fingerprint keyed (checkpoint.run_key): no confirming it
+    state = {**state, "data": keyed(key, state["data"]), "data_keyed": True}
     save_checkpoint(path, {f"global/{n}": t for n, t in global_state.items()}, {"format": "train-lm", **state})
 
 
@@ -288,6 +291,8 @@ def load_round(path: Path, args, fingerprints: dict, global_state: dict) -> dict
             if k not in RESUME_FREE and old.get(k, defaults.get(k)) != new[k] and k not in ("model", "data"):
                 raise ValueError(f"--resume: the run in {path} has --{k.replace('_', '-')} {old.get(k)!r}, this one "
                                  f"{new[k]!r}: resume with the same flags, or start a new run with another --out")
+        if state.get("data_keyed"):  # (since 2026-11-29)
+            fingerprints = {**fingerprints, "data": keyed(run_key(path.parent, create=False), fingerprints["data"])}
         for what, value in fingerprints.items():
             if state[what] != value:
                 raise ValueError(f"--resume: the run in {path} trained on other {what} (its fingerprint differs): "
@@ -305,6 +310,37 @@ def load_round(path: Path, args, fingerprints: dict, global_state: dict) -> dict
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"--resume: {path} lacks part of the run state ({type(e).__name__}: {e})") from None
     return state
+
+
+def shared_round(path: Path, args, fingerprints: dict, global_state: dict, rank: int, device, group) -> dict:
+    """``load_round`` on rank 0 alone, its result sent to every process of the data-parallel ``group`` (a JSON
+    state and the tensors' bytes: no pickle): only rank 0 writes ``--out``, so the others' need not hold the
+    checkpoint, nor be on the same file system. A refusal on rank 0 is raised there and, naming it, on every other
+    process (none is left waiting). ``global_state`` is filled in on every process."""
+    import torch.distributed as dist
+
+    src = dist.get_global_rank(group, 0)
+    payload, error = b"", None
+    if rank == 0:
+        try:
+            payload = json.dumps(load_round(path, args, fingerprints, global_state)).encode()
+        except ValueError as e:
+            error = e
+    size = torch.tensor([-1 if error is not None else len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src, group=group)
+    if int(size) < 0:
+        if error is not None:
+            raise error
+        raise RuntimeError("--resume: rank 0 refused the checkpoint (its error is in its own output); every rank "
+                           "stops here rather than wait for it")
+    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if rank == 0
+            else torch.empty(int(size), dtype=torch.uint8, device=device))
+    dist.broadcast(data, src=src, group=group)
+    for name in sorted(global_state):  # (as bytes: any dtype, whatever the backend supports)
+        t = global_state[name].contiguous()
+        dist.broadcast(t.reshape(-1).view(torch.uint8), src=src, group=group)
+        global_state[name] = t
+    return json.loads(data.cpu().numpy().tobytes().decode() if rank != 0 else payload)
 
 
 def load_tokenizer(args):
@@ -530,8 +566,9 @@ def _run(args, rank: int, world: int, group) -> dict:
     seed_global_from_os()
     ckpt_path = Path(args.out) / CHECKPOINT_NAME
     fingerprints = {"data": sha256(examples), "model": model_fp}
-    if args.resume:  # (every process reads the checkpoint: a shared --out; they agree on what they read)
-        state = load_round(ckpt_path, args, fingerprints, global_state)
+    if args.resume:  # (data parallel: rank 0 reads the checkpoint and sends it: --out need not be shared)
+        state = (load_round(ckpt_path, args, fingerprints, global_state) if group is None
+                 else shared_round(ckpt_path, args, fingerprints, global_state, rank, device, group))
         records, start = list(state["records"]), int(state["round"]) + 1
         # the accounting is the flags': every client took local_steps steps at (sigma, q) per complete round
         # (empty batches included); a saved history or noise multiplier that says otherwise is refused

@@ -8,8 +8,10 @@ run killed at any moment leaves either the previous checkpoint or the new one, n
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+from pathlib import Path
 
 from safetensors import safe_open
 import torch
@@ -23,6 +25,41 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 # the simulation, which cannot import flwr, knows it too
 FLOWER_CHECKPOINT_NAME = "flower_checkpoint.safetensors"
 FORMAT_VERSION = 1
+# beside a checkpoint: the secret key of its data fingerprint (``keyed``); part of the run's outputs
+RUN_KEY_NAME = "checkpoint.key"
+RUN_KEY_BYTES = 32
+
+
+def run_key(directory: str | os.PathLike, *, create: bool) -> bytes:
+    """The key of the data fingerprint a checkpoint in ``directory`` carries: ``directory/checkpoint.key``,
+    ``RUN_KEY_BYTES`` from ``os.urandom``, written (atomically, owner-only) where missing if ``create``.
+
+    A checkpoint carried an unkeyed SHA-256 of the data a run trained on, so that a resume can tell other data; a
+    reviewer pointed out that whoever holds the checkpoint and can list candidate datasets could then confirm
+    which one was used. Keyed (HMAC-SHA-256), it says nothing to whoever lacks the key: keep the key with the
+    run's directory, never share it (``adapter/`` is what is shared).
+
+    Raises:
+        ValueError: the key is missing (and not ``create``), unreadable, or not ``RUN_KEY_BYTES`` long.
+    """
+    path = Path(directory) / RUN_KEY_NAME
+    if not path.exists():
+        if not create:
+            raise ValueError(f"resume: {path} is missing: the checkpoint's data fingerprint is keyed with it, and "
+                             "without it the data cannot be checked; resume from the directory the run wrote")
+        atomic_write_bytes(path, os.urandom(RUN_KEY_BYTES), mode=0o600)
+    try:
+        key = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"resume: {path} does not read ({type(e).__name__}: {e})") from None
+    if len(key) != RUN_KEY_BYTES:
+        raise ValueError(f"resume: {path}: expected {RUN_KEY_BYTES} bytes, got {len(key)} (a damaged key)")
+    return key
+
+
+def keyed(key: bytes, fingerprint: str) -> str:
+    """HMAC-SHA-256 of ``fingerprint`` under ``key`` (``run_key``), hex: what a checkpoint stores of its data."""
+    return hmac.new(key, fingerprint.encode(), hashlib.sha256).hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], state: dict) -> None:

@@ -76,7 +76,8 @@ def run_lock(out: Path, label: str, hint: str):
             raise ValueError(f"{label} is in use by another fedlora-fast run (it holds {RUN_LOCK_NAME}); wait for it "
                              f"to finish, or {hint}") from None
         yield
-RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", ckpt.FLOWER_CHECKPOINT_NAME)
+RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", ckpt.FLOWER_CHECKPOINT_NAME,
+               ckpt.RUN_KEY_NAME)
 
 
 def held_run_outputs(out: Path) -> list[str]:
@@ -640,9 +641,11 @@ class Federation:
             for c in self.clients:
                 tensors.update({f"client{c.client_id}/{k}": v for k, v in c.tensor_state().items()})
             tensors.update({f"aggregator/{k}": v for k, v in self.server.aggregator.tensor_state().items()})
+        key = ckpt.run_key(Path(path).parent, create=True)  # (the data's fingerprint keyed: ckpt.run_key)
         state = {
             "config": self.config.to_dict(),
-            "data": self.data_fingerprint,
+            "data": ckpt.keyed(key, self.data_fingerprint),
+            "data_keyed": True,
             "model": self.model_fingerprint,
             "fingerprint": self.fingerprint,
             "round": self.server.round,
@@ -684,7 +687,11 @@ class Federation:
                 "(another A, rank, scale or targets; a checkpoint written before the fingerprint hashed A, "
                 "2026-11-27, differs too): start a new run with another --out"
             )
-        if state.get("data") not in (self.data_fingerprint, self._data_hash(str(self.model_name))):
+        ours = (self.data_fingerprint, self._data_hash(str(self.model_name)))
+        if state.get("data_keyed"):  # (since 2026-11-29: keyed with the run's checkpoint.key)
+            key = ckpt.run_key(Path(path).parent, create=False)
+            ours = tuple(ckpt.keyed(key, fp) for fp in ours)
+        if state.get("data") not in ours:
             raise ValueError(
                 f"resume: the checkpoint {path} was written for other data or another model ({state.get('data')}), "
                 f"this run loads {self.data_fingerprint} (the noise was calibrated to the old sample rates): "
