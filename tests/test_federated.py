@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -768,10 +769,20 @@ def test_a_checkpoint_holds_its_datas_fingerprint_keyed_with_a_secret_beside_it(
     (tmp_path / "b" / ckpt.RUN_KEY_NAME).write_bytes(b"short")
     with pytest.raises(ValueError, match=r"checkpoint.key: expected 32 bytes, got 5"):
         run_simulation(cfg, tmp_path / "b", resume=True, progress=False, echo=None)
+    (tmp_path / "b" / ckpt.RUN_KEY_NAME).write_bytes(os.urandom(32))  # (a re-review: the message printed the
+    with pytest.raises(ValueError, match=r"other data or another model, or its checkpoint.key was replaced") as e:
+        run_simulation(cfg, tmp_path / "b", resume=True, progress=False, echo=None)  # plain fingerprint)
+    assert plain not in str(e.value)
     (tmp_path / "b" / ckpt.RUN_KEY_NAME).write_bytes(first_key)
     assert run_simulation(cfg, tmp_path / "b", resume=True, progress=False, echo=None)["final"] is not None
     run_simulation(cfg, tmp_path / "b", overwrite=True, progress=False, echo=None, stop_after=1)
     assert (tmp_path / "b" / ckpt.RUN_KEY_NAME).read_bytes() != first_key, "--overwrite: a new run, a new key"
+    # a key alone (a run stopped while writing its first checkpoint) is no run: a fresh run goes on, keyed with it
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / ckpt.RUN_KEY_NAME).write_bytes(first_key)
+    run_simulation(cfg, lone, progress=False, echo=None, stop_after=1)
+    assert ckpt.load_checkpoint(lone / ckpt.CHECKPOINT_NAME)[1]["data"] == ckpt.keyed(first_key, plain)
 
 
 def test_resume_refuses_other_data_other_micro_batches_and_overwrite_clears_the_old_run(tiny, tmp_path):

@@ -361,6 +361,11 @@ def test_train_lm_data_parallel_resume_needs_the_checkpoint_on_rank_0_only(tmp_p
     runs = _two_ranks(tmp_path, lambda rank: [*flags, "--resume", "--out", str(out0 if rank == 0 else out1)])
     assert runs[0][0] != 0 and "trained on other data" in runs[0][2], runs[0][2][-3000:]
     assert runs[1][0] != 0 and "rank 0 refused the checkpoint" in runs[1][2], runs[1][2][-3000:]
+    # rank 0 refusing its --out before any collective (no checkpoint to resume): rank 1 stops naming it (it got a
+    # bare "Connection closed by peer" from gloo, or would wait for NCCL's timeout)
+    runs = _two_ranks(tmp_path, lambda rank: [*flags, "--resume", "--out", str(out1)])
+    assert runs[0][0] != 0 and "holds no checkpoint" in runs[0][2], runs[0][2][-3000:]
+    assert runs[1][0] != 0 and "rank(s) [0] refused starting the run" in runs[1][2], runs[1][2][-3000:]
 
 
 def test_train_lm_compares_flags_one_by_one_and_paths_by_content(tmp_path):

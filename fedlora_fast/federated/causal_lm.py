@@ -25,8 +25,9 @@ Not covered by the DP guarantee: the per-round training and evaluation losses (p
 evaluation examples are held out of training, not protected. Share them as you would the data's statistics.
 The checkpoint (``OUT/checkpoint.safetensors``) also holds a fingerprint of every example's token ids, for
 ``--resume`` to tell other data, keyed with ``OUT/checkpoint.key`` (``checkpoint.run_key``: an unkeyed hash
-would let whoever holds the checkpoint confirm which of some candidate datasets was used). Both are the
-operator's files; share ``OUT/adapter``.
+would let whoever holds the checkpoint confirm which of some candidate datasets was used). Round 0's evaluation
+loss, in the checkpoint and ``metrics.json``, still can (the base model on held-out rows the seed chose). They
+are the operator's files; share ``OUT/adapter``.
 Per-sample state: with flat clipping each physical micro-batch of n sequences keeps n * sum(out * r) float32
 per-sample gradients of B until the step (examples/README.md in the repository); ``--clipping per_layer`` keeps
 none. ``causal_lm_loss`` is the per-sample loss (each sequence's mean next-token cross-entropy), for
@@ -492,7 +493,12 @@ def _run(args, rank: int, world: int, group) -> dict:
     total_steps = args.rounds * args.local_steps
     sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=args.delta,
                                        sample_rate=args.sample_rate, steps=total_steps)
-    held = check_out(Path(args.out), args.resume, args.overwrite) if rank == 0 else []
+    try:
+        held = check_out(Path(args.out), args.resume, args.overwrite) if rank == 0 else []
+    except ValueError:
+        if group is not None:  # (the others stop at the first collective, naming rank 0, rather than wait for it)
+            dp_group.agree(group, device, None, what="starting the run")
+        raise
     # the data next: a file or flags that leave a client without examples fail before the model loads
     tok = load_tokenizer(args)
     examples = load_examples(args, tok)

@@ -81,8 +81,11 @@ RUN_OUTPUTS = (ckpt.CHECKPOINT_NAME, "metrics.json", "curves.png", "adapter", ck
 
 
 def held_run_outputs(out: Path) -> list[str]:
-    """The ``RUN_OUTPUTS`` that ``out`` already holds."""
-    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+    """The ``RUN_OUTPUTS`` that ``out`` already holds. A ``checkpoint.key`` alone is not a run (one stopped while
+    writing its first checkpoint: a reviewer's interrupted run was then refused both afresh and with --resume); the
+    next run's checkpoint is keyed with it, which is as good as a new one (it never left the directory)."""
+    held = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    return [] if held == [ckpt.RUN_KEY_NAME] else held
 
 
 def remove_run_outputs(out: Path, names: list[str]) -> None:
@@ -690,8 +693,13 @@ class Federation:
         ours = (self.data_fingerprint, self._data_hash(str(self.model_name)))
         if state.get("data_keyed"):  # (since 2026-11-29: keyed with the run's checkpoint.key)
             key = ckpt.run_key(Path(path).parent, create=False)
-            ours = tuple(ckpt.keyed(key, fp) for fp in ours)
-        if state.get("data") not in ours:
+            if state.get("data") not in tuple(ckpt.keyed(key, fp) for fp in ours):
+                raise ValueError(  # (no fingerprint printed: the plain one is what the key hides)
+                    f"resume: the checkpoint {path} was written for other data or another model, or its "
+                    f"{ckpt.RUN_KEY_NAME} was replaced (the noise was calibrated to the old sample rates): resume with "
+                    "the same data, model and key, or start a new run with another --out"
+                )
+        elif state.get("data") not in ours:
             raise ValueError(
                 f"resume: the checkpoint {path} was written for other data or another model ({state.get('data')}), "
                 f"this run loads {self.data_fingerprint} (the noise was calibrated to the old sample rates): "
