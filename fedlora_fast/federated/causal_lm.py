@@ -18,8 +18,9 @@ Under ``torchrun`` every client's steps run data parallel over the processes (``
 each process Poisson-samples its own part of the client's data at q and clips its own samples, and one
 ``all_reduce`` per step sums them, rank 0 alone adding the noise: the same release and accounting as one
 process. Rank 0 prints and writes the results; under ``--resume`` it reads the checkpoint and sends it to the
-other processes (``--out`` need not be shared; they compare what they received). The processes must build the same run: their flags (but ``--out``
-and how each process computes its steps), token ids, model config, dtype and files are compared before training.
+other processes (``--out`` need not be shared; they compare what they received). The processes must build the
+same run: their flags (but ``--out`` and how each process computes its steps), token ids, model config, dtype and
+files are compared before training.
 Not covered by the DP guarantee: the per-round training and evaluation losses (printed, and in
 ``metrics.json`` and the checkpoint), computed from the data without noise, as the simulation's are; the
 evaluation examples are held out of training, not protected. Share them as you would the data's statistics.
@@ -275,7 +276,7 @@ def save_round(path: Path, global_state: dict, state: dict) -> None:
     """The run after a complete round, atomically (``federated.checkpoint``: safetensors, checksummed, no RNG
     state: the run's sampling is seeded from the operating system and its noise drawn from the OS's secure generator,
     and a resumed run draws anew)."""
-    key = run_key(path.parent, create=True)  # the data's fingerprint keyed (checkpoint.run_key): no confirming it
+    key = run_key(path.parent, create=True)  # the data's fingerprint keyed (checkpoint.run_key)
     state = {**state, "data": keyed(key, state["data"]), "data_keyed": True}
     save_checkpoint(path, {f"global/{n}": t for n, t in global_state.items()}, {"format": "train-lm", **state})
 

@@ -36,8 +36,9 @@ def run_key(directory: str | os.PathLike, *, create: bool) -> bytes:
 
     A checkpoint carried an unkeyed SHA-256 of the data a run trained on, so that a resume can tell other data; a
     reviewer pointed out that whoever holds the checkpoint and can list candidate datasets could then confirm
-    which one was used. Keyed (HMAC-SHA-256), it says nothing to whoever lacks the key: keep the key with the
-    run's directory, never share it (``adapter/`` is what is shared).
+    which one was used. Keyed (HMAC-SHA-256), the fingerprint says nothing to whoever lacks the key (other fields
+    of a checkpoint still may: the README's privacy notes): keep the key with the run's directory, never share it
+    (``adapter/`` is what is shared).
 
     Raises:
         ValueError: the key is missing (and not ``create``), unreadable, or not ``RUN_KEY_BYTES`` long.

@@ -1027,9 +1027,9 @@ def _evaluate(msg: Message, context: Context) -> Message:
     # a silo's own held-out rows: at most one exact answer per round of the run, from a set not too small
     least = _node_count(context, EVAL_MIN_ROWS_KEY, EVAL_MIN_ROWS)
     if len(fed.test_ids) < least:
-        raise NodeError(f"node {pid}: its held-out rows are fewer than its {EVAL_MIN_ROWS_KEY}={least}: no exact scores "
-                        f"sent (on so few rows they come close to single rows' labels); lower {EVAL_MIN_ROWS_KEY} or "
-                        f"raise {TEST_FRACTION_KEY} in the node config to allow them")
+        raise NodeError(f"node {pid}: its held-out rows are fewer than its {EVAL_MIN_ROWS_KEY}={least}: no exact "
+                        f"scores sent (on so few rows they come close to single rows' labels); lower "
+                        f"{EVAL_MIN_ROWS_KEY} or raise {TEST_FRACTION_KEY} in the node config to allow them")
     rnd = _eval_round(msg, cfg)
     ledger = ledger_path(context, pid)
     if ledger is None:
@@ -1041,8 +1041,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
         answers = ledger.with_name(ledger.name[: -len(".json")] + ".evals.json")
         done = _read_answers(answers)
         if rnd in done:
-            raise NodeError(f"node {pid}: it has already sent exact scores on its held-out rows for round {rnd} of this "
-                            "run: one answer per round (each is a query on private rows): refused")
+            raise NodeError(f"node {pid}: it has already sent exact scores on its held-out rows for round {rnd} of "
+                            "this run: one answer per round (each is a query on private rows): refused")
         # only for a round its own data trained (the server's round index rnd - 1 in the ledger's trained rounds):
         # the run's rounds are the server's number (a reviewer's rounds=10**6 had 40 answers from a node that
         # refused to train), and the accountant's steps also count rounds a restart cannot rule out (one train
