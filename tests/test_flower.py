@@ -401,6 +401,11 @@ def test_strategy_tells_each_bound_node_its_own_first_accepted_example_count(mon
     for m in messages.values():
         assert set(m.content.keys()) == {"arrays", "config"} and m.metadata.message_type == "train"
         assert records.to_tensors(m.content.array_records["arrays"])["l.lora_B"].eq(0).all()
+    # the evaluation after it names that training's round index (a silo scores only a round its data trained;
+    # Flower's server-round runs ahead of it after a round that applied nothing)
+    trained_at, strategy.server.round = server.round, server.round + 5
+    evaluated = list(strategy.configure_evaluate(2, records.to_array_record(g), ConfigRecord({ROUND_KEY: 77}), grid))
+    assert evaluated and all(m.content.config_records["config"][ROUND_KEY] == trained_at for m in evaluated)
 
 
 def test_server_refuses_a_non_int_round_and_keeps_only_known_client_metrics():
@@ -666,7 +671,7 @@ def test_node_with_its_own_data_file_trains_on_it(tiny, tmp_path):
     assert reason is None and cid == 1 and update.num_examples == 20
 
     # evaluation: the silo's held-out rows are private; exact scores only with flower-eval-local = true
-    eval_msg = _eval_msg(server.server.global_state, 1)
+    eval_msg = _eval_msg(server.server.global_state, 0)
     _trained(client_app.ledger_path(context(rc), 1), [0])
     # (the run config alone cannot ask for them: the node's own eval-local must agree; 5 rows: a floor lowered)
     for setting, node_ok, scored in ((None, True, False), (False, True, False), (True, False, False), (True, True, True)):
@@ -710,11 +715,12 @@ def _trained(ledger: pathlib.Path, rounds: list[int], steps_per_round: int = 2) 
                                   "trained_rounds": rounds}))
 
 
-def _eval_msg(global_state: dict, server_round, *, with_config: bool = True):
-    """An evaluate message as FedAvg sends it: the global tensors and a config with its ``server-round``."""
+def _eval_msg(global_state: dict, round_idx, *, with_config: bool = True):
+    """An evaluate message as FedLoRAStrategy sends it: the global tensors and a config naming the round index of
+    the training it follows (``ROUND_KEY``)."""
     return SimpleNamespace(content=SimpleNamespace(
         array_records={"arrays": records.to_array_record(global_state)},
-        config_records={"config": ConfigRecord({"server-round": server_round})} if with_config else {}))
+        config_records={"config": ConfigRecord({ROUND_KEY: round_idx})} if with_config else {}))
 
 
 def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_own_columns(tiny, tmp_path):
@@ -745,58 +751,59 @@ def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_
 
     ledger = client_app.ledger_path(ctx(), 0)
     answers = ledger.with_name("fedlora_fast-privacy-run9-node0.evals.json")
-    untrained = r"its data did not train round {} of this run \(its privacy ledger's trained rounds\)"
-    with pytest.raises(client_app.NodeError, match=untrained.format(1)):
-        scored(ctx(), 1)  # a round its data has not trained (here: none)
+    untrained = r"its data did not train round index {} of this run \(its privacy ledger's trained rounds\)"
+    with pytest.raises(client_app.NodeError, match=untrained.format(0)):
+        scored(ctx(), 0)  # a round its data has not trained (here: none)
     _trained(ledger, [0])
-    assert scored(ctx(), 1)["num-examples"] == 20
-    assert json.loads(answers.read_text()) == [1] and oct(answers.stat().st_mode & 0o777) == "0o600"
+    assert scored(ctx(), 0)["num-examples"] == 20
+    assert json.loads(answers.read_text()) == [0] and oct(answers.stat().st_mode & 0o777) == "0o600"
     client_app._FEDERATIONS.clear()  # (a new process: the count is on disk)
-    with pytest.raises(client_app.NodeError, match=r"already sent exact scores on its held-out rows for round 1"):
-        scored(ctx(), 1)
-    with pytest.raises(client_app.NodeError, match=untrained.format(3)):
-        scored(ctx(), 3)
-    assert json.loads(answers.read_text()) == [1], "a refused round is not counted as answered"
-    _trained(ledger, [0, 2])  # (round index 1 missed: its server-round 2 is not answered, 3 is)
-    assert scored(ctx(), 3)["num-examples"] == 20 and json.loads(answers.read_text()) == [1, 3]
+    with pytest.raises(client_app.NodeError, match=r"already sent exact scores on its held-out rows for round index "
+                                                   r"0"):
+        scored(ctx(), 0)
     with pytest.raises(client_app.NodeError, match=untrained.format(2)):
         scored(ctx(), 2)
+    assert json.loads(answers.read_text()) == [0], "a refused round is not counted as answered"
+    _trained(ledger, [0, 2])  # (round index 1 missed: it is not answered, 2 is)
+    assert scored(ctx(), 2)["num-examples"] == 20 and json.loads(answers.read_text()) == [0, 2]
+    with pytest.raises(client_app.NodeError, match=untrained.format(1)):
+        scored(ctx(), 1)
     _trained(ledger, [0, 1, 2])
     with pytest.raises(client_app.NodeError, match=r"has sent exact scores on its held-out rows 2 times in this run, "
                                                    r"its eval-max-answers=2: refused"):
-        scored(ctx(**{"eval-max-answers": 2}), 2)
-    for bad in (0, 4, -1, True, "2", 2.0, [1]):  # only the run's rounds: at most `rounds` answers
-        with pytest.raises(client_app.ServerMessageError, match=r"'server-round' in its 'config' record: expected an "
-                                                                r"int in \[1, 3\]"):
+        scored(ctx(**{"eval-max-answers": 2}), 1)
+    for bad in (-1, 3, True, "1", 1.0, [0]):  # only the run's round indices
+        with pytest.raises(client_app.ServerMessageError, match=r"'fedlora-round' in its 'config' record: expected an "
+                                                                r"int in \[0, 3\)"):
             scored(ctx(), bad)
-    with pytest.raises(client_app.ServerMessageError, match="server-round"):
-        scored(ctx(), 2, with_config=False)
+    with pytest.raises(client_app.ServerMessageError, match="fedlora-round"):
+        scored(ctx(), 1, with_config=False)
     answers.write_text("{oops")
     with pytest.raises(client_app.NodeError, match=r"evals.json does not load.*refusing to score"):
-        scored(ctx(), 2)
-    answers.write_text("[1, 3]")
+        scored(ctx(), 1)
+    answers.write_text("[0, 2]")
     # too few held-out rows (20 here): refused with the setting named
     with pytest.raises(client_app.NodeError, match=r"held-out rows are fewer than its eval-min-rows=21: no exact"):
-        scored(ctx(**{"eval-min-rows": 21}), 2)
+        scored(ctx(**{"eval-min-rows": 21}), 1)
     for key in ("eval-min-rows", "eval-max-answers"):
         for bad in (0, -3, 1.5, "20", True):
             with pytest.raises(client_app.NodeConfigError, match=rf"node config '{key}': expected an int >= 1"):
-                scored(ctx(**{key: bad}), 2)
+                scored(ctx(**{key: bad}), 1)
     # without a persistent ledger: counted in the volatile one's place, in the temporary directory
     none = ctx(**{client_app.LEDGER_DIR_KEY: "none"})
     volatile = client_app._volatile_ledger(none, 0)
     _trained(volatile, [0, 1])
     with pytest.warns(RuntimeWarning, match="no privacy ledger"):
-        assert scored(none, 2)["num-examples"] == 20
-    assert json.loads(volatile.with_name("fedlora_fast-privacy-run9-node0.evals.json").read_text()) == [2]
+        assert scored(none, 1)["num-examples"] == 20
+    assert json.loads(volatile.with_name("fedlora_fast-privacy-run9-node0.evals.json").read_text()) == [1]
     with pytest.warns(RuntimeWarning, match="no privacy ledger"), pytest.raises(client_app.NodeError, match="already"):
-        scored(none, 2)
+        scored(none, 1)
     os.chmod(volatile.parent, 0o777)  # and no volatile one either: refused, the setting named
     try:
         with pytest.warns(RuntimeWarning, match="no privacy ledger"), \
                 pytest.raises(client_app.NodeError, match=r"cannot hold a volatile one .*refusing to score its held-out "
                                                           r"rows with its count on no disk; set node config 'privacy-dir'"):
-            scored(none, 1)
+            scored(none, 0)
     finally:
         os.chmod(volatile.parent, 0o700)
     # the columns are the node's: the run config's name the run's data only (it cannot have "secret" scored)
@@ -814,7 +821,7 @@ def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_
 def test_one_train_message_late_in_a_run_unlocks_one_exact_answer_not_every_earlier_rounds(tiny, tmp_path):
     """A re-review's finding (2026-11-29): a fresh node whose first train message is for round index R - 1 counts
     the R - 1 earlier rounds it cannot rule out, so its steps were those of R rounds, and eval-local answered every
-    server-round 1..R after one trained round. Answers now follow the ledger's trained rounds, which only a fit
+    round 1..R after one trained round. Answers now follow the ledger's trained rounds, which only a fit
     adds to."""
     from fedlora_fast.flower import client_app, node
 
@@ -831,13 +838,13 @@ def test_one_train_message_late_in_a_run_unlocks_one_exact_answer_not_every_earl
         assert reply.metric_records["metrics"]["steps"] == 8  # (every earlier round counted: the accounting's due)
         assert json.loads(client_app.ledger_path(ctx, 0).read_text())["trained_rounds"] == [3]
         scored = []
-        for rnd in (1, 2, 3, 4):
+        for rnd in (0, 1, 2, 3):
             try:
                 client_app.evaluate(_eval_msg(fed.server.global_state, rnd), ctx)
                 scored.append(rnd)
             except client_app.NodeError as e:
-                assert f"did not train round {rnd}" in str(e), str(e)
-    assert scored == [4]
+                assert f"did not train round index {rnd}" in str(e), str(e)
+    assert scored == [3]
 
 
 def test_client_state_persists_across_messages(tiny):

@@ -75,7 +75,6 @@ EVAL_MIN_ROWS_KEY = "eval-min-rows"  # node config: eval-local scores only a hel
 EVAL_MIN_ROWS = 20  # its default
 EVAL_MAX_ANSWERS_KEY = "eval-max-answers"  # node config: eval-local answers at most this many times per run
 EVAL_MAX_ANSWERS = 10  # its default
-SERVER_ROUND_KEY = "server-round"  # Flower FedAvg's round number (1-based) in every train and evaluate config
 PRIVACY_DIR_ENV = "FEDLORA_FAST_PRIVACY_DIR"  # the ledger directory where the node config names none
 STATE_KEY = "fedlora-client"  # context.state ConfigRecord: the client's JSON state (accountant, sigma)
 RNG_KEY = "fedlora-rng"  # context.state ArrayRecord: the sampling and noise generator states
@@ -996,14 +995,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     cannot ask for them. Otherwise it replies ``num-examples`` 0 and no scores.
 
     Each such answer is an exact counting query on private rows, and the server chooses the adapter scored (a
-    crafted head can single rows out). So the node answers each round of the run (Flower's ``server-round``, in
-    [1, rounds]) at most once, only a round its own data trained (the ledger's ``trained_rounds``, written by
-    ``train`` before each reply), and at most ``eval-max-answers`` times per run (node config; default
-    ``EVAL_MAX_ANSWERS``: ``rounds`` is the server's number), counted in ``<ledger>.evals.json`` beside that
-    ledger (persistent or volatile) before scoring. Every run starts a count of its own, as its ledger does; a
-    volatile ledger lost at a reboot loses it too. It answers only from at least
-    ``eval-min-rows`` held-out rows (node config; default ``EVAL_MIN_ROWS``): a floor against the trivial case,
-    not a privacy guarantee. A silo reads its file's columns from its own node config (``text-column``,
+    crafted head can single rows out). So the node answers for each round of the run (the round index of the
+    training the evaluation follows, ``ROUND_KEY``) at most once, only a round its own data trained (the ledger's
+    ``trained_rounds``, written by ``train`` before each reply), and at most ``eval-max-answers`` times per run
+    (node config; default ``EVAL_MAX_ANSWERS``: ``rounds`` is the server's number), counted in
+    ``<ledger>.evals.json`` beside that ledger (persistent or volatile) before scoring. Every run starts a count
+    of its own, as its ledger does; a volatile ledger lost at a reboot loses it too. It answers only from at
+    least ``eval-min-rows`` held-out rows (node config; default ``EVAL_MIN_ROWS``): a floor against the trivial
+    case, not a privacy guarantee. A silo reads its file's columns from its own node config (``text-column``,
     ``label-column``), never the run config's: the server does not choose which column is scored.
     """
     with _MESSAGE_LOCK:  # (the model is shared with every other message this process handles)
@@ -1041,16 +1040,16 @@ def _evaluate(msg: Message, context: Context) -> Message:
         answers = ledger.with_name(ledger.name[: -len(".json")] + ".evals.json")
         done = _read_answers(answers)
         if rnd in done:
-            raise NodeError(f"node {pid}: it has already sent exact scores on its held-out rows for round {rnd} of "
-                            "this run: one answer per round (each is a query on private rows): refused")
-        # only for a round its own data trained (the server's round index rnd - 1 in the ledger's trained rounds):
-        # the run's rounds are the server's number (a reviewer's rounds=10**6 had 40 answers from a node that
-        # refused to train), and the accountant's steps also count rounds a restart cannot rule out (one train
-        # message at round R - 1 unlocked R answers in a re-review)
+            raise NodeError(f"node {pid}: it has already sent exact scores on its held-out rows for round index {rnd} "
+                            "of this run: one answer per round (each is a query on private rows): refused")
+        # only for a round its own data trained (in the ledger's trained rounds): the run's rounds are the server's
+        # number (a reviewer's rounds=10**6 had 40 answers from a node that refused to train), and the accountant's
+        # steps also count rounds a restart cannot rule out (one train message at round R - 1 unlocked R answers in
+        # a re-review)
         trained = _trained_rounds(ledger, _read_ledger(ledger)[0]) if ledger.exists() else set()
-        if rnd - 1 not in trained:
-            raise NodeError(f"node {pid}: its data did not train round {rnd} of this run (its privacy ledger's trained "
-                            "rounds): no exact scores on its held-out rows for it; refused")
+        if rnd not in trained:
+            raise NodeError(f"node {pid}: its data did not train round index {rnd} of this run (its privacy ledger's "
+                            "trained rounds): no exact scores on its held-out rows for it; refused")
         if len(done) >= most:
             raise NodeError(f"node {pid}: it has sent exact scores on its held-out rows {len(done)} times in this run, "
                             f"its {EVAL_MAX_ANSWERS_KEY}={most}: refused (raise it in the node config to allow more)")
@@ -1084,13 +1083,13 @@ def _node_count(context: Context, key: str, default: int) -> int:
 
 
 def _eval_round(msg: Message, cfg: FederatedConfig) -> int:
-    """The evaluate message's round (Flower's ``server-round``): an int in [1, rounds], else the server's error.
-    The node answers each round once, so the run's rounds bound the exact answers a server gets."""
+    """The round index of the training an evaluate message follows (``ROUND_KEY``, as the train messages carry it;
+    ``FedLoRAStrategy.configure_evaluate`` names it): an int in [0, rounds), else the server's error."""
     config = msg.content.config_records.get("config")
-    r = None if config is None else config.get(SERVER_ROUND_KEY)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= cfg.rounds:
-        raise ServerMessageError(f"server message: '{SERVER_ROUND_KEY}' in its 'config' record: expected an int in "
-                                 f"[1, {cfg.rounds}] (the run's rounds), got {short_repr(r)}")
+    r = None if config is None else config.get(ROUND_KEY)
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < cfg.rounds:
+        raise ServerMessageError(f"server message: '{ROUND_KEY}' in its 'config' record: expected an int in "
+                                 f"[0, {cfg.rounds}) (the round index of the training it follows), got {short_repr(r)}")
     return r
 
 

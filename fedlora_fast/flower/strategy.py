@@ -111,6 +111,10 @@ class FedLoRAStrategy(FedAvg):
         # held-out rows are not the server's to count: aggregate_evaluate)
         self._eval_examples_of: dict[int, int] = {}
         self.rounds: list[dict] = []  # one record per completed round (metrics.json "rounds")
+        # the round index (ROUND_KEY) of the last train messages: the evaluation that follows names it, so a silo
+        # scores its held-out rows only for a round its data trained (Flower's server-round runs ahead of it
+        # after a round that applied no update)
+        self._train_round: int | None = None
         self._pending: dict = {}
         self._round_start = time.perf_counter()
 
@@ -128,7 +132,7 @@ class FedLoRAStrategy(FedAvg):
         so no node's count reaches another node; unbound nodes get the shared config, without the key.
         """
         self._round_start = time.perf_counter()
-        config[ROUND_KEY] = self.server.round
+        config[ROUND_KEY] = self._train_round = self.server.round
         config.pop(FIRST_EXAMPLES_KEY, None)  # per node only, never in the config every node gets
         config.pop(MIN_NOISE_KEY, None)
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -283,10 +287,15 @@ class FedLoRAStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluation messages on the rounds the simulation evaluates; none on the others."""
+        """FedAvg's evaluation messages on the rounds the simulation evaluates; none on the others. The config
+        names the round index of the training it follows (``ROUND_KEY``)."""
         if server_round % self.eval_every != 0 and server_round != self.num_rounds:
             self._pending.update(accuracy=None, loss=None)
             return []
+        if self._train_round is None:
+            config.pop(ROUND_KEY, None)
+        else:
+            config[ROUND_KEY] = self._train_round
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
