@@ -401,8 +401,8 @@ def test_strategy_tells_each_bound_node_its_own_first_accepted_example_count(mon
     for m in messages.values():
         assert set(m.content.keys()) == {"arrays", "config"} and m.metadata.message_type == "train"
         assert records.to_tensors(m.content.array_records["arrays"])["l.lora_B"].eq(0).all()
-    # the evaluation after it names that training's round index (a silo scores only a round its data trained;
-    # Flower's server-round runs ahead of it after a round that applied nothing)
+    # the evaluation after it names that training's round index (a silo scores only a round its data trained, by
+    # the index its train message carried; the server's counter moved on here, the named index does not)
     trained_at, strategy.server.round = server.round, server.round + 5
     evaluated = list(strategy.configure_evaluate(2, records.to_array_record(g), ConfigRecord({ROUND_KEY: 77}), grid))
     assert evaluated and all(m.content.config_records["config"][ROUND_KEY] == trained_at for m in evaluated)
@@ -726,7 +726,7 @@ def _eval_msg(global_state: dict, round_idx, *, with_config: bool = True):
 def test_a_silo_scores_its_held_out_rows_once_per_round_from_enough_rows_in_its_own_columns(tiny, tmp_path):
     """Under eval-local each exact score on a silo's held-out rows is a counting query on private data, and the
     server picks the adapter scored. Answers used to be unlimited per round, from any number of rows, in the
-    columns the run config named. Now: at most one answer per round in [1, rounds], only for a round the node's
+    columns the run config named. Now: at most one answer per round index in [0, rounds), only for a round the node's
     own data trained (its ledger's trained rounds: a review's rounds=10**6 had 40 answers from a node that
     refused to train, and a re-review's one train message at round R - 1 unlocked R answers through the steps
     counted for a restart), at most eval-max-answers per run, counted beside the ledger across processes before

@@ -112,8 +112,8 @@ class FedLoRAStrategy(FedAvg):
         self._eval_examples_of: dict[int, int] = {}
         self.rounds: list[dict] = []  # one record per completed round (metrics.json "rounds")
         # the round index (ROUND_KEY) of the last train messages: the evaluation that follows names it, so a silo
-        # scores its held-out rows only for a round its data trained (Flower's server-round runs ahead of it
-        # after a round that applied no update)
+        # scores its held-out rows only for a round its data trained, by the index its train message carried
+        # (today always Flower's server-round - 1: Server.run_round advances every round; named, not assumed)
         self._train_round: int | None = None
         self._pending: dict = {}
         self._round_start = time.perf_counter()
