@@ -670,6 +670,18 @@ def _volatile_ledger(context: Context, pid: int) -> Path | None:
     return d / _ledger_name(context, pid)
 
 
+def _node_ledger(context: Context, pid: int, refusing: str) -> tuple[Path, bool]:
+    """``(ledger, volatile)``: the node's privacy ledger for this run (``ledger_path``), else its volatile one
+    (``_volatile_ledger``, ``volatile`` True); with neither, ``refusing`` is refused (``_no_ledger_at_all``)."""
+    ledger = ledger_path(context, pid)
+    if ledger is not None:
+        return ledger, False
+    ledger = _volatile_ledger(context, pid)
+    if ledger is None:
+        raise _no_ledger_at_all(pid, refusing)
+    return ledger, True
+
+
 def _no_ledger_at_all(pid: int, refusing: str) -> NodeError:
     """No persistent ledger and no volatile one: what ``refusing`` would spend would be counted on no disk (a
     duplicate message in another process, or a restart, would spend it again unseen): refused. The error names
@@ -681,17 +693,14 @@ def _no_ledger_at_all(pid: int, refusing: str) -> NodeError:
 
 
 @contextlib.contextmanager
-def _ledger_lock(path: Path | None, refusing: str = "to train this round"):
+def _ledger_lock(path: Path, refusing: str = "to train this round"):
     """Hold the ledger's lock file (``<ledger>.lock``, ``io.exclusive_lock``) for a whole round's training: from
     reading the ledger to writing it, so that two processes for one silo (two SuperNodes, or two train calls in
     one process) cannot both read N steps and both write N + k. Taken without waiting: held elsewhere, the round
     is refused (``NodeError``), the conservative answer, since the other holder is spending the same data's
     budget. A killed node leaves no stale lock. Local disks only (``flock``). Without ``fcntl`` (Windows) the
-    round is not locked, with one RuntimeWarning per process. ``path`` None: nothing to lock. ``refusing``: what
-    the error says is refused (the evaluate handler holds it too, to count its exact answers)."""
-    if path is None:
-        yield
-        return
+    round is not locked, with one RuntimeWarning per process. ``refusing``: what the error says is refused (the
+    evaluate handler holds it too, to count its exact answers)."""
     lock = path.with_name(path.name + ".lock")
     stack = contextlib.ExitStack()
     try:  # (only taking the lock is translated here: the round's own errors pass as they are)
@@ -879,12 +888,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         with _MESSAGE_LOCK:  # (waits: another node's message in this process shares the model)
             cfg, fed, pid, k = load_node(context)
-            ledger = ledger_path(context, pid)
-            volatile = ledger is None
-            if volatile:  # (privacy-dir=none, an unusable default directory: one in the temporary directory)
-                ledger = _volatile_ledger(context, pid)
-            if ledger is None:
-                raise _no_ledger_at_all(pid, "to train")
+            ledger, volatile = _node_ledger(context, pid, "to train")
             # from reading the ledger to writing it: one process per silo's data
             with _ledger_lock(ledger):
                 return _train(msg, context, cfg, fed, pid, k, ledger, volatile)
@@ -930,10 +934,10 @@ def _dump_dir(context: Context) -> Path | None:
 
 
 def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation, pid: int, k: int,
-           ledger: Path | None, volatile: bool = False) -> Message:
+           ledger: Path, volatile: bool = False) -> Message:
     dump = _dump_dir(context)  # before any step is counted: an update that cannot be dumped is never sent
     fresh = STATE_KEY not in context.state.config_records
-    on_disk = ledger is not None and ledger.exists()
+    on_disk = ledger.exists()
     if not fresh and on_disk and _read_ledger(ledger)[1].steps > _state_steps(context.state):
         # Flower saves context.state after the reply has left: a save lost then (a killed process, a failed
         # push) leaves a state behind the steps released. The ledger, written before every reply, has them; the
@@ -966,8 +970,7 @@ def _train(msg: Message, context: Context, cfg: FederatedConfig, fed: Federation
         fed.model, serialization.encode(global_state, {"round": round_idx}), round_idx=round_idx,
         fingerprint=fed.fingerprint,
     )
-    if ledger is not None:  # before the update leaves the node: the steps are spent once it has
-        _write_ledger(ledger, client, round_idx)
+    _write_ledger(ledger, client, round_idx)  # before the update leaves the node: the steps are spent once it has
     _persist(client, context.state)
     if dump is not None:
         # named by the node's own step count (the server's round number may repeat), never replacing a copy
@@ -1030,11 +1033,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
                         f"scores sent (on so few rows they come close to single rows' labels); lower "
                         f"{EVAL_MIN_ROWS_KEY} or raise {TEST_FRACTION_KEY} in the node config to allow them")
     rnd = _eval_round(msg, cfg)
-    ledger = ledger_path(context, pid)
-    if ledger is None:
-        ledger = _volatile_ledger(context, pid)
-    if ledger is None:
-        raise _no_ledger_at_all(pid, "to score its held-out rows")
+    ledger, _ = _node_ledger(context, pid, "to score its held-out rows")
     most = _node_count(context, EVAL_MAX_ANSWERS_KEY, EVAL_MAX_ANSWERS)
     with _ledger_lock(ledger, "to score its held-out rows"):
         answers = ledger.with_name(ledger.name[: -len(".json")] + ".evals.json")
